@@ -1,0 +1,243 @@
+//! The [`Handler`] trait users implement, and how a handler reports failure.
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::BoxError;
+use crate::message::Message;
+
+/// Handles one event type. Implement this for your business logic.
+///
+/// `handle` is called once per attempt. Return `Ok(())` when the work is done; the record's
+/// offset is then committed (once every lower offset of its partition is settled, too). Return
+/// a [`HandlerError`] to say how the failure should be treated:
+/// [`HandlerError::transient`] retries the record according to the consumer's
+/// [`RetryPolicy`](crate::RetryPolicy), [`HandlerError::permanent`] dead-letters it at once.
+/// `?` on any error converts it to a *transient* failure.
+///
+/// A handler is shared by all workers (`&self`), so it must be `Send + Sync`.
+///
+/// ```
+/// use kourier::{async_trait, Handler, HandlerError, Message};
+/// use serde::Deserialize;
+///
+/// #[derive(Deserialize)]
+/// struct Greeting { name: String }
+///
+/// struct Greeter;
+///
+/// #[async_trait]
+/// impl Handler for Greeter {
+///     type Event = Greeting;
+///
+///     async fn handle(&self, message: &Message<Greeting>) -> Result<(), HandlerError> {
+///         if message.event().name.is_empty() {
+///             return Err(HandlerError::permanent("empty name"));
+///         }
+///         println!("hello, {} (attempt {})", message.event().name, message.attempt());
+///         Ok(())
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// The decoded event type; the consumer's [`Codec`](crate::Codec) produces it.
+    type Event: Send + Sync + 'static;
+
+    /// Handles one attempt of one record.
+    async fn handle(&self, message: &Message<Self::Event>) -> Result<(), HandlerError>;
+}
+
+/// How a failed attempt should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// May succeed later: retry according to the retry policy, then dead-letter.
+    Transient,
+    /// Will never succeed: dead-letter at once.
+    Permanent,
+}
+
+/// A handler's failure: the cause, how to treat it, and an optional retry-after hint.
+///
+/// Any `std::error::Error + Send + Sync + 'static` converts into a *transient* `HandlerError`
+/// with `?`; use [`HandlerError::permanent`] for failures that retrying cannot fix.
+/// (`HandlerError` deliberately does not implement `std::error::Error` itself, which is
+/// what makes that blanket conversion possible, as with `anyhow::Error`.)
+pub struct HandlerError {
+    kind: FailureKind,
+    retry_after: Option<Duration>,
+    source: BoxError,
+}
+
+impl HandlerError {
+    /// A failure worth retrying (a timeout, a 4xx SMTP reply, a refused connection, ...).
+    pub fn transient(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            kind: FailureKind::Transient,
+            retry_after: None,
+            source: error.into(),
+        }
+    }
+
+    /// A failure retrying cannot fix (invalid address, a 5xx reply, a business rule).
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            kind: FailureKind::Permanent,
+            retry_after: None,
+            source: error.into(),
+        }
+    }
+
+    /// Asks for the next attempt no sooner than `delay` (e.g. from a `Retry-After` reply).
+    ///
+    /// The consumer waits for the longer of this hint and the policy's own delay; the policy
+    /// still decides *whether* to retry. Ignored for permanent failures.
+    #[must_use]
+    pub fn retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// How the failure is to be treated.
+    pub fn kind(&self) -> FailureKind {
+        self.kind
+    }
+
+    /// Whether the failure is transient.
+    pub fn is_transient(&self) -> bool {
+        self.kind == FailureKind::Transient
+    }
+
+    /// The retry-after hint, if any.
+    pub fn retry_after_hint(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The underlying error.
+    pub fn source(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+
+    /// Takes the underlying error.
+    pub fn into_source(self) -> BoxError {
+        self.source
+    }
+}
+
+impl<E> From<E> for HandlerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    fn from(error: E) -> Self {
+        HandlerError::transient(error)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("kind", &self.kind)
+            .field("retry_after", &self.retry_after)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            FailureKind::Transient => "transient",
+            FailureKind::Permanent => "permanent",
+        };
+        write!(f, "{kind} failure: {}", self.source)?;
+        let mut cause = self.source.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
+
+/// Makes a [`Handler`] from an async closure that takes the [`Message`] by value.
+///
+/// The message is cloned for each attempt, so the event type must be `Clone`.
+///
+/// ```
+/// use kourier::{handler_fn, HandlerError, Message};
+///
+/// let handler = handler_fn(|message: Message<String>| async move {
+///     if message.event().is_empty() {
+///         return Err(HandlerError::permanent("empty"));
+///     }
+///     Ok(())
+/// });
+/// # let _ = handler;
+/// ```
+pub fn handler_fn<T, F, Fut>(f: F) -> HandlerFn<T, F>
+where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(Message<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    HandlerFn {
+        f,
+        _event: PhantomData,
+    }
+}
+
+/// The [`Handler`] made by [`handler_fn`].
+pub struct HandlerFn<T, F> {
+    f: F,
+    _event: PhantomData<fn() -> T>,
+}
+
+impl<T, F> fmt::Debug for HandlerFn<T, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerFn")
+            .field("event", &std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl<T, F, Fut> Handler for HandlerFn<T, F>
+where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(Message<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    type Event = T;
+
+    async fn handle(&self, message: &Message<T>) -> Result<(), HandlerError> {
+        (self.f)(message.clone()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn question_mark_makes_a_transient_failure() {
+        fn parse(s: &str) -> Result<u32, HandlerError> {
+            Ok(s.parse::<u32>()?)
+        }
+        let err = parse("x").unwrap_err();
+        assert!(err.is_transient());
+        assert!(err.to_string().starts_with("transient failure: invalid digit"));
+    }
+
+    #[test]
+    fn permanent_keeps_its_kind_and_hint_is_ignored_only_by_the_consumer() {
+        let err = HandlerError::permanent("bad address").retry_after(Duration::from_secs(1));
+        assert_eq!(err.kind(), FailureKind::Permanent);
+        assert_eq!(err.retry_after_hint(), Some(Duration::from_secs(1)));
+        assert_eq!(err.to_string(), "permanent failure: bad address");
+    }
+}

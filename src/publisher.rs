@@ -1,0 +1,1 @@
+//! Typed keyed publisher (to be written).
