@@ -1,0 +1,486 @@
+//! [`RetryingConsumerBuilder`]: every setting of a [`RetryingConsumer`], validated by `build()`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::BaseConsumer;
+use serde::de::DeserializeOwned;
+
+use super::RetryingConsumer;
+use super::poll::{KourierContext, PollSettings, Shared};
+use super::scheduler::{Limits, Ordering, Scheduler};
+use super::worker::{Dedup, DedupKey, WorkerContext};
+use crate::codec::{Codec, JsonCodec};
+use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
+use crate::error::{ConfigError, Error, Result};
+use crate::handler::Handler;
+use crate::idempotency::IdempotencyStore;
+use crate::retry::RetryPolicy;
+
+/// Settings kourier owns: a raw `kafka_config` may not change them.
+const OWNED_SETTINGS: &[(&str, &str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "false",
+        "kourier commits only settled offsets itself; auto-commit would commit records still in flight",
+    ),
+    (
+        "enable.auto.offset.store",
+        "false",
+        "kourier stores offsets only when records are settled",
+    ),
+];
+
+/// Builds a [`RetryingConsumer`]. Start with [`RetryingConsumer::builder`].
+///
+/// Required: [`bootstrap_servers`](Self::bootstrap_servers), [`group_id`](Self::group_id) and
+/// at least one [`topic`](Self::topic). Everything else has a default matching the starting
+/// design (500 ms × 3 retries, partition ordering, dead letters to `<topic>.dlt`).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use kourier::{handler_fn, Message, Ordering, RetryPolicy, RetryingConsumer};
+///
+/// # async fn demo() -> kourier::Result<()> {
+/// let handler = handler_fn(|m: Message<serde_json::Value>| async move {
+///     println!("{}", m.event());
+///     Ok(())
+/// });
+/// let consumer = RetryingConsumer::builder(handler)
+///     .bootstrap_servers("127.0.0.1:9092")
+///     .group_id("notifier")
+///     .topic("notify.v1")
+///     .ordering(Ordering::Key)
+///     .max_in_flight(64)
+///     .retry_policy(RetryPolicy::fixed(Duration::from_millis(500), 3))
+///     .build()?;
+/// consumer.run_until_signal().await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct RetryingConsumerBuilder<H: Handler> {
+    handler: H,
+    codec: Arc<dyn Codec<H::Event>>,
+    bootstrap_servers: Option<String>,
+    group_id: Option<String>,
+    topics: Vec<String>,
+    policy: RetryPolicy,
+    ordering: Ordering,
+    max_in_flight: usize,
+    max_buffered_records: usize,
+    max_buffered_bytes: usize,
+    max_buffered_records_per_partition: usize,
+    sink: Option<Arc<dyn DeadLetterSink>>,
+    dedup: Option<(Arc<dyn IdempotencyStore>, DedupKey<H::Event>)>,
+    dedup_lease: Duration,
+    dedup_ttl: Duration,
+    dedup_without_store_on_outage: bool,
+    commit_interval: Duration,
+    shutdown_timeout: Duration,
+    revoke_timeout: Duration,
+    max_poll_batch: usize,
+    kafka_config: BTreeMap<String, String>,
+}
+
+impl<H: Handler> fmt::Debug for RetryingConsumerBuilder<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryingConsumerBuilder")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("policy", &self.policy)
+            .field("ordering", &self.ordering)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> RetryingConsumer<H> {
+    /// Starts a builder for `handler`, decoding values as JSON.
+    pub fn builder(handler: H) -> RetryingConsumerBuilder<H>
+    where
+        H::Event: DeserializeOwned,
+    {
+        RetryingConsumerBuilder::with_codec(handler, JsonCodec::<H::Event>::new())
+    }
+}
+
+impl<H: Handler> RetryingConsumerBuilder<H> {
+    /// Starts a builder for `handler` with a custom [`Codec`].
+    pub fn with_codec(handler: H, codec: impl Codec<H::Event>) -> Self {
+        RetryingConsumerBuilder {
+            handler,
+            codec: Arc::new(codec),
+            bootstrap_servers: None,
+            group_id: None,
+            topics: Vec::new(),
+            policy: RetryPolicy::default(),
+            ordering: Ordering::default(),
+            max_in_flight: 64,
+            max_buffered_records: 10_000,
+            max_buffered_bytes: 64 << 20,
+            max_buffered_records_per_partition: 2_000,
+            sink: None,
+            dedup: None,
+            dedup_lease: Duration::from_secs(60),
+            dedup_ttl: Duration::from_secs(6 * 3600),
+            dedup_without_store_on_outage: false,
+            commit_interval: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(30),
+            revoke_timeout: Duration::from_secs(30),
+            max_poll_batch: 500,
+            kafka_config: BTreeMap::new(),
+        }
+    }
+
+    /// Kafka brokers, `host:port[,host:port...]`. Required.
+    #[must_use]
+    pub fn bootstrap_servers(mut self, servers: impl Into<String>) -> Self {
+        self.bootstrap_servers = Some(servers.into());
+        self
+    }
+
+    /// The consumer group. Required. It also namespaces dedup keys, so two services with
+    /// their own groups dedup independently.
+    #[must_use]
+    pub fn group_id(mut self, group_id: impl Into<String>) -> Self {
+        self.group_id = Some(group_id.into());
+        self
+    }
+
+    /// Adds a topic to consume. At least one is required.
+    #[must_use]
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topics.push(topic.into());
+        self
+    }
+
+    /// Adds several topics to consume.
+    #[must_use]
+    pub fn topics<I, S>(mut self, topics: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.topics.extend(topics.into_iter().map(Into::into));
+        self
+    }
+
+    /// Replaces the codec.
+    #[must_use]
+    pub fn codec(mut self, codec: impl Codec<H::Event>) -> Self {
+        self.codec = Arc::new(codec);
+        self
+    }
+
+    /// How transient failures are retried. Default: 500 ms fixed, 3 retries (4 attempts).
+    #[must_use]
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Ordering mode. Default: [`Ordering::Partition`].
+    #[must_use]
+    pub fn ordering(mut self, ordering: Ordering) -> Self {
+        self.ordering = ordering;
+        self
+    }
+
+    /// Records handled at once, across all partitions, retries waiting included. Default 64.
+    #[must_use]
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n;
+        self
+    }
+
+    /// Records received but not started, across all partitions. Above this, partitions
+    /// holding buffered records are paused until the buffer is below half. Default 10 000.
+    #[must_use]
+    pub fn max_buffered_records(mut self, n: usize) -> Self {
+        self.max_buffered_records = n;
+        self
+    }
+
+    /// Bytes (keys, values, headers) received but not started. Default 64 MiB.
+    #[must_use]
+    pub fn max_buffered_bytes(mut self, n: usize) -> Self {
+        self.max_buffered_bytes = n;
+        self
+    }
+
+    /// Records buffered for one partition before that partition is paused (resumed below
+    /// half). Default 2 000.
+    #[must_use]
+    pub fn max_buffered_records_per_partition(mut self, n: usize) -> Self {
+        self.max_buffered_records_per_partition = n;
+        self
+    }
+
+    /// Where dead letters go. Default: a [`KafkaDeadLetterSink`] writing to `<topic>.dlt`
+    /// on the same brokers (with the `security.*`, `sasl.*` and `ssl.*` settings given to
+    /// [`kafka_config`](Self::kafka_config)).
+    #[must_use]
+    pub fn dead_letter_sink(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Turns on idempotency: before each attempt the record's dedup key is claimed in
+    /// `store`; records whose key is done are skipped. A record without a dedup key is
+    /// handled without idempotency (logged at debug level).
+    #[must_use]
+    pub fn idempotency(
+        mut self,
+        store: Arc<dyn IdempotencyStore>,
+        key: DedupKey<H::Event>,
+    ) -> Self {
+        self.dedup = Some((store, key));
+        self
+    }
+
+    /// How long a claim holds a key while its handler runs. Default 60 s. Set it above your
+    /// slowest handler: a handler outliving its lease may run twice.
+    #[must_use]
+    pub fn idempotency_lease(mut self, lease: Duration) -> Self {
+        self.dedup_lease = lease;
+        self
+    }
+
+    /// How long a done key is remembered. Default 6 h, as in the starting design.
+    #[must_use]
+    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
+        self.dedup_ttl = ttl;
+        self
+    }
+
+    /// Opt-in: when the idempotency store is unavailable, handle records *without* dedup
+    /// instead of waiting for the store (the default). Duplicates become possible while the
+    /// store is down; nothing is lost either way.
+    #[must_use]
+    pub fn run_without_dedup_on_store_outage(mut self, enabled: bool) -> Self {
+        self.dedup_without_store_on_outage = enabled;
+        self
+    }
+
+    /// How often settled offsets are committed. Default 1 s. Commits also happen on revoke
+    /// and on shutdown.
+    #[must_use]
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// How long shutdown waits for in-flight records. Default 30 s.
+    #[must_use]
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How long a revoke waits for the revoked partitions' in-flight records. Default 30 s;
+    /// must be below `max.poll.interval.ms`.
+    #[must_use]
+    pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
+        self.revoke_timeout = timeout;
+        self
+    }
+
+    /// Sets a raw librdkafka consumer property (e.g. `session.timeout.ms`,
+    /// `auto.offset.reset`). kourier's own settings (`enable.auto.commit=false`,
+    /// `enable.auto.offset.store=false`) cannot be changed.
+    #[must_use]
+    pub fn kafka_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.kafka_config.insert(key.into(), value.into());
+        self
+    }
+
+    /// Validates every setting and creates the consumer (it connects when run).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a missing or contradictory setting; [`Error::Kafka`] when
+    /// librdkafka rejects a property or the dead-letter producer cannot be created.
+    pub fn build(self) -> Result<RetryingConsumer<H>> {
+        let bootstrap = self
+            .bootstrap_servers
+            .clone()
+            .or_else(|| self.kafka_config.get("bootstrap.servers").cloned())
+            .filter(|s| !s.trim().is_empty())
+            .ok_or(ConfigError::Missing("bootstrap_servers"))?;
+        let group_id = self
+            .group_id
+            .clone()
+            .or_else(|| self.kafka_config.get("group.id").cloned())
+            .ok_or(ConfigError::Missing("group_id"))?;
+        if group_id.trim().is_empty() {
+            return Err(ConfigError::invalid("group_id", "must not be empty").into());
+        }
+        if self.topics.is_empty() {
+            return Err(ConfigError::Missing("topics").into());
+        }
+        if let Some(t) = self.topics.iter().find(|t| !valid_topic(t)) {
+            return Err(ConfigError::invalid(
+                "topics",
+                format!("{t:?} is not a valid topic name (1-249 of [a-zA-Z0-9._-])"),
+            )
+            .into());
+        }
+        self.policy.validate()?;
+        for (setting, value) in [
+            ("max_in_flight", self.max_in_flight),
+            ("max_buffered_records", self.max_buffered_records),
+            ("max_buffered_bytes", self.max_buffered_bytes),
+            (
+                "max_buffered_records_per_partition",
+                self.max_buffered_records_per_partition,
+            ),
+            ("max_poll_batch", self.max_poll_batch),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(setting, "must be at least 1").into());
+            }
+        }
+        for (setting, value) in [
+            ("commit_interval", self.commit_interval),
+            ("idempotency_lease", self.dedup_lease),
+            ("idempotency_ttl", self.dedup_ttl),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::invalid(setting, "must be longer than zero").into());
+            }
+        }
+        for (key, required, reason) in OWNED_SETTINGS {
+            if let Some(v) = self.kafka_config.get(*key) {
+                if !v.trim().eq_ignore_ascii_case(required) {
+                    return Err(ConfigError::Conflict {
+                        key: (*key).to_owned(),
+                        value: v.clone(),
+                        reason,
+                    }
+                    .into());
+                }
+            }
+        }
+        for (key, value, reason) in [
+            (
+                "bootstrap.servers",
+                &self.bootstrap_servers,
+                "differs from bootstrap_servers()",
+            ),
+            ("group.id", &self.group_id, "differs from group_id()"),
+        ] {
+            if let (Some(raw), Some(set)) = (self.kafka_config.get(key), value) {
+                if raw != set {
+                    return Err(ConfigError::Conflict {
+                        key: key.to_owned(),
+                        value: raw.clone(),
+                        reason,
+                    }
+                    .into());
+                }
+            }
+        }
+        if let Some(raw) = self.kafka_config.get("max.poll.interval.ms") {
+            let ms: u64 = raw.parse().map_err(|_| ConfigError::Conflict {
+                key: "max.poll.interval.ms".into(),
+                value: raw.clone(),
+                reason: "not a number of milliseconds",
+            })?;
+            if self.revoke_timeout >= Duration::from_millis(ms) {
+                return Err(ConfigError::invalid(
+                    "revoke_timeout",
+                    format!(
+                        "{:?} must be below max.poll.interval.ms ({ms} ms)",
+                        self.revoke_timeout
+                    ),
+                )
+                .into());
+            }
+        }
+
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", &group_id)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            // Bound librdkafka's own pre-fetch queue (default 64 MiB per consumer).
+            .set("queued.max.messages.kbytes", "16384");
+        for (k, v) in &self.kafka_config {
+            config.set(k, v);
+        }
+        for (key, value, _) in OWNED_SETTINGS {
+            config.set(*key, *value);
+        }
+
+        let sink = match self.sink {
+            Some(sink) => sink,
+            None => {
+                let mut b = KafkaDeadLetterSink::builder(bootstrap.clone());
+                for (k, v) in &self.kafka_config {
+                    if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.")
+                    {
+                        b = b.kafka_config(k.clone(), v.clone());
+                    }
+                }
+                Arc::new(b.build()?) as Arc<dyn DeadLetterSink>
+            }
+        };
+
+        let limits = Limits {
+            max_in_flight: self.max_in_flight,
+            max_buffered_records: self.max_buffered_records,
+            max_buffered_bytes: self.max_buffered_bytes,
+            max_buffered_records_per_partition: self.max_buffered_records_per_partition,
+        };
+        let shared = Arc::new(Shared::new(
+            Scheduler::new(self.ordering, limits),
+            self.revoke_timeout,
+        ));
+        let consumer: BaseConsumer<KourierContext> = config
+            .create_with_context(KourierContext {
+                shared: shared.clone(),
+            })
+            .map_err(|e| Error::kafka("create consumer", e))?;
+
+        let dedup = self.dedup.map(|(store, key)| Dedup {
+            store,
+            key,
+            namespace: group_id.clone(),
+            lease: self.dedup_lease,
+            ttl: self.dedup_ttl,
+            run_without_store_on_outage: self.dedup_without_store_on_outage,
+        });
+        let worker = Arc::new(WorkerContext {
+            handler: Arc::new(self.handler),
+            codec: self.codec,
+            policy: self.policy,
+            sink,
+            dedup,
+            group_id,
+        });
+        Ok(RetryingConsumer {
+            consumer,
+            shared,
+            worker,
+            settings: PollSettings {
+                topics: self.topics,
+                commit_interval: self.commit_interval,
+                shutdown_timeout: self.shutdown_timeout,
+                max_poll_batch: self.max_poll_batch,
+            },
+        })
+    }
+}
+
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

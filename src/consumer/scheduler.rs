@@ -1,0 +1,644 @@
+//! The scheduler: buffers records per partition, decides which may run now under the
+//! ordering mode and `max_in_flight`, tracks settled offsets and asks for pauses.
+//!
+//! Pure bookkeeping, no I/O: the poll thread feeds it records and applies its pause/resume
+//! and commit decisions; workers report each record's end and receive the next one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::offsets::OffsetTracker;
+use crate::message::RawRecord;
+
+/// How records may run in parallel.
+///
+/// Every mode is bounded by the consumer's `max_in_flight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Ordering {
+    /// One record per partition at a time, in offset order, its retries included (the
+    /// starting design's behaviour). Parallelism is at most the number of partitions.
+    #[default]
+    Partition,
+    /// One record per key at a time, in offset order; records with different keys run in
+    /// parallel, even within one partition. Records with a null key fall back to partition
+    /// order: the null-key records of a partition run one at a time, in offset order.
+    Key,
+    /// No ordering: any record may run as soon as a slot is free.
+    Unordered,
+}
+
+/// A topic-partition.
+pub(crate) type Tp = (Arc<str>, i32);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LaneKey {
+    Partition,
+    Key(Vec<u8>),
+    NullKey,
+    Record(i64),
+}
+
+/// One record to run, handed to a worker.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) tp: Tp,
+    pub(crate) generation: u64,
+    lane: LaneKey,
+    pub(crate) record: Arc<RawRecord>,
+    /// Cancelled when the partition is revoked or the shutdown deadline passes: the
+    /// worker stops waiting (back-off, dead-letter retries) and leaves the record unsettled.
+    pub(crate) cancel: CancellationToken,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobEnd {
+    /// Handled, dead-lettered (acknowledged) or skipped as a duplicate: its offset may be
+    /// committed.
+    Settled,
+    /// Given up without settling (revoked, shutting down): it will be delivered again.
+    Abandoned,
+}
+
+/// Buffer and concurrency limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) max_in_flight: usize,
+    pub(crate) max_buffered_records: usize,
+    pub(crate) max_buffered_bytes: usize,
+    pub(crate) max_buffered_records_per_partition: usize,
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    queue: VecDeque<(Arc<RawRecord>, usize)>,
+    running: bool,
+    in_ready: bool,
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    generation: u64,
+    tracker: OffsetTracker,
+    lanes: HashMap<LaneKey, Lane>,
+    queued: usize,
+    queued_bytes: usize,
+    in_flight: usize,
+    paused: bool,
+    revoking: bool,
+    committed: Option<i64>,
+    cancel: CancellationToken,
+}
+
+/// Pause/resume requests from [`Scheduler::flow_control`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct FlowChanges {
+    pub(crate) pause: Vec<Tp>,
+    pub(crate) resume: Vec<Tp>,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct Scheduler {
+    ordering: Ordering,
+    limits: Limits,
+    partitions: HashMap<Tp, PartitionState>,
+    ready: VecDeque<(Tp, u64, LaneKey)>,
+    in_flight: usize,
+    buffered_records: usize,
+    buffered_bytes: usize,
+    next_generation: u64,
+    stopping: bool,
+    throttled: bool,
+    shutdown: CancellationToken,
+}
+
+impl Scheduler {
+    pub(crate) fn new(ordering: Ordering, limits: Limits) -> Self {
+        Scheduler {
+            ordering,
+            limits,
+            partitions: HashMap::new(),
+            ready: VecDeque::new(),
+            in_flight: 0,
+            buffered_records: 0,
+            buffered_bytes: 0,
+            next_generation: 1,
+            stopping: false,
+            throttled: false,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Starts tracking newly assigned partitions (a fresh generation each time, so late
+    /// completions from an earlier assignment of the same partition are ignored).
+    pub(crate) fn assign(&mut self, tps: impl IntoIterator<Item = Tp>) {
+        for tp in tps {
+            let generation = self.next_generation;
+            self.next_generation += 1;
+            let old = self.partitions.insert(
+                tp,
+                PartitionState {
+                    generation,
+                    tracker: OffsetTracker::default(),
+                    lanes: HashMap::new(),
+                    queued: 0,
+                    queued_bytes: 0,
+                    in_flight: 0,
+                    paused: false,
+                    revoking: false,
+                    committed: None,
+                    cancel: self.shutdown.child_token(),
+                },
+            );
+            if let Some(old) = old {
+                self.forget_buffered(&old);
+                old.cancel.cancel();
+            }
+        }
+    }
+
+    fn forget_buffered(&mut self, p: &PartitionState) {
+        self.buffered_records -= p.queued;
+        self.buffered_bytes -= p.queued_bytes;
+    }
+
+    /// Buffers a record. Returns `false` when it was dropped: its partition is not assigned
+    /// (or is being revoked), the consumer is stopping, or it is a redelivery.
+    pub(crate) fn enqueue(&mut self, record: RawRecord) -> bool {
+        if self.stopping {
+            return false;
+        }
+        let tp: Tp = (Arc::from(record.topic.as_str()), record.partition);
+        let Some(p) = self.partitions.get_mut(&tp) else {
+            return false;
+        };
+        if p.revoking || !p.tracker.received(record.offset) {
+            return false;
+        }
+        let lane_key = match self.ordering {
+            Ordering::Partition => LaneKey::Partition,
+            Ordering::Key => record.key.clone().map_or(LaneKey::NullKey, LaneKey::Key),
+            Ordering::Unordered => LaneKey::Record(record.offset),
+        };
+        let bytes = record.byte_len();
+        let lane = p.lanes.entry(lane_key.clone()).or_default();
+        lane.queue.push_back((Arc::new(record), bytes));
+        if !lane.running && !lane.in_ready {
+            lane.in_ready = true;
+            self.ready.push_back((tp, p.generation, lane_key));
+        }
+        p.queued += 1;
+        p.queued_bytes += bytes;
+        self.buffered_records += 1;
+        self.buffered_bytes += bytes;
+        true
+    }
+
+    /// Takes every job that may start now.
+    pub(crate) fn take_jobs(&mut self) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        while let Some(job) = self.take_one() {
+            jobs.push(job);
+        }
+        jobs
+    }
+
+    fn take_one(&mut self) -> Option<Job> {
+        if self.stopping {
+            return None;
+        }
+        while self.in_flight < self.limits.max_in_flight {
+            let (tp, generation, lane_key) = self.ready.pop_front()?;
+            let Some(p) = self.partitions.get_mut(&tp) else {
+                continue;
+            };
+            if p.generation != generation || p.revoking {
+                continue;
+            }
+            let Some(lane) = p.lanes.get_mut(&lane_key) else {
+                continue;
+            };
+            lane.in_ready = false;
+            if lane.running {
+                continue;
+            }
+            let Some((record, bytes)) = lane.queue.pop_front() else {
+                continue;
+            };
+            lane.running = true;
+            p.queued -= 1;
+            p.queued_bytes -= bytes;
+            p.in_flight += 1;
+            self.buffered_records -= 1;
+            self.buffered_bytes -= bytes;
+            self.in_flight += 1;
+            return Some(Job {
+                tp,
+                generation,
+                lane: lane_key,
+                record,
+                cancel: p.cancel.clone(),
+            });
+        }
+        None
+    }
+
+    /// Records how a job ended and hands the freed slot's next job to the caller.
+    /// Completions from an earlier assignment (revoked since) are ignored.
+    pub(crate) fn finish(&mut self, job: &Job, end: JobEnd) -> Option<Job> {
+        self.in_flight -= 1;
+        if let Some(p) = self.partitions.get_mut(&job.tp) {
+            if p.generation == job.generation {
+                p.in_flight -= 1;
+                if end == JobEnd::Settled {
+                    p.tracker.settled(job.record.offset);
+                }
+                if let Some(lane) = p.lanes.get_mut(&job.lane) {
+                    lane.running = false;
+                    if lane.queue.is_empty() {
+                        p.lanes.remove(&job.lane);
+                    } else if !lane.in_ready && !p.revoking {
+                        lane.in_ready = true;
+                        self.ready
+                            .push_back((job.tp.clone(), job.generation, job.lane.clone()));
+                    }
+                }
+            }
+        }
+        self.take_one()
+    }
+
+    /// Stops dispatching `tps`, drops their buffered records and cancels their back-off
+    /// waits. Their running handlers are left to finish (see [`Scheduler::in_flight_of`]).
+    pub(crate) fn begin_revoke(&mut self, tps: &[Tp]) {
+        for tp in tps {
+            if let Some(p) = self.partitions.get_mut(tp) {
+                p.revoking = true;
+                p.cancel.cancel();
+                let (records, bytes) = (p.queued, p.queued_bytes);
+                p.lanes.retain(|_, lane| {
+                    lane.queue.clear();
+                    lane.running
+                });
+                p.queued = 0;
+                p.queued_bytes = 0;
+                self.buffered_records -= records;
+                self.buffered_bytes -= bytes;
+            }
+        }
+    }
+
+    /// Records still running for `tps`.
+    pub(crate) fn in_flight_of(&self, tps: &[Tp]) -> usize {
+        tps.iter()
+            .filter_map(|tp| self.partitions.get(tp))
+            .map(|p| p.in_flight)
+            .sum()
+    }
+
+    /// Forgets `tps`, returning the offsets still to commit for them.
+    pub(crate) fn remove(&mut self, tps: &[Tp]) -> Vec<(Tp, i64)> {
+        let mut out = Vec::new();
+        for tp in tps {
+            if let Some(p) = self.partitions.remove(tp) {
+                p.cancel.cancel();
+                self.forget_buffered(&p);
+                if let Some(c) = p.tracker.committable() {
+                    if p.committed.is_none_or(|done| c > done) {
+                        out.push((tp.clone(), c));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Offsets that moved since they were last committed.
+    pub(crate) fn to_commit(&self) -> Vec<(Tp, i64)> {
+        self.partitions
+            .iter()
+            .filter_map(|(tp, p)| {
+                let c = p.tracker.committable()?;
+                p.committed
+                    .is_none_or(|done| c > done)
+                    .then(|| (tp.clone(), c))
+            })
+            .collect()
+    }
+
+    /// Notes a successful commit.
+    pub(crate) fn committed(&mut self, offsets: &[(Tp, i64)]) {
+        for (tp, offset) in offsets {
+            if let Some(p) = self.partitions.get_mut(tp) {
+                if p.committed.is_none_or(|done| *offset > done) {
+                    p.committed = Some(*offset);
+                }
+            }
+        }
+    }
+
+    /// Decides which partitions to pause or resume, with hysteresis: pause a partition at
+    /// its own limit, or any partition holding buffered records while the whole buffer is
+    /// over its limits; resume below half of both.
+    pub(crate) fn flow_control(&mut self) -> FlowChanges {
+        let l = self.limits;
+        if self.buffered_records >= l.max_buffered_records
+            || self.buffered_bytes >= l.max_buffered_bytes
+        {
+            self.throttled = true;
+        } else if self.buffered_records <= l.max_buffered_records / 2
+            && self.buffered_bytes <= l.max_buffered_bytes / 2
+        {
+            self.throttled = false;
+        }
+        let per_partition = l.max_buffered_records_per_partition;
+        let mut changes = FlowChanges::default();
+        for (tp, p) in &mut self.partitions {
+            if p.revoking {
+                continue;
+            }
+            if self.stopping {
+                if !p.paused {
+                    p.paused = true;
+                    changes.pause.push(tp.clone());
+                }
+            } else if p.paused {
+                if !self.throttled && p.queued <= per_partition / 2 {
+                    p.paused = false;
+                    changes.resume.push(tp.clone());
+                }
+            } else if p.queued >= per_partition || (self.throttled && p.queued > 0) {
+                p.paused = true;
+                changes.pause.push(tp.clone());
+            }
+        }
+        changes
+    }
+
+    /// Stops dispatching anything and drops all buffered (never started) records: they are
+    /// not committed, so they are delivered again after a restart.
+    pub(crate) fn begin_stop(&mut self) {
+        self.stopping = true;
+        for p in self.partitions.values_mut() {
+            p.lanes.retain(|_, lane| {
+                lane.queue.clear();
+                lane.running
+            });
+            p.queued = 0;
+            p.queued_bytes = 0;
+        }
+        self.buffered_records = 0;
+        self.buffered_bytes = 0;
+        self.ready.clear();
+    }
+
+    /// Cancels every waiting worker (the shutdown deadline passed).
+    pub(crate) fn cancel_all(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Records running now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Records buffered (received, not started).
+    pub(crate) fn buffered(&self) -> (usize, usize) {
+        (self.buffered_records, self.buffered_bytes)
+    }
+
+    /// Partitions currently assigned (and not being revoked).
+    pub(crate) fn assigned(&self) -> Vec<Tp> {
+        self.partitions
+            .iter()
+            .filter(|(_, p)| !p.revoking)
+            .map(|(tp, _)| tp.clone())
+            .collect()
+    }
+
+    /// Partitions paused by flow control.
+    pub(crate) fn paused(&self) -> Vec<Tp> {
+        self.partitions
+            .iter()
+            .filter(|(_, p)| p.paused)
+            .map(|(tp, _)| tp.clone())
+            .collect()
+    }
+
+    /// Whether the partition is tracked with this generation.
+    #[cfg(test)]
+    fn unsettled_of(&self, tp: &Tp) -> usize {
+        self.partitions.get(tp).map_or(0, |p| p.tracker.unsettled())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Headers;
+
+    fn tp(p: i32) -> Tp {
+        (Arc::from("t"), p)
+    }
+
+    fn rec(p: i32, offset: i64, key: Option<&str>) -> RawRecord {
+        RawRecord {
+            topic: "t".into(),
+            partition: p,
+            offset,
+            key: key.map(|k| k.as_bytes().to_vec()),
+            value: Some(vec![0; 10]),
+            headers: Headers::new(),
+            timestamp: None,
+            log_append_time: false,
+        }
+    }
+
+    fn limits(max_in_flight: usize) -> Limits {
+        Limits {
+            max_in_flight,
+            max_buffered_records: 100,
+            max_buffered_bytes: 1 << 20,
+            max_buffered_records_per_partition: 20,
+        }
+    }
+
+    fn offsets(jobs: &[Job]) -> Vec<(i32, i64)> {
+        jobs.iter()
+            .map(|j| (j.record.partition, j.record.offset))
+            .collect()
+    }
+
+    #[test]
+    fn partition_mode_runs_one_record_per_partition_in_order() {
+        let mut s = Scheduler::new(Ordering::Partition, limits(10));
+        s.assign([tp(0), tp(1)]);
+        for o in 0..3 {
+            s.enqueue(rec(0, o, Some("a")));
+            s.enqueue(rec(1, o, Some("b")));
+        }
+        let jobs = s.take_jobs();
+        let mut started = offsets(&jobs);
+        started.sort();
+        assert_eq!(started, [(0, 0), (1, 0)]);
+        let j0 = jobs.into_iter().find(|j| j.record.partition == 0).unwrap();
+        let next = s.finish(&j0, JobEnd::Settled).unwrap();
+        assert_eq!((next.record.partition, next.record.offset), (0, 1));
+        assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+    }
+
+    #[test]
+    fn key_mode_overlaps_keys_and_serialises_each_key() {
+        let mut s = Scheduler::new(Ordering::Key, limits(10));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, Some("a")));
+        s.enqueue(rec(0, 1, Some("b")));
+        s.enqueue(rec(0, 2, Some("a")));
+        s.enqueue(rec(0, 3, None));
+        s.enqueue(rec(0, 4, None));
+        let jobs = s.take_jobs();
+        assert_eq!(offsets(&jobs), [(0, 0), (0, 1), (0, 3)]);
+        // b finishes first: out-of-order settle does not move the watermark.
+        let b = &jobs[1];
+        assert!(s.finish(b, JobEnd::Settled).is_none());
+        assert_eq!(s.to_commit(), vec![]);
+        let next = s.finish(&jobs[0], JobEnd::Settled).unwrap();
+        assert_eq!(
+            next.record.offset, 2,
+            "a's next record runs after a's first"
+        );
+        assert_eq!(s.to_commit(), vec![(tp(0), 2)]);
+        let next = s.finish(&jobs[2], JobEnd::Settled).unwrap();
+        assert_eq!(next.record.offset, 4, "null keys run in partition order");
+    }
+
+    #[test]
+    fn max_in_flight_bounds_every_mode() {
+        let mut s = Scheduler::new(Ordering::Unordered, limits(3));
+        s.assign([tp(0)]);
+        for o in 0..10 {
+            s.enqueue(rec(0, o, None));
+        }
+        let jobs = s.take_jobs();
+        assert_eq!(jobs.len(), 3);
+        assert_eq!(s.in_flight(), 3);
+        let next = s.finish(&jobs[1], JobEnd::Settled).unwrap();
+        assert_eq!(next.record.offset, 3);
+        assert_eq!(s.in_flight(), 3);
+        assert_eq!(s.to_commit(), vec![], "offset 0 is still running");
+    }
+
+    #[test]
+    fn abandoned_records_are_not_committed() {
+        let mut s = Scheduler::new(Ordering::Partition, limits(10));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, None));
+        let j = s.take_jobs().pop().unwrap();
+        s.finish(&j, JobEnd::Abandoned);
+        assert_eq!(s.to_commit(), vec![]);
+        assert_eq!(s.unsettled_of(&tp(0)), 1);
+    }
+
+    #[test]
+    fn revoke_drops_buffered_and_ignores_late_completions() {
+        let mut s = Scheduler::new(Ordering::Partition, limits(10));
+        s.assign([tp(0)]);
+        for o in 0..5 {
+            s.enqueue(rec(0, o, None));
+        }
+        let j = s.take_jobs().pop().unwrap();
+        assert!(!j.cancel.is_cancelled());
+        s.begin_revoke(&[tp(0)]);
+        assert!(j.cancel.is_cancelled());
+        assert_eq!(s.buffered().0, 0);
+        assert_eq!(s.in_flight_of(&[tp(0)]), 1);
+        assert!(
+            !s.enqueue(rec(0, 5, None)),
+            "no records for a revoking partition"
+        );
+        assert!(s.finish(&j, JobEnd::Settled).is_none());
+        assert_eq!(s.in_flight_of(&[tp(0)]), 0);
+        assert_eq!(s.remove(&[tp(0)]), vec![(tp(0), 1)]);
+        // Reassigned: a late completion of the old generation changes nothing.
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 1, None));
+        let fresh = s.take_jobs().pop().unwrap();
+        let stale = Job {
+            tp: tp(0),
+            generation: j.generation,
+            lane: LaneKey::Partition,
+            record: Arc::new(rec(0, 1, None)),
+            cancel: CancellationToken::new(),
+        };
+        s.in_flight += 1; // the stale job held a slot
+        s.finish(&stale, JobEnd::Settled);
+        assert_eq!(s.to_commit(), vec![]);
+        s.finish(&fresh, JobEnd::Settled);
+        assert_eq!(s.to_commit(), vec![(tp(0), 2)]);
+    }
+
+    #[test]
+    fn flow_control_pauses_full_partitions_and_resumes_below_half() {
+        let mut s = Scheduler::new(Ordering::Partition, limits(1));
+        s.assign([tp(0), tp(1)]);
+        for o in 0..25 {
+            s.enqueue(rec(0, o, None));
+        }
+        s.enqueue(rec(1, 0, None));
+        let first = s.take_jobs();
+        assert_eq!(first.len(), 1);
+        let changes = s.flow_control();
+        assert_eq!(changes.pause.len(), 1, "only the partition over its limit");
+        assert!(s.paused().contains(&first[0].tp) || s.paused().contains(&tp(0)));
+        // Drain partition 0 below half its limit.
+        let mut job = first.into_iter().next();
+        while let Some(j) = job {
+            if s.buffered().0 <= 9 {
+                s.finish(&j, JobEnd::Settled);
+                break;
+            }
+            job = s.finish(&j, JobEnd::Settled);
+        }
+        assert_eq!(s.flow_control().resume, vec![tp(0)]);
+    }
+
+    #[test]
+    fn global_limit_pauses_every_partition_holding_records() {
+        let mut s = Scheduler::new(
+            Ordering::Partition,
+            Limits {
+                max_in_flight: 1,
+                max_buffered_records: 10,
+                max_buffered_bytes: 1 << 20,
+                max_buffered_records_per_partition: 100,
+            },
+        );
+        s.assign([tp(0), tp(1), tp(2)]);
+        for o in 0..6 {
+            s.enqueue(rec(0, o, None));
+            s.enqueue(rec(1, o, None));
+        }
+        let _running = s.take_jobs();
+        let mut paused = s.flow_control().pause;
+        paused.sort();
+        assert_eq!(paused, vec![tp(0), tp(1)], "partition 2 holds nothing");
+    }
+
+    #[test]
+    fn stop_drops_buffered_and_dispatches_nothing() {
+        let mut s = Scheduler::new(Ordering::Partition, limits(10));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, None));
+        s.enqueue(rec(0, 1, None));
+        let j = s.take_jobs().pop().unwrap();
+        s.begin_stop();
+        assert!(s.finish(&j, JobEnd::Settled).is_none());
+        assert!(!s.enqueue(rec(0, 2, None)));
+        assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+        assert_eq!(s.flow_control().pause, vec![tp(0)]);
+    }
+}

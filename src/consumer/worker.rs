@@ -1,0 +1,372 @@
+//! The per-record pipeline: decode → claim → handle → retry → dead-letter → complete/release.
+
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::FutureExt as _;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info_span, warn};
+
+use super::scheduler::JobEnd;
+use crate::codec::Codec;
+use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink};
+use crate::handler::{FailureKind, Handler, HandlerError};
+use crate::idempotency::{Claim, ClaimToken, IdempotencyStore};
+use crate::message::{Message, RawRecord};
+use crate::retry::{RetryDecision, RetryPolicy};
+
+/// Where the dedup key of a record comes from.
+pub enum DedupKey<T> {
+    /// The value of this header (UTF-8). A record without it is handled without dedup.
+    Header(String),
+    /// A function of the decoded message; `None` handles the record without dedup.
+    Fn(Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>),
+}
+
+impl<T> DedupKey<T> {
+    /// The dedup key is the value of header `name`.
+    pub fn header(name: impl Into<String>) -> Self {
+        DedupKey::Header(name.into())
+    }
+
+    /// The dedup key is computed from the decoded message, e.g.
+    /// `DedupKey::from_fn(|m: &Message<Ev>| Some(m.event().event_id.clone()))`.
+    pub fn from_fn(f: impl Fn(&Message<T>) -> Option<String> + Send + Sync + 'static) -> Self {
+        DedupKey::Fn(Arc::new(f))
+    }
+
+    fn key_of(&self, message: &Message<T>) -> Option<String> {
+        match self {
+            DedupKey::Header(name) => message.headers().get_str(name).map(str::to_owned),
+            DedupKey::Fn(f) => f(message),
+        }
+    }
+}
+
+impl<T> fmt::Debug for DedupKey<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DedupKey::Header(h) => f.debug_tuple("Header").field(h).finish(),
+            DedupKey::Fn(_) => f.write_str("Fn(..)"),
+        }
+    }
+}
+
+/// Idempotency settings of a consumer.
+pub(crate) struct Dedup<T> {
+    pub(crate) store: Arc<dyn IdempotencyStore>,
+    pub(crate) key: DedupKey<T>,
+    /// Prepended to every key: the consumer group, so groups dedup independently.
+    pub(crate) namespace: String,
+    pub(crate) lease: Duration,
+    pub(crate) ttl: Duration,
+    pub(crate) run_without_store_on_outage: bool,
+}
+
+/// Everything a worker needs, shared by all workers of a consumer.
+pub(crate) struct WorkerContext<H: Handler> {
+    pub(crate) handler: Arc<H>,
+    pub(crate) codec: Arc<dyn Codec<H::Event>>,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) sink: Arc<dyn DeadLetterSink>,
+    pub(crate) dedup: Option<Dedup<H::Event>>,
+    pub(crate) group_id: String,
+}
+
+/// Back-off for infrastructure waits (store outage, busy claims, dead-letter writes):
+/// 100 ms doubling to 5 s, with jitter.
+fn infra_delay(failures: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << failures.min(6)).min(5_000);
+    Duration::from_millis(base / 2 + fastrand::u64(0..=base / 2))
+}
+
+/// Sleeps unless cancelled first; returns whether the full delay passed.
+async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = cancel.cancelled() => false,
+    }
+}
+
+struct Failure {
+    reason: DeadLetterReason,
+    error: String,
+    attempts: u32,
+    first: SystemTime,
+    last: SystemTime,
+}
+
+impl<H: Handler> WorkerContext<H> {
+    /// Runs one record to its end.
+    pub(crate) async fn process(
+        &self,
+        record: Arc<RawRecord>,
+        cancel: &CancellationToken,
+    ) -> JobEnd {
+        let key = record
+            .key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(&k[..k.len().min(64)]).into_owned());
+        let span = info_span!(
+            "kourier.record",
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            key = key.as_deref().unwrap_or(""),
+            attempt = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let end = self.run(record, cancel).instrument(span.clone()).await;
+        span.record(
+            "outcome",
+            match end {
+                JobEnd::Settled => "settled",
+                JobEnd::Abandoned => "abandoned",
+            },
+        );
+        end
+    }
+
+    async fn run(&self, record: Arc<RawRecord>, cancel: &CancellationToken) -> JobEnd {
+        let event = match self.codec.decode(&record) {
+            Ok(event) => event,
+            Err(e) => {
+                warn!(coordinates = %record.coordinates(), error = %e, "poison pill: record cannot be decoded, dead-lettering");
+                let now = SystemTime::now();
+                let failure = Failure {
+                    reason: DeadLetterReason::Decode,
+                    error: error_chain(&e),
+                    attempts: 0,
+                    first: now,
+                    last: now,
+                };
+                return self.dead_letter(record, failure, cancel).await;
+            }
+        };
+        let mut message = Message::new(record.clone(), 1, event);
+        let dedup_key = self.dedup.as_ref().and_then(|d| {
+            let k = d.key.key_of(&message);
+            if k.is_none() {
+                debug!(coordinates = %record.coordinates(), "record has no dedup key: handled without idempotency");
+            }
+            k.map(|k| format!("{}:{k}", d.namespace))
+        });
+
+        let started = Instant::now();
+        let mut first_failure = None;
+        let mut attempt = 0u32;
+        loop {
+            if cancel.is_cancelled() {
+                return JobEnd::Abandoned;
+            }
+            // Claim before every attempt (a failed attempt released its claim).
+            let token = match (&self.dedup, &dedup_key) {
+                (Some(d), Some(k)) => match self.claim(d, k, &record, cancel).await {
+                    ClaimOutcome::Run(token) => token,
+                    ClaimOutcome::Duplicate => {
+                        debug!(coordinates = %record.coordinates(), "duplicate: already done, skipped");
+                        return JobEnd::Settled;
+                    }
+                    ClaimOutcome::Cancelled => return JobEnd::Abandoned,
+                },
+                _ => None,
+            };
+
+            attempt += 1;
+            message.set_attempt(attempt);
+            tracing::Span::current().record("attempt", attempt);
+            let result = match AssertUnwindSafe(self.handler.handle(&message))
+                .catch_unwind()
+                .await
+            {
+                Ok(result) => result,
+                Err(panic) => Err(HandlerError::transient(format!(
+                    "handler panicked: {}",
+                    panic_message(&*panic)
+                ))),
+            };
+
+            let error = match result {
+                Ok(()) => {
+                    if let (Some(d), Some(k), Some(t)) = (&self.dedup, &dedup_key, &token) {
+                        self.complete(d, k, t, &record, cancel).await;
+                    }
+                    return JobEnd::Settled;
+                }
+                Err(e) => e,
+            };
+            let now = SystemTime::now();
+            let first = *first_failure.get_or_insert(now);
+            if let (Some(d), Some(k), Some(t)) = (&self.dedup, &dedup_key, &token) {
+                self.release(d, k, t, &record).await;
+            }
+            let reason = match error.kind() {
+                FailureKind::Permanent => DeadLetterReason::Permanent,
+                FailureKind::Transient => {
+                    match self
+                        .policy
+                        .decide(attempt, started.elapsed(), error.retry_after_hint())
+                    {
+                        RetryDecision::RetryAfter(delay) => {
+                            debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "transient failure, retrying");
+                            if !sleep_or_cancel(delay, cancel).await {
+                                return JobEnd::Abandoned;
+                            }
+                            continue;
+                        }
+                        RetryDecision::GiveUp => DeadLetterReason::RetriesExhausted,
+                    }
+                }
+            };
+            warn!(coordinates = %record.coordinates(), attempt, reason = reason.as_str(), error = %error, "giving up on record, dead-lettering");
+            let failure = Failure {
+                reason,
+                error: error.to_string(),
+                attempts: attempt,
+                first,
+                last: now,
+            };
+            return self.dead_letter(record, failure, cancel).await;
+        }
+    }
+
+    async fn claim(
+        &self,
+        d: &Dedup<H::Event>,
+        key: &str,
+        record: &RawRecord,
+        cancel: &CancellationToken,
+    ) -> ClaimOutcome {
+        let mut waits = 0u32;
+        loop {
+            match d.store.claim(key, d.lease).await {
+                Ok(Claim::Acquired(token)) => return ClaimOutcome::Run(Some(token)),
+                Ok(Claim::Done) => return ClaimOutcome::Duplicate,
+                Ok(Claim::Busy) => {
+                    debug!(coordinates = %record.coordinates(), key, "dedup key busy: another worker holds it, waiting");
+                }
+                Err(e) if d.run_without_store_on_outage => {
+                    warn!(coordinates = %record.coordinates(), error = %e, "idempotency store unavailable: handling without dedup (opted in)");
+                    return ClaimOutcome::Run(None);
+                }
+                Err(e) => {
+                    warn!(coordinates = %record.coordinates(), error = %e, "idempotency store unavailable: waiting (the record is not skipped)");
+                }
+            }
+            if !sleep_or_cancel(infra_delay(waits), cancel).await {
+                return ClaimOutcome::Cancelled;
+            }
+            waits = waits.saturating_add(1);
+        }
+    }
+
+    async fn complete(
+        &self,
+        d: &Dedup<H::Event>,
+        key: &str,
+        token: &ClaimToken,
+        record: &RawRecord,
+        cancel: &CancellationToken,
+    ) {
+        // The work is done; marking it is best effort within the lease: afterwards another
+        // worker may claim it anyway, so a duplicate is possible but nothing is lost.
+        let deadline = Instant::now() + d.lease;
+        let mut failures = 0u32;
+        loop {
+            match d.store.complete(key, token, d.ttl).await {
+                Ok(()) => return,
+                Err(e) if e.is_lease_lost() => {
+                    warn!(coordinates = %record.coordinates(), key, "lease expired before completion: the record may be handled again elsewhere");
+                    return;
+                }
+                Err(e) => {
+                    if Instant::now() >= deadline {
+                        error!(coordinates = %record.coordinates(), key, error = %e, "could not mark record done: a redelivery may handle it again");
+                        return;
+                    }
+                    warn!(coordinates = %record.coordinates(), error = %e, "could not mark record done yet, retrying");
+                }
+            }
+            if !sleep_or_cancel(infra_delay(failures), cancel).await {
+                return;
+            }
+            failures = failures.saturating_add(1);
+        }
+    }
+
+    async fn release(
+        &self,
+        d: &Dedup<H::Event>,
+        key: &str,
+        token: &ClaimToken,
+        record: &RawRecord,
+    ) {
+        // Best effort: if it fails, the lease expires and the retry claims it then.
+        if let Err(e) = d.store.release(key, token).await {
+            if !e.is_lease_lost() {
+                warn!(coordinates = %record.coordinates(), error = %e, "could not release claim; the retry waits for the lease to expire");
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        record: Arc<RawRecord>,
+        failure: Failure,
+        cancel: &CancellationToken,
+    ) -> JobEnd {
+        let letter = DeadLetter {
+            record,
+            reason: failure.reason,
+            error: failure.error,
+            attempts: failure.attempts,
+            first_failure: failure.first,
+            last_failure: failure.last,
+            group_id: self.group_id.clone(),
+        };
+        let mut failures = 0u32;
+        loop {
+            match self.sink.send(&letter).await {
+                Ok(receipt) => {
+                    debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");
+                    return JobEnd::Settled;
+                }
+                Err(e) => {
+                    error!(coordinates = %letter.record.coordinates(), error = %error_chain(&e), failures, "dead-letter write failed; retrying, the partition waits");
+                }
+            }
+            if !sleep_or_cancel(infra_delay(failures), cancel).await {
+                return JobEnd::Abandoned;
+            }
+            failures = failures.saturating_add(1);
+        }
+    }
+}
+
+enum ClaimOutcome {
+    Run(Option<ClaimToken>),
+    Duplicate,
+    Cancelled,
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-string panic payload")
+}
+
+/// `error: cause: cause`, for logs and dead letters.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
