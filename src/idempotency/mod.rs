@@ -85,7 +85,7 @@ pub enum StoreError {
     /// The store could not be reached or answered with an error.
     #[error("idempotency store unavailable during {operation}")]
     Unavailable {
-        /// `claim`, `complete` or `release`.
+        /// `claim`, `complete` or `release` (or `connect` when a store is being built).
         operation: &'static str,
         /// The underlying error.
         #[source]
@@ -94,7 +94,7 @@ pub enum StoreError {
     /// The store did not answer in time.
     #[error("idempotency store timed out during {operation} after {after:?}")]
     Timeout {
-        /// `claim`, `complete` or `release`.
+        /// `claim`, `complete` or `release` (or `connect` when a store is being built).
         operation: &'static str,
         /// How long kourier waited.
         after: Duration,
@@ -126,8 +126,12 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// [`StoreError::LeaseLost`] when the token no longer holds the key; availability errors
     /// as for [`IdempotencyStore::claim`].
-    async fn complete(&self, key: &str, token: &ClaimToken, ttl: Duration)
-    -> Result<(), StoreError>;
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
 
     /// Drops the claim on `key`, if `token` still holds it, so that a retry can claim it.
     ///

@@ -1,7 +1,677 @@
-//! Redis idempotency store (placeholder, being written).
-/// Placeholder.
-#[derive(Debug)]
-pub struct RedisIdempotencyStore;
-/// Placeholder.
-#[derive(Debug)]
-pub struct RedisIdempotencyStoreBuilder;
+//! Redis idempotency store: one key per dedup key, each state change one Lua script.
+//!
+//! Layout: `<prefix><key>` holds `inflight:<token>` while claimed (with the lease as its
+//! expiry) and `done` once completed (with the TTL as its expiry). Every operation touches
+//! exactly one key, so the scripts run unchanged on Redis Cluster.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{ConnectionInfo, IntoConnectionInfo, RedisError, RetryMethod, Script};
+
+use super::{Claim, ClaimToken, IdempotencyStore, StoreError};
+use crate::error::{ConfigError, Error};
+
+/// `SET NX PX`, and when the key exists, say what it holds: one round trip, atomic.
+///
+/// KEYS[1] the key; ARGV[1] `inflight:<token>`; ARGV[2] the lease in ms.
+/// Returns 1 acquired, 2 done, 3 busy. A key already holding *this* token is ours: the call
+/// is a retry whose first reply was lost, so it answers "acquired" again.
+const CLAIM_LUA: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local v = redis.call('GET', KEYS[1])
+if v == 'done' then return 2 end
+if v == ARGV[1] then return 1 end
+return 3
+";
+
+/// Compare-and-set `inflight:<token>` → `done`.
+///
+/// KEYS[1] the key; ARGV[1] `inflight:<token>`; ARGV[2] the TTL in ms.
+/// Returns 1 completed, 2 already done, 0 not held by this token.
+const COMPLETE_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], 'done', 'PX', ARGV[2])
+  return 1
+end
+if v == 'done' then return 2 end
+return 0
+";
+
+/// Compare-and-delete `inflight:<token>`.
+///
+/// KEYS[1] the key; ARGV[1] `inflight:<token>`.
+/// Returns 1 released, 2 the key is absent, 0 held by something else.
+const RELEASE_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if not v then return 2 end
+return 0
+";
+
+/// Redis caps expiries near `i64::MAX` ms from now; 100 years is plenty for a lease or TTL.
+const MAX_EXPIRY_MS: u64 = 100 * 365 * 86_400 * 1000;
+
+/// An [`IdempotencyStore`] in Redis (a single server, or a Redis Cluster).
+///
+/// Each dedup key is one Redis string, `<prefix><key>`: `inflight:<token>` while a worker
+/// holds the claim (expiring with the lease), `done` once completed (expiring with the TTL).
+/// Every operation is **one Lua script on one key**, so each answer is atomic and a round
+/// trip:
+///
+/// - `claim`: `SET key inflight:<token> NX PX lease`; if the key exists, the same script
+///   answers [`Claim::Done`] or [`Claim::Busy`]. Any value kourier did not write counts as
+///   busy (never skipped).
+/// - `complete`: compare-and-set: only if the key still holds this claim's token does it
+///   become `done` for the TTL; otherwise [`StoreError::LeaseLost`].
+/// - `release`: compare-and-delete: only this claim's token is deleted; otherwise
+///   [`StoreError::LeaseLost`].
+///
+/// Leases and TTLs are rounded up to whole milliseconds (at least 1 ms).
+///
+/// # Failures and retries
+///
+/// A single server is reached through [`redis::aio::ConnectionManager`], which reconnects in
+/// the background but fails the first command after the connection dropped. So each operation
+/// is tried up to [`max_attempts`](RedisIdempotencyStoreBuilder::max_attempts) times (3 by
+/// default) when the error is a connection or timeout error, with a short back-off, all within
+/// [`command_timeout`](RedisIdempotencyStoreBuilder::command_timeout) (2 s by default). Then it
+/// returns [`StoreError::Unavailable`] (the last error, naming the key, in `source()`) or
+/// [`StoreError::Timeout`]; it never hangs past the timeout and never panics. Server errors
+/// that retrying cannot fix are returned at once as [`StoreError::Unavailable`].
+///
+/// Retrying is safe because every script is idempotent for the same call: a repeated `claim`
+/// finds its own token and answers acquired; a repeated `complete` that finds `done`, or a
+/// repeated `release` that finds the key gone, reports success (the first attempt may have
+/// done it; either way the key ends as the caller asked: done, or free for a retry). On a first
+/// attempt those two cases are [`StoreError::LeaseLost`].
+///
+/// The store is cheap to clone; clones share the connection.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use kourier::{IdempotencyStore, RedisIdempotencyStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> kourier::Result<()> {
+/// let store = RedisIdempotencyStore::builder("redis://127.0.0.1:6379/")
+///     .key_prefix("billing:idem:")
+///     .command_timeout(Duration::from_secs(1))
+///     .build()
+///     .await?;
+/// let store: Arc<dyn IdempotencyStore> = Arc::new(store);
+///
+/// // Redis Cluster: any reachable nodes; the client discovers the rest.
+/// let cluster = RedisIdempotencyStore::cluster([
+///     "redis://10.0.0.1:6379/",
+///     "redis://10.0.0.2:6379/",
+/// ])
+/// .build()
+/// .await?;
+/// # let _ = (store, cluster);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisIdempotencyStore {
+    connection: Connection,
+    scripts: Arc<Scripts>,
+    key_prefix: String,
+    command_timeout: Duration,
+    max_attempts: u32,
+}
+
+impl RedisIdempotencyStore {
+    /// The default key prefix, `kourier:idem:`.
+    pub const DEFAULT_KEY_PREFIX: &'static str = "kourier:idem:";
+    /// The default time budget of one operation, retries included: 2 s.
+    pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+    /// The default number of tries of one operation, the first included: 3.
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+    /// A builder for a store on a single Redis server (or a replica set's primary).
+    ///
+    /// `connection` is anything the redis crate can turn into a connection target: a URL such
+    /// as `"redis://127.0.0.1:6379/"` or `"redis://:password@host:6379/2"`, a
+    /// [`redis::ConnectionInfo`], or `("host", port)`. An invalid URL is reported by
+    /// [`build`](RedisIdempotencyStoreBuilder::build). To start from a [`redis::Client`] use
+    /// [`from_client`](Self::from_client).
+    pub fn builder(connection: impl IntoConnectionInfo) -> RedisIdempotencyStoreBuilder {
+        RedisIdempotencyStoreBuilder::new(Target::Single(
+            connection
+                .into_connection_info()
+                .and_then(redis::Client::open),
+        ))
+    }
+
+    /// A builder for a store on a single Redis server, from a configured [`redis::Client`].
+    pub fn from_client(client: redis::Client) -> RedisIdempotencyStoreBuilder {
+        RedisIdempotencyStoreBuilder::new(Target::Single(Ok(client)))
+    }
+
+    /// A builder for a store on a Redis Cluster, through the redis crate's `cluster_async`
+    /// client.
+    ///
+    /// `nodes` are some of the cluster's nodes (URLs or [`redis::ConnectionInfo`]s); the client
+    /// discovers the others and follows slot moves. Each dedup key is one Redis key, so every
+    /// script runs on the one node owning that key's slot.
+    pub fn cluster<T: IntoConnectionInfo>(
+        nodes: impl IntoIterator<Item = T>,
+    ) -> RedisIdempotencyStoreBuilder {
+        RedisIdempotencyStoreBuilder::new(Target::Cluster(
+            nodes
+                .into_iter()
+                .map(IntoConnectionInfo::into_connection_info)
+                .collect(),
+        ))
+    }
+
+    /// The prefix put before every dedup key.
+    pub fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
+    /// Runs one script on `<prefix><key>` with retries, all within the command timeout.
+    /// Returns the script's answer and the attempt (1-based) that produced it.
+    async fn run(
+        &self,
+        operation: &'static str,
+        key: &str,
+        script: &Script,
+        args: &[&[u8]],
+    ) -> Result<(i64, u32), StoreError> {
+        let redis_key = format!("{}{key}", self.key_prefix);
+        let attempts = async {
+            let mut attempt = 1;
+            loop {
+                let mut invocation = script.key(redis_key.as_str());
+                for arg in args {
+                    invocation.arg(*arg);
+                }
+                let result: redis::RedisResult<i64> = match &self.connection {
+                    Connection::Single(manager) => {
+                        invocation.invoke_async(&mut manager.clone()).await
+                    }
+                    Connection::Cluster(cluster) => {
+                        invocation.invoke_async(&mut cluster.clone()).await
+                    }
+                };
+                match result {
+                    Ok(answer) => return Ok((answer, attempt)),
+                    Err(error) if attempt < self.max_attempts && is_retryable(&error) => {
+                        tracing::debug!(
+                            operation,
+                            key,
+                            attempt,
+                            error = %error,
+                            "redis idempotency store command failed; retrying"
+                        );
+                        tokio::time::sleep(retry_delay(attempt)).await;
+                        attempt += 1;
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            operation,
+                            key,
+                            attempt,
+                            error = %error,
+                            "redis idempotency store unavailable"
+                        );
+                        return Err(StoreError::Unavailable {
+                            operation,
+                            source: Box::new(CommandError {
+                                key: key.to_owned(),
+                                source: error,
+                            }),
+                        });
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(self.command_timeout, attempts).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    operation,
+                    key,
+                    after = ?self.command_timeout,
+                    "redis idempotency store timed out"
+                );
+                Err(StoreError::Timeout {
+                    operation,
+                    after: self.command_timeout,
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Debug for RedisIdempotencyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisIdempotencyStore")
+            .field(
+                "mode",
+                match self.connection {
+                    Connection::Single(_) => &"single",
+                    Connection::Cluster(_) => &"cluster",
+                },
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for RedisIdempotencyStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        let token = ClaimToken::random();
+        let value = inflight(&token);
+        let lease = millis(lease).to_string();
+        let (answer, _) = self
+            .run(
+                "claim",
+                key,
+                &self.scripts.claim,
+                &[value.as_bytes(), lease.as_bytes()],
+            )
+            .await?;
+        match answer {
+            1 => Ok(Claim::Acquired(token)),
+            2 => Ok(Claim::Done),
+            _ => Ok(Claim::Busy),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let value = inflight(token);
+        let ttl = millis(ttl).to_string();
+        let (answer, attempt) = self
+            .run(
+                "complete",
+                key,
+                &self.scripts.complete,
+                &[value.as_bytes(), ttl.as_bytes()],
+            )
+            .await?;
+        match answer {
+            1 => Ok(()),
+            // Done already: after a failed first attempt, that attempt may have done it.
+            2 if attempt > 1 => Ok(()),
+            _ => Err(StoreError::LeaseLost {
+                key: key.to_owned(),
+            }),
+        }
+    }
+
+    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+        let value = inflight(token);
+        let (answer, attempt) = self
+            .run("release", key, &self.scripts.release, &[value.as_bytes()])
+            .await?;
+        match answer {
+            1 => Ok(()),
+            // Gone already: after a failed first attempt, that attempt may have deleted it.
+            2 if attempt > 1 => Ok(()),
+            _ => Err(StoreError::LeaseLost {
+                key: key.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Configures and connects a [`RedisIdempotencyStore`]; made by
+/// [`RedisIdempotencyStore::builder`], [`RedisIdempotencyStore::from_client`] or
+/// [`RedisIdempotencyStore::cluster`].
+#[must_use = "a builder does nothing until `build()` is awaited"]
+pub struct RedisIdempotencyStoreBuilder {
+    target: Target,
+    key_prefix: String,
+    command_timeout: Duration,
+    max_attempts: u32,
+}
+
+impl RedisIdempotencyStoreBuilder {
+    fn new(target: Target) -> Self {
+        RedisIdempotencyStoreBuilder {
+            target,
+            key_prefix: RedisIdempotencyStore::DEFAULT_KEY_PREFIX.to_owned(),
+            command_timeout: RedisIdempotencyStore::DEFAULT_COMMAND_TIMEOUT,
+            max_attempts: RedisIdempotencyStore::DEFAULT_MAX_ATTEMPTS,
+        }
+    }
+
+    /// The prefix put before every dedup key (default
+    /// [`DEFAULT_KEY_PREFIX`](RedisIdempotencyStore::DEFAULT_KEY_PREFIX), `kourier:idem:`).
+    ///
+    /// The consumer scopes the keys it passes to the store by its consumer group, so with the
+    /// default prefix two groups handling the same events keep separate dedup records. Set a
+    /// prefix per application or environment when several share one Redis. It may be empty.
+    /// In a Redis Cluster, a hash tag here (`{app}:idem:`) would put every key in one slot: leave
+    /// braces out unless that is what you want.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// The time budget of one operation, retries included (default 2 s); also the time
+    /// [`build`](Self::build) may take to connect. Past it, operations return
+    /// [`StoreError::Timeout`].
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// How many times one operation is tried, the first included (default 3), when it fails
+    /// with a connection or timeout error. `1` disables retrying.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Validates the settings and connects.
+    ///
+    /// # Errors
+    /// - [`Error::Config`] for an invalid URL or node, no cluster node, a zero command
+    ///   timeout or zero attempts.
+    /// - [`Error::Store`] with [`StoreError::Unavailable`] (operation `connect`) when Redis
+    ///   cannot be reached or refuses the connection (e.g. a wrong password), or
+    ///   [`StoreError::Timeout`] when connecting takes longer than the command timeout.
+    pub async fn build(self) -> crate::Result<RedisIdempotencyStore> {
+        if self.command_timeout.is_zero() {
+            return Err(
+                ConfigError::invalid("command_timeout", "must be greater than zero").into(),
+            );
+        }
+        if self.max_attempts == 0 {
+            return Err(ConfigError::invalid("max_attempts", "must be at least 1").into());
+        }
+        let timeout = self.command_timeout;
+        let connect = async {
+            match self.target {
+                Target::Single(client) => {
+                    let client =
+                        client.map_err(|e| ConfigError::invalid("redis url", e.to_string()))?;
+                    let config = ConnectionManagerConfig::new()
+                        .set_response_timeout(Some(timeout))
+                        .set_connection_timeout(Some(timeout))
+                        // Fail fast while Redis is down: the store retries on its own terms
+                        // and each failure starts a fresh reconnection.
+                        .set_number_of_retries(1)
+                        .set_min_delay(Duration::from_millis(50))
+                        .set_max_delay(Duration::from_millis(500));
+                    let manager = ConnectionManager::new_with_config(client, config)
+                        .await
+                        .map_err(connect_error)?;
+                    Ok::<_, Error>(Connection::Single(manager))
+                }
+                Target::Cluster(nodes) => {
+                    let nodes = nodes
+                        .into_iter()
+                        .collect::<Result<Vec<ConnectionInfo>, _>>()
+                        .map_err(|e| ConfigError::invalid("redis cluster nodes", e.to_string()))?;
+                    if nodes.is_empty() {
+                        return Err(ConfigError::Missing("redis cluster nodes").into());
+                    }
+                    let client = ClusterClient::builder(nodes)
+                        .connection_timeout(timeout)
+                        .response_timeout(timeout)
+                        .build()
+                        .map_err(|e| ConfigError::invalid("redis cluster nodes", e.to_string()))?;
+                    let connection = client.get_async_connection().await.map_err(connect_error)?;
+                    Ok(Connection::Cluster(connection))
+                }
+            }
+        };
+        let connection = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+            Error::Store(StoreError::Timeout {
+                operation: "connect",
+                after: timeout,
+            })
+        })??;
+        Ok(RedisIdempotencyStore {
+            connection,
+            scripts: Arc::new(Scripts::new()),
+            key_prefix: self.key_prefix,
+            command_timeout: self.command_timeout,
+            max_attempts: self.max_attempts,
+        })
+    }
+}
+
+impl fmt::Debug for RedisIdempotencyStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Addresses only: connection infos can carry passwords.
+        let target = match &self.target {
+            Target::Single(Ok(client)) => format!("single {}", client.get_connection_info().addr()),
+            Target::Single(Err(_)) => "single <invalid url>".to_owned(),
+            Target::Cluster(nodes) => {
+                let nodes: Vec<String> = nodes
+                    .iter()
+                    .map(|n| match n {
+                        Ok(info) => info.addr().to_string(),
+                        Err(_) => "<invalid url>".to_owned(),
+                    })
+                    .collect();
+                format!("cluster [{}]", nodes.join(", "))
+            }
+        };
+        f.debug_struct("RedisIdempotencyStoreBuilder")
+            .field("target", &target)
+            .field("key_prefix", &self.key_prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
+}
+
+enum Target {
+    Single(redis::RedisResult<redis::Client>),
+    Cluster(Vec<redis::RedisResult<ConnectionInfo>>),
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+struct Scripts {
+    claim: Script,
+    complete: Script,
+    release: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            claim: Script::new(CLAIM_LUA),
+            complete: Script::new(COMPLETE_LUA),
+            release: Script::new(RELEASE_LUA),
+        }
+    }
+}
+
+/// A failed Redis command, naming the dedup key (never a value).
+#[derive(Debug, thiserror::Error)]
+#[error("redis command failed for key {key:?}")]
+struct CommandError {
+    key: String,
+    #[source]
+    source: RedisError,
+}
+
+fn connect_error(error: RedisError) -> Error {
+    Error::Store(StoreError::Unavailable {
+        operation: "connect",
+        source: Box::new(error),
+    })
+}
+
+fn inflight(token: &ClaimToken) -> String {
+    format!("inflight:{token}")
+}
+
+/// Whole milliseconds, rounded up, within what Redis accepts for `PX`.
+fn millis(d: Duration) -> u64 {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    u64::try_from(ms)
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_EXPIRY_MS)
+}
+
+/// Errors a new attempt can fix: the connection dropped or was refused, a reply timed out,
+/// or the server asks to try again (loading, busy script, cluster slot moves).
+fn is_retryable(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || !matches!(error.retry_method(), RetryMethod::NoRetry)
+}
+
+/// 25 ms, 50 ms, 100 ms, ... up to 400 ms, with up to 50 % jitter.
+fn retry_delay(attempt: u32) -> Duration {
+    let base = 25u64 << attempt.saturating_sub(1).min(4);
+    Duration::from_millis(base / 2 + fastrand::u64(0..=base / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_round_up_and_clamp() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(1)), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 2);
+        assert_eq!(millis(Duration::from_secs(30)), 30_000);
+        assert_eq!(millis(Duration::MAX), MAX_EXPIRY_MS);
+    }
+
+    #[test]
+    fn retry_delays_are_short_and_bounded() {
+        for attempt in 1..20 {
+            let d = retry_delay(attempt);
+            assert!(d <= Duration::from_millis(400), "{attempt}: {d:?}");
+        }
+        assert!(retry_delay(1) <= Duration::from_millis(25));
+    }
+
+    #[tokio::test]
+    async fn build_rejects_bad_settings_without_connecting() {
+        let err = RedisIdempotencyStore::builder("not a url")
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Config(ConfigError::Invalid {
+                    setting: "redis url",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+
+        let err = RedisIdempotencyStore::builder("redis://127.0.0.1:1/")
+            .command_timeout(Duration::ZERO)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Config(ConfigError::Invalid {
+                    setting: "command_timeout",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+
+        let err = RedisIdempotencyStore::builder("redis://127.0.0.1:1/")
+            .max_attempts(0)
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Config(ConfigError::Invalid {
+                    setting: "max_attempts",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+
+        let err = RedisIdempotencyStore::cluster(Vec::<String>::new())
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Config(ConfigError::Missing("redis cluster nodes"))
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn build_reports_an_unreachable_server_as_unavailable() {
+        // Port 1 on loopback: nothing listens there, the connection is refused at once.
+        let err = RedisIdempotencyStore::builder("redis://127.0.0.1:1/")
+            .command_timeout(Duration::from_secs(5))
+            .build()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Store(StoreError::Unavailable {
+                    operation: "connect",
+                    ..
+                }) | Error::Store(StoreError::Timeout {
+                    operation: "connect",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn builder_debug_hides_passwords() {
+        let builder = RedisIdempotencyStore::builder("redis://:s3cret@127.0.0.1:6379/");
+        let shown = format!("{builder:?}");
+        assert!(shown.contains("127.0.0.1:6379"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        let cluster = RedisIdempotencyStore::cluster(["redis://:s3cret@127.0.0.1:7000/", "bad"]);
+        let shown = format!("{cluster:?}");
+        assert!(
+            shown.contains("127.0.0.1:7000") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+}

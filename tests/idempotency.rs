@@ -1,0 +1,642 @@
+//! Idempotency stores against real services: one semantic suite run against the in-memory
+//! store, a Redis server, and a 3-node Redis Cluster started by the test; concurrent claims;
+//! a Redis outage (kill and restart) and a paused Redis.
+//!
+//! Needs Redis at `REDIS_URL` (default `redis://127.0.0.1:6379/`) — `scripts/services up`
+//! starts one — and `redis-server` / `redis-cli` on `PATH` for the tests that run their own.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kourier::{
+    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore,
+    StoreError,
+};
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+/// Short enough to wait out in a test, long enough that the next call lands inside it.
+const SHORT: Duration = Duration::from_millis(300);
+/// Comfortably past [`SHORT`].
+const PAST_SHORT: Duration = Duration::from_millis(450);
+
+// ---------------------------------------------------------------------------------------------
+// The shared semantic suite
+// ---------------------------------------------------------------------------------------------
+
+async fn acquire(store: &dyn IdempotencyStore, key: &str, lease: Duration) -> ClaimToken {
+    match store.claim(key, lease).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("claim {key:?}: expected Acquired, got {other:?} ({store:?})"),
+    }
+}
+
+async fn expect_claim(store: &dyn IdempotencyStore, key: &str, expected: Claim) {
+    let got = store.claim(key, LEASE).await;
+    assert!(
+        matches!(&got, Ok(c) if *c == expected),
+        "claim {key:?}: expected {expected:?}, got {got:?} ({store:?})"
+    );
+}
+
+fn expect_lease_lost(result: Result<(), StoreError>, key: &str, what: &str) {
+    match result {
+        Err(StoreError::LeaseLost { key: k }) => assert_eq!(k, key, "{what}"),
+        other => panic!("{what} on {key:?}: expected LeaseLost, got {other:?}"),
+    }
+}
+
+/// What every [`IdempotencyStore`] must do. Keys are unique per store (each test gives the
+/// store a fresh prefix or a fresh instance).
+async fn semantics(store: Arc<dyn IdempotencyStore>) {
+    let store = &*store;
+
+    // claim → complete → done; busy while held.
+    let token = acquire(store, "done", LEASE).await;
+    expect_claim(store, "done", Claim::Busy).await;
+    expect_claim(store, "done", Claim::Busy).await;
+    store.complete("done", &token, TTL).await.unwrap();
+    expect_claim(store, "done", Claim::Done).await;
+    // The claim became "done": its token holds nothing any more.
+    expect_lease_lost(
+        store.complete("done", &token, TTL).await,
+        "done",
+        "second complete",
+    );
+    expect_lease_lost(
+        store.release("done", &token).await,
+        "done",
+        "release after complete",
+    );
+    expect_claim(store, "done", Claim::Done).await;
+
+    // A failed attempt releases: never done, a retry acquires with a new token.
+    let first = acquire(store, "retry", LEASE).await;
+    store.release("retry", &first).await.unwrap();
+    let second = acquire(store, "retry", LEASE).await;
+    assert_ne!(first, second, "a new claim gets a new token");
+    expect_lease_lost(
+        store.release("retry", &first).await,
+        "retry",
+        "stale release",
+    );
+    expect_lease_lost(
+        store.complete("retry", &first, TTL).await,
+        "retry",
+        "stale complete",
+    );
+    expect_claim(store, "retry", Claim::Busy).await; // the second owner is untouched
+    store.release("retry", &second).await.unwrap();
+    let third = acquire(store, "retry", LEASE).await;
+    store.complete("retry", &third, TTL).await.unwrap();
+    expect_claim(store, "retry", Claim::Done).await;
+
+    // Tokens that were never issued hold nothing.
+    let _held = acquire(store, "foreign", LEASE).await;
+    let forged = ClaimToken::new("forged");
+    expect_lease_lost(
+        store.complete("foreign", &forged, TTL).await,
+        "foreign",
+        "forged complete",
+    );
+    expect_lease_lost(
+        store.release("foreign", &forged).await,
+        "foreign",
+        "forged release",
+    );
+    expect_claim(store, "foreign", Claim::Busy).await;
+    expect_lease_lost(
+        store.release("absent", &forged).await,
+        "absent",
+        "release of absent key",
+    );
+    expect_lease_lost(
+        store.complete("absent", &forged, TTL).await,
+        "absent",
+        "complete of absent key",
+    );
+    acquire(store, "absent", LEASE).await; // and neither created anything
+
+    // Lease expiry: another claim acquires; the old owner is fenced off.
+    let old = acquire(store, "lease", SHORT).await;
+    let _ttl_token = {
+        // Done-TTL expiry runs during the same wait.
+        let t = acquire(store, "ttl", LEASE).await;
+        store.complete("ttl", &t, SHORT).await.unwrap();
+        expect_claim(store, "ttl", Claim::Done).await;
+        t
+    };
+    expect_claim(store, "lease", Claim::Busy).await;
+    tokio::time::sleep(PAST_SHORT).await;
+
+    let new = acquire(store, "lease", LEASE).await;
+    assert_ne!(old, new);
+    expect_lease_lost(
+        store.complete("lease", &old, TTL).await,
+        "lease",
+        "complete after lease expiry",
+    );
+    expect_lease_lost(
+        store.release("lease", &old).await,
+        "lease",
+        "release after lease expiry",
+    );
+    expect_claim(store, "lease", Claim::Busy).await; // new owner still holds it
+    store.complete("lease", &new, TTL).await.unwrap();
+    expect_claim(store, "lease", Claim::Done).await;
+
+    // Done TTL expiry: the key can be claimed again.
+    acquire(store, "ttl", LEASE).await;
+}
+
+/// Two claimers per key, released together: exactly one acquires.
+async fn race(one: Arc<dyn IdempotencyStore>, two: Arc<dyn IdempotencyStore>, keys: usize) {
+    let mut tasks = Vec::with_capacity(keys * 2);
+    for i in 0..keys {
+        let key = format!("race-{i}");
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        for store in [&one, &two] {
+            let (store, key, barrier) = (Arc::clone(store), key.clone(), Arc::clone(&barrier));
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let claim = store.claim(&key, LEASE).await;
+                (key, claim)
+            }));
+        }
+    }
+    let mut acquired = std::collections::HashMap::<String, usize>::new();
+    for task in tasks {
+        let (key, claim) = task.await.expect("claim task panicked");
+        match claim {
+            Ok(Claim::Acquired(_)) => *acquired.entry(key).or_default() += 1,
+            Ok(Claim::Busy) => {
+                acquired.entry(key).or_default();
+            }
+            other => panic!("claim {key:?}: expected Acquired or Busy, got {other:?}"),
+        }
+    }
+    assert_eq!(acquired.len(), keys);
+    let wrong: Vec<_> = acquired.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        wrong.is_empty(),
+        "keys not acquired exactly once: {wrong:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Service discovery and throwaway redis-server processes
+// ---------------------------------------------------------------------------------------------
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+}
+
+fn unique_prefix(test: &str) -> String {
+    format!("kourier:test:{test}:{}:", ClaimToken::random())
+}
+
+/// A store on the shared development Redis; panics (never skips) when it is not running.
+async fn shared_redis_store(test: &str) -> RedisIdempotencyStore {
+    let url = redis_url();
+    match RedisIdempotencyStore::builder(url.as_str())
+        .key_prefix(unique_prefix(test))
+        .build()
+        .await
+    {
+        Ok(store) => store,
+        Err(err) => panic!(
+            "Redis is not reachable at {url} ({err}; {:?}). Start it with `scripts/services up` \
+             or point REDIS_URL at a running server.",
+            std::error::Error::source(&err)
+        ),
+    }
+}
+
+fn require_binary(name: &str) {
+    if let Err(err) = Command::new(name).arg("--version").output() {
+        panic!(
+            "`{name}` is not on PATH ({err}): install it with `apt-get install redis-server` \
+             (`scripts/services up` installs it)"
+        );
+    }
+}
+
+/// A loopback port that is free, with its cluster bus port (port + 10000) free too.
+fn free_port(taken: &[u16]) -> u16 {
+    for _ in 0..1000 {
+        let port = fastrand::u16(20_000..30_000);
+        if taken.contains(&port) {
+            continue;
+        }
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free loopback port found");
+}
+
+/// A temporary directory, deleted on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "kourier-{name}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `redis-server` child process, killed on drop (also when the test fails).
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    log: PathBuf,
+}
+
+impl RedisServer {
+    fn start(port: u16, dir: &Path, extra: &[&str]) -> Self {
+        require_binary("redis-server");
+        let log = dir.join(format!("redis-{port}.log"));
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(&log)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start redis-server on port {port}: {e}"));
+        let server = RedisServer {
+            child: Some(child),
+            port,
+            log,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.cli(&["ping"]).trim() == "PONG" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "redis-server on port {} did not answer PING within 10 s; log:\n{}",
+            self.port,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    require_binary("redis-cli");
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn memory_store_semantics() {
+    semantics(Arc::new(InMemoryIdempotencyStore::new())).await;
+}
+
+#[tokio::test]
+async fn redis_store_semantics() {
+    semantics(Arc::new(shared_redis_store("semantics").await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_two_claimers_race_one_wins() {
+    let store = InMemoryIdempotencyStore::new();
+    race(Arc::new(store.clone()), Arc::new(store), 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_two_claimers_race_one_wins() {
+    // Two stores with their own connections, as two consumer processes would have.
+    let one = shared_redis_store("race").await;
+    let two = RedisIdempotencyStore::builder(redis_url().as_str())
+        .key_prefix(one.key_prefix())
+        .build()
+        .await
+        .expect("second connection");
+    race(Arc::new(one), Arc::new(two), 200).await;
+}
+
+/// The documented layout: `<prefix><key>` = `inflight:<token>` with the lease, then `done`
+/// with the TTL.
+#[tokio::test]
+async fn redis_store_key_layout() {
+    let store = shared_redis_store("layout").await;
+    let mut raw = redis::Client::open(redis_url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{}order-1", store.key_prefix());
+
+    let token = acquire(&store, "order-1", Duration::from_secs(60)).await;
+    let (value, pttl): (String, i64) = redis::pipe()
+        .get(&key)
+        .pttl(&key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(value, format!("inflight:{token}"));
+    assert!((50_000..=60_000).contains(&pttl), "lease pttl {pttl}");
+
+    store
+        .complete("order-1", &token, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let (value, pttl): (String, i64) = redis::pipe()
+        .get(&key)
+        .pttl(&key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(value, "done");
+    assert!((590_000..=600_000).contains(&pttl), "done pttl {pttl}");
+
+    // A value kourier did not write is never taken for "done".
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}foreign", store.key_prefix()))
+        .arg("something else")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    expect_claim(&store, "foreign", Claim::Busy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_store_semantics() {
+    require_binary("redis-server");
+    require_binary("redis-cli");
+    let dir = TempDir::new("cluster");
+    let mut ports = Vec::new();
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        let port = free_port(&ports);
+        ports.push(port);
+        let conf = format!("nodes-{port}.conf");
+        servers.push(RedisServer::start(
+            port,
+            &dir.0,
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "5000",
+            ],
+        ));
+    }
+    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&nodes)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster create failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for server in &servers {
+        loop {
+            let info = server.cli(&["cluster", "info"]);
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster node {} not ok within 30 s:\n{info}",
+                server.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    let urls: Vec<String> = servers.iter().map(RedisServer::url).collect();
+    let store = RedisIdempotencyStore::cluster(urls.iter().map(String::as_str))
+        .key_prefix(unique_prefix("cluster"))
+        .build()
+        .await
+        .expect("connect to the test cluster");
+    semantics(Arc::new(store.clone())).await;
+
+    // Keys spread over the nodes' slots, and every node answered.
+    let mut tokens = Vec::new();
+    for i in 0..60 {
+        let key = format!("spread-{i}");
+        let token = acquire(&store, &key, LEASE).await;
+        tokens.push((key, token));
+    }
+    for server in &servers {
+        let keys: u64 = server.cli(&["dbsize"]).trim().parse().unwrap_or(0);
+        assert!(keys > 0, "node {} holds no key", server.port);
+    }
+    for (key, token) in &tokens {
+        store.complete(key, token, TTL).await.unwrap();
+        expect_claim(&store, key, Claim::Done).await;
+    }
+
+    let other = RedisIdempotencyStore::cluster(urls.iter().map(String::as_str))
+        .key_prefix(store.key_prefix())
+        .build()
+        .await
+        .expect("second cluster connection");
+    race(Arc::new(store), Arc::new(other), 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_fast_and_recovers() {
+    let dir = TempDir::new("outage");
+    let port = free_port(&[]);
+    let mut server = RedisServer::start(port, &dir.0, &[]);
+    let timeout = Duration::from_secs(1);
+    let store = RedisIdempotencyStore::builder(server.url().as_str())
+        .key_prefix(unique_prefix("outage"))
+        .command_timeout(timeout)
+        .build()
+        .await
+        .unwrap();
+    let token = acquire(&store, "before", LEASE).await;
+    store.complete("before", &token, TTL).await.unwrap();
+
+    server.kill();
+    for round in 0..3 {
+        let started = Instant::now();
+        let result = store.claim(&format!("during-{round}"), LEASE).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(
+                result,
+                Err(StoreError::Unavailable {
+                    operation: "claim",
+                    ..
+                }) | Err(StoreError::Timeout {
+                    operation: "claim",
+                    ..
+                })
+            ),
+            "round {round}: expected Unavailable or Timeout while Redis is down, got {result:?}"
+        );
+        assert!(
+            took <= timeout + Duration::from_millis(500),
+            "round {round}: took {took:?}, command timeout {timeout:?}"
+        );
+    }
+    let release = store.release("before", &token).await;
+    assert!(
+        matches!(
+            release,
+            Err(StoreError::Unavailable { .. } | StoreError::Timeout { .. })
+        ),
+        "{release:?}"
+    );
+
+    // Same port, fresh (empty) server: the same store object reconnects by itself.
+    let _server = RedisServer::start(port, &dir.0, &[]);
+    let started = Instant::now();
+    let token = acquire(&store, "after", LEASE).await;
+    assert!(
+        started.elapsed() <= timeout,
+        "first claim after restart took {:?}",
+        started.elapsed()
+    );
+    store.complete("after", &token, TTL).await.unwrap();
+    expect_claim(&store, "after", Claim::Done).await;
+}
+
+/// The redis crate's `ConnectionManager` fails the first command after its connection was
+/// dropped (then reconnects): the store retries, so callers never see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connection_is_retried_transparently() {
+    let dir = TempDir::new("client-kill");
+    let server = RedisServer::start(free_port(&[]), &dir.0, &[]);
+    let store = RedisIdempotencyStore::builder(server.url().as_str())
+        .key_prefix(unique_prefix("client-kill"))
+        .build()
+        .await
+        .unwrap();
+    for round in 0..5 {
+        let key = format!("k-{round}");
+        let token = acquire(&store, &key, LEASE).await;
+        let killed = server.cli(&["client", "kill", "type", "normal"]);
+        assert!(
+            killed.trim().parse::<u32>().is_ok_and(|n| n >= 1),
+            "CLIENT KILL: {killed}"
+        );
+        // The next operation runs on a dead connection first.
+        store
+            .complete(&key, &token, TTL)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: complete after CLIENT KILL failed: {e:?}"));
+        expect_claim(&store, &key, Claim::Done).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_redis_times_out_then_recovers() {
+    let dir = TempDir::new("pause");
+    let server = RedisServer::start(free_port(&[]), &dir.0, &[]);
+    let timeout = Duration::from_millis(500);
+    let store = RedisIdempotencyStore::builder(server.url().as_str())
+        .key_prefix(unique_prefix("pause"))
+        .command_timeout(timeout)
+        .build()
+        .await
+        .unwrap();
+    acquire(&store, "before", LEASE).await;
+
+    let pause = Duration::from_millis(2000);
+    assert_eq!(server.cli(&["client", "pause", "2000", "all"]).trim(), "OK");
+    let paused_at = Instant::now();
+    let started = Instant::now();
+    let result = store.claim("during", LEASE).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            result,
+            Err(StoreError::Timeout {
+                operation: "claim",
+                ..
+            }) | Err(StoreError::Unavailable {
+                operation: "claim",
+                ..
+            })
+        ),
+        "expected Timeout while Redis is paused, got {result:?}"
+    );
+    assert!(
+        took <= timeout + Duration::from_millis(500),
+        "took {took:?}"
+    );
+
+    // After the pause: the same store works. ("during" may have been claimed by the late
+    // script; its lease then keeps it busy, which is what a lease is for.)
+    tokio::time::sleep(pause.saturating_sub(paused_at.elapsed()) + Duration::from_millis(100))
+        .await;
+    let token = acquire(&store, "after", LEASE).await;
+    store.complete("after", &token, TTL).await.unwrap();
+    expect_claim(&store, "after", Claim::Done).await;
+    expect_claim(&store, "before", Claim::Busy).await;
+}
