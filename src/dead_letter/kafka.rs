@@ -1,7 +1,795 @@
-//! Kafka dead-letter topic sink (placeholder, being written).
-/// Placeholder.
-#[derive(Debug)]
-pub struct KafkaDeadLetterSink;
-/// Placeholder.
-#[derive(Debug)]
-pub struct KafkaDeadLetterSinkBuilder;
+//! The Kafka dead-letter topic sink.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::time::Instant;
+
+use super::{
+    DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, MAX_ERROR_MESSAGE_BYTES,
+    headers, truncate_utf8,
+};
+use crate::error::{ConfigError, Error, Result};
+use crate::message::Header;
+use crate::publisher::{
+    DEFAULT_SEND_TIMEOUT, ManagedProducer, ProducerSettings, check_timeout, owned_headers,
+};
+
+/// How long a dead-letter topic's partition count is trusted before it is fetched again.
+const PARTITION_COUNT_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Upper bound for one metadata request (it is also bounded by the send timeout).
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+const METADATA_OPERATION: &str = "fetch dead-letter topic metadata";
+const SEND_OPERATION: &str = "write dead letter";
+
+type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
+
+/// Writes dead letters to Kafka dead-letter topics, by default `<topic>.dlt`.
+///
+/// # What a dead letter looks like
+///
+/// - **Key and value** are the source record's bytes, untouched; a null key or value stays
+///   null.
+/// - **Headers**: the source record's headers in their order (null values stay null), minus any
+///   provenance headers it already carried ([`headers::ALL`]), then fresh provenance headers.
+///   So re-dead-lettering a redriven record *replaces* its provenance instead of appending a
+///   second copy, and headers do not grow. [`headers::REDRIVE_COUNT`] is kept as it is.
+/// - **Provenance** uses Spring Kafka's names and encodings, so Spring tools read kourier's
+///   dead letters: `kafka_dlt-original-topic` (UTF-8), `-partition` (4-byte big-endian),
+///   `-offset` and `-timestamp` (8-byte big-endian, ms since the epoch), `-timestamp-type`
+///   (`CreateTime` / `LogAppendTime`; a record without timestamp gets Java's `-1` and
+///   `NoTimestampType`), `-consumer-group`, `kafka_dlt-exception-message` (cut to
+///   [`MAX_ERROR_MESSAGE_BYTES`](super::MAX_ERROR_MESSAGE_BYTES) on a character boundary) and
+///   `kafka_dlt-exception-fqcn` (e.g. `kourier.RetriesExhausted`). kourier's own
+///   `kourier-dlt-failure-kind`, `-attempts`, `-first-failure-ms` and `-last-failure-ms` are
+///   decimal UTF-8 text.
+/// - **Timestamp**: the dead letter gets a *new* timestamp (when it was written); the source
+///   record's timestamp is kept in `kafka_dlt-original-timestamp`. This is what Spring Kafka
+///   does too, and it keeps the dead-letter topic's time-based retention counting from the
+///   dead-lettering: an old record written with its old timestamp could be deleted by
+///   retention right away, or refused by a broker bounding timestamp skew.
+/// - **Partition**: the source record's partition when the dead-letter topic has that
+///   partition (Spring's convention, so a source partition maps to one dead-letter
+///   partition); otherwise the producer's partitioner chooses by key, Java-compatibly
+///   (`murmur2_random`: the partition a Java producer would pick; a null key gets a random
+///   one). The partition count comes from metadata, fetched off the async runtime, cached per
+///   topic for a minute and refreshed after any failed write. A dead-letter topic with fewer
+///   partitions than its source (Spring Kafka issue #1700) is therefore not an error.
+///
+/// # Guarantees
+///
+/// [`send`](DeadLetterSink::send) returns only once the broker has acknowledged the letter
+/// (`acks=all`, idempotent producer), with the letter's partition and offset. Every failure is
+/// a [`DeadLetterError`]; the consumer retries it with back-off and never commits past the
+/// record meanwhile. A missing dead-letter topic fails at once (the metadata says so) rather
+/// than after the send timeout. A send that timed out may still have been written, so a retry
+/// can write the letter twice: dead letters are at-least-once.
+///
+/// # Oversized records
+///
+/// When the broker or librdkafka refuses the letter as too large (`MessageSizeTooLarge`, e.g.
+/// the dead-letter topic's `max.message.bytes` is smaller than the source topic's), the sink
+/// writes a **metadata-only letter** instead: same key, *null value*, the same headers, plus
+/// [`headers::VALUE_DROPPED_BYTES`] holding the original value's size. If that is refused too
+/// (the key or headers alone are too large) the error is returned. The dead-letter producer
+/// sends one letter per batch (`batch.num.messages=1`) so that a size refusal is about that
+/// letter alone, never about a batch of several. When a letter whose value was dropped is
+/// dead-lettered again with its value still null, the dropped-bytes header is carried over.
+///
+/// # Shutdown
+///
+/// Call [`flush`](KafkaDeadLetterSink::flush) before dropping the sink. A `send` being awaited
+/// keeps the sink alive, so only abandoned (cancelled) sends can have letters in flight at
+/// drop time; their records were not settled, so the consumer will dead-letter them again.
+/// Dropping still waits up to a second for such letters and logs (at `warn`) how many were
+/// purged, so nothing is lost silently.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use kourier::{DeadLetterSink, KafkaDeadLetterSink};
+///
+/// # fn run() -> Result<(), kourier::Error> {
+/// let sink: Arc<dyn DeadLetterSink> = Arc::new(
+///     KafkaDeadLetterSink::builder("127.0.0.1:9092")
+///         .topic_name(|topic: &str| format!("{topic}.dead"))
+///         .send_timeout(Duration::from_secs(10))
+///         .kafka_config("compression.type", "zstd")
+///         .build()?,
+/// );
+/// # let _ = sink;
+/// # Ok(())
+/// # }
+/// ```
+pub struct KafkaDeadLetterSink {
+    producer: ManagedProducer,
+    topic_name: TopicNameFn,
+    partition_counts: Mutex<HashMap<String, PartitionCount>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PartitionCount {
+    count: i32,
+    fetched: Instant,
+}
+
+impl fmt::Debug for KafkaDeadLetterSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaDeadLetterSink")
+            .field("producer", &self.producer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaDeadLetterSink {
+    /// Starts building a sink that connects to `bootstrap_servers` (a comma-separated
+    /// `host:port` list).
+    pub fn builder(bootstrap_servers: impl Into<String>) -> KafkaDeadLetterSinkBuilder {
+        KafkaDeadLetterSinkBuilder {
+            settings: ProducerSettings::new(bootstrap_servers.into()),
+            producer: None,
+            topic_name: None,
+        }
+    }
+
+    /// Starts building a sink that writes through a producer you built.
+    ///
+    /// kourier cannot see that producer's settings: make it idempotent with `acks=all` and a
+    /// `message.timeout.ms` no longer than the sink's send timeout. `kafka_config` cannot be
+    /// combined with it. If that producer hits a fatal error, it cannot be recreated, and
+    /// writes keep failing (and are logged).
+    pub fn from_producer(producer: FutureProducer) -> KafkaDeadLetterSinkBuilder {
+        KafkaDeadLetterSinkBuilder {
+            settings: ProducerSettings::new(String::new()),
+            producer: Some(producer),
+            topic_name: None,
+        }
+    }
+
+    /// The dead-letter topic for records of `source_topic`.
+    pub fn topic_for(&self, source_topic: &str) -> String {
+        (self.topic_name)(source_topic)
+    }
+
+    /// Waits until every letter handed to the producer is acknowledged or failed, for at
+    /// most `timeout`. Call it before dropping the sink.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] when letters are still undelivered after `timeout`;
+    /// [`Error::Kafka`] for other flush failures.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        self.producer.flush(timeout).await
+    }
+
+    async fn write(&self, letter: &DeadLetter, dlt: &str) -> Result<DeadLetterReceipt> {
+        let record = &letter.record;
+        if dlt == record.topic {
+            return Err(ConfigError::invalid(
+                "topic_name",
+                format!("it maps `{dlt}` to itself, so dead letters would be consumed again"),
+            )
+            .into());
+        }
+        validate_dead_letter_topic(dlt)?;
+        let partition = self.partition_for(dlt, record.partition).await?;
+
+        let full = letter_headers(letter, None);
+        let first = self
+            .produce(
+                dlt,
+                partition,
+                record.key.as_deref(),
+                record.value.as_deref(),
+                &full,
+            )
+            .await;
+        let delivery = match first {
+            Err(e) if is_too_large(&e) && record.value.is_some() => {
+                let dropped = record.value.as_ref().map_or(0, Vec::len);
+                tracing::warn!(
+                    topic = %record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    dead_letter_topic = %dlt,
+                    value_bytes = dropped,
+                    "dead letter too large for its topic; writing a metadata-only letter without the value"
+                );
+                let metadata_only = letter_headers(letter, Some(dropped));
+                self.produce(dlt, partition, record.key.as_deref(), None, &metadata_only)
+                    .await
+            }
+            other => other,
+        };
+        match delivery {
+            Ok(delivery) => Ok(DeadLetterReceipt {
+                topic: dlt.to_owned(),
+                partition: Some(delivery.partition),
+                offset: Some(delivery.offset),
+            }),
+            Err(e) => {
+                // The topic may have changed (deleted, recreated): look again next time.
+                self.forget_partition_count(dlt);
+                Err(e)
+            }
+        }
+    }
+
+    async fn produce(
+        &self,
+        dlt: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[Header],
+    ) -> Result<crate::publisher::Delivery> {
+        let mut record = FutureRecord::<[u8], [u8]>::to(dlt).headers(owned_headers(headers.iter()));
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        self.producer.send(record, SEND_OPERATION).await
+    }
+
+    /// The source partition when the dead-letter topic has it, else `None` (partition by key).
+    async fn partition_for(&self, dlt: &str, source_partition: i32) -> Result<Option<i32>> {
+        let count = self.partition_count(dlt).await?;
+        Ok((0..count)
+            .contains(&source_partition)
+            .then_some(source_partition))
+    }
+
+    async fn partition_count(&self, dlt: &str) -> Result<i32> {
+        let cached = self.lock_counts().get(dlt).copied();
+        if let Some(cached) = cached
+            && cached.fetched.elapsed() < PARTITION_COUNT_MAX_AGE
+        {
+            return Ok(cached.count);
+        }
+        match self.fetch_partition_count(dlt).await {
+            Ok(count) => {
+                self.lock_counts().insert(
+                    dlt.to_owned(),
+                    PartitionCount {
+                        count,
+                        fetched: Instant::now(),
+                    },
+                );
+                Ok(count)
+            }
+            // Partition counts only grow, so a stale count is still safe to use while the
+            // cluster does not answer; a topic that is gone is another matter.
+            Err(e) => match cached {
+                Some(cached) if !is_missing_topic(&e) => {
+                    tracing::debug!(dead_letter_topic = dlt, error = %error_chain(&e), "metadata refresh failed; using the last known partition count");
+                    Ok(cached.count)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    async fn fetch_partition_count(&self, dlt: &str) -> Result<i32> {
+        let producer = self.producer.current();
+        let topic = dlt.to_owned();
+        let timeout = self.producer.send_timeout.min(METADATA_TIMEOUT);
+        // `fetch_metadata` blocks the calling thread until the broker answers.
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&topic), timeout)
+        })
+        .await
+        .map_err(|_join| Error::kafka(METADATA_OPERATION, KafkaError::Canceled))?
+        .map_err(|e| Error::kafka(METADATA_OPERATION, e))?;
+        let topic = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == dlt)
+            .ok_or_else(|| metadata_error(RDKafkaErrorCode::UnknownTopicOrPartition))?;
+        if let Some(err) = topic.error() {
+            return Err(metadata_error(err.into()));
+        }
+        match i32::try_from(topic.partitions().len()) {
+            Ok(count) if count > 0 => Ok(count),
+            _ => Err(metadata_error(RDKafkaErrorCode::LeaderNotAvailable)),
+        }
+    }
+
+    fn forget_partition_count(&self, dlt: &str) {
+        self.lock_counts().remove(dlt);
+    }
+
+    fn lock_counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, PartitionCount>> {
+        self.partition_counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl DeadLetterSink for KafkaDeadLetterSink {
+    async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+        let dlt = self.topic_for(&letter.record.topic);
+        let record = &letter.record;
+        match self.write(letter, &dlt).await {
+            Ok(receipt) => {
+                tracing::debug!(
+                    topic = %record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    dead_letter_topic = %dlt,
+                    dead_letter_partition = receipt.partition,
+                    dead_letter_offset = receipt.offset,
+                    reason = %letter.reason,
+                    "dead letter written"
+                );
+                Ok(receipt)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    topic = %record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    dead_letter_topic = %dlt,
+                    error = %error_chain(&e),
+                    "dead-letter write failed"
+                );
+                Err(DeadLetterError {
+                    coordinates: record.coordinates(),
+                    destination: dlt,
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+}
+
+/// Builds a [`KafkaDeadLetterSink`]; start with [`KafkaDeadLetterSink::builder`] or
+/// [`KafkaDeadLetterSink::from_producer`].
+///
+/// Producer defaults (override with [`kafka_config`](Self::kafka_config)):
+/// `enable.idempotence=true`, `acks=all`, `message.timeout.ms` = the send timeout (30 s),
+/// `partitioner=murmur2_random` (Java-compatible), `batch.num.messages=1` (see
+/// [oversized records](KafkaDeadLetterSink#oversized-records)), `client.id=kourier-dead-letter`.
+#[must_use = "a builder does nothing until `build()` is called"]
+pub struct KafkaDeadLetterSinkBuilder {
+    settings: ProducerSettings,
+    producer: Option<FutureProducer>,
+    topic_name: Option<TopicNameFn>,
+}
+
+impl fmt::Debug for KafkaDeadLetterSinkBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaDeadLetterSinkBuilder")
+            .field("settings", &self.settings)
+            .field("user_producer", &self.producer.is_some())
+            .field("custom_topic_name", &self.topic_name.is_some())
+            .finish()
+    }
+}
+
+impl KafkaDeadLetterSinkBuilder {
+    /// How a source topic's name becomes its dead-letter topic's name (default:
+    /// `<topic>.dlt`, e.g. `notify.v1` → `notify.v1.dlt`).
+    ///
+    /// A name that is not a valid topic name, or that equals the source topic (dead letters
+    /// would be consumed again), makes each write fail with a configuration error.
+    pub fn topic_name<F>(mut self, name: F) -> Self
+    where
+        F: Fn(&str) -> String + Send + Sync + 'static,
+    {
+        self.topic_name = Some(Arc::new(name));
+        self
+    }
+
+    /// Sets a raw librdkafka producer property (applied after kourier's defaults, so it
+    /// overrides them).
+    ///
+    /// `build()` refuses `acks=0`, `transactional.id`, a `message.timeout.ms` /
+    /// `delivery.timeout.ms` of 0 (infinite) or one that contradicts
+    /// [`send_timeout`](Self::send_timeout), and any property combined with
+    /// [`KafkaDeadLetterSink::from_producer`].
+    pub fn kafka_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.settings.set(key.into(), value.into());
+        self
+    }
+
+    /// How long one write may wait for the broker's acknowledgement before it fails (default
+    /// 30 s); also librdkafka's `message.timeout.ms`. A write that falls back to a
+    /// metadata-only letter may take up to twice as long.
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.send_timeout = Some(timeout);
+        self
+    }
+
+    /// Validates the settings and creates the producer. It does not connect yet; it can be
+    /// called inside or outside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an empty bootstrap list, a zero or too-large send timeout, a
+    /// refused librdkafka property (see [`kafka_config`](Self::kafka_config)), or
+    /// `kafka_config` combined with a user's producer; [`Error::Kafka`] (operation
+    /// `"create producer"`) when librdkafka rejects the configuration.
+    pub fn build(self) -> Result<KafkaDeadLetterSink> {
+        let KafkaDeadLetterSinkBuilder {
+            mut settings,
+            producer,
+            topic_name,
+        } = self;
+        let producer = match producer {
+            Some(producer) => {
+                if settings.has_overrides() {
+                    return Err(ConfigError::invalid(
+                        "kafka_config",
+                        "cannot be combined with from_producer(): configure that producer instead",
+                    )
+                    .into());
+                }
+                let send_timeout =
+                    check_timeout(settings.send_timeout.unwrap_or(DEFAULT_SEND_TIMEOUT))?;
+                ManagedProducer::from_producer(producer, send_timeout)
+            }
+            None => {
+                settings.set_default("batch.num.messages", "1");
+                settings.build("kourier-dead-letter")?
+            }
+        };
+        Ok(KafkaDeadLetterSink {
+            producer,
+            topic_name: topic_name
+                .unwrap_or_else(|| Arc::new(|topic: &str| format!("{topic}.dlt"))),
+            partition_counts: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// The headers of a dead letter: the record's own minus old provenance, then fresh provenance.
+/// `dropped_value_bytes` is set for a metadata-only letter.
+fn letter_headers(letter: &DeadLetter, dropped_value_bytes: Option<usize>) -> Vec<Header> {
+    let record = &letter.record;
+    let is_provenance = |key: &str| headers::ALL.contains(&key);
+
+    // A letter whose value was dropped before and is still null keeps saying so.
+    let dropped = dropped_value_bytes
+        .map(|n| n.to_string().into_bytes())
+        .or_else(|| {
+            if record.value.is_none() {
+                record
+                    .headers
+                    .get(headers::VALUE_DROPPED_BYTES)
+                    .map(<[u8]>::to_vec)
+            } else {
+                None
+            }
+        });
+
+    let mut out: Vec<Header> = record
+        .headers
+        .iter()
+        .filter(|h| !is_provenance(&h.key))
+        .cloned()
+        .collect();
+    out.reserve(headers::ALL.len());
+
+    let (timestamp, timestamp_type) = match record.timestamp {
+        Some(ts) if record.log_append_time => (ts, "LogAppendTime"),
+        Some(ts) => (ts, "CreateTime"),
+        None => (-1, "NoTimestampType"),
+    };
+    out.push(Header::new(
+        headers::ORIGINAL_TOPIC,
+        record.topic.as_bytes(),
+    ));
+    out.push(Header::new(
+        headers::ORIGINAL_PARTITION,
+        record.partition.to_be_bytes(),
+    ));
+    out.push(Header::new(
+        headers::ORIGINAL_OFFSET,
+        record.offset.to_be_bytes(),
+    ));
+    out.push(Header::new(
+        headers::ORIGINAL_TIMESTAMP,
+        timestamp.to_be_bytes(),
+    ));
+    out.push(Header::new(
+        headers::ORIGINAL_TIMESTAMP_TYPE,
+        timestamp_type,
+    ));
+    out.push(Header::new(
+        headers::ORIGINAL_CONSUMER_GROUP,
+        letter.group_id.as_bytes(),
+    ));
+    out.push(Header::new(
+        headers::EXCEPTION_MESSAGE,
+        truncate_utf8(&letter.error, MAX_ERROR_MESSAGE_BYTES).as_bytes(),
+    ));
+    out.push(Header::new(headers::EXCEPTION_FQCN, letter.reason.fqcn()));
+    out.push(Header::new(headers::FAILURE_KIND, letter.reason.as_str()));
+    out.push(Header::new(headers::ATTEMPTS, letter.attempts.to_string()));
+    out.push(Header::new(
+        headers::FIRST_FAILURE_MS,
+        epoch_millis(letter.first_failure).to_string(),
+    ));
+    out.push(Header::new(
+        headers::LAST_FAILURE_MS,
+        epoch_millis(letter.last_failure).to_string(),
+    ));
+    if let Some(dropped) = dropped {
+        out.push(Header::new(headers::VALUE_DROPPED_BYTES, dropped));
+    }
+    out
+}
+
+/// `error: cause: cause…`, for one log line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn epoch_millis(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+fn validate_dead_letter_topic(dlt: &str) -> Result<()> {
+    let valid = !dlt.is_empty()
+        && dlt.len() <= 249
+        && dlt != "."
+        && dlt != ".."
+        && dlt
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid("topic_name", format!("`{dlt}` is not a valid topic name")).into())
+    }
+}
+
+fn metadata_error(code: RDKafkaErrorCode) -> Error {
+    Error::kafka(METADATA_OPERATION, KafkaError::MetadataFetch(code))
+}
+
+fn is_missing_topic(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Kafka {
+            source: KafkaError::MetadataFetch(
+                RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+            ),
+            ..
+        }
+    )
+}
+
+/// librdkafka's local size check and the broker's refusal share this code; a whole batch
+/// refused is `MessageBatchTooLarge`.
+fn is_too_large(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Kafka {
+            source: KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge
+            ),
+            ..
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::dead_letter::DeadLetterReason;
+    use crate::message::{Headers, RawRecord};
+
+    fn letter(headers: Headers, value: Option<Vec<u8>>) -> DeadLetter {
+        DeadLetter {
+            record: Arc::new(RawRecord {
+                topic: "notify.v1".into(),
+                partition: 3,
+                offset: 42,
+                key: Some(b"user-1".to_vec()),
+                value,
+                headers,
+                timestamp: Some(1_700_000_000_123),
+                log_append_time: false,
+            }),
+            reason: DeadLetterReason::RetriesExhausted,
+            error: "smtp said no".into(),
+            attempts: 4,
+            first_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_001_000),
+            last_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_002_500),
+            group_id: "mailer".into(),
+        }
+    }
+
+    fn get<'a>(headers: &'a [Header], key: &str) -> Option<&'a [u8]> {
+        let mut found = headers.iter().filter(|h| h.key == key);
+        let first = found.next()?;
+        assert!(found.next().is_none(), "{key} appears more than once");
+        first.value.as_deref()
+    }
+
+    #[test]
+    fn provenance_headers_use_the_documented_encodings() {
+        let original = Headers::new().with("event-id", "e-1");
+        let mut original = original;
+        original.push(Header::null("trace"));
+        let out = letter_headers(&letter(original, Some(b"{}".to_vec())), None);
+        assert_eq!(out[0], Header::new("event-id", "e-1"));
+        assert_eq!(out[1], Header::null("trace"));
+        assert_eq!(get(&out, headers::ORIGINAL_TOPIC), Some(&b"notify.v1"[..]));
+        assert_eq!(
+            get(&out, headers::ORIGINAL_PARTITION),
+            Some(&[0, 0, 0, 3][..])
+        );
+        assert_eq!(
+            get(&out, headers::ORIGINAL_OFFSET),
+            Some(&42i64.to_be_bytes()[..])
+        );
+        assert_eq!(
+            get(&out, headers::ORIGINAL_TIMESTAMP),
+            Some(&1_700_000_000_123i64.to_be_bytes()[..])
+        );
+        assert_eq!(
+            get(&out, headers::ORIGINAL_TIMESTAMP_TYPE),
+            Some(&b"CreateTime"[..])
+        );
+        assert_eq!(
+            get(&out, headers::ORIGINAL_CONSUMER_GROUP),
+            Some(&b"mailer"[..])
+        );
+        assert_eq!(
+            get(&out, headers::EXCEPTION_MESSAGE),
+            Some(&b"smtp said no"[..])
+        );
+        assert_eq!(
+            get(&out, headers::EXCEPTION_FQCN),
+            Some(&b"kourier.RetriesExhausted"[..])
+        );
+        assert_eq!(
+            get(&out, headers::FAILURE_KIND),
+            Some(&b"retries-exhausted"[..])
+        );
+        assert_eq!(get(&out, headers::ATTEMPTS), Some(&b"4"[..]));
+        assert_eq!(
+            get(&out, headers::FIRST_FAILURE_MS),
+            Some(&b"1700000001000"[..])
+        );
+        assert_eq!(
+            get(&out, headers::LAST_FAILURE_MS),
+            Some(&b"1700000002500"[..])
+        );
+        assert_eq!(get(&out, headers::VALUE_DROPPED_BYTES), None);
+        assert_eq!(out.len(), 2 + 12);
+    }
+
+    #[test]
+    fn re_dead_lettering_replaces_provenance_and_keeps_redrive_count() {
+        let first = letter_headers(&letter(Headers::new().with("event-id", "e-1"), None), None);
+        let mut redriven: Headers = first.iter().cloned().collect();
+        redriven.push(Header::new(headers::REDRIVE_COUNT, "1"));
+        let mut again = letter(redriven, None);
+        Arc::make_mut(&mut again.record).topic = "other.v1".into();
+        let second = letter_headers(&again, None);
+        assert_eq!(second.len(), first.len() + 1);
+        assert_eq!(
+            get(&second, headers::ORIGINAL_TOPIC),
+            Some(&b"other.v1"[..])
+        );
+        assert_eq!(get(&second, headers::REDRIVE_COUNT), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn metadata_only_letters_record_the_dropped_size_and_keep_it() {
+        let out = letter_headers(&letter(Headers::new(), Some(vec![0; 10])), Some(10_240));
+        assert_eq!(get(&out, headers::VALUE_DROPPED_BYTES), Some(&b"10240"[..]));
+
+        // Redriven with the value still null: the marker survives re-dead-lettering...
+        let again = letter_headers(&letter(out.iter().cloned().collect(), None), None);
+        assert_eq!(
+            get(&again, headers::VALUE_DROPPED_BYTES),
+            Some(&b"10240"[..])
+        );
+        // ...but not once a value is back.
+        let restored = letter_headers(&letter(out.into_iter().collect(), Some(vec![1])), None);
+        assert_eq!(get(&restored, headers::VALUE_DROPPED_BYTES), None);
+    }
+
+    #[test]
+    fn long_errors_are_truncated_and_missing_timestamps_follow_java() {
+        let mut l = letter(Headers::new(), None);
+        l.error = "é".repeat(MAX_ERROR_MESSAGE_BYTES);
+        let record = Arc::make_mut(&mut l.record);
+        record.timestamp = None;
+        let out = letter_headers(&l, None);
+        let message = get(&out, headers::EXCEPTION_MESSAGE).unwrap();
+        assert!(message.len() <= MAX_ERROR_MESSAGE_BYTES);
+        assert!(std::str::from_utf8(message).is_ok());
+        assert_eq!(
+            get(&out, headers::ORIGINAL_TIMESTAMP),
+            Some(&(-1i64).to_be_bytes()[..])
+        );
+        assert_eq!(
+            get(&out, headers::ORIGINAL_TIMESTAMP_TYPE),
+            Some(&b"NoTimestampType"[..])
+        );
+
+        let mut l = letter(Headers::new(), None);
+        Arc::make_mut(&mut l.record).log_append_time = true;
+        let out = letter_headers(&l, None);
+        assert_eq!(
+            get(&out, headers::ORIGINAL_TIMESTAMP_TYPE),
+            Some(&b"LogAppendTime"[..])
+        );
+    }
+
+    #[test]
+    fn epoch_millis_handles_both_sides_of_the_epoch() {
+        assert_eq!(epoch_millis(UNIX_EPOCH + Duration::from_millis(5)), 5);
+        assert_eq!(epoch_millis(UNIX_EPOCH - Duration::from_millis(5)), -5);
+    }
+
+    #[test]
+    fn builder_validates() {
+        let err = KafkaDeadLetterSink::builder("").build().unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Config(ConfigError::Missing("bootstrap_servers"))
+        ));
+        let err = KafkaDeadLetterSink::builder("k:9092")
+            .kafka_config("acks", "0")
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(ConfigError::Conflict { .. })));
+
+        let sink = KafkaDeadLetterSink::builder("k:9092").build().unwrap();
+        assert_eq!(sink.topic_for("notify.v1"), "notify.v1.dlt");
+        let sink = KafkaDeadLetterSink::builder("k:9092")
+            .topic_name(|t: &str| format!("dlq-{t}"))
+            .build()
+            .unwrap();
+        assert_eq!(sink.topic_for("notify.v1"), "dlq-notify.v1");
+    }
+
+    #[test]
+    fn dead_letter_topic_names_are_checked() {
+        assert!(validate_dead_letter_topic("notify.v1.dlt").is_ok());
+        assert!(validate_dead_letter_topic("").is_err());
+        assert!(validate_dead_letter_topic("a b").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_topic_mapped_to_itself_is_refused_without_io() {
+        let sink = KafkaDeadLetterSink::builder("127.0.0.1:1")
+            .topic_name(str::to_owned)
+            .build()
+            .unwrap();
+        let err = sink.send(&letter(Headers::new(), None)).await.unwrap_err();
+        assert_eq!(err.destination, "notify.v1");
+        assert_eq!(err.coordinates, "notify.v1/3@42");
+    }
+}

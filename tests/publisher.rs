@@ -1,0 +1,411 @@
+//! `Publisher` against the real broker: acknowledged sends, pipelined batches, Java-compatible
+//! key partitioning, and a typed error (not a hang) when the broker is unreachable.
+//!
+//! Needs Kafka at `KAFKA_BOOTSTRAP_SERVERS` (default 127.0.0.1:9092): `scripts/services up`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use kourier::rdkafka::Message as _;
+use kourier::rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use kourier::rdkafka::message::{Headers as _, OwnedMessage};
+use kourier::{Error, Header, Headers, Publisher, java_partition};
+use serde::{Deserialize, Serialize};
+
+use self::kafka::{bootstrap, create_topic, read_all, require_kafka, unique_name};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Notification {
+    id: String,
+    user_id: String,
+    text: String,
+}
+
+fn notification(i: usize) -> Notification {
+    Notification {
+        id: format!("e-{i}"),
+        user_id: format!("user-{i}"),
+        text: format!("hello {i}"),
+    }
+}
+
+fn publisher(topic: &str) -> Publisher<Notification> {
+    Publisher::<Notification>::builder(bootstrap(), topic)
+        .key_fn(|n: &Notification| n.user_id.clone())
+        .headers_fn(|n: &Notification| vec![Header::new("event-id", n.id.as_bytes())])
+        .send_timeout(Duration::from_secs(10))
+        .build()
+        .expect("publisher builds")
+}
+
+fn header_list(message: &OwnedMessage) -> Vec<(String, Option<Vec<u8>>)> {
+    message.headers().map_or_else(Vec::new, |headers| {
+        headers
+            .iter()
+            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+            .collect()
+    })
+}
+
+fn by_coordinates(messages: Vec<OwnedMessage>) -> HashMap<(i32, i64), OwnedMessage> {
+    messages
+        .into_iter()
+        .map(|m| ((m.partition(), m.offset()), m))
+        .collect()
+}
+
+#[tokio::test]
+async fn send_resolves_to_the_acknowledgement_a_reader_sees() {
+    require_kafka().await;
+    let topic = unique_name("pub-ack");
+    create_topic(&topic, 3).await;
+    let publisher = publisher(&topic);
+
+    let event = notification(1);
+    let delivery = publisher.send(&event).await.expect("acknowledged");
+    let mut extra = Headers::new().with("source", "test");
+    extra.push(Header::null("nothing"));
+    let second = publisher
+        .send_with_headers(&notification(2), extra)
+        .await
+        .expect("acknowledged");
+
+    let messages = by_coordinates(read_all(&topic, 2).await);
+    assert_eq!(messages.len(), 2);
+    let m = &messages[&(delivery.partition, delivery.offset)];
+    assert_eq!(m.key(), Some(&b"user-1"[..]));
+    let decoded: Notification = serde_json::from_slice(m.payload().unwrap()).unwrap();
+    assert_eq!(decoded, event);
+    assert_eq!(
+        header_list(m),
+        vec![("event-id".to_owned(), Some(b"e-1".to_vec()))]
+    );
+
+    let m = &messages[&(second.partition, second.offset)];
+    assert_eq!(
+        header_list(m),
+        vec![
+            ("event-id".to_owned(), Some(b"e-2".to_vec())),
+            ("source".to_owned(), Some(b"test".to_vec())),
+            ("nothing".to_owned(), None),
+        ]
+    );
+    publisher
+        .flush(Duration::from_secs(5))
+        .await
+        .expect("flushed");
+}
+
+#[tokio::test]
+async fn batch_send_acknowledges_every_event_in_order() {
+    require_kafka().await;
+    let topic = unique_name("pub-batch");
+    create_topic(&topic, 2).await;
+    // One key for all: one partition, so the offsets show the order.
+    let publisher = Publisher::<Notification>::builder(bootstrap(), &topic)
+        .key_fn(|_: &Notification| "same-user")
+        .build()
+        .unwrap();
+
+    let events: Vec<Notification> = (0..100).map(notification).collect();
+    let results = publisher.send_batch(&events).await;
+    assert_eq!(results.len(), events.len());
+    let deliveries: Vec<_> = results
+        .into_iter()
+        .map(|r| r.expect("acknowledged"))
+        .collect();
+    let partition = java_partition(b"same-user", 2).unwrap();
+    assert!(deliveries.iter().all(|d| d.partition == partition));
+    assert!(
+        deliveries.windows(2).all(|w| w[1].offset > w[0].offset),
+        "offsets follow the batch order"
+    );
+
+    let messages = by_coordinates(read_all(&topic, events.len()).await);
+    assert_eq!(messages.len(), events.len());
+    for (event, delivery) in events.iter().zip(&deliveries) {
+        let m = &messages[&(delivery.partition, delivery.offset)];
+        let decoded: Notification = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(&decoded, event);
+    }
+
+    assert!(publisher.send_batch(&[]).await.is_empty());
+}
+
+#[tokio::test]
+async fn keyed_records_land_where_a_java_producer_puts_them() {
+    require_kafka().await;
+    let topic = unique_name("pub-murmur");
+    create_topic(&topic, 6).await;
+    let publisher = publisher(&topic);
+
+    let events: Vec<Notification> = (0..200).map(notification).collect();
+    let deliveries: Vec<_> = publisher
+        .send_batch(&events)
+        .await
+        .into_iter()
+        .map(|r| r.expect("acknowledged"))
+        .collect();
+    for (event, delivery) in events.iter().zip(&deliveries) {
+        assert_eq!(
+            delivery.partition,
+            java_partition(event.user_id.as_bytes(), 6).unwrap(),
+            "key {}",
+            event.user_id
+        );
+    }
+
+    let messages = read_all(&topic, events.len()).await;
+    assert_eq!(messages.len(), events.len());
+    let mut used = [0usize; 6];
+    for m in &messages {
+        let key = m.key().expect("keyed");
+        assert_eq!(m.partition(), java_partition(key, 6).unwrap());
+        used[m.partition() as usize] += 1;
+    }
+    assert!(
+        used.iter().all(|n| *n > 0),
+        "200 keys spread over all partitions: {used:?}"
+    );
+}
+
+#[tokio::test]
+async fn unkeyed_events_are_published_too() {
+    require_kafka().await;
+    let topic = unique_name("pub-nokey");
+    create_topic(&topic, 3).await;
+    let publisher = Publisher::<Notification>::builder(bootstrap(), &topic)
+        .build()
+        .unwrap();
+    let delivery = publisher
+        .send(&notification(7))
+        .await
+        .expect("acknowledged");
+    let messages = by_coordinates(read_all(&topic, 1).await);
+    let m = &messages[&(delivery.partition, delivery.offset)];
+    assert_eq!(m.key(), None);
+    assert!(m.headers().is_none_or(|h| h.count() == 0));
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_is_a_typed_error_not_a_hang() {
+    let publisher = Publisher::<Notification>::builder("127.0.0.1:1", "nowhere")
+        .key_fn(|n: &Notification| n.user_id.clone())
+        .kafka_config("message.timeout.ms", "1500")
+        .build()
+        .expect("build does not connect");
+
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(15), publisher.send(&notification(1)))
+        .await
+        .expect("the send must end")
+        .expect_err("nothing can acknowledge it");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    match &err {
+        Error::Kafka {
+            operation,
+            source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        } => assert_eq!(*operation, "publish"),
+        other => panic!("unexpected error: {other:?}"),
+    }
+
+    let results = tokio::time::timeout(
+        Duration::from_secs(15),
+        publisher.send_batch(&[notification(2), notification(3)]),
+    )
+    .await
+    .expect("the batch must end");
+    assert!(results.iter().all(Result::is_err));
+}
+
+#[tokio::test]
+async fn a_missing_topic_fails_within_the_send_timeout() {
+    require_kafka().await;
+    let publisher = Publisher::<Notification>::builder(bootstrap(), unique_name("pub-missing"))
+        .send_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(15), publisher.send(&notification(1)))
+        .await
+        .expect("the send must end")
+        .expect_err("no such topic");
+    assert!(matches!(err, Error::Kafka { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_event_that_cannot_be_encoded_is_an_encode_error() {
+    #[derive(Serialize)]
+    struct Bad {
+        map: HashMap<(u8, u8), u8>, // tuple keys are not JSON object keys
+    }
+    let publisher = Publisher::<Bad>::builder("127.0.0.1:1", "nowhere")
+        .build()
+        .unwrap();
+    let err = publisher
+        .send(&Bad {
+            map: HashMap::from([((1, 2), 3)]),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Encode { topic, .. } if topic == "nowhere"),
+        "{err:?}"
+    );
+}
+
+/// Minimal broker helpers (kept local: this file needs raw records with their headers).
+mod kafka {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use kourier::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use kourier::rdkafka::client::DefaultClientContext;
+    use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
+    use kourier::rdkafka::message::OwnedMessage;
+    use kourier::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    pub(super) fn bootstrap() -> String {
+        std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+    }
+
+    pub(super) async fn require_kafka() {
+        let servers = bootstrap();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &servers)
+                .create()
+                .expect("client");
+            if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
+                panic!("no Kafka broker at {servers} ({e}); start one with `scripts/services up`");
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    pub(super) fn unique_name(prefix: &str) -> String {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        format!(
+            "{prefix}-{}-{nanos}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    pub(super) async fn create_topic(name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .create()
+            .expect("admin client");
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for result in admin
+            .create_topics([&topic], &AdminOptions::new())
+            .await
+            .expect("create topics")
+        {
+            result.expect("topic created");
+        }
+        let name = name.to_owned();
+        let servers = bootstrap();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &servers)
+                .create()
+                .expect("client");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(md) = consumer.fetch_metadata(Some(&name), Duration::from_secs(5))
+                    && let Some(t) = md.topics().iter().find(|t| t.name() == name)
+                    && t.error().is_none()
+                    && t.partitions().len() == partitions as usize
+                    && t.partitions()
+                        .iter()
+                        .all(|p| p.leader() >= 0 && p.error().is_none())
+                {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "topic {name} never became ready");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    pub(super) async fn read_all(topic: &str, expected: usize) -> Vec<OwnedMessage> {
+        let topic = topic.to_owned();
+        let servers = bootstrap();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &servers)
+                .set("group.id", super::unique_name("reader"))
+                .set("enable.auto.commit", "false")
+                .create()
+                .expect("consumer");
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .expect("metadata");
+            let partitions = md.topics()[0].partitions().len() as i32;
+            let mut tpl = TopicPartitionList::new();
+            for p in 0..partitions {
+                tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                    .unwrap();
+            }
+            consumer.assign(&tpl).expect("assign");
+            let mut out = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut settle_until: Option<Instant> = None;
+            loop {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    out.push(m.detach());
+                }
+                if out.len() >= expected {
+                    let until = *settle_until
+                        .get_or_insert_with(|| Instant::now() + Duration::from_millis(500));
+                    if Instant::now() >= until {
+                        return out;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "read {} of {expected} records from {topic}",
+                    out.len()
+                );
+            }
+        })
+        .await
+        .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn an_empty_key_is_hashed_like_java_not_randomized() {
+    require_kafka().await;
+    let topic = unique_name("pub-empty-key");
+    create_topic(&topic, 6).await;
+    let publisher = Publisher::<Notification>::builder(bootstrap(), &topic)
+        .key_fn(|_: &Notification| "")
+        .build()
+        .unwrap();
+    let events: Vec<Notification> = (0..20).map(notification).collect();
+    for result in publisher.send_batch(&events).await {
+        assert_eq!(
+            result.expect("acknowledged").partition,
+            java_partition(b"", 6).unwrap()
+        );
+    }
+}
