@@ -82,7 +82,9 @@ impl<T: DeserializeOwned + 'static> Codec<T> for JsonCodec<T> {
             .as_deref()
             .ok_or_else(|| DecodeError::new("null value where a JSON event is required"))?;
         if bytes.is_empty() {
-            return Err(DecodeError::new("empty value where a JSON event is required"));
+            return Err(DecodeError::new(
+                "empty value where a JSON event is required",
+            ));
         }
         serde_json::from_slice(bytes).map_err(|e| DecodeError::with_source("invalid JSON event", e))
     }
@@ -162,7 +164,10 @@ mod tests {
     #[test]
     fn json_decodes_and_rejects_poison() {
         let c = JsonCodec::<Ev>::new();
-        assert_eq!(c.decode(&record(Some(br#"{"id":7}"#))).unwrap(), Ev { id: 7 });
+        assert_eq!(
+            c.decode(&record(Some(br#"{"id":7}"#))).unwrap(),
+            Ev { id: 7 }
+        );
         assert_eq!(
             c.decode(&record(None)).unwrap_err().to_string(),
             "null value where a JSON event is required"
@@ -175,6 +180,9 @@ mod tests {
     #[test]
     fn bytes_keeps_null() {
         assert_eq!(BytesCodec.decode(&record(None)).unwrap(), None);
-        assert_eq!(BytesCodec.decode(&record(Some(b"x"))).unwrap(), Some(b"x".to_vec()));
+        assert_eq!(
+            BytesCodec.decode(&record(Some(b"x"))).unwrap(),
+            Some(b"x".to_vec())
+        );
     }
 }

@@ -230,7 +230,10 @@ mod tests {
         }
         let err = parse("x").unwrap_err();
         assert!(err.is_transient());
-        assert!(err.to_string().starts_with("transient failure: invalid digit"));
+        assert!(
+            err.to_string()
+                .starts_with("transient failure: invalid digit")
+        );
     }
 
     #[test]

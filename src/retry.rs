@@ -256,7 +256,10 @@ mod tests {
     fn exponential_grows_and_caps() {
         let p = RetryPolicy::exponential(100 * MS, 1000 * MS).with_max_attempts(10);
         let delays: Vec<_> = (1..=6).map(|r| p.base_delay(r)).collect();
-        assert_eq!(delays, [100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]);
+        assert_eq!(
+            delays,
+            [100 * MS, 200 * MS, 400 * MS, 800 * MS, 1000 * MS, 1000 * MS]
+        );
         assert_eq!(p.base_delay(u32::MAX), 1000 * MS);
     }
 
@@ -299,9 +302,19 @@ mod tests {
 
     #[test]
     fn validation_rejects_nonsense() {
-        assert!(RetryPolicy::default().with_max_attempts(0).validate().is_err());
+        assert!(
+            RetryPolicy::default()
+                .with_max_attempts(0)
+                .validate()
+                .is_err()
+        );
         assert!(RetryPolicy::default().with_jitter(1.5).validate().is_err());
-        assert!(RetryPolicy::exponential(MS, MS).with_factor(0.5).validate().is_err());
+        assert!(
+            RetryPolicy::exponential(MS, MS)
+                .with_factor(0.5)
+                .validate()
+                .is_err()
+        );
         assert!(RetryPolicy::exponential(10 * MS, MS).validate().is_err());
         assert!(RetryPolicy::no_retries().validate().is_ok());
         assert_eq!(RetryPolicy::no_retries().max_attempts(), 1);

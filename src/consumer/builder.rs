@@ -34,6 +34,8 @@ const OWNED_SETTINGS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
+
 /// Builds a [`RetryingConsumer`]. Start with [`RetryingConsumer::builder`].
 ///
 /// Required: [`bootstrap_servers`](Self::bootstrap_servers), [`group_id`](Self::group_id) and
@@ -74,7 +76,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     max_buffered_bytes: usize,
     max_buffered_records_per_partition: usize,
     sink: Option<Arc<dyn DeadLetterSink>>,
-    dedup: Option<(Arc<dyn IdempotencyStore>, DedupKey<H::Event>)>,
+    dedup: Option<DedupSetting<H::Event>>,
     dedup_lease: Duration,
     dedup_ttl: Duration,
     dedup_without_store_on_outage: bool,
@@ -353,15 +355,15 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             }
         }
         for (key, required, reason) in OWNED_SETTINGS {
-            if let Some(v) = self.kafka_config.get(*key) {
-                if !v.trim().eq_ignore_ascii_case(required) {
-                    return Err(ConfigError::Conflict {
-                        key: (*key).to_owned(),
-                        value: v.clone(),
-                        reason,
-                    }
-                    .into());
+            if let Some(v) = self.kafka_config.get(*key)
+                && !v.trim().eq_ignore_ascii_case(required)
+            {
+                return Err(ConfigError::Conflict {
+                    key: (*key).to_owned(),
+                    value: v.clone(),
+                    reason,
                 }
+                .into());
             }
         }
         for (key, value, reason) in [
@@ -372,15 +374,15 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             ),
             ("group.id", &self.group_id, "differs from group_id()"),
         ] {
-            if let (Some(raw), Some(set)) = (self.kafka_config.get(key), value) {
-                if raw != set {
-                    return Err(ConfigError::Conflict {
-                        key: key.to_owned(),
-                        value: raw.clone(),
-                        reason,
-                    }
-                    .into());
+            if let (Some(raw), Some(set)) = (self.kafka_config.get(key), value)
+                && raw != set
+            {
+                return Err(ConfigError::Conflict {
+                    key: key.to_owned(),
+                    value: raw.clone(),
+                    reason,
                 }
+                .into());
             }
         }
         if let Some(raw) = self.kafka_config.get("max.poll.interval.ms") {

@@ -109,11 +109,13 @@ impl KourierContext {
     fn on_revoke(&self, consumer: &BaseConsumer<Self>, tps: &[Tp]) {
         let shared = &self.shared;
         shared.lock().begin_revoke(tps);
-        if !shared.closing.load(AtomicOrdering::SeqCst) {
-            let drained = shared.wait_until(shared.revoke_timeout, |s| s.in_flight_of(tps) == 0);
-            if !drained {
+        let closing = shared.closing.load(AtomicOrdering::SeqCst);
+        if closing || !shared.wait_until(shared.revoke_timeout, |s| s.drained(tps)) {
+            if !closing {
                 warn!(partitions = ?tps_display(tps), timeout = ?shared.revoke_timeout, "revoke: records still running after the timeout; they will be handled again by the new owner");
             }
+            shared.lock().cancel(tps);
+            shared.wait_until(Duration::from_secs(1), |s| s.drained(tps));
         }
         let offsets = shared.lock().remove(tps);
         if consumer.assignment_lost() {
@@ -349,18 +351,19 @@ fn shutdown(consumer: &BaseConsumer<KourierContext>, shared: &Shared, settings: 
     };
     apply_flow(consumer, &changes);
     let deadline = Instant::now() + settings.shutdown_timeout;
+    let drained = |s: &Scheduler| s.in_flight() == 0 && s.buffered().0 == 0;
     loop {
-        let running = shared.lock().in_flight();
-        if running == 0 {
+        if drained(&shared.lock()) {
             break;
         }
         if Instant::now() >= deadline {
+            let running = shared.lock().in_flight();
             warn!(
                 running,
                 "shutdown deadline passed: abandoning in-flight records (they are not committed)"
             );
             shared.lock().cancel_all();
-            shared.wait_until(Duration::from_secs(1), |s| s.in_flight() == 0);
+            shared.wait_until(Duration::from_secs(1), drained);
             break;
         }
         // Records that still arrive are dropped by the stopping scheduler (not committed).

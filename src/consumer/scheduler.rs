@@ -87,8 +87,11 @@ struct PartitionState {
     queued: usize,
     queued_bytes: usize,
     in_flight: usize,
+    /// The highest offset handed to a worker in this assignment.
+    max_started: Option<i64>,
     paused: bool,
-    revoking: bool,
+    /// Revoking or stopping: no new records, only gap fillers are still dispatched.
+    draining: bool,
     committed: Option<i64>,
     cancel: CancellationToken,
 }
@@ -98,6 +101,29 @@ struct PartitionState {
 pub(crate) struct FlowChanges {
     pub(crate) pause: Vec<Tp>,
     pub(crate) resume: Vec<Tp>,
+}
+
+/// Drops a draining partition's buffered records above its highest started offset; returns
+/// the records and bytes dropped.
+fn trim_to_gap_fillers(p: &mut PartitionState) -> (usize, usize) {
+    let (mut records, mut bytes) = (0, 0);
+    let limit = p.max_started;
+    p.lanes.retain(|_, lane| {
+        // A lane's queue is in offset order: cut it at the first record past the limit.
+        let keep = lane
+            .queue
+            .iter()
+            .take_while(|(r, _)| limit.is_some_and(|m| r.offset < m))
+            .count();
+        for (_, b) in lane.queue.drain(keep..) {
+            records += 1;
+            bytes += b;
+        }
+        lane.running || !lane.queue.is_empty()
+    });
+    p.queued -= records;
+    p.queued_bytes -= bytes;
+    (records, bytes)
 }
 
 /// See the module docs.
@@ -148,8 +174,9 @@ impl Scheduler {
                     queued: 0,
                     queued_bytes: 0,
                     in_flight: 0,
+                    max_started: None,
                     paused: false,
-                    revoking: false,
+                    draining: false,
                     committed: None,
                     cancel: self.shutdown.child_token(),
                 },
@@ -176,7 +203,7 @@ impl Scheduler {
         let Some(p) = self.partitions.get_mut(&tp) else {
             return false;
         };
-        if p.revoking || !p.tracker.received(record.offset) {
+        if p.draining || !p.tracker.received(record.offset) {
             return false;
         }
         let lane_key = match self.ordering {
@@ -208,15 +235,12 @@ impl Scheduler {
     }
 
     fn take_one(&mut self) -> Option<Job> {
-        if self.stopping {
-            return None;
-        }
         while self.in_flight < self.limits.max_in_flight {
             let (tp, generation, lane_key) = self.ready.pop_front()?;
             let Some(p) = self.partitions.get_mut(&tp) else {
                 continue;
             };
-            if p.generation != generation || p.revoking {
+            if p.generation != generation {
                 continue;
             }
             let Some(lane) = p.lanes.get_mut(&lane_key) else {
@@ -230,6 +254,10 @@ impl Scheduler {
                 continue;
             };
             lane.running = true;
+            p.max_started = Some(
+                p.max_started
+                    .map_or(record.offset, |m| m.max(record.offset)),
+            );
             p.queued -= 1;
             p.queued_bytes -= bytes;
             p.in_flight += 1;
@@ -251,49 +279,63 @@ impl Scheduler {
     /// Completions from an earlier assignment (revoked since) are ignored.
     pub(crate) fn finish(&mut self, job: &Job, end: JobEnd) -> Option<Job> {
         self.in_flight -= 1;
-        if let Some(p) = self.partitions.get_mut(&job.tp) {
-            if p.generation == job.generation {
-                p.in_flight -= 1;
-                if end == JobEnd::Settled {
-                    p.tracker.settled(job.record.offset);
-                }
-                if let Some(lane) = p.lanes.get_mut(&job.lane) {
-                    lane.running = false;
-                    if lane.queue.is_empty() {
-                        p.lanes.remove(&job.lane);
-                    } else if !lane.in_ready && !p.revoking {
-                        lane.in_ready = true;
-                        self.ready
-                            .push_back((job.tp.clone(), job.generation, job.lane.clone()));
-                    }
+        if let Some(p) = self.partitions.get_mut(&job.tp)
+            && p.generation == job.generation
+        {
+            p.in_flight -= 1;
+            if end == JobEnd::Settled {
+                p.tracker.settled(job.record.offset);
+            }
+            if let Some(lane) = p.lanes.get_mut(&job.lane) {
+                lane.running = false;
+                if lane.queue.is_empty() {
+                    p.lanes.remove(&job.lane);
+                } else if !lane.in_ready {
+                    lane.in_ready = true;
+                    self.ready
+                        .push_back((job.tp.clone(), job.generation, job.lane.clone()));
                 }
             }
         }
         self.take_one()
     }
 
-    /// Stops dispatching `tps`, drops their buffered records and cancels their back-off
-    /// waits. Their running handlers are left to finish (see [`Scheduler::in_flight_of`]).
+    /// Starts revoking `tps`: no new records are taken for them, and of their buffered
+    /// records only *gap fillers* are kept — records below the highest offset already
+    /// started, which must run for the settled records above them to become committable
+    /// (in key or unordered mode records settle out of order). Records above it are dropped:
+    /// the next owner reads them. Wait with [`Scheduler::drained`] for the rest.
     pub(crate) fn begin_revoke(&mut self, tps: &[Tp]) {
         for tp in tps {
             if let Some(p) = self.partitions.get_mut(tp) {
-                p.revoking = true;
-                p.cancel.cancel();
-                let (records, bytes) = (p.queued, p.queued_bytes);
-                p.lanes.retain(|_, lane| {
-                    lane.queue.clear();
-                    lane.running
-                });
-                p.queued = 0;
-                p.queued_bytes = 0;
+                p.draining = true;
+                let (records, bytes) = trim_to_gap_fillers(p);
                 self.buffered_records -= records;
                 self.buffered_bytes -= bytes;
             }
         }
     }
 
+    /// Cancels the waits (back-off, store and dead-letter retries) of `tps`' workers: they
+    /// give their records up unsettled (the revoke timeout passed).
+    pub(crate) fn cancel(&self, tps: &[Tp]) {
+        for tp in tps {
+            if let Some(p) = self.partitions.get(tp) {
+                p.cancel.cancel();
+            }
+        }
+    }
+
+    /// Whether `tps` have nothing running and nothing left to run.
+    pub(crate) fn drained(&self, tps: &[Tp]) -> bool {
+        tps.iter()
+            .filter_map(|tp| self.partitions.get(tp))
+            .all(|p| p.in_flight == 0 && p.queued == 0)
+    }
+
     /// Records still running for `tps`.
-    pub(crate) fn in_flight_of(&self, tps: &[Tp]) -> usize {
+    #[cfg(test)]
+    fn in_flight_of(&self, tps: &[Tp]) -> usize {
         tps.iter()
             .filter_map(|tp| self.partitions.get(tp))
             .map(|p| p.in_flight)
@@ -307,10 +349,10 @@ impl Scheduler {
             if let Some(p) = self.partitions.remove(tp) {
                 p.cancel.cancel();
                 self.forget_buffered(&p);
-                if let Some(c) = p.tracker.committable() {
-                    if p.committed.is_none_or(|done| c > done) {
-                        out.push((tp.clone(), c));
-                    }
+                if let Some(c) = p.tracker.committable()
+                    && p.committed.is_none_or(|done| c > done)
+                {
+                    out.push((tp.clone(), c));
                 }
             }
         }
@@ -333,10 +375,10 @@ impl Scheduler {
     /// Notes a successful commit.
     pub(crate) fn committed(&mut self, offsets: &[(Tp, i64)]) {
         for (tp, offset) in offsets {
-            if let Some(p) = self.partitions.get_mut(tp) {
-                if p.committed.is_none_or(|done| *offset > done) {
-                    p.committed = Some(*offset);
-                }
+            if let Some(p) = self.partitions.get_mut(tp)
+                && p.committed.is_none_or(|done| *offset > done)
+            {
+                p.committed = Some(*offset);
             }
         }
     }
@@ -358,9 +400,6 @@ impl Scheduler {
         let per_partition = l.max_buffered_records_per_partition;
         let mut changes = FlowChanges::default();
         for (tp, p) in &mut self.partitions {
-            if p.revoking {
-                continue;
-            }
             if self.stopping {
                 if !p.paused {
                     p.paused = true;
@@ -379,21 +418,18 @@ impl Scheduler {
         changes
     }
 
-    /// Stops dispatching anything and drops all buffered (never started) records: they are
-    /// not committed, so they are delivered again after a restart.
+    /// Starts stopping: no new records are taken; buffered records are dropped except gap
+    /// fillers (see [`Scheduler::begin_revoke`]), so that after the drain everything that
+    /// was handled is committable and a restart handles nothing twice. Dropped records are
+    /// not committed: they are delivered again after a restart.
     pub(crate) fn begin_stop(&mut self) {
         self.stopping = true;
         for p in self.partitions.values_mut() {
-            p.lanes.retain(|_, lane| {
-                lane.queue.clear();
-                lane.running
-            });
-            p.queued = 0;
-            p.queued_bytes = 0;
+            p.draining = true;
+            let (records, bytes) = trim_to_gap_fillers(p);
+            self.buffered_records -= records;
+            self.buffered_bytes -= bytes;
         }
-        self.buffered_records = 0;
-        self.buffered_bytes = 0;
-        self.ready.clear();
     }
 
     /// Cancels every waiting worker (the shutdown deadline passed).
@@ -415,7 +451,7 @@ impl Scheduler {
     pub(crate) fn assigned(&self) -> Vec<Tp> {
         self.partitions
             .iter()
-            .filter(|(_, p)| !p.revoking)
+            .filter(|(_, p)| !p.draining || self.stopping)
             .map(|(tp, _)| tp.clone())
             .collect()
     }
@@ -551,10 +587,16 @@ mod tests {
             s.enqueue(rec(0, o, None));
         }
         let j = s.take_jobs().pop().unwrap();
-        assert!(!j.cancel.is_cancelled());
         s.begin_revoke(&[tp(0)]);
+        assert!(!j.cancel.is_cancelled(), "running records may finish");
+        assert_eq!(
+            s.buffered().0,
+            0,
+            "records after the last started one are dropped"
+        );
+        assert!(!s.drained(&[tp(0)]));
+        s.cancel(&[tp(0)]);
         assert!(j.cancel.is_cancelled());
-        assert_eq!(s.buffered().0, 0);
         assert_eq!(s.in_flight_of(&[tp(0)]), 1);
         assert!(
             !s.enqueue(rec(0, 5, None)),
@@ -562,6 +604,7 @@ mod tests {
         );
         assert!(s.finish(&j, JobEnd::Settled).is_none());
         assert_eq!(s.in_flight_of(&[tp(0)]), 0);
+        assert!(s.drained(&[tp(0)]));
         assert_eq!(s.remove(&[tp(0)]), vec![(tp(0), 1)]);
         // Reassigned: a late completion of the old generation changes nothing.
         s.assign([tp(0)]);
@@ -626,6 +669,30 @@ mod tests {
         let mut paused = s.flow_control().pause;
         paused.sort();
         assert_eq!(paused, vec![tp(0), tp(1)], "partition 2 holds nothing");
+    }
+
+    #[test]
+    fn draining_still_runs_gap_fillers_so_handled_records_become_committable() {
+        let mut s = Scheduler::new(Ordering::Key, limits(10));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, Some("a")));
+        s.enqueue(rec(0, 1, Some("a")));
+        s.enqueue(rec(0, 2, Some("b")));
+        s.enqueue(rec(0, 3, Some("b")));
+        let jobs = s.take_jobs();
+        assert_eq!(offsets(&jobs), [(0, 0), (0, 2)]);
+        let next_b = s.finish(&jobs[1], JobEnd::Settled).unwrap();
+        assert_eq!(next_b.record.offset, 3);
+        s.begin_stop();
+        // Offset 1 lies below started offsets: it must run, or 2 and 3 would be handled
+        // again after a restart. Nothing above 3 is buffered, so nothing is dropped.
+        assert_eq!(s.buffered().0, 1);
+        let gap = s.finish(&jobs[0], JobEnd::Settled).unwrap();
+        assert_eq!(gap.record.offset, 1);
+        assert!(s.finish(&next_b, JobEnd::Settled).is_none());
+        assert!(s.finish(&gap, JobEnd::Settled).is_none());
+        assert_eq!(s.to_commit(), vec![(tp(0), 4)]);
+        assert_eq!((s.in_flight(), s.buffered().0), (0, 0));
     }
 
     #[test]

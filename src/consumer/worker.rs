@@ -17,12 +17,14 @@ use crate::idempotency::{Claim, ClaimToken, IdempotencyStore};
 use crate::message::{Message, RawRecord};
 use crate::retry::{RetryDecision, RetryPolicy};
 
+type DedupKeyFn<T> = Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>;
+
 /// Where the dedup key of a record comes from.
 pub enum DedupKey<T> {
     /// The value of this header (UTF-8). A record without it is handled without dedup.
     Header(String),
     /// A function of the decoded message; `None` handles the record without dedup.
-    Fn(Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>),
+    Fn(DedupKeyFn<T>),
 }
 
 impl<T> DedupKey<T> {
@@ -304,10 +306,10 @@ impl<H: Handler> WorkerContext<H> {
         record: &RawRecord,
     ) {
         // Best effort: if it fails, the lease expires and the retry claims it then.
-        if let Err(e) = d.store.release(key, token).await {
-            if !e.is_lease_lost() {
-                warn!(coordinates = %record.coordinates(), error = %e, "could not release claim; the retry waits for the lease to expire");
-            }
+        if let Err(e) = d.store.release(key, token).await
+            && !e.is_lease_lost()
+        {
+            warn!(coordinates = %record.coordinates(), error = %e, "could not release claim; the retry waits for the lease to expire");
         }
     }
 

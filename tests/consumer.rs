@@ -1,0 +1,929 @@
+//! RetryingConsumer against the real broker: retries, dead letters, commits, restarts,
+//! shutdown, rebalances, ordering, backpressure and bad input.
+//!
+//! Needs Kafka (`scripts/services up`); each test has its own topics and group.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kourier::dead_letter::headers as dlt;
+use kourier::{
+    Handler, HandlerError, Message, Ordering, RetryPolicy, RetryingConsumer,
+    RetryingConsumerBuilder, async_trait,
+};
+use serde::{Deserialize, Serialize};
+use support::TestRecord;
+
+/// The test event: `fail_transient` failures before success, or a permanent failure.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Ev {
+    id: u64,
+    key: String,
+    #[serde(default)]
+    fail_transient: u32,
+    #[serde(default)]
+    permanent: bool,
+    #[serde(default)]
+    sleep_ms: u64,
+}
+
+impl Ev {
+    fn new(id: u64, key: &str) -> Self {
+        Ev {
+            id,
+            key: key.into(),
+            fail_transient: 0,
+            permanent: false,
+            sleep_ms: 0,
+        }
+    }
+    fn record(&self) -> TestRecord {
+        TestRecord::new()
+            .key(self.key.as_bytes())
+            .value(serde_json::to_vec(self).unwrap())
+    }
+}
+
+/// One handler call.
+#[derive(Debug, Clone)]
+struct Call {
+    id: u64,
+    key: String,
+    partition: i32,
+    offset: i64,
+    attempt: u32,
+    started: Instant,
+    ended: Instant,
+    ok: bool,
+}
+
+#[derive(Default)]
+struct Log {
+    calls: Mutex<Vec<Call>>,
+}
+
+impl Log {
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn succeeded_ids(&self) -> Vec<u64> {
+        self.calls().iter().filter(|c| c.ok).map(|c| c.id).collect()
+    }
+    fn attempts_of(&self, id: u64) -> Vec<u32> {
+        self.calls()
+            .iter()
+            .filter(|c| c.id == id)
+            .map(|c| c.attempt)
+            .collect()
+    }
+}
+
+struct Recorder(Arc<Log>);
+
+#[async_trait]
+impl Handler for Recorder {
+    type Event = Ev;
+    async fn handle(&self, m: &Message<Ev>) -> Result<(), HandlerError> {
+        let started = Instant::now();
+        let ev = m.event();
+        if ev.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ev.sleep_ms)).await;
+        }
+        let result = if ev.permanent {
+            Err(HandlerError::permanent(format!(
+                "event {} is permanently bad",
+                ev.id
+            )))
+        } else if m.attempt() <= ev.fail_transient {
+            Err(HandlerError::transient(format!(
+                "event {} failed on attempt {}",
+                ev.id,
+                m.attempt()
+            )))
+        } else {
+            Ok(())
+        };
+        self.0.calls.lock().unwrap().push(Call {
+            id: ev.id,
+            key: ev.key.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+            attempt: m.attempt(),
+            started,
+            ended: Instant::now(),
+            ok: result.is_ok(),
+        });
+        result
+    }
+}
+
+fn fast_retries() -> RetryPolicy {
+    RetryPolicy::fixed(Duration::from_millis(50), 3)
+}
+
+fn builder(log: &Arc<Log>, topic: &str, group: &str) -> RetryingConsumerBuilder<Recorder> {
+    RetryingConsumer::builder(Recorder(log.clone()))
+        .bootstrap_servers(support::bootstrap())
+        .group_id(group)
+        .topic(topic)
+        .retry_policy(fast_retries())
+        .commit_interval(Duration::from_millis(200))
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "500")
+}
+
+/// A consumer running in the background until `stop` is called.
+struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<kourier::Result<()>>,
+    monitor: kourier::ConsumerMonitor,
+}
+
+impl Running {
+    fn start(b: RetryingConsumerBuilder<Recorder>) -> Running {
+        let consumer = b.build().expect("build");
+        let monitor = consumer.monitor();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(consumer.run(async {
+            let _ = rx.await;
+        }));
+        Running {
+            stop: Some(tx),
+            task,
+            monitor,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("consumer did not shut down within 60 s")
+            .expect("consumer task panicked")
+            .expect("consumer returned an error");
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn setup(name: &str, partitions: i32) -> (String, String, String) {
+    support::require_kafka().await;
+    let topic = support::unique_name(name);
+    let group = support::unique_name(&format!("{name}-g"));
+    let dlt_topic = format!("{topic}.dlt");
+    support::create_topic(&topic, partitions).await;
+    support::create_topic(&dlt_topic, partitions).await;
+    (topic, group, dlt_topic)
+}
+
+async fn committed_sum(group: &str, topic: &str, partitions: i32) -> i64 {
+    support::committed_offsets(group, topic, partitions)
+        .await
+        .values()
+        .map(|o| o.unwrap_or(0))
+        .sum()
+}
+
+fn header<'a>(r: &'a support::ReadRecord, name: &str) -> Option<&'a [u8]> {
+    r.headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| v.as_deref())
+}
+
+fn header_str<'a>(r: &'a support::ReadRecord, name: &str) -> &'a str {
+    std::str::from_utf8(header(r, name).unwrap_or_else(|| panic!("missing header {name}"))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_handles_everything_and_commits_the_end() {
+    let (topic, group, dlt_topic) = setup("ok", 3).await;
+    let records: Vec<_> = (0..60)
+        .map(|i| Ev::new(i, &format!("u{}", i % 7)).record())
+        .collect();
+    support::produce(&topic, records).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(builder(&log, &topic, &group));
+    wait_for("60 handled", Duration::from_secs(60), || {
+        log.succeeded_ids().len() >= 60
+    })
+    .await;
+    wait_for("commits", Duration::from_secs(30), || {
+        futures_lite_block(committed_sum(&group, &topic, 3)) == 60
+    })
+    .await;
+    c.stop().await;
+    let mut ids = log.succeeded_ids();
+    ids.sort();
+    assert_eq!(
+        ids,
+        (0..60).collect::<Vec<_>>(),
+        "each record handled exactly once"
+    );
+    assert!(log.calls().iter().all(|c| c.attempt == 1));
+    assert!(
+        support::read_all(&dlt_topic).await.is_empty(),
+        "nothing dead-lettered"
+    );
+}
+
+/// Runs an async check from a sync closure (the wait loops take closures).
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_then_success_counts_attempts() {
+    let (topic, group, dlt_topic) = setup("transient", 1).await;
+    let mut flaky = Ev::new(1, "a");
+    flaky.fail_transient = 2;
+    support::produce(&topic, vec![flaky.record(), Ev::new(2, "a").record()]).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(builder(&log, &topic, &group));
+    wait_for("both handled", Duration::from_secs(60), || {
+        log.succeeded_ids().len() >= 2
+    })
+    .await;
+    c.stop().await;
+    assert_eq!(
+        log.attempts_of(1),
+        vec![1, 2, 3],
+        "2 failures then success on attempt 3"
+    );
+    assert_eq!(log.attempts_of(2), vec![1]);
+    let calls = log.calls();
+    let last_of_1 = calls
+        .iter()
+        .filter(|c| c.id == 1)
+        .map(|c| c.ended)
+        .max()
+        .unwrap();
+    let first_of_2 = calls.iter().find(|c| c.id == 2).unwrap().started;
+    assert!(
+        first_of_2 >= last_of_1,
+        "partition order holds through retries"
+    );
+    assert!(support::read_all(&dlt_topic).await.is_empty());
+    assert_eq!(committed_sum(&group, &topic, 1).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_dead_letter_with_full_provenance() {
+    let (topic, group, dlt_topic) = setup("exhausted", 2).await;
+    let mut bad = Ev::new(7, "user-7");
+    bad.fail_transient = 100;
+    let value = serde_json::to_vec(&bad).unwrap();
+    let rec = TestRecord::new()
+        .key(b"user-7")
+        .value(value.clone())
+        .header("trace", Some(b"abc".to_vec()))
+        .header("nothing", None)
+        .partition(1);
+    support::produce(&topic, vec![rec]).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(builder(&log, &topic, &group));
+    wait_for("dead letter", Duration::from_secs(60), || {
+        !futures_lite_block(support::read_all(&dlt_topic)).is_empty()
+    })
+    .await;
+    wait_for("commit", Duration::from_secs(30), || {
+        futures_lite_block(committed_sum(&group, &topic, 2)) == 1
+    })
+    .await;
+    c.stop().await;
+    assert_eq!(
+        log.attempts_of(7),
+        vec![1, 2, 3, 4],
+        "fixed(50ms, 3 retries) = 4 attempts"
+    );
+    let letters = support::read_all(&dlt_topic).await;
+    assert_eq!(letters.len(), 1);
+    let l = &letters[0];
+    assert_eq!(l.partition, 1, "same partition as the source");
+    assert_eq!(l.key.as_deref(), Some(&b"user-7"[..]));
+    assert_eq!(
+        l.value.as_deref(),
+        Some(&value[..]),
+        "value bytes untouched"
+    );
+    assert_eq!(header(l, "trace"), Some(&b"abc"[..]));
+    assert!(
+        l.headers.iter().any(|(k, v)| k == "nothing" && v.is_none()),
+        "null header kept"
+    );
+    assert_eq!(header_str(l, dlt::ORIGINAL_TOPIC), topic);
+    assert_eq!(
+        header(l, dlt::ORIGINAL_PARTITION),
+        Some(&1i32.to_be_bytes()[..])
+    );
+    assert_eq!(
+        header(l, dlt::ORIGINAL_OFFSET),
+        Some(&0i64.to_be_bytes()[..])
+    );
+    assert_eq!(header(l, dlt::ORIGINAL_TIMESTAMP).map(<[u8]>::len), Some(8));
+    assert_eq!(header_str(l, dlt::ORIGINAL_TIMESTAMP_TYPE), "CreateTime");
+    assert_eq!(header_str(l, dlt::ORIGINAL_CONSUMER_GROUP), group);
+    assert_eq!(header_str(l, dlt::FAILURE_KIND), "retries-exhausted");
+    assert_eq!(header_str(l, dlt::ATTEMPTS), "4");
+    assert!(header_str(l, dlt::EXCEPTION_MESSAGE).contains("event 7 failed on attempt 4"));
+    let first: u64 = header_str(l, dlt::FIRST_FAILURE_MS).parse().unwrap();
+    let last: u64 = header_str(l, dlt::LAST_FAILURE_MS).parse().unwrap();
+    assert!(
+        last >= first + 150,
+        "three 50 ms back-offs lie between first and last failure"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failure_dead_letters_after_one_attempt() {
+    let (topic, group, dlt_topic) = setup("permanent", 1).await;
+    let mut bad = Ev::new(3, "k");
+    bad.permanent = true;
+    support::produce(&topic, vec![bad.record(), Ev::new(4, "k").record()]).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(builder(&log, &topic, &group));
+    wait_for("the good one", Duration::from_secs(60), || {
+        log.succeeded_ids() == vec![4]
+    })
+    .await;
+    c.stop().await;
+    assert_eq!(log.attempts_of(3), vec![1]);
+    let letters = support::read_all(&dlt_topic).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(header_str(&letters[0], dlt::FAILURE_KIND), "permanent");
+    assert_eq!(header_str(&letters[0], dlt::ATTEMPTS), "1");
+    assert_eq!(committed_sum(&group, &topic, 1).await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_pills_are_dead_lettered_without_calling_the_handler() {
+    let (topic, group, dlt_topic) = setup("poison", 1).await;
+    let records = vec![
+        TestRecord::new().key(b"k").value(b"{not json"),
+        TestRecord::new().key(b"k"), // null value
+        TestRecord::new().key(b"k").value(br#"{"unexpected":true}"#),
+        TestRecord::new().key(b"k").value(Vec::new()), // empty payload
+        Ev::new(9, "k").record(),
+    ];
+    support::produce(&topic, records).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(builder(&log, &topic, &group));
+    wait_for("4 dead letters", Duration::from_secs(60), || {
+        futures_lite_block(support::read_all(&dlt_topic)).len() >= 4 && !log.calls().is_empty()
+    })
+    .await;
+    c.stop().await;
+    assert_eq!(
+        log.succeeded_ids(),
+        vec![9],
+        "the handler saw only the valid record"
+    );
+    assert_eq!(log.calls().len(), 1);
+    let letters = support::read_all(&dlt_topic).await;
+    assert_eq!(letters.len(), 4);
+    for l in &letters {
+        assert_eq!(header_str(l, dlt::FAILURE_KIND), "decode");
+        assert_eq!(header_str(l, dlt::ATTEMPTS), "0");
+    }
+    let null_letter = letters
+        .iter()
+        .find(|l| header(l, dlt::ORIGINAL_OFFSET) == Some(&1i64.to_be_bytes()[..]))
+        .unwrap();
+    assert_eq!(
+        null_letter.value, None,
+        "a null value stays null in the dead letter"
+    );
+    assert!(header_str(null_letter, dlt::EXCEPTION_MESSAGE).contains("null value"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_topic_with_fewer_partitions_still_receives_letters() {
+    support::require_kafka().await;
+    let topic = support::unique_name("fewer");
+    let group = support::unique_name("fewer-g");
+    let dlt_topic = format!("{topic}.dlt");
+    support::create_topic(&topic, 4).await;
+    support::create_topic(&dlt_topic, 1).await;
+    let mut bad = Ev::new(1, "x");
+    bad.permanent = true;
+    support::produce(&topic, vec![bad.record().partition(3)]).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(builder(&log, &topic, &group));
+    wait_for("dead letter", Duration::from_secs(60), || {
+        !futures_lite_block(support::read_all(&dlt_topic)).is_empty()
+    })
+    .await;
+    c.stop().await;
+    let letters = support::read_all(&dlt_topic).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].partition, 0);
+    assert_eq!(
+        header(&letters[0], dlt::ORIGINAL_PARTITION),
+        Some(&3i32.to_be_bytes()[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_dead_letter_writes_hold_the_offset_then_recover() {
+    support::require_kafka().await;
+    let topic = support::unique_name("dltdown");
+    let group = support::unique_name("dltdown-g");
+    let dlt_topic = format!("{topic}.dlt");
+    support::create_topic(&topic, 1).await; // no DLT topic yet: writes fail
+    let mut bad = Ev::new(1, "k");
+    bad.permanent = true;
+    support::produce(
+        &topic,
+        vec![
+            Ev::new(0, "k").record(),
+            bad.record(),
+            Ev::new(2, "k").record(),
+        ],
+    )
+    .await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(builder(&log, &topic, &group));
+    wait_for("first record", Duration::from_secs(60), || {
+        log.succeeded_ids() == vec![0]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        log.succeeded_ids(),
+        vec![0],
+        "the partition waits behind the failing dead letter"
+    );
+    assert_eq!(
+        committed_sum(&group, &topic, 1).await,
+        1,
+        "offset held at the failing record"
+    );
+    support::create_topic(&dlt_topic, 1).await;
+    wait_for("recovery", Duration::from_secs(90), || {
+        log.succeeded_ids() == vec![0, 2]
+    })
+    .await;
+    wait_for("commit", Duration::from_secs(30), || {
+        futures_lite_block(committed_sum(&group, &topic, 1)) == 3
+    })
+    .await;
+    c.stop().await;
+    let letters = support::read_all(&dlt_topic).await;
+    assert_eq!(letters.len(), 1, "exactly one letter once the topic exists");
+    assert_eq!(
+        log.attempts_of(1),
+        vec![1],
+        "the handler is not re-run while the letter waits"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_from_committed_offsets() {
+    let (topic, group, _) = setup("restart", 2).await;
+    support::produce(
+        &topic,
+        (0..40)
+            .map(|i| Ev::new(i, &format!("k{i}")).record())
+            .collect(),
+    )
+    .await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(builder(&log, &topic, &group));
+    wait_for("first batch", Duration::from_secs(60), || {
+        log.succeeded_ids().len() >= 40
+    })
+    .await;
+    c.stop().await;
+    assert_eq!(committed_sum(&group, &topic, 2).await, 40);
+
+    support::produce(
+        &topic,
+        (40..70)
+            .map(|i| Ev::new(i, &format!("k{i}")).record())
+            .collect(),
+    )
+    .await;
+    let log2 = Arc::new(Log::default());
+    let c = Running::start(builder(&log2, &topic, &group));
+    wait_for("second batch", Duration::from_secs(60), || {
+        log2.succeeded_ids().len() >= 30
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.stop().await;
+    let mut second = log2.succeeded_ids();
+    second.sort();
+    assert_eq!(
+        second,
+        (40..70).collect::<Vec<_>>(),
+        "only new records after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clean_shutdown_mid_stream_then_restart_handles_nothing_twice() {
+    let (topic, group, _) = setup("shutdown", 3).await;
+    let n = 300u64;
+    let records = (0..n)
+        .map(|i| {
+            let mut e = Ev::new(i, &format!("k{}", i % 13));
+            e.sleep_ms = 5;
+            e.record()
+        })
+        .collect();
+    support::produce(&topic, records).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(
+        builder(&log, &topic, &group)
+            .ordering(Ordering::Key)
+            .max_in_flight(8),
+    );
+    wait_for("some progress", Duration::from_secs(60), || {
+        log.succeeded_ids().len() >= 40
+    })
+    .await;
+    c.stop().await;
+    let first: Vec<u64> = log.succeeded_ids();
+    assert!((first.len() as u64) < n, "stopped mid-stream");
+
+    let log2 = Arc::new(Log::default());
+    let c = Running::start(
+        builder(&log2, &topic, &group)
+            .ordering(Ordering::Key)
+            .max_in_flight(8),
+    );
+    wait_for("the rest", Duration::from_secs(120), || {
+        first.len() + log2.succeeded_ids().len() >= n as usize
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.stop().await;
+    let mut all: Vec<u64> = first.iter().copied().chain(log2.succeeded_ids()).collect();
+    all.sort();
+    let unique: HashSet<u64> = all.iter().copied().collect();
+    assert_eq!(unique.len(), n as usize, "nothing lost");
+    assert_eq!(
+        all.len(),
+        n as usize,
+        "nothing handled twice across a clean restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_backoff_does_not_leave_the_group() {
+    let (topic, group, _) = setup("backoff", 1).await;
+    let mut slow = Ev::new(1, "k");
+    slow.fail_transient = 1;
+    support::produce(&topic, vec![slow.record(), Ev::new(2, "k").record()]).await;
+    let log = Arc::new(Log::default());
+    let b = builder(&log, &topic, &group)
+        .retry_policy(RetryPolicy::fixed(Duration::from_secs(10), 1))
+        .kafka_config("max.poll.interval.ms", "6000")
+        .revoke_timeout(Duration::from_secs(5));
+    let c = Running::start(b);
+    wait_for(
+        "retry after the long back-off",
+        Duration::from_secs(60),
+        || log.succeeded_ids() == vec![1, 2],
+    )
+    .await;
+    let assigned = c.monitor.snapshot().assigned;
+    c.stop().await;
+    assert_eq!(
+        log.attempts_of(1),
+        vec![1, 2],
+        "no redelivery: the consumer never left its group"
+    );
+    assert_eq!(log.attempts_of(2), vec![1]);
+    assert_eq!(assigned, vec![(topic.clone(), 0)]);
+    let calls = log.calls();
+    let gap = calls[1].started - calls[0].ended;
+    assert!(
+        gap >= Duration::from_secs(10),
+        "the back-off was really {gap:?} > max.poll.interval.ms"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_join_and_leave_while_records_flow() {
+    let (topic, group, _) = setup("rebalance", 6).await;
+    let n = 600u64;
+    let records: Vec<_> = (0..n)
+        .map(|i| {
+            let mut e = Ev::new(i, &format!("k{}", i % 50));
+            e.sleep_ms = 10;
+            e.record()
+        })
+        .collect();
+    let producer = tokio::spawn({
+        let topic = topic.clone();
+        async move {
+            for chunk in records.chunks(50) {
+                support::produce(&topic, chunk.to_vec()).await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+    });
+    let log = Arc::new(Log::default());
+    let a = Running::start(builder(&log, &topic, &group).max_in_flight(16));
+    wait_for("a starts", Duration::from_secs(60), || {
+        log.succeeded_ids().len() >= 50
+    })
+    .await;
+    let b = Running::start(builder(&log, &topic, &group).max_in_flight(16));
+    wait_for("b takes partitions", Duration::from_secs(60), || {
+        !b.monitor.snapshot().assigned.is_empty()
+    })
+    .await;
+    wait_for("more progress", Duration::from_secs(60), || {
+        log.succeeded_ids().len() >= 300
+    })
+    .await;
+    a.stop().await;
+    producer.await.unwrap();
+    wait_for("everything", Duration::from_secs(120), || {
+        log.succeeded_ids()
+            .into_iter()
+            .collect::<HashSet<_>>()
+            .len()
+            >= n as usize
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.stop().await;
+    let ids = log.succeeded_ids();
+    let unique: HashSet<u64> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), n as usize, "every record handled");
+    let dups = ids.len() - unique.len();
+    // Clean revokes wait for in-flight records and commit them: duplicates can only come
+    // from records in flight at a revoke, at most max_in_flight per consumer per rebalance.
+    assert!(
+        dups <= 2 * 16,
+        "{dups} duplicates exceed the in-flight bound"
+    );
+    assert_eq!(committed_sum(&group, &topic, 6).await, n as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_mode_keeps_per_key_order_while_keys_overlap() {
+    let (topic, group, _) = setup("keys", 1).await;
+    let n = 200u64;
+    let records: Vec<_> = (0..n)
+        .map(|i| {
+            let mut e = Ev::new(i, &format!("k{}", i % 10));
+            e.sleep_ms = 20;
+            e.record()
+        })
+        .collect();
+    support::produce(&topic, records).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(
+        builder(&log, &topic, &group)
+            .ordering(Ordering::Key)
+            .max_in_flight(10),
+    );
+    wait_for("all", Duration::from_secs(60), || {
+        log.succeeded_ids().len() >= n as usize
+    })
+    .await;
+    c.stop().await;
+    let calls = log.calls();
+    let mut by_key: BTreeMap<String, Vec<&Call>> = BTreeMap::new();
+    for call in &calls {
+        by_key.entry(call.key.clone()).or_default().push(call);
+    }
+    for (key, calls) in &by_key {
+        for w in calls.windows(2) {
+            assert!(w[0].offset < w[1].offset, "key {key}: out of order");
+            assert!(
+                w[1].started >= w[0].ended,
+                "key {key}: two records of one key overlapped"
+            );
+        }
+    }
+    let overlapped = calls.iter().any(|a| {
+        calls.iter().any(|b| {
+            a.key != b.key
+                && a.partition == b.partition
+                && a.started < b.ended
+                && b.started < a.ended
+        })
+    });
+    assert!(
+        overlapped,
+        "different keys of one partition ran in parallel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handler_keeps_buffers_bounded_and_pauses() {
+    let (topic, group, _) = setup("stall", 2).await;
+    let mut stuck = Ev::new(0, "k");
+    stuck.sleep_ms = 6_000;
+    let mut records = vec![stuck.record().partition(0)];
+    records.extend((1..2000).map(|i| Ev::new(i, "k").record().partition(0)));
+    support::produce(&topic, records).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(
+        builder(&log, &topic, &group)
+            .max_buffered_records(300)
+            .max_buffered_records_per_partition(100),
+    );
+    let mut max_seen = 0;
+    let mut saw_pause = false;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        let s = c.monitor.snapshot();
+        max_seen = max_seen.max(s.buffered_records);
+        saw_pause |= s.paused.contains(&(topic.clone(), 0));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_pause, "the stalled partition was paused");
+    // One poll batch (500) may land past the limit before the pause takes effect.
+    assert!(max_seen <= 100 + 500, "buffer grew to {max_seen}");
+    wait_for("drain after the stall", Duration::from_secs(60), || {
+        log.succeeded_ids().len() >= 2000
+    })
+    .await;
+    let monitor = c.monitor.clone();
+    wait_for("resume after draining", Duration::from_secs(10), || {
+        monitor.snapshot().paused.is_empty()
+    })
+    .await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_headers_keys_and_payloads_do_not_crash_the_consumer() {
+    let (topic, group, dlt_topic) = setup("odd", 1).await;
+    let ok = Ev::new(1, "k");
+    let records = vec![
+        TestRecord::new().value(serde_json::to_vec(&Ev::new(10, "nullkey")).unwrap()), // null key
+        ok.record()
+            .header("bin", Some(vec![0, 159, 146, 150, 255]))
+            .header("", Some(b"empty name".to_vec()))
+            .header("null", None),
+        TestRecord::new()
+            .key(vec![0xff, 0xfe, 0x00])
+            .value(serde_json::to_vec(&Ev::new(11, "binkey")).unwrap()),
+        TestRecord::new().key(b"k").value(Vec::new()),
+    ];
+    support::produce(&topic, records).await;
+    support::produce_with_raw_header_key(
+        &topic,
+        &[0xc3, 0x28, b'x'],
+        b"v",
+        &serde_json::to_vec(&Ev::new(12, "rawkey")).unwrap(),
+    )
+    .await;
+    let mut many = Ev::new(13, "many").record();
+    for i in 0..2000 {
+        many = many.header(format!("h{i}"), Some(vec![1]));
+    }
+    support::produce(&topic, vec![many]).await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(builder(&log, &topic, &group));
+    wait_for("handled", Duration::from_secs(60), || {
+        log.succeeded_ids().len() >= 5
+    })
+    .await;
+    wait_for(
+        "empty payload dead-lettered",
+        Duration::from_secs(30),
+        || futures_lite_block(support::read_all(&dlt_topic)).len() == 1,
+    )
+    .await;
+    c.stop().await;
+    let mut ids = log.succeeded_ids();
+    ids.sort();
+    assert_eq!(ids, vec![1, 10, 11, 12, 13]);
+}
+
+#[tokio::test]
+async fn build_rejects_every_bad_setting() {
+    use kourier::{ConfigError, Error};
+    let log = Arc::new(Log::default());
+    let base = || {
+        RetryingConsumer::builder(Recorder(log.clone()))
+            .bootstrap_servers("127.0.0.1:9092")
+            .group_id("g")
+            .topic("t")
+    };
+    let err = |b: RetryingConsumerBuilder<Recorder>| match b.build() {
+        Err(Error::Config(e)) => e,
+        Err(other) => panic!("expected a config error, got {other:?}"),
+        Ok(_) => panic!("expected a config error, got a consumer"),
+    };
+    let missing = |b| match err(b) {
+        ConfigError::Missing(name) => name,
+        other => panic!("expected Missing, got {other:?}"),
+    };
+    let invalid = |b| match err(b) {
+        ConfigError::Invalid { setting, .. } => setting,
+        other => panic!("expected Invalid, got {other:?}"),
+    };
+    let conflict = |b| match err(b) {
+        ConfigError::Conflict { key, .. } => key,
+        other => panic!("expected Conflict, got {other:?}"),
+    };
+    assert_eq!(
+        missing(
+            RetryingConsumer::builder(Recorder(log.clone()))
+                .group_id("g")
+                .topic("t")
+        ),
+        "bootstrap_servers"
+    );
+    assert_eq!(
+        missing(
+            RetryingConsumer::builder(Recorder(log.clone()))
+                .bootstrap_servers("x:1")
+                .topic("t")
+        ),
+        "group_id"
+    );
+    assert_eq!(
+        missing(
+            RetryingConsumer::builder(Recorder(log.clone()))
+                .bootstrap_servers("x:1")
+                .group_id("g")
+        ),
+        "topics"
+    );
+    assert_eq!(invalid(base().group_id("")), "group_id");
+    assert_eq!(invalid(base().topic("bad topic!")), "topics");
+    assert_eq!(
+        invalid(base().retry_policy(RetryPolicy::default().with_max_attempts(0))),
+        "retry_policy"
+    );
+    assert_eq!(
+        invalid(base().retry_policy(RetryPolicy::default().with_jitter(2.0))),
+        "retry_policy"
+    );
+    assert_eq!(invalid(base().max_in_flight(0)), "max_in_flight");
+    assert_eq!(
+        invalid(base().max_buffered_records(0)),
+        "max_buffered_records"
+    );
+    assert_eq!(invalid(base().max_buffered_bytes(0)), "max_buffered_bytes");
+    assert_eq!(
+        invalid(base().max_buffered_records_per_partition(0)),
+        "max_buffered_records_per_partition"
+    );
+    assert_eq!(
+        invalid(base().commit_interval(Duration::ZERO)),
+        "commit_interval"
+    );
+    assert_eq!(
+        invalid(base().idempotency_lease(Duration::ZERO)),
+        "idempotency_lease"
+    );
+    assert_eq!(
+        invalid(base().idempotency_ttl(Duration::ZERO)),
+        "idempotency_ttl"
+    );
+    assert_eq!(
+        invalid(
+            base()
+                .kafka_config("max.poll.interval.ms", "10000")
+                .revoke_timeout(Duration::from_secs(10))
+        ),
+        "revoke_timeout"
+    );
+    assert_eq!(
+        conflict(base().kafka_config("enable.auto.commit", "true")),
+        "enable.auto.commit"
+    );
+    assert_eq!(
+        conflict(base().kafka_config("enable.auto.offset.store", "true")),
+        "enable.auto.offset.store"
+    );
+    assert_eq!(
+        conflict(base().kafka_config("group.id", "other")),
+        "group.id"
+    );
+    assert_eq!(
+        conflict(base().kafka_config("max.poll.interval.ms", "soon")),
+        "max.poll.interval.ms"
+    );
+    // librdkafka's own validation surfaces as a Kafka error, not a panic.
+    match base().kafka_config("no.such.property", "1").build() {
+        Err(Error::Kafka { operation, .. }) => assert_eq!(operation, "create consumer"),
+        other => panic!("expected a Kafka error, got {:?}", other.map(|_| ())),
+    }
+    // And a good configuration builds (nothing connects before run).
+    assert!(base().build().is_ok());
+}
