@@ -61,6 +61,22 @@ pub enum Error {
     PollThread(String),
 }
 
+/// `error: cause: cause`, for logs and dead letters. A cause whose text the message already
+/// contains (many errors print their source themselves) is not repeated.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
+}
+
 impl Error {
     pub(crate) fn kafka(operation: &'static str, source: rdkafka::error::KafkaError) -> Self {
         Error::Kafka { operation, source }

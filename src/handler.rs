@@ -123,6 +123,12 @@ impl HandlerError {
         &*self.source
     }
 
+    /// The error's message with its causes (`error: cause: cause`), without the kind.
+    /// This is what a dead letter's error header carries.
+    pub fn message(&self) -> String {
+        crate::error::error_chain(&*self.source)
+    }
+
     /// Takes the underlying error.
     pub fn into_source(self) -> BoxError {
         self.source
@@ -154,13 +160,7 @@ impl fmt::Display for HandlerError {
             FailureKind::Transient => "transient",
             FailureKind::Permanent => "permanent",
         };
-        write!(f, "{kind} failure: {}", self.source)?;
-        let mut cause = self.source.source();
-        while let Some(c) = cause {
-            write!(f, ": {c}")?;
-            cause = c.source();
-        }
-        Ok(())
+        write!(f, "{kind} failure: {}", self.message())
     }
 }
 
@@ -234,6 +234,25 @@ mod tests {
             err.to_string()
                 .starts_with("transient failure: invalid digit")
         );
+    }
+
+    #[test]
+    fn causes_are_listed_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "send failed: {}", self.0) // prints its source itself
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let err = HandlerError::transient(Outer(std::io::Error::other("refused")));
+        assert_eq!(err.message(), "send failed: refused");
+        assert_eq!(err.to_string(), "transient failure: send failed: refused");
     }
 
     #[test]

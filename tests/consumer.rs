@@ -28,6 +28,8 @@ struct Ev {
     permanent: bool,
     #[serde(default)]
     sleep_ms: u64,
+    #[serde(default)]
+    panic: bool,
 }
 
 impl Ev {
@@ -38,6 +40,7 @@ impl Ev {
             fail_transient: 0,
             permanent: false,
             sleep_ms: 0,
+            panic: false,
         }
     }
     fn record(&self) -> TestRecord {
@@ -89,6 +92,9 @@ impl Handler for Recorder {
     async fn handle(&self, m: &Message<Ev>) -> Result<(), HandlerError> {
         let started = Instant::now();
         let ev = m.event();
+        if ev.panic {
+            panic!("event {} makes the handler panic", ev.id);
+        }
         if ev.sleep_ms > 0 {
             tokio::time::sleep(Duration::from_millis(ev.sleep_ms)).await;
         }
@@ -888,6 +894,10 @@ async fn build_rejects_every_bad_setting() {
         "commit_interval"
     );
     assert_eq!(
+        invalid(base().handler_timeout(Duration::ZERO)),
+        "handler_timeout"
+    );
+    assert_eq!(
         invalid(base().idempotency_lease(Duration::ZERO)),
         "idempotency_lease"
     );
@@ -926,4 +936,45 @@ async fn build_rejects_every_bad_setting() {
     }
     // And a good configuration builds (nothing connects before run).
     assert!(base().build().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panicking_and_hanging_handlers_are_transient_failures() {
+    let (topic, group, dlt_topic) = setup("panic", 1).await;
+    let mut panics = Ev::new(1, "k");
+    panics.panic = true;
+    let mut hangs = Ev::new(2, "k");
+    hangs.sleep_ms = 60_000;
+    support::produce(
+        &topic,
+        vec![panics.record(), hangs.record(), Ev::new(3, "k").record()],
+    )
+    .await;
+    let log = Arc::new(Log::default());
+    let c = Running::start(
+        builder(&log, &topic, &group)
+            .retry_policy(RetryPolicy::fixed(Duration::from_millis(20), 1))
+            .handler_timeout(Duration::from_millis(300)),
+    );
+    wait_for("the healthy record", Duration::from_secs(60), || {
+        log.succeeded_ids() == vec![3]
+    })
+    .await;
+    c.stop().await;
+    let letters = support::read_all(&dlt_topic).await;
+    assert_eq!(letters.len(), 2);
+    assert_eq!(
+        header_str(&letters[0], dlt::FAILURE_KIND),
+        "retries-exhausted"
+    );
+    assert_eq!(header_str(&letters[0], dlt::ATTEMPTS), "2");
+    assert!(header_str(&letters[0], dlt::EXCEPTION_MESSAGE).contains("handler panicked: event 1"));
+    assert_eq!(header_str(&letters[1], dlt::ATTEMPTS), "2");
+    assert!(
+        header_str(&letters[1], dlt::EXCEPTION_MESSAGE).contains("handler timed out after 300ms")
+    );
+    assert!(
+        log.attempts_of(2).is_empty(),
+        "the hanging attempts never completed"
+    );
 }

@@ -81,6 +81,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     dedup_ttl: Duration,
     dedup_without_store_on_outage: bool,
     commit_interval: Duration,
+    handler_timeout: Option<Duration>,
     shutdown_timeout: Duration,
     revoke_timeout: Duration,
     max_poll_batch: usize,
@@ -131,6 +132,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             dedup_ttl: Duration::from_secs(6 * 3600),
             dedup_without_store_on_outage: false,
             commit_interval: Duration::from_secs(1),
+            handler_timeout: None,
             shutdown_timeout: Duration::from_secs(30),
             revoke_timeout: Duration::from_secs(30),
             max_poll_batch: 500,
@@ -276,6 +278,16 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
+    /// Bounds each handler attempt: an attempt still running after `timeout` is dropped
+    /// (cancelled at its next `.await`) and counts as a transient failure. Default: no
+    /// bound. Set one when a stuck call (a hung connection) would otherwise hold its
+    /// partition or key forever.
+    #[must_use]
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = Some(timeout);
+        self
+    }
+
     /// How long shutdown waits for in-flight records. Default 30 s.
     #[must_use]
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -349,6 +361,10 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             ("commit_interval", self.commit_interval),
             ("idempotency_lease", self.dedup_lease),
             ("idempotency_ttl", self.dedup_ttl),
+            (
+                "handler_timeout",
+                self.handler_timeout.unwrap_or(Duration::MAX),
+            ),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::invalid(setting, "must be longer than zero").into());
@@ -463,6 +479,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             sink,
             dedup,
             group_id,
+            handler_timeout: self.handler_timeout,
         });
         Ok(RetryingConsumer {
             consumer,

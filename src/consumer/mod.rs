@@ -79,11 +79,17 @@ impl<H: Handler> RetryingConsumer<H> {
         std::thread::Builder::new()
             .name("kourier-poll".into())
             .spawn(move || {
+                // Whatever is dropped here (the handler, the sink, the store) may need the
+                // runtime, e.g. a connection pool: keep its context entered.
+                let _runtime = runtime.enter();
                 let spawn_shared = thread_shared.clone();
+                let spawner = runtime.clone();
                 let spawn = move |job: Job| {
-                    runtime.spawn(work(worker.clone(), spawn_shared.clone(), job));
+                    spawner.spawn(work(worker.clone(), spawn_shared.clone(), job));
                 };
                 let result = poll::poll_loop(consumer, &thread_shared, &settings, &spawn);
+                // Drop the handler before `run` returns, inside the runtime context.
+                drop(spawn);
                 let _ = done_tx.send(result);
             })
             .map_err(|e| Error::PollThread(format!("cannot start the poll thread: {e}")))?;

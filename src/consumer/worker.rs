@@ -12,6 +12,7 @@ use tracing::{Instrument, debug, error, info_span, warn};
 use super::scheduler::JobEnd;
 use crate::codec::Codec;
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink};
+use crate::error::error_chain;
 use crate::handler::{FailureKind, Handler, HandlerError};
 use crate::idempotency::{Claim, ClaimToken, IdempotencyStore};
 use crate::message::{Message, RawRecord};
@@ -75,6 +76,7 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) sink: Arc<dyn DeadLetterSink>,
     pub(crate) dedup: Option<Dedup<H::Event>>,
     pub(crate) group_id: String,
+    pub(crate) handler_timeout: Option<Duration>,
 }
 
 /// Back-off for infrastructure waits (store outage, busy claims, dead-letter writes):
@@ -179,14 +181,19 @@ impl<H: Handler> WorkerContext<H> {
             attempt += 1;
             message.set_attempt(attempt);
             tracing::Span::current().record("attempt", attempt);
-            let result = match AssertUnwindSafe(self.handler.handle(&message))
-                .catch_unwind()
-                .await
-            {
-                Ok(result) => result,
-                Err(panic) => Err(HandlerError::transient(format!(
+            let call = AssertUnwindSafe(self.handler.handle(&message)).catch_unwind();
+            let outcome = match self.handler_timeout {
+                Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
+                None => Ok(call.await),
+            };
+            let result = match outcome {
+                Ok(Ok(result)) => result,
+                Ok(Err(panic)) => Err(HandlerError::transient(format!(
                     "handler panicked: {}",
                     panic_message(&*panic)
+                ))),
+                Err(limit) => Err(HandlerError::transient(format!(
+                    "handler timed out after {limit:?}"
                 ))),
             };
 
@@ -225,7 +232,7 @@ impl<H: Handler> WorkerContext<H> {
             warn!(coordinates = %record.coordinates(), attempt, reason = reason.as_str(), error = %error, "giving up on record, dead-lettering");
             let failure = Failure {
                 reason,
-                error: error.to_string(),
+                error: error.message(),
                 attempts: attempt,
                 first,
                 last: now,
@@ -359,16 +366,4 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("non-string panic payload")
-}
-
-/// `error: cause: cause`, for logs and dead letters.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }
