@@ -1,0 +1,544 @@
+//! The demo: sample traffic through the real notifier, to a real (loopback) SMTP server, and a
+//! report of what became of every record — built from evidence, not from expectations: the
+//! handler's calls, the mails the server accepted, and the dead letters read back from Kafka.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use kourier::dead_letter::headers;
+use kourier::rdkafka::Message as _;
+use kourier::rdkafka::message::{Headers as _, OwnedMessage};
+
+use crate::kafka::{CommittedOffsets, end_offsets, read_from};
+use crate::mailer::{Attempt, Journal, Mailer, Outcome};
+use crate::notifier::{self, Settings};
+use crate::samples::{self, Expect, Published};
+use crate::smtp_server::{ReceivedMail, SmtpServer};
+
+/// A demo run's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct DemoConfig {
+    pub(crate) settings: Settings,
+    /// Mails are written to `<outbox>/<run id>/`.
+    pub(crate) outbox: PathBuf,
+    /// Prefix of this run's event ids.
+    pub(crate) run_id: String,
+    /// How long to wait for every sample record to be settled.
+    pub(crate) settle_timeout: Duration,
+}
+
+/// A dead letter read back from the dead-letter topic.
+#[derive(Debug, Clone)]
+pub(crate) struct DeadLetterRecord {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) original_topic: String,
+    pub(crate) original_partition: i32,
+    pub(crate) original_offset: i64,
+    pub(crate) event_id: Option<String>,
+    pub(crate) failure_kind: String,
+    pub(crate) error: String,
+    pub(crate) attempts: String,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) value: Option<Vec<u8>>,
+}
+
+/// What became of one published sample record.
+#[derive(Debug, Clone)]
+pub(crate) enum Fate {
+    /// Mailed; the handler's calls for this record, the successful one last.
+    Sent(Vec<Attempt>),
+    /// Settled without a handler call or a dead letter: the store said "done already".
+    SkippedDuplicate,
+    DeadLettered(DeadLetterRecord, Vec<Attempt>),
+    /// Not settled when the demo stopped waiting.
+    Unsettled(Vec<Attempt>),
+}
+
+/// Everything a demo run did.
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub(crate) config: DemoConfig,
+    pub(crate) partitions: i32,
+    pub(crate) published: Vec<Published>,
+    pub(crate) fates: Vec<Fate>,
+    /// The mails the SMTP server accepted during the run.
+    pub(crate) mails: Vec<ReceivedMail>,
+    /// Every dead letter written to the dead-letter topic during the run.
+    pub(crate) dead_letters: Vec<DeadLetterRecord>,
+    /// Handler calls for records published before this run (left over in the topic).
+    pub(crate) earlier: Vec<Attempt>,
+    pub(crate) settled: bool,
+    pub(crate) interrupted: bool,
+    pub(crate) elapsed: Duration,
+}
+
+/// Runs the demo: topics, SMTP server, consumer, sample traffic; waits until every sample
+/// record is settled (its offset committed by the group), `settle_timeout` passes or
+/// `interrupt` resolves; then shuts the consumer down gracefully and collects the report.
+pub(crate) async fn run_demo(
+    config: DemoConfig,
+    interrupt: impl Future<Output = ()>,
+) -> Result<Report> {
+    let started = Instant::now();
+    let settings = &config.settings;
+    let (partitions, dlt_partitions) = notifier::ensure_topics(settings).await?;
+    let dlt = settings.dead_letter_topic();
+    let dlt_start = blocking({
+        let (bootstrap, dlt) = (settings.bootstrap.clone(), dlt.clone());
+        move || end_offsets(&bootstrap, &dlt, dlt_partitions)
+    })
+    .await?;
+
+    let server = SmtpServer::start("127.0.0.1:0", config.outbox.join(&config.run_id))
+        .context("starting the SMTP server")?;
+    tracing::info!(addr = %server.addr(), outbox = %server.outbox().display(), "smtp server listening");
+
+    let journal = Journal::default();
+    let mailer = Mailer::plaintext("127.0.0.1", server.addr().port(), journal.clone());
+    let consumer = notifier::consumer(settings, mailer).await?;
+    let monitor = consumer.monitor();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut running = tokio::spawn(consumer.run(async {
+        let _ = stop_rx.await;
+    }));
+
+    let publisher = samples::publisher(&settings.bootstrap, &settings.topic)?;
+    let published = samples::publish(&publisher, samples::samples(&config.run_id)).await?;
+    tracing::info!(records = published.len(), "sample records published");
+
+    // Settled = committed: kourier commits an offset only once that record and every lower
+    // one of its partition are mailed, dead-lettered (acknowledged) or skipped as duplicates.
+    let mut last_offset: BTreeMap<i32, i64> = BTreeMap::new();
+    for p in &published {
+        let o = last_offset.entry(p.partition).or_insert(p.offset);
+        *o = (*o).max(p.offset);
+    }
+    let probe = {
+        let (b, g, t) = (
+            settings.bootstrap.clone(),
+            settings.group.clone(),
+            settings.topic.clone(),
+        );
+        blocking(move || CommittedOffsets::new(&b, &g, &t, partitions)).await?
+    };
+    let probe = std::sync::Arc::new(probe);
+    let deadline = tokio::time::Instant::now() + config.settle_timeout;
+    let mut committed = BTreeMap::new();
+    let mut interrupted = false;
+    tokio::pin!(interrupt);
+    let settled = loop {
+        let all = last_offset
+            .iter()
+            .all(|(p, last)| committed.get(p).is_some_and(|c| c > last));
+        if all && monitor.snapshot().in_flight == 0 {
+            break true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            () = &mut interrupt => { interrupted = true; break false; }
+            result = &mut running => {
+                result.context("the consumer task panicked")?.context("the consumer stopped")?;
+                bail!("the consumer stopped on its own");
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        let probe = probe.clone();
+        match blocking(move || probe.get()).await {
+            Ok(now) => committed = now,
+            // The broker may be restarting: keep waiting (the consumer rides it out, too).
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read committed offsets yet")
+            }
+        }
+    };
+
+    let _ = stop_tx.send(());
+    running
+        .await
+        .context("the consumer task panicked")?
+        .context("the consumer failed while shutting down")?;
+    // The shutdown committed what settled meanwhile.
+    let committed = blocking(move || probe.get()).await.unwrap_or(committed);
+
+    let dead_letters = blocking({
+        let (bootstrap, dlt) = (settings.bootstrap.clone(), dlt.clone());
+        move || read_from(&bootstrap, &dlt, dlt_partitions, &dlt_start)
+    })
+    .await?
+    .iter()
+    .map(parse_dead_letter)
+    .filter(|d| d.original_topic == settings.topic)
+    .collect::<Vec<_>>();
+
+    let attempts = journal.attempts();
+    let mut by_record: HashMap<(i32, i64), Vec<Attempt>> = HashMap::new();
+    for a in &attempts {
+        by_record
+            .entry((a.partition, a.offset))
+            .or_default()
+            .push(a.clone());
+    }
+    let fates = published
+        .iter()
+        .map(|p| {
+            let calls = by_record
+                .remove(&(p.partition, p.offset))
+                .unwrap_or_default();
+            let letter = dead_letters
+                .iter()
+                .find(|d| d.original_partition == p.partition && d.original_offset == p.offset);
+            let done = committed.get(&p.partition).is_some_and(|c| *c > p.offset);
+            match letter {
+                Some(d) => Fate::DeadLettered(d.clone(), calls),
+                None if calls.last().is_some_and(|a| a.outcome == Outcome::Sent) => {
+                    Fate::Sent(calls)
+                }
+                None if done && calls.is_empty() => Fate::SkippedDuplicate,
+                None => Fate::Unsettled(calls),
+            }
+        })
+        .collect();
+
+    Ok(Report {
+        partitions,
+        published,
+        fates,
+        mails: server.received(),
+        dead_letters,
+        earlier: {
+            let mut earlier: Vec<Attempt> = by_record.into_values().flatten().collect();
+            earlier.sort_by_key(|a| (a.partition, a.offset, a.attempt));
+            earlier
+        },
+        settled,
+        interrupted,
+        elapsed: started.elapsed(),
+        config,
+    })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a blocking Kafka call panicked")?
+}
+
+fn parse_dead_letter(m: &OwnedMessage) -> DeadLetterRecord {
+    let header = |name: &str| -> Option<Vec<u8>> {
+        m.headers()?
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value.map(<[u8]>::to_vec))
+    };
+    let text = |name: &str| header(name).map(|v| String::from_utf8_lossy(&v).into_owned());
+    let int = |name: &str| {
+        header(name).map_or(-1, |v| match v.len() {
+            4 => i64::from(i32::from_be_bytes(v.try_into().unwrap_or_default())),
+            8 => i64::from_be_bytes(v.try_into().unwrap_or_default()),
+            _ => -1,
+        })
+    };
+    DeadLetterRecord {
+        partition: m.partition(),
+        offset: m.offset(),
+        original_topic: text(headers::ORIGINAL_TOPIC).unwrap_or_default(),
+        original_partition: i32::try_from(int(headers::ORIGINAL_PARTITION)).unwrap_or(-1),
+        original_offset: int(headers::ORIGINAL_OFFSET),
+        event_id: text(crate::event::EVENT_ID_HEADER),
+        failure_kind: text(headers::FAILURE_KIND).unwrap_or_default(),
+        error: text(headers::EXCEPTION_MESSAGE).unwrap_or_default(),
+        attempts: text(headers::ATTEMPTS).unwrap_or_default(),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+    }
+}
+
+impl Report {
+    /// Sample records whose fate is not the one they were written to show.
+    pub(crate) fn surprises(&self) -> Vec<String> {
+        self.published
+            .iter()
+            .zip(&self.fates)
+            .filter_map(|(p, fate)| {
+                let ok = match (p.sample.expect, fate) {
+                    (Expect::Mail, Fate::Sent(calls)) => calls.len() == 1,
+                    (Expect::MailAfterRetry, Fate::Sent(calls)) => calls.len() > 1,
+                    (Expect::Duplicate, Fate::SkippedDuplicate) => true,
+                    (Expect::Malformed, Fate::DeadLettered(d, _)) => d.failure_kind == "decode",
+                    (Expect::Rejected | Expect::InvalidAddress, Fate::DeadLettered(d, _)) => {
+                        d.failure_kind == "permanent"
+                    }
+                    _ => false,
+                };
+                (!ok).then(|| {
+                    format!(
+                        "{} ({}/{}@{}): expected {:?}, got {}",
+                        p.sample.event_id,
+                        self.config.settings.topic,
+                        p.partition,
+                        p.offset,
+                        p.sample.expect,
+                        fate_name(fate)
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The human summary the demo prints.
+    pub(crate) fn summary(&self) -> String {
+        let s = &self.config.settings;
+        let mut out = String::new();
+        let w = &mut out;
+        let at = |p: &Published| format!("{}/{}@{}", s.topic, p.partition, p.offset);
+        let _ = writeln!(w, "\n== mail_notifier demo: run {} ==", self.config.run_id);
+        let _ = writeln!(
+            w,
+            "topic {} ({} partitions), dead letters to {}, group {}, redis {}",
+            s.topic,
+            self.partitions,
+            s.dead_letter_topic(),
+            s.group,
+            without_password(&s.redis_url)
+        );
+        let _ = writeln!(
+            w,
+            "published {} records; {} after {:.1}s",
+            self.published.len(),
+            if self.settled {
+                "all settled"
+            } else if self.interrupted {
+                "INTERRUPTED, stopped waiting"
+            } else {
+                "TIMED OUT waiting for all to settle"
+            },
+            self.elapsed.as_secs_f64(),
+        );
+
+        let sent: Vec<_> = self
+            .published
+            .iter()
+            .zip(&self.fates)
+            .filter_map(|(p, f)| match f {
+                Fate::Sent(calls) => Some((p, calls)),
+                _ => None,
+            })
+            .collect();
+        let _ = writeln!(w, "\nsent: {} mails", sent.len());
+        for (p, calls) in &sent {
+            let last = calls.last().expect("a sent record has a call");
+            let _ = writeln!(
+                w,
+                "  {:<16} {:<6} {:<34} {:?}{}",
+                p.sample.event_id,
+                p.sample.user_id,
+                last.to,
+                last.subject,
+                if calls.len() > 1 {
+                    format!("  (attempt {})", last.attempt)
+                } else {
+                    String::new()
+                }
+            );
+        }
+
+        let skipped: Vec<_> = self
+            .published
+            .iter()
+            .zip(&self.fates)
+            .filter(|(_, f)| matches!(f, Fate::SkippedDuplicate))
+            .collect();
+        let _ = writeln!(w, "\nduplicates skipped: {}", skipped.len());
+        for (p, _) in &skipped {
+            let _ = writeln!(
+                w,
+                "  {:<16} {:<6} second copy at {}: already mailed (Redis said done), not sent again",
+                p.sample.event_id,
+                p.sample.user_id,
+                at(p)
+            );
+        }
+
+        let retried: Vec<_> = self
+            .published
+            .iter()
+            .zip(&self.fates)
+            .filter_map(|(p, f)| match f {
+                Fate::Sent(calls) | Fate::DeadLettered(_, calls) | Fate::Unsettled(calls)
+                    if calls.len() > 1 =>
+                {
+                    Some((p, calls, f))
+                }
+                _ => None,
+            })
+            .collect();
+        let _ = writeln!(w, "\nretried: {}", retried.len());
+        for (p, calls, fate) in &retried {
+            let _ = writeln!(
+                w,
+                "  {:<16} {:<6} {} attempts, then {}",
+                p.sample.event_id,
+                p.sample.user_id,
+                calls.len(),
+                fate_name(fate)
+            );
+            for c in calls.iter() {
+                let what = match &c.outcome {
+                    Outcome::Sent => "sent".to_owned(),
+                    Outcome::Transient(e) | Outcome::Permanent(e) => e.clone(),
+                };
+                let _ = writeln!(w, "      attempt {}: {what}", c.attempt);
+            }
+        }
+
+        let dead: Vec<_> = self
+            .published
+            .iter()
+            .zip(&self.fates)
+            .filter_map(|(p, f)| match f {
+                Fate::DeadLettered(d, _) => Some((p, d)),
+                _ => None,
+            })
+            .collect();
+        let _ = writeln!(
+            w,
+            "\ndead-lettered: {} (read back from {})",
+            dead.len(),
+            s.dead_letter_topic()
+        );
+        for (p, d) in &dead {
+            let _ = writeln!(
+                w,
+                "  {:<16} {:<6} {} -> {}/{}@{}  kind={} attempts={}",
+                p.sample.event_id,
+                p.sample.user_id,
+                at(p),
+                s.dead_letter_topic(),
+                d.partition,
+                d.offset,
+                d.failure_kind,
+                d.attempts
+            );
+            let _ = writeln!(w, "      error: {}", d.error);
+            let _ = writeln!(
+                w,
+                "      kept: key {:?}, {} value bytes, header event-id {:?}",
+                d.key
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default(),
+                d.value.as_ref().map_or(0, Vec::len),
+                d.event_id.as_deref().unwrap_or("-")
+            );
+        }
+
+        let unsettled: Vec<_> = self
+            .published
+            .iter()
+            .zip(&self.fates)
+            .filter(|(_, f)| matches!(f, Fate::Unsettled(_)))
+            .collect();
+        if !unsettled.is_empty() {
+            let _ = writeln!(w, "\nnot settled yet: {}", unsettled.len());
+            for (p, _) in &unsettled {
+                let _ = writeln!(
+                    w,
+                    "  {:<16} {:<6} at {}",
+                    p.sample.event_id,
+                    p.sample.user_id,
+                    at(p)
+                );
+            }
+        }
+        if !self.earlier.is_empty() {
+            let _ = writeln!(
+                w,
+                "\nalso handled: {} call(s) for records published before this run (left unconsumed in {} by group {})",
+                self.earlier.len(),
+                s.topic,
+                s.group
+            );
+            for a in &self.earlier {
+                let _ = writeln!(
+                    w,
+                    "  {:<16} {:<6} {}/{}@{} attempt {}: {}",
+                    a.event_id,
+                    a.user_id,
+                    s.topic,
+                    a.partition,
+                    a.offset,
+                    a.attempt,
+                    match &a.outcome {
+                        Outcome::Sent => "sent",
+                        Outcome::Transient(_) => "transient failure",
+                        Outcome::Permanent(_) => "permanent failure",
+                    }
+                );
+            }
+        }
+        let other_letters = self.dead_letters.len().saturating_sub(dead.len());
+        if other_letters > 0 {
+            let _ = writeln!(
+                w,
+                "\nalso dead-lettered: {other_letters} record(s) published before this run"
+            );
+        }
+
+        let folder = self.config.outbox.join(&self.config.run_id);
+        let _ = writeln!(
+            w,
+            "\nmails: the SMTP server accepted {}; read them in {}/",
+            self.mails.len(),
+            folder.display()
+        );
+        for m in &self.mails {
+            let name = m
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let _ = writeln!(w, "  {name:<24} to {}", m.to.join(", "));
+        }
+
+        let surprises = self.surprises();
+        if surprises.is_empty() {
+            let _ = writeln!(w, "\nevery sample record ended as intended.");
+        } else {
+            let _ = writeln!(w, "\nUNEXPECTED:");
+            for line in surprises {
+                let _ = writeln!(w, "  {line}");
+            }
+        }
+        out
+    }
+}
+
+/// `redis://user:secret@host/` → `redis://user:***@host/`.
+fn without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn fate_name(fate: &Fate) -> &'static str {
+    match fate {
+        Fate::Sent(_) => "sent",
+        Fate::SkippedDuplicate => "skipped as duplicate",
+        Fate::DeadLettered(..) => "dead-lettered",
+        Fate::Unsettled(_) => "not settled",
+    }
+}

@@ -1,0 +1,261 @@
+//! # mail_notifier — kourier's showcase: Kafka events in, mails out, nothing lost or sent twice
+//!
+//! A notification service as teams write it: `NotifyEvent`s arrive on `notify.v1` (keyed by
+//! user id), and a [`kourier::RetryingConsumer`] runs a [`kourier::Handler`] that mails each
+//! one over SMTP with `lettre`. kourier adds what such a service needs to be reliable:
+//! SMTP `4xx` replies and connection trouble are *transient* (retried with back-off), `5xx`
+//! replies and invalid addresses are *permanent* (dead-lettered to `notify.v1.dlt` at once),
+//! undecodable records are dead-lettered without reaching the handler, each event id is mailed
+//! once (Redis idempotency), one user's mails go out in order (`Ordering::Key`), and offsets
+//! are committed only once a record is settled.
+//!
+//! One command on a fresh machine (starts Kafka and Redis, then runs the demo):
+//!
+//! ```text
+//! scripts/demo
+//! ```
+//!
+//! or, with Kafka on 127.0.0.1:9092 and Redis on 127.0.0.1:6379 already running:
+//!
+//! ```text
+//! cargo run --example mail_notifier -- demo
+//! ```
+//!
+//! The demo creates the topics if missing, starts a real SMTP server on loopback (it refuses
+//! `@bounce.invalid` with `550` and greylists `flaky*@` addresses once with `451`), publishes
+//! sample events with the typed `Publisher` — normal mails, a duplicate event, a record that
+//! is not JSON, a bouncing address, a greylisted one, an invalid one — runs the notifier until
+//! every record is settled, shuts it down gracefully and prints what became of each record.
+//! The mails are written as `.eml` files to `target/mail_notifier/outbox/<run id>/`.
+//!
+//! The exit status is non-zero when a record was not settled in time or ended unexpectedly.
+//!
+//! Running it again is safe: each run's event ids start with a fresh run id, so a new run's
+//! events are new events, while the group `notifier` resumes after the records it already
+//! committed (records an interrupted run left behind are handled then, and listed apart).
+//! `--run-id <an earlier run's id>` re-publishes that run's events: within the 6 h the
+//! idempotency store remembers them, every valid one is skipped as a duplicate (the summary
+//! then flags them as unexpected, by design). Other subcommands: `run` (the notifier alone, against
+//! any SMTP server, until Ctrl-C), `publish` (the sample events) and `smtp-server` (the
+//! loopback server alone): try them in three terminals. Settings come from flags or the
+//! environment (`KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL`, `SMTP_HOST`, `SMTP_PORT`, ...);
+//! `--help` lists them.
+
+mod demo;
+mod event;
+mod kafka;
+mod mailer;
+mod notifier;
+mod samples;
+mod smtp_server;
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::demo::DemoConfig;
+use crate::mailer::{Journal, Mailer};
+use crate::notifier::Settings;
+use crate::smtp_server::SmtpServer;
+
+#[derive(Debug, Parser)]
+#[command(about = "kourier's mail notifier example: Kafka events in, mails out")]
+struct Cli {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct KafkaArgs {
+    /// Kafka brokers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    bootstrap_servers: String,
+    /// Redis for the idempotency store.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/",
+        global = true
+    )]
+    redis_url: String,
+    /// The events topic; dead letters go to `<topic>.dlt`.
+    #[arg(long, env = "NOTIFY_TOPIC", default_value = "notify.v1", global = true)]
+    topic: String,
+    /// The consumer group.
+    #[arg(long, env = "NOTIFY_GROUP", default_value = "notifier", global = true)]
+    group: String,
+    /// Partitions of the topics when they are created.
+    #[arg(long, env = "NOTIFY_PARTITIONS", default_value_t = 6, global = true)]
+    partitions: i32,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start an SMTP server, publish sample events, mail them, print what happened.
+    Demo {
+        /// Where the mails are written (a folder per run inside it).
+        #[arg(long, env = "MAIL_OUTBOX", default_value = default_outbox())]
+        outbox: PathBuf,
+        /// Prefix of this run's event ids (default: one derived from the clock).
+        #[arg(long, value_parser = parse_run_id)]
+        run_id: Option<String>,
+        /// Seconds to wait for every sample record to be settled.
+        #[arg(long, default_value_t = 60)]
+        settle_timeout: u64,
+    },
+    /// Run the notifier against an SMTP server until Ctrl-C.
+    Run {
+        /// SMTP server to send through (plain SMTP, no TLS or login: see mailer.rs).
+        #[arg(long, env = "SMTP_HOST", default_value = "127.0.0.1")]
+        smtp_host: String,
+        /// Its port.
+        #[arg(long, env = "SMTP_PORT", default_value_t = 2525)]
+        smtp_port: u16,
+    },
+    /// Publish the sample events (for a notifier started with `run`).
+    Publish {
+        /// Prefix of the event ids (default: one derived from the clock).
+        #[arg(long, value_parser = parse_run_id)]
+        run_id: Option<String>,
+    },
+    /// Run the demo's SMTP server alone until Ctrl-C.
+    SmtpServer {
+        /// Port to listen on, on 127.0.0.1.
+        #[arg(long, env = "SMTP_PORT", default_value_t = 2525)]
+        smtp_port: u16,
+        /// Where the mails are written.
+        #[arg(long, env = "MAIL_OUTBOX", default_value = default_outbox())]
+        outbox: PathBuf,
+    },
+}
+
+fn default_outbox() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/target/mail_notifier/outbox")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,mail_notifier=info".into()),
+        )
+        // Logs to stderr, the demo's summary to stdout.
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    let settings = Settings {
+        bootstrap: cli.kafka.bootstrap_servers,
+        redis_url: cli.kafka.redis_url,
+        topic: cli.kafka.topic,
+        group: cli.kafka.group,
+        partitions: cli.kafka.partitions,
+    };
+    match cli.command {
+        Command::Demo {
+            outbox,
+            run_id,
+            settle_timeout,
+        } => {
+            let config = DemoConfig {
+                settings,
+                outbox,
+                run_id: run_id.unwrap_or_else(clock_run_id),
+                settle_timeout: Duration::from_secs(settle_timeout),
+            };
+            // Listen for Ctrl-C from now on (a signal future only listens once polled).
+            let (interrupted, interrupt) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                kourier::shutdown_signal().await;
+                let _ = interrupted.send(());
+            });
+            let interrupt = async move {
+                let _ = interrupt.await;
+            };
+            let report = demo::run_demo(config, interrupt).await?;
+            println!("{}", report.summary());
+            if !report.settled || !report.surprises().is_empty() {
+                std::process::exit(1);
+            }
+        }
+        Command::Run {
+            smtp_host,
+            smtp_port,
+        } => {
+            notifier::ensure_topics(&settings).await?;
+            let mailer = Mailer::plaintext(&smtp_host, smtp_port, Journal::default());
+            let consumer = notifier::consumer(&settings, mailer).await?;
+            tracing::info!(topic = %settings.topic, group = %settings.group, smtp = %format!("{smtp_host}:{smtp_port}"), "notifier running; Ctrl-C stops it");
+            consumer.run_until_signal().await?;
+            tracing::info!("notifier stopped");
+        }
+        Command::Publish { run_id } => {
+            notifier::ensure_topics(&settings).await?;
+            let run_id = run_id.unwrap_or_else(clock_run_id);
+            let publisher = samples::publisher(&settings.bootstrap, &settings.topic)?;
+            let published = samples::publish(&publisher, samples::samples(&run_id)).await?;
+            for p in &published {
+                println!(
+                    "{:<16} {:<6} {}/{}@{}  ({:?})",
+                    p.sample.event_id,
+                    p.sample.user_id,
+                    settings.topic,
+                    p.partition,
+                    p.offset,
+                    p.sample.expect
+                );
+            }
+        }
+        Command::SmtpServer { smtp_port, outbox } => {
+            let server = SmtpServer::start(&format!("127.0.0.1:{smtp_port}"), &outbox)
+                .with_context(|| format!("starting the SMTP server on 127.0.0.1:{smtp_port}"))?;
+            println!(
+                "SMTP server on {}, writing mails to {}; Ctrl-C stops it",
+                server.addr(),
+                server.outbox().display()
+            );
+            kourier::shutdown_signal().await;
+            println!("{} mail(s) received", server.received().len());
+        }
+    }
+    Ok(())
+}
+
+/// Run ids go into event ids, file names and a mail address: letters, digits, `-`, `_`.
+fn parse_run_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+    if ok {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err("use 1-32 letters, digits, '-' or '_'".into())
+    }
+}
+
+/// A short, increasing run id from the clock: `r` + seconds since the epoch in base 36.
+fn clock_run_id() -> String {
+    let mut secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut digits = Vec::new();
+    while secs > 0 {
+        digits.push(char::from_digit((secs % 36) as u32, 36).unwrap_or('0'));
+        secs /= 36;
+    }
+    let mut id = String::from("r");
+    id.extend(digits.iter().rev());
+    id
+}

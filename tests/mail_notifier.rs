@@ -1,0 +1,330 @@
+//! The `mail_notifier` example end to end, against the real broker, the real Redis and the
+//! example's own SMTP server on loopback: the example's modules are compiled in here (`#[path]`),
+//! so this runs the very code `cargo run --example mail_notifier -- demo` runs.
+//!
+//! It checks what a user of the notifier cares about: the SMTP server received exactly one mail
+//! per unique valid event (none for the duplicate; the greylisted one once, after its `451`);
+//! the dead-letter topic holds exactly the bad records, with the right failure kinds; the group
+//! committed everything; and a re-run neither re-mails old events nor mails re-published ones.
+//!
+//! Needs Kafka and Redis (`scripts/services up`); each test has its own topics and group.
+
+mod support;
+
+#[allow(dead_code)] // the tests use part of each example module
+#[path = "../examples/mail_notifier/demo.rs"]
+mod demo;
+#[allow(dead_code)]
+#[path = "../examples/mail_notifier/event.rs"]
+mod event;
+#[allow(dead_code)]
+#[path = "../examples/mail_notifier/kafka.rs"]
+mod kafka;
+#[allow(dead_code)]
+#[path = "../examples/mail_notifier/mailer.rs"]
+mod mailer;
+#[allow(dead_code)]
+#[path = "../examples/mail_notifier/notifier.rs"]
+mod notifier;
+#[allow(dead_code)]
+#[path = "../examples/mail_notifier/samples.rs"]
+mod samples;
+#[allow(dead_code)]
+#[path = "../examples/mail_notifier/smtp_server.rs"]
+mod smtp_server;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kourier::dead_letter::headers as dlt;
+
+use crate::demo::{DemoConfig, Fate, Report};
+use crate::mailer::Outcome;
+use crate::notifier::Settings;
+use crate::samples::{Expect, Payload};
+use crate::support::{ReadRecord, bootstrap, redis_url, require_kafka, require_redis, unique_name};
+
+const PARTITIONS: i32 = 6;
+
+fn config(topic: &str, group: &str, outbox: &Path, run_id: &str) -> DemoConfig {
+    DemoConfig {
+        settings: Settings {
+            bootstrap: bootstrap(),
+            redis_url: redis_url(),
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            partitions: PARTITIONS,
+        },
+        outbox: outbox.to_path_buf(),
+        run_id: run_id.to_owned(),
+        settle_timeout: Duration::from_secs(90),
+    }
+}
+
+async fn run(config: DemoConfig) -> Report {
+    let report = demo::run_demo(config, std::future::pending())
+        .await
+        .expect("the demo runs");
+    assert!(
+        report.settled,
+        "not every record settled:{}",
+        report.summary()
+    );
+    report
+}
+
+/// The event ids of the samples with one of `expects`, sorted.
+fn ids_expecting(report: &Report, expects: &[Expect]) -> Vec<String> {
+    let mut ids: Vec<String> = report
+        .published
+        .iter()
+        .filter(|p| expects.contains(&p.sample.expect))
+        .map(|p| p.sample.event_id.clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// The event ids of the mails the SMTP server accepted (from their `Message-ID`s), sorted,
+/// duplicates kept.
+fn mailed_ids(report: &Report) -> Vec<String> {
+    let mut ids: Vec<String> = report
+        .mails
+        .iter()
+        .map(|m| {
+            let id = m
+                .message_id
+                .as_deref()
+                .expect("every mail has a Message-ID");
+            let (local, domain) = id.split_once('@').expect("Message-ID is local@domain");
+            assert_eq!(domain, mailer::MESSAGE_ID_DOMAIN);
+            local.to_owned()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn header_text(r: &ReadRecord, name: &str) -> String {
+    let value = r
+        .header(name)
+        .unwrap_or_else(|| {
+            panic!(
+                "dead letter {}/{} lacks header {name}",
+                r.partition, r.offset
+            )
+        })
+        .unwrap_or_default();
+    String::from_utf8_lossy(value).into_owned()
+}
+
+fn header_i64(r: &ReadRecord, name: &str) -> i64 {
+    let v = r.header(name).flatten().unwrap_or_default();
+    match v.len() {
+        4 => i64::from(i32::from_be_bytes(v.try_into().unwrap())),
+        8 => i64::from_be_bytes(v.try_into().unwrap()),
+        n => panic!("header {name} has {n} bytes"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_valid_event_is_mailed_once_and_the_bad_ones_are_dead_lettered() {
+    require_kafka().await;
+    require_redis().await;
+    let topic = unique_name("mail-notifier");
+    let group = unique_name("mail-notifier");
+    let outbox = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("outbox"));
+    let report = run(config(&topic, &group, &outbox, "t1")).await;
+    let summary = report.summary();
+
+    // The SMTP server: exactly one mail per unique valid event id.
+    let valid = ids_expecting(
+        &report,
+        &[Expect::Mail, Expect::MailAfterRetry, Expect::Duplicate],
+    );
+    assert_eq!(
+        valid,
+        ["t1-01", "t1-02", "t1-03", "t1-06", "t1-08", "t1-09"]
+    );
+    assert_eq!(mailed_ids(&report), valid, "{summary}");
+    // ... to the right recipients, each written to its own .eml file.
+    for mail in &report.mails {
+        let id = mail
+            .message_id
+            .as_deref()
+            .unwrap()
+            .split('@')
+            .next()
+            .unwrap();
+        let sample = report
+            .published
+            .iter()
+            .find(|p| p.sample.event_id == id)
+            .unwrap();
+        let Payload::Event(event) = &sample.sample.payload else {
+            panic!("{id} was mailed but is not an event")
+        };
+        let address = event.to.rsplit('<').next().unwrap().trim_end_matches('>');
+        assert_eq!(mail.to, [address.to_owned()], "{id}");
+        assert_eq!(mail.from, "notifier@kourier.example");
+        let eml = std::fs::read_to_string(&mail.path).expect("the .eml file exists");
+        assert!(
+            eml.contains(&format!("Subject: {}", event.subject)),
+            "{eml}"
+        );
+    }
+    let mut files: Vec<String> = std::fs::read_dir(outbox.join("t1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let expected_files: Vec<String> = valid.iter().map(|id| format!("{id}.eml")).collect();
+    assert_eq!(files, expected_files);
+
+    // The greylisted event: a transient 451 on attempt 1, sent on attempt 2, mailed once.
+    let flaky = report
+        .published
+        .iter()
+        .zip(&report.fates)
+        .find(|(p, _)| p.sample.expect == Expect::MailAfterRetry)
+        .unwrap();
+    let Fate::Sent(calls) = flaky.1 else {
+        panic!("the greylisted event was not sent:{summary}")
+    };
+    assert_eq!(calls.len(), 2, "{summary}");
+    assert!(
+        matches!(&calls[0].outcome, Outcome::Transient(e) if e.contains("451")),
+        "{:?}",
+        calls[0]
+    );
+    assert_eq!((calls[1].attempt, &calls[1].outcome), (2, &Outcome::Sent));
+
+    // The duplicate: settled without a handler call.
+    let dup = report
+        .published
+        .iter()
+        .zip(&report.fates)
+        .find(|(p, _)| p.sample.expect == Expect::Duplicate)
+        .unwrap();
+    assert!(matches!(dup.1, Fate::SkippedDuplicate), "{summary}");
+
+    // The dead-letter topic, read on its own: exactly the bad records, with the right kinds,
+    // their original key, value and headers, and where they came from.
+    let letters = support::read_all(&format!("{topic}.dlt")).await;
+    let mut kinds: BTreeMap<String, String> = BTreeMap::new();
+    for letter in &letters {
+        let id = header_text(letter, event::EVENT_ID_HEADER);
+        let source = report
+            .published
+            .iter()
+            .find(|p| p.sample.event_id == id)
+            .unwrap_or_else(|| panic!("dead letter for unknown event {id}"));
+        assert_eq!(header_text(letter, dlt::ORIGINAL_TOPIC), topic);
+        assert_eq!(
+            header_i64(letter, dlt::ORIGINAL_PARTITION),
+            i64::from(source.partition)
+        );
+        assert_eq!(header_i64(letter, dlt::ORIGINAL_OFFSET), source.offset);
+        assert_eq!(header_text(letter, dlt::ORIGINAL_CONSUMER_GROUP), group);
+        assert_eq!(
+            letter.key.as_deref(),
+            Some(source.sample.user_id.as_bytes())
+        );
+        let value = match &source.sample.payload {
+            Payload::Event(e) => serde_json::to_vec(e).unwrap(),
+            Payload::Malformed(bytes) => bytes.clone(),
+        };
+        assert_eq!(letter.value.as_deref(), Some(value.as_slice()), "{id}");
+        let kind = header_text(letter, dlt::FAILURE_KIND);
+        let attempts = header_text(letter, dlt::ATTEMPTS);
+        let error = header_text(letter, dlt::EXCEPTION_MESSAGE);
+        match source.sample.expect {
+            Expect::Malformed => assert_eq!(attempts, "0", "{id}: the handler never ran"),
+            Expect::Rejected => {
+                assert_eq!(attempts, "1");
+                assert!(error.contains("550"), "{error}");
+            }
+            Expect::InvalidAddress => {
+                assert_eq!(attempts, "1");
+                assert!(error.contains("invalid recipient address"), "{error}");
+            }
+            other => panic!("{id} ({other:?}) was dead-lettered: {error}"),
+        }
+        assert!(
+            kinds.insert(id, kind).is_none(),
+            "two dead letters for one record"
+        );
+    }
+    assert_eq!(
+        kinds,
+        BTreeMap::from([
+            ("t1-04".to_owned(), "decode".to_owned()),
+            ("t1-05".to_owned(), "permanent".to_owned()),
+            ("t1-07".to_owned(), "permanent".to_owned()),
+        ]),
+        "{summary}"
+    );
+
+    // Everything was committed: a restart would not handle any of it again.
+    let committed = support::committed_offsets(&group, &topic, PARTITIONS).await;
+    for p in &report.published {
+        let c = committed[&p.partition].unwrap_or(-1);
+        assert!(
+            c > p.offset,
+            "{}/{}@{} not committed ({c})",
+            topic,
+            p.partition,
+            p.offset
+        );
+    }
+    assert!(report.surprises().is_empty(), "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_runs_mail_only_new_events_and_republished_events_are_skipped() {
+    require_kafka().await;
+    require_redis().await;
+    let topic = unique_name("mail-notifier-rerun");
+    let group = unique_name("mail-notifier-rerun");
+    let outbox = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("outbox"));
+
+    let first = run(config(&topic, &group, &outbox, "a")).await;
+    assert!(first.surprises().is_empty(), "{}", first.summary());
+
+    // A second run, as `demo` does it: a new run id, same topic and group. It starts after the
+    // first run's commits, so nothing of the first run is handled again.
+    let second = run(config(&topic, &group, &outbox, "b")).await;
+    assert!(second.surprises().is_empty(), "{}", second.summary());
+    assert!(second.earlier.is_empty(), "{}", second.summary());
+    assert_eq!(
+        mailed_ids(&second),
+        ["b-01", "b-02", "b-03", "b-06", "b-08", "b-09"]
+    );
+
+    // The first run's events published again (same event ids): Redis remembers them as done,
+    // so none is mailed; the bad ones were never marked done and are dead-lettered again.
+    let third = run(config(&topic, &group, &outbox, "a")).await;
+    assert!(mailed_ids(&third).is_empty(), "{}", third.summary());
+    for (p, fate) in third.published.iter().zip(&third.fates) {
+        match p.sample.expect {
+            Expect::Mail | Expect::MailAfterRetry | Expect::Duplicate => {
+                assert!(
+                    matches!(fate, Fate::SkippedDuplicate),
+                    "{}: {fate:?}",
+                    p.sample.event_id
+                );
+            }
+            Expect::Malformed | Expect::Rejected | Expect::InvalidAddress => {
+                assert!(
+                    matches!(fate, Fate::DeadLettered(..)),
+                    "{}: {fate:?}",
+                    p.sample.event_id
+                );
+            }
+        }
+    }
+    let letters = support::read_all(&format!("{topic}.dlt")).await;
+    assert_eq!(letters.len(), 9, "3 dead letters per run");
+}
