@@ -5,9 +5,9 @@
 //! Needs Redis at `REDIS_URL` (default `redis://127.0.0.1:6379/`) — `scripts/services up`
 //! starts one — and `redis-server` / `redis-cli` on `PATH` for the tests that run their own.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use kourier::{
     Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore,
     StoreError,
 };
+use support::redis_server::{RedisServer, TempDir, free_port, require_binary};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
@@ -187,7 +188,7 @@ async fn race(one: Arc<dyn IdempotencyStore>, two: Arc<dyn IdempotencyStore>, ke
 }
 
 // ---------------------------------------------------------------------------------------------
-// Service discovery and throwaway redis-server processes
+// Service discovery (the throwaway redis-server processes live in support::redis_server)
 // ---------------------------------------------------------------------------------------------
 
 fn redis_url() -> String {
@@ -213,132 +214,6 @@ async fn shared_redis_store(test: &str) -> RedisIdempotencyStore {
             std::error::Error::source(&err)
         ),
     }
-}
-
-fn require_binary(name: &str) {
-    if let Err(err) = Command::new(name).arg("--version").output() {
-        panic!(
-            "`{name}` is not on PATH ({err}): install it with `apt-get install redis-server` \
-             (`scripts/services up` installs it)"
-        );
-    }
-}
-
-/// A loopback port that is free, with its cluster bus port (port + 10000) free too.
-fn free_port(taken: &[u16]) -> u16 {
-    for _ in 0..1000 {
-        let port = fastrand::u16(20_000..30_000);
-        if taken.contains(&port) {
-            continue;
-        }
-        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(port) && free(port + 10_000) {
-            return port;
-        }
-    }
-    panic!("no free loopback port found");
-}
-
-/// A temporary directory, deleted on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "kourier-{name}-{}-{}",
-            std::process::id(),
-            fastrand::u32(..)
-        ));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A `redis-server` child process, killed on drop (also when the test fails).
-struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    log: PathBuf,
-}
-
-impl RedisServer {
-    fn start(port: u16, dir: &Path, extra: &[&str]) -> Self {
-        require_binary("redis-server");
-        let log = dir.join(format!("redis-{port}.log"));
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .arg("--logfile")
-            .arg(&log)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start redis-server on port {port}: {e}"));
-        let server = RedisServer {
-            child: Some(child),
-            port,
-            log,
-        };
-        server.wait_ready();
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        redis_cli(self.port, args)
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.cli(&["ping"]).trim() == "PONG" {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "redis-server on port {} did not answer PING within 10 s; log:\n{}",
-            self.port,
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    require_binary("redis-cli");
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run redis-cli");
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -433,7 +308,7 @@ async fn redis_cluster_store_semantics() {
         let conf = format!("nodes-{port}.conf");
         servers.push(RedisServer::start(
             port,
-            &dir.0,
+            dir.path(),
             &[
                 "--cluster-enabled",
                 "yes",
@@ -508,9 +383,7 @@ async fn redis_cluster_store_semantics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_fails_fast_and_recovers() {
-    let dir = TempDir::new("outage");
-    let port = free_port(&[]);
-    let mut server = RedisServer::start(port, &dir.0, &[]);
+    let mut server = RedisServer::start_on_free_port("outage");
     let timeout = Duration::from_secs(1);
     let store = RedisIdempotencyStore::builder(server.url().as_str())
         .key_prefix(unique_prefix("outage"))
@@ -554,7 +427,7 @@ async fn redis_outage_fails_fast_and_recovers() {
     );
 
     // Same port, fresh (empty) server: the same store object reconnects by itself.
-    let _server = RedisServer::start(port, &dir.0, &[]);
+    server.restart();
     let started = Instant::now();
     let token = acquire(&store, "after", LEASE).await;
     assert!(
@@ -570,8 +443,7 @@ async fn redis_outage_fails_fast_and_recovers() {
 /// dropped (then reconnects): the store retries, so callers never see it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connection_is_retried_transparently() {
-    let dir = TempDir::new("client-kill");
-    let server = RedisServer::start(free_port(&[]), &dir.0, &[]);
+    let server = RedisServer::start_on_free_port("client-kill");
     let store = RedisIdempotencyStore::builder(server.url().as_str())
         .key_prefix(unique_prefix("client-kill"))
         .build()
@@ -596,8 +468,7 @@ async fn dropped_connection_is_retried_transparently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_redis_times_out_then_recovers() {
-    let dir = TempDir::new("pause");
-    let server = RedisServer::start(free_port(&[]), &dir.0, &[]);
+    let server = RedisServer::start_on_free_port("pause");
     let timeout = Duration::from_millis(500);
     let store = RedisIdempotencyStore::builder(server.url().as_str())
         .key_prefix(unique_prefix("pause"))

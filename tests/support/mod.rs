@@ -10,6 +10,8 @@
 //! both the current-thread and the multi-thread Tokio test runtimes.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub(crate) mod redis_server;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;

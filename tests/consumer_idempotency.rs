@@ -1,0 +1,1155 @@
+//! Idempotency at consumer level, against the real broker and real Redis: claim → work →
+//! complete through the whole pipeline (DESIGN.md, rule 7). The side effect is a handler call
+//! that succeeded, recorded in a shared log.
+//!
+//! - A transient failure, then success: the side effect happens exactly once (the starting
+//!   design marked the key before the work, so its retry was skipped as a "duplicate" and the
+//!   mail was lost).
+//! - The same event id in two records runs once; the second settles as a duplicate and the
+//!   commit moves past both, with the dedup key from a header or from the typed event.
+//! - Two workers racing on one id (key ordering): one runs, the other waits (busy) and then
+//!   settles as done.
+//! - A handler outliving its lease loses the claim: the duplicate runs too (at-least-once), and
+//!   the late `complete` is fenced off.
+//! - Redis stopped mid-stream: nothing skipped, nothing committed past the outage, everything
+//!   handled exactly once when Redis is back; with the opt-in, processing goes on without dedup.
+//! - A dead-lettered event is not marked done, and its redrive runs.
+//! - One scenario (duplicates and a transient failure) run against both stores.
+//!
+//! Needs Kafka and Redis (`scripts/services up`); the outage tests run their own
+//! `redis-server` on a free port (`redis-server` and `redis-cli` on `PATH`). Each test has its
+//! own topics, group (hence dedup namespace `<group>:<id>`) and Redis key prefix.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering as MemoryOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kourier::dead_letter::headers as dlt;
+use kourier::{
+    Claim, ClaimToken, DedupKey, Handler, HandlerError, IdempotencyStore, InMemoryIdempotencyStore,
+    Message, Ordering, RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
+    RetryingConsumerBuilder, StoreError, async_trait,
+};
+use serde::{Deserialize, Serialize};
+use support::TestRecord;
+use support::redis_server::RedisServer;
+
+/// The header carrying the dedup key in the tests that take it from a header.
+const EVENT_ID_HEADER: &str = "event-id";
+/// Generous: the machine is small and other suites may run at the same time.
+const WAIT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// The event, the handler and the side-effect log
+// ---------------------------------------------------------------------------------------------
+
+/// The test event. `event_id` is the business id (the dedup key); `seq` names the record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ev {
+    seq: u64,
+    event_id: String,
+    key: String,
+    /// Transient failures before success.
+    #[serde(default)]
+    fail_transient: u32,
+    /// Fails permanently until the log is [fixed](Log::fix) (a bug fixed before a redrive).
+    #[serde(default)]
+    permanent: bool,
+    #[serde(default)]
+    sleep_ms: u64,
+    /// After sleeping, waits until the test [opens the gate](Log::open_gate) (at most 60 s).
+    #[serde(default)]
+    gated: bool,
+}
+
+impl Ev {
+    fn new(seq: u64, event_id: &str, key: &str) -> Self {
+        Ev {
+            seq,
+            event_id: event_id.into(),
+            key: key.into(),
+            fail_transient: 0,
+            permanent: false,
+            sleep_ms: 0,
+            gated: false,
+        }
+    }
+
+    fn fail_transient(mut self, times: u32) -> Self {
+        self.fail_transient = times;
+        self
+    }
+
+    fn permanent(mut self) -> Self {
+        self.permanent = true;
+        self
+    }
+
+    fn sleep_ms(mut self, ms: u64) -> Self {
+        self.sleep_ms = ms;
+        self
+    }
+
+    fn gated(mut self) -> Self {
+        self.gated = true;
+        self
+    }
+
+    /// Keyed by `key`, with the event id in the `event-id` header.
+    fn record(&self) -> TestRecord {
+        self.record_without_header()
+            .header(EVENT_ID_HEADER, Some(self.event_id.clone().into_bytes()))
+    }
+
+    /// Keyed by `key`, no headers: only the typed event knows the event id.
+    fn record_without_header(&self) -> TestRecord {
+        TestRecord::new()
+            .key(self.key.as_bytes())
+            .value(serde_json::to_vec(self).unwrap())
+    }
+}
+
+/// One handler call.
+#[derive(Debug, Clone)]
+struct Call {
+    seq: u64,
+    event_id: String,
+    partition: i32,
+    offset: i64,
+    attempt: u32,
+    started: Instant,
+    ended: Instant,
+    ok: bool,
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    calls: Mutex<Vec<Call>>,
+    started: Mutex<Vec<u64>>,
+    gate_open: AtomicBool,
+    fixed: AtomicBool,
+}
+
+impl Log {
+    fn new() -> Arc<Log> {
+        Arc::new(Log::default())
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// The side effects: calls that succeeded.
+    fn successes(&self) -> Vec<Call> {
+        self.calls().into_iter().filter(|c| c.ok).collect()
+    }
+
+    fn calls_for(&self, event_id: &str) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.event_id == event_id)
+            .collect()
+    }
+
+    fn succeeded_seqs(&self) -> Vec<u64> {
+        let mut seqs: Vec<u64> = self.successes().iter().map(|c| c.seq).collect();
+        seqs.sort_unstable();
+        seqs
+    }
+
+    fn has_started(&self, seq: u64) -> bool {
+        self.started.lock().unwrap().contains(&seq)
+    }
+
+    fn open_gate(&self) {
+        self.gate_open.store(true, MemoryOrdering::SeqCst);
+    }
+
+    fn fix(&self) {
+        self.fixed.store(true, MemoryOrdering::SeqCst);
+    }
+}
+
+/// `(seq, attempt, ok)` of each call, in call order.
+fn outcomes(calls: &[Call]) -> Vec<(u64, u32, bool)> {
+    calls.iter().map(|c| (c.seq, c.attempt, c.ok)).collect()
+}
+
+struct Recorder(Arc<Log>);
+
+#[async_trait]
+impl Handler for Recorder {
+    type Event = Ev;
+
+    async fn handle(&self, m: &Message<Ev>) -> Result<(), HandlerError> {
+        let started = Instant::now();
+        let ev = m.event();
+        self.0.started.lock().unwrap().push(ev.seq);
+        if ev.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ev.sleep_ms)).await;
+        }
+        if ev.gated {
+            while !self.0.gate_open.load(MemoryOrdering::SeqCst)
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let result = if ev.permanent && !self.0.fixed.load(MemoryOrdering::SeqCst) {
+            Err(HandlerError::permanent(format!(
+                "event {} is permanently bad",
+                ev.event_id
+            )))
+        } else if m.attempt() <= ev.fail_transient {
+            Err(HandlerError::transient(format!(
+                "event {} failed on attempt {}",
+                ev.event_id,
+                m.attempt()
+            )))
+        } else {
+            Ok(())
+        };
+        self.0.calls.lock().unwrap().push(Call {
+            seq: ev.seq,
+            event_id: ev.event_id.clone(),
+            partition: m.partition(),
+            offset: m.offset(),
+            attempt: m.attempt(),
+            started,
+            ended: Instant::now(),
+            ok: result.is_ok(),
+        });
+        result
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A store that records what the consumer asked and what it was answered
+// ---------------------------------------------------------------------------------------------
+
+/// What the store answered, as the consumer saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    Acquired(ClaimToken),
+    Done,
+    Busy,
+    Completed,
+    Released,
+    LeaseLost,
+    Unavailable,
+}
+
+impl Answer {
+    /// `claim:acquired`, `complete:lease-lost`, ...
+    fn label(&self, op: &str) -> String {
+        let answer = match self {
+            Answer::Acquired(_) => "acquired",
+            Answer::Done => "done",
+            Answer::Busy => "busy",
+            Answer::Completed => "completed",
+            Answer::Released => "released",
+            Answer::LeaseLost => "lease-lost",
+            Answer::Unavailable => "unavailable",
+        };
+        format!("{op}:{answer}")
+    }
+}
+
+#[derive(Debug, Clone)]
+struct StoreCall {
+    op: &'static str,
+    key: String,
+    /// The token passed to `complete` / `release`.
+    token: Option<ClaimToken>,
+    answer: Answer,
+    /// When the answer arrived.
+    at: Instant,
+}
+
+/// Delegates to a real store and records every call.
+#[derive(Debug)]
+struct SpyStore {
+    inner: Arc<dyn IdempotencyStore>,
+    calls: Mutex<Vec<StoreCall>>,
+}
+
+impl SpyStore {
+    fn new(inner: Arc<dyn IdempotencyStore>) -> Arc<SpyStore> {
+        Arc::new(SpyStore {
+            inner,
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn calls_for(&self, key: &str) -> Vec<StoreCall> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.key == key)
+            .cloned()
+            .collect()
+    }
+
+    /// `op:answer` labels of the calls on `key`, in answer order.
+    fn labels_for(&self, key: &str) -> Vec<String> {
+        self.calls_for(key)
+            .iter()
+            .map(|c| c.answer.label(c.op))
+            .collect()
+    }
+
+    fn record(&self, op: &'static str, key: &str, token: Option<&ClaimToken>, answer: Answer) {
+        self.calls.lock().unwrap().push(StoreCall {
+            op,
+            key: key.to_owned(),
+            token: token.cloned(),
+            answer,
+            at: Instant::now(),
+        });
+    }
+
+    fn settle_answer(result: &Result<(), StoreError>, ok: Answer) -> Answer {
+        match result {
+            Ok(()) => ok,
+            Err(e) if e.is_lease_lost() => Answer::LeaseLost,
+            Err(_) => Answer::Unavailable,
+        }
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for SpyStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        let result = self.inner.claim(key, lease).await;
+        let answer = match &result {
+            Ok(Claim::Acquired(token)) => Answer::Acquired(token.clone()),
+            Ok(Claim::Done) => Answer::Done,
+            Ok(Claim::Busy) => Answer::Busy,
+            Err(_) => Answer::Unavailable,
+        };
+        self.record("claim", key, None, answer);
+        result
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let result = self.inner.complete(key, token, ttl).await;
+        let answer = SpyStore::settle_answer(&result, Answer::Completed);
+        self.record("complete", key, Some(token), answer);
+        result
+    }
+
+    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+        let result = self.inner.release(key, token).await;
+        let answer = SpyStore::settle_answer(&result, Answer::Released);
+        self.record("release", key, Some(token), answer);
+        result
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumers, stores, waiting
+// ---------------------------------------------------------------------------------------------
+
+fn by_header() -> DedupKey<Ev> {
+    DedupKey::header(EVENT_ID_HEADER)
+}
+
+fn by_event() -> DedupKey<Ev> {
+    DedupKey::from_fn(|m: &Message<Ev>| Some(m.event().event_id.clone()))
+}
+
+fn builder(
+    log: &Arc<Log>,
+    topic: &str,
+    group: &str,
+    store: Arc<dyn IdempotencyStore>,
+    key: DedupKey<Ev>,
+) -> RetryingConsumerBuilder<Recorder> {
+    RetryingConsumer::builder(Recorder(log.clone()))
+        .bootstrap_servers(support::bootstrap())
+        .group_id(group)
+        .topic(topic)
+        .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 3))
+        .commit_interval(Duration::from_millis(200))
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "500")
+        .idempotency(store, key)
+}
+
+/// The dedup key the consumer of `group` uses for `event_id`.
+fn namespaced(group: &str, event_id: &str) -> String {
+    format!("{group}:{event_id}")
+}
+
+/// A consumer running in the background until `stop` is called.
+struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<kourier::Result<()>>,
+}
+
+impl Running {
+    fn start(b: RetryingConsumerBuilder<Recorder>) -> Running {
+        let consumer = b.build().expect("build");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(consumer.run(async {
+            let _ = rx.await;
+        }));
+        Running {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(90), self.task)
+            .await
+            .expect("consumer did not shut down within 90 s")
+            .expect("consumer task panicked")
+            .expect("consumer returned an error");
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn committed_sum(group: &str, topic: &str, partitions: i32) -> i64 {
+    support::committed_offsets(group, topic, partitions)
+        .await
+        .values()
+        .map(|o| o.unwrap_or(0))
+        .sum()
+}
+
+/// Waits until the group's committed offsets of `topic` add up to `total` (offsets here are
+/// dense from 0, so that is "every record settled").
+async fn wait_committed(group: &str, topic: &str, partitions: i32, total: i64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sum = committed_sum(group, topic, partitions).await;
+        assert!(sum <= total, "committed {sum} > {total} records on {topic}");
+        if sum == total {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed offsets of {group} on {topic} add up to {sum} after {WAIT:?}, \
+             expected {total}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn setup(name: &str, partitions: i32) -> (String, String, String) {
+    support::require_kafka().await;
+    let topic = support::unique_name(name);
+    let group = support::unique_name(&format!("{name}-g"));
+    let dlt_topic = format!("{topic}.dlt");
+    support::create_topic(&topic, partitions).await;
+    support::create_topic(&dlt_topic, partitions).await;
+    (topic, group, dlt_topic)
+}
+
+/// A Redis store at `url` with a key prefix of its own.
+async fn redis_store_at(url: &str, command_timeout: Duration) -> RedisIdempotencyStore {
+    let prefix = format!("{}:", support::unique_name("idem"));
+    RedisIdempotencyStore::builder(url)
+        .key_prefix(prefix)
+        .command_timeout(command_timeout)
+        .build()
+        .await
+        .unwrap_or_else(|e| panic!("connect the idempotency store to {url}: {e:?}"))
+}
+
+/// A store on the shared Redis (`REDIS_URL`), failing the test when it is not running.
+async fn shared_redis_store() -> Arc<dyn IdempotencyStore> {
+    support::require_redis().await;
+    Arc::new(
+        redis_store_at(
+            &support::redis_url(),
+            RedisIdempotencyStore::DEFAULT_COMMAND_TIMEOUT,
+        )
+        .await,
+    )
+}
+
+/// What the store now answers for `event_id` of `group` (a claim acquired here is released).
+async fn probe(store: &dyn IdempotencyStore, group: &str, event_id: &str) -> Claim {
+    let key = namespaced(group, event_id);
+    let claim = store
+        .claim(&key, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("probe claim on {key}: {e:?}"));
+    if let Claim::Acquired(token) = &claim {
+        store
+            .release(&key, token)
+            .await
+            .unwrap_or_else(|e| panic!("release probe claim on {key}: {e:?}"));
+    }
+    claim
+}
+
+fn assert_nothing_dead_lettered(letters: &[support::ReadRecord]) {
+    assert!(
+        letters.is_empty(),
+        "nothing should be dead-lettered, got {} letters",
+        letters.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Transient failure, then success: exactly once
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failure_then_success_sends_exactly_once() {
+    let (topic, group, dlt_topic) = setup("idem-once", 1).await;
+    let redis = shared_redis_store().await;
+    let spy = SpyStore::new(redis.clone());
+    support::produce(
+        &topic,
+        vec![Ev::new(0, "mail-1", "user-1").fail_transient(1).record()],
+    )
+    .await;
+
+    let log = Log::new();
+    let c = Running::start(builder(&log, &topic, &group, spy.clone(), by_header()));
+    wait_for("the retry to succeed", WAIT, || !log.successes().is_empty()).await;
+    wait_committed(&group, &topic, 1, 1).await;
+    c.stop().await;
+
+    assert_eq!(
+        outcomes(&log.calls()),
+        vec![(0, 1, false), (0, 2, true)],
+        "one transient failure, then one successful attempt"
+    );
+    assert_eq!(
+        log.successes().len(),
+        1,
+        "the side effect happened exactly once (not zero: the failed attempt marked nothing)"
+    );
+    let key = namespaced(&group, "mail-1");
+    assert_eq!(
+        spy.labels_for(&key),
+        [
+            "claim:acquired",
+            "release:released",
+            "claim:acquired",
+            "complete:completed"
+        ],
+        "claim → fail → release → claim again → complete"
+    );
+    let tokens: Vec<ClaimToken> = spy
+        .calls_for(&key)
+        .into_iter()
+        .filter_map(|c| match c.answer {
+            Answer::Acquired(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    assert_ne!(tokens[0], tokens[1], "the retry holds a claim of its own");
+    assert_eq!(probe(&*redis, &group, "mail-1").await, Claim::Done);
+    assert_nothing_dead_lettered(&support::read_all(&dlt_topic).await);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The same event id in two records: handled once, the duplicate settles
+// ---------------------------------------------------------------------------------------------
+
+/// `order-1` twice (different offsets and Kafka keys), then `order-2`, in one partition.
+async fn duplicate_event_runs_once(name: &str, key: DedupKey<Ev>, with_header: bool) {
+    let (topic, group, dlt_topic) = setup(name, 1).await;
+    let redis = shared_redis_store().await;
+    let spy = SpyStore::new(redis.clone());
+    let events = [
+        Ev::new(0, "order-1", "alice"),
+        Ev::new(1, "order-1", "bob"),
+        Ev::new(2, "order-2", "alice"),
+    ];
+    let records = events
+        .iter()
+        .map(|e| {
+            if with_header {
+                e.record()
+            } else {
+                e.record_without_header()
+            }
+        })
+        .collect();
+    let coordinates = support::produce(&topic, records).await;
+    assert_eq!(coordinates, [(0, 0), (0, 1), (0, 2)]);
+
+    let log = Log::new();
+    let c = Running::start(builder(&log, &topic, &group, spy.clone(), key));
+    wait_committed(&group, &topic, 1, 3).await;
+    c.stop().await;
+
+    assert_eq!(
+        outcomes(&log.calls()),
+        vec![(0, 1, true), (2, 1, true)],
+        "order-1 ran once (offset 0); its duplicate at offset 1 never reached the handler"
+    );
+    assert_eq!(
+        spy.labels_for(&namespaced(&group, "order-1")),
+        ["claim:acquired", "complete:completed", "claim:done"],
+        "the duplicate was answered `done` and settled"
+    );
+    assert_eq!(
+        committed_sum(&group, &topic, 1).await,
+        3,
+        "committed past both"
+    );
+    assert_eq!(probe(&*redis, &group, "order-1").await, Claim::Done);
+    assert_eq!(probe(&*redis, &group, "order-2").await, Claim::Done);
+    assert_nothing_dead_lettered(&support::read_all(&dlt_topic).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_event_id_from_a_header_is_handled_once() {
+    duplicate_event_runs_once("idem-dup-header", by_header(), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_event_id_from_the_typed_event_is_handled_once() {
+    // No header at all: only the closure over the decoded event can find the id.
+    duplicate_event_runs_once("idem-dup-fn", by_event(), false).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Two workers race on one id
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_racing_on_one_id_run_it_once() {
+    let (topic, group, dlt_topic) = setup("idem-race", 1).await;
+    let redis = shared_redis_store().await;
+    let spy = SpyStore::new(redis.clone());
+    let key = namespaced(&group, "pay-1");
+
+    // #0 (Kafka key a) takes pay-1 and holds it: ~1 s of work, then until the test saw the
+    // other worker find the id busy.
+    support::produce(
+        &topic,
+        vec![Ev::new(0, "pay-1", "a").sleep_ms(1000).gated().record()],
+    )
+    .await;
+    let log = Log::new();
+    let c = Running::start(
+        builder(&log, &topic, &group, spy.clone(), by_event()).ordering(Ordering::Key),
+    );
+    wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
+
+    // #1 (key b, same event id) runs in parallel with #0 in key mode; #2 queues behind it.
+    support::produce(
+        &topic,
+        vec![
+            Ev::new(1, "pay-1", "b").record(),
+            Ev::new(2, "pay-2", "b").record(),
+        ],
+    )
+    .await;
+    wait_for("#1 to find pay-1 busy", WAIT, || {
+        spy.labels_for(&key).iter().any(|l| l == "claim:busy")
+    })
+    .await;
+    log.open_gate();
+    wait_committed(&group, &topic, 1, 3).await;
+    c.stop().await;
+
+    let pay = log.calls_for("pay-1");
+    assert_eq!(
+        outcomes(&pay),
+        vec![(0, 1, true)],
+        "exactly one handler run for pay-1, by the worker that claimed it first"
+    );
+    assert_eq!(log.succeeded_seqs(), [0, 2]);
+
+    let store_calls = spy.calls_for(&key);
+    let labels = spy.labels_for(&key);
+    assert_eq!(
+        labels.first().map(String::as_str),
+        Some("claim:acquired"),
+        "{labels:?}"
+    );
+    assert_eq!(
+        labels.last().map(String::as_str),
+        Some("claim:done"),
+        "#1 ended with `done`: {labels:?}"
+    );
+    let count = |label: &str| labels.iter().filter(|l| *l == label).count();
+    assert_eq!(count("claim:acquired"), 1, "{labels:?}");
+    assert_eq!(count("complete:completed"), 1, "{labels:?}");
+    assert_eq!(count("claim:done"), 1, "{labels:?}");
+    assert!(count("claim:busy") >= 1, "#1 waited while busy: {labels:?}");
+    assert_eq!(
+        labels.len(),
+        count("claim:acquired")
+            + count("complete:completed")
+            + count("claim:done")
+            + count("claim:busy"),
+        "nothing else happened on the key: {labels:?}"
+    );
+    // #1 settled only after #0's work was done; its lane (key b) waited meanwhile.
+    let done_at = store_calls.last().unwrap().at;
+    assert!(
+        done_at >= pay[0].ended,
+        "#1 was answered `done` after #0 ended"
+    );
+    let next = log.calls_for("pay-2");
+    assert!(
+        next[0].started >= pay[0].ended,
+        "#2 (key b) started only after #1 (key b) had waited for pay-1 to be done"
+    );
+    assert_eq!(probe(&*redis, &group, "pay-1").await, Claim::Done);
+    assert_nothing_dead_lettered(&support::read_all(&dlt_topic).await);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A handler outliving its lease
+// ---------------------------------------------------------------------------------------------
+
+/// At-least-once, documented on `idempotency_lease`: a handler outliving its lease may run
+/// twice. Here both records of `slow-1` run; the first one's late `complete` is rejected, and
+/// the key ends `done`, owned by the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_outliving_its_lease_loses_the_claim() {
+    let (topic, group, dlt_topic) = setup("idem-lease", 1).await;
+    let redis = shared_redis_store().await;
+    let spy = SpyStore::new(redis.clone());
+    let key = namespaced(&group, "slow-1");
+    let lease = Duration::from_secs(1);
+
+    support::produce(
+        &topic,
+        vec![Ev::new(0, "slow-1", "a").sleep_ms(2500).record()],
+    )
+    .await;
+    let log = Log::new();
+    let c = Running::start(
+        builder(&log, &topic, &group, spy.clone(), by_header())
+            .ordering(Ordering::Key)
+            .idempotency_lease(lease),
+    );
+    wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
+    support::produce(&topic, vec![Ev::new(1, "slow-1", "b").record()]).await;
+    wait_for("both records of slow-1 to run", WAIT, || {
+        log.successes().len() >= 2
+    })
+    .await;
+    wait_committed(&group, &topic, 1, 2).await;
+    c.stop().await;
+
+    let calls = log.calls_for("slow-1");
+    let mut ran: Vec<(u64, u32, bool)> = outcomes(&calls);
+    ran.sort_unstable();
+    assert_eq!(
+        ran,
+        vec![(0, 1, true), (1, 1, true)],
+        "both ran: the first outlived its lease, so the duplicate acquired the key"
+    );
+
+    let store_calls = spy.calls_for(&key);
+    let acquired: Vec<(&ClaimToken, Instant)> = store_calls
+        .iter()
+        .filter_map(|c| match &c.answer {
+            Answer::Acquired(t) => Some((t, c.at)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acquired.len(), 2, "{:?}", spy.labels_for(&key));
+    let (first, first_at) = acquired[0];
+    let (second, second_at) = acquired[1];
+    assert!(
+        second_at.duration_since(first_at) >= lease - Duration::from_millis(300),
+        "the second claim was granted only once the first lease had run out \
+         ({:?} after the first)",
+        second_at.duration_since(first_at)
+    );
+    let second_run = calls.iter().find(|c| c.seq == 1).unwrap();
+    assert!(
+        second_run.started.duration_since(first_at) >= lease - Duration::from_millis(300),
+        "#1 ran after #0's lease expired"
+    );
+    let completes: Vec<(&ClaimToken, &Answer)> = store_calls
+        .iter()
+        .filter(|c| c.op == "complete")
+        .map(|c| (c.token.as_ref().unwrap(), &c.answer))
+        .collect();
+    assert!(
+        completes.contains(&(first, &Answer::LeaseLost)),
+        "#0's late complete was rejected: {completes:?}"
+    );
+    assert!(
+        completes.contains(&(second, &Answer::Completed)),
+        "#1's complete marked the key done: {completes:?}"
+    );
+    assert_eq!(completes.len(), 2, "{completes:?}");
+    // The rejected complete did not disturb the second owner's `done`.
+    assert_eq!(probe(&*redis, &group, "slow-1").await, Claim::Done);
+    assert_nothing_dead_lettered(&support::read_all(&dlt_topic).await);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Redis stopped mid-stream
+// ---------------------------------------------------------------------------------------------
+
+const OUTAGE_RECORDS: u64 = 200;
+const OUTAGE_PARTITIONS: i32 = 2;
+
+/// Records handled (successfully) in `partition`, as offsets.
+fn handled_offsets(calls: &[Call], partition: i32) -> BTreeSet<i64> {
+    calls
+        .iter()
+        .filter(|c| c.ok && c.partition == partition)
+        .map(|c| c.offset)
+        .collect()
+}
+
+/// Every offset below the committed one was handled, by a call that started before `before`.
+fn assert_committed_only_handled(
+    committed: &BTreeMap<i32, Option<i64>>,
+    calls: &[Call],
+    before: Instant,
+    when: &str,
+) {
+    let early: Vec<Call> = calls
+        .iter()
+        .filter(|c| c.started < before)
+        .cloned()
+        .collect();
+    for (&partition, &offset) in committed {
+        let handled = handled_offsets(&early, partition);
+        let missing: Vec<i64> = (0..offset.unwrap_or(0))
+            .filter(|o| !handled.contains(o))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{when}: partition {partition} committed up to {offset:?}, but offsets {missing:?} \
+             were not handled before the outage"
+        );
+    }
+}
+
+async fn redis_outage_mid_stream(name: &str, run_without_dedup: bool) {
+    let (topic, group, dlt_topic) = setup(name, OUTAGE_PARTITIONS).await;
+    let mut server =
+        tokio::task::block_in_place(|| RedisServer::start_on_free_port("consumer-outage"));
+    let store: Arc<dyn IdempotencyStore> =
+        Arc::new(redis_store_at(&server.url(), Duration::from_millis(500)).await);
+    let records = (0..OUTAGE_RECORDS)
+        .map(|i| {
+            Ev::new(i, &format!("evt-{i}"), &format!("k{}", i % 10))
+                .sleep_ms(20)
+                .record()
+        })
+        .collect();
+    support::produce(&topic, records).await;
+
+    let log = Log::new();
+    let mut b = builder(&log, &topic, &group, store.clone(), by_header())
+        .run_without_dedup_on_store_outage(run_without_dedup);
+    if run_without_dedup {
+        // A record whose handler ends as Redis goes down retries `complete` until its lease
+        // ends, holding its partition meanwhile (see the ignored test below): a short lease
+        // keeps that stall short here.
+        b = b.idempotency_lease(Duration::from_secs(5));
+    }
+    let c = Running::start(b);
+    wait_for("some records handled before the outage", WAIT, || {
+        log.successes().len() >= 30
+    })
+    .await;
+    tokio::task::block_in_place(|| server.kill());
+    let killed_at = Instant::now();
+    let handled_at_kill = log.successes().len();
+    assert!(
+        handled_at_kill < OUTAGE_RECORDS as usize - 20,
+        "Redis went down mid-stream ({handled_at_kill} handled)"
+    );
+
+    if run_without_dedup {
+        // Opted in: the records keep flowing, handled without dedup while Redis is down.
+        wait_for("every record handled while Redis is down", WAIT * 2, || {
+            log.succeeded_seqs().len() >= OUTAGE_RECORDS as usize
+        })
+        .await;
+        wait_committed(&group, &topic, OUTAGE_PARTITIONS, OUTAGE_RECORDS as i64).await;
+        assert!(!server.is_running(), "all of it happened during the outage");
+        let during = log
+            .successes()
+            .iter()
+            .filter(|c| c.started > killed_at)
+            .count();
+        assert!(
+            during + handled_at_kill + OUTAGE_PARTITIONS as usize >= OUTAGE_RECORDS as usize,
+            "the rest ({during} records) was handled while Redis was down"
+        );
+    } else {
+        // While Redis is down: no record is skipped, none committed past the outage, and no
+        // handler call starts once the records in flight at the kill (at most one per
+        // partition in partition mode) are done.
+        let grace = Duration::from_secs(2);
+        let outage = Duration::from_secs(8);
+        let mut calls_after_grace = None;
+        while killed_at.elapsed() < outage {
+            let committed = support::committed_offsets(&group, &topic, OUTAGE_PARTITIONS).await;
+            assert_committed_only_handled(&committed, &log.calls(), killed_at, "during the outage");
+            if calls_after_grace.is_none() && killed_at.elapsed() >= grace {
+                calls_after_grace = Some(log.calls().len());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let calls = log.calls();
+        let late: Vec<(u64, Duration)> = calls
+            .iter()
+            .filter(|c| c.started > killed_at + grace)
+            .map(|c| (c.seq, c.started.duration_since(killed_at)))
+            .collect();
+        assert!(
+            late.is_empty(),
+            "handler calls started during the outage, without dedup: {late:?}"
+        );
+        assert_eq!(Some(calls.len()), calls_after_grace);
+        let handled = log.successes().len();
+        assert!(
+            handled <= handled_at_kill + OUTAGE_PARTITIONS as usize,
+            "{handled} handled during the outage, {handled_at_kill} at the kill"
+        );
+        assert!(
+            handled < OUTAGE_RECORDS as usize,
+            "records are waiting for Redis"
+        );
+
+        // Same port, fresh (empty) server: the waiting records go on.
+        tokio::task::block_in_place(|| server.restart());
+        let restarted_at = Instant::now();
+        wait_for("every record handled after the restart", WAIT * 2, || {
+            log.succeeded_seqs().len() >= OUTAGE_RECORDS as usize
+        })
+        .await;
+        wait_committed(&group, &topic, OUTAGE_PARTITIONS, OUTAGE_RECORDS as i64).await;
+        // A record handled after the restart is done in the new server.
+        let after = log
+            .successes()
+            .into_iter()
+            .filter(|c| c.started > restarted_at)
+            .max_by_key(|c| c.started)
+            .expect("records handled after the restart");
+        assert_eq!(probe(&*store, &group, &after.event_id).await, Claim::Done);
+    }
+    c.stop().await;
+
+    let seqs = log.succeeded_seqs();
+    assert_eq!(
+        seqs,
+        (0..OUTAGE_RECORDS).collect::<Vec<_>>(),
+        "every record handled exactly once overall"
+    );
+    assert_eq!(
+        committed_sum(&group, &topic, OUTAGE_PARTITIONS).await,
+        OUTAGE_RECORDS as i64
+    );
+    assert_nothing_dead_lettered(&support::read_all(&dlt_topic).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_stream_skips_nothing_and_resumes() {
+    redis_outage_mid_stream("idem-outage", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_stream_with_the_opt_in_keeps_handling() {
+    redis_outage_mid_stream("idem-outage-optin", true).await;
+}
+
+/// With the opt-in, a record whose handler finishes while Redis is down must not hold its
+/// partition (or key) while `complete` keeps failing: the consumer goes on without dedup.
+/// (Before the fix, `complete` retried for the whole lease: with the default 60 s lease the
+/// first handler call after the kill came at +60.3 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opt_in_goes_on_promptly_after_a_record_finishes_during_the_outage() {
+    let (topic, group, _) = setup("idem-optin-stall", 1).await;
+    let mut server =
+        tokio::task::block_in_place(|| RedisServer::start_on_free_port("consumer-optin-stall"));
+    let store: Arc<dyn IdempotencyStore> =
+        Arc::new(redis_store_at(&server.url(), Duration::from_millis(500)).await);
+    // #0 holds its claim in the handler until the test has stopped Redis; #1 comes after it.
+    support::produce(
+        &topic,
+        vec![
+            Ev::new(0, "a-0", "k").gated().record(),
+            Ev::new(1, "a-1", "k").record(),
+        ],
+    )
+    .await;
+    let log = Log::new();
+    let c = Running::start(
+        builder(&log, &topic, &group, store, by_header()).run_without_dedup_on_store_outage(true),
+    );
+    wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
+    tokio::task::block_in_place(|| server.kill());
+    log.open_gate();
+    // #0 is done (its `complete` cannot reach Redis); #1 should run without dedup at once
+    // (one failing claim, ~0.5 s), not after #0's 60 s lease.
+    wait_for(
+        "#1 to be handled without dedup",
+        Duration::from_secs(15),
+        || log.has_started(1),
+    )
+    .await;
+    c.stop().await;
+    assert_eq!(log.succeeded_seqs(), [0, 1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Dead letters are not marked done
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_event_is_not_done_and_its_redrive_runs() {
+    let (topic, group, dlt_topic) = setup("idem-dlt", 1).await;
+    let redis = shared_redis_store().await;
+    support::produce(
+        &topic,
+        vec![Ev::new(0, "invoice-1", "acme").permanent().record()],
+    )
+    .await;
+    let log = Log::new();
+    let c = Running::start(builder(&log, &topic, &group, redis.clone(), by_header()));
+    let letters = support::read_at_least(&dlt_topic, 1, WAIT).await;
+    wait_committed(&group, &topic, 1, 1).await;
+    assert_eq!(outcomes(&log.calls()), vec![(0, 1, false)]);
+
+    // Not marked done: a claim acquires (and is released at once by `probe`).
+    assert!(
+        matches!(
+            probe(&*redis, &group, "invoice-1").await,
+            Claim::Acquired(_)
+        ),
+        "a dead-lettered event must not be marked done"
+    );
+
+    // The bug is fixed; redrive the letter as it is (key, value, original headers) to the
+    // source topic.
+    log.fix();
+    let letter = &letters[0];
+    let mut redriven = TestRecord::new()
+        .key(letter.key.clone().expect("the letter keeps the key"))
+        .value(letter.value.clone().expect("the letter keeps the value"));
+    for (name, value) in &letter.headers {
+        if !dlt::ALL.contains(&name.as_str()) {
+            redriven = redriven.header(name.clone(), value.clone());
+        }
+    }
+    redriven = redriven.header(dlt::REDRIVE_COUNT, Some(b"1".to_vec()));
+    support::produce(&topic, vec![redriven.clone()]).await;
+    wait_for("the redrive to run", WAIT, || !log.successes().is_empty()).await;
+    wait_committed(&group, &topic, 1, 2).await;
+    assert_eq!(probe(&*redis, &group, "invoice-1").await, Claim::Done);
+
+    // Once done, a second redrive of the same event is a duplicate.
+    support::produce(&topic, vec![redriven]).await;
+    wait_committed(&group, &topic, 1, 3).await;
+    c.stop().await;
+
+    let calls = log.calls_for("invoice-1");
+    assert_eq!(
+        calls
+            .iter()
+            .map(|c| (c.offset, c.attempt, c.ok))
+            .collect::<Vec<_>>(),
+        vec![(0, 1, false), (1, 1, true)],
+        "the redrive (offset 1) ran; the second redrive (offset 2) was skipped"
+    );
+    assert_eq!(
+        support::read_all(&dlt_topic).await.len(),
+        1,
+        "one dead letter"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. One scenario, both stores
+// ---------------------------------------------------------------------------------------------
+
+/// Duplicates and a transient failure, at consumer level: what every [`IdempotencyStore`] must
+/// give a consumer. `e1` fails once then succeeds, its duplicate is skipped; `e2` succeeds, its
+/// duplicate (which would fail if it ran) is skipped.
+async fn duplicates_and_a_transient_failure(store: Arc<dyn IdempotencyStore>, name: &str) {
+    let (topic, group, dlt_topic) = setup(name, 1).await;
+    let spy = SpyStore::new(store.clone());
+    support::produce(
+        &topic,
+        vec![
+            Ev::new(0, "e1", "a").fail_transient(1).record(),
+            Ev::new(1, "e1", "b").record(),
+            Ev::new(2, "e2", "a").record(),
+            Ev::new(3, "e2", "c").permanent().record(),
+        ],
+    )
+    .await;
+    let log = Log::new();
+    let c = Running::start(builder(&log, &topic, &group, spy.clone(), by_event()));
+    wait_committed(&group, &topic, 1, 4).await;
+    c.stop().await;
+
+    assert_eq!(
+        outcomes(&log.calls()),
+        vec![(0, 1, false), (0, 2, true), (2, 1, true)],
+        "{store:?}: e1 failed once then ran once, e2 ran once, the duplicates never ran"
+    );
+    assert_eq!(
+        spy.labels_for(&namespaced(&group, "e1")),
+        [
+            "claim:acquired",
+            "release:released",
+            "claim:acquired",
+            "complete:completed",
+            "claim:done"
+        ],
+        "{store:?}"
+    );
+    assert_eq!(
+        spy.labels_for(&namespaced(&group, "e2")),
+        ["claim:acquired", "complete:completed", "claim:done"],
+        "{store:?}"
+    );
+    assert_eq!(probe(&*store, &group, "e1").await, Claim::Done);
+    assert_eq!(probe(&*store, &group, "e2").await, Claim::Done);
+    assert!(matches!(
+        probe(&*store, &group, "never-seen").await,
+        Claim::Acquired(_)
+    ));
+    assert_nothing_dead_lettered(&support::read_all(&dlt_topic).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_scenario_with_the_in_memory_store() {
+    duplicates_and_a_transient_failure(
+        Arc::new(InMemoryIdempotencyStore::new()),
+        "idem-shared-mem",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_scenario_with_the_redis_store() {
+    duplicates_and_a_transient_failure(shared_redis_store().await, "idem-shared-redis").await;
+}
