@@ -98,6 +98,62 @@
 //! Tokio tasks on your runtime: each runs decode → claim → handler → retry → dead-letter →
 //! complete/release, then reports the record settled and takes the next one.
 //!
+//! ## Observability
+//!
+//! **Metrics** go through the [`metrics`](https://docs.rs/metrics/0.24) facade
+//! ([`mod@metrics`] has the details); install the exporter you want before the consumer
+//! runs (the `mail_notifier` example serves them to Prometheus with `--metrics-addr`).
+//! Every metric carries the consumer `group`:
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `kourier_records_consumed_total` | counter | `topic` | records received from Kafka |
+//! | `kourier_records_handled_total` | counter | `topic` | records whose handler succeeded |
+//! | `kourier_records_retried_total` | counter | `topic`, `attempt` | transient failures retried, by failed attempt (`1`…`9`, `10+`) |
+//! | `kourier_records_dead_lettered_total` | counter | `topic`, `kind` | dead letters written: `decode`, `permanent`, `retries-exhausted` |
+//! | `kourier_duplicates_skipped_total` | counter | `topic` | records skipped as already done |
+//! | `kourier_idempotency_store_errors_total` | counter | `topic`, `operation` | failed store calls: `claim`, `complete`, `release` |
+//! | `kourier_dead_letter_write_failures_total` | counter | `topic` | failed dead-letter writes (retried) |
+//! | `kourier_handler_duration_seconds` | histogram | `topic` | each handler attempt |
+//! | `kourier_commit_duration_seconds` | histogram | | each synchronous offset commit |
+//! | `kourier_commit_failures_total` | counter | | failed offset commits |
+//! | `kourier_records_in_flight` | gauge | | records being handled |
+//! | `kourier_consumer_lag` | gauge | `topic`, `partition` | end offset − committed offset of each assigned partition (from librdkafka's statistics) |
+//! | `kourier_partition_paused` | gauge | `topic`, `partition` | `1` while flow control pauses the partition |
+//!
+//! [`ConsumerMonitor::snapshot`] gives the same outcome counts in-process (`handled`,
+//! `retried`, `dead_lettered` by kind, `duplicates`) next to the in-flight and buffer figures.
+//!
+//! **Tracing**: each record runs in a `kourier.record` span (target
+//! `kourier::consumer::worker`) with `topic`, `partition`, `offset`, `key`, `attempt`,
+//! `outcome` (`handled`, `duplicate`, `dead-lettered` or `abandoned`) and `trace_id`; log
+//! lines carry the record's `topic/partition@offset`. librdkafka's own logs arrive under the
+//! target `librdkafka`.
+//!
+//! **Trace context**: a W3C `traceparent` / `tracestate` header travels with the record
+//! untouched — to the handler ([`Message::trace_context`]), into the dead letter, and through
+//! a redrive — and the record span records its trace id. With the `opentelemetry` feature the
+//! [`Publisher`] writes the current span's context into records that have none, and the
+//! record span becomes a child of the record's context, so publish → handle → dead letter is
+//! one trace. See [`TraceContext`].
+//!
+//! ## Dead letters: inspect and redrive
+//!
+//! [`dead_letter::Provenance`] reads a dead letter's headers back (original topic, partition
+//! and offset, failure kind, error, attempts, failure times, redrive count);
+//! [`dead_letter::RedriveRecord`] rebuilds the original record to publish it again. The
+//! `kourier_dlt` example is a command-line tool on top of them: `inspect <dlt-topic>` lists
+//! letters as a table or JSON lines, with filters by kind, time and key; `redrive <dlt-topic>`
+//! re-publishes selected letters to their source topic, committing its progress per letter
+//! so a crash redrives at most the letter in flight twice, and refusing records redriven more
+//! than `--max-redrives` times.
+//!
+//! ## Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
+//!
 //! ## Why not `backoff`
 //!
 //! The design card named the `backoff` crate; it is unmaintained (RUSTSEC-2025-0012) and pulls
@@ -120,8 +176,10 @@ mod error;
 mod handler;
 pub mod idempotency;
 mod message;
+pub mod metrics;
 mod publisher;
 mod retry;
+mod trace_context;
 
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
 pub use crate::consumer::{
@@ -139,5 +197,7 @@ pub use crate::idempotency::{
     RedisIdempotencyStoreBuilder, StoreError,
 };
 pub use crate::message::{Header, Headers, Message, RawRecord};
+pub use crate::metrics::DeadLetterCounts;
 pub use crate::publisher::{Delivery, Publisher, PublisherBuilder, java_partition};
 pub use crate::retry::{RetryDecision, RetryPolicy};
+pub use crate::trace_context::TraceContext;

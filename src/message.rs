@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use crate::trace_context::TraceContext;
+
 /// One record header: a name and an optional (possibly binary) value.
 ///
 /// Kafka header names are strings for the Java client; a name that is not valid UTF-8 (only
@@ -158,6 +160,20 @@ impl RawRecord {
     pub fn coordinates(&self) -> String {
         format!("{}/{}@{}", self.topic, self.partition, self.offset)
     }
+
+    /// Copies a record received by an rdkafka consumer, e.g. to read a dead-letter topic
+    /// with [`Provenance`](crate::dead_letter::Provenance).
+    ///
+    /// Header names that are not UTF-8 are converted lossily instead of panicking, as
+    /// rdkafka 0.39's own header getters would.
+    pub fn from_message(message: &rdkafka::message::BorrowedMessage<'_>) -> RawRecord {
+        crate::consumer::to_raw(message)
+    }
+
+    /// The W3C trace context in the record's `traceparent` / `tracestate` headers, if any.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        TraceContext::from_headers(&self.headers)
+    }
 }
 
 /// A decoded record, as a [`Handler`](crate::Handler) receives it.
@@ -242,5 +258,11 @@ impl<T> Message<T> {
     /// The undecoded record.
     pub fn raw(&self) -> &RawRecord {
         &self.raw
+    }
+
+    /// The W3C trace context the record carries (its `traceparent` and `tracestate`
+    /// headers), if any: the publisher's span. See [`TraceContext`].
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        self.raw.trace_context()
     }
 }

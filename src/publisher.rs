@@ -47,6 +47,13 @@ type HeadersFn<T> = Box<dyn Fn(&T) -> Vec<Header> + Send + Sync + 'static>;
 ///
 /// A `Publisher` is cheap to clone (clones share one producer) and is `Send + Sync`.
 ///
+/// **Trace context:** headers are sent as given, so a `traceparent` header (W3C Trace Context,
+/// see [`TraceContext`](crate::TraceContext)) from `headers_fn` or `send_with_headers` reaches
+/// the handler, the dead letter and a redrive unchanged. With the `opentelemetry` feature, a
+/// record without one gets the current span's context (the current `tracing` span through
+/// `tracing-opentelemetry`, else OpenTelemetry's current context), so one trace covers the
+/// publish, the handling and any dead letter.
+///
 /// **Shutdown:** call [`Publisher::flush`] before dropping the last clone. Dropping a librdkafka
 /// producer purges what it has not delivered yet; to make that loud rather than silent, the
 /// drop waits up to one second for undelivered records and logs (at `warn`) how many it had to
@@ -228,6 +235,8 @@ impl<T: Serialize> Publisher<T> {
             .map(|f| f(event))
             .unwrap_or_default();
         headers.extend(extra);
+        #[cfg(feature = "opentelemetry")]
+        inject_trace_context(&mut headers);
         Ok(Prepared {
             key,
             payload,
@@ -246,6 +255,20 @@ impl<T: Serialize> Publisher<T> {
             .producer
             .enqueue(record, deadline, "publish")
             .await
+    }
+}
+
+/// With the `opentelemetry` feature: a record without a `traceparent` header gets the
+/// current span's context, so the consumer's record span continues the publisher's trace.
+#[cfg(feature = "opentelemetry")]
+fn inject_trace_context(headers: &mut Vec<Header>) {
+    use crate::trace_context::TraceContext;
+    if headers.iter().any(|h| h.key == TraceContext::TRACEPARENT) {
+        return;
+    }
+    if let Some(tc) = TraceContext::current() {
+        headers.retain(|h| h.key != TraceContext::TRACESTATE);
+        headers.extend(tc.to_headers());
     }
 }
 

@@ -40,6 +40,10 @@
 //! loopback server alone): try them in three terminals. Settings come from flags or the
 //! environment (`KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL`, `SMTP_HOST`, `SMTP_PORT`, ...);
 //! `--help` lists them.
+//!
+//! `--metrics-addr 127.0.0.1:9464` serves kourier's metrics (records handled, retried,
+//! dead-lettered, duplicates, handler durations, lag, ...; see `kourier::metrics`) for
+//! Prometheus at `http://127.0.0.1:9464/metrics` while the notifier runs.
 
 mod demo;
 mod event;
@@ -97,6 +101,9 @@ struct KafkaArgs {
     /// Partitions of the topics when they are created.
     #[arg(long, env = "NOTIFY_PARTITIONS", default_value_t = 6, global = true)]
     partitions: i32,
+    /// Serve kourier's metrics for Prometheus at http://<ADDR>/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "METRICS_ADDR", global = true)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,6 +162,9 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
+    if let Some(addr) = cli.kafka.metrics_addr {
+        serve_metrics(addr)?;
+    }
     let settings = Settings {
         bootstrap: cli.kafka.bootstrap_servers,
         redis_url: cli.kafka.redis_url,
@@ -229,6 +239,25 @@ async fn main() -> Result<()> {
             println!("{} mail(s) received", server.received().len());
         }
     }
+    Ok(())
+}
+
+/// Installs a Prometheus recorder for kourier's metrics (see `kourier::metrics`), served at
+/// `http://<addr>/metrics`. It must be installed before the consumer runs.
+fn serve_metrics(addr: std::net::SocketAddr) -> Result<()> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        // Histograms (rather than summaries) for handler and commit durations.
+        .set_buckets_for_metric(
+            Matcher::Suffix("_duration_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )?
+        .install()
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
 use crate::error::{ConfigError, Error, Result};
 use crate::handler::Handler;
 use crate::idempotency::IdempotencyStore;
+use crate::metrics::ConsumerMetrics;
 use crate::retry::RetryPolicy;
 
 /// Settings kourier owns: a raw `kafka_config` may not change them.
@@ -125,7 +126,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             max_in_flight: 64,
             max_buffered_records: 10_000,
             max_buffered_bytes: 64 << 20,
-            max_buffered_records_per_partition: 2_000,
+            max_buffered_records_per_partition: 5_000,
             sink: None,
             dedup: None,
             dedup_lease: Duration::from_secs(60),
@@ -201,8 +202,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
-    /// Records received but not started, across all partitions. Above this, partitions
-    /// holding buffered records are paused until the buffer is below half. Default 10 000.
+    /// Records received but not started, across all partitions. At this limit the poll
+    /// thread stops pulling records in bulk (the rest wait in librdkafka's bounded pre-fetch
+    /// queue) while it keeps polling slowly to stay in the group; if handlers are stuck and
+    /// the buffer still grows 10 % past the limit, partitions holding buffered records are
+    /// paused until it is below half. Default 10 000.
     #[must_use]
     pub fn max_buffered_records(mut self, n: usize) -> Self {
         self.max_buffered_records = n;
@@ -217,7 +221,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     }
 
     /// Records buffered for one partition before that partition is paused (resumed below
-    /// half). Default 2 000.
+    /// half). Default 5 000.
     #[must_use]
     pub fn max_buffered_records_per_partition(mut self, n: usize) -> Self {
         self.max_buffered_records_per_partition = n;
@@ -426,7 +430,9 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             // Bound librdkafka's own pre-fetch queue (default 64 MiB per consumer).
-            .set("queued.max.messages.kbytes", "16384");
+            .set("queued.max.messages.kbytes", "16384")
+            // The consumer-lag gauge comes from these statistics (see kourier::metrics).
+            .set("statistics.interval.ms", "5000");
         for (k, v) in &self.kafka_config {
             config.set(k, v);
         }
@@ -454,9 +460,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             max_buffered_bytes: self.max_buffered_bytes,
             max_buffered_records_per_partition: self.max_buffered_records_per_partition,
         };
+        let metrics = Arc::new(ConsumerMetrics::new(&group_id, &self.topics));
         let shared = Arc::new(Shared::new(
             Scheduler::new(self.ordering, limits),
             self.revoke_timeout,
+            metrics.clone(),
         ));
         let consumer: BaseConsumer<KourierContext> = config
             .create_with_context(KourierContext {
@@ -480,6 +488,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             dedup,
             group_id,
             handler_timeout: self.handler_timeout,
+            metrics,
         });
         Ok(RetryingConsumer {
             consumer,

@@ -9,6 +9,7 @@ use tracing::error;
 
 use crate::error::{Error, Result};
 use crate::handler::Handler;
+use crate::metrics::DeadLetterCounts;
 
 mod builder;
 mod offsets;
@@ -20,6 +21,7 @@ pub use self::builder::RetryingConsumerBuilder;
 pub use self::scheduler::Ordering;
 pub use self::worker::DedupKey;
 
+pub(crate) use self::poll::to_raw;
 use self::poll::{KourierContext, PollSettings, Shared};
 use self::scheduler::Job;
 use self::worker::WorkerContext;
@@ -133,6 +135,15 @@ pub struct ConsumerSnapshot {
     pub assigned: Vec<(String, i32)>,
     /// Partitions paused by flow control, sorted.
     pub paused: Vec<(String, i32)>,
+    /// Records whose handler succeeded, since the consumer was built.
+    pub handled: u64,
+    /// Transient failures that were (or are being) retried: one per failed attempt followed
+    /// by another attempt.
+    pub retried: u64,
+    /// Dead letters the sink acknowledged, by failure kind.
+    pub dead_lettered: DeadLetterCounts,
+    /// Records skipped because the idempotency store said their work was done.
+    pub duplicates: u64,
 }
 
 impl ConsumerMonitor {
@@ -146,12 +157,18 @@ impl ConsumerMonitor {
             v
         };
         let (buffered_records, buffered_bytes) = s.buffered();
+        let counts = &self.shared.metrics.counts;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         ConsumerSnapshot {
             in_flight: s.in_flight(),
             buffered_records,
             buffered_bytes,
             assigned: list(s.assigned()),
             paused: list(s.paused()),
+            handled: load(&counts.handled),
+            retried: load(&counts.retried),
+            dead_lettered: counts.dead_lettered(),
+            duplicates: load(&counts.duplicates),
         }
     }
 }

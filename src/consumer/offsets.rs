@@ -17,6 +17,8 @@ pub(crate) struct OffsetTracker {
     last_received: Option<i64>,
     /// Next offset to commit: one past the end of the contiguous settled prefix.
     watermark: Option<i64>,
+    /// The first offset received (for lag before the first commit).
+    first_received: Option<i64>,
 }
 
 impl OffsetTracker {
@@ -27,6 +29,7 @@ impl OffsetTracker {
             return false;
         }
         self.last_received = Some(offset);
+        self.first_received.get_or_insert(offset);
         self.pending.push_back((offset, false));
         true
     }
@@ -52,6 +55,11 @@ impl OffsetTracker {
     /// record has been settled.
     pub(crate) fn committable(&self) -> Option<i64> {
         self.watermark
+    }
+
+    /// The first offset received.
+    pub(crate) fn first_received(&self) -> Option<i64> {
+        self.first_received
     }
 
     /// How many received records are not yet part of the settled prefix.

@@ -17,6 +17,7 @@ use tracing::{debug, error, info, warn};
 
 use super::scheduler::{FlowChanges, Job, Scheduler, Tp};
 use crate::message::{Header, Headers, RawRecord};
+use crate::metrics::ConsumerMetrics;
 
 /// State shared by the poll thread, the rebalance callbacks and the workers.
 #[derive(Debug)]
@@ -26,16 +27,22 @@ pub(crate) struct Shared {
     stop: AtomicBool,
     closing: AtomicBool,
     revoke_timeout: Duration,
+    pub(crate) metrics: Arc<ConsumerMetrics>,
 }
 
 impl Shared {
-    pub(crate) fn new(scheduler: Scheduler, revoke_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        scheduler: Scheduler,
+        revoke_timeout: Duration,
+        metrics: Arc<ConsumerMetrics>,
+    ) -> Self {
         Shared {
             scheduler: Mutex::new(scheduler),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             revoke_timeout,
+            metrics,
         }
     }
 
@@ -79,7 +86,32 @@ pub(crate) struct KourierContext {
     pub(crate) shared: Arc<Shared>,
 }
 
-impl ClientContext for KourierContext {}
+impl ClientContext for KourierContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`, on the poll thread): the lag
+    /// of each assigned partition, for [`crate::metrics::CONSUMER_LAG`].
+    fn stats_raw(&self, statistics: &[u8]) {
+        let partitions = match crate::metrics::partition_offsets(statistics) {
+            Ok(partitions) => partitions,
+            Err(e) => {
+                debug!(error = %e, "cannot read librdkafka statistics");
+                return;
+            }
+        };
+        let lags: Vec<_> = {
+            let s = self.shared.lock();
+            partitions
+                .into_iter()
+                .filter_map(|p| {
+                    let first = s.first_received(&(Arc::from(p.topic.as_str()), p.partition))?;
+                    Some((p.lag(first)?, p))
+                })
+                .collect()
+        };
+        for (lag, p) in lags {
+            self.shared.metrics.consumer_lag(&p.topic, p.partition, lag);
+        }
+    }
+}
 
 impl ConsumerContext for KourierContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -118,6 +150,9 @@ impl KourierContext {
             shared.wait_until(Duration::from_secs(1), |s| s.drained(tps));
         }
         let offsets = shared.lock().remove(tps);
+        for (topic, partition) in tps {
+            shared.metrics.partition_revoked(topic, *partition);
+        }
         if consumer.assignment_lost() {
             warn!(partitions = ?tps_display(tps), "assignment lost: not committing");
         } else if !offsets.is_empty() {
@@ -156,7 +191,10 @@ fn commit(consumer: &BaseConsumer<KourierContext>, offsets: &[(Tp, i64)], why: &
         }
     }
     let started = Instant::now();
-    match consumer.commit(&tpl, CommitMode::Sync) {
+    let result = consumer.commit(&tpl, CommitMode::Sync);
+    let metrics = &consumer.context().shared.metrics;
+    metrics.commit(started.elapsed(), result.is_ok());
+    match result {
         Ok(()) => {
             debug!(why, offsets = ?offsets.iter().map(|((t, p), o)| format!("{t}/{p}={o}")).collect::<Vec<_>>(), took = ?started.elapsed(), "committed");
             true
@@ -185,6 +223,15 @@ fn ownership_lost(e: &KafkaError) -> bool {
 }
 
 fn apply_flow(consumer: &BaseConsumer<KourierContext>, changes: &FlowChanges) {
+    let metrics = &consumer.context().shared.metrics;
+    for ((topic, partition), paused) in changes
+        .pause
+        .iter()
+        .map(|tp| (tp, true))
+        .chain(changes.resume.iter().map(|tp| (tp, false)))
+    {
+        metrics.partition_paused(topic, *partition, paused);
+    }
     if !changes.pause.is_empty() {
         debug!(partitions = ?tps_display(&changes.pause), "pausing: buffer full");
         if let Err(e) = consumer.pause(&tpl_of(&changes.pause)) {
@@ -241,7 +288,7 @@ fn read_headers(m: &BorrowedMessage<'_>) -> Headers {
     headers
 }
 
-fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
+pub(crate) fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
     let (timestamp, log_append_time) = match m.timestamp() {
         Timestamp::NotAvailable => (None, false),
         Timestamp::CreateTime(t) => (Some(t), false),
@@ -282,6 +329,7 @@ pub(crate) fn poll_loop(
         .subscribe(&topics)
         .map_err(|e| crate::Error::kafka("subscribe", e))?;
     info!(topics = ?topics, "consumer subscribed");
+    shared.metrics.start();
 
     let mut last_commit = Instant::now();
     let mut batch: Vec<RawRecord> = Vec::with_capacity(settings.max_poll_batch);
@@ -293,8 +341,18 @@ pub(crate) fn poll_loop(
             commit_settled(&consumer, shared, "interval");
             last_commit = Instant::now();
         }
-        let mut timeout = POLL_TIMEOUT;
-        while batch.len() < settings.max_poll_batch {
+        // A full buffer: wait for a worker to make room (or POLL_TIMEOUT), then take at
+        // most one record, so that polling goes on (group membership, rebalances) without
+        // pulling records faster than the handlers settle them.
+        let full = shared.lock().full();
+        let max_batch = if full {
+            shared.wait_until(POLL_TIMEOUT, |s| !s.full());
+            1
+        } else {
+            settings.max_poll_batch
+        };
+        let mut timeout = if full { Duration::ZERO } else { POLL_TIMEOUT };
+        while batch.len() < max_batch {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => batch.push(to_raw(&m)),
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
@@ -308,6 +366,7 @@ pub(crate) fn poll_loop(
             timeout = Duration::ZERO;
         }
         if !batch.is_empty() {
+            shared.metrics.consumed(&batch);
             let jobs = {
                 let mut s = shared.lock();
                 for record in batch.drain(..) {

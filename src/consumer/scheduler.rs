@@ -383,13 +383,31 @@ impl Scheduler {
         }
     }
 
-    /// Decides which partitions to pause or resume, with hysteresis: pause a partition at
-    /// its own limit, or any partition holding buffered records while the whole buffer is
-    /// over its limits; resume below half of both.
+    /// Whether the buffer is at its limits: the poll thread then stops pulling records in
+    /// bulk (it still polls, slowly, to stay in the group and serve rebalances). This is the
+    /// normal back-pressure when handlers are slower than Kafka, and it costs nothing: the
+    /// records wait in librdkafka's bounded pre-fetch queue.
+    pub(crate) fn full(&self) -> bool {
+        self.buffered_records >= self.limits.max_buffered_records
+            || self.buffered_bytes >= self.limits.max_buffered_bytes
+    }
+
+    /// Decides which partitions to pause or resume, with hysteresis.
+    ///
+    /// Pausing is kept for real stalls, because librdkafka drops a paused partition's
+    /// pre-fetched records and fetches them again on resume: a partition is paused when it
+    /// alone holds its per-partition limit, or — when the buffer overflows its limits by a
+    /// further 10 % despite the slowed polling (handlers stuck everywhere) — every partition
+    /// holding records is. Partitions resume once the overflow is gone (below half of the
+    /// limits) and they are below half of their own limit.
     pub(crate) fn flow_control(&mut self) -> FlowChanges {
         let l = self.limits;
-        if self.buffered_records >= l.max_buffered_records
-            || self.buffered_bytes >= l.max_buffered_bytes
+        if self.buffered_records
+            >= l.max_buffered_records
+                .saturating_add(l.max_buffered_records / 10)
+            || self.buffered_bytes
+                >= l.max_buffered_bytes
+                    .saturating_add(l.max_buffered_bytes / 10)
         {
             self.throttled = true;
         } else if self.buffered_records <= l.max_buffered_records / 2
@@ -454,6 +472,15 @@ impl Scheduler {
             .filter(|(_, p)| !p.draining || self.stopping)
             .map(|(tp, _)| tp.clone())
             .collect()
+    }
+
+    /// For lag reporting: `None` when `tp` is not assigned (or is being revoked), else the
+    /// first offset received from it in this assignment, if any.
+    pub(crate) fn first_received(&self, tp: &Tp) -> Option<Option<i64>> {
+        self.partitions
+            .get(tp)
+            .filter(|p| !p.draining)
+            .map(|p| p.tracker.first_received())
     }
 
     /// Partitions paused by flow control.

@@ -16,7 +16,9 @@ use crate::error::error_chain;
 use crate::handler::{FailureKind, Handler, HandlerError};
 use crate::idempotency::{Claim, ClaimToken, IdempotencyStore};
 use crate::message::{Message, RawRecord};
+use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
 use crate::retry::{RetryDecision, RetryPolicy};
+use crate::trace_context::TraceContext;
 
 type DedupKeyFn<T> = Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>;
 
@@ -77,6 +79,7 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) dedup: Option<Dedup<H::Event>>,
     pub(crate) group_id: String,
     pub(crate) handler_timeout: Option<Duration>,
+    pub(crate) metrics: Arc<ConsumerMetrics>,
 }
 
 /// Back-off for infrastructure waits (store outage, busy claims, dead-letter writes):
@@ -94,6 +97,14 @@ async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
+/// How a record's processing ended.
+enum Outcome {
+    Handled,
+    Duplicate,
+    DeadLettered,
+    Abandoned,
+}
+
 struct Failure {
     reason: DeadLetterReason,
     error: String,
@@ -109,31 +120,38 @@ impl<H: Handler> WorkerContext<H> {
         record: Arc<RawRecord>,
         cancel: &CancellationToken,
     ) -> JobEnd {
-        let key = record
-            .key
-            .as_deref()
-            .map(|k| String::from_utf8_lossy(&k[..k.len().min(64)]).into_owned());
         let span = info_span!(
             "kourier.record",
             topic = %record.topic,
             partition = record.partition,
             offset = record.offset,
-            key = key.as_deref().unwrap_or(""),
+            key = %KeyField(record.key.as_deref()),
             attempt = tracing::field::Empty,
             outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
-        let end = self.run(record, cancel).instrument(span.clone()).await;
-        span.record(
-            "outcome",
-            match end {
-                JobEnd::Settled => "settled",
-                JobEnd::Abandoned => "abandoned",
-            },
-        );
+        trace_record_span(&span, &record);
+        let metrics = self.metrics.record(&record.topic);
+        let outcome = self
+            .run(record, &metrics, cancel)
+            .instrument(span.clone())
+            .await;
+        let (name, end) = match outcome {
+            Outcome::Handled => ("handled", JobEnd::Settled),
+            Outcome::Duplicate => ("duplicate", JobEnd::Settled),
+            Outcome::DeadLettered => ("dead-lettered", JobEnd::Settled),
+            Outcome::Abandoned => ("abandoned", JobEnd::Abandoned),
+        };
+        span.record("outcome", name);
         end
     }
 
-    async fn run(&self, record: Arc<RawRecord>, cancel: &CancellationToken) -> JobEnd {
+    async fn run(
+        &self,
+        record: Arc<RawRecord>,
+        metrics: &RecordMetrics<'_>,
+        cancel: &CancellationToken,
+    ) -> Outcome {
         let event = match self.codec.decode(&record) {
             Ok(event) => event,
             Err(e) => {
@@ -146,7 +164,7 @@ impl<H: Handler> WorkerContext<H> {
                     first: now,
                     last: now,
                 };
-                return self.dead_letter(record, failure, cancel).await;
+                return self.dead_letter(record, failure, metrics, cancel).await;
             }
         };
         let mut message = Message::new(record.clone(), 1, event);
@@ -163,17 +181,18 @@ impl<H: Handler> WorkerContext<H> {
         let mut attempt = 0u32;
         loop {
             if cancel.is_cancelled() {
-                return JobEnd::Abandoned;
+                return Outcome::Abandoned;
             }
             // Claim before every attempt (a failed attempt released its claim).
             let token = match (&self.dedup, &dedup_key) {
-                (Some(d), Some(k)) => match self.claim(d, k, &record, cancel).await {
+                (Some(d), Some(k)) => match self.claim(d, k, &record, metrics, cancel).await {
                     ClaimOutcome::Run(token) => token,
                     ClaimOutcome::Duplicate => {
                         debug!(coordinates = %record.coordinates(), "duplicate: already done, skipped");
-                        return JobEnd::Settled;
+                        metrics.duplicate();
+                        return Outcome::Duplicate;
                     }
-                    ClaimOutcome::Cancelled => return JobEnd::Abandoned,
+                    ClaimOutcome::Cancelled => return Outcome::Abandoned,
                 },
                 _ => None,
             };
@@ -182,10 +201,12 @@ impl<H: Handler> WorkerContext<H> {
             message.set_attempt(attempt);
             tracing::Span::current().record("attempt", attempt);
             let call = AssertUnwindSafe(self.handler.handle(&message)).catch_unwind();
+            let attempt_started = Instant::now();
             let outcome = match self.handler_timeout {
                 Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
                 None => Ok(call.await),
             };
+            metrics.handler_duration(attempt_started.elapsed());
             let result = match outcome {
                 Ok(Ok(result)) => result,
                 Ok(Err(panic)) => Err(HandlerError::transient(format!(
@@ -200,16 +221,17 @@ impl<H: Handler> WorkerContext<H> {
             let error = match result {
                 Ok(()) => {
                     if let (Some(d), Some(k), Some(t)) = (&self.dedup, &dedup_key, &token) {
-                        self.complete(d, k, t, &record, cancel).await;
+                        self.complete(d, k, t, &record, metrics, cancel).await;
                     }
-                    return JobEnd::Settled;
+                    metrics.handled();
+                    return Outcome::Handled;
                 }
                 Err(e) => e,
             };
             let now = SystemTime::now();
             let first = *first_failure.get_or_insert(now);
             if let (Some(d), Some(k), Some(t)) = (&self.dedup, &dedup_key, &token) {
-                self.release(d, k, t, &record).await;
+                self.release(d, k, t, &record, metrics).await;
             }
             let reason = match error.kind() {
                 FailureKind::Permanent => DeadLetterReason::Permanent,
@@ -220,8 +242,9 @@ impl<H: Handler> WorkerContext<H> {
                     {
                         RetryDecision::RetryAfter(delay) => {
                             debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "transient failure, retrying");
+                            metrics.retried(attempt);
                             if !sleep_or_cancel(delay, cancel).await {
-                                return JobEnd::Abandoned;
+                                return Outcome::Abandoned;
                             }
                             continue;
                         }
@@ -237,7 +260,7 @@ impl<H: Handler> WorkerContext<H> {
                 first,
                 last: now,
             };
-            return self.dead_letter(record, failure, cancel).await;
+            return self.dead_letter(record, failure, metrics, cancel).await;
         }
     }
 
@@ -246,6 +269,7 @@ impl<H: Handler> WorkerContext<H> {
         d: &Dedup<H::Event>,
         key: &str,
         record: &RawRecord,
+        metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
     ) -> ClaimOutcome {
         let mut waits = 0u32;
@@ -257,10 +281,12 @@ impl<H: Handler> WorkerContext<H> {
                     debug!(coordinates = %record.coordinates(), key, "dedup key busy: another worker holds it, waiting");
                 }
                 Err(e) if d.run_without_store_on_outage => {
+                    metrics.store_error(StoreOperation::Claim);
                     warn!(coordinates = %record.coordinates(), error = %e, "idempotency store unavailable: handling without dedup (opted in)");
                     return ClaimOutcome::Run(None);
                 }
                 Err(e) => {
+                    metrics.store_error(StoreOperation::Claim);
                     warn!(coordinates = %record.coordinates(), error = %e, "idempotency store unavailable: waiting (the record is not skipped)");
                 }
             }
@@ -277,6 +303,7 @@ impl<H: Handler> WorkerContext<H> {
         key: &str,
         token: &ClaimToken,
         record: &RawRecord,
+        metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
     ) {
         // The work is done; marking it is best effort within the lease: afterwards another
@@ -291,7 +318,10 @@ impl<H: Handler> WorkerContext<H> {
                     return;
                 }
                 Err(e) => {
-                    if Instant::now() >= deadline {
+                    metrics.store_error(StoreOperation::Complete);
+                    // With the outage opt-in, the consumer must keep moving: do not hold the
+                    // partition (or key) for the rest of the lease.
+                    if d.run_without_store_on_outage || Instant::now() >= deadline {
                         error!(coordinates = %record.coordinates(), key, error = %e, "could not mark record done: a redelivery may handle it again");
                         return;
                     }
@@ -311,11 +341,13 @@ impl<H: Handler> WorkerContext<H> {
         key: &str,
         token: &ClaimToken,
         record: &RawRecord,
+        metrics: &RecordMetrics<'_>,
     ) {
         // Best effort: if it fails, the lease expires and the retry claims it then.
         if let Err(e) = d.store.release(key, token).await
             && !e.is_lease_lost()
         {
+            metrics.store_error(StoreOperation::Release);
             warn!(coordinates = %record.coordinates(), error = %e, "could not release claim; the retry waits for the lease to expire");
         }
     }
@@ -324,8 +356,9 @@ impl<H: Handler> WorkerContext<H> {
         &self,
         record: Arc<RawRecord>,
         failure: Failure,
+        metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
-    ) -> JobEnd {
+    ) -> Outcome {
         let letter = DeadLetter {
             record,
             reason: failure.reason,
@@ -340,16 +373,52 @@ impl<H: Handler> WorkerContext<H> {
             match self.sink.send(&letter).await {
                 Ok(receipt) => {
                     debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");
-                    return JobEnd::Settled;
+                    metrics.dead_lettered(letter.reason);
+                    return Outcome::DeadLettered;
                 }
                 Err(e) => {
+                    metrics.dead_letter_write_failed();
                     error!(coordinates = %letter.record.coordinates(), error = %error_chain(&e), failures, "dead-letter write failed; retrying, the partition waits");
                 }
             }
             if !sleep_or_cancel(infra_delay(failures), cancel).await {
-                return JobEnd::Abandoned;
+                return Outcome::Abandoned;
             }
             failures = failures.saturating_add(1);
+        }
+    }
+}
+
+/// Records the record's trace id on its span and, with the `opentelemetry` feature, makes the
+/// span a child of the record's trace context. Records without a valid `traceparent` header
+/// cost one header scan.
+fn trace_record_span(span: &tracing::Span, record: &RawRecord) {
+    if span.is_disabled() {
+        return;
+    }
+    #[cfg(not(feature = "opentelemetry"))]
+    let context = record
+        .headers
+        .get(TraceContext::TRACEPARENT)
+        .and_then(|v| TraceContext::parse_bytes(v.trim_ascii()));
+    #[cfg(feature = "opentelemetry")]
+    let context = TraceContext::from_headers(&record.headers);
+    if let Some(tc) = context {
+        span.record("trace_id", tracing::field::display(tc.trace_id_display()));
+        #[cfg(feature = "opentelemetry")]
+        crate::trace_context::set_parent(span, &tc);
+    }
+}
+
+/// A record key for logs: its first 64 bytes, lossily as UTF-8. Formatted only when a
+/// subscriber records the span, so a disabled span costs no allocation.
+struct KeyField<'a>(Option<&'a [u8]>);
+
+impl fmt::Display for KeyField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(k) => f.write_str(&String::from_utf8_lossy(&k[..k.len().min(64)])),
+            None => Ok(()),
         }
     }
 }

@@ -14,6 +14,7 @@ use super::{
     DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, MAX_ERROR_MESSAGE_BYTES,
     headers, truncate_utf8,
 };
+use crate::error::error_chain;
 use crate::error::{ConfigError, Error, Result};
 use crate::message::Header;
 use crate::publisher::{
@@ -78,7 +79,10 @@ type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 /// the dead-letter topic's `max.message.bytes` is smaller than the source topic's), the sink
 /// writes a **metadata-only letter** instead: same key, *null value*, the same headers, plus
 /// [`headers::VALUE_DROPPED_BYTES`] holding the original value's size. If that is refused too
-/// (the key or headers alone are too large) the error is returned. The dead-letter producer
+/// (the key or the record's own headers alone are too large), it writes a **provenance-only
+/// letter**: no key, no value, only the provenance headers plus
+/// [`headers::KEY_DROPPED_BYTES`] and [`headers::HEADERS_DROPPED`], so a record never holds
+/// its partition forever for its size. Only if even that is refused is the error returned. The dead-letter producer
 /// sends one letter per batch (`batch.num.messages=1`) so that a size refusal is about that
 /// letter alone, never about a batch of several. When a letter whose value was dropped is
 /// dead-lettered again with its value still null, the dropped-bytes header is carried over.
@@ -205,6 +209,26 @@ impl KafkaDeadLetterSink {
                 );
                 let metadata_only = letter_headers(letter, Some(dropped));
                 self.produce(dlt, partition, record.key.as_deref(), None, &metadata_only)
+                    .await
+            }
+            other => other,
+        };
+        let delivery = match delivery {
+            Err(e) if is_too_large(&e) => {
+                // Even without its value the letter does not fit: the key or the record's own
+                // headers are too large. Write the provenance alone rather than retry forever.
+                let key_bytes = record.key.as_ref().map_or(0, Vec::len);
+                tracing::warn!(
+                    topic = %record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    dead_letter_topic = %dlt,
+                    key_bytes,
+                    headers = record.headers.len(),
+                    "dead letter too large even without its value; writing its provenance only"
+                );
+                let provenance_only = provenance_only_headers(letter);
+                self.produce(dlt, partition, None, None, &provenance_only)
                     .await
             }
             other => other,
@@ -455,9 +479,35 @@ impl KafkaDeadLetterSinkBuilder {
     }
 }
 
+/// The headers of a letter that keeps nothing of the record but its provenance: the
+/// provenance headers (the value marked dropped) plus the sizes of what was dropped.
+fn provenance_only_headers(letter: &DeadLetter) -> Vec<Header> {
+    let record = &letter.record;
+    let value_bytes = record.value.as_ref().map_or(0, Vec::len);
+    let mut stripped = (**record).clone();
+    stripped.headers = crate::message::Headers::new();
+    let bare = DeadLetter {
+        record: Arc::new(stripped),
+        ..letter.clone()
+    };
+    let mut out = letter_headers(&bare, Some(value_bytes));
+    out.push(Header::new(
+        headers::KEY_DROPPED_BYTES,
+        record.key.as_ref().map_or(0, Vec::len).to_string(),
+    ));
+    out.push(Header::new(
+        headers::HEADERS_DROPPED,
+        record.headers.len().to_string(),
+    ));
+    out
+}
+
 /// The headers of a dead letter: the record's own minus old provenance, then fresh provenance.
 /// `dropped_value_bytes` is set for a metadata-only letter.
-fn letter_headers(letter: &DeadLetter, dropped_value_bytes: Option<usize>) -> Vec<Header> {
+pub(super) fn letter_headers(
+    letter: &DeadLetter,
+    dropped_value_bytes: Option<usize>,
+) -> Vec<Header> {
     let record = &letter.record;
     let is_provenance = |key: &str| headers::ALL.contains(&key);
 
@@ -531,18 +581,6 @@ fn letter_headers(letter: &DeadLetter, dropped_value_bytes: Option<usize>) -> Ve
         out.push(Header::new(headers::VALUE_DROPPED_BYTES, dropped));
     }
     out
-}
-
-/// `error: cause: cause…`, for one log line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn epoch_millis(time: SystemTime) -> i64 {

@@ -4,6 +4,12 @@
 //! A [`DeadLetter`] holds the original record untouched (key, value bytes — a null value stays
 //! null — and headers) plus its provenance. The Kafka sink writes that provenance as headers;
 //! [`headers`] lists their names, which are stable.
+//!
+//! To read dead letters back, [`Provenance::from_headers`] parses those headers; to publish
+//! one again, [`RedriveRecord::from_dead_letter`] rebuilds the original record (provenance
+//! removed, redrive count raised). `examples/kourier_dlt.rs` is a command-line tool built on
+//! them: `inspect` lists a dead-letter topic, `redrive` re-publishes selected letters with
+//! crash-safe progress.
 
 use std::fmt;
 use std::sync::Arc;
@@ -15,8 +21,12 @@ use crate::error::BoxError;
 use crate::message::RawRecord;
 
 mod kafka;
+mod provenance;
+mod redrive;
 
 pub use self::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
+pub use self::provenance::Provenance;
+pub use self::redrive::{RedriveError, RedriveRecord};
 
 /// Names of the provenance headers a dead letter carries.
 ///
@@ -55,6 +65,11 @@ pub mod headers {
     /// Set when the value was too large for the dead-letter topic and was dropped; holds the
     /// original value's size in bytes, decimal (UTF-8).
     pub const VALUE_DROPPED_BYTES: &str = "kourier-dlt-value-dropped-bytes";
+    /// Set on a provenance-only letter: the original key's size in bytes, decimal (UTF-8).
+    pub const KEY_DROPPED_BYTES: &str = "kourier-dlt-key-dropped-bytes";
+    /// Set on a provenance-only letter: how many of the record's own headers were dropped,
+    /// decimal (UTF-8).
+    pub const HEADERS_DROPPED: &str = "kourier-dlt-headers-dropped";
     /// How many times the record was redriven from a dead-letter topic, decimal (UTF-8).
     pub const REDRIVE_COUNT: &str = "kourier-redrive-count";
 
@@ -73,6 +88,8 @@ pub mod headers {
         FIRST_FAILURE_MS,
         LAST_FAILURE_MS,
         VALUE_DROPPED_BYTES,
+        KEY_DROPPED_BYTES,
+        HEADERS_DROPPED,
     ];
 }
 

@@ -1,0 +1,218 @@
+//! Criterion micro-benchmarks of kourier's per-record hot paths; no services needed.
+//!
+//! ```text
+//! cargo bench --bench micro
+//! cargo bench --bench micro -- --quick            # fewer samples
+//! cargo bench --bench micro -- scheduler          # one group
+//! ```
+//!
+//! Reachable through the public API today: the JSON codec (every record is decoded before its
+//! handler runs), header lookups (dedup keys) and the in-memory idempotency store's
+//! claim → complete.
+//!
+//! The offset tracker and the scheduler are crate-private. Their benchmarks are written against
+//! a proposed hidden facade, `kourier::__bench` (`#[doc(hidden)]`, no semver promise), and are
+//! compiled only with `RUSTFLAGS="--cfg kourier_bench_support"` until that facade exists; then
+//! the `cfg` goes. The facade (src/consumer/bench_support.rs, re-exported from lib.rs):
+//!
+//! ```text
+//! kourier::__bench::OffsetTracker::{new, received(i64) -> bool, settled(i64) -> bool,
+//!                                   committable() -> Option<i64>}
+//! kourier::__bench::SchedulerHarness::{new(Ordering, max_in_flight, max_buffered_records,
+//!     max_buffered_bytes, max_buffered_records_per_partition), assign(topic, partitions),
+//!     enqueue(RawRecord) -> bool, start_ready() -> usize, settle_oldest() -> bool,
+//!     flow_control() -> (paused, resumed), committable_partitions() -> usize,
+//!     running() -> usize}
+//! ```
+#![allow(unexpected_cfgs)] // `kourier_bench_support`: see above
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kourier::{
+    Claim, Codec, Headers, IdempotencyStore, InMemoryIdempotencyStore, JsonCodec, RawRecord,
+};
+use serde::Deserialize;
+
+/// The throughput benchmark's event: one field read, the padding skipped.
+#[derive(Debug, Deserialize)]
+struct BenchEvent {
+    id: u64,
+}
+
+fn record(partition: i32, offset: i64, key: Option<String>, size: usize) -> RawRecord {
+    let mut value = format!("{{\"id\":{offset},\"pad\":\"").into_bytes();
+    value.resize(size.saturating_sub(2).max(value.len()), b'x');
+    value.extend_from_slice(b"\"}");
+    RawRecord {
+        topic: "bench.v1".into(),
+        partition,
+        offset,
+        key: key.map(String::into_bytes),
+        value: Some(value),
+        headers: Headers::new()
+            .with("event-id", format!("run-{offset}"))
+            .with(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        timestamp: Some(1_700_000_000_000),
+        log_append_time: false,
+    }
+}
+
+fn codec(c: &mut Criterion) {
+    let mut group = c.benchmark_group("codec");
+    let json = JsonCodec::<BenchEvent>::new();
+    for size in [100, 1024] {
+        let r = record(0, 42, None, size);
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(format!("json_decode_{size}B"), |b| {
+            b.iter(|| black_box(json.decode(black_box(&r)).map(|e| e.id)))
+        });
+    }
+    group.finish();
+}
+
+fn headers(c: &mut Criterion) {
+    let r = record(0, 42, None, 100);
+    c.bench_function("headers/get_str_dedup_key", |b| {
+        b.iter(|| black_box(black_box(&r.headers).get_str("event-id")))
+    });
+}
+
+fn memory_store(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = InMemoryIdempotencyStore::new();
+    let lease = Duration::from_secs(60);
+    let ttl = Duration::from_secs(3600);
+    let mut n = 0u64;
+    c.bench_function("idempotency/memory_claim_complete", |b| {
+        b.to_async(&rt).iter(|| {
+            n += 1;
+            let key = format!("group:event-{n}");
+            let store = &store;
+            async move {
+                match store.claim(&key, lease).await {
+                    Ok(Claim::Acquired(token)) => store.complete(&key, &token, ttl).await.ok(),
+                    other => panic!("fresh key not acquired: {other:?}"),
+                }
+            }
+        })
+    });
+}
+
+#[cfg(kourier_bench_support)]
+mod internals {
+    use super::*;
+    use criterion::BatchSize;
+    use kourier::__bench::{OffsetTracker, SchedulerHarness};
+    use kourier::Ordering;
+
+    /// One poll batch's worth of records.
+    const BATCH: i64 = 500;
+
+    pub(super) fn offset_tracker(c: &mut Criterion) {
+        let mut group = c.benchmark_group("offset_tracker");
+        group.throughput(Throughput::Elements(BATCH as u64));
+        group.bench_function("in_order_500", |b| {
+            b.iter_batched_ref(
+                OffsetTracker::new,
+                |t| {
+                    for o in 0..BATCH {
+                        t.received(o);
+                    }
+                    for o in 0..BATCH {
+                        t.settled(o);
+                    }
+                    black_box(t.committable())
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        // Key mode: records settle out of order; the watermark waits for the oldest.
+        group.bench_function("reverse_order_500", |b| {
+            b.iter_batched_ref(
+                OffsetTracker::new,
+                |t| {
+                    for o in 0..BATCH {
+                        t.received(o);
+                    }
+                    for o in (0..BATCH).rev() {
+                        t.settled(o);
+                    }
+                    black_box(t.committable())
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        group.finish();
+    }
+
+    /// Enqueue one 500-record poll batch over 6 partitions, then run it to the end: every job
+    /// started and settled, as the poll thread and the workers do under the mutex.
+    pub(super) fn scheduler(c: &mut Criterion) {
+        let mut group = c.benchmark_group("scheduler");
+        group.throughput(Throughput::Elements(BATCH as u64));
+        for (name, ordering, keys) in [
+            ("partition", Ordering::Partition, 10_000),
+            ("key_1000_keys", Ordering::Key, 1_000),
+            ("unordered", Ordering::Unordered, 10_000),
+        ] {
+            let records: Vec<RawRecord> = (0..BATCH)
+                .map(|o| {
+                    record(
+                        (o % 6) as i32,
+                        o / 6,
+                        Some(format!("key-{}", o % keys)),
+                        100,
+                    )
+                })
+                .collect();
+            group.bench_function(format!("batch_500_{name}"), |b| {
+                b.iter_batched(
+                    || {
+                        let mut s = SchedulerHarness::new(ordering, 64, 10_000, 64 << 20, 2_000);
+                        s.assign("bench.v1", 6);
+                        (s, records.clone())
+                    },
+                    |(mut s, batch)| {
+                        for r in batch {
+                            s.enqueue(r);
+                        }
+                        s.start_ready();
+                        while s.settle_oldest() {}
+                        black_box(s.committable_partitions())
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+        }
+        group.bench_function("flow_control_6_partitions", |b| {
+            let mut s = SchedulerHarness::new(Ordering::Partition, 64, 10_000, 64 << 20, 2_000);
+            s.assign("bench.v1", 6);
+            for o in 0..BATCH {
+                s.enqueue(record((o % 6) as i32, o / 6, None, 100));
+            }
+            b.iter(|| black_box(s.flow_control()))
+        });
+        group.finish();
+    }
+}
+
+#[cfg(kourier_bench_support)]
+criterion_group!(
+    benches,
+    codec,
+    headers,
+    memory_store,
+    internals::offset_tracker,
+    internals::scheduler
+);
+#[cfg(not(kourier_bench_support))]
+criterion_group!(benches, codec, headers, memory_store);
+criterion_main!(benches);

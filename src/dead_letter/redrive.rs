@@ -1,0 +1,164 @@
+//! Publishing a dead letter again: [`RedriveRecord`].
+
+use super::headers;
+use super::provenance::redrive_count;
+use crate::message::{Header, Headers, RawRecord};
+
+/// A dead letter made ready to be published again ("redriven"): the original key, value and
+/// headers, **minus** the provenance headers ([`headers::ALL`]), **plus**
+/// [`headers::REDRIVE_COUNT`] one higher than the letter's.
+///
+/// The record goes to the letter's original topic unless another is given. Its headers keep
+/// everything else the original record carried, e.g. an event id to deduplicate on and the
+/// W3C `traceparent`, so the redriven record continues the original trace. A consumer that
+/// dead-letters it again keeps the redrive count, which is how a redrive tool can refuse to
+/// loop a record forever (`examples/kourier_dlt.rs` does, above `--max-redrives`).
+///
+/// ```
+/// use kourier::dead_letter::{headers, RedriveRecord};
+/// use kourier::{Headers, RawRecord};
+///
+/// let letter = RawRecord {
+///     topic: "notify.v1.dlt".into(),
+///     partition: 0,
+///     offset: 7,
+///     key: Some(b"u-1".to_vec()),
+///     value: Some(br#"{"id":1}"#.to_vec()),
+///     headers: Headers::new()
+///         .with("event-id", "e-1")
+///         .with(headers::ORIGINAL_TOPIC, "notify.v1")
+///         .with(headers::FAILURE_KIND, "permanent"),
+///     timestamp: None,
+///     log_append_time: false,
+/// };
+/// let redrive = RedriveRecord::from_dead_letter(&letter, None)?;
+/// assert_eq!(redrive.topic, "notify.v1");
+/// assert_eq!(redrive.headers, Headers::new().with("event-id", "e-1").with(headers::REDRIVE_COUNT, "1"));
+/// assert_eq!(redrive.redrive_count, 1);
+/// # Ok::<(), kourier::dead_letter::RedriveError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedriveRecord {
+    /// Where to publish it.
+    pub topic: String,
+    /// The original key (`None` for a null key).
+    pub key: Option<Vec<u8>>,
+    /// The original value (`None` for a null value, which includes a metadata-only letter's
+    /// dropped value: check [`Provenance::value_dropped_bytes`](super::Provenance) first).
+    pub value: Option<Vec<u8>>,
+    /// The original headers without provenance, then the new redrive count.
+    pub headers: Headers,
+    /// The redrive count written to [`headers::REDRIVE_COUNT`].
+    pub redrive_count: u32,
+}
+
+/// A dead letter cannot be redriven.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedriveError {
+    /// The letter does not name its original topic, and no destination was given.
+    #[error(
+        "dead letter {coordinates} has no {} header: give a destination topic",
+        headers::ORIGINAL_TOPIC
+    )]
+    NoDestination {
+        /// The letter's `topic/partition@offset` in the dead-letter topic.
+        coordinates: String,
+    },
+}
+
+impl RedriveRecord {
+    /// Builds the record that redrives `letter` (a record read from a dead-letter topic, e.g.
+    /// with [`RawRecord::from_message`]) to `destination`, or to its original topic when
+    /// `destination` is `None`.
+    ///
+    /// # Errors
+    /// [`RedriveError::NoDestination`] when `destination` is `None` and the letter has no
+    /// [`headers::ORIGINAL_TOPIC`].
+    pub fn from_dead_letter(
+        letter: &RawRecord,
+        destination: Option<&str>,
+    ) -> Result<RedriveRecord, RedriveError> {
+        let topic = match destination {
+            Some(topic) => topic.to_owned(),
+            None => letter
+                .headers
+                .get_str(headers::ORIGINAL_TOPIC)
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| RedriveError::NoDestination {
+                    coordinates: letter.coordinates(),
+                })?,
+        };
+        let count = redrive_count(&letter.headers).saturating_add(1);
+        let mut out: Headers = letter
+            .headers
+            .iter()
+            .filter(|h| !headers::ALL.contains(&h.key.as_str()) && h.key != headers::REDRIVE_COUNT)
+            .cloned()
+            .collect();
+        out.push(Header::new(headers::REDRIVE_COUNT, count.to_string()));
+        Ok(RedriveRecord {
+            topic,
+            key: letter.key.clone(),
+            value: letter.value.clone(),
+            headers: out,
+            redrive_count: count,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(headers: Headers) -> RawRecord {
+        RawRecord {
+            topic: "t.dlt".into(),
+            partition: 1,
+            offset: 9,
+            key: None,
+            value: None,
+            headers,
+            timestamp: Some(1),
+            log_append_time: false,
+        }
+    }
+
+    #[test]
+    fn strips_every_provenance_header_and_counts_redrives() {
+        let mut h = Headers::new().with("traceparent", "tp");
+        for name in headers::ALL {
+            h.push(Header::new(*name, "x"));
+        }
+        h.push(Header::new(headers::ORIGINAL_TOPIC, "t"));
+        h.push(Header::new(headers::REDRIVE_COUNT, "2"));
+        h.push(Header::null("null-valued"));
+        let r = RedriveRecord::from_dead_letter(&letter(h), None).unwrap();
+        assert_eq!(r.topic, "t", "the last original-topic header counts");
+        assert_eq!(r.redrive_count, 3);
+        assert_eq!(
+            r.headers,
+            Headers::from_iter([
+                Header::new("traceparent", "tp"),
+                Header::null("null-valued"),
+                Header::new(headers::REDRIVE_COUNT, "3"),
+            ])
+        );
+        assert_eq!((r.key, r.value), (None, None), "null stays null");
+    }
+
+    #[test]
+    fn a_destination_is_needed_without_original_topic() {
+        let err = RedriveRecord::from_dead_letter(&letter(Headers::new()), None).unwrap_err();
+        assert_eq!(
+            err,
+            RedriveError::NoDestination {
+                coordinates: "t.dlt/1@9".into()
+            }
+        );
+        let r = RedriveRecord::from_dead_letter(&letter(Headers::new()), Some("other")).unwrap();
+        assert_eq!((r.topic.as_str(), r.redrive_count), ("other", 1));
+    }
+}

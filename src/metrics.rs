@@ -1,0 +1,635 @@
+//! Metrics: what a [`RetryingConsumer`](crate::RetryingConsumer) counts and measures.
+//!
+//! kourier records through the [`metrics`](https://docs.rs/metrics/0.24) facade and installs
+//! nothing itself: without a recorder every call is a no-op. The application picks the
+//! exporter (e.g. `metrics-exporter-prometheus`, or an OpenTelemetry bridge) and installs it
+//! **before running the consumer**: a consumer takes its metric handles when it starts running
+//! (per topic, when that topic's first record arrives), and a handle taken before a recorder
+//! was installed stays a no-op.
+//!
+//! # Metrics
+//!
+//! Every metric carries the consumer group as `group`. Per-record metrics carry the `topic`;
+//! only the per-partition gauges carry a `partition`.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `kourier_records_consumed_total` | counter | `topic`, `group` | records received from Kafka |
+//! | `kourier_records_handled_total` | counter | `topic`, `group` | records whose handler succeeded |
+//! | `kourier_records_retried_total` | counter | `topic`, `group`, `attempt` | transient failures that will be retried; `attempt` is the attempt that failed (`1` = the first try, …, `9`, then `10+`) |
+//! | `kourier_records_dead_lettered_total` | counter | `topic`, `group`, `kind` | dead letters the sink acknowledged; `kind` is `decode`, `permanent` or `retries-exhausted` |
+//! | `kourier_duplicates_skipped_total` | counter | `topic`, `group` | records skipped because the idempotency store says their work is done |
+//! | `kourier_idempotency_store_errors_total` | counter | `topic`, `group`, `operation` | idempotency store calls that failed (unavailable, timed out); `operation` is `claim`, `complete` or `release` |
+//! | `kourier_dead_letter_write_failures_total` | counter | `topic`, `group` | dead-letter writes that failed (each is retried; the partition waits) |
+//! | `kourier_handler_duration_seconds` | histogram | `topic`, `group` | duration of each handler attempt, failed, timed-out and panicking ones included |
+//! | `kourier_commit_duration_seconds` | histogram | `group` | duration of each synchronous offset commit |
+//! | `kourier_commit_failures_total` | counter | `group` | offset commits that failed (retried at the next interval) |
+//! | `kourier_records_in_flight` | gauge | `group` | records being handled now (running, waiting for a retry, a claim or a dead-letter write) |
+//! | `kourier_consumer_lag` | gauge | `topic`, `group`, `partition` | records of an assigned partition not yet committed by the group: end offset − committed offset |
+//! | `kourier_partition_paused` | gauge | `topic`, `group`, `partition` | `1` while flow control pauses the partition (its buffer is full), else `0` |
+//!
+//! The names are the constants of this module; the label names are in [`labels`].
+//!
+//! # Cost
+//!
+//! Per record, kourier increments pre-registered handles (no label strings are built per
+//! record) and reads the clock twice around each handler attempt. Without a recorder the
+//! handles are no-ops.
+//!
+//! **Lag** costs nothing per record: it comes from librdkafka's statistics, which kourier turns
+//! on with `statistics.interval.ms=5000` (override it with
+//! [`kafka_config`](crate::RetryingConsumerBuilder::kafka_config); `0` turns lag reporting
+//! off). Every interval the poll thread reads each assigned partition's `consumer_lag` (end
+//! offset, i.e. the last stable offset under the default `read_committed` isolation, minus the
+//! group's committed offset). Before the group has committed anything on a partition, the lag
+//! counts from the first offset this consumer read there. When a partition is revoked, its
+//! lag and paused gauges are set to `0` on this consumer (its new owner reports it), so a
+//! `sum by (topic)` over consumers stays right.
+//!
+//! # Example: Prometheus
+//!
+//! With `metrics-exporter-prometheus = { version = "0.18", default-features = false,
+//! features = ["http-listener"] }`, inside a Tokio runtime, before the consumer runs:
+//!
+//! ```no_run
+//! use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! PrometheusBuilder::new()
+//!     .with_http_listener(([127, 0, 0, 1], 9464)) // GET /metrics
+//!     // Histograms instead of summaries for the two duration metrics:
+//!     .set_buckets_for_metric(
+//!         Matcher::Suffix("_duration_seconds".into()),
+//!         &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0],
+//!     )?
+//!     .install()?;
+//! # Ok(()) }
+//! ```
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ::metrics::{Counter, Gauge, Histogram, SharedString, Unit};
+use serde::Deserialize;
+
+use crate::dead_letter::DeadLetterReason;
+use crate::message::RawRecord;
+
+/// Counter: records received from Kafka.
+pub const RECORDS_CONSUMED: &str = "kourier_records_consumed_total";
+/// Counter: records whose handler succeeded.
+pub const RECORDS_HANDLED: &str = "kourier_records_handled_total";
+/// Counter: transient failures that will be retried, by failed `attempt`.
+pub const RECORDS_RETRIED: &str = "kourier_records_retried_total";
+/// Counter: dead letters acknowledged by the sink, by failure `kind`.
+pub const RECORDS_DEAD_LETTERED: &str = "kourier_records_dead_lettered_total";
+/// Counter: records skipped as duplicates.
+pub const DUPLICATES_SKIPPED: &str = "kourier_duplicates_skipped_total";
+/// Counter: failed idempotency store calls, by `operation`.
+pub const STORE_ERRORS: &str = "kourier_idempotency_store_errors_total";
+/// Counter: failed dead-letter writes.
+pub const DEAD_LETTER_WRITE_FAILURES: &str = "kourier_dead_letter_write_failures_total";
+/// Histogram (seconds): duration of each handler attempt.
+pub const HANDLER_DURATION: &str = "kourier_handler_duration_seconds";
+/// Histogram (seconds): duration of each synchronous offset commit.
+pub const COMMIT_DURATION: &str = "kourier_commit_duration_seconds";
+/// Counter: failed offset commits.
+pub const COMMIT_FAILURES: &str = "kourier_commit_failures_total";
+/// Gauge: records being handled now.
+pub const RECORDS_IN_FLIGHT: &str = "kourier_records_in_flight";
+/// Gauge (per partition): records not yet committed by the group.
+pub const CONSUMER_LAG: &str = "kourier_consumer_lag";
+/// Gauge (per partition): `1` while paused by flow control, else `0`.
+pub const PARTITION_PAUSED: &str = "kourier_partition_paused";
+
+/// Label names.
+pub mod labels {
+    /// The source topic.
+    pub const TOPIC: &str = "topic";
+    /// The consumer group.
+    pub const GROUP: &str = "group";
+    /// The partition (per-partition gauges only).
+    pub const PARTITION: &str = "partition";
+    /// The attempt that failed (`1`…`9`, then `10+`), on retries.
+    pub const ATTEMPT: &str = "attempt";
+    /// The dead-letter failure kind: `decode`, `permanent` or `retries-exhausted`.
+    pub const KIND: &str = "kind";
+    /// The idempotency store operation: `claim`, `complete` or `release`.
+    pub const OPERATION: &str = "operation";
+}
+
+const ATTEMPT_LABELS: [&str; 10] = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10+"];
+const REASONS: [DeadLetterReason; 3] = [
+    DeadLetterReason::Decode,
+    DeadLetterReason::Permanent,
+    DeadLetterReason::RetriesExhausted,
+];
+
+/// An idempotency store operation, for [`STORE_ERRORS`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StoreOperation {
+    Claim,
+    Complete,
+    Release,
+}
+
+impl StoreOperation {
+    fn as_str(self) -> &'static str {
+        match self {
+            StoreOperation::Claim => "claim",
+            StoreOperation::Complete => "complete",
+            StoreOperation::Release => "release",
+        }
+    }
+}
+
+fn reason_index(reason: DeadLetterReason) -> usize {
+    match reason {
+        DeadLetterReason::Decode => 0,
+        DeadLetterReason::Permanent => 1,
+        DeadLetterReason::RetriesExhausted => 2,
+    }
+}
+
+/// Dead letters written by a consumer, by failure kind (see
+/// [`ConsumerSnapshot::dead_lettered`](crate::ConsumerSnapshot::dead_lettered)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct DeadLetterCounts {
+    /// Records that could not be decoded.
+    pub decode: u64,
+    /// Records whose handler failed permanently.
+    pub permanent: u64,
+    /// Records whose transient failures used up the retry policy.
+    pub retries_exhausted: u64,
+}
+
+impl DeadLetterCounts {
+    /// All dead letters.
+    pub fn total(&self) -> u64 {
+        self.decode + self.permanent + self.retries_exhausted
+    }
+
+    /// The count of one kind.
+    pub fn of(&self, reason: DeadLetterReason) -> u64 {
+        match reason {
+            DeadLetterReason::Decode => self.decode,
+            DeadLetterReason::Permanent => self.permanent,
+            DeadLetterReason::RetriesExhausted => self.retries_exhausted,
+        }
+    }
+}
+
+/// Outcome counts since the consumer was built, for [`crate::ConsumerSnapshot`].
+#[derive(Debug, Default)]
+pub(crate) struct OutcomeCounts {
+    pub(crate) handled: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    dead_lettered: [AtomicU64; 3],
+}
+
+impl OutcomeCounts {
+    pub(crate) fn dead_lettered(&self) -> DeadLetterCounts {
+        let get = |r| self.dead_lettered[reason_index(r)].load(Ordering::Relaxed);
+        DeadLetterCounts {
+            decode: get(DeadLetterReason::Decode),
+            permanent: get(DeadLetterReason::Permanent),
+            retries_exhausted: get(DeadLetterReason::RetriesExhausted),
+        }
+    }
+}
+
+/// The handles of one topic, registered on first use.
+#[derive(Clone)]
+pub(crate) struct TopicMetrics {
+    topic: SharedString,
+    group: SharedString,
+    consumed: Counter,
+    handled: Counter,
+    duplicates: Counter,
+    dead_letter_write_failures: Counter,
+    handler_duration: Histogram,
+    retried: [OnceLock<Counter>; 10],
+    dead_lettered: [OnceLock<Counter>; 3],
+    store_errors: [OnceLock<Counter>; 3],
+}
+
+impl TopicMetrics {
+    fn new(topic: SharedString, group: SharedString) -> Self {
+        let labels = [
+            (labels::TOPIC, topic.clone()),
+            (labels::GROUP, group.clone()),
+        ];
+        TopicMetrics {
+            consumed: ::metrics::counter!(RECORDS_CONSUMED, &labels),
+            handled: ::metrics::counter!(RECORDS_HANDLED, &labels),
+            duplicates: ::metrics::counter!(DUPLICATES_SKIPPED, &labels),
+            dead_letter_write_failures: ::metrics::counter!(DEAD_LETTER_WRITE_FAILURES, &labels),
+            handler_duration: ::metrics::histogram!(HANDLER_DURATION, &labels),
+            retried: Default::default(),
+            dead_lettered: Default::default(),
+            store_errors: Default::default(),
+            topic,
+            group,
+        }
+    }
+
+    fn with_extra(&self, name: &'static str, key: &'static str, value: &'static str) -> Counter {
+        ::metrics::counter!(
+            name,
+            labels::TOPIC => self.topic.clone(),
+            labels::GROUP => self.group.clone(),
+            key => value
+        )
+    }
+}
+
+impl std::fmt::Debug for TopicMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicMetrics")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Consumer-wide handles, registered when the consumer starts running.
+#[derive(Debug)]
+struct GroupMetrics {
+    in_flight: Gauge,
+    commit_duration: Histogram,
+    commit_failures: Counter,
+}
+
+/// Every metric handle of one consumer, and its outcome counts.
+#[derive(Debug)]
+pub(crate) struct ConsumerMetrics {
+    group: SharedString,
+    topics: Box<[(Box<str>, OnceLock<TopicMetrics>)]>,
+    consumer: OnceLock<GroupMetrics>,
+    pub(crate) counts: OutcomeCounts,
+}
+
+impl ConsumerMetrics {
+    pub(crate) fn new(group: &str, topics: &[String]) -> Self {
+        ConsumerMetrics {
+            group: SharedString::from(std::sync::Arc::<str>::from(group)),
+            topics: topics
+                .iter()
+                .map(|t| (Box::from(t.as_str()), OnceLock::new()))
+                .collect(),
+            consumer: OnceLock::new(),
+            counts: OutcomeCounts::default(),
+        }
+    }
+
+    fn consumer(&self) -> &GroupMetrics {
+        self.consumer.get_or_init(|| {
+            describe();
+            let group = [(labels::GROUP, self.group.clone())];
+            GroupMetrics {
+                in_flight: ::metrics::gauge!(RECORDS_IN_FLIGHT, &group),
+                commit_duration: ::metrics::histogram!(COMMIT_DURATION, &group),
+                commit_failures: ::metrics::counter!(COMMIT_FAILURES, &group),
+            }
+        })
+    }
+
+    /// Registers the consumer-wide handles (and the descriptions): call when it starts.
+    pub(crate) fn start(&self) {
+        self.consumer();
+    }
+
+    fn topic(&self, topic: &str) -> Cow<'_, TopicMetrics> {
+        match self.topics.iter().find(|(t, _)| &**t == topic) {
+            Some((t, cell)) => Cow::Borrowed(cell.get_or_init(|| {
+                TopicMetrics::new(SharedString::from(String::from(&**t)), self.group.clone())
+            })),
+            // Not subscribed (cannot happen with exact topic names): correct labels, no cache.
+            None => Cow::Owned(TopicMetrics::new(
+                SharedString::from(topic.to_owned()),
+                self.group.clone(),
+            )),
+        }
+    }
+
+    /// The handles for one record's metrics; marks it in flight until dropped.
+    pub(crate) fn record(&self, topic: &str) -> RecordMetrics<'_> {
+        let in_flight = &self.consumer().in_flight;
+        in_flight.increment(1.0);
+        RecordMetrics {
+            topic: self.topic(topic),
+            counts: &self.counts,
+            in_flight,
+        }
+    }
+
+    /// Counts a polled batch (per topic, one increment per batch).
+    pub(crate) fn consumed(&self, batch: &[RawRecord]) {
+        let mut rest = batch;
+        while let Some(first) = rest.first() {
+            let run = rest.iter().take_while(|r| r.topic == first.topic).count();
+            self.topic(&first.topic).consumed.increment(run as u64);
+            rest = &rest[run..];
+        }
+    }
+
+    /// Records one synchronous commit.
+    pub(crate) fn commit(&self, took: Duration, ok: bool) {
+        let m = self.consumer();
+        m.commit_duration.record(took.as_secs_f64());
+        if !ok {
+            m.commit_failures.increment(1);
+        }
+    }
+
+    fn partition_gauge(&self, name: &'static str, topic: &str, partition: i32) -> Gauge {
+        ::metrics::gauge!(
+            name,
+            labels::TOPIC => topic.to_owned(),
+            labels::GROUP => self.group.clone(),
+            labels::PARTITION => partition.to_string()
+        )
+    }
+
+    /// Sets the paused gauge of a partition (flow control changes are rare: no cache).
+    pub(crate) fn partition_paused(&self, topic: &str, partition: i32, paused: bool) {
+        self.partition_gauge(PARTITION_PAUSED, topic, partition)
+            .set(if paused { 1.0 } else { 0.0 });
+    }
+
+    /// Sets the lag gauge of a partition.
+    pub(crate) fn consumer_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.partition_gauge(CONSUMER_LAG, topic, partition)
+            .set(lag as f64);
+    }
+
+    /// A partition left this consumer: its gauges go to zero here.
+    pub(crate) fn partition_revoked(&self, topic: &str, partition: i32) {
+        self.consumer_lag(topic, partition, 0);
+        self.partition_paused(topic, partition, false);
+    }
+}
+
+/// One record's metrics, from [`ConsumerMetrics::record`]. The record counts as in flight
+/// until this is dropped.
+pub(crate) struct RecordMetrics<'a> {
+    topic: Cow<'a, TopicMetrics>,
+    counts: &'a OutcomeCounts,
+    in_flight: &'a Gauge,
+}
+
+impl RecordMetrics<'_> {
+    pub(crate) fn handled(&self) {
+        self.topic.handled.increment(1);
+        self.counts.handled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn duplicate(&self) {
+        self.topic.duplicates.increment(1);
+        self.counts.duplicates.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Attempt `attempt` failed transiently and will be retried.
+    pub(crate) fn retried(&self, attempt: u32) {
+        let i = (attempt.clamp(1, 10) - 1) as usize;
+        self.topic.retried[i]
+            .get_or_init(|| {
+                self.topic
+                    .with_extra(RECORDS_RETRIED, labels::ATTEMPT, ATTEMPT_LABELS[i])
+            })
+            .increment(1);
+        self.counts.retried.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The sink acknowledged the record's dead letter.
+    pub(crate) fn dead_lettered(&self, reason: DeadLetterReason) {
+        let i = reason_index(reason);
+        self.topic.dead_lettered[i]
+            .get_or_init(|| {
+                self.topic
+                    .with_extra(RECORDS_DEAD_LETTERED, labels::KIND, REASONS[i].as_str())
+            })
+            .increment(1);
+        self.counts.dead_lettered[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dead_letter_write_failed(&self) {
+        self.topic.dead_letter_write_failures.increment(1);
+    }
+
+    pub(crate) fn store_error(&self, operation: StoreOperation) {
+        let i = operation as usize;
+        self.topic.store_errors[i]
+            .get_or_init(|| {
+                self.topic
+                    .with_extra(STORE_ERRORS, labels::OPERATION, operation.as_str())
+            })
+            .increment(1);
+    }
+
+    pub(crate) fn handler_duration(&self, took: Duration) {
+        self.topic.handler_duration.record(took.as_secs_f64());
+    }
+}
+
+impl Drop for RecordMetrics<'_> {
+    fn drop(&mut self) {
+        self.in_flight.decrement(1.0);
+    }
+}
+
+/// Describes every metric to the installed recorder (help texts and units).
+fn describe() {
+    use ::metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        RECORDS_CONSUMED,
+        Unit::Count,
+        "Records received from Kafka."
+    );
+    describe_counter!(
+        RECORDS_HANDLED,
+        Unit::Count,
+        "Records whose handler succeeded."
+    );
+    describe_counter!(
+        RECORDS_RETRIED,
+        Unit::Count,
+        "Transient failures that will be retried, by the attempt that failed."
+    );
+    describe_counter!(
+        RECORDS_DEAD_LETTERED,
+        Unit::Count,
+        "Dead letters acknowledged by the sink, by failure kind."
+    );
+    describe_counter!(
+        DUPLICATES_SKIPPED,
+        Unit::Count,
+        "Records skipped because the idempotency store says their work is done."
+    );
+    describe_counter!(
+        STORE_ERRORS,
+        Unit::Count,
+        "Idempotency store calls that failed, by operation."
+    );
+    describe_counter!(
+        DEAD_LETTER_WRITE_FAILURES,
+        Unit::Count,
+        "Dead-letter writes that failed (each is retried)."
+    );
+    describe_histogram!(
+        HANDLER_DURATION,
+        Unit::Seconds,
+        "Duration of each handler attempt."
+    );
+    describe_histogram!(
+        COMMIT_DURATION,
+        Unit::Seconds,
+        "Duration of each synchronous offset commit."
+    );
+    describe_counter!(COMMIT_FAILURES, Unit::Count, "Offset commits that failed.");
+    describe_gauge!(RECORDS_IN_FLIGHT, Unit::Count, "Records being handled now.");
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "Records of an assigned partition not yet committed by the group."
+    );
+    describe_gauge!(
+        PARTITION_PAUSED,
+        "1 while flow control pauses the partition, else 0."
+    );
+}
+
+// ───────────── consumer lag from librdkafka's statistics ─────────────
+
+#[derive(Deserialize)]
+struct Stats {
+    #[serde(default)]
+    topics: std::collections::HashMap<String, TopicStats>,
+}
+
+#[derive(Deserialize)]
+struct TopicStats {
+    #[serde(default)]
+    partitions: std::collections::HashMap<String, PartitionStats>,
+}
+
+#[derive(Deserialize)]
+struct PartitionStats {
+    partition: i32,
+    #[serde(default = "invalid")]
+    hi_offset: i64,
+    #[serde(default = "invalid")]
+    ls_offset: i64,
+    #[serde(default = "invalid")]
+    app_offset: i64,
+    #[serde(default = "invalid")]
+    committed_offset: i64,
+    #[serde(default = "invalid")]
+    consumer_lag: i64,
+}
+
+fn invalid() -> i64 {
+    -1001
+}
+
+/// One partition's offsets from a statistics report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PartitionOffsets {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    /// End offset: the last stable offset when known, else the high watermark.
+    end: i64,
+    committed: i64,
+    consumer_lag: i64,
+    /// The next offset librdkafka hands the application.
+    position: i64,
+}
+
+impl PartitionOffsets {
+    /// The lag to report: librdkafka's `consumer_lag` (end − committed); before any commit,
+    /// end − `first_read` (the first offset this consumer read), else end − position. `None`
+    /// when the end offset is not known yet.
+    pub(crate) fn lag(&self, first_read: Option<i64>) -> Option<i64> {
+        if self.consumer_lag >= 0 {
+            return Some(self.consumer_lag);
+        }
+        if self.end < 0 {
+            return None;
+        }
+        let base = if self.committed >= 0 {
+            self.committed
+        } else {
+            first_read.or((self.position >= 0).then_some(self.position))?
+        };
+        Some((self.end - base).max(0))
+    }
+}
+
+/// The partitions of a librdkafka statistics report (JSON, see librdkafka's
+/// STATISTICS.md), without the internal `-1` partition.
+pub(crate) fn partition_offsets(json: &[u8]) -> Result<Vec<PartitionOffsets>, serde_json::Error> {
+    let stats: Stats = serde_json::from_slice(json)?;
+    let mut out = Vec::new();
+    for (topic, t) in stats.topics {
+        for p in t.partitions.into_values().filter(|p| p.partition >= 0) {
+            out.push(PartitionOffsets {
+                topic: topic.clone(),
+                partition: p.partition,
+                end: if p.ls_offset >= 0 {
+                    p.ls_offset
+                } else {
+                    p.hi_offset
+                },
+                committed: p.committed_offset,
+                consumer_lag: p.consumer_lag,
+                position: p.app_offset,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statistics_give_lag_per_partition() {
+        let json = br#"{"name":"c","topics":{"t":{"topic":"t","partitions":{
+            "0":{"partition":0,"hi_offset":100,"ls_offset":100,"app_offset":40,"committed_offset":30,"consumer_lag":70},
+            "1":{"partition":1,"hi_offset":50,"ls_offset":50,"app_offset":20,"committed_offset":-1001,"consumer_lag":-1},
+            "2":{"partition":2,"hi_offset":-1001,"ls_offset":-1001,"app_offset":-1001,"committed_offset":-1001,"consumer_lag":-1},
+            "-1":{"partition":-1,"hi_offset":-1001,"consumer_lag":-1}}}},"brokers":{}}"#;
+        let mut parts = partition_offsets(json).unwrap();
+        parts.sort_by_key(|p| p.partition);
+        assert_eq!(parts.len(), 3, "the internal -1 partition is left out");
+        assert_eq!(parts[0].lag(None), Some(70));
+        assert_eq!(
+            parts[1].lag(Some(5)),
+            Some(45),
+            "no commit yet: from the first offset read"
+        );
+        assert_eq!(
+            parts[1].lag(None),
+            Some(30),
+            "nothing read: from the position"
+        );
+        assert_eq!(parts[2].lag(Some(0)), None, "end unknown");
+    }
+
+    #[test]
+    fn dead_letter_counts_add_up() {
+        let counts = OutcomeCounts::default();
+        counts.dead_lettered[reason_index(DeadLetterReason::Permanent)]
+            .fetch_add(2, Ordering::Relaxed);
+        counts.dead_lettered[reason_index(DeadLetterReason::Decode)]
+            .fetch_add(1, Ordering::Relaxed);
+        let d = counts.dead_lettered();
+        assert_eq!((d.decode, d.permanent, d.retries_exhausted), (1, 2, 0));
+        assert_eq!(d.total(), 3);
+        assert_eq!(d.of(DeadLetterReason::Permanent), 2);
+    }
+}

@@ -1,0 +1,586 @@
+//! The `kourier_dlt` example tool against the real broker: `inspect` lists dead letters with
+//! their provenance and filters them; `redrive` re-publishes selected letters to their source
+//! topic, where a consumer handles them, commits its progress so that a crash of the tool
+//! redrives nothing twice but the letter in flight, refuses letters redriven too often, and
+//! fails clearly (and in bounded time) for a missing topic or an unreachable broker.
+//!
+//! The example's logic is compiled in here (`#[path]`), so this runs the code
+//! `cargo run --example kourier_dlt` runs; a crash is simulated with its `crash_after` hook
+//! (stop right after a re-publish is acknowledged, before its progress is committed: the
+//! worst moment).
+//!
+//! Needs Kafka (`scripts/services up`); each test has its own topics and groups.
+
+mod support;
+
+#[allow(dead_code)] // the tests use part of the tool
+#[path = "../examples/kourier_dlt/dlt.rs"]
+mod dlt;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kourier::dead_letter::{DeadLetterReason, headers};
+use kourier::{
+    DeadLetter, DeadLetterSink, Handler, HandlerError, Headers, KafkaDeadLetterSink, Message,
+    RawRecord, RetryPolicy, RetryingConsumer, async_trait,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::dlt::{Filter, Kafka, Progress, RedriveOptions};
+
+fn kafka() -> Kafka {
+    Kafka {
+        bootstrap: support::bootstrap(),
+        timeout: Duration::from_secs(10),
+    }
+}
+
+fn at(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Writes a dead letter for `topic/0@offset` with kourier's own sink (so the headers are
+/// exactly what a consumer writes).
+#[allow(clippy::too_many_arguments)]
+async fn write_letter(
+    sink: &KafkaDeadLetterSink,
+    topic: &str,
+    offset: i64,
+    key: &str,
+    value: &[u8],
+    reason: DeadLetterReason,
+    failed_ms: u64,
+    extra: Headers,
+) {
+    let letter = DeadLetter {
+        record: Arc::new(RawRecord {
+            topic: topic.to_owned(),
+            partition: 0,
+            offset,
+            key: Some(key.as_bytes().to_vec()),
+            value: Some(value.to_vec()),
+            headers: extra,
+            timestamp: Some(1_700_000_000_000),
+            log_append_time: false,
+        }),
+        reason,
+        error: format!("{reason} failure of {key}"),
+        attempts: if reason == DeadLetterReason::Decode {
+            0
+        } else {
+            3
+        },
+        first_failure: at(failed_ms - 1_000),
+        last_failure: at(failed_ms),
+        group_id: "svc".into(),
+    };
+    sink.send(&letter).await.expect("write dead letter");
+}
+
+async fn topics(name: &str) -> (String, String) {
+    support::require_kafka().await;
+    let topic = support::unique_name(name);
+    let dlt_topic = format!("{topic}.dlt");
+    support::create_topic(&topic, 1).await;
+    support::create_topic(&dlt_topic, 1).await;
+    (topic, dlt_topic)
+}
+
+fn sink() -> KafkaDeadLetterSink {
+    KafkaDeadLetterSink::builder(support::bootstrap())
+        .build()
+        .expect("sink")
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("tool panicked")
+}
+
+fn options(dlt_topic: &str, group: &str) -> RedriveOptions {
+    RedriveOptions {
+        dlt: dlt_topic.to_owned(),
+        to: None,
+        group: group.to_owned(),
+        filter: Filter::default(),
+        dry_run: false,
+        max_redrives: 3,
+        force: false,
+        from_beginning: false,
+        crash_after: None,
+    }
+}
+
+async fn redrive(opts: RedriveOptions) -> anyhow::Result<dlt::RedriveReport> {
+    blocking(move || dlt::redrive(&kafka(), &opts, &mut Progress::silent())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_lists_provenance_and_filters() {
+    let (topic, dlt_topic) = topics("dlt-inspect").await;
+    let sink = sink();
+    let t0 = 1_800_000_000_000u64;
+    for (offset, key, reason, when) in [
+        (10, "alice", DeadLetterReason::Permanent, t0),
+        (11, "bob", DeadLetterReason::Decode, t0 + 60_000),
+        (
+            12,
+            "alice",
+            DeadLetterReason::RetriesExhausted,
+            t0 + 120_000,
+        ),
+        (13, "carol", DeadLetterReason::Permanent, t0 + 180_000),
+    ] {
+        write_letter(
+            &sink,
+            &topic,
+            offset,
+            key,
+            b"{}",
+            reason,
+            when,
+            Headers::new(),
+        )
+        .await;
+    }
+    sink.flush(Duration::from_secs(10)).await.expect("flush");
+
+    let inspect = |filter: Filter| {
+        let dlt_topic = dlt_topic.clone();
+        blocking(move || dlt::inspect(&kafka(), &dlt_topic, &filter, &mut Progress::silent()))
+    };
+    let (all, read) = inspect(Filter::default()).await.expect("inspect");
+    assert_eq!(read, 4);
+    let offsets: Vec<_> = all.iter().map(|l| l.provenance.original_offset).collect();
+    assert_eq!(offsets, [Some(10), Some(11), Some(12), Some(13)]);
+    let first = &all[0].provenance;
+    assert_eq!(first.original_topic.as_deref(), Some(topic.as_str()));
+    assert_eq!(first.original_partition, Some(0));
+    assert_eq!(first.failure_kind, Some(DeadLetterReason::Permanent));
+    assert_eq!(first.attempts, Some(3));
+    assert_eq!(first.error.as_deref(), Some("permanent failure of alice"));
+    assert_eq!(first.first_failure, Some(at(t0 - 1_000)));
+    assert_eq!(first.last_failure, Some(at(t0)));
+    assert_eq!(first.consumer_group.as_deref(), Some("svc"));
+
+    let original_offsets = |letters: &[dlt::Letter]| -> Vec<i64> {
+        letters
+            .iter()
+            .filter_map(|l| l.provenance.original_offset)
+            .collect()
+    };
+    let by_kind = inspect(Filter {
+        kinds: vec![DeadLetterReason::Permanent],
+        ..Filter::default()
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(original_offsets(&by_kind), [10, 13]);
+    let by_key = inspect(Filter {
+        key: Some(b"alice".to_vec()),
+        ..Filter::default()
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(original_offsets(&by_key), [10, 12]);
+    let by_time = inspect(Filter {
+        since: Some(at(t0 + 60_000)),
+        until: Some(at(t0 + 180_000)),
+        ..Filter::default()
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(
+        original_offsets(&by_time),
+        [11, 12],
+        "since inclusive, until exclusive"
+    );
+    let combined = inspect(Filter {
+        kinds: vec![DeadLetterReason::RetriesExhausted, DeadLetterReason::Decode],
+        key: Some(b"alice".to_vec()),
+        ..Filter::default()
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(original_offsets(&combined), [12]);
+
+    // Both output formats.
+    let table = dlt::table(&all);
+    assert_eq!(table.lines().count(), 5);
+    assert!(table.starts_with("DLT "));
+    assert!(table.contains(&format!("{topic}/0@12")));
+    assert!(table.contains("retries-exhausted"));
+    let json = all[1].to_json();
+    assert_eq!(json["kind"], "decode");
+    assert_eq!(json["original_offset"], 11);
+    assert_eq!(json["key"], "bob");
+    assert_eq!(json["attempts"], 0);
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ev {
+    id: u32,
+}
+
+/// Event ids handled, each with the redrive count its record carried.
+type HandledLog = Arc<Mutex<Vec<(u32, Option<String>)>>>;
+
+/// Handles records, failing permanently while `failing` is set; logs what it handled with the
+/// redrive count it carried.
+struct Service {
+    failing: Arc<Mutex<bool>>,
+    handled: HandledLog,
+}
+
+#[async_trait]
+impl Handler for Service {
+    type Event = Ev;
+    async fn handle(&self, m: &Message<Ev>) -> Result<(), HandlerError> {
+        if *self.failing.lock().unwrap() {
+            return Err(HandlerError::permanent("downstream refuses it"));
+        }
+        let count = m
+            .headers()
+            .get_str(headers::REDRIVE_COUNT)
+            .map(str::to_owned);
+        self.handled.lock().unwrap().push((m.event().id, count));
+        Ok(())
+    }
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redriven_letters_are_handled_in_their_source_topic_once() {
+    let (topic, dlt_topic) = topics("dlt-redrive").await;
+    let failing = Arc::new(Mutex::new(true));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let consumer = RetryingConsumer::builder(Service {
+        failing: failing.clone(),
+        handled: handled.clone(),
+    })
+    .bootstrap_servers(support::bootstrap())
+    .group_id(support::unique_name("dlt-redrive-svc"))
+    .topic(&topic)
+    .retry_policy(RetryPolicy::no_retries())
+    .commit_interval(Duration::from_millis(200))
+    .build()
+    .expect("consumer");
+    let monitor = consumer.monitor();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async {
+        let _ = rx.await;
+    }));
+
+    // Four records fail and are dead-lettered by the consumer itself.
+    let records = (1..=4)
+        .map(|id| {
+            support::TestRecord::new()
+                .key(format!("u{id}"))
+                .value(serde_json::to_vec(&Ev { id }).unwrap())
+                .header("event-id", Some(format!("e-{id}").into_bytes()))
+        })
+        .collect();
+    support::produce(&topic, records).await;
+    wait_for("4 dead letters", || {
+        monitor.snapshot().dead_lettered.permanent == 4
+    })
+    .await;
+    *failing.lock().unwrap() = false;
+
+    // A dry run publishes and commits nothing.
+    let group = support::unique_name("dlt-redrive-tool");
+    let report = redrive(RedriveOptions {
+        dry_run: true,
+        ..options(&dlt_topic, &group)
+    })
+    .await
+    .expect("dry run");
+    assert_eq!(report.redriven.len(), 4);
+    assert!(report.redriven.iter().all(|r| r.offset.is_none()));
+
+    // Redrive u2 and u4 only.
+    let mut opts = options(&dlt_topic, &group);
+    opts.filter.key = Some(b"u2".to_vec());
+    let first = redrive(opts.clone()).await.expect("redrive u2");
+    assert_eq!(first.redriven.len(), 1);
+    assert_eq!(first.filtered_out, 3);
+    assert_eq!(first.redriven[0].topic, topic);
+    wait_for("u2 handled", || handled.lock().unwrap().len() == 1).await;
+
+    // The group moved past every letter it read (filtered-out ones too): a rerun finds
+    // nothing, and u4 needs --from-beginning (or another group).
+    let again = redrive(opts.clone()).await.expect("rerun");
+    assert_eq!((again.read, again.redriven.len()), (0, 0));
+    opts.filter.key = Some(b"u4".to_vec());
+    opts.from_beginning = true;
+    let u4 = redrive(opts).await.expect("redrive u4");
+    assert_eq!(u4.redriven.len(), 1);
+    wait_for("u4 handled", || handled.lock().unwrap().len() == 2).await;
+
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    let mut got = handled.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [(2, Some("1".to_owned())), (4, Some("1".to_owned()))],
+        "each selected letter handled once, with redrive count 1"
+    );
+
+    // The redriven records: original key, value and headers, no dead-letter headers.
+    let source = support::read_all(&topic).await;
+    assert_eq!(source.len(), 6);
+    for r in &source[4..] {
+        assert!(
+            headers::ALL.iter().all(|h| r.header(h).is_none()),
+            "no dead-letter header left: {:?}",
+            r.headers
+        );
+        let id: Ev = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        assert_eq!(r.key.as_deref(), Some(format!("u{}", id.id).as_bytes()));
+        assert_eq!(
+            r.header("event-id").flatten(),
+            Some(format!("e-{}", id.id).as_bytes())
+        );
+        assert_eq!(r.header(headers::REDRIVE_COUNT).flatten(), Some(&b"1"[..]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_redrive_resumes_without_redriving_twice() {
+    let (topic, dlt_topic) = topics("dlt-crash").await;
+    let sink = sink();
+    for offset in 0..6 {
+        let value = serde_json::to_vec(&Ev { id: offset as u32 }).unwrap();
+        let reason = DeadLetterReason::Permanent;
+        write_letter(
+            &sink,
+            &topic,
+            offset,
+            &format!("k{offset}"),
+            &value,
+            reason,
+            1_800_000_000_000,
+            Headers::new(),
+        )
+        .await;
+    }
+    sink.flush(Duration::from_secs(10)).await.expect("flush");
+    let group = support::unique_name("dlt-crash-tool");
+
+    let crashed = redrive(RedriveOptions {
+        crash_after: Some(3),
+        ..options(&dlt_topic, &group)
+    })
+    .await
+    .expect_err("the simulated crash");
+    assert_eq!(crashed.to_string(), dlt::SIMULATED_CRASH);
+    let committed = support::committed_offsets(&group, &dlt_topic, 1).await;
+    assert_eq!(
+        committed[&0],
+        Some(2),
+        "letters 0 and 1 committed; letter 2 was acknowledged but not committed"
+    );
+    assert_eq!(support::read_all(&topic).await.len(), 3);
+
+    let rerun = redrive(options(&dlt_topic, &group)).await.expect("rerun");
+    let places: Vec<_> = rerun.redriven.iter().map(|r| r.letter.clone()).collect();
+    assert_eq!(
+        places,
+        ["0@2", "0@3", "0@4", "0@5"],
+        "resumes at the letter in flight"
+    );
+
+    // At-least-once bound: every letter redriven once, the one in flight at the crash twice.
+    let source = support::read_all(&topic).await;
+    let mut ids: Vec<u32> = source
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Ev>(r.value.as_deref().unwrap())
+                .unwrap()
+                .id
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, [0, 1, 2, 2, 3, 4, 5]);
+    assert_eq!(
+        support::committed_offsets(&group, &dlt_topic, 1).await[&0],
+        Some(6)
+    );
+    let nothing = redrive(options(&dlt_topic, &group))
+        .await
+        .expect("third run");
+    assert!(nothing.redriven.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn letters_redriven_too_often_are_refused_unless_forced() {
+    let (topic, dlt_topic) = topics("dlt-loop").await;
+    let sink = sink();
+    let redriven_thrice = Headers::new().with(headers::REDRIVE_COUNT, "3");
+    write_letter(
+        &sink,
+        &topic,
+        0,
+        "looping",
+        b"{\"id\":1}",
+        DeadLetterReason::Permanent,
+        1_800_000_000_000,
+        redriven_thrice,
+    )
+    .await;
+    write_letter(
+        &sink,
+        &topic,
+        1,
+        "fresh",
+        b"{\"id\":2}",
+        DeadLetterReason::Permanent,
+        1_800_000_000_000,
+        Headers::new(),
+    )
+    .await;
+    sink.flush(Duration::from_secs(10)).await.expect("flush");
+
+    let refused = redrive(options(&dlt_topic, &support::unique_name("dlt-loop-tool")))
+        .await
+        .expect("redrive");
+    assert_eq!(refused.redriven.len(), 1);
+    assert_eq!(refused.redriven[0].key.as_deref(), Some("fresh"));
+    assert_eq!(refused.refused.len(), 1);
+    assert!(
+        refused.refused[0]
+            .reason
+            .contains("already redriven 3 time(s)")
+    );
+
+    let forced = redrive(RedriveOptions {
+        force: true,
+        filter: Filter {
+            key: Some(b"looping".to_vec()),
+            ..Filter::default()
+        },
+        ..options(&dlt_topic, &support::unique_name("dlt-loop-force"))
+    })
+    .await
+    .expect("forced redrive");
+    assert_eq!(forced.redriven.len(), 1);
+    assert_eq!(forced.redriven[0].redrive_count, 4);
+    let source = support::read_all(&topic).await;
+    assert_eq!(
+        source
+            .last()
+            .unwrap()
+            .header(headers::REDRIVE_COUNT)
+            .flatten(),
+        Some(&b"4"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_topics_and_unreachable_brokers_are_clear_errors() {
+    support::require_kafka().await;
+    let missing = support::unique_name("dlt-missing");
+    let err = blocking({
+        let missing = missing.clone();
+        move || {
+            dlt::inspect(
+                &kafka(),
+                &missing,
+                &Filter::default(),
+                &mut Progress::silent(),
+            )
+        }
+    })
+    .await
+    .expect_err("missing topic");
+    assert_eq!(err.to_string(), format!("topic {missing} does not exist"));
+
+    // A destination that does not exist stops the redrive before publishing anything.
+    let (topic, dlt_topic) = topics("dlt-no-dest").await;
+    let sink = sink();
+    write_letter(
+        &sink,
+        &topic,
+        0,
+        "k",
+        b"{}",
+        DeadLetterReason::Permanent,
+        1_800_000_000_000,
+        Headers::new(),
+    )
+    .await;
+    sink.flush(Duration::from_secs(10)).await.expect("flush");
+    let group = support::unique_name("dlt-no-dest-tool");
+    let err = redrive(RedriveOptions {
+        to: Some(missing.clone()),
+        ..options(&dlt_topic, &group)
+    })
+    .await
+    .expect_err("missing destination");
+    assert!(
+        format!("{err:#}").contains(&format!("topic {missing} does not exist")),
+        "{err:#}"
+    );
+    assert_eq!(
+        support::committed_offsets(&group, &dlt_topic, 1).await[&0],
+        None
+    );
+
+    let started = Instant::now();
+    let err = blocking(|| {
+        let down = Kafka {
+            bootstrap: "127.0.0.1:1".into(),
+            timeout: Duration::from_secs(2),
+        };
+        dlt::inspect(
+            &down,
+            "any.dlt",
+            &Filter::default(),
+            &mut Progress::silent(),
+        )
+    })
+    .await
+    .expect_err("no broker");
+    assert!(
+        err.to_string().contains("did not answer within 2s"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded wait");
+}
+
+#[test]
+fn command_line_times_and_kinds_parse() {
+    assert_eq!(
+        dlt::parse_time("2027-01-15T08:00:00Z").unwrap(),
+        humantime::parse_rfc3339("2027-01-15T08:00:00Z").unwrap()
+    );
+    assert_eq!(
+        dlt::parse_time("2027-01-15").unwrap(),
+        humantime::parse_rfc3339("2027-01-15T00:00:00Z").unwrap()
+    );
+    assert_eq!(
+        dlt::parse_time("1800000000000").unwrap(),
+        at(1_800_000_000_000)
+    );
+    let two_hours_ago = dlt::parse_time("2h").unwrap();
+    let expected = SystemTime::now() - Duration::from_secs(7200);
+    assert!(two_hours_ago <= expected && two_hours_ago > expected - Duration::from_secs(5));
+    assert!(dlt::parse_time("yesterday-ish").is_err());
+    assert_eq!(
+        dlt::parse_kind("retries-exhausted"),
+        Ok(DeadLetterReason::RetriesExhausted)
+    );
+    assert!(dlt::parse_kind("other").is_err());
+}
