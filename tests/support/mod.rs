@@ -10,6 +10,7 @@
 //! both the current-thread and the multi-thread Tokio test runtimes.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub(crate) mod proxy;
 pub(crate) mod redis_server;
 
 use std::collections::BTreeMap;
