@@ -10,10 +10,8 @@
 //! handler runs), header lookups (dedup keys) and the in-memory idempotency store's
 //! claim → complete.
 //!
-//! The offset tracker and the scheduler are crate-private. Their benchmarks are written against
-//! a proposed hidden facade, `kourier::__bench` (`#[doc(hidden)]`, no semver promise), and are
-//! compiled only with `RUSTFLAGS="--cfg kourier_bench_support"` until that facade exists; then
-//! the `cfg` goes. The facade (src/consumer/bench_support.rs, re-exported from lib.rs):
+//! The offset tracker and the scheduler are crate-private; their benchmarks go through a hidden
+//! facade, `kourier::__bench` (`#[doc(hidden)]`, no semver promise; src/consumer/bench_support.rs):
 //!
 //! ```text
 //! kourier::__bench::OffsetTracker::{new, received(i64) -> bool, settled(i64) -> bool,
@@ -24,7 +22,6 @@
 //!     flow_control() -> (paused, resumed), committable_partitions() -> usize,
 //!     running() -> usize}
 //! ```
-#![allow(unexpected_cfgs)] // `kourier_bench_support`: see above
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -106,7 +103,6 @@ fn memory_store(c: &mut Criterion) {
     });
 }
 
-#[cfg(kourier_bench_support)]
 mod internals {
     use super::*;
     use criterion::BatchSize;
@@ -204,7 +200,6 @@ mod internals {
     }
 }
 
-#[cfg(kourier_bench_support)]
 criterion_group!(
     benches,
     codec,
@@ -213,6 +208,4 @@ criterion_group!(
     internals::offset_tracker,
     internals::scheduler
 );
-#[cfg(not(kourier_bench_support))]
-criterion_group!(benches, codec, headers, memory_store);
 criterion_main!(benches);

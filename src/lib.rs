@@ -182,6 +182,8 @@ mod retry;
 mod trace_context;
 
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
+#[doc(hidden)]
+pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
     ConsumerMonitor, ConsumerSnapshot, DedupKey, Ordering, RetryingConsumer,
     RetryingConsumerBuilder, shutdown_signal,

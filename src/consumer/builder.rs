@@ -431,6 +431,9 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             .set("enable.partition.eof", "false")
             // Bound librdkafka's own pre-fetch queue (default 64 MiB per consumer).
             .set("queued.max.messages.kbytes", "16384")
+            // When that queue is full, librdkafka waits this long before fetching again
+            // (default 1 s): with a bounded queue the consumer then idles (librdkafka #3662).
+            .set("fetch.queue.backoff.ms", "20")
             // The consumer-lag gauge comes from these statistics (see kourier::metrics).
             .set("statistics.interval.ms", "5000");
         for (k, v) in &self.kafka_config {

@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::metrics::DeadLetterCounts;
 
+#[doc(hidden)]
+pub mod bench_support;
 mod builder;
 mod offsets;
 mod poll;

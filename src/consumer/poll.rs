@@ -5,7 +5,7 @@
 //! async runtime, and so that handler work never delays polling (the consumer stays in its
 //! group whatever the handlers and back-offs do).
 
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,9 @@ use crate::metrics::ConsumerMetrics;
 pub(crate) struct Shared {
     scheduler: Mutex<Scheduler>,
     changed: Condvar,
+    /// Threads waiting on `changed`: workers notify only when there is one (a notify is a
+    /// system call, and there is rarely a waiter).
+    waiters: AtomicUsize,
     stop: AtomicBool,
     closing: AtomicBool,
     revoke_timeout: Duration,
@@ -39,6 +42,7 @@ impl Shared {
         Shared {
             scheduler: Mutex::new(scheduler),
             changed: Condvar::new(),
+            waiters: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             revoke_timeout,
@@ -57,7 +61,11 @@ impl Shared {
     /// Called by a worker when a job ended; returns its next job.
     pub(crate) fn finish(&self, job: &Job, end: super::scheduler::JobEnd) -> Option<Job> {
         let next = self.lock().finish(job, end);
-        self.changed.notify_all();
+        // A waiter registers under the lock before it checks its condition, so it either saw
+        // this change or is counted here.
+        if self.waiters.load(AtomicOrdering::SeqCst) > 0 {
+            self.changed.notify_all();
+        }
         next
     }
 
@@ -72,10 +80,12 @@ impl Shared {
     /// Waits until `done` holds or `timeout` passes; returns whether `done` holds.
     fn wait_until(&self, timeout: Duration, mut done: impl FnMut(&Scheduler) -> bool) -> bool {
         let guard = self.lock();
+        self.waiters.fetch_add(1, AtomicOrdering::SeqCst);
         let (guard, _) = self
             .changed
             .wait_timeout_while(guard, timeout, |s| !done(s))
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.waiters.fetch_sub(1, AtomicOrdering::SeqCst);
         done(&guard)
     }
 }

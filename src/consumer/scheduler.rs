@@ -140,6 +140,7 @@ pub(crate) struct Scheduler {
     stopping: bool,
     throttled: bool,
     shutdown: CancellationToken,
+    topics: Vec<Arc<str>>,
 }
 
 impl Scheduler {
@@ -156,7 +157,19 @@ impl Scheduler {
             stopping: false,
             throttled: false,
             shutdown: CancellationToken::new(),
+            topics: Vec::new(),
         }
+    }
+
+    /// The shared name of `topic`: consumers read few topics, so a scan beats allocating an
+    /// `Arc<str>` per record.
+    fn intern(&mut self, topic: &str) -> Arc<str> {
+        if let Some(t) = self.topics.iter().find(|t| &***t == topic) {
+            return t.clone();
+        }
+        let t: Arc<str> = Arc::from(topic);
+        self.topics.push(t.clone());
+        t
     }
 
     /// Starts tracking newly assigned partitions (a fresh generation each time, so late
@@ -199,7 +212,7 @@ impl Scheduler {
         if self.stopping {
             return false;
         }
-        let tp: Tp = (Arc::from(record.topic.as_str()), record.partition);
+        let tp: Tp = (self.intern(&record.topic), record.partition);
         let Some(p) = self.partitions.get_mut(&tp) else {
             return false;
         };

@@ -1,0 +1,117 @@
+//! Hidden entry points for `benches/micro.rs`: thin wrappers over the crate-private offset
+//! tracker and scheduler, so they can be benchmarked without widening the public API.
+//! Re-exported as `kourier::__bench` with `#[doc(hidden)]`: not part of the API, no semver
+//! promise, not for use outside kourier's own benches.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use super::offsets::OffsetTracker as Tracker;
+use super::scheduler::{Job, JobEnd, Limits, Ordering, Scheduler};
+use crate::message::RawRecord;
+
+/// The per-partition offset tracker (contiguous settled watermark).
+#[derive(Debug, Default)]
+pub struct OffsetTracker(Tracker);
+
+impl OffsetTracker {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// See the crate-private `OffsetTracker::received`.
+    pub fn received(&mut self, offset: i64) -> bool {
+        self.0.received(offset)
+    }
+
+    /// See the crate-private `OffsetTracker::settled`.
+    pub fn settled(&mut self, offset: i64) -> bool {
+        self.0.settled(offset)
+    }
+
+    /// The offset to commit, if any.
+    pub fn committable(&self) -> Option<i64> {
+        self.0.committable()
+    }
+}
+
+/// The scheduler plus the jobs it handed out, driven the way the poll thread and the
+/// workers drive it (without the mutex, threads or tasks).
+#[derive(Debug)]
+pub struct SchedulerHarness {
+    scheduler: Scheduler,
+    running: VecDeque<Job>,
+}
+
+impl SchedulerHarness {
+    /// A scheduler with these limits.
+    pub fn new(
+        ordering: Ordering,
+        max_in_flight: usize,
+        max_buffered_records: usize,
+        max_buffered_bytes: usize,
+        max_buffered_records_per_partition: usize,
+    ) -> Self {
+        SchedulerHarness {
+            scheduler: Scheduler::new(
+                ordering,
+                Limits {
+                    max_in_flight,
+                    max_buffered_records,
+                    max_buffered_bytes,
+                    max_buffered_records_per_partition,
+                },
+            ),
+            running: VecDeque::new(),
+        }
+    }
+
+    /// Assigns partitions `0..partitions` of `topic`.
+    pub fn assign(&mut self, topic: &str, partitions: i32) {
+        let topic: Arc<str> = Arc::from(topic);
+        self.scheduler
+            .assign((0..partitions).map(|p| (topic.clone(), p)));
+    }
+
+    /// Buffers a record (what the poll thread does for each polled record).
+    pub fn enqueue(&mut self, record: RawRecord) -> bool {
+        self.scheduler.enqueue(record)
+    }
+
+    /// Starts every job that may start now; returns how many started.
+    pub fn start_ready(&mut self) -> usize {
+        let jobs = self.scheduler.take_jobs();
+        let started = jobs.len();
+        self.running.extend(jobs);
+        started
+    }
+
+    /// Settles the oldest running job (what a worker does when a record ends); the job the
+    /// scheduler hands back in its place starts. Returns `false` when nothing was running.
+    pub fn settle_oldest(&mut self) -> bool {
+        let Some(job) = self.running.pop_front() else {
+            return false;
+        };
+        if let Some(next) = self.scheduler.finish(&job, JobEnd::Settled) {
+            self.running.push_back(next);
+        }
+        true
+    }
+
+    /// Runs flow control; returns (partitions to pause, partitions to resume).
+    pub fn flow_control(&mut self) -> (usize, usize) {
+        let changes = self.scheduler.flow_control();
+        (changes.pause.len(), changes.resume.len())
+    }
+
+    /// Partitions with an offset to commit.
+    pub fn committable_partitions(&self) -> usize {
+        self.scheduler.to_commit().len()
+    }
+
+    /// Jobs running now.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+}
