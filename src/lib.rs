@@ -159,7 +159,7 @@
 //! The design card named the `backoff` crate; it is unmaintained (RUSTSEC-2025-0012) and pulls
 //! `instant` (RUSTSEC-2024-0384). kourier's [`RetryPolicy`] is its own small public type the
 //! consumer drives (so it can be tested with paused time and keeps third-party types out of
-//! the API); internal infrastructure retries use `backon`, already a dependency of `redis`.
+//! the API); the Redis store's few bounded infrastructure retries are a short loop of its own.
 //!
 //! ## Minimum supported Rust version
 //!
