@@ -351,17 +351,23 @@ pub(crate) fn poll_loop(
             commit_settled(&consumer, shared, "interval");
             last_commit = Instant::now();
         }
-        // A full buffer: wait for a worker to make room (or POLL_TIMEOUT), then take at
-        // most one record, so that polling goes on (group membership, rebalances) without
-        // pulling records faster than the handlers settle them.
-        let full = shared.lock().full();
-        let max_batch = if full {
-            shared.wait_until(POLL_TIMEOUT, |s| !s.full());
-            1
-        } else {
-            settings.max_poll_batch
+        // A (nearly) full buffer: wait until workers made room for a batch (or POLL_TIMEOUT),
+        // then take what fits — at least one record, so that polling goes on (group
+        // membership, rebalances) without pulling records faster than handlers settle them.
+        let (mut room, want) = {
+            let s = shared.lock();
+            (s.room(), s.batch_room(settings.max_poll_batch))
         };
-        let mut timeout = if full { Duration::ZERO } else { POLL_TIMEOUT };
+        if room < want {
+            shared.wait_until(POLL_TIMEOUT, |s| s.room() >= want);
+            room = shared.lock().room();
+        }
+        let max_batch = room.clamp(1, settings.max_poll_batch);
+        let mut timeout = if room >= want {
+            POLL_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
         while batch.len() < max_batch {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => batch.push(to_raw(&m)),

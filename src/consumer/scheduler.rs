@@ -396,13 +396,29 @@ impl Scheduler {
         }
     }
 
-    /// Whether the buffer is at its limits: the poll thread then stops pulling records in
+    /// How many more records the buffer takes before it is full (0 when its bytes are).
+    ///
+    /// At 0 the poll thread stops pulling records in
     /// bulk (it still polls, slowly, to stay in the group and serve rebalances). This is the
     /// normal back-pressure when handlers are slower than Kafka, and it costs nothing: the
     /// records wait in librdkafka's bounded pre-fetch queue.
-    pub(crate) fn full(&self) -> bool {
-        self.buffered_records >= self.limits.max_buffered_records
-            || self.buffered_bytes >= self.limits.max_buffered_bytes
+    pub(crate) fn room(&self) -> usize {
+        if self.buffered_bytes >= self.limits.max_buffered_bytes {
+            0
+        } else {
+            self.limits
+                .max_buffered_records
+                .saturating_sub(self.buffered_records)
+        }
+    }
+
+    /// The room worth waiting for before pulling records again: a whole poll batch (or half
+    /// the buffer, if that is smaller), so a full buffer refills in batches, not one record
+    /// per wake-up.
+    pub(crate) fn batch_room(&self, max_poll_batch: usize) -> usize {
+        max_poll_batch
+            .min(self.limits.max_buffered_records / 2)
+            .max(1)
     }
 
     /// Decides which partitions to pause or resume, with hysteresis.
@@ -687,6 +703,29 @@ mod tests {
             job = s.finish(&j, JobEnd::Settled);
         }
         assert_eq!(s.flow_control().resume, vec![tp(0)]);
+    }
+
+    #[test]
+    fn room_counts_down_to_zero_and_refills_in_batches() {
+        let mut s = Scheduler::new(
+            Ordering::Partition,
+            Limits {
+                max_in_flight: 1,
+                max_buffered_records: 10,
+                max_buffered_bytes: 1 << 20,
+                max_buffered_records_per_partition: 100,
+            },
+        );
+        s.assign([tp(0)]);
+        assert_eq!(s.room(), 10);
+        assert_eq!(s.batch_room(500), 5, "half the buffer when a poll batch is larger");
+        assert_eq!(s.batch_room(3), 3);
+        for o in 0..12 {
+            s.enqueue(rec(0, o, None));
+        }
+        assert_eq!(s.room(), 0, "over the limit: no room, never negative");
+        let running = s.take_jobs();
+        assert_eq!((running.len(), s.room()), (1, 0));
     }
 
     #[test]
