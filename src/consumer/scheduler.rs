@@ -718,7 +718,11 @@ mod tests {
         );
         s.assign([tp(0)]);
         assert_eq!(s.room(), 10);
-        assert_eq!(s.batch_room(500), 5, "half the buffer when a poll batch is larger");
+        assert_eq!(
+            s.batch_room(500),
+            5,
+            "half the buffer when a poll batch is larger"
+        );
         assert_eq!(s.batch_room(3), 3);
         for o in 0..12 {
             s.enqueue(rec(0, o, None));
