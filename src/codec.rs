@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use serde::de::DeserializeOwned;
 
 use crate::error::BoxError;
-use crate::message::RawRecord;
+use crate::record::RawRecord;
 
 /// Turns a raw record into the handler's event type.
 ///
@@ -141,7 +141,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::Headers;
+    use crate::record::Headers;
 
     fn record(value: Option<&[u8]>) -> RawRecord {
         RawRecord {

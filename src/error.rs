@@ -1,4 +1,7 @@
-//! The crate's error type.
+//! The crate's error types: [`Error`] and [`ConfigError`], and the errors of the pluggable
+//! parts ([`StoreError`], [`DeadLetterError`]), which [`Error`] wraps. They live here, in the
+//! bottom layer, so that [`Error`] can wrap them without the parts and the error type
+//! importing each other.
 
 use std::time::Duration;
 
@@ -41,11 +44,11 @@ pub enum Error {
 
     /// The idempotency store failed.
     #[error("idempotency store error")]
-    Store(#[from] crate::idempotency::StoreError),
+    Store(#[from] StoreError),
 
     /// The dead-letter sink failed.
     #[error("dead-letter sink error")]
-    DeadLetter(#[from] crate::dead_letter::DeadLetterError),
+    DeadLetter(#[from] DeadLetterError),
 
     /// An operation did not finish in time.
     #[error("{operation} timed out after {after:?}")]
@@ -117,4 +120,54 @@ impl ConfigError {
             reason: reason.into(),
         }
     }
+}
+
+/// An idempotency store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The claim's lease expired and the key is no longer held by this token.
+    #[error("claim on key {key:?} is no longer held by this token")]
+    LeaseLost {
+        /// The dedup key.
+        key: String,
+    },
+    /// The store could not be reached or answered with an error.
+    #[error("idempotency store unavailable during {operation}")]
+    Unavailable {
+        /// `claim`, `complete` or `release` (or `connect` when a store is being built).
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+    /// The store did not answer in time.
+    #[error("idempotency store timed out during {operation} after {after:?}")]
+    Timeout {
+        /// `claim`, `complete` or `release` (or `connect` when a store is being built).
+        operation: &'static str,
+        /// How long kourier waited.
+        after: Duration,
+    },
+}
+
+impl StoreError {
+    /// Whether this is [`StoreError::LeaseLost`].
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, StoreError::LeaseLost { .. })
+    }
+}
+
+/// A dead-letter write failed. The consumer retries it with back-off, without end, and does
+/// not commit past the record meanwhile.
+#[derive(Debug, thiserror::Error)]
+#[error("dead-letter write of {coordinates} to {destination} failed")]
+pub struct DeadLetterError {
+    /// The source record's `topic/partition@offset`.
+    pub coordinates: String,
+    /// The destination's name.
+    pub destination: String,
+    /// The underlying error.
+    #[source]
+    pub source: BoxError,
 }

@@ -177,11 +177,15 @@ mod handler;
 pub mod idempotency;
 mod message;
 pub mod metrics;
+mod producer;
 mod publisher;
+mod record;
 mod retry;
+mod topic_name;
 mod trace_context;
 
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
+#[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
@@ -198,8 +202,10 @@ pub use crate::idempotency::{
     Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore,
     RedisIdempotencyStoreBuilder, StoreError,
 };
-pub use crate::message::{Header, Headers, Message, RawRecord};
+pub use crate::message::Message;
 pub use crate::metrics::DeadLetterCounts;
-pub use crate::publisher::{Delivery, Publisher, PublisherBuilder, java_partition};
+pub use crate::producer::Delivery;
+pub use crate::publisher::{Publisher, PublisherBuilder, java_partition};
+pub use crate::record::{Header, Headers, RawRecord};
 pub use crate::retry::{RetryDecision, RetryPolicy};
 pub use crate::trace_context::TraceContext;

@@ -232,6 +232,16 @@ impl RetryPolicy {
     }
 }
 
+/// Exponential back-off with equal jitter, for kourier's own infrastructure waits (a store
+/// outage, a busy claim, a failed dead-letter write, a Redis reconnect) — not the user's
+/// [`RetryPolicy`]. Wait `n` (0-based) is drawn uniformly from `[d/2, d]`, where
+/// `d = min(base · 2ⁿ, max)`.
+pub(crate) fn infra_backoff(base: Duration, max: Duration, n: u32) -> Duration {
+    let d = base.saturating_mul(1u32 << n.min(20)).min(max);
+    let half = d / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +328,19 @@ mod tests {
         assert!(RetryPolicy::exponential(10 * MS, MS).validate().is_err());
         assert!(RetryPolicy::no_retries().validate().is_ok());
         assert_eq!(RetryPolicy::no_retries().max_attempts(), 1);
+    }
+
+    #[test]
+    fn infra_backoff_doubles_to_its_cap_with_jitter() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for n in 0..40 {
+            let d = infra_backoff(base, max, n);
+            let cap = (base * 2u32.pow(n.min(20))).min(max);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{n}: {d:?} not in [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
     }
 }

@@ -25,7 +25,14 @@
 
 use std::fmt;
 
-use crate::message::{Header, Headers};
+use crate::record::{Header, Headers, RawRecord};
+
+impl RawRecord {
+    /// The W3C trace context in the record's `traceparent` / `tracestate` headers, if any.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        TraceContext::from_headers(&self.headers)
+    }
+}
 
 /// A W3C trace context: trace id, parent span id, trace flags and an optional `tracestate`.
 ///

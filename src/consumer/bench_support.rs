@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::offsets::OffsetTracker as Tracker;
 use super::scheduler::{Job, JobEnd, Limits, Ordering, Scheduler};
-use crate::message::RawRecord;
+use crate::record::RawRecord;
 
 /// The per-partition offset tracker (contiguous settled watermark).
 #[derive(Debug, Default)]

@@ -9,10 +9,13 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use serde::de::DeserializeOwned;
 
-use super::RetryingConsumer;
-use super::poll::{KourierContext, PollSettings, Shared};
+use super::context::KourierContext;
+use super::dedup::{Dedup, DedupKey};
+use super::hub::Hub;
+use super::poll::PollSettings;
+use super::retrying_consumer::RetryingConsumer;
 use super::scheduler::{Limits, Ordering, Scheduler};
-use super::worker::{Dedup, DedupKey, WorkerContext};
+use super::worker::WorkerContext;
 use crate::codec::{Codec, JsonCodec};
 use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
 use crate::error::{ConfigError, Error, Result};
@@ -322,6 +325,54 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// [`Error::Config`] for a missing or contradictory setting; [`Error::Kafka`] when
     /// librdkafka rejects a property or the dead-letter producer cannot be created.
     pub fn build(self) -> Result<RetryingConsumer<H>> {
+        let (bootstrap, group_id) = self.required_settings()?;
+        self.check_limits()?;
+        self.check_kafka_config()?;
+        let config = self.client_config(&bootstrap, &group_id);
+        let sink = self.dead_letter_sink_or_default(&bootstrap)?;
+        let metrics = Arc::new(ConsumerMetrics::new(&group_id, &self.topics));
+        let hub = Arc::new(Hub::new(
+            Scheduler::new(self.ordering, self.limits()),
+            self.revoke_timeout,
+            metrics.clone(),
+        ));
+        let consumer: BaseConsumer<KourierContext> = config
+            .create_with_context(KourierContext { hub: hub.clone() })
+            .map_err(|e| Error::kafka("create consumer", e))?;
+        let settings = PollSettings {
+            topics: self.topics,
+            commit_interval: self.commit_interval,
+            shutdown_timeout: self.shutdown_timeout,
+            max_poll_batch: self.max_poll_batch,
+        };
+        let dedup = self.dedup.map(|(store, key)| Dedup {
+            store,
+            key,
+            namespace: group_id.clone(),
+            lease: self.dedup_lease,
+            ttl: self.dedup_ttl,
+            run_without_store_on_outage: self.dedup_without_store_on_outage,
+        });
+        let worker = Arc::new(WorkerContext {
+            handler: Arc::new(self.handler),
+            codec: self.codec,
+            policy: self.policy,
+            sink,
+            dedup,
+            group_id,
+            handler_timeout: self.handler_timeout,
+            metrics,
+        });
+        Ok(RetryingConsumer {
+            consumer,
+            hub,
+            worker,
+            settings,
+        })
+    }
+
+    /// The bootstrap servers and the group, from their setters or the raw settings.
+    fn required_settings(&self) -> Result<(String, String)> {
         let bootstrap = self
             .bootstrap_servers
             .clone()
@@ -339,13 +390,14 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         if self.topics.is_empty() {
             return Err(ConfigError::Missing("topics").into());
         }
-        if let Some(t) = self.topics.iter().find(|t| !valid_topic(t)) {
-            return Err(ConfigError::invalid(
-                "topics",
-                format!("{t:?} is not a valid topic name (1-249 of [a-zA-Z0-9._-])"),
-            )
-            .into());
+        for t in &self.topics {
+            crate::topic_name::check(t).map_err(|reason| ConfigError::invalid("topics", reason))?;
         }
+        Ok((bootstrap, group_id))
+    }
+
+    /// Counts and durations: none may be zero; the retry policy is consistent.
+    fn check_limits(&self) -> Result<()> {
         self.policy.validate()?;
         for (setting, value) in [
             ("max_in_flight", self.max_in_flight),
@@ -374,6 +426,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 return Err(ConfigError::invalid(setting, "must be longer than zero").into());
             }
         }
+        Ok(())
+    }
+
+    /// Raw librdkafka settings: none may change what kourier owns or contradict a setter.
+    fn check_kafka_config(&self) -> Result<()> {
         for (key, required, reason) in OWNED_SETTINGS {
             if let Some(v) = self.kafka_config.get(*key)
                 && !v.trim().eq_ignore_ascii_case(required)
@@ -422,11 +479,16 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 .into());
             }
         }
+        Ok(())
+    }
 
+    /// The consumer's librdkafka configuration: kourier's defaults, then the raw settings,
+    /// then the settings kourier owns.
+    fn client_config(&self, bootstrap: &str, group_id: &str) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", &group_id)
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group_id)
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             // Bound librdkafka's own pre-fetch queue (default 64 MiB per consumer).
@@ -442,11 +504,16 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         for (key, value, _) in OWNED_SETTINGS {
             config.set(*key, *value);
         }
+        config
+    }
 
-        let sink = match self.sink {
-            Some(sink) => sink,
+    /// The sink given, or a [`KafkaDeadLetterSink`] on the same brokers (with the security
+    /// settings of the raw configuration).
+    fn dead_letter_sink_or_default(&self, bootstrap: &str) -> Result<Arc<dyn DeadLetterSink>> {
+        Ok(match &self.sink {
+            Some(sink) => sink.clone(),
             None => {
-                let mut b = KafkaDeadLetterSink::builder(bootstrap.clone());
+                let mut b = KafkaDeadLetterSink::builder(bootstrap);
                 for (k, v) in &self.kafka_config {
                     if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.")
                     {
@@ -455,63 +522,15 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 }
                 Arc::new(b.build()?) as Arc<dyn DeadLetterSink>
             }
-        };
+        })
+    }
 
-        let limits = Limits {
+    fn limits(&self) -> Limits {
+        Limits {
             max_in_flight: self.max_in_flight,
             max_buffered_records: self.max_buffered_records,
             max_buffered_bytes: self.max_buffered_bytes,
             max_buffered_records_per_partition: self.max_buffered_records_per_partition,
-        };
-        let metrics = Arc::new(ConsumerMetrics::new(&group_id, &self.topics));
-        let shared = Arc::new(Shared::new(
-            Scheduler::new(self.ordering, limits),
-            self.revoke_timeout,
-            metrics.clone(),
-        ));
-        let consumer: BaseConsumer<KourierContext> = config
-            .create_with_context(KourierContext {
-                shared: shared.clone(),
-            })
-            .map_err(|e| Error::kafka("create consumer", e))?;
-
-        let dedup = self.dedup.map(|(store, key)| Dedup {
-            store,
-            key,
-            namespace: group_id.clone(),
-            lease: self.dedup_lease,
-            ttl: self.dedup_ttl,
-            run_without_store_on_outage: self.dedup_without_store_on_outage,
-        });
-        let worker = Arc::new(WorkerContext {
-            handler: Arc::new(self.handler),
-            codec: self.codec,
-            policy: self.policy,
-            sink,
-            dedup,
-            group_id,
-            handler_timeout: self.handler_timeout,
-            metrics,
-        });
-        Ok(RetryingConsumer {
-            consumer,
-            shared,
-            worker,
-            settings: PollSettings {
-                topics: self.topics,
-                commit_interval: self.commit_interval,
-                shutdown_timeout: self.shutdown_timeout,
-                max_poll_batch: self.max_poll_batch,
-            },
-        })
+        }
     }
-}
-
-fn valid_topic(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 249
-        && t != "."
-        && t != ".."
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }

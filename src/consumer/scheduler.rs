@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::offsets::OffsetTracker;
-use crate::message::RawRecord;
+use crate::record::RawRecord;
 
 /// How records may run in parallel.
 ///
@@ -531,7 +531,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::Headers;
+    use crate::record::Headers;
 
     fn tp(p: i32) -> Tp {
         (Arc::from("t"), p)

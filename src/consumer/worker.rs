@@ -9,66 +9,18 @@ use futures_util::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
+use super::dedup::Dedup;
 use super::scheduler::JobEnd;
 use crate::codec::Codec;
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
 use crate::handler::{FailureKind, Handler, HandlerError};
-use crate::idempotency::{Claim, ClaimToken, IdempotencyStore};
-use crate::message::{Message, RawRecord};
+use crate::idempotency::{Claim, ClaimToken};
+use crate::message::Message;
 use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
-use crate::retry::{RetryDecision, RetryPolicy};
+use crate::record::RawRecord;
+use crate::retry::{RetryDecision, RetryPolicy, infra_backoff};
 use crate::trace_context::TraceContext;
-
-type DedupKeyFn<T> = Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>;
-
-/// Where the dedup key of a record comes from.
-pub enum DedupKey<T> {
-    /// The value of this header (UTF-8). A record without it is handled without dedup.
-    Header(String),
-    /// A function of the decoded message; `None` handles the record without dedup.
-    Fn(DedupKeyFn<T>),
-}
-
-impl<T> DedupKey<T> {
-    /// The dedup key is the value of header `name`.
-    pub fn header(name: impl Into<String>) -> Self {
-        DedupKey::Header(name.into())
-    }
-
-    /// The dedup key is computed from the decoded message, e.g.
-    /// `DedupKey::from_fn(|m: &Message<Ev>| Some(m.event().event_id.clone()))`.
-    pub fn from_fn(f: impl Fn(&Message<T>) -> Option<String> + Send + Sync + 'static) -> Self {
-        DedupKey::Fn(Arc::new(f))
-    }
-
-    fn key_of(&self, message: &Message<T>) -> Option<String> {
-        match self {
-            DedupKey::Header(name) => message.headers().get_str(name).map(str::to_owned),
-            DedupKey::Fn(f) => f(message),
-        }
-    }
-}
-
-impl<T> fmt::Debug for DedupKey<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DedupKey::Header(h) => f.debug_tuple("Header").field(h).finish(),
-            DedupKey::Fn(_) => f.write_str("Fn(..)"),
-        }
-    }
-}
-
-/// Idempotency settings of a consumer.
-pub(crate) struct Dedup<T> {
-    pub(crate) store: Arc<dyn IdempotencyStore>,
-    pub(crate) key: DedupKey<T>,
-    /// Prepended to every key: the consumer group, so groups dedup independently.
-    pub(crate) namespace: String,
-    pub(crate) lease: Duration,
-    pub(crate) ttl: Duration,
-    pub(crate) run_without_store_on_outage: bool,
-}
 
 /// Everything a worker needs, shared by all workers of a consumer.
 pub(crate) struct WorkerContext<H: Handler> {
@@ -85,8 +37,7 @@ pub(crate) struct WorkerContext<H: Handler> {
 /// Back-off for infrastructure waits (store outage, busy claims, dead-letter writes):
 /// 100 ms doubling to 5 s, with jitter.
 fn infra_delay(failures: u32) -> Duration {
-    let base = 100u64.saturating_mul(1 << failures.min(6)).min(5_000);
-    Duration::from_millis(base / 2 + fastrand::u64(0..=base / 2))
+    infra_backoff(Duration::from_millis(100), Duration::from_secs(5), failures)
 }
 
 /// Sleeps unless cancelled first; returns whether the full delay passed.

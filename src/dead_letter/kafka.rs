@@ -3,23 +3,21 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
 
-use super::{
-    DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, MAX_ERROR_MESSAGE_BYTES,
-    headers, truncate_utf8,
-};
+use super::headers::{letter_headers, provenance_only_headers};
+use super::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
 use crate::error::error_chain;
 use crate::error::{ConfigError, Error, Result};
-use crate::message::Header;
-use crate::publisher::{
+use crate::producer::{
     DEFAULT_SEND_TIMEOUT, ManagedProducer, ProducerSettings, check_timeout, owned_headers,
 };
+use crate::record::Header;
 
 /// How long a dead-letter topic's partition count is trusted before it is fetched again.
 const PARTITION_COUNT_MAX_AGE: Duration = Duration::from_secs(60);
@@ -183,7 +181,8 @@ impl KafkaDeadLetterSink {
             )
             .into());
         }
-        validate_dead_letter_topic(dlt)?;
+        crate::topic_name::check(dlt)
+            .map_err(|reason| ConfigError::invalid("topic_name", reason))?;
         let partition = self.partition_for(dlt, record.partition).await?;
 
         let full = letter_headers(letter, None);
@@ -254,7 +253,7 @@ impl KafkaDeadLetterSink {
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         headers: &[Header],
-    ) -> Result<crate::publisher::Delivery> {
+    ) -> Result<crate::producer::Delivery> {
         let mut record = FutureRecord::<[u8], [u8]>::to(dlt).headers(owned_headers(headers.iter()));
         if let Some(partition) = partition {
             record = record.partition(partition);
@@ -479,132 +478,6 @@ impl KafkaDeadLetterSinkBuilder {
     }
 }
 
-/// The headers of a letter that keeps nothing of the record but its provenance: the
-/// provenance headers (the value marked dropped) plus the sizes of what was dropped.
-fn provenance_only_headers(letter: &DeadLetter) -> Vec<Header> {
-    let record = &letter.record;
-    let value_bytes = record.value.as_ref().map_or(0, Vec::len);
-    let mut stripped = (**record).clone();
-    stripped.headers = crate::message::Headers::new();
-    let bare = DeadLetter {
-        record: Arc::new(stripped),
-        ..letter.clone()
-    };
-    let mut out = letter_headers(&bare, Some(value_bytes));
-    out.push(Header::new(
-        headers::KEY_DROPPED_BYTES,
-        record.key.as_ref().map_or(0, Vec::len).to_string(),
-    ));
-    out.push(Header::new(
-        headers::HEADERS_DROPPED,
-        record.headers.len().to_string(),
-    ));
-    out
-}
-
-/// The headers of a dead letter: the record's own minus old provenance, then fresh provenance.
-/// `dropped_value_bytes` is set for a metadata-only letter.
-pub(super) fn letter_headers(
-    letter: &DeadLetter,
-    dropped_value_bytes: Option<usize>,
-) -> Vec<Header> {
-    let record = &letter.record;
-    let is_provenance = |key: &str| headers::ALL.contains(&key);
-
-    // A letter whose value was dropped before and is still null keeps saying so.
-    let dropped = dropped_value_bytes
-        .map(|n| n.to_string().into_bytes())
-        .or_else(|| {
-            if record.value.is_none() {
-                record
-                    .headers
-                    .get(headers::VALUE_DROPPED_BYTES)
-                    .map(<[u8]>::to_vec)
-            } else {
-                None
-            }
-        });
-
-    let mut out: Vec<Header> = record
-        .headers
-        .iter()
-        .filter(|h| !is_provenance(&h.key))
-        .cloned()
-        .collect();
-    out.reserve(headers::ALL.len());
-
-    let (timestamp, timestamp_type) = match record.timestamp {
-        Some(ts) if record.log_append_time => (ts, "LogAppendTime"),
-        Some(ts) => (ts, "CreateTime"),
-        None => (-1, "NoTimestampType"),
-    };
-    out.push(Header::new(
-        headers::ORIGINAL_TOPIC,
-        record.topic.as_bytes(),
-    ));
-    out.push(Header::new(
-        headers::ORIGINAL_PARTITION,
-        record.partition.to_be_bytes(),
-    ));
-    out.push(Header::new(
-        headers::ORIGINAL_OFFSET,
-        record.offset.to_be_bytes(),
-    ));
-    out.push(Header::new(
-        headers::ORIGINAL_TIMESTAMP,
-        timestamp.to_be_bytes(),
-    ));
-    out.push(Header::new(
-        headers::ORIGINAL_TIMESTAMP_TYPE,
-        timestamp_type,
-    ));
-    out.push(Header::new(
-        headers::ORIGINAL_CONSUMER_GROUP,
-        letter.group_id.as_bytes(),
-    ));
-    out.push(Header::new(
-        headers::EXCEPTION_MESSAGE,
-        truncate_utf8(&letter.error, MAX_ERROR_MESSAGE_BYTES).as_bytes(),
-    ));
-    out.push(Header::new(headers::EXCEPTION_FQCN, letter.reason.fqcn()));
-    out.push(Header::new(headers::FAILURE_KIND, letter.reason.as_str()));
-    out.push(Header::new(headers::ATTEMPTS, letter.attempts.to_string()));
-    out.push(Header::new(
-        headers::FIRST_FAILURE_MS,
-        epoch_millis(letter.first_failure).to_string(),
-    ));
-    out.push(Header::new(
-        headers::LAST_FAILURE_MS,
-        epoch_millis(letter.last_failure).to_string(),
-    ));
-    if let Some(dropped) = dropped {
-        out.push(Header::new(headers::VALUE_DROPPED_BYTES, dropped));
-    }
-    out
-}
-
-fn epoch_millis(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
-    }
-}
-
-fn validate_dead_letter_topic(dlt: &str) -> Result<()> {
-    let valid = !dlt.is_empty()
-        && dlt.len() <= 249
-        && dlt != "."
-        && dlt != ".."
-        && dlt
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ConfigError::invalid("topic_name", format!("`{dlt}` is not a valid topic name")).into())
-    }
-}
-
 fn metadata_error(code: RDKafkaErrorCode) -> Error {
     Error::kafka(METADATA_OPERATION, KafkaError::MetadataFetch(code))
 }
@@ -637,159 +510,9 @@ fn is_too_large(e: &Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
-    use crate::dead_letter::DeadLetterReason;
-    use crate::message::{Headers, RawRecord};
-
-    fn letter(headers: Headers, value: Option<Vec<u8>>) -> DeadLetter {
-        DeadLetter {
-            record: Arc::new(RawRecord {
-                topic: "notify.v1".into(),
-                partition: 3,
-                offset: 42,
-                key: Some(b"user-1".to_vec()),
-                value,
-                headers,
-                timestamp: Some(1_700_000_000_123),
-                log_append_time: false,
-            }),
-            reason: DeadLetterReason::RetriesExhausted,
-            error: "smtp said no".into(),
-            attempts: 4,
-            first_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_001_000),
-            last_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_002_500),
-            group_id: "mailer".into(),
-        }
-    }
-
-    fn get<'a>(headers: &'a [Header], key: &str) -> Option<&'a [u8]> {
-        let mut found = headers.iter().filter(|h| h.key == key);
-        let first = found.next()?;
-        assert!(found.next().is_none(), "{key} appears more than once");
-        first.value.as_deref()
-    }
-
-    #[test]
-    fn provenance_headers_use_the_documented_encodings() {
-        let original = Headers::new().with("event-id", "e-1");
-        let mut original = original;
-        original.push(Header::null("trace"));
-        let out = letter_headers(&letter(original, Some(b"{}".to_vec())), None);
-        assert_eq!(out[0], Header::new("event-id", "e-1"));
-        assert_eq!(out[1], Header::null("trace"));
-        assert_eq!(get(&out, headers::ORIGINAL_TOPIC), Some(&b"notify.v1"[..]));
-        assert_eq!(
-            get(&out, headers::ORIGINAL_PARTITION),
-            Some(&[0, 0, 0, 3][..])
-        );
-        assert_eq!(
-            get(&out, headers::ORIGINAL_OFFSET),
-            Some(&42i64.to_be_bytes()[..])
-        );
-        assert_eq!(
-            get(&out, headers::ORIGINAL_TIMESTAMP),
-            Some(&1_700_000_000_123i64.to_be_bytes()[..])
-        );
-        assert_eq!(
-            get(&out, headers::ORIGINAL_TIMESTAMP_TYPE),
-            Some(&b"CreateTime"[..])
-        );
-        assert_eq!(
-            get(&out, headers::ORIGINAL_CONSUMER_GROUP),
-            Some(&b"mailer"[..])
-        );
-        assert_eq!(
-            get(&out, headers::EXCEPTION_MESSAGE),
-            Some(&b"smtp said no"[..])
-        );
-        assert_eq!(
-            get(&out, headers::EXCEPTION_FQCN),
-            Some(&b"kourier.RetriesExhausted"[..])
-        );
-        assert_eq!(
-            get(&out, headers::FAILURE_KIND),
-            Some(&b"retries-exhausted"[..])
-        );
-        assert_eq!(get(&out, headers::ATTEMPTS), Some(&b"4"[..]));
-        assert_eq!(
-            get(&out, headers::FIRST_FAILURE_MS),
-            Some(&b"1700000001000"[..])
-        );
-        assert_eq!(
-            get(&out, headers::LAST_FAILURE_MS),
-            Some(&b"1700000002500"[..])
-        );
-        assert_eq!(get(&out, headers::VALUE_DROPPED_BYTES), None);
-        assert_eq!(out.len(), 2 + 12);
-    }
-
-    #[test]
-    fn re_dead_lettering_replaces_provenance_and_keeps_redrive_count() {
-        let first = letter_headers(&letter(Headers::new().with("event-id", "e-1"), None), None);
-        let mut redriven: Headers = first.iter().cloned().collect();
-        redriven.push(Header::new(headers::REDRIVE_COUNT, "1"));
-        let mut again = letter(redriven, None);
-        Arc::make_mut(&mut again.record).topic = "other.v1".into();
-        let second = letter_headers(&again, None);
-        assert_eq!(second.len(), first.len() + 1);
-        assert_eq!(
-            get(&second, headers::ORIGINAL_TOPIC),
-            Some(&b"other.v1"[..])
-        );
-        assert_eq!(get(&second, headers::REDRIVE_COUNT), Some(&b"1"[..]));
-    }
-
-    #[test]
-    fn metadata_only_letters_record_the_dropped_size_and_keep_it() {
-        let out = letter_headers(&letter(Headers::new(), Some(vec![0; 10])), Some(10_240));
-        assert_eq!(get(&out, headers::VALUE_DROPPED_BYTES), Some(&b"10240"[..]));
-
-        // Redriven with the value still null: the marker survives re-dead-lettering...
-        let again = letter_headers(&letter(out.iter().cloned().collect(), None), None);
-        assert_eq!(
-            get(&again, headers::VALUE_DROPPED_BYTES),
-            Some(&b"10240"[..])
-        );
-        // ...but not once a value is back.
-        let restored = letter_headers(&letter(out.into_iter().collect(), Some(vec![1])), None);
-        assert_eq!(get(&restored, headers::VALUE_DROPPED_BYTES), None);
-    }
-
-    #[test]
-    fn long_errors_are_truncated_and_missing_timestamps_follow_java() {
-        let mut l = letter(Headers::new(), None);
-        l.error = "é".repeat(MAX_ERROR_MESSAGE_BYTES);
-        let record = Arc::make_mut(&mut l.record);
-        record.timestamp = None;
-        let out = letter_headers(&l, None);
-        let message = get(&out, headers::EXCEPTION_MESSAGE).unwrap();
-        assert!(message.len() <= MAX_ERROR_MESSAGE_BYTES);
-        assert!(std::str::from_utf8(message).is_ok());
-        assert_eq!(
-            get(&out, headers::ORIGINAL_TIMESTAMP),
-            Some(&(-1i64).to_be_bytes()[..])
-        );
-        assert_eq!(
-            get(&out, headers::ORIGINAL_TIMESTAMP_TYPE),
-            Some(&b"NoTimestampType"[..])
-        );
-
-        let mut l = letter(Headers::new(), None);
-        Arc::make_mut(&mut l.record).log_append_time = true;
-        let out = letter_headers(&l, None);
-        assert_eq!(
-            get(&out, headers::ORIGINAL_TIMESTAMP_TYPE),
-            Some(&b"LogAppendTime"[..])
-        );
-    }
-
-    #[test]
-    fn epoch_millis_handles_both_sides_of_the_epoch() {
-        assert_eq!(epoch_millis(UNIX_EPOCH + Duration::from_millis(5)), 5);
-        assert_eq!(epoch_millis(UNIX_EPOCH - Duration::from_millis(5)), -5);
-    }
+    use crate::dead_letter::headers::tests::letter;
+    use crate::record::Headers;
 
     #[test]
     fn builder_validates() {
@@ -811,13 +534,6 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(sink.topic_for("notify.v1"), "dlq-notify.v1");
-    }
-
-    #[test]
-    fn dead_letter_topic_names_are_checked() {
-        assert!(validate_dead_letter_topic("notify.v1.dlt").is_ok());
-        assert!(validate_dead_letter_topic("").is_err());
-        assert!(validate_dead_letter_topic("a b").is_err());
     }
 
     #[tokio::test]

@@ -17,81 +17,16 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-use crate::error::BoxError;
-use crate::message::RawRecord;
+pub use crate::error::DeadLetterError;
+use crate::record::RawRecord;
 
+pub mod headers;
 mod kafka;
-mod provenance;
 mod redrive;
 
+pub use self::headers::Provenance;
 pub use self::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
-pub use self::provenance::Provenance;
 pub use self::redrive::{RedriveError, RedriveRecord};
-
-/// Names of the provenance headers a dead letter carries.
-///
-/// The `kafka_dlt-*` names and encodings are Spring Kafka's (`KafkaHeaders.DLT_*`), so Spring
-/// tools can read kourier's dead letters and vice versa: partition is a 4-byte big-endian
-/// integer, offset and timestamp 8-byte big-endian integers, the rest UTF-8 text.
-/// The `kourier-dlt-*` headers are kourier's own, all UTF-8 text.
-///
-/// When a record that already carries these headers (a redriven dead letter) is dead-lettered
-/// again, the old values are *replaced*, never appended, so headers do not grow.
-pub mod headers {
-    /// Source topic (UTF-8).
-    pub const ORIGINAL_TOPIC: &str = "kafka_dlt-original-topic";
-    /// Source partition (int32, big-endian).
-    pub const ORIGINAL_PARTITION: &str = "kafka_dlt-original-partition";
-    /// Source offset (int64, big-endian).
-    pub const ORIGINAL_OFFSET: &str = "kafka_dlt-original-offset";
-    /// Source record timestamp, ms since the epoch (int64, big-endian).
-    pub const ORIGINAL_TIMESTAMP: &str = "kafka_dlt-original-timestamp";
-    /// `CreateTime` or `LogAppendTime` (UTF-8).
-    pub const ORIGINAL_TIMESTAMP_TYPE: &str = "kafka_dlt-original-timestamp-type";
-    /// The consumer group that gave up on the record (UTF-8).
-    pub const ORIGINAL_CONSUMER_GROUP: &str = "kafka_dlt-original-consumer-group";
-    /// The error message, truncated to [`MAX_ERROR_MESSAGE_BYTES`](super::MAX_ERROR_MESSAGE_BYTES) (UTF-8).
-    pub const EXCEPTION_MESSAGE: &str = "kafka_dlt-exception-message";
-    /// A class-like name of the failure, e.g. `kourier.RetriesExhausted` (UTF-8).
-    pub const EXCEPTION_FQCN: &str = "kafka_dlt-exception-fqcn";
-    /// `decode`, `permanent` or `retries-exhausted` (UTF-8).
-    pub const FAILURE_KIND: &str = "kourier-dlt-failure-kind";
-    /// Attempts made, decimal (UTF-8).
-    pub const ATTEMPTS: &str = "kourier-dlt-attempts";
-    /// First failure time, ms since the epoch, decimal (UTF-8).
-    pub const FIRST_FAILURE_MS: &str = "kourier-dlt-first-failure-ms";
-    /// Last failure time, ms since the epoch, decimal (UTF-8).
-    pub const LAST_FAILURE_MS: &str = "kourier-dlt-last-failure-ms";
-    /// Set when the value was too large for the dead-letter topic and was dropped; holds the
-    /// original value's size in bytes, decimal (UTF-8).
-    pub const VALUE_DROPPED_BYTES: &str = "kourier-dlt-value-dropped-bytes";
-    /// Set on a provenance-only letter: the original key's size in bytes, decimal (UTF-8).
-    pub const KEY_DROPPED_BYTES: &str = "kourier-dlt-key-dropped-bytes";
-    /// Set on a provenance-only letter: how many of the record's own headers were dropped,
-    /// decimal (UTF-8).
-    pub const HEADERS_DROPPED: &str = "kourier-dlt-headers-dropped";
-    /// How many times the record was redriven from a dead-letter topic, decimal (UTF-8).
-    pub const REDRIVE_COUNT: &str = "kourier-redrive-count";
-
-    /// Every provenance header, replaced on each dead-lettering (not [`REDRIVE_COUNT`]).
-    pub const ALL: &[&str] = &[
-        ORIGINAL_TOPIC,
-        ORIGINAL_PARTITION,
-        ORIGINAL_OFFSET,
-        ORIGINAL_TIMESTAMP,
-        ORIGINAL_TIMESTAMP_TYPE,
-        ORIGINAL_CONSUMER_GROUP,
-        EXCEPTION_MESSAGE,
-        EXCEPTION_FQCN,
-        FAILURE_KIND,
-        ATTEMPTS,
-        FIRST_FAILURE_MS,
-        LAST_FAILURE_MS,
-        VALUE_DROPPED_BYTES,
-        KEY_DROPPED_BYTES,
-        HEADERS_DROPPED,
-    ];
-}
 
 /// Error messages in dead letters are cut to this many bytes (on a UTF-8 boundary).
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
@@ -171,20 +106,6 @@ pub struct DeadLetterReceipt {
     pub partition: Option<i32>,
     /// Offset written at, if known.
     pub offset: Option<i64>,
-}
-
-/// A dead-letter write failed. The consumer retries it with back-off, without end, and does
-/// not commit past the record meanwhile.
-#[derive(Debug, thiserror::Error)]
-#[error("dead-letter write of {coordinates} to {destination} failed")]
-pub struct DeadLetterError {
-    /// The source record's `topic/partition@offset`.
-    pub coordinates: String,
-    /// The destination's name.
-    pub destination: String,
-    /// The underlying error.
-    #[source]
-    pub source: BoxError,
 }
 
 /// Receives dead letters. Object-safe: use it as `Arc<dyn DeadLetterSink>`.

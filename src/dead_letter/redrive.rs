@@ -1,8 +1,8 @@
 //! Publishing a dead letter again: [`RedriveRecord`].
 
 use super::headers;
-use super::provenance::redrive_count;
-use crate::message::{Header, Headers, RawRecord};
+use super::headers::redrive_count;
+use crate::record::{Header, Headers, RawRecord};
 
 /// A dead letter made ready to be published again ("redriven"): the original key, value and
 /// headers, **minus** the provenance headers ([`headers::ALL`]), **plus**

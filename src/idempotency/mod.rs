@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::error::BoxError;
+pub use crate::error::StoreError;
 
 mod memory;
 mod redis;
@@ -70,42 +70,6 @@ pub enum Claim {
     Done,
     /// Another worker holds a live lease on the key: try again later, do not skip.
     Busy,
-}
-
-/// An idempotency store failure.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The claim's lease expired and the key is no longer held by this token.
-    #[error("claim on key {key:?} is no longer held by this token")]
-    LeaseLost {
-        /// The dedup key.
-        key: String,
-    },
-    /// The store could not be reached or answered with an error.
-    #[error("idempotency store unavailable during {operation}")]
-    Unavailable {
-        /// `claim`, `complete` or `release` (or `connect` when a store is being built).
-        operation: &'static str,
-        /// The underlying error.
-        #[source]
-        source: BoxError,
-    },
-    /// The store did not answer in time.
-    #[error("idempotency store timed out during {operation} after {after:?}")]
-    Timeout {
-        /// `claim`, `complete` or `release` (or `connect` when a store is being built).
-        operation: &'static str,
-        /// How long kourier waited.
-        after: Duration,
-    },
-}
-
-impl StoreError {
-    /// Whether this is [`StoreError::LeaseLost`].
-    pub fn is_lease_lost(&self) -> bool {
-        matches!(self, StoreError::LeaseLost { .. })
-    }
 }
 
 /// Where the consumer records which events are done. Object-safe: use it as

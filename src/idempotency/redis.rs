@@ -16,6 +16,7 @@ use redis::{ConnectionInfo, IntoConnectionInfo, RedisError, RetryMethod, Script}
 
 use super::{Claim, ClaimToken, IdempotencyStore, StoreError};
 use crate::error::{ConfigError, Error};
+use crate::retry::infra_backoff;
 
 /// `SET NX PX`, and when the key exists, say what it holds: one round trip, atomic.
 ///
@@ -395,7 +396,7 @@ impl RedisIdempotencyStoreBuilder {
     /// - [`Error::Store`] with [`StoreError::Unavailable`] (operation `connect`) when Redis
     ///   cannot be reached or refuses the connection (e.g. a wrong password), or
     ///   [`StoreError::Timeout`] when connecting takes longer than the command timeout.
-    pub async fn build(self) -> crate::Result<RedisIdempotencyStore> {
+    pub async fn build(self) -> Result<RedisIdempotencyStore, Error> {
         if self.command_timeout.is_zero() {
             return Err(
                 ConfigError::invalid("command_timeout", "must be greater than zero").into(),
@@ -549,9 +550,13 @@ fn is_retryable(error: &RedisError) -> bool {
 }
 
 /// 25 ms, 50 ms, 100 ms, ... up to 400 ms, with up to 50 % jitter.
+/// Pause before attempt `attempt + 1`: 25 ms doubling to 400 ms, with jitter.
 fn retry_delay(attempt: u32) -> Duration {
-    let base = 25u64 << attempt.saturating_sub(1).min(4);
-    Duration::from_millis(base / 2 + fastrand::u64(0..=base / 2))
+    infra_backoff(
+        Duration::from_millis(25),
+        Duration::from_millis(400),
+        attempt.saturating_sub(1),
+    )
 }
 
 #[cfg(test)]

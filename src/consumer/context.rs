@@ -1,0 +1,62 @@
+//! The rdkafka client context: librdkafka calls it on the poll thread for statistics and
+//! rebalances; it hands both on (to the lag gauge and to [`super::rebalance`]).
+
+use std::sync::Arc;
+
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use tracing::{debug, warn};
+
+use super::hub::Hub;
+use super::rebalance;
+use super::stats::partition_offsets;
+use super::topic_partition::tps_of;
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct KourierContext {
+    pub(crate) hub: Arc<Hub>,
+}
+
+impl ClientContext for KourierContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`, on the poll thread): the lag
+    /// of each assigned partition, for [`crate::metrics::CONSUMER_LAG`].
+    fn stats_raw(&self, statistics: &[u8]) {
+        let partitions = match partition_offsets(statistics) {
+            Ok(partitions) => partitions,
+            Err(e) => {
+                debug!(error = %e, "cannot read librdkafka statistics");
+                return;
+            }
+        };
+        let lags: Vec<_> = {
+            let s = self.hub.lock();
+            partitions
+                .into_iter()
+                .filter_map(|p| {
+                    let first = s.first_received(&(Arc::from(p.topic.as_str()), p.partition))?;
+                    Some((p.lag(first)?, p))
+                })
+                .collect()
+        };
+        for (lag, p) in lags {
+            self.hub.metrics.consumer_lag(&p.topic, p.partition, lag);
+        }
+    }
+}
+
+impl ConsumerContext for KourierContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => rebalance::on_revoke(&self.hub, consumer, &tps_of(tpl)),
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            rebalance::on_assign(&self.hub, consumer, tpl);
+        }
+    }
+}

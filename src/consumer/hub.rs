@@ -1,0 +1,95 @@
+//! The hub: the state shared by the poll thread, the rebalance callbacks and the workers —
+//! the scheduler behind one mutex, a condition variable to wait for its changes, and the
+//! stop flags.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::scheduler::{Job, JobEnd, Scheduler};
+use crate::metrics::ConsumerMetrics;
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    scheduler: Mutex<Scheduler>,
+    changed: Condvar,
+    /// Threads waiting on `changed`: workers notify only when there is one (a notify is a
+    /// system call, and there is rarely a waiter).
+    waiters: AtomicUsize,
+    stop: AtomicBool,
+    /// Set once shutdown has committed: a revoke during the final close commits nothing
+    /// more and does not wait.
+    closing: AtomicBool,
+    pub(crate) revoke_timeout: Duration,
+    pub(crate) metrics: Arc<ConsumerMetrics>,
+}
+
+impl Hub {
+    pub(crate) fn new(
+        scheduler: Scheduler,
+        revoke_timeout: Duration,
+        metrics: Arc<ConsumerMetrics>,
+    ) -> Self {
+        Hub {
+            scheduler: Mutex::new(scheduler),
+            changed: Condvar::new(),
+            waiters: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            revoke_timeout,
+            metrics,
+        }
+    }
+
+    /// Locks the scheduler. A panic while holding the lock cannot leave it inconsistent in
+    /// a way that matters more than stopping would, so poisoning is ignored.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Scheduler> {
+        self.scheduler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Called by a worker when a job ended; returns its next job.
+    pub(crate) fn finish(&self, job: &Job, end: JobEnd) -> Option<Job> {
+        let next = self.lock().finish(job, end);
+        // A waiter registers under the lock before it checks its condition, so it either saw
+        // this change or is counted here.
+        if self.waiters.load(AtomicOrdering::SeqCst) > 0 {
+            self.changed.notify_all();
+        }
+        next
+    }
+
+    pub(crate) fn request_stop(&self) {
+        self.stop.store(true, AtomicOrdering::SeqCst);
+    }
+
+    pub(crate) fn stop_requested(&self) -> bool {
+        self.stop.load(AtomicOrdering::SeqCst)
+    }
+
+    pub(crate) fn set_closing(&self) {
+        self.closing.store(true, AtomicOrdering::SeqCst);
+    }
+
+    pub(crate) fn closing(&self) -> bool {
+        self.closing.load(AtomicOrdering::SeqCst)
+    }
+
+    /// Waits until `done` holds or `timeout` passes; returns whether `done` holds.
+    pub(crate) fn wait_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&Scheduler) -> bool,
+    ) -> bool {
+        let guard = self.lock();
+        self.waiters.fetch_add(1, AtomicOrdering::SeqCst);
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |s| !done(s))
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.waiters.fetch_sub(1, AtomicOrdering::SeqCst);
+        done(&guard)
+    }
+}

@@ -1,0 +1,131 @@
+//! [`RetryingConsumer`]: runs the poll thread and the workers until shutdown.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use rdkafka::consumer::BaseConsumer;
+
+use super::context::KourierContext;
+use super::hub::Hub;
+use super::monitor::ConsumerMonitor;
+use super::poll::{PollSettings, poll_loop};
+use super::scheduler::Job;
+use super::shutdown::shutdown_signal;
+use super::worker::WorkerContext;
+use crate::error::{Error, Result};
+use crate::handler::Handler;
+
+/// A Kafka consumer that runs a [`Handler`] for every record with retries, dead-lettering,
+/// optional idempotency and at-least-once commits.
+///
+/// Build one with [`RetryingConsumer::builder`], then [`run`](RetryingConsumer::run) it until
+/// a shutdown future resolves. See the crate docs for the delivery guarantees.
+pub struct RetryingConsumer<H: Handler> {
+    pub(crate) consumer: BaseConsumer<KourierContext>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) worker: Arc<WorkerContext<H>>,
+    pub(crate) settings: PollSettings,
+}
+
+impl<H: Handler> fmt::Debug for RetryingConsumer<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryingConsumer")
+            .field("topics", &self.settings.topics)
+            .field("group_id", &self.worker.group_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> RetryingConsumer<H> {
+    /// A handle that reports what the consumer is doing, usable while it runs.
+    pub fn monitor(&self) -> ConsumerMonitor {
+        ConsumerMonitor {
+            hub: self.hub.clone(),
+        }
+    }
+
+    /// Runs the consumer until `shutdown` resolves, then shuts down gracefully: stops taking
+    /// records, lets in-flight records finish within the shutdown timeout, commits settled
+    /// offsets synchronously and leaves the group.
+    ///
+    /// Must be called within a Tokio runtime (any flavour); handlers run as tasks on it.
+    /// Polling happens on a dedicated thread, so handlers and back-offs never delay it.
+    ///
+    /// # Errors
+    /// [`Error::Kafka`] when subscribing fails or the client hits a fatal error;
+    /// [`Error::PollThread`] when the poll thread could not be started or died.
+    pub async fn run<S>(self, shutdown: S) -> Result<()>
+    where
+        S: Future<Output = ()> + Send,
+    {
+        let RetryingConsumer {
+            consumer,
+            hub,
+            worker,
+            settings,
+        } = self;
+        let runtime = tokio::runtime::Handle::current();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let thread_hub = hub.clone();
+        std::thread::Builder::new()
+            .name("kourier-poll".into())
+            .spawn(move || {
+                // Whatever is dropped here (the handler, the sink, the store) may need the
+                // runtime, e.g. a connection pool: keep its context entered.
+                let _runtime = runtime.enter();
+                let spawn_hub = thread_hub.clone();
+                let spawner = runtime.clone();
+                let spawn = move |job: Job| {
+                    spawner.spawn(work(worker.clone(), spawn_hub.clone(), job));
+                };
+                let result = poll_loop(consumer, &thread_hub, &settings, &spawn);
+                // Drop the handler before `run` returns, inside the runtime context.
+                drop(spawn);
+                let _ = done_tx.send(result);
+            })
+            .map_err(|e| Error::PollThread(format!("cannot start the poll thread: {e}")))?;
+
+        // Stop the poll thread if this future is dropped, too.
+        let _guard = StopOnDrop(hub.clone());
+        let mut done_rx = done_rx;
+        tokio::select! {
+            result = &mut done_rx => return flatten(result),
+            () = shutdown => hub.request_stop(),
+        }
+        flatten(done_rx.await)
+    }
+
+    /// Runs until SIGINT (Ctrl-C) or, on Unix, SIGTERM; see [`RetryingConsumer::run`].
+    ///
+    /// # Errors
+    /// As for [`RetryingConsumer::run`].
+    pub async fn run_until_signal(self) -> Result<()> {
+        self.run(shutdown_signal()).await
+    }
+}
+
+fn flatten(
+    result: std::result::Result<Result<()>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<()> {
+    result.unwrap_or_else(|_| Err(Error::PollThread("the poll thread panicked".into())))
+}
+
+struct StopOnDrop(Arc<Hub>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.request_stop();
+    }
+}
+
+/// A worker: runs its job, then keeps taking the next job the scheduler hands it.
+async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, mut job: Job) {
+    loop {
+        let end = ctx.process(job.record.clone(), &job.cancel).await;
+        match hub.finish(&job, end) {
+            Some(next) => job = next,
+            None => return,
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Graceful shutdown (DESIGN rule 8): the poll thread's last steps, and the ready-made
+//! shutdown signal.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+use tracing::{error, info, warn};
+
+use super::commit::commit_settled;
+use super::flow::apply_flow;
+use super::hub::Hub;
+use super::scheduler::Scheduler;
+
+/// How long each poll waits while in-flight records drain.
+const DRAIN_POLL_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Stop taking records, let in-flight work finish within the deadline (still polling, so
+/// the consumer stays in its group), commit what settled, then close.
+pub(crate) fn shutdown<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    hub: &Hub,
+    timeout: Duration,
+) {
+    info!(?timeout, "shutting down: finishing in-flight records");
+    let changes = {
+        let mut s = hub.lock();
+        s.begin_stop();
+        s.flow_control()
+    };
+    apply_flow(consumer, &hub.metrics, &changes);
+    let deadline = Instant::now() + timeout;
+    let drained = |s: &Scheduler| s.in_flight() == 0 && s.buffered().0 == 0;
+    loop {
+        if drained(&hub.lock()) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let running = hub.lock().in_flight();
+            warn!(
+                running,
+                "shutdown deadline passed: abandoning in-flight records (they are not committed)"
+            );
+            hub.lock().cancel_all();
+            hub.wait_until(Duration::from_secs(1), drained);
+            break;
+        }
+        // Records that still arrive are dropped by the stopping scheduler (not committed).
+        let _ = consumer.poll(DRAIN_POLL_TIMEOUT);
+    }
+    commit_settled(consumer, hub, "shutdown");
+    hub.set_closing();
+}
+
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM: a ready-made shutdown future for
+/// [`RetryingConsumer::run`](crate::RetryingConsumer::run).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

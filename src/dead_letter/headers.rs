@@ -1,0 +1,518 @@
+//! The dead-letter header format, in one place: the names (stable), how a [`DeadLetter`]
+//! writes them ([`DeadLetter::headers`]) and how they are read back ([`Provenance`]).
+//! Custom sinks use the same functions, so every kourier dead letter reads the same.
+//!
+//! Names of the provenance headers a dead letter carries.
+//!
+//! The `kafka_dlt-*` names and encodings are Spring Kafka's (`KafkaHeaders.DLT_*`), so Spring
+//! tools can read kourier's dead letters and vice versa: partition is a 4-byte big-endian
+//! integer, offset and timestamp 8-byte big-endian integers, the rest UTF-8 text.
+//! The `kourier-dlt-*` headers are kourier's own, all UTF-8 text.
+//!
+//! When a record that already carries these headers (a redriven dead letter) is dead-lettered
+//! again, the old values are *replaced*, never appended, so headers do not grow.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::{DeadLetter, DeadLetterReason, MAX_ERROR_MESSAGE_BYTES, truncate_utf8};
+use crate::record::{Header, Headers};
+
+/// Source topic (UTF-8).
+pub const ORIGINAL_TOPIC: &str = "kafka_dlt-original-topic";
+/// Source partition (int32, big-endian).
+pub const ORIGINAL_PARTITION: &str = "kafka_dlt-original-partition";
+/// Source offset (int64, big-endian).
+pub const ORIGINAL_OFFSET: &str = "kafka_dlt-original-offset";
+/// Source record timestamp, ms since the epoch (int64, big-endian).
+pub const ORIGINAL_TIMESTAMP: &str = "kafka_dlt-original-timestamp";
+/// `CreateTime` or `LogAppendTime` (UTF-8).
+pub const ORIGINAL_TIMESTAMP_TYPE: &str = "kafka_dlt-original-timestamp-type";
+/// The consumer group that gave up on the record (UTF-8).
+pub const ORIGINAL_CONSUMER_GROUP: &str = "kafka_dlt-original-consumer-group";
+/// The error message, truncated to [`MAX_ERROR_MESSAGE_BYTES`] (UTF-8).
+pub const EXCEPTION_MESSAGE: &str = "kafka_dlt-exception-message";
+/// A class-like name of the failure, e.g. `kourier.RetriesExhausted` (UTF-8).
+pub const EXCEPTION_FQCN: &str = "kafka_dlt-exception-fqcn";
+/// `decode`, `permanent` or `retries-exhausted` (UTF-8).
+pub const FAILURE_KIND: &str = "kourier-dlt-failure-kind";
+/// Attempts made, decimal (UTF-8).
+pub const ATTEMPTS: &str = "kourier-dlt-attempts";
+/// First failure time, ms since the epoch, decimal (UTF-8).
+pub const FIRST_FAILURE_MS: &str = "kourier-dlt-first-failure-ms";
+/// Last failure time, ms since the epoch, decimal (UTF-8).
+pub const LAST_FAILURE_MS: &str = "kourier-dlt-last-failure-ms";
+/// Set when the value was too large for the dead-letter topic and was dropped; holds the
+/// original value's size in bytes, decimal (UTF-8).
+pub const VALUE_DROPPED_BYTES: &str = "kourier-dlt-value-dropped-bytes";
+/// Set on a provenance-only letter: the original key's size in bytes, decimal (UTF-8).
+pub const KEY_DROPPED_BYTES: &str = "kourier-dlt-key-dropped-bytes";
+/// Set on a provenance-only letter: how many of the record's own headers were dropped,
+/// decimal (UTF-8).
+pub const HEADERS_DROPPED: &str = "kourier-dlt-headers-dropped";
+/// How many times the record was redriven from a dead-letter topic, decimal (UTF-8).
+pub const REDRIVE_COUNT: &str = "kourier-redrive-count";
+
+/// Every provenance header, replaced on each dead-lettering (not [`REDRIVE_COUNT`]).
+pub const ALL: &[&str] = &[
+    ORIGINAL_TOPIC,
+    ORIGINAL_PARTITION,
+    ORIGINAL_OFFSET,
+    ORIGINAL_TIMESTAMP,
+    ORIGINAL_TIMESTAMP_TYPE,
+    ORIGINAL_CONSUMER_GROUP,
+    EXCEPTION_MESSAGE,
+    EXCEPTION_FQCN,
+    FAILURE_KIND,
+    ATTEMPTS,
+    FIRST_FAILURE_MS,
+    LAST_FAILURE_MS,
+    VALUE_DROPPED_BYTES,
+    KEY_DROPPED_BYTES,
+    HEADERS_DROPPED,
+];
+
+/// Where a dead letter came from and why it failed, as its [`headers`] say.
+///
+/// Every field is optional: a dead letter written by kourier has them all (but
+/// [`value_dropped_bytes`](Self::value_dropped_bytes)), one written by Spring Kafka has the
+/// `kafka_dlt-*` ones, and any other record has none. Values that do not parse are `None`.
+/// Partition, offset and timestamp are read in Spring's binary encoding (big-endian
+/// integers) and, for records written by other tools, as decimal text.
+///
+/// ```
+/// use kourier::dead_letter::{headers, DeadLetterReason, Provenance};
+/// use kourier::Headers;
+///
+/// let letter_headers = Headers::new()
+///     .with(ORIGINAL_TOPIC, "notify.v1")
+///     .with(ORIGINAL_PARTITION, 3i32.to_be_bytes())
+///     .with(ORIGINAL_OFFSET, 42i64.to_be_bytes())
+///     .with(FAILURE_KIND, "permanent")
+///     .with(ATTEMPTS, "1");
+/// let p = Provenance::from_headers(&letter_headers);
+/// assert_eq!(p.original_topic.as_deref(), Some("notify.v1"));
+/// assert_eq!((p.original_partition, p.original_offset), (Some(3), Some(42)));
+/// assert_eq!(p.failure_kind, Some(DeadLetterReason::Permanent));
+/// assert_eq!(p.redrive_count, 0);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Provenance {
+    /// The source topic ([`ORIGINAL_TOPIC`]).
+    pub original_topic: Option<String>,
+    /// The source partition ([`ORIGINAL_PARTITION`]).
+    pub original_partition: Option<i32>,
+    /// The source offset ([`ORIGINAL_OFFSET`]).
+    pub original_offset: Option<i64>,
+    /// The source record's timestamp, ms since the epoch ([`ORIGINAL_TIMESTAMP`];
+    /// `None` for Java's `-1`, no timestamp).
+    pub original_timestamp: Option<i64>,
+    /// `CreateTime` or `LogAppendTime` ([`ORIGINAL_TIMESTAMP_TYPE`]).
+    pub original_timestamp_type: Option<String>,
+    /// The consumer group that gave up ([`ORIGINAL_CONSUMER_GROUP`]).
+    pub consumer_group: Option<String>,
+    /// The failure kind ([`FAILURE_KIND`]).
+    pub failure_kind: Option<DeadLetterReason>,
+    /// The failure's class-like name ([`EXCEPTION_FQCN`]), e.g.
+    /// `kourier.RetriesExhausted` or a Java exception class.
+    pub exception_class: Option<String>,
+    /// The last error message ([`EXCEPTION_MESSAGE`]).
+    pub error: Option<String>,
+    /// Attempts made ([`ATTEMPTS`]; 0 for a decode failure).
+    pub attempts: Option<u32>,
+    /// When the first attempt failed ([`FIRST_FAILURE_MS`]).
+    pub first_failure: Option<SystemTime>,
+    /// When the last attempt failed, i.e. when the record was given up
+    /// ([`LAST_FAILURE_MS`]).
+    pub last_failure: Option<SystemTime>,
+    /// Set for a metadata-only letter: the dropped value's size
+    /// ([`VALUE_DROPPED_BYTES`]).
+    pub value_dropped_bytes: Option<u64>,
+    /// How many times the record had been redriven before this dead-lettering
+    /// ([`REDRIVE_COUNT`]; 0 when absent).
+    pub redrive_count: u32,
+}
+
+impl Provenance {
+    /// Reads the provenance headers (the last one of each name counts, as in Kafka clients).
+    pub fn from_headers(h: &Headers) -> Provenance {
+        let text = |name| h.get_str(name).map(|s| s.trim().to_owned());
+        let number = |name| h.get_str(name).and_then(|s| s.trim().parse::<i64>().ok());
+        let time = |name| number(name).and_then(epoch_millis);
+        Provenance {
+            original_topic: text(ORIGINAL_TOPIC),
+            original_partition: h.get(ORIGINAL_PARTITION).and_then(int32),
+            original_offset: h.get(ORIGINAL_OFFSET).and_then(int64),
+            original_timestamp: h
+                .get(ORIGINAL_TIMESTAMP)
+                .and_then(int64)
+                .filter(|&t| t >= 0),
+            original_timestamp_type: text(ORIGINAL_TIMESTAMP_TYPE),
+            consumer_group: text(ORIGINAL_CONSUMER_GROUP),
+            failure_kind: h
+                .get_str(FAILURE_KIND)
+                .and_then(|s| DeadLetterReason::parse(s.trim())),
+            exception_class: text(EXCEPTION_FQCN),
+            error: h
+                .get(EXCEPTION_MESSAGE)
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
+            attempts: number(ATTEMPTS).and_then(|n| u32::try_from(n).ok()),
+            first_failure: time(FIRST_FAILURE_MS),
+            last_failure: time(LAST_FAILURE_MS),
+            value_dropped_bytes: number(VALUE_DROPPED_BYTES).and_then(|n| u64::try_from(n).ok()),
+            redrive_count: redrive_count(h),
+        }
+    }
+
+    /// Whether the headers named a source topic, i.e. this looks like a dead letter.
+    pub fn is_dead_letter(&self) -> bool {
+        self.original_topic.is_some()
+    }
+
+    /// `topic/partition@offset` of the source record, with `?` for what is unknown.
+    pub fn original_coordinates(&self) -> String {
+        fn or_unknown<T: ToString>(v: Option<T>) -> String {
+            v.map_or_else(|| "?".to_owned(), |v| v.to_string())
+        }
+        format!(
+            "{}/{}@{}",
+            self.original_topic.as_deref().unwrap_or("?"),
+            or_unknown(self.original_partition),
+            or_unknown(self.original_offset)
+        )
+    }
+}
+
+/// The [`REDRIVE_COUNT`] of a record (0 when absent or not a number).
+pub(crate) fn redrive_count(h: &Headers) -> u32 {
+    h.get_str(REDRIVE_COUNT)
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn is_decimal(v: &[u8]) -> bool {
+    let digits = v.strip_prefix(b"-").unwrap_or(v);
+    !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
+}
+
+fn decimal(v: &[u8]) -> Option<i64> {
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// A 4-byte big-endian integer (Spring's encoding), or decimal text.
+fn int32(v: &[u8]) -> Option<i32> {
+    if is_decimal(v) {
+        return decimal(v).and_then(|n| i32::try_from(n).ok());
+    }
+    Some(i32::from_be_bytes(v.try_into().ok()?))
+}
+
+/// An 8-byte big-endian integer (Spring's encoding), or decimal text.
+fn int64(v: &[u8]) -> Option<i64> {
+    if is_decimal(v) {
+        return decimal(v);
+    }
+    Some(i64::from_be_bytes(v.try_into().ok()?))
+}
+
+fn epoch_millis(ms: i64) -> Option<SystemTime> {
+    let ms = u64::try_from(ms).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
+/// The headers of a letter that keeps nothing of the record but its provenance: the
+/// provenance headers (the value marked dropped) plus the sizes of what was dropped.
+pub(crate) fn provenance_only_headers(letter: &DeadLetter) -> Vec<Header> {
+    let record = &letter.record;
+    let value_bytes = record.value.as_ref().map_or(0, Vec::len);
+    let mut stripped = (**record).clone();
+    stripped.headers = crate::record::Headers::new();
+    let bare = DeadLetter {
+        record: Arc::new(stripped),
+        ..letter.clone()
+    };
+    let mut out = letter_headers(&bare, Some(value_bytes));
+    out.push(Header::new(
+        KEY_DROPPED_BYTES,
+        record.key.as_ref().map_or(0, Vec::len).to_string(),
+    ));
+    out.push(Header::new(
+        HEADERS_DROPPED,
+        record.headers.len().to_string(),
+    ));
+    out
+}
+
+/// The headers of a dead letter: the record's own minus old provenance, then fresh provenance.
+/// `dropped_value_bytes` is set for a metadata-only letter.
+pub(crate) fn letter_headers(
+    letter: &DeadLetter,
+    dropped_value_bytes: Option<usize>,
+) -> Vec<Header> {
+    let record = &letter.record;
+    let is_provenance = |key: &str| ALL.contains(&key);
+
+    // A letter whose value was dropped before and is still null keeps saying so.
+    let dropped = dropped_value_bytes
+        .map(|n| n.to_string().into_bytes())
+        .or_else(|| {
+            if record.value.is_none() {
+                record.headers.get(VALUE_DROPPED_BYTES).map(<[u8]>::to_vec)
+            } else {
+                None
+            }
+        });
+
+    let mut out: Vec<Header> = record
+        .headers
+        .iter()
+        .filter(|h| !is_provenance(&h.key))
+        .cloned()
+        .collect();
+    out.reserve(ALL.len());
+
+    let (timestamp, timestamp_type) = match record.timestamp {
+        Some(ts) if record.log_append_time => (ts, "LogAppendTime"),
+        Some(ts) => (ts, "CreateTime"),
+        None => (-1, "NoTimestampType"),
+    };
+    out.push(Header::new(ORIGINAL_TOPIC, record.topic.as_bytes()));
+    out.push(Header::new(
+        ORIGINAL_PARTITION,
+        record.partition.to_be_bytes(),
+    ));
+    out.push(Header::new(ORIGINAL_OFFSET, record.offset.to_be_bytes()));
+    out.push(Header::new(ORIGINAL_TIMESTAMP, timestamp.to_be_bytes()));
+    out.push(Header::new(ORIGINAL_TIMESTAMP_TYPE, timestamp_type));
+    out.push(Header::new(
+        ORIGINAL_CONSUMER_GROUP,
+        letter.group_id.as_bytes(),
+    ));
+    out.push(Header::new(
+        EXCEPTION_MESSAGE,
+        truncate_utf8(&letter.error, MAX_ERROR_MESSAGE_BYTES).as_bytes(),
+    ));
+    out.push(Header::new(EXCEPTION_FQCN, letter.reason.fqcn()));
+    out.push(Header::new(FAILURE_KIND, letter.reason.as_str()));
+    out.push(Header::new(ATTEMPTS, letter.attempts.to_string()));
+    out.push(Header::new(
+        FIRST_FAILURE_MS,
+        millis_since_epoch(letter.first_failure).to_string(),
+    ));
+    out.push(Header::new(
+        LAST_FAILURE_MS,
+        millis_since_epoch(letter.last_failure).to_string(),
+    ));
+    if let Some(dropped) = dropped {
+        out.push(Header::new(VALUE_DROPPED_BYTES, dropped));
+    }
+    out
+}
+
+fn millis_since_epoch(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::dead_letter::DeadLetter;
+    use crate::record::RawRecord;
+
+    pub(crate) fn letter(headers: Headers, value: Option<Vec<u8>>) -> DeadLetter {
+        DeadLetter {
+            record: Arc::new(RawRecord {
+                topic: "notify.v1".into(),
+                partition: 3,
+                offset: 42,
+                key: Some(b"user-1".to_vec()),
+                value,
+                headers,
+                timestamp: Some(1_700_000_000_123),
+                log_append_time: false,
+            }),
+            reason: DeadLetterReason::RetriesExhausted,
+            error: "smtp said no".into(),
+            attempts: 4,
+            first_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_001_000),
+            last_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_002_500),
+            group_id: "mailer".into(),
+        }
+    }
+
+    fn get<'a>(headers: &'a [Header], key: &str) -> Option<&'a [u8]> {
+        let mut found = headers.iter().filter(|h| h.key == key);
+        let first = found.next()?;
+        assert!(found.next().is_none(), "{key} appears more than once");
+        first.value.as_deref()
+    }
+
+    #[test]
+    fn provenance_headers_use_the_documented_encodings() {
+        let original = Headers::new().with("event-id", "e-1");
+        let mut original = original;
+        original.push(Header::null("trace"));
+        let out = letter_headers(&letter(original, Some(b"{}".to_vec())), None);
+        assert_eq!(out[0], Header::new("event-id", "e-1"));
+        assert_eq!(out[1], Header::null("trace"));
+        assert_eq!(get(&out, ORIGINAL_TOPIC), Some(&b"notify.v1"[..]));
+        assert_eq!(get(&out, ORIGINAL_PARTITION), Some(&[0, 0, 0, 3][..]));
+        assert_eq!(get(&out, ORIGINAL_OFFSET), Some(&42i64.to_be_bytes()[..]));
+        assert_eq!(
+            get(&out, ORIGINAL_TIMESTAMP),
+            Some(&1_700_000_000_123i64.to_be_bytes()[..])
+        );
+        assert_eq!(get(&out, ORIGINAL_TIMESTAMP_TYPE), Some(&b"CreateTime"[..]));
+        assert_eq!(get(&out, ORIGINAL_CONSUMER_GROUP), Some(&b"mailer"[..]));
+        assert_eq!(get(&out, EXCEPTION_MESSAGE), Some(&b"smtp said no"[..]));
+        assert_eq!(
+            get(&out, EXCEPTION_FQCN),
+            Some(&b"kourier.RetriesExhausted"[..])
+        );
+        assert_eq!(get(&out, FAILURE_KIND), Some(&b"retries-exhausted"[..]));
+        assert_eq!(get(&out, ATTEMPTS), Some(&b"4"[..]));
+        assert_eq!(get(&out, FIRST_FAILURE_MS), Some(&b"1700000001000"[..]));
+        assert_eq!(get(&out, LAST_FAILURE_MS), Some(&b"1700000002500"[..]));
+        assert_eq!(get(&out, VALUE_DROPPED_BYTES), None);
+        assert_eq!(out.len(), 2 + 12);
+    }
+
+    #[test]
+    fn re_dead_lettering_replaces_provenance_and_keeps_redrive_count() {
+        let first = letter_headers(&letter(Headers::new().with("event-id", "e-1"), None), None);
+        let mut redriven: Headers = first.iter().cloned().collect();
+        redriven.push(Header::new(REDRIVE_COUNT, "1"));
+        let mut again = letter(redriven, None);
+        Arc::make_mut(&mut again.record).topic = "other.v1".into();
+        let second = letter_headers(&again, None);
+        assert_eq!(second.len(), first.len() + 1);
+        assert_eq!(get(&second, ORIGINAL_TOPIC), Some(&b"other.v1"[..]));
+        assert_eq!(get(&second, REDRIVE_COUNT), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn metadata_only_letters_record_the_dropped_size_and_keep_it() {
+        let out = letter_headers(&letter(Headers::new(), Some(vec![0; 10])), Some(10_240));
+        assert_eq!(get(&out, VALUE_DROPPED_BYTES), Some(&b"10240"[..]));
+
+        // Redriven with the value still null: the marker survives re-dead-lettering...
+        let again = letter_headers(&letter(out.iter().cloned().collect(), None), None);
+        assert_eq!(get(&again, VALUE_DROPPED_BYTES), Some(&b"10240"[..]));
+        // ...but not once a value is back.
+        let restored = letter_headers(&letter(out.into_iter().collect(), Some(vec![1])), None);
+        assert_eq!(get(&restored, VALUE_DROPPED_BYTES), None);
+    }
+
+    #[test]
+    fn long_errors_are_truncated_and_missing_timestamps_follow_java() {
+        let mut l = letter(Headers::new(), None);
+        l.error = "é".repeat(MAX_ERROR_MESSAGE_BYTES);
+        let record = Arc::make_mut(&mut l.record);
+        record.timestamp = None;
+        let out = letter_headers(&l, None);
+        let message = get(&out, EXCEPTION_MESSAGE).unwrap();
+        assert!(message.len() <= MAX_ERROR_MESSAGE_BYTES);
+        assert!(std::str::from_utf8(message).is_ok());
+        assert_eq!(
+            get(&out, ORIGINAL_TIMESTAMP),
+            Some(&(-1i64).to_be_bytes()[..])
+        );
+        assert_eq!(
+            get(&out, ORIGINAL_TIMESTAMP_TYPE),
+            Some(&b"NoTimestampType"[..])
+        );
+
+        let mut l = letter(Headers::new(), None);
+        Arc::make_mut(&mut l.record).log_append_time = true;
+        let out = letter_headers(&l, None);
+        assert_eq!(
+            get(&out, ORIGINAL_TIMESTAMP_TYPE),
+            Some(&b"LogAppendTime"[..])
+        );
+    }
+
+    #[test]
+    fn epoch_millis_handles_both_sides_of_the_epoch() {
+        assert_eq!(millis_since_epoch(UNIX_EPOCH + Duration::from_millis(5)), 5);
+        assert_eq!(
+            millis_since_epoch(UNIX_EPOCH - Duration::from_millis(5)),
+            -5
+        );
+    }
+
+    #[test]
+    fn reads_what_the_kafka_sink_writes() {
+        let letter = DeadLetter {
+            record: Arc::new(RawRecord {
+                topic: "notify.v1".into(),
+                partition: 3,
+                offset: 42,
+                key: Some(b"u-1".to_vec()),
+                value: None,
+                headers: Headers::new().with(REDRIVE_COUNT, "2"),
+                timestamp: Some(1_700_000_000_123),
+                log_append_time: false,
+            }),
+            reason: DeadLetterReason::RetriesExhausted,
+            error: "smtp said no".into(),
+            attempts: 4,
+            first_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_001_000),
+            last_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_002_500),
+            group_id: "mailer".into(),
+        };
+        let written: Headers = letter_headers(&letter, Some(10)).into_iter().collect();
+        let p = Provenance::from_headers(&written);
+        assert_eq!(
+            p,
+            Provenance {
+                original_topic: Some("notify.v1".into()),
+                original_partition: Some(3),
+                original_offset: Some(42),
+                original_timestamp: Some(1_700_000_000_123),
+                original_timestamp_type: Some("CreateTime".into()),
+                consumer_group: Some("mailer".into()),
+                failure_kind: Some(DeadLetterReason::RetriesExhausted),
+                exception_class: Some("kourier.RetriesExhausted".into()),
+                error: Some("smtp said no".into()),
+                attempts: Some(4),
+                first_failure: Some(letter.first_failure),
+                last_failure: Some(letter.last_failure),
+                value_dropped_bytes: Some(10),
+                redrive_count: 2,
+            }
+        );
+        assert!(p.is_dead_letter());
+        assert_eq!(p.original_coordinates(), "notify.v1/3@42");
+    }
+
+    #[test]
+    fn tolerates_other_writers() {
+        // Decimal text instead of binary, Java's -1 timestamp, junk.
+        let h = Headers::new()
+            .with(ORIGINAL_PARTITION, "7")
+            .with(ORIGINAL_OFFSET, "1234")
+            .with(ORIGINAL_TIMESTAMP, (-1i64).to_be_bytes())
+            .with(ATTEMPTS, "many")
+            .with(FAILURE_KIND, "exploded")
+            .with(REDRIVE_COUNT, "x");
+        let p = Provenance::from_headers(&h);
+        assert_eq!(p.original_partition, Some(7));
+        assert_eq!(p.original_offset, Some(1234));
+        assert_eq!(p.original_timestamp, None);
+        assert_eq!(p.attempts, None);
+        assert_eq!(p.failure_kind, None);
+        assert_eq!(p.redrive_count, 0);
+        assert!(!p.is_dead_letter());
+        assert_eq!(p.original_coordinates(), "?/7@1234");
+        assert_eq!(
+            Provenance::from_headers(&Headers::new()),
+            Provenance::default()
+        );
+    }
+}
