@@ -1012,7 +1012,7 @@ fn runtime() -> BoxResult<tokio::runtime::Runtime> {
 /// A kourier consumer running in the background of a runtime.
 struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<kourier::Result<()>>,
+    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
     monitor: kourier::ConsumerMonitor,
 }
 
@@ -1035,6 +1035,7 @@ impl Running {
         tokio::time::timeout(Duration::from_secs(120), self.task)
             .await
             .map_err(|_| "consumer did not shut down within 120 s")??
+            .map(|_report| ())
             .map_err(Into::into)
     }
 }

@@ -484,8 +484,11 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
     };
     let result = consumer.run(shutdown).await;
     status.abort();
-    result?;
-    println!("{}", serde_json::json!({ "exited": "clean" }));
+    let report = result?;
+    println!(
+        "{}",
+        serde_json::json!({ "exited": "clean", "abandoned": report.abandoned })
+    );
     Ok(())
 }
 

@@ -60,6 +60,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .topic(topic)
         .build()?
         .run_until_signal()
-        .await?;
+        .await?
+        // Records still running when the shutdown timeout passed are an error here.
+        .into_result()?;
     Ok(())
 }

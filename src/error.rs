@@ -18,9 +18,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A setting is missing, out of range or contradicts another one.
+    /// A setting is missing, out of range or contradicts another one. The details are in
+    /// the message (not repeated as a `source()`).
     #[error("invalid configuration: {0}")]
-    Config(#[from] ConfigError),
+    Config(ConfigError),
 
     /// The Kafka client reported an error.
     #[error("kafka error during {operation}")]
@@ -59,6 +60,36 @@ pub enum Error {
         after: Duration,
     },
 
+    /// The cluster could not be reached: at start within the startup timeout, or while
+    /// running for longer than the maximum broker outage.
+    #[error("kafka brokers {servers} unreachable for {after:?}")]
+    BrokersUnreachable {
+        /// The bootstrap servers tried.
+        servers: String,
+        /// How long kourier tried.
+        after: Duration,
+    },
+
+    /// Topics the consumer needs do not exist (subscribed topics, dead-letter topics).
+    #[error("missing topics: {} ({hint})", topics.join(", "))]
+    MissingTopics {
+        /// The topics that do not exist.
+        topics: Vec<String>,
+        /// What would create them, e.g. the builder setting.
+        hint: String,
+    },
+
+    /// Records were given up unsettled at shutdown, from
+    /// [`ShutdownReport::into_result`](crate::ShutdownReport::into_result); they are
+    /// delivered again after a restart.
+    #[error("{count} records abandoned at shutdown (first: {})", records.first().map_or("-", String::as_str))]
+    Abandoned {
+        /// How many.
+        count: usize,
+        /// The first of them, as `topic/partition@offset`.
+        records: Vec<String>,
+    },
+
     /// The consumer's poll thread stopped unexpectedly.
     #[error("the consumer's poll thread failed: {0}")]
     PollThread(String),
@@ -80,9 +111,52 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(e)
+    }
+}
+
 impl Error {
     pub(crate) fn kafka(operation: &'static str, source: rdkafka::error::KafkaError) -> Self {
         Error::Kafka { operation, source }
+    }
+
+    /// Whether this is a configuration problem ([`Error::Config`]): fix the settings, do
+    /// not retry.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Error::Config(_))
+    }
+
+    /// Whether the cluster could not be reached ([`Error::BrokersUnreachable`]).
+    pub fn is_brokers_unreachable(&self) -> bool {
+        matches!(self, Error::BrokersUnreachable { .. })
+    }
+
+    /// Whether topics are missing ([`Error::MissingTopics`]).
+    pub fn is_missing_topics(&self) -> bool {
+        matches!(self, Error::MissingTopics { .. })
+    }
+
+    /// Whether records were abandoned at shutdown ([`Error::Abandoned`]).
+    pub fn is_abandoned(&self) -> bool {
+        matches!(self, Error::Abandoned { .. })
+    }
+
+    /// Whether an operation timed out ([`Error::Timeout`], or a store timeout).
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::Store(StoreError::Timeout { .. })
+        )
+    }
+
+    /// The topics of an [`Error::MissingTopics`], else none.
+    pub fn missing_topics(&self) -> &[String] {
+        match self {
+            Error::MissingTopics { topics, .. } => topics,
+            _ => &[],
+        }
     }
 }
 
@@ -170,4 +244,35 @@ pub struct DeadLetterError {
     /// The underlying error.
     #[source]
     pub source: BoxError,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `{:#}`-style chains (anyhow, `error_chain`) print each message once.
+    #[test]
+    fn no_message_is_repeated_in_a_chain() {
+        let e = Error::from(ConfigError::Missing("group_id"));
+        assert_eq!(
+            error_chain(&e),
+            "invalid configuration: missing required setting `group_id`"
+        );
+        assert!(e.is_config() && !e.is_timeout());
+        let e = Error::Store(StoreError::Timeout {
+            operation: "claim",
+            after: Duration::from_secs(1),
+        });
+        assert_eq!(
+            error_chain(&e),
+            "idempotency store error: idempotency store timed out during claim after 1s"
+        );
+        assert!(e.is_timeout());
+        let e = Error::MissingTopics {
+            topics: vec!["a.dlt".into()],
+            hint: "create it".into(),
+        };
+        assert_eq!(e.to_string(), "missing topics: a.dlt (create it)");
+        assert_eq!(e.missing_topics(), ["a.dlt".to_owned()]);
+    }
 }

@@ -60,6 +60,12 @@ pub enum FailureKind {
     Transient,
     /// Will never succeed: dead-letter at once.
     Permanent,
+    /// The handler panicked: a bug rather than an outage. Retried like a transient failure
+    /// by default (see
+    /// [`retry_panics`](crate::RetryingConsumerBuilder::retry_panics)); dead-lettered as
+    /// [`DeadLetterReason::Panic`](crate::dead_letter::DeadLetterReason::Panic) when given
+    /// up. Only the consumer makes failures of this kind.
+    Panic,
 }
 
 /// A handler's failure: the cause, how to treat it, and an optional retry-after hint.
@@ -81,6 +87,15 @@ impl HandlerError {
             kind: FailureKind::Transient,
             retry_after: None,
             source: error.into(),
+        }
+    }
+
+    /// A panic caught on the record's path, as the consumer reports it.
+    pub(crate) fn panic(message: String) -> Self {
+        HandlerError {
+            kind: FailureKind::Panic,
+            retry_after: None,
+            source: message.into(),
         }
     }
 
@@ -159,6 +174,7 @@ impl fmt::Display for HandlerError {
         let kind = match self.kind {
             FailureKind::Transient => "transient",
             FailureKind::Permanent => "permanent",
+            FailureKind::Panic => "panic",
         };
         write!(f, "{kind} failure: {}", self.message())
     }

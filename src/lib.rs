@@ -189,8 +189,8 @@ pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
-    ConsumerMonitor, ConsumerSnapshot, DedupKey, Ordering, RetryingConsumer,
-    RetryingConsumerBuilder, shutdown_signal,
+    ConnectionState, ConsumerMonitor, ConsumerSnapshot, DedupKey, Ordering, PartitionStatus,
+    RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
 };
 pub use crate::dead_letter::{
     DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,

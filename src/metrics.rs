@@ -102,6 +102,16 @@ pub const RECORDS_IN_FLIGHT: &str = "kourier_records_in_flight";
 pub const CONSUMER_LAG: &str = "kourier_consumer_lag";
 /// Gauge (per partition): `1` while paused by flow control, else `0`.
 pub const PARTITION_PAUSED: &str = "kourier_partition_paused";
+/// Counter: handler attempts (and codec or dedup-key calls) that panicked. Labels: `topic`.
+pub const HANDLER_PANICS: &str = "kourier_handler_panics_total";
+/// Counter: records in flight longer than the stall threshold, counted once each. Labels:
+/// `topic`.
+pub const RECORDS_STALLED: &str = "kourier_records_stalled_total";
+/// Counter: records given up unsettled at a revoke or shutdown (delivered again later).
+/// Labels: `topic`.
+pub const RECORDS_ABANDONED: &str = "kourier_records_abandoned_total";
+/// Gauge: `1` while the consumer reaches the cluster, `0` while it does not.
+pub const CONNECTION_STATE: &str = "kourier_connection_state";
 
 /// Label names.
 pub mod labels {
@@ -120,10 +130,11 @@ pub mod labels {
 }
 
 const ATTEMPT_LABELS: [&str; 10] = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10+"];
-const REASONS: [DeadLetterReason; 3] = [
+const REASONS: [DeadLetterReason; 4] = [
     DeadLetterReason::Decode,
     DeadLetterReason::Permanent,
     DeadLetterReason::RetriesExhausted,
+    DeadLetterReason::Panic,
 ];
 
 /// An idempotency store operation, for [`STORE_ERRORS`].
@@ -149,6 +160,7 @@ fn reason_index(reason: DeadLetterReason) -> usize {
         DeadLetterReason::Decode => 0,
         DeadLetterReason::Permanent => 1,
         DeadLetterReason::RetriesExhausted => 2,
+        DeadLetterReason::Panic => 3,
     }
 }
 
@@ -163,12 +175,14 @@ pub struct DeadLetterCounts {
     pub permanent: u64,
     /// Records whose transient failures used up the retry policy.
     pub retries_exhausted: u64,
+    /// Records given up on because code on their path panicked.
+    pub panic: u64,
 }
 
 impl DeadLetterCounts {
     /// All dead letters.
     pub fn total(&self) -> u64 {
-        self.decode + self.permanent + self.retries_exhausted
+        self.decode + self.permanent + self.retries_exhausted + self.panic
     }
 
     /// The count of one kind.
@@ -177,6 +191,7 @@ impl DeadLetterCounts {
             DeadLetterReason::Decode => self.decode,
             DeadLetterReason::Permanent => self.permanent,
             DeadLetterReason::RetriesExhausted => self.retries_exhausted,
+            DeadLetterReason::Panic => self.panic,
         }
     }
 }
@@ -187,7 +202,10 @@ pub(crate) struct OutcomeCounts {
     pub(crate) handled: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) duplicates: AtomicU64,
-    dead_lettered: [AtomicU64; 3],
+    pub(crate) panics: AtomicU64,
+    pub(crate) stalled: AtomicU64,
+    pub(crate) abandoned: AtomicU64,
+    dead_lettered: [AtomicU64; 4],
 }
 
 impl OutcomeCounts {
@@ -197,6 +215,7 @@ impl OutcomeCounts {
             decode: get(DeadLetterReason::Decode),
             permanent: get(DeadLetterReason::Permanent),
             retries_exhausted: get(DeadLetterReason::RetriesExhausted),
+            panic: get(DeadLetterReason::Panic),
         }
     }
 }
@@ -212,7 +231,10 @@ pub(crate) struct TopicMetrics {
     dead_letter_write_failures: Counter,
     handler_duration: Histogram,
     retried: [OnceLock<Counter>; 10],
-    dead_lettered: [OnceLock<Counter>; 3],
+    dead_lettered: [OnceLock<Counter>; 4],
+    panics: Counter,
+    stalled: Counter,
+    abandoned: Counter,
     store_errors: [OnceLock<Counter>; 3],
 }
 
@@ -228,6 +250,9 @@ impl TopicMetrics {
             duplicates: ::metrics::counter!(DUPLICATES_SKIPPED, &labels),
             dead_letter_write_failures: ::metrics::counter!(DEAD_LETTER_WRITE_FAILURES, &labels),
             handler_duration: ::metrics::histogram!(HANDLER_DURATION, &labels),
+            panics: ::metrics::counter!(HANDLER_PANICS, &labels),
+            stalled: ::metrics::counter!(RECORDS_STALLED, &labels),
+            abandoned: ::metrics::counter!(RECORDS_ABANDONED, &labels),
             retried: Default::default(),
             dead_lettered: Default::default(),
             store_errors: Default::default(),
@@ -260,6 +285,7 @@ struct GroupMetrics {
     in_flight: Gauge,
     commit_duration: Histogram,
     commit_failures: Counter,
+    connection_state: Gauge,
 }
 
 /// Every metric handle of one consumer, and its outcome counts.
@@ -292,8 +318,16 @@ impl ConsumerMetrics {
                 in_flight: ::metrics::gauge!(RECORDS_IN_FLIGHT, &group),
                 commit_duration: ::metrics::histogram!(COMMIT_DURATION, &group),
                 commit_failures: ::metrics::counter!(COMMIT_FAILURES, &group),
+                connection_state: ::metrics::gauge!(CONNECTION_STATE, &group),
             }
         })
+    }
+
+    /// Whether the consumer reaches the cluster.
+    pub(crate) fn connection_state(&self, connected: bool) {
+        self.consumer()
+            .connection_state
+            .set(if connected { 1.0 } else { 0.0 });
     }
 
     /// Registers the consumer-wide handles (and the descriptions): call when it starts.
@@ -415,6 +449,24 @@ impl RecordMetrics<'_> {
         self.counts.dead_lettered[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Code on the record's path panicked (the handler, a codec, the dedup-key function).
+    pub(crate) fn panicked(&self) {
+        self.topic.panics.increment(1);
+        self.counts.panics.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The record has been in flight longer than the stall threshold (counted once).
+    pub(crate) fn stalled(&self) {
+        self.topic.stalled.increment(1);
+        self.counts.stalled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The record was given up unsettled (revoke or shutdown); it will be delivered again.
+    pub(crate) fn abandoned(&self) {
+        self.topic.abandoned.increment(1);
+        self.counts.abandoned.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn dead_letter_write_failed(&self) {
         self.topic.dead_letter_write_failures.increment(1);
     }
@@ -498,6 +550,25 @@ fn describe() {
     describe_gauge!(
         PARTITION_PAUSED,
         "1 while flow control pauses the partition, else 0."
+    );
+    describe_counter!(
+        HANDLER_PANICS,
+        Unit::Count,
+        "Handler attempts, codec and dedup-key calls that panicked."
+    );
+    describe_counter!(
+        RECORDS_STALLED,
+        Unit::Count,
+        "Records in flight longer than the stall threshold (counted once each)."
+    );
+    describe_counter!(
+        RECORDS_ABANDONED,
+        Unit::Count,
+        "Records given up unsettled at a revoke or shutdown; they are delivered again."
+    );
+    describe_gauge!(
+        CONNECTION_STATE,
+        "1 while the consumer reaches the Kafka cluster, 0 while it does not."
     );
 }
 

@@ -111,7 +111,7 @@ fn builder(recorder: &Recorder, topic: &str, group: &str) -> RetryingConsumerBui
 /// down cleanly (so a crash anywhere in between fails it too).
 struct Running {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<kourier::Result<()>>,
+    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
 }
 
 impl Running {
@@ -137,7 +137,7 @@ impl Running {
     async fn stop(mut self) {
         self.assert_alive();
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(60), self.task)
+        let _report = tokio::time::timeout(Duration::from_secs(60), self.task)
             .await
             .expect("consumer did not shut down within 60 s")
             .expect("consumer task panicked")

@@ -126,6 +126,20 @@ impl Handler for Recorder {
     }
 }
 
+/// A Kafka sink that does not declare its topics, so the consumer cannot check them at start.
+#[derive(Debug)]
+struct UndeclaredTopics(kourier::KafkaDeadLetterSink);
+
+#[kourier::async_trait]
+impl kourier::DeadLetterSink for UndeclaredTopics {
+    async fn send(
+        &self,
+        letter: &kourier::DeadLetter,
+    ) -> Result<kourier::DeadLetterReceipt, kourier::DeadLetterError> {
+        self.0.send(letter).await
+    }
+}
+
 fn fast_retries() -> RetryPolicy {
     RetryPolicy::fixed(Duration::from_millis(50), 3)
 }
@@ -144,7 +158,7 @@ fn builder(log: &Arc<Log>, topic: &str, group: &str) -> RetryingConsumerBuilder<
 /// A consumer running in the background until `stop` is called.
 struct Running {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<kourier::Result<()>>,
+    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
     monitor: kourier::ConsumerMonitor,
 }
 
@@ -165,7 +179,7 @@ impl Running {
 
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(60), self.task)
+        let _report = tokio::time::timeout(Duration::from_secs(60), self.task)
             .await
             .expect("consumer did not shut down within 60 s")
             .expect("consumer task panicked")
@@ -461,7 +475,15 @@ async fn failing_dead_letter_writes_hold_the_offset_then_recover() {
     )
     .await;
     let log = Arc::new(Log::default());
-    let c = Running::start(builder(&log, &topic, &group));
+    // The default sink's topic is checked at start (a missing one is a startup error, see
+    // tests/fail_loudly.rs); this sink writes to the same topic without declaring it, so the
+    // write itself fails while the topic is missing.
+    let sink = kourier::KafkaDeadLetterSink::builder(support::bootstrap())
+        .build()
+        .expect("sink");
+    let c = Running::start(
+        builder(&log, &topic, &group).dead_letter_sink(Arc::new(UndeclaredTopics(sink))),
+    );
     wait_for("first record", Duration::from_secs(60), || {
         log.succeeded_ids() == vec![0]
     })
@@ -963,12 +985,14 @@ async fn panicking_and_hanging_handlers_are_transient_failures() {
     c.stop().await;
     let letters = support::read_all(&dlt_topic).await;
     assert_eq!(letters.len(), 2);
-    assert_eq!(
-        header_str(&letters[0], dlt::FAILURE_KIND),
-        "retries-exhausted"
-    );
+    // A panic is its own failure kind: retried, then dead-lettered as `panic`.
+    assert_eq!(header_str(&letters[0], dlt::FAILURE_KIND), "panic");
     assert_eq!(header_str(&letters[0], dlt::ATTEMPTS), "2");
     assert!(header_str(&letters[0], dlt::EXCEPTION_MESSAGE).contains("handler panicked: event 1"));
+    assert_eq!(
+        header_str(&letters[1], dlt::FAILURE_KIND),
+        "retries-exhausted"
+    );
     assert_eq!(header_str(&letters[1], dlt::ATTEMPTS), "2");
     assert!(
         header_str(&letters[1], dlt::EXCEPTION_MESSAGE).contains("handler timed out after 300ms")

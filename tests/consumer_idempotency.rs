@@ -393,7 +393,7 @@ fn namespaced(group: &str, event_id: &str) -> String {
 /// A consumer running in the background until `stop` is called.
 struct Running {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<kourier::Result<()>>,
+    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
 }
 
 impl Running {
@@ -411,7 +411,7 @@ impl Running {
 
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(90), self.task)
+        let _report = tokio::time::timeout(Duration::from_secs(90), self.task)
             .await
             .expect("consumer did not shut down within 90 s")
             .expect("consumer task panicked")

@@ -329,7 +329,7 @@ async fn redriven_letters_are_handled_in_their_source_topic_once() {
     wait_for("u4 handled", || handled.lock().unwrap().len() == 2).await;
 
     let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    assert!(task.await.unwrap().unwrap().is_clean());
     let mut got = handled.lock().unwrap().clone();
     got.sort();
     assert_eq!(

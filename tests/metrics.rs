@@ -269,7 +269,7 @@ fn builder(
 
 struct Running {
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<kourier::Result<()>>,
+    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
     monitor: kourier::ConsumerMonitor,
 }
 
@@ -294,7 +294,9 @@ impl Running {
             .await
             .expect("consumer did not stop within 60 s")
             .expect("consumer task panicked")
-            .expect("consumer failed");
+            .expect("consumer failed")
+            .into_result()
+            .expect("clean shutdown");
     }
 }
 

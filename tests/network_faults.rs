@@ -605,7 +605,7 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = stop_tx.send(());
-    tokio::time::timeout(Duration::from_secs(60), task)
+    let _report = tokio::time::timeout(Duration::from_secs(60), task)
         .await
         .expect("consumer did not shut down within 60 s")
         .expect("consumer task panicked")

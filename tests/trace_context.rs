@@ -154,7 +154,7 @@ struct Setup {
     publisher: Publisher<Ev>,
     seen: Arc<Mutex<Seen>>,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<kourier::Result<()>>,
+    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
 }
 
 async fn setup(name: &str) -> Setup {
@@ -203,7 +203,8 @@ impl Setup {
 
     async fn stop(self) {
         let _ = self.stop.send(());
-        self.task
+        let _report = self
+            .task
             .await
             .expect("consumer panicked")
             .expect("consumer failed");

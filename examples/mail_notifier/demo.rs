@@ -142,7 +142,7 @@ pub(crate) async fn run_demo(
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
             () = &mut interrupt => { interrupted = true; break false; }
             result = &mut running => {
-                result.context("the consumer task panicked")?.context("the consumer stopped")?;
+                let _report = result.context("the consumer task panicked")?.context("the consumer stopped")?;
                 bail!("the consumer stopped on its own");
             }
         }
@@ -160,10 +160,13 @@ pub(crate) async fn run_demo(
     };
 
     let _ = stop_tx.send(());
-    running
+    let report = running
         .await
         .context("the consumer task panicked")?
         .context("the consumer failed while shutting down")?;
+    if !report.is_clean() {
+        bail!("the shutdown abandoned {} records", report.abandoned);
+    }
     // The shutdown committed what settled meanwhile.
     let committed = blocking(move || probe.get()).await.unwrap_or(committed);
 

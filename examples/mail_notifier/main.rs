@@ -207,8 +207,12 @@ async fn main() -> Result<()> {
             let mailer = Mailer::plaintext(&smtp_host, smtp_port, Journal::default());
             let consumer = notifier::consumer(&settings, mailer).await?;
             tracing::info!(topic = %settings.topic, group = %settings.group, smtp = %format!("{smtp_host}:{smtp_port}"), "notifier running; Ctrl-C stops it");
-            consumer.run_until_signal().await?;
-            tracing::info!("notifier stopped");
+            let report = consumer.run_until_signal().await?;
+            if report.is_clean() {
+                tracing::info!("notifier stopped");
+            } else {
+                tracing::warn!(abandoned = report.abandoned, first = ?report.abandoned_records.first(), "notifier stopped; records were abandoned and will be delivered again");
+            }
         }
         Command::Publish { run_id } => {
             notifier::ensure_topics(&settings).await?;

@@ -61,6 +61,7 @@ impl SchedulerHarness {
                     max_buffered_records,
                     max_buffered_bytes,
                     max_buffered_records_per_partition,
+                    max_uncommitted_per_partition: usize::MAX,
                 },
             ),
             running: VecDeque::new(),

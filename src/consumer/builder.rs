@@ -15,6 +15,7 @@ use super::hub::Hub;
 use super::poll::PollSettings;
 use super::retrying_consumer::RetryingConsumer;
 use super::scheduler::{Limits, Ordering, Scheduler};
+use super::startup::StartupSettings;
 use super::worker::WorkerContext;
 use crate::codec::{Codec, JsonCodec};
 use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
@@ -90,6 +91,13 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     revoke_timeout: Duration,
     max_poll_batch: usize,
     kafka_config: BTreeMap<String, String>,
+    startup_timeout: Duration,
+    wait_for_topics: bool,
+    max_broker_outage: Option<Duration>,
+    error_log_interval: Duration,
+    stall_threshold: Duration,
+    max_uncommitted_per_partition: usize,
+    retry_panics: bool,
 }
 
 impl<H: Handler> fmt::Debug for RetryingConsumerBuilder<H> {
@@ -141,6 +149,13 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             revoke_timeout: Duration::from_secs(30),
             max_poll_batch: 500,
             kafka_config: BTreeMap::new(),
+            startup_timeout: Duration::from_secs(30),
+            wait_for_topics: false,
+            max_broker_outage: None,
+            error_log_interval: Duration::from_secs(30),
+            stall_threshold: Duration::from_secs(60),
+            max_uncommitted_per_partition: 10_000,
+            retry_panics: true,
         }
     }
 
@@ -310,6 +325,73 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
+    /// How long [`run`](RetryingConsumer::run) waits at start for the cluster to answer.
+    /// Within it, the consumer also checks that every subscribed topic and every topic its
+    /// dead-letter sink writes to exist. Unreachable brokers give
+    /// [`Error::BrokersUnreachable`]; missing topics [`Error::MissingTopics`]. Default 30 s.
+    #[must_use]
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    /// Opt-in: when subscribed topics do not exist at start, wait for them to be created
+    /// (logging what it waits for once per log interval) instead of failing with
+    /// [`Error::MissingTopics`]. Dead-letter topics must exist either way. Default off.
+    #[must_use]
+    pub fn wait_for_topics(mut self, wait: bool) -> Self {
+        self.wait_for_topics = wait;
+        self
+    }
+
+    /// Opt-in: stop with [`Error::BrokersUnreachable`] when the cluster has been unreachable
+    /// this long while running (records in flight are given up unsettled, as at a
+    /// shutdown). Default: no bound — the consumer waits for the cluster to come back.
+    #[must_use]
+    pub fn max_broker_outage(mut self, outage: Duration) -> Self {
+        self.max_broker_outage = Some(outage);
+        self
+    }
+
+    /// How often a condition that persists (a broker down, a topic missing) is logged: the
+    /// first occurrence at once, then at most once per interval with the count suppressed
+    /// since. Default 30 s.
+    #[must_use]
+    pub fn error_log_interval(mut self, interval: Duration) -> Self {
+        self.error_log_interval = interval;
+        self
+    }
+
+    /// A record in flight longer than this is logged once (with its coordinates) and
+    /// counted in [`metrics::RECORDS_STALLED`](crate::metrics::RECORDS_STALLED) and the
+    /// snapshot; nothing else happens to it. Default 60 s.
+    #[must_use]
+    pub fn stall_threshold(mut self, threshold: Duration) -> Self {
+        self.stall_threshold = threshold;
+        self
+    }
+
+    /// Records of one partition received past its commit point — running, buffered, or
+    /// settled behind a record that is not — before that partition is paused (resumed
+    /// below half). Bounds the work a stuck record lets run ahead of the commit point in
+    /// key and unordered mode (all of it is handled again if the consumer crashes). Default
+    /// 10 000.
+    #[must_use]
+    pub fn max_uncommitted_per_partition(mut self, n: usize) -> Self {
+        self.max_uncommitted_per_partition = n;
+        self
+    }
+
+    /// Whether a panicking handler attempt is retried like a transient failure (the
+    /// default: a panic may come from a passing condition) or dead-lettered at once. Either
+    /// way it counts as [`FailureKind::Panic`](crate::FailureKind::Panic), and a record
+    /// given up after a panic is dead-lettered as `panic`.
+    #[must_use]
+    pub fn retry_panics(mut self, retry: bool) -> Self {
+        self.retry_panics = retry;
+        self
+    }
+
     /// Sets a raw librdkafka consumer property (e.g. `session.timeout.ms`,
     /// `auto.offset.reset`). kourier's own settings (`enable.auto.commit=false`,
     /// `enable.auto.offset.store=false`) cannot be changed.
@@ -335,15 +417,29 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             Scheduler::new(self.ordering, self.limits()),
             self.revoke_timeout,
             metrics.clone(),
+            self.error_log_interval,
         ));
+        let sink_topics = self
+            .topics
+            .iter()
+            .flat_map(|t| sink.topics_for(t))
+            .collect();
         let consumer: BaseConsumer<KourierContext> = config
             .create_with_context(KourierContext { hub: hub.clone() })
             .map_err(|e| Error::kafka("create consumer", e))?;
         let settings = PollSettings {
+            startup: StartupSettings {
+                servers: bootstrap,
+                timeout: self.startup_timeout,
+                topics: self.topics.clone(),
+                sink_topics,
+                wait_for_topics: self.wait_for_topics,
+            },
             topics: self.topics,
             commit_interval: self.commit_interval,
             shutdown_timeout: self.shutdown_timeout,
             max_poll_batch: self.max_poll_batch,
+            max_broker_outage: self.max_broker_outage,
         };
         let dedup = self.dedup.map(|(store, key)| Dedup {
             store,
@@ -361,6 +457,8 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             dedup,
             group_id,
             handler_timeout: self.handler_timeout,
+            retry_panics: self.retry_panics,
+            stall_threshold: self.stall_threshold,
             metrics,
         });
         Ok(RetryingConsumer {
@@ -408,6 +506,10 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 self.max_buffered_records_per_partition,
             ),
             ("max_poll_batch", self.max_poll_batch),
+            (
+                "max_uncommitted_per_partition",
+                self.max_uncommitted_per_partition,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::invalid(setting, "must be at least 1").into());
@@ -417,6 +519,13 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             ("commit_interval", self.commit_interval),
             ("idempotency_lease", self.dedup_lease),
             ("idempotency_ttl", self.dedup_ttl),
+            ("startup_timeout", self.startup_timeout),
+            ("error_log_interval", self.error_log_interval),
+            ("stall_threshold", self.stall_threshold),
+            (
+                "max_broker_outage",
+                self.max_broker_outage.unwrap_or(Duration::MAX),
+            ),
             (
                 "handler_timeout",
                 self.handler_timeout.unwrap_or(Duration::MAX),
@@ -531,6 +640,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             max_buffered_records: self.max_buffered_records,
             max_buffered_bytes: self.max_buffered_bytes,
             max_buffered_records_per_partition: self.max_buffered_records_per_partition,
+            max_uncommitted_per_partition: self.max_uncommitted_per_partition,
         }
     }
 }

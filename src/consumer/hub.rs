@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tracing::{info, warn};
+
+use super::health::{Health, LogThrottle};
 use super::scheduler::{Job, JobEnd, Scheduler};
 use crate::metrics::ConsumerMetrics;
 
@@ -23,6 +26,9 @@ pub(crate) struct Hub {
     closing: AtomicBool,
     pub(crate) revoke_timeout: Duration,
     pub(crate) metrics: Arc<ConsumerMetrics>,
+    pub(crate) health: Health,
+    /// Log lines of persisting conditions (broker errors, waits), once per interval.
+    pub(crate) throttle: LogThrottle,
 }
 
 impl Hub {
@@ -30,6 +36,7 @@ impl Hub {
         scheduler: Scheduler,
         revoke_timeout: Duration,
         metrics: Arc<ConsumerMetrics>,
+        log_interval: Duration,
     ) -> Self {
         Hub {
             scheduler: Mutex::new(scheduler),
@@ -39,6 +46,21 @@ impl Hub {
             closing: AtomicBool::new(false),
             revoke_timeout,
             metrics,
+            health: Health::new(),
+            throttle: LogThrottle::new(log_interval),
+        }
+    }
+
+    /// Records whether the cluster answers; a change is logged (once) and goes to the
+    /// connection-state gauge.
+    pub(crate) fn set_connected(&self, connected: bool) {
+        if self.health.set_connection(connected) {
+            self.metrics.connection_state(connected);
+            if connected {
+                info!("connected to the kafka cluster");
+            } else {
+                warn!("the kafka cluster is unreachable: records wait; kourier keeps trying");
+            }
         }
     }
 

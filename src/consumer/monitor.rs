@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, SystemTime};
 
+use super::health::{ConnectionState, PartitionStatus};
 use super::hub::Hub;
 use super::topic_partition::Tp;
 use crate::metrics::DeadLetterCounts;
@@ -37,6 +39,22 @@ pub struct ConsumerSnapshot {
     pub dead_lettered: DeadLetterCounts,
     /// Records skipped because the idempotency store said their work was done.
     pub duplicates: u64,
+    /// Panics caught on records' paths (handler attempts, codecs, dedup-key functions).
+    pub panics: u64,
+    /// Records that were in flight longer than the stall threshold (counted once each).
+    pub stalled: u64,
+    /// Records given up unsettled at revokes and shutdown (delivered again later).
+    pub abandoned: u64,
+    /// Whether the consumer reaches the cluster.
+    pub connection: ConnectionState,
+    /// Since when [`connection`](Self::connection) holds.
+    pub connection_since: SystemTime,
+    /// Each assigned partition's progress, sorted.
+    pub partitions: Vec<PartitionStatus>,
+    /// Whether the consumer has caught up: partitions are assigned, nothing is in flight
+    /// or buffered, and every assigned partition is read and committed to its end (as of
+    /// librdkafka's last fetch; refreshed five times a second).
+    pub caught_up: bool,
 }
 
 impl ConsumerMonitor {
@@ -52,16 +70,64 @@ impl ConsumerMonitor {
         let (buffered_records, buffered_bytes) = s.buffered();
         let counts = &self.hub.metrics.counts;
         let load = |c: &AtomicU64| c.load(AtomicOrdering::Relaxed);
+        let health = self.hub.health.state();
+        let assigned = list(s.assigned());
+        let paused = list(s.paused());
+        let partitions: Vec<PartitionStatus> = assigned
+            .iter()
+            .map(|(topic, partition)| {
+                let committed = s.committed_of(&(Arc::from(topic.as_str()), *partition));
+                let end = health
+                    .ends
+                    .get(&(topic.clone(), *partition))
+                    .copied()
+                    .unwrap_or_default();
+                // How far the group has got: what this consumer committed, else where it
+                // reads (its position starts at the group's committed offset).
+                let reached = committed.or(end.position).or(match (end.low, end.high) {
+                    (Some(low), Some(high)) if low == high => Some(high),
+                    _ => None,
+                });
+                PartitionStatus {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    committed,
+                    end_offset: end.high,
+                    lag: end.high.zip(reached).map(|(h, r)| (h - r).max(0)),
+                    paused: paused.contains(&(topic.clone(), *partition)),
+                }
+            })
+            .collect();
+        let caught_up = !partitions.is_empty()
+            && s.in_flight() == 0
+            && buffered_records == 0
+            && s.all_committed()
+            && partitions.iter().all(|p| p.lag == Some(0));
         ConsumerSnapshot {
             in_flight: s.in_flight(),
             buffered_records,
             buffered_bytes,
-            assigned: list(s.assigned()),
-            paused: list(s.paused()),
+            assigned,
+            paused,
             handled: load(&counts.handled),
             retried: load(&counts.retried),
             dead_lettered: counts.dead_lettered(),
             duplicates: load(&counts.duplicates),
+            panics: load(&counts.panics),
+            stalled: load(&counts.stalled),
+            abandoned: load(&counts.abandoned),
+            connection: health.connection,
+            connection_since: health.since,
+            partitions,
+            caught_up,
+        }
+    }
+
+    /// Resolves once the consumer has caught up (see [`ConsumerSnapshot::caught_up`]): for
+    /// tests and batch jobs that drain a topic and stop. Pair it with a timeout.
+    pub async fn caught_up(&self) {
+        while !self.snapshot().caught_up {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -63,7 +63,6 @@ impl OffsetTracker {
     }
 
     /// How many received records are not yet part of the settled prefix.
-    #[cfg(test)]
     pub(crate) fn unsettled(&self) -> usize {
         self.pending.len()
     }

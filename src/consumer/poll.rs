@@ -5,18 +5,25 @@
 //! async runtime, and so that handler work never delays polling (the consumer stays in its
 //! group whatever the handlers and back-offs do).
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::Offset;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tracing::{error, info, warn};
 
 use super::commit::commit_settled;
 use super::context::KourierContext;
 use super::flow::apply_flow;
+use super::health::{PartitionEnd, cached_watermarks};
 use super::hub::Hub;
+use super::retrying_consumer::ShutdownReport;
 use super::scheduler::Job;
 use super::shutdown::shutdown;
+use super::startup::{self, StartupSettings};
+use super::topic_partition::{Tp, tps_display};
 use crate::error::Error;
 use crate::record::RawRecord;
 
@@ -27,10 +34,19 @@ pub(crate) struct PollSettings {
     pub(crate) commit_interval: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_poll_batch: usize,
+    pub(crate) startup: StartupSettings,
+    /// Stop with [`Error::BrokersUnreachable`] after the cluster was unreachable this long.
+    pub(crate) max_broker_outage: Option<Duration>,
 }
 
 /// How long one poll waits for records.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// How often partition ends and positions are refreshed for the monitor.
+const HEALTH_EVERY: Duration = Duration::from_millis(200);
+/// How often a disconnected consumer asks the cluster whether it is back.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// At most one look for deleted topics this often.
+const DELETED_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs the consumer until a stop is requested, then shuts down gracefully.
 pub(crate) fn poll_loop(
@@ -38,23 +54,52 @@ pub(crate) fn poll_loop(
     hub: &Hub,
     settings: &PollSettings,
     spawn: &dyn Fn(Job),
-) -> Result<(), Error> {
+) -> Result<ShutdownReport, Error> {
+    if !startup::check(&consumer, hub, &settings.startup)? {
+        return Ok(ShutdownReport::default());
+    }
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
         .map_err(|e| Error::kafka("subscribe", e))?;
     info!(topics = ?topics, "consumer subscribed");
     hub.metrics.start();
+    hub.metrics.connection_state(true);
 
     let mut last_commit = Instant::now();
+    let mut last_health = Instant::now();
+    let mut last_probe = Instant::now();
+    let mut last_deleted_check: Option<Instant> = None;
+    let mut deleted: HashSet<Tp> = HashSet::new();
     let mut batch: Vec<RawRecord> = Vec::with_capacity(settings.max_poll_batch);
     let mut fatal = None;
+    let mut outage_error = None;
     while !hub.stop_requested() {
         let changes = hub.lock().flow_control();
         apply_flow(&consumer, &hub.metrics, &changes);
         if last_commit.elapsed() >= settings.commit_interval {
             commit_settled(&consumer, hub, "interval");
             last_commit = Instant::now();
+        }
+        if last_health.elapsed() >= HEALTH_EVERY {
+            refresh_ends(&consumer, hub);
+            last_health = Instant::now();
+        }
+        if let Some(outage) = hub.health.outage() {
+            if last_probe.elapsed() >= PROBE_EVERY {
+                probe(&consumer, hub, &settings.topics);
+                last_probe = Instant::now();
+            }
+            if let Some(max) = settings.max_broker_outage
+                && outage >= max
+            {
+                error!(?outage, max_broker_outage = ?max, "the kafka cluster has been unreachable longer than max_broker_outage: stopping");
+                outage_error = Some(Error::BrokersUnreachable {
+                    servers: settings.startup.servers.clone(),
+                    after: outage,
+                });
+                break;
+            }
         }
         // A (nearly) full buffer: wait until workers made room for a batch (or POLL_TIMEOUT),
         // then take what fits — at least one record, so that polling goes on (group
@@ -73,6 +118,7 @@ pub(crate) fn poll_loop(
         } else {
             Duration::ZERO
         };
+        let mut topic_missing = false;
         while batch.len() < max_batch {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => batch.push(RawRecord::from_message(&m)),
@@ -81,16 +127,40 @@ pub(crate) fn poll_loop(
                     fatal = Some(KafkaError::MessageConsumptionFatal(code));
                     break;
                 }
-                Some(Err(e)) => warn!(error = %e, "consumer error"),
+                Some(Err(e)) => {
+                    topic_missing |= matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::UnknownTopicOrPartition
+                                | RDKafkaErrorCode::UnknownTopic
+                        )
+                    );
+                    if let Some(suppressed) = hub.throttle.admit(&e.to_string()) {
+                        warn!(error = %e, suppressed, "consumer error");
+                    }
+                }
                 None => break,
             }
             timeout = Duration::ZERO;
         }
+        if topic_missing && last_deleted_check.is_none_or(|t| t.elapsed() >= DELETED_CHECK_EVERY) {
+            forget_deleted_topics(&consumer, hub, &settings.topics, &mut deleted);
+            last_deleted_check = Some(Instant::now());
+        }
         if !batch.is_empty() {
+            hub.set_connected(true);
             hub.metrics.consumed(&batch);
             let jobs = {
                 let mut s = hub.lock();
                 for record in batch.drain(..) {
+                    if !deleted.is_empty() {
+                        // A deleted topic that came back: track its partition again.
+                        let tp: Tp = (Arc::from(record.topic.as_str()), record.partition);
+                        if deleted.remove(&tp) {
+                            info!(partition = %format_args!("{}/{}", tp.0, tp.1), "partition of a re-created topic: tracked again");
+                            s.assign([tp]);
+                        }
+                    }
                     s.enqueue(record);
                 }
                 s.take_jobs()
@@ -106,9 +176,97 @@ pub(crate) fn poll_loop(
 
     shutdown(&consumer, hub, settings.shutdown_timeout);
     drop(consumer);
-    info!("consumer closed");
-    match fatal {
-        Some(e) => Err(Error::kafka("consume", e)),
-        None => Ok(()),
+    let (abandoned, abandoned_records) = hub.lock().abandoned_at_stop();
+    if abandoned > 0 {
+        warn!(abandoned, first = ?abandoned_records.first(), "consumer closed: records were abandoned unsettled; they are delivered again after a restart");
+    } else {
+        info!("consumer closed");
     }
+    if let Some(e) = fatal {
+        return Err(Error::kafka("consume", e));
+    }
+    if let Some(e) = outage_error {
+        return Err(e);
+    }
+    Ok(ShutdownReport {
+        abandoned,
+        abandoned_records,
+    })
+}
+
+/// A disconnected consumer asks for the metadata of one topic: an answer means the cluster
+/// is back.
+fn probe(consumer: &BaseConsumer<KourierContext>, hub: &Hub, topics: &[String]) {
+    if consumer
+        .fetch_metadata(
+            topics.first().map(String::as_str),
+            Duration::from_millis(500),
+        )
+        .is_ok()
+    {
+        hub.set_connected(true);
+    }
+}
+
+/// Refreshes each assigned partition's cached watermarks and position for the monitor (no
+/// request is sent).
+fn refresh_ends(consumer: &BaseConsumer<KourierContext>, hub: &Hub) {
+    let mut ends: HashMap<(String, i32), PartitionEnd> = HashMap::new();
+    {
+        // Keep the list's scope tight (rust-rdkafka #453).
+        let Ok(positions) = consumer.position() else {
+            return;
+        };
+        for e in positions.elements() {
+            let watermarks = cached_watermarks(consumer, e.topic(), e.partition());
+            let position = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            ends.insert(
+                (e.topic().to_owned(), e.partition()),
+                PartitionEnd {
+                    low: watermarks.map(|(low, _)| low),
+                    high: watermarks.map(|(_, high)| high),
+                    position,
+                },
+            );
+        }
+    }
+    hub.health.set_ends(ends);
+}
+
+/// After "unknown topic" errors: subscribed topics that no longer exist leave the
+/// assignment (with one warning), so the monitor and the commit point stop counting them.
+fn forget_deleted_topics(
+    consumer: &BaseConsumer<KourierContext>,
+    hub: &Hub,
+    topics: &[String],
+    deleted: &mut HashSet<Tp>,
+) {
+    let Ok(metadata) = consumer.fetch_metadata(None, Duration::from_secs(2)) else {
+        return;
+    };
+    let existing: HashSet<&str> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name())
+        .collect();
+    let gone: Vec<Tp> = {
+        let s = hub.lock();
+        s.assigned()
+            .into_iter()
+            .filter(|(t, _)| topics.iter().any(|s| s == &**t) && !existing.contains(&**t))
+            .collect()
+    };
+    if gone.is_empty() {
+        return;
+    }
+    warn!(partitions = ?tps_display(&gone), "subscribed topic deleted: its partitions leave the assignment (nothing more is committed for them)");
+    hub.lock().remove(&gone);
+    for (topic, partition) in &gone {
+        hub.metrics.partition_revoked(topic, *partition);
+    }
+    deleted.extend(gone);
 }

@@ -10,11 +10,12 @@ use super::context::KourierContext;
 use super::hub::Hub;
 use super::monitor::ConsumerMonitor;
 use super::poll::{PollSettings, poll_loop};
-use super::scheduler::Job;
+use super::scheduler::{Job, JobEnd};
 use super::shutdown::shutdown_signal;
 use super::worker::WorkerContext;
 use crate::error::{Error, Result};
 use crate::handler::Handler;
+use tracing::error;
 
 /// A Kafka consumer that runs a [`Handler`] for every record with retries, dead-lettering,
 /// optional idempotency and at-least-once commits.
@@ -52,10 +53,21 @@ impl<H: Handler> RetryingConsumer<H> {
     /// Must be called within a Tokio runtime (any flavour); handlers run as tasks on it.
     /// Polling happens on a dedicated thread, so handlers and back-offs never delay it.
     ///
+    /// Before it subscribes it runs the startup checks (see
+    /// [`startup_timeout`](crate::RetryingConsumerBuilder::startup_timeout)): the cluster
+    /// must answer and every topic it needs must exist.
+    ///
+    /// Returns a [`ShutdownReport`] that says whether any record was given up unsettled
+    /// (it is delivered again after a restart); [`ShutdownReport::into_result`] turns that
+    /// into an error for callers that want `?` to catch it.
+    ///
     /// # Errors
+    /// [`Error::BrokersUnreachable`] or [`Error::MissingTopics`] from the startup checks,
+    /// or when the cluster stays unreachable longer than
+    /// [`max_broker_outage`](crate::RetryingConsumerBuilder::max_broker_outage);
     /// [`Error::Kafka`] when subscribing fails or the client hits a fatal error;
     /// [`Error::PollThread`] when the poll thread could not be started or died.
-    pub async fn run<S>(self, shutdown: S) -> Result<()>
+    pub async fn run<S>(self, shutdown: S) -> Result<ShutdownReport>
     where
         S: Future<Output = ()> + Send,
     {
@@ -100,14 +112,14 @@ impl<H: Handler> RetryingConsumer<H> {
     ///
     /// # Errors
     /// As for [`RetryingConsumer::run`].
-    pub async fn run_until_signal(self) -> Result<()> {
+    pub async fn run_until_signal(self) -> Result<ShutdownReport> {
         self.run(shutdown_signal()).await
     }
 }
 
 fn flatten(
-    result: std::result::Result<Result<()>, tokio::sync::oneshot::error::RecvError>,
-) -> Result<()> {
+    result: std::result::Result<Result<ShutdownReport>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<ShutdownReport> {
     result.unwrap_or_else(|_| Err(Error::PollThread("the poll thread panicked".into())))
 }
 
@@ -120,12 +132,83 @@ impl Drop for StopOnDrop {
 }
 
 /// A worker: runs its job, then keeps taking the next job the scheduler hands it.
-async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, mut job: Job) {
+async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, job: Job) {
+    let mut guard = SettleGuard {
+        ctx,
+        hub,
+        job: Some(job),
+    };
     loop {
-        let end = ctx.process(job.record.clone(), &job.cancel).await;
-        match hub.finish(&job, end) {
-            Some(next) => job = next,
-            None => return,
+        let Some(job) = guard.job.as_ref() else {
+            return;
+        };
+        let end = guard.ctx.run_job(job.record.clone(), &job.stop).await;
+        let Some(job) = guard.job.take() else {
+            return;
+        };
+        guard.job = guard.hub.finish(&job, end);
+    }
+}
+
+/// Holds a worker's current job. Whatever unwinds through the worker task (a bug: plug-in
+/// panics are caught where they are called), the job still ends: it is given up unsettled
+/// (never committed past), its slot and lane are released, and the job the scheduler hands
+/// back runs on a fresh worker task (DESIGN rule 14).
+struct SettleGuard<H: Handler> {
+    ctx: Arc<WorkerContext<H>>,
+    hub: Arc<Hub>,
+    job: Option<Job>,
+}
+
+impl<H: Handler> Drop for SettleGuard<H> {
+    fn drop(&mut self) {
+        let Some(job) = self.job.take() else {
+            return;
+        };
+        error!(coordinates = %job.record.coordinates(), "worker task panicked: the record is given up unsettled (it is not committed past; delivered again after a rebalance or restart)");
+        if let Some(next) = self.hub.finish(&job, JobEnd::Abandoned)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(work(self.ctx.clone(), self.hub.clone(), next));
+        }
+    }
+}
+
+/// How a run ended, from [`RetryingConsumer::run`].
+///
+/// A clean shutdown handled, dead-lettered or skipped every record it started and committed
+/// them. Records given up unsettled — still in a handler when the shutdown timeout passed,
+/// or only waiting out a retry back-off when shutdown began (they are given up at once) —
+/// are listed here; their offsets were not committed, so they are delivered again after a
+/// restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+#[must_use = "a shutdown may have abandoned records: check `is_clean()` or use `into_result()`"]
+pub struct ShutdownReport {
+    /// How many records were given up unsettled.
+    pub abandoned: usize,
+    /// The first 100 of them, as `topic/partition@offset`.
+    pub abandoned_records: Vec<String>,
+}
+
+impl ShutdownReport {
+    /// Whether no record was given up.
+    pub fn is_clean(&self) -> bool {
+        self.abandoned == 0
+    }
+
+    /// `Ok(())` for a clean shutdown, else [`Error::Abandoned`].
+    ///
+    /// # Errors
+    /// [`Error::Abandoned`] when records were given up unsettled.
+    pub fn into_result(self) -> Result<()> {
+        if self.is_clean() {
+            Ok(())
+        } else {
+            Err(Error::Abandoned {
+                count: self.abandoned,
+                records: self.abandoned_records,
+            })
         }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::offsets::OffsetTracker;
+pub(crate) use super::topic_partition::Tp;
 use crate::record::RawRecord;
 
 /// How records may run in parallel.
@@ -30,15 +31,23 @@ pub enum Ordering {
     Unordered,
 }
 
-/// A topic-partition.
-pub(crate) type Tp = (Arc<str>, i32);
-
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum LaneKey {
     Partition,
     Key(Vec<u8>),
     NullKey,
     Record(i64),
+}
+
+/// The two ways a record's processing is told to stop early.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Stop {
+    /// Give the record up wherever it is (revoke or shutdown deadline passed): it is left
+    /// unsettled and delivered again.
+    pub(crate) abandon: CancellationToken,
+    /// Its partition is being revoked or the consumer is stopping: a record that is only
+    /// waiting out a retry back-off is given up at once (nothing of its is running).
+    pub(crate) drain: CancellationToken,
 }
 
 /// One record to run, handed to a worker.
@@ -48,9 +57,11 @@ pub(crate) struct Job {
     pub(crate) generation: u64,
     lane: LaneKey,
     pub(crate) record: Arc<RawRecord>,
-    /// Cancelled when the partition is revoked or the shutdown deadline passes: the
-    /// worker stops waiting (back-off, dead-letter retries) and leaves the record unsettled.
-    pub(crate) cancel: CancellationToken,
+    /// `abandon` fires when the revoke timeout or the shutdown deadline passes: the worker
+    /// stops waiting (store, dead-letter retries) and leaves the record unsettled. `drain`
+    /// fires when the partition starts draining (revoke, shutdown): a record only waiting
+    /// out a retry back-off is given up at once.
+    pub(crate) stop: Stop,
 }
 
 /// How a job ended.
@@ -70,6 +81,9 @@ pub(crate) struct Limits {
     pub(crate) max_buffered_records: usize,
     pub(crate) max_buffered_bytes: usize,
     pub(crate) max_buffered_records_per_partition: usize,
+    /// Records of one partition received past its commit point (running, buffered or
+    /// settled out of order) before the partition is paused.
+    pub(crate) max_uncommitted_per_partition: usize,
 }
 
 #[derive(Debug, Default)]
@@ -90,10 +104,12 @@ struct PartitionState {
     /// The highest offset handed to a worker in this assignment.
     max_started: Option<i64>,
     paused: bool,
+    /// Paused because too many records were received past the commit point.
+    uncommitted_paused: bool,
     /// Revoking or stopping: no new records, only gap fillers are still dispatched.
     draining: bool,
     committed: Option<i64>,
-    cancel: CancellationToken,
+    stop: Stop,
 }
 
 /// Pause/resume requests from [`Scheduler::flow_control`].
@@ -139,9 +155,16 @@ pub(crate) struct Scheduler {
     next_generation: u64,
     stopping: bool,
     throttled: bool,
-    shutdown: CancellationToken,
+    shutdown: Stop,
     topics: Vec<Arc<str>>,
+    /// Records given up unsettled since stopping began, `topic/partition@offset` (the first
+    /// [`ABANDONED_LISTED`]), and how many in all.
+    abandoned_at_stop: Vec<String>,
+    abandoned_at_stop_count: usize,
 }
+
+/// How many abandoned records a shutdown report lists by name.
+pub(crate) const ABANDONED_LISTED: usize = 100;
 
 impl Scheduler {
     pub(crate) fn new(ordering: Ordering, limits: Limits) -> Self {
@@ -156,8 +179,10 @@ impl Scheduler {
             next_generation: 1,
             stopping: false,
             throttled: false,
-            shutdown: CancellationToken::new(),
+            shutdown: Stop::default(),
             topics: Vec::new(),
+            abandoned_at_stop: Vec::new(),
+            abandoned_at_stop_count: 0,
         }
     }
 
@@ -189,14 +214,19 @@ impl Scheduler {
                     in_flight: 0,
                     max_started: None,
                     paused: false,
+                    uncommitted_paused: false,
                     draining: false,
                     committed: None,
-                    cancel: self.shutdown.child_token(),
+                    stop: Stop {
+                        abandon: self.shutdown.abandon.child_token(),
+                        drain: self.shutdown.drain.child_token(),
+                    },
                 },
             );
             if let Some(old) = old {
                 self.forget_buffered(&old);
-                old.cancel.cancel();
+                old.stop.drain.cancel();
+                old.stop.abandon.cancel();
             }
         }
     }
@@ -282,7 +312,7 @@ impl Scheduler {
                 generation,
                 lane: lane_key,
                 record,
-                cancel: p.cancel.clone(),
+                stop: p.stop.clone(),
             });
         }
         None
@@ -292,6 +322,12 @@ impl Scheduler {
     /// Completions from an earlier assignment (revoked since) are ignored.
     pub(crate) fn finish(&mut self, job: &Job, end: JobEnd) -> Option<Job> {
         self.in_flight -= 1;
+        if end == JobEnd::Abandoned && self.stopping {
+            self.abandoned_at_stop_count += 1;
+            if self.abandoned_at_stop.len() < ABANDONED_LISTED {
+                self.abandoned_at_stop.push(job.record.coordinates());
+            }
+        }
         if let Some(p) = self.partitions.get_mut(&job.tp)
             && p.generation == job.generation
         {
@@ -322,6 +358,7 @@ impl Scheduler {
         for tp in tps {
             if let Some(p) = self.partitions.get_mut(tp) {
                 p.draining = true;
+                p.stop.drain.cancel();
                 let (records, bytes) = trim_to_gap_fillers(p);
                 self.buffered_records -= records;
                 self.buffered_bytes -= bytes;
@@ -334,7 +371,7 @@ impl Scheduler {
     pub(crate) fn cancel(&self, tps: &[Tp]) {
         for tp in tps {
             if let Some(p) = self.partitions.get(tp) {
-                p.cancel.cancel();
+                p.stop.abandon.cancel();
             }
         }
     }
@@ -360,7 +397,8 @@ impl Scheduler {
         let mut out = Vec::new();
         for tp in tps {
             if let Some(p) = self.partitions.remove(tp) {
-                p.cancel.cancel();
+                p.stop.drain.cancel();
+                p.stop.abandon.cancel();
                 self.forget_buffered(&p);
                 if let Some(c) = p.tracker.committable()
                     && p.committed.is_none_or(|done| c > done)
@@ -445,19 +483,37 @@ impl Scheduler {
             self.throttled = false;
         }
         let per_partition = l.max_buffered_records_per_partition;
+        let uncommitted_limit = l.max_uncommitted_per_partition;
         let mut changes = FlowChanges::default();
         for (tp, p) in &mut self.partitions {
+            // Received past the commit point: the tracker's unsettled records (running,
+            // buffered, or settled behind an unsettled one).
+            let uncommitted = p.tracker.unsettled();
+            if p.uncommitted_paused {
+                p.uncommitted_paused = uncommitted > uncommitted_limit / 2;
+            } else if uncommitted >= uncommitted_limit {
+                p.uncommitted_paused = true;
+                tracing::warn!(
+                    partition = %format_args!("{}/{}", tp.0, tp.1),
+                    uncommitted,
+                    limit = uncommitted_limit,
+                    "partition paused: too many records received past its commit point (one record is holding it back)"
+                );
+            }
             if self.stopping {
                 if !p.paused {
                     p.paused = true;
                     changes.pause.push(tp.clone());
                 }
             } else if p.paused {
-                if !self.throttled && p.queued <= per_partition / 2 {
+                if !self.throttled && !p.uncommitted_paused && p.queued <= per_partition / 2 {
                     p.paused = false;
                     changes.resume.push(tp.clone());
                 }
-            } else if p.queued >= per_partition || (self.throttled && p.queued > 0) {
+            } else if p.queued >= per_partition
+                || p.uncommitted_paused
+                || (self.throttled && p.queued > 0)
+            {
                 p.paused = true;
                 changes.pause.push(tp.clone());
             }
@@ -471,6 +527,7 @@ impl Scheduler {
     /// not committed: they are delivered again after a restart.
     pub(crate) fn begin_stop(&mut self) {
         self.stopping = true;
+        self.shutdown.drain.cancel();
         for p in self.partitions.values_mut() {
             p.draining = true;
             let (records, bytes) = trim_to_gap_fillers(p);
@@ -481,7 +538,29 @@ impl Scheduler {
 
     /// Cancels every waiting worker (the shutdown deadline passed).
     pub(crate) fn cancel_all(&self) {
-        self.shutdown.cancel();
+        self.shutdown.abandon.cancel();
+    }
+
+    /// The offset last committed for `tp` in its current assignment.
+    pub(crate) fn committed_of(&self, tp: &Tp) -> Option<i64> {
+        self.partitions.get(tp).and_then(|p| p.committed)
+    }
+
+    /// Whether every assigned partition's settled records are committed and none is
+    /// unsettled.
+    pub(crate) fn all_committed(&self) -> bool {
+        self.partitions.values().all(|p| {
+            p.tracker.unsettled() == 0
+                && p.tracker
+                    .committable()
+                    .is_none_or(|c| p.committed.is_some_and(|done| done >= c))
+        })
+    }
+
+    /// Records given up unsettled since stopping began: how many, and the first
+    /// [`ABANDONED_LISTED`] of them as `topic/partition@offset`.
+    pub(crate) fn abandoned_at_stop(&self) -> (usize, Vec<String>) {
+        (self.abandoned_at_stop_count, self.abandoned_at_stop.clone())
     }
 
     /// Records running now.
@@ -556,6 +635,7 @@ mod tests {
             max_buffered_records: 100,
             max_buffered_bytes: 1 << 20,
             max_buffered_records_per_partition: 20,
+            max_uncommitted_per_partition: 1_000,
         }
     }
 
@@ -644,7 +724,11 @@ mod tests {
         }
         let j = s.take_jobs().pop().unwrap();
         s.begin_revoke(&[tp(0)]);
-        assert!(!j.cancel.is_cancelled(), "running records may finish");
+        assert!(!j.stop.abandon.is_cancelled(), "running records may finish");
+        assert!(
+            j.stop.drain.is_cancelled(),
+            "a back-off wait is given up at once"
+        );
         assert_eq!(
             s.buffered().0,
             0,
@@ -652,7 +736,7 @@ mod tests {
         );
         assert!(!s.drained(&[tp(0)]));
         s.cancel(&[tp(0)]);
-        assert!(j.cancel.is_cancelled());
+        assert!(j.stop.abandon.is_cancelled());
         assert_eq!(s.in_flight_of(&[tp(0)]), 1);
         assert!(
             !s.enqueue(rec(0, 5, None)),
@@ -671,7 +755,7 @@ mod tests {
             generation: j.generation,
             lane: LaneKey::Partition,
             record: Arc::new(rec(0, 1, None)),
-            cancel: CancellationToken::new(),
+            stop: Stop::default(),
         };
         s.in_flight += 1; // the stale job held a slot
         s.finish(&stale, JobEnd::Settled);
@@ -714,6 +798,7 @@ mod tests {
                 max_buffered_records: 10,
                 max_buffered_bytes: 1 << 20,
                 max_buffered_records_per_partition: 100,
+                max_uncommitted_per_partition: 1_000,
             },
         );
         s.assign([tp(0)]);
@@ -741,6 +826,7 @@ mod tests {
                 max_buffered_records: 10,
                 max_buffered_bytes: 1 << 20,
                 max_buffered_records_per_partition: 100,
+                max_uncommitted_per_partition: 1_000,
             },
         );
         s.assign([tp(0), tp(1), tp(2)]);

@@ -1,4 +1,19 @@
 //! The per-record pipeline: decode → claim → handle → retry → dead-letter → complete/release.
+//!
+//! Every call into a plug-in (codec, dedup-key function, handler, idempotency store,
+//! dead-letter sink) goes through [`guarded`] or [`guarded_async`], so that a panic in one
+//! becomes a defined failure of that plug-in (DESIGN rule 14):
+//!
+//! | panics in | becomes |
+//! |---|---|
+//! | codec | a poison pill: dead-lettered at once as `decode` |
+//! | dedup-key function | dead-lettered at once as `panic` (it would panic again) |
+//! | handler | a failure of kind `panic`: retried like a transient one (unless `retry_panics(false)`), dead-lettered as `panic` when given up |
+//! | store | a store error: the record waits and retries (never skipped) |
+//! | sink | a failed dead-letter write: retried, the partition waits |
+//!
+//! What still escapes (a bug in kourier itself) is caught by the worker task's settle guard
+//! (`retrying_consumer.rs`), which releases the record's slot and lane.
 
 use std::fmt;
 use std::panic::AssertUnwindSafe;
@@ -10,12 +25,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::dedup::Dedup;
-use super::scheduler::JobEnd;
+use super::scheduler::{JobEnd, Stop};
 use crate::codec::Codec;
-use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink};
+use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
 use crate::handler::{FailureKind, Handler, HandlerError};
-use crate::idempotency::{Claim, ClaimToken};
+use crate::idempotency::{Claim, ClaimToken, StoreError};
 use crate::message::Message;
 use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
 use crate::record::RawRecord;
@@ -31,7 +46,24 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) dedup: Option<Dedup<H::Event>>,
     pub(crate) group_id: String,
     pub(crate) handler_timeout: Option<Duration>,
+    /// Handler panics are retried like transient failures (else dead-lettered at once).
+    pub(crate) retry_panics: bool,
+    /// A record in flight longer than this is logged once and counted as stalled.
+    pub(crate) stall_threshold: Duration,
     pub(crate) metrics: Arc<ConsumerMetrics>,
+}
+
+/// Runs `f`, turning a panic into its message.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(&*p).to_owned())
+}
+
+/// Awaits `fut`, turning a panic into its message.
+pub(crate) async fn guarded_async<F: std::future::Future>(fut: F) -> Result<F::Output, String> {
+    AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .map_err(|p| panic_message(&*p).to_owned())
 }
 
 /// Back-off for infrastructure waits (store outage, busy claims, dead-letter writes):
@@ -64,13 +96,47 @@ struct Failure {
     last: SystemTime,
 }
 
+impl Failure {
+    /// A failure found before any attempt ran (decode, dedup key).
+    fn at_once(reason: DeadLetterReason, error: String) -> Self {
+        let now = SystemTime::now();
+        Failure {
+            reason,
+            error,
+            attempts: 0,
+            first: now,
+            last: now,
+        }
+    }
+}
+
+/// A panicking store call, as the store error it stands for: the record waits and retries.
+fn store_panic(operation: &'static str, panic: String) -> StoreError {
+    StoreError::Unavailable {
+        operation,
+        source: format!("the idempotency store panicked: {panic}").into(),
+    }
+}
+
 impl<H: Handler> WorkerContext<H> {
-    /// Runs one record to its end.
+    /// Runs one record to its end, stopping early only when `cancel` fires (for the unit
+    /// tests).
+    #[cfg(test)]
+    #[allow(dead_code)]
     pub(crate) async fn process(
         &self,
         record: Arc<RawRecord>,
         cancel: &CancellationToken,
     ) -> JobEnd {
+        let stop = Stop {
+            abandon: cancel.clone(),
+            drain: CancellationToken::new(),
+        };
+        self.run_job(record, &stop).await
+    }
+
+    /// Runs one record to its end.
+    pub(crate) async fn run_job(&self, record: Arc<RawRecord>, stop: &Stop) -> JobEnd {
         let span = info_span!(
             "kourier.record",
             topic = %record.topic,
@@ -83,15 +149,26 @@ impl<H: Handler> WorkerContext<H> {
         );
         trace_record_span(&span, &record);
         let metrics = self.metrics.record(&record.topic);
-        let outcome = self
-            .run(record, &metrics, cancel)
-            .instrument(span.clone())
-            .await;
+        let run = self
+            .run(record.clone(), &metrics, stop)
+            .instrument(span.clone());
+        tokio::pin!(run);
+        let outcome = tokio::select! {
+            outcome = &mut run => outcome,
+            () = tokio::time::sleep(self.stall_threshold) => {
+                warn!(coordinates = %record.coordinates(), threshold = ?self.stall_threshold, "record stalled: in flight longer than the stall threshold");
+                metrics.stalled();
+                run.await
+            }
+        };
         let (name, end) = match outcome {
             Outcome::Handled => ("handled", JobEnd::Settled),
             Outcome::Duplicate => ("duplicate", JobEnd::Settled),
             Outcome::DeadLettered => ("dead-lettered", JobEnd::Settled),
-            Outcome::Abandoned => ("abandoned", JobEnd::Abandoned),
+            Outcome::Abandoned => {
+                metrics.abandoned();
+                ("abandoned", JobEnd::Abandoned)
+            }
         };
         span.record("outcome", name);
         end
@@ -101,31 +178,42 @@ impl<H: Handler> WorkerContext<H> {
         &self,
         record: Arc<RawRecord>,
         metrics: &RecordMetrics<'_>,
-        cancel: &CancellationToken,
+        stop: &Stop,
     ) -> Outcome {
-        let event = match self.codec.decode(&record) {
+        let cancel = &stop.abandon;
+        let decoded = match guarded(|| self.codec.decode(&record)) {
+            Ok(decoded) => decoded.map_err(|e| error_chain(&e)),
+            Err(panic) => {
+                metrics.panicked();
+                Err(format!("codec panicked: {panic}"))
+            }
+        };
+        let event = match decoded {
             Ok(event) => event,
-            Err(e) => {
-                warn!(coordinates = %record.coordinates(), error = %e, "poison pill: record cannot be decoded, dead-lettering");
-                let now = SystemTime::now();
-                let failure = Failure {
-                    reason: DeadLetterReason::Decode,
-                    error: error_chain(&e),
-                    attempts: 0,
-                    first: now,
-                    last: now,
-                };
+            Err(error) => {
+                warn!(coordinates = %record.coordinates(), %error, "poison pill: record cannot be decoded, dead-lettering");
+                let failure = Failure::at_once(DeadLetterReason::Decode, error);
                 return self.dead_letter(record, failure, metrics, cancel).await;
             }
         };
         let mut message = Message::new(record.clone(), 1, event);
-        let dedup_key = self.dedup.as_ref().and_then(|d| {
-            let k = d.key.key_of(&message);
-            if k.is_none() {
-                debug!(coordinates = %record.coordinates(), "record has no dedup key: handled without idempotency");
-            }
-            k.map(|k| format!("{}:{k}", d.namespace))
-        });
+        let dedup_key = match &self.dedup {
+            None => None,
+            Some(d) => match guarded(|| d.key.key_of(&message)) {
+                Ok(Some(k)) => Some(format!("{}:{k}", d.namespace)),
+                Ok(None) => {
+                    debug!(coordinates = %record.coordinates(), "record has no dedup key: handled without idempotency");
+                    None
+                }
+                Err(panic) => {
+                    metrics.panicked();
+                    let error = format!("dedup key function panicked: {panic}");
+                    error!(coordinates = %record.coordinates(), %error, "dead-lettering: the dedup key cannot be computed");
+                    let failure = Failure::at_once(DeadLetterReason::Panic, error);
+                    return self.dead_letter(record, failure, metrics, cancel).await;
+                }
+            },
+        };
 
         let started = Instant::now();
         let mut first_failure = None;
@@ -151,7 +239,7 @@ impl<H: Handler> WorkerContext<H> {
             attempt += 1;
             message.set_attempt(attempt);
             tracing::Span::current().record("attempt", attempt);
-            let call = AssertUnwindSafe(self.handler.handle(&message)).catch_unwind();
+            let call = guarded_async(self.handler.handle(&message));
             let attempt_started = Instant::now();
             let outcome = match self.handler_timeout {
                 Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
@@ -160,10 +248,11 @@ impl<H: Handler> WorkerContext<H> {
             metrics.handler_duration(attempt_started.elapsed());
             let result = match outcome {
                 Ok(Ok(result)) => result,
-                Ok(Err(panic)) => Err(HandlerError::transient(format!(
-                    "handler panicked: {}",
-                    panic_message(&*panic)
-                ))),
+                Ok(Err(panic)) => {
+                    metrics.panicked();
+                    error!(coordinates = %record.coordinates(), attempt, panic = %panic, "handler panicked");
+                    Err(HandlerError::panic(format!("handler panicked: {panic}")))
+                }
                 Err(limit) => Err(HandlerError::transient(format!(
                     "handler timed out after {limit:?}"
                 ))),
@@ -184,24 +273,30 @@ impl<H: Handler> WorkerContext<H> {
             if let (Some(d), Some(k), Some(t)) = (&self.dedup, &dedup_key, &token) {
                 self.release(d, k, t, &record, metrics).await;
             }
-            let reason = match error.kind() {
-                FailureKind::Permanent => DeadLetterReason::Permanent,
-                FailureKind::Transient => {
-                    match self
-                        .policy
-                        .decide(attempt, started.elapsed(), error.retry_after_hint())
-                    {
-                        RetryDecision::RetryAfter(delay) => {
-                            debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "transient failure, retrying");
-                            metrics.retried(attempt);
-                            if !sleep_or_cancel(delay, cancel).await {
-                                return Outcome::Abandoned;
-                            }
-                            continue;
-                        }
-                        RetryDecision::GiveUp => DeadLetterReason::RetriesExhausted,
+            let (retry, given_up) = match error.kind() {
+                FailureKind::Permanent => (false, DeadLetterReason::Permanent),
+                FailureKind::Panic => (self.retry_panics, DeadLetterReason::Panic),
+                _ => (true, DeadLetterReason::RetriesExhausted),
+            };
+            let decision = if retry {
+                self.policy
+                    .decide(attempt, started.elapsed(), error.retry_after_hint())
+            } else {
+                RetryDecision::GiveUp
+            };
+            let reason = match decision {
+                RetryDecision::RetryAfter(delay) => {
+                    debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "failed, retrying");
+                    metrics.retried(attempt);
+                    // Nothing of the record runs while it waits: a revoke or a shutdown
+                    // gives it up at once rather than waiting for its back-off.
+                    if stop.drain.is_cancelled() || !sleep_or_cancel(delay, &stop.drain).await {
+                        debug!(coordinates = %record.coordinates(), "abandoned during its retry back-off: the partition is draining");
+                        return Outcome::Abandoned;
                     }
+                    continue;
                 }
+                _ => given_up,
             };
             warn!(coordinates = %record.coordinates(), attempt, reason = reason.as_str(), error = %error, "giving up on record, dead-lettering");
             let failure = Failure {
@@ -225,7 +320,10 @@ impl<H: Handler> WorkerContext<H> {
     ) -> ClaimOutcome {
         let mut waits = 0u32;
         loop {
-            match d.store.claim(key, d.lease).await {
+            match guarded_async(d.store.claim(key, d.lease))
+                .await
+                .unwrap_or_else(|panic| Err(store_panic("claim", panic)))
+            {
                 Ok(Claim::Acquired(token)) => return ClaimOutcome::Run(Some(token)),
                 Ok(Claim::Done) => return ClaimOutcome::Duplicate,
                 Ok(Claim::Busy) => {
@@ -262,7 +360,10 @@ impl<H: Handler> WorkerContext<H> {
         let deadline = Instant::now() + d.lease;
         let mut failures = 0u32;
         loop {
-            match d.store.complete(key, token, d.ttl).await {
+            match guarded_async(d.store.complete(key, token, d.ttl))
+                .await
+                .unwrap_or_else(|panic| Err(store_panic("complete", panic)))
+            {
                 Ok(()) => return,
                 Err(e) if e.is_lease_lost() => {
                     warn!(coordinates = %record.coordinates(), key, "lease expired before completion: the record may be handled again elsewhere");
@@ -295,7 +396,9 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
     ) {
         // Best effort: if it fails, the lease expires and the retry claims it then.
-        if let Err(e) = d.store.release(key, token).await
+        if let Err(e) = guarded_async(d.store.release(key, token))
+            .await
+            .unwrap_or_else(|panic| Err(store_panic("release", panic)))
             && !e.is_lease_lost()
         {
             metrics.store_error(StoreOperation::Release);
@@ -321,7 +424,16 @@ impl<H: Handler> WorkerContext<H> {
         };
         let mut failures = 0u32;
         loop {
-            match self.sink.send(&letter).await {
+            let sent = guarded_async(self.sink.send(&letter))
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(DeadLetterError {
+                        coordinates: letter.record.coordinates(),
+                        destination: "the dead-letter sink".into(),
+                        source: format!("the sink panicked: {panic}").into(),
+                    })
+                });
+            match sent {
                 Ok(receipt) => {
                     debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");
                     metrics.dead_lettered(letter.reason);

@@ -343,6 +343,10 @@ impl KafkaDeadLetterSink {
 
 #[async_trait]
 impl DeadLetterSink for KafkaDeadLetterSink {
+    fn topics_for(&self, source_topic: &str) -> Vec<String> {
+        vec![self.topic_for(source_topic)]
+    }
+
     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
         let dlt = self.topic_for(&letter.record.topic);
         let record = &letter.record;

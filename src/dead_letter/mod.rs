@@ -41,6 +41,10 @@ pub enum DeadLetterReason {
     Permanent,
     /// Transient failures used up the retry policy.
     RetriesExhausted,
+    /// Code on the record's path panicked — the handler on its last attempt (after the
+    /// retries panics get by default), or the dedup-key function (dead-lettered at once: it
+    /// would panic again). A bug, not an outage: fix it, then redrive.
+    Panic,
 }
 
 impl DeadLetterReason {
@@ -50,6 +54,7 @@ impl DeadLetterReason {
             DeadLetterReason::Decode => "decode",
             DeadLetterReason::Permanent => "permanent",
             DeadLetterReason::RetriesExhausted => "retries-exhausted",
+            DeadLetterReason::Panic => "panic",
         }
     }
 
@@ -59,6 +64,7 @@ impl DeadLetterReason {
             "decode" => Some(DeadLetterReason::Decode),
             "permanent" => Some(DeadLetterReason::Permanent),
             "retries-exhausted" => Some(DeadLetterReason::RetriesExhausted),
+            "panic" => Some(DeadLetterReason::Panic),
             _ => None,
         }
     }
@@ -68,6 +74,7 @@ impl DeadLetterReason {
             DeadLetterReason::Decode => "kourier.DecodeError",
             DeadLetterReason::Permanent => "kourier.PermanentFailure",
             DeadLetterReason::RetriesExhausted => "kourier.RetriesExhausted",
+            DeadLetterReason::Panic => "kourier.Panic",
         }
     }
 }
@@ -119,6 +126,15 @@ pub trait DeadLetterSink: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// A [`DeadLetterError`] when the letter was not stored; the consumer retries.
     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError>;
+
+    /// The Kafka topics this sink writes the dead letters of `source_topic` to. The
+    /// consumer checks at start that they exist (and creates them when told to), so a
+    /// missing topic is an error at start rather than a partition that waits forever at the
+    /// first failure. Default: none (a sink that writes elsewhere).
+    fn topics_for(&self, source_topic: &str) -> Vec<String> {
+        let _ = source_topic;
+        Vec::new()
+    }
 }
 
 /// Cuts `message` to at most `max` bytes on a char boundary.
@@ -143,6 +159,7 @@ mod tests {
             DeadLetterReason::Decode,
             DeadLetterReason::Permanent,
             DeadLetterReason::RetriesExhausted,
+            DeadLetterReason::Panic,
         ] {
             assert_eq!(DeadLetterReason::parse(r.as_str()), Some(r));
         }

@@ -1,0 +1,106 @@
+//! Startup checks (DESIGN rule 13): before subscribing, the cluster must answer and every
+//! topic the consumer needs — the subscribed ones and those its dead-letter sink writes to —
+//! must exist. A wrong world is a typed error within the startup timeout, not a hang.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use tracing::{info, warn};
+
+use super::hub::Hub;
+use crate::error::{Error, Result};
+
+/// What the startup checks need to know.
+#[derive(Debug, Clone)]
+pub(crate) struct StartupSettings {
+    /// The bootstrap servers, for the error message.
+    pub(crate) servers: String,
+    /// How long the cluster may take to answer.
+    pub(crate) timeout: Duration,
+    /// The subscribed topics.
+    pub(crate) topics: Vec<String>,
+    /// Dead-letter (and other) topics that must exist too.
+    pub(crate) sink_topics: Vec<String>,
+    /// Wait for missing subscribed topics to be created instead of failing.
+    pub(crate) wait_for_topics: bool,
+}
+
+/// How often a waiting check asks again.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+
+/// Runs the checks. `Ok(false)` when a stop was requested while waiting.
+///
+/// # Errors
+/// [`Error::BrokersUnreachable`] when no broker answered within the timeout;
+/// [`Error::MissingTopics`] when topics are missing (and not waited for).
+pub(crate) fn check<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    hub: &Hub,
+    settings: &StartupSettings,
+) -> Result<bool> {
+    let started = Instant::now();
+    let deadline = started + settings.timeout;
+    loop {
+        if hub.stop_requested() {
+            return Ok(false);
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let existing = match consumer.fetch_metadata(None, remaining.min(Duration::from_secs(5))) {
+            Ok(metadata) => metadata
+                .topics()
+                .iter()
+                .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                .map(|t| t.name().to_owned())
+                .collect::<BTreeSet<_>>(),
+            Err(e) => {
+                hub.set_connected(false);
+                if Instant::now() >= deadline {
+                    return Err(Error::BrokersUnreachable {
+                        servers: settings.servers.clone(),
+                        after: started.elapsed(),
+                    });
+                }
+                if let Some(suppressed) = hub.throttle.admit("startup: cluster unreachable") {
+                    warn!(servers = %settings.servers, error = %e, suppressed, waited = ?started.elapsed(), timeout = ?settings.timeout, "startup: the kafka cluster does not answer yet");
+                }
+                std::thread::sleep(RETRY_EVERY.min(remaining));
+                continue;
+            }
+        };
+        hub.set_connected(true);
+        let missing = |names: &[String]| -> Vec<String> {
+            names
+                .iter()
+                .filter(|t| !existing.contains(*t))
+                .cloned()
+                .collect()
+        };
+        let missing_sink = missing(&settings.sink_topics);
+        if !missing_sink.is_empty() {
+            return Err(Error::MissingTopics {
+                topics: missing_sink,
+                hint: "dead-letter topics: create them (kourier::topics::TopicAdmin), or set \
+                       create_missing_topics on the consumer builder"
+                    .into(),
+            });
+        }
+        let missing_source = missing(&settings.topics);
+        if missing_source.is_empty() {
+            info!(topics = ?settings.topics, took = ?started.elapsed(), "startup checks passed: the cluster answers and every topic exists");
+            return Ok(true);
+        }
+        if !settings.wait_for_topics {
+            return Err(Error::MissingTopics {
+                topics: missing_source,
+                hint: "subscribed topics: create them (kourier::topics::TopicAdmin), set \
+                       create_missing_topics, or wait_for_topics(true) to wait for them"
+                    .into(),
+            });
+        }
+        if let Some(suppressed) = hub.throttle.admit("startup: waiting for topics") {
+            warn!(topics = ?missing_source, suppressed, "startup: waiting for subscribed topics to be created (wait_for_topics)");
+        }
+        std::thread::sleep(RETRY_EVERY);
+    }
+}
