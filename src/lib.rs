@@ -179,6 +179,7 @@ mod message;
 pub mod metrics;
 mod publisher;
 mod retry;
+pub mod topics;
 mod trace_context;
 
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
