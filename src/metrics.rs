@@ -592,6 +592,29 @@ pub(crate) fn partition_offsets(json: &[u8]) -> Result<Vec<PartitionOffsets>, se
     Ok(out)
 }
 
+/// Every metric name kourier registers, in the order of the table in the module docs.
+///
+/// For checks outside the crate: dashboards, alert rules and recording rules that name
+/// kourier's metrics can be tested against this list (kourier's own `tests/ops_assets.rs`
+/// does so for the `mail_notifier` example's Grafana dashboard and Prometheus rules).
+/// Histograms appear under their base name; Prometheus exporters add `_bucket`, `_sum` and
+/// `_count` series.
+pub const METRIC_NAMES: &[&str] = &[
+    RECORDS_CONSUMED,
+    RECORDS_HANDLED,
+    RECORDS_RETRIED,
+    RECORDS_DEAD_LETTERED,
+    DUPLICATES_SKIPPED,
+    STORE_ERRORS,
+    DEAD_LETTER_WRITE_FAILURES,
+    HANDLER_DURATION,
+    COMMIT_DURATION,
+    COMMIT_FAILURES,
+    RECORDS_IN_FLIGHT,
+    CONSUMER_LAG,
+    PARTITION_PAUSED,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
