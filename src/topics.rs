@@ -379,12 +379,14 @@ impl TopicAdmin {
     }
 
     /// Creates the topics of `specs` that the cluster does not have, and waits until every
-    /// partition of each has a leader in the metadata, so producing and consuming can start.
+    /// partition of the topics it created has a leader in the metadata, so producing and
+    /// consuming can start.
     ///
     /// Existing topics are left as they are (their partition count and configuration are not
-    /// changed; a count that differs from the spec is logged as a warning). A create request
-    /// answered with "topic already exists" counts as success: two instances starting at the
-    /// same time may both try. While a just-started cluster is not ready to place replicas
+    /// changed; a count that differs from the spec is logged as a warning) and not waited
+    /// for. A create request answered with "topic already exists" counts as success (two
+    /// instances starting at the same time may both try), and that topic is waited for like
+    /// a created one. While a just-started cluster is not ready to place replicas
     /// (no controller, no registered broker yet), the create request is repeated until the
     /// timeout.
     ///
