@@ -93,6 +93,10 @@ pub enum Error {
     /// The consumer's poll thread stopped unexpectedly.
     #[error("the consumer's poll thread failed: {0}")]
     PollThread(String),
+
+    /// A topic check or topic creation failed ([`crate::topics`]).
+    #[error("topic administration failed")]
+    Topic(#[from] crate::topics::TopicError),
 }
 
 /// `error: cause: cause`, for logs and dead letters. A cause whose text the message already

@@ -182,6 +182,7 @@ mod publisher;
 mod record;
 mod retry;
 mod topic_name;
+pub mod topics;
 mod trace_context;
 
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};

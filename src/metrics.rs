@@ -17,7 +17,7 @@
 //! | `kourier_records_consumed_total` | counter | `topic`, `group` | records received from Kafka |
 //! | `kourier_records_handled_total` | counter | `topic`, `group` | records whose handler succeeded |
 //! | `kourier_records_retried_total` | counter | `topic`, `group`, `attempt` | transient failures that will be retried; `attempt` is the attempt that failed (`1` = the first try, …, `9`, then `10+`) |
-//! | `kourier_records_dead_lettered_total` | counter | `topic`, `group`, `kind` | dead letters the sink acknowledged; `kind` is `decode`, `permanent` or `retries-exhausted` |
+//! | `kourier_records_dead_lettered_total` | counter | `topic`, `group`, `kind` | dead letters the sink acknowledged; `kind` is `decode`, `permanent`, `retries-exhausted` or `panic` |
 //! | `kourier_duplicates_skipped_total` | counter | `topic`, `group` | records skipped because the idempotency store says their work is done |
 //! | `kourier_idempotency_store_errors_total` | counter | `topic`, `group`, `operation` | idempotency store calls that failed (unavailable, timed out); `operation` is `claim`, `complete` or `release` |
 //! | `kourier_dead_letter_write_failures_total` | counter | `topic`, `group` | dead-letter writes that failed (each is retried; the partition waits) |
@@ -27,6 +27,10 @@
 //! | `kourier_records_in_flight` | gauge | `group` | records being handled now (running, waiting for a retry, a claim or a dead-letter write) |
 //! | `kourier_consumer_lag` | gauge | `topic`, `group`, `partition` | records of an assigned partition not yet committed by the group: end offset − committed offset |
 //! | `kourier_partition_paused` | gauge | `topic`, `group`, `partition` | `1` while flow control pauses the partition (its buffer is full), else `0` |
+//! | `kourier_handler_panics_total` | counter | `topic`, `group` | panics caught on records' paths: handler attempts, codecs, dedup-key functions |
+//! | `kourier_records_stalled_total` | counter | `topic`, `group` | records in flight longer than the stall threshold, counted once each |
+//! | `kourier_records_abandoned_total` | counter | `topic`, `group` | records given up unsettled at a revoke or shutdown (delivered again later) |
+//! | `kourier_connection_state` | gauge | `group` | `1` while the consumer reaches the Kafka cluster, `0` while it does not |
 //!
 //! The names are the constants of this module; the label names are in [`labels`].
 //!
@@ -572,7 +576,32 @@ fn describe() {
     );
 }
 
-// ───────────── consumer lag from librdkafka's statistics ─────────────
+/// Every metric name kourier registers, in the order of the table in the module docs.
+///
+/// For checks outside the crate: dashboards, alert rules and recording rules that name
+/// kourier's metrics can be tested against this list (kourier's own `tests/ops_assets.rs`
+/// does so for the `mail_notifier` example's Grafana dashboard and Prometheus rules).
+/// Histograms appear under their base name; Prometheus exporters add `_bucket`, `_sum` and
+/// `_count` series.
+pub const METRIC_NAMES: &[&str] = &[
+    RECORDS_CONSUMED,
+    RECORDS_HANDLED,
+    RECORDS_RETRIED,
+    RECORDS_DEAD_LETTERED,
+    DUPLICATES_SKIPPED,
+    STORE_ERRORS,
+    DEAD_LETTER_WRITE_FAILURES,
+    HANDLER_DURATION,
+    COMMIT_DURATION,
+    COMMIT_FAILURES,
+    RECORDS_IN_FLIGHT,
+    CONSUMER_LAG,
+    PARTITION_PAUSED,
+    HANDLER_PANICS,
+    RECORDS_STALLED,
+    RECORDS_ABANDONED,
+    CONNECTION_STATE,
+];
 
 #[cfg(test)]
 mod tests {

@@ -1,96 +1,20 @@
-//! Kafka chores around the notifier: creating topics, watching a group's committed offsets,
-//! reading dead letters back. Plain rdkafka (re-exported by kourier as `kourier::rdkafka`).
+//! Kafka chores around the notifier: watching a group's committed offsets, reading dead
+//! letters back. Plain rdkafka (re-exported by kourier as `kourier::rdkafka`); the topics are
+//! created with kourier's own `kourier::topics::TopicAdmin` (see `notifier.rs`).
 //!
-//! rdkafka's metadata, watermark, commit and poll calls block, so the async callers run them
-//! with `spawn_blocking`.
+//! rdkafka's watermark, commit and poll calls block, so the async callers run them with
+//! `spawn_blocking`.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use kourier::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use kourier::rdkafka::client::DefaultClientContext;
 use kourier::rdkafka::config::ClientConfig;
 use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
 use kourier::rdkafka::message::OwnedMessage;
-use kourier::rdkafka::types::RDKafkaErrorCode;
 use kourier::rdkafka::{Message as _, Offset, TopicPartitionList};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Makes sure `topic` exists, creating it with `partitions` partitions if it does not.
-/// Returns its partition count (an existing topic keeps the count it has) and whether it was
-/// created now.
-pub(crate) async fn ensure_topic(
-    bootstrap: &str,
-    topic: &str,
-    partitions: i32,
-) -> Result<(i32, bool)> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("creating the Kafka admin client")?;
-    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
-    // A broker that has just started may not have registered itself yet: it then answers
-    // "invalid replication factor" (no broker to put a replica on) for a while.
-    let deadline = Instant::now() + 3 * TIMEOUT;
-    let created = loop {
-        let results = admin
-            .create_topics([&new_topic], &options)
-            .await
-            .with_context(|| {
-                format!("creating topic {topic} (is Kafka running at {bootstrap}?)")
-            })?;
-        match results.into_iter().next() {
-            Some(Ok(_)) => break true,
-            Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => break false,
-            Some(Err((_, code))) if is_retriable(code) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Some(Err((_, code))) => bail!("cannot create topic {topic}: {code}"),
-            None => bail!("cannot create topic {topic}: the broker gave no answer"),
-        }
-    };
-    let (bootstrap, name) = (bootstrap.to_owned(), topic.to_owned());
-    let count =
-        tokio::task::spawn_blocking(move || wait_for_partitions(&bootstrap, &name)).await??;
-    Ok((count, created))
-}
-
-fn is_retriable(code: RDKafkaErrorCode) -> bool {
-    matches!(
-        code,
-        RDKafkaErrorCode::InvalidReplicationFactor
-            | RDKafkaErrorCode::BrokerNotAvailable
-            | RDKafkaErrorCode::NotController
-            | RDKafkaErrorCode::RequestTimedOut
-            | RDKafkaErrorCode::LeaderNotAvailable
-    )
-}
-
-/// Waits until the topic's metadata shows every partition with a leader; returns the count.
-fn wait_for_partitions(bootstrap: &str, topic: &str) -> Result<i32> {
-    let client = plain_consumer(bootstrap, None)?;
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let metadata = client.fetch_metadata(Some(topic), TIMEOUT)?;
-        if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) {
-            let ready = t.error().is_none()
-                && !t.partitions().is_empty()
-                && t.partitions()
-                    .iter()
-                    .all(|p| p.leader() >= 0 && p.error().is_none());
-            if ready {
-                return Ok(i32::try_from(t.partitions().len())?);
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("topic {topic} has no leader for all its partitions after {TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// A consumer that never subscribes: for metadata, watermarks, committed offsets and reading
 /// assigned partitions. It does not join `group` (only `subscribe` does).

@@ -43,7 +43,8 @@
 //!
 //! `--metrics-addr 127.0.0.1:9464` serves kourier's metrics (records handled, retried,
 //! dead-lettered, duplicates, handler durations, lag, ...; see `kourier::metrics`) for
-//! Prometheus at `http://127.0.0.1:9464/metrics` while the notifier runs.
+//! Prometheus at `http://127.0.0.1:9464/metrics` while the notifier runs;
+//! `examples/mail_notifier/ops/` has a Grafana dashboard and Prometheus alert rules for them.
 
 mod demo;
 mod event;

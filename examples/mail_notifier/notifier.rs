@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use kourier::topics::{TopicAdmin, TopicSpec};
 use kourier::{DedupKey, Message, Ordering, RedisIdempotencyStore, RetryPolicy, RetryingConsumer};
 
 use crate::event::NotifyEvent;
-use crate::kafka::ensure_topic;
 use crate::mailer::Mailer;
 
 /// Where the notifier reads from and keeps its state.
@@ -19,7 +19,8 @@ pub(crate) struct Settings {
     pub(crate) redis_url: String,
     pub(crate) topic: String,
     pub(crate) group: String,
-    /// Partitions of the topic and of its dead-letter topic, when they are created.
+    /// Partitions of the topic, when it is created; its dead-letter topic, when created, gets
+    /// as many partitions as the topic has.
     pub(crate) partitions: i32,
 }
 
@@ -30,19 +31,34 @@ impl Settings {
     }
 }
 
-/// Creates the topic and its dead-letter topic when they are missing. Returns the partition
-/// counts (existing topics keep theirs).
+/// Creates the topic and its dead-letter topic when they are missing, with kourier's
+/// [`TopicAdmin`]: the dead-letter topic gets as many partitions as the topic has, so each
+/// dead letter lands in the partition of its source record. Returns the partition counts
+/// (existing topics keep theirs).
 pub(crate) async fn ensure_topics(settings: &Settings) -> Result<(i32, i32)> {
-    let (topic_partitions, created) =
-        ensure_topic(&settings.bootstrap, &settings.topic, settings.partitions).await?;
+    let admin = TopicAdmin::new(settings.bootstrap.as_str());
+    let source = admin
+        .ensure(&[TopicSpec::new(settings.topic.as_str(), settings.partitions)])
+        .await
+        .with_context(|| format!("creating topic {}", settings.topic))?;
+    let topic_partitions = source
+        .partitions(&settings.topic)
+        .unwrap_or(settings.partitions);
     let dlt = settings.dead_letter_topic();
-    let (dlt_partitions, dlt_created) =
-        ensure_topic(&settings.bootstrap, &dlt, settings.partitions).await?;
-    for (name, partitions, created) in [
-        (&settings.topic, topic_partitions, created),
-        (&dlt, dlt_partitions, dlt_created),
+    let dead_letters = admin
+        .ensure(&[TopicSpec::dead_letter(&settings.topic, topic_partitions)])
+        .await
+        .with_context(|| format!("creating topic {dlt}"))?;
+    let dlt_partitions = dead_letters.partitions(&dlt).unwrap_or(topic_partitions);
+    for (name, partitions, report) in [
+        (&settings.topic, topic_partitions, &source),
+        (&dlt, dlt_partitions, &dead_letters),
     ] {
-        let how = if created { "created" } else { "exists" };
+        let how = if report.was_created(name) {
+            "created"
+        } else {
+            "exists"
+        };
         tracing::info!(topic = %name, partitions, "topic {how}");
     }
     Ok((topic_partitions, dlt_partitions))
