@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
 /// A boxed error, the cause carried by [`Error`] variants.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -96,7 +98,7 @@ pub enum Error {
 
     /// A topic check or topic creation failed ([`crate::topics`]).
     #[error("topic administration failed")]
-    Topic(#[from] crate::topics::TopicError),
+    Topic(#[from] TopicError),
 }
 
 /// `error: cause: cause`, for logs and dead letters. A cause whose text the message already
@@ -248,6 +250,46 @@ pub struct DeadLetterError {
     /// The underlying error.
     #[source]
     pub source: BoxError,
+}
+
+/// Why a [`TopicAdmin`](crate::topics::TopicAdmin) call failed (inside [`Error::Topic`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopicError {
+    /// The cluster did not answer a metadata request within the admin's timeout: nothing
+    /// listens at the bootstrap servers, they cannot be resolved, or the connection or
+    /// authentication fails.
+    #[error("kafka cluster at {bootstrap_servers} did not answer within {after:?}")]
+    Unreachable {
+        /// The bootstrap servers that were tried.
+        bootstrap_servers: String,
+        /// How long kourier tried: the admin's timeout.
+        after: Duration,
+        /// librdkafka's last error, when it gave one.
+        #[source]
+        source: Option<KafkaError>,
+    },
+
+    /// The broker refused to create a topic (invalid name, replication factor above the
+    /// broker count, policy violation, missing authorization, ...).
+    #[error("cannot create topic {topic}")]
+    Create {
+        /// The topic.
+        topic: String,
+        /// The broker's answer.
+        #[source]
+        code: RDKafkaErrorCode,
+    },
+
+    /// Topics were created but their partitions did not all have a leader in the cluster's
+    /// metadata within the admin's timeout.
+    #[error("created topics {topics:?} have no leader for every partition after {after:?}")]
+    NotReady {
+        /// The topics not ready yet.
+        topics: Vec<String>,
+        /// How long the call waited in all: the admin's timeout.
+        after: Duration,
+    },
 }
 
 #[cfg(test)]

@@ -36,6 +36,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::time::Instant;
 
+pub use crate::error::TopicError;
 use crate::error::{ConfigError, Error, Result};
 
 /// How long a [`TopicAdmin`] call may take in all, unless [`TopicAdmin::timeout`] says
@@ -201,46 +202,6 @@ impl EnsureReport {
     pub fn partitions(&self, topic: &str) -> Option<i32> {
         self.partitions.get(topic).copied()
     }
-}
-
-/// Why a [`TopicAdmin`] call failed (inside [`Error::Topic`]).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum TopicError {
-    /// The cluster did not answer a metadata request within the admin's timeout: nothing
-    /// listens at the bootstrap servers, they cannot be resolved, or the connection or
-    /// authentication fails.
-    #[error("kafka cluster at {bootstrap_servers} did not answer within {after:?}")]
-    Unreachable {
-        /// The bootstrap servers that were tried.
-        bootstrap_servers: String,
-        /// How long kourier tried: the admin's timeout.
-        after: Duration,
-        /// librdkafka's last error, when it gave one.
-        #[source]
-        source: Option<KafkaError>,
-    },
-
-    /// The broker refused to create a topic (invalid name, replication factor above the
-    /// broker count, policy violation, missing authorization, ...).
-    #[error("cannot create topic {topic}")]
-    Create {
-        /// The topic.
-        topic: String,
-        /// The broker's answer.
-        #[source]
-        code: RDKafkaErrorCode,
-    },
-
-    /// Topics were created but their partitions did not all have a leader in the cluster's
-    /// metadata within the admin's timeout.
-    #[error("created topics {topics:?} have no leader for every partition after {after:?}")]
-    NotReady {
-        /// The topics not ready yet.
-        topics: Vec<String>,
-        /// How long the call waited in all: the admin's timeout.
-        after: Duration,
-    },
 }
 
 /// Checks and creates topics: a small wrapper around rdkafka's [`AdminClient`] and metadata

@@ -15,7 +15,7 @@ use super::hub::Hub;
 use super::poll::PollSettings;
 use super::retrying_consumer::RetryingConsumer;
 use super::scheduler::{Limits, Ordering, Scheduler};
-use super::startup::StartupSettings;
+use super::startup::{Provisioning, StartupSettings};
 use super::worker::WorkerContext;
 use crate::codec::{Codec, JsonCodec};
 use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
@@ -93,6 +93,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     kafka_config: BTreeMap<String, String>,
     startup_timeout: Duration,
     wait_for_topics: bool,
+    create_missing_topics: Option<i32>,
     max_broker_outage: Option<Duration>,
     error_log_interval: Duration,
     stall_threshold: Duration,
@@ -151,6 +152,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             kafka_config: BTreeMap::new(),
             startup_timeout: Duration::from_secs(30),
             wait_for_topics: false,
+            create_missing_topics: None,
             max_broker_outage: None,
             error_log_interval: Duration::from_secs(30),
             stall_threshold: Duration::from_secs(60),
@@ -344,6 +346,19 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
+    /// Opt-in: at start, create the topics the consumer needs that do not exist — each
+    /// subscribed topic with `partitions` partitions, and each dead-letter topic of the sink
+    /// with the partition count of its source topic (so letters keep their source
+    /// partition) — with the broker's default replication factor and settings. Existing
+    /// topics are not changed. For anything finer, create them with
+    /// [`TopicAdmin`](crate::topics::TopicAdmin) first. Default off: a missing topic is
+    /// [`Error::MissingTopics`].
+    #[must_use]
+    pub fn create_missing_topics(mut self, partitions: i32) -> Self {
+        self.create_missing_topics = Some(partitions);
+        self
+    }
+
     /// Opt-in: stop with [`Error::BrokersUnreachable`] when the cluster has been unreachable
     /// this long while running (records in flight are given up unsettled, as at a
     /// shutdown). Default: no bound — the consumer waits for the cluster to come back.
@@ -422,8 +437,12 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         let sink_topics = self
             .topics
             .iter()
-            .flat_map(|t| sink.topics_for(t))
+            .flat_map(|t| sink.topics_for(t).into_iter().map(|d| (t.clone(), d)))
             .collect();
+        let create = self.create_missing_topics.map(|partitions| Provisioning {
+            partitions,
+            kafka_config: self.security_settings(),
+        });
         let consumer: BaseConsumer<KourierContext> = config
             .create_with_context(KourierContext { hub: hub.clone() })
             .map_err(|e| Error::kafka("create consumer", e))?;
@@ -434,6 +453,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 topics: self.topics.clone(),
                 sink_topics,
                 wait_for_topics: self.wait_for_topics,
+                create,
             },
             topics: self.topics,
             commit_interval: self.commit_interval,
@@ -506,6 +526,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 self.max_buffered_records_per_partition,
             ),
             ("max_poll_batch", self.max_poll_batch),
+            (
+                "create_missing_topics",
+                self.create_missing_topics
+                    .map_or(1, |p| usize::try_from(p).unwrap_or(0)),
+            ),
             (
                 "max_uncommitted_per_partition",
                 self.max_uncommitted_per_partition,
@@ -623,15 +648,24 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             Some(sink) => sink.clone(),
             None => {
                 let mut b = KafkaDeadLetterSink::builder(bootstrap);
-                for (k, v) in &self.kafka_config {
-                    if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.")
-                    {
-                        b = b.kafka_config(k.clone(), v.clone());
-                    }
+                for (k, v) in self.security_settings() {
+                    b = b.kafka_config(k, v);
                 }
                 Arc::new(b.build()?) as Arc<dyn DeadLetterSink>
             }
         })
+    }
+
+    /// The raw `security.*`, `sasl.*` and `ssl.*` settings, for the clients kourier makes
+    /// on the consumer's behalf (dead-letter producer, topic admin).
+    fn security_settings(&self) -> Vec<(String, String)> {
+        self.kafka_config
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.")
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     fn limits(&self) -> Limits {

@@ -32,6 +32,6 @@ pub use self::builder::RetryingConsumerBuilder;
 pub use self::dedup::DedupKey;
 pub use self::health::{ConnectionState, PartitionStatus};
 pub use self::monitor::{ConsumerMonitor, ConsumerSnapshot};
-pub use self::retrying_consumer::{RetryingConsumer, ShutdownReport};
+pub use self::retrying_consumer::RetryingConsumer;
 pub use self::scheduler::Ordering;
-pub use self::shutdown::shutdown_signal;
+pub use self::shutdown::{ShutdownReport, shutdown_signal};

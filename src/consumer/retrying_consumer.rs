@@ -11,7 +11,8 @@ use super::hub::Hub;
 use super::monitor::ConsumerMonitor;
 use super::poll::{PollSettings, poll_loop};
 use super::scheduler::{Job, JobEnd};
-use super::shutdown::shutdown_signal;
+use super::startup::provision;
+use super::shutdown::{ShutdownReport, shutdown_signal};
 use super::worker::WorkerContext;
 use crate::error::{Error, Result};
 use crate::handler::Handler;
@@ -77,6 +78,9 @@ impl<H: Handler> RetryingConsumer<H> {
             worker,
             settings,
         } = self;
+        if let Some(create) = &settings.startup.create {
+            provision(&settings.startup, create).await?;
+        }
         let runtime = tokio::runtime::Handle::current();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let thread_hub = hub.clone();
@@ -170,45 +174,6 @@ impl<H: Handler> Drop for SettleGuard<H> {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(work(self.ctx.clone(), self.hub.clone(), next));
-        }
-    }
-}
-
-/// How a run ended, from [`RetryingConsumer::run`].
-///
-/// A clean shutdown handled, dead-lettered or skipped every record it started and committed
-/// them. Records given up unsettled — still in a handler when the shutdown timeout passed,
-/// or only waiting out a retry back-off when shutdown began (they are given up at once) —
-/// are listed here; their offsets were not committed, so they are delivered again after a
-/// restart.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-#[must_use = "a shutdown may have abandoned records: check `is_clean()` or use `into_result()`"]
-pub struct ShutdownReport {
-    /// How many records were given up unsettled.
-    pub abandoned: usize,
-    /// The first 100 of them, as `topic/partition@offset`.
-    pub abandoned_records: Vec<String>,
-}
-
-impl ShutdownReport {
-    /// Whether no record was given up.
-    pub fn is_clean(&self) -> bool {
-        self.abandoned == 0
-    }
-
-    /// `Ok(())` for a clean shutdown, else [`Error::Abandoned`].
-    ///
-    /// # Errors
-    /// [`Error::Abandoned`] when records were given up unsettled.
-    pub fn into_result(self) -> Result<()> {
-        if self.is_clean() {
-            Ok(())
-        } else {
-            Err(Error::Abandoned {
-                count: self.abandoned,
-                records: self.abandoned_records,
-            })
         }
     }
 }

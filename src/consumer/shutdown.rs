@@ -10,6 +10,7 @@ use super::commit::commit_settled;
 use super::flow::apply_flow;
 use super::hub::Hub;
 use super::scheduler::Scheduler;
+use crate::error::{Error, Result};
 
 /// How long each poll waits while in-flight records drain.
 const DRAIN_POLL_TIMEOUT: Duration = Duration::from_millis(50);
@@ -77,5 +78,44 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+/// How a run ended, from [`RetryingConsumer::run`](crate::RetryingConsumer::run).
+///
+/// A clean shutdown handled, dead-lettered or skipped every record it started and committed
+/// them. Records given up unsettled — still in a handler when the shutdown timeout passed,
+/// or only waiting out a retry back-off when shutdown began (they are given up at once) —
+/// are listed here; their offsets were not committed, so they are delivered again after a
+/// restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+#[must_use = "a shutdown may have abandoned records: check `is_clean()` or use `into_result()`"]
+pub struct ShutdownReport {
+    /// How many records were given up unsettled.
+    pub abandoned: usize,
+    /// The first 100 of them, as `topic/partition@offset`.
+    pub abandoned_records: Vec<String>,
+}
+
+impl ShutdownReport {
+    /// Whether no record was given up.
+    pub fn is_clean(&self) -> bool {
+        self.abandoned == 0
+    }
+
+    /// `Ok(())` for a clean shutdown, else [`Error::Abandoned`].
+    ///
+    /// # Errors
+    /// [`Error::Abandoned`] when records were given up unsettled.
+    pub fn into_result(self) -> Result<()> {
+        if self.is_clean() {
+            Ok(())
+        } else {
+            Err(Error::Abandoned {
+                count: self.abandoned,
+                records: self.abandoned_records,
+            })
+        }
     }
 }

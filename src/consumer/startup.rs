@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::hub::Hub;
 use crate::error::{Error, Result};
+use crate::topics::{TopicAdmin, TopicSpec};
 
 /// What the startup checks need to know.
 #[derive(Debug, Clone)]
@@ -20,10 +21,60 @@ pub(crate) struct StartupSettings {
     pub(crate) timeout: Duration,
     /// The subscribed topics.
     pub(crate) topics: Vec<String>,
-    /// Dead-letter (and other) topics that must exist too.
-    pub(crate) sink_topics: Vec<String>,
+    /// Dead-letter (and other) topics that must exist too, with the source topic each
+    /// serves.
+    pub(crate) sink_topics: Vec<(String, String)>,
     /// Wait for missing subscribed topics to be created instead of failing.
     pub(crate) wait_for_topics: bool,
+    /// Create missing topics before the checks (see [`provision`]).
+    pub(crate) create: Option<Provisioning>,
+}
+
+/// `create_missing_topics`: how missing topics are created.
+#[derive(Debug, Clone)]
+pub(crate) struct Provisioning {
+    /// Partitions of a created source topic.
+    pub(crate) partitions: i32,
+    /// Raw settings for the admin client (security settings of the consumer).
+    pub(crate) kafka_config: Vec<(String, String)>,
+}
+
+/// Creates what is missing: subscribed topics with the configured partition count, then
+/// the sink's topics with the partition count of the source topic each serves (so dead
+/// letters keep their source partition). Existing topics are left as they are.
+///
+/// # Errors
+/// [`Error::Topic`] when the cluster does not answer within the startup timeout or refuses
+/// to create a topic.
+pub(crate) async fn provision(settings: &StartupSettings, create: &Provisioning) -> Result<()> {
+    let mut admin = TopicAdmin::new(settings.servers.clone()).timeout(settings.timeout);
+    for (k, v) in &create.kafka_config {
+        admin = admin.kafka_config(k.clone(), v.clone());
+    }
+    let sources: Vec<TopicSpec> = settings
+        .topics
+        .iter()
+        .map(|t| TopicSpec::new(t.clone(), create.partitions))
+        .collect();
+    let report = admin.ensure(&sources).await?;
+    let counts = admin.partitions(&settings.topics).await?;
+    let sinks: Vec<TopicSpec> = settings
+        .sink_topics
+        .iter()
+        .map(|(source, dlt)| {
+            let partitions = report
+                .partitions(source)
+                .or(counts.get(source).copied().flatten())
+                .unwrap_or(create.partitions);
+            TopicSpec::new(dlt.clone(), partitions)
+        })
+        .collect();
+    let sink_report = admin.ensure(&sinks).await?;
+    let created: Vec<&String> = report.created().iter().chain(sink_report.created()).collect();
+    if !created.is_empty() {
+        info!(topics = ?created, "created missing topics (create_missing_topics)");
+    }
+    Ok(())
 }
 
 /// How often a waiting check asks again.
@@ -76,12 +127,13 @@ pub(crate) fn check<C: ConsumerContext>(
                 .cloned()
                 .collect()
         };
-        let missing_sink = missing(&settings.sink_topics);
+        let sink_topics: Vec<String> = settings.sink_topics.iter().map(|(_, t)| t.clone()).collect();
+        let missing_sink = missing(&sink_topics);
         if !missing_sink.is_empty() {
             return Err(Error::MissingTopics {
                 topics: missing_sink,
                 hint: "dead-letter topics: create them (kourier::topics::TopicAdmin), or set \
-                       create_missing_topics on the consumer builder"
+                       create_missing_topics(partitions) on the consumer builder"
                     .into(),
             });
         }
