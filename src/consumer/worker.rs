@@ -499,3 +499,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("non-string panic payload")
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;

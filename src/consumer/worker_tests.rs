@@ -1,0 +1,1153 @@
+//! Broker-free tests of the per-record pipeline (decode → claim → handle → retry →
+//! dead-letter → complete/release), driven through [`WorkerContext::process`] with a scripted
+//! handler, a recording dead-letter sink, the in-memory idempotency store and paused time.
+//!
+//! Every helper that touches the worker's interface sits in the "harness" section, so an
+//! interface change is fixed there once.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::FutureExt as _;
+use serde::Deserialize;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::WorkerContext;
+use crate::codec::{Codec, DecodeError, JsonCodec};
+use crate::consumer::dedup::{Dedup, DedupKey};
+use crate::consumer::scheduler::JobEnd;
+use crate::dead_letter::{
+    DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
+};
+use crate::handler::{Handler, HandlerError};
+use crate::idempotency::{
+    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, StoreError,
+};
+use crate::message::Message;
+use crate::metrics::ConsumerMetrics;
+use crate::record::{Headers, RawRecord};
+use crate::retry::RetryPolicy;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+const TOPIC: &str = "orders";
+const GROUP: &str = "billing";
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(6 * 3600);
+
+/// The dead-letter reason of a record whose handler panicked on every attempt. Today a panic is
+/// an ordinary transient failure; change this one line if panics get their own kind.
+const PANIC_EXHAUSTED: DeadLetterReason = DeadLetterReason::RetriesExhausted;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[derive(Debug, Deserialize)]
+struct Order {
+    id: String,
+}
+
+/// A record of `TOPIC` with a key, a binary header and the given value.
+fn raw(value: Option<&[u8]>) -> RawRecord {
+    RawRecord {
+        topic: TOPIC.to_owned(),
+        partition: 3,
+        offset: 42,
+        key: Some(b"customer-7".to_vec()),
+        value: value.map(<[u8]>::to_vec),
+        headers: Headers::new().with("origin", b"\xff\x00bin".to_vec()),
+        timestamp: Some(1_700_000_000_000),
+        log_append_time: false,
+    }
+}
+
+/// A well-formed order event.
+fn order(id: &str) -> RawRecord {
+    raw(Some(format!(r#"{{"id":"{id}"}}"#).as_bytes()))
+}
+
+/// The store key the worker uses for order `id`: namespaced by the consumer group.
+fn store_key(id: &str) -> String {
+    format!("{GROUP}:{id}")
+}
+
+/// What a fresh claim on a key says, seen from outside the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyState {
+    /// Claimable: never claimed, released, or its lease lapsed.
+    Free,
+    /// Another token holds a live claim.
+    Held,
+    /// Completed.
+    Done,
+}
+
+/// Looks at a key without disturbing it: a probe claim that acquires is released at once.
+async fn key_state(store: &InMemoryIdempotencyStore, key: &str) -> KeyState {
+    match store.claim(key, LEASE).await.expect("in-memory claim") {
+        Claim::Acquired(token) => {
+            store.release(key, &token).await.expect("release the probe");
+            KeyState::Free
+        }
+        Claim::Busy => KeyState::Held,
+        Claim::Done => KeyState::Done,
+    }
+}
+
+async fn acquire(store: &InMemoryIdempotencyStore, key: &str, lease: Duration) -> ClaimToken {
+    match store.claim(key, lease).await.expect("in-memory claim") {
+        Claim::Acquired(token) => token,
+        other => panic!("expected to acquire {key}, got {other:?}"),
+    }
+}
+
+/// What the handler does on one attempt.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Succeed,
+    Transient,
+    /// Transient, asking for the next attempt no sooner than this.
+    Throttled(Duration),
+    /// Permanent, with a retry-after hint the worker must ignore.
+    Permanent,
+    Panic,
+    /// Sleeps this long, then succeeds.
+    Stall(Duration),
+}
+
+use Step::{Panic, Permanent, Stall, Succeed, Throttled, Transient};
+
+/// One handler call as the handler saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Call {
+    attempt: u32,
+    /// Paused time since the harness was built.
+    at: Duration,
+    order: String,
+    /// The record's store key as a fresh claim saw it during the call (with an in-memory store).
+    key: Option<KeyState>,
+}
+
+/// Plays `steps`: attempt n runs `steps[n - 1]`, the last step repeats.
+struct ScriptedHandler {
+    steps: Vec<Step>,
+    t0: Instant,
+    probe: Option<InMemoryIdempotencyStore>,
+    calls: Mutex<Vec<Call>>,
+}
+
+#[async_trait]
+impl Handler for ScriptedHandler {
+    type Event = Order;
+
+    async fn handle(&self, message: &Message<Order>) -> Result<(), HandlerError> {
+        let attempt = message.attempt();
+        let key = match &self.probe {
+            Some(store) => Some(key_state(store, &store_key(&message.event().id)).await),
+            None => None,
+        };
+        self.calls.lock().unwrap().push(Call {
+            attempt,
+            at: self.t0.elapsed(),
+            order: message.event().id.clone(),
+            key,
+        });
+        let step = self.steps[(attempt as usize)
+            .saturating_sub(1)
+            .min(self.steps.len() - 1)];
+        match step {
+            Succeed => Ok(()),
+            Transient => Err(HandlerError::transient(format!(
+                "smtp 451 on attempt {attempt}"
+            ))),
+            Throttled(d) => Err(HandlerError::transient("429 too many requests").retry_after(d)),
+            Permanent => Err(HandlerError::permanent(format!(
+                "mailbox unknown on attempt {attempt}"
+            ))
+            .retry_after(secs(60))),
+            Panic => panic!("boom on attempt {attempt}"),
+            Stall(d) => {
+                sleep(d).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Takes one from a countdown; `u32::MAX` means "always".
+fn take_one(left: &AtomicU32) -> bool {
+    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// A dead-letter sink that fails (or panics) a given number of times, then acknowledges.
+#[derive(Debug)]
+struct RecordingSink {
+    t0: Instant,
+    panics_left: AtomicU32,
+    failures_left: AtomicU32,
+    /// Paused time of every `send` call, failed ones included.
+    sends: Mutex<Vec<Duration>>,
+    /// The letters acknowledged.
+    acked: Mutex<Vec<DeadLetter>>,
+}
+
+#[async_trait]
+impl DeadLetterSink for RecordingSink {
+    async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+        self.sends.lock().unwrap().push(self.t0.elapsed());
+        if take_one(&self.panics_left) {
+            panic!("sink bug");
+        }
+        if take_one(&self.failures_left) {
+            return Err(DeadLetterError {
+                coordinates: letter.record.coordinates(),
+                destination: format!("{TOPIC}.dlt"),
+                source: "broker unreachable".into(),
+            });
+        }
+        let mut acked = self.acked.lock().unwrap();
+        acked.push(letter.clone());
+        Ok(DeadLetterReceipt {
+            topic: format!("{TOPIC}.dlt"),
+            partition: Some(letter.record.partition),
+            offset: Some(acked.len() as i64 - 1),
+        })
+    }
+}
+
+/// An in-memory store that answers `Unavailable` to every call while `down`.
+#[derive(Debug, Default)]
+struct FlakyStore {
+    inner: InMemoryIdempotencyStore,
+    down: AtomicBool,
+    claims: AtomicU32,
+}
+
+impl FlakyStore {
+    fn down() -> Arc<Self> {
+        let store = FlakyStore::default();
+        store.down.store(true, Ordering::SeqCst);
+        Arc::new(store)
+    }
+
+    fn check(&self, operation: &'static str) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                operation,
+                source: "connection refused".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for FlakyStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        self.claims.fetch_add(1, Ordering::SeqCst);
+        self.check("claim")?;
+        self.inner.claim(key, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.check("complete")?;
+        self.inner.complete(key, token, ttl).await
+    }
+
+    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+        self.check("release")?;
+        self.inner.release(key, token).await
+    }
+}
+
+/// A codec that panics: a bug in user code outside the handler.
+struct PanickingCodec;
+
+impl Codec<Order> for PanickingCodec {
+    fn decode(&self, _: &RawRecord) -> Result<Order, DecodeError> {
+        panic!("codec bug")
+    }
+}
+
+/// How to build a worker for one test.
+struct Setup {
+    steps: Vec<Step>,
+    policy: RetryPolicy,
+    handler_timeout: Option<Duration>,
+    codec: Arc<dyn Codec<Order>>,
+    sink_failures: u32,
+    sink_panics: u32,
+    store: Option<Arc<dyn IdempotencyStore>>,
+    probe: Option<InMemoryIdempotencyStore>,
+    lease: Duration,
+    run_without_store_on_outage: bool,
+}
+
+/// A worker whose handler plays `steps`, with `RetryPolicy::fixed(500 ms, 3)` (4 attempts),
+/// JSON decoding, no dedup, no handler timeout and a sink that acknowledges everything.
+fn script(steps: impl Into<Vec<Step>>) -> Setup {
+    let steps = steps.into();
+    assert!(!steps.is_empty(), "a script needs a step");
+    Setup {
+        steps,
+        policy: RetryPolicy::fixed(ms(500), 3),
+        handler_timeout: None,
+        codec: Arc::new(JsonCodec::<Order>::new()),
+        sink_failures: 0,
+        sink_panics: 0,
+        store: None,
+        probe: None,
+        lease: LEASE,
+        run_without_store_on_outage: false,
+    }
+}
+
+impl Setup {
+    fn policy(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    fn handler_timeout(mut self, limit: Duration) -> Self {
+        self.handler_timeout = Some(limit);
+        self
+    }
+
+    fn codec(mut self, codec: impl Codec<Order>) -> Self {
+        self.codec = Arc::new(codec);
+        self
+    }
+
+    fn sink_failures(mut self, n: u32) -> Self {
+        self.sink_failures = n;
+        self
+    }
+
+    fn sink_panics(mut self, n: u32) -> Self {
+        self.sink_panics = n;
+        self
+    }
+
+    /// Dedup by order id in `store`; the handler records the key's state on every call.
+    fn dedup(mut self, store: &InMemoryIdempotencyStore) -> Self {
+        self.store = Some(Arc::new(store.clone()));
+        self.probe = Some(store.clone());
+        self
+    }
+
+    /// Dedup by order id in any store (no probing from the handler).
+    fn dedup_in(mut self, store: Arc<dyn IdempotencyStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    fn run_without_store_on_outage(mut self) -> Self {
+        self.run_without_store_on_outage = true;
+        self
+    }
+
+    fn build(self) -> Harness {
+        let t0 = Instant::now();
+        let handler = Arc::new(ScriptedHandler {
+            steps: self.steps,
+            t0,
+            probe: self.probe,
+            calls: Mutex::new(Vec::new()),
+        });
+        let sink = Arc::new(RecordingSink {
+            t0,
+            panics_left: AtomicU32::new(self.sink_panics),
+            failures_left: AtomicU32::new(self.sink_failures),
+            sends: Mutex::new(Vec::new()),
+            acked: Mutex::new(Vec::new()),
+        });
+        let dedup = self.store.map(|store| Dedup {
+            store,
+            key: DedupKey::from_fn(|m: &Message<Order>| Some(m.event().id.clone())),
+            namespace: GROUP.to_owned(),
+            lease: self.lease,
+            ttl: TTL,
+            run_without_store_on_outage: self.run_without_store_on_outage,
+        });
+        let worker = WorkerContext {
+            handler: handler.clone(),
+            codec: self.codec,
+            policy: self.policy,
+            sink: sink.clone(),
+            dedup,
+            group_id: GROUP.to_owned(),
+            handler_timeout: self.handler_timeout,
+            metrics: Arc::new(ConsumerMetrics::new(GROUP, &[TOPIC.to_owned()])),
+        };
+        Harness {
+            worker,
+            handler,
+            sink,
+            cancel: CancellationToken::new(),
+            t0,
+        }
+    }
+}
+
+struct Harness {
+    worker: WorkerContext<ScriptedHandler>,
+    handler: Arc<ScriptedHandler>,
+    sink: Arc<RecordingSink>,
+    cancel: CancellationToken,
+    t0: Instant,
+}
+
+impl Harness {
+    /// Runs one record to its end: how it ended and when (paused time since the build).
+    /// A record still running after an hour of paused time fails the test instead of hanging.
+    async fn process(&self, record: RawRecord) -> (JobEnd, Duration) {
+        let run = self.worker.process(Arc::new(record), &self.cancel);
+        let end = tokio::time::timeout(Duration::from_secs(3600), run)
+            .await
+            .expect("the record never ended");
+        (end, self.t0.elapsed())
+    }
+
+    /// Cancels the record's token at paused time `at`.
+    async fn cancel_at(&self, at: Duration) {
+        sleep_until(self.t0 + at).await;
+        self.cancel.cancel();
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.handler.calls.lock().unwrap().clone()
+    }
+
+    fn attempts(&self) -> Vec<u32> {
+        self.calls().iter().map(|c| c.attempt).collect()
+    }
+
+    fn call_times(&self) -> Vec<Duration> {
+        self.calls().iter().map(|c| c.at).collect()
+    }
+
+    /// Letters the sink acknowledged.
+    fn letters(&self) -> Vec<DeadLetter> {
+        self.sink.acked.lock().unwrap().clone()
+    }
+
+    fn only_letter(&self) -> DeadLetter {
+        let mut letters = self.letters();
+        assert_eq!(letters.len(), 1, "expected exactly one dead letter");
+        letters.remove(0)
+    }
+
+    /// Times of every `send` call, failed ones included.
+    fn sends(&self) -> Vec<Duration> {
+        self.sink.sends.lock().unwrap().clone()
+    }
+
+    fn handled(&self) -> u64 {
+        self.worker.metrics.counts.handled.load(Ordering::Relaxed)
+    }
+
+    fn retried(&self) -> u64 {
+        self.worker.metrics.counts.retried.load(Ordering::Relaxed)
+    }
+
+    fn duplicates(&self) -> u64 {
+        self.worker
+            .metrics
+            .counts
+            .duplicates
+            .load(Ordering::Relaxed)
+    }
+
+    fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
+        self.worker.metrics.counts.dead_lettered().of(reason)
+    }
+
+    fn dead_lettered_total(&self) -> u64 {
+        self.worker.metrics.counts.dead_lettered().total()
+    }
+}
+
+/// Asserts `at` lies within `[lo, hi]`.
+#[track_caller]
+fn assert_within(at: Duration, lo: Duration, hi: Duration) {
+    assert!(
+        lo <= at && at <= hi,
+        "{at:?} is not within [{lo:?}, {hi:?}]"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Success
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn success_on_the_first_attempt_settles_and_completes_the_key() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Succeed]).dedup(&store).build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, Duration::ZERO);
+    assert_eq!(
+        h.calls(),
+        [Call {
+            attempt: 1,
+            at: Duration::ZERO,
+            order: "o-1".into(),
+            key: Some(KeyState::Held),
+        }]
+    );
+    assert!(h.sends().is_empty(), "nothing is dead-lettered");
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
+    assert_eq!(h.handled(), 1);
+    assert_eq!(h.retried(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn success_without_dedup_settles_after_one_call() {
+    let h = script([Succeed]).build();
+
+    let (end, _) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1]);
+    assert!(h.sends().is_empty());
+    assert_eq!(h.handled(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Transient failures, then success
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn transient_twice_then_success_retries_on_the_policy_clock() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Transient, Transient, Succeed])
+        .dedup(&store)
+        .build();
+    let key = store_key("o-1");
+    // Look at the key from outside while the worker waits out each back-off.
+    let during_backoffs = async {
+        let mut seen = Vec::new();
+        for at in [250, 750] {
+            sleep_until(h.t0 + ms(at)).await;
+            seen.push(key_state(&store, &key).await);
+        }
+        seen
+    };
+
+    let ((end, took), during_backoffs) = tokio::join!(h.process(order("o-1")), during_backoffs);
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, ms(1000));
+    assert_eq!(h.attempts(), [1, 2, 3]);
+    assert_eq!(h.call_times(), [ms(0), ms(500), ms(1000)]);
+    // Held by the worker during every attempt, released between them, done only at the end.
+    let during_attempts: Vec<_> = h.calls().iter().map(|c| c.key).collect();
+    assert_eq!(during_attempts, [Some(KeyState::Held); 3]);
+    assert_eq!(during_backoffs, [KeyState::Free, KeyState::Free]);
+    assert_eq!(key_state(&store, &key).await, KeyState::Done);
+    assert!(h.sends().is_empty());
+    assert_eq!(h.retried(), 2);
+    assert_eq!(h.handled(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_hint_longer_than_the_policy_delay_is_honoured() {
+    let h = script([Throttled(secs(2)), Succeed]).build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(
+        h.call_times(),
+        [ms(0), secs(2)],
+        "max(hint 2 s, policy 500 ms)"
+    );
+    assert_eq!(took, secs(2));
+    assert_eq!(h.retried(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_that_finds_the_key_done_elsewhere_is_skipped_as_a_duplicate() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Transient, Succeed]).dedup(&store).build();
+    let key = store_key("o-1");
+    // During the back-off another consumer claims and completes the same event.
+    let elsewhere = async {
+        sleep_until(h.t0 + ms(250)).await;
+        let token = acquire(&store, &key, LEASE).await;
+        store.complete(&key, &token, TTL).await.unwrap();
+    };
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), elsewhere);
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, ms(500));
+    assert_eq!(
+        h.attempts(),
+        [1],
+        "the retry must not run the handler again"
+    );
+    assert_eq!(h.duplicates(), 1);
+    assert_eq!(h.handled(), 0);
+    assert!(h.sends().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Retries exhausted
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn transient_until_exhausted_dead_letters_after_four_attempts_and_leaves_the_key_free() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Transient]).dedup(&store).build();
+    let record = order("o-1");
+
+    let (end, took) = h.process(record.clone()).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, ms(1500));
+    assert_eq!(h.attempts(), [1, 2, 3, 4]);
+    assert_eq!(h.call_times(), [ms(0), ms(500), ms(1000), ms(1500)]);
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, DeadLetterReason::RetriesExhausted);
+    assert_eq!(letter.attempts, 4);
+    assert_eq!(letter.error, "smtp 451 on attempt 4", "the last error");
+    assert_eq!(*letter.record, record, "the record goes out untouched");
+    assert_eq!(letter.group_id, GROUP);
+    assert!(letter.first_failure <= letter.last_failure);
+    // Dead-lettered is not done: a redrive must run.
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    assert_eq!(h.retried(), 3);
+    assert_eq!(h.dead_lettered(DeadLetterReason::RetriesExhausted), 1);
+    assert_eq!(h.handled(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Permanent failure
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn permanent_failure_dead_letters_at_once_without_retry() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Permanent, Succeed]).dedup(&store).build();
+    let record = order("o-1");
+
+    let (end, took) = h.process(record.clone()).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(
+        took,
+        Duration::ZERO,
+        "no back-off, the retry-after hint ignored"
+    );
+    assert_eq!(h.attempts(), [1]);
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, DeadLetterReason::Permanent);
+    assert_eq!(letter.attempts, 1);
+    assert_eq!(letter.error, "mailbox unknown on attempt 1");
+    assert_eq!(*letter.record, record);
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    assert_eq!(h.retried(), 0);
+    assert_eq!(h.dead_lettered(DeadLetterReason::Permanent), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Poison pills
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn undecodable_bytes_are_dead_lettered_raw_without_calling_the_handler() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Succeed]).dedup(&store).build();
+    let record = raw(Some(b"\xff\xfe{not json"));
+
+    let (end, took) = h.process(record.clone()).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, Duration::ZERO);
+    assert!(h.calls().is_empty(), "the handler never sees a poison pill");
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, DeadLetterReason::Decode);
+    assert_eq!(letter.attempts, 0);
+    assert!(
+        letter.error.starts_with("invalid JSON event"),
+        "{}",
+        letter.error
+    );
+    assert_eq!(
+        *letter.record, record,
+        "key, value bytes and headers unchanged"
+    );
+    assert!(store.is_empty(), "no claim for a record that never runs");
+    assert_eq!(h.dead_lettered(DeadLetterReason::Decode), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_null_value_is_dead_lettered_as_null() {
+    let h = script([Succeed]).build();
+    let record = raw(None);
+
+    let (end, _) = h.process(record.clone()).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert!(h.calls().is_empty());
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, DeadLetterReason::Decode);
+    assert_eq!(letter.attempts, 0);
+    assert_eq!(letter.record.value, None, "null stays null");
+    assert_eq!(*letter.record, record);
+    assert!(letter.error.contains("null value"), "{}", letter.error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Duplicates
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_key_already_done_is_skipped_without_calling_the_handler() {
+    let store = InMemoryIdempotencyStore::new();
+    let key = store_key("o-1");
+    let token = acquire(&store, &key, LEASE).await;
+    store.complete(&key, &token, TTL).await.unwrap();
+    let h = script([Succeed]).dedup(&store).build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, Duration::ZERO);
+    assert!(h.calls().is_empty());
+    assert!(h.sends().is_empty());
+    assert_eq!(h.duplicates(), 1);
+    assert_eq!(h.handled(), 0);
+    assert_eq!(key_state(&store, &key).await, KeyState::Done);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dedup_is_namespaced_by_group() {
+    let store = InMemoryIdempotencyStore::new();
+    // Done for another group: this group must still run it.
+    let other = "other-group:o-1";
+    let token = acquire(&store, other, LEASE).await;
+    store.complete(other, &token, TTL).await.unwrap();
+    let h = script([Succeed]).dedup(&store).build();
+
+    let (end, _) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1]);
+    assert_eq!(h.duplicates(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A failing dead-letter sink
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_sink_is_retried_with_back_off_until_it_acknowledges() {
+    let h = script([Permanent]).sink_failures(3).build();
+    let record = order("o-1");
+
+    let (end, took) = h.process(record.clone()).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    let sends = h.sends();
+    assert_eq!(
+        sends.len(),
+        4,
+        "three failures, then the acknowledged write"
+    );
+    assert_eq!(took, sends[3], "settled only when the sink acknowledged");
+    // Infrastructure back-off: 100 ms doubling, each wait jittered within [d/2, d].
+    for (i, pair) in sends.windows(2).enumerate() {
+        let d = ms(100 << i);
+        assert_within(pair[1] - pair[0], d / 2, d);
+    }
+    assert_eq!(
+        h.attempts(),
+        [1],
+        "a sink failure does not re-run the handler"
+    );
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, DeadLetterReason::Permanent);
+    assert_eq!(*letter.record, record);
+    assert_eq!(
+        h.dead_lettered(DeadLetterReason::Permanent),
+        1,
+        "acknowledged once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_while_the_sink_fails_abandons_without_settling() {
+    let h = script([Permanent]).sink_failures(u32::MAX).build();
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), h.cancel_at(secs(5)));
+
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(took, secs(5), "the back-off is cut short");
+    assert!(h.sends().len() >= 4, "kept retrying: {:?}", h.sends());
+    assert!(h.letters().is_empty());
+    assert_eq!(h.dead_lettered_total(), 0);
+    assert_eq!(h.attempts(), [1]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Cancel during a retry back-off
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn cancel_during_a_retry_back_off_abandons_at_once() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Transient, Succeed])
+        .policy(RetryPolicy::fixed(secs(10), 3))
+        .dedup(&store)
+        .build();
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), h.cancel_at(secs(1)));
+
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(took, secs(1), "not the rest of the 10 s back-off");
+    // Let time run on: nothing else may happen for this record.
+    sleep(secs(60)).await;
+    assert_eq!(h.attempts(), [1]);
+    assert!(h.sends().is_empty());
+    assert_eq!(h.handled(), 0);
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_already_cancelled_record_is_abandoned_before_the_handler() {
+    let h = script([Succeed]).build();
+    h.cancel.cancel();
+
+    let (end, _) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Abandoned);
+    assert!(h.calls().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Handler panics
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_panic_is_a_failure_that_is_retried() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Panic, Succeed]).dedup(&store).build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, ms(500));
+    assert_eq!(h.attempts(), [1, 2]);
+    assert!(h.sends().is_empty());
+    assert_eq!(h.handled(), 1);
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_that_always_panics_is_dead_lettered_with_the_panic_message() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Panic]).dedup(&store).build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, ms(1500));
+    assert_eq!(h.attempts(), [1, 2, 3, 4]);
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, PANIC_EXHAUSTED);
+    assert_eq!(letter.attempts, 4);
+    assert!(
+        letter.error.contains("panicked") && letter.error.contains("boom on attempt 4"),
+        "{}",
+        letter.error
+    );
+    // The panic released the claim like any failure.
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Handler timeout
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_slower_than_the_timeout_is_a_transient_failure() {
+    let h = script([Stall(secs(10)), Succeed])
+        .handler_timeout(secs(1))
+        .build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    // Attempt 1 cut at 1 s, then the 500 ms back-off.
+    assert_eq!(h.call_times(), [ms(0), ms(1500)]);
+    assert_eq!(took, ms(1500));
+    assert_eq!(h.retried(), 1);
+    assert_eq!(h.handled(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_that_always_times_out_is_dead_lettered_after_four_attempts() {
+    let h = script([Stall(secs(10))]).handler_timeout(secs(1)).build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, ms(4 * 1000 + 3 * 500));
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, DeadLetterReason::RetriesExhausted);
+    assert_eq!(letter.attempts, 4);
+    assert!(
+        letter.error.contains("timed out after 1s"),
+        "{}",
+        letter.error
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_within_the_timeout_succeeds_first_time() {
+    let h = script([Stall(ms(900))]).handler_timeout(secs(1)).build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, ms(900));
+    assert_eq!(h.attempts(), [1]);
+    assert_eq!(h.retried(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Store outage
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_store_outage_on_claim_holds_the_record_until_the_store_answers() {
+    let store = FlakyStore::down();
+    let h = script([Succeed]).dedup_in(store.clone()).build();
+    let recover = async {
+        sleep_until(h.t0 + secs(1)).await;
+        assert!(h.calls().is_empty(), "must not run while the store is down");
+        store.down.store(false, Ordering::SeqCst);
+    };
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), recover);
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1], "waiting on the store is not an attempt");
+    // The next claim comes within the wait under way at 1 s: at most the fifth, 1.6 s.
+    assert_within(h.call_times()[0], secs(1), ms(2600));
+    assert_eq!(took, h.call_times()[0]);
+    assert!(store.claims.load(Ordering::SeqCst) >= 3, "it kept asking");
+    assert_eq!(
+        store.inner.claim(&store_key("o-1"), LEASE).await.unwrap(),
+        Claim::Done
+    );
+    assert!(
+        h.sends().is_empty(),
+        "an outage is not the record's failure"
+    );
+    assert_eq!(h.retried(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_outage_then_cancel_abandons_without_running_the_handler() {
+    let store = FlakyStore::down();
+    let h = script([Succeed]).dedup_in(store.clone()).build();
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), h.cancel_at(secs(3)));
+
+    assert_eq!(end, JobEnd::Abandoned, "not skipped, not settled");
+    assert_eq!(took, secs(3));
+    assert!(h.calls().is_empty());
+    assert_eq!(h.duplicates(), 0);
+    assert!(h.sends().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_the_outage_opt_in_the_handler_runs_without_dedup() {
+    let store = FlakyStore::down();
+    let h = script([Succeed])
+        .dedup_in(store.clone())
+        .run_without_store_on_outage()
+        .build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, Duration::ZERO, "no waiting for the store");
+    assert_eq!(h.attempts(), [1]);
+    assert_eq!(store.claims.load(Ordering::SeqCst), 1);
+    // Ran without a claim, so nothing was marked done.
+    assert!(store.inner.is_empty());
+    assert_eq!(h.handled(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. Busy claims
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_key_waits_for_the_other_claim_and_then_runs_once() {
+    let store = InMemoryIdempotencyStore::new();
+    let key = store_key("o-1");
+    let theirs = acquire(&store, &key, LEASE).await;
+    let h = script([Succeed]).dedup(&store).build();
+    let other_worker_gives_up = async {
+        sleep_until(h.t0 + secs(2)).await;
+        assert!(
+            h.calls().is_empty(),
+            "must not run while another token holds the key"
+        );
+        store.release(&key, &theirs).await.unwrap();
+    };
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), other_worker_gives_up);
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1], "a busy claim is not an attempt");
+    // The next claim comes within the wait under way at 2 s: at most the sixth, 3.2 s.
+    assert_within(h.call_times()[0], secs(2), ms(5200));
+    assert_eq!(took, h.call_times()[0]);
+    assert_eq!(key_state(&store, &key).await, KeyState::Done);
+    assert!(h.sends().is_empty());
+    assert_eq!(h.duplicates(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_key_whose_holder_vanished_runs_once_its_lease_lapses() {
+    let store = InMemoryIdempotencyStore::new();
+    let key = store_key("o-1");
+    let _abandoned = acquire(&store, &key, secs(3)).await;
+    let h = script([Succeed]).dedup(&store).build();
+
+    let (end, _) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1]);
+    // The infrastructure wait under way at 3 s is at most 3.2 s long (the sixth).
+    assert_within(h.call_times()[0], secs(3), ms(3000 + 3200));
+    assert_eq!(key_state(&store, &key).await, KeyState::Done);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_while_the_key_is_busy_abandons_without_running() {
+    let store = InMemoryIdempotencyStore::new();
+    let key = store_key("o-1");
+    let _theirs = acquire(&store, &key, LEASE).await;
+    let h = script([Succeed]).dedup(&store).build();
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), h.cancel_at(secs(2)));
+
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(took, secs(2));
+    assert!(h.calls().is_empty());
+    assert_eq!(
+        key_state(&store, &key).await,
+        KeyState::Held,
+        "their claim untouched"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Found bugs: these fail today and document the expected behaviour.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+#[ignore = "bug (issue 11): a codec panic escapes process(); the worker task dies and its lane stays busy"]
+async fn a_panicking_codec_dead_letters_the_record_as_decode() {
+    let h = script([Succeed]).codec(PanickingCodec).build();
+    let record = order("o-1");
+
+    let ended = AssertUnwindSafe(h.process(record.clone()))
+        .catch_unwind()
+        .await;
+
+    let (end, _) = ended.expect("process() must not panic: the record would never settle");
+    assert_eq!(end, JobEnd::Settled);
+    assert!(h.calls().is_empty());
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, DeadLetterReason::Decode);
+    assert_eq!(*letter.record, record);
+}
+
+#[tokio::test(start_paused = true)]
+#[ignore = "bug (issue 11): a sink panic escapes process(); the worker task dies and its lane stays busy"]
+async fn a_panicking_sink_is_retried_like_a_failed_write() {
+    let h = script([Permanent]).sink_panics(1).build();
+
+    let ended = AssertUnwindSafe(h.process(order("o-1")))
+        .catch_unwind()
+        .await;
+
+    let (end, _) = ended.expect("process() must not panic: the record would never settle");
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.sends().len(), 2);
+    assert_eq!(h.only_letter().reason, DeadLetterReason::Permanent);
+}
+
+#[tokio::test(start_paused = true)]
+#[ignore = "bug (issue 14): a claim is never renewed, so a handler longer than its lease loses it mid-run"]
+async fn a_claim_stays_held_while_its_handler_outlives_the_lease() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Stall(secs(3))])
+        .dedup(&store)
+        .lease(secs(1))
+        .build();
+    let key = store_key("o-1");
+    let mid_run = async {
+        sleep_until(h.t0 + secs(2)).await;
+        key_state(&store, &key).await
+    };
+
+    let ((end, _), mid_run) = tokio::join!(h.process(order("o-1")), mid_run);
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(
+        mid_run,
+        KeyState::Held,
+        "another consumer could claim and run the event concurrently"
+    );
+    assert_eq!(key_state(&store, &key).await, KeyState::Done);
+}
+
+#[tokio::test(start_paused = true)]
+#[ignore = "bug: max_elapsed is measured with std::time::Instant while back-offs sleep on tokio's clock"]
+async fn max_elapsed_counts_the_time_spent_waiting() {
+    // Attempts at 0, 0.5, 1.0 s; a fourth at 1.5 s would pass the 1.2 s limit.
+    let h = script([Transient])
+        .policy(RetryPolicy::fixed(ms(500), 10).with_max_elapsed(ms(1200)))
+        .build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1, 2, 3]);
+    assert_eq!(took, ms(1000));
+    assert_eq!(h.only_letter().reason, DeadLetterReason::RetriesExhausted);
+}
