@@ -70,7 +70,11 @@ pub(crate) async fn provision(settings: &StartupSettings, create: &Provisioning)
         })
         .collect();
     let sink_report = admin.ensure(&sinks).await?;
-    let created: Vec<&String> = report.created().iter().chain(sink_report.created()).collect();
+    let created: Vec<&String> = report
+        .created()
+        .iter()
+        .chain(sink_report.created())
+        .collect();
     if !created.is_empty() {
         info!(topics = ?created, "created missing topics (create_missing_topics)");
     }
@@ -127,7 +131,11 @@ pub(crate) fn check<C: ConsumerContext>(
                 .cloned()
                 .collect()
         };
-        let sink_topics: Vec<String> = settings.sink_topics.iter().map(|(_, t)| t.clone()).collect();
+        let sink_topics: Vec<String> = settings
+            .sink_topics
+            .iter()
+            .map(|(_, t)| t.clone())
+            .collect();
         let missing_sink = missing(&sink_topics);
         if !missing_sink.is_empty() {
             return Err(Error::MissingTopics {

@@ -18,9 +18,10 @@
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt as _;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
@@ -290,7 +291,12 @@ impl<H: Handler> WorkerContext<H> {
                     metrics.retried(attempt);
                     // Nothing of the record runs while it waits: a revoke or a shutdown
                     // gives it up at once rather than waiting for its back-off.
-                    if stop.drain.is_cancelled() || !sleep_or_cancel(delay, &stop.drain).await {
+                    let waited = tokio::select! {
+                        () = tokio::time::sleep(delay) => true,
+                        () = stop.drain.cancelled() => false,
+                        () = cancel.cancelled() => false,
+                    };
+                    if !waited {
                         debug!(coordinates = %record.coordinates(), "abandoned during its retry back-off: the partition is draining");
                         return Outcome::Abandoned;
                     }

@@ -43,7 +43,7 @@ const TTL: Duration = Duration::from_secs(6 * 3600);
 
 /// The dead-letter reason of a record whose handler panicked on every attempt. Today a panic is
 /// an ordinary transient failure; change this one line if panics get their own kind.
-const PANIC_EXHAUSTED: DeadLetterReason = DeadLetterReason::RetriesExhausted;
+const PANIC_EXHAUSTED: DeadLetterReason = DeadLetterReason::Panic;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -399,6 +399,8 @@ impl Setup {
             dedup,
             group_id: GROUP.to_owned(),
             handler_timeout: self.handler_timeout,
+            retry_panics: true,
+            stall_threshold: Duration::from_secs(3600),
             metrics: Arc::new(ConsumerMetrics::new(GROUP, &[TOPIC.to_owned()])),
         };
         Harness {
@@ -1079,7 +1081,6 @@ async fn cancel_while_the_key_is_busy_abandons_without_running() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
-#[ignore = "bug (issue 11): a codec panic escapes process(); the worker task dies and its lane stays busy"]
 async fn a_panicking_codec_dead_letters_the_record_as_decode() {
     let h = script([Succeed]).codec(PanickingCodec).build();
     let record = order("o-1");
@@ -1097,7 +1098,6 @@ async fn a_panicking_codec_dead_letters_the_record_as_decode() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "bug (issue 11): a sink panic escapes process(); the worker task dies and its lane stays busy"]
 async fn a_panicking_sink_is_retried_like_a_failed_write() {
     let h = script([Permanent]).sink_panics(1).build();
 
@@ -1137,7 +1137,6 @@ async fn a_claim_stays_held_while_its_handler_outlives_the_lease() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "bug: max_elapsed is measured with std::time::Instant while back-offs sleep on tokio's clock"]
 async fn max_elapsed_counts_the_time_spent_waiting() {
     // Attempts at 0, 0.5, 1.0 s; a fourth at 1.5 s would pass the 1.2 s limit.
     let h = script([Transient])
