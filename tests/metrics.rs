@@ -316,6 +316,8 @@ async fn setup(name: &str, partitions: i32) -> (String, String) {
     let topic = support::unique_name(name);
     let group = support::unique_name(&format!("{name}-g"));
     support::create_topic(&topic, partitions).await;
+    // The default dead-letter sink's topic must exist at start.
+    support::create_topic(&format!("{topic}.dlt"), partitions).await;
     (topic, group)
 }
 
