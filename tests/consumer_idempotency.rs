@@ -23,17 +23,18 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
 use kourier::{
     Claim, ClaimToken, DedupKey, IdempotencyStore, InMemoryIdempotencyStore, Message, Ordering,
-    RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder, StoreError, async_trait,
+    RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder,
 };
 use support::consumer::{self, Running, setup, wait_for};
 use support::recorder::{Call, EVENT_ID_HEADER, Ev, Log, Recorder};
 use support::redis_server::RedisServer;
+use support::store::{Answer, SpyStore};
 use support::{TestRecord, committed_sum};
 
 /// Generous: the machine is small and other suites may run at the same time.
@@ -48,135 +49,6 @@ const SHUTDOWN: Duration = Duration::from_secs(90);
 /// `(id, attempt, ok)` of each call, in call order.
 fn outcomes(calls: &[Call]) -> Vec<(u64, u32, bool)> {
     calls.iter().map(|c| (c.id, c.attempt, c.ok)).collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// A store that records what the consumer asked and what it was answered
-// ---------------------------------------------------------------------------------------------
-
-/// What the store answered, as the consumer saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Answer {
-    Acquired(ClaimToken),
-    Done,
-    Busy,
-    Completed,
-    Released,
-    LeaseLost,
-    Unavailable,
-}
-
-impl Answer {
-    /// `claim:acquired`, `complete:lease-lost`, ...
-    fn label(&self, op: &str) -> String {
-        let answer = match self {
-            Answer::Acquired(_) => "acquired",
-            Answer::Done => "done",
-            Answer::Busy => "busy",
-            Answer::Completed => "completed",
-            Answer::Released => "released",
-            Answer::LeaseLost => "lease-lost",
-            Answer::Unavailable => "unavailable",
-        };
-        format!("{op}:{answer}")
-    }
-}
-
-#[derive(Debug, Clone)]
-struct StoreCall {
-    op: &'static str,
-    key: String,
-    /// The token passed to `complete` / `release`.
-    token: Option<ClaimToken>,
-    answer: Answer,
-    /// When the answer arrived.
-    at: Instant,
-}
-
-/// Delegates to a real store and records every call.
-#[derive(Debug)]
-struct SpyStore {
-    inner: Arc<dyn IdempotencyStore>,
-    calls: Mutex<Vec<StoreCall>>,
-}
-
-impl SpyStore {
-    fn new(inner: Arc<dyn IdempotencyStore>) -> Arc<SpyStore> {
-        Arc::new(SpyStore {
-            inner,
-            calls: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn calls_for(&self, key: &str) -> Vec<StoreCall> {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| c.key == key)
-            .cloned()
-            .collect()
-    }
-
-    /// `op:answer` labels of the calls on `key`, in answer order.
-    fn labels_for(&self, key: &str) -> Vec<String> {
-        self.calls_for(key)
-            .iter()
-            .map(|c| c.answer.label(c.op))
-            .collect()
-    }
-
-    fn record(&self, op: &'static str, key: &str, token: Option<&ClaimToken>, answer: Answer) {
-        self.calls.lock().unwrap().push(StoreCall {
-            op,
-            key: key.to_owned(),
-            token: token.cloned(),
-            answer,
-            at: Instant::now(),
-        });
-    }
-
-    fn settle_answer(result: &Result<(), StoreError>, ok: Answer) -> Answer {
-        match result {
-            Ok(()) => ok,
-            Err(e) if e.is_lease_lost() => Answer::LeaseLost,
-            Err(_) => Answer::Unavailable,
-        }
-    }
-}
-
-#[async_trait]
-impl IdempotencyStore for SpyStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        let result = self.inner.claim(key, lease).await;
-        let answer = match &result {
-            Ok(Claim::Acquired(token)) => Answer::Acquired(token.clone()),
-            Ok(Claim::Done) => Answer::Done,
-            Ok(Claim::Busy) => Answer::Busy,
-            Err(_) => Answer::Unavailable,
-        };
-        self.record("claim", key, None, answer);
-        result
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let result = self.inner.complete(key, token, ttl).await;
-        let answer = SpyStore::settle_answer(&result, Answer::Completed);
-        self.record("complete", key, Some(token), answer);
-        result
-    }
-
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        let result = self.inner.release(key, token).await;
-        let answer = SpyStore::settle_answer(&result, Answer::Released);
-        self.record("release", key, Some(token), answer);
-        result
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

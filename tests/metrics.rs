@@ -19,14 +19,15 @@ use std::time::{Duration, Instant};
 
 use kourier::metrics::{self as m, labels};
 use kourier::{
-    Claim, ClaimToken, DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, DedupKey,
-    Handler, HandlerError, IdempotencyStore, InMemoryIdempotencyStore, Message, Ordering,
-    RetryPolicy, RetryingConsumerBuilder, StoreError, async_trait,
+    DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, DedupKey, Handler,
+    HandlerError, InMemoryIdempotencyStore, Message, Ordering, RetryPolicy,
+    RetryingConsumerBuilder, async_trait,
 };
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde::{Deserialize, Serialize};
 use support::TestRecord;
 use support::consumer::{self, Running, topic_and_group, wait_for};
+use support::store::SpyStore;
 
 // ───────────── the recorder ─────────────
 
@@ -232,38 +233,6 @@ impl DeadLetterSink for FlakySink {
     }
 }
 
-/// An in-memory store whose first `fail_first` claims fail as unavailable.
-#[derive(Debug, Default)]
-struct FlakyStore {
-    inner: InMemoryIdempotencyStore,
-    fail_first: u32,
-    claims: AtomicU32,
-}
-
-#[async_trait]
-impl IdempotencyStore for FlakyStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        if self.claims.fetch_add(1, AtomicOrdering::SeqCst) < self.fail_first {
-            return Err(StoreError::Unavailable {
-                operation: "claim",
-                source: "down for the test".into(),
-            });
-        }
-        self.inner.claim(key, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, ttl).await
-    }
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-}
-
 fn builder(
     topic: &str,
     group: &str,
@@ -305,10 +274,7 @@ async fn outcomes_are_counted_by_topic_attempt_and_kind() {
         fail_first: 2,
         ..FlakySink::default()
     });
-    let store = Arc::new(FlakyStore {
-        fail_first: 1,
-        ..FlakyStore::default()
-    });
+    let store = SpyStore::failing_first_claims(Arc::new(InMemoryIdempotencyStore::new()), 1);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let c = Running::start(
         builder(&topic, &group, &gate)

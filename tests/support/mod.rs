@@ -20,6 +20,7 @@ mod read;
 pub(crate) mod recorder;
 pub(crate) mod redis_server;
 mod services;
+pub(crate) mod store;
 mod topics;
 
 // The helpers most tests use, by their short names (`support::produce`, ...).
