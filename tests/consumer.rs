@@ -66,8 +66,7 @@ async fn success_handles_everything_and_commits_the_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_then_success_counts_attempts() {
     let (topic, group, dlt_topic) = setup("transient", 1).await;
-    let mut flaky = Ev::new(1, "a");
-    flaky.fail_transient = 2;
+    let flaky = Ev::new(1, "a").fail_transient(2);
     support::produce(&topic, vec![flaky.record(), Ev::new(2, "a").record()]).await;
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
@@ -98,8 +97,7 @@ async fn transient_then_success_counts_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_retries_dead_letter_with_full_provenance() {
     let (topic, group, dlt_topic) = setup("exhausted", 2).await;
-    let mut bad = Ev::new(7, "user-7");
-    bad.fail_transient = 100;
+    let bad = Ev::new(7, "user-7").fail_transient(100);
     let value = serde_json::to_vec(&bad).unwrap();
     let rec = TestRecord::new()
         .key(b"user-7")
@@ -171,8 +169,7 @@ async fn exhausted_retries_dead_letter_with_full_provenance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failure_dead_letters_after_one_attempt() {
     let (topic, group, dlt_topic) = setup("permanent", 1).await;
-    let mut bad = Ev::new(3, "k");
-    bad.permanent = true;
+    let bad = Ev::new(3, "k").permanent();
     support::produce(&topic, vec![bad.record(), Ev::new(4, "k").record()]).await;
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
@@ -242,8 +239,7 @@ async fn dead_letter_topic_with_fewer_partitions_still_receives_letters() {
     let dlt_topic = format!("{topic}.dlt");
     support::create_topic(&topic, 4).await;
     support::create_topic(&dlt_topic, 1).await;
-    let mut bad = Ev::new(1, "x");
-    bad.permanent = true;
+    let bad = Ev::new(1, "x").permanent();
     support::produce(&topic, vec![bad.record().partition(3)]).await;
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
@@ -268,8 +264,7 @@ async fn failing_dead_letter_writes_hold_the_offset_then_recover() {
     let group = support::unique_name("dltdown-g");
     let dlt_topic = format!("{topic}.dlt");
     support::create_topic(&topic, 1).await; // no DLT topic yet: writes fail
-    let mut bad = Ev::new(1, "k");
-    bad.permanent = true;
+    let bad = Ev::new(1, "k").permanent();
     support::produce(
         &topic,
         vec![
@@ -395,8 +390,7 @@ async fn clean_shutdown_mid_stream_then_restart_handles_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_backoff_does_not_leave_the_group() {
     let (topic, group, _) = setup("backoff", 1).await;
-    let mut slow = Ev::new(1, "k");
-    slow.fail_transient = 1;
+    let slow = Ev::new(1, "k").fail_transient(1);
     support::produce(&topic, vec![slow.record(), Ev::new(2, "k").record()]).await;
     let log = Log::new();
     let b = builder(&log, &topic, &group)
@@ -521,8 +515,7 @@ async fn key_mode_keeps_per_key_order_while_keys_overlap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handler_keeps_buffers_bounded_and_pauses() {
     let (topic, group, _) = setup("stall", 2).await;
-    let mut stuck = Ev::new(0, "k");
-    stuck.sleep_ms = 6_000;
+    let stuck = Ev::new(0, "k").sleep_ms(6_000);
     let mut records = vec![stuck.record().partition(0)];
     records.extend((1..2000).map(|i| Ev::new(i, "k").record().partition(0)));
     support::produce(&topic, records).await;
@@ -721,8 +714,7 @@ async fn panicking_and_hanging_handlers_are_transient_failures() {
     let (topic, group, dlt_topic) = setup("panic", 1).await;
     let mut panics = Ev::new(1, "k");
     panics.panic = true;
-    let mut hangs = Ev::new(2, "k");
-    hangs.sleep_ms = 60_000;
+    let hangs = Ev::new(2, "k").sleep_ms(60_000);
     support::produce(
         &topic,
         vec![panics.record(), hangs.record(), Ev::new(3, "k").record()],

@@ -5,9 +5,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 
-use super::services::{KAFKA_TIMEOUT, START_HINT, client_config};
+use super::services::client_config;
+use super::topics::metadata_of;
 
 /// Produces one record (null key) to partition 0 of `topic` carrying a header whose key is
 /// the raw bytes `header_key`, which need not be UTF-8 — something rdkafka's producer API
@@ -39,9 +40,7 @@ fn raw_produce(
 ) -> i64 {
     let leader = {
         let consumer: BaseConsumer = client_config().create().expect("create consumer");
-        let metadata = consumer
-            .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-            .unwrap_or_else(|e| panic!("metadata for {topic}: {e}; {START_HINT}"));
+        let metadata = metadata_of(&consumer, topic);
         let leader_id = metadata
             .topics()
             .iter()

@@ -7,6 +7,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::metadata::Metadata;
 
 use super::services::{KAFKA_TIMEOUT, START_HINT, client_config, require_kafka};
 
@@ -124,10 +125,15 @@ pub(crate) async fn partitions_of(topic: &str) -> Vec<i32> {
     .expect("metadata task panicked")
 }
 
-pub(super) fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> Vec<i32> {
-    let metadata = consumer
+/// The broker's metadata about `topic`; fails the test when the broker does not answer.
+pub(super) fn metadata_of(consumer: &BaseConsumer, topic: &str) -> Metadata {
+    consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .unwrap_or_else(|e| panic!("metadata for {topic}: {e}; {START_HINT}"));
+        .unwrap_or_else(|e| panic!("metadata for {topic}: {e}; {START_HINT}"))
+}
+
+pub(super) fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> Vec<i32> {
+    let metadata = metadata_of(consumer, topic);
     let t = metadata
         .topics()
         .iter()
