@@ -11,16 +11,14 @@
 mod support;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kourier::dead_letter::headers as dlt;
-use kourier::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use kourier::rdkafka::client::DefaultClientContext;
 use kourier::{
-    Handler, HandlerError, Message, Ordering, RetryPolicy, RetryingConsumer,
-    RetryingConsumerBuilder, async_trait,
+    Handler, HandlerError, Message, Ordering, RetryPolicy, RetryingConsumerBuilder, async_trait,
 };
 use serde::{Deserialize, Serialize};
+use support::consumer::{self, Running, wait_until};
 use support::{ReadRecord, TestRecord};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,114 +95,17 @@ impl Handler for Recorder {
 }
 
 fn builder(recorder: &Recorder, topic: &str, group: &str) -> RetryingConsumerBuilder<Recorder> {
-    RetryingConsumer::builder(recorder.clone())
-        .bootstrap_servers(support::bootstrap())
-        .group_id(group)
-        .topic(topic)
+    consumer::builder(recorder.clone(), topic, group)
         .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 2))
-        .commit_interval(Duration::from_millis(200))
-        .kafka_config("session.timeout.ms", "6000")
-        .kafka_config("heartbeat.interval.ms", "500")
-}
-
-/// A consumer running in the background until `stop`, which fails the test unless it shut
-/// down cleanly (so a crash anywhere in between fails it too).
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
-}
-
-impl Running {
-    fn start(b: RetryingConsumerBuilder<Recorder>) -> Running {
-        let consumer = b.build().expect("build");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(consumer.run(async {
-            let _ = rx.await;
-        }));
-        Running {
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    fn assert_alive(&self) {
-        assert!(
-            !self.task.is_finished(),
-            "the consumer stopped on its own (it must keep running on bad input)"
-        );
-    }
-
-    async fn stop(mut self) {
-        self.assert_alive();
-        let _ = self.stop.take().unwrap().send(());
-        let _report = tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("consumer did not shut down within 60 s")
-            .expect("consumer task panicked")
-            .expect("consumer returned an error");
-    }
-}
-
-/// Waits until `done` returns true (checked every 100 ms), failing after `timeout`.
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !done().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn committed(group: &str, topic: &str) -> i64 {
-    support::committed_offsets(group, topic, 1)
-        .await
-        .values()
-        .map(|o| o.unwrap_or(0))
-        .sum()
+    support::committed_sum(group, topic, 1).await
 }
 
-/// Creates a one-partition topic with topic-level `configs`.
-async fn create_topic_with(name: &str, configs: &[(&str, &str)]) {
-    let admin: AdminClient<DefaultClientContext> =
-        support::client_config().create().expect("admin client");
-    let mut topic = NewTopic::new(name, 1, TopicReplication::Fixed(1));
-    for (k, v) in configs {
-        topic = topic.set(k, v);
-    }
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin
-        .create_topics([&topic], &options)
-        .await
-        .expect("create topics")
-    {
-        result.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
-    }
-    // Wait for a leader, as support::create_topic does (it accepts the existing topic).
-    support::create_topic(name, 1).await;
-}
-
+/// A one-partition topic, a group, and a one-partition dead-letter topic with `dlt_configs`.
 async fn setup(name: &str, dlt_configs: &[(&str, &str)]) -> (String, String, String) {
-    support::require_kafka().await;
-    let topic = support::unique_name(name);
-    let group = support::unique_name(&format!("{name}-g"));
-    let dlt_topic = format!("{topic}.dlt");
-    support::create_topic(&topic, 1).await;
-    create_topic_with(&dlt_topic, dlt_configs).await;
-    (topic, group, dlt_topic)
-}
-
-fn header_str<'a>(r: &'a ReadRecord, name: &str) -> &'a str {
-    let value = r
-        .header(name)
-        .unwrap_or_else(|| panic!("missing header {name}"))
-        .unwrap_or_else(|| panic!("header {name} is null"));
-    std::str::from_utf8(value).unwrap()
+    consumer::setup_with_dlt_config(name, 1, dlt_configs).await
 }
 
 fn original_offset(r: &ReadRecord) -> i64 {
@@ -282,11 +183,11 @@ async fn values_too_large_for_the_dead_letter_topic_become_metadata_only_letters
         assert_eq!(letter.value, None, "metadata-only: the value is dropped");
         assert_eq!(letter.key.as_deref(), Some(key), "the key is kept");
         assert_eq!(
-            header_str(letter, dlt::VALUE_DROPPED_BYTES),
+            letter.header_str(dlt::VALUE_DROPPED_BYTES),
             size.to_string()
         );
-        assert_eq!(header_str(letter, dlt::FAILURE_KIND), kind);
-        assert_eq!(header_str(letter, dlt::ORIGINAL_TOPIC), topic);
+        assert_eq!(letter.header_str(dlt::FAILURE_KIND), kind);
+        assert_eq!(letter.header_str(dlt::ORIGINAL_TOPIC), topic);
         assert_eq!(letter.header("trace"), Some(Some(trace)), "headers kept");
     }
     assert_eq!(
@@ -425,14 +326,14 @@ async fn a_dead_letter_redriven_five_times_keeps_the_same_headers() {
             letter.headers.iter().map(|(k, _)| k).collect::<Vec<_>>()
         );
         if redrives > 0 {
-            assert_eq!(header_str(letter, dlt::REDRIVE_COUNT), redrives.to_string());
+            assert_eq!(letter.header_str(dlt::REDRIVE_COUNT), redrives.to_string());
         } else {
             assert_eq!(count_named(letter, dlt::REDRIVE_COUNT), 0);
         }
         // The provenance is about the latest failure: the redriven record's own offset.
         assert_eq!(original_offset(letter), generation as i64);
-        assert_eq!(header_str(letter, dlt::FAILURE_KIND), "permanent");
-        assert_eq!(header_str(letter, dlt::ATTEMPTS), "1");
+        assert_eq!(letter.header_str(dlt::FAILURE_KIND), "permanent");
+        assert_eq!(letter.header_str(dlt::ATTEMPTS), "1");
         assert_eq!(letter.key.as_deref(), Some(&b"user-7"[..]));
         assert_eq!(letter.value, Some(Ev::permanent(7).bytes()));
     }
@@ -585,7 +486,7 @@ async fn valid_json_of_the_wrong_type_is_dead_lettered_as_a_poison_pill() {
     assert_eq!(letters.len(), bad.len());
     for (letter, value) in letters.iter().zip(&bad) {
         assert_eq!(letter.value.as_ref(), Some(value), "raw bytes kept");
-        assert_eq!(header_str(letter, dlt::FAILURE_KIND), "decode");
-        assert_eq!(header_str(letter, dlt::ATTEMPTS), "0");
+        assert_eq!(letter.header_str(dlt::FAILURE_KIND), "decode");
+        assert_eq!(letter.header_str(dlt::ATTEMPTS), "0");
     }
 }

@@ -6,125 +6,14 @@
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
-use kourier::{
-    Handler, HandlerError, Message, Ordering, RetryPolicy, RetryingConsumer,
-    RetryingConsumerBuilder, async_trait,
-};
-use serde::{Deserialize, Serialize};
-use support::TestRecord;
-
-/// The test event: `fail_transient` failures before success, or a permanent failure.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct Ev {
-    id: u64,
-    key: String,
-    #[serde(default)]
-    fail_transient: u32,
-    #[serde(default)]
-    permanent: bool,
-    #[serde(default)]
-    sleep_ms: u64,
-    #[serde(default)]
-    panic: bool,
-}
-
-impl Ev {
-    fn new(id: u64, key: &str) -> Self {
-        Ev {
-            id,
-            key: key.into(),
-            fail_transient: 0,
-            permanent: false,
-            sleep_ms: 0,
-            panic: false,
-        }
-    }
-    fn record(&self) -> TestRecord {
-        TestRecord::new()
-            .key(self.key.as_bytes())
-            .value(serde_json::to_vec(self).unwrap())
-    }
-}
-
-/// One handler call.
-#[derive(Debug, Clone)]
-struct Call {
-    id: u64,
-    key: String,
-    partition: i32,
-    offset: i64,
-    attempt: u32,
-    started: Instant,
-    ended: Instant,
-    ok: bool,
-}
-
-#[derive(Default)]
-struct Log {
-    calls: Mutex<Vec<Call>>,
-}
-
-impl Log {
-    fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
-    }
-    fn succeeded_ids(&self) -> Vec<u64> {
-        self.calls().iter().filter(|c| c.ok).map(|c| c.id).collect()
-    }
-    fn attempts_of(&self, id: u64) -> Vec<u32> {
-        self.calls()
-            .iter()
-            .filter(|c| c.id == id)
-            .map(|c| c.attempt)
-            .collect()
-    }
-}
-
-struct Recorder(Arc<Log>);
-
-#[async_trait]
-impl Handler for Recorder {
-    type Event = Ev;
-    async fn handle(&self, m: &Message<Ev>) -> Result<(), HandlerError> {
-        let started = Instant::now();
-        let ev = m.event();
-        if ev.panic {
-            panic!("event {} makes the handler panic", ev.id);
-        }
-        if ev.sleep_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(ev.sleep_ms)).await;
-        }
-        let result = if ev.permanent {
-            Err(HandlerError::permanent(format!(
-                "event {} is permanently bad",
-                ev.id
-            )))
-        } else if m.attempt() <= ev.fail_transient {
-            Err(HandlerError::transient(format!(
-                "event {} failed on attempt {}",
-                ev.id,
-                m.attempt()
-            )))
-        } else {
-            Ok(())
-        };
-        self.0.calls.lock().unwrap().push(Call {
-            id: ev.id,
-            key: ev.key.clone(),
-            partition: m.partition(),
-            offset: m.offset(),
-            attempt: m.attempt(),
-            started,
-            ended: Instant::now(),
-            ok: result.is_ok(),
-        });
-        result
-    }
-}
+use kourier::{Ordering, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder};
+use support::consumer::{self, Running, setup, wait_for, wait_until};
+use support::recorder::{Call, Ev, Log, Recorder};
+use support::{TestRecord, committed_sum};
 
 /// A Kafka sink that does not declare its topics, so the consumer cannot check them at start.
 #[derive(Debug)]
@@ -144,88 +33,19 @@ fn fast_retries() -> RetryPolicy {
     RetryPolicy::fixed(Duration::from_millis(50), 3)
 }
 
+/// Events `0..n` keyed `k0` .. `k{keys - 1}` in turn, each taking `sleep_ms` to handle.
+fn slow_events(n: u64, keys: u64, sleep_ms: u64) -> Vec<TestRecord> {
+    (0..n)
+        .map(|i| {
+            Ev::new(i, &format!("k{}", i % keys))
+                .sleep_ms(sleep_ms)
+                .record()
+        })
+        .collect()
+}
+
 fn builder(log: &Arc<Log>, topic: &str, group: &str) -> RetryingConsumerBuilder<Recorder> {
-    RetryingConsumer::builder(Recorder(log.clone()))
-        .bootstrap_servers(support::bootstrap())
-        .group_id(group)
-        .topic(topic)
-        .retry_policy(fast_retries())
-        .commit_interval(Duration::from_millis(200))
-        .kafka_config("session.timeout.ms", "6000")
-        .kafka_config("heartbeat.interval.ms", "500")
-}
-
-/// A consumer running in the background until `stop` is called.
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
-    monitor: kourier::ConsumerMonitor,
-}
-
-impl Running {
-    fn start(b: RetryingConsumerBuilder<Recorder>) -> Running {
-        let consumer = b.build().expect("build");
-        let monitor = consumer.monitor();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(consumer.run(async {
-            let _ = rx.await;
-        }));
-        Running {
-            stop: Some(tx),
-            task,
-            monitor,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let _report = tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("consumer did not shut down within 60 s")
-            .expect("consumer task panicked")
-            .expect("consumer returned an error");
-    }
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn setup(name: &str, partitions: i32) -> (String, String, String) {
-    support::require_kafka().await;
-    let topic = support::unique_name(name);
-    let group = support::unique_name(&format!("{name}-g"));
-    let dlt_topic = format!("{topic}.dlt");
-    support::create_topic(&topic, partitions).await;
-    support::create_topic(&dlt_topic, partitions).await;
-    (topic, group, dlt_topic)
-}
-
-async fn committed_sum(group: &str, topic: &str, partitions: i32) -> i64 {
-    support::committed_offsets(group, topic, partitions)
-        .await
-        .values()
-        .map(|o| o.unwrap_or(0))
-        .sum()
-}
-
-fn header<'a>(r: &'a support::ReadRecord, name: &str) -> Option<&'a [u8]> {
-    r.headers
-        .iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .and_then(|(_, v)| v.as_deref())
-}
-
-fn header_str<'a>(r: &'a support::ReadRecord, name: &str) -> &'a str {
-    std::str::from_utf8(header(r, name).unwrap_or_else(|| panic!("missing header {name}"))).unwrap()
+    consumer::builder(Recorder(log.clone()), topic, group).retry_policy(fast_retries())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,14 +55,11 @@ async fn success_handles_everything_and_commits_the_end() {
         .map(|i| Ev::new(i, &format!("u{}", i % 7)).record())
         .collect();
     support::produce(&topic, records).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
-    wait_for("60 handled", Duration::from_secs(60), || {
-        log.succeeded_ids().len() >= 60
-    })
-    .await;
-    wait_for("commits", Duration::from_secs(30), || {
-        futures_lite_block(committed_sum(&group, &topic, 3)) == 60
+    log.wait_succeeded(60, Duration::from_secs(60)).await;
+    wait_until("commits", Duration::from_secs(30), || async {
+        committed_sum(&group, &topic, 3).await == 60
     })
     .await;
     c.stop().await;
@@ -260,23 +77,14 @@ async fn success_handles_everything_and_commits_the_end() {
     );
 }
 
-/// Runs an async check from a sync closure (the wait loops take closures).
-fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_then_success_counts_attempts() {
     let (topic, group, dlt_topic) = setup("transient", 1).await;
-    let mut flaky = Ev::new(1, "a");
-    flaky.fail_transient = 2;
+    let flaky = Ev::new(1, "a").fail_transient(2);
     support::produce(&topic, vec![flaky.record(), Ev::new(2, "a").record()]).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
-    wait_for("both handled", Duration::from_secs(60), || {
-        log.succeeded_ids().len() >= 2
-    })
-    .await;
+    log.wait_succeeded(2, Duration::from_secs(60)).await;
     c.stop().await;
     assert_eq!(
         log.attempts_of(1),
@@ -303,8 +111,7 @@ async fn transient_then_success_counts_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_retries_dead_letter_with_full_provenance() {
     let (topic, group, dlt_topic) = setup("exhausted", 2).await;
-    let mut bad = Ev::new(7, "user-7");
-    bad.fail_transient = 100;
+    let bad = Ev::new(7, "user-7").fail_transient(100);
     let value = serde_json::to_vec(&bad).unwrap();
     let rec = TestRecord::new()
         .key(b"user-7")
@@ -313,14 +120,14 @@ async fn exhausted_retries_dead_letter_with_full_provenance() {
         .header("nothing", None)
         .partition(1);
     support::produce(&topic, vec![rec]).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
-    wait_for("dead letter", Duration::from_secs(60), || {
-        !futures_lite_block(support::read_all(&dlt_topic)).is_empty()
+    wait_until("dead letter", Duration::from_secs(60), || async {
+        !support::read_all(&dlt_topic).await.is_empty()
     })
     .await;
-    wait_for("commit", Duration::from_secs(30), || {
-        futures_lite_block(committed_sum(&group, &topic, 2)) == 1
+    wait_until("commit", Duration::from_secs(30), || async {
+        committed_sum(&group, &topic, 2).await == 1
     })
     .await;
     c.stop().await;
@@ -339,28 +146,34 @@ async fn exhausted_retries_dead_letter_with_full_provenance() {
         Some(&value[..]),
         "value bytes untouched"
     );
-    assert_eq!(header(l, "trace"), Some(&b"abc"[..]));
+    assert_eq!(l.header("trace").flatten(), Some(&b"abc"[..]));
     assert!(
         l.headers.iter().any(|(k, v)| k == "nothing" && v.is_none()),
         "null header kept"
     );
-    assert_eq!(header_str(l, dlt::ORIGINAL_TOPIC), topic);
+    assert_eq!(l.header_str(dlt::ORIGINAL_TOPIC), topic);
     assert_eq!(
-        header(l, dlt::ORIGINAL_PARTITION),
+        l.header(dlt::ORIGINAL_PARTITION).flatten(),
         Some(&1i32.to_be_bytes()[..])
     );
     assert_eq!(
-        header(l, dlt::ORIGINAL_OFFSET),
+        l.header(dlt::ORIGINAL_OFFSET).flatten(),
         Some(&0i64.to_be_bytes()[..])
     );
-    assert_eq!(header(l, dlt::ORIGINAL_TIMESTAMP).map(<[u8]>::len), Some(8));
-    assert_eq!(header_str(l, dlt::ORIGINAL_TIMESTAMP_TYPE), "CreateTime");
-    assert_eq!(header_str(l, dlt::ORIGINAL_CONSUMER_GROUP), group);
-    assert_eq!(header_str(l, dlt::FAILURE_KIND), "retries-exhausted");
-    assert_eq!(header_str(l, dlt::ATTEMPTS), "4");
-    assert!(header_str(l, dlt::EXCEPTION_MESSAGE).contains("event 7 failed on attempt 4"));
-    let first: u64 = header_str(l, dlt::FIRST_FAILURE_MS).parse().unwrap();
-    let last: u64 = header_str(l, dlt::LAST_FAILURE_MS).parse().unwrap();
+    assert_eq!(
+        l.header(dlt::ORIGINAL_TIMESTAMP).flatten().map(<[u8]>::len),
+        Some(8)
+    );
+    assert_eq!(l.header_str(dlt::ORIGINAL_TIMESTAMP_TYPE), "CreateTime");
+    assert_eq!(l.header_str(dlt::ORIGINAL_CONSUMER_GROUP), group);
+    assert_eq!(l.header_str(dlt::FAILURE_KIND), "retries-exhausted");
+    assert_eq!(l.header_str(dlt::ATTEMPTS), "4");
+    assert!(
+        l.header_str(dlt::EXCEPTION_MESSAGE)
+            .contains("event 7 failed on attempt 4")
+    );
+    let first: u64 = l.header_str(dlt::FIRST_FAILURE_MS).parse().unwrap();
+    let last: u64 = l.header_str(dlt::LAST_FAILURE_MS).parse().unwrap();
     assert!(
         last >= first + 150,
         "three 50 ms back-offs lie between first and last failure"
@@ -370,10 +183,9 @@ async fn exhausted_retries_dead_letter_with_full_provenance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failure_dead_letters_after_one_attempt() {
     let (topic, group, dlt_topic) = setup("permanent", 1).await;
-    let mut bad = Ev::new(3, "k");
-    bad.permanent = true;
+    let bad = Ev::new(3, "k").permanent();
     support::produce(&topic, vec![bad.record(), Ev::new(4, "k").record()]).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
     wait_for("the good one", Duration::from_secs(60), || {
         log.succeeded_ids() == vec![4]
@@ -383,8 +195,8 @@ async fn permanent_failure_dead_letters_after_one_attempt() {
     assert_eq!(log.attempts_of(3), vec![1]);
     let letters = support::read_all(&dlt_topic).await;
     assert_eq!(letters.len(), 1);
-    assert_eq!(header_str(&letters[0], dlt::FAILURE_KIND), "permanent");
-    assert_eq!(header_str(&letters[0], dlt::ATTEMPTS), "1");
+    assert_eq!(letters[0].header_str(dlt::FAILURE_KIND), "permanent");
+    assert_eq!(letters[0].header_str(dlt::ATTEMPTS), "1");
     assert_eq!(committed_sum(&group, &topic, 1).await, 2);
 }
 
@@ -399,10 +211,10 @@ async fn poison_pills_are_dead_lettered_without_calling_the_handler() {
         Ev::new(9, "k").record(),
     ];
     support::produce(&topic, records).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
-    wait_for("4 dead letters", Duration::from_secs(60), || {
-        futures_lite_block(support::read_all(&dlt_topic)).len() >= 4 && !log.calls().is_empty()
+    wait_until("4 dead letters", Duration::from_secs(60), || async {
+        support::read_all(&dlt_topic).await.len() >= 4 && !log.calls().is_empty()
     })
     .await;
     c.stop().await;
@@ -415,18 +227,22 @@ async fn poison_pills_are_dead_lettered_without_calling_the_handler() {
     let letters = support::read_all(&dlt_topic).await;
     assert_eq!(letters.len(), 4);
     for l in &letters {
-        assert_eq!(header_str(l, dlt::FAILURE_KIND), "decode");
-        assert_eq!(header_str(l, dlt::ATTEMPTS), "0");
+        assert_eq!(l.header_str(dlt::FAILURE_KIND), "decode");
+        assert_eq!(l.header_str(dlt::ATTEMPTS), "0");
     }
     let null_letter = letters
         .iter()
-        .find(|l| header(l, dlt::ORIGINAL_OFFSET) == Some(&1i64.to_be_bytes()[..]))
+        .find(|l| l.header(dlt::ORIGINAL_OFFSET).flatten() == Some(&1i64.to_be_bytes()[..]))
         .unwrap();
     assert_eq!(
         null_letter.value, None,
         "a null value stays null in the dead letter"
     );
-    assert!(header_str(null_letter, dlt::EXCEPTION_MESSAGE).contains("null value"));
+    assert!(
+        null_letter
+            .header_str(dlt::EXCEPTION_MESSAGE)
+            .contains("null value")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,13 +253,12 @@ async fn dead_letter_topic_with_fewer_partitions_still_receives_letters() {
     let dlt_topic = format!("{topic}.dlt");
     support::create_topic(&topic, 4).await;
     support::create_topic(&dlt_topic, 1).await;
-    let mut bad = Ev::new(1, "x");
-    bad.permanent = true;
+    let bad = Ev::new(1, "x").permanent();
     support::produce(&topic, vec![bad.record().partition(3)]).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
-    wait_for("dead letter", Duration::from_secs(60), || {
-        !futures_lite_block(support::read_all(&dlt_topic)).is_empty()
+    wait_until("dead letter", Duration::from_secs(60), || async {
+        !support::read_all(&dlt_topic).await.is_empty()
     })
     .await;
     c.stop().await;
@@ -451,7 +266,7 @@ async fn dead_letter_topic_with_fewer_partitions_still_receives_letters() {
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].partition, 0);
     assert_eq!(
-        header(&letters[0], dlt::ORIGINAL_PARTITION),
+        letters[0].header(dlt::ORIGINAL_PARTITION).flatten(),
         Some(&3i32.to_be_bytes()[..])
     );
 }
@@ -463,8 +278,7 @@ async fn failing_dead_letter_writes_hold_the_offset_then_recover() {
     let group = support::unique_name("dltdown-g");
     let dlt_topic = format!("{topic}.dlt");
     support::create_topic(&topic, 1).await; // no DLT topic yet: writes fail
-    let mut bad = Ev::new(1, "k");
-    bad.permanent = true;
+    let bad = Ev::new(1, "k").permanent();
     support::produce(
         &topic,
         vec![
@@ -474,7 +288,7 @@ async fn failing_dead_letter_writes_hold_the_offset_then_recover() {
         ],
     )
     .await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     // The default sink's topic is checked at start (a missing one is a startup error, see
     // tests/fail_loudly.rs); this sink writes to the same topic without declaring it, so the
     // write itself fails while the topic is missing.
@@ -504,8 +318,8 @@ async fn failing_dead_letter_writes_hold_the_offset_then_recover() {
         log.succeeded_ids() == vec![0, 2]
     })
     .await;
-    wait_for("commit", Duration::from_secs(30), || {
-        futures_lite_block(committed_sum(&group, &topic, 1)) == 3
+    wait_until("commit", Duration::from_secs(30), || async {
+        committed_sum(&group, &topic, 1).await == 3
     })
     .await;
     c.stop().await;
@@ -528,12 +342,9 @@ async fn restart_resumes_from_committed_offsets() {
             .collect(),
     )
     .await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
-    wait_for("first batch", Duration::from_secs(60), || {
-        log.succeeded_ids().len() >= 40
-    })
-    .await;
+    log.wait_succeeded(40, Duration::from_secs(60)).await;
     c.stop().await;
     assert_eq!(committed_sum(&group, &topic, 2).await, 40);
 
@@ -544,12 +355,9 @@ async fn restart_resumes_from_committed_offsets() {
             .collect(),
     )
     .await;
-    let log2 = Arc::new(Log::default());
+    let log2 = Log::new();
     let c = Running::start(builder(&log2, &topic, &group));
-    wait_for("second batch", Duration::from_secs(60), || {
-        log2.succeeded_ids().len() >= 30
-    })
-    .await;
+    log2.wait_succeeded(30, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.stop().await;
     let mut second = log2.succeeded_ids();
@@ -565,29 +373,20 @@ async fn restart_resumes_from_committed_offsets() {
 async fn clean_shutdown_mid_stream_then_restart_handles_nothing_twice() {
     let (topic, group, _) = setup("shutdown", 3).await;
     let n = 300u64;
-    let records = (0..n)
-        .map(|i| {
-            let mut e = Ev::new(i, &format!("k{}", i % 13));
-            e.sleep_ms = 5;
-            e.record()
-        })
-        .collect();
+    let records = slow_events(n, 13, 5);
     support::produce(&topic, records).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(
         builder(&log, &topic, &group)
             .ordering(Ordering::Key)
             .max_in_flight(8),
     );
-    wait_for("some progress", Duration::from_secs(60), || {
-        log.succeeded_ids().len() >= 40
-    })
-    .await;
+    log.wait_succeeded(40, Duration::from_secs(60)).await;
     c.stop().await;
     let first: Vec<u64> = log.succeeded_ids();
     assert!((first.len() as u64) < n, "stopped mid-stream");
 
-    let log2 = Arc::new(Log::default());
+    let log2 = Log::new();
     let c = Running::start(
         builder(&log2, &topic, &group)
             .ordering(Ordering::Key)
@@ -613,10 +412,9 @@ async fn clean_shutdown_mid_stream_then_restart_handles_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_backoff_does_not_leave_the_group() {
     let (topic, group, _) = setup("backoff", 1).await;
-    let mut slow = Ev::new(1, "k");
-    slow.fail_transient = 1;
+    let slow = Ev::new(1, "k").fail_transient(1);
     support::produce(&topic, vec![slow.record(), Ev::new(2, "k").record()]).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let b = builder(&log, &topic, &group)
         .retry_policy(RetryPolicy::fixed(Duration::from_secs(10), 1))
         .kafka_config("max.poll.interval.ms", "6000")
@@ -649,13 +447,7 @@ async fn long_backoff_does_not_leave_the_group() {
 async fn two_consumers_join_and_leave_while_records_flow() {
     let (topic, group, _) = setup("rebalance", 6).await;
     let n = 600u64;
-    let records: Vec<_> = (0..n)
-        .map(|i| {
-            let mut e = Ev::new(i, &format!("k{}", i % 50));
-            e.sleep_ms = 10;
-            e.record()
-        })
-        .collect();
+    let records = slow_events(n, 50, 10);
     let producer = tokio::spawn({
         let topic = topic.clone();
         async move {
@@ -665,21 +457,15 @@ async fn two_consumers_join_and_leave_while_records_flow() {
             }
         }
     });
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let a = Running::start(builder(&log, &topic, &group).max_in_flight(16));
-    wait_for("a starts", Duration::from_secs(60), || {
-        log.succeeded_ids().len() >= 50
-    })
-    .await;
+    log.wait_succeeded(50, Duration::from_secs(60)).await;
     let b = Running::start(builder(&log, &topic, &group).max_in_flight(16));
     wait_for("b takes partitions", Duration::from_secs(60), || {
         !b.monitor.snapshot().assigned.is_empty()
     })
     .await;
-    wait_for("more progress", Duration::from_secs(60), || {
-        log.succeeded_ids().len() >= 300
-    })
-    .await;
+    log.wait_succeeded(300, Duration::from_secs(60)).await;
     a.stop().await;
     producer.await.unwrap();
     wait_for("everything", Duration::from_secs(120), || {
@@ -709,24 +495,16 @@ async fn two_consumers_join_and_leave_while_records_flow() {
 async fn key_mode_keeps_per_key_order_while_keys_overlap() {
     let (topic, group, _) = setup("keys", 1).await;
     let n = 200u64;
-    let records: Vec<_> = (0..n)
-        .map(|i| {
-            let mut e = Ev::new(i, &format!("k{}", i % 10));
-            e.sleep_ms = 20;
-            e.record()
-        })
-        .collect();
+    let records = slow_events(n, 10, 20);
     support::produce(&topic, records).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(
         builder(&log, &topic, &group)
             .ordering(Ordering::Key)
             .max_in_flight(10),
     );
-    wait_for("all", Duration::from_secs(60), || {
-        log.succeeded_ids().len() >= n as usize
-    })
-    .await;
+    log.wait_succeeded(n as usize, Duration::from_secs(60))
+        .await;
     c.stop().await;
     let calls = log.calls();
     let mut by_key: BTreeMap<String, Vec<&Call>> = BTreeMap::new();
@@ -759,12 +537,11 @@ async fn key_mode_keeps_per_key_order_while_keys_overlap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handler_keeps_buffers_bounded_and_pauses() {
     let (topic, group, _) = setup("stall", 2).await;
-    let mut stuck = Ev::new(0, "k");
-    stuck.sleep_ms = 6_000;
+    let stuck = Ev::new(0, "k").sleep_ms(6_000);
     let mut records = vec![stuck.record().partition(0)];
     records.extend((1..2000).map(|i| Ev::new(i, "k").record().partition(0)));
     support::produce(&topic, records).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(
         builder(&log, &topic, &group)
             .max_buffered_records(300)
@@ -782,10 +559,7 @@ async fn stalled_handler_keeps_buffers_bounded_and_pauses() {
     assert!(saw_pause, "the stalled partition was paused");
     // One poll batch (500) may land past the limit before the pause takes effect.
     assert!(max_seen <= 100 + 500, "buffer grew to {max_seen}");
-    wait_for("drain after the stall", Duration::from_secs(60), || {
-        log.succeeded_ids().len() >= 2000
-    })
-    .await;
+    log.wait_succeeded(2000, Duration::from_secs(60)).await;
     let monitor = c.monitor.clone();
     wait_for("resume after draining", Duration::from_secs(10), || {
         monitor.snapshot().paused.is_empty()
@@ -822,16 +596,13 @@ async fn odd_headers_keys_and_payloads_do_not_crash_the_consumer() {
         many = many.header(format!("h{i}"), Some(vec![1]));
     }
     support::produce(&topic, vec![many]).await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group));
-    wait_for("handled", Duration::from_secs(60), || {
-        log.succeeded_ids().len() >= 5
-    })
-    .await;
-    wait_for(
+    log.wait_succeeded(5, Duration::from_secs(60)).await;
+    wait_until(
         "empty payload dead-lettered",
         Duration::from_secs(30),
-        || futures_lite_block(support::read_all(&dlt_topic)).len() == 1,
+        || async { support::read_all(&dlt_topic).await.len() == 1 },
     )
     .await;
     c.stop().await;
@@ -843,7 +614,7 @@ async fn odd_headers_keys_and_payloads_do_not_crash_the_consumer() {
 #[tokio::test]
 async fn build_rejects_every_bad_setting() {
     use kourier::{ConfigError, Error};
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let base = || {
         RetryingConsumer::builder(Recorder(log.clone()))
             .bootstrap_servers("127.0.0.1:9092")
@@ -965,14 +736,13 @@ async fn panicking_and_hanging_handlers_are_transient_failures() {
     let (topic, group, dlt_topic) = setup("panic", 1).await;
     let mut panics = Ev::new(1, "k");
     panics.panic = true;
-    let mut hangs = Ev::new(2, "k");
-    hangs.sleep_ms = 60_000;
+    let hangs = Ev::new(2, "k").sleep_ms(60_000);
     support::produce(
         &topic,
         vec![panics.record(), hangs.record(), Ev::new(3, "k").record()],
     )
     .await;
-    let log = Arc::new(Log::default());
+    let log = Log::new();
     let c = Running::start(
         builder(&log, &topic, &group)
             .retry_policy(RetryPolicy::fixed(Duration::from_millis(20), 1))
@@ -986,16 +756,22 @@ async fn panicking_and_hanging_handlers_are_transient_failures() {
     let letters = support::read_all(&dlt_topic).await;
     assert_eq!(letters.len(), 2);
     // A panic is its own failure kind: retried, then dead-lettered as `panic`.
-    assert_eq!(header_str(&letters[0], dlt::FAILURE_KIND), "panic");
-    assert_eq!(header_str(&letters[0], dlt::ATTEMPTS), "2");
-    assert!(header_str(&letters[0], dlt::EXCEPTION_MESSAGE).contains("handler panicked: event 1"));
+    assert_eq!(letters[0].header_str(dlt::FAILURE_KIND), "panic");
+    assert_eq!(letters[0].header_str(dlt::ATTEMPTS), "2");
+    assert!(
+        letters[0]
+            .header_str(dlt::EXCEPTION_MESSAGE)
+            .contains("handler panicked: event 1")
+    );
     assert_eq!(
-        header_str(&letters[1], dlt::FAILURE_KIND),
+        letters[1].header_str(dlt::FAILURE_KIND),
         "retries-exhausted"
     );
-    assert_eq!(header_str(&letters[1], dlt::ATTEMPTS), "2");
+    assert_eq!(letters[1].header_str(dlt::ATTEMPTS), "2");
     assert!(
-        header_str(&letters[1], dlt::EXCEPTION_MESSAGE).contains("handler timed out after 300ms")
+        letters[1]
+            .header_str(dlt::EXCEPTION_MESSAGE)
+            .contains("handler timed out after 300ms")
     );
     assert!(
         log.attempts_of(2).is_empty(),

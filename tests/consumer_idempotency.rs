@@ -23,336 +23,32 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering as MemoryOrdering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
 use kourier::{
-    Claim, ClaimToken, DedupKey, Handler, HandlerError, IdempotencyStore, InMemoryIdempotencyStore,
-    Message, Ordering, RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
-    RetryingConsumerBuilder, StoreError, async_trait,
+    Claim, ClaimToken, DedupKey, IdempotencyStore, InMemoryIdempotencyStore, Message, Ordering,
+    RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder,
 };
-use serde::{Deserialize, Serialize};
-use support::TestRecord;
+use support::consumer::{self, Running, setup, wait_for};
+use support::recorder::{Call, EVENT_ID_HEADER, Ev, Log, Recorder};
 use support::redis_server::RedisServer;
+use support::store::{Answer, SpyStore};
+use support::{TestRecord, committed_sum};
 
-/// The header carrying the dedup key in the tests that take it from a header.
-const EVENT_ID_HEADER: &str = "event-id";
 /// Generous: the machine is small and other suites may run at the same time.
 const WAIT: Duration = Duration::from_secs(60);
+/// How long a consumer may take to shut down.
+const SHUTDOWN: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------------------------------------
-// The event, the handler and the side-effect log
+// The side-effect log (the event and the handler are support::recorder's)
 // ---------------------------------------------------------------------------------------------
 
-/// The test event. `event_id` is the business id (the dedup key); `seq` names the record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Ev {
-    seq: u64,
-    event_id: String,
-    key: String,
-    /// Transient failures before success.
-    #[serde(default)]
-    fail_transient: u32,
-    /// Fails permanently until the log is [fixed](Log::fix) (a bug fixed before a redrive).
-    #[serde(default)]
-    permanent: bool,
-    #[serde(default)]
-    sleep_ms: u64,
-    /// After sleeping, waits until the test [opens the gate](Log::open_gate) (at most 60 s).
-    #[serde(default)]
-    gated: bool,
-}
-
-impl Ev {
-    fn new(seq: u64, event_id: &str, key: &str) -> Self {
-        Ev {
-            seq,
-            event_id: event_id.into(),
-            key: key.into(),
-            fail_transient: 0,
-            permanent: false,
-            sleep_ms: 0,
-            gated: false,
-        }
-    }
-
-    fn fail_transient(mut self, times: u32) -> Self {
-        self.fail_transient = times;
-        self
-    }
-
-    fn permanent(mut self) -> Self {
-        self.permanent = true;
-        self
-    }
-
-    fn sleep_ms(mut self, ms: u64) -> Self {
-        self.sleep_ms = ms;
-        self
-    }
-
-    fn gated(mut self) -> Self {
-        self.gated = true;
-        self
-    }
-
-    /// Keyed by `key`, with the event id in the `event-id` header.
-    fn record(&self) -> TestRecord {
-        self.record_without_header()
-            .header(EVENT_ID_HEADER, Some(self.event_id.clone().into_bytes()))
-    }
-
-    /// Keyed by `key`, no headers: only the typed event knows the event id.
-    fn record_without_header(&self) -> TestRecord {
-        TestRecord::new()
-            .key(self.key.as_bytes())
-            .value(serde_json::to_vec(self).unwrap())
-    }
-}
-
-/// One handler call.
-#[derive(Debug, Clone)]
-struct Call {
-    seq: u64,
-    event_id: String,
-    partition: i32,
-    offset: i64,
-    attempt: u32,
-    started: Instant,
-    ended: Instant,
-    ok: bool,
-}
-
-#[derive(Debug, Default)]
-struct Log {
-    calls: Mutex<Vec<Call>>,
-    started: Mutex<Vec<u64>>,
-    gate_open: AtomicBool,
-    fixed: AtomicBool,
-}
-
-impl Log {
-    fn new() -> Arc<Log> {
-        Arc::new(Log::default())
-    }
-
-    fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
-    }
-
-    /// The side effects: calls that succeeded.
-    fn successes(&self) -> Vec<Call> {
-        self.calls().into_iter().filter(|c| c.ok).collect()
-    }
-
-    fn calls_for(&self, event_id: &str) -> Vec<Call> {
-        self.calls()
-            .into_iter()
-            .filter(|c| c.event_id == event_id)
-            .collect()
-    }
-
-    fn succeeded_seqs(&self) -> Vec<u64> {
-        let mut seqs: Vec<u64> = self.successes().iter().map(|c| c.seq).collect();
-        seqs.sort_unstable();
-        seqs
-    }
-
-    fn has_started(&self, seq: u64) -> bool {
-        self.started.lock().unwrap().contains(&seq)
-    }
-
-    fn open_gate(&self) {
-        self.gate_open.store(true, MemoryOrdering::SeqCst);
-    }
-
-    fn fix(&self) {
-        self.fixed.store(true, MemoryOrdering::SeqCst);
-    }
-}
-
-/// `(seq, attempt, ok)` of each call, in call order.
+/// `(id, attempt, ok)` of each call, in call order.
 fn outcomes(calls: &[Call]) -> Vec<(u64, u32, bool)> {
-    calls.iter().map(|c| (c.seq, c.attempt, c.ok)).collect()
-}
-
-struct Recorder(Arc<Log>);
-
-#[async_trait]
-impl Handler for Recorder {
-    type Event = Ev;
-
-    async fn handle(&self, m: &Message<Ev>) -> Result<(), HandlerError> {
-        let started = Instant::now();
-        let ev = m.event();
-        self.0.started.lock().unwrap().push(ev.seq);
-        if ev.sleep_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(ev.sleep_ms)).await;
-        }
-        if ev.gated {
-            while !self.0.gate_open.load(MemoryOrdering::SeqCst)
-                && started.elapsed() < Duration::from_secs(60)
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-        let result = if ev.permanent && !self.0.fixed.load(MemoryOrdering::SeqCst) {
-            Err(HandlerError::permanent(format!(
-                "event {} is permanently bad",
-                ev.event_id
-            )))
-        } else if m.attempt() <= ev.fail_transient {
-            Err(HandlerError::transient(format!(
-                "event {} failed on attempt {}",
-                ev.event_id,
-                m.attempt()
-            )))
-        } else {
-            Ok(())
-        };
-        self.0.calls.lock().unwrap().push(Call {
-            seq: ev.seq,
-            event_id: ev.event_id.clone(),
-            partition: m.partition(),
-            offset: m.offset(),
-            attempt: m.attempt(),
-            started,
-            ended: Instant::now(),
-            ok: result.is_ok(),
-        });
-        result
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A store that records what the consumer asked and what it was answered
-// ---------------------------------------------------------------------------------------------
-
-/// What the store answered, as the consumer saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Answer {
-    Acquired(ClaimToken),
-    Done,
-    Busy,
-    Completed,
-    Released,
-    LeaseLost,
-    Unavailable,
-}
-
-impl Answer {
-    /// `claim:acquired`, `complete:lease-lost`, ...
-    fn label(&self, op: &str) -> String {
-        let answer = match self {
-            Answer::Acquired(_) => "acquired",
-            Answer::Done => "done",
-            Answer::Busy => "busy",
-            Answer::Completed => "completed",
-            Answer::Released => "released",
-            Answer::LeaseLost => "lease-lost",
-            Answer::Unavailable => "unavailable",
-        };
-        format!("{op}:{answer}")
-    }
-}
-
-#[derive(Debug, Clone)]
-struct StoreCall {
-    op: &'static str,
-    key: String,
-    /// The token passed to `complete` / `release`.
-    token: Option<ClaimToken>,
-    answer: Answer,
-    /// When the answer arrived.
-    at: Instant,
-}
-
-/// Delegates to a real store and records every call.
-#[derive(Debug)]
-struct SpyStore {
-    inner: Arc<dyn IdempotencyStore>,
-    calls: Mutex<Vec<StoreCall>>,
-}
-
-impl SpyStore {
-    fn new(inner: Arc<dyn IdempotencyStore>) -> Arc<SpyStore> {
-        Arc::new(SpyStore {
-            inner,
-            calls: Mutex::new(Vec::new()),
-        })
-    }
-
-    fn calls_for(&self, key: &str) -> Vec<StoreCall> {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|c| c.key == key)
-            .cloned()
-            .collect()
-    }
-
-    /// `op:answer` labels of the calls on `key`, in answer order.
-    fn labels_for(&self, key: &str) -> Vec<String> {
-        self.calls_for(key)
-            .iter()
-            .map(|c| c.answer.label(c.op))
-            .collect()
-    }
-
-    fn record(&self, op: &'static str, key: &str, token: Option<&ClaimToken>, answer: Answer) {
-        self.calls.lock().unwrap().push(StoreCall {
-            op,
-            key: key.to_owned(),
-            token: token.cloned(),
-            answer,
-            at: Instant::now(),
-        });
-    }
-
-    fn settle_answer(result: &Result<(), StoreError>, ok: Answer) -> Answer {
-        match result {
-            Ok(()) => ok,
-            Err(e) if e.is_lease_lost() => Answer::LeaseLost,
-            Err(_) => Answer::Unavailable,
-        }
-    }
-}
-
-#[async_trait]
-impl IdempotencyStore for SpyStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        let result = self.inner.claim(key, lease).await;
-        let answer = match &result {
-            Ok(Claim::Acquired(token)) => Answer::Acquired(token.clone()),
-            Ok(Claim::Done) => Answer::Done,
-            Ok(Claim::Busy) => Answer::Busy,
-            Err(_) => Answer::Unavailable,
-        };
-        self.record("claim", key, None, answer);
-        result
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let result = self.inner.complete(key, token, ttl).await;
-        let answer = SpyStore::settle_answer(&result, Answer::Completed);
-        self.record("complete", key, Some(token), answer);
-        result
-    }
-
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        let result = self.inner.release(key, token).await;
-        let answer = SpyStore::settle_answer(&result, Answer::Released);
-        self.record("release", key, Some(token), answer);
-        result
-    }
+    calls.iter().map(|c| (c.id, c.attempt, c.ok)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,68 +70,14 @@ fn builder(
     store: Arc<dyn IdempotencyStore>,
     key: DedupKey<Ev>,
 ) -> RetryingConsumerBuilder<Recorder> {
-    RetryingConsumer::builder(Recorder(log.clone()))
-        .bootstrap_servers(support::bootstrap())
-        .group_id(group)
-        .topic(topic)
+    consumer::builder(Recorder(log.clone()), topic, group)
         .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 3))
-        .commit_interval(Duration::from_millis(200))
-        .kafka_config("session.timeout.ms", "6000")
-        .kafka_config("heartbeat.interval.ms", "500")
         .idempotency(store, key)
 }
 
 /// The dedup key the consumer of `group` uses for `event_id`.
 fn namespaced(group: &str, event_id: &str) -> String {
     format!("{group}:{event_id}")
-}
-
-/// A consumer running in the background until `stop` is called.
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
-}
-
-impl Running {
-    fn start(b: RetryingConsumerBuilder<Recorder>) -> Running {
-        let consumer = b.build().expect("build");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(consumer.run(async {
-            let _ = rx.await;
-        }));
-        Running {
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let _report = tokio::time::timeout(Duration::from_secs(90), self.task)
-            .await
-            .expect("consumer did not shut down within 90 s")
-            .expect("consumer task panicked")
-            .expect("consumer returned an error");
-    }
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn committed_sum(group: &str, topic: &str, partitions: i32) -> i64 {
-    support::committed_offsets(group, topic, partitions)
-        .await
-        .values()
-        .map(|o| o.unwrap_or(0))
-        .sum()
 }
 
 /// Waits until the group's committed offsets of `topic` add up to `total` (offsets here are
@@ -455,16 +97,6 @@ async fn wait_committed(group: &str, topic: &str, partitions: i32, total: i64) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn setup(name: &str, partitions: i32) -> (String, String, String) {
-    support::require_kafka().await;
-    let topic = support::unique_name(name);
-    let group = support::unique_name(&format!("{name}-g"));
-    let dlt_topic = format!("{topic}.dlt");
-    support::create_topic(&topic, partitions).await;
-    support::create_topic(&dlt_topic, partitions).await;
-    (topic, group, dlt_topic)
 }
 
 /// A Redis store at `url` with a key prefix of its own.
@@ -525,7 +157,11 @@ async fn transient_failure_then_success_sends_exactly_once() {
     let spy = SpyStore::new(redis.clone());
     support::produce(
         &topic,
-        vec![Ev::new(0, "mail-1", "user-1").fail_transient(1).record()],
+        vec![
+            Ev::with_event_id(0, "mail-1", "user-1")
+                .fail_transient(1)
+                .record(),
+        ],
     )
     .await;
 
@@ -533,7 +169,7 @@ async fn transient_failure_then_success_sends_exactly_once() {
     let c = Running::start(builder(&log, &topic, &group, spy.clone(), by_header()));
     wait_for("the retry to succeed", WAIT, || !log.successes().is_empty()).await;
     wait_committed(&group, &topic, 1, 1).await;
-    c.stop().await;
+    c.stop_within(SHUTDOWN).await;
 
     assert_eq!(
         outcomes(&log.calls()),
@@ -579,9 +215,9 @@ async fn duplicate_event_runs_once(name: &str, key: DedupKey<Ev>, with_header: b
     let redis = shared_redis_store().await;
     let spy = SpyStore::new(redis.clone());
     let events = [
-        Ev::new(0, "order-1", "alice"),
-        Ev::new(1, "order-1", "bob"),
-        Ev::new(2, "order-2", "alice"),
+        Ev::with_event_id(0, "order-1", "alice"),
+        Ev::with_event_id(1, "order-1", "bob"),
+        Ev::with_event_id(2, "order-2", "alice"),
     ];
     let records = events
         .iter()
@@ -599,7 +235,7 @@ async fn duplicate_event_runs_once(name: &str, key: DedupKey<Ev>, with_header: b
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group, spy.clone(), key));
     wait_committed(&group, &topic, 1, 3).await;
-    c.stop().await;
+    c.stop_within(SHUTDOWN).await;
 
     assert_eq!(
         outcomes(&log.calls()),
@@ -647,7 +283,12 @@ async fn two_workers_racing_on_one_id_run_it_once() {
     // other worker find the id busy.
     support::produce(
         &topic,
-        vec![Ev::new(0, "pay-1", "a").sleep_ms(1000).gated().record()],
+        vec![
+            Ev::with_event_id(0, "pay-1", "a")
+                .sleep_ms(1000)
+                .gated()
+                .record(),
+        ],
     )
     .await;
     let log = Log::new();
@@ -660,8 +301,8 @@ async fn two_workers_racing_on_one_id_run_it_once() {
     support::produce(
         &topic,
         vec![
-            Ev::new(1, "pay-1", "b").record(),
-            Ev::new(2, "pay-2", "b").record(),
+            Ev::with_event_id(1, "pay-1", "b").record(),
+            Ev::with_event_id(2, "pay-2", "b").record(),
         ],
     )
     .await;
@@ -671,7 +312,7 @@ async fn two_workers_racing_on_one_id_run_it_once() {
     .await;
     log.open_gate();
     wait_committed(&group, &topic, 1, 3).await;
-    c.stop().await;
+    c.stop_within(SHUTDOWN).await;
 
     let pay = log.calls_for("pay-1");
     assert_eq!(
@@ -679,7 +320,7 @@ async fn two_workers_racing_on_one_id_run_it_once() {
         vec![(0, 1, true)],
         "exactly one handler run for pay-1, by the worker that claimed it first"
     );
-    assert_eq!(log.succeeded_seqs(), [0, 2]);
+    assert_eq!(log.sorted_succeeded_ids(), [0, 2]);
 
     let store_calls = spy.calls_for(&key);
     let labels = spy.labels_for(&key);
@@ -738,7 +379,7 @@ async fn a_handler_outliving_its_lease_loses_the_claim() {
 
     support::produce(
         &topic,
-        vec![Ev::new(0, "slow-1", "a").sleep_ms(2500).record()],
+        vec![Ev::with_event_id(0, "slow-1", "a").sleep_ms(2500).record()],
     )
     .await;
     let log = Log::new();
@@ -748,13 +389,13 @@ async fn a_handler_outliving_its_lease_loses_the_claim() {
             .idempotency_lease(lease),
     );
     wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
-    support::produce(&topic, vec![Ev::new(1, "slow-1", "b").record()]).await;
+    support::produce(&topic, vec![Ev::with_event_id(1, "slow-1", "b").record()]).await;
     wait_for("both records of slow-1 to run", WAIT, || {
         log.successes().len() >= 2
     })
     .await;
     wait_committed(&group, &topic, 1, 2).await;
-    c.stop().await;
+    c.stop_within(SHUTDOWN).await;
 
     let calls = log.calls_for("slow-1");
     let mut ran: Vec<(u64, u32, bool)> = outcomes(&calls);
@@ -782,7 +423,7 @@ async fn a_handler_outliving_its_lease_loses_the_claim() {
          ({:?} after the first)",
         second_at.duration_since(first_at)
     );
-    let second_run = calls.iter().find(|c| c.seq == 1).unwrap();
+    let second_run = calls.iter().find(|c| c.id == 1).unwrap();
     assert!(
         second_run.started.duration_since(first_at) >= lease - Duration::from_millis(300),
         "#1 ran after #0's lease expired"
@@ -855,7 +496,7 @@ async fn redis_outage_mid_stream(name: &str, run_without_dedup: bool) {
         Arc::new(redis_store_at(&server.url(), Duration::from_millis(500)).await);
     let records = (0..OUTAGE_RECORDS)
         .map(|i| {
-            Ev::new(i, &format!("evt-{i}"), &format!("k{}", i % 10))
+            Ev::with_event_id(i, &format!("evt-{i}"), &format!("k{}", i % 10))
                 .sleep_ms(20)
                 .record()
         })
@@ -887,7 +528,7 @@ async fn redis_outage_mid_stream(name: &str, run_without_dedup: bool) {
     if run_without_dedup {
         // Opted in: the records keep flowing, handled without dedup while Redis is down.
         wait_for("every record handled while Redis is down", WAIT * 2, || {
-            log.succeeded_seqs().len() >= OUTAGE_RECORDS as usize
+            log.sorted_succeeded_ids().len() >= OUTAGE_RECORDS as usize
         })
         .await;
         wait_committed(&group, &topic, OUTAGE_PARTITIONS, OUTAGE_RECORDS as i64).await;
@@ -920,7 +561,7 @@ async fn redis_outage_mid_stream(name: &str, run_without_dedup: bool) {
         let late: Vec<(u64, Duration)> = calls
             .iter()
             .filter(|c| c.started > killed_at + grace)
-            .map(|c| (c.seq, c.started.duration_since(killed_at)))
+            .map(|c| (c.id, c.started.duration_since(killed_at)))
             .collect();
         assert!(
             late.is_empty(),
@@ -941,7 +582,7 @@ async fn redis_outage_mid_stream(name: &str, run_without_dedup: bool) {
         tokio::task::block_in_place(|| server.restart());
         let restarted_at = Instant::now();
         wait_for("every record handled after the restart", WAIT * 2, || {
-            log.succeeded_seqs().len() >= OUTAGE_RECORDS as usize
+            log.sorted_succeeded_ids().len() >= OUTAGE_RECORDS as usize
         })
         .await;
         wait_committed(&group, &topic, OUTAGE_PARTITIONS, OUTAGE_RECORDS as i64).await;
@@ -954,11 +595,11 @@ async fn redis_outage_mid_stream(name: &str, run_without_dedup: bool) {
             .expect("records handled after the restart");
         assert_eq!(probe(&*store, &group, &after.event_id).await, Claim::Done);
     }
-    c.stop().await;
+    c.stop_within(SHUTDOWN).await;
 
-    let seqs = log.succeeded_seqs();
+    let ids = log.sorted_succeeded_ids();
     assert_eq!(
-        seqs,
+        ids,
         (0..OUTAGE_RECORDS).collect::<Vec<_>>(),
         "every record handled exactly once overall"
     );
@@ -994,8 +635,8 @@ async fn opt_in_goes_on_promptly_after_a_record_finishes_during_the_outage() {
     support::produce(
         &topic,
         vec![
-            Ev::new(0, "a-0", "k").gated().record(),
-            Ev::new(1, "a-1", "k").record(),
+            Ev::with_event_id(0, "a-0", "k").gated().record(),
+            Ev::with_event_id(1, "a-1", "k").record(),
         ],
     )
     .await;
@@ -1014,8 +655,8 @@ async fn opt_in_goes_on_promptly_after_a_record_finishes_during_the_outage() {
         || log.has_started(1),
     )
     .await;
-    c.stop().await;
-    assert_eq!(log.succeeded_seqs(), [0, 1]);
+    c.stop_within(SHUTDOWN).await;
+    assert_eq!(log.sorted_succeeded_ids(), [0, 1]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1028,7 +669,11 @@ async fn a_dead_lettered_event_is_not_done_and_its_redrive_runs() {
     let redis = shared_redis_store().await;
     support::produce(
         &topic,
-        vec![Ev::new(0, "invoice-1", "acme").permanent().record()],
+        vec![
+            Ev::with_event_id(0, "invoice-1", "acme")
+                .permanent()
+                .record(),
+        ],
     )
     .await;
     let log = Log::new();
@@ -1067,7 +712,7 @@ async fn a_dead_lettered_event_is_not_done_and_its_redrive_runs() {
     // Once done, a second redrive of the same event is a duplicate.
     support::produce(&topic, vec![redriven]).await;
     wait_committed(&group, &topic, 1, 3).await;
-    c.stop().await;
+    c.stop_within(SHUTDOWN).await;
 
     let calls = log.calls_for("invoice-1");
     assert_eq!(
@@ -1098,17 +743,17 @@ async fn duplicates_and_a_transient_failure(store: Arc<dyn IdempotencyStore>, na
     support::produce(
         &topic,
         vec![
-            Ev::new(0, "e1", "a").fail_transient(1).record(),
-            Ev::new(1, "e1", "b").record(),
-            Ev::new(2, "e2", "a").record(),
-            Ev::new(3, "e2", "c").permanent().record(),
+            Ev::with_event_id(0, "e1", "a").fail_transient(1).record(),
+            Ev::with_event_id(1, "e1", "b").record(),
+            Ev::with_event_id(2, "e2", "a").record(),
+            Ev::with_event_id(3, "e2", "c").permanent().record(),
         ],
     )
     .await;
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group, spy.clone(), by_event()));
     wait_committed(&group, &topic, 1, 4).await;
-    c.stop().await;
+    c.stop_within(SHUTDOWN).await;
 
     assert_eq!(
         outcomes(&log.calls()),

@@ -3,18 +3,20 @@
 //!
 //! Needs Kafka at `KAFKA_BOOTSTRAP_SERVERS` (default 127.0.0.1:9092): `scripts/services up`.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kourier::dead_letter::{MAX_ERROR_MESSAGE_BYTES, headers};
-use kourier::rdkafka::Message as _;
-use kourier::rdkafka::message::{Headers as _, OwnedMessage, Timestamp};
 use kourier::{
     DeadLetter, DeadLetterReason, DeadLetterSink, Header, Headers, KafkaDeadLetterSink, RawRecord,
     java_partition,
 };
-
-use self::kafka::{bootstrap, create_topic, read_all, require_kafka, unique_name};
+use support::{
+    ReadRecord, bootstrap, create_topic_with_config, read_at_least, record_at, require_kafka,
+    unique_name,
+};
 
 const KEY: &[u8] = b"user-42";
 
@@ -46,21 +48,21 @@ fn letter(record: RawRecord) -> DeadLetter {
     }
 }
 
+/// A source topic name (the sink never reads the source topic, so it is not created) and its
+/// dead-letter topic `<source>.dlt`, created with `partitions` and topic-level `configs`.
+async fn source_and_dlt(name: &str, partitions: i32, configs: &[(&str, &str)]) -> (String, String) {
+    require_kafka().await;
+    let source = unique_name(name);
+    let dlt = format!("{source}.dlt");
+    create_topic_with_config(&dlt, partitions, configs).await;
+    (source, dlt)
+}
+
 fn sink() -> KafkaDeadLetterSink {
     KafkaDeadLetterSink::builder(bootstrap())
         .send_timeout(Duration::from_secs(10))
         .build()
         .expect("sink builds")
-}
-
-/// The record's headers as (name, value) pairs, in order, null values as `None`.
-fn header_list(message: &OwnedMessage) -> Vec<(String, Option<Vec<u8>>)> {
-    message.headers().map_or_else(Vec::new, |headers| {
-        headers
-            .iter()
-            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-            .collect()
-    })
 }
 
 fn only<'a>(list: &'a [(String, Option<Vec<u8>>)], name: &str) -> Option<&'a [u8]> {
@@ -73,6 +75,13 @@ fn only<'a>(list: &'a [(String, Option<Vec<u8>>)], name: &str) -> Option<&'a [u8
     value.as_deref()
 }
 
+/// Asserts that each `(name, value)` header appears once in `list`, with that value.
+fn assert_headers(list: &[(String, Option<Vec<u8>>)], expected: &[(&str, &[u8])]) {
+    for (name, value) in expected {
+        assert_eq!(only(list, name), Some(*value), "header {name}");
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -80,19 +89,14 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-fn at(messages: &[OwnedMessage], partition: i32, offset: i64) -> &OwnedMessage {
-    messages
-        .iter()
-        .find(|m| m.partition() == partition && m.offset() == offset)
-        .unwrap_or_else(|| panic!("no record at {partition}@{offset}"))
+/// Reads the dead-letter topic once it holds at least `count` letters.
+async fn read_letters(topic: &str, count: usize) -> Vec<ReadRecord> {
+    read_at_least(topic, count, Duration::from_secs(30)).await
 }
 
 #[tokio::test]
 async fn dead_letter_keeps_key_value_headers_and_carries_provenance() {
-    require_kafka().await;
-    let source = unique_name("dl-full");
-    let dlt = format!("{source}.dlt");
-    create_topic(&dlt, 3, &[]).await;
+    let (source, dlt) = source_and_dlt("dl-full", 3, &[]).await;
     let sink = sink();
     let value = br#"{"to":"nobody@example.com"}"#.to_vec();
     let before = now_ms();
@@ -104,17 +108,16 @@ async fn dead_letter_keeps_key_value_headers_and_carries_provenance() {
     assert_eq!(receipt.topic, dlt);
     assert_eq!(receipt.partition, Some(2), "same partition as the source");
 
-    let messages = read_all(&dlt, 1).await;
-    let m = at(&messages, 2, receipt.offset.unwrap());
-    assert_eq!(m.key(), Some(KEY));
-    assert_eq!(m.payload(), Some(value.as_slice()));
+    let messages = read_letters(&dlt, 1).await;
+    let m = record_at(&messages, 2, receipt.offset.unwrap());
+    assert_eq!(m.key.as_deref(), Some(KEY));
+    assert_eq!(m.value.as_deref(), Some(value.as_slice()));
     // The dead letter is timestamped when it was written; the original time is a header.
-    match m.timestamp() {
-        Timestamp::CreateTime(ts) => assert!(ts >= before - 1000, "timestamp {ts} is not recent"),
-        other => panic!("unexpected timestamp {other:?}"),
-    }
+    assert!(!m.log_append_time, "a create time, not a log-append time");
+    let ts = m.timestamp.expect("the dead letter has a timestamp");
+    assert!(ts >= before - 1000, "timestamp {ts} is not recent");
 
-    let list = header_list(m);
+    let list = m.headers.clone();
     assert_eq!(
         &list[..3],
         &[
@@ -124,50 +127,28 @@ async fn dead_letter_keeps_key_value_headers_and_carries_provenance() {
         ],
         "original headers first, in order, null value kept null"
     );
-    assert_eq!(
-        only(&list, headers::ORIGINAL_TOPIC),
-        Some(source.as_bytes())
-    );
-    assert_eq!(
-        only(&list, headers::ORIGINAL_PARTITION),
-        Some(&2i32.to_be_bytes()[..])
-    );
-    assert_eq!(
-        only(&list, headers::ORIGINAL_OFFSET),
-        Some(&1234i64.to_be_bytes()[..])
-    );
-    assert_eq!(
-        only(&list, headers::ORIGINAL_TIMESTAMP),
-        Some(&1_700_000_000_123i64.to_be_bytes()[..])
-    );
-    assert_eq!(
-        only(&list, headers::ORIGINAL_TIMESTAMP_TYPE),
-        Some(&b"CreateTime"[..])
-    );
-    assert_eq!(
-        only(&list, headers::ORIGINAL_CONSUMER_GROUP),
-        Some(&b"notifier"[..])
-    );
-    assert_eq!(
-        only(&list, headers::EXCEPTION_MESSAGE),
-        Some(&b"smtp 550: mailbox unavailable"[..])
-    );
-    assert_eq!(
-        only(&list, headers::EXCEPTION_FQCN),
-        Some(&b"kourier.RetriesExhausted"[..])
-    );
-    assert_eq!(
-        only(&list, headers::FAILURE_KIND),
-        Some(&b"retries-exhausted"[..])
-    );
-    assert_eq!(only(&list, headers::ATTEMPTS), Some(&b"4"[..]));
-    assert_eq!(
-        only(&list, headers::FIRST_FAILURE_MS),
-        Some(&b"1700000001000"[..])
-    );
-    assert_eq!(
-        only(&list, headers::LAST_FAILURE_MS),
-        Some(&b"1700000002500"[..])
+    assert_headers(
+        &list,
+        &[
+            (headers::ORIGINAL_TOPIC, source.as_bytes()),
+            (headers::ORIGINAL_PARTITION, &2i32.to_be_bytes()[..]),
+            (headers::ORIGINAL_OFFSET, &1234i64.to_be_bytes()[..]),
+            (
+                headers::ORIGINAL_TIMESTAMP,
+                &1_700_000_000_123i64.to_be_bytes()[..],
+            ),
+            (headers::ORIGINAL_TIMESTAMP_TYPE, &b"CreateTime"[..]),
+            (headers::ORIGINAL_CONSUMER_GROUP, &b"notifier"[..]),
+            (
+                headers::EXCEPTION_MESSAGE,
+                &b"smtp 550: mailbox unavailable"[..],
+            ),
+            (headers::EXCEPTION_FQCN, &b"kourier.RetriesExhausted"[..]),
+            (headers::FAILURE_KIND, &b"retries-exhausted"[..]),
+            (headers::ATTEMPTS, &b"4"[..]),
+            (headers::FIRST_FAILURE_MS, &b"1700000001000"[..]),
+            (headers::LAST_FAILURE_MS, &b"1700000002500"[..]),
+        ],
     );
     assert_eq!(only(&list, headers::VALUE_DROPPED_BYTES), None);
     assert_eq!(list.len(), 3 + 12);
@@ -175,10 +156,7 @@ async fn dead_letter_keeps_key_value_headers_and_carries_provenance() {
 
 #[tokio::test]
 async fn null_value_and_null_key_stay_null_and_long_errors_are_cut() {
-    require_kafka().await;
-    let source = unique_name("dl-null");
-    let dlt = format!("{source}.dlt");
-    create_topic(&dlt, 1, &[]).await;
+    let (source, dlt) = source_and_dlt("dl-null", 1, &[]).await;
     let sink = sink();
 
     let mut l = letter(record(&source, 0, None, None));
@@ -187,21 +165,27 @@ async fn null_value_and_null_key_stay_null_and_long_errors_are_cut() {
     l.error = "x".repeat(MAX_ERROR_MESSAGE_BYTES * 2);
     let receipt = sink.send(&l).await.expect("dead letter written");
 
-    let messages = read_all(&dlt, 1).await;
-    let m = at(
+    let messages = read_letters(&dlt, 1).await;
+    let m = record_at(
         &messages,
         receipt.partition.unwrap(),
         receipt.offset.unwrap(),
     );
-    assert_eq!(m.key(), None);
-    assert_eq!(m.payload(), None, "a null value stays null, not empty");
-    let list = header_list(m);
-    assert_eq!(only(&list, headers::FAILURE_KIND), Some(&b"decode"[..]));
+    assert_eq!(m.key.as_deref(), None);
     assert_eq!(
-        only(&list, headers::EXCEPTION_FQCN),
-        Some(&b"kourier.DecodeError"[..])
+        m.value.as_deref(),
+        None,
+        "a null value stays null, not empty"
     );
-    assert_eq!(only(&list, headers::ATTEMPTS), Some(&b"0"[..]));
+    let list = m.headers.clone();
+    assert_headers(
+        &list,
+        &[
+            (headers::FAILURE_KIND, &b"decode"[..]),
+            (headers::EXCEPTION_FQCN, &b"kourier.DecodeError"[..]),
+            (headers::ATTEMPTS, &b"0"[..]),
+        ],
+    );
     assert_eq!(
         only(&list, headers::EXCEPTION_MESSAGE).map(<[u8]>::len),
         Some(MAX_ERROR_MESSAGE_BYTES)
@@ -210,10 +194,7 @@ async fn null_value_and_null_key_stay_null_and_long_errors_are_cut() {
 
 #[tokio::test]
 async fn dead_letters_keep_the_source_partition_when_the_topic_has_it() {
-    require_kafka().await;
-    let source = unique_name("dl-same");
-    let dlt = format!("{source}.dlt");
-    create_topic(&dlt, 4, &[]).await;
+    let (source, dlt) = source_and_dlt("dl-same", 4, &[]).await;
     let sink = sink();
 
     for partition in 0..4 {
@@ -230,18 +211,15 @@ async fn dead_letters_keep_the_source_partition_when_the_topic_has_it() {
             .expect("dead letter written");
         assert_eq!(receipt.partition, Some(partition));
     }
-    let messages = read_all(&dlt, 4).await;
-    let mut partitions: Vec<i32> = messages.iter().map(|m| m.partition()).collect();
+    let messages = read_letters(&dlt, 4).await;
+    let mut partitions: Vec<i32> = messages.iter().map(|m| m.partition).collect();
     partitions.sort_unstable();
     assert_eq!(partitions, vec![0, 1, 2, 3]);
 }
 
 #[tokio::test]
 async fn a_smaller_dead_letter_topic_is_partitioned_by_key_not_an_error() {
-    require_kafka().await;
-    let source = unique_name("dl-fewer");
-    let dlt = format!("{source}.dlt");
-    create_topic(&dlt, 2, &[]).await;
+    let (source, dlt) = source_and_dlt("dl-fewer", 2, &[]).await;
     let sink = sink();
 
     let mut expected = Vec::new();
@@ -264,26 +242,28 @@ async fn a_smaller_dead_letter_topic_is_partitioned_by_key_not_an_error() {
         );
         expected.push((partition, receipt.offset.unwrap(), key));
     }
-    let messages = read_all(&dlt, 10).await;
+    let messages = read_letters(&dlt, 10).await;
     for (partition, offset, key) in expected {
-        assert_eq!(at(&messages, partition, offset).key(), Some(key.as_bytes()));
+        assert_eq!(
+            record_at(&messages, partition, offset).key.as_deref(),
+            Some(key.as_bytes())
+        );
     }
 }
 
 #[tokio::test]
 async fn re_dead_lettering_a_redriven_letter_does_not_grow_its_headers() {
-    require_kafka().await;
-    let source = unique_name("dl-redrive");
-    let dlt = format!("{source}.dlt");
-    create_topic(&dlt, 1, &[]).await;
+    let (source, dlt) = source_and_dlt("dl-redrive", 1, &[]).await;
     let sink = sink();
 
     let first = sink
         .send(&letter(record(&source, 0, Some(KEY), Some(b"v".to_vec()))))
         .await
         .expect("first dead letter");
-    let messages = read_all(&dlt, 1).await;
-    let first_headers = header_list(at(&messages, 0, first.offset.unwrap()));
+    let messages = read_letters(&dlt, 1).await;
+    let first_headers = record_at(&messages, 0, first.offset.unwrap())
+        .headers
+        .clone();
 
     // A redrive tool copies the dead letter back to the source topic with a redrive count;
     // the consumer fails it again.
@@ -302,8 +282,10 @@ async fn re_dead_lettering_a_redriven_letter_does_not_grow_its_headers() {
     again.reason = DeadLetterReason::Permanent;
     let second = sink.send(&again).await.expect("second dead letter");
 
-    let messages = read_all(&dlt, 2).await;
-    let second_headers = header_list(at(&messages, 0, second.offset.unwrap()));
+    let messages = read_letters(&dlt, 2).await;
+    let second_headers = record_at(&messages, 0, second.offset.unwrap())
+        .headers
+        .clone();
     assert_eq!(
         second_headers.len(),
         first_headers.len() + 1,
@@ -319,27 +301,20 @@ async fn re_dead_lettering_a_redriven_letter_does_not_grow_its_headers() {
     }) {
         assert!(only(&second_headers, name).is_some(), "{name} present once");
     }
-    assert_eq!(
-        only(&second_headers, headers::REDRIVE_COUNT),
-        Some(&b"1"[..])
+    assert_headers(
+        &second_headers,
+        &[
+            (headers::REDRIVE_COUNT, &b"1"[..]),
+            (headers::ORIGINAL_OFFSET, &5678i64.to_be_bytes()[..]),
+            (headers::FAILURE_KIND, &b"permanent"[..]),
+            ("event-id", &b"e-1"[..]),
+        ],
     );
-    assert_eq!(
-        only(&second_headers, headers::ORIGINAL_OFFSET),
-        Some(&5678i64.to_be_bytes()[..])
-    );
-    assert_eq!(
-        only(&second_headers, headers::FAILURE_KIND),
-        Some(&b"permanent"[..])
-    );
-    assert_eq!(only(&second_headers, "event-id"), Some(&b"e-1"[..]));
 }
 
 #[tokio::test]
 async fn an_oversized_record_becomes_a_metadata_only_letter() {
-    require_kafka().await;
-    let source = unique_name("dl-big");
-    let dlt = format!("{source}.dlt");
-    create_topic(&dlt, 1, &[("max.message.bytes", "2048")]).await;
+    let (source, dlt) = source_and_dlt("dl-big", 1, &[("max.message.bytes", "2048")]).await;
     let sink = sink();
 
     let receipt = sink
@@ -352,29 +327,25 @@ async fn an_oversized_record_becomes_a_metadata_only_letter() {
         .await
         .expect("metadata-only dead letter written");
 
-    let messages = read_all(&dlt, 1).await;
+    let messages = read_letters(&dlt, 1).await;
     assert_eq!(
         messages.len(),
         1,
         "only the metadata-only letter was stored"
     );
-    let m = at(&messages, 0, receipt.offset.unwrap());
-    assert_eq!(m.key(), Some(KEY));
-    assert_eq!(m.payload(), None, "the value is dropped");
-    let list = header_list(m);
-    assert_eq!(
-        only(&list, headers::VALUE_DROPPED_BYTES),
-        Some(&b"10240"[..])
+    let m = record_at(&messages, 0, receipt.offset.unwrap());
+    assert_eq!(m.key.as_deref(), Some(KEY));
+    assert_eq!(m.value.as_deref(), None, "the value is dropped");
+    let list = m.headers.clone();
+    assert_headers(
+        &list,
+        &[
+            (headers::VALUE_DROPPED_BYTES, &b"10240"[..]),
+            (headers::ORIGINAL_OFFSET, &1234i64.to_be_bytes()[..]),
+            (headers::FAILURE_KIND, &b"retries-exhausted"[..]),
+            ("event-id", &b"e-1"[..]),
+        ],
     );
-    assert_eq!(
-        only(&list, headers::ORIGINAL_OFFSET),
-        Some(&1234i64.to_be_bytes()[..])
-    );
-    assert_eq!(
-        only(&list, headers::FAILURE_KIND),
-        Some(&b"retries-exhausted"[..])
-    );
-    assert_eq!(only(&list, "event-id"), Some(&b"e-1"[..]));
 }
 
 #[tokio::test]
@@ -419,149 +390,10 @@ async fn a_missing_dead_letter_topic_is_an_error_within_the_send_timeout() {
 
 #[tokio::test]
 async fn flush_after_writes_succeeds() {
-    require_kafka().await;
-    let source = unique_name("dl-flush");
-    create_topic(&format!("{source}.dlt"), 1, &[]).await;
+    let (source, _) = source_and_dlt("dl-flush", 1, &[]).await;
     let sink = sink();
     sink.send(&letter(record(&source, 0, Some(KEY), Some(b"v".to_vec()))))
         .await
         .unwrap();
     sink.flush(Duration::from_secs(5)).await.expect("flushed");
-}
-
-/// Minimal broker helpers (kept local: this file needs topic configs and raw records with
-/// their headers, which the shared support module does not expose).
-mod kafka {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-    use kourier::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use kourier::rdkafka::client::DefaultClientContext;
-    use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
-    use kourier::rdkafka::message::OwnedMessage;
-    use kourier::rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
-    pub(super) fn bootstrap() -> String {
-        std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
-    }
-
-    /// Fails the test with a clear message when no broker answers.
-    pub(super) async fn require_kafka() {
-        let servers = bootstrap();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &servers)
-                .create()
-                .expect("client");
-            if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
-                panic!("no Kafka broker at {servers} ({e}); start one with `scripts/services up`");
-            }
-        })
-        .await
-        .unwrap();
-    }
-
-    pub(super) fn unique_name(prefix: &str) -> String {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        format!(
-            "{prefix}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
-    /// Creates a topic and waits until its metadata shows every partition with a leader.
-    pub(super) async fn create_topic(name: &str, partitions: i32, configs: &[(&str, &str)]) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
-            .create()
-            .expect("admin client");
-        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-        for (k, v) in configs {
-            topic = topic.set(k, v);
-        }
-        let results = admin
-            .create_topics([&topic], &AdminOptions::new())
-            .await
-            .expect("create topics");
-        for result in results {
-            result.expect("topic created");
-        }
-        let name = name.to_owned();
-        let servers = bootstrap();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &servers)
-                .create()
-                .expect("client");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Ok(md) = consumer.fetch_metadata(Some(&name), Duration::from_secs(5))
-                    && let Some(t) = md.topics().iter().find(|t| t.name() == name)
-                    && t.error().is_none()
-                    && t.partitions().len() == partitions as usize
-                    && t.partitions()
-                        .iter()
-                        .all(|p| p.leader() >= 0 && p.error().is_none())
-                {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "topic {name} never became ready");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-        .await
-        .unwrap();
-    }
-
-    /// Reads every partition of `topic` from the beginning until at least `expected` records
-    /// arrived (then a short while longer, to see extras), or fails after 30 s.
-    pub(super) async fn read_all(topic: &str, expected: usize) -> Vec<OwnedMessage> {
-        let topic = topic.to_owned();
-        let servers = bootstrap();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &servers)
-                .set("group.id", super::unique_name("reader"))
-                .set("enable.auto.commit", "false")
-                .create()
-                .expect("consumer");
-            let md = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .expect("metadata");
-            let partitions = md.topics()[0].partitions().len() as i32;
-            let mut tpl = TopicPartitionList::new();
-            for p in 0..partitions {
-                tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                    .unwrap();
-            }
-            consumer.assign(&tpl).expect("assign");
-            let mut out = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut settle_until: Option<Instant> = None;
-            loop {
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                    out.push(m.detach());
-                }
-                if out.len() >= expected {
-                    let until = *settle_until
-                        .get_or_insert_with(|| Instant::now() + Duration::from_millis(500));
-                    if Instant::now() >= until {
-                        return out;
-                    }
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "read {} of {expected} records from {topic}",
-                    out.len()
-                );
-            }
-        })
-        .await
-        .unwrap()
-    }
 }

@@ -28,6 +28,10 @@ use kourier::{
 use serde::{Deserialize, Serialize};
 
 use crate::dlt::{Filter, Kafka, Progress, RedriveOptions};
+use crate::support::consumer::{Running, wait_for};
+
+/// How long the consumer may take to handle what a test waits for.
+const WAIT: Duration = Duration::from_secs(60);
 
 fn kafka() -> Kafka {
     Kafka {
@@ -78,12 +82,9 @@ async fn write_letter(
     sink.send(&letter).await.expect("write dead letter");
 }
 
+/// A one-partition source topic and its dead-letter topic.
 async fn topics(name: &str) -> (String, String) {
-    support::require_kafka().await;
-    let topic = support::unique_name(name);
-    let dlt_topic = format!("{topic}.dlt");
-    support::create_topic(&topic, 1).await;
-    support::create_topic(&dlt_topic, 1).await;
+    let (topic, _, dlt_topic) = support::consumer::setup(name, 1).await;
     (topic, dlt_topic)
 }
 
@@ -252,35 +253,22 @@ impl Handler for Service {
     }
 }
 
-async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redriven_letters_are_handled_in_their_source_topic_once() {
     let (topic, dlt_topic) = topics("dlt-redrive").await;
     let failing = Arc::new(Mutex::new(true));
     let handled = Arc::new(Mutex::new(Vec::new()));
-    let consumer = RetryingConsumer::builder(Service {
-        failing: failing.clone(),
-        handled: handled.clone(),
-    })
-    .bootstrap_servers(support::bootstrap())
-    .group_id(support::unique_name("dlt-redrive-svc"))
-    .topic(&topic)
-    .retry_policy(RetryPolicy::no_retries())
-    .commit_interval(Duration::from_millis(200))
-    .build()
-    .expect("consumer");
-    let monitor = consumer.monitor();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async {
-        let _ = rx.await;
-    }));
+    let consumer = Running::start(
+        RetryingConsumer::builder(Service {
+            failing: failing.clone(),
+            handled: handled.clone(),
+        })
+        .bootstrap_servers(support::bootstrap())
+        .group_id(support::unique_name("dlt-redrive-svc"))
+        .topic(&topic)
+        .retry_policy(RetryPolicy::no_retries())
+        .commit_interval(Duration::from_millis(200)),
+    );
 
     // Four records fail and are dead-lettered by the consumer itself.
     let records = (1..=4)
@@ -292,8 +280,8 @@ async fn redriven_letters_are_handled_in_their_source_topic_once() {
         })
         .collect();
     support::produce(&topic, records).await;
-    wait_for("4 dead letters", || {
-        monitor.snapshot().dead_lettered.permanent == 4
+    wait_for("4 dead letters", WAIT, || {
+        consumer.monitor.snapshot().dead_lettered.permanent == 4
     })
     .await;
     *failing.lock().unwrap() = false;
@@ -316,7 +304,7 @@ async fn redriven_letters_are_handled_in_their_source_topic_once() {
     assert_eq!(first.redriven.len(), 1);
     assert_eq!(first.filtered_out, 3);
     assert_eq!(first.redriven[0].topic, topic);
-    wait_for("u2 handled", || handled.lock().unwrap().len() == 1).await;
+    wait_for("u2 handled", WAIT, || handled.lock().unwrap().len() == 1).await;
 
     // The group moved past every letter it read (filtered-out ones too): a rerun finds
     // nothing, and u4 needs --from-beginning (or another group).
@@ -326,10 +314,9 @@ async fn redriven_letters_are_handled_in_their_source_topic_once() {
     opts.from_beginning = true;
     let u4 = redrive(opts).await.expect("redrive u4");
     assert_eq!(u4.redriven.len(), 1);
-    wait_for("u4 handled", || handled.lock().unwrap().len() == 2).await;
+    wait_for("u4 handled", WAIT, || handled.lock().unwrap().len() == 2).await;
 
-    let _ = stop.send(());
-    assert!(task.await.unwrap().unwrap().is_clean());
+    consumer.stop().await;
     let mut got = handled.lock().unwrap().clone();
     got.sort();
     assert_eq!(

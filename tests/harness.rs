@@ -29,9 +29,7 @@ fn unique_names_are_unique_and_safe_for_topics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_round_trip_with_keys_headers_and_nulls() {
-    support::require_kafka().await;
-    let topic = support::unique_name("harness-roundtrip");
-    support::create_topic(&topic, 3).await;
+    let topic = support::new_topic("harness-roundtrip", 3).await;
 
     let binary = vec![0x00, 0x9f, 0x92, 0x96, 0xff]; // not UTF-8
     let sent = vec![
@@ -116,9 +114,7 @@ async fn records_round_trip_with_keys_headers_and_nulls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_utf8_header_key_is_produced_raw_and_read_without_panicking() {
-    support::require_kafka().await;
-    let topic = support::unique_name("harness-rawkey");
-    support::create_topic(&topic, 1).await;
+    let topic = support::new_topic("harness-rawkey", 1).await;
     support::produce(&topic, vec![TestRecord::new().value(b"before")]).await;
 
     let offset =
@@ -147,9 +143,7 @@ async fn a_non_utf8_header_key_is_produced_raw_and_read_without_panicking() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_topic_reads_as_empty_and_read_at_least_waits() {
-    support::require_kafka().await;
-    let topic = support::unique_name("harness-wait");
-    support::create_topic(&topic, 2).await;
+    let topic = support::new_topic("harness-wait", 2).await;
     assert!(support::read_all(&topic).await.is_empty());
     assert_eq!(support::partitions_of(&topic).await, vec![0, 1]);
 
@@ -271,6 +265,24 @@ async fn committed_offsets_read_back_what_a_consumer_committed() {
     );
 }
 
+/// `SET key value NX PX ms`: `Some("OK")` when set, `None` when the key exists.
+async fn set_nx_px(
+    redis: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    value: &str,
+    ms: u64,
+) -> Option<String> {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("NX")
+        .arg("PX")
+        .arg(ms)
+        .query_async(redis)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_round_trip_and_set_nx_px() {
     let mut redis = support::redis_connection().await;
@@ -293,25 +305,9 @@ async fn redis_round_trip_and_set_nx_px() {
     // SET NX PX: the first claim wins, a second one is refused while the first lives, and the
     // key expires by itself.
     let claim = format!("{key}:claim");
-    let first: Option<String> = redis::cmd("SET")
-        .arg(&claim)
-        .arg("owner-1")
-        .arg("NX")
-        .arg("PX")
-        .arg(300)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let first = set_nx_px(&mut redis, &claim, "owner-1", 300).await;
     assert_eq!(first.as_deref(), Some("OK"));
-    let second: Option<String> = redis::cmd("SET")
-        .arg(&claim)
-        .arg("owner-2")
-        .arg("NX")
-        .arg("PX")
-        .arg(300)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    let second = set_nx_px(&mut redis, &claim, "owner-2", 300).await;
     assert_eq!(second, None, "NX refuses a live key");
     let ttl: i64 = redis::cmd("PTTL")
         .arg(&claim)

@@ -16,6 +16,7 @@ use kourier::{
     StoreError,
 };
 use support::redis_server::{RedisServer, TempDir, free_port, require_binary};
+use support::redis_url;
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
@@ -191,12 +192,50 @@ async fn race(one: Arc<dyn IdempotencyStore>, two: Arc<dyn IdempotencyStore>, ke
 // Service discovery (the throwaway redis-server processes live in support::redis_server)
 // ---------------------------------------------------------------------------------------------
 
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
-}
-
 fn unique_prefix(test: &str) -> String {
     format!("kourier:test:{test}:{}:", ClaimToken::random())
+}
+
+/// A store on a throwaway `server`, with a key prefix of its own and `command_timeout` (the
+/// default when `None`).
+async fn store_on(
+    server: &RedisServer,
+    test: &str,
+    command_timeout: Option<Duration>,
+) -> RedisIdempotencyStore {
+    let mut builder =
+        RedisIdempotencyStore::builder(server.url().as_str()).key_prefix(unique_prefix(test));
+    if let Some(timeout) = command_timeout {
+        builder = builder.command_timeout(timeout);
+    }
+    builder.build().await.unwrap()
+}
+
+/// Asserts that a claim failed as the store being unavailable or timing out, within half a
+/// second of the command timeout.
+fn assert_claim_failed_fast(
+    result: &Result<Claim, StoreError>,
+    took: Duration,
+    timeout: Duration,
+    context: &str,
+) {
+    assert!(
+        matches!(
+            result,
+            Err(StoreError::Unavailable {
+                operation: "claim",
+                ..
+            }) | Err(StoreError::Timeout {
+                operation: "claim",
+                ..
+            })
+        ),
+        "{context}: expected Unavailable or Timeout, got {result:?}"
+    );
+    assert!(
+        took <= timeout + Duration::from_millis(500),
+        "{context}: took {took:?}, command timeout {timeout:?}"
+    );
 }
 
 /// A store on the shared development Redis; panics (never skips) when it is not running.
@@ -248,6 +287,16 @@ async fn redis_store_two_claimers_race_one_wins() {
     race(Arc::new(one), Arc::new(two), 200).await;
 }
 
+/// The value of `key` and its remaining time to live in milliseconds.
+async fn value_and_pttl(raw: &mut redis::aio::MultiplexedConnection, key: &str) -> (String, i64) {
+    redis::pipe()
+        .get(key)
+        .pttl(key)
+        .query_async(raw)
+        .await
+        .unwrap()
+}
+
 /// The documented layout: `<prefix><key>` = `inflight:<token>` with the lease, then `done`
 /// with the TTL.
 #[tokio::test]
@@ -261,12 +310,7 @@ async fn redis_store_key_layout() {
     let key = format!("{}order-1", store.key_prefix());
 
     let token = acquire(&store, "order-1", Duration::from_secs(60)).await;
-    let (value, pttl): (String, i64) = redis::pipe()
-        .get(&key)
-        .pttl(&key)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let (value, pttl) = value_and_pttl(&mut raw, &key).await;
     assert_eq!(value, format!("inflight:{token}"));
     assert!((50_000..=60_000).contains(&pttl), "lease pttl {pttl}");
 
@@ -274,12 +318,7 @@ async fn redis_store_key_layout() {
         .complete("order-1", &token, Duration::from_secs(600))
         .await
         .unwrap();
-    let (value, pttl): (String, i64) = redis::pipe()
-        .get(&key)
-        .pttl(&key)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let (value, pttl) = value_and_pttl(&mut raw, &key).await;
     assert_eq!(value, "done");
     assert!((590_000..=600_000).contains(&pttl), "done pttl {pttl}");
 
@@ -385,12 +424,7 @@ async fn redis_cluster_store_semantics() {
 async fn redis_outage_fails_fast_and_recovers() {
     let mut server = RedisServer::start_on_free_port("outage");
     let timeout = Duration::from_secs(1);
-    let store = RedisIdempotencyStore::builder(server.url().as_str())
-        .key_prefix(unique_prefix("outage"))
-        .command_timeout(timeout)
-        .build()
-        .await
-        .unwrap();
+    let store = store_on(&server, "outage", Some(timeout)).await;
     let token = acquire(&store, "before", LEASE).await;
     store.complete("before", &token, TTL).await.unwrap();
 
@@ -399,23 +433,8 @@ async fn redis_outage_fails_fast_and_recovers() {
         let started = Instant::now();
         let result = store.claim(&format!("during-{round}"), LEASE).await;
         let took = started.elapsed();
-        assert!(
-            matches!(
-                result,
-                Err(StoreError::Unavailable {
-                    operation: "claim",
-                    ..
-                }) | Err(StoreError::Timeout {
-                    operation: "claim",
-                    ..
-                })
-            ),
-            "round {round}: expected Unavailable or Timeout while Redis is down, got {result:?}"
-        );
-        assert!(
-            took <= timeout + Duration::from_millis(500),
-            "round {round}: took {took:?}, command timeout {timeout:?}"
-        );
+        let context = format!("round {round}, while Redis is down");
+        assert_claim_failed_fast(&result, took, timeout, &context);
     }
     let release = store.release("before", &token).await;
     assert!(
@@ -444,11 +463,7 @@ async fn redis_outage_fails_fast_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connection_is_retried_transparently() {
     let server = RedisServer::start_on_free_port("client-kill");
-    let store = RedisIdempotencyStore::builder(server.url().as_str())
-        .key_prefix(unique_prefix("client-kill"))
-        .build()
-        .await
-        .unwrap();
+    let store = store_on(&server, "client-kill", None).await;
     for round in 0..5 {
         let key = format!("k-{round}");
         let token = acquire(&store, &key, LEASE).await;
@@ -470,12 +485,7 @@ async fn dropped_connection_is_retried_transparently() {
 async fn paused_redis_times_out_then_recovers() {
     let server = RedisServer::start_on_free_port("pause");
     let timeout = Duration::from_millis(500);
-    let store = RedisIdempotencyStore::builder(server.url().as_str())
-        .key_prefix(unique_prefix("pause"))
-        .command_timeout(timeout)
-        .build()
-        .await
-        .unwrap();
+    let store = store_on(&server, "pause", Some(timeout)).await;
     acquire(&store, "before", LEASE).await;
 
     let pause = Duration::from_millis(2000);
@@ -484,23 +494,7 @@ async fn paused_redis_times_out_then_recovers() {
     let started = Instant::now();
     let result = store.claim("during", LEASE).await;
     let took = started.elapsed();
-    assert!(
-        matches!(
-            result,
-            Err(StoreError::Timeout {
-                operation: "claim",
-                ..
-            }) | Err(StoreError::Unavailable {
-                operation: "claim",
-                ..
-            })
-        ),
-        "expected Timeout while Redis is paused, got {result:?}"
-    );
-    assert!(
-        took <= timeout + Duration::from_millis(500),
-        "took {took:?}"
-    );
+    assert_claim_failed_fast(&result, took, timeout, "while Redis is paused");
 
     // After the pause: the same store works. ("during" may have been claimed by the late
     // script; its lease then keeps it busy, which is what a lease is for.)

@@ -19,13 +19,15 @@ use std::time::{Duration, Instant};
 
 use kourier::metrics::{self as m, labels};
 use kourier::{
-    Claim, ClaimToken, DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, DedupKey,
-    Handler, HandlerError, IdempotencyStore, InMemoryIdempotencyStore, Message, Ordering,
-    RetryPolicy, RetryingConsumer, RetryingConsumerBuilder, StoreError, async_trait,
+    DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, DedupKey, Handler,
+    HandlerError, InMemoryIdempotencyStore, Message, Ordering, RetryPolicy,
+    RetryingConsumerBuilder, async_trait,
 };
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde::{Deserialize, Serialize};
 use support::TestRecord;
+use support::consumer::{self, Running, setup, topic_and_group, wait_for};
+use support::store::SpyStore;
 
 // ───────────── the recorder ─────────────
 
@@ -167,6 +169,17 @@ impl Ev {
     }
 }
 
+/// Records of `n` events (event ids `e-0`, `e-1`, ...) that wait for the test's permit.
+fn blocked_records(n: u32) -> Vec<TestRecord> {
+    (0..n)
+        .map(|i| {
+            let mut ev = Ev::new(i);
+            ev.block = true;
+            ev.record(&format!("e-{i}"))
+        })
+        .collect()
+}
+
 struct TestHandler {
     gate: Arc<tokio::sync::Semaphore>,
 }
@@ -220,105 +233,13 @@ impl DeadLetterSink for FlakySink {
     }
 }
 
-/// An in-memory store whose first `fail_first` claims fail as unavailable.
-#[derive(Debug, Default)]
-struct FlakyStore {
-    inner: InMemoryIdempotencyStore,
-    fail_first: u32,
-    claims: AtomicU32,
-}
-
-#[async_trait]
-impl IdempotencyStore for FlakyStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        if self.claims.fetch_add(1, AtomicOrdering::SeqCst) < self.fail_first {
-            return Err(StoreError::Unavailable {
-                operation: "claim",
-                source: "down for the test".into(),
-            });
-        }
-        self.inner.claim(key, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, ttl).await
-    }
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-}
-
 fn builder(
     topic: &str,
     group: &str,
     gate: &Arc<tokio::sync::Semaphore>,
 ) -> RetryingConsumerBuilder<TestHandler> {
-    RetryingConsumer::builder(TestHandler { gate: gate.clone() })
-        .bootstrap_servers(support::bootstrap())
-        .group_id(group)
-        .topic(topic)
+    consumer::builder(TestHandler { gate: gate.clone() }, topic, group)
         .retry_policy(RetryPolicy::fixed(Duration::from_millis(10), 2))
-        .commit_interval(Duration::from_millis(200))
-        .kafka_config("session.timeout.ms", "6000")
-        .kafka_config("heartbeat.interval.ms", "500")
-}
-
-struct Running {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
-    monitor: kourier::ConsumerMonitor,
-}
-
-fn start(b: RetryingConsumerBuilder<TestHandler>) -> Running {
-    let consumer = b.build().expect("build");
-    let monitor = consumer.monitor();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async {
-        let _ = rx.await;
-    }));
-    Running {
-        stop,
-        task,
-        monitor,
-    }
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("consumer did not stop within 60 s")
-            .expect("consumer task panicked")
-            .expect("consumer failed")
-            .into_result()
-            .expect("clean shutdown");
-    }
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn setup(name: &str, partitions: i32) -> (String, String) {
-    support::require_kafka().await;
-    let topic = support::unique_name(name);
-    let group = support::unique_name(&format!("{name}-g"));
-    support::create_topic(&topic, partitions).await;
-    // The default dead-letter sink's topic must exist at start.
-    support::create_topic(&format!("{topic}.dlt"), partitions).await;
-    (topic, group)
 }
 
 // ───────────── tests ─────────────
@@ -326,7 +247,7 @@ async fn setup(name: &str, partitions: i32) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_are_counted_by_topic_attempt_and_kind() {
     let _one_at_a_time = exclusive().await;
-    let (topic, group) = setup("metrics-outcomes", 1).await;
+    let (topic, group) = topic_and_group("metrics-outcomes", 1).await;
     let mut flaky = Ev::new(2);
     flaky.fail_transient = 2; // attempts 1 and 2 fail, 3 succeeds
     let mut bad = Ev::new(3);
@@ -353,12 +274,9 @@ async fn outcomes_are_counted_by_topic_attempt_and_kind() {
         fail_first: 2,
         ..FlakySink::default()
     });
-    let store = Arc::new(FlakyStore {
-        fail_first: 1,
-        ..FlakyStore::default()
-    });
+    let store = SpyStore::failing_first_claims(Arc::new(InMemoryIdempotencyStore::new()), 1);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let c = start(
+    let c = Running::start(
         builder(&topic, &group, &gate)
             .dead_letter_sink(sink.clone())
             .idempotency(store, DedupKey::header("event-id")),
@@ -433,17 +351,10 @@ async fn outcomes_are_counted_by_topic_attempt_and_kind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_in_flight_gauge_follows_running_records() {
     let _one_at_a_time = exclusive().await;
-    let (topic, group) = setup("metrics-in-flight", 1).await;
-    let records = (0..3)
-        .map(|i| {
-            let mut ev = Ev::new(i);
-            ev.block = true;
-            ev.record(&format!("e-{i}"))
-        })
-        .collect();
-    support::produce(&topic, records).await;
+    let (topic, group, _dlt) = setup("metrics-in-flight", 1).await;
+    support::produce(&topic, blocked_records(3)).await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let c = start(builder(&topic, &group, &gate).ordering(Ordering::Unordered));
+    let c = Running::start(builder(&topic, &group, &gate).ordering(Ordering::Unordered));
     wait_for("3 records in flight", Duration::from_secs(30), || {
         c.monitor.snapshot().in_flight == 3
     })
@@ -466,17 +377,10 @@ async fn the_in_flight_gauge_follows_running_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_and_paused_partitions_are_reported_per_partition() {
     let _one_at_a_time = exclusive().await;
-    let (topic, group) = setup("metrics-lag", 1).await;
-    let records = (0..20)
-        .map(|i| {
-            let mut ev = Ev::new(i);
-            ev.block = true;
-            ev.record(&format!("e-{i}"))
-        })
-        .collect();
-    support::produce(&topic, records).await;
+    let (topic, group, _dlt) = setup("metrics-lag", 1).await;
+    support::produce(&topic, blocked_records(20)).await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let c = start(
+    let c = Running::start(
         builder(&topic, &group, &gate)
             .max_buffered_records_per_partition(5)
             .kafka_config("statistics.interval.ms", "200"),

@@ -33,6 +33,7 @@ use kourier::{
     Handler, HandlerError, Message, Ordering, RetryPolicy, RetryingConsumer, async_trait,
 };
 use serde::{Deserialize, Serialize};
+use support::consumer::Running;
 use support::proxy::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -529,23 +530,19 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
     let accepted_before = proxy.accepted();
 
     let recorder = Recorder::default();
-    let consumer = RetryingConsumer::builder(recorder.clone())
-        .bootstrap_servers(&bootstrap)
-        .group_id(&group)
-        .topic(&topic)
-        .ordering(Ordering::Key)
-        .max_in_flight(16)
-        .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 2))
-        .commit_interval(Duration::from_millis(200))
-        .kafka_config("session.timeout.ms", "6000")
-        .kafka_config("heartbeat.interval.ms", "500")
-        .kafka_config("reconnect.backoff.max.ms", "1000")
-        .build()
-        .expect("build");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async {
-        let _ = stop_rx.await;
-    }));
+    let consumer = Running::start(
+        RetryingConsumer::builder(recorder.clone())
+            .bootstrap_servers(&bootstrap)
+            .group_id(&group)
+            .topic(&topic)
+            .ordering(Ordering::Key)
+            .max_in_flight(16)
+            .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 2))
+            .commit_interval(Duration::from_millis(200))
+            .kafka_config("session.timeout.ms", "6000")
+            .kafka_config("heartbeat.interval.ms", "500")
+            .kafka_config("reconnect.backoff.max.ms", "1000"),
+    );
     let handled = || recorder.handled.lock().unwrap().len() as u64;
 
     // The faults, while records flow.
@@ -591,7 +588,7 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
     let permanent: BTreeSet<u64> = (0..EVENTS).filter(|&id| is_permanent(id)).collect();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        assert!(!task.is_finished(), "the consumer stopped on its own");
+        consumer.assert_alive();
         let ids: BTreeSet<u64> = recorder.handled.lock().unwrap().iter().copied().collect();
         let commits = committed(&bootstrap, &group, &topic, PARTITIONS).await;
         if ids.len() as u64 + permanent.len() as u64 == EVENTS && commits.as_ref() == Some(&end) {
@@ -604,12 +601,7 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = stop_tx.send(());
-    let _report = tokio::time::timeout(Duration::from_secs(60), task)
-        .await
-        .expect("consumer did not shut down within 60 s")
-        .expect("consumer task panicked")
-        .expect("consumer returned an error");
+    consumer.stop().await;
 
     let handled_ids = recorder.handled.lock().unwrap().clone();
     let distinct: BTreeSet<u64> = handled_ids.iter().copied().collect();

@@ -3,16 +3,17 @@
 //!
 //! Needs Kafka at `KAFKA_BOOTSTRAP_SERVERS` (default 127.0.0.1:9092): `scripts/services up`.
 
+mod support;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use kourier::rdkafka::Message as _;
 use kourier::rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use kourier::rdkafka::message::{Headers as _, OwnedMessage};
 use kourier::{Error, Header, Headers, Publisher, java_partition};
 use serde::{Deserialize, Serialize};
-
-use self::kafka::{bootstrap, create_topic, read_all, require_kafka, unique_name};
+use support::{
+    ReadRecord, bootstrap, new_topic, read_at_least, record_at, require_kafka, unique_name,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Notification {
@@ -38,27 +39,14 @@ fn publisher(topic: &str) -> Publisher<Notification> {
         .expect("publisher builds")
 }
 
-fn header_list(message: &OwnedMessage) -> Vec<(String, Option<Vec<u8>>)> {
-    message.headers().map_or_else(Vec::new, |headers| {
-        headers
-            .iter()
-            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-            .collect()
-    })
-}
-
-fn by_coordinates(messages: Vec<OwnedMessage>) -> HashMap<(i32, i64), OwnedMessage> {
-    messages
-        .into_iter()
-        .map(|m| ((m.partition(), m.offset()), m))
-        .collect()
+/// Reads `topic` once it holds at least `count` records.
+async fn read_all(topic: &str, count: usize) -> Vec<ReadRecord> {
+    read_at_least(topic, count, Duration::from_secs(30)).await
 }
 
 #[tokio::test]
 async fn send_resolves_to_the_acknowledgement_a_reader_sees() {
-    require_kafka().await;
-    let topic = unique_name("pub-ack");
-    create_topic(&topic, 3).await;
+    let topic = new_topic("pub-ack", 3).await;
     let publisher = publisher(&topic);
 
     let event = notification(1);
@@ -70,20 +58,20 @@ async fn send_resolves_to_the_acknowledgement_a_reader_sees() {
         .await
         .expect("acknowledged");
 
-    let messages = by_coordinates(read_all(&topic, 2).await);
+    let messages = read_all(&topic, 2).await;
     assert_eq!(messages.len(), 2);
-    let m = &messages[&(delivery.partition, delivery.offset)];
-    assert_eq!(m.key(), Some(&b"user-1"[..]));
-    let decoded: Notification = serde_json::from_slice(m.payload().unwrap()).unwrap();
+    let m = record_at(&messages, delivery.partition, delivery.offset);
+    assert_eq!(m.key.as_deref(), Some(&b"user-1"[..]));
+    let decoded: Notification = serde_json::from_slice(m.value.as_deref().unwrap()).unwrap();
     assert_eq!(decoded, event);
     assert_eq!(
-        header_list(m),
+        m.headers,
         vec![("event-id".to_owned(), Some(b"e-1".to_vec()))]
     );
 
-    let m = &messages[&(second.partition, second.offset)];
+    let m = record_at(&messages, second.partition, second.offset);
     assert_eq!(
-        header_list(m),
+        m.headers,
         vec![
             ("event-id".to_owned(), Some(b"e-2".to_vec())),
             ("source".to_owned(), Some(b"test".to_vec())),
@@ -98,9 +86,7 @@ async fn send_resolves_to_the_acknowledgement_a_reader_sees() {
 
 #[tokio::test]
 async fn batch_send_acknowledges_every_event_in_order() {
-    require_kafka().await;
-    let topic = unique_name("pub-batch");
-    create_topic(&topic, 2).await;
+    let topic = new_topic("pub-batch", 2).await;
     // One key for all: one partition, so the offsets show the order.
     let publisher = Publisher::<Notification>::builder(bootstrap(), &topic)
         .key_fn(|_: &Notification| "same-user")
@@ -121,11 +107,11 @@ async fn batch_send_acknowledges_every_event_in_order() {
         "offsets follow the batch order"
     );
 
-    let messages = by_coordinates(read_all(&topic, events.len()).await);
+    let messages = read_all(&topic, events.len()).await;
     assert_eq!(messages.len(), events.len());
     for (event, delivery) in events.iter().zip(&deliveries) {
-        let m = &messages[&(delivery.partition, delivery.offset)];
-        let decoded: Notification = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        let m = record_at(&messages, delivery.partition, delivery.offset);
+        let decoded: Notification = serde_json::from_slice(m.value.as_deref().unwrap()).unwrap();
         assert_eq!(&decoded, event);
     }
 
@@ -134,9 +120,7 @@ async fn batch_send_acknowledges_every_event_in_order() {
 
 #[tokio::test]
 async fn keyed_records_land_where_a_java_producer_puts_them() {
-    require_kafka().await;
-    let topic = unique_name("pub-murmur");
-    create_topic(&topic, 6).await;
+    let topic = new_topic("pub-murmur", 6).await;
     let publisher = publisher(&topic);
 
     let events: Vec<Notification> = (0..200).map(notification).collect();
@@ -159,9 +143,9 @@ async fn keyed_records_land_where_a_java_producer_puts_them() {
     assert_eq!(messages.len(), events.len());
     let mut used = [0usize; 6];
     for m in &messages {
-        let key = m.key().expect("keyed");
-        assert_eq!(m.partition(), java_partition(key, 6).unwrap());
-        used[m.partition() as usize] += 1;
+        let key = m.key.as_deref().expect("keyed");
+        assert_eq!(m.partition, java_partition(key, 6).unwrap());
+        used[m.partition as usize] += 1;
     }
     assert!(
         used.iter().all(|n| *n > 0),
@@ -171,9 +155,7 @@ async fn keyed_records_land_where_a_java_producer_puts_them() {
 
 #[tokio::test]
 async fn unkeyed_events_are_published_too() {
-    require_kafka().await;
-    let topic = unique_name("pub-nokey");
-    create_topic(&topic, 3).await;
+    let topic = new_topic("pub-nokey", 3).await;
     let publisher = Publisher::<Notification>::builder(bootstrap(), &topic)
         .build()
         .unwrap();
@@ -181,10 +163,10 @@ async fn unkeyed_events_are_published_too() {
         .send(&notification(7))
         .await
         .expect("acknowledged");
-    let messages = by_coordinates(read_all(&topic, 1).await);
-    let m = &messages[&(delivery.partition, delivery.offset)];
-    assert_eq!(m.key(), None);
-    assert!(m.headers().is_none_or(|h| h.count() == 0));
+    let messages = read_all(&topic, 1).await;
+    let m = record_at(&messages, delivery.partition, delivery.offset);
+    assert_eq!(m.key.as_deref(), None);
+    assert!(m.headers.is_empty());
 }
 
 #[tokio::test]
@@ -263,140 +245,9 @@ async fn an_event_that_cannot_be_encoded_is_an_encode_error() {
     );
 }
 
-/// Minimal broker helpers (kept local: this file needs raw records with their headers).
-mod kafka {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-    use kourier::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use kourier::rdkafka::client::DefaultClientContext;
-    use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
-    use kourier::rdkafka::message::OwnedMessage;
-    use kourier::rdkafka::{ClientConfig, Offset, TopicPartitionList};
-
-    pub(super) fn bootstrap() -> String {
-        std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
-    }
-
-    pub(super) async fn require_kafka() {
-        let servers = bootstrap();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &servers)
-                .create()
-                .expect("client");
-            if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
-                panic!("no Kafka broker at {servers} ({e}); start one with `scripts/services up`");
-            }
-        })
-        .await
-        .unwrap();
-    }
-
-    pub(super) fn unique_name(prefix: &str) -> String {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        format!(
-            "{prefix}-{}-{nanos}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        )
-    }
-
-    pub(super) async fn create_topic(name: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
-            .create()
-            .expect("admin client");
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-        for result in admin
-            .create_topics([&topic], &AdminOptions::new())
-            .await
-            .expect("create topics")
-        {
-            result.expect("topic created");
-        }
-        let name = name.to_owned();
-        let servers = bootstrap();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &servers)
-                .create()
-                .expect("client");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Ok(md) = consumer.fetch_metadata(Some(&name), Duration::from_secs(5))
-                    && let Some(t) = md.topics().iter().find(|t| t.name() == name)
-                    && t.error().is_none()
-                    && t.partitions().len() == partitions as usize
-                    && t.partitions()
-                        .iter()
-                        .all(|p| p.leader() >= 0 && p.error().is_none())
-                {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "topic {name} never became ready");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-        .await
-        .unwrap();
-    }
-
-    pub(super) async fn read_all(topic: &str, expected: usize) -> Vec<OwnedMessage> {
-        let topic = topic.to_owned();
-        let servers = bootstrap();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &servers)
-                .set("group.id", super::unique_name("reader"))
-                .set("enable.auto.commit", "false")
-                .create()
-                .expect("consumer");
-            let md = consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .expect("metadata");
-            let partitions = md.topics()[0].partitions().len() as i32;
-            let mut tpl = TopicPartitionList::new();
-            for p in 0..partitions {
-                tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                    .unwrap();
-            }
-            consumer.assign(&tpl).expect("assign");
-            let mut out = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut settle_until: Option<Instant> = None;
-            loop {
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                    out.push(m.detach());
-                }
-                if out.len() >= expected {
-                    let until = *settle_until
-                        .get_or_insert_with(|| Instant::now() + Duration::from_millis(500));
-                    if Instant::now() >= until {
-                        return out;
-                    }
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "read {} of {expected} records from {topic}",
-                    out.len()
-                );
-            }
-        })
-        .await
-        .unwrap()
-    }
-}
-
 #[tokio::test]
 async fn an_empty_key_is_hashed_like_java_not_randomized() {
-    require_kafka().await;
-    let topic = unique_name("pub-empty-key");
-    create_topic(&topic, 6).await;
+    let topic = new_topic("pub-empty-key", 6).await;
     let publisher = Publisher::<Notification>::builder(bootstrap(), &topic)
         .key_fn(|_: &Notification| "")
         .build()

@@ -16,7 +16,7 @@
 mod support;
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kourier::dead_letter::headers as dlt;
 use kourier::{
@@ -24,6 +24,7 @@ use kourier::{
     TraceContext, async_trait,
 };
 use serde::{Deserialize, Serialize};
+use support::consumer::{self, Running, wait_for};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
@@ -153,61 +154,46 @@ struct Setup {
     dlt_topic: String,
     publisher: Publisher<Ev>,
     seen: Arc<Mutex<Seen>>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
+    consumer: Running,
 }
 
 async fn setup(name: &str) -> Setup {
     install_subscriber();
-    support::require_kafka().await;
-    let topic = support::unique_name(name);
-    let group = support::unique_name(&format!("{name}-g"));
-    let dlt_topic = format!("{topic}.dlt");
-    support::create_topic(&topic, 1).await;
-    support::create_topic(&dlt_topic, 1).await;
+    let (topic, group, dlt_topic) = consumer::setup(name, 1).await;
     let publisher = Publisher::<Ev>::builder(support::bootstrap(), &topic)
         .key_fn(|e: &Ev| e.id.to_string())
         .build()
         .expect("publisher");
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let consumer = RetryingConsumer::builder(Recorder(seen.clone()))
-        .bootstrap_servers(support::bootstrap())
-        .group_id(&group)
-        .topic(&topic)
-        .retry_policy(RetryPolicy::no_retries())
-        .commit_interval(Duration::from_millis(200))
-        .build()
-        .expect("consumer");
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async {
-        let _ = rx.await;
-    }));
+    let consumer = Running::start(
+        RetryingConsumer::builder(Recorder(seen.clone()))
+            .bootstrap_servers(support::bootstrap())
+            .group_id(&group)
+            .topic(&topic)
+            .retry_policy(RetryPolicy::no_retries())
+            .commit_interval(Duration::from_millis(200)),
+    );
     Setup {
         topic,
         dlt_topic,
         publisher,
         seen,
-        stop,
-        task,
+        consumer,
     }
 }
 
 impl Setup {
     async fn wait_for_handled(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.seen.lock().unwrap().contexts.len() < n {
-            assert!(Instant::now() < deadline, "{n} records not handled in 60 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for(
+            &format!("{n} records handled"),
+            Duration::from_secs(60),
+            || self.seen.lock().unwrap().contexts.len() >= n,
+        )
+        .await;
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
-        let _report = self
-            .task
-            .await
-            .expect("consumer panicked")
-            .expect("consumer failed");
+        self.consumer.stop().await;
     }
 }
 
@@ -319,7 +305,7 @@ async fn one_trace_covers_publish_handle_and_dead_letter() {
     s.stop().await;
 
     // The exported record span is the publish span's child.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let record_span = loop {
         let spans = exporter().get_finished_spans().expect("finished spans");
         if let Some(span) = spans
@@ -329,7 +315,7 @@ async fn one_trace_covers_publish_handle_and_dead_letter() {
             break span;
         }
         assert!(
-            Instant::now() < deadline,
+            std::time::Instant::now() < deadline,
             "the record span was not exported"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

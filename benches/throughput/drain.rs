@@ -1,0 +1,206 @@
+//! The drain scenarios (a)–(d) and the slow-handler ones: read a pre-filled topic to the end,
+//! timed from the first record handed to user code until every record is settled.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::{Duration, Instant};
+
+use kourier::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use kourier::rdkafka::message::Message as _;
+use kourier::rdkafka::{Offset, TopicPartitionList};
+use kourier::{DedupKey, Ordering, RedisIdempotencyStore};
+
+use crate::args::{Args, ChildArgs};
+use crate::consumers::{
+    Behaviour, BenchHandler, Progress, Running, consumer_config, kourier_builder, runtime,
+};
+use crate::measure::{Outcome, peak_rss_kib, process_cpu_secs};
+use crate::scenario::Scenario;
+use crate::services::{committed_sum, log_end, redis_url, require_redis};
+use crate::{
+    BoxResult, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, SCENARIO_TIMEOUT, SLOW_HANDLER,
+    SLOW_KEY_MAX_IN_FLIGHT,
+};
+
+/// Commits `next` (the next offset to read, per partition) synchronously.
+pub(crate) fn raw_commit(consumer: &BaseConsumer, topic: &str, next: &[i64]) -> BoxResult<()> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, &o) in next.iter().enumerate() {
+        if o >= 0 {
+            tpl.add_partition_offset(topic, p as i32, Offset::Offset(o))?;
+        }
+    }
+    if tpl.count() > 0 {
+        consumer.commit(&tpl, CommitMode::Sync)?;
+    }
+    Ok(())
+}
+
+/// (a): poll, count, track offsets; commit every second like kourier.
+pub(crate) fn raw_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<Outcome> {
+    let n = child.topic_records;
+    let cpu0 = process_cpu_secs();
+    let created = Instant::now();
+    let consumer: BaseConsumer = consumer_config(args, group).create()?;
+    consumer.subscribe(&[child.topic.as_str()])?;
+    let mut next = vec![-1i64; PARTITIONS as usize];
+    let mut count = 0u64;
+    let mut first = None;
+    let mut last_commit = Instant::now();
+    while count < n {
+        if last_commit.elapsed() >= Duration::from_secs(1) {
+            raw_commit(&consumer, &child.topic, &next)?;
+            last_commit = Instant::now();
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                first.get_or_insert_with(Instant::now);
+                count += 1;
+                if let Some(slot) = next.get_mut(m.partition() as usize) {
+                    *slot = m.offset() + 1;
+                }
+            }
+            Some(Err(e)) => eprintln!("raw consumer error: {e}"),
+            None => {}
+        }
+        if created.elapsed() > SCENARIO_TIMEOUT {
+            return Err(
+                format!("raw drain: {count} of {n} records after {SCENARIO_TIMEOUT:?}").into(),
+            );
+        }
+    }
+    let end = Instant::now();
+    let cpu1 = process_cpu_secs();
+    let rss = peak_rss_kib();
+    raw_commit(&consumer, &child.topic, &next)?;
+    consumer.unsubscribe();
+    drop(consumer);
+    let first = first.unwrap_or(end);
+    check_committed(group, &child.topic, n)?;
+    Ok(Outcome {
+        records: n,
+        payload_bytes: n * args.size as u64,
+        secs: (end - first).as_secs_f64(),
+        join_secs: (first - created).as_secs_f64(),
+        cpu_secs: cpu1 - cpu0,
+        peak_rss_kib: rss,
+        ..Outcome::default()
+    })
+}
+
+fn check_committed(group: &str, topic: &str, n: u64) -> BoxResult<()> {
+    let committed = committed_sum(group, topic, PARTITIONS)?;
+    if committed < n {
+        return Err(format!(
+            "group {group} committed {committed} of {n} records: the run lost track of records"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// (b), (c), (d) and the slow-handler scenarios.
+pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<Outcome> {
+    let scenario = child.scenario;
+    let n = match scenario {
+        Scenario::SlowPartition => args.slow_partition_records.min(child.topic_records),
+        _ => child.topic_records,
+    };
+    // When the scenario reads the whole topic, its end is "everything settled"; the
+    // slow Partition scenario stops after its first `n` records instead.
+    let whole_topic = n == child.topic_records;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let progress = Arc::new(Progress::default());
+        let behaviour = match scenario {
+            Scenario::DeadLetter => Behaviour::FailEvery(FAIL_EVERY),
+            Scenario::SlowPartition | Scenario::SlowKey => Behaviour::Sleep(SLOW_HANDLER),
+            _ => Behaviour::Noop,
+        };
+        let handler = BenchHandler {
+            progress: progress.clone(),
+            behaviour,
+        };
+        let dlt = format!("{}.dlt", child.topic);
+        let dlt_before = if scenario == Scenario::DeadLetter {
+            log_end(&dlt, PARTITIONS)?
+        } else {
+            0
+        };
+        let cpu0 = process_cpu_secs();
+        let created = Instant::now();
+        let mut builder = kourier_builder(args, handler, group, &child.topic);
+        match scenario {
+            Scenario::Redis => {
+                require_redis().await?;
+                let store = RedisIdempotencyStore::builder(redis_url())
+                    .key_prefix(format!("kourier-bench:{}:", child.run_id))
+                    .build()
+                    .await?;
+                builder = builder
+                    .idempotency(Arc::new(store), DedupKey::header(EVENT_ID_HEADER))
+                    // Short: a full run leaves ~1 M keys behind.
+                    .idempotency_ttl(Duration::from_secs(600));
+            }
+            Scenario::SlowKey => {
+                builder = builder
+                    .ordering(Ordering::Key)
+                    .max_in_flight(SLOW_KEY_MAX_IN_FLIGHT);
+            }
+            Scenario::SlowPartition => builder = builder.ordering(Ordering::Partition),
+            _ => {}
+        }
+        let running = Running::start(builder.build()?);
+        let end = loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if progress.handled.load(AtomicOrdering::Relaxed) >= n {
+                if !whole_topic {
+                    break Instant::now();
+                }
+                let s = running.monitor.snapshot();
+                if s.in_flight == 0 && s.buffered_records == 0 {
+                    break Instant::now();
+                }
+            }
+            if running.task.is_finished() {
+                return Err("the consumer stopped before the end".into());
+            }
+            if created.elapsed() > SCENARIO_TIMEOUT {
+                let handled = progress.handled.load(AtomicOrdering::Relaxed);
+                return Err(
+                    format!("{handled} of {n} records handled after {SCENARIO_TIMEOUT:?}").into(),
+                );
+            }
+        };
+        let cpu1 = process_cpu_secs();
+        let rss = peak_rss_kib();
+        running.stop().await?;
+        let first = progress.first.get().copied().unwrap_or(end);
+        let partitions = if scenario.is_slow() { 1 } else { PARTITIONS };
+        let committed = committed_sum(group, &child.topic, partitions)?;
+        if committed < n {
+            return Err(format!("group {group} committed {committed} of {n} records").into());
+        }
+        let mut dead_letters = 0;
+        if scenario == Scenario::DeadLetter {
+            let failed = progress.failed.load(AtomicOrdering::Relaxed);
+            dead_letters = log_end(&dlt, PARTITIONS)? - dlt_before;
+            if dead_letters != failed {
+                return Err(format!(
+                    "{failed} records failed but the dead-letter topic holds {dead_letters}"
+                )
+                .into());
+            }
+        }
+        Ok(Outcome {
+            records: n,
+            payload_bytes: n * args.size as u64,
+            secs: (end - first).as_secs_f64(),
+            join_secs: (first - created).as_secs_f64(),
+            cpu_secs: cpu1 - cpu0,
+            peak_rss_kib: rss,
+            dead_letters,
+            latency: None,
+        })
+    })
+}

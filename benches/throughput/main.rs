@@ -1,0 +1,150 @@
+//! Throughput, CPU, memory and end-to-end latency of kourier against a raw rdkafka baseline,
+//! on the real broker (and Redis for the idempotency scenario).
+//!
+//! ```text
+//! cargo bench --bench throughput                  # full run: 1,000,000 records × 100 B
+//! cargo bench --bench throughput -- --quick       # reduced run (CI smoke check), ~30 s
+//! cargo bench --bench throughput -- --size 1024 --scenarios a,b
+//! cargo bench --bench throughput -- --help
+//! ```
+//!
+//! Needs Kafka and Redis (`scripts/services up`, or `KAFKA_BOOTSTRAP_SERVERS` / `REDIS_URL`).
+//! `cargo test --all-targets` runs this binary as well (debug build, no `--bench` argument):
+//! then it makes a tiny `--smoke` run (~10 s), or none when a test-name filter is given.
+//!
+//! One run pre-produces the records to fresh topics (all of them are in the log before any
+//! consumer starts, so the producer cannot be the bottleneck), then runs each scenario in its
+//! own child process (this binary re-executed with `--scenario`), so that peak RSS (`VmHWM`) and
+//! CPU time are per scenario. Each scenario uses its own consumer group; topics are unique per
+//! run and deleted at the end (`--keep-topics` keeps them).
+//!
+//! Drain scenarios read the same topic (6 partitions) with the same consumer settings
+//! (kourier's: `auto.offset.reset=earliest`, `enable.partition.eof=false`,
+//! `queued.max.messages.kbytes=16384`, `fetch.queue.backoff.ms=20`, `enable.auto.commit=false`, offsets committed every 1 s
+//! and at the end):
+//!
+//! - (a) a raw rdkafka `BaseConsumer` loop that only counts and tracks offsets;
+//! - (b) kourier, no-op handler, `Ordering::Partition`;
+//! - (c) (b) plus the Redis idempotency store (every record has a unique `event-id` header);
+//! - (d) (b) with 1 % permanent failures, dead-lettered to `<topic>.dlt`.
+//!
+//! A drain's time runs from the first record handed to user code (raw: returned by `poll`;
+//! kourier: handler entry) until every record is settled (raw: counted; kourier: handled,
+//! dead letters acknowledged, nothing in flight or buffered), so group joins are excluded. Its
+//! CPU time is the whole process's user+sys (librdkafka's threads included) from consumer
+//! creation to that moment, read from `/proc/self/stat`. Afterwards the group's committed
+//! offsets are checked to cover every record: a run that loses records is an error.
+//!
+//! kourier decodes each value as JSON (its default codec) into a one-field struct; that cost
+//! is part of its overhead. The raw loop does not look at the payload.
+//!
+//! The slow-handler scenarios await a 10 ms tokio sleep per record on one partition with 1,000
+//! keys: `Ordering::Partition` (only 1,000 records: 20,000 would take ~200 s) against
+//! `Ordering::Key` with `max_in_flight(500)` (20,000 records); their rates are compared.
+//!
+//! The latency scenarios send at a fixed rate (5,000 records/s for 20 s after a 5 s warm-up
+//! that is not recorded) from a producer thread in the same process, each record stamped with
+//! its send time (µs since the epoch, header `sent-at-us`); the consumer (raw, or kourier with
+//! a no-op handler) records `now − sent` at handler entry in an HDR histogram. The producer's
+//! own send → acknowledgement time is reported beside it: it is the broker's share.
+//!
+//! One table goes to stdout with every figure, its ratio to (a) and the issue's targets marked
+//! PASS/MISS; they are informational: the exit code is non-zero only when the benchmark itself
+//! broke (a service missing, a scenario failing or losing records).
+//!
+//! The code, by concern: `args` and `scenario` (the command line), `services` (Kafka, Redis,
+//! topics, offsets), `produce` (pre-filling), `consumers` (the raw settings, kourier's builder,
+//! the handler), `drain` and `latency` (the scenarios), `measure` (CPU, RSS, latency, the
+//! outcome), `parent` (one child process per scenario) and `table` (the report).
+
+mod args;
+mod consumers;
+mod drain;
+mod latency;
+mod measure;
+mod parent;
+mod produce;
+mod scenario;
+mod services;
+mod table;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::args::{Args, ChildArgs, parse_args};
+use crate::drain::{kourier_drain, raw_drain};
+use crate::latency::latency;
+use crate::measure::Outcome;
+use crate::parent::run_parent;
+use crate::scenario::Scenario;
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Partitions of the drain and latency topics.
+const PARTITIONS: i32 = 6;
+/// Distinct keys of the slow-handler topic (one partition).
+const SLOW_KEYS: u64 = 1_000;
+/// What the slow handler awaits per record.
+const SLOW_HANDLER: Duration = Duration::from_millis(10);
+/// `max_in_flight` of the slow-handler Key scenario.
+const SLOW_KEY_MAX_IN_FLIGHT: usize = 500;
+/// Every `FAIL_EVERY`-th record fails permanently in scenario (d): 1 %.
+const FAIL_EVERY: u64 = 100;
+/// Unique per record: the dedup key of scenario (c).
+const EVENT_ID_HEADER: &str = "event-id";
+/// The scheduled send time in µs since the epoch (latency scenarios).
+const SENT_AT_HEADER: &str = "sent-at-us";
+/// `linger.ms` of the latency producer.
+const LATENCY_LINGER_MS: u64 = 5;
+/// kourier's librdkafka pre-fetch cap (`queued.max.messages.kbytes`, set by its builder).
+const QUEUED_MAX_KBYTES: u64 = 16_384;
+/// A scenario that takes longer than this is broken.
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let result = match &args.child {
+        Some(child) => run_child(&args, child).map(|outcome| {
+            println!(
+                "RESULT {}",
+                serde_json::to_string(&outcome).expect("outcome serializes")
+            );
+        }),
+        None => run_parent(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("throughput: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a child process runs: its scenario, measured.
+fn run_child(args: &Args, child: &ChildArgs) -> BoxResult<Outcome> {
+    // Unique per child process, so a scenario run again by hand on a kept topic starts over.
+    let group = format!(
+        "{}-{}-{}-g",
+        child.topic,
+        child.scenario.name(),
+        std::process::id()
+    );
+    match child.scenario {
+        Scenario::Raw => raw_drain(args, child, &group),
+        Scenario::LatencyRaw | Scenario::Latency => latency(args, child, &group),
+        _ => kourier_drain(args, child, &group),
+    }
+}

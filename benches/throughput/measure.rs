@@ -1,0 +1,137 @@
+//! Measuring a scenario: the process's CPU time and peak RSS, latencies in an HDR histogram,
+//! and what a scenario reports to the parent (one JSON line on stdout).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// librdkafka's `/proc/<pid>/stat` ticks: USER_HZ, 100 on every mainstream Linux ABI.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+/// User+sys CPU seconds of this whole process (every thread, exited ones included).
+pub(crate) fn process_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may hold spaces) start at "state" (field 3).
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(utime), Some(stime)) => (utime + stime) as f64 / CLOCK_TICKS_PER_SEC,
+        _ => f64::NAN,
+    }
+}
+
+/// Peak resident set size of this process so far (`VmHWM`), KiB.
+pub(crate) fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+pub(crate) fn epoch_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Outcome {
+    /// Records measured.
+    pub(crate) records: u64,
+    /// Value bytes of those records.
+    pub(crate) payload_bytes: u64,
+    /// First record handed to user code → all measured records settled.
+    pub(crate) secs: f64,
+    /// Consumer created → first record (group join, first fetch).
+    pub(crate) join_secs: f64,
+    /// Process user+sys CPU from consumer creation to the end of the measurement.
+    pub(crate) cpu_secs: f64,
+    /// `VmHWM` at the end of the measurement.
+    pub(crate) peak_rss_kib: u64,
+    /// Dead letters in `<topic>.dlt` afterwards (scenario d).
+    pub(crate) dead_letters: u64,
+    pub(crate) latency: Option<LatencyOutcome>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct LatencyOutcome {
+    pub(crate) samples: u64,
+    pub(crate) p50_us: u64,
+    pub(crate) p99_us: u64,
+    pub(crate) p999_us: u64,
+    pub(crate) max_us: u64,
+    pub(crate) offered_rate: u64,
+    /// Records sent per second over the measured phase (the producer kept the schedule?).
+    pub(crate) send_rate: f64,
+    /// How far the producer fell behind its schedule at worst, µs.
+    pub(crate) max_send_lag_us: u64,
+    /// Send → broker acknowledgement (acks=1), measured phase: the broker's share.
+    pub(crate) ack_p50_us: u64,
+    pub(crate) ack_p99_us: u64,
+}
+
+/// End-to-end latencies: an HDR histogram of the measured phase, plus a per-second timeline
+/// (by send second, warm-up included) for `--timeline`.
+#[derive(Debug)]
+pub(crate) struct LatencyRecorder {
+    /// Records scheduled before this (µs since the epoch) are warm-up: not in the histogram.
+    pub(crate) measured_after_us: AtomicU64,
+    /// When the producer started (µs since the epoch).
+    pub(crate) start_us: AtomicU64,
+    pub(crate) histogram: Mutex<Histogram<u64>>,
+    /// Per scheduled second: (records, sum µs, max µs).
+    pub(crate) timeline: Mutex<Vec<(u64, u64, u64)>>,
+}
+
+impl LatencyRecorder {
+    pub(crate) fn new() -> Self {
+        LatencyRecorder {
+            measured_after_us: AtomicU64::new(u64::MAX),
+            start_us: AtomicU64::new(u64::MAX),
+            histogram: Mutex::new(
+                Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
+            ),
+            timeline: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records a record whose `sent-at` header holds `sent` (text µs), received at `now_us`.
+    pub(crate) fn record(&self, sent: Option<&[u8]>, now_us: u64) {
+        let Some(sent) = sent
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return;
+        };
+        let latency = now_us.saturating_sub(sent).max(1);
+        if sent >= self.measured_after_us.load(AtomicOrdering::Relaxed) {
+            let mut h = self.histogram.lock().expect("not poisoned");
+            let _ = h.record(latency);
+        }
+        let start = self.start_us.load(AtomicOrdering::Relaxed);
+        if sent >= start {
+            let second = ((sent - start) / 1_000_000) as usize;
+            let mut t = self.timeline.lock().expect("not poisoned");
+            if t.len() <= second {
+                t.resize(second + 1, (0, 0, 0));
+            }
+            let slot = &mut t[second];
+            slot.0 += 1;
+            slot.1 += latency;
+            slot.2 = slot.2.max(latency);
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The services the benchmark needs (Kafka, and Redis for scenario c), its topics, and the
+//! offsets it reads back: log ends and a group's commits.
+
+use std::time::{Duration, Instant};
+
+use kourier::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use kourier::rdkafka::client::DefaultClientContext;
+use kourier::rdkafka::config::ClientConfig;
+use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
+use kourier::rdkafka::error::RDKafkaErrorCode;
+use kourier::rdkafka::{Offset, TopicPartitionList};
+
+use crate::BoxResult;
+
+pub(crate) fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+pub(crate) fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+}
+
+pub(crate) fn client_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap());
+    config
+}
+
+pub(crate) fn require_kafka() -> BoxResult<()> {
+    let consumer: BaseConsumer = client_config().create()?;
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| {
+            format!(
+                "Kafka is not reachable at {} ({e}); start it with `scripts/services up`",
+                bootstrap()
+            )
+        })?;
+    if metadata.brokers().is_empty() {
+        return Err("Kafka answered with no brokers".into());
+    }
+    Ok(())
+}
+
+pub(crate) async fn require_redis() -> BoxResult<()> {
+    let url = redis_url();
+    let ping = async {
+        let client = redis::Client::open(url.as_str())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), ping).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!(
+            "Redis is not reachable at {url} ({e}); start it with `scripts/services up`"
+        )
+        .into()),
+        Err(_) => Err(format!("Redis at {url} did not answer PING within 10 s").into()),
+    }
+}
+
+pub(crate) async fn create_topics(topics: &[(String, i32)]) -> BoxResult<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config().create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(format!("create topic {topic}: {code}").into()),
+        }
+    }
+    let consumer: BaseConsumer = client_config().create()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (name, partitions) in topics {
+        loop {
+            let ready = consumer
+                .fetch_metadata(Some(name), Duration::from_secs(10))
+                .ok()
+                .and_then(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == name && t.error().is_none())
+                        .map(|t| t.partitions().iter().filter(|p| p.leader() >= 0).count())
+                });
+            if ready == Some(*partitions as usize) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("topic {name} has no leaders after 30 s").into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn delete_topics(topics: &[String]) -> BoxResult<()> {
+    let admin: AdminClient<DefaultClientContext> = client_config().create()?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.delete_topics(&names, &options).await? {
+        if let Err((topic, code)) = result {
+            eprintln!("warning: delete topic {topic}: {code}");
+        }
+    }
+    Ok(())
+}
+
+/// Sum of the high watermarks of `topic`'s partitions.
+pub(crate) fn log_end(topic: &str, partitions: i32) -> BoxResult<u64> {
+    let consumer: BaseConsumer = client_config().create()?;
+    let mut sum = 0;
+    for p in 0..partitions {
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        sum += high as u64;
+    }
+    Ok(sum)
+}
+
+/// Sum of `group`'s committed offsets on `topic` (missing offsets count 0).
+pub(crate) fn committed_sum(group: &str, topic: &str, partitions: i32) -> BoxResult<u64> {
+    let consumer: BaseConsumer = client_config().set("group.id", group).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    let sum = committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o.max(0) as u64,
+            _ => 0,
+        })
+        .sum();
+    drop(committed); // before the consumer (rust-rdkafka #453)
+    Ok(sum)
+}

@@ -1,0 +1,344 @@
+//! The table on stdout: every figure, its ratio to the raw baseline (a), and the targets
+//! marked PASS/MISS (informational).
+
+use std::fmt::Write as _;
+
+use crate::args::Args;
+use crate::measure::Outcome;
+use crate::parent::{Results, load_average, machine};
+use crate::produce::Produced;
+use crate::scenario::Scenario;
+use crate::{
+    EVENT_ID_HEADER, LATENCY_LINGER_MS, PARTITIONS, QUEUED_MAX_KBYTES, SLOW_HANDLER, SLOW_KEYS,
+};
+
+/// kourier's buffer defaults (builder.rs): records and bytes received but not started.
+const MAX_BUFFERED_RECORDS: u64 = 10_000;
+const MAX_BUFFERED_BYTES: u64 = 64 << 20;
+/// What peak RSS may use beyond the configured buffers: the Tokio runtime, librdkafka's fetch
+/// buffers beyond its queue cap, the dead-letter producer, allocator slack, code. Stated before
+/// measuring; the raw baseline's own RSS shows how much of it any rdkafka consumer needs.
+const RSS_CONSTANT_MIB: f64 = 64.0;
+
+/// 1234567 → "1,234,567".
+pub(crate) fn thousands(v: f64) -> String {
+    if !v.is_finite() {
+        return "—".into();
+    }
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 { format!("-{out}") } else { out }
+}
+
+fn ratio(v: f64, base: Option<f64>) -> String {
+    match base {
+        Some(b) if b > 0.0 && v.is_finite() => format!("{:.2}×", v / b),
+        _ => "—".into(),
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "PASS" } else { "MISS" }
+}
+
+/// The bytes kourier's buffer accounting charges one drain record (`RawRecord::byte_len`):
+/// key + value + header names and values + topic + 64.
+fn accounted_record_bytes(args: &Args, topic: &str, run_id: &str) -> u64 {
+    let key = "key-0000".len() as u64;
+    let header = (EVENT_ID_HEADER.len() + run_id.len() + 1 + args.records.to_string().len()) as u64;
+    key + args.size as u64 + header + topic.len() as u64 + 64
+}
+
+pub(crate) fn print_table(
+    args: &Args,
+    run_id: &str,
+    drain_topic: &str,
+    produced: &Option<Produced>,
+    results: &Results,
+    load_start: &str,
+) {
+    let get = |s: Scenario| results.iter().find(|(x, _)| *x == s).map(|(_, o)| o);
+    let rate = |o: &Outcome| o.records as f64 / o.secs;
+    let cpu_per_m = |o: &Outcome| o.cpu_secs / o.records as f64 * 1e6;
+    let rss_mib = |o: &Outcome| o.peak_rss_kib as f64 / 1024.0;
+    let base = get(Scenario::Raw);
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "kourier throughput benchmark{} — {} records × {} B, {PARTITIONS} partitions, compression {}",
+        if args.smoke {
+            " (smoke run: figures are meaningless)"
+        } else if args.quick {
+            " (--quick)"
+        } else {
+            ""
+        },
+        thousands(args.records as f64),
+        args.size,
+        args.compression
+    );
+    let _ = writeln!(w, "machine: {}", machine());
+    if !args.consumer_config.is_empty()
+        || args.buffer_records.is_some()
+        || args.partition_buffer.is_some()
+        || args.ordering.is_some()
+        || args.max_in_flight.is_some()
+    {
+        let overrides: Vec<String> = args
+            .consumer_config
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .chain(
+                args.buffer_records
+                    .map(|n| format!("kourier max_buffered_records={n}")),
+            )
+            .chain(
+                args.partition_buffer
+                    .map(|n| format!("kourier max_buffered_records_per_partition={n}")),
+            )
+            .chain(
+                args.ordering
+                    .as_ref()
+                    .map(|o| format!("kourier ordering={o}")),
+            )
+            .chain(
+                args.max_in_flight
+                    .map(|n| format!("kourier max_in_flight={n}")),
+            )
+            .collect();
+        let _ = writeln!(w, "overrides: {}", overrides.join(", "));
+    }
+    let _ = writeln!(
+        w,
+        "load average (1/5/15 min): {load_start} at start, {} at end",
+        load_average()
+    );
+    if let Some(p) = produced {
+        let _ = writeln!(
+            w,
+            "pre-produce: {} records in {:.2} s = {} rec/s ({:.1} MB/s), linger.ms=50, acks=1; \
+             all in the log before any consumer started",
+            thousands(args.records as f64),
+            p.secs,
+            thousands(args.records as f64 / p.secs),
+            args.records as f64 * args.size as f64 / p.secs / 1e6
+        );
+    }
+
+    let drains: Vec<_> = results.iter().filter(|(s, _)| s.is_drain()).collect();
+    if !drains.is_empty() {
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "Drain: first record handed to user code → every record settled; CPU = whole process \
+             user+sys from consumer creation; MB/s counts values only"
+        );
+        let _ = writeln!(
+            w,
+            "{:<34} {:>9} {:>7} {:>10} {:>6} {:>7} {:>8} {:>6} {:>8} {:>6} {:>10} {:>6}",
+            "scenario",
+            "records",
+            "secs",
+            "rec/s",
+            "×(a)",
+            "MB/s",
+            "CPU s/M",
+            "×(a)",
+            "RSS MiB",
+            "×(a)",
+            "µs/rec+(a)",
+            "join s"
+        );
+        for (s, o) in &drains {
+            let overhead = base.map_or(f64::NAN, |b| 1e6 / rate(o) - 1e6 / rate(b));
+            let _ = writeln!(
+                w,
+                "{:<34} {:>9} {:>7.2} {:>10} {:>6} {:>7.1} {:>8.2} {:>6} {:>8.1} {:>6} {:>10.2} {:>6.1}",
+                s.label(),
+                thousands(o.records as f64),
+                o.secs,
+                thousands(rate(o)),
+                ratio(rate(o), base.map(rate)),
+                o.payload_bytes as f64 / o.secs / 1e6,
+                cpu_per_m(o),
+                ratio(cpu_per_m(o), base.map(cpu_per_m)),
+                rss_mib(o),
+                ratio(rss_mib(o), base.map(rss_mib)),
+                overhead,
+                o.join_secs
+            );
+        }
+        if let Some(d) = get(Scenario::DeadLetter) {
+            let _ = writeln!(
+                w,
+                "(d) wrote {} dead letters to {drain_topic}.dlt (acks=all, idempotent producer)",
+                thousands(d.dead_letters as f64)
+            );
+        }
+    }
+
+    let slow_p = get(Scenario::SlowPartition);
+    let slow_k = get(Scenario::SlowKey);
+    if slow_p.is_some() || slow_k.is_some() {
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "Slow handler: each record awaits a {} ms tokio sleep; 1 partition, {} keys. \
+             Partition runs only {} records (at 10 ms/record {} would take ~{:.0} s); rates compare",
+            SLOW_HANDLER.as_millis(),
+            SLOW_KEYS,
+            thousands(args.slow_partition_records as f64),
+            thousands(args.slow_records as f64),
+            args.slow_records as f64 * SLOW_HANDLER.as_secs_f64()
+        );
+        let _ = writeln!(
+            w,
+            "{:<34} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8}",
+            "scenario", "records", "secs", "rec/s", "CPU s/M", "RSS MiB", "join s"
+        );
+        for s in [Scenario::SlowPartition, Scenario::SlowKey] {
+            if let Some(o) = get(s) {
+                let _ = writeln!(
+                    w,
+                    "{:<34} {:>9} {:>7.2} {:>10} {:>8.1} {:>8.1} {:>8.1}",
+                    s.label(),
+                    thousands(o.records as f64),
+                    o.secs,
+                    thousands(rate(o)),
+                    cpu_per_m(o),
+                    rss_mib(o),
+                    o.join_secs
+                );
+            }
+        }
+    }
+
+    let lat_raw = get(Scenario::LatencyRaw).and_then(|o| o.latency.clone());
+    let lat = get(Scenario::Latency).and_then(|o| o.latency.clone());
+    if lat_raw.is_some() || lat.is_some() {
+        let _ = writeln!(w);
+        let _ = writeln!(
+            w,
+            "End-to-end latency: send time (µs header, producer linger.ms={LATENCY_LINGER_MS}) → handler \
+             entry; offered {} rec/s for {} s after a warm-up that is not recorded; {PARTITIONS} partitions; \
+             consumer defaults (fetch.wait.max.ms=500); lag = producer behind schedule (worst), \
+             ack = send → broker ack (acks=1)",
+            thousands(args.latency_rate as f64),
+            args.latency_secs
+        );
+        let _ = writeln!(
+            w,
+            "{:<34} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8}",
+            "scenario",
+            "samples",
+            "sent/s",
+            "lag ms",
+            "ack p50",
+            "ack p99",
+            "p50 ms",
+            "p99 ms",
+            "×raw",
+            "p99.9 ms",
+            "max ms",
+            "RSS MiB"
+        );
+        for (s, l) in [(Scenario::LatencyRaw, &lat_raw), (Scenario::Latency, &lat)] {
+            if let (Some(l), Some(o)) = (l, get(s)) {
+                let ms = |us: u64| us as f64 / 1000.0;
+                let _ = writeln!(
+                    w,
+                    "{:<34} {:>8} {:>9} {:>8.1} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8} {:>8.2} {:>8.2} {:>8.1}",
+                    s.label(),
+                    thousands(l.samples as f64),
+                    thousands(l.send_rate),
+                    ms(l.max_send_lag_us),
+                    ms(l.ack_p50_us),
+                    ms(l.ack_p99_us),
+                    ms(l.p50_us),
+                    ms(l.p99_us),
+                    ratio(l.p99_us as f64, lat_raw.as_ref().map(|r| r.p99_us as f64)),
+                    ms(l.p999_us),
+                    ms(l.max_us),
+                    rss_mib(o)
+                );
+            }
+        }
+    }
+
+    // Targets.
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "Targets (informational: the exit code does not depend on them)"
+    );
+    let mut target = |name: String, value: String, ok: Option<bool>| {
+        let v = ok.map_or("—   ", verdict);
+        let _ = writeln!(w, "  {v}  {name:<58} {value}");
+    };
+    for (s, min) in [
+        (Scenario::Kourier, 0.9),
+        (Scenario::Redis, 0.5),
+        (Scenario::DeadLetter, 0.8),
+    ] {
+        if let Some(o) = get(s) {
+            let r = base.map(|b| rate(o) / rate(b));
+            target(
+                format!("{} ≥ {min:.2} × (a) throughput", s.label()),
+                r.map_or("no baseline".into(), |r| format!("{r:.2} × (a)")),
+                r.map(|r| r >= min),
+            );
+        }
+    }
+    if let (Some(p), Some(k)) = (slow_p, slow_k) {
+        let r = rate(k) / rate(p);
+        target(
+            "slow handler: Key ≥ 20 × Partition".into(),
+            format!("{r:.0} ×"),
+            Some(r >= 20.0),
+        );
+    }
+    let buffer_mib = (MAX_BUFFERED_RECORDS * accounted_record_bytes(args, drain_topic, run_id))
+        .min(MAX_BUFFERED_BYTES) as f64
+        / (1024.0 * 1024.0);
+    let limit_mib = QUEUED_MAX_KBYTES as f64 / 1024.0 + buffer_mib + RSS_CONSTANT_MIB;
+    for s in [Scenario::Kourier, Scenario::Redis, Scenario::DeadLetter] {
+        if let Some(o) = get(s) {
+            target(
+                format!(
+                    "{} peak RSS ≤ {:.0} + {:.1} + {:.0} MiB",
+                    s.label(),
+                    QUEUED_MAX_KBYTES as f64 / 1024.0,
+                    buffer_mib,
+                    RSS_CONSTANT_MIB
+                ),
+                format!("{:.1} MiB (limit {limit_mib:.1})", rss_mib(o)),
+                Some(rss_mib(o) <= limit_mib),
+            );
+        }
+    }
+    if let Some(l) = &lat {
+        target(
+            format!(
+                "kourier p99 latency at {} rec/s ≤ 20 ms",
+                thousands(args.latency_rate as f64)
+            ),
+            format!("{:.2} ms", l.p99_us as f64 / 1000.0),
+            Some(l.p99_us <= 20_000),
+        );
+    }
+    let _ = writeln!(
+        w,
+        "  (RSS limit: librdkafka queued.max.messages.kbytes + kourier's buffer bound \
+         min(max_buffered_bytes, max_buffered_records × accounted bytes/record) + a constant \
+         for runtime, fetch buffers, DLT producer and allocator)"
+    );
+    println!("{out}");
+}

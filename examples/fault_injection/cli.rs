@@ -1,0 +1,114 @@
+//! The command line: the runner's flags, and the internal `consume` subcommand the runner
+//! starts its consumer processes with.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fault_injection",
+    about = "Kill the consumer, the broker and Redis while consuming; check nothing is lost",
+    args_conflicts_with_subcommands = true
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Option<Sub>,
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Sub {
+    /// Internal: the consumer child process the runner starts.
+    Consume(ConsumeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct RunArgs {
+    /// Events to produce and consume.
+    #[arg(long, default_value_t = 200_000)]
+    pub(crate) events: u64,
+    /// Consumer kills (SIGKILL; SIGTERM with --clean-restarts), each followed by a restart.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) kills: u32,
+    /// Broker kills and restarts (default 1; 0 with --clean-restarts).
+    #[arg(long)]
+    pub(crate) broker_restarts: Option<u32>,
+    /// Idempotency Redis outages (default 1; 0 with --clean-restarts or --no-idempotency).
+    #[arg(long)]
+    pub(crate) redis_outages: Option<u32>,
+    /// Stop the consumer with SIGTERM (graceful shutdown) instead of SIGKILL, without an
+    /// idempotency store; expects 0 duplicates.
+    #[arg(long)]
+    pub(crate) clean_restarts: bool,
+    /// Run the consumer without the idempotency store. With SIGKILLs the duplicate bound then
+    /// does not hold (every uncommitted effect repeats): a check that the checker catches it.
+    #[arg(long)]
+    pub(crate) no_idempotency: bool,
+    /// Partitions of the topic (and of its dead-letter topic).
+    #[arg(long, default_value_t = 6)]
+    pub(crate) partitions: i32,
+    /// Distinct record keys.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) keys: u32,
+    /// The consumer's max_in_flight (the duplicate bound per kill).
+    #[arg(long, default_value_t = 32)]
+    pub(crate) max_in_flight: usize,
+    /// Simulated work per record, in ms: half before the side effect, half after it (so a
+    /// kill can land between the effect and the handler's return). Default: paced so that
+    /// consuming takes about 18 s per fault (each fault needs a busy consumer to hit).
+    #[arg(long)]
+    pub(crate) work_ms: Option<u64>,
+    /// Seconds the idempotency Redis stays down per outage.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) redis_down_secs: u64,
+    /// Seconds the broker stays down per restart (before it is started again).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) broker_down_secs: u64,
+    /// Seed of the key choice, fault moments and injected failures (default: from the clock).
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Gives up waiting for the consumer after this many seconds in all.
+    #[arg(long, default_value_t = 900)]
+    pub(crate) timeout_secs: u64,
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub(crate) bootstrap: String,
+    /// The `scripts/services` that runs the broker, for broker restarts. Unset: broker
+    /// restarts are skipped.
+    #[arg(long, env = "KOURIER_FAULT_BROKER_CONTROL")]
+    pub(crate) broker_control: Option<PathBuf>,
+    /// Directory for the ledgers and logs (default: a new temporary directory, removed after
+    /// a passing run).
+    #[arg(long)]
+    pub(crate) work_dir: Option<PathBuf>,
+    /// Keep the topics and the work directory after a passing run.
+    #[arg(long)]
+    pub(crate) keep: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ConsumeArgs {
+    #[arg(long)]
+    pub(crate) bootstrap: String,
+    #[arg(long)]
+    pub(crate) topic: String,
+    #[arg(long)]
+    pub(crate) group: String,
+    /// The idempotency Redis; none: no idempotency store.
+    #[arg(long)]
+    pub(crate) redis_url: Option<String>,
+    #[arg(long)]
+    pub(crate) ledger: PathBuf,
+    #[arg(long)]
+    pub(crate) seed: u64,
+    #[arg(long)]
+    pub(crate) max_in_flight: usize,
+    #[arg(long)]
+    pub(crate) work_ms: u64,
+}

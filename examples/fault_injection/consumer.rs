@@ -1,0 +1,175 @@
+//! The consumer child process (`fault_injection consume ...`): a [`RetryingConsumer`] whose
+//! handler fails as each event's [`Fate`] says and appends each side effect to its ledger,
+//! printing its monitor's state as JSON lines for the runner.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kourier::{
+    DedupKey, Handler, HandlerError, Message, Ordering, RedisIdempotencyStore, RetryPolicy,
+    RetryingConsumer, async_trait,
+};
+
+use crate::cli::ConsumeArgs;
+use crate::event::{Event, Fate};
+use crate::ledger::{self, Ledger};
+use crate::{COMMIT_INTERVAL, LEASE, MAX_ATTEMPTS};
+
+struct FaultHandler {
+    ledger: Ledger,
+    seed: u64,
+    pid: u32,
+    /// Half the simulated work, done before and again after the side effect.
+    half_work: Duration,
+}
+
+#[async_trait]
+impl Handler for FaultHandler {
+    type Event = Event;
+
+    async fn handle(&self, m: &Message<Event>) -> Result<(), HandlerError> {
+        let ev = m.event();
+        match Fate::of(ev.id, self.seed) {
+            Fate::Permanent => {
+                return Err(HandlerError::permanent(format!(
+                    "event {} is injected as permanently failing",
+                    ev.id
+                )));
+            }
+            Fate::Exhausted => {
+                return Err(HandlerError::transient(format!(
+                    "event {} is injected as always failing (attempt {})",
+                    ev.id,
+                    m.attempt()
+                )));
+            }
+            Fate::Transient(n) if m.attempt() <= n => {
+                return Err(HandlerError::transient(format!(
+                    "event {} injected failure {} of {n}",
+                    ev.id,
+                    m.attempt()
+                )));
+            }
+            Fate::Transient(_) | Fate::Ok => {}
+        }
+        tokio::time::sleep(self.half_work).await;
+        let line = ledger::line(ev, m.attempt(), self.pid, m.partition(), m.offset());
+        self.ledger
+            .append(line)
+            .await
+            .map_err(|e| HandlerError::transient(format!("ledger write failed: {e}")))?;
+        tokio::time::sleep(self.half_work).await;
+        Ok(())
+    }
+}
+
+pub(crate) fn consume(args: ConsumeArgs) -> i32 {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("consume: cannot start the runtime: {e}");
+            return 2;
+        }
+    };
+    match runtime.block_on(consume_async(args)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("consume: {e}");
+            1
+        }
+    }
+}
+
+async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Catch SIGTERM/SIGINT from the start (a signal before `run` polls its shutdown future is
+    // kept, not fatal); the first status line tells the runner they are caught.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let handler = FaultHandler {
+        ledger: Ledger::open(&args.ledger)?,
+        seed: args.seed,
+        pid: std::process::id(),
+        half_work: Duration::from_millis(args.work_ms) / 2,
+    };
+    let mut builder = RetryingConsumer::builder(handler)
+        .bootstrap_servers(&args.bootstrap)
+        .group_id(&args.group)
+        .topic(&args.topic)
+        .ordering(Ordering::Key)
+        .max_in_flight(args.max_in_flight)
+        .retry_policy(RetryPolicy::fixed(
+            Duration::from_millis(50),
+            MAX_ATTEMPTS - 1,
+        ))
+        .commit_interval(COMMIT_INTERVAL)
+        .shutdown_timeout(Duration::from_secs(20))
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "500");
+    if let Some(url) = &args.redis_url {
+        let store = RedisIdempotencyStore::builder(url.as_str())
+            .key_prefix("fault:")
+            .build()
+            .await?;
+        builder = builder
+            .idempotency(
+                Arc::new(store),
+                DedupKey::from_fn(|m: &Message<Event>| Some(m.event().id.to_string())),
+            )
+            .idempotency_lease(LEASE);
+    }
+    let consumer = builder.build()?;
+    let monitor = consumer.monitor();
+    // A status line every 500 ms; the runner stops the last consumer only once it is idle.
+    let status_monitor = monitor.clone();
+    let status = tokio::spawn(async move {
+        loop {
+            println!(
+                "{}",
+                serde_json::json!({ "status": snapshot_json(&status_monitor) })
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        // The state the consumer was in when told to stop: the runner stops the last one only
+        // once everything is handled and committed, so this must be idle and unpaused.
+        println!(
+            "{}",
+            serde_json::json!({ "snapshot": snapshot_json(&monitor) })
+        );
+    };
+    let result = consumer.run(shutdown).await;
+    status.abort();
+    let report = result?;
+    println!(
+        "{}",
+        serde_json::json!({ "exited": "clean", "abandoned": report.abandoned })
+    );
+    Ok(())
+}
+
+fn snapshot_json(monitor: &kourier::ConsumerMonitor) -> serde_json::Value {
+    let s = monitor.snapshot();
+    serde_json::json!({
+        "in_flight": s.in_flight,
+        "buffered_records": s.buffered_records,
+        "buffered_bytes": s.buffered_bytes,
+        "assigned": s.assigned,
+        "paused": s.paused,
+    })
+}

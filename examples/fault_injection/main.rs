@@ -1,0 +1,126 @@
+//! Fault-injection runner: pre-produces events, consumes them with a [`RetryingConsumer`] in a
+//! child process while killing that process, the Kafka broker and the idempotency Redis, then
+//! checks that nothing was lost and that duplicates stayed within the documented bound.
+//!
+//! ```text
+//! # the reduced run scripts/test does (about 2 minutes):
+//! cargo run --example fault_injection -- --events 20000 --kills 2 --broker-restarts 1 --redis-outages 1
+//! # the full run (200,000 events, 5 kills, 1 broker restart, 1 Redis outage):
+//! cargo run --release --example fault_injection
+//! # graceful restarts only: 0 duplicates expected
+//! cargo run --release --example fault_injection -- --events 20000 --clean-restarts --kills 3
+//! ```
+//!
+//! It needs the broker (`KAFKA_BOOTSTRAP_SERVERS`, default `127.0.0.1:9092`) and
+//! `redis-server` on `PATH`: it starts its own Redis for the idempotency store on a free port,
+//! so it can stop it. The broker is restarted only when `KOURIER_FAULT_BROKER_CONTROL` (or
+//! `--broker-control`) names the `scripts/services` that runs it (with the same
+//! `KOURIER_KAFKA_PORT` / `KOURIER_STATE`), and that script reports it running at the very
+//! address the run uses; a broker the script calls external is never touched. Otherwise broker
+//! restarts are skipped and the output says so. scripts/test sets the variable only for a
+//! broker it started itself.
+//!
+//! What happens:
+//! 1. `--events` events with unique ids go to a fresh topic (6 partitions), keyed by one of
+//!    `--keys` keys (200), each carrying its key's sequence number.
+//! 2. The consumer runs as a child process (`fault_injection consume ...`): key ordering,
+//!    `max_in_flight` 32, a Redis idempotency store (lease 3 s), 4 attempts. Its handler
+//!    appends each side effect `(id, key, seq, attempt, pid, partition, offset, time)` to a
+//!    ledger file and counts it done only once the line is on disk (`sync_data`, batched).
+//!    Simulated work (`--work-ms`, half before and half after the effect) paces consumption so
+//!    every fault meets a busy consumer. Failures are injected by a hash of the id, so the
+//!    checker knows them: 4.5 % fail transiently once or twice and then succeed, 0.5 % always
+//!    fail transiently (retries exhausted: dead-lettered), 0.5 % fail permanently.
+//! 3. At random points of progress it SIGKILLs the consumer and starts another (`--kills`),
+//!    SIGKILLs the broker and starts it again (`--broker-restarts`), and kills the Redis for a
+//!    few seconds, restarting it *empty* on the same port (`--redis-outages`). Faults run one
+//!    after the other: after each, the runner waits until the consumer has committed past
+//!    every effect made so far, so the records one fault can make repeat never overlap the
+//!    next fault (a Redis restart during the redelivery after a kill would repeat all of it).
+//! 4. When every event is accounted for and the consumer reports itself idle, it stops the
+//!    last consumer with SIGTERM and checks.
+//!
+//! The checks, and the verdict line `events=E lost=L duplicates=D bound=B dead_lettered=X
+//! kills=K broker_restarts=R redis_outages=S verdict=PASS|FAIL` (exit status 1 on FAIL):
+//! - **lost = 0**: every id is in the ledger or the dead-letter topic.
+//! - The dead-letter topic holds exactly the permanent and the exhausted ids (X), with the
+//!   right failure kind and attempt count; none of them ever had a side effect.
+//! - **D ≤ B** (duplicate side effects), `B = kills × max_in_flight`: after a SIGKILL only
+//!   records whose effect was written but whose idempotency claim was not yet completed can
+//!   run again (a completed one is skipped as done), and at most `max_in_flight` records are
+//!   in flight. Checked per kill too: the repeats of a killed process's effects are at most
+//!   `min(max_in_flight, its effects its group had not committed when it died)`, and effects
+//!   of a process that was not killed never repeat. A broker restart adds no repeated effect:
+//!   if it outlasts the session timeout the partitions are lost and redelivered, but the
+//!   store says done. It does repeat **dead letters** (a dead-lettered key is not marked done,
+//!   so a redrive can run): duplicate dead letters are checked against the letters not yet
+//!   committed at each kill and broker restart, and no letter repeats more often than there
+//!   were kills and broker restarts.
+//! - `--clean-restarts`: SIGTERM instead of SIGKILL and **no idempotency store** (it would
+//!   hide redeliveries), so `B = 0`, and no dead letter may repeat either: this tests the
+//!   consumer's own commit on graceful shutdown.
+//! - Each effect ran at the attempt its injected failures predict; per key, the sequence
+//!   numbers of *first* effects strictly increase; committed offsets end at the log end; the
+//!   last consumer's monitor snapshot shows every partition assigned, none paused, nothing in
+//!   flight or buffered; no consumer process exited unless the runner stopped it.
+//!
+//! On PASS the topics and the work directory are removed; on FAIL they are kept (the path is
+//! printed), with each consumer's log and ledger.
+//!
+//! [`RetryingConsumer`]: kourier::RetryingConsumer
+//!
+//! The code, by concern: `cli` (flags), `event` (events and their injected fates), `consumer`
+//! (the child process and its handler), `ledger` (the side-effect files, written and read),
+//! `procs` (starting and stopping consumer processes), `run` (the runner), `faults` (the plan
+//! and each fault), `watch` (waiting for progress and recovery), `kafka`, `redis` and `broker`
+//! (the services), `check` (the checks) and `report` (verdict and summary line).
+
+mod broker;
+mod check;
+mod cli;
+mod consumer;
+mod event;
+mod faults;
+mod kafka;
+mod ledger;
+mod procs;
+mod redis;
+mod report;
+mod run;
+mod watch;
+
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Sub};
+
+/// How many attempts the consumer makes (fixed 50 ms back-off, 3 retries).
+const MAX_ATTEMPTS: u32 = 4;
+/// The consumer's commit interval.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+/// The idempotency lease: a killed consumer's claims block their keys this long.
+const LEASE: Duration = Duration::from_secs(3);
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Some(Sub::Consume(args)) => consumer::consume(args),
+        None => match run::run(cli.run) {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("fault: error: {e}");
+                2
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// A line on stderr, prefixed `fault:`.
+fn log(msg: impl AsRef<str>) {
+    eprintln!("fault: {}", msg.as_ref());
+}

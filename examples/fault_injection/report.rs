@@ -1,0 +1,117 @@
+//! The end of a run: the verdict (the checks' problems plus the duplicate bound), what is
+//! logged about it, cleaning up after a pass, and the one-line summary on stdout.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::check::Checked;
+use crate::cli::RunArgs;
+use crate::kafka::Kafka;
+use crate::ledger::Ledgers;
+use crate::log;
+use crate::redis::RedisServer;
+
+/// What the run did and found.
+pub(crate) struct Summary<'a> {
+    pub(crate) args: &'a RunArgs,
+    pub(crate) checked: &'a Checked,
+    /// Every problem: the runner's and the checks'.
+    pub(crate) problems: Vec<String>,
+    pub(crate) consume_took: Duration,
+    /// Consumer processes started.
+    pub(crate) processes: usize,
+    pub(crate) ledgers: &'a Ledgers,
+    /// Records in the dead-letter topic.
+    pub(crate) letters: usize,
+    pub(crate) dlt_allowance: u64,
+    pub(crate) kills_done: u32,
+    pub(crate) broker_done: u32,
+    pub(crate) redis_done: u32,
+    pub(crate) started: Instant,
+}
+
+/// What to remove after a passing run (and keep, naming it, after a failing one).
+pub(crate) struct Cleanup<'a> {
+    pub(crate) rt: &'a tokio::runtime::Runtime,
+    pub(crate) kafka: &'a Kafka,
+    /// Stopped in any case.
+    pub(crate) redis: Option<RedisServer>,
+    pub(crate) topic: &'a str,
+    pub(crate) dlt: &'a str,
+    pub(crate) group: &'a str,
+    pub(crate) work_dir: &'a Path,
+}
+
+/// Logs the outcome, cleans up and prints the summary line; true on PASS.
+pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
+    let args = s.args;
+    let report = s.checked;
+    let bound = if args.clean_restarts {
+        0
+    } else {
+        u64::from(s.kills_done) * args.max_in_flight as u64
+    };
+    if report.duplicates > bound {
+        s.problems.push(format!(
+            "{} duplicate side effects exceed the bound {bound}",
+            report.duplicates
+        ));
+    }
+    let pass = s.problems.is_empty();
+    log(format!(
+        "consumed in {:.1?}; {} consumer processes; effects {} (distinct {}), dead letters {} (distinct {}), duplicate dead letters {}",
+        s.consume_took,
+        s.processes,
+        s.ledgers.effects.len(),
+        s.ledgers.distinct,
+        s.letters,
+        report.dead_lettered,
+        report.dlt_duplicates
+    ));
+    log(format!(
+        "per kill: uncommitted effects / duplicates of them: {}; duplicate dead letters {} (allowed: {} uncommitted at kills and broker restarts)",
+        report.per_kill, report.dlt_duplicates, s.dlt_allowance
+    ));
+    for p in &s.problems {
+        log(format!("PROBLEM: {p}"));
+    }
+    log(format!("total time {:.1?}", s.started.elapsed()));
+
+    // Cleanup: the Redis, the topics, the work directory (kept on failure).
+    let Cleanup {
+        rt,
+        kafka,
+        redis,
+        topic,
+        dlt,
+        group,
+        work_dir,
+    } = cleanup;
+    drop(redis);
+    if pass && !args.keep {
+        if let Err(e) = rt.block_on(kafka.delete_topics(&[topic, dlt])) {
+            log(format!("could not delete the topics: {e}"));
+        }
+        if args.work_dir.is_none() {
+            let _ = std::fs::remove_dir_all(work_dir);
+        }
+    } else {
+        log(format!(
+            "kept topic {topic}, group {group} and work dir {}",
+            work_dir.display()
+        ));
+    }
+
+    println!(
+        "events={} lost={} duplicates={} bound={bound} dead_lettered={} kills={} broker_restarts={} redis_outages={} verdict={}",
+        args.events,
+        report.lost,
+        report.duplicates,
+        report.dead_lettered,
+        s.kills_done,
+        s.broker_done,
+        s.redis_done,
+        if pass { "PASS" } else { "FAIL" }
+    );
+    pass
+}
