@@ -35,11 +35,12 @@
 //!     RetryingConsumer::builder(Mailer)
 //!         .bootstrap_servers("127.0.0.1:9092")
 //!         .group_id("notifier")
-//!         .topic("notify.v1")
+//!         .topic("notify.v1") // and its dead-letter topic notify.v1.dlt must exist
 //!         .ordering(Ordering::Key)
 //!         .build()?
 //!         .run_until_signal()
-//!         .await
+//!         .await? // a dead cluster or a missing topic is an error here, within 30 s
+//!         .into_result() // records abandoned at shutdown are an error too
 //! }
 //! ```
 //!
@@ -62,8 +63,8 @@
 //! 4. **Classification** ([`HandlerError`]): transient → retried, then dead-lettered as
 //!    `retries-exhausted`; permanent → dead-lettered at once. A record the [`Codec`] cannot
 //!    decode (bad JSON, wrong schema, null value) is a poison pill: dead-lettered at once as
-//!    `decode`, the handler is never called. A panicking handler counts as a transient
-//!    failure.
+//!    `decode`, the handler is never called. A panicking handler is a failure of its own
+//!    kind, [`FailureKind::Panic`]: retried by default, dead-lettered as `panic`.
 //! 5. **Dead letters keep everything**: same key, same value bytes (null stays null), the
 //!    original headers, plus provenance headers ([`dead_letter::headers`]). The default sink
 //!    writes to `<topic>.dlt`, to the source partition when the dead-letter topic has it,
@@ -85,18 +86,50 @@
 //! 11. **Bad input never crashes the consumer**: malformed payloads, null keys and values,
 //!     empty payloads, binary or non-UTF-8 headers end as handled records or dead letters.
 //! 12. **Bad configuration is an error from `build()`** ([`ConfigError`]), never a panic.
+//! 13. **A wrong world is an answer, not a hang**: unreachable brokers and missing topics are
+//!     typed errors from `run()` within the startup timeout; records abandoned at shutdown
+//!     are listed in its [`ShutdownReport`]; a condition that persists is logged once per
+//!     interval with a count.
+//! 14. **Every record settles**: whatever panics on a record's path (codec, dedup-key
+//!     function, handler, store, sink), the record ends in a defined state and its slot and
+//!     lane are released; work running ahead of the commit point is bounded.
 //!
 //! Duplicates remain possible (that is what at-least-once means) for records in flight when
 //! a consumer crashes or loses its partitions past the revoke timeout; an [`IdempotencyStore`]
 //! turns most of those into skips.
 //!
+//! ## When things are wrong
+//!
+//! | situation | what kourier does | when |
+//! |---|---|---|
+//! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers; one warning per `error_log_interval` while it tries | within `startup_timeout` (default 30 s) |
+//! | a subscribed topic is missing at start | `Error::MissingTopics` naming it, and the settings that would help (`create_missing_topics`, `wait_for_topics`) | at the first metadata answer |
+//! | the dead-letter topic is missing at start | `Error::MissingTopics` naming `<topic>.dlt` (the default sink declares its topics through `DeadLetterSink::topics_for`) | at the first metadata answer |
+//! | the cluster goes away while running | records wait, nothing is committed past them; `connection` in the snapshot and `kourier_connection_state` turn `Disconnected` / `0`; each distinct error is logged once per interval with a count | until it is back; with `max_broker_outage(d)`, `run()` returns `Error::BrokersUnreachable` after `d` |
+//! | a subscribed topic is deleted while consuming | its partitions leave the assignment with one warning; if it is re-created, its records are tracked again | at the next "unknown topic" error (checked at most every 2 s) |
+//! | a codec, dedup-key function, handler, store or sink panics | the record ends in a defined state: codec → dead letter `decode`; dedup-key function → dead letter `panic`; handler → failure kind `panic`, retried, then dead letter `panic`; store / sink → a failure of that store / sink, retried, the partition waits; counted in `kourier_handler_panics_total` | at once |
+//! | a record is stuck (a hung call) | logged once with its coordinates after `stall_threshold`, counted in `kourier_records_stalled_total`; its partition pauses when `max_uncommitted_per_partition` records pile up past the commit point behind it | after `stall_threshold` (60 s) |
+//! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart); a record that is only waiting out a retry back-off is given up at once | at once / after `shutdown_timeout` (30 s) |
+//! | bad configuration | a typed `Error::Config` from `build()`, never a panic | at `build()` |
+//!
 //! ## Architecture
 //!
-//! A dedicated poll thread owns the rdkafka consumer: it polls, feeds a scheduler that
-//! buffers records per partition and lane (partition, key or record, by ordering mode),
-//! pauses and resumes partitions, commits settled offsets and serves rebalances. Workers are
-//! Tokio tasks on your runtime: each runs decode → claim → handler → retry → dead-letter →
-//! complete/release, then reports the record settled and takes the next one.
+//! Data flows one way: **poll → schedule → work → settle → commit**. A dedicated poll
+//! thread owns the rdkafka consumer: it polls, feeds a scheduler that buffers records per
+//! partition and lane (partition, key or record, by ordering mode), pauses and resumes
+//! partitions, commits settled offsets and serves rebalances. Workers are Tokio tasks on your
+//! runtime: each runs decode → claim → handler → retry → dead-letter → complete/release, then
+//! reports the record settled and takes the next one.
+//!
+//! The modules form layers; imports only point down (no file imports one above it, and no
+//! import circle):
+//!
+//! | layer | files | what |
+//! |---|---|---|
+//! | top | `lib.rs`, `consumer/builder.rs` | the public surface; `build()` assembles the engine |
+//! | engine | `consumer/`: `retrying_consumer.rs` (run, workers) · `poll.rs` (the loop) · `startup.rs` · `hub.rs` (shared state) · `scheduler.rs` (ordering, buffers, flow decisions) · `offsets.rs` (watermarks) · `worker.rs` (one record's pipeline) · `dedup.rs` · `commit.rs` · `flow.rs` · `rebalance.rs` · `shutdown.rs` · `context.rs` (librdkafka callbacks) · `health.rs` · `monitor.rs` · `stats.rs` | the consumer at work |
+//! | parts | `handler.rs`, `codec.rs`, `retry.rs`, `idempotency/`, `dead_letter/` (`headers.rs` is the header format), `producer.rs`, `publisher.rs`, `topics.rs`, `metrics.rs` | what the engine plugs together |
+//! | bottom | `error.rs`, `record.rs` (records and headers, read from librdkafka), `message.rs`, `trace_context.rs`, `topic_name.rs` | data types every layer uses |
 //!
 //! ## Observability
 //!
@@ -110,7 +143,7 @@
 //! | `kourier_records_consumed_total` | counter | `topic` | records received from Kafka |
 //! | `kourier_records_handled_total` | counter | `topic` | records whose handler succeeded |
 //! | `kourier_records_retried_total` | counter | `topic`, `attempt` | transient failures retried, by failed attempt (`1`…`9`, `10+`) |
-//! | `kourier_records_dead_lettered_total` | counter | `topic`, `kind` | dead letters written: `decode`, `permanent`, `retries-exhausted` |
+//! | `kourier_records_dead_lettered_total` | counter | `topic`, `kind` | dead letters written: `decode`, `permanent`, `retries-exhausted`, `panic` |
 //! | `kourier_duplicates_skipped_total` | counter | `topic` | records skipped as already done |
 //! | `kourier_idempotency_store_errors_total` | counter | `topic`, `operation` | failed store calls: `claim`, `complete`, `release` |
 //! | `kourier_dead_letter_write_failures_total` | counter | `topic` | failed dead-letter writes (retried) |
@@ -120,6 +153,10 @@
 //! | `kourier_records_in_flight` | gauge | | records being handled |
 //! | `kourier_consumer_lag` | gauge | `topic`, `partition` | end offset − committed offset of each assigned partition (from librdkafka's statistics) |
 //! | `kourier_partition_paused` | gauge | `topic`, `partition` | `1` while flow control pauses the partition |
+//! | `kourier_handler_panics_total` | counter | `topic` | panics caught on records' paths (handler, codec, dedup-key function) |
+//! | `kourier_records_stalled_total` | counter | `topic` | records in flight longer than the stall threshold, once each |
+//! | `kourier_records_abandoned_total` | counter | `topic` | records given up unsettled at a revoke or shutdown |
+//! | `kourier_connection_state` | gauge | | `1` while the cluster answers, `0` while it does not |
 //!
 //! [`ConsumerMonitor::snapshot`] gives the same outcome counts in-process (`handled`,
 //! `retried`, `dead_lettered` by kind, `duplicates`) next to the in-flight and buffer figures.
@@ -152,6 +189,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
+//! | `bench-internals` | off | not an API: exposes crate-private parts to kourier's own micro-benchmarks (`kourier::__bench`); no semver promise |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!
 //! ## Why not `backoff`

@@ -125,7 +125,8 @@ impl<'a> IntoIterator for &'a Headers {
 
 /// A record as it came from Kafka, owned and undecoded.
 ///
-/// Dead letters and the engine work with this; handlers see a typed [`Message`].
+/// Dead letters and the engine work with this; handlers see a typed
+/// [`Message`](crate::Message).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawRecord {
     /// Source topic.

@@ -72,7 +72,7 @@ pub const ALL: &[&str] = &[
     HEADERS_DROPPED,
 ];
 
-/// Where a dead letter came from and why it failed, as its [`headers`] say.
+/// Where a dead letter came from and why it failed, as its [headers](self) say.
 ///
 /// Every field is optional: a dead letter written by kourier has them all (but
 /// [`value_dropped_bytes`](Self::value_dropped_bytes)), one written by Spring Kafka has the
@@ -85,11 +85,11 @@ pub const ALL: &[&str] = &[
 /// use kourier::Headers;
 ///
 /// let letter_headers = Headers::new()
-///     .with(ORIGINAL_TOPIC, "notify.v1")
-///     .with(ORIGINAL_PARTITION, 3i32.to_be_bytes())
-///     .with(ORIGINAL_OFFSET, 42i64.to_be_bytes())
-///     .with(FAILURE_KIND, "permanent")
-///     .with(ATTEMPTS, "1");
+///     .with(headers::ORIGINAL_TOPIC, "notify.v1")
+///     .with(headers::ORIGINAL_PARTITION, 3i32.to_be_bytes())
+///     .with(headers::ORIGINAL_OFFSET, 42i64.to_be_bytes())
+///     .with(headers::FAILURE_KIND, "permanent")
+///     .with(headers::ATTEMPTS, "1");
 /// let p = Provenance::from_headers(&letter_headers);
 /// assert_eq!(p.original_topic.as_deref(), Some("notify.v1"));
 /// assert_eq!((p.original_partition, p.original_offset), (Some(3), Some(42)));
@@ -219,6 +219,37 @@ fn int64(v: &[u8]) -> Option<i64> {
 fn epoch_millis(ms: i64) -> Option<SystemTime> {
     let ms = u64::try_from(ms).ok()?;
     UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
+impl DeadLetter {
+    /// The headers a dead letter is written with: the record's own headers, minus any
+    /// provenance headers it already carried (a redriven letter), then fresh provenance
+    /// headers ([`ALL`]; [`REDRIVE_COUNT`] is kept as it is). Custom sinks use this so that
+    /// every kourier dead letter reads the same ([`Provenance::from_headers`]).
+    ///
+    /// ```
+    /// # use std::{sync::Arc, time::SystemTime};
+    /// use kourier::dead_letter::{headers, DeadLetter, DeadLetterReason, Provenance};
+    /// use kourier::{Headers, RawRecord};
+    ///
+    /// let record = RawRecord {
+    ///     topic: "notify.v1".into(), partition: 2, offset: 7, key: None,
+    ///     value: Some(b"{}".to_vec()), headers: Headers::new(), timestamp: None,
+    ///     log_append_time: false,
+    /// };
+    /// let letter = DeadLetter {
+    ///     record: Arc::new(record), reason: DeadLetterReason::Permanent,
+    ///     error: "bad address".into(), attempts: 1, first_failure: SystemTime::now(),
+    ///     last_failure: SystemTime::now(), group_id: "notifier".into(),
+    /// };
+    /// let written: Headers = letter.headers().into_iter().collect();
+    /// let p = Provenance::from_headers(&written);
+    /// assert_eq!((p.original_partition, p.original_offset), (Some(2), Some(7)));
+    /// assert_eq!(p.failure_kind, Some(DeadLetterReason::Permanent));
+    /// ```
+    pub fn headers(&self) -> Vec<Header> {
+        letter_headers(self, None)
+    }
 }
 
 /// The headers of a letter that keeps nothing of the record but its provenance: the

@@ -37,9 +37,9 @@ type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 /// - **Key and value** are the source record's bytes, untouched; a null key or value stays
 ///   null.
 /// - **Headers**: the source record's headers in their order (null values stay null), minus any
-///   provenance headers it already carried ([`headers::ALL`]), then fresh provenance headers.
+///   provenance headers it already carried ([`headers::ALL`](super::headers::ALL)), then fresh provenance headers.
 ///   So re-dead-lettering a redriven record *replaces* its provenance instead of appending a
-///   second copy, and headers do not grow. [`headers::REDRIVE_COUNT`] is kept as it is.
+///   second copy, and headers do not grow. [`headers::REDRIVE_COUNT`](super::headers::REDRIVE_COUNT) is kept as it is.
 /// - **Provenance** uses Spring Kafka's names and encodings, so Spring tools read kourier's
 ///   dead letters: `kafka_dlt-original-topic` (UTF-8), `-partition` (4-byte big-endian),
 ///   `-offset` and `-timestamp` (8-byte big-endian, ms since the epoch), `-timestamp-type`
@@ -76,10 +76,10 @@ type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 /// When the broker or librdkafka refuses the letter as too large (`MessageSizeTooLarge`, e.g.
 /// the dead-letter topic's `max.message.bytes` is smaller than the source topic's), the sink
 /// writes a **metadata-only letter** instead: same key, *null value*, the same headers, plus
-/// [`headers::VALUE_DROPPED_BYTES`] holding the original value's size. If that is refused too
+/// [`headers::VALUE_DROPPED_BYTES`](super::headers::VALUE_DROPPED_BYTES) holding the original value's size. If that is refused too
 /// (the key or the record's own headers alone are too large), it writes a **provenance-only
 /// letter**: no key, no value, only the provenance headers plus
-/// [`headers::KEY_DROPPED_BYTES`] and [`headers::HEADERS_DROPPED`], so a record never holds
+/// [`headers::KEY_DROPPED_BYTES`](super::headers::KEY_DROPPED_BYTES) and [`headers::HEADERS_DROPPED`](super::headers::HEADERS_DROPPED), so a record never holds
 /// its partition forever for its size. Only if even that is refused is the error returned. The dead-letter producer
 /// sends one letter per batch (`batch.num.messages=1`) so that a size refusal is about that
 /// letter alone, never about a batch of several. When a letter whose value was dropped is
