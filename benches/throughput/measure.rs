@@ -135,3 +135,38 @@ impl LatencyRecorder {
         }
     }
 }
+
+/// Every scenario run, with what it measured.
+pub(crate) type Results = Vec<(crate::scenario::Scenario, Outcome)>;
+
+/// The load average (1, 5, 15 min), for the report.
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The machine the benchmark ran on, for the report.
+pub(crate) fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".into());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kib| kib / (1024.0 * 1024.0));
+    let (_, librdkafka) = kourier::rdkafka::util::get_rdkafka_version();
+    format!("{cpus} CPUs ({model}), {mem_gib:.0} GiB RAM, librdkafka {librdkafka}")
+}

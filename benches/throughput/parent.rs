@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::args::Args;
-use crate::measure::Outcome;
+use crate::measure::{Outcome, Results, load_average, machine};
 use crate::produce::{Produced, pre_produce};
 use crate::scenario::Scenario;
 use crate::services::{create_topics, delete_topics, log_end, require_kafka, require_redis};
@@ -79,36 +79,6 @@ fn run_child_process(
     Ok(serde_json::from_str(line)?)
 }
 
-pub(crate) fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-pub(crate) fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "?".into());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kib| kib / (1024.0 * 1024.0));
-    let (_, librdkafka) = kourier::rdkafka::util::get_rdkafka_version();
-    format!("{cpus} CPUs ({model}), {mem_gib:.0} GiB RAM, librdkafka {librdkafka}")
-}
-
 pub(crate) fn run_parent(args: &Args) -> BoxResult<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -162,8 +132,6 @@ pub(crate) fn run_parent(args: &Args) -> BoxResult<()> {
     }
     Ok(())
 }
-
-pub(crate) type Results = Vec<(Scenario, Outcome)>;
 
 /// Pre-produces and runs every scenario; a failed scenario is reported and skipped.
 fn run_scenarios(

@@ -4,8 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::args::Args;
-use crate::measure::Outcome;
-use crate::parent::{Results, load_average, machine};
+use crate::measure::{Outcome, Results, load_average, machine};
 use crate::produce::Produced;
 use crate::scenario::Scenario;
 use crate::{

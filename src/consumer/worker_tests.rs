@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::WorkerContext;
 use crate::codec::{Codec, DecodeError, JsonCodec};
 use crate::consumer::dedup::{Dedup, DedupKey};
-use crate::consumer::scheduler::JobEnd;
+use crate::consumer::scheduler::{JobEnd, Stop};
 use crate::dead_letter::{
     DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
 };
@@ -298,6 +298,9 @@ struct Setup {
     probe: Option<InMemoryIdempotencyStore>,
     lease: Duration,
     run_without_store_on_outage: bool,
+    retry_panics: bool,
+    stall_threshold: Duration,
+    dedup_key_panics: bool,
 }
 
 /// A worker whose handler plays `steps`, with `RetryPolicy::fixed(500 ms, 3)` (4 attempts),
@@ -316,6 +319,9 @@ fn script(steps: impl Into<Vec<Step>>) -> Setup {
         probe: None,
         lease: LEASE,
         run_without_store_on_outage: false,
+        retry_panics: true,
+        stall_threshold: secs(3600),
+        dedup_key_panics: false,
     }
 }
 
@@ -368,6 +374,23 @@ impl Setup {
         self
     }
 
+    fn retry_panics(mut self, retry: bool) -> Self {
+        self.retry_panics = retry;
+        self
+    }
+
+    fn stall_threshold(mut self, threshold: Duration) -> Self {
+        self.stall_threshold = threshold;
+        self
+    }
+
+    /// Dedup in `store` with a key function that panics.
+    fn panicking_dedup_key(mut self, store: &InMemoryIdempotencyStore) -> Self {
+        self.store = Some(Arc::new(store.clone()));
+        self.dedup_key_panics = true;
+        self
+    }
+
     fn build(self) -> Harness {
         let t0 = Instant::now();
         let handler = Arc::new(ScriptedHandler {
@@ -383,9 +406,13 @@ impl Setup {
             sends: Mutex::new(Vec::new()),
             acked: Mutex::new(Vec::new()),
         });
+        let key_panics = self.dedup_key_panics;
         let dedup = self.store.map(|store| Dedup {
             store,
-            key: DedupKey::from_fn(|m: &Message<Order>| Some(m.event().id.clone())),
+            key: DedupKey::from_fn(move |m: &Message<Order>| {
+                assert!(!key_panics, "no key for {}", m.event().id);
+                Some(m.event().id.clone())
+            }),
             namespace: GROUP.to_owned(),
             lease: self.lease,
             ttl: TTL,
@@ -399,8 +426,8 @@ impl Setup {
             dedup,
             group_id: GROUP.to_owned(),
             handler_timeout: self.handler_timeout,
-            retry_panics: true,
-            stall_threshold: Duration::from_secs(3600),
+            retry_panics: self.retry_panics,
+            stall_threshold: self.stall_threshold,
             metrics: Arc::new(ConsumerMetrics::new(GROUP, &[TOPIC.to_owned()])),
         };
         Harness {
@@ -430,6 +457,27 @@ impl Harness {
             .await
             .expect("the record never ended");
         (end, self.t0.elapsed())
+    }
+
+    /// Runs one record whose partition starts draining (revoke, shutdown) at paused time
+    /// `at`: how it ended and when.
+    async fn process_draining_at(&self, record: RawRecord, at: Duration) -> (JobEnd, Duration) {
+        let stop = Stop::default();
+        let drain = stop.drain.clone();
+        let t0 = self.t0;
+        tokio::spawn(async move {
+            sleep_until(t0 + at).await;
+            drain.cancel();
+        });
+        let run = self.worker.run_job(Arc::new(record), &stop);
+        let end = tokio::time::timeout(Duration::from_secs(3600), run)
+            .await
+            .expect("the record never ended");
+        (end, self.t0.elapsed())
+    }
+
+    fn counts(&self) -> &crate::metrics::OutcomeCounts {
+        &self.worker.metrics.counts
     }
 
     /// Cancels the record's token at paused time `at`.
@@ -1149,4 +1197,93 @@ async fn max_elapsed_counts_the_time_spent_waiting() {
     assert_eq!(h.attempts(), [1, 2, 3]);
     assert_eq!(took, ms(1000));
     assert_eq!(h.only_letter().reason, DeadLetterReason::RetriesExhausted);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. Panics as their own kind, draining, stalls (issue 11)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn with_retry_panics_off_a_panic_is_dead_lettered_at_once_as_panic() {
+    let h = script([Panic]).retry_panics(false).build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, Duration::ZERO, "no back-off");
+    assert_eq!(h.attempts(), [1]);
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, DeadLetterReason::Panic);
+    assert_eq!(letter.attempts, 1);
+    assert_eq!(h.counts().panics.load(Ordering::Relaxed), 1);
+    assert_eq!(h.retried(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_dedup_key_function_dead_letters_the_record_as_panic_without_a_call() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Succeed]).panicking_dedup_key(&store).build();
+
+    let (end, _) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert!(h.calls().is_empty(), "the handler never runs");
+    let letter = h.only_letter();
+    assert_eq!(letter.reason, DeadLetterReason::Panic);
+    assert_eq!(letter.attempts, 0);
+    assert!(
+        letter
+            .error
+            .contains("dedup key function panicked: no key for o-1")
+    );
+    assert_eq!(h.counts().panics.load(Ordering::Relaxed), 1);
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_partition_gives_up_a_record_waiting_out_its_back_off_at_once() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Transient, Succeed])
+        .policy(RetryPolicy::fixed(secs(30), 3))
+        .dedup(&store)
+        .build();
+
+    let (end, took) = h.process_draining_at(order("o-1"), secs(1)).await;
+
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(
+        took,
+        secs(1),
+        "given up when the drain began, not after 30 s"
+    );
+    assert_eq!(h.attempts(), [1]);
+    assert!(h.sends().is_empty(), "not dead-lettered");
+    assert_eq!(h.counts().abandoned.load(Ordering::Relaxed), 1);
+    // Its claim was released after the failed attempt: the next owner can run it.
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_partition_lets_a_running_handler_finish() {
+    let h = script([Stall(secs(5))]).build();
+
+    let (end, took) = h.process_draining_at(order("o-1"), secs(1)).await;
+
+    assert_eq!(end, JobEnd::Settled, "only back-off waits are cut short");
+    assert_eq!(took, secs(5));
+    assert_eq!(h.handled(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
+    let h = script([Stall(secs(10))]).stall_threshold(secs(2)).build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, secs(10));
+    assert_eq!(h.counts().stalled.load(Ordering::Relaxed), 1);
+    let quick = script([Succeed]).stall_threshold(secs(2)).build();
+    quick.process(order("o-2")).await;
+    assert_eq!(quick.counts().stalled.load(Ordering::Relaxed), 0);
 }
