@@ -213,6 +213,7 @@ pub mod dead_letter;
 mod error;
 mod handler;
 pub mod idempotency;
+mod log_throttle;
 mod message;
 pub mod metrics;
 mod producer;
