@@ -126,7 +126,18 @@ fn throttle_key(fac: &str, message: &str) -> String {
     let mut key = String::with_capacity(fac.len() + 1 + message.len().min(160));
     key.push_str(fac);
     key.push(' ');
-    key.extend(message.chars().filter(|c| !c.is_ascii_digit()).take(160));
+    // librdkafka folds its own repeats into "…, N identical error(s) suppressed)": the same
+    // line as far as kourier is concerned.
+    let message = message
+        .find(" identical error(s) suppressed")
+        .and_then(|end| message[..end].rfind(", "))
+        .map_or(message, |cut| &message[..cut]);
+    key.extend(
+        message
+            .chars()
+            .filter(|c| !c.is_ascii_digit() && *c != ')')
+            .take(160),
+    );
     key
 }
 
@@ -156,6 +167,13 @@ mod tests {
         assert_eq!(
             throttle_key("FAIL", "connect failed (after 0ms in state CONNECT)"),
             throttle_key("FAIL", "connect failed (after 12ms in state CONNECT)")
+        );
+        assert_eq!(
+            throttle_key("FAIL", "connect failed (after 0ms in state CONNECT)"),
+            throttle_key(
+                "FAIL",
+                "connect failed (after 0ms in state CONNECT, 1 identical error(s) suppressed)"
+            )
         );
     }
 }

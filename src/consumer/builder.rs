@@ -337,9 +337,10 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
-    /// Opt-in: when subscribed topics do not exist at start, wait for them to be created
-    /// (logging what it waits for once per log interval) instead of failing with
-    /// [`Error::MissingTopics`]. Dead-letter topics must exist either way. Default off.
+    /// Opt-in: when topics the consumer needs (subscribed and dead-letter topics) do not
+    /// exist at start, wait for them to be created (logging what it waits for once per log
+    /// interval) instead of failing with [`Error::MissingTopics`]. The startup timeout then
+    /// bounds only how long the cluster may stay unreachable. Default off.
     #[must_use]
     pub fn wait_for_topics(mut self, wait: bool) -> Self {
         self.wait_for_topics = wait;

@@ -242,9 +242,21 @@ impl<H: Handler> WorkerContext<H> {
             tracing::Span::current().record("attempt", attempt);
             let call = guarded_async(self.handler.handle(&message));
             let attempt_started = Instant::now();
-            let outcome = match self.handler_timeout {
-                Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
-                None => Ok(call.await),
+            let timed = async {
+                match self.handler_timeout {
+                    Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
+                    None => Ok(call.await),
+                }
+            };
+            // Past the revoke timeout or the shutdown deadline the attempt is dropped at its
+            // next `.await` and the record given up unsettled. Its claim is left to expire:
+            // the attempt may have started its effect.
+            let outcome = tokio::select! {
+                outcome = timed => outcome,
+                () = cancel.cancelled() => {
+                    warn!(coordinates = %record.coordinates(), attempt, "handler attempt given up: the partition was revoked or the shutdown deadline passed");
+                    return Outcome::Abandoned;
+                }
             };
             metrics.handler_duration(attempt_started.elapsed());
             let result = match outcome {
