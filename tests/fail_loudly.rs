@@ -445,11 +445,6 @@ async fn unreachable_brokers_are_an_error_within_the_startup_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the default dead-letter sink's producer (src/producer.rs, a FutureProducer with \
-            rdkafka's default context) logs every librdkafka error unthrottled and twice \
-            (`ERROR rdkafka::client: librdkafka: Global error: AllBrokersDown ...`): 20-30 lines \
-            in a 3 s startup against 127.0.0.1:1 (372 in 60 s, 360 of them AllBrokersDown) where \
-            the consumer's own client logs 2-4; with a non-Kafka sink this test passes"]
 async fn unreachable_brokers_are_logged_a_few_times_not_per_reconnect() {
     let run = run_against_nothing(Duration::from_secs(3)).await;
     assert!(run.result.is_err());
@@ -535,19 +530,11 @@ async fn wait_for_topics_waits_for_a_topic_created_later_then_consumes_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: wait_for_topics(true) gives up when the startup timeout passes, with \
-            BrokersUnreachable naming the healthy cluster (\"kafka brokers 127.0.0.1:9092 \
-            unreachable for 3.08s\"): startup.rs asks for metadata with the time remaining \
-            until the deadline, which is zero once it passed, and takes the failed request for \
-            an unreachable cluster"]
 async fn wait_for_topics_waits_past_the_startup_timeout() {
     wait_for_topic_created_after(Duration::from_secs(3), Duration::from_secs(4)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: with wait_for_topics(true) a missing dead-letter topic still fails at once \
-            (startup.rs checks the sink's topics before waiting), so a source topic and its \
-            DLT provisioned together after the consumer starts can never be waited for"]
 async fn wait_for_topics_also_waits_for_the_dead_letter_topic() {
     captured();
     support::require_kafka().await;
@@ -601,9 +588,6 @@ async fn a_missing_dead_letter_topic_is_an_error_naming_it_and_the_setting_that_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug (minor): when a subscribed topic and its dead-letter topic are both missing, \
-            MissingTopics names only the dead-letter topic (startup.rs returns on the first \
-            missing group); the user fixes one and is told about the other on the next start"]
 async fn missing_topics_names_every_missing_topic() {
     captured();
     support::require_kafka().await;
@@ -829,11 +813,6 @@ async fn a_record_waiting_out_a_back_off_is_abandoned_at_once_reported_and_redel
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a handler still running when the shutdown timeout passes is not in the \
-            ShutdownReport — run() returns Ok with abandoned == 0 (only jobs whose worker \
-            called finish(Abandoned) are counted; the handler future is never cancelled, so \
-            its worker never finishes) while the record is left uncommitted and the handler \
-            keeps running after run() returned"]
 async fn a_handler_outliving_the_shutdown_timeout_is_reported_abandoned() {
     captured();
     support::require_kafka().await;
