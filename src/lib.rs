@@ -207,6 +207,7 @@ pub use async_trait::async_trait;
 pub use rdkafka;
 pub use redis;
 
+mod blocking;
 mod codec;
 mod consumer;
 pub mod dead_letter;
@@ -224,6 +225,7 @@ mod topic_name;
 pub mod topics;
 mod trace_context;
 
+pub use crate::blocking::{Blocking, BlockingHandler, blocking};
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
