@@ -203,6 +203,8 @@
 //!
 //! Rust 1.88 (`rust-version` in Cargo.toml), set by the `redis` 1.x dependency.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub use async_trait::async_trait;
 pub use rdkafka;
 pub use redis;
@@ -225,6 +227,7 @@ mod trace_context;
 
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
 #[cfg(feature = "bench-internals")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bench-internals")))]
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
