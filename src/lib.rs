@@ -190,6 +190,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `bench-internals` | off | not an API: exposes crate-private parts to kourier's own micro-benchmarks (`kourier::__bench`); no semver promise |
+//! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!
 //! ## Why not `backoff`
@@ -207,6 +208,10 @@
 
 pub use async_trait::async_trait;
 pub use rdkafka;
+/// The `redis` crate kourier's [`RedisIdempotencyStore`] is built on, so a
+/// [`redis::Client`] you pass to it is of the same version (feature `redis`).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis;
 
 mod codec;
@@ -241,9 +246,11 @@ pub use crate::dead_letter::{
 pub use crate::error::{BoxError, ConfigError, Error, Result};
 pub use crate::handler::{FailureKind, Handler, HandlerError, HandlerFn, handler_fn};
 pub use crate::idempotency::{
-    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore,
-    RedisIdempotencyStoreBuilder, StoreError,
+    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, StoreError,
 };
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::idempotency::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
 pub use crate::message::Message;
 pub use crate::metrics::DeadLetterCounts;
 pub use crate::producer::Delivery;
