@@ -179,17 +179,18 @@
 //! [`dead_letter::Provenance`] reads a dead letter's headers back (original topic, partition
 //! and offset, failure kind, error, attempts, failure times, redrive count);
 //! [`dead_letter::RedriveRecord`] rebuilds the original record to publish it again. The
-//! `kourier_dlt` example is a command-line tool on top of them: `inspect <dlt-topic>` lists
-//! letters as a table or JSON lines, with filters by kind, time and key; `redrive <dlt-topic>`
-//! re-publishes selected letters to their source topic, committing its progress per letter
-//! so a crash redrives at most the letter in flight twice, and refusing records redriven more
-//! than `--max-redrives` times.
+//! `kourier-dlt` command-line tool is built on them (`cargo install kourier --features cli`):
+//! `inspect <dlt-topic>` lists letters as a table or JSON lines, with filters by kind, time
+//! and key; `redrive <dlt-topic>` re-publishes selected letters to their source topic,
+//! committing its progress per letter so a crash redrives at most the letter in flight
+//! twice, and refusing records redriven more than `--max-redrives` times.
 //!
 //! ## Feature flags
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `bench-internals` | off | not an API: exposes crate-private parts to kourier's own micro-benchmarks (`kourier::__bench`); no semver promise |
+//! | `cli` | off | the `kourier-dlt` binary (inspect and redrive dead-letter topics; `cargo install kourier --features cli`); no library API, pulls `clap`, `humantime`, `anyhow` and `tracing-subscriber` |
 //! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!
