@@ -179,17 +179,19 @@
 //! [`dead_letter::Provenance`] reads a dead letter's headers back (original topic, partition
 //! and offset, failure kind, error, attempts, failure times, redrive count);
 //! [`dead_letter::RedriveRecord`] rebuilds the original record to publish it again. The
-//! `kourier_dlt` example is a command-line tool on top of them: `inspect <dlt-topic>` lists
-//! letters as a table or JSON lines, with filters by kind, time and key; `redrive <dlt-topic>`
-//! re-publishes selected letters to their source topic, committing its progress per letter
-//! so a crash redrives at most the letter in flight twice, and refusing records redriven more
-//! than `--max-redrives` times.
+//! `kourier-dlt` command-line tool is built on them (`cargo install kourier --features cli`):
+//! `inspect <dlt-topic>` lists letters as a table or JSON lines, with filters by kind, time
+//! and key; `redrive <dlt-topic>` re-publishes selected letters to their source topic,
+//! committing its progress per letter so a crash redrives at most the letter in flight
+//! twice, and refusing records redriven more than `--max-redrives` times.
 //!
 //! ## Feature flags
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `bench-internals` | off | not an API: exposes crate-private parts to kourier's own micro-benchmarks (`kourier::__bench`); no semver promise |
+//! | `cli` | off | the `kourier-dlt` binary (inspect and redrive dead-letter topics; `cargo install kourier --features cli`); no library API, pulls `clap`, `humantime`, `anyhow` and `tracing-subscriber` |
+//! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!
 //! ## Why not `backoff`
@@ -203,8 +205,14 @@
 //!
 //! Rust 1.88 (`rust-version` in Cargo.toml), set by the `redis` 1.x dependency.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub use async_trait::async_trait;
 pub use rdkafka;
+/// The `redis` crate kourier's [`RedisIdempotencyStore`] is built on, so a
+/// [`redis::Client`] you pass to it is of the same version (feature `redis`).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis;
 
 mod blocking;
@@ -228,6 +236,7 @@ mod trace_context;
 pub use crate::blocking::{Blocking, BlockingHandler, blocking};
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
 #[cfg(feature = "bench-internals")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bench-internals")))]
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
@@ -241,9 +250,11 @@ pub use crate::dead_letter::{
 pub use crate::error::{BoxError, ConfigError, Error, Result};
 pub use crate::handler::{FailureKind, Handler, HandlerError, HandlerFn, handler_fn};
 pub use crate::idempotency::{
-    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore,
-    RedisIdempotencyStoreBuilder, StoreError,
+    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, StoreError,
 };
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use crate::idempotency::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
 pub use crate::message::Message;
 pub use crate::metrics::DeadLetterCounts;
 pub use crate::producer::Delivery;

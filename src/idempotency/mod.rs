@@ -25,9 +25,12 @@ use async_trait::async_trait;
 pub use crate::error::StoreError;
 
 mod memory;
+#[cfg(feature = "redis")]
 mod redis;
 
 pub use self::memory::InMemoryIdempotencyStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
 
 /// Proof of a claim: the value stored under the key while the lease lasts.
