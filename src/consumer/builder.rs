@@ -342,7 +342,13 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// Bounds each handler attempt: an attempt still running after `timeout` is dropped
     /// (cancelled at its next `.await`) and counts as a transient failure. Default: no
     /// bound. Set one when a stuck call (a hung connection) would otherwise hold its
-    /// partition or key forever.
+    /// partition or key forever. With idempotency it must be below the
+    /// [`idempotency_lease`](Self::idempotency_lease) (checked by `build()`).
+    ///
+    /// What it cannot interrupt: code that blocks its thread (no `.await` reached) runs to
+    /// its end first — the timeout fires after the effect. Run such code with
+    /// [`blocking`](crate::blocking): then the worker stops waiting at the timeout, but the
+    /// blocking thread still finishes the attempt.
     #[must_use]
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = Some(timeout);
@@ -602,6 +608,21 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 return Err(ConfigError::invalid(setting, "must be longer than zero").into());
             }
         }
+        // An attempt that may outlive its claim's lease lets another consumer claim the same
+        // event and run it too: with idempotency, the timeout must end the attempt first.
+        if let (Some(timeout), Some(_)) = (self.handler_timeout, &self.dedup)
+            && timeout >= self.dedup_lease
+        {
+            return Err(ConfigError::invalid(
+                "handler_timeout",
+                format!(
+                    "{timeout:?} must be below idempotency_lease ({:?}): an attempt outliving \
+                     its lease can run twice",
+                    self.dedup_lease
+                ),
+            )
+            .into());
+        }
         Ok(())
     }
 
@@ -801,5 +822,50 @@ mod tests {
         assert_eq!(config.get("statistics.interval.ms"), Some("5000"));
         assert_eq!(config.get("enable.auto.commit"), Some("false"));
         assert_eq!(config.get("enable.auto.offset.store"), Some("false"));
+    }
+
+    #[test]
+    fn a_handler_timeout_must_end_attempts_before_their_lease() {
+        let store = || -> Arc<dyn IdempotencyStore> {
+            Arc::new(crate::idempotency::InMemoryIdempotencyStore::new())
+        };
+        let base = || {
+            RetryingConsumer::builder(Nop)
+                .bootstrap_servers("b:9092")
+                .group_id("g")
+                .topic("t")
+                .idempotency(store(), DedupKey::header("id"))
+                .idempotency_lease(Duration::from_secs(10))
+        };
+        let err = base()
+            .handler_timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Config(ConfigError::Invalid {
+                    setting: "handler_timeout",
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        assert!(
+            base()
+                .handler_timeout(Duration::from_secs(9))
+                .build()
+                .is_ok()
+        );
+        // Without idempotency there is no lease to outlive.
+        assert!(
+            RetryingConsumer::builder(Nop)
+                .bootstrap_servers("b:9092")
+                .group_id("g")
+                .topic("t")
+                .handler_timeout(Duration::from_secs(600))
+                .build()
+                .is_ok()
+        );
     }
 }
