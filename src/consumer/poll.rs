@@ -103,13 +103,18 @@ pub(crate) fn poll_loop(
         // A (nearly) full buffer: wait until workers made room for a batch (or POLL_TIMEOUT),
         // then take what fits — at least one record, so that polling goes on (group
         // membership, rebalances) without pulling records faster than handlers settle them.
-        let (mut room, want) = {
+        let (mut room, want, mut room_bytes) = {
             let s = hub.lock();
-            (s.room(), s.batch_room(settings.max_poll_batch))
+            (
+                s.room(),
+                s.batch_room(settings.max_poll_batch),
+                s.room_bytes(),
+            )
         };
         if room < want {
             hub.wait_until(POLL_TIMEOUT, |s| s.room() >= want);
-            room = hub.lock().room();
+            let s = hub.lock();
+            (room, room_bytes) = (s.room(), s.room_bytes());
         }
         let max_batch = room.clamp(1, settings.max_poll_batch);
         let mut timeout = if room >= want {
@@ -118,9 +123,15 @@ pub(crate) fn poll_loop(
             Duration::ZERO
         };
         let mut topic_missing = false;
-        while batch.len() < max_batch {
+        // Taken by bytes as well as by count: the byte bound holds within one record.
+        let mut batch_bytes = 0usize;
+        while batch.len() < max_batch && (batch.is_empty() || batch_bytes < room_bytes) {
             match consumer.poll(timeout) {
-                Some(Ok(m)) => batch.push(RawRecord::from_message(&m)),
+                Some(Ok(m)) => {
+                    let record = RawRecord::from_message(&m);
+                    batch_bytes += record.byte_len();
+                    batch.push(record);
+                }
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
                     error!(%code, "fatal consumer error");
                     fatal = Some(KafkaError::MessageConsumptionFatal(code));

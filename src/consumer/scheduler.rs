@@ -450,6 +450,13 @@ impl Scheduler {
         }
     }
 
+    /// How many more bytes the buffer takes before it is full.
+    pub(crate) fn room_bytes(&self) -> usize {
+        self.limits
+            .max_buffered_bytes
+            .saturating_sub(self.buffered_bytes)
+    }
+
     /// The room worth waiting for before pulling records again: a whole poll batch (or half
     /// the buffer, if that is smaller), so a full buffer refills in batches, not one record
     /// per wake-up.
@@ -469,12 +476,13 @@ impl Scheduler {
     /// limits) and they are below half of their own limit.
     pub(crate) fn flow_control(&mut self) -> FlowChanges {
         let l = self.limits;
+        // Bytes are held at the limit itself (a few large records overshoot it fast, and
+        // memory is the point of this bound); records get 10 % slack, since pausing makes
+        // librdkafka drop and re-fetch its pre-fetched records.
         if self.buffered_records
             >= l.max_buffered_records
                 .saturating_add(l.max_buffered_records / 10)
-            || self.buffered_bytes
-                >= l.max_buffered_bytes
-                    .saturating_add(l.max_buffered_bytes / 10)
+            || self.buffered_bytes >= l.max_buffered_bytes
         {
             self.throttled = true;
         } else if self.buffered_records <= l.max_buffered_records / 2
