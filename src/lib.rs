@@ -9,7 +9,7 @@
 //! ## Quick start
 //!
 //! ```no_run
-//! use kourier::{async_trait, Handler, HandlerError, Message, Ordering, RetryingConsumer};
+//! use kourier::{async_trait, Handler, HandlerError, Message, ProcessingOrder, RetryingConsumer};
 //! use serde::Deserialize;
 //!
 //! #[derive(Deserialize)]
@@ -36,7 +36,7 @@
 //!         .bootstrap_servers("127.0.0.1:9092")
 //!         .group_id("notifier")
 //!         .topic("notify.v1") // and its dead-letter topic notify.v1.dlt must exist
-//!         .ordering(Ordering::Key)
+//!         .ordering(ProcessingOrder::Key)
 //!         .build()?
 //!         .run_until_signal()
 //!         .await? // a dead cluster or a missing topic is an error here, within 30 s
@@ -52,7 +52,7 @@
 //!    of its partition are *settled*: handled successfully, dead-lettered with the broker's
 //!    acknowledgement, or skipped as a duplicate. Records completing out of order (key mode)
 //!    commit only the contiguous prefix; offsets are never assumed dense.
-//! 2. **Ordering** ([`Ordering`]). `Partition` (default): one record per partition at a time,
+//! 2. **Ordering** ([`ProcessingOrder`]). `Partition` (default): one record per partition at a time,
 //!    in offset order, retries included. `Key`: one record per key at a time, in order;
 //!    different keys of a partition run in parallel; null keys fall back to partition order.
 //!    `Unordered`: none. `max_in_flight` bounds every mode.
@@ -228,7 +228,7 @@ pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
-    ConnectionState, ConsumerMonitor, ConsumerSnapshot, DedupKey, Ordering, PartitionStatus,
+    ConnectionState, ConsumerMonitor, ConsumerSnapshot, DedupKey, PartitionStatus, ProcessingOrder,
     RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
 };
 pub use crate::dead_letter::{

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
-use kourier::{Ordering, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder};
+use kourier::{ProcessingOrder, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder};
 use support::consumer::{self, Running, setup, wait_for, wait_until};
 use support::recorder::{Call, Ev, Log, Recorder};
 use support::{TestRecord, committed_sum};
@@ -378,7 +378,7 @@ async fn clean_shutdown_mid_stream_then_restart_handles_nothing_twice() {
     let log = Log::new();
     let c = Running::start(
         builder(&log, &topic, &group)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .max_in_flight(8),
     );
     log.wait_succeeded(40, Duration::from_secs(60)).await;
@@ -389,7 +389,7 @@ async fn clean_shutdown_mid_stream_then_restart_handles_nothing_twice() {
     let log2 = Log::new();
     let c = Running::start(
         builder(&log2, &topic, &group)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .max_in_flight(8),
     );
     wait_for("the rest", Duration::from_secs(120), || {
@@ -500,7 +500,7 @@ async fn key_mode_keeps_per_key_order_while_keys_overlap() {
     let log = Log::new();
     let c = Running::start(
         builder(&log, &topic, &group)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .max_in_flight(10),
     );
     log.wait_succeeded(n as usize, Duration::from_secs(60))

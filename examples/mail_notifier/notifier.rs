@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use kourier::topics::{TopicAdmin, TopicSpec};
-use kourier::{DedupKey, Message, Ordering, RedisIdempotencyStore, RetryPolicy, RetryingConsumer};
+use kourier::{
+    DedupKey, Message, ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
+};
 
 use crate::event::NotifyEvent;
 use crate::mailer::Mailer;
@@ -87,7 +89,7 @@ pub(crate) async fn consumer(
         .group_id(settings.group.as_str())
         .topic(settings.topic.as_str())
         // Records of one key (user) are mailed in order; different users in parallel.
-        .ordering(Ordering::Key)
+        .ordering(ProcessingOrder::Key)
         .idempotency(
             Arc::new(store),
             DedupKey::from_fn(|m: &Message<NotifyEvent>| Some(m.event().event_id.clone())),

@@ -14,7 +14,7 @@ use super::dedup::{Dedup, DedupKey};
 use super::hub::Hub;
 use super::poll::PollSettings;
 use super::retrying_consumer::RetryingConsumer;
-use super::scheduler::{Limits, Ordering, Scheduler};
+use super::scheduler::{Limits, ProcessingOrder, Scheduler};
 use super::startup::{Provisioning, StartupSettings};
 use super::worker::WorkerContext;
 use crate::codec::{Codec, JsonCodec};
@@ -49,7 +49,7 @@ type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use kourier::{handler_fn, Message, Ordering, RetryPolicy, RetryingConsumer};
+/// use kourier::{handler_fn, Message, ProcessingOrder, RetryPolicy, RetryingConsumer};
 ///
 /// # async fn demo() -> kourier::Result<()> {
 /// let handler = handler_fn(|m: Message<serde_json::Value>| async move {
@@ -60,7 +60,7 @@ type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 ///     .bootstrap_servers("127.0.0.1:9092")
 ///     .group_id("notifier")
 ///     .topic("notify.v1")
-///     .ordering(Ordering::Key)
+///     .ordering(ProcessingOrder::Key)
 ///     .max_in_flight(64)
 ///     .retry_policy(RetryPolicy::fixed(Duration::from_millis(500), 3))
 ///     .build()?;
@@ -75,7 +75,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     group_id: Option<String>,
     topics: Vec<String>,
     policy: RetryPolicy,
-    ordering: Ordering,
+    ordering: ProcessingOrder,
     max_in_flight: usize,
     max_buffered_records: usize,
     max_buffered_bytes: usize,
@@ -134,7 +134,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             group_id: None,
             topics: Vec::new(),
             policy: RetryPolicy::default(),
-            ordering: Ordering::default(),
+            ordering: ProcessingOrder::default(),
             max_in_flight: 64,
             max_buffered_records: 10_000,
             max_buffered_bytes: 64 << 20,
@@ -208,9 +208,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
-    /// Ordering mode. Default: [`Ordering::Partition`].
+    /// How records may run in parallel ([`ProcessingOrder`]). Default:
+    /// [`ProcessingOrder::Partition`]. The setter keeps the name `ordering`: it reads as
+    /// `.ordering(ProcessingOrder::Key)` and did not collide with anything.
     #[must_use]
-    pub fn ordering(mut self, ordering: Ordering) -> Self {
+    pub fn ordering(mut self, ordering: ProcessingOrder) -> Self {
         self.ordering = ordering;
         self
     }

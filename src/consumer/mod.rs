@@ -33,5 +33,5 @@ pub use self::dedup::DedupKey;
 pub use self::health::{ConnectionState, PartitionStatus};
 pub use self::monitor::{ConsumerMonitor, ConsumerSnapshot};
 pub use self::retrying_consumer::RetryingConsumer;
-pub use self::scheduler::Ordering;
+pub use self::scheduler::ProcessingOrder;
 pub use self::shutdown::{ShutdownReport, shutdown_signal};
