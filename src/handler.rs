@@ -182,7 +182,14 @@ impl fmt::Display for HandlerError {
 
 /// Makes a [`Handler`] from an async closure that takes the [`Message`] by value.
 ///
-/// The message is cloned for each attempt, so the event type must be `Clone`.
+/// [`Handler::handle`] borrows the message (`&Message<T>`); the closure gets an owned
+/// [`Message<T>`] instead — the same message, a clone made for each attempt. Why not a
+/// borrow: the closure returns a future, and on stable Rust a closure cannot return a future
+/// that borrows its argument without boxing and a lifetime-annotated helper
+/// (`for<'a> Fn(&'a Message<T>) -> BoxFuture<'a, _>`), which makes every call site write
+/// `Box::pin(async move { .. })`. An owned message lets the plain `async move` block own what
+/// it uses. The clone is cheap: a message shares its record and its decoded event (`Arc`), so
+/// the event type need not be `Clone` and nothing is copied.
 ///
 /// ```
 /// use kourier::{handler_fn, HandlerError, Message};
@@ -197,7 +204,7 @@ impl fmt::Display for HandlerError {
 /// ```
 pub fn handler_fn<T, F, Fut>(f: F) -> HandlerFn<T, F>
 where
-    T: Clone + Send + Sync + 'static,
+    T: Send + Sync + 'static,
     F: Fn(Message<T>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
@@ -224,7 +231,7 @@ impl<T, F> fmt::Debug for HandlerFn<T, F> {
 #[async_trait]
 impl<T, F, Fut> Handler for HandlerFn<T, F>
 where
-    T: Clone + Send + Sync + 'static,
+    T: Send + Sync + 'static,
     F: Fn(Message<T>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {

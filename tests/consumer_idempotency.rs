@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
 use kourier::{
-    Claim, ClaimToken, DedupKey, IdempotencyStore, InMemoryIdempotencyStore, Message,
-    ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder,
+    Claim, ClaimToken, DedupKey, IdempotencyStore, InMemoryIdempotencyStore, ProcessingOrder,
+    RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder,
 };
 use support::consumer::{self, Running, setup, wait_for};
 use support::recorder::{Call, EVENT_ID_HEADER, Ev, Log, Recorder};
@@ -60,7 +60,7 @@ fn by_header() -> DedupKey<Ev> {
 }
 
 fn by_event() -> DedupKey<Ev> {
-    DedupKey::from_fn(|m: &Message<Ev>| Some(m.event().event_id.clone()))
+    DedupKey::<Ev>::from_fn(|m| Some(m.event().event_id.clone()))
 }
 
 fn builder(

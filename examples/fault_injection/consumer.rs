@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kourier::{
-    DedupKey, Handler, HandlerError, Message, ProcessingOrder, RedisIdempotencyStore, RetryPolicy,
+    Handler, HandlerError, Message, ProcessingOrder, RedisIdempotencyStore, RetryPolicy,
     RetryingConsumer, async_trait,
 };
 
@@ -122,10 +122,7 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
             .build()
             .await?;
         builder = builder
-            .idempotency(
-                Arc::new(store),
-                DedupKey::from_fn(|m: &Message<Event>| Some(m.event().id.to_string())),
-            )
+            .idempotency_key_fn(Arc::new(store), |m| Some(m.event().id.to_string()))
             .idempotency_lease(LEASE);
     }
     let consumer = builder.build()?;

@@ -22,6 +22,7 @@ use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
 use crate::error::{ConfigError, Error, Result};
 use crate::handler::Handler;
 use crate::idempotency::IdempotencyStore;
+use crate::message::Message;
 use crate::metrics::ConsumerMetrics;
 use crate::retry::RetryPolicy;
 
@@ -270,6 +271,29 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     ) -> Self {
         self.dedup = Some((store, key));
         self
+    }
+
+    /// Turns on idempotency like [`idempotency`](Self::idempotency), the dedup key computed
+    /// from the decoded message by `key` (`None`: the record is handled without dedup). The
+    /// closure's parameter type is inferred, unlike `DedupKey::from_fn`'s in that position:
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use kourier::{handler_fn, InMemoryIdempotencyStore, Message, RetryingConsumer};
+    /// # #[derive(serde::Deserialize)] struct Ev { event_id: String }
+    /// # let handler = handler_fn(|_m: Message<Ev>| async { Ok(()) });
+    /// let builder = RetryingConsumer::builder(handler)
+    ///     .idempotency_key_fn(Arc::new(InMemoryIdempotencyStore::new()), |m| {
+    ///         Some(m.event().event_id.clone())
+    ///     });
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn idempotency_key_fn<F>(self, store: Arc<dyn IdempotencyStore>, key: F) -> Self
+    where
+        F: Fn(&Message<H::Event>) -> Option<String> + Send + Sync + 'static,
+    {
+        self.idempotency(store, DedupKey::from_fn(key))
     }
 
     /// How long a claim holds a key while its handler runs. Default 60 s. Set it above your
