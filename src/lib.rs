@@ -199,6 +199,16 @@
 //! consumer drives (so it can be tested with paused time and keeps third-party types out of
 //! the API); the Redis store's few bounded infrastructure retries are a short loop of its own.
 //!
+//! ## Where things are
+//!
+//! Each public item has one path. What a consumer or publisher needs is at the crate root
+//! (`kourier::{Handler, RetryingConsumer, DeadLetterSink, IdempotencyStore, ...}`). Four areas
+//! have a public module for what only some users need: [`dead_letter`] (header names,
+//! reading letters back, redrive), [`idempotency`] (the store contract and its conformance
+//! suite), [`mod@metrics`] (metric names and counts) and [`topics`] (checking and creating
+//! topics, key partitioning). [`rdkafka`] and [`async_trait`](macro@async_trait) are re-exported so that an
+//! application names the same versions kourier uses.
+//!
 //! ## Minimum supported Rust version
 //!
 //! Rust 1.88 (`rust-version` in Cargo.toml), set by the `redis` 1.x dependency.
@@ -231,20 +241,18 @@ pub use crate::consumer::{
     ConnectionState, ConsumerMonitor, ConsumerSnapshot, DedupKey, PartitionStatus, ProcessingOrder,
     RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
 };
-pub use crate::dead_letter::{
-    DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
-    KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder,
+pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
+pub use crate::dead_letter::letter::{
+    DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
 };
-pub use crate::error::{BoxError, ConfigError, Error, Result};
+pub use crate::error::{BoxError, ConfigError, DeadLetterError, Error, Result, StoreError};
 pub use crate::handler::{FailureKind, Handler, HandlerError, HandlerFn, handler_fn};
-pub use crate::idempotency::{
-    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore,
-    RedisIdempotencyStoreBuilder, StoreError,
-};
+pub use crate::idempotency::memory::InMemoryIdempotencyStore;
+pub use crate::idempotency::redis::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
+pub use crate::idempotency::store::{Claim, ClaimToken, IdempotencyStore};
 pub use crate::message::Message;
-pub use crate::metrics::DeadLetterCounts;
 pub use crate::producer::Delivery;
-pub use crate::publisher::{Publisher, PublisherBuilder, java_partition};
+pub use crate::publisher::{Publisher, PublisherBuilder};
 pub use crate::record::{Header, Headers, RawRecord};
 pub use crate::retry::{RetryDecision, RetryPolicy};
 pub use crate::trace_context::TraceContext;

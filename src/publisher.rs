@@ -363,8 +363,8 @@ impl<T> PublisherBuilder<T> {
 /// `None` when `partitions` is not positive (a topic has at least one partition).
 ///
 /// ```
-/// assert_eq!(kourier::java_partition(b"21", 6), Some((-973932308i32 & 0x7fff_ffff) % 6));
-/// assert_eq!(kourier::java_partition(b"21", 0), None);
+/// assert_eq!(kourier::topics::java_partition(b"21", 6), Some((-973932308i32 & 0x7fff_ffff) % 6));
+/// assert_eq!(kourier::topics::java_partition(b"21", 0), None);
 /// ```
 pub fn java_partition(key: &[u8], partitions: i32) -> Option<i32> {
     (partitions > 0).then(|| (murmur2(key) & 0x7fff_ffff) % partitions)

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use kourier::rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use kourier::{Error, Header, Headers, Publisher, java_partition};
+use kourier::topics::java_partition;
+use kourier::{Error, Header, Headers, Publisher};
 use serde::{Deserialize, Serialize};
 use support::{
     ReadRecord, bootstrap, new_topic, read_at_least, record_at, require_kafka, unique_name,

@@ -24,9 +24,8 @@ use crate::dead_letter::{
     DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
 };
 use crate::handler::{Handler, HandlerError};
-use crate::idempotency::{
-    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, StoreError,
-};
+use crate::idempotency::memory::InMemoryIdempotencyStore;
+use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
 use crate::message::Message;
 use crate::metrics::ConsumerMetrics;
 use crate::record::{Headers, RawRecord};
