@@ -39,9 +39,21 @@ impl<T> Message<T> {
         }
     }
 
-    /// Builds a message by hand, e.g. to unit-test a handler without Kafka.
-    pub fn for_test(raw: RawRecord, attempt: u32, event: T) -> Self {
-        Message::new(Arc::new(raw), attempt, event)
+    /// Builds a message by hand, e.g. to unit-test a handler without Kafka: `raw` is a
+    /// [`RawRecord`] or its builder, `attempt` counts from 1.
+    ///
+    /// ```
+    /// use kourier::{Message, RawRecord};
+    ///
+    /// let message = Message::for_test(
+    ///     RawRecord::builder("orders.v1").offset(7).key("customer-42"),
+    ///     1,
+    ///     "an event".to_owned(),
+    /// );
+    /// assert_eq!((message.offset(), message.key_str()), (7, Some("customer-42")));
+    /// ```
+    pub fn for_test(raw: impl Into<RawRecord>, attempt: u32, event: T) -> Self {
+        Message::new(Arc::new(raw.into()), attempt, event)
     }
 
     pub(crate) fn set_attempt(&mut self, attempt: u32) {

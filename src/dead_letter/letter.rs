@@ -92,20 +92,10 @@ impl DeadLetter {
     /// attempts, both failure times now, no consumer group. Set the other fields after.
     ///
     /// ```
-    /// use kourier::{DeadLetter, DeadLetterReason, Headers, RawRecord};
+    /// use kourier::{DeadLetter, DeadLetterReason, RawRecord};
     ///
-    /// let record = RawRecord {
-    ///     topic: "orders.v1".into(),
-    ///     partition: 0,
-    ///     offset: 7,
-    ///     key: None,
-    ///     value: Some(b"{}".to_vec()),
-    ///     headers: Headers::new(),
-    ///     timestamp: None,
-    ///     log_append_time: false,
-    /// };
     /// let mut letter = DeadLetter::new(
-    ///     record,
+    ///     RawRecord::builder("orders.v1").offset(7).value("{}").build(),
     ///     DeadLetterReason::Permanent,
     ///     "unknown customer",
     /// );
