@@ -153,10 +153,14 @@
 //! | `kourier_records_in_flight` | gauge | | records being handled |
 //! | `kourier_consumer_lag` | gauge | `topic`, `partition` | end offset − committed offset of each assigned partition (from librdkafka's statistics) |
 //! | `kourier_partition_paused` | gauge | `topic`, `partition` | `1` while flow control pauses the partition |
-//! | `kourier_handler_panics_total` | counter | `topic` | panics caught on records' paths (handler, codec, dedup-key function) |
+//! | `kourier_handler_panics_total` | counter | `topic` | panics caught on records' paths (handler, codec, dedup-key function, outcome observer) |
 //! | `kourier_records_stalled_total` | counter | `topic` | records in flight longer than the stall threshold, once each |
 //! | `kourier_records_abandoned_total` | counter | `topic` | records given up unsettled at a revoke or shutdown |
 //! | `kourier_connection_state` | gauge | | `1` while the cluster answers, `0` while it does not |
+//!
+//! Per record, [`RetryingConsumerBuilder::on_outcome`] calls an observer with the record and
+//! its [`RecordOutcome`] (handled, duplicate, dead-lettered with its kind, abandoned), so an
+//! application or a test learns what became of each record without wrapping the sink.
 //!
 //! [`ConsumerMonitor::snapshot`] gives the same outcome counts in-process (`handled`,
 //! `retried`, `dead_lettered` by kind, `duplicates`) next to the in-flight and buffer figures.
@@ -239,7 +243,7 @@ pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
     ConnectionState, ConsumerMonitor, ConsumerSnapshot, DedupKey, PartitionStatus, ProcessingOrder,
-    RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
+    RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
 };
 pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
 pub use crate::dead_letter::letter::{

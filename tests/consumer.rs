@@ -778,3 +778,93 @@ async fn panicking_and_hanging_handlers_are_transient_failures() {
         "the hanging attempts never completed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outcome_observer_sees_each_record_once_and_cannot_break_it() {
+    use kourier::{
+        DeadLetterReason, HandlerError, InMemoryIdempotencyStore, Message, RecordOutcome,
+        handler_fn,
+    };
+    use std::sync::Mutex;
+
+    #[derive(serde::Deserialize)]
+    struct Order {
+        #[serde(default)]
+        fail: bool,
+    }
+
+    let (topic, group, dlt_topic) = setup("outcome", 1).await;
+    let with_id = |value: &str, id: &str| {
+        TestRecord::new()
+            .value(value)
+            .header("event-id", Some(id.as_bytes().to_vec()))
+    };
+    support::produce(
+        &topic,
+        vec![
+            with_id(r#"{"fail":false}"#, "a"), // 0: handled (the observer panics on it)
+            with_id(r#"{"fail":false}"#, "a"), // 1: duplicate of 0
+            with_id(r#"{"fail":true}"#, "b"),  // 2: permanent failure
+            with_id("not json", "c"),          // 3: poison pill
+            with_id(r#"{"fail":false}"#, "d"), // 4: handled
+        ],
+    )
+    .await;
+
+    type Seen = Vec<(String, i32, i64, RecordOutcome)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let observer_seen = seen.clone();
+    let handler = handler_fn(|m: Message<Order>| async move {
+        if m.event().fail {
+            return Err(HandlerError::permanent("refused"));
+        }
+        Ok(())
+    });
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .retry_policy(fast_retries())
+            .idempotency(
+                Arc::new(InMemoryIdempotencyStore::new()),
+                kourier::DedupKey::header("event-id"),
+            )
+            .on_outcome(move |record, outcome| {
+                observer_seen.lock().unwrap().push((
+                    record.topic.clone(),
+                    record.partition,
+                    record.offset,
+                    outcome,
+                ));
+                assert_ne!(record.offset, 0, "observer panics on purpose");
+            }),
+    );
+    wait_for("five outcomes", Duration::from_secs(60), || {
+        seen.lock().unwrap().len() >= 5
+    })
+    .await;
+    wait_until(
+        "commits past every record",
+        Duration::from_secs(30),
+        || async { committed_sum(&group, &topic, 1).await == 5 },
+    )
+    .await;
+    let report = c.stop_with_report(Duration::from_secs(60)).await;
+    assert!(report.is_clean());
+
+    let seen = seen.lock().unwrap().clone();
+    let expected: Vec<_> = [
+        RecordOutcome::Handled,
+        RecordOutcome::Duplicate,
+        RecordOutcome::DeadLettered(DeadLetterReason::Permanent),
+        RecordOutcome::DeadLettered(DeadLetterReason::Decode),
+        RecordOutcome::Handled,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(offset, outcome)| (topic.clone(), 0, offset as i64, outcome))
+    .collect();
+    assert_eq!(
+        seen, expected,
+        "once per record, in offset order (partition mode)"
+    );
+    assert_eq!(support::read_all(&dlt_topic).await.len(), 2);
+}

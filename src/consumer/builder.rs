@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use super::context::KourierContext;
 use super::dedup::{Dedup, DedupKey};
 use super::hub::Hub;
+use super::outcome::{OutcomeObserver, RecordOutcome};
 use super::poll::PollSettings;
 use super::retrying_consumer::RetryingConsumer;
 use super::scheduler::{Limits, ProcessingOrder, Scheduler};
@@ -24,6 +25,7 @@ use crate::handler::Handler;
 use crate::idempotency::IdempotencyStore;
 use crate::message::Message;
 use crate::metrics::ConsumerMetrics;
+use crate::record::RawRecord;
 use crate::retry::RetryPolicy;
 
 /// Settings kourier owns: a raw `kafka_config` may not change them.
@@ -98,6 +100,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     max_broker_outage: Option<Duration>,
     error_log_interval: Duration,
     stall_threshold: Duration,
+    observer: Option<OutcomeObserver>,
     max_uncommitted_per_partition: usize,
     retry_panics: bool,
 }
@@ -157,6 +160,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             max_broker_outage: None,
             error_log_interval: Duration::from_secs(30),
             stall_threshold: Duration::from_secs(60),
+            observer: None,
             max_uncommitted_per_partition: 10_000,
             retry_panics: true,
         }
@@ -294,6 +298,40 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         F: Fn(&Message<H::Event>) -> Option<String> + Send + Sync + 'static,
     {
         self.idempotency(store, DedupKey::from_fn(key))
+    }
+
+    /// Calls `observer` once for each record a worker took, when it ends: with the record
+    /// (its coordinates, key, headers) and how it ended — [`RecordOutcome::Handled`],
+    /// [`Duplicate`](RecordOutcome::Duplicate), [`DeadLettered`](RecordOutcome::DeadLettered)
+    /// with the failure kind (after the sink acknowledged the letter), or
+    /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown. Records dropped from
+    /// the buffers at a revoke never reached a worker and are not reported (they are
+    /// delivered again).
+    ///
+    /// The observer runs on the worker, synchronously, before the record is reported
+    /// settled: keep it short (a counter, a `try_send` on a channel, a log line), never block
+    /// or wait on I/O; each call delays that record's commit and, in partition order, the next
+    /// record of its partition. A panicking observer is logged and counted
+    /// (`kourier_handler_panics_total`); the record keeps its outcome. Calls come from
+    /// several workers at once, so the observer is `Send + Sync`.
+    ///
+    /// ```no_run
+    /// # use kourier::{handler_fn, Message, RecordOutcome, RetryingConsumer};
+    /// # let handler = handler_fn(|_m: Message<String>| async { Ok(()) });
+    /// let builder = RetryingConsumer::builder(handler).on_outcome(|record, outcome| {
+    ///     if let RecordOutcome::DeadLettered(kind) = outcome {
+    ///         eprintln!("{} dead-lettered: {kind}", record.coordinates());
+    ///     }
+    /// });
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn on_outcome<F>(mut self, observer: F) -> Self
+    where
+        F: Fn(&RawRecord, RecordOutcome) + Send + Sync + 'static,
+    {
+        self.observer = Some(Arc::new(observer));
+        self
     }
 
     /// How long a claim holds a key while its handler runs. Default 60 s. Set it above your
@@ -506,6 +544,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             retry_panics: self.retry_panics,
             stall_threshold: self.stall_threshold,
             metrics,
+            observer: self.observer,
         });
         Ok(RetryingConsumer {
             consumer,

@@ -428,6 +428,7 @@ impl Setup {
             retry_panics: self.retry_panics,
             stall_threshold: self.stall_threshold,
             metrics: Arc::new(ConsumerMetrics::new(GROUP, &[TOPIC.to_owned()])),
+            observer: None,
         };
         Harness {
             worker,
