@@ -194,6 +194,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `bench-internals` | off | not an API: exposes crate-private parts to kourier's own micro-benchmarks (`kourier::__bench`); no semver promise |
+//! | `testing` | off | `kourier::idempotency::testing`: a conformance suite that checks an `IdempotencyStore` implementation against the documented contract, for store implementers' tests |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!
 //! ## Why not `backoff`

@@ -56,6 +56,10 @@ pub enum Claim {
 /// `Arc<dyn IdempotencyStore>`.
 ///
 /// Implementations must make `claim` a single atomic operation (e.g. Redis `SET NX PX`).
+/// The full contract — keys, expiry, fencing, what may block, concurrency — is written on the
+/// [`idempotency`](crate::idempotency#the-contract) module, with how to write a store (put
+/// `#[async_trait]` on the impl, or rustc reports E0195) and how to check one against the
+/// contract (`idempotency::testing::run_conformance`, feature `testing`).
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// Tries to take `key` for `lease`.
@@ -65,11 +69,14 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// the consumer treats that as transient (it backs off and never skips the record).
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError>;
 
-    /// Marks `key` done for `ttl`, if `token` still holds it.
+    /// Marks `key` done for `ttl`, if `token` holds it: the claim `token` acquired is still
+    /// there and its lease has not run out.
     ///
     /// # Errors
-    /// [`StoreError::LeaseLost`] when the token no longer holds the key; availability errors
-    /// as for [`IdempotencyStore::claim`].
+    /// [`StoreError::LeaseLost`], changing nothing, when `token` does not hold the key: its
+    /// lease ran out (whether or not the key was claimed again since), the key was released
+    /// or is done already, or the token was never issued for it. Availability errors as for
+    /// [`IdempotencyStore::claim`].
     async fn complete(
         &self,
         key: &str,
@@ -77,10 +84,12 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Drops the claim on `key`, if `token` still holds it, so that a retry can claim it.
+    /// Drops the claim on `key`, if `token` holds it (as for
+    /// [`complete`](IdempotencyStore::complete)), so that a retry can claim it.
     ///
     /// # Errors
-    /// [`StoreError::LeaseLost`] when the token no longer holds the key; availability errors
+    /// [`StoreError::LeaseLost`], changing nothing, in the same cases as
+    /// [`complete`](IdempotencyStore::complete) (a done key stays done). Availability errors
     /// as for [`IdempotencyStore::claim`].
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError>;
 }
