@@ -21,6 +21,10 @@ use crate::message::Message;
 ///
 /// A handler is shared by all workers (`&self`), so it must be `Send + Sync`.
 ///
+/// Put `#[async_trait]` ([`kourier::async_trait`](macro@crate::async_trait)) on the `impl` as
+/// on the trait: without it rustc reports E0195 ("lifetime parameters or bounds on method do
+/// not match the trait declaration"). For a closure, see [`handler_fn`].
+///
 /// ```
 /// use kourier::{async_trait, Handler, HandlerError, Message};
 /// use serde::Deserialize;

@@ -138,6 +138,11 @@ pub struct DeadLetterReceipt {
 ///
 /// `send` returns only once the letter is durably stored (for Kafka: acknowledged by the
 /// broker); the consumer commits the source offset only after that.
+///
+/// Put `#[async_trait]` ([`kourier::async_trait`](macro@crate::async_trait)) on the `impl` as
+/// on the trait: without it rustc reports E0195 ("lifetime parameters or bounds on method do
+/// not match the trait declaration"). [`DeadLetter::headers`] gives the provenance headers
+/// kourier's own sink writes, so letters from a custom sink read back the same.
 #[async_trait]
 pub trait DeadLetterSink: Send + Sync + fmt::Debug + 'static {
     /// Writes one dead letter.
