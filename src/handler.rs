@@ -67,7 +67,7 @@ pub enum FailureKind {
     /// The handler panicked: a bug rather than an outage. Retried like a transient failure
     /// by default (see
     /// [`retry_panics`](crate::RetryingConsumerBuilder::retry_panics)); dead-lettered as
-    /// [`DeadLetterReason::Panic`](crate::dead_letter::DeadLetterReason::Panic) when given
+    /// [`DeadLetterReason::Panic`](crate::DeadLetterReason::Panic) when given
     /// up. Only the consumer makes failures of this kind.
     Panic,
 }

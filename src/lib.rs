@@ -103,13 +103,13 @@
 //! | situation | what kourier does | when |
 //! |---|---|---|
 //! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers; one warning per `error_log_interval` while it tries | within `startup_timeout` (default 30 s) |
-//! | a subscribed topic is missing at start | `Error::MissingTopics` naming it, and the settings that would help (`create_missing_topics`, `wait_for_topics`) | at the first metadata answer |
+//! | a subscribed topic is missing at start | `Error::MissingTopics` naming every missing topic, and the settings that would help (`create_missing_topics`, `wait_for_topics`, which waits for them instead) | at the first metadata answer |
 //! | the dead-letter topic is missing at start | `Error::MissingTopics` naming `<topic>.dlt` (the default sink declares its topics through `DeadLetterSink::topics_for`) | at the first metadata answer |
 //! | the cluster goes away while running | records wait, nothing is committed past them; `connection` in the snapshot and `kourier_connection_state` turn `Disconnected` / `0`; each distinct error is logged once per interval with a count | until it is back; with `max_broker_outage(d)`, `run()` returns `Error::BrokersUnreachable` after `d` |
-//! | a subscribed topic is deleted while consuming | its partitions leave the assignment with one warning; if it is re-created, its records are tracked again | at the next "unknown topic" error (checked at most every 2 s) |
+//! | a subscribed topic is deleted while consuming | its partitions leave the assignment with one warning; if it is re-created, its records are tracked again | once librdkafka reports it gone (it waits `topic.metadata.propagation.max.ms`, 30 s by default; measured 30.0 s) |
 //! | a codec, dedup-key function, handler, store or sink panics | the record ends in a defined state: codec → dead letter `decode`; dedup-key function → dead letter `panic`; handler → failure kind `panic`, retried, then dead letter `panic`; store / sink → a failure of that store / sink, retried, the partition waits; counted in `kourier_handler_panics_total` | at once |
 //! | a record is stuck (a hung call) | logged once with its coordinates after `stall_threshold`, counted in `kourier_records_stalled_total`; its partition pauses when `max_uncommitted_per_partition` records pile up past the commit point behind it | after `stall_threshold` (60 s) |
-//! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart); a record that is only waiting out a retry back-off is given up at once | at once / after `shutdown_timeout` (30 s) |
+//! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart): a record only waiting out a retry back-off is given up at once, a handler still running at the deadline is dropped at its next `.await` (one blocking its thread is counted) | at once / after `shutdown_timeout` (30 s) |
 //! | bad configuration | a typed `Error::Config` from `build()`, never a panic | at `build()` |
 //!
 //! ## Architecture
@@ -183,11 +183,11 @@
 //! [`dead_letter::Provenance`] reads a dead letter's headers back (original topic, partition
 //! and offset, failure kind, error, attempts, failure times, redrive count);
 //! [`dead_letter::RedriveRecord`] rebuilds the original record to publish it again. The
-//! `kourier_dlt` example is a command-line tool on top of them: `inspect <dlt-topic>` lists
-//! letters as a table or JSON lines, with filters by kind, time and key; `redrive <dlt-topic>`
-//! re-publishes selected letters to their source topic, committing its progress per letter
-//! so a crash redrives at most the letter in flight twice, and refusing records redriven more
-//! than `--max-redrives` times.
+//! `kourier-dlt` command-line tool is built on them (`cargo install kourier --features cli`):
+//! `inspect <dlt-topic>` lists letters as a table or JSON lines, with filters by kind, time
+//! and key; `redrive <dlt-topic>` re-publishes selected letters to their source topic,
+//! committing its progress per letter so a crash redrives at most the letter in flight
+//! twice, and refusing records redriven more than `--max-redrives` times.
 //!
 //! ## Feature flags
 //!
@@ -195,6 +195,8 @@
 //! |---|---|---|
 //! | `bench-internals` | off | not an API: exposes crate-private parts to kourier's own micro-benchmarks (`kourier::__bench`); no semver promise |
 //! | `testing` | off | `kourier::idempotency::testing`: a conformance suite that checks an `IdempotencyStore` implementation against the documented contract, for store implementers' tests |
+//! | `cli` | off | the `kourier-dlt` binary (inspect and redrive dead-letter topics; `cargo install kourier --features cli`); no library API, pulls `clap`, `humantime`, `anyhow` and `tracing-subscriber` |
+//! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!
 //! ## Why not `backoff`
@@ -218,16 +220,24 @@
 //!
 //! Rust 1.88 (`rust-version` in Cargo.toml), set by the `redis` 1.x dependency.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub use async_trait::async_trait;
 pub use rdkafka;
+/// The `redis` crate kourier's [`RedisIdempotencyStore`] is built on, so a
+/// [`redis::Client`] you pass to it is of the same version (feature `redis`).
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis;
 
+mod blocking;
 mod codec;
 mod consumer;
 pub mod dead_letter;
 mod error;
 mod handler;
 pub mod idempotency;
+mod log_throttle;
 mod message;
 pub mod metrics;
 mod producer;
@@ -238,8 +248,10 @@ mod topic_name;
 pub mod topics;
 mod trace_context;
 
+pub use crate::blocking::{Blocking, BlockingHandler, blocking};
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
 #[cfg(feature = "bench-internals")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bench-internals")))]
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
@@ -253,6 +265,8 @@ pub use crate::dead_letter::letter::{
 pub use crate::error::{BoxError, ConfigError, DeadLetterError, Error, Result, StoreError};
 pub use crate::handler::{FailureKind, Handler, HandlerError, HandlerFn, handler_fn};
 pub use crate::idempotency::memory::InMemoryIdempotencyStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::idempotency::redis::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
 pub use crate::idempotency::store::{Claim, ClaimToken, IdempotencyStore};
 pub use crate::message::Message;

@@ -7,6 +7,8 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -162,16 +164,26 @@ impl ProducerSettings {
 
     /// Validates the settings and creates the producer.
     pub(crate) fn build(&self, client_id: &str) -> Result<ManagedProducer> {
+        self.build_with_context(client_id, DefaultClientContext)
+    }
+
+    /// As [`build`](Self::build), with the client context `context` (e.g. one that
+    /// throttles librdkafka's logs).
+    pub(crate) fn build_with_context<C: ClientContext + Clone + 'static>(
+        &self,
+        client_id: &str,
+        context: C,
+    ) -> Result<ManagedProducer<C>> {
         let (config, send_timeout) = self.config(client_id)?;
-        let producer: FutureProducer = config
-            .create()
+        let producer: FutureProducer<C> = config
+            .create_with_context(context.clone())
             .map_err(|e| Error::kafka("create producer", e))?;
         Ok(ManagedProducer {
             current: Mutex::new(Generation {
                 number: 0,
                 producer,
             }),
-            config: Some(config),
+            config: Some((config, context)),
             send_timeout,
         })
     }
@@ -196,23 +208,23 @@ pub(crate) fn check_timeout(timeout: Duration) -> std::result::Result<Duration, 
     Ok(timeout)
 }
 
-struct Generation {
+struct Generation<C: ClientContext + 'static> {
     number: u64,
-    producer: FutureProducer,
+    producer: FutureProducer<C>,
 }
 
 /// A `FutureProducer` with kourier's send discipline: bounded enqueue (retrying while the
 /// local queue is full), an acknowledgement awaited with a deadline, and replacement of the
 /// producer after a fatal error (e.g. an idempotence failure), which otherwise would fail
 /// every later send.
-pub(crate) struct ManagedProducer {
-    current: Mutex<Generation>,
+pub(crate) struct ManagedProducer<C: ClientContext + 'static = DefaultClientContext> {
+    current: Mutex<Generation<C>>,
     /// `None` for a producer the user built: it cannot be recreated.
-    config: Option<ClientConfig>,
+    config: Option<(ClientConfig, C)>,
     pub(crate) send_timeout: Duration,
 }
 
-impl fmt::Debug for ManagedProducer {
+impl<C: ClientContext + 'static> fmt::Debug for ManagedProducer<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ManagedProducer")
             .field("send_timeout", &self.send_timeout)
@@ -235,13 +247,15 @@ impl ManagedProducer {
             send_timeout,
         }
     }
+}
 
-    fn generation(&self) -> (u64, FutureProducer) {
+impl<C: ClientContext + Clone + 'static> ManagedProducer<C> {
+    fn generation(&self) -> (u64, FutureProducer<C>) {
         let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         (current.number, current.producer.clone())
     }
 
-    pub(crate) fn current(&self) -> FutureProducer {
+    pub(crate) fn current(&self) -> FutureProducer<C> {
         self.generation().1
     }
 
@@ -333,11 +347,11 @@ impl ManagedProducer {
 
     /// After a failure: if the producer hit a fatal error it will fail every later send, so
     /// replace it (when kourier built it). Records it still held have already failed.
-    fn recover_if_fatal(&self, generation: u64, producer: &FutureProducer) {
+    fn recover_if_fatal(&self, generation: u64, producer: &FutureProducer<C>) {
         let Some((code, reason)) = producer.client().fatal_error() else {
             return;
         };
-        let Some(config) = &self.config else {
+        let Some((config, context)) = &self.config else {
             tracing::error!(%code, %reason, "the producer hit a fatal error and was supplied by the user, so it cannot be recreated");
             return;
         };
@@ -345,7 +359,7 @@ impl ManagedProducer {
         if current.number != generation {
             return; // another task already replaced it
         }
-        match config.create::<FutureProducer>() {
+        match config.create_with_context::<C, FutureProducer<C>>(context.clone()) {
             Ok(fresh) => {
                 tracing::warn!(%code, %reason, "the producer hit a fatal error; replaced it with a new one");
                 let old = std::mem::replace(&mut current.producer, fresh);
@@ -364,7 +378,7 @@ impl ManagedProducer {
     }
 }
 
-impl Drop for ManagedProducer {
+impl<C: ClientContext + 'static> Drop for ManagedProducer<C> {
     fn drop(&mut self) {
         let current = self
             .current

@@ -243,6 +243,7 @@ mod otel {
 
     use super::TraceContext;
 
+    #[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
     impl TraceContext {
         /// The context of an OpenTelemetry span; `None` when it is not valid.
         ///

@@ -718,6 +718,21 @@ async fn build_rejects_every_bad_setting() {
         conflict(base().kafka_config("group.id", "other")),
         "group.id"
     );
+    // The group and the brokers have setters: never through kafka_config, even alone or equal.
+    assert_eq!(conflict(base().kafka_config("group.id", "g")), "group.id");
+    assert_eq!(
+        conflict(
+            RetryingConsumer::builder(Recorder(log.clone()))
+                .bootstrap_servers("x:1")
+                .topic("t")
+                .kafka_config("group.id", "g")
+        ),
+        "group.id"
+    );
+    assert_eq!(
+        conflict(base().kafka_config("bootstrap.servers", "127.0.0.1:9092")),
+        "bootstrap.servers"
+    );
     assert_eq!(
         conflict(base().kafka_config("max.poll.interval.ms", "soon")),
         "max.poll.interval.ms"

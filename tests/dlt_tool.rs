@@ -1,11 +1,12 @@
-//! The `kourier_dlt` example tool against the real broker: `inspect` lists dead letters with
+//! The `kourier-dlt` tool (`src/bin/kourier-dlt/`, feature `cli`) against the real broker: `inspect` lists dead letters with
 //! their provenance and filters them; `redrive` re-publishes selected letters to their source
 //! topic, where a consumer handles them, commits its progress so that a crash of the tool
 //! redrives nothing twice but the letter in flight, refuses letters redriven too often, and
 //! fails clearly (and in bounded time) for a missing topic or an unreachable broker.
 //!
-//! The example's logic is compiled in here (`#[path]`), so this runs the code
-//! `cargo run --example kourier_dlt` runs; a crash is simulated with its `crash_after` hook
+//! The tool's logic is compiled in here (`#[path]`), so this runs the code the installed
+//! `kourier-dlt` runs, with or without the `cli` feature; with it, the binary itself is run
+//! too (`binary_*` tests); a crash is simulated with its `crash_after` hook
 //! (stop right after a re-publish is acknowledged, before its progress is committed: the
 //! worst moment).
 //!
@@ -14,7 +15,7 @@
 mod support;
 
 #[allow(dead_code)] // the tests use part of the tool
-#[path = "../examples/kourier_dlt/dlt.rs"]
+#[path = "../src/bin/kourier-dlt/dlt.rs"]
 mod dlt;
 
 use std::sync::{Arc, Mutex};
@@ -571,4 +572,53 @@ fn command_line_times_and_kinds_parse() {
         Ok(DeadLetterReason::RetriesExhausted)
     );
     assert!(dlt::parse_kind("other").is_err());
+}
+
+/// The installed binary (feature `cli`): `inspect --json` lists a letter with its provenance,
+/// and a missing topic is a failure exit with a clear message.
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_inspects_and_fails_clearly() {
+    use std::process::Command;
+
+    let (topic, dlt_topic) = topics("dlt-binary").await;
+    let sink = sink();
+    write_letter(
+        &sink,
+        &topic,
+        7,
+        "dora",
+        b"{}",
+        DeadLetterReason::Permanent,
+        1_800_000_000_000,
+        Headers::new(),
+    )
+    .await;
+    sink.flush(Duration::from_secs(10)).await.expect("flush");
+
+    let run = |args: Vec<String>| {
+        blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_kourier-dlt"))
+                .arg("--bootstrap-servers")
+                .arg(support::bootstrap())
+                .args(args)
+                .output()
+                .expect("run kourier-dlt")
+        })
+    };
+    let out = run(vec!["inspect".into(), dlt_topic.clone(), "--json".into()]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<_> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(
+        lines[0].contains(&topic) && lines[0].contains("permanent"),
+        "{stdout}"
+    );
+
+    let missing = support::unique_name("dlt-binary-missing");
+    let out = run(vec!["inspect".into(), missing.clone()]).await;
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&missing), "{stderr}");
 }

@@ -27,6 +27,9 @@ mod mailer;
 #[path = "../examples/mail_notifier/notifier.rs"]
 mod notifier;
 #[allow(dead_code)]
+#[path = "../examples/mail_notifier/ops_server.rs"]
+mod ops_server;
+#[allow(dead_code)]
 #[path = "../examples/mail_notifier/samples.rs"]
 mod samples;
 #[allow(dead_code)]
@@ -59,6 +62,7 @@ fn config(topic: &str, group: &str, outbox: &Path, run_id: &str) -> DemoConfig {
         outbox: outbox.to_path_buf(),
         run_id: run_id.to_owned(),
         settle_timeout: Duration::from_secs(90),
+        probes: ops_server::Probes::default(),
     }
 }
 

@@ -643,4 +643,48 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
         lettered.len(),
         letters.len() - lettered.len()
     );
+
+    // An outage longer than `max_broker_outage` ends `run()` with a typed error (DESIGN rule
+    // 13): the same broker, now refused by the proxy for good.
+    let outage_group = support::unique_name("netfault-outage");
+    let consumer = RetryingConsumer::builder(Recorder::default())
+        .bootstrap_servers(&bootstrap)
+        .group_id(&outage_group)
+        .topic(&topic)
+        .max_broker_outage(Duration::from_secs(3))
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "500")
+        .kafka_config("reconnect.backoff.max.ms", "1000")
+        .build()
+        .expect("build");
+    let monitor = consumer.monitor();
+    let run = tokio::spawn(consumer.run(std::future::pending::<()>()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while monitor.snapshot().assigned.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the outage consumer got no partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        monitor.snapshot().connection,
+        kourier::ConnectionState::Connected
+    );
+    proxy.set_refusing(true);
+    proxy.cut_all();
+    let cut_at = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("run() did not return within 60 s of the outage")
+        .expect("consumer task panicked");
+    let took = cut_at.elapsed();
+    let err = ended.expect_err("an outage past max_broker_outage is an error");
+    assert!(err.is_brokers_unreachable(), "{err}");
+    assert_eq!(
+        monitor.snapshot().connection,
+        kourier::ConnectionState::Disconnected
+    );
+    proxy.set_refusing(false);
+    eprintln!("max_broker_outage(3s): run() returned {took:?} after the cut: {err}");
 }

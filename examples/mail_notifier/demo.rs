@@ -16,6 +16,7 @@ use kourier::rdkafka::message::{Headers as _, OwnedMessage};
 use crate::kafka::{CommittedOffsets, end_offsets, read_from};
 use crate::mailer::{Attempt, Journal, Mailer, Outcome};
 use crate::notifier::{self, Settings};
+use crate::ops_server::Probes;
 use crate::samples::{self, Expect, Published};
 use crate::smtp_server::{ReceivedMail, SmtpServer};
 
@@ -29,6 +30,8 @@ pub(crate) struct DemoConfig {
     pub(crate) run_id: String,
     /// How long to wait for every sample record to be settled.
     pub(crate) settle_timeout: Duration,
+    /// Told when the consumer runs and stops (for `/livez` and `/readyz`).
+    pub(crate) probes: Probes,
 }
 
 /// A dead letter read back from the dead-letter topic.
@@ -103,7 +106,7 @@ pub(crate) async fn run_demo(
     let consumer = notifier::consumer(settings, mailer).await?;
     let monitor = consumer.monitor();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut running = tokio::spawn(consumer.run(async {
+    let mut running = tokio::spawn(config.probes.clone().run(consumer, async {
         let _ = stop_rx.await;
     }));
 

@@ -41,16 +41,28 @@
 //! environment (`KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL`, `SMTP_HOST`, `SMTP_PORT`, ...);
 //! `--help` lists them.
 //!
-//! `--metrics-addr 127.0.0.1:9464` serves kourier's metrics (records handled, retried,
-//! dead-lettered, duplicates, handler durations, lag, ...; see `kourier::metrics`) for
-//! Prometheus at `http://127.0.0.1:9464/metrics` while the notifier runs;
-//! `examples/mail_notifier/ops/` has a Grafana dashboard and Prometheus alert rules for them.
+//! `--metrics-addr 127.0.0.1:9464` (with `demo` and `run`) serves, on that one address, while
+//! the notifier runs:
+//!
+//! - `GET /metrics`: kourier's metrics (records handled, retried, dead-lettered, duplicates,
+//!   handler durations, lag, connection state, ...; see `kourier::metrics`) for Prometheus;
+//! - `GET /livez`: `200` while the consumer is starting, running or draining at shutdown,
+//!   `503` once it has stopped or failed;
+//! - `GET /readyz`: `200` while the consumer reaches the Kafka cluster and has at least one
+//!   partition assigned, else `503` with the reason (`not ready: no partitions assigned`,
+//!   `not ready: not connected to kafka since 2025-06-01T10:00:00Z (42s)`, ...).
+//!
+//! The probes answer with one plain-text line that ends in the consumer's status
+//! (`connection=connected since=... assigned=6 in_flight=0 caught_up=true`); any other path
+//! is `404`. `examples/mail_notifier/ops/` has a Grafana dashboard, Prometheus alert rules and
+//! Kubernetes probe settings for them.
 
 mod demo;
 mod event;
 mod kafka;
 mod mailer;
 mod notifier;
+mod ops_server;
 mod samples;
 mod smtp_server;
 
@@ -64,6 +76,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::demo::DemoConfig;
 use crate::mailer::{Journal, Mailer};
 use crate::notifier::Settings;
+use crate::ops_server::{OpsServer, Probes};
 use crate::smtp_server::SmtpServer;
 
 #[derive(Debug, Parser)]
@@ -102,7 +115,8 @@ struct KafkaArgs {
     /// Partitions of the topics when they are created.
     #[arg(long, env = "NOTIFY_PARTITIONS", default_value_t = 6, global = true)]
     partitions: i32,
-    /// Serve kourier's metrics for Prometheus at http://<ADDR>/metrics (e.g. 127.0.0.1:9464).
+    /// With `demo` and `run`: serve kourier's metrics for Prometheus at http://<ADDR>/metrics and
+    /// liveness and readiness probes at /livez and /readyz (e.g. 127.0.0.1:9464).
     #[arg(long, env = "METRICS_ADDR", global = true)]
     metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -163,9 +177,19 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    if let Some(addr) = cli.kafka.metrics_addr {
-        serve_metrics(addr)?;
-    }
+    let probes = Probes::default();
+    // Up before the consumer is built, so that the probes answer while it starts; kept until
+    // `main` returns.
+    let _ops_server = match cli.kafka.metrics_addr {
+        Some(addr) if matches!(cli.command, Command::Demo { .. } | Command::Run { .. }) => {
+            Some(serve_ops(addr, probes.clone()).await?)
+        }
+        Some(_) => {
+            tracing::warn!("--metrics-addr applies to `demo` and `run` only; ignored");
+            None
+        }
+        None => None,
+    };
     let settings = Settings {
         bootstrap: cli.kafka.bootstrap_servers,
         redis_url: cli.kafka.redis_url,
@@ -184,6 +208,7 @@ async fn main() -> Result<()> {
                 outbox,
                 run_id: run_id.unwrap_or_else(clock_run_id),
                 settle_timeout: Duration::from_secs(settle_timeout),
+                probes,
             };
             // Listen for Ctrl-C from now on (a signal future only listens once polled).
             let (interrupted, interrupt) = tokio::sync::oneshot::channel::<()>();
@@ -208,7 +233,7 @@ async fn main() -> Result<()> {
             let mailer = Mailer::plaintext(&smtp_host, smtp_port, Journal::default());
             let consumer = notifier::consumer(&settings, mailer).await?;
             tracing::info!(topic = %settings.topic, group = %settings.group, smtp = %format!("{smtp_host}:{smtp_port}"), "notifier running; Ctrl-C stops it");
-            let report = consumer.run_until_signal().await?;
+            let report = probes.run(consumer, kourier::shutdown_signal()).await?;
             if report.is_clean() {
                 tracing::info!("notifier stopped");
             } else {
@@ -247,23 +272,14 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Installs a Prometheus recorder for kourier's metrics (see `kourier::metrics`), served at
-/// `http://<addr>/metrics`. It must be installed before the consumer runs.
-fn serve_metrics(addr: std::net::SocketAddr) -> Result<()> {
-    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        // Histograms (rather than summaries) for handler and commit durations.
-        .set_buckets_for_metric(
-            Matcher::Suffix("_duration_seconds".into()),
-            &[
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ],
-        )?
-        .install()
-        .with_context(|| format!("serving metrics on {addr}"))?;
-    tracing::info!(%addr, "metrics at http://{addr}/metrics");
-    Ok(())
+/// Installs a Prometheus recorder for kourier's metrics and serves them, with the probes, at
+/// `http://<addr>/` (see `ops_server`). It must be installed before the consumer runs.
+async fn serve_ops(addr: std::net::SocketAddr, probes: Probes) -> Result<OpsServer> {
+    let metrics = ops_server::install_prometheus()?;
+    let server = OpsServer::start(addr, metrics, probes).await?;
+    let addr = server.addr();
+    tracing::info!(%addr, "metrics at http://{addr}/metrics, probes at /livez and /readyz");
+    Ok(server)
 }
 
 /// Run ids go into event ids, file names and a mail address: letters, digits, `-`, `_`.

@@ -42,6 +42,20 @@ const OWNED_SETTINGS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Settings with a builder method of their own: a raw `kafka_config` may not set them, so each
+/// has one place (the dead-letter producer, the topic admin and the dedup namespace use the
+/// setter's value too).
+const SETTER_SETTINGS: &[(&str, &str)] = &[
+    (
+        "bootstrap.servers",
+        "set the brokers with bootstrap_servers(), not kafka_config()",
+    ),
+    (
+        "group.id",
+        "set the consumer group with group_id(), not kafka_config()",
+    ),
+];
+
 type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 
 /// Builds a [`RetryingConsumer`]. Start with [`RetryingConsumer::builder`].
@@ -71,6 +85,29 @@ type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 /// # Ok(())
 /// # }
 /// ```
+///
+/// # librdkafka settings
+///
+/// The consumer's librdkafka client gets these settings. [`kafka_config`](Self::kafka_config)
+/// passes any other property through, and may override the defaults; `build()` refuses a raw
+/// setting that would take a setter's place or change what kourier owns, with a
+/// [`ConfigError::Conflict`] naming it.
+///
+/// | property | value | why | via `kafka_config` |
+/// |---|---|---|---|
+/// | `bootstrap.servers` | [`bootstrap_servers`](Self::bootstrap_servers) | also used by the default dead-letter sink, topic checks and error messages, so it has one source | refused: use the setter |
+/// | `group.id` | [`group_id`](Self::group_id) | also namespaces dedup keys and is written into dead letters | refused: use the setter |
+/// | `enable.auto.commit` | `false` | kourier commits only settled offsets itself; auto-commit would commit records still in flight | owned: only `false` accepted |
+/// | `enable.auto.offset.store` | `false` | offsets are stored only when a record and every lower one of its partition are settled | owned: only `false` accepted |
+/// | `auto.offset.reset` | `earliest` | a new group (or one whose offsets expired) starts at the oldest record rather than skipping what was published before it joined; at-least-once by default | overridable (`latest` skips the backlog) |
+/// | `enable.partition.eof` | `false` | kourier does not use end-of-partition events (it would only skip them) | overridable |
+/// | `queued.max.messages.kbytes` | `16384` (16 MiB) | bounds librdkafka's own pre-fetch queue (librdkafka's default is 64 MiB per consumer) next to kourier's buffer limits | overridable |
+/// | `fetch.queue.backoff.ms` | `20` | how long librdkafka waits to fetch again when that queue is full; its default (1 s) makes a consumer with a bounded queue idle (librdkafka #3662) | overridable |
+/// | `statistics.interval.ms` | `5000` | librdkafka's statistics feed the consumer-lag gauge and [`ConsumerSnapshot`](crate::ConsumerSnapshot) lag; `0` turns them (and lag) off | overridable |
+///
+/// `max.poll.interval.ms` may be set; it must then be longer than
+/// [`revoke_timeout`](Self::revoke_timeout). The default dead-letter producer and the topic
+/// admin get the raw `security.*`, `sasl.*` and `ssl.*` settings too.
 pub struct RetryingConsumerBuilder<H: Handler> {
     handler: H,
     codec: Arc<dyn Codec<H::Event>>,
@@ -401,9 +438,10 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
-    /// Opt-in: when subscribed topics do not exist at start, wait for them to be created
-    /// (logging what it waits for once per log interval) instead of failing with
-    /// [`Error::MissingTopics`]. Dead-letter topics must exist either way. Default off.
+    /// Opt-in: when topics the consumer needs (subscribed and dead-letter topics) do not
+    /// exist at start, wait for them to be created (logging what it waits for once per log
+    /// interval) instead of failing with [`Error::MissingTopics`]. The startup timeout then
+    /// bounds only how long the cluster may stay unreachable. Default off.
     #[must_use]
     pub fn wait_for_topics(mut self, wait: bool) -> Self {
         self.wait_for_topics = wait;
@@ -472,8 +510,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     }
 
     /// Sets a raw librdkafka consumer property (e.g. `session.timeout.ms`,
-    /// `auto.offset.reset`). kourier's own settings (`enable.auto.commit=false`,
-    /// `enable.auto.offset.store=false`) cannot be changed.
+    /// `auto.offset.reset`), overriding kourier's default for it (the table in the
+    /// [builder docs](Self#librdkafka-settings) lists them). `build()` refuses
+    /// `bootstrap.servers` and `group.id` here (use [`bootstrap_servers`](Self::bootstrap_servers)
+    /// and [`group_id`](Self::group_id)) and any change to the settings kourier owns
+    /// (`enable.auto.commit=false`, `enable.auto.offset.store=false`).
     #[must_use]
     pub fn kafka_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka_config.insert(key.into(), value.into());
@@ -486,9 +527,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// [`Error::Config`] for a missing or contradictory setting; [`Error::Kafka`] when
     /// librdkafka rejects a property or the dead-letter producer cannot be created.
     pub fn build(self) -> Result<RetryingConsumer<H>> {
+        // First: a `group.id` given only through `kafka_config` gets the error that says
+        // where it belongs, not "missing group_id".
+        self.check_kafka_config()?;
         let (bootstrap, group_id) = self.required_settings()?;
         self.check_limits()?;
-        self.check_kafka_config()?;
         let config = self.client_config(&bootstrap, &group_id);
         let sink = self.dead_letter_sink_or_default(&bootstrap)?;
         let metrics = Arc::new(ConsumerMetrics::new(&group_id, &self.topics));
@@ -554,18 +597,17 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         })
     }
 
-    /// The bootstrap servers and the group, from their setters or the raw settings.
+    /// The bootstrap servers and the group, from their setters (never from the raw settings:
+    /// `check_kafka_config` refuses them there).
     fn required_settings(&self) -> Result<(String, String)> {
         let bootstrap = self
             .bootstrap_servers
             .clone()
-            .or_else(|| self.kafka_config.get("bootstrap.servers").cloned())
             .filter(|s| !s.trim().is_empty())
             .ok_or(ConfigError::Missing("bootstrap_servers"))?;
         let group_id = self
             .group_id
             .clone()
-            .or_else(|| self.kafka_config.get("group.id").cloned())
             .ok_or(ConfigError::Missing("group_id"))?;
         if group_id.trim().is_empty() {
             return Err(ConfigError::invalid("group_id", "must not be empty").into());
@@ -642,19 +684,10 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 .into());
             }
         }
-        for (key, value, reason) in [
-            (
-                "bootstrap.servers",
-                &self.bootstrap_servers,
-                "differs from bootstrap_servers()",
-            ),
-            ("group.id", &self.group_id, "differs from group_id()"),
-        ] {
-            if let (Some(raw), Some(set)) = (self.kafka_config.get(key), value)
-                && raw != set
-            {
+        for (key, reason) in SETTER_SETTINGS {
+            if let Some(raw) = self.kafka_config.get(*key) {
                 return Err(ConfigError::Conflict {
-                    key: key.to_owned(),
+                    key: (*key).to_owned(),
                     value: raw.clone(),
                     reason,
                 }
@@ -741,5 +774,97 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             max_buffered_records_per_partition: self.max_buffered_records_per_partition,
             max_uncommitted_per_partition: self.max_uncommitted_per_partition,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::handler::HandlerError;
+    use crate::message::Message;
+
+    struct Nop;
+
+    #[async_trait]
+    impl Handler for Nop {
+        type Event = serde_json::Value;
+        async fn handle(&self, _: &Message<serde_json::Value>) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+
+    fn conflict(b: RetryingConsumerBuilder<Nop>) -> (String, String) {
+        let err = match b.build() {
+            Err(Error::Config(e)) => e,
+            Err(other) => panic!("expected a config error, got {other:?}"),
+            Ok(_) => panic!("expected a config error, got a consumer"),
+        };
+        let message = err.to_string();
+        match err {
+            ConfigError::Conflict { key, .. } => (key, message),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+
+    /// `group.id` and `bootstrap.servers` have setters: through `kafka_config` they are
+    /// refused, whether the setter is used too (same value or not) or not at all, and the
+    /// message names the setter.
+    #[test]
+    fn group_id_and_bootstrap_servers_only_through_their_setters() {
+        let base = || RetryingConsumer::builder(Nop).topic("t");
+        for b in [
+            base()
+                .bootstrap_servers("b:9092")
+                .kafka_config("group.id", "g"),
+            base()
+                .bootstrap_servers("b:9092")
+                .group_id("g")
+                .kafka_config("group.id", "g"),
+            base()
+                .bootstrap_servers("b:9092")
+                .group_id("g")
+                .kafka_config("group.id", "other"),
+        ] {
+            let (key, message) = conflict(b);
+            assert_eq!(key, "group.id");
+            assert!(message.contains("group_id()"), "{message}");
+        }
+        for b in [
+            base()
+                .group_id("g")
+                .kafka_config("bootstrap.servers", "b:9092"),
+            base()
+                .bootstrap_servers("b:9092")
+                .group_id("g")
+                .kafka_config("bootstrap.servers", "b:9092"),
+        ] {
+            let (key, message) = conflict(b);
+            assert_eq!(key, "bootstrap.servers");
+            assert!(message.contains("bootstrap_servers()"), "{message}");
+        }
+        assert!(
+            base()
+                .bootstrap_servers("b:9092")
+                .group_id("g")
+                .build()
+                .is_ok()
+        );
+    }
+
+    /// kourier's defaults come first, so a raw setting overrides them; owned settings win.
+    #[test]
+    fn raw_settings_override_defaults_but_not_owned_settings() {
+        let b = RetryingConsumer::builder(Nop)
+            .bootstrap_servers("b:9092")
+            .group_id("g")
+            .topic("t")
+            .kafka_config("auto.offset.reset", "latest");
+        let config = b.client_config("b:9092", "g");
+        assert_eq!(config.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(config.get("statistics.interval.ms"), Some("5000"));
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(config.get("enable.auto.offset.store"), Some("false"));
     }
 }

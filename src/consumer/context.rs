@@ -7,12 +7,13 @@ use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, warn};
 
 use super::hub::Hub;
 use super::rebalance;
 use super::stats::partition_offsets;
 use super::topic_partition::tps_of;
+use crate::log_throttle::{error_throttled, log_throttled};
 
 /// See the module docs.
 #[derive(Debug)]
@@ -21,44 +22,18 @@ pub(crate) struct KourierContext {
 }
 
 impl ClientContext for KourierContext {
-    /// librdkafka's log lines, under the target `librdkafka`. Warnings and errors repeat
-    /// while a condition lasts (a broker down: every reconnect): each distinct one is logged
-    /// once per interval with the count suppressed since.
+    /// librdkafka's log lines (see [`log_throttled`]).
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Debug => {
-                debug!(target: "librdkafka", "librdkafka: {fac} {log_message}")
-            }
-            RDKafkaLogLevel::Info | RDKafkaLogLevel::Notice => {
-                info!(target: "librdkafka", "librdkafka: {fac} {log_message}")
-            }
-            _ => {
-                let Some(suppressed) = self.hub.throttle.admit(&throttle_key(fac, log_message))
-                else {
-                    return;
-                };
-                if matches!(level, RDKafkaLogLevel::Warning) {
-                    warn!(target: "librdkafka", suppressed, "librdkafka: {fac} {log_message}");
-                } else {
-                    error!(target: "librdkafka", suppressed, "librdkafka: {fac} {log_message}");
-                }
-            }
-        }
+        log_throttled(&self.hub.throttle, level, fac, log_message);
     }
 
-    /// librdkafka's global errors: all brokers down marks the consumer disconnected; every
-    /// distinct error is logged once per interval.
+    /// librdkafka's global errors: all brokers down marks the consumer disconnected; each
+    /// distinct error is logged once per interval ([`error_throttled`]).
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.hub.set_connected(false);
         }
-        if let Some(suppressed) = self
-            .hub
-            .throttle
-            .admit(&throttle_key("error", &error.to_string()))
-        {
-            warn!(error = %error, reason, suppressed, "kafka client error");
-        }
+        error_throttled(&self.hub.throttle, &error, reason);
     }
 
     /// librdkafka's statistics (every `statistics.interval.ms`, on the poll thread): the lag
@@ -101,14 +76,4 @@ impl ConsumerContext for KourierContext {
             rebalance::on_assign(&self.hub, consumer, tpl);
         }
     }
-}
-
-/// What makes two log lines "the same" for throttling: the facility and the message
-/// without its numbers (durations, counts and ports vary between repeats).
-fn throttle_key(fac: &str, message: &str) -> String {
-    let mut key = String::with_capacity(fac.len() + 1 + message.len().min(160));
-    key.push_str(fac);
-    key.push(' ');
-    key.extend(message.chars().filter(|c| !c.is_ascii_digit()).take(160));
-    key
 }

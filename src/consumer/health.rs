@@ -142,74 +142,9 @@ pub(crate) fn cached_watermarks<C: ConsumerContext>(
     (err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
 }
 
-/// Log lines for conditions that persist: the first occurrence of each distinct message is
-/// logged at once, later ones at most once per interval with the count suppressed since.
-#[derive(Debug)]
-pub(crate) struct LogThrottle {
-    interval: Duration,
-    seen: Mutex<HashMap<String, (Instant, u64)>>,
-}
-
-impl LogThrottle {
-    pub(crate) fn new(interval: Duration) -> Self {
-        LogThrottle {
-            interval,
-            seen: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Whether to log `key` now; if so, how many occurrences were suppressed since the last
-    /// line. Keys are kept at most a few hundred (older ones are forgotten).
-    pub(crate) fn admit(&self, key: &str) -> Option<u64> {
-        let mut seen = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        match seen.get_mut(key) {
-            Some((last, suppressed)) => {
-                if now.duration_since(*last) >= self.interval {
-                    let n = *suppressed;
-                    *last = now;
-                    *suppressed = 0;
-                    Some(n)
-                } else {
-                    *suppressed += 1;
-                    None
-                }
-            }
-            None => {
-                if seen.len() >= 256 {
-                    let interval = self.interval;
-                    seen.retain(|_, (last, _)| now.duration_since(*last) < interval);
-                }
-                seen.insert(key.to_owned(), (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_repeated_message_is_logged_once_per_interval_with_the_suppressed_count() {
-        let t = LogThrottle::new(Duration::from_millis(50));
-        assert_eq!(t.admit("broker down"), Some(0));
-        for _ in 0..10 {
-            assert_eq!(t.admit("broker down"), None);
-        }
-        assert_eq!(
-            t.admit("other"),
-            Some(0),
-            "distinct messages are not throttled together"
-        );
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(t.admit("broker down"), Some(10));
-        assert_eq!(t.admit("broker down"), None);
-    }
 
     #[test]
     fn connection_changes_are_reported_once() {

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::health::{Health, LogThrottle};
+use super::health::Health;
 use super::scheduler::{Job, JobEnd, Scheduler};
+use crate::log_throttle::LogThrottle;
 use crate::metrics::ConsumerMetrics;
 
 /// See the module docs.

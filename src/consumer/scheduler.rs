@@ -557,6 +557,12 @@ impl Scheduler {
         })
     }
 
+    /// After the shutdown deadline and its grace: records still in flight (a handler
+    /// blocking its thread cannot be given up) count as abandoned too, without coordinates.
+    pub(crate) fn abandon_stuck(&mut self) {
+        self.abandoned_at_stop_count += self.in_flight;
+    }
+
     /// Records given up unsettled since stopping began: how many, and the first
     /// [`ABANDONED_LISTED`] of them as `topic/partition@offset`.
     pub(crate) fn abandoned_at_stop(&self) -> (usize, Vec<String>) {

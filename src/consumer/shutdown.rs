@@ -43,6 +43,7 @@ pub(crate) fn shutdown<C: ConsumerContext>(
             );
             hub.lock().cancel_all();
             hub.wait_until(Duration::from_secs(1), drained);
+            hub.lock().abandon_stuck();
             break;
         }
         // Records that still arrive are dropped by the stopping scheduler (not committed).
@@ -94,7 +95,9 @@ pub async fn shutdown_signal() {
 pub struct ShutdownReport {
     /// How many records were given up unsettled.
     pub abandoned: usize,
-    /// The first 100 of them, as `topic/partition@offset`.
+    /// The first 100 of them, as `topic/partition@offset`. A handler that blocks its thread
+    /// (not just its task) cannot be given up: such records are counted in
+    /// [`abandoned`](Self::abandoned) but not listed.
     pub abandoned_records: Vec<String>,
 }
 

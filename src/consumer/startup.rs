@@ -95,12 +95,16 @@ pub(crate) fn check<C: ConsumerContext>(
     settings: &StartupSettings,
 ) -> Result<bool> {
     let started = Instant::now();
-    let deadline = started + settings.timeout;
+    // The cluster must stay unreachable for a whole timeout to fail the start: every answer
+    // moves the deadline (a long wait for topics is not an outage).
+    let mut unreachable_since = started;
     loop {
         if hub.stop_requested() {
             return Ok(false);
         }
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let remaining = (unreachable_since + settings.timeout)
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
         let existing = match consumer.fetch_metadata(None, remaining.min(Duration::from_secs(5))) {
             Ok(metadata) => metadata
                 .topics()
@@ -110,56 +114,43 @@ pub(crate) fn check<C: ConsumerContext>(
                 .collect::<BTreeSet<_>>(),
             Err(e) => {
                 hub.set_connected(false);
-                if Instant::now() >= deadline {
+                if unreachable_since.elapsed() >= settings.timeout {
                     return Err(Error::BrokersUnreachable {
                         servers: settings.servers.clone(),
-                        after: started.elapsed(),
+                        after: unreachable_since.elapsed(),
                     });
                 }
                 if let Some(suppressed) = hub.throttle.admit("startup: cluster unreachable") {
-                    warn!(servers = %settings.servers, error = %e, suppressed, waited = ?started.elapsed(), timeout = ?settings.timeout, "startup: the kafka cluster does not answer yet");
+                    warn!(servers = %settings.servers, error = %e, suppressed, waited = ?unreachable_since.elapsed(), timeout = ?settings.timeout, "startup: the kafka cluster does not answer yet");
                 }
                 std::thread::sleep(RETRY_EVERY.min(remaining));
                 continue;
             }
         };
         hub.set_connected(true);
-        let missing = |names: &[String]| -> Vec<String> {
-            names
-                .iter()
-                .filter(|t| !existing.contains(*t))
-                .cloned()
-                .collect()
-        };
-        let sink_topics: Vec<String> = settings
-            .sink_topics
+        unreachable_since = Instant::now();
+        let missing: Vec<String> = settings
+            .topics
             .iter()
-            .map(|(_, t)| t.clone())
+            .chain(settings.sink_topics.iter().map(|(_, dlt)| dlt))
+            .filter(|t| !existing.contains(*t))
+            .cloned()
             .collect();
-        let missing_sink = missing(&sink_topics);
-        if !missing_sink.is_empty() {
-            return Err(Error::MissingTopics {
-                topics: missing_sink,
-                hint: "dead-letter topics: create them (kourier::topics::TopicAdmin), or set \
-                       create_missing_topics(partitions) on the consumer builder"
-                    .into(),
-            });
-        }
-        let missing_source = missing(&settings.topics);
-        if missing_source.is_empty() {
+        if missing.is_empty() {
             info!(topics = ?settings.topics, took = ?started.elapsed(), "startup checks passed: the cluster answers and every topic exists");
             return Ok(true);
         }
         if !settings.wait_for_topics {
             return Err(Error::MissingTopics {
-                topics: missing_source,
-                hint: "subscribed topics: create them (kourier::topics::TopicAdmin), set \
-                       create_missing_topics, or wait_for_topics(true) to wait for them"
+                topics: missing,
+                hint: "create them (kourier::topics::TopicAdmin, dead-letter topics with their \
+                       source's partition count), set create_missing_topics(partitions) on the \
+                       consumer builder, or wait_for_topics(true) to wait for them"
                     .into(),
             });
         }
         if let Some(suppressed) = hub.throttle.admit("startup: waiting for topics") {
-            warn!(topics = ?missing_source, suppressed, "startup: waiting for subscribed topics to be created (wait_for_topics)");
+            warn!(topics = ?missing, suppressed, "startup: waiting for topics to be created (wait_for_topics)");
         }
         std::thread::sleep(RETRY_EVERY);
     }

@@ -114,12 +114,18 @@ impl Failure {
     }
 }
 
-/// A panicking store call, as the store error it stands for: the record waits and retries.
-fn store_panic(operation: &'static str, panic: String) -> StoreError {
-    StoreError::Unavailable {
-        operation,
-        source: format!("the idempotency store panicked: {panic}").into(),
-    }
+/// Calls the store; a panic becomes the store error it stands for (the record waits and
+/// retries, never skips).
+async fn store_call<T>(
+    operation: &'static str,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    guarded_async(call).await.unwrap_or_else(|panic| {
+        Err(StoreError::Unavailable {
+            operation,
+            source: format!("the idempotency store panicked: {panic}").into(),
+        })
+    })
 }
 
 impl<H: Handler> WorkerContext<H> {
@@ -253,9 +259,21 @@ impl<H: Handler> WorkerContext<H> {
             tracing::Span::current().record("attempt", attempt);
             let call = guarded_async(self.handler.handle(&message));
             let attempt_started = Instant::now();
-            let outcome = match self.handler_timeout {
-                Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
-                None => Ok(call.await),
+            let timed = async {
+                match self.handler_timeout {
+                    Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
+                    None => Ok(call.await),
+                }
+            };
+            // Past the revoke timeout or the shutdown deadline the attempt is dropped at its
+            // next `.await` and the record given up unsettled. Its claim is left to expire:
+            // the attempt may have started its effect.
+            let outcome = tokio::select! {
+                outcome = timed => outcome,
+                () = cancel.cancelled() => {
+                    warn!(coordinates = %record.coordinates(), attempt, "handler attempt given up: the partition was revoked or the shutdown deadline passed");
+                    return Outcome::Abandoned;
+                }
             };
             metrics.handler_duration(attempt_started.elapsed());
             let result = match outcome {
@@ -337,10 +355,7 @@ impl<H: Handler> WorkerContext<H> {
     ) -> ClaimOutcome {
         let mut waits = 0u32;
         loop {
-            match guarded_async(d.store.claim(key, d.lease))
-                .await
-                .unwrap_or_else(|panic| Err(store_panic("claim", panic)))
-            {
+            match store_call("claim", d.store.claim(key, d.lease)).await {
                 Ok(Claim::Acquired(token)) => return ClaimOutcome::Run(Some(token)),
                 Ok(Claim::Done) => return ClaimOutcome::Duplicate,
                 Ok(Claim::Busy) => {
@@ -377,10 +392,7 @@ impl<H: Handler> WorkerContext<H> {
         let deadline = Instant::now() + d.lease;
         let mut failures = 0u32;
         loop {
-            match guarded_async(d.store.complete(key, token, d.ttl))
-                .await
-                .unwrap_or_else(|panic| Err(store_panic("complete", panic)))
-            {
+            match store_call("complete", d.store.complete(key, token, d.ttl)).await {
                 Ok(()) => return,
                 Err(e) if e.is_lease_lost() => {
                     warn!(coordinates = %record.coordinates(), key, "lease expired before completion: the record may be handled again elsewhere");
@@ -413,9 +425,7 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
     ) {
         // Best effort: if it fails, the lease expires and the retry claims it then.
-        if let Err(e) = guarded_async(d.store.release(key, token))
-            .await
-            .unwrap_or_else(|panic| Err(store_panic("release", panic)))
+        if let Err(e) = store_call("release", d.store.release(key, token)).await
             && !e.is_lease_lost()
         {
             metrics.store_error(StoreOperation::Release);

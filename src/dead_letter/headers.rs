@@ -34,7 +34,7 @@ pub const ORIGINAL_CONSUMER_GROUP: &str = "kafka_dlt-original-consumer-group";
 pub const EXCEPTION_MESSAGE: &str = "kafka_dlt-exception-message";
 /// A class-like name of the failure, e.g. `kourier.RetriesExhausted` (UTF-8).
 pub const EXCEPTION_FQCN: &str = "kafka_dlt-exception-fqcn";
-/// `decode`, `permanent` or `retries-exhausted` (UTF-8).
+/// `decode`, `permanent`, `retries-exhausted` or `panic` (UTF-8).
 pub const FAILURE_KIND: &str = "kourier-dlt-failure-kind";
 /// Attempts made, decimal (UTF-8).
 pub const ATTEMPTS: &str = "kourier-dlt-attempts";

@@ -14,6 +14,7 @@ use super::headers::{letter_headers, provenance_only_headers};
 use super::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
 use crate::error::error_chain;
 use crate::error::{ConfigError, Error, Result};
+use crate::log_throttle::{CLIENT_LOG_INTERVAL, ThrottledLogContext};
 use crate::producer::{
     DEFAULT_SEND_TIMEOUT, ManagedProducer, ProducerSettings, check_timeout, owned_headers,
 };
@@ -113,10 +114,64 @@ type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 /// # }
 /// ```
 pub struct KafkaDeadLetterSink {
-    producer: ManagedProducer,
+    producer: SinkProducer,
     topic_name: TopicNameFn,
     partition_counts: Mutex<HashMap<String, PartitionCount>>,
 }
+
+/// The sink's own producer (its librdkafka logs throttled: it connects as soon as it is
+/// built, and an unreachable cluster would otherwise log at every reconnect), or one the
+/// user supplied.
+#[derive(Debug)]
+enum SinkProducer {
+    Own(ManagedProducer<ThrottledLogContext>),
+    Supplied(ManagedProducer),
+}
+
+impl SinkProducer {
+    async fn send(
+        &self,
+        record: FutureRecord<'_, [u8], [u8]>,
+        operation: &'static str,
+    ) -> Result<crate::producer::Delivery> {
+        match self {
+            SinkProducer::Own(p) => p.send(record, operation).await,
+            SinkProducer::Supplied(p) => p.send(record, operation).await,
+        }
+    }
+
+    async fn flush(&self, timeout: Duration) -> Result<()> {
+        match self {
+            SinkProducer::Own(p) => p.flush(timeout).await,
+            SinkProducer::Supplied(p) => p.flush(timeout).await,
+        }
+    }
+
+    fn send_timeout(&self) -> Duration {
+        match self {
+            SinkProducer::Own(p) => p.send_timeout,
+            SinkProducer::Supplied(p) => p.send_timeout,
+        }
+    }
+
+    /// `topic`'s metadata, through the producer's connections (blocking: run it on the
+    /// blocking pool).
+    fn metadata_fetcher(&self) -> Box<MetadataFetch> {
+        match self {
+            SinkProducer::Own(p) => {
+                let p = p.current();
+                Box::new(move |topic, timeout| p.client().fetch_metadata(Some(topic), timeout))
+            }
+            SinkProducer::Supplied(p) => {
+                let p = p.current();
+                Box::new(move |topic, timeout| p.client().fetch_metadata(Some(topic), timeout))
+            }
+        }
+    }
+}
+
+type MetadataFetch =
+    dyn FnOnce(&str, Duration) -> rdkafka::error::KafkaResult<rdkafka::metadata::Metadata> + Send;
 
 #[derive(Debug, Clone, Copy)]
 struct PartitionCount {
@@ -306,16 +361,14 @@ impl KafkaDeadLetterSink {
     }
 
     async fn fetch_partition_count(&self, dlt: &str) -> Result<i32> {
-        let producer = self.producer.current();
+        let fetch = self.producer.metadata_fetcher();
         let topic = dlt.to_owned();
-        let timeout = self.producer.send_timeout.min(METADATA_TIMEOUT);
+        let timeout = self.producer.send_timeout().min(METADATA_TIMEOUT);
         // `fetch_metadata` blocks the calling thread until the broker answers.
-        let metadata = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_metadata(Some(&topic), timeout)
-        })
-        .await
-        .map_err(|_join| Error::kafka(METADATA_OPERATION, KafkaError::Canceled))?
-        .map_err(|e| Error::kafka(METADATA_OPERATION, e))?;
+        let metadata = tokio::task::spawn_blocking(move || fetch(&topic, timeout))
+            .await
+            .map_err(|_join| Error::kafka(METADATA_OPERATION, KafkaError::Canceled))?
+            .map_err(|e| Error::kafka(METADATA_OPERATION, e))?;
         let topic = metadata
             .topics()
             .iter()
@@ -466,11 +519,14 @@ impl KafkaDeadLetterSinkBuilder {
                 }
                 let send_timeout =
                     check_timeout(settings.send_timeout.unwrap_or(DEFAULT_SEND_TIMEOUT))?;
-                ManagedProducer::from_producer(producer, send_timeout)
+                SinkProducer::Supplied(ManagedProducer::from_producer(producer, send_timeout))
             }
             None => {
                 settings.set_default("batch.num.messages", "1");
-                settings.build("kourier-dead-letter")?
+                SinkProducer::Own(settings.build_with_context(
+                    "kourier-dead-letter",
+                    ThrottledLogContext::new(CLIENT_LOG_INTERVAL),
+                )?)
             }
         };
         Ok(KafkaDeadLetterSink {

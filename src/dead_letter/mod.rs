@@ -7,8 +7,8 @@
 //!
 //! To read dead letters back, [`Provenance::from_headers`] parses those headers; to publish
 //! one again, [`RedriveRecord::from_dead_letter`] rebuilds the original record (provenance
-//! removed, redrive count raised). `examples/kourier_dlt.rs` is a command-line tool built on
-//! them: `inspect` lists a dead-letter topic, `redrive` re-publishes selected letters with
+//! removed, redrive count raised). The `kourier-dlt` binary (feature `cli`) is a command-line
+//! tool built on them: `inspect` lists a dead-letter topic, `redrive` re-publishes selected letters with
 //! crash-safe progress.
 //!
 //! The sink trait and the letter itself are used by every consumer, so they live at the crate

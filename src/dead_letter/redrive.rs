@@ -12,7 +12,7 @@ use crate::record::{Header, Headers, RawRecord};
 /// everything else the original record carried, e.g. an event id to deduplicate on and the
 /// W3C `traceparent`, so the redriven record continues the original trace. A consumer that
 /// dead-letters it again keeps the redrive count, which is how a redrive tool can refuse to
-/// loop a record forever (`examples/kourier_dlt.rs` does, above `--max-redrives`).
+/// loop a record forever (the `kourier-dlt` tool does, above `--max-redrives`).
 ///
 /// ```
 /// use kourier::dead_letter::{headers, RedriveRecord};

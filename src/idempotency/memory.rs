@@ -12,7 +12,7 @@ use super::{Claim, ClaimToken, IdempotencyStore, StoreError};
 
 /// An [`IdempotencyStore`] kept in this process's memory.
 ///
-/// It has the same semantics as [`RedisIdempotencyStore`](crate::RedisIdempotencyStore):
+/// It has the same semantics as `RedisIdempotencyStore` (feature `redis`):
 /// `claim` atomically takes an absent key as *in flight* (holding a fresh [`ClaimToken`]) for
 /// the lease; a key whose lease ran out can be claimed again (with a new token); `complete`
 /// turns the caller's claim into *done* for the TTL; `release` drops it. Both are fenced: with

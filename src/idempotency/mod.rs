@@ -16,7 +16,7 @@
 //! The store trait and its types are at the crate root: [`IdempotencyStore`], [`Claim`],
 //! [`ClaimToken`], [`StoreError`], and the two stores kourier ships,
 //! [`InMemoryIdempotencyStore`](crate::InMemoryIdempotencyStore) and
-//! [`RedisIdempotencyStore`](crate::RedisIdempotencyStore). This module holds the contract
+//! `RedisIdempotencyStore` (feature `redis`). This module holds the contract
 //! they keep and, with the `testing` feature, `testing::run_conformance`, which checks a store
 //! against it.
 //!
@@ -120,9 +120,11 @@
 pub(crate) use crate::error::StoreError;
 
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
 pub(crate) mod redis;
 pub(crate) mod store;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 pub(crate) use self::store::{Claim, ClaimToken, IdempotencyStore};

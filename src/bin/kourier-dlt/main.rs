@@ -1,15 +1,18 @@
-//! # kourier_dlt — inspect and redrive a dead-letter topic
+//! # kourier-dlt — inspect and redrive a dead-letter topic
 //!
 //! A command-line tool for the dead-letter topics kourier writes (and Spring Kafka's: the
 //! `kafka_dlt-*` headers are the same), built on
 //! [`kourier::dead_letter::Provenance`] and [`kourier::dead_letter::RedriveRecord`]:
 //!
 //! ```text
-//! cargo run --example kourier_dlt -- inspect notify.v1.dlt
-//! cargo run --example kourier_dlt -- inspect notify.v1.dlt --json --kind permanent --since 2h
-//! cargo run --example kourier_dlt -- redrive notify.v1.dlt --kind retries-exhausted --dry-run
-//! cargo run --example kourier_dlt -- redrive notify.v1.dlt --key u-42
+//! cargo install kourier --features cli     # or, in a checkout: cargo install --path . --features cli
+//! kourier-dlt inspect notify.v1.dlt
+//! kourier-dlt inspect notify.v1.dlt --json --kind permanent --since 2h
+//! kourier-dlt redrive notify.v1.dlt --kind retries-exhausted --dry-run
+//! kourier-dlt redrive notify.v1.dlt --key u-42
 //! ```
+//!
+//! In a checkout without installing: `cargo run --features cli --bin kourier-dlt -- inspect ...`.
 //!
 //! - `inspect <dlt-topic>` reads the topic from the beginning to its current end and lists
 //!   each dead letter's provenance — original topic/partition/offset, failure kind, error,

@@ -1,0 +1,1378 @@
+//! Issue 11, "fail loudly, never wedge" (DESIGN rules 13 and 14), against the real broker and
+//! Redis: startup checks (unreachable brokers, missing subscribed and dead-letter topics,
+//! `wait_for_topics`, `create_missing_topics`), a topic deleted while consuming, the honest
+//! shutdown report, plug-ins that panic on a record's path (codec, dedup-key function,
+//! idempotency store, dead-letter sink, handler), the uncommitted-work bound and the stall
+//! threshold, running health (`caught_up`), and the maximum broker outage.
+//!
+//! The outage test runs on librdkafka's in-process mock cluster: the shared broker advertises
+//! its own address, so a proxy in front of it would be bypassed after bootstrap, and a private
+//! broker (as `tests/network_faults.rs` starts) costs more than this file's time budget.
+//!
+//! Needs Kafka and Redis (`scripts/services up`); each test has its own topics and group. Run
+//! with `--nocapture` to see the figures the tests print (elapsed times, log-line counts).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kourier::dead_letter::headers;
+use kourier::rdkafka::admin::{AdminClient, AdminOptions};
+use kourier::rdkafka::client::DefaultClientContext;
+use kourier::rdkafka::config::ClientConfig;
+use kourier::rdkafka::mocking::MockCluster;
+use kourier::rdkafka::producer::{FutureProducer, FutureRecord};
+use kourier::{
+    Claim, ClaimToken, Codec, ConnectionState, ConsumerMonitor, ConsumerSnapshot, DeadLetter,
+    DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, DecodeError, DedupKey,
+    Error, Handler, HandlerError, IdempotencyStore, InMemoryIdempotencyStore, JsonCodec,
+    KafkaDeadLetterSink, Message, ProcessingOrder, RawRecord, RedisIdempotencyStore, RetryPolicy,
+    RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, StoreError, async_trait,
+};
+use serde::{Deserialize, Serialize};
+use support::{ReadRecord, TestRecord};
+
+// ---------------------------------------------------------------------------------------------
+// The test event and handler
+
+/// What the handler does with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum Act {
+    Ok,
+    Permanent,
+    /// Fails transiently until the log is `healed`.
+    Transient,
+    Panic,
+    SleepMs(u64),
+    /// Waits until the log's gate opens.
+    Gate,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ev {
+    id: u64,
+    act: Act,
+}
+
+/// Event `id`, keyed `key-<id>`.
+fn ev(id: u64, act: Act) -> TestRecord {
+    keyed(id, &format!("key-{id}"), act)
+}
+
+fn keyed(id: u64, key: &str, act: Act) -> TestRecord {
+    TestRecord::new()
+        .key(key)
+        .value(serde_json::to_vec(&Ev { id, act }).expect("encode event"))
+        .partition(0)
+}
+
+/// What the handler saw.
+#[derive(Debug)]
+struct Log {
+    /// `(id, attempt)` of every call, in call order.
+    attempts: Mutex<Vec<(u64, u32)>>,
+    /// `(id, partition, offset)` of every successful call.
+    handled: Mutex<Vec<(u64, i32, i64)>>,
+    /// `Act::Gate` waits for a permit; closed (no permits) until `open_gate`.
+    gate: tokio::sync::Semaphore,
+    /// `Act::Transient` succeeds once set.
+    healed: AtomicBool,
+}
+
+impl Log {
+    fn new() -> Arc<Log> {
+        Arc::new(Log {
+            attempts: Mutex::new(Vec::new()),
+            handled: Mutex::new(Vec::new()),
+            gate: tokio::sync::Semaphore::new(0),
+            healed: AtomicBool::new(false),
+        })
+    }
+    fn attempts_of(&self, id: u64) -> Vec<u32> {
+        let attempts = self.attempts.lock().unwrap();
+        attempts
+            .iter()
+            .filter(|(i, _)| *i == id)
+            .map(|(_, a)| *a)
+            .collect()
+    }
+    /// Ids handled successfully, sorted, duplicates kept.
+    fn handled_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.handled.lock().unwrap().iter().map(|h| h.0).collect();
+        ids.sort_unstable();
+        ids
+    }
+    fn handled_count(&self) -> usize {
+        self.handled.lock().unwrap().len()
+    }
+    fn open_gate(&self) {
+        self.gate.add_permits(1 << 20);
+    }
+}
+
+struct Probe(Arc<Log>);
+
+#[async_trait]
+impl Handler for Probe {
+    type Event = Ev;
+    async fn handle(&self, m: &Message<Ev>) -> Result<(), HandlerError> {
+        let ev = m.event();
+        self.0.attempts.lock().unwrap().push((ev.id, m.attempt()));
+        match ev.act {
+            Act::Ok => {}
+            Act::Permanent => {
+                return Err(HandlerError::permanent(format!(
+                    "event {} is permanently bad",
+                    ev.id
+                )));
+            }
+            Act::Transient if !self.0.healed.load(AtomicOrdering::SeqCst) => {
+                return Err(HandlerError::transient(format!(
+                    "event {} failed on attempt {}",
+                    ev.id,
+                    m.attempt()
+                )));
+            }
+            Act::Transient => {}
+            Act::Panic => panic!("event {} makes the handler panic", ev.id),
+            Act::SleepMs(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Act::Gate => {
+                let _permit = self.0.gate.acquire().await.expect("gate semaphore closed");
+            }
+        }
+        self.0
+            .handled
+            .lock()
+            .unwrap()
+            .push((ev.id, m.partition(), m.offset()));
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a consumer
+
+fn builder(log: &Arc<Log>, topic: &str, group: &str) -> RetryingConsumerBuilder<Probe> {
+    settings(RetryingConsumer::builder(Probe(log.clone())), topic, group)
+}
+
+/// The settings every test uses: fast retries, commits and group membership; short timeouts.
+fn settings<H: Handler>(
+    b: RetryingConsumerBuilder<H>,
+    topic: &str,
+    group: &str,
+) -> RetryingConsumerBuilder<H> {
+    b.bootstrap_servers(support::bootstrap())
+        .group_id(group)
+        .topic(topic)
+        .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 3))
+        .commit_interval(Duration::from_millis(200))
+        .startup_timeout(Duration::from_secs(3))
+        .shutdown_timeout(Duration::from_secs(5))
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "500")
+}
+
+/// A consumer running in the background until `stop` is called.
+struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<kourier::Result<ShutdownReport>>,
+    monitor: ConsumerMonitor,
+}
+
+impl Running {
+    fn start<H: Handler>(b: RetryingConsumerBuilder<H>) -> Running {
+        let consumer = b.build().expect("build");
+        let monitor = consumer.monitor();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(consumer.run(async {
+            let _ = rx.await;
+        }));
+        Running {
+            stop: Some(tx),
+            task,
+            monitor,
+        }
+    }
+
+    fn snapshot(&self) -> ConsumerSnapshot {
+        self.monitor.snapshot()
+    }
+
+    /// Waits until partitions of `topic` are assigned.
+    async fn assigned(&self, topic: &str) {
+        wait_for(
+            &format!("partitions of {topic} assigned"),
+            Duration::from_secs(30),
+            || self.snapshot().assigned.iter().any(|(t, _)| t == topic),
+        )
+        .await;
+    }
+
+    /// Signals the stop; returns what `run` returned and how long it took to.
+    async fn stop(mut self) -> (kourier::Result<ShutdownReport>, Duration) {
+        assert!(
+            !self.task.is_finished(),
+            "the consumer stopped before it was told to"
+        );
+        let _ = self.stop.take().expect("stopped once").send(());
+        let started = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("run() did not return within 60 s of the stop signal")
+            .expect("consumer task panicked");
+        (result, started.elapsed())
+    }
+
+    /// Stops and asserts a clean shutdown.
+    async fn stop_clean(self) {
+        let (result, took) = self.stop().await;
+        let report = result.expect("run() failed");
+        assert!(report.is_clean(), "shutdown abandoned records: {report:?}");
+        assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+    }
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A topic and its `<topic>.dlt`, both created with `partitions` partitions.
+async fn topics(prefix: &str, partitions: i32) -> (String, String) {
+    let topic = support::unique_name(prefix);
+    let dlt = format!("{topic}.dlt");
+    support::create_topic(&topic, partitions).await;
+    support::create_topic(&dlt, partitions).await;
+    (topic, dlt)
+}
+
+/// Committed offset of partition 0.
+async fn committed0(group: &str, topic: &str) -> Option<i64> {
+    support::committed_offsets(group, topic, 1).await[&0]
+}
+
+/// A header's value as text ("" when absent or null).
+fn header(r: &ReadRecord, name: &str) -> String {
+    r.header(name)
+        .flatten()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
+/// A Spring-style big-endian integer header (`kafka_dlt-original-offset`, ...), if present.
+fn header_int(r: &ReadRecord, name: &str) -> Option<i64> {
+    let v = r.header(name).flatten()?;
+    match v.len() {
+        8 => Some(i64::from_be_bytes(v.try_into().ok()?)),
+        4 => Some(i64::from(i32::from_be_bytes(v.try_into().ok()?))),
+        _ => None,
+    }
+}
+
+/// Deletes topics (local helper: tests/support has none).
+async fn delete_topics(names: &[&str]) {
+    let admin: AdminClient<DefaultClientContext> = support::client_config()
+        .create()
+        .expect("create admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin
+        .delete_topics(names, &options)
+        .await
+        .expect("delete topics")
+    {
+        if let Err((topic, code)) = result {
+            panic!("delete topic {topic}: {code}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Captured log lines
+
+/// Everything logged at WARN and above by this test binary (the global subscriber).
+fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
+    static BUFFER: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    BUFFER.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || Capture(writer.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("install the log capture");
+        buffer
+    })
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where the captured log is now, to read what comes after with [`lines_since`].
+fn log_mark() -> usize {
+    captured().lock().unwrap().len()
+}
+
+/// The WARN/ERROR lines logged since `mark` (by any test of this binary) that `matches`.
+fn lines_since(mark: usize, matches: impl Fn(&str) -> bool) -> Vec<String> {
+    let buffer = captured().lock().unwrap();
+    String::from_utf8_lossy(&buffer[mark..])
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            l.starts_with("WARN") || l.starts_with("ERROR")
+        })
+        .filter(|l| matches(l))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Tests whose log lines speak of unreachable brokers run one at a time, so that each counts
+/// only its own.
+static OUTAGE_LOGS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ---------------------------------------------------------------------------------------------
+// 1. Unreachable bootstrap servers
+
+/// What one `run()` against `127.0.0.1:1` (nothing listens on port 1) returned, how long it
+/// took, and the WARN/ERROR lines logged meanwhile about that cluster.
+struct UnreachableRun {
+    result: kourier::Result<ShutdownReport>,
+    elapsed: Duration,
+    lines: Vec<String>,
+}
+
+async fn run_against_nothing(startup_timeout: Duration) -> UnreachableRun {
+    captured();
+    let _quiet = OUTAGE_LOGS.lock().await;
+    let consumer = RetryingConsumer::builder(Probe(Log::new()))
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id(support::unique_name("unreachable"))
+        .topic("notify.v1")
+        .startup_timeout(startup_timeout)
+        .build()
+        .expect("build");
+    let mark = log_mark();
+    let started = Instant::now();
+    let result = tokio::time::timeout(
+        startup_timeout + Duration::from_secs(12),
+        consumer.run(std::future::pending()),
+    )
+    .await
+    .expect("run() returned within the startup timeout + 12 s");
+    let elapsed = started.elapsed();
+    // Lines about this cluster: its address (not a longer port), or the cluster being down.
+    let names_it = |l: &str| {
+        l.match_indices("127.0.0.1:1")
+            .any(|(i, m)| !l[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()))
+    };
+    let lines = lines_since(mark, |l| {
+        names_it(l)
+            || l.contains("does not answer")
+            || l.contains("unreachable")
+            || l.contains("brokers are down")
+            || l.contains("broker connections are down")
+    });
+    UnreachableRun {
+        result,
+        elapsed,
+        lines,
+    }
+}
+
+/// Lines logged by kourier itself or through the consumer's own client context (whose
+/// librdkafka lines carry a `suppressed` count); the rest come from other clients.
+fn is_kourier_line(l: &str) -> bool {
+    let target = l.split_whitespace().nth(1).unwrap_or_default();
+    target.starts_with("kourier") || (target.starts_with("librdkafka") && l.contains("suppressed="))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_brokers_are_an_error_within_the_startup_timeout() {
+    let run = run_against_nothing(Duration::from_secs(3)).await;
+    let err = run.result.expect_err("nothing answers at 127.0.0.1:1");
+    let own = run.lines.iter().filter(|l| is_kourier_line(l)).count();
+    eprintln!(
+        "unreachable bootstrap: run() returned after {:?} with `{err}`; {} WARN/ERROR lines \
+         about the cluster, {own} of them from the consumer itself:\n  {}",
+        run.elapsed,
+        run.lines.len(),
+        run.lines.join("\n  ")
+    );
+    assert!(err.is_brokers_unreachable(), "{err:?}");
+    match &err {
+        Error::BrokersUnreachable { servers, after } => {
+            assert_eq!(servers, "127.0.0.1:1");
+            assert!(
+                *after >= Duration::from_secs(3),
+                "it tried for the whole startup timeout: {after:?}"
+            );
+        }
+        other => panic!("expected BrokersUnreachable, got {other:?}"),
+    }
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    assert!(!err.is_missing_topics() && !err.is_config());
+    assert!(
+        run.elapsed < Duration::from_secs(15),
+        "returned within 15 s: {:?}",
+        run.elapsed
+    );
+    assert!(own >= 1, "the unreachable cluster is logged");
+    assert!(
+        own <= 10,
+        "the consumer logs a persisting condition once per interval, not per poll: {own} lines"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_brokers_are_logged_a_few_times_not_per_reconnect() {
+    let run = run_against_nothing(Duration::from_secs(3)).await;
+    assert!(run.result.is_err());
+    assert!(
+        run.lines.len() <= 10,
+        "a persisting condition is logged once per interval, not per reconnect: {} lines:\n  {}",
+        run.lines.len(),
+        run.lines.join("\n  ")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2–4. Missing topics
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_subscribed_topic_is_an_error_naming_it() {
+    captured();
+    support::require_kafka().await;
+    let topic = support::unique_name("missing-source");
+    // The dead-letter topic exists: only the subscribed topic is missing.
+    support::create_topic(&format!("{topic}.dlt"), 1).await;
+    let group = support::unique_name("missing-source");
+    let consumer = builder(&Log::new(), &topic, &group).build().expect("build");
+
+    let started = Instant::now();
+    let result = tokio::time::timeout(
+        Duration::from_secs(15),
+        consumer.run(std::future::pending()),
+    )
+    .await
+    .expect("run() returned within 15 s");
+    let err = result.expect_err("the topic does not exist");
+    eprintln!("missing topic: {:?} → {err}", started.elapsed());
+    assert!(err.is_missing_topics(), "{err:?}");
+    assert_eq!(err.missing_topics(), std::slice::from_ref(&topic));
+    match &err {
+        Error::MissingTopics { hint, .. } => {
+            assert!(hint.contains("wait_for_topics"), "{hint}");
+            assert!(hint.contains("create_missing_topics"), "{hint}");
+        }
+        other => panic!("expected MissingTopics, got {other:?}"),
+    }
+}
+
+/// Runs a consumer with `wait_for_topics(true)` and the given startup timeout on a topic that
+/// is created `after` it started (its dead-letter topic exists); checks it consumes it.
+async fn wait_for_topic_created_after(startup_timeout: Duration, after: Duration) {
+    captured();
+    support::require_kafka().await;
+    let topic = support::unique_name("wait-for");
+    let dlt = format!("{topic}.dlt");
+    support::create_topic(&dlt, 1).await;
+    let group = support::unique_name("wait-for");
+    let log = Log::new();
+    let running = Running::start(
+        builder(&log, &topic, &group)
+            .wait_for_topics(true)
+            .startup_timeout(startup_timeout),
+    );
+    tokio::time::sleep(after).await;
+    if running.task.is_finished() {
+        let ended = running.task.await;
+        panic!("run() returned instead of waiting for the topic: {ended:?}");
+    }
+    let waiting = running.snapshot();
+    assert_eq!(waiting.connection, ConnectionState::Connected);
+    assert!(waiting.assigned.is_empty(), "{:?}", waiting.assigned);
+
+    support::create_topic(&topic, 1).await;
+    support::produce(&topic, (0..3).map(|id| ev(id, Act::Ok)).collect()).await;
+    wait_for("3 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 3
+    })
+    .await;
+    assert_eq!(log.handled_ids(), [0, 1, 2]);
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_topics_waits_for_a_topic_created_later_then_consumes_it() {
+    wait_for_topic_created_after(Duration::from_secs(10), Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_topics_waits_past_the_startup_timeout() {
+    wait_for_topic_created_after(Duration::from_secs(3), Duration::from_secs(4)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_topics_also_waits_for_the_dead_letter_topic() {
+    captured();
+    support::require_kafka().await;
+    let topic = support::unique_name("wait-both");
+    let group = support::unique_name("wait-both");
+    let log = Log::new();
+    let running = Running::start(builder(&log, &topic, &group).wait_for_topics(true));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if running.task.is_finished() {
+        let ended = running.task.await;
+        panic!("run() returned instead of waiting for the topic and its DLT: {ended:?}");
+    }
+    support::create_topic(&topic, 1).await;
+    support::create_topic(&format!("{topic}.dlt"), 1).await;
+    support::produce(&topic, (0..3).map(|id| ev(id, Act::Ok)).collect()).await;
+    wait_for("3 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 3
+    })
+    .await;
+    running.stop_clean().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_topic_is_an_error_naming_it_and_the_setting_that_creates_it() {
+    captured();
+    support::require_kafka().await;
+    let topic = support::unique_name("missing-dlt");
+    support::create_topic(&topic, 1).await;
+    let group = support::unique_name("missing-dlt");
+    let consumer = builder(&Log::new(), &topic, &group).build().expect("build");
+
+    let started = Instant::now();
+    let result = tokio::time::timeout(
+        Duration::from_secs(15),
+        consumer.run(std::future::pending()),
+    )
+    .await
+    .expect("run() returned within 15 s");
+    let err = result.expect_err("the dead-letter topic does not exist");
+    eprintln!("missing dead-letter topic: {:?} → {err}", started.elapsed());
+    assert_eq!(err.missing_topics(), [format!("{topic}.dlt")]);
+    match &err {
+        Error::MissingTopics { hint, .. } => {
+            assert!(hint.contains("create_missing_topics"), "{hint}");
+        }
+        other => panic!("expected MissingTopics, got {other:?}"),
+    }
+    assert!(err.to_string().contains(&format!("{topic}.dlt")), "{err}");
+    // Nothing was consumed: no offsets committed for the group.
+    assert_eq!(committed0(&group, &topic).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_topics_names_every_missing_topic() {
+    captured();
+    support::require_kafka().await;
+    let topic = support::unique_name("missing-both");
+    let group = support::unique_name("missing-both");
+    let consumer = builder(&Log::new(), &topic, &group).build().expect("build");
+    let err = tokio::time::timeout(
+        Duration::from_secs(15),
+        consumer.run(std::future::pending()),
+    )
+    .await
+    .expect("run() returned within 15 s")
+    .expect_err("neither topic exists");
+    let mut missing = err.missing_topics().to_vec();
+    missing.sort();
+    assert_eq!(missing, [topic.clone(), format!("{topic}.dlt")], "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_missing_topics_creates_source_and_dead_letter_topics_and_letters_flow() {
+    captured();
+    support::require_kafka().await;
+    let topic = support::unique_name("create-missing");
+    let dlt = format!("{topic}.dlt");
+    let group = support::unique_name("create-missing");
+    let log = Log::new();
+    let running = Running::start(
+        builder(&log, &topic, &group)
+            .create_missing_topics(3)
+            .startup_timeout(Duration::from_secs(20)),
+    );
+    running.assigned(&topic).await;
+    assert_eq!(support::partitions_of(&topic).await, [0, 1, 2]);
+    assert_eq!(
+        support::partitions_of(&dlt).await,
+        [0, 1, 2],
+        "the dead-letter topic has its source's partition count"
+    );
+
+    let records: Vec<TestRecord> = (0..6)
+        .map(|id| {
+            let act = if id == 4 { Act::Permanent } else { Act::Ok };
+            ev(id, act).partition((id % 3) as i32)
+        })
+        .collect();
+    let coordinates = support::produce(&topic, records).await;
+    let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
+    wait_for("5 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 5
+    })
+    .await;
+    assert_eq!(log.handled_ids(), [0, 1, 2, 3, 5]);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(header(letter, headers::FAILURE_KIND), "permanent");
+    assert_eq!(
+        letter.partition, coordinates[4].0,
+        "the letter keeps its source partition"
+    );
+    assert_eq!(
+        header_int(letter, headers::ORIGINAL_OFFSET),
+        Some(coordinates[4].1)
+    );
+    running.stop_clean().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A topic deleted while consuming
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deleted_while_consuming_leaves_the_assignment_and_the_rest_flows() {
+    captured();
+    support::require_kafka().await;
+    let (kept, _) = topics("deleted-kept", 1).await;
+    let (doomed, _) = topics("deleted-doomed", 2).await;
+    let group = support::unique_name("deleted");
+    let log = Log::new();
+    let running = Running::start(builder(&log, &kept, &group).topic(&doomed));
+    support::produce(&kept, vec![ev(0, Act::Ok)]).await;
+    support::produce(&doomed, vec![ev(1, Act::Ok), ev(2, Act::Ok).partition(1)]).await;
+    wait_for("3 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 3
+    })
+    .await;
+    wait_for("the doomed topic assigned", Duration::from_secs(10), || {
+        running
+            .snapshot()
+            .assigned
+            .iter()
+            .filter(|(t, _)| *t == doomed)
+            .count()
+            == 2
+    })
+    .await;
+
+    let mark = log_mark();
+    delete_topics(&[&doomed]).await;
+    let deleted = Instant::now();
+    // (A rebalance may revoke everything for a moment: wait for the kept topic, too.)
+    let only_kept = vec![(kept.clone(), 0)];
+    // librdkafka reports a subscribed topic gone only after `topic.metadata.propagation.max.ms`
+    // (default 30 s): kourier acts on that report.
+    wait_for(
+        "the deleted topic's partitions to leave the assignment",
+        Duration::from_secs(45),
+        || running.snapshot().assigned == only_kept,
+    )
+    .await;
+    let left_after = deleted.elapsed();
+    let snapshot = running.snapshot();
+    assert_eq!(snapshot.assigned, [(kept.clone(), 0)]);
+    assert!(
+        snapshot.partitions.iter().all(|p| p.topic == kept),
+        "{:?}",
+        snapshot.partitions
+    );
+
+    // The consumer keeps running: the other topic still flows.
+    support::produce(&kept, vec![ev(3, Act::Ok)]).await;
+    wait_for(
+        "the record after the deletion",
+        Duration::from_secs(30),
+        || log.handled_count() == 4,
+    )
+    .await;
+    let lines = lines_since(mark, |l| l.contains(doomed.as_str()));
+    eprintln!(
+        "deleted topic: left the assignment after {left_after:?}; {} WARN/ERROR lines name it:\n  {}",
+        lines.len(),
+        lines.join("\n  ")
+    );
+    assert!(
+        lines
+            .iter()
+            .filter(|l| l.contains("subscribed topic deleted"))
+            .count()
+            <= 1,
+        "one warning for the deletion"
+    );
+    assert!(
+        lines.len() <= 10,
+        "no flood of warnings: {} lines",
+        lines.len()
+    );
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &kept).await, Some(2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Honest shutdown
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_waiting_out_a_back_off_is_abandoned_at_once_reported_and_redelivered() {
+    captured();
+    support::require_kafka().await;
+    let (topic, _) = topics("backoff-stop", 1).await;
+    let group = support::unique_name("backoff-stop");
+    let log = Log::new();
+    support::produce(
+        &topic,
+        vec![
+            ev(0, Act::Ok),
+            ev(1, Act::Ok),
+            ev(2, Act::Transient),
+            ev(3, Act::Ok),
+        ],
+    )
+    .await;
+    // A 30 s back-off, and a shutdown timeout longer than the bound asserted below: only
+    // giving the record up at once can return in time.
+    let running = Running::start(
+        builder(&log, &topic, &group)
+            .retry_policy(RetryPolicy::fixed(Duration::from_secs(30), 3))
+            .shutdown_timeout(Duration::from_secs(20)),
+    );
+    wait_for(
+        "the first attempt of event 2",
+        Duration::from_secs(30),
+        || !log.attempts_of(2).is_empty(),
+    )
+    .await;
+    wait_for("offsets 0 and 1 committed", Duration::from_secs(10), || {
+        running
+            .snapshot()
+            .partitions
+            .first()
+            .and_then(|p| p.committed)
+            == Some(2)
+    })
+    .await;
+
+    let (result, took) = running.stop().await;
+    eprintln!("shutdown with a record in a 30 s back-off: run() returned after {took:?}");
+    let report = result.expect("run() failed");
+    assert!(
+        took < Duration::from_secs(10),
+        "the back-off does not hold the shutdown: {took:?}"
+    );
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    assert_eq!(report.abandoned_records, [format!("{topic}/0@2")]);
+    assert!(!report.is_clean());
+    let err = report.clone().into_result().expect_err("abandoned");
+    assert!(err.is_abandoned(), "{err:?}");
+    assert!(err.to_string().contains(&format!("{topic}/0@2")), "{err}");
+    assert_eq!(log.attempts_of(2), [1], "no attempt during the shutdown");
+    assert_eq!(
+        committed0(&group, &topic).await,
+        Some(2),
+        "the commit stops at the abandoned record"
+    );
+
+    // After a restart the record is delivered again, and only what was not committed.
+    log.healed.store(true, AtomicOrdering::SeqCst);
+    let running = Running::start(builder(&log, &topic, &group));
+    wait_for("events 2 and 3 handled", Duration::from_secs(30), || {
+        log.handled_count() == 4
+    })
+    .await;
+    assert_eq!(log.handled_ids(), [0, 1, 2, 3], "nothing handled twice");
+    assert_eq!(log.attempts_of(2), [1, 1], "one attempt in each run");
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_outliving_the_shutdown_timeout_is_reported_abandoned() {
+    captured();
+    support::require_kafka().await;
+    let (topic, _) = topics("blocked-stop", 1).await;
+    let group = support::unique_name("blocked-stop");
+    let log = Log::new();
+    support::produce(&topic, vec![ev(0, Act::Ok), ev(1, Act::SleepMs(30_000))]).await;
+    let running =
+        Running::start(builder(&log, &topic, &group).shutdown_timeout(Duration::from_secs(1)));
+    wait_for("event 1 in its handler", Duration::from_secs(30), || {
+        !log.attempts_of(1).is_empty()
+    })
+    .await;
+    let (result, took) = running.stop().await;
+    eprintln!("shutdown with a handler blocked 30 s: run() returned after {took:?}: {result:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "bounded by the shutdown timeout: {took:?}"
+    );
+    let report = result.expect("run() failed");
+    assert_eq!(
+        committed0(&group, &topic).await,
+        Some(1),
+        "the commit stops at the record still running"
+    );
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    assert_eq!(report.abandoned_records, [format!("{topic}/0@1")]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Panicking plug-ins
+
+/// Five records on partition 0, the middle one (id 2) the bad one.
+fn five_with(bad: Act) -> Vec<TestRecord> {
+    (0..5)
+        .map(|id| ev(id, if id == 2 { bad } else { Act::Ok }))
+        .collect()
+}
+
+/// A JSON codec that panics on event 2.
+struct PanickyCodec;
+
+impl Codec<Ev> for PanickyCodec {
+    fn decode(&self, record: &RawRecord) -> Result<Ev, DecodeError> {
+        let ev = JsonCodec::<Ev>::new().decode(record)?;
+        assert!(ev.id != 2, "the codec panics on event 2");
+        Ok(ev)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_codec_dead_letters_the_record_as_decode_and_the_partition_flows() {
+    captured();
+    support::require_kafka().await;
+    let (topic, dlt) = topics("panic-codec", 1).await;
+    let group = support::unique_name("panic-codec");
+    let log = Log::new();
+    support::produce(&topic, five_with(Act::Ok)).await;
+    let b = RetryingConsumer::builder(Probe(log.clone())).codec(PanickyCodec);
+    let running = Running::start(settings(b, &topic, &group));
+    let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
+    wait_for("4 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 4
+    })
+    .await;
+    assert_eq!(
+        log.handled_ids(),
+        [0, 1, 3, 4],
+        "records after it were handled"
+    );
+    assert!(log.attempts_of(2).is_empty(), "the handler never saw it");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(header(&letters[0], headers::FAILURE_KIND), "decode");
+    assert_eq!(header_int(&letters[0], headers::ORIGINAL_OFFSET), Some(2));
+    assert!(
+        header(&letters[0], headers::EXCEPTION_MESSAGE).contains("the codec panics on event 2"),
+        "{:?}",
+        letters[0].headers
+    );
+    let snapshot = running.snapshot();
+    assert_eq!(snapshot.panics, 1);
+    assert_eq!(snapshot.dead_lettered.of(DeadLetterReason::Decode), 1);
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_dedup_key_function_dead_letters_the_record_as_panic() {
+    captured();
+    support::require_kafka().await;
+    let (topic, dlt) = topics("panic-key", 1).await;
+    let group = support::unique_name("panic-key");
+    let log = Log::new();
+    support::produce(&topic, five_with(Act::Ok)).await;
+    let store = Arc::new(InMemoryIdempotencyStore::new());
+    let key = DedupKey::from_fn(|m: &Message<Ev>| {
+        assert!(m.event().id != 2, "the key function panics on event 2");
+        Some(format!("ev-{}", m.event().id))
+    });
+    let running = Running::start(builder(&log, &topic, &group).idempotency(store.clone(), key));
+    let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
+    wait_for("4 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 4
+    })
+    .await;
+    assert_eq!(log.handled_ids(), [0, 1, 3, 4]);
+    assert!(log.attempts_of(2).is_empty(), "the handler never saw it");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(header(&letters[0], headers::FAILURE_KIND), "panic");
+    assert_eq!(header_int(&letters[0], headers::ORIGINAL_OFFSET), Some(2));
+    assert_eq!(
+        store.len(),
+        4,
+        "the four handled keys are done, nothing else"
+    );
+    let snapshot = running.snapshot();
+    assert_eq!(snapshot.panics, 1);
+    assert_eq!(snapshot.dead_lettered.of(DeadLetterReason::Panic), 1);
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(5));
+}
+
+/// A Redis store whose `claim` of keys ending in `ev-2` panics the first `panics` times.
+#[derive(Debug)]
+struct PanickyStore {
+    inner: RedisIdempotencyStore,
+    panics: AtomicU32,
+    claims_of_2: AtomicU32,
+}
+
+#[async_trait]
+impl IdempotencyStore for PanickyStore {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        if key.ends_with(":ev-2") {
+            self.claims_of_2.fetch_add(1, AtomicOrdering::SeqCst);
+            let left =
+                self.panics
+                    .fetch_update(AtomicOrdering::SeqCst, AtomicOrdering::SeqCst, |n| {
+                        n.checked_sub(1)
+                    });
+            assert!(left.is_err(), "the store panics claiming {key}");
+        }
+        self.inner.claim(key, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.complete(key, token, ttl).await
+    }
+    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_store_makes_the_record_wait_and_it_is_handled_once() {
+    captured();
+    support::require_kafka().await;
+    support::require_redis().await;
+    let (topic, dlt) = topics("panic-store", 1).await;
+    let group = support::unique_name("panic-store");
+    let log = Log::new();
+    support::produce(&topic, five_with(Act::Ok)).await;
+    let store = Arc::new(PanickyStore {
+        inner: RedisIdempotencyStore::builder(support::redis_url().as_str())
+            .key_prefix(support::unique_name("panic-store"))
+            .build()
+            .await
+            .expect("redis store"),
+        panics: AtomicU32::new(3),
+        claims_of_2: AtomicU32::new(0),
+    });
+    let key = DedupKey::from_fn(|m: &Message<Ev>| Some(format!("ev-{}", m.event().id)));
+    let running = Running::start(builder(&log, &topic, &group).idempotency(store.clone(), key));
+    wait_for("5 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 5
+    })
+    .await;
+    assert_eq!(
+        log.handled_ids(),
+        [0, 1, 2, 3, 4],
+        "each handled once, none skipped"
+    );
+    assert_eq!(log.attempts_of(2), [1], "one handler attempt");
+    assert_eq!(
+        store.claims_of_2.load(AtomicOrdering::SeqCst),
+        4,
+        "three panicking claims, then the one that worked"
+    );
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(5));
+    assert!(support::read_all(&dlt).await.is_empty(), "no dead letter");
+}
+
+/// The Kafka sink, panicking on its first two sends; the third waits for `gate`.
+#[derive(Debug)]
+struct PanickySink {
+    inner: KafkaDeadLetterSink,
+    sends: AtomicU32,
+    gate: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl DeadLetterSink for PanickySink {
+    async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+        let n = self.sends.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        assert!(n > 2, "the sink panics on send {n}");
+        let _permit = self.gate.acquire().await.expect("gate semaphore closed");
+        self.inner.send(letter).await
+    }
+    fn topics_for(&self, source_topic: &str) -> Vec<String> {
+        self.inner.topics_for(source_topic)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_sink_is_retried_and_the_offset_waits_for_the_letter() {
+    captured();
+    support::require_kafka().await;
+    let (topic, dlt) = topics("panic-sink", 1).await;
+    let group = support::unique_name("panic-sink");
+    let log = Log::new();
+    support::produce(&topic, five_with(Act::Permanent)).await;
+    let sink = Arc::new(PanickySink {
+        inner: KafkaDeadLetterSink::builder(support::bootstrap())
+            .build()
+            .expect("sink"),
+        sends: AtomicU32::new(0),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    // Key ordering: the records after the letter run while it waits.
+    let running = Running::start(
+        builder(&log, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .dead_letter_sink(sink.clone()),
+    );
+    wait_for(
+        "two panicking sends, the third waiting",
+        Duration::from_secs(30),
+        || sink.sends.load(AtomicOrdering::SeqCst) == 3,
+    )
+    .await;
+    wait_for("4 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 4
+    })
+    .await;
+    wait_for("offsets 0 and 1 committed", Duration::from_secs(10), || {
+        running
+            .snapshot()
+            .partitions
+            .first()
+            .and_then(|p| p.committed)
+            == Some(2)
+    })
+    .await;
+    // Several commit intervals pass: the commit does not move past the letter.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(committed0(&group, &topic).await, Some(2));
+    assert!(support::read_all(&dlt).await.is_empty());
+
+    sink.gate.add_permits(1 << 20);
+    let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
+    wait_for("everything committed", Duration::from_secs(10), || {
+        running
+            .snapshot()
+            .partitions
+            .first()
+            .and_then(|p| p.committed)
+            == Some(5)
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "the letter arrives once");
+    assert_eq!(header(&letters[0], headers::FAILURE_KIND), "permanent");
+    assert_eq!(header_int(&letters[0], headers::ORIGINAL_OFFSET), Some(2));
+    assert_eq!(sink.sends.load(AtomicOrdering::SeqCst), 3);
+    assert_eq!(log.attempts_of(2), [1], "the handler is not run again");
+    assert_eq!(
+        running
+            .snapshot()
+            .dead_lettered
+            .of(DeadLetterReason::Permanent),
+        1
+    );
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(5));
+    assert_eq!(support::read_all(&dlt).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_without_panic_retries_is_dead_lettered_after_one_attempt() {
+    captured();
+    support::require_kafka().await;
+    let (topic, dlt) = topics("panic-handler", 1).await;
+    let group = support::unique_name("panic-handler");
+    let log = Log::new();
+    support::produce(&topic, five_with(Act::Panic)).await;
+    let running = Running::start(builder(&log, &topic, &group).retry_panics(false));
+    let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
+    wait_for("4 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 4
+    })
+    .await;
+    assert_eq!(log.handled_ids(), [0, 1, 3, 4]);
+    assert_eq!(log.attempts_of(2), [1], "one attempt");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(header(&letters[0], headers::FAILURE_KIND), "panic");
+    assert_eq!(header(&letters[0], headers::ATTEMPTS), "1");
+    assert!(
+        header(&letters[0], headers::EXCEPTION_MESSAGE).contains("makes the handler panic"),
+        "{:?}",
+        letters[0].headers
+    );
+    let snapshot = running.snapshot();
+    assert_eq!(snapshot.panics, 1);
+    assert_eq!(snapshot.retried, 0);
+    assert_eq!(snapshot.dead_lettered.of(DeadLetterReason::Panic), 1);
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(5));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Stall bounds
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stuck_key_pauses_its_partition_at_the_uncommitted_limit() {
+    captured();
+    support::require_kafka().await;
+    let (topic, _) = topics("uncommitted", 1).await;
+    let group = support::unique_name("uncommitted");
+    let log = Log::new();
+    const TOTAL: u64 = 300;
+    const LIMIT: usize = 50;
+    const BUFFER: usize = 20;
+    let mut records = vec![keyed(0, "stuck", Act::Gate)];
+    records.extend((1..TOTAL).map(|id| keyed(id, &format!("k{}", id % 10), Act::Ok)));
+    support::produce(&topic, records).await;
+    let mark = log_mark();
+    let running = Running::start(
+        builder(&log, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .max_in_flight(8)
+            .max_buffered_records(BUFFER)
+            .max_uncommitted_per_partition(LIMIT),
+    );
+    let tp = (topic.clone(), 0);
+    wait_for("the partition paused", Duration::from_secs(30), || {
+        running.snapshot().paused.contains(&tp)
+    })
+    .await;
+    wait_for(
+        "everything received but the stuck record handled",
+        Duration::from_secs(30),
+        || {
+            let s = running.snapshot();
+            s.in_flight == 1 && s.buffered_records == 0
+        },
+    )
+    .await;
+    // The bound: the pause is decided before each poll, and one poll takes at most the
+    // buffer's room (`max_buffered_records`), so at most LIMIT - 1 + BUFFER records are
+    // received past the stuck one (offset 0, the commit point); handled ones are among them.
+    // It pauses at LIMIT received, so at least LIMIT - 1 were handled.
+    let handled = log.handled_count();
+    eprintln!(
+        "uncommitted bound: {handled} records handled past the stuck one (limit {LIMIT}, buffer {BUFFER})"
+    );
+    assert!(
+        (LIMIT - 1..LIMIT + BUFFER).contains(&handled),
+        "handled {handled}: not within [{}, {})",
+        LIMIT - 1,
+        LIMIT + BUFFER
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let snapshot = running.snapshot();
+    assert_eq!(log.handled_count(), handled, "nothing more while paused");
+    assert!(snapshot.paused.contains(&tp));
+    assert!(snapshot.partitions[0].paused);
+    assert_eq!(
+        snapshot.partitions[0].committed, None,
+        "offset 0 holds the commit"
+    );
+    let warned = lines_since(mark, |l| {
+        l.contains(topic.as_str()) && l.contains("too many records received past its commit point")
+    });
+    assert_eq!(warned.len(), 1, "one warning: {warned:?}");
+
+    log.open_gate();
+    wait_for("every record handled", Duration::from_secs(30), || {
+        log.handled_count() == TOTAL as usize
+    })
+    .await;
+    wait_for("committed to the end", Duration::from_secs(10), || {
+        running.snapshot().partitions[0].committed == Some(TOTAL as i64)
+    })
+    .await;
+    assert_eq!(log.handled_ids(), (0..TOTAL).collect::<Vec<_>>());
+    assert!(running.snapshot().paused.is_empty());
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(TOTAL as i64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
+    captured();
+    support::require_kafka().await;
+    let (topic, _) = topics("stall", 1).await;
+    let group = support::unique_name("stall");
+    let log = Log::new();
+    support::produce(&topic, vec![ev(0, Act::SleepMs(3_000)), ev(1, Act::Ok)]).await;
+    let mark = log_mark();
+    let running =
+        Running::start(builder(&log, &topic, &group).stall_threshold(Duration::from_millis(500)));
+    wait_for("the stall counted", Duration::from_secs(30), || {
+        running.snapshot().stalled == 1
+    })
+    .await;
+    assert!(
+        !log.handled_ids().contains(&0),
+        "counted while it runs, not when it ends"
+    );
+    wait_for("both handled", Duration::from_secs(30), || {
+        log.handled_count() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(running.snapshot().stalled, 1, "counted once");
+    let warned = lines_since(mark, |l| {
+        l.contains(&format!("{topic}/0@0")) && l.contains("stalled")
+    });
+    assert_eq!(warned.len(), 1, "logged once: {warned:?}");
+    running.stop_clean().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Health
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caught_up_resolves_when_everything_is_handled_and_committed() {
+    captured();
+    support::require_kafka().await;
+    let (topic, _) = topics("caught-up", 3).await;
+    let group = support::unique_name("caught-up");
+    let log = Log::new();
+    let records: Vec<TestRecord> = (0..100)
+        .map(|id| ev(id, Act::Ok).partition((id % 3) as i32))
+        .collect();
+    support::produce(&topic, records).await;
+    let running = Running::start(builder(&log, &topic, &group));
+    running.assigned(&topic).await;
+    assert_eq!(running.snapshot().connection, ConnectionState::Connected);
+
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), running.monitor.caught_up())
+        .await
+        .expect("caught up within 30 s");
+    eprintln!("caught_up() resolved after {:?}", started.elapsed());
+    assert_eq!(log.handled_ids(), (0..100).collect::<Vec<_>>());
+    let snapshot = running.snapshot();
+    assert!(snapshot.caught_up);
+    assert_eq!(snapshot.connection, ConnectionState::Connected);
+    assert_eq!(snapshot.partitions.len(), 3);
+    let ends: BTreeMap<i32, i64> = [(0, 34), (1, 33), (2, 33)].into();
+    for p in &snapshot.partitions {
+        assert_eq!(p.lag, Some(0), "{p:?}");
+        assert_eq!(p.committed, p.end_offset, "{p:?}");
+        assert_eq!(p.end_offset, Some(ends[&p.partition]), "{p:?}");
+        assert!(!p.paused, "{p:?}");
+    }
+    running.stop_clean().await;
+    let committed = support::committed_offsets(&group, &topic, 3).await;
+    for (partition, end) in ends {
+        assert_eq!(committed[&partition], Some(end));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Maximum broker outage (librdkafka's mock cluster: see the module docs)
+
+async fn produce_to_mock(bootstrap: &str, topic: &str, events: &[Ev]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("message.timeout.ms", "10000")
+        .create()
+        .expect("create producer");
+    for e in events {
+        let value = serde_json::to_vec(e).expect("encode");
+        let key = format!("key-{}", e.id);
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&value)
+                    .partition(0),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("produce to the mock cluster: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_longer_than_max_broker_outage_ends_run_with_brokers_unreachable() {
+    captured();
+    let _quiet = OUTAGE_LOGS.lock().await;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let topic = support::unique_name("outage");
+    mock.create_topic(&topic, 1, 1).expect("create topic");
+    mock.create_topic(&format!("{topic}.dlt"), 1, 1)
+        .expect("create dlt");
+    let events: Vec<Ev> = (0..3).map(|id| Ev { id, act: Act::Ok }).collect();
+    produce_to_mock(&bootstrap, &topic, &events).await;
+
+    let log = Log::new();
+    let b = builder(&log, &topic, &support::unique_name("outage"))
+        .bootstrap_servers(&bootstrap)
+        .max_broker_outage(Duration::from_secs(3))
+        .shutdown_timeout(Duration::from_secs(1));
+    let running = Running::start(b);
+    wait_for("3 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 3
+    })
+    .await;
+    wait_for("committed", Duration::from_secs(10), || {
+        running
+            .snapshot()
+            .partitions
+            .first()
+            .and_then(|p| p.committed)
+            == Some(3)
+    })
+    .await;
+    assert_eq!(running.snapshot().connection, ConnectionState::Connected);
+
+    mock.broker_down(1).expect("broker down");
+    let cut = Instant::now();
+    let mut saw_disconnected = false;
+    while !running.task.is_finished() && cut.elapsed() < Duration::from_secs(30) {
+        saw_disconnected |= running.snapshot().connection == ConnectionState::Disconnected;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let result = tokio::time::timeout(Duration::from_secs(1), running.task)
+        .await
+        .expect("run() returned within 30 s of the outage")
+        .expect("consumer task panicked");
+    let took = cut.elapsed();
+    eprintln!("broker outage: run() returned after {took:?}: {result:?}");
+    assert!(saw_disconnected, "the snapshot showed the outage");
+    let err = result.expect_err("the outage outlasted max_broker_outage");
+    assert!(err.is_brokers_unreachable(), "{err:?}");
+    match &err {
+        Error::BrokersUnreachable { servers, after } => {
+            assert_eq!(servers, &bootstrap);
+            assert!(*after >= Duration::from_secs(3), "{after:?}");
+        }
+        other => panic!("expected BrokersUnreachable, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(20), "bounded: {took:?}");
+    drop(mock);
+}
