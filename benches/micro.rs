@@ -16,7 +16,7 @@
 //! ```text
 //! kourier::__bench::OffsetTracker::{new, received(i64) -> bool, settled(i64) -> bool,
 //!                                   committable() -> Option<i64>}
-//! kourier::__bench::SchedulerHarness::{new(Ordering, max_in_flight, max_buffered_records,
+//! kourier::__bench::SchedulerHarness::{new(ProcessingOrder, max_in_flight, max_buffered_records,
 //!     max_buffered_bytes, max_buffered_records_per_partition), assign(topic, partitions),
 //!     enqueue(RawRecord) -> bool, start_ready() -> usize, settle_oldest() -> bool,
 //!     flow_control() -> (paused, resumed), committable_partitions() -> usize,
@@ -107,7 +107,7 @@ mod internals {
     use super::*;
     use criterion::BatchSize;
     use kourier::__bench::{OffsetTracker, SchedulerHarness};
-    use kourier::Ordering;
+    use kourier::ProcessingOrder;
 
     /// One poll batch's worth of records.
     const BATCH: i64 = 500;
@@ -155,9 +155,9 @@ mod internals {
         let mut group = c.benchmark_group("scheduler");
         group.throughput(Throughput::Elements(BATCH as u64));
         for (name, ordering, keys) in [
-            ("partition", Ordering::Partition, 10_000),
-            ("key_1000_keys", Ordering::Key, 1_000),
-            ("unordered", Ordering::Unordered, 10_000),
+            ("partition", ProcessingOrder::Partition, 10_000),
+            ("key_1000_keys", ProcessingOrder::Key, 1_000),
+            ("unordered", ProcessingOrder::Unordered, 10_000),
         ] {
             let records: Vec<RawRecord> = (0..BATCH)
                 .map(|o| {
@@ -189,7 +189,8 @@ mod internals {
             });
         }
         group.bench_function("flow_control_6_partitions", |b| {
-            let mut s = SchedulerHarness::new(Ordering::Partition, 64, 10_000, 64 << 20, 2_000);
+            let mut s =
+                SchedulerHarness::new(ProcessingOrder::Partition, 64, 10_000, 64 << 20, 2_000);
             s.assign("bench.v1", 6);
             for o in 0..BATCH {
                 s.enqueue(record((o % 6) as i32, o / 6, None, 100));

@@ -21,6 +21,10 @@ use crate::message::Message;
 ///
 /// A handler is shared by all workers (`&self`), so it must be `Send + Sync`.
 ///
+/// Put `#[async_trait]` ([`kourier::async_trait`](macro@crate::async_trait)) on the `impl` as
+/// on the trait: without it rustc reports E0195 ("lifetime parameters or bounds on method do
+/// not match the trait declaration"). For a closure, see [`handler_fn`].
+///
 /// ```
 /// use kourier::{async_trait, Handler, HandlerError, Message};
 /// use serde::Deserialize;
@@ -63,7 +67,7 @@ pub enum FailureKind {
     /// The handler panicked: a bug rather than an outage. Retried like a transient failure
     /// by default (see
     /// [`retry_panics`](crate::RetryingConsumerBuilder::retry_panics)); dead-lettered as
-    /// [`DeadLetterReason::Panic`](crate::dead_letter::DeadLetterReason::Panic) when given
+    /// [`DeadLetterReason::Panic`](crate::DeadLetterReason::Panic) when given
     /// up. Only the consumer makes failures of this kind.
     Panic,
 }
@@ -182,7 +186,14 @@ impl fmt::Display for HandlerError {
 
 /// Makes a [`Handler`] from an async closure that takes the [`Message`] by value.
 ///
-/// The message is cloned for each attempt, so the event type must be `Clone`.
+/// [`Handler::handle`] borrows the message (`&Message<T>`); the closure gets an owned
+/// [`Message<T>`] instead — the same message, a clone made for each attempt. Why not a
+/// borrow: the closure returns a future, and on stable Rust a closure cannot return a future
+/// that borrows its argument without boxing and a lifetime-annotated helper
+/// (`for<'a> Fn(&'a Message<T>) -> BoxFuture<'a, _>`), which makes every call site write
+/// `Box::pin(async move { .. })`. An owned message lets the plain `async move` block own what
+/// it uses. The clone is cheap: a message shares its record and its decoded event (`Arc`), so
+/// the event type need not be `Clone` and nothing is copied.
 ///
 /// ```
 /// use kourier::{handler_fn, HandlerError, Message};
@@ -197,7 +208,7 @@ impl fmt::Display for HandlerError {
 /// ```
 pub fn handler_fn<T, F, Fut>(f: F) -> HandlerFn<T, F>
 where
-    T: Clone + Send + Sync + 'static,
+    T: Send + Sync + 'static,
     F: Fn(Message<T>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
@@ -224,7 +235,7 @@ impl<T, F> fmt::Debug for HandlerFn<T, F> {
 #[async_trait]
 impl<T, F, Fut> Handler for HandlerFn<T, F>
 where
-    T: Clone + Send + Sync + 'static,
+    T: Send + Sync + 'static,
     F: Fn(Message<T>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {

@@ -9,7 +9,7 @@
 //! ## Quick start
 //!
 //! ```no_run
-//! use kourier::{async_trait, Handler, HandlerError, Message, Ordering, RetryingConsumer};
+//! use kourier::{async_trait, Handler, HandlerError, Message, ProcessingOrder, RetryingConsumer};
 //! use serde::Deserialize;
 //!
 //! #[derive(Deserialize)]
@@ -36,7 +36,7 @@
 //!         .bootstrap_servers("127.0.0.1:9092")
 //!         .group_id("notifier")
 //!         .topic("notify.v1") // and its dead-letter topic notify.v1.dlt must exist
-//!         .ordering(Ordering::Key)
+//!         .ordering(ProcessingOrder::Key)
 //!         .build()?
 //!         .run_until_signal()
 //!         .await? // a dead cluster or a missing topic is an error here, within 30 s
@@ -52,7 +52,7 @@
 //!    of its partition are *settled*: handled successfully, dead-lettered with the broker's
 //!    acknowledgement, or skipped as a duplicate. Records completing out of order (key mode)
 //!    commit only the contiguous prefix; offsets are never assumed dense.
-//! 2. **Ordering** ([`Ordering`]). `Partition` (default): one record per partition at a time,
+//! 2. **Ordering** ([`ProcessingOrder`]). `Partition` (default): one record per partition at a time,
 //!    in offset order, retries included. `Key`: one record per key at a time, in order;
 //!    different keys of a partition run in parallel; null keys fall back to partition order.
 //!    `Unordered`: none. `max_in_flight` bounds every mode.
@@ -153,10 +153,14 @@
 //! | `kourier_records_in_flight` | gauge | | records being handled |
 //! | `kourier_consumer_lag` | gauge | `topic`, `partition` | end offset − committed offset of each assigned partition (from librdkafka's statistics) |
 //! | `kourier_partition_paused` | gauge | `topic`, `partition` | `1` while flow control pauses the partition |
-//! | `kourier_handler_panics_total` | counter | `topic` | panics caught on records' paths (handler, codec, dedup-key function) |
+//! | `kourier_handler_panics_total` | counter | `topic` | panics caught on records' paths (handler, codec, dedup-key function, outcome observer) |
 //! | `kourier_records_stalled_total` | counter | `topic` | records in flight longer than the stall threshold, once each |
 //! | `kourier_records_abandoned_total` | counter | `topic` | records given up unsettled at a revoke or shutdown |
 //! | `kourier_connection_state` | gauge | | `1` while the cluster answers, `0` while it does not |
+//!
+//! Per record, [`RetryingConsumerBuilder::on_outcome`] calls an observer with the record and
+//! its [`RecordOutcome`] (handled, duplicate, dead-lettered with its kind, abandoned), so an
+//! application or a test learns what became of each record without wrapping the sink.
 //!
 //! [`ConsumerMonitor::snapshot`] gives the same outcome counts in-process (`handled`,
 //! `retried`, `dead_lettered` by kind, `duplicates`) next to the in-flight and buffer figures.
@@ -190,6 +194,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `bench-internals` | off | not an API: exposes crate-private parts to kourier's own micro-benchmarks (`kourier::__bench`); no semver promise |
+//! | `testing` | off | `kourier::idempotency::testing`: a conformance suite that checks an `IdempotencyStore` implementation against the documented contract, for store implementers' tests |
 //! | `cli` | off | the `kourier-dlt` binary (inspect and redrive dead-letter topics; `cargo install kourier --features cli`); no library API, pulls `clap`, `humantime`, `anyhow` and `tracing-subscriber` |
 //! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
@@ -200,6 +205,16 @@
 //! `instant` (RUSTSEC-2024-0384). kourier's [`RetryPolicy`] is its own small public type the
 //! consumer drives (so it can be tested with paused time and keeps third-party types out of
 //! the API); the Redis store's few bounded infrastructure retries are a short loop of its own.
+//!
+//! ## Where things are
+//!
+//! Each public item has one path. What a consumer or publisher needs is at the crate root
+//! (`kourier::{Handler, RetryingConsumer, DeadLetterSink, IdempotencyStore, ...}`). Four areas
+//! have a public module for what only some users need: [`dead_letter`] (header names,
+//! reading letters back, redrive), [`idempotency`] (the store contract and its conformance
+//! suite), [`mod@metrics`] (metric names and counts) and [`topics`] (checking and creating
+//! topics, key partitioning). [`rdkafka`] and [`async_trait`](macro@async_trait) are re-exported so that an
+//! application names the same versions kourier uses.
 //!
 //! ## Minimum supported Rust version
 //!
@@ -240,25 +255,23 @@ pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
-    ConnectionState, ConsumerMonitor, ConsumerSnapshot, DedupKey, Ordering, PartitionStatus,
-    RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
+    ConnectionState, ConsumerMonitor, ConsumerSnapshot, DedupKey, PartitionStatus, ProcessingOrder,
+    RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
 };
-pub use crate::dead_letter::{
-    DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
-    KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder,
+pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
+pub use crate::dead_letter::letter::{
+    DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
 };
-pub use crate::error::{BoxError, ConfigError, Error, Result};
+pub use crate::error::{BoxError, ConfigError, DeadLetterError, Error, Result, StoreError};
 pub use crate::handler::{FailureKind, Handler, HandlerError, HandlerFn, handler_fn};
-pub use crate::idempotency::{
-    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, StoreError,
-};
+pub use crate::idempotency::memory::InMemoryIdempotencyStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use crate::idempotency::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
+pub use crate::idempotency::redis::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
+pub use crate::idempotency::store::{Claim, ClaimToken, IdempotencyStore};
 pub use crate::message::Message;
-pub use crate::metrics::DeadLetterCounts;
 pub use crate::producer::Delivery;
-pub use crate::publisher::{Publisher, PublisherBuilder, java_partition};
-pub use crate::record::{Header, Headers, RawRecord};
+pub use crate::publisher::{Publisher, PublisherBuilder};
+pub use crate::record::{Header, Headers, RawRecord, RawRecordBuilder};
 pub use crate::retry::{RetryDecision, RetryPolicy};
 pub use crate::trace_context::TraceContext;

@@ -9,11 +9,25 @@ use crate::trace_context::TraceContext;
 ///
 /// Besides the typed event it carries the record's coordinates, key, headers and timestamp,
 /// and which attempt this is (1 for the first try).
-#[derive(Debug, Clone)]
+///
+/// Cloning a message is cheap whatever the event type: the record and the decoded event are
+/// shared (`Arc`), not copied, and `T` need not be `Clone`. That is what lets
+/// [`handler_fn`](crate::handler_fn) give its closure an owned message for each attempt.
+#[derive(Debug)]
 pub struct Message<T> {
     raw: Arc<RawRecord>,
     attempt: u32,
-    event: T,
+    event: Arc<T>,
+}
+
+impl<T> Clone for Message<T> {
+    fn clone(&self) -> Self {
+        Message {
+            raw: Arc::clone(&self.raw),
+            attempt: self.attempt,
+            event: Arc::clone(&self.event),
+        }
+    }
 }
 
 impl<T> Message<T> {
@@ -21,13 +35,25 @@ impl<T> Message<T> {
         Message {
             raw,
             attempt,
-            event,
+            event: Arc::new(event),
         }
     }
 
-    /// Builds a message by hand, e.g. to unit-test a handler without Kafka.
-    pub fn for_test(raw: RawRecord, attempt: u32, event: T) -> Self {
-        Message::new(Arc::new(raw), attempt, event)
+    /// Builds a message by hand, e.g. to unit-test a handler without Kafka: `raw` is a
+    /// [`RawRecord`] or its builder, `attempt` counts from 1.
+    ///
+    /// ```
+    /// use kourier::{Message, RawRecord};
+    ///
+    /// let message = Message::for_test(
+    ///     RawRecord::builder("orders.v1").offset(7).key("customer-42"),
+    ///     1,
+    ///     "an event".to_owned(),
+    /// );
+    /// assert_eq!((message.offset(), message.key_str()), (7, Some("customer-42")));
+    /// ```
+    pub fn for_test(raw: impl Into<RawRecord>, attempt: u32, event: T) -> Self {
+        Message::new(Arc::new(raw.into()), attempt, event)
     }
 
     pub(crate) fn set_attempt(&mut self, attempt: u32) {
@@ -39,9 +65,13 @@ impl<T> Message<T> {
         &self.event
     }
 
-    /// Takes the decoded event.
-    pub fn into_event(self) -> T {
-        self.event
+    /// Takes the decoded event: moved out when this is the message's last clone, else
+    /// cloned.
+    pub fn into_event(self) -> T
+    where
+        T: Clone,
+    {
+        Arc::unwrap_or_clone(self.event)
     }
 
     /// Source topic.

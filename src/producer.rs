@@ -18,7 +18,10 @@ use crate::error::{ConfigError, Error, Result};
 use crate::record::Header;
 
 /// Where the broker stored a published record.
+///
+/// `#[non_exhaustive]`: more of the broker's answer (e.g. its timestamp) may be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Delivery {
     /// The partition the record was written to.
     pub partition: i32,

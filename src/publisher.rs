@@ -141,6 +141,57 @@ impl<T> Publisher<T> {
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
         self.inner.producer.flush(timeout).await
     }
+
+    /// Publishes bytes as given — a value already encoded (JSON from elsewhere, another
+    /// format), a tombstone (`value: None`), a record copied from another topic — to this
+    /// publisher's topic, and waits for the broker's acknowledgement.
+    ///
+    /// The builder's `key_fn` and `headers_fn` are not applied (they read a typed event):
+    /// `key` and `headers` are all the record has (with the `opentelemetry` feature, the
+    /// current span's trace context is added when `headers` has none). Partitioning is as for
+    /// [`send`](Publisher::send): by key, Java-compatible.
+    ///
+    /// ```no_run
+    /// # async fn run(publisher: kourier::Publisher<serde_json::Value>) -> kourier::Result<()> {
+    /// use kourier::Headers;
+    ///
+    /// let json = br#"{"id":"e-1","user_id":"u-42","text":"hi"}"#;
+    /// let headers = Headers::new().with("event-id", "e-1");
+    /// let delivery = publisher.send_raw(Some(b"u-42"), Some(json), headers).await?;
+    /// # let _ = delivery; Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As for [`send`](Publisher::send), except that there is no encoding step.
+    pub async fn send_raw(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Headers,
+    ) -> Result<Delivery> {
+        let deadline = self.inner.producer.deadline();
+        #[allow(unused_mut)] // mutated with the `opentelemetry` feature
+        let mut headers: Vec<Header> = headers.into_iter().collect();
+        #[cfg(feature = "opentelemetry")]
+        inject_trace_context(&mut headers);
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.inner.topic)
+            .headers(owned_headers(headers.iter()));
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        let future = self
+            .inner
+            .producer
+            .enqueue(record, deadline, "publish")
+            .await?;
+        self.inner
+            .producer
+            .acknowledgement(future, deadline, "publish")
+            .await
+    }
 }
 
 impl<T: Serialize> Publisher<T> {
@@ -363,8 +414,8 @@ impl<T> PublisherBuilder<T> {
 /// `None` when `partitions` is not positive (a topic has at least one partition).
 ///
 /// ```
-/// assert_eq!(kourier::java_partition(b"21", 6), Some((-973932308i32 & 0x7fff_ffff) % 6));
-/// assert_eq!(kourier::java_partition(b"21", 0), None);
+/// assert_eq!(kourier::topics::java_partition(b"21", 6), Some((-973932308i32 & 0x7fff_ffff) % 6));
+/// assert_eq!(kourier::topics::java_partition(b"21", 0), None);
 /// ```
 pub fn java_partition(key: &[u8], partitions: i32) -> Option<i32> {
     (partitions > 0).then(|| (murmur2(key) & 0x7fff_ffff) % partitions)

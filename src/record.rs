@@ -148,6 +148,38 @@ pub struct RawRecord {
 }
 
 impl RawRecord {
+    /// Starts a record of `topic` by hand, e.g. for [`Message::for_test`](crate::Message::for_test)
+    /// or a custom sink's tests: partition 0, offset 0, null key and value, no headers, no
+    /// timestamp until set.
+    ///
+    /// ```
+    /// use kourier::RawRecord;
+    ///
+    /// let record = RawRecord::builder("orders.v1")
+    ///     .partition(2)
+    ///     .offset(7)
+    ///     .key("customer-42")
+    ///     .value(r#"{"order_id":"o-1"}"#)
+    ///     .header("event-id", "e-1")
+    ///     .build();
+    /// assert_eq!(record.coordinates(), "orders.v1/2@7");
+    /// assert_eq!(record.headers.get_str("event-id"), Some("e-1"));
+    /// ```
+    pub fn builder(topic: impl Into<String>) -> RawRecordBuilder {
+        RawRecordBuilder {
+            record: RawRecord {
+                topic: topic.into(),
+                partition: 0,
+                offset: 0,
+                key: None,
+                value: None,
+                headers: Headers::new(),
+                timestamp: None,
+                log_append_time: false,
+            },
+        }
+    }
+
     /// Approximate memory this record holds, for buffer limits.
     pub(crate) fn byte_len(&self) -> usize {
         self.key.as_ref().map_or(0, Vec::len)
@@ -169,6 +201,82 @@ impl RawRecord {
     /// rdkafka 0.39's own header getters would.
     pub fn from_message(message: &rdkafka::message::BorrowedMessage<'_>) -> RawRecord {
         to_raw(message)
+    }
+}
+
+/// Builds a [`RawRecord`] by hand; start with [`RawRecord::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `build()` is called"]
+pub struct RawRecordBuilder {
+    record: RawRecord,
+}
+
+impl RawRecordBuilder {
+    /// The partition. Default 0.
+    pub fn partition(mut self, partition: i32) -> Self {
+        self.record.partition = partition;
+        self
+    }
+
+    /// The offset. Default 0.
+    pub fn offset(mut self, offset: i64) -> Self {
+        self.record.offset = offset;
+        self
+    }
+
+    /// The key. Default: a null key.
+    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.record.key = Some(key.into());
+        self
+    }
+
+    /// The value bytes (e.g. the JSON the codec decodes). Default: a null value.
+    pub fn value(mut self, value: impl Into<Vec<u8>>) -> Self {
+        self.record.value = Some(value.into());
+        self
+    }
+
+    /// Appends a header with a value (names may repeat).
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.record.headers.push(Header::new(key, value));
+        self
+    }
+
+    /// Appends a header with a null value.
+    pub fn null_header(mut self, key: impl Into<String>) -> Self {
+        self.record.headers.push(Header::null(key));
+        self
+    }
+
+    /// Replaces all headers.
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.record.headers = headers;
+        self
+    }
+
+    /// The producer's timestamp, in milliseconds since the epoch. Default: none.
+    pub fn timestamp(mut self, millis: i64) -> Self {
+        self.record.timestamp = Some(millis);
+        self.record.log_append_time = false;
+        self
+    }
+
+    /// The broker's log-append timestamp, in milliseconds since the epoch.
+    pub fn log_append_time(mut self, millis: i64) -> Self {
+        self.record.timestamp = Some(millis);
+        self.record.log_append_time = true;
+        self
+    }
+
+    /// The record.
+    pub fn build(self) -> RawRecord {
+        self.record
+    }
+}
+
+impl From<RawRecordBuilder> for RawRecord {
+    fn from(builder: RawRecordBuilder) -> Self {
+        builder.build()
     }
 }
 

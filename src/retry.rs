@@ -8,7 +8,10 @@ use std::time::Duration;
 use crate::error::ConfigError;
 
 /// What a [`RetryPolicy`] says after a failed attempt.
+///
+/// `#[non_exhaustive]`: code that matches on it needs a `_` arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RetryDecision {
     /// Try again after this delay.
     RetryAfter(Duration),

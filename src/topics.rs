@@ -12,6 +12,9 @@
 //! thread pool, so the calls do not stall the async runtime. Each call uses its own
 //! short-lived admin client, which is gone (with its connections) when the call returns.
 //!
+//! [`java_partition`] says which partition of a topic a key goes to with the Java client's
+//! default partitioner (the one kourier's [`Publisher`](crate::Publisher) uses).
+//!
 //! ```no_run
 //! use kourier::topics::{TopicAdmin, TopicSpec};
 //!
@@ -38,6 +41,7 @@ use tokio::time::Instant;
 
 pub use crate::error::TopicError;
 use crate::error::{ConfigError, Error, Result};
+pub use crate::publisher::java_partition;
 
 /// How long a [`TopicAdmin`] call may take in all, unless [`TopicAdmin::timeout`] says
 /// otherwise.

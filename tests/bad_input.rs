@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use kourier::dead_letter::headers as dlt;
 use kourier::{
-    Handler, HandlerError, Message, Ordering, RetryPolicy, RetryingConsumerBuilder, async_trait,
+    Handler, HandlerError, Message, ProcessingOrder, RetryPolicy, RetryingConsumerBuilder,
+    async_trait,
 };
 use serde::{Deserialize, Serialize};
 use support::consumer::{self, Running, wait_until};
@@ -358,7 +359,7 @@ async fn keys_of_64_kib_are_handled_in_key_order_and_dead_lettered_intact() {
     .await;
 
     let recorder = Recorder::default();
-    let c = Running::start(builder(&recorder, &topic, &group).ordering(Ordering::Key));
+    let c = Running::start(builder(&recorder, &topic, &group).ordering(ProcessingOrder::Key));
     wait_until(
         "all handled and committed",
         Duration::from_secs(60),

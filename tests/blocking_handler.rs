@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kourier::{BlockingHandler, HandlerError, Message, Ordering, blocking};
+use kourier::{BlockingHandler, HandlerError, Message, ProcessingOrder, blocking};
 use support::TestRecord;
 use support::consumer::{Running, builder, setup, wait_for};
 
@@ -70,7 +70,7 @@ async fn a_blocking_handler_leaves_other_records_and_tasks_running() {
     let started = Instant::now();
     let c = Running::start(
         builder(blocking(Handler(work.clone())), &topic, &group)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .max_in_flight(8),
     );
     wait_for("the 40 quick records", Duration::from_secs(60), || {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
-use kourier::{Ordering, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder};
+use kourier::{ProcessingOrder, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder};
 use support::consumer::{self, Running, setup, wait_for, wait_until};
 use support::recorder::{Call, Ev, Log, Recorder};
 use support::{TestRecord, committed_sum};
@@ -378,7 +378,7 @@ async fn clean_shutdown_mid_stream_then_restart_handles_nothing_twice() {
     let log = Log::new();
     let c = Running::start(
         builder(&log, &topic, &group)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .max_in_flight(8),
     );
     log.wait_succeeded(40, Duration::from_secs(60)).await;
@@ -389,7 +389,7 @@ async fn clean_shutdown_mid_stream_then_restart_handles_nothing_twice() {
     let log2 = Log::new();
     let c = Running::start(
         builder(&log2, &topic, &group)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .max_in_flight(8),
     );
     wait_for("the rest", Duration::from_secs(120), || {
@@ -500,7 +500,7 @@ async fn key_mode_keeps_per_key_order_while_keys_overlap() {
     let log = Log::new();
     let c = Running::start(
         builder(&log, &topic, &group)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .max_in_flight(10),
     );
     log.wait_succeeded(n as usize, Duration::from_secs(60))
@@ -792,4 +792,94 @@ async fn panicking_and_hanging_handlers_are_transient_failures() {
         log.attempts_of(2).is_empty(),
         "the hanging attempts never completed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outcome_observer_sees_each_record_once_and_cannot_break_it() {
+    use kourier::{
+        DeadLetterReason, HandlerError, InMemoryIdempotencyStore, Message, RecordOutcome,
+        handler_fn,
+    };
+    use std::sync::Mutex;
+
+    #[derive(serde::Deserialize)]
+    struct Order {
+        #[serde(default)]
+        fail: bool,
+    }
+
+    let (topic, group, dlt_topic) = setup("outcome", 1).await;
+    let with_id = |value: &str, id: &str| {
+        TestRecord::new()
+            .value(value)
+            .header("event-id", Some(id.as_bytes().to_vec()))
+    };
+    support::produce(
+        &topic,
+        vec![
+            with_id(r#"{"fail":false}"#, "a"), // 0: handled (the observer panics on it)
+            with_id(r#"{"fail":false}"#, "a"), // 1: duplicate of 0
+            with_id(r#"{"fail":true}"#, "b"),  // 2: permanent failure
+            with_id("not json", "c"),          // 3: poison pill
+            with_id(r#"{"fail":false}"#, "d"), // 4: handled
+        ],
+    )
+    .await;
+
+    type Seen = Vec<(String, i32, i64, RecordOutcome)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let observer_seen = seen.clone();
+    let handler = handler_fn(|m: Message<Order>| async move {
+        if m.event().fail {
+            return Err(HandlerError::permanent("refused"));
+        }
+        Ok(())
+    });
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .retry_policy(fast_retries())
+            .idempotency(
+                Arc::new(InMemoryIdempotencyStore::new()),
+                kourier::DedupKey::header("event-id"),
+            )
+            .on_outcome(move |record, outcome| {
+                observer_seen.lock().unwrap().push((
+                    record.topic.clone(),
+                    record.partition,
+                    record.offset,
+                    outcome,
+                ));
+                assert_ne!(record.offset, 0, "observer panics on purpose");
+            }),
+    );
+    wait_for("five outcomes", Duration::from_secs(60), || {
+        seen.lock().unwrap().len() >= 5
+    })
+    .await;
+    wait_until(
+        "commits past every record",
+        Duration::from_secs(30),
+        || async { committed_sum(&group, &topic, 1).await == 5 },
+    )
+    .await;
+    let report = c.stop_with_report(Duration::from_secs(60)).await;
+    assert!(report.is_clean());
+
+    let seen = seen.lock().unwrap().clone();
+    let expected: Vec<_> = [
+        RecordOutcome::Handled,
+        RecordOutcome::Duplicate,
+        RecordOutcome::DeadLettered(DeadLetterReason::Permanent),
+        RecordOutcome::DeadLettered(DeadLetterReason::Decode),
+        RecordOutcome::Handled,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(offset, outcome)| (topic.clone(), 0, offset as i64, outcome))
+    .collect();
+    assert_eq!(
+        seen, expected,
+        "once per record, in offset order (partition mode)"
+    );
+    assert_eq!(support::read_all(&dlt_topic).await.len(), 2);
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
 use kourier::{
-    Claim, ClaimToken, DedupKey, IdempotencyStore, InMemoryIdempotencyStore, Message, Ordering,
+    Claim, ClaimToken, DedupKey, IdempotencyStore, InMemoryIdempotencyStore, ProcessingOrder,
     RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder,
 };
 use support::consumer::{self, Running, setup, wait_for};
@@ -60,7 +60,7 @@ fn by_header() -> DedupKey<Ev> {
 }
 
 fn by_event() -> DedupKey<Ev> {
-    DedupKey::from_fn(|m: &Message<Ev>| Some(m.event().event_id.clone()))
+    DedupKey::<Ev>::from_fn(|m| Some(m.event().event_id.clone()))
 }
 
 fn builder(
@@ -293,7 +293,7 @@ async fn two_workers_racing_on_one_id_run_it_once() {
     .await;
     let log = Log::new();
     let c = Running::start(
-        builder(&log, &topic, &group, spy.clone(), by_event()).ordering(Ordering::Key),
+        builder(&log, &topic, &group, spy.clone(), by_event()).ordering(ProcessingOrder::Key),
     );
     wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
 
@@ -385,7 +385,7 @@ async fn a_handler_outliving_its_lease_loses_the_claim() {
     let log = Log::new();
     let c = Running::start(
         builder(&log, &topic, &group, spy.clone(), by_header())
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .idempotency_lease(lease),
     );
     wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;

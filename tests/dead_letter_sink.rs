@@ -5,13 +5,12 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kourier::dead_letter::{MAX_ERROR_MESSAGE_BYTES, headers};
+use kourier::topics::java_partition;
 use kourier::{
     DeadLetter, DeadLetterReason, DeadLetterSink, Header, Headers, KafkaDeadLetterSink, RawRecord,
-    java_partition,
 };
 use support::{
     ReadRecord, bootstrap, create_topic_with_config, read_at_least, record_at, require_kafka,
@@ -37,15 +36,16 @@ fn record(topic: &str, partition: i32, key: Option<&[u8]>, value: Option<Vec<u8>
 }
 
 fn letter(record: RawRecord) -> DeadLetter {
-    DeadLetter {
-        record: Arc::new(record),
-        reason: DeadLetterReason::RetriesExhausted,
-        error: "smtp 550: mailbox unavailable".into(),
-        attempts: 4,
-        first_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_001_000),
-        last_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_002_500),
-        group_id: "notifier".into(),
-    }
+    let mut letter = DeadLetter::new(
+        record,
+        DeadLetterReason::RetriesExhausted,
+        "smtp 550: mailbox unavailable",
+    );
+    letter.attempts = 4;
+    letter.first_failure = UNIX_EPOCH + Duration::from_millis(1_700_000_001_000);
+    letter.last_failure = UNIX_EPOCH + Duration::from_millis(1_700_000_002_500);
+    letter.group_id = "notifier".into();
+    letter
 }
 
 /// A source topic name (the sink never reads the source topic, so it is not created) and its

@@ -21,7 +21,8 @@ mod dlt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kourier::dead_letter::{DeadLetterReason, headers};
+use kourier::DeadLetterReason;
+use kourier::dead_letter::headers;
 use kourier::{
     DeadLetter, DeadLetterSink, Handler, HandlerError, Headers, KafkaDeadLetterSink, Message,
     RawRecord, RetryPolicy, RetryingConsumer, async_trait,
@@ -58,8 +59,8 @@ async fn write_letter(
     failed_ms: u64,
     extra: Headers,
 ) {
-    let letter = DeadLetter {
-        record: Arc::new(RawRecord {
+    let mut letter = DeadLetter::new(
+        RawRecord {
             topic: topic.to_owned(),
             partition: 0,
             offset,
@@ -68,18 +69,18 @@ async fn write_letter(
             headers: extra,
             timestamp: Some(1_700_000_000_000),
             log_append_time: false,
-        }),
-        reason,
-        error: format!("{reason} failure of {key}"),
-        attempts: if reason == DeadLetterReason::Decode {
-            0
-        } else {
-            3
         },
-        first_failure: at(failed_ms - 1_000),
-        last_failure: at(failed_ms),
-        group_id: "svc".into(),
+        reason,
+        format!("{reason} failure of {key}"),
+    );
+    letter.attempts = if reason == DeadLetterReason::Decode {
+        0
+    } else {
+        3
     };
+    letter.first_failure = at(failed_ms - 1_000);
+    letter.last_failure = at(failed_ms);
+    letter.group_id = "svc".into();
     sink.send(&letter).await.expect("write dead letter");
 }
 

@@ -29,7 +29,7 @@ use kourier::{
     Claim, ClaimToken, Codec, ConnectionState, ConsumerMonitor, ConsumerSnapshot, DeadLetter,
     DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, DecodeError, DedupKey,
     Error, Handler, HandlerError, IdempotencyStore, InMemoryIdempotencyStore, JsonCodec,
-    KafkaDeadLetterSink, Message, Ordering, RawRecord, RedisIdempotencyStore, RetryPolicy,
+    KafkaDeadLetterSink, Message, ProcessingOrder, RawRecord, RedisIdempotencyStore, RetryPolicy,
     RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, StoreError, async_trait,
 };
 use serde::{Deserialize, Serialize};
@@ -1049,7 +1049,7 @@ async fn a_panicking_sink_is_retried_and_the_offset_waits_for_the_letter() {
     // Key ordering: the records after the letter run while it waits.
     let running = Running::start(
         builder(&log, &topic, &group)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .dead_letter_sink(sink.clone()),
     );
     wait_for(
@@ -1155,7 +1155,7 @@ async fn one_stuck_key_pauses_its_partition_at_the_uncommitted_limit() {
     let mark = log_mark();
     let running = Running::start(
         builder(&log, &topic, &group)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .max_in_flight(8)
             .max_buffered_records(BUFFER)
             .max_uncommitted_per_partition(LIMIT),

@@ -505,3 +505,97 @@ async fn paused_redis_times_out_then_recovers() {
     expect_claim(&store, "after", Claim::Done).await;
     expect_claim(&store, "before", Claim::Busy).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The conformance suite store implementers run (feature `testing`)
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "testing")]
+async fn conformant(store: Arc<dyn IdempotencyStore>) {
+    use kourier::idempotency::testing::{CASES, run_conformance};
+    let report = run_conformance(store)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.passed(), CASES.len(), "{report}");
+}
+
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_passes_the_conformance_suite() {
+    conformant(Arc::new(InMemoryIdempotencyStore::new())).await;
+}
+
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_passes_the_conformance_suite() {
+    conformant(Arc::new(shared_redis_store("conformance").await)).await;
+}
+
+/// The suite finds what a store gets wrong: one that lets `complete` through for the token
+/// that claimed the key last, however stale (the disagreement issue 13 reported), fails
+/// exactly the cases where that token no longer holds the key.
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_catches_a_store_that_ignores_expiry_on_complete() {
+    use kourier::idempotency::testing::run_conformance;
+
+    /// Completes any key whose last claim was this token's, expired or not.
+    struct Lenient {
+        inner: InMemoryIdempotencyStore,
+        last_token: std::sync::Mutex<std::collections::HashMap<String, ClaimToken>>,
+    }
+
+    impl std::fmt::Debug for Lenient {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Lenient")
+        }
+    }
+
+    #[kourier::async_trait]
+    impl IdempotencyStore for Lenient {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+            let answer = self.inner.claim(key, lease).await?;
+            if let Claim::Acquired(token) = &answer {
+                self.last_token
+                    .lock()
+                    .unwrap()
+                    .insert(key.to_owned(), token.clone());
+            }
+            Ok(answer)
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            let was_last = self.last_token.lock().unwrap().get(key) == Some(token);
+            match self.inner.complete(key, token, ttl).await {
+                Err(StoreError::LeaseLost { .. }) if was_last => Ok(()),
+                other => other,
+            }
+        }
+        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+            self.inner.release(key, token).await
+        }
+    }
+
+    let store = Lenient {
+        inner: InMemoryIdempotencyStore::new(),
+        last_token: Default::default(),
+    };
+    let err = run_conformance(Arc::new(store))
+        .await
+        .expect_err("a store that ignores expiry on complete is not conformant");
+    let failed: Vec<_> = err.report.failures().map(|c| c.name).collect();
+    assert_eq!(
+        failed,
+        [
+            "complete-after-expired-unclaimed-lease-is-lease-lost",
+            "complete-twice-is-lease-lost",
+            "complete-after-release-is-lease-lost",
+        ],
+        "{}",
+        err.report
+    );
+}

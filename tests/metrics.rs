@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use kourier::metrics::{self as m, labels};
 use kourier::{
     DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, DedupKey, Handler,
-    HandlerError, InMemoryIdempotencyStore, Message, Ordering, RetryPolicy,
+    HandlerError, InMemoryIdempotencyStore, Message, ProcessingOrder, RetryPolicy,
     RetryingConsumerBuilder, async_trait,
 };
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
@@ -354,7 +354,7 @@ async fn the_in_flight_gauge_follows_running_records() {
     let (topic, group, _dlt) = setup("metrics-in-flight", 1).await;
     support::produce(&topic, blocked_records(3)).await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let c = Running::start(builder(&topic, &group, &gate).ordering(Ordering::Unordered));
+    let c = Running::start(builder(&topic, &group, &gate).ordering(ProcessingOrder::Unordered));
     wait_for("3 records in flight", Duration::from_secs(30), || {
         c.monitor.snapshot().in_flight == 3
     })

@@ -30,7 +30,7 @@ use kourier::rdkafka::message::Message as _;
 use kourier::rdkafka::producer::{FutureProducer, FutureRecord};
 use kourier::rdkafka::{Offset, TopicPartitionList};
 use kourier::{
-    Handler, HandlerError, Message, Ordering, RetryPolicy, RetryingConsumer, async_trait,
+    Handler, HandlerError, Message, ProcessingOrder, RetryPolicy, RetryingConsumer, async_trait,
 };
 use serde::{Deserialize, Serialize};
 use support::consumer::Running;
@@ -535,7 +535,7 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
             .bootstrap_servers(&bootstrap)
             .group_id(&group)
             .topic(&topic)
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .max_in_flight(16)
             .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 2))
             .commit_interval(Duration::from_millis(200))

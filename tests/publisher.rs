@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use kourier::rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use kourier::{Error, Header, Headers, Publisher, java_partition};
+use kourier::topics::java_partition;
+use kourier::{Error, Header, Headers, Publisher};
 use serde::{Deserialize, Serialize};
 use support::{
     ReadRecord, bootstrap, new_topic, read_at_least, record_at, require_kafka, unique_name,
@@ -151,6 +152,58 @@ async fn keyed_records_land_where_a_java_producer_puts_them() {
         used.iter().all(|n| *n > 0),
         "200 keys spread over all partitions: {used:?}"
     );
+}
+
+#[tokio::test]
+async fn raw_bytes_and_tombstones_are_sent_as_given() {
+    let topic = new_topic("pub-raw", 3).await;
+    let publisher = publisher(&topic); // its key_fn / headers_fn do not apply to raw sends
+
+    let json = br#"{"id":"pre","user_id":"u-9","text":"encoded elsewhere"}"#;
+    let mut headers = Headers::new().with("content-type", "application/json");
+    headers.push(Header::null("nothing"));
+    let encoded = publisher
+        .send_raw(Some(b"u-9"), Some(json), headers)
+        .await
+        .expect("acknowledged");
+    let binary = publisher
+        .send_raw(Some(b"\xff\x00"), Some(&[0, 159, 146, 150]), Headers::new())
+        .await
+        .expect("acknowledged");
+    let tombstone = publisher
+        .send_raw(Some(b"u-9"), None, Headers::new())
+        .await
+        .expect("acknowledged");
+    let unkeyed = publisher
+        .send_raw(None, Some(b"{}"), Headers::new())
+        .await
+        .expect("acknowledged");
+
+    let messages = read_all(&topic, 4).await;
+    let m = record_at(&messages, encoded.partition, encoded.offset);
+    assert_eq!(encoded.partition, java_partition(b"u-9", 3).unwrap());
+    assert_eq!(m.key.as_deref(), Some(&b"u-9"[..]));
+    assert_eq!(m.value.as_deref(), Some(&json[..]));
+    assert_eq!(
+        m.headers,
+        vec![
+            (
+                "content-type".to_owned(),
+                Some(b"application/json".to_vec())
+            ),
+            ("nothing".to_owned(), None),
+        ]
+    );
+    let m = record_at(&messages, binary.partition, binary.offset);
+    assert_eq!(m.key.as_deref(), Some(&b"\xff\x00"[..]));
+    assert_eq!(m.value.as_deref(), Some(&[0u8, 159, 146, 150][..]));
+    assert!(m.headers.is_empty());
+    let m = record_at(&messages, tombstone.partition, tombstone.offset);
+    assert_eq!(tombstone.partition, encoded.partition);
+    assert_eq!(m.value, None, "a null value stays null");
+    let m = record_at(&messages, unkeyed.partition, unkeyed.offset);
+    assert_eq!(m.key, None);
+    assert_eq!(m.value.as_deref(), Some(&b"{}"[..]));
 }
 
 #[tokio::test]

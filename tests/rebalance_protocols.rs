@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kourier::{Ordering, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder};
+use kourier::{ProcessingOrder, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder};
 use support::consumer::{self, Running, setup, wait_for};
 use support::recorder::{Call, Ev, Log, Recorder};
 use support::{TestRecord, committed_offsets, unique_name};
@@ -64,7 +64,7 @@ fn builder(
             .kafka_config("group.protocol", "consumer"),
     };
     b.retry_policy(retries())
-        .ordering(Ordering::Key)
+        .ordering(ProcessingOrder::Key)
         .max_in_flight(MAX_IN_FLIGHT)
 }
 
@@ -269,7 +269,7 @@ async fn static_member_restart_gets_its_partitions_back_and_handles_only_new_rec
     let member = |log: &Arc<Log>, id: &str| {
         consumer::builder(Recorder(log.clone()), &topic, &group)
             .retry_policy(retries())
-            .ordering(Ordering::Key)
+            .ordering(ProcessingOrder::Key)
             .kafka_config("session.timeout.ms", "10000")
             .kafka_config("group.instance.id", id)
     };

@@ -4,11 +4,10 @@
 //! says about the record is exact. Broker-free; bounded by proptest's case count, so it runs
 //! in the test command in well under a second.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kourier::dead_letter::{DeadLetter, DeadLetterReason, Provenance, RedriveRecord};
-use kourier::{Codec, Header, Headers, JsonCodec, RawRecord};
+use kourier::dead_letter::{Provenance, RedriveRecord};
+use kourier::{Codec, DeadLetter, DeadLetterReason, Header, Headers, JsonCodec, RawRecord};
 use proptest::prelude::*;
 
 fn bytes() -> impl Strategy<Value = Option<Vec<u8>>> {
@@ -87,15 +86,11 @@ proptest! {
         attempts in 0..100u32,
     ) {
         let first = UNIX_EPOCH + Duration::from_millis(1_700_000_000_000);
-        let letter = DeadLetter {
-            record: Arc::new(record.clone()),
-            reason,
-            error: error.clone(),
-            attempts,
-            first_failure: first,
-            last_failure: SystemTime::now(),
-            group_id: "g".into(),
-        };
+        let mut letter = DeadLetter::new(record.clone(), reason, error.clone());
+        letter.attempts = attempts;
+        letter.first_failure = first;
+        letter.last_failure = SystemTime::now();
+        letter.group_id = "g".into();
         let written: Headers = letter.headers().into_iter().collect();
         let p = Provenance::from_headers(&written);
         prop_assert_eq!(p.original_topic.as_deref(), Some(record.topic.as_str()));

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use kourier::rdkafka::config::ClientConfig;
-use kourier::{Handler, HandlerError, Message, Ordering, RetryingConsumer, async_trait};
+use kourier::{Handler, HandlerError, Message, ProcessingOrder, RetryingConsumer, async_trait};
 use serde::Deserialize;
 
 use crate::args::Args;
@@ -52,8 +52,8 @@ pub(crate) fn kourier_builder(
         builder = builder.max_buffered_records_per_partition(n as usize);
     }
     match args.ordering.as_deref() {
-        Some("key") => builder = builder.ordering(Ordering::Key),
-        Some("unordered") => builder = builder.ordering(Ordering::Unordered),
+        Some("key") => builder = builder.ordering(ProcessingOrder::Key),
+        Some("unordered") => builder = builder.ordering(ProcessingOrder::Unordered),
         _ => {}
     }
     if let Some(n) = args.max_in_flight {

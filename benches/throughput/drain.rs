@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kourier::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use kourier::rdkafka::message::Message as _;
 use kourier::rdkafka::{Offset, TopicPartitionList};
-use kourier::{DedupKey, Ordering, RedisIdempotencyStore};
+use kourier::{DedupKey, ProcessingOrder, RedisIdempotencyStore};
 
 use crate::args::{Args, ChildArgs};
 use crate::consumers::{
@@ -144,10 +144,10 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
             }
             Scenario::SlowKey => {
                 builder = builder
-                    .ordering(Ordering::Key)
+                    .ordering(ProcessingOrder::Key)
                     .max_in_flight(SLOW_KEY_MAX_IN_FLIGHT);
             }
-            Scenario::SlowPartition => builder = builder.ordering(Ordering::Partition),
+            Scenario::SlowPartition => builder = builder.ordering(ProcessingOrder::Partition),
             _ => {}
         }
         let running = Running::start(builder.build()?);

@@ -24,7 +24,7 @@
 //! and at the end):
 //!
 //! - (a) a raw rdkafka `BaseConsumer` loop that only counts and tracks offsets;
-//! - (b) kourier, no-op handler, `Ordering::Partition`;
+//! - (b) kourier, no-op handler, `ProcessingOrder::Partition`;
 //! - (c) (b) plus the Redis idempotency store (every record has a unique `event-id` header);
 //! - (d) (b) with 1 % permanent failures, dead-lettered to `<topic>.dlt`.
 //!
@@ -39,8 +39,8 @@
 //! is part of its overhead. The raw loop does not look at the payload.
 //!
 //! The slow-handler scenarios await a 10 ms tokio sleep per record on one partition with 1,000
-//! keys: `Ordering::Partition` (only 1,000 records: 20,000 would take ~200 s) against
-//! `Ordering::Key` with `max_in_flight(500)` (20,000 records); their rates are compared.
+//! keys: `ProcessingOrder::Partition` (only 1,000 records: 20,000 would take ~200 s) against
+//! `ProcessingOrder::Key` with `max_in_flight(500)` (20,000 records); their rates are compared.
 //!
 //! The latency scenarios send at a fixed rate (5,000 records/s for 20 s after a 5 s warm-up
 //! that is not recorded) from a producer thread in the same process, each record stamped with

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kourier::{
-    DedupKey, Handler, HandlerError, Message, Ordering, RedisIdempotencyStore, RetryPolicy,
+    Handler, HandlerError, Message, ProcessingOrder, RedisIdempotencyStore, RetryPolicy,
     RetryingConsumer, async_trait,
 };
 
@@ -106,7 +106,7 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
         .bootstrap_servers(&args.bootstrap)
         .group_id(&args.group)
         .topic(&args.topic)
-        .ordering(Ordering::Key)
+        .ordering(ProcessingOrder::Key)
         .max_in_flight(args.max_in_flight)
         .retry_policy(RetryPolicy::fixed(
             Duration::from_millis(50),
@@ -122,10 +122,7 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
             .build()
             .await?;
         builder = builder
-            .idempotency(
-                Arc::new(store),
-                DedupKey::from_fn(|m: &Message<Event>| Some(m.event().id.to_string())),
-            )
+            .idempotency_key_fn(Arc::new(store), |m| Some(m.event().id.to_string()))
             .idempotency_lease(LEASE);
     }
     let consumer = builder.build()?;

@@ -6,7 +6,7 @@
 //! SMTP `4xx` replies and connection trouble are *transient* (retried with back-off), `5xx`
 //! replies and invalid addresses are *permanent* (dead-lettered to `notify.v1.dlt` at once),
 //! undecodable records are dead-lettered without reaching the handler, each event id is mailed
-//! once (Redis idempotency), one user's mails go out in order (`Ordering::Key`), and offsets
+//! once (Redis idempotency), one user's mails go out in order (`ProcessingOrder::Key`), and offsets
 //! are committed only once a record is settled.
 //!
 //! One command on a fresh machine (starts Kafka and Redis, then runs the demo):

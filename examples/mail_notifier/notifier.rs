@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use kourier::topics::{TopicAdmin, TopicSpec};
-use kourier::{DedupKey, Message, Ordering, RedisIdempotencyStore, RetryPolicy, RetryingConsumer};
+use kourier::{ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumer};
 
-use crate::event::NotifyEvent;
 use crate::mailer::Mailer;
 
 /// Where the notifier reads from and keeps its state.
@@ -87,11 +86,8 @@ pub(crate) async fn consumer(
         .group_id(settings.group.as_str())
         .topic(settings.topic.as_str())
         // Records of one key (user) are mailed in order; different users in parallel.
-        .ordering(Ordering::Key)
-        .idempotency(
-            Arc::new(store),
-            DedupKey::from_fn(|m: &Message<NotifyEvent>| Some(m.event().event_id.clone())),
-        )
+        .ordering(ProcessingOrder::Key)
+        .idempotency_key_fn(Arc::new(store), |m| Some(m.event().event_id.clone()))
         .retry_policy(retry_policy())
         .commit_interval(Duration::from_millis(500))
         .shutdown_timeout(Duration::from_secs(15))

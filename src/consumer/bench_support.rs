@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::offsets::OffsetTracker as Tracker;
-use super::scheduler::{Job, JobEnd, Limits, Ordering, Scheduler};
+use super::scheduler::{Job, JobEnd, Limits, ProcessingOrder, Scheduler};
 use crate::record::RawRecord;
 
 /// The per-partition offset tracker (contiguous settled watermark).
@@ -47,7 +47,7 @@ pub struct SchedulerHarness {
 impl SchedulerHarness {
     /// A scheduler with these limits.
     pub fn new(
-        ordering: Ordering,
+        ordering: ProcessingOrder,
         max_in_flight: usize,
         max_buffered_records: usize,
         max_buffered_bytes: usize,

@@ -12,9 +12,10 @@ use serde::de::DeserializeOwned;
 use super::context::KourierContext;
 use super::dedup::{Dedup, DedupKey};
 use super::hub::Hub;
+use super::outcome::{OutcomeObserver, RecordOutcome};
 use super::poll::PollSettings;
 use super::retrying_consumer::RetryingConsumer;
-use super::scheduler::{Limits, Ordering, Scheduler};
+use super::scheduler::{Limits, ProcessingOrder, Scheduler};
 use super::startup::{Provisioning, StartupSettings};
 use super::worker::WorkerContext;
 use crate::codec::{Codec, JsonCodec};
@@ -22,7 +23,9 @@ use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
 use crate::error::{ConfigError, Error, Result};
 use crate::handler::Handler;
 use crate::idempotency::IdempotencyStore;
+use crate::message::Message;
 use crate::metrics::ConsumerMetrics;
+use crate::record::RawRecord;
 use crate::retry::RetryPolicy;
 
 /// Settings kourier owns: a raw `kafka_config` may not change them.
@@ -63,7 +66,7 @@ type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use kourier::{handler_fn, Message, Ordering, RetryPolicy, RetryingConsumer};
+/// use kourier::{handler_fn, Message, ProcessingOrder, RetryPolicy, RetryingConsumer};
 ///
 /// # async fn demo() -> kourier::Result<()> {
 /// let handler = handler_fn(|m: Message<serde_json::Value>| async move {
@@ -74,7 +77,7 @@ type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 ///     .bootstrap_servers("127.0.0.1:9092")
 ///     .group_id("notifier")
 ///     .topic("notify.v1")
-///     .ordering(Ordering::Key)
+///     .ordering(ProcessingOrder::Key)
 ///     .max_in_flight(64)
 ///     .retry_policy(RetryPolicy::fixed(Duration::from_millis(500), 3))
 ///     .build()?;
@@ -112,7 +115,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     group_id: Option<String>,
     topics: Vec<String>,
     policy: RetryPolicy,
-    ordering: Ordering,
+    ordering: ProcessingOrder,
     max_in_flight: usize,
     max_buffered_records: usize,
     max_buffered_bytes: usize,
@@ -134,6 +137,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     max_broker_outage: Option<Duration>,
     error_log_interval: Duration,
     stall_threshold: Duration,
+    observer: Option<OutcomeObserver>,
     max_uncommitted_per_partition: usize,
     retry_panics: bool,
 }
@@ -171,7 +175,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             group_id: None,
             topics: Vec::new(),
             policy: RetryPolicy::default(),
-            ordering: Ordering::default(),
+            ordering: ProcessingOrder::default(),
             max_in_flight: 64,
             max_buffered_records: 10_000,
             max_buffered_bytes: 64 << 20,
@@ -193,6 +197,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             max_broker_outage: None,
             error_log_interval: Duration::from_secs(30),
             stall_threshold: Duration::from_secs(60),
+            observer: None,
             max_uncommitted_per_partition: 10_000,
             retry_panics: true,
         }
@@ -245,9 +250,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
-    /// Ordering mode. Default: [`Ordering::Partition`].
+    /// How records may run in parallel ([`ProcessingOrder`]). Default:
+    /// [`ProcessingOrder::Partition`]. The setter keeps the name `ordering`: it reads as
+    /// `.ordering(ProcessingOrder::Key)` and did not collide with anything.
     #[must_use]
-    pub fn ordering(mut self, ordering: Ordering) -> Self {
+    pub fn ordering(mut self, ordering: ProcessingOrder) -> Self {
         self.ordering = ordering;
         self
     }
@@ -304,6 +311,63 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         key: DedupKey<H::Event>,
     ) -> Self {
         self.dedup = Some((store, key));
+        self
+    }
+
+    /// Turns on idempotency like [`idempotency`](Self::idempotency), the dedup key computed
+    /// from the decoded message by `key` (`None`: the record is handled without dedup). The
+    /// closure's parameter type is inferred, unlike `DedupKey::from_fn`'s in that position:
+    ///
+    /// ```no_run
+    /// # use std::sync::Arc;
+    /// # use kourier::{handler_fn, InMemoryIdempotencyStore, Message, RetryingConsumer};
+    /// # #[derive(serde::Deserialize)] struct Ev { event_id: String }
+    /// # let handler = handler_fn(|_m: Message<Ev>| async { Ok(()) });
+    /// let builder = RetryingConsumer::builder(handler)
+    ///     .idempotency_key_fn(Arc::new(InMemoryIdempotencyStore::new()), |m| {
+    ///         Some(m.event().event_id.clone())
+    ///     });
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn idempotency_key_fn<F>(self, store: Arc<dyn IdempotencyStore>, key: F) -> Self
+    where
+        F: Fn(&Message<H::Event>) -> Option<String> + Send + Sync + 'static,
+    {
+        self.idempotency(store, DedupKey::from_fn(key))
+    }
+
+    /// Calls `observer` once for each record a worker took, when it ends: with the record
+    /// (its coordinates, key, headers) and how it ended — [`RecordOutcome::Handled`],
+    /// [`Duplicate`](RecordOutcome::Duplicate), [`DeadLettered`](RecordOutcome::DeadLettered)
+    /// with the failure kind (after the sink acknowledged the letter), or
+    /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown. Records dropped from
+    /// the buffers at a revoke never reached a worker and are not reported (they are
+    /// delivered again).
+    ///
+    /// The observer runs on the worker, synchronously, before the record is reported
+    /// settled: keep it short (a counter, a `try_send` on a channel, a log line), never block
+    /// or wait on I/O; each call delays that record's commit and, in partition order, the next
+    /// record of its partition. A panicking observer is logged and counted
+    /// (`kourier_handler_panics_total`); the record keeps its outcome. Calls come from
+    /// several workers at once, so the observer is `Send + Sync`.
+    ///
+    /// ```no_run
+    /// # use kourier::{handler_fn, Message, RecordOutcome, RetryingConsumer};
+    /// # let handler = handler_fn(|_m: Message<String>| async { Ok(()) });
+    /// let builder = RetryingConsumer::builder(handler).on_outcome(|record, outcome| {
+    ///     if let RecordOutcome::DeadLettered(kind) = outcome {
+    ///         eprintln!("{} dead-lettered: {kind}", record.coordinates());
+    ///     }
+    /// });
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn on_outcome<F>(mut self, observer: F) -> Self
+    where
+        F: Fn(&RawRecord, RecordOutcome) + Send + Sync + 'static,
+    {
+        self.observer = Some(Arc::new(observer));
         self
     }
 
@@ -529,6 +593,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             retry_panics: self.retry_panics,
             stall_threshold: self.stall_threshold,
             metrics,
+            observer: self.observer,
         });
         Ok(RetryingConsumer {
             consumer,
@@ -826,9 +891,8 @@ mod tests {
 
     #[test]
     fn a_handler_timeout_must_end_attempts_before_their_lease() {
-        let store = || -> Arc<dyn IdempotencyStore> {
-            Arc::new(crate::idempotency::InMemoryIdempotencyStore::new())
-        };
+        let store =
+            || -> Arc<dyn IdempotencyStore> { Arc::new(crate::InMemoryIdempotencyStore::new()) };
         let base = || {
             RetryingConsumer::builder(Nop)
                 .bootstrap_servers("b:9092")

@@ -10,39 +10,57 @@ use crate::message::Message;
 
 type DedupKeyFn<T> = Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>;
 
-/// Where the dedup key of a record comes from.
-pub enum DedupKey<T> {
-    /// The value of this header (UTF-8). A record without it is handled without dedup.
+/// Where the dedup key of a record comes from: a header, or a function of the decoded
+/// message.
+///
+/// Opaque: build it with [`DedupKey::header`] or [`DedupKey::from_fn`], so new sources can be
+/// added without breaking anyone. With a function, the builder's
+/// [`idempotency_key_fn`](crate::RetryingConsumerBuilder::idempotency_key_fn) is usually
+/// shorter: its closure's parameter type is inferred from the handler's event type.
+/// `DedupKey::from_fn` passed to [`idempotency`](crate::RetryingConsumerBuilder::idempotency)
+/// cannot infer it (the builder names the event as `H::Event`, which Rust does not look
+/// through for a closure argument): write `DedupKey::<Ev>::from_fn(|m| ..)` or annotate the
+/// parameter, `|m: &Message<Ev>|`.
+pub struct DedupKey<T>(Source<T>);
+
+enum Source<T> {
     Header(String),
-    /// A function of the decoded message; `None` handles the record without dedup.
     Fn(DedupKeyFn<T>),
 }
 
 impl<T> DedupKey<T> {
-    /// The dedup key is the value of header `name`.
+    /// The dedup key is the value of header `name` (UTF-8). A record without the header, or
+    /// with a value that is not UTF-8, is handled without dedup.
     pub fn header(name: impl Into<String>) -> Self {
-        DedupKey::Header(name.into())
+        DedupKey(Source::Header(name.into()))
     }
 
-    /// The dedup key is computed from the decoded message, e.g.
-    /// `DedupKey::from_fn(|m: &Message<Ev>| Some(m.event().event_id.clone()))`.
+    /// The dedup key is computed from the decoded message; `None` handles the record without
+    /// dedup.
+    ///
+    /// ```
+    /// use kourier::DedupKey;
+    /// # #[derive(serde::Deserialize)] struct Ev { event_id: String }
+    /// let key = DedupKey::<Ev>::from_fn(|m| Some(m.event().event_id.clone()));
+    /// # let _ = key;
+    /// ```
     pub fn from_fn(f: impl Fn(&Message<T>) -> Option<String> + Send + Sync + 'static) -> Self {
-        DedupKey::Fn(Arc::new(f))
+        DedupKey(Source::Fn(Arc::new(f)))
     }
 
     pub(crate) fn key_of(&self, message: &Message<T>) -> Option<String> {
-        match self {
-            DedupKey::Header(name) => message.headers().get_str(name).map(str::to_owned),
-            DedupKey::Fn(f) => f(message),
+        match &self.0 {
+            Source::Header(name) => message.headers().get_str(name).map(str::to_owned),
+            Source::Fn(f) => f(message),
         }
     }
 }
 
 impl<T> fmt::Debug for DedupKey<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DedupKey::Header(h) => f.debug_tuple("Header").field(h).finish(),
-            DedupKey::Fn(_) => f.write_str("Fn(..)"),
+        match &self.0 {
+            Source::Header(h) => f.debug_tuple("DedupKey::header").field(h).finish(),
+            Source::Fn(_) => f.write_str("DedupKey::from_fn(..)"),
         }
     }
 }

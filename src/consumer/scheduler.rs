@@ -18,7 +18,7 @@ use crate::record::RawRecord;
 /// Every mode is bounded by the consumer's `max_in_flight`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
-pub enum Ordering {
+pub enum ProcessingOrder {
     /// One record per partition at a time, in offset order, its retries included (the
     /// starting design's behaviour). Parallelism is at most the number of partitions.
     #[default]
@@ -145,7 +145,7 @@ fn trim_to_gap_fillers(p: &mut PartitionState) -> (usize, usize) {
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct Scheduler {
-    ordering: Ordering,
+    ordering: ProcessingOrder,
     limits: Limits,
     partitions: HashMap<Tp, PartitionState>,
     ready: VecDeque<(Tp, u64, LaneKey)>,
@@ -167,7 +167,7 @@ pub(crate) struct Scheduler {
 pub(crate) const ABANDONED_LISTED: usize = 100;
 
 impl Scheduler {
-    pub(crate) fn new(ordering: Ordering, limits: Limits) -> Self {
+    pub(crate) fn new(ordering: ProcessingOrder, limits: Limits) -> Self {
         Scheduler {
             ordering,
             limits,
@@ -250,9 +250,9 @@ impl Scheduler {
             return false;
         }
         let lane_key = match self.ordering {
-            Ordering::Partition => LaneKey::Partition,
-            Ordering::Key => record.key.clone().map_or(LaneKey::NullKey, LaneKey::Key),
-            Ordering::Unordered => LaneKey::Record(record.offset),
+            ProcessingOrder::Partition => LaneKey::Partition,
+            ProcessingOrder::Key => record.key.clone().map_or(LaneKey::NullKey, LaneKey::Key),
+            ProcessingOrder::Unordered => LaneKey::Record(record.offset),
         };
         let bytes = record.byte_len();
         let lane = p.lanes.entry(lane_key.clone()).or_default();
@@ -661,7 +661,7 @@ mod tests {
 
     #[test]
     fn partition_mode_runs_one_record_per_partition_in_order() {
-        let mut s = Scheduler::new(Ordering::Partition, limits(10));
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
         s.assign([tp(0), tp(1)]);
         for o in 0..3 {
             s.enqueue(rec(0, o, Some("a")));
@@ -679,7 +679,7 @@ mod tests {
 
     #[test]
     fn key_mode_overlaps_keys_and_serialises_each_key() {
-        let mut s = Scheduler::new(Ordering::Key, limits(10));
+        let mut s = Scheduler::new(ProcessingOrder::Key, limits(10));
         s.assign([tp(0)]);
         s.enqueue(rec(0, 0, Some("a")));
         s.enqueue(rec(0, 1, Some("b")));
@@ -704,7 +704,7 @@ mod tests {
 
     #[test]
     fn max_in_flight_bounds_every_mode() {
-        let mut s = Scheduler::new(Ordering::Unordered, limits(3));
+        let mut s = Scheduler::new(ProcessingOrder::Unordered, limits(3));
         s.assign([tp(0)]);
         for o in 0..10 {
             s.enqueue(rec(0, o, None));
@@ -720,7 +720,7 @@ mod tests {
 
     #[test]
     fn abandoned_records_are_not_committed() {
-        let mut s = Scheduler::new(Ordering::Partition, limits(10));
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
         s.assign([tp(0)]);
         s.enqueue(rec(0, 0, None));
         let j = s.take_jobs().pop().unwrap();
@@ -731,7 +731,7 @@ mod tests {
 
     #[test]
     fn revoke_drops_buffered_and_ignores_late_completions() {
-        let mut s = Scheduler::new(Ordering::Partition, limits(10));
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
         s.assign([tp(0)]);
         for o in 0..5 {
             s.enqueue(rec(0, o, None));
@@ -780,7 +780,7 @@ mod tests {
 
     #[test]
     fn flow_control_pauses_full_partitions_and_resumes_below_half() {
-        let mut s = Scheduler::new(Ordering::Partition, limits(1));
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(1));
         s.assign([tp(0), tp(1)]);
         for o in 0..25 {
             s.enqueue(rec(0, o, None));
@@ -806,7 +806,7 @@ mod tests {
     #[test]
     fn room_counts_down_to_zero_and_refills_in_batches() {
         let mut s = Scheduler::new(
-            Ordering::Partition,
+            ProcessingOrder::Partition,
             Limits {
                 max_in_flight: 1,
                 max_buffered_records: 10,
@@ -834,7 +834,7 @@ mod tests {
     #[test]
     fn global_limit_pauses_every_partition_holding_records() {
         let mut s = Scheduler::new(
-            Ordering::Partition,
+            ProcessingOrder::Partition,
             Limits {
                 max_in_flight: 1,
                 max_buffered_records: 10,
@@ -856,7 +856,7 @@ mod tests {
 
     #[test]
     fn draining_still_runs_gap_fillers_so_handled_records_become_committable() {
-        let mut s = Scheduler::new(Ordering::Key, limits(10));
+        let mut s = Scheduler::new(ProcessingOrder::Key, limits(10));
         s.assign([tp(0)]);
         s.enqueue(rec(0, 0, Some("a")));
         s.enqueue(rec(0, 1, Some("a")));
@@ -880,7 +880,7 @@ mod tests {
 
     #[test]
     fn stop_drops_buffered_and_dispatches_nothing() {
-        let mut s = Scheduler::new(Ordering::Partition, limits(10));
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
         s.assign([tp(0)]);
         s.enqueue(rec(0, 0, None));
         s.enqueue(rec(0, 1, None));

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::dedup::Dedup;
+use super::outcome::{OutcomeObserver, RecordOutcome};
 use super::scheduler::{JobEnd, Stop};
 use crate::codec::Codec;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
@@ -52,6 +53,8 @@ pub(crate) struct WorkerContext<H: Handler> {
     /// A record in flight longer than this is logged once and counted as stalled.
     pub(crate) stall_threshold: Duration,
     pub(crate) metrics: Arc<ConsumerMetrics>,
+    /// Told how each record ended (the builder's `on_outcome`).
+    pub(crate) observer: Option<OutcomeObserver>,
 }
 
 /// Runs `f`, turning a panic into its message.
@@ -85,7 +88,7 @@ async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
 enum Outcome {
     Handled,
     Duplicate,
-    DeadLettered,
+    DeadLettered(DeadLetterReason),
     Abandoned,
 }
 
@@ -168,16 +171,24 @@ impl<H: Handler> WorkerContext<H> {
                 run.await
             }
         };
-        let (name, end) = match outcome {
-            Outcome::Handled => ("handled", JobEnd::Settled),
-            Outcome::Duplicate => ("duplicate", JobEnd::Settled),
-            Outcome::DeadLettered => ("dead-lettered", JobEnd::Settled),
+        let (reported, end) = match outcome {
+            Outcome::Handled => (RecordOutcome::Handled, JobEnd::Settled),
+            Outcome::Duplicate => (RecordOutcome::Duplicate, JobEnd::Settled),
+            Outcome::DeadLettered(reason) => (RecordOutcome::DeadLettered(reason), JobEnd::Settled),
             Outcome::Abandoned => {
                 metrics.abandoned();
-                ("abandoned", JobEnd::Abandoned)
+                (RecordOutcome::Abandoned, JobEnd::Abandoned)
             }
         };
-        span.record("outcome", name);
+        span.record("outcome", reported.as_str());
+        if let Some(observer) = &self.observer {
+            // Guarded like every plug-in: a panicking observer is logged and counted, and
+            // the record keeps the outcome it has (it is settled either way).
+            if let Err(panic) = guarded(|| observer(&record, reported)) {
+                metrics.panicked();
+                error!(coordinates = %record.coordinates(), outcome = %reported, %panic, "outcome observer panicked; the record keeps its outcome");
+            }
+        }
         end
     }
 
@@ -453,7 +464,7 @@ impl<H: Handler> WorkerContext<H> {
                 Ok(receipt) => {
                     debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");
                     metrics.dead_lettered(letter.reason);
-                    return Outcome::DeadLettered;
+                    return Outcome::DeadLettered(letter.reason);
                 }
                 Err(e) => {
                     metrics.dead_letter_write_failed();

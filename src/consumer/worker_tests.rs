@@ -24,9 +24,8 @@ use crate::dead_letter::{
     DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
 };
 use crate::handler::{Handler, HandlerError};
-use crate::idempotency::{
-    Claim, ClaimToken, IdempotencyStore, InMemoryIdempotencyStore, StoreError,
-};
+use crate::idempotency::memory::InMemoryIdempotencyStore;
+use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
 use crate::message::Message;
 use crate::metrics::ConsumerMetrics;
 use crate::record::{Headers, RawRecord};
@@ -429,6 +428,7 @@ impl Setup {
             retry_panics: self.retry_panics,
             stall_threshold: self.stall_threshold,
             metrics: Arc::new(ConsumerMetrics::new(GROUP, &[TOPIC.to_owned()])),
+            observer: None,
         };
         Harness {
             worker,

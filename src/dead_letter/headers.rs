@@ -81,8 +81,8 @@ pub const ALL: &[&str] = &[
 /// integers) and, for records written by other tools, as decimal text.
 ///
 /// ```
-/// use kourier::dead_letter::{headers, DeadLetterReason, Provenance};
-/// use kourier::Headers;
+/// use kourier::dead_letter::{headers, Provenance};
+/// use kourier::{DeadLetterReason, Headers};
 ///
 /// let letter_headers = Headers::new()
 ///     .with(headers::ORIGINAL_TOPIC, "notify.v1")
@@ -228,20 +228,17 @@ impl DeadLetter {
     /// every kourier dead letter reads the same ([`Provenance::from_headers`]).
     ///
     /// ```
-    /// # use std::{sync::Arc, time::SystemTime};
-    /// use kourier::dead_letter::{headers, DeadLetter, DeadLetterReason, Provenance};
-    /// use kourier::{Headers, RawRecord};
+    /// use kourier::dead_letter::Provenance;
+    /// use kourier::{DeadLetter, DeadLetterReason, Headers, RawRecord};
     ///
     /// let record = RawRecord {
     ///     topic: "notify.v1".into(), partition: 2, offset: 7, key: None,
     ///     value: Some(b"{}".to_vec()), headers: Headers::new(), timestamp: None,
     ///     log_append_time: false,
     /// };
-    /// let letter = DeadLetter {
-    ///     record: Arc::new(record), reason: DeadLetterReason::Permanent,
-    ///     error: "bad address".into(), attempts: 1, first_failure: SystemTime::now(),
-    ///     last_failure: SystemTime::now(), group_id: "notifier".into(),
-    /// };
+    /// let mut letter = DeadLetter::new(record, DeadLetterReason::Permanent, "bad address");
+    /// letter.attempts = 1;
+    /// letter.group_id = "notifier".into();
     /// let written: Headers = letter.headers().into_iter().collect();
     /// let p = Provenance::from_headers(&written);
     /// assert_eq!((p.original_partition, p.original_offset), (Some(2), Some(7)));

@@ -13,97 +13,118 @@
 //! 3. On failure, [`IdempotencyStore::release`] drops the claim so the retry runs. A
 //!    dead-lettered record is released too, never marked done, so a redrive runs it again.
 //!
-//! Claims are *fenced*: each acquisition returns a fresh [`ClaimToken`], and `complete` /
-//! `release` with a token whose lease expired and was re-claimed by someone else fail with
-//! [`StoreError::LeaseLost`] instead of touching the new owner's claim.
+//! The store trait and its types are at the crate root: [`IdempotencyStore`], [`Claim`],
+//! [`ClaimToken`], [`StoreError`], and the two stores kourier ships,
+//! [`InMemoryIdempotencyStore`](crate::InMemoryIdempotencyStore) and
+//! `RedisIdempotencyStore` (feature `redis`). This module holds the contract
+//! they keep and, with the `testing` feature, `testing::run_conformance`, which checks a store
+//! against it.
+//!
+//! # The contract
+//!
+//! Every store keeps these rules; both bundled stores do, and the conformance suite checks
+//! each one (the case names are in brackets). A store holds, per key, nothing, a *claim*
+//! (a token and a lease end) or *done* (until a TTL end).
+//!
+//! **Keys.** The consumer calls the store with `<group>:<dedup key>`: its consumer group, a
+//! colon, then the record's dedup key (a header value or what the key function returned).
+//! Keys are arbitrary UTF-8 and may contain more colons, spaces and non-ASCII text; a store
+//! treats them as opaque and independent (it may prefix them, as the Redis store's
+//! `key_prefix` does) [keys-are-opaque-and-independent].
+//!
+//! **`claim(key, lease)`** is one atomic operation, never check-then-set:
+//! - nothing stored, or a claim whose lease has run out, or done past its TTL →
+//!   [`Claim::Acquired`] with a **fresh token** (never one issued before), held for `lease`
+//!   [fresh-key-is-acquired, tokens-are-unique, expired-lease-can-be-claimed-again,
+//!   done-expires-after-ttl, release-frees-the-key];
+//! - a live claim (anyone's, including the caller's own earlier claim) → [`Claim::Busy`]
+//!   [held-key-is-busy];
+//! - done → [`Claim::Done`] [complete-makes-done].
+//!
+//! Of any number of concurrent claims of one free key — from tasks of one process or from
+//! several processes — exactly one is `Acquired`, the others `Busy`
+//! [concurrent-claims-have-one-winner].
+//!
+//! **A token holds its key only while its lease is live and nobody replaced it.**
+//! `complete(key, token, ttl)` turns a claim held by `token` into done for `ttl`;
+//! `release(key, token)` removes it. In every other case both return
+//! [`StoreError::LeaseLost`] and **change nothing**:
+//! - the lease ran out, whether or not someone claimed the key since: a late `complete` does
+//!   not mark the key done, and the key is free (or the new owner's claim is untouched)
+//!   [complete-after-expired-unclaimed-lease-is-lease-lost,
+//!   release-after-expired-unclaimed-lease-is-lease-lost,
+//!   complete-after-expired-and-reclaimed-is-lease-lost,
+//!   release-after-expired-and-reclaimed-is-lease-lost];
+//! - the key is done (a second `complete`, a `release` after `complete`): it stays done
+//!   [complete-twice-is-lease-lost, release-after-done-is-lease-lost];
+//! - the claim was released (a second `release`, a `complete` after `release`)
+//!   [release-twice-is-lease-lost, complete-after-release-is-lease-lost];
+//! - a token the store never issued for this key, or a key with nothing stored
+//!   [foreign-token-is-lease-lost, absent-key-is-lease-lost].
+//!
+//! The consumer treats `LeaseLost` as "not mine any more": after a `release` it is ignored;
+//! after a `complete` the record is settled anyway (its handler succeeded) and a redelivery
+//! may run it again, which at-least-once allows. A store that retries a call internally may
+//! answer success when its own earlier, unacknowledged attempt already made the change (the
+//! Redis store does).
+//!
+//! **What may block.** Calls are `async` and may wait on the network, but must not block the
+//! thread (no synchronous I/O; a `std::sync::Mutex` held for a few map operations is fine)
+//! and should end within a bounded time, answering [`StoreError::Unavailable`] or
+//! [`StoreError::Timeout`] when the backend does not answer: the consumer waits for every
+//! call, so a hung call holds its record (and, in partition order, its partition). A store
+//! error is transient for the consumer: it backs off and calls again, never skips the record.
+//!
+//! **Threads.** A store is `Send + Sync` and is called concurrently by every worker of a
+//! consumer (and by several consumers sharing it), for different keys and for the same key.
+//! Leases and TTLs are at least a millisecond; a store may round them up to its clock's
+//! resolution.
+//!
+//! # Writing a store
+//!
+//! Put `#[async_trait]` (re-exported as [`kourier::async_trait`](macro@crate::async_trait)) on
+//! the `impl` block as on the trait. Without it, the `async fn`s of the impl do not match the
+//! trait's boxed-future signatures and rustc reports E0195 ("lifetime parameters or bounds on
+//! method do not match the trait declaration").
+//!
+//! ```
+//! use std::time::Duration;
+//! use kourier::{async_trait, Claim, ClaimToken, IdempotencyStore, StoreError};
+//!
+//! #[derive(Debug)]
+//! struct MyStore;
+//!
+//! #[async_trait]
+//! impl IdempotencyStore for MyStore {
+//!     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+//!         # let _ = (key, lease);
+//!         todo!("one atomic claim")
+//!     }
+//!     async fn complete(&self, key: &str, token: &ClaimToken, ttl: Duration)
+//!         -> Result<(), StoreError> {
+//!         # let _ = (key, token, ttl);
+//!         todo!("compare-and-set the claim to done")
+//!     }
+//!     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+//!         # let _ = (key, token);
+//!         todo!("compare-and-delete the claim")
+//!     }
+//! }
+//! ```
+//!
+//! Then check it against the contract with the conformance suite: enable the `testing`
+//! feature for your tests (`kourier = { version = "...", features = ["testing"] }` under
+//! `[dev-dependencies]`) and call `kourier::idempotency::testing::run_conformance` from a
+//! `#[tokio::test]` (see that module). It takes about 3 s of real time.
 
-use std::fmt;
-use std::time::Duration;
+pub(crate) use crate::error::StoreError;
 
-use async_trait::async_trait;
-
-pub use crate::error::StoreError;
-
-mod memory;
+pub(crate) mod memory;
 #[cfg(feature = "redis")]
-mod redis;
+pub(crate) mod redis;
+pub(crate) mod store;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
-pub use self::memory::InMemoryIdempotencyStore;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use self::redis::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
-
-/// Proof of a claim: the value stored under the key while the lease lasts.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ClaimToken(String);
-
-impl ClaimToken {
-    /// A token with the given value (stores generate unique ones).
-    pub fn new(value: impl Into<String>) -> Self {
-        ClaimToken(value.into())
-    }
-
-    /// A fresh random token.
-    pub fn random() -> Self {
-        ClaimToken(format!(
-            "{:016x}{:016x}",
-            fastrand::u64(..),
-            fastrand::u64(..)
-        ))
-    }
-
-    /// The token's value.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for ClaimToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// The answer to [`IdempotencyStore::claim`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
-    /// The caller now owns the key until the lease ends: run the work.
-    Acquired(ClaimToken),
-    /// The work for this key was completed before: skip it.
-    Done,
-    /// Another worker holds a live lease on the key: try again later, do not skip.
-    Busy,
-}
-
-/// Where the consumer records which events are done. Object-safe: use it as
-/// `Arc<dyn IdempotencyStore>`.
-///
-/// Implementations must make `claim` a single atomic operation (e.g. Redis `SET NX PX`).
-#[async_trait]
-pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
-    /// Tries to take `key` for `lease`.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`] or [`StoreError::Timeout`] when the store cannot answer;
-    /// the consumer treats that as transient (it backs off and never skips the record).
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError>;
-
-    /// Marks `key` done for `ttl`, if `token` still holds it.
-    ///
-    /// # Errors
-    /// [`StoreError::LeaseLost`] when the token no longer holds the key; availability errors
-    /// as for [`IdempotencyStore::claim`].
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError>;
-
-    /// Drops the claim on `key`, if `token` still holds it, so that a retry can claim it.
-    ///
-    /// # Errors
-    /// [`StoreError::LeaseLost`] when the token no longer holds the key; availability errors
-    /// as for [`IdempotencyStore::claim`].
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError>;
-}
+pub(crate) use self::store::{Claim, ClaimToken, IdempotencyStore};

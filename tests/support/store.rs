@@ -124,6 +124,8 @@ impl IdempotencyStore for SpyStore {
             Ok(Claim::Acquired(token)) => Answer::Acquired(token.clone()),
             Ok(Claim::Done) => Answer::Done,
             Ok(Claim::Busy) => Answer::Busy,
+            // `Claim` is non-exhaustive; a future answer counts as not acquired.
+            Ok(_) => Answer::Busy,
             Err(_) => Answer::Unavailable,
         };
         self.record("claim", key, None, answer);

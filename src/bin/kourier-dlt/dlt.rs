@@ -10,8 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use kourier::RawRecord;
-use kourier::dead_letter::{DeadLetterReason, Provenance, RedriveRecord};
+use kourier::dead_letter::{Provenance, RedriveRecord};
 use kourier::rdkafka::client::ClientContext;
 use kourier::rdkafka::config::ClientConfig;
 use kourier::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -19,6 +18,7 @@ use kourier::rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use kourier::rdkafka::message::{DeliveryResult, Header as KafkaHeader, OwnedHeaders};
 use kourier::rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use kourier::rdkafka::{Message as _, Offset, TopicPartitionList};
+use kourier::{DeadLetterReason, RawRecord};
 
 /// Where Kafka is, and how long any single wait may take.
 #[derive(Debug, Clone)]

@@ -46,7 +46,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use kourier::dead_letter::DeadLetterReason;
+use kourier::DeadLetterReason;
 
 use crate::dlt::{Filter, Kafka, Progress, RedriveOptions};
 

@@ -1,0 +1,46 @@
+//! [`RecordOutcome`]: what became of a record, as the builder's
+//! [`on_outcome`](crate::RetryingConsumerBuilder::on_outcome) observer is told.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::dead_letter::DeadLetterReason;
+use crate::record::RawRecord;
+
+/// How one record's processing ended, as reported to an outcome observer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RecordOutcome {
+    /// The handler succeeded (and the key was marked done, with idempotency on).
+    Handled,
+    /// Skipped: the idempotency store says the record's key is done.
+    Duplicate,
+    /// Written to the dead-letter sink (acknowledged), for this reason.
+    DeadLettered(DeadLetterReason),
+    /// Given up unsettled at a revoke or shutdown: not committed, delivered again later.
+    Abandoned,
+}
+
+impl RecordOutcome {
+    /// The name used in logs, spans and metrics: `handled`, `duplicate`, `dead-lettered`,
+    /// `abandoned`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordOutcome::Handled => "handled",
+            RecordOutcome::Duplicate => "duplicate",
+            RecordOutcome::DeadLettered(_) => "dead-lettered",
+            RecordOutcome::Abandoned => "abandoned",
+        }
+    }
+}
+
+impl fmt::Display for RecordOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RecordOutcome::DeadLettered(reason) => write!(f, "dead-lettered ({reason})"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+pub(crate) type OutcomeObserver = Arc<dyn Fn(&RawRecord, RecordOutcome) + Send + Sync>;

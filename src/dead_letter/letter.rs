@@ -1,0 +1,162 @@
+//! The dead letter and the sink trait (re-exported at the crate root).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+use crate::error::DeadLetterError;
+use crate::record::RawRecord;
+
+/// Why a record was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    /// The record could not be decoded (a poison pill); the handler never ran.
+    Decode,
+    /// The handler returned a permanent failure.
+    Permanent,
+    /// Transient failures used up the retry policy.
+    RetriesExhausted,
+    /// Code on the record's path panicked — the handler on its last attempt (after the
+    /// retries panics get by default), or the dedup-key function (dead-lettered at once: it
+    /// would panic again). A bug, not an outage: fix it, then redrive.
+    Panic,
+}
+
+impl DeadLetterReason {
+    /// The stable name written to [`FAILURE_KIND`](crate::dead_letter::headers::FAILURE_KIND).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Decode => "decode",
+            DeadLetterReason::Permanent => "permanent",
+            DeadLetterReason::RetriesExhausted => "retries-exhausted",
+            DeadLetterReason::Panic => "panic",
+        }
+    }
+
+    /// Parses a [`FAILURE_KIND`](crate::dead_letter::headers::FAILURE_KIND) value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "decode" => Some(DeadLetterReason::Decode),
+            "permanent" => Some(DeadLetterReason::Permanent),
+            "retries-exhausted" => Some(DeadLetterReason::RetriesExhausted),
+            "panic" => Some(DeadLetterReason::Panic),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn fqcn(self) -> &'static str {
+        match self {
+            DeadLetterReason::Decode => "kourier.DecodeError",
+            DeadLetterReason::Permanent => "kourier.PermanentFailure",
+            DeadLetterReason::RetriesExhausted => "kourier.RetriesExhausted",
+            DeadLetterReason::Panic => "kourier.Panic",
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A record given up on, with its provenance.
+///
+/// The consumer builds it; a custom [`DeadLetterSink`] reads its fields. It is
+/// `#[non_exhaustive]` so that provenance can grow without breaking sinks: outside kourier,
+/// make one with [`DeadLetter::new`] and set the other fields after, e.g. in a sink's tests.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The original record, untouched.
+    pub record: Arc<RawRecord>,
+    /// Why it was given up on.
+    pub reason: DeadLetterReason,
+    /// The last error's message (the sink bounds its size).
+    pub error: String,
+    /// Attempts made (0 for a decode failure: the handler never ran).
+    pub attempts: u32,
+    /// When the first attempt failed.
+    pub first_failure: SystemTime,
+    /// When the last attempt failed.
+    pub last_failure: SystemTime,
+    /// The consumer group that gave up.
+    pub group_id: String,
+}
+
+impl DeadLetter {
+    /// A dead letter for `record`, given up on for `reason` with the last error `error`: no
+    /// attempts, both failure times now, no consumer group. Set the other fields after.
+    ///
+    /// ```
+    /// use kourier::{DeadLetter, DeadLetterReason, RawRecord};
+    ///
+    /// let mut letter = DeadLetter::new(
+    ///     RawRecord::builder("orders.v1").offset(7).value("{}").build(),
+    ///     DeadLetterReason::Permanent,
+    ///     "unknown customer",
+    /// );
+    /// letter.attempts = 1;
+    /// letter.group_id = "billing".into();
+    /// assert_eq!(letter.record.offset, 7);
+    /// ```
+    pub fn new(
+        record: impl Into<Arc<RawRecord>>,
+        reason: DeadLetterReason,
+        error: impl Into<String>,
+    ) -> Self {
+        let now = SystemTime::now();
+        DeadLetter {
+            record: record.into(),
+            reason,
+            error: error.into(),
+            attempts: 0,
+            first_failure: now,
+            last_failure: now,
+            group_id: String::new(),
+        }
+    }
+}
+
+/// Where a dead letter was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterReceipt {
+    /// The name of the destination the sink wrote to, for logs: for
+    /// [`KafkaDeadLetterSink`](crate::KafkaDeadLetterSink), the dead-letter topic; for a custom
+    /// sink, whatever it names its destination (a table, a queue, a directory), or empty.
+    pub topic: String,
+    /// Partition written to, if the destination has partitions.
+    pub partition: Option<i32>,
+    /// Offset written at, if known.
+    pub offset: Option<i64>,
+}
+
+/// Receives dead letters. Object-safe: use it as `Arc<dyn DeadLetterSink>`.
+///
+/// `send` returns only once the letter is durably stored (for Kafka: acknowledged by the
+/// broker); the consumer commits the source offset only after that.
+///
+/// Put `#[async_trait]` ([`kourier::async_trait`](macro@crate::async_trait)) on the `impl` as
+/// on the trait: without it rustc reports E0195 ("lifetime parameters or bounds on method do
+/// not match the trait declaration"). [`DeadLetter::headers`] gives the provenance headers
+/// kourier's own sink writes, so letters from a custom sink read back the same.
+#[async_trait]
+pub trait DeadLetterSink: Send + Sync + fmt::Debug + 'static {
+    /// Writes one dead letter.
+    ///
+    /// # Errors
+    /// A [`DeadLetterError`] when the letter was not stored; the consumer retries.
+    async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError>;
+
+    /// The Kafka topics this sink writes the dead letters of `source_topic` to. The
+    /// consumer checks at start that they exist (and creates them when told to), so a
+    /// missing topic is an error at start rather than a partition that waits forever at the
+    /// first failure. Default: none (a sink that writes elsewhere).
+    fn topics_for(&self, source_topic: &str) -> Vec<String> {
+        let _ = source_topic;
+        Vec::new()
+    }
+}

@@ -1,0 +1,95 @@
+//! The store trait and its answers (re-exported at the crate root).
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+
+/// Proof of a claim: the value stored under the key while the lease lasts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClaimToken(String);
+
+impl ClaimToken {
+    /// A token with the given value (stores generate unique ones).
+    pub fn new(value: impl Into<String>) -> Self {
+        ClaimToken(value.into())
+    }
+
+    /// A fresh random token.
+    pub fn random() -> Self {
+        ClaimToken(format!(
+            "{:016x}{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        ))
+    }
+
+    /// The token's value.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClaimToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The answer to [`IdempotencyStore::claim`].
+///
+/// `#[non_exhaustive]`: code that matches on it needs a `_` arm; stores build it freely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The caller now owns the key until the lease ends: run the work.
+    Acquired(ClaimToken),
+    /// The work for this key was completed before: skip it.
+    Done,
+    /// Another worker holds a live lease on the key: try again later, do not skip.
+    Busy,
+}
+
+/// Where the consumer records which events are done. Object-safe: use it as
+/// `Arc<dyn IdempotencyStore>`.
+///
+/// Implementations must make `claim` a single atomic operation (e.g. Redis `SET NX PX`).
+/// The full contract — keys, expiry, fencing, what may block, concurrency — is written on the
+/// [`idempotency`](crate::idempotency#the-contract) module, with how to write a store (put
+/// `#[async_trait]` on the impl, or rustc reports E0195) and how to check one against the
+/// contract (`idempotency::testing::run_conformance`, feature `testing`).
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
+    /// Tries to take `key` for `lease`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Timeout`] when the store cannot answer;
+    /// the consumer treats that as transient (it backs off and never skips the record).
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError>;
+
+    /// Marks `key` done for `ttl`, if `token` holds it: the claim `token` acquired is still
+    /// there and its lease has not run out.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`], changing nothing, when `token` does not hold the key: its
+    /// lease ran out (whether or not the key was claimed again since), the key was released
+    /// or is done already, or the token was never issued for it. Availability errors as for
+    /// [`IdempotencyStore::claim`].
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Drops the claim on `key`, if `token` holds it (as for
+    /// [`complete`](IdempotencyStore::complete)), so that a retry can claim it.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`], changing nothing, in the same cases as
+    /// [`complete`](IdempotencyStore::complete) (a done key stays done). Availability errors
+    /// as for [`IdempotencyStore::claim`].
+    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError>;
+}
