@@ -91,6 +91,10 @@ struct Lane {
     queue: VecDeque<(Arc<RawRecord>, usize)>,
     running: bool,
     in_ready: bool,
+    /// A record of this lane was given up unsettled: nothing after it may run in this
+    /// assignment (it would overtake the record in its key's or partition's order); the
+    /// lane's records are delivered again, in order, with it.
+    blocked: bool,
 }
 
 #[derive(Debug)]
@@ -135,7 +139,7 @@ fn trim_to_gap_fillers(p: &mut PartitionState) -> (usize, usize) {
             records += 1;
             bytes += b;
         }
-        lane.running || !lane.queue.is_empty()
+        lane.running || lane.blocked || !lane.queue.is_empty()
     });
     p.queued -= records;
     p.queued_bytes -= bytes;
@@ -256,6 +260,10 @@ impl Scheduler {
         };
         let bytes = record.byte_len();
         let lane = p.lanes.entry(lane_key.clone()).or_default();
+        if lane.blocked {
+            // Behind a record given up unsettled: not run now (order), not committed past.
+            return false;
+        }
         lane.queue.push_back((Arc::new(record), bytes));
         if !lane.running && !lane.in_ready {
             lane.in_ready = true;
@@ -337,7 +345,18 @@ impl Scheduler {
             }
             if let Some(lane) = p.lanes.get_mut(&job.lane) {
                 lane.running = false;
-                if lane.queue.is_empty() {
+                if end == JobEnd::Abandoned {
+                    lane.blocked = true;
+                    let (records, bytes) = (
+                        lane.queue.len(),
+                        lane.queue.iter().map(|(_, b)| *b).sum::<usize>(),
+                    );
+                    lane.queue.clear();
+                    p.queued -= records;
+                    p.queued_bytes -= bytes;
+                    self.buffered_records -= records;
+                    self.buffered_bytes -= bytes;
+                } else if lane.queue.is_empty() {
                     p.lanes.remove(&job.lane);
                 } else if !lane.in_ready {
                     lane.in_ready = true;
@@ -890,5 +909,36 @@ mod tests {
         assert!(!s.enqueue(rec(0, 2, None)));
         assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
         assert_eq!(s.flow_control().pause, vec![tp(0)]);
+    }
+
+    #[test]
+    fn an_abandoned_record_blocks_its_lane_so_nothing_overtakes_it() {
+        let mut s = Scheduler::new(ProcessingOrder::Key, limits(10));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, Some("a")));
+        s.enqueue(rec(0, 1, Some("a")));
+        s.enqueue(rec(0, 2, Some("b")));
+        let jobs = s.take_jobs();
+        assert_eq!(offsets(&jobs), [(0, 0), (0, 2)]);
+        // a@0 is given up (its partition drains while it waits out a back-off): a@1 must not
+        // run before it is delivered again.
+        assert!(
+            s.finish(&jobs[0], JobEnd::Abandoned).is_none(),
+            "a@1 is not dispatched"
+        );
+        assert_eq!(
+            s.buffered(),
+            (0, 0),
+            "a@1 is dropped, to be delivered again"
+        );
+        assert!(
+            !s.enqueue(rec(0, 3, Some("a"))),
+            "later records of a wait too"
+        );
+        assert!(s.enqueue(rec(0, 4, Some("b"))), "other keys go on");
+        let next_b = s.finish(&jobs[1], JobEnd::Settled).unwrap();
+        assert_eq!(next_b.record.offset, 4);
+        s.finish(&next_b, JobEnd::Settled);
+        assert_eq!(s.to_commit(), vec![], "nothing is committed past a@0");
     }
 }
