@@ -22,6 +22,7 @@ pub(crate) fn consumer_config(args: &Args, group: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("queued.max.messages.kbytes", QUEUED_MAX_KBYTES.to_string())
+        .set("fetch.max.bytes", "16777216")
         .set("fetch.queue.backoff.ms", "20")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
@@ -72,7 +73,7 @@ pub(crate) struct BenchEvent {
 pub(crate) struct Progress {
     /// Handler calls that returned.
     pub(crate) handled: AtomicU64,
-    /// Permanent failures returned (scenario d).
+    /// Failures returned (permanent in scenario d, transient in e).
     pub(crate) failed: AtomicU64,
     /// First handler entry.
     pub(crate) first: OnceLock<Instant>,
@@ -83,6 +84,11 @@ pub(crate) enum Behaviour {
     Noop,
     FailEvery(u64),
     Sleep(Duration),
+    /// Sleep, and fail the first attempt of every `every`-th record transiently.
+    SleepFailFirst {
+        every: u64,
+        sleep: Duration,
+    },
     /// Record `handler entry − sent-at`.
     Latency(Arc<LatencyRecorder>),
 }
@@ -111,6 +117,15 @@ impl Handler for BenchHandler {
             }
             Behaviour::Sleep(d) => {
                 tokio::time::sleep(*d).await;
+                Ok(())
+            }
+            Behaviour::SleepFailFirst { every, sleep } => {
+                tokio::time::sleep(*sleep).await;
+                if message.attempt() == 1 && message.event().id.is_multiple_of(*every) {
+                    self.progress.failed.fetch_add(1, AtomicOrdering::Relaxed);
+                    // Not counted as handled: the retry is.
+                    return Err(HandlerError::transient("benchmark: transient failure"));
+                }
                 Ok(())
             }
             Behaviour::Latency(recorder) => {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kourier::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use kourier::rdkafka::message::Message as _;
 use kourier::rdkafka::{Offset, TopicPartitionList};
-use kourier::{DedupKey, ProcessingOrder, RedisIdempotencyStore};
+use kourier::{DedupKey, ProcessingOrder, RedisIdempotencyStore, RetryPolicy};
 
 use crate::args::{Args, ChildArgs};
 use crate::consumers::{
@@ -18,8 +18,8 @@ use crate::measure::{Outcome, peak_rss_kib, process_cpu_secs};
 use crate::scenario::Scenario;
 use crate::services::{committed_sum, log_end, redis_url, require_redis};
 use crate::{
-    BoxResult, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, SCENARIO_TIMEOUT, SLOW_HANDLER,
-    SLOW_KEY_MAX_IN_FLIGHT,
+    BoxResult, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, RETRY_BACKOFF, RETRY_FAIL_EVERY,
+    SCENARIO_TIMEOUT, SLOW_HANDLER, SLOW_KEY_MAX_IN_FLIGHT,
 };
 
 /// Commits `next` (the next offset to read, per partition) synchronously.
@@ -114,7 +114,13 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
         let progress = Arc::new(Progress::default());
         let behaviour = match scenario {
             Scenario::DeadLetter => Behaviour::FailEvery(FAIL_EVERY),
-            Scenario::SlowPartition | Scenario::SlowKey => Behaviour::Sleep(SLOW_HANDLER),
+            Scenario::SlowPartition | Scenario::SlowKey | Scenario::RetryBase => {
+                Behaviour::Sleep(SLOW_HANDLER)
+            }
+            Scenario::Retry => Behaviour::SleepFailFirst {
+                every: RETRY_FAIL_EVERY,
+                sleep: SLOW_HANDLER,
+            },
             _ => Behaviour::Noop,
         };
         let handler = BenchHandler {
@@ -148,6 +154,11 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
                     .max_in_flight(SLOW_KEY_MAX_IN_FLIGHT);
             }
             Scenario::SlowPartition => builder = builder.ordering(ProcessingOrder::Partition),
+            Scenario::RetryBase | Scenario::Retry => {
+                builder = builder
+                    .ordering(ProcessingOrder::Key)
+                    .retry_policy(RetryPolicy::fixed(RETRY_BACKOFF, 3));
+            }
             _ => {}
         }
         let running = Running::start(builder.build()?);

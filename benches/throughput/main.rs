@@ -20,7 +20,7 @@
 //!
 //! Drain scenarios read the same topic (6 partitions) with the same consumer settings
 //! (kourier's: `auto.offset.reset=earliest`, `enable.partition.eof=false`,
-//! `queued.max.messages.kbytes=16384`, `fetch.queue.backoff.ms=20`, `enable.auto.commit=false`, offsets committed every 1 s
+//! `queued.max.messages.kbytes=16384`, `fetch.max.bytes=16777216`, `fetch.queue.backoff.ms=20`, `enable.auto.commit=false`, offsets committed every 1 s
 //! and at the end):
 //!
 //! - (a) a raw rdkafka `BaseConsumer` loop that only counts and tracks offsets;
@@ -41,6 +41,12 @@
 //! The slow-handler scenarios await a 10 ms tokio sleep per record on one partition with 1,000
 //! keys: `ProcessingOrder::Partition` (only 1,000 records: 20,000 would take ~200 s) against
 //! `ProcessingOrder::Key` with `max_in_flight(500)` (20,000 records); their rates are compared.
+//!
+//! The retry scenarios read the slow-handler topic in `ProcessingOrder::Key` with the default
+//! `max_in_flight` (64) and the 10 ms handler: (e0) without failures, (e) with the first attempt
+//! of 5 % of the records failing transiently and retried after a fixed 500 ms back-off. A record
+//! waiting out its back-off holds no in-flight slot, so (e) should take little longer than (e0);
+//! their rates are compared.
 //!
 //! The latency scenarios send at a fixed rate (5,000 records/s for 20 s after a 5 s warm-up
 //! that is not recorded) from a producer thread in the same process, each record stamped with
@@ -90,6 +96,11 @@ const SLOW_HANDLER: Duration = Duration::from_millis(10);
 const SLOW_KEY_MAX_IN_FLIGHT: usize = 500;
 /// Every `FAIL_EVERY`-th record fails permanently in scenario (d): 1 %.
 const FAIL_EVERY: u64 = 100;
+/// The first attempt of every `RETRY_FAIL_EVERY`-th record fails transiently in scenario (e):
+/// 5 %.
+const RETRY_FAIL_EVERY: u64 = 20;
+/// The fixed retry back-off of scenarios (e0) and (e).
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 /// Unique per record: the dedup key of scenario (c).
 const EVENT_ID_HEADER: &str = "event-id";
 /// The scheduled send time in µs since the epoch (latency scenarios).

@@ -9,18 +9,24 @@ pub(crate) enum Scenario {
     DeadLetter,
     SlowPartition,
     SlowKey,
+    /// (e0): Key order, 10 ms handler, default `max_in_flight`, no failures.
+    RetryBase,
+    /// (e): (e0) with 5 % of first attempts failing transiently (500 ms back-off).
+    Retry,
     LatencyRaw,
     Latency,
 }
 
 impl Scenario {
-    pub(crate) const ALL: [Scenario; 8] = [
+    pub(crate) const ALL: [Scenario; 10] = [
         Scenario::Raw,
         Scenario::Kourier,
         Scenario::Redis,
         Scenario::DeadLetter,
         Scenario::SlowPartition,
         Scenario::SlowKey,
+        Scenario::RetryBase,
+        Scenario::Retry,
         Scenario::LatencyRaw,
         Scenario::Latency,
     ];
@@ -33,6 +39,8 @@ impl Scenario {
             Scenario::DeadLetter => "d",
             Scenario::SlowPartition => "slow-partition",
             Scenario::SlowKey => "slow-key",
+            Scenario::RetryBase => "e0",
+            Scenario::Retry => "e",
             Scenario::LatencyRaw => "latency-raw",
             Scenario::Latency => "latency",
         }
@@ -46,6 +54,8 @@ impl Scenario {
             Scenario::DeadLetter => "(d) kourier, 1% permanent → DLT",
             Scenario::SlowPartition => "Partition (1 in flight/partition)",
             Scenario::SlowKey => "Key (max in flight 500)",
+            Scenario::RetryBase => "(e0) Key, max in flight 64",
+            Scenario::Retry => "(e) (e0) + 5% transient, 500 ms",
             Scenario::LatencyRaw => "raw rdkafka BaseConsumer",
             Scenario::Latency => "kourier, no-op, Partition",
         }
@@ -63,7 +73,10 @@ impl Scenario {
     }
 
     pub(crate) fn is_slow(self) -> bool {
-        matches!(self, Scenario::SlowPartition | Scenario::SlowKey)
+        matches!(
+            self,
+            Scenario::SlowPartition | Scenario::SlowKey | Scenario::RetryBase | Scenario::Retry
+        )
     }
 
     pub(crate) fn is_latency(self) -> bool {

@@ -14,10 +14,13 @@ use crate::{
 /// kourier's buffer defaults (builder.rs): records and bytes received but not started.
 const MAX_BUFFERED_RECORDS: u64 = 10_000;
 const MAX_BUFFERED_BYTES: u64 = 64 << 20;
-/// What peak RSS may use beyond the configured buffers: the Tokio runtime, librdkafka's fetch
-/// buffers beyond its queue cap, the dead-letter producer, allocator slack, code. Stated before
+/// What peak RSS may use beyond the configured buffers: the Tokio runtime, librdkafka's
+/// threads and metadata, the dead-letter producer, allocator slack, code. Stated before
 /// measuring; the raw baseline's own RSS shows how much of it any rdkafka consumer needs.
 const RSS_CONSTANT_MIB: f64 = 64.0;
+/// kourier's `max_in_flight` and `fetch.max.bytes` defaults (builder.rs).
+const DEFAULT_MAX_IN_FLIGHT: u64 = 64;
+const FETCH_MAX_BYTES: u64 = 16 << 20;
 
 /// 1234567 → "1,234,567".
 pub(crate) fn thousands(v: f64) -> String {
@@ -186,7 +189,9 @@ pub(crate) fn print_table(
 
     let slow_p = get(Scenario::SlowPartition);
     let slow_k = get(Scenario::SlowKey);
-    if slow_p.is_some() || slow_k.is_some() {
+    let retry_base = get(Scenario::RetryBase);
+    let retry = get(Scenario::Retry);
+    if slow_p.is_some() || slow_k.is_some() || retry_base.is_some() || retry.is_some() {
         let _ = writeln!(w);
         let _ = writeln!(
             w,
@@ -203,7 +208,12 @@ pub(crate) fn print_table(
             "{:<34} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8}",
             "scenario", "records", "secs", "rec/s", "CPU s/M", "RSS MiB", "join s"
         );
-        for s in [Scenario::SlowPartition, Scenario::SlowKey] {
+        for s in [
+            Scenario::SlowPartition,
+            Scenario::SlowKey,
+            Scenario::RetryBase,
+            Scenario::Retry,
+        ] {
             if let Some(o) = get(s) {
                 let _ = writeln!(
                     w,
@@ -304,18 +314,31 @@ pub(crate) fn print_table(
             Some(r >= 20.0),
         );
     }
-    let buffer_mib = (MAX_BUFFERED_RECORDS * accounted_record_bytes(args, drain_topic, run_id))
-        .min(MAX_BUFFERED_BYTES) as f64
-        / (1024.0 * 1024.0);
-    let limit_mib = QUEUED_MAX_KBYTES as f64 / 1024.0 + buffer_mib + RSS_CONSTANT_MIB;
+    if let (Some(b), Some(e)) = (retry_base, retry) {
+        let r = rate(e) / rate(b);
+        target(
+            "(e) 5% transient failures ≥ 0.80 × (e0) throughput".into(),
+            format!("{r:.2} × (e0)"),
+            Some(r >= 0.8),
+        );
+    }
+    // The bound documented on `RetryingConsumerBuilder` (# Memory), with kourier's defaults.
+    let record_bytes = accounted_record_bytes(args, drain_topic, run_id);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let buffer_mib =
+        mib((MAX_BUFFERED_RECORDS * record_bytes).min(MAX_BUFFERED_BYTES) + record_bytes);
+    let in_flight_mib = mib(args.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT) * record_bytes);
+    let librdkafka_mib = mib((QUEUED_MAX_KBYTES << 10) + FETCH_MAX_BYTES);
+    let limit_mib = buffer_mib + in_flight_mib + librdkafka_mib + RSS_CONSTANT_MIB;
     for s in [Scenario::Kourier, Scenario::Redis, Scenario::DeadLetter] {
         if let Some(o) = get(s) {
             target(
                 format!(
-                    "{} peak RSS ≤ {:.0} + {:.1} + {:.0} MiB",
+                    "{} peak RSS ≤ {:.1} + {:.1} + {:.0} + {:.0} MiB",
                     s.label(),
-                    QUEUED_MAX_KBYTES as f64 / 1024.0,
                     buffer_mib,
+                    in_flight_mib,
+                    librdkafka_mib,
                     RSS_CONSTANT_MIB
                 ),
                 format!("{:.1} MiB (limit {limit_mib:.1})", rss_mib(o)),
@@ -332,12 +355,21 @@ pub(crate) fn print_table(
             format!("{:.2} ms", l.p99_us as f64 / 1000.0),
             Some(l.p99_us <= 20_000),
         );
+        if let Some(r) = &lat_raw {
+            let x = l.p99_us as f64 / r.p99_us.max(1) as f64;
+            target(
+                "kourier p99 latency ≤ 1.5 × raw's p99".into(),
+                format!("{x:.2} × ({:.2} ms)", r.p99_us as f64 / 1000.0),
+                Some(x <= 1.5),
+            );
+        }
     }
     let _ = writeln!(
         w,
-        "  (RSS limit: librdkafka queued.max.messages.kbytes + kourier's buffer bound \
-         min(max_buffered_bytes, max_buffered_records × accounted bytes/record) + a constant \
-         for runtime, fetch buffers, DLT producer and allocator)"
+        "  (RSS limit, as documented on RetryingConsumerBuilder (# Memory): kourier's buffer \
+         min(max_buffered_bytes, max_buffered_records × record bytes) + one record, + \
+         max_in_flight × record bytes, + librdkafka's queued.max.messages.kbytes and \
+         fetch.max.bytes (one broker), + a constant for runtime, DLT producer and allocator)"
     );
     println!("{out}");
 }

@@ -102,12 +102,32 @@ type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 /// | `auto.offset.reset` | `earliest` | a new group (or one whose offsets expired) starts at the oldest record rather than skipping what was published before it joined; at-least-once by default | overridable (`latest` skips the backlog) |
 /// | `enable.partition.eof` | `false` | kourier does not use end-of-partition events (it would only skip them) | overridable |
 /// | `queued.max.messages.kbytes` | `16384` (16 MiB) | bounds librdkafka's own pre-fetch queue (librdkafka's default is 64 MiB per consumer) next to kourier's buffer limits | overridable |
+/// | `fetch.max.bytes` | `16777216` (16 MiB) | bounds one fetch response, librdkafka's other large buffer (its default is 50 MiB); see *Memory* below | overridable |
 /// | `fetch.queue.backoff.ms` | `20` | how long librdkafka waits to fetch again when that queue is full; its default (1 s) makes a consumer with a bounded queue idle (librdkafka #3662) | overridable |
 /// | `statistics.interval.ms` | `5000` | librdkafka's statistics feed the consumer-lag gauge and [`ConsumerSnapshot`](crate::ConsumerSnapshot) lag; `0` turns them (and lag) off | overridable |
 ///
 /// `max.poll.interval.ms` may be set; it must then be longer than
 /// [`revoke_timeout`](Self::revoke_timeout). The default dead-letter producer and the topic
 /// admin get the raw `security.*`, `sasl.*` and `ssl.*` settings too.
+///
+/// # Memory
+///
+/// A consumer's memory is bounded by its settings. Its peak resident size stays below
+///
+/// ```text
+///   kourier's buffer     min(max_buffered_bytes, max_buffered_records × record bytes) + one record
+/// + records in flight    max_in_flight × record bytes (running, or parked in a retry back-off)
+/// + librdkafka's queue   queued.max.messages.kbytes                (16 MiB by default)
+/// + fetch responses      fetch.max.bytes × brokers fetched from     (16 MiB by default)
+/// + a constant           ≈ 64 MiB: the Tokio runtime, librdkafka's threads and metadata,
+///                        the dead-letter producer, code and allocator slack
+/// ```
+///
+/// where *record bytes* is what the buffer charges a record: key + value + header names and
+/// values + topic name + 64. With the defaults, one broker and small records (≤ 1 KiB)
+/// that is about 100–110 MiB; `cargo bench --bench throughput` measures peak RSS against this formula.
+/// Large records raise the first two terms, not the rest: librdkafka's queue and fetch are
+/// bounded in bytes.
 pub struct RetryingConsumerBuilder<H: Handler> {
     handler: H,
     codec: Arc<dyn Codec<H::Event>>,
@@ -259,7 +279,13 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
-    /// Records handled at once, across all partitions, retries waiting included. Default 64.
+    /// Records handled at once, across all partitions. Default 64.
+    ///
+    /// A record waiting out a retry back-off holds no slot: it is parked (its key's or
+    /// partition's later records still wait behind it) and the slot runs other records
+    /// meanwhile; when its back-off is over it takes the next free slot before any new
+    /// record. So with many records in back-off more than `n` records can be *held* at
+    /// once, but never more than `n` *run* at once.
     #[must_use]
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = n;
@@ -746,6 +772,9 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             .set("enable.partition.eof", "false")
             // Bound librdkafka's own pre-fetch queue (default 64 MiB per consumer).
             .set("queued.max.messages.kbytes", "16384")
+            // Bound one fetch response (default 50 MiB): it is librdkafka's other large
+            // buffer, and part of the documented memory bound.
+            .set("fetch.max.bytes", "16777216")
             // When that queue is full, librdkafka waits this long before fetching again
             // (default 1 s): with a bounded queue the consumer then idles (librdkafka #3662).
             .set("fetch.queue.backoff.ms", "20")

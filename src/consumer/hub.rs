@@ -84,6 +84,16 @@ impl Hub {
         next
     }
 
+    /// Called by a worker whose record starts waiting out a retry back-off: the slot it frees
+    /// goes to the returned job.
+    pub(crate) fn park(&self) -> Option<Job> {
+        let next = self.lock().park();
+        if self.waiters.load(AtomicOrdering::SeqCst) > 0 {
+            self.changed.notify_all();
+        }
+        next
+    }
+
     pub(crate) fn request_stop(&self) {
         self.stop.store(true, AtomicOrdering::SeqCst);
     }

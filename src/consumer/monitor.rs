@@ -22,6 +22,10 @@ pub struct ConsumerMonitor {
 pub struct ConsumerSnapshot {
     /// Records being handled now (running, waiting for a retry or a dead-letter write).
     pub in_flight: usize,
+    /// Of [`in_flight`](Self::in_flight), records waiting out a retry back-off: they hold
+    /// no in-flight slot (see
+    /// [`max_in_flight`](crate::RetryingConsumerBuilder::max_in_flight)).
+    pub waiting_retry: usize,
     /// Records received and not started.
     pub buffered_records: usize,
     /// Bytes of the buffered records.
@@ -105,6 +109,7 @@ impl ConsumerMonitor {
             && partitions.iter().all(|p| p.lag == Some(0));
         ConsumerSnapshot {
             in_flight: s.in_flight(),
+            waiting_retry: s.parked(),
             buffered_records,
             buffered_bytes,
             assigned,

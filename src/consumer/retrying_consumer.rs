@@ -13,7 +13,7 @@ use super::poll::{PollSettings, poll_loop};
 use super::scheduler::{Job, JobEnd};
 use super::shutdown::{ShutdownReport, shutdown_signal};
 use super::startup::provision;
-use super::worker::WorkerContext;
+use super::worker::{Slot, WorkerContext};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use tracing::error;
@@ -146,11 +146,41 @@ async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, job: Job) {
         let Some(job) = guard.job.as_ref() else {
             return;
         };
-        let end = guard.ctx.run_job(job.record.clone(), &job.stop).await;
+        let slot = WorkerSlot {
+            ctx: &guard.ctx,
+            hub: &guard.hub,
+        };
+        let end = guard
+            .ctx
+            .run_job(job.record.clone(), &job.stop, &slot)
+            .await;
         let Some(job) = guard.job.take() else {
             return;
         };
         guard.job = guard.hub.finish(&job, end);
+    }
+}
+
+/// A worker's in-flight slot: given up while its record waits out a retry back-off, the
+/// slot's next job running on a new worker meanwhile.
+struct WorkerSlot<'a, H: Handler> {
+    ctx: &'a Arc<WorkerContext<H>>,
+    hub: &'a Arc<Hub>,
+}
+
+impl<H: Handler> Slot for WorkerSlot<'_, H> {
+    fn park(&self) {
+        if let Some(next) = self.hub.park() {
+            tokio::spawn(work(self.ctx.clone(), self.hub.clone(), next));
+        }
+    }
+
+    fn resume(&self) -> std::result::Result<(), tokio::sync::oneshot::Receiver<()>> {
+        self.hub.lock().resume()
+    }
+
+    fn resume_now(&self, waiting: Option<tokio::sync::oneshot::Receiver<()>>) {
+        self.hub.lock().resume_now(waiting);
     }
 }
 

@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::offsets::OffsetTracker;
@@ -153,7 +154,14 @@ pub(crate) struct Scheduler {
     limits: Limits,
     partitions: HashMap<Tp, PartitionState>,
     ready: VecDeque<(Tp, u64, LaneKey)>,
+    /// In-flight slots taken: records running (claiming, handling, dead-lettering).
     in_flight: usize,
+    /// Records waiting out a retry back-off: their lanes stay taken (nothing overtakes them)
+    /// but they hold no slot, so records of other lanes use it meanwhile (DESIGN rule 16).
+    parked: usize,
+    /// Parked records whose back-off is over, waiting for a slot, first come first served:
+    /// a freed slot goes to them before any new record.
+    resuming: VecDeque<oneshot::Sender<()>>,
     buffered_records: usize,
     buffered_bytes: usize,
     next_generation: u64,
@@ -178,6 +186,8 @@ impl Scheduler {
             partitions: HashMap::new(),
             ready: VecDeque::new(),
             in_flight: 0,
+            parked: 0,
+            resuming: VecDeque::new(),
             buffered_records: 0,
             buffered_bytes: 0,
             next_generation: 1,
@@ -287,6 +297,15 @@ impl Scheduler {
 
     fn take_one(&mut self) -> Option<Job> {
         while self.in_flight < self.limits.max_in_flight {
+            // Parked records whose back-off is over come first: they are older.
+            if let Some(resume) = self.resuming.pop_front() {
+                if resume.send(()).is_ok() {
+                    self.in_flight += 1;
+                    self.parked -= 1;
+                }
+                // Else its worker stopped waiting and took its slot back itself.
+                continue;
+            }
             let (tp, generation, lane_key) = self.ready.pop_front()?;
             let Some(p) = self.partitions.get_mut(&tp) else {
                 continue;
@@ -366,6 +385,44 @@ impl Scheduler {
             }
         }
         self.take_one()
+    }
+
+    /// A running record starts waiting out a retry back-off: it gives its slot up (its lane
+    /// stays taken, so nothing of its key or partition overtakes it) and the freed slot's next
+    /// job is handed to the caller, to run on a new worker.
+    pub(crate) fn park(&mut self) -> Option<Job> {
+        self.in_flight -= 1;
+        self.parked += 1;
+        self.take_one()
+    }
+
+    /// A parked record's back-off is over: it takes a slot if one is free and no parked
+    /// record waits before it (`Ok`), else it waits for the receiver, which fires when a
+    /// slot is handed to it.
+    pub(crate) fn resume(&mut self) -> Result<(), oneshot::Receiver<()>> {
+        if self.in_flight < self.limits.max_in_flight && self.resuming.is_empty() {
+            self.in_flight += 1;
+            self.parked -= 1;
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.resuming.push_back(tx);
+        Err(rx)
+    }
+
+    /// A parked record is being given up (revoke, shutdown) while it waits for a slot, or
+    /// before it asked for one (`waiting` is `None`): it takes its slot back at once, over the
+    /// limit if need be, so that its end is counted like any other job's.
+    pub(crate) fn resume_now(&mut self, waiting: Option<oneshot::Receiver<()>>) {
+        if let Some(mut rx) = waiting {
+            // Closed first: no slot can be handed to it after this check.
+            rx.close();
+            if rx.try_recv().is_ok() {
+                return;
+            }
+        }
+        self.in_flight += 1;
+        self.parked -= 1;
     }
 
     /// Starts revoking `tps`: no new records are taken for them, and of their buffered
@@ -596,9 +653,14 @@ impl Scheduler {
         (self.abandoned_at_stop_count, self.abandoned_at_stop.clone())
     }
 
-    /// Records running now.
+    /// Records a worker holds now: running, or parked in a retry back-off.
     pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight
+        self.in_flight + self.parked
+    }
+
+    /// Of [`Scheduler::in_flight`], the records waiting out a retry back-off without a slot.
+    pub(crate) fn parked(&self) -> usize {
+        self.parked
     }
 
     /// Records buffered (received, not started).
@@ -735,6 +797,59 @@ mod tests {
         assert_eq!(next.record.offset, 3);
         assert_eq!(s.in_flight(), 3);
         assert_eq!(s.to_commit(), vec![], "offset 0 is still running");
+    }
+
+    #[test]
+    fn a_parked_record_frees_its_slot_but_keeps_its_lane() {
+        let mut s = Scheduler::new(ProcessingOrder::Key, limits(1));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, Some("a")));
+        s.enqueue(rec(0, 1, Some("a")));
+        s.enqueue(rec(0, 2, Some("b")));
+        s.enqueue(rec(0, 3, Some("c")));
+        let a0 = s.take_jobs().pop().unwrap();
+        assert_eq!(a0.record.offset, 0);
+        // a@0 waits out a back-off: its slot goes to b@2, not to a@1 (its lane is taken).
+        let b2 = s.park().expect("the freed slot runs the next lane");
+        assert_eq!(b2.record.offset, 2);
+        assert_eq!(s.in_flight(), 2, "the parked record still counts as held");
+        assert_eq!(s.parked(), 1);
+        // Its back-off ends while b@2 holds the only slot: it waits for it.
+        let mut handed = s.resume().expect_err("no slot is free");
+        // b@2 ends: the slot goes to the parked record before c@3.
+        assert!(s.finish(&b2, JobEnd::Settled).is_none());
+        assert!(handed.try_recv().is_ok(), "the slot was handed over");
+        assert_eq!((s.in_flight(), s.parked()), (1, 0));
+        // a@0 ends: a@1 may run now (a@1 and c@3 are both ready; one slot).
+        let next = s.finish(&a0, JobEnd::Settled).unwrap();
+        assert_eq!(next.record.offset, 3, "c@3 was ready before a@1");
+        assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+    }
+
+    #[test]
+    fn a_parked_record_given_up_takes_its_slot_back_once() {
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(1));
+        s.assign([tp(0), tp(1)]);
+        s.enqueue(rec(0, 0, None));
+        s.enqueue(rec(1, 0, None));
+        let p0 = s.take_jobs().pop().unwrap();
+        let p1 = s.park().unwrap();
+        let handed = s.resume().expect_err("p1 holds the slot");
+        // Given up while waiting: it takes the slot back over the limit, and its place in
+        // the queue is skipped when a slot frees.
+        s.resume_now(Some(handed));
+        assert_eq!((s.in_flight(), s.parked()), (2, 0));
+        assert!(s.finish(&p0, JobEnd::Abandoned).is_none());
+        assert!(s.finish(&p1, JobEnd::Settled).is_none());
+        assert_eq!((s.in_flight(), s.parked()), (0, 0));
+        // Given up before asking for a slot.
+        s.enqueue(rec(1, 1, None));
+        let j = s.take_jobs().pop().unwrap();
+        assert!(s.park().is_none());
+        s.resume_now(None);
+        assert_eq!((s.in_flight(), s.parked()), (1, 0));
+        assert!(s.finish(&j, JobEnd::Settled).is_none());
+        assert_eq!(s.in_flight(), 0);
     }
 
     #[test]

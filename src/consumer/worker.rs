@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::FutureExt as _;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
@@ -84,6 +85,61 @@ async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
+/// The worker's in-flight slot, which a record gives up while it waits out a retry back-off
+/// (its lane stays taken: nothing of its key or partition overtakes it).
+pub(crate) trait Slot: Send + Sync {
+    /// Gives the slot up; the freed slot's next job starts on a new worker.
+    fn park(&self);
+    /// Takes a slot back: `Ok` at once, or a receiver that fires when one is handed over.
+    fn resume(&self) -> Result<(), oneshot::Receiver<()>>;
+    /// Takes the slot back at once, over the limit if need be: the record is being given up
+    /// while it waits (for a slot, when `waiting` is the receiver [`Slot::resume`] gave).
+    fn resume_now(&self, waiting: Option<oneshot::Receiver<()>>);
+}
+
+/// A slot that is never given up: the record keeps it while it waits (unit tests).
+#[cfg(test)]
+pub(crate) struct KeepSlot;
+
+#[cfg(test)]
+impl Slot for KeepSlot {
+    fn park(&self) {}
+    fn resume(&self) -> Result<(), oneshot::Receiver<()>> {
+        Ok(())
+    }
+    fn resume_now(&self, _waiting: Option<oneshot::Receiver<()>>) {}
+}
+
+/// Waits out a retry back-off without holding a slot; returns whether the record goes on
+/// (`false`: it is given up, holding its slot again, because its partition is draining or
+/// its work is abandoned).
+async fn back_off(delay: Duration, slot: &dyn Slot, stop: &Stop) -> bool {
+    slot.park();
+    let waited = tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = stop.drain.cancelled() => false,
+        () = stop.abandon.cancelled() => false,
+    };
+    if !waited {
+        slot.resume_now(None);
+        return false;
+    }
+    match slot.resume() {
+        Ok(()) => true,
+        Err(mut handed) => {
+            let resumed = tokio::select! {
+                handed = &mut handed => handed.is_ok(),
+                () = stop.drain.cancelled() => false,
+                () = stop.abandon.cancelled() => false,
+            };
+            if !resumed {
+                slot.resume_now(Some(handed));
+            }
+            resumed
+        }
+    }
+}
+
 /// How a record's processing ended.
 enum Outcome {
     Handled,
@@ -142,11 +198,16 @@ impl<H: Handler> WorkerContext<H> {
             abandon: cancel.clone(),
             drain: CancellationToken::new(),
         };
-        self.run_job(record, &stop).await
+        self.run_job(record, &stop, &KeepSlot).await
     }
 
-    /// Runs one record to its end.
-    pub(crate) async fn run_job(&self, record: Arc<RawRecord>, stop: &Stop) -> JobEnd {
+    /// Runs one record to its end; `slot` is given up while it waits out retry back-offs.
+    pub(crate) async fn run_job(
+        &self,
+        record: Arc<RawRecord>,
+        stop: &Stop,
+        slot: &dyn Slot,
+    ) -> JobEnd {
         let span = info_span!(
             "kourier.record",
             topic = %record.topic,
@@ -160,7 +221,7 @@ impl<H: Handler> WorkerContext<H> {
         trace_record_span(&span, &record);
         let metrics = self.metrics.record(&record.topic);
         let run = self
-            .run(record.clone(), &metrics, stop)
+            .run(record.clone(), &metrics, stop, slot)
             .instrument(span.clone());
         tokio::pin!(run);
         let outcome = tokio::select! {
@@ -197,6 +258,7 @@ impl<H: Handler> WorkerContext<H> {
         record: Arc<RawRecord>,
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
+        slot: &dyn Slot,
     ) -> Outcome {
         let cancel = &stop.abandon;
         let decoded = match guarded(|| self.codec.decode(&record)) {
@@ -318,14 +380,9 @@ impl<H: Handler> WorkerContext<H> {
                 RetryDecision::RetryAfter(delay) => {
                     debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "failed, retrying");
                     metrics.retried(attempt);
-                    // Nothing of the record runs while it waits: a revoke or a shutdown
-                    // gives it up at once rather than waiting for its back-off.
-                    let waited = tokio::select! {
-                        () = tokio::time::sleep(delay) => true,
-                        () = stop.drain.cancelled() => false,
-                        () = cancel.cancelled() => false,
-                    };
-                    if !waited {
+                    // Nothing of the record runs while it waits: it holds no slot, and a
+                    // revoke or a shutdown gives it up at once rather than waiting.
+                    if !back_off(delay, slot, stop).await {
                         debug!(coordinates = %record.coordinates(), "abandoned during its retry back-off: the partition is draining");
                         return Outcome::Abandoned;
                     }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::WorkerContext;
+use super::{KeepSlot, WorkerContext};
 use crate::codec::{Codec, DecodeError, JsonCodec};
 use crate::consumer::dedup::{Dedup, DedupKey};
 use crate::consumer::scheduler::{JobEnd, Stop};
@@ -469,7 +469,7 @@ impl Harness {
             sleep_until(t0 + at).await;
             drain.cancel();
         });
-        let run = self.worker.run_job(Arc::new(record), &stop);
+        let run = self.worker.run_job(Arc::new(record), &stop, &KeepSlot);
         let end = tokio::time::timeout(Duration::from_secs(3600), run)
             .await
             .expect("the record never ended");
