@@ -15,10 +15,8 @@ use super::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
 use crate::error::error_chain;
 use crate::error::{ConfigError, Error, Result};
 use crate::log_throttle::{CLIENT_LOG_INTERVAL, ThrottledLogContext};
-use crate::producer::{
-    DEFAULT_SEND_TIMEOUT, ManagedProducer, ProducerSettings, check_timeout, owned_headers,
-};
-use crate::record::Header;
+use crate::producer::{DEFAULT_SEND_TIMEOUT, ManagedProducer, ProducerSettings, check_timeout};
+use crate::record::{Header, owned_headers};
 
 /// How long a dead-letter topic's partition count is trusted before it is fetched again.
 const PARTITION_COUNT_MAX_AGE: Duration = Duration::from_secs(60);

@@ -95,7 +95,7 @@ impl RedriveRecord {
         let mut out: Headers = letter
             .headers
             .iter()
-            .filter(|h| !headers::ALL.contains(&h.key.as_str()) && h.key != headers::REDRIVE_COUNT)
+            .filter(|h| !headers::is_provenance(&h.key) && !h.is_named(headers::REDRIVE_COUNT))
             .cloned()
             .collect();
         out.push(Header::new(headers::REDRIVE_COUNT, count.to_string()));
