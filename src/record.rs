@@ -1,5 +1,5 @@
 //! Records as they come from Kafka: [`RawRecord`], its [`Headers`], and the one place that
-//! reads them out of librdkafka.
+//! reads headers out of librdkafka and writes them into it, names as bytes.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -708,7 +708,7 @@ mod tests {
         assert_eq!(h.get("event-id"), Some(&b"e-2"[..]));
         assert_eq!(h.get_str(String::from("event-id")), Some("e-2"));
         assert_eq!(h.get(b"\xc3\x28\x78"), Some(&b"\xc3\x28"[..]));
-        assert_eq!(h.get(b"\xff\xfe".to_vec()), Some(&b""[..]));
+        assert_eq!(h.get(&b"\xff\xfe"[..]), Some(&b""[..]));
         assert_eq!(h.get(b"a\0b"), None, "the last one is null");
         assert_eq!(
             h.get_all(b"a\0b").collect::<Vec<_>>(),

@@ -74,7 +74,7 @@ async fn header_name_bytes_survive_handler_dead_letter_and_redrive() {
 
     assert_eq!(
         *seen.lock().unwrap(),
-        [expected.clone()],
+        std::slice::from_ref(&expected),
         "the handler's view"
     );
 
