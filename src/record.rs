@@ -468,9 +468,9 @@ impl From<RawRecordBuilder> for RawRecord {
 // through librdkafka's C API here, and nowhere else.
 
 /// librdkafka's header item, `rd_kafka_header_t` (src/rdkafka_header.h), up to its name: one
-/// allocation holds these fields, then the name and a NUL, then the value and a NUL. The
-/// layout is the same in every librdkafka 2.x release up to the bundled 2.12.1 (checked in
-/// the source, and at run time in [`header_name_len`]).
+/// allocation holds these fields, then the name and a NUL, then the value and a NUL.
+/// Reviewed in the source of the bundled librdkafka 2.12.1, and checked at run time in
+/// [`header_name_len`].
 #[repr(C)]
 struct HeaderItemPrefix {
     /// `rkhdr_ser_size`: the header's serialized size.
@@ -483,10 +483,13 @@ struct HeaderItemPrefix {
     value: *const std::ffi::c_char,
 }
 
-/// librdkafka versions whose header item is laid out as [`HeaderItemPrefix`] says. A later
-/// version falls back to the name up to its first NUL until its `rdkafka_header.h` has been
-/// reviewed and this range extended (tests/header_bytes.rs fails meanwhile).
-const HEADER_LAYOUT_VERSIONS: std::ops::Range<i32> = 0x0200_0000..0x020d_0000;
+/// librdkafka versions whose header item is known to be laid out as [`HeaderItemPrefix`]
+/// says: 2.12.x, the bundled one. Any other (a newer bundle, or an older system library with
+/// rdkafka's `dynamic-linking`) reads a name up to its first NUL until its
+/// `rdkafka_header.h` has been reviewed and this range extended; the unit test
+/// `the_layout_check_accepts_the_bundled_librdkafka` and tests/header_bytes.rs fail
+/// meanwhile, so an upgrade cannot drop bytes silently.
+const HEADER_LAYOUT_VERSIONS: std::ops::Range<i32> = 0x020c_0000..0x020d_0000;
 
 /// Bytes of `n` as a zigzag varint, as librdkafka counts them in `rkhdr_ser_size`.
 fn varint_len(n: usize) -> usize {
@@ -538,10 +541,13 @@ unsafe fn header_name_len(
     let consistent = item.value.cast::<std::ffi::c_void>() == value
         && item.value_size == value_size
         && item.name_size >= visible
-        && item.name_size.checked_add(value_size).is_some_and(|sizes| {
-            item.ser_size == sizes + varint_len(item.name_size) + varint_len(value_size)
-        })
-        && (value.is_null() || value == name.wrapping_add(item.name_size + 1).cast());
+        && item
+            .name_size
+            .checked_add(value_size)
+            .and_then(|sizes| sizes.checked_add(varint_len(item.name_size)))
+            .and_then(|sizes| sizes.checked_add(varint_len(value_size)))
+            == Some(item.ser_size)
+        && (value.is_null() || value == name.wrapping_add(item.name_size).wrapping_add(1).cast());
     if !consistent {
         return visible;
     }
