@@ -66,7 +66,8 @@
 //!    `decode`, the handler is never called. A panicking handler is a failure of its own
 //!    kind, [`FailureKind::Panic`]: retried by default, dead-lettered as `panic`.
 //! 5. **Dead letters keep everything**: same key, same value bytes (null stays null), the
-//!    original headers, plus provenance headers ([`dead_letter::headers`]). The default sink
+//!    original headers (names and values byte for byte: a [`Header`] name is bytes, not
+//!    necessarily UTF-8), plus provenance headers ([`dead_letter::headers`]). The default sink
 //!    writes to `<topic>.dlt`, to the source partition when the dead-letter topic has it,
 //!    else by key.
 //! 6. **A failed dead-letter write is never dropped**: it is retried with back-off, logged,

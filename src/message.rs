@@ -99,7 +99,9 @@ impl<T> Message<T> {
         self.key().and_then(|k| std::str::from_utf8(k).ok())
     }
 
-    /// The record headers.
+    /// The record headers, in order, names and values exactly as produced: a name is bytes
+    /// ([`Header::key`](crate::Header::key)), which need not be UTF-8
+    /// ([`Header::key_str`](crate::Header::key_str) gives it as text when it is).
     pub fn headers(&self) -> &Headers {
         &self.raw.headers
     }

@@ -10,12 +10,10 @@ use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
 
 use crate::error::{ConfigError, Error, Result};
-use crate::record::Header;
 
 /// Where the broker stored a published record.
 ///
@@ -399,20 +397,6 @@ impl<C: ClientContext + 'static> Drop for ManagedProducer<C> {
             );
         }
     }
-}
-
-/// librdkafka headers from ours: names as given, values as bytes, null values kept null.
-pub(crate) fn owned_headers<'a>(
-    headers: impl ExactSizeIterator<Item = &'a Header>,
-) -> OwnedHeaders {
-    let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-    for header in headers {
-        owned = owned.insert(rdkafka::message::Header {
-            key: &header.key,
-            value: header.value.as_deref(),
-        });
-    }
-    owned
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::error::{ConfigError, Error, Result};
-use crate::producer::{Delivery, ManagedProducer, ProducerSettings, owned_headers};
-use crate::record::{Header, Headers};
+use crate::producer::{Delivery, ManagedProducer, ProducerSettings};
+use crate::record::{Header, Headers, owned_headers};
 
 type KeyFn<T> = Box<dyn Fn(&T) -> Vec<u8> + Send + Sync + 'static>;
 type HeadersFn<T> = Box<dyn Fn(&T) -> Vec<Header> + Send + Sync + 'static>;
@@ -302,11 +302,14 @@ impl<T: Serialize> Publisher<T> {
 #[cfg(feature = "opentelemetry")]
 fn inject_trace_context(headers: &mut Vec<Header>) {
     use crate::trace_context::TraceContext;
-    if headers.iter().any(|h| h.key == TraceContext::TRACEPARENT) {
+    if headers
+        .iter()
+        .any(|h| h.is_named(TraceContext::TRACEPARENT))
+    {
         return;
     }
     if let Some(tc) = TraceContext::current() {
-        headers.retain(|h| h.key != TraceContext::TRACESTATE);
+        headers.retain(|h| !h.is_named(TraceContext::TRACESTATE));
         headers.extend(tc.to_headers());
     }
 }

@@ -1,25 +1,46 @@
 //! Records as they come from Kafka: [`RawRecord`], its [`Headers`], and the one place that
-//! reads them out of librdkafka.
+//! reads headers out of librdkafka and writes them into it, names as bytes.
+
+use std::borrow::Cow;
+use std::fmt;
 
 use rdkafka::Timestamp;
-use rdkafka::message::{BorrowedMessage, Message as _};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message as _, OwnedHeaders};
 
-/// One record header: a name and an optional (possibly binary) value.
+/// One record header: a name and an optional (possibly binary) value, both kept as the exact
+/// bytes the producer sent.
 ///
-/// Kafka header names are strings for the Java client; a name that is not valid UTF-8 (only
-/// possible from non-Java producers) is converted lossily (`U+FFFD` for invalid bytes).
-/// Values are kept as raw bytes; a null value stays `None`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Java clients write header names as UTF-8 strings, but the Kafka protocol allows any bytes,
+/// and other producers send names that are not UTF-8, empty, or hold NUL bytes. kourier
+/// never rewrites them: the handler, the dead letter and a redrive see the same bytes.
+/// [`key_str`](Self::key_str) is the name as text when it is UTF-8, and
+/// [`key_escaped`](Self::key_escaped) a lossless text form for logs and displays.
+/// A null value stays `None` (distinct from an empty one).
+///
+/// ```
+/// use kourier::Header;
+///
+/// let text = Header::new("event-id", "e-1");
+/// assert_eq!((text.key(), text.key_str()), (&b"event-id"[..], Some("event-id")));
+/// assert!(text.is_named("event-id"));
+///
+/// let binary = Header::new(b"\xc3(x".to_vec(), b"\xff\xfe".to_vec());
+/// assert_eq!(binary.key(), b"\xc3(x");
+/// assert_eq!(binary.key_str(), None);
+/// assert_eq!(binary.key_escaped(), r"\xc3(x");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Header {
-    /// The header's name.
-    pub key: String,
+    /// The header's name, as raw bytes (see [`key_str`](Self::key_str) for text).
+    pub key: Vec<u8>,
     /// The header's value; `None` is a null value (distinct from an empty one).
     pub value: Option<Vec<u8>>,
 }
 
 impl Header {
-    /// A header with a value.
-    pub fn new(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+    /// A header with a value. The name is text (`&str`, `String`) or raw bytes (`&[u8]`,
+    /// `Vec<u8>`, `b"..."`).
+    pub fn new(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
         Header {
             key: key.into(),
             value: Some(value.into()),
@@ -27,15 +48,111 @@ impl Header {
     }
 
     /// A header with a null value.
-    pub fn null(key: impl Into<String>) -> Self {
+    pub fn null(key: impl Into<Vec<u8>>) -> Self {
         Header {
             key: key.into(),
             value: None,
         }
     }
+
+    /// The name's bytes, exactly as produced.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The name as UTF-8 text, or `None` when it is not valid UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.key).ok()
+    }
+
+    /// Whether the header is called `name` (text or bytes; compared byte for byte).
+    pub fn is_named(&self, name: impl AsRef<[u8]>) -> bool {
+        self.key == name.as_ref()
+    }
+
+    /// The value's bytes; `None` for a null value.
+    pub fn value(&self) -> Option<&[u8]> {
+        self.value.as_deref()
+    }
+
+    /// The name as text for logs and displays, without losing anything: an ordinary name
+    /// (printable UTF-8 without `\`) is returned as it is; otherwise every byte that is not
+    /// part of valid UTF-8 becomes `\xNN`, a backslash `\\`, and control characters `\0`,
+    /// `\t`, `\n`, `\r` or `\u{NN}`. Distinct names never look alike, unlike a lossy
+    /// conversion (`U+FFFD`).
+    pub fn key_escaped(&self) -> Cow<'_, str> {
+        escape_bytes(&self.key)
+    }
+}
+
+/// Shows the name as [`Header::key_escaped`] does and the value as a byte string, so that
+/// binary headers stay readable.
+impl fmt::Debug for Header {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        struct Quoted<'a>(Cow<'a, str>);
+        impl fmt::Debug for Quoted<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "\"{}\"", self.0.replace('"', "\\\""))
+            }
+        }
+        struct ByteString<'a>(&'a [u8]);
+        impl fmt::Debug for ByteString<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "b\"{}\"", self.0.escape_ascii())
+            }
+        }
+        f.debug_struct("Header")
+            .field("key", &Quoted(self.key_escaped()))
+            .field("value", &self.value.as_deref().map(ByteString))
+            .finish()
+    }
+}
+
+/// `bytes` as text, escaped where needed so that nothing is lost (see
+/// [`Header::key_escaped`]).
+pub(crate) fn escape_bytes(bytes: &[u8]) -> Cow<'_, str> {
+    let plain = |c: char| c != '\\' && !c.is_control();
+    if let Ok(text) = std::str::from_utf8(bytes)
+        && text.chars().all(plain)
+    {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(bytes.len() + 8);
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\0' => out.push_str("\\0"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+                c => out.push(c),
+            }
+        }
+        for byte in chunk.invalid() {
+            out.push_str(&format!("\\x{byte:02x}"));
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// The ordered headers of a record. Names may repeat, as in Kafka.
+///
+/// Names are bytes ([`Header::key`]); lookups take a name as text or bytes and compare byte
+/// for byte.
+///
+/// ```
+/// use kourier::Headers;
+///
+/// let headers = Headers::new()
+///     .with("event-id", "e-1")
+///     .with(b"\xff\xfe".to_vec(), "binary name")
+///     .with("event-id", "e-2");
+/// assert_eq!(headers.get_str("event-id"), Some("e-2"), "the last one counts");
+/// assert_eq!(headers.get(b"\xff\xfe"), Some(&b"binary name"[..]));
+/// assert_eq!(headers.get_all("event-id").count(), 2);
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Headers(Vec<Header>);
 
@@ -50,30 +167,46 @@ impl Headers {
         self.0.push(header);
     }
 
-    /// Appends a header and returns `self`, for chaining.
+    /// Appends a header and returns `self`, for chaining. The name is text or bytes.
     #[must_use]
-    pub fn with(mut self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+    pub fn with(mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
         self.push(Header::new(key, value));
         self
     }
 
-    /// The value of the *last* header named `key`, as Kafka clients conventionally read it.
-    /// `None` when there is no such header or its value is null.
-    pub fn get(&self, key: &str) -> Option<&[u8]> {
+    /// The value of the *last* header named `name` (text or bytes), as Kafka clients
+    /// conventionally read it. `None` when there is no such header or its value is null.
+    pub fn get(&self, name: impl AsRef<[u8]>) -> Option<&[u8]> {
+        let name = name.as_ref();
         self.0
             .iter()
             .rev()
-            .find(|h| h.key == key)
+            .find(|h| h.key == name)
             .and_then(|h| h.value.as_deref())
     }
 
-    /// The value of the last header named `key` as UTF-8 text, if it is valid UTF-8.
-    pub fn get_str(&self, key: &str) -> Option<&str> {
-        self.get(key).and_then(|v| std::str::from_utf8(v).ok())
+    /// The value of the last header named `name` as UTF-8 text, if it is valid UTF-8.
+    pub fn get_str(&self, name: impl AsRef<[u8]>) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
     }
 
-    /// Removes every header whose name satisfies `drop`.
-    pub fn remove_where(&mut self, mut drop: impl FnMut(&str) -> bool) {
+    /// The values of every header named `name`, in order (`None` for a null value).
+    pub fn get_all(&self, name: impl AsRef<[u8]>) -> impl Iterator<Item = Option<&[u8]>> {
+        self.0
+            .iter()
+            .filter(move |h| h.key == name.as_ref())
+            .map(|h| h.value.as_deref())
+    }
+
+    /// Removes every header named `name` (text or bytes); returns how many there were.
+    pub fn remove(&mut self, name: impl AsRef<[u8]>) -> usize {
+        let before = self.0.len();
+        self.0.retain(|h| h.key != name.as_ref());
+        before - self.0.len()
+    }
+
+    /// Removes every header whose name (its bytes) satisfies `drop`.
+    pub fn remove_where(&mut self, mut drop: impl FnMut(&[u8]) -> bool) {
         self.0.retain(|h| !drop(&h.key));
     }
 
@@ -92,6 +225,22 @@ impl Headers {
         self.0.is_empty()
     }
 
+    /// The headers as rdkafka's [`OwnedHeaders`], names and values byte for byte, e.g. for a
+    /// record you produce yourself with rdkafka (`FutureRecord::headers`). rdkafka's own
+    /// `OwnedHeaders::insert` takes names as `&str`, so it cannot write a name that is not
+    /// UTF-8; this can.
+    pub fn to_rdkafka(&self) -> OwnedHeaders {
+        owned_headers(self.0.iter())
+    }
+
+    /// Copies headers librdkafka holds, names and values byte for byte: those of a record
+    /// you consumed with rdkafka yourself (`message.headers()`), or an [`OwnedHeaders`]
+    /// (`owned.as_borrowed()`). Unlike rdkafka 0.39's own getters, a name that is not UTF-8
+    /// does not panic and one holding NUL bytes is not cut short.
+    pub fn from_rdkafka(headers: &BorrowedHeaders) -> Headers {
+        read_header_list(headers)
+    }
+
     /// Total bytes of names and values, used for buffer accounting.
     pub(crate) fn byte_len(&self) -> usize {
         self.0
@@ -101,9 +250,39 @@ impl Headers {
     }
 }
 
+impl From<&Headers> for OwnedHeaders {
+    fn from(headers: &Headers) -> Self {
+        headers.to_rdkafka()
+    }
+}
+
+impl From<&BorrowedHeaders> for Headers {
+    fn from(headers: &BorrowedHeaders) -> Self {
+        Headers::from_rdkafka(headers)
+    }
+}
+
+impl From<&OwnedHeaders> for Headers {
+    fn from(headers: &OwnedHeaders) -> Self {
+        Headers::from_rdkafka(headers.as_borrowed())
+    }
+}
+
+impl From<Vec<Header>> for Headers {
+    fn from(headers: Vec<Header>) -> Self {
+        Headers(headers)
+    }
+}
+
 impl FromIterator<Header> for Headers {
     fn from_iter<I: IntoIterator<Item = Header>>(iter: I) -> Self {
         Headers(iter.into_iter().collect())
+    }
+}
+
+impl Extend<Header> for Headers {
+    fn extend<I: IntoIterator<Item = Header>>(&mut self, iter: I) {
+        self.0.extend(iter);
     }
 }
 
@@ -197,8 +376,9 @@ impl RawRecord {
     /// Copies a record received by an rdkafka consumer, e.g. to read a dead-letter topic
     /// with [`Provenance`](crate::dead_letter::Provenance).
     ///
-    /// Header names that are not UTF-8 are converted lossily instead of panicking, as
-    /// rdkafka 0.39's own header getters would.
+    /// Header names are copied byte for byte: not UTF-8, empty or holding NUL bytes, they
+    /// stay as produced (rdkafka 0.39's own header getters panic on the first and cut the
+    /// last short).
     pub fn from_message(message: &rdkafka::message::BorrowedMessage<'_>) -> RawRecord {
         to_raw(message)
     }
@@ -236,14 +416,14 @@ impl RawRecordBuilder {
         self
     }
 
-    /// Appends a header with a value (names may repeat).
-    pub fn header(mut self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+    /// Appends a header with a value (names may repeat; text or bytes).
+    pub fn header(mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
         self.record.headers.push(Header::new(key, value));
         self
     }
 
     /// Appends a header with a null value.
-    pub fn null_header(mut self, key: impl Into<String>) -> Self {
+    pub fn null_header(mut self, key: impl Into<Vec<u8>>) -> Self {
         self.record.headers.push(Header::null(key));
         self
     }
@@ -280,39 +460,131 @@ impl From<RawRecordBuilder> for RawRecord {
     }
 }
 
-/// Reads a record's headers as bytes. rdkafka 0.39's header getters panic on a header name
-/// that is not UTF-8 (any producer may send one), so the names are read through librdkafka
-/// directly and converted lossily.
-#[allow(unsafe_code)]
-fn read_headers(m: &BorrowedMessage<'_>) -> Headers {
-    use rdkafka::bindings as rd;
-    use std::ffi::{CStr, c_char, c_void};
+// ───────────── the one place that touches librdkafka's headers directly ─────────────
+//
+// rdkafka 0.39 reads header names with `CStr::to_str().unwrap()` (a name that is not UTF-8
+// panics, and one holding a NUL byte is cut short) and writes them from `&str` (it cannot
+// write any other name). Kafka header names are bytes, so kourier reads and writes them
+// through librdkafka's C API here, and nowhere else.
 
-    let mut headers = Headers::new();
-    let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
-    // SAFETY: `m.ptr()` is a valid message for the lifetime of `m`; librdkafka fills `hdrs`
-    // with a pointer owned by the message (valid while `m` lives) or leaves it null.
-    let err = unsafe { rd::rd_kafka_message_headers(m.ptr(), &mut hdrs) };
-    if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
-        return headers;
+/// librdkafka's header item, `rd_kafka_header_t` (src/rdkafka_header.h), up to its name: one
+/// allocation holds these fields, then the name and a NUL, then the value and a NUL.
+/// Reviewed in the source of the bundled librdkafka 2.12.1, and checked at run time in
+/// [`header_name_len`].
+#[repr(C)]
+struct HeaderItemPrefix {
+    /// `rkhdr_ser_size`: the header's serialized size.
+    ser_size: usize,
+    /// `rkhdr_value_size`: the value's length.
+    value_size: usize,
+    /// `rkhdr_name_size`: the name's length, NUL bytes in it included.
+    name_size: usize,
+    /// `rkhdr_value`: the value, or null for a null value.
+    value: *const std::ffi::c_char,
+}
+
+/// librdkafka versions whose header item is known to be laid out as [`HeaderItemPrefix`]
+/// says: 2.12.x, the bundled one. Any other (a newer bundle, or an older system library with
+/// rdkafka's `dynamic-linking`) reads a name up to its first NUL until its
+/// `rdkafka_header.h` has been reviewed and this range extended; the unit test
+/// `the_layout_check_accepts_the_bundled_librdkafka` and tests/header_bytes.rs fail
+/// meanwhile, so an upgrade cannot drop bytes silently.
+const HEADER_LAYOUT_VERSIONS: std::ops::Range<i32> = 0x020c_0000..0x020d_0000;
+
+/// Bytes of `n` as a zigzag varint, as librdkafka counts them in `rkhdr_ser_size`.
+fn varint_len(n: usize) -> usize {
+    let mut v = (n as u64) << 1;
+    let mut len = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        len += 1;
     }
-    // SAFETY: `hdrs` is a valid header list (checked non-null above).
+    len
+}
+
+/// The length of a header name librdkafka handed out, NUL bytes in it included.
+///
+/// `rd_kafka_header_get_all` gives the name as a NUL-terminated pointer only, so a name
+/// holding a NUL byte would be cut at it; its real length is in the header item the name
+/// belongs to. It is read from there only when librdkafka is a version with the reviewed
+/// layout and the item agrees with what the public API returned (same value pointer and
+/// size, a consistent serialized size, a NUL right after the name); otherwise the name
+/// ends at its first NUL, as librdkafka's own string API sees it.
+///
+/// # Safety
+/// `name`, `value` and `value_size` must be what `rd_kafka_header_get_all` just returned for
+/// one header, and its header list must stay alive and unmodified during the call.
+#[allow(unsafe_code)]
+unsafe fn header_name_len(
+    name: *const std::ffi::c_char,
+    value: *const std::ffi::c_void,
+    value_size: usize,
+) -> usize {
+    use rdkafka::bindings as rd;
+    use std::ffi::CStr;
+
+    // SAFETY: librdkafka header names are NUL-terminated (caller's contract).
+    let visible = unsafe { CStr::from_ptr(name) }.to_bytes().len();
+    // SAFETY: a plain getter with no preconditions.
+    let version = unsafe { rd::rd_kafka_version() };
+    if !HEADER_LAYOUT_VERSIONS.contains(&version) {
+        return visible;
+    }
+    // SAFETY: with these librdkafka versions `name` is the `rkhdr_name` field of a header
+    // item, which follows a `HeaderItemPrefix` in the same allocation (the item is
+    // `rd_malloc`ed, so suitably aligned); the item lives as long as its list.
+    let item = unsafe {
+        name.byte_sub(std::mem::size_of::<HeaderItemPrefix>())
+            .cast::<HeaderItemPrefix>()
+            .read()
+    };
+    let consistent = item.value.cast::<std::ffi::c_void>() == value
+        && item.value_size == value_size
+        && item.name_size >= visible
+        && item
+            .name_size
+            .checked_add(value_size)
+            .and_then(|sizes| sizes.checked_add(varint_len(item.name_size)))
+            .and_then(|sizes| sizes.checked_add(varint_len(value_size)))
+            == Some(item.ser_size)
+        && (value.is_null() || value == name.wrapping_add(item.name_size).wrapping_add(1).cast());
+    if !consistent {
+        return visible;
+    }
+    // SAFETY: the item says the name has `name_size` bytes, then its NUL, in the allocation.
+    let terminated = unsafe { name.add(item.name_size).read() } == 0;
+    if terminated { item.name_size } else { visible }
+}
+
+/// Reads a header list librdkafka holds (a consumed record's, or an [`OwnedHeaders`]), names
+/// and values byte for byte (a null value stays `None`).
+#[allow(unsafe_code)]
+fn read_header_list(list: &BorrowedHeaders) -> Headers {
+    use rdkafka::bindings as rd;
+    use std::ffi::{c_char, c_void};
+
+    // rdkafka hands out a header list as a reference to the zero-sized `BorrowedHeaders` at
+    // the native list's address (its own getters cast it back the same way).
+    let hdrs = std::ptr::from_ref(list).cast::<rd::rd_kafka_headers_t>();
+    // SAFETY: `hdrs` is a live header list: `list` borrows it from its owner.
     let count = unsafe { rd::rd_kafka_header_cnt(hdrs) };
+    let mut headers = Headers(Vec::with_capacity(count));
     for idx in 0..count {
         let mut name: *const c_char = std::ptr::null();
         let mut value: *const c_void = std::ptr::null();
         let mut size: usize = 0;
         // SAFETY: `idx < count`; librdkafka writes pointers into the header list, which
-        // stays valid while `m` lives; we copy them out before returning.
+        // stays valid and unmodified while `list` is borrowed; we copy them out before
+        // returning.
         let err =
             unsafe { rd::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
         if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
             continue;
         }
-        // SAFETY: librdkafka header names are NUL-terminated.
-        let key = unsafe { CStr::from_ptr(name) }
-            .to_string_lossy()
-            .into_owned();
+        // SAFETY: `name`, `value` and `size` came from `rd_kafka_header_get_all` just now.
+        let name_len = unsafe { header_name_len(name, value, size) };
+        // SAFETY: the name has `name_len` readable bytes (see `header_name_len`).
+        let key = unsafe { std::slice::from_raw_parts(name.cast::<u8>(), name_len) }.to_vec();
         let value = (!value.is_null()).then(|| {
             // SAFETY: `value` points to `size` readable bytes owned by the header list.
             unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
@@ -320,6 +592,59 @@ fn read_headers(m: &BorrowedMessage<'_>) -> Headers {
         headers.push(Header { key, value });
     }
     headers
+}
+
+/// A consumed record's headers, byte for byte.
+fn read_headers(m: &BorrowedMessage<'_>) -> Headers {
+    m.headers().map(read_header_list).unwrap_or_default()
+}
+
+/// Builds rdkafka's [`OwnedHeaders`] from `headers`, names and values byte for byte, for a
+/// record to produce. rdkafka's `OwnedHeaders::insert` takes the name as `&str`; librdkafka's
+/// `rd_kafka_header_add` takes a pointer and a length, so any name can be written.
+#[allow(unsafe_code)]
+pub(crate) fn owned_headers<'a>(
+    headers: impl ExactSizeIterator<Item = &'a Header>,
+) -> OwnedHeaders {
+    use rdkafka::bindings as rd;
+
+    // A valid address for empty names and values: librdkafka copies zero bytes from it, and a
+    // non-null value pointer is what tells an empty value from a null one.
+    static EMPTY: [u8; 1] = [0];
+
+    let owned = OwnedHeaders::new_with_capacity(headers.len());
+    // rdkafka 0.39 keeps `OwnedHeaders::ptr` crate-private; `as_borrowed` returns the same
+    // native list pointer cast to a reference to the zero-sized `BorrowedHeaders`
+    // (rdkafka's own getters cast it back the same way), so casting back gives the list.
+    let list = std::ptr::from_ref::<BorrowedHeaders>(owned.as_borrowed())
+        .cast_mut()
+        .cast::<rd::rd_kafka_headers_t>();
+    for header in headers {
+        let bytes = |b: &[u8]| {
+            let ptr = if b.is_empty() {
+                EMPTY.as_ptr()
+            } else {
+                b.as_ptr()
+            };
+            // A Vec never holds more than `isize::MAX` bytes.
+            (ptr, isize::try_from(b.len()).unwrap_or(isize::MAX))
+        };
+        let (name, name_len) = bytes(&header.key);
+        let (value, value_len) = match header.value.as_deref() {
+            Some(v) => bytes(v),
+            None => (std::ptr::null(), 0),
+        };
+        // SAFETY: `list` is the live header list `owned` owns (see above); nothing else
+        // uses it during the call. `name` points to `name_len` readable bytes and `value`
+        // to `value_len` (or is null for a null value); librdkafka copies both (an explicit
+        // length, never -1, so NUL bytes and invalid UTF-8 are copied as they are).
+        let err = unsafe {
+            rd::rd_kafka_header_add(list, name.cast(), name_len, value.cast(), value_len)
+        };
+        // librdkafka refuses only a read-only list; ours was just created.
+        debug_assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+    }
+    owned
 }
 
 fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
@@ -337,5 +662,94 @@ fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
         headers: read_headers(m),
         timestamp,
         log_append_time,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn odd_names() -> Headers {
+        Headers::from_iter([
+            Header::new(b"\xc3\x28\x78".to_vec(), b"\xc3\x28".to_vec()),
+            Header::new(b"\xff\xfe".to_vec(), Vec::new()),
+            Header::null(Vec::new()),
+            Header::new(Vec::new(), b"empty name".to_vec()),
+            Header::new(b"a\0b".to_vec(), b"v\0w".to_vec()),
+            Header::null(b"a\0b".to_vec()),
+            Header::new(b"\0".to_vec(), b"x".to_vec()),
+            Header::null(b"trailing\0".to_vec()),
+            Header::new("event-id", "e-1"),
+            Header::new("event-id", "e-2"),
+        ])
+    }
+
+    #[test]
+    fn names_round_trip_through_librdkafka_byte_for_byte() {
+        let headers = odd_names();
+        let owned = headers.to_rdkafka();
+        assert_eq!(Headers::from(&owned), headers);
+        // librdkafka's own copy keeps them too (the producer copies lists this way).
+        assert_eq!(Headers::from(&owned.clone()), headers);
+        assert_eq!(Headers::from(&OwnedHeaders::new()), Headers::new());
+    }
+
+    #[test]
+    fn the_layout_check_accepts_the_bundled_librdkafka() {
+        // Without the reviewed layout names with NUL bytes would be cut short: make a
+        // librdkafka upgrade that changes it fail here, not silently.
+        let (version, _) = rdkafka::util::get_rdkafka_version();
+        assert!(
+            HEADER_LAYOUT_VERSIONS.contains(&version),
+            "librdkafka {version:#x}: review rdkafka_header.h and HEADER_LAYOUT_VERSIONS"
+        );
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(63), 1);
+        assert_eq!(varint_len(64), 2);
+    }
+
+    #[test]
+    fn lookups_take_text_or_bytes() {
+        let mut h = odd_names();
+        assert_eq!(h.get("event-id"), Some(&b"e-2"[..]));
+        assert_eq!(h.get_str(String::from("event-id")), Some("e-2"));
+        assert_eq!(h.get(b"\xc3\x28\x78"), Some(&b"\xc3\x28"[..]));
+        assert_eq!(h.get(&b"\xff\xfe"[..]), Some(&b""[..]));
+        assert_eq!(h.get(b"a\0b"), None, "the last one is null");
+        assert_eq!(
+            h.get_all(b"a\0b").collect::<Vec<_>>(),
+            [Some(&b"v\0w"[..]), None]
+        );
+        assert_eq!(h.get(""), Some(&b"empty name"[..]));
+        assert_eq!(h.get("a"), None, "a NUL byte is part of the name");
+        assert_eq!(h.remove("event-id"), 2);
+        h.remove_where(|name| name.is_empty());
+        assert_eq!(h.len(), 6);
+        assert!(
+            h.iter()
+                .all(|x| !x.is_named("event-id") && !x.key.is_empty())
+        );
+    }
+
+    #[test]
+    fn names_escape_losslessly() {
+        let escaped = |name: &[u8]| Header::null(name).key_escaped().into_owned();
+        assert_eq!(escaped(b"event-id"), "event-id");
+        assert_eq!(escaped("é".as_bytes()), "é");
+        assert_eq!(escaped(b"\xc3\x28\x78"), r"\xc3(x");
+        assert_eq!(escaped(b"\xff\xfe"), r"\xff\xfe");
+        assert_eq!(escaped(b"a\0b\n"), r"a\0b\n");
+        assert_eq!(
+            escaped(b"\\xff"),
+            r"\\xff",
+            "a backslash never looks like an escape"
+        );
+        assert_eq!(escaped(b"\x7f"), r"\u{7f}");
+        assert!(matches!(
+            Header::null("plain").key_escaped(),
+            Cow::Borrowed("plain")
+        ));
+        let debug = format!("{:?}", Header::new(b"\xff\"".to_vec(), b"v\x01".to_vec()));
+        assert_eq!(debug, r#"Header { key: "\xff\"", value: Some(b"v\x01") }"#);
     }
 }

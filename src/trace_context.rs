@@ -147,7 +147,7 @@ impl TraceContext {
         let mut tc = Self::parse_bytes(parent.trim_ascii())?;
         let state: Vec<&str> = headers
             .iter()
-            .filter(|h| h.key == Self::TRACESTATE)
+            .filter(|h| h.is_named(Self::TRACESTATE))
             .filter_map(|h| h.value.as_deref())
             .filter_map(|v| std::str::from_utf8(v).ok())
             .map(str::trim)
@@ -202,7 +202,8 @@ impl TraceContext {
     /// Writes this context into `headers`, replacing any `traceparent` and `tracestate`
     /// headers there.
     pub fn write_to(&self, headers: &mut Headers) {
-        headers.remove_where(|k| k == Self::TRACEPARENT || k == Self::TRACESTATE);
+        headers.remove(Self::TRACEPARENT);
+        headers.remove(Self::TRACESTATE);
         headers.push(Header::new(Self::TRACEPARENT, self.traceparent()));
         if let Some(state) = &self.trace_state {
             headers.push(Header::new(Self::TRACESTATE, state.as_bytes()));

@@ -270,7 +270,7 @@ async fn re_dead_lettering_a_redriven_letter_does_not_grow_its_headers() {
     let mut redriven: Headers = first_headers
         .iter()
         .map(|(k, v)| Header {
-            key: k.clone(),
+            key: k.clone().into_bytes(),
             value: v.clone(),
         })
         .collect();

@@ -577,6 +577,77 @@ fn command_line_times_and_kinds_parse() {
 /// The installed binary (feature `cli`): `inspect --json` lists a letter with its provenance,
 /// and a missing topic is a failure exit with a clear message.
 #[cfg(feature = "cli")]
+/// Header names that are not UTF-8, empty or hold a NUL byte: `inspect --json` shows them
+/// escaped with their exact bytes beside, never replaced; `redrive` publishes them byte for
+/// byte, in order, duplicates and null values kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_header_names_are_shown_escaped_and_redriven_byte_for_byte() {
+    use kourier::Header;
+
+    let (topic, dlt_topic) = topics("dlt-hdr-bytes").await;
+    let odd = Headers::from_iter([
+        Header::new(b"\xc3\x28\x78".to_vec(), "first"),
+        Header::new(b"\xff\xfe".to_vec(), vec![0xff, 0x00]),
+        Header::new(Vec::new(), "empty name"),
+        Header::null(b"a\0b".to_vec()),
+        Header::new(b"\xc3\x28\x78".to_vec(), "second"),
+        Header::new("back\\slash", "text"),
+    ]);
+    let sink = sink();
+    write_letter(
+        &sink,
+        &topic,
+        3,
+        "erin",
+        b"{}",
+        DeadLetterReason::Permanent,
+        1_800_000_000_000,
+        odd.clone(),
+    )
+    .await;
+    sink.flush(Duration::from_secs(10)).await.expect("flush");
+
+    let inspected = {
+        let dlt_topic = dlt_topic.clone();
+        blocking(move || {
+            dlt::inspect(
+                &kafka(),
+                &dlt_topic,
+                &Filter::default(),
+                &mut Progress::silent(),
+            )
+        })
+        .await
+        .expect("inspect")
+        .0
+    };
+    assert_eq!(inspected.len(), 1);
+    let json = inspected[0].to_json();
+    assert_eq!(
+        json["headers"],
+        serde_json::json!([
+            {"name": "\\xc3(x", "name_hex": "c32878", "value": "first"},
+            {"name": "\\xff\\xfe", "name_hex": "fffe", "value_hex": "ff00"},
+            {"name": "", "value": "empty name"},
+            {"name": "a\u{0}b", "value": null},
+            {"name": "\\xc3(x", "name_hex": "c32878", "value": "second"},
+            {"name": "back\\slash", "value": "text"},
+        ]),
+        "{json}"
+    );
+
+    let destination = support::new_topic("dlt-hdr-bytes-to", 1).await;
+    let mut opts = options(&dlt_topic, &support::unique_name("dlt-hdr-bytes-g"));
+    opts.to = Some(destination.clone());
+    let report = redrive(opts).await.expect("redrive");
+    assert_eq!(report.redriven.len(), 1, "{report:?}");
+    let redriven = support::read_all(&destination).await;
+    assert_eq!(redriven.len(), 1);
+    let mut expected = odd;
+    expected.push(Header::new(headers::REDRIVE_COUNT, "1"));
+    assert_eq!(redriven[0].raw_headers, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_inspects_and_fails_clearly() {
     use std::process::Command;

@@ -139,6 +139,11 @@ async fn a_non_utf8_header_key_is_produced_raw_and_read_without_panicking() {
         vec![(support::UNREADABLE_HEADER_KEY.to_owned(), None)],
         "the non-UTF-8 key is reported, not dropped"
     );
+    assert_eq!(
+        raw.raw_headers,
+        kourier::Headers::new().with(b"\xc3\x28x".to_vec(), "v"),
+        "kourier reads the key byte for byte"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

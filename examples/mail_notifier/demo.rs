@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use kourier::dead_letter::headers;
 use kourier::rdkafka::Message as _;
-use kourier::rdkafka::message::{Headers as _, OwnedMessage};
+use kourier::rdkafka::message::OwnedMessage;
 
 use crate::kafka::{CommittedOffsets, end_offsets, read_from};
 use crate::mailer::{Attempt, Journal, Mailer, Outcome};
@@ -237,12 +237,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 fn parse_dead_letter(m: &OwnedMessage) -> DeadLetterRecord {
-    let header = |name: &str| -> Option<Vec<u8>> {
-        m.headers()?
-            .iter()
-            .find(|h| h.key == name)
-            .and_then(|h| h.value.map(<[u8]>::to_vec))
-    };
+    // Read through kourier: header names are bytes, and rdkafka's own getters panic on a
+    // name that is not UTF-8 (which a dead letter keeps as it came).
+    let own = m.headers().map(kourier::Headers::from).unwrap_or_default();
+    let header = |name: &str| own.get(name).map(<[u8]>::to_vec);
     let text = |name: &str| header(name).map(|v| String::from_utf8_lossy(&v).into_owned());
     let int = |name: &str| {
         header(name).map_or(-1, |v| match v.len() {

@@ -184,6 +184,11 @@ impl Provenance {
     }
 }
 
+/// Whether `name` is one of the provenance headers ([`ALL`]).
+pub(crate) fn is_provenance(name: &[u8]) -> bool {
+    ALL.iter().any(|p| p.as_bytes() == name)
+}
+
 /// The [`REDRIVE_COUNT`] of a record (0 when absent or not a number).
 pub(crate) fn redrive_count(h: &Headers) -> u32 {
     h.get_str(REDRIVE_COUNT)
@@ -279,7 +284,6 @@ pub(crate) fn letter_headers(
     dropped_value_bytes: Option<usize>,
 ) -> Vec<Header> {
     let record = &letter.record;
-    let is_provenance = |key: &str| ALL.contains(&key);
 
     // A letter whose value was dropped before and is still null keeps saying so.
     let dropped = dropped_value_bytes
@@ -375,7 +379,7 @@ pub(super) mod tests {
     }
 
     fn get<'a>(headers: &'a [Header], key: &str) -> Option<&'a [u8]> {
-        let mut found = headers.iter().filter(|h| h.key == key);
+        let mut found = headers.iter().filter(|h| h.is_named(key));
         let first = found.next()?;
         assert!(found.next().is_none(), "{key} appears more than once");
         first.value.as_deref()

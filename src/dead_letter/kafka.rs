@@ -15,10 +15,8 @@ use super::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
 use crate::error::error_chain;
 use crate::error::{ConfigError, Error, Result};
 use crate::log_throttle::{CLIENT_LOG_INTERVAL, ThrottledLogContext};
-use crate::producer::{
-    DEFAULT_SEND_TIMEOUT, ManagedProducer, ProducerSettings, check_timeout, owned_headers,
-};
-use crate::record::Header;
+use crate::producer::{DEFAULT_SEND_TIMEOUT, ManagedProducer, ProducerSettings, check_timeout};
+use crate::record::{Header, owned_headers};
 
 /// How long a dead-letter topic's partition count is trusted before it is fetched again.
 const PARTITION_COUNT_MAX_AGE: Duration = Duration::from_secs(60);
@@ -37,7 +35,8 @@ type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 ///
 /// - **Key and value** are the source record's bytes, untouched; a null key or value stays
 ///   null.
-/// - **Headers**: the source record's headers in their order (null values stay null), minus any
+/// - **Headers**: the source record's headers in their order, names and values byte for byte
+///   (names that are not UTF-8, empty or hold NUL bytes included; null values stay null), minus any
 ///   provenance headers it already carried ([`headers::ALL`](super::headers::ALL)), then fresh provenance headers.
 ///   So re-dead-lettering a redriven record *replaces* its provenance instead of appending a
 ///   second copy, and headers do not grow. [`headers::REDRIVE_COUNT`](super::headers::REDRIVE_COUNT) is kept as it is.

@@ -25,7 +25,38 @@ pub(crate) async fn produce_with_raw_header_key(
     let header_value = header_value.to_vec();
     let payload = payload.to_vec();
     tokio::task::spawn_blocking(move || {
-        raw_produce(&topic, 0, &header_key, &header_value, &payload)
+        raw_produce(
+            &topic,
+            0,
+            None,
+            Some(&payload),
+            &[(header_key, Some(header_value))],
+        )
+    })
+    .await
+    .expect("raw produce panicked")
+}
+
+/// A header as [`produce_raw`] writes it: name bytes (anything, even empty or with NUL
+/// bytes) and a value (`None` for a null value).
+pub(crate) type RawHeader = (Vec<u8>, Option<Vec<u8>>);
+
+/// Produces one record to partition 0 of `topic` with exactly these key, value and headers
+/// (in order, duplicates kept), byte for byte, through the Kafka protocol directly (see
+/// [`produce_with_raw_header_key`]); rdkafka's producer cannot write a header name that is
+/// not UTF-8. Returns the record's offset.
+pub(crate) async fn produce_raw(
+    topic: &str,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[RawHeader],
+) -> i64 {
+    let topic = topic.to_owned();
+    let key = key.map(<[u8]>::to_vec);
+    let value = value.map(<[u8]>::to_vec);
+    let headers = headers.to_vec();
+    tokio::task::spawn_blocking(move || {
+        raw_produce(&topic, 0, key.as_deref(), value.as_deref(), &headers)
     })
     .await
     .expect("raw produce panicked")
@@ -34,9 +65,9 @@ pub(crate) async fn produce_with_raw_header_key(
 fn raw_produce(
     topic: &str,
     partition: i32,
-    header_key: &[u8],
-    header_value: &[u8],
-    payload: &[u8],
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[RawHeader],
 ) -> i64 {
     let leader = {
         let consumer: BaseConsumer = client_config().create().expect("create consumer");
@@ -66,14 +97,13 @@ fn raw_produce(
     record.push(0); // attributes
     put_varint(&mut record, 0); // timestamp delta
     put_varint(&mut record, 0); // offset delta
-    put_varint(&mut record, -1); // null key
-    put_varint(&mut record, payload.len() as i64);
-    record.extend_from_slice(payload);
-    put_varint(&mut record, 1); // header count
-    put_varint(&mut record, header_key.len() as i64);
-    record.extend_from_slice(header_key);
-    put_varint(&mut record, header_value.len() as i64);
-    record.extend_from_slice(header_value);
+    put_bytes(&mut record, key);
+    put_bytes(&mut record, value);
+    put_varint(&mut record, headers.len() as i64);
+    for (name, value) in headers {
+        put_bytes(&mut record, Some(name));
+        put_bytes(&mut record, value.as_deref());
+    }
 
     // The batch from `attributes` on, which the CRC covers.
     let mut body = Vec::new();
@@ -155,6 +185,17 @@ fn put_varint(out: &mut Vec<u8>, value: i64) {
         v >>= 7;
     }
     out.push(v as u8);
+}
+
+/// A varint length and the bytes, or -1 for null.
+fn put_bytes(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        Some(bytes) => {
+            put_varint(out, bytes.len() as i64);
+            out.extend_from_slice(bytes);
+        }
+        None => put_varint(out, -1),
+    }
 }
 
 fn put_string(out: &mut Vec<u8>, s: &[u8]) {

@@ -28,6 +28,9 @@ pub(crate) struct ReadRecord {
     /// In record order. A key that is not UTF-8 reads as [`UNREADABLE_HEADER_KEY`] with a
     /// `None` value: rdkafka 0.39 panics on such keys, and this helper catches that.
     pub(crate) headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The same headers, names and values byte for byte (read by kourier, which keeps the
+    /// names rdkafka 0.39 cannot hand out).
+    pub(crate) raw_headers: kourier::Headers,
     /// Milliseconds since the epoch, when the record has a timestamp.
     pub(crate) timestamp: Option<i64>,
     /// Whether `timestamp` is the broker's log-append time rather than the producer's
@@ -67,6 +70,10 @@ pub(crate) fn record_at(records: &[ReadRecord], partition: i32, offset: i64) -> 
 impl From<&BorrowedMessage<'_>> for ReadRecord {
     fn from(m: &BorrowedMessage<'_>) -> ReadRecord {
         let mut headers = Vec::new();
+        let raw_headers = m
+            .headers()
+            .map(kourier::Headers::from_rdkafka)
+            .unwrap_or_default();
         if let Some(h) = m.headers() {
             for i in 0..h.count() {
                 let header = catch_unwind(AssertUnwindSafe(|| {
@@ -87,6 +94,7 @@ impl From<&BorrowedMessage<'_>> for ReadRecord {
             key: m.key().map(<[u8]>::to_vec),
             value: m.payload().map(<[u8]>::to_vec),
             headers,
+            raw_headers,
             timestamp: m.timestamp().to_millis(),
             log_append_time: matches!(m.timestamp(), Timestamp::LogAppendTime(_)),
         }

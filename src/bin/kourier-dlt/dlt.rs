@@ -10,15 +10,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use kourier::dead_letter::{Provenance, RedriveRecord};
+use kourier::dead_letter::{Provenance, RedriveRecord, headers};
 use kourier::rdkafka::client::ClientContext;
 use kourier::rdkafka::config::ClientConfig;
 use kourier::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use kourier::rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use kourier::rdkafka::message::{DeliveryResult, Header as KafkaHeader, OwnedHeaders};
+use kourier::rdkafka::message::DeliveryResult;
 use kourier::rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use kourier::rdkafka::{Message as _, Offset, TopicPartitionList};
-use kourier::{DeadLetterReason, RawRecord};
+use kourier::{DeadLetterReason, Header, RawRecord};
 
 /// Where Kafka is, and how long any single wait may take.
 #[derive(Debug, Clone)]
@@ -141,8 +141,44 @@ impl Letter {
             "value_bytes": self.record.value.as_ref().map(Vec::len),
             "value_dropped_bytes": p.value_dropped_bytes,
             "trace_id": self.record.trace_context().map(|t| t.trace_id_hex()),
+            "headers": self
+                .record
+                .headers
+                .iter()
+                .filter(|h| !headers::ALL.iter().any(|name| h.is_named(name)))
+                .map(header_json)
+                .collect::<Vec<_>>(),
         })
     }
+}
+
+/// One of a letter's own headers in `inspect --json`: `name` is the name when it is UTF-8,
+/// else escaped without loss (`\xNN` for each byte that is not UTF-8, `\\` for a backslash)
+/// with the exact bytes in `name_hex`; `value` is the value when it is UTF-8 (`null` for a
+/// null value), else `value_hex` holds it.
+fn header_json(h: &Header) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    match h.key_str() {
+        Some(name) => {
+            out.insert("name".into(), name.into());
+        }
+        None => {
+            out.insert("name".into(), h.key_escaped().into());
+            out.insert("name_hex".into(), hex(h.key()).into());
+        }
+    }
+    match h.value().map(|v| (v, std::str::from_utf8(v))) {
+        None => {
+            out.insert("value".into(), serde_json::Value::Null);
+        }
+        Some((_, Ok(text))) => {
+            out.insert("value".into(), text.into());
+        }
+        Some((bytes, Err(_))) => {
+            out.insert("value_hex".into(), hex(bytes).into());
+        }
+    }
+    out.into()
 }
 
 /// Which letters a command works on. Empty parts match everything.
@@ -629,14 +665,8 @@ impl RedriveProducer {
 
     /// Sends and waits for the acknowledgement: `(partition, offset)`.
     fn send(&self, r: &RedriveRecord) -> Result<(i32, i64)> {
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-        for h in &r.headers {
-            headers = headers.insert(KafkaHeader {
-                key: &h.key,
-                value: h.value.as_deref(),
-            });
-        }
-        let mut record = BaseRecord::<[u8], [u8]>::to(&r.topic).headers(headers);
+        // Names byte for byte: rdkafka's `OwnedHeaders::insert` would need them as `&str`.
+        let mut record = BaseRecord::<[u8], [u8]>::to(&r.topic).headers(r.headers.to_rdkafka());
         if let Some(key) = &r.key {
             record = record.key(key.as_slice());
         }

@@ -17,7 +17,10 @@
 //! - `inspect <dlt-topic>` reads the topic from the beginning to its current end and lists
 //!   each dead letter's provenance — original topic/partition/offset, failure kind, error,
 //!   attempts, first and last failure times, redrive count — as a table, or as JSON lines
-//!   with `--json`.
+//!   with `--json`, which also lists each letter's own headers (`headers`: `name`, `value`;
+//!   a name that is not UTF-8 is shown escaped, `\xNN` per byte, with its exact bytes in
+//!   `name_hex`, and a value that is not UTF-8 as `value_hex`). Header names and values are
+//!   redriven byte for byte, whatever they hold.
 //! - `redrive <dlt-topic>` publishes the selected letters again, each to its original topic
 //!   (or `--to <topic>`), with the original key, value and headers **minus** the dead-letter
 //!   headers, **plus** a raised `kourier-redrive-count`. Its progress is the committed offset
