@@ -39,7 +39,7 @@ enum LaneKey {
     Record(i64),
 }
 
-/// The two ways a record's processing is told to stop early.
+/// The ways a record's processing is told to stop early.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Stop {
     /// Give the record up wherever it is (revoke or shutdown deadline passed): it is left
@@ -48,6 +48,10 @@ pub(crate) struct Stop {
     /// Its partition is being revoked or the consumer is stopping: a record that is only
     /// waiting out a retry back-off is given up at once (nothing of its is running).
     pub(crate) drain: CancellationToken,
+    /// Its partition's assignment was lost (it may already belong to another member): the
+    /// record's claim is no longer renewed, so the new owner can take the key once the lease
+    /// runs out. Fired with `drain`, before the revoke waits.
+    pub(crate) lost: CancellationToken,
 }
 
 /// One record to run, handed to a worker.
@@ -224,6 +228,7 @@ impl Scheduler {
                     stop: Stop {
                         abandon: self.shutdown.abandon.child_token(),
                         drain: self.shutdown.drain.child_token(),
+                        lost: CancellationToken::new(),
                     },
                 },
             );
@@ -381,6 +386,16 @@ impl Scheduler {
                 let (records, bytes) = trim_to_gap_fillers(p);
                 self.buffered_records -= records;
                 self.buffered_bytes -= bytes;
+            }
+        }
+    }
+
+    /// Tells `tps`' workers that the partitions' assignment was lost: they stop renewing
+    /// their claims (see [`Stop::lost`]).
+    pub(crate) fn lose(&self, tps: &[Tp]) {
+        for tp in tps {
+            if let Some(p) = self.partitions.get(tp) {
+                p.stop.lost.cancel();
             }
         }
     }
