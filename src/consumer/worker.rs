@@ -237,6 +237,7 @@ impl<H: Handler> WorkerContext<H> {
         let started = Instant::now();
         let mut first_failure = None;
         let mut attempt = 0u32;
+        let mut lost_claims = 0u32;
         loop {
             if cancel.is_cancelled() {
                 return Outcome::Abandoned;
@@ -289,12 +290,17 @@ impl<H: Handler> WorkerContext<H> {
                     // The claim is someone else's now: drop the attempt (at its next `.await`)
                     // and commit nothing for it. It does not count; the record claims again
                     // (busy: waits; done: a duplicate), unless its partition is going, in which
-                    // case nothing of it runs any more and it is given up like a back-off.
+                    // case nothing of it runs any more and it is given up like a back-off. The
+                    // pause keeps a store that keeps losing claims from spinning the record.
                     attempt -= 1;
                     if stop.drain.is_cancelled() || stop.lost.is_cancelled() {
                         debug!(coordinates = %record.coordinates(), "abandoned: its claim was lost while the partition is draining");
                         return Outcome::Abandoned;
                     }
+                    if !sleep_or_cancel(infra_delay(lost_claims), cancel).await {
+                        return Outcome::Abandoned;
+                    }
+                    lost_claims = lost_claims.saturating_add(1);
                     continue;
                 }
             };

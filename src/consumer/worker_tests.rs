@@ -1434,6 +1434,66 @@ async fn a_lost_claim_does_not_count_as_an_attempt_when_the_record_runs_again() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_store_that_always_loses_claims_makes_the_record_wait_not_spin() {
+    /// Claims succeed, every renewal drops the claim and says it is lost (a broken store).
+    #[derive(Debug)]
+    struct Forgetful(InMemoryIdempotencyStore);
+
+    #[async_trait]
+    impl IdempotencyStore for Forgetful {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+            self.0.claim(key, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.complete(key, token, ttl).await
+        }
+        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+            self.0.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            _: Duration,
+        ) -> Result<(), StoreError> {
+            // Drop the claim and say so: the key is free again at once.
+            self.0.release(key, token).await?;
+            Err(StoreError::LeaseLost {
+                key: key.to_owned(),
+            })
+        }
+    }
+
+    let h = script([Stall(secs(60))])
+        .dedup_in(Arc::new(Forgetful(InMemoryIdempotencyStore::new())))
+        .lease(ms(300))
+        .build();
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), h.cancel_at(secs(30)));
+
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(took, secs(30));
+    let calls = h.attempts();
+    assert!(
+        calls.iter().all(|a| *a == 1),
+        "lost claims never count: {calls:?}"
+    );
+    // Each run lasts until the first renewal (0.1 s); the pauses between runs grow from
+    // 0.1 s to 5 s: a few dozen runs in 30 s, not 300 (the key is free at once).
+    assert!(
+        calls.len() > 3 && calls.len() < 40,
+        "{} runs in 30 s",
+        calls.len()
+    );
+    assert_eq!(h.dead_lettered_total(), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn renewal_stops_when_the_partition_assignment_is_lost() {
     let store = FlakyStore::up();
     let key = store_key("o-1");
