@@ -128,9 +128,10 @@ impl<T> Message<T> {
     /// Set for each attempt (every attempt claims anew, so each has its own token). `None`
     /// without idempotency, for a record without a dedup key, when the store was unavailable
     /// and the consumer runs without dedup on outage (opted in), and in
-    /// [`Message::for_test`]. The consumer renews the claim while the attempt runs; if the
-    /// claim is lost anyway (the lease ran out during a store outage, or the partition's
-    /// assignment was lost), the attempt is cancelled at its next `.await`.
+    /// [`Message::for_test`]. The consumer renews the claim while the attempt runs; if a
+    /// renewal finds it lost anyway (its lease ran out during a store outage), the attempt is
+    /// cancelled at its next `.await`. Renewal stops when the partition's assignment is lost,
+    /// and the attempt is dropped when a revoke or shutdown gives the record up.
     ///
     /// Use it to **fence a side effect**: cancellation comes at an `.await`, so an effect
     /// already on its way may still land after the claim passed to another worker. A

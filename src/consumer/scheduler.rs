@@ -764,6 +764,28 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_assignment_tells_only_its_partitions_workers() {
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
+        s.assign([tp(0), tp(1)]);
+        s.enqueue(rec(0, 0, None));
+        s.enqueue(rec(1, 0, None));
+        let jobs = s.take_jobs();
+        let job = |p: i32| jobs.iter().find(|j| j.tp == tp(p)).unwrap();
+        s.begin_revoke(&[tp(0), tp(1)]);
+        assert!(
+            !job(0).stop.lost.is_cancelled(),
+            "a revoke alone is not a loss"
+        );
+        s.lose(&[tp(0)]);
+        assert!(job(0).stop.lost.is_cancelled());
+        assert!(!job(1).stop.lost.is_cancelled());
+        assert!(
+            !job(0).stop.abandon.is_cancelled(),
+            "the record may still finish within the revoke timeout"
+        );
+    }
+
+    #[test]
     fn revoke_drops_buffered_and_ignores_late_completions() {
         let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
         s.assign([tp(0)]);
