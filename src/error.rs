@@ -215,7 +215,8 @@ pub enum StoreError {
     /// The store could not be reached or answered with an error.
     #[error("idempotency store unavailable during {operation}")]
     Unavailable {
-        /// `claim`, `complete` or `release` (or `connect` when a store is being built).
+        /// `claim`, `complete`, `release` or `renew` (or `connect` when a store is being
+        /// built).
         operation: &'static str,
         /// The underlying error.
         #[source]
@@ -224,10 +225,18 @@ pub enum StoreError {
     /// The store did not answer in time.
     #[error("idempotency store timed out during {operation} after {after:?}")]
     Timeout {
-        /// `claim`, `complete` or `release` (or `connect` when a store is being built).
+        /// `claim`, `complete`, `release` or `renew` (or `connect` when a store is being
+        /// built).
         operation: &'static str,
         /// How long kourier waited.
         after: Duration,
+    },
+    /// The store does not implement this operation (the default
+    /// [`IdempotencyStore::renew`](crate::IdempotencyStore::renew)): nothing was changed.
+    #[error("the idempotency store does not support {operation}")]
+    Unsupported {
+        /// The operation, e.g. `renew`.
+        operation: &'static str,
     },
 }
 
@@ -235,6 +244,11 @@ impl StoreError {
     /// Whether this is [`StoreError::LeaseLost`].
     pub fn is_lease_lost(&self) -> bool {
         matches!(self, StoreError::LeaseLost { .. })
+    }
+
+    /// Whether this is [`StoreError::Unsupported`].
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, StoreError::Unsupported { .. })
     }
 }
 

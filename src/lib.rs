@@ -76,6 +76,10 @@
 //!    after the handler succeeded; a failed attempt releases its claim so the retry runs; a
 //!    dead-lettered record is never marked done; a key held by another worker is waited for,
 //!    never skipped; a store outage makes records wait (or, opted in, run without dedup).
+//!    A claim lives as long as its work: it is renewed every third of the lease while the
+//!    handler runs, renewal stops when the partition's assignment is lost, an attempt whose
+//!    claim was lost is cancelled, and the handler can read its claim
+//!    ([`Message::claim_token`]) to fence its effect downstream.
 //! 8. **Graceful shutdown**: stop taking records, let in-flight records finish within the
 //!    shutdown timeout, commit synchronously, leave the group. After a clean shutdown and a
 //!    restart no record is handled twice.
@@ -146,7 +150,7 @@
 //! | `kourier_records_retried_total` | counter | `topic`, `attempt` | transient failures retried, by failed attempt (`1`…`9`, `10+`) |
 //! | `kourier_records_dead_lettered_total` | counter | `topic`, `kind` | dead letters written: `decode`, `permanent`, `retries-exhausted`, `panic` |
 //! | `kourier_duplicates_skipped_total` | counter | `topic` | records skipped as already done |
-//! | `kourier_idempotency_store_errors_total` | counter | `topic`, `operation` | failed store calls: `claim`, `complete`, `release` |
+//! | `kourier_idempotency_store_errors_total` | counter | `topic`, `operation` | failed store calls: `claim`, `complete`, `release`, `renew` |
 //! | `kourier_dead_letter_write_failures_total` | counter | `topic` | failed dead-letter writes (retried) |
 //! | `kourier_handler_duration_seconds` | histogram | `topic` | each handler attempt |
 //! | `kourier_commit_duration_seconds` | histogram | | each synchronous offset commit |

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::idempotency::ClaimToken;
 use crate::record::{Headers, RawRecord};
 use crate::trace_context::TraceContext;
 
@@ -18,6 +19,7 @@ pub struct Message<T> {
     raw: Arc<RawRecord>,
     attempt: u32,
     event: Arc<T>,
+    claim: Option<ClaimToken>,
 }
 
 impl<T> Clone for Message<T> {
@@ -26,6 +28,7 @@ impl<T> Clone for Message<T> {
             raw: Arc::clone(&self.raw),
             attempt: self.attempt,
             event: Arc::clone(&self.event),
+            claim: self.claim.clone(),
         }
     }
 }
@@ -36,6 +39,7 @@ impl<T> Message<T> {
             raw,
             attempt,
             event: Arc::new(event),
+            claim: None,
         }
     }
 
@@ -58,6 +62,10 @@ impl<T> Message<T> {
 
     pub(crate) fn set_attempt(&mut self, attempt: u32) {
         self.attempt = attempt;
+    }
+
+    pub(crate) fn set_claim_token(&mut self, claim: Option<ClaimToken>) {
+        self.claim = claim;
     }
 
     /// The decoded event.
@@ -114,6 +122,43 @@ impl<T> Message<T> {
     /// Which attempt this is: 1 for the first try, 2 for the first retry, and so on.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// The token of the idempotency claim this attempt holds on the record's dedup key, if
+    /// it holds one.
+    ///
+    /// Set for each attempt (every attempt claims anew, so each has its own token). `None`
+    /// without idempotency, for a record without a dedup key, when the store was unavailable
+    /// and the consumer runs without dedup on outage (opted in), and in
+    /// [`Message::for_test`]. The consumer renews the claim while the attempt runs; if a
+    /// renewal finds it lost anyway (its lease ran out during a store outage), the attempt is
+    /// cancelled at its next `.await`. Renewal stops when the partition's assignment is lost,
+    /// and the attempt is dropped when a revoke or shutdown gives the record up.
+    ///
+    /// Use it to **fence a side effect**: cancellation comes at an `.await`, so an effect
+    /// already on its way may still land after the claim passed to another worker. A
+    /// downstream that can check the claim atomically with the effect can refuse such a late
+    /// write: e.g. with the Redis store, a Lua script that applies the effect only while the
+    /// store key (`<key_prefix><group>:<dedup key>`) still holds `inflight:<token>`; or a
+    /// database that keeps the claim (your own store) and checks `token = $1` in the
+    /// transaction that writes the effect. Tokens are random, not increasing, so a downstream
+    /// cannot order them by itself: the check is against the store. Otherwise, pass the token
+    /// along (a header of a published message, a column written with the effect) so that
+    /// effects of different attempts can be told apart.
+    ///
+    /// ```
+    /// use kourier::{HandlerError, Message};
+    ///
+    /// async fn handle(message: &Message<String>) -> Result<(), HandlerError> {
+    ///     let attempt_id = message.claim_token().map(|t| t.as_str().to_owned());
+    ///     // send_mail(message.event(), attempt_id.as_deref()).await?;
+    ///     # let _ = attempt_id;
+    ///     Ok(())
+    /// }
+    /// # let _ = handle;
+    /// ```
+    pub fn claim_token(&self) -> Option<&ClaimToken> {
+        self.claim.as_ref()
     }
 
     /// The undecoded record.

@@ -19,7 +19,7 @@
 //! | `kourier_records_retried_total` | counter | `topic`, `group`, `attempt` | transient failures that will be retried; `attempt` is the attempt that failed (`1` = the first try, …, `9`, then `10+`) |
 //! | `kourier_records_dead_lettered_total` | counter | `topic`, `group`, `kind` | dead letters the sink acknowledged; `kind` is `decode`, `permanent`, `retries-exhausted` or `panic` |
 //! | `kourier_duplicates_skipped_total` | counter | `topic`, `group` | records skipped because the idempotency store says their work is done |
-//! | `kourier_idempotency_store_errors_total` | counter | `topic`, `group`, `operation` | idempotency store calls that failed (unavailable, timed out); `operation` is `claim`, `complete` or `release` |
+//! | `kourier_idempotency_store_errors_total` | counter | `topic`, `group`, `operation` | idempotency store calls that failed (unavailable, timed out); `operation` is `claim`, `complete`, `release` or `renew` |
 //! | `kourier_dead_letter_write_failures_total` | counter | `topic`, `group` | dead-letter writes that failed (each is retried; the partition waits) |
 //! | `kourier_handler_duration_seconds` | histogram | `topic`, `group` | duration of each handler attempt, failed, timed-out and panicking ones included |
 //! | `kourier_commit_duration_seconds` | histogram | `group` | duration of each synchronous offset commit |
@@ -129,7 +129,7 @@ pub mod labels {
     pub const ATTEMPT: &str = "attempt";
     /// The dead-letter failure kind: `decode`, `permanent` or `retries-exhausted`.
     pub const KIND: &str = "kind";
-    /// The idempotency store operation: `claim`, `complete` or `release`.
+    /// The idempotency store operation: `claim`, `complete`, `release` or `renew`.
     pub const OPERATION: &str = "operation";
 }
 
@@ -147,6 +147,7 @@ pub(crate) enum StoreOperation {
     Claim,
     Complete,
     Release,
+    Renew,
 }
 
 impl StoreOperation {
@@ -155,6 +156,7 @@ impl StoreOperation {
             StoreOperation::Claim => "claim",
             StoreOperation::Complete => "complete",
             StoreOperation::Release => "release",
+            StoreOperation::Renew => "renew",
         }
     }
 }
@@ -239,7 +241,7 @@ pub(crate) struct TopicMetrics {
     panics: Counter,
     stalled: Counter,
     abandoned: Counter,
-    store_errors: [OnceLock<Counter>; 3],
+    store_errors: [OnceLock<Counter>; 4],
 }
 
 impl TopicMetrics {

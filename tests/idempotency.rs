@@ -122,7 +122,16 @@ async fn semantics(store: Arc<dyn IdempotencyStore>) {
     );
     acquire(store, "absent", LEASE).await; // and neither created anything
 
-    // Lease expiry: another claim acquires; the old owner is fenced off.
+    // Lease expiry: another claim acquires; the old owner is fenced off. A renewed claim
+    // outlives its first lease in the same wait; a forged renewal extends nothing.
+    let renewed = acquire(store, "renewed", SHORT).await;
+    store.renew("renewed", &renewed, LEASE).await.unwrap();
+    let unrenewed = acquire(store, "unrenewed", SHORT).await;
+    expect_lease_lost(
+        store.renew("unrenewed", &forged, LEASE).await,
+        "unrenewed",
+        "forged renew",
+    );
     let old = acquire(store, "lease", SHORT).await;
     let _ttl_token = {
         // Done-TTL expiry runs during the same wait.
@@ -152,6 +161,15 @@ async fn semantics(store: Arc<dyn IdempotencyStore>) {
 
     // Done TTL expiry: the key can be claimed again.
     acquire(store, "ttl", LEASE).await;
+
+    expect_claim(store, "renewed", Claim::Busy).await;
+    store.complete("renewed", &renewed, TTL).await.unwrap();
+    acquire(store, "unrenewed", LEASE).await;
+    expect_lease_lost(
+        store.renew("unrenewed", &unrenewed, LEASE).await,
+        "unrenewed",
+        "renew after the lease ran out and the key was claimed again",
+    );
 }
 
 /// Two claimers per key, released together: exactly one acquires.
@@ -297,8 +315,8 @@ async fn value_and_pttl(raw: &mut redis::aio::MultiplexedConnection, key: &str) 
         .unwrap()
 }
 
-/// The documented layout: `<prefix><key>` = `inflight:<token>` with the lease, then `done`
-/// with the TTL.
+/// The documented layout: `<prefix><key>` = `inflight:<token>` with the lease (a renewal
+/// sets it again from now, same value), then `done` with the TTL.
 #[tokio::test]
 async fn redis_store_key_layout() {
     let store = shared_redis_store("layout").await;
@@ -313,6 +331,21 @@ async fn redis_store_key_layout() {
     let (value, pttl) = value_and_pttl(&mut raw, &key).await;
     assert_eq!(value, format!("inflight:{token}"));
     assert!((50_000..=60_000).contains(&pttl), "lease pttl {pttl}");
+
+    store
+        .renew("order-1", &token, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let (value, pttl) = value_and_pttl(&mut raw, &key).await;
+    assert_eq!(
+        value,
+        format!("inflight:{token}"),
+        "a renewal keeps the claim"
+    );
+    assert!(
+        (110_000..=120_000).contains(&pttl),
+        "renewed lease pttl {pttl}"
+    );
 
     store
         .complete("order-1", &token, Duration::from_secs(600))
@@ -578,6 +611,14 @@ async fn the_conformance_suite_catches_a_store_that_ignores_expiry_on_complete()
         async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
             self.inner.release(key, token).await
         }
+        async fn renew(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            lease: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.renew(key, token, lease).await
+        }
     }
 
     let store = Lenient {
@@ -598,4 +639,55 @@ async fn the_conformance_suite_catches_a_store_that_ignores_expiry_on_complete()
         "{}",
         err.report
     );
+}
+
+/// A store written before `renew` existed keeps the trait's default, which answers
+/// `Unsupported`: it still works with the consumer (its leases simply run out), but the suite
+/// fails it on exactly the renewal cases.
+#[cfg(feature = "testing")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_fails_a_store_that_cannot_renew_on_the_renewal_cases() {
+    use kourier::idempotency::testing::{CASES, run_conformance};
+
+    #[derive(Debug)]
+    struct NoRenew(InMemoryIdempotencyStore);
+
+    #[kourier::async_trait]
+    impl IdempotencyStore for NoRenew {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+            self.0.claim(key, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.complete(key, token, ttl).await
+        }
+        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+            self.0.release(key, token).await
+        }
+    }
+
+    let store = NoRenew(InMemoryIdempotencyStore::new());
+    let token = acquire(&store, "k", LEASE).await;
+    let answer = store.renew("k", &token, LEASE).await;
+    assert!(
+        matches!(answer, Err(StoreError::Unsupported { operation: "renew" })),
+        "{answer:?}"
+    );
+    assert!(answer.unwrap_err().is_unsupported());
+
+    let err = run_conformance(Arc::new(store))
+        .await
+        .expect_err("a store that cannot renew is not conformant");
+    let failed: Vec<_> = err.report.failures().map(|c| c.name).collect();
+    let renewal: Vec<_> = CASES
+        .iter()
+        .copied()
+        .filter(|c| c.starts_with("renew-"))
+        .collect();
+    assert_eq!(renewal.len(), 5);
+    assert_eq!(failed, renewal, "{}", err.report);
 }

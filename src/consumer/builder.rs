@@ -397,8 +397,22 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
-    /// How long a claim holds a key while its handler runs. Default 60 s. Set it above your
-    /// slowest handler: a handler outliving its lease may run twice.
+    /// How long a claim holds a key without renewal. Default 60 s.
+    ///
+    /// While a handler attempt runs, the consumer renews its claim every third of the lease
+    /// ([`IdempotencyStore::renew`](crate::IdempotencyStore::renew)), so a handler may run
+    /// longer than the lease and still hold the key: another consumer claiming the same
+    /// event meanwhile is answered busy and waits. The lease is how long a key stays held after its holder *stopped* renewing: a
+    /// crashed consumer, a partition whose assignment was lost (renewal stops at once; the
+    /// new owner waits at most one lease), or a store outage long enough that two renewals in
+    /// a row fail. Shorter leases hand such keys over sooner; longer ones ride out longer
+    /// store outages. A renewal that finds the claim lost cancels the running attempt at its
+    /// next `.await` (it does not count as an attempt) and the record claims again.
+    ///
+    /// After the handler succeeded, marking the key done is retried (on store errors) until
+    /// the lease, counted from the claim or its last successful renewal, would have run out.
+    /// A store that cannot renew (the trait's default `renew`) keeps the old behaviour: the
+    /// lease runs out as set at the claim, so set it above your slowest handler.
     #[must_use]
     pub fn idempotency_lease(mut self, lease: Duration) -> Self {
         self.dedup_lease = lease;
@@ -432,8 +446,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// Bounds each handler attempt: an attempt still running after `timeout` is dropped
     /// (cancelled at its next `.await`) and counts as a transient failure. Default: no
     /// bound. Set one when a stuck call (a hung connection) would otherwise hold its
-    /// partition or key forever. With idempotency it must be below the
-    /// [`idempotency_lease`](Self::idempotency_lease) (checked by `build()`).
+    /// partition or key forever (with idempotency, a hung attempt also keeps renewing its
+    /// claim). With idempotency it must be below the
+    /// [`idempotency_lease`](Self::idempotency_lease) (checked by `build()`): then even a
+    /// claim that is never renewed (a store that cannot renew, a store outage) outlives its
+    /// attempt.
     ///
     /// What it cannot interrupt: code that blocks its thread (no `.await` reached) runs to
     /// its end first — the timeout fires after the effect. Run such code with

@@ -16,6 +16,7 @@ mod dedup;
 mod flow;
 mod health;
 mod hub;
+mod lease;
 mod monitor;
 mod offsets;
 mod outcome;

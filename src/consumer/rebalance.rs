@@ -26,9 +26,16 @@ pub(crate) fn on_assign<C: ConsumerContext>(
 }
 
 /// Revoke: stop dispatching, wait (bounded) for in-flight records, commit what settled,
-/// then forget the partitions (late completions are ignored).
+/// then forget the partitions (late completions are ignored). A lost assignment also stops
+/// the renewal of its records' claims at once: another member may own them already.
 pub(crate) fn on_revoke<C: ConsumerContext>(hub: &Hub, consumer: &BaseConsumer<C>, tps: &[Tp]) {
-    hub.lock().begin_revoke(tps);
+    {
+        let mut scheduler = hub.lock();
+        scheduler.begin_revoke(tps);
+        if consumer.assignment_lost() {
+            scheduler.lose(tps);
+        }
+    }
     let closing = hub.closing();
     if closing || !hub.wait_until(hub.revoke_timeout, |s| s.drained(tps)) {
         if !closing {

@@ -40,7 +40,7 @@ enum LaneKey {
     Record(i64),
 }
 
-/// The two ways a record's processing is told to stop early.
+/// The ways a record's processing is told to stop early.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Stop {
     /// Give the record up wherever it is (revoke or shutdown deadline passed): it is left
@@ -49,6 +49,10 @@ pub(crate) struct Stop {
     /// Its partition is being revoked or the consumer is stopping: a record that is only
     /// waiting out a retry back-off is given up at once (nothing of its is running).
     pub(crate) drain: CancellationToken,
+    /// Its partition's assignment was lost (it may already belong to another member): the
+    /// record's claim is no longer renewed, so the new owner can take the key once the lease
+    /// runs out. Fired with `drain`, before the revoke waits.
+    pub(crate) lost: CancellationToken,
 }
 
 /// One record to run, handed to a worker.
@@ -234,6 +238,7 @@ impl Scheduler {
                     stop: Stop {
                         abandon: self.shutdown.abandon.child_token(),
                         drain: self.shutdown.drain.child_token(),
+                        lost: CancellationToken::new(),
                     },
                 },
             );
@@ -438,6 +443,16 @@ impl Scheduler {
                 let (records, bytes) = trim_to_gap_fillers(p);
                 self.buffered_records -= records;
                 self.buffered_bytes -= bytes;
+            }
+        }
+    }
+
+    /// Tells `tps`' workers that the partitions' assignment was lost: they stop renewing
+    /// their claims (see [`Stop::lost`]).
+    pub(crate) fn lose(&self, tps: &[Tp]) {
+        for tp in tps {
+            if let Some(p) = self.partitions.get(tp) {
+                p.stop.lost.cancel();
             }
         }
     }
@@ -861,6 +876,28 @@ mod tests {
         s.finish(&j, JobEnd::Abandoned);
         assert_eq!(s.to_commit(), vec![]);
         assert_eq!(s.unsettled_of(&tp(0)), 1);
+    }
+
+    #[test]
+    fn a_lost_assignment_tells_only_its_partitions_workers() {
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
+        s.assign([tp(0), tp(1)]);
+        s.enqueue(rec(0, 0, None));
+        s.enqueue(rec(1, 0, None));
+        let jobs = s.take_jobs();
+        let job = |p: i32| jobs.iter().find(|j| j.tp == tp(p)).unwrap();
+        s.begin_revoke(&[tp(0), tp(1)]);
+        assert!(
+            !job(0).stop.lost.is_cancelled(),
+            "a revoke alone is not a loss"
+        );
+        s.lose(&[tp(0)]);
+        assert!(job(0).stop.lost.is_cancelled());
+        assert!(!job(1).stop.lost.is_cancelled());
+        assert!(
+            !job(0).stop.abandon.is_cancelled(),
+            "the record may still finish within the revoke timeout"
+        );
     }
 
     #[test]

@@ -27,13 +27,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::dedup::Dedup;
+use super::lease::{HeldClaim, keep_renewed};
 use super::outcome::{OutcomeObserver, RecordOutcome};
 use super::scheduler::{JobEnd, Stop};
 use crate::codec::Codec;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
 use crate::handler::{FailureKind, Handler, HandlerError};
-use crate::idempotency::{Claim, ClaimToken, StoreError};
+use crate::idempotency::{Claim, StoreError};
 use crate::message::Message;
 use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
 use crate::record::RawRecord;
@@ -172,7 +173,7 @@ impl Failure {
 
 /// Calls the store; a panic becomes the store error it stands for (the record waits and
 /// retries, never skips).
-async fn store_call<T>(
+pub(super) async fn store_call<T>(
     operation: &'static str,
     call: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
@@ -196,7 +197,7 @@ impl<H: Handler> WorkerContext<H> {
     ) -> JobEnd {
         let stop = Stop {
             abandon: cancel.clone(),
-            drain: CancellationToken::new(),
+            ..Stop::default()
         };
         self.run_job(record, &stop, &KeepSlot).await
     }
@@ -298,14 +299,15 @@ impl<H: Handler> WorkerContext<H> {
         let started = Instant::now();
         let mut first_failure = None;
         let mut attempt = 0u32;
+        let mut lost_claims = 0u32;
         loop {
             if cancel.is_cancelled() {
                 return Outcome::Abandoned;
             }
             // Claim before every attempt (a failed attempt released its claim).
-            let token = match (&self.dedup, &dedup_key) {
+            let mut held = match (&self.dedup, &dedup_key) {
                 (Some(d), Some(k)) => match self.claim(d, k, &record, metrics, cancel).await {
-                    ClaimOutcome::Run(token) => token,
+                    ClaimOutcome::Run(held) => held,
                     ClaimOutcome::Duplicate => {
                         debug!(coordinates = %record.coordinates(), "duplicate: already done, skipped");
                         metrics.duplicate();
@@ -318,6 +320,7 @@ impl<H: Handler> WorkerContext<H> {
 
             attempt += 1;
             message.set_attempt(attempt);
+            message.set_claim_token(held.as_ref().map(|h| h.token.clone()));
             tracing::Span::current().record("attempt", attempt);
             let call = guarded_async(self.handler.handle(&message));
             let attempt_started = Instant::now();
@@ -325,6 +328,15 @@ impl<H: Handler> WorkerContext<H> {
                 match self.handler_timeout {
                     Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
                     None => Ok(call.await),
+                }
+            };
+            // The claim is renewed while the attempt runs (DESIGN rule 15).
+            let renewal = async {
+                match (&self.dedup, &dedup_key, held.as_mut()) {
+                    (Some(d), Some(k), Some(h)) => {
+                        keep_renewed(&*d.store, k, d.lease, h, &stop.lost, &record, metrics).await;
+                    }
+                    _ => std::future::pending().await,
                 }
             };
             // Past the revoke timeout or the shutdown deadline the attempt is dropped at its
@@ -335,6 +347,23 @@ impl<H: Handler> WorkerContext<H> {
                 () = cancel.cancelled() => {
                     warn!(coordinates = %record.coordinates(), attempt, "handler attempt given up: the partition was revoked or the shutdown deadline passed");
                     return Outcome::Abandoned;
+                }
+                () = renewal => {
+                    // The claim is someone else's now: drop the attempt (at its next `.await`)
+                    // and commit nothing for it. It does not count; the record claims again
+                    // (busy: waits; done: a duplicate), unless its partition is going, in which
+                    // case nothing of it runs any more and it is given up like a back-off. The
+                    // pause keeps a store that keeps losing claims from spinning the record.
+                    attempt -= 1;
+                    if stop.drain.is_cancelled() || stop.lost.is_cancelled() {
+                        debug!(coordinates = %record.coordinates(), "abandoned: its claim was lost while the partition is draining");
+                        return Outcome::Abandoned;
+                    }
+                    if !sleep_or_cancel(infra_delay(lost_claims), cancel).await {
+                        return Outcome::Abandoned;
+                    }
+                    lost_claims = lost_claims.saturating_add(1);
+                    continue;
                 }
             };
             metrics.handler_duration(attempt_started.elapsed());
@@ -352,8 +381,8 @@ impl<H: Handler> WorkerContext<H> {
 
             let error = match result {
                 Ok(()) => {
-                    if let (Some(d), Some(k), Some(t)) = (&self.dedup, &dedup_key, &token) {
-                        self.complete(d, k, t, &record, metrics, cancel).await;
+                    if let (Some(d), Some(k), Some(h)) = (&self.dedup, &dedup_key, &held) {
+                        self.complete(d, k, h, &record, metrics, cancel).await;
                     }
                     metrics.handled();
                     return Outcome::Handled;
@@ -362,8 +391,8 @@ impl<H: Handler> WorkerContext<H> {
             };
             let now = SystemTime::now();
             let first = *first_failure.get_or_insert(now);
-            if let (Some(d), Some(k), Some(t)) = (&self.dedup, &dedup_key, &token) {
-                self.release(d, k, t, &record, metrics).await;
+            if let (Some(d), Some(k), Some(h)) = (&self.dedup, &dedup_key, &held) {
+                self.release(d, k, h, &record, metrics).await;
             }
             let (retry, given_up) = match error.kind() {
                 FailureKind::Permanent => (false, DeadLetterReason::Permanent),
@@ -412,8 +441,11 @@ impl<H: Handler> WorkerContext<H> {
     ) -> ClaimOutcome {
         let mut waits = 0u32;
         loop {
+            let sent = Instant::now();
             match store_call("claim", d.store.claim(key, d.lease)).await {
-                Ok(Claim::Acquired(token)) => return ClaimOutcome::Run(Some(token)),
+                Ok(Claim::Acquired(token)) => {
+                    return ClaimOutcome::Run(Some(HeldClaim::new(token, sent)));
+                }
                 Ok(Claim::Done) => return ClaimOutcome::Duplicate,
                 Ok(Claim::Busy) => {
                     debug!(coordinates = %record.coordinates(), key, "dedup key busy: another worker holds it, waiting");
@@ -439,14 +471,16 @@ impl<H: Handler> WorkerContext<H> {
         &self,
         d: &Dedup<H::Event>,
         key: &str,
-        token: &ClaimToken,
+        held: &HeldClaim,
         record: &RawRecord,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
     ) {
-        // The work is done; marking it is best effort within the lease: afterwards another
-        // worker may claim it anyway, so a duplicate is possible but nothing is lost.
-        let deadline = Instant::now() + d.lease;
+        // The work is done; marking it is best effort within the lease (counted from the
+        // claim or its last renewal): afterwards another worker may claim it anyway, so a
+        // duplicate is possible but nothing is lost.
+        let deadline = held.held_until(d.lease);
+        let token = &held.token;
         let mut failures = 0u32;
         loop {
             match store_call("complete", d.store.complete(key, token, d.ttl)).await {
@@ -477,12 +511,12 @@ impl<H: Handler> WorkerContext<H> {
         &self,
         d: &Dedup<H::Event>,
         key: &str,
-        token: &ClaimToken,
+        held: &HeldClaim,
         record: &RawRecord,
         metrics: &RecordMetrics<'_>,
     ) {
         // Best effort: if it fails, the lease expires and the retry claims it then.
-        if let Err(e) = store_call("release", d.store.release(key, token)).await
+        if let Err(e) = store_call("release", d.store.release(key, &held.token)).await
             && !e.is_lease_lost()
         {
             metrics.store_error(StoreOperation::Release);
@@ -571,7 +605,7 @@ impl fmt::Display for KeyField<'_> {
 }
 
 enum ClaimOutcome {
-    Run(Option<ClaimToken>),
+    Run(Option<HeldClaim>),
     Duplicate,
     Cancelled,
 }

@@ -136,6 +136,8 @@ struct Call {
     order: String,
     /// The record's store key as a fresh claim saw it during the call (with an in-memory store).
     key: Option<KeyState>,
+    /// The claim token the message carried.
+    token: Option<ClaimToken>,
 }
 
 /// Plays `steps`: attempt n runs `steps[n - 1]`, the last step repeats.
@@ -161,6 +163,7 @@ impl Handler for ScriptedHandler {
             at: self.t0.elapsed(),
             order: message.event().id.clone(),
             key,
+            token: message.claim_token().cloned(),
         });
         let step = self.steps[(attempt as usize)
             .saturating_sub(1)
@@ -226,12 +229,16 @@ impl DeadLetterSink for RecordingSink {
     }
 }
 
-/// An in-memory store that answers `Unavailable` to every call while `down`.
+/// An in-memory store that answers `Unavailable` to every call while `down`, and logs the
+/// token calls it answered.
 #[derive(Debug, Default)]
 struct FlakyStore {
     inner: InMemoryIdempotencyStore,
     down: AtomicBool,
     claims: AtomicU32,
+    /// `(operation, token, ok)` of every `renew`, `complete` and `release`, with the paused
+    /// time it was answered at.
+    log: Mutex<Vec<(&'static str, ClaimToken, bool, Instant)>>,
 }
 
 impl FlakyStore {
@@ -239,6 +246,43 @@ impl FlakyStore {
         let store = FlakyStore::default();
         store.down.store(true, Ordering::SeqCst);
         Arc::new(store)
+    }
+
+    fn up() -> Arc<Self> {
+        Arc::new(FlakyStore::default())
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn note(&self, op: &'static str, token: &ClaimToken, result: &Result<(), StoreError>) {
+        self.log
+            .lock()
+            .unwrap()
+            .push((op, token.clone(), result.is_ok(), Instant::now()));
+    }
+
+    /// `(token, ok)` of the calls of `op`.
+    fn calls_of(&self, op: &str) -> Vec<(ClaimToken, bool)> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.0 == op)
+            .map(|c| (c.1.clone(), c.2))
+            .collect()
+    }
+
+    /// When the `renew` calls were answered.
+    fn renew_times(&self) -> Vec<Instant> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.0 == "renew")
+            .map(|c| c.3)
+            .collect()
     }
 
     fn check(&self, operation: &'static str) -> Result<(), StoreError> {
@@ -266,13 +310,35 @@ impl IdempotencyStore for FlakyStore {
         token: &ClaimToken,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.check("complete")?;
-        self.inner.complete(key, token, ttl).await
+        let result = match self.check("complete") {
+            Ok(()) => self.inner.complete(key, token, ttl).await,
+            Err(e) => Err(e),
+        };
+        self.note("complete", token, &result);
+        result
     }
 
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        self.check("release")?;
-        self.inner.release(key, token).await
+        let result = match self.check("release") {
+            Ok(()) => self.inner.release(key, token).await,
+            Err(e) => Err(e),
+        };
+        self.note("release", token, &result);
+        result
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let result = match self.check("renew") {
+            Ok(()) => self.inner.renew(key, token, lease).await,
+            Err(e) => Err(e),
+        };
+        self.note("renew", token, &result);
+        result
     }
 }
 
@@ -476,6 +542,15 @@ impl Harness {
         (end, self.t0.elapsed())
     }
 
+    /// Runs one record with the given stop signals: how it ended and when.
+    async fn process_with(&self, record: RawRecord, stop: &Stop) -> (JobEnd, Duration) {
+        let run = self.worker.run_job(Arc::new(record), stop, &KeepSlot);
+        let end = tokio::time::timeout(Duration::from_secs(3600), run)
+            .await
+            .expect("the record never ended");
+        (end, self.t0.elapsed())
+    }
+
     fn counts(&self) -> &crate::metrics::OutcomeCounts {
         &self.worker.metrics.counts
     }
@@ -568,6 +643,7 @@ async fn success_on_the_first_attempt_settles_and_completes_the_key() {
             at: Duration::ZERO,
             order: "o-1".into(),
             key: Some(KeyState::Held),
+            token: h.calls()[0].token.clone(),
         }]
     );
     assert!(h.sends().is_empty(), "nothing is dead-lettered");
@@ -1160,7 +1236,6 @@ async fn a_panicking_sink_is_retried_like_a_failed_write() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "bug (issue 14): a claim is never renewed, so a handler longer than its lease loses it mid-run"]
 async fn a_claim_stays_held_while_its_handler_outlives_the_lease() {
     let store = InMemoryIdempotencyStore::new();
     let h = script([Stall(secs(3))])
@@ -1182,6 +1257,397 @@ async fn a_claim_stays_held_while_its_handler_outlives_the_lease() {
         "another consumer could claim and run the event concurrently"
     );
     assert_eq!(key_state(&store, &key).await, KeyState::Done);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. Leases that live as long as the work (DESIGN rule 15)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_is_renewed_every_third_of_the_lease_and_completed_by_its_token() {
+    let store = FlakyStore::up();
+    let h = script([Stall(ms(9500))])
+        .dedup_in(store.clone())
+        .lease(secs(3))
+        .build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, ms(9500));
+    let renews: Vec<Duration> = store.renew_times().iter().map(|t| *t - h.t0).collect();
+    assert_eq!(
+        renews,
+        (1..=9).map(secs).collect::<Vec<_>>(),
+        "every second (a third of the 3 s lease) while the 9.5 s handler ran, then no more"
+    );
+    let token = h.calls()[0]
+        .token
+        .clone()
+        .expect("the handler saw its claim");
+    assert!(
+        store
+            .calls_of("renew")
+            .iter()
+            .all(|(t, ok)| *t == token && *ok)
+    );
+    assert_eq!(store.calls_of("complete"), [(token, true)]);
+    assert_eq!(h.handled(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_handler_sees_the_claim_token_of_its_attempt() {
+    let store = FlakyStore::up();
+    let h = script([Transient, Succeed]).dedup_in(store.clone()).build();
+
+    let (end, _) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    let tokens: Vec<ClaimToken> = h
+        .calls()
+        .iter()
+        .map(|c| c.token.clone().expect("each attempt holds a claim"))
+        .collect();
+    assert_eq!(tokens.len(), 2);
+    assert_ne!(tokens[0], tokens[1], "each attempt claims anew");
+    assert_eq!(
+        store.calls_of("release"),
+        [(tokens[0].clone(), true)],
+        "the failed attempt's claim was released"
+    );
+    assert_eq!(
+        store.calls_of("complete"),
+        [(tokens[1].clone(), true)],
+        "the successful attempt's claim was completed"
+    );
+
+    // Without idempotency there is no claim.
+    let h = script([Succeed]).build();
+    h.process(order("o-2")).await;
+    assert_eq!(h.calls()[0].token, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_claim_on_store_outage_the_handler_sees_no_token() {
+    let store = FlakyStore::down();
+    let h = script([Succeed])
+        .dedup_in(store.clone())
+        .run_without_store_on_outage()
+        .build();
+
+    h.process(order("o-1")).await;
+
+    assert_eq!(h.calls()[0].token, None);
+}
+
+/// The store fails the renewals until the lease has run out and another worker claimed the
+/// key; the next renewal finds the claim lost.
+async fn lose_the_claim_mid_run(store: &FlakyStore, key: &str, t0: Instant) -> ClaimToken {
+    sleep_until(t0 + ms(500)).await;
+    store.set_down(true); // the renewals at 1, 2 and 3 s fail: the 3 s lease runs out
+    sleep_until(t0 + ms(3500)).await;
+    let theirs = match store.inner.claim(key, LEASE).await.unwrap() {
+        Claim::Acquired(token) => token,
+        other => panic!("the lapsed key must be claimable, got {other:?}"),
+    };
+    store.set_down(false); // the renewal at 4 s answers LeaseLost
+    theirs
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_claim_cancels_the_attempt_and_the_record_waits_for_the_new_owner() {
+    let store = FlakyStore::up();
+    let key = store_key("o-1");
+    let h = script([Stall(secs(10))])
+        .dedup_in(store.clone())
+        .lease(secs(3))
+        .build();
+    let other_worker = async {
+        let theirs = lose_the_claim_mid_run(&store, &key, h.t0).await;
+        sleep_until(h.t0 + secs(6)).await;
+        assert_eq!(h.handled(), 0, "the cancelled attempt committed nothing");
+        store.inner.complete(&key, &theirs, TTL).await.unwrap();
+        theirs
+    };
+
+    let ((end, took), theirs) = tokio::join!(h.process(order("o-1")), other_worker);
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1], "the cancelled attempt was the only call");
+    assert!(
+        took >= secs(6),
+        "settled only once the new owner was done ({took:?})"
+    );
+    assert_eq!(
+        h.duplicates(),
+        1,
+        "settled as a duplicate of the new owner's work"
+    );
+    assert_eq!(h.handled(), 0);
+    assert_eq!(h.retried(), 0, "a lost claim is not a failed attempt");
+    assert!(h.sends().is_empty());
+    let ours = h.calls()[0].token.clone().unwrap();
+    assert_eq!(
+        store.calls_of("renew").last(),
+        Some(&(ours, false)),
+        "renewal stopped at the lost claim"
+    );
+    assert!(
+        store.calls_of("complete").is_empty() && store.calls_of("release").is_empty(),
+        "nothing done with the lost claim"
+    );
+    assert_eq!(
+        store.inner.claim(&key, LEASE).await.unwrap(),
+        Claim::Done,
+        "done by {theirs}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_claim_does_not_count_as_an_attempt_when_the_record_runs_again() {
+    let store = FlakyStore::up();
+    let key = store_key("o-1");
+    let h = script([Stall(secs(10))])
+        .dedup_in(store.clone())
+        .lease(secs(3))
+        .build();
+    let other_worker = async {
+        let theirs = lose_the_claim_mid_run(&store, &key, h.t0).await;
+        sleep_until(h.t0 + secs(6)).await;
+        store.inner.release(&key, &theirs).await.unwrap(); // their attempt failed
+    };
+
+    let ((end, _), ()) = tokio::join!(h.process(order("o-1")), other_worker);
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(
+        h.attempts(),
+        [1, 1],
+        "the cancelled attempt is run again as attempt 1"
+    );
+    let tokens: Vec<_> = h.calls().iter().map(|c| c.token.clone().unwrap()).collect();
+    assert_ne!(tokens[0], tokens[1], "the new run holds a claim of its own");
+    assert_eq!(h.handled(), 1);
+    assert_eq!(h.retried(), 0);
+    assert_eq!(store.calls_of("complete"), [(tokens[1].clone(), true)]);
+    assert_eq!(key_state(&store.inner, &key).await, KeyState::Done);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_always_loses_claims_makes_the_record_wait_not_spin() {
+    /// Claims succeed, every renewal drops the claim and says it is lost (a broken store).
+    #[derive(Debug)]
+    struct Forgetful(InMemoryIdempotencyStore);
+
+    #[async_trait]
+    impl IdempotencyStore for Forgetful {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+            self.0.claim(key, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.complete(key, token, ttl).await
+        }
+        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+            self.0.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            _: Duration,
+        ) -> Result<(), StoreError> {
+            // Drop the claim and say so: the key is free again at once.
+            self.0.release(key, token).await?;
+            Err(StoreError::LeaseLost {
+                key: key.to_owned(),
+            })
+        }
+    }
+
+    let h = script([Stall(secs(60))])
+        .dedup_in(Arc::new(Forgetful(InMemoryIdempotencyStore::new())))
+        .lease(ms(300))
+        .build();
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), h.cancel_at(secs(30)));
+
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(took, secs(30));
+    let calls = h.attempts();
+    assert!(
+        calls.iter().all(|a| *a == 1),
+        "lost claims never count: {calls:?}"
+    );
+    // Each run lasts until the first renewal (0.1 s); the pauses between runs grow from
+    // 0.1 s to 5 s: a few dozen runs in 30 s, not 300 (the key is free at once).
+    assert!(
+        calls.len() > 3 && calls.len() < 40,
+        "{} runs in 30 s",
+        calls.len()
+    );
+    assert_eq!(h.dead_lettered_total(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewal_stops_when_the_partition_assignment_is_lost() {
+    let store = FlakyStore::up();
+    let key = store_key("o-1");
+    let h = script([Stall(secs(60))])
+        .dedup_in(store.clone())
+        .lease(secs(3))
+        .build();
+    let stop = Stop::default();
+    let revoke = async {
+        sleep_until(h.t0 + ms(1500)).await;
+        stop.drain.cancel();
+        stop.lost.cancel();
+        // Renewed last at 1 s: the lease runs out at 4 s and the new owner can claim.
+        sleep_until(h.t0 + ms(4500)).await;
+        let new_owner = store.inner.claim(&key, LEASE).await.unwrap();
+        // The revoke timeout passes: the record is given up.
+        sleep_until(h.t0 + secs(10)).await;
+        stop.abandon.cancel();
+        new_owner
+    };
+
+    let ((end, took), new_owner) = tokio::join!(h.process_with(order("o-1"), &stop), revoke);
+
+    assert!(
+        matches!(new_owner, Claim::Acquired(_)),
+        "the new owner got the key after one lease: {new_owner:?}"
+    );
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(took, secs(10));
+    let renews: Vec<Duration> = store.renew_times().iter().map(|t| *t - h.t0).collect();
+    assert_eq!(
+        renews,
+        [secs(1)],
+        "no renewal after the assignment was lost"
+    );
+    assert_eq!(
+        key_state(&store.inner, &key).await,
+        KeyState::Held,
+        "the new owner's"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_revoke_keeps_renewing_while_it_waits_and_renewal_ends_with_the_given_up_record() {
+    let store = FlakyStore::up();
+    let key = store_key("o-1");
+    let h = script([Stall(secs(60))])
+        .dedup_in(store.clone())
+        .lease(secs(3))
+        .build();
+    let stop = Stop::default();
+    let revoke = async {
+        sleep_until(h.t0 + ms(1500)).await;
+        stop.drain.cancel(); // the revoke starts waiting for the record
+        sleep_until(h.t0 + ms(5500)).await;
+        let during_the_wait = key_state(&store.inner, &key).await;
+        stop.abandon.cancel(); // the revoke timeout passed
+        during_the_wait
+    };
+
+    let ((end, took), during_the_wait) = tokio::join!(h.process_with(order("o-1"), &stop), revoke);
+
+    assert_eq!(
+        during_the_wait,
+        KeyState::Held,
+        "renewed while the revoke waited"
+    );
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(took, ms(5500));
+    let renewed = store.renew_times().len();
+    assert_eq!(renewed, 5, "at 1, 2, 3, 4 and 5 s");
+    // The attempt was dropped with its renewal: the claim lapses one lease after the last
+    // renewal (5 s + 3 s) and is never renewed again.
+    sleep_until(h.t0 + secs(8)).await;
+    assert_eq!(key_state(&store.inner, &key).await, KeyState::Free);
+    assert_eq!(store.renew_times().len(), renewed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_cannot_renew_lets_the_lease_run_out_as_before() {
+    /// A store that keeps the trait's default `renew`.
+    #[derive(Debug)]
+    struct NoRenew(InMemoryIdempotencyStore);
+
+    #[async_trait]
+    impl IdempotencyStore for NoRenew {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+            self.0.claim(key, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.complete(key, token, ttl).await
+        }
+        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+            self.0.release(key, token).await
+        }
+    }
+
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Stall(secs(3))])
+        .dedup_in(Arc::new(NoRenew(store.clone())))
+        .lease(secs(1))
+        .build();
+    let key = store_key("o-1");
+    let mid_run = async {
+        sleep_until(h.t0 + secs(2)).await;
+        key_state(&store, &key).await
+    };
+
+    let ((end, _), mid_run) = tokio::join!(h.process(order("o-1")), mid_run);
+
+    assert_eq!(end, JobEnd::Settled, "the attempt is not cancelled");
+    assert_eq!(h.attempts(), [1]);
+    assert_eq!(
+        mid_run,
+        KeyState::Free,
+        "not renewed: the lease ran out at 1 s"
+    );
+    assert_eq!(
+        key_state(&store, &key).await,
+        KeyState::Free,
+        "the late complete was fenced off"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn complete_is_retried_until_the_lease_from_the_last_renewal_runs_out() {
+    let store = FlakyStore::up();
+    let h = script([Stall(ms(29_900))])
+        .dedup_in(store.clone())
+        .lease(secs(30))
+        .build();
+    let outage = async {
+        // Down when the handler returns at 29.9 s; renewed last at 20 s, so the lease holds
+        // until 50 s: complete keeps trying that long, and gives up at its first failure
+        // past it (waits are at most 5 s). Counting from the claim it would give up at
+        // 30 s; counting from completion, at 59.9 s.
+        sleep_until(h.t0 + secs(29)).await;
+        store.set_down(true);
+    };
+
+    let ((end, took), ()) = tokio::join!(h.process(order("o-1")), outage);
+
+    assert_eq!(end, JobEnd::Settled);
+    assert!(
+        took >= secs(50) && took <= secs(55),
+        "gave up marking it done when the lease from the last renewal ran out ({took:?})"
+    );
+    let completes = store.calls_of("complete");
+    assert!(completes.len() >= 2 && completes.iter().all(|(_, ok)| !ok));
 }
 
 #[tokio::test(start_paused = true)]

@@ -14,10 +14,10 @@ use super::{Claim, ClaimToken, IdempotencyStore, StoreError};
 ///
 /// It has the same semantics as `RedisIdempotencyStore` (feature `redis`):
 /// `claim` atomically takes an absent key as *in flight* (holding a fresh [`ClaimToken`]) for
-/// the lease; a key whose lease ran out can be claimed again (with a new token); `complete`
-/// turns the caller's claim into *done* for the TTL; `release` drops it. Both are fenced: with
-/// a token that no longer holds the key they return [`StoreError::LeaseLost`] and leave the new
-/// owner's entry untouched.
+/// the lease; a key whose lease ran out can be claimed again (with a new token); `renew`
+/// extends the caller's claim to a fresh lease; `complete` turns it into *done* for the TTL;
+/// `release` drops it. All three are fenced: with a token that no longer holds the key they
+/// return [`StoreError::LeaseLost`] and leave the new owner's entry untouched.
 ///
 /// Use it for tests, for single-process deployments, or where losing the dedup history on
 /// restart is acceptable: nothing is persisted and nothing is shared between processes.
@@ -164,6 +164,20 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
         let mut state = self.lock();
         let key = state.held_by(key, token, now)?;
         state.remove(&key);
+        Ok(())
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let key = state.held_by(key, token, now)?;
+        state.remove(&key);
+        state.insert(key, Value::InFlight(token.clone()), deadline(now, lease));
         Ok(())
     }
 }
@@ -385,6 +399,47 @@ mod tests {
                 .is_lease_lost()
         );
         acquire(&store, "k", LEASE).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renew_extends_the_lease_and_is_fenced() {
+        let store = InMemoryIdempotencyStore::new();
+        let token = acquire(&store, "k", Duration::from_secs(10)).await;
+        tokio::time::advance(Duration::from_secs(8)).await;
+        store
+            .renew("k", &token, Duration::from_secs(10))
+            .await
+            .unwrap();
+        // Past the first lease, within the renewed one.
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(store.claim("k", LEASE).await.unwrap(), Claim::Busy);
+        let foreign = ClaimToken::random();
+        assert!(
+            store
+                .renew("k", &foreign, LEASE)
+                .await
+                .unwrap_err()
+                .is_lease_lost()
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The renewed lease ran out: renewing now is too late and changes nothing.
+        assert!(
+            store
+                .renew("k", &token, LEASE)
+                .await
+                .unwrap_err()
+                .is_lease_lost()
+        );
+        let new = acquire(&store, "k", LEASE).await;
+        store.complete("k", &new, TTL).await.unwrap();
+        assert!(
+            store
+                .renew("k", &new, LEASE)
+                .await
+                .unwrap_err()
+                .is_lease_lost()
+        );
+        assert_eq!(store.claim("k", LEASE).await.unwrap(), Claim::Done);
     }
 
     #[tokio::test(start_paused = true)]

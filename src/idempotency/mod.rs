@@ -8,8 +8,10 @@
 //!    [`Claim::Done`] (a previous run succeeded: skip and settle) or [`Claim::Busy`] (another
 //!    worker holds a live lease: treated as a transient failure, tried again later, never
 //!    skipped).
-//! 2. On success, [`IdempotencyStore::complete`] marks the key done for a TTL (6 h by default,
-//!    as in the starting design).
+//! 2. While the handler runs, [`IdempotencyStore::renew`] extends the claim every third of
+//!    the lease, so a claim lives as long as its work; a renewal that finds the claim lost
+//!    stops the attempt. On success, [`IdempotencyStore::complete`] marks the key done for a
+//!    TTL (6 h by default, as in the starting design).
 //! 3. On failure, [`IdempotencyStore::release`] drops the claim so the retry runs. A
 //!    dead-lettered record is released too, never marked done, so a redrive runs it again.
 //!
@@ -46,9 +48,15 @@
 //! [concurrent-claims-have-one-winner].
 //!
 //! **A token holds its key only while its lease is live and nobody replaced it.**
+//! `renew(key, token, lease)` makes a claim held by `token` end `lease` from now (set, not
+//! added: as if claimed now, with the same token), so a claim after the first lease ran out
+//! is still [`Claim::Busy`] [renew-extends-the-lease];
 //! `complete(key, token, ttl)` turns a claim held by `token` into done for `ttl`;
-//! `release(key, token)` removes it. In every other case both return
-//! [`StoreError::LeaseLost`] and **change nothing**:
+//! `release(key, token)` removes it. In every other case all three return
+//! [`StoreError::LeaseLost`] and **change nothing** (a `renew` neither revives an expired or
+//! released claim, nor extends someone else's claim or a done key's TTL)
+//! [renew-with-a-foreign-token-is-lease-lost, renew-after-expired-lease-is-lease-lost,
+//! renew-after-release-is-lease-lost, renew-after-done-is-lease-lost]:
 //! - the lease ran out, whether or not someone claimed the key since: a late `complete` does
 //!   not mark the key done, and the key is free (or the new owner's claim is untouched)
 //!   [complete-after-expired-unclaimed-lease-is-lease-lost,
@@ -64,9 +72,18 @@
 //!
 //! The consumer treats `LeaseLost` as "not mine any more": after a `release` it is ignored;
 //! after a `complete` the record is settled anyway (its handler succeeded) and a redelivery
-//! may run it again, which at-least-once allows. A store that retries a call internally may
-//! answer success when its own earlier, unacknowledged attempt already made the change (the
-//! Redis store does).
+//! may run it again, which at-least-once allows; after a `renew` the running attempt is
+//! cancelled (at its next `.await`) without counting, and the record claims again (then
+//! waits while the key is busy, or skips it once done). A store that retries a call
+//! internally may answer success when its own earlier, unacknowledged attempt already made
+//! the change (the Redis store does).
+//!
+//! **Renewal is part of the contract**, but `renew` has a default that answers
+//! [`StoreError::Unsupported`] and changes nothing, so a store written before it existed
+//! still compiles and keeps working: the consumer logs once that its claims are not renewed
+//! and lets each lease run out as set at the claim (a handler outliving it may then run
+//! twice, as before). The conformance suite fails such a store on the renewal cases. A store
+//! that wraps another must forward `renew`.
 //!
 //! **What may block.** Calls are `async` and may wait on the network, but must not block the
 //! thread (no synchronous I/O; a `std::sync::Mutex` held for a few map operations is fine)
@@ -109,13 +126,18 @@
 //!         # let _ = (key, token);
 //!         todo!("compare-and-delete the claim")
 //!     }
+//!     async fn renew(&self, key: &str, token: &ClaimToken, lease: Duration)
+//!         -> Result<(), StoreError> {
+//!         # let _ = (key, token, lease);
+//!         todo!("compare-and-extend the claim's lease")
+//!     }
 //! }
 //! ```
 //!
 //! Then check it against the contract with the conformance suite: enable the `testing`
 //! feature for your tests (`kourier = { version = "...", features = ["testing"] }` under
 //! `[dev-dependencies]`) and call `kourier::idempotency::testing::run_conformance` from a
-//! `#[tokio::test]` (see that module). It takes about 3 s of real time.
+//! `#[tokio::test]` (see that module). It takes about 5 s of real time.
 
 pub(crate) use crate::error::StoreError;
 

@@ -59,6 +59,19 @@ if not v then return 2 end
 return 0
 ";
 
+/// Compare-and-`PEXPIRE` `inflight:<token>`.
+///
+/// KEYS[1] the key; ARGV[1] `inflight:<token>`; ARGV[2] the lease in ms.
+/// Returns 1 renewed, 0 not held by this token. Repeating it is harmless, so a retry whose
+/// first reply was lost answers "renewed" again while the claim is still ours.
+const RENEW_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
 /// Redis caps expiries near `i64::MAX` ms from now; 100 years is plenty for a lease or TTL.
 const MAX_EXPIRY_MS: u64 = 100 * 365 * 86_400 * 1000;
 
@@ -76,6 +89,8 @@ const MAX_EXPIRY_MS: u64 = 100 * 365 * 86_400 * 1000;
 ///   become `done` for the TTL; otherwise [`StoreError::LeaseLost`].
 /// - `release`: compare-and-delete: only this claim's token is deleted; otherwise
 ///   [`StoreError::LeaseLost`].
+/// - `renew`: compare-and-`PEXPIRE`: only if the key still holds this claim's token does its
+///   expiry become the new lease from now; otherwise [`StoreError::LeaseLost`].
 ///
 /// Leases and TTLs are rounded up to whole milliseconds (at least 1 ms).
 ///
@@ -91,10 +106,11 @@ const MAX_EXPIRY_MS: u64 = 100 * 365 * 86_400 * 1000;
 /// that retrying cannot fix are returned at once as [`StoreError::Unavailable`].
 ///
 /// Retrying is safe because every script is idempotent for the same call: a repeated `claim`
-/// finds its own token and answers acquired; a repeated `complete` that finds `done`, or a
-/// repeated `release` that finds the key gone, reports success (the first attempt may have
-/// done it; either way the key ends as the caller asked: done, or free for a retry). On a first
-/// attempt those two cases are [`StoreError::LeaseLost`].
+/// finds its own token and answers acquired; a repeated `renew` renews again; a repeated
+/// `complete` that finds `done`, or a repeated `release` that finds the key gone, reports
+/// success (the first attempt may have done it; either way the key ends as the caller asked:
+/// done, or free for a retry). On a first attempt those two cases are
+/// [`StoreError::LeaseLost`].
 ///
 /// The store is cheap to clone; clones share the connection.
 ///
@@ -337,6 +353,30 @@ impl IdempotencyStore for RedisIdempotencyStore {
             }),
         }
     }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let value = inflight(token);
+        let lease = millis(lease).to_string();
+        let (answer, _) = self
+            .run(
+                "renew",
+                key,
+                &self.scripts.renew,
+                &[value.as_bytes(), lease.as_bytes()],
+            )
+            .await?;
+        match answer {
+            1 => Ok(()),
+            _ => Err(StoreError::LeaseLost {
+                key: key.to_owned(),
+            }),
+        }
+    }
 }
 
 /// Configures and connects a [`RedisIdempotencyStore`]; made by
@@ -499,6 +539,7 @@ struct Scripts {
     claim: Script,
     complete: Script,
     release: Script,
+    renew: Script,
 }
 
 impl Scripts {
@@ -507,6 +548,7 @@ impl Scripts {
             claim: Script::new(CLAIM_LUA),
             complete: Script::new(COMPLETE_LUA),
             release: Script::new(RELEASE_LUA),
+            renew: Script::new(RENEW_LUA),
         }
     }
 }

@@ -92,4 +92,34 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// [`complete`](IdempotencyStore::complete) (a done key stays done). Availability errors
     /// as for [`IdempotencyStore::claim`].
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError>;
+
+    /// Extends the claim on `key` to `lease` from now, if `token` holds it (as for
+    /// [`complete`](IdempotencyStore::complete)). The consumer calls it every third of the
+    /// lease while a handler attempt runs, so a claim lives as long as its work.
+    ///
+    /// The claim then ends `lease` after the call, as a fresh claim's would: the lease is
+    /// set, not added to what was left.
+    ///
+    /// The default answers [`StoreError::Unsupported`] and changes nothing: a store that
+    /// cannot renew must not pretend it did. The consumer then logs once that claims are not
+    /// renewed and lets the lease run out as it was set at the claim: a handler outliving it
+    /// may run twice (set [`idempotency_lease`](crate::RetryingConsumerBuilder::idempotency_lease)
+    /// above your slowest handler). Every store kourier ships renews. A store that wraps
+    /// another must forward this call too, or its claims are never renewed.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`], changing nothing, in the same cases as
+    /// [`complete`](IdempotencyStore::complete): the lease ran out (whether or not the key was
+    /// claimed again since), the key was released or is done, or the token was never issued
+    /// for it. [`StoreError::Unsupported`] from a store that cannot renew. Availability errors
+    /// as for [`IdempotencyStore::claim`].
+    async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let _ = (key, token, lease);
+        Err(StoreError::Unsupported { operation: "renew" })
+    }
 }

@@ -2,11 +2,13 @@
 //!
 //! [`run_conformance`] drives a store through every case of the contract written on the
 //! [`idempotency`](super) module — fresh keys, busy and done keys, expiry of leases and of
-//! done keys, fencing of stale and foreign tokens, release and complete in every order, and
-//! concurrent claims — and reports each case. Both stores kourier ships pass it (see
-//! `tests/idempotency.rs`).
+//! done keys, fencing of stale and foreign tokens, release and complete in every order,
+//! concurrent claims, and renewal of a held claim with its fencing — and reports each case.
+//! Both stores kourier ships pass it (see `tests/idempotency.rs`). A store that keeps the
+//! default [`IdempotencyStore::renew`] (which answers [`StoreError::Unsupported`]) fails the
+//! `renew-*` cases: the consumer cannot keep its claims alive while handlers run.
 //!
-//! It runs in real time with short leases (a few hundred milliseconds; about 3 s in all)
+//! It runs in real time with short leases (a few hundred milliseconds; about 5 s in all)
 //! and writes only keys under one fresh random prefix (`kourier-conformance:<random>:`), so
 //! it can run against a shared development server. Keys it leaves behind expire within a
 //! minute.
@@ -69,6 +71,11 @@ pub const CASES: &[&str] = &[
     "absent-key-is-lease-lost",
     "concurrent-claims-have-one-winner",
     "keys-are-opaque-and-independent",
+    "renew-extends-the-lease",
+    "renew-with-a-foreign-token-is-lease-lost",
+    "renew-after-expired-lease-is-lease-lost",
+    "renew-after-release-is-lease-lost",
+    "renew-after-done-is-lease-lost",
 ];
 
 /// The result of one case.
@@ -144,7 +151,7 @@ impl std::error::Error for ConformanceError {}
 
 /// Runs every case of [`CASES`] against `store` and reports each.
 ///
-/// Needs a Tokio runtime with the time driver (`#[tokio::test]` has one). Takes about 3 s:
+/// Needs a Tokio runtime with the time driver (`#[tokio::test]` has one). Takes about 5 s:
 /// the expiry cases wait out short leases in real time.
 ///
 /// # Errors
@@ -375,6 +382,86 @@ fn run_case<'a>(
                 )
                 .await?;
                 expect_claim(s, &a, &Claim::Done, "the completed key").await?;
+            }
+            "renew-extends-the-lease" => {
+                let t = acquire(s, k, SHORT).await?;
+                s.renew(k, &t, LEASE).await.map_err(|e| call("renew", &e))?;
+                tokio::time::sleep(PAST_SHORT).await;
+                expect_claim(
+                    s,
+                    k,
+                    &Claim::Busy,
+                    "a claim after the first lease ran out, within the renewed one",
+                )
+                .await?;
+                // Renewing again is fine, and the token still holds the key to the end.
+                s.renew(k, &t, LEASE)
+                    .await
+                    .map_err(|e| call("a second renew", &e))?;
+                s.complete(k, &t, TTL)
+                    .await
+                    .map_err(|e| call("complete after renew", &e))?;
+                expect_claim(s, k, &Claim::Done, "a claim after complete").await?;
+            }
+            "renew-with-a-foreign-token-is-lease-lost" => {
+                let held = acquire(s, k, SHORT).await?;
+                let forged = ClaimToken::random();
+                lease_lost(
+                    s.renew(k, &forged, LEASE).await,
+                    "renew with a foreign token",
+                )?;
+                expect_claim(s, k, &Claim::Busy, "the holder's claim must be untouched").await?;
+                tokio::time::sleep(PAST_SHORT).await;
+                acquire(s, k, LEASE).await.map_err(|e| {
+                    format!("a foreign renew must not extend the holder's lease: {e}")
+                })?;
+                lease_lost(
+                    s.renew(k, &held, LEASE).await,
+                    "renew by the old holder after its lease ran out",
+                )?;
+            }
+            "renew-after-expired-lease-is-lease-lost" => {
+                let old = acquire(s, k, SHORT).await?;
+                tokio::time::sleep(PAST_SHORT).await;
+                lease_lost(
+                    s.renew(k, &old, LEASE).await,
+                    "renew after the lease ran out",
+                )?;
+                let new = acquire(s, k, SHORT)
+                    .await
+                    .map_err(|e| format!("a late renew must not revive the claim: {e}"))?;
+                lease_lost(
+                    s.renew(k, &old, LEASE).await,
+                    "renew with the old token after the key was claimed again",
+                )?;
+                tokio::time::sleep(PAST_SHORT).await;
+                acquire(s, k, LEASE).await.map_err(|e| {
+                    format!("the old token's renew must not extend the new owner's lease: {e}")
+                })?;
+                lease_lost(
+                    s.renew(k, &new, LEASE).await,
+                    "renew by the second owner after its lease ran out",
+                )?;
+            }
+            "renew-after-release-is-lease-lost" => {
+                let t = acquire(s, k, LEASE).await?;
+                s.release(k, &t).await.map_err(|e| call("release", &e))?;
+                lease_lost(s.renew(k, &t, LEASE).await, "renew after release")?;
+                acquire(s, k, LEASE)
+                    .await
+                    .map_err(|e| format!("a renew after release must not revive the claim: {e}"))?;
+            }
+            "renew-after-done-is-lease-lost" => {
+                let t = acquire(s, k, LEASE).await?;
+                s.complete(k, &t, SHORT)
+                    .await
+                    .map_err(|e| call("complete", &e))?;
+                lease_lost(s.renew(k, &t, LEASE).await, "renew after complete")?;
+                expect_claim(s, k, &Claim::Done, "the key must stay done").await?;
+                tokio::time::sleep(PAST_SHORT).await;
+                acquire(s, k, LEASE)
+                    .await
+                    .map_err(|e| format!("a renew must not extend the done key's TTL: {e}"))?;
             }
             other => return Err(format!("unknown case {other}")),
         }

@@ -112,6 +112,8 @@ pub(crate) struct Call {
     pub(crate) started: Instant,
     pub(crate) ended: Instant,
     pub(crate) ok: bool,
+    /// The claim token the attempt held ([`Message::claim_token`]), with idempotency.
+    pub(crate) token: Option<kourier::ClaimToken>,
 }
 
 /// What the [`Recorder`] did, shared with the test.
@@ -238,6 +240,7 @@ impl Handler for Recorder {
             started,
             ended: Instant::now(),
             ok: result.is_ok(),
+            token: m.claim_token().cloned(),
         });
         result
     }

@@ -15,6 +15,7 @@ pub(crate) enum Answer {
     Busy,
     Completed,
     Released,
+    Renewed,
     LeaseLost,
     Unavailable,
 }
@@ -28,6 +29,7 @@ impl Answer {
             Answer::Busy => "busy",
             Answer::Completed => "completed",
             Answer::Released => "released",
+            Answer::Renewed => "renewed",
             Answer::LeaseLost => "lease-lost",
             Answer::Unavailable => "unavailable",
         };
@@ -39,7 +41,7 @@ impl Answer {
 pub(crate) struct StoreCall {
     pub(crate) op: &'static str,
     pub(crate) key: String,
-    /// The token passed to `complete` / `release`.
+    /// The token passed to `complete` / `release` / `renew`.
     pub(crate) token: Option<ClaimToken>,
     pub(crate) answer: Answer,
     /// When the answer arrived.
@@ -148,6 +150,18 @@ impl IdempotencyStore for SpyStore {
         let result = self.inner.release(key, token).await;
         let answer = SpyStore::settle_answer(&result, Answer::Released);
         self.record("release", key, Some(token), answer);
+        result
+    }
+
+    async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let result = self.inner.renew(key, token, lease).await;
+        let answer = SpyStore::settle_answer(&result, Answer::Renewed);
+        self.record("renew", key, Some(token), answer);
         result
     }
 }
