@@ -109,6 +109,45 @@ async fn transient_then_success_counts_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_waiting_out_a_back_off_frees_its_slot_and_keeps_its_key_order() {
+    let (topic, group, dlt_topic) = setup("parked", 1).await;
+    let mut records = vec![Ev::new(0, "slow").fail_transient(1).record()];
+    records.extend((1..=20).map(|i| Ev::new(i, &format!("k{i}")).record()));
+    records.push(Ev::new(21, "slow").record());
+    support::produce(&topic, records).await;
+    let log = Log::new();
+    // One slot: if the waiting record held it, nothing else could run during its back-off.
+    let c = Running::start(
+        builder(&log, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .max_in_flight(1)
+            .retry_policy(RetryPolicy::fixed(Duration::from_secs(2), 3)),
+    );
+    log.wait_succeeded(22, Duration::from_secs(60)).await;
+    c.stop().await;
+    let calls = log.calls();
+    let retry_of_0 = calls
+        .iter()
+        .find(|c| c.id == 0 && c.attempt == 2)
+        .expect("record 0 was retried");
+    for id in 1..=20 {
+        let call = calls.iter().find(|c| c.id == id).unwrap();
+        assert!(
+            call.ended <= retry_of_0.started,
+            "record {id} of another key ran in the slot record 0 gave up during its back-off"
+        );
+    }
+    let first_of_21 = calls.iter().find(|c| c.id == 21).unwrap();
+    assert!(
+        first_of_21.started >= retry_of_0.ended,
+        "record 21 of the same key waited for record 0's retry"
+    );
+    assert_eq!(log.attempts_of(0), vec![1, 2]);
+    assert!(support::read_all(&dlt_topic).await.is_empty());
+    assert_eq!(committed_sum(&group, &topic, 1).await, 22);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_retries_dead_letter_with_full_provenance() {
     let (topic, group, dlt_topic) = setup("exhausted", 2).await;
     let bad = Ev::new(7, "user-7").fail_transient(100);
