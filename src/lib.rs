@@ -255,8 +255,9 @@ pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
-    ConnectionState, ConsumerMonitor, ConsumerSnapshot, DedupKey, PartitionStatus, ProcessingOrder,
-    RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
+    BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, ConnectionState,
+    ConsumerMonitor, ConsumerSnapshot, DedupKey, PartitionStatus, ProcessingOrder, RecordOutcome,
+    RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
 };
 pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
 pub use crate::dead_letter::letter::{

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
+use super::breaker::{OutageGate, Verdict};
 use super::dedup::Dedup;
 use super::outcome::{OutcomeObserver, RecordOutcome};
 use super::scheduler::{JobEnd, Stop};
@@ -55,6 +56,8 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) metrics: Arc<ConsumerMetrics>,
     /// Told how each record ended (the builder's `on_outcome`).
     pub(crate) observer: Option<OutcomeObserver>,
+    /// The outage breaker (if any): asked before every attempt, told every result.
+    pub(crate) outage: OutageGate,
 }
 
 /// Runs `f`, turning a panic into its message.
@@ -233,12 +236,22 @@ impl<H: Handler> WorkerContext<H> {
             },
         };
 
-        let started = Instant::now();
+        let mut started = Instant::now();
         let mut first_failure = None;
         let mut attempt = 0u32;
+        // Failures held for an outage (not counted as attempts), and when the last began.
+        let (mut holds, mut held_since) = (0u32, None::<Instant>);
         loop {
             if cancel.is_cancelled() {
                 return Outcome::Abandoned;
+            }
+            // The breaker: waits (cancellable, holding no claim) while the downstream is down.
+            let Some(pass) = self.outage.admit(stop).await else {
+                debug!(coordinates = %record.coordinates(), "abandoned while waiting for the breaker: the partition is draining");
+                return Outcome::Abandoned;
+            };
+            if let Some(since) = held_since.take() {
+                started += since.elapsed(); // an outage does not count toward max_elapsed
             }
             // Claim before every attempt (a failed attempt released its claim).
             let token = match (&self.dedup, &dedup_key) {
@@ -290,6 +303,7 @@ impl<H: Handler> WorkerContext<H> {
 
             let error = match result {
                 Ok(()) => {
+                    pass.succeeded();
                     if let (Some(d), Some(k), Some(t)) = (&self.dedup, &dedup_key, &token) {
                         self.complete(d, k, t, &record, metrics, cancel).await;
                     }
@@ -302,6 +316,16 @@ impl<H: Handler> WorkerContext<H> {
             let first = *first_failure.get_or_insert(now);
             if let (Some(d), Some(k), Some(t)) = (&self.dedup, &dedup_key, &token) {
                 self.release(d, k, t, &record, metrics).await;
+            }
+            if let Verdict::Hold(delay) = pass.failed(&error, holds) {
+                // Not the record's fault: no attempt used, never dead-lettered for it.
+                debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "downstream unavailable: the record waits (attempt not counted)");
+                (attempt, holds, held_since) =
+                    (attempt - 1, holds.saturating_add(1), Some(Instant::now()));
+                if !delay.is_zero() && !self.sleep_unless_stopped(delay, stop).await {
+                    return Outcome::Abandoned;
+                }
+                continue;
             }
             let (retry, given_up) = match error.kind() {
                 FailureKind::Permanent => (false, DeadLetterReason::Permanent),
@@ -318,14 +342,7 @@ impl<H: Handler> WorkerContext<H> {
                 RetryDecision::RetryAfter(delay) => {
                     debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "failed, retrying");
                     metrics.retried(attempt);
-                    // Nothing of the record runs while it waits: a revoke or a shutdown
-                    // gives it up at once rather than waiting for its back-off.
-                    let waited = tokio::select! {
-                        () = tokio::time::sleep(delay) => true,
-                        () = stop.drain.cancelled() => false,
-                        () = cancel.cancelled() => false,
-                    };
-                    if !waited {
+                    if !self.sleep_unless_stopped(delay, stop).await {
                         debug!(coordinates = %record.coordinates(), "abandoned during its retry back-off: the partition is draining");
                         return Outcome::Abandoned;
                     }
@@ -342,6 +359,16 @@ impl<H: Handler> WorkerContext<H> {
                 last: now,
             };
             return self.dead_letter(record, failure, metrics, cancel).await;
+        }
+    }
+
+    /// Sleeps out a back-off unless the record is stopped first: nothing of the record runs
+    /// while it waits, so a revoke or a shutdown gives it up at once.
+    async fn sleep_unless_stopped(&self, delay: Duration, stop: &Stop) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = stop.drain.cancelled() => false,
+            () = stop.abandon.cancelled() => false,
         }
     }
 
