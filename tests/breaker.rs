@@ -401,3 +401,138 @@ async fn a_flapping_downstream_neither_floods_the_dlt_nor_stalls() {
     let ids: HashSet<usize> = (0..RECORDS).collect();
     assert_eq!(ids.len(), downstream.handled());
 }
+
+/// The consumer of the shutdown and rebalance tests: key order, the test breaker, and long
+/// shutdown and revoke timeouts, so that a wait the breaker failed to cancel would show.
+fn patient<H>(handler: H, topic: &str, group: &str) -> kourier::RetryingConsumerBuilder<H>
+where
+    H: kourier::Handler<Event = Job>,
+{
+    consumer::builder(handler, topic, group)
+        .ordering(ProcessingOrder::Key)
+        .breaker(breaker())
+        .shutdown_timeout(Duration::from_secs(60))
+        .revoke_timeout(Duration::from_secs(60))
+}
+
+fn calling(d: &Arc<Downstream>) -> impl kourier::Handler<Event = Job> {
+    let d = d.clone();
+    handler_fn(move |m: Message<Job>| {
+        let d = d.clone();
+        async move { d.call(m.event()).await }
+    })
+}
+
+/// An open breaker does not delay shutdown: records waiting for it are given up at once
+/// (listed in the report, delivered again), and after a restart with the downstream back
+/// every record is handled exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_does_not_delay_shutdown_and_a_restart_handles_everything_once() {
+    const RECORDS: usize = 500;
+    let (topic, group, dlt_topic) = setup("breaker-stop", 4).await;
+    support::produce(&topic, (0..RECORDS).map(|id| job(id, false)).collect()).await;
+    let downstream = Downstream::new(RECORDS, true);
+    downstream.down.store(true, Ordering::SeqCst);
+
+    let c = Running::start(patient(calling(&downstream), &topic, &group));
+    within(
+        "records waiting for the open breaker",
+        Duration::from_secs(60),
+        || {
+            c.monitor
+                .snapshot()
+                .breaker
+                .is_some_and(|b| b.state != BreakerState::Closed && b.waiting > 0)
+        },
+    )
+    .await;
+    let waiting = c.monitor.snapshot().breaker.map_or(0, |b| b.waiting);
+    let stopping = Instant::now();
+    // Well under the 60 s shutdown timeout: the waits were cancelled, not waited out.
+    let report = c.stop_with_report(Duration::from_secs(20)).await;
+    let took = stopping.elapsed();
+    eprintln!(
+        "shutdown figures: {waiting} records waiting for the breaker; shutdown took {:.2} s \
+         (shutdown_timeout 60 s); {} abandoned",
+        took.as_secs_f64(),
+        report.abandoned
+    );
+    assert!(report.abandoned >= 1, "{report:?}");
+    assert_eq!(downstream.handled(), 0);
+
+    // Restart with the downstream back: nothing lost, nothing twice, nothing dead-lettered.
+    downstream.down.store(false, Ordering::SeqCst);
+    let c = Running::start(patient(calling(&downstream), &topic, &group));
+    within(
+        "every record handled after the restart",
+        Duration::from_secs(60),
+        || downstream.handled() == RECORDS,
+    )
+    .await;
+    let end = c.monitor.snapshot();
+    c.stop().await;
+    assert_eq!(downstream.not_exactly_once(|_| true), []);
+    assert_eq!(end.dead_lettered.total(), 0);
+    assert!(support::read_all(&dlt_topic).await.is_empty());
+}
+
+/// A rebalance while the breaker is open: the revoked partitions' waiting records are given
+/// up at once (the revoke does not wait out its 60 s timeout for a downstream that is down),
+/// the new owner takes over, and after recovery every record is handled exactly once with
+/// nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_while_the_breaker_is_open_hands_over_promptly_and_loses_nothing() {
+    const RECORDS: usize = 2_000;
+    const PARTITIONS: i32 = 4;
+    let (topic, group, dlt_topic) = setup("breaker-rebalance", PARTITIONS).await;
+    support::produce(&topic, (0..RECORDS).map(|id| job(id, false)).collect()).await;
+    let downstream = Downstream::new(RECORDS, false);
+    downstream.down.store(true, Ordering::SeqCst);
+
+    let a = Running::start(patient(calling(&downstream), &topic, &group));
+    within(
+        "a's breaker open with records waiting",
+        Duration::from_secs(60),
+        || {
+            let s = a.monitor.snapshot();
+            s.assigned.len() == PARTITIONS as usize
+                && s.breaker
+                    .is_some_and(|b| b.state != BreakerState::Closed && b.waiting > 0)
+        },
+    )
+    .await;
+    let joining = Instant::now();
+    let b = Running::start(patient(calling(&downstream), &topic, &group));
+    // Well under the 60 s revoke timeout: a's revoke gave its waiting records up at once.
+    within("the hand-over to b", Duration::from_secs(30), || {
+        let (sa, sb) = (a.monitor.snapshot(), b.monitor.snapshot());
+        !sb.assigned.is_empty() && sa.assigned.len() + sb.assigned.len() == PARTITIONS as usize
+    })
+    .await;
+    let handover = joining.elapsed();
+    downstream.down.store(false, Ordering::SeqCst);
+    within(
+        "every record handled after recovery",
+        Duration::from_secs(90),
+        || downstream.handled() == RECORDS,
+    )
+    .await;
+    let (sa, sb) = (a.monitor.snapshot(), b.monitor.snapshot());
+    eprintln!(
+        "rebalance figures: hand-over took {:.2} s (revoke_timeout 60 s); a abandoned {}, \
+         b abandoned {}; downstream calls while down {}",
+        handover.as_secs_f64(),
+        sa.abandoned,
+        sb.abandoned,
+        downstream.calls_while_down.load(Ordering::SeqCst)
+    );
+    b.stop().await;
+    a.stop().await;
+    assert!(
+        sa.abandoned >= 1,
+        "a gave up its waiting records at the revoke"
+    );
+    assert_eq!(downstream.not_exactly_once(|_| true), []);
+    assert_eq!(sa.dead_lettered.total() + sb.dead_lettered.total(), 0);
+    assert!(support::read_all(&dlt_topic).await.is_empty());
+}

@@ -100,7 +100,8 @@ impl Mailer {
         match transport.send(mail).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_permanent() => Err(HandlerError::permanent(e.to_string())),
-            Err(e) if e.is_transient() && !e.status().is_some_and(|c| c.to_string() == "421") => {
+            // 421: "service not available, closing": the relay, not this mail.
+            Err(e) if e.is_transient() && e.status().is_none_or(|c| c.to_string() != "421") => {
                 Err(HandlerError::transient(e.to_string()))
             }
             Err(e) => Err(HandlerError::unavailable(e.to_string())),
