@@ -409,11 +409,16 @@ impl OutageGate {
                 probe: false,
             });
         };
+        // The fast path (closed): one lock, no waiter registered.
+        if let Ok(pass) = b.try_admit() {
+            return Some(pass);
+        }
         let mut counted = WaitingGuard(None);
         loop {
             let notified = b.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // Checked after registering, so a change in between wakes this waiter.
             let wake_at = match b.try_admit() {
                 Ok(pass) => return Some(pass),
                 Err(wake_at) => wake_at,

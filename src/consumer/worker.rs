@@ -319,7 +319,7 @@ impl<H: Handler> WorkerContext<H> {
             }
             if let Verdict::Hold(delay) = pass.failed(&error, holds) {
                 // Not the record's fault: no attempt used, never dead-lettered for it.
-                debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "downstream unavailable: the record waits (attempt not counted)");
+                debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "the downstream looks unavailable: the record waits for it (attempt not counted)");
                 (attempt, holds, held_since) =
                     (attempt - 1, holds.saturating_add(1), Some(Instant::now()));
                 if !delay.is_zero() && !self.sleep_unless_stopped(delay, stop).await {
