@@ -16,7 +16,9 @@ use crate::message::Message;
 /// offset is then committed (once every lower offset of its partition is settled, too). Return
 /// a [`HandlerError`] to say how the failure should be treated:
 /// [`HandlerError::transient`] retries the record according to the consumer's
-/// [`RetryPolicy`](crate::RetryPolicy), [`HandlerError::permanent`] dead-letters it at once.
+/// [`RetryPolicy`](crate::RetryPolicy), [`HandlerError::permanent`] dead-letters it at once,
+/// [`HandlerError::unavailable`] says the downstream is down: the record waits for it without
+/// using up an attempt (see [`BreakerPolicy`](crate::BreakerPolicy)).
 /// `?` on any error converts it to a *transient* failure.
 ///
 /// A handler is shared by all workers (`&self`), so it must be `Send + Sync`.
@@ -70,6 +72,11 @@ pub enum FailureKind {
     /// [`DeadLetterReason::Panic`](crate::DeadLetterReason::Panic) when given
     /// up. Only the consumer makes failures of this kind.
     Panic,
+    /// The downstream the handler calls is unavailable (refused connections, a 503, a
+    /// circuit open elsewhere): the record is not at fault. It counts toward the consumer's
+    /// [breaker](crate::BreakerPolicy) and never toward the dead letter: the record waits
+    /// and is tried again without using up an attempt. See [`HandlerError::unavailable`].
+    Unavailable,
 }
 
 /// A handler's failure: the cause, how to treat it, and an optional retry-after hint.
@@ -89,6 +96,29 @@ impl HandlerError {
     pub fn transient(error: impl Into<BoxError>) -> Self {
         HandlerError {
             kind: FailureKind::Transient,
+            retry_after: None,
+            source: error.into(),
+        }
+    }
+
+    /// The downstream is unavailable: the record is not at fault and must wait for it.
+    ///
+    /// Unlike a [transient](Self::transient) failure, this never uses up one of the record's
+    /// attempts and never dead-letters it: the record is tried again (in order: nothing
+    /// after it in its partition or key overtakes it) until the downstream answers, or until a
+    /// revoke or shutdown gives it up unsettled (it is delivered again). It counts as a failed
+    /// call for the consumer's [breaker](crate::BreakerPolicy), which stops dispatching
+    /// other records while the downstream is down; without a breaker the record alone
+    /// waits, backing off from 100 ms to 5 s (or as long as a
+    /// [`retry_after`](Self::retry_after) hint asks). A hint also keeps an opening breaker
+    /// open at least that long.
+    ///
+    /// Use it only for failures that say nothing about the record (connection refused,
+    /// `503 Service Unavailable`, a `421` SMTP greeting): a record that always gets this
+    /// answer waits forever.
+    pub fn unavailable(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            kind: FailureKind::Unavailable,
             retry_after: None,
             source: error.into(),
         }
@@ -115,7 +145,9 @@ impl HandlerError {
     /// Asks for the next attempt no sooner than `delay` (e.g. from a `Retry-After` reply).
     ///
     /// The consumer waits for the longer of this hint and the policy's own delay; the policy
-    /// still decides *whether* to retry. Ignored for permanent failures.
+    /// still decides *whether* to retry. Ignored for permanent failures. On an
+    /// [unavailable](Self::unavailable) failure it is the least time the record waits, and
+    /// the least time a breaker it opens stays open.
     #[must_use]
     pub fn retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
@@ -127,9 +159,15 @@ impl HandlerError {
         self.kind
     }
 
-    /// Whether the failure is transient.
+    /// Whether the failure is transient ([`FailureKind::Transient`]; an
+    /// [unavailable](Self::is_unavailable) downstream is not counted here).
     pub fn is_transient(&self) -> bool {
         self.kind == FailureKind::Transient
+    }
+
+    /// Whether the failure says the downstream is unavailable ([`FailureKind::Unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == FailureKind::Unavailable
     }
 
     /// The retry-after hint, if any.
@@ -179,6 +217,7 @@ impl fmt::Display for HandlerError {
             FailureKind::Transient => "transient",
             FailureKind::Permanent => "permanent",
             FailureKind::Panic => "panic",
+            FailureKind::Unavailable => "unavailable",
         };
         write!(f, "{kind} failure: {}", self.message())
     }
@@ -288,5 +327,15 @@ mod tests {
         assert_eq!(err.kind(), FailureKind::Permanent);
         assert_eq!(err.retry_after_hint(), Some(Duration::from_secs(1)));
         assert_eq!(err.to_string(), "permanent failure: bad address");
+    }
+
+    #[test]
+    fn unavailable_is_its_own_kind_and_keeps_its_hint() {
+        let err =
+            HandlerError::unavailable("connection refused").retry_after(Duration::from_secs(2));
+        assert_eq!(err.kind(), FailureKind::Unavailable);
+        assert!(err.is_unavailable() && !err.is_transient());
+        assert_eq!(err.retry_after_hint(), Some(Duration::from_secs(2)));
+        assert_eq!(err.to_string(), "unavailable failure: connection refused");
     }
 }

@@ -98,6 +98,13 @@
 //! 14. **Every record settles**: whatever panics on a record's path (codec, dedup-key
 //!     function, handler, store, sink), the record ends in a defined state and its slot and
 //!     lane are released; work running ahead of the commit point is bounded.
+//! 16. **An outage is not a failure of the record** (opt-in [`BreakerPolicy`], through
+//!     [`RetryingConsumerBuilder::breaker`]): when transient failures cross a threshold the
+//!     breaker opens, nothing new is dispatched (polling goes on), and records that fail
+//!     meanwhile wait in order — no attempt used, never dead-lettered for it, their claims
+//!     released, a revoke or shutdown gives them up at once — until one probe record gets
+//!     through. [`HandlerError::unavailable`] says so explicitly, with or without a breaker.
+//!     Permanent failures and poison pills are dead-lettered as always.
 //!
 //! Duplicates remain possible (that is what at-least-once means) for records in flight when
 //! a consumer crashes or loses its partitions past the revoke timeout; an [`IdempotencyStore`]
@@ -115,6 +122,7 @@
 //! | a codec, dedup-key function, handler, store or sink panics | the record ends in a defined state: codec → dead letter `decode`; dedup-key function → dead letter `panic`; handler → failure kind `panic`, retried, then dead letter `panic`; store / sink → a failure of that store / sink, retried, the partition waits; counted in `kourier_handler_panics_total` | at once |
 //! | a record is stuck (a hung call) | logged once with its coordinates after `stall_threshold`, counted in `kourier_records_stalled_total`; its partition pauses when `max_uncommitted_per_partition` records pile up past the commit point behind it | after `stall_threshold` (60 s) |
 //! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart): a record only waiting out a retry back-off is given up at once, a handler still running at the deadline is dropped at its next `.await` (one blocking its thread is counted) | at once / after `shutdown_timeout` (30 s) |
+//! | the handlers' downstream is down (with a [`BreakerPolicy`]) | the breaker opens (one warning), dispatch is held, failing records wait without using attempts or reaching the dead-letter topic; one probe record per open interval (doubling to its maximum); closes on a successful probe (one line); `breaker` in the snapshot, `kourier_breaker_*` metrics | opens at the threshold (default 3 failures in a row, or half of the last 20 calls); probes after 5 s, then 10, 20, … 60 s |
 //! | bad configuration | a typed `Error::Config` from `build()`, never a panic | at `build()` |
 //!
 //! ## Architecture
@@ -132,7 +140,7 @@
 //! | layer | files | what |
 //! |---|---|---|
 //! | top | `lib.rs`, `consumer/builder.rs` | the public surface; `build()` assembles the engine |
-//! | engine | `consumer/`: `retrying_consumer.rs` (run, workers) · `poll.rs` (the loop) · `startup.rs` · `hub.rs` (shared state) · `scheduler.rs` (ordering, buffers, flow decisions) · `offsets.rs` (watermarks) · `worker.rs` (one record's pipeline) · `dedup.rs` · `commit.rs` · `flow.rs` · `rebalance.rs` · `shutdown.rs` · `context.rs` (librdkafka callbacks) · `health.rs` · `monitor.rs` · `stats.rs` | the consumer at work |
+//! | engine | `consumer/`: `retrying_consumer.rs` (run, workers) · `poll.rs` (the loop) · `startup.rs` · `hub.rs` (shared state) · `scheduler.rs` (ordering, buffers, flow decisions) · `breaker.rs` (outage breaker) · `offsets.rs` (watermarks) · `worker.rs` (one record's pipeline) · `dedup.rs` · `commit.rs` · `flow.rs` · `rebalance.rs` · `shutdown.rs` · `context.rs` (librdkafka callbacks) · `health.rs` · `monitor.rs` · `stats.rs` | the consumer at work |
 //! | parts | `handler.rs`, `codec.rs`, `retry.rs`, `idempotency/`, `dead_letter/` (`headers.rs` is the header format), `producer.rs`, `publisher.rs`, `topics.rs`, `metrics.rs` | what the engine plugs together |
 //! | bottom | `error.rs`, `record.rs` (records and headers, read from librdkafka), `message.rs`, `trace_context.rs`, `topic_name.rs` | data types every layer uses |
 //!
@@ -162,6 +170,9 @@
 //! | `kourier_records_stalled_total` | counter | `topic` | records in flight longer than the stall threshold, once each |
 //! | `kourier_records_abandoned_total` | counter | `topic` | records given up unsettled at a revoke or shutdown |
 //! | `kourier_connection_state` | gauge | | `1` while the cluster answers, `0` while it does not |
+//! | `kourier_breaker_state` | gauge | | the outage breaker: `0` closed, `1` open, `2` half-open |
+//! | `kourier_breaker_transitions_total` | counter | `state` | breaker transitions by the state entered (`open`, `half-open`, `closed`) |
+//! | `kourier_breaker_held_failures_total` | counter | | failed calls the open breaker absorbed (no attempt used, nothing dead-lettered) |
 //!
 //! Per record, [`RetryingConsumerBuilder::on_outcome`] calls an observer with the record and
 //! its [`RecordOutcome`] (handled, duplicate, dead-lettered with its kind, abandoned), so an
@@ -260,8 +271,9 @@ pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
-    ConnectionState, ConsumerMonitor, ConsumerSnapshot, DedupKey, PartitionStatus, ProcessingOrder,
-    RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
+    BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, ConnectionState,
+    ConsumerMonitor, ConsumerSnapshot, DedupKey, PartitionStatus, ProcessingOrder, RecordOutcome,
+    RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
 };
 pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
 pub use crate::dead_letter::letter::{

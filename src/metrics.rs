@@ -31,6 +31,9 @@
 //! | `kourier_records_stalled_total` | counter | `topic`, `group` | records in flight longer than the stall threshold, counted once each |
 //! | `kourier_records_abandoned_total` | counter | `topic`, `group` | records given up unsettled at a revoke or shutdown (delivered again later) |
 //! | `kourier_connection_state` | gauge | `group` | `1` while the consumer reaches the Kafka cluster, `0` while it does not |
+//! | `kourier_breaker_state` | gauge | `group` | the [outage breaker](crate::BreakerPolicy)'s state: `0` closed, `1` open, `2` half-open (consumers with a breaker only) |
+//! | `kourier_breaker_transitions_total` | counter | `group`, `state` | breaker transitions, by the state entered: `open`, `half-open` (one probe each) or `closed` |
+//! | `kourier_breaker_held_failures_total` | counter | `group` | failed calls the open breaker absorbed: they used up no attempt and dead-lettered nothing |
 //!
 //! The names are the constants of this module; the label names are in [`labels`].
 //!
@@ -77,6 +80,7 @@ use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram, SharedString, Unit};
 
+use crate::consumer::BreakerState;
 use crate::dead_letter::DeadLetterReason;
 use crate::record::RawRecord;
 
@@ -116,6 +120,12 @@ pub const RECORDS_STALLED: &str = "kourier_records_stalled_total";
 pub const RECORDS_ABANDONED: &str = "kourier_records_abandoned_total";
 /// Gauge: `1` while the consumer reaches the cluster, `0` while it does not.
 pub const CONNECTION_STATE: &str = "kourier_connection_state";
+/// Gauge: the outage breaker's state, `0` closed, `1` open, `2` half-open.
+pub const BREAKER_STATE: &str = "kourier_breaker_state";
+/// Counter: outage breaker transitions, by the `state` entered.
+pub const BREAKER_TRANSITIONS: &str = "kourier_breaker_transitions_total";
+/// Counter: failed calls the open breaker absorbed (no attempt used, nothing dead-lettered).
+pub const BREAKER_HELD_FAILURES: &str = "kourier_breaker_held_failures_total";
 
 /// Label names.
 pub mod labels {
@@ -131,6 +141,8 @@ pub mod labels {
     pub const KIND: &str = "kind";
     /// The idempotency store operation: `claim`, `complete`, `release` or `renew`.
     pub const OPERATION: &str = "operation";
+    /// The breaker state entered: `open`, `half-open` or `closed`.
+    pub const STATE: &str = "state";
 }
 
 const ATTEMPT_LABELS: [&str; 10] = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10+"];
@@ -294,12 +306,22 @@ struct GroupMetrics {
     connection_state: Gauge,
 }
 
+/// The outage breaker's handles (consumers with a breaker only).
+#[derive(Debug)]
+struct BreakerMetrics {
+    state: Gauge,
+    /// By the state entered: closed, open, half-open.
+    transitions: [Counter; 3],
+    held_failures: Counter,
+}
+
 /// Every metric handle of one consumer, and its outcome counts.
 #[derive(Debug)]
 pub(crate) struct ConsumerMetrics {
     group: SharedString,
     topics: Box<[(Box<str>, OnceLock<TopicMetrics>)]>,
     consumer: OnceLock<GroupMetrics>,
+    breaker: OnceLock<BreakerMetrics>,
     pub(crate) counts: OutcomeCounts,
 }
 
@@ -312,6 +334,7 @@ impl ConsumerMetrics {
                 .map(|t| (Box::from(t.as_str()), OnceLock::new()))
                 .collect(),
             consumer: OnceLock::new(),
+            breaker: OnceLock::new(),
             counts: OutcomeCounts::default(),
         }
     }
@@ -334,6 +357,52 @@ impl ConsumerMetrics {
         self.consumer()
             .connection_state
             .set(if connected { 1.0 } else { 0.0 });
+    }
+
+    fn breaker(&self) -> &BreakerMetrics {
+        self.breaker.get_or_init(|| {
+            self.consumer(); // the descriptions
+            let transition = |state: BreakerState| {
+                ::metrics::counter!(
+                    BREAKER_TRANSITIONS,
+                    labels::GROUP => self.group.clone(),
+                    labels::STATE => state.as_str()
+                )
+            };
+            let group = [(labels::GROUP, self.group.clone())];
+            BreakerMetrics {
+                state: ::metrics::gauge!(BREAKER_STATE, &group),
+                transitions: [
+                    transition(BreakerState::Closed),
+                    transition(BreakerState::Open),
+                    transition(BreakerState::HalfOpen),
+                ],
+                held_failures: ::metrics::counter!(BREAKER_HELD_FAILURES, &group),
+            }
+        })
+    }
+
+    /// The breaker entered `state`.
+    pub(crate) fn breaker_transition(&self, state: BreakerState) {
+        let m = self.breaker();
+        let (i, value) = match state {
+            BreakerState::Open => (1, 1.0),
+            BreakerState::HalfOpen => (2, 2.0),
+            _ => (0, 0.0),
+        };
+        m.state.set(value);
+        m.transitions[i].increment(1);
+    }
+
+    /// The open breaker absorbed a failed call.
+    pub(crate) fn breaker_held_failure(&self) {
+        self.breaker().held_failures.increment(1);
+    }
+
+    /// Registers the breaker's handles (state `0`): call when a consumer with a breaker
+    /// starts.
+    pub(crate) fn breaker_start(&self) {
+        self.breaker().state.set(0.0);
     }
 
     /// Registers the consumer-wide handles (and the descriptions): call when it starts.
@@ -576,6 +645,20 @@ fn describe() {
         CONNECTION_STATE,
         "1 while the consumer reaches the Kafka cluster, 0 while it does not."
     );
+    describe_gauge!(
+        BREAKER_STATE,
+        "The outage breaker's state: 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        BREAKER_TRANSITIONS,
+        Unit::Count,
+        "Outage breaker transitions, by the state entered."
+    );
+    describe_counter!(
+        BREAKER_HELD_FAILURES,
+        Unit::Count,
+        "Failed calls the open breaker absorbed: no attempt used, nothing dead-lettered."
+    );
 }
 
 /// Every metric name kourier registers, in the order of the table in the module docs.
@@ -603,6 +686,9 @@ pub const METRIC_NAMES: &[&str] = &[
     RECORDS_STALLED,
     RECORDS_ABANDONED,
     CONNECTION_STATE,
+    BREAKER_STATE,
+    BREAKER_TRANSITIONS,
+    BREAKER_HELD_FAILURES,
 ];
 
 #[cfg(test)]

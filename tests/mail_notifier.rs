@@ -63,6 +63,7 @@ fn config(topic: &str, group: &str, outbox: &Path, run_id: &str) -> DemoConfig {
         run_id: run_id.to_owned(),
         settle_timeout: Duration::from_secs(90),
         probes: ops_server::Probes::default(),
+        outage: None,
     }
 }
 
@@ -313,7 +314,7 @@ async fn re_runs_mail_only_new_events_and_republished_events_are_skipped() {
     assert!(mailed_ids(&third).is_empty(), "{}", third.summary());
     for (p, fate) in third.published.iter().zip(&third.fates) {
         match p.sample.expect {
-            Expect::Mail | Expect::MailAfterRetry | Expect::Duplicate => {
+            Expect::Mail | Expect::MailAfterRetry | Expect::Duplicate | Expect::MailAfterOutage => {
                 assert!(
                     matches!(fate, Fate::SkippedDuplicate),
                     "{}: {fate:?}",
@@ -331,4 +332,63 @@ async fn re_runs_mail_only_new_events_and_republished_events_are_skipped() {
     }
     let letters = support::read_all(&format!("{topic}.dlt")).await;
     assert_eq!(letters.len(), 9, "3 dead letters per run");
+}
+
+/// The outage sample: the SMTP server refuses connections for 3 s while six mails come in.
+/// The breaker opens, probes and closes; each of the six is mailed exactly once after the
+/// server is back, none is dead-lettered, and no refused call used up an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_smtp_outage_dead_letters_nothing_and_mails_each_once_after_it() {
+    require_kafka().await;
+    require_redis().await;
+    let topic = unique_name("mail-notifier-outage");
+    let group = unique_name("mail-notifier-outage");
+    let outbox = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("outbox"));
+    let mut config = config(&topic, &group, &outbox, "o1");
+    config.outage = Some(Duration::from_secs(3));
+    let report = run(config).await;
+    let summary = report.summary();
+    assert!(report.surprises().is_empty(), "{summary}");
+    assert!(report.outage.is_some());
+
+    let outage = ids_expecting(&report, &[Expect::MailAfterOutage]);
+    assert_eq!(
+        outage,
+        ["o1-11", "o1-12", "o1-13", "o1-14", "o1-15", "o1-16"]
+    );
+    let mailed = mailed_ids(&report);
+    for id in &outage {
+        assert_eq!(
+            mailed.iter().filter(|m| *m == id).count(),
+            1,
+            "{id} mailed once:{summary}"
+        );
+    }
+    // Only the three bad sample records are dead-lettered: nothing for the outage.
+    let letters = support::read_all(&format!("{topic}.dlt")).await;
+    assert_eq!(letters.len(), 3, "{summary}");
+    // Refused calls did not count as attempts: every outage mail went out as attempt 1.
+    let refused: usize = report
+        .published
+        .iter()
+        .zip(&report.fates)
+        .filter(|(p, _)| p.sample.expect == Expect::MailAfterOutage)
+        .map(|(p, fate)| {
+            let Fate::Sent(calls) = fate else {
+                panic!("{} not sent:{summary}", p.sample.event_id)
+            };
+            assert!(calls.iter().all(|c| c.attempt == 1), "{calls:?}");
+            calls
+                .iter()
+                .filter(|c| matches!(c.outcome, Outcome::Unavailable(_)))
+                .count()
+        })
+        .sum();
+    assert!(
+        refused >= 1,
+        "the outage refused at least one call:{summary}"
+    );
+    let breaker = report.breaker.as_ref().expect("the notifier has a breaker");
+    assert!(breaker.opened >= 1, "{breaker:?}");
+    assert_eq!(breaker.state, kourier::BreakerState::Closed, "{breaker:?}");
 }

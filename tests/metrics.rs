@@ -1,7 +1,8 @@
 //! kourier's metrics (`kourier::metrics`) read back through a test recorder, against the real
 //! broker: records handled, retried by attempt, dead-lettered by kind, duplicates skipped,
 //! store errors, dead-letter write failures, handler durations, commits, the in-flight
-//! gauge, consumer lag and paused partitions — and the matching `ConsumerSnapshot` counts.
+//! gauge, consumer lag and paused partitions, the outage breaker — and the matching
+//! `ConsumerSnapshot` counts.
 //!
 //! The consumer's workers run on the runtime's threads and its poll thread on its own, so the
 //! recorder must be the *global* one: this test binary installs `metrics-util`'s
@@ -431,4 +432,81 @@ async fn lag_and_paused_partitions_are_reported_per_partition() {
     })
     .await;
     c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_reports_its_state_transitions_and_held_failures() {
+    use std::sync::atomic::AtomicBool;
+    let _one_at_a_time = exclusive().await;
+    let (topic, group, _dlt) = setup("metrics-breaker", 1).await;
+    support::produce(
+        &topic,
+        (0..20)
+            .map(|i| Ev::new(i).record(&format!("e-{i}")))
+            .collect(),
+    )
+    .await;
+    let down = Arc::new(AtomicBool::new(true));
+    let handled = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let (down, handled) = (down.clone(), handled.clone());
+        kourier::handler_fn(move |_m: Message<Ev>| {
+            let (down, handled) = (down.clone(), handled.clone());
+            async move {
+                if down.load(AtomicOrdering::SeqCst) {
+                    return Err(HandlerError::unavailable("connection refused"));
+                }
+                handled.fetch_add(1, AtomicOrdering::SeqCst);
+                Ok(())
+            }
+        })
+    };
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group).breaker(
+            kourier::BreakerPolicy::default()
+                .with_open_interval(Duration::from_millis(200), Duration::from_millis(400)),
+        ),
+    );
+    wait_for(
+        "the breaker to open and probe",
+        Duration::from_secs(60),
+        || {
+            c.monitor
+                .snapshot()
+                .breaker
+                .is_some_and(|b| b.opened >= 2 && b.held_failures >= 2)
+        },
+    )
+    .await;
+    // The recorder keeps a gauge's last value: read it while the downstream is down.
+    let mut seen = Seen::default();
+    seen.take();
+    down.store(false, AtomicOrdering::SeqCst);
+    wait_for("20 records handled", Duration::from_secs(60), || {
+        handled.load(AtomicOrdering::SeqCst) == 20
+    })
+    .await;
+    let b = c.monitor.snapshot().breaker.expect("a breaker");
+    c.stop().await;
+
+    seen.take();
+    let g: &[(&str, &str)] = &[(labels::GROUP, &group)];
+    let entered = |state: &'static str| {
+        seen.counter(
+            m::BREAKER_TRANSITIONS,
+            &[(labels::GROUP, &group), (labels::STATE, state)],
+        )
+    };
+    assert_eq!(b.state, kourier::BreakerState::Closed);
+    assert_eq!(entered("open"), b.opened, "{b:?}");
+    assert_eq!(entered("half-open"), b.probes, "{b:?}");
+    assert_eq!(entered("closed"), 1, "{b:?}");
+    assert_eq!(seen.counter(m::BREAKER_HELD_FAILURES, g), b.held_failures);
+    let states = seen.readings(m::BREAKER_STATE, g);
+    assert_eq!(states.len(), 2, "{states:?}");
+    assert!(
+        states[0] == 1.0 || states[0] == 2.0,
+        "open or half-open while down: {states:?}"
+    );
+    assert_eq!(states[1], 0.0, "closed at the end: {states:?}");
 }

@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, bail};
 use kourier::dead_letter::headers;
 use kourier::rdkafka::Message as _;
 use kourier::rdkafka::message::OwnedMessage;
+use kourier::{BreakerState, BreakerStatus, ConsumerMonitor, ShutdownReport};
 
 use crate::kafka::{CommittedOffsets, end_offsets, read_from};
 use crate::mailer::{Attempt, Journal, Mailer, Outcome};
@@ -32,6 +33,9 @@ pub(crate) struct DemoConfig {
     pub(crate) settle_timeout: Duration,
     /// Told when the consumer runs and stops (for `/livez` and `/readyz`).
     pub(crate) probes: Probes,
+    /// The outage sample: once the regular samples are settled, the SMTP server refuses
+    /// connections this long while the outage samples are published. `None`: no outage.
+    pub(crate) outage: Option<Duration>,
 }
 
 /// A dead letter read back from the dead-letter topic.
@@ -78,6 +82,10 @@ pub(crate) struct Report {
     pub(crate) settled: bool,
     pub(crate) interrupted: bool,
     pub(crate) elapsed: Duration,
+    /// When the SMTP server refused connections (the outage sample), if it did.
+    pub(crate) outage: Option<(SystemTime, SystemTime)>,
+    /// The consumer's breaker at the end of the run.
+    pub(crate) breaker: Option<BreakerStatus>,
 }
 
 /// Runs the demo: topics, SMTP server, consumer, sample traffic; waits until every sample
@@ -111,16 +119,9 @@ pub(crate) async fn run_demo(
     }));
 
     let publisher = samples::publisher(&settings.bootstrap, &settings.topic)?;
-    let published = samples::publish(&publisher, samples::samples(&config.run_id)).await?;
+    let mut published = samples::publish(&publisher, samples::samples(&config.run_id)).await?;
     tracing::info!(records = published.len(), "sample records published");
 
-    // Settled = committed: kourier commits an offset only once that record and every lower
-    // one of its partition are mailed, dead-lettered (acknowledged) or skipped as duplicates.
-    let mut last_offset: BTreeMap<i32, i64> = BTreeMap::new();
-    for p in &published {
-        let o = last_offset.entry(p.partition).or_insert(p.offset);
-        *o = (*o).max(p.offset);
-    }
     let probe = {
         let (b, g, t) = (
             settings.bootstrap.clone(),
@@ -129,38 +130,37 @@ pub(crate) async fn run_demo(
         );
         blocking(move || CommittedOffsets::new(&b, &g, &t, partitions)).await?
     };
-    let probe = std::sync::Arc::new(probe);
-    let deadline = tokio::time::Instant::now() + config.settle_timeout;
-    let mut committed = BTreeMap::new();
-    let mut interrupted = false;
-    tokio::pin!(interrupt);
-    let settled = loop {
-        let all = last_offset
-            .iter()
-            .all(|(p, last)| committed.get(p).is_some_and(|c| c > last));
-        if all && monitor.snapshot().in_flight == 0 {
-            break true;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(250)) => {}
-            () = &mut interrupt => { interrupted = true; break false; }
-            result = &mut running => {
-                let _report = result.context("the consumer task panicked")?.context("the consumer stopped")?;
-                bail!("the consumer stopped on its own");
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            break false;
-        }
-        let probe = probe.clone();
-        match blocking(move || probe.get()).await {
-            Ok(now) => committed = now,
-            // The broker may be restarting: keep waiting (the consumer rides it out, too).
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "cannot read committed offsets yet")
-            }
-        }
+    let mut waiter = Settling {
+        probe: std::sync::Arc::new(probe),
+        monitor: &monitor,
+        deadline: tokio::time::Instant::now() + config.settle_timeout,
+        committed: BTreeMap::new(),
     };
+    tokio::pin!(interrupt);
+    let mut settled = waiter
+        .wait(&published, &mut running, &mut interrupt)
+        .await?;
+    let mut outage = None;
+    if let (Some(down_for), Settled::All) = (config.outage, settled) {
+        // The outage sample: the SMTP server refuses connections while more mails come in.
+        server.set_refusing(true);
+        let began = SystemTime::now();
+        tracing::info!(?down_for, "smtp server down: refusing connections");
+        let more = samples::publish(&publisher, samples::outage_samples(&config.run_id)).await?;
+        tracing::info!(records = more.len(), "outage sample records published");
+        published.extend(more);
+        tokio::time::sleep(down_for).await;
+        server.set_refusing(false);
+        tracing::info!("smtp server back: accepting connections");
+        outage = Some((began, SystemTime::now()));
+        settled = waiter
+            .wait(&published, &mut running, &mut interrupt)
+            .await?;
+    }
+    let breaker = monitor.snapshot().breaker;
+    let committed = waiter.committed;
+    let probe = waiter.probe;
+    let (settled, interrupted) = (settled == Settled::All, settled == Settled::Interrupted);
 
     let _ = stop_tx.send(());
     let report = running
@@ -226,8 +226,70 @@ pub(crate) async fn run_demo(
         settled,
         interrupted,
         elapsed: started.elapsed(),
+        outage,
+        breaker,
         config,
     })
+}
+
+/// How waiting for the sample records ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    All,
+    TimedOut,
+    Interrupted,
+}
+
+/// Waits for records to be settled: committed by the group (kourier commits an offset only
+/// once that record and every lower one of its partition are mailed, dead-lettered
+/// (acknowledged) or skipped as duplicates) and nothing in flight.
+struct Settling<'a> {
+    probe: std::sync::Arc<CommittedOffsets>,
+    monitor: &'a ConsumerMonitor,
+    deadline: tokio::time::Instant,
+    committed: BTreeMap<i32, i64>,
+}
+
+impl Settling<'_> {
+    async fn wait(
+        &mut self,
+        published: &[Published],
+        running: &mut tokio::task::JoinHandle<kourier::Result<ShutdownReport>>,
+        interrupt: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Settled> {
+        let mut last_offset: BTreeMap<i32, i64> = BTreeMap::new();
+        for p in published {
+            let o = last_offset.entry(p.partition).or_insert(p.offset);
+            *o = (*o).max(p.offset);
+        }
+        loop {
+            let all = last_offset
+                .iter()
+                .all(|(p, last)| self.committed.get(p).is_some_and(|c| c > last));
+            if all && self.monitor.snapshot().in_flight == 0 {
+                return Ok(Settled::All);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                () = interrupt.as_mut() => return Ok(Settled::Interrupted),
+                result = &mut *running => {
+                    let _report = result.context("the consumer task panicked")?.context("the consumer stopped")?;
+                    bail!("the consumer stopped on its own");
+                }
+            }
+            if tokio::time::Instant::now() >= self.deadline {
+                return Ok(Settled::TimedOut);
+            }
+            let probe = self.probe.clone();
+            match blocking(move || probe.get()).await {
+                Ok(now) => self.committed = now,
+                // The broker may be restarting: keep waiting (the consumer rides it out, too).
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read committed offsets yet")
+                }
+            }
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -279,6 +341,7 @@ impl Report {
                     (Expect::Rejected | Expect::InvalidAddress, Fate::DeadLettered(d, _)) => {
                         d.failure_kind == "permanent"
                     }
+                    (Expect::MailAfterOutage, Fate::Sent(_)) => true,
                     _ => false,
                 };
                 (!ok).then(|| {
@@ -387,7 +450,7 @@ impl Report {
         for (p, calls, fate) in &retried {
             let _ = writeln!(
                 w,
-                "  {:<16} {:<6} {} attempts, then {}",
+                "  {:<16} {:<6} {} calls, then {}",
                 p.sample.event_id,
                 p.sample.user_id,
                 calls.len(),
@@ -397,6 +460,9 @@ impl Report {
                 let what = match &c.outcome {
                     Outcome::Sent => "sent".to_owned(),
                     Outcome::Transient(e) | Outcome::Permanent(e) => e.clone(),
+                    Outcome::Unavailable(e) => {
+                        format!("relay unavailable (attempt not counted): {e}")
+                    }
                 };
                 let _ = writeln!(w, "      attempt {}: {what}", c.attempt);
             }
@@ -482,6 +548,7 @@ impl Report {
                     match &a.outcome {
                         Outcome::Sent => "sent",
                         Outcome::Transient(_) => "transient failure",
+                        Outcome::Unavailable(_) => "relay unavailable",
                         Outcome::Permanent(_) => "permanent failure",
                     }
                 );
@@ -493,6 +560,10 @@ impl Report {
                 w,
                 "\nalso dead-lettered: {other_letters} record(s) published before this run"
             );
+        }
+
+        if let Some((began, ended)) = self.outage {
+            self.outage_summary(w, began, ended);
         }
 
         let folder = self.config.outbox.join(&self.config.run_id);
@@ -521,6 +592,82 @@ impl Report {
             }
         }
         out
+    }
+}
+
+impl Report {
+    /// The outage sample's part of the summary: what the breaker did and what became of the
+    /// mails published while the SMTP server was down.
+    fn outage_summary(&self, w: &mut String, began: SystemTime, ended: SystemTime) {
+        let since = |t: SystemTime| {
+            t.duration_since(began)
+                .map_or_else(|e| -e.duration().as_secs_f64(), |d| d.as_secs_f64())
+        };
+        let samples: Vec<_> = self
+            .published
+            .iter()
+            .zip(&self.fates)
+            .filter(|(p, _)| p.sample.expect == Expect::MailAfterOutage)
+            .collect();
+        let _ = writeln!(
+            w,
+            "\noutage: the SMTP server refused connections for {:.1}s; {} mails were published meanwhile",
+            since(ended),
+            samples.len()
+        );
+        if let Some(b) = &self.breaker {
+            let steps: Vec<String> = b
+                .recent
+                .iter()
+                .filter(|t| t.at >= began)
+                .map(|t| format!("{} +{:.1}s", t.to, since(t.at)))
+                .collect();
+            let _ = writeln!(w, "  breaker: {}", steps.join(", "));
+            let _ = writeln!(
+                w,
+                "  breaker: now {}; opened {}x, {} probes, {} failed calls held (no attempt used)",
+                b.state, b.opened, b.probes, b.held_failures
+            );
+            if let Some(closed) = b
+                .recent
+                .iter()
+                .rev()
+                .find(|t| t.to == BreakerState::Closed && t.at >= ended)
+            {
+                let _ = writeln!(
+                    w,
+                    "  breaker: closed {:.1}s after the server came back",
+                    closed
+                        .at
+                        .duration_since(ended)
+                        .unwrap_or_default()
+                        .as_secs_f64()
+                );
+            }
+        }
+        let dead = samples
+            .iter()
+            .filter(|(_, f)| matches!(f, Fate::DeadLettered(..)))
+            .count();
+        let _ = writeln!(w, "  dead-lettered for the outage: {dead}");
+        for (p, fate) in &samples {
+            let calls = match fate {
+                Fate::Sent(c) | Fate::DeadLettered(_, c) | Fate::Unsettled(c) => c.as_slice(),
+                Fate::SkippedDuplicate => &[],
+            };
+            let refused = calls
+                .iter()
+                .filter(|c| matches!(c.outcome, Outcome::Unavailable(_)))
+                .count();
+            let _ = writeln!(
+                w,
+                "  {:<16} {:<6} {} after {refused} refused call(s); attempt number {}",
+                p.sample.event_id,
+                p.sample.user_id,
+                fate_name(fate),
+                calls.last().map_or(0, |c| c.attempt)
+            );
+        }
     }
 }
 

@@ -6,10 +6,13 @@
 //! | `to` is not an address (parse error)              | permanent | dead-letters at once         |
 //! | SMTP `5xx` reply (e.g. `550 mailbox unavailable`) | permanent | dead-letters at once         |
 //! | SMTP `4xx` reply (e.g. `451 try again later`)     | transient | retries, then dead-letters   |
-//! | connection refused/reset, timeout, anything else  | transient | retries, then dead-letters   |
+//! | `421` reply, connection refused/reset, timeout    | unavailable | the record waits for the relay (breaker), no attempt used |
 //!
-//! Treating the unknown as transient is the safe side: retries are bounded by the policy and a
-//! record that keeps failing still ends in the dead-letter topic, from where it can be redriven.
+//! A `4xx` reply is about this mail (greylisting, a full mailbox): retries are bounded by the
+//! policy and a mail that keeps failing ends in the dead-letter topic, from where it can be
+//! redriven. No answer at all (or `421 service not available`) is about the relay, not the
+//! mail: [`HandlerError::unavailable`] makes the record wait for the relay without using up
+//! its attempts, and the consumer's breaker stops sending mails until a probe gets through.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -97,7 +100,11 @@ impl Mailer {
         match transport.send(mail).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_permanent() => Err(HandlerError::permanent(e.to_string())),
-            Err(e) => Err(HandlerError::transient(e.to_string())),
+            // 421: "service not available, closing": the relay, not this mail.
+            Err(e) if e.is_transient() && e.status().is_none_or(|c| c.to_string() != "421") => {
+                Err(HandlerError::transient(e.to_string()))
+            }
+            Err(e) => Err(HandlerError::unavailable(e.to_string())),
         }
     }
 }
@@ -117,6 +124,10 @@ impl Handler for Mailer {
             Err(e) if e.is_transient() => {
                 tracing::info!(event_id = %event.event_id, attempt = message.attempt(), error = %e, "mail deferred, will retry");
                 Outcome::Transient(e.to_string())
+            }
+            Err(e) if e.is_unavailable() => {
+                tracing::info!(event_id = %event.event_id, error = %e, "smtp relay unavailable, the mail waits");
+                Outcome::Unavailable(e.to_string())
             }
             Err(e) => Outcome::Permanent(e.to_string()),
         };
@@ -139,6 +150,8 @@ impl Handler for Mailer {
 pub(crate) enum Outcome {
     Sent,
     Transient(String),
+    /// The relay did not answer (refused, cut, timed out): the record waited for it.
+    Unavailable(String),
     Permanent(String),
 }
 

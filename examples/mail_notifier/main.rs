@@ -25,7 +25,11 @@
 //! `@bounce.invalid` with `550` and greylists `flaky*@` addresses once with `451`), publishes
 //! sample events with the typed `Publisher` — normal mails, a duplicate event, a record that
 //! is not JSON, a bouncing address, a greylisted one, an invalid one — runs the notifier until
-//! every record is settled, shuts it down gracefully and prints what became of each record.
+//! every record is settled; then the outage sample: the SMTP server refuses connections for a
+//! few seconds (`--outage-secs`, default 4; 0 skips it) while more mails come in, and the
+//! consumer's breaker opens, probes and closes, so those mails wait and go out once the server
+//! is back, nothing dead-lettered for the outage. Then it shuts the notifier down gracefully
+//! and prints what became of each record.
 //! The mails are written as `.eml` files to `target/mail_notifier/outbox/<run id>/`.
 //!
 //! The exit status is non-zero when a record was not settled in time or ended unexpectedly.
@@ -134,6 +138,10 @@ enum Command {
         /// Seconds to wait for every sample record to be settled.
         #[arg(long, default_value_t = 60)]
         settle_timeout: u64,
+        /// The outage sample: after the other samples, the SMTP server refuses connections
+        /// this many seconds while more mails come in (0: no outage).
+        #[arg(long, default_value_t = 4)]
+        outage_secs: u64,
     },
     /// Run the notifier against an SMTP server until Ctrl-C.
     Run {
@@ -202,6 +210,7 @@ async fn main() -> Result<()> {
             outbox,
             run_id,
             settle_timeout,
+            outage_secs,
         } => {
             let config = DemoConfig {
                 settings,
@@ -209,6 +218,7 @@ async fn main() -> Result<()> {
                 run_id: run_id.unwrap_or_else(clock_run_id),
                 settle_timeout: Duration::from_secs(settle_timeout),
                 probes,
+                outage: (outage_secs > 0).then(|| Duration::from_secs(outage_secs)),
             };
             // Listen for Ctrl-C from now on (a signal future only listens once polled).
             let (interrupted, interrupt) = tokio::sync::oneshot::channel::<()>();

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use kourier::topics::{TopicAdmin, TopicSpec};
-use kourier::{ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumer};
+use kourier::{
+    BreakerPolicy, ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
+};
 
 use crate::mailer::Mailer;
 
@@ -71,6 +73,13 @@ pub(crate) fn retry_policy() -> RetryPolicy {
         .with_max_attempts(4)
 }
 
+/// The outage breaker: the defaults (opens at 3 failures in a row or half the last 20
+/// calls failing), probing after 1 s and then twice as long after each failed probe, up to
+/// 30 s.
+pub(crate) fn breaker_policy() -> BreakerPolicy {
+    BreakerPolicy::default().with_open_interval(Duration::from_secs(1), Duration::from_secs(30))
+}
+
 /// The consumer: JSON `NotifyEvent`s, one mail per event id (deduplicated in Redis), one record
 /// per user at a time (key order), dead letters to `<topic>.dlt`.
 pub(crate) async fn consumer(
@@ -89,6 +98,9 @@ pub(crate) async fn consumer(
         .ordering(ProcessingOrder::Key)
         .idempotency_key_fn(Arc::new(store), |m| Some(m.event().event_id.clone()))
         .retry_policy(retry_policy())
+        // When the relay is down, mails wait for it instead of using up their attempts and
+        // filling the dead-letter topic; a probe every 1 s at first (doubling to 30 s).
+        .breaker(breaker_policy())
         .commit_interval(Duration::from_millis(500))
         .shutdown_timeout(Duration::from_secs(15))
         .build()

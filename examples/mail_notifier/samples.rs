@@ -29,6 +29,9 @@ pub(crate) enum Expect {
     Rejected,
     /// `to` is not an address: dead-lettered as `permanent` without talking to the server.
     InvalidAddress,
+    /// Published while the SMTP server refuses connections: waits for it (the breaker
+    /// opens, probes, closes), then mailed; never dead-lettered for the outage.
+    MailAfterOutage,
 }
 
 /// The value of a sample record.
@@ -157,6 +160,29 @@ pub(crate) fn samples(run_id: &str) -> Vec<Sample> {
             Expect::Mail,
         ),
     ]
+}
+
+/// The outage sample of run `run_id`: mails published while the SMTP server is down.
+pub(crate) fn outage_samples(run_id: &str) -> Vec<Sample> {
+    ["alice", "bob", "carol", "erin", "frank", "grace"]
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let event_id = format!("{run_id}-{:02}", 11 + i);
+            Sample {
+                event_id: event_id.clone(),
+                user_id: (*user).to_owned(),
+                payload: Payload::Event(NotifyEvent {
+                    event_id,
+                    user_id: (*user).to_owned(),
+                    to: format!("{user}@example.com"),
+                    subject: "Your monthly statement".to_owned(),
+                    body: format!("Hi {user},\r\n\r\nyour statement is ready.\r\n"),
+                }),
+                expect: Expect::MailAfterOutage,
+            }
+        })
+        .collect()
 }
 
 /// The typed publisher for `topic`: JSON values keyed by `user_id`, the event id as a header.

@@ -10,15 +10,21 @@
 //!   (Per address, not per mail: mailin cannot fail a mail at the end of `DATA` cleanly — its
 //!   session stays in the `DATA` state and takes the client's `QUIT` for mail text. The demo
 //!   puts its run id into the flaky address, `flaky+<run id>@...`, so each run fails once.)
+//! - [`SmtpServer::set_refusing`] simulates an outage: while it is on, nothing listens on the
+//!   server's address (connections are refused) and open connections are cut. Clients
+//!   connect to a small front door that pipes each connection to mailin's own listener, which
+//!   is what makes this possible (mailin cannot stop listening).
 //!
 //! `mailin-embedded` has no shutdown handle: the server lives until the process ends.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use mailin_embedded::{Handler, Response, Server, SslConfig, response};
 
@@ -55,6 +61,12 @@ struct State {
     /// Flaky addresses already deferred once.
     deferred: Mutex<HashSet<String>>,
     received: Mutex<Vec<ReceivedMail>>,
+    /// The simulated outage is on.
+    refusing: AtomicBool,
+    /// Both ends of every piped connection (by a connection number), to cut them when the
+    /// outage begins.
+    open: Mutex<HashMap<u64, [TcpStream; 2]>>,
+    connections: AtomicU64,
 }
 
 impl SmtpServer {
@@ -63,12 +75,17 @@ impl SmtpServer {
     pub(crate) fn start(addr: &str, outbox: impl Into<PathBuf>) -> io::Result<Self> {
         let outbox = outbox.into();
         fs::create_dir_all(&outbox)?;
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
+        let front = TcpListener::bind(addr)?;
+        let addr = front.local_addr()?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let backend = listener.local_addr()?;
         let state = Arc::new(State {
             outbox,
             deferred: Mutex::new(HashSet::new()),
             received: Mutex::new(Vec::new()),
+            refusing: AtomicBool::new(false),
+            open: Mutex::new(HashMap::new()),
+            connections: AtomicU64::new(0),
         });
         let mut server = Server::new(Session::new(state.clone()));
         server
@@ -86,7 +103,17 @@ impl SmtpServer {
                     eprintln!("smtp server stopped: {e}");
                 }
             })?;
+        let front_state = state.clone();
+        std::thread::Builder::new()
+            .name("smtp-front".into())
+            .spawn(move || serve_front(front, addr, backend, &front_state))?;
         Ok(SmtpServer { addr, state })
+    }
+
+    /// Turns the simulated outage on (connections to [`addr`](Self::addr) are refused, open
+    /// ones are cut) or off (the server listens again, on the same address).
+    pub(crate) fn set_refusing(&self, refusing: bool) {
+        self.state.refusing.store(refusing, Ordering::SeqCst);
     }
 
     /// Where the server listens.
@@ -218,6 +245,76 @@ impl Handler for Session {
             }
         }
     }
+}
+
+/// The front door: pipes each connection to mailin at `backend`; while the outage is on, it
+/// does not listen at all (so connecting is refused, as with a relay that is down).
+fn serve_front(first: TcpListener, addr: SocketAddr, backend: SocketAddr, state: &Arc<State>) {
+    let mut listener = Some(first);
+    loop {
+        if state.refusing.load(Ordering::SeqCst) {
+            if listener.take().is_some() {
+                for ends in lock(&state.open).values() {
+                    for stream in ends {
+                        let _ = stream.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        if listener.is_none() {
+            // Same address again (std sets SO_REUSEADDR on Unix).
+            match TcpListener::bind(addr) {
+                Ok(l) => listener = Some(l),
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            }
+        }
+        let Some(l) = &listener else { continue };
+        if l.set_nonblocking(true).is_err() {
+            continue;
+        }
+        match l.accept() {
+            Ok((client, _)) => pipe(client, backend, state.clone()),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Copies bytes both ways between `client` and a new connection to `backend`.
+fn pipe(client: TcpStream, backend: SocketAddr, state: Arc<State>) {
+    let Ok(server) = TcpStream::connect(backend) else {
+        return;
+    };
+    let _ = client.set_nonblocking(false);
+    let (Ok(client_r), Ok(server_r), Ok(client_cut), Ok(server_cut)) = (
+        client.try_clone(),
+        server.try_clone(),
+        client.try_clone(),
+        server.try_clone(),
+    ) else {
+        return;
+    };
+    let id = state.connections.fetch_add(1, Ordering::SeqCst);
+    lock(&state.open).insert(id, [client_cut, server_cut]);
+    let copy = |mut from: TcpStream, mut to: TcpStream, done: Option<Arc<State>>| {
+        move || {
+            let _ = io::copy(&mut from, &mut to);
+            let _ = to.shutdown(Shutdown::Write);
+            if let Some(state) = done {
+                lock(&state.open).remove(&id);
+            }
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name("smtp-pipe".into())
+        .spawn(copy(client_r, server, None));
+    let _ = std::thread::Builder::new()
+        .name("smtp-pipe".into())
+        .spawn(copy(server_r, client, Some(state)));
 }
 
 /// The first value of header `name` (case-insensitive) in a raw mail's header block.

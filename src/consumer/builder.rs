@@ -9,6 +9,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use serde::de::DeserializeOwned;
 
+use super::breaker::{Breaker, BreakerPolicy, OutageGate};
 use super::context::KourierContext;
 use super::dedup::{Dedup, DedupKey};
 use super::hub::Hub;
@@ -160,6 +161,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     observer: Option<OutcomeObserver>,
     max_uncommitted_per_partition: usize,
     retry_panics: bool,
+    breaker: Option<BreakerPolicy>,
 }
 
 impl<H: Handler> fmt::Debug for RetryingConsumerBuilder<H> {
@@ -220,6 +222,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             observer: None,
             max_uncommitted_per_partition: 10_000,
             retry_panics: true,
+            breaker: None,
         }
     }
 
@@ -558,6 +561,37 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
+    /// Opt-in: an outage breaker, so that a downstream outage makes records wait instead of
+    /// using up their attempts and filling the dead-letter topic (DESIGN rule 16). Default:
+    /// none.
+    ///
+    /// When transient failures cross the policy's threshold the breaker *opens*: no new
+    /// record is dispatched (the consumer keeps polling and stays in its group; flow control
+    /// pauses partitions as their buffers fill), and records whose attempts fail meanwhile
+    /// wait in order — their attempts are not counted, they are never dead-lettered for it,
+    /// their idempotency claims are released while they wait, and a revoke or shutdown gives
+    /// them up at once (delivered again). After the open interval one probe record goes
+    /// through: success closes the breaker, failure opens it again for twice as long.
+    /// Permanent failures and poison pills are dead-lettered as always.
+    /// [`HandlerError::unavailable`](crate::HandlerError::unavailable) is the handler's
+    /// explicit "the downstream is down". State and transitions are in
+    /// [`ConsumerSnapshot::breaker`](crate::ConsumerSnapshot::breaker), the `kourier_breaker_*`
+    /// [metrics](crate::metrics) and one log line per transition. See [`BreakerPolicy`] for
+    /// the triggers and defaults; `build()` refuses invalid ones with
+    /// [`ConfigError::Invalid`] (`setting: "breaker"`).
+    ///
+    /// ```no_run
+    /// # use kourier::{handler_fn, BreakerPolicy, Message, RetryingConsumer};
+    /// # let handler = handler_fn(|_m: Message<String>| async { Ok(()) });
+    /// let builder = RetryingConsumer::builder(handler).breaker(BreakerPolicy::default());
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.breaker = Some(policy);
+        self
+    }
+
     /// Sets a raw librdkafka consumer property (e.g. `session.timeout.ms`,
     /// `auto.offset.reset`), overriding kourier's default for it (the table in the
     /// [builder docs](Self#librdkafka-settings) lists them). `build()` refuses
@@ -584,8 +618,12 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         let config = self.client_config(&bootstrap, &group_id);
         let sink = self.dead_letter_sink_or_default(&bootstrap)?;
         let metrics = Arc::new(ConsumerMetrics::new(&group_id, &self.topics));
+        let breaker = self
+            .breaker
+            .clone()
+            .map(|policy| Arc::new(Breaker::new(policy, metrics.clone())));
         let hub = Arc::new(Hub::new(
-            Scheduler::new(self.ordering, self.limits()),
+            Scheduler::new(self.ordering, self.limits()).with_breaker(breaker.clone()),
             self.revoke_timeout,
             metrics.clone(),
             self.error_log_interval,
@@ -637,6 +675,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             stall_threshold: self.stall_threshold,
             metrics,
             observer: self.observer,
+            outage: OutageGate(breaker),
         });
         Ok(RetryingConsumer {
             consumer,
@@ -673,6 +712,9 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// Counts and durations: none may be zero; the retry policy is consistent.
     fn check_limits(&self) -> Result<()> {
         self.policy.validate()?;
+        if let Some(breaker) = &self.breaker {
+            breaker.validate()?;
+        }
         for (setting, value) in [
             ("max_in_flight", self.max_in_flight),
             ("max_buffered_records", self.max_buffered_records),
@@ -933,6 +975,31 @@ mod tests {
         assert_eq!(config.get("statistics.interval.ms"), Some("5000"));
         assert_eq!(config.get("enable.auto.commit"), Some("false"));
         assert_eq!(config.get("enable.auto.offset.store"), Some("false"));
+    }
+
+    #[test]
+    fn an_invalid_breaker_is_a_config_error() {
+        let base = || {
+            RetryingConsumer::builder(Nop)
+                .bootstrap_servers("b:9092")
+                .group_id("g")
+                .topic("t")
+        };
+        let err = base()
+            .breaker(BreakerPolicy::default().with_failure_rate(1.5, 20, 10))
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Config(ConfigError::Invalid {
+                    setting: "breaker",
+                    ..
+                })
+            ),
+            "{err}"
+        );
+        assert!(base().breaker(BreakerPolicy::default()).build().is_ok());
     }
 
     #[test]

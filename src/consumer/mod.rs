@@ -5,10 +5,12 @@
 //! ([`worker`]) under the ordering mode; each worker reports its record settled back to the
 //! scheduler, whose per-partition watermarks ([`offsets`]) decide what [`commit`] commits.
 //! [`rebalance`] and [`shutdown`] are the two ways partitions leave; [`flow`] pauses and
-//! resumes them. [`builder`] assembles it all.
+//! resumes them; [`breaker`] holds dispatch while the handlers' downstream is down.
+//! [`builder`] assembles it all.
 
 #[cfg(feature = "bench-internals")]
 pub mod bench_support;
+mod breaker;
 mod builder;
 mod commit;
 mod context;
@@ -30,6 +32,7 @@ mod stats;
 mod topic_partition;
 mod worker;
 
+pub use self::breaker::{BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition};
 pub use self::builder::RetryingConsumerBuilder;
 pub use self::dedup::DedupKey;
 pub use self::health::{ConnectionState, PartitionStatus};

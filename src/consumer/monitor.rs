@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, SystemTime};
 
+use super::breaker::BreakerStatus;
 use super::health::{ConnectionState, PartitionStatus};
 use super::hub::Hub;
 use super::topic_partition::Tp;
@@ -59,6 +60,9 @@ pub struct ConsumerSnapshot {
     /// or buffered, and every assigned partition is read and committed to its end (as of
     /// librdkafka's last fetch; refreshed five times a second).
     pub caught_up: bool,
+    /// The outage breaker's state, transitions and counts; `None` without a
+    /// [breaker](crate::RetryingConsumerBuilder::breaker).
+    pub breaker: Option<BreakerStatus>,
 }
 
 impl ConsumerMonitor {
@@ -125,6 +129,7 @@ impl ConsumerMonitor {
             connection_since: health.since,
             partitions,
             caught_up,
+            breaker: s.breaker().map(|b| b.status()),
         }
     }
 

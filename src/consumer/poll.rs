@@ -64,6 +64,9 @@ pub(crate) fn poll_loop(
     info!(topics = ?topics, "consumer subscribed");
     hub.metrics.start();
     hub.metrics.connection_state(true);
+    if hub.lock().breaker().is_some() {
+        hub.metrics.breaker_start();
+    }
 
     let mut last_commit = Instant::now();
     let mut last_health = Instant::now();
@@ -175,6 +178,12 @@ pub(crate) fn poll_loop(
                 }
                 s.take_jobs()
             };
+            for job in jobs {
+                spawn(job);
+            }
+        } else {
+            // Records held by the outage breaker start when it closes (or one, to probe).
+            let jobs = hub.lock().take_jobs();
             for job in jobs {
                 spawn(job);
             }

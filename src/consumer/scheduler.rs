@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::breaker::Breaker;
 use super::offsets::OffsetTracker;
 pub(crate) use super::topic_partition::Tp;
 use crate::record::RawRecord;
@@ -128,11 +129,11 @@ pub(crate) struct FlowChanges {
     pub(crate) resume: Vec<Tp>,
 }
 
-/// Drops a draining partition's buffered records above its highest started offset; returns
-/// the records and bytes dropped.
-fn trim_to_gap_fillers(p: &mut PartitionState) -> (usize, usize) {
+/// Drops a draining partition's buffered records above its highest started offset (all of
+/// them with `keep_gap_fillers` false); returns the records and bytes dropped.
+fn trim_to_gap_fillers(p: &mut PartitionState, keep_gap_fillers: bool) -> (usize, usize) {
     let (mut records, mut bytes) = (0, 0);
-    let limit = p.max_started;
+    let limit = p.max_started.filter(|_| keep_gap_fillers);
     p.lanes.retain(|_, lane| {
         // A lane's queue is in offset order: cut it at the first record past the limit.
         let keep = lane
@@ -177,6 +178,8 @@ pub(crate) struct Scheduler {
     /// [`ABANDONED_LISTED`]), and how many in all.
     abandoned_at_stop: Vec<String>,
     abandoned_at_stop_count: usize,
+    /// The outage breaker: while it is not closed, nothing new is dispatched.
+    breaker: Option<Arc<Breaker>>,
 }
 
 /// How many abandoned records a shutdown report lists by name.
@@ -201,6 +204,35 @@ impl Scheduler {
             topics: Vec::new(),
             abandoned_at_stop: Vec::new(),
             abandoned_at_stop_count: 0,
+            breaker: None,
+        }
+    }
+
+    /// Holds dispatch while `breaker` is not closed.
+    #[must_use]
+    pub(crate) fn with_breaker(mut self, breaker: Option<Arc<Breaker>>) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// The outage breaker, if the consumer has one.
+    pub(crate) fn breaker(&self) -> Option<&Arc<Breaker>> {
+        self.breaker.as_ref()
+    }
+
+    /// While the breaker holds dispatch, records of draining partitions cannot run: drop
+    /// them all, gap fillers included (they are delivered again), so that a revoke or a
+    /// shutdown does not wait for a downstream that is down.
+    fn drop_held_draining(&mut self) {
+        if !self.breaker.as_ref().is_some_and(|b| b.holds_dispatch()) {
+            return;
+        }
+        for p in self.partitions.values_mut() {
+            if p.draining && p.queued > 0 {
+                let (records, bytes) = trim_to_gap_fillers(p, false);
+                self.buffered_records -= records;
+                self.buffered_bytes -= bytes;
+            }
         }
     }
 
@@ -321,10 +353,19 @@ impl Scheduler {
             let Some(lane) = p.lanes.get_mut(&lane_key) else {
                 continue;
             };
-            lane.in_ready = false;
-            if lane.running {
+            if lane.running || lane.queue.is_empty() {
+                lane.in_ready = false;
                 continue;
             }
+            if let Some(b) = &self.breaker
+                && !b.dispatch_allowed()
+            {
+                // Held: the lane keeps its place at the front.
+                self.ready.push_front((tp, generation, lane_key));
+                self.drop_held_draining();
+                return None;
+            }
+            lane.in_ready = false;
             let Some((record, bytes)) = lane.queue.pop_front() else {
                 continue;
             };
@@ -440,11 +481,12 @@ impl Scheduler {
             if let Some(p) = self.partitions.get_mut(tp) {
                 p.draining = true;
                 p.stop.drain.cancel();
-                let (records, bytes) = trim_to_gap_fillers(p);
+                let (records, bytes) = trim_to_gap_fillers(p, true);
                 self.buffered_records -= records;
                 self.buffered_bytes -= bytes;
             }
         }
+        self.drop_held_draining();
     }
 
     /// Tells `tps`' workers that the partitions' assignment was lost: they stop renewing
@@ -629,10 +671,11 @@ impl Scheduler {
         self.shutdown.drain.cancel();
         for p in self.partitions.values_mut() {
             p.draining = true;
-            let (records, bytes) = trim_to_gap_fillers(p);
+            let (records, bytes) = trim_to_gap_fillers(p, true);
             self.buffered_records -= records;
             self.buffered_bytes -= bytes;
         }
+        self.drop_held_draining();
     }
 
     /// Cancels every waiting worker (the shutdown deadline passed).
@@ -1092,5 +1135,55 @@ mod tests {
         assert_eq!(next_b.record.offset, 4);
         s.finish(&next_b, JobEnd::Settled);
         assert_eq!(s.to_commit(), vec![], "nothing is committed past a@0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_holds_dispatch_lets_one_probe_through_and_drops_held_gap_fillers() {
+        use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate};
+        use crate::handler::HandlerError;
+        use std::time::Duration;
+
+        let breaker = Arc::new(Breaker::new(
+            BreakerPolicy::default()
+                .with_consecutive_failures(1)
+                .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
+            Arc::new(crate::metrics::ConsumerMetrics::new("g", &["t".to_owned()])),
+        ));
+        let mut s =
+            Scheduler::new(ProcessingOrder::Key, limits(10)).with_breaker(Some(breaker.clone()));
+        s.assign([tp(0)]);
+        for (o, k) in [(0, "a"), (1, "b"), (2, "c"), (3, "a")] {
+            s.enqueue(rec(0, o, Some(k)));
+        }
+        let first = s.take_jobs();
+        assert_eq!(offsets(&first), [(0, 0), (0, 1), (0, 2)]);
+        // a@0 fails: the breaker opens. Nothing new starts, whoever asks.
+        let gate = OutageGate(Some(breaker.clone()));
+        let pass = gate.admit(&Stop::default()).await.unwrap();
+        let _ = pass.failed(&HandlerError::transient("refused"), 0);
+        assert!(
+            s.finish(&first[1], JobEnd::Settled).is_none(),
+            "b's slot is not refilled"
+        );
+        s.enqueue(rec(0, 4, Some("d")));
+        assert!(s.take_jobs().is_empty());
+        // Half-open with nobody waiting: exactly one record is dispatched, to probe.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let probe = s.take_jobs();
+        assert_eq!(offsets(&probe), [(0, 4)]);
+        assert!(s.take_jobs().is_empty());
+        let pass = gate.admit(&Stop::default()).await.unwrap();
+        pass.succeeded();
+        // Closed: a@3 waits for a@0 (its lane), everything else may go.
+        assert!(s.take_jobs().is_empty(), "only a@3 is left, behind a@0");
+        // Open again, then stop: the held gap filler a@3 is dropped, not waited for.
+        let pass = gate.admit(&Stop::default()).await.unwrap();
+        let _ = pass.failed(&HandlerError::transient("refused"), 0);
+        s.begin_stop();
+        assert_eq!(
+            s.buffered().0,
+            0,
+            "a held gap filler does not delay the shutdown"
+        );
     }
 }

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
+use super::breaker::{OutageGate, Verdict};
 use super::dedup::Dedup;
 use super::lease::{HeldClaim, keep_renewed};
 use super::outcome::{OutcomeObserver, RecordOutcome};
@@ -57,6 +58,8 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) metrics: Arc<ConsumerMetrics>,
     /// Told how each record ended (the builder's `on_outcome`).
     pub(crate) observer: Option<OutcomeObserver>,
+    /// The outage breaker (if any): asked before every attempt, told every result.
+    pub(crate) outage: OutageGate,
 }
 
 /// Runs `f`, turning a panic into its message.
@@ -296,13 +299,23 @@ impl<H: Handler> WorkerContext<H> {
             },
         };
 
-        let started = Instant::now();
+        let mut started = Instant::now();
         let mut first_failure = None;
         let mut attempt = 0u32;
         let mut lost_claims = 0u32;
+        // Failures held for an outage (not counted as attempts), and when the last began.
+        let (mut holds, mut held_since) = (0u32, None::<Instant>);
         loop {
             if cancel.is_cancelled() {
                 return Outcome::Abandoned;
+            }
+            // The breaker: waits (cancellable, holding no claim) while the downstream is down.
+            let Some(pass) = self.outage.admit(stop).await else {
+                debug!(coordinates = %record.coordinates(), "abandoned while waiting for the breaker: the partition is draining");
+                return Outcome::Abandoned;
+            };
+            if let Some(since) = held_since.take() {
+                started += since.elapsed(); // an outage does not count toward max_elapsed
             }
             // Claim before every attempt (a failed attempt released its claim).
             let mut held = match (&self.dedup, &dedup_key) {
@@ -381,6 +394,7 @@ impl<H: Handler> WorkerContext<H> {
 
             let error = match result {
                 Ok(()) => {
+                    pass.succeeded();
                     if let (Some(d), Some(k), Some(h)) = (&self.dedup, &dedup_key, &held) {
                         self.complete(d, k, h, &record, metrics, cancel).await;
                     }
@@ -393,6 +407,16 @@ impl<H: Handler> WorkerContext<H> {
             let first = *first_failure.get_or_insert(now);
             if let (Some(d), Some(k), Some(h)) = (&self.dedup, &dedup_key, &held) {
                 self.release(d, k, h, &record, metrics).await;
+            }
+            if let Verdict::Hold(delay) = pass.failed(&error, holds) {
+                // Not the record's fault: no attempt used, never dead-lettered for it.
+                debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "the downstream looks unavailable: the record waits for it (attempt not counted)");
+                (attempt, holds, held_since) =
+                    (attempt - 1, holds.saturating_add(1), Some(Instant::now()));
+                if !delay.is_zero() && !back_off(delay, slot, stop).await {
+                    return Outcome::Abandoned;
+                }
+                continue;
             }
             let (retry, given_up) = match error.kind() {
                 FailureKind::Permanent => (false, DeadLetterReason::Permanent),

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{KeepSlot, WorkerContext};
 use crate::codec::{Codec, DecodeError, JsonCodec};
+use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate};
 use crate::consumer::dedup::{Dedup, DedupKey};
 use crate::consumer::scheduler::{JobEnd, Stop};
 use crate::dead_letter::{
@@ -123,9 +124,13 @@ enum Step {
     Panic,
     /// Sleeps this long, then succeeds.
     Stall(Duration),
+    /// A downstream outage: transient until this paused time, then success.
+    DownUntil(Duration),
+    /// The handler says "unavailable" until this paused time, then succeeds.
+    UnavailableUntil(Duration),
 }
 
-use Step::{Panic, Permanent, Stall, Succeed, Throttled, Transient};
+use Step::{DownUntil, Panic, Permanent, Stall, Succeed, Throttled, Transient, UnavailableUntil};
 
 /// One handler call as the handler saw it.
 #[derive(Debug, Clone, PartialEq)]
@@ -183,6 +188,13 @@ impl Handler for ScriptedHandler {
                 sleep(d).await;
                 Ok(())
             }
+            DownUntil(t) if self.t0.elapsed() < t => {
+                Err(HandlerError::transient("connection refused"))
+            }
+            UnavailableUntil(t) if self.t0.elapsed() < t => {
+                Err(HandlerError::unavailable("connection refused"))
+            }
+            DownUntil(_) | UnavailableUntil(_) => Ok(()),
         }
     }
 }
@@ -366,6 +378,7 @@ struct Setup {
     retry_panics: bool,
     stall_threshold: Duration,
     dedup_key_panics: bool,
+    breaker: Option<BreakerPolicy>,
 }
 
 /// A worker whose handler plays `steps`, with `RetryPolicy::fixed(500 ms, 3)` (4 attempts),
@@ -387,6 +400,7 @@ fn script(steps: impl Into<Vec<Step>>) -> Setup {
         retry_panics: true,
         stall_threshold: secs(3600),
         dedup_key_panics: false,
+        breaker: None,
     }
 }
 
@@ -449,6 +463,11 @@ impl Setup {
         self
     }
 
+    fn breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.breaker = Some(policy);
+        self
+    }
+
     /// Dedup in `store` with a key function that panics.
     fn panicking_dedup_key(mut self, store: &InMemoryIdempotencyStore) -> Self {
         self.store = Some(Arc::new(store.clone()));
@@ -483,6 +502,7 @@ impl Setup {
             ttl: TTL,
             run_without_store_on_outage: self.run_without_store_on_outage,
         });
+        let metrics = Arc::new(ConsumerMetrics::new(GROUP, &[TOPIC.to_owned()]));
         let worker = WorkerContext {
             handler: handler.clone(),
             codec: self.codec,
@@ -493,8 +513,12 @@ impl Setup {
             handler_timeout: self.handler_timeout,
             retry_panics: self.retry_panics,
             stall_threshold: self.stall_threshold,
-            metrics: Arc::new(ConsumerMetrics::new(GROUP, &[TOPIC.to_owned()])),
+            metrics: metrics.clone(),
             observer: None,
+            outage: OutageGate(
+                self.breaker
+                    .map(|p| Arc::new(Breaker::new(p, metrics.clone()))),
+            ),
         };
         Harness {
             worker,
@@ -611,6 +635,15 @@ impl Harness {
 
     fn dead_lettered_total(&self) -> u64 {
         self.worker.metrics.counts.dead_lettered().total()
+    }
+
+    fn breaker(&self) -> crate::consumer::BreakerStatus {
+        self.worker
+            .outage
+            .0
+            .as_ref()
+            .expect("built with a breaker")
+            .status()
     }
 }
 
@@ -1752,4 +1785,155 @@ async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
     let quick = script([Succeed]).stall_threshold(secs(2)).build();
     quick.process(order("o-2")).await;
     assert_eq!(quick.counts().stalled.load(Ordering::Relaxed), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outage breaker (DESIGN rule 16)
+// ---------------------------------------------------------------------------------------------
+
+/// Opens after 3 consecutive failures (no rate trigger), probes after 1 s, doubling to 8 s.
+fn outage_breaker() -> BreakerPolicy {
+    BreakerPolicy::default()
+        .without_failure_rate()
+        .with_consecutive_failures(3)
+        .with_open_interval(secs(1), secs(8))
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_uses_up_no_attempts_and_dead_letters_nothing() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([DownUntil(secs(60))])
+        .breaker(outage_breaker())
+        .dedup(&store)
+        .build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(
+        h.dead_lettered_total(),
+        0,
+        "an outage is not a failure of the record"
+    );
+    assert_eq!(h.handled(), 1);
+    // Attempts 1 and 2 fail on the policy's clock; the third failure opens the breaker and is
+    // not counted: every later call is attempt 3 again, and the policy (4 attempts) is never
+    // exhausted however long the outage lasts.
+    let attempts = h.attempts();
+    assert_eq!(&attempts[..3], [1, 2, 3]);
+    assert!(attempts[3..].iter().all(|&a| a == 3), "{attempts:?}");
+    assert_eq!(
+        h.retried(),
+        2,
+        "only the two failures before it opened were retries"
+    );
+    // After it opened, one probe per open interval: 1 s, then doubling to the 8 s cap.
+    let times: Vec<u64> = h
+        .call_times()
+        .iter()
+        .map(|t| t.as_millis() as u64)
+        .collect();
+    assert_eq!(
+        times,
+        [
+            0, 500, 1000, 2000, 4000, 8000, 16_000, 24_000, 32_000, 40_000, 48_000, 56_000, 64_000
+        ]
+    );
+    assert_eq!(took, secs(64));
+    let b = h.breaker();
+    assert_eq!(b.state, crate::consumer::BreakerState::Closed);
+    assert_eq!((b.opened, b.probes, b.held_failures), (10, 10, 10));
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
+    // Every call held the claim; between calls it was released (see the drain test).
+    assert!(h.calls().iter().all(|c| c.key == Some(KeyState::Held)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_waiting_for_the_breaker_holds_no_claim_and_a_drain_gives_it_up_at_once() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([DownUntil(secs(3600))])
+        .breaker(outage_breaker().with_open_interval(secs(10), secs(10)))
+        .dedup(&store)
+        .build();
+    let t0 = h.t0;
+    let probe_store = store.clone();
+    let while_waiting = tokio::spawn(async move {
+        sleep_until(t0 + secs(3)).await;
+        key_state(&probe_store, &store_key("o-1")).await
+    });
+
+    let (end, took) = h.process_draining_at(order("o-1"), secs(5)).await;
+
+    assert_eq!(
+        while_waiting.await.unwrap(),
+        KeyState::Free,
+        "released before waiting"
+    );
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(
+        took,
+        secs(5),
+        "given up when the drain began, not at the next probe"
+    );
+    assert_eq!(h.attempts(), [1, 2, 3]);
+    assert!(h.sends().is_empty(), "not dead-lettered");
+    assert_eq!(h.breaker().waiting, 0);
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unavailable_never_uses_attempts_even_without_a_breaker() {
+    let h = script([UnavailableUntil(secs(20))])
+        .policy(RetryPolicy::no_retries())
+        .build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.dead_lettered_total(), 0);
+    assert_eq!(h.handled(), 1);
+    assert!(h.attempts().iter().all(|&a| a == 1), "{:?}", h.attempts());
+    // Backing off 100 ms doubling to 5 s (with jitter): a handful of calls, not a spin.
+    let calls = h.calls().len();
+    assert!((5..=20).contains(&calls), "{calls} calls");
+    assert_within(took, secs(20), secs(25));
+}
+
+#[tokio::test(start_paused = true)]
+async fn unavailable_opens_the_breaker_and_permanent_failures_are_still_dead_lettered() {
+    let h = script([UnavailableUntil(secs(30))])
+        .breaker(outage_breaker().with_consecutive_failures(1))
+        .policy(RetryPolicy::no_retries())
+        .build();
+    let (end, _) = h.process(order("o-1")).await;
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.dead_lettered_total(), 0);
+    assert!(h.breaker().opened >= 1);
+    assert_eq!(h.breaker().state, crate::consumer::BreakerState::Closed);
+
+    let p = script([Permanent])
+        .breaker(outage_breaker().with_consecutive_failures(1))
+        .build();
+    let (end, took) = p.process(order("o-2")).await;
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(took, Duration::ZERO, "dead-lettered at once");
+    assert_eq!(p.dead_lettered(DeadLetterReason::Permanent), 1);
+    assert_eq!(
+        p.breaker().opened,
+        0,
+        "a permanent failure says nothing about the downstream"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_breaker_a_record_that_fails_alone_below_the_threshold_is_still_dead_lettered() {
+    // Two attempts fail, fewer than the breaker's three: the policy decides as before.
+    let h = script([Transient])
+        .policy(RetryPolicy::fixed(ms(500), 1))
+        .breaker(outage_breaker())
+        .build();
+    let (end, _) = h.process(order("o-1")).await;
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.only_letter().reason, DeadLetterReason::RetriesExhausted);
+    assert_eq!(h.breaker().opened, 0);
 }
