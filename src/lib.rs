@@ -98,13 +98,17 @@
 //! 14. **Every record settles**: whatever panics on a record's path (codec, dedup-key
 //!     function, handler, store, sink), the record ends in a defined state and its slot and
 //!     lane are released; work running ahead of the commit point is bounded.
+//! 15. **A lease lives as long as its work**: see 7 — a held claim is renewed while its
+//!     handler runs and given up when the partition is lost; the handler sees its claim.
 //! 16. **An outage is not a failure of the record** (opt-in [`BreakerPolicy`], through
 //!     [`RetryingConsumerBuilder::breaker`]): when transient failures cross a threshold the
 //!     breaker opens, nothing new is dispatched (polling goes on), and records that fail
 //!     meanwhile wait in order — no attempt used, never dead-lettered for it, their claims
 //!     released, a revoke or shutdown gives them up at once — until one probe record gets
 //!     through. [`HandlerError::unavailable`] says so explicitly, with or without a breaker.
-//!     Permanent failures and poison pills are dead-lettered as always.
+//!     Permanent failures and poison pills are dead-lettered as always. Waits do not hold
+//!     capacity: a record in a retry back-off (or held for an outage) gives its in-flight
+//!     slot to records of other keys or partitions, and takes the next free one back.
 //!
 //! Duplicates remain possible (that is what at-least-once means) for records in flight when
 //! a consumer crashes or loses its partitions past the revoke timeout; an [`IdempotencyStore`]
