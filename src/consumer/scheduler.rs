@@ -5,6 +5,11 @@
 //! and commit decisions; workers report each record's end and receive the next one.
 
 use std::collections::{HashMap, VecDeque};
+
+/// The scheduler's maps are looked up several times per record (its partition, its lane):
+/// `foldhash` (randomly seeded, like std's) hashes a topic name or a key several times faster
+/// than std's SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -107,7 +112,7 @@ struct Lane {
 struct PartitionState {
     generation: u64,
     tracker: OffsetTracker,
-    lanes: HashMap<LaneKey, Lane>,
+    lanes: FastMap<LaneKey, Lane>,
     queued: usize,
     queued_bytes: usize,
     in_flight: usize,
@@ -157,7 +162,7 @@ fn trim_to_gap_fillers(p: &mut PartitionState, keep_gap_fillers: bool) -> (usize
 pub(crate) struct Scheduler {
     ordering: ProcessingOrder,
     limits: Limits,
-    partitions: HashMap<Tp, PartitionState>,
+    partitions: FastMap<Tp, PartitionState>,
     ready: VecDeque<(Tp, u64, LaneKey)>,
     /// In-flight slots taken: records running (claiming, handling, dead-lettering).
     in_flight: usize,
@@ -190,7 +195,7 @@ impl Scheduler {
         Scheduler {
             ordering,
             limits,
-            partitions: HashMap::new(),
+            partitions: FastMap::default(),
             ready: VecDeque::new(),
             in_flight: 0,
             parked: 0,
@@ -258,7 +263,7 @@ impl Scheduler {
                 PartitionState {
                     generation,
                     tracker: OffsetTracker::default(),
-                    lanes: HashMap::new(),
+                    lanes: FastMap::default(),
                     queued: 0,
                     queued_bytes: 0,
                     in_flight: 0,
