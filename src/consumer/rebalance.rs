@@ -32,6 +32,7 @@ pub(crate) fn on_revoke<C: ConsumerContext>(hub: &Hub, consumer: &BaseConsumer<C
     {
         let mut scheduler = hub.lock();
         scheduler.begin_revoke(tps);
+        scheduler.give_up_by(Some(tps), tokio::time::Instant::now() + hub.revoke_timeout);
         if consumer.assignment_lost() {
             scheduler.lose(tps);
         }

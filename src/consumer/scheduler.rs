@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 /// `foldhash` (randomly seeded, like std's) hashes a topic name or a key several times faster
 /// than std's SipHash.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -53,12 +53,23 @@ pub(crate) struct Stop {
     /// unsettled and delivered again.
     pub(crate) abandon: CancellationToken,
     /// Its partition is being revoked or the consumer is stopping: a record that is only
-    /// waiting out a retry back-off is given up at once (nothing of its is running).
+    /// waiting out a retry back-off is given up at once (nothing of its is running) unless
+    /// its back-off ends before [`Stop::deadline`].
     pub(crate) drain: CancellationToken,
+    /// When a drain began: when `abandon` will fire (the revoke timeout or the shutdown
+    /// deadline).
+    pub(crate) give_up_by: Arc<OnceLock<tokio::time::Instant>>,
     /// Its partition's assignment was lost (it may already belong to another member): the
     /// record's claim is no longer renewed, so the new owner can take the key once the lease
     /// runs out. Fired with `drain`, before the revoke waits.
     pub(crate) lost: CancellationToken,
+}
+
+impl Stop {
+    /// When `abandon` fires, once a drain began (see [`Stop::give_up_by`]).
+    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.give_up_by.get().copied()
+    }
 }
 
 /// One record to run, handed to a worker.
@@ -276,6 +287,7 @@ impl Scheduler {
                         abandon: self.shutdown.abandon.child_token(),
                         drain: self.shutdown.drain.child_token(),
                         lost: CancellationToken::new(),
+                        give_up_by: Arc::default(),
                     },
                 },
             );
@@ -500,6 +512,18 @@ impl Scheduler {
         for tp in tps {
             if let Some(p) = self.partitions.get(tp) {
                 p.stop.lost.cancel();
+            }
+        }
+    }
+
+    /// Tells the workers of `tps` (every partition with `None`) when their drain ends: a
+    /// record in a retry back-off that ends before `deadline` retries (given up, it would hold
+    /// back the commit point of every settled record after it, all delivered again); a longer
+    /// one is given up at once. The first deadline set for an assignment stays.
+    pub(crate) fn give_up_by(&self, tps: Option<&[Tp]>, deadline: tokio::time::Instant) {
+        for (tp, p) in &self.partitions {
+            if tps.is_none_or(|tps| tps.contains(tp)) {
+                let _ = p.stop.give_up_by.set(deadline);
             }
         }
     }

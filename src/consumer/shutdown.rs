@@ -23,13 +23,14 @@ pub(crate) fn shutdown<C: ConsumerContext>(
     timeout: Duration,
 ) {
     info!(?timeout, "shutting down: finishing in-flight records");
+    let deadline = Instant::now() + timeout;
     let changes = {
         let mut s = hub.lock();
         s.begin_stop();
+        s.give_up_by(None, tokio::time::Instant::now() + timeout);
         s.flow_control()
     };
     apply_flow(consumer, &hub.metrics, &changes);
-    let deadline = Instant::now() + timeout;
     let drained = |s: &Scheduler| s.in_flight() == 0 && s.buffered().0 == 0;
     loop {
         if drained(&hub.lock()) {

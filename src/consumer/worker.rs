@@ -119,10 +119,20 @@ impl Slot for KeepSlot {
 /// its work is abandoned).
 async fn back_off(delay: Duration, slot: &dyn Slot, stop: &Stop) -> bool {
     slot.park();
+    let end = Instant::now() + delay;
     let waited = tokio::select! {
-        () = tokio::time::sleep(delay) => true,
-        () = stop.drain.cancelled() => false,
+        () = tokio::time::sleep_until(end) => true,
         () = stop.abandon.cancelled() => false,
+        // A drain (revoke, shutdown) lets the retry run if its back-off ends before the
+        // drain's deadline: given up, the record would hold back the commit point of every
+        // record after it that already settled, and all of them would be handled again.
+        () = stop.drain.cancelled() => match stop.deadline() {
+            Some(deadline) if end <= deadline => tokio::select! {
+                () = tokio::time::sleep_until(end) => true,
+                () = stop.abandon.cancelled() => false,
+            },
+            _ => false,
+        },
     };
     if !waited {
         slot.resume_now(None);
@@ -133,7 +143,6 @@ async fn back_off(delay: Duration, slot: &dyn Slot, stop: &Stop) -> bool {
         Err(mut handed) => {
             let resumed = tokio::select! {
                 handed = &mut handed => handed.is_ok(),
-                () = stop.drain.cancelled() => false,
                 () = stop.abandon.cancelled() => false,
             };
             if !resumed {

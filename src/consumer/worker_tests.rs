@@ -566,6 +566,30 @@ impl Harness {
         (end, self.t0.elapsed())
     }
 
+    /// As [`Harness::process_draining_at`], with the drain's deadline at paused time
+    /// `deadline` (what a revoke or shutdown sets).
+    async fn process_draining_at_until(
+        &self,
+        record: RawRecord,
+        at: Duration,
+        deadline: Duration,
+    ) -> (JobEnd, Duration) {
+        let stop = Stop::default();
+        let drain = stop.drain.clone();
+        let give_up_by = stop.give_up_by.clone();
+        let t0 = self.t0;
+        tokio::spawn(async move {
+            sleep_until(t0 + at).await;
+            let _ = give_up_by.set(t0 + deadline);
+            drain.cancel();
+        });
+        let run = self.worker.run_job(Arc::new(record), &stop, &KeepSlot);
+        let end = tokio::time::timeout(Duration::from_secs(3600), run)
+            .await
+            .expect("the record never ended");
+        (end, self.t0.elapsed())
+    }
+
     /// Runs one record with the given stop signals: how it ended and when.
     async fn process_with(&self, record: RawRecord, stop: &Stop) -> (JobEnd, Duration) {
         let run = self.worker.run_job(Arc::new(record), stop, &KeepSlot);
@@ -1760,6 +1784,33 @@ async fn a_draining_partition_gives_up_a_record_waiting_out_its_back_off_at_once
     assert_eq!(h.counts().abandoned.load(Ordering::Relaxed), 1);
     // Its claim was released after the failed attempt: the next owner can run it.
     assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_lets_a_back_off_that_ends_before_its_deadline_retry() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Transient, Succeed])
+        .policy(RetryPolicy::fixed(secs(30), 3))
+        .dedup(&store)
+        .build();
+
+    let (end, took) = h
+        .process_draining_at_until(order("o-1"), secs(1), secs(60))
+        .await;
+
+    assert_eq!(end, JobEnd::Settled, "retried within the drain, not given up");
+    assert_eq!(took, secs(30));
+    assert_eq!(h.attempts(), [1, 2]);
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
+    // A back-off that would end after the deadline is given up when the drain begins.
+    let h = script([Transient, Succeed])
+        .policy(RetryPolicy::fixed(secs(30), 3))
+        .build();
+    let (end, took) = h
+        .process_draining_at_until(order("o-2"), secs(1), secs(20))
+        .await;
+    assert_eq!((end, took), (JobEnd::Abandoned, secs(1)));
+    assert_eq!(h.attempts(), [1]);
 }
 
 #[tokio::test(start_paused = true)]
