@@ -24,7 +24,8 @@ pub(crate) struct Inputs<'a> {
     pub(crate) dlt_partitions: i32,
     /// Dead letters that a kill or broker restart may have repeated.
     pub(crate) dlt_allowance: u64,
-    /// Kills and broker restarts: how often one record can be redelivered at most.
+    /// Kills, broker restarts and a zombie's three hand-overs: how often one record can be
+    /// redelivered at most.
     pub(crate) redeliveries: u32,
 }
 
@@ -186,7 +187,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
     // were made (a zombie and its successor write at the same time; ties keep file order).
     let mut in_time_order: Vec<&crate::ledger::Effect> = i.ledgers.effects.iter().collect();
     in_time_order.sort_by_key(|e| e.time_ms);
-    let zombies: HashMap<usize, &ZombieRecord> = i
+    let zombies: BTreeMap<usize, &ZombieRecord> = i
         .children
         .iter()
         .filter_map(|c| c.zombie.as_ref().map(|z| (c.index, z)))
@@ -313,7 +314,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         .sum();
     if dlt_duplicates > i.dlt_allowance {
         problems.push(format!(
-            "{dlt_duplicates} duplicate dead letters, but only {} were uncommitted at kills and broker restarts",
+            "{dlt_duplicates} duplicate dead letters, but only {} were uncommitted at kills, broker restarts and zombie hand-overs",
             i.dlt_allowance
         ));
     }

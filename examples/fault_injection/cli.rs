@@ -84,7 +84,7 @@ pub(crate) struct RunArgs {
     pub(crate) max_in_flight: usize,
     /// Simulated work per record, in ms: half before the side effect, half after it (so a
     /// kill can land between the effect and the handler's return). Default: paced so that
-    /// consuming takes about 18 s per fault (each fault needs a busy consumer to hit).
+    /// consuming takes about 18 s per fault, 45 s per zombie (each fault needs a busy consumer to hit).
     #[arg(long)]
     pub(crate) work_ms: Option<u64>,
     /// Seconds the idempotency Redis stays down per outage.

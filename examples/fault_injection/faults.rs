@@ -68,9 +68,15 @@ impl Plan {
     }
 
     /// Simulated work per record when `--work-ms` is not given: paced so that consuming takes
-    /// about 18 s per fault.
+    /// about 18 s per fault (45 s per zombie).
     pub(crate) fn default_work_ms(&self, max_in_flight: usize, expected_effects: usize) -> u64 {
-        let target_secs = (18.0 * self.kinds.len() as f64).max(20.0);
+        // A zombie takes longer: the newcomer's join, a 12 s freeze, the rejoin and the leave.
+        let target_secs: f64 = self
+            .kinds
+            .iter()
+            .map(|k| if *k == FaultKind::Zombie { 45.0 } else { 18.0 })
+            .sum::<f64>()
+            .max(20.0);
         let per_record_ms =
             max_in_flight as f64 * target_secs * 1000.0 / expected_effects.max(1) as f64;
         (per_record_ms - 10.0).clamp(0.0, 200.0) as u64
@@ -91,6 +97,8 @@ pub(crate) struct Injector<'a> {
     /// A resumed zombie, stopped (SIGTERM) once the consumers recovered.
     /// Also its status lines when it was resumed.
     zombie: Option<(ConsumerProc, ChildRecord, usize)>,
+    /// The commits before the zombie fault in progress began.
+    zombie_commits: Option<Vec<i64>>,
     /// Dead letters that may be written twice: those not committed at a kill or broker
     /// restart.
     pub(crate) dlt_allowance: u64,
@@ -114,6 +122,7 @@ impl<'a> Injector<'a> {
             done: Counts::default(),
             outage_flag,
             zombie: None,
+            zombie_commits: None,
             dlt_allowance: 0,
             broker_commits: None,
         }
@@ -150,25 +159,27 @@ impl<'a> Injector<'a> {
             self.dlt_allowance += letters;
         }
         if let Some((mut zombie, record, lines_at_resume)) = self.zombie.take() {
-            // Let it finish (or, with lease renewal, abandon) its in-flight handlers: wait for
-            // a status line printed after SIGCONT that shows nothing in flight.
+            // Let it finish (or, with lease renewal, abandon) the handlers it had in flight: they
+            // resume with it and end within one record's work. Once it rejoined, it takes new
+            // records, so "nothing in flight" may never come: wait for two status lines after
+            // SIGCONT and 5 s in all (or nothing in flight, if that comes first).
             let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(60) {
-                if zombie.child.try_wait()?.is_some() {
-                    break;
-                }
-                if zombie.status_lines() > lines_at_resume + 1
-                    && zombie
-                        .last("status")
-                        .is_some_and(|s| s["in_flight"].as_u64() == Some(0))
+            loop {
+                watch.ledgers.poll();
+                let fresh = zombie.status_lines() > lines_at_resume + 1;
+                let idle = zombie
+                    .last("status")
+                    .is_some_and(|s| s["in_flight"].as_u64() == Some(0));
+                if zombie.child.try_wait()?.is_some()
+                    || (fresh && (idle || started.elapsed() >= Duration::from_secs(5)))
+                    || started.elapsed() >= Duration::from_secs(60)
                 {
                     break;
                 }
-                watch.ledgers.poll();
                 std::thread::sleep(Duration::from_millis(100));
             }
             log(format!(
-                "zombie consumer #{}: nothing in flight {:.1?} after SIGCONT",
+                "zombie consumer #{}: stopping it {:.1?} after SIGCONT",
                 record.index,
                 started.elapsed()
             ));
@@ -184,6 +195,14 @@ impl<'a> Injector<'a> {
                 ));
             }
             watch.consumers.children.push(record);
+            // A zombie fault hands partitions over three times (the newcomer joins, the resumed
+            // zombie rejoins, the zombie leaves): each may write again every dead letter its
+            // old owner had not committed (dead letters are not marked done).
+            let letters = watch.uncommitted_dead_letters(self.zombie_commits.take().as_deref());
+            log(format!(
+                "dead letters not committed when the zombie fault began, written since: {letters} (each may repeat at 3 hand-overs)"
+            ));
+            self.dlt_allowance += 3 * letters;
         }
         Ok(())
     }
@@ -286,6 +305,7 @@ impl<'a> Injector<'a> {
     ) -> BoxResult<()> {
         let partitions = watch.topic.1 as usize;
         let peer_index = watch.consumers.current.index + 1;
+        self.zombie_commits = watch.commits_retrying();
         let peer = watch.consumers.spawn.spawn(peer_index, watch.ledgers)?;
         let mut zombie = std::mem::replace(&mut watch.consumers.current, peer);
         let zombie_index = zombie.index;
@@ -327,7 +347,6 @@ impl<'a> Injector<'a> {
             .as_ref()
             .map(|c| watch.uncommitted_effects_of(zombie_index, c));
         let letters = watch.uncommitted_dead_letters(commits.as_deref());
-        self.dlt_allowance += letters;
         log(format!(
             "zombie: SIGSTOP consumer #{zombie_index} (pid {}) holding {zombie_assigned} partitions, \
              {zombie_in_flight} records in flight; not yet committed: {} of its effects, {letters} dead letters",

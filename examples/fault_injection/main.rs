@@ -84,8 +84,10 @@
 //!   if it outlasts the session timeout the partitions are lost and redelivered, but the
 //!   store says done. It does repeat **dead letters** (a dead-lettered key is not marked done,
 //!   so a redrive can run): duplicate dead letters are checked against the letters not yet
-//!   committed at each kill and broker restart, and no letter repeats more often than there
-//!   were kills and broker restarts.
+//!   committed at each kill and broker restart (for a zombie: three times those written
+//!   since the commits before it began, one per hand-over: the newcomer joins, the zombie
+//!   rejoins, the zombie leaves), and no letter repeats more often than there were such
+//!   redeliveries.
 //! - `--clean-restarts`: SIGTERM instead of SIGKILL and **no idempotency store** (it would
 //!   hide redeliveries), so `B = 0`, and no dead letter may repeat either: this tests the
 //!   consumer's own commit on graceful shutdown.

@@ -76,7 +76,7 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         report.dlt_duplicates
     ));
     log(format!(
-        "per kill: uncommitted effects / duplicates of them: {}; duplicate dead letters {} (allowed: {} uncommitted at kills and broker restarts)",
+        "per kill: uncommitted effects / duplicates of them: {}; duplicate dead letters {} (allowed: {} uncommitted at kills, broker restarts and zombie hand-overs)",
         report.per_kill, report.dlt_duplicates, s.dlt_allowance
     ));
     log(format!("per zombie: {}", report.per_zombie));

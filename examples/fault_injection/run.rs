@@ -236,7 +236,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         redeliveries: done.kills
             + done.broker_restarts
             + done.loaded_broker_restarts
-            + done.zombies,
+            + 3 * done.zombies,
     });
     problems.extend(checked.problems.iter().cloned());
 
