@@ -7,7 +7,7 @@
 //! cargo run --example fault_injection -- --events 20000 --kills 2 --broker-restarts 1 \
 //!     --redis-outages 1 --dlt-partitions 2 --outages 1 --outage-secs 3
 //! # the full run (every fault; the README publishes its table):
-//! cargo run --example fault_injection -- --events 200000 --kills 5 \
+//! cargo run --example fault_injection -- --events 200000 --work-ms 70 --kills 5 \
 //!     --broker-restarts 1 --loaded-broker-restarts 1 --redis-outages 1 --zombies 1 \
 //!     --outages 1 --outage-secs 10 --dlt-partitions 2
 //! # graceful restarts only: 0 duplicates expected
