@@ -8,7 +8,7 @@ use crate::MAX_ATTEMPTS;
 use crate::event::{Event, Fate};
 use crate::kafka::Letter;
 use crate::ledger::Ledgers;
-use crate::procs::ChildRecord;
+use crate::procs::{ChildRecord, ZombieRecord};
 
 pub(crate) struct Inputs<'a> {
     pub(crate) events: &'a [Event],
@@ -21,18 +21,33 @@ pub(crate) struct Inputs<'a> {
     pub(crate) children: &'a [ChildRecord],
     pub(crate) max_in_flight: usize,
     pub(crate) partitions: i32,
+    pub(crate) dlt_partitions: i32,
     /// Dead letters that a kill or broker restart may have repeated.
     pub(crate) dlt_allowance: u64,
-    /// Kills and broker restarts: how often one record can be redelivered at most.
+    /// Kills, broker restarts and a zombie's three hand-overs: how often one record can be
+    /// redelivered at most.
     pub(crate) redeliveries: u32,
 }
 
 pub(crate) struct Checked {
     pub(crate) lost: u64,
+    /// Every repeated effect (kills', zombies' and any other).
     pub(crate) duplicates: u64,
+    /// Repeats of the effects of killed processes.
+    pub(crate) kill_duplicates: u64,
+    /// Repeats caused by zombies: effects a zombie wrote after it was resumed that another
+    /// process had already made (late writes), plus effects it made before the freeze that
+    /// another process made again (redone).
+    pub(crate) zombie_duplicates: u64,
+    pub(crate) zombie_late: u64,
     pub(crate) dlt_duplicates: u64,
     pub(crate) dead_lettered: u64,
+    /// Events dead-lettered because a downstream outage failed all their attempts.
+    pub(crate) outage_dead_lettered: u64,
+    /// Dead letters from source partitions the dead-letter topic lacks (placed by key).
+    pub(crate) dlt_by_key: u64,
     pub(crate) per_kill: String,
+    pub(crate) per_zombie: String,
     pub(crate) problems: Vec<String>,
 }
 
@@ -50,6 +65,9 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         }
     };
 
+    // Events whose last attempt a downstream outage failed: dead-lettered by it.
+    let outage_exhausted = |id: u64| i.ledgers.outage_attempt[id as usize] >= MAX_ATTEMPTS;
+
     // Dead letters per id.
     let mut letters_of = vec![0u32; n];
     let mut bad_letters = Vec::new();
@@ -63,6 +81,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         let (kind, attempts) = match i.fates[id as usize] {
             Fate::Permanent => ("permanent", "1".to_owned()),
             Fate::Exhausted => ("retries-exhausted", MAX_ATTEMPTS.to_string()),
+            _ if outage_exhausted(id) => ("retries-exhausted", MAX_ATTEMPTS.to_string()),
             _ => ("", String::new()),
         };
         if l.kind.as_deref() != Some(kind) || l.attempts.as_deref() != Some(attempts.as_str()) {
@@ -84,8 +103,31 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         &lost,
     );
     let unexpected_letters: Vec<u64> = (0..n as u64)
-        .filter(|&id| letters_of[id as usize] > 0 && !i.fates[id as usize].dead_lettered())
+        .filter(|&id| {
+            letters_of[id as usize] > 0
+                && !i.fates[id as usize].dead_lettered()
+                && !outage_exhausted(id)
+        })
         .collect();
+    let outage_dead_lettered = (0..n as u64)
+        .filter(|&id| {
+            letters_of[id as usize] > 0
+                && !i.fates[id as usize].dead_lettered()
+                && outage_exhausted(id)
+        })
+        .count() as u64;
+    let outage_unlettered: Vec<u64> = (0..n as u64)
+        .filter(|&id| {
+            outage_exhausted(id)
+                && letters_of[id as usize] == 0
+                && i.ledgers.count[id as usize] == 0
+        })
+        .collect();
+    first_examples(
+        &mut problems,
+        "retries exhausted by the downstream outage but not dead-lettered",
+        &outage_unlettered,
+    );
     first_examples(
         &mut problems,
         "dead-lettered but expected to succeed",
@@ -117,10 +159,14 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
     let mut wrong_effects = Vec::new();
     for e in &i.ledgers.effects {
         let ev = &i.events[e.id as usize];
-        if e.key != ev.key
-            || e.seq != ev.seq
-            || Some(e.attempt) != i.fates[e.id as usize].success_attempt()
-        {
+        let predicted = i.fates[e.id as usize].success_attempt();
+        // A downstream outage fails attempts too: the effect comes at a later attempt then.
+        let attempt_ok = if i.ledgers.outage_attempt[e.id as usize] > 0 {
+            predicted.is_some_and(|p| e.attempt >= p && e.attempt <= MAX_ATTEMPTS)
+        } else {
+            Some(e.attempt) == predicted
+        };
+        if e.key != ev.key || e.seq != ev.seq || !attempt_ok {
             wrong_effects.push(e.id);
         }
     }
@@ -137,14 +183,24 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         ));
     }
 
-    // Per key, first effects in strictly increasing sequence order.
+    // Per key, first effects in strictly increasing sequence order. Effects in the order they
+    // were made (a zombie and its successor write at the same time; ties keep file order).
+    let mut in_time_order: Vec<&crate::ledger::Effect> = i.ledgers.effects.iter().collect();
+    in_time_order.sort_by_key(|e| e.time_ms);
+    let zombies: BTreeMap<usize, &ZombieRecord> = i
+        .children
+        .iter()
+        .filter_map(|c| c.zombie.as_ref().map(|z| (c.index, z)))
+        .collect();
+    // Per zombie: (late writes, redone effects).
+    let mut zombie_dups: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
     let mut seen = vec![false; n];
     let mut last_seq: HashMap<&str, u64> = HashMap::new();
     let mut order_violations = Vec::new();
     // Duplicates, attributed to the process that wrote the previous effect of the same id.
     let mut previous_child: Vec<Option<usize>> = vec![None; n];
     let mut duplicates_from: BTreeMap<usize, u64> = BTreeMap::new();
-    for e in &i.ledgers.effects {
+    for e in in_time_order {
         let id = e.id as usize;
         if !seen[id] {
             seen[id] = true;
@@ -154,8 +210,17 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
                 order_violations.push(e.id);
             }
             last_seq.insert(e.key.as_str(), e.seq);
+        } else if zombies
+            .get(&e.child)
+            .is_some_and(|z| e.time_ms >= z.resumed_ms)
+        {
+            zombie_dups.entry(e.child).or_default().0 += 1;
         } else if let Some(prev) = previous_child[id] {
-            *duplicates_from.entry(prev).or_default() += 1;
+            if zombies.contains_key(&prev) {
+                zombie_dups.entry(prev).or_default().1 += 1;
+            } else {
+                *duplicates_from.entry(prev).or_default() += 1;
+            }
         }
         previous_child[id] = Some(e.child);
     }
@@ -164,7 +229,29 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         "per-key order violations (first effect with a seq not above the key's previous)",
         &order_violations,
     );
-    let duplicates: u64 = duplicates_from.values().sum();
+    let kill_duplicates: u64 = duplicates_from.values().sum();
+    let zombie_late: u64 = zombie_dups.values().map(|d| d.0).sum();
+    let zombie_duplicates: u64 = zombie_dups.values().map(|d| d.0 + d.1).sum();
+    let duplicates = kill_duplicates + zombie_duplicates;
+    let mut per_zombie = Vec::new();
+    for (&index, z) in &zombies {
+        let (late, redone) = zombie_dups.get(&index).copied().unwrap_or_default();
+        per_zombie.push(format!(
+            "#{index}: {} in flight at the freeze, frozen {:.1} s, {} duplicates ({late} late writes after SIGCONT, {redone} of its earlier effects redone)",
+            z.in_flight_at_freeze,
+            z.frozen_ms as f64 / 1000.0,
+            late + redone
+        ));
+        // Each record the zombie had in flight makes at most one repeat: its effect either
+        // came before the freeze (the new owner redoes it) or after SIGCONT (a late write).
+        if late + redone > i.max_in_flight as u64 {
+            problems.push(format!(
+                "zombie consumer #{index} caused {} duplicate effects, above max_in_flight {}",
+                late + redone,
+                i.max_in_flight
+            ));
+        }
+    }
     let mut per_kill = Vec::new();
     for c in i.children {
         let dups = duplicates_from.get(&c.index).copied().unwrap_or(0);
@@ -185,7 +272,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
                     c.index, c.uncommitted_at_kill, i.max_in_flight
                 ));
             }
-        } else if dups > 0 {
+        } else if dups > 0 && c.zombie.is_none() {
             problems.push(format!(
                 "{dups} effects of consumer #{}, which was not killed, were repeated",
                 c.index
@@ -227,7 +314,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         .sum();
     if dlt_duplicates > i.dlt_allowance {
         problems.push(format!(
-            "{dlt_duplicates} duplicate dead letters, but only {} were uncommitted at kills and broker restarts",
+            "{dlt_duplicates} duplicate dead letters, but only {} were uncommitted at kills, broker restarts and zombie hand-overs",
             i.dlt_allowance
         ));
     }
@@ -239,9 +326,20 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         "dead-lettered more often than there were redeliveries",
         &looping,
     );
+    let dlt_by_key = check_dlt_partitions(i, &mut problems);
     Checked {
         lost: lost.len() as u64,
         duplicates,
+        kill_duplicates,
+        zombie_duplicates,
+        zombie_late,
+        outage_dead_lettered,
+        dlt_by_key,
+        per_zombie: if per_zombie.is_empty() {
+            "none".into()
+        } else {
+            per_zombie.join("; ")
+        },
         dlt_duplicates,
         dead_lettered: letters_of.iter().filter(|&&c| c > 0).count() as u64,
         per_kill: if per_kill.is_empty() {
@@ -251,4 +349,79 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         },
         problems,
     }
+}
+
+/// Where dead letters landed: a letter from a source partition the dead-letter topic has is
+/// in that partition; any other is where a Java producer's default partitioner puts its key
+/// (`murmur2`), so all letters of one key share a partition. Returns how many were placed by
+/// key.
+fn check_dlt_partitions(i: &Inputs<'_>, problems: &mut Vec<String>) -> u64 {
+    let mut by_key = 0;
+    let mut misplaced = Vec::new();
+    for l in i.letters {
+        let Some((source, _)) = l.source else {
+            continue;
+        };
+        let expected = if source < i.dlt_partitions {
+            source
+        } else {
+            by_key += 1;
+            match &l.key {
+                Some(k) => java_partition(k, i.dlt_partitions),
+                None => continue,
+            }
+        };
+        if l.partition != expected {
+            misplaced.push(format!(
+                "id {:?} from partition {source} in {} (expected {expected})",
+                l.id, l.partition
+            ));
+        }
+    }
+    if !misplaced.is_empty() {
+        problems.push(format!(
+            "{} dead letters in an unexpected dead-letter partition (of {}), e.g. {:?}",
+            misplaced.len(),
+            i.dlt_partitions,
+            &misplaced[..misplaced.len().min(5)]
+        ));
+    }
+    by_key
+}
+
+/// The partition Kafka's Java default partitioner picks for a key: `murmur2(key) & 0x7fffffff
+/// % partitions`.
+fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) as i32 % partitions
+}
+
+/// Kafka's `Utils.murmur2` (seed 0x9747b28c).
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
 }

@@ -38,6 +38,29 @@ pub(crate) struct RunArgs {
     /// Idempotency Redis outages (default 1; 0 with --clean-restarts or --no-idempotency).
     #[arg(long)]
     pub(crate) redis_outages: Option<u32>,
+    /// Broker restarts under load (default 0): the broker is killed only once the consumer is
+    /// saturated (at least half of `max_in_flight` in flight) and its commits are moving, so
+    /// the kill meets commits in progress rather than an idle moment.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) loaded_broker_restarts: u32,
+    /// Zombie consumers (default 0; needs the idempotency store): a second consumer joins, the
+    /// first is frozen with SIGSTOP past the session timeout and the idempotency lease while
+    /// the second takes its partitions over, then resumed with SIGCONT and finally stopped
+    /// with SIGTERM. Its duplicates are counted apart (`zombie_duplicates`).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) zombies: u32,
+    /// Seconds a zombie stays frozen at least (default: session timeout + lease + 3 s); it
+    /// stays frozen until the other consumer holds every partition in any case.
+    #[arg(long)]
+    pub(crate) zombie_freeze_secs: Option<u64>,
+    /// Downstream outages (default 0): every handler call that reaches the downstream (the
+    /// events not injected to fail before it) fails transiently for `--outage-secs`. Records
+    /// whose retries run out during the outage are dead-lettered: reported, not a failure.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) outages: u32,
+    /// Seconds each downstream outage lasts.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) outage_secs: u64,
     /// Stop the consumer with SIGTERM (graceful shutdown) instead of SIGKILL, without an
     /// idempotency store; expects 0 duplicates.
     #[arg(long)]
@@ -46,9 +69,13 @@ pub(crate) struct RunArgs {
     /// does not hold (every uncommitted effect repeats): a check that the checker catches it.
     #[arg(long)]
     pub(crate) no_idempotency: bool,
-    /// Partitions of the topic (and of its dead-letter topic).
+    /// Partitions of the topic.
     #[arg(long, default_value_t = 6)]
     pub(crate) partitions: i32,
+    /// Partitions of the dead-letter topic (default: as many as the topic). Fewer than the
+    /// topic: letters from a source partition the dead-letter topic lacks are placed by key.
+    #[arg(long)]
+    pub(crate) dlt_partitions: Option<i32>,
     /// Distinct record keys.
     #[arg(long, default_value_t = 200)]
     pub(crate) keys: u32,
@@ -57,7 +84,7 @@ pub(crate) struct RunArgs {
     pub(crate) max_in_flight: usize,
     /// Simulated work per record, in ms: half before the side effect, half after it (so a
     /// kill can land between the effect and the handler's return). Default: paced so that
-    /// consuming takes about 18 s per fault (each fault needs a busy consumer to hit).
+    /// consuming takes about 18 s per fault, 45 s per zombie (each fault needs a busy consumer to hit).
     #[arg(long)]
     pub(crate) work_ms: Option<u64>,
     /// Seconds the idempotency Redis stays down per outage.
@@ -111,4 +138,8 @@ pub(crate) struct ConsumeArgs {
     pub(crate) max_in_flight: usize,
     #[arg(long)]
     pub(crate) work_ms: u64,
+    /// While this file exists, every handler call that reaches the downstream fails
+    /// transiently (a downstream outage).
+    #[arg(long)]
+    pub(crate) outage_flag: Option<PathBuf>,
 }

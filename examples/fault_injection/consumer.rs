@@ -3,6 +3,7 @@
 //! printing its monitor's state as JSON lines for the runner.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kourier::{
@@ -13,7 +14,7 @@ use kourier::{
 use crate::cli::ConsumeArgs;
 use crate::event::{Event, Fate};
 use crate::ledger::{self, Ledger};
-use crate::{COMMIT_INTERVAL, LEASE, MAX_ATTEMPTS};
+use crate::{COMMIT_INTERVAL, LEASE, MAX_ATTEMPTS, SESSION_TIMEOUT};
 
 struct FaultHandler {
     ledger: Ledger,
@@ -21,6 +22,8 @@ struct FaultHandler {
     pid: u32,
     /// Half the simulated work, done before and again after the side effect.
     half_work: Duration,
+    /// A downstream outage is on: every call that reaches the downstream fails transiently.
+    outage: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -51,6 +54,19 @@ impl Handler for FaultHandler {
                 )));
             }
             Fate::Transient(_) | Fate::Ok => {}
+        }
+        if self.outage.load(Ordering::Relaxed) {
+            // Noted in the ledger (on disk before the failure is returned), so the runner knows
+            // which attempts the outage failed and which records it dead-lettered.
+            self.ledger
+                .append(ledger::outage_line(ev.id, m.attempt()))
+                .await
+                .map_err(|e| HandlerError::transient(format!("ledger write failed: {e}")))?;
+            return Err(HandlerError::transient(format!(
+                "event {}: downstream outage (attempt {})",
+                ev.id,
+                m.attempt()
+            )));
         }
         tokio::time::sleep(self.half_work).await;
         let line = ledger::line(ev, m.attempt(), self.pid, m.partition(), m.offset());
@@ -96,11 +112,23 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
     // kept, not fatal); the first status line tells the runner they are caught.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let outage = Arc::new(AtomicBool::new(false));
+    if let Some(flag) = args.outage_flag.clone() {
+        // The runner starts and ends an outage by creating and removing the flag file.
+        let outage = outage.clone();
+        tokio::spawn(async move {
+            loop {
+                outage.store(flag.exists(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
     let handler = FaultHandler {
         ledger: Ledger::open(&args.ledger)?,
         seed: args.seed,
         pid: std::process::id(),
         half_work: Duration::from_millis(args.work_ms) / 2,
+        outage,
     };
     let mut builder = RetryingConsumer::builder(handler)
         .bootstrap_servers(&args.bootstrap)
@@ -114,7 +142,10 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
         ))
         .commit_interval(COMMIT_INTERVAL)
         .shutdown_timeout(Duration::from_secs(20))
-        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config(
+            "session.timeout.ms",
+            SESSION_TIMEOUT.as_millis().to_string(),
+        )
         .kafka_config("heartbeat.interval.ms", "500");
     if let Some(url) = &args.redis_url {
         let store = RedisIdempotencyStore::builder(url.as_str())

@@ -1,21 +1,40 @@
 //! The faults: which ones, in what order and at what point of progress (the plan), and
-//! injecting each one — a consumer kill, a broker restart, a Redis outage — while counting
-//! what the checks must allow for afterwards.
+//! injecting each one — a consumer kill, a broker restart (at a random moment or under load),
+//! a Redis outage, a zombie consumer, a downstream outage — while counting what the checks
+//! must allow for afterwards.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::broker::BrokerControl;
 use crate::cli::RunArgs;
-use crate::procs::ChildRecord;
+use crate::procs::{ChildRecord, ConsumerProc, ZombieRecord, signal};
 use crate::redis::RedisServer;
 use crate::watch::Watch;
-use crate::{BoxResult, log};
+use crate::{BoxResult, LEASE, SESSION_TIMEOUT, log};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FaultKind {
     Kill,
     Broker,
+    /// A broker restart once the consumer is saturated and its commits are moving.
+    LoadedBroker,
     Redis,
+    /// SIGSTOP past the session timeout and the lease while a second consumer takes over.
+    Zombie,
+    /// Every handler call that reaches the downstream fails transiently for a while.
+    Outage,
+}
+
+/// How many of each fault a run injects.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Counts {
+    pub(crate) kills: u32,
+    pub(crate) broker_restarts: u32,
+    pub(crate) loaded_broker_restarts: u32,
+    pub(crate) redis_outages: u32,
+    pub(crate) zombies: u32,
+    pub(crate) outages: u32,
 }
 
 /// The faults of a run, in random order, each with the share of the effects after which it
@@ -26,22 +45,18 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    pub(crate) fn new(
-        kills: u32,
-        broker_restarts: u32,
-        redis_outages: u32,
-        rng: &mut fastrand::Rng,
-    ) -> Plan {
-        let mut kinds: Vec<FaultKind> = std::iter::repeat_n(FaultKind::Kill, kills as usize)
-            .chain(std::iter::repeat_n(
-                FaultKind::Broker,
-                broker_restarts as usize,
-            ))
-            .chain(std::iter::repeat_n(
-                FaultKind::Redis,
-                redis_outages as usize,
-            ))
-            .collect();
+    pub(crate) fn new(c: Counts, rng: &mut fastrand::Rng) -> Plan {
+        let mut kinds: Vec<FaultKind> = [
+            (FaultKind::Kill, c.kills),
+            (FaultKind::Broker, c.broker_restarts),
+            (FaultKind::LoadedBroker, c.loaded_broker_restarts),
+            (FaultKind::Redis, c.redis_outages),
+            (FaultKind::Zombie, c.zombies),
+            (FaultKind::Outage, c.outages),
+        ]
+        .into_iter()
+        .flat_map(|(kind, n)| std::iter::repeat_n(kind, n as usize))
+        .collect();
         rng.shuffle(&mut kinds);
         // Faults at random points of the first 60 % of the effects: each one's recovery takes
         // seconds while records keep flowing, so later faults still meet a busy consumer.
@@ -53,9 +68,15 @@ impl Plan {
     }
 
     /// Simulated work per record when `--work-ms` is not given: paced so that consuming takes
-    /// about 18 s per fault.
+    /// about 18 s per fault (45 s per zombie).
     pub(crate) fn default_work_ms(&self, max_in_flight: usize, expected_effects: usize) -> u64 {
-        let target_secs = (18.0 * self.kinds.len() as f64).max(20.0);
+        // A zombie takes longer: the newcomer's join, a 12 s freeze, the rejoin and the leave.
+        let target_secs: f64 = self
+            .kinds
+            .iter()
+            .map(|k| if *k == FaultKind::Zombie { 45.0 } else { 18.0 })
+            .sum::<f64>()
+            .max(20.0);
         let per_record_ms =
             max_in_flight as f64 * target_secs * 1000.0 / expected_effects.max(1) as f64;
         (per_record_ms - 10.0).clamp(0.0, 200.0) as u64
@@ -66,12 +87,18 @@ impl Plan {
 pub(crate) struct Injector<'a> {
     pub(crate) args: &'a RunArgs,
     pub(crate) broker: Option<&'a BrokerControl>,
-    pub(crate) broker_restarts: u32,
+    /// The planned counts.
+    pub(crate) planned: Counts,
     pub(crate) redis: Option<&'a mut RedisServer>,
-    pub(crate) redis_outages: u32,
-    pub(crate) kills_done: u32,
-    pub(crate) broker_done: u32,
-    pub(crate) redis_done: u32,
+    /// The faults injected so far.
+    pub(crate) done: Counts,
+    /// The downstream-outage flag file the consumers watch.
+    pub(crate) outage_flag: PathBuf,
+    /// A resumed zombie, stopped (SIGTERM) once the consumers recovered.
+    /// Also its status lines when it was resumed.
+    zombie: Option<(ConsumerProc, ChildRecord, usize)>,
+    /// The commits before the zombie fault in progress began.
+    zombie_commits: Option<Vec<i64>>,
     /// Dead letters that may be written twice: those not committed at a kill or broker
     /// restart.
     pub(crate) dlt_allowance: u64,
@@ -83,19 +110,19 @@ impl<'a> Injector<'a> {
     pub(crate) fn new(
         args: &'a RunArgs,
         broker: Option<&'a BrokerControl>,
-        broker_restarts: u32,
+        planned: Counts,
         redis: Option<&'a mut RedisServer>,
-        redis_outages: u32,
+        outage_flag: PathBuf,
     ) -> Injector<'a> {
         Injector {
             args,
             broker,
-            broker_restarts,
+            planned,
             redis,
-            redis_outages,
-            kills_done: 0,
-            broker_done: 0,
-            redis_done: 0,
+            done: Counts::default(),
+            outage_flag,
+            zombie: None,
+            zombie_commits: None,
             dlt_allowance: 0,
             broker_commits: None,
         }
@@ -111,22 +138,73 @@ impl<'a> Injector<'a> {
     ) -> BoxResult<()> {
         match fault {
             FaultKind::Kill => self.kill(at, expected_effects, watch),
-            FaultKind::Broker => self.restart_broker(at, expected_effects, watch),
+            FaultKind::Broker => self.restart_broker(at, expected_effects, watch, false),
+            FaultKind::LoadedBroker => self.restart_broker(at, expected_effects, watch, true),
             FaultKind::Redis => self.redis_outage(at, expected_effects),
+            FaultKind::Zombie => self.zombie(at, expected_effects, watch),
+            FaultKind::Outage => self.outage(at, expected_effects, watch),
         }
     }
 
     /// Once the consumer recovered from `fault`: after a broker restart, redelivered records
     /// skip their effects (the store says done), but dead letters are not marked done: those
     /// the lost partitions had not committed are written again.
-    pub(crate) fn settled(&mut self, fault: FaultKind, watch: &Watch<'_>) {
-        if fault == FaultKind::Broker {
+    /// A resumed zombie is stopped (SIGTERM) here.
+    pub(crate) fn settled(&mut self, fault: FaultKind, watch: &mut Watch<'_>) -> BoxResult<()> {
+        if matches!(fault, FaultKind::Broker | FaultKind::LoadedBroker) {
             let letters = watch.uncommitted_dead_letters(self.broker_commits.take().as_deref());
             log(format!(
                 "dead letters not committed before the broker restart: {letters}"
             ));
             self.dlt_allowance += letters;
         }
+        if let Some((mut zombie, record, lines_at_resume)) = self.zombie.take() {
+            // Let it finish (or, with lease renewal, abandon) the handlers it had in flight: they
+            // resume with it and end within one record's work. Once it rejoined, it takes new
+            // records, so "nothing in flight" may never come: wait for two status lines after
+            // SIGCONT and 5 s in all (or nothing in flight, if that comes first).
+            let started = Instant::now();
+            loop {
+                watch.ledgers.poll();
+                let fresh = zombie.status_lines() > lines_at_resume + 1;
+                let idle = zombie
+                    .last("status")
+                    .is_some_and(|s| s["in_flight"].as_u64() == Some(0));
+                if zombie.child.try_wait()?.is_some()
+                    || (fresh && (idle || started.elapsed() >= Duration::from_secs(5)))
+                    || started.elapsed() >= Duration::from_secs(60)
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            log(format!(
+                "zombie consumer #{}: stopping it {:.1?} after SIGCONT",
+                record.index,
+                started.elapsed()
+            ));
+            let status = zombie.terminate(Duration::from_secs(60))?;
+            log(format!(
+                "zombie consumer #{} stopped with SIGTERM ({status})",
+                record.index
+            ));
+            if !status.success() {
+                watch.problems.push(format!(
+                    "the zombie consumer #{} did not shut down cleanly on SIGTERM: {status}",
+                    record.index
+                ));
+            }
+            watch.consumers.children.push(record);
+            // A zombie fault hands partitions over three times (the newcomer joins, the resumed
+            // zombie rejoins, the zombie leaves): each may write again every dead letter its
+            // old owner had not committed (dead letters are not marked done).
+            let letters = watch.uncommitted_dead_letters(self.zombie_commits.take().as_deref());
+            log(format!(
+                "dead letters not committed when the zombie fault began, written since: {letters} (each may repeat at 3 hand-overs)"
+            ));
+            self.dlt_allowance += 3 * letters;
+        }
+        Ok(())
     }
 
     /// Stops the consumer (SIGKILL, or SIGTERM with `--clean-restarts`) and starts the next.
@@ -150,8 +228,8 @@ impl<'a> Injector<'a> {
         log(format!(
             "kill {}/{}: {how} consumer #{child_index} at {at}/{expected_effects} effects ({status}); \
              not yet committed: {} of its effects, {letters} dead letters",
-            self.kills_done + 1,
-            self.args.kills,
+            self.done.kills + 1,
+            self.planned.kills,
             exposure.map_or("unknown (commits unreadable)".into(), |n| n.to_string())
         ));
         if clean && !status.success() {
@@ -163,30 +241,211 @@ impl<'a> Injector<'a> {
             index: child_index,
             killed: !clean,
             uncommitted_at_kill: exposure,
+            zombie: None,
         });
-        self.kills_done += 1;
+        self.done.kills += 1;
         watch.start_next_consumer()
     }
 
-    /// SIGKILLs the broker and starts it again after `--broker-down-secs`.
+    /// SIGKILLs the broker and starts it again after `--broker-down-secs`. `loaded`: only
+    /// once the consumer is saturated and its commits are moving (see [`Watch::wait_loaded`]).
     fn restart_broker(
         &mut self,
         at: usize,
         expected_effects: usize,
-        watch: &Watch<'_>,
+        watch: &mut Watch<'_>,
+        loaded: bool,
     ) -> BoxResult<()> {
         let broker = self.broker.expect("planned only with a broker control");
-        log(format!(
-            "broker restart {}/{}: at {at}/{expected_effects} effects",
-            self.broker_done + 1,
-            self.broker_restarts
-        ));
+        let (done, planned, what) = if loaded {
+            (
+                self.done.loaded_broker_restarts,
+                self.planned.loaded_broker_restarts,
+                "broker restart under load",
+            )
+        } else {
+            (
+                self.done.broker_restarts,
+                self.planned.broker_restarts,
+                "broker restart",
+            )
+        };
+        let load = if loaded {
+            format!("; {}", watch.wait_loaded(self.args.max_in_flight)?)
+        } else {
+            String::new()
+        };
         // Commits before the kill: if the consumer's session times out while the broker is
         // down, it loses its partitions and redoes everything from here on.
         self.broker_commits = watch.commits_retrying();
+        log(format!(
+            "{what} {}/{planned}: at {}/{expected_effects} effects{load}",
+            done + 1,
+            at.max(watch.ledgers.distinct),
+        ));
         let took = broker.kill_and_restart(Duration::from_secs(self.args.broker_down_secs))?;
         log(format!("broker back after {took:.1?}"));
-        self.broker_done += 1;
+        if loaded {
+            self.done.loaded_broker_restarts += 1;
+        } else {
+            self.done.broker_restarts += 1;
+        }
+        Ok(())
+    }
+
+    /// Starts a second consumer; once it holds partitions, freezes the first (SIGSTOP) past
+    /// the session timeout and the idempotency lease, until the second holds every partition
+    /// and has had time to redo the frozen one's expired claims; then resumes it (SIGCONT).
+    /// It keeps running until the consumers recovered (see [`Injector::settled`]).
+    fn zombie(
+        &mut self,
+        at: usize,
+        expected_effects: usize,
+        watch: &mut Watch<'_>,
+    ) -> BoxResult<()> {
+        let partitions = watch.topic.1 as usize;
+        let peer_index = watch.consumers.current.index + 1;
+        self.zombie_commits = watch.commits_retrying();
+        let peer = watch.consumers.spawn.spawn(peer_index, watch.ledgers)?;
+        let mut zombie = std::mem::replace(&mut watch.consumers.current, peer);
+        let zombie_index = zombie.index;
+        log(format!(
+            "zombie {}/{}: consumer #{peer_index} joins consumer #{zombie_index} at {at}/{expected_effects} effects",
+            self.done.zombies + 1,
+            self.planned.zombies
+        ));
+        // Both consumers hold partitions and the one to freeze has records in flight.
+        let assigned = |p: &ConsumerProc| {
+            p.last("status")
+                .and_then(|s| s["assigned"].as_array().map(Vec::len))
+                .unwrap_or(0)
+        };
+        let in_flight = |p: &ConsumerProc| {
+            p.last("status")
+                .and_then(|s| s["in_flight"].as_u64())
+                .unwrap_or(0)
+        };
+        let until = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < until
+            && !(assigned(&watch.consumers.current) > 0
+                && assigned(&zombie) > 0
+                && in_flight(&zombie) > 0)
+        {
+            watch.ledgers.poll();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Let the newcomer get busy: a status line is printed every 500 ms.
+        std::thread::sleep(Duration::from_millis(1000));
+        let zombie_in_flight = in_flight(&zombie);
+        let zombie_assigned = assigned(&zombie);
+        signal(zombie.child.id(), "STOP")?;
+        let frozen = Instant::now();
+        std::thread::sleep(Duration::from_millis(200));
+        watch.ledgers.poll();
+        let commits = watch.commits_retrying();
+        let exposure = commits
+            .as_ref()
+            .map(|c| watch.uncommitted_effects_of(zombie_index, c));
+        let letters = watch.uncommitted_dead_letters(commits.as_deref());
+        log(format!(
+            "zombie: SIGSTOP consumer #{zombie_index} (pid {}) holding {zombie_assigned} partitions, \
+             {zombie_in_flight} records in flight; not yet committed: {} of its effects, {letters} dead letters",
+            zombie.child.id(),
+            exposure.map_or("unknown".into(), |n| n.to_string())
+        ));
+        let min_freeze = Duration::from_secs(
+            self.args
+                .zombie_freeze_secs
+                .unwrap_or((SESSION_TIMEOUT + LEASE).as_secs() + 3),
+        );
+        let mut took_over = None;
+        loop {
+            watch.ledgers.poll();
+            if took_over.is_none() && assigned(&watch.consumers.current) == partitions {
+                took_over = Some(frozen.elapsed());
+            }
+            if frozen.elapsed() >= min_freeze
+                && took_over.is_some_and(|t| frozen.elapsed() >= t + Duration::from_secs(3))
+            {
+                break;
+            }
+            if frozen.elapsed() > min_freeze + Duration::from_secs(120) {
+                watch.problems.push(format!(
+                    "zombie: consumer #{peer_index} did not take over every partition within {:?} of the freeze",
+                    frozen.elapsed()
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let resumed_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let lines_at_resume = zombie.status_lines();
+        signal(zombie.child.id(), "CONT")?;
+        let frozen_for = frozen.elapsed();
+        log(format!(
+            "zombie: SIGCONT consumer #{zombie_index} after {frozen_for:.1?} frozen; consumer #{peer_index} \
+             held every partition {} after the freeze",
+            took_over.map_or("never".to_owned(), |t| format!("{t:.1?}"))
+        ));
+        if zombie.child.try_wait()?.is_some() {
+            watch.problems.push(format!(
+                "the zombie consumer #{zombie_index} died while frozen"
+            ));
+        }
+        self.zombie = Some((
+            zombie,
+            ChildRecord {
+                index: zombie_index,
+                killed: false,
+                uncommitted_at_kill: exposure,
+                zombie: Some(ZombieRecord {
+                    in_flight_at_freeze: zombie_in_flight,
+                    frozen_ms: frozen_for.as_millis() as u64,
+                    resumed_ms,
+                }),
+            },
+            lines_at_resume,
+        ));
+        self.done.zombies += 1;
+        Ok(())
+    }
+
+    /// Makes every handler call that reaches the downstream fail transiently for
+    /// `--outage-secs` (through the flag file the consumers watch).
+    ///
+    /// A circuit breaker (a future `--breaker` flag handing the consumers its settings) would
+    /// pause instead of dead-lettering during this window: the outage itself stays the same.
+    fn outage(
+        &mut self,
+        at: usize,
+        expected_effects: usize,
+        watch: &mut Watch<'_>,
+    ) -> BoxResult<()> {
+        let before = watch.ledgers.outage_exhausted;
+        log(format!(
+            "downstream outage {}/{}: every handler fails transiently for {} s from {at}/{expected_effects} effects",
+            self.done.outages + 1,
+            self.planned.outages,
+            self.args.outage_secs
+        ));
+        std::fs::write(&self.outage_flag, b"outage\n")?;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(self.args.outage_secs) {
+            std::thread::sleep(Duration::from_millis(100));
+            watch.ledgers.poll();
+        }
+        std::fs::remove_file(&self.outage_flag)?;
+        // Attempts in their back-off when the flag went away may still fail on it for a moment.
+        std::thread::sleep(Duration::from_millis(500));
+        watch.ledgers.poll();
+        log(format!(
+            "downstream outage over after {:.1?}: {} records ran out of retries during it",
+            started.elapsed(),
+            watch.ledgers.outage_exhausted - before
+        ));
+        self.done.outages += 1;
         Ok(())
     }
 
@@ -195,15 +454,15 @@ impl<'a> Injector<'a> {
         let redis = self.redis.as_mut().expect("planned only with a store");
         log(format!(
             "redis outage {}/{}: killing the idempotency Redis for {} s at {at}/{expected_effects} effects",
-            self.redis_done + 1,
-            self.redis_outages,
+            self.done.redis_outages + 1,
+            self.planned.redis_outages,
             self.args.redis_down_secs
         ));
         redis.kill();
         std::thread::sleep(Duration::from_secs(self.args.redis_down_secs));
         redis.restart()?;
         log("redis restarted empty on the same port: done marks are gone");
-        self.redis_done += 1;
+        self.done.redis_outages += 1;
         Ok(())
     }
 }

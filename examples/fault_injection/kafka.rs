@@ -24,6 +24,10 @@ pub(crate) struct Letter {
     pub(crate) source: Option<(i32, i64)>,
     pub(crate) kind: Option<String>,
     pub(crate) attempts: Option<String>,
+    /// The dead-letter partition it landed in.
+    pub(crate) partition: i32,
+    /// Its key (the source record's).
+    pub(crate) key: Option<Vec<u8>>,
 }
 
 pub(crate) struct Kafka {
@@ -248,6 +252,8 @@ impl Kafka {
                         source: partition.zip(offset),
                         kind: header(dlt_headers::FAILURE_KIND),
                         attempts: header(dlt_headers::ATTEMPTS),
+                        partition: m.partition(),
+                        key: m.key().map(<[u8]>::to_vec),
                     });
                     if m.offset() + 1 >= end {
                         pending.remove(&m.partition());

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::MAX_ATTEMPTS;
 use crate::event::Event;
 
 // ---------------------------------------------------------------------------------------------
@@ -70,6 +71,11 @@ pub(crate) fn line(ev: &Event, attempt: u32, pid: u32, partition: i32, offset: i
     )
 }
 
+/// The line noting that a downstream outage failed `attempt` of event `id`.
+pub(crate) fn outage_line(id: u64, attempt: u32) -> String {
+    format!("outage {id} {attempt}\n")
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reading (in the runner)
 
@@ -83,6 +89,8 @@ pub(crate) struct Effect {
     pub(crate) offset: i64,
     /// Which consumer process wrote it.
     pub(crate) child: usize,
+    /// When it was written (ms since the epoch): orders effects of concurrent processes.
+    pub(crate) time_ms: u64,
 }
 
 struct LedgerFile {
@@ -100,6 +108,10 @@ pub(crate) struct Ledgers {
     pub(crate) count: Vec<u32>,
     /// Ids with at least one effect.
     pub(crate) distinct: usize,
+    /// Per id, the highest attempt a downstream outage failed (0: none).
+    pub(crate) outage_attempt: Vec<u32>,
+    /// Ids whose last attempt a downstream outage failed: dead-lettered by the outage.
+    pub(crate) outage_exhausted: usize,
     pub(crate) malformed: Vec<String>,
 }
 
@@ -110,6 +122,8 @@ impl Ledgers {
             effects: Vec::new(),
             count: vec![0; events],
             distinct: 0,
+            outage_attempt: vec![0; events],
+            outage_exhausted: 0,
             malformed: Vec::new(),
         }
     }
@@ -143,6 +157,19 @@ impl Ledgers {
             };
             let complete: Vec<u8> = f.partial.drain(..=end).collect();
             for line in String::from_utf8_lossy(&complete).lines() {
+                if let Some(rest) = line.strip_prefix("outage ") {
+                    match parse_outage(rest) {
+                        Some((id, attempt)) if (id as usize) < self.count.len() => {
+                            let a = &mut self.outage_attempt[id as usize];
+                            if attempt >= MAX_ATTEMPTS && *a < MAX_ATTEMPTS {
+                                self.outage_exhausted += 1;
+                            }
+                            *a = (*a).max(attempt);
+                        }
+                        _ => self.malformed.push(line.to_owned()),
+                    }
+                    continue;
+                }
                 match parse_effect(line, f.child) {
                     Some(e) if (e.id as usize) < self.count.len() => {
                         let c = &mut self.count[e.id as usize];
@@ -159,6 +186,26 @@ impl Ledgers {
     }
 }
 
+impl Ledgers {
+    /// Ids a downstream outage dead-lettered (their last attempt failed by it) that have no
+    /// effect: with the effects, they account for every event expected to succeed.
+    pub(crate) fn outage_dead_lettered(&self) -> usize {
+        if self.outage_exhausted == 0 {
+            return 0;
+        }
+        self.outage_attempt
+            .iter()
+            .zip(&self.count)
+            .filter(|&(&a, &c)| a >= MAX_ATTEMPTS && c == 0)
+            .count()
+    }
+}
+
+fn parse_outage(rest: &str) -> Option<(u64, u32)> {
+    let (id, attempt) = rest.split_once(' ')?;
+    Some((id.parse().ok()?, attempt.parse().ok()?))
+}
+
 fn parse_effect(line: &str, child: usize) -> Option<Effect> {
     let mut it = line.split(' ');
     let id = it.next()?.parse().ok()?;
@@ -168,6 +215,7 @@ fn parse_effect(line: &str, child: usize) -> Option<Effect> {
     let _pid: u32 = it.next()?.parse().ok()?;
     let partition = it.next()?.parse().ok()?;
     let offset = it.next()?.parse().ok()?;
+    let time_ms = it.next()?.parse().ok()?;
     Some(Effect {
         id,
         key,
@@ -176,5 +224,6 @@ fn parse_effect(line: &str, child: usize) -> Option<Effect> {
         partition,
         offset,
         child,
+        time_ms,
     })
 }

@@ -4,9 +4,12 @@
 //!
 //! ```text
 //! # the reduced run scripts/test does (about 2 minutes):
-//! cargo run --example fault_injection -- --events 20000 --kills 2 --broker-restarts 1 --redis-outages 1
-//! # the full run (200,000 events, 5 kills, 1 broker restart, 1 Redis outage):
-//! cargo run --release --example fault_injection
+//! cargo run --example fault_injection -- --events 20000 --kills 2 --broker-restarts 1 \
+//!     --redis-outages 1 --dlt-partitions 2 --outages 1 --outage-secs 3
+//! # the full run (every fault; the README publishes its table):
+//! cargo run --example fault_injection -- --events 200000 --work-ms 70 --kills 5 \
+//!     --broker-restarts 1 --loaded-broker-restarts 1 --redis-outages 1 --zombies 1 \
+//!     --outages 1 --outage-secs 10 --dlt-partitions 2
 //! # graceful restarts only: 0 duplicates expected
 //! cargo run --release --example fault_injection -- --events 20000 --clean-restarts --kills 3
 //! ```
@@ -32,20 +35,47 @@
 //!    checker knows them: 4.5 % fail transiently once or twice and then succeed, 0.5 % always
 //!    fail transiently (retries exhausted: dead-lettered), 0.5 % fail permanently.
 //! 3. At random points of progress it SIGKILLs the consumer and starts another (`--kills`),
-//!    SIGKILLs the broker and starts it again (`--broker-restarts`), and kills the Redis for a
-//!    few seconds, restarting it *empty* on the same port (`--redis-outages`). Faults run one
+//!    SIGKILLs the broker and starts it again (`--broker-restarts`; `--loaded-broker-restarts`
+//!    waits first until the consumer is saturated and its commits are moving, so the kill
+//!    meets commits in progress), and kills the Redis for a few seconds, restarting it *empty*
+//!    on the same port (`--redis-outages`). A **zombie** (`--zombies`): a second consumer
+//!    joins, the first is frozen with SIGSTOP past the session timeout (6 s) and the lease
+//!    (3 s) until the second holds every partition, then resumed with SIGCONT (its in-flight
+//!    handlers carry on), and stopped with SIGTERM once the group recovered. A **downstream
+//!    outage** (`--outages`, `--outage-secs`): every handler call that gets past the injected
+//!    failures fails transiently while a flag file exists (each such failure is noted in the
+//!    ledger); records whose retries run out meanwhile are dead-lettered. The dead-letter
+//!    topic may have fewer partitions than the source (`--dlt-partitions`). Faults run one
 //!    after the other: after each, the runner waits until the consumer has committed past
 //!    every effect made so far, so the records one fault can make repeat never overlap the
 //!    next fault (a Redis restart during the redelivery after a kill would repeat all of it).
 //! 4. When every event is accounted for and the consumer reports itself idle, it stops the
 //!    last consumer with SIGTERM and checks.
 //!
-//! The checks, and the verdict line `events=E lost=L duplicates=D bound=B dead_lettered=X
-//! kills=K broker_restarts=R redis_outages=S verdict=PASS|FAIL` (exit status 1 on FAIL):
+//! The checks, and the verdict line (exit status 1 on FAIL):
+//!
+//! ```text
+//! events=E lost=L duplicates=D bound=B dead_lettered=X kills=K kill_duplicates=KD
+//! broker_restarts=R loaded_broker_restarts=RL redis_outages=S zombies=Z zombie_duplicates=ZD
+//! zombie_late_writes=ZL zombie_bound=ZB outages=O outage_dead_lettered=OX dlt_partitions=P
+//! dlt_by_key=PK verdict=PASS|FAIL
+//! ```
+//!
 //! - **lost = 0**: every id is in the ledger or the dead-letter topic.
 //! - The dead-letter topic holds exactly the permanent and the exhausted ids (X), with the
-//!   right failure kind and attempt count; none of them ever had a side effect.
-//! - **D ≤ B** (duplicate side effects), `B = kills × max_in_flight`: after a SIGKILL only
+//!   right failure kind and attempt count; none of them ever had a side effect. A downstream
+//!   outage adds the records whose every attempt failed on it (OX, `retries-exhausted`): they
+//!   are reported, not a failure; one whose retries it exhausted must be in the topic.
+//! - Dead-letter partitions: a letter from source partition `p` is in partition `p` of the
+//!   dead-letter topic when it has one, otherwise where Kafka's Java partitioner puts its key
+//!   (`murmur2`); PK counts the latter.
+//! - **Zombies**: ZD counts the effects a zombie wrote after SIGCONT that another process had
+//!   already made (ZL, late writes) plus its effects from before the freeze that the new owner
+//!   made again; each record in flight at the freeze repeats at most once, so
+//!   `ZD ≤ ZB = zombies × max_in_flight`. Effects are ordered by their ledger time, since the
+//!   zombie and its successor write at once.
+//! - **D ≤ B** (duplicate side effects), `B = kills × max_in_flight + ZB`; KD counts the
+//!   kills' part. After a SIGKILL only
 //!   records whose effect was written but whose idempotency claim was not yet completed can
 //!   run again (a completed one is skipped as done), and at most `max_in_flight` records are
 //!   in flight. Checked per kill too: the repeats of a killed process's effects are at most
@@ -54,8 +84,10 @@
 //!   if it outlasts the session timeout the partitions are lost and redelivered, but the
 //!   store says done. It does repeat **dead letters** (a dead-lettered key is not marked done,
 //!   so a redrive can run): duplicate dead letters are checked against the letters not yet
-//!   committed at each kill and broker restart, and no letter repeats more often than there
-//!   were kills and broker restarts.
+//!   committed at each kill and broker restart (for a zombie: three times those written
+//!   since the commits before it began, one per hand-over: the newcomer joins, the zombie
+//!   rejoins, the zombie leaves), and no letter repeats more often than there were such
+//!   redeliveries.
 //! - `--clean-restarts`: SIGTERM instead of SIGKILL and **no idempotency store** (it would
 //!   hide redeliveries), so `B = 0`, and no dead letter may repeat either: this tests the
 //!   consumer's own commit on graceful shutdown.
@@ -101,6 +133,8 @@ const MAX_ATTEMPTS: u32 = 4;
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 /// The idempotency lease: a killed consumer's claims block their keys this long.
 const LEASE: Duration = Duration::from_secs(3);
+/// The consumer's session timeout: a frozen consumer loses its partitions after this.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
 fn main() {
     let cli = Cli::parse();

@@ -19,6 +19,8 @@ pub(crate) struct ConsumerSpawn {
     pub(crate) max_in_flight: usize,
     pub(crate) work_ms: u64,
     pub(crate) work_dir: PathBuf,
+    /// The downstream-outage flag file the consumers watch.
+    pub(crate) outage_flag: PathBuf,
 }
 
 impl ConsumerSpawn {
@@ -51,6 +53,7 @@ impl ConsumerSpawn {
         if let Some(url) = &self.redis_url {
             cmd.args(["--redis-url", url]);
         }
+        cmd.arg("--outage-flag").arg(&self.outage_flag);
         let child = cmd.spawn()?;
         log(format!("started consumer #{index} (pid {})", child.id()));
         Ok(ConsumerProc {
@@ -72,6 +75,13 @@ impl ConsumerProc {
     /// The last line of its stdout carrying `field` (`status` or `snapshot`).
     pub(crate) fn last(&self, field: &str) -> Option<serde_json::Value> {
         read_last(&self.out, field)
+    }
+
+    /// How many status lines it printed so far.
+    pub(crate) fn status_lines(&self) -> usize {
+        std::fs::read_to_string(&self.out).map_or(0, |t| {
+            t.lines().filter(|l| l.starts_with("{\"status\"")).count()
+        })
     }
 
     /// Waits until it printed a status line (its signal handlers are installed then).
@@ -150,6 +160,20 @@ pub(crate) struct ChildRecord {
     pub(crate) killed: bool,
     /// Its effects at offsets its group had not committed when it died.
     pub(crate) uncommitted_at_kill: Option<u64>,
+    /// A zombie: frozen (SIGSTOP) while another consumer took over, then resumed.
+    pub(crate) zombie: Option<ZombieRecord>,
+}
+
+/// What the runner saw of a zombie.
+#[derive(Debug, Clone)]
+pub(crate) struct ZombieRecord {
+    /// Its records in flight in its last status line before the freeze (at most
+    /// `max_in_flight`; status lines come every 500 ms).
+    pub(crate) in_flight_at_freeze: u64,
+    /// How long it stayed frozen.
+    pub(crate) frozen_ms: u64,
+    /// When it was resumed (ms since the epoch): its effects written later are late writes.
+    pub(crate) resumed_ms: u64,
 }
 
 /// The value of `field` in the last JSON line of `path` that has it.

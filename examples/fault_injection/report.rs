@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::check::Checked;
 use crate::cli::RunArgs;
+use crate::faults::Counts;
 use crate::kafka::Kafka;
 use crate::ledger::Ledgers;
 use crate::log;
@@ -24,9 +25,9 @@ pub(crate) struct Summary<'a> {
     /// Records in the dead-letter topic.
     pub(crate) letters: usize,
     pub(crate) dlt_allowance: u64,
-    pub(crate) kills_done: u32,
-    pub(crate) broker_done: u32,
-    pub(crate) redis_done: u32,
+    /// The faults injected.
+    pub(crate) done: Counts,
+    pub(crate) dlt_partitions: i32,
     pub(crate) started: Instant,
 }
 
@@ -46,11 +47,17 @@ pub(crate) struct Cleanup<'a> {
 pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
     let args = s.args;
     let report = s.checked;
-    let bound = if args.clean_restarts {
+    let done = s.done;
+    let mif = args.max_in_flight as u64;
+    // Kills: at most max_in_flight repeats each (none after clean restarts). Zombies: each
+    // record in flight at the freeze repeats at most once. Nothing else may repeat an effect.
+    let kill_bound = if args.clean_restarts {
         0
     } else {
-        u64::from(s.kills_done) * args.max_in_flight as u64
+        u64::from(done.kills) * mif
     };
+    let zombie_bound = u64::from(done.zombies) * mif;
+    let bound = kill_bound + zombie_bound;
     if report.duplicates > bound {
         s.problems.push(format!(
             "{} duplicate side effects exceed the bound {bound}",
@@ -69,8 +76,17 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         report.dlt_duplicates
     ));
     log(format!(
-        "per kill: uncommitted effects / duplicates of them: {}; duplicate dead letters {} (allowed: {} uncommitted at kills and broker restarts)",
+        "per kill: uncommitted effects / duplicates of them: {}; duplicate dead letters {} (allowed: {} uncommitted at kills, broker restarts and zombie hand-overs)",
         report.per_kill, report.dlt_duplicates, s.dlt_allowance
+    ));
+    log(format!("per zombie: {}", report.per_zombie));
+    log(format!(
+        "dead-letter topic: {} partitions for {} source partitions; {} letters from source partitions it lacks were placed by key",
+        s.dlt_partitions, args.partitions, report.dlt_by_key
+    ));
+    log(format!(
+        "downstream outages: {} records dead-lettered (retries exhausted during the outage)",
+        report.outage_dead_lettered
     ));
     for p in &s.problems {
         log(format!("PROBLEM: {p}"));
@@ -103,14 +119,26 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
     }
 
     println!(
-        "events={} lost={} duplicates={} bound={bound} dead_lettered={} kills={} broker_restarts={} redis_outages={} verdict={}",
+        "events={} lost={} duplicates={} bound={bound} dead_lettered={} kills={} kill_duplicates={} \
+         broker_restarts={} loaded_broker_restarts={} redis_outages={} zombies={} zombie_duplicates={} \
+         zombie_late_writes={} zombie_bound={zombie_bound} outages={} outage_dead_lettered={} \
+         dlt_partitions={} dlt_by_key={} verdict={}",
         args.events,
         report.lost,
         report.duplicates,
         report.dead_lettered,
-        s.kills_done,
-        s.broker_done,
-        s.redis_done,
+        done.kills,
+        report.kill_duplicates,
+        done.broker_restarts,
+        done.loaded_broker_restarts,
+        done.redis_outages,
+        done.zombies,
+        report.zombie_duplicates,
+        report.zombie_late,
+        done.outages,
+        report.outage_dead_lettered,
+        s.dlt_partitions,
+        report.dlt_by_key,
         if pass { "PASS" } else { "FAIL" }
     );
     pass

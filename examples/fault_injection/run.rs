@@ -8,7 +8,7 @@ use crate::broker::BrokerControl;
 use crate::check::{Inputs, check};
 use crate::cli::RunArgs;
 use crate::event::{Fate, make_events};
-use crate::faults::{Injector, Plan};
+use crate::faults::{Counts, Injector, Plan};
 use crate::kafka::Kafka;
 use crate::ledger::Ledgers;
 use crate::procs::{ChildRecord, ConsumerSpawn, Consumers, read_last};
@@ -20,7 +20,7 @@ use crate::{BoxResult, log};
 /// Runs the whole experiment; `Ok(true)` on PASS.
 pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     let started = Instant::now();
-    let (broker_restarts, redis_outages) = fault_counts(&args)?;
+    let mut counts = fault_counts(&args)?;
     let seed = args.seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -28,9 +28,10 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     });
     args.seed = Some(seed);
     let use_store = !args.clean_restarts && !args.no_idempotency;
-    if !use_store && redis_outages > 0 {
-        return Err("--redis-outages needs the idempotency store".into());
+    if !use_store && (counts.redis_outages > 0 || counts.zombies > 0) {
+        return Err("--redis-outages and --zombies need the idempotency store".into());
     }
+    let dlt_partitions = args.dlt_partitions.unwrap_or(args.partitions);
     let mut rng = fastrand::Rng::with_seed(seed);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -50,7 +51,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     let dlt = format!("{topic}.dlt");
     let group = format!("{topic}-group");
     log(format!(
-        "seed={seed} events={} partitions={} keys={} max_in_flight={} mode={} bootstrap={} work_dir={}",
+        "seed={seed} events={} partitions={} dlt_partitions={dlt_partitions} keys={} max_in_flight={} mode={} bootstrap={} work_dir={}",
         args.events,
         args.partitions,
         args.keys,
@@ -67,7 +68,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     let kafka = Kafka::new(&args.bootstrap, &group)?;
     kafka.require()?;
 
-    let broker = if broker_restarts > 0 {
+    let broker = if counts.broker_restarts + counts.loaded_broker_restarts > 0 {
         match BrokerControl::resolve(args.broker_control.as_deref(), &args.bootstrap) {
             Ok(b) => Some(b),
             Err(why) => {
@@ -78,7 +79,10 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     } else {
         None
     };
-    let broker_restarts = if broker.is_some() { broker_restarts } else { 0 };
+    if broker.is_none() {
+        counts.broker_restarts = 0;
+        counts.loaded_broker_restarts = 0;
+    }
 
     let mut redis = if use_store {
         Some(RedisServer::start(&work_dir)?)
@@ -87,7 +91,8 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     };
 
     // Topics and events.
-    rt.block_on(kafka.create_topics(&[&topic, &dlt], args.partitions))?;
+    rt.block_on(kafka.create_topics(&[&topic], args.partitions))?;
+    rt.block_on(kafka.create_topics(&[&dlt], dlt_partitions))?;
     let produce_started = Instant::now();
     let events = make_events(args.events, args.keys, &mut rng);
     rt.block_on(kafka.produce(&topic, &events))?;
@@ -104,7 +109,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     ));
 
     // The fault plan: kinds in random order, each at a random point of progress.
-    let plan = Plan::new(args.kills, broker_restarts, redis_outages, &mut rng);
+    let plan = Plan::new(counts, &mut rng);
     let work_ms = args
         .work_ms
         .unwrap_or_else(|| plan.default_work_ms(args.max_in_flight, expected_effects));
@@ -127,6 +132,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         max_in_flight: args.max_in_flight,
         work_ms,
         work_dir: work_dir.clone(),
+        outage_flag: work_dir.join("downstream-outage"),
     };
     let mut ledgers = Ledgers::new(args.events as usize);
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
@@ -135,7 +141,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     let mut watch = Watch {
         kafka: &kafka,
         topic: (topic.clone(), log_end.len() as i32),
-        dlt: dlt.clone(),
+        dlt: (dlt.clone(), dlt_partitions),
         ledgers: &mut ledgers,
         log_end: &log_end,
         expected_effects,
@@ -150,9 +156,9 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     let mut injector = Injector::new(
         &args,
         broker.as_ref(),
-        broker_restarts,
+        counts,
         redis.as_mut(),
-        redis_outages,
+        work_dir.join("downstream-outage"),
     );
     for (fault, trigger) in plan.kinds.iter().zip(&plan.triggers) {
         let target = (trigger * expected_effects as f64) as usize;
@@ -163,12 +169,10 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         // Let the consumer recover before the next fault: it commits again and, after a Redis
         // restart, commits past every effect whose done mark was lost.
         watch.settle(*fault)?;
-        injector.settled(*fault, &watch);
+        injector.settled(*fault, &mut watch)?;
     }
     let Injector {
-        kills_done,
-        broker_done,
-        redis_done,
+        done,
         dlt_allowance,
         ..
     } = injector;
@@ -178,8 +182,9 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     let consume_took = consume_started.elapsed();
     if !complete {
         let problem = format!(
-            "not complete before the deadline/stall: {}/{} effects, commits {:?} of log end {:?}",
+            "not complete before the deadline/stall: {}/{} effects (+{} dead-lettered by outages), commits {:?} of log end {:?}",
             watch.ledgers.distinct,
+            watch.ledgers.outage_dead_lettered(),
             expected_effects,
             watch.kafka.committed(&watch.topic).ok(),
             log_end
@@ -197,6 +202,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         index: last_index,
         killed: false,
         uncommitted_at_kill: None,
+        zombie: None,
     });
     watch.ledgers.poll();
     let Watch {
@@ -208,7 +214,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
 
     // The checks.
     let committed = kafka.committed(&(topic.clone(), log_end.len() as i32));
-    let letters = kafka.read_all(&dlt, args.partitions)?;
+    let letters = kafka.read_all(&dlt, dlt_partitions)?;
     let checked = check(&Inputs {
         events: &events,
         fates: &fates,
@@ -220,13 +226,17 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         children: &consumers.children,
         max_in_flight: args.max_in_flight,
         partitions: args.partitions,
+        dlt_partitions,
         // After clean restarts nothing may repeat, dead letters included.
         dlt_allowance: if args.clean_restarts {
             0
         } else {
             dlt_allowance
         },
-        redeliveries: kills_done + broker_done,
+        redeliveries: done.kills
+            + done.broker_restarts
+            + done.loaded_broker_restarts
+            + 3 * done.zombies,
     });
     problems.extend(checked.problems.iter().cloned());
 
@@ -240,9 +250,8 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
             ledgers: &ledgers,
             letters: letters.len(),
             dlt_allowance,
-            kills_done,
-            broker_done,
-            redis_done,
+            done,
+            dlt_partitions,
             started,
         },
         Cleanup {
@@ -258,8 +267,8 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     Ok(pass)
 }
 
-/// Broker restarts and Redis outages to run: the flags, or their defaults for the mode.
-fn fault_counts(args: &RunArgs) -> BoxResult<(u32, u32)> {
+/// The faults to run: the flags, or their defaults for the mode.
+fn fault_counts(args: &RunArgs) -> BoxResult<Counts> {
     let broker_restarts = args
         .broker_restarts
         .unwrap_or(if args.clean_restarts { 0 } else { 1 });
@@ -270,15 +279,37 @@ fn fault_counts(args: &RunArgs) -> BoxResult<(u32, u32)> {
             } else {
                 1
             });
-    if args.clean_restarts && (broker_restarts > 0 || redis_outages > 0) {
+    let counts = Counts {
+        kills: args.kills,
+        broker_restarts,
+        loaded_broker_restarts: args.loaded_broker_restarts,
+        redis_outages,
+        zombies: args.zombies,
+        outages: args.outages,
+    };
+    if args.clean_restarts
+        && (broker_restarts > 0
+            || redis_outages > 0
+            || counts.loaded_broker_restarts > 0
+            || counts.zombies > 0
+            || counts.outages > 0)
+    {
         return Err(
             "--clean-restarts runs only clean consumer restarts (0 duplicates expected); \
-                    it takes no --broker-restarts or --redis-outages"
+                    it takes no other fault"
                 .into(),
         );
     }
-    if args.events == 0 || args.partitions < 1 || args.keys == 0 || args.max_in_flight == 0 {
-        return Err("--events, --partitions, --keys and --max-in-flight must be positive".into());
+    if args.events == 0
+        || args.partitions < 1
+        || args.dlt_partitions.is_some_and(|p| p < 1)
+        || args.keys == 0
+        || args.max_in_flight == 0
+    {
+        return Err(
+            "--events, --partitions, --dlt-partitions, --keys and --max-in-flight must be positive"
+                .into(),
+        );
     }
-    Ok((broker_restarts, redis_outages))
+    Ok(counts)
 }

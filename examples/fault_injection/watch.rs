@@ -15,7 +15,8 @@ pub(crate) struct Watch<'a> {
     pub(crate) kafka: &'a Kafka,
     /// The source topic and its partition count.
     pub(crate) topic: (String, i32),
-    pub(crate) dlt: String,
+    /// The dead-letter topic and its partition count.
+    pub(crate) dlt: (String, i32),
     pub(crate) ledgers: &'a mut Ledgers,
     pub(crate) log_end: &'a [i64],
     pub(crate) expected_effects: usize,
@@ -49,6 +50,7 @@ impl Watch<'_> {
                 index,
                 killed: true,
                 uncommitted_at_kill: None,
+                zombie: None,
             });
             self.start_next_consumer()?;
         }
@@ -64,7 +66,9 @@ impl Watch<'_> {
 
     pub(crate) fn wait_progress(&mut self, target: usize) -> BoxResult<()> {
         let mut last = (self.ledgers.distinct, Instant::now());
-        while self.ledgers.distinct < target.min(self.expected_effects) {
+        while self.ledgers.distinct + self.ledgers.outage_exhausted
+            < target.min(self.expected_effects)
+        {
             if Instant::now() >= self.deadline || last.1.elapsed() > STALL {
                 log(format!(
                     "no progress to {target} effects (at {}); running the fault anyway",
@@ -129,7 +133,7 @@ impl Watch<'_> {
             self.check_child()?;
             self.ledgers.poll();
             let commits = self.kafka.committed(&self.topic).ok();
-            if self.ledgers.distinct >= self.expected_effects
+            if self.ledgers.distinct + self.ledgers.outage_dead_lettered() >= self.expected_effects
                 && commits.as_deref() == Some(self.log_end)
                 && self
                     .consumers
@@ -146,6 +150,42 @@ impl Watch<'_> {
                 return Ok(false);
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits (up to 30 s) until the consumer is saturated — at least half of `max_in_flight`
+    /// in flight in its last status line — and its group's commits moved within the last
+    /// 300 ms, so that a broker kill meets commits in progress. Returns what it saw.
+    pub(crate) fn wait_loaded(&mut self, max_in_flight: usize) -> BoxResult<String> {
+        let started = Instant::now();
+        let want = (max_in_flight as u64).div_ceil(2);
+        let mut before = self.kafka.committed(&self.topic).ok();
+        loop {
+            self.check_child()?;
+            std::thread::sleep(Duration::from_millis(300));
+            self.ledgers.poll();
+            let now = self.kafka.committed(&self.topic).ok();
+            let in_flight = self
+                .consumers
+                .current
+                .last("status")
+                .and_then(|s| s["in_flight"].as_u64())
+                .unwrap_or(0);
+            let advanced = match (&before, &now) {
+                (Some(b), Some(n)) => n.iter().sum::<i64>() - b.iter().sum::<i64>(),
+                _ => 0,
+            };
+            if in_flight >= want && advanced > 0 {
+                return Ok(format!(
+                    "under load: {in_flight} records in flight, commits advanced by {advanced} records in the last 300 ms"
+                ));
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Ok(format!(
+                    "NOT under load after 30 s ({in_flight} in flight, commits advanced by {advanced}); restarting anyway"
+                ));
+            }
+            before = now;
         }
     }
 
@@ -172,7 +212,7 @@ impl Watch<'_> {
     /// Events in the dead-letter topic now whose source offsets `commits` does not cover
     /// (all of them when the commits are unknown).
     pub(crate) fn uncommitted_dead_letters(&self, commits: Option<&[i64]>) -> u64 {
-        let letters = match self.kafka.read_all(&self.dlt, self.topic.1) {
+        let letters = match self.kafka.read_all(&self.dlt.0, self.dlt.1) {
             Ok(l) => l,
             Err(e) => {
                 log(format!("cannot read the dead letters: {e}"));
