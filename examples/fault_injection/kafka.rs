@@ -10,7 +10,7 @@ use kourier::rdkafka::client::DefaultClientContext;
 use kourier::rdkafka::config::ClientConfig;
 use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
 use kourier::rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use kourier::rdkafka::message::{Headers as _, Message as _};
+use kourier::rdkafka::message::Message as _;
 use kourier::rdkafka::producer::{FutureProducer, FutureRecord};
 use kourier::rdkafka::{Offset, TopicPartitionList};
 
@@ -227,14 +227,13 @@ impl Kafka {
                     let Some(&end) = pending.get(&m.partition()) else {
                         continue;
                     };
+                    // Through kourier's headers: rdkafka's getters panic on header names
+                    // that are not UTF-8, which dead letters keep.
+                    let headers = m.headers().map(kourier::Headers::from_rdkafka);
                     let bytes = |name: &str| {
-                        m.headers().and_then(|h| {
-                            h.iter()
-                                .filter(|h| h.key == name)
-                                .last()
-                                .and_then(|h| h.value)
-                                .map(<[u8]>::to_vec)
-                        })
+                        headers
+                            .as_ref()
+                            .and_then(|h| h.get(name).map(<[u8]>::to_vec))
                     };
                     let header =
                         |name: &str| bytes(name).map(|v| String::from_utf8_lossy(&v).into_owned());

@@ -31,8 +31,9 @@ pub(crate) fn on_assign<C: ConsumerContext>(
 pub(crate) fn on_revoke<C: ConsumerContext>(hub: &Hub, consumer: &BaseConsumer<C>, tps: &[Tp]) {
     {
         let mut scheduler = hub.lock();
-        scheduler.begin_revoke(tps);
+        // Before the drain fires: a worker woken by it reads the deadline at once.
         scheduler.give_up_by(Some(tps), tokio::time::Instant::now() + hub.revoke_timeout);
+        scheduler.begin_revoke(tps);
         if consumer.assignment_lost() {
             scheduler.lose(tps);
         }

@@ -26,8 +26,9 @@ pub(crate) fn shutdown<C: ConsumerContext>(
     let deadline = Instant::now() + timeout;
     let changes = {
         let mut s = hub.lock();
-        s.begin_stop();
+        // Before the drain fires: a worker woken by it reads the deadline at once.
         s.give_up_by(None, tokio::time::Instant::now() + timeout);
+        s.begin_stop();
         s.flow_control()
     };
     apply_flow(consumer, &hub.metrics, &changes);

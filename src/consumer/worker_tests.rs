@@ -1798,7 +1798,11 @@ async fn a_drain_lets_a_back_off_that_ends_before_its_deadline_retry() {
         .process_draining_at_until(order("o-1"), secs(1), secs(60))
         .await;
 
-    assert_eq!(end, JobEnd::Settled, "retried within the drain, not given up");
+    assert_eq!(
+        end,
+        JobEnd::Settled,
+        "retried within the drain, not given up"
+    );
     assert_eq!(took, secs(30));
     assert_eq!(h.attempts(), [1, 2]);
     assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
