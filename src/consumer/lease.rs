@@ -60,8 +60,9 @@ fn after(at: Instant, d: Duration) -> Instant {
 /// Whether "this store cannot renew" was logged (once per process, at `warn`).
 static UNSUPPORTED_LOGGED: AtomicBool = AtomicBool::new(false);
 
-/// Renews `claim` on `key` every third of `lease` (see the module docs). Returns only when
-/// the store answers [`StoreError::LeaseLost`]; otherwise it runs until dropped.
+/// Renews `claim` on `key` every third of `lease` (see the module docs). Returns when the
+/// claim is lost ([`StoreError::LeaseLost`], or its lease ran out by the local clock);
+/// otherwise it runs until dropped.
 pub(crate) async fn keep_renewed(
     store: &dyn IdempotencyStore,
     key: &str,
@@ -74,17 +75,33 @@ pub(crate) async fn keep_renewed(
     let period = (lease / 3).max(Duration::from_millis(1));
     let mut next = after(claim.since, period);
     loop {
+        // Checked first whenever the task wakes (the worker polls this future before the
+        // attempt): a claim whose lease ran out by the local clock — the process was frozen
+        // (SIGSTOP, a VM pause), or renewals failed for a whole lease — may be another
+        // worker's already, so the attempt is not polled again.
         tokio::select! {
             biased;
+            () = tokio::time::sleep_until(claim.held_until(lease)) => {
+                warn!(coordinates = %record.coordinates(), key, "the claim's lease ran out before it was renewed (the process was paused, or the store did not answer): the attempt is cancelled");
+                return;
+            }
             () = partition_lost.cancelled() => {
                 debug!(coordinates = %record.coordinates(), key, "partition lost: the claim is no longer renewed");
-                return std::future::pending().await;
+                // Not renewed any more, but the attempt still ends with the lease.
+                tokio::time::sleep_until(claim.held_until(lease)).await;
+                warn!(coordinates = %record.coordinates(), key, "the claim's lease ran out after the partition was lost: the attempt is cancelled");
+                return;
             }
             () = tokio::time::sleep_until(next) => {}
         }
         let sent = Instant::now();
         next = after(sent, period);
-        match store_call("renew", store.renew(key, &claim.token, lease)).await {
+        let renewed = tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(claim.held_until(lease)) => continue,
+            renewed = store_call("renew", store.renew(key, &claim.token, lease)) => renewed,
+        };
+        match renewed {
             Ok(()) => claim.since = sent,
             Err(StoreError::LeaseLost { .. }) => {
                 warn!(coordinates = %record.coordinates(), key, "claim lost while the handler ran (its lease ran out or another worker holds the key): the attempt is cancelled");

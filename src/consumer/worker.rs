@@ -364,8 +364,11 @@ impl<H: Handler> WorkerContext<H> {
             // Past the revoke timeout or the shutdown deadline the attempt is dropped at its
             // next `.await` and the record given up unsettled. Its claim is left to expire:
             // the attempt may have started its effect.
+            // Biased: whenever the task wakes, the stop and the lease are looked at before the
+            // attempt is polled again (a resumed frozen process must not run a step of an
+            // attempt whose claim ran out).
             let outcome = tokio::select! {
-                outcome = timed => outcome,
+                biased;
                 () = cancel.cancelled() => {
                     warn!(coordinates = %record.coordinates(), attempt, "handler attempt given up: the partition was revoked or the shutdown deadline passed");
                     return Outcome::Abandoned;
@@ -387,6 +390,7 @@ impl<H: Handler> WorkerContext<H> {
                     lost_claims = lost_claims.saturating_add(1);
                     continue;
                 }
+                outcome = timed => outcome,
             };
             metrics.handler_duration(attempt_started.elapsed());
             let result = match outcome {

@@ -1579,7 +1579,11 @@ async fn renewal_stops_when_the_partition_assignment_is_lost() {
         "the new owner got the key after one lease: {new_owner:?}"
     );
     assert_eq!(end, JobEnd::Abandoned);
-    assert_eq!(took, secs(10));
+    assert_eq!(
+        took,
+        secs(4),
+        "the attempt ended with its lease (renewed last at 1 s), not at the revoke timeout"
+    );
     let renews: Vec<Duration> = store.renew_times().iter().map(|t| *t - h.t0).collect();
     assert_eq!(
         renews,
