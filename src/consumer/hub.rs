@@ -86,8 +86,8 @@ impl Hub {
 
     /// Called by a worker whose record starts waiting out a retry back-off: the slot it frees
     /// goes to the returned job.
-    pub(crate) fn park(&self) -> Option<Job> {
-        let next = self.lock().park();
+    pub(crate) fn park(&self, job: u64) -> Option<Job> {
+        let next = self.lock().park(job);
         if self.waiters.load(AtomicOrdering::SeqCst) > 0 {
             self.changed.notify_all();
         }

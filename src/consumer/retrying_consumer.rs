@@ -149,6 +149,7 @@ async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, job: Job) {
         let slot = WorkerSlot {
             ctx: &guard.ctx,
             hub: &guard.hub,
+            job: job.id,
         };
         let end = guard
             .ctx
@@ -166,21 +167,22 @@ async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, job: Job) {
 struct WorkerSlot<'a, H: Handler> {
     ctx: &'a Arc<WorkerContext<H>>,
     hub: &'a Arc<Hub>,
+    job: u64,
 }
 
 impl<H: Handler> Slot for WorkerSlot<'_, H> {
     fn park(&self) {
-        if let Some(next) = self.hub.park() {
+        if let Some(next) = self.hub.park(self.job) {
             tokio::spawn(work(self.ctx.clone(), self.hub.clone(), next));
         }
     }
 
     fn resume(&self) -> std::result::Result<(), tokio::sync::oneshot::Receiver<()>> {
-        self.hub.lock().resume()
+        self.hub.lock().resume(self.job)
     }
 
-    fn resume_now(&self, waiting: Option<tokio::sync::oneshot::Receiver<()>>) {
-        self.hub.lock().resume_now(waiting);
+    fn resume_now(&self) {
+        self.hub.lock().resume_now(self.job);
     }
 }
 

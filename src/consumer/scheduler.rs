@@ -75,6 +75,8 @@ impl Stop {
 /// One record to run, handed to a worker.
 #[derive(Debug)]
 pub(crate) struct Job {
+    /// Unique per job: how the scheduler knows which jobs are parked.
+    pub(crate) id: u64,
     pub(crate) tp: Tp,
     pub(crate) generation: u64,
     lane: LaneKey,
@@ -179,10 +181,13 @@ pub(crate) struct Scheduler {
     in_flight: usize,
     /// Records waiting out a retry back-off: their lanes stay taken (nothing overtakes them)
     /// but they hold no slot, so records of other lanes use it meanwhile (DESIGN rule 16).
-    parked: usize,
+    /// By job id: the scheduler is the one record of which jobs hold a slot, so a job that
+    /// ends while parked (given up, or its task dropped) is never counted twice.
+    parked: std::collections::HashSet<u64, foldhash::fast::RandomState>,
     /// Parked records whose back-off is over, waiting for a slot, first come first served:
     /// a freed slot goes to them before any new record.
-    resuming: VecDeque<oneshot::Sender<()>>,
+    resuming: VecDeque<(u64, oneshot::Sender<()>)>,
+    next_job_id: u64,
     buffered_records: usize,
     buffered_bytes: usize,
     next_generation: u64,
@@ -209,8 +214,9 @@ impl Scheduler {
             partitions: FastMap::default(),
             ready: VecDeque::new(),
             in_flight: 0,
-            parked: 0,
+            parked: Default::default(),
             resuming: VecDeque::new(),
+            next_job_id: 0,
             buffered_records: 0,
             buffered_bytes: 0,
             next_generation: 1,
@@ -352,12 +358,12 @@ impl Scheduler {
     fn take_one(&mut self) -> Option<Job> {
         while self.in_flight < self.limits.max_in_flight {
             // Parked records whose back-off is over come first: they are older.
-            if let Some(resume) = self.resuming.pop_front() {
-                if resume.send(()).is_ok() {
+            if let Some((id, resume)) = self.resuming.pop_front() {
+                // Else it ended or took its slot back itself meanwhile.
+                if self.parked.contains(&id) && resume.send(()).is_ok() {
                     self.in_flight += 1;
-                    self.parked -= 1;
+                    self.parked.remove(&id);
                 }
-                // Else its worker stopped waiting and took its slot back itself.
                 continue;
             }
             let (tp, generation, lane_key) = self.ready.pop_front()?;
@@ -397,7 +403,9 @@ impl Scheduler {
             self.buffered_records -= 1;
             self.buffered_bytes -= bytes;
             self.in_flight += 1;
+            self.next_job_id += 1;
             return Some(Job {
+                id: self.next_job_id,
                 tp,
                 generation,
                 lane: lane_key,
@@ -411,7 +419,10 @@ impl Scheduler {
     /// Records how a job ended and hands the freed slot's next job to the caller.
     /// Completions from an earlier assignment (revoked since) are ignored.
     pub(crate) fn finish(&mut self, job: &Job, end: JobEnd) -> Option<Job> {
-        self.in_flight -= 1;
+        // A job that ends while parked (its task dropped mid-wait) holds no slot.
+        if !self.parked.remove(&job.id) {
+            self.in_flight -= 1;
+        }
         if end == JobEnd::Abandoned && self.stopping {
             self.abandoned_at_stop_count += 1;
             if self.abandoned_at_stop.len() < ABANDONED_LISTED {
@@ -453,39 +464,37 @@ impl Scheduler {
     /// A running record starts waiting out a retry back-off: it gives its slot up (its lane
     /// stays taken, so nothing of its key or partition overtakes it) and the freed slot's next
     /// job is handed to the caller, to run on a new worker.
-    pub(crate) fn park(&mut self) -> Option<Job> {
-        self.in_flight -= 1;
-        self.parked += 1;
+    pub(crate) fn park(&mut self, job: u64) -> Option<Job> {
+        if self.parked.insert(job) {
+            self.in_flight -= 1;
+        }
         self.take_one()
     }
 
     /// A parked record's back-off is over: it takes a slot if one is free and no parked
     /// record waits before it (`Ok`), else it waits for the receiver, which fires when a
     /// slot is handed to it.
-    pub(crate) fn resume(&mut self) -> Result<(), oneshot::Receiver<()>> {
+    pub(crate) fn resume(&mut self, job: u64) -> Result<(), oneshot::Receiver<()>> {
+        if !self.parked.contains(&job) {
+            return Ok(());
+        }
         if self.in_flight < self.limits.max_in_flight && self.resuming.is_empty() {
             self.in_flight += 1;
-            self.parked -= 1;
+            self.parked.remove(&job);
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
-        self.resuming.push_back(tx);
+        self.resuming.push_back((job, tx));
         Err(rx)
     }
 
-    /// A parked record is being given up (revoke, shutdown) while it waits for a slot, or
-    /// before it asked for one (`waiting` is `None`): it takes its slot back at once, over the
-    /// limit if need be, so that its end is counted like any other job's.
-    pub(crate) fn resume_now(&mut self, waiting: Option<oneshot::Receiver<()>>) {
-        if let Some(mut rx) = waiting {
-            // Closed first: no slot can be handed to it after this check.
-            rx.close();
-            if rx.try_recv().is_ok() {
-                return;
-            }
+    /// A parked record is being given up (revoke, shutdown) while it waits: it takes its slot
+    /// back at once, over the limit if need be, so that its end is counted like any other
+    /// job's. Nothing happens if a slot was handed to it already.
+    pub(crate) fn resume_now(&mut self, job: u64) {
+        if self.parked.remove(&job) {
+            self.in_flight += 1;
         }
-        self.in_flight += 1;
-        self.parked -= 1;
     }
 
     /// Starts revoking `tps`: no new records are taken for them, and of their buffered
@@ -742,12 +751,12 @@ impl Scheduler {
 
     /// Records a worker holds now: running, or parked in a retry back-off.
     pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight + self.parked
+        self.in_flight + self.parked.len()
     }
 
     /// Of [`Scheduler::in_flight`], the records waiting out a retry back-off without a slot.
     pub(crate) fn parked(&self) -> usize {
-        self.parked
+        self.parked.len()
     }
 
     /// Records buffered (received, not started).
@@ -897,12 +906,12 @@ mod tests {
         let a0 = s.take_jobs().pop().unwrap();
         assert_eq!(a0.record.offset, 0);
         // a@0 waits out a back-off: its slot goes to b@2, not to a@1 (its lane is taken).
-        let b2 = s.park().expect("the freed slot runs the next lane");
+        let b2 = s.park(a0.id).expect("the freed slot runs the next lane");
         assert_eq!(b2.record.offset, 2);
         assert_eq!(s.in_flight(), 2, "the parked record still counts as held");
         assert_eq!(s.parked(), 1);
         // Its back-off ends while b@2 holds the only slot: it waits for it.
-        let mut handed = s.resume().expect_err("no slot is free");
+        let mut handed = s.resume(a0.id).expect_err("no slot is free");
         // b@2 ends: the slot goes to the parked record before c@3.
         assert!(s.finish(&b2, JobEnd::Settled).is_none());
         assert!(handed.try_recv().is_ok(), "the slot was handed over");
@@ -920,22 +929,43 @@ mod tests {
         s.enqueue(rec(0, 0, None));
         s.enqueue(rec(1, 0, None));
         let p0 = s.take_jobs().pop().unwrap();
-        let p1 = s.park().unwrap();
-        let handed = s.resume().expect_err("p1 holds the slot");
+        let p1 = s.park(p0.id).unwrap();
+        let _handed = s.resume(p0.id).expect_err("p1 holds the slot");
         // Given up while waiting: it takes the slot back over the limit, and its place in
         // the queue is skipped when a slot frees.
-        s.resume_now(Some(handed));
-        assert_eq!((s.in_flight(), s.parked()), (2, 0));
+        s.resume_now(p0.id);
+        s.resume_now(p0.id);
+        assert_eq!((s.in_flight(), s.parked()), (2, 0), "taken back once");
         assert!(s.finish(&p0, JobEnd::Abandoned).is_none());
         assert!(s.finish(&p1, JobEnd::Settled).is_none());
         assert_eq!((s.in_flight(), s.parked()), (0, 0));
         // Given up before asking for a slot.
         s.enqueue(rec(1, 1, None));
         let j = s.take_jobs().pop().unwrap();
-        assert!(s.park().is_none());
-        s.resume_now(None);
+        assert!(s.park(j.id).is_none());
+        s.resume_now(j.id);
         assert_eq!((s.in_flight(), s.parked()), (1, 0));
         assert!(s.finish(&j, JobEnd::Settled).is_none());
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_job_that_ends_while_parked_frees_no_slot_it_does_not_hold() {
+        let mut s = Scheduler::new(ProcessingOrder::Key, limits(2));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, Some("a")));
+        s.enqueue(rec(0, 1, Some("b")));
+        s.enqueue(rec(0, 2, Some("c")));
+        let jobs = s.take_jobs();
+        let (a, b) = (&jobs[0], &jobs[1]);
+        let c = s.park(a.id).expect("c takes a's slot");
+        let _waiting = s.resume(a.id).expect_err("b and c hold both slots");
+        // a's task is dropped while it waits (the runtime shuts down): its end counts no slot.
+        assert!(s.finish(a, JobEnd::Abandoned).is_none());
+        assert_eq!((s.in_flight(), s.parked()), (2, 0));
+        // Its place in the resume queue is skipped: b's slot is free for new records.
+        assert!(s.finish(b, JobEnd::Settled).is_none());
+        assert!(s.finish(&c, JobEnd::Settled).is_none());
         assert_eq!(s.in_flight(), 0);
     }
 
@@ -1008,6 +1038,7 @@ mod tests {
         s.enqueue(rec(0, 1, None));
         let fresh = s.take_jobs().pop().unwrap();
         let stale = Job {
+            id: u64::MAX,
             tp: tp(0),
             generation: j.generation,
             lane: LaneKey::Partition,

@@ -96,9 +96,9 @@ pub(crate) trait Slot: Send + Sync {
     fn park(&self);
     /// Takes a slot back: `Ok` at once, or a receiver that fires when one is handed over.
     fn resume(&self) -> Result<(), oneshot::Receiver<()>>;
-    /// Takes the slot back at once, over the limit if need be: the record is being given up
-    /// while it waits (for a slot, when `waiting` is the receiver [`Slot::resume`] gave).
-    fn resume_now(&self, waiting: Option<oneshot::Receiver<()>>);
+    /// Takes the slot back at once, over the limit if need be (unless one was handed over
+    /// already): the record is being given up while it waits.
+    fn resume_now(&self);
 }
 
 /// A slot that is never given up: the record keeps it while it waits (unit tests).
@@ -111,7 +111,7 @@ impl Slot for KeepSlot {
     fn resume(&self) -> Result<(), oneshot::Receiver<()>> {
         Ok(())
     }
-    fn resume_now(&self, _waiting: Option<oneshot::Receiver<()>>) {}
+    fn resume_now(&self) {}
 }
 
 /// Waits out a retry back-off without holding a slot; returns whether the record goes on
@@ -135,18 +135,18 @@ async fn back_off(delay: Duration, slot: &dyn Slot, stop: &Stop) -> bool {
         },
     };
     if !waited {
-        slot.resume_now(None);
+        slot.resume_now();
         return false;
     }
     match slot.resume() {
         Ok(()) => true,
-        Err(mut handed) => {
+        Err(handed) => {
             let resumed = tokio::select! {
-                handed = &mut handed => handed.is_ok(),
+                handed = handed => handed.is_ok(),
                 () = stop.abandon.cancelled() => false,
             };
             if !resumed {
-                slot.resume_now(Some(handed));
+                slot.resume_now();
             }
             resumed
         }
