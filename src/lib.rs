@@ -264,6 +264,7 @@ mod producer;
 mod publisher;
 mod record;
 mod retry;
+pub mod tiers;
 mod topic_name;
 pub mod topics;
 mod trace_context;

@@ -25,12 +25,12 @@ mod outcome;
 mod poll;
 mod rebalance;
 mod retrying_consumer;
-mod scheduler;
+pub(crate) mod scheduler;
 mod shutdown;
 mod startup;
 mod stats;
 mod topic_partition;
-mod worker;
+pub(crate) mod worker;
 
 pub use self::breaker::{BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition};
 pub use self::builder::RetryingConsumerBuilder;
