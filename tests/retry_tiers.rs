@@ -320,7 +320,7 @@ async fn second_tier_successes_run_once_and_the_last_tier_dead_letters() {
     .await;
     let snapshot = running.monitor.snapshot();
     running.stop().await;
-    let s = seen.lock().unwrap();
+    let s = std::mem::take(&mut *seen.lock().unwrap());
     report("second tier", &s);
     let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
     for (id, ran_in) in &s.successes {

@@ -108,12 +108,15 @@ pub(crate) fn admit_entries(
     }
 }
 
+/// (group, topic, key) → the key's records in tiers.
+type Entries = HashMap<(String, String, Vec<u8>), BTreeMap<SourceId, u32>>;
+
 /// A [`KeyOrderLedger`] in this process's memory: for a single consumer process and tests.
 /// It does not survive a restart; use [`RedisKeyOrderLedger`](crate::tiers::RedisKeyOrderLedger)
 /// for several processes.
 #[derive(Debug, Default)]
 pub struct InMemoryKeyOrderLedger {
-    keys: Mutex<HashMap<(String, String, Vec<u8>), BTreeMap<SourceId, u32>>>,
+    keys: Mutex<Entries>,
 }
 
 impl InMemoryKeyOrderLedger {
@@ -132,10 +135,7 @@ impl InMemoryKeyOrderLedger {
         self.len() == 0
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(String, String, Vec<u8>), BTreeMap<SourceId, u32>>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.keys
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
