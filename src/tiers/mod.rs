@@ -102,7 +102,7 @@
 //! describes, and offsets commit after both. **Not guaranteed:** order between the *source*
 //! and the ledger when `keep_key_order` is switched on while records are already in tiers
 //! (those earlier records are not in the ledger), and order after a ledger entry is lost
-//! (Redis data loss, or the entry's expiry, see [`RedisKeyOrderLedger`](crate::tiers::RedisKeyOrderLedger)).
+//! (Redis data loss, or the entry's expiry, see [`RedisKeyOrderLedger`]).
 //!
 //! **Cost:** one ledger round trip (one Lua script in Redis, O(records of the key in tiers))
 //! per record with a key, before it runs; one more per forward and per final settle of a
