@@ -510,3 +510,111 @@ fn invalid_tiers_are_config_errors() {
         .is_ok()
     );
 }
+
+/// The child process of [`sigkill_during_forwarding_loses_nothing`]: a consumer that forwards
+/// every source record to tier 1 (its handler fails them) and never finishes a tier record.
+/// Runs only when the parent sets `KOURIER_TIERS_CHILD` (topic, group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by sigkill_during_forwarding_loses_nothing as a child process"]
+async fn child_forwarding_consumer() {
+    let Ok(spec) = std::env::var("KOURIER_TIERS_CHILD") else {
+        return;
+    };
+    let (topic, group) = spec.split_once(' ').expect("topic and group");
+    let handler = handler_fn(|m: Message<Ev>| async move {
+        if m.topic().contains(".retry.") {
+            std::future::pending::<()>().await;
+        }
+        Err(HandlerError::transient("fails at the source"))
+    });
+    let consumer = consumer::builder(handler, topic, group)
+        .retry_policy(RetryPolicy::no_retries())
+        .retry_tiers(RetryTiers::new([Duration::from_secs(5)]))
+        .build()
+        .expect("build");
+    let _report = consumer
+        .run(std::future::pending())
+        .await
+        .expect("the child consumer runs until it is killed");
+}
+
+/// SIGKILL while the consumer forwards records to a tier loses none: a child process forwards
+/// every source record; it is killed with part of them forwarded; a new consumer of the group
+/// then handles every record (from the tier), some of them twice at most through duplicate
+/// forwards (the commit follows the forward's acknowledgement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_during_forwarding_loses_nothing() {
+    const N: u64 = 3000;
+    let (topic, group, _dlt) = setup("tiers-kill", 3).await;
+    let tier = format!("{topic}.retry.1");
+    support::create_topic(&tier, 3).await;
+    support::produce(&topic, (0..N).map(record).collect()).await;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_forwarding_consumer",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("KOURIER_TIERS_CHILD", format!("{topic} {group}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the child consumer");
+    let started = std::time::Instant::now();
+    let forwarded_at_kill = loop {
+        let n = support::read_all(&tier).await.len() as u64;
+        if n >= N / 10 || started.elapsed() > Duration::from_secs(30) {
+            child.kill().expect("SIGKILL the child");
+            let _ = child.wait();
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let forwarded_after_kill = support::read_all(&tier).await.len() as u64;
+    assert!(
+        forwarded_after_kill > 0 && forwarded_after_kill < N,
+        "the kill must come during forwarding ({forwarded_after_kill} of {N} forwarded)"
+    );
+    // A new member of the group picks up where the child's commits end.
+    let seen: Shared = Arc::default();
+    let handler = {
+        let seen = seen.clone();
+        handler_fn(move |m: Message<Ev>| {
+            let seen = seen.clone();
+            async move {
+                if !m.topic().contains(".retry.") {
+                    return Err(HandlerError::transient("fails at the source"));
+                }
+                seen.lock()
+                    .unwrap()
+                    .successes
+                    .push((m.event().id, m.topic().to_owned()));
+                Ok(())
+            }
+        })
+    };
+    let running = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .retry_policy(RetryPolicy::no_retries())
+            .retry_tiers(RetryTiers::new([Duration::from_secs(5)])),
+    );
+    wait_for(
+        "every record handled from the tier",
+        Duration::from_secs(50),
+        || {
+            let s = seen.lock().unwrap();
+            let ids: std::collections::HashSet<u64> =
+                s.successes.iter().map(|(id, _)| *id).collect();
+            ids.len() as u64 == N
+        },
+    )
+    .await;
+    running.stop().await;
+    let total_forwards = support::read_all(&tier).await.len() as u64;
+    let handled = seen.lock().unwrap().successes.len() as u64;
+    println!(
+        "sigkill: forwarded at kill {forwarded_at_kill} (after {forwarded_after_kill}), tier records in all {total_forwards} for {N} records (duplicate forwards {}), handled {handled}, lost 0",
+        total_forwards - N
+    );
+}
