@@ -25,12 +25,13 @@ mod outcome;
 mod poll;
 mod rebalance;
 mod retrying_consumer;
-pub(crate) mod scheduler;
+mod scheduler;
 mod shutdown;
 mod startup;
 mod stats;
+mod tiers;
 mod topic_partition;
-pub(crate) mod worker;
+mod worker;
 
 pub use self::breaker::{BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition};
 pub use self::builder::RetryingConsumerBuilder;

@@ -134,7 +134,6 @@ mod ledger;
 #[cfg(feature = "redis")]
 mod redis;
 pub(crate) mod runtime;
-mod worker;
 
 use std::fmt;
 use std::sync::Arc;

@@ -7,11 +7,8 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::headers::History;
-use super::ledger::{Admission, LedgerKey, SourceId};
-use super::runtime::{Located, Tiers};
-use crate::consumer::scheduler::Stop;
-use crate::consumer::worker::{
+use super::scheduler::Stop;
+use super::worker::{
     Failure, Outcome, Slot, WorkerContext, back_off, guarded_async, infra_delay, sleep_or_cancel,
 };
 use crate::dead_letter::DeadLetterReason;
@@ -19,6 +16,9 @@ use crate::error::{StoreError, error_chain};
 use crate::handler::Handler;
 use crate::metrics::RecordMetrics;
 use crate::record::RawRecord;
+use crate::tiers::headers::History;
+use crate::tiers::runtime::{Located, Tiers};
+use crate::tiers::{Admission, LedgerKey, SourceId};
 
 /// A record the ledger holds: released when it ends.
 pub(crate) struct Tracked {
