@@ -11,7 +11,7 @@
 //! (from the consumer's start to their success: p50 and max).
 //!
 //! Run: `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 cargo bench --bench tiers` (needs
-//! `scripts/services up`). `TIERS_BENCH_RECORDS` sets the record count (default 20 000).
+//! `scripts/services up`). `TIERS_BENCH_RECORDS` sets the record count (default 6 000).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,13 +22,14 @@ use kourier::rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use kourier::tiers::RetryTiers;
 use kourier::topics::{TopicAdmin, TopicSpec};
 use kourier::{
-    BytesCodec, HandlerError, Message, ProcessingOrder, RetryPolicy, RetryingConsumer, handler_fn,
+    BytesCodec, HandlerError, Message, ProcessingOrder, RetryPolicy, RetryingConsumerBuilder,
+    handler_fn,
 };
 
 const PARTITIONS: i32 = 6;
 const KEYS: u64 = 500;
 /// How long a failing record keeps failing after its first attempt.
-const BLIP: Duration = Duration::from_secs(2);
+const BLIP: Duration = Duration::from_secs(1);
 
 fn failing(id: u64) -> bool {
     id % 20 == 7
@@ -112,7 +113,7 @@ async fn run(bootstrap: &str, records: u64, tiers: bool, ordering: ProcessingOrd
             }
         })
     };
-    let mut builder = RetryingConsumer::with_codec(handler, BytesCodec)
+    let mut builder = RetryingConsumerBuilder::with_codec(handler, BytesCodec)
         .bootstrap_servers(bootstrap)
         .group_id(format!("bench-tiers-g-{run_id}"))
         .topic(topic.as_str())
@@ -178,7 +179,7 @@ async fn main() {
     let records: u64 = std::env::var("TIERS_BENCH_RECORDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(6_000);
     println!(
         "{records} records, {PARTITIONS} partitions, {KEYS} keys, 1 ms of work each; 5 % fail for {BLIP:?}"
     );
