@@ -565,12 +565,12 @@ async fn sigkill_during_forwarding_loses_nothing() {
     let forwarded_at_kill = loop {
         let n = support::read_all(&tier).await.len() as u64;
         if n >= N / 10 || started.elapsed() > Duration::from_secs(30) {
-            child.kill().expect("SIGKILL the child");
-            let _ = child.wait();
             break n;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    child.kill().expect("SIGKILL the child");
+    let _ = child.wait();
     let forwarded_after_kill = support::read_all(&tier).await.len() as u64;
     assert!(
         forwarded_after_kill > 0 && forwarded_after_kill < N,
