@@ -10,7 +10,13 @@
 //! failures and poison pills go to the dead-letter topic at once, whatever the tier.
 //!
 //! The same [`RetryingConsumer`](crate::RetryingConsumer) subscribes to its tier topics. A
-//! tier record runs the full retry policy again (its in-place attempts), then moves on.
+//! tier record runs the full retry policy again (its in-place attempts), then moves on. The
+//! handler sees the tier record as it is: [`Message::topic`](crate::Message::topic) is the tier
+//! topic, [`Message::attempt`](crate::Message::attempt) counts from 1 in each tier, and the
+//! headers tell the source record and the attempts before
+//! ([`Provenance::from_headers`](crate::dead_letter::Provenance::from_headers), [`headers::TIER`]).
+//! Idempotency is unchanged: the dedup key comes from the event or a header, the same in
+//! every tier, so a record done in tier 2 is skipped when a duplicate forward of it comes up.
 //!
 //! # The forwarded record
 //!
