@@ -618,3 +618,65 @@ async fn sigkill_during_forwarding_loses_nothing() {
         total_forwards - N
     );
 }
+
+/// The Redis ledger's Lua script follows the admission rule step by step (the same sequence
+/// as the in-memory ledger's unit test), and leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_ledger_follows_the_admission_rule() {
+    use kourier::tiers::{Admission, InMemoryKeyOrderLedger, KeyOrderLedger, LedgerKey, SourceId};
+    let prefix = support::unique_name("kourier-test-ledger:");
+    let redis = ledger(&prefix).await;
+    let memory = InMemoryKeyOrderLedger::new();
+    let k = LedgerKey {
+        group: "g",
+        topic: "t",
+        key: b"k\xff\x00",
+    };
+    let id = |offset| SourceId {
+        partition: 0,
+        offset,
+    };
+    let steps: Vec<(&str, i64, u32)> = vec![
+        ("admit", 1, 0),
+        ("place", 1, 1),
+        ("admit", 2, 0),
+        ("admit", 1, 1),
+        ("place", 1, 2),
+        ("admit", 3, 0),
+        ("admit", 2, 1),
+        ("admit", 3, 2),
+        ("admit", 1, 2),
+        ("settle", 1, 0),
+        ("admit", 2, 2),
+        ("settle", 2, 0),
+        ("admit", 3, 2),
+        ("settle", 3, 0),
+        ("place", 9, 2),
+        ("admit", 9, 1),
+        ("admit", 10, 0),
+        ("settle", 9, 0),
+        ("admit", 10, 2),
+        ("settle", 10, 0),
+    ];
+    for (op, offset, tier) in steps {
+        let (a, b): (Option<Admission>, Option<Admission>) = match op {
+            "admit" => (
+                Some(redis.admit(k, id(offset), tier).await.unwrap()),
+                Some(memory.admit(k, id(offset), tier).await.unwrap()),
+            ),
+            "place" => {
+                redis.place(k, id(offset), tier).await.unwrap();
+                memory.place(k, id(offset), tier).await.unwrap();
+                (None, None)
+            }
+            _ => {
+                redis.settle(k, id(offset)).await.unwrap();
+                memory.settle(k, id(offset)).await.unwrap();
+                (None, None)
+            }
+        };
+        assert_eq!(a, b, "{op} {offset} at tier {tier}");
+    }
+    assert!(memory.is_empty());
+    assert_eq!(redis_keys(&prefix).await, 0);
+}

@@ -240,3 +240,80 @@ impl Tiers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::producer::ProducerSettings;
+    use crate::record::Headers;
+
+    #[test]
+    fn a_forwarded_record_reads_back_as_its_source_record() {
+        let producer = ProducerSettings::new("127.0.0.1:1".into())
+            .build("tiers-test")
+            .unwrap();
+        let config = RetryTiers::new([Duration::from_secs(1), Duration::from_secs(2)]);
+        let tiers = Tiers::new(config, &["src".to_owned()], "g".into(), producer);
+        assert_eq!(
+            tiers.topics(),
+            vec![
+                ("src".to_owned(), "src.retry.1".to_owned()),
+                ("src".to_owned(), "src.retry.2".to_owned())
+            ]
+        );
+        // An earlier tier's headers are replaced, not repeated.
+        let own = Headers::new()
+            .with("event-id", "e-1")
+            .with(headers::TIER, "1")
+            .with(crate::dead_letter::headers::ATTEMPTS, "1");
+        let origin = Origin {
+            topic: "src".into(),
+            partition: 2,
+            offset: 7,
+            timestamp: Some(1_000),
+            log_append_time: false,
+        };
+        let history = History {
+            kind: "retries-exhausted",
+            error: "boom".into(),
+            attempts: 3,
+            first: UNIX_EPOCH + Duration::from_secs(1),
+            last: UNIX_EPOCH + Duration::from_secs(2),
+        };
+        let due = UNIX_EPOCH + Duration::from_secs(5);
+        let written = forward_headers(&own, &origin, "g", Some(&history), 2, due, false);
+        let record = RawRecord {
+            topic: "src.retry.2".into(),
+            partition: 0,
+            offset: 3,
+            key: Some(b"k".to_vec()),
+            value: Some(b"v".to_vec()),
+            headers: Headers::from(written),
+            timestamp: Some(9_999),
+            log_append_time: false,
+        };
+        assert_eq!(record.headers.get_all(headers::TIER).count(), 1);
+        let at = tiers.locate(&record);
+        assert_eq!((at.tier, &at.origin, at.due), (2, &origin, Some(due)));
+        let h = at.history.as_ref().unwrap();
+        assert_eq!(
+            (h.attempts, h.error.as_str(), h.first),
+            (3, "boom", history.first)
+        );
+        let view = Tiers::original_view(&record, &at);
+        assert_eq!(
+            (view.topic.as_str(), view.partition, view.offset),
+            ("src", 2, 7)
+        );
+        assert_eq!(view.timestamp, Some(1_000));
+        assert!(view.headers.get(headers::TIER).is_none());
+        assert_eq!(view.headers.get_str("event-id"), Some("e-1"));
+        // A source record stands for itself.
+        let source = RawRecord {
+            topic: "src".into(),
+            ..record
+        };
+        let at = tiers.locate(&source);
+        assert_eq!((at.tier, at.origin.offset, at.due.is_none()), (0, 3, true));
+    }
+}
