@@ -243,6 +243,11 @@ async fn keep_key_order_keeps_each_keys_order_across_tiers() {
         *counts.entry(*id).or_default() += 1;
     }
     assert!(counts.values().all(|&n| n == 1), "a record succeeded twice");
+    assert_eq!(
+        counts.len(),
+        600,
+        "every record succeeds: a record deferred into a tier keeps its stages"
+    );
     // 30 failing records went to tier 1, 15 of them on to tier 2, plus deferred records.
     println!("forwarded per tier: {forwarded:?}");
     assert!(forwarded[0].first().copied().unwrap_or(0) >= 30);

@@ -144,9 +144,12 @@ impl<H: Handler> WorkerContext<H> {
             attempts: prior.map_or(0, |h| h.attempts) + failure.attempts,
             first: prior.map_or(failure.first, |h| h.first),
             last: failure.last,
+            stages: prior.map_or(0, |h| h.stages) + 1,
         };
-        if transient && at.tier < tiers.count() {
-            let next = at.tier + 1;
+        // One stage per tier plus one, wherever the record started: a record deferred into
+        // the last tier (key order) goes round it again rather than losing its retries.
+        if transient && history.stages <= tiers.count() {
+            let next = (at.tier + 1).min(tiers.count());
             return Ok(self
                 .tier_forward(
                     tiers,

@@ -12,9 +12,14 @@ pub const TIER: &str = "kourier-retry-tier";
 pub const DUE_MS: &str = "kourier-retry-due-ms";
 /// `true` when the record was moved to keep its key's order, not because it failed.
 pub const DEFERRED: &str = "kourier-retry-deferred";
+/// How many stages (the source and tiers) the record used up its in-place attempts in. A
+/// record gets one stage per tier plus one, wherever it starts: one deferred into a tier
+/// (key order) that fails in the last tier goes round that tier again until it has had its
+/// stages.
+pub const FAILED_STAGES: &str = "kourier-retry-failed-stages";
 
 /// Every tier header, replaced on each forward.
-pub const ALL: &[&str] = &[TIER, DUE_MS, DEFERRED];
+pub const ALL: &[&str] = &[TIER, DUE_MS, DEFERRED, FAILED_STAGES];
 
 /// Where a record came from: its source record's coordinates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +39,8 @@ pub(crate) struct History {
     pub(crate) attempts: u32,
     pub(crate) first: SystemTime,
     pub(crate) last: SystemTime,
+    /// Stages whose attempts were used up ([`FAILED_STAGES`]).
+    pub(crate) stages: u32,
 }
 
 pub(crate) fn millis(time: SystemTime) -> i64 {
@@ -100,6 +107,7 @@ pub(crate) fn forward_headers(
             dlt::LAST_FAILURE_MS,
             millis(h.last).to_string(),
         ));
+        out.push(Header::new(FAILED_STAGES, h.stages.to_string()));
     }
     out.push(Header::new(TIER, tier.to_string()));
     out.push(Header::new(DUE_MS, millis(due).to_string()));

@@ -6,7 +6,11 @@
 //! When they are used up by *transient* failures (or panics, with `retry_panics`), the record
 //! is **forwarded** to the next retry tier instead of the dead-letter topic: a topic of its
 //! own, by default `<source topic>.retry.<n>` (`n` = 1, 2, …; override with
-//! [`RetryTiers::topic_name`]). After the last tier comes the dead-letter topic. Permanent
+//! [`RetryTiers::topic_name`]). After the last tier comes the dead-letter topic. A record
+//! gets one *stage* (a full set of in-place attempts) per tier plus one, wherever it starts:
+//! one that was deferred into a later tier to keep its key's order (below) and fails in the
+//! last tier goes round that tier again until it has had its stages
+//! ([`headers::FAILED_STAGES`]). Permanent
 //! failures and poison pills go to the dead-letter topic at once, whatever the tier.
 //!
 //! The same [`RetryingConsumer`](crate::RetryingConsumer) subscribes to its tier topics. A

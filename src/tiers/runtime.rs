@@ -137,7 +137,13 @@ impl Tiers {
             .get_str(headers::DUE_MS)
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        let stages = record
+            .headers
+            .get_str(headers::FAILED_STAGES)
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(*tier);
         let history = p.attempts.map(|attempts| History {
+            stages,
             kind: p.failure_kind.map_or("retries-exhausted", |k| k.as_str()),
             error: p.error.clone().unwrap_or_default(),
             attempts,
@@ -279,6 +285,7 @@ mod tests {
             attempts: 3,
             first: UNIX_EPOCH + Duration::from_secs(1),
             last: UNIX_EPOCH + Duration::from_secs(2),
+            stages: 2,
         };
         let due = UNIX_EPOCH + Duration::from_secs(5);
         let written = forward_headers(&own, &origin, "g", Some(&history), 2, due, false);
@@ -297,8 +304,8 @@ mod tests {
         assert_eq!((at.tier, &at.origin, at.due), (2, &origin, Some(due)));
         let h = at.history.as_ref().unwrap();
         assert_eq!(
-            (h.attempts, h.error.as_str(), h.first),
-            (3, "boom", history.first)
+            (h.attempts, h.error.as_str(), h.first, h.stages),
+            (3, "boom", history.first, 2)
         );
         let view = Tiers::original_view(&record, &at);
         assert_eq!(
