@@ -110,6 +110,13 @@
 //!     capacity: a record in a retry back-off (or held for an outage) gives its in-flight
 //!     slot to records of other keys or partitions, and takes the next free one back.
 //!
+//! **Retry tiers** (opt-in, [`RetryingConsumerBuilder::retry_tiers`], see [`tiers`]): after
+//! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of
+//! the dead-letter topic, committed only after the broker acknowledged the forward, and runs
+//! again there once due — without holding a slot or the group session meanwhile. With
+//! `keep_key_order`, later records of a key wait behind it in the tiers (a shared ledger in
+//! Redis), so per-key order holds across tiers too.
+//!
 //! Duplicates remain possible (that is what at-least-once means) for records in flight when
 //! a consumer crashes or loses its partitions past the revoke timeout; an [`IdempotencyStore`]
 //! turns most of those into skips.
@@ -121,6 +128,7 @@
 //! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers; one warning per `error_log_interval` while it tries | within `startup_timeout` (default 30 s) |
 //! | a subscribed topic is missing at start | `Error::MissingTopics` naming every missing topic, and the settings that would help (`create_missing_topics`, `wait_for_topics`, which waits for them instead) | at the first metadata answer |
 //! | the dead-letter topic is missing at start | `Error::MissingTopics` naming `<topic>.dlt` (the default sink declares its topics through `DeadLetterSink::topics_for`) | at the first metadata answer |
+//! | a retry-tier topic is missing at start | `Error::MissingTopics` naming it (`<topic>.retry.<n>`); `create_missing_topics` creates tier topics with their source's partition count | at the first metadata answer |
 //! | the cluster goes away while running | records wait, nothing is committed past them; `connection` in the snapshot and `kourier_connection_state` turn `Disconnected` / `0`; each distinct error is logged once per interval with a count | until it is back; with `max_broker_outage(d)`, `run()` returns `Error::BrokersUnreachable` after `d` |
 //! | a subscribed topic is deleted while consuming | its partitions leave the assignment with one warning; if it is re-created, its records are tracked again | once librdkafka reports it gone (it waits `topic.metadata.propagation.max.ms`, 30 s by default; measured 30.0 s) |
 //! | a codec, dedup-key function, handler, store or sink panics | the record ends in a defined state: codec → dead letter `decode`; dedup-key function → dead letter `panic`; handler → failure kind `panic`, retried, then dead letter `panic`; store / sink → a failure of that store / sink, retried, the partition waits; counted in `kourier_handler_panics_total` | at once |
@@ -144,8 +152,8 @@
 //! | layer | files | what |
 //! |---|---|---|
 //! | top | `lib.rs`, `consumer/builder.rs` | the public surface; `build()` assembles the engine |
-//! | engine | `consumer/`: `retrying_consumer.rs` (run, workers) · `poll.rs` (the loop) · `startup.rs` · `hub.rs` (shared state) · `scheduler.rs` (ordering, buffers, flow decisions) · `breaker.rs` (outage breaker) · `offsets.rs` (watermarks) · `worker.rs` (one record's pipeline) · `dedup.rs` · `commit.rs` · `flow.rs` · `rebalance.rs` · `shutdown.rs` · `context.rs` (librdkafka callbacks) · `health.rs` · `monitor.rs` · `stats.rs` | the consumer at work |
-//! | parts | `handler.rs`, `codec.rs`, `retry.rs`, `idempotency/`, `dead_letter/` (`headers.rs` is the header format), `producer.rs`, `publisher.rs`, `topics.rs`, `metrics.rs` | what the engine plugs together |
+//! | engine | `consumer/`: `retrying_consumer.rs` (run, workers) · `poll.rs` (the loop) · `startup.rs` · `hub.rs` (shared state) · `scheduler.rs` (ordering, buffers, flow decisions) · `breaker.rs` (outage breaker) · `offsets.rs` (watermarks) · `worker.rs` (one record's pipeline) · `tiers.rs` (its retry-tier steps) · `dedup.rs` · `commit.rs` · `flow.rs` · `rebalance.rs` · `shutdown.rs` · `context.rs` (librdkafka callbacks) · `health.rs` · `monitor.rs` · `stats.rs` | the consumer at work |
+//! | parts | `handler.rs`, `codec.rs`, `retry.rs`, `idempotency/`, `dead_letter/` (`headers.rs` is the header format), `tiers/` (retry tiers: `runtime.rs` forwarding, `ledger.rs` / `redis.rs` key order), `producer.rs`, `publisher.rs`, `topics.rs`, `metrics.rs` | what the engine plugs together |
 //! | bottom | `error.rs`, `record.rs` (records and headers, read from librdkafka), `message.rs`, `trace_context.rs`, `topic_name.rs` | data types every layer uses |
 //!
 //! ## Observability
@@ -173,6 +181,8 @@
 //! | `kourier_handler_panics_total` | counter | `topic` | panics caught on records' paths (handler, codec, dedup-key function, outcome observer) |
 //! | `kourier_records_stalled_total` | counter | `topic` | records in flight longer than the stall threshold, once each |
 //! | `kourier_records_abandoned_total` | counter | `topic` | records given up unsettled at a revoke or shutdown |
+//! | `kourier_records_forwarded_total` | counter | `topic`, `tier` | records forwarded to a retry tier |
+//! | `kourier_forward_failures_total` | counter | `topic` | failed forwards to a retry tier (retried) |
 //! | `kourier_connection_state` | gauge | | `1` while the cluster answers, `0` while it does not |
 //! | `kourier_breaker_state` | gauge | | the outage breaker: `0` closed, `1` open, `2` half-open |
 //! | `kourier_breaker_transitions_total` | counter | `state` | breaker transitions by the state entered (`open`, `half-open`, `closed`) |
@@ -264,6 +274,7 @@ mod producer;
 mod publisher;
 mod record;
 mod retry;
+pub mod tiers;
 mod topic_name;
 pub mod topics;
 mod trace_context;

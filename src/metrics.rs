@@ -30,6 +30,8 @@
 //! | `kourier_handler_panics_total` | counter | `topic`, `group` | panics caught on records' paths: handler attempts, codecs, dedup-key functions |
 //! | `kourier_records_stalled_total` | counter | `topic`, `group` | records in flight longer than the stall threshold, counted once each |
 //! | `kourier_records_abandoned_total` | counter | `topic`, `group` | records given up unsettled at a revoke or shutdown (delivered again later) |
+//! | `kourier_records_forwarded_total` | counter | `topic`, `group`, `tier` | records forwarded to a retry tier (acknowledged) |
+//! | `kourier_forward_failures_total` | counter | `topic`, `group` | forwards to a retry tier that failed (each is retried) |
 //! | `kourier_connection_state` | gauge | `group` | `1` while the consumer reaches the Kafka cluster, `0` while it does not |
 //! | `kourier_breaker_state` | gauge | `group` | the [outage breaker](crate::BreakerPolicy)'s state: `0` closed, `1` open, `2` half-open (consumers with a breaker only) |
 //! | `kourier_breaker_transitions_total` | counter | `group`, `state` | breaker transitions, by the state entered: `open`, `half-open` (one probe each) or `closed` |
@@ -124,6 +126,10 @@ pub const CONNECTION_STATE: &str = "kourier_connection_state";
 pub const BREAKER_STATE: &str = "kourier_breaker_state";
 /// Counter: outage breaker transitions, by the `state` entered.
 pub const BREAKER_TRANSITIONS: &str = "kourier_breaker_transitions_total";
+/// Counter: records forwarded to a retry tier (acknowledged), by `tier` (1-based).
+pub const RECORDS_FORWARDED: &str = "kourier_records_forwarded_total";
+/// Counter: forwards to a retry tier that failed (each is retried).
+pub const FORWARD_FAILURES: &str = "kourier_forward_failures_total";
 /// Counter: failed calls the open breaker absorbed (no attempt used, nothing dead-lettered).
 pub const BREAKER_HELD_FAILURES: &str = "kourier_breaker_held_failures_total";
 
@@ -143,7 +149,16 @@ pub mod labels {
     pub const OPERATION: &str = "operation";
     /// The breaker state entered: `open`, `half-open` or `closed`.
     pub const STATE: &str = "state";
+    /// The retry tier a record was forwarded to (`1`…`15`, then `16+`).
+    pub const TIER: &str = "tier";
 }
+
+/// Tiers counted one by one (in the snapshot and the `tier` label); later ones share the
+/// last entry.
+pub(crate) const COUNTED_TIERS: usize = 16;
+const TIER_LABELS: [&str; COUNTED_TIERS] = [
+    "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16+",
+];
 
 const ATTEMPT_LABELS: [&str; 10] = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10+"];
 const REASONS: [DeadLetterReason; 4] = [
@@ -224,9 +239,23 @@ pub(crate) struct OutcomeCounts {
     pub(crate) stalled: AtomicU64,
     pub(crate) abandoned: AtomicU64,
     dead_lettered: [AtomicU64; 4],
+    forwarded: [AtomicU64; COUNTED_TIERS],
 }
 
 impl OutcomeCounts {
+    /// Records forwarded per tier (index 0 is tier 1), up to the highest tier used.
+    pub(crate) fn forwarded(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .forwarded
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        while v.last() == Some(&0) {
+            v.pop();
+        }
+        v
+    }
+
     pub(crate) fn dead_lettered(&self) -> DeadLetterCounts {
         let get = |r| self.dead_lettered[reason_index(r)].load(Ordering::Relaxed);
         DeadLetterCounts {
@@ -254,6 +283,8 @@ pub(crate) struct TopicMetrics {
     stalled: Counter,
     abandoned: Counter,
     store_errors: [OnceLock<Counter>; 4],
+    forwarded: [OnceLock<Counter>; COUNTED_TIERS],
+    forward_failures: Counter,
 }
 
 impl TopicMetrics {
@@ -274,6 +305,8 @@ impl TopicMetrics {
             retried: Default::default(),
             dead_lettered: Default::default(),
             store_errors: Default::default(),
+            forwarded: Default::default(),
+            forward_failures: ::metrics::counter!(FORWARD_FAILURES, &labels),
             topic,
             group,
         }
@@ -524,6 +557,23 @@ impl RecordMetrics<'_> {
         self.counts.dead_lettered[i].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The record was forwarded to retry tier `tier` (1-based).
+    pub(crate) fn forwarded(&self, tier: u32) {
+        let i = (tier.max(1) as usize - 1).min(COUNTED_TIERS - 1);
+        self.topic.forwarded[i]
+            .get_or_init(|| {
+                self.topic
+                    .with_extra(RECORDS_FORWARDED, labels::TIER, TIER_LABELS[i])
+            })
+            .increment(1);
+        self.counts.forwarded[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A forward to a retry tier failed (it is retried).
+    pub(crate) fn forward_failed(&self) {
+        self.topic.forward_failures.increment(1);
+    }
+
     /// Code on the record's path panicked (the handler, a codec, the dedup-key function).
     pub(crate) fn panicked(&self) {
         self.topic.panics.increment(1);
@@ -641,6 +691,16 @@ fn describe() {
         Unit::Count,
         "Records given up unsettled at a revoke or shutdown; they are delivered again."
     );
+    describe_counter!(
+        RECORDS_FORWARDED,
+        Unit::Count,
+        "Records forwarded to a retry tier (acknowledged), by tier."
+    );
+    describe_counter!(
+        FORWARD_FAILURES,
+        Unit::Count,
+        "Forwards to a retry tier that failed (each is retried)."
+    );
     describe_gauge!(
         CONNECTION_STATE,
         "1 while the consumer reaches the Kafka cluster, 0 while it does not."
@@ -685,6 +745,8 @@ pub const METRIC_NAMES: &[&str] = &[
     HANDLER_PANICS,
     RECORDS_STALLED,
     RECORDS_ABANDONED,
+    RECORDS_FORWARDED,
+    FORWARD_FAILURES,
     CONNECTION_STATE,
     BREAKER_STATE,
     BREAKER_TRANSITIONS,

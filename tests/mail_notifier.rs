@@ -58,6 +58,7 @@ fn config(topic: &str, group: &str, outbox: &Path, run_id: &str) -> DemoConfig {
             topic: topic.to_owned(),
             group: group.to_owned(),
             partitions: PARTITIONS,
+            retry_tiers: Vec::new(),
         },
         outbox: outbox.to_path_buf(),
         run_id: run_id.to_owned(),

@@ -121,6 +121,7 @@ async fn probes_and_metrics_follow_the_notifier_on_one_address() {
         topic: unique_name("mail-notifier-health"),
         group: unique_name("mail-notifier-health"),
         partitions: PARTITIONS,
+        retry_tiers: Vec::new(),
     };
     let (topic_label, group_label) = (
         format!("topic=\"{}\"", settings.topic),

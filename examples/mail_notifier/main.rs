@@ -45,6 +45,11 @@
 //! environment (`KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL`, `SMTP_HOST`, `SMTP_PORT`, ...);
 //! `--help` lists them.
 //!
+//! `--retry-tiers 30,300` (with `demo` and `run`) adds retry tiers: a mail that still fails
+//! after its in-place attempts waits 30 s in `<topic>.retry.1`, then 5 min in
+//! `<topic>.retry.2`, before the dead-letter topic, and the user's later mails wait behind it
+//! (`keep_key_order`, the ledger in the same Redis). The tier topics are created when missing.
+//!
 //! `--metrics-addr 127.0.0.1:9464` (with `demo` and `run`) serves, on that one address, while
 //! the notifier runs:
 //!
@@ -123,6 +128,11 @@ struct KafkaArgs {
     /// liveness and readiness probes at /livez and /readyz (e.g. 127.0.0.1:9464).
     #[arg(long, env = "METRICS_ADDR", global = true)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// Retry tiers: delays in seconds of the tier topics `<topic>.retry.<n>`, comma-separated
+    /// (e.g. `30,300`). A mail that still fails after its in-place attempts waits there
+    /// (the user's later mails behind it) before the dead-letter topic. Off when not given.
+    #[arg(long, env = "NOTIFY_RETRY_TIERS", value_delimiter = ',', global = true)]
+    retry_tiers: Vec<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,6 +214,12 @@ async fn main() -> Result<()> {
         topic: cli.kafka.topic,
         group: cli.kafka.group,
         partitions: cli.kafka.partitions,
+        retry_tiers: cli
+            .kafka
+            .retry_tiers
+            .iter()
+            .map(|s| std::time::Duration::from_secs(*s))
+            .collect(),
     };
     match cli.command {
         Command::Demo {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use kourier::tiers::{RedisKeyOrderLedger, RetryTiers};
 use kourier::topics::{TopicAdmin, TopicSpec};
 use kourier::{
     BreakerPolicy, ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
@@ -23,6 +24,9 @@ pub(crate) struct Settings {
     /// Partitions of the topic, when it is created; its dead-letter topic, when created, gets
     /// as many partitions as the topic has.
     pub(crate) partitions: i32,
+    /// Retry tiers (`--retry-tiers`): delays of the tier topics `<topic>.retry.<n>`, created
+    /// when missing; empty: in-place retries only.
+    pub(crate) retry_tiers: Vec<Duration>,
 }
 
 impl Settings {
@@ -90,7 +94,7 @@ pub(crate) async fn consumer(
         .build()
         .await
         .with_context(|| format!("connecting to Redis at {}", settings.redis_url))?;
-    let consumer = RetryingConsumer::builder(mailer)
+    let mut builder = RetryingConsumer::builder(mailer)
         .bootstrap_servers(settings.bootstrap.as_str())
         .group_id(settings.group.as_str())
         .topic(settings.topic.as_str())
@@ -102,8 +106,23 @@ pub(crate) async fn consumer(
         // filling the dead-letter topic; a probe every 1 s at first (doubling to 30 s).
         .breaker(breaker_policy())
         .commit_interval(Duration::from_millis(500))
-        .shutdown_timeout(Duration::from_secs(15))
-        .build()
-        .context("building the consumer")?;
+        .shutdown_timeout(Duration::from_secs(15));
+    if !settings.retry_tiers.is_empty() {
+        // A mail that still fails after its in-place attempts waits in a tier topic instead
+        // of the dead-letter topic; the user's later mails wait behind it (key order kept
+        // across tiers, in a ledger in the same Redis).
+        let ledger = RedisKeyOrderLedger::connect(settings.redis_url.as_str())
+            .await
+            .with_context(|| {
+                format!("connecting the key-order ledger to {}", settings.redis_url)
+            })?;
+        builder = builder
+            .retry_tiers(
+                RetryTiers::new(settings.retry_tiers.iter().copied())
+                    .keep_key_order(Arc::new(ledger)),
+            )
+            .create_missing_topics(settings.partitions);
+    }
+    let consumer = builder.build().context("building the consumer")?;
     Ok(consumer)
 }

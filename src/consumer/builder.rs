@@ -26,8 +26,11 @@ use crate::handler::Handler;
 use crate::idempotency::IdempotencyStore;
 use crate::message::Message;
 use crate::metrics::ConsumerMetrics;
+use crate::producer::ProducerSettings;
 use crate::record::RawRecord;
 use crate::retry::RetryPolicy;
+use crate::tiers::RetryTiers;
+use crate::tiers::runtime::Tiers;
 
 /// Settings kourier owns: a raw `kafka_config` may not change them.
 const OWNED_SETTINGS: &[(&str, &str, &str)] = &[
@@ -162,6 +165,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     max_uncommitted_per_partition: usize,
     retry_panics: bool,
     breaker: Option<BreakerPolicy>,
+    tiers: Option<RetryTiers>,
 }
 
 impl<H: Handler> fmt::Debug for RetryingConsumerBuilder<H> {
@@ -223,6 +227,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             max_uncommitted_per_partition: 10_000,
             retry_panics: true,
             breaker: None,
+            tiers: None,
         }
     }
 
@@ -592,6 +597,29 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self
     }
 
+    /// Retry tiers: after the retry policy's in-place attempts, a transient failure is
+    /// forwarded to the next tier topic (by default `<topic>.retry.<n>`), runs again there
+    /// once due, and reaches the dead-letter topic only after the last tier. The consumer
+    /// subscribes to its tier topics too; they must exist at startup like the dead-letter
+    /// topics (or be created by [`create_missing_topics`](Self::create_missing_topics), with
+    /// the source's partition count). See [`tiers`](crate::tiers) for the record format,
+    /// due times, the commit rule and `keep_key_order`. `build()` refuses invalid tiers with
+    /// [`ConfigError::Invalid`] (`setting: "retry_tiers"`).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # use kourier::{handler_fn, Message, RetryingConsumer, tiers::RetryTiers};
+    /// # let handler = handler_fn(|_m: Message<String>| async { Ok(()) });
+    /// let builder = RetryingConsumer::builder(handler)
+    ///     .retry_tiers(RetryTiers::new([Duration::from_secs(30), Duration::from_secs(300)]));
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn retry_tiers(mut self, tiers: RetryTiers) -> Self {
+        self.tiers = Some(tiers);
+        self
+    }
+
     /// Sets a raw librdkafka consumer property (e.g. `session.timeout.ms`,
     /// `auto.offset.reset`), overriding kourier's default for it (the table in the
     /// [builder docs](Self#librdkafka-settings) lists them). `build()` refuses
@@ -617,7 +645,15 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         self.check_limits()?;
         let config = self.client_config(&bootstrap, &group_id);
         let sink = self.dead_letter_sink_or_default(&bootstrap)?;
-        let metrics = Arc::new(ConsumerMetrics::new(&group_id, &self.topics));
+        let tiers = self.tiers_or_none(&bootstrap, &group_id)?;
+        let tier_topics = tiers.as_ref().map(|t| t.topics()).unwrap_or_default();
+        let subscribed: Vec<String> = self
+            .topics
+            .iter()
+            .cloned()
+            .chain(tier_topics.iter().map(|(_, t)| t.clone()))
+            .collect();
+        let metrics = Arc::new(ConsumerMetrics::new(&group_id, &subscribed));
         let breaker = self
             .breaker
             .clone()
@@ -632,6 +668,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             .topics
             .iter()
             .flat_map(|t| sink.topics_for(t).into_iter().map(|d| (t.clone(), d)))
+            .chain(tier_topics)
             .collect();
         let create = self.create_missing_topics.map(|partitions| Provisioning {
             partitions,
@@ -649,7 +686,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 wait_for_topics: self.wait_for_topics,
                 create,
             },
-            topics: self.topics,
+            topics: subscribed,
             commit_interval: self.commit_interval,
             shutdown_timeout: self.shutdown_timeout,
             max_poll_batch: self.max_poll_batch,
@@ -676,6 +713,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             metrics,
             observer: self.observer,
             outage: OutageGate(breaker),
+            tiers,
         });
         Ok(RetryingConsumer {
             consumer,
@@ -683,6 +721,32 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             worker,
             settings,
         })
+    }
+
+    /// The retry tiers, checked, with their forwarding producer.
+    fn tiers_or_none(&self, bootstrap: &str, group_id: &str) -> Result<Option<Arc<Tiers>>> {
+        let Some(config) = &self.tiers else {
+            return Ok(None);
+        };
+        Tiers::check(config, &self.topics)?;
+        if config.ledger.is_some() && self.ordering == ProcessingOrder::Unordered {
+            return Err(ConfigError::invalid(
+                "retry_tiers",
+                "keep_key_order needs Partition or Key ordering, not Unordered",
+            )
+            .into());
+        }
+        let mut settings = ProducerSettings::new(bootstrap.to_owned());
+        for (k, v) in self.security_settings() {
+            settings.set(k, v);
+        }
+        let producer = settings.build("kourier-retry-tiers")?;
+        Ok(Some(Arc::new(Tiers::new(
+            config.clone(),
+            &self.topics,
+            group_id.to_owned(),
+            producer,
+        ))))
     }
 
     /// The bootstrap servers and the group, from their setters (never from the raw settings:

@@ -29,6 +29,7 @@ mod scheduler;
 mod shutdown;
 mod startup;
 mod stats;
+mod tiers;
 mod topic_partition;
 mod worker;
 

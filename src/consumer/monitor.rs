@@ -50,6 +50,10 @@ pub struct ConsumerSnapshot {
     pub stalled: u64,
     /// Records given up unsettled at revokes and shutdown (delivered again later).
     pub abandoned: u64,
+    /// Records forwarded to retry tiers, per tier (index 0 is tier 1; tiers from 16 on
+    /// share the last entry): after failures and, with `keep_key_order`, to wait behind an
+    /// earlier record of their key. Empty when none was.
+    pub forwarded: Vec<u64>,
     /// Whether the consumer reaches the cluster.
     pub connection: ConnectionState,
     /// Since when [`connection`](Self::connection) holds.
@@ -125,6 +129,7 @@ impl ConsumerMonitor {
             panics: load(&counts.panics),
             stalled: load(&counts.stalled),
             abandoned: load(&counts.abandoned),
+            forwarded: counts.forwarded(),
             connection: health.connection,
             connection_since: health.since,
             partitions,

@@ -17,18 +17,22 @@ pub enum RecordOutcome {
     Duplicate,
     /// Written to the dead-letter sink (acknowledged), for this reason.
     DeadLettered(DeadLetterReason),
+    /// Forwarded to this retry tier (1-based; acknowledged by the broker): it runs again
+    /// there. See [`tiers`](crate::tiers).
+    Forwarded(u32),
     /// Given up unsettled at a revoke or shutdown: not committed, delivered again later.
     Abandoned,
 }
 
 impl RecordOutcome {
     /// The name used in logs, spans and metrics: `handled`, `duplicate`, `dead-lettered`,
-    /// `abandoned`.
+    /// `forwarded`, `abandoned`.
     pub fn as_str(self) -> &'static str {
         match self {
             RecordOutcome::Handled => "handled",
             RecordOutcome::Duplicate => "duplicate",
             RecordOutcome::DeadLettered(_) => "dead-lettered",
+            RecordOutcome::Forwarded(_) => "forwarded",
             RecordOutcome::Abandoned => "abandoned",
         }
     }
@@ -38,6 +42,7 @@ impl fmt::Display for RecordOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RecordOutcome::DeadLettered(reason) => write!(f, "dead-lettered ({reason})"),
+            RecordOutcome::Forwarded(tier) => write!(f, "forwarded (tier {tier})"),
             other => f.write_str(other.as_str()),
         }
     }

@@ -40,6 +40,7 @@ use crate::message::Message;
 use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
 use crate::record::RawRecord;
 use crate::retry::{RetryDecision, RetryPolicy, infra_backoff};
+use crate::tiers::runtime::Tiers;
 use crate::trace_context::TraceContext;
 
 /// Everything a worker needs, shared by all workers of a consumer.
@@ -60,6 +61,8 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) observer: Option<OutcomeObserver>,
     /// The outage breaker (if any): asked before every attempt, told every result.
     pub(crate) outage: OutageGate,
+    /// Retry tiers (if any): where records go after their in-place attempts.
+    pub(crate) tiers: Option<Arc<Tiers>>,
 }
 
 /// Runs `f`, turning a panic into its message.
@@ -77,12 +80,12 @@ pub(crate) async fn guarded_async<F: std::future::Future>(fut: F) -> Result<F::O
 
 /// Back-off for infrastructure waits (store outage, busy claims, dead-letter writes):
 /// 100 ms doubling to 5 s, with jitter.
-fn infra_delay(failures: u32) -> Duration {
+pub(crate) fn infra_delay(failures: u32) -> Duration {
     infra_backoff(Duration::from_millis(100), Duration::from_secs(5), failures)
 }
 
 /// Sleeps unless cancelled first; returns whether the full delay passed.
-async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
+pub(crate) async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         () = tokio::time::sleep(delay) => true,
         () = cancel.cancelled() => false,
@@ -117,7 +120,7 @@ impl Slot for KeepSlot {
 /// Waits out a retry back-off without holding a slot; returns whether the record goes on
 /// (`false`: it is given up, holding its slot again, because its partition is draining or
 /// its work is abandoned).
-async fn back_off(delay: Duration, slot: &dyn Slot, stop: &Stop) -> bool {
+pub(crate) async fn back_off(delay: Duration, slot: &dyn Slot, stop: &Stop) -> bool {
     slot.park();
     let end = Instant::now() + delay;
     let waited = tokio::select! {
@@ -154,19 +157,21 @@ async fn back_off(delay: Duration, slot: &dyn Slot, stop: &Stop) -> bool {
 }
 
 /// How a record's processing ended.
-enum Outcome {
+pub(crate) enum Outcome {
     Handled,
     Duplicate,
     DeadLettered(DeadLetterReason),
+    /// Forwarded to this retry tier (acknowledged).
+    Forwarded(u32),
     Abandoned,
 }
 
-struct Failure {
-    reason: DeadLetterReason,
-    error: String,
-    attempts: u32,
-    first: SystemTime,
-    last: SystemTime,
+pub(crate) struct Failure {
+    pub(crate) reason: DeadLetterReason,
+    pub(crate) error: String,
+    pub(crate) attempts: u32,
+    pub(crate) first: SystemTime,
+    pub(crate) last: SystemTime,
 }
 
 impl Failure {
@@ -233,22 +238,42 @@ impl<H: Handler> WorkerContext<H> {
         );
         trace_record_span(&span, &record);
         let metrics = self.metrics.record(&record.topic);
-        let run = self
-            .run(record.clone(), &metrics, stop, slot)
-            .instrument(span.clone());
-        tokio::pin!(run);
-        let outcome = tokio::select! {
-            outcome = &mut run => outcome,
-            () = tokio::time::sleep(self.stall_threshold) => {
-                warn!(coordinates = %record.coordinates(), threshold = ?self.stall_threshold, "record stalled: in flight longer than the stall threshold");
-                metrics.stalled();
-                run.await
+        // Retry tiers: a tier record waits for its due time (without its slot), and with
+        // `keep_key_order` the ledger may defer the record behind its key's earlier ones.
+        let tracked = match &self.tiers {
+            None => Ok(None),
+            Some(tiers) => {
+                self.tier_prelude(tiers, &record, stop, slot, &metrics)
+                    .instrument(span.clone())
+                    .await
+            }
+        };
+        let outcome = match tracked {
+            Err(ended) => ended,
+            Ok(tracked) => {
+                let run = self
+                    .run(record.clone(), &metrics, stop, slot)
+                    .instrument(span.clone());
+                tokio::pin!(run);
+                let outcome = tokio::select! {
+                    outcome = &mut run => outcome,
+                    () = tokio::time::sleep(self.stall_threshold) => {
+                        warn!(coordinates = %record.coordinates(), threshold = ?self.stall_threshold, "record stalled: in flight longer than the stall threshold");
+                        metrics.stalled();
+                        run.await
+                    }
+                };
+                match (tracked, &self.tiers) {
+                    (Some(t), Some(tiers)) => self.tier_settle(tiers, t, outcome, stop).await,
+                    _ => outcome,
+                }
             }
         };
         let (reported, end) = match outcome {
             Outcome::Handled => (RecordOutcome::Handled, JobEnd::Settled),
             Outcome::Duplicate => (RecordOutcome::Duplicate, JobEnd::Settled),
             Outcome::DeadLettered(reason) => (RecordOutcome::DeadLettered(reason), JobEnd::Settled),
+            Outcome::Forwarded(tier) => (RecordOutcome::Forwarded(tier), JobEnd::Settled),
             Outcome::Abandoned => {
                 metrics.abandoned();
                 (RecordOutcome::Abandoned, JobEnd::Abandoned)
@@ -568,6 +593,18 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
     ) -> Outcome {
+        // Retry tiers: a transient give-up goes to the next tier; a tier record is
+        // dead-lettered as its source record.
+        let (record, failure) = match &self.tiers {
+            None => (record, failure),
+            Some(tiers) => match self
+                .tier_give_up(tiers, record, failure, metrics, cancel)
+                .await
+            {
+                Ok(forwarded) => return forwarded,
+                Err(dead_letter) => dead_letter,
+            },
+        };
         let letter = DeadLetter {
             record,
             reason: failure.reason,

@@ -519,6 +519,7 @@ impl Setup {
                 self.breaker
                     .map(|p| Arc::new(Breaker::new(p, metrics.clone()))),
             ),
+            tiers: None,
         };
         Harness {
             worker,

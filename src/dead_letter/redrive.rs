@@ -5,7 +5,8 @@ use super::headers::redrive_count;
 use crate::record::{Header, Headers, RawRecord};
 
 /// A dead letter made ready to be published again ("redriven"): the original key, value and
-/// headers (names and values byte for byte), **minus** the provenance headers ([`headers::ALL`]), **plus**
+/// headers (names and values byte for byte), **minus** the provenance headers ([`headers::ALL`]) and any
+/// retry-tier headers ([`tiers::headers::ALL`](crate::tiers::headers::ALL)), **plus**
 /// [`headers::REDRIVE_COUNT`] one higher than the letter's.
 ///
 /// The record goes to the letter's original topic unless another is given. Its headers keep
@@ -95,7 +96,11 @@ impl RedriveRecord {
         let mut out: Headers = letter
             .headers
             .iter()
-            .filter(|h| !headers::is_provenance(&h.key) && !h.is_named(headers::REDRIVE_COUNT))
+            .filter(|h| {
+                !headers::is_provenance(&h.key)
+                    && !h.is_named(headers::REDRIVE_COUNT)
+                    && !crate::tiers::headers::ALL.iter().any(|n| h.is_named(n))
+            })
             .cloned()
             .collect();
         out.push(Header::new(headers::REDRIVE_COUNT, count.to_string()));

@@ -18,6 +18,7 @@ use kourier::rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use kourier::rdkafka::message::DeliveryResult;
 use kourier::rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use kourier::rdkafka::{Message as _, Offset, TopicPartitionList};
+use kourier::tiers::headers as tiers;
 use kourier::{DeadLetterReason, Header, RawRecord};
 
 /// Where Kafka is, and how long any single wait may take.
@@ -108,6 +109,24 @@ impl Letter {
         format!("{}@{}", self.record.partition, self.record.offset)
     }
 
+    /// The retry tier a record read from a tier topic is in, and when it is due.
+    pub(crate) fn tier(&self) -> Option<(u32, Option<SystemTime>)> {
+        let tier = self
+            .record
+            .headers
+            .get_str(tiers::TIER)?
+            .trim()
+            .parse()
+            .ok()?;
+        let due = self
+            .record
+            .headers
+            .get_str(tiers::DUE_MS)
+            .and_then(|d| d.trim().parse::<u64>().ok())
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        Some((tier, due))
+    }
+
     pub(crate) fn key_text(&self) -> Option<String> {
         self.record
             .key
@@ -136,6 +155,9 @@ impl Letter {
             "first_failure": p.first_failure.map(rfc3339),
             "last_failure": p.last_failure.map(rfc3339),
             "redrive_count": p.redrive_count,
+            "retry_tier": self.tier().map(|(t, _)| t),
+            "due": self.tier().and_then(|(_, d)| d).map(rfc3339),
+            "deferred": self.record.headers.get_str(tiers::DEFERRED) == Some("true"),
             "key": key_utf8,
             "key_hex": key.filter(|_| key_utf8.is_none()).map(hex),
             "value_bytes": self.record.value.as_ref().map(Vec::len),
@@ -145,7 +167,12 @@ impl Letter {
                 .record
                 .headers
                 .iter()
-                .filter(|h| !headers::ALL.iter().any(|name| h.is_named(name)))
+                .filter(|h| {
+                    !headers::ALL
+                        .iter()
+                        .chain(tiers::ALL)
+                        .any(|name| h.is_named(name))
+                })
                 .map(header_json)
                 .collect::<Vec<_>>(),
         })
@@ -782,9 +809,13 @@ pub(crate) fn table(letters: &[Letter]) -> String {
             [
                 l.place(),
                 p.original_coordinates(),
-                p.failure_kind
-                    .map_or("-", DeadLetterReason::as_str)
-                    .to_owned(),
+                {
+                    let kind = p.failure_kind.map_or("-", DeadLetterReason::as_str);
+                    match l.tier() {
+                        Some((tier, _)) => format!("{kind} (in tier {tier})"),
+                        None => kind.to_owned(),
+                    }
+                },
                 p.attempts.map_or_else(|| "-".to_owned(), |a| a.to_string()),
                 time(p.first_failure),
                 time(p.last_failure),
@@ -817,4 +848,34 @@ pub(crate) fn table(letters: &[Letter]) -> String {
         line(&mut row.iter().map(String::as_str));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tier_records_show_their_tier_and_due_time() {
+        let record = RawRecord::builder("orders.retry.2")
+            .header(tiers::TIER, "2")
+            .header(tiers::DUE_MS, "1000")
+            .header(headers::ATTEMPTS, "3")
+            .header("own", "x")
+            .build();
+        let letter = Letter::new(record);
+        assert_eq!(
+            letter.tier(),
+            Some((2, Some(UNIX_EPOCH + Duration::from_secs(1))))
+        );
+        let json = letter.to_json();
+        assert_eq!(json["retry_tier"], 2);
+        assert_eq!(json["attempts"], 3);
+        assert_eq!(json["deferred"], false);
+        let own = json["headers"].as_array().unwrap();
+        assert_eq!(
+            own.len(),
+            1,
+            "tier and provenance headers are not listed as own: {own:?}"
+        );
+    }
 }

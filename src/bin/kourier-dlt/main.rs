@@ -20,7 +20,10 @@
 //!   with `--json`, which also lists each letter's own headers (`headers`: `name`, `value`;
 //!   a name that is not UTF-8 is shown escaped, `\xNN` per byte, with its exact bytes in
 //!   `name_hex`, and a value that is not UTF-8 as `value_hex`). Header names and values are
-//!   redriven byte for byte, whatever they hold.
+//!   redriven byte for byte, whatever they hold. A retry-tier topic (`<topic>.retry.<n>`) can
+//!   be inspected too: its records carry the same provenance, and the table's kind column
+//!   says `(in tier n)`; the JSON adds `retry_tier`, `due` and `deferred`. Letters that went
+//!   through tiers are dead-lettered as their source record (attempts of all tiers summed).
 //! - `redrive <dlt-topic>` publishes the selected letters again, each to its original topic
 //!   (or `--to <topic>`), with the original key, value and headers **minus** the dead-letter
 //!   headers, **plus** a raised `kourier-redrive-count`. Its progress is the committed offset
