@@ -140,14 +140,27 @@ async fn ledger(prefix: &str) -> Arc<RedisKeyOrderLedger> {
     )
 }
 
+/// Keys under `prefix`, by SCAN: a shared Redis may hold many other keys (a benchmark run
+/// leaves ~1 M for a while), and KEYS would block the server and time the client out.
 async fn redis_keys(prefix: &str) -> usize {
     let mut c = support::redis_connection().await;
-    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    keys.len()
+    let (mut cursor, mut found) = (0u64, 0usize);
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut c)
+            .await
+            .expect("SCAN");
+        found += keys.len();
+        if next == 0 {
+            return found;
+        }
+        cursor = next;
+    }
 }
 
 /// Runs `records` ids through one or more consumers and returns what the handler saw.
