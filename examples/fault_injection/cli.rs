@@ -61,6 +61,10 @@ pub(crate) struct RunArgs {
     /// Seconds each downstream outage lasts.
     #[arg(long, default_value_t = 10)]
     pub(crate) outage_secs: u64,
+    /// Run the consumers with the outage breaker (`BreakerPolicy::default()` with a 1 s open
+    /// interval doubling to 10 s): a downstream outage then dead-letters nothing.
+    #[arg(long)]
+    pub(crate) breaker: bool,
     /// Stop the consumer with SIGTERM (graceful shutdown) instead of SIGKILL, without an
     /// idempotency store; expects 0 duplicates.
     #[arg(long)]
@@ -142,4 +146,7 @@ pub(crate) struct ConsumeArgs {
     /// transiently (a downstream outage).
     #[arg(long)]
     pub(crate) outage_flag: Option<PathBuf>,
+    /// Run with the outage breaker.
+    #[arg(long)]
+    pub(crate) breaker: bool,
 }

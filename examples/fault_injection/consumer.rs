@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kourier::{
-    Handler, HandlerError, Message, ProcessingOrder, RedisIdempotencyStore, RetryPolicy,
-    RetryingConsumer, async_trait,
+    BreakerPolicy, Handler, HandlerError, Message, ProcessingOrder, RedisIdempotencyStore,
+    RetryPolicy, RetryingConsumer, async_trait,
 };
 
 use crate::cli::ConsumeArgs;
@@ -155,6 +155,12 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
         builder = builder
             .idempotency_key_fn(Arc::new(store), |m| Some(m.event().id.to_string()))
             .idempotency_lease(LEASE);
+    }
+    if args.breaker {
+        builder = builder.breaker(
+            BreakerPolicy::default()
+                .with_open_interval(Duration::from_secs(1), Duration::from_secs(10)),
+        );
     }
     let consumer = builder.build()?;
     let monitor = consumer.monitor();

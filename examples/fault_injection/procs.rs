@@ -21,6 +21,8 @@ pub(crate) struct ConsumerSpawn {
     pub(crate) work_dir: PathBuf,
     /// The downstream-outage flag file the consumers watch.
     pub(crate) outage_flag: PathBuf,
+    /// The consumers run with the outage breaker.
+    pub(crate) breaker: bool,
 }
 
 impl ConsumerSpawn {
@@ -54,6 +56,9 @@ impl ConsumerSpawn {
             cmd.args(["--redis-url", url]);
         }
         cmd.arg("--outage-flag").arg(&self.outage_flag);
+        if self.breaker {
+            cmd.arg("--breaker");
+        }
         let child = cmd.spawn()?;
         log(format!("started consumer #{index} (pid {})", child.id()));
         Ok(ConsumerProc {

@@ -85,8 +85,9 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         s.dlt_partitions, args.partitions, report.dlt_by_key
     ));
     log(format!(
-        "downstream outages: {} records dead-lettered (retries exhausted during the outage)",
-        report.outage_dead_lettered
+        "downstream outages: {} records dead-lettered (retries exhausted during the outage; breaker {})",
+        report.outage_dead_lettered,
+        if args.breaker { "on" } else { "off" }
     ));
     for p in &s.problems {
         log(format!("PROBLEM: {p}"));
@@ -121,7 +122,7 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
     println!(
         "events={} lost={} duplicates={} bound={bound} dead_lettered={} kills={} kill_duplicates={} \
          broker_restarts={} loaded_broker_restarts={} redis_outages={} zombies={} zombie_duplicates={} \
-         zombie_late_writes={} zombie_bound={zombie_bound} outages={} outage_dead_lettered={} \
+         zombie_late_writes={} zombie_bound={zombie_bound} outages={} breaker={} outage_dead_lettered={} \
          dlt_partitions={} dlt_by_key={} verdict={}",
         args.events,
         report.lost,
@@ -136,6 +137,7 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         report.zombie_duplicates,
         report.zombie_late,
         done.outages,
+        if args.breaker { "on" } else { "off" },
         report.outage_dead_lettered,
         s.dlt_partitions,
         report.dlt_by_key,

@@ -133,6 +133,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         work_ms,
         work_dir: work_dir.clone(),
         outage_flag: work_dir.join("downstream-outage"),
+        breaker: args.breaker,
     };
     let mut ledgers = Ledgers::new(args.events as usize);
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
