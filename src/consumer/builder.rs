@@ -662,6 +662,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             lease: self.dedup_lease,
             ttl: self.dedup_ttl,
             run_without_store_on_outage: self.dedup_without_store_on_outage,
+            batch: Default::default(),
         });
         let worker = Arc::new(WorkerContext {
             handler: Arc::new(self.handler),

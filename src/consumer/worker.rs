@@ -99,6 +99,11 @@ pub(crate) trait Slot: Send + Sync {
     /// Takes the slot back at once, over the limit if need be: the record is being given up
     /// while it waits (for a slot, when `waiting` is the receiver [`Slot::resume`] gave).
     fn resume_now(&self, waiting: Option<oneshot::Receiver<()>>);
+    /// The record's outcome is decided and only needs writing down (marking its key done,
+    /// its dead letter's acknowledgement): its slot and lane are freed for the lane's next
+    /// record, while its offset stays uncommitted until its job ends. Called at most once,
+    /// after the last [`Slot::park`].
+    fn release(&self);
 }
 
 /// A slot that is never given up: the record keeps it while it waits (unit tests).
@@ -112,6 +117,7 @@ impl Slot for KeepSlot {
         Ok(())
     }
     fn resume_now(&self, _waiting: Option<oneshot::Receiver<()>>) {}
+    fn release(&self) {}
 }
 
 /// Waits out a retry back-off without holding a slot; returns whether the record goes on
@@ -277,7 +283,9 @@ impl<H: Handler> WorkerContext<H> {
             Err(error) => {
                 warn!(coordinates = %record.coordinates(), %error, "poison pill: record cannot be decoded, dead-lettering");
                 let failure = Failure::at_once(DeadLetterReason::Decode, error);
-                return self.dead_letter(record, failure, metrics, cancel).await;
+                return self
+                    .dead_letter(record, failure, metrics, cancel, slot)
+                    .await;
             }
         };
         let mut message = Message::new(record.clone(), 1, event);
@@ -294,7 +302,9 @@ impl<H: Handler> WorkerContext<H> {
                     let error = format!("dedup key function panicked: {panic}");
                     error!(coordinates = %record.coordinates(), %error, "dead-lettering: the dedup key cannot be computed");
                     let failure = Failure::at_once(DeadLetterReason::Panic, error);
-                    return self.dead_letter(record, failure, metrics, cancel).await;
+                    return self
+                        .dead_letter(record, failure, metrics, cancel, slot)
+                        .await;
                 }
             },
         };
@@ -396,6 +406,9 @@ impl<H: Handler> WorkerContext<H> {
                 Ok(()) => {
                     pass.succeeded();
                     if let (Some(d), Some(k), Some(h)) = (&self.dedup, &dedup_key, &held) {
+                        // Off the lane's critical path: the next record starts while the
+                        // key is marked done; the offset waits for it.
+                        slot.release();
                         self.complete(d, k, h, &record, metrics, cancel).await;
                     }
                     metrics.handled();
@@ -451,7 +464,9 @@ impl<H: Handler> WorkerContext<H> {
                 first,
                 last: now,
             };
-            return self.dead_letter(record, failure, metrics, cancel).await;
+            return self
+                .dead_letter(record, failure, metrics, cancel, slot)
+                .await;
         }
     }
 
@@ -466,7 +481,7 @@ impl<H: Handler> WorkerContext<H> {
         let mut waits = 0u32;
         loop {
             let sent = Instant::now();
-            match store_call("claim", d.store.claim(key, d.lease)).await {
+            match store_call("claim", d.claim(key)).await {
                 Ok(Claim::Acquired(token)) => {
                     return ClaimOutcome::Run(Some(HeldClaim::new(token, sent)));
                 }
@@ -507,7 +522,7 @@ impl<H: Handler> WorkerContext<H> {
         let token = &held.token;
         let mut failures = 0u32;
         loop {
-            match store_call("complete", d.store.complete(key, token, d.ttl)).await {
+            match store_call("complete", d.complete(key, token)).await {
                 Ok(()) => return,
                 Err(e) if e.is_lease_lost() => {
                     warn!(coordinates = %record.coordinates(), key, "lease expired before completion: the record may be handled again elsewhere");
@@ -554,7 +569,11 @@ impl<H: Handler> WorkerContext<H> {
         failure: Failure,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
+        slot: &dyn Slot,
     ) -> Outcome {
+        // Pipelined: the lane's next record starts while the letter is written (and
+        // retried, never dropped); the offset waits for the broker's acknowledgement.
+        slot.release();
         let letter = DeadLetter {
             record,
             reason: failure.reason,
