@@ -15,39 +15,27 @@ use tokio::sync::{mpsc, oneshot};
 use super::worker::guarded_async;
 use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
 
-/// At most this many requests of one kind go in one batch call.
+/// At most this many requests go in one batch call.
 const MAX_BATCH: usize = 256;
 
-enum Request {
-    Claim {
-        key: String,
-        lease: Duration,
-        reply: oneshot::Sender<Result<Claim, StoreError>>,
-    },
-    Complete {
-        key: String,
-        token: ClaimToken,
-        ttl: Duration,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-}
+type ClaimRequest = (String, Duration, oneshot::Sender<Result<Claim, StoreError>>);
+type CompleteRequest = (
+    String,
+    ClaimToken,
+    Duration,
+    oneshot::Sender<Result<(), StoreError>>,
+);
 
-/// See the module docs. The batching task starts on first use (inside the runtime) and ends
-/// when the batcher is dropped.
+/// See the module docs. Claims and completions go through separate batching tasks, so a
+/// slow completion never holds up the claims that start records. Each task starts on first
+/// use (inside the runtime) and ends when the batcher is dropped.
 #[derive(Debug, Default)]
 pub(crate) struct StoreBatcher {
-    requests: OnceLock<mpsc::UnboundedSender<Request>>,
+    claims: OnceLock<mpsc::UnboundedSender<ClaimRequest>>,
+    completes: OnceLock<mpsc::UnboundedSender<CompleteRequest>>,
 }
 
 impl StoreBatcher {
-    fn sender(&self, store: &Arc<dyn IdempotencyStore>) -> &mpsc::UnboundedSender<Request> {
-        self.requests.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run(store.clone(), rx));
-            tx
-        })
-    }
-
     /// [`IdempotencyStore::claim`], batched with other workers' claims.
     pub(crate) async fn claim(
         &self,
@@ -56,12 +44,12 @@ impl StoreBatcher {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let request = Request::Claim {
-            key: key.to_owned(),
-            lease,
-            reply,
-        };
-        if self.sender(store).send(request).is_err() {
+        let requests = self.claims.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(batching(store.clone(), rx, claim_batch));
+            tx
+        });
+        if requests.send((key.to_owned(), lease, reply)).is_err() {
             return store.claim(key, lease).await;
         }
         answer.await.unwrap_or_else(|_| Err(lost("claim")))
@@ -76,13 +64,15 @@ impl StoreBatcher {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
-        let request = Request::Complete {
-            key: key.to_owned(),
-            token: token.clone(),
-            ttl,
-            reply,
-        };
-        if self.sender(store).send(request).is_err() {
+        let requests = self.completes.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(batching(store.clone(), rx, complete_batch));
+            tx
+        });
+        if requests
+            .send((key.to_owned(), token.clone(), ttl, reply))
+            .is_err()
+        {
             return store.complete(key, token, ttl).await;
         }
         answer.await.unwrap_or_else(|_| Err(lost("complete")))
@@ -105,36 +95,20 @@ fn panicked(operation: &'static str, panic: &str) -> StoreError {
     }
 }
 
-async fn run(store: Arc<dyn IdempotencyStore>, mut rx: mpsc::UnboundedReceiver<Request>) {
+/// Takes every request waiting (up to [`MAX_BATCH`]) and answers them with one batch call,
+/// until the batcher is dropped.
+async fn batching<R, F>(
+    store: Arc<dyn IdempotencyStore>,
+    mut rx: mpsc::UnboundedReceiver<R>,
+    batch: impl Fn(Arc<dyn IdempotencyStore>, Vec<R>) -> F,
+) where
+    F: std::future::Future<Output = ()>,
+{
     let mut requests = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut requests, MAX_BATCH).await > 0 {
-        let mut claims = Vec::new();
-        let mut completes = Vec::new();
-        for request in requests.drain(..) {
-            match request {
-                Request::Claim { key, lease, reply } => claims.push((key, lease, reply)),
-                Request::Complete {
-                    key,
-                    token,
-                    ttl,
-                    reply,
-                } => completes.push((key, token, ttl, reply)),
-            }
-        }
-        tokio::join!(
-            claim_batch(&*store, claims),
-            complete_batch(&*store, completes)
-        );
+        batch(store.clone(), std::mem::take(&mut requests)).await;
     }
 }
-
-type ClaimRequest = (String, Duration, oneshot::Sender<Result<Claim, StoreError>>);
-type CompleteRequest = (
-    String,
-    ClaimToken,
-    Duration,
-    oneshot::Sender<Result<(), StoreError>>,
-);
 
 /// The answer for each of `n` requests from a batch call's result: a panic or a store that
 /// answered too few becomes an availability error (the record waits, never skips).
@@ -159,7 +133,7 @@ fn answers_for<T>(
 }
 
 /// One `claim_many` per lease (a consumer has one lease, so one call).
-async fn claim_batch(store: &dyn IdempotencyStore, mut batch: Vec<ClaimRequest>) {
+async fn claim_batch(store: Arc<dyn IdempotencyStore>, mut batch: Vec<ClaimRequest>) {
     while let Some(&(_, lease, _)) = batch.first() {
         let (same, rest): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| r.1 == lease);
         batch = rest;
@@ -173,7 +147,7 @@ async fn claim_batch(store: &dyn IdempotencyStore, mut batch: Vec<ClaimRequest>)
 }
 
 /// One `complete_many` per TTL (a consumer has one TTL, so one call).
-async fn complete_batch(store: &dyn IdempotencyStore, mut batch: Vec<CompleteRequest>) {
+async fn complete_batch(store: Arc<dyn IdempotencyStore>, mut batch: Vec<CompleteRequest>) {
     while let Some(&(_, _, ttl, _)) = batch.first() {
         let (same, rest): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| r.2 == ttl);
         batch = rest;

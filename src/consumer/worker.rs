@@ -409,7 +409,11 @@ impl<H: Handler> WorkerContext<H> {
                         // Off the lane's critical path: the next record starts while the
                         // key is marked done; the offset waits for it.
                         slot.release();
-                        self.complete(d, k, h, &record, metrics, cancel).await;
+                        if !self.complete(d, k, h, &record, metrics, cancel).await {
+                            // Cut short (revoke timeout, shutdown deadline): not settled, so
+                            // its offset is not committed and it is delivered again.
+                            return Outcome::Abandoned;
+                        }
                     }
                     metrics.handled();
                     return Outcome::Handled;
@@ -514,8 +518,9 @@ impl<H: Handler> WorkerContext<H> {
         record: &RawRecord,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
-    ) {
-        // The work is done; marking it is best effort within the lease (counted from the
+    ) -> bool {
+        // Returns false only when cancelled while retrying: the record is then given up
+        // unsettled. The work is done; marking it is best effort within the lease (counted from the
         // claim or its last renewal): afterwards another worker may claim it anyway, so a
         // duplicate is possible but nothing is lost.
         let deadline = held.held_until(d.lease);
@@ -523,10 +528,10 @@ impl<H: Handler> WorkerContext<H> {
         let mut failures = 0u32;
         loop {
             match store_call("complete", d.complete(key, token)).await {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(e) if e.is_lease_lost() => {
                     warn!(coordinates = %record.coordinates(), key, "lease expired before completion: the record may be handled again elsewhere");
-                    return;
+                    return true;
                 }
                 Err(e) => {
                     metrics.store_error(StoreOperation::Complete);
@@ -534,13 +539,13 @@ impl<H: Handler> WorkerContext<H> {
                     // partition (or key) for the rest of the lease.
                     if d.run_without_store_on_outage || Instant::now() >= deadline {
                         error!(coordinates = %record.coordinates(), key, error = %e, "could not mark record done: a redelivery may handle it again");
-                        return;
+                        return true;
                     }
                     warn!(coordinates = %record.coordinates(), error = %e, "could not mark record done yet, retrying");
                 }
             }
             if !sleep_or_cancel(infra_delay(failures), cancel).await {
-                return;
+                return false;
             }
             failures = failures.saturating_add(1);
         }
