@@ -160,3 +160,107 @@ async fn complete_batch(store: Arc<dyn IdempotencyStore>, mut batch: Vec<Complet
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::idempotency::memory::InMemoryIdempotencyStore;
+
+    /// The in-memory store; records the size of each `claim_many` batch, the first of which
+    /// waits for `gate`.
+    #[derive(Debug)]
+    struct Batches {
+        inner: InMemoryIdempotencyStore,
+        sizes: Mutex<Vec<usize>>,
+        gate: Semaphore,
+    }
+
+    #[async_trait]
+    impl IdempotencyStore for Batches {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+            self.inner.claim(key, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.complete(key, token, ttl).await
+        }
+        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+            self.inner.release(key, token).await
+        }
+        async fn claim_many(
+            &self,
+            keys: &[&str],
+            lease: Duration,
+        ) -> Vec<Result<Claim, StoreError>> {
+            let first = {
+                let mut sizes = self.sizes.lock().unwrap();
+                sizes.push(keys.len());
+                sizes.len() == 1
+            };
+            if first {
+                let _permit = self.gate.acquire().await.unwrap();
+            }
+            let mut answers = Vec::new();
+            for key in keys {
+                answers.push(self.inner.claim(key, lease).await);
+            }
+            answers
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn requests_made_while_a_batch_is_in_flight_leave_together_and_completions_do_not_wait() {
+        let batches = Arc::new(Batches {
+            inner: InMemoryIdempotencyStore::new(),
+            sizes: Mutex::new(Vec::new()),
+            gate: Semaphore::new(0),
+        });
+        let store: Arc<dyn IdempotencyStore> = batches.clone();
+        let batcher = Arc::new(StoreBatcher::default());
+        let claim = |key: &'static str| {
+            let (b, s) = (batcher.clone(), store.clone());
+            tokio::spawn(async move { b.claim(&s, key, LEASE).await })
+        };
+        let first = claim("a");
+        while batches.sizes.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let rest = [claim("b"), claim("c"), claim("b")];
+        // A completion is not held up by the claim batch in flight.
+        let Claim::Acquired(token) = store.claim("done", LEASE).await.unwrap() else {
+            panic!("fresh key");
+        };
+        batcher
+            .complete(&store, "done", &token, LEASE)
+            .await
+            .expect("completed while a claim batch waits");
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        batches.gate.add_permits(1);
+        assert!(matches!(first.await.unwrap(), Ok(Claim::Acquired(_))));
+        let mut answers = Vec::new();
+        for r in rest {
+            answers.push(r.await.unwrap());
+        }
+        assert!(matches!(answers[0], Ok(Claim::Acquired(_))));
+        assert!(matches!(answers[1], Ok(Claim::Acquired(_))));
+        assert!(
+            matches!(answers[2], Ok(Claim::Busy)),
+            "each key claimed on its own"
+        );
+        assert_eq!(*batches.sizes.lock().unwrap(), [1, 3]);
+        assert_eq!(store.claim("done", LEASE).await.unwrap(), Claim::Done);
+    }
+}
