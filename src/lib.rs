@@ -284,7 +284,7 @@ pub use crate::consumer::{
 };
 pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
 pub use crate::dead_letter::letter::{
-    DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
+    DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, PendingLetter,
 };
 pub use crate::error::{BoxError, ConfigError, DeadLetterError, Error, Result, StoreError};
 pub use crate::handler::{FailureKind, Handler, HandlerError, HandlerFn, handler_fn};

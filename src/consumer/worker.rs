@@ -101,8 +101,8 @@ pub(crate) trait Slot: Send + Sync {
     fn resume_now(&self, waiting: Option<oneshot::Receiver<()>>);
     /// The record's outcome is decided and only needs writing down (marking its key done,
     /// its dead letter's acknowledgement): its slot and lane are freed for the lane's next
-    /// record, while its offset stays uncommitted until its job ends. Called at most once,
-    /// after the last [`Slot::park`].
+    /// record, while its offset stays uncommitted until its job ends. Called after the last
+    /// [`Slot::park`]; calls after the first change nothing.
     fn release(&self);
 }
 
@@ -576,9 +576,6 @@ impl<H: Handler> WorkerContext<H> {
         cancel: &CancellationToken,
         slot: &dyn Slot,
     ) -> Outcome {
-        // Pipelined: the lane's next record starts while the letter is written (and
-        // retried, never dropped); the offset waits for the broker's acknowledgement.
-        slot.release();
         let letter = DeadLetter {
             record,
             reason: failure.reason,
@@ -590,15 +587,25 @@ impl<H: Handler> WorkerContext<H> {
         };
         let mut failures = 0u32;
         loop {
-            let sent = guarded_async(self.sink.send(&letter))
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(DeadLetterError {
-                        coordinates: letter.record.coordinates(),
-                        destination: "the dead-letter sink".into(),
-                        source: format!("the sink panicked: {panic}").into(),
-                    })
-                });
+            // Pipelined: once the letter is queued, the lane's next record starts while it is
+            // written (and retried, never dropped); the offset waits for the acknowledgement.
+            let sent = guarded_async(async {
+                let pending = self.sink.enqueue(&letter).await;
+                slot.release();
+                pending.await
+            })
+            .await
+            .map_err(|panic| {
+                slot.release();
+                panic
+            })
+            .unwrap_or_else(|panic| {
+                Err(DeadLetterError {
+                    coordinates: letter.record.coordinates(),
+                    destination: "the dead-letter sink".into(),
+                    source: format!("the sink panicked: {panic}").into(),
+                })
+            });
             match sent {
                 Ok(receipt) => {
                     debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");

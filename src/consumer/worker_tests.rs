@@ -1969,7 +1969,10 @@ impl super::Slot for ReleaseProbe {
     }
     fn resume_now(&self, _waiting: Option<tokio::sync::oneshot::Receiver<()>>) {}
     fn release(&self) {
-        self.released.lock().unwrap().push(self.t0.elapsed());
+        let mut released = self.released.lock().unwrap();
+        if released.is_empty() {
+            released.push(self.t0.elapsed());
+        }
     }
 }
 
