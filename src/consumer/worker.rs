@@ -595,10 +595,6 @@ impl<H: Handler> WorkerContext<H> {
                 pending.await
             })
             .await
-            .map_err(|panic| {
-                slot.release();
-                panic
-            })
             .unwrap_or_else(|panic| {
                 Err(DeadLetterError {
                     coordinates: letter.record.coordinates(),
@@ -606,6 +602,7 @@ impl<H: Handler> WorkerContext<H> {
                     source: format!("the sink panicked: {panic}").into(),
                 })
             });
+            slot.release(); // also when the sink panicked before it queued
             match sent {
                 Ok(receipt) => {
                     debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");
