@@ -53,7 +53,9 @@
 //!    acknowledgement, or skipped as a duplicate. Records completing out of order (key mode)
 //!    commit only the contiguous prefix; offsets are never assumed dense.
 //! 2. **Ordering** ([`ProcessingOrder`]). `Partition` (default): one record per partition at a time,
-//!    in offset order, retries included. `Key`: one record per key at a time, in order;
+//!    in offset order, retries included (once a record's outcome is decided, writing it down —
+//!    marking its key done, its dead letter's acknowledgement — overlaps the next record; its
+//!    offset waits for it). `Key`: one record per key at a time, in order;
 //!    different keys of a partition run in parallel; null keys fall back to partition order.
 //!    `Unordered`: none. `max_in_flight` bounds every mode.
 //! 3. **Retries are explicit** ([`RetryPolicy`]): attempts include the first try; fixed or
@@ -71,7 +73,8 @@
 //!    writes to `<topic>.dlt`, to the source partition when the dead-letter topic has it,
 //!    else by key.
 //! 6. **A failed dead-letter write is never dropped**: it is retried with back-off, logged,
-//!    and the partition's offset does not move past it meanwhile.
+//!    and the partition's offset does not move past it meanwhile (the partition's next
+//!    records run, up to the limit of records received past the commit point).
 //! 7. **Idempotency is claim → work → complete** ([`idempotency`]): a key is marked done only
 //!    after the handler succeeded; a failed attempt releases its claim so the retry runs; a
 //!    dead-lettered record is never marked done; a key held by another worker is waited for,
@@ -292,7 +295,7 @@ pub use crate::consumer::{
 };
 pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
 pub use crate::dead_letter::letter::{
-    DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
+    DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, PendingLetter,
 };
 pub use crate::error::{BoxError, ConfigError, DeadLetterError, Error, Result, StoreError};
 pub use crate::handler::{FailureKind, Handler, HandlerError, HandlerFn, handler_fn};

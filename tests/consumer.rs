@@ -337,26 +337,21 @@ async fn failing_dead_letter_writes_hold_the_offset_then_recover() {
     let c = Running::start(
         builder(&log, &topic, &group).dead_letter_sink(Arc::new(UndeclaredTopics(sink))),
     );
-    wait_for("first record", Duration::from_secs(60), || {
-        log.succeeded_ids() == vec![0]
-    })
+    // Pipelined dead letters: the partition's next record runs while the letter is retried,
+    // but the commit point stays at the failing record.
+    wait_for(
+        "the records around the letter",
+        Duration::from_secs(60),
+        || log.succeeded_ids() == vec![0, 2],
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(
-        log.succeeded_ids(),
-        vec![0],
-        "the partition waits behind the failing dead letter"
-    );
     assert_eq!(
         committed_sum(&group, &topic, 1).await,
         1,
         "offset held at the failing record"
     );
     support::create_topic(&dlt_topic, 1).await;
-    wait_for("recovery", Duration::from_secs(90), || {
-        log.succeeded_ids() == vec![0, 2]
-    })
-    .await;
     wait_until("commit", Duration::from_secs(30), || async {
         committed_sum(&group, &topic, 1).await == 3
     })
@@ -904,7 +899,10 @@ async fn the_outcome_observer_sees_each_record_once_and_cannot_break_it() {
     let report = c.stop_with_report(Duration::from_secs(60)).await;
     assert!(report.is_clean());
 
-    let seen = seen.lock().unwrap().clone();
+    // Once per record; a record whose outcome was still being written (key marked done,
+    // letter acknowledged) had released its lane, so the calls may come out of offset order.
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_by_key(|(_, _, offset, _)| *offset);
     let expected: Vec<_> = [
         RecordOutcome::Handled,
         RecordOutcome::Duplicate,
@@ -916,9 +914,6 @@ async fn the_outcome_observer_sees_each_record_once_and_cannot_break_it() {
     .enumerate()
     .map(|(offset, outcome)| (topic.clone(), 0, offset as i64, outcome))
     .collect();
-    assert_eq!(
-        seen, expected,
-        "once per record, in offset order (partition mode)"
-    );
+    assert_eq!(seen, expected, "once per record");
     assert_eq!(support::read_all(&dlt_topic).await.len(), 2);
 }

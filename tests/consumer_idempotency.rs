@@ -243,7 +243,7 @@ async fn duplicate_event_runs_once(name: &str, key: DedupKey<Ev>, with_header: b
         "order-1 ran once (offset 0); its duplicate at offset 1 never reached the handler"
     );
     assert_eq!(
-        spy.labels_for(&namespaced(&group, "order-1")),
+        spy.settled_labels_for(&namespaced(&group, "order-1")),
         ["claim:acquired", "complete:completed", "claim:done"],
         "the duplicate was answered `done` and settled"
     );
@@ -793,7 +793,7 @@ async fn duplicates_and_a_transient_failure(store: Arc<dyn IdempotencyStore>, na
         "{store:?}: e1 failed once then ran once, e2 ran once, the duplicates never ran"
     );
     assert_eq!(
-        spy.labels_for(&namespaced(&group, "e1")),
+        spy.settled_labels_for(&namespaced(&group, "e1")),
         [
             "claim:acquired",
             "release:released",
@@ -804,7 +804,7 @@ async fn duplicates_and_a_transient_failure(store: Arc<dyn IdempotencyStore>, na
         "{store:?}"
     );
     assert_eq!(
-        spy.labels_for(&namespaced(&group, "e2")),
+        spy.settled_labels_for(&namespaced(&group, "e2")),
         ["claim:acquired", "complete:completed", "claim:done"],
         "{store:?}"
     );

@@ -1376,3 +1376,208 @@ async fn a_broker_outage_longer_than_max_broker_outage_ends_run_with_brokers_unr
     assert!(took < Duration::from_secs(20), "bounded: {took:?}");
     drop(mock);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pipelined dead letters: the partition moves on while a letter is written; its offset waits
+// ---------------------------------------------------------------------------------------------
+
+/// The Kafka sink, failing its first `failures` sends; later sends wait for `gate`.
+#[derive(Debug)]
+struct FlakySink {
+    inner: KafkaDeadLetterSink,
+    failures: u32,
+    sends: AtomicU32,
+    gate: tokio::sync::Semaphore,
+}
+
+impl FlakySink {
+    fn new(failures: u32) -> Arc<FlakySink> {
+        Arc::new(FlakySink {
+            inner: KafkaDeadLetterSink::builder(support::bootstrap())
+                .build()
+                .expect("sink"),
+            failures,
+            sends: AtomicU32::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl DeadLetterSink for FlakySink {
+    async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+        let n = self.sends.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+        if n <= self.failures {
+            return Err(DeadLetterError {
+                coordinates: letter.record.coordinates(),
+                destination: "flaky sink".into(),
+                source: format!("send {n} fails").into(),
+            });
+        }
+        let _permit = self.gate.acquire().await.expect("gate semaphore closed");
+        self.inner.send(letter).await
+    }
+    fn topics_for(&self, source_topic: &str) -> Vec<String> {
+        self.inner.topics_for(source_topic)
+    }
+}
+
+/// The committed offset the running consumer last reported for partition 0.
+fn committed_now(running: &Running) -> Option<i64> {
+    running
+        .snapshot()
+        .partitions
+        .first()
+        .and_then(|p| p.committed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_dead_letter_write_lets_the_partition_move_on_but_holds_its_commit_point() {
+    captured();
+    support::require_kafka().await;
+    let (topic, dlt) = topics("pipelined-dlt", 1).await;
+    let group = support::unique_name("pipelined-dlt");
+    let log = Log::new();
+    support::produce(&topic, five_with(Act::Permanent)).await;
+    let sink = FlakySink::new(2);
+    // Partition ordering (the default): one record of the partition handled at a time, yet
+    // the records after the letter run while it is written.
+    let running = Running::start(builder(&log, &topic, &group).dead_letter_sink(sink.clone()));
+    wait_for(
+        "two failed writes, the third waiting",
+        Duration::from_secs(30),
+        || sink.sends.load(AtomicOrdering::SeqCst) == 3,
+    )
+    .await;
+    wait_for(
+        "the records after the letter handled",
+        Duration::from_secs(30),
+        || log.handled_count() == 4,
+    )
+    .await;
+    wait_for("offsets 0 and 1 committed", Duration::from_secs(10), || {
+        committed_now(&running) == Some(2)
+    })
+    .await;
+    // Several commit intervals pass: the commit does not move past the pending letter.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(committed0(&group, &topic).await, Some(2));
+    assert!(support::read_all(&dlt).await.is_empty());
+
+    sink.gate.add_permits(1 << 20);
+    let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
+    wait_for("everything committed", Duration::from_secs(10), || {
+        committed_now(&running) == Some(5)
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "the letter arrives once");
+    assert_eq!(header_int(&letters[0], headers::ORIGINAL_OFFSET), Some(2));
+    assert_eq!(log.attempts_of(2), [1], "the handler is not run again");
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(5));
+    assert_eq!(support::read_all(&dlt).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_still_pending_at_shutdown_is_reported_abandoned_and_not_committed_past() {
+    captured();
+    support::require_kafka().await;
+    let (topic, dlt) = topics("pipelined-dlt-stop", 1).await;
+    let group = support::unique_name("pipelined-dlt-stop");
+    let log = Log::new();
+    support::produce(&topic, five_with(Act::Permanent)).await;
+    let sink = FlakySink::new(u32::MAX);
+    let running = Running::start(
+        builder(&log, &topic, &group)
+            .shutdown_timeout(Duration::from_secs(1))
+            .dead_letter_sink(sink.clone()),
+    );
+    wait_for(
+        "the records after the letter handled",
+        Duration::from_secs(30),
+        || log.handled_count() == 4,
+    )
+    .await;
+    assert!(sink.sends.load(AtomicOrdering::SeqCst) >= 1);
+
+    let (result, _) = running.stop().await;
+    let report = result.expect("run() returns a report");
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    assert_eq!(report.abandoned_records, [format!("{topic}/0@2")]);
+    assert_eq!(
+        committed0(&group, &topic).await,
+        Some(2),
+        "the commit stops at the record whose letter was never acknowledged"
+    );
+    assert!(support::read_all(&dlt).await.is_empty());
+}
+
+/// The in-memory store, whose `complete` waits for `gate` (a slow store).
+#[derive(Debug)]
+struct GatedComplete {
+    inner: InMemoryIdempotencyStore,
+    gate: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl IdempotencyStore for GatedComplete {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        self.inner.claim(key, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let _permit = self.gate.acquire().await.expect("gate semaphore closed");
+        self.inner.complete(key, token, ttl).await
+    }
+    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_run_behind_the_lane_and_the_commit_waits_for_them() {
+    captured();
+    support::require_kafka().await;
+    let (topic, _dlt) = topics("pipelined-complete", 1).await;
+    let group = support::unique_name("pipelined-complete");
+    let log = Log::new();
+    support::produce(&topic, five_with(Act::Ok)).await;
+    let store = Arc::new(GatedComplete {
+        inner: InMemoryIdempotencyStore::new(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let running = Running::start(builder(&log, &topic, &group).idempotency(
+        store.clone(),
+        DedupKey::from_fn(|m: &Message<Ev>| Some(m.event().id.to_string())),
+    ));
+    // Every record is handled while no key could be marked done yet.
+    wait_for("all five handled", Duration::from_secs(30), || {
+        log.handled_count() == 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        committed0(&group, &topic).await,
+        None,
+        "nothing committed before its key is done"
+    );
+    store.gate.add_permits(1 << 20);
+    wait_for("everything committed", Duration::from_secs(10), || {
+        committed_now(&running) == Some(5)
+    })
+    .await;
+    running.stop_clean().await;
+    assert_eq!(committed0(&group, &topic).await, Some(5));
+}

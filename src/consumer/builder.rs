@@ -381,8 +381,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     ///
     /// The observer runs on the worker, synchronously, before the record is reported
     /// settled: keep it short (a counter, a `try_send` on a channel, a log line), never block
-    /// or wait on I/O; each call delays that record's commit and, in partition order, the next
-    /// record of its partition. A panicking observer is logged and counted
+    /// or wait on I/O; each call delays that record's commit (and, in partition order, the
+    /// next record of its partition, unless the record had released its lane already: a
+    /// record whose key is being marked done or whose dead letter awaits the broker's
+    /// acknowledgement lets the next record start, so calls for one partition can come out
+    /// of offset order). A panicking observer is logged and counted
     /// (`kourier_handler_panics_total`); the record keeps its outcome. Calls come from
     /// several workers at once, so the observer is `Send + Sync`.
     ///
@@ -699,6 +702,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             lease: self.dedup_lease,
             ttl: self.dedup_ttl,
             run_without_store_on_outage: self.dedup_without_store_on_outage,
+            batch: Default::default(),
         });
         let worker = Arc::new(WorkerContext {
             handler: Arc::new(self.handler),

@@ -5,7 +5,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::idempotency::IdempotencyStore;
+use super::store_batch::StoreBatcher;
+use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
 use crate::message::Message;
 
 type DedupKeyFn<T> = Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>;
@@ -74,4 +75,18 @@ pub(crate) struct Dedup<T> {
     pub(crate) lease: Duration,
     pub(crate) ttl: Duration,
     pub(crate) run_without_store_on_outage: bool,
+    /// Coalesces the workers' claims and completions into batch calls.
+    pub(crate) batch: StoreBatcher,
+}
+
+impl<T> Dedup<T> {
+    /// Claims `key` for the lease, in a batch with other workers' claims.
+    pub(crate) async fn claim(&self, key: &str) -> Result<Claim, StoreError> {
+        self.batch.claim(&self.store, key, self.lease).await
+    }
+
+    /// Marks `key` done for the TTL, in a batch with other workers' completions.
+    pub(crate) async fn complete(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+        self.batch.complete(&self.store, key, token, self.ttl).await
+    }
 }

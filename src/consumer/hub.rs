@@ -84,6 +84,21 @@ impl Hub {
         next
     }
 
+    /// Called by a worker whose record's outcome is decided but still being written
+    /// (completion, dead letter): the lane and slot are freed, the returned job takes the
+    /// slot. See [`Scheduler::release_lane`].
+    pub(crate) fn release_lane(&self, job: &Job) -> Option<Job> {
+        self.lock().release_lane(job)
+    }
+
+    /// Called by a worker when a job whose lane it released ended.
+    pub(crate) fn settle(&self, job: &Job, end: JobEnd) {
+        self.lock().settle(job, end);
+        if self.waiters.load(AtomicOrdering::SeqCst) > 0 {
+            self.changed.notify_all();
+        }
+    }
+
     /// Called by a worker whose record starts waiting out a retry back-off: the slot it frees
     /// goes to the returned job.
     pub(crate) fn park(&self, job: u64) -> Option<Job> {

@@ -29,6 +29,7 @@ mod scheduler;
 mod shutdown;
 mod startup;
 mod stats;
+mod store_batch;
 mod tiers;
 mod topic_partition;
 mod worker;

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rdkafka::consumer::BaseConsumer;
 
@@ -135,12 +136,15 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// A worker: runs its job, then keeps taking the next job the scheduler hands it.
+/// A worker: runs its job, then keeps taking the next job the scheduler hands it. A job
+/// whose lane it released (its end still being written) ends the worker: the freed slot's
+/// next job went to a new one.
 async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, job: Job) {
     let mut guard = SettleGuard {
         ctx,
         hub,
         job: Some(job),
+        released: AtomicBool::new(false),
     };
     loop {
         let Some(job) = guard.job.as_ref() else {
@@ -149,7 +153,8 @@ async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, job: Job) {
         let slot = WorkerSlot {
             ctx: &guard.ctx,
             hub: &guard.hub,
-            job: job.id,
+            job,
+            released: &guard.released,
         };
         let end = guard
             .ctx
@@ -158,31 +163,46 @@ async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, job: Job) {
         let Some(job) = guard.job.take() else {
             return;
         };
+        if guard.released.swap(false, Ordering::SeqCst) {
+            guard.hub.settle(&job, end);
+            return;
+        }
         guard.job = guard.hub.finish(&job, end);
     }
 }
 
 /// A worker's in-flight slot: given up while its record waits out a retry back-off, the
-/// slot's next job running on a new worker meanwhile.
+/// slot's next job running on a new worker meanwhile; released for good once the record's
+/// outcome only needs writing down.
 struct WorkerSlot<'a, H: Handler> {
     ctx: &'a Arc<WorkerContext<H>>,
     hub: &'a Arc<Hub>,
-    job: u64,
+    job: &'a Job,
+    released: &'a AtomicBool,
 }
 
 impl<H: Handler> Slot for WorkerSlot<'_, H> {
     fn park(&self) {
-        if let Some(next) = self.hub.park(self.job) {
+        if let Some(next) = self.hub.park(self.job.id) {
             tokio::spawn(work(self.ctx.clone(), self.hub.clone(), next));
         }
     }
 
     fn resume(&self) -> std::result::Result<(), tokio::sync::oneshot::Receiver<()>> {
-        self.hub.lock().resume(self.job)
+        self.hub.lock().resume(self.job.id)
     }
 
     fn resume_now(&self) {
-        self.hub.lock().resume_now(self.job);
+        self.hub.lock().resume_now(self.job.id);
+    }
+
+    fn release(&self) {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(next) = self.hub.release_lane(self.job) {
+            tokio::spawn(work(self.ctx.clone(), self.hub.clone(), next));
+        }
     }
 }
 
@@ -194,6 +214,8 @@ struct SettleGuard<H: Handler> {
     ctx: Arc<WorkerContext<H>>,
     hub: Arc<Hub>,
     job: Option<Job>,
+    /// The job's lane and slot were released already (its end is being written).
+    released: AtomicBool,
 }
 
 impl<H: Handler> Drop for SettleGuard<H> {
@@ -202,6 +224,10 @@ impl<H: Handler> Drop for SettleGuard<H> {
             return;
         };
         error!(coordinates = %job.record.coordinates(), "worker task panicked: the record is given up unsettled (it is not committed past; delivered again after a rebalance or restart)");
+        if *self.released.get_mut() {
+            self.hub.settle(&job, JobEnd::Abandoned);
+            return;
+        }
         if let Some(next) = self.hub.finish(&job, JobEnd::Abandoned)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {

@@ -184,6 +184,9 @@ pub(crate) struct Scheduler {
     /// By job id: the scheduler is the one record of which jobs hold a slot, so a job that
     /// ends while parked (given up, or its task dropped) is never counted twice.
     parked: std::collections::HashSet<u64, foldhash::fast::RandomState>,
+    /// Records whose lane and slot were released while their end is still being written
+    /// (completion, dead letter): see [`Scheduler::release_lane`].
+    settling: usize,
     /// Parked records whose back-off is over, waiting for a slot, first come first served:
     /// a freed slot goes to them before any new record.
     resuming: VecDeque<(u64, oneshot::Sender<()>)>,
@@ -215,6 +218,7 @@ impl Scheduler {
             ready: VecDeque::new(),
             in_flight: 0,
             parked: Default::default(),
+            settling: 0,
             resuming: VecDeque::new(),
             next_job_id: 0,
             buffered_records: 0,
@@ -424,10 +428,7 @@ impl Scheduler {
             self.in_flight -= 1;
         }
         if end == JobEnd::Abandoned && self.stopping {
-            self.abandoned_at_stop_count += 1;
-            if self.abandoned_at_stop.len() < ABANDONED_LISTED {
-                self.abandoned_at_stop.push(job.record.coordinates());
-            }
+            self.note_abandoned(job);
         }
         if let Some(p) = self.partitions.get_mut(&job.tp)
             && p.generation == job.generation
@@ -459,6 +460,61 @@ impl Scheduler {
             }
         }
         self.take_one()
+    }
+
+    /// A running record's outcome is decided but not yet settled (its completion is being
+    /// written to the idempotency store, or its dead letter awaits the broker's
+    /// acknowledgement): its slot is freed and its lane re-readied at once, so the lane's next
+    /// record may start, while the partition keeps counting it in flight (a revoke or a
+    /// shutdown still waits for it) and its offset stays uncommitted until
+    /// [`Scheduler::settle`]. The freed slot's next job is handed to the caller.
+    pub(crate) fn release_lane(&mut self, job: &Job) -> Option<Job> {
+        if !self.parked.remove(&job.id) {
+            self.in_flight -= 1;
+        }
+        self.settling += 1;
+        if let Some(p) = self.partitions.get_mut(&job.tp)
+            && p.generation == job.generation
+            && let Some(lane) = p.lanes.get_mut(&job.lane)
+        {
+            lane.running = false;
+            if lane.queue.is_empty() {
+                if !lane.blocked {
+                    p.lanes.remove(&job.lane);
+                }
+            } else if !lane.in_ready {
+                lane.in_ready = true;
+                self.ready
+                    .push_back((job.tp.clone(), job.generation, job.lane.clone()));
+            }
+        }
+        self.take_one()
+    }
+
+    /// Ends a job whose lane was released by [`Scheduler::release_lane`]: its offset becomes
+    /// committable when `end` is [`JobEnd::Settled`]; given up, it holds its partition's
+    /// commit point for the rest of the assignment (it is delivered again). Hands out no job:
+    /// the slot was freed already.
+    pub(crate) fn settle(&mut self, job: &Job, end: JobEnd) {
+        self.settling -= 1;
+        if end == JobEnd::Abandoned && self.stopping {
+            self.note_abandoned(job);
+        }
+        if let Some(p) = self.partitions.get_mut(&job.tp)
+            && p.generation == job.generation
+        {
+            p.in_flight -= 1;
+            if end == JobEnd::Settled {
+                p.tracker.settled(job.record.offset);
+            }
+        }
+    }
+
+    fn note_abandoned(&mut self, job: &Job) {
+        self.abandoned_at_stop_count += 1;
+        if self.abandoned_at_stop.len() < ABANDONED_LISTED {
+            self.abandoned_at_stop.push(job.record.coordinates());
+        }
     }
 
     /// A running record starts waiting out a retry back-off: it gives its slot up (its lane
@@ -740,7 +796,7 @@ impl Scheduler {
     /// After the shutdown deadline and its grace: records still in flight (a handler
     /// blocking its thread cannot be given up) count as abandoned too, without coordinates.
     pub(crate) fn abandon_stuck(&mut self) {
-        self.abandoned_at_stop_count += self.in_flight;
+        self.abandoned_at_stop_count += self.in_flight + self.settling;
     }
 
     /// Records given up unsettled since stopping began: how many, and the first
@@ -749,9 +805,10 @@ impl Scheduler {
         (self.abandoned_at_stop_count, self.abandoned_at_stop.clone())
     }
 
-    /// Records a worker holds now: running, or parked in a retry back-off.
+    /// Records a worker holds now: running, parked in a retry back-off, or settling (lane
+    /// released, end still being written).
     pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight + self.parked.len()
+        self.in_flight + self.parked.len() + self.settling
     }
 
     /// Of [`Scheduler::in_flight`], the records waiting out a retry back-off without a slot.
@@ -967,6 +1024,56 @@ mod tests {
         assert!(s.finish(b, JobEnd::Settled).is_none());
         assert!(s.finish(&c, JobEnd::Settled).is_none());
         assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_released_lane_runs_its_next_record_but_the_commit_point_waits_for_the_settle() {
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(1));
+        s.assign([tp(0)]);
+        for o in 0..3 {
+            s.enqueue(rec(0, o, None));
+        }
+        let j0 = s.take_jobs().pop().unwrap();
+        // j0's handler succeeded; its completion is still being written.
+        let j1 = s
+            .release_lane(&j0)
+            .expect("the freed slot and lane take the next record");
+        assert_eq!(j1.record.offset, 1);
+        assert_eq!(s.in_flight(), 2, "the settling record still counts");
+        assert!(s.finish(&j1, JobEnd::Settled).is_some());
+        assert_eq!(
+            s.to_commit(),
+            vec![],
+            "offset 1 settled, but 0 holds the commit point"
+        );
+        s.begin_revoke(&[tp(0)]);
+        assert!(
+            !s.drained(&[tp(0)]),
+            "a revoke waits for the settling record"
+        );
+        s.settle(&j0, JobEnd::Settled);
+        assert_eq!(s.to_commit(), vec![(tp(0), 2)]);
+    }
+
+    #[test]
+    fn a_released_record_given_up_holds_the_commit_point_and_is_reported_at_stop() {
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, None));
+        s.enqueue(rec(0, 1, None));
+        let j0 = s.take_jobs().pop().unwrap();
+        let j1 = s.release_lane(&j0).unwrap();
+        assert!(s.finish(&j1, JobEnd::Settled).is_none());
+        s.begin_stop();
+        assert_eq!(s.in_flight(), 1);
+        s.settle(&j0, JobEnd::Abandoned);
+        assert_eq!(s.in_flight(), 0);
+        assert_eq!(
+            s.to_commit(),
+            vec![],
+            "nothing is committed past the given-up record"
+        );
+        assert_eq!(s.abandoned_at_stop(), (1, vec![j0.record.coordinates()]));
     }
 
     #[test]

@@ -102,6 +102,11 @@ pub(crate) trait Slot: Send + Sync {
     /// Takes the slot back at once, over the limit if need be (unless one was handed over
     /// already): the record is being given up while it waits.
     fn resume_now(&self);
+    /// The record's outcome is decided and only needs writing down (marking its key done,
+    /// its dead letter's acknowledgement): its slot and lane are freed for the lane's next
+    /// record, while its offset stays uncommitted until its job ends. Called after the last
+    /// [`Slot::park`]; calls after the first change nothing.
+    fn release(&self);
 }
 
 /// A slot that is never given up: the record keeps it while it waits (unit tests).
@@ -115,6 +120,7 @@ impl Slot for KeepSlot {
         Ok(())
     }
     fn resume_now(&self) {}
+    fn release(&self) {}
 }
 
 /// Waits out a retry back-off without holding a slot; returns whether the record goes on
@@ -311,7 +317,9 @@ impl<H: Handler> WorkerContext<H> {
             Err(error) => {
                 warn!(coordinates = %record.coordinates(), %error, "poison pill: record cannot be decoded, dead-lettering");
                 let failure = Failure::at_once(DeadLetterReason::Decode, error);
-                return self.dead_letter(record, failure, metrics, cancel).await;
+                return self
+                    .dead_letter(record, failure, metrics, cancel, slot)
+                    .await;
             }
         };
         let mut message = Message::new(record.clone(), 1, event);
@@ -328,7 +336,9 @@ impl<H: Handler> WorkerContext<H> {
                     let error = format!("dedup key function panicked: {panic}");
                     error!(coordinates = %record.coordinates(), %error, "dead-lettering: the dedup key cannot be computed");
                     let failure = Failure::at_once(DeadLetterReason::Panic, error);
-                    return self.dead_letter(record, failure, metrics, cancel).await;
+                    return self
+                        .dead_letter(record, failure, metrics, cancel, slot)
+                        .await;
                 }
             },
         };
@@ -434,7 +444,14 @@ impl<H: Handler> WorkerContext<H> {
                 Ok(()) => {
                     pass.succeeded();
                     if let (Some(d), Some(k), Some(h)) = (&self.dedup, &dedup_key, &held) {
-                        self.complete(d, k, h, &record, metrics, cancel).await;
+                        // Off the lane's critical path: the next record starts while the
+                        // key is marked done; the offset waits for it.
+                        slot.release();
+                        if !self.complete(d, k, h, &record, metrics, cancel).await {
+                            // Cut short (revoke timeout, shutdown deadline): not settled, so
+                            // its offset is not committed and it is delivered again.
+                            return Outcome::Abandoned;
+                        }
                     }
                     metrics.handled();
                     return Outcome::Handled;
@@ -489,7 +506,9 @@ impl<H: Handler> WorkerContext<H> {
                 first,
                 last: now,
             };
-            return self.dead_letter(record, failure, metrics, cancel).await;
+            return self
+                .dead_letter(record, failure, metrics, cancel, slot)
+                .await;
         }
     }
 
@@ -504,7 +523,7 @@ impl<H: Handler> WorkerContext<H> {
         let mut waits = 0u32;
         loop {
             let sent = Instant::now();
-            match store_call("claim", d.store.claim(key, d.lease)).await {
+            match store_call("claim", d.claim(key)).await {
                 Ok(Claim::Acquired(token)) => {
                     return ClaimOutcome::Run(Some(HeldClaim::new(token, sent)));
                 }
@@ -537,19 +556,20 @@ impl<H: Handler> WorkerContext<H> {
         record: &RawRecord,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
-    ) {
-        // The work is done; marking it is best effort within the lease (counted from the
+    ) -> bool {
+        // Returns false only when cancelled while retrying: the record is then given up
+        // unsettled. The work is done; marking it is best effort within the lease (counted from the
         // claim or its last renewal): afterwards another worker may claim it anyway, so a
         // duplicate is possible but nothing is lost.
         let deadline = held.held_until(d.lease);
         let token = &held.token;
         let mut failures = 0u32;
         loop {
-            match store_call("complete", d.store.complete(key, token, d.ttl)).await {
-                Ok(()) => return,
+            match store_call("complete", d.complete(key, token)).await {
+                Ok(()) => return true,
                 Err(e) if e.is_lease_lost() => {
                     warn!(coordinates = %record.coordinates(), key, "lease expired before completion: the record may be handled again elsewhere");
-                    return;
+                    return true;
                 }
                 Err(e) => {
                     metrics.store_error(StoreOperation::Complete);
@@ -557,13 +577,13 @@ impl<H: Handler> WorkerContext<H> {
                     // partition (or key) for the rest of the lease.
                     if d.run_without_store_on_outage || Instant::now() >= deadline {
                         error!(coordinates = %record.coordinates(), key, error = %e, "could not mark record done: a redelivery may handle it again");
-                        return;
+                        return true;
                     }
                     warn!(coordinates = %record.coordinates(), error = %e, "could not mark record done yet, retrying");
                 }
             }
             if !sleep_or_cancel(infra_delay(failures), cancel).await {
-                return;
+                return false;
             }
             failures = failures.saturating_add(1);
         }
@@ -592,6 +612,7 @@ impl<H: Handler> WorkerContext<H> {
         failure: Failure,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
+        slot: &dyn Slot,
     ) -> Outcome {
         // Retry tiers: a transient give-up goes to the next tier; a tier record is
         // dead-lettered as its source record.
@@ -616,15 +637,22 @@ impl<H: Handler> WorkerContext<H> {
         };
         let mut failures = 0u32;
         loop {
-            let sent = guarded_async(self.sink.send(&letter))
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(DeadLetterError {
-                        coordinates: letter.record.coordinates(),
-                        destination: "the dead-letter sink".into(),
-                        source: format!("the sink panicked: {panic}").into(),
-                    })
-                });
+            // Pipelined: once the letter is queued, the lane's next record starts while it is
+            // written (and retried, never dropped); the offset waits for the acknowledgement.
+            let sent = guarded_async(async {
+                let pending = self.sink.enqueue(&letter).await;
+                slot.release();
+                pending.await
+            })
+            .await
+            .unwrap_or_else(|panic| {
+                Err(DeadLetterError {
+                    coordinates: letter.record.coordinates(),
+                    destination: "the dead-letter sink".into(),
+                    source: format!("the sink panicked: {panic}").into(),
+                })
+            });
+            slot.release(); // also when the sink panicked before it queued
             match sent {
                 Ok(receipt) => {
                     debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");

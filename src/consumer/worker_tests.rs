@@ -501,6 +501,7 @@ impl Setup {
             lease: self.lease,
             ttl: TTL,
             run_without_store_on_outage: self.run_without_store_on_outage,
+            batch: Default::default(),
         });
         let metrics = Arc::new(ConsumerMetrics::new(GROUP, &[TOPIC.to_owned()]));
         let worker = WorkerContext {
@@ -1996,4 +1997,173 @@ async fn with_a_breaker_a_record_that_fails_alone_below_the_threshold_is_still_d
     assert_eq!(end, JobEnd::Settled);
     assert_eq!(h.only_letter().reason, DeadLetterReason::RetriesExhausted);
     assert_eq!(h.breaker().opened, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outcomes written off the lane's critical path (completion, dead letter)
+// ---------------------------------------------------------------------------------------------
+
+/// A slot that records when the record released its lane (paused time since `t0`).
+struct ReleaseProbe {
+    t0: Instant,
+    released: Mutex<Vec<Duration>>,
+}
+
+impl ReleaseProbe {
+    fn new(t0: Instant) -> Self {
+        ReleaseProbe {
+            t0,
+            released: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn released(&self) -> Vec<Duration> {
+        self.released.lock().unwrap().clone()
+    }
+}
+
+impl super::Slot for ReleaseProbe {
+    fn park(&self) {}
+    fn resume(&self) -> Result<(), tokio::sync::oneshot::Receiver<()>> {
+        Ok(())
+    }
+    fn resume_now(&self, _waiting: Option<tokio::sync::oneshot::Receiver<()>>) {}
+    fn release(&self) {
+        let mut released = self.released.lock().unwrap();
+        if released.is_empty() {
+            released.push(self.t0.elapsed());
+        }
+    }
+}
+
+/// Completes (marks done) only after `delay`.
+#[derive(Debug)]
+struct SlowComplete {
+    inner: InMemoryIdempotencyStore,
+    delay: Duration,
+}
+
+#[async_trait]
+impl IdempotencyStore for SlowComplete {
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        self.inner.claim(key, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.complete(key, token, ttl).await
+    }
+    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_releases_the_lane_at_once_and_settles_only_when_the_key_is_done() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Succeed])
+        .dedup_in(Arc::new(SlowComplete {
+            inner: store.clone(),
+            delay: secs(2),
+        }))
+        .build();
+    let slot = ReleaseProbe::new(h.t0);
+
+    let end = h
+        .worker
+        .run_job(Arc::new(order("o-1")), &Stop::default(), &slot)
+        .await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(
+        slot.released(),
+        [Duration::ZERO],
+        "the lane is released as soon as the handler succeeded"
+    );
+    assert_eq!(
+        h.t0.elapsed(),
+        secs(2),
+        "the job ends when complete has finished"
+    );
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_without_dedup_keeps_its_lane_to_the_end() {
+    let h = script([Succeed]).build();
+    let slot = ReleaseProbe::new(h.t0);
+
+    let end = h
+        .worker
+        .run_job(Arc::new(order("o-1")), &Stop::default(), &slot)
+        .await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert!(
+        slot.released().is_empty(),
+        "nothing left to write: finish as before"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_releases_the_lane_and_a_failing_write_holds_the_record_unsettled() {
+    let h = script([Permanent]).sink_failures(3).build();
+    let slot = ReleaseProbe::new(h.t0);
+
+    let end = h
+        .worker
+        .run_job(Arc::new(order("o-1")), &Stop::default(), &slot)
+        .await;
+
+    let sends = h.sends();
+    assert_eq!(
+        sends.len(),
+        4,
+        "three failed writes, then the acknowledged one"
+    );
+    assert_eq!(
+        slot.released(),
+        [Duration::ZERO],
+        "the lane is released before the first write"
+    );
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(
+        h.t0.elapsed(),
+        sends[3],
+        "settled (committable) only when the broker acknowledged"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_letter_write_that_never_succeeds_is_abandoned_unsettled_after_release() {
+    let h = script([Permanent]).sink_failures(u32::MAX).build();
+    let slot = ReleaseProbe::new(h.t0);
+    let stop = Stop::default();
+    let abandon = stop.abandon.clone();
+
+    let run = h.worker.run_job(Arc::new(order("o-1")), &stop, &slot);
+    let (end, ()) = tokio::join!(run, async {
+        sleep_until(h.t0 + secs(5)).await;
+        abandon.cancel();
+    });
+
+    assert_eq!(slot.released(), [Duration::ZERO]);
+    assert_eq!(
+        end,
+        JobEnd::Abandoned,
+        "never settled: its offset is not committed"
+    );
+    assert!(h.letters().is_empty());
 }

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
 
 use super::headers::{letter_headers, provenance_only_headers};
-use super::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
+use super::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, PendingLetter};
 use crate::error::error_chain;
 use crate::error::{ConfigError, Error, Result};
 use crate::log_throttle::{CLIENT_LOG_INTERVAL, ThrottledLogContext};
@@ -139,6 +139,36 @@ impl SinkProducer {
         }
     }
 
+    /// Hands `record` to the producer; the acknowledgement is awaited with
+    /// [`SinkProducer::acknowledgement`].
+    async fn enqueue(
+        &self,
+        record: FutureRecord<'_, [u8], [u8]>,
+        operation: &'static str,
+    ) -> Result<(DeliveryFuture, Instant)> {
+        match self {
+            SinkProducer::Own(p) => {
+                let deadline = p.deadline();
+                Ok((p.enqueue(record, deadline, operation).await?, deadline))
+            }
+            SinkProducer::Supplied(p) => {
+                let deadline = p.deadline();
+                Ok((p.enqueue(record, deadline, operation).await?, deadline))
+            }
+        }
+    }
+
+    async fn acknowledgement(
+        &self,
+        (future, deadline): (DeliveryFuture, Instant),
+        operation: &'static str,
+    ) -> Result<crate::producer::Delivery> {
+        match self {
+            SinkProducer::Own(p) => p.acknowledgement(future, deadline, operation).await,
+            SinkProducer::Supplied(p) => p.acknowledgement(future, deadline, operation).await,
+        }
+    }
+
     async fn flush(&self, timeout: Duration) -> Result<()> {
         match self {
             SinkProducer::Own(p) => p.flush(timeout).await,
@@ -226,7 +256,13 @@ impl KafkaDeadLetterSink {
         self.producer.flush(timeout).await
     }
 
-    async fn write(&self, letter: &DeadLetter, dlt: &str) -> Result<DeadLetterReceipt> {
+    /// Checks the destination and queues the letter's full write; [`Self::finish_write`]
+    /// awaits it. Returns the partition it goes to and the queued write.
+    async fn queue_write(
+        &self,
+        letter: &DeadLetter,
+        dlt: &str,
+    ) -> Result<(Option<i32>, (DeliveryFuture, Instant))> {
         let record = &letter.record;
         if dlt == record.topic {
             return Err(ConfigError::invalid(
@@ -238,17 +274,40 @@ impl KafkaDeadLetterSink {
         crate::topic_name::check(dlt)
             .map_err(|reason| ConfigError::invalid("topic_name", reason))?;
         let partition = self.partition_for(dlt, record.partition).await?;
-
         let full = letter_headers(letter, None);
-        let first = self
-            .produce(
-                dlt,
-                partition,
-                record.key.as_deref(),
-                record.value.as_deref(),
-                &full,
+        let queued = self
+            .producer
+            .enqueue(
+                to_record(
+                    dlt,
+                    partition,
+                    record.key.as_deref(),
+                    record.value.as_deref(),
+                    &full,
+                ),
+                SEND_OPERATION,
             )
             .await;
+        match queued {
+            Ok(queued) => Ok((partition, queued)),
+            Err(e) => {
+                self.forget_partition_count(dlt);
+                Err(e)
+            }
+        }
+    }
+
+    /// Awaits the queued write's acknowledgement; a letter too large for its topic is written
+    /// again without its value, then as provenance only.
+    async fn finish_write(
+        &self,
+        letter: &DeadLetter,
+        dlt: &str,
+        partition: Option<i32>,
+        queued: (DeliveryFuture, Instant),
+    ) -> Result<DeadLetterReceipt> {
+        let record = &letter.record;
+        let first = self.producer.acknowledgement(queued, SEND_OPERATION).await;
         let delivery = match first {
             Err(e) if is_too_large(&e) && record.value.is_some() => {
                 let dropped = record.value.as_ref().map_or(0, Vec::len);
@@ -308,16 +367,7 @@ impl KafkaDeadLetterSink {
         value: Option<&[u8]>,
         headers: &[Header],
     ) -> Result<crate::producer::Delivery> {
-        let mut record = FutureRecord::<[u8], [u8]>::to(dlt).headers(owned_headers(headers.iter()));
-        if let Some(partition) = partition {
-            record = record.partition(partition);
-        }
-        if let Some(key) = key {
-            record = record.key(key);
-        }
-        if let Some(value) = value {
-            record = record.payload(value);
-        }
+        let record = to_record(dlt, partition, key, value, headers);
         self.producer.send(record, SEND_OPERATION).await
     }
 
@@ -393,6 +443,27 @@ impl KafkaDeadLetterSink {
     }
 }
 
+/// The Kafka record of a letter (or of one of its fallbacks).
+fn to_record<'a>(
+    dlt: &'a str,
+    partition: Option<i32>,
+    key: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
+    headers: &[Header],
+) -> FutureRecord<'a, [u8], [u8]> {
+    let mut record = FutureRecord::<[u8], [u8]>::to(dlt).headers(owned_headers(headers.iter()));
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    if let Some(value) = value {
+        record = record.payload(value);
+    }
+    record
+}
+
 #[async_trait]
 impl DeadLetterSink for KafkaDeadLetterSink {
     fn topics_for(&self, source_topic: &str) -> Vec<String> {
@@ -400,9 +471,34 @@ impl DeadLetterSink for KafkaDeadLetterSink {
     }
 
     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+        self.enqueue(letter).await.await
+    }
+
+    /// Queues the letter in the producer before it returns: letters of one source partition
+    /// reach the dead-letter topic in the order they were queued.
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
         let dlt = self.topic_for(&letter.record.topic);
+        let queued = self.queue_write(letter, &dlt).await;
+        Box::pin(async move {
+            let written = match queued {
+                Ok((partition, queued)) => self.finish_write(letter, &dlt, partition, queued).await,
+                Err(e) => Err(e),
+            };
+            self.outcome(letter, dlt, written)
+        })
+    }
+}
+
+impl KafkaDeadLetterSink {
+    /// Logs a write's outcome and names its destination in the error.
+    fn outcome(
+        &self,
+        letter: &DeadLetter,
+        dlt: String,
+        written: Result<DeadLetterReceipt>,
+    ) -> Result<DeadLetterReceipt, DeadLetterError> {
         let record = &letter.record;
-        match self.write(letter, &dlt).await {
+        match written {
             Ok(receipt) => {
                 tracing::debug!(
                     topic = %record.topic,

@@ -134,6 +134,12 @@ pub struct DeadLetterReceipt {
     pub offset: Option<i64>,
 }
 
+/// A dead letter being written (see [`DeadLetterSink::enqueue`]): resolves with the receipt
+/// once the destination acknowledged it, or with the error that stopped it.
+pub type PendingLetter<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<DeadLetterReceipt, DeadLetterError>> + Send + 'a>,
+>;
+
 /// Receives dead letters. Object-safe: use it as `Arc<dyn DeadLetterSink>`.
 ///
 /// `send` returns only once the letter is durably stored (for Kafka: acknowledged by the
@@ -150,6 +156,20 @@ pub trait DeadLetterSink: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// A [`DeadLetterError`] when the letter was not stored; the consumer retries.
     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError>;
+
+    /// Starts writing one dead letter: returns once the letter is queued, with the write's
+    /// outcome still to come. The consumer lets the source partition's next record start as
+    /// soon as this returns and commits the record's offset only when the returned future
+    /// answers `Ok` (several letters of a partition are then in flight at once).
+    ///
+    /// The default queues nothing and returns [`send`](DeadLetterSink::send) unstarted, so
+    /// the letters of one partition are written concurrently and may reach the destination
+    /// out of source order. [`KafkaDeadLetterSink`](crate::KafkaDeadLetterSink) hands the
+    /// letter to its producer before it returns, so letters of one source partition keep
+    /// their order (unless a write fails and is retried).
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+        self.send(letter)
+    }
 
     /// The Kafka topics this sink writes the dead letters of `source_topic` to. The
     /// consumer checks at start that they exist (and creates them when told to), so a

@@ -27,7 +27,9 @@ mod redrive;
 
 pub use self::headers::Provenance;
 pub(crate) use self::kafka::KafkaDeadLetterSink;
-pub(crate) use self::letter::{DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink};
+pub(crate) use self::letter::{
+    DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, PendingLetter,
+};
 pub use self::redrive::{RedriveError, RedriveRecord};
 
 /// Error messages in dead letters are cut to this many bytes (on a UTF-8 boundary).

@@ -72,6 +72,46 @@ end
 return 0
 ";
 
+/// [`CLAIM_LUA`] over many keys, for a batch on a single server: one round trip.
+///
+/// KEYS[i] a key; ARGV[i] its `inflight:<token>`; ARGV[#KEYS + 1] the lease in ms.
+/// Returns one answer per key, as [`CLAIM_LUA`]'s, each key claimed on its own.
+const CLAIM_MANY_LUA: &str = r"
+local lease = ARGV[#KEYS + 1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[i], 'NX', 'PX', lease) then
+    out[i] = 1
+  else
+    local v = redis.call('GET', key)
+    if v == 'done' then out[i] = 2 elseif v == ARGV[i] then out[i] = 1 else out[i] = 3 end
+  end
+end
+return out
+";
+
+/// [`COMPLETE_LUA`] over many keys, for a batch on a single server: one round trip, each
+/// key fenced by its own token.
+///
+/// KEYS[i] a key; ARGV[i] its `inflight:<token>`; ARGV[#KEYS + 1] the TTL in ms.
+/// Returns one answer per key, as [`COMPLETE_LUA`]'s.
+const COMPLETE_MANY_LUA: &str = r"
+local ttl = ARGV[#KEYS + 1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v == ARGV[i] then
+    redis.call('SET', key, 'done', 'PX', ttl)
+    out[i] = 1
+  elseif v == 'done' then
+    out[i] = 2
+  else
+    out[i] = 0
+  end
+end
+return out
+";
+
 /// Redis caps expiries near `i64::MAX` ms from now; 100 years is plenty for a lease or TTL.
 const MAX_EXPIRY_MS: u64 = 100 * 365 * 86_400 * 1000;
 
@@ -275,6 +315,96 @@ impl RedisIdempotencyStore {
     }
 }
 
+impl RedisIdempotencyStore {
+    /// Runs one many-key script on a single server (`keys` unprefixed, `per_key[i]` the
+    /// argument of `keys[i]`, then `last`) with retries, within the command timeout. Returns
+    /// the answers and the attempt that produced them. On failure, the error for every key.
+    async fn run_many(
+        &self,
+        operation: &'static str,
+        manager: &ConnectionManager,
+        script: &Script,
+        keys: &[&str],
+        per_key: &[String],
+        last: &str,
+    ) -> Result<(Vec<i64>, u32), StoreError> {
+        let attempts = async {
+            let mut attempt = 1;
+            loop {
+                let mut invocation = script.prepare_invoke();
+                for key in keys {
+                    invocation.key(format!("{}{key}", self.key_prefix));
+                }
+                for arg in per_key {
+                    invocation.arg(arg.as_str());
+                }
+                invocation.arg(last);
+                let result: redis::RedisResult<Vec<i64>> =
+                    invocation.invoke_async(&mut manager.clone()).await;
+                match result {
+                    Ok(answers) if answers.len() == keys.len() => return Ok((answers, attempt)),
+                    Ok(answers) => {
+                        return Err(StoreError::Unavailable {
+                            operation,
+                            source: format!(
+                                "redis answered {} results for a batch of {} keys",
+                                answers.len(),
+                                keys.len()
+                            )
+                            .into(),
+                        });
+                    }
+                    Err(error) if attempt < self.max_attempts && is_retryable(&error) => {
+                        tracing::debug!(operation, keys = keys.len(), attempt, error = %error, "redis idempotency store batch failed; retrying");
+                        tokio::time::sleep(retry_delay(attempt)).await;
+                        attempt += 1;
+                    }
+                    Err(error) => {
+                        tracing::warn!(operation, keys = keys.len(), attempt, error = %error, "redis idempotency store unavailable");
+                        return Err(StoreError::Unavailable {
+                            operation,
+                            source: Box::new(CommandError {
+                                key: format!("{} (and {} more)", keys[0], keys.len() - 1),
+                                source: error,
+                            }),
+                        });
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(self.command_timeout, attempts).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(operation, keys = keys.len(), after = ?self.command_timeout, "redis idempotency store timed out");
+                Err(StoreError::Timeout {
+                    operation,
+                    after: self.command_timeout,
+                })
+            }
+        }
+    }
+}
+
+/// The same error for each of `n` keys of a failed batch.
+fn each(n: usize, error: &StoreError) -> Vec<StoreError> {
+    (0..n)
+        .map(|_| match error {
+            StoreError::Timeout { operation, after } => StoreError::Timeout {
+                operation,
+                after: *after,
+            },
+            StoreError::Unavailable { operation, source } => StoreError::Unavailable {
+                operation,
+                source: crate::error::error_chain(&**source).into(),
+            },
+            other => StoreError::Unavailable {
+                operation: "batch",
+                source: other.to_string().into(),
+            },
+        })
+        .collect()
+}
+
 impl fmt::Debug for RedisIdempotencyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisIdempotencyStore")
@@ -351,6 +481,89 @@ impl IdempotencyStore for RedisIdempotencyStore {
             _ => Err(StoreError::LeaseLost {
                 key: key.to_owned(),
             }),
+        }
+    }
+
+    /// One script over all the keys on a single server (one round trip); on a cluster,
+    /// where keys live in different slots, one script per key, all at once.
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        let manager = match &self.connection {
+            Connection::Single(manager) if keys.len() > 1 => manager,
+            _ => {
+                return futures_util::future::join_all(keys.iter().map(|k| self.claim(k, lease)))
+                    .await;
+            }
+        };
+        let tokens: Vec<ClaimToken> = keys.iter().map(|_| ClaimToken::random()).collect();
+        let values: Vec<String> = tokens.iter().map(inflight).collect();
+        let lease = millis(lease).to_string();
+        match self
+            .run_many(
+                "claim",
+                manager,
+                &self.scripts.claim_many,
+                keys,
+                &values,
+                &lease,
+            )
+            .await
+        {
+            Ok((answers, _)) => answers
+                .into_iter()
+                .zip(tokens)
+                .map(|(answer, token)| match answer {
+                    1 => Ok(Claim::Acquired(token)),
+                    2 => Ok(Claim::Done),
+                    _ => Ok(Claim::Busy),
+                })
+                .collect(),
+            Err(error) => each(keys.len(), &error).into_iter().map(Err).collect(),
+        }
+    }
+
+    /// As [`claim_many`](Self::claim_many): one round trip on a single server, fenced per
+    /// key exactly as [`complete`](IdempotencyStore::complete).
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        let manager = match &self.connection {
+            Connection::Single(manager) if claims.len() > 1 => manager,
+            _ => {
+                return futures_util::future::join_all(
+                    claims.iter().map(|(k, t)| self.complete(k, t, ttl)),
+                )
+                .await;
+            }
+        };
+        let keys: Vec<&str> = claims.iter().map(|(k, _)| *k).collect();
+        let values: Vec<String> = claims.iter().map(|(_, t)| inflight(t)).collect();
+        let ttl = millis(ttl).to_string();
+        match self
+            .run_many(
+                "complete",
+                manager,
+                &self.scripts.complete_many,
+                &keys,
+                &values,
+                &ttl,
+            )
+            .await
+        {
+            Ok((answers, attempt)) => answers
+                .into_iter()
+                .zip(keys)
+                .map(|(answer, key)| match answer {
+                    1 => Ok(()),
+                    // Done already: after a failed first attempt, that attempt may have done it.
+                    2 if attempt > 1 => Ok(()),
+                    _ => Err(StoreError::LeaseLost {
+                        key: key.to_owned(),
+                    }),
+                })
+                .collect(),
+            Err(error) => each(claims.len(), &error).into_iter().map(Err).collect(),
         }
     }
 
@@ -540,6 +753,8 @@ struct Scripts {
     complete: Script,
     release: Script,
     renew: Script,
+    claim_many: Script,
+    complete_many: Script,
 }
 
 impl Scripts {
@@ -549,6 +764,8 @@ impl Scripts {
             complete: Script::new(COMPLETE_LUA),
             release: Script::new(RELEASE_LUA),
             renew: Script::new(RENEW_LUA),
+            claim_many: Script::new(CLAIM_MANY_LUA),
+            complete_many: Script::new(COMPLETE_MANY_LUA),
         }
     }
 }

@@ -122,4 +122,40 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
         let _ = (key, token, lease);
         Err(StoreError::Unsupported { operation: "renew" })
     }
+
+    /// Claims each of `keys` for `lease`: one answer per key, in order, each exactly what
+    /// [`claim`](IdempotencyStore::claim) would have answered for it (every key is its own
+    /// atomic claim; the batch is not a transaction). The consumer uses it to claim the
+    /// records of many workers in one call.
+    ///
+    /// The default calls [`claim`](IdempotencyStore::claim) for each key in turn. A store
+    /// that can answer a batch in one round trip should override it (the Redis store does).
+    /// Each key's result is independent: an availability error may fail some keys, or all.
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        let mut answers = Vec::with_capacity(keys.len());
+        for key in keys {
+            answers.push(self.claim(key, lease).await);
+        }
+        answers
+    }
+
+    /// Marks each `(key, token)` of `claims` done for `ttl`: one result per claim, in order,
+    /// each exactly what [`complete`](IdempotencyStore::complete) would have answered for it,
+    /// fencing included (a token that does not hold its key is
+    /// [`StoreError::LeaseLost`] for that claim alone, changing nothing). The consumer uses
+    /// it to mark the records of many workers done in one call.
+    ///
+    /// The default calls [`complete`](IdempotencyStore::complete) for each claim in turn; the
+    /// Redis store answers a batch in one round trip.
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        let mut answers = Vec::with_capacity(claims.len());
+        for (key, token) in claims {
+            answers.push(self.complete(key, token, ttl).await);
+        }
+        answers
+    }
 }

@@ -3,7 +3,9 @@
 //! [`run_conformance`] drives a store through every case of the contract written on the
 //! [`idempotency`](super) module — fresh keys, busy and done keys, expiry of leases and of
 //! done keys, fencing of stale and foreign tokens, release and complete in every order,
-//! concurrent claims, and renewal of a held claim with its fencing — and reports each case.
+//! concurrent claims, renewal of a held claim with its fencing, and the batch calls
+//! (`claim_many`, `complete_many`) answering each key as the single-key call would — and
+//! reports each case.
 //! Both stores kourier ships pass it (see `tests/idempotency.rs`). A store that keeps the
 //! default [`IdempotencyStore::renew`] (which answers [`StoreError::Unsupported`]) fails the
 //! `renew-*` cases: the consumer cannot keep its claims alive while handlers run.
@@ -76,6 +78,8 @@ pub const CASES: &[&str] = &[
     "renew-after-expired-lease-is-lease-lost",
     "renew-after-release-is-lease-lost",
     "renew-after-done-is-lease-lost",
+    "claim-many-answers-each-key-as-claim-would",
+    "complete-many-fences-each-key-as-complete-would",
 ];
 
 /// The result of one case.
@@ -340,6 +344,101 @@ fn run_case<'a>(
                 acquire(s, k, LEASE)
                     .await
                     .map_err(|e| format!("neither call may create the key: {e}"))?;
+            }
+            "claim-many-answers-each-key-as-claim-would" => {
+                let (fresh, held, done) = (
+                    format!("{k}:fresh"),
+                    format!("{k}:held"),
+                    format!("{k}:done"),
+                );
+                let twice = format!("{k}:twice");
+                acquire(s, &held, LEASE).await?;
+                let t = acquire(s, &done, LEASE).await?;
+                s.complete(&done, &t, TTL)
+                    .await
+                    .map_err(|e| call("complete", &e))?;
+                let keys = [
+                    fresh.as_str(),
+                    held.as_str(),
+                    done.as_str(),
+                    twice.as_str(),
+                    twice.as_str(),
+                ];
+                let answers = s.claim_many(&keys, LEASE).await;
+                let tokens = match answers.as_slice() {
+                    [
+                        Ok(Claim::Acquired(a)),
+                        Ok(Claim::Busy),
+                        Ok(Claim::Done),
+                        Ok(Claim::Acquired(b)),
+                        Ok(Claim::Busy),
+                    ] => [a.clone(), b.clone()],
+                    other => {
+                        return Err(format!(
+                            "claim_many(fresh, held, done, twice, twice): expected \
+                             [Acquired, Busy, Done, Acquired, Busy], got {other:?}"
+                        ));
+                    }
+                };
+                if tokens[0] == tokens[1] {
+                    return Err(format!("claim_many repeated a token: {}", tokens[0]));
+                }
+                expect_claim(
+                    s,
+                    &fresh,
+                    &Claim::Busy,
+                    "a claim of a key claim_many acquired",
+                )
+                .await?;
+                s.complete(&fresh, &tokens[0], TTL)
+                    .await
+                    .map_err(|e| call("complete with a claim_many token", &e))?;
+                expect_claim(s, &fresh, &Claim::Done, "a claim after complete").await?;
+            }
+            "complete-many-fences-each-key-as-complete-would" => {
+                let (a, b, absent) = (format!("{k}:a"), format!("{k}:b"), format!("{k}:absent"));
+                let ta = acquire(s, &a, LEASE).await?;
+                acquire(s, &b, LEASE).await?;
+                let forged = ClaimToken::random();
+                let claims = [
+                    (a.as_str(), &ta),
+                    (b.as_str(), &forged),
+                    (absent.as_str(), &forged),
+                ];
+                let mut answers = s.complete_many(&claims, TTL).await.into_iter();
+                if answers.len() != 3 {
+                    return Err(format!(
+                        "complete_many of 3 claims answered {}",
+                        answers.len()
+                    ));
+                }
+                match answers.next() {
+                    Some(Ok(())) => {}
+                    other => {
+                        return Err(format!(
+                            "complete_many, the holder: expected Ok, got {other:?}"
+                        ));
+                    }
+                }
+                lease_lost(
+                    answers.next().unwrap_or(Ok(())),
+                    "complete_many with a foreign token",
+                )?;
+                lease_lost(
+                    answers.next().unwrap_or(Ok(())),
+                    "complete_many of an absent key",
+                )?;
+                expect_claim(s, &a, &Claim::Done, "the holder's key after complete_many").await?;
+                expect_claim(
+                    s,
+                    &b,
+                    &Claim::Busy,
+                    "a key a foreign token tried to complete",
+                )
+                .await?;
+                acquire(s, &absent, LEASE)
+                    .await
+                    .map_err(|e| format!("complete_many must not create an absent key: {e}"))?;
             }
             "concurrent-claims-have-one-winner" => {
                 let answers =

@@ -92,6 +92,25 @@ impl SpyStore {
             .collect()
     }
 
+    /// [`labels_for`](Self::labels_for) as the store saw them, for records whose duplicate
+    /// follows in the same partition: completions are written after the record released its
+    /// lane, so the duplicate's claim may first answer busy (it waits: dropped here), and the
+    /// spy, which logs a call when it returns, may log the completion after the claim that
+    /// found the key done (put back in the store's order here).
+    pub(crate) fn settled_labels_for(&self, key: &str) -> Vec<String> {
+        let mut labels: Vec<String> = self
+            .labels_for(key)
+            .into_iter()
+            .filter(|l| l != "claim:busy")
+            .collect();
+        for i in 1..labels.len() {
+            if labels[i - 1] == "claim:done" && labels[i] == "complete:completed" {
+                labels.swap(i - 1, i);
+            }
+        }
+        labels
+    }
+
     fn record(&self, op: &'static str, key: &str, token: Option<&ClaimToken>, answer: Answer) {
         self.calls.lock().unwrap().push(StoreCall {
             op,

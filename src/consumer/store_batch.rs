@@ -1,0 +1,285 @@
+//! Coalesces the claims and completions of many workers into batch calls of the idempotency
+//! store ([`IdempotencyStore::claim_many`], [`IdempotencyStore::complete_many`]): one round
+//! trip for all the requests made while the previous batch was on its way.
+//!
+//! No timer: a request made while nothing is in flight goes out at once (alone), so batching
+//! adds no latency when the store keeps up; requests made meanwhile wait for the batch in
+//! flight and leave together in the next one. Each request still gets its own answer,
+//! exactly what the single-key call would have answered (the store's contract for batches).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::worker::guarded_async;
+use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
+
+/// At most this many requests go in one batch call.
+const MAX_BATCH: usize = 256;
+
+/// How many times the batching task yields to gather more requests before it sends a batch.
+const GATHER_YIELDS: usize = 4;
+
+type ClaimRequest = (String, Duration, oneshot::Sender<Result<Claim, StoreError>>);
+type CompleteRequest = (
+    String,
+    ClaimToken,
+    Duration,
+    oneshot::Sender<Result<(), StoreError>>,
+);
+
+/// See the module docs. Claims and completions go through separate batching tasks, so a
+/// slow completion never holds up the claims that start records. Each task starts on first
+/// use (inside the runtime) and ends when the batcher is dropped.
+#[derive(Debug, Default)]
+pub(crate) struct StoreBatcher {
+    claims: OnceLock<mpsc::UnboundedSender<ClaimRequest>>,
+    completes: OnceLock<mpsc::UnboundedSender<CompleteRequest>>,
+}
+
+impl StoreBatcher {
+    /// [`IdempotencyStore::claim`], batched with other workers' claims.
+    pub(crate) async fn claim(
+        &self,
+        store: &Arc<dyn IdempotencyStore>,
+        key: &str,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let requests = self.claims.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(batching(store.clone(), rx, claim_batch));
+            tx
+        });
+        if requests.send((key.to_owned(), lease, reply)).is_err() {
+            return store.claim(key, lease).await;
+        }
+        answer.await.unwrap_or_else(|_| Err(lost("claim")))
+    }
+
+    /// [`IdempotencyStore::complete`], batched with other workers' completions.
+    pub(crate) async fn complete(
+        &self,
+        store: &Arc<dyn IdempotencyStore>,
+        key: &str,
+        token: &ClaimToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let requests = self.completes.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(batching(store.clone(), rx, complete_batch));
+            tx
+        });
+        if requests
+            .send((key.to_owned(), token.clone(), ttl, reply))
+            .is_err()
+        {
+            return store.complete(key, token, ttl).await;
+        }
+        answer.await.unwrap_or_else(|_| Err(lost("complete")))
+    }
+}
+
+/// The batching task went away without answering (the runtime is shutting down): an
+/// availability error, so the record waits or is given up, never skipped.
+fn lost(operation: &'static str) -> StoreError {
+    StoreError::Unavailable {
+        operation,
+        source: "the idempotency batching task stopped".into(),
+    }
+}
+
+fn panicked(operation: &'static str, panic: &str) -> StoreError {
+    StoreError::Unavailable {
+        operation,
+        source: format!("the idempotency store panicked: {panic}").into(),
+    }
+}
+
+/// Takes every request waiting (up to [`MAX_BATCH`]) and answers them with one batch call,
+/// until the batcher is dropped.
+async fn batching<R, F>(
+    store: Arc<dyn IdempotencyStore>,
+    mut rx: mpsc::UnboundedReceiver<R>,
+    batch: impl Fn(Arc<dyn IdempotencyStore>, Vec<R>) -> F,
+) where
+    F: std::future::Future<Output = ()>,
+{
+    let mut requests = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut requests, MAX_BATCH).await > 0 {
+        // Let the workers that are running right now add theirs: a yield costs
+        // microseconds, a round trip saved costs tens.
+        // Yield while more keep coming (a few times at most).
+        for _ in 0..GATHER_YIELDS {
+            tokio::task::yield_now().await;
+            let before = requests.len();
+            while requests.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(request) => requests.push(request),
+                    Err(_) => break,
+                }
+            }
+            if requests.len() == before || requests.len() == MAX_BATCH {
+                break;
+            }
+        }
+        batch(store.clone(), std::mem::take(&mut requests)).await;
+    }
+}
+
+/// The answer for each of `n` requests from a batch call's result: a panic or a store that
+/// answered too few becomes an availability error (the record waits, never skips).
+fn answers_for<T>(
+    operation: &'static str,
+    n: usize,
+    result: Result<Vec<Result<T, StoreError>>, String>,
+) -> Vec<Result<T, StoreError>> {
+    let mut answers = match result {
+        Ok(answers) => answers,
+        Err(panic) => (0..n).map(|_| Err(panicked(operation, &panic))).collect(),
+    };
+    answers.truncate(n);
+    while answers.len() < n {
+        answers.push(Err(StoreError::Unavailable {
+            operation,
+            source: "the idempotency store answered fewer results than the batch had requests"
+                .into(),
+        }));
+    }
+    answers
+}
+
+/// One `claim_many` per lease (a consumer has one lease, so one call).
+async fn claim_batch(store: Arc<dyn IdempotencyStore>, mut batch: Vec<ClaimRequest>) {
+    while let Some(&(_, lease, _)) = batch.first() {
+        let (same, rest): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| r.1 == lease);
+        batch = rest;
+        let keys: Vec<&str> = same.iter().map(|r| r.0.as_str()).collect();
+        let result = guarded_async(store.claim_many(&keys, lease)).await;
+        let answers = answers_for("claim", same.len(), result);
+        for ((_, _, reply), answer) in same.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+/// One `complete_many` per TTL (a consumer has one TTL, so one call).
+async fn complete_batch(store: Arc<dyn IdempotencyStore>, mut batch: Vec<CompleteRequest>) {
+    while let Some(&(_, _, ttl, _)) = batch.first() {
+        let (same, rest): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| r.2 == ttl);
+        batch = rest;
+        let claims: Vec<(&str, &ClaimToken)> = same.iter().map(|r| (r.0.as_str(), &r.1)).collect();
+        let result = guarded_async(store.complete_many(&claims, ttl)).await;
+        let answers = answers_for("complete", same.len(), result);
+        drop(claims);
+        for ((_, _, _, reply), answer) in same.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::idempotency::memory::InMemoryIdempotencyStore;
+
+    /// The in-memory store; records the size of each `claim_many` batch, the first of which
+    /// waits for `gate`.
+    #[derive(Debug)]
+    struct Batches {
+        inner: InMemoryIdempotencyStore,
+        sizes: Mutex<Vec<usize>>,
+        gate: Semaphore,
+    }
+
+    #[async_trait]
+    impl IdempotencyStore for Batches {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+            self.inner.claim(key, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.complete(key, token, ttl).await
+        }
+        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+            self.inner.release(key, token).await
+        }
+        async fn claim_many(
+            &self,
+            keys: &[&str],
+            lease: Duration,
+        ) -> Vec<Result<Claim, StoreError>> {
+            let first = {
+                let mut sizes = self.sizes.lock().unwrap();
+                sizes.push(keys.len());
+                sizes.len() == 1
+            };
+            if first {
+                let _permit = self.gate.acquire().await.unwrap();
+            }
+            let mut answers = Vec::new();
+            for key in keys {
+                answers.push(self.inner.claim(key, lease).await);
+            }
+            answers
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn requests_made_while_a_batch_is_in_flight_leave_together_and_completions_do_not_wait() {
+        let batches = Arc::new(Batches {
+            inner: InMemoryIdempotencyStore::new(),
+            sizes: Mutex::new(Vec::new()),
+            gate: Semaphore::new(0),
+        });
+        let store: Arc<dyn IdempotencyStore> = batches.clone();
+        let batcher = Arc::new(StoreBatcher::default());
+        let claim = |key: &'static str| {
+            let (b, s) = (batcher.clone(), store.clone());
+            tokio::spawn(async move { b.claim(&s, key, LEASE).await })
+        };
+        let first = claim("a");
+        while batches.sizes.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let rest = [claim("b"), claim("c"), claim("b")];
+        // A completion is not held up by the claim batch in flight.
+        let Claim::Acquired(token) = store.claim("done", LEASE).await.unwrap() else {
+            panic!("fresh key");
+        };
+        batcher
+            .complete(&store, "done", &token, LEASE)
+            .await
+            .expect("completed while a claim batch waits");
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        batches.gate.add_permits(1);
+        assert!(matches!(first.await.unwrap(), Ok(Claim::Acquired(_))));
+        let mut answers = Vec::new();
+        for r in rest {
+            answers.push(r.await.unwrap());
+        }
+        assert!(matches!(answers[0], Ok(Claim::Acquired(_))));
+        assert!(matches!(answers[1], Ok(Claim::Acquired(_))));
+        assert!(
+            matches!(answers[2], Ok(Claim::Busy)),
+            "each key claimed on its own"
+        );
+        assert_eq!(*batches.sizes.lock().unwrap(), [1, 3]);
+        assert_eq!(store.claim("done", LEASE).await.unwrap(), Claim::Done);
+    }
+}
