@@ -2027,7 +2027,7 @@ impl super::Slot for ReleaseProbe {
     fn resume(&self) -> Result<(), tokio::sync::oneshot::Receiver<()>> {
         Ok(())
     }
-    fn resume_now(&self, _waiting: Option<tokio::sync::oneshot::Receiver<()>>) {}
+    fn resume_now(&self) {}
     fn release(&self) {
         let mut released = self.released.lock().unwrap();
         if released.is_empty() {
