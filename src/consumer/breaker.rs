@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::scheduler::Stop;
+use super::stop::Stop;
 use crate::error::ConfigError;
 use crate::handler::{FailureKind, HandlerError};
 use crate::metrics::ConsumerMetrics;

@@ -10,13 +10,14 @@ use std::collections::{HashMap, VecDeque};
 /// `foldhash` (randomly seeded, like std's) hashes a topic name or a key several times faster
 /// than std's SipHash.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::Breaker;
 use super::offsets::OffsetTracker;
+pub(crate) use super::stop::Stop;
 pub(crate) use super::topic_partition::Tp;
 use crate::record::RawRecord;
 
@@ -44,32 +45,6 @@ enum LaneKey {
     Key(Vec<u8>),
     NullKey,
     Record(i64),
-}
-
-/// The ways a record's processing is told to stop early.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Stop {
-    /// Give the record up wherever it is (revoke or shutdown deadline passed): it is left
-    /// unsettled and delivered again.
-    pub(crate) abandon: CancellationToken,
-    /// Its partition is being revoked or the consumer is stopping: a record that is only
-    /// waiting out a retry back-off is given up at once (nothing of its is running) unless
-    /// its back-off ends before [`Stop::deadline`].
-    pub(crate) drain: CancellationToken,
-    /// When a drain began: when `abandon` will fire (the revoke timeout or the shutdown
-    /// deadline).
-    pub(crate) give_up_by: Arc<OnceLock<tokio::time::Instant>>,
-    /// Its partition's assignment was lost (it may already belong to another member): the
-    /// record's claim is no longer renewed, so the new owner can take the key once the lease
-    /// runs out. Fired with `drain`, before the revoke waits.
-    pub(crate) lost: CancellationToken,
-}
-
-impl Stop {
-    /// When `abandon` fires, once a drain began (see [`Stop::give_up_by`]).
-    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
-        self.give_up_by.get().copied()
-    }
 }
 
 /// One record to run, handed to a worker.

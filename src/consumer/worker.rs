@@ -16,11 +16,9 @@
 //! (`retrying_consumer.rs`), which releases the record's slot and lane.
 
 use std::fmt;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::FutureExt as _;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +26,7 @@ use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::breaker::{OutageGate, Verdict};
 use super::dedup::Dedup;
+pub(crate) use super::guard::{guarded, guarded_async, store_call};
 use super::lease::{HeldClaim, keep_renewed};
 use super::outcome::{OutcomeObserver, RecordOutcome};
 use super::scheduler::{JobEnd, Stop};
@@ -35,7 +34,7 @@ use crate::codec::Codec;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
 use crate::handler::{FailureKind, Handler, HandlerError};
-use crate::idempotency::{Claim, StoreError};
+use crate::idempotency::Claim;
 use crate::message::Message;
 use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
 use crate::record::RawRecord;
@@ -63,19 +62,6 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) outage: OutageGate,
     /// Retry tiers (if any): where records go after their in-place attempts.
     pub(crate) tiers: Option<Arc<Tiers>>,
-}
-
-/// Runs `f`, turning a panic into its message.
-pub(crate) fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(&*p).to_owned())
-}
-
-/// Awaits `fut`, turning a panic into its message.
-pub(crate) async fn guarded_async<F: std::future::Future>(fut: F) -> Result<F::Output, String> {
-    AssertUnwindSafe(fut)
-        .catch_unwind()
-        .await
-        .map_err(|p| panic_message(&*p).to_owned())
 }
 
 /// Back-off for infrastructure waits (store outage, busy claims, dead-letter writes):
@@ -192,20 +178,6 @@ impl Failure {
             last: now,
         }
     }
-}
-
-/// Calls the store; a panic becomes the store error it stands for (the record waits and
-/// retries, never skips).
-pub(super) async fn store_call<T>(
-    operation: &'static str,
-    call: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    guarded_async(call).await.unwrap_or_else(|panic| {
-        Err(StoreError::Unavailable {
-            operation,
-            source: format!("the idempotency store panicked: {panic}").into(),
-        })
-    })
 }
 
 impl<H: Handler> WorkerContext<H> {
@@ -710,14 +682,6 @@ enum ClaimOutcome {
     Run(Option<HeldClaim>),
     Duplicate,
     Cancelled,
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("non-string panic payload")
 }
 
 #[cfg(test)]
