@@ -163,6 +163,16 @@ impl Membership {
     }
 }
 
+/// With `RUST_LOG` set, the consumer's logs go to the test's output (to diagnose a stall).
+fn logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Waits (at most `bound`) until `done`, failing the test with `what` otherwise.
 async fn within(what: &str, bound: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + bound;
@@ -185,6 +195,7 @@ async fn a_20s_outage_over_10k_records_dead_letters_nothing_and_handles_each_onc
     const PARTITIONS: i32 = 8;
     const INVALID: usize = 5;
     const OUTAGE: Duration = Duration::from_secs(20);
+    logs();
     let (topic, group, dlt_topic) = setup("breaker-outage", PARTITIONS).await;
     support::produce(
         &topic,
@@ -400,6 +411,95 @@ async fn a_flapping_downstream_neither_floods_the_dlt_nor_stalls() {
     assert!(b.opened >= 2, "the breaker opened on each outage: {b:?}");
     let ids: HashSet<usize> = (0..RECORDS).collect();
     assert_eq!(ids.len(), downstream.handled());
+}
+
+/// Records that fail on their own (not because of the downstream) open the breaker, but
+/// cannot keep it open: other records probe, one succeeds, the breaker closes, and the
+/// failing records use up their attempts and are dead-lettered as without a breaker. (The
+/// fault-injection runner's `--breaker` run stalled on this before: the held records took
+/// every probe and failed it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_failing_on_their_own_cannot_keep_the_breaker_open() {
+    const RECORDS: usize = 600;
+    const BAD: usize = 3; // ids 0, 1, 2 always fail transiently
+    let (topic, group, dlt_topic) = setup("breaker-own", 3).await;
+    support::produce(&topic, (0..RECORDS).map(|id| job(id, false)).collect()).await;
+
+    let successes: Arc<Vec<AtomicU32>> =
+        Arc::new((0..RECORDS).map(|_| AtomicU32::new(0)).collect());
+    let bad_failures = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let (successes, bad_failures) = (successes.clone(), bad_failures.clone());
+        handler_fn(move |m: Message<Job>| {
+            let (successes, bad_failures) = (successes.clone(), bad_failures.clone());
+            async move {
+                let id = m.event().id;
+                if id < BAD {
+                    bad_failures.fetch_add(1, Ordering::SeqCst);
+                    return Err(HandlerError::transient(format!("job {id}: mailbox full")));
+                }
+                // The good records wait until the bad ones have failed once each: the
+                // breaker's first calls are their failures, so it opens.
+                while bad_failures.load(Ordering::SeqCst) < BAD as u32 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                successes[id].fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+    };
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .retry_policy(kourier::RetryPolicy::fixed(Duration::from_millis(100), 3))
+            .breaker(breaker()),
+    );
+    let handled = || {
+        successes
+            .iter()
+            .filter(|n| n.load(Ordering::SeqCst) > 0)
+            .count()
+    };
+    let started = Instant::now();
+    within(
+        "every good record handled and the bad ones dead-lettered",
+        Duration::from_secs(60),
+        || handled() == RECORDS - BAD && c.monitor.snapshot().dead_lettered.total() == BAD as u64,
+    )
+    .await;
+    let took = started.elapsed();
+    let end = c.monitor.snapshot();
+    c.stop().await;
+
+    let b = end.breaker.expect("a breaker");
+    eprintln!(
+        "own-failure figures: {RECORDS} records, {BAD} always failing: done in {:.1} s; breaker opened {} times, \
+         {} probes, {} failed calls held; the bad records' calls {}",
+        took.as_secs_f64(),
+        b.opened,
+        b.probes,
+        b.held_failures,
+        bad_failures.load(Ordering::SeqCst),
+    );
+    assert!(b.opened >= 1, "their failures opened it: {b:?}");
+    assert_eq!(b.state, BreakerState::Closed, "and it closed: {b:?}");
+    let letters = support::read_at_least(&dlt_topic, BAD, Duration::from_secs(30)).await;
+    assert_eq!(letters.len(), BAD);
+    for letter in &letters {
+        assert_eq!(letter.header_str(dlt::FAILURE_KIND), "retries-exhausted");
+        assert_eq!(letter.header_str(dlt::ATTEMPTS), "4", "all attempts used");
+    }
+    let ids: Vec<usize> = successes
+        .iter()
+        .enumerate()
+        .filter(|(id, n)| *id >= BAD && n.load(Ordering::SeqCst) != 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        ids,
+        Vec::<usize>::new(),
+        "every good record handled exactly once"
+    );
 }
 
 /// The consumer of the shutdown and rebalance tests: key order, the test breaker, and long

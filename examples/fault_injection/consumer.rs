@@ -199,11 +199,20 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
 
 fn snapshot_json(monitor: &kourier::ConsumerMonitor) -> serde_json::Value {
     let s = monitor.snapshot();
+    let breaker = s.breaker.as_ref().map(|b| {
+        serde_json::json!({
+            "state": b.state.as_str(),
+            "opened": b.opened,
+            "probes": b.probes,
+            "held_failures": b.held_failures,
+        })
+    });
     serde_json::json!({
         "in_flight": s.in_flight,
         "buffered_records": s.buffered_records,
         "buffered_bytes": s.buffered_bytes,
         "assigned": s.assigned,
         "paused": s.paused,
+        "breaker": breaker,
     })
 }

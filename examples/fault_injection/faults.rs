@@ -415,8 +415,8 @@ impl<'a> Injector<'a> {
     /// Makes every handler call that reaches the downstream fail transiently for
     /// `--outage-secs` (through the flag file the consumers watch).
     ///
-    /// A circuit breaker (a future `--breaker` flag handing the consumers its settings) would
-    /// pause instead of dead-lettering during this window: the outage itself stays the same.
+    /// With `--breaker` the consumers pause instead of dead-lettering during this window (a
+    /// record dead-lettered by the outage is then a problem); the outage itself is the same.
     fn outage(
         &mut self,
         at: usize,

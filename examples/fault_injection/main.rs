@@ -57,7 +57,8 @@
 //! ```text
 //! events=E lost=L duplicates=D bound=B dead_lettered=X kills=K kill_duplicates=KD
 //! broker_restarts=R loaded_broker_restarts=RL redis_outages=S zombies=Z zombie_duplicates=ZD
-//! zombie_late_writes=ZL zombie_bound=ZB outages=O breaker=on|off outage_dead_lettered=OX dlt_partitions=P
+//! zombie_late_writes=ZL zombie_bound=ZB outages=O breaker=on|off breaker_opened=BO breaker_probes=BP
+//! breaker_held=BH outage_dead_lettered=OX dlt_partitions=P
 //! dlt_by_key=PK verdict=PASS|FAIL
 //! ```
 //!

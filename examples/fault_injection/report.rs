@@ -29,6 +29,8 @@ pub(crate) struct Summary<'a> {
     pub(crate) done: Counts,
     pub(crate) dlt_partitions: i32,
     pub(crate) started: Instant,
+    /// The last consumer's breaker figures (its monitor snapshot), with `--breaker`.
+    pub(crate) breaker: Option<serde_json::Value>,
 }
 
 /// What to remove after a passing run (and keep, naming it, after a failing one).
@@ -64,6 +66,13 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
             report.duplicates
         ));
     }
+    if args.breaker && report.outage_dead_lettered > 0 {
+        // The breaker's promise (DESIGN rule 16): an outage dead-letters nothing.
+        s.problems.push(format!(
+            "with the breaker on, the downstream outage dead-lettered {} records",
+            report.outage_dead_lettered
+        ));
+    }
     let pass = s.problems.is_empty();
     log(format!(
         "consumed in {:.1?}; {} consumer processes; effects {} (distinct {}), dead letters {} (distinct {}), duplicate dead letters {}",
@@ -89,6 +98,20 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         report.outage_dead_lettered,
         if args.breaker { "on" } else { "off" }
     ));
+    // The last consumer's breaker: times it opened, probes, failures it absorbed.
+    let figure = |field: &str| {
+        s.breaker
+            .as_ref()
+            .and_then(|b| b.get(field))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    let (opened, probes, held) = (figure("opened"), figure("probes"), figure("held_failures"));
+    if args.breaker {
+        log(format!(
+            "breaker (last consumer): opened {opened} times, {probes} probes, {held} failures held (no attempt used, nothing dead-lettered)"
+        ));
+    }
     for p in &s.problems {
         log(format!("PROBLEM: {p}"));
     }
@@ -122,8 +145,8 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
     println!(
         "events={} lost={} duplicates={} bound={bound} dead_lettered={} kills={} kill_duplicates={} \
          broker_restarts={} loaded_broker_restarts={} redis_outages={} zombies={} zombie_duplicates={} \
-         zombie_late_writes={} zombie_bound={zombie_bound} outages={} breaker={} outage_dead_lettered={} \
-         dlt_partitions={} dlt_by_key={} verdict={}",
+         zombie_late_writes={} zombie_bound={zombie_bound} outages={} breaker={} breaker_opened={opened} \
+         breaker_probes={probes} breaker_held={held} outage_dead_lettered={} dlt_partitions={} dlt_by_key={} verdict={}",
         args.events,
         report.lost,
         report.duplicates,

@@ -254,6 +254,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
             done,
             dlt_partitions,
             started,
+            breaker: snapshot.as_ref().and_then(|s| s.get("breaker")).cloned(),
         },
         Cleanup {
             rt: &rt,

@@ -14,18 +14,28 @@
 //! ```
 //!
 //! - **Closed**: records run; every transient or unavailable failure and every success goes
-//!   into a sliding window of the last calls and a consecutive-failure count.
+//!   into a sliding window of the last calls and a consecutive-failure count. Either trigger
+//!   needs failures of two records at least: one record failing alone is its retry
+//!   policy's business.
 //! - **Open**: the scheduler dispatches nothing new (the poll thread keeps polling; flow
 //!   control pauses partitions as their buffers fill). A record whose attempt fails
 //!   transiently now, or that is about to start an attempt, waits in its worker: its lane
 //!   stays blocked (order holds), its claim is released, the failure uses up no attempt and
 //!   is never dead-lettered. A revoke or a shutdown gives a waiting record up at once.
-//! - **HalfOpen**: one record — a waiting one, else the next one dispatched — is the probe.
-//!   Success closes the breaker (everyone goes at full speed); a transient failure opens it
-//!   again with twice the interval. A probe that ends otherwise (permanent failure,
-//!   duplicate, given up) hands the probe to the next record.
+//! - **HalfOpen**: one record is the probe. Success closes the breaker (everyone goes at full
+//!   speed); a transient failure opens it again with twice the interval. A probe that ends
+//!   otherwise (permanent failure, duplicate, given up) hands the probe to the next record.
+//!   Who probes: a waiting record that has not failed in this outage; else a record the
+//!   scheduler dispatches fresh; only when the scheduler has none to dispatch (or dispatched
+//!   none within half a second), a waiting record that failed in this outage. So records
+//!   that fail on their own (not because of the downstream) cannot keep the breaker open:
+//!   other records probe, one succeeds, the breaker closes.
 //!
-//! Results of calls that started before the breaker opened (stragglers) do not move it.
+//! Results of calls that started before the breaker opened (stragglers) do not move it, nor
+//! do failures (while closed) of records that waited for it before: the downstream answered
+//! others since, so such a record may be failing on its own, and a burst of them retrying
+//! when the breaker closes must not open it again at once. The retry policy decides on
+//! them as on any record.
 //! Permanent failures and panics say nothing about the downstream: they are not counted.
 
 use std::collections::VecDeque;
@@ -49,8 +59,10 @@ use crate::retry::infra_backoff;
 /// The breaker opens when **either** trigger fires (each can be turned off, not both):
 ///
 /// - **failure rate**: at least `rate` of the last `window` calls failed, counted once at
-///   least `min_calls` calls are in the window (default: 50 % of the last 20, from 10 calls);
-/// - **consecutive failures**: `n` calls in a row failed (default 3).
+///   least `min_calls` calls are in the window (default: 50 % of the last 20, from 3 calls);
+/// - **consecutive failures**: `n` calls in a row failed, `n` ≥ 2 (off by default: at a few percent
+///   of records failing on their own, a busy consumer sees three failures in a row every
+///   few thousand calls, and each would pause it for the open interval).
 ///
 /// A *call* is one handler attempt; it *failed* when it returned a transient or
 /// [unavailable](crate::HandlerError::unavailable) failure (or timed out). Permanent failures
@@ -59,8 +71,22 @@ use crate::retry::infra_backoff;
 /// Once open, it stays open for the open interval (default 5 s), then lets one probe record
 /// through; each failed probe doubles the interval, up to the maximum (default 60 s).
 ///
-/// Keep `consecutive_failures` below the retry policy's attempts: in partition order with
-/// one partition, a lone record then opens the breaker before it uses up its attempts.
+/// At low traffic the breaker opens only once a second record fails: in an outage, a lone
+/// first record failing transiently may use up its attempts before. A handler that knows
+/// the downstream is down should say so with [`HandlerError::unavailable`](crate::HandlerError::unavailable):
+/// such a failure never uses up an attempt, breaker or not.
+///
+/// # Records that fail on their own
+///
+/// A record whose failure is its own (not the downstream's) never opens the breaker alone:
+/// both triggers need failures of at least two records, so its retry policy dead-letters
+/// it as without a breaker. Several such records may open it, but cannot keep it open:
+/// records that have not failed in this outage probe first (a waiting one, else a fresh one
+/// the scheduler dispatches), the first success closes the breaker, and failures of records
+/// it held no longer move it (their retry policy decides). Only when every record that can
+/// run has failed in this outage do they probe themselves, their failures still held (the
+/// breaker cannot tell them from a downstream that is down); the next record that can run
+/// settles it.
 ///
 /// # Why one breaker per consumer
 ///
@@ -97,16 +123,16 @@ struct RateTrigger {
 }
 
 impl Default for BreakerPolicy {
-    /// Opens at 50 % failures over the last 20 calls (from 10 calls) or 3 consecutive
-    /// failures; probes after 5 s, doubling to 60 s.
+    /// Opens at 50 % failures over the last 20 calls (from 3 calls); probes after 5 s,
+    /// doubling to 60 s.
     fn default() -> Self {
         BreakerPolicy {
             rate: Some(RateTrigger {
                 rate: 0.5,
                 window: 20,
-                min_calls: 10,
+                min_calls: 3,
             }),
-            consecutive: Some(3),
+            consecutive: None,
             open_interval: Duration::from_secs(5),
             max_open_interval: Duration::from_secs(60),
         }
@@ -133,7 +159,7 @@ impl BreakerPolicy {
         self
     }
 
-    /// Opens after `n` (at least 1) failed calls in a row.
+    /// Opens after `n` (at least 2) failed calls in a row, of two records at least.
     #[must_use]
     pub fn with_consecutive_failures(mut self, n: u32) -> Self {
         self.consecutive = Some(n);
@@ -183,8 +209,10 @@ impl BreakerPolicy {
                 ));
             }
         }
-        if self.consecutive == Some(0) {
-            return invalid("consecutive_failures must be at least 1".into());
+        if self.consecutive.is_some_and(|n| n < 2) {
+            return invalid(
+                "consecutive_failures must be at least 2 (failures of two records)".into(),
+            );
         }
         if self.open_interval.is_zero() {
             return invalid("the open interval must be longer than zero".into());
@@ -299,17 +327,30 @@ struct Inner {
     /// Closes, opens, half-opens so far: calls remember the epoch they started in, so that
     /// a straggler's result does not move a breaker that changed since.
     epoch: u64,
-    /// The last calls, `true` = failed.
-    window: VecDeque<bool>,
+    /// The last calls: the record whose call failed, `None` for a success.
+    window: VecDeque<Option<Caller>>,
     failures_in_window: u32,
     consecutive: u32,
+    /// The record of the first failure in the current run of failures, and whether another
+    /// record failed in it too.
+    consecutive_first: Option<Caller>,
+    consecutive_mixed: bool,
     /// Failed probes since the breaker last closed.
     failed_probes: u32,
     /// Half-open: a record holds the probe.
     probe_out: bool,
     /// Half-open: the scheduler dispatched a record to become the probe.
     probe_dispatched: bool,
+    /// Half-open: the scheduler had no record to dispatch as the probe, so a waiting record
+    /// that failed a probe already may take it.
+    nothing_fresh: bool,
+    /// Outages so far (closed → open): a record remembers the outage it failed a probe in.
+    outage: u64,
+    /// When the breaker last went half-open.
+    half_open_at: Instant,
     waiting: usize,
+    /// Waiting records that have not failed a probe in this outage.
+    fresh_waiting: usize,
     opened: u64,
     probes: u64,
     held_failures: u64,
@@ -334,6 +375,22 @@ impl fmt::Debug for Breaker {
     }
 }
 
+/// How long a half-open breaker keeps its probe for a fresh record before a waiting record
+/// that failed a probe already takes it (when the scheduler does not say sooner that it has
+/// none to dispatch).
+const PROBE_GRACE: Duration = Duration::from_millis(500);
+
+/// What the scheduler may do, from [`Breaker::dispatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dispatch {
+    /// Closed: start records.
+    Go,
+    /// Half-open: start one record, to be the probe (in this epoch).
+    Probe(u64),
+    /// Open, or the probe is taken: start nothing.
+    Held,
+}
+
 /// What the worker does with a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -351,32 +408,59 @@ pub(crate) struct Pass<'a> {
     breaker: Option<&'a Breaker>,
     epoch: u64,
     probe: bool,
+    /// The record making the call.
+    caller: Caller,
 }
+
+/// Which record made a call (partition, offset): the breaker opens only on failures of at
+/// least two records, so that a lone record failing on its own never opens it.
+pub(crate) type Caller = (i32, i64);
+
+/// What a record remembers between attempts: the outage in which a failure of its was held,
+/// so that it lets other records probe before it tries again (see the module docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProbeMemo(Option<u64>);
 
 impl Pass<'_> {
     /// The attempt succeeded.
     pub(crate) fn succeeded(mut self) {
         if let Some(b) = self.breaker.take() {
-            b.on_success(self.epoch, self.probe);
+            b.on_success(self.epoch, self.probe, self.caller);
         }
     }
 
     /// The attempt failed with `error`; `holds` is how many times this record was held
-    /// already (for the back-off of an unavailable downstream while the breaker is closed).
-    pub(crate) fn failed(mut self, error: &HandlerError, holds: u32) -> Verdict {
+    /// already (for the back-off of an unavailable downstream while the breaker is closed;
+    /// a record held before does not count toward opening the breaker again).
+    pub(crate) fn failed(
+        mut self,
+        error: &HandlerError,
+        holds: u32,
+        memo: &mut ProbeMemo,
+    ) -> Verdict {
         let unavailable = error.kind() == FailureKind::Unavailable;
         let counted = unavailable || error.kind() == FailureKind::Transient;
-        let closed = match self.breaker.take() {
-            Some(b) if counted => b.on_failure(self.epoch, self.probe, error.retry_after_hint()),
+        let held_in = match self.breaker.take() {
+            Some(b) if counted => b.on_failure(
+                self.epoch,
+                self.probe,
+                self.caller,
+                error.retry_after_hint(),
+                holds > 0,
+            ),
             Some(b) => {
                 b.return_probe(self.probe);
-                true
+                None
             }
-            None => true,
+            None => None,
         };
-        if !closed && counted {
+        if let Some(outage) = held_in {
+            memo.0 = Some(outage);
+        }
+        if held_in.is_some() {
             Verdict::Hold(Duration::ZERO)
         } else if unavailable {
+            // Never the record's fault: without an open breaker it waits with back-off.
             let backoff = infra_backoff(Duration::from_millis(100), Duration::from_secs(5), holds);
             Verdict::Hold(backoff.max(error.retry_after_hint().unwrap_or_default()))
         } else {
@@ -401,16 +485,22 @@ pub(crate) struct OutageGate(pub(crate) Option<Arc<Breaker>>);
 impl OutageGate {
     /// Waits until the breaker lets an attempt go; `None` when `stop` gives the record up
     /// first (a revoke or shutdown: nothing of the record runs while it waits).
-    pub(crate) async fn admit(&self, stop: &Stop) -> Option<Pass<'_>> {
+    pub(crate) async fn admit(
+        &self,
+        stop: &Stop,
+        memo: ProbeMemo,
+        caller: Caller,
+    ) -> Option<Pass<'_>> {
         let Some(b) = self.0.as_deref() else {
             return Some(Pass {
                 breaker: None,
                 epoch: 0,
                 probe: false,
+                caller,
             });
         };
         // The fast path (closed): one lock, no waiter registered.
-        if let Ok(pass) = b.try_admit() {
+        if let Ok(pass) = b.try_admit(memo, caller) {
             return Some(pass);
         }
         let mut counted = WaitingGuard(None);
@@ -419,13 +509,16 @@ impl OutageGate {
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Checked after registering, so a change in between wakes this waiter.
-            let wake_at = match b.try_admit() {
+            let wake_at = match b.try_admit(memo, caller) {
                 Ok(pass) => return Some(pass),
                 Err(wake_at) => wake_at,
             };
             if counted.0.is_none() {
-                b.lock().waiting += 1;
-                counted.0 = Some(b);
+                let mut s = b.lock();
+                let fresh = memo.0 != Some(s.outage);
+                s.waiting += 1;
+                s.fresh_waiting += usize::from(fresh);
+                counted.0 = Some((b, fresh));
             }
             let until_probe = async {
                 match wake_at {
@@ -443,12 +536,21 @@ impl OutageGate {
     }
 }
 
-struct WaitingGuard<'a>(Option<&'a Breaker>);
+/// Counts a waiting record (and whether it counted as fresh) until it stops waiting.
+struct WaitingGuard<'a>(Option<(&'a Breaker, bool)>);
 
 impl Drop for WaitingGuard<'_> {
     fn drop(&mut self) {
-        if let Some(b) = self.0 {
-            b.lock().waiting -= 1;
+        if let Some((b, fresh)) = self.0 {
+            let mut s = b.lock();
+            s.waiting -= 1;
+            s.fresh_waiting -= usize::from(fresh);
+            let probe_free = s.phase == Phase::HalfOpen && !s.probe_out;
+            drop(s);
+            if fresh && probe_free {
+                // The others may probe now.
+                b.changed.notify_waiters();
+            }
         }
     }
 }
@@ -464,10 +566,16 @@ impl Breaker {
                 window: VecDeque::new(),
                 failures_in_window: 0,
                 consecutive: 0,
+                consecutive_first: None,
+                consecutive_mixed: false,
                 failed_probes: 0,
                 probe_out: false,
                 probe_dispatched: false,
+                nothing_fresh: false,
+                outage: 0,
+                half_open_at: Instant::now(),
                 waiting: 0,
+                fresh_waiting: 0,
                 opened: 0,
                 probes: 0,
                 held_failures: 0,
@@ -484,16 +592,40 @@ impl Breaker {
 
     /// For the scheduler: may a new record be dispatched now? Closed: yes. Half-open with
     /// nobody waiting to probe: one record, once. Otherwise no.
-    pub(crate) fn dispatch_allowed(&self) -> bool {
+    /// Whether the scheduler may start a record now.
+    pub(crate) fn dispatch(&self) -> Dispatch {
         let mut s = self.lock();
         self.expire(&mut s);
         match s.phase {
-            Phase::Closed => true,
-            Phase::HalfOpen if !s.probe_out && !s.probe_dispatched && s.waiting == 0 => {
+            Phase::Closed => Dispatch::Go,
+            // Waiting records that have not failed a probe yet go first (they are older).
+            Phase::HalfOpen if !s.probe_out && !s.probe_dispatched && s.fresh_waiting == 0 => {
                 s.probe_dispatched = true;
-                true
+                Dispatch::Probe(s.epoch)
             }
-            _ => false,
+            _ => Dispatch::Held,
+        }
+    }
+
+    /// A record dispatched as the probe in `epoch` ended: if it never took the probe (it
+    /// ended before its first attempt), the probe is free again.
+    pub(crate) fn dispatched_probe_ended(&self, epoch: u64) {
+        let mut s = self.lock();
+        if s.epoch == epoch && s.probe_dispatched && !s.probe_out {
+            s.probe_dispatched = false;
+            drop(s);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// The scheduler dispatched nothing: if the breaker is half-open with its probe free, a
+    /// waiting record that failed a probe before may take it.
+    pub(crate) fn nothing_dispatched(&self) {
+        let mut s = self.lock();
+        if s.phase == Phase::HalfOpen && !s.probe_out && !s.probe_dispatched && !s.nothing_fresh {
+            s.nothing_fresh = true;
+            drop(s);
+            self.changed.notify_waiters();
         }
     }
 
@@ -503,30 +635,43 @@ impl Breaker {
     }
 
     /// A pass, or when to look again (`None`: when woken).
-    fn try_admit(&self) -> Result<Pass<'_>, Option<Instant>> {
+    fn try_admit(&self, memo: ProbeMemo, caller: Caller) -> Result<Pass<'_>, Option<Instant>> {
         let mut s = self.lock();
         self.expire(&mut s);
+        let suspect = memo.0 == Some(s.outage);
         match s.phase {
             Phase::Closed => Ok(Pass {
                 breaker: Some(self),
                 epoch: s.epoch,
                 probe: false,
+                caller,
             }),
-            Phase::HalfOpen if !s.probe_out => {
+            // A record that failed in this outage probes only when no other record can: no
+            // other one waits and the scheduler had none to dispatch (or did not dispatch
+            // one within the grace period).
+            Phase::HalfOpen
+                if !s.probe_out
+                    && (!suspect
+                        || (s.fresh_waiting == 0
+                            && !s.probe_dispatched
+                            && (s.nothing_fresh
+                                || Instant::now() >= s.half_open_at + PROBE_GRACE))) =>
+            {
                 s.probe_out = true;
                 s.probes += 1;
                 Ok(Pass {
                     breaker: Some(self),
                     epoch: s.epoch,
                     probe: true,
+                    caller,
                 })
             }
-            Phase::HalfOpen => Err(None),
+            Phase::HalfOpen if s.probe_out || !suspect => Err(None),
+            Phase::HalfOpen => Err(Some(s.half_open_at + PROBE_GRACE)),
             Phase::Open { until } => Err(Some(until)),
         }
     }
 
-    /// Open → half-open once the open interval has passed.
     fn expire(&self, s: &mut Inner) {
         if let Phase::Open { until } = s.phase
             && Instant::now() >= until
@@ -539,13 +684,13 @@ impl Breaker {
         }
     }
 
-    fn on_success(&self, epoch: u64, probe: bool) {
+    fn on_success(&self, epoch: u64, probe: bool, _caller: Caller) {
         let mut s = self.lock();
         if epoch != s.epoch {
             return;
         }
         match s.phase {
-            Phase::Closed => self.record(&mut s, false),
+            Phase::Closed => self.record(&mut s, None),
             Phase::HalfOpen if probe => {
                 self.transition(&mut s, Phase::Closed);
                 info!(
@@ -558,12 +703,24 @@ impl Breaker {
     }
 
     /// Counts a failed call; returns whether the breaker is closed afterwards.
-    fn on_failure(&self, epoch: u64, probe: bool, hint: Option<Duration>) -> bool {
+    /// Counts a failed call; returns the outage holding the failure (`None`: closed, the
+    /// retry policy decides). `was_held`: the record waited for the breaker before. Its
+    /// failures while closed say nothing new about the downstream (others succeeded since it
+    /// was held: it may well be failing on its own), so they do not count toward opening.
+    fn on_failure(
+        &self,
+        epoch: u64,
+        probe: bool,
+        caller: Caller,
+        hint: Option<Duration>,
+        was_held: bool,
+    ) -> Option<u64> {
         let mut s = self.lock();
         if epoch == s.epoch {
             match s.phase {
+                Phase::Closed if was_held => {}
                 Phase::Closed => {
-                    self.record(&mut s, true);
+                    self.record(&mut s, Some(caller));
                     if let Some(why) = self.tripped(&s) {
                         let open_for = self.open(&mut s, hint);
                         warn!(
@@ -585,17 +742,16 @@ impl Breaker {
                 _ => {}
             }
         }
-        let closed = s.phase == Phase::Closed;
-        if !closed {
-            s.held_failures += 1;
-            drop(s);
-            self.metrics.breaker_held_failure();
+        if s.phase == Phase::Closed {
+            return None;
         }
-        closed
+        s.held_failures += 1;
+        let outage = s.outage;
+        drop(s);
+        self.metrics.breaker_held_failure();
+        Some(outage)
     }
 
-    /// A probe that ended without a verdict (permanent failure, duplicate, given up): the
-    /// next record may probe.
     fn return_probe(&self, probe: bool) {
         if !probe {
             return;
@@ -609,34 +765,52 @@ impl Breaker {
         }
     }
 
-    fn record(&self, s: &mut Inner, failed: bool) {
-        if failed {
-            s.consecutive = s.consecutive.saturating_add(1);
-        } else {
-            s.consecutive = 0;
+    /// Counts a call: `failed_by` is the record whose call failed (`None`: it succeeded).
+    fn record(&self, s: &mut Inner, failed_by: Option<Caller>) {
+        match failed_by {
+            Some(caller) => {
+                s.consecutive = s.consecutive.saturating_add(1);
+                match s.consecutive_first {
+                    None => s.consecutive_first = Some(caller),
+                    Some(first) if first != caller => s.consecutive_mixed = true,
+                    Some(_) => {}
+                }
+            }
+            None => {
+                s.consecutive = 0;
+                s.consecutive_first = None;
+                s.consecutive_mixed = false;
+            }
         }
         if let Some(r) = self.policy.rate {
-            s.window.push_back(failed);
-            s.failures_in_window += u32::from(failed);
+            s.window.push_back(failed_by);
+            s.failures_in_window += u32::from(failed_by.is_some());
             while s.window.len() > r.window as usize {
-                if s.window.pop_front() == Some(true) {
+                if s.window.pop_front().is_some_and(|c| c.is_some()) {
                     s.failures_in_window -= 1;
                 }
             }
         }
     }
 
-    /// Why the breaker must open now, if it must.
+    /// Why the breaker must open now, if it must. Failures of one record alone never open
+    /// it: that record may be failing on its own, and its retry policy bounds it.
     fn tripped(&self, s: &Inner) -> Option<String> {
         if let Some(n) = self.policy.consecutive
             && s.consecutive >= n
+            && s.consecutive_mixed
         {
             return Some(format!("{} consecutive failed calls", s.consecutive));
         }
         let r = self.policy.rate?;
         let calls = s.window.len() as u32;
-        (calls >= r.min_calls && f64::from(s.failures_in_window) >= r.rate * f64::from(calls))
-            .then(|| format!("{} of the last {calls} calls failed", s.failures_in_window))
+        let mut failed = s.window.iter().flatten();
+        let first = failed.next()?;
+        let records = if failed.any(|c| c != first) { 2 } else { 1 };
+        (records >= 2
+            && calls >= r.min_calls
+            && f64::from(s.failures_in_window) >= r.rate * f64::from(calls))
+        .then(|| format!("{} of the last {calls} calls failed", s.failures_in_window))
     }
 
     /// Opens (or re-opens) for the current interval, at least `hint`; returns the interval.
@@ -662,10 +836,19 @@ impl Breaker {
         s.epoch += 1;
         s.probe_out = false;
         s.probe_dispatched = false;
+        s.nothing_fresh = false;
+        if from == BreakerState::Closed {
+            s.outage += 1;
+        }
+        if to == Phase::HalfOpen {
+            s.half_open_at = Instant::now();
+        }
         if to == Phase::Closed {
             s.window.clear();
             s.failures_in_window = 0;
             s.consecutive = 0;
+            s.consecutive_first = None;
+            s.consecutive_mixed = false;
             s.failed_probes = 0;
         }
         if s.recent.len() == BreakerStatus::RECENT {
@@ -708,13 +891,29 @@ mod tests {
         )
     }
 
+    fn admitted<'a>(admission: Result<Pass<'a>, Option<Instant>>, what: &str) -> Pass<'a> {
+        match admission {
+            Ok(pass) => pass,
+            Err(_) => panic!("not admitted: {what}"),
+        }
+    }
+
+    /// A record of its own for every call (the breaker opens only on failures of two).
+    fn next_caller() -> Caller {
+        static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
+        (0, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The one record of a test that follows a record through several calls.
+    const OWN: Caller = (9, 0);
+
     fn transient() -> HandlerError {
         HandlerError::transient("connection refused")
     }
 
     async fn pass(b: &Breaker) -> Pass<'_> {
         // Never called on a closed-over gate: a direct admission for the unit tests.
-        match b.try_admit() {
+        match b.try_admit(ProbeMemo::default(), next_caller()) {
             Ok(p) => p,
             Err(_) => panic!("expected a pass in state {}", b.status().state),
         }
@@ -730,6 +929,7 @@ mod tests {
             BreakerPolicy::default().with_failure_rate(f64::NAN, 10, 5),
             BreakerPolicy::default().with_failure_rate(0.5, 10, 11),
             BreakerPolicy::default().with_consecutive_failures(0),
+            BreakerPolicy::default().with_consecutive_failures(1),
             BreakerPolicy::default().with_open_interval(Duration::ZERO, Duration::from_secs(1)),
             BreakerPolicy::default()
                 .with_open_interval(Duration::from_secs(2), Duration::from_secs(1)),
@@ -753,27 +953,40 @@ mod tests {
         let b = breaker(
             BreakerPolicy::default()
                 .without_failure_rate()
+                .with_consecutive_failures(3)
                 .with_open_interval(Duration::from_secs(1), Duration::from_secs(8)),
         );
-        assert_eq!(pass(&b).await.failed(&transient(), 0), Verdict::Policy);
-        assert_eq!(pass(&b).await.failed(&transient(), 0), Verdict::Policy);
         assert_eq!(
-            pass(&b).await.failed(&transient(), 0),
+            pass(&b)
+                .await
+                .failed(&transient(), 0, &mut ProbeMemo::default()),
+            Verdict::Policy
+        );
+        assert_eq!(
+            pass(&b)
+                .await
+                .failed(&transient(), 0, &mut ProbeMemo::default()),
+            Verdict::Policy
+        );
+        assert_eq!(
+            pass(&b)
+                .await
+                .failed(&transient(), 0, &mut ProbeMemo::default()),
             Verdict::Hold(Duration::ZERO),
             "the third opens it; that record waits"
         );
         assert_eq!(b.status().state, BreakerState::Open);
-        assert!(!b.dispatch_allowed());
-        assert!(b.try_admit().is_err());
+        assert!(b.dispatch() == Dispatch::Held);
+        assert!(b.try_admit(ProbeMemo::default(), next_caller()).is_err());
         tokio::time::advance(Duration::from_secs(1)).await;
         // Half-open: one probe; nobody else.
         let probe = pass(&b).await;
         assert_eq!(b.status().state, BreakerState::HalfOpen);
-        assert!(b.try_admit().is_err());
-        assert!(!b.dispatch_allowed(), "the probe is out");
+        assert!(b.try_admit(ProbeMemo::default(), next_caller()).is_err());
+        assert!(b.dispatch() == Dispatch::Held, "the probe is out");
         probe.succeeded();
         assert_eq!(b.status().state, BreakerState::Closed);
-        assert!(b.dispatch_allowed());
+        assert!(b.dispatch() == Dispatch::Go);
         let s = b.status();
         assert_eq!((s.opened, s.probes, s.held_failures), (1, 1, 1));
         let states: Vec<_> = s.recent.iter().map(|t| t.to).collect();
@@ -792,21 +1005,29 @@ mod tests {
         let b = breaker(
             BreakerPolicy::default()
                 .without_failure_rate()
-                .with_consecutive_failures(1)
+                .with_consecutive_failures(2)
                 .with_open_interval(Duration::from_secs(1), Duration::from_secs(3)),
         );
-        pass(&b).await.failed(&transient(), 0);
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
         let mut waited = Vec::new();
         for _ in 0..4 {
             let t0 = Instant::now();
             let probe = loop {
-                match b.try_admit() {
+                match b.try_admit(ProbeMemo::default(), next_caller()) {
                     Ok(p) => break p,
                     Err(_) => tokio::time::advance(Duration::from_millis(100)).await,
                 }
             };
             waited.push(t0.elapsed().as_millis());
-            assert_eq!(probe.failed(&transient(), 0), Verdict::Hold(Duration::ZERO));
+            assert_eq!(
+                probe.failed(&transient(), 0, &mut ProbeMemo::default()),
+                Verdict::Hold(Duration::ZERO)
+            );
         }
         assert_eq!(waited, [1000, 2000, 3000, 3000]);
         assert_eq!(b.status().opened, 5);
@@ -820,17 +1041,23 @@ mod tests {
                 .with_failure_rate(0.5, 10, 6),
         );
         for i in 0..5 {
-            pass(&b).await.failed(&transient(), 0);
+            pass(&b)
+                .await
+                .failed(&transient(), 0, &mut ProbeMemo::default());
             assert_eq!(b.status().state, BreakerState::Closed, "after {i}");
         }
         // 6 calls, all failed: min_calls is reached.
-        let _ = pass(&b).await.failed(&transient(), 0);
+        let _ = pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
         assert_eq!(b.status().state, BreakerState::Open);
         tokio::time::advance(Duration::from_secs(5)).await;
         pass(&b).await.succeeded();
         // Closing empties the window: 5 failures of 6 calls are needed again.
         for _ in 0..4 {
-            pass(&b).await.failed(&transient(), 0);
+            pass(&b)
+                .await
+                .failed(&transient(), 0, &mut ProbeMemo::default());
         }
         pass(&b).await.succeeded();
         assert_eq!(
@@ -838,7 +1065,9 @@ mod tests {
             BreakerState::Closed,
             "4 of 5 calls: below min_calls"
         );
-        let _ = pass(&b).await.failed(&transient(), 0);
+        let _ = pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
         assert_eq!(b.status().state, BreakerState::Open);
     }
 
@@ -851,16 +1080,22 @@ mod tests {
         );
         for _ in 0..5 {
             assert_eq!(
-                pass(&b)
-                    .await
-                    .failed(&HandlerError::permanent("bad address"), 0),
+                pass(&b).await.failed(
+                    &HandlerError::permanent("bad address"),
+                    0,
+                    &mut ProbeMemo::default()
+                ),
                 Verdict::Policy
             );
         }
         assert_eq!(b.status().state, BreakerState::Closed);
         let straggler = pass(&b).await;
-        pass(&b).await.failed(&transient(), 0);
-        pass(&b).await.failed(&transient(), 0);
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
         assert_eq!(b.status().state, BreakerState::Open);
         straggler.succeeded();
         assert_eq!(
@@ -875,22 +1110,28 @@ mod tests {
         let b = breaker(BreakerPolicy::default().with_consecutive_failures(2));
         let down = || HandlerError::unavailable("refused").retry_after(Duration::from_secs(30));
         assert_eq!(
-            pass(&b).await.failed(&down(), 0),
+            pass(&b).await.failed(&down(), 0, &mut ProbeMemo::default()),
             Verdict::Hold(Duration::from_secs(30))
         );
         assert_eq!(
-            pass(&b).await.failed(&down(), 0),
+            pass(&b).await.failed(&down(), 0, &mut ProbeMemo::default()),
             Verdict::Hold(Duration::ZERO)
         );
         tokio::time::advance(Duration::from_secs(29)).await;
-        assert!(b.try_admit().is_err(), "open for the hint's 30 s, not 5 s");
+        assert!(
+            b.try_admit(ProbeMemo::default(), next_caller()).is_err(),
+            "open for the hint's 30 s, not 5 s"
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(b.try_admit().is_ok());
+        assert!(b.try_admit(ProbeMemo::default(), next_caller()).is_ok());
         // Without a breaker, unavailable backs off and never uses the policy.
         let gate = OutageGate::default();
-        let p = gate.admit(&Stop::default()).await.unwrap();
+        let p = gate
+            .admit(&Stop::default(), ProbeMemo::default(), next_caller())
+            .await
+            .unwrap();
         assert!(matches!(
-            p.failed(&HandlerError::unavailable("refused"), 3),
+            p.failed(&HandlerError::unavailable("refused"), 3, &mut ProbeMemo::default()),
             Verdict::Hold(d) if d > Duration::ZERO
         ));
     }
@@ -899,46 +1140,230 @@ mod tests {
     async fn half_open_dispatches_one_record_only_when_nobody_waits() {
         let b = Arc::new(breaker(
             BreakerPolicy::default()
-                .with_consecutive_failures(1)
+                .with_consecutive_failures(2)
                 .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
         ));
-        pass(&b).await.failed(&transient(), 0);
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(b.dispatch_allowed(), "nobody waits: a new record probes");
-        assert!(!b.dispatch_allowed(), "one only");
+        assert!(
+            matches!(b.dispatch(), Dispatch::Probe(_)),
+            "nobody waits: a new record probes"
+        );
+        assert!(b.dispatch() == Dispatch::Held, "one only");
         // The dispatched record turns out a duplicate: its unused probe goes back.
         let probe = pass(&b).await;
         drop(probe);
-        assert!(b.dispatch_allowed());
+        assert!(matches!(b.dispatch(), Dispatch::Probe(_)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_waiting_record_wakes_for_the_probe_and_a_drain_cancels_the_wait() {
         let b = Arc::new(breaker(
             BreakerPolicy::default()
-                .with_consecutive_failures(1)
+                .with_consecutive_failures(2)
                 .with_open_interval(Duration::from_secs(2), Duration::from_secs(2)),
         ));
-        pass(&b).await.failed(&transient(), 0);
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
         let gate = OutageGate(Some(b.clone()));
         let t0 = Instant::now();
-        let p = gate.admit(&Stop::default()).await.expect("admitted");
+        let p = gate
+            .admit(&Stop::default(), ProbeMemo::default(), next_caller())
+            .await
+            .expect("admitted");
         assert_eq!(
             t0.elapsed(),
             Duration::from_secs(2),
             "woken when the probe is due"
         );
         assert_eq!(b.status().waiting, 0);
-        p.failed(&transient(), 0);
+        p.failed(&transient(), 0, &mut ProbeMemo::default());
         let stop = Stop::default();
         let drain = stop.drain.clone();
         let cancel = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(500)).await;
             drain.cancel();
         });
-        assert!(gate.admit(&stop).await.is_none());
+        assert!(
+            gate.admit(&stop, ProbeMemo::default(), next_caller())
+                .await
+                .is_none()
+        );
         assert_eq!(t0.elapsed(), Duration::from_millis(2500));
         assert_eq!(b.status().waiting, 0);
         cancel.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_that_failed_in_the_outage_lets_a_fresh_record_probe_first() {
+        let b = breaker(
+            BreakerPolicy::default()
+                .with_consecutive_failures(2)
+                .with_open_interval(Duration::from_secs(1), Duration::from_secs(8)),
+        );
+        // Records failing on their own open the breaker.
+        let mut own = ProbeMemo::default();
+        let _ = pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        assert_eq!(
+            admitted(b.try_admit(own, OWN), "closed").failed(&transient(), 0, &mut own),
+            Verdict::Hold(Duration::ZERO)
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            b.try_admit(own, OWN).is_err(),
+            "it failed in this outage: a fresh record goes first"
+        );
+        let Dispatch::Probe(_) = b.dispatch() else {
+            panic!("the scheduler dispatches a fresh probe");
+        };
+        assert!(
+            b.try_admit(own, OWN).is_err(),
+            "the dispatched record holds the probe"
+        );
+        admitted(
+            b.try_admit(ProbeMemo::default(), next_caller()),
+            "the dispatched record probes",
+        )
+        .succeeded();
+        assert_eq!(b.status().state, BreakerState::Closed);
+        // Closed: its next failure is an attempt again, and does not open the breaker.
+        assert_eq!(
+            admitted(b.try_admit(own, OWN), "closed").failed(&transient(), 1, &mut own),
+            Verdict::Policy
+        );
+        assert_eq!(b.status().state, BreakerState::Closed);
+        // A new outage (fresh records' failures): the old record may probe first again.
+        let _ = pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        let _ = pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.try_admit(own, OWN).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_that_failed_in_the_outage_probes_when_no_other_can() {
+        let b = breaker(
+            BreakerPolicy::default()
+                .with_consecutive_failures(2)
+                .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
+        );
+        let mut own = ProbeMemo::default();
+        let _ = pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        let _ = admitted(b.try_admit(own, OWN), "closed").failed(&transient(), 0, &mut own);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.try_admit(own, OWN).is_err());
+        // The scheduler has nothing to dispatch: it probes.
+        b.nothing_dispatched();
+        let probe = admitted(b.try_admit(own, OWN), "nobody else can: it probes");
+        let held = b.status().held_failures;
+        assert_eq!(
+            probe.failed(&transient(), 1, &mut own),
+            Verdict::Hold(Duration::ZERO),
+            "the breaker cannot tell it from a downstream that is down: still held"
+        );
+        assert_eq!(b.status().held_failures, held + 1);
+        assert_eq!(b.status().state, BreakerState::Open, "the probe failed");
+        // Without word from the scheduler it probes after the grace period.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(b.try_admit(own, OWN).is_err());
+        tokio::time::advance(PROBE_GRACE).await;
+        admitted(b.try_admit(own, OWN), "probes after the grace period").succeeded();
+        assert_eq!(b.status().state, BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_record_failing_alone_never_opens_it() {
+        let b = breaker(
+            BreakerPolicy::default()
+                .with_failure_rate(0.5, 20, 3)
+                .with_consecutive_failures(2),
+        );
+        let mut own = ProbeMemo::default();
+        for attempt in 0..10 {
+            assert_eq!(
+                admitted(b.try_admit(own, OWN), "closed").failed(&transient(), 0, &mut own),
+                Verdict::Policy,
+                "attempt {attempt}: its retry policy decides"
+            );
+        }
+        assert_eq!(b.status().state, BreakerState::Closed);
+        // A second record failing too: that looks like the downstream.
+        let _ = pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        assert_eq!(b.status().state, BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dispatched_probe_that_ends_before_its_attempt_frees_the_probe() {
+        let b = breaker(
+            BreakerPolicy::default()
+                .with_consecutive_failures(2)
+                .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
+        );
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        pass(&b)
+            .await
+            .failed(&transient(), 0, &mut ProbeMemo::default());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let Dispatch::Probe(epoch) = b.dispatch() else {
+            panic!("a fresh probe");
+        };
+        assert!(b.dispatch() == Dispatch::Held);
+        // A poison pill: dead-lettered before any attempt, it never asks for the probe.
+        b.dispatched_probe_ended(epoch);
+        assert!(
+            matches!(b.dispatch(), Dispatch::Probe(_)),
+            "the next record probes"
+        );
+        // A stale end (an earlier epoch) changes nothing.
+        b.dispatched_probe_ended(epoch.wrapping_sub(1));
+        assert!(b.dispatch() == Dispatch::Held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_held_before_do_not_open_it_again_when_they_fail_after_it_closed() {
+        let b = breaker(
+            BreakerPolicy::default()
+                .without_failure_rate()
+                .with_consecutive_failures(2)
+                .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
+        );
+        let memo = &mut ProbeMemo::default();
+        pass(&b).await.failed(&transient(), 0, memo);
+        pass(&b).await.failed(&transient(), 0, memo);
+        assert_eq!(b.status().state, BreakerState::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        pass(&b).await.succeeded();
+        // The records it held (holds = 1) fail again, on their own: the policy decides.
+        for _ in 0..5 {
+            assert_eq!(
+                pass(&b).await.failed(&transient(), 1, memo),
+                Verdict::Policy
+            );
+        }
+        assert_eq!(b.status().state, BreakerState::Closed);
+        // Fresh records' failures still count.
+        pass(&b).await.failed(&transient(), 0, memo);
+        pass(&b).await.failed(&transient(), 0, memo);
+        assert_eq!(b.status().state, BreakerState::Open);
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::breaker::Breaker;
+use super::breaker::{Breaker, Dispatch};
 use super::offsets::OffsetTracker;
 pub(crate) use super::stop::Stop;
 pub(crate) use super::topic_partition::Tp;
@@ -61,6 +61,9 @@ pub(crate) struct Job {
     /// fires when the partition starts draining (revoke, shutdown): a record only waiting
     /// out a retry back-off is given up at once.
     pub(crate) stop: Stop,
+    /// Dispatched as the half-open breaker's probe (in this breaker epoch): if the record
+    /// ends without taking the probe (a poison pill, a duplicate), the probe is free again.
+    probe_epoch: Option<u64>,
 }
 
 /// How a job ended.
@@ -331,6 +334,11 @@ impl Scheduler {
         while let Some(job) = self.take_one() {
             jobs.push(job);
         }
+        if jobs.is_empty()
+            && let Some(b) = &self.breaker
+        {
+            b.nothing_dispatched();
+        }
         jobs
     }
 
@@ -359,14 +367,16 @@ impl Scheduler {
                 lane.in_ready = false;
                 continue;
             }
-            if let Some(b) = &self.breaker
-                && !b.dispatch_allowed()
-            {
-                // Held: the lane keeps its place at the front.
-                self.ready.push_front((tp, generation, lane_key));
-                self.drop_held_draining();
-                return None;
-            }
+            let probe_epoch = match self.breaker.as_ref().map(|b| b.dispatch()) {
+                None | Some(Dispatch::Go) => None,
+                Some(Dispatch::Probe(epoch)) => Some(epoch),
+                Some(Dispatch::Held) => {
+                    // Held: the lane keeps its place at the front.
+                    self.ready.push_front((tp, generation, lane_key));
+                    self.drop_held_draining();
+                    return None;
+                }
+            };
             lane.in_ready = false;
             let Some((record, bytes)) = lane.queue.pop_front() else {
                 continue;
@@ -390,6 +400,7 @@ impl Scheduler {
                 lane: lane_key,
                 record,
                 stop: p.stop.clone(),
+                probe_epoch,
             });
         }
         None
@@ -402,36 +413,29 @@ impl Scheduler {
         if !self.parked.remove(&job.id) {
             self.in_flight -= 1;
         }
-        if end == JobEnd::Abandoned && self.stopping {
-            self.note_abandoned(job);
-        }
+        self.end_job(job, end);
         if let Some(p) = self.partitions.get_mut(&job.tp)
             && p.generation == job.generation
+            && let Some(lane) = p.lanes.get_mut(&job.lane)
         {
-            p.in_flight -= 1;
-            if end == JobEnd::Settled {
-                p.tracker.settled(job.record.offset);
-            }
-            if let Some(lane) = p.lanes.get_mut(&job.lane) {
-                lane.running = false;
-                if end == JobEnd::Abandoned {
-                    lane.blocked = true;
-                    let (records, bytes) = (
-                        lane.queue.len(),
-                        lane.queue.iter().map(|(_, b)| *b).sum::<usize>(),
-                    );
-                    lane.queue.clear();
-                    p.queued -= records;
-                    p.queued_bytes -= bytes;
-                    self.buffered_records -= records;
-                    self.buffered_bytes -= bytes;
-                } else if lane.queue.is_empty() {
-                    p.lanes.remove(&job.lane);
-                } else if !lane.in_ready {
-                    lane.in_ready = true;
-                    self.ready
-                        .push_back((job.tp.clone(), job.generation, job.lane.clone()));
-                }
+            lane.running = false;
+            if end == JobEnd::Abandoned {
+                lane.blocked = true;
+                let (records, bytes) = (
+                    lane.queue.len(),
+                    lane.queue.iter().map(|(_, b)| *b).sum::<usize>(),
+                );
+                lane.queue.clear();
+                p.queued -= records;
+                p.queued_bytes -= bytes;
+                self.buffered_records -= records;
+                self.buffered_bytes -= bytes;
+            } else if lane.queue.is_empty() {
+                p.lanes.remove(&job.lane);
+            } else if !lane.in_ready {
+                lane.in_ready = true;
+                self.ready
+                    .push_back((job.tp.clone(), job.generation, job.lane.clone()));
             }
         }
         self.take_one()
@@ -472,6 +476,16 @@ impl Scheduler {
     /// the slot was freed already.
     pub(crate) fn settle(&mut self, job: &Job, end: JobEnd) {
         self.settling -= 1;
+        self.end_job(job, end);
+    }
+
+    /// What ends every job, finished or settled: its partition counts it out of flight, its
+    /// offset becomes committable when it settled, a stop notes it when given up, and a
+    /// breaker probe it was dispatched for but never took is free again.
+    fn end_job(&mut self, job: &Job, end: JobEnd) {
+        if let (Some(epoch), Some(b)) = (job.probe_epoch, &self.breaker) {
+            b.dispatched_probe_ended(epoch);
+        }
         if end == JobEnd::Abandoned && self.stopping {
             self.note_abandoned(job);
         }
@@ -1126,6 +1140,7 @@ mod tests {
             lane: LaneKey::Partition,
             record: Arc::new(rec(0, 1, None)),
             stop: Stop::default(),
+            probe_epoch: None,
         };
         s.in_flight += 1; // the stale job held a slot
         s.finish(&stale, JobEnd::Settled);
@@ -1281,7 +1296,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_open_breaker_holds_dispatch_lets_one_probe_through_and_drops_held_gap_fillers() {
-        use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate};
+        use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate, ProbeMemo};
         use crate::handler::HandlerError;
         use std::time::Duration;
 
@@ -1299,10 +1314,19 @@ mod tests {
         }
         let first = s.take_jobs();
         assert_eq!(offsets(&first), [(0, 0), (0, 1), (0, 2)]);
-        // a@0 fails: the breaker opens. Nothing new starts, whoever asks.
+        // b@1 and a@0 fail: the breaker opens. Nothing new starts, whoever asks.
         let gate = OutageGate(Some(breaker.clone()));
-        let pass = gate.admit(&Stop::default()).await.unwrap();
-        let _ = pass.failed(&HandlerError::transient("refused"), 0);
+        for caller in [(0, 1), (0, 0)] {
+            let pass = gate
+                .admit(&Stop::default(), ProbeMemo::default(), caller)
+                .await
+                .unwrap();
+            let _ = pass.failed(
+                &HandlerError::transient("refused"),
+                0,
+                &mut ProbeMemo::default(),
+            );
+        }
         assert!(
             s.finish(&first[1], JobEnd::Settled).is_none(),
             "b's slot is not refilled"
@@ -1314,13 +1338,25 @@ mod tests {
         let probe = s.take_jobs();
         assert_eq!(offsets(&probe), [(0, 4)]);
         assert!(s.take_jobs().is_empty());
-        let pass = gate.admit(&Stop::default()).await.unwrap();
+        let pass = gate
+            .admit(&Stop::default(), ProbeMemo::default(), (0, 0))
+            .await
+            .unwrap();
         pass.succeeded();
         // Closed: a@3 waits for a@0 (its lane), everything else may go.
         assert!(s.take_jobs().is_empty(), "only a@3 is left, behind a@0");
         // Open again, then stop: the held gap filler a@3 is dropped, not waited for.
-        let pass = gate.admit(&Stop::default()).await.unwrap();
-        let _ = pass.failed(&HandlerError::transient("refused"), 0);
+        for caller in [(0, 1), (0, 0)] {
+            let pass = gate
+                .admit(&Stop::default(), ProbeMemo::default(), caller)
+                .await
+                .unwrap();
+            let _ = pass.failed(
+                &HandlerError::transient("refused"),
+                0,
+                &mut ProbeMemo::default(),
+            );
+        }
         s.begin_stop();
         assert_eq!(
             s.buffered().0,

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
-use super::breaker::{OutageGate, Verdict};
+use super::breaker::{OutageGate, ProbeMemo, Verdict};
 use super::dedup::Dedup;
 pub(crate) use super::guard::{guarded, guarded_async, store_call};
 use super::lease::{HeldClaim, keep_renewed};
@@ -321,12 +321,18 @@ impl<H: Handler> WorkerContext<H> {
         let mut lost_claims = 0u32;
         // Failures held for an outage (not counted as attempts), and when the last began.
         let (mut holds, mut held_since) = (0u32, None::<Instant>);
+        // Whether this record failed a probe (it lets others probe first).
+        let mut probed = ProbeMemo::default();
         loop {
             if cancel.is_cancelled() {
                 return Outcome::Abandoned;
             }
             // The breaker: waits (cancellable, holding no claim) while the downstream is down.
-            let Some(pass) = self.outage.admit(stop).await else {
+            let Some(pass) = self
+                .outage
+                .admit(stop, probed, (record.partition, record.offset))
+                .await
+            else {
                 debug!(coordinates = %record.coordinates(), "abandoned while waiting for the breaker: the partition is draining");
                 return Outcome::Abandoned;
             };
@@ -435,7 +441,7 @@ impl<H: Handler> WorkerContext<H> {
             if let (Some(d), Some(k), Some(h)) = (&self.dedup, &dedup_key, &held) {
                 self.release(d, k, h, &record, metrics).await;
             }
-            if let Verdict::Hold(delay) = pass.failed(&error, holds) {
+            if let Verdict::Hold(delay) = pass.failed(&error, holds, &mut probed) {
                 // Not the record's fault: no attempt used, never dead-lettered for it.
                 debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "the downstream looks unavailable: the record waits for it (attempt not counted)");
                 (attempt, holds, held_since) =

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{KeepSlot, WorkerContext};
 use crate::codec::{Codec, DecodeError, JsonCodec};
-use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate};
+use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate, ProbeMemo};
 use crate::consumer::dedup::{Dedup, DedupKey};
 use crate::consumer::scheduler::{JobEnd, Stop};
 use crate::dead_letter::{
@@ -661,6 +661,22 @@ impl Harness {
 
     fn dead_lettered_total(&self) -> u64 {
         self.worker.metrics.counts.dead_lettered().total()
+    }
+
+    /// Another record's call failed transiently: with it, the record under test's failures
+    /// can open the breaker (one record alone never does).
+    async fn another_record_failed(&self) {
+        let pass = self
+            .worker
+            .outage
+            .admit(&Stop::default(), ProbeMemo::default(), (99, 99))
+            .await
+            .expect("admitted");
+        let _ = pass.failed(
+            &HandlerError::transient("refused"),
+            0,
+            &mut ProbeMemo::default(),
+        );
     }
 
     fn breaker(&self) -> crate::consumer::BreakerStatus {
@@ -1852,11 +1868,13 @@ async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
 // Outage breaker (DESIGN rule 16)
 // ---------------------------------------------------------------------------------------------
 
-/// Opens after 3 consecutive failures (no rate trigger), probes after 1 s, doubling to 8 s.
+/// Opens after 4 consecutive failures (no rate trigger), probes after 1 s, doubling to 8 s.
+/// The tests let another record fail first ([`Harness::another_record_failed`]): the record
+/// under test's third failure opens it.
 fn outage_breaker() -> BreakerPolicy {
     BreakerPolicy::default()
         .without_failure_rate()
-        .with_consecutive_failures(3)
+        .with_consecutive_failures(4)
         .with_open_interval(secs(1), secs(8))
 }
 
@@ -1867,6 +1885,7 @@ async fn an_outage_uses_up_no_attempts_and_dead_letters_nothing() {
         .breaker(outage_breaker())
         .dedup(&store)
         .build();
+    h.another_record_failed().await;
 
     let (end, took) = h.process(order("o-1")).await;
 
@@ -1888,7 +1907,9 @@ async fn an_outage_uses_up_no_attempts_and_dead_letters_nothing() {
         2,
         "only the two failures before it opened were retries"
     );
-    // After it opened, one probe per open interval: 1 s, then doubling to the 8 s cap.
+    // After it opened, one probe per open interval: 1 s, then doubling to the 8 s cap. It
+    // failed in this outage, so it leaves each probe to a fresh record for the grace period
+    // (0.5 s) first: there is no scheduler here to say it has none.
     let times: Vec<u64> = h
         .call_times()
         .iter()
@@ -1897,13 +1918,13 @@ async fn an_outage_uses_up_no_attempts_and_dead_letters_nothing() {
     assert_eq!(
         times,
         [
-            0, 500, 1000, 2000, 4000, 8000, 16_000, 24_000, 32_000, 40_000, 48_000, 56_000, 64_000
+            0, 500, 1000, 2500, 5000, 9500, 18_000, 26_500, 35_000, 43_500, 52_000, 60_500
         ]
     );
-    assert_eq!(took, secs(64));
+    assert_eq!(took, Duration::from_millis(60_500));
     let b = h.breaker();
     assert_eq!(b.state, crate::consumer::BreakerState::Closed);
-    assert_eq!((b.opened, b.probes, b.held_failures), (10, 10, 10));
+    assert_eq!((b.opened, b.probes, b.held_failures), (9, 9, 9));
     assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
     // Every call held the claim; between calls it was released (see the drain test).
     assert!(h.calls().iter().all(|c| c.key == Some(KeyState::Held)));
@@ -1916,6 +1937,7 @@ async fn a_record_waiting_for_the_breaker_holds_no_claim_and_a_drain_gives_it_up
         .breaker(outage_breaker().with_open_interval(secs(10), secs(10)))
         .dedup(&store)
         .build();
+    h.another_record_failed().await;
     let t0 = h.t0;
     let probe_store = store.clone();
     let while_waiting = tokio::spawn(async move {
@@ -1963,9 +1985,10 @@ async fn unavailable_never_uses_attempts_even_without_a_breaker() {
 #[tokio::test(start_paused = true)]
 async fn unavailable_opens_the_breaker_and_permanent_failures_are_still_dead_lettered() {
     let h = script([UnavailableUntil(secs(30))])
-        .breaker(outage_breaker().with_consecutive_failures(1))
+        .breaker(outage_breaker().with_consecutive_failures(2))
         .policy(RetryPolicy::no_retries())
         .build();
+    h.another_record_failed().await;
     let (end, _) = h.process(order("o-1")).await;
     assert_eq!(end, JobEnd::Settled);
     assert_eq!(h.dead_lettered_total(), 0);
@@ -1973,8 +1996,9 @@ async fn unavailable_opens_the_breaker_and_permanent_failures_are_still_dead_let
     assert_eq!(h.breaker().state, crate::consumer::BreakerState::Closed);
 
     let p = script([Permanent])
-        .breaker(outage_breaker().with_consecutive_failures(1))
+        .breaker(outage_breaker().with_consecutive_failures(2))
         .build();
+    p.another_record_failed().await;
     let (end, took) = p.process(order("o-2")).await;
     assert_eq!(end, JobEnd::Settled);
     assert_eq!(took, Duration::ZERO, "dead-lettered at once");
@@ -1984,6 +2008,19 @@ async fn unavailable_opens_the_breaker_and_permanent_failures_are_still_dead_let
         0,
         "a permanent failure says nothing about the downstream"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_failing_alone_never_opens_the_breaker_and_is_dead_lettered_as_without_one() {
+    // Its own failures, however many in a row: its retry policy (4 attempts) decides.
+    let h = script([Transient])
+        .breaker(outage_breaker().with_consecutive_failures(2))
+        .build();
+    let (end, _) = h.process(order("o-1")).await;
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1, 2, 3, 4]);
+    assert_eq!(h.only_letter().reason, DeadLetterReason::RetriesExhausted);
+    assert_eq!(h.breaker().opened, 0);
 }
 
 #[tokio::test(start_paused = true)]
