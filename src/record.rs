@@ -989,6 +989,38 @@ mod tests {
     }
 
     #[test]
+    fn headers_read_from_librdkafka_share_one_buffer() {
+        let read = Headers::from(&odd_names().to_rdkafka());
+        let first = &read.iter().next().expect("headers").key.buffer;
+        assert!(read.iter().all(|h| {
+            Arc::ptr_eq(&h.key.buffer, first)
+                && h.value
+                    .as_ref()
+                    .is_none_or(|v| Arc::ptr_eq(&v.buffer, first))
+        }));
+        assert_eq!(read, odd_names(), "views compare as their bytes");
+    }
+
+    #[test]
+    fn record_bytes_compare_hash_and_show_as_their_bytes() {
+        let whole = RecordBytes::from("key-1value");
+        let key = RecordBytes::view(&whole.buffer, 0..5);
+        assert_eq!(key, "key-1");
+        assert_eq!(key, RecordBytes::from(b"key-1".to_vec()));
+        assert_eq!(&*key, b"key-1");
+        assert_eq!(RecordBytes::view(&whole.buffer, 5..10), b"value");
+        let mut set = std::collections::HashSet::new();
+        set.insert(key.clone());
+        assert!(
+            set.contains(&b"key-1"[..]),
+            "Borrow<[u8]> agrees with Hash and Eq"
+        );
+        assert_eq!(format!("{key:?}"), r#"b"key-1""#);
+        assert_eq!(Vec::from(key), b"key-1".to_vec());
+        assert!(RecordBytes::new().is_empty());
+    }
+
+    #[test]
     fn the_layout_check_accepts_the_bundled_librdkafka() {
         // Without the reviewed layout names with NUL bytes would be cut short: make a
         // librdkafka upgrade that changes it fail here, not silently.
