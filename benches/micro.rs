@@ -46,8 +46,8 @@ fn record(partition: i32, offset: i64, key: Option<String>, size: usize) -> RawR
         topic: "bench.v1".into(),
         partition,
         offset,
-        key: key.map(String::into_bytes),
-        value: Some(value),
+        key: key.map(Into::into),
+        value: Some(value.into()),
         headers: Headers::new()
             .with("event-id", format!("run-{offset}"))
             .with(

@@ -96,7 +96,7 @@ pub struct BytesCodec;
 
 impl Codec<Option<Vec<u8>>> for BytesCodec {
     fn decode(&self, record: &RawRecord) -> Result<Option<Vec<u8>>, DecodeError> {
-        Ok(record.value.clone())
+        Ok(record.value.as_deref().map(<[u8]>::to_vec))
     }
 }
 
@@ -149,7 +149,7 @@ mod tests {
             partition: 0,
             offset: 0,
             key: None,
-            value: value.map(<[u8]>::to_vec),
+            value: value.map(Into::into),
             headers: Headers::new(),
             timestamp: None,
             log_append_time: false,

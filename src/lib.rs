@@ -307,6 +307,6 @@ pub use crate::idempotency::store::{Claim, ClaimToken, IdempotencyStore};
 pub use crate::message::Message;
 pub use crate::producer::Delivery;
 pub use crate::publisher::{Publisher, PublisherBuilder};
-pub use crate::record::{Header, Headers, RawRecord, RawRecordBuilder};
+pub use crate::record::{Header, Headers, RawRecord, RawRecordBuilder, RecordBytes};
 pub use crate::retry::{RetryDecision, RetryPolicy};
 pub use crate::trace_context::TraceContext;

@@ -1,11 +1,195 @@
-//! Records as they come from Kafka: [`RawRecord`], its [`Headers`], and the one place that
-//! reads headers out of librdkafka and writes them into it, names as bytes.
+//! Records as they come from Kafka: [`RawRecord`], its [`Headers`], the [`RecordBytes`] they
+//! are made of, and the one place that reads headers out of librdkafka and writes them into
+//! it, names as bytes.
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
+use std::cell::RefCell;
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::ops::{Deref, Range};
+use std::sync::Arc;
 
 use rdkafka::Timestamp;
 use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message as _, OwnedHeaders};
+
+/// Bytes of a record — its key, its value, a header's name or value: a read-only, cheaply
+/// cloned view into one shared buffer. Use it as a `&[u8]` (it derefs to one).
+///
+/// A record consumed from Kafka is copied out of librdkafka into a single allocation that
+/// holds its key, value and every header name and value; each of them is a view into it, so
+/// a record costs one allocation for all its bytes and cloning any of them (or the record)
+/// copies nothing. A view keeps that whole buffer alive: to keep a small part of a large
+/// record for long, copy it out (`.to_vec()`).
+///
+/// ```
+/// use kourier::RecordBytes;
+///
+/// let bytes = RecordBytes::from("customer-42");
+/// assert_eq!(&bytes[..8], b"customer");
+/// assert_eq!(bytes, "customer-42");
+/// assert_eq!(bytes.to_vec(), b"customer-42".to_vec());
+/// ```
+#[derive(Clone)]
+pub struct RecordBytes {
+    buffer: Arc<[u8]>,
+    range: Range<usize>,
+}
+
+impl RecordBytes {
+    /// No bytes.
+    pub fn new() -> Self {
+        RecordBytes::from(Vec::new())
+    }
+
+    /// The bytes, as a slice.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buffer[self.range.clone()]
+    }
+
+    /// A view of `range` of `buffer` (in bounds: checked by the caller).
+    fn view(buffer: &Arc<[u8]>, range: Range<usize>) -> Self {
+        debug_assert!(range.end <= buffer.len());
+        RecordBytes {
+            buffer: Arc::clone(buffer),
+            range,
+        }
+    }
+}
+
+impl Default for RecordBytes {
+    fn default() -> Self {
+        RecordBytes::new()
+    }
+}
+
+impl Deref for RecordBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl AsRef<[u8]> for RecordBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl Borrow<[u8]> for RecordBytes {
+    fn borrow(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+/// Shown as a byte string (`b"..."`).
+impl fmt::Debug for RecordBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "b\"{}\"", self.as_slice().escape_ascii())
+    }
+}
+
+impl PartialEq for RecordBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for RecordBytes {}
+
+impl Hash for RecordBytes {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl PartialOrd for RecordBytes {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for RecordBytes {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_slice().cmp(other.as_slice())
+    }
+}
+
+macro_rules! eq_bytes {
+    ($($t:ty => $conv:expr),* $(,)?) => {$(
+        impl PartialEq<$t> for RecordBytes {
+            fn eq(&self, other: &$t) -> bool {
+                let conv: for<'a> fn(&'a $t) -> &'a [u8] = $conv;
+                self.as_slice() == conv(other)
+            }
+        }
+        impl PartialEq<RecordBytes> for $t {
+            fn eq(&self, other: &RecordBytes) -> bool {
+                other == self
+            }
+        }
+    )*};
+}
+
+eq_bytes!(
+    [u8] => |o| o,
+    &[u8] => |o| o,
+    Vec<u8> => |o| o,
+    str => |o| o.as_bytes(),
+    &str => |o| o.as_bytes(),
+    String => |o| o.as_bytes(),
+);
+
+impl<const N: usize> PartialEq<[u8; N]> for RecordBytes {
+    fn eq(&self, other: &[u8; N]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl<const N: usize> PartialEq<&[u8; N]> for RecordBytes {
+    fn eq(&self, other: &&[u8; N]) -> bool {
+        self.as_slice() == *other
+    }
+}
+
+impl From<Vec<u8>> for RecordBytes {
+    fn from(bytes: Vec<u8>) -> Self {
+        let buffer: Arc<[u8]> = Arc::from(bytes);
+        let range = 0..buffer.len();
+        RecordBytes { buffer, range }
+    }
+}
+
+impl From<&[u8]> for RecordBytes {
+    fn from(bytes: &[u8]) -> Self {
+        let buffer: Arc<[u8]> = Arc::from(bytes);
+        let range = 0..buffer.len();
+        RecordBytes { buffer, range }
+    }
+}
+
+impl<const N: usize> From<&[u8; N]> for RecordBytes {
+    fn from(bytes: &[u8; N]) -> Self {
+        RecordBytes::from(&bytes[..])
+    }
+}
+
+impl From<&str> for RecordBytes {
+    fn from(text: &str) -> Self {
+        RecordBytes::from(text.as_bytes())
+    }
+}
+
+impl From<String> for RecordBytes {
+    fn from(text: String) -> Self {
+        RecordBytes::from(text.into_bytes())
+    }
+}
+
+impl From<RecordBytes> for Vec<u8> {
+    fn from(bytes: RecordBytes) -> Self {
+        bytes.as_slice().to_vec()
+    }
+}
 
 /// One record header: a name and an optional (possibly binary) value, both kept as the exact
 /// bytes the producer sent.
@@ -32,9 +216,9 @@ use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message as _, OwnedHead
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Header {
     /// The header's name, as raw bytes (see [`key_str`](Self::key_str) for text).
-    pub key: Vec<u8>,
+    pub key: RecordBytes,
     /// The header's value; `None` is a null value (distinct from an empty one).
-    pub value: Option<Vec<u8>>,
+    pub value: Option<RecordBytes>,
 }
 
 impl Header {
@@ -42,15 +226,15 @@ impl Header {
     /// `Vec<u8>`, `b"..."`).
     pub fn new(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
         Header {
-            key: key.into(),
-            value: Some(value.into()),
+            key: RecordBytes::from(key.into()),
+            value: Some(RecordBytes::from(value.into())),
         }
     }
 
     /// A header with a null value.
     pub fn null(key: impl Into<Vec<u8>>) -> Self {
         Header {
-            key: key.into(),
+            key: RecordBytes::from(key.into()),
             value: None,
         }
     }
@@ -67,7 +251,7 @@ impl Header {
 
     /// Whether the header is called `name` (text or bytes; compared byte for byte).
     pub fn is_named(&self, name: impl AsRef<[u8]>) -> bool {
-        self.key == name.as_ref()
+        *self.key == *name.as_ref()
     }
 
     /// The value's bytes; `None` for a null value.
@@ -181,7 +365,7 @@ impl Headers {
         self.0
             .iter()
             .rev()
-            .find(|h| h.key == name)
+            .find(|h| *h.key == *name)
             .and_then(|h| h.value.as_deref())
     }
 
@@ -194,14 +378,14 @@ impl Headers {
     pub fn get_all(&self, name: impl AsRef<[u8]>) -> impl Iterator<Item = Option<&[u8]>> {
         self.0
             .iter()
-            .filter(move |h| h.key == name.as_ref())
+            .filter(move |h| *h.key == *name.as_ref())
             .map(|h| h.value.as_deref())
     }
 
     /// Removes every header named `name` (text or bytes); returns how many there were.
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> usize {
         let before = self.0.len();
-        self.0.retain(|h| h.key != name.as_ref());
+        self.0.retain(|h| *h.key != *name.as_ref());
         before - self.0.len()
     }
 
@@ -245,7 +429,7 @@ impl Headers {
     pub(crate) fn byte_len(&self) -> usize {
         self.0
             .iter()
-            .map(|h| h.key.len() + h.value.as_ref().map_or(0, Vec::len))
+            .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()))
             .sum()
     }
 }
@@ -308,16 +492,16 @@ impl<'a> IntoIterator for &'a Headers {
 /// [`Message`](crate::Message).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawRecord {
-    /// Source topic.
-    pub topic: String,
+    /// Source topic. Records of one topic share one copy of its name.
+    pub topic: Arc<str>,
     /// Source partition.
     pub partition: i32,
     /// Offset in the source partition.
     pub offset: i64,
     /// Record key; `None` for a null key.
-    pub key: Option<Vec<u8>>,
+    pub key: Option<RecordBytes>,
     /// Record value; `None` for a null value (a tombstone).
-    pub value: Option<Vec<u8>>,
+    pub value: Option<RecordBytes>,
     /// Record headers.
     pub headers: Headers,
     /// Record timestamp in milliseconds since the epoch, if the record has one.
@@ -347,7 +531,7 @@ impl RawRecord {
     pub fn builder(topic: impl Into<String>) -> RawRecordBuilder {
         RawRecordBuilder {
             record: RawRecord {
-                topic: topic.into(),
+                topic: Arc::from(topic.into()),
                 partition: 0,
                 offset: 0,
                 key: None,
@@ -361,8 +545,8 @@ impl RawRecord {
 
     /// Approximate memory this record holds, for buffer limits.
     pub(crate) fn byte_len(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
+        self.key.as_ref().map_or(0, |k| k.len())
+            + self.value.as_ref().map_or(0, |v| v.len())
             + self.headers.byte_len()
             + self.topic.len()
             + 64
@@ -375,6 +559,10 @@ impl RawRecord {
 
     /// Copies a record received by an rdkafka consumer, e.g. to read a dead-letter topic
     /// with [`Provenance`](crate::dead_letter::Provenance).
+    ///
+    /// One allocation holds the key, the value and every header name and value (see
+    /// [`RecordBytes`]); the topic name is shared with the records of the same topic copied
+    /// before on this thread.
     ///
     /// Header names are copied byte for byte: not UTF-8, empty or holding NUL bytes, they
     /// stay as produced (rdkafka 0.39's own header getters panic on the first and cut the
@@ -406,13 +594,13 @@ impl RawRecordBuilder {
 
     /// The key. Default: a null key.
     pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
-        self.record.key = Some(key.into());
+        self.record.key = Some(RecordBytes::from(key.into()));
         self
     }
 
     /// The value bytes (e.g. the JSON the codec decodes). Default: a null value.
     pub fn value(mut self, value: impl Into<Vec<u8>>) -> Self {
-        self.record.value = Some(value.into());
+        self.record.value = Some(RecordBytes::from(value.into()));
         self
     }
 
@@ -556,10 +744,99 @@ unsafe fn header_name_len(
     if terminated { item.name_size } else { visible }
 }
 
+/// Where a consumed record's bytes are gathered before they are copied into the record's one
+/// buffer (see [`RecordBytes`]): its key, value and header names and values end to end, and
+/// where each header's name and value are. Kept per thread, so the poll thread reuses it.
+struct Gather {
+    bytes: Vec<u8>,
+    headers: Vec<(Range<usize>, Option<Range<usize>>)>,
+}
+
+impl Gather {
+    const fn new() -> Self {
+        Gather {
+            bytes: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Appends `bytes`; returns where they are.
+    fn push(&mut self, bytes: &[u8]) -> Range<usize> {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        start..self.bytes.len()
+    }
+
+    /// The gathered headers, as views into `buffer` (a copy of the gathered bytes).
+    fn headers(&self, buffer: &Arc<[u8]>) -> Headers {
+        self.headers
+            .iter()
+            .map(|(name, value)| Header {
+                key: RecordBytes::view(buffer, name.clone()),
+                value: value.clone().map(|v| RecordBytes::view(buffer, v)),
+            })
+            .collect()
+    }
+}
+
+/// A gather buffer grown past this (by a large record) is not kept for the next record.
+const MAX_KEPT_GATHER: usize = 1 << 20;
+
+/// Topic names shared per thread (see [`shared_topic`]), at most this many.
+const MAX_SHARED_TOPICS: usize = 64;
+
+thread_local! {
+    static GATHER: RefCell<Gather> = const { RefCell::new(Gather::new()) };
+    static TOPICS: RefCell<Vec<Arc<str>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's (emptied) gather buffer, or a fresh one if it is in use.
+fn with_gather<T>(f: impl FnOnce(&mut Gather) -> T) -> T {
+    let mut f = Some(f);
+    let kept = GATHER.try_with(|cell| {
+        let mut gather = cell.try_borrow_mut().ok()?;
+        let f = f.take()?;
+        gather.bytes.clear();
+        gather.headers.clear();
+        let out = f(&mut gather);
+        if gather.bytes.capacity() > MAX_KEPT_GATHER {
+            *gather = Gather::new();
+        }
+        Some(out)
+    });
+    match (kept, f) {
+        (Ok(Some(out)), _) => out,
+        (_, Some(f)) => f(&mut Gather::new()),
+        // `f` ran only if it returned its output.
+        (_, None) => unreachable!("the gather closure ran without an output"),
+    }
+}
+
+/// `name` as an `Arc<str>` shared with the records of that topic read before on this thread:
+/// a consumer reads few topics, so a short scan replaces an allocation per record.
+fn shared_topic(name: &str) -> Arc<str> {
+    TOPICS
+        .try_with(|cell| {
+            let mut topics = cell.try_borrow_mut().ok()?;
+            if let Some(topic) = topics.iter().find(|t| &***t == name) {
+                return Some(Arc::clone(topic));
+            }
+            if topics.len() >= MAX_SHARED_TOPICS {
+                topics.remove(0);
+            }
+            let topic: Arc<str> = Arc::from(name);
+            topics.push(Arc::clone(&topic));
+            Some(topic)
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Arc::from(name))
+}
+
 /// Reads a header list librdkafka holds (a consumed record's, or an [`OwnedHeaders`]), names
-/// and values byte for byte (a null value stays `None`).
+/// and values byte for byte (a null value stays `None`), into `gather`.
 #[allow(unsafe_code)]
-fn read_header_list(list: &BorrowedHeaders) -> Headers {
+fn gather_header_list(list: &BorrowedHeaders, gather: &mut Gather) {
     use rdkafka::bindings as rd;
     use std::ffi::{c_char, c_void};
 
@@ -568,7 +845,7 @@ fn read_header_list(list: &BorrowedHeaders) -> Headers {
     let hdrs = std::ptr::from_ref(list).cast::<rd::rd_kafka_headers_t>();
     // SAFETY: `hdrs` is a live header list: `list` borrows it from its owner.
     let count = unsafe { rd::rd_kafka_header_cnt(hdrs) };
-    let mut headers = Headers(Vec::with_capacity(count));
+    gather.headers.reserve(count);
     for idx in 0..count {
         let mut name: *const c_char = std::ptr::null();
         let mut value: *const c_void = std::ptr::null();
@@ -584,19 +861,25 @@ fn read_header_list(list: &BorrowedHeaders) -> Headers {
         // SAFETY: `name`, `value` and `size` came from `rd_kafka_header_get_all` just now.
         let name_len = unsafe { header_name_len(name, value, size) };
         // SAFETY: the name has `name_len` readable bytes (see `header_name_len`).
-        let key = unsafe { std::slice::from_raw_parts(name.cast::<u8>(), name_len) }.to_vec();
+        let key = gather.push(unsafe { std::slice::from_raw_parts(name.cast::<u8>(), name_len) });
         let value = (!value.is_null()).then(|| {
             // SAFETY: `value` points to `size` readable bytes owned by the header list.
-            unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
+            gather.push(unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) })
         });
-        headers.push(Header { key, value });
+        gather.headers.push((key, value));
     }
-    headers
 }
 
-/// A consumed record's headers, byte for byte.
-fn read_headers(m: &BorrowedMessage<'_>) -> Headers {
-    m.headers().map(read_header_list).unwrap_or_default()
+/// Reads a header list librdkafka holds, names and values byte for byte, into one buffer.
+fn read_header_list(list: &BorrowedHeaders) -> Headers {
+    with_gather(|gather| {
+        gather_header_list(list, gather);
+        if gather.headers.is_empty() {
+            return Headers::new();
+        }
+        let buffer: Arc<[u8]> = Arc::from(&gather.bytes[..]);
+        gather.headers(&buffer)
+    })
 }
 
 /// Builds rdkafka's [`OwnedHeaders`] from `headers`, names and values byte for byte, for a
@@ -647,22 +930,33 @@ pub(crate) fn owned_headers<'a>(
     owned
 }
 
+/// Copies a consumed record: its key, value and header names and values into one buffer
+/// (one allocation, plus the header list's when it has headers), its topic name shared.
 fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
     let (timestamp, log_append_time) = match m.timestamp() {
         Timestamp::NotAvailable => (None, false),
         Timestamp::CreateTime(t) => (Some(t), false),
         Timestamp::LogAppendTime(t) => (Some(t), true),
     };
-    RawRecord {
-        topic: m.topic().to_owned(),
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(<[u8]>::to_vec),
-        headers: read_headers(m),
-        timestamp,
-        log_append_time,
-    }
+    let topic = shared_topic(m.topic());
+    with_gather(|gather| {
+        let key = m.key().map(|k| gather.push(k));
+        let value = m.payload().map(|v| gather.push(v));
+        if let Some(list) = m.headers() {
+            gather_header_list(list, gather);
+        }
+        let buffer: Arc<[u8]> = Arc::from(&gather.bytes[..]);
+        RawRecord {
+            topic,
+            partition: m.partition(),
+            offset: m.offset(),
+            key: key.map(|k| RecordBytes::view(&buffer, k)),
+            value: value.map(|v| RecordBytes::view(&buffer, v)),
+            headers: gather.headers(&buffer),
+            timestamp,
+            log_append_time,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -692,6 +986,38 @@ mod tests {
         // librdkafka's own copy keeps them too (the producer copies lists this way).
         assert_eq!(Headers::from(&owned.clone()), headers);
         assert_eq!(Headers::from(&OwnedHeaders::new()), Headers::new());
+    }
+
+    #[test]
+    fn headers_read_from_librdkafka_share_one_buffer() {
+        let read = Headers::from(&odd_names().to_rdkafka());
+        let first = &read.iter().next().expect("headers").key.buffer;
+        assert!(read.iter().all(|h| {
+            Arc::ptr_eq(&h.key.buffer, first)
+                && h.value
+                    .as_ref()
+                    .is_none_or(|v| Arc::ptr_eq(&v.buffer, first))
+        }));
+        assert_eq!(read, odd_names(), "views compare as their bytes");
+    }
+
+    #[test]
+    fn record_bytes_compare_hash_and_show_as_their_bytes() {
+        let whole = RecordBytes::from("key-1value");
+        let key = RecordBytes::view(&whole.buffer, 0..5);
+        assert_eq!(key, "key-1");
+        assert_eq!(key, RecordBytes::from(b"key-1".to_vec()));
+        assert_eq!(&*key, b"key-1");
+        assert_eq!(RecordBytes::view(&whole.buffer, 5..10), b"value");
+        let mut set = std::collections::HashSet::new();
+        set.insert(key.clone());
+        assert!(
+            set.contains(&b"key-1"[..]),
+            "Borrow<[u8]> agrees with Hash and Eq"
+        );
+        assert_eq!(format!("{key:?}"), r#"b"key-1""#);
+        assert_eq!(Vec::from(key), b"key-1".to_vec());
+        assert!(RecordBytes::new().is_empty());
     }
 
     #[test]

@@ -878,7 +878,7 @@ async fn the_outcome_observer_sees_each_record_once_and_cannot_break_it() {
             )
             .on_outcome(move |record, outcome| {
                 observer_seen.lock().unwrap().push((
-                    record.topic.clone(),
+                    record.topic.to_string(),
                     record.partition,
                     record.offset,
                     outcome,

@@ -24,11 +24,11 @@ fn record(topic: &str, partition: i32, key: Option<&[u8]>, value: Option<Vec<u8>
     headers.push(Header::null("trace-parent"));
     headers.push(Header::new("binary", vec![0u8, 0xff, 0x10]));
     RawRecord {
-        topic: topic.to_owned(),
+        topic: topic.into(),
         partition,
         offset: 1234,
-        key: key.map(<[u8]>::to_vec),
-        value,
+        key: key.map(Into::into),
+        value: value.map(Into::into),
         headers,
         timestamp: Some(1_700_000_000_123),
         log_append_time: false,
@@ -270,8 +270,8 @@ async fn re_dead_lettering_a_redriven_letter_does_not_grow_its_headers() {
     let mut redriven: Headers = first_headers
         .iter()
         .map(|(k, v)| Header {
-            key: k.clone().into_bytes(),
-            value: v.clone(),
+            key: k.clone().into(),
+            value: v.clone().map(Into::into),
         })
         .collect();
     redriven.push(Header::new(headers::REDRIVE_COUNT, "1"));

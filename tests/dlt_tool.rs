@@ -61,11 +61,11 @@ async fn write_letter(
 ) {
     let mut letter = DeadLetter::new(
         RawRecord {
-            topic: topic.to_owned(),
+            topic: topic.into(),
             partition: 0,
             offset,
-            key: Some(key.as_bytes().to_vec()),
-            value: Some(value.to_vec()),
+            key: Some(key.into()),
+            value: Some(value.into()),
             headers: extra,
             timestamp: Some(1_700_000_000_000),
             log_append_time: false,

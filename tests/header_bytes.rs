@@ -42,8 +42,8 @@ fn odd_headers() -> Vec<RawHeader> {
 fn as_headers(raw: &[RawHeader]) -> Headers {
     raw.iter()
         .map(|(key, value)| Header {
-            key: key.clone(),
-            value: value.clone(),
+            key: key.clone().into(),
+            value: value.clone().map(Into::into),
         })
         .collect()
 }

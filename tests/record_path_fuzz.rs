@@ -44,7 +44,10 @@ fn headers() -> impl Strategy<Value = Headers> {
     ];
     proptest::collection::vec((name, bytes()), 0..8).prop_map(|hs| {
         hs.into_iter()
-            .map(|(key, value)| Header { key, value })
+            .map(|(key, value)| Header {
+                key: key.into(),
+                value: value.map(Into::into),
+            })
             .collect()
     })
 }
@@ -69,11 +72,11 @@ fn record() -> impl Strategy<Value = RawRecord> {
         .prop_map(
             |(topic, partition, offset, key, value, headers, timestamp, log_append_time)| {
                 RawRecord {
-                    topic,
+                    topic: topic.into(),
                     partition,
                     offset,
-                    key,
-                    value,
+                    key: key.map(Into::into),
+                    value: value.map(Into::into),
                     headers,
                     timestamp,
                     log_append_time,
@@ -120,7 +123,7 @@ proptest! {
         let written: Headers = letter.headers().into_iter().collect();
         let written = through_librdkafka(&written);
         let p = Provenance::from_headers(&written);
-        prop_assert_eq!(p.original_topic.as_deref(), Some(record.topic.as_str()));
+        prop_assert_eq!(p.original_topic.as_deref(), Some(&*record.topic));
         prop_assert_eq!(p.original_partition, Some(record.partition));
         prop_assert_eq!(p.original_offset, Some(record.offset));
         prop_assert_eq!(p.failure_kind, Some(reason));
@@ -131,12 +134,12 @@ proptest! {
 
         // Reading it as a letter on a dead-letter topic and rebuilding the original record.
         let on_dlt = RawRecord {
-            topic: format!("{}.dlt", record.topic),
+            topic: format!("{}.dlt", record.topic).into(),
             headers: written,
             ..record.clone()
         };
         let redrive = RedriveRecord::from_dead_letter(&on_dlt, None).expect("has a destination");
-        prop_assert_eq!(redrive.topic.as_str(), record.topic.as_str());
+        prop_assert_eq!(redrive.topic.as_str(), &*record.topic);
         prop_assert_eq!(redrive.key.as_deref(), record.key.as_deref());
         prop_assert_eq!(redrive.value.as_deref(), record.value.as_deref());
         // The record's own headers come back in order, byte for byte (provenance names and

@@ -49,10 +49,23 @@ impl<T> DedupKey<T> {
         DedupKey(Source::Fn(Arc::new(f)))
     }
 
-    pub(crate) fn key_of(&self, message: &Message<T>) -> Option<String> {
+    /// The record's dedup key with `namespace` and `:` in front, built in one allocation
+    /// when it comes from a header (a `format!` would grow its buffer along the way).
+    pub(crate) fn namespaced_key_of(
+        &self,
+        namespace: &str,
+        message: &Message<T>,
+    ) -> Option<String> {
+        let namespaced = |key: &str| {
+            let mut out = String::with_capacity(namespace.len() + 1 + key.len());
+            out.push_str(namespace);
+            out.push(':');
+            out.push_str(key);
+            out
+        };
         match &self.0 {
-            Source::Header(name) => message.headers().get_str(name).map(str::to_owned),
-            Source::Fn(f) => f(message),
+            Source::Header(name) => message.headers().get_str(name).map(namespaced),
+            Source::Fn(f) => f(message).map(|key| namespaced(&key)),
         }
     }
 }

@@ -168,7 +168,7 @@ pub(crate) fn poll_loop(
                 for record in batch.drain(..) {
                     if !deleted.is_empty() {
                         // A deleted topic that came back: track its partition again.
-                        let tp: Tp = (Arc::from(record.topic.as_str()), record.partition);
+                        let tp: Tp = (Arc::clone(&record.topic), record.partition);
                         if deleted.remove(&tp) {
                             info!(partition = %format_args!("{}/{}", tp.0, tp.1), "partition of a re-created topic: tracked again");
                             s.assign([tp]);

@@ -19,7 +19,7 @@ use super::breaker::{Breaker, Dispatch};
 use super::offsets::OffsetTracker;
 pub(crate) use super::stop::Stop;
 pub(crate) use super::topic_partition::Tp;
-use crate::record::RawRecord;
+use crate::record::{RawRecord, RecordBytes};
 
 /// How records may run in parallel.
 ///
@@ -42,7 +42,9 @@ pub enum ProcessingOrder {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum LaneKey {
     Partition,
-    Key(Vec<u8>),
+    /// A view into the record's buffer: cloning it (for the lane map and the ready queue)
+    /// copies no bytes.
+    Key(RecordBytes),
     NullKey,
     Record(i64),
 }
@@ -90,7 +92,7 @@ pub(crate) struct Limits {
 
 #[derive(Debug, Default)]
 struct Lane {
-    queue: VecDeque<(Arc<RawRecord>, usize)>,
+    queue: LaneQueue,
     running: bool,
     in_ready: bool,
     /// A record of this lane was given up unsettled: nothing after it may run in this
@@ -125,6 +127,15 @@ pub(crate) struct FlowChanges {
     pub(crate) resume: Vec<Tp>,
 }
 
+/// A lane's queue of records (with their byte sizes).
+type LaneQueue = VecDeque<(Arc<RawRecord>, usize)>;
+
+/// Emptied lane queues kept for new lanes, at most this many, of at most
+/// [`SPARE_QUEUE_CAPACITY`] records each: in key mode most lanes hold one record and end with
+/// it, and a fresh queue would allocate its buffer for each.
+const SPARE_QUEUES: usize = 1024;
+const SPARE_QUEUE_CAPACITY: usize = 16;
+
 /// Drops a draining partition's buffered records above its highest started offset (all of
 /// them with `keep_gap_fillers` false); returns the records and bytes dropped.
 fn trim_to_gap_fillers(p: &mut PartitionState, keep_gap_fillers: bool) -> (usize, usize) {
@@ -148,6 +159,13 @@ fn trim_to_gap_fillers(p: &mut PartitionState, keep_gap_fillers: bool) -> (usize
     (records, bytes)
 }
 
+/// Keeps an ended lane's (empty) queue for a new lane, unless enough are kept already.
+fn spare_queue(spare: &mut Vec<LaneQueue>, queue: LaneQueue) {
+    if spare.len() < SPARE_QUEUES && (1..=SPARE_QUEUE_CAPACITY).contains(&queue.capacity()) {
+        spare.push(queue);
+    }
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct Scheduler {
@@ -168,6 +186,8 @@ pub(crate) struct Scheduler {
     /// Parked records whose back-off is over, waiting for a slot, first come first served:
     /// a freed slot goes to them before any new record.
     resuming: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// Emptied queues of ended lanes, reused by new lanes (see [`SPARE_QUEUES`]).
+    spare_queues: Vec<LaneQueue>,
     next_job_id: u64,
     buffered_records: usize,
     buffered_bytes: usize,
@@ -175,7 +195,6 @@ pub(crate) struct Scheduler {
     stopping: bool,
     throttled: bool,
     shutdown: Stop,
-    topics: Vec<Arc<str>>,
     /// Records given up unsettled since stopping began, `topic/partition@offset` (the first
     /// [`ABANDONED_LISTED`]), and how many in all.
     abandoned_at_stop: Vec<String>,
@@ -198,6 +217,7 @@ impl Scheduler {
             parked: Default::default(),
             settling: 0,
             resuming: VecDeque::new(),
+            spare_queues: Vec::new(),
             next_job_id: 0,
             buffered_records: 0,
             buffered_bytes: 0,
@@ -205,7 +225,6 @@ impl Scheduler {
             stopping: false,
             throttled: false,
             shutdown: Stop::default(),
-            topics: Vec::new(),
             abandoned_at_stop: Vec::new(),
             abandoned_at_stop_count: 0,
             breaker: None,
@@ -238,17 +257,6 @@ impl Scheduler {
                 self.buffered_bytes -= bytes;
             }
         }
-    }
-
-    /// The shared name of `topic`: consumers read few topics, so a scan beats allocating an
-    /// `Arc<str>` per record.
-    fn intern(&mut self, topic: &str) -> Arc<str> {
-        if let Some(t) = self.topics.iter().find(|t| &***t == topic) {
-            return t.clone();
-        }
-        let t: Arc<str> = Arc::from(topic);
-        self.topics.push(t.clone());
-        t
     }
 
     /// Starts tracking newly assigned partitions (a fresh generation each time, so late
@@ -298,7 +306,8 @@ impl Scheduler {
         if self.stopping {
             return false;
         }
-        let tp: Tp = (self.intern(&record.topic), record.partition);
+        // The record's topic name is shared by the records of its topic (`RawRecord::topic`).
+        let tp: Tp = (Arc::clone(&record.topic), record.partition);
         let Some(p) = self.partitions.get_mut(&tp) else {
             return false;
         };
@@ -311,7 +320,11 @@ impl Scheduler {
             ProcessingOrder::Unordered => LaneKey::Record(record.offset),
         };
         let bytes = record.byte_len();
-        let lane = p.lanes.entry(lane_key.clone()).or_default();
+        let spare = &mut self.spare_queues;
+        let lane = p.lanes.entry(lane_key.clone()).or_insert_with(|| Lane {
+            queue: spare.pop().unwrap_or_default(),
+            ..Lane::default()
+        });
         if lane.blocked {
             // Behind a record given up unsettled: not run now (order), not committed past.
             return false;
@@ -431,7 +444,9 @@ impl Scheduler {
                 self.buffered_records -= records;
                 self.buffered_bytes -= bytes;
             } else if lane.queue.is_empty() {
-                p.lanes.remove(&job.lane);
+                if let Some(lane) = p.lanes.remove(&job.lane) {
+                    spare_queue(&mut self.spare_queues, lane.queue);
+                }
             } else if !lane.in_ready {
                 lane.in_ready = true;
                 self.ready
@@ -458,8 +473,10 @@ impl Scheduler {
         {
             lane.running = false;
             if lane.queue.is_empty() {
-                if !lane.blocked {
-                    p.lanes.remove(&job.lane);
+                if !lane.blocked
+                    && let Some(lane) = p.lanes.remove(&job.lane)
+                {
+                    spare_queue(&mut self.spare_queues, lane.queue);
                 }
             } else if !lane.in_ready {
                 lane.in_ready = true;
@@ -858,8 +875,8 @@ mod tests {
             topic: "t".into(),
             partition: p,
             offset,
-            key: key.map(|k| k.as_bytes().to_vec()),
-            value: Some(vec![0; 10]),
+            key: key.map(RecordBytes::from),
+            value: Some(vec![0; 10].into()),
             headers: Headers::new(),
             timestamp: None,
             log_append_time: false,

@@ -253,7 +253,7 @@ impl<H: Handler> WorkerContext<H> {
             key: &tracked.key,
         };
         let coordinates = RawRecord {
-            topic: tracked.topic.clone(),
+            topic: Arc::from(tracked.topic.as_str()),
             partition: tracked.id.partition,
             offset: tracked.id.offset,
             key: None,

@@ -297,8 +297,8 @@ impl<H: Handler> WorkerContext<H> {
         let mut message = Message::new(record.clone(), 1, event);
         let dedup_key = match &self.dedup {
             None => None,
-            Some(d) => match guarded(|| d.key.key_of(&message)) {
-                Ok(Some(k)) => Some(format!("{}:{k}", d.namespace)),
+            Some(d) => match guarded(|| d.key.namespaced_key_of(&d.namespace, &message)) {
+                Ok(Some(k)) => Some(k),
                 Ok(None) => {
                     debug!(coordinates = %record.coordinates(), "record has no dedup key: handled without idempotency");
                     None

@@ -61,11 +61,11 @@ struct Order {
 /// A record of `TOPIC` with a key, a binary header and the given value.
 fn raw(value: Option<&[u8]>) -> RawRecord {
     RawRecord {
-        topic: TOPIC.to_owned(),
+        topic: TOPIC.into(),
         partition: 3,
         offset: 42,
-        key: Some(b"customer-7".to_vec()),
-        value: value.map(<[u8]>::to_vec),
+        key: Some(b"customer-7".into()),
+        value: value.map(Into::into),
         headers: Headers::new().with("origin", b"\xff\x00bin".to_vec()),
         timestamp: Some(1_700_000_000_000),
         log_append_time: false,

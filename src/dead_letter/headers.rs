@@ -238,7 +238,7 @@ impl DeadLetter {
     ///
     /// let record = RawRecord {
     ///     topic: "notify.v1".into(), partition: 2, offset: 7, key: None,
-    ///     value: Some(b"{}".to_vec()), headers: Headers::new(), timestamp: None,
+    ///     value: Some(b"{}".into()), headers: Headers::new(), timestamp: None,
     ///     log_append_time: false,
     /// };
     /// let mut letter = DeadLetter::new(record, DeadLetterReason::Permanent, "bad address");
@@ -258,7 +258,7 @@ impl DeadLetter {
 /// provenance headers (the value marked dropped) plus the sizes of what was dropped.
 pub(crate) fn provenance_only_headers(letter: &DeadLetter) -> Vec<Header> {
     let record = &letter.record;
-    let value_bytes = record.value.as_ref().map_or(0, Vec::len);
+    let value_bytes = record.value.as_ref().map_or(0, |v| v.len());
     let mut stripped = (**record).clone();
     stripped.headers = crate::record::Headers::new();
     let bare = DeadLetter {
@@ -268,7 +268,7 @@ pub(crate) fn provenance_only_headers(letter: &DeadLetter) -> Vec<Header> {
     let mut out = letter_headers(&bare, Some(value_bytes));
     out.push(Header::new(
         KEY_DROPPED_BYTES,
-        record.key.as_ref().map_or(0, Vec::len).to_string(),
+        record.key.as_ref().map_or(0, |k| k.len()).to_string(),
     ));
     out.push(Header::new(
         HEADERS_DROPPED,
@@ -363,8 +363,8 @@ pub(super) mod tests {
                 topic: "notify.v1".into(),
                 partition: 3,
                 offset: 42,
-                key: Some(b"user-1".to_vec()),
-                value,
+                key: Some(b"user-1".into()),
+                value: value.map(Into::into),
                 headers,
                 timestamp: Some(1_700_000_000_123),
                 log_append_time: false,
@@ -485,7 +485,7 @@ pub(super) mod tests {
                 topic: "notify.v1".into(),
                 partition: 3,
                 offset: 42,
-                key: Some(b"u-1".to_vec()),
+                key: Some(b"u-1".into()),
                 value: None,
                 headers: Headers::new().with(REDRIVE_COUNT, "2"),
                 timestamp: Some(1_700_000_000_123),

@@ -264,7 +264,7 @@ impl KafkaDeadLetterSink {
         dlt: &str,
     ) -> Result<(Option<i32>, (DeliveryFuture, Instant))> {
         let record = &letter.record;
-        if dlt == record.topic {
+        if dlt == &*record.topic {
             return Err(ConfigError::invalid(
                 "topic_name",
                 format!("it maps `{dlt}` to itself, so dead letters would be consumed again"),
@@ -310,7 +310,7 @@ impl KafkaDeadLetterSink {
         let first = self.producer.acknowledgement(queued, SEND_OPERATION).await;
         let delivery = match first {
             Err(e) if is_too_large(&e) && record.value.is_some() => {
-                let dropped = record.value.as_ref().map_or(0, Vec::len);
+                let dropped = record.value.as_ref().map_or(0, |v| v.len());
                 tracing::warn!(
                     topic = %record.topic,
                     partition = record.partition,
@@ -329,7 +329,7 @@ impl KafkaDeadLetterSink {
             Err(e) if is_too_large(&e) => {
                 // Even without its value the letter does not fit: the key or the record's own
                 // headers are too large. Write the provenance alone rather than retry forever.
-                let key_bytes = record.key.as_ref().map_or(0, Vec::len);
+                let key_bytes = record.key.as_ref().map_or(0, |k| k.len());
                 tracing::warn!(
                     topic = %record.topic,
                     partition = record.partition,

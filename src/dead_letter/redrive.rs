@@ -23,8 +23,8 @@ use crate::record::{Header, Headers, RawRecord};
 ///     topic: "notify.v1.dlt".into(),
 ///     partition: 0,
 ///     offset: 7,
-///     key: Some(b"u-1".to_vec()),
-///     value: Some(br#"{"id":1}"#.to_vec()),
+///     key: Some(b"u-1".into()),
+///     value: Some(br#"{"id":1}"#.into()),
 ///     headers: Headers::new()
 ///         .with("event-id", "e-1")
 ///         .with(headers::ORIGINAL_TOPIC, "notify.v1")
@@ -106,8 +106,8 @@ impl RedriveRecord {
         out.push(Header::new(headers::REDRIVE_COUNT, count.to_string()));
         Ok(RedriveRecord {
             topic,
-            key: letter.key.clone(),
-            value: letter.value.clone(),
+            key: letter.key.as_deref().map(<[u8]>::to_vec),
+            value: letter.value.as_deref().map(<[u8]>::to_vec),
             headers: out,
             redrive_count: count,
         })

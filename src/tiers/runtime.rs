@@ -117,11 +117,11 @@ impl Tiers {
 
     /// Where `record` stands.
     pub(crate) fn locate(&self, record: &RawRecord) -> Located {
-        let Some((source, tier)) = self.by_topic.get(&record.topic) else {
+        let Some((source, tier)) = self.by_topic.get(&*record.topic) else {
             return Located {
                 tier: 0,
                 origin: Origin {
-                    topic: record.topic.clone(),
+                    topic: record.topic.to_string(),
                     partition: record.partition,
                     offset: record.offset,
                     timestamp: record.timestamp,
@@ -172,7 +172,7 @@ impl Tiers {
         let mut own = record.headers.clone();
         own.remove_where(|name| headers::ALL.iter().any(|n| n.as_bytes() == name));
         RawRecord {
-            topic: at.origin.topic.clone(),
+            topic: std::sync::Arc::from(at.origin.topic.as_str()),
             partition: at.origin.partition,
             offset: at.origin.offset,
             key: record.key.clone(),
@@ -293,8 +293,8 @@ mod tests {
             topic: "src.retry.2".into(),
             partition: 0,
             offset: 3,
-            key: Some(b"k".to_vec()),
-            value: Some(b"v".to_vec()),
+            key: Some(b"k".into()),
+            value: Some(b"v".into()),
             headers: Headers::from(written),
             timestamp: Some(9_999),
             log_append_time: false,
@@ -308,10 +308,7 @@ mod tests {
             (3, "boom", history.first, 2)
         );
         let view = Tiers::original_view(&record, &at);
-        assert_eq!(
-            (view.topic.as_str(), view.partition, view.offset),
-            ("src", 2, 7)
-        );
+        assert_eq!((&*view.topic, view.partition, view.offset), ("src", 2, 7));
         assert_eq!(view.timestamp, Some(1_000));
         assert!(view.headers.get(headers::TIER).is_none());
         assert_eq!(view.headers.get_str("event-id"), Some("e-1"));

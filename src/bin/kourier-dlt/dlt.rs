@@ -140,7 +140,7 @@ impl Letter {
         let key = self.record.key.as_deref();
         let key_utf8 = key.and_then(|k| std::str::from_utf8(k).ok());
         serde_json::json!({
-            "dlt_topic": self.record.topic,
+            "dlt_topic": &*self.record.topic,
             "dlt_partition": self.record.partition,
             "dlt_offset": self.record.offset,
             "original_topic": p.original_topic,
@@ -160,7 +160,7 @@ impl Letter {
             "deferred": self.record.headers.get_str(tiers::DEFERRED) == Some("true"),
             "key": key_utf8,
             "key_hex": key.filter(|_| key_utf8.is_none()).map(hex),
-            "value_bytes": self.record.value.as_ref().map(Vec::len),
+            "value_bytes": self.record.value.as_ref().map(|v| v.len()),
             "value_dropped_bytes": p.value_dropped_bytes,
             "trace_id": self.record.trace_context().map(|t| t.trace_id_hex()),
             "headers": self
