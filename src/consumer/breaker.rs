@@ -71,16 +71,18 @@ use crate::retry::infra_backoff;
 /// Once open, it stays open for the open interval (default 5 s), then lets one probe record
 /// through; each failed probe doubles the interval, up to the maximum (default 60 s).
 ///
-/// At low traffic the breaker opens only once a second record fails: in an outage, a lone
-/// first record failing transiently may use up its attempts before. A handler that knows
-/// the downstream is down should say so with [`HandlerError::unavailable`](crate::HandlerError::unavailable):
-/// such a failure never uses up an attempt, breaker or not.
+/// At low traffic, transient failures open the breaker only once a second record fails: in
+/// an outage, a lone first record may use up its attempts before. A handler that knows the
+/// downstream is down should say so with
+/// [`HandlerError::unavailable`](crate::HandlerError::unavailable): such a failure counts
+/// on its own and never uses up an attempt, breaker or not.
 ///
 /// # Records that fail on their own
 ///
 /// A record whose failure is its own (not the downstream's) never opens the breaker alone:
-/// both triggers need failures of at least two records, so its retry policy dead-letters
-/// it as without a breaker. Several such records may open it, but cannot keep it open:
+/// both triggers need transient failures of at least two records (an
+/// [unavailable](crate::HandlerError::unavailable) failure needs no second record: it is the
+/// handler's word), so its retry policy dead-letters it as without a breaker. Several such records may open it, but cannot keep it open:
 /// records that have not failed in this outage probe first (a waiting one, else a fresh one
 /// the scheduler dispatches), the first success closes the breaker, and failures of records
 /// it held no longer move it (their retry policy decides). Only when every record that can
@@ -335,6 +337,8 @@ struct Inner {
     /// record failed in it too.
     consecutive_first: Option<Caller>,
     consecutive_mixed: bool,
+    /// Unavailable failures so far: each counts as a record of its own.
+    unavailable_calls: i64,
     /// Failed probes since the breaker last closed.
     failed_probes: u32,
     /// Half-open: a record holds the probe.
@@ -430,8 +434,8 @@ impl Pass<'_> {
     }
 
     /// The attempt failed with `error`; `holds` is how many times this record was held
-    /// already (for the back-off of an unavailable downstream while the breaker is closed;
-    /// a record held before does not count toward opening the breaker again).
+    /// already (for the back-off of an unavailable downstream while the breaker is closed).
+    /// A record the open breaker held before (`memo`) does not count toward opening it again.
     pub(crate) fn failed(
         mut self,
         error: &HandlerError,
@@ -441,12 +445,14 @@ impl Pass<'_> {
         let unavailable = error.kind() == FailureKind::Unavailable;
         let counted = unavailable || error.kind() == FailureKind::Transient;
         let held_in = match self.breaker.take() {
+            // An unavailable failure is the handler's word that the downstream is down: it
+            // needs no second record to count.
             Some(b) if counted => b.on_failure(
                 self.epoch,
                 self.probe,
-                self.caller,
+                (!unavailable).then_some(self.caller),
                 error.retry_after_hint(),
-                holds > 0,
+                memo.0.is_some(),
             ),
             Some(b) => {
                 b.return_probe(self.probe);
@@ -568,6 +574,7 @@ impl Breaker {
                 consecutive: 0,
                 consecutive_first: None,
                 consecutive_mixed: false,
+                unavailable_calls: 0,
                 failed_probes: 0,
                 probe_out: false,
                 probe_dispatched: false,
@@ -703,7 +710,8 @@ impl Breaker {
     }
 
     /// Counts a failed call; returns whether the breaker is closed afterwards.
-    /// Counts a failed call; returns the outage holding the failure (`None`: closed, the
+    /// Counts a failed call of `caller` (`None`: an unavailable failure, which counts as a
+    /// record of its own); returns the outage holding the failure (`None`: closed, the
     /// retry policy decides). `was_held`: the record waited for the breaker before. Its
     /// failures while closed say nothing new about the downstream (others succeeded since it
     /// was held: it may well be failing on its own), so they do not count toward opening.
@@ -711,7 +719,7 @@ impl Breaker {
         &self,
         epoch: u64,
         probe: bool,
-        caller: Caller,
+        caller: Option<Caller>,
         hint: Option<Duration>,
         was_held: bool,
     ) -> Option<u64> {
@@ -720,6 +728,11 @@ impl Breaker {
             match s.phase {
                 Phase::Closed if was_held => {}
                 Phase::Closed => {
+                    // Unavailable: a caller of its own, as if another record had failed.
+                    let caller = caller.unwrap_or_else(|| {
+                        s.unavailable_calls += 1;
+                        (i32::MIN, s.unavailable_calls)
+                    });
                     self.record(&mut s, Some(caller));
                     if let Some(why) = self.tripped(&s) {
                         let open_for = self.open(&mut s, hint);
@@ -1353,7 +1366,8 @@ mod tests {
         assert_eq!(b.status().state, BreakerState::Open);
         tokio::time::advance(Duration::from_secs(1)).await;
         pass(&b).await.succeeded();
-        // The records it held (holds = 1) fail again, on their own: the policy decides.
+        // The record it held (its memo says so) fails again, on its own: the policy decides.
+        assert!(memo.0.is_some());
         for _ in 0..5 {
             assert_eq!(
                 pass(&b).await.failed(&transient(), 1, memo),
@@ -1362,8 +1376,33 @@ mod tests {
         }
         assert_eq!(b.status().state, BreakerState::Closed);
         // Fresh records' failures still count.
-        pass(&b).await.failed(&transient(), 0, memo);
-        pass(&b).await.failed(&transient(), 0, memo);
+        let fresh = &mut ProbeMemo::default();
+        pass(&b).await.failed(&transient(), 0, fresh);
+        pass(&b).await.failed(&transient(), 0, fresh);
         assert_eq!(b.status().state, BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_record_saying_unavailable_opens_it_alone() {
+        let b = breaker(BreakerPolicy::default());
+        let mut own = ProbeMemo::default();
+        let down = || HandlerError::unavailable("connection refused");
+        for _ in 0..2 {
+            admitted(b.try_admit(own, OWN), "closed").failed(&down(), 0, &mut own);
+        }
+        assert_eq!(
+            b.status().state,
+            BreakerState::Closed,
+            "2 calls: below min_calls"
+        );
+        assert_eq!(
+            admitted(b.try_admit(own, OWN), "closed").failed(&down(), 0, &mut own),
+            Verdict::Hold(Duration::ZERO)
+        );
+        assert_eq!(
+            b.status().state,
+            BreakerState::Open,
+            "the handler's word is enough"
+        );
     }
 }

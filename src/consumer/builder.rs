@@ -319,7 +319,10 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     }
 
     /// Records buffered for one partition before that partition is paused (resumed below
-    /// half). Default 5 000.
+    /// half), once it has held them for half a second: a fast partition's fetch response
+    /// overshoots the limit and drains within milliseconds, and pausing it would make
+    /// librdkafka drop and fetch again what it pre-fetched. The total buffer limits
+    /// (`max_buffered_records`, `max_buffered_bytes`) hold at all times. Default 5 000.
     #[must_use]
     pub fn max_buffered_records_per_partition(mut self, n: usize) -> Self {
         self.max_buffered_records_per_partition = n;
