@@ -63,7 +63,7 @@ pub(crate) struct Job {
     /// stops waiting (store, dead-letter retries) and leaves the record unsettled. `drain`
     /// fires when the partition starts draining (revoke, shutdown): a record only waiting
     /// out a retry back-off is given up at once.
-    pub(crate) stop: Stop,
+    pub(crate) stop: Arc<Stop>,
     /// Dispatched as the half-open breaker's probe (in this breaker epoch): if the record
     /// ends without taking the probe (a poison pill, a duplicate), the probe is free again.
     probe_epoch: Option<u64>,
@@ -120,7 +120,8 @@ struct PartitionState {
     /// Revoking or stopping: no new records, only gap fillers are still dispatched.
     draining: bool,
     committed: Option<i64>,
-    stop: Stop,
+    /// Shared by its jobs (one reference count per job, not three cancellation tokens).
+    stop: Arc<Stop>,
 }
 
 /// Pause/resume requests from [`Scheduler::flow_control`].
@@ -293,12 +294,12 @@ impl Scheduler {
                     uncommitted_paused: false,
                     draining: false,
                     committed: None,
-                    stop: Stop {
+                    stop: Arc::new(Stop {
                         abandon: self.shutdown.abandon.child_token(),
                         drain: self.shutdown.drain.child_token(),
                         lost: CancellationToken::new(),
                         give_up_by: Arc::default(),
-                    },
+                    }),
                 },
             );
             if let Some(old) = old {
@@ -1176,7 +1177,7 @@ mod tests {
             generation: j.generation,
             lane: LaneKey::Partition,
             record: Arc::new(rec(0, 1, None)),
-            stop: Stop::default(),
+            stop: Arc::default(),
             probe_epoch: None,
         };
         s.in_flight += 1; // the stale job held a slot
