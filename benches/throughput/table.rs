@@ -17,7 +17,7 @@ const MAX_BUFFERED_BYTES: u64 = 64 << 20;
 /// What peak RSS may use beyond the configured buffers: the Tokio runtime, librdkafka's
 /// threads and metadata, the dead-letter producer, allocator slack, code. Stated before
 /// measuring; the raw baseline's own RSS shows how much of it any rdkafka consumer needs.
-const RSS_CONSTANT_MIB: f64 = 64.0;
+const RSS_CONSTANT_MIB: f64 = 72.0;
 /// kourier's `max_in_flight` and `fetch.max.bytes` defaults (builder.rs).
 const DEFAULT_MAX_IN_FLIGHT: u64 = 64;
 const FETCH_MAX_BYTES: u64 = 16 << 20;

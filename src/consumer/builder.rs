@@ -123,13 +123,14 @@ type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 /// + records in flight    max_in_flight × record bytes (running, or parked in a retry back-off)
 /// + librdkafka's queue   queued.max.messages.kbytes                (16 MiB by default)
 /// + fetch responses      fetch.max.bytes × brokers fetched from     (16 MiB by default)
-/// + a constant           ≈ 64 MiB: the Tokio runtime, librdkafka's threads and metadata,
-///                        the dead-letter producer, code and allocator slack
+/// + a constant           ≈ 72 MiB: the Tokio runtime, librdkafka's threads and metadata,
+///                        the dead-letter producer, the idempotency store's client, code
+///                        and allocator slack
 /// ```
 ///
 /// where *record bytes* is what the buffer charges a record: key + value + header names and
 /// values + topic name + 64. With the defaults, one broker and small records (≤ 1 KiB)
-/// that is about 100–110 MiB; `cargo bench --bench throughput` measures peak RSS against this formula.
+/// that is about 110–120 MiB; `cargo bench --bench throughput` measures peak RSS against this formula.
 /// Large records raise the first two terms, not the rest: librdkafka's queue and fetch are
 /// bounded in bytes.
 pub struct RetryingConsumerBuilder<H: Handler> {
