@@ -21,6 +21,11 @@ pub(crate) struct Hub {
     /// Threads waiting on `changed`: workers notify only when there is one (a notify is a
     /// system call, and there is rarely a waiter).
     waiters: AtomicUsize,
+    /// The poll thread waiting for room in the buffer ([`Hub::wait_for_room`]), and the room
+    /// it waits for (0: it does not wait). Workers wake it only once that much is free, not
+    /// on every record they finish: each needless wake-up is two context switches.
+    room_changed: Condvar,
+    room_wanted: AtomicUsize,
     stop: AtomicBool,
     /// Set once shutdown has committed: a revoke during the final close commits nothing
     /// more and does not wait.
@@ -43,6 +48,8 @@ impl Hub {
             scheduler: Mutex::new(scheduler),
             changed: Condvar::new(),
             waiters: AtomicUsize::new(0),
+            room_changed: Condvar::new(),
+            room_wanted: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             revoke_timeout,
@@ -75,37 +82,57 @@ impl Hub {
 
     /// Called by a worker when a job ended; returns its next job.
     pub(crate) fn finish(&self, job: &Job, end: JobEnd) -> Option<Job> {
-        let next = self.lock().finish(job, end);
-        // A waiter registers under the lock before it checks its condition, so it either saw
-        // this change or is counted here.
+        let (next, room) = {
+            let mut s = self.lock();
+            (s.finish(job, end), s.room())
+        };
+        self.changed(room);
+        next
+    }
+
+    /// Wakes whoever waits for what changed: waiters on any change, and the poll thread
+    /// once `room` is what it waits for. A waiter registers under the lock before it checks
+    /// its condition, so it either saw this change or is seen here.
+    fn changed(&self, room: usize) {
         if self.waiters.load(AtomicOrdering::SeqCst) > 0 {
             self.changed.notify_all();
         }
-        next
+        let wanted = self.room_wanted.load(AtomicOrdering::SeqCst);
+        if wanted > 0 && room >= wanted {
+            self.room_changed.notify_one();
+        }
     }
 
     /// Called by a worker whose record's outcome is decided but still being written
     /// (completion, dead letter): the lane and slot are freed, the returned job takes the
     /// slot. See [`Scheduler::release_lane`].
     pub(crate) fn release_lane(&self, job: &Job) -> Option<Job> {
-        self.lock().release_lane(job)
+        let (next, room) = {
+            let mut s = self.lock();
+            (s.release_lane(job), s.room())
+        };
+        self.changed(room);
+        next
     }
 
     /// Called by a worker when a job whose lane it released ended.
     pub(crate) fn settle(&self, job: &Job, end: JobEnd) {
-        self.lock().settle(job, end);
-        if self.waiters.load(AtomicOrdering::SeqCst) > 0 {
-            self.changed.notify_all();
-        }
+        let room = {
+            let mut s = self.lock();
+            s.settle(job, end);
+            s.room()
+        };
+        self.changed(room);
     }
 
     /// Called by a worker whose record starts waiting out a retry back-off: the slot it frees
     /// goes to the returned job.
     pub(crate) fn park(&self, job: u64) -> Option<Job> {
-        let next = self.lock().park(job);
-        if self.waiters.load(AtomicOrdering::SeqCst) > 0 {
-            self.changed.notify_all();
-        }
+        let (next, room) = {
+            let mut s = self.lock();
+            (s.park(job), s.room())
+        };
+        self.changed(room);
         next
     }
 
@@ -123,6 +150,19 @@ impl Hub {
 
     pub(crate) fn closing(&self) -> bool {
         self.closing.load(AtomicOrdering::SeqCst)
+    }
+
+    /// The poll thread: waits until the buffer has room for `want` records or `timeout`
+    /// passes; returns whether it has.
+    pub(crate) fn wait_for_room(&self, timeout: Duration, want: usize) -> bool {
+        let guard = self.lock();
+        self.room_wanted.store(want.max(1), AtomicOrdering::SeqCst);
+        let (guard, _) = self
+            .room_changed
+            .wait_timeout_while(guard, timeout, |s| s.room() < want)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.room_wanted.store(0, AtomicOrdering::SeqCst);
+        guard.room() >= want
     }
 
     /// Waits until `done` holds or `timeout` passes; returns whether `done` holds.

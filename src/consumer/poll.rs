@@ -115,7 +115,7 @@ pub(crate) fn poll_loop(
             )
         };
         if room < want {
-            hub.wait_until(POLL_TIMEOUT, |s| s.room() >= want);
+            hub.wait_for_room(POLL_TIMEOUT, want);
             let s = hub.lock();
             (room, room_bytes) = (s.room(), s.room_bytes());
         }
