@@ -82,7 +82,6 @@ use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram, SharedString, Unit};
 
-use crate::consumer::BreakerState;
 use crate::dead_letter::DeadLetterReason;
 use crate::record::RawRecord;
 
@@ -126,6 +125,10 @@ pub const CONNECTION_STATE: &str = "kourier_connection_state";
 pub const BREAKER_STATE: &str = "kourier_breaker_state";
 /// Counter: outage breaker transitions, by the `state` entered.
 pub const BREAKER_TRANSITIONS: &str = "kourier_breaker_transitions_total";
+
+/// The breaker's states as `state` labels, by gauge value (0 closed, 1 open, 2 half-open):
+/// what `BreakerState::as_str` says (the breaker's tests check it).
+pub(crate) const BREAKER_STATES: [&str; 3] = ["closed", "open", "half-open"];
 /// Counter: records forwarded to a retry tier (acknowledged), by `tier` (1-based).
 pub const RECORDS_FORWARDED: &str = "kourier_records_forwarded_total";
 /// Counter: forwards to a retry tier that failed (each is retried).
@@ -395,36 +398,28 @@ impl ConsumerMetrics {
     fn breaker(&self) -> &BreakerMetrics {
         self.breaker.get_or_init(|| {
             self.consumer(); // the descriptions
-            let transition = |state: BreakerState| {
+            let transition = |state: &'static str| {
                 ::metrics::counter!(
                     BREAKER_TRANSITIONS,
                     labels::GROUP => self.group.clone(),
-                    labels::STATE => state.as_str()
+                    labels::STATE => state
                 )
             };
             let group = [(labels::GROUP, self.group.clone())];
             BreakerMetrics {
                 state: ::metrics::gauge!(BREAKER_STATE, &group),
-                transitions: [
-                    transition(BreakerState::Closed),
-                    transition(BreakerState::Open),
-                    transition(BreakerState::HalfOpen),
-                ],
+                transitions: BREAKER_STATES.map(transition),
                 held_failures: ::metrics::counter!(BREAKER_HELD_FAILURES, &group),
             }
         })
     }
 
-    /// The breaker entered `state`.
-    pub(crate) fn breaker_transition(&self, state: BreakerState) {
+    /// The breaker entered the state of index `state` in [`BREAKER_STATES`] (its gauge
+    /// value too).
+    pub(crate) fn breaker_transition(&self, state: usize) {
         let m = self.breaker();
-        let (i, value) = match state {
-            BreakerState::Open => (1, 1.0),
-            BreakerState::HalfOpen => (2, 2.0),
-            _ => (0, 0.0),
-        };
-        m.state.set(value);
-        m.transitions[i].increment(1);
+        m.state.set(state as f64);
+        m.transitions[state.min(BREAKER_STATES.len() - 1)].increment(1);
     }
 
     /// The open breaker absorbed a failed call.

@@ -250,6 +250,15 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    /// The `kourier_breaker_state` gauge's value: 0 closed, 1 open, 2 half-open.
+    pub(crate) fn gauge(self) -> usize {
+        match self {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        }
+    }
+
     /// `closed`, `open` or `half-open`: the `state` label and log value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -872,7 +881,7 @@ impl Breaker {
             to: to.state(),
             at: s.since,
         });
-        self.metrics.breaker_transition(to.state());
+        self.metrics.breaker_transition(to.state().gauge());
         self.changed.notify_waiters();
     }
 
@@ -1404,5 +1413,19 @@ mod tests {
             BreakerState::Open,
             "the handler's word is enough"
         );
+    }
+
+    #[test]
+    fn the_metrics_labels_match_the_states() {
+        for state in [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ] {
+            assert_eq!(
+                crate::metrics::BREAKER_STATES[state.gauge()],
+                state.as_str()
+            );
+        }
     }
 }

@@ -72,6 +72,26 @@ pub const ALL: &[&str] = &[
     HEADERS_DROPPED,
 ];
 
+/// The headers a retry-tier record carries on top of the provenance headers, defined here
+/// (where redrive strips them) and re-exported with their docs as
+/// [`tiers::headers`](crate::tiers::headers).
+pub mod tier {
+    /// The tier the record is in, 1-based.
+    pub const TIER: &str = "kourier-retry-tier";
+    /// When the record may run, ms since the epoch.
+    pub const DUE_MS: &str = "kourier-retry-due-ms";
+    /// `true` when the record was moved to keep its key's order, not because it failed.
+    pub const DEFERRED: &str = "kourier-retry-deferred";
+    /// How many stages (the source and tiers) the record used up its in-place attempts in.
+    /// A record gets one stage per tier plus one, wherever it starts: one deferred into a
+    /// tier (key order) that fails in the last tier goes round that tier again until it has
+    /// had its stages.
+    pub const FAILED_STAGES: &str = "kourier-retry-failed-stages";
+
+    /// Every tier header, replaced on each forward.
+    pub const ALL: &[&str] = &[TIER, DUE_MS, DEFERRED, FAILED_STAGES];
+}
+
 /// Where a dead letter came from and why it failed, as its [headers](self) say.
 ///
 /// Every field is optional: a dead letter written by kourier has them all (but

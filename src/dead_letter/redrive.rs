@@ -6,7 +6,7 @@ use crate::record::{Header, Headers, RawRecord};
 
 /// A dead letter made ready to be published again ("redriven"): the original key, value and
 /// headers (names and values byte for byte), **minus** the provenance headers ([`headers::ALL`]) and any
-/// retry-tier headers ([`tiers::headers::ALL`](crate::tiers::headers::ALL)), **plus**
+/// retry-tier headers ([`tiers::headers::ALL`](headers::tier::ALL)), **plus**
 /// [`headers::REDRIVE_COUNT`] one higher than the letter's.
 ///
 /// The record goes to the letter's original topic unless another is given. Its headers keep
@@ -99,7 +99,7 @@ impl RedriveRecord {
             .filter(|h| {
                 !headers::is_provenance(&h.key)
                     && !h.is_named(headers::REDRIVE_COUNT)
-                    && !crate::tiers::headers::ALL.iter().any(|n| h.is_named(n))
+                    && !headers::tier::ALL.iter().any(|n| h.is_named(n))
             })
             .cloned()
             .collect();

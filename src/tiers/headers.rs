@@ -6,20 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::dead_letter::headers as dlt;
 use crate::record::{Header, Headers};
 
-/// The tier the record is in, 1-based.
-pub const TIER: &str = "kourier-retry-tier";
-/// When the record may run, ms since the epoch.
-pub const DUE_MS: &str = "kourier-retry-due-ms";
-/// `true` when the record was moved to keep its key's order, not because it failed.
-pub const DEFERRED: &str = "kourier-retry-deferred";
-/// How many stages (the source and tiers) the record used up its in-place attempts in. A
-/// record gets one stage per tier plus one, wherever it starts: one deferred into a tier
-/// (key order) that fails in the last tier goes round that tier again until it has had its
-/// stages.
-pub const FAILED_STAGES: &str = "kourier-retry-failed-stages";
-
-/// Every tier header, replaced on each forward.
-pub const ALL: &[&str] = &[TIER, DUE_MS, DEFERRED, FAILED_STAGES];
+pub use crate::dead_letter::headers::tier::{ALL, DEFERRED, DUE_MS, FAILED_STAGES, TIER};
 
 /// Where a record came from: its source record's coordinates.
 #[derive(Debug, Clone, PartialEq, Eq)]
