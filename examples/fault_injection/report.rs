@@ -94,9 +94,10 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         s.dlt_partitions, args.partitions, report.dlt_by_key
     ));
     log(format!(
-        "downstream outages: {} records dead-lettered (retries exhausted during the outage; breaker {})",
+        "downstream outages: {} records dead-lettered (retries exhausted during the outage; breaker {}); {} of them handled again after a crash redelivered them (not held to key order)",
         report.outage_dead_lettered,
-        if args.breaker { "on" } else { "off" }
+        if args.breaker { "on" } else { "off" },
+        report.outage_redone
     ));
     // The last consumer's breaker: times it opened, probes, failures it absorbed.
     let figure = |field: &str| {
