@@ -438,7 +438,7 @@ impl Pass<'_> {
     /// The attempt succeeded.
     pub(crate) fn succeeded(mut self) {
         if let Some(b) = self.breaker.take() {
-            b.on_success(self.epoch, self.probe, self.caller);
+            b.on_success(self.epoch, self.probe);
         }
     }
 
@@ -700,7 +700,7 @@ impl Breaker {
         }
     }
 
-    fn on_success(&self, epoch: u64, probe: bool, _caller: Caller) {
+    fn on_success(&self, epoch: u64, probe: bool) {
         let mut s = self.lock();
         if epoch != s.epoch {
             return;
@@ -929,6 +929,20 @@ mod tests {
     /// The one record of a test that follows a record through several calls.
     const OWN: Caller = (9, 0);
 
+    /// A fresh record's attempt fails transiently (the breaker closed or just closing).
+    fn fresh_fails(b: &Breaker) -> Verdict {
+        admitted(b.try_admit(ProbeMemo::default(), next_caller()), "closed").failed(
+            &transient(),
+            0,
+            &mut ProbeMemo::default(),
+        )
+    }
+
+    /// The test's own record ([`OWN`]) is admitted and fails transiently.
+    fn own_fails(b: &Breaker, own: &mut ProbeMemo, holds: u32) -> Verdict {
+        admitted(b.try_admit(*own, OWN), "closed").failed(&transient(), holds, own)
+    }
+
     fn transient() -> HandlerError {
         HandlerError::transient("connection refused")
     }
@@ -978,22 +992,10 @@ mod tests {
                 .with_consecutive_failures(3)
                 .with_open_interval(Duration::from_secs(1), Duration::from_secs(8)),
         );
+        assert_eq!(fresh_fails(&b), Verdict::Policy);
+        assert_eq!(fresh_fails(&b), Verdict::Policy);
         assert_eq!(
-            pass(&b)
-                .await
-                .failed(&transient(), 0, &mut ProbeMemo::default()),
-            Verdict::Policy
-        );
-        assert_eq!(
-            pass(&b)
-                .await
-                .failed(&transient(), 0, &mut ProbeMemo::default()),
-            Verdict::Policy
-        );
-        assert_eq!(
-            pass(&b)
-                .await
-                .failed(&transient(), 0, &mut ProbeMemo::default()),
+            fresh_fails(&b),
             Verdict::Hold(Duration::ZERO),
             "the third opens it; that record waits"
         );
@@ -1030,12 +1032,8 @@ mod tests {
                 .with_consecutive_failures(2)
                 .with_open_interval(Duration::from_secs(1), Duration::from_secs(3)),
         );
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
+        fresh_fails(&b);
+        fresh_fails(&b);
         let mut waited = Vec::new();
         for _ in 0..4 {
             let t0 = Instant::now();
@@ -1063,23 +1061,17 @@ mod tests {
                 .with_failure_rate(0.5, 10, 6),
         );
         for i in 0..5 {
-            pass(&b)
-                .await
-                .failed(&transient(), 0, &mut ProbeMemo::default());
+            fresh_fails(&b);
             assert_eq!(b.status().state, BreakerState::Closed, "after {i}");
         }
         // 6 calls, all failed: min_calls is reached.
-        let _ = pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
+        let _ = fresh_fails(&b);
         assert_eq!(b.status().state, BreakerState::Open);
         tokio::time::advance(Duration::from_secs(5)).await;
         pass(&b).await.succeeded();
         // Closing empties the window: 5 failures of 6 calls are needed again.
         for _ in 0..4 {
-            pass(&b)
-                .await
-                .failed(&transient(), 0, &mut ProbeMemo::default());
+            fresh_fails(&b);
         }
         pass(&b).await.succeeded();
         assert_eq!(
@@ -1087,9 +1079,7 @@ mod tests {
             BreakerState::Closed,
             "4 of 5 calls: below min_calls"
         );
-        let _ = pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
+        let _ = fresh_fails(&b);
         assert_eq!(b.status().state, BreakerState::Open);
     }
 
@@ -1112,12 +1102,8 @@ mod tests {
         }
         assert_eq!(b.status().state, BreakerState::Closed);
         let straggler = pass(&b).await;
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
+        fresh_fails(&b);
+        fresh_fails(&b);
         assert_eq!(b.status().state, BreakerState::Open);
         straggler.succeeded();
         assert_eq!(
@@ -1165,12 +1151,8 @@ mod tests {
                 .with_consecutive_failures(2)
                 .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
         ));
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
+        fresh_fails(&b);
+        fresh_fails(&b);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(
             matches!(b.dispatch(), Dispatch::Probe(_)),
@@ -1190,12 +1172,8 @@ mod tests {
                 .with_consecutive_failures(2)
                 .with_open_interval(Duration::from_secs(2), Duration::from_secs(2)),
         ));
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
+        fresh_fails(&b);
+        fresh_fails(&b);
         let gate = OutageGate(Some(b.clone()));
         let t0 = Instant::now();
         let p = gate
@@ -1234,13 +1212,8 @@ mod tests {
         );
         // Records failing on their own open the breaker.
         let mut own = ProbeMemo::default();
-        let _ = pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
-        assert_eq!(
-            admitted(b.try_admit(own, OWN), "closed").failed(&transient(), 0, &mut own),
-            Verdict::Hold(Duration::ZERO)
-        );
+        let _ = fresh_fails(&b);
+        assert_eq!(own_fails(&b, &mut own, 0), Verdict::Hold(Duration::ZERO));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(
             b.try_admit(own, OWN).is_err(),
@@ -1260,18 +1233,11 @@ mod tests {
         .succeeded();
         assert_eq!(b.status().state, BreakerState::Closed);
         // Closed: its next failure is an attempt again, and does not open the breaker.
-        assert_eq!(
-            admitted(b.try_admit(own, OWN), "closed").failed(&transient(), 1, &mut own),
-            Verdict::Policy
-        );
+        assert_eq!(own_fails(&b, &mut own, 1), Verdict::Policy);
         assert_eq!(b.status().state, BreakerState::Closed);
         // A new outage (fresh records' failures): the old record may probe first again.
-        let _ = pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
-        let _ = pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
+        let _ = fresh_fails(&b);
+        let _ = fresh_fails(&b);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(b.try_admit(own, OWN).is_ok());
     }
@@ -1284,10 +1250,8 @@ mod tests {
                 .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
         );
         let mut own = ProbeMemo::default();
-        let _ = pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
-        let _ = admitted(b.try_admit(own, OWN), "closed").failed(&transient(), 0, &mut own);
+        let _ = fresh_fails(&b);
+        let _ = own_fails(&b, &mut own, 0);
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(b.try_admit(own, OWN).is_err());
         // The scheduler has nothing to dispatch: it probes.
@@ -1319,16 +1283,14 @@ mod tests {
         let mut own = ProbeMemo::default();
         for attempt in 0..10 {
             assert_eq!(
-                admitted(b.try_admit(own, OWN), "closed").failed(&transient(), 0, &mut own),
+                own_fails(&b, &mut own, 0),
                 Verdict::Policy,
                 "attempt {attempt}: its retry policy decides"
             );
         }
         assert_eq!(b.status().state, BreakerState::Closed);
         // A second record failing too: that looks like the downstream.
-        let _ = pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
+        let _ = fresh_fails(&b);
         assert_eq!(b.status().state, BreakerState::Open);
     }
 
@@ -1339,12 +1301,8 @@ mod tests {
                 .with_consecutive_failures(2)
                 .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
         );
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
-        pass(&b)
-            .await
-            .failed(&transient(), 0, &mut ProbeMemo::default());
+        fresh_fails(&b);
+        fresh_fails(&b);
         tokio::time::advance(Duration::from_secs(1)).await;
         let Dispatch::Probe(epoch) = b.dispatch() else {
             panic!("a fresh probe");

@@ -1337,10 +1337,25 @@ mod tests {
         assert_eq!(s.to_commit(), vec![], "nothing is committed past a@0");
     }
 
+    /// Records b@1 and a@0 fail transiently: enough for a breaker to open.
+    async fn two_records_fail(gate: &crate::consumer::breaker::OutageGate) {
+        use crate::consumer::breaker::ProbeMemo;
+        for caller in [(0, 1), (0, 0)] {
+            let pass = gate
+                .admit(&Stop::default(), ProbeMemo::default(), caller)
+                .await
+                .unwrap();
+            let _ = pass.failed(
+                &crate::handler::HandlerError::transient("refused"),
+                0,
+                &mut ProbeMemo::default(),
+            );
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_open_breaker_holds_dispatch_lets_one_probe_through_and_drops_held_gap_fillers() {
         use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate, ProbeMemo};
-        use crate::handler::HandlerError;
         use std::time::Duration;
 
         let breaker = Arc::new(Breaker::new(
@@ -1359,17 +1374,7 @@ mod tests {
         assert_eq!(offsets(&first), [(0, 0), (0, 1), (0, 2)]);
         // b@1 and a@0 fail: the breaker opens. Nothing new starts, whoever asks.
         let gate = OutageGate(Some(breaker.clone()));
-        for caller in [(0, 1), (0, 0)] {
-            let pass = gate
-                .admit(&Stop::default(), ProbeMemo::default(), caller)
-                .await
-                .unwrap();
-            let _ = pass.failed(
-                &HandlerError::transient("refused"),
-                0,
-                &mut ProbeMemo::default(),
-            );
-        }
+        two_records_fail(&gate).await;
         assert!(
             s.finish(&first[1], JobEnd::Settled).is_none(),
             "b's slot is not refilled"
@@ -1389,17 +1394,7 @@ mod tests {
         // Closed: a@3 waits for a@0 (its lane), everything else may go.
         assert!(s.take_jobs().is_empty(), "only a@3 is left, behind a@0");
         // Open again, then stop: the held gap filler a@3 is dropped, not waited for.
-        for caller in [(0, 1), (0, 0)] {
-            let pass = gate
-                .admit(&Stop::default(), ProbeMemo::default(), caller)
-                .await
-                .unwrap();
-            let _ = pass.failed(
-                &HandlerError::transient("refused"),
-                0,
-                &mut ProbeMemo::default(),
-            );
-        }
+        two_records_fail(&gate).await;
         s.begin_stop();
         assert_eq!(
             s.buffered().0,
