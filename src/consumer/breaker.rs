@@ -929,6 +929,15 @@ mod tests {
     /// The one record of a test that follows a record through several calls.
     const OWN: Caller = (9, 0);
 
+    /// Opens after two failed calls in a row (of two records), open `initial` doubling to `max`.
+    fn two_in_a_row(initial: Duration, max: Duration) -> Breaker {
+        breaker(
+            BreakerPolicy::default()
+                .with_consecutive_failures(2)
+                .with_open_interval(initial, max),
+        )
+    }
+
     /// A fresh record's attempt fails transiently (the breaker closed or just closing).
     fn fresh_fails(b: &Breaker) -> Verdict {
         admitted(b.try_admit(ProbeMemo::default(), next_caller()), "closed").failed(
@@ -1146,11 +1155,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn half_open_dispatches_one_record_only_when_nobody_waits() {
-        let b = Arc::new(breaker(
-            BreakerPolicy::default()
-                .with_consecutive_failures(2)
-                .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
-        ));
+        let b = Arc::new(two_in_a_row(Duration::from_secs(1), Duration::from_secs(1)));
         fresh_fails(&b);
         fresh_fails(&b);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -1167,11 +1172,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiting_record_wakes_for_the_probe_and_a_drain_cancels_the_wait() {
-        let b = Arc::new(breaker(
-            BreakerPolicy::default()
-                .with_consecutive_failures(2)
-                .with_open_interval(Duration::from_secs(2), Duration::from_secs(2)),
-        ));
+        let b = Arc::new(two_in_a_row(Duration::from_secs(2), Duration::from_secs(2)));
         fresh_fails(&b);
         fresh_fails(&b);
         let gate = OutageGate(Some(b.clone()));
@@ -1205,11 +1206,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_record_that_failed_in_the_outage_lets_a_fresh_record_probe_first() {
-        let b = breaker(
-            BreakerPolicy::default()
-                .with_consecutive_failures(2)
-                .with_open_interval(Duration::from_secs(1), Duration::from_secs(8)),
-        );
+        let b = two_in_a_row(Duration::from_secs(1), Duration::from_secs(8));
         // Records failing on their own open the breaker.
         let mut own = ProbeMemo::default();
         let _ = fresh_fails(&b);
@@ -1244,11 +1241,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_record_that_failed_in_the_outage_probes_when_no_other_can() {
-        let b = breaker(
-            BreakerPolicy::default()
-                .with_consecutive_failures(2)
-                .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
-        );
+        let b = two_in_a_row(Duration::from_secs(1), Duration::from_secs(1));
         let mut own = ProbeMemo::default();
         let _ = fresh_fails(&b);
         let _ = own_fails(&b, &mut own, 0);
@@ -1296,11 +1289,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_dispatched_probe_that_ends_before_its_attempt_frees_the_probe() {
-        let b = breaker(
-            BreakerPolicy::default()
-                .with_consecutive_failures(2)
-                .with_open_interval(Duration::from_secs(1), Duration::from_secs(1)),
-        );
+        let b = two_in_a_row(Duration::from_secs(1), Duration::from_secs(1));
         fresh_fails(&b);
         fresh_fails(&b);
         tokio::time::advance(Duration::from_secs(1)).await;
