@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::claim_ahead::AheadClaims;
 use super::store_batch::StoreBatcher;
 use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
 use crate::message::Message;
@@ -49,25 +50,49 @@ impl<T> DedupKey<T> {
         DedupKey(Source::Fn(Arc::new(f)))
     }
 
-    /// The record's dedup key with `namespace` and `:` in front, built in one allocation
-    /// when it comes from a header (a `format!` would grow its buffer along the way).
+    /// The record's dedup key with `namespace` and `:` in front.
     pub(crate) fn namespaced_key_of(
         &self,
         namespace: &str,
         message: &Message<T>,
     ) -> Option<String> {
-        let namespaced = |key: &str| {
-            let mut out = String::with_capacity(namespace.len() + 1 + key.len());
-            out.push_str(namespace);
-            out.push(':');
-            out.push_str(key);
-            out
-        };
         match &self.0 {
-            Source::Header(name) => message.headers().get_str(name).map(namespaced),
-            Source::Fn(f) => f(message).map(|key| namespaced(&key)),
+            Source::Header(name) => message
+                .headers()
+                .get_str(name)
+                .map(|key| namespaced(namespace, key)),
+            Source::Fn(f) => f(message).map(|key| namespaced(namespace, &key)),
         }
     }
+
+    /// The record's namespaced dedup key, computed before the record runs (for a claim
+    /// fetched ahead): from the header without decoding, else from `decode`'s message.
+    /// `None` when there is none or it cannot be computed now (the record computes it, and
+    /// reports why, when it runs).
+    pub(crate) fn namespaced_key_ahead(
+        &self,
+        namespace: &str,
+        record: &Arc<crate::record::RawRecord>,
+        decode: impl FnOnce() -> Option<Message<T>>,
+    ) -> Option<String> {
+        match &self.0 {
+            Source::Header(name) => record
+                .headers
+                .get_str(name)
+                .map(|key| namespaced(namespace, key)),
+            Source::Fn(_) => self.namespaced_key_of(namespace, &decode()?),
+        }
+    }
+}
+
+/// `namespace:key`, built in one allocation (a `format!` would grow its buffer along the
+/// way).
+fn namespaced(namespace: &str, key: &str) -> String {
+    let mut out = String::with_capacity(namespace.len() + 1 + key.len());
+    out.push_str(namespace);
+    out.push(':');
+    out.push_str(key);
+    out
 }
 
 impl<T> fmt::Debug for DedupKey<T> {
@@ -90,12 +115,38 @@ pub(crate) struct Dedup<T> {
     pub(crate) run_without_store_on_outage: bool,
     /// Coalesces the workers' claims and completions into batch calls.
     pub(crate) batch: StoreBatcher,
+    /// Claims fetched ahead for the next records of ordered lanes.
+    pub(crate) ahead: Arc<AheadClaims>,
 }
 
 impl<T> Dedup<T> {
+    pub(crate) fn new(
+        store: Arc<dyn IdempotencyStore>,
+        key: DedupKey<T>,
+        namespace: String,
+        (lease, ttl): (Duration, Duration),
+        run_without_store_on_outage: bool,
+    ) -> Self {
+        Dedup {
+            ahead: Arc::new(AheadClaims::new(store.clone(), lease)),
+            store,
+            key,
+            namespace,
+            lease,
+            ttl,
+            run_without_store_on_outage,
+            batch: StoreBatcher::default(),
+        }
+    }
+
     /// Claims `key` for the lease, in a batch with other workers' claims.
     pub(crate) async fn claim(&self, key: &str) -> Result<Claim, StoreError> {
         self.batch.claim(&self.store, key, self.lease).await
+    }
+
+    /// Claims `keys` in one batch call; one answer per key, in order.
+    pub(crate) async fn claim_all(&self, keys: Vec<String>) -> Vec<Result<Claim, StoreError>> {
+        self.batch.claim_all(&self.store, keys, self.lease).await
     }
 
     /// Marks `key` done for the TTL, in a batch with other workers' completions.

@@ -12,6 +12,7 @@
 pub mod bench_support;
 mod breaker;
 mod builder;
+mod claim_ahead;
 mod commit;
 mod context;
 mod dedup;

@@ -11,12 +11,13 @@ use super::context::KourierContext;
 use super::hub::Hub;
 use super::monitor::ConsumerMonitor;
 use super::poll::{PollSettings, poll_loop};
-use super::scheduler::{Job, JobEnd};
+use super::scheduler::{Job, JobEnd, Stop};
 use super::shutdown::{ShutdownReport, shutdown_signal};
 use super::startup::provision;
 use super::worker::{Slot, WorkerContext};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
+use crate::record::RawRecord;
 use tracing::error;
 
 /// A Kafka consumer that runs a [`Handler`] for every record with retries, dead-lettering,
@@ -82,6 +83,9 @@ impl<H: Handler> RetryingConsumer<H> {
         if let Some(create) = &settings.startup.create {
             provision(&settings.startup, create).await?;
         }
+        // Claims fetched ahead for records that never ran are released once the poll
+        // thread is done (the next owner of their partitions must not find them busy).
+        let ahead = worker.dedup.as_ref().map(|d| d.ahead.clone());
         let runtime = tokio::runtime::Handle::current();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let thread_hub = hub.clone();
@@ -106,11 +110,17 @@ impl<H: Handler> RetryingConsumer<H> {
         // Stop the poll thread if this future is dropped, too.
         let _guard = StopOnDrop(hub.clone());
         let mut done_rx = done_rx;
-        tokio::select! {
-            result = &mut done_rx => return flatten(result),
-            () = shutdown => hub.request_stop(),
+        let result = tokio::select! {
+            result = &mut done_rx => result,
+            () = shutdown => {
+                hub.request_stop();
+                done_rx.await
+            }
+        };
+        if let Some(ahead) = ahead {
+            ahead.release_all().await;
         }
-        flatten(done_rx.await)
+        flatten(result)
     }
 
     /// Runs until SIGINT (Ctrl-C) or, on Unix, SIGTERM; see [`RetryingConsumer::run`].
@@ -203,6 +213,11 @@ impl<H: Handler> Slot for WorkerSlot<'_, H> {
         if let Some(next) = self.hub.release_lane(self.job) {
             tokio::spawn(work(self.ctx.clone(), self.hub.clone(), next));
         }
+    }
+
+    fn lane_ahead(&self, max: usize) -> Option<(Arc<Stop>, Vec<Arc<RawRecord>>)> {
+        let next = self.hub.lock().lane_ahead(self.job, max);
+        Some((self.job.stop.clone(), next))
     }
 }
 

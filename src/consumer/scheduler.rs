@@ -434,6 +434,27 @@ impl Scheduler {
         None
     }
 
+    /// The next records queued in `job`'s lane (at most `max`), in offset order: none in
+    /// unordered mode (a record is its own lane), for a job of an earlier assignment, or
+    /// while its partition drains (its queued records are being dropped).
+    pub(crate) fn lane_ahead(&self, job: &Job, max: usize) -> Vec<Arc<RawRecord>> {
+        if matches!(job.lane, LaneKey::Record(_)) {
+            return Vec::new();
+        }
+        self.partitions
+            .get(&job.tp)
+            .filter(|p| p.generation == job.generation && !p.draining)
+            .and_then(|p| p.lanes.get(&job.lane))
+            .map(|lane| {
+                lane.queue
+                    .iter()
+                    .take(max)
+                    .map(|(r, _)| r.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Records how a job ended and hands the freed slot's next job to the caller.
     /// Completions from an earlier assignment (revoked since) are ignored.
     pub(crate) fn finish(&mut self, job: &Job, end: JobEnd) -> Option<Job> {

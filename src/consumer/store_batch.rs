@@ -47,15 +47,49 @@ impl StoreBatcher {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let requests = self.claims.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(batching(store.clone(), rx, claim_batch));
-            tx
-        });
-        if requests.send((key.to_owned(), lease, reply)).is_err() {
+        if self
+            .claims(store)
+            .send((key.to_owned(), lease, reply))
+            .is_err()
+        {
             return store.claim(key, lease).await;
         }
         answer.await.unwrap_or_else(|_| Err(lost("claim")))
+    }
+
+    /// Claims each of `keys`, in one batch (with other workers' claims, unless there are
+    /// more than fit one); one answer per key, in order.
+    pub(crate) async fn claim_all(
+        &self,
+        store: &Arc<dyn IdempotencyStore>,
+        keys: Vec<String>,
+        lease: Duration,
+    ) -> Vec<Result<Claim, StoreError>> {
+        let requests = self.claims(store);
+        let mut answers = Vec::with_capacity(keys.len());
+        for key in keys {
+            let (reply, answer) = oneshot::channel();
+            if let Err(mpsc::error::SendError((key, _, _))) = requests.send((key, lease, reply)) {
+                let (reply, answer) = oneshot::channel();
+                let _ = reply.send(store.claim(&key, lease).await);
+                answers.push(answer);
+                continue;
+            }
+            answers.push(answer);
+        }
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(answer.await.unwrap_or_else(|_| Err(lost("claim"))));
+        }
+        results
+    }
+
+    fn claims(&self, store: &Arc<dyn IdempotencyStore>) -> &mpsc::UnboundedSender<ClaimRequest> {
+        self.claims.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(batching(store.clone(), rx, claim_batch));
+            tx
+        })
     }
 
     /// [`IdempotencyStore::complete`], batched with other workers' completions.

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::breaker::{OutageGate, ProbeMemo, Verdict};
+use super::claim_ahead::{Answer, CLAIM_AHEAD, LaneKeys, Taken};
 use super::dedup::Dedup;
 pub(crate) use super::guard::{guarded, guarded_async, store_call};
 use super::lease::{HeldClaim, keep_renewed};
@@ -34,7 +35,7 @@ use crate::codec::Codec;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
 use crate::handler::{FailureKind, Handler, HandlerError};
-use crate::idempotency::Claim;
+use crate::idempotency::{Claim, StoreError};
 use crate::message::Message;
 use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
 use crate::record::RawRecord;
@@ -93,6 +94,12 @@ pub(crate) trait Slot: Send + Sync {
     /// record, while its offset stays uncommitted until its job ends. Called after the last
     /// [`Slot::park`]; calls after the first change nothing.
     fn release(&self);
+    /// The next records queued in the record's lane (at most `max`), in order, with their
+    /// partition's stop signals: whose claims may be fetched ahead. `None` when the record
+    /// has no ordered lane (unordered mode, unit tests).
+    fn lane_ahead(&self, _max: usize) -> Option<(Arc<Stop>, Vec<Arc<RawRecord>>)> {
+        None
+    }
 }
 
 /// A slot that is never given up: the record keeps it while it waits (unit tests).
@@ -257,6 +264,11 @@ impl<H: Handler> WorkerContext<H> {
                 (RecordOutcome::Abandoned, JobEnd::Abandoned)
             }
         };
+        if let Some(d) = &self.dedup {
+            // A claim fetched ahead for it and never taken (deferred, given up before it
+            // claimed): released now, not left for the sweeper.
+            d.ahead.forget(&record).await;
+        }
         span.record("outcome", reported.as_str());
         if let Some(observer) = &self.observer {
             // Guarded like every plug-in: a panicking observer is logged and counted, and
@@ -319,6 +331,7 @@ impl<H: Handler> WorkerContext<H> {
         let mut first_failure = None;
         let mut attempt = 0u32;
         let mut lost_claims = 0u32;
+        let mut first_claim = Some(slot);
         // Failures held for an outage (not counted as attempts), and when the last began.
         let (mut holds, mut held_since) = (0u32, None::<Instant>);
         // Whether this record failed a probe (it lets others probe first).
@@ -339,9 +352,14 @@ impl<H: Handler> WorkerContext<H> {
             if let Some(since) = held_since.take() {
                 started += since.elapsed(); // an outage does not count toward max_elapsed
             }
-            // Claim before every attempt (a failed attempt released its claim).
+            // Claim before every attempt (a failed attempt released its claim). The first
+            // takes the claim fetched ahead for it, if one waits; else it fetches the claims
+            // of its lane's next records with its own.
             let mut held = match (&self.dedup, &dedup_key) {
-                (Some(d), Some(k)) => match self.claim(d, k, &record, metrics, cancel).await {
+                (Some(d), Some(k)) => match self
+                    .claim(d, k, &record, metrics, cancel, first_claim.take())
+                    .await
+                {
                     ClaimOutcome::Run(held) => held,
                     ClaimOutcome::Duplicate => {
                         debug!(coordinates = %record.coordinates(), "duplicate: already done, skipped");
@@ -490,18 +508,57 @@ impl<H: Handler> WorkerContext<H> {
         }
     }
 
+    /// Claims `key` for `record`. On its first claim (`first` is its slot) the record takes
+    /// the claim fetched ahead for it, if one waits; else the claims of its lane's next
+    /// records are fetched in the same batch call as its own (see [`claim_ahead`]).
+    ///
+    /// [`claim_ahead`]: super::claim_ahead
     async fn claim(
         &self,
         d: &Dedup<H::Event>,
         key: &str,
-        record: &RawRecord,
+        record: &Arc<RawRecord>,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
+        first: Option<&dyn Slot>,
     ) -> ClaimOutcome {
+        let mut ahead = None;
+        if let Some(slot) = first {
+            match d.ahead.take(record, key).await {
+                Some(Taken::Held(held)) => return ClaimOutcome::Run(Some(held)),
+                Some(Taken::Done) => return ClaimOutcome::Duplicate,
+                None => ahead = self.keys_ahead(d, slot),
+            }
+        }
         let mut waits = 0u32;
         loop {
             let sent = Instant::now();
-            match store_call("claim", d.claim(key)).await {
+            let answer = match ahead.take() {
+                None => store_call("claim", d.claim(key)).await,
+                Some((stop, next)) => {
+                    let keys = std::iter::once(key.to_owned())
+                        .chain(next.iter().map(|(_, k)| k.clone()))
+                        .collect();
+                    let mut answers = d.claim_all(keys).await.into_iter();
+                    let own = answers.next().unwrap_or_else(|| {
+                        Err(StoreError::Unavailable {
+                            operation: "claim",
+                            source: "no answer for the record's own key".into(),
+                        })
+                    });
+                    let kept = next
+                        .into_iter()
+                        .zip(answers)
+                        .filter_map(|((r, k), a)| match a {
+                            Ok(Claim::Acquired(token)) => Some((r, k, Answer::Acquired(token))),
+                            Ok(Claim::Done) => Some((r, k, Answer::Done)),
+                            Ok(Claim::Busy) | Err(_) => None,
+                        });
+                    d.ahead.keep(&stop, sent, kept);
+                    own
+                }
+            };
+            match answer {
                 Ok(Claim::Acquired(token)) => {
                     return ClaimOutcome::Run(Some(HeldClaim::new(token, sent)));
                 }
@@ -510,11 +567,13 @@ impl<H: Handler> WorkerContext<H> {
                     debug!(coordinates = %record.coordinates(), key, "dedup key busy: another worker holds it, waiting");
                 }
                 Err(e) if d.run_without_store_on_outage => {
+                    d.ahead.store_failed();
                     metrics.store_error(StoreOperation::Claim);
                     warn!(coordinates = %record.coordinates(), error = %e, "idempotency store unavailable: handling without dedup (opted in)");
                     return ClaimOutcome::Run(None);
                 }
                 Err(e) => {
+                    d.ahead.store_failed();
                     metrics.store_error(StoreOperation::Claim);
                     warn!(coordinates = %record.coordinates(), error = %e, "idempotency store unavailable: waiting (the record is not skipped)");
                 }
@@ -524,6 +583,30 @@ impl<H: Handler> WorkerContext<H> {
             }
             waits = waits.saturating_add(1);
         }
+    }
+
+    /// The lane's next records that have a dedup key and no claim fetched for them yet,
+    /// with their keys (computed without side effects: a record whose key cannot be computed
+    /// now claims at its turn, and reports why then).
+    fn keys_ahead(
+        &self,
+        d: &Dedup<H::Event>,
+        slot: &dyn Slot,
+    ) -> Option<LaneKeys> {
+        let (stop, records) = slot.lane_ahead(CLAIM_AHEAD)?;
+        let keyed: Vec<_> = records
+            .into_iter()
+            .filter(|r| !d.ahead.holds(r))
+            .filter_map(|r| {
+                let decode = || {
+                    let event = self.codec.decode(&r).ok()?;
+                    Some(Message::new(r.clone(), 1, event))
+                };
+                let key = guarded(|| d.key.namespaced_key_ahead(&d.namespace, &r, decode));
+                Some((r.clone(), key.ok().flatten()?))
+            })
+            .collect();
+        (!keyed.is_empty()).then_some((stop, keyed))
     }
 
     async fn complete(
@@ -550,6 +633,7 @@ impl<H: Handler> WorkerContext<H> {
                     return true;
                 }
                 Err(e) => {
+                    d.ahead.store_failed();
                     metrics.store_error(StoreOperation::Complete);
                     // With the outage opt-in, the consumer must keep moving: do not hold the
                     // partition (or key) for the rest of the lease.

@@ -491,17 +491,18 @@ impl Setup {
             acked: Mutex::new(Vec::new()),
         });
         let key_panics = self.dedup_key_panics;
-        let dedup = self.store.map(|store| Dedup {
-            store,
-            key: DedupKey::from_fn(move |m: &Message<Order>| {
+        let dedup = self.store.map(|store| {
+            let key = DedupKey::from_fn(move |m: &Message<Order>| {
                 assert!(!key_panics, "no key for {}", m.event().id);
                 Some(m.event().id.clone())
-            }),
-            namespace: GROUP.to_owned(),
-            lease: self.lease,
-            ttl: TTL,
-            run_without_store_on_outage: self.run_without_store_on_outage,
-            batch: Default::default(),
+            });
+            Dedup::new(
+                store,
+                key,
+                GROUP.to_owned(),
+                (self.lease, TTL),
+                self.run_without_store_on_outage,
+            )
         });
         let metrics = Arc::new(ConsumerMetrics::new(GROUP, &[TOPIC.to_owned()]));
         let worker = WorkerContext {

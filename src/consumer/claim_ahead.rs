@@ -1,0 +1,456 @@
+//! Claims fetched ahead (DESIGN rule 15's leases, applied before a record runs).
+//!
+//! In partition or key order a lane runs one record at a time, so a claim round trip per
+//! record puts the store's latency between every two records of the lane. When a record of
+//! an ordered lane has to claim its dedup key, the same batch call also claims the keys of
+//! the next records queued in its lane (up to [`CLAIM_AHEAD`]); their answers wait here, and
+//! each of those records, when its turn comes, takes its claim instead of asking the store.
+//!
+//! A claim fetched ahead is a real claim with a lease, held by a record that is not running
+//! yet, so it never outlives its use:
+//! - it is taken only while **fresh** (sent less than a third of the lease ago, the renewal
+//!   period: the attempt's renewal then starts on time) and if no call to the store failed
+//!   since it was fetched (in a store outage records stop at their claim, as without
+//!   claim-ahead, rather than run on claims whose completion cannot be written); otherwise
+//!   it is released and the record claims anew;
+//! - a record whose job ends without taking it (a tier record deferred, a poison pill, given
+//!   up) releases it at its end;
+//! - the sweeper (a task, every [`SWEEP_EVERY`]) releases claims that are no longer fresh and
+//!   those of partitions that are draining (revoked or stopping): the records they were for
+//!   were dropped from the buffer, and the partition's next owner must not find their keys
+//!   busy;
+//! - shutdown releases whatever is left ([`AheadClaims::release_all`]).
+//!
+//! A crash leaves them to expire with their lease, like the claim of a running record. An
+//! answer "done" is kept too (the record is a duplicate, skipped at its turn); "busy" and
+//! errors are not (the record claims at its turn, as without claim-ahead).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::guard::store_call;
+use super::lease::HeldClaim;
+use super::stop::Stop;
+use crate::idempotency::{ClaimToken, IdempotencyStore};
+use crate::record::RawRecord;
+
+/// How many of a lane's next records a claim asks for along with its own key.
+pub(crate) const CLAIM_AHEAD: usize = 32;
+
+/// The next records of a lane with their dedup keys, and their partition's stop signals.
+pub(crate) type LaneKeys = (Arc<Stop>, Vec<(Arc<RawRecord>, String)>);
+
+/// How often the sweeper looks for claims to release.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+/// What the store answered for a record's key fetched ahead.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Acquired(ClaimToken),
+    Done,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Held so the record's address (the map's key) is not reused while the entry lives.
+    _record: Arc<RawRecord>,
+    key: String,
+    answer: Answer,
+    sent: Instant,
+    stop: Arc<Stop>,
+}
+
+/// What a record finds waiting for it.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// Its key, claimed for it: it runs without asking the store.
+    Held(HeldClaim),
+    /// Its key was done already: a duplicate.
+    Done,
+}
+
+/// See the module docs. One per consumer with idempotency.
+pub(crate) struct AheadClaims {
+    store: Arc<dyn IdempotencyStore>,
+    lease: Duration,
+    /// By the record's address (one delivery of one record: a redelivery is another
+    /// `RawRecord`, so it never takes the claim fetched for an earlier delivery).
+    entries: Mutex<HashMap<usize, Entry, foldhash::fast::RandomState>>,
+    /// Entries held, read without the lock (most records find none when claim-ahead is
+    /// idle, e.g. in unordered mode).
+    len: AtomicUsize,
+    sweeper: OnceLock<()>,
+    /// When a call to the store last failed (nanoseconds after `base` plus one; 0: never):
+    /// a claim fetched before that is not taken (see [`AheadClaims::store_failed`]).
+    failed_at: AtomicU64,
+    base: Instant,
+}
+
+impl std::fmt::Debug for AheadClaims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AheadClaims")
+            .field("held", &self.len.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn address(record: &Arc<RawRecord>) -> usize {
+    Arc::as_ptr(record) as usize
+}
+
+impl AheadClaims {
+    pub(crate) fn new(store: Arc<dyn IdempotencyStore>, lease: Duration) -> Self {
+        AheadClaims {
+            store,
+            lease,
+            entries: Mutex::default(),
+            len: AtomicUsize::new(0),
+            sweeper: OnceLock::new(),
+            failed_at: AtomicU64::new(0),
+            base: Instant::now(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<usize, Entry, foldhash::fast::RandomState>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long a claim fetched ahead may wait for its record: a third of the lease.
+    fn fresh_for(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// A call to the store failed: claims fetched before now are no longer taken (released;
+    /// their records claim anew, and wait for the store like any record). During a store
+    /// outage records then stop at their claim, as they would without claim-ahead, instead
+    /// of running on claims whose completion cannot be written.
+    pub(crate) fn store_failed(&self) {
+        self.failed_at
+            .fetch_max(self.nanos(Instant::now()) + 1, Ordering::AcqRel);
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the store failed since `sent`.
+    fn failed_since(&self, sent: Instant) -> bool {
+        self.failed_at.load(Ordering::Acquire) > self.nanos(sent)
+    }
+
+    /// Whether a claim fetched ahead waits for `record` (it is not asked for again).
+    pub(crate) fn holds(&self, record: &Arc<RawRecord>) -> bool {
+        self.len.load(Ordering::Acquire) > 0 && self.lock().contains_key(&address(record))
+    }
+
+    /// How many claims fetched ahead wait for their records.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Keeps the answers for records of one lane (`stop` is their partition's); starts the
+    /// sweeper on first use.
+    pub(crate) fn keep(
+        self: &Arc<Self>,
+        stop: &Arc<Stop>,
+        sent: Instant,
+        answers: impl IntoIterator<Item = (Arc<RawRecord>, String, Answer)>,
+    ) {
+        let mut entries = self.lock();
+        for (record, key, answer) in answers {
+            let entry = Entry {
+                _record: record.clone(),
+                key,
+                answer,
+                sent,
+                stop: stop.clone(),
+            };
+            if entries.insert(address(&record), entry).is_none() {
+                self.len.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        drop(entries);
+        self.sweeper.get_or_init(|| {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        });
+    }
+
+    fn remove(&self, record: &Arc<RawRecord>) -> Option<Entry> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let entry = self.lock().remove(&address(record));
+        if entry.is_some() {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
+        entry
+    }
+
+    /// The claim fetched ahead for `record` under `key`, if one waits and is fresh; one that
+    /// is not fresh is released first (the record then claims anew).
+    pub(crate) async fn take(&self, record: &Arc<RawRecord>, key: &str) -> Option<Taken> {
+        let entry = self.remove(record)?;
+        if entry.key != key {
+            // Cannot happen (the key is computed the same way), but a mismatch must not let
+            // a record run under another key's claim.
+            self.release(entry).await;
+            return None;
+        }
+        match entry.answer {
+            Answer::Done => Some(Taken::Done),
+            Answer::Acquired(_)
+                if entry.sent.elapsed() >= self.fresh_for() || self.failed_since(entry.sent) =>
+            {
+                self.release(entry).await;
+                None
+            }
+            Answer::Acquired(token) => Some(Taken::Held(HeldClaim::new(token, entry.sent))),
+        }
+    }
+
+    /// At the end of `record`'s job: releases the claim fetched for it if it never took it.
+    pub(crate) async fn forget(&self, record: &Arc<RawRecord>) {
+        if let Some(entry) = self.remove(record) {
+            self.release(entry).await;
+        }
+    }
+
+    /// Releases every claim fetched ahead (shutdown).
+    pub(crate) async fn release_all(&self) {
+        let all: Vec<Entry> = {
+            let mut entries = self.lock();
+            self.len.store(0, Ordering::Release);
+            entries.drain().map(|(_, e)| e).collect()
+        };
+        if !all.is_empty() {
+            debug!(
+                claims = all.len(),
+                "releasing the claims fetched ahead for records that did not run"
+            );
+        }
+        for entry in all {
+            self.release(entry).await;
+        }
+    }
+
+    /// Takes out the entries the sweeper releases: not fresh, or of a draining partition.
+    fn swept(&self) -> Vec<Entry> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let fresh_for = self.fresh_for();
+        let mut entries = self.lock();
+        let gone: Vec<usize> = entries
+            .iter()
+            .filter(|(_, e)| e.stop.drain.is_cancelled() || e.sent.elapsed() >= fresh_for)
+            .map(|(a, _)| *a)
+            .collect();
+        let swept: Vec<Entry> = gone.iter().filter_map(|a| entries.remove(a)).collect();
+        self.len.fetch_sub(swept.len(), Ordering::AcqRel);
+        swept
+    }
+
+    /// Best effort: a claim not released runs out with its lease.
+    async fn release(&self, entry: Entry) {
+        let Answer::Acquired(token) = entry.answer else {
+            return;
+        };
+        if let Err(e) = store_call("release", self.store.release(&entry.key, &token)).await
+            && !e.is_lease_lost()
+        {
+            warn!(key = entry.key, error = %e, "could not release a claim fetched ahead; it runs out with its lease");
+        }
+    }
+}
+
+/// The sweeper: see the module docs. Ends when the consumer is dropped.
+async fn sweep(claims: Weak<AheadClaims>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(claims) = claims.upgrade() else {
+            return;
+        };
+        for entry in claims.swept() {
+            claims.release(entry).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::InMemoryIdempotencyStore;
+    use crate::idempotency::{Claim, IdempotencyStore};
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn record(offset: i64) -> Arc<RawRecord> {
+        Arc::new(RawRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            key: None,
+            value: None,
+            headers: crate::record::Headers::new(),
+            timestamp: None,
+            log_append_time: false,
+        })
+    }
+
+    async fn acquired(store: &InMemoryIdempotencyStore, key: &str) -> Answer {
+        match store.claim(key, LEASE).await.unwrap() {
+            Claim::Acquired(t) => Answer::Acquired(t),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn setup() -> (Arc<InMemoryIdempotencyStore>, Arc<AheadClaims>) {
+        let store = Arc::new(InMemoryIdempotencyStore::new());
+        let claims = Arc::new(AheadClaims::new(store.clone(), LEASE));
+        (store, claims)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_takes_its_fresh_claim_once_and_a_redelivery_never_does() {
+        let (store, claims) = setup();
+        let (r, again) = (record(1), record(1));
+        let answer = acquired(&store, "k").await;
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(r.clone(), "k".into(), answer)],
+        );
+        assert!(claims.holds(&r) && !claims.holds(&again));
+        assert!(claims.take(&again, "k").await.is_none(), "another delivery");
+        let Some(Taken::Held(held)) = claims.take(&r, "k").await else {
+            panic!("the claim fetched ahead");
+        };
+        assert!(claims.take(&r, "k").await.is_none(), "taken once");
+        store.complete("k", &held.token, LEASE).await.unwrap();
+        assert_eq!(claims.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_claim_is_released_and_the_record_claims_anew() {
+        let (store, claims) = setup();
+        let r = record(1);
+        let answer = acquired(&store, "k").await;
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(r.clone(), "k".into(), answer)],
+        );
+        tokio::time::advance(LEASE / 3).await;
+        // The sweeper may have released it already; either way the record does not take it
+        // and the key is free for its own claim.
+        assert!(claims.take(&r, "k").await.is_none());
+        assert!(matches!(
+            store.claim("k", LEASE).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_releases_the_claims_of_a_draining_partition() {
+        let (store, claims) = setup();
+        let stop = Arc::new(Stop::default());
+        let (r, other) = (record(1), record(2));
+        let (a, b) = (acquired(&store, "a").await, acquired(&store, "b").await);
+        claims.keep(&stop, Instant::now(), [(r.clone(), "a".into(), a)]);
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(other.clone(), "b".into(), b)],
+        );
+        stop.drain.cancel();
+        tokio::time::sleep(SWEEP_EVERY * 2).await;
+        assert!(!claims.holds(&r), "released");
+        assert!(matches!(
+            store.claim("a", LEASE).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+        assert!(claims.holds(&other), "another partition's claim stays");
+        assert_eq!(store.claim("b", LEASE).await.unwrap(), Claim::Busy);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_that_ends_without_its_claim_and_shutdown_release_it() {
+        let (store, claims) = setup();
+        let (r, other) = (record(1), record(2));
+        let (a, b) = (acquired(&store, "a").await, acquired(&store, "b").await);
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(r.clone(), "a".into(), a)],
+        );
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(other.clone(), "b".into(), b)],
+        );
+        claims.forget(&r).await;
+        assert!(matches!(
+            store.claim("a", LEASE).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+        assert_eq!(store.claim("b", LEASE).await.unwrap(), Claim::Busy);
+        claims.release_all().await;
+        assert!(matches!(
+            store.claim("b", LEASE).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+        assert_eq!(claims.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_fetched_before_a_store_failure_is_not_taken() {
+        let (store, claims) = setup();
+        let (before, after) = (record(1), record(2));
+        let answer = acquired(&store, "a").await;
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(before.clone(), "a".into(), answer)],
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        claims.store_failed();
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let answer = acquired(&store, "b").await;
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(after.clone(), "b".into(), answer)],
+        );
+        assert!(claims.take(&before, "a").await.is_none(), "fetched before");
+        assert!(
+            matches!(store.claim("a", LEASE).await.unwrap(), Claim::Acquired(_)),
+            "released"
+        );
+        assert!(
+            matches!(claims.take(&after, "b").await, Some(Taken::Held(_))),
+            "fetched after"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_done_answer_makes_the_record_a_duplicate() {
+        let (_store, claims) = setup();
+        let r = record(1);
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(r.clone(), "k".into(), Answer::Done)],
+        );
+        assert!(matches!(claims.take(&r, "k").await, Some(Taken::Done)));
+    }
+}
