@@ -17,6 +17,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::oneshot;
@@ -240,13 +241,21 @@ impl<H: Handler> WorkerContext<H> {
                     .run(record.clone(), &metrics, stop, slot)
                     .instrument(span.clone());
                 tokio::pin!(run);
-                let outcome = tokio::select! {
-                    outcome = &mut run => outcome,
-                    () = tokio::time::sleep(self.stall_threshold) => {
-                        warn!(coordinates = %record.coordinates(), threshold = ?self.stall_threshold, "record stalled: in flight longer than the stall threshold");
-                        metrics.stalled();
-                        run.await
-                    }
+                // Most records end at their first poll (no I/O, or none that waits): the
+                // stall timer is set only for those that do not, from the record's start
+                // (a timer per record costs two timer-wheel updates).
+                let started = Instant::now();
+                let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
+                let outcome = match first {
+                    Poll::Ready(outcome) => outcome,
+                    Poll::Pending => tokio::select! {
+                        outcome = &mut run => outcome,
+                        () = tokio::time::sleep_until(started + self.stall_threshold) => {
+                            warn!(coordinates = %record.coordinates(), threshold = ?self.stall_threshold, "record stalled: in flight longer than the stall threshold");
+                            metrics.stalled();
+                            run.await
+                        }
+                    },
                 };
                 match (tracked, &self.tiers) {
                     (Some(t), Some(tiers)) => self.tier_settle(tiers, t, outcome, stop).await,
