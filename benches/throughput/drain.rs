@@ -16,7 +16,7 @@ use crate::consumers::{
 };
 use crate::measure::{Outcome, peak_rss_kib, process_cpu_secs};
 use crate::scenario::Scenario;
-use crate::services::{committed_sum, log_end, redis_url, require_redis};
+use crate::services::{committed_sum, log_end, redis_cpu_secs, redis_url, require_redis};
 use crate::{
     BoxResult, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, RETRY_BACKOFF, RETRY_FAIL_EVERY,
     SCENARIO_TIMEOUT, SLOW_HANDLER, SLOW_KEY_MAX_IN_FLIGHT,
@@ -133,6 +133,12 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
         } else {
             0
         };
+        let store_cpu0 = if scenario == Scenario::Redis {
+            require_redis().await?;
+            redis_cpu_secs().await?
+        } else {
+            0.0
+        };
         let cpu0 = process_cpu_secs();
         let created = Instant::now();
         let mut builder = kourier_builder(args, handler, group, &child.topic);
@@ -185,6 +191,11 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
         };
         let cpu1 = process_cpu_secs();
         let rss = peak_rss_kib();
+        let store_cpu_secs = if scenario == Scenario::Redis {
+            redis_cpu_secs().await? - store_cpu0
+        } else {
+            0.0
+        };
         running.stop().await?;
         let first = progress.first.get().copied().unwrap_or(end);
         let partitions = if scenario.is_slow() { 1 } else { PARTITIONS };
@@ -211,6 +222,7 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
             cpu_secs: cpu1 - cpu0,
             peak_rss_kib: rss,
             dead_letters,
+            store_cpu_secs,
             latency: None,
         })
     })

@@ -241,6 +241,7 @@ pub(crate) fn latency(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<
         cpu_secs: cpu1 - cpu0,
         peak_rss_kib: rss,
         dead_letters: 0,
+        store_cpu_secs: 0.0,
         latency: Some(LatencyOutcome {
             samples: h.len(),
             p50_us: h.value_at_quantile(0.50),

@@ -63,6 +63,10 @@ pub(crate) struct Outcome {
     pub(crate) peak_rss_kib: u64,
     /// Dead letters in `<topic>.dlt` afterwards (scenario d).
     pub(crate) dead_letters: u64,
+    /// CPU seconds the Redis server used over the same span (scenario c; Redis's
+    /// `INFO cpu`, user+sys): it runs on the same cores.
+    #[serde(default)]
+    pub(crate) store_cpu_secs: f64,
     pub(crate) latency: Option<LatencyOutcome>,
 }
 

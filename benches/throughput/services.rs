@@ -42,6 +42,23 @@ pub(crate) fn require_kafka() -> BoxResult<()> {
     Ok(())
 }
 
+/// The Redis server's CPU seconds so far (`INFO cpu`: `used_cpu_user` + `used_cpu_sys`).
+pub(crate) async fn redis_cpu_secs() -> BoxResult<f64> {
+    let client = redis::Client::open(redis_url().as_str())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut connection)
+        .await?;
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.trim().split_once(':')?;
+            matches!(name, "used_cpu_user" | "used_cpu_sys").then(|| value.parse::<f64>().ok())?
+        })
+        .sum())
+}
+
 pub(crate) async fn require_redis() -> BoxResult<()> {
     let url = redis_url();
     let ping = async {

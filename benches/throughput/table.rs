@@ -178,6 +178,15 @@ pub(crate) fn print_table(
                 o.join_secs
             );
         }
+        if let Some(c) = get(Scenario::Redis) {
+            let per_m = |secs: f64| secs / c.records as f64 * 1e6;
+            let _ = writeln!(
+                w,
+                "(c) the Redis server used {:.2} CPU s/M records meanwhile (INFO cpu), on the same cores: kourier + Redis = {:.2} CPU s/M",
+                per_m(c.store_cpu_secs),
+                per_m(c.store_cpu_secs + c.cpu_secs)
+            );
+        }
         if let Some(d) = get(Scenario::DeadLetter) {
             let _ = writeln!(
                 w,

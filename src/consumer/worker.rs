@@ -597,11 +597,7 @@ impl<H: Handler> WorkerContext<H> {
     /// The lane's next records that have a dedup key and no claim fetched for them yet,
     /// with their keys (computed without side effects: a record whose key cannot be computed
     /// now claims at its turn, and reports why then).
-    fn keys_ahead(
-        &self,
-        d: &Dedup<H::Event>,
-        slot: &dyn Slot,
-    ) -> Option<LaneKeys> {
+    fn keys_ahead(&self, d: &Dedup<H::Event>, slot: &dyn Slot) -> Option<LaneKeys> {
         let (stop, records) = slot.lane_ahead(CLAIM_AHEAD)?;
         let keyed: Vec<_> = records
             .into_iter()
