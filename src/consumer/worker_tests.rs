@@ -2205,3 +2205,117 @@ async fn a_dead_letter_write_that_never_succeeds_is_abandoned_unsettled_after_re
     );
     assert!(h.letters().is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Claims fetched ahead for the lane's next records
+// ---------------------------------------------------------------------------------------------
+
+/// A slot whose lane holds `next` after the record.
+struct LaneSlot {
+    stop: Arc<Stop>,
+    next: Vec<Arc<RawRecord>>,
+}
+
+impl super::Slot for LaneSlot {
+    fn park(&self) {}
+    fn resume(&self) -> Result<(), tokio::sync::oneshot::Receiver<()>> {
+        Ok(())
+    }
+    fn resume_now(&self) {}
+    fn release(&self) {}
+    fn lane_ahead(&self, max: usize) -> Option<(Arc<Stop>, Vec<Arc<RawRecord>>)> {
+        Some((
+            self.stop.clone(),
+            self.next.iter().take(max).cloned().collect(),
+        ))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lanes_next_records_run_on_the_claims_fetched_with_the_first() {
+    let store = FlakyStore::up();
+    let h = script([Succeed, Succeed]).dedup_in(store.clone()).build();
+    // o-3 was handled before: its claim fetched ahead answers done.
+    let Claim::Acquired(token) = store.inner.claim(&store_key("o-3"), LEASE).await.unwrap() else {
+        panic!("o-3 claimable");
+    };
+    store
+        .inner
+        .complete(&store_key("o-3"), &token, TTL)
+        .await
+        .unwrap();
+    let records: Vec<Arc<RawRecord>> = ["o-1", "o-2", "o-3"]
+        .into_iter()
+        .map(|id| Arc::new(order(id)))
+        .collect();
+    let stop = Stop::default();
+    let lane = LaneSlot {
+        stop: Arc::default(),
+        next: records[1..].to_vec(),
+    };
+
+    let first = h.worker.run_job(records[0].clone(), &stop, &lane).await;
+    let claims = store.claims.load(Ordering::SeqCst);
+    let rest = [
+        h.worker.run_job(records[1].clone(), &stop, &KeepSlot).await,
+        h.worker.run_job(records[2].clone(), &stop, &KeepSlot).await,
+    ];
+
+    assert_eq!(claims, 3, "o-1 claimed o-2's and o-3's keys with its own");
+    assert_eq!([first, rest[0], rest[1]], [JobEnd::Settled; 3]);
+    assert_eq!(
+        store.claims.load(Ordering::SeqCst),
+        claims,
+        "o-2 and o-3 asked the store nothing"
+    );
+    assert_eq!(h.handled(), 2, "o-1 and o-2 handled, o-3 a duplicate");
+    assert_eq!(
+        key_state(&store.inner, &store_key("o-2")).await,
+        KeyState::Done
+    );
+    // Each handled record ran under a claim (o-2's fetched ahead) and completed with it.
+    let ran: Vec<ClaimToken> = h
+        .calls()
+        .iter()
+        .map(|c| c.token.clone().expect("each attempt holds a claim"))
+        .collect();
+    let completed: Vec<ClaimToken> = store
+        .calls_of("complete")
+        .into_iter()
+        .map(|(token, ok)| {
+            assert!(ok, "completed");
+            token
+        })
+        .collect();
+    assert_eq!(ran, completed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_fetched_ahead_for_a_record_that_ends_early_is_released() {
+    let store = FlakyStore::up();
+    let h = script([Succeed]).dedup_in(store.clone()).build();
+    let first = Arc::new(order("o-1"));
+    let next = Arc::new(order("o-2"));
+    let lane = LaneSlot {
+        stop: Arc::default(),
+        next: vec![next.clone()],
+    };
+    let stop = Stop::default();
+    assert_eq!(h.worker.run_job(first, &stop, &lane).await, JobEnd::Settled);
+    assert_eq!(
+        key_state(&store.inner, &store_key("o-2")).await,
+        KeyState::Held
+    );
+    // o-2's job ends before it claims (here: given up as its partition is abandoned).
+    let abandoned = Stop::default();
+    abandoned.abandon.cancel();
+    assert_eq!(
+        h.worker.run_job(next, &abandoned, &KeepSlot).await,
+        JobEnd::Abandoned
+    );
+    assert_eq!(
+        key_state(&store.inner, &store_key("o-2")).await,
+        KeyState::Free,
+        "released at its job's end, not left for the lease"
+    );
+}
