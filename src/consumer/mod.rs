@@ -6,7 +6,9 @@
 //! scheduler, whose per-partition watermarks ([`offsets`]) decide what [`commit`] commits.
 //! [`rebalance`] and [`shutdown`] are the two ways partitions leave; [`flow`] pauses and
 //! resumes them; [`breaker`] holds dispatch while the handlers' downstream is down.
-//! [`builder`] assembles it all.
+//! Idempotency: [`dedup`] holds the settings, [`lease`] renews a running record's claim,
+//! [`store_batch`] and [`claim_ahead`] cut the store's round trips. [`builder`] assembles
+//! it all.
 
 #[cfg(feature = "bench-internals")]
 pub mod bench_support;
