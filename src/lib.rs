@@ -268,6 +268,7 @@ mod codec;
 mod consumer;
 pub mod dead_letter;
 mod error;
+mod guard;
 mod handler;
 pub mod idempotency;
 mod log_throttle;

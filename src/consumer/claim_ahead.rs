@@ -33,9 +33,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::guard::store_call;
 use super::lease::HeldClaim;
 use super::stop::Stop;
+use crate::guard::store_call;
 use crate::idempotency::{ClaimToken, IdempotencyStore};
 use crate::record::RawRecord;
 

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::guard::store_call;
+use crate::guard::store_call;
 use crate::idempotency::{ClaimToken, IdempotencyStore, StoreError};
 use crate::metrics::{RecordMetrics, StoreOperation};
 use crate::record::RawRecord;

@@ -19,7 +19,6 @@ mod commit;
 mod context;
 mod dedup;
 mod flow;
-mod guard;
 mod health;
 mod hub;
 mod lease;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::guard::guarded_async;
+use crate::guard::guarded_async;
 use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
 
 /// At most this many requests go in one batch call.

@@ -7,13 +7,13 @@ use std::time::SystemTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::guard::guarded_async;
 use super::scheduler::Stop;
 use super::worker::{
     Failure, Outcome, Slot, WorkerContext, back_off, infra_delay, sleep_or_cancel,
 };
 use crate::dead_letter::DeadLetterReason;
 use crate::error::{StoreError, error_chain};
+use crate::guard::guarded_async;
 use crate::handler::Handler;
 use crate::metrics::RecordMetrics;
 use crate::record::RawRecord;

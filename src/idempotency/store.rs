@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::StoreError;
+use crate::guard::store_call;
 
 /// Proof of a claim: the value stored under the key while the lease lasts.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -128,13 +129,16 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// atomic claim; the batch is not a transaction). The consumer uses it to claim the
     /// records of many workers in one call.
     ///
-    /// The default calls [`claim`](IdempotencyStore::claim) for each key in turn. A store
-    /// that can answer a batch in one round trip should override it (the Redis store does).
-    /// Each key's result is independent: an availability error may fail some keys, or all.
+    /// The default calls [`claim`](IdempotencyStore::claim) for each key in turn; a
+    /// `claim` that panics answers its key with [`StoreError::Unavailable`] and the batch
+    /// goes on, so the keys claimed before it keep their answers (lost with the batch, their
+    /// claims would hold the keys until their lease runs out). A store that can answer a
+    /// batch in one round trip should override it (the Redis store does). Each key's result
+    /// is independent: an availability error may fail some keys, or all.
     async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
         let mut answers = Vec::with_capacity(keys.len());
         for key in keys {
-            answers.push(self.claim(key, lease).await);
+            answers.push(store_call("claim", self.claim(key, lease)).await);
         }
         answers
     }
@@ -145,8 +149,9 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::LeaseLost`] for that claim alone, changing nothing). The consumer uses
     /// it to mark the records of many workers done in one call.
     ///
-    /// The default calls [`complete`](IdempotencyStore::complete) for each claim in turn; the
-    /// Redis store answers a batch in one round trip.
+    /// The default calls [`complete`](IdempotencyStore::complete) for each claim in turn
+    /// (a `complete` that panics answers its claim with [`StoreError::Unavailable`], the
+    /// others keep theirs); the Redis store answers a batch in one round trip.
     async fn complete_many(
         &self,
         claims: &[(&str, &ClaimToken)],
@@ -154,8 +159,59 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     ) -> Vec<Result<(), StoreError>> {
         let mut answers = Vec::with_capacity(claims.len());
         for (key, token) in claims {
-            answers.push(self.complete(key, token, ttl).await);
+            answers.push(store_call("complete", self.complete(key, token, ttl)).await);
         }
         answers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::idempotency::memory::InMemoryIdempotencyStore;
+
+    /// The in-memory store, except that claiming `b` panics.
+    #[derive(Debug, Default)]
+    struct PanicsOnB(InMemoryIdempotencyStore);
+
+    #[async_trait]
+    impl IdempotencyStore for PanicsOnB {
+        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+            assert_ne!(key, "b", "claiming b panics");
+            self.0.claim(key, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.complete(key, token, ttl).await
+        }
+        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+            self.0.release(key, token).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_claim_fails_its_key_alone_in_the_default_batch() {
+        let store = PanicsOnB::default();
+        let lease = Duration::from_secs(30);
+        let answers = store.claim_many(&["a", "b", "c"], lease).await;
+        assert!(matches!(answers[0], Ok(Claim::Acquired(_))));
+        assert!(matches!(
+            answers[1],
+            Err(StoreError::Unavailable {
+                operation: "claim",
+                ..
+            })
+        ));
+        assert!(matches!(answers[2], Ok(Claim::Acquired(_))));
+        // The claims acquired are the callers': completing with their tokens works.
+        let Ok(Claim::Acquired(token)) = &answers[0] else {
+            unreachable!()
+        };
+        store.complete("a", token, lease).await.unwrap();
+        assert_eq!(store.claim("a", lease).await.unwrap(), Claim::Done);
     }
 }
