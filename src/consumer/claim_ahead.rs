@@ -247,13 +247,11 @@ impl AheadClaims {
             return Vec::new();
         }
         let fresh_for = self.fresh_for();
-        let mut entries = self.lock();
-        let gone: Vec<usize> = entries
-            .iter()
-            .filter(|(_, e)| e.stop.drain.is_cancelled() || e.sent.elapsed() >= fresh_for)
-            .map(|(a, _)| *a)
+        let swept: Vec<Entry> = self
+            .lock()
+            .extract_if(|_, e| e.stop.drain.is_cancelled() || e.sent.elapsed() >= fresh_for)
+            .map(|(_, e)| e)
             .collect();
-        let swept: Vec<Entry> = gone.iter().filter_map(|a| entries.remove(a)).collect();
         self.len.fetch_sub(swept.len(), Ordering::AcqRel);
         swept
     }

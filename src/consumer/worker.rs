@@ -608,7 +608,8 @@ impl<H: Handler> WorkerContext<H> {
                     Some(Message::new(r.clone(), 1, event))
                 };
                 let key = guarded(|| d.key.namespaced_key_ahead(&d.namespace, &r, decode));
-                Some((r.clone(), key.ok().flatten()?))
+                let key = key.ok().flatten()?;
+                Some((r, key))
             })
             .collect();
         (!keyed.is_empty()).then_some((stop, keyed))
