@@ -82,7 +82,9 @@
 //!    A claim lives as long as its work: it is renewed every third of the lease while the
 //!    handler runs, renewal stops when the partition's assignment is lost, an attempt whose
 //!    claim was lost is cancelled, and the handler can read its claim
-//!    ([`Message::claim_token`]) to fence its effect downstream.
+//!    ([`Message::claim_token`]) to fence its effect downstream. In partition and key order
+//!    a claim also claims the next records of its lane in the same round trip; such a claim
+//!    is used only while fresh and released if its record does not take it.
 //! 8. **Graceful shutdown**: stop taking records, let in-flight records finish within the
 //!    shutdown timeout, commit synchronously, leave the group. After a clean shutdown and a
 //!    restart no record is handled twice.
