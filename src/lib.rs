@@ -266,6 +266,7 @@ pub use rdkafka;
 pub use redis;
 
 mod blocking;
+mod clock;
 mod codec;
 mod consumer;
 pub mod dead_letter;
