@@ -9,6 +9,7 @@ use tracing::{debug, info, warn};
 use super::commit::commit;
 use super::hub::Hub;
 use super::topic_partition::{Tp, tps_display, tps_of};
+use crate::clock;
 
 /// Assign: track the partitions from their committed offsets, unpaused.
 pub(crate) fn on_assign<C: ConsumerContext>(
@@ -32,7 +33,7 @@ pub(crate) fn on_revoke<C: ConsumerContext>(hub: &Hub, consumer: &BaseConsumer<C
     {
         let mut scheduler = hub.lock();
         // Before the drain fires: a worker woken by it reads the deadline at once.
-        scheduler.give_up_by(Some(tps), tokio::time::Instant::now() + hub.revoke_timeout);
+        scheduler.give_up_by(Some(tps), clock::deadline_in(hub.revoke_timeout));
         scheduler.begin_revoke(tps);
         if consumer.assignment_lost() {
             scheduler.lose(tps);

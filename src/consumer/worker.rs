@@ -122,7 +122,7 @@ impl Slot for KeepSlot {
 /// its work is abandoned).
 pub(crate) async fn back_off(delay: Duration, slot: &dyn Slot, stop: &Stop) -> bool {
     slot.park();
-    let end = Instant::now() + delay;
+    let end = crate::clock::deadline_in(delay);
     let waited = tokio::select! {
         () = tokio::time::sleep_until(end) => true,
         () = stop.abandon.cancelled() => false,
@@ -250,7 +250,7 @@ impl<H: Handler> WorkerContext<H> {
                     Poll::Ready(outcome) => outcome,
                     Poll::Pending => tokio::select! {
                         outcome = &mut run => outcome,
-                        () = tokio::time::sleep_until(started + self.stall_threshold) => {
+                        () = tokio::time::sleep_until(crate::clock::after(started, self.stall_threshold)) => {
                             warn!(coordinates = %record.coordinates(), threshold = ?self.stall_threshold, "record stalled: in flight longer than the stall threshold");
                             metrics.stalled();
                             run.await
