@@ -10,6 +10,7 @@ use rdkafka::producer::FutureRecord;
 
 use super::RetryTiers;
 use super::headers::{self, History, Origin, forward_headers};
+use crate::clock;
 use crate::dead_letter::Provenance;
 use crate::error::{ConfigError, Error, Result};
 use crate::producer::{Delivery, ManagedProducer};
@@ -61,6 +62,14 @@ impl Tiers {
         }
         if config.delays.iter().any(Duration::is_zero) {
             return Err(invalid("a tier delay must be longer than zero".into()));
+        }
+        // Delivery rule 17: durations are bounded where they enter.
+        if let Some(d) = config.delays.iter().find(|d| **d > RetryTiers::MAX_DELAY) {
+            return Err(invalid(format!(
+                "a tier delay must be at most {:?} (30 days), got {d:?}: a record that waits \
+                 longer than its tier topic's retention is deleted before it is due",
+                RetryTiers::MAX_DELAY
+            )));
         }
         let mut seen: HashSet<String> = sources.iter().cloned().collect();
         for source in sources {
@@ -201,7 +210,7 @@ impl Tiers {
         deferred: bool,
     ) -> Result<(String, Delivery)> {
         let topic = self.config.tier_topic(&at.origin.topic, target);
-        let due = SystemTime::now() + self.delay(target);
+        let due = clock::after(SystemTime::now(), self.delay(target));
         let headers = forward_headers(
             &record.headers,
             &at.origin,
