@@ -19,6 +19,7 @@ use super::context::KourierContext;
 use super::flow::apply_flow;
 use super::health::{PartitionEnd, cached_watermarks};
 use super::hub::Hub;
+use super::rebalance::reset;
 use super::scheduler::Job;
 use super::shutdown::{ShutdownReport, shutdown};
 use super::startup::{self, StartupSettings};
@@ -188,6 +189,10 @@ pub(crate) fn poll_loop(
                 spawn(job);
             }
         }
+        let resets = hub.lock().take_resets();
+        if !resets.is_empty() {
+            reset(hub, &consumer, &resets);
+        }
         if fatal.is_some() {
             break;
         }
@@ -195,7 +200,10 @@ pub(crate) fn poll_loop(
 
     shutdown(&consumer, hub, settings.shutdown_timeout);
     drop(consumer);
-    let (abandoned, abandoned_records) = hub.lock().abandoned_at_stop();
+    let ((abandoned, abandoned_records), left_for_later) = {
+        let s = hub.lock();
+        (s.abandoned_at_stop(), s.left_for_later_at_stop())
+    };
     if abandoned > 0 {
         warn!(abandoned, first = ?abandoned_records.first(), "consumer closed: records were abandoned unsettled; they are delivered again after a restart");
     } else {
@@ -210,6 +218,7 @@ pub(crate) fn poll_loop(
     Ok(ShutdownReport {
         abandoned,
         abandoned_records,
+        left_for_later,
     })
 }
 

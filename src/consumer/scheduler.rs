@@ -77,6 +77,10 @@ pub(crate) enum JobEnd {
     Settled,
     /// Given up without settling (revoked, shutting down): it will be delivered again.
     Abandoned,
+    /// A retry-tier record that was only waiting for its due time when its partition
+    /// drained: not settled (delivered again), but nothing of it had run, so a shutdown
+    /// reports it apart from the abandoned ones.
+    LeftForLater,
 }
 
 /// Buffer and concurrency limits.
@@ -205,6 +209,13 @@ pub(crate) struct Scheduler {
     /// [`ABANDONED_LISTED`]), and how many in all.
     abandoned_at_stop: Vec<String>,
     abandoned_at_stop_count: usize,
+    /// Tier records given up at a stop while only waiting for their due time.
+    left_for_later_at_stop: usize,
+    /// Partitions with a record given up outside a revoke or a stop (an escaped panic):
+    /// its lane and the partition's commit point would be stuck for the rest of the
+    /// assignment, so the poll thread resets the partition to its commit point
+    /// ([`Scheduler::take_resets`]).
+    resets: Vec<Tp>,
     /// The outage breaker: while it is not closed, nothing new is dispatched.
     breaker: Option<Arc<Breaker>>,
 }
@@ -241,6 +252,8 @@ impl Scheduler {
             shutdown: Stop::default(),
             abandoned_at_stop: Vec::new(),
             abandoned_at_stop_count: 0,
+            left_for_later_at_stop: 0,
+            resets: Vec::new(),
             breaker: None,
         }
     }
@@ -468,7 +481,7 @@ impl Scheduler {
             && let Some(lane) = p.lanes.get_mut(&job.lane)
         {
             lane.running = false;
-            if end == JobEnd::Abandoned {
+            if end != JobEnd::Settled {
                 lane.blocked = true;
                 let (records, bytes) = (
                     lane.queue.len(),
@@ -539,17 +552,47 @@ impl Scheduler {
         if let (Some(epoch), Some(b)) = (job.probe_epoch, &self.breaker) {
             b.dispatched_probe_ended(epoch);
         }
-        if end == JobEnd::Abandoned && self.stopping {
-            self.note_abandoned(job);
+        match end {
+            JobEnd::Abandoned if self.stopping => self.note_abandoned(job),
+            JobEnd::LeftForLater if self.stopping => self.left_for_later_at_stop += 1,
+            _ => {}
         }
         if let Some(p) = self.partitions.get_mut(&job.tp)
             && p.generation == job.generation
         {
             p.in_flight -= 1;
-            if end == JobEnd::Settled {
-                p.tracker.settled(job.record.offset);
+            match end {
+                JobEnd::Settled => {
+                    p.tracker.settled(job.record.offset);
+                }
+                // Outside a drain only a panic that escaped the worker gives a record up:
+                // its lane stays blocked and the commit point cannot pass it, so the
+                // partition is reset to its commit point (delivery rule 14).
+                JobEnd::Abandoned | JobEnd::LeftForLater
+                    if !p.draining && !self.stopping && !self.resets.contains(&job.tp) =>
+                {
+                    self.resets.push(job.tp.clone());
+                }
+                _ => {}
             }
         }
+    }
+
+    /// Partitions to reset to their commit point (a record of theirs was given up outside a
+    /// revoke or a stop), each taken once.
+    pub(crate) fn take_resets(&mut self) -> Vec<Tp> {
+        std::mem::take(&mut self.resets)
+    }
+
+    /// Where `tps` restart after a reset: each partition's first unsettled offset received,
+    /// else one past its settled prefix; none for a partition that received nothing.
+    pub(crate) fn restart_points(&self, tps: &[Tp]) -> Vec<(Tp, i64)> {
+        tps.iter()
+            .filter_map(|tp| {
+                let p = self.partitions.get(tp)?;
+                Some((tp.clone(), p.tracker.restart_point()?))
+            })
+            .collect()
     }
 
     fn note_abandoned(&mut self, job: &Job) {
@@ -851,6 +894,11 @@ impl Scheduler {
     /// [`ABANDONED_LISTED`] of them as `topic/partition@offset`.
     pub(crate) fn abandoned_at_stop(&self) -> (usize, Vec<String>) {
         (self.abandoned_at_stop_count, self.abandoned_at_stop.clone())
+    }
+
+    /// Tier records given up at the stop while only waiting for their due time.
+    pub(crate) fn left_for_later_at_stop(&self) -> usize {
+        self.left_for_later_at_stop
     }
 
     /// Records a worker holds now: running, parked in a retry back-off, or settling (lane
@@ -1361,7 +1409,7 @@ mod tests {
     /// Records b@1 and a@0 fail transiently: enough for a breaker to open.
     async fn two_records_fail(gate: &crate::consumer::breaker::OutageGate) {
         use crate::consumer::breaker::ProbeMemo;
-        for caller in [(0, 1), (0, 0)] {
+        for caller in [1, 0] {
             let pass = gate
                 .admit(&Stop::default(), ProbeMemo::default(), caller)
                 .await
@@ -1408,7 +1456,7 @@ mod tests {
         assert_eq!(offsets(&probe), [(0, 4)]);
         assert!(s.take_jobs().is_empty());
         let pass = gate
-            .admit(&Stop::default(), ProbeMemo::default(), (0, 0))
+            .admit(&Stop::default(), ProbeMemo::default(), 0)
             .await
             .unwrap();
         pass.succeeded();

@@ -670,7 +670,7 @@ impl Harness {
         let pass = self
             .worker
             .outage
-            .admit(&Stop::default(), ProbeMemo::default(), (99, 99))
+            .admit(&Stop::default(), ProbeMemo::default(), 99_999)
             .await
             .expect("admitted");
         let _ = pass.failed(
@@ -842,8 +842,13 @@ async fn transient_until_exhausted_dead_letters_after_four_attempts_and_leaves_t
     assert_eq!(*letter.record, record, "the record goes out untouched");
     assert_eq!(letter.group_id, GROUP);
     assert!(letter.first_failure <= letter.last_failure);
-    // Dead-lettered is not done: a redrive must run.
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    // Dead-lettered settles the delivery: a redelivery is skipped; a redrive carries a
+    // redrive count and runs under a key of its own (`#r1`).
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
+    assert_eq!(
+        key_state(&store, &format!("{}#r1", store_key("o-1"))).await,
+        KeyState::Free
+    );
     assert_eq!(h.retried(), 3);
     assert_eq!(h.dead_lettered(DeadLetterReason::RetriesExhausted), 1);
     assert_eq!(h.handled(), 0);
@@ -873,7 +878,7 @@ async fn permanent_failure_dead_letters_at_once_without_retry() {
     assert_eq!(letter.attempts, 1);
     assert_eq!(letter.error, "mailbox unknown on attempt 1");
     assert_eq!(*letter.record, record);
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
     assert_eq!(h.retried(), 0);
     assert_eq!(h.dead_lettered(DeadLetterReason::Permanent), 1);
 }
@@ -1090,8 +1095,9 @@ async fn a_handler_that_always_panics_is_dead_lettered_with_the_panic_message() 
         "{}",
         letter.error
     );
-    // The panic released the claim like any failure.
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    // Dead-lettered: the delivery is settled, a redelivery is skipped (a redrive runs under
+    // a key of its own).
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1871,12 +1877,15 @@ async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
 
 /// Opens after 4 consecutive failures (no rate trigger), probes after 1 s, doubling to 8 s.
 /// The tests let another record fail first ([`Harness::another_record_failed`]): the record
-/// under test's third failure opens it.
+/// under test's third failure opens it. The record under test probes alone through long
+/// outages: the bound on its own failed probes is tested on its own
+/// (`a_record_that_fails_its_share_of_probes_takes_its_normal_path`).
 fn outage_breaker() -> BreakerPolicy {
     BreakerPolicy::default()
         .without_failure_rate()
         .with_consecutive_failures(4)
         .with_open_interval(secs(1), secs(8))
+        .with_probes_per_record(1000)
 }
 
 #[tokio::test(start_paused = true)]
