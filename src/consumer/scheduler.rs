@@ -1361,6 +1361,51 @@ mod tests {
         assert_eq!((s.in_flight(), s.buffered().0), (0, 0));
     }
 
+    /// A record given up outside a revoke or a stop (only an escaped panic does that) would
+    /// block its lane and the commit point for the rest of the assignment: its partition is
+    /// handed to the poll thread for a reset to its first unsettled offset. Given up during a
+    /// drain, nothing is reset (the next owner reads from the commit point anyway).
+    #[test]
+    fn a_record_given_up_outside_a_drain_asks_for_a_reset_of_its_partition() {
+        let mut s = Scheduler::new(ProcessingOrder::Key, limits(10));
+        s.assign([tp(0), tp(1)]);
+        s.enqueue(rec(0, 0, Some("a")));
+        s.enqueue(rec(0, 1, Some("b")));
+        s.enqueue(rec(0, 2, Some("a")));
+        let jobs = s.take_jobs();
+        assert_eq!(offsets(&jobs), [(0, 0), (0, 1)]);
+        s.finish(&jobs[1], JobEnd::Settled);
+        s.finish(&jobs[0], JobEnd::Abandoned);
+        assert_eq!(s.take_resets(), vec![tp(0)]);
+        assert!(s.take_resets().is_empty(), "taken once");
+        // Offset 0 is the first unsettled one: everything from there comes again.
+        assert_eq!(s.restart_points(&[tp(0), tp(1)]), vec![(tp(0), 0)]);
+
+        s.enqueue(rec(1, 5, Some("c")));
+        let j = s.take_jobs().pop().unwrap();
+        s.begin_revoke(&[tp(1)]);
+        s.finish(&j, JobEnd::Abandoned);
+        assert!(
+            s.take_resets().is_empty(),
+            "given up during a revoke: no reset"
+        );
+    }
+
+    /// A tier record only waiting for its due time when the consumer stops is left for
+    /// later: counted apart, not as abandoned (a normal stop stays clean).
+    #[test]
+    fn a_record_left_for_later_at_a_stop_is_not_abandoned() {
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, None));
+        let j = s.take_jobs().pop().unwrap();
+        s.begin_stop();
+        s.finish(&j, JobEnd::LeftForLater);
+        assert_eq!(s.abandoned_at_stop(), (0, vec![]));
+        assert_eq!(s.left_for_later_at_stop(), 1);
+        assert!(s.to_commit().is_empty(), "not settled: delivered again");
+    }
+
     #[test]
     fn stop_drops_buffered_and_dispatches_nothing() {
         let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
