@@ -151,16 +151,16 @@ async fn copies_of_settled_events_from_the_source_and_the_tiers_are_skipped() {
     .await;
     running.stop().await;
 
-    let s = seen_again.lock().unwrap();
-    println!("copies: {:?}", s.outcomes);
+    let (outcomes, calls) = {
+        let s = seen_again.lock().unwrap();
+        (s.outcomes.clone(), s.calls.clone())
+    };
+    println!("copies: {outcomes:?}");
     assert!(
-        s.outcomes
-            .iter()
-            .all(|(_, o)| *o == RecordOutcome::Duplicate),
-        "every copy of a settled event is skipped: {:?}",
-        s.outcomes
+        outcomes.iter().all(|(_, o)| *o == RecordOutcome::Duplicate),
+        "every copy of a settled event is skipped: {outcomes:?}"
     );
-    assert!(s.calls.is_empty(), "no handler call: {:?}", s.calls);
+    assert!(calls.is_empty(), "no handler call: {calls:?}");
     let letters = support::read_all(&dlt_topic).await;
     assert_eq!(letters.len(), 1, "one dead letter for event 1");
     assert_eq!(
