@@ -388,8 +388,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// Calls `observer` once for each record a worker took, when it ends: with the record
     /// (its coordinates, key, headers) and how it ended — [`RecordOutcome::Handled`],
     /// [`Duplicate`](RecordOutcome::Duplicate), [`DeadLettered`](RecordOutcome::DeadLettered)
-    /// with the failure kind (after the sink acknowledged the letter), or
-    /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown. Records dropped from
+    /// with the failure kind (after the sink acknowledged the letter),
+    /// [`Forwarded`](RecordOutcome::Forwarded) to a retry tier (acknowledged),
+    /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown, or
+    /// [`LeftForLater`](RecordOutcome::LeftForLater) (a tier record still waiting for its due
+    /// time at a revoke or shutdown). Records dropped from
     /// the buffers at a revoke never reached a worker and are not reported (they are
     /// delivered again).
     ///
