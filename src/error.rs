@@ -62,8 +62,10 @@ pub enum Error {
         after: Duration,
     },
 
-    /// The cluster could not be reached: at start within the startup timeout, or while
-    /// running for longer than the maximum broker outage.
+    /// The cluster could not be reached: at start within the startup timeout (whatever
+    /// step met it: creating missing topics or the startup checks), or while running for
+    /// longer than the maximum broker outage. A broker that answers and refuses (missing
+    /// authorization, an invalid topic) is another error, e.g. [`Error::Topic`].
     #[error("kafka brokers {servers} unreachable for {after:?}")]
     BrokersUnreachable {
         /// The bootstrap servers tried.
@@ -134,9 +136,14 @@ impl Error {
         matches!(self, Error::Config(_))
     }
 
-    /// Whether the cluster could not be reached ([`Error::BrokersUnreachable`]).
+    /// Whether the cluster could not be reached: [`Error::BrokersUnreachable`] (the
+    /// consumer, whatever step met it), or a [`TopicAdmin`](crate::topics::TopicAdmin)
+    /// call's [`TopicError::Unreachable`].
     pub fn is_brokers_unreachable(&self) -> bool {
-        matches!(self, Error::BrokersUnreachable { .. })
+        matches!(
+            self,
+            Error::BrokersUnreachable { .. } | Error::Topic(TopicError::Unreachable { .. })
+        )
     }
 
     /// Whether topics are missing ([`Error::MissingTopics`]).

@@ -479,6 +479,35 @@ impl TopicAdmin {
     }
 }
 
+/// Whether `e`, from a [`TopicAdmin`] call, means the cluster did not answer (as opposed to
+/// a broker that answered and refused): no metadata answer within the timeout, or a create
+/// request that failed on the way (transport failure, all brokers down, no answer in time).
+/// The consumer's provisioning turns these into [`Error::BrokersUnreachable`] (rule 13 in
+/// the crate docs); refusals (authorization, invalid topic, policy) stay [`Error::Topic`].
+pub(crate) fn cluster_unreachable(e: &Error) -> bool {
+    let no_answer = |code: RDKafkaErrorCode| {
+        matches!(
+            code,
+            RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::TimedOutQueue
+        )
+    };
+    match e {
+        Error::Topic(TopicError::Unreachable { .. }) => true,
+        Error::Topic(TopicError::Create { code, .. }) => no_answer(*code),
+        Error::Kafka {
+            source: KafkaError::AdminOp(code),
+            ..
+        } => no_answer(*code),
+        Error::Timeout { operation, .. } => *operation == "create topics",
+        _ => false,
+    }
+}
+
 /// Codes worth another create request while time is left: the cluster is (re)starting or
 /// moving its controller. "Invalid replication factor" is what a just-started KRaft cluster
 /// answers before its broker registered; it is retried only when the metadata shows enough
@@ -765,6 +794,50 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    #[test]
+    fn no_answer_is_unreachable_and_a_refusal_is_not() {
+        let create = |code| {
+            Error::Topic(TopicError::Create {
+                topic: "t".into(),
+                code,
+            })
+        };
+        assert!(cluster_unreachable(&Error::Topic(
+            TopicError::Unreachable {
+                bootstrap_servers: "b:1".into(),
+                after: Duration::from_secs(1),
+                source: None,
+            }
+        )));
+        assert!(cluster_unreachable(&create(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(cluster_unreachable(&Error::kafka(
+            "create topics",
+            KafkaError::AdminOp(RDKafkaErrorCode::AllBrokersDown)
+        )));
+        assert!(cluster_unreachable(&Error::Timeout {
+            operation: "create topics",
+            after: Duration::from_secs(1),
+        }));
+        for refused in [
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::ClusterAuthorizationFailed,
+            RDKafkaErrorCode::InvalidTopic,
+            RDKafkaErrorCode::InvalidConfig,
+            RDKafkaErrorCode::PolicyViolation,
+        ] {
+            assert!(!cluster_unreachable(&create(refused)), "{refused:?}");
+        }
+        assert!(!cluster_unreachable(&Error::Topic(TopicError::NotReady {
+            topics: vec!["t".into()],
+            after: Duration::from_secs(1),
+        })));
+        assert!(!cluster_unreachable(&Error::from(ConfigError::Missing(
+            "x"
+        ))));
     }
 
     #[test]

@@ -363,15 +363,25 @@ struct UnreachableRun {
 }
 
 async fn run_against_nothing(startup_timeout: Duration) -> UnreachableRun {
+    run_against_nothing_with(startup_timeout, |b| b).await
+}
+
+/// [`run_against_nothing`] with more settings.
+async fn run_against_nothing_with(
+    startup_timeout: Duration,
+    more: impl FnOnce(RetryingConsumerBuilder<Probe>) -> RetryingConsumerBuilder<Probe>,
+) -> UnreachableRun {
     captured();
     let _quiet = OUTAGE_LOGS.lock().await;
-    let consumer = RetryingConsumer::builder(Probe(Log::new()))
-        .bootstrap_servers("127.0.0.1:1")
-        .group_id(support::unique_name("unreachable"))
-        .topic("notify.v1")
-        .startup_timeout(startup_timeout)
-        .build()
-        .expect("build");
+    let consumer = more(
+        RetryingConsumer::builder(Probe(Log::new()))
+            .bootstrap_servers("127.0.0.1:1")
+            .group_id(support::unique_name("unreachable"))
+            .topic("notify.v1")
+            .startup_timeout(startup_timeout),
+    )
+    .build()
+    .expect("build");
     let mark = log_mark();
     let started = Instant::now();
     let result = tokio::time::timeout(
@@ -442,6 +452,76 @@ async fn unreachable_brokers_are_an_error_within_the_startup_timeout() {
         own <= 10,
         "the consumer logs a persisting condition once per interval, not per poll: {own} lines"
     );
+}
+
+/// Issue 23: whatever step meets the unreachable cluster — the startup checks, or creating
+/// the missing topics first (`create_missing_topics`, which was `Error::Topic`) — `run()`
+/// returns `Error::BrokersUnreachable` naming the servers, within the startup timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_brokers_are_brokers_unreachable_whatever_step_met_them() {
+    let timeout = Duration::from_secs(2);
+    for (step, create) in [("startup checks", None), ("create_missing_topics", Some(3))] {
+        let run = run_against_nothing_with(timeout, |b| match create {
+            Some(partitions) => b.create_missing_topics(partitions),
+            None => b,
+        })
+        .await;
+        let err = run.result.expect_err("nothing answers at 127.0.0.1:1");
+        eprintln!(
+            "unreachable, {step}: run() returned after {:?} with `{err}`",
+            run.elapsed
+        );
+        match &err {
+            Error::BrokersUnreachable { servers, after } => {
+                assert_eq!(servers, "127.0.0.1:1", "{step}");
+                assert!(
+                    *after >= timeout,
+                    "{step}: tried for the whole timeout: {after:?}"
+                );
+            }
+            other => panic!("{step}: expected BrokersUnreachable, got {other:?}"),
+        }
+        assert!(err.is_brokers_unreachable(), "{step}");
+        assert!(
+            run.elapsed < timeout + Duration::from_secs(5),
+            "{step}: returned within the startup timeout (+5 s): {:?}",
+            run.elapsed
+        );
+    }
+}
+
+/// A broker that answers and refuses to create a topic is not "unreachable": the refusal
+/// stays `Error::Topic` naming the topic. Kafka refuses a name that collides with an existing
+/// one once `.` and `_` are folded (`a.b` / `a_b`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_refusing_to_create_a_topic_stays_a_topic_error() {
+    captured();
+    support::require_kafka().await;
+    let base = support::unique_name("refused").replace('.', "-");
+    let existing = format!("{base}_x");
+    let colliding = format!("{base}.x");
+    support::create_topic(&existing, 1).await;
+    let log = Log::new();
+    let consumer = builder(&log, &colliding, &support::unique_name("refused"))
+        .startup_timeout(Duration::from_secs(10))
+        .create_missing_topics(1)
+        .build()
+        .expect("build");
+    let result = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.run(std::future::pending()),
+    )
+    .await
+    .expect("run() returned within 30 s");
+    let err = result.expect_err("the broker refuses the colliding name");
+    eprintln!("refused: {err:?}");
+    match &err {
+        Error::Topic(kourier::topics::TopicError::Create { topic, .. }) => {
+            assert_eq!(topic, &colliding);
+        }
+        other => panic!("expected Error::Topic(Create), got {other:?}"),
+    }
+    assert!(!err.is_brokers_unreachable());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
