@@ -130,7 +130,7 @@
 //!
 //! | situation | what kourier does | when |
 //! |---|---|---|
-//! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers; one warning per `error_log_interval` while it tries | within `startup_timeout` (default 30 s) |
+//! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers, whatever step met it (the startup checks, or creating missing topics with `create_missing_topics`; a broker that answers and refuses to create a topic is `Error::Topic`); one warning per `error_log_interval` while it tries, and librdkafka's own lines from every client kourier creates once per distinct line per interval | within `startup_timeout` (default 30 s) |
 //! | a subscribed topic is missing at start | `Error::MissingTopics` naming every missing topic, and the settings that would help (`create_missing_topics`, `wait_for_topics`, which waits for them instead) | at the first metadata answer |
 //! | the dead-letter topic is missing at start | `Error::MissingTopics` naming `<topic>.dlt` (the default sink declares its topics through `DeadLetterSink::topics_for`) | at the first metadata answer |
 //! | a retry-tier topic is missing at start | `Error::MissingTopics` naming it (`<topic>.retry.<n>`); `create_missing_topics` creates tier topics with their source's partition count | at the first metadata answer |
@@ -308,6 +308,7 @@ pub use crate::idempotency::memory::InMemoryIdempotencyStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::idempotency::redis::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
 pub use crate::idempotency::store::{Claim, ClaimToken, IdempotencyStore};
+pub use crate::log_throttle::ThrottledLogContext;
 pub use crate::message::Message;
 pub use crate::producer::Delivery;
 pub use crate::publisher::{Publisher, PublisherBuilder};

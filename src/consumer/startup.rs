@@ -37,6 +37,8 @@ pub(crate) struct Provisioning {
     pub(crate) partitions: i32,
     /// Raw settings for the admin client (security settings of the consumer).
     pub(crate) kafka_config: Vec<(String, String)>,
+    /// How often the admin client logs a condition that persists (`error_log_interval`).
+    pub(crate) log_interval: Duration,
 }
 
 /// Creates what is missing: subscribed topics with the configured partition count, then
@@ -63,7 +65,9 @@ pub(crate) async fn provision(settings: &StartupSettings, create: &Provisioning)
 }
 
 async fn create_missing(settings: &StartupSettings, create: &Provisioning) -> Result<()> {
-    let mut admin = TopicAdmin::new(settings.servers.clone()).timeout(settings.timeout);
+    let mut admin = TopicAdmin::new(settings.servers.clone())
+        .timeout(settings.timeout)
+        .log_interval(create.log_interval);
     for (k, v) in &create.kafka_config {
         admin = admin.kafka_config(k.clone(), v.clone());
     }
