@@ -94,6 +94,20 @@ pub enum Error {
         records: Vec<String>,
     },
 
+    /// The final commit at shutdown failed until the shutdown deadline, from
+    /// [`ShutdownReport::into_result`](crate::ShutdownReport::into_result): the settled
+    /// records of these partitions since their last commit are delivered again after a
+    /// restart.
+    #[error("final commit at shutdown failed; {} partitions left uncommitted (first: {})", uncommitted.len(), uncommitted.first().map_or("-", String::as_str))]
+    Commit {
+        /// The partitions left uncommitted, as `topic/partition@offset` (the offset they
+        /// should have been committed at).
+        uncommitted: Vec<String>,
+        /// The last error of the commit.
+        #[source]
+        source: KafkaError,
+    },
+
     /// The consumer's poll thread stopped unexpectedly.
     #[error("the consumer's poll thread failed: {0}")]
     PollThread(String),
@@ -154,6 +168,11 @@ impl Error {
     /// Whether records were abandoned at shutdown ([`Error::Abandoned`]).
     pub fn is_abandoned(&self) -> bool {
         matches!(self, Error::Abandoned { .. })
+    }
+
+    /// Whether the final commit at shutdown failed ([`Error::Commit`]).
+    pub fn is_commit_failed(&self) -> bool {
+        matches!(self, Error::Commit { .. })
     }
 
     /// Whether an operation timed out ([`Error::Timeout`], or a store timeout).

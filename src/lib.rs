@@ -86,8 +86,9 @@
 //!    a claim also claims the next records of its lane in the same round trip; such a claim
 //!    is used only while fresh and released if its record does not take it.
 //! 8. **Graceful shutdown**: stop taking records, let in-flight records finish within the
-//!    shutdown timeout, commit synchronously, leave the group. After a clean shutdown and a
-//!    restart no record is handled twice.
+//!    shutdown timeout, commit synchronously (retried until the shutdown deadline; a commit
+//!    that still fails is reported), leave the group. After a clean shutdown and a restart
+//!    no record is handled twice.
 //! 9. **Rebalance**: on revoke, dispatching stops for the revoked partitions, their in-flight
 //!    records are waited for (bounded), their settled offsets are committed synchronously and
 //!    their buffered records dropped; late completions from an old assignment are ignored.
@@ -139,6 +140,7 @@
 //! | a codec, dedup-key function, handler, store or sink panics | the record ends in a defined state: codec → dead letter `decode`; dedup-key function → dead letter `panic`; handler → failure kind `panic`, retried, then dead letter `panic`; store / sink → a failure of that store / sink, retried, the partition waits; counted in `kourier_handler_panics_total` | at once |
 //! | a record is stuck (a hung call) | logged once with its coordinates after `stall_threshold`, counted in `kourier_records_stalled_total`; its partition pauses when `max_uncommitted_per_partition` records pile up past the commit point behind it | after `stall_threshold` (60 s) |
 //! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart): a record only waiting out a retry back-off is given up at once, a handler still running at the deadline is dropped at its next `.await` (one blocking its thread is counted) | at once / after `shutdown_timeout` (30 s) |
+//! | the final commit fails at shutdown (coordinator refusing or unreachable) | retried with a short back-off (100 ms doubling to 1 s), the consumer polling meanwhile so it stays in its group; one warning per `error_log_interval`; a commit still failing at the deadline is logged as an error and reported: `ShutdownReport::commit_error` and `uncommitted` (`topic/partition@offset`), `is_clean()` false, `into_result()` is `Error::Commit`; those partitions' records settled since their last commit are delivered again after a restart | until `shutdown_timeout` (at least one try) |
 //! | the handlers' downstream is down (with a [`BreakerPolicy`]) | the breaker opens (one warning), dispatch is held, failing records wait without using attempts or reaching the dead-letter topic; one probe record per open interval (doubling to its maximum); closes on a successful probe (one line); `breaker` in the snapshot, `kourier_breaker_*` metrics | opens at the threshold (default 3 failures in a row, or half of the last 20 calls); probes after 5 s, then 10, 20, … 60 s |
 //! | bad configuration | a typed `Error::Config` from `build()`, never a panic | at `build()` |
 //!

@@ -14,7 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tracing::{error, info, warn};
 
-use super::commit::commit_settled;
+use super::commit::{FinalCommitFailure, commit_settled};
 use super::context::KourierContext;
 use super::flow::apply_flow;
 use super::health::{PartitionEnd, cached_watermarks};
@@ -195,6 +195,8 @@ pub(crate) fn poll_loop(
 
     shutdown(&consumer, hub, settings.shutdown_timeout);
     drop(consumer);
+    // Taken after the close: a revoke while closing may have committed what it left.
+    let commit_failure = hub.take_final_commit_failure();
     let (abandoned, abandoned_records) = hub.lock().abandoned_at_stop();
     if abandoned > 0 {
         warn!(abandoned, first = ?abandoned_records.first(), "consumer closed: records were abandoned unsettled; they are delivered again after a restart");
@@ -210,6 +212,11 @@ pub(crate) fn poll_loop(
     Ok(ShutdownReport {
         abandoned,
         abandoned_records,
+        uncommitted: commit_failure
+            .as_ref()
+            .map(FinalCommitFailure::uncommitted_display)
+            .unwrap_or_default(),
+        commit_error: commit_failure.map(|f| f.error),
     })
 }
 
