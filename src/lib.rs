@@ -87,8 +87,9 @@
 //!    a claim also claims the next records of its lane in the same round trip; such a claim
 //!    is used only while fresh and released if its record does not take it.
 //! 8. **Graceful shutdown**: stop taking records, let in-flight records finish within the
-//!    shutdown timeout, commit synchronously, leave the group. After a clean shutdown and a
-//!    restart no record is handled twice.
+//!    shutdown timeout, commit synchronously (retried until the shutdown deadline; a commit
+//!    that still fails is reported), leave the group. After a clean shutdown and a restart
+//!    no record is handled twice.
 //! 9. **Rebalance**: on revoke, dispatching stops for the revoked partitions, their in-flight
 //!    records are waited for (bounded), their settled offsets are committed synchronously and
 //!    their buffered records dropped; late completions from an old assignment are ignored.
@@ -150,7 +151,7 @@
 //!
 //! | situation | what kourier does | when |
 //! |---|---|---|
-//! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers; one warning per `error_log_interval` while it tries | within `startup_timeout` (default 30 s) |
+//! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers, whatever step met it (the startup checks, or creating missing topics with `create_missing_topics`; a broker that answers and refuses to create a topic is `Error::Topic`); one warning per `error_log_interval` while it tries, and librdkafka's own lines from every client kourier creates once per distinct line per interval | within `startup_timeout` (default 30 s) |
 //! | a subscribed topic is missing at start | `Error::MissingTopics` naming every missing topic, and the settings that would help (`create_missing_topics`, `wait_for_topics`, which waits for them instead) | at the first metadata answer |
 //! | the dead-letter topic is missing at start | `Error::MissingTopics` naming `<topic>.dlt` (the default sink declares its topics through `DeadLetterSink::topics_for`) | at the first metadata answer |
 //! | a retry-tier topic is missing at start | `Error::MissingTopics` naming it (`<topic>.retry.<n>`); `create_missing_topics` creates tier topics with their source's partition count | at the first metadata answer |
@@ -159,6 +160,7 @@
 //! | a codec, dedup-key function, handler, store or sink panics | the record ends in a defined state: codec → dead letter `decode`; dedup-key function → dead letter `panic`; handler → failure kind `panic`, retried, then dead letter `panic`; store / sink → a failure of that store / sink, retried, the partition waits; counted in `kourier_handler_panics_total` | at once |
 //! | a record is stuck (a hung call) | logged once with its coordinates after `stall_threshold`, counted in `kourier_records_stalled_total`; its partition pauses when `max_uncommitted_per_partition` records pile up past the commit point behind it | after `stall_threshold` (60 s) |
 //! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart): a record only waiting out a retry back-off, for its claim or for the breaker is given up at once, a handler still running at the deadline is dropped at its next `.await` (one blocking its thread is counted); a tier record waiting for its due time is counted as *left for later* (not a sign of trouble: the report stays clean) | at once / after `shutdown_timeout` (30 s) |
+//! | the final commit fails at shutdown (coordinator refusing or unreachable) | retried with a short back-off (100 ms doubling to 1 s), the consumer polling meanwhile so it stays in its group; one warning per `error_log_interval`; a commit still failing at the deadline is logged as an error and reported: `ShutdownReport::commit_error` and `uncommitted` (`topic/partition@offset`), `is_clean()` false, `into_result()` is `Error::Commit`; those partitions' records settled since their last commit are delivered again after a restart | until `shutdown_timeout` (at least one try) |
 //! | a panic escapes kourier's guards (a bug, or a value whose `Drop` panics) | the record is given up unsettled; its partition is drained like a revoke, its settled offsets committed, and it is read again from its commit point (one warning): the record and the ones after it run again instead of the partition freezing | at once (bounded by `revoke_timeout`) |
 //! | the handlers' downstream is down (with a [`BreakerPolicy`]) | the breaker opens (one warning), dispatch is held, failing records wait without using attempts or reaching the dead-letter topic; one probe record per open interval (doubling to its maximum); closes on a successful probe (one line); `breaker` in the snapshot, `kourier_breaker_*` metrics | opens at the threshold (default 3 failures in a row, or half of the last 20 calls); probes after 5 s, then 10, 20, … 60 s |
 //! | bad configuration | a typed `Error::Config` from `build()`, never a panic | at `build()` |
@@ -331,6 +333,7 @@ pub use crate::idempotency::memory::InMemoryIdempotencyStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::idempotency::redis::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
 pub use crate::idempotency::store::{Claim, ClaimToken, IdempotencyStore};
+pub use crate::log_throttle::ThrottledLogContext;
 pub use crate::message::Message;
 pub use crate::producer::Delivery;
 pub use crate::publisher::{Publisher, PublisherBuilder};

@@ -14,7 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tracing::{error, info, warn};
 
-use super::commit::commit_settled;
+use super::commit::{FinalCommitFailure, commit_settled};
 use super::context::KourierContext;
 use super::flow::apply_flow;
 use super::health::{PartitionEnd, cached_watermarks};
@@ -200,6 +200,8 @@ pub(crate) fn poll_loop(
 
     shutdown(&consumer, hub, settings.shutdown_timeout);
     drop(consumer);
+    // Taken after the close: a revoke while closing may have committed what it left.
+    let commit_failure = hub.take_final_commit_failure();
     let ((abandoned, abandoned_records), left_for_later) = {
         let s = hub.lock();
         (s.abandoned_at_stop(), s.left_for_later_at_stop())
@@ -219,6 +221,11 @@ pub(crate) fn poll_loop(
         abandoned,
         abandoned_records,
         left_for_later,
+        uncommitted: commit_failure
+            .as_ref()
+            .map(FinalCommitFailure::uncommitted_display)
+            .unwrap_or_default(),
+        commit_error: commit_failure.map(|f| f.error),
     })
 }
 

@@ -36,8 +36,9 @@ pub(crate) fn on_revoke<C: ConsumerContext>(hub: &Hub, consumer: &BaseConsumer<C
     }
     if consumer.assignment_lost() {
         warn!(partitions = ?tps_display(tps), "assignment lost: not committing");
-    } else if !offsets.is_empty() {
-        commit(consumer, &hub.metrics, &offsets, "revoke");
+    } else if !offsets.is_empty() && commit(consumer, &hub.metrics, &offsets, "revoke") {
+        // During a shutdown: what a failed final commit left may be committed now.
+        hub.committed_after_failure(&offsets);
     }
     info!(partitions = ?tps_display(tps), "partitions revoked");
 }
