@@ -63,26 +63,6 @@ fn offsets_display(offsets: &[(Tp, i64)]) -> String {
         .join(", ")
 }
 
-/// The final commit at shutdown, after every try until the shutdown deadline failed.
-#[derive(Debug)]
-pub(crate) struct FinalCommitFailure {
-    /// What stayed uncommitted: each partition with the offset it should have been
-    /// committed at.
-    pub(crate) uncommitted: Vec<(Tp, i64)>,
-    /// The last try's error.
-    pub(crate) error: KafkaError,
-}
-
-impl FinalCommitFailure {
-    /// `topic/partition@offset` of each partition left uncommitted, for the report.
-    pub(crate) fn uncommitted_display(&self) -> Vec<String> {
-        self.uncommitted
-            .iter()
-            .map(|((t, p), o)| format!("{t}/{p}@{o}"))
-            .collect()
-    }
-}
-
 /// The first pause between two tries of the final commit; it doubles up to
 /// [`FINAL_COMMIT_BACKOFF_MAX`].
 const FINAL_COMMIT_BACKOFF: Duration = Duration::from_millis(100);

@@ -9,7 +9,6 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use tracing::{info, warn};
 
-use super::commit::FinalCommitFailure;
 use super::health::Health;
 use super::scheduler::{Job, JobEnd, Scheduler};
 use super::topic_partition::Tp;
@@ -226,5 +225,25 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.waiters.fetch_sub(1, AtomicOrdering::SeqCst);
         done(&guard)
+    }
+}
+
+/// The final commit at shutdown, after every try until the shutdown deadline failed.
+#[derive(Debug)]
+pub(crate) struct FinalCommitFailure {
+    /// What stayed uncommitted: each partition with the offset it should have been
+    /// committed at.
+    pub(crate) uncommitted: Vec<(Tp, i64)>,
+    /// The last try's error.
+    pub(crate) error: KafkaError,
+}
+
+impl FinalCommitFailure {
+    /// `topic/partition@offset` of each partition left uncommitted, for the report.
+    pub(crate) fn uncommitted_display(&self) -> Vec<String> {
+        self.uncommitted
+            .iter()
+            .map(|((t, p), o)| format!("{t}/{p}@{o}"))
+            .collect()
     }
 }

@@ -14,11 +14,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tracing::{error, info, warn};
 
-use super::commit::{FinalCommitFailure, commit_settled};
+use super::commit::commit_settled;
 use super::context::KourierContext;
 use super::flow::apply_flow;
 use super::health::{PartitionEnd, cached_watermarks};
-use super::hub::Hub;
+use super::hub::{FinalCommitFailure, Hub};
 use super::rebalance::reset;
 use super::scheduler::Job;
 use super::shutdown::{ShutdownReport, shutdown};

@@ -8,7 +8,9 @@ use std::time::SystemTime;
 use tracing::{debug, error, warn};
 
 use super::scheduler::Stop;
-use super::worker::{AtDrain, Failure, Holding, InfraWait, Outcome, Slot, WorkerContext, back_off};
+use super::worker::{
+    Admit, AtDrain, Failure, Holding, InfraWait, Outcome, Slot, Tracked, WorkerContext, back_off,
+};
 use crate::dead_letter::DeadLetterReason;
 use crate::error::{StoreError, error_chain};
 use crate::guard::guarded_async;
@@ -19,23 +21,6 @@ use crate::tiers::headers::History;
 use crate::tiers::runtime::{Located, Tiers};
 use crate::tiers::{Admission, LedgerKey, SourceId};
 use tokio_util::sync::CancellationToken;
-
-/// A record the ledger holds: released when it is settled.
-pub(crate) struct Tracked {
-    topic: String,
-    key: Vec<u8>,
-    id: SourceId,
-}
-
-/// What the key-order ledger says about a record about to run.
-pub(crate) enum Admit {
-    /// Run it (`Some`: the ledger holds it, to be released once it is settled).
-    Run(Option<Tracked>),
-    /// An earlier record of its key is in a tier: forward it to this tier instead.
-    Defer(u32),
-    /// Given up while the ledger did not answer (its partition is draining).
-    GaveUp,
-}
 
 /// Retries a ledger step until it answers or `wait` gives up (`None`).
 async fn ledger_step<T, F, Fut>(

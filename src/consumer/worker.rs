@@ -32,7 +32,6 @@ use super::dedup::{Dedup, DedupKeys};
 use super::lease::{HeldClaim, keep_renewed};
 use super::outcome::{OutcomeObserver, RecordOutcome};
 use super::scheduler::{JobEnd, Stop};
-use super::tiers::{Admit, Tracked};
 use crate::codec::Codec;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
@@ -43,6 +42,7 @@ use crate::message::Message;
 use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
 use crate::record::RawRecord;
 use crate::retry::{RetryDecision, RetryPolicy, infra_backoff};
+use crate::tiers::SourceId;
 use crate::tiers::runtime::{Located, Tiers};
 use crate::trace_context::TraceContext;
 
@@ -225,6 +225,24 @@ impl Failure {
             last: now,
         }
     }
+}
+
+/// The retry tiers' side of a record (see `tiers.rs`, which runs these steps).
+/// A record the ledger holds: released when it is settled.
+pub(crate) struct Tracked {
+    pub(crate) topic: String,
+    pub(crate) key: Vec<u8>,
+    pub(crate) id: SourceId,
+}
+
+/// What the key-order ledger says about a record about to run.
+pub(crate) enum Admit {
+    /// Run it (`Some`: the ledger holds it, to be released once it is settled).
+    Run(Option<Tracked>),
+    /// An earlier record of its key is in a tier: forward it to this tier instead.
+    Defer(u32),
+    /// Given up while the ledger did not answer (its partition is draining).
+    GaveUp,
 }
 
 /// What a record holds while it runs: its dedup keys, the claim of its delivery's key (while
