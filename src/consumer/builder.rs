@@ -420,8 +420,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// Calls `observer` once for each record a worker took, when it ends: with the record
     /// (its coordinates, key, headers) and how it ended — [`RecordOutcome::Handled`],
     /// [`Duplicate`](RecordOutcome::Duplicate), [`DeadLettered`](RecordOutcome::DeadLettered)
-    /// with the failure kind (after the sink acknowledged the letter), or
-    /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown. Records dropped from
+    /// with the failure kind (after the sink acknowledged the letter),
+    /// [`Forwarded`](RecordOutcome::Forwarded) to a retry tier (acknowledged),
+    /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown, or
+    /// [`LeftForLater`](RecordOutcome::LeftForLater) (a tier record still waiting for its due
+    /// time at a revoke or shutdown). Records dropped from
     /// the buffers at a revoke never reached a worker and are not reported (they are
     /// delivered again).
     ///
@@ -597,8 +600,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
 
     /// How often a condition that persists (a broker down, a topic missing) is logged: the
     /// first occurrence at once, then at most once per interval with the count suppressed
-    /// since. Default 30 s. Zero is refused by `build()`; above one year it is taken as one
-    /// year (see [Durations](Self#durations)).
+    /// since. Default 30 s. It holds for librdkafka's own warnings and errors too, from the
+    /// consumer and from every client it creates (the dead-letter producer of the default
+    /// sink, the retry-tier producer, the admin client of
+    /// [`create_missing_topics`](Self::create_missing_topics)). Zero is refused by `build()`;
+    /// above one year it is taken as one year (see [Durations](Self#durations)).
     #[must_use]
     pub fn error_log_interval(mut self, interval: Duration) -> Self {
         self.error_log_interval = clock::bounded(interval);
@@ -746,6 +752,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         let create = self.create_missing_topics.map(|partitions| Provisioning {
             partitions,
             kafka_config: self.security_settings(),
+            log_interval: self.error_log_interval,
         });
         let consumer: BaseConsumer<KourierContext> = config
             .create_with_context(KourierContext { hub: hub.clone() })
@@ -814,7 +821,8 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         for (k, v) in self.security_settings() {
             settings.set(k, v);
         }
-        let producer = settings.build("kourier-retry-tiers")?;
+        let producer =
+            settings.build_logging_every("kourier-retry-tiers", self.error_log_interval)?;
         Ok(Some(Arc::new(Tiers::new(
             config.clone(),
             &self.topics,
@@ -1002,7 +1010,8 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         Ok(match &self.sink {
             Some(sink) => sink.clone(),
             None => {
-                let mut b = KafkaDeadLetterSink::builder(bootstrap);
+                let mut b =
+                    KafkaDeadLetterSink::builder(bootstrap).log_interval(self.error_log_interval);
                 for (k, v) in self.security_settings() {
                     b = b.kafka_config(k, v);
                 }
