@@ -116,6 +116,7 @@ mod event;
 mod faults;
 mod kafka;
 mod ledger;
+mod outcomes;
 mod procs;
 mod redis;
 mod report;
@@ -130,6 +131,21 @@ use crate::cli::{Cli, Sub};
 
 /// How many attempts the consumer makes (fixed 50 ms back-off, 3 retries).
 const MAX_ATTEMPTS: u32 = 4;
+/// `--compose`: the retry tiers' delays (two tiers, `<topic>.retry.1` and `<topic>.retry.2`).
+const TIER_DELAYS: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
+/// `--compose`: in-place attempts per stage, at the source and in each tier (fixed 50 ms
+/// back-off, 1 retry): an event gets `COMPOSE_ATTEMPTS_PER_STAGE × (tiers + 1)` = 6 attempts.
+const COMPOSE_ATTEMPTS_PER_STAGE: u32 = 2;
+
+/// How many attempts an event gets in all before it is dead-lettered as retries-exhausted.
+fn max_attempts(compose: bool) -> u32 {
+    if compose {
+        COMPOSE_ATTEMPTS_PER_STAGE * (TIER_DELAYS.len() as u32 + 1)
+    } else {
+        MAX_ATTEMPTS
+    }
+}
+
 /// The consumer's commit interval.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 /// The idempotency lease: a killed consumer's claims block their keys this long.
