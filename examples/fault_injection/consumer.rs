@@ -259,8 +259,18 @@ fn snapshot_json(monitor: &kourier::ConsumerMonitor) -> serde_json::Value {
             "held_failures": b.held_failures,
         })
     });
+    // Partitions whose lag is not known to be 0: why the snapshot is not caught up.
+    let lagging: Vec<serde_json::Value> = s
+        .partitions
+        .iter()
+        .filter(|p| p.lag != Some(0))
+        .map(|p| {
+            serde_json::json!([p.topic, p.partition, p.committed, p.end_offset, p.lag])
+        })
+        .collect();
     serde_json::json!({
         "in_flight": s.in_flight,
+        "lagging": lagging,
         "buffered_records": s.buffered_records,
         "buffered_bytes": s.buffered_bytes,
         "assigned": s.assigned,

@@ -28,18 +28,18 @@ impl Fate {
     /// The fate of event `id`. `compose`: the distribution of `--compose` runs, whose
     /// consumers have [`COMPOSE_ATTEMPTS_PER_STAGE`](crate::COMPOSE_ATTEMPTS_PER_STAGE)
     /// attempts per stage and two tiers: 2 % fail once (retried in place at the source),
-    /// 2 % two or three times (they succeed in tier 1), 1.5 % four or five times (tier 2),
-    /// 1 % always (dead-lettered after the last tier), 0.5 % permanently.
+    /// 1.5 % two or three times (they succeed in tier 1), 1 % four or five times (tier 2),
+    /// 0.5 % always (dead-lettered after the last tier), 0.5 % permanently.
     pub(crate) fn of(id: u64, seed: u64, compose: bool) -> Fate {
         let h = splitmix64(id ^ seed.rotate_left(29));
         let pick = ((h >> 32) % 2) as u32;
         if compose {
             return match h % 1000 {
                 0..5 => Fate::Permanent,
-                5..15 => Fate::Exhausted,
-                15..35 => Fate::Transient(1),
-                35..55 => Fate::Transient(2 + pick),
-                55..70 => Fate::Transient(4 + pick),
+                5..10 => Fate::Exhausted,
+                10..30 => Fate::Transient(1),
+                30..45 => Fate::Transient(2 + pick),
+                45..55 => Fate::Transient(4 + pick),
                 _ => Fate::Ok,
             };
         }

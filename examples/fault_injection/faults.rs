@@ -76,8 +76,8 @@ impl Plan {
     }
 
     /// Simulated work per record when `--work-ms` is not given: paced so that consuming takes
-    /// about 18 s per fault (45 s per zombie). `max_ms`: the most it may be (200 ms; 1000 ms
-    /// with `--compose`, whose small runs need the pace to meet every fault busy).
+    /// about 18 s per fault (45 s per zombie). `max_ms`: the most it may be (200 ms; 300 ms
+    /// with `--compose`, whose tiers slow a small run down on their own).
     pub(crate) fn default_work_ms(
         &self,
         max_in_flight: usize,

@@ -147,7 +147,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         plan.default_work_ms(
             args.max_in_flight,
             expected_effects,
-            if compose { 1000.0 } else { 200.0 },
+            if compose { 300.0 } else { 200.0 },
         )
     });
     log(format!(
@@ -244,8 +244,8 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         let problem = format!(
             "not complete before the deadline/stall: {}/{} effects (+{} dead-lettered by outages), commits {:?} of log end {:?}",
             watch.ledgers.distinct,
-            watch.ledgers.outage_dead_lettered(),
             expected_effects,
+            watch.ledgers.outage_dead_lettered(),
             watch.kafka.committed(&watch.topic).ok(),
             log_end
         );
