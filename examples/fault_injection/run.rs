@@ -240,6 +240,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
             args.caught_up_secs,
         )
     });
+    let monitor_caught_up = (compose && complete).then(|| watch.monitor_caught_up());
     if !complete {
         let problem = format!(
             "not complete before the deadline/stall: {}/{} effects (+{} dead-lettered by outages), commits {:?} of log end {:?}",
@@ -338,6 +339,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
             started,
             breaker: snapshot.as_ref().and_then(|s| s.get("breaker")).cloned(),
             caught_up: caught_up.as_ref(),
+            monitor_caught_up,
             dlt_kill_notes: &dlt_kill_notes,
         },
         Cleanup {
