@@ -264,9 +264,7 @@ fn snapshot_json(monitor: &kourier::ConsumerMonitor) -> serde_json::Value {
         .partitions
         .iter()
         .filter(|p| p.lag != Some(0))
-        .map(|p| {
-            serde_json::json!([p.topic, p.partition, p.committed, p.end_offset, p.lag])
-        })
+        .map(|p| serde_json::json!([p.topic, p.partition, p.committed, p.end_offset, p.lag]))
         .collect();
     serde_json::json!({
         "in_flight": s.in_flight,

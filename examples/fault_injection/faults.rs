@@ -335,13 +335,14 @@ impl<'a> Injector<'a> {
         };
         self.last_kill_ms = now_ms();
         watch.ledgers.poll();
+        // Effects made while waiting (for a dead letter) count too.
+        let at = at.max(watch.ledgers.distinct);
         // Commits cannot move any more: what the next consumer will redo is fixed.
         let commits = watch.all_commits_retrying();
         let exposure = commits
             .as_ref()
             .map(|c| watch.uncommitted_effects_of(child_index, c));
-        let letters =
-            watch.uncommitted_dead_letters(commits.as_ref().map(|c| c[0].as_slice()));
+        let letters = watch.uncommitted_dead_letters(commits.as_ref().map(|c| c[0].as_slice()));
         self.dlt_allowance += letters;
         log(format!(
             "kill {}/{}: {how} consumer #{child_index} {why}{}at {at}/{expected_effects} effects ({status}); \
@@ -465,8 +466,7 @@ impl<'a> Injector<'a> {
         let exposure = commits
             .as_ref()
             .map(|c| watch.uncommitted_effects_of(zombie_index, c));
-        let letters =
-            watch.uncommitted_dead_letters(commits.as_ref().map(|c| c[0].as_slice()));
+        let letters = watch.uncommitted_dead_letters(commits.as_ref().map(|c| c[0].as_slice()));
         log(format!(
             "zombie: SIGSTOP consumer #{zombie_index} (pid {}) holding {zombie_assigned} partitions, \
              {zombie_in_flight} records in flight; not yet committed: {} of its effects, {letters} dead letters",

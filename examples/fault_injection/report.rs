@@ -136,12 +136,7 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
             n.id.map_or(0, |id| outcomes.dead_lettered[id as usize])
         ));
     }
-    let joined = |v: &[u64]| {
-        v.iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join("/")
-    };
+    let joined = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join("/");
     if s.monitor_caught_up == Some(false) {
         log(
             "NOTE: every topic is committed to its end and the last consumer is idle, but its \
@@ -180,7 +175,10 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
     drop(redis);
     drop(ledger_redis);
     if pass && !args.keep {
-        let all: Vec<&str> = [topic, dlt].into_iter().chain(tiers.iter().copied()).collect();
+        let all: Vec<&str> = [topic, dlt]
+            .into_iter()
+            .chain(tiers.iter().copied())
+            .collect();
         if let Err(e) = rt.block_on(kafka.delete_topics(&all)) {
             log(format!("could not delete the topics: {e}"));
         }
@@ -216,7 +214,8 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
             report.order_violations,
             secs(caught.and_then(|c| c.after_s)),
             secs(caught.and_then(|c| c.bound_s)),
-            s.monitor_caught_up.map_or("-", |c| if c { "yes" } else { "no" }),
+            s.monitor_caught_up
+                .map_or("-", |c| if c { "yes" } else { "no" }),
         )
     } else {
         String::new()

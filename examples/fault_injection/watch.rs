@@ -267,12 +267,12 @@ impl Watch<'_> {
 
     /// Whether every tier topic is committed to its log end.
     fn tiers_at_log_end(&self) -> bool {
-        self.tiers.iter().all(|t| {
-            match (self.kafka.committed(t), self.kafka.log_end(&t.0, t.1)) {
+        self.tiers.iter().all(
+            |t| match (self.kafka.committed(t), self.kafka.log_end(&t.0, t.1)) {
                 (Ok(c), Ok(end)) => c == end,
                 _ => false,
-            }
-        })
+            },
+        )
     }
 
     /// The group's commits of the source topic, then of each tier topic (`--compose`),
