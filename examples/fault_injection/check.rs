@@ -220,7 +220,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
     );
     if let Some(c) = &i.compose {
         // The injected failures must make records go through every tier.
-        for tier in 1..effects_by_tier.len() {
+        for (tier, &effects) in effects_by_tier.iter().enumerate().skip(1) {
             let due_here = i
                 .fates
                 .iter()
@@ -229,7 +229,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
                         .is_some_and(|a| (a - 1) / c.attempts_per_stage == tier as u32)
                 })
                 .count();
-            if due_here > 0 && effects_by_tier[tier] == 0 {
+            if due_here > 0 && effects == 0 {
                 problems.push(format!(
                     "no effect in tier {tier}, although {due_here} events were injected to succeed there"
                 ));
