@@ -77,6 +77,9 @@ pub(crate) struct Checked {
     pub(crate) after_done: u64,
     /// Effects per tier (index 0: the source topic).
     pub(crate) effects_by_tier: Vec<u64>,
+    /// `--compose`: repeated effects with a loss of the idempotency Redis between them and
+    /// the effect before (not in `duplicates`: reported, not bounded).
+    pub(crate) redis_repeats: u64,
     pub(crate) problems: Vec<String>,
 }
 
@@ -261,6 +264,9 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
     let mut outage_redone = 0u64;
     // Duplicates, attributed to the process that wrote the previous effect of the same id.
     let mut previous_child: Vec<Option<usize>> = vec![None; n];
+    let mut previous_time: Vec<u64> = vec![0; n];
+    // `--compose`: repeats across a loss of the idempotency Redis.
+    let mut redis_repeats = 0u64;
     let mut duplicates_from: BTreeMap<usize, u64> = BTreeMap::new();
     // `--compose`: effects after the event was reported handled (its key marked done)
     // with no Redis outage in between (which would have lost the done mark).
@@ -299,13 +305,23 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         {
             zombie_dups.entry(e.child).or_default().0 += 1;
         } else if let Some(prev) = previous_child[id] {
-            if zombies.contains_key(&prev) {
+            if i.compose.as_ref().is_some_and(|c| {
+                c.redis_kills_ms
+                    .iter()
+                    .any(|&k| k >= previous_time[id] && k <= e.time_ms)
+            }) {
+                // The idempotency Redis lost its done marks between the two: a copy of the
+                // event still going round the tiers (a forward repeated after a kill, deferred
+                // behind its key) runs again, and the store cannot tell.
+                redis_repeats += 1;
+            } else if zombies.contains_key(&prev) {
                 zombie_dups.entry(prev).or_default().1 += 1;
             } else {
                 *duplicates_from.entry(prev).or_default() += 1;
             }
         }
         previous_child[id] = Some(e.child);
+        previous_time[id] = e.time_ms;
     }
     first_examples(
         &mut problems,
@@ -468,6 +484,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         letters_per_event: letters_of,
         after_done: after_done.len() as u64,
         effects_by_tier,
+        redis_repeats,
         problems,
     }
 }

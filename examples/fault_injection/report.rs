@@ -146,13 +146,14 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
     }
     if args.compose {
         log(format!(
-            "compose: effects by tier (source/1/2) {}; forwards to tier 1/2 {}; {} duplicates skipped, {} records abandoned (outcomes reported); most dead letters for one event {}; {} effects repeated after their event was reported handled",
+            "compose: effects by tier (source/1/2) {}; forwards to tier 1/2 {}; {} duplicates skipped, {} records abandoned (outcomes reported); most dead letters for one event {}; {} effects repeated after their event was reported handled; {} repeated across the loss of the idempotency Redis",
             joined(&report.effects_by_tier),
             joined(&outcomes.forwarded),
             outcomes.duplicates,
             outcomes.abandoned,
             report.max_letters_per_event,
-            report.after_done
+            report.after_done,
+            report.redis_repeats
         ));
     }
     for p in &s.problems {
@@ -198,8 +199,8 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         let secs = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
         format!(
             "compose=on dlt_kills={} dlt_kill_ms={} tier_effects={} forwarded={} max_letters_per_event={} \
-             duplicate_letters={} after_done={} order_violations={} caught_up_after_s={} caught_up_bound_s={} \
-             monitor_caught_up={} ",
+             duplicate_letters={} after_done={} redis_repeats={} order_violations={} caught_up_after_s={} \
+             caught_up_bound_s={} monitor_caught_up={} ",
             done.dlt_kills,
             s.dlt_kill_notes
                 .iter()
@@ -211,6 +212,7 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
             report.max_letters_per_event,
             report.dlt_duplicates,
             report.after_done,
+            report.redis_repeats,
             report.order_violations,
             secs(caught.and_then(|c| c.after_s)),
             secs(caught.and_then(|c| c.bound_s)),
