@@ -165,7 +165,7 @@
 //!   a forward repeated after a kill gives a record two copies, and copies deferred behind
 //!   their key go round a tier (a new offset each time) until the key is free. When the
 //!   first copy is handled before the outage and the second after it, the store no longer
-//!   knows the event is done (seen: 2 such repeats in a 3000-event run).
+//!   knows the event is done.
 //! - **Per-key order through the tiers**: first effects of each key in sequence order (OV = 0;
 //!   the same check as the other modes, which with `keep_key_order` must hold across tiers).
 //!   Each effect at the attempt its failures predict (counted over every stage), in a tier its
