@@ -504,3 +504,33 @@ async fn copies_of_one_failing_event_do_not_open_the_breaker() {
     assert_eq!(opened, Some(0), "one event never opens the breaker");
     assert_eq!(support::read_all(&dlt_topic).await.len(), 1);
 }
+
+/// A consumer that restarts on partitions its group has committed to their end (nothing new
+/// to read) is caught up: before, a partition it never read a record from had no known
+/// position, so `caught_up` stayed false for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_on_partitions_committed_to_their_end_is_caught_up() {
+    let (topic, group, _dlt) = setup("one-outcome-caught-up", 3).await;
+    support::produce(
+        &topic,
+        (0..30).map(|id| record(id, &format!("k{id}"))).collect(),
+    )
+    .await;
+    let handler = || handler_fn(|_m: Message<Ev>| async { Ok(()) });
+    let first = Running::start(consumer::builder(handler(), &topic, &group));
+    tokio::time::timeout(Duration::from_secs(30), first.monitor.caught_up())
+        .await
+        .expect("the first consumer catches up");
+    first.stop().await;
+    assert_eq!(support::committed_sum(&group, &topic, 3).await, 30);
+
+    let second = Running::start(consumer::builder(handler(), &topic, &group));
+    let caught_up = tokio::time::timeout(Duration::from_secs(20), second.monitor.caught_up()).await;
+    let snapshot = second.monitor.snapshot();
+    second.stop().await;
+    assert!(
+        caught_up.is_ok(),
+        "the restarted consumer never reported caught up: {:?}",
+        snapshot.partitions
+    );
+}

@@ -52,7 +52,8 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    pub(crate) fn new(c: Counts, rng: &mut fastrand::Rng) -> Plan {
+    /// `composed`: the `--compose` order (see below) instead of a random one.
+    pub(crate) fn new(c: Counts, rng: &mut fastrand::Rng, composed: bool) -> Plan {
         let mut kinds: Vec<FaultKind> = [
             (FaultKind::Kill, c.kills - c.dlt_kills),
             (FaultKind::DltKill, c.dlt_kills),
@@ -66,11 +67,27 @@ impl Plan {
         .flat_map(|(kind, n)| std::iter::repeat_n(kind, n as usize))
         .collect();
         rng.shuffle(&mut kinds);
-        // Faults at random points of the first 60 % of the effects: each one's recovery takes
-        // seconds while records keep flowing, so later faults still meet a busy consumer.
+        if composed {
+            // A compose run's recoveries are long (tier copies must drain too) while records
+            // keep flowing, so its later faults meet a consumer near the end of its work. The
+            // faults that need a busy consumer come first: the downstream outage (with little
+            // traffic a lone record may use up its attempts before the breaker can tell an
+            // outage from a record failing on its own, as the breaker's docs say), then the
+            // kill right after a dead letter (it needs letters still to come).
+            let rank = |k: &FaultKind| match k {
+                FaultKind::Outage => 0,
+                FaultKind::DltKill => 1,
+                _ => 2,
+            };
+            kinds.sort_by_key(rank);
+        }
+        // Faults at random points of the first 60 % of the effects (40 % in a compose run):
+        // each one's recovery takes seconds while records keep flowing, so later faults still
+        // meet a busy consumer.
+        let span = if composed { 0.4 } else { 0.6 };
         let slots = kinds.len() as f64;
         let triggers: Vec<f64> = (0..kinds.len())
-            .map(|i| (i as f64 + 0.2 + rng.f64() * 0.6) / slots * 0.6)
+            .map(|i| (i as f64 + 0.2 + rng.f64() * 0.6) / slots * span)
             .collect();
         Plan { kinds, triggers }
     }

@@ -142,7 +142,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     ));
 
     // The fault plan: kinds in random order, each at a random point of progress.
-    let plan = Plan::new(counts, &mut rng);
+    let plan = Plan::new(counts, &mut rng, args.compose);
     let work_ms = args.work_ms.unwrap_or_else(|| {
         plan.default_work_ms(
             args.max_in_flight,

@@ -64,6 +64,10 @@ pub(crate) struct PartitionEnd {
     pub(crate) low: Option<i64>,
     pub(crate) high: Option<i64>,
     pub(crate) position: Option<i64>,
+    /// The group's committed offset when the partition was assigned, for a partition this
+    /// consumer has not read a record from (its position is unknown until it does): a
+    /// partition assigned at its end is caught up without ever being read.
+    pub(crate) group_committed: Option<i64>,
 }
 
 impl Health {

@@ -96,10 +96,12 @@ impl ConsumerMonitor {
                     .unwrap_or_default();
                 // How far the group has got: what this consumer committed, else where it
                 // reads (its position starts at the group's committed offset).
-                let reached = committed.or(end.position).or(match (end.low, end.high) {
-                    (Some(low), Some(high)) if low == high => Some(high),
-                    _ => None,
-                });
+                let reached = committed.or(end.position).or(end.group_committed).or(
+                    match (end.low, end.high) {
+                        (Some(low), Some(high)) if low == high => Some(high),
+                        _ => None,
+                    },
+                );
                 PartitionStatus {
                     topic: topic.clone(),
                     partition: *partition,

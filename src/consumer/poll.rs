@@ -74,6 +74,7 @@ pub(crate) fn poll_loop(
     let mut last_probe = Instant::now();
     let mut last_deleted_check: Option<Instant> = None;
     let mut deleted: HashSet<Tp> = HashSet::new();
+    let mut group_committed = GroupCommitted::default();
     let mut batch: Vec<RawRecord> = Vec::with_capacity(settings.max_poll_batch);
     let mut fatal = None;
     let mut outage_error = None;
@@ -85,7 +86,7 @@ pub(crate) fn poll_loop(
             last_commit = Instant::now();
         }
         if last_health.elapsed() >= HEALTH_EVERY {
-            refresh_ends(&consumer, hub);
+            refresh_ends(&consumer, hub, &mut group_committed);
             last_health = Instant::now();
         }
         if let Some(outage) = hub.health.outage() {
@@ -243,9 +244,66 @@ fn probe(consumer: &BaseConsumer<KourierContext>, hub: &Hub, topics: &[String]) 
     }
 }
 
+/// The group's committed offsets of assigned partitions this consumer has not read from yet,
+/// looked up once per partition and assignment (a broker round trip, at most every
+/// [`GROUP_COMMITTED_EVERY`]).
+#[derive(Debug, Default)]
+struct GroupCommitted {
+    known: HashMap<(String, i32), Option<i64>>,
+    last_lookup: Option<Instant>,
+}
+
+/// At most one lookup of the group's committed offsets this often.
+const GROUP_COMMITTED_EVERY: Duration = Duration::from_secs(2);
+
+impl GroupCommitted {
+    /// Forgets partitions no longer assigned, then looks up those in `unknown` (no position
+    /// and not looked up yet in this assignment).
+    fn refresh(
+        &mut self,
+        consumer: &BaseConsumer<KourierContext>,
+        assigned: &HashSet<(String, i32)>,
+        unknown: Vec<(String, i32)>,
+    ) {
+        self.known.retain(|tp, _| assigned.contains(tp));
+        let todo: Vec<_> = unknown
+            .into_iter()
+            .filter(|tp| !self.known.contains_key(tp))
+            .collect();
+        if todo.is_empty()
+            || self
+                .last_lookup
+                .is_some_and(|t| t.elapsed() < GROUP_COMMITTED_EVERY)
+        {
+            return;
+        }
+        self.last_lookup = Some(Instant::now());
+        // Keep the lists' scope tight (rust-rdkafka #453).
+        let mut tpl = rdkafka::TopicPartitionList::with_capacity(todo.len());
+        for (topic, partition) in &todo {
+            tpl.add_partition(topic, *partition);
+        }
+        let Ok(committed) = consumer.committed_offsets(tpl, Duration::from_millis(500)) else {
+            return;
+        };
+        for e in committed.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            self.known
+                .insert((e.topic().to_owned(), e.partition()), offset);
+        }
+    }
+
+    fn of(&self, tp: &(String, i32)) -> Option<i64> {
+        self.known.get(tp).copied().flatten()
+    }
+}
+
 /// Refreshes each assigned partition's cached watermarks and position for the monitor (no
-/// request is sent).
-fn refresh_ends(consumer: &BaseConsumer<KourierContext>, hub: &Hub) {
+/// request is sent), and the group's committed offset of partitions not read from yet.
+fn refresh_ends(consumer: &BaseConsumer<KourierContext>, hub: &Hub, group: &mut GroupCommitted) {
     let mut ends: HashMap<(String, i32), PartitionEnd> = HashMap::new();
     {
         // Keep the list's scope tight (rust-rdkafka #453).
@@ -264,9 +322,20 @@ fn refresh_ends(consumer: &BaseConsumer<KourierContext>, hub: &Hub) {
                     low: watermarks.map(|(low, _)| low),
                     high: watermarks.map(|(_, high)| high),
                     position,
+                    group_committed: None,
                 },
             );
         }
+    }
+    let assigned: HashSet<(String, i32)> = ends.keys().cloned().collect();
+    let unknown = ends
+        .iter()
+        .filter(|(_, e)| e.position.is_none())
+        .map(|(tp, _)| tp.clone())
+        .collect();
+    group.refresh(consumer, &assigned, unknown);
+    for (tp, end) in &mut ends {
+        end.group_committed = group.of(tp);
     }
     hub.health.set_ends(ends);
 }
