@@ -175,10 +175,15 @@
 //!   (read by the runner from the group's commits) and the last consumer is idle: C ≤ CB,
 //!   where CB is `--caught-up-secs` (60) plus the time the effects left at the end of the last
 //!   fault need at the pace before the first fault. A breaker held open by records failing on
-//!   their own, or stale tier copies holding each other, shows up here. Whether the
-//!   consumer's own monitor then says `caught_up` is reported (`monitor_caught_up`), not
-//!   checked: a consumer started after a kill that was assigned a partition at its end and
-//!   never read a record from it knows no lag for it, and says no.
+//!   their own, or stale tier copies holding each other, shows up here. The consumer's own
+//!   monitor must then say `caught_up` too (`monitor_caught_up=yes`), also for partitions it
+//!   was assigned at their end after a kill and never read a record from.
+//! - **Order of the faults**: the downstream outage first, then the kill right after a dead
+//!   letter, then the rest: a compose run's recoveries are long (tier copies must drain too),
+//!   so later faults meet a consumer near the end of its work, and these two need a busy one
+//!   (with little traffic a lone record may use up its attempts before the breaker can tell
+//!   an outage from a record failing on its own; a kill after a dead letter needs letters
+//!   still to come).
 //!
 //! On PASS the topics and the work directory are removed; on FAIL they are kept (the path is
 //! printed), with each consumer's log and ledger.

@@ -323,6 +323,13 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     {
         problems.push(problem.clone());
     }
+    if monitor_caught_up == Some(false) {
+        problems.push(
+            "every topic is committed to its end and the last consumer is idle, but its monitor \
+             does not report caught_up"
+                .into(),
+        );
+    }
 
     let pass = report(
         Summary {
