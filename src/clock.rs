@@ -59,7 +59,10 @@ mod tests {
     fn extreme_durations_never_panic_and_are_capped() {
         let now = std::time::Instant::now();
         assert_eq!(after(now, Duration::MAX), after(now, LONGEST));
-        assert_eq!(after(now, Duration::from_nanos(1)), now + Duration::from_nanos(1));
+        assert_eq!(
+            after(now, Duration::from_nanos(1)),
+            now + Duration::from_nanos(1)
+        );
         assert_eq!(after(now, Duration::ZERO), now);
         let wall = SystemTime::UNIX_EPOCH;
         assert_eq!(after(wall, Duration::MAX), wall + LONGEST);

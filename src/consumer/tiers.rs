@@ -2,8 +2,6 @@
 //! record runs, the forward when it gives up, the ledger's release when it ends.
 
 use std::sync::Arc;
-use std::time::SystemTime;
-
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
@@ -67,9 +65,20 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
     ) -> Result<Option<Tracked>, Outcome> {
         let at = tiers.locate(record);
-        if let Some(due) = at.due {
-            // Re-checked after each wait: the timer is monotonic, the due time wall-clock.
-            while let Ok(wait) = due.duration_since(SystemTime::now()) {
+        if let Some(reason) = at.invalid.clone() {
+            // Its headers are untrusted and do not hold (delivery rule 17): dead-lettered at
+            // once, as it is, neither forwarded nor waited for.
+            warn!(coordinates = %record.coordinates(), error = %reason, "unreadable retry-tier record: dead-lettering it");
+            let failure = Failure::at_once(DeadLetterReason::Decode, reason);
+            return Err(self
+                .dead_letter(record.clone(), failure, metrics, &stop.abandon, slot)
+                .await);
+        }
+        if let Some(due) = at.due_wait() {
+            // Re-checked after each wait: the timer is monotonic, the due time wall-clock
+            // (and bounded on the monotonic clock too).
+            loop {
+                let wait = due.left();
                 if wait.is_zero() {
                     break;
                 }
@@ -142,15 +151,17 @@ impl<H: Handler> WorkerContext<H> {
         let history = History {
             kind: failure.reason.as_str(),
             error: failure.error.clone(),
-            attempts: prior.map_or(0, |h| h.attempts) + failure.attempts,
+            attempts: prior
+                .map_or(0, |h| h.attempts)
+                .saturating_add(failure.attempts),
             first: prior.map_or(failure.first, |h| h.first),
             last: failure.last,
-            stages: prior.map_or(0, |h| h.stages) + 1,
+            stages: prior.map_or(0, |h| h.stages).saturating_add(1),
         };
         // One stage per tier plus one, wherever the record started: a record deferred into
         // the last tier (key order) goes round it again rather than losing its retries.
         if transient && history.stages <= tiers.count() {
-            let next = (at.tier + 1).min(tiers.count());
+            let next = at.tier.saturating_add(1).min(tiers.count());
             return Ok(self
                 .tier_forward(
                     tiers,

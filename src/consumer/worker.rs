@@ -176,7 +176,7 @@ pub(crate) struct Failure {
 
 impl Failure {
     /// A failure found before any attempt ran (decode, dedup key).
-    fn at_once(reason: DeadLetterReason, error: String) -> Self {
+    pub(super) fn at_once(reason: DeadLetterReason, error: String) -> Self {
         let now = SystemTime::now();
         Failure {
             reason,
@@ -674,7 +674,7 @@ impl<H: Handler> WorkerContext<H> {
         }
     }
 
-    async fn dead_letter(
+    pub(super) async fn dead_letter(
         &self,
         record: Arc<RawRecord>,
         failure: Failure,
