@@ -108,14 +108,17 @@ pub const ALL: &[&str] = &[
 pub mod tier {
     /// The tier the record is in, 1-based.
     pub const TIER: &str = "kourier-retry-tier";
-    /// When the record may run, ms since the epoch.
+    /// When the record may run, ms since the epoch. Read as untrusted: never later than the
+    /// tier's delay (plus a skew allowance) past the record's timestamp or past when it comes
+    /// up (see [`tiers`](crate::tiers#headers-are-untrusted)).
     pub const DUE_MS: &str = "kourier-retry-due-ms";
     /// `true` when the record was moved to keep its key's order, not because it failed.
     pub const DEFERRED: &str = "kourier-retry-deferred";
     /// How many stages (the source and tiers) the record used up its in-place attempts in.
     /// A record gets one stage per tier plus one, wherever it starts: one deferred into a
     /// tier (key order) that fails in the last tier goes round that tier again until it has
-    /// had its stages.
+    /// had its stages. Read clamped to the number of tiers (see
+    /// [`tiers`](crate::tiers#headers-are-untrusted)).
     pub const FAILED_STAGES: &str = "kourier-retry-failed-stages";
 
     /// Every tier header, replaced on each forward.
