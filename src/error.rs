@@ -62,8 +62,10 @@ pub enum Error {
         after: Duration,
     },
 
-    /// The cluster could not be reached: at start within the startup timeout, or while
-    /// running for longer than the maximum broker outage.
+    /// The cluster could not be reached: at start within the startup timeout (whatever
+    /// step met it: creating missing topics or the startup checks), or while running for
+    /// longer than the maximum broker outage. A broker that answers and refuses (missing
+    /// authorization, an invalid topic) is another error, e.g. [`Error::Topic`].
     #[error("kafka brokers {servers} unreachable for {after:?}")]
     BrokersUnreachable {
         /// The bootstrap servers tried.
@@ -90,6 +92,20 @@ pub enum Error {
         count: usize,
         /// The first of them, as `topic/partition@offset`.
         records: Vec<String>,
+    },
+
+    /// The final commit at shutdown failed until the shutdown deadline, from
+    /// [`ShutdownReport::into_result`](crate::ShutdownReport::into_result): the settled
+    /// records of these partitions since their last commit are delivered again after a
+    /// restart.
+    #[error("final commit at shutdown failed; {} partitions left uncommitted (first: {})", uncommitted.len(), uncommitted.first().map_or("-", String::as_str))]
+    Commit {
+        /// The partitions left uncommitted, as `topic/partition@offset` (the offset they
+        /// should have been committed at).
+        uncommitted: Vec<String>,
+        /// The last error of the commit.
+        #[source]
+        source: KafkaError,
     },
 
     /// The consumer's poll thread stopped unexpectedly.
@@ -134,9 +150,14 @@ impl Error {
         matches!(self, Error::Config(_))
     }
 
-    /// Whether the cluster could not be reached ([`Error::BrokersUnreachable`]).
+    /// Whether the cluster could not be reached: [`Error::BrokersUnreachable`] (the
+    /// consumer, whatever step met it), or a [`TopicAdmin`](crate::topics::TopicAdmin)
+    /// call's [`TopicError::Unreachable`].
     pub fn is_brokers_unreachable(&self) -> bool {
-        matches!(self, Error::BrokersUnreachable { .. })
+        matches!(
+            self,
+            Error::BrokersUnreachable { .. } | Error::Topic(TopicError::Unreachable { .. })
+        )
     }
 
     /// Whether topics are missing ([`Error::MissingTopics`]).
@@ -147,6 +168,11 @@ impl Error {
     /// Whether records were abandoned at shutdown ([`Error::Abandoned`]).
     pub fn is_abandoned(&self) -> bool {
         matches!(self, Error::Abandoned { .. })
+    }
+
+    /// Whether the final commit at shutdown failed ([`Error::Commit`]).
+    pub fn is_commit_failed(&self) -> bool {
+        matches!(self, Error::Commit { .. })
     }
 
     /// Whether an operation timed out ([`Error::Timeout`], or a store timeout).

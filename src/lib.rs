@@ -76,9 +76,10 @@
 //!    and the partition's offset does not move past it meanwhile (the partition's next
 //!    records run, up to the limit of records received past the commit point).
 //! 7. **Idempotency is claim → work → complete** ([`idempotency`]): a key is marked done only
-//!    after the handler succeeded; a failed attempt releases its claim so the retry runs; a
-//!    dead-lettered record is never marked done; a key held by another worker is waited for,
-//!    never skipped; a store outage makes records wait (or, opted in, run without dedup).
+//!    after the handler succeeded, or once the record's dead letter or retry-tier forward was
+//!    acknowledged (its delivery settled: see 18); a failed attempt that is retried releases
+//!    its claim so the retry runs; a key held by another worker is waited for, never
+//!    skipped; a store outage makes records wait (or, opted in, run without dedup).
 //!    A claim lives as long as its work: it is renewed every third of the lease while the
 //!    handler runs, renewal stops when the partition's assignment is lost, an attempt whose
 //!    claim was lost is cancelled, and the handler can read its claim
@@ -86,8 +87,9 @@
 //!    a claim also claims the next records of its lane in the same round trip; such a claim
 //!    is used only while fresh and released if its record does not take it.
 //! 8. **Graceful shutdown**: stop taking records, let in-flight records finish within the
-//!    shutdown timeout, commit synchronously, leave the group. After a clean shutdown and a
-//!    restart no record is handled twice.
+//!    shutdown timeout, commit synchronously (retried until the shutdown deadline; a commit
+//!    that still fails is reported), leave the group. After a clean shutdown and a restart
+//!    no record is handled twice.
 //! 9. **Rebalance**: on revoke, dispatching stops for the revoked partitions, their in-flight
 //!    records are waited for (bounded), their settled offsets are committed synchronously and
 //!    their buffered records dropped; late completions from an old assignment are ignored.
@@ -102,7 +104,12 @@
 //!     interval with a count.
 //! 14. **Every record settles**: whatever panics on a record's path (codec, dedup-key
 //!     function, handler, store, sink), the record ends in a defined state and its slot and
-//!     lane are released; work running ahead of the commit point is bounded.
+//!     lane are released; work running ahead of the commit point is bounded. A record
+//!     waiting for its claim, the key-order ledger or the breaker holds no slot, and a
+//!     revoke or shutdown gives it up at once (nothing of it ran); a tier record waiting for
+//!     its due time is left for later. A panic that escapes kourier's guards gives its record
+//!     up unsettled: its partition is then reset to its commit point (read again from
+//!     there), never left frozen.
 //! 15. **A lease lives as long as its work**: see 7 — a held claim is renewed while its
 //!     handler runs and given up when the partition is lost; the handler sees its claim.
 //! 16. **An outage is not a failure of the record** (opt-in [`BreakerPolicy`], through
@@ -114,6 +121,20 @@
 //!     Permanent failures and poison pills are dead-lettered as always. Waits do not hold
 //!     capacity: a record in a retry back-off (or held for an outage) gives its in-flight
 //!     slot to records of other keys or partitions, and takes the next free one back.
+//!     Records failing on their own cannot keep it open: a record that failed
+//!     [`probes_per_record`](BreakerPolicy::with_probes_per_record) probes of its own takes
+//!     its normal path.
+//! 17. **Everything a record carries is untrusted**: headers kourier reads back (a tier's due
+//!     time, attempts, stages, provenance, the redrive count) are validated and clamped by
+//!     written rules; every duration, from a setting or a handler's hint, is bounded where it
+//!     enters. A hostile or malformed value never panics, never wraps, never parks a
+//!     partition.
+//! 18. **One event, one outcome** ([`idempotency`](idempotency#deliveries-of-one-event-delivery-rule-18)):
+//!     with an idempotency store, each delivery of an event — its source record, each retry
+//!     tier copy, each redrive — settles once: handled, dead-lettered or forwarded on, then
+//!     marked done, so a redelivery after a crash or a stale copy is skipped; an event is
+//!     dead-lettered at most once as far as the store can tell. Copies of one event count as
+//!     one record for the outage breaker.
 //!
 //! **Retry tiers** (opt-in, [`RetryingConsumerBuilder::retry_tiers`], see [`tiers`]): after
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of
@@ -130,7 +151,7 @@
 //!
 //! | situation | what kourier does | when |
 //! |---|---|---|
-//! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers; one warning per `error_log_interval` while it tries | within `startup_timeout` (default 30 s) |
+//! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers, whatever step met it (the startup checks, or creating missing topics with `create_missing_topics`; a broker that answers and refuses to create a topic is `Error::Topic`); one warning per `error_log_interval` while it tries, and librdkafka's own lines from every client kourier creates once per distinct line per interval | within `startup_timeout` (default 30 s) |
 //! | a subscribed topic is missing at start | `Error::MissingTopics` naming every missing topic, and the settings that would help (`create_missing_topics`, `wait_for_topics`, which waits for them instead) | at the first metadata answer |
 //! | the dead-letter topic is missing at start | `Error::MissingTopics` naming `<topic>.dlt` (the default sink declares its topics through `DeadLetterSink::topics_for`) | at the first metadata answer |
 //! | a retry-tier topic is missing at start | `Error::MissingTopics` naming it (`<topic>.retry.<n>`); `create_missing_topics` creates tier topics with their source's partition count | at the first metadata answer |
@@ -138,7 +159,9 @@
 //! | a subscribed topic is deleted while consuming | its partitions leave the assignment with one warning; if it is re-created, its records are tracked again | once librdkafka reports it gone (it waits `topic.metadata.propagation.max.ms`, 30 s by default; measured 30.0 s) |
 //! | a codec, dedup-key function, handler, store or sink panics | the record ends in a defined state: codec → dead letter `decode`; dedup-key function → dead letter `panic`; handler → failure kind `panic`, retried, then dead letter `panic`; store / sink → a failure of that store / sink, retried, the partition waits; counted in `kourier_handler_panics_total` | at once |
 //! | a record is stuck (a hung call) | logged once with its coordinates after `stall_threshold`, counted in `kourier_records_stalled_total`; its partition pauses when `max_uncommitted_per_partition` records pile up past the commit point behind it | after `stall_threshold` (60 s) |
-//! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart): a record only waiting out a retry back-off is given up at once, a handler still running at the deadline is dropped at its next `.await` (one blocking its thread is counted) | at once / after `shutdown_timeout` (30 s) |
+//! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart): a record only waiting out a retry back-off, for its claim or for the breaker is given up at once, a handler still running at the deadline is dropped at its next `.await` (one blocking its thread is counted); a tier record waiting for its due time is counted as *left for later* (not a sign of trouble: the report stays clean) | at once / after `shutdown_timeout` (30 s) |
+//! | the final commit fails at shutdown (coordinator refusing or unreachable) | retried with a short back-off (100 ms doubling to 1 s), the consumer polling meanwhile so it stays in its group; one warning per `error_log_interval`; a commit still failing at the deadline is logged as an error and reported: `ShutdownReport::commit_error` and `uncommitted` (`topic/partition@offset`), `is_clean()` false, `into_result()` is `Error::Commit`; those partitions' records settled since their last commit are delivered again after a restart | until `shutdown_timeout` (at least one try) |
+//! | a panic escapes kourier's guards (a bug, or a value whose `Drop` panics) | the record is given up unsettled; its partition is drained like a revoke, its settled offsets committed, and it is read again from its commit point (one warning): the record and the ones after it run again instead of the partition freezing | at once (bounded by `revoke_timeout`) |
 //! | the handlers' downstream is down (with a [`BreakerPolicy`]) | the breaker opens (one warning), dispatch is held, failing records wait without using attempts or reaching the dead-letter topic; one probe record per open interval (doubling to its maximum); closes on a successful probe (one line); `breaker` in the snapshot, `kourier_breaker_*` metrics | opens at the threshold (default 3 failures in a row, or half of the last 20 calls); probes after 5 s, then 10, 20, … 60 s |
 //! | bad configuration | a typed `Error::Config` from `build()`, never a panic | at `build()` |
 //!
@@ -194,7 +217,8 @@
 //! | `kourier_breaker_held_failures_total` | counter | | failed calls the open breaker absorbed (no attempt used, nothing dead-lettered) |
 //!
 //! Per record, [`RetryingConsumerBuilder::on_outcome`] calls an observer with the record and
-//! its [`RecordOutcome`] (handled, duplicate, dead-lettered with its kind, abandoned), so an
+//! its [`RecordOutcome`] (handled, duplicate, dead-lettered with its kind, forwarded to a
+//! retry tier, abandoned, left for later), so an
 //! application or a test learns what became of each record without wrapping the sink.
 //!
 //! [`ConsumerMonitor::snapshot`] gives the same outcome counts in-process (`handled`,
@@ -202,7 +226,8 @@
 //!
 //! **Tracing**: each record runs in a `kourier.record` span (target
 //! `kourier::consumer::worker`) with `topic`, `partition`, `offset`, `key`, `attempt`,
-//! `outcome` (`handled`, `duplicate`, `dead-lettered` or `abandoned`) and `trace_id`; log
+//! `outcome` (`handled`, `duplicate`, `dead-lettered`, `forwarded`, `abandoned` or
+//! `left-for-later`) and `trace_id`; log
 //! lines carry the record's `topic/partition@offset`. librdkafka's own logs arrive under the
 //! target `librdkafka`.
 //!
@@ -308,6 +333,7 @@ pub use crate::idempotency::memory::InMemoryIdempotencyStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::idempotency::redis::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
 pub use crate::idempotency::store::{Claim, ClaimToken, IdempotencyStore};
+pub use crate::log_throttle::ThrottledLogContext;
 pub use crate::message::Message;
 pub use crate::producer::Delivery;
 pub use crate::publisher::{Publisher, PublisherBuilder};

@@ -59,8 +59,11 @@ impl LogThrottle {
     }
 }
 
-/// How often a client kourier creates on its own (the dead-letter producer) logs a
-/// condition that persists.
+/// How often a client kourier creates outside a consumer (a [`Publisher`](crate::Publisher)'s
+/// producer, a [`TopicAdmin`](crate::topics::TopicAdmin)'s admin clients, a dead-letter sink
+/// built on its own) logs a condition that persists. The clients a consumer creates (its
+/// dead-letter and retry-tier producers, the admin client of `create_missing_topics`) use the
+/// consumer's `error_log_interval` instead.
 pub(crate) const CLIENT_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// A librdkafka log line under the target `librdkafka`: debug and info lines as they come,
@@ -96,9 +99,21 @@ pub(crate) fn error_throttled(throttle: &LogThrottle, error: &KafkaError, reason
     }
 }
 
-/// The context of the clients kourier creates for itself: logs and errors throttled.
+/// The rdkafka client context of the clients kourier creates for itself: the
+/// [`Publisher`](crate::Publisher)'s producer, the dead-letter and retry-tier producers, and
+/// [`TopicAdmin`](crate::topics::TopicAdmin)'s admin clients.
+///
+/// librdkafka reports a condition that persists (a broker that refuses connections, say) at
+/// every reconnect; through this context its warnings and errors, and its error callbacks,
+/// are logged once per distinct line per interval (30 s, or a consumer's
+/// `error_log_interval` for the clients it creates), with the count suppressed since
+/// (`suppressed`). Debug and info lines pass as they come. Log lines go to `tracing` under
+/// the target `librdkafka`, as with rdkafka's default context.
+///
+/// It is the context type of the producer [`Publisher::producer`](crate::Publisher::producer)
+/// returns: `FutureProducer<ThrottledLogContext>`.
 #[derive(Debug, Clone)]
-pub(crate) struct ThrottledLogContext {
+pub struct ThrottledLogContext {
     throttle: Arc<LogThrottle>,
 }
 

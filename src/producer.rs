@@ -14,6 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
 
 use crate::error::{ConfigError, Error, Result};
+use crate::log_throttle::{CLIENT_LOG_INTERVAL, ThrottledLogContext};
 
 /// Where the broker stored a published record.
 ///
@@ -160,20 +161,22 @@ impl ProducerSettings {
         Ok((config, send_timeout))
     }
 
-    /// Validates the settings and creates the producer.
+    /// Validates the settings and creates the producer. Its librdkafka logs and errors go
+    /// through a [`ThrottledLogContext`] with the default [`CLIENT_LOG_INTERVAL`].
     pub(crate) fn build(&self, client_id: &str) -> Result<ManagedProducer> {
-        self.build_with_context(client_id, DefaultClientContext)
+        self.build_logging_every(client_id, CLIENT_LOG_INTERVAL)
     }
 
-    /// As [`build`](Self::build), with the client context `context` (e.g. one that
-    /// throttles librdkafka's logs).
-    pub(crate) fn build_with_context<C: ClientContext + Clone + 'static>(
+    /// As [`build`](Self::build), logging a condition that persists once per `interval`
+    /// (a consumer's `error_log_interval`, for the producers it creates).
+    pub(crate) fn build_logging_every(
         &self,
         client_id: &str,
-        context: C,
-    ) -> Result<ManagedProducer<C>> {
+        interval: Duration,
+    ) -> Result<ManagedProducer> {
         let (config, send_timeout) = self.config(client_id)?;
-        let producer: FutureProducer<C> = config
+        let context = ThrottledLogContext::new(interval);
+        let producer: FutureProducer<ThrottledLogContext> = config
             .create_with_context(context.clone())
             .map_err(|e| Error::kafka("create producer", e))?;
         Ok(ManagedProducer {
@@ -215,7 +218,11 @@ struct Generation<C: ClientContext + 'static> {
 /// local queue is full), an acknowledgement awaited with a deadline, and replacement of the
 /// producer after a fatal error (e.g. an idempotence failure), which otherwise would fail
 /// every later send.
-pub(crate) struct ManagedProducer<C: ClientContext + 'static = DefaultClientContext> {
+///
+/// The producers kourier creates have a [`ThrottledLogContext`] (the default type): their
+/// librdkafka log lines and errors are throttled like the consumer's (rule 13 in the crate
+/// docs), not printed at every reconnect. A producer the user built keeps its own context.
+pub(crate) struct ManagedProducer<C: ClientContext + 'static = ThrottledLogContext> {
     current: Mutex<Generation<C>>,
     /// `None` for a producer the user built: it cannot be recreated.
     config: Option<(ClientConfig, C)>,
@@ -231,7 +238,7 @@ impl<C: ClientContext + 'static> fmt::Debug for ManagedProducer<C> {
     }
 }
 
-impl ManagedProducer {
+impl ManagedProducer<DefaultClientContext> {
     /// Wraps a producer built by the user. kourier cannot see its settings: it should be
     /// idempotent with `acks=all`, and its `message.timeout.ms` should not exceed
     /// `send_timeout`.

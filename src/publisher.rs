@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::error::{ConfigError, Error, Result};
+use crate::log_throttle::ThrottledLogContext;
 use crate::producer::{Delivery, ManagedProducer, ProducerSettings};
 use crate::record::{Header, Headers, owned_headers};
 
@@ -125,10 +126,11 @@ impl<T> Publisher<T> {
         &self.inner.topic
     }
 
-    /// The underlying rdkafka producer, e.g. for metrics or `in_flight_count`.
+    /// The underlying rdkafka producer, e.g. for metrics or `in_flight_count`. Its context
+    /// is a [`ThrottledLogContext`]: its librdkafka logs are throttled.
     ///
     /// Records sent through it directly bypass the publisher's encoding and keying.
-    pub fn producer(&self) -> FutureProducer {
+    pub fn producer(&self) -> FutureProducer<ThrottledLogContext> {
         self.inner.producer.current()
     }
 

@@ -11,6 +11,9 @@
 //! servers, never a hang. librdkafka's blocking metadata requests run on Tokio's blocking
 //! thread pool, so the calls do not stall the async runtime. Each call uses its own
 //! short-lived admin client, which is gone (with its connections) when the call returns.
+//! librdkafka's warnings and errors from those clients (a broker that refuses connections
+//! is reported at every reconnect) are logged once per distinct line every 30 s, with the
+//! count suppressed since, like the consumer's.
 //!
 //! [`java_partition`] says which partition of a topic a key goes to with the Java client's
 //! default partitioner (the one kourier's [`Publisher`](crate::Publisher) uses).
@@ -34,13 +37,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::time::Instant;
 
 pub use crate::error::TopicError;
 use crate::error::{ConfigError, Error, Result};
+use crate::log_throttle::{CLIENT_LOG_INTERVAL, ThrottledLogContext};
 pub use crate::publisher::java_partition;
 
 /// How long a [`TopicAdmin`] call may take in all, unless [`TopicAdmin::timeout`] says
@@ -50,7 +53,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between two metadata requests while waiting for the cluster or for new topics.
 const RETRY_INTERVAL: Duration = Duration::from_millis(200);
 
-type Admin = AdminClient<DefaultClientContext>;
+type Admin = AdminClient<ThrottledLogContext>;
 
 /// A topic to create when it is missing: name, partition count, replication factor and
 /// topic-level configuration (`retention.ms`, `cleanup.policy`, ...).
@@ -235,6 +238,9 @@ impl EnsureReport {
 pub struct TopicAdmin {
     config: ClientConfig,
     timeout: Duration,
+    /// The context of every admin client this admin (and its clones) creates: one log
+    /// throttle across calls, so a call repeated against a dead cluster does not log anew.
+    context: ThrottledLogContext,
 }
 
 impl fmt::Debug for TopicAdmin {
@@ -262,7 +268,15 @@ impl TopicAdmin {
         TopicAdmin {
             config,
             timeout: DEFAULT_TIMEOUT,
+            context: ThrottledLogContext::new(CLIENT_LOG_INTERVAL),
         }
+    }
+
+    /// How often librdkafka's warnings and errors that persist are logged (default 30 s);
+    /// a consumer's provisioning uses its `error_log_interval`. A fresh throttle.
+    pub(crate) fn log_interval(mut self, interval: Duration) -> Self {
+        self.context = ThrottledLogContext::new(interval);
+        self
     }
 
     /// Sets a raw librdkafka property (security settings, `client.id`, ...); applied after
@@ -468,7 +482,7 @@ impl TopicAdmin {
         }
         let admin: Admin = self
             .config
-            .create()
+            .create_with_context(self.context.clone())
             .map_err(|e| Error::kafka("create admin client", e))?;
         Ok(Session {
             admin: Some(Arc::new(admin)),
@@ -476,6 +490,35 @@ impl TopicAdmin {
             started: Instant::now(),
             timeout: self.timeout,
         })
+    }
+}
+
+/// Whether `e`, from a [`TopicAdmin`] call, means the cluster did not answer (as opposed to
+/// a broker that answered and refused): no metadata answer within the timeout, or a create
+/// request that failed on the way (transport failure, all brokers down, no answer in time).
+/// The consumer's provisioning turns these into [`Error::BrokersUnreachable`] (rule 13 in
+/// the crate docs); refusals (authorization, invalid topic, policy) stay [`Error::Topic`].
+pub(crate) fn cluster_unreachable(e: &Error) -> bool {
+    let no_answer = |code: RDKafkaErrorCode| {
+        matches!(
+            code,
+            RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::Resolve
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::TimedOutQueue
+        )
+    };
+    match e {
+        Error::Topic(TopicError::Unreachable { .. }) => true,
+        Error::Topic(TopicError::Create { code, .. }) => no_answer(*code),
+        Error::Kafka {
+            source: KafkaError::AdminOp(code),
+            ..
+        } => no_answer(*code),
+        Error::Timeout { operation, .. } => *operation == "create topics",
+        _ => false,
     }
 }
 
@@ -765,6 +808,50 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    #[test]
+    fn no_answer_is_unreachable_and_a_refusal_is_not() {
+        let create = |code| {
+            Error::Topic(TopicError::Create {
+                topic: "t".into(),
+                code,
+            })
+        };
+        assert!(cluster_unreachable(&Error::Topic(
+            TopicError::Unreachable {
+                bootstrap_servers: "b:1".into(),
+                after: Duration::from_secs(1),
+                source: None,
+            }
+        )));
+        assert!(cluster_unreachable(&create(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(cluster_unreachable(&Error::kafka(
+            "create topics",
+            KafkaError::AdminOp(RDKafkaErrorCode::AllBrokersDown)
+        )));
+        assert!(cluster_unreachable(&Error::Timeout {
+            operation: "create topics",
+            after: Duration::from_secs(1),
+        }));
+        for refused in [
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::ClusterAuthorizationFailed,
+            RDKafkaErrorCode::InvalidTopic,
+            RDKafkaErrorCode::InvalidConfig,
+            RDKafkaErrorCode::PolicyViolation,
+        ] {
+            assert!(!cluster_unreachable(&create(refused)), "{refused:?}");
+        }
+        assert!(!cluster_unreachable(&Error::Topic(TopicError::NotReady {
+            topics: vec!["t".into()],
+            after: Duration::from_secs(1),
+        })));
+        assert!(!cluster_unreachable(&Error::from(ConfigError::Missing(
+            "x"
+        ))));
     }
 
     #[test]

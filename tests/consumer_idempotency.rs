@@ -691,11 +691,14 @@ async fn opt_in_goes_on_promptly_after_a_record_finishes_during_the_outage() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. Dead letters are not marked done
+// 6. Dead letters settle their delivery; a redrive is a delivery of its own
 // ---------------------------------------------------------------------------------------------
 
+/// A dead-lettered event's delivery is marked settled (a redelivery after a crash is skipped,
+/// not dead-lettered twice); a redrive carries a redrive count and runs under a key of its
+/// own (`<key>#r1`), once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_lettered_event_is_not_done_and_its_redrive_runs() {
+async fn a_dead_lettered_event_is_settled_and_its_redrive_runs_once() {
     let (topic, group, dlt_topic) = setup("idem-dlt", 1).await;
     let redis = shared_redis_store().await;
     support::produce(
@@ -713,13 +716,11 @@ async fn a_dead_lettered_event_is_not_done_and_its_redrive_runs() {
     wait_committed(&group, &topic, 1, 1).await;
     assert_eq!(outcomes(&log.calls()), vec![(0, 1, false)]);
 
-    // Not marked done: a claim acquires (and is released at once by `probe`).
-    assert!(
-        matches!(
-            probe(&*redis, &group, "invoice-1").await,
-            Claim::Acquired(_)
-        ),
-        "a dead-lettered event must not be marked done"
+    // Settled: a redelivery of the event is skipped (one dead letter per event).
+    assert_eq!(
+        probe(&*redis, &group, "invoice-1").await,
+        Claim::Done,
+        "a dead-lettered delivery is settled"
     );
 
     // The bug is fixed; redrive the letter as it is (key, value, original headers) to the
@@ -738,7 +739,7 @@ async fn a_dead_lettered_event_is_not_done_and_its_redrive_runs() {
     support::produce(&topic, vec![redriven.clone()]).await;
     wait_for("the redrive to run", WAIT, || !log.successes().is_empty()).await;
     wait_committed(&group, &topic, 1, 2).await;
-    assert_eq!(probe(&*redis, &group, "invoice-1").await, Claim::Done);
+    assert_eq!(probe(&*redis, &group, "invoice-1#r1").await, Claim::Done);
 
     // Once done, a second redrive of the same event is a duplicate.
     support::produce(&topic, vec![redriven]).await;

@@ -363,15 +363,25 @@ struct UnreachableRun {
 }
 
 async fn run_against_nothing(startup_timeout: Duration) -> UnreachableRun {
+    run_against_nothing_with(startup_timeout, |b| b).await
+}
+
+/// [`run_against_nothing`] with more settings.
+async fn run_against_nothing_with(
+    startup_timeout: Duration,
+    more: impl FnOnce(RetryingConsumerBuilder<Probe>) -> RetryingConsumerBuilder<Probe>,
+) -> UnreachableRun {
     captured();
     let _quiet = OUTAGE_LOGS.lock().await;
-    let consumer = RetryingConsumer::builder(Probe(Log::new()))
-        .bootstrap_servers("127.0.0.1:1")
-        .group_id(support::unique_name("unreachable"))
-        .topic("notify.v1")
-        .startup_timeout(startup_timeout)
-        .build()
-        .expect("build");
+    let consumer = more(
+        RetryingConsumer::builder(Probe(Log::new()))
+            .bootstrap_servers("127.0.0.1:1")
+            .group_id(support::unique_name("unreachable"))
+            .topic("notify.v1")
+            .startup_timeout(startup_timeout),
+    )
+    .build()
+    .expect("build");
     let mark = log_mark();
     let started = Instant::now();
     let result = tokio::time::timeout(
@@ -442,6 +452,76 @@ async fn unreachable_brokers_are_an_error_within_the_startup_timeout() {
         own <= 10,
         "the consumer logs a persisting condition once per interval, not per poll: {own} lines"
     );
+}
+
+/// Issue 23: whatever step meets the unreachable cluster — the startup checks, or creating
+/// the missing topics first (`create_missing_topics`, which was `Error::Topic`) — `run()`
+/// returns `Error::BrokersUnreachable` naming the servers, within the startup timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_brokers_are_brokers_unreachable_whatever_step_met_them() {
+    let timeout = Duration::from_secs(2);
+    for (step, create) in [("startup checks", None), ("create_missing_topics", Some(3))] {
+        let run = run_against_nothing_with(timeout, |b| match create {
+            Some(partitions) => b.create_missing_topics(partitions),
+            None => b,
+        })
+        .await;
+        let err = run.result.expect_err("nothing answers at 127.0.0.1:1");
+        eprintln!(
+            "unreachable, {step}: run() returned after {:?} with `{err}`",
+            run.elapsed
+        );
+        match &err {
+            Error::BrokersUnreachable { servers, after } => {
+                assert_eq!(servers, "127.0.0.1:1", "{step}");
+                assert!(
+                    *after >= timeout,
+                    "{step}: tried for the whole timeout: {after:?}"
+                );
+            }
+            other => panic!("{step}: expected BrokersUnreachable, got {other:?}"),
+        }
+        assert!(err.is_brokers_unreachable(), "{step}");
+        assert!(
+            run.elapsed < timeout + Duration::from_secs(5),
+            "{step}: returned within the startup timeout (+5 s): {:?}",
+            run.elapsed
+        );
+    }
+}
+
+/// A broker that answers and refuses to create a topic is not "unreachable": the refusal
+/// stays `Error::Topic` naming the topic. Kafka refuses a name that collides with an existing
+/// one once `.` and `_` are folded (`a.b` / `a_b`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_refusing_to_create_a_topic_stays_a_topic_error() {
+    captured();
+    support::require_kafka().await;
+    let base = support::unique_name("refused").replace('.', "-");
+    let existing = format!("{base}_x");
+    let colliding = format!("{base}.x");
+    support::create_topic(&existing, 1).await;
+    let log = Log::new();
+    let consumer = builder(&log, &colliding, &support::unique_name("refused"))
+        .startup_timeout(Duration::from_secs(10))
+        .create_missing_topics(1)
+        .build()
+        .expect("build");
+    let result = tokio::time::timeout(
+        Duration::from_secs(30),
+        consumer.run(std::future::pending()),
+    )
+    .await
+    .expect("run() returned within 30 s");
+    let err = result.expect_err("the broker refuses the colliding name");
+    eprintln!("refused: {err:?}");
+    match &err {
+        Error::Topic(kourier::topics::TopicError::Create { topic, .. }) => {
+            assert_eq!(topic, &colliding);
+        }
+        other => panic!("expected Error::Topic(Create), got {other:?}"),
+    }
+    assert!(!err.is_brokers_unreachable());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1375,6 +1455,116 @@ async fn a_broker_outage_longer_than_max_broker_outage_ends_run_with_brokers_unr
     }
     assert!(took < Duration::from_secs(20), "bounded: {took:?}");
     drop(mock);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. A final commit the group coordinator refuses (librdkafka's mock cluster: a real broker
+// cannot be made to refuse one commit and accept the next)
+
+/// The group's committed offset of `topic`/0 on the mock cluster.
+fn committed_on_mock(bootstrap: &str, group: &str, topic: &str) -> Option<i64> {
+    use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
+    use kourier::rdkafka::{Offset, TopicPartitionList};
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .expect("create group client");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let committed = client
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    let offset = committed.elements().first().map(|e| e.offset());
+    match offset {
+        Some(Offset::Offset(o)) => Some(o),
+        _ => None,
+    }
+}
+
+/// Runs a consumer on the mock cluster until it handled 3 records (nothing committed yet:
+/// the commit interval is an hour), makes the coordinator refuse the next `refusals` offset
+/// commits (`GROUP_AUTHORIZATION_FAILED`), stops it, and returns the report, how long the
+/// stop took, and the committed offset afterwards.
+async fn stop_while_commits_are_refused(
+    refusals: usize,
+) -> (kourier::Result<ShutdownReport>, Duration, Option<i64>) {
+    use kourier::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let topic = support::unique_name("final-commit");
+    mock.create_topic(&topic, 1, 1).expect("create topic");
+    mock.create_topic(&format!("{topic}.dlt"), 1, 1)
+        .expect("create dlt");
+    let events: Vec<Ev> = (0..3).map(|id| Ev { id, act: Act::Ok }).collect();
+    produce_to_mock(&bootstrap, &topic, &events).await;
+
+    let log = Log::new();
+    let group = support::unique_name("final-commit");
+    let b = builder(&log, &topic, &group)
+        .bootstrap_servers(&bootstrap)
+        .commit_interval(Duration::from_secs(3600))
+        .shutdown_timeout(Duration::from_secs(3));
+    let running = Running::start(b);
+    wait_for("3 records handled", Duration::from_secs(30), || {
+        log.handled_count() == 3
+    })
+    .await;
+    assert_eq!(committed_on_mock(&bootstrap, &group, &topic), None);
+    mock.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; refusals],
+    );
+    let (result, took) = running.stop().await;
+    let committed = committed_on_mock(&bootstrap, &group, &topic);
+    (result, took, committed)
+}
+
+/// Issue 23: a final commit that fails is retried (with a short back-off, polling) until the
+/// shutdown deadline: refused three times, it commits on the fourth try and the shutdown is
+/// clean (it was one try: the offsets stayed uncommitted and the report said "clean").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_commit_refused_a_few_times_is_retried_until_it_commits() {
+    captured();
+    let (result, took, committed) = stop_while_commits_are_refused(3).await;
+    let report = result.expect("run() returns a report");
+    eprintln!(
+        "final commit refused 3 times: stop took {took:?}; {report:?}; committed {committed:?}"
+    );
+    assert_eq!(committed, Some(3), "committed on a later try");
+    assert!(report.is_clean(), "{report:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+/// Issue 23: a final commit that still fails at the shutdown deadline is reported: the
+/// report is not clean, names the partition and offset left uncommitted and the error, and
+/// `into_result()` is `Error::Commit` (it was a clean report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_commit_refused_until_the_deadline_is_reported() {
+    captured();
+    let (result, took, committed) = stop_while_commits_are_refused(1000).await;
+    let report = result.expect("run() returns a report");
+    eprintln!("final commit always refused: stop took {took:?}; {report:?}");
+    assert_eq!(committed, None, "nothing was committed");
+    assert!(!report.is_clean(), "{report:?}");
+    assert_eq!(report.abandoned, 0);
+    assert_eq!(report.uncommitted.len(), 1, "{report:?}");
+    assert!(report.uncommitted[0].ends_with("/0@3"), "{report:?}");
+    assert!(
+        report
+            .commit_error
+            .as_ref()
+            .and_then(|e| e.rdkafka_error_code())
+            .is_some(),
+        "{report:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "retried until the deadline (3 s), not past it: {took:?}"
+    );
+    let err = report.into_result().expect_err("not clean");
+    assert!(err.is_commit_failed(), "{err:?}");
+    assert!(err.to_string().contains("/0@3"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -88,7 +88,15 @@ use crate::retry::infra_backoff;
 /// it held no longer move it (their retry policy decides). Only when every record that can
 /// run has failed in this outage do they probe themselves, their failures still held (the
 /// breaker cannot tell them from a downstream that is down); the next record that can run
-/// settles it.
+/// settles it. That wait is bounded: a record that transiently failed
+/// [`probes_per_record`](Self::with_probes_per_record) probes of its own (default 10) takes
+/// its normal path, its failures counting as attempts again.
+///
+/// Records are counted by event: copies of one event (a redelivery after a crash, its
+/// retry-tier copies, a second publish with the same dedup key) are one record, so the
+/// copies of one failing event never open the breaker between them. The event is its dedup
+/// key when idempotency is on, else its source record (for a tier copy, the source record
+/// its headers name).
 ///
 /// # Why one breaker per consumer
 ///
@@ -115,6 +123,7 @@ pub struct BreakerPolicy {
     consecutive: Option<u32>,
     open_interval: Duration,
     max_open_interval: Duration,
+    probes_per_record: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -137,9 +146,13 @@ impl Default for BreakerPolicy {
             consecutive: None,
             open_interval: Duration::from_secs(5),
             max_open_interval: Duration::from_secs(60),
+            probes_per_record: DEFAULT_PROBES_PER_RECORD,
         }
     }
 }
+
+/// [`BreakerPolicy::with_probes_per_record`]'s default.
+const DEFAULT_PROBES_PER_RECORD: u32 = 10;
 
 impl BreakerPolicy {
     /// Opens when at least `rate` (in `(0, 1]`) of the last `window` calls failed, once at
@@ -184,6 +197,27 @@ impl BreakerPolicy {
         self
     }
 
+    /// How many probes one record may fail *transiently* before its failures count as
+    /// attempts again (at least 1; default 10). See *Records that fail on their own* above:
+    /// a record that keeps failing probes while no other record can run may be failing on
+    /// its own, so after `n` failed probes of its own its retry policy decides again
+    /// (retried with its back-off, forwarded to a retry tier, dead-lettered when its
+    /// attempts are used up). With the default intervals (5 s doubling to 60 s) a lone
+    /// record takes its normal path after about seven minutes of probing; so does a record
+    /// whose downstream is down longer than that while nothing else can run. Failures the
+    /// handler calls [unavailable](crate::HandlerError::unavailable) are its word that the
+    /// downstream is down: they never count toward this bound.
+    #[must_use]
+    pub fn with_probes_per_record(mut self, n: u32) -> Self {
+        self.probes_per_record = n;
+        self
+    }
+
+    /// How many probes one record may fail before its failures count as attempts again.
+    pub fn probes_per_record(&self) -> u32 {
+        self.probes_per_record
+    }
+
     /// How long the breaker stays open before its first probe.
     pub fn open_interval(&self) -> Duration {
         self.open_interval
@@ -218,6 +252,9 @@ impl BreakerPolicy {
         }
         if self.open_interval.is_zero() {
             return invalid("the open interval must be longer than zero".into());
+        }
+        if self.probes_per_record == 0 {
+            return invalid("probes_per_record must be at least 1".into());
         }
         if self.max_open_interval < self.open_interval {
             return invalid(format!(
@@ -347,7 +384,7 @@ struct Inner {
     consecutive_first: Option<Caller>,
     consecutive_mixed: bool,
     /// Unavailable failures so far: each counts as a record of its own.
-    unavailable_calls: i64,
+    unavailable_calls: u64,
     /// Failed probes since the breaker last closed.
     failed_probes: u32,
     /// Half-open: a record holds the probe.
@@ -425,14 +462,27 @@ pub(crate) struct Pass<'a> {
     caller: Caller,
 }
 
-/// Which record made a call (partition, offset): the breaker opens only on failures of at
-/// least two records, so that a lone record failing on its own never opens it.
-pub(crate) type Caller = (i32, i64);
+/// Which event made a call: the breaker opens only on failures of at least two, so that a
+/// lone event failing on its own never opens it. Copies of one event — a redelivery after a
+/// crash, its retry-tier copies, a second publish with the same dedup key — are one caller
+/// (delivery rule 18): see [`caller_of`].
+pub(crate) type Caller = u64;
+
+/// The caller of an event known by `identity` (its dedup key, else its source record's
+/// topic, partition and offset).
+pub(crate) fn caller_of(identity: impl std::hash::Hash) -> Caller {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(identity)
+}
 
 /// What a record remembers between attempts: the outage in which a failure of its was held,
-/// so that it lets other records probe before it tries again (see the module docs).
+/// so that it lets other records probe before it tries again (see the module docs), and
+/// how many probes it failed itself (its bound: [`BreakerPolicy::with_probes_per_record`]).
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ProbeMemo(Option<u64>);
+pub(crate) struct ProbeMemo {
+    outage: Option<u64>,
+    failed_probes: u32,
+}
 
 impl Pass<'_> {
     /// The attempt succeeded.
@@ -456,13 +506,31 @@ impl Pass<'_> {
         let held_in = match self.breaker.take() {
             // An unavailable failure is the handler's word that the downstream is down: it
             // needs no second record to count.
-            Some(b) if counted => b.on_failure(
-                self.epoch,
-                self.probe,
-                (!unavailable).then_some(self.caller),
-                error.retry_after_hint(),
-                memo.0.is_some(),
-            ),
+            Some(b) if counted => {
+                // A record that failed its share of probes takes its normal path now (its
+                // attempt counts): records failing on their own cannot hold the breaker
+                // open forever (see `with_probes_per_record`).
+                let spent = self.probe && !unavailable && {
+                    memo.failed_probes = memo.failed_probes.saturating_add(1);
+                    memo.failed_probes >= b.policy.probes_per_record
+                };
+                let held = b.on_failure(
+                    self.epoch,
+                    self.probe,
+                    (!unavailable).then_some(self.caller),
+                    error.retry_after_hint(),
+                    memo.outage.is_some(),
+                    spent,
+                );
+                if spent && self.probe {
+                    warn!(
+                        failed_probes = memo.failed_probes,
+                        "a record failed its share of breaker probes: its failures count as attempts again (its retry policy decides)"
+                    );
+                    return Verdict::Policy;
+                }
+                held
+            }
             Some(b) => {
                 b.return_probe(self.probe);
                 None
@@ -470,7 +538,7 @@ impl Pass<'_> {
             None => None,
         };
         if let Some(outage) = held_in {
-            memo.0 = Some(outage);
+            memo.outage = Some(outage);
         }
         if held_in.is_some() {
             Verdict::Hold(Duration::ZERO)
@@ -530,7 +598,7 @@ impl OutageGate {
             };
             if counted.0.is_none() {
                 let mut s = b.lock();
-                let fresh = memo.0 != Some(s.outage);
+                let fresh = memo.outage != Some(s.outage);
                 s.waiting += 1;
                 s.fresh_waiting += usize::from(fresh);
                 counted.0 = Some((b, fresh));
@@ -654,7 +722,7 @@ impl Breaker {
     fn try_admit(&self, memo: ProbeMemo, caller: Caller) -> Result<Pass<'_>, Option<Instant>> {
         let mut s = self.lock();
         self.expire(&mut s);
-        let suspect = memo.0 == Some(s.outage);
+        let suspect = memo.outage == Some(s.outage);
         match s.phase {
             Phase::Closed => Ok(Pass {
                 breaker: Some(self),
@@ -731,6 +799,7 @@ impl Breaker {
         caller: Option<Caller>,
         hint: Option<Duration>,
         was_held: bool,
+        spent: bool,
     ) -> Option<u64> {
         let mut s = self.lock();
         if epoch == s.epoch {
@@ -740,7 +809,7 @@ impl Breaker {
                     // Unavailable: a caller of its own, as if another record had failed.
                     let caller = caller.unwrap_or_else(|| {
                         s.unavailable_calls += 1;
-                        (i32::MIN, s.unavailable_calls)
+                        caller_of(("unavailable", s.unavailable_calls))
                     });
                     self.record(&mut s, Some(caller));
                     if let Some(why) = self.tripped(&s) {
@@ -764,7 +833,7 @@ impl Breaker {
                 _ => {}
             }
         }
-        if s.phase == Phase::Closed {
+        if s.phase == Phase::Closed || spent {
             return None;
         }
         s.held_failures += 1;
@@ -922,12 +991,12 @@ mod tests {
 
     /// A record of its own for every call (the breaker opens only on failures of two).
     fn next_caller() -> Caller {
-        static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
-        (0, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The one record of a test that follows a record through several calls.
-    const OWN: Caller = (9, 0);
+    const OWN: Caller = 9_000_000;
 
     /// Opens after two failed calls in a row (of two records), open `initial` doubling to `max`.
     fn two_in_a_row(initial: Duration, max: Duration) -> Breaker {
@@ -1323,7 +1392,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         pass(&b).await.succeeded();
         // The record it held (its memo says so) fails again, on its own: the policy decides.
-        assert!(memo.0.is_some());
+        assert!(memo.outage.is_some());
         for _ in 0..5 {
             assert_eq!(
                 pass(&b).await.failed(&transient(), 1, memo),

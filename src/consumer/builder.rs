@@ -388,8 +388,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// Calls `observer` once for each record a worker took, when it ends: with the record
     /// (its coordinates, key, headers) and how it ended — [`RecordOutcome::Handled`],
     /// [`Duplicate`](RecordOutcome::Duplicate), [`DeadLettered`](RecordOutcome::DeadLettered)
-    /// with the failure kind (after the sink acknowledged the letter), or
-    /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown. Records dropped from
+    /// with the failure kind (after the sink acknowledged the letter),
+    /// [`Forwarded`](RecordOutcome::Forwarded) to a retry tier (acknowledged),
+    /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown, or
+    /// [`LeftForLater`](RecordOutcome::LeftForLater) (a tier record still waiting for its due
+    /// time at a revoke or shutdown). Records dropped from
     /// the buffers at a revoke never reached a worker and are not reported (they are
     /// delivered again).
     ///
@@ -546,7 +549,10 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
 
     /// How often a condition that persists (a broker down, a topic missing) is logged: the
     /// first occurrence at once, then at most once per interval with the count suppressed
-    /// since. Default 30 s.
+    /// since. Default 30 s. It holds for librdkafka's own warnings and errors too, from the
+    /// consumer and from every client it creates (the dead-letter producer of the default
+    /// sink, the retry-tier producer, the admin client of
+    /// [`create_missing_topics`](Self::create_missing_topics)).
     #[must_use]
     pub fn error_log_interval(mut self, interval: Duration) -> Self {
         self.error_log_interval = interval;
@@ -690,6 +696,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         let create = self.create_missing_topics.map(|partitions| Provisioning {
             partitions,
             kafka_config: self.security_settings(),
+            log_interval: self.error_log_interval,
         });
         let consumer: BaseConsumer<KourierContext> = config
             .create_with_context(KourierContext { hub: hub.clone() })
@@ -758,7 +765,8 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         for (k, v) in self.security_settings() {
             settings.set(k, v);
         }
-        let producer = settings.build("kourier-retry-tiers")?;
+        let producer =
+            settings.build_logging_every("kourier-retry-tiers", self.error_log_interval)?;
         Ok(Some(Arc::new(Tiers::new(
             config.clone(),
             &self.topics,
@@ -936,7 +944,8 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         Ok(match &self.sink {
             Some(sink) => sink.clone(),
             None => {
-                let mut b = KafkaDeadLetterSink::builder(bootstrap);
+                let mut b =
+                    KafkaDeadLetterSink::builder(bootstrap).log_interval(self.error_log_interval);
                 for (k, v) in self.security_settings() {
                     b = b.kafka_config(k, v);
                 }

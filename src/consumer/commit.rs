@@ -1,12 +1,12 @@
 //! Committing settled offsets (DESIGN rule 1): synchronously, exactly the offsets the
 //! scheduler's watermarks allow.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use super::hub::Hub;
 use super::topic_partition::Tp;
@@ -20,21 +20,8 @@ pub(crate) fn commit<C: ConsumerContext>(
     offsets: &[(Tp, i64)],
     why: &str,
 ) -> bool {
-    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-    for ((t, p), o) in offsets {
-        if let Err(e) = tpl.add_partition_offset(t, *p, Offset::Offset(*o)) {
-            error!(error = %e, "cannot build commit list");
-            return false;
-        }
-    }
-    let started = Instant::now();
-    let result = consumer.commit(&tpl, CommitMode::Sync);
-    metrics.commit(started.elapsed(), result.is_ok());
-    match result {
-        Ok(()) => {
-            debug!(why, offsets = ?offsets.iter().map(|((t, p), o)| format!("{t}/{p}={o}")).collect::<Vec<_>>(), took = ?started.elapsed(), "committed");
-            true
-        }
+    match commit_once(consumer, metrics, offsets, why) {
+        Ok(()) => true,
         Err(e) if ownership_lost(&e) => {
             warn!(why, error = %e, "commit refused: partitions changed owner; their records will be redelivered");
             false
@@ -43,6 +30,112 @@ pub(crate) fn commit<C: ConsumerContext>(
             warn!(why, error = %e, "commit failed; retrying at the next interval");
             false
         }
+    }
+}
+
+/// One synchronous commit of exactly these offsets, counted in the metrics; failures are
+/// left to the caller to log.
+fn commit_once<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    metrics: &ConsumerMetrics,
+    offsets: &[(Tp, i64)],
+    why: &str,
+) -> Result<(), KafkaError> {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for ((t, p), o) in offsets {
+        tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+    }
+    let started = Instant::now();
+    let result = consumer.commit(&tpl, CommitMode::Sync);
+    metrics.commit(started.elapsed(), result.is_ok());
+    if result.is_ok() {
+        debug!(why, offsets = %offsets_display(offsets), took = ?started.elapsed(), "committed");
+    }
+    result
+}
+
+/// `topic/partition@offset, ...`: each the offset a partition's next reader starts at.
+fn offsets_display(offsets: &[(Tp, i64)]) -> String {
+    offsets
+        .iter()
+        .map(|((t, p), o)| format!("{t}/{p}@{o}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The first pause between two tries of the final commit; it doubles up to
+/// [`FINAL_COMMIT_BACKOFF_MAX`].
+const FINAL_COMMIT_BACKOFF: Duration = Duration::from_millis(100);
+const FINAL_COMMIT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How long one poll waits while the final commit pauses between tries.
+const FINAL_COMMIT_POLL: Duration = Duration::from_millis(50);
+
+/// The final commit at shutdown (rule 8 in the crate docs): every settled offset that
+/// moved since the last commit, tried until it succeeds or `deadline` passes (at least
+/// once), with a short back-off between tries during which the consumer keeps polling (it
+/// stays in its group; a rebalance meanwhile commits and drops its partitions itself). What
+/// still failed is kept in the hub for the report ([`Hub::take_final_commit_failure`]).
+pub(crate) fn commit_final<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    hub: &Hub,
+    deadline: Instant,
+) {
+    final_commit_with(
+        hub,
+        deadline,
+        |offsets| commit_once(consumer, &hub.metrics, offsets, "shutdown"),
+        |pause| {
+            let started = Instant::now();
+            // Records that still arrive are dropped (the scheduler is stopping).
+            while let Some(left) = pause.checked_sub(started.elapsed()) {
+                let _ = consumer.poll(left.min(FINAL_COMMIT_POLL));
+            }
+        },
+    );
+}
+
+/// [`commit_final`], with the commit and the pause given: `try_commit` commits the offsets
+/// it is given, `pause` waits (polling) between tries.
+fn final_commit_with(
+    hub: &Hub,
+    deadline: Instant,
+    mut try_commit: impl FnMut(&[(Tp, i64)]) -> Result<(), KafkaError>,
+    mut pause: impl FnMut(Duration),
+) {
+    let mut backoff = FINAL_COMMIT_BACKOFF;
+    let mut tries = 0u32;
+    loop {
+        // Asked again at each try: a revoke while pausing commits and drops its partitions
+        // (and, when it commits them, clears them from the failure).
+        let offsets = hub.lock().to_commit();
+        if offsets.is_empty() {
+            return;
+        }
+        tries += 1;
+        let error = match try_commit(&offsets) {
+            Ok(()) => {
+                hub.lock().committed(&offsets);
+                hub.committed_after_failure(&offsets);
+                if tries > 1 {
+                    info!(tries, offsets = %offsets_display(&offsets), "final commit succeeded after retries");
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            error!(tries, error = %error, uncommitted = %offsets_display(&offsets), "final commit failed until the shutdown deadline: these partitions' settled records since their last commit are delivered again after a restart");
+        } else if let Some(suppressed) = hub.throttle.admit("shutdown: final commit failed") {
+            let ownership = ownership_lost(&error);
+            warn!(tries, error = %error, ownership_lost = ownership, suppressed, left = ?left, "final commit failed; retrying until the shutdown deadline");
+        }
+        hub.final_commit_failed(&offsets, error);
+        if left.is_zero() {
+            return;
+        }
+        pause(backoff.min(left));
+        backoff = (backoff * 2).min(FINAL_COMMIT_BACKOFF_MAX);
     }
 }
 
@@ -64,4 +157,149 @@ fn ownership_lost(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::State
         )
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::ProcessingOrder;
+    use crate::consumer::scheduler::{JobEnd, Limits, Scheduler};
+    use crate::record::RawRecord;
+
+    /// A hub whose partition `t/0` settled offsets 0..3: 3 is to be committed.
+    fn hub_with_settled_records() -> Hub {
+        let limits = Limits {
+            max_in_flight: 10,
+            max_buffered_records: 100,
+            max_buffered_bytes: 1 << 20,
+            max_buffered_records_per_partition: 100,
+            max_uncommitted_per_partition: 1_000,
+        };
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits);
+        let tp: Tp = (Arc::from("t"), 0);
+        s.assign([tp]);
+        for offset in 0..3 {
+            s.enqueue(RawRecord::builder("t").offset(offset).build());
+        }
+        let mut job = s.take_jobs().pop();
+        while let Some(j) = job {
+            job = s.finish(&j, JobEnd::Settled);
+        }
+        Hub::new(
+            s,
+            Duration::from_secs(1),
+            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
+            Duration::from_secs(30),
+        )
+    }
+
+    fn refused() -> KafkaError {
+        KafkaError::ConsumerCommit(RDKafkaErrorCode::GroupAuthorizationFailed)
+    }
+
+    #[test]
+    fn a_final_commit_that_fails_then_succeeds_is_retried_until_it_does() {
+        let hub = hub_with_settled_records();
+        assert_eq!(hub.lock().to_commit(), vec![((Arc::from("t"), 0), 3)]);
+        let mut tries = Vec::new();
+        let mut pauses = Vec::new();
+        let deadline = crate::clock::after(Instant::now(), Duration::from_secs(60));
+        final_commit_with(
+            &hub,
+            deadline,
+            |offsets| {
+                tries.push(offsets.to_vec());
+                if tries.len() <= 5 {
+                    Err(refused())
+                } else {
+                    Ok(())
+                }
+            },
+            |pause| pauses.push(pause),
+        );
+        assert_eq!(tries.len(), 6, "five refusals, then the commit");
+        assert!(tries.iter().all(|t| *t == [((Arc::from("t"), 0), 3)]));
+        let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1000], "a short back-off, capped");
+        assert!(hub.lock().to_commit().is_empty(), "the commit is noted");
+        let failure = hub.take_final_commit_failure();
+        assert!(failure.is_none(), "nothing to report: {failure:?}");
+    }
+
+    #[test]
+    fn a_final_commit_that_keeps_failing_is_reported_at_the_deadline() {
+        let hub = hub_with_settled_records();
+        let started = Instant::now();
+        let deadline = crate::clock::after(started, Duration::from_millis(400));
+        let mut tries = 0;
+        final_commit_with(
+            &hub,
+            deadline,
+            |_| {
+                tries += 1;
+                Err(refused())
+            },
+            std::thread::sleep,
+        );
+        let took = started.elapsed();
+        assert!(tries >= 3, "retried until the deadline: {tries} tries");
+        assert!(took >= Duration::from_millis(400), "{took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "not past the deadline: {took:?}"
+        );
+        let failure = hub.take_final_commit_failure().expect("reported");
+        assert_eq!(failure.uncommitted, [((Arc::from("t"), 0), 3)]);
+        assert_eq!(failure.uncommitted_display(), ["t/0@3"]);
+        assert_eq!(failure.error, refused());
+        assert_eq!(hub.lock().to_commit().len(), 1, "still uncommitted");
+    }
+
+    #[test]
+    fn a_final_commit_past_the_deadline_is_tried_once() {
+        let hub = hub_with_settled_records();
+        let mut tries = 0;
+        final_commit_with(
+            &hub,
+            Instant::now(),
+            |_| {
+                tries += 1;
+                Err(refused())
+            },
+            |_| panic!("no pause past the deadline"),
+        );
+        assert_eq!(tries, 1);
+        assert!(hub.take_final_commit_failure().is_some());
+    }
+
+    #[test]
+    fn partitions_that_leave_uncommitted_stay_reported_and_a_later_commit_clears_them() {
+        let hub = hub_with_settled_records();
+        let tp: Tp = (Arc::from("t"), 0);
+        // A failed try, then the partition is revoked as lost (removed, not committed): the
+        // final commit finds nothing more to commit, and the failure stays.
+        let mut first = true;
+        final_commit_with(
+            &hub,
+            crate::clock::after(Instant::now(), Duration::from_secs(60)),
+            |_| Err(refused()),
+            |_| {
+                if std::mem::take(&mut first) {
+                    hub.lock().remove(std::slice::from_ref(&tp));
+                }
+            },
+        );
+        let failure = hub.take_final_commit_failure().expect("still reported");
+        assert_eq!(failure.uncommitted, [(tp.clone(), 3)]);
+
+        // A revoke that commits a lower offset does not cover it; one that commits it does.
+        hub.final_commit_failed(&[(tp.clone(), 3)], refused());
+        hub.committed_after_failure(&[(tp.clone(), 2)]);
+        assert!(hub.take_final_commit_failure().is_some());
+        hub.final_commit_failed(&[(tp.clone(), 3)], refused());
+        hub.committed_after_failure(&[(tp.clone(), 3)]);
+        assert!(hub.take_final_commit_failure().is_none());
+    }
 }

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use super::claim_ahead::AheadClaims;
 use super::store_batch::StoreBatcher;
+use crate::dead_letter::headers::{position_of, positioned};
 use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
 use crate::message::Message;
+use crate::record::RawRecord;
 
 type DedupKeyFn<T> = Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>;
 
@@ -104,6 +106,22 @@ impl<T> fmt::Debug for DedupKey<T> {
     }
 }
 
+/// A record's dedup keys: the event's (the same for every copy of the event: what the
+/// breaker counts a record by) and the delivery's (the event's key at the record's
+/// [`Position`]: what is claimed and marked done).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DedupKeys {
+    pub(crate) event: String,
+    pub(crate) delivery: String,
+}
+
+impl DedupKeys {
+    fn of(event: String, record: &RawRecord) -> Self {
+        let delivery = positioned(event.clone(), position_of(&record.headers));
+        DedupKeys { event, delivery }
+    }
+}
+
 /// Idempotency settings of a consumer.
 pub(crate) struct Dedup<T> {
     pub(crate) store: Arc<dyn IdempotencyStore>,
@@ -137,6 +155,25 @@ impl<T> Dedup<T> {
             run_without_store_on_outage,
             batch: StoreBatcher::default(),
         }
+    }
+
+    /// The record's dedup keys, from its decoded message (`None`: handled without dedup).
+    pub(crate) fn keys_of(&self, message: &Message<T>) -> Option<DedupKeys> {
+        let event = self.key.namespaced_key_of(&self.namespace, message)?;
+        Some(DedupKeys::of(event, message.raw()))
+    }
+
+    /// The record's dedup keys before it is decoded (see
+    /// [`DedupKey::namespaced_key_ahead`]).
+    pub(crate) fn keys_ahead(
+        &self,
+        record: &Arc<RawRecord>,
+        decode: impl FnOnce() -> Option<Message<T>>,
+    ) -> Option<DedupKeys> {
+        let event = self
+            .key
+            .namespaced_key_ahead(&self.namespace, record, decode)?;
+        Some(DedupKeys::of(event, record))
     }
 
     /// Claims `key` for the lease, in a batch with other workers' claims.

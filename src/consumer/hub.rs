@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use tracing::{info, warn};
 
 use super::health::Health;
 use super::scheduler::{Job, JobEnd, Scheduler};
+use super::topic_partition::Tp;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::ConsumerMetrics;
 
@@ -35,6 +37,8 @@ pub(crate) struct Hub {
     pub(crate) health: Health,
     /// Log lines of persisting conditions (broker errors, waits), once per interval.
     pub(crate) throttle: LogThrottle,
+    /// The final commit at shutdown, when it failed until the deadline: for the report.
+    final_commit: Mutex<Option<FinalCommitFailure>>,
 }
 
 impl Hub {
@@ -56,6 +60,7 @@ impl Hub {
             metrics,
             health: Health::new(),
             throttle: LogThrottle::new(log_interval),
+            final_commit: Mutex::new(None),
         }
     }
 
@@ -152,6 +157,47 @@ impl Hub {
         self.closing.load(AtomicOrdering::SeqCst)
     }
 
+    /// A try of the final commit failed: `offsets` stay uncommitted (with those of earlier
+    /// tries whose partitions left meanwhile without a commit, e.g. lost), for the report.
+    pub(crate) fn final_commit_failed(&self, offsets: &[(Tp, i64)], error: KafkaError) {
+        let mut slot = self.final_commit_slot();
+        let mut uncommitted: Vec<(Tp, i64)> = slot
+            .take()
+            .map(|f| f.uncommitted)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(tp, _)| !offsets.iter().any(|(t, _)| t == tp))
+            .collect();
+        uncommitted.extend_from_slice(offsets);
+        *slot = Some(FinalCommitFailure { uncommitted, error });
+    }
+
+    /// `offsets` were committed (by a later try, or by a revoke while the consumer stops or
+    /// closes): what a failed try of the final commit left there is committed after all.
+    pub(crate) fn committed_after_failure(&self, offsets: &[(Tp, i64)]) {
+        let mut slot = self.final_commit_slot();
+        let Some(failure) = slot.as_mut() else {
+            return;
+        };
+        failure
+            .uncommitted
+            .retain(|(tp, o)| !offsets.iter().any(|(t, done)| t == tp && done >= o));
+        if failure.uncommitted.is_empty() {
+            *slot = None;
+        }
+    }
+
+    /// The final commit's failure, if it failed (taken once the consumer is closed).
+    pub(crate) fn take_final_commit_failure(&self) -> Option<FinalCommitFailure> {
+        self.final_commit_slot().take()
+    }
+
+    fn final_commit_slot(&self) -> MutexGuard<'_, Option<FinalCommitFailure>> {
+        self.final_commit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The poll thread: waits until the buffer has room for `want` records or `timeout`
     /// passes; returns whether it has.
     pub(crate) fn wait_for_room(&self, timeout: Duration, want: usize) -> bool {
@@ -179,5 +225,25 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.waiters.fetch_sub(1, AtomicOrdering::SeqCst);
         done(&guard)
+    }
+}
+
+/// The final commit at shutdown, after every try until the shutdown deadline failed.
+#[derive(Debug)]
+pub(crate) struct FinalCommitFailure {
+    /// What stayed uncommitted: each partition with the offset it should have been
+    /// committed at.
+    pub(crate) uncommitted: Vec<(Tp, i64)>,
+    /// The last try's error.
+    pub(crate) error: KafkaError,
+}
+
+impl FinalCommitFailure {
+    /// `topic/partition@offset` of each partition left uncommitted, for the report.
+    pub(crate) fn uncommitted_display(&self) -> Vec<String> {
+        self.uncommitted
+            .iter()
+            .map(|((t, p), o)| format!("{t}/{p}@{o}"))
+            .collect()
     }
 }

@@ -62,6 +62,12 @@ impl OffsetTracker {
         self.first_received
     }
 
+    /// Where to read again from to deliver every record not yet settled: the first
+    /// unsettled offset received, else one past the settled prefix.
+    pub(crate) fn restart_point(&self) -> Option<i64> {
+        self.pending.front().map(|&(o, _)| o).or(self.watermark)
+    }
+
     /// How many received records are not yet part of the settled prefix.
     pub(crate) fn unsettled(&self) -> usize {
         self.pending.len()

@@ -22,11 +22,15 @@ pub enum RecordOutcome {
     Forwarded(u32),
     /// Given up unsettled at a revoke or shutdown: not committed, delivered again later.
     Abandoned,
+    /// A retry-tier record that was still waiting for its due time when its partition was
+    /// revoked or the consumer stopped: nothing of it ran; not committed, it runs after the
+    /// next assignment, once due ([`ShutdownReport::left_for_later`](crate::ShutdownReport::left_for_later)).
+    LeftForLater,
 }
 
 impl RecordOutcome {
     /// The name used in logs, spans and metrics: `handled`, `duplicate`, `dead-lettered`,
-    /// `forwarded`, `abandoned`.
+    /// `forwarded`, `abandoned`, `left-for-later`.
     pub fn as_str(self) -> &'static str {
         match self {
             RecordOutcome::Handled => "handled",
@@ -34,6 +38,7 @@ impl RecordOutcome {
             RecordOutcome::DeadLettered(_) => "dead-lettered",
             RecordOutcome::Forwarded(_) => "forwarded",
             RecordOutcome::Abandoned => "abandoned",
+            RecordOutcome::LeftForLater => "left-for-later",
         }
     }
 }

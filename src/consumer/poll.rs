@@ -18,7 +18,8 @@ use super::commit::commit_settled;
 use super::context::KourierContext;
 use super::flow::apply_flow;
 use super::health::{PartitionEnd, cached_watermarks};
-use super::hub::Hub;
+use super::hub::{FinalCommitFailure, Hub};
+use super::rebalance::reset;
 use super::scheduler::Job;
 use super::shutdown::{ShutdownReport, shutdown};
 use super::startup::{self, StartupSettings};
@@ -188,6 +189,10 @@ pub(crate) fn poll_loop(
                 spawn(job);
             }
         }
+        let resets = hub.lock().take_resets();
+        if !resets.is_empty() {
+            reset(hub, &consumer, &resets);
+        }
         if fatal.is_some() {
             break;
         }
@@ -195,7 +200,12 @@ pub(crate) fn poll_loop(
 
     shutdown(&consumer, hub, settings.shutdown_timeout);
     drop(consumer);
-    let (abandoned, abandoned_records) = hub.lock().abandoned_at_stop();
+    // Taken after the close: a revoke while closing may have committed what it left.
+    let commit_failure = hub.take_final_commit_failure();
+    let ((abandoned, abandoned_records), left_for_later) = {
+        let s = hub.lock();
+        (s.abandoned_at_stop(), s.left_for_later_at_stop())
+    };
     if abandoned > 0 {
         warn!(abandoned, first = ?abandoned_records.first(), "consumer closed: records were abandoned unsettled; they are delivered again after a restart");
     } else {
@@ -210,6 +220,12 @@ pub(crate) fn poll_loop(
     Ok(ShutdownReport {
         abandoned,
         abandoned_records,
+        left_for_later,
+        uncommitted: commit_failure
+            .as_ref()
+            .map(FinalCommitFailure::uncommitted_display)
+            .unwrap_or_default(),
+        commit_error: commit_failure.map(|f| f.error),
     })
 }
 

@@ -61,13 +61,23 @@ impl<H: Handler> RetryingConsumer<H> {
     /// must answer and every topic it needs must exist.
     ///
     /// Returns a [`ShutdownReport`] that says whether any record was given up unsettled
-    /// (it is delivered again after a restart); [`ShutdownReport::into_result`] turns that
-    /// into an error for callers that want `?` to catch it.
+    /// (it is delivered again after a restart) and whether the final commit failed: it is
+    /// retried with a short back-off until the shutdown deadline, polling meanwhile, and a
+    /// commit still failing then is reported ([`ShutdownReport::commit_error`],
+    /// [`ShutdownReport::uncommitted`]; those partitions' records settled since their last
+    /// commit are delivered again after a restart). [`ShutdownReport::into_result`] turns
+    /// either into an error ([`Error::Abandoned`], [`Error::Commit`]) for callers that want
+    /// `?` to catch it.
     ///
     /// # Errors
-    /// [`Error::BrokersUnreachable`] or [`Error::MissingTopics`] from the startup checks,
-    /// or when the cluster stays unreachable longer than
+    /// [`Error::BrokersUnreachable`] naming the servers when the cluster does not answer
+    /// within the startup timeout, whatever step met it (the startup checks, or creating
+    /// missing topics with
+    /// [`create_missing_topics`](crate::RetryingConsumerBuilder::create_missing_topics)),
+    /// or when it stays unreachable longer than
     /// [`max_broker_outage`](crate::RetryingConsumerBuilder::max_broker_outage);
+    /// [`Error::MissingTopics`] from the startup checks; [`Error::Topic`] when a broker
+    /// answers and refuses to create a missing topic;
     /// [`Error::Kafka`] when subscribing fails or the client hits a fatal error;
     /// [`Error::PollThread`] when the poll thread could not be started or died.
     pub async fn run<S>(self, shutdown: S) -> Result<ShutdownReport>

@@ -77,6 +77,10 @@ pub(crate) enum JobEnd {
     Settled,
     /// Given up without settling (revoked, shutting down): it will be delivered again.
     Abandoned,
+    /// A retry-tier record that was only waiting for its due time when its partition
+    /// drained: not settled (delivered again), but nothing of it had run, so a shutdown
+    /// reports it apart from the abandoned ones.
+    LeftForLater,
 }
 
 /// Buffer and concurrency limits.
@@ -205,6 +209,13 @@ pub(crate) struct Scheduler {
     /// [`ABANDONED_LISTED`]), and how many in all.
     abandoned_at_stop: Vec<String>,
     abandoned_at_stop_count: usize,
+    /// Tier records given up at a stop while only waiting for their due time.
+    left_for_later_at_stop: usize,
+    /// Partitions with a record given up outside a revoke or a stop (an escaped panic):
+    /// its lane and the partition's commit point would be stuck for the rest of the
+    /// assignment, so the poll thread resets the partition to its commit point
+    /// ([`Scheduler::take_resets`]).
+    resets: Vec<Tp>,
     /// The outage breaker: while it is not closed, nothing new is dispatched.
     breaker: Option<Arc<Breaker>>,
 }
@@ -241,6 +252,8 @@ impl Scheduler {
             shutdown: Stop::default(),
             abandoned_at_stop: Vec::new(),
             abandoned_at_stop_count: 0,
+            left_for_later_at_stop: 0,
+            resets: Vec::new(),
             breaker: None,
         }
     }
@@ -468,7 +481,7 @@ impl Scheduler {
             && let Some(lane) = p.lanes.get_mut(&job.lane)
         {
             lane.running = false;
-            if end == JobEnd::Abandoned {
+            if end != JobEnd::Settled {
                 lane.blocked = true;
                 let (records, bytes) = (
                     lane.queue.len(),
@@ -539,17 +552,47 @@ impl Scheduler {
         if let (Some(epoch), Some(b)) = (job.probe_epoch, &self.breaker) {
             b.dispatched_probe_ended(epoch);
         }
-        if end == JobEnd::Abandoned && self.stopping {
-            self.note_abandoned(job);
+        match end {
+            JobEnd::Abandoned if self.stopping => self.note_abandoned(job),
+            JobEnd::LeftForLater if self.stopping => self.left_for_later_at_stop += 1,
+            _ => {}
         }
         if let Some(p) = self.partitions.get_mut(&job.tp)
             && p.generation == job.generation
         {
             p.in_flight -= 1;
-            if end == JobEnd::Settled {
-                p.tracker.settled(job.record.offset);
+            match end {
+                JobEnd::Settled => {
+                    p.tracker.settled(job.record.offset);
+                }
+                // Outside a drain only a panic that escaped the worker gives a record up:
+                // its lane stays blocked and the commit point cannot pass it, so the
+                // partition is reset to its commit point (delivery rule 14).
+                JobEnd::Abandoned | JobEnd::LeftForLater
+                    if !p.draining && !self.stopping && !self.resets.contains(&job.tp) =>
+                {
+                    self.resets.push(job.tp.clone());
+                }
+                _ => {}
             }
         }
+    }
+
+    /// Partitions to reset to their commit point (a record of theirs was given up outside a
+    /// revoke or a stop), each taken once.
+    pub(crate) fn take_resets(&mut self) -> Vec<Tp> {
+        std::mem::take(&mut self.resets)
+    }
+
+    /// Where `tps` restart after a reset: each partition's first unsettled offset received,
+    /// else one past its settled prefix; none for a partition that received nothing.
+    pub(crate) fn restart_points(&self, tps: &[Tp]) -> Vec<(Tp, i64)> {
+        tps.iter()
+            .filter_map(|tp| {
+                let p = self.partitions.get(tp)?;
+                Some((tp.clone(), p.tracker.restart_point()?))
+            })
+            .collect()
     }
 
     fn note_abandoned(&mut self, job: &Job) {
@@ -851,6 +894,11 @@ impl Scheduler {
     /// [`ABANDONED_LISTED`] of them as `topic/partition@offset`.
     pub(crate) fn abandoned_at_stop(&self) -> (usize, Vec<String>) {
         (self.abandoned_at_stop_count, self.abandoned_at_stop.clone())
+    }
+
+    /// Tier records given up at the stop while only waiting for their due time.
+    pub(crate) fn left_for_later_at_stop(&self) -> usize {
+        self.left_for_later_at_stop
     }
 
     /// Records a worker holds now: running, parked in a retry back-off, or settling (lane
@@ -1313,6 +1361,51 @@ mod tests {
         assert_eq!((s.in_flight(), s.buffered().0), (0, 0));
     }
 
+    /// A record given up outside a revoke or a stop (only an escaped panic does that) would
+    /// block its lane and the commit point for the rest of the assignment: its partition is
+    /// handed to the poll thread for a reset to its first unsettled offset. Given up during a
+    /// drain, nothing is reset (the next owner reads from the commit point anyway).
+    #[test]
+    fn a_record_given_up_outside_a_drain_asks_for_a_reset_of_its_partition() {
+        let mut s = Scheduler::new(ProcessingOrder::Key, limits(10));
+        s.assign([tp(0), tp(1)]);
+        s.enqueue(rec(0, 0, Some("a")));
+        s.enqueue(rec(0, 1, Some("b")));
+        s.enqueue(rec(0, 2, Some("a")));
+        let jobs = s.take_jobs();
+        assert_eq!(offsets(&jobs), [(0, 0), (0, 1)]);
+        s.finish(&jobs[1], JobEnd::Settled);
+        s.finish(&jobs[0], JobEnd::Abandoned);
+        assert_eq!(s.take_resets(), vec![tp(0)]);
+        assert!(s.take_resets().is_empty(), "taken once");
+        // Offset 0 is the first unsettled one: everything from there comes again.
+        assert_eq!(s.restart_points(&[tp(0), tp(1)]), vec![(tp(0), 0)]);
+
+        s.enqueue(rec(1, 5, Some("c")));
+        let j = s.take_jobs().pop().unwrap();
+        s.begin_revoke(&[tp(1)]);
+        s.finish(&j, JobEnd::Abandoned);
+        assert!(
+            s.take_resets().is_empty(),
+            "given up during a revoke: no reset"
+        );
+    }
+
+    /// A tier record only waiting for its due time when the consumer stops is left for
+    /// later: counted apart, not as abandoned (a normal stop stays clean).
+    #[test]
+    fn a_record_left_for_later_at_a_stop_is_not_abandoned() {
+        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
+        s.assign([tp(0)]);
+        s.enqueue(rec(0, 0, None));
+        let j = s.take_jobs().pop().unwrap();
+        s.begin_stop();
+        s.finish(&j, JobEnd::LeftForLater);
+        assert_eq!(s.abandoned_at_stop(), (0, vec![]));
+        assert_eq!(s.left_for_later_at_stop(), 1);
+        assert!(s.to_commit().is_empty(), "not settled: delivered again");
+    }
+
     #[test]
     fn stop_drops_buffered_and_dispatches_nothing() {
         let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
@@ -1361,7 +1454,7 @@ mod tests {
     /// Records b@1 and a@0 fail transiently: enough for a breaker to open.
     async fn two_records_fail(gate: &crate::consumer::breaker::OutageGate) {
         use crate::consumer::breaker::ProbeMemo;
-        for caller in [(0, 1), (0, 0)] {
+        for caller in [1, 0] {
             let pass = gate
                 .admit(&Stop::default(), ProbeMemo::default(), caller)
                 .await
@@ -1408,7 +1501,7 @@ mod tests {
         assert_eq!(offsets(&probe), [(0, 4)]);
         assert!(s.take_jobs().is_empty());
         let pass = gate
-            .admit(&Stop::default(), ProbeMemo::default(), (0, 0))
+            .admit(&Stop::default(), ProbeMemo::default(), 0)
             .await
             .unwrap();
         pass.succeeded();

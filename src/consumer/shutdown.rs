@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use tracing::{error, info, warn};
 
-use super::commit::commit_settled;
+use super::commit::commit_final;
 use super::flow::apply_flow;
 use super::hub::Hub;
 use super::scheduler::Scheduler;
@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 const DRAIN_POLL_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// Stop taking records, let in-flight work finish within the deadline (still polling, so
-/// the consumer stays in its group), commit what settled, then close.
+/// the consumer stays in its group), commit what settled (retried until the deadline; a
+/// failure is kept for the report), then close.
 pub(crate) fn shutdown<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     hub: &Hub,
@@ -51,7 +52,7 @@ pub(crate) fn shutdown<C: ConsumerContext>(
         // Records that still arrive are dropped by the stopping scheduler (not committed).
         let _ = consumer.poll(DRAIN_POLL_TIMEOUT);
     }
-    commit_settled(consumer, hub, "shutdown");
+    commit_final(consumer, hub, deadline);
     hub.set_closing();
 }
 
@@ -91,6 +92,12 @@ pub async fn shutdown_signal() {
 /// or only waiting out a retry back-off when shutdown began (they are given up at once) —
 /// are listed here; their offsets were not committed, so they are delivered again after a
 /// restart.
+///
+/// The final commit is tried until the shutdown deadline (with a short back-off, the
+/// consumer polling meanwhile so that it stays in its group). When it still fails, the
+/// report says so: [`commit_error`](Self::commit_error) holds the last error and
+/// [`uncommitted`](Self::uncommitted) the partitions left uncommitted; their records settled
+/// since the last commit are delivered again after a restart, and the shutdown is not clean.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 #[must_use = "a shutdown may have abandoned records: check `is_clean()` or use `into_result()`"]
@@ -101,26 +108,91 @@ pub struct ShutdownReport {
     /// (not just its task) cannot be given up: such records are counted in
     /// [`abandoned`](Self::abandoned) but not listed.
     pub abandoned_records: Vec<String>,
+    /// Retry-tier records that were only waiting for their due time when the shutdown
+    /// began: nothing of them had run, they are not committed and run after a restart,
+    /// once due. Not a sign of trouble: they do not make the shutdown unclean.
+    pub left_for_later: usize,
+    /// The final commit's last error, when it failed until the shutdown deadline; `None`
+    /// when it succeeded or nothing was left to commit.
+    pub commit_error: Option<rdkafka::error::KafkaError>,
+    /// When the final commit failed: each partition it left uncommitted, as
+    /// `topic/partition@offset` with the offset it should have been committed at (the next
+    /// record to read). Records of that partition from its last committed offset up to
+    /// there are delivered again after a restart. Empty when the commit succeeded.
+    pub uncommitted: Vec<String>,
 }
 
 impl ShutdownReport {
-    /// Whether no record was given up.
+    /// Whether no record was given up and the final commit succeeded (records
+    /// [left for later](Self::left_for_later) do not count).
     pub fn is_clean(&self) -> bool {
-        self.abandoned == 0
+        self.abandoned == 0 && self.commit_error.is_none()
     }
 
-    /// `Ok(())` for a clean shutdown, else [`Error::Abandoned`].
+    /// `Ok(())` for a clean shutdown, else [`Error::Abandoned`] or [`Error::Commit`].
     ///
     /// # Errors
-    /// [`Error::Abandoned`] when records were given up unsettled.
+    /// [`Error::Abandoned`] when records were given up unsettled (whether or not the final
+    /// commit failed too); else [`Error::Commit`] when the final commit failed.
     pub fn into_result(self) -> Result<()> {
-        if self.is_clean() {
-            Ok(())
-        } else {
-            Err(Error::Abandoned {
+        if self.abandoned > 0 {
+            return Err(Error::Abandoned {
                 count: self.abandoned,
                 records: self.abandoned_records,
-            })
+            });
         }
+        match self.commit_error {
+            Some(source) => Err(Error::Commit {
+                uncommitted: self.uncommitted,
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    use super::*;
+
+    #[test]
+    fn a_failed_final_commit_is_not_a_clean_shutdown() {
+        let clean = ShutdownReport::default();
+        assert!(clean.is_clean());
+        assert!(clean.into_result().is_ok());
+
+        let source = KafkaError::ConsumerCommit(RDKafkaErrorCode::GroupAuthorizationFailed);
+        let failed = ShutdownReport {
+            commit_error: Some(source.clone()),
+            uncommitted: vec!["t/0@3".into()],
+            ..ShutdownReport::default()
+        };
+        assert!(!failed.is_clean());
+        let err = failed.clone().into_result().expect_err("not clean");
+        assert!(err.is_commit_failed(), "{err:?}");
+        match &err {
+            Error::Commit {
+                uncommitted,
+                source: s,
+            } => {
+                assert_eq!(uncommitted, &["t/0@3".to_owned()]);
+                assert_eq!(s, &source);
+            }
+            other => panic!("expected Error::Commit, got {other:?}"),
+        }
+        assert_eq!(
+            crate::error::error_chain(&err),
+            "final commit at shutdown failed; 1 partitions left uncommitted (first: t/0@3): \
+             Consumer commit error: GroupAuthorizationFailed (Broker: Group authorization failed)"
+        );
+
+        let both = ShutdownReport {
+            abandoned: 1,
+            abandoned_records: vec!["t/0@3".into()],
+            ..failed
+        };
+        assert!(both.into_result().expect_err("not clean").is_abandoned());
     }
 }

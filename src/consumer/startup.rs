@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::hub::Hub;
 use crate::error::{Error, Result};
-use crate::topics::{TopicAdmin, TopicSpec};
+use crate::topics::{TopicAdmin, TopicSpec, cluster_unreachable};
 
 /// What the startup checks need to know.
 #[derive(Debug, Clone)]
@@ -37,6 +37,8 @@ pub(crate) struct Provisioning {
     pub(crate) partitions: i32,
     /// Raw settings for the admin client (security settings of the consumer).
     pub(crate) kafka_config: Vec<(String, String)>,
+    /// How often the admin client logs a condition that persists (`error_log_interval`).
+    pub(crate) log_interval: Duration,
 }
 
 /// Creates what is missing: subscribed topics with the configured partition count, then
@@ -44,10 +46,28 @@ pub(crate) struct Provisioning {
 /// letters keep their source partition). Existing topics are left as they are.
 ///
 /// # Errors
-/// [`Error::Topic`] when the cluster does not answer within the startup timeout or refuses
-/// to create a topic.
+/// [`Error::BrokersUnreachable`] naming the servers when the cluster does not answer within
+/// the startup timeout (as from the startup checks: rule 13 in the crate docs);
+/// [`Error::Topic`] when a broker answers and refuses to create a topic.
 pub(crate) async fn provision(settings: &StartupSettings, create: &Provisioning) -> Result<()> {
-    let mut admin = TopicAdmin::new(settings.servers.clone()).timeout(settings.timeout);
+    let started = Instant::now();
+    create_missing(settings, create).await.map_err(|e| {
+        if cluster_unreachable(&e) {
+            warn!(servers = %settings.servers, error = %crate::error::error_chain(&e), "startup: the kafka cluster did not answer while creating missing topics");
+            Error::BrokersUnreachable {
+                servers: settings.servers.clone(),
+                after: started.elapsed(),
+            }
+        } else {
+            e
+        }
+    })
+}
+
+async fn create_missing(settings: &StartupSettings, create: &Provisioning) -> Result<()> {
+    let mut admin = TopicAdmin::new(settings.servers.clone())
+        .timeout(settings.timeout)
+        .log_interval(create.log_interval);
     for (k, v) in &create.kafka_config {
         admin = admin.kafka_config(k.clone(), v.clone());
     }

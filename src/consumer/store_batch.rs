@@ -193,8 +193,12 @@ async fn claim_batch(store: Arc<dyn IdempotencyStore>, mut batch: Vec<ClaimReque
         let keys: Vec<&str> = same.iter().map(|r| r.0.as_str()).collect();
         let result = guarded_async(store.claim_many(&keys, lease)).await;
         let answers = answers_for("claim", same.len(), result);
-        for ((_, _, reply), answer) in same.into_iter().zip(answers) {
-            let _ = reply.send(answer);
+        for ((key, _, reply), answer) in same.into_iter().zip(answers) {
+            // The requester is gone (its record was given up while it waited): a claim
+            // acquired for it would hold its key for a whole lease. Released now.
+            if let Err(Ok(Claim::Acquired(token))) = reply.send(answer) {
+                let _ = guarded_async(store.release(&key, &token)).await;
+            }
         }
     }
 }
@@ -315,5 +319,35 @@ mod tests {
         );
         assert_eq!(*batches.sizes.lock().unwrap(), [1, 3]);
         assert_eq!(store.claim("done", LEASE).await.unwrap(), Claim::Done);
+    }
+
+    /// A claim whose requester went away while its batch was in flight (its record given up
+    /// at a revoke) is released at once, not left to hold its key for a whole lease.
+    #[tokio::test]
+    async fn a_claim_acquired_for_a_requester_that_is_gone_is_released() {
+        let batches = Arc::new(Batches {
+            inner: InMemoryIdempotencyStore::new(),
+            sizes: Mutex::new(Vec::new()),
+            gate: Semaphore::new(0),
+        });
+        let store: Arc<dyn IdempotencyStore> = batches.clone();
+        let batcher = Arc::new(StoreBatcher::default());
+        let (b, s) = (batcher.clone(), store.clone());
+        let waiting = tokio::spawn(async move { b.claim(&s, "k", LEASE).await });
+        while batches.sizes.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        waiting.abort();
+        let _ = waiting.await;
+        batches.gate.add_permits(1);
+        // Batches go out one after the other: once a later claim is answered, the batch of
+        // the gone requester was answered (and its claim released) before it.
+        let later = batcher.claim(&store, "other", LEASE).await.unwrap();
+        assert!(matches!(later, Claim::Acquired(_)));
+        let answer = batches.inner.claim("k", LEASE).await.unwrap();
+        assert!(
+            matches!(answer, Claim::Acquired(_)),
+            "the orphaned claim still holds the key: {answer:?}"
+        );
     }
 }

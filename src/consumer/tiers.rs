@@ -1,13 +1,14 @@
-//! The worker's side of retry tiers: the due-time wait and the ledger's admission before a
-//! record runs, the forward when it gives up, the ledger's release when it ends.
+//! The worker's side of retry tiers: the due-time wait before a tier record runs, the
+//! ledger's admission (with `keep_key_order`), the forward when a record gives up or is
+//! deferred, and the ledger's release when a record it holds is settled.
 
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
+
 use tracing::{debug, error, warn};
 
 use super::scheduler::Stop;
 use super::worker::{
-    Failure, Outcome, Slot, WorkerContext, back_off, infra_delay, sleep_or_cancel,
+    Admit, AtDrain, Failure, Holding, InfraWait, Outcome, Slot, Tracked, WorkerContext, back_off,
 };
 use crate::dead_letter::DeadLetterReason;
 use crate::error::{StoreError, error_chain};
@@ -18,19 +19,13 @@ use crate::record::RawRecord;
 use crate::tiers::headers::History;
 use crate::tiers::runtime::{Located, Tiers};
 use crate::tiers::{Admission, LedgerKey, SourceId};
+use tokio_util::sync::CancellationToken;
 
-/// A record the ledger holds: released when it ends.
-pub(crate) struct Tracked {
-    topic: String,
-    key: Vec<u8>,
-    id: SourceId,
-}
-
-/// Retries a ledger step until it answers or `cancel` fires (`None`).
+/// Retries a ledger step until it answers or `wait` gives up (`None`).
 async fn ledger_step<T, F, Fut>(
     operation: &'static str,
     record: &RawRecord,
-    cancel: &CancellationToken,
+    wait: InfraWait<'_>,
     mut step: F,
 ) -> Option<T>
 where
@@ -45,7 +40,7 @@ where
             Err(panic) => format!("the key-order ledger panicked: {panic}"),
         };
         warn!(coordinates = %record.coordinates(), operation, %error, failures, "key-order ledger unavailable: the record waits");
-        if !sleep_or_cancel(infra_delay(failures), cancel).await {
+        if !wait.wait(failures).await {
             return None;
         }
         failures = failures.saturating_add(1);
@@ -53,43 +48,48 @@ where
 }
 
 impl<H: Handler> WorkerContext<H> {
-    /// Before the record runs: waits for its due time without its slot, then asks the
-    /// ledger (with `keep_key_order`). `Err` when the record ends here (deferred, or given
-    /// up at a revoke).
-    pub(crate) async fn tier_prelude(
+    /// A tier record waits for its due time, without its slot; `false` when its partition
+    /// drained first (it is left for later: nothing of it ran). Other records go on at once.
+    pub(crate) async fn wait_until_due(
         &self,
-        tiers: &Tiers,
+        at: Option<&Located>,
+        record: &RawRecord,
+        stop: &Stop,
+        slot: &dyn Slot,
+    ) -> bool {
+        let Some(due) = at.and_then(Located::due_wait) else {
+            return true;
+        };
+        // Re-checked after each wait: the timer is monotonic, the due time wall-clock (and
+        // bounded on the monotonic clock too: delivery rule 17).
+        loop {
+            let wait = due.left();
+            if wait.is_zero() {
+                break;
+            }
+            if !back_off(wait, slot, stop, AtDrain::FinishIfBefore).await {
+                debug!(coordinates = %record.coordinates(), "given up while waiting for its due time: the partition is draining");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Asks the key-order ledger whether the record may run (it holds the record's claim,
+    /// if any, so a stale copy never reaches the ledger). Waits for an unavailable ledger
+    /// without its slot; a drain gives it up (nothing of it ran).
+    pub(crate) async fn tier_admit(
+        &self,
+        at: &Located,
         record: &Arc<RawRecord>,
         stop: &Stop,
         slot: &dyn Slot,
-        metrics: &RecordMetrics<'_>,
-    ) -> Result<Option<Tracked>, Outcome> {
-        let at = tiers.locate(record);
-        if let Some(reason) = at.invalid.clone() {
-            // Its headers are untrusted and do not hold (delivery rule 17): dead-lettered at
-            // once, as it is, neither forwarded nor waited for.
-            warn!(coordinates = %record.coordinates(), error = %reason, "unreadable retry-tier record: dead-lettering it");
-            let failure = Failure::at_once(DeadLetterReason::Decode, reason);
-            return Err(self
-                .dead_letter(record.clone(), failure, metrics, &stop.abandon, slot)
-                .await);
-        }
-        if let Some(due) = at.due_wait() {
-            // Re-checked after each wait: the timer is monotonic, the due time wall-clock
-            // (and bounded on the monotonic clock too).
-            loop {
-                let wait = due.left();
-                if wait.is_zero() {
-                    break;
-                }
-                if !back_off(wait, slot, stop).await {
-                    debug!(coordinates = %record.coordinates(), "abandoned while waiting for its due time: the partition is draining");
-                    return Err(Outcome::Abandoned);
-                }
-            }
-        }
+    ) -> Admit {
+        let Some(tiers) = &self.tiers else {
+            return Admit::Run(None);
+        };
         let (Some(ledger), Some(key)) = (&tiers.config.ledger, record.key.as_deref()) else {
-            return Ok(None);
+            return Admit::Run(None);
         };
         let lk = LedgerKey {
             group: &tiers.group,
@@ -100,37 +100,62 @@ impl<H: Handler> WorkerContext<H> {
             partition: at.origin.partition,
             offset: at.origin.offset,
         };
-        let Some(admission) = ledger_step("admit", record, &stop.abandon, || {
-            ledger.admit(lk, id, at.tier)
-        })
-        .await
+        let wait = InfraWait::BeforeRunning(stop, slot);
+        let Some(admission) =
+            ledger_step("admit", record, wait, || ledger.admit(lk, id, at.tier)).await
         else {
-            return Err(Outcome::Abandoned);
+            return Admit::GaveUp;
         };
         match admission {
-            Admission::Run { tracked } => Ok(tracked.then(|| Tracked {
+            Admission::Run { tracked } => Admit::Run(tracked.then(|| Tracked {
                 topic: at.origin.topic.clone(),
                 key: key.to_vec(),
                 id,
             })),
-            Admission::Defer(target) => {
-                let target = target.clamp(1, tiers.count());
-                debug!(coordinates = %record.coordinates(), tier = target, "deferred behind an earlier record of its key");
-                let history = at.history.clone();
-                Err(self
-                    .tier_forward(
-                        tiers,
-                        record,
-                        &at,
-                        target,
-                        history.as_ref(),
-                        true,
-                        metrics,
-                        &stop.abandon,
-                    )
-                    .await)
-            }
+            Admission::Defer(target) => Admit::Defer(target.clamp(1, tiers.count())),
         }
+    }
+
+    /// Forwards a record the ledger deferred behind an earlier record of its key (not a
+    /// failure: no attempt used); its delivery is marked settled once the forward is
+    /// acknowledged, like a failure's forward.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn tier_defer(
+        &self,
+        record: &Arc<RawRecord>,
+        at: &Located,
+        target: u32,
+        holding: Holding,
+        metrics: &RecordMetrics<'_>,
+        stop: &Stop,
+        slot: &dyn Slot,
+    ) -> Outcome {
+        let Some(tiers) = &self.tiers else {
+            return Outcome::Abandoned;
+        };
+        debug!(coordinates = %record.coordinates(), tier = target, "deferred behind an earlier record of its key");
+        let mut holding = holding;
+        let history = at.history.clone();
+        let forward = self.tier_forward(
+            tiers,
+            record,
+            at,
+            target,
+            history.as_ref(),
+            true,
+            metrics,
+            &stop.abandon,
+        );
+        let outcome = self
+            .renewing(forward, &mut holding, record, stop, metrics)
+            .await;
+        if !matches!(outcome, Outcome::Forwarded(_)) {
+            self.abandon_claim(&mut holding);
+            return outcome;
+        }
+        slot.release();
+        self.mark_settled(holding, outcome, record, metrics, stop)
+            .await
     }
 
     /// The record is given up: `Ok` when it went to the next tier (or was abandoned on
@@ -138,12 +163,12 @@ impl<H: Handler> WorkerContext<H> {
     pub(crate) async fn tier_give_up(
         &self,
         tiers: &Tiers,
+        at: &Located,
         record: Arc<RawRecord>,
         failure: Failure,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
     ) -> Result<Outcome, (Arc<RawRecord>, Failure)> {
-        let at = tiers.locate(&record);
         let transient = failure.attempts > 0
             && (failure.reason == DeadLetterReason::RetriesExhausted
                 || (failure.reason == DeadLetterReason::Panic && self.retry_panics));
@@ -166,7 +191,7 @@ impl<H: Handler> WorkerContext<H> {
                 .tier_forward(
                     tiers,
                     &record,
-                    &at,
+                    at,
                     next,
                     Some(&history),
                     false,
@@ -178,7 +203,7 @@ impl<H: Handler> WorkerContext<H> {
         if at.tier == 0 {
             return Err((record, failure));
         }
-        let original = Arc::new(Tiers::original_view(&record, &at));
+        let original = Arc::new(Tiers::original_view(&record, at));
         Err((
             original,
             Failure {
@@ -214,7 +239,8 @@ impl<H: Handler> WorkerContext<H> {
                 partition: at.origin.partition,
                 offset: at.origin.offset,
             };
-            if ledger_step("place", record, cancel, || ledger.place(lk, id, target))
+            let wait = InfraWait::UntilAbandoned(cancel);
+            if ledger_step("place", record, wait, || ledger.place(lk, id, target))
                 .await
                 .is_none()
             {
@@ -234,52 +260,36 @@ impl<H: Handler> WorkerContext<H> {
                     error!(coordinates = %record.coordinates(), tier = target, error = %error_chain(&e), failures, "forward to retry tier failed; retrying, the partition waits");
                 }
             }
-            if !sleep_or_cancel(infra_delay(failures), cancel).await {
+            if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
                 return Outcome::Abandoned;
             }
             failures = failures.saturating_add(1);
         }
     }
 
-    /// A record the ledger holds ended: released when it is settled for good.
-    pub(crate) async fn tier_settle(
+    /// Removes a settled record from the key-order ledger, which lets its key's later
+    /// records run; `false` when given up first (the revoke timeout or the shutdown
+    /// deadline): the record is then not settled either.
+    pub(crate) async fn ledger_settle(
         &self,
-        tiers: &Tiers,
         tracked: Tracked,
-        outcome: Outcome,
+        record: &RawRecord,
         stop: &Stop,
-    ) -> Outcome {
-        if !matches!(
-            outcome,
-            Outcome::Handled | Outcome::Duplicate | Outcome::DeadLettered(_)
-        ) {
-            return outcome;
-        }
-        let Some(ledger) = &tiers.config.ledger else {
-            return outcome;
+    ) -> bool {
+        let Some(ledger) = self.tiers.as_ref().and_then(|t| t.config.ledger.as_ref()) else {
+            return true;
+        };
+        let Some(tiers) = &self.tiers else {
+            return true;
         };
         let lk = LedgerKey {
             group: &tiers.group,
             topic: &tracked.topic,
             key: &tracked.key,
         };
-        let coordinates = RawRecord {
-            topic: Arc::from(tracked.topic.as_str()),
-            partition: tracked.id.partition,
-            offset: tracked.id.offset,
-            key: None,
-            value: None,
-            headers: crate::record::Headers::new(),
-            timestamp: None,
-            log_append_time: false,
-        };
-        match ledger_step("settle", &coordinates, &stop.abandon, || {
-            ledger.settle(lk, tracked.id)
-        })
-        .await
-        {
-            Some(()) => outcome,
-            None => Outcome::Abandoned,
-        }
+        let wait = InfraWait::UntilAbandoned(&stop.abandon);
+        ledger_step("settle", record, wait, || ledger.settle(lk, tracked.id))
+            .await
+            .is_some()
     }
 }

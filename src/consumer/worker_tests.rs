@@ -378,6 +378,8 @@ struct Setup {
     retry_panics: bool,
     stall_threshold: Duration,
     dedup_key_panics: bool,
+    /// Dedup by this header instead of the order id.
+    dedup_header: Option<&'static str>,
     breaker: Option<BreakerPolicy>,
 }
 
@@ -400,6 +402,7 @@ fn script(steps: impl Into<Vec<Step>>) -> Setup {
         retry_panics: true,
         stall_threshold: secs(3600),
         dedup_key_panics: false,
+        dedup_header: None,
         breaker: None,
     }
 }
@@ -468,6 +471,13 @@ impl Setup {
         self
     }
 
+    /// Dedup in `store` by the value of header `name` (no decoding needed).
+    fn dedup_by_header(mut self, store: &InMemoryIdempotencyStore, name: &'static str) -> Self {
+        self.store = Some(Arc::new(store.clone()));
+        self.dedup_header = Some(name);
+        self
+    }
+
     /// Dedup in `store` with a key function that panics.
     fn panicking_dedup_key(mut self, store: &InMemoryIdempotencyStore) -> Self {
         self.store = Some(Arc::new(store.clone()));
@@ -491,11 +501,15 @@ impl Setup {
             acked: Mutex::new(Vec::new()),
         });
         let key_panics = self.dedup_key_panics;
+        let header = self.dedup_header;
         let dedup = self.store.map(|store| {
-            let key = DedupKey::from_fn(move |m: &Message<Order>| {
-                assert!(!key_panics, "no key for {}", m.event().id);
-                Some(m.event().id.clone())
-            });
+            let key = match header {
+                Some(name) => DedupKey::header(name),
+                None => DedupKey::from_fn(move |m: &Message<Order>| {
+                    assert!(!key_panics, "no key for {}", m.event().id);
+                    Some(m.event().id.clone())
+                }),
+            };
             Dedup::new(
                 store,
                 key,
@@ -670,7 +684,7 @@ impl Harness {
         let pass = self
             .worker
             .outage
-            .admit(&Stop::default(), ProbeMemo::default(), (99, 99))
+            .admit(&Stop::default(), ProbeMemo::default(), 99_999)
             .await
             .expect("admitted");
         let _ = pass.failed(
@@ -842,8 +856,13 @@ async fn transient_until_exhausted_dead_letters_after_four_attempts_and_leaves_t
     assert_eq!(*letter.record, record, "the record goes out untouched");
     assert_eq!(letter.group_id, GROUP);
     assert!(letter.first_failure <= letter.last_failure);
-    // Dead-lettered is not done: a redrive must run.
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    // Dead-lettered settles the delivery: a redelivery is skipped; a redrive carries a
+    // redrive count and runs under a key of its own (`#r1`).
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
+    assert_eq!(
+        key_state(&store, &format!("{}#r1", store_key("o-1"))).await,
+        KeyState::Free
+    );
     assert_eq!(h.retried(), 3);
     assert_eq!(h.dead_lettered(DeadLetterReason::RetriesExhausted), 1);
     assert_eq!(h.handled(), 0);
@@ -873,7 +892,7 @@ async fn permanent_failure_dead_letters_at_once_without_retry() {
     assert_eq!(letter.attempts, 1);
     assert_eq!(letter.error, "mailbox unknown on attempt 1");
     assert_eq!(*letter.record, record);
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
     assert_eq!(h.retried(), 0);
     assert_eq!(h.dead_lettered(DeadLetterReason::Permanent), 1);
 }
@@ -1090,8 +1109,9 @@ async fn a_handler_that_always_panics_is_dead_lettered_with_the_panic_message() 
         "{}",
         letter.error
     );
-    // The panic released the claim like any failure.
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    // Dead-lettered: the delivery is settled, a redelivery is skipped (a redrive runs under
+    // a key of its own).
+    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1871,12 +1891,15 @@ async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
 
 /// Opens after 4 consecutive failures (no rate trigger), probes after 1 s, doubling to 8 s.
 /// The tests let another record fail first ([`Harness::another_record_failed`]): the record
-/// under test's third failure opens it.
+/// under test's third failure opens it. The record under test probes alone through long
+/// outages: the bound on its own failed probes is tested on its own
+/// (`a_record_that_fails_its_share_of_probes_takes_its_normal_path`).
 fn outage_breaker() -> BreakerPolicy {
     BreakerPolicy::default()
         .without_failure_rate()
         .with_consecutive_failures(4)
         .with_open_interval(secs(1), secs(8))
+        .with_probes_per_record(1000)
 }
 
 #[tokio::test(start_paused = true)]
@@ -2045,6 +2068,8 @@ async fn with_a_breaker_a_record_that_fails_alone_below_the_threshold_is_still_d
 struct ReleaseProbe {
     t0: Instant,
     released: Mutex<Vec<Duration>>,
+    /// Paused times the slot was given up (`park`).
+    parked: Mutex<Vec<Duration>>,
 }
 
 impl ReleaseProbe {
@@ -2052,7 +2077,12 @@ impl ReleaseProbe {
         ReleaseProbe {
             t0,
             released: Mutex::new(Vec::new()),
+            parked: Mutex::new(Vec::new()),
         }
+    }
+
+    fn parked(&self) -> Vec<Duration> {
+        self.parked.lock().unwrap().clone()
     }
 
     fn released(&self) -> Vec<Duration> {
@@ -2061,7 +2091,9 @@ impl ReleaseProbe {
 }
 
 impl super::Slot for ReleaseProbe {
-    fn park(&self) {}
+    fn park(&self) {
+        self.parked.lock().unwrap().push(self.t0.elapsed());
+    }
     fn resume(&self) -> Result<(), tokio::sync::oneshot::Receiver<()>> {
         Ok(())
     }
@@ -2318,4 +2350,165 @@ async fn a_claim_fetched_ahead_for_a_record_that_ends_early_is_released() {
         KeyState::Free,
         "released at its job's end, not left for the lease"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// One event, one outcome (delivery rule 18); waits that honour the drain (rule 14)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_lettered_record_delivered_again_is_skipped_not_dead_lettered_twice() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Permanent]).dedup(&store).build();
+    assert_eq!(h.process(order("o-1")).await.0, JobEnd::Settled);
+    assert_eq!(h.letters().len(), 1);
+
+    // The same record again (a crash before its offset was committed), and a second
+    // publish of the event at another offset: skipped, no handler call, no second letter.
+    let mut again = order("o-1");
+    again.offset = 77;
+    assert_eq!(h.process(order("o-1")).await.0, JobEnd::Settled);
+    assert_eq!(h.process(again).await.0, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1], "the handler ran once");
+    assert_eq!(h.letters().len(), 1, "one dead letter per event");
+    assert_eq!(h.duplicates(), 2);
+
+    // A redrive of the letter (redrive count 1) is a new delivery: it runs.
+    let mut redriven = order("o-1");
+    redriven.headers = Headers::new().with(crate::dead_letter::headers::REDRIVE_COUNT, "1");
+    assert_eq!(h.process(redriven.clone()).await.0, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1, 1]);
+    assert_eq!(h.letters().len(), 2);
+    // ...once: the same redrive twice is one delivery.
+    assert_eq!(h.process(redriven).await.0, JobEnd::Settled);
+    assert_eq!(h.attempts(), [1, 1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poison_pill_with_a_header_key_is_dead_lettered_once() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Succeed])
+        .dedup_by_header(&store, "event-id")
+        .build();
+    let mut pill = raw(Some(b"{not json"));
+    pill.headers = Headers::new().with("event-id", "e-9");
+    assert_eq!(h.process(pill.clone()).await.0, JobEnd::Settled);
+    assert_eq!(h.process(pill).await.0, JobEnd::Settled);
+    assert_eq!(h.letters().len(), 1, "a redelivered poison pill is skipped");
+    assert_eq!(h.duplicates(), 1);
+    assert!(h.calls().is_empty());
+    assert_eq!(
+        key_state(&store, &format!("{GROUP}:e-9")).await,
+        KeyState::Done
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_hop_and_a_redrive_claim_keys_of_their_own() {
+    use crate::dead_letter::headers::{REDRIVE_COUNT, tier::HOP};
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Succeed]).dedup(&store).build();
+    let with = |headers: Headers| {
+        let mut r = order("o-1");
+        r.headers = headers;
+        r
+    };
+    h.process(with(Headers::new().with(HOP, "2"))).await;
+    h.process(with(Headers::new().with(REDRIVE_COUNT, "1").with(HOP, "1")))
+        .await;
+    let calls = h.calls();
+    assert_eq!(calls.len(), 2);
+    for (key, state) in [
+        (store_key("o-1"), KeyState::Free),
+        (format!("{}#h2", store_key("o-1")), KeyState::Done),
+        (format!("{}#r1#h1", store_key("o-1")), KeyState::Done),
+    ] {
+        assert_eq!(key_state(&store, &key).await, state, "{key}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_waiting_for_a_busy_key_gives_up_its_slot_and_a_drain_ends_the_wait_at_once() {
+    let store = InMemoryIdempotencyStore::new();
+    let _elsewhere = acquire(&store, &store_key("o-1"), secs(600)).await;
+    let h = script([Succeed]).dedup(&store).build();
+    let slot = ReleaseProbe::new(h.t0);
+    let stop = Stop::default();
+    let (drain, give_up_by) = (stop.drain.clone(), stop.give_up_by.clone());
+    let t0 = h.t0;
+    tokio::spawn(async move {
+        sleep_until(t0 + secs(2)).await;
+        // The shutdown deadline is far: the wait must not last until then.
+        let _ = give_up_by.set(t0 + secs(30));
+        drain.cancel();
+    });
+
+    let run = h.worker.run_job(Arc::new(order("o-1")), &stop, &slot);
+    let end = tokio::time::timeout(secs(3600), run)
+        .await
+        .expect("the record never ended");
+
+    assert_eq!(end, JobEnd::Abandoned);
+    assert_eq!(h.t0.elapsed(), secs(2), "given up when the drain began");
+    assert!(h.calls().is_empty());
+    let parked = slot.parked();
+    assert!(
+        !parked.is_empty() && parked[0] < ms(200),
+        "the slot is given up while the key is busy: {parked:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn copies_of_one_event_count_as_one_record_for_the_breaker() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Transient])
+        .dedup(&store)
+        .policy(RetryPolicy::fixed(ms(500), 1))
+        .breaker(
+            BreakerPolicy::default()
+                .without_failure_rate()
+                .with_consecutive_failures(2),
+        )
+        .build();
+    // Two copies of event o-1 at different offsets (a second publish, or a redelivery next
+    // to a stale tier copy), failing at the same time: one event failing on its own.
+    let mut copy = order("o-1");
+    copy.offset = 43;
+    let ((a, _), (b, _)) = tokio::join!(h.process(order("o-1")), h.process(copy));
+    assert_eq!((a, b), (JobEnd::Settled, JobEnd::Settled));
+    assert_eq!(h.breaker().opened, 0, "one event never opens the breaker");
+    assert_eq!(
+        h.letters().len(),
+        1,
+        "its retry policy dead-lettered it, once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_record_that_fails_its_share_of_probes_takes_its_normal_path() {
+    let h = script([Transient])
+        .policy(RetryPolicy::no_retries())
+        .breaker(
+            BreakerPolicy::default()
+                .without_failure_rate()
+                .with_consecutive_failures(2)
+                .with_open_interval(secs(1), secs(2))
+                .with_probes_per_record(3),
+        )
+        .build();
+    h.another_record_failed().await;
+
+    // Fails, opens the breaker (held: no attempt used), then probes alone every 1-2 s and
+    // fails each probe: after its third failed probe its failure counts and its policy (no
+    // retries) dead-letters it, instead of holding the breaker open for ever.
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.dead_lettered(DeadLetterReason::RetriesExhausted), 1);
+    assert_eq!(
+        h.calls().len(),
+        4,
+        "one held failure, then three failed probes"
+    );
+    assert!(took <= secs(10), "{took:?}");
 }

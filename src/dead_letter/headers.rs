@@ -120,9 +120,16 @@ pub mod tier {
     /// had its stages. Read clamped to the number of tiers (see
     /// [`tiers`](crate::tiers#headers-are-untrusted)).
     pub const FAILED_STAGES: &str = "kourier-retry-failed-stages";
+    /// How many times the record was forwarded since it left its source topic (1 for a
+    /// record's first tier copy), decimal. With idempotency each forward is a *position* of
+    /// the event of its own: the dedup key of a copy at hop `n` > 0 is the event's key with
+    /// `#h<n>` appended, and every position is marked settled when its copy ends, so a stale
+    /// copy of a position whose outcome is known is skipped (see
+    /// [`idempotency`](crate::idempotency)).
+    pub const HOP: &str = "kourier-retry-hop";
 
     /// Every tier header, replaced on each forward.
-    pub const ALL: &[&str] = &[TIER, DUE_MS, DEFERRED, FAILED_STAGES];
+    pub const ALL: &[&str] = &[TIER, DUE_MS, DEFERRED, FAILED_STAGES, HOP];
 }
 
 /// Where a dead letter came from and why it failed, as its [headers](self) say.
@@ -283,6 +290,45 @@ pub(crate) fn count(v: &[u8]) -> Option<u64> {
 
 pub(crate) fn saturate_u32(n: u64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Where a delivery stands in its event's life: how often the event was redriven from a
+/// dead-letter topic, and how many retry-tier forwards this copy is from its source record.
+/// Each position settles once (delivery rule 18): its outcome — handled, dead-lettered,
+/// forwarded to the next tier — marks the position's dedup key done, so a redelivery or a
+/// stale copy of a settled position is skipped, while the next position (the tier copy, a
+/// redrive) runs under a key of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Position {
+    /// [`REDRIVE_COUNT`].
+    pub(crate) redrive: u32,
+    /// [`tier::HOP`]: 0 for a record in its source topic.
+    pub(crate) hop: u32,
+}
+
+/// The position a record's headers give (a header that is missing or not a number counts as
+/// 0 for the hop; the redrive count reads as `dead_letter::headers` documents).
+pub(crate) fn position_of(headers: &Headers) -> Position {
+    Position {
+        redrive: redrive_count(headers),
+        hop: headers
+            .get_str(tier::HOP)
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+/// The dedup key of a delivery at `position`: the event's key itself for a first delivery
+/// from its source topic, else with `#r<redrive>` and `#h<hop>` appended.
+pub(crate) fn positioned(mut key: String, position: Position) -> String {
+    use std::fmt::Write as _;
+    if position.redrive > 0 {
+        let _ = write!(key, "#r{}", position.redrive);
+    }
+    if position.hop > 0 {
+        let _ = write!(key, "#h{}", position.hop);
+    }
+    key
 }
 
 fn is_decimal(v: &[u8]) -> bool {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
@@ -14,7 +15,7 @@ use super::headers::{letter_headers, provenance_only_headers};
 use super::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, PendingLetter};
 use crate::error::error_chain;
 use crate::error::{ConfigError, Error, Result};
-use crate::log_throttle::{CLIENT_LOG_INTERVAL, ThrottledLogContext};
+use crate::log_throttle::CLIENT_LOG_INTERVAL;
 use crate::producer::{DEFAULT_SEND_TIMEOUT, ManagedProducer, ProducerSettings, check_timeout};
 use crate::record::{Header, owned_headers};
 
@@ -123,8 +124,8 @@ pub struct KafkaDeadLetterSink {
 /// user supplied.
 #[derive(Debug)]
 enum SinkProducer {
-    Own(ManagedProducer<ThrottledLogContext>),
-    Supplied(ManagedProducer),
+    Own(ManagedProducer),
+    Supplied(ManagedProducer<DefaultClientContext>),
 }
 
 impl SinkProducer {
@@ -224,6 +225,7 @@ impl KafkaDeadLetterSink {
             settings: ProducerSettings::new(bootstrap_servers.into()),
             producer: None,
             topic_name: None,
+            log_interval: CLIENT_LOG_INTERVAL,
         }
     }
 
@@ -238,6 +240,7 @@ impl KafkaDeadLetterSink {
             settings: ProducerSettings::new(String::new()),
             producer: Some(producer),
             topic_name: None,
+            log_interval: CLIENT_LOG_INTERVAL,
         }
     }
 
@@ -543,6 +546,8 @@ pub struct KafkaDeadLetterSinkBuilder {
     settings: ProducerSettings,
     producer: Option<FutureProducer>,
     topic_name: Option<TopicNameFn>,
+    /// How often the sink's own producer logs a condition that persists.
+    log_interval: Duration,
 }
 
 impl fmt::Debug for KafkaDeadLetterSinkBuilder {
@@ -589,6 +594,14 @@ impl KafkaDeadLetterSinkBuilder {
         self
     }
 
+    /// How often the sink's own producer logs a condition that persists (default
+    /// [`CLIENT_LOG_INTERVAL`], 30 s); a consumer gives the sink it builds its own
+    /// `error_log_interval`.
+    pub(crate) fn log_interval(mut self, interval: Duration) -> Self {
+        self.log_interval = interval;
+        self
+    }
+
     /// Validates the settings and creates the producer. It does not connect yet; it can be
     /// called inside or outside a tokio runtime.
     ///
@@ -602,6 +615,7 @@ impl KafkaDeadLetterSinkBuilder {
             mut settings,
             producer,
             topic_name,
+            log_interval,
         } = self;
         let producer = match producer {
             Some(producer) => {
@@ -618,10 +632,9 @@ impl KafkaDeadLetterSinkBuilder {
             }
             None => {
                 settings.set_default("batch.num.messages", "1");
-                SinkProducer::Own(settings.build_with_context(
-                    "kourier-dead-letter",
-                    ThrottledLogContext::new(CLIENT_LOG_INTERVAL),
-                )?)
+                SinkProducer::Own(
+                    settings.build_logging_every("kourier-dead-letter", log_interval)?,
+                )
             }
         };
         Ok(KafkaDeadLetterSink {

@@ -12,8 +12,33 @@
 //!    the lease, so a claim lives as long as its work; a renewal that finds the claim lost
 //!    stops the attempt. On success, [`IdempotencyStore::complete`] marks the key done for a
 //!    TTL (6 h by default, as in the starting design).
-//! 3. On failure, [`IdempotencyStore::release`] drops the claim so the retry runs. A
-//!    dead-lettered record is released too, never marked done, so a redrive runs it again.
+//! 3. On a failure that is retried, [`IdempotencyStore::release`] drops the claim so the
+//!    retry runs. A record given up — dead-lettered, or forwarded to a retry tier — keeps its
+//!    claim until the letter or the forward is acknowledged, then its *delivery* is marked
+//!    done too: it has its outcome, so a redelivery after a crash, or a stale copy, is
+//!    skipped instead of being dead-lettered (or forwarded) a second time.
+//!
+//! # Deliveries of one event (delivery rule 18)
+//!
+//! One event can reach the handler as several deliveries: its source record, each copy a
+//! retry tier forwards ([`tiers::headers::HOP`](crate::tiers::headers::HOP) counts the
+//! forwards), each redrive from the dead-letter topic
+//! ([`REDRIVE_COUNT`](crate::dead_letter::headers::REDRIVE_COUNT)). Each is a *position* of
+//! the event with a store key of its own: the dedup key itself for the source record, with
+//! `#r<n>` appended for the `n`-th redrive and `#h<n>` for the `n`-th tier hop (e.g.
+//! `notifier:order-7#h2`, `notifier:order-7#r1`). A position settles once — handled,
+//! dead-lettered or forwarded on — and is marked done then, so:
+//!
+//! - a redelivery of a settled position (a crash before its offset was committed) and a
+//!   stale copy of it (a duplicate forward) are skipped as duplicates;
+//! - the next position (the tier copy, a redrive) runs under its own key;
+//! - at most one dead letter is written per event as far as the store can tell: a crash in
+//!   the milliseconds between the broker's acknowledgement of a letter and the mark can
+//!   still write a second one when the record is delivered again.
+//!
+//! A redrive therefore runs the event again even if it was handled once (a stale letter):
+//! redriving is an operator's decision. Redriving the same letter twice is one position
+//! (the same redrive count) and runs once.
 //!
 //! The store trait and its types are at the crate root: [`IdempotencyStore`], [`Claim`],
 //! [`ClaimToken`], [`StoreError`], and the two stores kourier ships,

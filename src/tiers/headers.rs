@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::dead_letter::headers as dlt;
 use crate::record::{Header, Headers};
 
-pub use crate::dead_letter::headers::tier::{ALL, DEFERRED, DUE_MS, FAILED_STAGES, TIER};
+pub use crate::dead_letter::headers::tier::{ALL, DEFERRED, DUE_MS, FAILED_STAGES, HOP, TIER};
 
 /// Where a record came from: its source record's coordinates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +37,19 @@ pub(crate) fn millis(time: SystemTime) -> i64 {
     }
 }
 
+/// The tier headers of one forward.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stamp {
+    /// The tier it goes to (1-based).
+    pub(crate) tier: u32,
+    /// When it may run.
+    pub(crate) due: SystemTime,
+    /// Moved to keep its key's order, not because it failed.
+    pub(crate) deferred: bool,
+    /// Forwards since it left its source topic ([`HOP`]).
+    pub(crate) hop: u32,
+}
+
 /// Whether a header is one of the tier or provenance headers a forward replaces.
 pub(crate) fn is_replaced(name: &[u8]) -> bool {
     ALL.iter().any(|n| n.as_bytes() == name) || dlt::ALL.iter().any(|n| n.as_bytes() == name)
@@ -49,9 +62,7 @@ pub(crate) fn forward_headers(
     origin: &Origin,
     group: &str,
     history: Option<&History>,
-    tier: u32,
-    due: SystemTime,
-    deferred: bool,
+    stamp: Stamp,
 ) -> Vec<Header> {
     let mut out: Vec<Header> = own
         .iter()
@@ -96,9 +107,10 @@ pub(crate) fn forward_headers(
         ));
         out.push(Header::new(FAILED_STAGES, h.stages.to_string()));
     }
-    out.push(Header::new(TIER, tier.to_string()));
-    out.push(Header::new(DUE_MS, millis(due).to_string()));
-    if deferred {
+    out.push(Header::new(TIER, stamp.tier.to_string()));
+    out.push(Header::new(HOP, stamp.hop.to_string()));
+    out.push(Header::new(DUE_MS, millis(stamp.due).to_string()));
+    if stamp.deferred {
         out.push(Header::new(DEFERRED, "true"));
     }
     out

@@ -19,8 +19,11 @@
 //! topic, [`Message::attempt`](crate::Message::attempt) counts from 1 in each tier, and the
 //! headers tell the source record and the attempts before
 //! ([`Provenance::from_headers`](crate::dead_letter::Provenance::from_headers), [`headers::TIER`]).
-//! Idempotency is unchanged: the dedup key comes from the event or a header, the same in
-//! every tier, so a record done in tier 2 is skipped when a duplicate forward of it comes up.
+//! With idempotency, each forward is a position of the event with a dedup key of its own
+//! (the event's key with `#h<hop>` appended, [`headers::HOP`]), marked done once that copy
+//! is settled — handled, dead-lettered or forwarded on: a duplicate forward, or a stale copy
+//! a crash brings back, is skipped, and the event is dead-lettered at most once (see
+//! [`idempotency`](crate::idempotency#deliveries-of-one-event-delivery-rule-18)).
 //!
 //! # The forwarded record
 //!
@@ -51,8 +54,10 @@
 //! The forwarded record settles its source offset only after the broker acknowledged the
 //! forward (`acks=all`, idempotent producer); until then the offset is not committed. A crash
 //! between the acknowledgement and the commit forwards the record again after a restart: a
-//! duplicate in the tier topic, which the idempotency store (claim/complete, keyed by the
-//! event's dedup key, the same in every tier) turns into a skip once one copy succeeded.
+//! duplicate in the tier topic. With idempotency the forward marks its delivery settled
+//! right after the acknowledgement, so the redelivered source record is skipped, and a
+//! duplicate that got through (a crash between the acknowledgement and the mark) is skipped
+//! when it comes up in the tier: both copies are one position of the event.
 //!
 //! **Not transactional (a choice).** Forwarding and committing the source offset in one Kafka
 //! transaction would make the forward exactly-once, but kourier commits offsets of a
@@ -78,7 +83,9 @@
 //! due time and the wall clock; the record runs when the timer fired *and* a slot is free, so
 //! it is never early by this host's clock, and late by the timer's resolution plus the wait
 //! for a slot (plus any clock skew between the forwarding and the running host). A revoke or
-//! shutdown gives a waiting record up unsettled (it is consumed again by the next owner).
+//! shutdown leaves a waiting record *for later*: unsettled, consumed again by the next owner
+//! (a shutdown counts it in [`ShutdownReport::left_for_later`](crate::ShutdownReport::left_for_later),
+//! not as abandoned: nothing of it ran).
 //!
 //! # Headers are untrusted
 //!
@@ -134,7 +141,8 @@
 //! 2. **Failure forward.** A record forwarded to tier n after a failure is recorded at tier n
 //!    *before* the forward is sent.
 //! 3. **Settle.** When a recorded record finally succeeds, is a duplicate, or is dead-lettered,
-//!    it is removed from the ledger (before its offset settles), which releases K's later
+//!    it is removed from the ledger (before its offset settles, and before its lane lets the
+//!    next record of its partition or key start), which releases K's later
 //!    records: they run when they come up in their tier (at their own due time).
 //!
 //! Why this keeps order: the tiers of K's recorded records never increase along source

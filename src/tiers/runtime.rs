@@ -8,7 +8,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::FutureRecord;
 
 use super::RetryTiers;
-use super::headers::{self, History, Origin, forward_headers};
+use super::headers::{self, History, Origin, Stamp, forward_headers};
 use crate::clock;
 use crate::dead_letter::Provenance;
 use crate::dead_letter::headers as dlt;
@@ -153,6 +153,11 @@ impl Tiers {
         v.into_iter().map(|(s, t, _)| (s, t)).collect()
     }
 
+    /// Whether the tiers keep per-key order (a key-order ledger is set).
+    pub(crate) fn keeps_key_order(&self) -> bool {
+        self.config.ledger.is_some()
+    }
+
     /// How many tiers there are.
     pub(crate) fn count(&self) -> u32 {
         self.config.delays.len() as u32
@@ -223,15 +228,16 @@ impl Tiers {
     ) -> Result<(String, Delivery)> {
         let topic = self.config.tier_topic(&at.origin.topic, target);
         let due = clock::after(SystemTime::now(), self.delay(target));
-        let headers = forward_headers(
-            &record.headers,
-            &at.origin,
-            &self.group,
-            history,
-            target,
+        let hop = crate::dead_letter::headers::position_of(&record.headers)
+            .hop
+            .saturating_add(1);
+        let stamp = Stamp {
+            tier: target,
             due,
             deferred,
-        );
+            hop,
+        };
+        let headers = forward_headers(&record.headers, &at.origin, &self.group, history, stamp);
         // Placement is decided for this record alone: the source partition when the tier
         // topic has it, else by key. Nothing is learned from one record for the next: a
         // tier record's original partition is a header, and a crafted one must not move
@@ -443,7 +449,13 @@ mod tests {
             stages: 2,
         };
         let due = UNIX_EPOCH + Duration::from_secs(5);
-        let written = forward_headers(&own, &origin, "g", Some(&history), 2, due, false);
+        let stamp = Stamp {
+            tier: 2,
+            due,
+            deferred: false,
+            hop: 3,
+        };
+        let written = forward_headers(&own, &origin, "g", Some(&history), stamp);
         let record = RawRecord {
             topic: "src.retry.2".into(),
             partition: 0,
