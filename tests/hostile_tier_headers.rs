@@ -61,7 +61,11 @@ fn tier_record(id: u64, headers: &[(&str, Vec<u8>)]) -> TestRecord {
 type Runs = Arc<Mutex<Vec<(u64, String)>>>;
 
 fn runs_of(runs: &Runs, id: u64) -> usize {
-    runs.lock().unwrap().iter().filter(|(i, _)| *i == id).count()
+    runs.lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, _)| *i == id)
+        .count()
 }
 
 /// A handler that records every run and fails (transiently) where `fails(id, topic)`.
@@ -72,7 +76,10 @@ fn recording(runs: Runs, fails: fn(u64, &str) -> bool) -> impl kourier::Handler<
             let id = m.event().id;
             runs.lock().unwrap().push((id, m.topic().to_owned()));
             if fails(id, m.topic()) {
-                return Err(HandlerError::transient(format!("{id} fails in {}", m.topic())));
+                return Err(HandlerError::transient(format!(
+                    "{id} fails in {}",
+                    m.topic()
+                )));
             }
             Ok(())
         }
@@ -300,14 +307,18 @@ async fn a_crafted_original_partition_does_not_switch_later_forwards_to_by_key()
     )
     .await;
     let in_tier2 = support::read_at_least(&tier2, 1 + N as usize, Duration::from_secs(60)).await;
-    wait_for("every record handled in tier 2", Duration::from_secs(30), || {
-        runs.lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, t)| t == &tier2)
-            .count() as u64
-            > N
-    })
+    wait_for(
+        "every record handled in tier 2",
+        Duration::from_secs(30),
+        || {
+            runs.lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, t)| t == &tier2)
+                .count() as u64
+                > N
+        },
+    )
     .await;
     running.stop().await;
     let mut moved = BTreeMap::new();
@@ -387,6 +398,9 @@ async fn crafted_attempts_and_stages_do_not_wrap() {
         assert_eq!(p.failure_kind, Some(DeadLetterReason::RetriesExhausted));
     }
     assert_eq!(letters_after.len(), 2, "one dead letter each");
-    assert!(support::read_all(&tier2).await.is_empty(), "nothing looped on");
+    assert!(
+        support::read_all(&tier2).await.is_empty(),
+        "nothing looped on"
+    );
     assert_eq!((runs_of(&runs, 1), runs_of(&runs, 2)), (1, 1));
 }

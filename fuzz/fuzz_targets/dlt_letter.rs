@@ -18,7 +18,12 @@ fuzz_target!(|input: Input| {
     let table = dlt::table(std::slice::from_ref(&letter));
     assert_eq!(table.lines().count(), 2, "{table}");
     assert!(serde_json::to_string(&letter.to_json()).is_ok());
-    let _ = (letter.failed_at(), letter.tier(), letter.place(), letter.key_text());
+    let _ = (
+        letter.failed_at(),
+        letter.tier(),
+        letter.place(),
+        letter.key_text(),
+    );
     let (since, until, _) = input.knobs;
     let filter = dlt::Filter {
         kinds: vec![DeadLetterReason::Permanent],

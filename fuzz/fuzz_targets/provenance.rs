@@ -14,11 +14,17 @@ fuzz_target!(|input: Input| {
     let latest = UNIX_EPOCH + Duration::from_millis(dlt::MAX_TIME_MS as u64);
     assert!(p.original_partition.is_none_or(|x| x >= 0));
     assert!(p.original_offset.is_none_or(|x| x >= 0));
-    assert!(p.original_timestamp.is_none_or(|t| (0..=dlt::MAX_TIME_MS).contains(&t)));
+    assert!(
+        p.original_timestamp
+            .is_none_or(|t| (0..=dlt::MAX_TIME_MS).contains(&t))
+    );
     assert!(p.first_failure.is_none_or(|t| t <= latest));
     assert!(p.last_failure.is_none_or(|t| t <= latest));
     // A redrive count header that is present never reads as 0 unless it says 0.
-    let present = headers.iter().rev().find(|h| h.is_named(dlt::REDRIVE_COUNT));
+    let present = headers
+        .iter()
+        .rev()
+        .find(|h| h.is_named(dlt::REDRIVE_COUNT));
     match present {
         None => assert_eq!(p.redrive_count, 0),
         Some(h) => {
@@ -38,7 +44,11 @@ fuzz_target!(|input: Input| {
             assert_eq!(r.redrive_count, p.redrive_count.saturating_add(1));
             assert_eq!(r.headers.get_all(dlt::REDRIVE_COUNT).count(), 1);
             assert!(!r.topic.is_empty() && r.topic.len() <= 249);
-            assert!(r.headers.iter().all(|h| !dlt::ALL.iter().any(|n| h.is_named(n))));
+            assert!(
+                r.headers
+                    .iter()
+                    .all(|h| !dlt::ALL.iter().any(|n| h.is_named(n)))
+            );
         }
         Err(e) => {
             assert!(e.to_string().len() < 1_000);

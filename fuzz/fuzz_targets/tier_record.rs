@@ -27,8 +27,15 @@ fuzz_target!(|input: Input| {
         }
         None => {
             let due = r.due.expect("a valid tier record has a due time");
-            assert!(due <= now + r.longest_wait, "due past now + {:?}", r.longest_wait);
-            if let Some(ts) = record.timestamp.filter(|t| (0..=253_402_300_799_999).contains(t)) {
+            assert!(
+                due <= now + r.longest_wait,
+                "due past now + {:?}",
+                r.longest_wait
+            );
+            if let Some(ts) = record
+                .timestamp
+                .filter(|t| (0..=253_402_300_799_999).contains(t))
+            {
                 let ts = UNIX_EPOCH + Duration::from_millis(ts as u64);
                 assert!(due <= ts + r.longest_wait, "due past timestamp + wait");
             }
