@@ -92,6 +92,12 @@ pub struct HandlerError {
 }
 
 impl HandlerError {
+    /// The longest [`retry_after`](Self::retry_after) hint kourier honours: one day. A hint
+    /// often comes from a downstream's reply (`Retry-After`, a rate limiter), which the
+    /// consumer cannot trust; a longer one is taken as a day (delivery rule 17 in the crate
+    /// docs), as Spring Kafka ignores back-off times more than a day ahead.
+    pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
     /// A failure worth retrying (a timeout, a 4xx SMTP reply, a refused connection, ...).
     pub fn transient(error: impl Into<BoxError>) -> Self {
         HandlerError {
@@ -148,9 +154,13 @@ impl HandlerError {
     /// still decides *whether* to retry. Ignored for permanent failures. On an
     /// [unavailable](Self::unavailable) failure it is the least time the record waits, and
     /// the least time a breaker it opens stays open.
+    ///
+    /// A hint above [`MAX_RETRY_AFTER`](Self::MAX_RETRY_AFTER) (one day) is taken as one day:
+    /// `retry_after(Duration::MAX)` makes the record wait a day, not forever, and never
+    /// overflows a clock.
     #[must_use]
     pub fn retry_after(mut self, delay: Duration) -> Self {
-        self.retry_after = Some(delay);
+        self.retry_after = Some(delay.min(Self::MAX_RETRY_AFTER));
         self
     }
 
@@ -170,7 +180,7 @@ impl HandlerError {
         self.kind == FailureKind::Unavailable
     }
 
-    /// The retry-after hint, if any.
+    /// The retry-after hint, if any, at most [`MAX_RETRY_AFTER`](Self::MAX_RETRY_AFTER).
     pub fn retry_after_hint(&self) -> Option<Duration> {
         self.retry_after
     }
@@ -337,5 +347,22 @@ mod tests {
         assert!(err.is_unavailable() && !err.is_transient());
         assert_eq!(err.retry_after_hint(), Some(Duration::from_secs(2)));
         assert_eq!(err.to_string(), "unavailable failure: connection refused");
+    }
+
+    /// A hint is untrusted (it often comes from a downstream's reply): above a day it is
+    /// taken as a day.
+    #[test]
+    fn a_retry_after_hint_is_capped_at_a_day() {
+        let day = Duration::from_secs(86_400);
+        for (asked, kept) in [
+            (Duration::MAX, day),
+            (day + Duration::from_nanos(1), day),
+            (day, day),
+            (Duration::from_secs(3), Duration::from_secs(3)),
+            (Duration::ZERO, Duration::ZERO),
+        ] {
+            let err = HandlerError::unavailable("503").retry_after(asked);
+            assert_eq!(err.retry_after_hint(), Some(kept), "{asked:?}");
+        }
     }
 }

@@ -13,6 +13,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tokio::time::Instant;
 
+use crate::clock;
 use crate::error::{ConfigError, Error, Result};
 use crate::log_throttle::{CLIENT_LOG_INTERVAL, ThrottledLogContext};
 
@@ -266,7 +267,7 @@ impl<C: ClientContext + Clone + 'static> ManagedProducer<C> {
 
     /// When an operation started now must have finished.
     pub(crate) fn deadline(&self) -> Instant {
-        Instant::now() + self.send_timeout + DELIVERY_REPORT_GRACE
+        clock::deadline_in(self.send_timeout.saturating_add(DELIVERY_REPORT_GRACE))
     }
 
     /// Hands `record` to librdkafka, waiting while its local queue is full (until `deadline`).
@@ -281,7 +282,7 @@ impl<C: ClientContext + Clone + 'static> ManagedProducer<C> {
             match producer.send_result(record) {
                 Ok(future) => return Ok(future),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if Instant::now() + QUEUE_FULL_PAUSE < deadline =>
+                    if clock::deadline_in(QUEUE_FULL_PAUSE) < deadline =>
                 {
                     record = back;
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
@@ -305,7 +306,7 @@ impl<C: ClientContext + Clone + 'static> ManagedProducer<C> {
             Err(_elapsed) => {
                 return Err(Error::Timeout {
                     operation,
-                    after: self.send_timeout + DELIVERY_REPORT_GRACE,
+                    after: self.send_timeout.saturating_add(DELIVERY_REPORT_GRACE),
                 });
             }
             // The producer went away before reporting (it cannot while we hold it; be safe).

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
+use crate::clock;
 use crate::error::ConfigError;
+use crate::handler::HandlerError;
 
 /// What a [`RetryPolicy`] says after a failed attempt.
 ///
@@ -48,6 +50,25 @@ enum Backoff {
 ///     .with_max_elapsed(Duration::from_secs(60));
 /// assert_eq!(exponential.max_attempts(), 8);
 /// ```
+///
+/// # Durations
+///
+/// Every delay it is given (`fixed`, `exponential`'s initial and maximum delay,
+/// `with_max_elapsed`) above one year is taken as one year, and a delay that grows past its
+/// cap (or past what a `Duration` holds) stays at the cap: `RetryPolicy::fixed(Duration::MAX,
+/// 1)` waits a year before its retry (a revoke or shutdown gives the waiting record up at
+/// once). A handler's [`retry_after`](crate::HandlerError::retry_after) hint counts up to
+/// [`HandlerError::MAX_RETRY_AFTER`] (a day). Deciding never panics, whatever the numbers
+/// (delivery rule 17 in the crate docs).
+///
+/// ```
+/// use std::time::Duration;
+/// use kourier::{RetryDecision, RetryPolicy};
+///
+/// let never = RetryPolicy::fixed(Duration::MAX, 1);
+/// let year = Duration::from_secs(365 * 24 * 3600);
+/// assert_eq!(never.decide(1, Duration::ZERO, None), RetryDecision::RetryAfter(year));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     max_attempts: u32,
@@ -64,25 +85,26 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// A fixed `delay` between attempts and `retries` retries after the first attempt.
+    /// A fixed `delay` between attempts and `retries` retries after the first attempt. A
+    /// delay above one year is taken as one year.
     pub fn fixed(delay: Duration, retries: u32) -> Self {
         RetryPolicy {
             max_attempts: retries.saturating_add(1),
-            backoff: Backoff::Fixed(delay),
+            backoff: Backoff::Fixed(clock::bounded(delay)),
             jitter: 0.0,
             max_elapsed: None,
         }
     }
 
     /// Exponential back-off starting at `initial`, doubling, capped at `max_delay`, with
-    /// 5 attempts and 50 % jitter until changed.
+    /// 5 attempts and 50 % jitter until changed. Delays above one year are taken as one year.
     pub fn exponential(initial: Duration, max_delay: Duration) -> Self {
         RetryPolicy {
             max_attempts: 5,
             backoff: Backoff::Exponential {
-                initial,
+                initial: clock::bounded(initial),
                 factor: 2.0,
-                max: max_delay,
+                max: clock::bounded(max_delay),
             },
             jitter: 0.5,
             max_elapsed: None,
@@ -126,9 +148,10 @@ impl RetryPolicy {
     }
 
     /// Gives up once the next attempt would start later than `max_elapsed` after the first.
+    /// Above one year it is taken as one year.
     #[must_use]
     pub fn with_max_elapsed(mut self, max_elapsed: Duration) -> Self {
-        self.max_elapsed = Some(max_elapsed);
+        self.max_elapsed = Some(clock::bounded(max_elapsed));
         self
     }
 
@@ -153,10 +176,12 @@ impl RetryPolicy {
             } => {
                 let exp = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
                 let secs = initial.as_secs_f64() * factor.powi(exp);
-                if !secs.is_finite() || secs >= max.as_secs_f64() {
+                // Past the cap, infinite or NaN (a factor `validate` refuses): the cap. A
+                // negative one (idem): no delay. Never a panicking conversion.
+                if secs.is_nan() || secs >= max.as_secs_f64() {
                     max
                 } else {
-                    Duration::from_secs_f64(secs)
+                    Duration::try_from_secs_f64(secs.max(0.0)).map_or(max, |d| d.min(max))
                 }
             }
         }
@@ -186,8 +211,14 @@ impl RetryPolicy {
             return RetryDecision::GiveUp;
         }
         let base = self.base_delay(attempts_made);
-        let jittered = base.mul_f64(1.0 - self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0));
-        let delay = hint.map_or(jittered, |h| h.max(jittered));
+        let jittered = scaled(
+            base,
+            1.0 - self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0),
+        );
+        // A hint is untrusted (delivery rule 17): at most a day, however it got here.
+        let delay = hint.map_or(jittered, |h| {
+            h.min(HandlerError::MAX_RETRY_AFTER).max(jittered)
+        });
         match self.max_elapsed {
             Some(limit) if elapsed.saturating_add(delay) > limit => RetryDecision::GiveUp,
             _ => RetryDecision::RetryAfter(delay),
@@ -242,7 +273,16 @@ impl RetryPolicy {
 pub(crate) fn infra_backoff(base: Duration, max: Duration, n: u32) -> Duration {
     let d = base.saturating_mul(1u32 << n.min(20)).min(max);
     let half = d / 2;
-    half + half.mul_f64(fastrand::f64())
+    half + scaled(half, fastrand::f64())
+}
+
+/// `d × fraction` for a fraction in `0..=1` (clamped; `d` itself when it is NaN), rounded
+/// down to whole nanoseconds. Unlike `Duration::mul_f64`, it never panics.
+fn scaled(d: Duration, fraction: f64) -> Duration {
+    if fraction.is_nan() {
+        return d;
+    }
+    Duration::try_from_secs_f64(d.as_secs_f64() * fraction.clamp(0.0, 1.0)).map_or(d, |s| s.min(d))
 }
 
 #[cfg(test)]
@@ -344,6 +384,85 @@ mod tests {
                 "{n}: {d:?} not in [{:?}, {cap:?}]",
                 cap / 2
             );
+        }
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+    const YEAR: Duration = Duration::from_secs(365 * 86_400);
+
+    /// Delays of `Duration::MAX` (or growing past it) are capped at a year, a hint at a day;
+    /// deciding never panics (`mul_f64` on `Duration::MAX` did).
+    #[test]
+    fn extreme_delays_are_capped_and_never_panic() {
+        for p in [
+            RetryPolicy::fixed(Duration::MAX, 1),
+            RetryPolicy::fixed(Duration::MAX, 1).with_jitter(1.0),
+            RetryPolicy::exponential(Duration::MAX, Duration::MAX),
+            RetryPolicy::exponential(MS, Duration::MAX).with_max_attempts(u32::MAX),
+            RetryPolicy::fixed(MS, 5).with_max_elapsed(Duration::MAX),
+        ] {
+            for made in [1, 2, 100, u32::MAX - 1] {
+                if let RetryDecision::RetryAfter(d) = p.decide(made, Duration::MAX, None) {
+                    assert!(d <= YEAR, "{p:?} after {made}: {d:?}");
+                }
+            }
+        }
+        assert_eq!(
+            RetryPolicy::fixed(Duration::MAX, 1).decide(1, Duration::ZERO, None),
+            RetryDecision::RetryAfter(YEAR)
+        );
+        assert_eq!(
+            RetryPolicy::fixed(MS, 3).decide(1, Duration::ZERO, Some(Duration::MAX)),
+            RetryDecision::RetryAfter(DAY),
+            "a hint is capped at a day"
+        );
+    }
+
+    fn extreme() -> impl proptest::strategy::Strategy<Value = Duration> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Duration::ZERO),
+            Just(Duration::from_nanos(1)),
+            Just(MS),
+            Just(YEAR),
+            Just(Duration::MAX),
+            (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any policy (valid or not), any state, any hint: a decision, never a panic; a
+        /// delay never above a year.
+        #[test]
+        fn deciding_never_panics(
+            initial in extreme(),
+            max in extreme(),
+            factor in proptest::prelude::any::<f64>(),
+            jitter in proptest::prelude::any::<f64>(),
+            random in proptest::prelude::any::<f64>(),
+            exponential in proptest::prelude::any::<bool>(),
+            attempts in proptest::prelude::any::<u32>(),
+            made in proptest::prelude::any::<u32>(),
+            elapsed in extreme(),
+            max_elapsed in proptest::option::of(extreme()),
+            hint in proptest::option::of(extreme()),
+        ) {
+            let mut p = if exponential {
+                RetryPolicy::exponential(initial, max).with_factor(factor)
+            } else {
+                RetryPolicy::fixed(initial, 3)
+            }
+            .with_jitter(jitter)
+            .with_max_attempts(attempts);
+            if let Some(limit) = max_elapsed {
+                p = p.with_max_elapsed(limit);
+            }
+            let _ = p.base_delay(made);
+            if let RetryDecision::RetryAfter(d) = p.decide_with(made, elapsed, hint, random) {
+                proptest::prop_assert!(d <= YEAR, "{:?}", d);
+            }
         }
     }
 }

@@ -53,6 +53,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between two metadata requests while waiting for the cluster or for new topics.
 const RETRY_INTERVAL: Duration = Duration::from_millis(200);
 
+/// The longest one request to the cluster waits: librdkafka's limit for admin requests.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
 type Admin = AdminClient<ThrottledLogContext>;
 
 /// A topic to create when it is missing: name, partition count, replication factor and
@@ -290,10 +293,12 @@ impl TopicAdmin {
 
     /// How long one call may take in all (default [`DEFAULT_TIMEOUT`], 30 s): waiting for
     /// the cluster to answer, creating topics and waiting for them to show up in the
-    /// metadata. A zero timeout makes every call fail with [`Error::Config`].
+    /// metadata. A zero timeout makes every call fail with [`Error::Config`]; one above a
+    /// year is taken as a year (delivery rule 17 in the crate docs). Each request to the
+    /// cluster within a call waits at most an hour (librdkafka's limit), then is sent again.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = crate::clock::bounded(timeout);
         self
     }
 
@@ -604,6 +609,12 @@ impl Session {
         self.timeout.saturating_sub(self.started.elapsed())
     }
 
+    /// What is left of the call's time, as one request's timeout: librdkafka refuses admin
+    /// request timeouts above an hour (and takes every timeout in `i32` milliseconds).
+    fn request_timeout(&self) -> Duration {
+        self.remaining().min(MAX_REQUEST_TIMEOUT)
+    }
+
     fn expired(&self) -> bool {
         self.remaining().is_zero()
     }
@@ -645,7 +656,7 @@ impl Session {
                 }
                 .into());
             }
-            match self.fetch(remaining).await {
+            match self.fetch(self.request_timeout()).await {
                 Ok(view) if view.brokers > 0 => return Ok(view),
                 Ok(_) => {}
                 Err(e) => last_error = Some(e),
@@ -659,7 +670,7 @@ impl Session {
         &self,
         specs: &[&'a TopicSpec],
     ) -> Result<Vec<(&'a TopicSpec, std::result::Result<(), RDKafkaErrorCode>)>> {
-        let remaining = self.remaining();
+        let remaining = self.request_timeout();
         let new_topics: Vec<NewTopic<'_>> = specs.iter().map(|s| s.to_new_topic()).collect();
         let options = AdminOptions::new()
             .request_timeout(Some(remaining))
@@ -667,7 +678,7 @@ impl Session {
         let admin = self.admin();
         let answer = tokio::time::timeout(
             // librdkafka times the request out itself; this bounds the call if it did not.
-            remaining + Duration::from_secs(1),
+            remaining.saturating_add(Duration::from_secs(1)),
             admin.create_topics(new_topics.iter(), &options),
         )
         .await
@@ -859,5 +870,22 @@ mod tests {
         let admin = TopicAdmin::new("b:9092").kafka_config("sasl.password", "hunter2");
         let shown = format!("{admin:?}");
         assert!(shown.contains("sasl.password") && !shown.contains("hunter2"));
+    }
+
+    /// `timeout(Duration::MAX)` (what `startup_timeout(Duration::MAX)` with
+    /// `create_missing_topics` passes on) is taken as a year, and each request within a call
+    /// waits at most librdkafka's hour. Before, a create call's bound (`remaining + 1 s`)
+    /// overflowed and panicked (`tests/extreme_settings.rs` shows it against the broker).
+    #[test]
+    fn a_timeout_of_duration_max_is_a_year_of_hour_long_requests() {
+        let admin = TopicAdmin::new("127.0.0.1:1").timeout(Duration::MAX);
+        assert_eq!(admin.timeout, Duration::from_secs(365 * 86_400));
+        let session = Session {
+            admin: None,
+            bootstrap_servers: String::new(),
+            started: Instant::now(),
+            timeout: admin.timeout,
+        };
+        assert_eq!(session.request_timeout(), Duration::from_secs(3600));
     }
 }

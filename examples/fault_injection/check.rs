@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::MAX_ATTEMPTS;
 use crate::event::{Event, Fate};
 use crate::kafka::Letter;
 use crate::ledger::Ledgers;
@@ -20,13 +19,30 @@ pub(crate) struct Inputs<'a> {
     pub(crate) snapshot: Option<&'a serde_json::Value>,
     pub(crate) children: &'a [ChildRecord],
     pub(crate) max_in_flight: usize,
-    pub(crate) partitions: i32,
     pub(crate) dlt_partitions: i32,
     /// Dead letters that a kill or broker restart may have repeated.
     pub(crate) dlt_allowance: u64,
     /// Kills, broker restarts and a zombie's three hand-overs: how often one record can be
     /// redelivered at most.
     pub(crate) redeliveries: u32,
+    /// Attempts an event gets in all (over every stage with `--compose`).
+    pub(crate) max_attempts: u32,
+    /// Partitions of the source and tier topics together (the last consumer holds them all).
+    pub(crate) assigned_partitions: usize,
+    /// With `--compose`, what only its checks need.
+    pub(crate) compose: Option<ComposeInputs<'a>>,
+}
+
+/// The inputs of the `--compose` checks.
+pub(crate) struct ComposeInputs<'a> {
+    /// In-place attempts per stage: an effect at attempt `a` cannot come before tier
+    /// `(a - 1) / attempts_per_stage`.
+    pub(crate) attempts_per_stage: u32,
+    /// Each tier topic: name, the group's commits (`None`: unreadable) and its log end.
+    pub(crate) tiers: Vec<(String, Option<Vec<i64>>, Vec<i64>)>,
+    /// When the idempotency Redis was killed (ms since the epoch): done marks written
+    /// before are gone.
+    pub(crate) redis_kills_ms: &'a [u64],
 }
 
 pub(crate) struct Checked {
@@ -50,6 +66,20 @@ pub(crate) struct Checked {
     pub(crate) dlt_by_key: u64,
     pub(crate) per_kill: String,
     pub(crate) per_zombie: String,
+    /// First effects out of their key's order.
+    pub(crate) order_violations: u64,
+    /// The most dead letters one event has.
+    pub(crate) max_letters_per_event: u32,
+    /// Dead letters per event id.
+    pub(crate) letters_per_event: Vec<u32>,
+    /// `--compose`: effects of an event made after a process had reported it handled (its
+    /// key marked done in the store), with no Redis outage in between.
+    pub(crate) after_done: u64,
+    /// Effects per tier (index 0: the source topic).
+    pub(crate) effects_by_tier: Vec<u64>,
+    /// `--compose`: repeated effects with a loss of the idempotency Redis between them and
+    /// the effect before (not in `duplicates`: reported, not bounded).
+    pub(crate) redis_repeats: u64,
     pub(crate) problems: Vec<String>,
 }
 
@@ -68,7 +98,8 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
     };
 
     // Events whose last attempt a downstream outage failed: dead-lettered by it.
-    let outage_exhausted = |id: u64| i.ledgers.outage_attempt[id as usize] >= MAX_ATTEMPTS;
+    let max_attempts = i.max_attempts;
+    let outage_exhausted = |id: u64| i.ledgers.outage_attempt[id as usize] >= max_attempts;
 
     // Dead letters per id.
     let mut letters_of = vec![0u32; n];
@@ -82,8 +113,8 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         letters_of[id as usize] += 1;
         let (kind, attempts) = match i.fates[id as usize] {
             Fate::Permanent => ("permanent", "1".to_owned()),
-            Fate::Exhausted => ("retries-exhausted", MAX_ATTEMPTS.to_string()),
-            _ if outage_exhausted(id) => ("retries-exhausted", MAX_ATTEMPTS.to_string()),
+            Fate::Exhausted => ("retries-exhausted", max_attempts.to_string()),
+            _ if outage_exhausted(id) => ("retries-exhausted", max_attempts.to_string()),
             _ => ("", String::new()),
         };
         if l.kind.as_deref() != Some(kind) || l.attempts.as_deref() != Some(attempts.as_str()) {
@@ -157,26 +188,57 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         &effects_of_dead,
     );
 
-    // Each effect: the right key, sequence number and attempt.
+    // Each effect: the right key, sequence number and attempt (and, with tiers, a tier its
+    // failures can have brought it to: each stage of failed attempts moves it on by one, a
+    // deferral for key order only ever further).
     let mut wrong_effects = Vec::new();
+    let mut effects_by_tier = vec![0u64; i.compose.as_ref().map_or(1, |c| c.tiers.len() + 1)];
     for e in &i.ledgers.effects {
         let ev = &i.events[e.id as usize];
         let predicted = i.fates[e.id as usize].success_attempt();
         // A downstream outage fails attempts too: the effect comes at a later attempt then.
         let attempt_ok = if i.ledgers.outage_attempt[e.id as usize] > 0 {
-            predicted.is_some_and(|p| e.attempt >= p && e.attempt <= MAX_ATTEMPTS)
+            predicted.is_some_and(|p| e.attempt >= p && e.attempt <= max_attempts)
         } else {
             Some(e.attempt) == predicted
         };
-        if e.key != ev.key || e.seq != ev.seq || !attempt_ok {
+        let tier_ok = match &i.compose {
+            None => e.tier == 0,
+            Some(c) => {
+                (e.tier as usize) < effects_by_tier.len()
+                    && e.tier >= e.attempt.saturating_sub(1) / c.attempts_per_stage
+            }
+        };
+        if e.key != ev.key || e.seq != ev.seq || !attempt_ok || !tier_ok {
             wrong_effects.push(e.id);
+        }
+        if let Some(n) = effects_by_tier.get_mut(e.tier as usize) {
+            *n += 1;
         }
     }
     first_examples(
         &mut problems,
-        "effects with a wrong key, seq or attempt",
+        "effects with a wrong key, seq, attempt or tier",
         &wrong_effects,
     );
+    if let Some(c) = &i.compose {
+        // The injected failures must make records go through every tier.
+        for (tier, &effects) in effects_by_tier.iter().enumerate().skip(1) {
+            let due_here = i
+                .fates
+                .iter()
+                .filter(|f| {
+                    f.success_attempt()
+                        .is_some_and(|a| (a - 1) / c.attempts_per_stage == tier as u32)
+                })
+                .count();
+            if due_here > 0 && effects == 0 {
+                problems.push(format!(
+                    "no effect in tier {tier}, although {due_here} events were injected to succeed there"
+                ));
+            }
+        }
+    }
     if !i.ledgers.malformed.is_empty() {
         problems.push(format!(
             "{} malformed ledger lines, e.g. {:?}",
@@ -202,9 +264,24 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
     let mut outage_redone = 0u64;
     // Duplicates, attributed to the process that wrote the previous effect of the same id.
     let mut previous_child: Vec<Option<usize>> = vec![None; n];
+    let mut previous_time: Vec<u64> = vec![0; n];
+    // `--compose`: repeats across a loss of the idempotency Redis.
+    let mut redis_repeats = 0u64;
     let mut duplicates_from: BTreeMap<usize, u64> = BTreeMap::new();
+    // `--compose`: effects after the event was reported handled (its key marked done)
+    // with no Redis outage in between (which would have lost the done mark).
+    let mut after_done = Vec::new();
     for e in in_time_order {
         let id = e.id as usize;
+        if let (Some(c), Some(done)) = (&i.compose, i.ledgers.outcomes.handled_at[id])
+            && e.time_ms > done
+            && !c
+                .redis_kills_ms
+                .iter()
+                .any(|&k| k >= done && k <= e.time_ms)
+        {
+            after_done.push(e.id);
+        }
         if !seen[id] {
             seen[id] = true;
             // A record the outage dead-lettered that has an effect anyway: its dead letter
@@ -228,18 +305,33 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         {
             zombie_dups.entry(e.child).or_default().0 += 1;
         } else if let Some(prev) = previous_child[id] {
-            if zombies.contains_key(&prev) {
+            if i.compose.as_ref().is_some_and(|c| {
+                c.redis_kills_ms
+                    .iter()
+                    .any(|&k| k >= previous_time[id] && k <= e.time_ms)
+            }) {
+                // The idempotency Redis lost its done marks between the two: a copy of the
+                // event still going round the tiers (a forward repeated after a kill, deferred
+                // behind its key) runs again, and the store cannot tell.
+                redis_repeats += 1;
+            } else if zombies.contains_key(&prev) {
                 zombie_dups.entry(prev).or_default().1 += 1;
             } else {
                 *duplicates_from.entry(prev).or_default() += 1;
             }
         }
         previous_child[id] = Some(e.child);
+        previous_time[id] = e.time_ms;
     }
     first_examples(
         &mut problems,
         "per-key order violations (first effect with a seq not above the key's previous)",
         &order_violations,
+    );
+    first_examples(
+        &mut problems,
+        "effects repeated after the event was reported handled (its key marked done), with no Redis outage between",
+        &after_done,
     );
     let kill_duplicates: u64 = duplicates_from.values().sum();
     let zombie_late: u64 = zombie_dups.values().map(|d| d.0).sum();
@@ -292,7 +384,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         }
     }
 
-    // Commits at the log end.
+    // Commits at the log end, of the source and of every tier topic.
     match i.committed {
         Some(c) if c.as_slice() == i.log_end => {}
         Some(c) => problems.push(format!(
@@ -300,6 +392,15 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
             i.log_end
         )),
         None => problems.push("committed offsets could not be read".into()),
+    }
+    for (name, committed, end) in i.compose.iter().flat_map(|c| &c.tiers) {
+        match committed {
+            Some(c) if c == end => {}
+            Some(c) => problems.push(format!(
+                "committed offsets {c:?} of {name} are not its log end {end:?}"
+            )),
+            None => problems.push(format!("committed offsets of {name} could not be read")),
+        }
     }
 
     // The last consumer's state when it was told to stop.
@@ -311,7 +412,7 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
             if paused != 0
                 || s["in_flight"] != 0
                 || s["buffered_records"] != 0
-                || assigned != i.partitions as usize
+                || assigned != i.assigned_partitions
             {
                 problems.push(format!(
                     "the last consumer was not idle with all partitions unpaused: {s}"
@@ -324,7 +425,25 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         .iter()
         .map(|&c| u64::from(c.saturating_sub(1)))
         .sum();
-    if dlt_duplicates > i.dlt_allowance {
+    let max_letters_per_event = letters_of.iter().copied().max().unwrap_or(0);
+    if i.compose.is_some() {
+        // One event, one outcome (rule 18 in the crate docs): across kills, redeliveries and
+        // tier copies, at most one dead letter per event.
+        let repeated: Vec<u64> = (0..n as u64)
+            .filter(|&id| letters_of[id as usize] > 1)
+            .collect();
+        if !repeated.is_empty() {
+            problems.push(format!(
+                "{} events dead-lettered more than once ({dlt_duplicates} extra letters; most for one event: {max_letters_per_event}), e.g. {:?}",
+                repeated.len(),
+                repeated
+                    .iter()
+                    .take(10)
+                    .map(|&id| format!("{id}×{}", letters_of[id as usize]))
+                    .collect::<Vec<_>>()
+            ));
+        }
+    } else if dlt_duplicates > i.dlt_allowance {
         problems.push(format!(
             "{dlt_duplicates} duplicate dead letters, but only {} were uncommitted at kills, broker restarts and zombie hand-overs",
             i.dlt_allowance
@@ -360,6 +479,12 @@ pub(crate) fn check(i: &Inputs<'_>) -> Checked {
         } else {
             per_kill.join(", ")
         },
+        order_violations: order_violations.len() as u64,
+        max_letters_per_event,
+        letters_per_event: letters_of,
+        after_done: after_done.len() as u64,
+        effects_by_tier,
+        redis_repeats,
         problems,
     }
 }

@@ -65,6 +65,23 @@ pub(crate) struct RunArgs {
     /// interval doubling to 10 s): a downstream outage then dead-letters nothing.
     #[arg(long)]
     pub(crate) breaker: bool,
+    /// Compose the features (see the module docs, "Compose mode"): the consumers run with
+    /// retry tiers (1 s, 2 s) keeping key order (a Redis key-order ledger), the idempotency
+    /// store and the outage breaker; injected failures make records go through the tiers.
+    /// Checks at most one dead letter per event, no effect repeated once its key was marked
+    /// done, and that the consumer caught up within `--caught-up-secs` of the last fault.
+    #[arg(long)]
+    pub(crate) compose: bool,
+    /// Of the `--kills`, how many SIGKILL the consumer right after it reported a dead letter
+    /// (within milliseconds; one from the last tier when one comes within 20 s). Default: 1
+    /// with `--compose` (when there is a kill), else 0.
+    #[arg(long)]
+    pub(crate) dlt_kills: Option<u32>,
+    /// `--compose`: seconds the consumer may take to catch up after the end of the last
+    /// fault, on top of the time its remaining records need at the pace it had before the
+    /// first fault.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) caught_up_secs: u64,
     /// Stop the consumer with SIGTERM (graceful shutdown) instead of SIGKILL, without an
     /// idempotency store; expects 0 duplicates.
     #[arg(long)]
@@ -149,4 +166,14 @@ pub(crate) struct ConsumeArgs {
     /// Run with the outage breaker.
     #[arg(long)]
     pub(crate) breaker: bool,
+    /// Where to note each record's outcome (`on_outcome`), one line each.
+    #[arg(long)]
+    pub(crate) outcomes: PathBuf,
+    /// Run with retry tiers keeping key order (`--compose`), the key-order ledger in the
+    /// Redis at `--ledger-url`.
+    #[arg(long)]
+    pub(crate) compose: bool,
+    /// The key-order ledger's Redis (`--compose`).
+    #[arg(long)]
+    pub(crate) ledger_url: Option<String>,
 }

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use kourier::dead_letter::Provenance;
+use kourier::tiers::{RedisKeyOrderLedger, RetryTiers};
 use kourier::{
     BreakerPolicy, Handler, HandlerError, Message, ProcessingOrder, RedisIdempotencyStore,
     RetryPolicy, RetryingConsumer, async_trait,
@@ -14,11 +16,28 @@ use kourier::{
 use crate::cli::ConsumeArgs;
 use crate::event::{Event, Fate};
 use crate::ledger::{self, Ledger};
-use crate::{COMMIT_INTERVAL, LEASE, MAX_ATTEMPTS, SESSION_TIMEOUT};
+use crate::outcomes::OutcomeLog;
+use crate::{
+    COMMIT_INTERVAL, COMPOSE_ATTEMPTS_PER_STAGE, LEASE, MAX_ATTEMPTS, SESSION_TIMEOUT, TIER_DELAYS,
+};
+
+/// The tier a record of `topic` is in: 0 for the source topic `source`, `n` for its
+/// `<source>.retry.<n>`.
+fn tier_of(source: &str, topic: &str) -> u32 {
+    topic
+        .strip_prefix(source)
+        .and_then(|rest| rest.strip_prefix(".retry."))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
 
 struct FaultHandler {
     ledger: Ledger,
     seed: u64,
+    /// `--compose`: the injected fates of compose runs.
+    compose: bool,
+    /// The source topic (a record of another topic is in a retry tier).
+    topic: String,
     pid: u32,
     /// Half the simulated work, done before and again after the side effect.
     half_work: Duration,
@@ -32,7 +51,19 @@ impl Handler for FaultHandler {
 
     async fn handle(&self, m: &Message<Event>) -> Result<(), HandlerError> {
         let ev = m.event();
-        match Fate::of(ev.id, self.seed) {
+        // The attempt over every stage: a tier record carries the attempts made before its
+        // tier (summed over the tiers, in the provenance headers); `Message::attempt`
+        // counts from 1 in each tier.
+        let tier = tier_of(&self.topic, m.topic());
+        let attempt = if tier > 0 {
+            Provenance::from_headers(m.headers())
+                .attempts
+                .unwrap_or(0)
+                .saturating_add(m.attempt())
+        } else {
+            m.attempt()
+        };
+        match Fate::of(ev.id, self.seed, self.compose) {
             Fate::Permanent => {
                 return Err(HandlerError::permanent(format!(
                     "event {} is injected as permanently failing",
@@ -41,16 +72,14 @@ impl Handler for FaultHandler {
             }
             Fate::Exhausted => {
                 return Err(HandlerError::transient(format!(
-                    "event {} is injected as always failing (attempt {})",
+                    "event {} is injected as always failing (attempt {attempt})",
                     ev.id,
-                    m.attempt()
                 )));
             }
-            Fate::Transient(n) if m.attempt() <= n => {
+            Fate::Transient(n) if attempt <= n => {
                 return Err(HandlerError::transient(format!(
-                    "event {} injected failure {} of {n}",
+                    "event {} injected failure {attempt} of {n}",
                     ev.id,
-                    m.attempt()
                 )));
             }
             Fate::Transient(_) | Fate::Ok => {}
@@ -59,17 +88,16 @@ impl Handler for FaultHandler {
             // Noted in the ledger (on disk before the failure is returned), so the runner knows
             // which attempts the outage failed and which records it dead-lettered.
             self.ledger
-                .append(ledger::outage_line(ev.id, m.attempt()))
+                .append(ledger::outage_line(ev.id, attempt))
                 .await
                 .map_err(|e| HandlerError::transient(format!("ledger write failed: {e}")))?;
             return Err(HandlerError::transient(format!(
-                "event {}: downstream outage (attempt {})",
+                "event {}: downstream outage (attempt {attempt})",
                 ev.id,
-                m.attempt()
             )));
         }
         tokio::time::sleep(self.half_work).await;
-        let line = ledger::line(ev, m.attempt(), self.pid, m.partition(), m.offset());
+        let line = ledger::line(ev, attempt, self.pid, m.partition(), m.offset(), tier);
         self.ledger
             .append(line)
             .await
@@ -126,6 +154,8 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
     let handler = FaultHandler {
         ledger: Ledger::open(&args.ledger)?,
         seed: args.seed,
+        compose: args.compose,
+        topic: args.topic.clone(),
         pid: std::process::id(),
         half_work: Duration::from_millis(args.work_ms) / 2,
         outage,
@@ -138,7 +168,11 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
         .max_in_flight(args.max_in_flight)
         .retry_policy(RetryPolicy::fixed(
             Duration::from_millis(50),
-            MAX_ATTEMPTS - 1,
+            if args.compose {
+                COMPOSE_ATTEMPTS_PER_STAGE
+            } else {
+                MAX_ATTEMPTS
+            } - 1,
         ))
         .commit_interval(COMMIT_INTERVAL)
         .shutdown_timeout(Duration::from_secs(20))
@@ -156,6 +190,24 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
             .idempotency_key_fn(Arc::new(store), |m| Some(m.event().id.to_string()))
             .idempotency_lease(LEASE);
     }
+    if args.compose {
+        // The key-order ledger, shared by every consumer process of the run.
+        let url = args
+            .ledger_url
+            .as_deref()
+            .ok_or("--compose needs --ledger-url")?;
+        let ledger = RedisKeyOrderLedger::connect(url)
+            .await?
+            .key_prefix("fault-order:");
+        builder =
+            builder.retry_tiers(RetryTiers::new(TIER_DELAYS).keep_key_order(Arc::new(ledger)));
+    }
+    // Every outcome, noted at once: the runner kills the consumer right after a dead letter.
+    let outcomes = OutcomeLog::open(&args.outcomes)?;
+    let source = args.topic.clone();
+    builder = builder.on_outcome(move |record, outcome| {
+        outcomes.note(record, outcome, tier_of(&source, &record.topic));
+    });
     if args.breaker {
         builder = builder.breaker(
             BreakerPolicy::default()
@@ -207,12 +259,22 @@ fn snapshot_json(monitor: &kourier::ConsumerMonitor) -> serde_json::Value {
             "held_failures": b.held_failures,
         })
     });
+    // Partitions whose lag is not known to be 0: why the snapshot is not caught up.
+    let lagging: Vec<serde_json::Value> = s
+        .partitions
+        .iter()
+        .filter(|p| p.lag != Some(0))
+        .map(|p| serde_json::json!([p.topic, p.partition, p.committed, p.end_offset, p.lag]))
+        .collect();
     serde_json::json!({
         "in_flight": s.in_flight,
+        "lagging": lagging,
         "buffered_records": s.buffered_records,
         "buffered_bytes": s.buffered_bytes,
         "assigned": s.assigned,
         "paused": s.paused,
+        "caught_up": s.caught_up,
+        "forwarded": s.forwarded,
         "breaker": breaker,
     })
 }

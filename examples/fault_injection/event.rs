@@ -14,21 +14,39 @@ pub(crate) struct Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fate {
     Ok,
-    /// Fails transiently on this many attempts, then succeeds.
+    /// Fails transiently on this many attempts, then succeeds. With `--compose` the attempts
+    /// are counted over every stage (the source's and each tier's in-place attempts).
     Transient(u32),
-    /// Always fails transiently: retries exhausted, dead-lettered.
+    /// Always fails transiently: retries exhausted (after the last tier with `--compose`),
+    /// dead-lettered.
     Exhausted,
     /// Fails permanently: dead-lettered after one attempt.
     Permanent,
 }
 
 impl Fate {
-    pub(crate) fn of(id: u64, seed: u64) -> Fate {
+    /// The fate of event `id`. `compose`: the distribution of `--compose` runs, whose
+    /// consumers have [`COMPOSE_ATTEMPTS_PER_STAGE`](crate::COMPOSE_ATTEMPTS_PER_STAGE)
+    /// attempts per stage and two tiers: 2 % fail once (retried in place at the source),
+    /// 1.5 % two or three times (they succeed in tier 1), 1 % four or five times (tier 2),
+    /// 0.5 % always (dead-lettered after the last tier), 0.5 % permanently.
+    pub(crate) fn of(id: u64, seed: u64, compose: bool) -> Fate {
         let h = splitmix64(id ^ seed.rotate_left(29));
+        let pick = ((h >> 32) % 2) as u32;
+        if compose {
+            return match h % 1000 {
+                0..5 => Fate::Permanent,
+                5..10 => Fate::Exhausted,
+                10..30 => Fate::Transient(1),
+                30..45 => Fate::Transient(2 + pick),
+                45..55 => Fate::Transient(4 + pick),
+                _ => Fate::Ok,
+            };
+        }
         match h % 1000 {
             0..5 => Fate::Permanent,
             5..10 => Fate::Exhausted,
-            10..55 => Fate::Transient(1 + ((h >> 32) % 2) as u32),
+            10..55 => Fate::Transient(1 + pick),
             _ => Fate::Ok,
         }
     }

@@ -8,14 +8,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::broker::BrokerControl;
 use crate::cli::RunArgs;
+use crate::ledger::now_ms;
+use crate::outcomes::{self, Kind, Tail};
 use crate::procs::{ChildRecord, ConsumerProc, ZombieRecord, signal};
 use crate::redis::RedisServer;
 use crate::watch::Watch;
-use crate::{BoxResult, LEASE, SESSION_TIMEOUT, log};
+use crate::{BoxResult, LEASE, SESSION_TIMEOUT, TIER_DELAYS, log};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FaultKind {
     Kill,
+    /// A SIGKILL right after the consumer reported a dead letter.
+    DltKill,
     Broker,
     /// A broker restart once the consumer is saturated and its commits are moving.
     LoadedBroker,
@@ -29,7 +33,10 @@ pub(crate) enum FaultKind {
 /// How many of each fault a run injects.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Counts {
+    /// Every kill, those right after a dead letter included.
     pub(crate) kills: u32,
+    /// Of the kills, those right after a dead letter.
+    pub(crate) dlt_kills: u32,
     pub(crate) broker_restarts: u32,
     pub(crate) loaded_broker_restarts: u32,
     pub(crate) redis_outages: u32,
@@ -47,7 +54,8 @@ pub(crate) struct Plan {
 impl Plan {
     pub(crate) fn new(c: Counts, rng: &mut fastrand::Rng) -> Plan {
         let mut kinds: Vec<FaultKind> = [
-            (FaultKind::Kill, c.kills),
+            (FaultKind::Kill, c.kills - c.dlt_kills),
+            (FaultKind::DltKill, c.dlt_kills),
             (FaultKind::Broker, c.broker_restarts),
             (FaultKind::LoadedBroker, c.loaded_broker_restarts),
             (FaultKind::Redis, c.redis_outages),
@@ -68,8 +76,14 @@ impl Plan {
     }
 
     /// Simulated work per record when `--work-ms` is not given: paced so that consuming takes
-    /// about 18 s per fault (45 s per zombie).
-    pub(crate) fn default_work_ms(&self, max_in_flight: usize, expected_effects: usize) -> u64 {
+    /// about 18 s per fault (45 s per zombie). `max_ms`: the most it may be (200 ms; 300 ms
+    /// with `--compose`, whose tiers slow a small run down on their own).
+    pub(crate) fn default_work_ms(
+        &self,
+        max_in_flight: usize,
+        expected_effects: usize,
+        max_ms: f64,
+    ) -> u64 {
         // A zombie takes longer: the newcomer's join, a 12 s freeze, the rejoin and the leave.
         let target_secs: f64 = self
             .kinds
@@ -79,7 +93,7 @@ impl Plan {
             .max(20.0);
         let per_record_ms =
             max_in_flight as f64 * target_secs * 1000.0 / expected_effects.max(1) as f64;
-        (per_record_ms - 10.0).clamp(0.0, 200.0) as u64
+        (per_record_ms - 10.0).clamp(0.0, max_ms) as u64
     }
 }
 
@@ -104,6 +118,23 @@ pub(crate) struct Injector<'a> {
     pub(crate) dlt_allowance: u64,
     /// The commits just before the broker restart in progress.
     broker_commits: Option<Vec<i64>>,
+    /// When the idempotency Redis was killed (ms since the epoch).
+    pub(crate) redis_kills_ms: Vec<u64>,
+    /// The dead letters the kills right after a dead letter followed.
+    pub(crate) dlt_kill_notes: Vec<DltKillNote>,
+    /// When the last kill's signal was sent (ms since the epoch).
+    last_kill_ms: u64,
+}
+
+/// A kill right after a dead letter: which one it followed, and how soon.
+#[derive(Debug, Clone)]
+pub(crate) struct DltKillNote {
+    /// The dead-lettered event (`None`: no dead letter came within the wait).
+    pub(crate) id: Option<u64>,
+    /// Its failure kind and the tier it was in.
+    pub(crate) what: String,
+    /// From the outcome line's time to the SIGKILL, ms.
+    pub(crate) latency_ms: u64,
 }
 
 impl<'a> Injector<'a> {
@@ -125,6 +156,9 @@ impl<'a> Injector<'a> {
             zombie_commits: None,
             dlt_allowance: 0,
             broker_commits: None,
+            redis_kills_ms: Vec::new(),
+            dlt_kill_notes: Vec::new(),
+            last_kill_ms: 0,
         }
     }
 
@@ -137,7 +171,8 @@ impl<'a> Injector<'a> {
         watch: &mut Watch<'_>,
     ) -> BoxResult<()> {
         match fault {
-            FaultKind::Kill => self.kill(at, expected_effects, watch),
+            FaultKind::Kill => self.kill(at, expected_effects, watch, ""),
+            FaultKind::DltKill => self.kill_after_dead_letter(at, expected_effects, watch),
             FaultKind::Broker => self.restart_broker(at, expected_effects, watch, false),
             FaultKind::LoadedBroker => self.restart_broker(at, expected_effects, watch, true),
             FaultKind::Redis => self.redis_outage(at, expected_effects),
@@ -207,8 +242,89 @@ impl<'a> Injector<'a> {
         Ok(())
     }
 
+    /// Waits until the consumer reports a dead letter (with `--compose`, preferably one after
+    /// the last tier: the first such within 20 s, else the first of any kind), then SIGKILLs it
+    /// at once: its offset (and its tier copies' offsets) are not committed yet, so the next
+    /// consumer gets the record again. Gives up waiting after 60 s and kills anyway.
+    fn kill_after_dead_letter(
+        &mut self,
+        at: usize,
+        expected_effects: usize,
+        watch: &mut Watch<'_>,
+    ) -> BoxResult<()> {
+        let index = watch.consumers.current.index;
+        let mut tail = Tail::new(watch.consumers.spawn.outcomes_path(index), true);
+        let last_tier = if self.args.compose {
+            TIER_DELAYS.len() as u32
+        } else {
+            0
+        };
+        let started = Instant::now();
+        let mut seen = None;
+        'wait: while started.elapsed() < Duration::from_secs(60) {
+            for line in tail.lines() {
+                let Some(o) = outcomes::parse(&line) else {
+                    continue;
+                };
+                if let Kind::DeadLettered(kind) = &o.kind
+                    && (o.tier == last_tier || started.elapsed() >= Duration::from_secs(20))
+                {
+                    seen = Some((o.clone(), kind.clone()));
+                    break 'wait;
+                }
+            }
+            if watch.consumers.current.child.try_wait()?.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let note = match seen {
+            Some((o, kind)) => {
+                // SIGKILL first, measure after.
+                let label = format!(
+                    "right after a dead letter ({kind}, event {}, tier {})",
+                    o.id.map_or("?".into(), |id| id.to_string()),
+                    o.tier
+                );
+                self.kill(at, expected_effects, watch, &label)?;
+                let latency_ms = self.last_kill_ms.saturating_sub(o.time_ms);
+                log(format!(
+                    "  the SIGKILL came {latency_ms} ms after the dead letter was reported"
+                ));
+                DltKillNote {
+                    id: o.id,
+                    what: format!("{kind} in tier {}", o.tier),
+                    latency_ms,
+                }
+            }
+            None => {
+                self.kill(
+                    at,
+                    expected_effects,
+                    watch,
+                    "after waiting 60 s for a dead letter in vain",
+                )?;
+                DltKillNote {
+                    id: None,
+                    what: "none within 60 s".into(),
+                    latency_ms: 0,
+                }
+            }
+        };
+        self.dlt_kill_notes.push(note);
+        self.done.dlt_kills += 1;
+        Ok(())
+    }
+
     /// Stops the consumer (SIGKILL, or SIGTERM with `--clean-restarts`) and starts the next.
-    fn kill(&mut self, at: usize, expected_effects: usize, watch: &mut Watch<'_>) -> BoxResult<()> {
+    /// `why`: said in the log line.
+    fn kill(
+        &mut self,
+        at: usize,
+        expected_effects: usize,
+        watch: &mut Watch<'_>,
+        why: &str,
+    ) -> BoxResult<()> {
         let clean = self.args.clean_restarts;
         let current = &mut watch.consumers.current;
         let child_index = current.index;
@@ -217,19 +333,23 @@ impl<'a> Injector<'a> {
         } else {
             (current.kill()?, "SIGKILL")
         };
+        self.last_kill_ms = now_ms();
         watch.ledgers.poll();
+        // Effects made while waiting (for a dead letter) count too.
+        let at = at.max(watch.ledgers.distinct);
         // Commits cannot move any more: what the next consumer will redo is fixed.
-        let commits = watch.commits_retrying();
+        let commits = watch.all_commits_retrying();
         let exposure = commits
             .as_ref()
             .map(|c| watch.uncommitted_effects_of(child_index, c));
-        let letters = watch.uncommitted_dead_letters(commits.as_deref());
+        let letters = watch.uncommitted_dead_letters(commits.as_ref().map(|c| c[0].as_slice()));
         self.dlt_allowance += letters;
         log(format!(
-            "kill {}/{}: {how} consumer #{child_index} at {at}/{expected_effects} effects ({status}); \
+            "kill {}/{}: {how} consumer #{child_index} {why}{}at {at}/{expected_effects} effects ({status}); \
              not yet committed: {} of its effects, {letters} dead letters",
             self.done.kills + 1,
             self.planned.kills,
+            if why.is_empty() { "" } else { " " },
             exposure.map_or("unknown (commits unreadable)".into(), |n| n.to_string())
         ));
         if clean && !status.success() {
@@ -342,11 +462,11 @@ impl<'a> Injector<'a> {
         let frozen = Instant::now();
         std::thread::sleep(Duration::from_millis(200));
         watch.ledgers.poll();
-        let commits = watch.commits_retrying();
+        let commits = watch.all_commits_retrying();
         let exposure = commits
             .as_ref()
             .map(|c| watch.uncommitted_effects_of(zombie_index, c));
-        let letters = watch.uncommitted_dead_letters(commits.as_deref());
+        let letters = watch.uncommitted_dead_letters(commits.as_ref().map(|c| c[0].as_slice()));
         log(format!(
             "zombie: SIGSTOP consumer #{zombie_index} (pid {}) holding {zombie_assigned} partitions, \
              {zombie_in_flight} records in flight; not yet committed: {} of its effects, {letters} dead letters",
@@ -459,6 +579,7 @@ impl<'a> Injector<'a> {
             self.args.redis_down_secs
         ));
         redis.kill();
+        self.redis_kills_ms.push(now_ms());
         std::thread::sleep(Duration::from_secs(self.args.redis_down_secs));
         redis.restart()?;
         log("redis restarted empty on the same port: done marks are gone");

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::MAX_ATTEMPTS;
 use crate::event::Event;
+use crate::outcomes::Outcomes;
 
 // ---------------------------------------------------------------------------------------------
 // Writing (in the consumer process)
@@ -60,15 +60,35 @@ impl Ledger {
     }
 }
 
-/// One ledger line: `id key seq attempt pid partition offset time_ms`.
-pub(crate) fn line(ev: &Event, attempt: u32, pid: u32, partition: i32, offset: i64) -> String {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
+/// One ledger line: `id key seq attempt pid partition offset time_ms tier`. `partition` and
+/// `offset` are those of the record the handler got: of the tier topic for a tier record
+/// (`tier` > 0), whose `attempt` is counted over every stage (see `--compose`).
+pub(crate) fn line(
+    ev: &Event,
+    attempt: u32,
+    pid: u32,
+    partition: i32,
+    offset: i64,
+    tier: u32,
+) -> String {
     format!(
-        "{} {} {} {} {} {} {} {now_ms}\n",
-        ev.id, ev.key, ev.seq, attempt, pid, partition, offset
+        "{} {} {} {} {} {} {} {} {tier}\n",
+        ev.id,
+        ev.key,
+        ev.seq,
+        attempt,
+        pid,
+        partition,
+        offset,
+        now_ms()
     )
+}
+
+/// Milliseconds since the epoch, the time every ledger and outcome line carries.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The line noting that a downstream outage failed `attempt` of event `id`.
@@ -87,6 +107,8 @@ pub(crate) struct Effect {
     pub(crate) attempt: u32,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
+    /// The tier the record was in (0: the source topic).
+    pub(crate) tier: u32,
     /// Which consumer process wrote it.
     pub(crate) child: usize,
     /// When it was written (ms since the epoch): orders effects of concurrent processes.
@@ -113,11 +135,17 @@ pub(crate) struct Ledgers {
     /// Ids whose last attempt a downstream outage failed: dead-lettered by the outage.
     pub(crate) outage_exhausted: usize,
     pub(crate) malformed: Vec<String>,
+    /// Attempts an event gets in all: an outage failure of the last one dead-letters it.
+    max_attempts: u32,
+    /// The consumers' outcome logs, read along.
+    pub(crate) outcomes: Outcomes,
 }
 
 impl Ledgers {
-    pub(crate) fn new(events: usize) -> Ledgers {
+    pub(crate) fn new(events: usize, max_attempts: u32) -> Ledgers {
         Ledgers {
+            max_attempts,
+            outcomes: Outcomes::new(events),
             files: Vec::new(),
             effects: Vec::new(),
             count: vec![0; events],
@@ -137,8 +165,10 @@ impl Ledgers {
         });
     }
 
-    /// Reads what was appended since the last call (complete lines only).
+    /// Reads what was appended since the last call (complete lines only), outcome logs
+    /// included.
     pub(crate) fn poll(&mut self) {
+        self.outcomes.poll();
         for f in &mut self.files {
             let Ok(mut file) = File::open(&f.path) else {
                 continue;
@@ -161,7 +191,7 @@ impl Ledgers {
                     match parse_outage(rest) {
                         Some((id, attempt)) if (id as usize) < self.count.len() => {
                             let a = &mut self.outage_attempt[id as usize];
-                            if attempt >= MAX_ATTEMPTS && *a < MAX_ATTEMPTS {
+                            if attempt >= self.max_attempts && *a < self.max_attempts {
                                 self.outage_exhausted += 1;
                             }
                             *a = (*a).max(attempt);
@@ -196,7 +226,7 @@ impl Ledgers {
         self.outage_attempt
             .iter()
             .zip(&self.count)
-            .filter(|&(&a, &c)| a >= MAX_ATTEMPTS && c == 0)
+            .filter(|&(&a, &c)| a >= self.max_attempts && c == 0)
             .count()
     }
 }
@@ -216,7 +246,13 @@ fn parse_effect(line: &str, child: usize) -> Option<Effect> {
     let partition = it.next()?.parse().ok()?;
     let offset = it.next()?.parse().ok()?;
     let time_ms = it.next()?.parse().ok()?;
+    // Absent in lines of runs without tiers.
+    let tier = match it.next() {
+        Some(t) => t.parse().ok()?,
+        None => 0,
+    };
     Some(Effect {
+        tier,
         id,
         key,
         seq,

@@ -12,6 +12,9 @@
 //!     --outages 1 --outage-secs 10 --dlt-partitions 2
 //! # graceful restarts only: 0 duplicates expected
 //! cargo run --release --example fault_injection -- --events 20000 --clean-restarts --kills 3
+//! # every feature at once (see "Compose mode"); scripts/test runs this one too:
+//! cargo run --example fault_injection -- --compose --events 3000 --kills 2 \
+//!     --broker-restarts 1 --redis-outages 1 --outages 1 --outage-secs 3
 //! ```
 //!
 //! It needs the broker (`KAFKA_BOOTSTRAP_SERVERS`, default `127.0.0.1:9092`) and
@@ -97,6 +100,86 @@
 //!   last consumer's monitor snapshot shows every partition assigned, none paused, nothing in
 //!   flight or buffered; no consumer process exited unless the runner stopped it.
 //!
+//! # Compose mode (`--compose`)
+//!
+//! Every feature at once, as issue 23 asked: the consumers run with
+//! - **retry tiers** of 1 s and 2 s (`<topic>.retry.1`, `<topic>.retry.2`, created by the runner
+//!   with the source's partitions), 2 in-place attempts per stage (fixed 50 ms back-off), so an
+//!   event gets 6 attempts before it is dead-lettered as retries-exhausted after the last tier;
+//! - **per-key order across the tiers** (`keep_key_order`) with a `RedisKeyOrderLedger` in a
+//!   second Redis the runner starts (see below);
+//! - the **Redis idempotency store** as in the other modes (lease 3 s);
+//! - the **outage breaker** (`--breaker` is implied).
+//!
+//! The handler counts attempts over every stage (the attempts before the tier, from the
+//! provenance headers, plus `Message::attempt`), so the injected failures send records through
+//! the tiers: 2 % fail once (retried in place at the source), 1.5 % two or three times (they
+//! succeed in tier 1), 1 % four or five times (tier 2), 0.5 % always (dead-lettered after the
+//! last tier), 0.5 % permanently (dead-lettered at once, from wherever they are). Each
+//! consumer also notes every record's outcome (its `on_outcome` observer) in
+//! `outcomes-NN.log`, one unbuffered write per line: `time outcome id tier partition offset`.
+//!
+//! Faults: the usual ones (`--kills`, `--broker-restarts`, `--redis-outages`, `--outages`; no
+//! zombies: a zombie's late writes would break the strict checks below), and **kills right
+//! after a dead letter** (`--dlt-kills`, default 1 of the `--kills`): the runner tails the
+//! current consumer's outcome log every millisecond and SIGKILLs it as soon as a
+//! `dead-lettered` line appears (one from the last tier if one comes within 20 s, else any),
+//! so the letter is acknowledged but its offset, and those of its tier copies, are not
+//! committed (`dlt_kill_ms`: how many ms after the outcome the signal went). After each fault
+//! the runner waits, besides the source commits passing every effect, for the source commits
+//! to pass every record that had an outcome and then for each tier in turn to be committed up
+//! to its log end as it was once the level before settled: the tier copies a fault can make
+//! (forwards repeated after a kill, and their forwards on) are all settled before the next.
+//!
+//! **Why the key-order ledger has a Redis of its own that no fault touches.** The crate
+//! documents order across tiers as guaranteed only while the ledger keeps its data ("order
+//! after a ledger entry is lost" is not guaranteed): killing the ledger's Redis empty would
+//! release every key with records in tiers at that moment, and the order check could only
+//! exempt them all, which the runner cannot even list from outside. What a Redis that loses
+//! its data costs is what the idempotency store's outage tests (its done marks go); a
+//! deployment that relies on `keep_key_order` keeps the ledger on a Redis that keeps its data
+//! (AOF, a replica). An outage of the ledger *without* data loss (its steps are retried until
+//! they answer; the record waits) is not injected.
+//!
+//! The checks of the other modes, plus (the verdict line gets `compose=on dlt_kills=N
+//! dlt_kill_ms=MS tier_effects=S/T1/T2 forwarded=F1/F2 max_letters_per_event=M
+//! duplicate_letters=DL after_done=AD redis_repeats=RR order_violations=OV
+//! caught_up_after_s=C caught_up_bound_s=CB monitor_caught_up=yes|no` before `verdict=`):
+//!
+//! - **At most one dead letter per event** across the whole run (M ≤ 1; DL, the letters
+//!   beyond the first, must be 0): rule 18 in the crate docs, one event one outcome across
+//!   crashes, redeliveries and tier copies. It replaces the allowance for letters
+//!   uncommitted at a kill that the other modes grant.
+//! - **Each event's effect once, where the design can promise it**: no effect of an event
+//!   after a process reported it *handled* (the observer hears `Handled` only once the store
+//!   marked its key done), unless the idempotency Redis was killed in between (its done mark
+//!   went with it): AD = 0. Redeliveries after a kill, stale tier copies and records deferred
+//!   for key order must all find the event done. What the design cannot promise is an effect
+//!   written by a process killed before its claim was completed: the store cannot tell it
+//!   happened. Those repeats keep the bound of the other modes, `D ≤ kills × max_in_flight`,
+//!   and per kill at most the killed process's effects not yet committed (over the source and
+//!   the tier topics) and `max_in_flight`; effects of a process that was not killed never
+//!   repeat — except across the loss of the idempotency Redis (RR, reported, not bounded): a
+//!   repeat whose effect before it came before the Redis was killed. The runner settles each
+//!   fault before the next, but it cannot wait for every copy of a record to leave the tiers:
+//!   a forward repeated after a kill gives a record two copies, and copies deferred behind
+//!   their key go round a tier (a new offset each time) until the key is free. When the
+//!   first copy is handled before the outage and the second after it, the store no longer
+//!   knows the event is done.
+//! - **Per-key order through the tiers**: first effects of each key in sequence order (OV = 0;
+//!   the same check as the other modes, which with `keep_key_order` must hold across tiers).
+//!   Each effect at the attempt its failures predict (counted over every stage), in a tier its
+//!   failed stages can have brought it to; tier 1 and tier 2 each saw effects (T1, T2 > 0).
+//! - **Caught up within a bound after the last fault**: from the end of the last fault until
+//!   every event is accounted for, the source and tier topics are committed to their log ends
+//!   (read by the runner from the group's commits) and the last consumer is idle: C ≤ CB,
+//!   where CB is `--caught-up-secs` (60) plus the time the effects left at the end of the last
+//!   fault need at the pace before the first fault. A breaker held open by records failing on
+//!   their own, or stale tier copies holding each other, shows up here. Whether the
+//!   consumer's own monitor then says `caught_up` is reported (`monitor_caught_up`), not
+//!   checked: a consumer started after a kill that was assigned a partition at its end and
+//!   never read a record from it knows no lag for it, and says no.
+//!
 //! On PASS the topics and the work directory are removed; on FAIL they are kept (the path is
 //! printed), with each consumer's log and ledger.
 //!
@@ -104,6 +187,7 @@
 //!
 //! The code, by concern: `cli` (flags), `event` (events and their injected fates), `consumer`
 //! (the child process and its handler), `ledger` (the side-effect files, written and read),
+//! `outcomes` (the outcome logs, written and read),
 //! `procs` (starting and stopping consumer processes), `run` (the runner), `faults` (the plan
 //! and each fault), `watch` (waiting for progress and recovery), `kafka`, `redis` and `broker`
 //! (the services), `check` (the checks) and `report` (verdict and summary line).
@@ -116,6 +200,7 @@ mod event;
 mod faults;
 mod kafka;
 mod ledger;
+mod outcomes;
 mod procs;
 mod redis;
 mod report;
@@ -130,6 +215,21 @@ use crate::cli::{Cli, Sub};
 
 /// How many attempts the consumer makes (fixed 50 ms back-off, 3 retries).
 const MAX_ATTEMPTS: u32 = 4;
+/// `--compose`: the retry tiers' delays (two tiers, `<topic>.retry.1` and `<topic>.retry.2`).
+const TIER_DELAYS: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(2)];
+/// `--compose`: in-place attempts per stage, at the source and in each tier (fixed 50 ms
+/// back-off, 1 retry): an event gets `COMPOSE_ATTEMPTS_PER_STAGE × (tiers + 1)` = 6 attempts.
+const COMPOSE_ATTEMPTS_PER_STAGE: u32 = 2;
+
+/// How many attempts an event gets in all before it is dead-lettered as retries-exhausted.
+fn max_attempts(compose: bool) -> u32 {
+    if compose {
+        COMPOSE_ATTEMPTS_PER_STAGE * (TIER_DELAYS.len() as u32 + 1)
+    } else {
+        MAX_ATTEMPTS
+    }
+}
+
 /// The consumer's commit interval.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 /// The idempotency lease: a killed consumer's claims block their keys this long.

@@ -23,6 +23,9 @@ pub(crate) struct ConsumerSpawn {
     pub(crate) outage_flag: PathBuf,
     /// The consumers run with the outage breaker.
     pub(crate) breaker: bool,
+    /// `--compose`: the consumers run with retry tiers keeping key order, the ledger in the
+    /// Redis at this URL.
+    pub(crate) compose_ledger: Option<String>,
 }
 
 impl ConsumerSpawn {
@@ -34,9 +37,15 @@ impl ConsumerSpawn {
         self.work_dir.join(format!("consumer-{index:02}.out"))
     }
 
+    /// The consumer's outcome log (see [`crate::outcomes`]).
+    pub(crate) fn outcomes_path(&self, index: usize) -> PathBuf {
+        self.work_dir.join(format!("outcomes-{index:02}.log"))
+    }
+
     pub(crate) fn spawn(&self, index: usize, ledgers: &mut Ledgers) -> BoxResult<ConsumerProc> {
         let ledger = self.ledger_path(index);
         ledgers.add(index, ledger.clone());
+        ledgers.outcomes.add(self.outcomes_path(index));
         let mut cmd = Command::new(&self.exe);
         cmd.arg("consume")
             .args(["--bootstrap", &self.bootstrap])
@@ -47,6 +56,8 @@ impl ConsumerSpawn {
             .args(["--work-ms", &self.work_ms.to_string()])
             .arg("--ledger")
             .arg(&ledger)
+            .arg("--outcomes")
+            .arg(self.outcomes_path(index))
             .stdin(Stdio::null())
             .stdout(File::create(self.out_path(index))?)
             .stderr(File::create(
@@ -58,6 +69,9 @@ impl ConsumerSpawn {
         cmd.arg("--outage-flag").arg(&self.outage_flag);
         if self.breaker {
             cmd.arg("--breaker");
+        }
+        if let Some(url) = &self.compose_ledger {
+            cmd.arg("--compose").args(["--ledger-url", url]);
         }
         let child = cmd.spawn()?;
         log(format!("started consumer #{index} (pid {})", child.id()));
@@ -190,8 +204,8 @@ pub(crate) fn read_last(path: &Path, field: &str) -> Option<serde_json::Value> {
         .find_map(|v| v.get(field).cloned())
 }
 
-/// Whether a consumer status shows it idle: every partition assigned, none paused, nothing
-/// in flight or buffered.
+/// Whether a consumer status shows it idle: every partition assigned (`partitions`: of the
+/// source and tier topics together), none paused, nothing in flight or buffered.
 pub(crate) fn idle(status: &serde_json::Value, partitions: i32) -> bool {
     status["paused"].as_array().is_some_and(Vec::is_empty)
         && status["assigned"]

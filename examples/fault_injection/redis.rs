@@ -1,4 +1,5 @@
-//! The idempotency store's own `redis-server`, which the runner kills and restarts empty.
+//! The runner's own `redis-server`s: the idempotency store's, which it kills and restarts
+//! empty, and with `--compose` the key-order ledger's, which it leaves alone.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,19 +13,22 @@ use crate::{BoxResult, log};
 pub(crate) struct RedisServer {
     port: u16,
     dir: PathBuf,
+    /// What it serves (`idempotency`, `ledger`): names its log file.
+    name: &'static str,
     child: Option<Child>,
 }
 
 impl RedisServer {
-    pub(crate) fn start(work_dir: &Path) -> BoxResult<RedisServer> {
+    pub(crate) fn start(work_dir: &Path, name: &'static str) -> BoxResult<RedisServer> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut server = RedisServer {
             port,
             dir: work_dir.to_owned(),
+            name,
             child: None,
         };
         server.restart()?;
-        log(format!("idempotency redis on 127.0.0.1:{port}"));
+        log(format!("{name} redis on 127.0.0.1:{port}"));
         Ok(server)
     }
 
@@ -48,7 +52,7 @@ impl RedisServer {
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
-            .arg(self.dir.join("redis.log"))
+            .arg(self.dir.join(format!("redis-{}.log", self.name)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

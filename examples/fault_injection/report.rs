@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 
 use crate::check::Checked;
 use crate::cli::RunArgs;
-use crate::faults::Counts;
+use crate::faults::{Counts, DltKillNote};
 use crate::kafka::Kafka;
 use crate::ledger::Ledgers;
 use crate::log;
 use crate::redis::RedisServer;
+use crate::run::CaughtUp;
 
 /// What the run did and found.
 pub(crate) struct Summary<'a> {
@@ -31,6 +32,13 @@ pub(crate) struct Summary<'a> {
     pub(crate) started: Instant,
     /// The last consumer's breaker figures (its monitor snapshot), with `--breaker`.
     pub(crate) breaker: Option<serde_json::Value>,
+    /// `--compose`: how soon the consumer caught up after the last fault.
+    pub(crate) caught_up: Option<&'a CaughtUp>,
+    /// `--compose`: whether the last consumer's monitor said `caught_up` once it was
+    /// (`None`: it never was).
+    pub(crate) monitor_caught_up: Option<bool>,
+    /// The kills right after a dead letter.
+    pub(crate) dlt_kill_notes: &'a [DltKillNote],
 }
 
 /// What to remove after a passing run (and keep, naming it, after a failing one).
@@ -39,8 +47,12 @@ pub(crate) struct Cleanup<'a> {
     pub(crate) kafka: &'a Kafka,
     /// Stopped in any case.
     pub(crate) redis: Option<RedisServer>,
+    /// The key-order ledger's Redis (`--compose`); stopped in any case.
+    pub(crate) ledger_redis: Option<RedisServer>,
     pub(crate) topic: &'a str,
     pub(crate) dlt: &'a str,
+    /// The tier topics (`--compose`).
+    pub(crate) tiers: &'a [&'a str],
     pub(crate) group: &'a str,
     pub(crate) work_dir: &'a Path,
 }
@@ -113,6 +125,37 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
             "breaker (last consumer): opened {opened} times, {probes} probes, {held} failures held (no attempt used, nothing dead-lettered)"
         ));
     }
+    let outcomes = &s.ledgers.outcomes;
+    for n in s.dlt_kill_notes {
+        log(format!(
+            "kill right after a dead letter: {} of event {} ({} ms before the SIGKILL); that event has {} dead letters in the topic, {} dead-lettered outcomes reported",
+            n.what,
+            n.id.map_or("?".into(), |id| id.to_string()),
+            n.latency_ms,
+            n.id.map_or(0, |id| report.letters_per_event[id as usize]),
+            n.id.map_or(0, |id| outcomes.dead_lettered[id as usize])
+        ));
+    }
+    let joined = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join("/");
+    if s.monitor_caught_up == Some(false) {
+        log(
+            "NOTE: every topic is committed to its end and the last consumer is idle, but its \
+             monitor does not report caught_up (a partition it never read a record from has no \
+             known lag): reported, not a failure",
+        );
+    }
+    if args.compose {
+        log(format!(
+            "compose: effects by tier (source/1/2) {}; forwards to tier 1/2 {}; {} duplicates skipped, {} records abandoned (outcomes reported); most dead letters for one event {}; {} effects repeated after their event was reported handled; {} repeated across the loss of the idempotency Redis",
+            joined(&report.effects_by_tier),
+            joined(&outcomes.forwarded),
+            outcomes.duplicates,
+            outcomes.abandoned,
+            report.max_letters_per_event,
+            report.after_done,
+            report.redis_repeats
+        ));
+    }
     for p in &s.problems {
         log(format!("PROBLEM: {p}"));
     }
@@ -123,14 +166,21 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         rt,
         kafka,
         redis,
+        ledger_redis,
         topic,
         dlt,
+        tiers,
         group,
         work_dir,
     } = cleanup;
     drop(redis);
+    drop(ledger_redis);
     if pass && !args.keep {
-        if let Err(e) = rt.block_on(kafka.delete_topics(&[topic, dlt])) {
+        let all: Vec<&str> = [topic, dlt]
+            .into_iter()
+            .chain(tiers.iter().copied())
+            .collect();
+        if let Err(e) = rt.block_on(kafka.delete_topics(&all)) {
             log(format!("could not delete the topics: {e}"));
         }
         if args.work_dir.is_none() {
@@ -143,11 +193,40 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         ));
     }
 
+    // `--compose` adds its figures before the verdict.
+    let compose = if args.compose {
+        let caught = s.caught_up;
+        let secs = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        format!(
+            "compose=on dlt_kills={} dlt_kill_ms={} tier_effects={} forwarded={} max_letters_per_event={} \
+             duplicate_letters={} after_done={} redis_repeats={} order_violations={} caught_up_after_s={} \
+             caught_up_bound_s={} monitor_caught_up={} ",
+            done.dlt_kills,
+            s.dlt_kill_notes
+                .iter()
+                .map(|n| n.latency_ms.to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
+            joined(&report.effects_by_tier),
+            joined(&outcomes.forwarded),
+            report.max_letters_per_event,
+            report.dlt_duplicates,
+            report.after_done,
+            report.redis_repeats,
+            report.order_violations,
+            secs(caught.and_then(|c| c.after_s)),
+            secs(caught.and_then(|c| c.bound_s)),
+            s.monitor_caught_up
+                .map_or("-", |c| if c { "yes" } else { "no" }),
+        )
+    } else {
+        String::new()
+    };
     println!(
         "events={} lost={} duplicates={} bound={bound} dead_lettered={} kills={} kill_duplicates={} \
          broker_restarts={} loaded_broker_restarts={} redis_outages={} zombies={} zombie_duplicates={} \
          zombie_late_writes={} zombie_bound={zombie_bound} outages={} breaker={} breaker_opened={opened} \
-         breaker_probes={probes} breaker_held={held} outage_dead_lettered={} dlt_partitions={} dlt_by_key={} verdict={}",
+         breaker_probes={probes} breaker_held={held} outage_dead_lettered={} dlt_partitions={} dlt_by_key={} {compose}verdict={}",
         args.events,
         report.lost,
         report.duplicates,

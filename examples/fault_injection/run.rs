@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::broker::BrokerControl;
-use crate::check::{Inputs, check};
+use crate::check::{ComposeInputs, Inputs, check};
 use crate::cli::RunArgs;
 use crate::event::{Fate, make_events};
 use crate::faults::{Counts, Injector, Plan};
@@ -15,7 +15,7 @@ use crate::procs::{ChildRecord, ConsumerSpawn, Consumers, read_last};
 use crate::redis::RedisServer;
 use crate::report::{Cleanup, Summary, report};
 use crate::watch::Watch;
-use crate::{BoxResult, log};
+use crate::{BoxResult, COMPOSE_ATTEMPTS_PER_STAGE, TIER_DELAYS, log, max_attempts};
 
 /// Runs the whole experiment; `Ok(true)` on PASS.
 pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
@@ -30,6 +30,18 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     let use_store = !args.clean_restarts && !args.no_idempotency;
     if !use_store && (counts.redis_outages > 0 || counts.zombies > 0) {
         return Err("--redis-outages and --zombies need the idempotency store".into());
+    }
+    let compose = args.compose;
+    if compose {
+        if !use_store || counts.zombies > 0 {
+            return Err(
+                "--compose runs with the idempotency store, and without zombies (a zombie's late \
+                 writes would break the strict checks)"
+                    .into(),
+            );
+        }
+        // Every feature at once: the breaker too.
+        args.breaker = true;
     }
     let dlt_partitions = args.dlt_partitions.unwrap_or(args.partitions);
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -58,6 +70,8 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         args.max_in_flight,
         if args.clean_restarts {
             "clean-restarts (SIGTERM, no idempotency store)"
+        } else if compose {
+            "compose (SIGKILL; tiers with key order, idempotency store, breaker)"
         } else {
             "sigkill"
         },
@@ -85,19 +99,38 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     }
 
     let mut redis = if use_store {
-        Some(RedisServer::start(&work_dir)?)
+        Some(RedisServer::start(&work_dir, "idempotency")?)
+    } else {
+        None
+    };
+    // The key-order ledger's own Redis, which no fault touches (see "Compose mode" in the
+    // module docs).
+    let ledger_redis = if compose {
+        Some(RedisServer::start(&work_dir, "ledger")?)
     } else {
         None
     };
 
     // Topics and events.
+    let tiers: Vec<(String, i32)> = if compose {
+        (1..=TIER_DELAYS.len())
+            .map(|n| (format!("{topic}.retry.{n}"), args.partitions))
+            .collect()
+    } else {
+        Vec::new()
+    };
     rt.block_on(kafka.create_topics(&[&topic], args.partitions))?;
     rt.block_on(kafka.create_topics(&[&dlt], dlt_partitions))?;
+    for (tier, partitions) in &tiers {
+        rt.block_on(kafka.create_topics(&[tier], *partitions))?;
+    }
     let produce_started = Instant::now();
     let events = make_events(args.events, args.keys, &mut rng);
     rt.block_on(kafka.produce(&topic, &events))?;
     let log_end = kafka.log_end(&topic, args.partitions)?;
-    let fates: Vec<Fate> = (0..args.events).map(|id| Fate::of(id, seed)).collect();
+    let fates: Vec<Fate> = (0..args.events)
+        .map(|id| Fate::of(id, seed, compose))
+        .collect();
     let expected_effects = fates.iter().filter(|f| !f.dead_lettered()).count();
     log(format!(
         "produced {} events to {topic} in {:.1?} (log end {:?}); expecting {} effects and {} dead letters",
@@ -110,9 +143,13 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
 
     // The fault plan: kinds in random order, each at a random point of progress.
     let plan = Plan::new(counts, &mut rng);
-    let work_ms = args
-        .work_ms
-        .unwrap_or_else(|| plan.default_work_ms(args.max_in_flight, expected_effects));
+    let work_ms = args.work_ms.unwrap_or_else(|| {
+        plan.default_work_ms(
+            args.max_in_flight,
+            expected_effects,
+            if compose { 300.0 } else { 200.0 },
+        )
+    });
     log(format!(
         "faults planned: {:?} at {:?} of the effects; simulated work {work_ms} ms per record",
         plan.kinds,
@@ -134,8 +171,9 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         work_dir: work_dir.clone(),
         outage_flag: work_dir.join("downstream-outage"),
         breaker: args.breaker,
+        compose_ledger: ledger_redis.as_ref().map(RedisServer::url),
     };
-    let mut ledgers = Ledgers::new(args.events as usize);
+    let mut ledgers = Ledgers::new(args.events as usize, max_attempts(compose));
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     let consume_started = Instant::now();
     let current = spawn.spawn(0, &mut ledgers)?;
@@ -143,6 +181,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         kafka: &kafka,
         topic: (topic.clone(), log_end.len() as i32),
         dlt: (dlt.clone(), dlt_partitions),
+        tiers: tiers.clone(),
         ledgers: &mut ledgers,
         log_end: &log_end,
         expected_effects,
@@ -161,12 +200,20 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         redis.as_mut(),
         work_dir.join("downstream-outage"),
     );
+    // For the catch-up bound: the pace before the first fault, and what was left to do at the
+    // end of the last.
+    let mut pace: Option<f64> = None;
+    let mut last_fault_end: Option<(Instant, usize)> = None;
     for (fault, trigger) in plan.kinds.iter().zip(&plan.triggers) {
         let target = (trigger * expected_effects as f64) as usize;
         watch.wait_progress(target)?;
         std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
         let at = watch.ledgers.distinct;
+        if pace.is_none() {
+            pace = effects_per_second(watch.ledgers);
+        }
         injector.inject(*fault, at, expected_effects, &mut watch)?;
+        last_fault_end = Some((Instant::now(), watch.ledgers.distinct));
         // Let the consumer recover before the next fault: it commits again and, after a Redis
         // restart, commits past every effect whose done mark was lost.
         watch.settle(*fault)?;
@@ -175,23 +222,37 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     let Injector {
         done,
         dlt_allowance,
+        redis_kills_ms,
+        dlt_kill_notes,
         ..
     } = injector;
 
     log("faults done; waiting until every event is handled and committed");
     let complete = watch.wait_complete()?;
     let consume_took = consume_started.elapsed();
+    let caught_up = compose.then(|| {
+        caught_up_figures(
+            complete,
+            last_fault_end,
+            pace,
+            expected_effects,
+            consume_started,
+            args.caught_up_secs,
+        )
+    });
+    let monitor_caught_up = (compose && complete).then(|| watch.monitor_caught_up());
     if !complete {
         let problem = format!(
             "not complete before the deadline/stall: {}/{} effects (+{} dead-lettered by outages), commits {:?} of log end {:?}",
             watch.ledgers.distinct,
-            watch.ledgers.outage_dead_lettered(),
             expected_effects,
+            watch.ledgers.outage_dead_lettered(),
             watch.kafka.committed(&watch.topic).ok(),
             log_end
         );
         watch.problems.push(problem);
     }
+    let assigned_partitions = watch.assigned_partitions() as usize;
     let last_index = watch.consumers.current.index;
     let status = watch.consumers.current.terminate(Duration::from_secs(60))?;
     if !status.success() {
@@ -216,6 +277,16 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     // The checks.
     let committed = kafka.committed(&(topic.clone(), log_end.len() as i32));
     let letters = kafka.read_all(&dlt, dlt_partitions)?;
+    let tier_state = tiers
+        .iter()
+        .map(|t| {
+            Ok((
+                t.0.clone(),
+                kafka.committed(t).ok(),
+                kafka.log_end(&t.0, t.1)?,
+            ))
+        })
+        .collect::<BoxResult<Vec<_>>>()?;
     let checked = check(&Inputs {
         events: &events,
         fates: &fates,
@@ -226,20 +297,32 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         snapshot: snapshot.as_ref(),
         children: &consumers.children,
         max_in_flight: args.max_in_flight,
-        partitions: args.partitions,
         dlt_partitions,
-        // After clean restarts nothing may repeat, dead letters included.
+        // After clean restarts nothing may repeat, dead letters included (with `--compose`
+        // the stricter one-letter-per-event check replaces this one).
         dlt_allowance: if args.clean_restarts {
             0
         } else {
             dlt_allowance
         },
+        max_attempts: max_attempts(compose),
+        assigned_partitions,
+        compose: compose.then(|| ComposeInputs {
+            attempts_per_stage: COMPOSE_ATTEMPTS_PER_STAGE,
+            tiers: tier_state,
+            redis_kills_ms: &redis_kills_ms,
+        }),
         redeliveries: done.kills
             + done.broker_restarts
             + done.loaded_broker_restarts
             + 3 * done.zombies,
     });
     problems.extend(checked.problems.iter().cloned());
+    if let Some(c) = &caught_up
+        && let Some(problem) = &c.problem
+    {
+        problems.push(problem.clone());
+    }
 
     let pass = report(
         Summary {
@@ -255,18 +338,82 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
             dlt_partitions,
             started,
             breaker: snapshot.as_ref().and_then(|s| s.get("breaker")).cloned(),
+            caught_up: caught_up.as_ref(),
+            monitor_caught_up,
+            dlt_kill_notes: &dlt_kill_notes,
         },
         Cleanup {
             rt: &rt,
             kafka: &kafka,
             redis: redis.take(),
+            ledger_redis,
             topic: &topic,
             dlt: &dlt,
+            tiers: &tiers.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(),
             group: &group,
             work_dir: &work_dir,
         },
     );
     Ok(pass)
+}
+
+/// Effects per second so far: the distinct effects over the time since the first one.
+fn effects_per_second(ledgers: &Ledgers) -> Option<f64> {
+    let first = ledgers.effects.iter().map(|e| e.time_ms).min()?;
+    let secs = crate::ledger::now_ms().saturating_sub(first) as f64 / 1000.0;
+    (secs > 1.0 && ledgers.distinct > 0).then(|| ledgers.distinct as f64 / secs)
+}
+
+/// How soon after the last fault the consumer caught up (`--compose`), and its bound.
+pub(crate) struct CaughtUp {
+    /// Seconds from the end of the last fault to caught up (`None`: it never did).
+    pub(crate) after_s: Option<f64>,
+    /// `--caught-up-secs` plus the time the effects left at the end of the last fault need
+    /// at the pace before the first fault (`None`: no fault).
+    pub(crate) bound_s: Option<f64>,
+    pub(crate) problem: Option<String>,
+}
+
+/// The catch-up figures: `complete` says whether the consumer caught up (every event
+/// accounted for, source and tier topics committed to their ends, its monitor reporting
+/// `caught_up`), which it did just now when true. No figures without a fault. The pace is
+/// the one before the first fault, else the whole run's.
+fn caught_up_figures(
+    complete: bool,
+    last_fault_end: Option<(Instant, usize)>,
+    pace: Option<f64>,
+    expected_effects: usize,
+    consume_started: Instant,
+    grace_secs: u64,
+) -> CaughtUp {
+    let Some((end, distinct_then)) = last_fault_end else {
+        return CaughtUp {
+            after_s: None,
+            bound_s: None,
+            problem: None,
+        };
+    };
+    let pace = pace.unwrap_or_else(|| {
+        expected_effects as f64 / consume_started.elapsed().as_secs_f64().max(1.0)
+    });
+    let remaining = expected_effects.saturating_sub(distinct_then);
+    let bound_s = grace_secs as f64 + remaining as f64 / pace.max(0.001);
+    let after_s = complete.then(|| end.elapsed().as_secs_f64());
+    let why = format!("{grace_secs} s + {remaining} effects left at {pace:.1} effects/s");
+    let problem = match after_s {
+        None => Some(format!(
+            "not caught up after the last fault (bound {bound_s:.1} s: {why})"
+        )),
+        Some(s) if s > bound_s => Some(format!(
+            "caught up {s:.1} s after the last fault, above the bound {bound_s:.1} s ({why})"
+        )),
+        Some(_) => None,
+    };
+    CaughtUp {
+        after_s,
+        bound_s: Some(bound_s),
+        problem,
+    }
 }
 
 /// The faults to run: the flags, or their defaults for the mode.
@@ -281,8 +428,18 @@ fn fault_counts(args: &RunArgs) -> BoxResult<Counts> {
             } else {
                 1
             });
+    let dlt_kills = args
+        .dlt_kills
+        .unwrap_or(if args.compose { args.kills.min(1) } else { 0 });
+    if dlt_kills > args.kills {
+        return Err("--dlt-kills counts kills among --kills: it cannot be more".into());
+    }
+    if dlt_kills > 0 && args.clean_restarts {
+        return Err("--dlt-kills SIGKILLs: not with --clean-restarts".into());
+    }
     let counts = Counts {
         kills: args.kills,
+        dlt_kills,
         broker_restarts,
         loaded_broker_restarts: args.loaded_broker_restarts,
         redis_outages,

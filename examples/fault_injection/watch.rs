@@ -17,6 +17,8 @@ pub(crate) struct Watch<'a> {
     pub(crate) topic: (String, i32),
     /// The dead-letter topic and its partition count.
     pub(crate) dlt: (String, i32),
+    /// `--compose`: the tier topics and their partition counts, in tier order.
+    pub(crate) tiers: Vec<(String, i32)>,
     pub(crate) ledgers: &'a mut Ledgers,
     pub(crate) log_end: &'a [i64],
     pub(crate) expected_effects: usize,
@@ -57,6 +59,11 @@ impl Watch<'_> {
         Ok(())
     }
 
+    /// Partitions of the source and tier topics together: a lone consumer holds them all.
+    pub(crate) fn assigned_partitions(&self) -> i32 {
+        self.topic.1 + self.tiers.iter().map(|t| t.1).sum::<i32>()
+    }
+
     /// Starts the consumer after the current one (which has exited, or been stopped).
     pub(crate) fn start_next_consumer(&mut self) -> BoxResult<()> {
         let next = self.consumers.current.index + 1;
@@ -90,56 +97,106 @@ impl Watch<'_> {
     /// so far. Only then is the next fault injected, so the windows of records a fault can
     /// make repeat never overlap: a Redis restart (done marks lost) during the redelivery
     /// that a kill or a lost assignment causes would repeat all of that window.
+    ///
+    /// With `--compose`, the source commits must also pass every record that had an outcome
+    /// (a forwarded or dead-lettered record has no effect), and then each tier in turn is
+    /// committed up to its log end as it is once the level before it settled: every tier
+    /// copy the fault can have made (a forward repeated after a kill, and its forwards on)
+    /// is settled before the next fault.
     pub(crate) fn settle(&mut self, fault: FaultKind) -> BoxResult<()> {
         let started = Instant::now();
         self.ledgers.poll();
-        let mut max = vec![-1i64; self.log_end.len()];
-        for e in &self.ledgers.effects {
+        let mut target = vec![0i64; self.log_end.len()];
+        for e in self.ledgers.effects.iter().filter(|e| e.tier == 0) {
             let p = e.partition as usize;
-            max[p] = max[p].max(e.offset);
+            target[p] = target[p].max(e.offset + 1);
+        }
+        if !self.tiers.is_empty() {
+            for (&(tier, p), &offset) in &self.ledgers.outcomes.max_offset {
+                if tier == 0 && (p as usize) < target.len() {
+                    target[p as usize] = target[p as usize].max(offset + 1);
+                }
+            }
         }
         let limit = Duration::from_secs(180);
+        let source = self.topic.clone();
+        if !self.wait_committed(&source, &target, fault, started, limit)? {
+            return Ok(());
+        }
+        for tier in self.tiers.clone() {
+            let Ok(end) = self.kafka.log_end(&tier.0, tier.1) else {
+                self.problems.push(format!(
+                    "the log end of {} could not be read after the {fault:?} fault",
+                    tier.0
+                ));
+                return Ok(());
+            };
+            if !self.wait_committed(&tier, &end, fault, started, limit)? {
+                return Ok(());
+            }
+        }
+        log(format!(
+            "recovered from the {fault:?} fault after {:.1?}: commits pass all earlier effects{} ({} effects now)",
+            started.elapsed(),
+            if self.tiers.is_empty() {
+                ""
+            } else {
+                " and outcomes, and every tier copy made until then"
+            },
+            self.ledgers.distinct
+        ));
+        Ok(())
+    }
+
+    /// Waits until the group's commits of `topic` reach `target` in every partition; false
+    /// (and a problem noted) when `limit` since `started` or the deadline passes first.
+    fn wait_committed(
+        &mut self,
+        topic: &(String, i32),
+        target: &[i64],
+        fault: FaultKind,
+        started: Instant,
+        limit: Duration,
+    ) -> BoxResult<bool> {
         loop {
             self.check_child()?;
             self.ledgers.poll();
-            let commits = self.kafka.committed(&self.topic).ok();
+            let commits = self.kafka.committed(topic).ok();
             if commits
                 .as_ref()
-                .is_some_and(|c| max.iter().zip(c).all(|(m, c)| c > m))
+                .is_some_and(|c| target.iter().zip(c).all(|(t, c)| c >= t))
             {
-                log(format!(
-                    "recovered from the {fault:?} fault after {:.1?}: commits pass all earlier effects ({} effects now)",
-                    started.elapsed(),
-                    self.ledgers.distinct
-                ));
-                return Ok(());
+                return Ok(true);
             }
             if started.elapsed() > limit || Instant::now() >= self.deadline {
                 self.problems.push(format!(
-                    "the consumer did not commit past its earlier effects within {limit:?} after the \
-                     {fault:?} fault (commits {commits:?}, highest effected offsets {max:?})"
+                    "the consumer did not commit {} past its earlier records within {limit:?} after the \
+                     {fault:?} fault (commits {commits:?}, wanted {target:?})",
+                    topic.0
                 ));
-                return Ok(());
+                return Ok(false);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// Waits until every expected effect is in the ledgers, the commits reached the log end
-    /// and the consumer reports itself idle; false on deadline or stall.
+    /// and the consumer reports itself idle; false on deadline or stall. With `--compose`,
+    /// also every tier topic committed to its log end. (The consumer's monitor's own
+    /// `caught_up` is not waited for: see [`Watch::monitor_caught_up`].)
     pub(crate) fn wait_complete(&mut self) -> BoxResult<bool> {
         let mut last = (self.ledgers.distinct, None::<Vec<i64>>, Instant::now());
         loop {
             self.check_child()?;
             self.ledgers.poll();
             let commits = self.kafka.committed(&self.topic).ok();
+            let status = self.consumers.current.last("status");
             if self.ledgers.distinct + self.ledgers.outage_dead_lettered() >= self.expected_effects
                 && commits.as_deref() == Some(self.log_end)
-                && self
-                    .consumers
-                    .current
-                    .last("status")
-                    .is_some_and(|s| idle(&s, self.topic.1))
+                && status
+                    .as_ref()
+                    .is_some_and(|s| idle(s, self.assigned_partitions()))
+                && (self.tiers.is_empty() || self.tiers_at_log_end())
             {
                 return Ok(true);
             }
@@ -189,6 +246,55 @@ impl Watch<'_> {
         }
     }
 
+    /// Whether the current consumer's monitor reports it caught up
+    /// (`ConsumerSnapshot::caught_up`) in a status line within the next 2 s (they come
+    /// every 500 ms). Reported, not checked: on a consumer started after a kill, a partition
+    /// it was assigned at its end and never read a record from has no known lag, so the
+    /// monitor says not caught up although every offset is committed.
+    pub(crate) fn monitor_caught_up(&mut self) -> bool {
+        let until = Instant::now() + Duration::from_secs(2);
+        loop {
+            let status = self.consumers.current.last("status");
+            if status.is_some_and(|s| s["caught_up"] == true) {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether every tier topic is committed to its log end.
+    fn tiers_at_log_end(&self) -> bool {
+        self.tiers.iter().all(
+            |t| match (self.kafka.committed(t), self.kafka.log_end(&t.0, t.1)) {
+                (Ok(c), Ok(end)) => c == end,
+                _ => false,
+            },
+        )
+    }
+
+    /// The group's commits of the source topic, then of each tier topic (`--compose`),
+    /// retried for a few seconds while the broker does not answer.
+    pub(crate) fn all_commits_retrying(&self) -> Option<Vec<Vec<i64>>> {
+        let mut all = vec![self.commits_retrying()?];
+        for tier in &self.tiers {
+            all.push(self.commits_of_retrying(tier)?);
+        }
+        Some(all)
+    }
+
+    fn commits_of_retrying(&self, topic: &(String, i32)) -> Option<Vec<i64>> {
+        for _ in 0..20 {
+            if let Ok(c) = self.kafka.committed(topic) {
+                return Some(c);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        None
+    }
+
     /// The group's commits, retried for a few seconds while the broker does not answer.
     pub(crate) fn commits_retrying(&self) -> Option<Vec<i64>> {
         for _ in 0..20 {
@@ -200,12 +306,19 @@ impl Watch<'_> {
         None
     }
 
-    /// Effects of consumer `index` at offsets not covered by `commits`.
-    pub(crate) fn uncommitted_effects_of(&self, index: usize, commits: &[i64]) -> u64 {
+    /// Effects of consumer `index` at offsets not covered by `commits` (per topic: the
+    /// source's, then each tier's, see [`Watch::all_commits_retrying`]).
+    pub(crate) fn uncommitted_effects_of(&self, index: usize, commits: &[Vec<i64>]) -> u64 {
         self.ledgers
             .effects
             .iter()
-            .filter(|e| e.child == index && e.offset >= commits[e.partition as usize])
+            .filter(|e| {
+                e.child == index
+                    && commits
+                        .get(e.tier as usize)
+                        .and_then(|c| c.get(e.partition as usize))
+                        .is_some_and(|&c| e.offset >= c)
+            })
             .count() as u64
     }
 

@@ -48,6 +48,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::stop::Stop;
+use crate::clock;
 use crate::error::ConfigError;
 use crate::handler::{FailureKind, HandlerError};
 use crate::metrics::ConsumerMetrics;
@@ -69,7 +70,8 @@ use crate::retry::infra_backoff;
 /// and panics are not counted either way.
 ///
 /// Once open, it stays open for the open interval (default 5 s), then lets one probe record
-/// through; each failed probe doubles the interval, up to the maximum (default 60 s).
+/// through; each failed probe doubles the interval, up to the maximum (default 60 s). Both
+/// are at most [`MAX_OPEN_INTERVAL`](Self::MAX_OPEN_INTERVAL), a day.
 ///
 /// At low traffic, transient failures open the breaker only once a second record fails: in
 /// an outage, a lone first record may use up its attempts before. A handler that knows the
@@ -155,6 +157,12 @@ impl Default for BreakerPolicy {
 const DEFAULT_PROBES_PER_RECORD: u32 = 10;
 
 impl BreakerPolicy {
+    /// The longest the breaker stays open before a probe: one day. Longer open intervals are
+    /// taken as a day (delivery rule 17 in the crate docs), and so is a handler's
+    /// [`retry_after`](crate::HandlerError::retry_after) hint that keeps an opening breaker
+    /// open (hints are capped at [`HandlerError::MAX_RETRY_AFTER`], also a day).
+    pub const MAX_OPEN_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
     /// Opens when at least `rate` (in `(0, 1]`) of the last `window` calls failed, once at
     /// least `min_calls` (`1..=window`) calls are counted.
     #[must_use]
@@ -189,11 +197,14 @@ impl BreakerPolicy {
     }
 
     /// How long the breaker stays open before its first probe (`initial`), and the most it
-    /// stays open after failed probes (each doubles it).
+    /// stays open after failed probes (each doubles it). Either above
+    /// [`MAX_OPEN_INTERVAL`](Self::MAX_OPEN_INTERVAL) (a day) is taken as a day, so
+    /// `with_open_interval(Duration::MAX, Duration::MAX)` probes once a day. `build()`
+    /// refuses a zero `initial` and a `max` below `initial`.
     #[must_use]
     pub fn with_open_interval(mut self, initial: Duration, max: Duration) -> Self {
-        self.open_interval = initial;
-        self.max_open_interval = max;
+        self.open_interval = initial.min(Self::MAX_OPEN_INTERVAL);
+        self.max_open_interval = max.min(Self::MAX_OPEN_INTERVAL);
         self
     }
 
@@ -739,7 +750,8 @@ impl Breaker {
                         || (s.fresh_waiting == 0
                             && !s.probe_dispatched
                             && (s.nothing_fresh
-                                || Instant::now() >= s.half_open_at + PROBE_GRACE))) =>
+                                || Instant::now()
+                                    >= clock::after(s.half_open_at, PROBE_GRACE)))) =>
             {
                 s.probe_out = true;
                 s.probes += 1;
@@ -751,7 +763,7 @@ impl Breaker {
                 })
             }
             Phase::HalfOpen if s.probe_out || !suspect => Err(None),
-            Phase::HalfOpen => Err(Some(s.half_open_at + PROBE_GRACE)),
+            Phase::HalfOpen => Err(Some(clock::after(s.half_open_at, PROBE_GRACE))),
             Phase::Open { until } => Err(Some(until)),
         }
     }
@@ -904,17 +916,18 @@ impl Breaker {
         .then(|| format!("{} of the last {calls} calls failed", s.failures_in_window))
     }
 
-    /// Opens (or re-opens) for the current interval, at least `hint`; returns the interval.
+    /// Opens (or re-opens) for the current interval, at least `hint` (a day at most: hints
+    /// are untrusted, rule 17); returns the interval.
     fn open(&self, s: &mut Inner, hint: Option<Duration>) -> Duration {
         let open_for = self
             .policy
             .interval(s.failed_probes)
-            .max(hint.unwrap_or_default());
+            .max(hint.unwrap_or_default().min(HandlerError::MAX_RETRY_AFTER));
         s.opened += 1;
         self.transition(
             s,
             Phase::Open {
-                until: Instant::now() + open_for,
+                until: clock::deadline_in(open_for),
             },
         );
         open_for
@@ -1443,5 +1456,46 @@ mod tests {
                 state.as_str()
             );
         }
+    }
+
+    /// Open intervals of `Duration::MAX` and a hint of `Duration::MAX` open the breaker (no
+    /// panic: `Instant::now() + open_for` overflowed) for at most a day, after which it
+    /// probes.
+    #[tokio::test(start_paused = true)]
+    async fn extreme_open_intervals_and_hints_open_for_a_day_at_most() {
+        const DAY: Duration = Duration::from_secs(86_400);
+        let b = two_in_a_row(Duration::MAX, Duration::MAX);
+        fresh_fails(&b);
+        assert_eq!(fresh_fails(&b), Verdict::Hold(Duration::ZERO));
+        assert_eq!(b.status().state, BreakerState::Open);
+        assert_eq!(b.status().open_interval, DAY);
+        tokio::time::advance(DAY).await;
+        let probe = pass(&b).await;
+        assert_eq!(b.status().state, BreakerState::HalfOpen);
+        // The probe fails with a hint of Duration::MAX: open again, a day at most.
+        let hinted = HandlerError::unavailable("503").retry_after(Duration::MAX);
+        assert_eq!(
+            probe.failed(&hinted, 0, &mut ProbeMemo::default()),
+            Verdict::Hold(Duration::ZERO)
+        );
+        assert_eq!(b.status().state, BreakerState::Open);
+        tokio::time::advance(DAY - Duration::from_millis(1)).await;
+        assert_eq!(b.status().state, BreakerState::Open);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(b.status().state, BreakerState::HalfOpen);
+
+        // A default breaker opened by failures hinting Duration::MAX.
+        let b = two_in_a_row(Duration::from_secs(5), Duration::from_secs(60));
+        let hinted = || HandlerError::transient("429").retry_after(Duration::MAX);
+        for _ in 0..2 {
+            let _ = admitted(b.try_admit(ProbeMemo::default(), next_caller()), "closed").failed(
+                &hinted(),
+                0,
+                &mut ProbeMemo::default(),
+            );
+        }
+        assert_eq!(b.status().state, BreakerState::Open);
+        tokio::time::advance(DAY).await;
+        assert_eq!(b.status().state, BreakerState::HalfOpen);
     }
 }

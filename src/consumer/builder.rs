@@ -19,6 +19,7 @@ use super::retrying_consumer::RetryingConsumer;
 use super::scheduler::{Limits, ProcessingOrder, Scheduler};
 use super::startup::{Provisioning, StartupSettings};
 use super::worker::WorkerContext;
+use crate::clock;
 use crate::codec::{Codec, JsonCodec};
 use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
 use crate::error::{ConfigError, Error, Result};
@@ -62,6 +63,9 @@ const SETTER_SETTINGS: &[(&str, &str)] = &[
 
 type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 
+/// librdkafka's `max.poll.interval.ms` when it is not set.
+const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
 /// Builds a [`RetryingConsumer`]. Start with [`RetryingConsumer::builder`].
 ///
 /// Required: [`bootstrap_servers`](Self::bootstrap_servers), [`group_id`](Self::group_id) and
@@ -90,6 +94,34 @@ type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 /// # }
 /// ```
 ///
+/// # Durations
+///
+/// Every duration is bounded where it enters (delivery rule 17 in the crate docs), so that no
+/// deadline computed from it can overflow a clock: `Duration::MAX` is a valid way to say
+/// "never" where the table says so, and no setting or hint makes the consumer panic. Above
+/// its bound a duration is *taken as the bound* (clamped) or *refused* by `build()` with
+/// [`ConfigError::Invalid`] naming the setting, as listed; the getters return what is kept.
+///
+/// | duration | default | zero | bound | above the bound |
+/// |---|---|---|---|---|
+/// | [`shutdown_timeout`](Self::shutdown_timeout) | 30 s | records are given up at once | 1 year | taken as 1 year |
+/// | [`revoke_timeout`](Self::revoke_timeout) | 30 s | records are given up at once | below `max.poll.interval.ms` (librdkafka's default 300 s when not set) | refused: the member would be put out of its group |
+/// | [`startup_timeout`](Self::startup_timeout) | 30 s | refused | 1 year | taken as 1 year |
+/// | [`stall_threshold`](Self::stall_threshold) | 60 s | refused | 1 year | taken as 1 year (`Duration::MAX` turns it off) |
+/// | [`commit_interval`](Self::commit_interval) | 1 s | refused | 1 year | taken as 1 year (commits still happen on revoke and shutdown) |
+/// | [`error_log_interval`](Self::error_log_interval) | 30 s | refused | 1 year | taken as 1 year |
+/// | [`max_broker_outage`](Self::max_broker_outage) | none | refused | 1 year | taken as 1 year |
+/// | [`handler_timeout`](Self::handler_timeout) | none | refused | 1 year, and below `idempotency_lease` with idempotency | taken as 1 year; not below the lease: refused |
+/// | [`idempotency_lease`](Self::idempotency_lease) | 60 s | refused | 1 year | taken as 1 year |
+/// | [`idempotency_ttl`](Self::idempotency_ttl) | 6 h | refused | 1 year | taken as 1 year |
+/// | [`RetryPolicy`] delays: `fixed`, `exponential` (initial, max), `with_max_elapsed` | 500 ms fixed | retries at once | 1 year | taken as 1 year |
+/// | a handler's [`retry_after`](crate::HandlerError::retry_after) hint | none | no wait | 1 day ([`HandlerError::MAX_RETRY_AFTER`](crate::HandlerError::MAX_RETRY_AFTER)) | taken as 1 day: a hint is untrusted input (it often comes from a downstream's reply) |
+/// | [`BreakerPolicy::with_open_interval`] (initial, max) | 5 s, 60 s | refused | 1 day ([`BreakerPolicy::MAX_OPEN_INTERVAL`]) | taken as 1 day |
+/// | [`RetryTiers`] delays | none | refused | 30 days ([`RetryTiers::MAX_DELAY`]) | refused: past a topic's usual retention the record is deleted before it is due |
+///
+/// A breaker opened by failures that hint `retry_after` stays open for the longer of its
+/// interval and the hint, so at most a day.
+///
 /// # librdkafka settings
 ///
 /// The consumer's librdkafka client gets these settings. [`kafka_config`](Self::kafka_config)
@@ -110,8 +142,8 @@ type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
 /// | `fetch.queue.backoff.ms` | `20` | how long librdkafka waits to fetch again when that queue is full; its default (1 s) makes a consumer with a bounded queue idle (librdkafka #3662) | overridable |
 /// | `statistics.interval.ms` | `5000` | librdkafka's statistics feed the consumer-lag gauge and [`ConsumerSnapshot`](crate::ConsumerSnapshot) lag; `0` turns them (and lag) off | overridable |
 ///
-/// `max.poll.interval.ms` may be set; it must then be longer than
-/// [`revoke_timeout`](Self::revoke_timeout). The default dead-letter producer and the topic
+/// `max.poll.interval.ms` may be set; [`revoke_timeout`](Self::revoke_timeout) must be below
+/// it (below librdkafka's default, 300 000 ms, when it is not set). The default dead-letter producer and the topic
 /// admin get the raw `security.*`, `sasl.*` and `ssl.*` settings too.
 ///
 /// # Memory
@@ -441,16 +473,21 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// the lease, counted from the claim or its last successful renewal, would have run out.
     /// A store that cannot renew (the trait's default `renew`) keeps the old behaviour: the
     /// lease runs out as set at the claim, so set it above your slowest handler.
+    ///
+    /// Zero is refused by `build()`; above one year it is taken as one year (see
+    /// [Durations](Self#durations)).
     #[must_use]
     pub fn idempotency_lease(mut self, lease: Duration) -> Self {
-        self.dedup_lease = lease;
+        self.dedup_lease = clock::bounded(lease);
         self
     }
 
-    /// How long a done key is remembered. Default 6 h, as in the starting design.
+    /// How long a done key is remembered. Default 6 h, as in the starting design. Zero is
+    /// refused by `build()`; above one year it is taken as one year (see
+    /// [Durations](Self#durations)).
     #[must_use]
     pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
-        self.dedup_ttl = ttl;
+        self.dedup_ttl = clock::bounded(ttl);
         self
     }
 
@@ -464,10 +501,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     }
 
     /// How often settled offsets are committed. Default 1 s. Commits also happen on revoke
-    /// and on shutdown.
+    /// and on shutdown. Zero is refused by `build()`; above one year it is taken as one year
+    /// (see [Durations](Self#durations)).
     #[must_use]
     pub fn commit_interval(mut self, interval: Duration) -> Self {
-        self.commit_interval = interval;
+        self.commit_interval = clock::bounded(interval);
         self
     }
 
@@ -484,21 +522,30 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// its end first — the timeout fires after the effect. Run such code with
     /// [`blocking`](crate::blocking): then the worker stops waiting at the timeout, but the
     /// blocking thread still finishes the attempt.
+    ///
+    /// Zero is refused by `build()`; above one year it is taken as one year (see
+    /// [Durations](Self#durations)).
     #[must_use]
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
-        self.handler_timeout = Some(timeout);
+        self.handler_timeout = Some(clock::bounded(timeout));
         self
     }
 
-    /// How long shutdown waits for in-flight records. Default 30 s.
+    /// How long shutdown waits for in-flight records. Default 30 s. Zero gives them up at
+    /// once; above one year it is taken as one year (see [Durations](Self#durations)).
     #[must_use]
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.shutdown_timeout = timeout;
+        self.shutdown_timeout = clock::bounded(timeout);
         self
     }
 
-    /// How long a revoke waits for the revoked partitions' in-flight records. Default 30 s;
-    /// must be below `max.poll.interval.ms`.
+    /// How long a revoke waits for the revoked partitions' in-flight records. Default 30 s.
+    ///
+    /// It must be below `max.poll.interval.ms` — the value given to
+    /// [`kafka_config`](Self::kafka_config), else librdkafka's default of 300 000 ms (5 min):
+    /// the revoke runs on the poll thread, and a member that does not poll for that long is
+    /// put out of its group. `build()` refuses a longer one (`Duration::MAX` included) with
+    /// [`ConfigError::Invalid`] (`setting: "revoke_timeout"`).
     #[must_use]
     pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
         self.revoke_timeout = timeout;
@@ -509,9 +556,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// Within it, the consumer also checks that every subscribed topic and every topic its
     /// dead-letter sink writes to exist. Unreachable brokers give
     /// [`Error::BrokersUnreachable`]; missing topics [`Error::MissingTopics`]. Default 30 s.
+    /// Zero is refused by `build()`; above one year it is taken as one year (see
+    /// [Durations](Self#durations)).
     #[must_use]
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
-        self.startup_timeout = timeout;
+        self.startup_timeout = clock::bounded(timeout);
         self
     }
 
@@ -540,10 +589,12 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
 
     /// Opt-in: stop with [`Error::BrokersUnreachable`] when the cluster has been unreachable
     /// this long while running (records in flight are given up unsettled, as at a
-    /// shutdown). Default: no bound — the consumer waits for the cluster to come back.
+    /// shutdown). Default: no bound — the consumer waits for the cluster to come back. Zero
+    /// is refused by `build()`; above one year it is taken as one year (see
+    /// [Durations](Self#durations)).
     #[must_use]
     pub fn max_broker_outage(mut self, outage: Duration) -> Self {
-        self.max_broker_outage = Some(outage);
+        self.max_broker_outage = Some(clock::bounded(outage));
         self
     }
 
@@ -552,19 +603,24 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// since. Default 30 s. It holds for librdkafka's own warnings and errors too, from the
     /// consumer and from every client it creates (the dead-letter producer of the default
     /// sink, the retry-tier producer, the admin client of
-    /// [`create_missing_topics`](Self::create_missing_topics)).
+    /// [`create_missing_topics`](Self::create_missing_topics)). Zero is refused by `build()`;
+    /// above one year it is taken as one year (see [Durations](Self#durations)).
     #[must_use]
     pub fn error_log_interval(mut self, interval: Duration) -> Self {
-        self.error_log_interval = interval;
+        self.error_log_interval = clock::bounded(interval);
         self
     }
 
     /// A record in flight longer than this is logged once (with its coordinates) and
     /// counted in [`metrics::RECORDS_STALLED`](crate::metrics::RECORDS_STALLED) and the
     /// snapshot; nothing else happens to it. Default 60 s.
+    ///
+    /// To turn it off, pass `Duration::MAX`: above one year it is taken as one year (see
+    /// [Durations](Self#durations)), longer than any record stays in flight. Zero is refused
+    /// by `build()`.
     #[must_use]
     pub fn stall_threshold(mut self, threshold: Duration) -> Self {
-        self.stall_threshold = threshold;
+        self.stall_threshold = clock::bounded(threshold);
         self
     }
 
@@ -890,22 +946,32 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 .into());
             }
         }
-        if let Some(raw) = self.kafka_config.get("max.poll.interval.ms") {
-            let ms: u64 = raw.parse().map_err(|_| ConfigError::Conflict {
-                key: "max.poll.interval.ms".into(),
-                value: raw.clone(),
-                reason: "not a number of milliseconds",
-            })?;
-            if self.revoke_timeout >= Duration::from_millis(ms) {
-                return Err(ConfigError::invalid(
-                    "revoke_timeout",
-                    format!(
-                        "{:?} must be below max.poll.interval.ms ({ms} ms)",
-                        self.revoke_timeout
-                    ),
-                )
-                .into());
-            }
+        // The revoke waits on the poll thread: waiting as long as max.poll.interval.ms gets the
+        // member put out of its group. Checked against librdkafka's default when it is not
+        // set, so `revoke_timeout(Duration::MAX)` is refused (delivery rule 17).
+        let (ms, whose) = match self.kafka_config.get("max.poll.interval.ms") {
+            Some(raw) => (
+                raw.trim()
+                    .parse::<u64>()
+                    .map_err(|_| ConfigError::Conflict {
+                        key: "max.poll.interval.ms".into(),
+                        value: raw.clone(),
+                        reason: "not a number of milliseconds",
+                    })?,
+                "",
+            ),
+            None => (DEFAULT_MAX_POLL_INTERVAL_MS, ", librdkafka's default"),
+        };
+        if self.revoke_timeout >= Duration::from_millis(ms) {
+            return Err(ConfigError::invalid(
+                "revoke_timeout",
+                format!(
+                    "{:?} must be below max.poll.interval.ms ({ms} ms{whose}): a revoke that \
+                     waits that long gets the member put out of its group",
+                    self.revoke_timeout
+                ),
+            )
+            .into());
         }
         Ok(())
     }
@@ -1135,5 +1201,198 @@ mod tests {
                 .build()
                 .is_ok()
         );
+    }
+
+    const YEAR: Duration = Duration::from_secs(365 * 86_400);
+
+    fn base() -> RetryingConsumerBuilder<Nop> {
+        RetryingConsumer::builder(Nop)
+            .bootstrap_servers("b:9092")
+            .group_id("g")
+            .topic("t")
+    }
+
+    fn invalid_setting(b: RetryingConsumerBuilder<Nop>) -> &'static str {
+        match b.build() {
+            Err(Error::Config(ConfigError::Invalid { setting, .. })) => setting,
+            Err(other) => panic!("expected an invalid setting, got {other:?}"),
+            Ok(_) => panic!("expected an invalid setting, got a consumer"),
+        }
+    }
+
+    /// A revoke wait as long as `max.poll.interval.ms` gets the member kicked out of its
+    /// group: refused, against librdkafka's default (300 s) when it is not set.
+    #[test]
+    fn a_revoke_timeout_from_max_poll_interval_on_is_refused() {
+        for timeout in [Duration::MAX, YEAR, Duration::from_secs(300)] {
+            assert_eq!(
+                invalid_setting(base().revoke_timeout(timeout)),
+                "revoke_timeout",
+                "{timeout:?}"
+            );
+        }
+        assert_eq!(
+            invalid_setting(
+                base()
+                    .revoke_timeout(Duration::from_secs(700))
+                    .kafka_config("max.poll.interval.ms", "600000")
+            ),
+            "revoke_timeout"
+        );
+        assert!(
+            base()
+                .revoke_timeout(Duration::from_secs(299))
+                .build()
+                .is_ok()
+        );
+        assert!(
+            base()
+                .revoke_timeout(Duration::from_secs(500))
+                .kafka_config("max.poll.interval.ms", "600000")
+                .build()
+                .is_ok()
+        );
+    }
+
+    /// Every other duration setting above a year is taken as a year ("never"), so no
+    /// deadline computed from it can overflow.
+    #[test]
+    fn duration_settings_above_a_year_are_taken_as_a_year() {
+        let c = base()
+            .shutdown_timeout(Duration::MAX)
+            .startup_timeout(Duration::MAX)
+            .stall_threshold(Duration::MAX)
+            .commit_interval(Duration::MAX)
+            .error_log_interval(Duration::MAX)
+            .max_broker_outage(Duration::MAX)
+            .handler_timeout(Duration::MAX)
+            .idempotency_ttl(Duration::MAX)
+            .build()
+            .expect("a year is a valid setting");
+        assert_eq!(c.settings.shutdown_timeout, YEAR);
+        assert_eq!(c.settings.startup.timeout, YEAR);
+        assert_eq!(c.settings.commit_interval, YEAR);
+        assert_eq!(c.settings.max_broker_outage, Some(YEAR));
+        assert_eq!(c.worker.stall_threshold, YEAR);
+        assert_eq!(c.worker.handler_timeout, Some(YEAR));
+        let store: Arc<dyn IdempotencyStore> = Arc::new(crate::InMemoryIdempotencyStore::new());
+        let c = base()
+            .idempotency(store, DedupKey::header("id"))
+            .idempotency_lease(Duration::MAX)
+            .idempotency_ttl(Duration::MAX)
+            .build()
+            .expect("a year is a valid lease");
+        let dedup = c.worker.dedup.as_ref().expect("idempotency is on");
+        assert_eq!((dedup.lease, dedup.ttl), (YEAR, YEAR));
+    }
+
+    /// A tier delay past 30 days outlives a topic's usual retention (the record would be
+    /// deleted before it is due): refused.
+    #[test]
+    fn tier_delays_past_thirty_days_are_refused() {
+        let tiers = |d| crate::tiers::RetryTiers::new([Duration::from_secs(1), d]);
+        for d in [
+            Duration::MAX,
+            YEAR,
+            Duration::from_secs(30 * 86_400) + Duration::from_nanos(1),
+        ] {
+            assert_eq!(
+                invalid_setting(base().retry_tiers(tiers(d))),
+                "retry_tiers",
+                "{d:?}"
+            );
+        }
+        assert!(
+            base()
+                .retry_tiers(tiers(Duration::from_secs(30 * 86_400)))
+                .build()
+                .is_ok()
+        );
+    }
+
+    fn extreme() -> impl proptest::strategy::Strategy<Value = Duration> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Duration::ZERO),
+            Just(Duration::from_nanos(1)),
+            Just(Duration::from_millis(1)),
+            Just(YEAR),
+            Just(Duration::MAX),
+            (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+            (0u64..1_000_000).prop_map(Duration::from_millis),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Every duration setting, the retry policy's, the breaker's and the tiers' at 0,
+        /// 1 ns, 1 ms, a year, `Duration::MAX` or anything: `build()` gives a consumer whose
+        /// durations are at most a year, or a typed error; it never panics.
+        #[test]
+        fn build_never_panics_on_extreme_durations(
+            d in proptest::collection::vec(extreme(), 17),
+            max_poll in proptest::option::of(proptest::sample::select(
+                vec!["1", "1000", "300000", "600000", "86400000", "86400001"],
+            )),
+            dedup in proptest::prelude::any::<bool>(),
+            short_revoke in proptest::option::of(1u64..300_000),
+            tiers in proptest::prelude::any::<bool>(),
+        ) {
+            // Ordered pairs, and mostly a revoke timeout below librdkafka's default poll
+            // interval: otherwise nearly every case is refused for that alone.
+            let pair = |a: Duration, b: Duration| (a.min(b), a.max(b));
+            let revoke = short_revoke.map_or(d[1], Duration::from_millis);
+            let mut b = base()
+                .shutdown_timeout(d[0])
+                .revoke_timeout(revoke)
+                .startup_timeout(d[2])
+                .stall_threshold(d[3])
+                .commit_interval(d[4])
+                .error_log_interval(d[5])
+                .max_broker_outage(d[6])
+                .handler_timeout(d[7])
+                .idempotency_lease(d[8])
+                .idempotency_ttl(d[9])
+                .retry_policy({
+                    let (initial, max) = pair(d[10], d[11]);
+                    RetryPolicy::exponential(initial, max).with_max_elapsed(d[12])
+                })
+                .breaker({
+                    let (initial, max) = pair(d[13], d[14]);
+                    BreakerPolicy::default().with_open_interval(initial, max)
+                });
+            if tiers {
+                b = b.retry_tiers(crate::tiers::RetryTiers::new([d[15], d[16]]));
+            }
+            if dedup {
+                let store: Arc<dyn IdempotencyStore> =
+                    Arc::new(crate::InMemoryIdempotencyStore::new());
+                b = b.idempotency(store, DedupKey::header("id"));
+            }
+            if let Some(ms) = max_poll {
+                b = b.kafka_config("max.poll.interval.ms", ms);
+            }
+            match b.build() {
+                Ok(c) => {
+                    let s = &c.settings;
+                    for d in [
+                        s.shutdown_timeout,
+                        s.startup.timeout,
+                        s.commit_interval,
+                        c.hub.revoke_timeout,
+                        c.worker.stall_threshold,
+                    ]
+                    .into_iter()
+                    .chain(s.max_broker_outage)
+                    .chain(c.worker.handler_timeout)
+                    {
+                        proptest::prop_assert!(d <= YEAR, "{:?}", d);
+                    }
+                }
+                Err(Error::Config(_) | Error::Kafka { .. }) => {}
+                Err(other) => proptest::prop_assert!(false, "untyped error {:?}", other),
+            }
+        }
     }
 }

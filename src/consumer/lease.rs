@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use crate::clock::after;
 use crate::guard::store_call;
 use crate::idempotency::{ClaimToken, IdempotencyStore, StoreError};
 use crate::metrics::{RecordMetrics, StoreOperation};
@@ -46,15 +47,6 @@ impl HeldClaim {
     pub(crate) fn held_until(&self, lease: Duration) -> Instant {
         after(self.since, lease)
     }
-}
-
-/// `at + d`, saturating far in the future instead of overflowing on absurd leases.
-fn after(at: Instant, d: Duration) -> Instant {
-    // ~30 years, what tokio itself uses as "far future".
-    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
-    at.checked_add(d)
-        .or_else(|| at.checked_add(FAR))
-        .unwrap_or(at)
 }
 
 /// Whether "this store cannot renew" was logged (once per process, at `warn`).

@@ -18,6 +18,8 @@ mod claim_ahead;
 mod commit;
 mod context;
 mod dedup;
+#[cfg(test)]
+mod duration_tests;
 mod flow;
 mod health;
 mod hub;

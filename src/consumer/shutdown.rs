@@ -10,6 +10,7 @@ use super::commit::commit_final;
 use super::flow::apply_flow;
 use super::hub::Hub;
 use super::scheduler::Scheduler;
+use crate::clock;
 use crate::error::{Error, Result};
 
 /// How long each poll waits while in-flight records drain.
@@ -24,11 +25,11 @@ pub(crate) fn shutdown<C: ConsumerContext>(
     timeout: Duration,
 ) {
     info!(?timeout, "shutting down: finishing in-flight records");
-    let deadline = Instant::now() + timeout;
+    let deadline = clock::after(Instant::now(), timeout);
     let changes = {
         let mut s = hub.lock();
         // Before the drain fires: a worker woken by it reads the deadline at once.
-        s.give_up_by(None, tokio::time::Instant::now() + timeout);
+        s.give_up_by(None, clock::deadline_in(timeout));
         s.begin_stop();
         s.flow_control()
     };
@@ -152,10 +153,47 @@ impl ShutdownReport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use std::sync::Arc;
+
+    use rdkafka::ClientConfig;
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
     use super::*;
+    use crate::consumer::scheduler::{Limits, ProcessingOrder};
+    use crate::metrics::ConsumerMetrics;
+
+    /// A hub with nothing assigned, as the poll thread's last steps see it.
+    pub(crate) fn idle_hub() -> Hub {
+        let limits = Limits {
+            max_in_flight: 4,
+            max_buffered_records: 10,
+            max_buffered_bytes: 1 << 20,
+            max_buffered_records_per_partition: 10,
+            max_uncommitted_per_partition: 10,
+        };
+        Hub::new(
+            Scheduler::new(ProcessingOrder::Partition, limits),
+            Duration::from_secs(30),
+            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// `shutdown_timeout(Duration::MAX)`: the deadline is capped (rule 17), the shutdown
+    /// ends at once with nothing in flight. It panicked on the poll thread before
+    /// (`Instant::now() + timeout`), and `run()` returned "the poll thread panicked".
+    #[test]
+    fn a_shutdown_timeout_of_duration_max_shuts_down() {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "g")
+            .create()
+            .expect("a consumer needs no broker to exist");
+        let hub = idle_hub();
+        shutdown(&consumer, &hub, Duration::MAX);
+        assert!(hub.closing());
+    }
 
     #[test]
     fn a_failed_final_commit_is_not_a_clean_shutdown() {

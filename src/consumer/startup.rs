@@ -9,6 +9,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use tracing::{info, warn};
 
 use super::hub::Hub;
+use crate::clock;
 use crate::error::{Error, Result};
 use crate::topics::{TopicAdmin, TopicSpec, cluster_unreachable};
 
@@ -122,7 +123,7 @@ pub(crate) fn check<C: ConsumerContext>(
         if hub.stop_requested() {
             return Ok(false);
         }
-        let remaining = (unreachable_since + settings.timeout)
+        let remaining = clock::after(unreachable_since, settings.timeout)
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
         let existing = match consumer.fetch_metadata(None, remaining.min(Duration::from_secs(5))) {
@@ -173,5 +174,37 @@ pub(crate) fn check<C: ConsumerContext>(
             warn!(topics = ?missing, suppressed, "startup: waiting for topics to be created (wait_for_topics)");
         }
         std::thread::sleep(RETRY_EVERY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::ClientConfig;
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+
+    /// `startup_timeout(Duration::MAX)`: the checks pass against a cluster that answers.
+    /// Before, the first deadline (`unreachable_since + timeout`) panicked and nothing ran.
+    #[test]
+    fn a_startup_timeout_of_duration_max_checks_and_starts() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("t", 1, 1).expect("topic");
+        mock.create_topic("t.dlt", 1, 1).expect("dead-letter topic");
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", "g")
+            .create()
+            .expect("consumer");
+        let settings = StartupSettings {
+            servers: mock.bootstrap_servers(),
+            timeout: Duration::MAX,
+            topics: vec!["t".into()],
+            sink_topics: vec![("t".into(), "t.dlt".into())],
+            wait_for_topics: false,
+            create: None,
+        };
+        let hub = super::super::shutdown::tests::idle_hub();
+        assert!(matches!(check(&consumer, &hub, &settings), Ok(true)));
     }
 }

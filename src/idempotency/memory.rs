@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{Claim, ClaimToken, IdempotencyStore, StoreError};
+use crate::clock;
 
 /// An [`IdempotencyStore`] kept in this process's memory.
 ///
@@ -37,7 +38,9 @@ use super::{Claim, ClaimToken, IdempotencyStore, StoreError};
 /// are released or expire. The number of live claims is bounded by the consumers' in-flight
 /// limits, so this overshoot is bounded too.
 ///
-/// Times are [`tokio::time::Instant`]s, so tests can use paused time.
+/// Times are [`tokio::time::Instant`]s, so tests can use paused time. A lease or TTL above
+/// one year is taken as one year (delivery rule 17 in the crate docs), so no duration, not
+/// even `Duration::MAX`, makes a deadline overflow.
 ///
 /// # Example
 ///
@@ -140,7 +143,7 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
         state.insert(
             Arc::from(key),
             Value::InFlight(token.clone()),
-            deadline(now, lease),
+            clock::after(now, lease),
         );
         Ok(Claim::Acquired(token))
     }
@@ -155,7 +158,7 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
         let mut state = self.lock();
         let key = state.held_by(key, token, now)?;
         state.remove(&key);
-        state.insert(key, Value::Done, deadline(now, ttl));
+        state.insert(key, Value::Done, clock::after(now, ttl));
         Ok(())
     }
 
@@ -177,18 +180,13 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
         let mut state = self.lock();
         let key = state.held_by(key, token, now)?;
         state.remove(&key);
-        state.insert(key, Value::InFlight(token.clone()), deadline(now, lease));
+        state.insert(
+            key,
+            Value::InFlight(token.clone()),
+            clock::after(now, lease),
+        );
         Ok(())
     }
-}
-
-/// `now + d`, saturating far in the future instead of overflowing on absurd durations.
-fn deadline(now: Instant, d: Duration) -> Instant {
-    // ~30 years, what tokio itself uses as "far future".
-    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
-    now.checked_add(d)
-        .or_else(|| now.checked_add(FAR))
-        .unwrap_or(now)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -456,13 +454,20 @@ mod tests {
         acquire(&store, "k", LEASE).await;
     }
 
+    /// `Duration::MAX` neither overflows nor means forever: it is taken as one year.
     #[tokio::test(start_paused = true)]
-    async fn huge_durations_do_not_overflow() {
+    async fn huge_durations_do_not_overflow_and_last_a_year() {
+        const YEAR: Duration = Duration::from_secs(86_400 * 365);
         let store = InMemoryIdempotencyStore::new();
         let token = acquire(&store, "k", Duration::MAX).await;
         store.complete("k", &token, Duration::MAX).await.unwrap();
-        tokio::time::advance(Duration::from_secs(86_400 * 365)).await;
+        tokio::time::advance(YEAR - Duration::from_secs(1)).await;
         assert_eq!(store.claim("k", LEASE).await.unwrap(), Claim::Done);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        acquire(&store, "k", LEASE).await;
+        acquire(&store, "held", Duration::MAX).await;
+        tokio::time::advance(YEAR - Duration::from_secs(1)).await;
+        assert_eq!(store.claim("held", LEASE).await.unwrap(), Claim::Busy);
     }
 
     #[tokio::test(start_paused = true)]

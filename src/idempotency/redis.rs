@@ -628,9 +628,10 @@ impl RedisIdempotencyStoreBuilder {
 
     /// The time budget of one operation, retries included (default 2 s); also the time
     /// [`build`](Self::build) may take to connect. Past it, operations return
-    /// [`StoreError::Timeout`].
+    /// [`StoreError::Timeout`]. Zero is refused by `build`; above one year it is taken as one
+    /// year (delivery rule 17 in the crate docs).
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
-        self.command_timeout = timeout;
+        self.command_timeout = crate::clock::bounded(timeout);
         self
     }
 

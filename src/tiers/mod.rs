@@ -223,8 +223,18 @@ impl fmt::Debug for RetryTiers {
 }
 
 impl RetryTiers {
+    /// The longest tier delay: 30 days. The consumer's `build()` refuses a longer one (and a
+    /// zero one) with [`ConfigError::Invalid`](crate::ConfigError::Invalid) (`setting:
+    /// "retry_tiers"`), delivery rule 17 in the crate docs. A record in a tier waits on the
+    /// broker: one that waits longer than its tier topic's retention (`retention.ms`, 7 days
+    /// by Kafka's default) is deleted before it is due, so keep each tier topic's retention
+    /// above its delay.
+    pub const MAX_DELAY: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+
     /// Tiers with these delays, in order: a record forwarded to tier `n` (1-based) is due
-    /// `delays[n - 1]` after it was forwarded. Topics are named `<source>.retry.<n>`.
+    /// `delays[n - 1]` after it was forwarded. Topics are named `<source>.retry.<n>`. Each
+    /// delay must be longer than zero and at most [`MAX_DELAY`](Self::MAX_DELAY) (checked by
+    /// the consumer's `build()`).
     pub fn new(delays: impl IntoIterator<Item = Duration>) -> Self {
         RetryTiers {
             delays: delays.into_iter().collect(),

@@ -109,10 +109,12 @@ impl RedisKeyOrderLedger {
         self
     }
 
-    /// Sets how long a key's hash lives after its last write.
+    /// Sets how long a key's hash lives after its last write (default 7 days). Above one
+    /// year it is taken as one year (delivery rule 17 in the crate docs): Redis refuses
+    /// expiry times past what its clock holds.
     #[must_use]
     pub fn expiry(mut self, expiry: Duration) -> Self {
-        self.expiry = expiry;
+        self.expiry = crate::clock::bounded(expiry);
         self
     }
 

@@ -106,6 +106,14 @@ impl Tiers {
         if config.delays.iter().any(Duration::is_zero) {
             return Err(invalid("a tier delay must be longer than zero".into()));
         }
+        // Delivery rule 17: durations are bounded where they enter.
+        if let Some(d) = config.delays.iter().find(|d| **d > RetryTiers::MAX_DELAY) {
+            return Err(invalid(format!(
+                "a tier delay must be at most {:?} (30 days), got {d:?}: a record that waits \
+                 longer than its tier topic's retention is deleted before it is due",
+                RetryTiers::MAX_DELAY
+            )));
+        }
         let mut seen: HashSet<String> = sources.iter().cloned().collect();
         for source in sources {
             for tier in 1..=config.delays.len() as u32 {

@@ -677,7 +677,7 @@ struct RedriveProducer {
 impl RedriveProducer {
     fn new(kafka: &Kafka) -> Result<Self> {
         // The broker must acknowledge within 3 timeouts (librdkafka retries meanwhile).
-        let timeout = kafka.timeout * 3;
+        let timeout = kafka.timeout.saturating_mul(3);
         let producer = kafka
             .config()
             .set("enable.idempotence", "true")
@@ -703,7 +703,9 @@ impl RedriveProducer {
             .send(record)
             .map_err(|(e, _)| anyhow!(e).context("the producer refused the record"))?;
         // flush() serves the delivery callback; it ends by message.timeout.ms at the latest.
-        let flushed = self.producer.flush(self.timeout + Duration::from_secs(5));
+        let flushed = self
+            .producer
+            .flush(self.timeout.saturating_add(Duration::from_secs(5)));
         let outcome = self
             .producer
             .context()
