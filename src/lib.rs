@@ -126,9 +126,11 @@
 //!     its normal path.
 //! 17. **Everything a record carries is untrusted**: headers kourier reads back (a tier's due
 //!     time, attempts, stages, provenance, the redrive count) are validated and clamped by
-//!     written rules; every duration, from a setting or a handler's hint, is bounded where it
-//!     enters. A hostile or malformed value never panics, never wraps, never parks a
-//!     partition.
+//!     written rules ([`tiers`](tiers#headers-are-untrusted),
+//!     [`dead_letter::headers`](dead_letter::headers#reading-them-back-every-value-is-untrusted));
+//!     every duration, from a setting or a handler's hint, is bounded where it enters. A
+//!     hostile or malformed value never panics, never wraps, never parks a partition, never
+//!     moves another record off its placement.
 //! 18. **One event, one outcome** ([`idempotency`](idempotency#deliveries-of-one-event-delivery-rule-18)):
 //!     with an idempotency store, each delivery of an event — its source record, each retry
 //!     tier copy, each redrive — settles once: handled, dead-lettered or forwarded on, then

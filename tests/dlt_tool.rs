@@ -693,3 +693,199 @@ async fn binary_inspects_and_fails_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&missing), "{stderr}");
 }
+
+/// A redrive count too large for a `u32` (`99999999999`) or unreadable is refused by
+/// `--max-redrives` (delivery rule 17): it must not read as 0 and loop the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_or_unreadable_redrive_counts_are_refused() {
+    let (topic, dlt_topic) = topics("dlt-hostile-count").await;
+    let sink = sink();
+    for (offset, key, count) in [
+        (0, "huge", Some("99999999999")),
+        (1, "junk", Some("many")),
+        (2, "fresh", None),
+    ] {
+        let extra = match count {
+            Some(c) => Headers::new().with(headers::REDRIVE_COUNT, c),
+            None => Headers::new(),
+        };
+        write_letter(
+            &sink,
+            &topic,
+            offset,
+            key,
+            b"{\"id\":1}",
+            DeadLetterReason::Permanent,
+            1_800_000_000_000,
+            extra,
+        )
+        .await;
+    }
+    sink.flush(Duration::from_secs(10)).await.expect("flush");
+
+    let report = redrive(options(
+        &dlt_topic,
+        &support::unique_name("dlt-hostile-count-g"),
+    ))
+    .await
+    .expect("redrive");
+    let redriven: Vec<_> = report
+        .redriven
+        .iter()
+        .map(|r| r.key.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(redriven, ["fresh"], "{report:?}");
+    assert_eq!(report.refused.len(), 2, "{report:?}");
+    for refused in &report.refused {
+        assert!(
+            refused
+                .reason
+                .contains(&format!("already redriven {} time(s)", u32::MAX)),
+            "{refused:?}"
+        );
+    }
+}
+
+/// A letter whose failure times lie past year 9999 is listed (table and JSON, in-process and
+/// through the binary) with those times left out, instead of panicking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_lists_a_letter_with_a_failure_time_past_year_9999() {
+    let (topic, dlt_topic) = topics("dlt-year-10000").await;
+    let sink = sink();
+    // 10000-01-01T00:00:01Z: both failure times are past 9999-12-31.
+    let year_10000 = 253_402_300_801_000;
+    write_letter(
+        &sink,
+        &topic,
+        5,
+        "far",
+        b"{}",
+        DeadLetterReason::Permanent,
+        year_10000,
+        Headers::new(),
+    )
+    .await;
+    sink.flush(Duration::from_secs(10)).await.expect("flush");
+
+    let (letters, read) = {
+        let dlt_topic = dlt_topic.clone();
+        blocking(move || {
+            dlt::inspect(
+                &kafka(),
+                &dlt_topic,
+                &Filter::default(),
+                &mut Progress::silent(),
+            )
+        })
+        .await
+        .expect("inspect")
+    };
+    assert_eq!((letters.len(), read), (1, 1));
+    let table = dlt::table(&letters);
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(table.contains(&format!("{topic}/0@5")), "{table}");
+    let json = letters[0].to_json();
+    assert_eq!(json["last_failure"], serde_json::Value::Null, "{json}");
+    assert_eq!(json["original_offset"], 5);
+    assert_eq!(letters[0].provenance.last_failure, None, "past year 9999");
+
+    #[cfg(feature = "cli")]
+    for json in [false, true] {
+        let mut args = vec!["inspect".to_owned(), dlt_topic.clone()];
+        if json {
+            args.push("--json".into());
+        }
+        let out = blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_kourier-dlt"))
+                .arg("--bootstrap-servers")
+                .arg(support::bootstrap())
+                .args(args)
+                .output()
+                .expect("run kourier-dlt")
+        })
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "json={json}: {out:?}");
+        assert!(stdout.contains(&topic), "json={json}: {stdout}");
+    }
+}
+
+/// Letter headers as any producer could write them: the names the tool reads (and others),
+/// with arbitrary bytes, decimal text of any size, big-endian integers or null values.
+fn arbitrary_letter_headers() -> impl proptest::strategy::Strategy<Value = Headers> {
+    use kourier::Header;
+    use kourier::tiers::headers as tier;
+    use proptest::prelude::*;
+    const NAMES: &[&str] = &[
+        headers::ORIGINAL_TOPIC,
+        headers::ORIGINAL_PARTITION,
+        headers::ORIGINAL_OFFSET,
+        headers::ORIGINAL_TIMESTAMP,
+        headers::ORIGINAL_CONSUMER_GROUP,
+        headers::EXCEPTION_MESSAGE,
+        headers::EXCEPTION_FQCN,
+        headers::FAILURE_KIND,
+        headers::ATTEMPTS,
+        headers::FIRST_FAILURE_MS,
+        headers::LAST_FAILURE_MS,
+        headers::VALUE_DROPPED_BYTES,
+        headers::REDRIVE_COUNT,
+        tier::TIER,
+        tier::DUE_MS,
+        tier::DEFERRED,
+        "traceparent",
+    ];
+    let name = prop_oneof![
+        4 => proptest::sample::select(NAMES).prop_map(|n| n.as_bytes().to_vec()),
+        1 => proptest::collection::vec(any::<u8>(), 0..8),
+    ];
+    let value = prop_oneof![
+        2 => proptest::collection::vec(any::<u8>(), 0..24).prop_map(Some),
+        2 => any::<i64>().prop_map(|n| Some(n.to_string().into_bytes())),
+        1 => any::<u128>().prop_map(|n| Some(n.to_string().into_bytes())),
+        1 => any::<i64>().prop_map(|n| Some(n.to_be_bytes().to_vec())),
+        1 => Just(Some(b"permanent".to_vec())),
+        1 => Just(None),
+    ];
+    proptest::collection::vec((name, value), 0..12).prop_map(|hs| {
+        hs.into_iter()
+            .map(|(k, v)| match v {
+                Some(v) => Header::new(k, v),
+                None => Header::null(k),
+            })
+            .collect()
+    })
+}
+
+proptest::proptest! {
+    /// The tool's reading and formatting never panic, whatever a letter's headers, key and
+    /// timestamp hold; a letter is always one table row; JSON always serialises.
+    #[test]
+    fn any_letter_is_listed_without_panicking(
+        headers in arbitrary_letter_headers(),
+        timestamp in proptest::option::of(proptest::prelude::any::<i64>()),
+        key in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8)),
+    ) {
+        let letter = dlt::Letter::new(RawRecord {
+            topic: "t.dlt".into(),
+            partition: 0,
+            offset: 1,
+            key: key.map(Into::into),
+            value: None,
+            headers,
+            timestamp,
+            log_append_time: false,
+        });
+        let table = dlt::table(std::slice::from_ref(&letter));
+        proptest::prop_assert_eq!(table.lines().count(), 2, "{}", table);
+        proptest::prop_assert!(serde_json::to_string(&letter.to_json()).is_ok());
+        let _ = (letter.failed_at(), letter.tier(), letter.place());
+        let filter = Filter {
+            kinds: vec![DeadLetterReason::Permanent],
+            since: Some(at(0)),
+            until: Some(at(u64::MAX / 2)),
+            key: None,
+        };
+        let _ = filter.matches(&letter);
+    }
+}

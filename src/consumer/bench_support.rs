@@ -1,7 +1,8 @@
 //! Hidden entry points for `benches/micro.rs`: thin wrappers over the crate-private offset
-//! tracker and scheduler, so they can be benchmarked without widening the public API.
+//! tracker and scheduler, so they can be benchmarked without widening the public API; and
+//! the tier-record header reading, for the fuzz targets in `fuzz/`.
 //! Re-exported as `kourier::__bench` with `#[doc(hidden)]`: not part of the API, no semver
-//! promise, not for use outside kourier's own benches.
+//! promise, not for use outside kourier's own benches and fuzz targets.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -114,5 +115,45 @@ impl SchedulerHarness {
     /// Jobs running now.
     pub fn running(&self) -> usize {
         self.running.len()
+    }
+}
+
+/// What the crate-private tier-record reading (`tiers::runtime::read_tier_record`) made of a
+/// record's headers, for the fuzz targets in `fuzz/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierRecordReading {
+    /// Why the record cannot be read (dead-lettered as `decode`), if so.
+    pub invalid: Option<String>,
+    /// When it may run.
+    pub due: Option<std::time::SystemTime>,
+    /// The longest it waits from when it is first looked at.
+    pub longest_wait: std::time::Duration,
+    /// The source record it stands for: topic, partition, offset.
+    pub origin: (String, i32, i64),
+    /// Attempts before this tier, if its headers gave them.
+    pub attempts: Option<u32>,
+    /// Failed stages before this tier, if its headers gave attempts.
+    pub stages: Option<u32>,
+}
+
+/// Reads `record` as a record of tier `tier` (of `tiers`, delay `delay`) of `source`, at
+/// wall-clock time `now`, as a running consumer does (see the `tiers` module docs, "Headers
+/// are untrusted").
+pub fn read_tier_record(
+    record: &RawRecord,
+    source: &str,
+    tier: u32,
+    tiers: u32,
+    delay: std::time::Duration,
+    now: std::time::SystemTime,
+) -> TierRecordReading {
+    let at = crate::tiers::runtime::read_tier_record(record, source, tier, tiers, delay, now);
+    TierRecordReading {
+        invalid: at.invalid,
+        due: at.due,
+        longest_wait: at.longest_wait,
+        origin: (at.origin.topic, at.origin.partition, at.origin.offset),
+        attempts: at.history.as_ref().map(|h| h.attempts),
+        stages: at.history.as_ref().map(|h| h.stages),
     }
 }

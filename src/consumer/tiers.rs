@@ -3,7 +3,6 @@
 //! deferred, and the ledger's release when a record it holds is settled.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use tracing::{debug, error, warn};
 
@@ -58,11 +57,13 @@ impl<H: Handler> WorkerContext<H> {
         stop: &Stop,
         slot: &dyn Slot,
     ) -> bool {
-        let Some(due) = at.and_then(|at| at.due) else {
+        let Some(due) = at.and_then(Located::due_wait) else {
             return true;
         };
-        // Re-checked after each wait: the timer is monotonic, the due time wall-clock.
-        while let Ok(wait) = due.duration_since(SystemTime::now()) {
+        // Re-checked after each wait: the timer is monotonic, the due time wall-clock (and
+        // bounded on the monotonic clock too: delivery rule 17).
+        loop {
+            let wait = due.left();
             if wait.is_zero() {
                 break;
             }

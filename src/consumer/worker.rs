@@ -417,6 +417,13 @@ impl<H: Handler> WorkerContext<H> {
         stop: &Stop,
         slot: &dyn Slot,
     ) -> Outcome {
+        if let Some(reason) = at.and_then(|at| at.invalid.clone()) {
+            // A tier record whose headers do not hold (delivery rule 17): a record kourier
+            // cannot read, dead-lettered as it is, never forwarded or waited for.
+            return self
+                .poison_pill(record, at, reason, metrics, stop, slot)
+                .await;
+        }
         let event = match self.decode(&record, metrics) {
             Ok(event) => event,
             Err(error) => {

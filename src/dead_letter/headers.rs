@@ -11,6 +11,32 @@
 //!
 //! When a record that already carries these headers (a redriven dead letter) is dead-lettered
 //! again, the old values are *replaced*, never appended, so headers do not grow.
+//!
+//! # Reading them back: every value is untrusted
+//!
+//! Any producer with write access to a topic can write these headers, so kourier reads them
+//! as untrusted input (delivery rule 17 in the crate docs): a value that is malformed or out
+//! of range never panics, never wraps and never reads as a *smaller* count than it says.
+//! [`Provenance::from_headers`] applies these rules (the last header of a name counts):
+//!
+//! | header | read as | malformed or out of range |
+//! |---|---|---|
+//! | [`ORIGINAL_PARTITION`] | int32, 4-byte big-endian or decimal text | negative or not an int32: `None` |
+//! | [`ORIGINAL_OFFSET`] | int64, 8-byte big-endian or decimal text | negative or not an int64: `None` |
+//! | [`ORIGINAL_TIMESTAMP`] | ms since the epoch, as the offset | before the epoch (Java's `-1`) or after [`MAX_TIME_MS`]: `None` |
+//! | [`FIRST_FAILURE_MS`], [`LAST_FAILURE_MS`] | decimal ms since the epoch | before the epoch or after [`MAX_TIME_MS`] (year 9999): `None` |
+//! | [`ATTEMPTS`] | decimal, any number of digits | above `u32::MAX`: saturates at `u32::MAX`; not a non-negative decimal: `None` |
+//! | [`VALUE_DROPPED_BYTES`] | decimal | above `u64::MAX`, or not a decimal: `u64::MAX` (present means dropped) |
+//! | [`REDRIVE_COUNT`] | decimal, any number of digits; absent is 0 | above `u32::MAX`: saturates; present but not a non-negative decimal (null, text, negative): **`u32::MAX`**, so a redrive limit refuses it |
+//! | [`FAILURE_KIND`] | one of the [`DeadLetterReason`] names | `None` |
+//! | topic, group, class, type | UTF-8 text, trimmed | not UTF-8: `None` (the error message is read lossily) |
+//!
+//! A count is never read as less than its text says: `99999999999` redrives is `u32::MAX`,
+//! not 0, so `kourier-dlt redrive --max-redrives` refuses it. The original topic is text
+//! here; [`RedriveRecord::from_dead_letter`](super::RedriveRecord::from_dead_letter) checks
+//! that it is a valid topic name before it publishes there, and a consumer reading a retry
+//! tier record checks that it names the tier's own source topic (see
+//! [`tiers`](crate::tiers#headers-are-untrusted)).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,6 +79,10 @@ pub const HEADERS_DROPPED: &str = "kourier-dlt-headers-dropped";
 /// How many times the record was redriven from a dead-letter topic, decimal (UTF-8).
 pub const REDRIVE_COUNT: &str = "kourier-redrive-count";
 
+/// The latest time a provenance header can name, in ms since the epoch:
+/// 9999-12-31T23:59:59.999Z (RFC 3339 has four-digit years). A later time reads as `None`.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
 /// Every provenance header, replaced on each dead-lettering (not [`REDRIVE_COUNT`]).
 pub const ALL: &[&str] = &[
     ORIGINAL_TOPIC,
@@ -78,14 +108,17 @@ pub const ALL: &[&str] = &[
 pub mod tier {
     /// The tier the record is in, 1-based.
     pub const TIER: &str = "kourier-retry-tier";
-    /// When the record may run, ms since the epoch.
+    /// When the record may run, ms since the epoch. Read as untrusted: never later than the
+    /// tier's delay (plus a skew allowance) past the record's timestamp or past when it comes
+    /// up (see [`tiers`](crate::tiers#headers-are-untrusted)).
     pub const DUE_MS: &str = "kourier-retry-due-ms";
     /// `true` when the record was moved to keep its key's order, not because it failed.
     pub const DEFERRED: &str = "kourier-retry-deferred";
     /// How many stages (the source and tiers) the record used up its in-place attempts in.
     /// A record gets one stage per tier plus one, wherever it starts: one deferred into a
     /// tier (key order) that fails in the last tier goes round that tier again until it has
-    /// had its stages.
+    /// had its stages. Read clamped to the number of tiers (see
+    /// [`tiers`](crate::tiers#headers-are-untrusted)).
     pub const FAILED_STAGES: &str = "kourier-retry-failed-stages";
     /// How many times the record was forwarded since it left its source topic (1 for a
     /// record's first tier copy), decimal. With idempotency each forward is a *position* of
@@ -106,6 +139,13 @@ pub mod tier {
 /// `kafka_dlt-*` ones, and any other record has none. Values that do not parse are `None`.
 /// Partition, offset and timestamp are read in Spring's binary encoding (big-endian
 /// integers) and, for records written by other tools, as decimal text.
+///
+/// The headers are untrusted input: each field follows the rule in the
+/// [module docs](self#reading-them-back-every-value-is-untrusted). In short, partitions and
+/// offsets are never negative, times lie between the epoch and [`MAX_TIME_MS`] (year 9999),
+/// counts saturate instead of wrapping, and a malformed [`REDRIVE_COUNT`] reads as
+/// `u32::MAX` (refused by a redrive limit) rather than 0. Reading never panics, whatever the
+/// bytes.
 ///
 /// ```
 /// use kourier::dead_letter::{headers, Provenance};
@@ -128,12 +168,12 @@ pub mod tier {
 pub struct Provenance {
     /// The source topic ([`ORIGINAL_TOPIC`]).
     pub original_topic: Option<String>,
-    /// The source partition ([`ORIGINAL_PARTITION`]).
+    /// The source partition ([`ORIGINAL_PARTITION`]; never negative).
     pub original_partition: Option<i32>,
-    /// The source offset ([`ORIGINAL_OFFSET`]).
+    /// The source offset ([`ORIGINAL_OFFSET`]; never negative).
     pub original_offset: Option<i64>,
     /// The source record's timestamp, ms since the epoch ([`ORIGINAL_TIMESTAMP`];
-    /// `None` for Java's `-1`, no timestamp).
+    /// `None` for Java's `-1`, no timestamp, and for anything outside 0..=[`MAX_TIME_MS`]).
     pub original_timestamp: Option<i64>,
     /// `CreateTime` or `LogAppendTime` ([`ORIGINAL_TIMESTAMP_TYPE`]).
     pub original_timestamp_type: Option<String>,
@@ -146,35 +186,38 @@ pub struct Provenance {
     pub exception_class: Option<String>,
     /// The last error message ([`EXCEPTION_MESSAGE`]).
     pub error: Option<String>,
-    /// Attempts made ([`ATTEMPTS`]; 0 for a decode failure).
+    /// Attempts made ([`ATTEMPTS`]; 0 for a decode failure; saturates at `u32::MAX`).
     pub attempts: Option<u32>,
-    /// When the first attempt failed ([`FIRST_FAILURE_MS`]).
+    /// When the first attempt failed ([`FIRST_FAILURE_MS`]; between the epoch and
+    /// [`MAX_TIME_MS`], else `None`).
     pub first_failure: Option<SystemTime>,
     /// When the last attempt failed, i.e. when the record was given up
-    /// ([`LAST_FAILURE_MS`]).
+    /// ([`LAST_FAILURE_MS`]; between the epoch and [`MAX_TIME_MS`], else `None`).
     pub last_failure: Option<SystemTime>,
     /// Set for a metadata-only letter: the dropped value's size
-    /// ([`VALUE_DROPPED_BYTES`]).
+    /// ([`VALUE_DROPPED_BYTES`]; `u64::MAX` when the header is there but unreadable).
     pub value_dropped_bytes: Option<u64>,
     /// How many times the record had been redriven before this dead-lettering
-    /// ([`REDRIVE_COUNT`]; 0 when absent).
+    /// ([`REDRIVE_COUNT`]; 0 when absent, saturating at `u32::MAX`, and `u32::MAX` when the
+    /// header is there but not a non-negative decimal, so that a redrive limit refuses it).
     pub redrive_count: u32,
 }
 
 impl Provenance {
-    /// Reads the provenance headers (the last one of each name counts, as in Kafka clients).
+    /// Reads the provenance headers (the last one of each name counts, as in Kafka clients),
+    /// by the rules in the [module docs](self#reading-them-back-every-value-is-untrusted).
+    /// Never panics.
     pub fn from_headers(h: &Headers) -> Provenance {
         let text = |name| h.get_str(name).map(|s| s.trim().to_owned());
-        let number = |name| h.get_str(name).and_then(|s| s.trim().parse::<i64>().ok());
-        let time = |name| number(name).and_then(epoch_millis);
+        let time = |name| h.get(name).and_then(decimal).and_then(epoch_millis);
         Provenance {
             original_topic: text(ORIGINAL_TOPIC),
-            original_partition: h.get(ORIGINAL_PARTITION).and_then(int32),
-            original_offset: h.get(ORIGINAL_OFFSET).and_then(int64),
+            original_partition: h.get(ORIGINAL_PARTITION).and_then(partition),
+            original_offset: h.get(ORIGINAL_OFFSET).and_then(offset),
             original_timestamp: h
                 .get(ORIGINAL_TIMESTAMP)
                 .and_then(int64)
-                .filter(|&t| t >= 0),
+                .filter(|t| (0..=MAX_TIME_MS).contains(t)),
             original_timestamp_type: text(ORIGINAL_TIMESTAMP_TYPE),
             consumer_group: text(ORIGINAL_CONSUMER_GROUP),
             failure_kind: h
@@ -184,10 +227,11 @@ impl Provenance {
             error: h
                 .get(EXCEPTION_MESSAGE)
                 .map(|v| String::from_utf8_lossy(v).into_owned()),
-            attempts: number(ATTEMPTS).and_then(|n| u32::try_from(n).ok()),
+            attempts: h.get(ATTEMPTS).and_then(count).map(saturate_u32),
             first_failure: time(FIRST_FAILURE_MS),
             last_failure: time(LAST_FAILURE_MS),
-            value_dropped_bytes: number(VALUE_DROPPED_BYTES).and_then(|n| u64::try_from(n).ok()),
+            value_dropped_bytes: last(h, VALUE_DROPPED_BYTES)
+                .map(|v| v.and_then(count).unwrap_or(u64::MAX)),
             redrive_count: redrive_count(h),
         }
     }
@@ -216,11 +260,36 @@ pub(crate) fn is_provenance(name: &[u8]) -> bool {
     ALL.iter().any(|p| p.as_bytes() == name)
 }
 
-/// The [`REDRIVE_COUNT`] of a record (0 when absent or not a number).
+/// The [`REDRIVE_COUNT`] of a record: 0 when absent, saturating at `u32::MAX`, and
+/// `u32::MAX` when present but not a non-negative decimal (a null value included), so that a
+/// redrive limit refuses a letter whose count it cannot read.
 pub(crate) fn redrive_count(h: &Headers) -> u32 {
-    h.get_str(REDRIVE_COUNT)
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    match last(h, REDRIVE_COUNT) {
+        None => 0,
+        Some(value) => value.and_then(count).map_or(u32::MAX, saturate_u32),
+    }
+}
+
+/// The value of the last header named `name`: `None` when there is none, `Some(None)` when
+/// its value is null.
+pub(crate) fn last<'h>(h: &'h Headers, name: &str) -> Option<Option<&'h [u8]>> {
+    h.iter().rev().find(|x| x.is_named(name)).map(|x| x.value())
+}
+
+/// A non-negative decimal (surrounding ASCII whitespace allowed) of any length, saturating at
+/// `u64::MAX`; `None` for anything else (empty, a sign, other characters).
+pub(crate) fn count(v: &[u8]) -> Option<u64> {
+    let digits = v.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0u64, |n, d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    }))
+}
+
+pub(crate) fn saturate_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Where a delivery stands in its event's life: how often the event was redriven from a
@@ -267,12 +336,13 @@ fn is_decimal(v: &[u8]) -> bool {
     !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
 }
 
-fn decimal(v: &[u8]) -> Option<i64> {
-    std::str::from_utf8(v).ok()?.parse().ok()
+/// Decimal text (an optional `-`, surrounding whitespace allowed) that fits an `i64`.
+pub(crate) fn decimal(v: &[u8]) -> Option<i64> {
+    std::str::from_utf8(v).ok()?.trim().parse().ok()
 }
 
 /// A 4-byte big-endian integer (Spring's encoding), or decimal text.
-fn int32(v: &[u8]) -> Option<i32> {
+pub(crate) fn int32(v: &[u8]) -> Option<i32> {
     if is_decimal(v) {
         return decimal(v).and_then(|n| i32::try_from(n).ok());
     }
@@ -280,16 +350,42 @@ fn int32(v: &[u8]) -> Option<i32> {
 }
 
 /// An 8-byte big-endian integer (Spring's encoding), or decimal text.
-fn int64(v: &[u8]) -> Option<i64> {
+pub(crate) fn int64(v: &[u8]) -> Option<i64> {
     if is_decimal(v) {
         return decimal(v);
     }
     Some(i64::from_be_bytes(v.try_into().ok()?))
 }
 
-fn epoch_millis(ms: i64) -> Option<SystemTime> {
-    let ms = u64::try_from(ms).ok()?;
-    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+/// A partition number: an [`int32`] that is not negative.
+pub(crate) fn partition(v: &[u8]) -> Option<i32> {
+    int32(v).filter(|&p| p >= 0)
+}
+
+/// An offset: an [`int64`] that is not negative.
+pub(crate) fn offset(v: &[u8]) -> Option<i64> {
+    int64(v).filter(|&o| o >= 0)
+}
+
+/// `bytes` for an error message: escaped, cut to 100 characters.
+pub(crate) fn shown(bytes: &[u8]) -> String {
+    const MAX: usize = 100;
+    let escaped = crate::record::escape_bytes(bytes);
+    let mut chars = escaped.chars();
+    let cut: String = chars.by_ref().take(MAX).collect();
+    if chars.next().is_some() {
+        format!("`{cut}…` ({} bytes)", bytes.len())
+    } else {
+        format!("`{cut}`")
+    }
+}
+
+/// `ms` since the epoch, when it lies between the epoch and [`MAX_TIME_MS`].
+pub(crate) fn epoch_millis(ms: i64) -> Option<SystemTime> {
+    if !(0..=MAX_TIME_MS).contains(&ms) {
+        return None;
+    }
+    UNIX_EPOCH.checked_add(Duration::from_millis(u64::try_from(ms).ok()?))
 }
 
 impl DeadLetter {
@@ -416,7 +512,7 @@ fn millis_since_epoch(time: SystemTime) -> i64 {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -605,12 +701,144 @@ pub(super) mod tests {
         assert_eq!(p.original_timestamp, None);
         assert_eq!(p.attempts, None);
         assert_eq!(p.failure_kind, None);
-        assert_eq!(p.redrive_count, 0);
+        assert_eq!(
+            p.redrive_count,
+            u32::MAX,
+            "an unreadable redrive count is refused"
+        );
         assert!(!p.is_dead_letter());
         assert_eq!(p.original_coordinates(), "?/7@1234");
         assert_eq!(
             Provenance::from_headers(&Headers::new()),
             Provenance::default()
         );
+    }
+
+    /// Crafted values (delivery rule 17): counts saturate instead of wrapping or reading as
+    /// 0, times past year 9999 or before the epoch are `None`, partitions and offsets are
+    /// never negative.
+    #[test]
+    fn hostile_values_are_clamped_not_wrapped() {
+        let h = Headers::new()
+            .with(ATTEMPTS, "4294967295")
+            .with(REDRIVE_COUNT, "99999999999")
+            .with(ORIGINAL_PARTITION, (-1i32).to_be_bytes())
+            .with(ORIGINAL_OFFSET, "-7")
+            .with(ORIGINAL_TIMESTAMP, (MAX_TIME_MS + 1).to_be_bytes())
+            .with(FIRST_FAILURE_MS, "253402300800000")
+            .with(LAST_FAILURE_MS, "-5")
+            .with(VALUE_DROPPED_BYTES, "1".repeat(40));
+        let p = Provenance::from_headers(&h);
+        assert_eq!(p.attempts, Some(u32::MAX));
+        assert_eq!(p.redrive_count, u32::MAX, "99999999999 must not read as 0");
+        assert_eq!(p.original_partition, None);
+        assert_eq!(p.original_offset, None);
+        assert_eq!(p.original_timestamp, None);
+        assert_eq!(p.first_failure, None, "past year 9999");
+        assert_eq!(p.last_failure, None, "before the epoch");
+        assert_eq!(p.value_dropped_bytes, Some(u64::MAX));
+
+        let h = Headers::new()
+            .with(ATTEMPTS, "99999999999999999999999")
+            .with(LAST_FAILURE_MS, MAX_TIME_MS.to_string())
+            .with(ORIGINAL_TIMESTAMP, MAX_TIME_MS.to_be_bytes())
+            .with(REDRIVE_COUNT, " 12 ");
+        let p = Provenance::from_headers(&h);
+        assert_eq!(p.attempts, Some(u32::MAX));
+        assert_eq!(
+            p.last_failure,
+            Some(UNIX_EPOCH + Duration::from_millis(MAX_TIME_MS as u64))
+        );
+        assert_eq!(p.original_timestamp, Some(MAX_TIME_MS));
+        assert_eq!(p.redrive_count, 12);
+
+        for malformed in [&b""[..], b"-1", b"+1", b"1e3", b"\xff", b"0x10"] {
+            let p = Provenance::from_headers(&Headers::new().with(REDRIVE_COUNT, malformed));
+            assert_eq!(p.redrive_count, u32::MAX, "{malformed:?}");
+        }
+        let mut null = Headers::new();
+        null.push(Header::null(REDRIVE_COUNT));
+        assert_eq!(Provenance::from_headers(&null).redrive_count, u32::MAX);
+        assert_eq!(Provenance::from_headers(&Headers::new()).redrive_count, 0);
+    }
+
+    /// The names the property tests draw header names from: every name kourier reads, and
+    /// some others.
+    pub(crate) const NAMES: &[&str] = &[
+        ORIGINAL_TOPIC,
+        ORIGINAL_PARTITION,
+        ORIGINAL_OFFSET,
+        ORIGINAL_TIMESTAMP,
+        ORIGINAL_TIMESTAMP_TYPE,
+        ORIGINAL_CONSUMER_GROUP,
+        EXCEPTION_MESSAGE,
+        EXCEPTION_FQCN,
+        FAILURE_KIND,
+        ATTEMPTS,
+        FIRST_FAILURE_MS,
+        LAST_FAILURE_MS,
+        VALUE_DROPPED_BYTES,
+        KEY_DROPPED_BYTES,
+        HEADERS_DROPPED,
+        REDRIVE_COUNT,
+        tier::TIER,
+        tier::DUE_MS,
+        tier::DEFERRED,
+        tier::FAILED_STAGES,
+        "event-id",
+        "traceparent",
+    ];
+
+    /// Arbitrary headers: known names (or arbitrary bytes) with values that are arbitrary
+    /// bytes, decimal text of any size, big-endian integers, or null.
+    pub(crate) fn arbitrary_headers() -> impl proptest::strategy::Strategy<Value = Headers> {
+        use proptest::prelude::*;
+        let name = prop_oneof![
+            4 => proptest::sample::select(NAMES).prop_map(|n| n.as_bytes().to_vec()),
+            1 => proptest::collection::vec(any::<u8>(), 0..12),
+        ];
+        let value = prop_oneof![
+            2 => proptest::collection::vec(any::<u8>(), 0..24).prop_map(Some),
+            2 => any::<i64>().prop_map(|n| Some(n.to_string().into_bytes())),
+            1 => any::<u128>().prop_map(|n| Some(n.to_string().into_bytes())),
+            1 => any::<i32>().prop_map(|n| Some(n.to_be_bytes().to_vec())),
+            1 => any::<i64>().prop_map(|n| Some(n.to_be_bytes().to_vec())),
+            1 => "[ a-z0-9._-]{0,12}".prop_map(|s| Some(s.into_bytes())),
+            1 => Just(None),
+        ];
+        proptest::collection::vec((name, value), 0..12).prop_map(|hs| {
+            hs.into_iter()
+                .map(|(k, v)| match v {
+                    Some(v) => Header::new(k, v),
+                    None => Header::null(k),
+                })
+                .collect()
+        })
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes: no panic, and every field within its documented range.
+        #[test]
+        fn provenance_reads_any_headers_within_the_rules(h in arbitrary_headers()) {
+            let p = Provenance::from_headers(&h);
+            let latest = UNIX_EPOCH + Duration::from_millis(MAX_TIME_MS as u64);
+            proptest::prop_assert!(p.original_partition.is_none_or(|x| x >= 0));
+            proptest::prop_assert!(p.original_offset.is_none_or(|x| x >= 0));
+            proptest::prop_assert!(p.original_timestamp.is_none_or(|t| (0..=MAX_TIME_MS).contains(&t)));
+            proptest::prop_assert!(p.first_failure.is_none_or(|t| t <= latest));
+            proptest::prop_assert!(p.last_failure.is_none_or(|t| t <= latest));
+            // The redrive count is never read as less than it says.
+            match last(&h, REDRIVE_COUNT) {
+                None => proptest::prop_assert_eq!(p.redrive_count, 0),
+                Some(Some(v)) if count(v).is_some() => {
+                    let text = std::str::from_utf8(v).unwrap().trim().trim_start_matches('0');
+                    let expected = text.parse::<u32>().unwrap_or(if text.is_empty() { 0 } else { u32::MAX });
+                    proptest::prop_assert_eq!(p.redrive_count, expected);
+                }
+                Some(_) => proptest::prop_assert_eq!(p.redrive_count, u32::MAX),
+            }
+            // Formatting what was read never panics either.
+            let _ = p.original_coordinates();
+        }
     }
 }

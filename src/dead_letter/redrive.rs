@@ -67,6 +67,17 @@ pub enum RedriveError {
         /// The letter's `topic/partition@offset` in the dead-letter topic.
         coordinates: String,
     },
+    /// The destination (the letter's [`headers::ORIGINAL_TOPIC`], or the one given) is not a
+    /// valid topic name: the header is untrusted input (delivery rule 17 in the crate docs).
+    #[error("dead letter {coordinates}: cannot redrive to {topic}: {reason}")]
+    InvalidDestination {
+        /// The letter's `topic/partition@offset` in the dead-letter topic.
+        coordinates: String,
+        /// The destination as given, escaped and cut to 100 characters.
+        topic: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl RedriveRecord {
@@ -76,7 +87,13 @@ impl RedriveRecord {
     ///
     /// # Errors
     /// [`RedriveError::NoDestination`] when `destination` is `None` and the letter has no
-    /// [`headers::ORIGINAL_TOPIC`].
+    /// [`headers::ORIGINAL_TOPIC`]; [`RedriveError::InvalidDestination`] when the destination
+    /// is not a valid topic name (1 to 249 of `a-z A-Z 0-9 . _ -`).
+    ///
+    /// The letter's headers are untrusted: the original topic is checked, a malformed
+    /// [`headers::REDRIVE_COUNT`] counts as `u32::MAX` (see
+    /// [`Provenance`](super::Provenance)), and the new count saturates rather than wraps.
+    /// Never panics.
     pub fn from_dead_letter(
         letter: &RawRecord,
         destination: Option<&str>,
@@ -92,6 +109,13 @@ impl RedriveRecord {
                     coordinates: letter.coordinates(),
                 })?,
         };
+        if crate::topic_name::check(&topic).is_err() {
+            return Err(RedriveError::InvalidDestination {
+                coordinates: letter.coordinates(),
+                topic: headers::shown(topic.as_bytes()),
+                reason: "not a valid topic name (1 to 249 of a-z A-Z 0-9 . _ -)".into(),
+            });
+        }
         let count = redrive_count(&letter.headers).saturating_add(1);
         let mut out: Headers = letter
             .headers
@@ -165,5 +189,62 @@ mod tests {
         );
         let r = RedriveRecord::from_dead_letter(&letter(Headers::new()), Some("other")).unwrap();
         assert_eq!((r.topic.as_str(), r.redrive_count), ("other", 1));
+    }
+
+    #[test]
+    fn an_invalid_destination_is_refused() {
+        let h = Headers::new().with(headers::ORIGINAL_TOPIC, "no such/topic\x1b");
+        let err = RedriveRecord::from_dead_letter(&letter(h), None).unwrap_err();
+        assert!(
+            matches!(&err, RedriveError::InvalidDestination { topic, .. } if topic == "`no such/topic\\u{1b}`"),
+            "{err:?}"
+        );
+        let long = "x".repeat(300);
+        let err =
+            RedriveRecord::from_dead_letter(&letter(Headers::new()), Some(&long)).unwrap_err();
+        assert!(err.to_string().contains("(300 bytes)"), "{err}");
+    }
+
+    #[test]
+    fn a_huge_or_malformed_redrive_count_saturates() {
+        for count in ["99999999999", "4294967295", "junk"] {
+            let h = Headers::new()
+                .with(headers::ORIGINAL_TOPIC, "t")
+                .with(headers::REDRIVE_COUNT, count);
+            let r = RedriveRecord::from_dead_letter(&letter(h), None).unwrap();
+            assert_eq!(r.redrive_count, u32::MAX, "{count}");
+            assert_eq!(
+                r.headers.get_str(headers::REDRIVE_COUNT),
+                Some("4294967295")
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the letter's headers: no panic; a redrive carries no provenance or tier
+        /// header, exactly one redrive count, never lower than the letter's, and goes to a
+        /// valid topic name.
+        #[test]
+        fn any_letter_redrives_or_is_refused_cleanly(
+            h in crate::dead_letter::headers::tests::arbitrary_headers(),
+            destination in proptest::option::of("[a-z./ ]{0,8}"),
+        ) {
+            let before = redrive_count(&h);
+            match RedriveRecord::from_dead_letter(&letter(h), destination.as_deref()) {
+                Ok(r) => {
+                    proptest::prop_assert!(crate::topic_name::check(&r.topic).is_ok());
+                    proptest::prop_assert_eq!(r.redrive_count, before.saturating_add(1));
+                    proptest::prop_assert_eq!(r.headers.get_all(headers::REDRIVE_COUNT).count(), 1);
+                    let clean = r.headers.iter().all(|x| {
+                        !headers::is_provenance(x.key())
+                            && !headers::tier::ALL.iter().any(|n| x.is_named(n))
+                    });
+                    proptest::prop_assert!(clean);
+                }
+                Err(e) => {
+                    let _ = e.to_string();
+                }
+            }
+        }
     }
 }

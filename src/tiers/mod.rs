@@ -39,7 +39,9 @@
 //!   [`headers::DEFERRED`].
 //! - **Partition**: the source partition when the tier topic has it (so one source partition
 //!   maps to one tier partition and the records of a key stay in one tier partition),
-//!   otherwise the producer's partitioner chooses by key.
+//!   otherwise the producer's partitioner chooses by key. Decided for each record alone:
+//!   nothing learned from one record changes where another goes (see
+//!   [Headers are untrusted](#headers-are-untrusted)).
 //! - **Timestamp**: a new one (the original is in `kafka_dlt-original-timestamp`).
 //!
 //! A record dead-lettered from a tier is written as if it came from its *source* record: to
@@ -70,7 +72,8 @@
 //!
 //! # Due times
 //!
-//! A tier record is not run before its due time ([`headers::DUE_MS`], wall clock, ms). Its job
+//! A tier record is not run before its due time ([`headers::DUE_MS`], wall clock, ms, bounded
+//! as [Headers are untrusted](#headers-are-untrusted) says). Its job
 //! starts, finds the record not due and waits *without its in-flight slot* (the same parking a
 //! retry back-off uses): no worker thread sleeps, other records use the slot, and the poll
 //! loop keeps polling. The record keeps its lane (its partition in `Partition` mode, its key in
@@ -83,6 +86,44 @@
 //! shutdown leaves a waiting record *for later*: unsettled, consumed again by the next owner
 //! (a shutdown counts it in [`ShutdownReport::left_for_later`](crate::ShutdownReport::left_for_later),
 //! not as abandoned: nothing of it ran).
+//!
+//! # Headers are untrusted
+//!
+//! Any producer that can write to a tier topic can write a tier record, with any headers.
+//! kourier reads them as untrusted input (delivery rule 17 in the crate docs): a value that
+//! is malformed or hostile never panics, never wraps, never parks a partition and never
+//! moves another record. The rules, for a record read from tier `n` of source topic `S`
+//! (with delay `d`); each header is the last one of its name:
+//!
+//! | header | rule |
+//! |---|---|
+//! | the tier | from the topic the record was read from, never from [`headers::TIER`] |
+//! | [`headers::DUE_MS`] | decimal ms since the epoch. Missing or malformed: the record's timestamp plus `d` (no timestamp: `d` from when it comes up). Never later than `d + skew` past the record's timestamp, **nor** `d + skew` past when its job first looks at it (held on the monotonic clock), so neither a far-future due time nor a far-future `CreateTime` can hold it longer. Before the epoch: due at once. `skew` is the clock-skew allowance: one minute, or `d` when `d` is shorter (a record never waits more than twice a short tier's delay) |
+//! | [original topic](crate::dead_letter::headers::ORIGINAL_TOPIC) | absent: the record stands for itself (a record written to the tier by hand). Present: must be UTF-8 and name `S` (surrounding spaces allowed); anything else (another topic, one that does not exist, an invalid name, a null value) makes the record **invalid** |
+//! | [original partition](crate::dead_letter::headers::ORIGINAL_PARTITION) | absent: the record's own. Present: an int32 (4-byte big-endian or decimal) of 0 or more, else **invalid**. A valid partition the tier topic does not have sends that record alone by key |
+//! | [original offset](crate::dead_letter::headers::ORIGINAL_OFFSET) | absent: the record's own. Present: an int64 of 0 or more, else **invalid** |
+//! | [attempts](crate::dead_letter::headers::ATTEMPTS) | a non-negative decimal of any length, saturating at `u32::MAX`; malformed: no failure history (the tier's attempts count from 0). Sums across tiers saturate |
+//! | [`headers::FAILED_STAGES`] | a non-negative decimal, clamped to `0..=tiers` (a record with as many failed stages as there are tiers is dead-lettered at its next failure, never sent round again); missing or malformed: `n`. Sums saturate |
+//! | timestamps, failure times, kind, error | as [`Provenance`](crate::dead_letter::Provenance) reads them: times outside the epoch..year 9999 are `None` (a missing failure time is now) |
+//! | [`headers::DEFERRED`] | informational only |
+//!
+//! An **invalid** tier record is not waited for, not handled and not forwarded: it is
+//! dead-lettered at once, once, with kind `decode` (a record kourier cannot read) and an
+//! error message naming the header and its value (escaped, cut to 100 characters), e.g.
+//! ``unreadable retry-tier record S.retry.1/0@5: header kafka_dlt-original-topic is
+//! `nope`, but `S.retry.1` is a retry tier of `S` ``. It is written *as it is* — its key,
+//! value and own headers, its own partition, offset and timestamp — under `S`, so it goes to
+//! `S`'s dead-letter topic (the only dead-letter topic a tier record can name safely) and a
+//! redrive sends it to `S`. The letter's provenance therefore names `S` with the *tier
+//! record's* partition and offset; the error message says which tier record it was.
+//!
+//! The bound holds for records kourier wrote too: after a tier's delay is shortened, records
+//! already in that tier run by the new bound.
+//!
+//! So a crafted due time delays one record by at most `d + skew` from when it comes up (the
+//! records behind it in its lane wait as they wait behind any tier record), a crafted
+//! provenance cannot redirect a record or wedge its partition, and crafted counts cannot
+//! make a record loop or lose its history.
 //!
 //! # Per-key order across tiers (`keep_key_order`)
 //!

@@ -2,7 +2,6 @@
 //! forwarding producer.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::error::RDKafkaErrorCode;
@@ -12,11 +11,18 @@ use super::RetryTiers;
 use super::headers::{self, History, Origin, Stamp, forward_headers};
 use crate::clock;
 use crate::dead_letter::Provenance;
+use crate::dead_letter::headers as dlt;
 use crate::error::{ConfigError, Error, Result};
 use crate::producer::{Delivery, ManagedProducer};
 use crate::record::{RawRecord, owned_headers};
 
 const SEND_OPERATION: &str = "forward record to retry tier";
+
+/// The most a tier record's due time may lie past its tier's delay (from its timestamp, and
+/// from when it is first looked at), for clock skew between the forwarding and the running
+/// host: one minute, or the tier's delay when that is shorter (see the module docs,
+/// "Headers are untrusted").
+pub(crate) const MAX_DUE_SKEW: Duration = Duration::from_secs(60);
 
 /// Where a record stands in the tier chain.
 #[derive(Debug, Clone)]
@@ -25,10 +31,49 @@ pub(crate) struct Located {
     pub(crate) tier: u32,
     /// The source record's coordinates.
     pub(crate) origin: Origin,
-    /// When it may run (tier records).
+    /// When it may run (tier records), bounded by the tier's delay (delivery rule 17).
     pub(crate) due: Option<SystemTime>,
+    /// The longest a tier record waits for `due` from when it is first looked at: its tier's
+    /// delay plus the skew allowance (held on the monotonic clock by [`Located::due_wait`]).
+    pub(crate) longest_wait: Duration,
     /// Failures before this tier.
     pub(crate) history: Option<History>,
+    /// Why a tier record cannot be read (its provenance names another source, a negative
+    /// partition or offset, ...): it is dead-lettered at once as `decode`, as it is, to its
+    /// tier's source topic's dead-letter topic.
+    pub(crate) invalid: Option<String>,
+}
+
+impl Located {
+    /// The wait for the due time of a tier record, starting now.
+    pub(crate) fn due_wait(&self) -> Option<DueWait> {
+        self.due.map(|due| DueWait {
+            due,
+            latest: clock::deadline_in(self.longest_wait),
+        })
+    }
+}
+
+/// A tier record's wait for its due time: until the wall clock reaches the due time, and
+/// never past `latest` on the monotonic clock (a wall clock stepped back does not stretch it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DueWait {
+    due: SystemTime,
+    latest: tokio::time::Instant,
+}
+
+impl DueWait {
+    /// How long is left to wait (zero: due).
+    pub(crate) fn left(&self) -> Duration {
+        let wall = self
+            .due
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        wall.min(
+            self.latest
+                .saturating_duration_since(tokio::time::Instant::now()),
+        )
+    }
 }
 
 /// The tiers of a running consumer.
@@ -38,8 +83,6 @@ pub(crate) struct Tiers {
     /// Tier topic → (source topic, tier).
     by_topic: HashMap<String, (String, u32)>,
     producer: ManagedProducer,
-    /// Tier topics without the source's partition: forwarded by key.
-    by_key: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Tiers {
@@ -104,7 +147,6 @@ impl Tiers {
             group,
             by_topic,
             producer,
-            by_key: Mutex::new(HashSet::new()),
         }
     }
 
@@ -129,7 +171,8 @@ impl Tiers {
         self.config.delays.len() as u32
     }
 
-    /// Where `record` stands.
+    /// Where `record` stands: a source record stands for itself; a tier record's headers are
+    /// read by the rules of [`read_tier_record`].
     pub(crate) fn locate(&self, record: &RawRecord) -> Located {
         let Some((source, tier)) = self.by_topic.get(&*record.topic) else {
             return Located {
@@ -142,42 +185,19 @@ impl Tiers {
                     log_append_time: record.log_append_time,
                 },
                 due: None,
+                longest_wait: Duration::ZERO,
                 history: None,
+                invalid: None,
             };
         };
-        let p = Provenance::from_headers(&record.headers);
-        let due = record
-            .headers
-            .get_str(headers::DUE_MS)
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
-        let stages = record
-            .headers
-            .get_str(headers::FAILED_STAGES)
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .unwrap_or(*tier);
-        let history = p.attempts.map(|attempts| History {
-            stages,
-            kind: p.failure_kind.map_or("retries-exhausted", |k| k.as_str()),
-            error: p.error.clone().unwrap_or_default(),
-            attempts,
-            first: p.first_failure.unwrap_or_else(SystemTime::now),
-            last: p.last_failure.unwrap_or_else(SystemTime::now),
-        });
-        // A record written to a tier topic by hand: it stands for itself.
-        let origin = Origin {
-            topic: p.original_topic.unwrap_or_else(|| source.clone()),
-            partition: p.original_partition.unwrap_or(record.partition),
-            offset: p.original_offset.unwrap_or(record.offset),
-            timestamp: p.original_timestamp,
-            log_append_time: p.original_timestamp_type.as_deref() == Some("LogAppendTime"),
-        };
-        Located {
-            tier: *tier,
-            origin,
-            due,
-            history,
-        }
+        read_tier_record(
+            record,
+            source,
+            *tier,
+            self.count(),
+            self.delay(*tier),
+            SystemTime::now(),
+        )
     }
 
     /// The record a tier record stands for: the source's coordinates, no tier headers
@@ -226,12 +246,12 @@ impl Tiers {
             hop,
         };
         let headers = forward_headers(&record.headers, &at.origin, &self.group, history, stamp);
+        // Placement is decided for this record alone: the source partition when the tier
+        // topic has it, else by key. Nothing is learned from one record for the next: a
+        // tier record's original partition is a header, and a crafted one must not move
+        // other records off their partition (delivery rule 17).
+        let mut by_key = false;
         loop {
-            let by_key = self
-                .by_key
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .contains(&topic);
             let mut out =
                 FutureRecord::<[u8], [u8]>::to(&topic).headers(owned_headers(headers.iter()));
             if !by_key {
@@ -250,16 +270,150 @@ impl Tiers {
                         && source.rdkafka_error_code()
                             == Some(RDKafkaErrorCode::UnknownPartition) =>
                 {
-                    // The tier topic has fewer partitions than the source: by key from now on.
-                    self.by_key
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(topic.clone());
+                    // The tier topic has fewer partitions than the source partition named.
+                    by_key = true;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
+}
+
+/// Reads a record of tier `tier` (of `tiers`, with delay `delay`) of `source` as untrusted
+/// input, at wall-clock time `now`, by the rules of the module docs ("Headers are
+/// untrusted", delivery rule 17). Pure and total: never panics, whatever the headers.
+pub(crate) fn read_tier_record(
+    record: &RawRecord,
+    source: &str,
+    tier: u32,
+    tiers: u32,
+    delay: Duration,
+    now: SystemTime,
+) -> Located {
+    let h = &record.headers;
+    let own_timestamp = record.timestamp.and_then(dlt::epoch_millis);
+    let longest_wait = delay.saturating_add(delay.min(MAX_DUE_SKEW));
+
+    // Provenance: absent headers mean a record written to the tier by hand (it stands for
+    // itself); present ones must name this tier's source and a real position.
+    let mut problems: Vec<String> = Vec::new();
+    let topic_ok = match dlt::last(h, dlt::ORIGINAL_TOPIC) {
+        None => true,
+        Some(v) => v
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .is_some_and(|t| t.trim() == source),
+    };
+    if !topic_ok {
+        problems.push(format!(
+            "header {} is {}, but {} is a retry tier of `{source}`",
+            dlt::ORIGINAL_TOPIC,
+            shown_value(dlt::last(h, dlt::ORIGINAL_TOPIC).flatten()),
+            dlt::shown(record.topic.as_bytes()),
+        ));
+    }
+    let partition = match dlt::last(h, dlt::ORIGINAL_PARTITION) {
+        None => Some(record.partition),
+        Some(v) => v.and_then(dlt::partition),
+    };
+    if partition.is_none() {
+        problems.push(format!(
+            "header {} is {}, not a partition (an int32 of 0 or more)",
+            dlt::ORIGINAL_PARTITION,
+            shown_value(dlt::last(h, dlt::ORIGINAL_PARTITION).flatten()),
+        ));
+    }
+    let offset = match dlt::last(h, dlt::ORIGINAL_OFFSET) {
+        None => Some(record.offset),
+        Some(v) => v.and_then(dlt::offset),
+    };
+    if offset.is_none() {
+        problems.push(format!(
+            "header {} is {}, not an offset (an int64 of 0 or more)",
+            dlt::ORIGINAL_OFFSET,
+            shown_value(dlt::last(h, dlt::ORIGINAL_OFFSET).flatten()),
+        ));
+    }
+    if !problems.is_empty() {
+        // Dead-lettered as it is: its own partition, offset and timestamp, under its tier's
+        // source topic (whose dead-letter topic it goes to).
+        return Located {
+            tier,
+            origin: Origin {
+                topic: source.to_owned(),
+                partition: record.partition,
+                offset: record.offset,
+                timestamp: record.timestamp,
+                log_append_time: record.log_append_time,
+            },
+            due: None,
+            longest_wait,
+            history: None,
+            invalid: Some(format!(
+                "unreadable retry-tier record {}: {}",
+                record.coordinates(),
+                problems.join("; ")
+            )),
+        };
+    }
+
+    let p = Provenance::from_headers(h);
+    // Due: the written due time, else the record's timestamp plus the delay; never later
+    // than the delay plus the skew allowance past the record's timestamp, nor past now.
+    let bound = clock::after(now, longest_wait);
+    let bound = own_timestamp.map_or(bound, |ts| bound.min(clock::after(ts, longest_wait)));
+    let written = h.get(headers::DUE_MS).and_then(due_ms);
+    let due = written
+        .unwrap_or_else(|| clock::after(own_timestamp.unwrap_or(now), delay))
+        .min(bound);
+    // Stages: 0..=tiers (a record with `tiers` failed stages is dead-lettered at its next
+    // failure); absent or malformed reads as its tier.
+    let stages = h
+        .get(headers::FAILED_STAGES)
+        .and_then(dlt::count)
+        .map_or(tier, dlt::saturate_u32)
+        .min(tiers);
+    let history = p.attempts.map(|attempts| History {
+        stages,
+        kind: p.failure_kind.map_or("retries-exhausted", |k| k.as_str()),
+        error: p.error.clone().unwrap_or_default(),
+        attempts,
+        first: p.first_failure.unwrap_or(now),
+        last: p.last_failure.unwrap_or(now),
+    });
+    let origin = Origin {
+        topic: source.to_owned(),
+        partition: partition.unwrap_or(record.partition),
+        offset: offset.unwrap_or(record.offset),
+        timestamp: p.original_timestamp,
+        log_append_time: p.original_timestamp_type.as_deref() == Some("LogAppendTime"),
+    };
+    Located {
+        tier,
+        origin,
+        due: Some(due),
+        longest_wait,
+        history,
+        invalid: None,
+    }
+}
+
+/// A [`headers::DUE_MS`] value: decimal ms since the epoch. Before the epoch reads as the
+/// epoch (due), past [`dlt::MAX_TIME_MS`] as that (then bounded by the tier's delay);
+/// anything else is `None` (malformed).
+fn due_ms(v: &[u8]) -> Option<SystemTime> {
+    let text = std::str::from_utf8(v).ok()?.trim();
+    let ms = match text.strip_prefix('-') {
+        Some(digits) => {
+            dlt::count(digits.as_bytes())?;
+            0
+        }
+        None => dlt::count(text.as_bytes())?.min(dlt::MAX_TIME_MS as u64),
+    };
+    Some(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+fn shown_value(v: Option<&[u8]>) -> String {
+    v.map_or_else(|| "null".to_owned(), dlt::shown)
 }
 
 #[cfg(test)]
@@ -321,7 +475,15 @@ mod tests {
             log_append_time: false,
         };
         assert_eq!(record.headers.get_all(headers::TIER).count(), 1);
-        let at = tiers.locate(&record);
+        let at = read_tier_record(
+            &record,
+            "src",
+            2,
+            2,
+            Duration::from_secs(2),
+            UNIX_EPOCH + Duration::from_secs(4),
+        );
+        assert_eq!(at.invalid, None);
         assert_eq!((at.tier, &at.origin, at.due), (2, &origin, Some(due)));
         let h = at.history.as_ref().unwrap();
         assert_eq!(
@@ -340,5 +502,201 @@ mod tests {
         };
         let at = tiers.locate(&source);
         assert_eq!((at.tier, at.origin.offset, at.due.is_none()), (0, 3, true));
+    }
+
+    const SKEW: Duration = MAX_DUE_SKEW;
+
+    fn tier_record(headers: Headers, timestamp: Option<i64>) -> RawRecord {
+        RawRecord {
+            topic: "src.retry.1".into(),
+            partition: 1,
+            offset: 40,
+            key: Some(b"k".into()),
+            value: Some(b"v".into()),
+            headers,
+            timestamp,
+            log_append_time: false,
+        }
+    }
+
+    fn ms(t: SystemTime) -> i64 {
+        headers::millis(t)
+    }
+
+    /// Rule: a tier record waits at most its delay plus the skew allowance past its own
+    /// timestamp and past now, whatever its due header or its timestamp say.
+    #[test]
+    fn crafted_due_times_are_bounded_by_the_tier_delay() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let delay = Duration::from_secs(600);
+        let read = |h: Headers, ts: Option<i64>| {
+            read_tier_record(&tier_record(h, ts), "src", 1, 2, delay, now)
+        };
+        let far = Headers::new().with(headers::DUE_MS, "99999999999999999999");
+        // An honest timestamp: the delay plus one minute past it.
+        let at = read(far.clone(), Some(ms(now) - 1_000));
+        assert_eq!(at.invalid, None);
+        assert_eq!(at.due, Some(now - Duration::from_secs(1) + delay + SKEW));
+        assert_eq!(at.longest_wait, delay + SKEW);
+        // A timestamp in the future pins nothing either: bounded from now.
+        let at = read(far.clone(), Some(ms(now) + 86_400_000));
+        assert_eq!(at.due, Some(now + delay + SKEW));
+        // No timestamp: from now.
+        assert_eq!(read(far, None).due, Some(now + delay + SKEW));
+        // Missing or malformed due: the timestamp plus the delay (bounded the same way).
+        let ts = ms(now) - 5_000;
+        let expected = Some(now - Duration::from_secs(5) + delay);
+        assert_eq!(read(Headers::new(), Some(ts)).due, expected);
+        for junk in [&b"soon"[..], b"", b"12e4", b"\xff\xfe", b"--5"] {
+            let h = Headers::new().with(headers::DUE_MS, junk);
+            assert_eq!(read(h, Some(ts)).due, expected, "{junk:?}");
+        }
+        assert_eq!(read(Headers::new(), None).due, Some(now + delay));
+        // Before the epoch: due at once.
+        let h = Headers::new().with(headers::DUE_MS, "-99999999999999999999");
+        assert_eq!(read(h, Some(ts)).due, Some(UNIX_EPOCH));
+        // A legitimate due time is kept as it is.
+        let h = Headers::new().with(headers::DUE_MS, (ts + 600_000).to_string());
+        assert_eq!(read(h, Some(ts)).due, expected);
+        // A short tier: the skew allowance is the delay itself.
+        let short = Duration::from_secs(2);
+        let h = Headers::new().with(headers::DUE_MS, i64::MAX.to_string());
+        let at = read_tier_record(&tier_record(h, Some(ms(now))), "src", 1, 2, short, now);
+        assert_eq!(at.due, Some(now + short * 2));
+    }
+
+    /// Rule: a tier record's provenance must name its tier's source topic and a real
+    /// position; otherwise it is invalid (dead-lettered as it is), with a message naming the
+    /// header and its value.
+    #[test]
+    fn provenance_naming_another_topic_or_position_is_invalid() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let read = |h: Headers| {
+            read_tier_record(
+                &tier_record(h, Some(ms(now))),
+                "src",
+                1,
+                2,
+                Duration::from_secs(1),
+                now,
+            )
+        };
+        let at = read(Headers::new().with(dlt::ORIGINAL_TOPIC, "no-such-topic"));
+        let why = at.invalid.expect("another topic is invalid");
+        assert!(
+            why.contains(dlt::ORIGINAL_TOPIC) && why.contains("`no-such-topic`"),
+            "{why}"
+        );
+        assert!(why.contains("src.retry.1/1@40"), "{why}");
+        assert_eq!(
+            (
+                at.origin.topic.as_str(),
+                at.origin.partition,
+                at.origin.offset
+            ),
+            ("src", 1, 40),
+            "dead-lettered as it is, under its tier's source"
+        );
+        assert!(at.history.is_none() && at.due.is_none());
+        let mut null = Headers::new();
+        null.push(crate::record::Header::null(dlt::ORIGINAL_TOPIC));
+        for bad in [
+            Headers::new().with(dlt::ORIGINAL_TOPIC, "bad topic/name\n"),
+            Headers::new().with(dlt::ORIGINAL_TOPIC, vec![0xff, 0xfe]),
+            Headers::new().with(dlt::ORIGINAL_TOPIC, "x".repeat(10_000)),
+            null,
+            Headers::new().with(dlt::ORIGINAL_PARTITION, (-1i32).to_be_bytes()),
+            Headers::new().with(dlt::ORIGINAL_PARTITION, "99999999999"),
+            Headers::new().with(dlt::ORIGINAL_PARTITION, "abc"),
+            Headers::new().with(dlt::ORIGINAL_OFFSET, (-5i64).to_be_bytes()),
+            Headers::new().with(dlt::ORIGINAL_OFFSET, "1.5"),
+        ] {
+            let why = read(bad.clone())
+                .invalid
+                .unwrap_or_else(|| panic!("{bad:?}"));
+            assert!(why.starts_with("unreadable retry-tier record"), "{why}");
+            assert!(why.len() < 400, "the message is bounded: {why}");
+        }
+        // A hand-written record without provenance stands for itself; a large partition
+        // that is a valid int32 is read (placement falls back to the key for it alone).
+        let at = read(Headers::new());
+        assert_eq!(at.invalid, None);
+        assert_eq!((at.origin.partition, at.origin.offset), (1, 40));
+        let at = read(
+            Headers::new()
+                .with(dlt::ORIGINAL_TOPIC, " src ")
+                .with(dlt::ORIGINAL_PARTITION, 99_999i32.to_be_bytes())
+                .with(dlt::ORIGINAL_OFFSET, "7"),
+        );
+        assert_eq!(at.invalid, None);
+        assert_eq!((at.origin.partition, at.origin.offset), (99_999, 7));
+    }
+
+    /// Rule: attempts saturate at `u32::MAX`, failed stages are clamped to the number of
+    /// tiers; nothing wraps.
+    #[test]
+    fn counts_are_clamped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let read = |stages: &str| {
+            let h = Headers::new()
+                .with(dlt::ATTEMPTS, "4294967295")
+                .with(headers::FAILED_STAGES, stages);
+            read_tier_record(
+                &tier_record(h, None),
+                "src",
+                1,
+                3,
+                Duration::from_secs(1),
+                now,
+            )
+        };
+        for (written, read_as) in [
+            ("4294967295", 3),
+            ("99999999999", 3),
+            ("2", 2),
+            ("-1", 1),
+            ("x", 1),
+        ] {
+            let h = read(written).history.expect("attempts were given");
+            assert_eq!((h.attempts, h.stages), (u32::MAX, read_as), "{written}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the headers and timestamp: no panic, and what is read keeps the rules.
+        #[test]
+        fn any_tier_record_is_read_within_the_rules(
+            h in crate::dead_letter::headers::tests::arbitrary_headers(),
+            timestamp in proptest::option::of(proptest::prelude::any::<i64>()),
+            delay_ms in 1u64..(3 * 86_400_000),
+            now_s in 0u64..8_000_000_000,
+            tiers in 1u32..=100,
+        ) {
+            let now = UNIX_EPOCH + Duration::from_secs(now_s);
+            let delay = Duration::from_millis(delay_ms);
+            let tier = tiers.min(2);
+            let record = tier_record(h, timestamp);
+            let at = read_tier_record(&record, "src", tier, tiers, delay, now);
+            proptest::prop_assert_eq!(at.origin.topic.as_str(), "src");
+            proptest::prop_assert!(at.longest_wait <= delay + delay.min(SKEW));
+            match &at.invalid {
+                Some(why) => {
+                    proptest::prop_assert!(at.due.is_none() && at.history.is_none());
+                    proptest::prop_assert!(why.starts_with("unreadable retry-tier record"));
+                    proptest::prop_assert!(why.len() < 1_000);
+                }
+                None => {
+                    let due = at.due.expect("a tier record has a due time");
+                    proptest::prop_assert!(due <= now + at.longest_wait);
+                    if let Some(ts) = record.timestamp.and_then(dlt::epoch_millis) {
+                        proptest::prop_assert!(due <= ts + at.longest_wait);
+                    }
+                    proptest::prop_assert!(at.origin.partition >= 0 && at.origin.offset >= 0);
+                    if let Some(h) = &at.history {
+                        proptest::prop_assert!(h.stages <= tiers);
+                    }
+                }
+            }
+        }
     }
 }

@@ -98,10 +98,9 @@ impl Letter {
 
     /// When the record was given up: its last failure, else the letter's own timestamp.
     pub(crate) fn failed_at(&self) -> Option<SystemTime> {
-        self.provenance.last_failure.or_else(|| {
-            let ms = u64::try_from(self.record.timestamp?).ok()?;
-            UNIX_EPOCH.checked_add(Duration::from_millis(ms))
-        })
+        self.provenance
+            .last_failure
+            .or_else(|| epoch_millis(self.record.timestamp?))
     }
 
     /// `partition@offset` in the dead-letter topic.
@@ -122,8 +121,8 @@ impl Letter {
             .record
             .headers
             .get_str(tiers::DUE_MS)
-            .and_then(|d| d.trim().parse::<u64>().ok())
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+            .and_then(|d| d.trim().parse::<i64>().ok())
+            .and_then(epoch_millis);
         Some((tier, due))
     }
 
@@ -146,17 +145,17 @@ impl Letter {
             "original_topic": p.original_topic,
             "original_partition": p.original_partition,
             "original_offset": p.original_offset,
-            "original_timestamp": p.original_timestamp.and_then(|t| u64::try_from(t).ok()).map(|t| rfc3339(UNIX_EPOCH + Duration::from_millis(t))),
+            "original_timestamp": p.original_timestamp.and_then(epoch_millis).and_then(rfc3339),
             "consumer_group": p.consumer_group,
             "kind": p.failure_kind.map(DeadLetterReason::as_str),
             "exception": p.exception_class,
             "error": p.error,
             "attempts": p.attempts,
-            "first_failure": p.first_failure.map(rfc3339),
-            "last_failure": p.last_failure.map(rfc3339),
+            "first_failure": p.first_failure.and_then(rfc3339),
+            "last_failure": p.last_failure.and_then(rfc3339),
             "redrive_count": p.redrive_count,
             "retry_tier": self.tier().map(|(t, _)| t),
-            "due": self.tier().and_then(|(_, d)| d).map(rfc3339),
+            "due": self.tier().and_then(|(_, d)| d).and_then(rfc3339),
             "deferred": self.record.headers.get_str(tiers::DEFERRED) == Some("true"),
             "key": key_utf8,
             "key_hex": key.filter(|_| key_utf8.is_none()).map(hex),
@@ -570,7 +569,7 @@ pub(crate) fn redrive(
         }
         let refuse = |reason: String| Refused {
             letter: letter.place(),
-            original: letter.provenance.original_coordinates(),
+            original: cell(&letter.provenance.original_coordinates()),
             reason,
         };
         let p = &letter.provenance;
@@ -623,12 +622,12 @@ pub(crate) fn redrive(
         };
         report.redriven.push(Redriven {
             letter: letter.place(),
-            original: letter.provenance.original_coordinates(),
+            original: cell(&letter.provenance.original_coordinates()),
             topic: redrive.topic.clone(),
             partition: delivered_partition,
             offset,
             redrive_count: redrive.redrive_count,
-            key: letter.key_text(),
+            key: letter.key_text().map(|k| cell(&k)),
         });
         if !opts.dry_run {
             if opts
@@ -731,9 +730,46 @@ impl Drop for RedriveProducer {
 
 // ───────────── formatting ─────────────
 
-/// RFC 3339, UTC, to the millisecond.
-pub(crate) fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+/// RFC 3339, UTC, to the millisecond; `None` for a time RFC 3339 cannot write (before the
+/// epoch, after 9999-12-31: a header is untrusted, and humantime's `Display` fails on those,
+/// which `to_string` turns into a panic).
+pub(crate) fn rfc3339(t: SystemTime) -> Option<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    write!(out, "{}", humantime::format_rfc3339_millis(in_range(t)?))
+        .ok()
+        .map(|()| out)
+}
+
+/// As [`rfc3339`], to the second.
+pub(crate) fn rfc3339_seconds(t: SystemTime) -> Option<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    write!(out, "{}", humantime::format_rfc3339_seconds(in_range(t)?))
+        .ok()
+        .map(|()| out)
+}
+
+/// `t` when it lies between the epoch and the last millisecond of year 9999.
+fn in_range(t: SystemTime) -> Option<SystemTime> {
+    let ms = t.duration_since(UNIX_EPOCH).ok()?.as_millis();
+    (ms <= headers::MAX_TIME_MS as u128).then_some(t)
+}
+
+/// `ms` since the epoch as a time, within the range [`rfc3339`] writes (else `None`).
+fn epoch_millis(ms: i64) -> Option<SystemTime> {
+    let ms = u64::try_from(ms)
+        .ok()
+        .filter(|&ms| ms <= headers::MAX_TIME_MS as u64)?;
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
+/// A table cell: control characters (newlines, tabs, terminal escapes from a crafted
+/// header) become spaces, so a row stays one line and cannot drive the terminal.
+fn cell(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// A time given on the command line: RFC 3339 (`2026-05-01T10:00:00Z`, or with a space, or a
@@ -787,21 +823,12 @@ pub(crate) fn table(letters: &[Letter]) -> String {
         "KEY",
         "ERROR",
     ];
-    let time = |t: Option<SystemTime>| {
-        t.map_or_else(
-            || "-".to_owned(),
-            |t| humantime::format_rfc3339_seconds(t).to_string(),
-        )
-    };
+    let time = |t: Option<SystemTime>| t.and_then(rfc3339_seconds).unwrap_or_else(|| "-".into());
     let rows: Vec<[String; 9]> = letters
         .iter()
         .map(|l| {
             let p = &l.provenance;
-            let error: String = p
-                .error
-                .as_deref()
-                .unwrap_or("-")
-                .replace(['\n', '\r', '\t'], " ");
+            let error = cell(p.error.as_deref().unwrap_or("-"));
             let error = if error.chars().count() > ERROR_WIDTH {
                 let cut: String = error.chars().take(ERROR_WIDTH - 1).collect();
                 format!("{cut}…")
@@ -810,7 +837,7 @@ pub(crate) fn table(letters: &[Letter]) -> String {
             };
             [
                 l.place(),
-                p.original_coordinates(),
+                cell(&p.original_coordinates()),
                 {
                     let kind = p.failure_kind.map_or("-", DeadLetterReason::as_str);
                     match l.tier() {
@@ -822,7 +849,7 @@ pub(crate) fn table(letters: &[Letter]) -> String {
                 time(p.first_failure),
                 time(p.last_failure),
                 p.redrive_count.to_string(),
-                l.key_text().unwrap_or_else(|| "-".to_owned()),
+                l.key_text().map_or_else(|| "-".to_owned(), |k| cell(&k)),
                 error,
             ]
         })

@@ -41,6 +41,12 @@
 //! such as `2h`), `--key`. Progress goes to stderr every 2 s on long runs. A missing topic or
 //! an unreachable broker is an error within `--timeout` (default 10 s), never a hang.
 //!
+//! Headers are untrusted (anyone who can write to a topic can write them): the tool reads
+//! them by the rules of [`kourier::dead_letter::headers`] and never panics on any value. A
+//! time outside 1970..9999 is shown as `-` (`null` in JSON), control characters in table
+//! cells as spaces; a redrive count that is too large or unreadable counts as `u32::MAX`, so
+//! `--max-redrives` refuses the letter; a letter naming an invalid topic is refused.
+//!
 //! Do not run two redrives of one dead-letter topic with the same group at once: each
 //! would redrive the same letters.
 
