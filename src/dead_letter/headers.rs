@@ -28,6 +28,7 @@
 //! | [`ATTEMPTS`] | decimal, any number of digits | above `u32::MAX`: saturates at `u32::MAX`; not a non-negative decimal: `None` |
 //! | [`VALUE_DROPPED_BYTES`] | decimal | above `u64::MAX`, or not a decimal: `u64::MAX` (present means dropped) |
 //! | [`REDRIVE_COUNT`] | decimal, any number of digits; absent is 0 | above `u32::MAX`: saturates; present but not a non-negative decimal (null, text, negative): **`u32::MAX`**, so a redrive limit refuses it |
+//! | [`tier::HOP`] (read by the consumer for the dedup key's position) | decimal, any number of digits; absent is 0 | as [`REDRIVE_COUNT`]: saturates, malformed is `u32::MAX` (a position of its own, never an earlier one) |
 //! | [`FAILURE_KIND`] | one of the [`DeadLetterReason`] names | `None` |
 //! | topic, group, class, type | UTF-8 text, trimmed | not UTF-8: `None` (the error message is read lossily) |
 //!
@@ -306,15 +307,17 @@ pub(crate) struct Position {
     pub(crate) hop: u32,
 }
 
-/// The position a record's headers give (a header that is missing or not a number counts as
-/// 0 for the hop; the redrive count reads as `dead_letter::headers` documents).
+/// The position a record's headers give: the redrive count as [`redrive_count`] reads it,
+/// and the hop the same way (absent: 0; above `u32::MAX`: saturates; present but not a
+/// non-negative decimal: `u32::MAX`, a position of its own — never read as a smaller count,
+/// which could make a copy look like an earlier, settled delivery and skip it).
 pub(crate) fn position_of(headers: &Headers) -> Position {
     Position {
         redrive: redrive_count(headers),
-        hop: headers
-            .get_str(tier::HOP)
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0),
+        hop: match last(headers, tier::HOP) {
+            None => 0,
+            Some(value) => value.and_then(count).map_or(u32::MAX, saturate_u32),
+        },
     }
 }
 
@@ -683,6 +686,30 @@ pub(crate) mod tests {
         );
         assert!(p.is_dead_letter());
         assert_eq!(p.original_coordinates(), "notify.v1/3@42");
+    }
+
+    #[test]
+    fn a_delivery_position_is_never_read_as_an_earlier_one() {
+        let at = |hop: Option<&[u8]>, redrive: Option<&[u8]>| {
+            let mut h = Headers::new();
+            if let Some(v) = hop {
+                h.push(Header::new(tier::HOP, v.to_vec()));
+            }
+            if let Some(v) = redrive {
+                h.push(Header::new(REDRIVE_COUNT, v.to_vec()));
+            }
+            let p = position_of(&h);
+            (p.redrive, p.hop)
+        };
+        assert_eq!(at(None, None), (0, 0));
+        assert_eq!(at(Some(b"3"), Some(b" 2 ")), (2, 3));
+        assert_eq!(at(Some(b"99999999999"), None), (0, u32::MAX));
+        assert_eq!(at(Some(b"-1"), Some(b"x")), (u32::MAX, u32::MAX));
+        assert_eq!(
+            positioned("g:e".into(), Position { redrive: 1, hop: 2 }),
+            "g:e#r1#h2"
+        );
+        assert_eq!(positioned("g:e".into(), Position::default()), "g:e");
     }
 
     #[test]
