@@ -118,12 +118,19 @@ pub struct ThrottledLogContext {
 }
 
 impl ThrottledLogContext {
-    pub(crate) fn new(interval: Duration) -> Self {
+    /// A context that logs each distinct warning or error of librdkafka's at most once per
+    /// `interval` (capped at a year), with the count suppressed since. For clients an
+    /// application creates itself next to kourier's, e.g. with rdkafka's
+    /// `ClientConfig::create_with_context`.
+    pub fn new(interval: Duration) -> Self {
         ThrottledLogContext {
             throttle: Arc::new(LogThrottle::new(interval)),
         }
     }
 }
+
+/// Usable for a consumer too (no rebalance hooks of its own), e.g. `BaseConsumer<ThrottledLogContext>`.
+impl rdkafka::consumer::ConsumerContext for ThrottledLogContext {}
 
 impl ClientContext for ThrottledLogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {

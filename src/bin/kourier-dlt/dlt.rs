@@ -10,16 +10,29 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use kourier::ThrottledLogContext;
 use kourier::dead_letter::{Provenance, RedriveRecord, headers};
 use kourier::rdkafka::client::ClientContext;
 use kourier::rdkafka::config::ClientConfig;
-use kourier::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use kourier::rdkafka::consumer::{BaseConsumer as RawConsumer, CommitMode, Consumer};
 use kourier::rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use kourier::rdkafka::message::DeliveryResult;
 use kourier::rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use kourier::rdkafka::{Message as _, Offset, TopicPartitionList};
 use kourier::tiers::headers as tiers;
 use kourier::{DeadLetterReason, Header, RawRecord};
+
+/// The tool's consumers: librdkafka's warnings and errors through kourier's throttle (one
+/// line per distinct message per [`LOG_INTERVAL`], with a count), like every client kourier
+/// creates.
+type BaseConsumer = RawConsumer<ThrottledLogContext>;
+
+/// How often one persisting librdkafka warning or error is logged.
+const LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+fn log_context() -> ThrottledLogContext {
+    ThrottledLogContext::new(LOG_INTERVAL)
+}
 
 /// Where Kafka is, and how long any single wait may take.
 #[derive(Debug, Clone)]
@@ -288,7 +301,7 @@ impl Reader {
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
-            .create()
+            .create_with_context(log_context())
             .context("creating the Kafka consumer")?;
         let partitions = kafka.partitions(&consumer, topic)?;
         let committed: HashMap<i32, i64> = match (group, start) {
@@ -601,7 +614,7 @@ pub(crate) fn redrive(
             }
         };
         if !destinations.contains(&redrive.topic) {
-            let client: BaseConsumer = kafka.config().create()?;
+            let client: BaseConsumer = kafka.config().create_with_context(log_context())?;
             kafka
                 .partitions(&client, &redrive.topic)
                 .with_context(|| format!("destination of letter {}", letter.place()))?;
@@ -649,11 +662,27 @@ pub(crate) fn redrive(
     Ok(report)
 }
 
-/// Remembers the outcome of the one record in flight.
-#[derive(Default)]
-struct LastDelivery(Mutex<Option<std::result::Result<(i32, i64), KafkaError>>>);
+/// Remembers the outcome of the one record in flight; logs through the throttle.
+struct LastDelivery(
+    Mutex<Option<std::result::Result<(i32, i64), KafkaError>>>,
+    ThrottledLogContext,
+);
 
-impl ClientContext for LastDelivery {}
+impl Default for LastDelivery {
+    fn default() -> Self {
+        LastDelivery(Mutex::default(), log_context())
+    }
+}
+
+impl ClientContext for LastDelivery {
+    fn log(&self, level: kourier::rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.1.log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.1.error(error, reason);
+    }
+}
 
 impl ProducerContext for LastDelivery {
     type DeliveryOpaque = ();
