@@ -143,13 +143,19 @@
 //!
 //! The checks of the other modes, plus (the verdict line gets `compose=on dlt_kills=N
 //! dlt_kill_ms=MS tier_effects=S/T1/T2 forwarded=F1/F2 max_letters_per_event=M
-//! duplicate_letters=DL after_done=AD redis_repeats=RR order_violations=OV
+//! duplicate_letters=DL letters_in_kill_window=LW after_done=AD redis_repeats=RR order_violations=OV
 //! caught_up_after_s=C caught_up_bound_s=CB monitor_caught_up=yes|no` before `verdict=`):
 //!
-//! - **At most one dead letter per event** across the whole run (M ≤ 1; DL, the letters
-//!   beyond the first, must be 0): rule 18 in the crate docs, one event one outcome across
-//!   crashes, redeliveries and tier copies. It replaces the allowance for letters
-//!   uncommitted at a kill that the other modes grant.
+//! - **At most one dead letter per event, as far as the store can tell**: rule 18 in the
+//!   crate docs, one event one outcome across crashes, redeliveries and tier copies. A
+//!   consumer reports a letter (its outcome observer) only after it marked the delivery
+//!   settled, so no event may be *reported* dead-lettered twice, by one process or several.
+//!   A letter nobody reported was written by a process killed between the broker's
+//!   acknowledgement and the mark — the one window at-least-once leaves without a Kafka
+//!   transaction; the kill right after a dead letter aims at it, and letters of other records
+//!   in flight at that instant can fall in it: LW counts them (DL − those is 0), at most
+//!   `kills × max_in_flight`. This replaces the allowance for letters uncommitted at a kill
+//!   that the other modes grant.
 //! - **Each event's effect once, where the design can promise it**: no effect of an event
 //!   after a process reported it *handled* (the observer hears `Handled` only once the store
 //!   marked its key done), unless the idempotency Redis was killed in between (its done mark

@@ -192,7 +192,7 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         let secs = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
         format!(
             "compose=on dlt_kills={} dlt_kill_ms={} tier_effects={} forwarded={} max_letters_per_event={} \
-             duplicate_letters={} after_done={} redis_repeats={} order_violations={} caught_up_after_s={} \
+             duplicate_letters={} letters_in_kill_window={} after_done={} redis_repeats={} order_violations={} caught_up_after_s={} \
              caught_up_bound_s={} monitor_caught_up={} ",
             done.dlt_kills,
             s.dlt_kill_notes
@@ -204,6 +204,7 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
             joined(&outcomes.forwarded),
             report.max_letters_per_event,
             report.dlt_duplicates,
+            report.letters_in_kill_window,
             report.after_done,
             report.redis_repeats,
             report.order_violations,

@@ -311,6 +311,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
             attempts_per_stage: COMPOSE_ATTEMPTS_PER_STAGE,
             tiers: tier_state,
             redis_kills_ms: &redis_kills_ms,
+            kills: u64::from(done.kills),
         }),
         redeliveries: done.kills
             + done.broker_restarts
