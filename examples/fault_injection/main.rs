@@ -86,8 +86,10 @@
 //!   `min(max_in_flight, its effects its group had not committed when it died)`, and effects
 //!   of a process that was not killed never repeat. A broker restart adds no repeated effect:
 //!   if it outlasts the session timeout the partitions are lost and redelivered, but the
-//!   store says done. It does repeat **dead letters** (a dead-lettered key is not marked done,
-//!   so a redrive can run): duplicate dead letters are checked against the letters not yet
+//!   store says done. A dead letter can repeat where the store cannot tell it was written (a
+//!   kill between the broker's acknowledgement and the delivery's settled mark; a Redis outage
+//!   that loses the mark; the `--clean-restarts` mode runs without a store): duplicate dead
+//!   letters are checked against the letters not yet
 //!   committed at each kill and broker restart (for a zombie: three times those written
 //!   since the commits before it began, one per hand-over: the newcomer joins, the zombie
 //!   rejoins, the zombie leaves), and no letter repeats more often than there were such

@@ -838,7 +838,7 @@ async fn a_retry_that_finds_the_key_done_elsewhere_is_skipped_as_a_duplicate() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
-async fn transient_until_exhausted_dead_letters_after_four_attempts_and_leaves_the_key_free() {
+async fn transient_until_exhausted_dead_letters_after_four_attempts_and_settles_its_key() {
     let store = InMemoryIdempotencyStore::new();
     let h = script([Transient]).dedup(&store).build();
     let record = order("o-1");
