@@ -11,6 +11,10 @@ use std::time::{Duration, SystemTime};
 /// this long ("never", for a consumer), as each setting's docs say.
 pub(crate) const LONGEST: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
+/// The longest a handler's retry-after hint waits: one day (`HandlerError::MAX_RETRY_AFTER`).
+/// A hint is untrusted input (it often comes from a downstream's reply).
+pub(crate) const LONGEST_HINT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// `d`, capped at [`LONGEST`].
 pub(crate) fn bounded(d: Duration) -> Duration {
     d.min(LONGEST)

@@ -1,5 +1,5 @@
 //! Calls into plug-ins (codec, key function, handler, store, sink) with their panics caught:
-//! a panic becomes a defined failure of that plug-in (DESIGN rule 14; the table is on the
+//! a panic becomes a defined failure of that plug-in (delivery rule 14 in the crate docs; the table is on the
 //! worker module). Used by the engine and by the stores' default batch methods.
 
 use std::panic::AssertUnwindSafe;

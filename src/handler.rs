@@ -96,7 +96,7 @@ impl HandlerError {
     /// often comes from a downstream's reply (`Retry-After`, a rate limiter), which the
     /// consumer cannot trust; a longer one is taken as a day (delivery rule 17 in the crate
     /// docs), as Spring Kafka ignores back-off times more than a day ahead.
-    pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+    pub const MAX_RETRY_AFTER: Duration = crate::clock::LONGEST_HINT;
 
     /// A failure worth retrying (a timeout, a 4xx SMTP reply, a refused connection, ...).
     pub fn transient(error: impl Into<BoxError>) -> Self {

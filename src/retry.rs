@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use crate::clock;
 use crate::error::ConfigError;
-use crate::handler::HandlerError;
 
 /// What a [`RetryPolicy`] says after a failed attempt.
 ///
@@ -58,7 +57,7 @@ enum Backoff {
 /// cap (or past what a `Duration` holds) stays at the cap: `RetryPolicy::fixed(Duration::MAX,
 /// 1)` waits a year before its retry (a revoke or shutdown gives the waiting record up at
 /// once). A handler's [`retry_after`](crate::HandlerError::retry_after) hint counts up to
-/// [`HandlerError::MAX_RETRY_AFTER`] (a day). Deciding never panics, whatever the numbers
+/// [`HandlerError::MAX_RETRY_AFTER`](crate::HandlerError::MAX_RETRY_AFTER) (a day). Deciding never panics, whatever the numbers
 /// (delivery rule 17 in the crate docs).
 ///
 /// ```
@@ -216,9 +215,7 @@ impl RetryPolicy {
             1.0 - self.jitter.clamp(0.0, 1.0) * random.clamp(0.0, 1.0),
         );
         // A hint is untrusted (delivery rule 17): at most a day, however it got here.
-        let delay = hint.map_or(jittered, |h| {
-            h.min(HandlerError::MAX_RETRY_AFTER).max(jittered)
-        });
+        let delay = hint.map_or(jittered, |h| h.min(clock::LONGEST_HINT).max(jittered));
         match self.max_elapsed {
             Some(limit) if elapsed.saturating_add(delay) > limit => RetryDecision::GiveUp,
             _ => RetryDecision::RetryAfter(delay),

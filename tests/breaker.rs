@@ -1,4 +1,4 @@
-//! The outage breaker (DESIGN rule 16) against the real broker: a downstream outage makes
+//! The outage breaker (delivery rule 16 in the crate docs) against the real broker: a downstream outage makes
 //! records wait instead of using up their attempts and filling the dead-letter topic.
 //!
 //! The handler calls a simulated downstream that the test takes down and brings back. Each

@@ -1,5 +1,5 @@
 //! Idempotency at consumer level, against the real broker and real Redis: claim → work →
-//! complete through the whole pipeline (DESIGN.md, rule 7). The side effect is a handler call
+//! complete through the whole pipeline (delivery rule 7 in the crate docs). The side effect is a handler call
 //! that succeeded, recorded in a shared log.
 //!
 //! - A transient failure, then success: the side effect happens exactly once (the starting
@@ -363,7 +363,7 @@ async fn two_workers_racing_on_one_id_run_it_once() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. A handler outliving its lease keeps its claim (DESIGN rule 15)
+// 4. A handler outliving its lease keeps its claim (delivery rule 15 in the crate docs)
 // ---------------------------------------------------------------------------------------------
 
 /// A handler that runs three times its lease keeps the key: the consumer renews the claim

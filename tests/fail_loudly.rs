@@ -1,4 +1,4 @@
-//! Issue 11, "fail loudly, never wedge" (DESIGN rules 13 and 14), against the real broker and
+//! Issue 11, "fail loudly, never wedge" (delivery rules 13 and 14 in the crate docs), against the real broker and
 //! Redis: startup checks (unreachable brokers, missing subscribed and dead-letter topics,
 //! `wait_for_topics`, `create_missing_topics`), a topic deleted while consuming, the honest
 //! shutdown report, plug-ins that panic on a record's path (codec, dedup-key function,

@@ -644,7 +644,7 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
         letters.len() - lettered.len()
     );
 
-    // An outage longer than `max_broker_outage` ends `run()` with a typed error (DESIGN rule
+    // An outage longer than `max_broker_outage` ends `run()` with a typed error (delivery rule
     // 13): the same broker, now refused by the proxy for good.
     let outage_group = support::unique_name("netfault-outage");
     let consumer = RetryingConsumer::builder(Recorder::default())

@@ -6,7 +6,7 @@
 //!
 //! The hand-over scenario (one per protocol): 6 partitions, 3,000 keyed records, Key ordering;
 //! consumer A starts, B joins when a third is handled, A stops cleanly when two thirds are
-//! handled, B finishes. Clean rebalances and a clean shutdown (DESIGN rules 8 and 9) promise:
+//! handled, B finishes. Clean rebalances and a clean shutdown (delivery rules 8 and 9 in the crate docs) promise:
 //! nothing lost, nothing handled twice, the group committed at the log end, and per-key order.
 //!
 //! Needs Kafka (`scripts/services up`); each test has its own topics and group.

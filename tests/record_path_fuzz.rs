@@ -1,4 +1,4 @@
-//! Property tests of the record path with arbitrary bytes (DESIGN rule 11): whatever a
+//! Property tests of the record path with arbitrary bytes (delivery rule 11 in the crate docs): whatever a
 //! producer puts in a record's key, value and headers (header *names* included: any bytes,
 //! empty, NUL, not UTF-8), decoding, dead-letter encoding, writing headers through
 //! librdkafka and reading them back, and rebuilding a letter for a redrive never panic, and

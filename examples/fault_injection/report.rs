@@ -79,7 +79,7 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         ));
     }
     if args.breaker && report.outage_dead_lettered > 0 {
-        // The breaker's promise (DESIGN rule 16): an outage dead-letters nothing.
+        // The breaker's promise (delivery rule 16 in the crate docs): an outage dead-letters nothing.
         s.problems.push(format!(
             "with the breaker on, the downstream outage dead-lettered {} records",
             report.outage_dead_lettered

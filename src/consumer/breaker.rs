@@ -1,4 +1,4 @@
-//! The outage breaker (DESIGN rule 16): when the downstream a handler calls is down, records
+//! The outage breaker (delivery rule 16 in the crate docs): when the downstream a handler calls is down, records
 //! wait instead of using up their attempts and filling the dead-letter topic.
 //!
 //! One breaker per consumer, shared by the scheduler (which holds dispatch while it is not

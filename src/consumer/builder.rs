@@ -646,7 +646,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     }
 
     /// Opt-in: an outage breaker, so that a downstream outage makes records wait instead of
-    /// using up their attempts and filling the dead-letter topic (DESIGN rule 16). Default:
+    /// using up their attempts and filling the dead-letter topic (delivery rule 16 in the crate docs). Default:
     /// none.
     ///
     /// When transient failures cross the policy's threshold the breaker *opens*: no new

@@ -1,4 +1,4 @@
-//! Committing settled offsets (DESIGN rule 1): synchronously, exactly the offsets the
+//! Committing settled offsets (delivery rule 1 in the crate docs): synchronously, exactly the offsets the
 //! scheduler's watermarks allow.
 
 use std::time::{Duration, Instant};

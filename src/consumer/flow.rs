@@ -1,4 +1,4 @@
-//! Flow control (DESIGN rule 10): applying the scheduler's pause and resume decisions.
+//! Flow control (delivery rule 10 in the crate docs): applying the scheduler's pause and resume decisions.
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use tracing::{debug, warn};

@@ -1,4 +1,4 @@
-//! Running health (DESIGN rule 13): whether the consumer reaches the cluster and since
+//! Running health (delivery rule 13 in the crate docs): whether the consumer reaches the cluster and since
 //! when, how far each partition is from its end, and log lines that a persisting condition
 //! writes once per interval instead of once per poll.
 

@@ -1,4 +1,4 @@
-//! Leases that live as long as the work (DESIGN rule 15): while a handler attempt runs with
+//! Leases that live as long as the work (delivery rule 15 in the crate docs): while a handler attempt runs with
 //! a held claim, the worker renews the claim every third of the lease.
 //!
 //! [`keep_renewed`] runs next to the attempt (in the same `select!`, so it ends with it) and

@@ -1,4 +1,4 @@
-//! Rebalances (DESIGN rule 9): what happens when partitions are assigned and revoked.
+//! Rebalances (delivery rule 9 in the crate docs): what happens when partitions are assigned and revoked.
 
 use std::time::Duration;
 

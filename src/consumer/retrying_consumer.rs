@@ -234,7 +234,7 @@ impl<H: Handler> Slot for WorkerSlot<'_, H> {
 /// Holds a worker's current job. Whatever unwinds through the worker task (a bug: plug-in
 /// panics are caught where they are called), the job still ends: it is given up unsettled
 /// (never committed past), its slot and lane are released, and the job the scheduler hands
-/// back runs on a fresh worker task (DESIGN rule 14).
+/// back runs on a fresh worker task (delivery rule 14 in the crate docs).
 struct SettleGuard<H: Handler> {
     ctx: Arc<WorkerContext<H>>,
     hub: Arc<Hub>,

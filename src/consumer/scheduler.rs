@@ -184,7 +184,7 @@ pub(crate) struct Scheduler {
     /// In-flight slots taken: records running (claiming, handling, dead-lettering).
     in_flight: usize,
     /// Records waiting out a retry back-off: their lanes stay taken (nothing overtakes them)
-    /// but they hold no slot, so records of other lanes use it meanwhile (DESIGN rule 16).
+    /// but they hold no slot, so records of other lanes use it meanwhile (delivery rule 16 in the crate docs).
     /// By job id: the scheduler is the one record of which jobs hold a slot, so a job that
     /// ends while parked (given up, or its task dropped) is never counted twice.
     parked: std::collections::HashSet<u64, foldhash::fast::RandomState>,

@@ -1,4 +1,4 @@
-//! Graceful shutdown (DESIGN rule 8): the poll thread's last steps, and the ready-made
+//! Graceful shutdown (delivery rule 8 in the crate docs): the poll thread's last steps, and the ready-made
 //! shutdown signal.
 
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! Startup checks (DESIGN rule 13): before subscribing, the cluster must answer and every
+//! Startup checks (delivery rule 13 in the crate docs): before subscribing, the cluster must answer and every
 //! topic the consumer needs — the subscribed ones and those its dead-letter sink writes to —
 //! must exist. A wrong world is a typed error within the startup timeout, not a hang.
 

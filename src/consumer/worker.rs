@@ -2,7 +2,7 @@
 //!
 //! Every call into a plug-in (codec, dedup-key function, handler, idempotency store,
 //! dead-letter sink) goes through [`guarded`] or [`guarded_async`], so that a panic in one
-//! becomes a defined failure of that plug-in (DESIGN rule 14):
+//! becomes a defined failure of that plug-in (delivery rule 14 in the crate docs):
 //!
 //! | panics in | becomes |
 //! |---|---|

@@ -1356,7 +1356,7 @@ async fn a_claim_stays_held_while_its_handler_outlives_the_lease() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 13. Leases that live as long as the work (DESIGN rule 15)
+// 13. Leases that live as long as the work (delivery rule 15 in the crate docs)
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(start_paused = true)]
@@ -1886,7 +1886,7 @@ async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Outage breaker (DESIGN rule 16)
+// Outage breaker (delivery rule 16 in the crate docs)
 // ---------------------------------------------------------------------------------------------
 
 /// Opens after 4 consecutive failures (no rate trigger), probes after 1 s, doubling to 8 s.
