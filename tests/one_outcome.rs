@@ -84,6 +84,33 @@ fn observe(seen: &Shared) -> impl Fn(&kourier::RawRecord, RecordOutcome) + Send 
     }
 }
 
+/// A handler that counts its calls per event id in `seen` and fails transiently when
+/// `fails(id, call)` says so (`call` counts from 1).
+fn counting(
+    seen: &Shared,
+    fails: fn(u64, u32) -> bool,
+) -> impl kourier::Handler<Event = Ev> + 'static {
+    let seen = seen.clone();
+    handler_fn(move |m: Message<Ev>| {
+        let id = m.event().id;
+        let call = {
+            let mut s = seen.lock().unwrap();
+            let n = s.calls.entry(id).or_default();
+            *n += 1;
+            *n
+        };
+        async move {
+            if fails(id, call) {
+                Err(HandlerError::transient(format!(
+                    "call {call} of event {id} fails"
+                )))
+            } else {
+                Ok(())
+            }
+        }
+    })
+}
+
 /// A dead-lettered event and an event handled in a tier, delivered again after they ended —
 /// their source records and every tier copy, as a crash before the commit brings them back:
 /// every copy is skipped. No handler call, no second dead letter, no new forward.
@@ -98,24 +125,8 @@ async fn copies_of_settled_events_from_the_source_and_the_tiers_are_skipped() {
     let seen: Shared = Arc::default();
     let store = Arc::new(InMemoryIdempotencyStore::new());
     let start = |seen: &Shared| {
-        let s = seen.clone();
-        let handler = handler_fn(move |m: Message<Ev>| {
-            let s = s.clone();
-            async move {
-                let id = m.event().id;
-                let n = {
-                    let mut s = s.lock().unwrap();
-                    let n = s.calls.entry(id).or_default();
-                    *n += 1;
-                    *n
-                };
-                match id {
-                    1 => Err(HandlerError::transient("always down")),
-                    2 if n == 1 => Err(HandlerError::transient("down once")),
-                    _ => Ok(()),
-                }
-            }
-        });
+        // Event 1 fails every call, event 2 its first one.
+        let handler = counting(seen, |id, call| id == 1 || (id == 2 && call == 1));
         Running::start(
             consumer::builder(handler, &topic, &group)
                 .retry_policy(RetryPolicy::no_retries())
@@ -208,23 +219,7 @@ async fn the_ledger_settles_before_the_keys_next_record_starts() {
     support::create_topic(&format!("{topic}.retry.1"), 1).await;
     support::produce(&topic, vec![record(1, "k"), record(2, "k")]).await;
     let seen: Shared = Arc::default();
-    let s = seen.clone();
-    let handler = handler_fn(move |m: Message<Ev>| {
-        let s = s.clone();
-        async move {
-            let id = m.event().id;
-            let n = {
-                let mut s = s.lock().unwrap();
-                let n = s.calls.entry(id).or_default();
-                *n += 1;
-                *n
-            };
-            if id == 1 && n == 1 {
-                return Err(HandlerError::transient("down once"));
-            }
-            Ok(())
-        }
-    });
+    let handler = counting(&seen, |id, call| id == 1 && call == 1);
     let running = Running::start(
         consumer::builder(handler, &topic, &group)
             .retry_policy(RetryPolicy::no_retries())

@@ -276,15 +276,21 @@ mod tests {
 
     const LEASE: Duration = Duration::from_secs(60);
 
-    #[tokio::test]
-    async fn requests_made_while_a_batch_is_in_flight_leave_together_and_completions_do_not_wait() {
+    /// The recording store (its first batch held until `gate` gets a permit), as a store,
+    /// and a batcher in front of it.
+    fn batched() -> (Arc<Batches>, Arc<dyn IdempotencyStore>, Arc<StoreBatcher>) {
         let batches = Arc::new(Batches {
             inner: InMemoryIdempotencyStore::new(),
             sizes: Mutex::new(Vec::new()),
             gate: Semaphore::new(0),
         });
         let store: Arc<dyn IdempotencyStore> = batches.clone();
-        let batcher = Arc::new(StoreBatcher::default());
+        (batches, store, Arc::new(StoreBatcher::default()))
+    }
+
+    #[tokio::test]
+    async fn requests_made_while_a_batch_is_in_flight_leave_together_and_completions_do_not_wait() {
+        let (batches, store, batcher) = batched();
         let claim = |key: &'static str| {
             let (b, s) = (batcher.clone(), store.clone());
             tokio::spawn(async move { b.claim(&s, key, LEASE).await })
@@ -325,13 +331,7 @@ mod tests {
     /// at a revoke) is released at once, not left to hold its key for a whole lease.
     #[tokio::test]
     async fn a_claim_acquired_for_a_requester_that_is_gone_is_released() {
-        let batches = Arc::new(Batches {
-            inner: InMemoryIdempotencyStore::new(),
-            sizes: Mutex::new(Vec::new()),
-            gate: Semaphore::new(0),
-        });
-        let store: Arc<dyn IdempotencyStore> = batches.clone();
-        let batcher = Arc::new(StoreBatcher::default());
+        let (batches, store, batcher) = batched();
         let (b, s) = (batcher.clone(), store.clone());
         let waiting = tokio::spawn(async move { b.claim(&s, "k", LEASE).await });
         while batches.sizes.lock().unwrap().is_empty() {
