@@ -152,22 +152,39 @@ async fn stop(running: Running) -> ShutdownReport {
     running.stop_with_report(Duration::from_secs(60)).await
 }
 
+/// `n` records on `topic` (`partitions` partitions), a consumer of them that `set` configures
+/// and whose handler succeeds: every record is handled, once, and the shutdown is clean.
+async fn handles_every_record_cleanly(
+    (topic, group): (&str, &str),
+    n: u64,
+    partitions: i32,
+    set: impl FnOnce(RetryingConsumerBuilder<Scripted>) -> RetryingConsumerBuilder<Scripted>,
+) {
+    produce(topic, n, partitions).await;
+    let (probe, b) = Probe::builder(First::Succeed, Duration::from_millis(5), topic, group);
+    let running = Running::start(set(b));
+    let n = usize::try_from(n).unwrap();
+    wait_for(
+        &format!("{n} records handled"),
+        Duration::from_secs(60),
+        || probe.handled() == n,
+    )
+    .await;
+    let report = stop(running).await;
+    assert!(report.is_clean(), "{report:?}");
+    probe.assert_one_outcome_each(n);
+}
+
 /// `stall_threshold(Duration::MAX)`, the natural way to switch it off: every record is
 /// handled. Before, the stall timer of each partition's first record panicked: 0 of 40 handled
 /// and `run()` still returned a clean report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stall_threshold_of_duration_max_handles_every_record() {
     let (topic, group, _) = setup("stall-max", 4).await;
-    produce(&topic, 40, 4).await;
-    let (probe, b) = Probe::builder(First::Succeed, Duration::from_millis(5), &topic, &group);
-    let running = Running::start(b.stall_threshold(Duration::MAX));
-    wait_for("40 records handled", Duration::from_secs(60), || {
-        probe.handled() == 40
+    handles_every_record_cleanly((&topic, &group), 40, 4, |b| {
+        b.stall_threshold(Duration::MAX)
     })
     .await;
-    let report = stop(running).await;
-    assert!(report.is_clean(), "{report:?}");
-    probe.assert_one_outcome_each(40);
 }
 
 /// `shutdown_timeout(Duration::MAX)`: the shutdown is clean and `run()` returns. Before, the
@@ -175,15 +192,10 @@ async fn a_stall_threshold_of_duration_max_handles_every_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_timeout_of_duration_max_shuts_down_cleanly() {
     let (topic, group, _) = setup("shutdown-max", 2).await;
-    produce(&topic, 10, 2).await;
-    let (probe, b) = Probe::builder(First::Succeed, Duration::from_millis(5), &topic, &group);
-    let running = Running::start(b.shutdown_timeout(Duration::MAX));
-    wait_for("10 records handled", Duration::from_secs(60), || {
-        probe.handled() == 10
+    handles_every_record_cleanly((&topic, &group), 10, 2, |b| {
+        b.shutdown_timeout(Duration::MAX)
     })
     .await;
-    let report = stop(running).await;
-    assert!(report.is_clean(), "{report:?}");
 }
 
 /// `revoke_timeout(Duration::MAX)`: refused by `build()`, since a revoke that waits as long as
@@ -219,15 +231,10 @@ async fn a_revoke_timeout_of_duration_max_is_refused_by_build() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_startup_timeout_of_duration_max_handles_records() {
     let (topic, group, _) = setup("startup-max", 2).await;
-    produce(&topic, 20, 2).await;
-    let (probe, b) = Probe::builder(First::Succeed, Duration::from_millis(5), &topic, &group);
-    let running = Running::start(b.startup_timeout(Duration::MAX));
-    wait_for("20 records handled", Duration::from_secs(60), || {
-        probe.handled() == 20
+    handles_every_record_cleanly((&topic, &group), 20, 2, |b| {
+        b.startup_timeout(Duration::MAX)
     })
     .await;
-    let report = stop(running).await;
-    assert!(report.is_clean(), "{report:?}");
 }
 
 /// `startup_timeout(Duration::MAX)` with `create_missing_topics`: the missing dead-letter
@@ -236,15 +243,10 @@ async fn a_startup_timeout_of_duration_max_handles_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_startup_timeout_of_duration_max_creates_missing_topics() {
     let (topic, group) = consumer::topic_and_group("startup-max-create", 1).await;
-    produce(&topic, 5, 1).await;
-    let (probe, b) = Probe::builder(First::Succeed, Duration::from_millis(5), &topic, &group);
-    let running = Running::start(b.startup_timeout(Duration::MAX).create_missing_topics(1));
-    wait_for("5 records handled", Duration::from_secs(60), || {
-        probe.handled() == 5
+    handles_every_record_cleanly((&topic, &group), 5, 1, |b| {
+        b.startup_timeout(Duration::MAX).create_missing_topics(1)
     })
     .await;
-    let report = stop(running).await;
-    assert!(report.is_clean(), "{report:?}");
     assert_eq!(
         support::partitions_of(&format!("{topic}.dlt")).await,
         [0],
