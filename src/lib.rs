@@ -182,7 +182,7 @@
 //! | layer | files | what |
 //! |---|---|---|
 //! | top | `lib.rs`, `consumer/builder.rs` | the public surface; `build()` assembles the engine |
-//! | engine | `consumer/`: `retrying_consumer.rs` (run, workers) · `poll.rs` (the loop) · `startup.rs` · `hub.rs` (shared state) · `scheduler.rs` (ordering, buffers, flow decisions) · `breaker.rs` (outage breaker) · `offsets.rs` (watermarks) · `worker.rs` (one record's pipeline) · `tiers.rs` (its retry-tier steps) · `dedup.rs` · `commit.rs` · `flow.rs` · `rebalance.rs` · `shutdown.rs` · `context.rs` (librdkafka callbacks) · `health.rs` · `monitor.rs` · `stats.rs` | the consumer at work |
+//! | engine | `consumer/`, in rooms from the top down: `retrying_consumer.rs` (run, workers) · `poll/` (the poll thread: loop, callbacks, flow control, rebalances and resets, commits, startup, shutdown) · `observe/` (monitor, statistics) · `work/` (a record's life: worker, retry-tier steps, outcomes) · `schedule/` (the shared state: scheduler, watermarks, hub, health) · `dedup/` (dedup keys and positions, claims fetched ahead, batched store calls, leases) · `breaker/` (outage breaker) · `stop.rs`; each room's module docs say what it owns and what it may call | the consumer at work |
 //! | parts | `handler.rs`, `codec.rs`, `retry.rs`, `idempotency/`, `dead_letter/` (`headers.rs` is the header format), `tiers/` (retry tiers: `runtime.rs` forwarding, `ledger.rs` / `redis.rs` key order), `producer.rs`, `publisher.rs`, `topics.rs`, `metrics.rs` | what the engine plugs together |
 //! | bottom | `error.rs`, `record.rs` (records and headers, read from librdkafka), `message.rs`, `trace_context.rs`, `topic_name.rs` | data types every layer uses |
 //!
@@ -227,7 +227,7 @@
 //! `retried`, `dead_lettered` by kind, `duplicates`) next to the in-flight and buffer figures.
 //!
 //! **Tracing**: each record runs in a `kourier.record` span (target
-//! `kourier::consumer::worker`) with `topic`, `partition`, `offset`, `key`, `attempt`,
+//! `kourier::consumer::work::worker`) with `topic`, `partition`, `offset`, `key`, `attempt`,
 //! `outcome` (`handled`, `duplicate`, `dead-lettered`, `forwarded`, `abandoned` or
 //! `left-for-later`) and `trace_id`; log
 //! lines carry the record's `topic/partition@offset`. librdkafka's own logs arrive under the

@@ -7,8 +7,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::offsets::OffsetTracker as Tracker;
-use super::scheduler::{Job, JobEnd, Limits, ProcessingOrder, Scheduler};
+use crate::consumer::schedule::OffsetTracker as Tracker;
+use crate::consumer::schedule::{Job, JobEnd, Limits, ProcessingOrder, Scheduler};
 use crate::record::RawRecord;
 
 /// The per-partition offset tracker (contiguous settled watermark).

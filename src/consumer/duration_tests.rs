@@ -12,11 +12,11 @@ use async_trait::async_trait;
 use proptest::prelude::*;
 use tokio::time::{Instant, sleep};
 
-use super::breaker::{Breaker, BreakerPolicy, OutageGate};
-use super::dedup::{Dedup, DedupKey};
-use super::scheduler::{JobEnd, Stop};
-use super::worker::{KeepSlot, WorkerContext};
 use crate::codec::JsonCodec;
+use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate};
+use crate::consumer::dedup::{Dedup, DedupKey};
+use crate::consumer::schedule::{JobEnd, Stop};
+use crate::consumer::work::{KeepSlot, WorkerContext};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
 use crate::handler::{Handler, HandlerError};
 use crate::idempotency::memory::InMemoryIdempotencyStore;

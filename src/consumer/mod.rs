@@ -1,51 +1,38 @@
-//! The engine: [`RetryingConsumer`] and everything that runs inside it.
+//! The engine: [`RetryingConsumer`] and everything that runs inside it, in rooms by job.
+//! Data flows one way, **poll → schedule → work → settle → commit**:
 //!
-//! Data flows one way: the poll thread ([`poll`]) takes records from librdkafka and hands
-//! them to the scheduler ([`scheduler`], in the [`hub`]), which releases them to workers
-//! ([`worker`]) under the ordering mode; each worker reports its record settled back to the
-//! scheduler, whose per-partition watermarks ([`offsets`]) decide what [`commit`] commits.
-//! [`rebalance`] and [`shutdown`] are the two ways partitions leave; [`flow`] pauses and
-//! resumes them; [`breaker`] holds dispatch while the handlers' downstream is down.
-//! Idempotency: [`dedup`] holds the settings, [`lease`] renews a running record's claim,
-//! [`store_batch`] and [`claim_ahead`] cut the store's round trips. [`builder`] assembles
-//! it all.
+//! | room | job | may call |
+//! |---|---|---|
+//! | [`poll`] | the poll thread: the only code touching the rdkafka consumer — the loop, librdkafka's callbacks, flow control, rebalances, commits, startup checks, shutdown | `schedule`, `observe` |
+//! | [`observe`] | what the consumer tells the outside: the monitor's snapshot, librdkafka's statistics | `schedule`, `breaker` |
+//! | [`work`] | a record's life on a worker: decode, claim, admission, attempts, retries, dead letter or forward, its outcome | `dedup`, `breaker`, `schedule` (its slot, the job's end), the plug-ins |
+//! | [`dedup`] | idempotency in the engine: dedup keys and delivery positions, claims fetched ahead, batched store calls, lease renewal | the store, `stop` |
+//! | [`schedule`] | the shared state: buffers, lanes, ordering, slots, the commit point, behind the hub; connection health | `breaker`, `stop` |
+//! | [`breaker`] | the outage breaker: policy, state machine, the gate before each attempt | `stop` |
+//! | [`stop`] | how a record's processing is told to stop early | — |
+//!
+//! At the top, [`builder`] checks the settings and assembles the rooms, and
+//! [`retrying_consumer`] runs the poll thread and the workers until shutdown.
 
 #[cfg(feature = "bench-internals")]
 pub mod bench_support;
 mod breaker;
 mod builder;
-mod claim_ahead;
-mod commit;
-mod context;
 mod dedup;
 #[cfg(test)]
 mod duration_tests;
-mod flow;
-mod health;
-mod hub;
-mod lease;
-mod monitor;
-mod offsets;
-mod outcome;
+mod observe;
 mod poll;
-mod rebalance;
 mod retrying_consumer;
-mod scheduler;
-mod shutdown;
-mod startup;
-mod stats;
+mod schedule;
 mod stop;
-mod store_batch;
-mod tiers;
-mod topic_partition;
-mod worker;
+mod work;
 
 pub use self::breaker::{BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition};
 pub use self::builder::RetryingConsumerBuilder;
 pub use self::dedup::DedupKey;
-pub use self::health::{ConnectionState, PartitionStatus};
-pub use self::monitor::{ConsumerMonitor, ConsumerSnapshot};
-pub use self::outcome::RecordOutcome;
+pub use self::observe::{ConsumerMonitor, ConsumerSnapshot};
+pub use self::poll::{ShutdownReport, shutdown_signal};
 pub use self::retrying_consumer::RetryingConsumer;
-pub use self::scheduler::ProcessingOrder;
-pub use self::shutdown::{ShutdownReport, shutdown_signal};
+pub use self::schedule::{ConnectionState, PartitionStatus, ProcessingOrder};
+pub use self::work::RecordOutcome;

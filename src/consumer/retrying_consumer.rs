@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rdkafka::consumer::BaseConsumer;
 
-use super::context::KourierContext;
-use super::hub::Hub;
-use super::monitor::ConsumerMonitor;
-use super::poll::{PollSettings, poll_loop};
-use super::scheduler::{Job, JobEnd, Stop};
-use super::shutdown::{ShutdownReport, shutdown_signal};
-use super::startup::provision;
-use super::worker::{Slot, WorkerContext};
+use crate::consumer::observe::ConsumerMonitor;
+use crate::consumer::poll::KourierContext;
+use crate::consumer::poll::provision;
+use crate::consumer::poll::{PollSettings, poll_loop};
+use crate::consumer::poll::{ShutdownReport, shutdown_signal};
+use crate::consumer::schedule::Hub;
+use crate::consumer::schedule::{Job, JobEnd, Stop};
+use crate::consumer::work::{Slot, WorkerContext};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
 use crate::record::RawRecord;

@@ -47,8 +47,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::stop::Stop;
 use crate::clock;
+use crate::consumer::stop::Stop;
 use crate::error::ConfigError;
 use crate::handler::{FailureKind, HandlerError};
 use crate::metrics::ConsumerMetrics;

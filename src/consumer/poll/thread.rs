@@ -17,13 +17,13 @@ use tracing::{error, info, warn};
 use super::commit::commit_settled;
 use super::context::KourierContext;
 use super::flow::apply_flow;
-use super::health::{PartitionEnd, cached_watermarks};
-use super::hub::{FinalCommitFailure, Hub};
 use super::rebalance::reset;
-use super::scheduler::Job;
 use super::shutdown::{ShutdownReport, shutdown};
 use super::startup::{self, StartupSettings};
-use super::topic_partition::{Tp, tps_display};
+use crate::consumer::schedule::Job;
+use crate::consumer::schedule::{FinalCommitFailure, Hub};
+use crate::consumer::schedule::{PartitionEnd, cached_watermarks};
+use crate::consumer::schedule::{Tp, tps_display};
 use crate::error::Error;
 use crate::record::RawRecord;
 

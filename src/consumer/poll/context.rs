@@ -9,10 +9,10 @@ use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tracing::{debug, warn};
 
-use super::hub::Hub;
 use super::rebalance;
-use super::stats::partition_offsets;
-use super::topic_partition::tps_of;
+use crate::consumer::observe::partition_offsets;
+use crate::consumer::schedule::Hub;
+use crate::consumer::schedule::tps_of;
 use crate::log_throttle::{error_throttled, log_throttled};
 
 /// See the module docs.

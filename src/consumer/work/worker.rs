@@ -26,13 +26,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
-use super::breaker::{Caller, OutageGate, Pass, ProbeMemo, Verdict, caller_of};
-use super::claim_ahead::{Answer, CLAIM_AHEAD, LaneKeys, Taken};
-use super::dedup::{Dedup, DedupKeys};
-use super::lease::{HeldClaim, keep_renewed};
 use super::outcome::{OutcomeObserver, RecordOutcome};
-use super::scheduler::{JobEnd, Stop};
 use crate::codec::Codec;
+use crate::consumer::breaker::{Caller, OutageGate, Pass, ProbeMemo, Verdict, caller_of};
+use crate::consumer::dedup::{Answer, CLAIM_AHEAD, LaneKeys, Taken};
+use crate::consumer::dedup::{Dedup, DedupKeys};
+use crate::consumer::dedup::{HeldClaim, keep_renewed};
+use crate::consumer::schedule::{JobEnd, Stop};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
 pub(crate) use crate::guard::{guarded, guarded_async, store_call};
@@ -957,7 +957,7 @@ impl<H: Handler> WorkerContext<H> {
     /// the store does not answer, the record waits without its slot, and a drain gives it
     /// up at once (nothing of it ran).
     ///
-    /// [`claim_ahead`]: super::claim_ahead
+    /// [`claim_ahead`]: crate::consumer::dedup::claim_ahead
     #[allow(clippy::too_many_arguments)]
     async fn claim(
         &self,

@@ -20,7 +20,7 @@ use super::{KeepSlot, WorkerContext};
 use crate::codec::{Codec, DecodeError, JsonCodec};
 use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate, ProbeMemo};
 use crate::consumer::dedup::{Dedup, DedupKey};
-use crate::consumer::scheduler::{JobEnd, Stop};
+use crate::consumer::schedule::{JobEnd, Stop};
 use crate::dead_letter::{
     DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
 };

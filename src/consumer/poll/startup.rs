@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use tracing::{info, warn};
 
-use super::hub::Hub;
 use crate::clock;
+use crate::consumer::schedule::Hub;
 use crate::error::{Error, Result};
 use crate::topics::{TopicAdmin, TopicSpec, cluster_unreachable};
 

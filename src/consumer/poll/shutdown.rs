@@ -8,9 +8,9 @@ use tracing::{error, info, warn};
 
 use super::commit::commit_final;
 use super::flow::apply_flow;
-use super::hub::Hub;
-use super::scheduler::Scheduler;
 use crate::clock;
+use crate::consumer::schedule::Hub;
+use crate::consumer::schedule::Scheduler;
 use crate::error::{Error, Result};
 
 /// How long each poll waits while in-flight records drain.
@@ -160,7 +160,7 @@ pub(super) mod tests {
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
     use super::*;
-    use crate::consumer::scheduler::{Limits, ProcessingOrder};
+    use crate::consumer::schedule::{Limits, ProcessingOrder};
     use crate::metrics::ConsumerMetrics;
 
     /// A hub with nothing assigned, as the poll thread's last steps see it.

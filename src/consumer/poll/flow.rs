@@ -3,8 +3,8 @@
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use tracing::{debug, warn};
 
-use super::scheduler::FlowChanges;
-use super::topic_partition::{tpl_of, tps_display};
+use crate::consumer::schedule::FlowChanges;
+use crate::consumer::schedule::{tpl_of, tps_display};
 use crate::metrics::ConsumerMetrics;
 
 /// Pauses and resumes partitions as the scheduler decided, and updates the paused gauge.

@@ -16,10 +16,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::breaker::{Breaker, Dispatch};
 use super::offsets::OffsetTracker;
-pub(crate) use super::stop::Stop;
 pub(crate) use super::topic_partition::Tp;
+use crate::consumer::breaker::{Breaker, Dispatch};
+pub(crate) use crate::consumer::stop::Stop;
 use crate::record::{RawRecord, RecordBytes};
 
 /// How records may run in parallel.

@@ -8,8 +8,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
-use super::hub::Hub;
-use super::topic_partition::Tp;
+use crate::consumer::schedule::Hub;
+use crate::consumer::schedule::Tp;
 use crate::metrics::ConsumerMetrics;
 
 /// Commits exactly these offsets (each the next offset to read) synchronously; returns
@@ -165,7 +165,7 @@ mod tests {
 
     use super::*;
     use crate::ProcessingOrder;
-    use crate::consumer::scheduler::{JobEnd, Limits, Scheduler};
+    use crate::consumer::schedule::{JobEnd, Limits, Scheduler};
     use crate::record::RawRecord;
 
     /// A hub whose partition `t/0` settled offsets 0..3: 3 is to be committed.

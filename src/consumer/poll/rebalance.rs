@@ -7,8 +7,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 use super::commit::commit;
-use super::hub::Hub;
-use super::topic_partition::{Tp, tps_display, tps_of};
+use crate::consumer::schedule::Hub;
+use crate::consumer::schedule::{Tp, tps_display, tps_of};
 
 /// Assign: track the partitions from their committed offsets, unpaused.
 pub(crate) fn on_assign<C: ConsumerContext>(

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use tracing::{debug, error, warn};
 
-use super::scheduler::Stop;
 use super::worker::{
     Admit, AtDrain, Failure, Holding, InfraWait, Outcome, Slot, Tracked, WorkerContext, back_off,
 };
+use crate::consumer::schedule::Stop;
 use crate::dead_letter::DeadLetterReason;
 use crate::error::{StoreError, error_chain};
 use crate::guard::guarded_async;

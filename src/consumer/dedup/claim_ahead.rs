@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::lease::HeldClaim;
-use super::stop::Stop;
+use crate::consumer::stop::Stop;
 use crate::guard::store_call;
 use crate::idempotency::{ClaimToken, IdempotencyStore};
 use crate::record::RawRecord;

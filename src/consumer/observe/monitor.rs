@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, SystemTime};
 
-use super::breaker::BreakerStatus;
-use super::health::{ConnectionState, PartitionStatus};
-use super::hub::Hub;
-use super::topic_partition::Tp;
+use crate::consumer::breaker::BreakerStatus;
+use crate::consumer::schedule::Hub;
+use crate::consumer::schedule::Tp;
+use crate::consumer::schedule::{ConnectionState, PartitionStatus};
 use crate::metrics::DeadLetterCounts;
 
 /// Reports a running consumer's state: see

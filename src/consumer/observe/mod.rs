@@ -1,0 +1,9 @@
+//! What the consumer tells the outside while it runs: the [`ConsumerMonitor`] snapshot
+//! (read from the shared state and the breaker) and librdkafka's statistics, parsed for the
+//! lag of each partition.
+
+mod monitor;
+mod stats;
+
+pub use self::monitor::{ConsumerMonitor, ConsumerSnapshot};
+pub(crate) use self::stats::*;

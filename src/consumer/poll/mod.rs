@@ -1,0 +1,19 @@
+//! The poll thread: the only code that touches the rdkafka consumer, and everything that
+//! runs on it — the loop (`thread`), librdkafka's callbacks (`context`), pausing and
+//! resuming partitions (`flow`), rebalances and partition resets (`rebalance`), commits
+//! (`commit`), the startup checks and topic provisioning (`startup`) and the graceful
+//! shutdown (`shutdown`). It may call the shared state (the scheduler behind the hub) and
+//! the observers, never a worker.
+
+mod commit;
+mod context;
+mod flow;
+mod rebalance;
+mod shutdown;
+mod startup;
+mod thread;
+
+pub(crate) use self::context::*;
+pub use self::shutdown::{ShutdownReport, shutdown_signal};
+pub(crate) use self::startup::*;
+pub(crate) use self::thread::*;
