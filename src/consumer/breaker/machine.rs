@@ -47,320 +47,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::gate::{Caller, Pass, ProbeMemo, caller_of};
+use super::policy::BreakerPolicy;
+use super::status::{BreakerState, BreakerStatus, BreakerTransition};
 use crate::clock;
-use crate::consumer::stop::Stop;
-use crate::error::ConfigError;
-use crate::handler::{FailureKind, HandlerError};
+use crate::handler::HandlerError;
 use crate::metrics::ConsumerMetrics;
-use crate::retry::infra_backoff;
-
-/// When the consumer's outage breaker opens and how it probes: the setting of
-/// [`RetryingConsumerBuilder::breaker`](crate::RetryingConsumerBuilder::breaker).
-///
-/// The breaker opens when **either** trigger fires (each can be turned off, not both):
-///
-/// - **failure rate**: at least `rate` of the last `window` calls failed, counted once at
-///   least `min_calls` calls are in the window (default: 50 % of the last 20, from 3 calls);
-/// - **consecutive failures**: `n` calls in a row failed, `n` ≥ 2 (off by default: at a few percent
-///   of records failing on their own, a busy consumer sees three failures in a row every
-///   few thousand calls, and each would pause it for the open interval).
-///
-/// A *call* is one handler attempt; it *failed* when it returned a transient or
-/// [unavailable](crate::HandlerError::unavailable) failure (or timed out). Permanent failures
-/// and panics are not counted either way.
-///
-/// Once open, it stays open for the open interval (default 5 s), then lets one probe record
-/// through; each failed probe doubles the interval, up to the maximum (default 60 s). Both
-/// are at most [`MAX_OPEN_INTERVAL`](Self::MAX_OPEN_INTERVAL), a day.
-///
-/// At low traffic, transient failures open the breaker only once a second record fails: in
-/// an outage, a lone first record may use up its attempts before. A handler that knows the
-/// downstream is down should say so with
-/// [`HandlerError::unavailable`](crate::HandlerError::unavailable): such a failure counts
-/// on its own and never uses up an attempt, breaker or not.
-///
-/// # Records that fail on their own
-///
-/// A record whose failure is its own (not the downstream's) never opens the breaker alone:
-/// both triggers need transient failures of at least two records (an
-/// [unavailable](crate::HandlerError::unavailable) failure needs no second record: it is the
-/// handler's word), so its retry policy dead-letters it as without a breaker. Several such records may open it, but cannot keep it open:
-/// records that have not failed in this outage probe first (a waiting one, else a fresh one
-/// the scheduler dispatches), the first success closes the breaker, and failures of records
-/// it held no longer move it (their retry policy decides). Only when every record that can
-/// run has failed in this outage do they probe themselves, their failures still held (the
-/// breaker cannot tell them from a downstream that is down); the next record that can run
-/// settles it. That wait is bounded: a record that transiently failed
-/// [`probes_per_record`](Self::with_probes_per_record) probes of its own (default 10) takes
-/// its normal path, its failures counting as attempts again.
-///
-/// Records are counted by event: copies of one event (a redelivery after a crash, its
-/// retry-tier copies, a second publish with the same dedup key) are one record, so the
-/// copies of one failing event never open the breaker between them. The event is its dedup
-/// key when idempotency is on, else its source record (for a tier copy, the source record
-/// its headers name).
-///
-/// # Why one breaker per consumer
-///
-/// Keyed breakers (one per downstream, chosen from the message) are not offered: the
-/// scheduler holds dispatch *before* a record is decoded, so it cannot know which downstream
-/// a held record would call; a keyed breaker could only park records in workers, where they
-/// hold `max_in_flight` slots that other downstreams' records need (rule 16). One consumer
-/// per downstream (its own group, or a topic per downstream) gives the same isolation
-/// cleanly.
-///
-/// ```
-/// use std::time::Duration;
-/// use kourier::BreakerPolicy;
-///
-/// let breaker = BreakerPolicy::default()
-///     .with_failure_rate(0.5, 50, 20)
-///     .with_consecutive_failures(5)
-///     .with_open_interval(Duration::from_secs(2), Duration::from_secs(30));
-/// assert_eq!(breaker.open_interval(), Duration::from_secs(2));
-/// ```
-#[derive(Debug, Clone, PartialEq)]
-pub struct BreakerPolicy {
-    rate: Option<RateTrigger>,
-    consecutive: Option<u32>,
-    open_interval: Duration,
-    max_open_interval: Duration,
-    probes_per_record: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct RateTrigger {
-    rate: f64,
-    window: u32,
-    min_calls: u32,
-}
-
-impl Default for BreakerPolicy {
-    /// Opens at 50 % failures over the last 20 calls (from 3 calls); probes after 5 s,
-    /// doubling to 60 s.
-    fn default() -> Self {
-        BreakerPolicy {
-            rate: Some(RateTrigger {
-                rate: 0.5,
-                window: 20,
-                min_calls: 3,
-            }),
-            consecutive: None,
-            open_interval: Duration::from_secs(5),
-            max_open_interval: Duration::from_secs(60),
-            probes_per_record: DEFAULT_PROBES_PER_RECORD,
-        }
-    }
-}
-
-/// [`BreakerPolicy::with_probes_per_record`]'s default.
-const DEFAULT_PROBES_PER_RECORD: u32 = 10;
-
-impl BreakerPolicy {
-    /// The longest the breaker stays open before a probe: one day. Longer open intervals are
-    /// taken as a day (delivery rule 17 in the crate docs), and so is a handler's
-    /// [`retry_after`](crate::HandlerError::retry_after) hint that keeps an opening breaker
-    /// open (hints are capped at [`HandlerError::MAX_RETRY_AFTER`], also a day).
-    pub const MAX_OPEN_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
-
-    /// Opens when at least `rate` (in `(0, 1]`) of the last `window` calls failed, once at
-    /// least `min_calls` (`1..=window`) calls are counted.
-    #[must_use]
-    pub fn with_failure_rate(mut self, rate: f64, window: u32, min_calls: u32) -> Self {
-        self.rate = Some(RateTrigger {
-            rate,
-            window,
-            min_calls,
-        });
-        self
-    }
-
-    /// Turns the failure-rate trigger off.
-    #[must_use]
-    pub fn without_failure_rate(mut self) -> Self {
-        self.rate = None;
-        self
-    }
-
-    /// Opens after `n` (at least 2) failed calls in a row, of two records at least.
-    #[must_use]
-    pub fn with_consecutive_failures(mut self, n: u32) -> Self {
-        self.consecutive = Some(n);
-        self
-    }
-
-    /// Turns the consecutive-failures trigger off.
-    #[must_use]
-    pub fn without_consecutive_failures(mut self) -> Self {
-        self.consecutive = None;
-        self
-    }
-
-    /// How long the breaker stays open before its first probe (`initial`), and the most it
-    /// stays open after failed probes (each doubles it). Either above
-    /// [`MAX_OPEN_INTERVAL`](Self::MAX_OPEN_INTERVAL) (a day) is taken as a day, so
-    /// `with_open_interval(Duration::MAX, Duration::MAX)` probes once a day. `build()`
-    /// refuses a zero `initial` and a `max` below `initial`.
-    #[must_use]
-    pub fn with_open_interval(mut self, initial: Duration, max: Duration) -> Self {
-        self.open_interval = initial.min(Self::MAX_OPEN_INTERVAL);
-        self.max_open_interval = max.min(Self::MAX_OPEN_INTERVAL);
-        self
-    }
-
-    /// How many probes one record may fail *transiently* before its failures count as
-    /// attempts again (at least 1; default 10). See *Records that fail on their own* above:
-    /// a record that keeps failing probes while no other record can run may be failing on
-    /// its own, so after `n` failed probes of its own its retry policy decides again
-    /// (retried with its back-off, forwarded to a retry tier, dead-lettered when its
-    /// attempts are used up). With the default intervals (5 s doubling to 60 s) a lone
-    /// record takes its normal path after about seven minutes of probing; so does a record
-    /// whose downstream is down longer than that while nothing else can run. Failures the
-    /// handler calls [unavailable](crate::HandlerError::unavailable) are its word that the
-    /// downstream is down: they never count toward this bound.
-    #[must_use]
-    pub fn with_probes_per_record(mut self, n: u32) -> Self {
-        self.probes_per_record = n;
-        self
-    }
-
-    /// How many probes one record may fail before its failures count as attempts again.
-    pub fn probes_per_record(&self) -> u32 {
-        self.probes_per_record
-    }
-
-    /// How long the breaker stays open before its first probe.
-    pub fn open_interval(&self) -> Duration {
-        self.open_interval
-    }
-
-    /// The longest the breaker stays open between probes.
-    pub fn max_open_interval(&self) -> Duration {
-        self.max_open_interval
-    }
-
-    /// Checks the settings (called by `build()`).
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |reason: String| Err(ConfigError::invalid("breaker", reason));
-        if self.rate.is_none() && self.consecutive.is_none() {
-            return invalid("needs a failure rate or a consecutive-failures trigger".into());
-        }
-        if let Some(r) = self.rate {
-            if !(r.rate > 0.0 && r.rate <= 1.0) {
-                return invalid(format!("failure rate {} must be in (0, 1]", r.rate));
-            }
-            if r.window == 0 || r.min_calls == 0 || r.min_calls > r.window {
-                return invalid(format!(
-                    "min_calls ({}) must be in 1..=window ({})",
-                    r.min_calls, r.window
-                ));
-            }
-        }
-        if self.consecutive.is_some_and(|n| n < 2) {
-            return invalid(
-                "consecutive_failures must be at least 2 (failures of two records)".into(),
-            );
-        }
-        if self.open_interval.is_zero() {
-            return invalid("the open interval must be longer than zero".into());
-        }
-        if self.probes_per_record == 0 {
-            return invalid("probes_per_record must be at least 1".into());
-        }
-        if self.max_open_interval < self.open_interval {
-            return invalid(format!(
-                "the maximum open interval ({:?}) must be at least the initial one ({:?})",
-                self.max_open_interval, self.open_interval
-            ));
-        }
-        Ok(())
-    }
-
-    /// The open interval after `failed_probes` failed probes.
-    fn interval(&self, failed_probes: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failed_probes.min(30));
-        self.open_interval
-            .saturating_mul(factor)
-            .min(self.max_open_interval)
-    }
-}
-
-/// The state of a consumer's outage breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum BreakerState {
-    /// Records run at full speed.
-    Closed,
-    /// The downstream is down: nothing new is dispatched, failing records wait.
-    Open,
-    /// One probe record is being (or about to be) tried.
-    HalfOpen,
-}
-
-impl BreakerState {
-    /// The `kourier_breaker_state` gauge's value: 0 closed, 1 open, 2 half-open.
-    pub(crate) fn gauge(self) -> usize {
-        match self {
-            BreakerState::Closed => 0,
-            BreakerState::Open => 1,
-            BreakerState::HalfOpen => 2,
-        }
-    }
-
-    /// `closed`, `open` or `half-open`: the `state` label and log value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::Open => "open",
-            BreakerState::HalfOpen => "half-open",
-        }
-    }
-}
-
-impl fmt::Display for BreakerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One change of the breaker's state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BreakerTransition {
-    /// The state before.
-    pub from: BreakerState,
-    /// The state after.
-    pub to: BreakerState,
-    /// When it changed.
-    pub at: SystemTime,
-}
-
-/// The breaker's state in a [`ConsumerSnapshot`](crate::ConsumerSnapshot).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct BreakerStatus {
-    /// The state now.
-    pub state: BreakerState,
-    /// Since when it holds.
-    pub since: SystemTime,
-    /// Times it opened (re-opening after a failed probe included).
-    pub opened: u64,
-    /// Probes let through (each half-open period lets one).
-    pub probes: u64,
-    /// Failed calls the breaker absorbed: they used up no attempt and dead-lettered nothing.
-    pub held_failures: u64,
-    /// Records waiting in workers for the breaker now.
-    pub waiting: usize,
-    /// How long the breaker stays open next time it opens (or now, if open).
-    pub open_interval: Duration,
-    /// The last transitions, oldest first (at most [`BreakerStatus::RECENT`]).
-    pub recent: Vec<BreakerTransition>,
-}
-
-impl BreakerStatus {
-    /// How many transitions [`recent`](Self::recent) keeps.
-    pub const RECENT: usize = 32;
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
@@ -420,10 +112,10 @@ struct Inner {
 
 /// A consumer's breaker: see the module docs.
 pub(crate) struct Breaker {
-    policy: BreakerPolicy,
+    pub(super) policy: BreakerPolicy,
     inner: Mutex<Inner>,
     /// Woken on every change that may let a waiting record go.
-    changed: Notify,
+    pub(super) changed: Notify,
     metrics: Arc<ConsumerMetrics>,
 }
 
@@ -452,204 +144,30 @@ pub(crate) enum Dispatch {
     Held,
 }
 
-/// What the worker does with a failed attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// The usual path: the retry policy decides (retry or dead-letter).
-    Policy,
-    /// Not the record's fault: wait this long (cancellable), then go back to the breaker,
-    /// without counting the attempt.
-    Hold(Duration),
-}
-
-/// Leave to make one attempt, from [`OutageGate::admit`]. Report its result with
-/// [`Pass::succeeded`] or [`Pass::failed`]; dropped unreported (the attempt was given up, or
-/// none was made), a probe passes to the next record.
-pub(crate) struct Pass<'a> {
-    breaker: Option<&'a Breaker>,
-    epoch: u64,
-    probe: bool,
-    /// The record making the call.
-    caller: Caller,
-}
-
-/// Which event made a call: the breaker opens only on failures of at least two, so that a
-/// lone event failing on its own never opens it. Copies of one event — a redelivery after a
-/// crash, its retry-tier copies, a second publish with the same dedup key — are one caller
-/// (delivery rule 18): see [`caller_of`].
-pub(crate) type Caller = u64;
-
-/// The caller of an event known by `identity` (its dedup key, else its source record's
-/// topic, partition and offset).
-pub(crate) fn caller_of(identity: impl std::hash::Hash) -> Caller {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(identity)
-}
-
-/// What a record remembers between attempts: the outage in which a failure of its was held,
-/// so that it lets other records probe before it tries again (see the module docs), and
-/// how many probes it failed itself (its bound: [`BreakerPolicy::with_probes_per_record`]).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ProbeMemo {
-    outage: Option<u64>,
-    failed_probes: u32,
-}
-
-impl Pass<'_> {
-    /// The attempt succeeded.
-    pub(crate) fn succeeded(mut self) {
-        if let Some(b) = self.breaker.take() {
-            b.on_success(self.epoch, self.probe);
-        }
-    }
-
-    /// The attempt failed with `error`; `holds` is how many times this record was held
-    /// already (for the back-off of an unavailable downstream while the breaker is closed).
-    /// A record the open breaker held before (`memo`) does not count toward opening it again.
-    pub(crate) fn failed(
-        mut self,
-        error: &HandlerError,
-        holds: u32,
-        memo: &mut ProbeMemo,
-    ) -> Verdict {
-        let unavailable = error.kind() == FailureKind::Unavailable;
-        let counted = unavailable || error.kind() == FailureKind::Transient;
-        let held_in = match self.breaker.take() {
-            // An unavailable failure is the handler's word that the downstream is down: it
-            // needs no second record to count.
-            Some(b) if counted => {
-                // A record that failed its share of probes takes its normal path now (its
-                // attempt counts): records failing on their own cannot hold the breaker
-                // open forever (see `with_probes_per_record`).
-                let spent = self.probe && !unavailable && {
-                    memo.failed_probes = memo.failed_probes.saturating_add(1);
-                    memo.failed_probes >= b.policy.probes_per_record
-                };
-                let held = b.on_failure(
-                    self.epoch,
-                    self.probe,
-                    (!unavailable).then_some(self.caller),
-                    error.retry_after_hint(),
-                    memo.outage.is_some(),
-                    spent,
-                );
-                if spent && self.probe {
-                    warn!(
-                        failed_probes = memo.failed_probes,
-                        "a record failed its share of breaker probes: its failures count as attempts again (its retry policy decides)"
-                    );
-                    return Verdict::Policy;
-                }
-                held
-            }
-            Some(b) => {
-                b.return_probe(self.probe);
-                None
-            }
-            None => None,
-        };
-        if let Some(outage) = held_in {
-            memo.outage = Some(outage);
-        }
-        if held_in.is_some() {
-            Verdict::Hold(Duration::ZERO)
-        } else if unavailable {
-            // Never the record's fault: without an open breaker it waits with back-off.
-            let backoff = infra_backoff(Duration::from_millis(100), Duration::from_secs(5), holds);
-            Verdict::Hold(backoff.max(error.retry_after_hint().unwrap_or_default()))
-        } else {
-            Verdict::Policy
-        }
-    }
-}
-
-impl Drop for Pass<'_> {
-    fn drop(&mut self) {
-        if let Some(b) = self.breaker.take() {
-            b.return_probe(self.probe);
-        }
-    }
-}
-
-/// The worker's side of the breaker; without one, only [`HandlerError::unavailable`] is
-/// special (the record waits with back-off instead of using up attempts).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct OutageGate(pub(crate) Option<Arc<Breaker>>);
-
-impl OutageGate {
-    /// Waits until the breaker lets an attempt go; `None` when `stop` gives the record up
-    /// first (a revoke or shutdown: nothing of the record runs while it waits).
-    pub(crate) async fn admit(
-        &self,
-        stop: &Stop,
-        memo: ProbeMemo,
-        caller: Caller,
-    ) -> Option<Pass<'_>> {
-        let Some(b) = self.0.as_deref() else {
-            return Some(Pass {
-                breaker: None,
-                epoch: 0,
-                probe: false,
-                caller,
-            });
-        };
-        // The fast path (closed): one lock, no waiter registered.
-        if let Ok(pass) = b.try_admit(memo, caller) {
-            return Some(pass);
-        }
-        let mut counted = WaitingGuard(None);
-        loop {
-            let notified = b.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // Checked after registering, so a change in between wakes this waiter.
-            let wake_at = match b.try_admit(memo, caller) {
-                Ok(pass) => return Some(pass),
-                Err(wake_at) => wake_at,
-            };
-            if counted.0.is_none() {
-                let mut s = b.lock();
-                let fresh = memo.outage != Some(s.outage);
-                s.waiting += 1;
-                s.fresh_waiting += usize::from(fresh);
-                counted.0 = Some((b, fresh));
-            }
-            let until_probe = async {
-                match wake_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = &mut notified => {}
-                () = until_probe => {}
-                () = stop.drain.cancelled() => return None,
-                () = stop.abandon.cancelled() => return None,
-            }
-        }
-    }
-}
-
-/// Counts a waiting record (and whether it counted as fresh) until it stops waiting.
-struct WaitingGuard<'a>(Option<(&'a Breaker, bool)>);
-
-impl Drop for WaitingGuard<'_> {
-    fn drop(&mut self) {
-        if let Some((b, fresh)) = self.0 {
-            let mut s = b.lock();
-            s.waiting -= 1;
-            s.fresh_waiting -= usize::from(fresh);
-            let probe_free = s.phase == Phase::HalfOpen && !s.probe_out;
-            drop(s);
-            if fresh && probe_free {
-                // The others may probe now.
-                b.changed.notify_waiters();
-            }
-        }
-    }
-}
-
 impl Breaker {
+    /// A record starts waiting for the breaker; returns whether it counts as *fresh* (it
+    /// has not failed a probe in this outage).
+    pub(super) fn begin_waiting(&self, memo: ProbeMemo) -> bool {
+        let mut s = self.lock();
+        let fresh = !memo.failed_in(s.outage);
+        s.waiting += 1;
+        s.fresh_waiting += usize::from(fresh);
+        fresh
+    }
+
+    /// A record stops waiting (admitted, or given up).
+    pub(super) fn end_waiting(&self, fresh: bool) {
+        let mut s = self.lock();
+        s.waiting -= 1;
+        s.fresh_waiting -= usize::from(fresh);
+        let probe_free = s.phase == Phase::HalfOpen && !s.probe_out;
+        drop(s);
+        if fresh && probe_free {
+            // The others may probe now.
+            self.changed.notify_waiters();
+        }
+    }
+
     pub(crate) fn new(policy: BreakerPolicy, metrics: Arc<ConsumerMetrics>) -> Self {
         Breaker {
             policy,
@@ -730,10 +248,14 @@ impl Breaker {
     }
 
     /// A pass, or when to look again (`None`: when woken).
-    fn try_admit(&self, memo: ProbeMemo, caller: Caller) -> Result<Pass<'_>, Option<Instant>> {
+    pub(super) fn try_admit(
+        &self,
+        memo: ProbeMemo,
+        caller: Caller,
+    ) -> Result<Pass<'_>, Option<Instant>> {
         let mut s = self.lock();
         self.expire(&mut s);
-        let suspect = memo.outage == Some(s.outage);
+        let suspect = memo.failed_in(s.outage);
         match s.phase {
             Phase::Closed => Ok(Pass {
                 breaker: Some(self),
@@ -780,7 +302,7 @@ impl Breaker {
         }
     }
 
-    fn on_success(&self, epoch: u64, probe: bool) {
+    pub(super) fn on_success(&self, epoch: u64, probe: bool) {
         let mut s = self.lock();
         if epoch != s.epoch {
             return;
@@ -804,7 +326,7 @@ impl Breaker {
     /// retry policy decides). `was_held`: the record waited for the breaker before. Its
     /// failures while closed say nothing new about the downstream (others succeeded since it
     /// was held: it may well be failing on its own), so they do not count toward opening.
-    fn on_failure(
+    pub(super) fn on_failure(
         &self,
         epoch: u64,
         probe: bool,
@@ -855,7 +377,7 @@ impl Breaker {
         Some(outage)
     }
 
-    fn return_probe(&self, probe: bool) {
+    pub(super) fn return_probe(&self, probe: bool) {
         if !probe {
             return;
         }
@@ -986,7 +508,10 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
+    use super::super::gate::{OutageGate, Verdict};
     use super::*;
+    use crate::consumer::stop::Stop;
+    use crate::error::ConfigError;
 
     fn breaker(policy: BreakerPolicy) -> Breaker {
         Breaker::new(

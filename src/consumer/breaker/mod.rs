@@ -1,10 +1,17 @@
 //! The outage breaker (delivery rule 16 in the crate docs): when the downstream a handler
 //! calls is down, records wait instead of using up their attempts and filling the
-//! dead-letter topic. It owns the breaker's policy, its state machine and the gate workers
-//! pass before each attempt; it may call only [`stop`](super::stop) (how a waiting record is
-//! given up) and the crate's metrics.
+//! dead-letter topic. `policy` says when it opens and how it probes, `machine` is its state
+//! machine (shared by the scheduler, which holds dispatch while it is not closed, and the
+//! workers), `gate` is the worker's side (admission before each attempt, the result after),
+//! `status` is what the snapshot shows. It may call only [`stop`](super::stop) (how a
+//! waiting record is given up) and the crate's metrics.
 
+mod gate;
 mod machine;
+mod policy;
+mod status;
 
+pub(crate) use self::gate::*;
 pub(crate) use self::machine::*;
-pub use self::machine::{BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition};
+pub use self::policy::BreakerPolicy;
+pub use self::status::{BreakerState, BreakerStatus, BreakerTransition};

@@ -1,0 +1,205 @@
+//! The worker's side of the breaker: the gate a record passes before each attempt
+//! ([`OutageGate::admit`]), the pass it reports its result with ([`Pass`]), and what the
+//! breaker tells it to do after a failure ([`Verdict`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::warn;
+
+use super::machine::Breaker;
+use crate::consumer::stop::Stop;
+use crate::handler::{FailureKind, HandlerError};
+use crate::retry::infra_backoff;
+
+/// What the worker does with a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The usual path: the retry policy decides (retry or dead-letter).
+    Policy,
+    /// Not the record's fault: wait this long (cancellable), then go back to the breaker,
+    /// without counting the attempt.
+    Hold(Duration),
+}
+
+/// Leave to make one attempt, from [`OutageGate::admit`]. Report its result with
+/// [`Pass::succeeded`] or [`Pass::failed`]; dropped unreported (the attempt was given up, or
+/// none was made), a probe passes to the next record.
+pub(crate) struct Pass<'a> {
+    pub(super) breaker: Option<&'a Breaker>,
+    pub(super) epoch: u64,
+    pub(super) probe: bool,
+    /// The record making the call.
+    pub(super) caller: Caller,
+}
+
+/// Which event made a call: the breaker opens only on failures of at least two, so that a
+/// lone event failing on its own never opens it. Copies of one event — a redelivery after a
+/// crash, its retry-tier copies, a second publish with the same dedup key — are one caller
+/// (delivery rule 18): see [`caller_of`].
+pub(crate) type Caller = u64;
+
+/// The caller of an event known by `identity` (its dedup key, else its source record's
+/// topic, partition and offset).
+pub(crate) fn caller_of(identity: impl std::hash::Hash) -> Caller {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(identity)
+}
+
+/// What a record remembers between attempts: the outage in which a failure of its was held,
+/// so that it lets other records probe before it tries again (see the module docs), and
+/// how many probes it failed itself (its bound: [`BreakerPolicy::with_probes_per_record`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ProbeMemo {
+    pub(super) outage: Option<u64>,
+    failed_probes: u32,
+}
+
+impl ProbeMemo {
+    /// Whether the record failed a probe in outage `outage`.
+    pub(super) fn failed_in(self, outage: u64) -> bool {
+        self.outage == Some(outage)
+    }
+}
+
+impl Pass<'_> {
+    /// The attempt succeeded.
+    pub(crate) fn succeeded(mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.on_success(self.epoch, self.probe);
+        }
+    }
+
+    /// The attempt failed with `error`; `holds` is how many times this record was held
+    /// already (for the back-off of an unavailable downstream while the breaker is closed).
+    /// A record the open breaker held before (`memo`) does not count toward opening it again.
+    pub(crate) fn failed(
+        mut self,
+        error: &HandlerError,
+        holds: u32,
+        memo: &mut ProbeMemo,
+    ) -> Verdict {
+        let unavailable = error.kind() == FailureKind::Unavailable;
+        let counted = unavailable || error.kind() == FailureKind::Transient;
+        let held_in = match self.breaker.take() {
+            // An unavailable failure is the handler's word that the downstream is down: it
+            // needs no second record to count.
+            Some(b) if counted => {
+                // A record that failed its share of probes takes its normal path now (its
+                // attempt counts): records failing on their own cannot hold the breaker
+                // open forever (see `with_probes_per_record`).
+                let spent = self.probe && !unavailable && {
+                    memo.failed_probes = memo.failed_probes.saturating_add(1);
+                    memo.failed_probes >= b.policy.probes_per_record()
+                };
+                let held = b.on_failure(
+                    self.epoch,
+                    self.probe,
+                    (!unavailable).then_some(self.caller),
+                    error.retry_after_hint(),
+                    memo.outage.is_some(),
+                    spent,
+                );
+                if spent && self.probe {
+                    warn!(
+                        failed_probes = memo.failed_probes,
+                        "a record failed its share of breaker probes: its failures count as attempts again (its retry policy decides)"
+                    );
+                    return Verdict::Policy;
+                }
+                held
+            }
+            Some(b) => {
+                b.return_probe(self.probe);
+                None
+            }
+            None => None,
+        };
+        if let Some(outage) = held_in {
+            memo.outage = Some(outage);
+        }
+        if held_in.is_some() {
+            Verdict::Hold(Duration::ZERO)
+        } else if unavailable {
+            // Never the record's fault: without an open breaker it waits with back-off.
+            let backoff = infra_backoff(Duration::from_millis(100), Duration::from_secs(5), holds);
+            Verdict::Hold(backoff.max(error.retry_after_hint().unwrap_or_default()))
+        } else {
+            Verdict::Policy
+        }
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.breaker.take() {
+            b.return_probe(self.probe);
+        }
+    }
+}
+
+/// The worker's side of the breaker; without one, only [`HandlerError::unavailable`] is
+/// special (the record waits with back-off instead of using up attempts).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct OutageGate(pub(crate) Option<Arc<Breaker>>);
+
+impl OutageGate {
+    /// Waits until the breaker lets an attempt go; `None` when `stop` gives the record up
+    /// first (a revoke or shutdown: nothing of the record runs while it waits).
+    pub(crate) async fn admit(
+        &self,
+        stop: &Stop,
+        memo: ProbeMemo,
+        caller: Caller,
+    ) -> Option<Pass<'_>> {
+        let Some(b) = self.0.as_deref() else {
+            return Some(Pass {
+                breaker: None,
+                epoch: 0,
+                probe: false,
+                caller,
+            });
+        };
+        // The fast path (closed): one lock, no waiter registered.
+        if let Ok(pass) = b.try_admit(memo, caller) {
+            return Some(pass);
+        }
+        let mut counted = WaitingGuard(None);
+        loop {
+            let notified = b.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Checked after registering, so a change in between wakes this waiter.
+            let wake_at = match b.try_admit(memo, caller) {
+                Ok(pass) => return Some(pass),
+                Err(wake_at) => wake_at,
+            };
+            if counted.0.is_none() {
+                counted.0 = Some((b, b.begin_waiting(memo)));
+            }
+            let until_probe = async {
+                match wake_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut notified => {}
+                () = until_probe => {}
+                () = stop.drain.cancelled() => return None,
+                () = stop.abandon.cancelled() => return None,
+            }
+        }
+    }
+}
+
+/// Counts a waiting record (and whether it counted as fresh) until it stops waiting.
+struct WaitingGuard<'a>(Option<(&'a Breaker, bool)>);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((b, fresh)) = self.0 {
+            b.end_waiting(fresh);
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The breaker's policy: when it opens and how it probes ([`BreakerPolicy`], the setting of
+//! [`RetryingConsumerBuilder::breaker`](crate::RetryingConsumerBuilder::breaker)).
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// When the consumer's outage breaker opens and how it probes: the setting of
+/// [`RetryingConsumerBuilder::breaker`](crate::RetryingConsumerBuilder::breaker).
+///
+/// The breaker opens when **either** trigger fires (each can be turned off, not both):
+///
+/// - **failure rate**: at least `rate` of the last `window` calls failed, counted once at
+///   least `min_calls` calls are in the window (default: 50 % of the last 20, from 3 calls);
+/// - **consecutive failures**: `n` calls in a row failed, `n` ≥ 2 (off by default: at a few percent
+///   of records failing on their own, a busy consumer sees three failures in a row every
+///   few thousand calls, and each would pause it for the open interval).
+///
+/// A *call* is one handler attempt; it *failed* when it returned a transient or
+/// [unavailable](crate::HandlerError::unavailable) failure (or timed out). Permanent failures
+/// and panics are not counted either way.
+///
+/// Once open, it stays open for the open interval (default 5 s), then lets one probe record
+/// through; each failed probe doubles the interval, up to the maximum (default 60 s). Both
+/// are at most [`MAX_OPEN_INTERVAL`](Self::MAX_OPEN_INTERVAL), a day.
+///
+/// At low traffic, transient failures open the breaker only once a second record fails: in
+/// an outage, a lone first record may use up its attempts before. A handler that knows the
+/// downstream is down should say so with
+/// [`HandlerError::unavailable`](crate::HandlerError::unavailable): such a failure counts
+/// on its own and never uses up an attempt, breaker or not.
+///
+/// # Records that fail on their own
+///
+/// A record whose failure is its own (not the downstream's) never opens the breaker alone:
+/// both triggers need transient failures of at least two records (an
+/// [unavailable](crate::HandlerError::unavailable) failure needs no second record: it is the
+/// handler's word), so its retry policy dead-letters it as without a breaker. Several such records may open it, but cannot keep it open:
+/// records that have not failed in this outage probe first (a waiting one, else a fresh one
+/// the scheduler dispatches), the first success closes the breaker, and failures of records
+/// it held no longer move it (their retry policy decides). Only when every record that can
+/// run has failed in this outage do they probe themselves, their failures still held (the
+/// breaker cannot tell them from a downstream that is down); the next record that can run
+/// settles it. That wait is bounded: a record that transiently failed
+/// [`probes_per_record`](Self::with_probes_per_record) probes of its own (default 10) takes
+/// its normal path, its failures counting as attempts again.
+///
+/// Records are counted by event: copies of one event (a redelivery after a crash, its
+/// retry-tier copies, a second publish with the same dedup key) are one record, so the
+/// copies of one failing event never open the breaker between them. The event is its dedup
+/// key when idempotency is on, else its source record (for a tier copy, the source record
+/// its headers name).
+///
+/// # Why one breaker per consumer
+///
+/// Keyed breakers (one per downstream, chosen from the message) are not offered: the
+/// scheduler holds dispatch *before* a record is decoded, so it cannot know which downstream
+/// a held record would call; a keyed breaker could only park records in workers, where they
+/// hold `max_in_flight` slots that other downstreams' records need (rule 16). One consumer
+/// per downstream (its own group, or a topic per downstream) gives the same isolation
+/// cleanly.
+///
+/// ```
+/// use std::time::Duration;
+/// use kourier::BreakerPolicy;
+///
+/// let breaker = BreakerPolicy::default()
+///     .with_failure_rate(0.5, 50, 20)
+///     .with_consecutive_failures(5)
+///     .with_open_interval(Duration::from_secs(2), Duration::from_secs(30));
+/// assert_eq!(breaker.open_interval(), Duration::from_secs(2));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerPolicy {
+    pub(super) rate: Option<RateTrigger>,
+    pub(super) consecutive: Option<u32>,
+    open_interval: Duration,
+    max_open_interval: Duration,
+    probes_per_record: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct RateTrigger {
+    pub(super) rate: f64,
+    pub(super) window: u32,
+    pub(super) min_calls: u32,
+}
+
+impl Default for BreakerPolicy {
+    /// Opens at 50 % failures over the last 20 calls (from 3 calls); probes after 5 s,
+    /// doubling to 60 s.
+    fn default() -> Self {
+        BreakerPolicy {
+            rate: Some(RateTrigger {
+                rate: 0.5,
+                window: 20,
+                min_calls: 3,
+            }),
+            consecutive: None,
+            open_interval: Duration::from_secs(5),
+            max_open_interval: Duration::from_secs(60),
+            probes_per_record: DEFAULT_PROBES_PER_RECORD,
+        }
+    }
+}
+
+/// [`BreakerPolicy::with_probes_per_record`]'s default.
+const DEFAULT_PROBES_PER_RECORD: u32 = 10;
+
+impl BreakerPolicy {
+    /// The longest the breaker stays open before a probe: one day. Longer open intervals are
+    /// taken as a day (delivery rule 17 in the crate docs), and so is a handler's
+    /// [`retry_after`](crate::HandlerError::retry_after) hint that keeps an opening breaker
+    /// open (hints are capped at [`HandlerError::MAX_RETRY_AFTER`], also a day).
+    pub const MAX_OPEN_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+
+    /// Opens when at least `rate` (in `(0, 1]`) of the last `window` calls failed, once at
+    /// least `min_calls` (`1..=window`) calls are counted.
+    #[must_use]
+    pub fn with_failure_rate(mut self, rate: f64, window: u32, min_calls: u32) -> Self {
+        self.rate = Some(RateTrigger {
+            rate,
+            window,
+            min_calls,
+        });
+        self
+    }
+
+    /// Turns the failure-rate trigger off.
+    #[must_use]
+    pub fn without_failure_rate(mut self) -> Self {
+        self.rate = None;
+        self
+    }
+
+    /// Opens after `n` (at least 2) failed calls in a row, of two records at least.
+    #[must_use]
+    pub fn with_consecutive_failures(mut self, n: u32) -> Self {
+        self.consecutive = Some(n);
+        self
+    }
+
+    /// Turns the consecutive-failures trigger off.
+    #[must_use]
+    pub fn without_consecutive_failures(mut self) -> Self {
+        self.consecutive = None;
+        self
+    }
+
+    /// How long the breaker stays open before its first probe (`initial`), and the most it
+    /// stays open after failed probes (each doubles it). Either above
+    /// [`MAX_OPEN_INTERVAL`](Self::MAX_OPEN_INTERVAL) (a day) is taken as a day, so
+    /// `with_open_interval(Duration::MAX, Duration::MAX)` probes once a day. `build()`
+    /// refuses a zero `initial` and a `max` below `initial`.
+    #[must_use]
+    pub fn with_open_interval(mut self, initial: Duration, max: Duration) -> Self {
+        self.open_interval = initial.min(Self::MAX_OPEN_INTERVAL);
+        self.max_open_interval = max.min(Self::MAX_OPEN_INTERVAL);
+        self
+    }
+
+    /// How many probes one record may fail *transiently* before its failures count as
+    /// attempts again (at least 1; default 10). See *Records that fail on their own* above:
+    /// a record that keeps failing probes while no other record can run may be failing on
+    /// its own, so after `n` failed probes of its own its retry policy decides again
+    /// (retried with its back-off, forwarded to a retry tier, dead-lettered when its
+    /// attempts are used up). With the default intervals (5 s doubling to 60 s) a lone
+    /// record takes its normal path after about seven minutes of probing; so does a record
+    /// whose downstream is down longer than that while nothing else can run. Failures the
+    /// handler calls [unavailable](crate::HandlerError::unavailable) are its word that the
+    /// downstream is down: they never count toward this bound.
+    #[must_use]
+    pub fn with_probes_per_record(mut self, n: u32) -> Self {
+        self.probes_per_record = n;
+        self
+    }
+
+    /// How many probes one record may fail before its failures count as attempts again.
+    pub fn probes_per_record(&self) -> u32 {
+        self.probes_per_record
+    }
+
+    /// How long the breaker stays open before its first probe.
+    pub fn open_interval(&self) -> Duration {
+        self.open_interval
+    }
+
+    /// The longest the breaker stays open between probes.
+    pub fn max_open_interval(&self) -> Duration {
+        self.max_open_interval
+    }
+
+    /// Checks the settings (called by `build()`).
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |reason: String| Err(ConfigError::invalid("breaker", reason));
+        if self.rate.is_none() && self.consecutive.is_none() {
+            return invalid("needs a failure rate or a consecutive-failures trigger".into());
+        }
+        if let Some(r) = self.rate {
+            if !(r.rate > 0.0 && r.rate <= 1.0) {
+                return invalid(format!("failure rate {} must be in (0, 1]", r.rate));
+            }
+            if r.window == 0 || r.min_calls == 0 || r.min_calls > r.window {
+                return invalid(format!(
+                    "min_calls ({}) must be in 1..=window ({})",
+                    r.min_calls, r.window
+                ));
+            }
+        }
+        if self.consecutive.is_some_and(|n| n < 2) {
+            return invalid(
+                "consecutive_failures must be at least 2 (failures of two records)".into(),
+            );
+        }
+        if self.open_interval.is_zero() {
+            return invalid("the open interval must be longer than zero".into());
+        }
+        if self.probes_per_record == 0 {
+            return invalid("probes_per_record must be at least 1".into());
+        }
+        if self.max_open_interval < self.open_interval {
+            return invalid(format!(
+                "the maximum open interval ({:?}) must be at least the initial one ({:?})",
+                self.max_open_interval, self.open_interval
+            ));
+        }
+        Ok(())
+    }
+
+    /// The open interval after `failed_probes` failed probes.
+    pub(super) fn interval(&self, failed_probes: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failed_probes.min(30));
+        self.open_interval
+            .saturating_mul(factor)
+            .min(self.max_open_interval)
+    }
+}
