@@ -1,15 +1,20 @@
-//! What the poll thread and the workers share: the scheduler (buffers per partition and
-//! lane, ordering, in-flight slots, flow-control decisions and the commit point of each
-//! partition), behind the hub's lock, and the consumer's connection health. Pure state, no
+//! What the poll thread and the workers share: the scheduler — buffers per partition and
+//! lane, ordering and in-flight slots (`scheduler`), the buffer limits and flow-control
+//! decisions (`buffer`), how partitions drain at a revoke or stop and what was given up
+//! (`drain`), the commit point of each partition (`offsets`) — behind the hub's lock
+//! (`hub`), and the consumer's connection health (`health`). Pure state, no
 //! I/O: it may call the breaker (to hold dispatch) and [`stop`](super::stop), nothing that
 //! talks to Kafka or a store.
 
+mod buffer;
+mod drain;
 mod health;
 mod hub;
 mod offsets;
 mod scheduler;
 mod topic_partition;
 
+pub(crate) use self::buffer::*;
 pub(crate) use self::health::*;
 pub use self::health::{ConnectionState, PartitionStatus};
 pub(crate) use self::hub::*;

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 /// The scheduler's maps are looked up several times per record (its partition, its lane):
 /// `foldhash` (randomly seeded, like std's) hashes a topic name or a key several times faster
 /// than std's SipHash.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub(super) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ pub enum ProcessingOrder {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum LaneKey {
+pub(super) enum LaneKey {
     Partition,
     /// A view into the record's buffer: cloning it (for the lane map and the ready queue)
     /// copies no bytes.
@@ -96,47 +96,40 @@ pub(crate) struct Limits {
 }
 
 #[derive(Debug, Default)]
-struct Lane {
-    queue: LaneQueue,
-    running: bool,
-    in_ready: bool,
+pub(super) struct Lane {
+    pub(super) queue: LaneQueue,
+    pub(super) running: bool,
+    pub(super) in_ready: bool,
     /// A record of this lane was given up unsettled: nothing after it may run in this
     /// assignment (it would overtake the record in its key's or partition's order); the
     /// lane's records are delivered again, in order, with it.
-    blocked: bool,
+    pub(super) blocked: bool,
 }
 
 #[derive(Debug)]
-struct PartitionState {
-    generation: u64,
-    tracker: OffsetTracker,
-    lanes: FastMap<LaneKey, Lane>,
-    queued: usize,
-    queued_bytes: usize,
-    in_flight: usize,
+pub(super) struct PartitionState {
+    pub(super) generation: u64,
+    pub(super) tracker: OffsetTracker,
+    pub(super) lanes: FastMap<LaneKey, Lane>,
+    pub(super) queued: usize,
+    pub(super) queued_bytes: usize,
+    pub(super) in_flight: usize,
     /// The highest offset handed to a worker in this assignment.
-    max_started: Option<i64>,
-    paused: bool,
+    pub(super) max_started: Option<i64>,
+    pub(super) paused: bool,
     /// Since when it holds its per-partition limit (without a break).
-    over_limit_since: Option<std::time::Instant>,
+    pub(super) over_limit_since: Option<std::time::Instant>,
     /// Paused because too many records were received past the commit point.
-    uncommitted_paused: bool,
+    pub(super) uncommitted_paused: bool,
     /// Revoking or stopping: no new records, only gap fillers are still dispatched.
-    draining: bool,
-    committed: Option<i64>,
+    pub(super) draining: bool,
+    pub(super) committed: Option<i64>,
     /// Shared by its jobs (one reference count per job, not three cancellation tokens).
-    stop: Arc<Stop>,
-}
-
-/// Pause/resume requests from [`Scheduler::flow_control`].
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct FlowChanges {
-    pub(crate) pause: Vec<Tp>,
-    pub(crate) resume: Vec<Tp>,
+    pub(super) stop: Arc<Stop>,
 }
 
 /// A lane's queue of records (with their byte sizes).
-type LaneQueue = VecDeque<(Arc<RawRecord>, usize)>;
+pub(super) type LaneQueue = VecDeque<(Arc<RawRecord>, usize)>;
 
 /// Emptied lane queues kept for new lanes, at most this many, of at most
 /// [`SPARE_QUEUE_CAPACITY`] records each: in key mode most lanes hold one record and end with
@@ -144,31 +137,8 @@ type LaneQueue = VecDeque<(Arc<RawRecord>, usize)>;
 const SPARE_QUEUES: usize = 1024;
 const SPARE_QUEUE_CAPACITY: usize = 16;
 
-/// Drops a draining partition's buffered records above its highest started offset (all of
-/// them with `keep_gap_fillers` false); returns the records and bytes dropped.
-fn trim_to_gap_fillers(p: &mut PartitionState, keep_gap_fillers: bool) -> (usize, usize) {
-    let (mut records, mut bytes) = (0, 0);
-    let limit = p.max_started.filter(|_| keep_gap_fillers);
-    p.lanes.retain(|_, lane| {
-        // A lane's queue is in offset order: cut it at the first record past the limit.
-        let keep = lane
-            .queue
-            .iter()
-            .take_while(|(r, _)| limit.is_some_and(|m| r.offset < m))
-            .count();
-        for (_, b) in lane.queue.drain(keep..) {
-            records += 1;
-            bytes += b;
-        }
-        lane.running || lane.blocked || !lane.queue.is_empty()
-    });
-    p.queued -= records;
-    p.queued_bytes -= bytes;
-    (records, bytes)
-}
-
 /// Keeps an ended lane's (empty) queue for a new lane, unless enough are kept already.
-fn spare_queue(spare: &mut Vec<LaneQueue>, queue: LaneQueue) {
+pub(super) fn spare_queue(spare: &mut Vec<LaneQueue>, queue: LaneQueue) {
     if spare.len() < SPARE_QUEUES && (1..=SPARE_QUEUE_CAPACITY).contains(&queue.capacity()) {
         spare.push(queue);
     }
@@ -177,58 +147,51 @@ fn spare_queue(spare: &mut Vec<LaneQueue>, queue: LaneQueue) {
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct Scheduler {
-    ordering: ProcessingOrder,
-    limits: Limits,
-    partitions: FastMap<Tp, PartitionState>,
-    ready: VecDeque<(Tp, u64, LaneKey)>,
+    pub(super) ordering: ProcessingOrder,
+    pub(super) limits: Limits,
+    pub(super) partitions: FastMap<Tp, PartitionState>,
+    pub(super) ready: VecDeque<(Tp, u64, LaneKey)>,
     /// In-flight slots taken: records running (claiming, handling, dead-lettering).
-    in_flight: usize,
+    pub(super) in_flight: usize,
     /// Records waiting out a retry back-off: their lanes stay taken (nothing overtakes them)
     /// but they hold no slot, so records of other lanes use it meanwhile (delivery rule 16 in the crate docs).
     /// By job id: the scheduler is the one record of which jobs hold a slot, so a job that
     /// ends while parked (given up, or its task dropped) is never counted twice.
-    parked: std::collections::HashSet<u64, foldhash::fast::RandomState>,
+    pub(super) parked: std::collections::HashSet<u64, foldhash::fast::RandomState>,
     /// Records whose lane and slot were released while their end is still being written
     /// (completion, dead letter): see [`Scheduler::release_lane`].
-    settling: usize,
+    pub(super) settling: usize,
     /// Parked records whose back-off is over, waiting for a slot, first come first served:
     /// a freed slot goes to them before any new record.
-    resuming: VecDeque<(u64, oneshot::Sender<()>)>,
+    pub(super) resuming: VecDeque<(u64, oneshot::Sender<()>)>,
     /// Emptied queues of ended lanes, reused by new lanes (see [`SPARE_QUEUES`]).
-    spare_queues: Vec<LaneQueue>,
-    next_job_id: u64,
-    buffered_records: usize,
-    buffered_bytes: usize,
-    next_generation: u64,
-    stopping: bool,
-    throttled: bool,
+    pub(super) spare_queues: Vec<LaneQueue>,
+    pub(super) next_job_id: u64,
+    pub(super) buffered_records: usize,
+    pub(super) buffered_bytes: usize,
+    pub(super) next_generation: u64,
+    pub(super) stopping: bool,
+    pub(super) throttled: bool,
     /// How long a partition holds its per-partition limit before it is paused.
-    pause_grace: Duration,
-    shutdown: Stop,
+    pub(super) pause_grace: Duration,
+    pub(super) shutdown: Stop,
     /// Records given up unsettled since stopping began, `topic/partition@offset` (the first
     /// [`ABANDONED_LISTED`]), and how many in all.
-    abandoned_at_stop: Vec<String>,
-    abandoned_at_stop_count: usize,
+    pub(super) abandoned_at_stop: Vec<String>,
+    pub(super) abandoned_at_stop_count: usize,
     /// Tier records given up at a stop while only waiting for their due time.
-    left_for_later_at_stop: usize,
+    pub(super) left_for_later_at_stop: usize,
     /// Partitions with a record given up outside a revoke or a stop (an escaped panic):
     /// its lane and the partition's commit point would be stuck for the rest of the
     /// assignment, so the poll thread resets the partition to its commit point
     /// ([`Scheduler::take_resets`]).
-    resets: Vec<Tp>,
+    pub(super) resets: Vec<Tp>,
     /// The outage breaker: while it is not closed, nothing new is dispatched.
-    breaker: Option<Arc<Breaker>>,
+    pub(super) breaker: Option<Arc<Breaker>>,
 }
 
 /// How many abandoned records a shutdown report lists by name.
 pub(crate) const ABANDONED_LISTED: usize = 100;
-
-/// How long a partition may hold its per-partition limit before it is paused: a healthy
-/// fast partition overshoots the limit with one fetch response and drains it within
-/// milliseconds; pausing it would make librdkafka drop its pre-fetched records and fetch
-/// them again (measured: half the throughput benchmark's (b) runs took 4.6 s instead of
-/// 2.6 s). A stalled partition stays over its limit and is paused after this.
-const PAUSE_GRACE: Duration = Duration::from_millis(500);
 
 impl Scheduler {
     pub(crate) fn new(ordering: ProcessingOrder, limits: Limits) -> Self {
@@ -248,7 +211,7 @@ impl Scheduler {
             next_generation: 1,
             stopping: false,
             throttled: false,
-            pause_grace: PAUSE_GRACE,
+            pause_grace: super::buffer::PAUSE_GRACE,
             shutdown: Stop::default(),
             abandoned_at_stop: Vec::new(),
             abandoned_at_stop_count: 0,
@@ -268,22 +231,6 @@ impl Scheduler {
     /// The outage breaker, if the consumer has one.
     pub(crate) fn breaker(&self) -> Option<&Arc<Breaker>> {
         self.breaker.as_ref()
-    }
-
-    /// While the breaker holds dispatch, records of draining partitions cannot run: drop
-    /// them all, gap fillers included (they are delivered again), so that a revoke or a
-    /// shutdown does not wait for a downstream that is down.
-    fn drop_held_draining(&mut self) {
-        if !self.breaker.as_ref().is_some_and(|b| b.holds_dispatch()) {
-            return;
-        }
-        for p in self.partitions.values_mut() {
-            if p.draining && p.queued > 0 {
-                let (records, bytes) = trim_to_gap_fillers(p, false);
-                self.buffered_records -= records;
-                self.buffered_bytes -= bytes;
-            }
-        }
     }
 
     /// Starts tracking newly assigned partitions (a fresh generation each time, so late
@@ -323,7 +270,7 @@ impl Scheduler {
         }
     }
 
-    fn forget_buffered(&mut self, p: &PartitionState) {
+    pub(super) fn forget_buffered(&mut self, p: &PartitionState) {
         self.buffered_records -= p.queued;
         self.buffered_bytes -= p.queued_bytes;
     }
@@ -578,30 +525,6 @@ impl Scheduler {
         }
     }
 
-    /// Partitions to reset to their commit point (a record of theirs was given up outside a
-    /// revoke or a stop), each taken once.
-    pub(crate) fn take_resets(&mut self) -> Vec<Tp> {
-        std::mem::take(&mut self.resets)
-    }
-
-    /// Where `tps` restart after a reset: each partition's first unsettled offset received,
-    /// else one past its settled prefix; none for a partition that received nothing.
-    pub(crate) fn restart_points(&self, tps: &[Tp]) -> Vec<(Tp, i64)> {
-        tps.iter()
-            .filter_map(|tp| {
-                let p = self.partitions.get(tp)?;
-                Some((tp.clone(), p.tracker.restart_point()?))
-            })
-            .collect()
-    }
-
-    fn note_abandoned(&mut self, job: &Job) {
-        self.abandoned_at_stop_count += 1;
-        if self.abandoned_at_stop.len() < ABANDONED_LISTED {
-            self.abandoned_at_stop.push(job.record.coordinates());
-        }
-    }
-
     /// A running record starts waiting out a retry back-off: it gives its slot up (its lane
     /// stays taken, so nothing of its key or partition overtakes it) and the freed slot's next
     /// job is handed to the caller, to run on a new worker.
@@ -638,63 +561,6 @@ impl Scheduler {
         }
     }
 
-    /// Starts revoking `tps`: no new records are taken for them, and of their buffered
-    /// records only *gap fillers* are kept — records below the highest offset already
-    /// started, which must run for the settled records above them to become committable
-    /// (in key or unordered mode records settle out of order). Records above it are dropped:
-    /// the next owner reads them. Wait with [`Scheduler::drained`] for the rest.
-    pub(crate) fn begin_revoke(&mut self, tps: &[Tp]) {
-        for tp in tps {
-            if let Some(p) = self.partitions.get_mut(tp) {
-                p.draining = true;
-                p.stop.drain.cancel();
-                let (records, bytes) = trim_to_gap_fillers(p, true);
-                self.buffered_records -= records;
-                self.buffered_bytes -= bytes;
-            }
-        }
-        self.drop_held_draining();
-    }
-
-    /// Tells `tps`' workers that the partitions' assignment was lost: they stop renewing
-    /// their claims (see [`Stop::lost`]).
-    pub(crate) fn lose(&self, tps: &[Tp]) {
-        for tp in tps {
-            if let Some(p) = self.partitions.get(tp) {
-                p.stop.lost.cancel();
-            }
-        }
-    }
-
-    /// Tells the workers of `tps` (every partition with `None`) when their drain ends: a
-    /// record in a retry back-off that ends before `deadline` retries (given up, it would hold
-    /// back the commit point of every settled record after it, all delivered again); a longer
-    /// one is given up at once. The first deadline set for an assignment stays.
-    pub(crate) fn give_up_by(&self, tps: Option<&[Tp]>, deadline: tokio::time::Instant) {
-        for (tp, p) in &self.partitions {
-            if tps.is_none_or(|tps| tps.contains(tp)) {
-                let _ = p.stop.give_up_by.set(deadline);
-            }
-        }
-    }
-
-    /// Cancels the waits (back-off, store and dead-letter retries) of `tps`' workers: they
-    /// give their records up unsettled (the revoke timeout passed).
-    pub(crate) fn cancel(&self, tps: &[Tp]) {
-        for tp in tps {
-            if let Some(p) = self.partitions.get(tp) {
-                p.stop.abandon.cancel();
-            }
-        }
-    }
-
-    /// Whether `tps` have nothing running and nothing left to run.
-    pub(crate) fn drained(&self, tps: &[Tp]) -> bool {
-        tps.iter()
-            .filter_map(|tp| self.partitions.get(tp))
-            .all(|p| p.in_flight == 0 && p.queued == 0)
-    }
-
     /// Records still running for `tps`.
     #[cfg(test)]
     fn in_flight_of(&self, tps: &[Tp]) -> usize {
@@ -702,24 +568,6 @@ impl Scheduler {
             .filter_map(|tp| self.partitions.get(tp))
             .map(|p| p.in_flight)
             .sum()
-    }
-
-    /// Forgets `tps`, returning the offsets still to commit for them.
-    pub(crate) fn remove(&mut self, tps: &[Tp]) -> Vec<(Tp, i64)> {
-        let mut out = Vec::new();
-        for tp in tps {
-            if let Some(p) = self.partitions.remove(tp) {
-                p.stop.drain.cancel();
-                p.stop.abandon.cancel();
-                self.forget_buffered(&p);
-                if let Some(c) = p.tracker.committable()
-                    && p.committed.is_none_or(|done| c > done)
-                {
-                    out.push((tp.clone(), c));
-                }
-            }
-        }
-        out
     }
 
     /// Offsets that moved since they were last committed.
@@ -746,128 +594,6 @@ impl Scheduler {
         }
     }
 
-    /// How many more records the buffer takes before it is full (0 when its bytes are).
-    ///
-    /// At 0 the poll thread stops pulling records in
-    /// bulk (it still polls, slowly, to stay in the group and serve rebalances). This is the
-    /// normal back-pressure when handlers are slower than Kafka, and it costs nothing: the
-    /// records wait in librdkafka's bounded pre-fetch queue.
-    pub(crate) fn room(&self) -> usize {
-        if self.buffered_bytes >= self.limits.max_buffered_bytes {
-            0
-        } else {
-            self.limits
-                .max_buffered_records
-                .saturating_sub(self.buffered_records)
-        }
-    }
-
-    /// How many more bytes the buffer takes before it is full.
-    pub(crate) fn room_bytes(&self) -> usize {
-        self.limits
-            .max_buffered_bytes
-            .saturating_sub(self.buffered_bytes)
-    }
-
-    /// The room worth waiting for before pulling records again: a whole poll batch (or half
-    /// the buffer, if that is smaller), so a full buffer refills in batches, not one record
-    /// per wake-up.
-    pub(crate) fn batch_room(&self, max_poll_batch: usize) -> usize {
-        max_poll_batch
-            .min(self.limits.max_buffered_records / 2)
-            .max(1)
-    }
-
-    /// Decides which partitions to pause or resume, with hysteresis.
-    ///
-    /// Pausing is kept for real stalls, because librdkafka drops a paused partition's
-    /// pre-fetched records and fetches them again on resume: a partition is paused when it
-    /// alone holds its per-partition limit for [`PAUSE_GRACE`] (one fetch response of a fast
-    /// partition overshoots the limit at once, and is drained in milliseconds), or — when the buffer overflows its limits by a
-    /// further 10 % despite the slowed polling (handlers stuck everywhere) — every partition
-    /// holding records is. Partitions resume once the overflow is gone (below half of the
-    /// limits) and they are below half of their own limit.
-    pub(crate) fn flow_control(&mut self) -> FlowChanges {
-        let l = self.limits;
-        // Bytes are held at the limit itself (a few large records overshoot it fast, and
-        // memory is the point of this bound); records get 10 % slack, since pausing makes
-        // librdkafka drop and re-fetch its pre-fetched records.
-        if self.buffered_records
-            >= l.max_buffered_records
-                .saturating_add(l.max_buffered_records / 10)
-            || self.buffered_bytes >= l.max_buffered_bytes
-        {
-            self.throttled = true;
-        } else if self.buffered_records <= l.max_buffered_records / 2
-            && self.buffered_bytes <= l.max_buffered_bytes / 2
-        {
-            self.throttled = false;
-        }
-        let per_partition = l.max_buffered_records_per_partition;
-        let now = std::time::Instant::now();
-        let uncommitted_limit = l.max_uncommitted_per_partition;
-        let mut changes = FlowChanges::default();
-        for (tp, p) in &mut self.partitions {
-            // Received past the commit point: the tracker's unsettled records (running,
-            // buffered, or settled behind an unsettled one).
-            let uncommitted = p.tracker.unsettled();
-            if p.uncommitted_paused {
-                p.uncommitted_paused = uncommitted > uncommitted_limit / 2;
-            } else if uncommitted >= uncommitted_limit {
-                p.uncommitted_paused = true;
-                tracing::warn!(
-                    partition = %format_args!("{}/{}", tp.0, tp.1),
-                    uncommitted,
-                    limit = uncommitted_limit,
-                    "partition paused: too many records received past its commit point (one record is holding it back)"
-                );
-            }
-            let over_limit = if p.queued >= per_partition {
-                let since = *p.over_limit_since.get_or_insert(now);
-                now.duration_since(since) >= self.pause_grace
-            } else {
-                p.over_limit_since = None;
-                false
-            };
-            if self.stopping {
-                if !p.paused {
-                    p.paused = true;
-                    changes.pause.push(tp.clone());
-                }
-            } else if p.paused {
-                if !self.throttled && !p.uncommitted_paused && p.queued <= per_partition / 2 {
-                    p.paused = false;
-                    changes.resume.push(tp.clone());
-                }
-            } else if over_limit || p.uncommitted_paused || (self.throttled && p.queued > 0) {
-                p.paused = true;
-                changes.pause.push(tp.clone());
-            }
-        }
-        changes
-    }
-
-    /// Starts stopping: no new records are taken; buffered records are dropped except gap
-    /// fillers (see [`Scheduler::begin_revoke`]), so that after the drain everything that
-    /// was handled is committable and a restart handles nothing twice. Dropped records are
-    /// not committed: they are delivered again after a restart.
-    pub(crate) fn begin_stop(&mut self) {
-        self.stopping = true;
-        self.shutdown.drain.cancel();
-        for p in self.partitions.values_mut() {
-            p.draining = true;
-            let (records, bytes) = trim_to_gap_fillers(p, true);
-            self.buffered_records -= records;
-            self.buffered_bytes -= bytes;
-        }
-        self.drop_held_draining();
-    }
-
-    /// Cancels every waiting worker (the shutdown deadline passed).
-    pub(crate) fn cancel_all(&self) {
-        self.shutdown.abandon.cancel();
-    }
-
     /// The offset last committed for `tp` in its current assignment.
     pub(crate) fn committed_of(&self, tp: &Tp) -> Option<i64> {
         self.partitions.get(tp).and_then(|p| p.committed)
@@ -882,23 +608,6 @@ impl Scheduler {
                     .committable()
                     .is_none_or(|c| p.committed.is_some_and(|done| done >= c))
         })
-    }
-
-    /// After the shutdown deadline and its grace: records still in flight (a handler
-    /// blocking its thread cannot be given up) count as abandoned too, without coordinates.
-    pub(crate) fn abandon_stuck(&mut self) {
-        self.abandoned_at_stop_count += self.in_flight + self.settling;
-    }
-
-    /// Records given up unsettled since stopping began: how many, and the first
-    /// [`ABANDONED_LISTED`] of them as `topic/partition@offset`.
-    pub(crate) fn abandoned_at_stop(&self) -> (usize, Vec<String>) {
-        (self.abandoned_at_stop_count, self.abandoned_at_stop.clone())
-    }
-
-    /// Tier records given up at the stop while only waiting for their due time.
-    pub(crate) fn left_for_later_at_stop(&self) -> usize {
-        self.left_for_later_at_stop
     }
 
     /// Records a worker holds now: running, parked in a retry back-off, or settling (lane
@@ -933,15 +642,6 @@ impl Scheduler {
             .get(tp)
             .filter(|p| !p.draining)
             .map(|p| p.tracker.first_received())
-    }
-
-    /// Partitions paused by flow control.
-    pub(crate) fn paused(&self) -> Vec<Tp> {
-        self.partitions
-            .iter()
-            .filter(|(_, p)| p.paused)
-            .map(|(tp, _)| tp.clone())
-            .collect()
     }
 
     /// Whether the partition is tracked with this generation.
