@@ -257,6 +257,12 @@ pub(crate) struct Holding {
 
 /// What a record's attempts carry from one to the next.
 struct Tries {
+    /// Who the breaker counts the record as (its event).
+    caller: Caller,
+    /// The key-order ledger must still admit the record.
+    admit: bool,
+    /// The next claim is the record's first (it may take a claim fetched ahead).
+    first_claim: bool,
     /// When the first attempt started (moved on by outages: they do not count toward
     /// `max_elapsed`).
     started: Instant,
@@ -268,6 +274,58 @@ struct Tries {
     held_since: Option<Instant>,
     /// Whether (and how often) this record failed a probe: it lets others probe first.
     probed: ProbeMemo,
+}
+
+impl Tries {
+    fn new(
+        record: &RawRecord,
+        at: Option<&Located>,
+        keys: Option<&DedupKeys>,
+        admit: bool,
+    ) -> Self {
+        Tries {
+            caller: caller_of_record(record, at, keys),
+            admit,
+            first_claim: true,
+            started: Instant::now(),
+            first_failure: None,
+            made: 0,
+            lost_claims: 0,
+            holds: 0,
+            held_since: None,
+            probed: ProbeMemo::default(),
+        }
+    }
+}
+
+/// One record's run: what every step of its path needs.
+pub(super) struct RecordRun<'a> {
+    pub(super) record: &'a Arc<RawRecord>,
+    pub(super) at: Option<&'a Located>,
+    pub(super) metrics: &'a RecordMetrics<'a>,
+    pub(super) stop: &'a Stop,
+    pub(super) slot: &'a dyn Slot,
+}
+
+/// How reading a record ended it before any try.
+enum Ending {
+    Outcome(Outcome),
+    /// Given up at once (dead-lettered or forwarded) with this failure.
+    GiveUp(Failure),
+}
+
+/// What a try says to do next.
+enum Step<'r> {
+    /// Try again (after a back-off, an outage's wait or a lost claim).
+    Again,
+    /// The record ended here.
+    Ended(Outcome),
+    /// Its claim said it is settled already (a duplicate), or it was given up waiting.
+    Skipped(Outcome),
+    /// The key-order ledger deferred it behind an earlier record of its key.
+    Deferred(u32, &'r Located),
+    Succeeded,
+    GaveUp(Failure),
 }
 
 /// What follows a failed attempt.
@@ -407,8 +465,9 @@ impl<H: Handler> WorkerContext<H> {
         end
     }
 
-    /// A record's path: decode, dedup key, then attempts until it is handled, a duplicate,
-    /// dead-lettered or forwarded (or given up at a revoke or shutdown).
+    /// A record's path: read it (decode, dedup keys), then try it — breaker, claim,
+    /// admission, attempt — until it is handled, a duplicate, dead-lettered or forwarded
+    /// (or given up at a revoke or shutdown).
     async fn run(
         &self,
         record: Arc<RawRecord>,
@@ -417,153 +476,182 @@ impl<H: Handler> WorkerContext<H> {
         stop: &Stop,
         slot: &dyn Slot,
     ) -> Outcome {
-        if let Some(reason) = at.and_then(|at| at.invalid.clone()) {
-            // A tier record whose headers do not hold (delivery rule 17): a record kourier
-            // cannot read, dead-lettered as it is, never forwarded or waited for.
-            return self
-                .poison_pill(record, at, reason, metrics, stop, slot)
-                .await;
-        }
-        let event = match self.decode(&record, metrics) {
-            Ok(event) => event,
-            Err(error) => {
-                return self
-                    .poison_pill(record, at, error, metrics, stop, slot)
-                    .await;
-            }
+        let r = RecordRun {
+            record: &record,
+            at,
+            metrics,
+            stop,
+            slot,
         };
-        let mut message = Message::new(record.clone(), 1, event);
-        let keys = match self.dedup_keys(&message, metrics) {
-            Ok(keys) => keys,
-            Err(failure) => {
+        let (mut message, mut holding) = match self.read(&r).await {
+            Ok(read) => read,
+            Err(Ending::Outcome(outcome)) => return outcome,
+            Err(Ending::GiveUp(failure)) => {
                 let holding = Holding::default();
                 return self
                     .give_up(record, at, failure, holding, metrics, stop, slot)
                     .await;
             }
         };
-        let caller = caller_of_record(&record, at, keys.as_ref());
-        let mut holding = Holding {
-            keys,
-            ..Holding::default()
-        };
-        let mut tries = Tries {
-            started: Instant::now(),
-            first_failure: None,
-            made: 0,
-            lost_claims: 0,
-            holds: 0,
-            held_since: None,
-            probed: ProbeMemo::default(),
-        };
-        // With `keep_key_order`, the ledger admits the record once, after its first claim
-        // (a stale copy whose position is settled is skipped before it touches the ledger).
-        let mut admit = at.is_some() && self.tiers.as_ref().is_some_and(|t| t.keeps_key_order());
-        let mut first_claim = true;
+        let mut tries = Tries::new(&record, at, holding.keys.as_ref(), self.keeps_key_order(at));
         loop {
-            if stop.abandon.is_cancelled() {
-                return Outcome::Abandoned;
-            }
-            // The breaker: waits (cancellable, holding no claim) while the downstream is down.
-            let Some(pass) = self.outage.admit(stop, tries.probed, caller).await else {
-                debug!(coordinates = %record.coordinates(), "abandoned while waiting for the breaker: the partition is draining");
-                return Outcome::Abandoned;
-            };
-            if let Some(since) = tries.held_since.take() {
-                tries.started += since.elapsed(); // an outage does not count toward max_elapsed
-            }
-            // Claim before every attempt (a failed attempt released its claim).
-            let first = std::mem::take(&mut first_claim);
-            if let Some(ended) = self
-                .claim_for_attempt(&mut holding, &record, metrics, stop, slot, first)
+            match self
+                .try_once(&r, &mut message, &mut holding, &mut tries)
                 .await
             {
-                return self.end_early(ended, holding, &record, stop).await;
-            }
-            if std::mem::take(&mut admit)
-                && let Some(at) = at
-            {
-                match self.tier_admit(at, &record, stop, slot).await {
-                    Admit::Run(tracked) => holding.tracked = tracked,
-                    Admit::Defer(target) => {
-                        drop(pass);
-                        return self
-                            .tier_defer(&record, at, target, holding, metrics, stop, slot)
-                            .await;
-                    }
-                    Admit::GaveUp => {
-                        self.abandon_claim(&mut holding);
-                        return Outcome::Abandoned;
-                    }
+                Step::Again => {}
+                Step::Ended(outcome) => return outcome,
+                Step::Skipped(outcome) => {
+                    return self.end_early(outcome, holding, &record, stop).await;
                 }
-            }
-            let result = match self
-                .attempt(
-                    &mut message,
-                    &mut holding,
-                    &mut tries,
-                    &record,
-                    metrics,
-                    stop,
-                )
-                .await
-            {
-                Attempted::Done(result) => result,
-                Attempted::Abandoned => return Outcome::Abandoned,
-                Attempted::ClaimLost => {
-                    // The claim is someone else's now: the attempt was dropped and does not
-                    // count. The record claims again (busy: waits; done: a duplicate), unless
-                    // its partition is going. The pause keeps a store that keeps losing
-                    // claims from spinning the record.
-                    if stop.drain.is_cancelled() || stop.lost.is_cancelled() {
-                        debug!(coordinates = %record.coordinates(), "abandoned: its claim was lost while the partition is draining");
-                        return Outcome::Abandoned;
-                    }
-                    if !InfraWait::UntilAbandoned(&stop.abandon)
-                        .wait(tries.lost_claims)
-                        .await
-                    {
-                        return Outcome::Abandoned;
-                    }
-                    tries.lost_claims = tries.lost_claims.saturating_add(1);
-                    continue;
+                Step::Deferred(target, at) => {
+                    return self
+                        .tier_defer(&record, at, target, holding, metrics, stop, slot)
+                        .await;
                 }
-            };
-            let error = match result {
-                Ok(()) => {
-                    pass.succeeded();
+                Step::Succeeded => {
                     return self.succeeded(&record, holding, metrics, stop, slot).await;
                 }
-                Err(error) => error,
-            };
-            match self.after_failure(&error, pass, &mut tries, &record) {
-                Next::Hold(delay) => {
-                    self.release(&mut holding, &record, metrics).await;
-                    if !delay.is_zero()
-                        && !back_off(delay, slot, stop, AtDrain::FinishIfBefore).await
-                    {
-                        return Outcome::Abandoned;
-                    }
-                }
-                Next::Retry(delay) => {
-                    self.release(&mut holding, &record, metrics).await;
-                    metrics.retried(tries.made);
-                    // Nothing of the record runs while it waits: it holds no slot, and a
-                    // revoke or a shutdown gives it up at once rather than waiting.
-                    if !back_off(delay, slot, stop, AtDrain::FinishIfBefore).await {
-                        debug!(coordinates = %record.coordinates(), "abandoned during its retry back-off: the partition is draining");
-                        return Outcome::Abandoned;
-                    }
-                }
-                Next::GiveUp(failure) => {
-                    // The claim stays held until the dead letter or forward is written and
-                    // the delivery is marked settled (delivery rule 18).
+                // The claim stays held until the dead letter or forward is written and the
+                // delivery is marked settled (delivery rule 18).
+                Step::GaveUp(failure) => {
                     return self
                         .give_up(record, at, failure, holding, metrics, stop, slot)
                         .await;
                 }
             }
         }
+    }
+
+    /// Whether the key-order ledger must admit this record (tiers with `keep_key_order`).
+    fn keeps_key_order(&self, at: Option<&Located>) -> bool {
+        at.is_some() && self.tiers.as_ref().is_some_and(|t| t.keeps_key_order())
+    }
+
+    /// Reads the record: a tier record whose headers do not hold and a record that cannot
+    /// be decoded are poison pills; a panicking dedup-key function gives it up at once.
+    async fn read(&self, r: &RecordRun<'_>) -> Result<(Message<H::Event>, Holding), Ending> {
+        let record = r.record;
+        if let Some(reason) = r.at.and_then(|at| at.invalid.clone()) {
+            // A tier record whose headers do not hold (delivery rule 17): a record kourier
+            // cannot read, dead-lettered as it is, never forwarded or waited for.
+            return Err(Ending::Outcome(self.poison_pill(r, reason).await));
+        }
+        let event = match self.decode(record, r.metrics) {
+            Ok(event) => event,
+            Err(error) => return Err(Ending::Outcome(self.poison_pill(r, error).await)),
+        };
+        let message = Message::new(record.clone(), 1, event);
+        let keys = self
+            .dedup_keys(&message, r.metrics)
+            .map_err(Ending::GiveUp)?;
+        let holding = Holding {
+            keys,
+            ..Holding::default()
+        };
+        Ok((message, holding))
+    }
+
+    /// One try: the breaker, the claim, the ledger's admission (once), the attempt, and
+    /// what its result says to do next.
+    async fn try_once<'r>(
+        &self,
+        r: &RecordRun<'r>,
+        message: &mut Message<H::Event>,
+        holding: &mut Holding,
+        tries: &mut Tries,
+    ) -> Step<'r> {
+        let (record, stop) = (r.record, r.stop);
+        if stop.abandon.is_cancelled() {
+            return Step::Ended(Outcome::Abandoned);
+        }
+        // The breaker: waits (cancellable, holding no claim) while the downstream is down.
+        let Some(pass) = self.outage.admit(stop, tries.probed, tries.caller).await else {
+            debug!(coordinates = %record.coordinates(), "abandoned while waiting for the breaker: the partition is draining");
+            return Step::Ended(Outcome::Abandoned);
+        };
+        if let Some(since) = tries.held_since.take() {
+            tries.started += since.elapsed(); // an outage does not count toward max_elapsed
+        }
+        // Claim before every attempt (a failed attempt released its claim).
+        let first = std::mem::take(&mut tries.first_claim);
+        if let Some(ended) = self.claim_for_attempt(holding, r, first).await {
+            return Step::Skipped(ended);
+        }
+        // With `keep_key_order`, the ledger admits the record once, after its first claim
+        // (a stale copy whose position is settled is skipped before it touches the ledger).
+        if std::mem::take(&mut tries.admit)
+            && let Some(at) = r.at
+        {
+            match self.tier_admit(at, record, stop, r.slot).await {
+                Admit::Run(tracked) => holding.tracked = tracked,
+                Admit::Defer(target) => return Step::Deferred(target, at),
+                Admit::GaveUp => {
+                    self.abandon_claim(holding);
+                    return Step::Ended(Outcome::Abandoned);
+                }
+            }
+        }
+        match self
+            .attempt(message, holding, tries, record, r.metrics, stop)
+            .await
+        {
+            Attempted::Done(Ok(())) => {
+                pass.succeeded();
+                Step::Succeeded
+            }
+            Attempted::Done(Err(error)) => self.next_after(&error, pass, holding, tries, r).await,
+            Attempted::Abandoned => Step::Ended(Outcome::Abandoned),
+            Attempted::ClaimLost => self.after_lost_claim(tries, r).await,
+        }
+    }
+
+    /// The claim was lost while the attempt ran: the attempt was dropped and does not count.
+    /// The record claims again (busy: waits; done: a duplicate), unless its partition is
+    /// going. The pause keeps a store that keeps losing claims from spinning the record.
+    async fn after_lost_claim<'r>(&self, tries: &mut Tries, r: &RecordRun<'r>) -> Step<'r> {
+        let stop = r.stop;
+        if stop.drain.is_cancelled() || stop.lost.is_cancelled() {
+            debug!(coordinates = %r.record.coordinates(), "abandoned: its claim was lost while the partition is draining");
+            return Step::Ended(Outcome::Abandoned);
+        }
+        if !InfraWait::UntilAbandoned(&stop.abandon)
+            .wait(tries.lost_claims)
+            .await
+        {
+            return Step::Ended(Outcome::Abandoned);
+        }
+        tries.lost_claims = tries.lost_claims.saturating_add(1);
+        Step::Again
+    }
+
+    /// After a failed attempt: wait for an outage (no attempt used) or a retry back-off
+    /// without the claim and the slot, or give the record up holding its claim.
+    async fn next_after<'r>(
+        &self,
+        error: &HandlerError,
+        pass: Pass<'_>,
+        holding: &mut Holding,
+        tries: &mut Tries,
+        r: &RecordRun<'r>,
+    ) -> Step<'r> {
+        let (record, stop) = (r.record, r.stop);
+        let delay = match self.after_failure(error, pass, tries, record) {
+            Next::GiveUp(failure) => return Step::GaveUp(failure),
+            Next::Hold(delay) => delay,
+            Next::Retry(delay) => {
+                r.metrics.retried(tries.made);
+                delay
+            }
+        };
+        self.release(holding, record, r.metrics).await;
+        // Nothing of the record runs while it waits: it holds no slot, and a revoke or a
+        // shutdown gives it up at once rather than waiting (unless the wait ends first).
+        if !delay.is_zero() && !back_off(delay, r.slot, stop, AtDrain::FinishIfBefore).await {
+            debug!(coordinates = %record.coordinates(), "abandoned while waiting to try again: the partition is draining");
+            return Step::Ended(Outcome::Abandoned);
+        }
+        Step::Again
     }
 
     /// Decodes the record, a codec panic included (a poison pill either way).
@@ -605,33 +693,31 @@ impl<H: Handler> WorkerContext<H> {
     /// A record that cannot be decoded: dead-lettered at once with its raw bytes. With a
     /// dedup key that needs no decoding (a header), its delivery is claimed first and marked
     /// settled after, like any record's: a redelivery is not dead-lettered twice.
-    async fn poison_pill(
-        &self,
-        record: Arc<RawRecord>,
-        at: Option<&Located>,
-        error: String,
-        metrics: &RecordMetrics<'_>,
-        stop: &Stop,
-        slot: &dyn Slot,
-    ) -> Outcome {
+    async fn poison_pill(&self, r: &RecordRun<'_>, error: String) -> Outcome {
+        let record = r.record;
         warn!(coordinates = %record.coordinates(), %error, "poison pill: record cannot be decoded, dead-lettering");
         let mut holding = Holding {
             keys: self
                 .dedup
                 .as_ref()
-                .and_then(|d| guarded(|| d.keys_ahead(&record, || None)).ok().flatten()),
+                .and_then(|d| guarded(|| d.keys_ahead(record, || None)).ok().flatten()),
             ..Holding::default()
         };
         // First: a claim fetched ahead for it (a header key needs no decoding) is its own.
-        if let Some(ended) = self
-            .claim_for_attempt(&mut holding, &record, metrics, stop, slot, true)
-            .await
-        {
-            return self.end_early(ended, holding, &record, stop).await;
+        if let Some(ended) = self.claim_for_attempt(&mut holding, r, true).await {
+            return self.end_early(ended, holding, record, r.stop).await;
         }
         let failure = Failure::at_once(DeadLetterReason::Decode, error);
-        self.give_up(record, at, failure, holding, metrics, stop, slot)
-            .await
+        self.give_up(
+            record.clone(),
+            r.at,
+            failure,
+            holding,
+            r.metrics,
+            r.stop,
+            r.slot,
+        )
+        .await
     }
 
     /// Claims the record's delivery key for its next attempt; `Some` when the record ends
@@ -639,12 +725,10 @@ impl<H: Handler> WorkerContext<H> {
     async fn claim_for_attempt(
         &self,
         holding: &mut Holding,
-        record: &Arc<RawRecord>,
-        metrics: &RecordMetrics<'_>,
-        stop: &Stop,
-        slot: &dyn Slot,
+        r: &RecordRun<'_>,
         first: bool,
     ) -> Option<Outcome> {
+        let (record, metrics, stop, slot) = (r.record, r.metrics, r.stop, r.slot);
         let (Some(d), Some(keys)) = (&self.dedup, &holding.keys) else {
             return None;
         };
