@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::machine::Breaker;
+use super::machine::{Breaker, Caller, Pass, ProbeMemo};
 use crate::consumer::stop::Stop;
 use crate::handler::{FailureKind, HandlerError};
 use crate::retry::infra_backoff;
@@ -20,46 +20,6 @@ pub(crate) enum Verdict {
     /// Not the record's fault: wait this long (cancellable), then go back to the breaker,
     /// without counting the attempt.
     Hold(Duration),
-}
-
-/// Leave to make one attempt, from [`OutageGate::admit`]. Report its result with
-/// [`Pass::succeeded`] or [`Pass::failed`]; dropped unreported (the attempt was given up, or
-/// none was made), a probe passes to the next record.
-pub(crate) struct Pass<'a> {
-    pub(super) breaker: Option<&'a Breaker>,
-    pub(super) epoch: u64,
-    pub(super) probe: bool,
-    /// The record making the call.
-    pub(super) caller: Caller,
-}
-
-/// Which event made a call: the breaker opens only on failures of at least two, so that a
-/// lone event failing on its own never opens it. Copies of one event — a redelivery after a
-/// crash, its retry-tier copies, a second publish with the same dedup key — are one caller
-/// (delivery rule 18): see [`caller_of`].
-pub(crate) type Caller = u64;
-
-/// The caller of an event known by `identity` (its dedup key, else its source record's
-/// topic, partition and offset).
-pub(crate) fn caller_of(identity: impl std::hash::Hash) -> Caller {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(identity)
-}
-
-/// What a record remembers between attempts: the outage in which a failure of its was held,
-/// so that it lets other records probe before it tries again (see the module docs), and
-/// how many probes it failed itself (its bound: [`BreakerPolicy::with_probes_per_record`]).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct ProbeMemo {
-    pub(super) outage: Option<u64>,
-    failed_probes: u32,
-}
-
-impl ProbeMemo {
-    /// Whether the record failed a probe in outage `outage`.
-    pub(super) fn failed_in(self, outage: u64) -> bool {
-        self.outage == Some(outage)
-    }
 }
 
 impl Pass<'_> {

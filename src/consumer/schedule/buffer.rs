@@ -1,8 +1,6 @@
 //! The scheduler's buffer limits and flow-control decisions: how much room is left for the
 //! poll thread's next batch, and which partitions to pause and resume.
 
-use std::time::Duration;
-
 use super::scheduler::{Scheduler, Tp};
 
 /// Pause/resume requests from [`Scheduler::flow_control`].
@@ -11,13 +9,6 @@ pub(crate) struct FlowChanges {
     pub(crate) pause: Vec<Tp>,
     pub(crate) resume: Vec<Tp>,
 }
-
-/// How long a partition may hold its per-partition limit before it is paused: a healthy
-/// fast partition overshoots the limit with one fetch response and drains it within
-/// milliseconds; pausing it would make librdkafka drop its pre-fetched records and fetch
-/// them again (measured: half the throughput benchmark's (b) runs took 4.6 s instead of
-/// 2.6 s). A stalled partition stays over its limit and is paused after this.
-pub(super) const PAUSE_GRACE: Duration = Duration::from_millis(500);
 
 impl Scheduler {
     /// How many more records the buffer takes before it is full (0 when its bytes are).

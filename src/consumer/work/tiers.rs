@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use tracing::{debug, error, warn};
 
-use super::worker::{
-    Admit, AtDrain, Failure, Holding, InfraWait, Outcome, Slot, Tracked, WorkerContext, back_off,
-};
+use super::waits::{AtDrain, InfraWait, Slot, back_off};
+use super::worker::{Admit, Failure, Holding, Outcome, Tracked, WorkerContext};
 use crate::consumer::schedule::Stop;
 use crate::dead_letter::DeadLetterReason;
 use crate::error::{StoreError, error_chain};

@@ -15,33 +15,32 @@
 //! What still escapes (a bug in kourier itself) is caught by the worker task's settle guard
 //! (`retrying_consumer.rs`), which releases the record's slot and lane.
 
+#[cfg(test)]
+use super::waits::KeepSlot;
+use super::waits::{AtDrain, InfraWait, Slot, back_off};
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::outcome::{OutcomeObserver, RecordOutcome};
 use crate::codec::Codec;
 use crate::consumer::breaker::{Caller, OutageGate, Pass, ProbeMemo, Verdict, caller_of};
-use crate::consumer::dedup::{Answer, CLAIM_AHEAD, LaneKeys, Taken};
 use crate::consumer::dedup::{Dedup, DedupKeys};
 use crate::consumer::dedup::{HeldClaim, keep_renewed};
 use crate::consumer::schedule::{JobEnd, Stop};
-use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterSink};
+use crate::dead_letter::{DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
-pub(crate) use crate::guard::{guarded, guarded_async, store_call};
+pub(crate) use crate::guard::{guarded, guarded_async};
 use crate::handler::{FailureKind, Handler, HandlerError};
-use crate::idempotency::{Claim, StoreError};
 use crate::message::Message;
-use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
+use crate::metrics::{ConsumerMetrics, RecordMetrics};
 use crate::record::RawRecord;
-use crate::retry::{RetryDecision, RetryPolicy, infra_backoff};
+use crate::retry::{RetryDecision, RetryPolicy};
 use crate::tiers::SourceId;
 use crate::tiers::runtime::{Located, Tiers};
 use crate::trace_context::TraceContext;
@@ -66,131 +65,6 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) outage: OutageGate,
     /// Retry tiers (if any): where records go after their in-place attempts.
     pub(crate) tiers: Option<Arc<Tiers>>,
-}
-
-/// Back-off for infrastructure waits (store outage, busy claims, dead-letter writes):
-/// 100 ms doubling to 5 s, with jitter.
-pub(crate) fn infra_delay(failures: u32) -> Duration {
-    infra_backoff(Duration::from_millis(100), Duration::from_secs(5), failures)
-}
-
-/// Sleeps unless cancelled first; returns whether the full delay passed.
-pub(crate) async fn sleep_or_cancel(delay: Duration, cancel: &CancellationToken) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(delay) => true,
-        () = cancel.cancelled() => false,
-    }
-}
-
-/// The worker's in-flight slot, which a record gives up while it waits out a retry back-off
-/// (its lane stays taken: nothing of its key or partition overtakes it).
-pub(crate) trait Slot: Send + Sync {
-    /// Gives the slot up; the freed slot's next job starts on a new worker.
-    fn park(&self);
-    /// Takes a slot back: `Ok` at once, or a receiver that fires when one is handed over.
-    fn resume(&self) -> Result<(), oneshot::Receiver<()>>;
-    /// Takes the slot back at once, over the limit if need be (unless one was handed over
-    /// already): the record is being given up while it waits.
-    fn resume_now(&self);
-    /// The record's outcome is decided and only needs writing down (marking its key done,
-    /// its dead letter's acknowledgement): its slot and lane are freed for the lane's next
-    /// record, while its offset stays uncommitted until its job ends. Called after the last
-    /// [`Slot::park`]; calls after the first change nothing.
-    fn release(&self);
-    /// The next records queued in the record's lane (at most `max`), in order, with their
-    /// partition's stop signals: whose claims may be fetched ahead. `None` when the record
-    /// has no ordered lane (unordered mode, unit tests).
-    fn lane_ahead(&self, _max: usize) -> Option<(Arc<Stop>, Vec<Arc<RawRecord>>)> {
-        None
-    }
-}
-
-/// A slot that is never given up: the record keeps it while it waits (unit tests).
-#[cfg(test)]
-pub(crate) struct KeepSlot;
-
-#[cfg(test)]
-impl Slot for KeepSlot {
-    fn park(&self) {}
-    fn resume(&self) -> Result<(), oneshot::Receiver<()>> {
-        Ok(())
-    }
-    fn resume_now(&self) {}
-    fn release(&self) {}
-}
-
-/// What a wait does when its partition starts draining (a revoke or a shutdown).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AtDrain {
-    /// Go on if the wait ends before the drain's deadline: a retry back-off or a due time.
-    /// Given up, the record would hold back the commit point of every record after it that
-    /// already settled, and all of them would be handled again.
-    FinishIfBefore,
-    /// Give the record up at once: it is waiting for its claim or the key-order ledger,
-    /// nothing of it has run, and the wait may last as long as an outage does.
-    GiveUp,
-}
-
-/// Waits `delay` without holding a slot; returns whether the record goes on (`false`: it
-/// is given up, holding its slot again, because its partition is draining — see
-/// [`AtDrain`] — or its work is abandoned).
-pub(crate) async fn back_off(delay: Duration, slot: &dyn Slot, stop: &Stop, at: AtDrain) -> bool {
-    slot.park();
-    let end = crate::clock::deadline_in(delay);
-    let waited = tokio::select! {
-        () = tokio::time::sleep_until(end) => true,
-        () = stop.abandon.cancelled() => false,
-        () = stop.drain.cancelled() => match stop.deadline() {
-            Some(deadline) if at == AtDrain::FinishIfBefore && end <= deadline => tokio::select! {
-                () = tokio::time::sleep_until(end) => true,
-                () = stop.abandon.cancelled() => false,
-            },
-            _ => false,
-        },
-    };
-    if !waited {
-        slot.resume_now();
-        return false;
-    }
-    match slot.resume() {
-        Ok(()) => true,
-        Err(handed) => {
-            let resumed = tokio::select! {
-                handed = handed => handed.is_ok(),
-                () = stop.abandon.cancelled() => false,
-            };
-            if !resumed {
-                slot.resume_now();
-            }
-            resumed
-        }
-    }
-}
-
-/// How a wait for the infrastructure (the store, the key-order ledger, the dead-letter
-/// sink, a retry tier) ends early.
-#[derive(Clone, Copy)]
-pub(crate) enum InfraWait<'a> {
-    /// Only when the record is given up (the revoke timeout or the shutdown deadline): the
-    /// record's outcome is decided and is being written down.
-    UntilAbandoned(&'a CancellationToken),
-    /// Nothing of the record ran yet: it waits without its slot, and a drain gives it up
-    /// at once ([`AtDrain::GiveUp`]).
-    BeforeRunning(&'a Stop, &'a dyn Slot),
-}
-
-impl InfraWait<'_> {
-    /// Waits before try number `failures + 1`; returns whether to try again.
-    pub(crate) async fn wait(self, failures: u32) -> bool {
-        match self {
-            InfraWait::UntilAbandoned(cancel) => {
-                sleep_or_cancel(infra_delay(failures), cancel).await
-            }
-            InfraWait::BeforeRunning(stop, slot) => {
-                back_off(infra_delay(failures), slot, stop, AtDrain::GiveUp).await
-            }
-        }
-    }
 }
 
 /// How a record's processing ended.
@@ -354,7 +228,7 @@ impl<H: Handler> WorkerContext<H> {
     pub(crate) async fn process(
         &self,
         record: Arc<RawRecord>,
-        cancel: &CancellationToken,
+        cancel: &tokio_util::sync::CancellationToken,
     ) -> JobEnd {
         let stop = Stop {
             abandon: cancel.clone(),
@@ -720,56 +594,6 @@ impl<H: Handler> WorkerContext<H> {
         .await
     }
 
-    /// Claims the record's delivery key for its next attempt; `Some` when the record ends
-    /// here instead (a duplicate, or given up while waiting).
-    async fn claim_for_attempt(
-        &self,
-        holding: &mut Holding,
-        r: &RecordRun<'_>,
-        first: bool,
-    ) -> Option<Outcome> {
-        let (record, metrics, stop, slot) = (r.record, r.metrics, r.stop, r.slot);
-        let (Some(d), Some(keys)) = (&self.dedup, &holding.keys) else {
-            return None;
-        };
-        match self
-            .claim(d, &keys.delivery, record, metrics, stop, slot, first)
-            .await
-        {
-            ClaimOutcome::Run(held) => {
-                holding.claim = held;
-                None
-            }
-            ClaimOutcome::Duplicate => {
-                debug!(coordinates = %record.coordinates(), "duplicate: already done, skipped");
-                metrics.duplicate();
-                Some(Outcome::Duplicate)
-            }
-            ClaimOutcome::Cancelled => Some(Outcome::Abandoned),
-        }
-    }
-
-    /// The record ends before an attempt (a duplicate, given up): a record the key-order
-    /// ledger holds is removed from it when it is settled.
-    async fn end_early(
-        &self,
-        outcome: Outcome,
-        holding: Holding,
-        record: &RawRecord,
-        stop: &Stop,
-    ) -> Outcome {
-        match (outcome, holding.tracked) {
-            (Outcome::Duplicate, Some(tracked)) => {
-                if self.ledger_settle(tracked, record, stop).await {
-                    Outcome::Duplicate
-                } else {
-                    Outcome::Abandoned
-                }
-            }
-            (outcome, _) => outcome,
-        }
-    }
-
     /// One handler attempt, with its claim renewed while it runs.
     async fn attempt(
         &self,
@@ -922,357 +746,6 @@ impl<H: Handler> WorkerContext<H> {
         metrics.handled();
         Outcome::Handled
     }
-
-    /// The record is given up: dead-lettered, or forwarded to the next retry tier. Its
-    /// claim (if any) is kept alive meanwhile and its delivery marked settled once the
-    /// letter or forward is acknowledged, so that a redelivery of it is skipped (at most
-    /// one dead letter per event, as far as the store can tell: delivery rule 18).
-    #[allow(clippy::too_many_arguments)]
-    async fn give_up(
-        &self,
-        record: Arc<RawRecord>,
-        at: Option<&Located>,
-        failure: Failure,
-        mut holding: Holding,
-        metrics: &RecordMetrics<'_>,
-        stop: &Stop,
-        slot: &dyn Slot,
-    ) -> Outcome {
-        let cancel = &stop.abandon;
-        // A record the ledger holds keeps its lane until the ledger let it go.
-        let pipelined = holding.tracked.is_none();
-        let coordinates = record.clone();
-        let write = async {
-            let (record, failure) = match (&self.tiers, at) {
-                (Some(tiers), Some(at)) => {
-                    match self
-                        .tier_give_up(tiers, at, record, failure, metrics, cancel)
-                        .await
-                    {
-                        Ok(forwarded) => return forwarded,
-                        Err(dead_letter) => dead_letter,
-                    }
-                }
-                _ => (record, failure),
-            };
-            self.dead_letter(record, failure, metrics, cancel, slot, pipelined)
-                .await
-        };
-        let outcome = self
-            .renewing(write, &mut holding, &coordinates, stop, metrics)
-            .await;
-        match outcome {
-            Outcome::DeadLettered(_) => {
-                if let Some(tracked) = holding.tracked.take()
-                    && !self.ledger_settle(tracked, &coordinates, stop).await
-                {
-                    return Outcome::Abandoned;
-                }
-            }
-            Outcome::Forwarded(_) => {}
-            other => {
-                self.abandon_claim(&mut holding);
-                return other;
-            }
-        }
-        slot.release();
-        self.mark_settled(holding, outcome, &coordinates, metrics, stop)
-            .await
-    }
-
-    /// Marks the delivery's key done after its dead letter or forward was acknowledged
-    /// (best effort within the lease, like a completion).
-    pub(crate) async fn mark_settled(
-        &self,
-        holding: Holding,
-        outcome: Outcome,
-        record: &RawRecord,
-        metrics: &RecordMetrics<'_>,
-        stop: &Stop,
-    ) -> Outcome {
-        if let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &holding.claim)
-            && !self
-                .complete(d, &keys.delivery, claim, record, metrics, &stop.abandon)
-                .await
-        {
-            return Outcome::Abandoned;
-        }
-        outcome
-    }
-
-    /// Runs `work` (writing a dead letter or a forward) with the record's claim renewed
-    /// meanwhile; a claim found lost is dropped from `holding` (not marked done after).
-    pub(crate) async fn renewing<F: Future<Output = Outcome>>(
-        &self,
-        work: F,
-        holding: &mut Holding,
-        record: &RawRecord,
-        stop: &Stop,
-        metrics: &RecordMetrics<'_>,
-    ) -> Outcome {
-        let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &mut holding.claim)
-        else {
-            return work.await;
-        };
-        tokio::pin!(work);
-        let renewal = keep_renewed(
-            &*d.store,
-            &keys.delivery,
-            d.lease,
-            claim,
-            &stop.lost,
-            record,
-            metrics,
-        );
-        let lost = tokio::select! {
-            biased;
-            outcome = &mut work => return outcome,
-            () = renewal => true,
-        };
-        if lost {
-            holding.claim = None;
-        }
-        work.await
-    }
-
-    /// Claims `key` for `record`. On its first claim the record takes the claim fetched
-    /// ahead for it, if one waits; else the claims of its lane's next records are fetched
-    /// in the same batch call as its own (see [`claim_ahead`]). While the key is busy or
-    /// the store does not answer, the record waits without its slot, and a drain gives it
-    /// up at once (nothing of it ran).
-    ///
-    /// [`claim_ahead`]: crate::consumer::dedup::claim_ahead
-    #[allow(clippy::too_many_arguments)]
-    async fn claim(
-        &self,
-        d: &Dedup<H::Event>,
-        key: &str,
-        record: &Arc<RawRecord>,
-        metrics: &RecordMetrics<'_>,
-        stop: &Stop,
-        slot: &dyn Slot,
-        first: bool,
-    ) -> ClaimOutcome {
-        let mut ahead = None;
-        if first {
-            match d.ahead.take(record, key).await {
-                Some(Taken::Held(held)) => return ClaimOutcome::Run(Some(held)),
-                Some(Taken::Done) => return ClaimOutcome::Duplicate,
-                None => ahead = self.keys_ahead(d, slot),
-            }
-        }
-        let mut waits = 0u32;
-        loop {
-            let sent = Instant::now();
-            let answer = match ahead.take() {
-                None => store_call("claim", d.claim(key)).await,
-                Some((stop, next)) => {
-                    let keys = std::iter::once(key.to_owned())
-                        .chain(next.iter().map(|(_, k)| k.clone()))
-                        .collect();
-                    let mut answers = d.claim_all(keys).await.into_iter();
-                    let own = answers.next().unwrap_or_else(|| {
-                        Err(StoreError::Unavailable {
-                            operation: "claim",
-                            source: "no answer for the record's own key".into(),
-                        })
-                    });
-                    let kept = next
-                        .into_iter()
-                        .zip(answers)
-                        .filter_map(|((r, k), a)| match a {
-                            Ok(Claim::Acquired(token)) => Some((r, k, Answer::Acquired(token))),
-                            Ok(Claim::Done) => Some((r, k, Answer::Done)),
-                            Ok(Claim::Busy) | Err(_) => None,
-                        });
-                    d.ahead.keep(&stop, sent, kept);
-                    own
-                }
-            };
-            match answer {
-                Ok(Claim::Acquired(token)) => {
-                    return ClaimOutcome::Run(Some(HeldClaim::new(token, sent)));
-                }
-                Ok(Claim::Done) => return ClaimOutcome::Duplicate,
-                Ok(Claim::Busy) => {
-                    debug!(coordinates = %record.coordinates(), key, "dedup key busy: another worker holds it, waiting");
-                }
-                Err(e) if d.run_without_store_on_outage => {
-                    d.ahead.store_failed();
-                    metrics.store_error(StoreOperation::Claim);
-                    warn!(coordinates = %record.coordinates(), error = %e, "idempotency store unavailable: handling without dedup (opted in)");
-                    return ClaimOutcome::Run(None);
-                }
-                Err(e) => {
-                    d.ahead.store_failed();
-                    metrics.store_error(StoreOperation::Claim);
-                    warn!(coordinates = %record.coordinates(), error = %e, "idempotency store unavailable: waiting (the record is not skipped)");
-                }
-            }
-            if !InfraWait::BeforeRunning(stop, slot).wait(waits).await {
-                debug!(coordinates = %record.coordinates(), "given up while waiting for its claim: the partition is draining");
-                return ClaimOutcome::Cancelled;
-            }
-            waits = waits.saturating_add(1);
-        }
-    }
-
-    /// The lane's next records that have a dedup key and no claim fetched for them yet,
-    /// with their keys (computed without side effects: a record whose key cannot be computed
-    /// now claims at its turn, and reports why then).
-    fn keys_ahead(&self, d: &Dedup<H::Event>, slot: &dyn Slot) -> Option<LaneKeys> {
-        let (stop, records) = slot.lane_ahead(CLAIM_AHEAD)?;
-        let keyed: Vec<_> = records
-            .into_iter()
-            .filter(|r| !d.ahead.holds(r))
-            .filter_map(|r| {
-                let decode = || {
-                    let event = self.codec.decode(&r).ok()?;
-                    Some(Message::new(r.clone(), 1, event))
-                };
-                let keys = guarded(|| d.keys_ahead(&r, decode)).ok().flatten()?;
-                Some((r, keys.delivery))
-            })
-            .collect();
-        (!keyed.is_empty()).then_some((stop, keyed))
-    }
-
-    async fn complete(
-        &self,
-        d: &Dedup<H::Event>,
-        key: &str,
-        held: &HeldClaim,
-        record: &RawRecord,
-        metrics: &RecordMetrics<'_>,
-        cancel: &CancellationToken,
-    ) -> bool {
-        // Returns false only when cancelled while retrying: the record is then given up
-        // unsettled. The work is done; marking it is best effort within the lease (counted from the
-        // claim or its last renewal): afterwards another worker may claim it anyway, so a
-        // duplicate is possible but nothing is lost.
-        let deadline = held.held_until(d.lease);
-        let token = &held.token;
-        let mut failures = 0u32;
-        loop {
-            match store_call("complete", d.complete(key, token)).await {
-                Ok(()) => return true,
-                Err(e) if e.is_lease_lost() => {
-                    warn!(coordinates = %record.coordinates(), key, "lease expired before completion: the record may be handled again elsewhere");
-                    return true;
-                }
-                Err(e) => {
-                    d.ahead.store_failed();
-                    metrics.store_error(StoreOperation::Complete);
-                    // With the outage opt-in, the consumer must keep moving: do not hold the
-                    // partition (or key) for the rest of the lease.
-                    if d.run_without_store_on_outage || Instant::now() >= deadline {
-                        error!(coordinates = %record.coordinates(), key, error = %e, "could not mark record done: a redelivery may handle it again");
-                        return true;
-                    }
-                    warn!(coordinates = %record.coordinates(), error = %e, "could not mark record done yet, retrying");
-                }
-            }
-            if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
-                return false;
-            }
-            failures = failures.saturating_add(1);
-        }
-    }
-
-    /// Releases the record's claim after a failed attempt, so its retry (here or, after a
-    /// crash, elsewhere) can claim it.
-    async fn release(
-        &self,
-        holding: &mut Holding,
-        record: &RawRecord,
-        metrics: &RecordMetrics<'_>,
-    ) {
-        let (Some(d), Some(keys), Some(held)) = (&self.dedup, &holding.keys, holding.claim.take())
-        else {
-            return;
-        };
-        // Best effort: if it fails, the lease expires and the retry claims it then.
-        if let Err(e) = store_call("release", d.store.release(&keys.delivery, &held.token)).await
-            && !e.is_lease_lost()
-        {
-            metrics.store_error(StoreOperation::Release);
-            warn!(coordinates = %record.coordinates(), error = %e, "could not release claim; the retry waits for the lease to expire");
-        }
-    }
-
-    /// The record is given up unsettled while holding a claim that no attempt is using:
-    /// released in the background, so the next delivery need not wait for the lease.
-    pub(crate) fn abandon_claim(&self, holding: &mut Holding) {
-        let (Some(d), Some(keys), Some(held)) = (&self.dedup, &holding.keys, holding.claim.take())
-        else {
-            return;
-        };
-        let (store, key) = (d.store.clone(), keys.delivery.clone());
-        tokio::spawn(async move {
-            let _ = store_call("release", store.release(&key, &held.token)).await;
-        });
-    }
-
-    /// Writes the dead letter; `pipelined`: the lane's next record may start once the letter
-    /// is queued (else the lane is freed by the caller).
-    async fn dead_letter(
-        &self,
-        record: Arc<RawRecord>,
-        failure: Failure,
-        metrics: &RecordMetrics<'_>,
-        cancel: &CancellationToken,
-        slot: &dyn Slot,
-        pipelined: bool,
-    ) -> Outcome {
-        let letter = DeadLetter {
-            record,
-            reason: failure.reason,
-            error: failure.error,
-            attempts: failure.attempts,
-            first_failure: failure.first,
-            last_failure: failure.last,
-            group_id: self.group_id.clone(),
-        };
-        let release = || {
-            if pipelined {
-                slot.release();
-            }
-        };
-        let mut failures = 0u32;
-        loop {
-            // Pipelined: once the letter is queued, the lane's next record starts while it is
-            // written (and retried, never dropped); the offset waits for the acknowledgement.
-            let sent = guarded_async(async {
-                let pending = self.sink.enqueue(&letter).await;
-                release();
-                pending.await
-            })
-            .await
-            .unwrap_or_else(|panic| {
-                Err(DeadLetterError {
-                    coordinates: letter.record.coordinates(),
-                    destination: "the dead-letter sink".into(),
-                    source: format!("the sink panicked: {panic}").into(),
-                })
-            });
-            release(); // also when the sink panicked before it queued
-            match sent {
-                Ok(receipt) => {
-                    debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");
-                    metrics.dead_lettered(letter.reason);
-                    return Outcome::DeadLettered(letter.reason);
-                }
-                Err(e) => {
-                    metrics.dead_letter_write_failed();
-                    error!(coordinates = %letter.record.coordinates(), error = %error_chain(&e), failures, "dead-letter write failed; retrying, the partition waits");
-                }
-            }
-            if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
-                return Outcome::Abandoned;
-            }
-            failures = failures.saturating_add(1);
-        }
-    }
 }
 
 /// The breaker's caller for a record: its event's dedup key, else its source record (a
@@ -1317,12 +790,6 @@ impl fmt::Display for KeyField<'_> {
             None => Ok(()),
         }
     }
-}
-
-enum ClaimOutcome {
-    Run(Option<HeldClaim>),
-    Duplicate,
-    Cancelled,
 }
 
 #[cfg(test)]

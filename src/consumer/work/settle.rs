@@ -1,0 +1,196 @@
+//! How a record that is given up ends: dead-lettered, or forwarded to the next retry tier,
+//! with its claim kept alive while the letter or forward is written and its delivery marked
+//! settled once the broker acknowledged it (delivery rule 18).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+use super::waits::{InfraWait, Slot};
+use super::worker::{Failure, Holding, Outcome, WorkerContext};
+use crate::consumer::dedup::keep_renewed;
+use crate::consumer::stop::Stop;
+use crate::dead_letter::{DeadLetter, DeadLetterError};
+use crate::error::error_chain;
+use crate::guard::guarded_async;
+use crate::handler::Handler;
+use crate::metrics::RecordMetrics;
+use crate::record::RawRecord;
+use crate::tiers::runtime::Located;
+
+impl<H: Handler> WorkerContext<H> {
+    /// The record is given up: dead-lettered, or forwarded to the next retry tier. Its
+    /// claim (if any) is kept alive meanwhile and its delivery marked settled once the
+    /// letter or forward is acknowledged, so that a redelivery of it is skipped (at most
+    /// one dead letter per event, as far as the store can tell: delivery rule 18).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn give_up(
+        &self,
+        record: Arc<RawRecord>,
+        at: Option<&Located>,
+        failure: Failure,
+        mut holding: Holding,
+        metrics: &RecordMetrics<'_>,
+        stop: &Stop,
+        slot: &dyn Slot,
+    ) -> Outcome {
+        let cancel = &stop.abandon;
+        // A record the ledger holds keeps its lane until the ledger let it go.
+        let pipelined = holding.tracked.is_none();
+        let coordinates = record.clone();
+        let write = async {
+            let (record, failure) = match (&self.tiers, at) {
+                (Some(tiers), Some(at)) => {
+                    match self
+                        .tier_give_up(tiers, at, record, failure, metrics, cancel)
+                        .await
+                    {
+                        Ok(forwarded) => return forwarded,
+                        Err(dead_letter) => dead_letter,
+                    }
+                }
+                _ => (record, failure),
+            };
+            self.dead_letter(record, failure, metrics, cancel, slot, pipelined)
+                .await
+        };
+        let outcome = self
+            .renewing(write, &mut holding, &coordinates, stop, metrics)
+            .await;
+        match outcome {
+            Outcome::DeadLettered(_) => {
+                if let Some(tracked) = holding.tracked.take()
+                    && !self.ledger_settle(tracked, &coordinates, stop).await
+                {
+                    return Outcome::Abandoned;
+                }
+            }
+            Outcome::Forwarded(_) => {}
+            other => {
+                self.abandon_claim(&mut holding);
+                return other;
+            }
+        }
+        slot.release();
+        self.mark_settled(holding, outcome, &coordinates, metrics, stop)
+            .await
+    }
+
+    /// Marks the delivery's key done after its dead letter or forward was acknowledged
+    /// (best effort within the lease, like a completion).
+    pub(crate) async fn mark_settled(
+        &self,
+        holding: Holding,
+        outcome: Outcome,
+        record: &RawRecord,
+        metrics: &RecordMetrics<'_>,
+        stop: &Stop,
+    ) -> Outcome {
+        if let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &holding.claim)
+            && !self
+                .complete(d, &keys.delivery, claim, record, metrics, &stop.abandon)
+                .await
+        {
+            return Outcome::Abandoned;
+        }
+        outcome
+    }
+
+    /// Runs `work` (writing a dead letter or a forward) with the record's claim renewed
+    /// meanwhile; a claim found lost is dropped from `holding` (not marked done after).
+    pub(crate) async fn renewing<F: Future<Output = Outcome>>(
+        &self,
+        work: F,
+        holding: &mut Holding,
+        record: &RawRecord,
+        stop: &Stop,
+        metrics: &RecordMetrics<'_>,
+    ) -> Outcome {
+        let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &mut holding.claim)
+        else {
+            return work.await;
+        };
+        tokio::pin!(work);
+        let renewal = keep_renewed(
+            &*d.store,
+            &keys.delivery,
+            d.lease,
+            claim,
+            &stop.lost,
+            record,
+            metrics,
+        );
+        let lost = tokio::select! {
+            biased;
+            outcome = &mut work => return outcome,
+            () = renewal => true,
+        };
+        if lost {
+            holding.claim = None;
+        }
+        work.await
+    }
+
+    /// Writes the dead letter; `pipelined`: the lane's next record may start once the letter
+    /// is queued (else the lane is freed by the caller).
+    pub(super) async fn dead_letter(
+        &self,
+        record: Arc<RawRecord>,
+        failure: Failure,
+        metrics: &RecordMetrics<'_>,
+        cancel: &CancellationToken,
+        slot: &dyn Slot,
+        pipelined: bool,
+    ) -> Outcome {
+        let letter = DeadLetter {
+            record,
+            reason: failure.reason,
+            error: failure.error,
+            attempts: failure.attempts,
+            first_failure: failure.first,
+            last_failure: failure.last,
+            group_id: self.group_id.clone(),
+        };
+        let release = || {
+            if pipelined {
+                slot.release();
+            }
+        };
+        let mut failures = 0u32;
+        loop {
+            // Pipelined: once the letter is queued, the lane's next record starts while it is
+            // written (and retried, never dropped); the offset waits for the acknowledgement.
+            let sent = guarded_async(async {
+                let pending = self.sink.enqueue(&letter).await;
+                release();
+                pending.await
+            })
+            .await
+            .unwrap_or_else(|panic| {
+                Err(DeadLetterError {
+                    coordinates: letter.record.coordinates(),
+                    destination: "the dead-letter sink".into(),
+                    source: format!("the sink panicked: {panic}").into(),
+                })
+            });
+            release(); // also when the sink panicked before it queued
+            match sent {
+                Ok(receipt) => {
+                    debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");
+                    metrics.dead_lettered(letter.reason);
+                    return Outcome::DeadLettered(letter.reason);
+                }
+                Err(e) => {
+                    metrics.dead_letter_write_failed();
+                    error!(coordinates = %letter.record.coordinates(), error = %error_chain(&e), failures, "dead-letter write failed; retrying, the partition waits");
+                }
+            }
+            if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
+                return Outcome::Abandoned;
+            }
+            failures = failures.saturating_add(1);
+        }
+    }
+}
