@@ -68,46 +68,99 @@ pub(crate) fn poll_loop(
     if hub.lock().breaker().is_some() {
         hub.metrics.breaker_start();
     }
+    let mut thread = PollThread::new(&consumer, hub, settings);
+    let stopped_by = loop {
+        if hub.stop_requested() {
+            break None;
+        }
+        if let Some(e) = thread.housekeeping() {
+            break Some(e);
+        }
+        let fatal = thread.poll_batch();
+        thread.hand_over(spawn);
+        if let Some(e) = fatal {
+            break Some(Error::kafka("consume", e));
+        }
+    };
+    shutdown(&consumer, hub, settings.shutdown_timeout);
+    drop(consumer);
+    let report = closing_report(hub);
+    match stopped_by {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
 
-    let mut last_commit = Instant::now();
-    let mut last_health = Instant::now();
-    let mut last_probe = Instant::now();
-    let mut last_deleted_check: Option<Instant> = None;
-    let mut deleted: HashSet<Tp> = HashSet::new();
-    let mut group_committed = GroupCommitted::default();
-    let mut batch: Vec<RawRecord> = Vec::with_capacity(settings.max_poll_batch);
-    let mut fatal = None;
-    let mut outage_error = None;
-    while !hub.stop_requested() {
+/// The poll loop's state between iterations.
+struct PollThread<'a> {
+    consumer: &'a BaseConsumer<KourierContext>,
+    hub: &'a Hub,
+    settings: &'a PollSettings,
+    last_commit: Instant,
+    last_health: Instant,
+    last_probe: Instant,
+    last_deleted_check: Option<Instant>,
+    /// Partitions of subscribed topics that were deleted (tracked again if they return).
+    deleted: HashSet<Tp>,
+    group_committed: GroupCommitted,
+    /// The records of the last poll, handed to the scheduler in one lock.
+    batch: Vec<RawRecord>,
+}
+
+impl<'a> PollThread<'a> {
+    fn new(
+        consumer: &'a BaseConsumer<KourierContext>,
+        hub: &'a Hub,
+        settings: &'a PollSettings,
+    ) -> Self {
+        PollThread {
+            consumer,
+            hub,
+            settings,
+            last_commit: Instant::now(),
+            last_health: Instant::now(),
+            last_probe: Instant::now(),
+            last_deleted_check: None,
+            deleted: HashSet::new(),
+            group_committed: GroupCommitted::default(),
+            batch: Vec::with_capacity(settings.max_poll_batch),
+        }
+    }
+
+    /// Between polls: flow control, the interval commit, the monitor's partition ends, and
+    /// while the cluster is unreachable a probe; an error when it has been unreachable past
+    /// `max_broker_outage`.
+    fn housekeeping(&mut self) -> Option<Error> {
+        let (consumer, hub, settings) = (self.consumer, self.hub, self.settings);
         let changes = hub.lock().flow_control();
-        apply_flow(&consumer, &hub.metrics, &changes);
-        if last_commit.elapsed() >= settings.commit_interval {
-            commit_settled(&consumer, hub, "interval");
-            last_commit = Instant::now();
+        apply_flow(consumer, &hub.metrics, &changes);
+        if self.last_commit.elapsed() >= settings.commit_interval {
+            commit_settled(consumer, hub, "interval");
+            self.last_commit = Instant::now();
         }
-        if last_health.elapsed() >= HEALTH_EVERY {
-            refresh_ends(&consumer, hub, &mut group_committed);
-            last_health = Instant::now();
+        if self.last_health.elapsed() >= HEALTH_EVERY {
+            refresh_ends(consumer, hub, &mut self.group_committed);
+            self.last_health = Instant::now();
         }
-        if let Some(outage) = hub.health.outage() {
-            if last_probe.elapsed() >= PROBE_EVERY {
-                probe(&consumer, hub, &settings.topics);
-                last_probe = Instant::now();
-            }
-            if let Some(max) = settings.max_broker_outage
-                && outage >= max
-            {
-                error!(?outage, max_broker_outage = ?max, "the kafka cluster has been unreachable longer than max_broker_outage: stopping");
-                outage_error = Some(Error::BrokersUnreachable {
-                    servers: settings.startup.servers.clone(),
-                    after: outage,
-                });
-                break;
-            }
+        let outage = hub.health.outage()?;
+        if self.last_probe.elapsed() >= PROBE_EVERY {
+            probe(consumer, hub, &settings.topics);
+            self.last_probe = Instant::now();
         }
-        // A (nearly) full buffer: wait until workers made room for a batch (or POLL_TIMEOUT),
-        // then take what fits — at least one record, so that polling goes on (group
-        // membership, rebalances) without pulling records faster than handlers settle them.
+        let max = settings.max_broker_outage.filter(|max| outage >= *max)?;
+        error!(?outage, max_broker_outage = ?max, "the kafka cluster has been unreachable longer than max_broker_outage: stopping");
+        Some(Error::BrokersUnreachable {
+            servers: settings.startup.servers.clone(),
+            after: outage,
+        })
+    }
+
+    /// Polls what fits the buffer into `batch`. A (nearly) full buffer: waits until workers
+    /// made room for a batch (or [`POLL_TIMEOUT`]), then takes what fits — at least one
+    /// record, so that polling goes on (group membership, rebalances) without pulling
+    /// records faster than handlers settle them. Returns a fatal consumer error.
+    fn poll_batch(&mut self) -> Option<KafkaError> {
+        let (consumer, hub, settings) = (self.consumer, self.hub, self.settings);
         let (mut room, want, mut room_bytes) = {
             let s = hub.lock();
             (
@@ -127,15 +180,15 @@ pub(crate) fn poll_loop(
         } else {
             Duration::ZERO
         };
-        let mut topic_missing = false;
+        let (mut topic_missing, mut fatal) = (false, None);
         // Taken by bytes as well as by count: the byte bound holds within one record.
         let mut batch_bytes = 0usize;
-        while batch.len() < max_batch && (batch.is_empty() || batch_bytes < room_bytes) {
+        while self.batch.len() < max_batch && (self.batch.is_empty() || batch_bytes < room_bytes) {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
                     let record = RawRecord::from_message(&m);
                     batch_bytes += record.byte_len();
-                    batch.push(record);
+                    self.batch.push(record);
                 }
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
                     error!(%code, "fatal consumer error");
@@ -158,50 +211,54 @@ pub(crate) fn poll_loop(
             }
             timeout = Duration::ZERO;
         }
-        if topic_missing && last_deleted_check.is_none_or(|t| t.elapsed() >= DELETED_CHECK_EVERY) {
-            forget_deleted_topics(&consumer, hub, &settings.topics, &mut deleted);
-            last_deleted_check = Some(Instant::now());
+        if topic_missing
+            && self
+                .last_deleted_check
+                .is_none_or(|t| t.elapsed() >= DELETED_CHECK_EVERY)
+        {
+            forget_deleted_topics(consumer, hub, &settings.topics, &mut self.deleted);
+            self.last_deleted_check = Some(Instant::now());
         }
-        if !batch.is_empty() {
-            hub.set_connected(true);
-            hub.metrics.consumed(&batch);
-            let jobs = {
-                let mut s = hub.lock();
-                for record in batch.drain(..) {
-                    if !deleted.is_empty() {
-                        // A deleted topic that came back: track its partition again.
-                        let tp: Tp = (Arc::clone(&record.topic), record.partition);
-                        if deleted.remove(&tp) {
-                            info!(partition = %format_args!("{}/{}", tp.0, tp.1), "partition of a re-created topic: tracked again");
-                            s.assign([tp]);
-                        }
-                    }
-                    s.enqueue(record);
-                }
-                s.take_jobs()
-            };
-            for job in jobs {
-                spawn(job);
-            }
+        fatal
+    }
+
+    /// Hands the batch to the scheduler and the jobs that may start to workers (with an
+    /// empty batch: records the outage breaker held, when it closes or lets one probe);
+    /// then resets partitions whose records were given up outside a drain.
+    fn hand_over(&mut self, spawn: &dyn Fn(Job)) {
+        let hub = self.hub;
+        let jobs = if self.batch.is_empty() {
+            hub.lock().take_jobs()
         } else {
-            // Records held by the outage breaker start when it closes (or one, to probe).
-            let jobs = hub.lock().take_jobs();
-            for job in jobs {
-                spawn(job);
+            hub.set_connected(true);
+            hub.metrics.consumed(&self.batch);
+            let mut s = hub.lock();
+            for record in self.batch.drain(..) {
+                if !self.deleted.is_empty() {
+                    // A deleted topic that came back: track its partition again.
+                    let tp: Tp = (Arc::clone(&record.topic), record.partition);
+                    if self.deleted.remove(&tp) {
+                        info!(partition = %format_args!("{}/{}", tp.0, tp.1), "partition of a re-created topic: tracked again");
+                        s.assign([tp]);
+                    }
+                }
+                s.enqueue(record);
             }
+            s.take_jobs()
+        };
+        for job in jobs {
+            spawn(job);
         }
         let resets = hub.lock().take_resets();
         if !resets.is_empty() {
-            reset(hub, &consumer, &resets);
-        }
-        if fatal.is_some() {
-            break;
+            reset(hub, self.consumer, &resets);
         }
     }
+}
 
-    shutdown(&consumer, hub, settings.shutdown_timeout);
-    drop(consumer);
-    // Taken after the close: a revoke while closing may have committed what it left.
+/// What the shutdown left, once the consumer is closed (a revoke while closing may have
+/// committed what the final commit left).
+fn closing_report(hub: &Hub) -> ShutdownReport {
     let commit_failure = hub.take_final_commit_failure();
     let ((abandoned, abandoned_records), left_for_later) = {
         let s = hub.lock();
@@ -212,13 +269,7 @@ pub(crate) fn poll_loop(
     } else {
         info!("consumer closed");
     }
-    if let Some(e) = fatal {
-        return Err(Error::kafka("consume", e));
-    }
-    if let Some(e) = outage_error {
-        return Err(e);
-    }
-    Ok(ShutdownReport {
+    ShutdownReport {
         abandoned,
         abandoned_records,
         left_for_later,
@@ -227,7 +278,7 @@ pub(crate) fn poll_loop(
             .map(FinalCommitFailure::uncommitted_display)
             .unwrap_or_default(),
         commit_error: commit_failure.map(|f| f.error),
-    })
+    }
 }
 
 /// A disconnected consumer asks for the metadata of one topic: an answer means the cluster
