@@ -612,108 +612,163 @@ impl Drop for RecordMetrics<'_> {
     }
 }
 
+/// What kind of metric a name is, for [`describe`].
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric's kind, unit and help text (what [`describe`] hands the recorder).
+const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
+    (
+        RECORDS_CONSUMED,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Records received from Kafka.",
+    ),
+    (
+        RECORDS_HANDLED,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Records whose handler succeeded.",
+    ),
+    (
+        RECORDS_RETRIED,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Transient failures that will be retried, by the attempt that failed.",
+    ),
+    (
+        RECORDS_DEAD_LETTERED,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Dead letters acknowledged by the sink, by failure kind.",
+    ),
+    (
+        DUPLICATES_SKIPPED,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Records skipped because the idempotency store says their work is done.",
+    ),
+    (
+        STORE_ERRORS,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Idempotency store calls that failed, by operation.",
+    ),
+    (
+        DEAD_LETTER_WRITE_FAILURES,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Dead-letter writes that failed (each is retried).",
+    ),
+    (
+        HANDLER_DURATION,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Duration of each handler attempt.",
+    ),
+    (
+        COMMIT_DURATION,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Duration of each synchronous offset commit.",
+    ),
+    (
+        COMMIT_FAILURES,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Offset commits that failed.",
+    ),
+    (
+        RECORDS_IN_FLIGHT,
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Records being handled now.",
+    ),
+    (
+        CONSUMER_LAG,
+        Kind::Gauge,
+        Some(Unit::Count),
+        "Records of an assigned partition not yet committed by the group.",
+    ),
+    (
+        PARTITION_PAUSED,
+        Kind::Gauge,
+        None,
+        "1 while flow control pauses the partition, else 0.",
+    ),
+    (
+        HANDLER_PANICS,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Handler attempts, codec and dedup-key calls that panicked.",
+    ),
+    (
+        RECORDS_STALLED,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Records in flight longer than the stall threshold (counted once each).",
+    ),
+    (
+        RECORDS_ABANDONED,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Records given up unsettled at a revoke or shutdown; they are delivered again.",
+    ),
+    (
+        RECORDS_FORWARDED,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Records forwarded to a retry tier (acknowledged), by tier.",
+    ),
+    (
+        FORWARD_FAILURES,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Forwards to a retry tier that failed (each is retried).",
+    ),
+    (
+        CONNECTION_STATE,
+        Kind::Gauge,
+        None,
+        "1 while the consumer reaches the Kafka cluster, 0 while it does not.",
+    ),
+    (
+        BREAKER_STATE,
+        Kind::Gauge,
+        None,
+        "The outage breaker's state: 0 closed, 1 open, 2 half-open.",
+    ),
+    (
+        BREAKER_TRANSITIONS,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Outage breaker transitions, by the state entered.",
+    ),
+    (
+        BREAKER_HELD_FAILURES,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Failed calls the open breaker absorbed: no attempt used, nothing dead-lettered.",
+    ),
+];
+
 /// Describes every metric to the installed recorder (help texts and units).
 fn describe() {
     use ::metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        RECORDS_CONSUMED,
-        Unit::Count,
-        "Records received from Kafka."
-    );
-    describe_counter!(
-        RECORDS_HANDLED,
-        Unit::Count,
-        "Records whose handler succeeded."
-    );
-    describe_counter!(
-        RECORDS_RETRIED,
-        Unit::Count,
-        "Transient failures that will be retried, by the attempt that failed."
-    );
-    describe_counter!(
-        RECORDS_DEAD_LETTERED,
-        Unit::Count,
-        "Dead letters acknowledged by the sink, by failure kind."
-    );
-    describe_counter!(
-        DUPLICATES_SKIPPED,
-        Unit::Count,
-        "Records skipped because the idempotency store says their work is done."
-    );
-    describe_counter!(
-        STORE_ERRORS,
-        Unit::Count,
-        "Idempotency store calls that failed, by operation."
-    );
-    describe_counter!(
-        DEAD_LETTER_WRITE_FAILURES,
-        Unit::Count,
-        "Dead-letter writes that failed (each is retried)."
-    );
-    describe_histogram!(
-        HANDLER_DURATION,
-        Unit::Seconds,
-        "Duration of each handler attempt."
-    );
-    describe_histogram!(
-        COMMIT_DURATION,
-        Unit::Seconds,
-        "Duration of each synchronous offset commit."
-    );
-    describe_counter!(COMMIT_FAILURES, Unit::Count, "Offset commits that failed.");
-    describe_gauge!(RECORDS_IN_FLIGHT, Unit::Count, "Records being handled now.");
-    describe_gauge!(
-        CONSUMER_LAG,
-        Unit::Count,
-        "Records of an assigned partition not yet committed by the group."
-    );
-    describe_gauge!(
-        PARTITION_PAUSED,
-        "1 while flow control pauses the partition, else 0."
-    );
-    describe_counter!(
-        HANDLER_PANICS,
-        Unit::Count,
-        "Handler attempts, codec and dedup-key calls that panicked."
-    );
-    describe_counter!(
-        RECORDS_STALLED,
-        Unit::Count,
-        "Records in flight longer than the stall threshold (counted once each)."
-    );
-    describe_counter!(
-        RECORDS_ABANDONED,
-        Unit::Count,
-        "Records given up unsettled at a revoke or shutdown; they are delivered again."
-    );
-    describe_counter!(
-        RECORDS_FORWARDED,
-        Unit::Count,
-        "Records forwarded to a retry tier (acknowledged), by tier."
-    );
-    describe_counter!(
-        FORWARD_FAILURES,
-        Unit::Count,
-        "Forwards to a retry tier that failed (each is retried)."
-    );
-    describe_gauge!(
-        CONNECTION_STATE,
-        "1 while the consumer reaches the Kafka cluster, 0 while it does not."
-    );
-    describe_gauge!(
-        BREAKER_STATE,
-        "The outage breaker's state: 0 closed, 1 open, 2 half-open."
-    );
-    describe_counter!(
-        BREAKER_TRANSITIONS,
-        Unit::Count,
-        "Outage breaker transitions, by the state entered."
-    );
-    describe_counter!(
-        BREAKER_HELD_FAILURES,
-        Unit::Count,
-        "Failed calls the open breaker absorbed: no attempt used, nothing dead-lettered."
-    );
+    for &(name, kind, unit, help) in DESCRIPTIONS {
+        match (kind, unit) {
+            (Kind::Counter, Some(unit)) => describe_counter!(name, unit, help),
+            (Kind::Counter, None) => describe_counter!(name, help),
+            (Kind::Gauge, Some(unit)) => describe_gauge!(name, unit, help),
+            (Kind::Gauge, None) => describe_gauge!(name, help),
+            (Kind::Histogram, Some(unit)) => describe_histogram!(name, unit, help),
+            (Kind::Histogram, None) => describe_histogram!(name, help),
+        }
+    }
 }
 
 /// Every metric name kourier registers, in the order of the table in the module docs.
@@ -750,6 +805,15 @@ pub const METRIC_NAMES: &[&str] = &[
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_metric_is_described_once() {
+        let mut described: Vec<&str> = super::DESCRIPTIONS.iter().map(|d| d.0).collect();
+        let mut named: Vec<&str> = super::METRIC_NAMES.to_vec();
+        described.sort_unstable();
+        named.sort_unstable();
+        assert_eq!(described, named);
+    }
+
     use super::*;
 
     #[test]

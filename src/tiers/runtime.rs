@@ -294,8 +294,69 @@ pub(crate) fn read_tier_record(
     let own_timestamp = record.timestamp.and_then(dlt::epoch_millis);
     let longest_wait = delay.saturating_add(delay.min(MAX_DUE_SKEW));
 
-    // Provenance: absent headers mean a record written to the tier by hand (it stands for
-    // itself); present ones must name this tier's source and a real position.
+    let (partition, offset, problems) = checked_position(record, source);
+    if !problems.is_empty() {
+        // Dead-lettered as it is: its own partition, offset and timestamp, under its tier's
+        // source topic (whose dead-letter topic it goes to).
+        return Located {
+            tier,
+            origin: Origin {
+                topic: source.to_owned(),
+                partition: record.partition,
+                offset: record.offset,
+                timestamp: record.timestamp,
+                log_append_time: record.log_append_time,
+            },
+            due: None,
+            longest_wait,
+            history: None,
+            invalid: Some(format!(
+                "unreadable retry-tier record {}: {}",
+                record.coordinates(),
+                problems.join("; ")
+            )),
+        };
+    }
+
+    let p = Provenance::from_headers(h);
+    let due = bounded_due(h, own_timestamp, now, delay, longest_wait);
+    // Stages: 0..=tiers (a record with `tiers` failed stages is dead-lettered at its next
+    // failure); absent or malformed reads as its tier.
+    let stages = h
+        .get(headers::FAILED_STAGES)
+        .and_then(dlt::count)
+        .map_or(tier, dlt::saturate_u32)
+        .min(tiers);
+    let history = p.attempts.map(|attempts| History {
+        stages,
+        kind: p.failure_kind.map_or("retries-exhausted", |k| k.as_str()),
+        error: p.error.clone().unwrap_or_default(),
+        attempts,
+        first: p.first_failure.unwrap_or(now),
+        last: p.last_failure.unwrap_or(now),
+    });
+    let origin = Origin {
+        topic: source.to_owned(),
+        partition: partition.unwrap_or(record.partition),
+        offset: offset.unwrap_or(record.offset),
+        timestamp: p.original_timestamp,
+        log_append_time: p.original_timestamp_type.as_deref() == Some("LogAppendTime"),
+    };
+    Located {
+        tier,
+        origin,
+        due: Some(due),
+        longest_wait,
+        history,
+        invalid: None,
+    }
+}
+
+/// A tier record's source position from its provenance headers: absent headers mean a
+/// record written to the tier by hand (it stands for itself); present ones must name this
+/// tier's source and a real position. The partition and offset, and what is wrong.
+fn checked_position(record: &RawRecord, source: &str) -> (Option<i32>, Option<i64>, Vec<String>) {
+    let h = &record.headers;
     let mut problems: Vec<String> = Vec::new();
     let topic_ok = match dlt::last(h, dlt::ORIGINAL_TOPIC) {
         None => true,
@@ -333,68 +394,25 @@ pub(crate) fn read_tier_record(
             shown_value(dlt::last(h, dlt::ORIGINAL_OFFSET).flatten()),
         ));
     }
-    if !problems.is_empty() {
-        // Dead-lettered as it is: its own partition, offset and timestamp, under its tier's
-        // source topic (whose dead-letter topic it goes to).
-        return Located {
-            tier,
-            origin: Origin {
-                topic: source.to_owned(),
-                partition: record.partition,
-                offset: record.offset,
-                timestamp: record.timestamp,
-                log_append_time: record.log_append_time,
-            },
-            due: None,
-            longest_wait,
-            history: None,
-            invalid: Some(format!(
-                "unreadable retry-tier record {}: {}",
-                record.coordinates(),
-                problems.join("; ")
-            )),
-        };
-    }
+    (partition, offset, problems)
+}
 
-    let p = Provenance::from_headers(h);
-    // Due: the written due time, else the record's timestamp plus the delay; never later
-    // than the delay plus the skew allowance past the record's timestamp, nor past now.
+/// When a tier record may run: the written due time, else the record's timestamp plus the
+/// delay; never later than the delay plus the skew allowance past the record's timestamp,
+/// nor past now.
+fn bounded_due(
+    h: &crate::record::Headers,
+    own_timestamp: Option<SystemTime>,
+    now: SystemTime,
+    delay: Duration,
+    longest_wait: Duration,
+) -> SystemTime {
     let bound = clock::after(now, longest_wait);
     let bound = own_timestamp.map_or(bound, |ts| bound.min(clock::after(ts, longest_wait)));
     let written = h.get(headers::DUE_MS).and_then(due_ms);
-    let due = written
+    written
         .unwrap_or_else(|| clock::after(own_timestamp.unwrap_or(now), delay))
-        .min(bound);
-    // Stages: 0..=tiers (a record with `tiers` failed stages is dead-lettered at its next
-    // failure); absent or malformed reads as its tier.
-    let stages = h
-        .get(headers::FAILED_STAGES)
-        .and_then(dlt::count)
-        .map_or(tier, dlt::saturate_u32)
-        .min(tiers);
-    let history = p.attempts.map(|attempts| History {
-        stages,
-        kind: p.failure_kind.map_or("retries-exhausted", |k| k.as_str()),
-        error: p.error.clone().unwrap_or_default(),
-        attempts,
-        first: p.first_failure.unwrap_or(now),
-        last: p.last_failure.unwrap_or(now),
-    });
-    let origin = Origin {
-        topic: source.to_owned(),
-        partition: partition.unwrap_or(record.partition),
-        offset: offset.unwrap_or(record.offset),
-        timestamp: p.original_timestamp,
-        log_append_time: p.original_timestamp_type.as_deref() == Some("LogAppendTime"),
-    };
-    Located {
-        tier,
-        origin,
-        due: Some(due),
-        longest_wait,
-        history,
-        invalid: None,
-    }
+        .min(bound)
 }
 
 /// A [`headers::DUE_MS`] value: decimal ms since the epoch. Before the epoch reads as the
