@@ -399,21 +399,10 @@ impl TopicAdmin {
     /// # Ok(()) }
     /// ```
     pub async fn ensure(&self, specs: &[TopicSpec]) -> Result<EnsureReport> {
-        for (i, spec) in specs.iter().enumerate() {
-            spec.validate()?;
-            if specs[..i].iter().any(|s| s.name == spec.name) {
-                return Err(ConfigError::invalid(
-                    "topic",
-                    format!("topic {} is given twice", spec.name),
-                )
-                .into());
-            }
-        }
+        validate_specs(specs)?;
         let session = self.session()?;
         let mut view = session.metadata().await?;
         let mut report = EnsureReport::default();
-        // Topics created by this call or, in a race, by someone else: wait until ready.
-        let mut fresh = Vec::new();
         let mut pending: Vec<&TopicSpec> = Vec::new();
         for spec in specs {
             match view.partitions(&spec.name) {
@@ -431,41 +420,7 @@ impl TopicAdmin {
                 None => pending.push(spec),
             }
         }
-        while !pending.is_empty() {
-            let mut retry = Vec::new();
-            for (spec, outcome) in session.create(&pending).await? {
-                match outcome {
-                    Ok(()) => {
-                        tracing::info!(
-                            topic = %spec.name,
-                            partitions = spec.partitions,
-                            "created topic"
-                        );
-                        report.created.push(spec.name.clone());
-                    }
-                    Err(RDKafkaErrorCode::TopicAlreadyExists) => {
-                        report.existing.push(spec.name.clone());
-                    }
-                    Err(code) if is_retriable(code, spec, view.brokers) && !session.expired() => {
-                        tracing::debug!(topic = %spec.name, %code, "topic not created yet; retrying");
-                        retry.push(spec);
-                        continue;
-                    }
-                    Err(code) => {
-                        return Err(TopicError::Create {
-                            topic: spec.name.clone(),
-                            code,
-                        }
-                        .into());
-                    }
-                }
-                fresh.push(spec.name.as_str());
-            }
-            pending = retry;
-            if !pending.is_empty() {
-                session.pause().await;
-            }
-        }
+        let fresh = create_pending(&session, pending, view.brokers, &mut report).await?;
         if !fresh.is_empty() {
             view = session.wait_ready(&fresh).await?;
         }
@@ -742,6 +697,69 @@ impl Drop for Session {
             Err(_) => drop(admin),
         }
     }
+}
+
+/// Refuses invalid specs and a topic given twice, before anything connects.
+fn validate_specs(specs: &[TopicSpec]) -> Result<()> {
+    for (i, spec) in specs.iter().enumerate() {
+        spec.validate()?;
+        if specs[..i].iter().any(|s| s.name == spec.name) {
+            return Err(ConfigError::invalid(
+                "topic",
+                format!("topic {} is given twice", spec.name),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Creates the `pending` topics, retrying what the cluster cannot create yet (until the
+/// session expires); notes each in `report`. Returns the topics created by this call or, in
+/// a race, by someone else: they are waited for until ready.
+async fn create_pending<'s>(
+    session: &Session,
+    mut pending: Vec<&'s TopicSpec>,
+    brokers: usize,
+    report: &mut EnsureReport,
+) -> Result<Vec<&'s str>> {
+    let mut fresh = Vec::new();
+    while !pending.is_empty() {
+        let mut retry = Vec::new();
+        for (spec, outcome) in session.create(&pending).await? {
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(
+                        topic = %spec.name,
+                        partitions = spec.partitions,
+                        "created topic"
+                    );
+                    report.created.push(spec.name.clone());
+                }
+                Err(RDKafkaErrorCode::TopicAlreadyExists) => {
+                    report.existing.push(spec.name.clone());
+                }
+                Err(code) if is_retriable(code, spec, brokers) && !session.expired() => {
+                    tracing::debug!(topic = %spec.name, %code, "topic not created yet; retrying");
+                    retry.push(spec);
+                    continue;
+                }
+                Err(code) => {
+                    return Err(TopicError::Create {
+                        topic: spec.name.clone(),
+                        code,
+                    }
+                    .into());
+                }
+            }
+            fresh.push(spec.name.as_str());
+        }
+        pending = retry;
+        if !pending.is_empty() {
+            session.pause().await;
+        }
+    }
+    Ok(fresh)
 }
 
 #[cfg(test)]
