@@ -585,21 +585,7 @@ pub(crate) fn redrive(
             original: cell(&letter.provenance.original_coordinates()),
             reason,
         };
-        let p = &letter.provenance;
-        let refusal = if !opts.force && p.redrive_count >= opts.max_redrives {
-            Some(format!(
-                "already redriven {} time(s) (--max-redrives {}; --force overrides)",
-                p.redrive_count, opts.max_redrives
-            ))
-        } else if !opts.force && p.value_dropped_bytes.is_some() {
-            Some(format!(
-                "metadata-only letter: its {}-byte value was dropped (--force redrives it with a null value)",
-                p.value_dropped_bytes.unwrap_or_default()
-            ))
-        } else {
-            None
-        };
-        let redrive = match refusal {
+        let redrive = match refusal(opts, &letter) {
             Some(reason) => Err(reason),
             None => RedriveRecord::from_dead_letter(&letter.record, opts.to.as_deref())
                 .map_err(|e| e.to_string()),
@@ -613,34 +599,12 @@ pub(crate) fn redrive(
                 continue;
             }
         };
-        if !destinations.contains(&redrive.topic) {
-            let client: BaseConsumer = kafka.config().create_with_context(log_context())?;
-            kafka
-                .partitions(&client, &redrive.topic)
-                .with_context(|| format!("destination of letter {}", letter.place()))?;
-            destinations.insert(redrive.topic.clone());
-        }
-        let (delivered_partition, offset) = match &producer {
-            None => (-1, None),
-            Some(producer) => {
-                let (p, o) = producer.send(&redrive).with_context(|| {
-                    format!(
-                        "re-publishing letter {} to {}; nothing after it was redriven",
-                        letter.place(),
-                        redrive.topic
-                    )
-                })?;
-                (p, Some(o))
-            }
-        };
+        check_destination(kafka, &mut destinations, &redrive.topic, &letter)?;
+        let (delivered_partition, offset) = republish(producer.as_ref(), &redrive, &letter)?;
         report.redriven.push(Redriven {
-            letter: letter.place(),
-            original: cell(&letter.provenance.original_coordinates()),
-            topic: redrive.topic.clone(),
             partition: delivered_partition,
             offset,
-            redrive_count: redrive.redrive_count,
-            key: letter.key_text().map(|k| cell(&k)),
+            ..Redriven::of(&letter, &redrive)
         });
         if !opts.dry_run {
             if opts
@@ -660,6 +624,77 @@ pub(crate) fn redrive(
         }
     }
     Ok(report)
+}
+
+impl Redriven {
+    /// What is said of `letter`, redriven as `redrive` (its partition and offset unknown yet).
+    fn of(letter: &Letter, redrive: &RedriveRecord) -> Redriven {
+        Redriven {
+            letter: letter.place(),
+            original: cell(&letter.provenance.original_coordinates()),
+            topic: redrive.topic.clone(),
+            partition: -1,
+            offset: None,
+            redrive_count: redrive.redrive_count,
+            key: letter.key_text().map(|k| cell(&k)),
+        }
+    }
+}
+
+/// The first time a destination comes up: it must exist (its partitions are looked up).
+fn check_destination(
+    kafka: &Kafka,
+    known: &mut HashSet<String>,
+    topic: &str,
+    letter: &Letter,
+) -> Result<()> {
+    if !known.contains(topic) {
+        let client: BaseConsumer = kafka.config().create_with_context(log_context())?;
+        kafka
+            .partitions(&client, topic)
+            .with_context(|| format!("destination of letter {}", letter.place()))?;
+        known.insert(topic.to_owned());
+    }
+    Ok(())
+}
+
+/// Why `letter` is not redriven, if it is not: redriven too often already, or a
+/// metadata-only letter (both overridden by `--force`).
+fn refusal(opts: &RedriveOptions, letter: &Letter) -> Option<String> {
+    let p = &letter.provenance;
+    if !opts.force && p.redrive_count >= opts.max_redrives {
+        Some(format!(
+            "already redriven {} time(s) (--max-redrives {}; --force overrides)",
+            p.redrive_count, opts.max_redrives
+        ))
+    } else if !opts.force && p.value_dropped_bytes.is_some() {
+        Some(format!(
+            "metadata-only letter: its {}-byte value was dropped (--force redrives it with a null value)",
+            p.value_dropped_bytes.unwrap_or_default()
+        ))
+    } else {
+        None
+    }
+}
+
+/// Publishes `redrive` (not with `--dry-run`, no producer): where it landed, `(-1, None)`
+/// for a dry run.
+fn republish(
+    producer: Option<&RedriveProducer>,
+    redrive: &RedriveRecord,
+    letter: &Letter,
+) -> Result<(i32, Option<i64>)> {
+    let Some(producer) = producer else {
+        return Ok((-1, None));
+    };
+    let (p, o) = producer.send(redrive).with_context(|| {
+        format!(
+            "re-publishing letter {} to {}; nothing after it was redriven",
+            letter.place(),
+            redrive.topic
+        )
+    })?;
+    Ok((p, Some(o)))
 }
 
 /// Remembers the outcome of the one record in flight; logs through the throttle.

@@ -228,44 +228,55 @@ fn run(cli: Cli) -> Result<()> {
                 crash_after,
             };
             let report = dlt::redrive(&kafka, &opts, &mut progress())?;
-            let verb = if dry_run { "would redrive" } else { "redrove" };
-            for r in &report.redriven {
-                let at = match r.offset {
-                    Some(o) => format!("{}/{}@{o}", r.topic, r.partition),
-                    None => r.topic.clone(),
-                };
-                writeln!(
-                    stdout,
-                    "{verb} {} ({}) -> {at}  key={} redrive-count={}",
-                    r.letter,
-                    r.original,
-                    r.key.as_deref().unwrap_or("-"),
-                    r.redrive_count
-                )?;
-            }
-            for r in &report.refused {
-                writeln!(
-                    stdout,
-                    "refused {} ({}): {}",
-                    r.letter, r.original, r.reason
-                )?;
-            }
-            writeln!(
-                stdout,
-                "{}: read {}, {} {}, filtered out {}, refused {}{}",
-                opts.dlt,
-                report.read,
-                verb,
-                report.redriven.len(),
-                report.filtered_out,
-                report.refused.len(),
-                if dry_run {
-                    " (dry run: nothing published or committed)".to_owned()
-                } else {
-                    format!("; progress committed for group {}", opts.group)
-                }
-            )?;
+            print_redrive(&mut stdout, &opts, &report)?;
         }
     }
+    Ok(())
+}
+
+/// What a redrive did (or, with `--dry-run`, would do), letter by letter, then a summary.
+fn print_redrive(
+    stdout: &mut impl std::io::Write,
+    opts: &RedriveOptions,
+    report: &dlt::RedriveReport,
+) -> Result<()> {
+    let dry_run = opts.dry_run;
+    let verb = if dry_run { "would redrive" } else { "redrove" };
+    for r in &report.redriven {
+        let at = match r.offset {
+            Some(o) => format!("{}/{}@{o}", r.topic, r.partition),
+            None => r.topic.clone(),
+        };
+        writeln!(
+            stdout,
+            "{verb} {} ({}) -> {at}  key={} redrive-count={}",
+            r.letter,
+            r.original,
+            r.key.as_deref().unwrap_or("-"),
+            r.redrive_count
+        )?;
+    }
+    for r in &report.refused {
+        writeln!(
+            stdout,
+            "refused {} ({}): {}",
+            r.letter, r.original, r.reason
+        )?;
+    }
+    writeln!(
+        stdout,
+        "{}: read {}, {} {}, filtered out {}, refused {}{}",
+        opts.dlt,
+        report.read,
+        verb,
+        report.redriven.len(),
+        report.filtered_out,
+        report.refused.len(),
+        if dry_run {
+            " (dry run: nothing published or committed)".to_owned()
+        } else {
+            format!("; progress committed for group {}", opts.group)
+        }
+    )?;
     Ok(())
 }
