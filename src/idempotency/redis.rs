@@ -242,6 +242,22 @@ impl RedisIdempotencyStore {
 
     /// Runs one script on `<prefix><key>` with retries, all within the command timeout.
     /// Returns the script's answer and the attempt (1-based) that produced it.
+    /// [`run`](Self::run) with the two arguments most scripts take: the claim's value (its
+    /// token) and a duration in milliseconds (the lease or the TTL).
+    async fn run_token(
+        &self,
+        operation: &'static str,
+        key: &str,
+        script: &Script,
+        token: &ClaimToken,
+        duration: Duration,
+    ) -> Result<(i64, u32), StoreError> {
+        let value = inflight(token);
+        let duration = millis(duration).to_string();
+        let args: [&[u8]; 2] = [value.as_bytes(), duration.as_bytes()];
+        self.run(operation, key, script, &args).await
+    }
+
     async fn run(
         &self,
         operation: &'static str,
@@ -426,21 +442,9 @@ impl fmt::Debug for RedisIdempotencyStore {
 impl IdempotencyStore for RedisIdempotencyStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
         let token = ClaimToken::random();
-        let value = inflight(&token);
-        let lease = millis(lease).to_string();
-        let (answer, _) = self
-            .run(
-                "claim",
-                key,
-                &self.scripts.claim,
-                &[value.as_bytes(), lease.as_bytes()],
-            )
-            .await?;
-        match answer {
-            1 => Ok(Claim::Acquired(token)),
-            2 => Ok(Claim::Done),
-            _ => Ok(Claim::Busy),
-        }
+        let script = &self.scripts.claim;
+        let (answer, _) = self.run_token("claim", key, script, &token, lease).await?;
+        Ok(claimed(answer, token))
     }
 
     async fn complete(
@@ -449,24 +453,9 @@ impl IdempotencyStore for RedisIdempotencyStore {
         token: &ClaimToken,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let value = inflight(token);
-        let ttl = millis(ttl).to_string();
-        let (answer, attempt) = self
-            .run(
-                "complete",
-                key,
-                &self.scripts.complete,
-                &[value.as_bytes(), ttl.as_bytes()],
-            )
-            .await?;
-        match answer {
-            1 => Ok(()),
-            // Done already: after a failed first attempt, that attempt may have done it.
-            2 if attempt > 1 => Ok(()),
-            _ => Err(StoreError::LeaseLost {
-                key: key.to_owned(),
-            }),
-        }
+        let script = &self.scripts.complete;
+        let (answer, attempt) = self.run_token("complete", key, script, token, ttl).await?;
+        fenced(answer, attempt, key)
     }
 
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
@@ -474,14 +463,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let (answer, attempt) = self
             .run("release", key, &self.scripts.release, &[value.as_bytes()])
             .await?;
-        match answer {
-            1 => Ok(()),
-            // Gone already: after a failed first attempt, that attempt may have deleted it.
-            2 if attempt > 1 => Ok(()),
-            _ => Err(StoreError::LeaseLost {
-                key: key.to_owned(),
-            }),
-        }
+        fenced(answer, attempt, key)
     }
 
     /// One script over all the keys on a single server (one round trip); on a cluster,
@@ -497,25 +479,15 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let tokens: Vec<ClaimToken> = keys.iter().map(|_| ClaimToken::random()).collect();
         let values: Vec<String> = tokens.iter().map(inflight).collect();
         let lease = millis(lease).to_string();
+        let script = &self.scripts.claim_many;
         match self
-            .run_many(
-                "claim",
-                manager,
-                &self.scripts.claim_many,
-                keys,
-                &values,
-                &lease,
-            )
+            .run_many("claim", manager, script, keys, &values, &lease)
             .await
         {
             Ok((answers, _)) => answers
                 .into_iter()
                 .zip(tokens)
-                .map(|(answer, token)| match answer {
-                    1 => Ok(Claim::Acquired(token)),
-                    2 => Ok(Claim::Done),
-                    _ => Ok(Claim::Busy),
-                })
+                .map(|(answer, token)| Ok(claimed(answer, token)))
                 .collect(),
             Err(error) => each(keys.len(), &error).into_iter().map(Err).collect(),
         }
@@ -540,28 +512,15 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let keys: Vec<&str> = claims.iter().map(|(k, _)| *k).collect();
         let values: Vec<String> = claims.iter().map(|(_, t)| inflight(t)).collect();
         let ttl = millis(ttl).to_string();
+        let script = &self.scripts.complete_many;
         match self
-            .run_many(
-                "complete",
-                manager,
-                &self.scripts.complete_many,
-                &keys,
-                &values,
-                &ttl,
-            )
+            .run_many("complete", manager, script, &keys, &values, &ttl)
             .await
         {
             Ok((answers, attempt)) => answers
                 .into_iter()
                 .zip(keys)
-                .map(|(answer, key)| match answer {
-                    1 => Ok(()),
-                    // Done already: after a failed first attempt, that attempt may have done it.
-                    2 if attempt > 1 => Ok(()),
-                    _ => Err(StoreError::LeaseLost {
-                        key: key.to_owned(),
-                    }),
-                })
+                .map(|(answer, key)| fenced(answer, attempt, key))
                 .collect(),
             Err(error) => each(claims.len(), &error).into_iter().map(Err).collect(),
         }
@@ -573,22 +532,32 @@ impl IdempotencyStore for RedisIdempotencyStore {
         token: &ClaimToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let value = inflight(token);
-        let lease = millis(lease).to_string();
-        let (answer, _) = self
-            .run(
-                "renew",
-                key,
-                &self.scripts.renew,
-                &[value.as_bytes(), lease.as_bytes()],
-            )
-            .await?;
-        match answer {
-            1 => Ok(()),
-            _ => Err(StoreError::LeaseLost {
-                key: key.to_owned(),
-            }),
-        }
+        let script = &self.scripts.renew;
+        let (answer, _) = self.run_token("renew", key, script, token, lease).await?;
+        // Only the first attempt's answer counts: a renewal is never "done already".
+        fenced(answer, 1, key)
+    }
+}
+
+/// What a claim script answered: 1 acquired (with `token`), 2 done, else busy.
+fn claimed(answer: i64, token: ClaimToken) -> Claim {
+    match answer {
+        1 => Claim::Acquired(token),
+        2 => Claim::Done,
+        _ => Claim::Busy,
+    }
+}
+
+/// What a script fenced by the claim's token answered: 1 done; 2 (done or gone already) is
+/// a success only after a failed first attempt of this call, which may have made the
+/// change; anything else: the claim is not the token's any more.
+fn fenced(answer: i64, attempt: u32, key: &str) -> Result<(), StoreError> {
+    match answer {
+        1 => Ok(()),
+        2 if attempt > 1 => Ok(()),
+        _ => Err(StoreError::LeaseLost {
+            key: key.to_owned(),
+        }),
     }
 }
 
