@@ -314,6 +314,13 @@ impl State {
 mod tests {
     use super::*;
 
+    /// The call was refused as `LeaseLost` (it changed nothing: see the store contract).
+    #[track_caller]
+    fn assert_lease_lost<T: std::fmt::Debug>(result: Result<T, StoreError>) {
+        let err = result.expect_err("expected LeaseLost");
+        assert!(err.is_lease_lost(), "{err:?}");
+    }
+
     const LEASE: Duration = Duration::from_secs(30);
     const TTL: Duration = Duration::from_secs(3600);
 
@@ -332,13 +339,7 @@ mod tests {
         store.complete("k", &token, TTL).await.unwrap();
         assert_eq!(store.claim("k", LEASE).await.unwrap(), Claim::Done);
         // Completing twice with the same token: the claim is gone.
-        assert!(
-            store
-                .complete("k", &token, TTL)
-                .await
-                .unwrap_err()
-                .is_lease_lost()
-        );
+        assert_lease_lost(store.complete("k", &token, TTL).await);
     }
 
     #[tokio::test(start_paused = true)]
@@ -348,13 +349,7 @@ mod tests {
         store.release("k", &first).await.unwrap();
         let second = acquire(&store, "k", LEASE).await;
         assert_ne!(first, second);
-        assert!(
-            store
-                .release("k", &first)
-                .await
-                .unwrap_err()
-                .is_lease_lost()
-        );
+        assert_lease_lost(store.release("k", &first).await);
         assert_eq!(store.claim("k", LEASE).await.unwrap(), Claim::Busy);
     }
 
@@ -370,7 +365,7 @@ mod tests {
 
         let err = store.complete("k", &old, TTL).await.unwrap_err();
         assert!(matches!(&err, StoreError::LeaseLost { key } if key == "k"));
-        assert!(store.release("k", &old).await.unwrap_err().is_lease_lost());
+        assert_lease_lost(store.release("k", &old).await);
         // The new owner still holds it and can complete.
         assert_eq!(store.claim("k", LEASE).await.unwrap(), Claim::Busy);
         store.complete("k", &new, TTL).await.unwrap();
@@ -382,20 +377,8 @@ mod tests {
         let store = InMemoryIdempotencyStore::new();
         let token = acquire(&store, "k", Duration::from_secs(1)).await;
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(
-            store
-                .complete("k", &token, TTL)
-                .await
-                .unwrap_err()
-                .is_lease_lost()
-        );
-        assert!(
-            store
-                .release("k", &token)
-                .await
-                .unwrap_err()
-                .is_lease_lost()
-        );
+        assert_lease_lost(store.complete("k", &token, TTL).await);
+        assert_lease_lost(store.release("k", &token).await);
         acquire(&store, "k", LEASE).await;
     }
 
@@ -412,31 +395,13 @@ mod tests {
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(store.claim("k", LEASE).await.unwrap(), Claim::Busy);
         let foreign = ClaimToken::random();
-        assert!(
-            store
-                .renew("k", &foreign, LEASE)
-                .await
-                .unwrap_err()
-                .is_lease_lost()
-        );
+        assert_lease_lost(store.renew("k", &foreign, LEASE).await);
         tokio::time::advance(Duration::from_secs(1)).await;
         // The renewed lease ran out: renewing now is too late and changes nothing.
-        assert!(
-            store
-                .renew("k", &token, LEASE)
-                .await
-                .unwrap_err()
-                .is_lease_lost()
-        );
+        assert_lease_lost(store.renew("k", &token, LEASE).await);
         let new = acquire(&store, "k", LEASE).await;
         store.complete("k", &new, TTL).await.unwrap();
-        assert!(
-            store
-                .renew("k", &new, LEASE)
-                .await
-                .unwrap_err()
-                .is_lease_lost()
-        );
+        assert_lease_lost(store.renew("k", &new, LEASE).await);
         assert_eq!(store.claim("k", LEASE).await.unwrap(), Claim::Done);
     }
 
