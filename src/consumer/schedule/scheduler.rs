@@ -425,38 +425,76 @@ impl Scheduler {
     /// Records how a job ended and hands the freed slot's next job to the caller.
     /// Completions from an earlier assignment (revoked since) are ignored.
     pub(crate) fn finish(&mut self, job: &Job, end: JobEnd) -> Option<Job> {
-        // A job that ends while parked (its task dropped mid-wait) holds no slot.
+        self.free_slot(job);
+        self.end_job(job, end);
+        if end == JobEnd::Settled {
+            self.free_lane(job);
+        } else {
+            self.block_lane(job);
+        }
+        self.take_one()
+    }
+
+    /// A job stops holding its in-flight slot (one that ends while parked, its task dropped
+    /// mid-wait, holds none).
+    fn free_slot(&mut self, job: &Job) {
         if !self.parked.remove(&job.id) {
             self.in_flight -= 1;
         }
-        self.end_job(job, end);
-        if let Some(p) = self.partitions.get_mut(&job.tp)
-            && p.generation == job.generation
-            && let Some(lane) = p.lanes.get_mut(&job.lane)
-        {
-            lane.running = false;
-            if end != JobEnd::Settled {
-                lane.blocked = true;
-                let (records, bytes) = (
-                    lane.queue.len(),
-                    lane.queue.iter().map(|(_, b)| *b).sum::<usize>(),
-                );
-                lane.queue.clear();
-                p.queued -= records;
-                p.queued_bytes -= bytes;
-                self.buffered_records -= records;
-                self.buffered_bytes -= bytes;
-            } else if lane.queue.is_empty() {
-                if let Some(lane) = p.lanes.remove(&job.lane) {
-                    spare_queue(&mut self.spare_queues, lane.queue);
-                }
-            } else if !lane.in_ready {
-                lane.in_ready = true;
-                self.ready
-                    .push_back((job.tp.clone(), job.generation, job.lane.clone()));
+    }
+
+    /// The job's lane may run its next record: readied when one waits, else dropped (its
+    /// queue kept for a new lane) unless it is blocked.
+    fn free_lane(&mut self, job: &Job) {
+        let Some(p) = self
+            .partitions
+            .get_mut(&job.tp)
+            .filter(|p| p.generation == job.generation)
+        else {
+            return;
+        };
+        let Some(lane) = p.lanes.get_mut(&job.lane) else {
+            return;
+        };
+        lane.running = false;
+        if lane.queue.is_empty() {
+            if !lane.blocked
+                && let Some(lane) = p.lanes.remove(&job.lane)
+            {
+                spare_queue(&mut self.spare_queues, lane.queue);
             }
+        } else if !lane.in_ready {
+            lane.in_ready = true;
+            self.ready
+                .push_back((job.tp.clone(), job.generation, job.lane.clone()));
         }
-        self.take_one()
+    }
+
+    /// The job was given up unsettled: nothing after it in its lane may run in this
+    /// assignment (it would overtake the record); the lane's buffered records are dropped
+    /// (they are delivered again, in order, with it).
+    fn block_lane(&mut self, job: &Job) {
+        let Some(p) = self
+            .partitions
+            .get_mut(&job.tp)
+            .filter(|p| p.generation == job.generation)
+        else {
+            return;
+        };
+        let Some(lane) = p.lanes.get_mut(&job.lane) else {
+            return;
+        };
+        lane.running = false;
+        lane.blocked = true;
+        let (records, bytes) = (
+            lane.queue.len(),
+            lane.queue.iter().map(|(_, b)| *b).sum::<usize>(),
+        );
+        lane.queue.clear();
+        p.queued -= records;
+        p.queued_bytes -= bytes;
+        self.buffered_records -= records;
+        self.buffered_bytes -= bytes;
     }
 
     /// A running record's outcome is decided but not yet settled (its completion is being
@@ -466,27 +504,9 @@ impl Scheduler {
     /// shutdown still waits for it) and its offset stays uncommitted until
     /// [`Scheduler::settle`]. The freed slot's next job is handed to the caller.
     pub(crate) fn release_lane(&mut self, job: &Job) -> Option<Job> {
-        if !self.parked.remove(&job.id) {
-            self.in_flight -= 1;
-        }
+        self.free_slot(job);
         self.settling += 1;
-        if let Some(p) = self.partitions.get_mut(&job.tp)
-            && p.generation == job.generation
-            && let Some(lane) = p.lanes.get_mut(&job.lane)
-        {
-            lane.running = false;
-            if lane.queue.is_empty() {
-                if !lane.blocked
-                    && let Some(lane) = p.lanes.remove(&job.lane)
-                {
-                    spare_queue(&mut self.spare_queues, lane.queue);
-                }
-            } else if !lane.in_ready {
-                lane.in_ready = true;
-                self.ready
-                    .push_back((job.tp.clone(), job.generation, job.lane.clone()));
-            }
-        }
+        self.free_lane(job);
         self.take_one()
     }
 
