@@ -20,6 +20,21 @@ use crate::tiers::runtime::{Located, Tiers};
 use crate::tiers::{Admission, LedgerKey, SourceId};
 use tokio_util::sync::CancellationToken;
 
+/// The ledger's key and entry of a record of `key` standing at `at`: its source topic and
+/// source position, whatever tier it is in.
+fn ledger_entry<'a>(tiers: &'a Tiers, at: &'a Located, key: &'a [u8]) -> (LedgerKey<'a>, SourceId) {
+    let lk = LedgerKey {
+        group: &tiers.group,
+        topic: &at.origin.topic,
+        key,
+    };
+    let id = SourceId {
+        partition: at.origin.partition,
+        offset: at.origin.offset,
+    };
+    (lk, id)
+}
+
 /// Retries a ledger step until it answers or `wait` gives up (`None`).
 async fn ledger_step<T, F, Fut>(
     operation: &'static str,
@@ -90,15 +105,7 @@ impl<H: Handler> WorkerContext<H> {
         let (Some(ledger), Some(key)) = (&tiers.config.ledger, record.key.as_deref()) else {
             return Admit::Run(None);
         };
-        let lk = LedgerKey {
-            group: &tiers.group,
-            topic: &at.origin.topic,
-            key,
-        };
-        let id = SourceId {
-            partition: at.origin.partition,
-            offset: at.origin.offset,
-        };
+        let (lk, id) = ledger_entry(tiers, at, key);
         let wait = InfraWait::BeforeRunning(stop, slot);
         let Some(admission) =
             ledger_step("admit", record, wait, || ledger.admit(lk, id, at.tier)).await
@@ -229,15 +236,7 @@ impl<H: Handler> WorkerContext<H> {
         cancel: &CancellationToken,
     ) -> Outcome {
         if let (Some(ledger), Some(key)) = (&tiers.config.ledger, record.key.as_deref()) {
-            let lk = LedgerKey {
-                group: &tiers.group,
-                topic: &at.origin.topic,
-                key,
-            };
-            let id = SourceId {
-                partition: at.origin.partition,
-                offset: at.origin.offset,
-            };
+            let (lk, id) = ledger_entry(tiers, at, key);
             let wait = InfraWait::UntilAbandoned(cancel);
             if ledger_step("place", record, wait, || ledger.place(lk, id, target))
                 .await
