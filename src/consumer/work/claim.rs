@@ -8,8 +8,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
+use super::outcome::RecordOutcome;
 use super::waits::{InfraWait, Slot};
-use super::worker::{Holding, Outcome, RecordRun, WorkerContext};
+use super::worker::{Holding, RecordRun, WorkerContext};
 use crate::consumer::dedup::{Answer, CLAIM_AHEAD, Dedup, HeldClaim, LaneKeys, Taken};
 use crate::consumer::stop::Stop;
 use crate::guard::{guarded, store_call};
@@ -33,7 +34,7 @@ impl<H: Handler> WorkerContext<H> {
         holding: &mut Holding,
         r: &RecordRun<'_>,
         first: bool,
-    ) -> Option<Outcome> {
+    ) -> Option<RecordOutcome> {
         let (record, metrics, stop, slot) = (r.record, r.metrics, r.stop, r.slot);
         let (Some(d), Some(keys)) = (&self.dedup, &holding.keys) else {
             return None;
@@ -49,9 +50,9 @@ impl<H: Handler> WorkerContext<H> {
             ClaimOutcome::Duplicate => {
                 debug!(coordinates = %record.coordinates(), "duplicate: already done, skipped");
                 metrics.duplicate();
-                Some(Outcome::Duplicate)
+                Some(RecordOutcome::Duplicate)
             }
-            ClaimOutcome::Cancelled => Some(Outcome::Abandoned),
+            ClaimOutcome::Cancelled => Some(RecordOutcome::Abandoned),
         }
     }
 
@@ -59,17 +60,17 @@ impl<H: Handler> WorkerContext<H> {
     /// ledger holds is removed from it when it is settled.
     pub(super) async fn end_early(
         &self,
-        outcome: Outcome,
+        outcome: RecordOutcome,
         holding: Holding,
         record: &RawRecord,
         stop: &Stop,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         match (outcome, holding.tracked) {
-            (Outcome::Duplicate, Some(tracked)) => {
+            (RecordOutcome::Duplicate, Some(tracked)) => {
                 if self.ledger_settle(tracked, record, stop).await {
-                    Outcome::Duplicate
+                    RecordOutcome::Duplicate
                 } else {
-                    Outcome::Abandoned
+                    RecordOutcome::Abandoned
                 }
             }
             (outcome, _) => outcome,

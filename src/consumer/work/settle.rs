@@ -8,8 +8,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
+use super::outcome::RecordOutcome;
 use super::waits::{InfraWait, Slot};
-use super::worker::{Failure, Holding, Outcome, WorkerContext};
+use super::worker::{Failure, Holding, WorkerContext};
 use crate::consumer::dedup::keep_renewed;
 use crate::consumer::stop::Stop;
 use crate::dead_letter::{DeadLetter, DeadLetterError};
@@ -35,7 +36,7 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
         slot: &dyn Slot,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         let cancel = &stop.abandon;
         // A record the ledger holds keeps its lane until the ledger let it go.
         let pipelined = holding.tracked.is_none();
@@ -60,14 +61,14 @@ impl<H: Handler> WorkerContext<H> {
             .renewing(write, &mut holding, &coordinates, stop, metrics)
             .await;
         match outcome {
-            Outcome::DeadLettered(_) => {
+            RecordOutcome::DeadLettered(_) => {
                 if let Some(tracked) = holding.tracked.take()
                     && !self.ledger_settle(tracked, &coordinates, stop).await
                 {
-                    return Outcome::Abandoned;
+                    return RecordOutcome::Abandoned;
                 }
             }
-            Outcome::Forwarded(_) => {}
+            RecordOutcome::Forwarded(_) => {}
             other => {
                 self.abandon_claim(&mut holding);
                 return other;
@@ -83,31 +84,31 @@ impl<H: Handler> WorkerContext<H> {
     pub(crate) async fn mark_settled(
         &self,
         holding: Holding,
-        outcome: Outcome,
+        outcome: RecordOutcome,
         record: &RawRecord,
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         if let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &holding.claim)
             && !self
                 .complete(d, &keys.delivery, claim, record, metrics, &stop.abandon)
                 .await
         {
-            return Outcome::Abandoned;
+            return RecordOutcome::Abandoned;
         }
         outcome
     }
 
     /// Runs `work` (writing a dead letter or a forward) with the record's claim renewed
     /// meanwhile; a claim found lost is dropped from `holding` (not marked done after).
-    pub(crate) async fn renewing<F: Future<Output = Outcome>>(
+    pub(crate) async fn renewing<F: Future<Output = RecordOutcome>>(
         &self,
         work: F,
         holding: &mut Holding,
         record: &RawRecord,
         stop: &Stop,
         metrics: &RecordMetrics<'_>,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &mut holding.claim)
         else {
             return work.await;
@@ -143,7 +144,7 @@ impl<H: Handler> WorkerContext<H> {
         cancel: &CancellationToken,
         slot: &dyn Slot,
         pipelined: bool,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         let letter = DeadLetter {
             record,
             reason: failure.reason,
@@ -180,7 +181,7 @@ impl<H: Handler> WorkerContext<H> {
                 Ok(receipt) => {
                     debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");
                     metrics.dead_lettered(letter.reason);
-                    return Outcome::DeadLettered(letter.reason);
+                    return RecordOutcome::DeadLettered(letter.reason);
                 }
                 Err(e) => {
                     metrics.dead_letter_write_failed();
@@ -188,7 +189,7 @@ impl<H: Handler> WorkerContext<H> {
                 }
             }
             if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
-                return Outcome::Abandoned;
+                return RecordOutcome::Abandoned;
             }
             failures = failures.saturating_add(1);
         }

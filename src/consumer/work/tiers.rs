@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use tracing::{debug, error, warn};
 
+use super::outcome::RecordOutcome;
 use super::waits::{AtDrain, InfraWait, Slot, back_off};
-use super::worker::{Admit, Failure, Holding, Outcome, Tracked, WorkerContext};
+use super::worker::{Admit, Failure, Holding, Tracked, WorkerContext};
 use crate::consumer::schedule::Stop;
 use crate::dead_letter::DeadLetterReason;
 use crate::error::{StoreError, error_chain};
@@ -135,9 +136,9 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
         slot: &dyn Slot,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         let Some(tiers) = &self.tiers else {
-            return Outcome::Abandoned;
+            return RecordOutcome::Abandoned;
         };
         debug!(coordinates = %record.coordinates(), tier = target, "deferred behind an earlier record of its key");
         let mut holding = holding;
@@ -155,7 +156,7 @@ impl<H: Handler> WorkerContext<H> {
         let outcome = self
             .renewing(forward, &mut holding, record, stop, metrics)
             .await;
-        if !matches!(outcome, Outcome::Forwarded(_)) {
+        if !matches!(outcome, RecordOutcome::Forwarded(_)) {
             self.abandon_claim(&mut holding);
             return outcome;
         }
@@ -174,7 +175,7 @@ impl<H: Handler> WorkerContext<H> {
         failure: Failure,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
-    ) -> Result<Outcome, (Arc<RawRecord>, Failure)> {
+    ) -> Result<RecordOutcome, (Arc<RawRecord>, Failure)> {
         let transient = failure.attempts > 0
             && (failure.reason == DeadLetterReason::RetriesExhausted
                 || (failure.reason == DeadLetterReason::Panic && self.retry_panics));
@@ -234,7 +235,7 @@ impl<H: Handler> WorkerContext<H> {
         deferred: bool,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         if let (Some(ledger), Some(key)) = (&tiers.config.ledger, record.key.as_deref()) {
             let (lk, id) = ledger_entry(tiers, at, key);
             let wait = InfraWait::UntilAbandoned(cancel);
@@ -242,7 +243,7 @@ impl<H: Handler> WorkerContext<H> {
                 .await
                 .is_none()
             {
-                return Outcome::Abandoned;
+                return RecordOutcome::Abandoned;
             }
         }
         let mut failures = 0u32;
@@ -251,7 +252,7 @@ impl<H: Handler> WorkerContext<H> {
                 Ok((topic, delivery)) => {
                     debug!(coordinates = %record.coordinates(), tier = target, %topic, partition = delivery.partition, offset = delivery.offset, deferred, "forwarded to retry tier");
                     metrics.forwarded(target);
-                    return Outcome::Forwarded(target);
+                    return RecordOutcome::Forwarded(target);
                 }
                 Err(e) => {
                     metrics.forward_failed();
@@ -259,7 +260,7 @@ impl<H: Handler> WorkerContext<H> {
                 }
             }
             if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
-                return Outcome::Abandoned;
+                return RecordOutcome::Abandoned;
             }
             failures = failures.saturating_add(1);
         }

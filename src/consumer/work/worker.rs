@@ -67,18 +67,6 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) tiers: Option<Arc<Tiers>>,
 }
 
-/// How a record's processing ended.
-pub(crate) enum Outcome {
-    Handled,
-    Duplicate,
-    DeadLettered(DeadLetterReason),
-    /// Forwarded to this retry tier (acknowledged).
-    Forwarded(u32),
-    Abandoned,
-    /// A tier record given up at a drain while it was only waiting for its due time.
-    LeftForLater,
-}
-
 pub(crate) struct Failure {
     pub(crate) reason: DeadLetterReason,
     pub(crate) error: String,
@@ -183,7 +171,7 @@ pub(super) struct RecordRun<'a> {
 
 /// How reading a record ended it before any try.
 enum Ending {
-    Outcome(Outcome),
+    RecordOutcome(RecordOutcome),
     /// Given up at once (dead-lettered or forwarded) with this failure.
     GiveUp(Failure),
 }
@@ -193,9 +181,9 @@ enum Step<'r> {
     /// Try again (after a back-off, an outage's wait or a lost claim).
     Again,
     /// The record ended here.
-    Ended(Outcome),
+    Ended(RecordOutcome),
     /// Its claim said it is settled already (a duplicate), or it was given up waiting.
-    Skipped(Outcome),
+    Skipped(RecordOutcome),
     /// The key-order ledger deferred it behind an earlier record of its key.
     Deferred(u32, &'r Located),
     Succeeded,
@@ -267,7 +255,7 @@ impl<H: Handler> WorkerContext<H> {
                 .await
         } else {
             debug!(parent: &span, coordinates = %record.coordinates(), "left for later while waiting for its due time: the partition is draining");
-            Outcome::LeftForLater
+            RecordOutcome::LeftForLater
         };
         self.report(&record, outcome, &metrics, &span).await
     }
@@ -281,7 +269,7 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
         slot: &dyn Slot,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         let run = self.run(record.clone(), at, metrics, stop, slot);
         tokio::pin!(run);
         // Most records end at their first poll (no I/O, or none that waits): the stall
@@ -307,20 +295,21 @@ impl<H: Handler> WorkerContext<H> {
     async fn report(
         &self,
         record: &Arc<RawRecord>,
-        outcome: Outcome,
+        outcome: RecordOutcome,
         metrics: &RecordMetrics<'_>,
         span: &tracing::Span,
     ) -> JobEnd {
-        let (reported, end) = match outcome {
-            Outcome::Handled => (RecordOutcome::Handled, JobEnd::Settled),
-            Outcome::Duplicate => (RecordOutcome::Duplicate, JobEnd::Settled),
-            Outcome::DeadLettered(reason) => (RecordOutcome::DeadLettered(reason), JobEnd::Settled),
-            Outcome::Forwarded(tier) => (RecordOutcome::Forwarded(tier), JobEnd::Settled),
-            Outcome::Abandoned => {
+        let reported = outcome;
+        let end = match outcome {
+            RecordOutcome::Handled
+            | RecordOutcome::Duplicate
+            | RecordOutcome::DeadLettered(_)
+            | RecordOutcome::Forwarded(_) => JobEnd::Settled,
+            RecordOutcome::Abandoned => {
                 metrics.abandoned();
-                (RecordOutcome::Abandoned, JobEnd::Abandoned)
+                JobEnd::Abandoned
             }
-            Outcome::LeftForLater => (RecordOutcome::LeftForLater, JobEnd::LeftForLater),
+            RecordOutcome::LeftForLater => JobEnd::LeftForLater,
         };
         if let Some(d) = &self.dedup {
             // A claim fetched ahead for it and never taken (deferred, given up before it
@@ -349,7 +338,7 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
         slot: &dyn Slot,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         let r = RecordRun {
             record: &record,
             at,
@@ -359,7 +348,7 @@ impl<H: Handler> WorkerContext<H> {
         };
         let (mut message, mut holding) = match self.read(&r).await {
             Ok(read) => read,
-            Err(Ending::Outcome(outcome)) => return outcome,
+            Err(Ending::RecordOutcome(outcome)) => return outcome,
             Err(Ending::GiveUp(failure)) => {
                 let holding = Holding::default();
                 return self
@@ -409,11 +398,11 @@ impl<H: Handler> WorkerContext<H> {
         if let Some(reason) = r.at.and_then(|at| at.invalid.clone()) {
             // A tier record whose headers do not hold (delivery rule 17): a record kourier
             // cannot read, dead-lettered as it is, never forwarded or waited for.
-            return Err(Ending::Outcome(self.poison_pill(r, reason).await));
+            return Err(Ending::RecordOutcome(self.poison_pill(r, reason).await));
         }
         let event = match self.decode(record, r.metrics) {
             Ok(event) => event,
-            Err(error) => return Err(Ending::Outcome(self.poison_pill(r, error).await)),
+            Err(error) => return Err(Ending::RecordOutcome(self.poison_pill(r, error).await)),
         };
         let message = Message::new(record.clone(), 1, event);
         let keys = self
@@ -437,12 +426,12 @@ impl<H: Handler> WorkerContext<H> {
     ) -> Step<'r> {
         let (record, stop) = (r.record, r.stop);
         if stop.abandon.is_cancelled() {
-            return Step::Ended(Outcome::Abandoned);
+            return Step::Ended(RecordOutcome::Abandoned);
         }
         // The breaker: waits (cancellable, holding no claim) while the downstream is down.
         let Some(pass) = self.outage.admit(stop, tries.probed, tries.caller).await else {
             debug!(coordinates = %record.coordinates(), "abandoned while waiting for the breaker: the partition is draining");
-            return Step::Ended(Outcome::Abandoned);
+            return Step::Ended(RecordOutcome::Abandoned);
         };
         if let Some(since) = tries.held_since.take() {
             tries.started += since.elapsed(); // an outage does not count toward max_elapsed
@@ -462,7 +451,7 @@ impl<H: Handler> WorkerContext<H> {
                 Admit::Defer(target) => return Step::Deferred(target, at),
                 Admit::GaveUp => {
                     self.abandon_claim(holding);
-                    return Step::Ended(Outcome::Abandoned);
+                    return Step::Ended(RecordOutcome::Abandoned);
                 }
             }
         }
@@ -475,7 +464,7 @@ impl<H: Handler> WorkerContext<H> {
                 Step::Succeeded
             }
             Attempted::Done(Err(error)) => self.next_after(&error, pass, holding, tries, r).await,
-            Attempted::Abandoned => Step::Ended(Outcome::Abandoned),
+            Attempted::Abandoned => Step::Ended(RecordOutcome::Abandoned),
             Attempted::ClaimLost => self.after_lost_claim(tries, r).await,
         }
     }
@@ -487,13 +476,13 @@ impl<H: Handler> WorkerContext<H> {
         let stop = r.stop;
         if stop.drain.is_cancelled() || stop.lost.is_cancelled() {
             debug!(coordinates = %r.record.coordinates(), "abandoned: its claim was lost while the partition is draining");
-            return Step::Ended(Outcome::Abandoned);
+            return Step::Ended(RecordOutcome::Abandoned);
         }
         if !InfraWait::UntilAbandoned(&stop.abandon)
             .wait(tries.lost_claims)
             .await
         {
-            return Step::Ended(Outcome::Abandoned);
+            return Step::Ended(RecordOutcome::Abandoned);
         }
         tries.lost_claims = tries.lost_claims.saturating_add(1);
         Step::Again
@@ -523,7 +512,7 @@ impl<H: Handler> WorkerContext<H> {
         // shutdown gives it up at once rather than waiting (unless the wait ends first).
         if !delay.is_zero() && !back_off(delay, r.slot, stop, AtDrain::FinishIfBefore).await {
             debug!(coordinates = %record.coordinates(), "abandoned while waiting to try again: the partition is draining");
-            return Step::Ended(Outcome::Abandoned);
+            return Step::Ended(RecordOutcome::Abandoned);
         }
         Step::Again
     }
@@ -567,7 +556,7 @@ impl<H: Handler> WorkerContext<H> {
     /// A record that cannot be decoded: dead-lettered at once with its raw bytes. With a
     /// dedup key that needs no decoding (a header), its delivery is claimed first and marked
     /// settled after, like any record's: a redelivery is not dead-lettered twice.
-    async fn poison_pill(&self, r: &RecordRun<'_>, error: String) -> Outcome {
+    async fn poison_pill(&self, r: &RecordRun<'_>, error: String) -> RecordOutcome {
         let record = r.record;
         warn!(coordinates = %record.coordinates(), %error, "poison pill: record cannot be decoded, dead-lettering");
         let mut holding = Holding {
@@ -722,13 +711,13 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
         slot: &dyn Slot,
-    ) -> Outcome {
+    ) -> RecordOutcome {
         // Before the lane moves on: the key's next record must not find this one still in
         // the ledger (it would be deferred round a tier for nothing).
         if let Some(tracked) = holding.tracked
             && !self.ledger_settle(tracked, record, stop).await
         {
-            return Outcome::Abandoned;
+            return RecordOutcome::Abandoned;
         }
         if let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &holding.claim) {
             // Off the lane's critical path: the next record starts while the key is marked
@@ -740,11 +729,11 @@ impl<H: Handler> WorkerContext<H> {
             {
                 // Cut short (revoke timeout, shutdown deadline): not settled, so its offset
                 // is not committed and it is delivered again.
-                return Outcome::Abandoned;
+                return RecordOutcome::Abandoned;
             }
         }
         metrics.handled();
-        Outcome::Handled
+        RecordOutcome::Handled
     }
 }
 
