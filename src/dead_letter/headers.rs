@@ -791,37 +791,21 @@ pub(crate) mod tests {
 
     /// The names the property tests draw header names from: every name kourier reads, and
     /// some others.
-    pub(crate) const NAMES: &[&str] = &[
-        ORIGINAL_TOPIC,
-        ORIGINAL_PARTITION,
-        ORIGINAL_OFFSET,
-        ORIGINAL_TIMESTAMP,
-        ORIGINAL_TIMESTAMP_TYPE,
-        ORIGINAL_CONSUMER_GROUP,
-        EXCEPTION_MESSAGE,
-        EXCEPTION_FQCN,
-        FAILURE_KIND,
-        ATTEMPTS,
-        FIRST_FAILURE_MS,
-        LAST_FAILURE_MS,
-        VALUE_DROPPED_BYTES,
-        KEY_DROPPED_BYTES,
-        HEADERS_DROPPED,
-        REDRIVE_COUNT,
-        tier::TIER,
-        tier::DUE_MS,
-        tier::DEFERRED,
-        tier::FAILED_STAGES,
-        "event-id",
-        "traceparent",
-    ];
+    pub(crate) fn names() -> Vec<&'static str> {
+        let others = [REDRIVE_COUNT, "event-id", "traceparent"];
+        ALL.iter()
+            .chain(tier::ALL)
+            .chain(&others)
+            .copied()
+            .collect()
+    }
 
     /// Arbitrary headers: known names (or arbitrary bytes) with values that are arbitrary
     /// bytes, decimal text of any size, big-endian integers, or null.
     pub(crate) fn arbitrary_headers() -> impl proptest::strategy::Strategy<Value = Headers> {
         use proptest::prelude::*;
         let name = prop_oneof![
-            4 => proptest::sample::select(NAMES).prop_map(|n| n.as_bytes().to_vec()),
+            4 => proptest::sample::select(names()).prop_map(|n| n.as_bytes().to_vec()),
             1 => proptest::collection::vec(any::<u8>(), 0..12),
         ];
         let value = prop_oneof![
