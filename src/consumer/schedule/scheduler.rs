@@ -137,6 +137,17 @@ pub(super) type LaneQueue = VecDeque<(Arc<RawRecord>, usize)>;
 const SPARE_QUEUES: usize = 1024;
 const SPARE_QUEUE_CAPACITY: usize = 16;
 
+/// The partition of `job`, when it is still that of the job's assignment (a partition
+/// revoked since has another generation, or is gone).
+fn job_partition<'a>(
+    partitions: &'a mut FastMap<Tp, PartitionState>,
+    job: &Job,
+) -> Option<&'a mut PartitionState> {
+    partitions
+        .get_mut(&job.tp)
+        .filter(|p| p.generation == job.generation)
+}
+
 /// Keeps an ended lane's (empty) queue for a new lane, unless enough are kept already.
 pub(super) fn spare_queue(spare: &mut Vec<LaneQueue>, queue: LaneQueue) {
     if spare.len() < SPARE_QUEUES && (1..=SPARE_QUEUE_CAPACITY).contains(&queue.capacity()) {
@@ -446,11 +457,7 @@ impl Scheduler {
     /// The job's lane may run its next record: readied when one waits, else dropped (its
     /// queue kept for a new lane) unless it is blocked.
     fn free_lane(&mut self, job: &Job) {
-        let Some(p) = self
-            .partitions
-            .get_mut(&job.tp)
-            .filter(|p| p.generation == job.generation)
-        else {
+        let Some(p) = job_partition(&mut self.partitions, job) else {
             return;
         };
         let Some(lane) = p.lanes.get_mut(&job.lane) else {
@@ -474,11 +481,7 @@ impl Scheduler {
     /// assignment (it would overtake the record); the lane's buffered records are dropped
     /// (they are delivered again, in order, with it).
     fn block_lane(&mut self, job: &Job) {
-        let Some(p) = self
-            .partitions
-            .get_mut(&job.tp)
-            .filter(|p| p.generation == job.generation)
-        else {
+        let Some(p) = job_partition(&mut self.partitions, job) else {
             return;
         };
         let Some(lane) = p.lanes.get_mut(&job.lane) else {
@@ -531,9 +534,7 @@ impl Scheduler {
             JobEnd::LeftForLater if self.stopping => self.left_for_later_at_stop += 1,
             _ => {}
         }
-        if let Some(p) = self.partitions.get_mut(&job.tp)
-            && p.generation == job.generation
-        {
+        if let Some(p) = job_partition(&mut self.partitions, job) {
             p.in_flight -= 1;
             match end {
                 JobEnd::Settled => {
