@@ -142,7 +142,7 @@
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of
 //! the dead-letter topic, committed only after the broker acknowledged the forward, and runs
 //! again there once due — without holding a slot or the group session meanwhile. With
-//! `keep_key_order`, later records of a key wait behind it in the tiers (a shared ledger in
+//! `with_key_order`, later records of a key wait behind it in the tiers (a shared ledger in
 //! Redis), so per-key order holds across tiers too.
 //!
 //! Duplicates remain possible (that is what at-least-once means) for records in flight when

@@ -210,7 +210,7 @@ impl KeyOrderLedger for SlowSettle {
     }
 }
 
-/// With `keep_key_order` and idempotency: A fails once and goes to tier 1, B (same key) is
+/// With `with_key_order` and idempotency: A fails once and goes to tier 1, B (same key) is
 /// deferred behind it. When A succeeds in tier 1, the ledger lets its key go *before* the
 /// lane moves on to B: B runs, instead of being sent round the tier once more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -229,7 +229,7 @@ async fn the_ledger_settles_before_the_keys_next_record_starts() {
             )
             .retry_tiers(
                 RetryTiers::new([Duration::from_millis(300)])
-                    .keep_key_order(Arc::new(SlowSettle(InMemoryKeyOrderLedger::new()))),
+                    .with_key_order(Arc::new(SlowSettle(InMemoryKeyOrderLedger::new()))),
             )
             .on_outcome(observe(&seen)),
     );

@@ -200,7 +200,7 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
             .await?
             .key_prefix("fault-order:");
         builder =
-            builder.retry_tiers(RetryTiers::new(TIER_DELAYS).keep_key_order(Arc::new(ledger)));
+            builder.retry_tiers(RetryTiers::new(TIER_DELAYS).with_key_order(Arc::new(ledger)));
     }
     // Every outcome, noted at once: the runner kills the consumer right after a dead letter.
     let outcomes = OutcomeLog::open(&args.outcomes)?;

@@ -119,7 +119,7 @@ pub(crate) async fn consumer(
         builder = builder
             .retry_tiers(
                 RetryTiers::new(settings.retry_tiers.iter().copied())
-                    .keep_key_order(Arc::new(ledger)),
+                    .with_key_order(Arc::new(ledger)),
             )
             .create_missing_topics(settings.partitions);
     }

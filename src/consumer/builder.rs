@@ -817,7 +817,7 @@ impl<T> Settings<T> {
         if config.ledger.is_some() && self.ordering == ProcessingOrder::Unordered {
             return Err(ConfigError::invalid(
                 "retry_tiers",
-                "keep_key_order needs Partition or Key ordering, not Unordered",
+                "with_key_order needs Partition or Key ordering, not Unordered",
             )
             .into());
         }

@@ -51,7 +51,7 @@ pub struct ConsumerSnapshot {
     /// Records given up unsettled at revokes and shutdown (delivered again later).
     pub abandoned: u64,
     /// Records forwarded to retry tiers, per tier (index 0 is tier 1; tiers from 16 on
-    /// share the last entry): after failures and, with `keep_key_order`, to wait behind an
+    /// share the last entry): after failures and, with `with_key_order`, to wait behind an
     /// earlier record of their key. Empty when none was.
     pub forwarded: Vec<u64>,
     /// Whether the consumer reaches the cluster.

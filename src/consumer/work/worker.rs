@@ -8,7 +8,7 @@
 //! |---|---|
 //! | codec | a poison pill: dead-lettered at once as `decode` |
 //! | dedup-key function | dead-lettered at once as `panic` (it would panic again) |
-//! | handler | a failure of kind `panic`: retried like a transient one (unless `retry_panics(false)`), dead-lettered as `panic` when given up |
+//! | handler | a failure of kind `panic`: retried like a transient one (unless `panic_policy(PanicPolicy::DeadLetter)`), dead-lettered as `panic` when given up |
 //! | store | a store error: the record waits and retries (never skipped) |
 //! | sink | a failed dead-letter write: retried, the partition waits |
 //!
@@ -456,7 +456,7 @@ impl<H: Handler> WorkerContext<H> {
             held_since: None,
             probed: ProbeMemo::default(),
         };
-        // With `keep_key_order`, the ledger admits the record once, after its first claim
+        // With `with_key_order`, the ledger admits the record once, after its first claim
         // (a stale copy whose position is settled is skipped before it touches the ledger).
         let mut admit = at.is_some() && self.tiers.as_ref().is_some_and(|t| t.keeps_key_order());
         let mut first_claim = true;
