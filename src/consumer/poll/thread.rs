@@ -20,6 +20,7 @@ use super::flow::apply_flow;
 use super::rebalance::reset;
 use super::shutdown::{ShutdownReport, shutdown};
 use super::startup::{self, StartupSettings};
+use crate::consumer::observe::publish_caught_up;
 use crate::consumer::schedule::Job;
 use crate::consumer::schedule::{FinalCommitFailure, Hub};
 use crate::consumer::schedule::{PartitionEnd, cached_watermarks};
@@ -81,13 +82,19 @@ pub(crate) fn poll_loop(
     while !hub.stop_requested() {
         let changes = hub.lock().flow_control();
         apply_flow(&consumer, &hub.metrics, &changes);
+        let mut looked = false;
         if last_commit.elapsed() >= settings.commit_interval {
             commit_settled(&consumer, hub, "interval");
             last_commit = Instant::now();
+            looked = true;
         }
         if last_health.elapsed() >= HEALTH_EVERY {
             refresh_ends(&consumer, hub, &mut group_committed);
             last_health = Instant::now();
+            looked = true;
+        }
+        if looked {
+            publish_caught_up(hub);
         }
         if let Some(outage) = hub.health.outage() {
             if last_probe.elapsed() >= PROBE_EVERY {
