@@ -396,7 +396,10 @@ mod tests {
         let io = std::error::Error::source(&spawn)
             .and_then(std::error::Error::source)
             .and_then(|e| e.downcast_ref::<std::io::Error>());
-        assert_eq!(io.map(std::io::Error::kind), Some(std::io::ErrorKind::Other));
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::Other)
+        );
         let panicked = Error::PollThread(PollThreadError::Panicked("boom".into()));
         assert!(matches!(
             &panicked,

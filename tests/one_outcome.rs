@@ -23,7 +23,7 @@ use kourier::tiers::{
     headers as tier,
 };
 use kourier::{
-    BreakerPolicy, Claim, ClaimToken, DedupKey, HandlerError, IdempotencyStore,
+    BreakerPolicy, Claim, ClaimToken, DedupKey, HandlerError, Idempotency, IdempotencyStore,
     InMemoryIdempotencyStore, Message, ProcessingOrder, RecordOutcome, RetryPolicy, StoreError,
     handler_fn,
 };
@@ -130,7 +130,10 @@ async fn copies_of_settled_events_from_the_source_and_the_tiers_are_skipped() {
         Running::start(
             consumer::builder(handler, &topic, &group)
                 .retry_policy(RetryPolicy::no_retries())
-                .idempotency(store.clone(), DedupKey::header("event-id"))
+                .idempotency(Idempotency::new(
+                    store.clone(),
+                    DedupKey::header("event-id"),
+                ))
                 .retry_tiers(RetryTiers::new([Duration::from_millis(500)]))
                 .on_outcome(observe(seen)),
         )
@@ -223,10 +226,10 @@ async fn the_ledger_settles_before_the_keys_next_record_starts() {
     let running = Running::start(
         consumer::builder(handler, &topic, &group)
             .retry_policy(RetryPolicy::no_retries())
-            .idempotency(
+            .idempotency(Idempotency::new(
                 Arc::new(InMemoryIdempotencyStore::new()),
                 DedupKey::header("event-id"),
-            )
+            ))
             .retry_tiers(
                 RetryTiers::new([Duration::from_millis(300)])
                     .with_key_order(Arc::new(SlowSettle(InMemoryKeyOrderLedger::new()))),
@@ -340,7 +343,10 @@ async fn records_waiting_for_their_claims_are_given_up_at_once_at_shutdown() {
         consumer::builder(handler, &topic, &group)
             .ordering(ProcessingOrder::Key)
             .max_in_flight(2)
-            .idempotency(store.clone(), DedupKey::header("event-id"))
+            .idempotency(Idempotency::new(
+                store.clone(),
+                DedupKey::header("event-id"),
+            ))
             .shutdown_timeout(Duration::from_secs(60)),
     );
     wait_for(
@@ -474,10 +480,10 @@ async fn copies_of_one_failing_event_do_not_open_the_breaker() {
     let running = Running::start(
         consumer::builder(handler, &topic, &group)
             .retry_policy(RetryPolicy::fixed(Duration::from_millis(100), 2))
-            .idempotency(
+            .idempotency(Idempotency::new(
                 Arc::new(InMemoryIdempotencyStore::new()),
                 DedupKey::header("event-id"),
-            )
+            ))
             .retry_tiers(RetryTiers::new([Duration::from_millis(200)]))
             .breaker(
                 BreakerPolicy::default()

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kourier::dead_letter::Provenance;
 use kourier::tiers::{RedisKeyOrderLedger, RetryTiers, headers as tier_headers};
 use kourier::{
-    DeadLetterReason, DedupKey, HandlerError, InMemoryIdempotencyStore, Message, ProcessingOrder,
-    RecordOutcome, RetryPolicy, handler_fn,
+    DeadLetterReason, DedupKey, HandlerError, Idempotency, InMemoryIdempotencyStore, Message,
+    MissingTopics, ProcessingOrder, RecordOutcome, RetryPolicy, handler_fn,
 };
 use serde::Deserialize;
 use support::TestRecord;
@@ -180,8 +180,11 @@ async fn drain(
         let b = consumer::builder(handler(seen.clone(), planned_failures), &topic, &group)
             .retry_policy(RetryPolicy::no_retries())
             .ordering(ordering)
-            .idempotency(store.clone(), DedupKey::header("event-id"))
-            .create_missing_topics(3)
+            .idempotency(Idempotency::new(
+                store.clone(),
+                DedupKey::header("event-id"),
+            ))
+            .missing_topics(MissingTopics::create(3))
             .on_outcome({
                 let seen = seen.clone();
                 move |r, outcome| {
@@ -319,11 +322,11 @@ async fn second_tier_successes_run_once_and_the_last_tier_dead_letters() {
     let seen: Shared = Arc::default();
     let b = consumer::builder(handler(seen.clone(), failures), &topic, &group)
         .retry_policy(RetryPolicy::fixed(Duration::from_millis(10), 1)) // 2 attempts per stage
-        .idempotency(
+        .idempotency(Idempotency::new(
             Arc::new(InMemoryIdempotencyStore::new()),
             DedupKey::header("event-id"),
-        )
-        .create_missing_topics(2)
+        ))
+        .missing_topics(MissingTopics::create(2))
         .retry_tiers(RetryTiers::new([
             Duration::from_secs(1),
             Duration::from_secs(1),
@@ -430,7 +433,7 @@ async fn a_record_failing_in_every_tier_is_dead_lettered_as_its_source_record() 
     let seen: Shared = Arc::default();
     let b = consumer::builder(handler(seen.clone(), always), &topic, &group)
         .retry_policy(RetryPolicy::no_retries())
-        .create_missing_topics(1)
+        .missing_topics(MissingTopics::create(1))
         .retry_tiers(RetryTiers::new([
             Duration::from_secs(1),
             Duration::from_secs(1),
@@ -722,5 +725,8 @@ async fn the_redis_ledger_follows_the_admission_rule() {
             }
         }
     }
-    assert!(deferred > 10, "the sequence exercised deferral ({deferred})");
+    assert!(
+        deferred > 10,
+        "the sequence exercised deferral ({deferred})"
+    );
 }

@@ -101,14 +101,15 @@ const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 ///
 /// - **Builder setters are nouns taking a value** — `.topic("t")`, `.retry_policy(p)`,
 ///   `.idempotency(i)`, `.missing_topics(MissingTopics::Wait)` — each sets its setting (a
-///   second call replaces the first; `topic`/`topics`, which used to add, are refused twice).
-///   The same holds for the other builders ([`KafkaDeadLetterSinkBuilder`],
+///   second call replaces the first; `topic`/`topics`, which used to add, are refused twice);
+///   `on_*` takes a callback ([`on_outcome`](Self::on_outcome)). The same holds for the other
+///   builders ([`KafkaDeadLetterSinkBuilder`](crate::KafkaDeadLetterSinkBuilder),
 ///   [`PublisherBuilder`](crate::PublisherBuilder), ...) and clients
 ///   ([`TopicAdmin`](crate::topics::TopicAdmin), the Redis store and ledger).
-/// - **Value types passed to a setter take their options through `with_*`** and read them
-///   back through the bare name: [`RetryPolicy::with_max_attempts`] /
-///   [`RetryPolicy::max_attempts`], [`BreakerPolicy`], [`RetryTiers`], [`Idempotency`],
-///   [`TopicSpec`](crate::topics::TopicSpec).
+/// - **Value types passed to a setter take their options through `with_*`**, and a getter
+///   reading one back has the bare name: [`RetryPolicy::with_max_attempts`] /
+///   [`RetryPolicy::max_attempts`], [`Idempotency::with_lease`] / [`Idempotency::lease`];
+///   [`BreakerPolicy`], [`RetryTiers`] and [`TopicSpec`](crate::topics::TopicSpec) alike.
 /// - **Choices are enums, not `bool`s**: [`MissingTopics`], [`PanicPolicy`],
 ///   [`StoreOutage`], [`ProcessingOrder`]. A `bool` would not say what `true` means at the
 ///   call site.
@@ -339,8 +340,10 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// [`ConfigError::Invalid`] (`setting: "topics"`) — `topic` used to *add* a topic, and
     /// `.topic(a).topic(b)` would otherwise silently consume only `b`.
     #[must_use]
-    pub fn topic(self, topic: impl Into<String>) -> Self {
-        self.topics([topic])
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.s.topics = vec![topic.into()];
+        self.s.topic_calls = self.s.topic_calls.saturating_add(1);
+        self
     }
 
     /// The topics to consume (at least one). Like [`topic`](Self::topic), given once.
@@ -348,9 +351,9 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     pub fn topics<I, S>(mut self, topics: I) -> Self
     where
         I: IntoIterator<Item = S>,
-        S: Into<String>,
+        S: AsRef<str>,
     {
-        self.s.topics = topics.into_iter().map(Into::into).collect();
+        self.s.topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
         self.s.topic_calls = self.s.topic_calls.saturating_add(1);
         self
     }
@@ -700,7 +703,6 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
         self.s.kafka_config.insert(key.into(), value.into());
         self
     }
-
 }
 
 impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
@@ -726,7 +728,8 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
             .chain(tier_topics.iter().map(|(_, t)| t.clone()))
             .collect();
         let metrics = Arc::new(ConsumerMetrics::new(&group_id, &subscribed));
-        let breaker = (s.breaker.clone()).map(|policy| Arc::new(Breaker::new(policy, metrics.clone())));
+        let breaker =
+            (s.breaker.clone()).map(|policy| Arc::new(Breaker::new(policy, metrics.clone())));
         let hub = Arc::new(Hub::new(
             Scheduler::new(s.ordering, s.limits()).with_breaker(breaker.clone()),
             s.revoke_timeout,
@@ -1283,7 +1286,14 @@ mod tests {
             invalid_setting(base().missing_topics(MissingTopics::create(0))),
             "missing_topics"
         );
-        let startup = |m| base().missing_topics(m).build().expect("valid").settings.startup;
+        let startup = |m| {
+            base()
+                .missing_topics(m)
+                .build()
+                .expect("valid")
+                .settings
+                .startup
+        };
         let s = startup(MissingTopics::create(u16::MAX));
         assert_eq!(s.create.map(|c| c.partitions), Some(65_535));
         assert!(!s.wait_for_topics);
@@ -1304,9 +1314,13 @@ mod tests {
     /// or TTL is refused.
     #[test]
     fn idempotency_is_one_value() {
-        let store = || -> Arc<dyn IdempotencyStore> { Arc::new(crate::InMemoryIdempotencyStore::new()) };
+        let store =
+            || -> Arc<dyn IdempotencyStore> { Arc::new(crate::InMemoryIdempotencyStore::new()) };
         let idem = || Idempotency::new(store(), DedupKey::header("id"));
-        for i in [idem().with_lease(Duration::ZERO), idem().with_ttl(Duration::ZERO)] {
+        for i in [
+            idem().with_lease(Duration::ZERO),
+            idem().with_ttl(Duration::ZERO),
+        ] {
             assert_eq!(invalid_setting(base().idempotency(i)), "idempotency");
         }
         let c = base()
@@ -1319,11 +1333,17 @@ mod tests {
             .build()
             .expect("valid");
         let d = c.worker.dedup.as_ref().expect("idempotency is on");
-        assert_eq!((d.lease, d.ttl), (Duration::from_secs(7), Duration::from_secs(8)));
+        assert_eq!(
+            (d.lease, d.ttl),
+            (Duration::from_secs(7), Duration::from_secs(8))
+        );
         assert!(d.run_without_store_on_outage);
         let c = base().idempotency(idem()).build().expect("valid");
         let d = c.worker.dedup.as_ref().expect("idempotency is on");
-        assert_eq!((d.lease, d.ttl), (Duration::from_secs(60), Duration::from_secs(6 * 3600)));
+        assert_eq!(
+            (d.lease, d.ttl),
+            (Duration::from_secs(60), Duration::from_secs(6 * 3600))
+        );
         assert!(!d.run_without_store_on_outage);
     }
 

@@ -169,12 +169,14 @@ fn partition_statuses(
                 .unwrap_or_default();
             // How far the group has got: what this consumer committed, else where it
             // reads (its position starts at the group's committed offset).
-            let reached = committed.or(end.position).or(end.group_committed).or(
-                match (end.low, end.high) {
-                    (Some(low), Some(high)) if low == high => Some(high),
-                    _ => None,
-                },
-            );
+            let reached =
+                committed
+                    .or(end.position)
+                    .or(end.group_committed)
+                    .or(match (end.low, end.high) {
+                        (Some(low), Some(high)) if low == high => Some(high),
+                        _ => None,
+                    });
             PartitionStatus {
                 topic: topic.clone(),
                 partition: *partition,
@@ -241,7 +243,8 @@ mod tests {
             position: Some(position),
             group_committed: None,
         };
-        hub.health.set_ends(HashMap::from([(("t".to_owned(), 0), end)]));
+        hub.health
+            .set_ends(HashMap::from([(("t".to_owned(), 0), end)]));
     }
 
     /// The paused clock never moves here (nothing yields to the runtime): a timer-driven
@@ -254,7 +257,10 @@ mod tests {
         let waker = Waker::from(woken.clone());
         let mut cx = Context::from_waker(&waker);
         let mut wait = std::pin::pin!(monitor.caught_up());
-        assert!(wait.as_mut().poll(&mut cx).is_pending(), "lag 2: not caught up");
+        assert!(
+            wait.as_mut().poll(&mut cx).is_pending(),
+            "lag 2: not caught up"
+        );
         // A look that finds it still behind wakes nobody.
         publish_caught_up(&hub);
         assert!(!woken.take(), "woken while still behind");
@@ -262,7 +268,10 @@ mod tests {
         set_position(&hub, 5, 5);
         assert!(!woken.take());
         publish_caught_up(&hub);
-        assert!(woken.take(), "the poll thread's look did not wake caught_up()");
+        assert!(
+            woken.take(),
+            "the poll thread's look did not wake caught_up()"
+        );
         assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(()));
     }
 
@@ -296,7 +305,10 @@ mod tests {
         assert!(wait.as_mut().poll(&mut cx).is_pending());
         set_position(&hub, 9, 9);
         publish_caught_up(&hub);
-        assert!(woken.take(), "a look finding it caught up again did not wake the waiter");
+        assert!(
+            woken.take(),
+            "a look finding it caught up again did not wake the waiter"
+        );
         assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(()));
     }
 }
