@@ -36,8 +36,8 @@ use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
 use kourier::rdkafka::message::{Header, OwnedHeaders};
 use kourier::rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use kourier::{
-    DecodeError, Handler, HandlerError, Message, ProcessingOrder, RawRecord, RetryingConsumer,
-    async_trait, codec_fn,
+    DecodeError, Handler, HandlerError, Message, MissingTopics, ProcessingOrder, RawRecord,
+    RetryingConsumer, async_trait, codec_fn,
 };
 
 /// Counts every allocation (and reallocation) of the process, and of the current thread.
@@ -292,7 +292,9 @@ async fn consume_part(servers: &str, topic: &str, records: usize) -> BoxResult<u
         .group_id(format!("{topic}-kourier"))
         .topic(topic)
         .kafka_config("auto.offset.reset", "earliest")
-        .create_missing_topics(PARTITIONS)
+        .missing_topics(MissingTopics::create(
+            u16::try_from(PARTITIONS).expect("a small count"),
+        ))
         .build()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(consumer.run(async {

@@ -22,8 +22,7 @@ use kourier::rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use kourier::tiers::RetryTiers;
 use kourier::topics::{TopicAdmin, TopicSpec};
 use kourier::{
-    BytesCodec, HandlerError, Message, ProcessingOrder, RetryPolicy, RetryingConsumerBuilder,
-    handler_fn,
+    BytesCodec, HandlerError, Message, ProcessingOrder, RetryPolicy, RetryingConsumer, handler_fn,
 };
 
 const PARTITIONS: i32 = 6;
@@ -113,7 +112,8 @@ async fn run(bootstrap: &str, records: u64, tiers: bool, ordering: ProcessingOrd
             }
         })
     };
-    let mut builder = RetryingConsumerBuilder::with_codec(handler, BytesCodec)
+    let mut builder = RetryingConsumer::builder(handler)
+        .codec(BytesCodec)
         .bootstrap_servers(bootstrap)
         .group_id(format!("bench-tiers-g-{run_id}"))
         .topic(topic.as_str())

@@ -12,6 +12,13 @@ use crate::record::RawRecord;
 ///
 /// A decode failure makes the record a *poison pill*: it is dead-lettered at once with its
 /// raw bytes and failure kind `decode`, and the handler is never called for it.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot decode records into `{T}`",
+    label = "no codec for `{T}`",
+    note = "the consumer builder decodes JSON until `.codec(..)` sets another codec: an event \
+            that is not `serde::de::DeserializeOwned` needs one, e.g. `.codec(kourier::BytesCodec)` \
+            or `.codec(kourier::codec_fn(..))`"
+)]
 pub trait Codec<T>: Send + Sync + 'static {
     /// Decodes one record.
     ///

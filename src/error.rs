@@ -108,9 +108,10 @@ pub enum Error {
         source: KafkaError,
     },
 
-    /// The consumer's poll thread stopped unexpectedly.
-    #[error("the consumer's poll thread failed: {0}")]
-    PollThread(String),
+    /// The consumer's poll thread could not be started or stopped unexpectedly: the cause
+    /// is a [`PollThreadError`] (also its `source()`).
+    #[error("the consumer's poll thread failed")]
+    PollThread(#[source] PollThreadError),
 
     /// A topic check or topic creation failed ([`crate::topics`]).
     #[error("topic administration failed")]
@@ -189,6 +190,25 @@ impl Error {
             Error::MissingTopics { topics, .. } => topics,
             _ => &[],
         }
+    }
+}
+
+/// Why the consumer's poll thread failed (inside [`Error::PollThread`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PollThreadError {
+    /// The operating system refused to start the thread.
+    #[error("cannot start the poll thread")]
+    Spawn(#[source] std::io::Error),
+    /// The thread panicked (a bug in kourier or in a plug-in called on it): the panic's
+    /// message.
+    #[error("the poll thread panicked: {0}")]
+    Panicked(String),
+}
+
+impl From<PollThreadError> for Error {
+    fn from(e: PollThreadError) -> Self {
+        Error::PollThread(e)
     }
 }
 
@@ -360,5 +380,34 @@ mod tests {
         };
         assert_eq!(e.to_string(), "missing topics: a.dlt (create it)");
         assert_eq!(e.missing_topics(), ["a.dlt".to_owned()]);
+    }
+
+    /// The poll thread's cause is typed and in the chain once; the error stays
+    /// `Send + Sync + 'static`.
+    #[test]
+    fn a_poll_thread_failure_carries_its_cause() {
+        fn send_sync_static<T: Send + Sync + 'static>(_: &T) {}
+        let spawn = Error::from(PollThreadError::Spawn(std::io::Error::other("no threads")));
+        send_sync_static(&spawn);
+        assert_eq!(
+            error_chain(&spawn),
+            "the consumer's poll thread failed: cannot start the poll thread: no threads"
+        );
+        let io = std::error::Error::source(&spawn)
+            .and_then(std::error::Error::source)
+            .and_then(|e| e.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::Other)
+        );
+        let panicked = Error::PollThread(PollThreadError::Panicked("boom".into()));
+        assert!(matches!(
+            &panicked,
+            Error::PollThread(PollThreadError::Panicked(m)) if m == "boom"
+        ));
+        assert_eq!(
+            error_chain(&panicked),
+            "the consumer's poll thread failed: the poll thread panicked: boom"
+        );
     }
 }

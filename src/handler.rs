@@ -68,7 +68,7 @@ pub enum FailureKind {
     Permanent,
     /// The handler panicked: a bug rather than an outage. Retried like a transient failure
     /// by default (see
-    /// [`retry_panics`](crate::RetryingConsumerBuilder::retry_panics)); dead-lettered as
+    /// [`panic_policy`](crate::RetryingConsumerBuilder::panic_policy)); dead-lettered as
     /// [`DeadLetterReason::Panic`](crate::DeadLetterReason::Panic) when given
     /// up. Only the consumer makes failures of this kind.
     Panic,

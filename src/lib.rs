@@ -142,7 +142,7 @@
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of
 //! the dead-letter topic, committed only after the broker acknowledged the forward, and runs
 //! again there once due — without holding a slot or the group session meanwhile. With
-//! `keep_key_order`, later records of a key wait behind it in the tiers (a shared ledger in
+//! `with_key_order`, later records of a key wait behind it in the tiers (a shared ledger in
 //! Redis), so per-key order holds across tiers too.
 //!
 //! Duplicates remain possible (that is what at-least-once means) for records in flight when
@@ -153,10 +153,10 @@
 //!
 //! | situation | what kourier does | when |
 //! |---|---|---|
-//! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers, whatever step met it (the startup checks, or creating missing topics with `create_missing_topics`; a broker that answers and refuses to create a topic is `Error::Topic`); one warning per `error_log_interval` while it tries, and librdkafka's own lines from every client kourier creates once per distinct line per interval | within `startup_timeout` (default 30 s) |
-//! | a subscribed topic is missing at start | `Error::MissingTopics` naming every missing topic, and the settings that would help (`create_missing_topics`, `wait_for_topics`, which waits for them instead) | at the first metadata answer |
+//! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers, whatever step met it (the startup checks, or creating missing topics with `MissingTopics::create`; a broker that answers and refuses to create a topic is `Error::Topic`); one warning per `error_log_interval` while it tries, and librdkafka's own lines from every client kourier creates once per distinct line per interval | within `startup_timeout` (default 30 s) |
+//! | a subscribed topic is missing at start | `Error::MissingTopics` naming every missing topic, and the settings that would help (`MissingTopics::create`, `MissingTopics::Wait`, which waits for them instead) | at the first metadata answer |
 //! | the dead-letter topic is missing at start | `Error::MissingTopics` naming `<topic>.dlt` (the default sink declares its topics through `DeadLetterSink::topics_for`) | at the first metadata answer |
-//! | a retry-tier topic is missing at start | `Error::MissingTopics` naming it (`<topic>.retry.<n>`); `create_missing_topics` creates tier topics with their source's partition count | at the first metadata answer |
+//! | a retry-tier topic is missing at start | `Error::MissingTopics` naming it (`<topic>.retry.<n>`); `MissingTopics::create` creates tier topics with their source's partition count | at the first metadata answer |
 //! | the cluster goes away while running | records wait, nothing is committed past them; `connection` in the snapshot and `kourier_connection_state` turn `Disconnected` / `0`; each distinct error is logged once per interval with a count | until it is back; with `max_broker_outage(d)`, `run()` returns `Error::BrokersUnreachable` after `d` |
 //! | a subscribed topic is deleted while consuming | its partitions leave the assignment with one warning; if it is re-created, its records are tracked again | once librdkafka reports it gone (it waits `topic.metadata.propagation.max.ms`, 30 s by default; measured 30.0 s) |
 //! | a codec, dedup-key function, handler, store or sink panics | the record ends in a defined state: codec → dead letter `decode`; dedup-key function → dead letter `panic`; handler → failure kind `panic`, retried, then dead letter `panic`; store / sink → a failure of that store / sink, retried, the partition waits; counted in `kourier_handler_panics_total` | at once |
@@ -321,14 +321,17 @@ pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
     BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, ConnectionState,
-    ConsumerMonitor, ConsumerSnapshot, DedupKey, PartitionStatus, ProcessingOrder, RecordOutcome,
-    RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, shutdown_signal,
+    ConsumerMonitor, ConsumerSnapshot, DedupKey, Idempotency, MissingTopics, PanicPolicy,
+    PartitionStatus, ProcessingOrder, RecordOutcome, RetryingConsumer, RetryingConsumerBuilder,
+    ShutdownReport, StoreOutage, shutdown_signal,
 };
 pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
 pub use crate::dead_letter::letter::{
     DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, PendingLetter,
 };
-pub use crate::error::{BoxError, ConfigError, DeadLetterError, Error, Result, StoreError};
+pub use crate::error::{
+    BoxError, ConfigError, DeadLetterError, Error, PollThreadError, Result, StoreError,
+};
 pub use crate::handler::{FailureKind, Handler, HandlerError, HandlerFn, handler_fn};
 pub use crate::idempotency::memory::InMemoryIdempotencyStore;
 #[cfg(feature = "redis")]

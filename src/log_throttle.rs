@@ -62,7 +62,7 @@ impl LogThrottle {
 /// How often a client kourier creates outside a consumer (a [`Publisher`](crate::Publisher)'s
 /// producer, a [`TopicAdmin`](crate::topics::TopicAdmin)'s admin clients, a dead-letter sink
 /// built on its own) logs a condition that persists. The clients a consumer creates (its
-/// dead-letter and retry-tier producers, the admin client of `create_missing_topics`) use the
+/// dead-letter and retry-tier producers, the admin client of `MissingTopics::create`) use the
 /// consumer's `error_log_interval` instead.
 pub(crate) const CLIENT_LOG_INTERVAL: Duration = Duration::from_secs(30);
 

@@ -891,7 +891,7 @@ mod tests {
     }
 
     /// `timeout(Duration::MAX)` (what `startup_timeout(Duration::MAX)` with
-    /// `create_missing_topics` passes on) is taken as a year, and each request within a call
+    /// `MissingTopics::create` passes on) is taken as a year, and each request within a call
     /// waits at most librdkafka's hour. Before, a create call's bound (`remaining + 1 s`)
     /// overflowed and panicked (`tests/extreme_settings.rs` shows it against the broker).
     #[test]

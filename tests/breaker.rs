@@ -17,8 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kourier::dead_letter::headers as dlt;
 use kourier::{
-    BreakerPolicy, BreakerState, ConsumerMonitor, HandlerError, InMemoryIdempotencyStore, Message,
-    ProcessingOrder, handler_fn,
+    BreakerPolicy, BreakerState, ConsumerMonitor, DedupKey, HandlerError, Idempotency,
+    InMemoryIdempotencyStore, Message, ProcessingOrder, handler_fn,
 };
 use serde::Deserialize;
 use support::TestRecord;
@@ -219,9 +219,10 @@ async fn a_20s_outage_over_10k_records_dead_letters_nothing_and_handles_each_onc
             .breaker(breaker())
             // A claim left held while its record waits would make the retry wait out the
             // lease (60 s): the test would stall.
-            .idempotency_key_fn(Arc::new(InMemoryIdempotencyStore::new()), |m| {
-                Some(m.event().id.to_string())
-            }),
+            .idempotency(Idempotency::new(
+                Arc::new(InMemoryIdempotencyStore::new()),
+                DedupKey::from_fn(|m: &Message<Job>| Some(m.event().id.to_string())),
+            )),
     );
     let membership = Membership::watch(c.monitor.clone(), PARTITIONS as usize);
 

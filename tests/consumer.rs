@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
-use kourier::{ProcessingOrder, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder};
+use kourier::{
+    DedupKey, Idempotency, InMemoryIdempotencyStore, ProcessingOrder, RetryPolicy,
+    RetryingConsumer, RetryingConsumerBuilder,
+};
 use support::consumer::{self, Running, setup, wait_for, wait_until};
 use support::recorder::{Call, Ev, Log, Recorder};
 use support::{TestRecord, committed_sum};
@@ -697,7 +700,13 @@ async fn build_rejects_every_bad_setting() {
         "topics"
     );
     assert_eq!(invalid(base().group_id("")), "group_id");
-    assert_eq!(invalid(base().topic("bad topic!")), "topics");
+    let unset = || {
+        RetryingConsumer::builder(Recorder(log.clone()))
+            .bootstrap_servers("x:1")
+            .group_id("g")
+    };
+    assert_eq!(invalid(unset().topic("bad topic!")), "topics");
+    assert_eq!(invalid(unset().topics(["t", "bad topic!"])), "topics");
     assert_eq!(
         invalid(base().retry_policy(RetryPolicy::default().with_max_attempts(0))),
         "retry_policy"
@@ -724,13 +733,19 @@ async fn build_rejects_every_bad_setting() {
         invalid(base().handler_timeout(Duration::ZERO)),
         "handler_timeout"
     );
+    let idempotency = || {
+        Idempotency::new(
+            Arc::new(InMemoryIdempotencyStore::new()),
+            DedupKey::header("event-id"),
+        )
+    };
     assert_eq!(
-        invalid(base().idempotency_lease(Duration::ZERO)),
-        "idempotency_lease"
+        invalid(base().idempotency(idempotency().with_lease(Duration::ZERO))),
+        "idempotency"
     );
     assert_eq!(
-        invalid(base().idempotency_ttl(Duration::ZERO)),
-        "idempotency_ttl"
+        invalid(base().idempotency(idempotency().with_ttl(Duration::ZERO))),
+        "idempotency"
     );
     assert_eq!(
         invalid(
@@ -872,10 +887,10 @@ async fn the_outcome_observer_sees_each_record_once_and_cannot_break_it() {
     let c = Running::start(
         consumer::builder(handler, &topic, &group)
             .retry_policy(fast_retries())
-            .idempotency(
+            .idempotency(Idempotency::new(
                 Arc::new(InMemoryIdempotencyStore::new()),
                 kourier::DedupKey::header("event-id"),
-            )
+            ))
             .on_outcome(move |record, outcome| {
                 observer_seen.lock().unwrap().push((
                     record.topic.to_string(),

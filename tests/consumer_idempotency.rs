@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
 use kourier::{
-    Claim, ClaimToken, DedupKey, IdempotencyStore, InMemoryIdempotencyStore, ProcessingOrder,
-    RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder,
+    Claim, ClaimToken, DedupKey, Idempotency, IdempotencyStore, InMemoryIdempotencyStore,
+    ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder, StoreOutage,
 };
 use support::consumer::{self, Running, setup, wait_for};
 use support::recorder::{Call, EVENT_ID_HEADER, Ev, Log, Recorder};
@@ -70,9 +70,18 @@ fn builder(
     store: Arc<dyn IdempotencyStore>,
     key: DedupKey<Ev>,
 ) -> RetryingConsumerBuilder<Recorder> {
+    builder_with(log, topic, group, Idempotency::new(store, key))
+}
+
+fn builder_with(
+    log: &Arc<Log>,
+    topic: &str,
+    group: &str,
+    idempotency: Idempotency<Ev>,
+) -> RetryingConsumerBuilder<Recorder> {
     consumer::builder(Recorder(log.clone()), topic, group)
         .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 3))
-        .idempotency(store, key)
+        .idempotency(idempotency)
 }
 
 /// The dedup key the consumer of `group` uses for `event_id`.
@@ -393,9 +402,12 @@ async fn a_claim_outlives_its_lease_while_the_handler_runs() {
     )
     .await;
     let log = Log::new();
-    let c = Running::start(
-        builder(&log, &topic, &group, spy.clone(), by_header()).idempotency_lease(lease),
-    );
+    let c = Running::start(builder_with(
+        &log,
+        &topic,
+        &group,
+        Idempotency::new(spy.clone(), by_header()).with_lease(lease),
+    ));
     wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
 
     // The second claimer, until the handler is done.
@@ -536,15 +548,16 @@ async fn redis_outage_mid_stream(name: &str, run_without_dedup: bool) {
     support::produce(&topic, records).await;
 
     let log = Log::new();
-    let mut b = builder(&log, &topic, &group, store.clone(), by_header())
-        .run_without_dedup_on_store_outage(run_without_dedup);
+    let mut idempotency = Idempotency::new(store.clone(), by_header());
     if run_without_dedup {
         // A record whose handler ends as Redis goes down retries `complete` until its lease
         // ends, holding its partition meanwhile (see the ignored test below): a short lease
         // keeps that stall short here.
-        b = b.idempotency_lease(Duration::from_secs(5));
+        idempotency = idempotency
+            .with_store_outage(StoreOutage::RunWithoutDedup)
+            .with_lease(Duration::from_secs(5));
     }
-    let c = Running::start(b);
+    let c = Running::start(builder_with(&log, &topic, &group, idempotency));
     wait_for("some records handled before the outage", WAIT, || {
         log.successes().len() >= 30
     })
@@ -672,9 +685,12 @@ async fn opt_in_goes_on_promptly_after_a_record_finishes_during_the_outage() {
     )
     .await;
     let log = Log::new();
-    let c = Running::start(
-        builder(&log, &topic, &group, store, by_header()).run_without_dedup_on_store_outage(true),
-    );
+    let c = Running::start(builder_with(
+        &log,
+        &topic,
+        &group,
+        Idempotency::new(store, by_header()).with_store_outage(StoreOutage::RunWithoutDedup),
+    ));
     wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
     tokio::task::block_in_place(|| server.kill());
     log.open_gate();
@@ -989,9 +1005,13 @@ async fn revoke_and_shutdown_release_the_claims_fetched_ahead() {
 
     let log = Log::new();
     let consumer = |log: &Arc<Log>| {
-        builder(log, &topic, &group, store.clone(), by_header())
-            .ordering(ProcessingOrder::Partition)
-            .idempotency_lease(lease)
+        builder_with(
+            log,
+            &topic,
+            &group,
+            Idempotency::new(store.clone(), by_header()).with_lease(lease),
+        )
+        .ordering(ProcessingOrder::Partition)
     };
     let started = Instant::now();
     let first = Running::start(consumer(&log));

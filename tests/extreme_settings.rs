@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kourier::{
-    BreakerPolicy, ConfigError, Error, Handler, HandlerError, Message, ProcessingOrder,
-    RecordOutcome, RetryPolicy, RetryingConsumerBuilder, ShutdownReport, async_trait,
+    BreakerPolicy, ConfigError, Error, Handler, HandlerError, Message, MissingTopics,
+    ProcessingOrder, RecordOutcome, RetryPolicy, RetryingConsumerBuilder, ShutdownReport,
+    async_trait,
 };
 use serde::Deserialize;
 use support::TestRecord;
@@ -237,14 +238,15 @@ async fn a_startup_timeout_of_duration_max_handles_records() {
     .await;
 }
 
-/// `startup_timeout(Duration::MAX)` with `create_missing_topics`: the missing dead-letter
+/// `startup_timeout(Duration::MAX)` with `MissingTopics::create`: the missing dead-letter
 /// topic is created and records are handled. Before, creating it panicked
 /// (`remaining + 1 s` in the topic admin overflowed) and `run()` panicked with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_startup_timeout_of_duration_max_creates_missing_topics() {
     let (topic, group) = consumer::topic_and_group("startup-max-create", 1).await;
     handles_every_record_cleanly((&topic, &group), 5, 1, |b| {
-        b.startup_timeout(Duration::MAX).create_missing_topics(1)
+        b.startup_timeout(Duration::MAX)
+            .missing_topics(MissingTopics::create(1))
     })
     .await;
     assert_eq!(

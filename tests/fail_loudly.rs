@@ -1,6 +1,6 @@
 //! Issue 11, "fail loudly, never wedge" (delivery rules 13 and 14 in the crate docs), against the real broker and
 //! Redis: startup checks (unreachable brokers, missing subscribed and dead-letter topics,
-//! `wait_for_topics`, `create_missing_topics`), a topic deleted while consuming, the honest
+//! `MissingTopics::Wait`, `MissingTopics::create`), a topic deleted while consuming, the honest
 //! shutdown report, plug-ins that panic on a record's path (codec, dedup-key function,
 //! idempotency store, dead-letter sink, handler), the uncommitted-work bound and the stall
 //! threshold, running health (`caught_up`), and the maximum broker outage.
@@ -28,9 +28,10 @@ use kourier::rdkafka::producer::{FutureProducer, FutureRecord};
 use kourier::{
     Claim, ClaimToken, Codec, ConnectionState, ConsumerMonitor, ConsumerSnapshot, DeadLetter,
     DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, DecodeError, DedupKey,
-    Error, Handler, HandlerError, IdempotencyStore, InMemoryIdempotencyStore, JsonCodec,
-    KafkaDeadLetterSink, Message, ProcessingOrder, RawRecord, RedisIdempotencyStore, RetryPolicy,
-    RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, StoreError, async_trait,
+    Error, Handler, HandlerError, Idempotency, IdempotencyStore, InMemoryIdempotencyStore,
+    JsonCodec, KafkaDeadLetterSink, Message, MissingTopics, PanicPolicy, ProcessingOrder,
+    RawRecord, RedisIdempotencyStore, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder,
+    ShutdownReport, StoreError, async_trait,
 };
 use serde::{Deserialize, Serialize};
 use support::{ReadRecord, TestRecord};
@@ -160,14 +161,23 @@ fn builder(log: &Arc<Log>, topic: &str, group: &str) -> RetryingConsumerBuilder<
 }
 
 /// The settings every test uses: fast retries, commits and group membership; short timeouts.
-fn settings<H: Handler>(
-    b: RetryingConsumerBuilder<H>,
+fn settings<H: Handler, C>(
+    b: RetryingConsumerBuilder<H, C>,
     topic: &str,
     group: &str,
-) -> RetryingConsumerBuilder<H> {
+) -> RetryingConsumerBuilder<H, C> {
+    settings_of_topics(b, &[topic], group)
+}
+
+/// [`settings`] for several topics.
+fn settings_of_topics<H: Handler, C>(
+    b: RetryingConsumerBuilder<H, C>,
+    topics: &[&str],
+    group: &str,
+) -> RetryingConsumerBuilder<H, C> {
     b.bootstrap_servers(support::bootstrap())
         .group_id(group)
-        .topic(topic)
+        .topics(topics)
         .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 3))
         .commit_interval(Duration::from_millis(200))
         .startup_timeout(Duration::from_secs(3))
@@ -184,7 +194,7 @@ struct Running {
 }
 
 impl Running {
-    fn start<H: Handler>(b: RetryingConsumerBuilder<H>) -> Running {
+    fn start<H: Handler, C: Codec<H::Event>>(b: RetryingConsumerBuilder<H, C>) -> Running {
         let consumer = b.build().expect("build");
         let monitor = consumer.monitor();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -455,14 +465,14 @@ async fn unreachable_brokers_are_an_error_within_the_startup_timeout() {
 }
 
 /// Issue 23: whatever step meets the unreachable cluster — the startup checks, or creating
-/// the missing topics first (`create_missing_topics`, which was `Error::Topic`) — `run()`
+/// the missing topics first (`MissingTopics::create`, which was `Error::Topic`) — `run()`
 /// returns `Error::BrokersUnreachable` naming the servers, within the startup timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_brokers_are_brokers_unreachable_whatever_step_met_them() {
     let timeout = Duration::from_secs(2);
-    for (step, create) in [("startup checks", None), ("create_missing_topics", Some(3))] {
+    for (step, create) in [("startup checks", None), ("MissingTopics::create", Some(3))] {
         let run = run_against_nothing_with(timeout, |b| match create {
-            Some(partitions) => b.create_missing_topics(partitions),
+            Some(partitions) => b.missing_topics(MissingTopics::create(partitions)),
             None => b,
         })
         .await;
@@ -504,7 +514,7 @@ async fn a_broker_refusing_to_create_a_topic_stays_a_topic_error() {
     let log = Log::new();
     let consumer = builder(&log, &colliding, &support::unique_name("refused"))
         .startup_timeout(Duration::from_secs(10))
-        .create_missing_topics(1)
+        .missing_topics(MissingTopics::create(1))
         .build()
         .expect("build");
     let result = tokio::time::timeout(
@@ -562,14 +572,14 @@ async fn a_missing_subscribed_topic_is_an_error_naming_it() {
     assert_eq!(err.missing_topics(), std::slice::from_ref(&topic));
     match &err {
         Error::MissingTopics { hint, .. } => {
-            assert!(hint.contains("wait_for_topics"), "{hint}");
-            assert!(hint.contains("create_missing_topics"), "{hint}");
+            assert!(hint.contains("MissingTopics::Wait"), "{hint}");
+            assert!(hint.contains("MissingTopics::create"), "{hint}");
         }
         other => panic!("expected MissingTopics, got {other:?}"),
     }
 }
 
-/// Runs a consumer with `wait_for_topics(true)` and the given startup timeout on a topic that
+/// Runs a consumer with `MissingTopics::Wait` and the given startup timeout on a topic that
 /// is created `after` it started (its dead-letter topic exists); checks it consumes it.
 async fn wait_for_topic_created_after(startup_timeout: Duration, after: Duration) {
     captured();
@@ -581,7 +591,7 @@ async fn wait_for_topic_created_after(startup_timeout: Duration, after: Duration
     let log = Log::new();
     let running = Running::start(
         builder(&log, &topic, &group)
-            .wait_for_topics(true)
+            .missing_topics(MissingTopics::Wait)
             .startup_timeout(startup_timeout),
     );
     tokio::time::sleep(after).await;
@@ -621,7 +631,7 @@ async fn wait_for_topics_also_waits_for_the_dead_letter_topic() {
     let topic = support::unique_name("wait-both");
     let group = support::unique_name("wait-both");
     let log = Log::new();
-    let running = Running::start(builder(&log, &topic, &group).wait_for_topics(true));
+    let running = Running::start(builder(&log, &topic, &group).missing_topics(MissingTopics::Wait));
     tokio::time::sleep(Duration::from_secs(2)).await;
     if running.task.is_finished() {
         let ended = running.task.await;
@@ -658,7 +668,7 @@ async fn a_missing_dead_letter_topic_is_an_error_naming_it_and_the_setting_that_
     assert_eq!(err.missing_topics(), [format!("{topic}.dlt")]);
     match &err {
         Error::MissingTopics { hint, .. } => {
-            assert!(hint.contains("create_missing_topics"), "{hint}");
+            assert!(hint.contains("MissingTopics::create"), "{hint}");
         }
         other => panic!("expected MissingTopics, got {other:?}"),
     }
@@ -696,7 +706,7 @@ async fn create_missing_topics_creates_source_and_dead_letter_topics_and_letters
     let log = Log::new();
     let running = Running::start(
         builder(&log, &topic, &group)
-            .create_missing_topics(3)
+            .missing_topics(MissingTopics::create(3))
             .startup_timeout(Duration::from_secs(20)),
     );
     running.assigned(&topic).await;
@@ -745,7 +755,11 @@ async fn a_topic_deleted_while_consuming_leaves_the_assignment_and_the_rest_flow
     let (doomed, _) = topics("deleted-doomed", 2).await;
     let group = support::unique_name("deleted");
     let log = Log::new();
-    let running = Running::start(builder(&log, &kept, &group).topic(&doomed));
+    let running = Running::start(settings_of_topics(
+        RetryingConsumer::builder(Probe(log.clone())),
+        &[&kept, &doomed],
+        &group,
+    ));
     support::produce(&kept, vec![ev(0, Act::Ok)]).await;
     support::produce(&doomed, vec![ev(1, Act::Ok), ev(2, Act::Ok).partition(1)]).await;
     wait_for("3 records handled", Duration::from_secs(30), || {
@@ -992,7 +1006,9 @@ async fn a_panicking_dedup_key_function_dead_letters_the_record_as_panic() {
         assert!(m.event().id != 2, "the key function panics on event 2");
         Some(format!("ev-{}", m.event().id))
     });
-    let running = Running::start(builder(&log, &topic, &group).idempotency(store.clone(), key));
+    let running = Running::start(
+        builder(&log, &topic, &group).idempotency(Idempotency::new(store.clone(), key)),
+    );
     let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
     wait_for("4 records handled", Duration::from_secs(30), || {
         log.handled_count() == 4
@@ -1069,7 +1085,9 @@ async fn a_panicking_store_makes_the_record_wait_and_it_is_handled_once() {
         claims_of_2: AtomicU32::new(0),
     });
     let key = DedupKey::from_fn(|m: &Message<Ev>| Some(format!("ev-{}", m.event().id)));
-    let running = Running::start(builder(&log, &topic, &group).idempotency(store.clone(), key));
+    let running = Running::start(
+        builder(&log, &topic, &group).idempotency(Idempotency::new(store.clone(), key)),
+    );
     wait_for("5 records handled", Duration::from_secs(30), || {
         log.handled_count() == 5
     })
@@ -1192,7 +1210,8 @@ async fn a_panicking_handler_without_panic_retries_is_dead_lettered_after_one_at
     let group = support::unique_name("panic-handler");
     let log = Log::new();
     support::produce(&topic, five_with(Act::Panic)).await;
-    let running = Running::start(builder(&log, &topic, &group).retry_panics(false));
+    let running =
+        Running::start(builder(&log, &topic, &group).panic_policy(PanicPolicy::DeadLetter));
     let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
     wait_for("4 records handled", Duration::from_secs(30), || {
         log.handled_count() == 4
@@ -1748,10 +1767,10 @@ async fn completions_run_behind_the_lane_and_the_commit_waits_for_them() {
         inner: InMemoryIdempotencyStore::new(),
         gate: tokio::sync::Semaphore::new(0),
     });
-    let running = Running::start(builder(&log, &topic, &group).idempotency(
+    let running = Running::start(builder(&log, &topic, &group).idempotency(Idempotency::new(
         store.clone(),
         DedupKey::from_fn(|m: &Message<Ev>| Some(m.event().id.to_string())),
-    ));
+    )));
     // Every record is handled while no key could be marked done yet.
     wait_for("all five handled", Duration::from_secs(30), || {
         log.handled_count() == 5

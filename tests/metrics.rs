@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use kourier::metrics::{self as m, labels};
 use kourier::{
     DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, DedupKey, Handler,
-    HandlerError, InMemoryIdempotencyStore, Message, ProcessingOrder, RetryPolicy,
+    HandlerError, Idempotency, InMemoryIdempotencyStore, Message, ProcessingOrder, RetryPolicy,
     RetryingConsumerBuilder, async_trait,
 };
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
@@ -280,7 +280,7 @@ async fn outcomes_are_counted_by_topic_attempt_and_kind() {
     let c = Running::start(
         builder(&topic, &group, &gate)
             .dead_letter_sink(sink.clone())
-            .idempotency(store, DedupKey::header("event-id")),
+            .idempotency(Idempotency::new(store, DedupKey::header("event-id"))),
     );
     wait_for("6 records settled", Duration::from_secs(60), || {
         let s = c.monitor.snapshot();

@@ -23,7 +23,7 @@ use kourier::tiers::{
     headers as tier,
 };
 use kourier::{
-    BreakerPolicy, Claim, ClaimToken, DedupKey, HandlerError, IdempotencyStore,
+    BreakerPolicy, Claim, ClaimToken, DedupKey, HandlerError, Idempotency, IdempotencyStore,
     InMemoryIdempotencyStore, Message, ProcessingOrder, RecordOutcome, RetryPolicy, StoreError,
     handler_fn,
 };
@@ -130,7 +130,10 @@ async fn copies_of_settled_events_from_the_source_and_the_tiers_are_skipped() {
         Running::start(
             consumer::builder(handler, &topic, &group)
                 .retry_policy(RetryPolicy::no_retries())
-                .idempotency(store.clone(), DedupKey::header("event-id"))
+                .idempotency(Idempotency::new(
+                    store.clone(),
+                    DedupKey::header("event-id"),
+                ))
                 .retry_tiers(RetryTiers::new([Duration::from_millis(500)]))
                 .on_outcome(observe(seen)),
         )
@@ -210,7 +213,7 @@ impl KeyOrderLedger for SlowSettle {
     }
 }
 
-/// With `keep_key_order` and idempotency: A fails once and goes to tier 1, B (same key) is
+/// With `with_key_order` and idempotency: A fails once and goes to tier 1, B (same key) is
 /// deferred behind it. When A succeeds in tier 1, the ledger lets its key go *before* the
 /// lane moves on to B: B runs, instead of being sent round the tier once more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -223,13 +226,13 @@ async fn the_ledger_settles_before_the_keys_next_record_starts() {
     let running = Running::start(
         consumer::builder(handler, &topic, &group)
             .retry_policy(RetryPolicy::no_retries())
-            .idempotency(
+            .idempotency(Idempotency::new(
                 Arc::new(InMemoryIdempotencyStore::new()),
                 DedupKey::header("event-id"),
-            )
+            ))
             .retry_tiers(
                 RetryTiers::new([Duration::from_millis(300)])
-                    .keep_key_order(Arc::new(SlowSettle(InMemoryKeyOrderLedger::new()))),
+                    .with_key_order(Arc::new(SlowSettle(InMemoryKeyOrderLedger::new()))),
             )
             .on_outcome(observe(&seen)),
     );
@@ -340,7 +343,10 @@ async fn records_waiting_for_their_claims_are_given_up_at_once_at_shutdown() {
         consumer::builder(handler, &topic, &group)
             .ordering(ProcessingOrder::Key)
             .max_in_flight(2)
-            .idempotency(store.clone(), DedupKey::header("event-id"))
+            .idempotency(Idempotency::new(
+                store.clone(),
+                DedupKey::header("event-id"),
+            ))
             .shutdown_timeout(Duration::from_secs(60)),
     );
     wait_for(
@@ -474,10 +480,10 @@ async fn copies_of_one_failing_event_do_not_open_the_breaker() {
     let running = Running::start(
         consumer::builder(handler, &topic, &group)
             .retry_policy(RetryPolicy::fixed(Duration::from_millis(100), 2))
-            .idempotency(
+            .idempotency(Idempotency::new(
                 Arc::new(InMemoryIdempotencyStore::new()),
                 DedupKey::header("event-id"),
-            )
+            ))
             .retry_tiers(RetryTiers::new([Duration::from_millis(200)]))
             .breaker(
                 BreakerPolicy::default()

@@ -1,5 +1,5 @@
 //! Retry tiers against the real broker (and Redis for the shared key-order ledger): per-key
-//! order with and without `keep_key_order`, due times, records that succeed in the second
+//! order with and without `with_key_order`, due times, records that succeed in the second
 //! tier handled once, dead letters after the last tier, several instances in one group, and
 //! the startup error for a missing tier topic.
 //!
@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kourier::dead_letter::Provenance;
 use kourier::tiers::{RedisKeyOrderLedger, RetryTiers, headers as tier_headers};
 use kourier::{
-    DeadLetterReason, DedupKey, HandlerError, InMemoryIdempotencyStore, Message, ProcessingOrder,
-    RecordOutcome, RetryPolicy, handler_fn,
+    DeadLetterReason, DedupKey, HandlerError, Idempotency, InMemoryIdempotencyStore, Message,
+    MissingTopics, ProcessingOrder, RecordOutcome, RetryPolicy, handler_fn,
 };
 use serde::Deserialize;
 use support::TestRecord;
@@ -180,8 +180,11 @@ async fn drain(
         let b = consumer::builder(handler(seen.clone(), planned_failures), &topic, &group)
             .retry_policy(RetryPolicy::no_retries())
             .ordering(ordering)
-            .idempotency(store.clone(), DedupKey::header("event-id"))
-            .create_missing_topics(3)
+            .idempotency(Idempotency::new(
+                store.clone(),
+                DedupKey::header("event-id"),
+            ))
+            .missing_topics(MissingTopics::create(3))
             .on_outcome({
                 let seen = seen.clone();
                 move |r, outcome| {
@@ -231,16 +234,16 @@ fn report(name: &str, seen: &Seen) {
     );
 }
 
-/// With `keep_key_order` (Redis ledger), 5 % transient failures that go through one or two
+/// With `with_key_order` (Redis ledger), 5 % transient failures that go through one or two
 /// tiers do not reorder any key; every record succeeds once; no tier record runs early; the
 /// ledger is empty afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn keep_key_order_keeps_each_keys_order_across_tiers() {
     let prefix = support::unique_name("kourier-test-order:");
     let tiers = RetryTiers::new([Duration::from_secs(1), Duration::from_secs(2)])
-        .keep_key_order(ledger(&prefix).await);
+        .with_key_order(ledger(&prefix).await);
     let (seen, forwarded) = drain("tiers-ordered", 600, tiers, 1, ProcessingOrder::Key).await;
-    report("keep_key_order", &seen);
+    report("with_key_order", &seen);
     assert_eq!(
         order_violations(&seen.successes),
         0,
@@ -267,17 +270,17 @@ async fn keep_key_order_keeps_each_keys_order_across_tiers() {
     assert_eq!(redis_keys(&prefix).await, 0, "the ledger kept entries");
 }
 
-/// Without `keep_key_order`, the same run reorders keys: a failed record is overtaken by the
+/// Without `with_key_order`, the same run reorders keys: a failed record is overtaken by the
 /// later records of its key (Spring Kafka's documented trade-off). With a 3 s first tier and
 /// every record produced up front, the later records run long before the failed one is due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_keep_key_order_a_failed_record_is_overtaken() {
     let tiers = RetryTiers::new([Duration::from_secs(3), Duration::from_secs(1)]);
     let (seen, _) = drain("tiers-unordered", 600, tiers, 1, ProcessingOrder::Key).await;
-    report("without keep_key_order", &seen);
+    report("without with_key_order", &seen);
     assert!(
         order_violations(&seen.successes) > 0,
-        "expected reordering without keep_key_order"
+        "expected reordering without with_key_order"
     );
 }
 
@@ -287,7 +290,7 @@ async fn without_keep_key_order_a_failed_record_is_overtaken() {
 async fn several_instances_keep_key_order() {
     let prefix = support::unique_name("kourier-test-order2:");
     let tiers = RetryTiers::new([Duration::from_secs(1), Duration::from_secs(2)])
-        .keep_key_order(ledger(&prefix).await);
+        .with_key_order(ledger(&prefix).await);
     let (seen, forwarded) =
         drain("tiers-instances", 600, tiers, 2, ProcessingOrder::Partition).await;
     report("two instances", &seen);
@@ -319,11 +322,11 @@ async fn second_tier_successes_run_once_and_the_last_tier_dead_letters() {
     let seen: Shared = Arc::default();
     let b = consumer::builder(handler(seen.clone(), failures), &topic, &group)
         .retry_policy(RetryPolicy::fixed(Duration::from_millis(10), 1)) // 2 attempts per stage
-        .idempotency(
+        .idempotency(Idempotency::new(
             Arc::new(InMemoryIdempotencyStore::new()),
             DedupKey::header("event-id"),
-        )
-        .create_missing_topics(2)
+        ))
+        .missing_topics(MissingTopics::create(2))
         .retry_tiers(RetryTiers::new([
             Duration::from_secs(1),
             Duration::from_secs(1),
@@ -430,7 +433,7 @@ async fn a_record_failing_in_every_tier_is_dead_lettered_as_its_source_record() 
     let seen: Shared = Arc::default();
     let b = consumer::builder(handler(seen.clone(), always), &topic, &group)
         .retry_policy(RetryPolicy::no_retries())
-        .create_missing_topics(1)
+        .missing_topics(MissingTopics::create(1))
         .retry_tiers(RetryTiers::new([
             Duration::from_secs(1),
             Duration::from_secs(1),
@@ -508,16 +511,16 @@ fn invalid_tiers_are_config_errors() {
     )));
     assert!(invalid(build(
         RetryTiers::new([Duration::from_secs(1), Duration::from_secs(2)])
-            .topic_name(|s, _| format!("{s}.retry")),
+            .with_topic_name(|s, _| format!("{s}.retry")),
         ProcessingOrder::Key
     )));
     assert!(invalid(build(
-        RetryTiers::new([Duration::from_secs(1)]).topic_name(|s, _| s.to_owned()),
+        RetryTiers::new([Duration::from_secs(1)]).with_topic_name(|s, _| s.to_owned()),
         ProcessingOrder::Key
     )));
     assert!(invalid(build(
         RetryTiers::new([Duration::from_secs(1)])
-            .keep_key_order(Arc::new(kourier::tiers::InMemoryKeyOrderLedger::new())),
+            .with_key_order(Arc::new(kourier::tiers::InMemoryKeyOrderLedger::new())),
         ProcessingOrder::Unordered
     )));
     assert!(
@@ -645,15 +648,8 @@ async fn the_redis_ledger_follows_the_admission_rule() {
     let prefix = support::unique_name("kourier-test-ledger:");
     let redis = ledger(&prefix).await;
     let memory = InMemoryKeyOrderLedger::new();
-    let k = LedgerKey {
-        group: "g",
-        topic: "t",
-        key: b"k\xff\x00",
-    };
-    let id = |offset| SourceId {
-        partition: 0,
-        offset,
-    };
+    let k = LedgerKey::new("g", "t", b"k\xff\x00");
+    let id = |offset| SourceId::new(0, offset);
     let steps: Vec<(&str, i64, u32)> = vec![
         ("admit", 1, 0),
         ("place", 1, 1),
@@ -697,4 +693,40 @@ async fn the_redis_ledger_follows_the_admission_rule() {
     }
     assert!(memory.is_empty());
     assert_eq!(redis_keys(&prefix).await, 0);
+
+    // Then 400 pseudo-random steps over two partitions, six offsets and four tiers: the
+    // script answers as `AdmitStep` (through the in-memory ledger) at every step.
+    let k = LedgerKey::new("g", "t", b"random");
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut deferred = 0;
+    for step in 0..400 {
+        let record = SourceId::new(next(2) as i32, next(6) as i64);
+        let tier = next(4) as u32;
+        match next(3) {
+            0 => {
+                let a = redis.admit(k, record, tier).await.unwrap();
+                let b = memory.admit(k, record, tier).await.unwrap();
+                assert_eq!(a, b, "step {step}: admit {record:?} at tier {tier}");
+                deferred += usize::from(matches!(a, Admission::Defer(_)));
+            }
+            1 => {
+                redis.place(k, record, tier).await.unwrap();
+                memory.place(k, record, tier).await.unwrap();
+            }
+            _ => {
+                redis.settle(k, record).await.unwrap();
+                memory.settle(k, record).await.unwrap();
+            }
+        }
+    }
+    assert!(
+        deferred > 10,
+        "the sequence exercised deferral ({deferred})"
+    );
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kourier::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use kourier::rdkafka::message::Message as _;
 use kourier::rdkafka::{Offset, TopicPartitionList};
-use kourier::{DedupKey, ProcessingOrder, RedisIdempotencyStore, RetryPolicy};
+use kourier::{DedupKey, Idempotency, ProcessingOrder, RedisIdempotencyStore, RetryPolicy};
 
 use crate::args::{Args, ChildArgs};
 use crate::consumers::{
@@ -149,10 +149,11 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
                     .key_prefix(format!("kourier-bench:{}:", child.run_id))
                     .build()
                     .await?;
-                builder = builder
-                    .idempotency(Arc::new(store), DedupKey::header(EVENT_ID_HEADER))
-                    // Short: a full run leaves ~1 M keys behind.
-                    .idempotency_ttl(Duration::from_secs(600));
+                builder = builder.idempotency(
+                    Idempotency::new(Arc::new(store), DedupKey::header(EVENT_ID_HEADER))
+                        // Short: a full run leaves ~1 M keys behind.
+                        .with_ttl(Duration::from_secs(600)),
+                );
             }
             Scenario::SlowKey => {
                 builder = builder

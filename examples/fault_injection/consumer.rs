@@ -9,8 +9,8 @@ use std::time::Duration;
 use kourier::dead_letter::Provenance;
 use kourier::tiers::{RedisKeyOrderLedger, RetryTiers};
 use kourier::{
-    BreakerPolicy, Handler, HandlerError, Message, ProcessingOrder, RedisIdempotencyStore,
-    RetryPolicy, RetryingConsumer, async_trait,
+    BreakerPolicy, DedupKey, Handler, HandlerError, Idempotency, Message, ProcessingOrder,
+    RedisIdempotencyStore, RetryPolicy, RetryingConsumer, async_trait,
 };
 
 use crate::cli::ConsumeArgs;
@@ -186,9 +186,8 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
             .key_prefix("fault:")
             .build()
             .await?;
-        builder = builder
-            .idempotency_key_fn(Arc::new(store), |m| Some(m.event().id.to_string()))
-            .idempotency_lease(LEASE);
+        let key = DedupKey::from_fn(|m: &Message<Event>| Some(m.event().id.to_string()));
+        builder = builder.idempotency(Idempotency::new(Arc::new(store), key).with_lease(LEASE));
     }
     if args.compose {
         // The key-order ledger, shared by every consumer process of the run.
@@ -200,7 +199,7 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
             .await?
             .key_prefix("fault-order:");
         builder =
-            builder.retry_tiers(RetryTiers::new(TIER_DELAYS).keep_key_order(Arc::new(ledger)));
+            builder.retry_tiers(RetryTiers::new(TIER_DELAYS).with_key_order(Arc::new(ledger)));
     }
     // Every outcome, noted at once: the runner kills the consumer right after a dead letter.
     let outcomes = OutcomeLog::open(&args.outcomes)?;

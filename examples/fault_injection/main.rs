@@ -108,7 +108,7 @@
 //! - **retry tiers** of 1 s and 2 s (`<topic>.retry.1`, `<topic>.retry.2`, created by the runner
 //!   with the source's partitions), 2 in-place attempts per stage (fixed 50 ms back-off), so an
 //!   event gets 6 attempts before it is dead-lettered as retries-exhausted after the last tier;
-//! - **per-key order across the tiers** (`keep_key_order`) with a `RedisKeyOrderLedger` in a
+//! - **per-key order across the tiers** (`with_key_order`) with a `RedisKeyOrderLedger` in a
 //!   second Redis the runner starts (see below);
 //! - the **Redis idempotency store** as in the other modes (lease 3 s);
 //! - the **outage breaker** (`--breaker` is implied).
@@ -139,7 +139,7 @@
 //! release every key with records in tiers at that moment, and the order check could only
 //! exempt them all, which the runner cannot even list from outside. What a Redis that loses
 //! its data costs is what the idempotency store's outage tests (its done marks go); a
-//! deployment that relies on `keep_key_order` keeps the ledger on a Redis that keeps its data
+//! deployment that relies on `with_key_order` keeps the ledger on a Redis that keeps its data
 //! (AOF, a replica). An outage of the ledger *without* data loss (its steps are retried until
 //! they answer; the record waits) is not injected.
 //!
@@ -175,7 +175,7 @@
 //!   first copy is handled before the outage and the second after it, the store no longer
 //!   knows the event is done.
 //! - **Per-key order through the tiers**: first effects of each key in sequence order (OV = 0;
-//!   the same check as the other modes, which with `keep_key_order` must hold across tiers).
+//!   the same check as the other modes, which with `with_key_order` must hold across tiers).
 //!   Each effect at the attempt its failures predict (counted over every stage), in a tier its
 //!   failed stages can have brought it to; tier 1 and tier 2 each saw effects (T1, T2 > 0).
 //! - **Caught up within a bound after the last fault**: from the end of the last fault until

@@ -48,7 +48,7 @@
 //! `--retry-tiers 30,300` (with `demo` and `run`) adds retry tiers: a mail that still fails
 //! after its in-place attempts waits 30 s in `<topic>.retry.1`, then 5 min in
 //! `<topic>.retry.2`, before the dead-letter topic, and the user's later mails wait behind it
-//! (`keep_key_order`, the ledger in the same Redis). The tier topics are created when missing.
+//! (`with_key_order`, the ledger in the same Redis). The tier topics are created when missing.
 //!
 //! `--metrics-addr 127.0.0.1:9464` (with `demo` and `run`) serves, on that one address, while
 //! the notifier runs:

@@ -9,9 +9,11 @@ use anyhow::{Context as _, Result};
 use kourier::tiers::{RedisKeyOrderLedger, RetryTiers};
 use kourier::topics::{TopicAdmin, TopicSpec};
 use kourier::{
-    BreakerPolicy, ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
+    BreakerPolicy, DedupKey, Idempotency, Message, MissingTopics, ProcessingOrder,
+    RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
 };
 
+use crate::event::NotifyEvent;
 use crate::mailer::Mailer;
 
 /// Where the notifier reads from and keeps its state.
@@ -100,7 +102,10 @@ pub(crate) async fn consumer(
         .topic(settings.topic.as_str())
         // Records of one key (user) are mailed in order; different users in parallel.
         .ordering(ProcessingOrder::Key)
-        .idempotency_key_fn(Arc::new(store), |m| Some(m.event().event_id.clone()))
+        .idempotency(Idempotency::new(
+            Arc::new(store),
+            DedupKey::from_fn(|m: &Message<NotifyEvent>| Some(m.event().event_id.clone())),
+        ))
         .retry_policy(retry_policy())
         // When the relay is down, mails wait for it instead of using up their attempts and
         // filling the dead-letter topic; a probe every 1 s at first (doubling to 30 s).
@@ -119,9 +124,11 @@ pub(crate) async fn consumer(
         builder = builder
             .retry_tiers(
                 RetryTiers::new(settings.retry_tiers.iter().copied())
-                    .keep_key_order(Arc::new(ledger)),
+                    .with_key_order(Arc::new(ledger)),
             )
-            .create_missing_topics(settings.partitions);
+            .missing_topics(MissingTopics::create(
+                u16::try_from(settings.partitions).context("partitions must be 1 to 65535")?,
+            ));
     }
     let consumer = builder.build().context("building the consumer")?;
     Ok(consumer)

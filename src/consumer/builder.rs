@@ -7,13 +7,11 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
-use serde::de::DeserializeOwned;
 
 use super::retrying_consumer::RetryingConsumer;
 use crate::clock;
 use crate::codec::{Codec, JsonCodec};
 use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate};
-use crate::consumer::dedup::{Dedup, DedupKey};
 use crate::consumer::poll::KourierContext;
 use crate::consumer::poll::PollSettings;
 use crate::consumer::poll::{Provisioning, StartupSettings};
@@ -24,14 +22,18 @@ use crate::consumer::work::{OutcomeObserver, RecordOutcome};
 use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
 use crate::error::{ConfigError, Error, Result};
 use crate::handler::Handler;
-use crate::idempotency::IdempotencyStore;
-use crate::message::Message;
 use crate::metrics::ConsumerMetrics;
 use crate::producer::ProducerSettings;
 use crate::record::RawRecord;
 use crate::retry::RetryPolicy;
 use crate::tiers::RetryTiers;
 use crate::tiers::runtime::Tiers;
+
+mod idempotency;
+mod options;
+
+pub use self::idempotency::{Idempotency, StoreOutage};
+pub use self::options::{MissingTopics, PanicPolicy};
 
 /// Settings kourier owns: a raw `kafka_config` may not change them.
 const OWNED_SETTINGS: &[(&str, &str, &str)] = &[
@@ -61,16 +63,15 @@ const SETTER_SETTINGS: &[(&str, &str)] = &[
     ),
 ];
 
-type DedupSetting<T> = (Arc<dyn IdempotencyStore>, DedupKey<T>);
-
 /// librdkafka's `max.poll.interval.ms` when it is not set.
 const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 
 /// Builds a [`RetryingConsumer`]. Start with [`RetryingConsumer::builder`].
 ///
 /// Required: [`bootstrap_servers`](Self::bootstrap_servers), [`group_id`](Self::group_id) and
-/// at least one [`topic`](Self::topic). Everything else has a default matching the starting
-/// design (500 ms × 3 retries, partition ordering, dead letters to `<topic>.dlt`).
+/// the [`topic`](Self::topic) (or [`topics`](Self::topics)). Everything else has a default
+/// matching the starting design (500 ms × 3 retries, partition ordering, dead letters to
+/// `<topic>.dlt`, values decoded as JSON).
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -94,6 +95,28 @@ const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 /// # }
 /// ```
 ///
+/// # Conventions
+///
+/// There is one way to say each thing, and the names say which kind of thing it is:
+///
+/// - **Builder setters are nouns taking a value** — `.topic("t")`, `.retry_policy(p)`,
+///   `.idempotency(i)`, `.missing_topics(MissingTopics::Wait)` — each sets its setting (a
+///   second call replaces the first; `topic`/`topics`, which used to add, are refused twice);
+///   `on_*` takes a callback ([`on_outcome`](Self::on_outcome)). The same holds for the other
+///   builders ([`KafkaDeadLetterSinkBuilder`](crate::KafkaDeadLetterSinkBuilder),
+///   [`PublisherBuilder`](crate::PublisherBuilder), ...) and clients
+///   ([`TopicAdmin`](crate::topics::TopicAdmin), the Redis store and ledger).
+/// - **Value types passed to a setter take their options through `with_*`**, and a getter
+///   reading one back has the bare name: [`RetryPolicy::with_max_attempts`] /
+///   [`RetryPolicy::max_attempts`], [`Idempotency::with_lease`] / [`Idempotency::lease`];
+///   [`BreakerPolicy`], [`RetryTiers`] and [`TopicSpec`](crate::topics::TopicSpec) alike.
+/// - **Choices are enums, not `bool`s**: [`MissingTopics`], [`PanicPolicy`],
+///   [`StoreOutage`], [`ProcessingOrder`]. A `bool` would not say what `true` means at the
+///   call site.
+/// - **Types that decide the builder's type are set on the builder too**: the codec with
+///   [`codec`](Self::codec), which changes the builder's second type parameter (JSON until
+///   then).
+///
 /// # Durations
 ///
 /// Every duration is bounded where it enters (delivery rule 17 in the crate docs), so that no
@@ -111,9 +134,9 @@ const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 /// | [`commit_interval`](Self::commit_interval) | 1 s | refused | 1 year | taken as 1 year (commits still happen on revoke and shutdown) |
 /// | [`error_log_interval`](Self::error_log_interval) | 30 s | refused | 1 year | taken as 1 year |
 /// | [`max_broker_outage`](Self::max_broker_outage) | none | refused | 1 year | taken as 1 year |
-/// | [`handler_timeout`](Self::handler_timeout) | none | refused | 1 year, and below `idempotency_lease` with idempotency | taken as 1 year; not below the lease: refused |
-/// | [`idempotency_lease`](Self::idempotency_lease) | 60 s | refused | 1 year | taken as 1 year |
-/// | [`idempotency_ttl`](Self::idempotency_ttl) | 6 h | refused | 1 year | taken as 1 year |
+/// | [`handler_timeout`](Self::handler_timeout) | none | refused | 1 year, and below the idempotency lease with idempotency | taken as 1 year; not below the lease: refused |
+/// | [`Idempotency::with_lease`] | 60 s | refused | 1 year | taken as 1 year |
+/// | [`Idempotency::with_ttl`] | 6 h | refused | 1 year | taken as 1 year |
 /// | [`RetryPolicy`] delays: `fixed`, `exponential` (initial, max), `with_max_elapsed` | 500 ms fixed | retries at once | 1 year | taken as 1 year |
 /// | a handler's [`retry_after`](crate::HandlerError::retry_after) hint | none | no wait | 1 day ([`HandlerError::MAX_RETRY_AFTER`](crate::HandlerError::MAX_RETRY_AFTER)) | taken as 1 day: a hint is untrusted input (it often comes from a downstream's reply) |
 /// | [`BreakerPolicy::with_open_interval`] (initial, max) | 5 s, 60 s | refused | 1 day ([`BreakerPolicy::MAX_OPEN_INTERVAL`]) | taken as 1 day |
@@ -165,12 +188,20 @@ const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 /// that is about 110–120 MiB; `cargo bench --bench throughput` measures peak RSS against this formula.
 /// Large records raise the first two terms, not the rest: librdkafka's queue and fetch are
 /// bounded in bytes.
-pub struct RetryingConsumerBuilder<H: Handler> {
+pub struct RetryingConsumerBuilder<H: Handler, C = JsonCodec<<H as Handler>::Event>> {
     handler: H,
-    codec: Arc<dyn Codec<H::Event>>,
+    codec: C,
+    s: Settings<H::Event>,
+}
+
+/// Every setting but the handler and the codec (whose type changes with
+/// [`codec`](RetryingConsumerBuilder::codec)).
+struct Settings<T> {
     bootstrap_servers: Option<String>,
     group_id: Option<String>,
     topics: Vec<String>,
+    /// `topic`/`topics` calls: a second one is refused by `build()` (it used to add topics).
+    topic_calls: u32,
     policy: RetryPolicy,
     ordering: ProcessingOrder,
     max_in_flight: usize,
@@ -178,10 +209,7 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     max_buffered_bytes: usize,
     max_buffered_records_per_partition: usize,
     sink: Option<Arc<dyn DeadLetterSink>>,
-    dedup: Option<DedupSetting<H::Event>>,
-    dedup_lease: Duration,
-    dedup_ttl: Duration,
-    dedup_without_store_on_outage: bool,
+    idempotency: Option<Idempotency<T>>,
     commit_interval: Duration,
     handler_timeout: Option<Duration>,
     shutdown_timeout: Duration,
@@ -189,50 +217,24 @@ pub struct RetryingConsumerBuilder<H: Handler> {
     max_poll_batch: usize,
     kafka_config: BTreeMap<String, String>,
     startup_timeout: Duration,
-    wait_for_topics: bool,
-    create_missing_topics: Option<i32>,
+    missing_topics: MissingTopics,
     max_broker_outage: Option<Duration>,
     error_log_interval: Duration,
     stall_threshold: Duration,
     observer: Option<OutcomeObserver>,
     max_uncommitted_per_partition: usize,
-    retry_panics: bool,
+    panic_policy: PanicPolicy,
     breaker: Option<BreakerPolicy>,
     tiers: Option<RetryTiers>,
 }
 
-impl<H: Handler> fmt::Debug for RetryingConsumerBuilder<H> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RetryingConsumerBuilder")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("group_id", &self.group_id)
-            .field("topics", &self.topics)
-            .field("policy", &self.policy)
-            .field("ordering", &self.ordering)
-            .field("max_in_flight", &self.max_in_flight)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<H: Handler> RetryingConsumer<H> {
-    /// Starts a builder for `handler`, decoding values as JSON.
-    pub fn builder(handler: H) -> RetryingConsumerBuilder<H>
-    where
-        H::Event: DeserializeOwned,
-    {
-        RetryingConsumerBuilder::with_codec(handler, JsonCodec::<H::Event>::new())
-    }
-}
-
-impl<H: Handler> RetryingConsumerBuilder<H> {
-    /// Starts a builder for `handler` with a custom [`Codec`].
-    pub fn with_codec(handler: H, codec: impl Codec<H::Event>) -> Self {
-        RetryingConsumerBuilder {
-            handler,
-            codec: Arc::new(codec),
+impl<T> Settings<T> {
+    fn new() -> Self {
+        Settings {
             bootstrap_servers: None,
             group_id: None,
             topics: Vec::new(),
+            topic_calls: 0,
             policy: RetryPolicy::default(),
             ordering: ProcessingOrder::default(),
             max_in_flight: 64,
@@ -240,10 +242,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             max_buffered_bytes: 64 << 20,
             max_buffered_records_per_partition: 5_000,
             sink: None,
-            dedup: None,
-            dedup_lease: Duration::from_secs(60),
-            dedup_ttl: Duration::from_secs(6 * 3600),
-            dedup_without_store_on_outage: false,
+            idempotency: None,
             commit_interval: Duration::from_secs(1),
             handler_timeout: None,
             shutdown_timeout: Duration::from_secs(30),
@@ -251,23 +250,79 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             max_poll_batch: 500,
             kafka_config: BTreeMap::new(),
             startup_timeout: Duration::from_secs(30),
-            wait_for_topics: false,
-            create_missing_topics: None,
+            missing_topics: MissingTopics::Fail,
             max_broker_outage: None,
             error_log_interval: Duration::from_secs(30),
             stall_threshold: Duration::from_secs(60),
             observer: None,
             max_uncommitted_per_partition: 10_000,
-            retry_panics: true,
+            panic_policy: PanicPolicy::Retry,
             breaker: None,
             tiers: None,
         }
     }
+}
 
+impl<H: Handler, C> fmt::Debug for RetryingConsumerBuilder<H, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.s;
+        f.debug_struct("RetryingConsumerBuilder")
+            .field("bootstrap_servers", &s.bootstrap_servers)
+            .field("group_id", &s.group_id)
+            .field("topics", &s.topics)
+            .field("policy", &s.policy)
+            .field("ordering", &s.ordering)
+            .field("max_in_flight", &s.max_in_flight)
+            .field("idempotency", &s.idempotency)
+            .field("missing_topics", &s.missing_topics)
+            .field("panic_policy", &s.panic_policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> RetryingConsumer<H> {
+    /// Starts a builder for `handler`. Values are decoded as JSON ([`JsonCodec`]) unless
+    /// [`codec`](RetryingConsumerBuilder::codec) sets another codec: a handler whose event
+    /// is not `serde::de::DeserializeOwned` must set one before
+    /// [`build`](RetryingConsumerBuilder::build) (a compile error says so otherwise).
+    ///
+    /// ```
+    /// use kourier::{handler_fn, BytesCodec, Message, RetryingConsumer};
+    ///
+    /// // Raw bytes (`Option<Vec<u8>>`: a null value stays `None`) are not JSON.
+    /// let handler = handler_fn(|_m: Message<Option<Vec<u8>>>| async { Ok(()) });
+    /// let consumer = RetryingConsumer::builder(handler)
+    ///     .codec(BytesCodec)
+    ///     .bootstrap_servers("127.0.0.1:9092")
+    ///     .group_id("raw")
+    ///     .topic("raw.v1")
+    ///     .build()?;
+    /// # let _ = consumer;
+    /// # Ok::<(), kourier::Error>(())
+    /// ```
+    ///
+    /// Without `.codec(..)` an event that JSON cannot decode does not build:
+    ///
+    /// ```compile_fail
+    /// # use kourier::{handler_fn, Message, RetryingConsumer};
+    /// struct NotJson;
+    /// let handler = handler_fn(|_m: Message<NotJson>| async { Ok(()) });
+    /// let consumer = RetryingConsumer::builder(handler).build(); // JsonCodec<NotJson>: Codec<NotJson>?
+    /// ```
+    pub fn builder(handler: H) -> RetryingConsumerBuilder<H> {
+        RetryingConsumerBuilder {
+            handler,
+            codec: JsonCodec::new(),
+            s: Settings::new(),
+        }
+    }
+}
+
+impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// Kafka brokers, `host:port[,host:port...]`. Required.
     #[must_use]
     pub fn bootstrap_servers(mut self, servers: impl Into<String>) -> Self {
-        self.bootstrap_servers = Some(servers.into());
+        self.s.bootstrap_servers = Some(servers.into());
         self
     }
 
@@ -275,39 +330,51 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// their own groups dedup independently.
     #[must_use]
     pub fn group_id(mut self, group_id: impl Into<String>) -> Self {
-        self.group_id = Some(group_id.into());
+        self.s.group_id = Some(group_id.into());
         self
     }
 
-    /// Adds a topic to consume. At least one is required.
+    /// The one topic to consume. Required, unless [`topics`](Self::topics) gives several.
+    ///
+    /// Give the topics once: `build()` refuses a second `topic` or `topics` call with
+    /// [`ConfigError::Invalid`] (`setting: "topics"`) — `topic` used to *add* a topic, and
+    /// `.topic(a).topic(b)` would otherwise silently consume only `b`.
     #[must_use]
     pub fn topic(mut self, topic: impl Into<String>) -> Self {
-        self.topics.push(topic.into());
+        self.s.topics = vec![topic.into()];
+        self.s.topic_calls = self.s.topic_calls.saturating_add(1);
         self
     }
 
-    /// Adds several topics to consume.
+    /// The topics to consume (at least one). Like [`topic`](Self::topic), given once.
     #[must_use]
     pub fn topics<I, S>(mut self, topics: I) -> Self
     where
         I: IntoIterator<Item = S>,
-        S: Into<String>,
+        S: AsRef<str>,
     {
-        self.topics.extend(topics.into_iter().map(Into::into));
+        self.s.topics = topics.into_iter().map(|t| t.as_ref().to_owned()).collect();
+        self.s.topic_calls = self.s.topic_calls.saturating_add(1);
         self
     }
 
-    /// Replaces the codec.
+    /// How record values become the handler's event. Default [`JsonCodec`] (serde JSON);
+    /// e.g. [`BytesCodec`](crate::BytesCodec) for raw bytes, or
+    /// [`codec_fn`](crate::codec_fn). The builder's type names its codec, so this is the
+    /// one place to choose it, whatever the event type.
     #[must_use]
-    pub fn codec(mut self, codec: impl Codec<H::Event>) -> Self {
-        self.codec = Arc::new(codec);
-        self
+    pub fn codec<D: Codec<H::Event>>(self, codec: D) -> RetryingConsumerBuilder<H, D> {
+        RetryingConsumerBuilder {
+            handler: self.handler,
+            codec,
+            s: self.s,
+        }
     }
 
     /// How transient failures are retried. Default: 500 ms fixed, 3 retries (4 attempts).
     #[must_use]
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
-        self.policy = policy;
+        self.s.policy = policy;
         self
     }
 
@@ -316,7 +383,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// `.ordering(ProcessingOrder::Key)` and did not collide with anything.
     #[must_use]
     pub fn ordering(mut self, ordering: ProcessingOrder) -> Self {
-        self.ordering = ordering;
+        self.s.ordering = ordering;
         self
     }
 
@@ -329,7 +396,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// once, but never more than `n` *run* at once.
     #[must_use]
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n;
+        self.s.max_in_flight = n;
         self
     }
 
@@ -340,14 +407,14 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// paused until it is below half. Default 10 000.
     #[must_use]
     pub fn max_buffered_records(mut self, n: usize) -> Self {
-        self.max_buffered_records = n;
+        self.s.max_buffered_records = n;
         self
     }
 
     /// Bytes (keys, values, headers) received but not started. Default 64 MiB.
     #[must_use]
     pub fn max_buffered_bytes(mut self, n: usize) -> Self {
-        self.max_buffered_bytes = n;
+        self.s.max_buffered_bytes = n;
         self
     }
 
@@ -358,7 +425,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// (`max_buffered_records`, `max_buffered_bytes`) hold at all times. Default 5 000.
     #[must_use]
     pub fn max_buffered_records_per_partition(mut self, n: usize) -> Self {
-        self.max_buffered_records_per_partition = n;
+        self.s.max_buffered_records_per_partition = n;
         self
     }
 
@@ -367,54 +434,28 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// [`kafka_config`](Self::kafka_config)).
     #[must_use]
     pub fn dead_letter_sink(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
-        self.sink = Some(sink);
+        self.s.sink = Some(sink);
         self
     }
 
-    /// Turns on idempotency: before each attempt the record's dedup key is claimed in
-    /// `store`; records whose key is done are skipped. A record without a dedup key is
-    /// handled without idempotency (logged at debug level).
-    ///
-    /// In partition and key order a lane runs one record at a time, so a claim per record
-    /// would put a store round trip between every two records of a lane. Instead, a record
-    /// that claims its key also claims the keys of the next records queued in its lane (up
-    /// to 32, in the same batch call) and each of them takes its claim when its turn comes.
-    /// Such a claim is taken only within a third of the
-    /// [lease](Self::idempotency_lease) and only if no store call failed since it was
-    /// fetched; claims a record never takes (its partition revoked, the consumer stopping,
-    /// the record ending early) are released, within 0.1 s for a revoke. Dedup keys from a
-    /// function are then computed (the record decoded) before the record runs.
-    #[must_use]
-    pub fn idempotency(
-        mut self,
-        store: Arc<dyn IdempotencyStore>,
-        key: DedupKey<H::Event>,
-    ) -> Self {
-        self.dedup = Some((store, key));
-        self
-    }
-
-    /// Turns on idempotency like [`idempotency`](Self::idempotency), the dedup key computed
-    /// from the decoded message by `key` (`None`: the record is handled without dedup). The
-    /// closure's parameter type is inferred, unlike `DedupKey::from_fn`'s in that position:
+    /// Turns on idempotency (delivery rule 7 in the crate docs): before each attempt the
+    /// record's dedup key is claimed in the store; records whose key is done are skipped.
+    /// Everything about it — the store, the dedup key, the lease, the TTL, what a store
+    /// outage does — is one [`Idempotency`] value. Default: none.
     ///
     /// ```no_run
     /// # use std::sync::Arc;
-    /// # use kourier::{handler_fn, InMemoryIdempotencyStore, Message, RetryingConsumer};
-    /// # #[derive(serde::Deserialize)] struct Ev { event_id: String }
-    /// # let handler = handler_fn(|_m: Message<Ev>| async { Ok(()) });
+    /// # use kourier::{handler_fn, DedupKey, Idempotency, InMemoryIdempotencyStore, Message, RetryingConsumer};
+    /// # let handler = handler_fn(|_m: Message<String>| async { Ok(()) });
+    /// let store = Arc::new(InMemoryIdempotencyStore::new());
     /// let builder = RetryingConsumer::builder(handler)
-    ///     .idempotency_key_fn(Arc::new(InMemoryIdempotencyStore::new()), |m| {
-    ///         Some(m.event().event_id.clone())
-    ///     });
+    ///     .idempotency(Idempotency::new(store, DedupKey::header("event-id")));
     /// # let _ = builder;
     /// ```
     #[must_use]
-    pub fn idempotency_key_fn<F>(self, store: Arc<dyn IdempotencyStore>, key: F) -> Self
-    where
-        F: Fn(&Message<H::Event>) -> Option<String> + Send + Sync + 'static,
-    {
-        self.idempotency(store, DedupKey::from_fn(key))
+    pub fn idempotency(mut self, idempotency: Idempotency<H::Event>) -> Self {
+        self.s.idempotency = Some(idempotency);
+        self
     }
 
     /// Calls `observer` once for each record a worker took, when it ends: with the record
@@ -453,50 +494,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     where
         F: Fn(&RawRecord, RecordOutcome) + Send + Sync + 'static,
     {
-        self.observer = Some(Arc::new(observer));
-        self
-    }
-
-    /// How long a claim holds a key without renewal. Default 60 s.
-    ///
-    /// While a handler attempt runs, the consumer renews its claim every third of the lease
-    /// ([`IdempotencyStore::renew`](crate::IdempotencyStore::renew)), so a handler may run
-    /// longer than the lease and still hold the key: another consumer claiming the same
-    /// event meanwhile is answered busy and waits. The lease is how long a key stays held after its holder *stopped* renewing: a
-    /// crashed consumer, a partition whose assignment was lost (renewal stops at once; the
-    /// new owner waits at most one lease), or a store outage long enough that two renewals in
-    /// a row fail. Shorter leases hand such keys over sooner; longer ones ride out longer
-    /// store outages. A renewal that finds the claim lost cancels the running attempt at its
-    /// next `.await` (it does not count as an attempt) and the record claims again.
-    ///
-    /// After the handler succeeded, marking the key done is retried (on store errors) until
-    /// the lease, counted from the claim or its last successful renewal, would have run out.
-    /// A store that cannot renew (the trait's default `renew`) keeps the old behaviour: the
-    /// lease runs out as set at the claim, so set it above your slowest handler.
-    ///
-    /// Zero is refused by `build()`; above one year it is taken as one year (see
-    /// [Durations](Self#durations)).
-    #[must_use]
-    pub fn idempotency_lease(mut self, lease: Duration) -> Self {
-        self.dedup_lease = clock::bounded(lease);
-        self
-    }
-
-    /// How long a done key is remembered. Default 6 h, as in the starting design. Zero is
-    /// refused by `build()`; above one year it is taken as one year (see
-    /// [Durations](Self#durations)).
-    #[must_use]
-    pub fn idempotency_ttl(mut self, ttl: Duration) -> Self {
-        self.dedup_ttl = clock::bounded(ttl);
-        self
-    }
-
-    /// Opt-in: when the idempotency store is unavailable, handle records *without* dedup
-    /// instead of waiting for the store (the default). Duplicates become possible while the
-    /// store is down; nothing is lost either way.
-    #[must_use]
-    pub fn run_without_dedup_on_store_outage(mut self, enabled: bool) -> Self {
-        self.dedup_without_store_on_outage = enabled;
+        self.s.observer = Some(Arc::new(observer));
         self
     }
 
@@ -505,7 +503,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// (see [Durations](Self#durations)).
     #[must_use]
     pub fn commit_interval(mut self, interval: Duration) -> Self {
-        self.commit_interval = clock::bounded(interval);
+        self.s.commit_interval = clock::bounded(interval);
         self
     }
 
@@ -514,7 +512,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// bound. Set one when a stuck call (a hung connection) would otherwise hold its
     /// partition or key forever (with idempotency, a hung attempt also keeps renewing its
     /// claim). With idempotency it must be below the
-    /// [`idempotency_lease`](Self::idempotency_lease) (checked by `build()`): then even a
+    /// [idempotency lease](Idempotency::with_lease) (checked by `build()`): then even a
     /// claim that is never renewed (a store that cannot renew, a store outage) outlives its
     /// attempt.
     ///
@@ -527,7 +525,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// [Durations](Self#durations)).
     #[must_use]
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
-        self.handler_timeout = Some(clock::bounded(timeout));
+        self.s.handler_timeout = Some(clock::bounded(timeout));
         self
     }
 
@@ -535,7 +533,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// once; above one year it is taken as one year (see [Durations](Self#durations)).
     #[must_use]
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.shutdown_timeout = clock::bounded(timeout);
+        self.s.shutdown_timeout = clock::bounded(timeout);
         self
     }
 
@@ -548,7 +546,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// [`ConfigError::Invalid`] (`setting: "revoke_timeout"`).
     #[must_use]
     pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
-        self.revoke_timeout = timeout;
+        self.s.revoke_timeout = timeout;
         self
     }
 
@@ -560,30 +558,24 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// [Durations](Self#durations)).
     #[must_use]
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
-        self.startup_timeout = clock::bounded(timeout);
+        self.s.startup_timeout = clock::bounded(timeout);
         self
     }
 
-    /// Opt-in: when topics the consumer needs (subscribed and dead-letter topics) do not
-    /// exist at start, wait for them to be created (logging what it waits for once per log
-    /// interval) instead of failing with [`Error::MissingTopics`]. The startup timeout then
-    /// bounds only how long the cluster may stay unreachable. Default off.
+    /// What [`run`](RetryingConsumer::run) does when topics the consumer needs (subscribed,
+    /// dead-letter and retry-tier topics) do not exist at start: fail with
+    /// [`Error::MissingTopics`] (the default), wait for them, or create them — see
+    /// [`MissingTopics`]. `build()` refuses [`MissingTopics::create`] with zero partitions.
+    ///
+    /// ```no_run
+    /// # use kourier::{handler_fn, Message, MissingTopics, RetryingConsumer};
+    /// # let handler = handler_fn(|_m: Message<String>| async { Ok(()) });
+    /// let builder = RetryingConsumer::builder(handler).missing_topics(MissingTopics::create(3));
+    /// # let _ = builder;
+    /// ```
     #[must_use]
-    pub fn wait_for_topics(mut self, wait: bool) -> Self {
-        self.wait_for_topics = wait;
-        self
-    }
-
-    /// Opt-in: at start, create the topics the consumer needs that do not exist — each
-    /// subscribed topic with `partitions` partitions, and each dead-letter topic of the sink
-    /// with the partition count of its source topic (so letters keep their source
-    /// partition) — with the broker's default replication factor and settings. Existing
-    /// topics are not changed. For anything finer, create them with
-    /// [`TopicAdmin`](crate::topics::TopicAdmin) first. Default off: a missing topic is
-    /// [`Error::MissingTopics`].
-    #[must_use]
-    pub fn create_missing_topics(mut self, partitions: i32) -> Self {
-        self.create_missing_topics = Some(partitions);
+    pub fn missing_topics(mut self, missing: MissingTopics) -> Self {
+        self.s.missing_topics = missing;
         self
     }
 
@@ -594,7 +586,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// [Durations](Self#durations)).
     #[must_use]
     pub fn max_broker_outage(mut self, outage: Duration) -> Self {
-        self.max_broker_outage = Some(clock::bounded(outage));
+        self.s.max_broker_outage = Some(clock::bounded(outage));
         self
     }
 
@@ -602,12 +594,12 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// first occurrence at once, then at most once per interval with the count suppressed
     /// since. Default 30 s. It holds for librdkafka's own warnings and errors too, from the
     /// consumer and from every client it creates (the dead-letter producer of the default
-    /// sink, the retry-tier producer, the admin client of
-    /// [`create_missing_topics`](Self::create_missing_topics)). Zero is refused by `build()`;
-    /// above one year it is taken as one year (see [Durations](Self#durations)).
+    /// sink, the retry-tier producer, the admin client of [`MissingTopics::create`]). Zero
+    /// is refused by `build()`; above one year it is taken as one year (see
+    /// [Durations](Self#durations)).
     #[must_use]
     pub fn error_log_interval(mut self, interval: Duration) -> Self {
-        self.error_log_interval = clock::bounded(interval);
+        self.s.error_log_interval = clock::bounded(interval);
         self
     }
 
@@ -620,7 +612,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// by `build()`.
     #[must_use]
     pub fn stall_threshold(mut self, threshold: Duration) -> Self {
-        self.stall_threshold = clock::bounded(threshold);
+        self.s.stall_threshold = clock::bounded(threshold);
         self
     }
 
@@ -631,17 +623,18 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// 10 000.
     #[must_use]
     pub fn max_uncommitted_per_partition(mut self, n: usize) -> Self {
-        self.max_uncommitted_per_partition = n;
+        self.s.max_uncommitted_per_partition = n;
         self
     }
 
-    /// Whether a panicking handler attempt is retried like a transient failure (the
-    /// default: a panic may come from a passing condition) or dead-lettered at once. Either
-    /// way it counts as [`FailureKind::Panic`](crate::FailureKind::Panic), and a record
-    /// given up after a panic is dead-lettered as `panic`.
+    /// Whether a panicking handler attempt is retried like a transient failure
+    /// ([`PanicPolicy::Retry`], the default: a panic may come from a passing condition) or
+    /// dead-lettered at once ([`PanicPolicy::DeadLetter`]). Either way it counts as
+    /// [`FailureKind::Panic`](crate::FailureKind::Panic), and a record given up after a
+    /// panic is dead-lettered as `panic`.
     #[must_use]
-    pub fn retry_panics(mut self, retry: bool) -> Self {
-        self.retry_panics = retry;
+    pub fn panic_policy(mut self, policy: PanicPolicy) -> Self {
+        self.s.panic_policy = policy;
         self
     }
 
@@ -672,7 +665,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// ```
     #[must_use]
     pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
-        self.breaker = Some(policy);
+        self.s.breaker = Some(policy);
         self
     }
 
@@ -680,9 +673,9 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// forwarded to the next tier topic (by default `<topic>.retry.<n>`), runs again there
     /// once due, and reaches the dead-letter topic only after the last tier. The consumer
     /// subscribes to its tier topics too; they must exist at startup like the dead-letter
-    /// topics (or be created by [`create_missing_topics`](Self::create_missing_topics), with
-    /// the source's partition count). See [`tiers`](crate::tiers) for the record format,
-    /// due times, the commit rule and `keep_key_order`. `build()` refuses invalid tiers with
+    /// topics (or be created by [`MissingTopics::create`], with the source's partition
+    /// count). See [`tiers`](crate::tiers) for the record format, due times, the commit rule
+    /// and [`with_key_order`](RetryTiers::with_key_order). `build()` refuses invalid tiers with
     /// [`ConfigError::Invalid`] (`setting: "retry_tiers"`).
     ///
     /// ```no_run
@@ -695,7 +688,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// ```
     #[must_use]
     pub fn retry_tiers(mut self, tiers: RetryTiers) -> Self {
-        self.tiers = Some(tiers);
+        self.s.tiers = Some(tiers);
         self
     }
 
@@ -707,92 +700,59 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     /// (`enable.auto.commit=false`, `enable.auto.offset.store=false`).
     #[must_use]
     pub fn kafka_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.kafka_config.insert(key.into(), value.into());
+        self.s.kafka_config.insert(key.into(), value.into());
         self
     }
+}
 
+impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// Validates every setting and creates the consumer (it connects when run).
     ///
     /// # Errors
     /// [`Error::Config`] for a missing or contradictory setting; [`Error::Kafka`] when
     /// librdkafka rejects a property or the dead-letter producer cannot be created.
-    pub fn build(self) -> Result<RetryingConsumer<H>> {
+    pub fn build(self) -> Result<RetryingConsumer<H>>
+    where
+        C: Codec<H::Event>,
+    {
+        let RetryingConsumerBuilder { handler, codec, s } = self;
         // First: a `group.id` given only through `kafka_config` gets the error that says
         // where it belongs, not "missing group_id".
-        self.check_kafka_config()?;
-        let (bootstrap, group_id) = self.required_settings()?;
-        self.check_limits()?;
-        let config = self.client_config(&bootstrap, &group_id);
-        let sink = self.dead_letter_sink_or_default(&bootstrap)?;
-        let tiers = self.tiers_or_none(&bootstrap, &group_id)?;
+        s.check_kafka_config()?;
+        let (bootstrap, group_id) = s.required_settings()?;
+        s.check_limits()?;
+        let sink = s.dead_letter_sink_or_default(&bootstrap)?;
+        let tiers = s.tiers_or_none(&bootstrap, &group_id)?;
         let tier_topics = tiers.as_ref().map(|t| t.topics()).unwrap_or_default();
-        let subscribed: Vec<String> = self
-            .topics
-            .iter()
-            .cloned()
+        let subscribed: Vec<String> = (s.topics.iter().cloned())
             .chain(tier_topics.iter().map(|(_, t)| t.clone()))
             .collect();
         let metrics = Arc::new(ConsumerMetrics::new(&group_id, &subscribed));
-        let breaker = self
-            .breaker
-            .clone()
-            .map(|policy| Arc::new(Breaker::new(policy, metrics.clone())));
+        let breaker =
+            (s.breaker.clone()).map(|policy| Arc::new(Breaker::new(policy, metrics.clone())));
         let hub = Arc::new(Hub::new(
-            Scheduler::new(self.ordering, self.limits()).with_breaker(breaker.clone()),
-            self.revoke_timeout,
+            Scheduler::new(s.ordering, s.limits()).with_breaker(breaker.clone()),
+            s.revoke_timeout,
             metrics.clone(),
-            self.error_log_interval,
+            s.error_log_interval,
         ));
-        let sink_topics = self
-            .topics
-            .iter()
-            .flat_map(|t| sink.topics_for(t).into_iter().map(|d| (t.clone(), d)))
-            .chain(tier_topics)
-            .collect();
-        let create = self.create_missing_topics.map(|partitions| Provisioning {
-            partitions,
-            kafka_config: self.security_settings(),
-            log_interval: self.error_log_interval,
-        });
-        let consumer: BaseConsumer<KourierContext> = config
+        let consumer: BaseConsumer<KourierContext> = (s.client_config(&bootstrap, &group_id))
             .create_with_context(KourierContext { hub: hub.clone() })
             .map_err(|e| Error::kafka("create consumer", e))?;
-        let settings = PollSettings {
-            startup: StartupSettings {
-                servers: bootstrap,
-                timeout: self.startup_timeout,
-                topics: self.topics.clone(),
-                sink_topics,
-                wait_for_topics: self.wait_for_topics,
-                create,
-            },
-            topics: subscribed,
-            commit_interval: self.commit_interval,
-            shutdown_timeout: self.shutdown_timeout,
-            max_poll_batch: self.max_poll_batch,
-            max_broker_outage: self.max_broker_outage,
-        };
-        let dedup = self.dedup.map(|(store, key)| {
-            Dedup::new(
-                store,
-                key,
-                group_id.clone(),
-                (self.dedup_lease, self.dedup_ttl),
-                self.dedup_without_store_on_outage,
-            )
-        });
+        let sink_topics = s.sink_topics(sink.as_ref(), tier_topics);
+        let settings = s.poll_settings(bootstrap, subscribed, sink_topics);
         let worker = Arc::new(WorkerContext {
-            handler: Arc::new(self.handler),
-            codec: self.codec,
-            policy: self.policy,
+            handler: Arc::new(handler),
+            codec: Arc::new(codec),
+            policy: s.policy,
             sink,
-            dedup,
+            dedup: (s.idempotency).map(|i| i.into_dedup(group_id.clone())),
             group_id,
-            handler_timeout: self.handler_timeout,
-            retry_panics: self.retry_panics,
-            stall_threshold: self.stall_threshold,
+            handler_timeout: s.handler_timeout,
+            retry_panics: s.panic_policy == PanicPolicy::Retry,
+            stall_threshold: s.stall_threshold,
             metrics,
-            observer: self.observer,
+            observer: s.observer,
             outage: OutageGate(breaker),
             tiers,
         });
@@ -802,6 +762,53 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             worker,
             settings,
         })
+    }
+}
+
+impl<T> Settings<T> {
+    /// The dead-letter topics of each subscribed topic, then the retry-tier topics, each
+    /// with the source topic it serves: the startup checks need them all.
+    fn sink_topics(
+        &self,
+        sink: &dyn DeadLetterSink,
+        tier_topics: Vec<(String, String)>,
+    ) -> Vec<(String, String)> {
+        (self.topics.iter())
+            .flat_map(|t| sink.topics_for(t).into_iter().map(|d| (t.clone(), d)))
+            .chain(tier_topics)
+            .collect()
+    }
+
+    /// The poll thread's settings, its startup checks' included.
+    fn poll_settings(
+        &self,
+        servers: String,
+        subscribed: Vec<String>,
+        sink_topics: Vec<(String, String)>,
+    ) -> PollSettings {
+        let create = match self.missing_topics {
+            MissingTopics::Create { partitions } => Some(Provisioning {
+                partitions: i32::from(partitions),
+                kafka_config: self.security_settings(),
+                log_interval: self.error_log_interval,
+            }),
+            MissingTopics::Fail | MissingTopics::Wait => None,
+        };
+        PollSettings {
+            startup: StartupSettings {
+                servers,
+                timeout: self.startup_timeout,
+                topics: self.topics.clone(),
+                sink_topics,
+                wait_for_topics: self.missing_topics == MissingTopics::Wait,
+                create,
+            },
+            topics: subscribed,
+            commit_interval: self.commit_interval,
+            shutdown_timeout: self.shutdown_timeout,
+            max_poll_batch: self.max_poll_batch,
+            max_broker_outage: self.max_broker_outage,
+        }
     }
 
     /// The retry tiers, checked, with their forwarding producer.
@@ -813,7 +820,7 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         if config.ledger.is_some() && self.ordering == ProcessingOrder::Unordered {
             return Err(ConfigError::invalid(
                 "retry_tiers",
-                "keep_key_order needs Partition or Key ordering, not Unordered",
+                "with_key_order needs Partition or Key ordering, not Unordered",
             )
             .into());
         }
@@ -849,6 +856,14 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         if self.topics.is_empty() {
             return Err(ConfigError::Missing("topics").into());
         }
+        if self.topic_calls > 1 {
+            return Err(ConfigError::invalid(
+                "topics",
+                "topic() or topics() given more than once: give every topic in one \
+                 topics([..]) call (topic() no longer adds a topic)",
+            )
+            .into());
+        }
         for t in &self.topics {
             crate::topic_name::check(t).map_err(|reason| ConfigError::invalid("topics", reason))?;
         }
@@ -871,9 +886,11 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
             ),
             ("max_poll_batch", self.max_poll_batch),
             (
-                "create_missing_topics",
-                self.create_missing_topics
-                    .map_or(1, |p| usize::try_from(p).unwrap_or(0)),
+                "missing_topics",
+                match self.missing_topics {
+                    MissingTopics::Create { partitions } => usize::from(partitions),
+                    MissingTopics::Fail | MissingTopics::Wait => 1,
+                },
             ),
             (
                 "max_uncommitted_per_partition",
@@ -886,8 +903,6 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
         }
         for (setting, value) in [
             ("commit_interval", self.commit_interval),
-            ("idempotency_lease", self.dedup_lease),
-            ("idempotency_ttl", self.dedup_ttl),
             ("startup_timeout", self.startup_timeout),
             ("error_log_interval", self.error_log_interval),
             ("stall_threshold", self.stall_threshold),
@@ -904,17 +919,35 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
                 return Err(ConfigError::invalid(setting, "must be longer than zero").into());
             }
         }
+        self.check_idempotency()
+    }
+
+    /// The idempotency lease and TTL are not zero, and a handler timeout ends an attempt
+    /// before its claim's lease runs out.
+    fn check_idempotency(&self) -> Result<()> {
+        let Some(idempotency) = &self.idempotency else {
+            return Ok(());
+        };
+        for (what, value) in [("lease", idempotency.lease), ("ttl", idempotency.ttl)] {
+            if value.is_zero() {
+                return Err(ConfigError::invalid(
+                    "idempotency",
+                    format!("the {what} must be longer than zero"),
+                )
+                .into());
+            }
+        }
         // An attempt that may outlive its claim's lease lets another consumer claim the same
         // event and run it too: with idempotency, the timeout must end the attempt first.
-        if let (Some(timeout), Some(_)) = (self.handler_timeout, &self.dedup)
-            && timeout >= self.dedup_lease
+        if let Some(timeout) = self.handler_timeout
+            && timeout >= idempotency.lease
         {
             return Err(ConfigError::invalid(
                 "handler_timeout",
                 format!(
-                    "{timeout:?} must be below idempotency_lease ({:?}): an attempt outliving \
-                     its lease can run twice",
-                    self.dedup_lease
+                    "{timeout:?} must be below the idempotency lease ({:?}): an attempt \
+                     outliving its lease can run twice",
+                    idempotency.lease
                 ),
             )
             .into());
@@ -1048,7 +1081,9 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
+    use crate::consumer::dedup::DedupKey;
     use crate::handler::HandlerError;
+    use crate::idempotency::IdempotencyStore;
     use crate::message::Message;
 
     struct Nop;
@@ -1127,7 +1162,7 @@ mod tests {
             .group_id("g")
             .topic("t")
             .kafka_config("auto.offset.reset", "latest");
-        let config = b.client_config("b:9092", "g");
+        let config = b.s.client_config("b:9092", "g");
         assert_eq!(config.get("auto.offset.reset"), Some("latest"));
         assert_eq!(config.get("statistics.interval.ms"), Some("5000"));
         assert_eq!(config.get("enable.auto.commit"), Some("false"));
@@ -1168,8 +1203,10 @@ mod tests {
                 .bootstrap_servers("b:9092")
                 .group_id("g")
                 .topic("t")
-                .idempotency(store(), DedupKey::header("id"))
-                .idempotency_lease(Duration::from_secs(10))
+                .idempotency(
+                    Idempotency::new(store(), DedupKey::header("id"))
+                        .with_lease(Duration::from_secs(10)),
+                )
         };
         let err = base()
             .handler_timeout(Duration::from_secs(10))
@@ -1220,6 +1257,96 @@ mod tests {
         }
     }
 
+    /// `topic` sets the one topic and `topics` the list; a second call (which used to add a
+    /// topic) is refused instead of silently dropping the first topics.
+    #[test]
+    fn topics_are_set_once() {
+        let unset = || {
+            RetryingConsumer::builder(Nop)
+                .bootstrap_servers("b:9092")
+                .group_id("g")
+        };
+        let c = unset().topics(["a", "b"]).build().expect("two topics");
+        assert_eq!(c.settings.topics, ["a", "b"]);
+        let c = unset().topic("a").build().expect("one topic");
+        assert_eq!(c.settings.topics, ["a"]);
+        for b in [
+            unset().topic("a").topic("b"),
+            unset().topics(["a"]).topic("b"),
+            unset().topic("a").topics(["b", "c"]),
+        ] {
+            assert_eq!(invalid_setting(b), "topics");
+        }
+    }
+
+    /// `MissingTopics` reaches the startup settings; zero partitions are refused.
+    #[test]
+    fn missing_topics_choose_fail_wait_or_create() {
+        assert_eq!(
+            invalid_setting(base().missing_topics(MissingTopics::create(0))),
+            "missing_topics"
+        );
+        let startup = |m| {
+            base()
+                .missing_topics(m)
+                .build()
+                .expect("valid")
+                .settings
+                .startup
+        };
+        let s = startup(MissingTopics::create(u16::MAX));
+        assert_eq!(s.create.map(|c| c.partitions), Some(65_535));
+        assert!(!s.wait_for_topics);
+        let s = startup(MissingTopics::Wait);
+        assert!(s.wait_for_topics && s.create.is_none());
+        let s = startup(MissingTopics::default());
+        assert!(!s.wait_for_topics && s.create.is_none());
+    }
+
+    #[test]
+    fn the_panic_policy_reaches_the_worker() {
+        assert!(base().build().expect("valid").worker.retry_panics);
+        let c = base().panic_policy(PanicPolicy::DeadLetter).build();
+        assert!(!c.expect("valid").worker.retry_panics);
+    }
+
+    /// The idempotency value's lease, TTL and outage choice reach the engine; a zero lease
+    /// or TTL is refused.
+    #[test]
+    fn idempotency_is_one_value() {
+        let store =
+            || -> Arc<dyn IdempotencyStore> { Arc::new(crate::InMemoryIdempotencyStore::new()) };
+        let idem = || Idempotency::new(store(), DedupKey::header("id"));
+        for i in [
+            idem().with_lease(Duration::ZERO),
+            idem().with_ttl(Duration::ZERO),
+        ] {
+            assert_eq!(invalid_setting(base().idempotency(i)), "idempotency");
+        }
+        let c = base()
+            .idempotency(
+                idem()
+                    .with_lease(Duration::from_secs(7))
+                    .with_ttl(Duration::from_secs(8))
+                    .with_store_outage(StoreOutage::RunWithoutDedup),
+            )
+            .build()
+            .expect("valid");
+        let d = c.worker.dedup.as_ref().expect("idempotency is on");
+        assert_eq!(
+            (d.lease, d.ttl),
+            (Duration::from_secs(7), Duration::from_secs(8))
+        );
+        assert!(d.run_without_store_on_outage);
+        let c = base().idempotency(idem()).build().expect("valid");
+        let d = c.worker.dedup.as_ref().expect("idempotency is on");
+        assert_eq!(
+            (d.lease, d.ttl),
+            (Duration::from_secs(60), Duration::from_secs(6 * 3600))
+        );
+        assert!(!d.run_without_store_on_outage);
+    }
+
     /// A revoke wait as long as `max.poll.interval.ms` gets the member kicked out of its
     /// group: refused, against librdkafka's default (300 s) when it is not set.
     #[test]
@@ -1266,7 +1393,6 @@ mod tests {
             .error_log_interval(Duration::MAX)
             .max_broker_outage(Duration::MAX)
             .handler_timeout(Duration::MAX)
-            .idempotency_ttl(Duration::MAX)
             .build()
             .expect("a year is a valid setting");
         assert_eq!(c.settings.shutdown_timeout, YEAR);
@@ -1277,9 +1403,11 @@ mod tests {
         assert_eq!(c.worker.handler_timeout, Some(YEAR));
         let store: Arc<dyn IdempotencyStore> = Arc::new(crate::InMemoryIdempotencyStore::new());
         let c = base()
-            .idempotency(store, DedupKey::header("id"))
-            .idempotency_lease(Duration::MAX)
-            .idempotency_ttl(Duration::MAX)
+            .idempotency(
+                Idempotency::new(store, DedupKey::header("id"))
+                    .with_lease(Duration::MAX)
+                    .with_ttl(Duration::MAX),
+            )
             .build()
             .expect("a year is a valid lease");
         let dedup = c.worker.dedup.as_ref().expect("idempotency is on");
@@ -1352,8 +1480,6 @@ mod tests {
                 .error_log_interval(d[5])
                 .max_broker_outage(d[6])
                 .handler_timeout(d[7])
-                .idempotency_lease(d[8])
-                .idempotency_ttl(d[9])
                 .retry_policy({
                     let (initial, max) = pair(d[10], d[11]);
                     RetryPolicy::exponential(initial, max).with_max_elapsed(d[12])
@@ -1368,7 +1494,11 @@ mod tests {
             if dedup {
                 let store: Arc<dyn IdempotencyStore> =
                     Arc::new(crate::InMemoryIdempotencyStore::new());
-                b = b.idempotency(store, DedupKey::header("id"));
+                b = b.idempotency(
+                    Idempotency::new(store, DedupKey::header("id"))
+                        .with_lease(d[8])
+                        .with_ttl(d[9]),
+                );
             }
             if let Some(ms) = max_poll {
                 b = b.kafka_config("max.poll.interval.ms", ms);

@@ -29,7 +29,9 @@ mod stop;
 mod work;
 
 pub use self::breaker::{BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition};
-pub use self::builder::RetryingConsumerBuilder;
+pub use self::builder::{
+    Idempotency, MissingTopics, PanicPolicy, RetryingConsumerBuilder, StoreOutage,
+};
 pub use self::dedup::DedupKey;
 pub use self::observe::{ConsumerMonitor, ConsumerSnapshot};
 pub use self::poll::{ShutdownReport, shutdown_signal};

@@ -15,7 +15,8 @@ use crate::consumer::poll::{ShutdownReport, shutdown_signal};
 use crate::consumer::schedule::Hub;
 use crate::consumer::schedule::{Job, JobEnd, Stop};
 use crate::consumer::work::{Slot, WorkerContext};
-use crate::error::{Error, Result};
+use crate::error::{Error, PollThreadError, Result};
+use crate::guard::guarded;
 use crate::handler::Handler;
 use crate::record::RawRecord;
 use tracing::error;
@@ -73,13 +74,14 @@ impl<H: Handler> RetryingConsumer<H> {
     /// [`Error::BrokersUnreachable`] naming the servers when the cluster does not answer
     /// within the startup timeout, whatever step met it (the startup checks, or creating
     /// missing topics with
-    /// [`create_missing_topics`](crate::RetryingConsumerBuilder::create_missing_topics)),
+    /// [`MissingTopics::create`](crate::MissingTopics::create)),
     /// or when it stays unreachable longer than
     /// [`max_broker_outage`](crate::RetryingConsumerBuilder::max_broker_outage);
     /// [`Error::MissingTopics`] from the startup checks; [`Error::Topic`] when a broker
     /// answers and refuses to create a missing topic;
     /// [`Error::Kafka`] when subscribing fails or the client hits a fatal error;
-    /// [`Error::PollThread`] when the poll thread could not be started or died.
+    /// [`Error::PollThread`] when the poll thread could not be started or panicked, its
+    /// cause a [`PollThreadError`].
     pub async fn run<S>(self, shutdown: S) -> Result<ShutdownReport>
     where
         S: Future<Output = ()> + Send,
@@ -110,12 +112,12 @@ impl<H: Handler> RetryingConsumer<H> {
                 let spawn = move |job: Job| {
                     spawner.spawn(work(worker.clone(), spawn_hub.clone(), job));
                 };
-                let result = poll_loop(consumer, &thread_hub, &settings, &spawn);
+                let result = caught(|| poll_loop(consumer, &thread_hub, &settings, &spawn));
                 // Drop the handler before `run` returns, inside the runtime context.
                 drop(spawn);
                 let _ = done_tx.send(result);
             })
-            .map_err(|e| Error::PollThread(format!("cannot start the poll thread: {e}")))?;
+            .map_err(|e| Error::PollThread(PollThreadError::Spawn(e)))?;
 
         // Stop the poll thread if this future is dropped, too.
         let _guard = StopOnDrop(hub.clone());
@@ -142,10 +144,18 @@ impl<H: Handler> RetryingConsumer<H> {
     }
 }
 
+/// The poll loop's result, its panic as [`PollThreadError::Panicked`] with the message.
+fn caught(poll_loop: impl FnOnce() -> Result<ShutdownReport>) -> Result<ShutdownReport> {
+    guarded(poll_loop).unwrap_or_else(|panic| Err(PollThreadError::Panicked(panic).into()))
+}
+
 fn flatten(
     result: std::result::Result<Result<ShutdownReport>, tokio::sync::oneshot::error::RecvError>,
 ) -> Result<ShutdownReport> {
-    result.unwrap_or_else(|_| Err(Error::PollThread("the poll thread panicked".into())))
+    // No result at all: the thread panicked after its loop (dropping the handler).
+    result.unwrap_or_else(|_| {
+        Err(PollThreadError::Panicked("the poll thread ended without a result".into()).into())
+    })
 }
 
 struct StopOnDrop(Arc<Hub>);
@@ -258,5 +268,29 @@ impl<H: Handler> Drop for SettleGuard<H> {
         {
             runtime.spawn(work(self.ctx.clone(), self.hub.clone(), next));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic on the poll thread reaches `run()`'s caller as a typed cause with its
+    /// message; a thread that ended without a result too.
+    #[test]
+    fn a_panicking_poll_loop_is_a_typed_poll_thread_error() {
+        let err = caught(|| panic!("rebalance callback broke")).unwrap_err();
+        assert!(
+            matches!(&err, Error::PollThread(PollThreadError::Panicked(m)) if m == "rebalance callback broke"),
+            "{err:?}"
+        );
+        assert!(caught(|| Ok(ShutdownReport::default())).is_ok());
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<ShutdownReport>>();
+        drop(tx);
+        let err = flatten(rx.blocking_recv()).unwrap_err();
+        assert!(
+            matches!(&err, Error::PollThread(PollThreadError::Panicked(_))),
+            "{err:?}"
+        );
     }
 }

@@ -104,8 +104,8 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// The default answers [`StoreError::Unsupported`] and changes nothing: a store that
     /// cannot renew must not pretend it did. The consumer then logs once that claims are not
     /// renewed and lets the lease run out as it was set at the claim: a handler outliving it
-    /// may run twice (set [`idempotency_lease`](crate::RetryingConsumerBuilder::idempotency_lease)
-    /// above your slowest handler). Every store kourier ships renews. A store that wraps
+    /// may run twice (set [the lease](crate::Idempotency::with_lease) above your slowest
+    /// handler). Every store kourier ships renews. A store that wraps
     /// another must forward this call too, or its claims are never renewed.
     ///
     /// # Errors

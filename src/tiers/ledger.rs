@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use crate::error::StoreError;
 
 /// A record's identity in the ledger: its *source* partition and offset (the same in
-/// every tier).
+/// every tier). Ordered by partition, then offset: "earlier" in [`AdmitStep`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
 pub struct SourceId {
     /// Source partition.
     pub partition: i32,
@@ -19,6 +20,11 @@ pub struct SourceId {
 }
 
 impl SourceId {
+    /// The record at `offset` of source partition `partition`.
+    pub fn new(partition: i32, offset: i64) -> Self {
+        SourceId { partition, offset }
+    }
+
     /// `partition/offset`, the field name the Redis ledger uses.
     pub fn field(&self) -> String {
         format!("{}/{}", self.partition, self.offset)
@@ -27,6 +33,7 @@ impl SourceId {
 
 /// Which key's ledger: consumer group, source topic and key bytes.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct LedgerKey<'a> {
     /// The consumer group.
     pub group: &'a str,
@@ -36,8 +43,16 @@ pub struct LedgerKey<'a> {
     pub key: &'a [u8],
 }
 
+impl<'a> LedgerKey<'a> {
+    /// The ledger of `key` in `topic` for consumer group `group`.
+    pub fn new(group: &'a str, topic: &'a str, key: &'a [u8]) -> Self {
+        LedgerKey { group, topic, key }
+    }
+}
+
 /// The ledger's answer before a record runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Admission {
     /// Run it; `tracked` when the ledger holds it (it must be settled when it ends).
     Run {
@@ -49,18 +64,41 @@ pub enum Admission {
 }
 
 /// The shared record of which records of a key are in retry tiers (see the
-/// [tiers module docs](crate::tiers#per-key-order-across-tiers-keep_key_order)).
+/// [tiers module docs](crate::tiers#per-key-order-across-tiers-with_key_order)).
 ///
 /// Every method is one atomic step. Errors are retried by the consumer with back-off; the
 /// record waits meanwhile (it never runs or settles past an unanswered ledger).
+///
+/// # Implementing a ledger
+///
+/// A ledger stores, per [`LedgerKey`], a map from [`SourceId`] to tier. `place` and `settle`
+/// write one entry; `admit` is the one rule with a decision in it, and an implementation
+/// does not write that rule itself: it reads what the rule needs, calls [`AdmitStep::decide`]
+/// (or [`AdmitStep::on_entries`] with the key's entries), writes
+/// [`record_at`](AdmitStep::record_at) when there is one and answers
+/// [`admission`](AdmitStep::admission) — all in one atomic step (a transaction, a lock, a
+/// compare-and-set). [`InMemoryKeyOrderLedger`] does exactly this; `RedisKeyOrderLedger`
+/// runs the same rule as a Lua script (one round trip; its tests check the script against
+/// `AdmitStep`).
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use kourier::tiers::{Admission, AdmitStep, SourceId};
+///
+/// // The key's stored entries: record 0/5 is in tier 2.
+/// let mut entries = BTreeMap::from([(SourceId::new(0, 5), 2)]);
+/// // Record 0/7 comes up in the source topic (tier 0): it must wait behind 0/5, in tier 2.
+/// let step = AdmitStep::on_entries(&entries, SourceId::new(0, 7), 0);
+/// assert_eq!(step.admission, Admission::Defer(2));
+/// if let Some(tier) = step.record_at {
+///     entries.insert(SourceId::new(0, 7), tier); // in the same atomic step as the read
+/// }
+/// assert_eq!(entries.get(&SourceId::new(0, 7)), Some(&2));
+/// ```
 #[async_trait]
 pub trait KeyOrderLedger: Send + Sync + fmt::Debug + 'static {
-    /// Decides whether `record`, now at `tier` (0 for the source topic), may run:
-    /// if an earlier record of the key is held, records `record` at
-    /// `max(tier, its own recorded tier, the highest tier of the earlier records)` and
-    /// answers [`Admission::Defer`] with that tier. Otherwise, if `record` is held at a
-    /// higher tier than `tier` (a stale copy), answers `Defer` with that tier. Otherwise
-    /// records it at `tier` when `tier > 0` or it was held, and answers `Run`.
+    /// Decides whether `record`, now at `tier` (0 for the source topic), may run, by the
+    /// rule of [`AdmitStep::decide`], and writes what the rule says, in one atomic step.
     async fn admit(
         &self,
         key: LedgerKey<'_>,
@@ -80,31 +118,53 @@ pub trait KeyOrderLedger: Send + Sync + fmt::Debug + 'static {
     async fn settle(&self, key: LedgerKey<'_>, record: SourceId) -> Result<(), StoreError>;
 }
 
-/// The admission rule on one key's entries (shared by the in-memory ledger and the tests of
-/// the Redis script).
-pub(crate) fn admit_entries(
-    entries: &mut BTreeMap<SourceId, u32>,
-    record: SourceId,
-    tier: u32,
-) -> Admission {
-    let earlier = entries.range(..record).map(|(_, t)| *t).max();
-    let mine = entries.get(&record).copied();
-    if let Some(earlier) = earlier {
-        let target = earlier.max(tier).max(mine.unwrap_or(0));
-        entries.insert(record, target);
-        return Admission::Defer(target);
+/// One step of the admission rule of [`KeyOrderLedger::admit`]: the answer, and the entry
+/// to write before answering. A pure function of what the ledger holds for the key, so a
+/// ledger implementation reuses it instead of re-implementing the rule (see
+/// [Implementing a ledger](KeyOrderLedger#implementing-a-ledger)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AdmitStep {
+    /// What [`KeyOrderLedger::admit`] answers.
+    pub admission: Admission,
+    /// The tier to record the record at (insert or overwrite its entry) before answering;
+    /// `None`: write nothing.
+    pub record_at: Option<u32>,
+}
+
+impl AdmitStep {
+    /// The rule, for `record` now at `tier` (0 for the source topic), from what the ledger
+    /// holds for its key: `earlier`, the highest tier of the held records before `record`
+    /// (by [`SourceId`] order; `None` when there is none), and `held`, `record`'s own tier
+    /// when it is held.
+    ///
+    /// - An earlier record is held: `record` must wait behind it — recorded at
+    ///   `max(tier, held, earlier)` and deferred there ([`Admission::Defer`]).
+    /// - Else `record` is held at a higher tier than `tier` (a stale copy): deferred to that
+    ///   tier, nothing written.
+    /// - Else it runs ([`Admission::Run`]), recorded at `tier` (and `tracked`) when
+    ///   `tier > 0` or it was held; a source record of a key with nothing held is not
+    ///   recorded.
+    pub fn decide(earlier: Option<u32>, held: Option<u32>, tier: u32) -> Self {
+        let (admission, record_at) = match (earlier, held) {
+            (Some(earlier), _) => {
+                let target = earlier.max(tier).max(held.unwrap_or(0));
+                (Admission::Defer(target), Some(target))
+            }
+            (None, Some(t)) if t > tier => (Admission::Defer(t), None),
+            (None, None) if tier == 0 => (Admission::Run { tracked: false }, None),
+            (None, _) => (Admission::Run { tracked: true }, Some(tier)),
+        };
+        AdmitStep {
+            admission,
+            record_at,
+        }
     }
-    match mine {
-        Some(t) if t > tier => Admission::Defer(t),
-        Some(_) => {
-            entries.insert(record, tier);
-            Admission::Run { tracked: true }
-        }
-        None if tier == 0 => Admission::Run { tracked: false },
-        None => {
-            entries.insert(record, tier);
-            Admission::Run { tracked: true }
-        }
+
+    /// [`decide`](Self::decide) on a key's entries (each held record → its tier).
+    pub fn on_entries(entries: &BTreeMap<SourceId, u32>, record: SourceId, tier: u32) -> Self {
+        let earlier = entries.range(..record).map(|(_, t)| *t).max();
+        Self::decide(earlier, entries.get(&record).copied(), tier)
     }
 }
 
@@ -156,14 +216,14 @@ impl KeyOrderLedger for InMemoryKeyOrderLedger {
     ) -> Result<Admission, StoreError> {
         let mut keys = self.lock();
         let scope = scope(key);
-        let Some(entries) = keys.get_mut(&scope) else {
-            if tier == 0 {
-                return Ok(Admission::Run { tracked: false });
-            }
-            keys.entry(scope).or_default().insert(record, tier);
-            return Ok(Admission::Run { tracked: true });
+        let step = match keys.get(&scope) {
+            Some(entries) => AdmitStep::on_entries(entries, record, tier),
+            None => AdmitStep::decide(None, None, tier),
         };
-        Ok(admit_entries(entries, record, tier))
+        if let Some(at) = step.record_at {
+            keys.entry(scope).or_default().insert(record, at);
+        }
+        Ok(step.admission)
     }
 
     async fn place(
@@ -201,6 +261,41 @@ mod tests {
             partition: 0,
             offset,
         }
+    }
+
+    /// Each branch of the rule: (earlier, held, tier) → (answer, entry written).
+    #[test]
+    fn the_admission_rule_branch_by_branch() {
+        let run = |tracked| Admission::Run { tracked };
+        for (earlier, held, tier, admission, record_at) in [
+            // An earlier record is held: deferred to the highest of the three, recorded there.
+            (Some(2), None, 0, Admission::Defer(2), Some(2)),
+            (Some(1), Some(3), 2, Admission::Defer(3), Some(3)),
+            (Some(1), None, 3, Admission::Defer(3), Some(3)),
+            // A stale copy of a record held higher up: deferred there, nothing written.
+            (None, Some(3), 1, Admission::Defer(3), None),
+            // Held at this tier or below: runs, tracked, recorded at this tier.
+            (None, Some(1), 1, run(true), Some(1)),
+            (None, Some(1), 2, run(true), Some(2)),
+            // Nothing held: a source record runs untracked; a tier record is recorded.
+            (None, None, 0, run(false), None),
+            (None, None, 2, run(true), Some(2)),
+        ] {
+            assert_eq!(
+                AdmitStep::decide(earlier, held, tier),
+                AdmitStep {
+                    admission,
+                    record_at
+                },
+                "{earlier:?} {held:?} {tier}"
+            );
+        }
+        // "Earlier" is by source partition, then offset; the record's own entry is `held`.
+        let entries = BTreeMap::from([(SourceId::new(0, 9), 1), (SourceId::new(1, 2), 2)]);
+        let step = AdmitStep::on_entries(&entries, SourceId::new(1, 5), 0);
+        assert_eq!(step.admission, Admission::Defer(2));
+        let step = AdmitStep::on_entries(&entries, SourceId::new(0, 9), 1);
+        assert_eq!(step.admission, run(true));
     }
 
     #[tokio::test]

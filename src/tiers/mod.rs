@@ -3,15 +3,15 @@
 //! # What happens to a failing record
 //!
 //! A record first gets the in-place attempts of the consumer's [`RetryPolicy`](crate::RetryPolicy).
-//! When they are used up by *transient* failures (or panics, with `retry_panics`), the record
-//! is **forwarded** to the next retry tier instead of the dead-letter topic: a topic of its
-//! own, by default `<source topic>.retry.<n>` (`n` = 1, 2, …; override with
-//! [`RetryTiers::topic_name`]). After the last tier comes the dead-letter topic. A record
-//! gets one *stage* (a full set of in-place attempts) per tier plus one, wherever it starts:
-//! one that was deferred into a later tier to keep its key's order (below) and fails in the
-//! last tier goes round that tier again until it has had its stages
-//! ([`headers::FAILED_STAGES`]). Permanent
-//! failures and poison pills go to the dead-letter topic at once, whatever the tier.
+//! When they are used up by *transient* failures (or panics, under the default
+//! [`PanicPolicy::Retry`](crate::PanicPolicy::Retry)), the record is **forwarded** to the
+//! next retry tier instead of the dead-letter topic: a topic of its own, by default
+//! `<source topic>.retry.<n>` (`n` = 1, 2, …; override with [`RetryTiers::with_topic_name`]).
+//! After the last tier comes the dead-letter topic. A record gets one *stage* (a full set of
+//! in-place attempts) per tier plus one, wherever it starts: one that was deferred into a
+//! later tier to keep its key's order (below) and fails in the last tier goes round that
+//! tier again until it has had its stages ([`headers::FAILED_STAGES`]). Permanent failures
+//! and poison pills go to the dead-letter topic at once, whatever the tier.
 //!
 //! The same [`RetryingConsumer`](crate::RetryingConsumer) subscribes to its tier topics. A
 //! tier record runs the full retry policy again (its in-place attempts), then moves on. The
@@ -125,10 +125,10 @@
 //! provenance cannot redirect a record or wedge its partition, and crafted counts cannot
 //! make a record loop or lose its history.
 //!
-//! # Per-key order across tiers (`keep_key_order`)
+//! # Per-key order across tiers (`with_key_order`)
 //!
 //! Without it, a record of key K in a tier is overtaken by K's later records (Spring Kafka's
-//! documented trade-off). With [`RetryTiers::keep_key_order`], kourier keeps a **ledger** per
+//! documented trade-off). With [`RetryTiers::with_key_order`], kourier keeps a **ledger** per
 //! (consumer group, source topic, key): a map from the records of K that are in tiers
 //! (identified by their *source* partition and offset) to the tier each is in. Rules:
 //!
@@ -137,7 +137,8 @@
 //!    source offset), R must not run: it is recorded at the highest tier of those earlier
 //!    records (at least its own) and forwarded there ("deferred": not a failure, no attempt
 //!    used). Otherwise R runs; a tier record is recorded at its tier; a source record of a key
-//!    with nothing in the ledger is not recorded at all.
+//!    with nothing in the ledger is not recorded at all. [`AdmitStep::decide`] is this rule as
+//!    a pure function, for [`KeyOrderLedger`] implementations to reuse.
 //! 2. **Failure forward.** A record forwarded to tier n after a failure is recorded at tier n
 //!    *before* the forward is sent.
 //! 3. **Settle.** When a recorded record finally succeeds, is a duplicate, or is dead-lettered,
@@ -154,12 +155,12 @@
 //! partition (the default partitioner does this) for the order to mean anything; records with a
 //! null key are not ordered by key (they are never deferred).
 //!
-//! **Guaranteed:** with `keep_key_order`, a record of a key is not handled while an earlier
+//! **Guaranteed:** with `with_key_order`, a record of a key is not handled while an earlier
 //! record of that key (by source offset) is in a tier, across restarts, rebalances and several
 //! consumer instances, as long as the ledger is shared by them (Redis) and keeps its data.
 //! Crash points only ever repeat a step: the ledger is written before the forward it
 //! describes, and offsets commit after both. **Not guaranteed:** order between the *source*
-//! and the ledger when `keep_key_order` is switched on while records are already in tiers
+//! and the ledger when `with_key_order` is switched on while records are already in tiers
 //! (those earlier records are not in the ledger), and order after a ledger entry is lost
 //! (Redis data loss, or the entry's expiry, see [`RedisKeyOrderLedger`]).
 //!
@@ -184,7 +185,7 @@
 //! use kourier::tiers::RetryTiers;
 //!
 //! let tiers = RetryTiers::new([Duration::from_secs(30), Duration::from_secs(300)])
-//!     .topic_name(|source: &str, tier: u32| format!("{source}-retry-{tier}"));
+//!     .with_topic_name(|source: &str, tier: u32| format!("{source}-retry-{tier}"));
 //! # let _ = tiers;
 //! ```
 
@@ -198,7 +199,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::ledger::{Admission, InMemoryKeyOrderLedger, KeyOrderLedger, LedgerKey, SourceId};
+pub use self::ledger::{
+    Admission, AdmitStep, InMemoryKeyOrderLedger, KeyOrderLedger, LedgerKey, SourceId,
+};
 #[cfg(feature = "redis")]
 pub use self::redis::RedisKeyOrderLedger;
 
@@ -217,7 +220,7 @@ impl fmt::Debug for RetryTiers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryTiers")
             .field("delays", &self.delays)
-            .field("keep_key_order", &self.ledger.is_some())
+            .field("key_order", &self.ledger.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -244,9 +247,10 @@ impl RetryTiers {
     }
 
     /// Names tier topics: `name(source topic, tier)` with tier 1-based. Names must be valid
-    /// topic names, distinct from each other and from the subscribed topics.
+    /// topic names, distinct from each other and from the subscribed topics. Read back with
+    /// [`tier_topic`](Self::tier_topic).
     #[must_use]
-    pub fn topic_name<F>(mut self, name: F) -> Self
+    pub fn with_topic_name<F>(mut self, name: F) -> Self
     where
         F: Fn(&str, u32) -> String + Send + Sync + 'static,
     {
@@ -255,13 +259,19 @@ impl RetryTiers {
     }
 
     /// Keeps per-key order across tiers with this shared ledger (see the
-    /// [module docs](self#per-key-order-across-tiers-keep_key_order)). Use a
+    /// [module docs](self#per-key-order-across-tiers-with_key_order)). Use a
     /// [`RedisKeyOrderLedger`] when more than one process consumes the group. Needs
     /// `Partition` or `Key` ordering.
     #[must_use]
-    pub fn keep_key_order(mut self, ledger: std::sync::Arc<dyn KeyOrderLedger>) -> Self {
+    pub fn with_key_order(mut self, ledger: Arc<dyn KeyOrderLedger>) -> Self {
         self.ledger = Some(ledger);
         self
+    }
+
+    /// The ledger keeping per-key order, when [`with_key_order`](Self::with_key_order) set
+    /// one.
+    pub fn key_order(&self) -> Option<&Arc<dyn KeyOrderLedger>> {
+        self.ledger.as_ref()
     }
 
     /// The delays, in tier order.

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use kourier::{ConsumerMonitor, Handler, RetryingConsumer, RetryingConsumerBuilder};
+use kourier::{Codec, ConsumerMonitor, Handler, RetryingConsumer, RetryingConsumerBuilder};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -65,7 +65,9 @@ pub(crate) struct Running {
 
 impl Running {
     /// Builds the consumer (failing the test on a configuration error) and runs it.
-    pub(crate) fn start<H: Handler>(builder: RetryingConsumerBuilder<H>) -> Running {
+    pub(crate) fn start<H: Handler, C: Codec<H::Event>>(
+        builder: RetryingConsumerBuilder<H, C>,
+    ) -> Running {
         let consumer = builder.build().expect("build");
         let monitor = consumer.monitor();
         let (stop, rx) = oneshot::channel::<()>();

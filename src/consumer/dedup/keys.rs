@@ -18,13 +18,11 @@ type DedupKeyFn<T> = Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>;
 /// message.
 ///
 /// Opaque: build it with [`DedupKey::header`] or [`DedupKey::from_fn`], so new sources can be
-/// added without breaking anyone. With a function, the builder's
-/// [`idempotency_key_fn`](crate::RetryingConsumerBuilder::idempotency_key_fn) is usually
-/// shorter: its closure's parameter type is inferred from the handler's event type.
-/// `DedupKey::from_fn` passed to [`idempotency`](crate::RetryingConsumerBuilder::idempotency)
-/// cannot infer it (the builder names the event as `H::Event`, which Rust does not look
-/// through for a closure argument): write `DedupKey::<Ev>::from_fn(|m| ..)` or annotate the
-/// parameter, `|m: &Message<Ev>|`.
+/// added without breaking anyone; it goes into an [`Idempotency`](crate::Idempotency). The
+/// closure of `from_fn` does not get its parameter type from the handler (Rust checks a
+/// closure before it sees where its value goes, and a closure that reads the event needs the
+/// type there): write `DedupKey::<Ev>::from_fn(|m| ..)` or annotate the parameter,
+/// `|m: &Message<Ev>|`.
 pub struct DedupKey<T>(Source<T>);
 
 enum Source<T> {

@@ -101,7 +101,7 @@ pub(crate) async fn keep_renewed(
             }
             Err(StoreError::Unsupported { .. }) => {
                 if !UNSUPPORTED_LOGGED.swap(true, Ordering::Relaxed) {
-                    warn!(store = ?store, "the idempotency store cannot renew claims: a handler outliving idempotency_lease may run twice (logged once)");
+                    warn!(store = ?store, "the idempotency store cannot renew claims: a handler outliving the idempotency lease may run twice (logged once)");
                 }
                 return std::future::pending().await;
             }

@@ -5,5 +5,6 @@
 mod monitor;
 mod stats;
 
+pub(crate) use self::monitor::publish_caught_up;
 pub use self::monitor::{ConsumerMonitor, ConsumerSnapshot};
 pub(crate) use self::stats::*;

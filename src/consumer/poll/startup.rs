@@ -25,13 +25,13 @@ pub(crate) struct StartupSettings {
     /// Dead-letter (and other) topics that must exist too, with the source topic each
     /// serves.
     pub(crate) sink_topics: Vec<(String, String)>,
-    /// Wait for missing subscribed topics to be created instead of failing.
+    /// Wait for missing topics to be created instead of failing (`MissingTopics::Wait`).
     pub(crate) wait_for_topics: bool,
     /// Create missing topics before the checks (see [`provision`]).
     pub(crate) create: Option<Provisioning>,
 }
 
-/// `create_missing_topics`: how missing topics are created.
+/// `MissingTopics::Create`: how missing topics are created.
 #[derive(Debug, Clone)]
 pub(crate) struct Provisioning {
     /// Partitions of a created source topic.
@@ -97,7 +97,7 @@ async fn create_missing(settings: &StartupSettings, create: &Provisioning) -> Re
         .chain(sink_report.created())
         .collect();
     if !created.is_empty() {
-        info!(topics = ?created, "created missing topics (create_missing_topics)");
+        info!(topics = ?created, "created missing topics (MissingTopics::Create)");
     }
     Ok(())
 }
@@ -165,13 +165,14 @@ pub(crate) fn check<C: ConsumerContext>(
             return Err(Error::MissingTopics {
                 topics: missing,
                 hint: "create them (kourier::topics::TopicAdmin, dead-letter topics with their \
-                       source's partition count), set create_missing_topics(partitions) on the \
-                       consumer builder, or wait_for_topics(true) to wait for them"
+                       source's partition count), or set \
+                       missing_topics(MissingTopics::create(partitions)) on the consumer \
+                       builder, or missing_topics(MissingTopics::Wait) to wait for them"
                     .into(),
             });
         }
         if let Some(suppressed) = hub.throttle.admit("startup: waiting for topics") {
-            warn!(topics = ?missing, suppressed, "startup: waiting for topics to be created (wait_for_topics)");
+            warn!(topics = ?missing, suppressed, "startup: waiting for topics to be created (MissingTopics::Wait)");
         }
         std::thread::sleep(RETRY_EVERY);
     }

@@ -20,6 +20,7 @@ use super::flow::apply_flow;
 use super::rebalance::reset;
 use super::shutdown::{ShutdownReport, shutdown};
 use super::startup::{self, StartupSettings};
+use crate::consumer::observe::publish_caught_up;
 use crate::consumer::schedule::Job;
 use crate::consumer::schedule::{FinalCommitFailure, Hub};
 use crate::consumer::schedule::{PartitionEnd, cached_watermarks};
@@ -134,13 +135,19 @@ impl<'a> PollThread<'a> {
         let (consumer, hub, settings) = (self.consumer, self.hub, self.settings);
         let changes = hub.lock().flow_control();
         apply_flow(consumer, &hub.metrics, &changes);
+        let mut looked = false;
         if self.last_commit.elapsed() >= settings.commit_interval {
             commit_settled(consumer, hub, "interval");
             self.last_commit = Instant::now();
+            looked = true;
         }
         if self.last_health.elapsed() >= HEALTH_EVERY {
             refresh_ends(consumer, hub, &mut self.group_committed);
             self.last_health = Instant::now();
+            looked = true;
+        }
+        if looked {
+            publish_caught_up(hub);
         }
         let outage = hub.health.outage()?;
         if self.last_probe.elapsed() >= PROBE_EVERY {

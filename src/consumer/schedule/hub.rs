@@ -39,6 +39,9 @@ pub(crate) struct Hub {
     pub(crate) throttle: LogThrottle,
     /// The final commit at shutdown, when it failed until the deadline: for the report.
     final_commit: Mutex<Option<FinalCommitFailure>>,
+    /// Whether the consumer has caught up, as the poll thread last saw it (published by
+    /// `observe::publish_caught_up`, awaited by `ConsumerMonitor::caught_up`).
+    pub(crate) caught_up: tokio::sync::watch::Sender<bool>,
 }
 
 impl Hub {
@@ -61,6 +64,7 @@ impl Hub {
             health: Health::new(),
             throttle: LogThrottle::new(log_interval),
             final_commit: Mutex::new(None),
+            caught_up: tokio::sync::watch::Sender::new(false),
         }
     }
 

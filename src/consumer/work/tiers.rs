@@ -1,5 +1,5 @@
 //! The worker's side of retry tiers: the due-time wait before a tier record runs, the
-//! ledger's admission (with `keep_key_order`), the forward when a record gives up or is
+//! ledger's admission (with `with_key_order`), the forward when a record gives up or is
 //! deferred, and the ledger's release when a record it holds is settled.
 
 use std::sync::Arc;
@@ -222,7 +222,7 @@ impl<H: Handler> WorkerContext<H> {
     }
 
     /// Forwards `record` to tier `target`: recorded in the ledger first (with
-    /// `keep_key_order`), then written and acknowledged. Failed writes are retried with
+    /// `with_key_order`), then written and acknowledged. Failed writes are retried with
     /// back-off (the partition waits, as for a dead-letter write).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn tier_forward(

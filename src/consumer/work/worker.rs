@@ -8,7 +8,7 @@
 //! |---|---|
 //! | codec | a poison pill: dead-lettered at once as `decode` |
 //! | dedup-key function | dead-lettered at once as `panic` (it would panic again) |
-//! | handler | a failure of kind `panic`: retried like a transient one (unless `retry_panics(false)`), dead-lettered as `panic` when given up |
+//! | handler | a failure of kind `panic`: retried like a transient one (unless `panic_policy(PanicPolicy::DeadLetter)`), dead-lettered as `panic` when given up |
 //! | store | a store error: the record waits and retries (never skipped) |
 //! | sink | a failed dead-letter write: retried, the partition waits |
 //!
@@ -386,7 +386,7 @@ impl<H: Handler> WorkerContext<H> {
         }
     }
 
-    /// Whether the key-order ledger must admit this record (tiers with `keep_key_order`).
+    /// Whether the key-order ledger must admit this record (tiers with `with_key_order`).
     fn keeps_key_order(&self, at: Option<&Located>) -> bool {
         at.is_some() && self.tiers.as_ref().is_some_and(|t| t.keeps_key_order())
     }
@@ -441,7 +441,7 @@ impl<H: Handler> WorkerContext<H> {
         if let Some(ended) = self.claim_for_attempt(holding, r, first).await {
             return Step::Skipped(ended);
         }
-        // With `keep_key_order`, the ledger admits the record once, after its first claim
+        // With `with_key_order`, the ledger admits the record once, after its first claim
         // (a stale copy whose position is settled is skipped before it touches the ledger).
         if std::mem::take(&mut tries.admit)
             && let Some(at) = r.at

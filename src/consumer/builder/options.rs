@@ -1,0 +1,55 @@
+//! Named settings of the builder that were bare `bool`s or counts: [`MissingTopics`] and
+//! [`PanicPolicy`].
+
+/// What a consumer does at start when topics it needs do not exist: its subscribed topics,
+/// the topics its dead-letter sink writes to and its retry-tier topics. Set with
+/// [`RetryingConsumerBuilder::missing_topics`](crate::RetryingConsumerBuilder::missing_topics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MissingTopics {
+    /// [`run`](crate::RetryingConsumer::run) fails with
+    /// [`Error::MissingTopics`](crate::Error::MissingTopics) naming every missing topic. The
+    /// default.
+    #[default]
+    Fail,
+    /// Wait for them to be created (logging what it waits for once per
+    /// [`error_log_interval`](crate::RetryingConsumerBuilder::error_log_interval)); the
+    /// [`startup_timeout`](crate::RetryingConsumerBuilder::startup_timeout) then bounds only
+    /// how long the cluster may stay unreachable.
+    Wait,
+    /// Create them: each subscribed topic with `partitions` partitions, each dead-letter and
+    /// retry-tier topic with the partition count of its source topic (so records keep their
+    /// source partition), with the broker's default replication factor and settings.
+    /// Existing topics are not changed. For anything finer, create them with
+    /// [`TopicAdmin`](crate::topics::TopicAdmin) first. Build it with
+    /// [`MissingTopics::create`]; `build()` refuses zero partitions.
+    #[non_exhaustive]
+    Create {
+        /// Partitions of a created subscribed topic (Kafka's count is a positive 32-bit
+        /// integer; 65 535 is far above what one topic should have).
+        partitions: u16,
+    },
+}
+
+impl MissingTopics {
+    /// [`MissingTopics::Create`] with `partitions` partitions for each created subscribed
+    /// topic.
+    pub const fn create(partitions: u16) -> Self {
+        MissingTopics::Create { partitions }
+    }
+}
+
+/// What happens to a record whose handler attempt panicked. Either way the attempt counts as
+/// [`FailureKind::Panic`](crate::FailureKind::Panic), and a record given up after a panic
+/// is dead-lettered as `panic`. Set with
+/// [`RetryingConsumerBuilder::panic_policy`](crate::RetryingConsumerBuilder::panic_policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PanicPolicy {
+    /// Retried like a transient failure (by the retry policy, then the retry tiers): a panic
+    /// may come from a passing condition. The default.
+    #[default]
+    Retry,
+    /// Dead-lettered at once.
+    DeadLetter,
+}
