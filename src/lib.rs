@@ -164,7 +164,7 @@
 //! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart): a record only waiting out a retry back-off, for its claim or for the breaker is given up at once, a handler still running at the deadline is dropped at its next `.await` (one blocking its thread is counted); a tier record waiting for its due time is counted as *left for later* (not a sign of trouble: the report stays clean) | at once / after `shutdown_timeout` (30 s) |
 //! | the final commit fails at shutdown (coordinator refusing or unreachable) | retried with a short back-off (100 ms doubling to 1 s), the consumer polling meanwhile so it stays in its group; one warning per `error_log_interval`; a commit still failing at the deadline is logged as an error and reported: `ShutdownReport::commit_error` and `uncommitted` (`topic/partition@offset`), `is_clean()` false, `into_result()` is `Error::Commit`; those partitions' records settled since their last commit are delivered again after a restart | until `shutdown_timeout` (at least one try) |
 //! | a panic escapes kourier's guards (a bug, or a value whose `Drop` panics) | the record is given up unsettled; its partition is drained like a revoke, its settled offsets committed, and it is read again from its commit point (one warning): the record and the ones after it run again instead of the partition freezing | at once (bounded by `revoke_timeout`) |
-//! | the handlers' downstream is down (with a [`BreakerPolicy`]) | the breaker opens (one warning), dispatch is held, failing records wait without using attempts or reaching the dead-letter topic; one probe record per open interval (doubling to its maximum); closes on a successful probe (one line); `breaker` in the snapshot, `kourier_breaker_*` metrics | opens at the threshold (default 3 failures in a row, or half of the last 20 calls); probes after 5 s, then 10, 20, … 60 s |
+//! | the handlers' downstream is down (with a [`BreakerPolicy`]) | the breaker opens (one warning), dispatch is held, failing records wait without using attempts or reaching the dead-letter topic; one probe record per open interval (doubling to its maximum); closes on a successful probe (one line); `breaker` in the snapshot, `kourier_breaker_*` metrics | opens at the threshold (default: at least half of the last 20 calls failed, counted from 3 calls, failures of two records at least, each `unavailable` failure counting as a record of its own; no consecutive-failures trigger unless set with `with_consecutive_failures`); probes after 5 s, then 10, 20, 40, 60 s |
 //! | bad configuration | a typed `Error::Config` from `build()`, never a panic | at `build()` |
 //!
 //! ## Architecture
@@ -224,7 +224,9 @@
 //! application or a test learns what became of each record without wrapping the sink.
 //!
 //! [`ConsumerMonitor::snapshot`] gives the same outcome counts in-process (`handled`,
-//! `retried`, `dead_lettered` by kind, `duplicates`) next to the in-flight and buffer figures.
+//! `retried`, `dead_lettered` by kind, `duplicates`, `forwarded` by tier, `abandoned`, and
+//! `panics`, `stalled`) next to the in-flight and buffer figures; records left for later are
+//! in the [`ShutdownReport`].
 //!
 //! **Tracing**: each record runs in a `kourier.record` span (target
 //! `kourier::consumer::work::worker`) with `topic`, `partition`, `offset`, `key`, `attempt`,
