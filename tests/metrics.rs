@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use kourier::metrics::{self as m, labels};
 use kourier::{
     DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, DedupKey, Handler,
-    HandlerError, InMemoryIdempotencyStore, Message, ProcessingOrder, RetryPolicy,
+    HandlerError, InMemoryIdempotencyStore, Message, PendingLetter, ProcessingOrder, RetryPolicy,
     RetryingConsumerBuilder, async_trait,
 };
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
@@ -231,6 +231,12 @@ impl DeadLetterSink for FlakySink {
             partition: None,
             offset: None,
         })
+    }
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+        self.send(letter)
+    }
+    fn topics_for(&self, _source_topic: &str) -> Vec<String> {
+        Vec::new() // in memory: no topic to check
     }
 }
 

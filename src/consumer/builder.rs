@@ -474,8 +474,9 @@ impl<H: Handler> RetryingConsumerBuilder<H> {
     ///
     /// After the handler succeeded, marking the key done is retried (on store errors) until
     /// the lease, counted from the claim or its last successful renewal, would have run out.
-    /// A store that cannot renew (the trait's default `renew`) keeps the old behaviour: the
-    /// lease runs out as set at the claim, so set it above your slowest handler.
+    /// A store that cannot renew (its `renew` answers `StoreError::Unsupported`) keeps the
+    /// old behaviour: the lease runs out as set at the claim, so set it above your slowest
+    /// handler.
     ///
     /// Zero is refused by `build()`; above one year it is taken as one year (see
     /// [Durations](Self#durations)).

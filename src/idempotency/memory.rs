@@ -192,6 +192,19 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
         );
         Ok(())
     }
+
+    /// One key after another: each call is a few map operations, no round trip to save.
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        super::claim_one_by_one(self, keys, lease).await
+    }
+
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        super::complete_one_by_one(self, claims, ttl).await
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
