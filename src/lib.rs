@@ -257,11 +257,15 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `bench-internals` | off | not an API: exposes crate-private parts to kourier's own micro-benchmarks (`kourier::__bench`); no semver promise |
 //! | `testing` | off | `kourier::idempotency::testing`: a conformance suite that checks an `IdempotencyStore` implementation against the documented contract, for store implementers' tests |
 //! | `cli` | off | the `kourier-dlt` binary (inspect and redrive dead-letter topics; `cargo install kourier --features cli`); no library API, pulls `clap`, `humantime`, `anyhow` and `tracing-subscriber` |
 //! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
+//!
+//! kourier's own micro-benchmarks and fuzz targets reach crate-private parts through
+//! `--cfg kourier_bench` (`RUSTFLAGS="--cfg kourier_bench" cargo bench --bench micro`), not
+//! a feature: it is no API, has no semver promise, and a dependent cannot turn it on through
+//! Cargo features.
 //!
 //! ## Why not `backoff`
 //!
@@ -317,8 +321,8 @@ mod trace_context;
 
 pub use crate::blocking::{Blocking, BlockingHandler, blocking};
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
-#[cfg(feature = "bench-internals")]
-#[cfg_attr(docsrs, doc(cfg(feature = "bench-internals")))]
+// Not an API: kourier's own benches and fuzz targets, built with `--cfg kourier_bench`.
+#[cfg(kourier_bench)]
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{

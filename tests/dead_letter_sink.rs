@@ -25,19 +25,17 @@ use support::{
 const KEY: &[u8] = b"user-42";
 
 fn record(topic: &str, partition: i32, key: Option<&[u8]>, value: Option<Vec<u8>>) -> RawRecord {
-    let mut headers = Headers::new().with("event-id", "e-1");
-    headers.push(Header::null("trace-parent"));
-    headers.push(Header::new("binary", vec![0u8, 0xff, 0x10]));
-    RawRecord {
-        topic: topic.into(),
-        partition,
-        offset: 1234,
-        key: key.map(Into::into),
-        value: value.map(Into::into),
-        headers,
-        timestamp: Some(1_700_000_000_123),
-        log_append_time: false,
-    }
+    let mut record = RawRecord::builder(topic)
+        .partition(partition)
+        .offset(1234)
+        .header("event-id", "e-1")
+        .null_header("trace-parent")
+        .header("binary", vec![0u8, 0xff, 0x10])
+        .timestamp(1_700_000_000_123)
+        .build();
+    record.key = key.map(Into::into);
+    record.value = value.map(Into::into);
+    record
 }
 
 fn letter(record: RawRecord) -> DeadLetter {

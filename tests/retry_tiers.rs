@@ -645,11 +645,7 @@ async fn the_redis_ledger_follows_the_admission_rule() {
     let prefix = support::unique_name("kourier-test-ledger:");
     let redis = ledger(&prefix).await;
     let memory = InMemoryKeyOrderLedger::new();
-    let k = LedgerKey {
-        group: "g",
-        topic: "t",
-        key: b"k\xff\x00",
-    };
+    let k = LedgerKey::new("g", "t", b"k\xff\x00");
     let id = |offset| SourceId {
         partition: 0,
         offset,

@@ -10,6 +10,12 @@ use crate::error::StoreError;
 
 /// A record's identity in the ledger: its *source* partition and offset (the same in
 /// every tier).
+///
+/// Not `#[non_exhaustive]`, on purpose: partition and offset are the whole coordinate of a
+/// record within its [`LedgerKey`]'s topic, its `Ord` is the order the admission rule keeps
+/// and [`field`](Self::field) is what a ledger stores. A ledger of your own builds one from
+/// what it stored (`SourceId { partition, offset }`); a field added here would change that
+/// order and that format, a breaking change whatever the attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SourceId {
     /// Source partition.
@@ -26,7 +32,12 @@ impl SourceId {
 }
 
 /// Which key's ledger: consumer group, source topic and key bytes.
+///
+/// `#[non_exhaustive]`: what tells one key's ledger from another may grow (a namespace, say).
+/// A ledger reads the fields; outside kourier, build one with [`LedgerKey::new`] (tests of a
+/// ledger of your own).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct LedgerKey<'a> {
     /// The consumer group.
     pub group: &'a str,
@@ -36,8 +47,20 @@ pub struct LedgerKey<'a> {
     pub key: &'a [u8],
 }
 
+impl<'a> LedgerKey<'a> {
+    /// The ledger of `key` in `topic` for consumer group `group`.
+    pub fn new(group: &'a str, topic: &'a str, key: &'a [u8]) -> Self {
+        LedgerKey { group, topic, key }
+    }
+}
+
 /// The ledger's answer before a record runs.
+///
+/// `#[non_exhaustive]`: a later version may give a ledger more to answer. A ledger of your
+/// own builds either variant as it is; code that matches on an answer (a ledger wrapping
+/// another) needs a `_` arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Admission {
     /// Run it; `tracked` when the ledger holds it (it must be settled when it ends).
     Run {
