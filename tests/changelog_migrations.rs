@@ -147,7 +147,8 @@ fn publisher_producer(publisher: &Publisher<Ev>) {
 /// **record**: fewer heap allocations: `RawRecord::topic` is an `Arc<str>`, keys and values
 /// `RecordBytes`.
 fn record_bytes(mut record: RawRecord, v: Vec<u8>, b: &[u8], s: String) -> (String, Vec<u8>) {
-    let _: &str = &*record.topic;
+    let read = &*record.topic;
+    assert_eq!(read.len(), record.topic.len());
     let topic: String = record.topic.to_string();
     record.topic = "t".into();
     record.topic = String::into(s.clone());
@@ -189,16 +190,10 @@ fn lease_above_timeout(timeout: Duration, margin: Duration) {
 fn paths() {
     let _: Option<kourier::DeadLetterReason> = None;
     let _: Option<&dyn kourier::IdempotencyStore> = None;
-    let _: Option<(
-        kourier::DeadLetter,
-        kourier::DeadLetterReceipt,
-        kourier::DeadLetterError,
-        kourier::KafkaDeadLetterSink,
-        kourier::Claim,
-        kourier::ClaimToken,
-        kourier::StoreError,
-        kourier::InMemoryIdempotencyStore,
-    )> = None;
+    let _: Option<(kourier::DeadLetter, kourier::DeadLetterReceipt)> = None;
+    let _: Option<(kourier::DeadLetterError, kourier::KafkaDeadLetterSink)> = None;
+    let _: Option<(kourier::Claim, kourier::ClaimToken, kourier::StoreError)> = None;
+    let _: Option<kourier::InMemoryIdempotencyStore> = None;
     #[cfg(feature = "redis")]
     let _: Option<kourier::RedisIdempotencyStore> = None;
     let _: Option<&dyn kourier::DeadLetterSink> = None;

@@ -169,10 +169,7 @@ fn cited_rules(line: &str) -> Vec<u32> {
         let mut rest = lower[at + 4..]
             .strip_prefix('s')
             .unwrap_or(&lower[at + 4..]);
-        loop {
-            let Some(after_space) = rest.strip_prefix(' ') else {
-                break;
-            };
+        while let Some(after_space) = rest.strip_prefix(' ') {
             let digits: String = after_space
                 .chars()
                 .take_while(char::is_ascii_digit)
