@@ -4,7 +4,8 @@
 //! machine.
 //!
 //! ```text
-//! cargo bench --bench alloc_count --features bench-internals            # all parts
+//! RUSTFLAGS="--cfg kourier_bench" cargo bench --bench alloc_count          # all parts
+//! cargo bench --bench alloc_count                          # parts 1 and 3 (says so)
 //! KAFKA_BOOTSTRAP_SERVERS=host:port cargo bench --bench alloc_count ...   # another broker
 //! ```
 //!
@@ -13,7 +14,8 @@
 //!    conversion, on the polling thread, is counted.
 //! 2. The scheduler: enqueue a 500-record poll batch over 6 partitions, start every job,
 //!    settle each one (the job the scheduler hands back starts) — what the poll thread and the
-//!    workers do under the hub's mutex (through the hidden `kourier::__bench` facade).
+//!    workers do under the hub's mutex (through the hidden `kourier::__bench` facade, built
+//!    only with `--cfg kourier_bench`; without it this part says how to run it).
 //! 3. The whole consume path: a `RetryingConsumer` with a no-op handler and a codec that
 //!    allocates nothing drains a topic of 10,000 such records, then one of 20,000; every
 //!    allocation of the process (poll thread, workers, librdkafka's callbacks into Rust) from
@@ -36,8 +38,8 @@ use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
 use kourier::rdkafka::message::{Header, OwnedHeaders};
 use kourier::rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use kourier::{
-    DecodeError, Handler, HandlerError, Message, MissingTopics, ProcessingOrder, RawRecord,
-    RetryingConsumer, async_trait, codec_fn,
+    DecodeError, Handler, HandlerError, Message, MissingTopics, RawRecord, RetryingConsumer,
+    async_trait, codec_fn,
 };
 
 /// Counts every allocation (and reallocation) of the process, and of the current thread.
@@ -97,6 +99,7 @@ type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const RECORDS: usize = 20_000;
 const PARTITIONS: i32 = 6;
+#[cfg(kourier_bench)]
 const BATCH: usize = 500;
 
 fn main() -> BoxResult<()> {
@@ -139,9 +142,20 @@ fn main() -> BoxResult<()> {
     Ok(())
 }
 
+/// Part 2 without `--cfg kourier_bench`: how to run it.
+#[cfg(not(kourier_bench))]
+fn scheduler_part() {
+    println!(
+        "  2. scheduler: skipped, it needs kourier's crate-private parts: \
+         RUSTFLAGS=\"--cfg kourier_bench\" cargo bench --bench alloc_count"
+    );
+}
+
 /// Part 2: the scheduler, per ordering mode.
+#[cfg(kourier_bench)]
 fn scheduler_part() {
     use kourier::__bench::SchedulerHarness;
+    use kourier::ProcessingOrder;
     for (name, ordering) in [
         ("partition", ProcessingOrder::Partition),
         ("key", ProcessingOrder::Key),

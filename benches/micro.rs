@@ -1,17 +1,23 @@
 //! Criterion micro-benchmarks of kourier's per-record hot paths; no services needed.
 //!
 //! ```text
-//! cargo bench --bench micro
-//! cargo bench --bench micro -- --quick            # fewer samples
-//! cargo bench --bench micro -- scheduler          # one group
+//! RUSTFLAGS="--cfg kourier_bench" cargo bench --bench micro                  # every group
+//! RUSTFLAGS="--cfg kourier_bench" cargo bench --bench micro -- --quick       # fewer samples
+//! RUSTFLAGS="--cfg kourier_bench" cargo bench --bench micro -- scheduler     # one group
+//! cargo bench --bench micro                         # the public parts only (says so)
 //! ```
 //!
-//! Reachable through the public API today: the JSON codec (every record is decoded before its
+//! `RUSTFLAGS` rebuilds the dependencies with the flag; `CARGO_TARGET_DIR=target/kourier_bench`
+//! keeps that build apart from the usual one.
+//!
+//! Reachable through the public API: the JSON codec (every record is decoded before its
 //! handler runs), header lookups (dedup keys) and the in-memory idempotency store's
 //! claim → complete.
 //!
 //! The offset tracker and the scheduler are crate-private; their benchmarks go through a hidden
-//! facade, `kourier::__bench` (`#[doc(hidden)]`, no semver promise; src/consumer/bench_support.rs):
+//! facade, `kourier::__bench` (`#[doc(hidden)]`, no semver promise; src/consumer/bench_support.rs),
+//! which exists only when kourier is built with `--cfg kourier_bench` (not a Cargo feature, so
+//! that no dependent can turn it on):
 //!
 //! ```text
 //! kourier::__bench::OffsetTracker::{new, received(i64) -> bool, settled(i64) -> bool,
@@ -26,10 +32,8 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kourier::{
-    Claim, Codec, Headers, IdempotencyStore, InMemoryIdempotencyStore, JsonCodec, RawRecord,
-};
+use criterion::{Criterion, Throughput, criterion_group};
+use kourier::{Claim, Codec, IdempotencyStore, InMemoryIdempotencyStore, JsonCodec, RawRecord};
 use serde::Deserialize;
 
 /// The throughput benchmark's event: one field read, the padding skipped.
@@ -42,21 +46,19 @@ fn record(partition: i32, offset: i64, key: Option<String>, size: usize) -> RawR
     let mut value = format!("{{\"id\":{offset},\"pad\":\"").into_bytes();
     value.resize(size.saturating_sub(2).max(value.len()), b'x');
     value.extend_from_slice(b"\"}");
-    RawRecord {
-        topic: "bench.v1".into(),
-        partition,
-        offset,
-        key: key.map(Into::into),
-        value: Some(value.into()),
-        headers: Headers::new()
-            .with("event-id", format!("run-{offset}"))
-            .with(
-                "traceparent",
-                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            ),
-        timestamp: Some(1_700_000_000_000),
-        log_append_time: false,
-    }
+    let mut record = RawRecord::builder("bench.v1")
+        .partition(partition)
+        .offset(offset)
+        .value(value)
+        .header("event-id", format!("run-{offset}"))
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .timestamp(1_700_000_000_000)
+        .build();
+    record.key = key.map(Into::into);
+    record
 }
 
 fn codec(c: &mut Criterion) {
@@ -103,6 +105,7 @@ fn memory_store(c: &mut Criterion) {
     });
 }
 
+#[cfg(kourier_bench)]
 mod internals {
     use super::*;
     use criterion::BatchSize;
@@ -201,12 +204,26 @@ mod internals {
     }
 }
 
+criterion_group!(public, codec, headers, memory_store);
+
+#[cfg(kourier_bench)]
 criterion_group!(
-    benches,
-    codec,
-    headers,
-    memory_store,
+    crate_private,
     internals::offset_tracker,
     internals::scheduler
 );
-criterion_main!(benches);
+
+#[cfg(kourier_bench)]
+criterion::criterion_main!(public, crate_private);
+
+/// Without `--cfg kourier_bench`: the public groups, and how to run the others.
+#[cfg(not(kourier_bench))]
+fn main() {
+    eprintln!(
+        "micro: the offset tracker and scheduler benchmarks need kourier's crate-private parts: \
+         RUSTFLAGS=\"--cfg kourier_bench\" cargo bench --bench micro \
+         (running the public groups only)"
+    );
+    public();
+    Criterion::default().configure_from_args().final_summary();
+}

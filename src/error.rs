@@ -277,8 +277,8 @@ pub enum StoreError {
         /// How long kourier waited.
         after: Duration,
     },
-    /// The store does not implement this operation (the default
-    /// [`IdempotencyStore::renew`](crate::IdempotencyStore::renew)): nothing was changed.
+    /// The store does not implement this operation (a store that cannot
+    /// [`renew`](crate::IdempotencyStore::renew)): nothing was changed.
     #[error("the idempotency store does not support {operation}")]
     Unsupported {
         /// The operation, e.g. `renew`.

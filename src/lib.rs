@@ -155,7 +155,7 @@
 //! |---|---|---|
 //! | bootstrap servers unreachable at start | `run()` returns `Error::BrokersUnreachable` naming the servers, whatever step met it (the startup checks, or creating missing topics with `MissingTopics::create`; a broker that answers and refuses to create a topic is `Error::Topic`); one warning per `error_log_interval` while it tries, and librdkafka's own lines from every client kourier creates once per distinct line per interval | within `startup_timeout` (default 30 s) |
 //! | a subscribed topic is missing at start | `Error::MissingTopics` naming every missing topic, and the settings that would help (`MissingTopics::create`, `MissingTopics::Wait`, which waits for them instead) | at the first metadata answer |
-//! | the dead-letter topic is missing at start | `Error::MissingTopics` naming `<topic>.dlt` (the default sink declares its topics through `DeadLetterSink::topics_for`) | at the first metadata answer |
+//! | the dead-letter topic is missing at start | `Error::MissingTopics` naming `<topic>.dlt` (every sink declares its topics through `DeadLetterSink::topics_for`, which has no default: a sink wrapping the Kafka sink forwards it and keeps the check) | at the first metadata answer |
 //! | a retry-tier topic is missing at start | `Error::MissingTopics` naming it (`<topic>.retry.<n>`); `MissingTopics::create` creates tier topics with their source's partition count | at the first metadata answer |
 //! | the cluster goes away while running | records wait, nothing is committed past them; `connection` in the snapshot and `kourier_connection_state` turn `Disconnected` / `0`; each distinct error is logged once per interval with a count | until it is back; with `max_broker_outage(d)`, `run()` returns `Error::BrokersUnreachable` after `d` |
 //! | a subscribed topic is deleted while consuming | its partitions leave the assignment with one warning; if it is re-created, its records are tracked again | once librdkafka reports it gone (it waits `topic.metadata.propagation.max.ms`, 30 s by default; measured 30.0 s) |
@@ -164,7 +164,7 @@
 //! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart): a record only waiting out a retry back-off, for its claim or for the breaker is given up at once, a handler still running at the deadline is dropped at its next `.await` (one blocking its thread is counted); a tier record waiting for its due time is counted as *left for later* (not a sign of trouble: the report stays clean) | at once / after `shutdown_timeout` (30 s) |
 //! | the final commit fails at shutdown (coordinator refusing or unreachable) | retried with a short back-off (100 ms doubling to 1 s), the consumer polling meanwhile so it stays in its group; one warning per `error_log_interval`; a commit still failing at the deadline is logged as an error and reported: `ShutdownReport::commit_error` and `uncommitted` (`topic/partition@offset`), `is_clean()` false, `into_result()` is `Error::Commit`; those partitions' records settled since their last commit are delivered again after a restart | until `shutdown_timeout` (at least one try) |
 //! | a panic escapes kourier's guards (a bug, or a value whose `Drop` panics) | the record is given up unsettled; its partition is drained like a revoke, its settled offsets committed, and it is read again from its commit point (one warning): the record and the ones after it run again instead of the partition freezing | at once (bounded by `revoke_timeout`) |
-//! | the handlers' downstream is down (with a [`BreakerPolicy`]) | the breaker opens (one warning), dispatch is held, failing records wait without using attempts or reaching the dead-letter topic; one probe record per open interval (doubling to its maximum); closes on a successful probe (one line); `breaker` in the snapshot, `kourier_breaker_*` metrics | opens at the threshold (default 3 failures in a row, or half of the last 20 calls); probes after 5 s, then 10, 20, … 60 s |
+//! | the handlers' downstream is down (with a [`BreakerPolicy`]) | the breaker opens (one warning), dispatch is held, failing records wait without using attempts or reaching the dead-letter topic; one probe record per open interval (doubling to its maximum); closes on a successful probe (one line); `breaker` in the snapshot, `kourier_breaker_*` metrics | opens at the threshold (default: at least half of the last 20 calls failed, counted from 3 calls, failures of two records at least, each `unavailable` failure counting as a record of its own; no consecutive-failures trigger unless set with `with_consecutive_failures`); probes after 5 s, then 10, 20, 40, 60 s |
 //! | bad configuration | a typed `Error::Config` from `build()`, never a panic | at `build()` |
 //!
 //! ## Architecture
@@ -224,7 +224,9 @@
 //! application or a test learns what became of each record without wrapping the sink.
 //!
 //! [`ConsumerMonitor::snapshot`] gives the same outcome counts in-process (`handled`,
-//! `retried`, `dead_lettered` by kind, `duplicates`) next to the in-flight and buffer figures.
+//! `retried`, `dead_lettered` by kind, `duplicates`, `forwarded` by tier, `abandoned`, and
+//! `panics`, `stalled`) next to the in-flight and buffer figures; records left for later are
+//! in the [`ShutdownReport`].
 //!
 //! **Tracing**: each record runs in a `kourier.record` span (target
 //! `kourier::consumer::work::worker`) with `topic`, `partition`, `offset`, `key`, `attempt`,
@@ -255,11 +257,15 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `bench-internals` | off | not an API: exposes crate-private parts to kourier's own micro-benchmarks (`kourier::__bench`); no semver promise |
 //! | `testing` | off | `kourier::idempotency::testing`: a conformance suite that checks an `IdempotencyStore` implementation against the documented contract, for store implementers' tests |
 //! | `cli` | off | the `kourier-dlt` binary (inspect and redrive dead-letter topics; `cargo install kourier --features cli`); no library API, pulls `clap`, `humantime`, `anyhow` and `tracing-subscriber` |
 //! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
+//!
+//! kourier's own micro-benchmarks and fuzz targets reach crate-private parts through
+//! `--cfg kourier_bench` (`RUSTFLAGS="--cfg kourier_bench" cargo bench --bench micro`), not
+//! a feature: it is no API, has no semver promise, and a dependent cannot turn it on through
+//! Cargo features.
 //!
 //! ## Why not `backoff`
 //!
@@ -273,8 +279,8 @@
 //! Each public item has one path. What a consumer or publisher needs is at the crate root
 //! (`kourier::{Handler, RetryingConsumer, DeadLetterSink, IdempotencyStore, ...}`). Four areas
 //! have a public module for what only some users need: [`dead_letter`] (header names,
-//! reading letters back, redrive), [`idempotency`] (the store contract and its conformance
-//! suite), [`mod@metrics`] (metric names and counts) and [`topics`] (checking and creating
+//! reading letters back, redrive), [`idempotency`] (the store contract, the one-by-one batch
+//! helpers and the conformance suite), [`mod@metrics`] (metric names and counts) and [`topics`] (checking and creating
 //! topics, key partitioning). [`rdkafka`] and [`async_trait`](macro@async_trait) are re-exported so that an
 //! application names the same versions kourier uses.
 //!
@@ -315,8 +321,8 @@ mod trace_context;
 
 pub use crate::blocking::{Blocking, BlockingHandler, blocking};
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
-#[cfg(feature = "bench-internals")]
-#[cfg_attr(docsrs, doc(cfg(feature = "bench-internals")))]
+// Not an API: kourier's own benches and fuzz targets, built with `--cfg kourier_bench`.
+#[cfg(kourier_bench)]
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{

@@ -27,7 +27,7 @@
 //! | `kourier_records_in_flight` | gauge | `group` | records being handled now (running, waiting for a retry, a claim or a dead-letter write) |
 //! | `kourier_consumer_lag` | gauge | `topic`, `group`, `partition` | records of an assigned partition not yet committed by the group: end offset − committed offset |
 //! | `kourier_partition_paused` | gauge | `topic`, `group`, `partition` | `1` while flow control pauses the partition (its buffer is full), else `0` |
-//! | `kourier_handler_panics_total` | counter | `topic`, `group` | panics caught on records' paths: handler attempts, codecs, dedup-key functions |
+//! | `kourier_handler_panics_total` | counter | `topic`, `group` | panics caught on records' paths: handler attempts, codecs, dedup-key functions, the outcome observer |
 //! | `kourier_records_stalled_total` | counter | `topic`, `group` | records in flight longer than the stall threshold, counted once each |
 //! | `kourier_records_abandoned_total` | counter | `topic`, `group` | records given up unsettled at a revoke or shutdown (delivered again later) |
 //! | `kourier_records_forwarded_total` | counter | `topic`, `group`, `tier` | records forwarded to a retry tier (acknowledged) |
@@ -704,7 +704,7 @@ const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         HANDLER_PANICS,
         Kind::Counter,
         Some(Unit::Count),
-        "Handler attempts, codec and dedup-key calls that panicked.",
+        "Panics caught on records' paths: handler attempts, codec, dedup-key and outcome observer calls.",
     ),
     (
         RECORDS_STALLED,
@@ -805,6 +805,8 @@ pub const METRIC_NAMES: &[&str] = &[
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     #[test]
     fn every_metric_is_described_once() {
         let mut described: Vec<&str> = super::DESCRIPTIONS.iter().map(|d| d.0).collect();
@@ -827,5 +829,123 @@ mod tests {
         assert_eq!((d.decode, d.permanent, d.retries_exhausted), (1, 2, 0));
         assert_eq!(d.total(), 3);
         assert_eq!(d.of(DeadLetterReason::Permanent), 2);
+    }
+
+    /// One row of the module docs' metrics table: type, label names, and the label values
+    /// the meaning names (between backticks).
+    struct DocRow {
+        kind: String,
+        labels: BTreeSet<String>,
+        meaning: String,
+    }
+
+    fn doc_table() -> BTreeMap<String, DocRow> {
+        let mut rows = BTreeMap::new();
+        for line in include_str!("metrics.rs").lines() {
+            let Some(row) = line.strip_prefix("//! | `kourier_") else {
+                continue;
+            };
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let name = format!("kourier_{}", cells[0].trim_end_matches('`'));
+            let labels = cells[2]
+                .split(',')
+                .map(|l| l.trim().trim_matches('`').to_owned())
+                .filter(|l| !l.is_empty())
+                .collect();
+            let row = DocRow {
+                kind: cells[1].to_owned(),
+                labels,
+                meaning: cells[3].to_owned(),
+            };
+            assert!(rows.insert(name.clone(), row).is_none(), "{name} twice");
+        }
+        rows
+    }
+
+    /// Every metric the code registers, with its type, label names and the values of its
+    /// enumerated labels, is the module docs' table: no metric, label or label value left out
+    /// (the dead-letter `kind` `panic` once was).
+    #[test]
+    fn the_docs_table_is_what_the_code_registers() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        ::metrics::with_local_recorder(&recorder, || {
+            let m = ConsumerMetrics::new("g", &["t".to_owned()]);
+            m.start();
+            m.breaker_start();
+            for state in 0..BREAKER_STATES.len() {
+                m.breaker_transition(state);
+            }
+            m.breaker_held_failure();
+            m.commit(Duration::from_millis(1), false);
+            m.connection_state(true);
+            m.consumed(&[RawRecord::builder("t").build()]);
+            m.consumer_lag("t", 0, 1);
+            m.partition_paused("t", 0, true);
+            let r = m.record("t");
+            r.handled();
+            r.duplicate();
+            (1..=11).for_each(|a| r.retried(a));
+            REASONS.into_iter().for_each(|k| r.dead_lettered(k));
+            (1..=17).for_each(|t| r.forwarded(t));
+            r.forward_failed();
+            r.panicked();
+            r.stalled();
+            r.abandoned();
+            r.dead_letter_write_failed();
+            use StoreOperation::*;
+            for operation in [Claim, Complete, Release, Renew] {
+                r.store_error(operation);
+            }
+            r.handler_duration(Duration::from_millis(1));
+        });
+
+        // name → (type, label names, values of each label)
+        let mut seen: BTreeMap<String, (String, BTreeMap<String, BTreeSet<String>>)> =
+            BTreeMap::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            let kind = match value {
+                DebugValue::Counter(_) => "counter",
+                DebugValue::Gauge(_) => "gauge",
+                DebugValue::Histogram(_) => "histogram",
+            };
+            let entry = seen
+                .entry(key.key().name().to_owned())
+                .or_insert_with(|| (kind.to_owned(), BTreeMap::new()));
+            for label in key.key().labels() {
+                entry
+                    .1
+                    .entry(label.key().to_owned())
+                    .or_default()
+                    .insert(label.value().to_owned());
+            }
+        }
+        let registered: BTreeSet<&str> = seen.keys().map(String::as_str).collect();
+        let listed: BTreeSet<&str> = METRIC_NAMES.iter().copied().collect();
+        assert_eq!(registered, listed, "registered metrics vs METRIC_NAMES");
+
+        let docs = doc_table();
+        let documented: BTreeSet<&str> = docs.keys().map(String::as_str).collect();
+        assert_eq!(
+            registered, documented,
+            "registered metrics vs the docs table"
+        );
+        for (name, (kind, labels)) in &seen {
+            let row = &docs[name];
+            assert_eq!(&row.kind, kind, "{name}: type");
+            let names: BTreeSet<String> = labels.keys().cloned().collect();
+            assert_eq!(row.labels, names, "{name}: label names");
+            // Labels with a closed set of values: the docs name every value.
+            for enumerated in [labels::KIND, labels::OPERATION, labels::STATE] {
+                for value in labels.get(enumerated).into_iter().flatten() {
+                    assert!(
+                        row.meaning.contains(&format!("`{value}`")),
+                        "{name}: the docs do not name {enumerated} `{value}`"
+                    );
+                }
+            }
+        }
     }
 }

@@ -490,7 +490,14 @@ impl<'a> IntoIterator for &'a Headers {
 ///
 /// Dead letters and the engine work with this; handlers see a typed
 /// [`Message`](crate::Message).
+///
+/// `#[non_exhaustive]`: a record may carry more of what Kafka sends (a leader epoch, say) in
+/// a later version. Its fields stay public to read and to change; outside kourier, build one
+/// with [`RawRecord::builder`] (or [`RawRecord::from_message`]) rather than a struct
+/// literal, and change one with `let mut r = record.clone(); r.offset = 8;` rather than
+/// `RawRecord { offset: 8, ..record }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RawRecord {
     /// Source topic. Records of one topic share one copy of its name.
     pub topic: Arc<str>,

@@ -30,6 +30,12 @@ impl kourier::DeadLetterSink for UndeclaredTopics {
     ) -> Result<kourier::DeadLetterReceipt, kourier::DeadLetterError> {
         self.0.send(letter).await
     }
+    async fn enqueue<'a>(&'a self, letter: &'a kourier::DeadLetter) -> kourier::PendingLetter<'a> {
+        self.0.enqueue(letter).await
+    }
+    fn topics_for(&self, _source_topic: &str) -> Vec<String> {
+        Vec::new() // on purpose: nothing checked at start
+    }
 }
 
 fn fast_retries() -> RetryPolicy {

@@ -9,8 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kourier::dead_letter::{MAX_ERROR_MESSAGE_BYTES, headers};
 use kourier::topics::java_partition;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use kourier::{
-    DeadLetter, DeadLetterReason, DeadLetterSink, Header, Headers, KafkaDeadLetterSink, RawRecord,
+    DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, Error,
+    Header, Headers, KafkaDeadLetterSink, Message, PendingLetter, RawRecord, async_trait,
+    handler_fn,
 };
 use support::{
     ReadRecord, bootstrap, create_topic_with_config, read_at_least, record_at, require_kafka,
@@ -20,19 +25,17 @@ use support::{
 const KEY: &[u8] = b"user-42";
 
 fn record(topic: &str, partition: i32, key: Option<&[u8]>, value: Option<Vec<u8>>) -> RawRecord {
-    let mut headers = Headers::new().with("event-id", "e-1");
-    headers.push(Header::null("trace-parent"));
-    headers.push(Header::new("binary", vec![0u8, 0xff, 0x10]));
-    RawRecord {
-        topic: topic.into(),
-        partition,
-        offset: 1234,
-        key: key.map(Into::into),
-        value: value.map(Into::into),
-        headers,
-        timestamp: Some(1_700_000_000_123),
-        log_append_time: false,
-    }
+    let mut record = RawRecord::builder(topic)
+        .partition(partition)
+        .offset(1234)
+        .header("event-id", "e-1")
+        .null_header("trace-parent")
+        .header("binary", vec![0u8, 0xff, 0x10])
+        .timestamp(1_700_000_000_123)
+        .build();
+    record.key = key.map(Into::into);
+    record.value = value.map(Into::into);
+    record
 }
 
 fn letter(record: RawRecord) -> DeadLetter {
@@ -396,4 +399,61 @@ async fn flush_after_writes_succeeds() {
         .await
         .unwrap();
     sink.flush(Duration::from_secs(5)).await.expect("flushed");
+}
+
+/// A sink that wraps the Kafka sink to count letters: every trait method is required, so it
+/// says what it does with each — here it forwards them all.
+#[derive(Debug)]
+struct Counting {
+    inner: KafkaDeadLetterSink,
+    letters: AtomicU32,
+}
+
+#[async_trait]
+impl DeadLetterSink for Counting {
+    async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+        self.letters.fetch_add(1, Ordering::SeqCst);
+        self.inner.send(letter).await
+    }
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+        self.letters.fetch_add(1, Ordering::SeqCst);
+        self.inner.enqueue(letter).await
+    }
+    fn topics_for(&self, source_topic: &str) -> Vec<String> {
+        self.inner.topics_for(source_topic)
+    }
+}
+
+/// A wrapper around the Kafka sink keeps its startup check: with the dead-letter topic
+/// missing, `run()` fails with `MissingTopics` naming it. When `topics_for` had a default
+/// (none), a wrapper that forwarded only `send` compiled, and the consumer started without
+/// the topic; its first dead letter then held its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_wrapping_the_kafka_sink_keeps_the_startup_check_of_its_topic() {
+    let (topic, group) = support::consumer::topic_and_group("dl-wrapped", 1).await;
+    let dlt = format!("{topic}.dlt");
+    let sink = Arc::new(Counting {
+        inner: sink(),
+        letters: AtomicU32::new(0),
+    });
+    let handler = handler_fn(|_m: Message<serde_json::Value>| async { Ok(()) });
+    let consumer = support::consumer::builder(handler, &topic, &group)
+        .dead_letter_sink(sink.clone())
+        .build()
+        .expect("build");
+
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(15),
+        consumer.run(std::future::pending()),
+    )
+    .await
+    .expect("run() answers within 15 s instead of running without its dead-letter topic");
+    let err = outcome.expect_err("the dead-letter topic does not exist");
+    assert_eq!(err.missing_topics(), std::slice::from_ref(&dlt), "{err}");
+    assert!(matches!(err, Error::MissingTopics { .. }), "{err:?}");
+    assert_eq!(
+        sink.letters.load(Ordering::SeqCst),
+        0,
+        "nothing was written"
+    );
 }

@@ -60,16 +60,13 @@ async fn write_letter(
     extra: Headers,
 ) {
     let mut letter = DeadLetter::new(
-        RawRecord {
-            topic: topic.into(),
-            partition: 0,
-            offset,
-            key: Some(key.into()),
-            value: Some(value.into()),
-            headers: extra,
-            timestamp: Some(1_700_000_000_000),
-            log_append_time: false,
-        },
+        RawRecord::builder(topic)
+            .offset(offset)
+            .key(key)
+            .value(value)
+            .headers(extra)
+            .timestamp(1_700_000_000_000)
+            .build(),
         reason,
         format!("{reason} failure of {key}"),
     );
@@ -854,16 +851,10 @@ proptest::proptest! {
         timestamp in proptest::option::of(proptest::prelude::any::<i64>()),
         key in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8)),
     ) {
-        let letter = dlt::Letter::new(RawRecord {
-            topic: "t.dlt".into(),
-            partition: 0,
-            offset: 1,
-            key: key.map(Into::into),
-            value: None,
-            headers,
-            timestamp,
-            log_append_time: false,
-        });
+        let mut record = RawRecord::builder("t.dlt").offset(1).headers(headers).build();
+        record.key = key.map(Into::into);
+        record.timestamp = timestamp;
+        let letter = dlt::Letter::new(record);
         let table = dlt::table(std::slice::from_ref(&letter));
         proptest::prop_assert_eq!(table.lines().count(), 2, "{}", table);
         proptest::prop_assert!(serde_json::to_string(&letter.to_json()).is_ok());

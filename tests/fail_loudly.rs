@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers;
+use kourier::idempotency::{claim_one_by_one, complete_one_by_one};
 use kourier::rdkafka::admin::{AdminClient, AdminOptions};
 use kourier::rdkafka::client::DefaultClientContext;
 use kourier::rdkafka::config::ClientConfig;
@@ -29,9 +30,9 @@ use kourier::{
     Claim, ClaimToken, Codec, ConnectionState, ConsumerMonitor, ConsumerSnapshot, DeadLetter,
     DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, DecodeError, DedupKey,
     Error, Handler, HandlerError, Idempotency, IdempotencyStore, InMemoryIdempotencyStore,
-    JsonCodec, KafkaDeadLetterSink, Message, MissingTopics, PanicPolicy, ProcessingOrder,
-    RawRecord, RedisIdempotencyStore, RetryPolicy, RetryingConsumer, RetryingConsumerBuilder,
-    ShutdownReport, StoreError, async_trait,
+    JsonCodec, KafkaDeadLetterSink, Message, MissingTopics, PanicPolicy, PendingLetter,
+    ProcessingOrder, RawRecord, RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
+    RetryingConsumerBuilder, ShutdownReport, StoreError, async_trait,
 };
 use serde::{Deserialize, Serialize};
 use support::{ReadRecord, TestRecord};
@@ -1064,6 +1065,26 @@ impl IdempotencyStore for PanickyStore {
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
         self.inner.release(key, token).await
     }
+    async fn renew(
+        &self,
+        key: &str,
+        token: &ClaimToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+    // Claims go one key at a time through the panicking `claim` above (the Redis store's
+    // batch would never panic); completions are the Redis store's own batch.
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        claim_one_by_one(self, keys, lease).await
+    }
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        self.inner.complete_many(claims, ttl).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1123,6 +1144,9 @@ impl DeadLetterSink for PanickySink {
         assert!(n > 2, "the sink panics on send {n}");
         let _permit = self.gate.acquire().await.expect("gate semaphore closed");
         self.inner.send(letter).await
+    }
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+        self.send(letter) // through the faults above, queued nowhere
     }
     fn topics_for(&self, source_topic: &str) -> Vec<String> {
         self.inner.topics_for(source_topic)
@@ -1626,6 +1650,9 @@ impl DeadLetterSink for FlakySink {
         let _permit = self.gate.acquire().await.expect("gate semaphore closed");
         self.inner.send(letter).await
     }
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+        self.send(letter) // through the faults above, queued nowhere
+    }
     fn topics_for(&self, source_topic: &str) -> Vec<String> {
         self.inner.topics_for(source_topic)
     }
@@ -1752,6 +1779,16 @@ impl IdempotencyStore for GatedComplete {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.inner.renew(key, token, lease).await
+    }
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        self.inner.claim_many(keys, lease).await
+    }
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        complete_one_by_one(self, claims, ttl).await // each through the gate
     }
 }
 

@@ -619,6 +619,21 @@ async fn the_conformance_suite_catches_a_store_that_ignores_expiry_on_complete()
         ) -> Result<(), StoreError> {
             self.inner.renew(key, token, lease).await
         }
+        // Through `claim` and the lenient `complete` above, one key at a time.
+        async fn claim_many(
+            &self,
+            keys: &[&str],
+            lease: Duration,
+        ) -> Vec<Result<Claim, StoreError>> {
+            kourier::idempotency::claim_one_by_one(self, keys, lease).await
+        }
+        async fn complete_many(
+            &self,
+            claims: &[(&str, &ClaimToken)],
+            ttl: Duration,
+        ) -> Vec<Result<(), StoreError>> {
+            kourier::idempotency::complete_one_by_one(self, claims, ttl).await
+        }
     }
 
     let store = Lenient {
@@ -641,9 +656,8 @@ async fn the_conformance_suite_catches_a_store_that_ignores_expiry_on_complete()
     );
 }
 
-/// A store written before `renew` existed keeps the trait's default, which answers
-/// `Unsupported`: it still works with the consumer (its leases simply run out), but the suite
-/// fails it on exactly the renewal cases.
+/// A store that cannot renew answers `Unsupported`: it still works with the consumer (its
+/// leases simply run out), but the suite fails it on exactly the renewal cases.
 #[cfg(feature = "testing")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_conformance_suite_fails_a_store_that_cannot_renew_on_the_renewal_cases() {
@@ -667,6 +681,23 @@ async fn the_conformance_suite_fails_a_store_that_cannot_renew_on_the_renewal_ca
         }
         async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
             self.0.release(key, token).await
+        }
+        async fn renew(&self, _: &str, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
+            Err(StoreError::Unsupported { operation: "renew" })
+        }
+        async fn claim_many(
+            &self,
+            keys: &[&str],
+            lease: Duration,
+        ) -> Vec<Result<Claim, StoreError>> {
+            self.0.claim_many(keys, lease).await
+        }
+        async fn complete_many(
+            &self,
+            claims: &[(&str, &ClaimToken)],
+            ttl: Duration,
+        ) -> Vec<Result<(), StoreError>> {
+            self.0.complete_many(claims, ttl).await
         }
     }
 

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use kourier::metrics::{self as m, labels};
 use kourier::{
     DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, DedupKey, Handler,
-    HandlerError, Idempotency, InMemoryIdempotencyStore, Message, ProcessingOrder, RetryPolicy,
-    RetryingConsumerBuilder, async_trait,
+    HandlerError, Idempotency, InMemoryIdempotencyStore, Message, PendingLetter, ProcessingOrder,
+    RetryPolicy, RetryingConsumerBuilder, async_trait,
 };
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde::{Deserialize, Serialize};
@@ -231,6 +231,12 @@ impl DeadLetterSink for FlakySink {
             partition: None,
             offset: None,
         })
+    }
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+        self.send(letter)
+    }
+    fn topics_for(&self, _source_topic: &str) -> Vec<String> {
+        Vec::new() // in memory: no topic to check
     }
 }
 

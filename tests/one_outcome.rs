@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use kourier::dead_letter::headers as dlt;
+use kourier::idempotency::{claim_one_by_one, complete_one_by_one};
 use kourier::tiers::{
     Admission, InMemoryKeyOrderLedger, KeyOrderLedger, LedgerKey, RetryTiers, SourceId,
     headers as tier,
@@ -319,6 +320,22 @@ impl IdempotencyStore for DownStore {
             operation: "release",
             source: "connection refused".into(),
         })
+    }
+    async fn renew(&self, _: &str, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable {
+            operation: "renew",
+            source: "connection refused".into(),
+        })
+    }
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        claim_one_by_one(self, keys, lease).await // each counted and refused
+    }
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        complete_one_by_one(self, claims, ttl).await
     }
 }
 

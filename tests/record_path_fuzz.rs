@@ -72,16 +72,16 @@ fn record() -> impl Strategy<Value = RawRecord> {
     )
         .prop_map(
             |(topic, partition, offset, key, value, headers, timestamp, log_append_time)| {
-                RawRecord {
-                    topic: topic.into(),
-                    partition,
-                    offset,
-                    key: key.map(Into::into),
-                    value: value.map(Into::into),
-                    headers,
-                    timestamp,
-                    log_append_time,
-                }
+                let mut record = RawRecord::builder(topic)
+                    .partition(partition)
+                    .offset(offset)
+                    .headers(headers)
+                    .build();
+                record.key = key.map(Into::into);
+                record.value = value.map(Into::into);
+                record.timestamp = timestamp;
+                record.log_append_time = log_append_time;
+                record
             },
         )
 }
@@ -134,11 +134,9 @@ proptest! {
         prop_assert!(error.starts_with(&message), "the error is kept (bounded): {:?}", message);
 
         // Reading it as a letter on a dead-letter topic and rebuilding the original record.
-        let on_dlt = RawRecord {
-            topic: format!("{}.dlt", record.topic).into(),
-            headers: written,
-            ..record.clone()
-        };
+        let mut on_dlt = record.clone();
+        on_dlt.topic = format!("{}.dlt", record.topic).into();
+        on_dlt.headers = written;
         let redrive = RedriveRecord::from_dead_letter(&on_dlt, None).expect("has a destination");
         prop_assert_eq!(redrive.topic.as_str(), &*record.topic);
         prop_assert_eq!(redrive.key.as_deref(), record.key.as_deref());

@@ -18,7 +18,8 @@ use crate::ledger::now_ms;
 // Writing (in the consumer process)
 
 /// Appends one line per outcome: `time_ms outcome id tier partition offset`, where `outcome`
-/// is `handled`, `duplicate`, `dead-lettered/<kind>`, `forwarded/<tier>` or `abandoned`, `id`
+/// is `handled`, `duplicate`, `dead-lettered/<kind>`, `forwarded/<tier>`, `abandoned` or
+/// `left-for-later` (`RecordOutcome::as_str` for the others), `id`
 /// the event's (`-` when the value is not an event), `tier` the tier the record was in (0:
 /// the source topic) and `partition`/`offset` the record's in that topic.
 pub(crate) struct OutcomeLog {
@@ -81,6 +82,8 @@ pub(crate) struct OutcomeLine {
     pub(crate) offset: i64,
 }
 
+/// One outcome line; `None` for a line it does not count, such as `left-for-later` (a tier
+/// record not yet due at a stop: nothing of it ran).
 pub(crate) fn parse(line: &str) -> Option<OutcomeLine> {
     let mut it = line.split(' ');
     let time_ms = it.next()?.parse().ok()?;

@@ -79,9 +79,11 @@ pub(crate) fn retry_policy() -> RetryPolicy {
         .with_max_attempts(4)
 }
 
-/// The outage breaker: the defaults (opens at 3 failures in a row or half the last 20
-/// calls failing), probing after 1 s and then twice as long after each failed probe, up to
-/// 30 s.
+/// The outage breaker: the default trigger (opens once at least half of the last 20 calls
+/// failed, counted from 3 calls and with failures of two records at least; no
+/// consecutive-failures trigger), probing after 1 s and then twice as long after each failed
+/// probe, up to 30 s. A `421` or a refused connection is `unavailable`: each such failure counts
+/// as a record of its own.
 pub(crate) fn breaker_policy() -> BreakerPolicy {
     BreakerPolicy::default().with_open_interval(Duration::from_secs(1), Duration::from_secs(30))
 }

@@ -1,7 +1,16 @@
 //! The consumer's reading of a retry-tier record (`kourier::__bench::read_tier_record`, the
 //! function `Tiers::locate` calls) on any headers, timestamp, delay and clock: no panic, and
 //! what it reads keeps the rules of the `tiers` module docs ("Headers are untrusted").
+//!
+//! `kourier::__bench` exists only when kourier is built with `--cfg kourier_bench`:
+//! `RUSTFLAGS="--cfg kourier_bench" cargo +nightly fuzz run tier_record`.
 #![no_main]
+
+#[cfg(not(kourier_bench))]
+compile_error!(
+    "the tier_record target needs kourier's crate-private parts: \
+     RUSTFLAGS=\"--cfg kourier_bench\" cargo +nightly fuzz run tier_record"
+);
 
 use std::time::{Duration, UNIX_EPOCH};
 

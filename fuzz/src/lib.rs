@@ -73,15 +73,16 @@ impl Input {
     /// The record, at a position a broker could give it (a partition and an offset are
     /// never negative: they come from the broker, not from a header).
     pub fn record(&self, topic: &str) -> RawRecord {
-        RawRecord {
-            topic: topic.into(),
-            partition: self.partition.saturating_abs(),
-            offset: self.offset.saturating_abs(),
-            key: self.key.clone().map(Into::into),
-            value: Some(b"{}".to_vec().into()),
-            headers: self.headers(),
-            timestamp: self.timestamp,
-            log_append_time: self.log_append_time,
-        }
+        // A struct literal is not allowed outside kourier (`RawRecord` is `#[non_exhaustive]`).
+        let mut record = RawRecord::builder(topic)
+            .partition(self.partition.saturating_abs())
+            .offset(self.offset.saturating_abs())
+            .value("{}")
+            .headers(self.headers())
+            .build();
+        record.key = self.key.clone().map(Into::into);
+        record.timestamp = self.timestamp;
+        record.log_append_time = self.log_append_time;
+        record
     }
 }

@@ -1,8 +1,9 @@
 //! Hidden entry points for `benches/micro.rs`: thin wrappers over the crate-private offset
 //! tracker and scheduler, so they can be benchmarked without widening the public API; and
 //! the tier-record header reading, for the fuzz targets in `fuzz/`.
-//! Re-exported as `kourier::__bench` with `#[doc(hidden)]`: not part of the API, no semver
-//! promise, not for use outside kourier's own benches and fuzz targets.
+//! Compiled only with `--cfg kourier_bench` and re-exported as `kourier::__bench` with
+//! `#[doc(hidden)]`: not part of the API, no semver promise, not for use outside kourier's
+//! own benches and fuzz targets.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

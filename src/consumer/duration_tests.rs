@@ -17,7 +17,9 @@ use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate};
 use crate::consumer::dedup::{Dedup, DedupKey};
 use crate::consumer::schedule::{JobEnd, Stop};
 use crate::consumer::work::{KeepSlot, WorkerContext};
-use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
+use crate::dead_letter::{
+    DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, PendingLetter,
+};
 use crate::handler::{Handler, HandlerError};
 use crate::idempotency::memory::InMemoryIdempotencyStore;
 use crate::message::Message;
@@ -88,6 +90,12 @@ impl DeadLetterSink for AckSink {
             partition: Some(0),
             offset: Some(0),
         })
+    }
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+        self.send(letter)
+    }
+    fn topics_for(&self, _source_topic: &str) -> Vec<String> {
+        Vec::new()
     }
 }
 

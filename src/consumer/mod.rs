@@ -14,7 +14,7 @@
 //! At the top, [`builder`] checks the settings and assembles the rooms, and
 //! [`retrying_consumer`] runs the poll thread and the workers until shutdown.
 
-#[cfg(feature = "bench-internals")]
+#[cfg(kourier_bench)]
 pub mod bench_support;
 mod breaker;
 mod builder;

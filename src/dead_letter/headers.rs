@@ -401,11 +401,7 @@ impl DeadLetter {
     /// use kourier::dead_letter::Provenance;
     /// use kourier::{DeadLetter, DeadLetterReason, Headers, RawRecord};
     ///
-    /// let record = RawRecord {
-    ///     topic: "notify.v1".into(), partition: 2, offset: 7, key: None,
-    ///     value: Some(b"{}".into()), headers: Headers::new(), timestamp: None,
-    ///     log_append_time: false,
-    /// };
+    /// let record = RawRecord::builder("notify.v1").partition(2).offset(7).value("{}").build();
     /// let mut letter = DeadLetter::new(record, DeadLetterReason::Permanent, "bad address");
     /// letter.attempts = 1;
     /// letter.group_id = "notifier".into();

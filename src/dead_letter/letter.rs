@@ -149,6 +149,85 @@ pub type PendingLetter<'a> = std::pin::Pin<
 /// on the trait: without it rustc reports E0195 ("lifetime parameters or bounds on method do
 /// not match the trait declaration"). [`DeadLetter::headers`] gives the provenance headers
 /// kourier's own sink writes, so letters from a custom sink read back the same.
+///
+/// # Every method is required
+///
+/// Besides writing ([`send`](Self::send)), a sink tells the consumer how it writes
+/// ([`enqueue`](Self::enqueue): whether letters of one partition are queued in order) and
+/// where ([`topics_for`](Self::topics_for): the topics checked at start). None of them has a
+/// default, on purpose: a sink that wraps another (to count letters, filter them, send a
+/// copy elsewhere) must say for each whether it forwards it. With defaults, a wrapper around
+/// [`KafkaDeadLetterSink`](crate::KafkaDeadLetterSink) that wrote only `send` compiled and
+/// silently lost the startup check of its dead-letter topics (a missing topic then held its
+/// partition at the first failure instead of failing `run()`) and the in-order queueing.
+/// Now leaving a method out is a compile error (E0046, "not all trait items implemented"):
+///
+/// ```compile_fail,E0046
+/// use kourier::{async_trait, DeadLetter, DeadLetterError, DeadLetterReceipt};
+///
+/// #[derive(Debug)]
+/// struct Counting(kourier::KafkaDeadLetterSink);
+///
+/// #[async_trait]
+/// impl kourier::DeadLetterSink for Counting {
+///     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+///         self.0.send(letter).await // enqueue and topics_for not forwarded: does not compile
+///     }
+/// }
+/// ```
+///
+/// A wrapper forwards all three:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use kourier::{async_trait, DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
+/// use kourier::{KafkaDeadLetterSink, PendingLetter};
+///
+/// #[derive(Debug)]
+/// struct Counting {
+///     inner: KafkaDeadLetterSink,
+///     letters: AtomicU64,
+/// }
+///
+/// #[async_trait]
+/// impl DeadLetterSink for Counting {
+///     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+///         self.letters.fetch_add(1, Ordering::Relaxed);
+///         self.inner.send(letter).await
+///     }
+///     async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+///         self.letters.fetch_add(1, Ordering::Relaxed);
+///         self.inner.enqueue(letter).await // keeps the Kafka sink's in-order queueing
+///     }
+///     fn topics_for(&self, source_topic: &str) -> Vec<String> {
+///         self.inner.topics_for(source_topic) // keeps the startup check of `<topic>.dlt`
+///     }
+/// }
+/// ```
+///
+/// A sink of its own that queues nothing and writes outside Kafka says so in one line each:
+///
+/// ```
+/// use kourier::{async_trait, DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
+/// use kourier::PendingLetter;
+///
+/// #[derive(Debug)]
+/// struct Table;
+///
+/// #[async_trait]
+/// impl DeadLetterSink for Table {
+///     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+///         # let _ = letter;
+///         todo!("insert the letter, return once it is stored")
+///     }
+///     async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+///         self.send(letter) // nothing queued: the write starts when the consumer awaits it
+///     }
+///     fn topics_for(&self, _source_topic: &str) -> Vec<String> {
+///         Vec::new() // no Kafka topic to check at start
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait DeadLetterSink: Send + Sync + fmt::Debug + 'static {
     /// Writes one dead letter.
@@ -158,25 +237,23 @@ pub trait DeadLetterSink: Send + Sync + fmt::Debug + 'static {
     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError>;
 
     /// Starts writing one dead letter: returns once the letter is queued, with the write's
-    /// outcome still to come. The consumer lets the source partition's next record start as
-    /// soon as this returns and commits the record's offset only when the returned future
-    /// answers `Ok` (several letters of a partition are then in flight at once).
+    /// outcome still to come. The consumer writes every letter through this method: it lets
+    /// the source partition's next record start as soon as this returns and commits the
+    /// record's offset only when the returned future answers `Ok` (several letters of a
+    /// partition are then in flight at once).
     ///
-    /// The default queues nothing and returns [`send`](DeadLetterSink::send) unstarted, so
-    /// the letters of one partition are written concurrently and may reach the destination
-    /// out of source order. [`KafkaDeadLetterSink`](crate::KafkaDeadLetterSink) hands the
-    /// letter to its producer before it returns, so letters of one source partition keep
-    /// their order (unless a write fails and is retried).
-    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
-        self.send(letter)
-    }
+    /// A sink that queues nothing returns [`send`](DeadLetterSink::send) unstarted
+    /// (`self.send(letter)`): the letters of one partition are then written concurrently
+    /// and may reach the destination out of source order.
+    /// [`KafkaDeadLetterSink`](crate::KafkaDeadLetterSink) hands the letter to its producer
+    /// before it returns, so letters of one source partition keep their order (unless a
+    /// write fails and is retried); a sink that wraps it forwards this call to keep that.
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a>;
 
     /// The Kafka topics this sink writes the dead letters of `source_topic` to. The
     /// consumer checks at start that they exist (and creates them when told to), so a
     /// missing topic is an error at start rather than a partition that waits forever at the
-    /// first failure. Default: none (a sink that writes elsewhere).
-    fn topics_for(&self, source_topic: &str) -> Vec<String> {
-        let _ = source_topic;
-        Vec::new()
-    }
+    /// first failure. A sink that writes elsewhere answers none (`Vec::new()`); a sink that
+    /// wraps a Kafka sink forwards this call.
+    fn topics_for(&self, source_topic: &str) -> Vec<String>;
 }

@@ -19,19 +19,14 @@ use crate::record::{Header, Headers, RawRecord};
 /// use kourier::dead_letter::{headers, RedriveRecord};
 /// use kourier::{Headers, RawRecord};
 ///
-/// let letter = RawRecord {
-///     topic: "notify.v1.dlt".into(),
-///     partition: 0,
-///     offset: 7,
-///     key: Some(b"u-1".into()),
-///     value: Some(br#"{"id":1}"#.into()),
-///     headers: Headers::new()
-///         .with("event-id", "e-1")
-///         .with(headers::ORIGINAL_TOPIC, "notify.v1")
-///         .with(headers::FAILURE_KIND, "permanent"),
-///     timestamp: None,
-///     log_append_time: false,
-/// };
+/// let letter = RawRecord::builder("notify.v1.dlt")
+///     .offset(7)
+///     .key("u-1")
+///     .value(r#"{"id":1}"#)
+///     .header("event-id", "e-1")
+///     .header(headers::ORIGINAL_TOPIC, "notify.v1")
+///     .header(headers::FAILURE_KIND, "permanent")
+///     .build();
 /// let redrive = RedriveRecord::from_dead_letter(&letter, None)?;
 /// assert_eq!(redrive.topic, "notify.v1");
 /// assert_eq!(redrive.headers, Headers::new().with("event-id", "e-1").with(headers::REDRIVE_COUNT, "1"));

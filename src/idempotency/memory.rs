@@ -35,8 +35,13 @@ use crate::clock;
 /// A live in-flight claim is **never evicted**: that would let a second worker run the same
 /// key concurrently. If every entry is a live claim, the store grows past its capacity rather
 /// than refuse or break a claim; it shrinks back to the capacity as those claims complete,
-/// are released or expire. The number of live claims is bounded by the consumers' in-flight
-/// limits, so this overshoot is bounded too.
+/// are released or expire. Live claims are not bounded by `max_in_flight` alone: besides the
+/// records running, a consumer holds the claims of records whose completion, dead letter or
+/// retry-tier forward is still being written, and in partition and key order claims fetched
+/// ahead for the next records of a lane (up to 32 per claiming record, released once no
+/// longer fresh). Each belongs to a record the consumer received and has not settled, so the
+/// overshoot stays within its bounds on such records (`max_buffered_records` and
+/// `max_uncommitted_per_partition` per assigned partition).
 ///
 /// Times are [`tokio::time::Instant`]s, so tests can use paused time. A lease or TTL above
 /// one year is taken as one year (delivery rule 17 in the crate docs), so no duration, not
@@ -186,6 +191,19 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
             clock::after(now, lease),
         );
         Ok(())
+    }
+
+    /// One key after another: each call is a few map operations, no round trip to save.
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        super::claim_one_by_one(self, keys, lease).await
+    }
+
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        super::complete_one_by_one(self, claims, ttl).await
     }
 }
 

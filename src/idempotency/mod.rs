@@ -44,8 +44,9 @@
 //! [`ClaimToken`], [`StoreError`], and the two stores kourier ships,
 //! [`InMemoryIdempotencyStore`](crate::InMemoryIdempotencyStore) and
 //! `RedisIdempotencyStore` (feature `redis`). This module holds the contract
-//! they keep and, with the `testing` feature, `testing::run_conformance`, which checks a store
-//! against it.
+//! they keep, the helpers [`claim_one_by_one`] and [`complete_one_by_one`] for stores without
+//! a batch call, and, with the `testing` feature, `testing::run_conformance`, which checks a
+//! store against it.
 //!
 //! # The contract
 //!
@@ -103,12 +104,16 @@
 //! internally may answer success when its own earlier, unacknowledged attempt already made
 //! the change (the Redis store does).
 //!
-//! **Renewal is part of the contract**, but `renew` has a default that answers
-//! [`StoreError::Unsupported`] and changes nothing, so a store written before it existed
-//! still compiles and keeps working: the consumer logs once that its claims are not renewed
-//! and lets each lease run out as set at the claim (a handler outliving it may then run
-//! twice, as before). The conformance suite fails such a store on the renewal cases. A store
-//! that wraps another must forward `renew`.
+//! **Renewal is part of the contract.** A store that cannot renew answers
+//! [`StoreError::Unsupported`] from `renew` and changes nothing: the consumer logs once that
+//! its claims are not renewed and lets each lease run out as set at the claim (a handler
+//! outliving it may then run twice). The conformance suite fails such a store on the
+//! renewal cases.
+//!
+//! **Batches.** `claim_many` and `complete_many` answer each key exactly as `claim` and
+//! `complete` would [claim-many-answers-each-key-as-claim-would,
+//! complete-many-fences-each-key-as-complete-would]; a store without a batch call answers
+//! them one key at a time with [`claim_one_by_one`] and [`complete_one_by_one`].
 //!
 //! **What may block.** Calls are `async` and may wait on the network, but must not block the
 //! thread (no synchronous I/O; a `std::sync::Mutex` held for a few map operations is fine)
@@ -129,9 +134,12 @@
 //! trait's boxed-future signatures and rustc reports E0195 ("lifetime parameters or bounds on
 //! method do not match the trait declaration").
 //!
+//! Every method is required (the trait docs say why): a store without a batch call says so
+//! with [`claim_one_by_one`] and [`complete_one_by_one`], one line each.
+//!
 //! ```
 //! use std::time::Duration;
-//! use kourier::{async_trait, Claim, ClaimToken, IdempotencyStore, StoreError};
+//! use kourier::{async_trait, idempotency, Claim, ClaimToken, IdempotencyStore, StoreError};
 //!
 //! #[derive(Debug)]
 //! struct MyStore;
@@ -156,6 +164,83 @@
 //!         # let _ = (key, token, lease);
 //!         todo!("compare-and-extend the claim's lease")
 //!     }
+//!     async fn claim_many(&self, keys: &[&str], lease: Duration)
+//!         -> Vec<Result<Claim, StoreError>> {
+//!         idempotency::claim_one_by_one(self, keys, lease).await
+//!     }
+//!     async fn complete_many(&self, claims: &[(&str, &ClaimToken)], ttl: Duration)
+//!         -> Vec<Result<(), StoreError>> {
+//!         idempotency::complete_one_by_one(self, claims, ttl).await
+//!     }
+//! }
+//! ```
+//!
+//! A store that wraps another forwards every call, so it keeps what the inner store can do
+//! (renewal, one round trip per batch):
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::time::Duration;
+//! use kourier::{async_trait, Claim, ClaimToken, IdempotencyStore, StoreError};
+//!
+//! #[derive(Debug)]
+//! struct CountingClaims<S> {
+//!     inner: S,
+//!     claims: AtomicU64,
+//! }
+//!
+//! #[async_trait]
+//! impl<S: IdempotencyStore> IdempotencyStore for CountingClaims<S> {
+//!     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+//!         self.claims.fetch_add(1, Ordering::Relaxed);
+//!         self.inner.claim(key, lease).await
+//!     }
+//!     async fn complete(&self, key: &str, token: &ClaimToken, ttl: Duration)
+//!         -> Result<(), StoreError> {
+//!         self.inner.complete(key, token, ttl).await
+//!     }
+//!     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+//!         self.inner.release(key, token).await
+//!     }
+//!     async fn renew(&self, key: &str, token: &ClaimToken, lease: Duration)
+//!         -> Result<(), StoreError> {
+//!         self.inner.renew(key, token, lease).await
+//!     }
+//!     async fn claim_many(&self, keys: &[&str], lease: Duration)
+//!         -> Vec<Result<Claim, StoreError>> {
+//!         self.claims.fetch_add(keys.len() as u64, Ordering::Relaxed);
+//!         self.inner.claim_many(keys, lease).await
+//!     }
+//!     async fn complete_many(&self, claims: &[(&str, &ClaimToken)], ttl: Duration)
+//!         -> Vec<Result<(), StoreError>> {
+//!         self.inner.complete_many(claims, ttl).await
+//!     }
+//! }
+//! ```
+//!
+//! Leaving a call out does not compile (E0046): before, `renew`, `claim_many` and
+//! `complete_many` had defaults, and a wrapper that forwarded only the first three silently
+//! lost renewal and batching.
+//!
+//! ```compile_fail,E0046
+//! use std::time::Duration;
+//! use kourier::{async_trait, Claim, ClaimToken, IdempotencyStore, StoreError};
+//!
+//! #[derive(Debug)]
+//! struct Wrapper<S>(S);
+//!
+//! #[async_trait]
+//! impl<S: IdempotencyStore> IdempotencyStore for Wrapper<S> {
+//!     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+//!         self.0.claim(key, lease).await
+//!     }
+//!     async fn complete(&self, key: &str, token: &ClaimToken, ttl: Duration)
+//!         -> Result<(), StoreError> {
+//!         self.0.complete(key, token, ttl).await
+//!     }
+//!     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
+//!         self.0.release(key, token).await
+//!     }
 //! }
 //! ```
 //!
@@ -175,3 +260,4 @@ pub(crate) mod store;
 pub mod testing;
 
 pub(crate) use self::store::{Claim, ClaimToken, IdempotencyStore};
+pub use self::store::{claim_one_by_one, complete_one_by_one};

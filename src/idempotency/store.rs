@@ -61,6 +61,22 @@ pub enum Claim {
 /// [`idempotency`](crate::idempotency#the-contract) module, with how to write a store (put
 /// `#[async_trait]` on the impl, or rustc reports E0195) and how to check one against the
 /// contract (`idempotency::testing::run_conformance`, feature `testing`).
+///
+/// # Every method is required
+///
+/// Besides the three calls every store makes (`claim`, `complete`, `release`), a store
+/// says whether it can keep a claim alive ([`renew`](Self::renew)) and whether it answers
+/// many keys in one round trip ([`claim_many`](Self::claim_many),
+/// [`complete_many`](Self::complete_many)). None of them has a default, on purpose: a store
+/// that wraps another (to count calls, add a key prefix, trace) must say for each whether it
+/// forwards it. With defaults, a wrapper around the Redis store that wrote only the first
+/// three compiled and silently lost renewal (a handler outliving its lease could run twice)
+/// and the batch calls (one round trip per key). Now leaving one out is a compile error
+/// (E0046, "not all trait items implemented"). A store without those capabilities says so in
+/// one line each: `renew` answers [`StoreError::Unsupported`], and the batch calls use
+/// [`idempotency::claim_one_by_one`](crate::idempotency::claim_one_by_one) and
+/// [`idempotency::complete_one_by_one`](crate::idempotency::complete_one_by_one) (the
+/// [module docs](crate::idempotency#writing-a-store) show a whole store and a wrapper).
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// Tries to take `key` for `lease`.
@@ -101,12 +117,13 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// The claim then ends `lease` after the call, as a fresh claim's would: the lease is
     /// set, not added to what was left.
     ///
-    /// The default answers [`StoreError::Unsupported`] and changes nothing: a store that
-    /// cannot renew must not pretend it did. The consumer then logs once that claims are not
-    /// renewed and lets the lease run out as it was set at the claim: a handler outliving it
-    /// may run twice (set [the lease](crate::Idempotency::with_lease) above your slowest
-    /// handler). Every store kourier ships renews. A store that wraps
-    /// another must forward this call too, or its claims are never renewed.
+    /// A store that cannot renew answers [`StoreError::Unsupported`] and changes nothing
+    /// (`Err(StoreError::Unsupported { operation: "renew" })`): it must not pretend it did.
+    /// The consumer then logs once that claims are not renewed and lets the lease run out
+    /// as it was set at the claim: a handler outliving it may run twice (set
+    /// [the lease](crate::Idempotency::with_lease) above your slowest handler), and the
+    /// conformance suite fails the `renew-*` cases. Every store kourier ships renews; a store
+    /// that wraps another forwards this call.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`], changing nothing, in the same cases as
@@ -114,34 +131,20 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// claimed again since), the key was released or is done, or the token was never issued
     /// for it. [`StoreError::Unsupported`] from a store that cannot renew. Availability errors
     /// as for [`IdempotencyStore::claim`].
-    async fn renew(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        let _ = (key, token, lease);
-        Err(StoreError::Unsupported { operation: "renew" })
-    }
+    async fn renew(&self, key: &str, token: &ClaimToken, lease: Duration)
+    -> Result<(), StoreError>;
 
     /// Claims each of `keys` for `lease`: one answer per key, in order, each exactly what
     /// [`claim`](IdempotencyStore::claim) would have answered for it (every key is its own
     /// atomic claim; the batch is not a transaction). The consumer uses it to claim the
-    /// records of many workers in one call.
+    /// records of many workers in one call. Each key's result is independent: an
+    /// availability error may fail some keys, or all.
     ///
-    /// The default calls [`claim`](IdempotencyStore::claim) for each key in turn; a
-    /// `claim` that panics answers its key with [`StoreError::Unavailable`] and the batch
-    /// goes on, so the keys claimed before it keep their answers (lost with the batch, their
-    /// claims would hold the keys until their lease runs out). A store that can answer a
-    /// batch in one round trip should override it (the Redis store does). Each key's result
-    /// is independent: an availability error may fail some keys, or all.
-    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
-        let mut answers = Vec::with_capacity(keys.len());
-        for key in keys {
-            answers.push(store_call("claim", self.claim(key, lease)).await);
-        }
-        answers
-    }
+    /// A store that can answer a batch in one round trip does so (the Redis store does);
+    /// one that cannot calls [`claim`](IdempotencyStore::claim) per key with
+    /// [`idempotency::claim_one_by_one`](crate::idempotency::claim_one_by_one)`(self, keys,
+    /// lease).await`; a store that wraps another forwards this call.
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>>;
 
     /// Marks each `(key, token)` of `claims` done for `ttl`: one result per claim, in order,
     /// each exactly what [`complete`](IdempotencyStore::complete) would have answered for it,
@@ -149,20 +152,67 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::LeaseLost`] for that claim alone, changing nothing). The consumer uses
     /// it to mark the records of many workers done in one call.
     ///
-    /// The default calls [`complete`](IdempotencyStore::complete) for each claim in turn
-    /// (a `complete` that panics answers its claim with [`StoreError::Unavailable`], the
-    /// others keep theirs); the Redis store answers a batch in one round trip.
+    /// A store that can answer a batch in one round trip does so (the Redis store does);
+    /// one that cannot calls [`complete`](IdempotencyStore::complete) per claim with
+    /// [`idempotency::complete_one_by_one`](crate::idempotency::complete_one_by_one)`(self,
+    /// claims, ttl).await`; a store that wraps another forwards this call.
     async fn complete_many(
         &self,
         claims: &[(&str, &ClaimToken)],
         ttl: Duration,
-    ) -> Vec<Result<(), StoreError>> {
-        let mut answers = Vec::with_capacity(claims.len());
-        for (key, token) in claims {
-            answers.push(store_call("complete", self.complete(key, token, ttl)).await);
-        }
-        answers
+    ) -> Vec<Result<(), StoreError>>;
+}
+
+/// [`IdempotencyStore::claim_many`] for a store that has no batch call: calls
+/// [`claim`](IdempotencyStore::claim) for each key in turn and answers what it answered.
+///
+/// A `claim` that panics answers its key with [`StoreError::Unavailable`] and the batch goes
+/// on, so the keys claimed before it keep their answers (lost with the batch, their claims
+/// would hold the keys until their lease runs out).
+///
+/// ```
+/// use std::time::Duration;
+/// use kourier::{idempotency, Claim, IdempotencyStore, InMemoryIdempotencyStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = InMemoryIdempotencyStore::new();
+/// let answers = idempotency::claim_one_by_one(&store, &["a", "b"], Duration::from_secs(30)).await;
+/// assert!(answers.iter().all(|a| matches!(a, Ok(Claim::Acquired(_)))));
+/// # }
+/// ```
+pub async fn claim_one_by_one<S>(
+    store: &S,
+    keys: &[&str],
+    lease: Duration,
+) -> Vec<Result<Claim, StoreError>>
+where
+    S: IdempotencyStore + ?Sized,
+{
+    let mut answers = Vec::with_capacity(keys.len());
+    for key in keys {
+        answers.push(store_call("claim", store.claim(key, lease)).await);
     }
+    answers
+}
+
+/// [`IdempotencyStore::complete_many`] for a store that has no batch call: calls
+/// [`complete`](IdempotencyStore::complete) for each claim in turn and answers what it
+/// answered (a `complete` that panics answers its claim with [`StoreError::Unavailable`],
+/// the others keep theirs).
+pub async fn complete_one_by_one<S>(
+    store: &S,
+    claims: &[(&str, &ClaimToken)],
+    ttl: Duration,
+) -> Vec<Result<(), StoreError>>
+where
+    S: IdempotencyStore + ?Sized,
+{
+    let mut answers = Vec::with_capacity(claims.len());
+    for (key, token) in claims {
+        answers.push(store_call("complete", store.complete(key, token, ttl)).await);
+    }
+    answers
 }
 
 #[cfg(test)]
@@ -191,10 +241,32 @@ mod tests {
         async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
             self.0.release(key, token).await
         }
+        async fn renew(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            lease: Duration,
+        ) -> Result<(), StoreError> {
+            self.0.renew(key, token, lease).await
+        }
+        async fn claim_many(
+            &self,
+            keys: &[&str],
+            lease: Duration,
+        ) -> Vec<Result<Claim, StoreError>> {
+            claim_one_by_one(self, keys, lease).await
+        }
+        async fn complete_many(
+            &self,
+            claims: &[(&str, &ClaimToken)],
+            ttl: Duration,
+        ) -> Vec<Result<(), StoreError>> {
+            complete_one_by_one(self, claims, ttl).await
+        }
     }
 
     #[tokio::test]
-    async fn a_panicking_claim_fails_its_key_alone_in_the_default_batch() {
+    async fn a_panicking_claim_fails_its_key_alone_one_by_one() {
         let store = PanicsOnB::default();
         let lease = Duration::from_secs(30);
         let answers = store.claim_many(&["a", "b", "c"], lease).await;

@@ -6,9 +6,9 @@
 //! concurrent claims, renewal of a held claim with its fencing, and the batch calls
 //! (`claim_many`, `complete_many`) answering each key as the single-key call would — and
 //! reports each case.
-//! Both stores kourier ships pass it (see `tests/idempotency.rs`). A store that keeps the
-//! default [`IdempotencyStore::renew`] (which answers [`StoreError::Unsupported`]) fails the
-//! `renew-*` cases: the consumer cannot keep its claims alive while handlers run.
+//! Both stores kourier ships pass it (see `tests/idempotency.rs`). A store whose
+//! [`IdempotencyStore::renew`] answers [`StoreError::Unsupported`] (it cannot renew) fails
+//! the `renew-*` cases: the consumer cannot keep its claims alive while handlers run.
 //!
 //! It runs in real time with short leases (a few hundred milliseconds; about 5 s in all)
 //! and writes only keys under one fresh random prefix (`kourier-conformance:<random>:`), so

@@ -32,6 +32,10 @@ impl SourceId {
 }
 
 /// Which key's ledger: consumer group, source topic and key bytes.
+///
+/// `#[non_exhaustive]`: what tells one key's ledger from another may grow (a namespace, say).
+/// A ledger reads the fields; outside kourier, build one with [`LedgerKey::new`] (tests of a
+/// ledger of your own).
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct LedgerKey<'a> {
@@ -51,6 +55,10 @@ impl<'a> LedgerKey<'a> {
 }
 
 /// The ledger's answer before a record runs.
+///
+/// `#[non_exhaustive]`: a later version may give a ledger more to answer. A ledger of your
+/// own builds either variant as it is; code that matches on an answer (a ledger wrapping
+/// another) needs a `_` arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Admission {

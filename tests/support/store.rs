@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kourier::idempotency::{claim_one_by_one, complete_one_by_one};
 use kourier::{Claim, ClaimToken, IdempotencyStore, StoreError, async_trait};
 
 /// What the store answered, as the consumer saw it.
@@ -182,5 +183,19 @@ impl IdempotencyStore for SpyStore {
         let answer = SpyStore::settle_answer(&result, Answer::Renewed);
         self.record("renew", key, Some(token), answer);
         result
+    }
+
+    // One key at a time through the calls above, so that each is recorded (and the first
+    // claims can fail).
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        claim_one_by_one(self, keys, lease).await
+    }
+
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        complete_one_by_one(self, claims, ttl).await
     }
 }

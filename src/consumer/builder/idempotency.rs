@@ -71,8 +71,11 @@ pub enum StoreOutage {
 /// same batch call) and each of them takes its claim when its turn comes. Such a claim is
 /// taken only within a third of the lease and only if no store call failed since it was
 /// fetched; claims a record never takes (its partition revoked, the consumer stopping, the
-/// record ending early) are released, within 0.1 s for a revoke. Dedup keys from a function
-/// are then computed (the record decoded) before the record runs.
+/// record ending early) are released. At a revoke, a sweeper that looks every 0.1 s takes
+/// them out of use and releases them one store call after another: a revoked partition's
+/// keys are free again within 0.1 s plus one release round trip per claim (up to 32 per
+/// lane), and a claim whose release fails runs out with its lease. Dedup keys from a
+/// function are then computed (the record decoded) before the record runs.
 pub struct Idempotency<T> {
     pub(crate) store: Arc<dyn IdempotencyStore>,
     pub(crate) key: DedupKey<T>,

@@ -1,4 +1,4 @@
-//! Claims fetched ahead (delivery rule 15 in the crate docs's leases, applied before a record runs).
+//! Claims fetched ahead (delivery rules 7 and 15 in the crate docs: leases, applied before a record runs).
 //!
 //! In partition or key order a lane runs one record at a time, so a claim round trip per
 //! record puts the store's latency between every two records of the lane. When a record of

@@ -9,7 +9,7 @@
 //!   out. A revoke does not stop renewal: the partition stays ours while the revoke waits for
 //!   its records, and a record the revoke gives up (`Stop::abandon`) has its attempt dropped,
 //!   renewal included;
-//! - the store cannot renew ([`StoreError::Unsupported`], the trait's default): logged once
+//! - the store cannot renew ([`StoreError::Unsupported`] from `renew`): logged once
 //!   per process; the lease runs out as it was set at the claim.
 //!
 //! A store error is retried at the next tick; if the lease may have run out meanwhile, that

@@ -272,6 +272,21 @@ mod tests {
             }
             answers
         }
+        async fn renew(
+            &self,
+            key: &str,
+            token: &ClaimToken,
+            lease: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.renew(key, token, lease).await
+        }
+        async fn complete_many(
+            &self,
+            claims: &[(&str, &ClaimToken)],
+            ttl: Duration,
+        ) -> Vec<Result<(), StoreError>> {
+            self.inner.complete_many(claims, ttl).await
+        }
     }
 
     const LEASE: Duration = Duration::from_secs(60);

@@ -18,7 +18,7 @@ pub(crate) use self::buffer::*;
 pub(crate) use self::health::*;
 pub use self::health::{ConnectionState, PartitionStatus};
 pub(crate) use self::hub::*;
-#[cfg(feature = "bench-internals")]
+#[cfg(kourier_bench)]
 pub(crate) use self::offsets::OffsetTracker;
 pub use self::scheduler::ProcessingOrder;
 pub(crate) use self::scheduler::*;

@@ -22,11 +22,13 @@ use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate, ProbeMemo};
 use crate::consumer::dedup::{Dedup, DedupKey};
 use crate::consumer::schedule::{JobEnd, Stop};
 use crate::dead_letter::{
-    DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink,
+    DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, PendingLetter,
 };
 use crate::handler::{Handler, HandlerError};
 use crate::idempotency::memory::InMemoryIdempotencyStore;
-use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
+use crate::idempotency::{
+    Claim, ClaimToken, IdempotencyStore, StoreError, claim_one_by_one, complete_one_by_one,
+};
 use crate::message::Message;
 use crate::metrics::ConsumerMetrics;
 use crate::record::{Headers, RawRecord};
@@ -239,6 +241,12 @@ impl DeadLetterSink for RecordingSink {
             offset: Some(acked.len() as i64 - 1),
         })
     }
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+        self.send(letter) // through the failures and panics above
+    }
+    fn topics_for(&self, _source_topic: &str) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// An in-memory store that answers `Unavailable` to every call while `down`, and logs the
@@ -351,6 +359,19 @@ impl IdempotencyStore for FlakyStore {
         };
         self.note("renew", token, &result);
         result
+    }
+
+    // One key at a time through the calls above, so the batches go down with them.
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        claim_one_by_one(self, keys, lease).await
+    }
+
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        complete_one_by_one(self, claims, ttl).await
     }
 }
 
@@ -1563,6 +1584,20 @@ async fn a_store_that_always_loses_claims_makes_the_record_wait_not_spin() {
                 key: key.to_owned(),
             })
         }
+        async fn claim_many(
+            &self,
+            keys: &[&str],
+            lease: Duration,
+        ) -> Vec<Result<Claim, StoreError>> {
+            self.0.claim_many(keys, lease).await
+        }
+        async fn complete_many(
+            &self,
+            claims: &[(&str, &ClaimToken)],
+            ttl: Duration,
+        ) -> Vec<Result<(), StoreError>> {
+            self.0.complete_many(claims, ttl).await
+        }
     }
 
     let h = script([Stall(secs(60))])
@@ -1674,7 +1709,7 @@ async fn a_revoke_keeps_renewing_while_it_waits_and_renewal_ends_with_the_given_
 
 #[tokio::test(start_paused = true)]
 async fn a_store_that_cannot_renew_lets_the_lease_run_out_as_before() {
-    /// A store that keeps the trait's default `renew`.
+    /// A store that cannot renew: `renew` answers `Unsupported`.
     #[derive(Debug)]
     struct NoRenew(InMemoryIdempotencyStore);
 
@@ -1693,6 +1728,23 @@ async fn a_store_that_cannot_renew_lets_the_lease_run_out_as_before() {
         }
         async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
             self.0.release(key, token).await
+        }
+        async fn renew(&self, _: &str, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
+            Err(StoreError::Unsupported { operation: "renew" })
+        }
+        async fn claim_many(
+            &self,
+            keys: &[&str],
+            lease: Duration,
+        ) -> Vec<Result<Claim, StoreError>> {
+            self.0.claim_many(keys, lease).await
+        }
+        async fn complete_many(
+            &self,
+            claims: &[(&str, &ClaimToken)],
+            ttl: Duration,
+        ) -> Vec<Result<(), StoreError>> {
+            self.0.complete_many(claims, ttl).await
         }
     }
 
@@ -2137,6 +2189,16 @@ impl IdempotencyStore for SlowComplete {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.inner.renew(key, token, lease).await
+    }
+    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
+        self.inner.claim_many(keys, lease).await
+    }
+    async fn complete_many(
+        &self,
+        claims: &[(&str, &ClaimToken)],
+        ttl: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        complete_one_by_one(self, claims, ttl).await // each through the slow `complete`
     }
 }
 
