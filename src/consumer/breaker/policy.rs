@@ -111,7 +111,7 @@ impl BreakerPolicy {
     /// The longest the breaker stays open before a probe: one day. Longer open intervals are
     /// taken as a day (delivery rule 17 in the crate docs), and so is a handler's
     /// [`retry_after`](crate::HandlerError::retry_after) hint that keeps an opening breaker
-    /// open (hints are capped at [`HandlerError::MAX_RETRY_AFTER`], also a day).
+    /// open (hints are capped at [`HandlerError::MAX_RETRY_AFTER`](crate::HandlerError::MAX_RETRY_AFTER), also a day).
     pub const MAX_OPEN_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
 
     /// Opens when at least `rate` (in `(0, 1]`) of the last `window` calls failed, once at
