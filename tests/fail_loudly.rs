@@ -247,6 +247,29 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
+/// What most tests start with: the log capture, a topic and its `<topic>.dlt` (both with
+/// `partitions` partitions) named after `prefix`, a group and an empty handler log.
+struct Case {
+    topic: String,
+    dlt: String,
+    group: String,
+    log: Arc<Log>,
+}
+
+impl Case {
+    async fn new(prefix: &str, partitions: i32) -> Case {
+        captured();
+        support::require_kafka().await;
+        let (topic, dlt) = topics(prefix, partitions).await;
+        Case {
+            topic,
+            dlt,
+            group: support::unique_name(prefix),
+            log: Log::new(),
+        }
+    }
+}
+
 /// A topic and its `<topic>.dlt`, both created with `partitions` partitions.
 async fn topics(prefix: &str, partitions: i32) -> (String, String) {
     let topic = support::unique_name(prefix);
@@ -821,11 +844,9 @@ async fn a_topic_deleted_while_consuming_leaves_the_assignment_and_the_rest_flow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_waiting_out_a_back_off_is_abandoned_at_once_reported_and_redelivered() {
-    captured();
-    support::require_kafka().await;
-    let (topic, _) = topics("backoff-stop", 1).await;
-    let group = support::unique_name("backoff-stop");
-    let log = Log::new();
+    let Case {
+        topic, group, log, ..
+    } = Case::new("backoff-stop", 1).await;
     support::produce(
         &topic,
         vec![
@@ -894,11 +915,9 @@ async fn a_record_waiting_out_a_back_off_is_abandoned_at_once_reported_and_redel
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_outliving_the_shutdown_timeout_is_reported_abandoned() {
-    captured();
-    support::require_kafka().await;
-    let (topic, _) = topics("blocked-stop", 1).await;
-    let group = support::unique_name("blocked-stop");
-    let log = Log::new();
+    let Case {
+        topic, group, log, ..
+    } = Case::new("blocked-stop", 1).await;
     support::produce(&topic, vec![ev(0, Act::Ok), ev(1, Act::SleepMs(30_000))]).await;
     let running =
         Running::start(builder(&log, &topic, &group).shutdown_timeout(Duration::from_secs(1)));
@@ -945,11 +964,12 @@ impl Codec<Ev> for PanickyCodec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_codec_dead_letters_the_record_as_decode_and_the_partition_flows() {
-    captured();
-    support::require_kafka().await;
-    let (topic, dlt) = topics("panic-codec", 1).await;
-    let group = support::unique_name("panic-codec");
-    let log = Log::new();
+    let Case {
+        topic,
+        dlt,
+        group,
+        log,
+    } = Case::new("panic-codec", 1).await;
     support::produce(&topic, five_with(Act::Ok)).await;
     let b = RetryingConsumer::builder(Probe(log.clone())).codec(PanickyCodec);
     let running = Running::start(settings(b, &topic, &group));
@@ -981,11 +1001,12 @@ async fn a_panicking_codec_dead_letters_the_record_as_decode_and_the_partition_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_dedup_key_function_dead_letters_the_record_as_panic() {
-    captured();
-    support::require_kafka().await;
-    let (topic, dlt) = topics("panic-key", 1).await;
-    let group = support::unique_name("panic-key");
-    let log = Log::new();
+    let Case {
+        topic,
+        dlt,
+        group,
+        log,
+    } = Case::new("panic-key", 1).await;
     support::produce(&topic, five_with(Act::Ok)).await;
     let store = Arc::new(InMemoryIdempotencyStore::new());
     let key = DedupKey::from_fn(|m: &Message<Ev>| {
@@ -1052,12 +1073,13 @@ impl IdempotencyStore for PanickyStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_store_makes_the_record_wait_and_it_is_handled_once() {
-    captured();
-    support::require_kafka().await;
+    let Case {
+        topic,
+        dlt,
+        group,
+        log,
+    } = Case::new("panic-store", 1).await;
     support::require_redis().await;
-    let (topic, dlt) = topics("panic-store", 1).await;
-    let group = support::unique_name("panic-store");
-    let log = Log::new();
     support::produce(&topic, five_with(Act::Ok)).await;
     let store = Arc::new(PanickyStore {
         inner: RedisIdempotencyStore::builder(support::redis_url().as_str())
@@ -1090,88 +1112,20 @@ async fn a_panicking_store_makes_the_record_wait_and_it_is_handled_once() {
     assert!(support::read_all(&dlt).await.is_empty(), "no dead letter");
 }
 
-/// The Kafka sink, panicking on its first two sends; the third waits for `gate`.
-#[derive(Debug)]
-struct PanickySink {
-    inner: KafkaDeadLetterSink,
-    sends: AtomicU32,
-    gate: tokio::sync::Semaphore,
-}
-
-#[async_trait]
-impl DeadLetterSink for PanickySink {
-    async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
-        let n = self.sends.fetch_add(1, AtomicOrdering::SeqCst) + 1;
-        assert!(n > 2, "the sink panics on send {n}");
-        let _permit = self.gate.acquire().await.expect("gate semaphore closed");
-        self.inner.send(letter).await
-    }
-    fn topics_for(&self, source_topic: &str) -> Vec<String> {
-        self.inner.topics_for(source_topic)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_sink_is_retried_and_the_offset_waits_for_the_letter() {
-    captured();
-    support::require_kafka().await;
-    let (topic, dlt) = topics("panic-sink", 1).await;
-    let group = support::unique_name("panic-sink");
-    let log = Log::new();
-    support::produce(&topic, five_with(Act::Permanent)).await;
-    let sink = Arc::new(PanickySink {
-        inner: KafkaDeadLetterSink::builder(support::bootstrap())
-            .build()
-            .expect("sink"),
-        sends: AtomicU32::new(0),
-        gate: tokio::sync::Semaphore::new(0),
-    });
+    let case = Case::new("panic-sink", 2).await;
+    support::produce(&case.topic, five_with(Act::Permanent)).await;
+    let sink = GatedSink::new(2, Fail::Panic);
     // Key ordering: the records after the letter run while it waits.
     let running = Running::start(
-        builder(&log, &topic, &group)
+        builder(&case.log, &case.topic, &case.group)
             .ordering(ProcessingOrder::Key)
             .dead_letter_sink(sink.clone()),
     );
-    wait_for(
-        "two panicking sends, the third waiting",
-        Duration::from_secs(30),
-        || sink.sends.load(AtomicOrdering::SeqCst) == 3,
-    )
-    .await;
-    wait_for("4 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 4
-    })
-    .await;
-    wait_for("offsets 0 and 1 committed", Duration::from_secs(10), || {
-        running
-            .snapshot()
-            .partitions
-            .first()
-            .and_then(|p| p.committed)
-            == Some(2)
-    })
-    .await;
-    // Several commit intervals pass: the commit does not move past the letter.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(committed0(&group, &topic).await, Some(2));
-    assert!(support::read_all(&dlt).await.is_empty());
-
-    sink.gate.add_permits(1 << 20);
-    let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
-    wait_for("everything committed", Duration::from_secs(10), || {
-        running
-            .snapshot()
-            .partitions
-            .first()
-            .and_then(|p| p.committed)
-            == Some(5)
-    })
-    .await;
-    assert_eq!(letters.len(), 1, "the letter arrives once");
+    let letters = the_letter_holds_the_commit_point(&case, &sink, &running).await;
     assert_eq!(header(&letters[0], headers::FAILURE_KIND), "permanent");
-    assert_eq!(header_int(&letters[0], headers::ORIGINAL_OFFSET), Some(2));
     assert_eq!(sink.sends.load(AtomicOrdering::SeqCst), 3);
-    assert_eq!(log.attempts_of(2), [1], "the handler is not run again");
     assert_eq!(
         running
             .snapshot()
@@ -1180,17 +1134,18 @@ async fn a_panicking_sink_is_retried_and_the_offset_waits_for_the_letter() {
         1
     );
     running.stop_clean().await;
-    assert_eq!(committed0(&group, &topic).await, Some(5));
-    assert_eq!(support::read_all(&dlt).await.len(), 1);
+    assert_eq!(committed0(&case.group, &case.topic).await, Some(5));
+    assert_eq!(support::read_all(&case.dlt).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_without_panic_retries_is_dead_lettered_after_one_attempt() {
-    captured();
-    support::require_kafka().await;
-    let (topic, dlt) = topics("panic-handler", 1).await;
-    let group = support::unique_name("panic-handler");
-    let log = Log::new();
+    let Case {
+        topic,
+        dlt,
+        group,
+        log,
+    } = Case::new("panic-handler", 1).await;
     support::produce(&topic, five_with(Act::Panic)).await;
     let running = Running::start(builder(&log, &topic, &group).retry_panics(false));
     let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
@@ -1221,11 +1176,9 @@ async fn a_panicking_handler_without_panic_retries_is_dead_lettered_after_one_at
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stuck_key_pauses_its_partition_at_the_uncommitted_limit() {
-    captured();
-    support::require_kafka().await;
-    let (topic, _) = topics("uncommitted", 1).await;
-    let group = support::unique_name("uncommitted");
-    let log = Log::new();
+    let Case {
+        topic, group, log, ..
+    } = Case::new("uncommitted", 1).await;
     const TOTAL: u64 = 300;
     const LIMIT: usize = 50;
     const BUFFER: usize = 20;
@@ -1299,11 +1252,9 @@ async fn one_stuck_key_pauses_its_partition_at_the_uncommitted_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
-    captured();
-    support::require_kafka().await;
-    let (topic, _) = topics("stall", 1).await;
-    let group = support::unique_name("stall");
-    let log = Log::new();
+    let Case {
+        topic, group, log, ..
+    } = Case::new("stall", 1).await;
     support::produce(&topic, vec![ev(0, Act::SleepMs(3_000)), ev(1, Act::Ok)]).await;
     let mark = log_mark();
     let running =
@@ -1334,11 +1285,9 @@ async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caught_up_resolves_when_everything_is_handled_and_committed() {
-    captured();
-    support::require_kafka().await;
-    let (topic, _) = topics("caught-up", 3).await;
-    let group = support::unique_name("caught-up");
-    let log = Log::new();
+    let Case {
+        topic, group, log, ..
+    } = Case::new("caught-up", 3).await;
     let records: Vec<TestRecord> = (0..100)
         .map(|id| ev(id, Act::Ok).partition((id % 3) as i32))
         .collect();
@@ -1571,22 +1520,33 @@ async fn a_final_commit_refused_until_the_deadline_is_reported() {
 // Pipelined dead letters: the partition moves on while a letter is written; its offset waits
 // ---------------------------------------------------------------------------------------------
 
-/// The Kafka sink, failing its first `failures` sends; later sends wait for `gate`.
+/// The Kafka sink, failing its first `failures` sends (an error or a panic); later sends
+/// wait for `gate`.
 #[derive(Debug)]
-struct FlakySink {
+struct GatedSink {
     inner: KafkaDeadLetterSink,
+    /// How many of the first sends fail, and how.
     failures: u32,
+    fail: Fail,
     sends: AtomicU32,
     gate: tokio::sync::Semaphore,
 }
 
-impl FlakySink {
-    fn new(failures: u32) -> Arc<FlakySink> {
-        Arc::new(FlakySink {
+/// How a [`GatedSink`]'s failing sends fail.
+#[derive(Debug, Clone, Copy)]
+enum Fail {
+    Error,
+    Panic,
+}
+
+impl GatedSink {
+    fn new(failures: u32, fail: Fail) -> Arc<GatedSink> {
+        Arc::new(GatedSink {
             inner: KafkaDeadLetterSink::builder(support::bootstrap())
                 .build()
                 .expect("sink"),
             failures,
+            fail,
             sends: AtomicU32::new(0),
             gate: tokio::sync::Semaphore::new(0),
         })
@@ -1594,15 +1554,20 @@ impl FlakySink {
 }
 
 #[async_trait]
-impl DeadLetterSink for FlakySink {
+impl DeadLetterSink for GatedSink {
     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
         let n = self.sends.fetch_add(1, AtomicOrdering::SeqCst) + 1;
         if n <= self.failures {
-            return Err(DeadLetterError {
-                coordinates: letter.record.coordinates(),
-                destination: "flaky sink".into(),
-                source: format!("send {n} fails").into(),
-            });
+            match self.fail {
+                Fail::Panic => panic!("the sink panics on send {n}"),
+                Fail::Error => {
+                    return Err(DeadLetterError {
+                        coordinates: letter.record.coordinates(),
+                        destination: "flaky sink".into(),
+                        source: format!("send {n} fails").into(),
+                    });
+                }
+            }
         }
         let _permit = self.gate.acquire().await.expect("gate semaphore closed");
         self.inner.send(letter).await
@@ -1610,6 +1575,57 @@ impl DeadLetterSink for FlakySink {
     fn topics_for(&self, source_topic: &str) -> Vec<String> {
         self.inner.topics_for(source_topic)
     }
+}
+
+/// Record 2 of [`five_with`]`(Act::Permanent)` on partition 0 of `case` (which has 2): its
+/// letter's first two sends fail, the third waits for the gate. The records after it are
+/// handled meanwhile, but the commit stays at it — also in a commit pass that came after
+/// them (a witness record on partition 1 committed). Then the gate opens: the letter
+/// arrives once, everything is committed, the handler ran record 2 once. Returns the letters.
+async fn the_letter_holds_the_commit_point(
+    case: &Case,
+    sink: &GatedSink,
+    running: &Running,
+) -> Vec<ReadRecord> {
+    wait_for(
+        "two failed sends, the third waiting",
+        Duration::from_secs(30),
+        || sink.sends.load(AtomicOrdering::SeqCst) == 3,
+    )
+    .await;
+    wait_for(
+        "the records after the letter handled",
+        Duration::from_secs(30),
+        || case.log.handled_count() == 4,
+    )
+    .await;
+    wait_for("offsets 0 and 1 committed", Duration::from_secs(10), || {
+        committed_now(running) == Some(2)
+    })
+    .await;
+    support::produce(&case.topic, vec![ev(100, Act::Ok).partition(1)]).await;
+    wait_for("the witness committed", Duration::from_secs(30), || {
+        running
+            .snapshot()
+            .partitions
+            .iter()
+            .any(|p| p.partition == 1 && p.committed == Some(1))
+    })
+    .await;
+    assert_eq!(committed_now(running), Some(2), "held at the letter");
+    assert_eq!(committed0(&case.group, &case.topic).await, Some(2));
+    assert!(support::read_all(&case.dlt).await.is_empty());
+
+    sink.gate.add_permits(1 << 20);
+    let letters = support::read_at_least(&case.dlt, 1, Duration::from_secs(30)).await;
+    wait_for("everything committed", Duration::from_secs(10), || {
+        committed_now(running) == Some(5)
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "the letter arrives once");
+    assert_eq!(header_int(&letters[0], headers::ORIGINAL_OFFSET), Some(2));
+    assert_eq!(case.log.attempts_of(2), [1], "the handler is not run again");
+    letters
 }
 
 /// The committed offset the running consumer last reported for partition 0.
@@ -1623,60 +1639,29 @@ fn committed_now(running: &Running) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_dead_letter_write_lets_the_partition_move_on_but_holds_its_commit_point() {
-    captured();
-    support::require_kafka().await;
-    let (topic, dlt) = topics("pipelined-dlt", 1).await;
-    let group = support::unique_name("pipelined-dlt");
-    let log = Log::new();
-    support::produce(&topic, five_with(Act::Permanent)).await;
-    let sink = FlakySink::new(2);
+    let case = Case::new("pipelined-dlt", 2).await;
+    support::produce(&case.topic, five_with(Act::Permanent)).await;
+    let sink = GatedSink::new(2, Fail::Error);
     // Partition ordering (the default): one record of the partition handled at a time, yet
     // the records after the letter run while it is written.
-    let running = Running::start(builder(&log, &topic, &group).dead_letter_sink(sink.clone()));
-    wait_for(
-        "two failed writes, the third waiting",
-        Duration::from_secs(30),
-        || sink.sends.load(AtomicOrdering::SeqCst) == 3,
-    )
-    .await;
-    wait_for(
-        "the records after the letter handled",
-        Duration::from_secs(30),
-        || log.handled_count() == 4,
-    )
-    .await;
-    wait_for("offsets 0 and 1 committed", Duration::from_secs(10), || {
-        committed_now(&running) == Some(2)
-    })
-    .await;
-    // Several commit intervals pass: the commit does not move past the pending letter.
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(committed0(&group, &topic).await, Some(2));
-    assert!(support::read_all(&dlt).await.is_empty());
-
-    sink.gate.add_permits(1 << 20);
-    let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
-    wait_for("everything committed", Duration::from_secs(10), || {
-        committed_now(&running) == Some(5)
-    })
-    .await;
-    assert_eq!(letters.len(), 1, "the letter arrives once");
-    assert_eq!(header_int(&letters[0], headers::ORIGINAL_OFFSET), Some(2));
-    assert_eq!(log.attempts_of(2), [1], "the handler is not run again");
+    let running =
+        Running::start(builder(&case.log, &case.topic, &case.group).dead_letter_sink(sink.clone()));
+    the_letter_holds_the_commit_point(&case, &sink, &running).await;
     running.stop_clean().await;
-    assert_eq!(committed0(&group, &topic).await, Some(5));
-    assert_eq!(support::read_all(&dlt).await.len(), 1);
+    assert_eq!(committed0(&case.group, &case.topic).await, Some(5));
+    assert_eq!(support::read_all(&case.dlt).await.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_still_pending_at_shutdown_is_reported_abandoned_and_not_committed_past() {
-    captured();
-    support::require_kafka().await;
-    let (topic, dlt) = topics("pipelined-dlt-stop", 1).await;
-    let group = support::unique_name("pipelined-dlt-stop");
-    let log = Log::new();
+    let Case {
+        topic,
+        dlt,
+        group,
+        log,
+    } = Case::new("pipelined-dlt-stop", 1).await;
     support::produce(&topic, five_with(Act::Permanent)).await;
-    let sink = FlakySink::new(u32::MAX);
+    let sink = GatedSink::new(u32::MAX, Fail::Error);
     let running = Running::start(
         builder(&log, &topic, &group)
             .shutdown_timeout(Duration::from_secs(1))
@@ -1738,11 +1723,9 @@ impl IdempotencyStore for GatedComplete {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_run_behind_the_lane_and_the_commit_waits_for_them() {
-    captured();
-    support::require_kafka().await;
-    let (topic, _dlt) = topics("pipelined-complete", 1).await;
-    let group = support::unique_name("pipelined-complete");
-    let log = Log::new();
+    let Case {
+        topic, group, log, ..
+    } = Case::new("pipelined-complete", 1).await;
     support::produce(&topic, five_with(Act::Ok)).await;
     let store = Arc::new(GatedComplete {
         inner: InMemoryIdempotencyStore::new(),
