@@ -637,21 +637,60 @@ async fn wait_for_topics_waits_past_the_startup_timeout() {
     wait_for_topic_created_after(Duration::from_secs(3), Duration::from_secs(4)).await;
 }
 
+/// With `wait_for_topics`, the consumer waits for the source topic and for its dead-letter
+/// topic: it says so (the warning names what is missing, first both, then the dead-letter
+/// topic alone once the source exists), keeps running meanwhile, and consumes once both exist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_topics_also_waits_for_the_dead_letter_topic() {
     captured();
     support::require_kafka().await;
     let topic = support::unique_name("wait-both");
+    let dlt = format!("{topic}.dlt");
     let group = support::unique_name("wait-both");
     let log = Log::new();
-    let running = Running::start(builder(&log, &topic, &group).wait_for_topics(true));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    if running.task.is_finished() {
-        let ended = running.task.await;
-        panic!("run() returned instead of waiting for the topic and its DLT: {ended:?}");
-    }
+    let waiting_for = |mark: usize, missing: String| {
+        move || {
+            !lines_since(mark, |l| {
+                l.contains("waiting for topics to be created") && l.contains(&missing)
+            })
+            .is_empty()
+        }
+    };
+    let mark = log_mark();
+    // The warning repeats every 200 ms, naming what is still missing.
+    let running = Running::start(
+        builder(&log, &topic, &group)
+            .wait_for_topics(true)
+            .error_log_interval(Duration::from_millis(200)),
+    );
+    let both = format!("topics=[\"{topic}\", \"{dlt}\"]");
+    wait_for(
+        "a wait for both topics",
+        Duration::from_secs(30),
+        waiting_for(mark, both),
+    )
+    .await;
+    assert!(
+        !running.task.is_finished(),
+        "run() returned instead of waiting"
+    );
+
     support::create_topic(&topic, 1).await;
-    support::create_topic(&format!("{topic}.dlt"), 1).await;
+    let mark = log_mark();
+    let dlt_alone = format!("topics=[\"{dlt}\"]");
+    wait_for(
+        "a wait for the dead-letter topic alone",
+        Duration::from_secs(30),
+        waiting_for(mark, dlt_alone),
+    )
+    .await;
+    assert!(
+        !running.task.is_finished(),
+        "run() returned without its dead-letter topic"
+    );
+    assert!(running.snapshot().assigned.is_empty(), "not consuming yet");
+
+    support::create_topic(&dlt, 1).await;
     support::produce(&topic, (0..3).map(|id| ev(id, Act::Ok)).collect()).await;
     wait_for("3 records handled", Duration::from_secs(30), || {
         log.handled_count() == 3
