@@ -83,6 +83,16 @@ struct Log {
 }
 
 impl Log {
+    /// Waits (at most 30 s) until `n` records were handled.
+    async fn wait_handled(&self, n: usize) {
+        wait_for(
+            &format!("{n} records handled"),
+            Duration::from_secs(30),
+            || self.handled_count() == n,
+        )
+        .await;
+    }
+
     fn new() -> Arc<Log> {
         Arc::new(Log {
             attempts: Mutex::new(Vec::new()),
@@ -268,6 +278,22 @@ impl Case {
             log: Log::new(),
         }
     }
+
+    /// Topic, dead-letter topic, group, log.
+    fn parts(self) -> (String, String, String, Arc<Log>) {
+        (self.topic, self.dlt, self.group, self.log)
+    }
+}
+
+/// Runs a consumer of `topic` in `group` that cannot start: the error `run()` returns
+/// within `within`, and how long it took.
+async fn start_error(topic: &str, group: &str, within: Duration) -> (Error, Duration) {
+    let consumer = builder(&Log::new(), topic, group).build().expect("build");
+    let started = Instant::now();
+    let result = tokio::time::timeout(within, consumer.run(std::future::pending()))
+        .await
+        .unwrap_or_else(|_| panic!("run() returned within {within:?}"));
+    (result.expect_err("run() fails"), started.elapsed())
 }
 
 /// A topic and its `<topic>.dlt`, both created with `partitions` partitions.
@@ -570,17 +596,8 @@ async fn a_missing_subscribed_topic_is_an_error_naming_it() {
     // The dead-letter topic exists: only the subscribed topic is missing.
     support::create_topic(&format!("{topic}.dlt"), 1).await;
     let group = support::unique_name("missing-source");
-    let consumer = builder(&Log::new(), &topic, &group).build().expect("build");
-
-    let started = Instant::now();
-    let result = tokio::time::timeout(
-        Duration::from_secs(15),
-        consumer.run(std::future::pending()),
-    )
-    .await
-    .expect("run() returned within 15 s");
-    let err = result.expect_err("the topic does not exist");
-    eprintln!("missing topic: {:?} → {err}", started.elapsed());
+    let (err, took) = start_error(&topic, &group, Duration::from_secs(15)).await;
+    eprintln!("missing topic: {took:?} → {err}");
     assert!(err.is_missing_topics(), "{err:?}");
     assert_eq!(err.missing_topics(), std::slice::from_ref(&topic));
     match &err {
@@ -618,10 +635,7 @@ async fn wait_for_topic_created_after(startup_timeout: Duration, after: Duration
 
     support::create_topic(&topic, 1).await;
     support::produce(&topic, (0..3).map(|id| ev(id, Act::Ok)).collect()).await;
-    wait_for("3 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 3
-    })
-    .await;
+    log.wait_handled(3).await;
     assert_eq!(log.handled_ids(), [0, 1, 2]);
     running.stop_clean().await;
     assert_eq!(committed0(&group, &topic).await, Some(3));
@@ -692,10 +706,7 @@ async fn wait_for_topics_also_waits_for_the_dead_letter_topic() {
 
     support::create_topic(&dlt, 1).await;
     support::produce(&topic, (0..3).map(|id| ev(id, Act::Ok)).collect()).await;
-    wait_for("3 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 3
-    })
-    .await;
+    log.wait_handled(3).await;
     running.stop_clean().await;
 }
 
@@ -706,17 +717,8 @@ async fn a_missing_dead_letter_topic_is_an_error_naming_it_and_the_setting_that_
     let topic = support::unique_name("missing-dlt");
     support::create_topic(&topic, 1).await;
     let group = support::unique_name("missing-dlt");
-    let consumer = builder(&Log::new(), &topic, &group).build().expect("build");
-
-    let started = Instant::now();
-    let result = tokio::time::timeout(
-        Duration::from_secs(15),
-        consumer.run(std::future::pending()),
-    )
-    .await
-    .expect("run() returned within 15 s");
-    let err = result.expect_err("the dead-letter topic does not exist");
-    eprintln!("missing dead-letter topic: {:?} → {err}", started.elapsed());
+    let (err, took) = start_error(&topic, &group, Duration::from_secs(15)).await;
+    eprintln!("missing dead-letter topic: {took:?} → {err}");
     assert_eq!(err.missing_topics(), [format!("{topic}.dlt")]);
     match &err {
         Error::MissingTopics { hint, .. } => {
@@ -735,14 +737,7 @@ async fn missing_topics_names_every_missing_topic() {
     support::require_kafka().await;
     let topic = support::unique_name("missing-both");
     let group = support::unique_name("missing-both");
-    let consumer = builder(&Log::new(), &topic, &group).build().expect("build");
-    let err = tokio::time::timeout(
-        Duration::from_secs(15),
-        consumer.run(std::future::pending()),
-    )
-    .await
-    .expect("run() returned within 15 s")
-    .expect_err("neither topic exists");
+    let (err, _) = start_error(&topic, &group, Duration::from_secs(15)).await;
     let mut missing = err.missing_topics().to_vec();
     missing.sort();
     assert_eq!(missing, [topic.clone(), format!("{topic}.dlt")], "{err}");
@@ -777,10 +772,7 @@ async fn create_missing_topics_creates_source_and_dead_letter_topics_and_letters
         .collect();
     let coordinates = support::produce(&topic, records).await;
     let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
-    wait_for("5 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 5
-    })
-    .await;
+    log.wait_handled(5).await;
     assert_eq!(log.handled_ids(), [0, 1, 2, 3, 5]);
     assert_eq!(letters.len(), 1, "{letters:?}");
     let letter = &letters[0];
@@ -810,10 +802,7 @@ async fn a_topic_deleted_while_consuming_leaves_the_assignment_and_the_rest_flow
     let running = Running::start(builder(&log, &kept, &group).topic(&doomed));
     support::produce(&kept, vec![ev(0, Act::Ok)]).await;
     support::produce(&doomed, vec![ev(1, Act::Ok), ev(2, Act::Ok).partition(1)]).await;
-    wait_for("3 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 3
-    })
-    .await;
+    log.wait_handled(3).await;
     wait_for("the doomed topic assigned", Duration::from_secs(10), || {
         running
             .snapshot()
@@ -883,9 +872,7 @@ async fn a_topic_deleted_while_consuming_leaves_the_assignment_and_the_rest_flow
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_waiting_out_a_back_off_is_abandoned_at_once_reported_and_redelivered() {
-    let Case {
-        topic, group, log, ..
-    } = Case::new("backoff-stop", 1).await;
+    let (topic, _, group, log) = Case::new("backoff-stop", 1).await.parts();
     support::produce(
         &topic,
         vec![
@@ -910,12 +897,7 @@ async fn a_record_waiting_out_a_back_off_is_abandoned_at_once_reported_and_redel
     )
     .await;
     wait_for("offsets 0 and 1 committed", Duration::from_secs(10), || {
-        running
-            .snapshot()
-            .partitions
-            .first()
-            .and_then(|p| p.committed)
-            == Some(2)
+        committed_now(&running) == Some(2)
     })
     .await;
 
@@ -954,9 +936,7 @@ async fn a_record_waiting_out_a_back_off_is_abandoned_at_once_reported_and_redel
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_outliving_the_shutdown_timeout_is_reported_abandoned() {
-    let Case {
-        topic, group, log, ..
-    } = Case::new("blocked-stop", 1).await;
+    let (topic, _, group, log) = Case::new("blocked-stop", 1).await.parts();
     support::produce(&topic, vec![ev(0, Act::Ok), ev(1, Act::SleepMs(30_000))]).await;
     let running =
         Running::start(builder(&log, &topic, &group).shutdown_timeout(Duration::from_secs(1)));
@@ -1003,20 +983,12 @@ impl Codec<Ev> for PanickyCodec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_codec_dead_letters_the_record_as_decode_and_the_partition_flows() {
-    let Case {
-        topic,
-        dlt,
-        group,
-        log,
-    } = Case::new("panic-codec", 1).await;
+    let (topic, dlt, group, log) = Case::new("panic-codec", 1).await.parts();
     support::produce(&topic, five_with(Act::Ok)).await;
     let b = RetryingConsumer::builder(Probe(log.clone())).codec(PanickyCodec);
     let running = Running::start(settings(b, &topic, &group));
     let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
-    wait_for("4 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 4
-    })
-    .await;
+    log.wait_handled(4).await;
     assert_eq!(
         log.handled_ids(),
         [0, 1, 3, 4],
@@ -1040,12 +1012,7 @@ async fn a_panicking_codec_dead_letters_the_record_as_decode_and_the_partition_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_dedup_key_function_dead_letters_the_record_as_panic() {
-    let Case {
-        topic,
-        dlt,
-        group,
-        log,
-    } = Case::new("panic-key", 1).await;
+    let (topic, dlt, group, log) = Case::new("panic-key", 1).await.parts();
     support::produce(&topic, five_with(Act::Ok)).await;
     let store = Arc::new(InMemoryIdempotencyStore::new());
     let key = DedupKey::from_fn(|m: &Message<Ev>| {
@@ -1054,10 +1021,7 @@ async fn a_panicking_dedup_key_function_dead_letters_the_record_as_panic() {
     });
     let running = Running::start(builder(&log, &topic, &group).idempotency(store.clone(), key));
     let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
-    wait_for("4 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 4
-    })
-    .await;
+    log.wait_handled(4).await;
     assert_eq!(log.handled_ids(), [0, 1, 3, 4]);
     assert!(log.attempts_of(2).is_empty(), "the handler never saw it");
     assert_eq!(letters.len(), 1);
@@ -1112,12 +1076,7 @@ impl IdempotencyStore for PanickyStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_store_makes_the_record_wait_and_it_is_handled_once() {
-    let Case {
-        topic,
-        dlt,
-        group,
-        log,
-    } = Case::new("panic-store", 1).await;
+    let (topic, dlt, group, log) = Case::new("panic-store", 1).await.parts();
     support::require_redis().await;
     support::produce(&topic, five_with(Act::Ok)).await;
     let store = Arc::new(PanickyStore {
@@ -1131,10 +1090,7 @@ async fn a_panicking_store_makes_the_record_wait_and_it_is_handled_once() {
     });
     let key = DedupKey::from_fn(|m: &Message<Ev>| Some(format!("ev-{}", m.event().id)));
     let running = Running::start(builder(&log, &topic, &group).idempotency(store.clone(), key));
-    wait_for("5 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 5
-    })
-    .await;
+    log.wait_handled(5).await;
     assert_eq!(
         log.handled_ids(),
         [0, 1, 2, 3, 4],
@@ -1179,19 +1135,11 @@ async fn a_panicking_sink_is_retried_and_the_offset_waits_for_the_letter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_handler_without_panic_retries_is_dead_lettered_after_one_attempt() {
-    let Case {
-        topic,
-        dlt,
-        group,
-        log,
-    } = Case::new("panic-handler", 1).await;
+    let (topic, dlt, group, log) = Case::new("panic-handler", 1).await.parts();
     support::produce(&topic, five_with(Act::Panic)).await;
     let running = Running::start(builder(&log, &topic, &group).retry_panics(false));
     let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
-    wait_for("4 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 4
-    })
-    .await;
+    log.wait_handled(4).await;
     assert_eq!(log.handled_ids(), [0, 1, 3, 4]);
     assert_eq!(log.attempts_of(2), [1], "one attempt");
     assert_eq!(letters.len(), 1);
@@ -1215,9 +1163,7 @@ async fn a_panicking_handler_without_panic_retries_is_dead_lettered_after_one_at
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stuck_key_pauses_its_partition_at_the_uncommitted_limit() {
-    let Case {
-        topic, group, log, ..
-    } = Case::new("uncommitted", 1).await;
+    let (topic, _, group, log) = Case::new("uncommitted", 1).await.parts();
     const TOTAL: u64 = 300;
     const LIMIT: usize = 50;
     const BUFFER: usize = 20;
@@ -1291,9 +1237,7 @@ async fn one_stuck_key_pauses_its_partition_at_the_uncommitted_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
-    let Case {
-        topic, group, log, ..
-    } = Case::new("stall", 1).await;
+    let (topic, _, group, log) = Case::new("stall", 1).await.parts();
     support::produce(&topic, vec![ev(0, Act::SleepMs(3_000)), ev(1, Act::Ok)]).await;
     let mark = log_mark();
     let running =
@@ -1324,9 +1268,7 @@ async fn a_record_in_flight_past_the_stall_threshold_is_counted_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caught_up_resolves_when_everything_is_handled_and_committed() {
-    let Case {
-        topic, group, log, ..
-    } = Case::new("caught-up", 3).await;
+    let (topic, _, group, log) = Case::new("caught-up", 3).await.parts();
     let records: Vec<TestRecord> = (0..100)
         .map(|id| ev(id, Act::Ok).partition((id % 3) as i32))
         .collect();
@@ -1362,6 +1304,26 @@ async fn caught_up_resolves_when_everything_is_handled_and_committed() {
 // ---------------------------------------------------------------------------------------------
 // 10. Maximum broker outage (librdkafka's mock cluster: see the module docs)
 
+/// An in-process mock cluster with a topic named after `prefix` (and its dead-letter
+/// topic) holding events 0, 1, 2: the cluster, its bootstrap servers, the topic.
+async fn mock_with_three_records(
+    prefix: &str,
+) -> (
+    MockCluster<'static, kourier::rdkafka::producer::DefaultProducerContext>,
+    String,
+    String,
+) {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let topic = support::unique_name(prefix);
+    mock.create_topic(&topic, 1, 1).expect("create topic");
+    mock.create_topic(&format!("{topic}.dlt"), 1, 1)
+        .expect("create dlt");
+    let events: Vec<Ev> = (0..3).map(|id| Ev { id, act: Act::Ok }).collect();
+    produce_to_mock(&bootstrap, &topic, &events).await;
+    (mock, bootstrap, topic)
+}
+
 async fn produce_to_mock(bootstrap: &str, topic: &str, events: &[Ev]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -1388,14 +1350,7 @@ async fn produce_to_mock(bootstrap: &str, topic: &str, events: &[Ev]) {
 async fn a_broker_outage_longer_than_max_broker_outage_ends_run_with_brokers_unreachable() {
     captured();
     let _quiet = OUTAGE_LOGS.lock().await;
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let bootstrap = mock.bootstrap_servers();
-    let topic = support::unique_name("outage");
-    mock.create_topic(&topic, 1, 1).expect("create topic");
-    mock.create_topic(&format!("{topic}.dlt"), 1, 1)
-        .expect("create dlt");
-    let events: Vec<Ev> = (0..3).map(|id| Ev { id, act: Act::Ok }).collect();
-    produce_to_mock(&bootstrap, &topic, &events).await;
+    let (mock, bootstrap, topic) = mock_with_three_records("outage").await;
 
     let log = Log::new();
     let b = builder(&log, &topic, &support::unique_name("outage"))
@@ -1403,17 +1358,9 @@ async fn a_broker_outage_longer_than_max_broker_outage_ends_run_with_brokers_unr
         .max_broker_outage(Duration::from_secs(3))
         .shutdown_timeout(Duration::from_secs(1));
     let running = Running::start(b);
-    wait_for("3 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 3
-    })
-    .await;
+    log.wait_handled(3).await;
     wait_for("committed", Duration::from_secs(10), || {
-        running
-            .snapshot()
-            .partitions
-            .first()
-            .and_then(|p| p.committed)
-            == Some(3)
+        committed_now(&running) == Some(3)
     })
     .await;
     assert_eq!(running.snapshot().connection, ConnectionState::Connected);
@@ -1478,14 +1425,7 @@ async fn stop_while_commits_are_refused(
     refusals: usize,
 ) -> (kourier::Result<ShutdownReport>, Duration, Option<i64>) {
     use kourier::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let mock = MockCluster::new(1).expect("mock cluster");
-    let bootstrap = mock.bootstrap_servers();
-    let topic = support::unique_name("final-commit");
-    mock.create_topic(&topic, 1, 1).expect("create topic");
-    mock.create_topic(&format!("{topic}.dlt"), 1, 1)
-        .expect("create dlt");
-    let events: Vec<Ev> = (0..3).map(|id| Ev { id, act: Act::Ok }).collect();
-    produce_to_mock(&bootstrap, &topic, &events).await;
+    let (mock, bootstrap, topic) = mock_with_three_records("final-commit").await;
 
     let log = Log::new();
     let group = support::unique_name("final-commit");
@@ -1494,10 +1434,7 @@ async fn stop_while_commits_are_refused(
         .commit_interval(Duration::from_secs(3600))
         .shutdown_timeout(Duration::from_secs(3));
     let running = Running::start(b);
-    wait_for("3 records handled", Duration::from_secs(30), || {
-        log.handled_count() == 3
-    })
-    .await;
+    log.wait_handled(3).await;
     assert_eq!(committed_on_mock(&bootstrap, &group, &topic), None);
     mock.request_errors(
         RDKafkaApiKey::OffsetCommit,
@@ -1693,12 +1630,7 @@ async fn a_failing_dead_letter_write_lets_the_partition_move_on_but_holds_its_co
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_still_pending_at_shutdown_is_reported_abandoned_and_not_committed_past() {
-    let Case {
-        topic,
-        dlt,
-        group,
-        log,
-    } = Case::new("pipelined-dlt-stop", 1).await;
+    let (topic, dlt, group, log) = Case::new("pipelined-dlt-stop", 1).await.parts();
     support::produce(&topic, five_with(Act::Permanent)).await;
     let sink = GatedSink::new(u32::MAX, Fail::Error);
     let running = Running::start(
@@ -1762,9 +1694,7 @@ impl IdempotencyStore for GatedComplete {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_run_behind_the_lane_and_the_commit_waits_for_them() {
-    let Case {
-        topic, group, log, ..
-    } = Case::new("pipelined-complete", 1).await;
+    let (topic, _, group, log) = Case::new("pipelined-complete", 1).await.parts();
     support::produce(&topic, five_with(Act::Ok)).await;
     let store = Arc::new(GatedComplete {
         inner: InMemoryIdempotencyStore::new(),
