@@ -423,6 +423,17 @@ struct Setup {
 
 /// A worker whose handler plays `steps`, with `RetryPolicy::fixed(500 ms, 3)` (4 attempts),
 /// JSON decoding, no dedup, no handler timeout and a sink that acknowledges everything.
+/// Order `o-1`, whose handler stalls for `stall`, with its claim in a store that is up and
+/// a 3 s lease: the store, the order's dedup key, the harness.
+fn stalled_claim(stall: Duration) -> (Arc<FlakyStore>, String, Harness) {
+    let store = FlakyStore::up();
+    let h = script([Stall(stall)])
+        .dedup_in(store.clone())
+        .lease(secs(3))
+        .build();
+    (store, store_key("o-1"), h)
+}
+
 fn script(steps: impl Into<Vec<Step>>) -> Setup {
     let steps = steps.into();
     assert!(!steps.is_empty(), "a script needs a step");
@@ -1490,12 +1501,7 @@ async fn lose_the_claim_mid_run(store: &FlakyStore, key: &str, t0: Instant) -> C
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_claim_cancels_the_attempt_and_the_record_waits_for_the_new_owner() {
-    let store = FlakyStore::up();
-    let key = store_key("o-1");
-    let h = script([Stall(secs(10))])
-        .dedup_in(store.clone())
-        .lease(secs(3))
-        .build();
+    let (store, key, h) = stalled_claim(secs(10));
     let other_worker = async {
         let theirs = lose_the_claim_mid_run(&store, &key, h.t0).await;
         sleep_until(h.t0 + secs(6)).await;
@@ -1539,12 +1545,7 @@ async fn a_lost_claim_cancels_the_attempt_and_the_record_waits_for_the_new_owner
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_claim_does_not_count_as_an_attempt_when_the_record_runs_again() {
-    let store = FlakyStore::up();
-    let key = store_key("o-1");
-    let h = script([Stall(secs(10))])
-        .dedup_in(store.clone())
-        .lease(secs(3))
-        .build();
+    let (store, key, h) = stalled_claim(secs(10));
     let other_worker = async {
         let theirs = lose_the_claim_mid_run(&store, &key, h.t0).await;
         sleep_until(h.t0 + secs(6)).await;
@@ -1595,12 +1596,7 @@ async fn a_store_that_always_loses_claims_makes_the_record_wait_not_spin() {
 
 #[tokio::test(start_paused = true)]
 async fn renewal_stops_when_the_partition_assignment_is_lost() {
-    let store = FlakyStore::up();
-    let key = store_key("o-1");
-    let h = script([Stall(secs(60))])
-        .dedup_in(store.clone())
-        .lease(secs(3))
-        .build();
+    let (store, key, h) = stalled_claim(secs(60));
     let stop = Stop::default();
     let revoke = async {
         sleep_until(h.t0 + ms(1500)).await;
@@ -1642,12 +1638,7 @@ async fn renewal_stops_when_the_partition_assignment_is_lost() {
 
 #[tokio::test(start_paused = true)]
 async fn a_revoke_keeps_renewing_while_it_waits_and_renewal_ends_with_the_given_up_record() {
-    let store = FlakyStore::up();
-    let key = store_key("o-1");
-    let h = script([Stall(secs(60))])
-        .dedup_in(store.clone())
-        .lease(secs(3))
-        .build();
+    let (store, key, h) = stalled_claim(secs(60));
     let stop = Stop::default();
     let revoke = async {
         sleep_until(h.t0 + ms(1500)).await;
