@@ -145,6 +145,32 @@ pub(crate) mod fake {
         })
     }
 
+    /// Records 0, 1, 2 of [`hub_running`] run around `step`: 0 and 2 settle after 20 and
+    /// 40 ms, 1 runs until it is given up. Returns the fake consumer `step` used, how long
+    /// `step` took and when record 1 was given up (both from the start).
+    pub(crate) fn around_a_record_given_up(
+        hub: &Arc<Hub>,
+        jobs: Vec<Job>,
+        step: impl FnOnce(&FakeConsumer),
+    ) -> (FakeConsumer, Duration, Duration) {
+        let [j0, j1, j2] = <[_; 3]>::try_from(jobs).expect("three jobs");
+        let started = Instant::now();
+        let ms = Duration::from_millis(1);
+        let workers = [
+            end_after(hub, j0, 20 * ms, JobEnd::Settled),
+            end_after(hub, j2, 40 * ms, JobEnd::Settled),
+        ];
+        let given_up = end_when_abandoned(hub, j1, started);
+        let consumer = FakeConsumer::new();
+        step(&consumer);
+        let took = started.elapsed();
+        let given_up_at = given_up.join().unwrap();
+        for w in workers {
+            w.join().unwrap();
+        }
+        (consumer, took, given_up_at)
+    }
+
     /// Waits (at most 10 s) until `fired`; returns when it did, after `started`.
     pub(crate) fn wait_for(fired: impl Fn() -> bool, started: Instant) -> Duration {
         while !fired() {

@@ -159,36 +159,17 @@ fn ownership_lost(e: &KafkaError) -> bool {
 mod tests {
     use std::sync::Arc;
 
+    use super::super::client::fake::hub_running;
     use super::*;
-    use crate::ProcessingOrder;
-    use crate::consumer::schedule::{JobEnd, Limits, Scheduler};
-    use crate::record::RawRecord;
+    use crate::consumer::schedule::JobEnd;
 
     /// A hub whose partition `t/0` settled offsets 0..3: 3 is to be committed.
-    fn hub_with_settled_records() -> Hub {
-        let limits = Limits {
-            max_in_flight: 10,
-            max_buffered_records: 100,
-            max_buffered_bytes: 1 << 20,
-            max_buffered_records_per_partition: 100,
-            max_uncommitted_per_partition: 1_000,
-        };
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits);
-        let tp: Tp = (Arc::from("t"), 0);
-        s.assign([tp]);
-        for offset in 0..3 {
-            s.enqueue(RawRecord::builder("t").offset(offset).build());
+    fn hub_with_settled_records() -> Arc<Hub> {
+        let (hub, jobs) = hub_running(3, Duration::from_secs(1));
+        for job in jobs {
+            assert!(hub.finish(&job, JobEnd::Settled).is_none());
         }
-        let mut job = s.take_jobs().pop();
-        while let Some(j) = job {
-            job = s.finish(&j, JobEnd::Settled);
-        }
-        Hub::new(
-            s,
-            Duration::from_secs(1),
-            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
-            Duration::from_secs(30),
-        )
+        hub
     }
 
     fn refused() -> KafkaError {

@@ -118,7 +118,8 @@ mod tests {
     use std::time::Instant;
 
     use super::super::client::fake::{
-        Call, FakeConsumer, end_after, end_when_abandoned, hub_running, tp, wait_for,
+        Call, FakeConsumer, around_a_record_given_up, end_after, end_when_abandoned, hub_running,
+        tp, wait_for,
     };
     use super::*;
     use crate::consumer::schedule::JobEnd;
@@ -132,20 +133,8 @@ mod tests {
     fn a_revoke_waits_up_to_its_timeout_then_cancels_and_commits_what_settled() {
         let timeout = Duration::from_millis(300);
         let (hub, jobs) = hub_running(3, timeout);
-        let [j0, j1, j2] = <[_; 3]>::try_from(jobs).unwrap();
-        let started = Instant::now();
-        let workers = [
-            end_after(&hub, j0, 20 * MS, JobEnd::Settled),
-            end_after(&hub, j2, 40 * MS, JobEnd::Settled),
-        ];
-        let stuck = end_when_abandoned(&hub, j1, started);
-        let consumer = FakeConsumer::new();
-        on_revoke(&hub, &consumer, &[tp()]);
-        let took = started.elapsed();
-        let cancelled_at = stuck.join().unwrap();
-        for w in workers {
-            w.join().unwrap();
-        }
+        let (consumer, took, cancelled_at) =
+            around_a_record_given_up(&hub, jobs, |consumer| on_revoke(&hub, consumer, &[tp()]));
         assert!(
             cancelled_at >= timeout,
             "cancelled before the revoke timeout: {cancelled_at:?}"

@@ -157,7 +157,7 @@ pub(super) mod tests {
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
     use super::super::client::fake::{
-        Call, FakeConsumer, end_after, end_when_abandoned, hub_running, tp,
+        Call, FakeConsumer, around_a_record_given_up, end_after, hub_running, tp,
     };
     use super::*;
     use crate::consumer::schedule::{JobEnd, Limits, ProcessingOrder};
@@ -239,20 +239,8 @@ pub(super) mod tests {
     fn at_the_deadline_a_shutdown_abandons_what_runs_and_commits_the_rest() {
         let deadline = Duration::from_millis(300);
         let (hub, jobs) = hub_running(3, Duration::from_secs(30));
-        let [j0, j1, j2] = <[_; 3]>::try_from(jobs).unwrap();
-        let started = Instant::now();
-        let workers = [
-            end_after(&hub, j0, 20 * MS, JobEnd::Settled),
-            end_after(&hub, j2, 40 * MS, JobEnd::Settled),
-        ];
-        let running = end_when_abandoned(&hub, j1, started);
-        let consumer = FakeConsumer::new();
-        shutdown(&consumer, &hub, deadline);
-        let took = started.elapsed();
-        let cancelled_at = running.join().unwrap();
-        for w in workers {
-            w.join().unwrap();
-        }
+        let (consumer, took, cancelled_at) =
+            around_a_record_given_up(&hub, jobs, |consumer| shutdown(consumer, &hub, deadline));
         assert!(
             cancelled_at >= deadline,
             "cancelled early: {cancelled_at:?}"
