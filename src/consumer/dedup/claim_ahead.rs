@@ -479,6 +479,23 @@ mod tests {
         );
     }
 
+    /// A store failure at the very instant a claim was fetched (the paused clock does not
+    /// move) counts as after it: the claim is not taken. Also at the claims' first instant,
+    /// where "failed at 0 ns" must not read as "never failed".
+    #[tokio::test(start_paused = true)]
+    async fn a_store_failure_at_the_instant_of_the_fetch_counts() {
+        let (store, claims) = setup();
+        let r = record(1);
+        let answer = acquired(&store, "a").await;
+        claims.keep(
+            &Arc::default(),
+            claims.base,
+            [(r.clone(), "a".into(), answer)],
+        );
+        claims.store_failed();
+        assert!(claims.take(&r, "a").await.is_none());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_done_answer_makes_the_record_a_duplicate() {
         let (_store, claims) = setup();
