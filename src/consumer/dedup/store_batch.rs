@@ -352,6 +352,36 @@ mod tests {
         assert_eq!(*batches.sizes.lock().unwrap(), [3], "one batch");
     }
 
+    /// Each request gets exactly one answer: a store answering too few is padded with
+    /// availability errors (the records wait, never skip), too many are cut, a panic answers
+    /// every request with an availability error.
+    #[test]
+    fn every_request_gets_exactly_one_answer() {
+        let unavailable = |a: &Result<u8, StoreError>| {
+            matches!(
+                a,
+                Err(StoreError::Unavailable {
+                    operation: "claim",
+                    ..
+                })
+            )
+        };
+        let exact = answers_for("claim", 2, Ok(vec![Ok(1), Ok(2)]));
+        assert!(matches!(exact[..], [Ok(1), Ok(2)]), "{exact:?}");
+        let few = answers_for("claim", 3, Ok(vec![Ok(1u8)]));
+        assert_eq!(few.len(), 3);
+        assert!(matches!(few[0], Ok(1)) && unavailable(&few[1]) && unavailable(&few[2]));
+        let many = answers_for("claim", 1, Ok(vec![Ok(1u8), Ok(2)]));
+        assert!(matches!(many[..], [Ok(1)]), "{many:?}");
+        let panic = answers_for::<u8>("claim", 2, Err("boom".into()));
+        assert_eq!(panic.len(), 2);
+        assert!(panic.iter().all(unavailable), "{panic:?}");
+        assert!(
+            panic[0].as_ref().unwrap_err().to_string().contains("boom")
+                || format!("{:?}", panic[0]).contains("boom")
+        );
+    }
+
     /// A batch holds at most [`MAX_BATCH`] requests.
     #[tokio::test]
     async fn a_batch_holds_at_most_max_batch_requests() {

@@ -159,7 +159,7 @@ fn ownership_lost(e: &KafkaError) -> bool {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::client::fake::hub_running;
+    use super::super::client::fake::{FakeConsumer, hub_running};
     use super::*;
     use crate::consumer::schedule::JobEnd;
 
@@ -174,6 +174,22 @@ mod tests {
 
     fn refused() -> KafkaError {
         KafkaError::ConsumerCommit(RDKafkaErrorCode::GroupAuthorizationFailed)
+    }
+
+    /// An interval commit that failed is tried again at the next interval; one that
+    /// succeeded is noted and not sent again.
+    #[test]
+    fn a_failed_interval_commit_is_tried_again_and_a_successful_one_is_noted() {
+        let hub = hub_with_settled_records();
+        let consumer = FakeConsumer::new();
+        consumer.fail_commits(1, &refused());
+        let offsets = vec![((Arc::from("t"), 0), 3)];
+        commit_settled(&consumer, &hub, "interval");
+        assert_eq!(hub.lock().to_commit(), offsets, "failed: still to commit");
+        commit_settled(&consumer, &hub, "interval");
+        assert!(hub.lock().to_commit().is_empty(), "committed: noted");
+        commit_settled(&consumer, &hub, "interval");
+        assert_eq!(consumer.commits(), [offsets.clone(), offsets]);
     }
 
     #[test]
