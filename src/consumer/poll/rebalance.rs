@@ -218,6 +218,25 @@ mod tests {
         assert_eq!(consumer.calls(), [Call::Commit(vec![(tp(), 1)])]);
     }
 
+    /// An assignment is tracked from its committed offsets and resumed (librdkafka keeps a
+    /// partition's pause across re-assignment); a revoke with nothing settled commits nothing.
+    #[test]
+    fn an_assignment_is_tracked_and_resumed_and_an_idle_revoke_commits_nothing() {
+        let (hub, _) = hub_running(0, Duration::from_secs(10));
+        hub.lock().remove(&[tp()]);
+        let consumer = FakeConsumer::new();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("t", 0);
+        on_assign(&hub, &consumer, &tpl);
+        assert_eq!(consumer.calls(), [Call::Resume(vec![tp()])]);
+        assert_eq!(hub.lock().assigned(), [tp()]);
+
+        let revoking = FakeConsumer::new();
+        on_revoke(&hub, &revoking, &[tp()]);
+        assert_eq!(revoking.calls(), [], "nothing settled: nothing to commit");
+        assert!(hub.lock().assigned().is_empty());
+    }
+
     /// Delivery rule 14: a record given up outside a revoke (its worker panicked) resets its
     /// partition: what settled is committed, the partition is tracked again, resumed, and
     /// read again from the commit point — in that order.
