@@ -13,7 +13,7 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use kourier::dead_letter::Provenance;
 use kourier::tiers::{RedisKeyOrderLedger, RetryTiers, headers as tier_headers};
@@ -51,16 +51,6 @@ fn planned_failures(id: u64) -> u32 {
     }
 }
 
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
 /// What the handler saw.
 #[derive(Default)]
 struct Seen {
@@ -88,7 +78,7 @@ fn handler(seen: Shared, failures: fn(u64) -> u32) -> impl kourier::Handler<Even
                 .get_str(tier_headers::DUE_MS)
                 .and_then(|d| d.parse::<i64>().ok())
             {
-                s.lateness_ms.push(now_ms() - due);
+                s.lateness_ms.push(support::now_ms() - due);
             }
             let done = s.failed.entry(id).or_default();
             if *done < failures(id) {

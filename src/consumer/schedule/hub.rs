@@ -288,6 +288,16 @@ mod tests {
         (Arc::new(hub), jobs)
     }
 
+    /// A worker that settles the first of `jobs` 30 ms from now; its thread returns the
+    /// job that took the slot.
+    fn settle_soon(hub: &Arc<Hub>, jobs: Vec<Job>) -> std::thread::JoinHandle<Option<Job>> {
+        let (hub, job) = (hub.clone(), jobs.into_iter().next().unwrap());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            hub.finish(&job, JobEnd::Settled)
+        })
+    }
+
     /// The poll thread waiting for room is woken by the worker that makes it, not by its
     /// timeout; without room it waits the timeout out and says so.
     #[test]
@@ -298,14 +308,7 @@ mod tests {
         assert!(!hub.wait_for_room(Duration::from_millis(50), 1));
         assert!(started.elapsed() >= Duration::from_millis(50));
 
-        let job = jobs.into_iter().next().unwrap();
-        let worker = {
-            let hub = hub.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(30));
-                hub.finish(&job, JobEnd::Settled)
-            })
-        };
+        let worker = settle_soon(&hub, jobs);
         let started = Instant::now();
         assert!(hub.wait_for_room(Duration::from_secs(10), 1), "room made");
         let took = started.elapsed();
@@ -328,14 +331,7 @@ mod tests {
         let (hub, jobs) = hub(ProcessingOrder::Partition, &["k"]);
         assert!(!hub.wait_until(Duration::from_millis(20), |s| s.in_flight() == 0));
         assert!(hub.wait_until(Duration::from_millis(20), |s| s.in_flight() == 1));
-        let job = jobs.into_iter().next().unwrap();
-        let worker = {
-            let hub = hub.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(30));
-                hub.finish(&job, JobEnd::Settled)
-            })
-        };
+        let worker = settle_soon(&hub, jobs);
         let started = Instant::now();
         assert!(hub.wait_until(Duration::from_secs(10), |s| s.in_flight() == 0));
         assert!(started.elapsed() < Duration::from_secs(2), "woken");
