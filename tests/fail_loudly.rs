@@ -1579,15 +1579,7 @@ async fn the_letter_holds_the_commit_point(
         committed_now(running) == Some(2)
     })
     .await;
-    support::produce(&case.topic, vec![ev(100, Act::Ok).partition(1)]).await;
-    wait_for("the witness committed", Duration::from_secs(30), || {
-        running
-            .snapshot()
-            .partitions
-            .iter()
-            .any(|p| p.partition == 1 && p.committed == Some(1))
-    })
-    .await;
+    the_next_commit_pass(running, &case.topic).await;
     assert_eq!(committed_now(running), Some(2), "held at the letter");
     assert_eq!(committed0(&case.group, &case.topic).await, Some(2));
     assert!(support::read_all(&case.dlt).await.is_empty());
@@ -1602,6 +1594,24 @@ async fn the_letter_holds_the_commit_point(
     assert_eq!(header_int(&letters[0], headers::ORIGINAL_OFFSET), Some(2));
     assert_eq!(case.log.attempts_of(2), [1], "the handler is not run again");
     letters
+}
+
+/// The id of the witness record of [`the_next_commit_pass`].
+const WITNESS: u64 = 100;
+
+/// Waits for a commit pass that comes after everything before the call: produces a witness
+/// record (event [`WITNESS`]) to partition 1 of `topic` (which needs 2 partitions) and waits
+/// until the consumer committed it (a pass commits every partition that moved).
+async fn the_next_commit_pass(running: &Running, topic: &str) {
+    support::produce(topic, vec![ev(WITNESS, Act::Ok).partition(1)]).await;
+    wait_for("the witness committed", Duration::from_secs(30), || {
+        running
+            .snapshot()
+            .partitions
+            .iter()
+            .any(|p| p.partition == 1 && p.committed == Some(1))
+    })
+    .await;
 }
 
 /// The committed offset the running consumer last reported for partition 0.
@@ -1694,22 +1704,23 @@ impl IdempotencyStore for GatedComplete {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_run_behind_the_lane_and_the_commit_waits_for_them() {
-    let (topic, _, group, log) = Case::new("pipelined-complete", 1).await.parts();
+    let (topic, _, group, log) = Case::new("pipelined-complete", 2).await.parts();
     support::produce(&topic, five_with(Act::Ok)).await;
     let store = Arc::new(GatedComplete {
         inner: InMemoryIdempotencyStore::new(),
         gate: tokio::sync::Semaphore::new(0),
     });
+    // The witness (event 100, partition 1) has no dedup key: nothing holds its commit.
     let running = Running::start(builder(&log, &topic, &group).idempotency(
         store.clone(),
-        DedupKey::from_fn(|m: &Message<Ev>| Some(m.event().id.to_string())),
+        DedupKey::from_fn(|m: &Message<Ev>| {
+            (m.event().id != WITNESS).then(|| m.event().id.to_string())
+        }),
     ));
     // Every record is handled while no key could be marked done yet.
-    wait_for("all five handled", Duration::from_secs(30), || {
-        log.handled_count() == 5
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    log.wait_handled(5).await;
+    the_next_commit_pass(&running, &topic).await;
+    assert_eq!(committed_now(&running), None);
     assert_eq!(
         committed0(&group, &topic).await,
         None,
