@@ -133,8 +133,16 @@ mod tests {
     fn a_revoke_waits_up_to_its_timeout_then_cancels_and_commits_what_settled() {
         let timeout = Duration::from_millis(300);
         let (hub, jobs) = hub_running(3, timeout);
-        let (consumer, took, cancelled_at) =
-            around_a_record_given_up(&hub, jobs, |consumer| on_revoke(&hub, consumer, &[tp()]));
+        let mut running_after = None;
+        let (consumer, took, cancelled_at) = around_a_record_given_up(&hub, jobs, |consumer| {
+            on_revoke(&hub, consumer, &[tp()]);
+            running_after = Some(hub.lock().in_flight());
+        });
+        assert_eq!(
+            running_after,
+            Some(0),
+            "the revoke waited for the cancelled record to end"
+        );
         assert!(
             cancelled_at >= timeout,
             "cancelled before the revoke timeout: {cancelled_at:?}"
