@@ -38,6 +38,14 @@ impl kourier::DeadLetterSink for UndeclaredTopics {
     }
 }
 
+/// Waits (at most 30 s) until `c` has caught up: nothing in flight or buffered, every
+/// partition read and committed to its end.
+async fn caught_up(c: &Running) {
+    tokio::time::timeout(Duration::from_secs(30), c.monitor.caught_up())
+        .await
+        .expect("caught up within 30 s");
+}
+
 fn fast_retries() -> RetryPolicy {
     RetryPolicy::fixed(Duration::from_millis(50), 3)
 }
@@ -325,14 +333,16 @@ async fn failing_dead_letter_writes_hold_the_offset_then_recover() {
     let topic = support::unique_name("dltdown");
     let group = support::unique_name("dltdown-g");
     let dlt_topic = format!("{topic}.dlt");
-    support::create_topic(&topic, 1).await; // no DLT topic yet: writes fail
+    // No DLT topic yet: writes fail. Partition 1 is a witness: a record handled there
+    // after the letter's neighbours is committed by a commit pass that came after them.
+    support::create_topic(&topic, 2).await;
     let bad = Ev::new(1, "k").permanent();
     support::produce(
         &topic,
         vec![
-            Ev::new(0, "k").record(),
-            bad.record(),
-            Ev::new(2, "k").record(),
+            Ev::new(0, "k").record().partition(0),
+            bad.record().partition(0),
+            Ev::new(2, "k").record().partition(0),
         ],
     )
     .await;
@@ -354,15 +364,30 @@ async fn failing_dead_letter_writes_hold_the_offset_then_recover() {
         || log.succeeded_ids() == vec![0, 2],
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    support::produce(&topic, vec![Ev::new(3, "w").record().partition(1)]).await;
+    let committed = |partition: i32| {
+        c.monitor
+            .snapshot()
+            .partitions
+            .iter()
+            .find(|p| p.partition == partition)
+            .and_then(|p| p.committed)
+    };
+    wait_for(
+        "the witness committed (a commit pass after record 2 settled)",
+        Duration::from_secs(30),
+        || committed(1) == Some(1),
+    )
+    .await;
+    assert_eq!(committed(0), Some(1), "offset held at the failing record");
     assert_eq!(
-        committed_sum(&group, &topic, 1).await,
-        1,
-        "offset held at the failing record"
+        committed_sum(&group, &topic, 2).await,
+        2,
+        "offset held at the failing record (and the witness's)"
     );
     support::create_topic(&dlt_topic, 1).await;
     wait_until("commit", Duration::from_secs(30), || async {
-        committed_sum(&group, &topic, 1).await == 3
+        committed_sum(&group, &topic, 2).await == 4
     })
     .await;
     c.stop().await;
@@ -401,7 +426,8 @@ async fn restart_resumes_from_committed_offsets() {
     let log2 = Log::new();
     let c = Running::start(builder(&log2, &topic, &group));
     log2.wait_succeeded(30, Duration::from_secs(60)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Caught up: everything it would handle again has been handled.
+    caught_up(&c).await;
     c.stop().await;
     let mut second = log2.succeeded_ids();
     second.sort();
@@ -439,7 +465,7 @@ async fn clean_shutdown_mid_stream_then_restart_handles_nothing_twice() {
         first.len() + log2.succeeded_ids().len() >= n as usize
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    caught_up(&c).await;
     c.stop().await;
     let mut all: Vec<u64> = first.iter().copied().chain(log2.succeeded_ids()).collect();
     all.sort();
@@ -519,7 +545,7 @@ async fn two_consumers_join_and_leave_while_records_flow() {
             >= n as usize
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    caught_up(&b).await;
     b.stop().await;
     let ids = log.succeeded_ids();
     let unique: HashSet<u64> = ids.iter().copied().collect();

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use kourier::dead_letter::{MAX_ERROR_MESSAGE_BYTES, headers};
 use kourier::topics::java_partition;
@@ -85,13 +85,6 @@ fn assert_headers(list: &[(String, Option<Vec<u8>>)], expected: &[(&str, &[u8])]
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 /// Reads the dead-letter topic once it holds at least `count` letters.
 async fn read_letters(topic: &str, count: usize) -> Vec<ReadRecord> {
     read_at_least(topic, count, Duration::from_secs(30)).await
@@ -102,7 +95,7 @@ async fn dead_letter_keeps_key_value_headers_and_carries_provenance() {
     let (source, dlt) = source_and_dlt("dl-full", 3, &[]).await;
     let sink = sink();
     let value = br#"{"to":"nobody@example.com"}"#.to_vec();
-    let before = now_ms();
+    let before = support::now_ms();
 
     let receipt = sink
         .send(&letter(record(&source, 2, Some(KEY), Some(value.clone()))))

@@ -97,6 +97,21 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("tool panicked")
 }
 
+/// Every letter of `dlt_topic` (no filter), read through `kafka`, and how many records were
+/// read.
+async fn inspect_all(kafka: Kafka, dlt_topic: &str) -> anyhow::Result<(Vec<dlt::Letter>, u64)> {
+    let dlt_topic = dlt_topic.to_owned();
+    blocking(move || {
+        dlt::inspect(
+            &kafka,
+            &dlt_topic,
+            &Filter::default(),
+            &mut Progress::silent(),
+        )
+    })
+    .await
+}
+
 fn options(dlt_topic: &str, group: &str) -> RedriveOptions {
     RedriveOptions {
         dlt: dlt_topic.to_owned(),
@@ -478,19 +493,9 @@ async fn letters_redriven_too_often_are_refused_unless_forced() {
 async fn missing_topics_and_unreachable_brokers_are_clear_errors() {
     support::require_kafka().await;
     let missing = support::unique_name("dlt-missing");
-    let err = blocking({
-        let missing = missing.clone();
-        move || {
-            dlt::inspect(
-                &kafka(),
-                &missing,
-                &Filter::default(),
-                &mut Progress::silent(),
-            )
-        }
-    })
-    .await
-    .expect_err("missing topic");
+    let err = inspect_all(kafka(), &missing)
+        .await
+        .expect_err("missing topic");
     assert_eq!(err.to_string(), format!("topic {missing} does not exist"));
 
     // A destination that does not exist stops the redrive before publishing anything.
@@ -525,20 +530,11 @@ async fn missing_topics_and_unreachable_brokers_are_clear_errors() {
     );
 
     let started = Instant::now();
-    let err = blocking(|| {
-        let down = Kafka {
-            bootstrap: "127.0.0.1:1".into(),
-            timeout: Duration::from_secs(2),
-        };
-        dlt::inspect(
-            &down,
-            "any.dlt",
-            &Filter::default(),
-            &mut Progress::silent(),
-        )
-    })
-    .await
-    .expect_err("no broker");
+    let down = Kafka {
+        bootstrap: "127.0.0.1:1".into(),
+        timeout: Duration::from_secs(2),
+    };
+    let err = inspect_all(down, "any.dlt").await.expect_err("no broker");
     assert!(
         err.to_string().contains("did not answer within 2s"),
         "{err}"
@@ -604,20 +600,7 @@ async fn odd_header_names_are_shown_escaped_and_redriven_byte_for_byte() {
     .await;
     sink.flush(Duration::from_secs(10)).await.expect("flush");
 
-    let inspected = {
-        let dlt_topic = dlt_topic.clone();
-        blocking(move || {
-            dlt::inspect(
-                &kafka(),
-                &dlt_topic,
-                &Filter::default(),
-                &mut Progress::silent(),
-            )
-        })
-        .await
-        .expect("inspect")
-        .0
-    };
+    let inspected = inspect_all(kafka(), &dlt_topic).await.expect("inspect").0;
     assert_eq!(inspected.len(), 1);
     let json = inspected[0].to_json();
     assert_eq!(
@@ -764,19 +747,7 @@ async fn inspect_lists_a_letter_with_a_failure_time_past_year_9999() {
     .await;
     sink.flush(Duration::from_secs(10)).await.expect("flush");
 
-    let (letters, read) = {
-        let dlt_topic = dlt_topic.clone();
-        blocking(move || {
-            dlt::inspect(
-                &kafka(),
-                &dlt_topic,
-                &Filter::default(),
-                &mut Progress::silent(),
-            )
-        })
-        .await
-        .expect("inspect")
-    };
+    let (letters, read) = inspect_all(kafka(), &dlt_topic).await.expect("inspect");
     assert_eq!((letters.len(), read), (1, 1));
     let table = dlt::table(&letters);
     assert_eq!(table.lines().count(), 2, "{table}");

@@ -18,7 +18,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use kourier::dead_letter::{Provenance, headers as dlt};
 use kourier::tiers::{RetryTiers, headers as tier};
@@ -32,16 +32,6 @@ use support::consumer::{Running, setup, wait_for, wait_until};
 #[derive(Debug, Deserialize)]
 struct Ev {
     id: u64,
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
 }
 
 /// A tier record as a producer could write it: value `{"id":<id>}`, key `k-<id>`, an
@@ -148,10 +138,10 @@ async fn a_far_future_due_time_does_not_pin_its_tier_partition() {
                 (tier::DUE_MS, year_5138),
             ],
         ),
-        now_ms() + 30 * 60 * 1000,
+        support::now_ms() + 30 * 60 * 1000,
     )
     .await;
-    let due_now = now_ms().to_string().into_bytes();
+    let due_now = support::now_ms().to_string().into_bytes();
     support::produce(
         &tier1,
         (3..8)
@@ -192,7 +182,7 @@ async fn a_tier_record_naming_a_missing_topic_is_dead_lettered_once() {
     let tier1 = format!("{topic}.retry.1");
     support::create_topic(&tier1, 1).await;
     let missing = support::unique_name("hostile-no-such-topic");
-    let due_now = now_ms().to_string().into_bytes();
+    let due_now = support::now_ms().to_string().into_bytes();
     let produced = support::produce(
         &tier1,
         vec![
@@ -287,7 +277,7 @@ async fn a_crafted_original_partition_does_not_switch_later_forwards_to_by_key()
             (dlt::ORIGINAL_PARTITION, 99_999i32.to_be_bytes().to_vec()),
             (dlt::ORIGINAL_OFFSET, 0i64.to_be_bytes().to_vec()),
             (dlt::ATTEMPTS, b"1".to_vec()),
-            (tier::DUE_MS, now_ms().to_string().into_bytes()),
+            (tier::DUE_MS, support::now_ms().to_string().into_bytes()),
         ],
     )
     .partition(0);
@@ -356,7 +346,7 @@ async fn crafted_attempts_and_stages_do_not_wrap() {
     let (tier1, tier2) = (format!("{topic}.retry.1"), format!("{topic}.retry.2"));
     support::create_topic(&tier1, 1).await;
     support::create_topic(&tier2, 1).await;
-    let due_now = now_ms().to_string().into_bytes();
+    let due_now = support::now_ms().to_string().into_bytes();
     let crafted = |id: u64, value: &[u8]| {
         tier_record(
             id,

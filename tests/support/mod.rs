@@ -26,3 +26,12 @@ mod topics;
 // The helpers most tests use, by their short names (`support::produce`, ...).
 #[allow(unused_imports)] // each test file uses a different subset
 pub(crate) use self::{groups::*, produce::*, raw_produce::*, read::*, services::*, topics::*};
+
+/// The wall clock in milliseconds since the Unix epoch (the unit of Kafka timestamps and of
+/// kourier's time headers).
+pub(crate) fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970");
+    i64::try_from(since_epoch.as_millis()).expect("in range")
+}

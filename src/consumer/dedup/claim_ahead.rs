@@ -338,8 +338,49 @@ mod tests {
         assert_eq!(claims.held(), 0);
     }
 
+    /// The stale branch of [`AheadClaims::take`], certainly: the claim is kept already
+    /// stale (sent a third of the lease ago) and taken before the runtime runs anything
+    /// else, so the sweeper cannot have released it first. `take` releases it itself, and
+    /// the record claims anew. One just fresh enough is taken.
     #[tokio::test(start_paused = true)]
     async fn a_stale_claim_is_released_and_the_record_claims_anew() {
+        let (store, claims) = setup();
+        let (stale, fresh) = (record(1), record(2));
+        let now = Instant::now();
+        let sent_stale = now
+            .checked_sub(LEASE / 3)
+            .expect("the clock is past a lease");
+        let sent_fresh = now
+            .checked_sub(LEASE / 3 - Duration::from_millis(1))
+            .expect("the clock is past a lease");
+        let a = acquired(&store, "a").await;
+        let b = acquired(&store, "b").await;
+        claims.keep(
+            &Arc::default(),
+            sent_stale,
+            [(stale.clone(), "a".into(), a)],
+        );
+        claims.keep(
+            &Arc::default(),
+            sent_fresh,
+            [(fresh.clone(), "b".into(), b)],
+        );
+        assert_eq!(claims.held(), 2, "the sweeper has not run");
+        assert!(claims.take(&stale, "a").await.is_none(), "stale: not taken");
+        assert_eq!(claims.held(), 1, "the fresh one waits for its record");
+        assert!(
+            matches!(store.claim("a", LEASE).await.unwrap(), Claim::Acquired(_)),
+            "take released the stale claim"
+        );
+        assert!(
+            matches!(claims.take(&fresh, "b").await, Some(Taken::Held(_))),
+            "fresh: taken"
+        );
+    }
+
+    /// A claim fetched for another key (cannot happen) is released, never used.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_under_another_key_is_released_not_taken() {
         let (store, claims) = setup();
         let r = record(1);
         let answer = acquired(&store, "k").await;
@@ -348,14 +389,12 @@ mod tests {
             Instant::now(),
             [(r.clone(), "k".into(), answer)],
         );
-        tokio::time::advance(LEASE / 3).await;
-        // The sweeper may have released it already; either way the record does not take it
-        // and the key is free for its own claim.
-        assert!(claims.take(&r, "k").await.is_none());
-        assert!(matches!(
-            store.claim("k", LEASE).await.unwrap(),
-            Claim::Acquired(_)
-        ));
+        assert!(claims.take(&r, "other").await.is_none());
+        assert_eq!(claims.held(), 0);
+        assert!(
+            matches!(store.claim("k", LEASE).await.unwrap(), Claim::Acquired(_)),
+            "released"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -438,6 +477,23 @@ mod tests {
             matches!(claims.take(&after, "b").await, Some(Taken::Held(_))),
             "fetched after"
         );
+    }
+
+    /// A store failure at the very instant a claim was fetched (the paused clock does not
+    /// move) counts as after it: the claim is not taken. Also at the claims' first instant,
+    /// where "failed at 0 ns" must not read as "never failed".
+    #[tokio::test(start_paused = true)]
+    async fn a_store_failure_at_the_instant_of_the_fetch_counts() {
+        let (store, claims) = setup();
+        let r = record(1);
+        let answer = acquired(&store, "a").await;
+        claims.keep(
+            &Arc::default(),
+            claims.base,
+            [(r.clone(), "a".into(), answer)],
+        );
+        claims.store_failed();
+        assert!(claims.take(&r, "a").await.is_none());
     }
 
     #[tokio::test(start_paused = true)]

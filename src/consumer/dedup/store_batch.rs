@@ -342,6 +342,101 @@ mod tests {
         assert_eq!(store.claim("done", LEASE).await.unwrap(), Claim::Done);
     }
 
+    /// The batching task gathers what arrives while it yields: a request sent after the
+    /// task took the waiting ones joins their batch.
+    #[tokio::test]
+    async fn a_request_arriving_while_the_batch_gathers_joins_it() {
+        let (batches, store, batcher) = batched();
+        batches.gate.add_permits(1);
+        let claim = |key: &'static str| {
+            let (b, s) = (batcher.clone(), store.clone());
+            async move { b.claim(&s, key, LEASE).await }
+        };
+        // "a" starts the batching task, "b" is sent before it runs and spawns "c", which
+        // runs (and sends) only after the batching task took "a" and "b".
+        let a = tokio::spawn(claim("a"));
+        let (second, third) = (claim("b"), claim("c"));
+        let b = tokio::spawn(async move {
+            let c = tokio::spawn(third);
+            (second.await, c)
+        });
+        let (answer_b, c) = b.await.unwrap();
+        for answer in [a.await.unwrap(), answer_b, c.await.unwrap()] {
+            assert!(matches!(answer, Ok(Claim::Acquired(_))), "{answer:?}");
+        }
+        assert_eq!(*batches.sizes.lock().unwrap(), [3], "one batch");
+    }
+
+    /// Each request gets exactly one answer: a store answering too few is padded with
+    /// availability errors (the records wait, never skip), too many are cut, a panic answers
+    /// every request with an availability error.
+    #[test]
+    fn every_request_gets_exactly_one_answer() {
+        let unavailable = |a: &Result<u8, StoreError>| {
+            matches!(
+                a,
+                Err(StoreError::Unavailable {
+                    operation: "claim",
+                    ..
+                })
+            )
+        };
+        let exact = answers_for("claim", 2, Ok(vec![Ok(1), Ok(2)]));
+        assert!(matches!(exact[..], [Ok(1), Ok(2)]), "{exact:?}");
+        let few = answers_for("claim", 3, Ok(vec![Ok(1u8)]));
+        assert_eq!(few.len(), 3);
+        assert!(matches!(few[0], Ok(1)) && unavailable(&few[1]) && unavailable(&few[2]));
+        let many = answers_for("claim", 1, Ok(vec![Ok(1u8), Ok(2)]));
+        assert!(matches!(many[..], [Ok(1)]), "{many:?}");
+        let panic = answers_for::<u8>("claim", 2, Err("boom".into()));
+        assert_eq!(panic.len(), 2);
+        assert!(panic.iter().all(unavailable), "{panic:?}");
+        assert!(
+            panic[0].as_ref().unwrap_err().to_string().contains("boom")
+                || format!("{:?}", panic[0]).contains("boom")
+        );
+    }
+
+    /// A batch holds at most [`MAX_BATCH`] requests.
+    #[tokio::test]
+    async fn a_batch_holds_at_most_max_batch_requests() {
+        let (batches, store, batcher) = batched();
+        batches.gate.add_permits(1);
+        let keys: Vec<String> = (0..2 * MAX_BATCH + 3).map(|i| format!("k{i}")).collect();
+        let tasks: Vec<_> = keys
+            .into_iter()
+            .map(|key| {
+                let (b, s) = (batcher.clone(), store.clone());
+                tokio::spawn(async move { b.claim(&s, &key, LEASE).await })
+            })
+            .collect();
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Ok(Claim::Acquired(_))));
+        }
+        assert_eq!(*batches.sizes.lock().unwrap(), [MAX_BATCH, MAX_BATCH, 3]);
+    }
+
+    /// The batching tasks end when the batcher is dropped (they hold the store).
+    #[tokio::test]
+    async fn the_batching_tasks_end_with_the_batcher() {
+        let (batches, store, batcher) = batched();
+        batches.gate.add_permits(1);
+        let Ok(Claim::Acquired(token)) = batcher.claim(&store, "k", LEASE).await else {
+            panic!("fresh key");
+        };
+        batcher.complete(&store, "k", &token, LEASE).await.unwrap();
+        assert_eq!(
+            Arc::strong_count(&batches),
+            4,
+            "the test's two and the two tasks'"
+        );
+        drop(batcher);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(Arc::strong_count(&batches), 2, "the tasks ended");
+    }
+
     /// A claim whose requester went away while its batch was in flight (its record given up
     /// at a revoke) is released at once, not left to hold its key for a whole lease.
     #[tokio::test]

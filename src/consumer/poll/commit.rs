@@ -3,19 +3,19 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use super::client::PollConsumer;
 use crate::consumer::schedule::Hub;
 use crate::consumer::schedule::Tp;
 use crate::metrics::ConsumerMetrics;
 
 /// Commits exactly these offsets (each the next offset to read) synchronously; returns
 /// whether the broker accepted them.
-pub(crate) fn commit<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
+pub(crate) fn commit(
+    consumer: &impl PollConsumer,
     metrics: &ConsumerMetrics,
     offsets: &[(Tp, i64)],
     why: &str,
@@ -35,8 +35,8 @@ pub(crate) fn commit<C: ConsumerContext>(
 
 /// One synchronous commit of exactly these offsets, counted in the metrics; failures are
 /// left to the caller to log.
-fn commit_once<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
+fn commit_once(
+    consumer: &impl PollConsumer,
     metrics: &ConsumerMetrics,
     offsets: &[(Tp, i64)],
     why: &str,
@@ -46,7 +46,7 @@ fn commit_once<C: ConsumerContext>(
         tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
     }
     let started = Instant::now();
-    let result = consumer.commit(&tpl, CommitMode::Sync);
+    let result = consumer.commit_sync(&tpl);
     metrics.commit(started.elapsed(), result.is_ok());
     if result.is_ok() {
         debug!(why, offsets = %offsets_display(offsets), took = ?started.elapsed(), "committed");
@@ -75,11 +75,7 @@ const FINAL_COMMIT_POLL: Duration = Duration::from_millis(50);
 /// once), with a short back-off between tries during which the consumer keeps polling (it
 /// stays in its group; a rebalance meanwhile commits and drops its partitions itself). What
 /// still failed is kept in the hub for the report ([`Hub::take_final_commit_failure`]).
-pub(crate) fn commit_final<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    hub: &Hub,
-    deadline: Instant,
-) {
+pub(crate) fn commit_final(consumer: &impl PollConsumer, hub: &Hub, deadline: Instant) {
     final_commit_with(
         hub,
         deadline,
@@ -88,7 +84,7 @@ pub(crate) fn commit_final<C: ConsumerContext>(
             let started = Instant::now();
             // Records that still arrive are dropped (the scheduler is stopping).
             while let Some(left) = pause.checked_sub(started.elapsed()) {
-                let _ = consumer.poll(left.min(FINAL_COMMIT_POLL));
+                consumer.poll_and_drop(left.min(FINAL_COMMIT_POLL));
             }
         },
     );
@@ -140,7 +136,7 @@ fn final_commit_with(
 }
 
 /// Commits every offset that moved since the last commit, and notes what was committed.
-pub(crate) fn commit_settled<C: ConsumerContext>(consumer: &BaseConsumer<C>, hub: &Hub, why: &str) {
+pub(crate) fn commit_settled(consumer: &impl PollConsumer, hub: &Hub, why: &str) {
     let offsets = hub.lock().to_commit();
     if !offsets.is_empty() && commit(consumer, &hub.metrics, &offsets, why) {
         hub.lock().committed(&offsets);
@@ -163,40 +159,37 @@ fn ownership_lost(e: &KafkaError) -> bool {
 mod tests {
     use std::sync::Arc;
 
+    use super::super::client::fake::{FakeConsumer, hub_running};
     use super::*;
-    use crate::ProcessingOrder;
-    use crate::consumer::schedule::{JobEnd, Limits, Scheduler};
-    use crate::record::RawRecord;
+    use crate::consumer::schedule::JobEnd;
 
     /// A hub whose partition `t/0` settled offsets 0..3: 3 is to be committed.
-    fn hub_with_settled_records() -> Hub {
-        let limits = Limits {
-            max_in_flight: 10,
-            max_buffered_records: 100,
-            max_buffered_bytes: 1 << 20,
-            max_buffered_records_per_partition: 100,
-            max_uncommitted_per_partition: 1_000,
-        };
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits);
-        let tp: Tp = (Arc::from("t"), 0);
-        s.assign([tp]);
-        for offset in 0..3 {
-            s.enqueue(RawRecord::builder("t").offset(offset).build());
+    fn hub_with_settled_records() -> Arc<Hub> {
+        let (hub, jobs) = hub_running(3, Duration::from_secs(1));
+        for job in jobs {
+            assert!(hub.finish(&job, JobEnd::Settled).is_none());
         }
-        let mut job = s.take_jobs().pop();
-        while let Some(j) = job {
-            job = s.finish(&j, JobEnd::Settled);
-        }
-        Hub::new(
-            s,
-            Duration::from_secs(1),
-            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
-            Duration::from_secs(30),
-        )
+        hub
     }
 
     fn refused() -> KafkaError {
         KafkaError::ConsumerCommit(RDKafkaErrorCode::GroupAuthorizationFailed)
+    }
+
+    /// An interval commit that failed is tried again at the next interval; one that
+    /// succeeded is noted and not sent again.
+    #[test]
+    fn a_failed_interval_commit_is_tried_again_and_a_successful_one_is_noted() {
+        let hub = hub_with_settled_records();
+        let consumer = FakeConsumer::new();
+        consumer.fail_commits(1, &refused());
+        let offsets = vec![((Arc::from("t"), 0), 3)];
+        commit_settled(&consumer, &hub, "interval");
+        assert_eq!(hub.lock().to_commit(), offsets, "failed: still to commit");
+        commit_settled(&consumer, &hub, "interval");
+        assert!(hub.lock().to_commit().is_empty(), "committed: noted");
+        commit_settled(&consumer, &hub, "interval");
+        assert_eq!(consumer.commits(), [offsets.clone(), offsets]);
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! Flow control (delivery rule 10 in the crate docs): applying the scheduler's pause and resume decisions.
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use tracing::{debug, warn};
+
+use super::client::PollConsumer;
 
 use crate::consumer::schedule::FlowChanges;
 use crate::consumer::schedule::{tpl_of, tps_display};
 use crate::metrics::ConsumerMetrics;
 
 /// Pauses and resumes partitions as the scheduler decided, and updates the paused gauge.
-pub(crate) fn apply_flow<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
+pub(crate) fn apply_flow(
+    consumer: &impl PollConsumer,
     metrics: &ConsumerMetrics,
     changes: &FlowChanges,
 ) {

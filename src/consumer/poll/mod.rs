@@ -2,9 +2,12 @@
 //! runs on it — the loop (`thread`), librdkafka's callbacks (`context`), pausing and
 //! resuming partitions (`flow`), rebalances and partition resets (`rebalance`), commits
 //! (`commit`), the startup checks and topic provisioning (`startup`) and the graceful
-//! shutdown (`shutdown`). It may call the shared state (the scheduler behind the hub) and
-//! the observers, never a worker.
+//! shutdown (`shutdown`). Flow control, rebalances, commits and the shutdown reach the
+//! consumer through [`client::PollConsumer`], a seam that lets unit tests drive them with a
+//! fake consumer. It may call the shared state (the scheduler behind the hub) and the
+//! observers, never a worker.
 
+mod client;
 mod commit;
 mod context;
 mod flow;

@@ -2,20 +2,16 @@
 
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
+use super::client::PollConsumer;
 use super::commit::commit;
 use crate::consumer::schedule::Hub;
 use crate::consumer::schedule::{Tp, tps_display, tps_of};
 
 /// Assign: track the partitions from their committed offsets, unpaused.
-pub(crate) fn on_assign<C: ConsumerContext>(
-    hub: &Hub,
-    consumer: &BaseConsumer<C>,
-    tpl: &TopicPartitionList,
-) {
+pub(crate) fn on_assign(hub: &Hub, consumer: &impl PollConsumer, tpl: &TopicPartitionList) {
     let tps = tps_of(tpl);
     info!(partitions = ?tps_display(&tps), "partitions assigned");
     hub.lock().assign(tps);
@@ -28,7 +24,7 @@ pub(crate) fn on_assign<C: ConsumerContext>(
 /// Revoke: stop dispatching, wait (bounded) for in-flight records, commit what settled,
 /// then forget the partitions (late completions are ignored). A lost assignment also stops
 /// the renewal of its records' claims at once: another member may own them already.
-pub(crate) fn on_revoke<C: ConsumerContext>(hub: &Hub, consumer: &BaseConsumer<C>, tps: &[Tp]) {
+pub(crate) fn on_revoke(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
     drain(hub, tps, consumer.assignment_lost(), !hub.closing());
     let offsets = hub.lock().remove(tps);
     for (topic, partition) in tps {
@@ -71,7 +67,7 @@ fn drain(hub: &Hub, tps: &[Tp], lost: bool, wait: bool) {
 /// timeout), its settled offsets are committed, and it is tracked again from its commit
 /// point: the consumer seeks back there, so the given-up record and every unsettled one
 /// after it are delivered again, in order (delivery rule 14).
-pub(crate) fn reset<C: ConsumerContext>(hub: &Hub, consumer: &BaseConsumer<C>, tps: &[Tp]) {
+pub(crate) fn reset(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
     let tps: Vec<Tp> = {
         let s = hub.lock();
         let assigned = s.assigned();
@@ -115,3 +111,166 @@ pub(crate) fn reset<C: ConsumerContext>(hub: &Hub, consumer: &BaseConsumer<C>, t
 
 /// How long a reset's seek may take.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use super::super::client::fake::{
+        Call, FakeConsumer, around_a_record_given_up, end_after, end_when_abandoned, hub_running,
+        tp, wait_for,
+    };
+    use super::*;
+    use crate::consumer::schedule::JobEnd;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Delivery rule 9: the revoke waits for its in-flight records up to the revoke
+    /// timeout, not less; then it cancels the one still running, which is given up, and
+    /// commits exactly what settled below it.
+    #[test]
+    fn a_revoke_waits_up_to_its_timeout_then_cancels_and_commits_what_settled() {
+        let timeout = Duration::from_millis(300);
+        let (hub, jobs) = hub_running(3, timeout);
+        let mut running_after = None;
+        let (consumer, took, cancelled_at) = around_a_record_given_up(&hub, jobs, |consumer| {
+            on_revoke(&hub, consumer, &[tp()]);
+            running_after = Some(hub.lock().in_flight());
+        });
+        assert_eq!(
+            running_after,
+            Some(0),
+            "the revoke waited for the cancelled record to end"
+        );
+        assert!(
+            cancelled_at >= timeout,
+            "cancelled before the revoke timeout: {cancelled_at:?}"
+        );
+        assert!(
+            took >= timeout && took < timeout + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert_eq!(
+            consumer.calls_but_polls(),
+            [Call::Commit(vec![(tp(), 1)])],
+            "offset 0 settled, 1 was given up: the next reader starts at 1"
+        );
+        assert!(
+            hub.lock().assigned().is_empty(),
+            "the partition is forgotten"
+        );
+    }
+
+    /// The revoke ends as soon as its records settled (woken by them), well before its
+    /// timeout, and commits all of them.
+    #[test]
+    fn a_revoke_ends_when_its_records_settled() {
+        let timeout = Duration::from_secs(10);
+        let (hub, jobs) = hub_running(3, timeout);
+        let started = Instant::now();
+        let workers: Vec<_> = jobs
+            .into_iter()
+            .zip([30, 10, 20])
+            .map(|(job, ms)| end_after(&hub, job, ms * MS, JobEnd::Settled))
+            .collect();
+        let consumer = FakeConsumer::new();
+        on_revoke(&hub, &consumer, &[tp()]);
+        let took = started.elapsed();
+        for w in workers {
+            w.join().unwrap();
+        }
+        assert!(took >= 30 * MS, "waited for the last record: {took:?}");
+        assert!(took < Duration::from_secs(2), "not the timeout: {took:?}");
+        assert_eq!(consumer.calls_but_polls(), [Call::Commit(vec![(tp(), 3)])]);
+    }
+
+    /// A lost assignment: the records' claim renewal is told at once (before the wait), and
+    /// nothing is committed (another member may own the partition already).
+    #[test]
+    fn a_lost_assignment_stops_renewals_at_once_and_commits_nothing() {
+        let (hub, jobs) = hub_running(1, Duration::from_secs(10));
+        let job = jobs.into_iter().next().unwrap();
+        let started = Instant::now();
+        let worker = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                let at = wait_for(|| job.stop.lost.is_cancelled(), started);
+                hub.finish(&job, JobEnd::Settled);
+                at
+            })
+        };
+        let consumer = FakeConsumer::lost();
+        on_revoke(&hub, &consumer, &[tp()]);
+        let lost_at = worker.join().unwrap();
+        assert!(lost_at < Duration::from_secs(2), "{lost_at:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "no timeout");
+        assert_eq!(consumer.calls(), [], "a lost assignment is not committed");
+        assert!(hub.lock().assigned().is_empty());
+    }
+
+    /// While the consumer closes (after the final commit), a revoke does not wait: its
+    /// running record is cancelled at once, and what settled is committed.
+    #[test]
+    fn a_revoke_while_closing_cancels_at_once() {
+        let (hub, jobs) = hub_running(2, Duration::from_secs(10));
+        hub.set_closing();
+        let [j0, j1] = <[_; 2]>::try_from(jobs).unwrap();
+        assert!(hub.finish(&j0, JobEnd::Settled).is_none());
+        let started = Instant::now();
+        let stuck = end_when_abandoned(&hub, j1, started);
+        let consumer = FakeConsumer::new();
+        on_revoke(&hub, &consumer, &[tp()]);
+        let cancelled_at = stuck.join().unwrap();
+        assert!(cancelled_at < Duration::from_secs(1), "{cancelled_at:?}");
+        assert_eq!(consumer.calls(), [Call::Commit(vec![(tp(), 1)])]);
+    }
+
+    /// An assignment is tracked from its committed offsets and resumed (librdkafka keeps a
+    /// partition's pause across re-assignment); a revoke with nothing settled commits nothing.
+    #[test]
+    fn an_assignment_is_tracked_and_resumed_and_an_idle_revoke_commits_nothing() {
+        let (hub, _) = hub_running(0, Duration::from_secs(10));
+        hub.lock().remove(&[tp()]);
+        let consumer = FakeConsumer::new();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("t", 0);
+        on_assign(&hub, &consumer, &tpl);
+        assert_eq!(consumer.calls(), [Call::Resume(vec![tp()])]);
+        assert_eq!(hub.lock().assigned(), [tp()]);
+
+        let revoking = FakeConsumer::new();
+        on_revoke(&hub, &revoking, &[tp()]);
+        assert_eq!(revoking.calls(), [], "nothing settled: nothing to commit");
+        assert!(hub.lock().assigned().is_empty());
+    }
+
+    /// Delivery rule 14: a record given up outside a revoke (its worker panicked) resets its
+    /// partition: what settled is committed, the partition is tracked again, resumed, and
+    /// read again from the commit point — in that order.
+    #[test]
+    fn a_reset_commits_what_settled_and_reads_again_from_the_commit_point() {
+        let (hub, jobs) = hub_running(3, Duration::from_secs(10));
+        let [j0, j1, j2] = <[_; 3]>::try_from(jobs).unwrap();
+        assert!(hub.finish(&j0, JobEnd::Settled).is_none());
+        assert!(hub.finish(&j1, JobEnd::Abandoned).is_none());
+        assert!(hub.finish(&j2, JobEnd::Settled).is_none());
+        let consumer = FakeConsumer::new();
+        reset(&hub, &consumer, &[tp(), (Arc::from("t"), 7)]);
+        assert_eq!(
+            consumer.calls(),
+            [
+                Call::Commit(vec![(tp(), 1)]),
+                Call::Resume(vec![tp()]),
+                Call::Seek(tp(), 1),
+            ],
+            "a partition not assigned (t/7) is left alone"
+        );
+        assert_eq!(hub.lock().assigned(), [tp()], "tracked again");
+        assert!(hub.lock().to_commit().is_empty(), "from the commit point");
+
+        let untouched = FakeConsumer::new();
+        reset(&hub, &untouched, &[(Arc::from("t"), 7)]);
+        assert_eq!(untouched.calls(), []);
+    }
+}

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use tracing::{error, info, warn};
 
+use super::client::PollConsumer;
 use super::commit::commit_final;
 use super::flow::apply_flow;
 use crate::clock;
@@ -19,11 +19,7 @@ const DRAIN_POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// Stop taking records, let in-flight work finish within the deadline (still polling, so
 /// the consumer stays in its group), commit what settled (retried until the deadline; a
 /// failure is kept for the report), then close.
-pub(crate) fn shutdown<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    hub: &Hub,
-    timeout: Duration,
-) {
+pub(crate) fn shutdown(consumer: &impl PollConsumer, hub: &Hub, timeout: Duration) {
     info!(?timeout, "shutting down: finishing in-flight records");
     let deadline = clock::after(Instant::now(), timeout);
     let changes = {
@@ -51,7 +47,7 @@ pub(crate) fn shutdown<C: ConsumerContext>(
             break;
         }
         // Records that still arrive are dropped by the stopping scheduler (not committed).
-        let _ = consumer.poll(DRAIN_POLL_TIMEOUT);
+        consumer.poll_and_drop(DRAIN_POLL_TIMEOUT);
     }
     commit_final(consumer, hub, deadline);
     hub.set_closing();
@@ -157,10 +153,14 @@ pub(super) mod tests {
     use std::sync::Arc;
 
     use rdkafka::ClientConfig;
+    use rdkafka::consumer::BaseConsumer;
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
+    use super::super::client::fake::{
+        Call, FakeConsumer, around_a_record_given_up, end_after, hub_running, tp,
+    };
     use super::*;
-    use crate::consumer::schedule::{Limits, ProcessingOrder};
+    use crate::consumer::schedule::{JobEnd, Limits, ProcessingOrder};
     use crate::metrics::ConsumerMetrics;
 
     /// A hub with nothing assigned, as the poll thread's last steps see it.
@@ -192,6 +192,124 @@ pub(super) mod tests {
             .expect("a consumer needs no broker to exist");
         let hub = idle_hub();
         shutdown(&consumer, &hub, Duration::MAX);
+        assert!(hub.closing());
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Delivery rule 8: the records running when the shutdown begins finish within the
+    /// deadline (the consumer polling meanwhile, its partitions paused) and are committed;
+    /// the shutdown ends as soon as they did.
+    #[test]
+    fn a_shutdown_lets_running_records_finish_and_commits_them() {
+        let (hub, jobs) = hub_running(3, Duration::from_secs(30));
+        let started = Instant::now();
+        let workers: Vec<_> = jobs
+            .into_iter()
+            .zip([60, 20, 40])
+            .map(|(job, ms)| end_after(&hub, job, ms * MS, JobEnd::Settled))
+            .collect();
+        let consumer = FakeConsumer::new();
+        shutdown(&consumer, &hub, Duration::from_secs(10));
+        let took = started.elapsed();
+        for w in workers {
+            w.join().unwrap();
+        }
+        assert!(took >= 60 * MS, "waited for the last record: {took:?}");
+        assert!(took < Duration::from_secs(2), "not the deadline: {took:?}");
+        assert_eq!(
+            consumer.calls_but_polls(),
+            [Call::Pause(vec![tp()]), Call::Commit(vec![(tp(), 3)])]
+        );
+        let polls = consumer.calls();
+        let polls = &polls[1..polls.len() - 1];
+        assert!(!polls.is_empty(), "it polled while waiting");
+        assert!(
+            polls.iter().all(|c| *c == Call::Poll(DRAIN_POLL_TIMEOUT)),
+            "{polls:?}"
+        );
+        assert!(hub.closing());
+        assert_eq!(hub.lock().abandoned_at_stop(), (0, vec![]));
+        assert!(hub.take_final_commit_failure().is_none());
+    }
+
+    /// At the deadline, not before, the record still running is cancelled and given up
+    /// (listed for the report); what settled below it is committed.
+    #[test]
+    fn at_the_deadline_a_shutdown_abandons_what_runs_and_commits_the_rest() {
+        let deadline = Duration::from_millis(300);
+        let (hub, jobs) = hub_running(3, Duration::from_secs(30));
+        let (consumer, took, cancelled_at) =
+            around_a_record_given_up(&hub, jobs, |consumer| shutdown(consumer, &hub, deadline));
+        assert!(
+            cancelled_at >= deadline,
+            "cancelled early: {cancelled_at:?}"
+        );
+        assert!(
+            took >= deadline && took < deadline + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert_eq!(
+            consumer.calls_but_polls(),
+            [Call::Pause(vec![tp()]), Call::Commit(vec![(tp(), 1)])]
+        );
+        assert_eq!(
+            hub.lock().abandoned_at_stop(),
+            (1, vec!["t/0@1".to_owned()])
+        );
+        assert!(hub.closing());
+    }
+
+    /// A handler that blocks its thread ignores the cancel: after the deadline and a
+    /// second's grace the shutdown goes on without it, counting it abandoned (unlisted).
+    #[test]
+    fn a_record_that_ignores_the_cancel_is_counted_abandoned_after_the_grace() {
+        let deadline = Duration::from_millis(200);
+        let (hub, jobs) = hub_running(2, Duration::from_secs(30));
+        let [j0, j1] = <[_; 2]>::try_from(jobs).unwrap();
+        assert!(hub.finish(&j0, JobEnd::Settled).is_none());
+        let started = Instant::now();
+        let consumer = FakeConsumer::new();
+        shutdown(&consumer, &hub, deadline);
+        let took = started.elapsed();
+        assert!(
+            took >= deadline + Duration::from_secs(1) && took < deadline + Duration::from_secs(2),
+            "the deadline and the grace: {took:?}"
+        );
+        assert_eq!(hub.lock().abandoned_at_stop(), (1, vec![]));
+        assert_eq!(
+            consumer.calls_but_polls(),
+            [Call::Pause(vec![tp()]), Call::Commit(vec![(tp(), 1)])]
+        );
+        drop(j1);
+    }
+
+    /// A final commit that fails is tried again after a pause during which the consumer
+    /// polls; its success leaves nothing to report.
+    #[test]
+    fn a_failed_final_commit_is_retried_with_polls_between() {
+        let (hub, jobs) = hub_running(1, Duration::from_secs(30));
+        assert!(hub.finish(&jobs[0], JobEnd::Settled).is_none());
+        let consumer = FakeConsumer::new();
+        consumer.fail_commits(
+            1,
+            &KafkaError::ConsumerCommit(RDKafkaErrorCode::RebalanceInProgress),
+        );
+        shutdown(&consumer, &hub, Duration::from_secs(10));
+        let calls = consumer.calls();
+        let commit = Call::Commit(vec![(tp(), 1)]);
+        assert_eq!(consumer.commits(), [vec![(tp(), 1)], vec![(tp(), 1)]]);
+        assert_eq!(calls.first(), Some(&Call::Pause(vec![tp()])));
+        assert_eq!(calls[1], commit, "nothing ran: no drain polls");
+        assert_eq!(calls.last(), Some(&commit));
+        let between = &calls[2..calls.len() - 1];
+        assert!(
+            !between.is_empty() && between.iter().all(|c| matches!(c, Call::Poll(_))),
+            "{between:?}"
+        );
+        let times = consumer.commit_times();
+        assert!(times[1] - times[0] >= 100 * MS, "the back-off: {times:?}");
+        assert!(hub.take_final_commit_failure().is_none());
         assert!(hub.closing());
     }
 

@@ -251,3 +251,134 @@ impl FinalCommitFailure {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::ProcessingOrder;
+    use crate::consumer::schedule::{ConnectionState, Limits};
+    use crate::record::RawRecord;
+
+    fn tp() -> Tp {
+        (Arc::from("t"), 0)
+    }
+
+    /// A hub over partition `t/0` in `order`, one record in flight at a time, a buffer of
+    /// two records, holding `records` (offset = index, key = the given key): the jobs
+    /// started.
+    fn hub(order: ProcessingOrder, keys: &[&str]) -> (Arc<Hub>, Vec<Job>) {
+        let limits = Limits {
+            max_in_flight: 1,
+            max_buffered_records: 2,
+            max_buffered_bytes: 1 << 20,
+            max_buffered_records_per_partition: 10,
+            max_uncommitted_per_partition: 100,
+        };
+        let mut s = Scheduler::new(order, limits);
+        s.assign([tp()]);
+        for (offset, key) in keys.iter().enumerate() {
+            let offset = i64::try_from(offset).unwrap();
+            s.enqueue(RawRecord::builder("t").offset(offset).key(*key).build());
+        }
+        let jobs = s.take_jobs();
+        let hub = Hub::new(
+            s,
+            Duration::from_secs(30),
+            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
+            Duration::from_secs(30),
+        );
+        (Arc::new(hub), jobs)
+    }
+
+    /// A worker that settles the first of `jobs` 30 ms from now; its thread returns the
+    /// job that took the slot.
+    fn settle_soon(hub: &Arc<Hub>, jobs: Vec<Job>) -> std::thread::JoinHandle<Option<Job>> {
+        let (hub, job) = (hub.clone(), jobs.into_iter().next().unwrap());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            hub.finish(&job, JobEnd::Settled)
+        })
+    }
+
+    /// The poll thread waiting for room is woken by the worker that makes it, not by its
+    /// timeout; without room it waits the timeout out and says so.
+    #[test]
+    fn the_poll_thread_waits_for_room_until_a_worker_makes_it() {
+        let (hub, jobs) = hub(ProcessingOrder::Partition, &["k", "k", "k"]);
+        assert_eq!(hub.lock().room(), 0, "two buffered, one running");
+        let started = Instant::now();
+        assert!(!hub.wait_for_room(Duration::from_millis(50), 1));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+
+        let worker = settle_soon(&hub, jobs);
+        let started = Instant::now();
+        assert!(hub.wait_for_room(Duration::from_secs(10), 1), "room made");
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "woken, not timed out: {took:?}"
+        );
+        let next = worker
+            .join()
+            .unwrap()
+            .expect("the next record takes the slot");
+        assert_eq!(next.record.offset, 1);
+        assert_eq!(hub.lock().room(), 1);
+    }
+
+    /// Waiting until a condition holds: woken by the change that makes it hold; the answer
+    /// is the condition's.
+    #[test]
+    fn wait_until_is_woken_by_the_change_and_answers_the_condition() {
+        let (hub, jobs) = hub(ProcessingOrder::Partition, &["k"]);
+        assert!(!hub.wait_until(Duration::from_millis(20), |s| s.in_flight() == 0));
+        assert!(hub.wait_until(Duration::from_millis(20), |s| s.in_flight() == 1));
+        let worker = settle_soon(&hub, jobs);
+        let started = Instant::now();
+        assert!(hub.wait_until(Duration::from_secs(10), |s| s.in_flight() == 0));
+        assert!(started.elapsed() < Duration::from_secs(2), "woken");
+        assert!(worker.join().unwrap().is_none());
+    }
+
+    /// A released lane hands the slot to the lane's next record at once; the first record's
+    /// offset becomes committable only when it settles.
+    #[test]
+    fn a_released_lane_starts_the_next_record_and_the_offset_waits_for_the_settle() {
+        let (hub, jobs) = hub(ProcessingOrder::Partition, &["k", "k"]);
+        let next = hub.release_lane(&jobs[0]).expect("the next record");
+        assert_eq!(next.record.offset, 1);
+        assert!(hub.lock().to_commit().is_empty(), "0 not settled yet");
+        hub.settle(&jobs[0], JobEnd::Settled);
+        assert_eq!(hub.lock().to_commit(), [(tp(), 1)]);
+        assert!(hub.finish(&next, JobEnd::Settled).is_none());
+        assert_eq!(hub.lock().to_commit(), [(tp(), 2)]);
+    }
+
+    /// A record waiting out a back-off gives its slot to another key's record.
+    #[test]
+    fn a_parked_record_gives_its_slot_to_another_key() {
+        let (hub, jobs) = hub(ProcessingOrder::Key, &["a", "b"]);
+        assert_eq!(jobs.len(), 1, "one slot");
+        let other = hub.park(jobs[0].id).expect("the other key's record");
+        assert_eq!(other.record.offset, 1);
+        assert_eq!(hub.lock().in_flight(), 2, "both held by workers");
+    }
+
+    #[test]
+    fn stop_closing_and_connection_flags() {
+        let (hub, _) = hub(ProcessingOrder::Partition, &[]);
+        assert!(!hub.stop_requested() && !hub.closing());
+        hub.request_stop();
+        assert!(hub.stop_requested() && !hub.closing());
+        hub.set_closing();
+        assert!(hub.closing());
+        hub.set_connected(false);
+        assert_eq!(hub.health.state().connection, ConnectionState::Disconnected);
+        assert!(hub.health.outage().is_some());
+        hub.set_connected(true);
+        assert_eq!(hub.health.state().connection, ConnectionState::Connected);
+        assert!(hub.health.outage().is_none());
+    }
+}

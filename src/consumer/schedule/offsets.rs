@@ -127,6 +127,18 @@ mod tests {
         assert_eq!(t.committable(), Some(10));
     }
 
+    /// The first offset received (the lag before the first commit counts from it) stays
+    /// the first, whatever settles after it.
+    #[test]
+    fn the_first_offset_received_is_kept() {
+        let mut t = OffsetTracker::default();
+        assert_eq!(t.first_received(), None);
+        t.received(7);
+        t.received(9);
+        t.settled(7);
+        assert_eq!(t.first_received(), Some(7));
+    }
+
     #[test]
     fn redeliveries_and_unknown_offsets_are_ignored() {
         let mut t = OffsetTracker::default();

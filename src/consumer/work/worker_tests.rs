@@ -250,11 +250,15 @@ impl DeadLetterSink for RecordingSink {
 }
 
 /// An in-memory store that answers `Unavailable` to every call while `down`, and logs the
-/// token calls it answered.
+/// token calls it answered; optionally a broken one whose every renewal drops the claim and
+/// says it is lost (`forget_on_renew`), or a slow one whose completions take
+/// `complete_delay`.
 #[derive(Debug, Default)]
 struct FlakyStore {
     inner: InMemoryIdempotencyStore,
     down: AtomicBool,
+    forget_on_renew: bool,
+    complete_delay: Duration,
     claims: AtomicU32,
     /// `(operation, token, ok)` of every `renew`, `complete` and `release`, with the paused
     /// time it was answered at.
@@ -270,6 +274,23 @@ impl FlakyStore {
 
     fn up() -> Arc<Self> {
         Arc::new(FlakyStore::default())
+    }
+
+    /// Claims succeed; every renewal drops the claim and says it is lost (a broken store).
+    fn forgetful() -> Arc<Self> {
+        Arc::new(FlakyStore {
+            forget_on_renew: true,
+            ..FlakyStore::default()
+        })
+    }
+
+    /// `inner`, whose completions (marking done) take `delay`.
+    fn slow_complete(inner: InMemoryIdempotencyStore, delay: Duration) -> Arc<Self> {
+        Arc::new(FlakyStore {
+            inner,
+            complete_delay: delay,
+            ..FlakyStore::default()
+        })
     }
 
     fn set_down(&self, down: bool) {
@@ -316,6 +337,23 @@ impl FlakyStore {
     }
 }
 
+impl FlakyStore {
+    /// A token call: `Unavailable` while down, else `call`'s answer; logged.
+    async fn token_call(
+        &self,
+        op: &'static str,
+        token: &ClaimToken,
+        call: impl Future<Output = Result<(), StoreError>>,
+    ) -> Result<(), StoreError> {
+        let result = match self.check(op) {
+            Ok(()) => call.await,
+            Err(e) => Err(e),
+        };
+        self.note(op, token, &result);
+        result
+    }
+}
+
 #[async_trait]
 impl IdempotencyStore for FlakyStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
@@ -330,21 +368,16 @@ impl IdempotencyStore for FlakyStore {
         token: &ClaimToken,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let result = match self.check("complete") {
-            Ok(()) => self.inner.complete(key, token, ttl).await,
-            Err(e) => Err(e),
-        };
-        self.note("complete", token, &result);
-        result
+        if !self.complete_delay.is_zero() {
+            tokio::time::sleep(self.complete_delay).await;
+        }
+        let complete = self.inner.complete(key, token, ttl);
+        self.token_call("complete", token, complete).await
     }
 
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        let result = match self.check("release") {
-            Ok(()) => self.inner.release(key, token).await,
-            Err(e) => Err(e),
-        };
-        self.note("release", token, &result);
-        result
+        let release = self.inner.release(key, token);
+        self.token_call("release", token, release).await
     }
 
     async fn renew(
@@ -353,12 +386,17 @@ impl IdempotencyStore for FlakyStore {
         token: &ClaimToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let result = match self.check("renew") {
-            Ok(()) => self.inner.renew(key, token, lease).await,
-            Err(e) => Err(e),
+        let renew = async {
+            if !self.forget_on_renew {
+                return self.inner.renew(key, token, lease).await;
+            }
+            // Drop the claim and say so: the key is free again at once.
+            self.inner.release(key, token).await?;
+            Err(StoreError::LeaseLost {
+                key: key.to_owned(),
+            })
         };
-        self.note("renew", token, &result);
-        result
+        self.token_call("renew", token, renew).await
     }
 
     // One key at a time through the calls above, so the batches go down with them.
@@ -406,6 +444,17 @@ struct Setup {
 
 /// A worker whose handler plays `steps`, with `RetryPolicy::fixed(500 ms, 3)` (4 attempts),
 /// JSON decoding, no dedup, no handler timeout and a sink that acknowledges everything.
+/// Order `o-1`, whose handler stalls for `stall`, with its claim in a store that is up and
+/// a 3 s lease: the store, the order's dedup key, the harness.
+fn stalled_claim(stall: Duration) -> (Arc<FlakyStore>, String, Harness) {
+    let store = FlakyStore::up();
+    let h = script([Stall(stall)])
+        .dedup_in(store.clone())
+        .lease(secs(3))
+        .build();
+    (store, store_key("o-1"), h)
+}
+
 fn script(steps: impl Into<Vec<Step>>) -> Setup {
     let steps = steps.into();
     assert!(!steps.is_empty(), "a script needs a step");
@@ -1473,12 +1522,7 @@ async fn lose_the_claim_mid_run(store: &FlakyStore, key: &str, t0: Instant) -> C
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_claim_cancels_the_attempt_and_the_record_waits_for_the_new_owner() {
-    let store = FlakyStore::up();
-    let key = store_key("o-1");
-    let h = script([Stall(secs(10))])
-        .dedup_in(store.clone())
-        .lease(secs(3))
-        .build();
+    let (store, key, h) = stalled_claim(secs(10));
     let other_worker = async {
         let theirs = lose_the_claim_mid_run(&store, &key, h.t0).await;
         sleep_until(h.t0 + secs(6)).await;
@@ -1522,12 +1566,7 @@ async fn a_lost_claim_cancels_the_attempt_and_the_record_waits_for_the_new_owner
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_claim_does_not_count_as_an_attempt_when_the_record_runs_again() {
-    let store = FlakyStore::up();
-    let key = store_key("o-1");
-    let h = script([Stall(secs(10))])
-        .dedup_in(store.clone())
-        .lease(secs(3))
-        .build();
+    let (store, key, h) = stalled_claim(secs(10));
     let other_worker = async {
         let theirs = lose_the_claim_mid_run(&store, &key, h.t0).await;
         sleep_until(h.t0 + secs(6)).await;
@@ -1552,56 +1591,8 @@ async fn a_lost_claim_does_not_count_as_an_attempt_when_the_record_runs_again() 
 
 #[tokio::test(start_paused = true)]
 async fn a_store_that_always_loses_claims_makes_the_record_wait_not_spin() {
-    /// Claims succeed, every renewal drops the claim and says it is lost (a broken store).
-    #[derive(Debug)]
-    struct Forgetful(InMemoryIdempotencyStore);
-
-    #[async_trait]
-    impl IdempotencyStore for Forgetful {
-        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-            self.0.claim(key, lease).await
-        }
-        async fn complete(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            ttl: Duration,
-        ) -> Result<(), StoreError> {
-            self.0.complete(key, token, ttl).await
-        }
-        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-            self.0.release(key, token).await
-        }
-        async fn renew(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            _: Duration,
-        ) -> Result<(), StoreError> {
-            // Drop the claim and say so: the key is free again at once.
-            self.0.release(key, token).await?;
-            Err(StoreError::LeaseLost {
-                key: key.to_owned(),
-            })
-        }
-        async fn claim_many(
-            &self,
-            keys: &[&str],
-            lease: Duration,
-        ) -> Vec<Result<Claim, StoreError>> {
-            self.0.claim_many(keys, lease).await
-        }
-        async fn complete_many(
-            &self,
-            claims: &[(&str, &ClaimToken)],
-            ttl: Duration,
-        ) -> Vec<Result<(), StoreError>> {
-            self.0.complete_many(claims, ttl).await
-        }
-    }
-
     let h = script([Stall(secs(60))])
-        .dedup_in(Arc::new(Forgetful(InMemoryIdempotencyStore::new())))
+        .dedup_in(FlakyStore::forgetful())
         .lease(ms(300))
         .build();
 
@@ -1626,12 +1617,7 @@ async fn a_store_that_always_loses_claims_makes_the_record_wait_not_spin() {
 
 #[tokio::test(start_paused = true)]
 async fn renewal_stops_when_the_partition_assignment_is_lost() {
-    let store = FlakyStore::up();
-    let key = store_key("o-1");
-    let h = script([Stall(secs(60))])
-        .dedup_in(store.clone())
-        .lease(secs(3))
-        .build();
+    let (store, key, h) = stalled_claim(secs(60));
     let stop = Stop::default();
     let revoke = async {
         sleep_until(h.t0 + ms(1500)).await;
@@ -1673,12 +1659,7 @@ async fn renewal_stops_when_the_partition_assignment_is_lost() {
 
 #[tokio::test(start_paused = true)]
 async fn a_revoke_keeps_renewing_while_it_waits_and_renewal_ends_with_the_given_up_record() {
-    let store = FlakyStore::up();
-    let key = store_key("o-1");
-    let h = script([Stall(secs(60))])
-        .dedup_in(store.clone())
-        .lease(secs(3))
-        .build();
+    let (store, key, h) = stalled_claim(secs(60));
     let stop = Stop::default();
     let revoke = async {
         sleep_until(h.t0 + ms(1500)).await;
@@ -2158,58 +2139,11 @@ impl super::Slot for ReleaseProbe {
     }
 }
 
-/// Completes (marks done) only after `delay`.
-#[derive(Debug)]
-struct SlowComplete {
-    inner: InMemoryIdempotencyStore,
-    delay: Duration,
-}
-
-#[async_trait]
-impl IdempotencyStore for SlowComplete {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        self.inner.claim(key, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        tokio::time::sleep(self.delay).await;
-        self.inner.complete(key, token, ttl).await
-    }
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
-        self.inner.claim_many(keys, lease).await
-    }
-    async fn complete_many(
-        &self,
-        claims: &[(&str, &ClaimToken)],
-        ttl: Duration,
-    ) -> Vec<Result<(), StoreError>> {
-        complete_one_by_one(self, claims, ttl).await // each through the slow `complete`
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_success_releases_the_lane_at_once_and_settles_only_when_the_key_is_done() {
     let store = InMemoryIdempotencyStore::new();
     let h = script([Succeed])
-        .dedup_in(Arc::new(SlowComplete {
-            inner: store.clone(),
-            delay: secs(2),
-        }))
+        .dedup_in(FlakyStore::slow_complete(store.clone(), secs(2)))
         .build();
     let slot = ReleaseProbe::new(h.t0);
 
