@@ -11,6 +11,9 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 
+/// How long a reset's seek may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// See the module docs.
 pub(crate) trait PollConsumer {
     /// Polls once, waiting at most `timeout`, and drops what it returns: the steps that use
@@ -22,14 +25,9 @@ pub(crate) trait PollConsumer {
     fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()>;
     /// Resumes fetching the partitions of `partitions`.
     fn resume(&self, partitions: &TopicPartitionList) -> KafkaResult<()>;
-    /// Moves the fetch position of one partition.
-    fn seek(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: Offset,
-        timeout: Duration,
-    ) -> KafkaResult<()>;
+    /// Moves the fetch position of one partition to `offset` (a reset to its commit point),
+    /// waiting at most `SEEK_TIMEOUT` for librdkafka.
+    fn seek(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()>;
     /// Whether the current assignment was lost (another member may own it already).
     fn assignment_lost(&self) -> bool;
 }
@@ -51,14 +49,8 @@ impl<C: ConsumerContext> PollConsumer for BaseConsumer<C> {
         Consumer::resume(self, partitions)
     }
 
-    fn seek(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: Offset,
-        timeout: Duration,
-    ) -> KafkaResult<()> {
-        Consumer::seek(self, topic, partition, offset, timeout)
+    fn seek(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()> {
+        Consumer::seek(self, topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
     }
 
     fn assignment_lost(&self) -> bool {
@@ -299,17 +291,8 @@ pub(crate) mod fake {
             Ok(())
         }
 
-        fn seek(
-            &self,
-            topic: &str,
-            partition: i32,
-            offset: Offset,
-            _timeout: Duration,
-        ) -> KafkaResult<()> {
-            let Offset::Offset(o) = offset else {
-                panic!("a seek to a logical offset: {offset:?}");
-            };
-            self.record(Call::Seek((topic.into(), partition), o));
+        fn seek(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()> {
+            self.record(Call::Seek((topic.into(), partition), offset));
             Ok(())
         }
 
