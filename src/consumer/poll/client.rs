@@ -73,7 +73,6 @@ pub(crate) mod fake {
     use super::PollConsumer;
     use crate::ProcessingOrder;
     use crate::consumer::schedule::{Hub, Job, JobEnd, Limits, Scheduler, Tp, tps_of};
-    use crate::metrics::ConsumerMetrics;
     use crate::record::RawRecord;
 
     /// The one partition of [`hub_running`]: `t/0`.
@@ -99,13 +98,7 @@ pub(crate) mod fake {
         let mut jobs = s.take_jobs();
         jobs.sort_by_key(|j| j.record.offset);
         assert_eq!(jobs.len(), usize::try_from(n).unwrap(), "every record runs");
-        let hub = Hub::new(
-            s,
-            revoke_timeout,
-            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
-            Duration::from_secs(30),
-        );
-        (Arc::new(hub), jobs)
+        (Arc::new(Hub::for_tests(s, revoke_timeout)), jobs)
     }
 
     /// A worker that ends `job` with `end` after `after`.
