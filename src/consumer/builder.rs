@@ -1438,19 +1438,6 @@ mod tests {
         );
     }
 
-    fn extreme() -> impl proptest::strategy::Strategy<Value = Duration> {
-        use proptest::prelude::*;
-        prop_oneof![
-            Just(Duration::ZERO),
-            Just(Duration::from_nanos(1)),
-            Just(Duration::from_millis(1)),
-            Just(YEAR),
-            Just(Duration::MAX),
-            (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
-            (0u64..1_000_000).prop_map(Duration::from_millis),
-        ]
-    }
-
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
@@ -1459,7 +1446,7 @@ mod tests {
         /// durations are at most a year, or a typed error; it never panics.
         #[test]
         fn build_never_panics_on_extreme_durations(
-            d in proptest::collection::vec(extreme(), 17),
+            d in proptest::collection::vec(crate::consumer::duration_tests::extreme(), 17),
             max_poll in proptest::option::of(proptest::sample::select(
                 vec!["1", "1000", "300000", "600000", "86400000", "86400001"],
             )),
