@@ -438,11 +438,7 @@ impl Scheduler {
     pub(crate) fn finish(&mut self, job: &Job, end: JobEnd) -> Option<Job> {
         self.free_slot(job);
         self.end_job(job, end);
-        if end == JobEnd::Settled {
-            self.free_lane(job);
-        } else {
-            self.block_lane(job);
-        }
+        self.end_lane(job, end);
         self.take_one()
     }
 
@@ -454,9 +450,12 @@ impl Scheduler {
         }
     }
 
-    /// The job's lane may run its next record: readied when one waits, else dropped (its
-    /// queue kept for a new lane) unless it is blocked.
-    fn free_lane(&mut self, job: &Job) {
+    /// The job's lane stops running. Settled, the lane may run its next record: readied
+    /// when one waits, else dropped (its queue kept for a new lane) unless it is blocked.
+    /// Given up unsettled, nothing after it in its lane may run in this assignment (it would
+    /// overtake the record): the lane is blocked and its buffered records are dropped (they
+    /// are delivered again, in order, with it).
+    fn end_lane(&mut self, job: &Job, end: JobEnd) {
         let Some(p) = job_partition(&mut self.partitions, job) else {
             return;
         };
@@ -464,7 +463,18 @@ impl Scheduler {
             return;
         };
         lane.running = false;
-        if lane.queue.is_empty() {
+        if end != JobEnd::Settled {
+            lane.blocked = true;
+            let (records, bytes) = (
+                lane.queue.len(),
+                lane.queue.iter().map(|(_, b)| *b).sum::<usize>(),
+            );
+            lane.queue.clear();
+            p.queued -= records;
+            p.queued_bytes -= bytes;
+            self.buffered_records -= records;
+            self.buffered_bytes -= bytes;
+        } else if lane.queue.is_empty() {
             if !lane.blocked
                 && let Some(lane) = p.lanes.remove(&job.lane)
             {
@@ -477,29 +487,6 @@ impl Scheduler {
         }
     }
 
-    /// The job was given up unsettled: nothing after it in its lane may run in this
-    /// assignment (it would overtake the record); the lane's buffered records are dropped
-    /// (they are delivered again, in order, with it).
-    fn block_lane(&mut self, job: &Job) {
-        let Some(p) = job_partition(&mut self.partitions, job) else {
-            return;
-        };
-        let Some(lane) = p.lanes.get_mut(&job.lane) else {
-            return;
-        };
-        lane.running = false;
-        lane.blocked = true;
-        let (records, bytes) = (
-            lane.queue.len(),
-            lane.queue.iter().map(|(_, b)| *b).sum::<usize>(),
-        );
-        lane.queue.clear();
-        p.queued -= records;
-        p.queued_bytes -= bytes;
-        self.buffered_records -= records;
-        self.buffered_bytes -= bytes;
-    }
-
     /// A running record's outcome is decided but not yet settled (its completion is being
     /// written to the idempotency store, or its dead letter awaits the broker's
     /// acknowledgement): its slot is freed and its lane re-readied at once, so the lane's next
@@ -509,7 +496,8 @@ impl Scheduler {
     pub(crate) fn release_lane(&mut self, job: &Job) -> Option<Job> {
         self.free_slot(job);
         self.settling += 1;
-        self.free_lane(job);
+        // Its outcome is decided: the lane goes on as after a settled record.
+        self.end_lane(job, JobEnd::Settled);
         self.take_one()
     }
 
