@@ -1114,44 +1114,34 @@ mod tests {
     /// message names the setter.
     #[test]
     fn group_id_and_bootstrap_servers_only_through_their_setters() {
-        let base = || RetryingConsumer::builder(Nop).topic("t");
-        for b in [
-            base()
-                .bootstrap_servers("b:9092")
-                .kafka_config("group.id", "g"),
-            base()
-                .bootstrap_servers("b:9092")
-                .group_id("g")
-                .kafka_config("group.id", "g"),
-            base()
-                .bootstrap_servers("b:9092")
-                .group_id("g")
-                .kafka_config("group.id", "other"),
+        let unset = || RetryingConsumer::builder(Nop).topic("t");
+        for (b, refused) in [
+            (
+                unset()
+                    .bootstrap_servers("b:9092")
+                    .kafka_config("group.id", "g"),
+                "group.id",
+            ),
+            (base().kafka_config("group.id", "g"), "group.id"),
+            (base().kafka_config("group.id", "other"), "group.id"),
+            (
+                unset()
+                    .group_id("g")
+                    .kafka_config("bootstrap.servers", "b:9092"),
+                "bootstrap.servers",
+            ),
+            (
+                base().kafka_config("bootstrap.servers", "b:9092"),
+                "bootstrap.servers",
+            ),
         ] {
             let (key, message) = conflict(b);
-            assert_eq!(key, "group.id");
-            assert!(message.contains("group_id()"), "{message}");
+            assert_eq!(key, refused);
+            // The message names the setter: `group.id` → `group_id()`.
+            let setter = format!("{}()", refused.replace('.', "_"));
+            assert!(message.contains(&setter), "{message}");
         }
-        for b in [
-            base()
-                .group_id("g")
-                .kafka_config("bootstrap.servers", "b:9092"),
-            base()
-                .bootstrap_servers("b:9092")
-                .group_id("g")
-                .kafka_config("bootstrap.servers", "b:9092"),
-        ] {
-            let (key, message) = conflict(b);
-            assert_eq!(key, "bootstrap.servers");
-            assert!(message.contains("bootstrap_servers()"), "{message}");
-        }
-        assert!(
-            base()
-                .bootstrap_servers("b:9092")
-                .group_id("g")
-                .build()
-                .is_ok()
-        );
+        builds(base());
     }
 
     /// kourier's defaults come first, so a raw setting overrides them; owned settings win.
@@ -1171,73 +1161,21 @@ mod tests {
 
     #[test]
     fn an_invalid_breaker_is_a_config_error() {
-        let base = || {
-            RetryingConsumer::builder(Nop)
-                .bootstrap_servers("b:9092")
-                .group_id("g")
-                .topic("t")
-        };
-        let err = base()
-            .breaker(BreakerPolicy::default().with_failure_rate(1.5, 20, 10))
-            .build()
-            .unwrap_err();
-        assert!(
-            matches!(
-                &err,
-                Error::Config(ConfigError::Invalid {
-                    setting: "breaker",
-                    ..
-                })
-            ),
-            "{err}"
-        );
-        assert!(base().breaker(BreakerPolicy::default()).build().is_ok());
+        let invalid = BreakerPolicy::default().with_failure_rate(1.5, 20, 10);
+        assert_eq!(invalid_setting(base().breaker(invalid)), "breaker");
+        builds(base().breaker(BreakerPolicy::default()));
     }
 
     #[test]
     fn a_handler_timeout_must_end_attempts_before_their_lease() {
-        let store =
-            || -> Arc<dyn IdempotencyStore> { Arc::new(crate::InMemoryIdempotencyStore::new()) };
-        let base = || {
-            RetryingConsumer::builder(Nop)
-                .bootstrap_servers("b:9092")
-                .group_id("g")
-                .topic("t")
-                .idempotency(
-                    Idempotency::new(store(), DedupKey::header("id"))
-                        .with_lease(Duration::from_secs(10)),
-                )
-        };
-        let err = base()
-            .handler_timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_err();
-        assert!(
-            matches!(
-                &err,
-                Error::Config(ConfigError::Invalid {
-                    setting: "handler_timeout",
-                    ..
-                })
-            ),
-            "{err}"
+        let leased = || base().idempotency(idempotency().with_lease(Duration::from_secs(10)));
+        assert_eq!(
+            invalid_setting(leased().handler_timeout(Duration::from_secs(10))),
+            "handler_timeout"
         );
-        assert!(
-            base()
-                .handler_timeout(Duration::from_secs(9))
-                .build()
-                .is_ok()
-        );
+        builds(leased().handler_timeout(Duration::from_secs(9)));
         // Without idempotency there is no lease to outlive.
-        assert!(
-            RetryingConsumer::builder(Nop)
-                .bootstrap_servers("b:9092")
-                .group_id("g")
-                .topic("t")
-                .handler_timeout(Duration::from_secs(600))
-                .build()
-                .is_ok()
-        );
+        builds(base().handler_timeout(Duration::from_secs(600)));
     }
 
     const YEAR: Duration = Duration::from_secs(365 * 86_400);
@@ -1247,6 +1185,19 @@ mod tests {
             .bootstrap_servers("b:9092")
             .group_id("g")
             .topic("t")
+    }
+
+    /// Idempotency on an in-memory store, keyed by the `id` header.
+    fn idempotency() -> Idempotency<serde_json::Value> {
+        let store: Arc<dyn IdempotencyStore> = Arc::new(crate::InMemoryIdempotencyStore::new());
+        Idempotency::new(store, DedupKey::header("id"))
+    }
+
+    /// Fails the test with the error when `b` does not build.
+    fn builds(b: RetryingConsumerBuilder<Nop>) {
+        if let Err(e) = b.build() {
+            panic!("expected a consumer, got {e:?}");
+        }
     }
 
     fn invalid_setting(b: RetryingConsumerBuilder<Nop>) -> &'static str {
@@ -1314,18 +1265,15 @@ mod tests {
     /// or TTL is refused.
     #[test]
     fn idempotency_is_one_value() {
-        let store =
-            || -> Arc<dyn IdempotencyStore> { Arc::new(crate::InMemoryIdempotencyStore::new()) };
-        let idem = || Idempotency::new(store(), DedupKey::header("id"));
         for i in [
-            idem().with_lease(Duration::ZERO),
-            idem().with_ttl(Duration::ZERO),
+            idempotency().with_lease(Duration::ZERO),
+            idempotency().with_ttl(Duration::ZERO),
         ] {
             assert_eq!(invalid_setting(base().idempotency(i)), "idempotency");
         }
         let c = base()
             .idempotency(
-                idem()
+                idempotency()
                     .with_lease(Duration::from_secs(7))
                     .with_ttl(Duration::from_secs(8))
                     .with_store_outage(StoreOutage::RunWithoutDedup),
@@ -1338,7 +1286,7 @@ mod tests {
             (Duration::from_secs(7), Duration::from_secs(8))
         );
         assert!(d.run_without_store_on_outage);
-        let c = base().idempotency(idem()).build().expect("valid");
+        let c = base().idempotency(idempotency()).build().expect("valid");
         let d = c.worker.dedup.as_ref().expect("idempotency is on");
         assert_eq!(
             (d.lease, d.ttl),
@@ -1366,18 +1314,11 @@ mod tests {
             ),
             "revoke_timeout"
         );
-        assert!(
-            base()
-                .revoke_timeout(Duration::from_secs(299))
-                .build()
-                .is_ok()
-        );
-        assert!(
+        builds(base().revoke_timeout(Duration::from_secs(299)));
+        builds(
             base()
                 .revoke_timeout(Duration::from_secs(500))
-                .kafka_config("max.poll.interval.ms", "600000")
-                .build()
-                .is_ok()
+                .kafka_config("max.poll.interval.ms", "600000"),
         );
     }
 
@@ -1401,10 +1342,9 @@ mod tests {
         assert_eq!(c.settings.max_broker_outage, Some(YEAR));
         assert_eq!(c.worker.stall_threshold, YEAR);
         assert_eq!(c.worker.handler_timeout, Some(YEAR));
-        let store: Arc<dyn IdempotencyStore> = Arc::new(crate::InMemoryIdempotencyStore::new());
         let c = base()
             .idempotency(
-                Idempotency::new(store, DedupKey::header("id"))
+                idempotency()
                     .with_lease(Duration::MAX)
                     .with_ttl(Duration::MAX),
             )
@@ -1430,25 +1370,7 @@ mod tests {
                 "{d:?}"
             );
         }
-        assert!(
-            base()
-                .retry_tiers(tiers(Duration::from_secs(30 * 86_400)))
-                .build()
-                .is_ok()
-        );
-    }
-
-    fn extreme() -> impl proptest::strategy::Strategy<Value = Duration> {
-        use proptest::prelude::*;
-        prop_oneof![
-            Just(Duration::ZERO),
-            Just(Duration::from_nanos(1)),
-            Just(Duration::from_millis(1)),
-            Just(YEAR),
-            Just(Duration::MAX),
-            (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
-            (0u64..1_000_000).prop_map(Duration::from_millis),
-        ]
+        builds(base().retry_tiers(tiers(Duration::from_secs(30 * 86_400))));
     }
 
     proptest::proptest! {
@@ -1459,7 +1381,7 @@ mod tests {
         /// durations are at most a year, or a typed error; it never panics.
         #[test]
         fn build_never_panics_on_extreme_durations(
-            d in proptest::collection::vec(extreme(), 17),
+            d in proptest::collection::vec(crate::consumer::duration_tests::extreme(), 17),
             max_poll in proptest::option::of(proptest::sample::select(
                 vec!["1", "1000", "300000", "600000", "86400000", "86400001"],
             )),
@@ -1492,10 +1414,8 @@ mod tests {
                 b = b.retry_tiers(crate::tiers::RetryTiers::new([d[15], d[16]]));
             }
             if dedup {
-                let store: Arc<dyn IdempotencyStore> =
-                    Arc::new(crate::InMemoryIdempotencyStore::new());
                 b = b.idempotency(
-                    Idempotency::new(store, DedupKey::header("id"))
+                    idempotency()
                         .with_lease(d[8])
                         .with_ttl(d[9]),
                 );

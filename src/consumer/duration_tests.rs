@@ -352,8 +352,8 @@ async fn a_retry_delay_of_duration_max_parks_the_record_until_the_drain() {
 // Property: every duration through extreme values
 // ---------------------------------------------------------------------------------------------
 
-/// 0, 1 ns, 1 ms, one year, `Duration::MAX`, or anything.
-fn extreme() -> impl Strategy<Value = Duration> {
+/// 0, 1 ns, 1 ms, one year, `Duration::MAX`, or anything (the builder's tests use it too).
+pub(super) fn extreme() -> impl Strategy<Value = Duration> {
     prop_oneof![
         Just(Duration::ZERO),
         Just(Duration::from_nanos(1)),

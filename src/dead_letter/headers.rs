@@ -641,24 +641,7 @@ pub(crate) mod tests {
 
     #[test]
     fn reads_what_the_kafka_sink_writes() {
-        let letter = DeadLetter {
-            record: Arc::new(RawRecord {
-                topic: "notify.v1".into(),
-                partition: 3,
-                offset: 42,
-                key: Some(b"u-1".into()),
-                value: None,
-                headers: Headers::new().with(REDRIVE_COUNT, "2"),
-                timestamp: Some(1_700_000_000_123),
-                log_append_time: false,
-            }),
-            reason: DeadLetterReason::RetriesExhausted,
-            error: "smtp said no".into(),
-            attempts: 4,
-            first_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_001_000),
-            last_failure: UNIX_EPOCH + Duration::from_millis(1_700_000_002_500),
-            group_id: "mailer".into(),
-        };
+        let letter = letter(Headers::new().with(REDRIVE_COUNT, "2"), None);
         let written: Headers = letter_headers(&letter, Some(10)).into_iter().collect();
         let p = Provenance::from_headers(&written);
         assert_eq!(

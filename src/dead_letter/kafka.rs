@@ -28,6 +28,21 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 const METADATA_OPERATION: &str = "fetch dead-letter topic metadata";
 const SEND_OPERATION: &str = "write dead letter";
 
+/// A log event about `record`'s dead letter to `dlt`: each carries the record's coordinates
+/// and the dead-letter topic as the same four fields, then its own. A macro because tracing
+/// takes field lists only as macro input.
+macro_rules! letter_event {
+    ($level:ident, $record:expr, $dlt:expr, $($fields:tt)+) => {
+        tracing::$level!(
+            topic = %$record.topic,
+            partition = $record.partition,
+            offset = $record.offset,
+            dead_letter_topic = %$dlt,
+            $($fields)+
+        )
+    };
+}
+
 type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 
 /// Writes dead letters to Kafka dead-letter topics, by default `<topic>.dlt`.
@@ -314,11 +329,10 @@ impl KafkaDeadLetterSink {
         let delivery = match first {
             Err(e) if is_too_large(&e) && record.value.is_some() => {
                 let dropped = record.value.as_ref().map_or(0, |v| v.len());
-                tracing::warn!(
-                    topic = %record.topic,
-                    partition = record.partition,
-                    offset = record.offset,
-                    dead_letter_topic = %dlt,
+                letter_event!(
+                    warn,
+                    record,
+                    dlt,
                     value_bytes = dropped,
                     "dead letter too large for its topic; writing a metadata-only letter without the value"
                 );
@@ -333,11 +347,10 @@ impl KafkaDeadLetterSink {
                 // Even without its value the letter does not fit: the key or the record's own
                 // headers are too large. Write the provenance alone rather than retry forever.
                 let key_bytes = record.key.as_ref().map_or(0, |k| k.len());
-                tracing::warn!(
-                    topic = %record.topic,
-                    partition = record.partition,
-                    offset = record.offset,
-                    dead_letter_topic = %dlt,
+                letter_event!(
+                    warn,
+                    record,
+                    dlt,
                     key_bytes,
                     headers = record.headers.len(),
                     "dead letter too large even without its value; writing its provenance only"
@@ -503,11 +516,10 @@ impl KafkaDeadLetterSink {
         let record = &letter.record;
         match written {
             Ok(receipt) => {
-                tracing::debug!(
-                    topic = %record.topic,
-                    partition = record.partition,
-                    offset = record.offset,
-                    dead_letter_topic = %dlt,
+                letter_event!(
+                    debug,
+                    record,
+                    dlt,
                     dead_letter_partition = receipt.partition,
                     dead_letter_offset = receipt.offset,
                     reason = %letter.reason,
@@ -516,11 +528,10 @@ impl KafkaDeadLetterSink {
                 Ok(receipt)
             }
             Err(e) => {
-                tracing::warn!(
-                    topic = %record.topic,
-                    partition = record.partition,
-                    offset = record.offset,
-                    dead_letter_topic = %dlt,
+                letter_event!(
+                    warn,
+                    record,
+                    dlt,
                     error = %error_chain(&e),
                     "dead-letter write failed"
                 );

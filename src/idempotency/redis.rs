@@ -810,59 +810,36 @@ mod tests {
         assert!(retry_delay(1) <= Duration::from_millis(25));
     }
 
+    async fn build_error(builder: RedisIdempotencyStoreBuilder) -> Error {
+        builder.build().await.expect_err("build() should fail")
+    }
+
     #[tokio::test]
     async fn build_rejects_bad_settings_without_connecting() {
-        let err = RedisIdempotencyStore::builder("not a url")
-            .build()
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Config(ConfigError::Invalid {
-                    setting: "redis url",
-                    ..
-                })
+        // Port 1 on loopback: nothing listens there, but the settings are refused first.
+        let refused = "redis://127.0.0.1:1/";
+        for (builder, refused_setting) in [
+            (RedisIdempotencyStore::builder("not a url"), "redis url"),
+            (
+                RedisIdempotencyStore::builder(refused).command_timeout(Duration::ZERO),
+                "command_timeout",
             ),
-            "{err:?}"
-        );
-
-        let err = RedisIdempotencyStore::builder("redis://127.0.0.1:1/")
-            .command_timeout(Duration::ZERO)
-            .build()
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Config(ConfigError::Invalid {
-                    setting: "command_timeout",
-                    ..
-                })
+            (
+                RedisIdempotencyStore::builder(refused).max_attempts(0),
+                "max_attempts",
             ),
-            "{err:?}"
-        );
+        ] {
+            let err = build_error(builder).await;
+            assert!(
+                matches!(
+                    err,
+                    Error::Config(ConfigError::Invalid { setting, .. }) if setting == refused_setting
+                ),
+                "{err:?}"
+            );
+        }
 
-        let err = RedisIdempotencyStore::builder("redis://127.0.0.1:1/")
-            .max_attempts(0)
-            .build()
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                Error::Config(ConfigError::Invalid {
-                    setting: "max_attempts",
-                    ..
-                })
-            ),
-            "{err:?}"
-        );
-
-        let err = RedisIdempotencyStore::cluster(Vec::<String>::new())
-            .build()
-            .await
-            .unwrap_err();
+        let err = build_error(RedisIdempotencyStore::cluster(Vec::<String>::new())).await;
         assert!(
             matches!(
                 err,
@@ -875,11 +852,8 @@ mod tests {
     #[tokio::test]
     async fn build_reports_an_unreachable_server_as_unavailable() {
         // Port 1 on loopback: nothing listens there, the connection is refused at once.
-        let err = RedisIdempotencyStore::builder("redis://127.0.0.1:1/")
-            .command_timeout(Duration::from_secs(5))
-            .build()
-            .await
-            .unwrap_err();
+        let b = RedisIdempotencyStore::builder("redis://127.0.0.1:1/");
+        let err = build_error(b.command_timeout(Duration::from_secs(5))).await;
         assert!(
             matches!(
                 err,

@@ -194,11 +194,8 @@ mod tests {
     use std::future::Future;
     use std::sync::atomic::AtomicBool;
     use std::task::{Context, Poll, Wake, Waker};
-    use std::time::Duration;
 
     use super::*;
-    use crate::consumer::schedule::{Limits, ProcessingOrder};
-    use crate::metrics::ConsumerMetrics;
 
     /// A waker that only notes it was woken.
     #[derive(Default)]
@@ -218,19 +215,7 @@ mod tests {
 
     /// A hub with partition t/0 assigned, read up to `position` of `high`.
     fn hub_at(position: i64, high: i64) -> Arc<Hub> {
-        let limits = Limits {
-            max_in_flight: 4,
-            max_buffered_records: 10,
-            max_buffered_bytes: 1 << 20,
-            max_buffered_records_per_partition: 10,
-            max_uncommitted_per_partition: 10,
-        };
-        let hub = Arc::new(Hub::new(
-            Scheduler::new(ProcessingOrder::Partition, limits),
-            Duration::from_secs(30),
-            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
-            Duration::from_secs(30),
-        ));
+        let hub = Arc::new(Hub::idle_for_tests());
         hub.lock().assign([(Arc::from("t"), 0)]);
         set_position(&hub, position, high);
         hub

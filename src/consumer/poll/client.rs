@@ -11,6 +11,9 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 
+/// How long a reset's seek may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// See the module docs.
 pub(crate) trait PollConsumer {
     /// Polls once, waiting at most `timeout`, and drops what it returns: the steps that use
@@ -22,14 +25,9 @@ pub(crate) trait PollConsumer {
     fn pause(&self, partitions: &TopicPartitionList) -> KafkaResult<()>;
     /// Resumes fetching the partitions of `partitions`.
     fn resume(&self, partitions: &TopicPartitionList) -> KafkaResult<()>;
-    /// Moves the fetch position of one partition.
-    fn seek(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: Offset,
-        timeout: Duration,
-    ) -> KafkaResult<()>;
+    /// Moves the fetch position of one partition to `offset` (a reset to its commit point),
+    /// waiting at most `SEEK_TIMEOUT` for librdkafka.
+    fn seek(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()>;
     /// Whether the current assignment was lost (another member may own it already).
     fn assignment_lost(&self) -> bool;
 }
@@ -51,14 +49,8 @@ impl<C: ConsumerContext> PollConsumer for BaseConsumer<C> {
         Consumer::resume(self, partitions)
     }
 
-    fn seek(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: Offset,
-        timeout: Duration,
-    ) -> KafkaResult<()> {
-        Consumer::seek(self, topic, partition, offset, timeout)
+    fn seek(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()> {
+        Consumer::seek(self, topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
     }
 
     fn assignment_lost(&self) -> bool {
@@ -81,7 +73,6 @@ pub(crate) mod fake {
     use super::PollConsumer;
     use crate::ProcessingOrder;
     use crate::consumer::schedule::{Hub, Job, JobEnd, Limits, Scheduler, Tp, tps_of};
-    use crate::metrics::ConsumerMetrics;
     use crate::record::RawRecord;
 
     /// The one partition of [`hub_running`]: `t/0`.
@@ -107,13 +98,7 @@ pub(crate) mod fake {
         let mut jobs = s.take_jobs();
         jobs.sort_by_key(|j| j.record.offset);
         assert_eq!(jobs.len(), usize::try_from(n).unwrap(), "every record runs");
-        let hub = Hub::new(
-            s,
-            revoke_timeout,
-            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
-            Duration::from_secs(30),
-        );
-        (Arc::new(hub), jobs)
+        (Arc::new(Hub::for_tests(s, revoke_timeout)), jobs)
     }
 
     /// A worker that ends `job` with `end` after `after`.
@@ -299,17 +284,8 @@ pub(crate) mod fake {
             Ok(())
         }
 
-        fn seek(
-            &self,
-            topic: &str,
-            partition: i32,
-            offset: Offset,
-            _timeout: Duration,
-        ) -> KafkaResult<()> {
-            let Offset::Offset(o) = offset else {
-                panic!("a seek to a logical offset: {offset:?}");
-            };
-            self.record(Call::Seek((topic.into(), partition), o));
+        fn seek(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()> {
+            self.record(Call::Seek((topic.into(), partition), offset));
             Ok(())
         }
 

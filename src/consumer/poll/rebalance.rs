@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use tracing::{debug, error, info, warn};
 
 use super::client::PollConsumer;
@@ -99,7 +99,7 @@ pub(crate) fn reset(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
         debug!(error = %e, "resume after reset failed");
     }
     for ((topic, partition), offset) in restart {
-        if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), SEEK_TIMEOUT) {
+        if let Err(e) = consumer.seek(&topic, partition, offset) {
             // The partition keeps fetching where it was: records between the commit point
             // and there come back only after a rebalance or restart.
             error!(partition = %format_args!("{topic}/{partition}"), offset, error = %e, "reset: seek to the commit point failed");
@@ -108,9 +108,6 @@ pub(crate) fn reset(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
         }
     }
 }
-
-/// How long a reset's seek may take.
-const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

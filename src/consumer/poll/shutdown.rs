@@ -149,9 +149,7 @@ impl ShutdownReport {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
-    use std::sync::Arc;
-
+mod tests {
     use rdkafka::ClientConfig;
     use rdkafka::consumer::BaseConsumer;
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -160,25 +158,7 @@ pub(super) mod tests {
         Call, FakeConsumer, around_a_record_given_up, end_after, hub_running, tp,
     };
     use super::*;
-    use crate::consumer::schedule::{JobEnd, Limits, ProcessingOrder};
-    use crate::metrics::ConsumerMetrics;
-
-    /// A hub with nothing assigned, as the poll thread's last steps see it.
-    pub(crate) fn idle_hub() -> Hub {
-        let limits = Limits {
-            max_in_flight: 4,
-            max_buffered_records: 10,
-            max_buffered_bytes: 1 << 20,
-            max_buffered_records_per_partition: 10,
-            max_uncommitted_per_partition: 10,
-        };
-        Hub::new(
-            Scheduler::new(ProcessingOrder::Partition, limits),
-            Duration::from_secs(30),
-            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
-            Duration::from_secs(30),
-        )
-    }
+    use crate::consumer::schedule::JobEnd;
 
     /// `shutdown_timeout(Duration::MAX)`: the deadline is capped (rule 17), the shutdown
     /// ends at once with nothing in flight. It panicked on the poll thread before
@@ -190,7 +170,7 @@ pub(super) mod tests {
             .set("group.id", "g")
             .create()
             .expect("a consumer needs no broker to exist");
-        let hub = idle_hub();
+        let hub = Hub::idle_for_tests();
         shutdown(&consumer, &hub, Duration::MAX);
         assert!(hub.closing());
     }

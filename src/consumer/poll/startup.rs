@@ -205,7 +205,7 @@ mod tests {
             wait_for_topics: false,
             create: None,
         };
-        let hub = super::super::shutdown::tests::idle_hub();
+        let hub = crate::consumer::schedule::Hub::idle_for_tests();
         assert!(matches!(check(&consumer, &hub, &settings), Ok(true)));
     }
 }

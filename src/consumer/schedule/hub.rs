@@ -232,6 +232,30 @@ impl Hub {
     }
 }
 
+#[cfg(test)]
+impl Hub {
+    /// A hub for unit tests over `scheduler`: metrics for group `g` and topic `t`, a 30 s
+    /// log interval.
+    pub(crate) fn for_tests(scheduler: Scheduler, revoke_timeout: Duration) -> Hub {
+        let metrics = Arc::new(ConsumerMetrics::new("g", &["t".to_owned()]));
+        Hub::new(scheduler, revoke_timeout, metrics, Duration::from_secs(30))
+    }
+
+    /// An idle hub for unit tests: partition order, 4 records in flight, 10 buffered,
+    /// nothing assigned, a 30 s revoke wait.
+    pub(crate) fn idle_for_tests() -> Hub {
+        let limits = super::Limits {
+            max_in_flight: 4,
+            max_buffered_records: 10,
+            max_buffered_bytes: 1 << 20,
+            max_buffered_records_per_partition: 10,
+            max_uncommitted_per_partition: 10,
+        };
+        let scheduler = Scheduler::new(super::ProcessingOrder::Partition, limits);
+        Hub::for_tests(scheduler, Duration::from_secs(30))
+    }
+}
+
 /// The final commit at shutdown, after every try until the shutdown deadline failed.
 #[derive(Debug)]
 pub(crate) struct FinalCommitFailure {
@@ -283,13 +307,7 @@ mod tests {
             s.enqueue(RawRecord::builder("t").offset(offset).key(*key).build());
         }
         let jobs = s.take_jobs();
-        let hub = Hub::new(
-            s,
-            Duration::from_secs(30),
-            Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
-            Duration::from_secs(30),
-        );
-        (Arc::new(hub), jobs)
+        (Arc::new(Hub::for_tests(s, Duration::from_secs(30))), jobs)
     }
 
     /// A worker that settles the first of `jobs` 30 ms from now; its thread returns the

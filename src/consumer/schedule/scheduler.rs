@@ -438,11 +438,7 @@ impl Scheduler {
     pub(crate) fn finish(&mut self, job: &Job, end: JobEnd) -> Option<Job> {
         self.free_slot(job);
         self.end_job(job, end);
-        if end == JobEnd::Settled {
-            self.free_lane(job);
-        } else {
-            self.block_lane(job);
-        }
+        self.end_lane(job, end);
         self.take_one()
     }
 
@@ -454,9 +450,12 @@ impl Scheduler {
         }
     }
 
-    /// The job's lane may run its next record: readied when one waits, else dropped (its
-    /// queue kept for a new lane) unless it is blocked.
-    fn free_lane(&mut self, job: &Job) {
+    /// The job's lane stops running. Settled, the lane may run its next record: readied
+    /// when one waits, else dropped (its queue kept for a new lane) unless it is blocked.
+    /// Given up unsettled, nothing after it in its lane may run in this assignment (it would
+    /// overtake the record): the lane is blocked and its buffered records are dropped (they
+    /// are delivered again, in order, with it).
+    fn end_lane(&mut self, job: &Job, end: JobEnd) {
         let Some(p) = job_partition(&mut self.partitions, job) else {
             return;
         };
@@ -464,7 +463,18 @@ impl Scheduler {
             return;
         };
         lane.running = false;
-        if lane.queue.is_empty() {
+        if end != JobEnd::Settled {
+            lane.blocked = true;
+            let (records, bytes) = (
+                lane.queue.len(),
+                lane.queue.iter().map(|(_, b)| *b).sum::<usize>(),
+            );
+            lane.queue.clear();
+            p.queued -= records;
+            p.queued_bytes -= bytes;
+            self.buffered_records -= records;
+            self.buffered_bytes -= bytes;
+        } else if lane.queue.is_empty() {
             if !lane.blocked
                 && let Some(lane) = p.lanes.remove(&job.lane)
             {
@@ -477,29 +487,6 @@ impl Scheduler {
         }
     }
 
-    /// The job was given up unsettled: nothing after it in its lane may run in this
-    /// assignment (it would overtake the record); the lane's buffered records are dropped
-    /// (they are delivered again, in order, with it).
-    fn block_lane(&mut self, job: &Job) {
-        let Some(p) = job_partition(&mut self.partitions, job) else {
-            return;
-        };
-        let Some(lane) = p.lanes.get_mut(&job.lane) else {
-            return;
-        };
-        lane.running = false;
-        lane.blocked = true;
-        let (records, bytes) = (
-            lane.queue.len(),
-            lane.queue.iter().map(|(_, b)| *b).sum::<usize>(),
-        );
-        lane.queue.clear();
-        p.queued -= records;
-        p.queued_bytes -= bytes;
-        self.buffered_records -= records;
-        self.buffered_bytes -= bytes;
-    }
-
     /// A running record's outcome is decided but not yet settled (its completion is being
     /// written to the idempotency store, or its dead letter awaits the broker's
     /// acknowledgement): its slot is freed and its lane re-readied at once, so the lane's next
@@ -509,7 +496,8 @@ impl Scheduler {
     pub(crate) fn release_lane(&mut self, job: &Job) -> Option<Job> {
         self.free_slot(job);
         self.settling += 1;
-        self.free_lane(job);
+        // Its outcome is decided: the lane goes on as after a settled record.
+        self.end_lane(job, JobEnd::Settled);
         self.take_one()
     }
 
@@ -681,6 +669,7 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
+    use super::ProcessingOrder::{Key, Partition, Unordered};
     use super::*;
     use crate::record::Headers;
 
@@ -711,6 +700,36 @@ mod tests {
         }
     }
 
+    /// One slot and a buffer of ten records (a partition alone is never paused below 100).
+    fn small_buffer() -> Limits {
+        Limits {
+            max_buffered_records: 10,
+            max_buffered_records_per_partition: 100,
+            ..limits(1)
+        }
+    }
+
+    /// A scheduler in `order` with `limits`, over `partitions` of topic `t`, holding
+    /// `records` (partition, offset, key), enqueued in that order.
+    fn holding(
+        order: ProcessingOrder,
+        limits: Limits,
+        partitions: &[i32],
+        records: impl IntoIterator<Item = (i32, i64, Option<&'static str>)>,
+    ) -> Scheduler {
+        let mut s = Scheduler::new(order, limits);
+        s.assign(partitions.iter().map(|p| tp(*p)));
+        for (p, offset, key) in records {
+            s.enqueue(rec(p, offset, key));
+        }
+        s
+    }
+
+    /// Records of partition 0 with `keys`, at offsets 0, 1, ...
+    fn keyed(keys: &[&'static str]) -> Vec<(i32, i64, Option<&'static str>)> {
+        (0..).zip(keys).map(|(o, k)| (0, o, Some(*k))).collect()
+    }
+
     fn offsets(jobs: &[Job]) -> Vec<(i32, i64)> {
         jobs.iter()
             .map(|j| (j.record.partition, j.record.offset))
@@ -719,12 +738,8 @@ mod tests {
 
     #[test]
     fn partition_mode_runs_one_record_per_partition_in_order() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
-        s.assign([tp(0), tp(1)]);
-        for o in 0..3 {
-            s.enqueue(rec(0, o, Some("a")));
-            s.enqueue(rec(1, o, Some("b")));
-        }
+        let records = (0..3).flat_map(|o| [(0, o, Some("a")), (1, o, Some("b"))]);
+        let mut s = holding(Partition, limits(10), &[0, 1], records);
         let jobs = s.take_jobs();
         let mut started = offsets(&jobs);
         started.sort();
@@ -737,13 +752,9 @@ mod tests {
 
     #[test]
     fn key_mode_overlaps_keys_and_serialises_each_key() {
-        let mut s = Scheduler::new(ProcessingOrder::Key, limits(10));
-        s.assign([tp(0)]);
-        s.enqueue(rec(0, 0, Some("a")));
-        s.enqueue(rec(0, 1, Some("b")));
-        s.enqueue(rec(0, 2, Some("a")));
-        s.enqueue(rec(0, 3, None));
-        s.enqueue(rec(0, 4, None));
+        let keys = [Some("a"), Some("b"), Some("a"), None, None];
+        let records = (0..).zip(keys).map(|(o, k)| (0, o, k));
+        let mut s = holding(Key, limits(10), &[0], records);
         let jobs = s.take_jobs();
         assert_eq!(offsets(&jobs), [(0, 0), (0, 1), (0, 3)]);
         // b finishes first: out-of-order settle does not move the watermark.
@@ -762,11 +773,8 @@ mod tests {
 
     #[test]
     fn max_in_flight_bounds_every_mode() {
-        let mut s = Scheduler::new(ProcessingOrder::Unordered, limits(3));
-        s.assign([tp(0)]);
-        for o in 0..10 {
-            s.enqueue(rec(0, o, None));
-        }
+        let records = (0..10).map(|o| (0, o, None));
+        let mut s = holding(Unordered, limits(3), &[0], records);
         let jobs = s.take_jobs();
         assert_eq!(jobs.len(), 3);
         assert_eq!(s.in_flight(), 3);
@@ -778,12 +786,7 @@ mod tests {
 
     #[test]
     fn a_parked_record_frees_its_slot_but_keeps_its_lane() {
-        let mut s = Scheduler::new(ProcessingOrder::Key, limits(1));
-        s.assign([tp(0)]);
-        s.enqueue(rec(0, 0, Some("a")));
-        s.enqueue(rec(0, 1, Some("a")));
-        s.enqueue(rec(0, 2, Some("b")));
-        s.enqueue(rec(0, 3, Some("c")));
+        let mut s = holding(Key, limits(1), &[0], keyed(&["a", "a", "b", "c"]));
         let a0 = s.take_jobs().pop().unwrap();
         assert_eq!(a0.record.offset, 0);
         // a@0 waits out a back-off: its slot goes to b@2, not to a@1 (its lane is taken).
@@ -805,10 +808,8 @@ mod tests {
 
     #[test]
     fn a_parked_record_given_up_takes_its_slot_back_once() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(1));
-        s.assign([tp(0), tp(1)]);
-        s.enqueue(rec(0, 0, None));
-        s.enqueue(rec(1, 0, None));
+        let records = [(0, 0, None), (1, 0, None)];
+        let mut s = holding(Partition, limits(1), &[0, 1], records);
         let p0 = s.take_jobs().pop().unwrap();
         let p1 = s.park(p0.id).unwrap();
         let _handed = s.resume(p0.id).expect_err("p1 holds the slot");
@@ -832,11 +833,7 @@ mod tests {
 
     #[test]
     fn a_job_that_ends_while_parked_frees_no_slot_it_does_not_hold() {
-        let mut s = Scheduler::new(ProcessingOrder::Key, limits(2));
-        s.assign([tp(0)]);
-        s.enqueue(rec(0, 0, Some("a")));
-        s.enqueue(rec(0, 1, Some("b")));
-        s.enqueue(rec(0, 2, Some("c")));
+        let mut s = holding(Key, limits(2), &[0], keyed(&["a", "b", "c"]));
         let jobs = s.take_jobs();
         let (a, b) = (&jobs[0], &jobs[1]);
         let c = s.park(a.id).expect("c takes a's slot");
@@ -852,11 +849,8 @@ mod tests {
 
     #[test]
     fn a_released_lane_runs_its_next_record_but_the_commit_point_waits_for_the_settle() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(1));
-        s.assign([tp(0)]);
-        for o in 0..3 {
-            s.enqueue(rec(0, o, None));
-        }
+        let records = (0..3).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits(1), &[0], records);
         let j0 = s.take_jobs().pop().unwrap();
         // j0's handler succeeded; its completion is still being written.
         let j1 = s
@@ -881,10 +875,8 @@ mod tests {
 
     #[test]
     fn a_released_record_given_up_holds_the_commit_point_and_is_reported_at_stop() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
-        s.assign([tp(0)]);
-        s.enqueue(rec(0, 0, None));
-        s.enqueue(rec(0, 1, None));
+        let records = [(0, 0, None), (0, 1, None)];
+        let mut s = holding(Partition, limits(10), &[0], records);
         let j0 = s.take_jobs().pop().unwrap();
         let j1 = s.release_lane(&j0).unwrap();
         assert!(s.finish(&j1, JobEnd::Settled).is_none());
@@ -902,9 +894,7 @@ mod tests {
 
     #[test]
     fn abandoned_records_are_not_committed() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
-        s.assign([tp(0)]);
-        s.enqueue(rec(0, 0, None));
+        let mut s = holding(Partition, limits(10), &[0], [(0, 0, None)]);
         let j = s.take_jobs().pop().unwrap();
         s.finish(&j, JobEnd::Abandoned);
         assert_eq!(s.to_commit(), vec![]);
@@ -913,10 +903,8 @@ mod tests {
 
     #[test]
     fn a_lost_assignment_tells_only_its_partitions_workers() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
-        s.assign([tp(0), tp(1)]);
-        s.enqueue(rec(0, 0, None));
-        s.enqueue(rec(1, 0, None));
+        let records = [(0, 0, None), (1, 0, None)];
+        let mut s = holding(Partition, limits(10), &[0, 1], records);
         let jobs = s.take_jobs();
         let job = |p: i32| jobs.iter().find(|j| j.tp == tp(p)).unwrap();
         s.begin_revoke(&[tp(0), tp(1)]);
@@ -935,11 +923,8 @@ mod tests {
 
     #[test]
     fn revoke_drops_buffered_and_ignores_late_completions() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
-        s.assign([tp(0)]);
-        for o in 0..5 {
-            s.enqueue(rec(0, o, None));
-        }
+        let records = (0..5).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits(10), &[0], records);
         let j = s.take_jobs().pop().unwrap();
         s.begin_revoke(&[tp(0)]);
         assert!(!j.stop.abandon.is_cancelled(), "running records may finish");
@@ -986,13 +971,9 @@ mod tests {
 
     #[test]
     fn flow_control_pauses_full_partitions_and_resumes_below_half() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(1));
+        let records = (0..25).map(|o| (0, o, None)).chain([(1, 0, None)]);
+        let mut s = holding(Partition, limits(1), &[0, 1], records);
         s.pause_grace = Duration::from_millis(50);
-        s.assign([tp(0), tp(1)]);
-        for o in 0..25 {
-            s.enqueue(rec(0, o, None));
-        }
-        s.enqueue(rec(1, 0, None));
         let first = s.take_jobs();
         assert_eq!(first.len(), 1);
         // Over its limit for less than the grace period: not paused (a fast partition's
@@ -1020,17 +1001,7 @@ mod tests {
 
     #[test]
     fn room_counts_down_to_zero_and_refills_in_batches() {
-        let mut s = Scheduler::new(
-            ProcessingOrder::Partition,
-            Limits {
-                max_in_flight: 1,
-                max_buffered_records: 10,
-                max_buffered_bytes: 1 << 20,
-                max_buffered_records_per_partition: 100,
-                max_uncommitted_per_partition: 1_000,
-            },
-        );
-        s.assign([tp(0)]);
+        let mut s = holding(Partition, small_buffer(), &[0], []);
         assert_eq!(s.room(), 10);
         assert_eq!(
             s.batch_room(500),
@@ -1048,21 +1019,8 @@ mod tests {
 
     #[test]
     fn global_limit_pauses_every_partition_holding_records() {
-        let mut s = Scheduler::new(
-            ProcessingOrder::Partition,
-            Limits {
-                max_in_flight: 1,
-                max_buffered_records: 10,
-                max_buffered_bytes: 1 << 20,
-                max_buffered_records_per_partition: 100,
-                max_uncommitted_per_partition: 1_000,
-            },
-        );
-        s.assign([tp(0), tp(1), tp(2)]);
-        for o in 0..6 {
-            s.enqueue(rec(0, o, None));
-            s.enqueue(rec(1, o, None));
-        }
+        let records = (0..6).flat_map(|o| [(0, o, None), (1, o, None)]);
+        let mut s = holding(Partition, small_buffer(), &[0, 1, 2], records);
         let _running = s.take_jobs();
         let mut paused = s.flow_control().pause;
         paused.sort();
@@ -1071,12 +1029,7 @@ mod tests {
 
     #[test]
     fn draining_still_runs_gap_fillers_so_handled_records_become_committable() {
-        let mut s = Scheduler::new(ProcessingOrder::Key, limits(10));
-        s.assign([tp(0)]);
-        s.enqueue(rec(0, 0, Some("a")));
-        s.enqueue(rec(0, 1, Some("a")));
-        s.enqueue(rec(0, 2, Some("b")));
-        s.enqueue(rec(0, 3, Some("b")));
+        let mut s = holding(Key, limits(10), &[0], keyed(&["a", "a", "b", "b"]));
         let jobs = s.take_jobs();
         assert_eq!(offsets(&jobs), [(0, 0), (0, 2)]);
         let next_b = s.finish(&jobs[1], JobEnd::Settled).unwrap();
@@ -1099,11 +1052,7 @@ mod tests {
     /// drain, nothing is reset (the next owner reads from the commit point anyway).
     #[test]
     fn a_record_given_up_outside_a_drain_asks_for_a_reset_of_its_partition() {
-        let mut s = Scheduler::new(ProcessingOrder::Key, limits(10));
-        s.assign([tp(0), tp(1)]);
-        s.enqueue(rec(0, 0, Some("a")));
-        s.enqueue(rec(0, 1, Some("b")));
-        s.enqueue(rec(0, 2, Some("a")));
+        let mut s = holding(Key, limits(10), &[0, 1], keyed(&["a", "b", "a"]));
         let jobs = s.take_jobs();
         assert_eq!(offsets(&jobs), [(0, 0), (0, 1)]);
         s.finish(&jobs[1], JobEnd::Settled);
@@ -1127,9 +1076,7 @@ mod tests {
     /// later: counted apart, not as abandoned (a normal stop stays clean).
     #[test]
     fn a_record_left_for_later_at_a_stop_is_not_abandoned() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
-        s.assign([tp(0)]);
-        s.enqueue(rec(0, 0, None));
+        let mut s = holding(Partition, limits(10), &[0], [(0, 0, None)]);
         let j = s.take_jobs().pop().unwrap();
         s.begin_stop();
         s.finish(&j, JobEnd::LeftForLater);
@@ -1140,10 +1087,8 @@ mod tests {
 
     #[test]
     fn stop_drops_buffered_and_dispatches_nothing() {
-        let mut s = Scheduler::new(ProcessingOrder::Partition, limits(10));
-        s.assign([tp(0)]);
-        s.enqueue(rec(0, 0, None));
-        s.enqueue(rec(0, 1, None));
+        let records = [(0, 0, None), (0, 1, None)];
+        let mut s = holding(Partition, limits(10), &[0], records);
         let j = s.take_jobs().pop().unwrap();
         s.begin_stop();
         assert!(s.finish(&j, JobEnd::Settled).is_none());
@@ -1154,11 +1099,7 @@ mod tests {
 
     #[test]
     fn an_abandoned_record_blocks_its_lane_so_nothing_overtakes_it() {
-        let mut s = Scheduler::new(ProcessingOrder::Key, limits(10));
-        s.assign([tp(0)]);
-        s.enqueue(rec(0, 0, Some("a")));
-        s.enqueue(rec(0, 1, Some("a")));
-        s.enqueue(rec(0, 2, Some("b")));
+        let mut s = holding(Key, limits(10), &[0], keyed(&["a", "a", "b"]));
         let jobs = s.take_jobs();
         assert_eq!(offsets(&jobs), [(0, 0), (0, 2)]);
         // a@0 is given up (its partition drains while it waits out a back-off): a@1 must not
