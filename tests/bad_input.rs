@@ -175,7 +175,20 @@ async fn values_too_large_for_the_dead_letter_topic_become_metadata_only_letters
     c.stop().await;
 
     let letters = support::read_all(&dlt_topic).await;
-    assert_eq!(letters.len(), 2, "one letter per oversized record");
+    // What the topic holds, readable even if a letter lacks its headers.
+    let seen: Vec<_> = letters
+        .iter()
+        .map(|l| {
+            let kind = l.header(dlt::FAILURE_KIND).flatten();
+            let kind = kind.map(|k| String::from_utf8_lossy(k).into_owned());
+            (l.offset, kind, l.value.as_ref().map(Vec::len))
+        })
+        .collect();
+    assert_eq!(
+        letters.len(),
+        2,
+        "one letter per oversized record: {seen:?}"
+    );
     for (letter, (offset, key, size, kind, trace)) in letters.iter().zip([
         (0, &b"k1"[..], big_permanent.len(), "permanent", &b"t-1"[..]),
         (1, &b"k2"[..], big_poison.len(), "decode", &b"t-2"[..]),
