@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kourier::dead_letter::headers as dlt;
 use kourier::{
-    BreakerPolicy, BreakerState, BreakerStatus, ConsumerMonitor, DedupKey, HandlerError,
-    Idempotency, InMemoryIdempotencyStore, Message, ProcessingOrder, handler_fn,
+    BreakerPolicy, BreakerState, BreakerStatus, ConsumerMonitor, ConsumerSnapshot, DedupKey,
+    HandlerError, Idempotency, InMemoryIdempotencyStore, Message, ProcessingOrder, handler_fn,
 };
 use serde::Deserialize;
 use support::TestRecord;
@@ -123,6 +123,24 @@ impl Downstream {
 /// test does not wait a minute for its probe).
 fn breaker() -> BreakerPolicy {
     BreakerPolicy::default().with_open_interval(Duration::from_secs(1), Duration::from_secs(4))
+}
+
+/// Stops `c` at the end of a run begun at `started`: how long the run took, the consumer's
+/// last snapshot and its breaker's status then.
+async fn finish(c: Running, started: Instant) -> (Duration, ConsumerSnapshot, BreakerStatus) {
+    let took = started.elapsed();
+    let end = c.monitor.snapshot();
+    c.stop().await;
+    let b = end.breaker.clone().expect("a breaker");
+    (took, end, b)
+}
+
+/// How often the breaker opened, probed and held a failed call.
+fn breaker_counts(b: &BreakerStatus) -> String {
+    format!(
+        "opened {} times, {} probes, {} failed calls held",
+        b.opened, b.probes, b.held_failures
+    )
 }
 
 /// The transitions from `from` to `to` among `b.recent`, which must hold every transition
@@ -420,18 +438,13 @@ async fn a_flapping_downstream_neither_floods_the_dlt_nor_stalls() {
         || downstream.handled() == RECORDS,
     )
     .await;
-    let took = started.elapsed();
-    let end = c.monitor.snapshot();
-    c.stop().await;
+    let (took, end, b) = finish(c, started).await;
 
-    let b = end.breaker.expect("a breaker");
     eprintln!(
-        "flapping figures: {RECORDS} records in {:.1} s over {OUTAGES} outages; breaker opened {} times, \
-         {} probes, {} failed calls held; downstream calls while down {}; dead letters {}; retried {}",
+        "flapping figures: {RECORDS} records in {:.1} s over {OUTAGES} outages; breaker {}; \
+         downstream calls while down {}; dead letters {}; retried {}",
         took.as_secs_f64(),
-        b.opened,
-        b.probes,
-        b.held_failures,
+        breaker_counts(&b),
         downstream.calls_while_down.load(Ordering::SeqCst),
         end.dead_lettered.total(),
         end.retried,
@@ -504,18 +517,13 @@ async fn records_failing_on_their_own_cannot_keep_the_breaker_open() {
         || handled() == RECORDS - BAD && c.monitor.snapshot().dead_lettered.total() == BAD as u64,
     )
     .await;
-    let took = started.elapsed();
-    let end = c.monitor.snapshot();
-    c.stop().await;
+    let (took, _, b) = finish(c, started).await;
 
-    let b = end.breaker.expect("a breaker");
     eprintln!(
-        "own-failure figures: {RECORDS} records, {BAD} always failing: done in {:.1} s; breaker opened {} times, \
-         {} probes, {} failed calls held; the bad records' calls {}",
+        "own-failure figures: {RECORDS} records, {BAD} always failing: done in {:.1} s; breaker {}; \
+         the bad records' calls {}",
         took.as_secs_f64(),
-        b.opened,
-        b.probes,
-        b.held_failures,
+        breaker_counts(&b),
         bad_failures.load(Ordering::SeqCst),
     );
     // How often their failures open it depends on how their retries meet the other

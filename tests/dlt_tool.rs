@@ -46,55 +46,104 @@ fn at(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// Writes a dead letter for `topic/0@offset` with kourier's own sink (so the headers are
-/// exactly what a consumer writes).
-#[allow(clippy::too_many_arguments)]
-async fn write_letter(
-    sink: &KafkaDeadLetterSink,
-    topic: &str,
+/// A dead letter to write: the record of `topic/0@offset` with `key` and `value`, given up
+/// for `reason` at `failed_ms` (ms since the epoch), carrying `extra` headers of its own.
+struct Letter {
     offset: i64,
-    key: &str,
-    value: &[u8],
+    key: String,
+    value: Vec<u8>,
     reason: DeadLetterReason,
     failed_ms: u64,
     extra: Headers,
-) {
-    let mut letter = DeadLetter::new(
-        RawRecord::builder(topic)
-            .offset(offset)
-            .key(key)
-            .value(value)
-            .headers(extra)
-            .timestamp(1_700_000_000_000)
-            .build(),
-        reason,
-        format!("{reason} failure of {key}"),
-    );
-    letter.attempts = if reason == DeadLetterReason::Decode {
-        0
-    } else {
-        3
-    };
-    letter.first_failure = at(failed_ms - 1_000);
-    letter.last_failure = at(failed_ms);
-    letter.group_id = "svc".into();
-    sink.send(&letter).await.expect("write dead letter");
 }
 
-/// A one-partition source topic and its dead-letter topic.
+/// A permanent failure of the record `{}` at offset `offset`, keyed `key`, given up at
+/// 1_800_000_000_000 ms, with no headers of its own.
+fn letter(offset: i64, key: &str) -> Letter {
+    Letter {
+        offset,
+        key: key.to_owned(),
+        value: b"{}".to_vec(),
+        reason: DeadLetterReason::Permanent,
+        failed_ms: 1_800_000_000_000,
+        extra: Headers::new(),
+    }
+}
+
+impl Letter {
+    fn value(mut self, value: impl Into<Vec<u8>>) -> Self {
+        self.value = value.into();
+        self
+    }
+
+    fn reason(mut self, reason: DeadLetterReason) -> Self {
+        self.reason = reason;
+        self
+    }
+
+    fn failed_ms(mut self, ms: u64) -> Self {
+        self.failed_ms = ms;
+        self
+    }
+
+    fn headers(mut self, extra: Headers) -> Self {
+        self.extra = extra;
+        self
+    }
+}
+
+/// Writes `letters` for records of `topic` with kourier's own sink (so the headers are exactly
+/// what a consumer writes), and waits until every one is acknowledged.
+async fn write_letters(topic: &str, letters: impl IntoIterator<Item = Letter>) {
+    let sink = KafkaDeadLetterSink::builder(support::bootstrap())
+        .build()
+        .expect("sink");
+    for l in letters {
+        let mut letter = DeadLetter::new(
+            RawRecord::builder(topic)
+                .offset(l.offset)
+                .key(l.key.as_str())
+                .value(l.value)
+                .headers(l.extra)
+                .timestamp(1_700_000_000_000)
+                .build(),
+            l.reason,
+            format!("{} failure of {}", l.reason, l.key),
+        );
+        letter.attempts = if l.reason == DeadLetterReason::Decode {
+            0
+        } else {
+            3
+        };
+        letter.first_failure = at(l.failed_ms - 1_000);
+        letter.last_failure = at(l.failed_ms);
+        letter.group_id = "svc".into();
+        sink.send(&letter).await.expect("write dead letter");
+    }
+    sink.flush(Duration::from_secs(10)).await.expect("flush");
+}
+
 async fn topics(name: &str) -> (String, String) {
     let (topic, _, dlt_topic) = support::consumer::setup(name, 1).await;
     (topic, dlt_topic)
 }
 
-fn sink() -> KafkaDeadLetterSink {
-    KafkaDeadLetterSink::builder(support::bootstrap())
-        .build()
-        .expect("sink")
-}
-
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("tool panicked")
+}
+
+/// Runs the installed `kourier-dlt` binary against the test broker with `args`.
+#[cfg(feature = "cli")]
+async fn run_tool(args: Vec<String>) -> std::process::Output {
+    blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kourier-dlt"))
+            .arg("--bootstrap-servers")
+            .arg(support::bootstrap())
+            .args(args)
+            .output()
+            .expect("run kourier-dlt")
+    })
+    .await
 }
 
 /// Every letter of `dlt_topic` (no filter), read through `kafka`, and how many records were
@@ -133,9 +182,8 @@ async fn redrive(opts: RedriveOptions) -> anyhow::Result<dlt::RedriveReport> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_lists_provenance_and_filters() {
     let (topic, dlt_topic) = topics("dlt-inspect").await;
-    let sink = sink();
     let t0 = 1_800_000_000_000u64;
-    for (offset, key, reason, when) in [
+    let letters = [
         (10, "alice", DeadLetterReason::Permanent, t0),
         (11, "bob", DeadLetterReason::Decode, t0 + 60_000),
         (
@@ -145,20 +193,13 @@ async fn inspect_lists_provenance_and_filters() {
             t0 + 120_000,
         ),
         (13, "carol", DeadLetterReason::Permanent, t0 + 180_000),
-    ] {
-        write_letter(
-            &sink,
-            &topic,
-            offset,
-            key,
-            b"{}",
-            reason,
-            when,
-            Headers::new(),
-        )
-        .await;
-    }
-    sink.flush(Duration::from_secs(10)).await.expect("flush");
+    ];
+    write_letters(
+        &topic,
+        letters
+            .map(|(offset, key, reason, when)| letter(offset, key).reason(reason).failed_ms(when)),
+    )
+    .await;
 
     let inspect = |filter: Filter| {
         let dlt_topic = dlt_topic.clone();
@@ -361,23 +402,14 @@ async fn redriven_letters_are_handled_in_their_source_topic_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_redrive_resumes_without_redriving_twice() {
     let (topic, dlt_topic) = topics("dlt-crash").await;
-    let sink = sink();
-    for offset in 0..6 {
-        let value = serde_json::to_vec(&Ev { id: offset as u32 }).unwrap();
-        let reason = DeadLetterReason::Permanent;
-        write_letter(
-            &sink,
-            &topic,
-            offset,
-            &format!("k{offset}"),
-            &value,
-            reason,
-            1_800_000_000_000,
-            Headers::new(),
-        )
-        .await;
-    }
-    sink.flush(Duration::from_secs(10)).await.expect("flush");
+    write_letters(
+        &topic,
+        (0..6).map(|offset| {
+            let value = serde_json::to_vec(&Ev { id: offset as u32 }).unwrap();
+            letter(offset, &format!("k{offset}")).value(value)
+        }),
+    )
+    .await;
     let group = support::unique_name("dlt-crash-tool");
 
     let crashed = redrive(RedriveOptions {
@@ -428,31 +460,17 @@ async fn a_crashed_redrive_resumes_without_redriving_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn letters_redriven_too_often_are_refused_unless_forced() {
     let (topic, dlt_topic) = topics("dlt-loop").await;
-    let sink = sink();
     let redriven_thrice = Headers::new().with(headers::REDRIVE_COUNT, "3");
-    write_letter(
-        &sink,
+    write_letters(
         &topic,
-        0,
-        "looping",
-        b"{\"id\":1}",
-        DeadLetterReason::Permanent,
-        1_800_000_000_000,
-        redriven_thrice,
+        [
+            letter(0, "looping")
+                .value(b"{\"id\":1}")
+                .headers(redriven_thrice),
+            letter(1, "fresh").value(b"{\"id\":2}"),
+        ],
     )
     .await;
-    write_letter(
-        &sink,
-        &topic,
-        1,
-        "fresh",
-        b"{\"id\":2}",
-        DeadLetterReason::Permanent,
-        1_800_000_000_000,
-        Headers::new(),
-    )
-    .await;
-    sink.flush(Duration::from_secs(10)).await.expect("flush");
 
     let refused = redrive(options(&dlt_topic, &support::unique_name("dlt-loop-tool")))
         .await
@@ -500,19 +518,7 @@ async fn missing_topics_and_unreachable_brokers_are_clear_errors() {
 
     // A destination that does not exist stops the redrive before publishing anything.
     let (topic, dlt_topic) = topics("dlt-no-dest").await;
-    let sink = sink();
-    write_letter(
-        &sink,
-        &topic,
-        0,
-        "k",
-        b"{}",
-        DeadLetterReason::Permanent,
-        1_800_000_000_000,
-        Headers::new(),
-    )
-    .await;
-    sink.flush(Duration::from_secs(10)).await.expect("flush");
+    write_letters(&topic, [letter(0, "k")]).await;
     let group = support::unique_name("dlt-no-dest-tool");
     let err = redrive(RedriveOptions {
         to: Some(missing.clone()),
@@ -567,9 +573,6 @@ fn command_line_times_and_kinds_parse() {
     assert!(dlt::parse_kind("other").is_err());
 }
 
-/// The installed binary (feature `cli`): `inspect --json` lists a letter with its provenance,
-/// and a missing topic is a failure exit with a clear message.
-#[cfg(feature = "cli")]
 /// Header names that are not UTF-8, empty or hold a NUL byte: `inspect --json` shows them
 /// escaped with their exact bytes beside, never replaced; `redrive` publishes them byte for
 /// byte, in order, duplicates and null values kept.
@@ -586,19 +589,7 @@ async fn odd_header_names_are_shown_escaped_and_redriven_byte_for_byte() {
         Header::new(b"\xc3\x28\x78".to_vec(), "second"),
         Header::new("back\\slash", "text"),
     ]);
-    let sink = sink();
-    write_letter(
-        &sink,
-        &topic,
-        3,
-        "erin",
-        b"{}",
-        DeadLetterReason::Permanent,
-        1_800_000_000_000,
-        odd.clone(),
-    )
-    .await;
-    sink.flush(Duration::from_secs(10)).await.expect("flush");
+    write_letters(&topic, [letter(3, "erin").headers(odd.clone())]).await;
 
     let inspected = inspect_all(kafka(), &dlt_topic).await.expect("inspect").0;
     assert_eq!(inspected.len(), 1);
@@ -628,36 +619,15 @@ async fn odd_header_names_are_shown_escaped_and_redriven_byte_for_byte() {
     assert_eq!(redriven[0].raw_headers, expected);
 }
 
+/// The installed binary (feature `cli`): `inspect --json` lists a letter with its provenance,
+/// and a missing topic is a failure exit with a clear message.
+#[cfg(feature = "cli")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_inspects_and_fails_clearly() {
-    use std::process::Command;
-
     let (topic, dlt_topic) = topics("dlt-binary").await;
-    let sink = sink();
-    write_letter(
-        &sink,
-        &topic,
-        7,
-        "dora",
-        b"{}",
-        DeadLetterReason::Permanent,
-        1_800_000_000_000,
-        Headers::new(),
-    )
-    .await;
-    sink.flush(Duration::from_secs(10)).await.expect("flush");
+    write_letters(&topic, [letter(7, "dora")]).await;
 
-    let run = |args: Vec<String>| {
-        blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_kourier-dlt"))
-                .arg("--bootstrap-servers")
-                .arg(support::bootstrap())
-                .args(args)
-                .output()
-                .expect("run kourier-dlt")
-        })
-    };
-    let out = run(vec!["inspect".into(), dlt_topic.clone(), "--json".into()]).await;
+    let out = run_tool(vec!["inspect".into(), dlt_topic.clone(), "--json".into()]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
     let lines: Vec<_> = stdout.lines().collect();
@@ -668,7 +638,7 @@ async fn binary_inspects_and_fails_clearly() {
     );
 
     let missing = support::unique_name("dlt-binary-missing");
-    let out = run(vec!["inspect".into(), missing.clone()]).await;
+    let out = run_tool(vec!["inspect".into(), missing.clone()]).await;
     assert!(!out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&missing), "{stderr}");
@@ -679,29 +649,19 @@ async fn binary_inspects_and_fails_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_or_unreadable_redrive_counts_are_refused() {
     let (topic, dlt_topic) = topics("dlt-hostile-count").await;
-    let sink = sink();
-    for (offset, key, count) in [
+    let letters = [
         (0, "huge", Some("99999999999")),
         (1, "junk", Some("many")),
         (2, "fresh", None),
-    ] {
+    ]
+    .map(|(offset, key, count)| {
         let extra = match count {
             Some(c) => Headers::new().with(headers::REDRIVE_COUNT, c),
             None => Headers::new(),
         };
-        write_letter(
-            &sink,
-            &topic,
-            offset,
-            key,
-            b"{\"id\":1}",
-            DeadLetterReason::Permanent,
-            1_800_000_000_000,
-            extra,
-        )
-        .await;
-    }
-    sink.flush(Duration::from_secs(10)).await.expect("flush");
+        letter(offset, key).value(b"{\"id\":1}").headers(extra)
+    });
+    write_letters(&topic, letters).await;
 
     let report = redrive(options(
         &dlt_topic,
@@ -731,21 +691,9 @@ async fn huge_or_unreadable_redrive_counts_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_lists_a_letter_with_a_failure_time_past_year_9999() {
     let (topic, dlt_topic) = topics("dlt-year-10000").await;
-    let sink = sink();
     // 10000-01-01T00:00:01Z: both failure times are past 9999-12-31.
     let year_10000 = 253_402_300_801_000;
-    write_letter(
-        &sink,
-        &topic,
-        5,
-        "far",
-        b"{}",
-        DeadLetterReason::Permanent,
-        year_10000,
-        Headers::new(),
-    )
-    .await;
-    sink.flush(Duration::from_secs(10)).await.expect("flush");
+    write_letters(&topic, [letter(5, "far").failed_ms(year_10000)]).await;
 
     let (letters, read) = inspect_all(kafka(), &dlt_topic).await.expect("inspect");
     assert_eq!((letters.len(), read), (1, 1));
@@ -763,15 +711,7 @@ async fn inspect_lists_a_letter_with_a_failure_time_past_year_9999() {
         if json {
             args.push("--json".into());
         }
-        let out = blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_kourier-dlt"))
-                .arg("--bootstrap-servers")
-                .arg(support::bootstrap())
-                .args(args)
-                .output()
-                .expect("run kourier-dlt")
-        })
-        .await;
+        let out = run_tool(args).await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "json={json}: {out:?}");
         assert!(stdout.contains(&topic), "json={json}: {stdout}");

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kourier::{
-    BreakerPolicy, ConfigError, Error, Handler, HandlerError, Message, MissingTopics,
-    ProcessingOrder, RecordOutcome, RetryPolicy, RetryingConsumerBuilder, ShutdownReport,
-    async_trait,
+    BreakerPolicy, BreakerStatus, ConfigError, Error, Handler, HandlerError, Message,
+    MissingTopics, ProcessingOrder, RecordOutcome, RetryPolicy, RetryingConsumerBuilder,
+    ShutdownReport, async_trait,
 };
 use serde::Deserialize;
 use support::TestRecord;
@@ -32,6 +32,8 @@ enum First {
     Succeed,
     /// A transient failure, with this retry-after hint if any.
     Fail(Option<Duration>),
+    /// A transient failure of the record with this id only; the others succeed.
+    FailOnly(u64),
 }
 
 /// Sleeps `sleep` on every call (so no record ends at its first poll), then answers as
@@ -61,6 +63,9 @@ impl Handler for Scripted {
                     Some(d) => e.retry_after(d),
                     None => e,
                 })
+            }
+            First::FailOnly(id) if n == 1 && m.event().id == id => {
+                Err(HandlerError::transient("451 try later"))
             }
             _ => Ok(()),
         }
@@ -176,6 +181,40 @@ async fn handles_every_record_cleanly(
     probe.assert_one_outcome_each(n);
 }
 
+/// Waits until the handler has been called for all `n` records and, with a breaker, until
+/// `breaker_open` holds of it; lets the records settle into their waits for `settle`, then
+/// stops: the shutdown gives all `n` up, each with exactly one outcome, `Abandoned`.
+async fn every_record_abandoned_at_shutdown(
+    probe: &Probe,
+    running: Running,
+    n: usize,
+    breaker_open: Option<fn(&BreakerStatus) -> bool>,
+    settle: Duration,
+) {
+    wait_for(
+        &format!("{n} records called"),
+        Duration::from_secs(60),
+        || probe.called() == n,
+    )
+    .await;
+    if let Some(open) = breaker_open {
+        wait_for("the breaker open", Duration::from_secs(30), || {
+            running
+                .monitor
+                .snapshot()
+                .breaker
+                .as_ref()
+                .is_some_and(open)
+        })
+        .await;
+    }
+    tokio::time::sleep(settle).await;
+    let report = stop(running).await;
+    assert_eq!(report.abandoned, n, "{report:?}");
+    let outcomes = probe.assert_one_outcome_each(n);
+    assert!(outcomes.iter().all(|o| *o == RecordOutcome::Abandoned));
+}
+
 /// `stall_threshold(Duration::MAX)`, the natural way to switch it off: every record is
 /// handled. Before, the stall timer of each partition's first record panicked: 0 of 40 handled
 /// and `run()` still returned a clean report.
@@ -264,56 +303,22 @@ async fn a_startup_timeout_of_duration_max_creates_missing_topics() {
 async fn a_retry_delay_of_duration_max_parks_the_record_and_lists_it_at_shutdown() {
     let (topic, group, _) = setup("retry-max", 1).await;
     produce(&topic, 10, 1).await;
-    let calls: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
-    let outcomes: Outcomes = Arc::default();
-    let seen = outcomes.clone();
     // Record 0 fails once; the others succeed. Key order: they do not wait behind it.
-    let handler = kourier::handler_fn({
-        let calls = calls.clone();
-        move |m: Message<Ev>| {
-            let calls = calls.clone();
-            async move {
-                let n = {
-                    let mut calls = calls.lock().unwrap();
-                    let n = calls.entry(m.event().id).or_insert(0);
-                    *n += 1;
-                    *n
-                };
-                if m.event().id == 0 && n == 1 {
-                    return Err(HandlerError::transient("451 try later"));
-                }
-                Ok(())
-            }
-        }
-    });
+    let (probe, b) = Probe::builder(First::FailOnly(0), Duration::ZERO, &topic, &group);
     let running = Running::start(
-        consumer::builder(handler, &topic, &group)
-            .ordering(ProcessingOrder::Key)
-            .retry_policy(RetryPolicy::fixed(Duration::MAX, 1))
-            .on_outcome(move |record, outcome| {
-                seen.lock()
-                    .unwrap()
-                    .entry((record.partition, record.offset))
-                    .or_default()
-                    .push(outcome);
-            }),
+        b.ordering(ProcessingOrder::Key)
+            .retry_policy(RetryPolicy::fixed(Duration::MAX, 1)),
     );
     wait_for("9 records handled", Duration::from_secs(60), || {
-        outcomes
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|o| o.as_slice() == [RecordOutcome::Handled])
-            .count()
-            == 9
+        probe.handled() == 9
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let report = stop(running).await;
     assert_eq!(report.abandoned, 1, "{report:?}");
     assert_eq!(report.abandoned_records, [format!("{topic}/0@0")]);
-    assert_eq!(calls.lock().unwrap().get(&0), Some(&1), "not retried");
-    let outcomes = outcomes.lock().unwrap();
+    assert_eq!(probe.calls.lock().unwrap().get(&0), Some(&1), "not retried");
+    let outcomes = probe.outcomes.lock().unwrap();
     assert_eq!(
         outcomes.get(&(0, 0)).map(Vec::as_slice),
         Some([RecordOutcome::Abandoned].as_slice())
@@ -336,15 +341,7 @@ async fn a_retry_after_hint_of_duration_max_ends_every_record() {
         &group,
     );
     let running = Running::start(b.ordering(ProcessingOrder::Unordered));
-    wait_for("40 records called", Duration::from_secs(60), || {
-        probe.called() == 40
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let report = stop(running).await;
-    assert_eq!(report.abandoned, 40, "{report:?}");
-    let outcomes = probe.assert_one_outcome_each(40);
-    assert!(outcomes.iter().all(|o| *o == RecordOutcome::Abandoned));
+    every_record_abandoned_at_shutdown(&probe, running, 40, None, Duration::from_millis(500)).await;
     assert!(
         probe.calls_of_each().iter().all(|n| *n == 1),
         "the day's wait is honoured"
@@ -369,23 +366,14 @@ async fn a_retry_after_hint_of_duration_max_with_a_breaker_ends_every_record() {
         b.ordering(ProcessingOrder::Unordered)
             .breaker(BreakerPolicy::default()),
     );
-    wait_for("40 records called", Duration::from_secs(60), || {
-        probe.called() == 40
-    })
+    every_record_abandoned_at_shutdown(
+        &probe,
+        running,
+        40,
+        Some(|b| b.opened == 1),
+        Duration::from_secs(2),
+    )
     .await;
-    wait_for("the breaker open", Duration::from_secs(30), || {
-        running
-            .monitor
-            .snapshot()
-            .breaker
-            .is_some_and(|b| b.opened == 1)
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let report = stop(running).await;
-    assert_eq!(report.abandoned, 40, "{report:?}");
-    let outcomes = probe.assert_one_outcome_each(40);
-    assert!(outcomes.iter().all(|o| *o == RecordOutcome::Abandoned));
 }
 
 /// `BreakerPolicy::with_open_interval(Duration::MAX, Duration::MAX)`: the breaker opens for a
@@ -400,21 +388,12 @@ async fn a_breaker_open_interval_of_duration_max_ends_every_record() {
         b.ordering(ProcessingOrder::Unordered)
             .breaker(BreakerPolicy::default().with_open_interval(Duration::MAX, Duration::MAX)),
     );
-    wait_for("40 records called", Duration::from_secs(60), || {
-        probe.called() == 40
-    })
+    every_record_abandoned_at_shutdown(
+        &probe,
+        running,
+        40,
+        Some(|b| b.opened == 1 && b.open_interval == Duration::from_secs(86_400)),
+        Duration::from_secs(2),
+    )
     .await;
-    wait_for("the breaker open", Duration::from_secs(30), || {
-        running
-            .monitor
-            .snapshot()
-            .breaker
-            .is_some_and(|b| b.opened == 1 && b.open_interval == Duration::from_secs(86_400))
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let report = stop(running).await;
-    assert_eq!(report.abandoned, 40, "{report:?}");
-    let outcomes = probe.assert_one_outcome_each(40);
-    assert!(outcomes.iter().all(|o| *o == RecordOutcome::Abandoned));
 }

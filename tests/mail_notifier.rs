@@ -1,6 +1,7 @@
 //! The `mail_notifier` example end to end, against the real broker, the real Redis and the
-//! example's own SMTP server on loopback: the example's modules are compiled in here (`#[path]`),
-//! so this runs the very code `cargo run --example mail_notifier -- demo` runs.
+//! example's own SMTP server on loopback: the example's modules are compiled in here
+//! (`tests/mail_notifier_example/modules.rs`), so this runs the very code
+//! `cargo run --example mail_notifier -- demo` runs.
 //!
 //! It checks what a user of the notifier cares about: the SMTP server received exactly one mail
 //! per unique valid event (none for the duplicate; the greylisted one once, after its `451`);
@@ -11,30 +12,7 @@
 
 mod support;
 
-#[allow(dead_code)] // the tests use part of each example module
-#[path = "../examples/mail_notifier/demo.rs"]
-mod demo;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/event.rs"]
-mod event;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/kafka.rs"]
-mod kafka;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/mailer.rs"]
-mod mailer;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/notifier.rs"]
-mod notifier;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/ops_server.rs"]
-mod ops_server;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/samples.rs"]
-mod samples;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/smtp_server.rs"]
-mod smtp_server;
+include!("mail_notifier_example/modules.rs");
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

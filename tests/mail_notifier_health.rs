@@ -1,31 +1,14 @@
 //! The `mail_notifier` example's ops endpoint (`--metrics-addr`): `/metrics`, `/livez` and
 //! `/readyz` on one small HTTP server, checked over real TCP while the notifier runs against the
 //! real broker, Redis and the example's SMTP server. The example's modules are compiled in here
-//! (`#[path]`), as in `tests/mail_notifier.rs`; this file has its own test binary because it
-//! installs the process-wide metrics recorder.
+//! (`tests/mail_notifier_example/modules.rs`), as in `tests/mail_notifier.rs`; this file has
+//! its own test binary because it installs the process-wide metrics recorder.
 //!
 //! Needs Kafka and Redis (`scripts/services up`) for the first test; the second needs nothing.
 
 mod support;
 
-#[allow(dead_code)] // the tests use part of each example module
-#[path = "../examples/mail_notifier/event.rs"]
-mod event;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/mailer.rs"]
-mod mailer;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/notifier.rs"]
-mod notifier;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/ops_server.rs"]
-mod ops_server;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/samples.rs"]
-mod samples;
-#[allow(dead_code)]
-#[path = "../examples/mail_notifier/smtp_server.rs"]
-mod smtp_server;
+include!("mail_notifier_example/modules.rs");
 
 use std::future::Future;
 use std::net::SocketAddr;

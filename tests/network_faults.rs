@@ -21,8 +21,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kourier::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use kourier::rdkafka::client::DefaultClientContext;
 use kourier::rdkafka::config::ClientConfig;
 use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
 use kourier::rdkafka::error::KafkaError;
@@ -283,47 +281,6 @@ async fn wait_ready(bootstrap: &str, broker: &mut Broker) {
     }
 }
 
-async fn create_topics(bootstrap: &str, names: &[&str], partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = config(bootstrap).create().unwrap();
-    let topics: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
-    for r in admin.create_topics(&topics, &options).await.unwrap() {
-        r.unwrap_or_else(|(t, e)| panic!("create {t}: {e}"));
-    }
-    // Leaders elected.
-    let servers = bootstrap.to_owned();
-    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config(&servers).create().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for name in &names {
-            loop {
-                let ready = consumer
-                    .fetch_metadata(Some(name), Duration::from_secs(5))
-                    .ok()
-                    .and_then(|m| {
-                        m.topics().iter().find(|t| t.name() == name).map(|t| {
-                            t.error().is_none()
-                                && t.partitions().len() == partitions as usize
-                                && t.partitions().iter().all(|p| p.leader() >= 0)
-                        })
-                    })
-                    .unwrap_or(false);
-                if ready {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "topic {name} not ready");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    })
-    .await
-    .unwrap();
-}
-
 async fn produce(bootstrap: &str, topic: &str, events: &[Ev]) {
     let producer: FutureProducer = config(bootstrap)
         .set("acks", "all")
@@ -517,7 +474,9 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
     let topic = support::unique_name("netfault");
     let dlt_topic = format!("{topic}.dlt");
     let group = support::unique_name("netfault-g");
-    create_topics(&bootstrap, &[&topic, &dlt_topic], PARTITIONS).await;
+    for name in [&topic, &dlt_topic] {
+        support::create_topic_via(&config(&bootstrap), name, PARTITIONS, &[]).await;
+    }
     let events: Vec<Ev> = (0..EVENTS)
         .map(|id| Ev {
             id,

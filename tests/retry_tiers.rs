@@ -348,6 +348,24 @@ async fn several_instances_keep_key_order() {
     assert_eq!(redis_keys(&prefix).await, 0, "the ledger kept entries");
 }
 
+/// The provenance of `forwarded` (a dead letter or a tier record of a record of `topic`),
+/// checked to name `topic` as its source, and the index in `produced` of the source record
+/// it names.
+fn source_of(
+    forwarded: &support::ReadRecord,
+    topic: &str,
+    produced: &[(i32, i64)],
+) -> (Provenance, u64) {
+    let p = Provenance::from_headers(&forwarded.raw_headers);
+    assert_eq!(p.original_topic.as_deref(), Some(topic));
+    let at = (p.original_partition.unwrap(), p.original_offset.unwrap());
+    let id = produced
+        .iter()
+        .position(|c| *c == at)
+        .expect("a produced record") as u64;
+    (p, id)
+}
+
 /// With two attempts per stage: records that fail twice succeed in tier 1, four times in
 /// tier 2 (each handled exactly once), six times reach the source topic's dead-letter topic
 /// after the last tier, with their source coordinates and the attempts of all tiers. The
@@ -412,16 +430,10 @@ async fn second_tier_successes_run_once_and_the_last_tier_dead_letters() {
     // The dead letters: as their source records, attempts of all stages.
     assert_eq!(letters.len(), 5);
     for letter in &letters {
-        let p = Provenance::from_headers(&letter.raw_headers);
-        assert_eq!(p.original_topic.as_deref(), Some(topic.as_str()));
-        let at = (p.original_partition.unwrap(), p.original_offset.unwrap());
-        let id = produced
-            .iter()
-            .position(|c| *c == at)
-            .expect("a produced record") as u64;
+        let (p, id) = source_of(letter, &topic, &produced);
         assert_eq!(id % 4, 3);
         assert_eq!(p.attempts, Some(6));
-        assert_eq!(letter.partition, at.0);
+        assert_eq!(p.original_partition, Some(letter.partition));
         assert!(letter.raw_headers.get(tier_headers::TIER).is_none());
         assert_eq!(
             letter.raw_headers.get_str("event-id"),
@@ -432,15 +444,10 @@ async fn second_tier_successes_run_once_and_the_last_tier_dead_letters() {
     let tier1 = support::read_all(&format!("{topic}.retry.1")).await;
     assert_eq!(tier1.len(), 15);
     for r in &tier1 {
-        let p = Provenance::from_headers(&r.raw_headers);
-        assert_eq!(p.original_topic.as_deref(), Some(topic.as_str()));
-        let at = (p.original_partition.unwrap(), p.original_offset.unwrap());
-        let id = produced
-            .iter()
-            .position(|c| *c == at)
-            .expect("a produced record") as u64;
+        let (p, id) = source_of(r, &topic, &produced);
         assert_eq!(
-            r.partition, at.0,
+            p.original_partition,
+            Some(r.partition),
             "the tier record keeps the source partition"
         );
         assert_eq!(
@@ -482,12 +489,8 @@ async fn a_record_failing_in_every_tier_is_dead_lettered_as_its_source_record() 
     let running = Running::start(b);
     let letters = support::read_at_least(&dlt, 1, Duration::from_secs(30)).await;
     running.stop().await;
-    let p = Provenance::from_headers(&letters[0].raw_headers);
-    assert_eq!(p.original_topic.as_deref(), Some(topic.as_str()));
-    assert_eq!(
-        (p.original_partition.unwrap(), p.original_offset.unwrap()),
-        produced[0]
-    );
+    let (p, id) = source_of(&letters[0], &topic, &produced);
+    assert_eq!(id, 0);
     assert_eq!(
         p.attempts,
         Some(3),

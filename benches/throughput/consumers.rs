@@ -147,27 +147,12 @@ pub(crate) fn runtime() -> BoxResult<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// A kourier consumer running in the background of a runtime.
-pub(crate) struct Running {
-    pub(crate) stop: tokio::sync::oneshot::Sender<()>,
-    pub(crate) task: tokio::task::JoinHandle<kourier::Result<kourier::ShutdownReport>>,
-    pub(crate) monitor: kourier::ConsumerMonitor,
-}
+// A kourier consumer running in the background of a runtime: the integration tests' own.
+#[path = "../../tests/support/background.rs"]
+mod background;
+pub(crate) use background::Running;
 
 impl Running {
-    pub(crate) fn start(consumer: RetryingConsumer<BenchHandler>) -> Running {
-        let monitor = consumer.monitor();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(consumer.run(async {
-            let _ = rx.await;
-        }));
-        Running {
-            stop,
-            task,
-            monitor,
-        }
-    }
-
     pub(crate) async fn stop(self) -> BoxResult<()> {
         let _ = self.stop.send(());
         tokio::time::timeout(Duration::from_secs(120), self.task)

@@ -14,7 +14,7 @@ use crate::args::{Args, ChildArgs};
 use crate::consumers::{
     Behaviour, BenchHandler, Progress, Running, consumer_config, kourier_builder, runtime,
 };
-use crate::measure::{Outcome, peak_rss_kib, process_cpu_secs};
+use crate::measure::{DrainClock, Outcome};
 use crate::scenario::Scenario;
 use crate::services::{committed_sum, log_end, redis_cpu_secs, redis_url, require_redis};
 use crate::{
@@ -39,8 +39,7 @@ pub(crate) fn raw_commit(consumer: &BaseConsumer, topic: &str, next: &[i64]) -> 
 /// (a): poll, count, track offsets; commit every second like kourier.
 pub(crate) fn raw_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<Outcome> {
     let n = child.topic_records;
-    let cpu0 = process_cpu_secs();
-    let created = Instant::now();
+    let clock = DrainClock::start();
     let consumer: BaseConsumer = consumer_config(args, group).create()?;
     consumer.subscribe(&[child.topic.as_str()])?;
     let mut next = vec![-1i64; PARTITIONS as usize];
@@ -63,33 +62,22 @@ pub(crate) fn raw_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxResul
             Some(Err(e)) => eprintln!("raw consumer error: {e}"),
             None => {}
         }
-        if created.elapsed() > SCENARIO_TIMEOUT {
+        if clock.created.elapsed() > SCENARIO_TIMEOUT {
             return Err(
                 format!("raw drain: {count} of {n} records after {SCENARIO_TIMEOUT:?}").into(),
             );
         }
     }
-    let end = Instant::now();
-    let cpu1 = process_cpu_secs();
-    let rss = peak_rss_kib();
+    let outcome = clock.stop(n, args.size, first, Instant::now());
     raw_commit(&consumer, &child.topic, &next)?;
     consumer.unsubscribe();
     drop(consumer);
-    let first = first.unwrap_or(end);
-    check_committed(group, &child.topic, n)?;
-    Ok(Outcome {
-        records: n,
-        payload_bytes: n * args.size as u64,
-        secs: (end - first).as_secs_f64(),
-        join_secs: (first - created).as_secs_f64(),
-        cpu_secs: cpu1 - cpu0,
-        peak_rss_kib: rss,
-        ..Outcome::default()
-    })
+    check_committed(group, &child.topic, PARTITIONS, n)?;
+    Ok(outcome)
 }
 
-fn check_committed(group: &str, topic: &str, n: u64) -> BoxResult<()> {
-    let committed = committed_sum(group, topic, PARTITIONS)?;
+fn check_committed(group: &str, topic: &str, partitions: i32, n: u64) -> BoxResult<()> {
+    let committed = committed_sum(group, topic, partitions)?;
     if committed < n {
         return Err(format!(
             "group {group} committed {committed} of {n} records: the run lost track of records"
@@ -139,8 +127,7 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
         } else {
             0.0
         };
-        let cpu0 = process_cpu_secs();
-        let created = Instant::now();
+        let clock = DrainClock::start();
         let mut builder = kourier_builder(args, handler, group, &child.topic);
         match scenario {
             Scenario::Redis => {
@@ -168,7 +155,7 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
             }
             _ => {}
         }
-        let running = Running::start(builder.build()?);
+        let running = Running::spawn(builder.build()?);
         let end = loop {
             tokio::time::sleep(Duration::from_millis(1)).await;
             if progress.handled.load(AtomicOrdering::Relaxed) >= n {
@@ -183,27 +170,22 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
             if running.task.is_finished() {
                 return Err("the consumer stopped before the end".into());
             }
-            if created.elapsed() > SCENARIO_TIMEOUT {
+            if clock.created.elapsed() > SCENARIO_TIMEOUT {
                 let handled = progress.handled.load(AtomicOrdering::Relaxed);
                 return Err(
                     format!("{handled} of {n} records handled after {SCENARIO_TIMEOUT:?}").into(),
                 );
             }
         };
-        let cpu1 = process_cpu_secs();
-        let rss = peak_rss_kib();
+        let outcome = clock.stop(n, args.size, progress.first.get().copied(), end);
         let store_cpu_secs = if scenario == Scenario::Redis {
             redis_cpu_secs().await? - store_cpu0
         } else {
             0.0
         };
         running.stop().await?;
-        let first = progress.first.get().copied().unwrap_or(end);
         let partitions = if scenario.is_slow() { 1 } else { PARTITIONS };
-        let committed = committed_sum(group, &child.topic, partitions)?;
-        if committed < n {
-            return Err(format!("group {group} committed {committed} of {n} records").into());
-        }
+        check_committed(group, &child.topic, partitions, n)?;
         let mut dead_letters = 0;
         if scenario == Scenario::DeadLetter {
             let failed = progress.failed.load(AtomicOrdering::Relaxed);
@@ -216,15 +198,9 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
             }
         }
         Ok(Outcome {
-            records: n,
-            payload_bytes: n * args.size as u64,
-            secs: (end - first).as_secs_f64(),
-            join_secs: (first - created).as_secs_f64(),
-            cpu_secs: cpu1 - cpu0,
-            peak_rss_kib: rss,
             dead_letters,
             store_cpu_secs,
-            latency: None,
+            ..outcome
         })
     })
 }

@@ -163,7 +163,7 @@ pub(crate) fn latency(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<
             behaviour: Behaviour::Latency(recorder.clone()),
         };
         let consumer = kourier_builder(args, handler, group, &child.topic).build()?;
-        running = Some(Running::start(consumer));
+        running = Some(Running::spawn(consumer));
     }
 
     // Wait for the assignment, so the measured phase does not include the group join.

@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,48 @@ pub(crate) fn peak_rss_kib() -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// A drain's clock: the process CPU and the wall clock when its consumer was created.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DrainClock {
+    pub(crate) created: Instant,
+    cpu0: f64,
+}
+
+impl DrainClock {
+    /// Call just before creating the consumer.
+    pub(crate) fn start() -> Self {
+        let cpu0 = process_cpu_secs();
+        DrainClock {
+            created: Instant::now(),
+            cpu0,
+        }
+    }
+
+    /// The outcome of a drain of `records` records of `size` value bytes, all settled at
+    /// `end`: timed from `first` (the first record handed to user code; `end` if none came),
+    /// with the process CPU and the peak RSS read now.
+    pub(crate) fn stop(
+        &self,
+        records: u64,
+        size: usize,
+        first: Option<Instant>,
+        end: Instant,
+    ) -> Outcome {
+        let cpu_secs = process_cpu_secs() - self.cpu0;
+        let peak_rss_kib = peak_rss_kib();
+        let first = first.unwrap_or(end);
+        Outcome {
+            records,
+            payload_bytes: records * size as u64,
+            secs: (end - first).as_secs_f64(),
+            join_secs: (first - self.created).as_secs_f64(),
+            cpu_secs,
+            peak_rss_kib,
+            ..Outcome::default()
+        }
+    }
 }
 
 pub(crate) fn epoch_micros() -> u64 {

@@ -5,26 +5,16 @@ use std::time::{Duration, Instant};
 
 use kourier::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use kourier::rdkafka::client::DefaultClientContext;
-use kourier::rdkafka::config::ClientConfig;
 use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
 use kourier::rdkafka::error::RDKafkaErrorCode;
 use kourier::rdkafka::{Offset, TopicPartitionList};
 
 use crate::BoxResult;
 
-pub(crate) fn bootstrap() -> String {
-    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
-}
-
-pub(crate) fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
-}
-
-pub(crate) fn client_config() -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", bootstrap());
-    config
-}
+// The same addresses as the integration tests.
+#[path = "../../tests/support/addresses.rs"]
+mod addresses;
+pub(crate) use addresses::{bootstrap, client_config, redis_url};
 
 pub(crate) fn require_kafka() -> BoxResult<()> {
     let consumer: BaseConsumer = client_config().create()?;

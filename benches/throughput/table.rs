@@ -69,6 +69,16 @@ pub(crate) fn print_table(
     let rate = |o: &Outcome| o.records as f64 / o.secs;
     let cpu_per_m = |o: &Outcome| o.cpu_secs / o.records as f64 * 1e6;
     let rss_mib = |o: &Outcome| o.peak_rss_kib as f64 / 1024.0;
+    // The columns a drain row and a slow-handler row start with.
+    let lead = |s: Scenario, o: &Outcome| {
+        format!(
+            "{:<34} {:>9} {:>7.2} {:>10}",
+            s.label(),
+            thousands(o.records as f64),
+            o.secs,
+            thousands(rate(o))
+        )
+    };
     let base = get(Scenario::Raw);
     let mut out = String::new();
     let w = &mut out;
@@ -163,11 +173,8 @@ pub(crate) fn print_table(
             let overhead = base.map_or(f64::NAN, |b| 1e6 / rate(o) - 1e6 / rate(b));
             let _ = writeln!(
                 w,
-                "{:<34} {:>9} {:>7.2} {:>10} {:>6} {:>7.1} {:>8.2} {:>6} {:>8.1} {:>6} {:>10.2} {:>6.1}",
-                s.label(),
-                thousands(o.records as f64),
-                o.secs,
-                thousands(rate(o)),
+                "{} {:>6} {:>7.1} {:>8.2} {:>6} {:>8.1} {:>6} {:>10.2} {:>6.1}",
+                lead(*s, o),
                 ratio(rate(o), base.map(rate)),
                 o.payload_bytes as f64 / o.secs / 1e6,
                 cpu_per_m(o),
@@ -226,11 +233,8 @@ pub(crate) fn print_table(
             if let Some(o) = get(s) {
                 let _ = writeln!(
                     w,
-                    "{:<34} {:>9} {:>7.2} {:>10} {:>8.1} {:>8.1} {:>8.1}",
-                    s.label(),
-                    thousands(o.records as f64),
-                    o.secs,
-                    thousands(rate(o)),
+                    "{} {:>8.1} {:>8.1} {:>8.1}",
+                    lead(s, o),
                     cpu_per_m(o),
                     rss_mib(o),
                     o.join_secs

@@ -5,11 +5,10 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use kourier::{Codec, ConsumerMonitor, Handler, RetryingConsumer, RetryingConsumerBuilder};
+use kourier::{Codec, Handler, RetryingConsumer, RetryingConsumerBuilder};
 use serde::de::DeserializeOwned;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
+pub(crate) use super::background::Running;
 use super::services::bootstrap;
 use super::topics::{create_topic_with_config, new_topic, unique_name};
 
@@ -54,31 +53,14 @@ where
         .kafka_config("heartbeat.interval.ms", "500")
 }
 
-/// A consumer running in the background until [`stop`](Running::stop), which fails the test
-/// unless it shuts down cleanly (so a crash anywhere in between fails it too).
-pub(crate) struct Running {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<kourier::Result<kourier::ShutdownReport>>,
-    /// The running consumer's monitor.
-    pub(crate) monitor: ConsumerMonitor,
-}
-
+// A consumer running in the background until [`stop`](Running::stop), which fails the test
+// unless it shuts down cleanly (so a crash anywhere in between fails it too).
 impl Running {
     /// Builds the consumer (failing the test on a configuration error) and runs it.
     pub(crate) fn start<H: Handler, C: Codec<H::Event>>(
         builder: RetryingConsumerBuilder<H, C>,
     ) -> Running {
-        let consumer = builder.build().expect("build");
-        let monitor = consumer.monitor();
-        let (stop, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(consumer.run(async {
-            let _ = rx.await;
-        }));
-        Running {
-            stop,
-            task,
-            monitor,
-        }
+        Running::spawn(builder.build().expect("build"))
     }
 
     /// Fails the test if the consumer has stopped on its own.

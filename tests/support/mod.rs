@@ -11,6 +11,7 @@
 //! both the current-thread and the multi-thread Tokio test runtimes.
 #![allow(dead_code)] // each test file uses a different subset
 
+mod background;
 pub(crate) mod consumer;
 mod groups;
 mod produce;

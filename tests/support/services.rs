@@ -7,28 +7,15 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 
+#[path = "addresses.rs"]
+mod addresses;
+pub(crate) use addresses::{bootstrap, client_config, redis_url};
+
 /// How long a helper waits for the broker before failing the test.
 pub(crate) const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a test that cannot reach a service tells the reader to do.
 pub(crate) const START_HINT: &str = "start the test services with `scripts/services up`";
-
-/// The Kafka bootstrap servers: `KAFKA_BOOTSTRAP_SERVERS`, else `127.0.0.1:9092`.
-pub(crate) fn bootstrap() -> String {
-    std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
-}
-
-/// The Redis URL: `REDIS_URL`, else `redis://127.0.0.1:6379/`.
-pub(crate) fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
-}
-
-/// A client config for the test broker, for tests that build their own clients.
-pub(crate) fn client_config() -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", bootstrap());
-    config
-}
 
 /// Fails the test unless the broker answers a metadata request within 10 s.
 pub(crate) async fn require_kafka() {

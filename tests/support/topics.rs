@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::metadata::Metadata;
@@ -59,8 +60,18 @@ pub(crate) async fn create_topic_with_config(
     partitions: i32,
     configs: &[(&str, &str)],
 ) {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config().create().expect("create admin client");
+    create_topic_via(&client_config(), name, partitions, configs).await;
+}
+
+/// Like [`create_topic`], on the broker that `client` (a client config) reaches: for tests
+/// that run a broker of their own.
+pub(crate) async fn create_topic_via(
+    client: &ClientConfig,
+    name: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+) {
+    let admin: AdminClient<DefaultClientContext> = client.create().expect("create admin client");
     let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     for (key, value) in configs {
         topic = topic.set(key, value);
@@ -77,13 +88,14 @@ pub(crate) async fn create_topic_with_config(
         }
     }
     let name = name.to_owned();
-    tokio::task::spawn_blocking(move || wait_for_topic(&name, partitions))
+    let client = client.clone();
+    tokio::task::spawn_blocking(move || wait_for_topic(&client, &name, partitions))
         .await
         .expect("topic wait panicked");
 }
 
-fn wait_for_topic(name: &str, partitions: i32) {
-    let consumer: BaseConsumer = client_config().create().expect("create consumer");
+fn wait_for_topic(client: &ClientConfig, name: &str, partitions: i32) {
+    let consumer: BaseConsumer = client.create().expect("create consumer");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let seen = match consumer.fetch_metadata(Some(name), KAFKA_TIMEOUT) {

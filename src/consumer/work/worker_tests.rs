@@ -636,21 +636,26 @@ impl Harness {
         (end, self.t0.elapsed())
     }
 
+    /// Runs order `id` and meanwhile, at paused time `at`, looks at its key in `store`: how
+    /// the record ended, and the key's state then.
+    async fn process_looking_at(
+        &self,
+        id: &str,
+        store: &InMemoryIdempotencyStore,
+        at: Duration,
+    ) -> (JobEnd, KeyState) {
+        let look = async {
+            sleep_until(self.t0 + at).await;
+            key_state(store, &store_key(id)).await
+        };
+        let ((end, _), state) = tokio::join!(self.process(order(id)), look);
+        (end, state)
+    }
+
     /// Runs one record whose partition starts draining (revoke, shutdown) at paused time
     /// `at`: how it ended and when.
     async fn process_draining_at(&self, record: RawRecord, at: Duration) -> (JobEnd, Duration) {
-        let stop = Stop::default();
-        let drain = stop.drain.clone();
-        let t0 = self.t0;
-        tokio::spawn(async move {
-            sleep_until(t0 + at).await;
-            drain.cancel();
-        });
-        let run = self.worker.run_job(Arc::new(record), &stop, &KeepSlot);
-        let end = tokio::time::timeout(Duration::from_secs(3600), run)
-            .await
-            .expect("the record never ended");
-        (end, self.t0.elapsed())
+        self.process_draining(record, at, None).await
     }
 
     /// As [`Harness::process_draining_at`], with the drain's deadline at paused time
@@ -661,20 +666,27 @@ impl Harness {
         at: Duration,
         deadline: Duration,
     ) -> (JobEnd, Duration) {
+        self.process_draining(record, at, Some(deadline)).await
+    }
+
+    async fn process_draining(
+        &self,
+        record: RawRecord,
+        at: Duration,
+        deadline: Option<Duration>,
+    ) -> (JobEnd, Duration) {
         let stop = Stop::default();
         let drain = stop.drain.clone();
         let give_up_by = stop.give_up_by.clone();
         let t0 = self.t0;
         tokio::spawn(async move {
             sleep_until(t0 + at).await;
-            let _ = give_up_by.set(t0 + deadline);
+            if let Some(deadline) = deadline {
+                let _ = give_up_by.set(t0 + deadline);
+            }
             drain.cancel();
         });
-        let run = self.worker.run_job(Arc::new(record), &stop, &KeepSlot);
-        let end = tokio::time::timeout(Duration::from_secs(3600), run)
-            .await
-            .expect("the record never ended");
-        (end, self.t0.elapsed())
+        self.process_with(record, &stop).await
     }
 
     /// Runs one record with the given stop signals: how it ended and when.
@@ -684,6 +696,13 @@ impl Harness {
             .await
             .expect("the record never ended");
         (end, self.t0.elapsed())
+    }
+
+    /// Runs one record, without stop signals, in `slot`: how it ended.
+    async fn process_in(&self, record: RawRecord, slot: &ReleaseProbe) -> JobEnd {
+        self.worker
+            .run_job(Arc::new(record), &Stop::default(), slot)
+            .await
     }
 
     fn counts(&self) -> &crate::metrics::OutcomeCounts {
@@ -1408,13 +1427,9 @@ async fn a_claim_stays_held_while_its_handler_outlives_the_lease() {
         .dedup(&store)
         .lease(secs(1))
         .build();
-    let key = store_key("o-1");
-    let mid_run = async {
-        sleep_until(h.t0 + secs(2)).await;
-        key_state(&store, &key).await
-    };
 
-    let ((end, _), mid_run) = tokio::join!(h.process(order("o-1")), mid_run);
+    let (end, mid_run) = h.process_looking_at("o-1", &store, secs(2)).await;
+    let key = store_key("o-1");
 
     assert_eq!(end, JobEnd::Settled);
     assert_eq!(
@@ -1734,13 +1749,9 @@ async fn a_store_that_cannot_renew_lets_the_lease_run_out_as_before() {
         .dedup_in(Arc::new(NoRenew(store.clone())))
         .lease(secs(1))
         .build();
-    let key = store_key("o-1");
-    let mid_run = async {
-        sleep_until(h.t0 + secs(2)).await;
-        key_state(&store, &key).await
-    };
 
-    let ((end, _), mid_run) = tokio::join!(h.process(order("o-1")), mid_run);
+    let (end, mid_run) = h.process_looking_at("o-1", &store, secs(2)).await;
+    let key = store_key("o-1");
 
     assert_eq!(end, JobEnd::Settled, "the attempt is not cancelled");
     assert_eq!(h.attempts(), [1]);
@@ -2147,10 +2158,7 @@ async fn a_success_releases_the_lane_at_once_and_settles_only_when_the_key_is_do
         .build();
     let slot = ReleaseProbe::new(h.t0);
 
-    let end = h
-        .worker
-        .run_job(Arc::new(order("o-1")), &Stop::default(), &slot)
-        .await;
+    let end = h.process_in(order("o-1"), &slot).await;
 
     assert_eq!(end, JobEnd::Settled);
     assert_eq!(
@@ -2171,10 +2179,7 @@ async fn a_success_without_dedup_keeps_its_lane_to_the_end() {
     let h = script([Succeed]).build();
     let slot = ReleaseProbe::new(h.t0);
 
-    let end = h
-        .worker
-        .run_job(Arc::new(order("o-1")), &Stop::default(), &slot)
-        .await;
+    let end = h.process_in(order("o-1"), &slot).await;
 
     assert_eq!(end, JobEnd::Settled);
     assert!(
@@ -2188,10 +2193,7 @@ async fn a_dead_letter_releases_the_lane_and_a_failing_write_holds_the_record_un
     let h = script([Permanent]).sink_failures(3).build();
     let slot = ReleaseProbe::new(h.t0);
 
-    let end = h
-        .worker
-        .run_job(Arc::new(order("o-1")), &Stop::default(), &slot)
-        .await;
+    let end = h.process_in(order("o-1"), &slot).await;
 
     let sends = h.sends();
     assert_eq!(
