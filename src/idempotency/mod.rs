@@ -46,7 +46,8 @@
 //! `RedisIdempotencyStore` (feature `redis`). This module holds the contract
 //! they keep, the helpers [`claim_one_by_one`] and [`complete_one_by_one`] for stores without
 //! a batch call, and, with the `testing` feature, `testing::run_conformance`, which checks a
-//! store against it.
+//! store against it, and `testing::HookedStore`, which adds faults, delays or counters to a
+//! store in tests.
 //!
 //! # The contract
 //!
@@ -255,7 +256,8 @@ pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 pub(crate) mod store;
-#[cfg(feature = "testing")]
+// Also in the crate's own unit tests, which use `testing::HookedStore`.
+#[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
