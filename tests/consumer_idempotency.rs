@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
+use kourier::idempotency::testing::{HookedStore, StoreAnswer, StoreCall, StoreHook};
 use kourier::{
     Claim, ClaimToken, DedupKey, Idempotency, IdempotencyStore, InMemoryIdempotencyStore,
     ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder, StoreOutage,
@@ -192,7 +193,7 @@ async fn transient_failure_then_success_sends_exactly_once() {
     );
     let key = namespaced(&group, "mail-1");
     assert_eq!(
-        spy.labels_for(&key),
+        spy.hook().labels_for(&key),
         [
             "claim:acquired",
             "release:released",
@@ -202,6 +203,7 @@ async fn transient_failure_then_success_sends_exactly_once() {
         "claim → fail → release → claim again → complete"
     );
     let tokens: Vec<ClaimToken> = spy
+        .hook()
         .calls_for(&key)
         .into_iter()
         .filter_map(|c| match c.answer {
@@ -252,7 +254,8 @@ async fn duplicate_event_runs_once(name: &str, key: DedupKey<Ev>, with_header: b
         "order-1 ran once (offset 0); its duplicate at offset 1 never reached the handler"
     );
     assert_eq!(
-        spy.settled_labels_for(&namespaced(&group, "order-1")),
+        spy.hook()
+            .settled_labels_for(&namespaced(&group, "order-1")),
         ["claim:acquired", "complete:completed", "claim:done"],
         "the duplicate was answered `done` and settled"
     );
@@ -316,7 +319,10 @@ async fn two_workers_racing_on_one_id_run_it_once() {
     )
     .await;
     wait_for("#1 to find pay-1 busy", WAIT, || {
-        spy.labels_for(&key).iter().any(|l| l == "claim:busy")
+        spy.hook()
+            .labels_for(&key)
+            .iter()
+            .any(|l| l == "claim:busy")
     })
     .await;
     log.open_gate();
@@ -331,8 +337,8 @@ async fn two_workers_racing_on_one_id_run_it_once() {
     );
     assert_eq!(log.sorted_succeeded_ids(), [0, 2]);
 
-    let store_calls = spy.calls_for(&key);
-    let labels = spy.labels_for(&key);
+    let store_calls = spy.hook().calls_for(&key);
+    let labels = spy.hook().labels_for(&key);
     assert_eq!(
         labels.first().map(String::as_str),
         Some("claim:acquired"),
@@ -451,7 +457,7 @@ async fn a_claim_outlives_its_lease_while_the_handler_runs() {
 
     let calls = log.calls_for("slow-1");
     assert_eq!(outcomes(&calls), vec![(0, 1, true)], "handled once");
-    let labels = spy.labels_for(&key);
+    let labels = spy.hook().labels_for(&key);
     let count = |label: &str| labels.iter().filter(|l| *l == label).count();
     assert_eq!(count("claim:acquired"), 1, "{labels:?}");
     assert!(
@@ -468,6 +474,7 @@ async fn a_claim_outlives_its_lease_while_the_handler_runs() {
         Some("complete:completed")
     );
     let acquired = spy
+        .hook()
         .calls_for(&key)
         .into_iter()
         .find_map(|c| match c.answer {
@@ -481,7 +488,8 @@ async fn a_claim_outlives_its_lease_while_the_handler_runs() {
         "the handler saw its claim's token"
     );
     assert!(
-        spy.calls_for(&key)
+        spy.hook()
+            .calls_for(&key)
             .iter()
             .filter(|c| c.op != "claim")
             .all(|c| c.token.as_ref() == Some(&acquired)),
@@ -809,7 +817,7 @@ async fn duplicates_and_a_transient_failure(store: Arc<dyn IdempotencyStore>, na
         "{store:?}: e1 failed once then ran once, e2 ran once, the duplicates never ran"
     );
     assert_eq!(
-        spy.settled_labels_for(&namespaced(&group, "e1")),
+        spy.hook().settled_labels_for(&namespaced(&group, "e1")),
         [
             "claim:acquired",
             "release:released",
@@ -820,7 +828,7 @@ async fn duplicates_and_a_transient_failure(store: Arc<dyn IdempotencyStore>, na
         "{store:?}"
     );
     assert_eq!(
-        spy.settled_labels_for(&namespaced(&group, "e2")),
+        spy.hook().settled_labels_for(&namespaced(&group, "e2")),
         ["claim:acquired", "complete:completed", "claim:done"],
         "{store:?}"
     );
@@ -852,23 +860,18 @@ async fn shared_scenario_with_the_redis_store() {
 // ---------------------------------------------------------------------------------------------
 
 /// Counts the store's claim round trips (a `claim_many` batch is one) and the keys claimed,
-/// delegating everything to a real store.
-#[derive(Debug)]
+/// in front of a real store.
+#[derive(Debug, Default)]
 struct RoundTrips {
-    inner: Arc<dyn IdempotencyStore>,
     claim_calls: std::sync::atomic::AtomicUsize,
     keys_claimed: std::sync::atomic::AtomicUsize,
     busy: std::sync::atomic::AtomicUsize,
 }
 
 impl RoundTrips {
-    fn new(inner: Arc<dyn IdempotencyStore>) -> Arc<RoundTrips> {
-        Arc::new(RoundTrips {
-            inner,
-            claim_calls: Default::default(),
-            keys_claimed: Default::default(),
-            busy: Default::default(),
-        })
+    /// `inner`, its claims counted (the counter is its [`hook`](HookedStore::hook)).
+    fn new(inner: Arc<dyn IdempotencyStore>) -> Arc<HookedStore<dyn IdempotencyStore, RoundTrips>> {
+        Arc::new(HookedStore::new(inner, RoundTrips::default()))
     }
 
     fn counts(&self) -> (usize, usize, usize) {
@@ -892,52 +895,13 @@ impl RoundTrips {
     }
 }
 
-#[kourier::async_trait]
-impl IdempotencyStore for RoundTrips {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, kourier::StoreError> {
-        let answer = self.inner.claim(key, lease).await;
-        self.count(std::slice::from_ref(&answer));
-        answer
-    }
-
-    async fn claim_many(
-        &self,
-        keys: &[&str],
-        lease: Duration,
-    ) -> Vec<Result<Claim, kourier::StoreError>> {
-        let answers = self.inner.claim_many(keys, lease).await;
-        self.count(&answers);
-        answers
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), kourier::StoreError> {
-        self.inner.complete(key, token, ttl).await
-    }
-
-    async fn complete_many(
-        &self,
-        claims: &[(&str, &ClaimToken)],
-        ttl: Duration,
-    ) -> Vec<Result<(), kourier::StoreError>> {
-        self.inner.complete_many(claims, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), kourier::StoreError> {
-        self.inner.release(key, token).await
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        lease: Duration,
-    ) -> Result<(), kourier::StoreError> {
-        self.inner.renew(key, token, lease).await
+impl StoreHook for RoundTrips {
+    fn after(&self, _: &StoreCall<'_>, answer: StoreAnswer<'_>) {
+        match answer {
+            StoreAnswer::Claim(answer) => self.count(std::slice::from_ref(answer)),
+            StoreAnswer::ClaimMany(answers) => self.count(answers),
+            _ => {}
+        }
     }
 }
 
@@ -967,7 +931,7 @@ async fn a_partition_claims_its_next_records_in_one_round_trip() {
     wait_committed(&group, &topic, 1, RECORDS as i64).await;
     c.stop_within(SHUTDOWN).await;
 
-    let (round_trips, keys, busy) = store.counts();
+    let (round_trips, keys, busy) = store.hook().counts();
     println!(
         "{RECORDS} records in one partition: {round_trips} claim round trips, {keys} keys claimed, {busy} busy"
     );
@@ -1033,7 +997,7 @@ async fn revoke_and_shutdown_release_the_claims_fetched_ahead() {
     let took = started.elapsed();
     second.stop_within(SHUTDOWN).await;
 
-    let (round_trips, keys, busy) = store.counts();
+    let (round_trips, keys, busy) = store.hook().counts();
     println!(
         "{RECORDS} records, a rebalance and a shutdown: done in {took:.1?} (lease {lease:?}); \
          {round_trips} claim round trips, {keys} keys claimed, {busy} busy"
