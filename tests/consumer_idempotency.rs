@@ -109,6 +109,20 @@ async fn wait_committed(group: &str, topic: &str, partitions: i32, total: i64) {
     }
 }
 
+/// Waits until the records of `topic` (one partition) are committed up to `total`, stops `c`,
+/// and answers the handler's calls ([`outcomes`]).
+async fn outcomes_once_committed(
+    c: Running,
+    log: &Log,
+    group: &str,
+    topic: &str,
+    total: i64,
+) -> Vec<(u64, u32, bool)> {
+    wait_committed(group, topic, 1, total).await;
+    c.stop_within(SHUTDOWN).await;
+    outcomes(&log.calls())
+}
+
 /// A Redis store at `url` with a key prefix of its own.
 async fn redis_store_at(url: &str, command_timeout: Duration) -> RedisIdempotencyStore {
     let prefix = format!("{}:", support::unique_name("idem"));
@@ -178,11 +192,9 @@ async fn transient_failure_then_success_sends_exactly_once() {
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group, spy.clone(), by_header()));
     wait_for("the retry to succeed", WAIT, || !log.successes().is_empty()).await;
-    wait_committed(&group, &topic, 1, 1).await;
-    c.stop_within(SHUTDOWN).await;
 
     assert_eq!(
-        outcomes(&log.calls()),
+        outcomes_once_committed(c, &log, &group, &topic, 1).await,
         vec![(0, 1, false), (0, 2, true)],
         "one transient failure, then one successful attempt"
     );
@@ -245,11 +257,9 @@ async fn duplicate_event_runs_once(name: &str, key: DedupKey<Ev>, with_header: b
 
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group, spy.clone(), key));
-    wait_committed(&group, &topic, 1, 3).await;
-    c.stop_within(SHUTDOWN).await;
 
     assert_eq!(
-        outcomes(&log.calls()),
+        outcomes_once_committed(c, &log, &group, &topic, 3).await,
         vec![(0, 1, true), (2, 1, true)],
         "order-1 ran once (offset 0); its duplicate at offset 1 never reached the handler"
     );
@@ -808,11 +818,9 @@ async fn duplicates_and_a_transient_failure(store: Arc<dyn IdempotencyStore>, na
     .await;
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group, spy.clone(), by_event()));
-    wait_committed(&group, &topic, 1, 4).await;
-    c.stop_within(SHUTDOWN).await;
 
     assert_eq!(
-        outcomes(&log.calls()),
+        outcomes_once_committed(c, &log, &group, &topic, 4).await,
         vec![(0, 1, false), (0, 2, true), (2, 1, true)],
         "{store:?}: e1 failed once then ran once, e2 ran once, the duplicates never ran"
     );
