@@ -177,7 +177,9 @@
 //! ```
 //!
 //! A store that wraps another forwards every call, so it keeps what the inner store can do
-//! (renewal, one round trip per batch):
+//! (renewal, one round trip per batch). In tests, `testing::HookedStore` (feature `testing`)
+//! is such a wrapper, with a hook to count, delay, fail or change each call; a wrapper of
+//! your own spells every call out:
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU64, Ordering};
