@@ -85,6 +85,19 @@ fn builder_with(
         .idempotency(idempotency)
 }
 
+/// Starts a consumer of `topic` with `idempotency` and waits until record #0's handler has
+/// started.
+async fn start_and_wait_for_first(
+    log: &Arc<Log>,
+    topic: &str,
+    group: &str,
+    idempotency: Idempotency<Ev>,
+) -> Running {
+    let c = Running::start(builder_with(log, topic, group, idempotency));
+    wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
+    c
+}
+
 /// The dedup key the consumer of `group` uses for `event_id`.
 fn namespaced(group: &str, event_id: &str) -> String {
     format!("{group}:{event_id}")
@@ -418,13 +431,8 @@ async fn a_claim_outlives_its_lease_while_the_handler_runs() {
     )
     .await;
     let log = Log::new();
-    let c = Running::start(builder_with(
-        &log,
-        &topic,
-        &group,
-        Idempotency::new(spy.clone(), by_header()).with_lease(lease),
-    ));
-    wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
+    let idempotency = Idempotency::new(spy.clone(), by_header()).with_lease(lease);
+    let c = start_and_wait_for_first(&log, &topic, &group, idempotency).await;
 
     // The second claimer, until the handler is done.
     let mut answers = Vec::new();
@@ -703,13 +711,9 @@ async fn opt_in_goes_on_promptly_after_a_record_finishes_during_the_outage() {
     )
     .await;
     let log = Log::new();
-    let c = Running::start(builder_with(
-        &log,
-        &topic,
-        &group,
-        Idempotency::new(store, by_header()).with_store_outage(StoreOutage::RunWithoutDedup),
-    ));
-    wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
+    let idempotency =
+        Idempotency::new(store, by_header()).with_store_outage(StoreOutage::RunWithoutDedup);
+    let c = start_and_wait_for_first(&log, &topic, &group, idempotency).await;
     tokio::task::block_in_place(|| server.kill());
     log.open_gate();
     // #0 is done (its `complete` cannot reach Redis); #1 should run without dedup at once
