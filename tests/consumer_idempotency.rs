@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers as dlt;
+use kourier::idempotency::testing::{HookedStore, StoreAnswer, StoreCall, StoreHook};
 use kourier::{
     Claim, ClaimToken, DedupKey, Idempotency, IdempotencyStore, InMemoryIdempotencyStore,
     ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumerBuilder, StoreOutage,
@@ -84,6 +85,19 @@ fn builder_with(
         .idempotency(idempotency)
 }
 
+/// Starts a consumer of `topic` with `idempotency` and waits until record #0's handler has
+/// started.
+async fn start_and_wait_for_first(
+    log: &Arc<Log>,
+    topic: &str,
+    group: &str,
+    idempotency: Idempotency<Ev>,
+) -> Running {
+    let c = Running::start(builder_with(log, topic, group, idempotency));
+    wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
+    c
+}
+
 /// The dedup key the consumer of `group` uses for `event_id`.
 fn namespaced(group: &str, event_id: &str) -> String {
     format!("{group}:{event_id}")
@@ -106,6 +120,20 @@ async fn wait_committed(group: &str, topic: &str, partitions: i32, total: i64) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until the records of `topic` (one partition) are committed up to `total`, stops `c`,
+/// and answers the handler's calls ([`outcomes`]).
+async fn outcomes_once_committed(
+    c: Running,
+    log: &Log,
+    group: &str,
+    topic: &str,
+    total: i64,
+) -> Vec<(u64, u32, bool)> {
+    wait_committed(group, topic, 1, total).await;
+    c.stop_within(SHUTDOWN).await;
+    outcomes(&log.calls())
 }
 
 /// A Redis store at `url` with a key prefix of its own.
@@ -177,11 +205,9 @@ async fn transient_failure_then_success_sends_exactly_once() {
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group, spy.clone(), by_header()));
     wait_for("the retry to succeed", WAIT, || !log.successes().is_empty()).await;
-    wait_committed(&group, &topic, 1, 1).await;
-    c.stop_within(SHUTDOWN).await;
 
     assert_eq!(
-        outcomes(&log.calls()),
+        outcomes_once_committed(c, &log, &group, &topic, 1).await,
         vec![(0, 1, false), (0, 2, true)],
         "one transient failure, then one successful attempt"
     );
@@ -192,7 +218,7 @@ async fn transient_failure_then_success_sends_exactly_once() {
     );
     let key = namespaced(&group, "mail-1");
     assert_eq!(
-        spy.labels_for(&key),
+        spy.hook().labels_for(&key),
         [
             "claim:acquired",
             "release:released",
@@ -202,6 +228,7 @@ async fn transient_failure_then_success_sends_exactly_once() {
         "claim → fail → release → claim again → complete"
     );
     let tokens: Vec<ClaimToken> = spy
+        .hook()
         .calls_for(&key)
         .into_iter()
         .filter_map(|c| match c.answer {
@@ -243,16 +270,15 @@ async fn duplicate_event_runs_once(name: &str, key: DedupKey<Ev>, with_header: b
 
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group, spy.clone(), key));
-    wait_committed(&group, &topic, 1, 3).await;
-    c.stop_within(SHUTDOWN).await;
 
     assert_eq!(
-        outcomes(&log.calls()),
+        outcomes_once_committed(c, &log, &group, &topic, 3).await,
         vec![(0, 1, true), (2, 1, true)],
         "order-1 ran once (offset 0); its duplicate at offset 1 never reached the handler"
     );
     assert_eq!(
-        spy.settled_labels_for(&namespaced(&group, "order-1")),
+        spy.hook()
+            .settled_labels_for(&namespaced(&group, "order-1")),
         ["claim:acquired", "complete:completed", "claim:done"],
         "the duplicate was answered `done` and settled"
     );
@@ -316,7 +342,10 @@ async fn two_workers_racing_on_one_id_run_it_once() {
     )
     .await;
     wait_for("#1 to find pay-1 busy", WAIT, || {
-        spy.labels_for(&key).iter().any(|l| l == "claim:busy")
+        spy.hook()
+            .labels_for(&key)
+            .iter()
+            .any(|l| l == "claim:busy")
     })
     .await;
     log.open_gate();
@@ -331,8 +360,8 @@ async fn two_workers_racing_on_one_id_run_it_once() {
     );
     assert_eq!(log.sorted_succeeded_ids(), [0, 2]);
 
-    let store_calls = spy.calls_for(&key);
-    let labels = spy.labels_for(&key);
+    let store_calls = spy.hook().calls_for(&key);
+    let labels = spy.hook().labels_for(&key);
     assert_eq!(
         labels.first().map(String::as_str),
         Some("claim:acquired"),
@@ -402,13 +431,8 @@ async fn a_claim_outlives_its_lease_while_the_handler_runs() {
     )
     .await;
     let log = Log::new();
-    let c = Running::start(builder_with(
-        &log,
-        &topic,
-        &group,
-        Idempotency::new(spy.clone(), by_header()).with_lease(lease),
-    ));
-    wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
+    let idempotency = Idempotency::new(spy.clone(), by_header()).with_lease(lease);
+    let c = start_and_wait_for_first(&log, &topic, &group, idempotency).await;
 
     // The second claimer, until the handler is done.
     let mut answers = Vec::new();
@@ -451,7 +475,7 @@ async fn a_claim_outlives_its_lease_while_the_handler_runs() {
 
     let calls = log.calls_for("slow-1");
     assert_eq!(outcomes(&calls), vec![(0, 1, true)], "handled once");
-    let labels = spy.labels_for(&key);
+    let labels = spy.hook().labels_for(&key);
     let count = |label: &str| labels.iter().filter(|l| *l == label).count();
     assert_eq!(count("claim:acquired"), 1, "{labels:?}");
     assert!(
@@ -468,6 +492,7 @@ async fn a_claim_outlives_its_lease_while_the_handler_runs() {
         Some("complete:completed")
     );
     let acquired = spy
+        .hook()
         .calls_for(&key)
         .into_iter()
         .find_map(|c| match c.answer {
@@ -481,7 +506,8 @@ async fn a_claim_outlives_its_lease_while_the_handler_runs() {
         "the handler saw its claim's token"
     );
     assert!(
-        spy.calls_for(&key)
+        spy.hook()
+            .calls_for(&key)
             .iter()
             .filter(|c| c.op != "claim")
             .all(|c| c.token.as_ref() == Some(&acquired)),
@@ -685,13 +711,9 @@ async fn opt_in_goes_on_promptly_after_a_record_finishes_during_the_outage() {
     )
     .await;
     let log = Log::new();
-    let c = Running::start(builder_with(
-        &log,
-        &topic,
-        &group,
-        Idempotency::new(store, by_header()).with_store_outage(StoreOutage::RunWithoutDedup),
-    ));
-    wait_for("#0's handler to start", WAIT, || log.has_started(0)).await;
+    let idempotency =
+        Idempotency::new(store, by_header()).with_store_outage(StoreOutage::RunWithoutDedup);
+    let c = start_and_wait_for_first(&log, &topic, &group, idempotency).await;
     tokio::task::block_in_place(|| server.kill());
     log.open_gate();
     // #0 is done (its `complete` cannot reach Redis); #1 should run without dedup at once
@@ -800,16 +822,14 @@ async fn duplicates_and_a_transient_failure(store: Arc<dyn IdempotencyStore>, na
     .await;
     let log = Log::new();
     let c = Running::start(builder(&log, &topic, &group, spy.clone(), by_event()));
-    wait_committed(&group, &topic, 1, 4).await;
-    c.stop_within(SHUTDOWN).await;
 
     assert_eq!(
-        outcomes(&log.calls()),
+        outcomes_once_committed(c, &log, &group, &topic, 4).await,
         vec![(0, 1, false), (0, 2, true), (2, 1, true)],
         "{store:?}: e1 failed once then ran once, e2 ran once, the duplicates never ran"
     );
     assert_eq!(
-        spy.settled_labels_for(&namespaced(&group, "e1")),
+        spy.hook().settled_labels_for(&namespaced(&group, "e1")),
         [
             "claim:acquired",
             "release:released",
@@ -820,7 +840,7 @@ async fn duplicates_and_a_transient_failure(store: Arc<dyn IdempotencyStore>, na
         "{store:?}"
     );
     assert_eq!(
-        spy.settled_labels_for(&namespaced(&group, "e2")),
+        spy.hook().settled_labels_for(&namespaced(&group, "e2")),
         ["claim:acquired", "complete:completed", "claim:done"],
         "{store:?}"
     );
@@ -852,23 +872,18 @@ async fn shared_scenario_with_the_redis_store() {
 // ---------------------------------------------------------------------------------------------
 
 /// Counts the store's claim round trips (a `claim_many` batch is one) and the keys claimed,
-/// delegating everything to a real store.
-#[derive(Debug)]
+/// in front of a real store.
+#[derive(Debug, Default)]
 struct RoundTrips {
-    inner: Arc<dyn IdempotencyStore>,
     claim_calls: std::sync::atomic::AtomicUsize,
     keys_claimed: std::sync::atomic::AtomicUsize,
     busy: std::sync::atomic::AtomicUsize,
 }
 
 impl RoundTrips {
-    fn new(inner: Arc<dyn IdempotencyStore>) -> Arc<RoundTrips> {
-        Arc::new(RoundTrips {
-            inner,
-            claim_calls: Default::default(),
-            keys_claimed: Default::default(),
-            busy: Default::default(),
-        })
+    /// `inner`, its claims counted (the counter is its [`hook`](HookedStore::hook)).
+    fn new(inner: Arc<dyn IdempotencyStore>) -> Arc<HookedStore<dyn IdempotencyStore, RoundTrips>> {
+        Arc::new(HookedStore::new(inner, RoundTrips::default()))
     }
 
     fn counts(&self) -> (usize, usize, usize) {
@@ -892,52 +907,13 @@ impl RoundTrips {
     }
 }
 
-#[kourier::async_trait]
-impl IdempotencyStore for RoundTrips {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, kourier::StoreError> {
-        let answer = self.inner.claim(key, lease).await;
-        self.count(std::slice::from_ref(&answer));
-        answer
-    }
-
-    async fn claim_many(
-        &self,
-        keys: &[&str],
-        lease: Duration,
-    ) -> Vec<Result<Claim, kourier::StoreError>> {
-        let answers = self.inner.claim_many(keys, lease).await;
-        self.count(&answers);
-        answers
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), kourier::StoreError> {
-        self.inner.complete(key, token, ttl).await
-    }
-
-    async fn complete_many(
-        &self,
-        claims: &[(&str, &ClaimToken)],
-        ttl: Duration,
-    ) -> Vec<Result<(), kourier::StoreError>> {
-        self.inner.complete_many(claims, ttl).await
-    }
-
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), kourier::StoreError> {
-        self.inner.release(key, token).await
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        lease: Duration,
-    ) -> Result<(), kourier::StoreError> {
-        self.inner.renew(key, token, lease).await
+impl StoreHook for RoundTrips {
+    fn after(&self, _: &StoreCall<'_>, answer: StoreAnswer<'_>) {
+        match answer {
+            StoreAnswer::Claim(answer) => self.count(std::slice::from_ref(answer)),
+            StoreAnswer::ClaimMany(answers) => self.count(answers),
+            _ => {}
+        }
     }
 }
 
@@ -967,7 +943,7 @@ async fn a_partition_claims_its_next_records_in_one_round_trip() {
     wait_committed(&group, &topic, 1, RECORDS as i64).await;
     c.stop_within(SHUTDOWN).await;
 
-    let (round_trips, keys, busy) = store.counts();
+    let (round_trips, keys, busy) = store.hook().counts();
     println!(
         "{RECORDS} records in one partition: {round_trips} claim round trips, {keys} keys claimed, {busy} busy"
     );
@@ -1033,7 +1009,7 @@ async fn revoke_and_shutdown_release_the_claims_fetched_ahead() {
     let took = started.elapsed();
     second.stop_within(SHUTDOWN).await;
 
-    let (round_trips, keys, busy) = store.counts();
+    let (round_trips, keys, busy) = store.hook().counts();
     println!(
         "{RECORDS} records, a rebalance and a shutdown: done in {took:.1?} (lease {lease:?}); \
          {round_trips} claim round trips, {keys} keys claimed, {busy} busy"

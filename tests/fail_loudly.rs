@@ -20,19 +20,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kourier::dead_letter::headers;
-use kourier::idempotency::{claim_one_by_one, complete_one_by_one};
+use kourier::idempotency::testing::{HookedStore, StoreCall, StoreHook};
 use kourier::rdkafka::admin::{AdminClient, AdminOptions};
 use kourier::rdkafka::client::DefaultClientContext;
 use kourier::rdkafka::config::ClientConfig;
 use kourier::rdkafka::mocking::MockCluster;
 use kourier::rdkafka::producer::{FutureProducer, FutureRecord};
 use kourier::{
-    Claim, ClaimToken, Codec, ConnectionState, ConsumerMonitor, ConsumerSnapshot, DeadLetter,
-    DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, DecodeError, DedupKey,
-    Error, Handler, HandlerError, Idempotency, IdempotencyStore, InMemoryIdempotencyStore,
-    JsonCodec, KafkaDeadLetterSink, Message, MissingTopics, PanicPolicy, PendingLetter,
-    ProcessingOrder, RawRecord, RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
-    RetryingConsumerBuilder, ShutdownReport, StoreError, async_trait,
+    Codec, ConnectionState, ConsumerMonitor, ConsumerSnapshot, DeadLetter, DeadLetterError,
+    DeadLetterReason, DeadLetterReceipt, DeadLetterSink, DecodeError, DedupKey, Error, Handler,
+    HandlerError, Idempotency, InMemoryIdempotencyStore, JsonCodec, KafkaDeadLetterSink, Message,
+    MissingTopics, PanicPolicy, PendingLetter, ProcessingOrder, RawRecord, RedisIdempotencyStore,
+    RetryPolicy, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, StoreError,
+    async_trait,
 };
 use serde::{Deserialize, Serialize};
 use support::{ReadRecord, TestRecord};
@@ -1056,18 +1056,19 @@ async fn a_panicking_dedup_key_function_dead_letters_the_record_as_panic() {
     assert_eq!(committed0(&group, &topic).await, Some(5));
 }
 
-/// A Redis store whose `claim` of keys ending in `ev-2` panics the first `panics` times.
+/// Claims of keys ending in `ev-2` panic the first `panics` times.
 #[derive(Debug)]
-struct PanickyStore {
-    inner: RedisIdempotencyStore,
+struct PanicsClaiming2 {
     panics: AtomicU32,
     claims_of_2: AtomicU32,
 }
 
 #[async_trait]
-impl IdempotencyStore for PanickyStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        if key.ends_with(":ev-2") {
+impl StoreHook for PanicsClaiming2 {
+    async fn before(&self, call: &StoreCall<'_>) -> Result<(), StoreError> {
+        if let StoreCall::Claim { key, .. } = call
+            && key.ends_with(":ev-2")
+        {
             self.claims_of_2.fetch_add(1, AtomicOrdering::SeqCst);
             let left =
                 self.panics
@@ -1076,38 +1077,7 @@ impl IdempotencyStore for PanickyStore {
                     });
             assert!(left.is_err(), "the store panics claiming {key}");
         }
-        self.inner.claim(key, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.complete(key, token, ttl).await
-    }
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    // Claims go one key at a time through the panicking `claim` above (the Redis store's
-    // batch would never panic); completions are the Redis store's own batch.
-    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
-        claim_one_by_one(self, keys, lease).await
-    }
-    async fn complete_many(
-        &self,
-        claims: &[(&str, &ClaimToken)],
-        ttl: Duration,
-    ) -> Vec<Result<(), StoreError>> {
-        self.inner.complete_many(claims, ttl).await
+        Ok(())
     }
 }
 
@@ -1116,15 +1086,17 @@ async fn a_panicking_store_makes_the_record_wait_and_it_is_handled_once() {
     let (topic, dlt, group, log) = Case::new("panic-store", 1).await.parts();
     support::require_redis().await;
     support::produce(&topic, five_with(Act::Ok)).await;
-    let store = Arc::new(PanickyStore {
-        inner: RedisIdempotencyStore::builder(support::redis_url().as_str())
-            .key_prefix(support::unique_name("panic-store"))
-            .build()
-            .await
-            .expect("redis store"),
+    let redis = RedisIdempotencyStore::builder(support::redis_url().as_str())
+        .key_prefix(support::unique_name("panic-store"))
+        .build()
+        .await
+        .expect("redis store");
+    let panics = PanicsClaiming2 {
         panics: AtomicU32::new(3),
         claims_of_2: AtomicU32::new(0),
-    });
+    };
+    // One key at a time through the panicking claim (the Redis store's batch never panics).
+    let store = Arc::new(HookedStore::new(Arc::new(redis), panics).one_by_one());
     let key = DedupKey::from_fn(|m: &Message<Ev>| Some(format!("ev-{}", m.event().id)));
     let running = Running::start(
         builder(&log, &topic, &group).idempotency(Idempotency::new(store.clone(), key)),
@@ -1137,7 +1109,7 @@ async fn a_panicking_store_makes_the_record_wait_and_it_is_handled_once() {
     );
     assert_eq!(log.attempts_of(2), [1], "one handler attempt");
     assert_eq!(
-        store.claims_of_2.load(AtomicOrdering::SeqCst),
+        store.hook().claims_of_2.load(AtomicOrdering::SeqCst),
         4,
         "three panicking claims, then the one that worked"
     );
@@ -1711,47 +1683,19 @@ async fn a_dead_letter_still_pending_at_shutdown_is_reported_abandoned_and_not_c
     assert!(support::read_all(&dlt).await.is_empty());
 }
 
-/// The in-memory store, whose `complete` waits for `gate` (a slow store).
+/// Completions (single or batched) wait for `gate` (a slow store).
 #[derive(Debug)]
 struct GatedComplete {
-    inner: InMemoryIdempotencyStore,
     gate: tokio::sync::Semaphore,
 }
 
 #[async_trait]
-impl IdempotencyStore for GatedComplete {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        self.inner.claim(key, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let _permit = self.gate.acquire().await.expect("gate semaphore closed");
-        self.inner.complete(key, token, ttl).await
-    }
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.inner.renew(key, token, lease).await
-    }
-    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
-        self.inner.claim_many(keys, lease).await
-    }
-    async fn complete_many(
-        &self,
-        claims: &[(&str, &ClaimToken)],
-        ttl: Duration,
-    ) -> Vec<Result<(), StoreError>> {
-        complete_one_by_one(self, claims, ttl).await // each through the gate
+impl StoreHook for GatedComplete {
+    async fn before(&self, call: &StoreCall<'_>) -> Result<(), StoreError> {
+        if let StoreCall::Complete { .. } | StoreCall::CompleteMany { .. } = call {
+            let _permit = self.gate.acquire().await.expect("gate semaphore closed");
+        }
+        Ok(())
     }
 }
 
@@ -1759,10 +1703,13 @@ impl IdempotencyStore for GatedComplete {
 async fn completions_run_behind_the_lane_and_the_commit_waits_for_them() {
     let (topic, _, group, log) = Case::new("pipelined-complete", 2).await.parts();
     support::produce(&topic, five_with(Act::Ok)).await;
-    let store = Arc::new(GatedComplete {
-        inner: InMemoryIdempotencyStore::new(),
+    let gated = GatedComplete {
         gate: tokio::sync::Semaphore::new(0),
-    });
+    };
+    let store = Arc::new(HookedStore::new(
+        Arc::new(InMemoryIdempotencyStore::new()),
+        gated,
+    ));
     // The witness (event 100, partition 1) has no dedup key: nothing holds its commit.
     let running = Running::start(builder(&log, &topic, &group).idempotency(Idempotency::new(
         store.clone(),
@@ -1779,7 +1726,7 @@ async fn completions_run_behind_the_lane_and_the_commit_waits_for_them() {
         None,
         "nothing committed before its key is done"
     );
-    store.gate.add_permits(1 << 20);
+    store.hook().gate.add_permits(1 << 20);
     wait_for("everything committed", Duration::from_secs(10), || {
         committed_now(&running) == Some(5)
     })

@@ -570,76 +570,40 @@ async fn redis_store_passes_the_conformance_suite() {
 #[cfg(feature = "testing")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_conformance_suite_catches_a_store_that_ignores_expiry_on_complete() {
-    use kourier::idempotency::testing::run_conformance;
+    use kourier::idempotency::testing::{
+        HookedStore, StoreAnswer, StoreCall, StoreHook, run_conformance,
+    };
 
     /// Completes any key whose last claim was this token's, expired or not.
+    #[derive(Debug, Default)]
     struct Lenient {
-        inner: InMemoryIdempotencyStore,
         last_token: std::sync::Mutex<std::collections::HashMap<String, ClaimToken>>,
     }
 
-    impl std::fmt::Debug for Lenient {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Lenient")
+    impl StoreHook for Lenient {
+        fn after(&self, call: &StoreCall<'_>, answer: StoreAnswer<'_>) {
+            let mut last_token = self.last_token.lock().unwrap();
+            match (*call, answer) {
+                (StoreCall::Claim { key, .. }, StoreAnswer::Claim(Ok(Claim::Acquired(token)))) => {
+                    last_token.insert(key.to_owned(), token.clone());
+                }
+                (StoreCall::Complete { key, token, .. }, StoreAnswer::TokenCall(answer))
+                    if last_token.get(key) == Some(token)
+                        && matches!(answer, Err(StoreError::LeaseLost { .. })) =>
+                {
+                    *answer = Ok(());
+                }
+                _ => {}
+            }
         }
     }
 
-    #[kourier::async_trait]
-    impl IdempotencyStore for Lenient {
-        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-            let answer = self.inner.claim(key, lease).await?;
-            if let Claim::Acquired(token) = &answer {
-                self.last_token
-                    .lock()
-                    .unwrap()
-                    .insert(key.to_owned(), token.clone());
-            }
-            Ok(answer)
-        }
-        async fn complete(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            ttl: Duration,
-        ) -> Result<(), StoreError> {
-            let was_last = self.last_token.lock().unwrap().get(key) == Some(token);
-            match self.inner.complete(key, token, ttl).await {
-                Err(StoreError::LeaseLost { .. }) if was_last => Ok(()),
-                other => other,
-            }
-        }
-        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-            self.inner.release(key, token).await
-        }
-        async fn renew(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            lease: Duration,
-        ) -> Result<(), StoreError> {
-            self.inner.renew(key, token, lease).await
-        }
-        // Through `claim` and the lenient `complete` above, one key at a time.
-        async fn claim_many(
-            &self,
-            keys: &[&str],
-            lease: Duration,
-        ) -> Vec<Result<Claim, StoreError>> {
-            kourier::idempotency::claim_one_by_one(self, keys, lease).await
-        }
-        async fn complete_many(
-            &self,
-            claims: &[(&str, &ClaimToken)],
-            ttl: Duration,
-        ) -> Vec<Result<(), StoreError>> {
-            kourier::idempotency::complete_one_by_one(self, claims, ttl).await
-        }
-    }
-
-    let store = Lenient {
-        inner: InMemoryIdempotencyStore::new(),
-        last_token: Default::default(),
-    };
+    // Through `claim` and the lenient `complete`, one key at a time.
+    let store = HookedStore::new(
+        Arc::new(InMemoryIdempotencyStore::new()),
+        Lenient::default(),
+    )
+    .one_by_one();
     let err = run_conformance(Arc::new(store))
         .await
         .expect_err("a store that ignores expiry on complete is not conformant");
@@ -661,47 +625,9 @@ async fn the_conformance_suite_catches_a_store_that_ignores_expiry_on_complete()
 #[cfg(feature = "testing")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_conformance_suite_fails_a_store_that_cannot_renew_on_the_renewal_cases() {
-    use kourier::idempotency::testing::{CASES, run_conformance};
+    use kourier::idempotency::testing::{CASES, CannotRenew, HookedStore, run_conformance};
 
-    #[derive(Debug)]
-    struct NoRenew(InMemoryIdempotencyStore);
-
-    #[kourier::async_trait]
-    impl IdempotencyStore for NoRenew {
-        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-            self.0.claim(key, lease).await
-        }
-        async fn complete(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            ttl: Duration,
-        ) -> Result<(), StoreError> {
-            self.0.complete(key, token, ttl).await
-        }
-        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-            self.0.release(key, token).await
-        }
-        async fn renew(&self, _: &str, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
-            Err(StoreError::Unsupported { operation: "renew" })
-        }
-        async fn claim_many(
-            &self,
-            keys: &[&str],
-            lease: Duration,
-        ) -> Vec<Result<Claim, StoreError>> {
-            self.0.claim_many(keys, lease).await
-        }
-        async fn complete_many(
-            &self,
-            claims: &[(&str, &ClaimToken)],
-            ttl: Duration,
-        ) -> Vec<Result<(), StoreError>> {
-            self.0.complete_many(claims, ttl).await
-        }
-    }
-
-    let store = NoRenew(InMemoryIdempotencyStore::new());
+    let store = HookedStore::new(Arc::new(InMemoryIdempotencyStore::new()), CannotRenew);
     let token = acquire(&store, "k", LEASE).await;
     let answer = store.renew("k", &token, LEASE).await;
     assert!(

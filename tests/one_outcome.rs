@@ -18,15 +18,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use kourier::dead_letter::headers as dlt;
-use kourier::idempotency::{claim_one_by_one, complete_one_by_one};
+use kourier::idempotency::testing::{HookedStore, StoreCall, StoreHook};
 use kourier::tiers::{
     Admission, InMemoryKeyOrderLedger, KeyOrderLedger, LedgerKey, RetryTiers, SourceId,
     headers as tier,
 };
 use kourier::{
-    BreakerPolicy, Claim, ClaimToken, DedupKey, HandlerError, Idempotency, IdempotencyStore,
-    InMemoryIdempotencyStore, Message, ProcessingOrder, RecordOutcome, RetryPolicy, StoreError,
-    handler_fn,
+    BreakerPolicy, DedupKey, HandlerError, Idempotency, InMemoryIdempotencyStore, Message,
+    ProcessingOrder, RecordOutcome, RetryPolicy, StoreError, handler_fn,
 };
 use serde::Deserialize;
 use support::TestRecord;
@@ -294,48 +293,22 @@ async fn a_tier_record_waiting_for_its_due_time_is_left_for_later_at_shutdown() 
     );
 }
 
-/// An idempotency store that is down.
+/// An idempotency store that is down: every call answers `Unavailable`, one key at a time.
 #[derive(Debug, Default)]
-struct DownStore {
+struct Down {
     claims: AtomicU32,
 }
 
 #[async_trait]
-impl IdempotencyStore for DownStore {
-    async fn claim(&self, _key: &str, _lease: Duration) -> Result<Claim, StoreError> {
-        self.claims.fetch_add(1, Ordering::SeqCst);
+impl StoreHook for Down {
+    async fn before(&self, call: &StoreCall<'_>) -> Result<(), StoreError> {
+        if let StoreCall::Claim { .. } = call {
+            self.claims.fetch_add(1, Ordering::SeqCst);
+        }
         Err(StoreError::Unavailable {
-            operation: "claim",
+            operation: call.operation(),
             source: "connection refused".into(),
         })
-    }
-    async fn complete(&self, _: &str, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable {
-            operation: "complete",
-            source: "connection refused".into(),
-        })
-    }
-    async fn release(&self, _: &str, _: &ClaimToken) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable {
-            operation: "release",
-            source: "connection refused".into(),
-        })
-    }
-    async fn renew(&self, _: &str, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable {
-            operation: "renew",
-            source: "connection refused".into(),
-        })
-    }
-    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
-        claim_one_by_one(self, keys, lease).await // each counted and refused
-    }
-    async fn complete_many(
-        &self,
-        claims: &[(&str, &ClaimToken)],
-        ttl: Duration,
-    ) -> Vec<Result<(), StoreError>> {
-        complete_one_by_one(self, claims, ttl).await
     }
 }
 
@@ -349,7 +322,9 @@ async fn records_waiting_for_their_claims_are_given_up_at_once_at_shutdown() {
         (0..10).map(|id| record(id, &format!("k{id}"))).collect(),
     )
     .await;
-    let store = Arc::new(DownStore::default());
+    // The in-memory store is never reached.
+    let down = HookedStore::new(Arc::new(InMemoryIdempotencyStore::new()), Down::default());
+    let store = Arc::new(down.one_by_one());
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
     let handler = handler_fn(move |_m: Message<Ev>| {
@@ -369,7 +344,7 @@ async fn records_waiting_for_their_claims_are_given_up_at_once_at_shutdown() {
     wait_for(
         "records waiting for their claims",
         Duration::from_secs(30),
-        || store.claims.load(Ordering::SeqCst) >= 20,
+        || store.hook().claims.load(Ordering::SeqCst) >= 20,
     )
     .await;
     // Waiting for a claim holds no slot: more records wait than there are slots.

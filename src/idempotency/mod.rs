@@ -46,7 +46,8 @@
 //! `RedisIdempotencyStore` (feature `redis`). This module holds the contract
 //! they keep, the helpers [`claim_one_by_one`] and [`complete_one_by_one`] for stores without
 //! a batch call, and, with the `testing` feature, `testing::run_conformance`, which checks a
-//! store against it.
+//! store against it, and `testing::HookedStore`, which adds faults, delays or counters to a
+//! store in tests.
 //!
 //! # The contract
 //!
@@ -176,7 +177,9 @@
 //! ```
 //!
 //! A store that wraps another forwards every call, so it keeps what the inner store can do
-//! (renewal, one round trip per batch):
+//! (renewal, one round trip per batch). In tests, `testing::HookedStore` (feature `testing`)
+//! is such a wrapper, with a hook to count, delay, fail or change each call; a wrapper of
+//! your own spells every call out:
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU64, Ordering};
@@ -255,7 +258,8 @@ pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 pub(crate) mod store;
-#[cfg(feature = "testing")]
+// Also in the crate's own unit tests, which use `testing::HookedStore`.
+#[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 

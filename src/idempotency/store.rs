@@ -217,57 +217,30 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::idempotency::memory::InMemoryIdempotencyStore;
+    use crate::idempotency::testing::{HookedStore, StoreCall, StoreHook};
 
-    /// The in-memory store, except that claiming `b` panics.
-    #[derive(Debug, Default)]
-    struct PanicsOnB(InMemoryIdempotencyStore);
+    /// Claiming `b` panics.
+    #[derive(Debug)]
+    struct PanicsOnB;
 
     #[async_trait]
-    impl IdempotencyStore for PanicsOnB {
-        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-            assert_ne!(key, "b", "claiming b panics");
-            self.0.claim(key, lease).await
-        }
-        async fn complete(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            ttl: Duration,
-        ) -> Result<(), StoreError> {
-            self.0.complete(key, token, ttl).await
-        }
-        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-            self.0.release(key, token).await
-        }
-        async fn renew(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            lease: Duration,
-        ) -> Result<(), StoreError> {
-            self.0.renew(key, token, lease).await
-        }
-        async fn claim_many(
-            &self,
-            keys: &[&str],
-            lease: Duration,
-        ) -> Vec<Result<Claim, StoreError>> {
-            claim_one_by_one(self, keys, lease).await
-        }
-        async fn complete_many(
-            &self,
-            claims: &[(&str, &ClaimToken)],
-            ttl: Duration,
-        ) -> Vec<Result<(), StoreError>> {
-            complete_one_by_one(self, claims, ttl).await
+    impl StoreHook for PanicsOnB {
+        async fn before(&self, call: &StoreCall<'_>) -> Result<(), StoreError> {
+            if let StoreCall::Claim { key, .. } = call {
+                assert_ne!(*key, "b", "claiming b panics");
+            }
+            Ok(())
         }
     }
 
     #[tokio::test]
     async fn a_panicking_claim_fails_its_key_alone_one_by_one() {
-        let store = PanicsOnB::default();
+        let store =
+            HookedStore::new(Arc::new(InMemoryIdempotencyStore::new()), PanicsOnB).one_by_one();
         let lease = Duration::from_secs(30);
         let answers = store.claim_many(&["a", "b", "c"], lease).await;
         assert!(matches!(answers[0], Ok(Claim::Acquired(_))));

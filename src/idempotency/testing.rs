@@ -1,4 +1,8 @@
-//! A conformance suite for [`IdempotencyStore`] implementations (feature `testing`).
+//! Testing with idempotency stores (feature `testing`): a conformance suite for
+//! [`IdempotencyStore`] implementations, and [`HookedStore`], a store with faults, delays or
+//! counters added.
+//!
+//! # The conformance suite
 //!
 //! [`run_conformance`] drives a store through every case of the contract written on the
 //! [`idempotency`](super) module — fresh keys, busy and done keys, expiry of leases and of
@@ -32,6 +36,18 @@
 //!     assert_eq!(report.passed(), CASES.len());
 //! }
 //! ```
+//!
+//! # A store that misbehaves on purpose
+//!
+//! [`HookedStore`] forwards every call to a store of yours (the in-memory one, say) through a
+//! [`StoreHook`] that sees each [`StoreCall`] before the store does — and may make it wait,
+//! fail or panic — and each [`StoreAnswer`] after, which it may record or change: a store
+//! that is down, slow, cannot renew or loses an answer, for testing a handler or a consumer
+//! against it, without writing a whole store.
+
+mod hook;
+
+pub use self::hook::{CannotRenew, HookedStore, StoreAnswer, StoreCall, StoreHook};
 
 use std::fmt;
 use std::future::Future;

@@ -3,9 +3,9 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use kourier::idempotency::{claim_one_by_one, complete_one_by_one};
+use kourier::idempotency::testing::{HookedStore, StoreAnswer, StoreCall as Call, StoreHook};
 use kourier::{Claim, ClaimToken, IdempotencyStore, StoreError, async_trait};
 
 /// What the store answered, as the consumer saw it.
@@ -49,30 +49,34 @@ pub(crate) struct StoreCall {
     pub(crate) at: Instant,
 }
 
-/// Delegates to a real store and records every call; can fail the first claims as if the
-/// store were down.
+/// A real store with a [`SpyStore`] in front.
+pub(crate) type Spied = HookedStore<dyn IdempotencyStore, SpyStore>;
+
+/// Records every call on its way to a real store, one key at a time; can fail the first
+/// claims as if the store were down.
 #[derive(Debug)]
 pub(crate) struct SpyStore {
-    inner: Arc<dyn IdempotencyStore>,
     calls: Mutex<Vec<StoreCall>>,
-    /// Claims answered `Unavailable` without asking `inner`, before the rest go through.
+    /// Claims answered `Unavailable` without asking the store, before the rest go through.
     fail_first_claims: u32,
     claims: AtomicU32,
 }
 
 impl SpyStore {
-    pub(crate) fn new(inner: Arc<dyn IdempotencyStore>) -> Arc<SpyStore> {
+    /// `inner`, spied on (the spy is its [`hook`](HookedStore::hook)).
+    pub(crate) fn new(inner: Arc<dyn IdempotencyStore>) -> Arc<Spied> {
         SpyStore::failing_first_claims(inner, 0)
     }
 
-    /// A spy whose first `n` claims fail as unavailable.
-    pub(crate) fn failing_first_claims(inner: Arc<dyn IdempotencyStore>, n: u32) -> Arc<SpyStore> {
-        Arc::new(SpyStore {
-            inner,
+    /// `inner`, spied on, whose first `n` claims fail as unavailable.
+    pub(crate) fn failing_first_claims(inner: Arc<dyn IdempotencyStore>, n: u32) -> Arc<Spied> {
+        let spy = SpyStore {
             calls: Mutex::new(Vec::new()),
             fail_first_claims: n,
             claims: AtomicU32::new(0),
-        })
+        };
+        // One key at a time, so that each is recorded (and the first claims can fail).
+        Arc::new(HookedStore::new(inner, spy).one_by_one())
     }
 
     pub(crate) fn calls_for(&self, key: &str) -> Vec<StoreCall> {
@@ -132,70 +136,41 @@ impl SpyStore {
 }
 
 #[async_trait]
-impl IdempotencyStore for SpyStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        let result = if self.claims.fetch_add(1, Ordering::SeqCst) < self.fail_first_claims {
-            Err(StoreError::Unavailable {
+impl StoreHook for SpyStore {
+    async fn before(&self, call: &Call<'_>) -> Result<(), StoreError> {
+        if let Call::Claim { .. } = call
+            && self.claims.fetch_add(1, Ordering::SeqCst) < self.fail_first_claims
+        {
+            return Err(StoreError::Unavailable {
                 operation: "claim",
                 source: "down for the test".into(),
-            })
-        } else {
-            self.inner.claim(key, lease).await
+            });
+        }
+        Ok(())
+    }
+
+    fn after(&self, call: &Call<'_>, answer: StoreAnswer<'_>) {
+        let answer = match answer {
+            StoreAnswer::Claim(result) => match result {
+                Ok(Claim::Acquired(token)) => Answer::Acquired(token.clone()),
+                Ok(Claim::Done) => Answer::Done,
+                Ok(Claim::Busy) => Answer::Busy,
+                // `Claim` is non-exhaustive; a future answer counts as not acquired.
+                Ok(_) => Answer::Busy,
+                Err(_) => Answer::Unavailable,
+            },
+            StoreAnswer::TokenCall(result) => {
+                let ok = match call {
+                    Call::Complete { .. } => Answer::Completed,
+                    Call::Release { .. } => Answer::Released,
+                    _ => Answer::Renewed,
+                };
+                SpyStore::settle_answer(result, ok)
+            }
+            // Batches come one key at a time (`one_by_one`).
+            _ => return,
         };
-        let answer = match &result {
-            Ok(Claim::Acquired(token)) => Answer::Acquired(token.clone()),
-            Ok(Claim::Done) => Answer::Done,
-            Ok(Claim::Busy) => Answer::Busy,
-            // `Claim` is non-exhaustive; a future answer counts as not acquired.
-            Ok(_) => Answer::Busy,
-            Err(_) => Answer::Unavailable,
-        };
-        self.record("claim", key, None, answer);
-        result
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        let result = self.inner.complete(key, token, ttl).await;
-        let answer = SpyStore::settle_answer(&result, Answer::Completed);
-        self.record("complete", key, Some(token), answer);
-        result
-    }
-
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        let result = self.inner.release(key, token).await;
-        let answer = SpyStore::settle_answer(&result, Answer::Released);
-        self.record("release", key, Some(token), answer);
-        result
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        let result = self.inner.renew(key, token, lease).await;
-        let answer = SpyStore::settle_answer(&result, Answer::Renewed);
-        self.record("renew", key, Some(token), answer);
-        result
-    }
-
-    // One key at a time through the calls above, so that each is recorded (and the first
-    // claims can fail).
-    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
-        claim_one_by_one(self, keys, lease).await
-    }
-
-    async fn complete_many(
-        &self,
-        claims: &[(&str, &ClaimToken)],
-        ttl: Duration,
-    ) -> Vec<Result<(), StoreError>> {
-        complete_one_by_one(self, claims, ttl).await
+        let key = call.key().expect("a single-key call");
+        self.record(call.operation(), key, call.token(), answer);
     }
 }

@@ -227,37 +227,21 @@ mod tests {
 
     use super::*;
     use crate::idempotency::memory::InMemoryIdempotencyStore;
+    use crate::idempotency::testing::{HookedStore, StoreCall, StoreHook};
 
-    /// The in-memory store; records the size of each `claim_many` batch, the first of which
-    /// waits for `gate`.
+    /// Records the size of each `claim_many` batch, the first of which waits for `gate`.
     #[derive(Debug)]
     struct Batches {
-        inner: InMemoryIdempotencyStore,
         sizes: Mutex<Vec<usize>>,
         gate: Semaphore,
     }
 
     #[async_trait]
-    impl IdempotencyStore for Batches {
-        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-            self.inner.claim(key, lease).await
-        }
-        async fn complete(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            ttl: Duration,
-        ) -> Result<(), StoreError> {
-            self.inner.complete(key, token, ttl).await
-        }
-        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-            self.inner.release(key, token).await
-        }
-        async fn claim_many(
-            &self,
-            keys: &[&str],
-            lease: Duration,
-        ) -> Vec<Result<Claim, StoreError>> {
+    impl StoreHook for Batches {
+        async fn before(&self, call: &StoreCall<'_>) -> Result<(), StoreError> {
+            let StoreCall::ClaimMany { keys, .. } = call else {
+                return Ok(());
+            };
             let first = {
                 let mut sizes = self.sizes.lock().unwrap();
                 sizes.push(keys.len());
@@ -266,39 +250,26 @@ mod tests {
             if first {
                 let _permit = self.gate.acquire().await.unwrap();
             }
-            let mut answers = Vec::new();
-            for key in keys {
-                answers.push(self.inner.claim(key, lease).await);
-            }
-            answers
-        }
-        async fn renew(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            lease: Duration,
-        ) -> Result<(), StoreError> {
-            self.inner.renew(key, token, lease).await
-        }
-        async fn complete_many(
-            &self,
-            claims: &[(&str, &ClaimToken)],
-            ttl: Duration,
-        ) -> Vec<Result<(), StoreError>> {
-            self.inner.complete_many(claims, ttl).await
+            Ok(())
         }
     }
+
+    /// The in-memory store, recording its batches.
+    type Recording = HookedStore<InMemoryIdempotencyStore, Batches>;
 
     const LEASE: Duration = Duration::from_secs(60);
 
     /// The recording store (its first batch held until `gate` gets a permit), as a store,
     /// and a batcher in front of it.
-    fn batched() -> (Arc<Batches>, Arc<dyn IdempotencyStore>, Arc<StoreBatcher>) {
-        let batches = Arc::new(Batches {
-            inner: InMemoryIdempotencyStore::new(),
+    fn batched() -> (Arc<Recording>, Arc<dyn IdempotencyStore>, Arc<StoreBatcher>) {
+        let hook = Batches {
             sizes: Mutex::new(Vec::new()),
             gate: Semaphore::new(0),
-        });
+        };
+        let batches = Arc::new(HookedStore::new(
+            Arc::new(InMemoryIdempotencyStore::new()),
+            hook,
+        ));
         let store: Arc<dyn IdempotencyStore> = batches.clone();
         (batches, store, Arc::new(StoreBatcher::default()))
     }
@@ -311,7 +282,7 @@ mod tests {
             tokio::spawn(async move { b.claim(&s, key, LEASE).await })
         };
         let first = claim("a");
-        while batches.sizes.lock().unwrap().is_empty() {
+        while batches.hook().sizes.lock().unwrap().is_empty() {
             tokio::task::yield_now().await;
         }
         let rest = [claim("b"), claim("c"), claim("b")];
@@ -326,7 +297,7 @@ mod tests {
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }
-        batches.gate.add_permits(1);
+        batches.hook().gate.add_permits(1);
         assert!(matches!(first.await.unwrap(), Ok(Claim::Acquired(_))));
         let mut answers = Vec::new();
         for r in rest {
@@ -338,7 +309,7 @@ mod tests {
             matches!(answers[2], Ok(Claim::Busy)),
             "each key claimed on its own"
         );
-        assert_eq!(*batches.sizes.lock().unwrap(), [1, 3]);
+        assert_eq!(*batches.hook().sizes.lock().unwrap(), [1, 3]);
         assert_eq!(store.claim("done", LEASE).await.unwrap(), Claim::Done);
     }
 
@@ -347,7 +318,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_arriving_while_the_batch_gathers_joins_it() {
         let (batches, store, batcher) = batched();
-        batches.gate.add_permits(1);
+        batches.hook().gate.add_permits(1);
         let claim = |key: &'static str| {
             let (b, s) = (batcher.clone(), store.clone());
             async move { b.claim(&s, key, LEASE).await }
@@ -364,7 +335,7 @@ mod tests {
         for answer in [a.await.unwrap(), answer_b, c.await.unwrap()] {
             assert!(matches!(answer, Ok(Claim::Acquired(_))), "{answer:?}");
         }
-        assert_eq!(*batches.sizes.lock().unwrap(), [3], "one batch");
+        assert_eq!(*batches.hook().sizes.lock().unwrap(), [3], "one batch");
     }
 
     /// Each request gets exactly one answer: a store answering too few is padded with
@@ -401,7 +372,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_holds_at_most_max_batch_requests() {
         let (batches, store, batcher) = batched();
-        batches.gate.add_permits(1);
+        batches.hook().gate.add_permits(1);
         let keys: Vec<String> = (0..2 * MAX_BATCH + 3).map(|i| format!("k{i}")).collect();
         let tasks: Vec<_> = keys
             .into_iter()
@@ -413,14 +384,17 @@ mod tests {
         for t in tasks {
             assert!(matches!(t.await.unwrap(), Ok(Claim::Acquired(_))));
         }
-        assert_eq!(*batches.sizes.lock().unwrap(), [MAX_BATCH, MAX_BATCH, 3]);
+        assert_eq!(
+            *batches.hook().sizes.lock().unwrap(),
+            [MAX_BATCH, MAX_BATCH, 3]
+        );
     }
 
     /// The batching tasks end when the batcher is dropped (they hold the store).
     #[tokio::test]
     async fn the_batching_tasks_end_with_the_batcher() {
         let (batches, store, batcher) = batched();
-        batches.gate.add_permits(1);
+        batches.hook().gate.add_permits(1);
         let Ok(Claim::Acquired(token)) = batcher.claim(&store, "k", LEASE).await else {
             panic!("fresh key");
         };
@@ -444,17 +418,17 @@ mod tests {
         let (batches, store, batcher) = batched();
         let (b, s) = (batcher.clone(), store.clone());
         let waiting = tokio::spawn(async move { b.claim(&s, "k", LEASE).await });
-        while batches.sizes.lock().unwrap().is_empty() {
+        while batches.hook().sizes.lock().unwrap().is_empty() {
             tokio::task::yield_now().await;
         }
         waiting.abort();
         let _ = waiting.await;
-        batches.gate.add_permits(1);
+        batches.hook().gate.add_permits(1);
         // Batches go out one after the other: once a later claim is answered, the batch of
         // the gone requester was answered (and its claim released) before it.
         let later = batcher.claim(&store, "other", LEASE).await.unwrap();
         assert!(matches!(later, Claim::Acquired(_)));
-        let answer = batches.inner.claim("k", LEASE).await.unwrap();
+        let answer = batches.inner().claim("k", LEASE).await.unwrap();
         assert!(
             matches!(answer, Claim::Acquired(_)),
             "the orphaned claim still holds the key: {answer:?}"

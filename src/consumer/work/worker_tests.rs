@@ -26,9 +26,8 @@ use crate::dead_letter::{
 };
 use crate::handler::{Handler, HandlerError};
 use crate::idempotency::memory::InMemoryIdempotencyStore;
-use crate::idempotency::{
-    Claim, ClaimToken, IdempotencyStore, StoreError, claim_one_by_one, complete_one_by_one,
-};
+use crate::idempotency::testing::{CannotRenew, HookedStore, StoreAnswer, StoreCall, StoreHook};
+use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
 use crate::message::Message;
 use crate::metrics::ConsumerMetrics;
 use crate::record::{Headers, RawRecord};
@@ -249,8 +248,8 @@ impl DeadLetterSink for RecordingSink {
     }
 }
 
-/// An in-memory store that answers `Unavailable` to every call while `down`, and logs the
-/// token calls it answered; optionally a broken one whose every renewal drops the claim and
+/// Faults of an in-memory store ([`FlakyStore::hooked`]): it answers `Unavailable` to every
+/// call while `down`, and logs the token calls it answered; optionally a broken one whose every renewal drops the claim and
 /// says it is lost (`forget_on_renew`), or a slow one whose completions take
 /// `complete_delay`.
 #[derive(Debug, Default)]
@@ -291,6 +290,13 @@ impl FlakyStore {
             complete_delay: delay,
             ..FlakyStore::default()
         })
+    }
+
+    /// The store these faults happen to: `inner` behind this hook, one key at a time (so
+    /// batches go down with the single calls).
+    fn hooked(self: &Arc<Self>) -> Arc<dyn IdempotencyStore> {
+        let inner = Arc::new(self.inner.clone());
+        Arc::new(HookedStore::new(inner, self.clone()).one_by_one())
     }
 
     fn set_down(&self, down: bool) {
@@ -337,79 +343,33 @@ impl FlakyStore {
     }
 }
 
-impl FlakyStore {
-    /// A token call: `Unavailable` while down, else `call`'s answer; logged.
-    async fn token_call(
-        &self,
-        op: &'static str,
-        token: &ClaimToken,
-        call: impl Future<Output = Result<(), StoreError>>,
-    ) -> Result<(), StoreError> {
-        let result = match self.check(op) {
-            Ok(()) => call.await,
-            Err(e) => Err(e),
-        };
-        self.note(op, token, &result);
-        result
-    }
-}
-
 #[async_trait]
-impl IdempotencyStore for FlakyStore {
-    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        self.claims.fetch_add(1, Ordering::SeqCst);
-        self.check("claim")?;
-        self.inner.claim(key, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        if !self.complete_delay.is_zero() {
-            tokio::time::sleep(self.complete_delay).await;
-        }
-        let complete = self.inner.complete(key, token, ttl);
-        self.token_call("complete", token, complete).await
-    }
-
-    async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        let release = self.inner.release(key, token);
-        self.token_call("release", token, release).await
-    }
-
-    async fn renew(
-        &self,
-        key: &str,
-        token: &ClaimToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        let renew = async {
-            if !self.forget_on_renew {
-                return self.inner.renew(key, token, lease).await;
+impl StoreHook for FlakyStore {
+    async fn before(&self, call: &StoreCall<'_>) -> Result<(), StoreError> {
+        match *call {
+            StoreCall::Claim { .. } => {
+                self.claims.fetch_add(1, Ordering::SeqCst);
             }
-            // Drop the claim and say so: the key is free again at once.
-            self.inner.release(key, token).await?;
-            Err(StoreError::LeaseLost {
-                key: key.to_owned(),
-            })
-        };
-        self.token_call("renew", token, renew).await
+            StoreCall::Complete { .. } if !self.complete_delay.is_zero() => {
+                tokio::time::sleep(self.complete_delay).await;
+            }
+            StoreCall::Renew { key, token, .. } if self.forget_on_renew => {
+                self.check("renew")?;
+                // Drop the claim and say so: the key is free again at once.
+                self.inner.release(key, token).await?;
+                return Err(StoreError::LeaseLost {
+                    key: key.to_owned(),
+                });
+            }
+            _ => {}
+        }
+        self.check(call.operation())
     }
 
-    // One key at a time through the calls above, so the batches go down with them.
-    async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
-        claim_one_by_one(self, keys, lease).await
-    }
-
-    async fn complete_many(
-        &self,
-        claims: &[(&str, &ClaimToken)],
-        ttl: Duration,
-    ) -> Vec<Result<(), StoreError>> {
-        complete_one_by_one(self, claims, ttl).await
+    fn after(&self, call: &StoreCall<'_>, answer: StoreAnswer<'_>) {
+        if let (Some(token), StoreAnswer::TokenCall(result)) = (call.token(), answer) {
+            self.note(call.operation(), token, result);
+        }
     }
 }
 
@@ -449,7 +409,7 @@ struct Setup {
 fn stalled_claim(stall: Duration) -> (Arc<FlakyStore>, String, Harness) {
     let store = FlakyStore::up();
     let h = script([Stall(stall)])
-        .dedup_in(store.clone())
+        .dedup_in(store.hooked())
         .lease(secs(3))
         .build();
     (store, store_key("o-1"), h)
@@ -1260,7 +1220,7 @@ async fn a_handler_within_the_timeout_succeeds_first_time() {
 #[tokio::test(start_paused = true)]
 async fn a_store_outage_on_claim_holds_the_record_until_the_store_answers() {
     let store = FlakyStore::down();
-    let h = script([Succeed]).dedup_in(store.clone()).build();
+    let h = script([Succeed]).dedup_in(store.hooked()).build();
     let recover = async {
         sleep_until(h.t0 + secs(1)).await;
         assert!(h.calls().is_empty(), "must not run while the store is down");
@@ -1289,7 +1249,7 @@ async fn a_store_outage_on_claim_holds_the_record_until_the_store_answers() {
 #[tokio::test(start_paused = true)]
 async fn a_store_outage_then_cancel_abandons_without_running_the_handler() {
     let store = FlakyStore::down();
-    let h = script([Succeed]).dedup_in(store.clone()).build();
+    let h = script([Succeed]).dedup_in(store.hooked()).build();
 
     let ((end, took), ()) = tokio::join!(h.process(order("o-1")), h.cancel_at(secs(3)));
 
@@ -1304,7 +1264,7 @@ async fn a_store_outage_then_cancel_abandons_without_running_the_handler() {
 async fn with_the_outage_opt_in_the_handler_runs_without_dedup() {
     let store = FlakyStore::down();
     let h = script([Succeed])
-        .dedup_in(store.clone())
+        .dedup_in(store.hooked())
         .run_without_store_on_outage()
         .build();
 
@@ -1448,7 +1408,7 @@ async fn a_claim_stays_held_while_its_handler_outlives_the_lease() {
 async fn a_claim_is_renewed_every_third_of_the_lease_and_completed_by_its_token() {
     let store = FlakyStore::up();
     let h = script([Stall(ms(9500))])
-        .dedup_in(store.clone())
+        .dedup_in(store.hooked())
         .lease(secs(3))
         .build();
 
@@ -1479,7 +1439,9 @@ async fn a_claim_is_renewed_every_third_of_the_lease_and_completed_by_its_token(
 #[tokio::test(start_paused = true)]
 async fn the_handler_sees_the_claim_token_of_its_attempt() {
     let store = FlakyStore::up();
-    let h = script([Transient, Succeed]).dedup_in(store.clone()).build();
+    let h = script([Transient, Succeed])
+        .dedup_in(store.hooked())
+        .build();
 
     let (end, _) = h.process(order("o-1")).await;
 
@@ -1512,7 +1474,7 @@ async fn the_handler_sees_the_claim_token_of_its_attempt() {
 async fn without_a_claim_on_store_outage_the_handler_sees_no_token() {
     let store = FlakyStore::down();
     let h = script([Succeed])
-        .dedup_in(store.clone())
+        .dedup_in(store.hooked())
         .run_without_store_on_outage()
         .build();
 
@@ -1607,7 +1569,7 @@ async fn a_lost_claim_does_not_count_as_an_attempt_when_the_record_runs_again() 
 #[tokio::test(start_paused = true)]
 async fn a_store_that_always_loses_claims_makes_the_record_wait_not_spin() {
     let h = script([Stall(secs(60))])
-        .dedup_in(FlakyStore::forgetful())
+        .dedup_in(FlakyStore::forgetful().hooked())
         .lease(ms(300))
         .build();
 
@@ -1705,48 +1667,12 @@ async fn a_revoke_keeps_renewing_while_it_waits_and_renewal_ends_with_the_given_
 
 #[tokio::test(start_paused = true)]
 async fn a_store_that_cannot_renew_lets_the_lease_run_out_as_before() {
-    /// A store that cannot renew: `renew` answers `Unsupported`.
-    #[derive(Debug)]
-    struct NoRenew(InMemoryIdempotencyStore);
-
-    #[async_trait]
-    impl IdempotencyStore for NoRenew {
-        async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-            self.0.claim(key, lease).await
-        }
-        async fn complete(
-            &self,
-            key: &str,
-            token: &ClaimToken,
-            ttl: Duration,
-        ) -> Result<(), StoreError> {
-            self.0.complete(key, token, ttl).await
-        }
-        async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-            self.0.release(key, token).await
-        }
-        async fn renew(&self, _: &str, _: &ClaimToken, _: Duration) -> Result<(), StoreError> {
-            Err(StoreError::Unsupported { operation: "renew" })
-        }
-        async fn claim_many(
-            &self,
-            keys: &[&str],
-            lease: Duration,
-        ) -> Vec<Result<Claim, StoreError>> {
-            self.0.claim_many(keys, lease).await
-        }
-        async fn complete_many(
-            &self,
-            claims: &[(&str, &ClaimToken)],
-            ttl: Duration,
-        ) -> Vec<Result<(), StoreError>> {
-            self.0.complete_many(claims, ttl).await
-        }
-    }
-
     let store = InMemoryIdempotencyStore::new();
     let h = script([Stall(secs(3))])
-        .dedup_in(Arc::new(NoRenew(store.clone())))
+        .dedup_in(Arc::new(HookedStore::new(
+            Arc::new(store.clone()),
+            CannotRenew,
+        )))
         .lease(secs(1))
         .build();
 
@@ -1771,7 +1697,7 @@ async fn a_store_that_cannot_renew_lets_the_lease_run_out_as_before() {
 async fn complete_is_retried_until_the_lease_from_the_last_renewal_runs_out() {
     let store = FlakyStore::up();
     let h = script([Stall(ms(29_900))])
-        .dedup_in(store.clone())
+        .dedup_in(store.hooked())
         .lease(secs(30))
         .build();
     let outage = async {
@@ -2154,7 +2080,7 @@ impl super::Slot for ReleaseProbe {
 async fn a_success_releases_the_lane_at_once_and_settles_only_when_the_key_is_done() {
     let store = InMemoryIdempotencyStore::new();
     let h = script([Succeed])
-        .dedup_in(FlakyStore::slow_complete(store.clone(), secs(2)))
+        .dedup_in(FlakyStore::slow_complete(store.clone(), secs(2)).hooked())
         .build();
     let slot = ReleaseProbe::new(h.t0);
 
@@ -2264,7 +2190,7 @@ impl super::Slot for LaneSlot {
 #[tokio::test(start_paused = true)]
 async fn the_lanes_next_records_run_on_the_claims_fetched_with_the_first() {
     let store = FlakyStore::up();
-    let h = script([Succeed, Succeed]).dedup_in(store.clone()).build();
+    let h = script([Succeed, Succeed]).dedup_in(store.hooked()).build();
     // o-3 was handled before: its claim fetched ahead answers done.
     let Claim::Acquired(token) = store.inner.claim(&store_key("o-3"), LEASE).await.unwrap() else {
         panic!("o-3 claimable");
@@ -2323,7 +2249,7 @@ async fn the_lanes_next_records_run_on_the_claims_fetched_with_the_first() {
 #[tokio::test(start_paused = true)]
 async fn a_claim_fetched_ahead_for_a_record_that_ends_early_is_released() {
     let store = FlakyStore::up();
-    let h = script([Succeed]).dedup_in(store.clone()).build();
+    let h = script([Succeed]).dedup_in(store.hooked()).build();
     let first = Arc::new(order("o-1"));
     let next = Arc::new(order("o-2"));
     let lane = LaneSlot {
