@@ -176,6 +176,31 @@ mod tests {
         KafkaError::ConsumerCommit(RDKafkaErrorCode::GroupAuthorizationFailed)
     }
 
+    /// The logs tell a commit refused because the group moved on (its records are redelivered
+    /// to the new owner, nothing to fix) from one that failed, and name what was committed
+    /// as `topic/partition@offset`.
+    #[test]
+    fn refusals_by_a_rebalance_are_told_apart_and_offsets_are_named() {
+        for code in [
+            RDKafkaErrorCode::IllegalGeneration,
+            RDKafkaErrorCode::RebalanceInProgress,
+            RDKafkaErrorCode::UnknownMemberId,
+            RDKafkaErrorCode::State,
+        ] {
+            assert!(
+                ownership_lost(&KafkaError::ConsumerCommit(code)),
+                "{code:?}"
+            );
+        }
+        assert!(!ownership_lost(&refused()));
+        assert!(!ownership_lost(&KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::RequestTimedOut
+        )));
+        let offsets = [((Arc::from("t"), 0), 3), ((Arc::from("u.v"), 11), 0)];
+        assert_eq!(offsets_display(&offsets), "t/0@3, u.v/11@0");
+        assert_eq!(offsets_display(&[]), "");
+    }
+
     /// An interval commit that failed is tried again at the next interval; one that
     /// succeeded is noted and not sent again.
     #[test]
