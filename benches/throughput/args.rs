@@ -9,10 +9,10 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
                   [--consumer-config KEY=VALUE]... [--buffer-records N] [--partition-buffer N]
                   [--ordering partition|key|unordered] [--max-in-flight N] [--timeline]
 
-  --records N          records of the drain scenarios a-d (default 1000000; --quick 50000)
+  --records N          records of the drain scenarios a-d, c0, d0 (default 1000000; --quick 50000)
   --size BYTES         value size (default 100)
-  --scenarios LIST     comma-separated, from: a,b,c,d,slow-partition,slow-key,latency-raw,latency
-                       (default: all)
+  --scenarios LIST     comma-separated, from: a,b,c0,c,d0,d,slow-partition,slow-key,e0,e,
+                       latency-raw,latency (default: all, in that order)
   --quick              a reduced run (CI smoke check): 50,000 records, 3 s latency phase, slow
                        handler on 5,000 (Key) and 100 (Partition) records
   --smoke              a tiny run (what `cargo test --all-targets` does with this binary):

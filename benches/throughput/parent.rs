@@ -84,7 +84,7 @@ pub(crate) fn run_parent(args: &Args) -> BoxResult<()> {
         .enable_all()
         .build()?;
     require_kafka()?;
-    if args.scenarios.contains(&Scenario::Redis) {
+    if args.scenarios.contains(&Scenario::Redis) || args.scenarios.contains(&Scenario::RedisFloor) {
         rt.block_on(require_redis())?;
     }
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
