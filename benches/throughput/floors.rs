@@ -230,7 +230,7 @@ fn claim(redis: &mut redis::Connection, batch: &mut [Claimed], lease_ms: &str) -
     Ok(())
 }
 
-fn event_id<'a>(m: &'a impl kourier::rdkafka::message::Message) -> Option<&'a str> {
+fn event_id(m: &impl kourier::rdkafka::message::Message) -> Option<&str> {
     m.headers()?
         .iter()
         .find(|h| h.key == EVENT_ID_HEADER)
