@@ -29,6 +29,13 @@
 //! enough to need it: renewing the lease (kourier renews a held claim every third of it) and
 //! releasing claims. The connection is a plain blocking one, the least client work.
 //!
+//! "Least" counts round trips and scripts, not the server's CPU, and the two differ: in two
+//! 100,000-record runs the Redis server spent more CPU per record on (c0) than on (c) (6.68
+//! against 6.14 µs, 7.65 against 6.42): 256 pipelined `SET NX` are each read, parsed,
+//! dispatched and answered on their own, where kourier's claim script runs the same 256
+//! `SET NX` from inside one command. So (c0)'s Redis column is not a lower bound for the
+//! server; the consumer's column is.
+//!
 //! **(d0)**: the raw loop, and for every record whose id is a multiple of [`FAIL_EVERY`]
 //! (read from the `event-id` header: (d) reads it from the decoded value, which is kourier's
 //! cost), one dead letter sent with the producer settings of kourier's dead-letter sink
