@@ -29,12 +29,12 @@
 //! enough to need it: renewing the lease (kourier renews a held claim every third of it) and
 //! releasing claims. The connection is a plain blocking one, the least client work.
 //!
-//! "Least" counts round trips and scripts, not the server's CPU, and the two differ: in two
-//! 100,000-record runs the Redis server spent more CPU per record on (c0) than on (c) (6.68
-//! against 6.14 µs, 7.65 against 6.42): 256 pipelined `SET NX` are each read, parsed,
-//! dispatched and answered on their own, where kourier's claim script runs the same 256
-//! `SET NX` from inside one command. So (c0)'s Redis column is not a lower bound for the
-//! server; the consumer's column is.
+//! "Least" counts round trips and scripts, not the server's CPU, and the two may differ:
+//! 256 pipelined `SET NX` are each read, parsed, dispatched and answered on their own, where
+//! kourier's claim script runs the same 256 `SET NX` inside one command. So (c0)'s Redis
+//! column need not be a lower bound for the server (the consumer's column is).
+//! `--floor-claim-script` makes (c0) claim with kourier's claim script instead (one call per
+//! batch, the same commands for the server as (c)), so a run can compare both.
 //!
 //! **(d0)**: the raw loop, and for every record whose id is a multiple of [`FAIL_EVERY`]
 //! (read from the `event-id` header: (d) reads it from the decoded value, which is kourier's
@@ -92,6 +92,22 @@ end
 return out
 ";
 
+/// kourier's `claim_many` script (`--floor-claim-script`): for each key, `SET NX PX`, and
+/// when the key exists, what it holds. Returns 1 acquired, 2 done, 3 busy.
+const CLAIM_MANY_LUA: &str = r"
+local lease = ARGV[#KEYS + 1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('SET', key, ARGV[i], 'NX', 'PX', lease) then
+    out[i] = 1
+  else
+    local v = redis.call('GET', key)
+    if v == 'done' then out[i] = 2 elseif v == ARGV[i] then out[i] = 1 else out[i] = 3 end
+  end
+end
+return out
+";
+
 /// kourier's dead-letter send timeout (`message.timeout.ms`).
 const DEAD_LETTER_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -118,6 +134,9 @@ pub(crate) fn redis_floor_drain(args: &Args, child: &ChildArgs, group: &str) -> 
     consumer.subscribe(&[child.topic.as_str()])?;
     let mut redis = redis::Client::open(redis_url().as_str())?.get_connection()?;
     let complete = redis::Script::new(COMPLETE_MANY_LUA);
+    let claim_script = args
+        .floor_claim_script
+        .then(|| redis::Script::new(CLAIM_MANY_LUA));
     // kourier's key: the store's prefix, then the dedup key namespaced by the group.
     let prefix = format!("kourier-bench:{}:{group}:", child.run_id);
     let lease_ms = DEDUP_LEASE.as_millis().to_string();
@@ -165,7 +184,10 @@ pub(crate) fn redis_floor_drain(args: &Args, child: &ChildArgs, group: &str) -> 
         if batch.is_empty() {
             continue;
         }
-        claim(&mut redis, &mut batch, &lease_ms)?;
+        match &claim_script {
+            Some(script) => claim_by_script(&mut redis, script, &mut batch, &lease_ms)?,
+            None => claim(&mut redis, &mut batch, &lease_ms)?,
+        }
         // The no-op handler would run here.
         let held: Vec<&Claimed> = batch.iter().filter(|c| c.held).collect();
         if !held.is_empty() {
@@ -232,6 +254,32 @@ fn claim(redis: &mut redis::Connection, batch: &mut [Claimed], lease_ms: &str) -
             Some("done") => batch[i].held = false,
             Some(v) if v == batch[i].claim => {}
             _ => return Err(format!("redis floor: {} is busy", batch[i].key).into()),
+        }
+    }
+    Ok(())
+}
+
+/// `--floor-claim-script`: kourier's claim script over the batch, one call.
+fn claim_by_script(
+    redis: &mut redis::Connection,
+    script: &redis::Script,
+    batch: &mut [Claimed],
+    lease_ms: &str,
+) -> BoxResult<()> {
+    let mut invocation = script.prepare_invoke();
+    for c in batch.iter() {
+        invocation.key(c.key.as_str());
+    }
+    for c in batch.iter() {
+        invocation.arg(c.claim.as_str());
+    }
+    invocation.arg(lease_ms);
+    let answers: Vec<i64> = invocation.invoke(redis)?;
+    for (c, answer) in batch.iter_mut().zip(answers) {
+        match answer {
+            1 => {}
+            2 => c.held = false,
+            _ => return Err(format!("redis floor: {} is busy", c.key).into()),
         }
     }
     Ok(())

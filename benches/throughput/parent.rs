@@ -43,6 +43,9 @@ fn run_child_process(
     if args.timeline {
         cmd.arg("--timeline");
     }
+    if args.floor_claim_script {
+        cmd.arg("--floor-claim-script");
+    }
     for (k, v) in &args.consumer_config {
         cmd.args(["--consumer-config", &format!("{k}={v}")]);
     }

@@ -103,6 +103,7 @@ pub(crate) fn print_table(
         || args.partition_buffer.is_some()
         || args.ordering.is_some()
         || args.max_in_flight.is_some()
+        || args.floor_claim_script
     {
         let overrides: Vec<String> = args
             .consumer_config
@@ -124,6 +125,10 @@ pub(crate) fn print_table(
             .chain(
                 args.max_in_flight
                     .map(|n| format!("kourier max_in_flight={n}")),
+            )
+            .chain(
+                args.floor_claim_script
+                    .then(|| "(c0) claims with kourier's claim script".to_owned()),
             )
             .collect();
         let _ = writeln!(w, "overrides: {}", overrides.join(", "));
