@@ -11,13 +11,15 @@
 //!    key (skip the record), the batch's own token (a retry whose reply was lost: claimed)
 //!    and somebody else's live claim (busy: this loop stops with an error, where kourier would
 //!    retry later). That is what kourier's claim script answers, key by key: `SET NX` is the
-//!    atomic claim, the script only saves the rare `GET`;
+//!    atomic claim, the script only saves the rare `GET`. The `GET` is not atomic with the
+//!    `SET`, but it can only err on the safe side: a key gone meanwhile reads as busy (claim
+//!    again later), never as done;
 //! 2. "handles" the records (nothing, as in (a));
 //! 3. completes every claim in **one call of a fenced script**: for each key, if it still
 //!    holds this claim's token, `SET <key> done PX <ttl>`. The fencing is what makes a
 //!    completion safe after a lost lease (expired, then claimed by another worker): it must
 //!    not turn the other worker's claim into `done`. Redis 7.0 has no compare-and-set
-//!    command (`SET ... IFEQ` came in 8.4); `SET ... XX GET` writes before it compares.
+//!    command (`SET ... IFEQ` is newer); `SET ... XX GET` writes before it compares.
 //!    `WATCH`/`MULTI` would fence too, but it needs a connection of its own, two round trips
 //!    (`WATCH` + `MGET`, then `MULTI`, one `SET` per key, `EXEC`) and aborts the whole batch
 //!    when one key changes. So the floor runs a script too: the same one kourier's
