@@ -8,11 +8,12 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
                   [--slow-records N] [--slow-partition-records N] [--keep-topics]
                   [--consumer-config KEY=VALUE]... [--buffer-records N] [--partition-buffer N]
                   [--ordering partition|key|unordered] [--max-in-flight N] [--timeline]
+                  [--floor-claim-script]
 
-  --records N          records of the drain scenarios a-d (default 1000000; --quick 50000)
+  --records N          records of the drain scenarios a-d, c0, d0 (default 1000000; --quick 50000)
   --size BYTES         value size (default 100)
-  --scenarios LIST     comma-separated, from: a,b,c,d,slow-partition,slow-key,latency-raw,latency
-                       (default: all)
+  --scenarios LIST     comma-separated, from: a,b,c0,c,d0,d,slow-partition,slow-key,e0,e,
+                       latency-raw,latency (default: all, in that order)
   --quick              a reduced run (CI smoke check): 50,000 records, 3 s latency phase, slow
                        handler on 5,000 (Key) and 100 (Partition) records
   --smoke              a tiny run (what `cargo test --all-targets` does with this binary):
@@ -32,7 +33,9 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
   --ordering O         kourier's ordering in scenarios b, c, d and latency (default partition;
                        the slow-handler scenarios always compare Partition with Key)
   --max-in-flight N    kourier's max_in_flight in scenarios b, c, d and latency (default 64)
-  --timeline           print each latency scenario's mean and max latency per second (stderr)";
+  --timeline           print each latency scenario's mean and max latency per second (stderr)
+  --floor-claim-script (c0) claims each batch with kourier's claim script (one call) instead
+                       of a pipeline of SET NX PX: the same commands for the server as (c)";
 
 #[derive(Debug, Clone)]
 pub(crate) struct Args {
@@ -48,6 +51,7 @@ pub(crate) struct Args {
     pub(crate) slow_partition_records: u64,
     pub(crate) keep_topics: bool,
     pub(crate) timeline: bool,
+    pub(crate) floor_claim_script: bool,
     pub(crate) consumer_config: Vec<(String, String)>,
     pub(crate) buffer_records: Option<u64>,
     pub(crate) partition_buffer: Option<u64>,
@@ -108,6 +112,7 @@ pub(crate) fn parse_args() -> Result<Args, String> {
         slow_partition_records: pick(20, 100, 1_000),
         keep_topics: false,
         timeline: false,
+        floor_claim_script: false,
         consumer_config: Vec::new(),
         buffer_records: None,
         partition_buffer: None,
@@ -128,6 +133,7 @@ pub(crate) fn parse_args() -> Result<Args, String> {
             "--quick" | "--smoke" => {}
             "--keep-topics" => args.keep_topics = true,
             "--timeline" => args.timeline = true,
+            "--floor-claim-script" => args.floor_claim_script = true,
             "--consumer-config" => {
                 let v = value(&flag)?;
                 let (k, v) = v

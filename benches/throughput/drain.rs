@@ -18,8 +18,8 @@ use crate::measure::{DrainClock, Outcome};
 use crate::scenario::Scenario;
 use crate::services::{committed_sum, log_end, redis_cpu_secs, redis_url, require_redis};
 use crate::{
-    BoxResult, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, RETRY_BACKOFF, RETRY_FAIL_EVERY,
-    SCENARIO_TIMEOUT, SLOW_HANDLER, SLOW_KEY_MAX_IN_FLIGHT,
+    BoxResult, DEDUP_LEASE, DEDUP_TTL, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, RETRY_BACKOFF,
+    RETRY_FAIL_EVERY, SCENARIO_TIMEOUT, SLOW_HANDLER, SLOW_KEY_MAX_IN_FLIGHT,
 };
 
 /// Commits `next` (the next offset to read, per partition) synchronously.
@@ -76,7 +76,7 @@ pub(crate) fn raw_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxResul
     Ok(outcome)
 }
 
-fn check_committed(group: &str, topic: &str, partitions: i32, n: u64) -> BoxResult<()> {
+pub(crate) fn check_committed(group: &str, topic: &str, partitions: i32, n: u64) -> BoxResult<()> {
     let committed = committed_sum(group, topic, partitions)?;
     if committed < n {
         return Err(format!(
@@ -138,8 +138,8 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
                     .await?;
                 builder = builder.idempotency(
                     Idempotency::new(Arc::new(store), DedupKey::header(EVENT_ID_HEADER))
-                        // Short: a full run leaves ~1 M keys behind.
-                        .with_ttl(Duration::from_secs(600)),
+                        .with_lease(DEDUP_LEASE)
+                        .with_ttl(DEDUP_TTL),
                 );
             }
             Scenario::SlowKey => {

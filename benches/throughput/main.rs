@@ -26,7 +26,13 @@
 //! - (a) a raw rdkafka `BaseConsumer` loop that only counts and tracks offsets;
 //! - (b) kourier, no-op handler, `ProcessingOrder::Partition`;
 //! - (c) (b) plus the Redis idempotency store (every record has a unique `event-id` header);
-//! - (d) (b) with 1 % permanent failures, dead-lettered to `<topic>.dlt`.
+//! - (d) (b) with 1 % permanent failures, dead-lettered to `<topic>.dlt`;
+//! - (c0) and (d0), the floors of (c) and (d): the raw loop (a) plus the same Redis or
+//!   dead-letter work done by hand with the least round trips that keep kourier's guarantee
+//!   (a pipelined `SET NX PX` claim and one fenced completion script per batch of up to 256
+//!   records; the same letters with the same producer settings). `floors` says why each is
+//!   the floor. The table compares (c) with (c0) and (d) with (d0), with the consumer's and
+//!   the Redis server's CPU per record apart.
 //!
 //! A drain's time runs from the first record handed to user code (raw: returned by `poll`;
 //! kourier: handler entry) until every record is settled (raw: counted; kourier: handled,
@@ -60,12 +66,13 @@
 //!
 //! The code, by concern: `args` and `scenario` (the command line), `services` (Kafka, Redis,
 //! topics, offsets), `produce` (pre-filling), `consumers` (the raw settings, kourier's builder,
-//! the handler), `drain` and `latency` (the scenarios), `measure` (CPU, RSS, latency, the
+//! the handler), `drain`, `floors` and `latency` (the scenarios), `measure` (CPU, RSS, latency, the
 //! outcome), `parent` (one child process per scenario) and `table` (the report).
 
 mod args;
 mod consumers;
 mod drain;
+mod floors;
 mod latency;
 mod measure;
 mod parent;
@@ -79,6 +86,7 @@ use std::time::Duration;
 
 use crate::args::{Args, ChildArgs, parse_args};
 use crate::drain::{kourier_drain, raw_drain};
+use crate::floors::{dead_letter_floor_drain, redis_floor_drain};
 use crate::latency::latency;
 use crate::measure::Outcome;
 use crate::parent::run_parent;
@@ -101,6 +109,10 @@ const FAIL_EVERY: u64 = 100;
 const RETRY_FAIL_EVERY: u64 = 20;
 /// The fixed retry back-off of scenarios (e0) and (e).
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+/// The claim lease of scenarios (c) and (c0): kourier's default.
+const DEDUP_LEASE: Duration = Duration::from_secs(60);
+/// How long (c) and (c0) keep a key done. Short: a full run leaves ~2 M keys behind.
+const DEDUP_TTL: Duration = Duration::from_secs(600);
 /// Unique per record: the dedup key of scenario (c).
 const EVENT_ID_HEADER: &str = "event-id";
 /// The scheduled send time in µs since the epoch (latency scenarios).
@@ -155,6 +167,8 @@ fn run_child(args: &Args, child: &ChildArgs) -> BoxResult<Outcome> {
     );
     match child.scenario {
         Scenario::Raw => raw_drain(args, child, &group),
+        Scenario::RedisFloor => redis_floor_drain(args, child, &group),
+        Scenario::DeadLetterFloor => dead_letter_floor_drain(args, child, &group),
         Scenario::LatencyRaw | Scenario::Latency => latency(args, child, &group),
         _ => kourier_drain(args, child, &group),
     }

@@ -43,6 +43,9 @@ fn run_child_process(
     if args.timeline {
         cmd.arg("--timeline");
     }
+    if args.floor_claim_script {
+        cmd.arg("--floor-claim-script");
+    }
     for (k, v) in &args.consumer_config {
         cmd.args(["--consumer-config", &format!("{k}={v}")]);
     }
@@ -84,7 +87,7 @@ pub(crate) fn run_parent(args: &Args) -> BoxResult<()> {
         .enable_all()
         .build()?;
     require_kafka()?;
-    if args.scenarios.contains(&Scenario::Redis) {
+    if args.scenarios.contains(&Scenario::Redis) || args.scenarios.contains(&Scenario::RedisFloor) {
         rt.block_on(require_redis())?;
     }
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();

@@ -7,6 +7,10 @@ pub(crate) enum Scenario {
     Kourier,
     Redis,
     DeadLetter,
+    /// (c0): the floor of (c), the raw loop plus the same Redis work by hand.
+    RedisFloor,
+    /// (d0): the floor of (d), the raw loop plus the same dead letters by hand.
+    DeadLetterFloor,
     SlowPartition,
     SlowKey,
     /// (e0): Key order, 10 ms handler, default `max_in_flight`, no failures.
@@ -18,10 +22,12 @@ pub(crate) enum Scenario {
 }
 
 impl Scenario {
-    pub(crate) const ALL: [Scenario; 10] = [
+    pub(crate) const ALL: [Scenario; 12] = [
         Scenario::Raw,
         Scenario::Kourier,
+        Scenario::RedisFloor,
         Scenario::Redis,
+        Scenario::DeadLetterFloor,
         Scenario::DeadLetter,
         Scenario::SlowPartition,
         Scenario::SlowKey,
@@ -37,6 +43,8 @@ impl Scenario {
             Scenario::Kourier => "b",
             Scenario::Redis => "c",
             Scenario::DeadLetter => "d",
+            Scenario::RedisFloor => "c0",
+            Scenario::DeadLetterFloor => "d0",
             Scenario::SlowPartition => "slow-partition",
             Scenario::SlowKey => "slow-key",
             Scenario::RetryBase => "e0",
@@ -52,6 +60,8 @@ impl Scenario {
             Scenario::Kourier => "(b) kourier, no-op, Partition",
             Scenario::Redis => "(c) kourier + Redis idempotency",
             Scenario::DeadLetter => "(d) kourier, 1% permanent → DLT",
+            Scenario::RedisFloor => "(c0) raw + Redis claim/complete",
+            Scenario::DeadLetterFloor => "(d0) raw + 1% produced to DLT",
             Scenario::SlowPartition => "Partition (1 in flight/partition)",
             Scenario::SlowKey => "Key (max in flight 500)",
             Scenario::RetryBase => "(e0) Key, max in flight 64",
@@ -68,7 +78,12 @@ impl Scenario {
     pub(crate) fn is_drain(self) -> bool {
         matches!(
             self,
-            Scenario::Raw | Scenario::Kourier | Scenario::Redis | Scenario::DeadLetter
+            Scenario::Raw
+                | Scenario::Kourier
+                | Scenario::Redis
+                | Scenario::DeadLetter
+                | Scenario::RedisFloor
+                | Scenario::DeadLetterFloor
         )
     }
 

@@ -103,6 +103,7 @@ pub(crate) fn print_table(
         || args.partition_buffer.is_some()
         || args.ordering.is_some()
         || args.max_in_flight.is_some()
+        || args.floor_claim_script
     {
         let overrides: Vec<String> = args
             .consumer_config
@@ -124,6 +125,10 @@ pub(crate) fn print_table(
             .chain(
                 args.max_in_flight
                     .map(|n| format!("kourier max_in_flight={n}")),
+            )
+            .chain(
+                args.floor_claim_script
+                    .then(|| "(c0) claims with kourier's claim script".to_owned()),
             )
             .collect();
         let _ = writeln!(w, "overrides: {}", overrides.join(", "));
@@ -185,22 +190,32 @@ pub(crate) fn print_table(
                 o.join_secs
             );
         }
-        if let Some(c) = get(Scenario::Redis) {
-            let per_m = |secs: f64| secs / c.records as f64 * 1e6;
-            let _ = writeln!(
-                w,
-                "(c) the Redis server used {:.2} CPU s/M records meanwhile (INFO cpu), on the same cores: kourier + Redis = {:.2} CPU s/M",
-                per_m(c.store_cpu_secs),
-                per_m(c.store_cpu_secs + c.cpu_secs)
-            );
+        for (s, who) in [
+            (Scenario::Redis, "kourier"),
+            (Scenario::RedisFloor, "the loop"),
+        ] {
+            if let Some(c) = get(s) {
+                let per_m = |secs: f64| secs / c.records as f64 * 1e6;
+                let _ = writeln!(
+                    w,
+                    "{} the Redis server used {:.2} CPU s/M records meanwhile (INFO cpu), on the same cores: {who} + Redis = {:.2} CPU s/M",
+                    s.label().split(' ').next().unwrap_or_default(),
+                    per_m(c.store_cpu_secs),
+                    per_m(c.store_cpu_secs + c.cpu_secs)
+                );
+            }
         }
-        if let Some(d) = get(Scenario::DeadLetter) {
-            let _ = writeln!(
-                w,
-                "(d) wrote {} dead letters to {drain_topic}.dlt (acks=all, idempotent producer)",
-                thousands(d.dead_letters as f64)
-            );
+        for s in [Scenario::DeadLetterFloor, Scenario::DeadLetter] {
+            if let Some(d) = get(s) {
+                let _ = writeln!(
+                    w,
+                    "{} wrote {} dead letters to {drain_topic}.dlt (acks=all, idempotent producer)",
+                    s.label().split(' ').next().unwrap_or_default(),
+                    thousands(d.dead_letters as f64)
+                );
+            }
         }
+        print_floors(w, &get);
     }
 
     let slow_p = get(Scenario::SlowPartition);
@@ -385,4 +400,63 @@ pub(crate) fn print_table(
          fetch.max.bytes (one broker), + a constant for runtime, DLT producer and allocator)"
     );
     println!("{out}");
+}
+
+/// (c) against (c0) and (d) against (d0): kourier against the same work done by hand in the
+/// raw loop. CPU per record apart for the consumer process and the Redis server.
+fn print_floors<'a>(w: &mut String, get: &impl Fn(Scenario) -> Option<&'a Outcome>) {
+    let pairs: Vec<_> = [
+        (Scenario::Redis, Scenario::RedisFloor),
+        (Scenario::DeadLetter, Scenario::DeadLetterFloor),
+    ]
+    .into_iter()
+    .filter_map(|(k, f)| Some((k, get(k)?, f, get(f)?)))
+    .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    let rate = |o: &Outcome| o.records as f64 / o.secs;
+    let us = |secs: f64, o: &Outcome| secs / o.records as f64 * 1e6;
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "Floors: kourier against the same work done by hand in the raw loop (c0, d0); \
+         CPU µs/record, consumer process and Redis server apart, kourier vs floor (×floor)"
+    );
+    let _ = writeln!(
+        w,
+        "{:<12} {:>22} {:>7} {:>16} {:>7} {:>16} {:>7} {:>16} {:>7}",
+        "pair",
+        "rec/s kourier vs floor",
+        "×floor",
+        "consumer µs/rec",
+        "×floor",
+        "Redis µs/rec",
+        "×floor",
+        "total µs/rec",
+        "×floor"
+    );
+    for (k, ko, f, fo) in pairs {
+        let redis = k == Scenario::Redis;
+        let vs = |a: f64, b: f64| format!("{a:.2} vs {b:.2}");
+        let (kr, fr) = (us(ko.store_cpu_secs, ko), us(fo.store_cpu_secs, fo));
+        let (kc, fc) = (us(ko.cpu_secs, ko), us(fo.cpu_secs, fo));
+        let _ = writeln!(
+            w,
+            "{:<12} {:>22} {:>7} {:>16} {:>7} {:>16} {:>7} {:>16} {:>7}",
+            format!("({}) vs ({})", k.name(), f.name()),
+            format!("{} vs {}", thousands(rate(ko)), thousands(rate(fo))),
+            ratio(rate(ko), Some(rate(fo))),
+            vs(kc, fc),
+            ratio(kc, Some(fc)),
+            if redis { vs(kr, fr) } else { "—".into() },
+            if redis {
+                ratio(kr, Some(fr))
+            } else {
+                "—".into()
+            },
+            vs(kc + kr, fc + fr),
+            ratio(kc + kr, Some(fc + fr)),
+        );
+    }
 }
