@@ -14,6 +14,10 @@
 
 mod support;
 
+/// The crate's strategy for arbitrary headers (its unit tests use the same file); the names
+/// it uses are imported below.
+#[path = "../src/dead_letter/arbitrary_headers.rs"]
+mod arbitrary;
 #[allow(dead_code)] // the tests use part of the tool
 #[path = "../src/bin/kourier-dlt/dlt.rs"]
 mod dlt;
@@ -22,10 +26,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kourier::DeadLetterReason;
-use kourier::dead_letter::headers;
+use kourier::dead_letter::headers::{self, ALL, REDRIVE_COUNT};
+use kourier::tiers::headers as tier;
 use kourier::{
-    DeadLetter, DeadLetterSink, Handler, HandlerError, Headers, KafkaDeadLetterSink, Message,
-    RawRecord, RetryPolicy, RetryingConsumer, async_trait,
+    DeadLetter, DeadLetterSink, Handler, HandlerError, Header, Headers, KafkaDeadLetterSink,
+    Message, RawRecord, RetryPolicy, RetryingConsumer, async_trait,
 };
 use serde::{Deserialize, Serialize};
 
@@ -578,8 +583,6 @@ fn command_line_times_and_kinds_parse() {
 /// byte, in order, duplicates and null values kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_header_names_are_shown_escaped_and_redriven_byte_for_byte() {
-    use kourier::Header;
-
     let (topic, dlt_topic) = topics("dlt-hdr-bytes").await;
     let odd = Headers::from_iter([
         Header::new(b"\xc3\x28\x78".to_vec(), "first"),
@@ -718,47 +721,12 @@ async fn inspect_lists_a_letter_with_a_failure_time_past_year_9999() {
     }
 }
 
-/// Letter headers as any producer could write them: the names the tool reads (and others),
-/// with arbitrary bytes, decimal text of any size, big-endian integers or null values.
-fn arbitrary_letter_headers() -> impl proptest::strategy::Strategy<Value = Headers> {
-    use kourier::Header;
-    use kourier::tiers::headers as tier;
-    use proptest::prelude::*;
-    // Every name kourier reads, and some others.
-    let names: Vec<&'static str> = headers::ALL
-        .iter()
-        .chain(tier::ALL)
-        .chain(&[headers::REDRIVE_COUNT, "event-id"])
-        .copied()
-        .collect();
-    let name = prop_oneof![
-        4 => proptest::sample::select(names).prop_map(|n| n.as_bytes().to_vec()),
-        1 => proptest::collection::vec(any::<u8>(), 0..8),
-    ];
-    let value = prop_oneof![
-        2 => proptest::collection::vec(any::<u8>(), 0..24).prop_map(Some),
-        2 => any::<i64>().prop_map(|n| Some(n.to_string().into_bytes())),
-        1 => any::<u128>().prop_map(|n| Some(n.to_string().into_bytes())),
-        1 => any::<i64>().prop_map(|n| Some(n.to_be_bytes().to_vec())),
-        1 => Just(Some(b"permanent".to_vec())),
-        1 => Just(None),
-    ];
-    proptest::collection::vec((name, value), 0..12).prop_map(|hs| {
-        hs.into_iter()
-            .map(|(k, v)| match v {
-                Some(v) => Header::new(k, v),
-                None => Header::null(k),
-            })
-            .collect()
-    })
-}
-
 proptest::proptest! {
     /// The tool's reading and formatting never panic, whatever a letter's headers, key and
     /// timestamp hold; a letter is always one table row; JSON always serialises.
     #[test]
     fn any_letter_is_listed_without_panicking(
-        headers in arbitrary_letter_headers(),
+        headers in arbitrary::arbitrary_headers(),
         timestamp in proptest::option::of(proptest::prelude::any::<i64>()),
         key in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8)),
     ) {

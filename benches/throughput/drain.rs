@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::time::{Duration, Instant};
 
 use kourier::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use kourier::rdkafka::message::Message as _;
+use kourier::rdkafka::message::{BorrowedMessage, Message as _};
 use kourier::rdkafka::{Offset, TopicPartitionList};
 use kourier::{DedupKey, Idempotency, ProcessingOrder, RedisIdempotencyStore, RetryPolicy};
 
@@ -38,8 +38,30 @@ pub(crate) fn raw_commit(consumer: &BaseConsumer, topic: &str, next: &[i64]) -> 
 
 /// (a): poll, count, track offsets; commit every second like kourier.
 pub(crate) fn raw_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<Outcome> {
-    let n = child.topic_records;
     let clock = DrainClock::start();
+    raw_loop(
+        args,
+        child,
+        group,
+        ("raw drain", clock),
+        |_| Ok(()),
+        || Ok(()),
+    )
+}
+
+/// The raw loop of (a) and (d0), timed by `clock` (started by the caller, `what` names the
+/// scenario in errors): poll, count, track offsets, hand each record to `on_record`, and
+/// every second run `before_commit`, then commit; at the end the same, then a check that the
+/// group committed every record.
+pub(crate) fn raw_loop(
+    args: &Args,
+    child: &ChildArgs,
+    group: &str,
+    (what, clock): (&str, DrainClock),
+    mut on_record: impl FnMut(&BorrowedMessage<'_>) -> BoxResult<()>,
+    mut before_commit: impl FnMut() -> BoxResult<()>,
+) -> BoxResult<Outcome> {
+    let n = child.topic_records;
     let consumer: BaseConsumer = consumer_config(args, group).create()?;
     consumer.subscribe(&[child.topic.as_str()])?;
     let mut next = vec![-1i64; PARTITIONS as usize];
@@ -48,6 +70,7 @@ pub(crate) fn raw_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxResul
     let mut last_commit = Instant::now();
     while count < n {
         if last_commit.elapsed() >= Duration::from_secs(1) {
+            before_commit()?;
             raw_commit(&consumer, &child.topic, &next)?;
             last_commit = Instant::now();
         }
@@ -55,19 +78,21 @@ pub(crate) fn raw_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxResul
             Some(Ok(m)) => {
                 first.get_or_insert_with(Instant::now);
                 count += 1;
+                on_record(&m)?;
                 if let Some(slot) = next.get_mut(m.partition() as usize) {
                     *slot = m.offset() + 1;
                 }
             }
-            Some(Err(e)) => eprintln!("raw consumer error: {e}"),
+            Some(Err(e)) => eprintln!("{what}: consumer error: {e}"),
             None => {}
         }
         if clock.created.elapsed() > SCENARIO_TIMEOUT {
             return Err(
-                format!("raw drain: {count} of {n} records after {SCENARIO_TIMEOUT:?}").into(),
+                format!("{what}: {count} of {n} records after {SCENARIO_TIMEOUT:?}").into(),
             );
         }
     }
+    before_commit()?;
     let outcome = clock.stop(n, args.size, first, Instant::now());
     raw_commit(&consumer, &child.topic, &next)?;
     consumer.unsubscribe();

@@ -64,7 +64,7 @@ use kourier::redis;
 
 use crate::args::{Args, ChildArgs};
 use crate::consumers::consumer_config;
-use crate::drain::{check_committed, raw_commit};
+use crate::drain::{check_committed, raw_commit, raw_loop};
 use crate::measure::{DrainClock, Outcome};
 use crate::services::{client_config, log_end, redis_cpu_secs, redis_url, require_redis};
 use crate::{
@@ -334,12 +334,9 @@ pub(crate) fn dead_letter_floor_drain(
     child: &ChildArgs,
     group: &str,
 ) -> BoxResult<Outcome> {
-    let n = child.topic_records;
     let dlt = format!("{}.dlt", child.topic);
     let dlt_before = log_end(&dlt, PARTITIONS)?;
     let clock = DrainClock::start();
-    let consumer: BaseConsumer = consumer_config(args, group).create()?;
-    consumer.subscribe(&[child.topic.as_str()])?;
     // kourier's dead-letter sink defaults (src/producer.rs, src/dead_letter/kafka.rs).
     let producer: BaseProducer<LetterContext> = client_config()
         .set("client.id", "kourier-dead-letter")
@@ -352,50 +349,26 @@ pub(crate) fn dead_letter_floor_drain(
         )
         .set("batch.num.messages", "1")
         .create_with_context(LetterContext::default())?;
-    let mut next = vec![-1i64; PARTITIONS as usize];
-    let mut count = 0u64;
     let mut letters = 0u64;
-    let mut first = None;
-    let mut last_commit = Instant::now();
-    while count < n {
-        if last_commit.elapsed() >= Duration::from_secs(1) {
-            // Offsets past a letter are committed only once it is acknowledged.
-            flush_letters(&producer)?;
-            raw_commit(&consumer, &child.topic, &next)?;
-            last_commit = Instant::now();
-        }
-        match consumer.poll(Duration::from_millis(50)) {
-            Some(Ok(m)) => {
-                first.get_or_insert_with(Instant::now);
-                count += 1;
-                let id = event_id(&m)
-                    .and_then(|e| e.rsplit('-').next())
-                    .and_then(|i| i.parse::<u64>().ok())
-                    .ok_or("a record without a numbered event-id header")?;
-                if id.is_multiple_of(FAIL_EVERY) {
-                    send_letter(&producer, &m, &dlt, group)?;
-                    letters += 1;
-                }
-                if let Some(slot) = next.get_mut(m.partition() as usize) {
-                    *slot = m.offset() + 1;
-                }
+    let outcome = raw_loop(
+        args,
+        child,
+        group,
+        ("dead-letter floor", clock),
+        |m| {
+            let id = event_id(m)
+                .and_then(|e| e.rsplit('-').next())
+                .and_then(|i| i.parse::<u64>().ok())
+                .ok_or("a record without a numbered event-id header")?;
+            if id.is_multiple_of(FAIL_EVERY) {
+                send_letter(&producer, m, &dlt, group)?;
+                letters += 1;
             }
-            Some(Err(e)) => eprintln!("raw consumer error: {e}"),
-            None => {}
-        }
-        if clock.created.elapsed() > SCENARIO_TIMEOUT {
-            return Err(format!(
-                "dead-letter floor: {count} of {n} records after {SCENARIO_TIMEOUT:?}"
-            )
-            .into());
-        }
-    }
-    flush_letters(&producer)?;
-    let outcome = clock.stop(n, args.size, first, Instant::now());
-    raw_commit(&consumer, &child.topic, &next)?;
-    consumer.unsubscribe();
-    drop(consumer);
-    check_committed(group, &child.topic, PARTITIONS, n)?;
+            Ok(())
+        },
+        // Offsets past a letter are committed only once it is acknowledged.
+        || flush_letters(&producer),
+    )?;
     let delivered = producer.context().delivered.load(AtomicOrdering::Relaxed);
     let dead_letters = log_end(&dlt, PARTITIONS)? - dlt_before;
     if delivered != letters || dead_letters != letters {

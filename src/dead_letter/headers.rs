@@ -511,6 +511,10 @@ fn millis_since_epoch(time: SystemTime) -> i64 {
 }
 
 #[cfg(test)]
+#[path = "arbitrary_headers.rs"]
+mod arbitrary;
+
+#[cfg(test)]
 pub(crate) mod tests {
     use std::sync::Arc;
 
@@ -768,43 +772,7 @@ pub(crate) mod tests {
         assert_eq!(Provenance::from_headers(&Headers::new()).redrive_count, 0);
     }
 
-    /// The names the property tests draw header names from: every name kourier reads, and
-    /// some others.
-    pub(crate) fn names() -> Vec<&'static str> {
-        let others = [REDRIVE_COUNT, "event-id", "traceparent"];
-        ALL.iter()
-            .chain(tier::ALL)
-            .chain(&others)
-            .copied()
-            .collect()
-    }
-
-    /// Arbitrary headers: known names (or arbitrary bytes) with values that are arbitrary
-    /// bytes, decimal text of any size, big-endian integers, or null.
-    pub(crate) fn arbitrary_headers() -> impl proptest::strategy::Strategy<Value = Headers> {
-        use proptest::prelude::*;
-        let name = prop_oneof![
-            4 => proptest::sample::select(names()).prop_map(|n| n.as_bytes().to_vec()),
-            1 => proptest::collection::vec(any::<u8>(), 0..12),
-        ];
-        let value = prop_oneof![
-            2 => proptest::collection::vec(any::<u8>(), 0..24).prop_map(Some),
-            2 => any::<i64>().prop_map(|n| Some(n.to_string().into_bytes())),
-            1 => any::<u128>().prop_map(|n| Some(n.to_string().into_bytes())),
-            1 => any::<i32>().prop_map(|n| Some(n.to_be_bytes().to_vec())),
-            1 => any::<i64>().prop_map(|n| Some(n.to_be_bytes().to_vec())),
-            1 => "[ a-z0-9._-]{0,12}".prop_map(|s| Some(s.into_bytes())),
-            1 => Just(None),
-        ];
-        proptest::collection::vec((name, value), 0..12).prop_map(|hs| {
-            hs.into_iter()
-                .map(|(k, v)| match v {
-                    Some(v) => Header::new(k, v),
-                    None => Header::null(k),
-                })
-                .collect()
-        })
-    }
+    pub(crate) use super::arbitrary::arbitrary_headers;
 
     proptest::proptest! {
         /// Whatever the bytes: no panic, and every field within its documented range.
