@@ -75,40 +75,13 @@ use crate::{
 /// store batch (`MAX_BATCH` in `src/consumer/dedup/store_batch.rs`).
 pub(crate) const CLAIM_BATCH: usize = 256;
 
-/// kourier's `complete_many` script: for each key, compare-and-set `inflight:<token>` →
+/// kourier's `complete_many` script (the very file its Redis store runs): for each key, compare-and-set `inflight:<token>` →
 /// `done` with the TTL. Returns 1 completed, 2 already done, 0 not held by this token.
-const COMPLETE_MANY_LUA: &str = r"
-local ttl = ARGV[#KEYS + 1]
-local out = {}
-for i, key in ipairs(KEYS) do
-  local v = redis.call('GET', key)
-  if v == ARGV[i] then
-    redis.call('SET', key, 'done', 'PX', ttl)
-    out[i] = 1
-  elseif v == 'done' then
-    out[i] = 2
-  else
-    out[i] = 0
-  end
-end
-return out
-";
+const COMPLETE_MANY_LUA: &str = include_str!("../../src/idempotency/lua/complete_many.lua");
 
-/// kourier's `claim_many` script (`--floor-claim-script`): for each key, `SET NX PX`, and
+/// kourier's `claim_many` script (the very file its Redis store runs; `--floor-claim-script`): for each key, `SET NX PX`, and
 /// when the key exists, what it holds. Returns 1 acquired, 2 done, 3 busy.
-const CLAIM_MANY_LUA: &str = r"
-local lease = ARGV[#KEYS + 1]
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, ARGV[i], 'NX', 'PX', lease) then
-    out[i] = 1
-  else
-    local v = redis.call('GET', key)
-    if v == 'done' then out[i] = 2 elseif v == ARGV[i] then out[i] = 1 else out[i] = 3 end
-  end
-end
-return out
-";
+const CLAIM_MANY_LUA: &str = include_str!("../../src/idempotency/lua/claim_many.lua");
 
 /// kourier's dead-letter send timeout (`message.timeout.ms`).
 const DEAD_LETTER_SEND_TIMEOUT: Duration = Duration::from_secs(30);

@@ -76,41 +76,14 @@ return 0
 ///
 /// KEYS[i] a key; ARGV[i] its `inflight:<token>`; ARGV[#KEYS + 1] the lease in ms.
 /// Returns one answer per key, as [`CLAIM_LUA`]'s, each key claimed on its own.
-const CLAIM_MANY_LUA: &str = r"
-local lease = ARGV[#KEYS + 1]
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, ARGV[i], 'NX', 'PX', lease) then
-    out[i] = 1
-  else
-    local v = redis.call('GET', key)
-    if v == 'done' then out[i] = 2 elseif v == ARGV[i] then out[i] = 1 else out[i] = 3 end
-  end
-end
-return out
-";
+const CLAIM_MANY_LUA: &str = include_str!("lua/claim_many.lua");
 
 /// [`COMPLETE_LUA`] over many keys, for a batch on a single server: one round trip, each
 /// key fenced by its own token.
 ///
 /// KEYS[i] a key; ARGV[i] its `inflight:<token>`; ARGV[#KEYS + 1] the TTL in ms.
 /// Returns one answer per key, as [`COMPLETE_LUA`]'s.
-const COMPLETE_MANY_LUA: &str = r"
-local ttl = ARGV[#KEYS + 1]
-local out = {}
-for i, key in ipairs(KEYS) do
-  local v = redis.call('GET', key)
-  if v == ARGV[i] then
-    redis.call('SET', key, 'done', 'PX', ttl)
-    out[i] = 1
-  elseif v == 'done' then
-    out[i] = 2
-  else
-    out[i] = 0
-  end
-end
-return out
-";
+const COMPLETE_MANY_LUA: &str = include_str!("lua/complete_many.lua");
 
 /// Redis caps expiries near `i64::MAX` ms from now; 100 years is plenty for a lease or TTL.
 const MAX_EXPIRY_MS: u64 = 100 * 365 * 86_400 * 1000;
