@@ -1025,3 +1025,72 @@ async fn revoke_and_shutdown_release_the_claims_fetched_ahead() {
     );
     assert_nothing_dead_lettered(&support::read_all(&dlt_topic).await);
 }
+
+/// Holds every completion until it is opened (the store slow to mark keys done).
+#[derive(Debug)]
+struct HeldCompletions(tokio::sync::watch::Receiver<bool>);
+
+#[async_trait::async_trait]
+impl StoreHook for HeldCompletions {
+    async fn before(&self, call: &StoreCall<'_>) -> Result<(), kourier::StoreError> {
+        if matches!(
+            call,
+            StoreCall::Complete { .. } | StoreCall::CompleteMany { .. }
+        ) {
+            let _ = self.0.clone().wait_for(|open| *open).await;
+        }
+        Ok(())
+    }
+}
+
+/// A record whose key is being marked done frees its lane for the next record, and costs no
+/// task of its own meanwhile: the worker that ran it keeps it beside the records it runs next
+/// (no task spawn, no thread hand-off per record). With the store's completions held, every
+/// record of the partition is handled and waits to settle, while the runtime holds a handful
+/// of tasks; opened, all of them settle and are committed, each handled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_being_marked_done_hold_no_task_each() {
+    const RECORDS: u64 = 300;
+    let (topic, group, dlt_topic) = setup("idem-tails", 1).await;
+    let (open, held) = tokio::sync::watch::channel(false);
+    let inner: Arc<dyn IdempotencyStore> = Arc::new(InMemoryIdempotencyStore::new());
+    let store = Arc::new(HookedStore::new(inner, HeldCompletions(held)));
+    support::produce(&topic, unique_events(RECORDS, 1, 0)).await;
+
+    let log = Log::new();
+    let c = Running::start(
+        builder(&log, &topic, &group, store, by_header()).ordering(ProcessingOrder::Partition),
+    );
+    wait_for("every record handled", WAIT, || {
+        log.successes().len() == RECORDS as usize
+    })
+    .await;
+    let settling = c.monitor.snapshot().in_flight;
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    println!("{settling} records waiting to settle, {tasks} tasks alive");
+    assert_eq!(
+        settling, RECORDS as usize,
+        "every record waits for its completion"
+    );
+    assert!(
+        tasks < 20,
+        "{tasks} tasks alive while {settling} records wait for their completions"
+    );
+    assert_eq!(
+        committed_sum(&group, &topic, 1).await,
+        0,
+        "nothing settled yet"
+    );
+
+    open.send_replace(true);
+    wait_committed(&group, &topic, 1, RECORDS as i64).await;
+    c.stop_within(SHUTDOWN).await;
+    assert_eq!(
+        log.sorted_succeeded_ids(),
+        (0..RECORDS).collect::<Vec<_>>(),
+        "every record handled exactly once"
+    );
+    assert_nothing_dead_lettered(&support::read_all(&dlt_topic).await);
+}

@@ -27,6 +27,7 @@ mod retrying_consumer;
 mod schedule;
 mod stop;
 mod work;
+mod worker_task;
 
 pub use self::breaker::{BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition};
 pub use self::builder::{

@@ -3,7 +3,6 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use rdkafka::consumer::BaseConsumer;
 
@@ -13,13 +12,12 @@ use crate::consumer::poll::provision;
 use crate::consumer::poll::{PollSettings, poll_loop};
 use crate::consumer::poll::{ShutdownReport, shutdown_signal};
 use crate::consumer::schedule::Hub;
-use crate::consumer::schedule::{Job, JobEnd, Stop};
-use crate::consumer::work::{Slot, WorkerContext};
+use crate::consumer::schedule::Job;
+use crate::consumer::work::WorkerContext;
+use crate::consumer::worker_task::work;
 use crate::error::{Error, PollThreadError, Result};
 use crate::guard::guarded;
 use crate::handler::Handler;
-use crate::record::RawRecord;
-use tracing::error;
 
 /// A Kafka consumer that runs a [`Handler`] for every record with retries, dead-lettering,
 /// optional idempotency and at-least-once commits.
@@ -163,111 +161,6 @@ struct StopOnDrop(Arc<Hub>);
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.request_stop();
-    }
-}
-
-/// A worker: runs its job, then keeps taking the next job the scheduler hands it. A job
-/// whose lane it released (its end still being written) ends the worker: the freed slot's
-/// next job went to a new one.
-async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, job: Job) {
-    let mut guard = SettleGuard {
-        ctx,
-        hub,
-        job: Some(job),
-        released: AtomicBool::new(false),
-    };
-    loop {
-        let Some(job) = guard.job.as_ref() else {
-            return;
-        };
-        let slot = WorkerSlot {
-            ctx: &guard.ctx,
-            hub: &guard.hub,
-            job,
-            released: &guard.released,
-        };
-        let end = guard
-            .ctx
-            .run_job(job.record.clone(), &job.stop, &slot)
-            .await;
-        let Some(job) = guard.job.take() else {
-            return;
-        };
-        if guard.released.swap(false, Ordering::SeqCst) {
-            guard.hub.settle(&job, end);
-            return;
-        }
-        guard.job = guard.hub.finish(&job, end);
-    }
-}
-
-/// A worker's in-flight slot: given up while its record waits out a retry back-off, the
-/// slot's next job running on a new worker meanwhile; released for good once the record's
-/// outcome only needs writing down.
-struct WorkerSlot<'a, H: Handler> {
-    ctx: &'a Arc<WorkerContext<H>>,
-    hub: &'a Arc<Hub>,
-    job: &'a Job,
-    released: &'a AtomicBool,
-}
-
-impl<H: Handler> Slot for WorkerSlot<'_, H> {
-    fn park(&self) {
-        if let Some(next) = self.hub.park(self.job.id) {
-            tokio::spawn(work(self.ctx.clone(), self.hub.clone(), next));
-        }
-    }
-
-    fn resume(&self) -> std::result::Result<(), tokio::sync::oneshot::Receiver<()>> {
-        self.hub.lock().resume(self.job.id)
-    }
-
-    fn resume_now(&self) {
-        self.hub.lock().resume_now(self.job.id);
-    }
-
-    fn release(&self) {
-        if self.released.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        if let Some(next) = self.hub.release_lane(self.job) {
-            tokio::spawn(work(self.ctx.clone(), self.hub.clone(), next));
-        }
-    }
-
-    fn lane_ahead(&self, max: usize) -> Option<(Arc<Stop>, Vec<Arc<RawRecord>>)> {
-        let next = self.hub.lock().lane_ahead(self.job, max);
-        Some((self.job.stop.clone(), next))
-    }
-}
-
-/// Holds a worker's current job. Whatever unwinds through the worker task (a bug: plug-in
-/// panics are caught where they are called), the job still ends: it is given up unsettled
-/// (never committed past), its slot and lane are released, and the job the scheduler hands
-/// back runs on a fresh worker task (delivery rule 14 in the crate docs).
-struct SettleGuard<H: Handler> {
-    ctx: Arc<WorkerContext<H>>,
-    hub: Arc<Hub>,
-    job: Option<Job>,
-    /// The job's lane and slot were released already (its end is being written).
-    released: AtomicBool,
-}
-
-impl<H: Handler> Drop for SettleGuard<H> {
-    fn drop(&mut self) {
-        let Some(job) = self.job.take() else {
-            return;
-        };
-        error!(coordinates = %job.record.coordinates(), "worker task panicked: the record is given up unsettled (it is not committed past; delivered again after a rebalance or restart)");
-        if *self.released.get_mut() {
-            self.hub.settle(&job, JobEnd::Abandoned);
-            return;
-        }
-        if let Some(next) = self.hub.finish(&job, JobEnd::Abandoned)
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(work(self.ctx.clone(), self.hub.clone(), next));
-        }
     }
 }
 

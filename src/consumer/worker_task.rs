@@ -1,0 +1,214 @@
+//! The worker task: runs the jobs the scheduler hands it one after another, and keeps writing
+//! down the outcomes of the jobs it moved on from.
+//!
+//! A job whose outcome is decided but still being written (its key marked done in the
+//! idempotency store, its dead letter awaiting the broker's acknowledgement) releases its lane
+//! and slot ([`Slot::release`]). The worker then starts the slot's next job at once and keeps
+//! the released job as a *tail*, polled in the same task until it settles: no task is spawned
+//! and no thread woken per record, and the job futures' allocations are reused (one box per
+//! job running or settling at a time, kept for the next job once it ends).
+//!
+//! A worker ends when it has no job to run and no tail left. A job that gives its slot up
+//! while it waits out a retry back-off ([`Slot::park`]) stays the worker's current job; the
+//! freed slot's next job runs on a new worker task (a back-off can be long).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tracing::error;
+
+use crate::consumer::schedule::{Hub, Job, JobEnd, Stop};
+use crate::consumer::work::{Slot, WorkerContext};
+use crate::handler::Handler;
+use crate::record::RawRecord;
+
+/// At most this many job futures' boxes are kept for reuse by one worker.
+const SPARE_BOXES: usize = 8;
+
+/// A worker: runs `job`, then each next job the scheduler hands it, while writing down the
+/// outcomes of the jobs that released their slot (see the module docs).
+pub(crate) async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, job: Job) {
+    let handoff = Arc::new(Handoff::default());
+    let start = |job| run_one(JobRun::new(&ctx, &hub, job, &handoff));
+    let mut current = Some(Box::pin(start(job)));
+    let mut spare = Vec::new();
+    let mut tails = FuturesUnordered::new();
+    std::future::poll_fn(|cx| {
+        loop {
+            while let Poll::Ready(Some(done)) = tails.poll_next_unpin(cx) {
+                if spare.len() < SPARE_BOXES {
+                    spare.push(done);
+                }
+            }
+            let Some(running) = current.as_mut() else {
+                return if tails.is_empty() {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending
+                };
+            };
+            let ended = running.as_mut().poll(cx).is_ready();
+            // The job hands its slot over exactly once: when it releases it, or when it ends.
+            let Some(next) = handoff.take() else {
+                debug_assert!(!ended, "a job ended without handing its slot over");
+                return Poll::Pending;
+            };
+            let Some(done) = current.take() else {
+                unreachable!("polled above");
+            };
+            if ended {
+                spare.push(done);
+            } else {
+                tails.push(Tail(Some(done)));
+            }
+            current = next.map(|job| match spare.pop() {
+                Some(mut reused) => {
+                    reused.set(start(job));
+                    reused
+                }
+                None => Box::pin(start(job)),
+            });
+        }
+    })
+    .await;
+}
+
+/// Runs one job to its end and hands its slot over (see [`JobRun::end`]).
+async fn run_one<H: Handler>(mut run: JobRun<H>) {
+    let Some(job) = run.job.as_ref() else {
+        return;
+    };
+    let end = run.ctx.run_job(job.record.clone(), &job.stop, &run).await;
+    run.end(end);
+}
+
+/// The slot's next job, set by the worker's current job when it hands its slot over.
+#[derive(Default)]
+struct Handoff(Mutex<Option<Option<Job>>>);
+
+impl Handoff {
+    fn hand(&self, next: Option<Job>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(next);
+    }
+
+    /// `Some(next)` once the current job handed its slot over (`next` is the slot's next
+    /// job, if any).
+    fn take(&self) -> Option<Option<Job>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// A released job's future, polled until it settles; yields its box for reuse.
+struct Tail<F>(Option<Pin<Box<F>>>);
+
+impl<F: Future<Output = ()>> Future for Tail<F> {
+    type Output = Pin<Box<F>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(job) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        match job.as_mut().poll(cx) {
+            Poll::Ready(()) => self.0.take().map_or(Poll::Pending, Poll::Ready),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// One job on a worker: the record's in-flight slot ([`Slot`]), and how the job ends.
+///
+/// Whatever unwinds through the worker task (a bug: plug-in panics are caught where they are
+/// called), the job still ends when this is dropped: it is given up unsettled (never
+/// committed past), its slot and lane are released, and the job the scheduler hands back runs
+/// on a fresh worker task (delivery rule 14 in the crate docs).
+struct JobRun<H: Handler> {
+    ctx: Arc<WorkerContext<H>>,
+    hub: Arc<Hub>,
+    /// `None` once the job's end was recorded.
+    job: Option<Job>,
+    /// The job's lane and slot were released already (its end is being written).
+    released: AtomicBool,
+    handoff: Arc<Handoff>,
+}
+
+impl<H: Handler> JobRun<H> {
+    fn new(ctx: &Arc<WorkerContext<H>>, hub: &Arc<Hub>, job: Job, handoff: &Arc<Handoff>) -> Self {
+        JobRun {
+            ctx: Arc::clone(ctx),
+            hub: Arc::clone(hub),
+            job: Some(job),
+            released: AtomicBool::new(false),
+            handoff: Arc::clone(handoff),
+        }
+    }
+
+    /// Records how the job ended: a released job settles (its slot went to the next job
+    /// already); any other frees its slot, whose next job is handed to the worker.
+    fn end(&mut self, end: JobEnd) {
+        let Some(job) = self.job.take() else {
+            return;
+        };
+        if *self.released.get_mut() {
+            self.hub.settle(&job, end);
+        } else {
+            self.handoff.hand(self.hub.finish(&job, end));
+        }
+    }
+
+    fn job(&self) -> &Job {
+        self.job
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a job's slot is used only while it runs"))
+    }
+}
+
+impl<H: Handler> Slot for JobRun<H> {
+    fn park(&self) {
+        if let Some(next) = self.hub.park(self.job().id) {
+            tokio::spawn(work(self.ctx.clone(), self.hub.clone(), next));
+        }
+    }
+
+    fn resume(&self) -> std::result::Result<(), tokio::sync::oneshot::Receiver<()>> {
+        self.hub.lock().resume(self.job().id)
+    }
+
+    fn resume_now(&self) {
+        self.hub.lock().resume_now(self.job().id);
+    }
+
+    fn release(&self) {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.handoff.hand(self.hub.release_lane(self.job()));
+    }
+
+    fn lane_ahead(&self, max: usize) -> Option<(Arc<Stop>, Vec<Arc<RawRecord>>)> {
+        let job = self.job();
+        let next = self.hub.lock().lane_ahead(job, max);
+        Some((job.stop.clone(), next))
+    }
+}
+
+impl<H: Handler> Drop for JobRun<H> {
+    fn drop(&mut self) {
+        let Some(job) = self.job.take() else {
+            return;
+        };
+        error!(coordinates = %job.record.coordinates(), "worker task panicked: the record is given up unsettled (it is not committed past; delivered again after a rebalance or restart)");
+        if *self.released.get_mut() {
+            self.hub.settle(&job, JobEnd::Abandoned);
+            return;
+        }
+        if let Some(next) = self.hub.finish(&job, JobEnd::Abandoned)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(work(self.ctx.clone(), self.hub.clone(), next));
+        }
+    }
+}
