@@ -648,3 +648,83 @@ async fn the_conformance_suite_fails_a_store_that_cannot_renew_on_the_renewal_ca
     assert_eq!(renewal.len(), 5);
     assert_eq!(failed, renewal, "{}", err.report);
 }
+
+/// `calls=` of `command` in `INFO commandstats` (0 when never called).
+fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix(&format!("cmdstat_{command}:calls="))
+        })
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+/// On a single Redis 7.0+ server, claims are plain `SET … NX PX … GET` commands, a batch in
+/// one pipeline — no script — with the script's answers; completions stay fenced scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_on_redis_7_are_plain_commands_with_the_scripts_answers() {
+    let server = RedisServer::start_on_free_port("plain-claims");
+    let version = server.cli(&["INFO", "server"]);
+    assert!(
+        version.contains("redis_version:7.") || version.contains("redis_version:8."),
+        "this test expects Redis 7 or 8 (Debian's redis-server): {version}"
+    );
+    let store = store_on(&server, "plain-claims", None).await;
+    let lease = Duration::from_secs(30);
+    let keys: Vec<String> = (0..50).map(|i| format!("evt-{i}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let (sets, scripts) = (
+        command_calls(&server, "set"),
+        command_calls(&server, "evalsha"),
+    );
+
+    let first = store.claim_many(&keys, lease).await;
+    assert_eq!(
+        (
+            command_calls(&server, "set") - sets,
+            command_calls(&server, "evalsha") - scripts
+        ),
+        (50, 0),
+        "one plain SET per key, no script"
+    );
+    let tokens: Vec<ClaimToken> = first
+        .into_iter()
+        .map(|c| match c {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("a fresh key is acquired: {other:?}"),
+        })
+        .collect();
+    store
+        .complete(keys[0], &tokens[0], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let scripts = command_calls(&server, "evalsha");
+    assert!(
+        scripts > 0,
+        "the completion is a script (fenced by the token)"
+    );
+    let sets = command_calls(&server, "set");
+    let again = store.claim_many(&keys[..2], lease).await;
+    assert!(
+        matches!(again.as_slice(), [Ok(Claim::Done), Ok(Claim::Busy)]),
+        "done, then busy: {again:?}"
+    );
+    expect_claim(&store, keys[1], Claim::Busy).await;
+    assert_eq!(
+        (
+            command_calls(&server, "set") - sets,
+            command_calls(&server, "evalsha") - scripts
+        ),
+        (3, 0),
+        "claims of keys done or busy are plain SETs too"
+    );
+    store.release(keys[1], &tokens[1]).await.unwrap();
+    assert!(matches!(
+        store.claim(keys[1], lease).await,
+        Ok(Claim::Acquired(_))
+    ));
+}

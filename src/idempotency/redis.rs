@@ -1,4 +1,6 @@
-//! Redis idempotency store: one key per dedup key, each state change one Lua script.
+//! Redis idempotency store: one key per dedup key, each state change one command — a plain
+//! `SET … NX … GET` for claims on a single Redis 7.0+ server, a Lua script otherwise
+//! ([`ClaimForm`]).
 //!
 //! Layout: `<prefix><key>` holds `inflight:<token>` while claimed (with the lease as its
 //! expiry) and `done` once completed (with the TTL as its expiry). Every operation touches
@@ -92,12 +94,15 @@ const MAX_EXPIRY_MS: u64 = 100 * 365 * 86_400 * 1000;
 ///
 /// Each dedup key is one Redis string, `<prefix><key>`: `inflight:<token>` while a worker
 /// holds the claim (expiring with the lease), `done` once completed (expiring with the TTL).
-/// Every operation is **one Lua script on one key**, so each answer is atomic and a round
-/// trip:
+/// Every operation is **one command on one key** (a plain command or a Lua script), so each
+/// answer is atomic and a round trip:
 ///
-/// - `claim`: `SET key inflight:<token> NX PX lease`; if the key exists, the same script
+/// - `claim`: `SET key inflight:<token> NX PX lease GET`; if the key exists, what it holds
 ///   answers [`Claim::Done`] or [`Claim::Busy`]. Any value kourier did not write counts as
-///   busy (never skipped).
+///   busy (never skipped). On a single server of Redis 7.0 or later (found with `INFO server`
+///   when the store connects) that is the plain command, and a batch of claims is one
+///   pipeline; on a cluster, on older servers (`NX` and `GET` could not be combined before
+///   7.0) or when `INFO` is refused, a Lua script gives the same answers.
 /// - `complete`: compare-and-set: only if the key still holds this claim's token does it
 ///   become `done` for the TTL; otherwise [`StoreError::LeaseLost`].
 /// - `release`: compare-and-delete: only this claim's token is deleted; otherwise
@@ -157,6 +162,8 @@ const MAX_EXPIRY_MS: u64 = 100 * 365 * 86_400 * 1000;
 #[derive(Clone)]
 pub struct RedisIdempotencyStore {
     connection: Connection,
+    /// How claims are made: see [`ClaimForm`].
+    claim_form: ClaimForm,
     scripts: Arc<Scripts>,
     key_prefix: String,
     command_timeout: Duration,
@@ -317,31 +324,87 @@ impl RedisIdempotencyStore {
         per_key: &[String],
         last: &str,
     ) -> Result<(Vec<i64>, u32), StoreError> {
+        self.retried_batch(operation, keys, || {
+            let mut invocation = script.prepare_invoke();
+            for key in keys {
+                invocation.key(format!("{}{key}", self.key_prefix));
+            }
+            for arg in per_key {
+                invocation.arg(arg.as_str());
+            }
+            invocation.arg(last);
+            let mut connection = manager.clone();
+            async move { invocation.invoke_async(&mut connection).await }
+        })
+        .await
+    }
+
+    /// Claims `keys` on a single server with one pipeline of plain `SET key value NX PX
+    /// lease GET` commands (Redis 7.0 or later: see [`ClaimForm::Plain`]), one answer per key,
+    /// each exactly what [`CLAIM_LUA`] answers for it.
+    async fn claim_plain(
+        &self,
+        manager: &ConnectionManager,
+        keys: &[&str],
+        lease: Duration,
+    ) -> Vec<Result<Claim, StoreError>> {
+        let tokens: Vec<ClaimToken> = keys.iter().map(|_| ClaimToken::random()).collect();
+        let values: Vec<String> = tokens.iter().map(inflight).collect();
+        let lease = millis(lease);
+        let answers = self
+            .retried_batch("claim", keys, || {
+                let mut pipe = redis::pipe();
+                for (key, value) in keys.iter().zip(&values) {
+                    pipe.cmd("SET")
+                        .arg(format!("{}{key}", self.key_prefix))
+                        .arg(value)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(lease)
+                        .arg("GET");
+                }
+                let mut connection = manager.clone();
+                let values = &values;
+                async move {
+                    let held: Vec<Option<Vec<u8>>> = pipe.query_async(&mut connection).await?;
+                    Ok(held
+                        .iter()
+                        .zip(values)
+                        .map(|(held, value)| plain_claim_answer(held.as_deref(), value))
+                        .collect())
+                }
+            })
+            .await;
+        match answers {
+            Ok((answers, _)) => answers
+                .into_iter()
+                .zip(tokens)
+                .map(|(answer, token)| Ok(claimed(answer, token)))
+                .collect(),
+            Err(error) => each(keys.len(), &error).into_iter().map(Err).collect(),
+        }
+    }
+
+    /// Runs `call` (one round trip answering one number per key of `keys`, unprefixed) with
+    /// retries, within the command timeout. Returns the answers and the attempt that
+    /// produced them. On failure, the error for every key.
+    async fn retried_batch<F, Fut>(
+        &self,
+        operation: &'static str,
+        keys: &[&str],
+        call: F,
+    ) -> Result<(Vec<i64>, u32), StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<Vec<i64>>>,
+    {
         let attempts = async {
             let mut attempt = 1;
             loop {
-                let mut invocation = script.prepare_invoke();
-                for key in keys {
-                    invocation.key(format!("{}{key}", self.key_prefix));
-                }
-                for arg in per_key {
-                    invocation.arg(arg.as_str());
-                }
-                invocation.arg(last);
-                let result: redis::RedisResult<Vec<i64>> =
-                    invocation.invoke_async(&mut manager.clone()).await;
-                match result {
+                match call().await {
                     Ok(answers) if answers.len() == keys.len() => return Ok((answers, attempt)),
                     Ok(answers) => {
-                        return Err(StoreError::Unavailable {
-                            operation,
-                            source: format!(
-                                "redis answered {} results for a batch of {} keys",
-                                answers.len(),
-                                keys.len()
-                            )
-                            .into(),
-                        });
+                        return Err(batch_size_error(operation, answers.len(), keys.len()));
                     }
                     Err(error) if attempt < self.max_attempts && is_retryable(&error) => {
                         tracing::debug!(operation, keys = keys.len(), attempt, error = %error, "redis idempotency store batch failed; retrying");
@@ -353,7 +416,11 @@ impl RedisIdempotencyStore {
                         return Err(StoreError::Unavailable {
                             operation,
                             source: Box::new(CommandError {
-                                key: format!("{} (and {} more)", keys[0], keys.len() - 1),
+                                key: format!(
+                                    "{} (and {} more)",
+                                    keys.first().unwrap_or(&""),
+                                    keys.len().saturating_sub(1)
+                                ),
                                 source: error,
                             }),
                         });
@@ -404,6 +471,7 @@ impl fmt::Debug for RedisIdempotencyStore {
                     Connection::Cluster(_) => &"cluster",
                 },
             )
+            .field("claim_form", &self.claim_form)
             .field("key_prefix", &self.key_prefix)
             .field("command_timeout", &self.command_timeout)
             .field("max_attempts", &self.max_attempts)
@@ -414,6 +482,13 @@ impl fmt::Debug for RedisIdempotencyStore {
 #[async_trait]
 impl IdempotencyStore for RedisIdempotencyStore {
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        if let (ClaimForm::Plain, Connection::Single(manager)) = (self.claim_form, &self.connection)
+        {
+            let mut answers = self.claim_plain(manager, &[key], lease).await;
+            return answers
+                .pop()
+                .unwrap_or_else(|| Err(batch_size_error("claim", 0, 1)));
+        }
         let token = ClaimToken::random();
         let script = &self.scripts.claim;
         let (answer, _) = self.run_token("claim", key, script, &token, lease).await?;
@@ -439,10 +514,14 @@ impl IdempotencyStore for RedisIdempotencyStore {
         fenced(answer, attempt, key)
     }
 
-    /// One script over all the keys on a single server (one round trip); on a cluster,
-    /// where keys live in different slots, one script per key, all at once.
+    /// One round trip on a single server: a pipeline of plain claims (Redis 7.0 or later),
+    /// else one script over all the keys; on a cluster, where keys live in different slots,
+    /// one script per key, all at once.
     async fn claim_many(&self, keys: &[&str], lease: Duration) -> Vec<Result<Claim, StoreError>> {
         let manager = match &self.connection {
+            Connection::Single(manager) if self.claim_form == ClaimForm::Plain => {
+                return self.claim_plain(manager, keys, lease).await;
+            }
             Connection::Single(manager) if keys.len() > 1 => manager,
             _ => {
                 return futures_util::future::join_all(keys.iter().map(|k| self.claim(k, lease)))
@@ -644,8 +723,11 @@ impl RedisIdempotencyStoreBuilder {
                 after: timeout,
             })
         })??;
+        let claim_form = ClaimForm::of(&connection).await;
+        tracing::debug!(?claim_form, "redis idempotency store connected");
         Ok(RedisIdempotencyStore {
             connection,
+            claim_form,
             scripts: Arc::new(Scripts::new()),
             key_prefix: self.key_prefix,
             command_timeout: self.command_timeout,
@@ -689,6 +771,72 @@ enum Target {
 enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+/// How a store makes claims.
+///
+/// Every claim needs the same three answers (acquired, done, busy) in one atomic step.
+/// Redis 7.0 added `SET … NX … GET` (before 7.0, `NX` and `GET` could not be combined), which
+/// gives them without a script: the key is set only when absent, and the reply is the value it
+/// held (none: acquired; `done`: done; this claim's own value: a retry whose first reply was
+/// lost, acquired; anything else: busy) — exactly [`CLAIM_LUA`]'s answers. The plain command
+/// costs the server a fraction of a script call, and a batch of them goes in one pipeline.
+///
+/// Completions, releases and renewals stay scripts: they change a key only while it holds
+/// this claim's token (compare-and-set), which Redis has no single command for before 8.4's
+/// `SET … IFEQ` (Debian 12's `redis-server` is 7.0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClaimForm {
+    /// `SET key value NX PX lease GET`, pipelined: a single server on Redis 7.0 or later.
+    Plain,
+    /// [`CLAIM_LUA`] / [`CLAIM_MANY_LUA`]: a cluster, an older server, or one whose version
+    /// could not be read (`INFO` refused).
+    Script,
+}
+
+impl ClaimForm {
+    /// The form `connection` takes: plain on a single server that says it is Redis 7.0 or
+    /// later (`redis_version` in `INFO server`; Valkey answers the same).
+    async fn of(connection: &Connection) -> ClaimForm {
+        let Connection::Single(manager) = connection else {
+            return ClaimForm::Script;
+        };
+        let info: redis::RedisResult<String> = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut manager.clone())
+            .await;
+        match info.ok().as_deref().and_then(server_major_version) {
+            Some(major) if major >= 7 => ClaimForm::Plain,
+            _ => ClaimForm::Script,
+        }
+    }
+}
+
+/// The major version in an `INFO server` reply (`redis_version:7.0.15`).
+fn server_major_version(info: &str) -> Option<u32> {
+    info.lines()
+        .find_map(|line| line.trim().strip_prefix("redis_version:"))
+        .and_then(|version| version.split('.').next())
+        .and_then(|major| major.parse().ok())
+}
+
+/// What a plain claim's reply means, as [`CLAIM_LUA`] answers it: 1 acquired, 2 done, 3 busy.
+/// `held` is what the key held before (`None`: it was absent, and is set now).
+fn plain_claim_answer(held: Option<&[u8]>, value: &str) -> i64 {
+    match held {
+        None => 1,
+        Some(b"done") => 2,
+        Some(held) if held == value.as_bytes() => 1,
+        Some(_) => 3,
+    }
+}
+
+/// A batch answered with another number of replies than it had keys.
+fn batch_size_error(operation: &'static str, answers: usize, keys: usize) -> StoreError {
+    StoreError::Unavailable {
+        operation,
+        source: format!("redis answered {answers} results for a batch of {keys} keys").into(),
+    }
 }
 
 struct Scripts {
@@ -764,6 +912,42 @@ fn retry_delay(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_version_is_read_from_info() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n";
+        assert_eq!(server_major_version(info), Some(7));
+        assert_eq!(server_major_version("redis_version:6.2.14\r\n"), Some(6));
+        assert_eq!(server_major_version("redis_version:10.1.0"), Some(10));
+        assert_eq!(
+            server_major_version("# Server\r\nredis_mode:standalone"),
+            None
+        );
+        assert_eq!(server_major_version("redis_version:x.1"), None);
+    }
+
+    #[test]
+    fn a_plain_claim_answers_as_the_claim_script() {
+        let ours = "inflight:abc";
+        assert_eq!(
+            plain_claim_answer(None, ours),
+            1,
+            "absent: set now, acquired"
+        );
+        assert_eq!(plain_claim_answer(Some(b"done"), ours), 2, "done");
+        assert_eq!(
+            plain_claim_answer(Some(ours.as_bytes()), ours),
+            1,
+            "our own value: a retry whose first reply was lost"
+        );
+        assert_eq!(plain_claim_answer(Some(b"inflight:xyz"), ours), 3, "busy");
+        assert_eq!(
+            plain_claim_answer(Some(b"DONE"), ours),
+            3,
+            "a foreign value is busy"
+        );
+        assert_eq!(plain_claim_answer(Some(b""), ours), 3);
+    }
 
     #[test]
     fn millis_round_up_and_clamp() {
