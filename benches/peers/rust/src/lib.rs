@@ -1,6 +1,6 @@
 //! What the Rust runners of the peers benchmark share (`scripts/peers`): the command line, the
 //! job (which records fail and how), the counting, the measures and the result line. The Java
-//! runner (`benches/peers/parallel-consumer/`) does the same, line for line.
+//! runner (`benches/peers/parallel-consumer/`) does the same.
 //!
 //! Every record's value is JSON `{"id": "evt-<seq>", "seq": <seq>, "user": "user-<k>", ...}`,
 //! its key `user-<k>` (1,000 users) and its `event-id` header `evt-<seq>`; `seq` runs from 0 to
