@@ -1045,12 +1045,15 @@ impl StoreHook for HeldCompletions {
 
 /// A record whose key is being marked done frees its lane for the next record, and costs no
 /// task of its own meanwhile: the worker that ran it keeps it beside the records it runs next
-/// (no task spawn, no thread hand-off per record). With the store's completions held, every
-/// record of the partition is handled and waits to settle, while the runtime holds a handful
-/// of tasks; opened, all of them settle and are committed, each handled once.
+/// (no task spawn, no thread hand-off per record). Records settling are bounded: 4 per
+/// in-flight slot (256 with the default 64). With the store's completions held, 256 records
+/// of the partition are handled and wait to settle, the 257th is handled and keeps its slot
+/// and lane (nothing after it starts), while the runtime holds a handful of tasks; opened,
+/// all of them settle and are committed, each handled once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_being_marked_done_hold_no_task_each() {
+async fn records_being_marked_done_hold_no_task_each_and_are_bounded() {
     const RECORDS: u64 = 300;
+    const SETTLING: usize = 4 * 64;
     let (topic, group, dlt_topic) = setup("idem-tails", 1).await;
     let (open, held) = tokio::sync::watch::channel(false);
     let inner: Arc<dyn IdempotencyStore> = Arc::new(InMemoryIdempotencyStore::new());
@@ -1061,18 +1064,20 @@ async fn records_being_marked_done_hold_no_task_each() {
     let c = Running::start(
         builder(&log, &topic, &group, store, by_header()).ordering(ProcessingOrder::Partition),
     );
-    wait_for("every record handled", WAIT, || {
-        log.successes().len() == RECORDS as usize
+    wait_for("the settling limit reached", WAIT, || {
+        log.successes().len() == SETTLING + 1
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let settling = c.monitor.snapshot().in_flight;
     let tasks = tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks();
     println!("{settling} records waiting to settle, {tasks} tasks alive");
     assert_eq!(
-        settling, RECORDS as usize,
-        "every record waits for its completion"
+        (log.successes().len(), settling),
+        (SETTLING + 1, SETTLING + 1),
+        "256 records settle, the next keeps its slot: nothing more starts"
     );
     assert!(
         tasks < 20,

@@ -21,6 +21,10 @@ const RSS_CONSTANT_MIB: f64 = 72.0;
 /// kourier's `max_in_flight` and `fetch.max.bytes` defaults (builder.rs).
 const DEFAULT_MAX_IN_FLIGHT: u64 = 64;
 const FETCH_MAX_BYTES: u64 = 16 << 20;
+/// Records settling per in-flight slot, and the state each holds besides its record
+/// (`RetryingConsumerBuilder`'s *Memory*).
+const SETTLING_PER_SLOT: u64 = 4;
+const SETTLING_STATE_BYTES: u64 = 8 << 10;
 
 /// 1234567 → "1,234,567".
 pub(crate) fn thousands(v: f64) -> String {
@@ -384,7 +388,10 @@ pub(crate) fn print_table(
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let buffer_mib =
         mib((MAX_BUFFERED_RECORDS * record_bytes).min(MAX_BUFFERED_BYTES) + record_bytes);
-    let in_flight_mib = mib(args.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT) * record_bytes);
+    let max_in_flight = args.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
+    // Running or parked, plus settling: 4 per slot, each with its job's state (≤ 8 KiB).
+    let in_flight_mib = mib(max_in_flight * record_bytes
+        + SETTLING_PER_SLOT * max_in_flight * (record_bytes + SETTLING_STATE_BYTES));
     let librdkafka_mib = mib((QUEUED_MAX_KBYTES << 10) + FETCH_MAX_BYTES);
     let limit_mib = buffer_mib + in_flight_mib + librdkafka_mib + RSS_CONSTANT_MIB;
     for s in [Scenario::Kourier, Scenario::Redis, Scenario::DeadLetter] {
@@ -425,7 +432,7 @@ pub(crate) fn print_table(
         w,
         "  (RSS limit, as documented on RetryingConsumerBuilder (# Memory): kourier's buffer \
          min(max_buffered_bytes, max_buffered_records × record bytes) + one record, + \
-         max_in_flight × record bytes, + librdkafka's queued.max.messages.kbytes and \
+         max_in_flight × record bytes, + 4 × max_in_flight × (record bytes + 8 KiB) settling, + librdkafka's queued.max.messages.kbytes and \
          fetch.max.bytes (one broker), + a constant for runtime, DLT producer and allocator)"
     );
     println!("{out}");

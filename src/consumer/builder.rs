@@ -176,6 +176,8 @@ const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 /// ```text
 ///   kourier's buffer     min(max_buffered_bytes, max_buffered_records × record bytes) + one record
 /// + records in flight    max_in_flight × record bytes (running, or parked in a retry back-off)
+/// + records settling     4 × max_in_flight × (record bytes + 8 KiB): handled, their key
+///                        being marked done or their dead letter awaiting its acknowledgement
 /// + librdkafka's queue   queued.max.messages.kbytes                (16 MiB by default)
 /// + fetch responses      fetch.max.bytes × brokers fetched from     (16 MiB by default)
 /// + a constant           ≈ 72 MiB: the Tokio runtime, librdkafka's threads and metadata,

@@ -182,10 +182,15 @@ impl<H: Handler> Slot for JobRun<H> {
     }
 
     fn release(&self) {
-        if self.released.swap(true, Ordering::SeqCst) {
+        if self.released.load(Ordering::SeqCst) {
             return;
         }
-        self.handoff.hand(self.hub.release_lane(self.job()));
+        // Refused while too many records settle: the job keeps its slot until it ends (or
+        // until a later release is accepted).
+        if let Ok(next) = self.hub.release_lane(self.job()) {
+            self.released.store(true, Ordering::SeqCst);
+            self.handoff.hand(next);
+        }
     }
 
     fn lane_ahead(&self, max: usize) -> Option<(Arc<Stop>, Vec<Arc<RawRecord>>)> {

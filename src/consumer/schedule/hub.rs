@@ -10,7 +10,7 @@ use rdkafka::error::KafkaError;
 use tracing::{info, warn};
 
 use super::health::Health;
-use super::scheduler::{Job, JobEnd, Scheduler};
+use super::scheduler::{Job, JobEnd, Scheduler, SettlingFull};
 use super::topic_partition::Tp;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::ConsumerMetrics;
@@ -115,7 +115,7 @@ impl Hub {
     /// Called by a worker whose record's outcome is decided but still being written
     /// (completion, dead letter): the lane and slot are freed, the returned job takes the
     /// slot. See [`Scheduler::release_lane`].
-    pub(crate) fn release_lane(&self, job: &Job) -> Option<Job> {
+    pub(crate) fn release_lane(&self, job: &Job) -> Result<Option<Job>, SettlingFull> {
         let (next, room) = {
             let mut s = self.lock();
             (s.release_lane(job), s.room())
@@ -365,7 +365,10 @@ mod tests {
     #[test]
     fn a_released_lane_starts_the_next_record_and_the_offset_waits_for_the_settle() {
         let (hub, jobs) = hub(ProcessingOrder::Partition, &["k", "k"]);
-        let next = hub.release_lane(&jobs[0]).expect("the next record");
+        let next = hub
+            .release_lane(&jobs[0])
+            .unwrap()
+            .expect("the next record");
         assert_eq!(next.record.offset, 1);
         assert!(hub.lock().to_commit().is_empty(), "0 not settled yet");
         hub.settle(&jobs[0], JobEnd::Settled);

@@ -83,6 +83,14 @@ pub(crate) enum JobEnd {
     LeftForLater,
 }
 
+/// How many records may settle at once per in-flight slot (see [`Scheduler::release_lane`]):
+/// 256 with the default 64 slots, one full batch of the idempotency store's completions.
+pub(crate) const SETTLING_PER_SLOT: usize = 4;
+
+/// [`Scheduler::release_lane`] refused: as many records settle as the limit allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SettlingFull;
+
 /// Buffer and concurrency limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Limits {
@@ -493,12 +501,20 @@ impl Scheduler {
     /// record may start, while the partition keeps counting it in flight (a revoke or a
     /// shutdown still waits for it) and its offset stays uncommitted until
     /// [`Scheduler::settle`]. The freed slot's next job is handed to the caller.
-    pub(crate) fn release_lane(&mut self, job: &Job) -> Option<Job> {
+    ///
+    /// At most [`SETTLING_PER_SLOT`] × `max_in_flight` records settle at once: past that the
+    /// release is refused ([`SettlingFull`]) and the job keeps its slot and lane until it ends
+    /// (a store or broker slower than the handler slows the lanes down instead of piling up
+    /// records waiting to settle).
+    pub(crate) fn release_lane(&mut self, job: &Job) -> Result<Option<Job>, SettlingFull> {
+        if self.settling >= self.limits.max_in_flight.saturating_mul(SETTLING_PER_SLOT) {
+            return Err(SettlingFull);
+        }
         self.free_slot(job);
         self.settling += 1;
         // Its outcome is decided: the lane goes on as after a settled record.
         self.end_lane(job, JobEnd::Settled);
-        self.take_one()
+        Ok(self.take_one())
     }
 
     /// Ends a job whose lane was released by [`Scheduler::release_lane`]: its offset becomes
@@ -855,6 +871,7 @@ mod tests {
         // j0's handler succeeded; its completion is still being written.
         let j1 = s
             .release_lane(&j0)
+            .unwrap()
             .expect("the freed slot and lane take the next record");
         assert_eq!(j1.record.offset, 1);
         assert_eq!(s.in_flight(), 2, "the settling record still counts");
@@ -873,12 +890,42 @@ mod tests {
         assert_eq!(s.to_commit(), vec![(tp(0), 2)]);
     }
 
+    /// Records settling are bounded: with one slot, four may settle at once; the fifth keeps
+    /// its slot and lane (refused, nothing changed) until one of them settles.
+    #[test]
+    fn at_most_four_records_per_slot_settle_at_once() {
+        let records = (0..6).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits(1), &[0], records);
+        let mut job = s.take_jobs().pop().unwrap();
+        let mut settling = Vec::new();
+        for offset in 1..=4 {
+            let next = s.release_lane(&job).unwrap().unwrap();
+            assert_eq!(next.record.offset, offset);
+            settling.push(std::mem::replace(&mut job, next));
+        }
+        assert_eq!(job.record.offset, 4);
+        assert!(matches!(s.release_lane(&job), Err(SettlingFull)));
+        assert_eq!(
+            s.in_flight(),
+            5,
+            "four settling and the one that keeps its slot"
+        );
+        assert!(
+            s.take_jobs().is_empty(),
+            "the refused record still holds the slot and the lane"
+        );
+        s.settle(&settling.remove(0), JobEnd::Settled);
+        let next = s.release_lane(&job).unwrap().unwrap();
+        assert_eq!(next.record.offset, 5);
+        assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+    }
+
     #[test]
     fn a_released_record_given_up_holds_the_commit_point_and_is_reported_at_stop() {
         let records = [(0, 0, None), (0, 1, None)];
         let mut s = holding(Partition, limits(10), &[0], records);
         let j0 = s.take_jobs().pop().unwrap();
-        let j1 = s.release_lane(&j0).unwrap();
+        let j1 = s.release_lane(&j0).unwrap().unwrap();
         assert!(s.finish(&j1, JobEnd::Settled).is_none());
         s.begin_stop();
         assert_eq!(s.in_flight(), 1);

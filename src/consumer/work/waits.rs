@@ -40,7 +40,9 @@ pub(crate) trait Slot: Send + Sync {
     /// The record's outcome is decided and only needs writing down (marking its key done,
     /// its dead letter's acknowledgement): its slot and lane are freed for the lane's next
     /// record, while its offset stays uncommitted until its job ends. Called after the last
-    /// [`Slot::park`]; calls after the first change nothing.
+    /// [`Slot::park`]. Refused while as many records settle as the consumer allows (the job
+    /// then keeps its slot; a later call may be accepted); calls after the first accepted one
+    /// change nothing.
     fn release(&self);
     /// The next records queued in the record's lane (at most `max`), in order, with their
     /// partition's stop signals: whose claims may be fetched ahead. `None` when the record
