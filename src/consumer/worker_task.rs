@@ -153,9 +153,9 @@ impl<H: Handler> JobRun<H> {
             return;
         };
         if *self.released.get_mut() {
-            self.hub.settle(&job, end);
+            self.hub.settle(job, end);
         } else {
-            self.handoff.hand(self.hub.finish(&job, end));
+            self.handoff.hand(self.hub.finish(job, end));
         }
     }
 
@@ -207,10 +207,10 @@ impl<H: Handler> Drop for JobRun<H> {
         };
         error!(coordinates = %job.record.coordinates(), "worker task panicked: the record is given up unsettled (it is not committed past; delivered again after a rebalance or restart)");
         if *self.released.get_mut() {
-            self.hub.settle(&job, JobEnd::Abandoned);
+            self.hub.settle(job, JobEnd::Abandoned);
             return;
         }
-        if let Some(next) = self.hub.finish(&job, JobEnd::Abandoned)
+        if let Some(next) = self.hub.finish(job, JobEnd::Abandoned)
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(work(self.ctx.clone(), self.hub.clone(), next));

@@ -111,7 +111,7 @@ pub(crate) mod fake {
         let hub = hub.clone();
         std::thread::spawn(move || {
             std::thread::sleep(after);
-            assert!(hub.finish(&job, end).is_none(), "nothing else to run");
+            assert!(hub.finish(job, end).is_none(), "nothing else to run");
         })
     }
 
@@ -125,7 +125,7 @@ pub(crate) mod fake {
         let hub = hub.clone();
         std::thread::spawn(move || {
             let at = wait_for(|| job.stop.abandon.is_cancelled(), started);
-            hub.finish(&job, JobEnd::Abandoned);
+            hub.finish(job, JobEnd::Abandoned);
             at
         })
     }

@@ -167,7 +167,7 @@ mod tests {
     fn hub_with_settled_records() -> Arc<Hub> {
         let (hub, jobs) = hub_running(3, Duration::from_secs(1));
         for job in jobs {
-            assert!(hub.finish(&job, JobEnd::Settled).is_none());
+            assert!(hub.finish(job, JobEnd::Settled).is_none());
         }
         hub
     }

@@ -193,7 +193,7 @@ mod tests {
             let hub = hub.clone();
             std::thread::spawn(move || {
                 let at = wait_for(|| job.stop.lost.is_cancelled(), started);
-                hub.finish(&job, JobEnd::Settled);
+                hub.finish(job, JobEnd::Settled);
                 at
             })
         };
@@ -213,7 +213,7 @@ mod tests {
         let (hub, jobs) = hub_running(2, Duration::from_secs(10));
         hub.set_closing();
         let [j0, j1] = <[_; 2]>::try_from(jobs).unwrap();
-        assert!(hub.finish(&j0, JobEnd::Settled).is_none());
+        assert!(hub.finish(j0, JobEnd::Settled).is_none());
         let started = Instant::now();
         let stuck = end_when_abandoned(&hub, j1, started);
         let consumer = FakeConsumer::new();
@@ -249,9 +249,9 @@ mod tests {
     fn a_reset_commits_what_settled_and_reads_again_from_the_commit_point() {
         let (hub, jobs) = hub_running(3, Duration::from_secs(10));
         let [j0, j1, j2] = <[_; 3]>::try_from(jobs).unwrap();
-        assert!(hub.finish(&j0, JobEnd::Settled).is_none());
-        assert!(hub.finish(&j1, JobEnd::Abandoned).is_none());
-        assert!(hub.finish(&j2, JobEnd::Settled).is_none());
+        assert!(hub.finish(j0, JobEnd::Settled).is_none());
+        assert!(hub.finish(j1, JobEnd::Abandoned).is_none());
+        assert!(hub.finish(j2, JobEnd::Settled).is_none());
         let consumer = FakeConsumer::new();
         reset(&hub, &consumer, &[tp(), (Arc::from("t"), 7)]);
         assert_eq!(

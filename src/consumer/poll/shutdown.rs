@@ -247,7 +247,7 @@ mod tests {
         let deadline = Duration::from_millis(200);
         let (hub, jobs) = hub_running(2, Duration::from_secs(30));
         let [j0, j1] = <[_; 2]>::try_from(jobs).unwrap();
-        assert!(hub.finish(&j0, JobEnd::Settled).is_none());
+        assert!(hub.finish(j0, JobEnd::Settled).is_none());
         let started = Instant::now();
         let consumer = FakeConsumer::new();
         shutdown(&consumer, &hub, deadline);
@@ -268,8 +268,8 @@ mod tests {
     /// polls; its success leaves nothing to report.
     #[test]
     fn a_failed_final_commit_is_retried_with_polls_between() {
-        let (hub, jobs) = hub_running(1, Duration::from_secs(30));
-        assert!(hub.finish(&jobs[0], JobEnd::Settled).is_none());
+        let (hub, mut jobs) = hub_running(1, Duration::from_secs(30));
+        assert!(hub.finish(jobs.remove(0), JobEnd::Settled).is_none());
         let consumer = FakeConsumer::new();
         consumer.fail_commits(
             1,

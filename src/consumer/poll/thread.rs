@@ -106,6 +106,8 @@ struct PollThread<'a> {
     group_committed: GroupCommitted,
     /// The records of the last poll, handed to the scheduler in one lock.
     batch: Vec<RawRecord>,
+    /// Jobs the workers ended since the last hand-over, dropped on this thread.
+    spent: Vec<Job>,
 }
 
 impl<'a> PollThread<'a> {
@@ -125,6 +127,7 @@ impl<'a> PollThread<'a> {
             deleted: HashSet::new(),
             group_committed: GroupCommitted::default(),
             batch: Vec::with_capacity(settings.max_poll_batch),
+            spent: Vec::new(),
         }
     }
 
@@ -256,7 +259,13 @@ impl<'a> PollThread<'a> {
         for job in jobs {
             spawn(job);
         }
-        let resets = hub.lock().take_resets();
+        let resets = {
+            let mut s = hub.lock();
+            s.swap_spent(&mut self.spent);
+            s.take_resets()
+        };
+        // Dropped here, where their records were allocated (see `Scheduler::keep_spent`).
+        self.spent.clear();
         if !resets.is_empty() {
             reset(hub, self.consumer, &resets);
         }

@@ -90,12 +90,15 @@ impl Hub {
     }
 
     /// Called by a worker when a job ended; returns its next job.
-    pub(crate) fn finish(&self, job: &Job, end: JobEnd) -> Option<Job> {
-        let (next, room) = {
+    /// The job is dropped by the poll thread ([`Scheduler::keep_spent`]).
+    pub(crate) fn finish(&self, job: Job, end: JobEnd) -> Option<Job> {
+        let (next, room, overflow) = {
             let mut s = self.lock();
-            (s.finish(job, end), s.room())
+            let next = s.finish(&job, end);
+            (next, s.room(), s.keep_spent(job))
         };
         self.changed(room);
+        drop(overflow);
         next
     }
 
@@ -125,13 +128,15 @@ impl Hub {
     }
 
     /// Called by a worker when a job whose lane it released ended.
-    pub(crate) fn settle(&self, job: &Job, end: JobEnd) {
-        let room = {
+    /// The job is dropped by the poll thread ([`Scheduler::keep_spent`]).
+    pub(crate) fn settle(&self, job: Job, end: JobEnd) {
+        let (room, overflow) = {
             let mut s = self.lock();
-            s.settle(job, end);
-            s.room()
+            s.settle(&job, end);
+            (s.room(), s.keep_spent(job))
         };
         self.changed(room);
+        drop(overflow);
     }
 
     /// Called by a worker whose record starts waiting out a retry back-off: the slot it frees
@@ -316,8 +321,39 @@ mod tests {
         let (hub, job) = (hub.clone(), jobs.into_iter().next().unwrap());
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
-            hub.finish(&job, JobEnd::Settled)
+            hub.finish(job, JobEnd::Settled)
         })
+    }
+
+    /// An ended job (finished, or settled after its lane was released) is kept for the poll
+    /// thread, which drops it — its record was allocated there — when it swaps them out.
+    #[test]
+    fn ended_jobs_are_kept_for_the_poll_thread_to_drop() {
+        let (hub, mut jobs) = hub(ProcessingOrder::Partition, &["k", "k"]);
+        let first = jobs.remove(0);
+        let record = Arc::clone(&first.record);
+        let next = hub.release_lane(&first).unwrap().expect("the next record");
+        hub.settle(first, JobEnd::Settled);
+        assert!(hub.finish(next, JobEnd::Settled).is_none());
+        assert_eq!(
+            Arc::strong_count(&record),
+            2,
+            "the scheduler still holds the settled record"
+        );
+        let mut spent = Vec::new();
+        hub.lock().swap_spent(&mut spent);
+        assert_eq!(
+            spent.iter().map(|j| j.record.offset).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        spent.clear();
+        assert_eq!(
+            Arc::strong_count(&record),
+            1,
+            "dropped by whoever swapped them out"
+        );
+        hub.lock().swap_spent(&mut spent);
+        assert!(spent.is_empty(), "nothing kept twice");
     }
 
     /// The poll thread waiting for room is woken by the worker that makes it, not by its
@@ -364,16 +400,16 @@ mod tests {
     /// offset becomes committable only when it settles.
     #[test]
     fn a_released_lane_starts_the_next_record_and_the_offset_waits_for_the_settle() {
-        let (hub, jobs) = hub(ProcessingOrder::Partition, &["k", "k"]);
+        let (hub, mut jobs) = hub(ProcessingOrder::Partition, &["k", "k"]);
         let next = hub
             .release_lane(&jobs[0])
             .unwrap()
             .expect("the next record");
         assert_eq!(next.record.offset, 1);
         assert!(hub.lock().to_commit().is_empty(), "0 not settled yet");
-        hub.settle(&jobs[0], JobEnd::Settled);
+        hub.settle(jobs.remove(0), JobEnd::Settled);
         assert_eq!(hub.lock().to_commit(), [(tp(), 1)]);
-        assert!(hub.finish(&next, JobEnd::Settled).is_none());
+        assert!(hub.finish(next, JobEnd::Settled).is_none());
         assert_eq!(hub.lock().to_commit(), [(tp(), 2)]);
     }
 

@@ -207,7 +207,13 @@ pub(crate) struct Scheduler {
     pub(super) resets: Vec<Tp>,
     /// The outage breaker: while it is not closed, nothing new is dispatched.
     pub(super) breaker: Option<Arc<Breaker>>,
+    /// Jobs that ended, for the poll thread to drop ([`Scheduler::keep_spent`]).
+    pub(super) spent: Vec<Job>,
 }
+
+/// At most this many ended jobs wait for the poll thread to drop them (one poll batch, 500
+/// records by default, and then some); past it a worker drops its own.
+const SPENT_MAX: usize = 2_048;
 
 /// How long a partition may hold its per-partition limit before it is paused: a healthy
 /// fast partition overshoots the limit with one fetch response and drains it within
@@ -231,6 +237,7 @@ impl Scheduler {
             settling: 0,
             resuming: VecDeque::new(),
             spare_queues: Vec::new(),
+            spent: Vec::new(),
             next_job_id: 0,
             buffered_records: 0,
             buffered_bytes: 0,
@@ -448,6 +455,23 @@ impl Scheduler {
         self.end_job(job, end);
         self.end_lane(job, end);
         self.take_one()
+    }
+
+    /// Keeps an ended job for the poll thread to drop ([`Scheduler::swap_spent`]): its record
+    /// was allocated there, and memory freed on the thread that allocated it stays in that
+    /// thread's allocator caches (no lock of another thread's arena per record). Past
+    /// [`SPENT_MAX`] the job is handed back, for the caller to drop.
+    pub(crate) fn keep_spent(&mut self, job: Job) -> Option<Job> {
+        if self.spent.len() >= SPENT_MAX {
+            return Some(job);
+        }
+        self.spent.push(job);
+        None
+    }
+
+    /// Swaps the ended jobs kept so far with `spare` (empty, its capacity reused).
+    pub(crate) fn swap_spent(&mut self, spare: &mut Vec<Job>) {
+        std::mem::swap(&mut self.spent, spare);
     }
 
     /// A job stops holding its in-flight slot (one that ends while parked, its task dropped
@@ -918,6 +942,32 @@ mod tests {
         let next = s.release_lane(&job).unwrap().unwrap();
         assert_eq!(next.record.offset, 5);
         assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+    }
+
+    /// At most `SPENT_MAX` ended jobs wait for the poll thread; past it the job is handed
+    /// back to its worker.
+    #[test]
+    fn ended_jobs_kept_for_the_poll_thread_are_bounded() {
+        let records = (0..2).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits(1), &[0], records);
+        let job = s.take_jobs().pop().unwrap();
+        let next = s.finish(&job, JobEnd::Settled).unwrap();
+        s.spent = (0..SPENT_MAX)
+            .map(|id| Job {
+                id: id as u64,
+                tp: next.tp.clone(),
+                generation: next.generation,
+                lane: LaneKey::Partition,
+                record: next.record.clone(),
+                stop: next.stop.clone(),
+                probe_epoch: None,
+            })
+            .collect();
+        assert!(s.keep_spent(job).is_some(), "full: handed back");
+        let mut spent = Vec::new();
+        s.swap_spent(&mut spent);
+        assert_eq!(spent.len(), SPENT_MAX);
+        assert!(s.keep_spent(next).is_none(), "room again");
     }
 
     #[test]

@@ -351,8 +351,8 @@ impl<H: Handler> WorkerContext<H> {
             Err(Ending::RecordOutcome(outcome)) => return outcome,
             Err(Ending::GiveUp(failure)) => {
                 let holding = Holding::default();
-                return self
-                    .give_up(record, at, failure, holding, metrics, stop, slot)
+                // Rare paths are boxed: the future of every record stays small.
+                return Box::pin(self.give_up(record, at, failure, holding, metrics, stop, slot))
                     .await;
             }
         };
@@ -368,9 +368,10 @@ impl<H: Handler> WorkerContext<H> {
                     return self.end_early(outcome, holding, &record, stop).await;
                 }
                 Step::Deferred(target, at) => {
-                    return self
-                        .tier_defer(&record, at, target, holding, metrics, stop, slot)
-                        .await;
+                    return Box::pin(
+                        self.tier_defer(&record, at, target, holding, metrics, stop, slot),
+                    )
+                    .await;
                 }
                 Step::Succeeded => {
                     return self.succeeded(&record, holding, metrics, stop, slot).await;
@@ -378,9 +379,10 @@ impl<H: Handler> WorkerContext<H> {
                 // The claim stays held until the dead letter or forward is written and the
                 // delivery is marked settled (delivery rule 18).
                 Step::GaveUp(failure) => {
-                    return self
-                        .give_up(record, at, failure, holding, metrics, stop, slot)
-                        .await;
+                    return Box::pin(
+                        self.give_up(record, at, failure, holding, metrics, stop, slot),
+                    )
+                    .await;
                 }
             }
         }
@@ -398,11 +400,17 @@ impl<H: Handler> WorkerContext<H> {
         if let Some(reason) = r.at.and_then(|at| at.invalid.clone()) {
             // A tier record whose headers do not hold (delivery rule 17): a record kourier
             // cannot read, dead-lettered as it is, never forwarded or waited for.
-            return Err(Ending::RecordOutcome(self.poison_pill(r, reason).await));
+            return Err(Ending::RecordOutcome(
+                Box::pin(self.poison_pill(r, reason)).await,
+            ));
         }
         let event = match self.decode(record, r.metrics) {
             Ok(event) => event,
-            Err(error) => return Err(Ending::RecordOutcome(self.poison_pill(r, error).await)),
+            Err(error) => {
+                return Err(Ending::RecordOutcome(
+                    Box::pin(self.poison_pill(r, error)).await,
+                ));
+            }
         };
         let message = Message::new(record.clone(), 1, event);
         let keys = self
@@ -465,7 +473,7 @@ impl<H: Handler> WorkerContext<H> {
             }
             Attempted::Done(Err(error)) => self.next_after(&error, pass, holding, tries, r).await,
             Attempted::Abandoned => Step::Ended(RecordOutcome::Abandoned),
-            Attempted::ClaimLost => self.after_lost_claim(tries, r).await,
+            Attempted::ClaimLost => Box::pin(self.after_lost_claim(tries, r)).await,
         }
     }
 
