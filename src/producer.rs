@@ -72,13 +72,6 @@ impl ProducerSettings {
         !self.overrides.is_empty()
     }
 
-    /// Sets a default that raw properties given by the user override.
-    pub(crate) fn set_default(&mut self, key: &str, value: &str) {
-        if self.get(&[key]).is_none() {
-            self.overrides.insert(0, (key.to_owned(), value.to_owned()));
-        }
-    }
-
     /// The last value given for any of `keys`.
     pub(crate) fn get(&self, keys: &[&str]) -> Option<(&str, &str)> {
         self.overrides

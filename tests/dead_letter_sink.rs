@@ -344,6 +344,57 @@ async fn an_oversized_record_becomes_a_metadata_only_letter() {
     );
 }
 
+/// Letters are batched; the broker refuses a batch over the topic's `max.message.bytes` as a
+/// whole. A letter refused with its batch is written again alone: the small letters that
+/// shared a batch with an oversized one (or with too many others) keep their values, and only
+/// the oversized letter becomes metadata-only.
+#[tokio::test]
+async fn letters_refused_with_their_batch_are_written_again_alone() {
+    let (source, dlt) = source_and_dlt("dl-batch", 1, &[("max.message.bytes", "2048")]).await;
+    let sink = sink();
+    let big = 20;
+    let letters: Vec<DeadLetter> = (0..30u8)
+        .map(|i| {
+            let size = if usize::from(i) == big {
+                10 * 1024
+            } else {
+                100
+            };
+            let mut record = record(&source, 0, Some(KEY), Some(vec![b'a' + i % 26; size]));
+            record.offset = i64::from(i);
+            letter(record)
+        })
+        .collect();
+    // All queued at once, so that they leave in batches.
+    let receipts = futures_util::future::join_all(letters.iter().map(|l| sink.send(l))).await;
+    let receipts: Vec<DeadLetterReceipt> = receipts
+        .into_iter()
+        .map(|r| r.expect("every letter written"))
+        .collect();
+
+    let messages = read_letters(&dlt, letters.len()).await;
+    assert_eq!(messages.len(), letters.len(), "one letter each, no copies");
+    for (i, (letter, receipt)) in letters.iter().zip(&receipts).enumerate() {
+        let m = record_at(&messages, 0, receipt.offset.unwrap());
+        let original = only(&m.headers, headers::ORIGINAL_OFFSET);
+        assert_eq!(original, Some(&(i as i64).to_be_bytes()[..]));
+        if i == big {
+            assert_eq!(m.value, None, "the oversized letter loses its value");
+            assert_eq!(
+                only(&m.headers, headers::VALUE_DROPPED_BYTES),
+                Some(&b"10240"[..])
+            );
+        } else {
+            assert_eq!(
+                m.value.as_deref(),
+                letter.record.value.as_deref(),
+                "letter {i} keeps its value"
+            );
+            assert_eq!(only(&m.headers, headers::VALUE_DROPPED_BYTES), None);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_missing_dead_letter_topic_is_an_error_within_the_send_timeout() {
     require_kafka().await;

@@ -42,7 +42,7 @@
 //! (read from the `event-id` header: (d) reads it from the decoded value, which is kourier's
 //! cost), one dead letter sent with the producer settings of kourier's dead-letter sink
 //! (`enable.idempotence=true`, `acks=all`, `partitioner=murmur2_random`,
-//! `message.timeout.ms=30000`, `batch.num.messages=1`, `client.id=kourier-dead-letter`),
+//! `message.timeout.ms=30000`, `client.id=kourier-dead-letter`; letters batched),
 //! as kourier writes it: to the source partition of `<topic>.dlt`, the record's key, value and
 //! headers, then the same provenance headers. A record's offset may be committed only after
 //! its letter is acknowledged: before every commit (every second) and at the end the loop
@@ -320,7 +320,6 @@ pub(crate) fn dead_letter_floor_drain(
             "message.timeout.ms",
             DEAD_LETTER_SEND_TIMEOUT.as_millis().to_string(),
         )
-        .set("batch.num.messages", "1")
         .create_with_context(LetterContext::default())?;
     let mut letters = 0u64;
     let outcome = raw_loop(

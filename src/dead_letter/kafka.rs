@@ -96,10 +96,18 @@ type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 /// (the key or the record's own headers alone are too large), it writes a **provenance-only
 /// letter**: no key, no value, only the provenance headers plus
 /// [`headers::KEY_DROPPED_BYTES`](super::headers::KEY_DROPPED_BYTES) and [`headers::HEADERS_DROPPED`](super::headers::HEADERS_DROPPED), so a record never holds
-/// its partition forever for its size. Only if even that is refused is the error returned. The dead-letter producer
-/// sends one letter per batch (`batch.num.messages=1`) so that a size refusal is about that
-/// letter alone, never about a batch of several. When a letter whose value was dropped is
-/// dead-lettered again with its value still null, the dropped-bytes header is carried over.
+/// its partition forever for its size. Only if even that is refused is the error returned.
+///
+/// Letters are batched (librdkafka's `linger.ms` and `batch.size`), so a burst of letters
+/// costs the broker a few requests, not one each. The broker refuses a batch as a whole, so a
+/// letter refused as too large is first written again **alone**, through a second producer
+/// that sends one letter per batch (`batch.num.messages=1`, the same settings otherwise;
+/// created at the first such refusal): a letter that fits on its own is written whole, and
+/// only a letter that does not fit alone loses its value. The fallbacks above go through that
+/// producer too. With [`from_producer`](KafkaDeadLetterSink::from_producer) there is no
+/// second producer: set `batch.num.messages=1` on yours if letters of a batch must never lose
+/// their value for another's size. When a letter whose value was dropped is dead-lettered
+/// again with its value still null, the dropped-bytes header is carried over.
 ///
 /// # Shutdown
 ///
@@ -130,6 +138,10 @@ type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 /// ```
 pub struct KafkaDeadLetterSink {
     producer: SinkProducer,
+    /// Writes a letter alone (`batch.num.messages=1`) once the sink's own producer had it
+    /// refused as too large with the batch it went in: see *Oversized records*. `None` with a
+    /// supplied producer.
+    alone: Option<AloneProducer>,
     topic_name: TopicNameFn,
     partition_counts: Mutex<HashMap<String, PartitionCount>>,
 }
@@ -141,6 +153,35 @@ pub struct KafkaDeadLetterSink {
 enum SinkProducer {
     Own(ManagedProducer),
     Supplied(ManagedProducer<DefaultClientContext>),
+}
+
+/// A producer that sends one letter per batch, created at the first letter refused as too
+/// large with its batch (most sinks never need it).
+struct AloneProducer {
+    settings: ProducerSettings,
+    log_interval: Duration,
+    producer: std::sync::OnceLock<ManagedProducer>,
+}
+
+impl AloneProducer {
+    fn new(mut settings: ProducerSettings, log_interval: Duration) -> Self {
+        settings.set("batch.num.messages".into(), "1".into());
+        AloneProducer {
+            settings,
+            log_interval,
+            producer: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> Result<&ManagedProducer> {
+        if let Some(producer) = self.producer.get() {
+            return Ok(producer);
+        }
+        let producer = self
+            .settings
+            .build_logging_every("kourier-dead-letter-alone", self.log_interval)?;
+        Ok(self.producer.get_or_init(|| producer))
+    }
 }
 
 impl SinkProducer {
@@ -271,7 +312,11 @@ impl KafkaDeadLetterSink {
     /// [`Error::Timeout`] when letters are still undelivered after `timeout`;
     /// [`Error::Kafka`] for other flush failures.
     pub async fn flush(&self, timeout: Duration) -> Result<()> {
-        self.producer.flush(timeout).await
+        self.producer.flush(timeout).await?;
+        match self.alone.as_ref().and_then(|a| a.producer.get()) {
+            Some(alone) => alone.flush(timeout).await,
+            None => Ok(()),
+        }
     }
 
     /// Checks the destination and queues the letter's full write; [`Self::finish_write`]
@@ -326,6 +371,15 @@ impl KafkaDeadLetterSink {
     ) -> Result<DeadLetterReceipt> {
         let record = &letter.record;
         let first = self.producer.acknowledgement(queued, SEND_OPERATION).await;
+        let first = match first {
+            // Refused with the batch it went in: alone, it may fit.
+            Err(e) if is_too_large(&e) && self.alone.is_some() => {
+                let full = letter_headers(letter, None);
+                let (key, value) = (record.key.as_deref(), record.value.as_deref());
+                self.produce(dlt, partition, key, value, &full).await
+            }
+            other => other,
+        };
         let delivery = match first {
             Err(e) if is_too_large(&e) && record.value.is_some() => {
                 let dropped = record.value.as_ref().map_or(0, |v| v.len());
@@ -384,7 +438,10 @@ impl KafkaDeadLetterSink {
         headers: &[Header],
     ) -> Result<crate::producer::Delivery> {
         let record = to_record(dlt, partition, key, value, headers);
-        self.producer.send(record, SEND_OPERATION).await
+        match &self.alone {
+            Some(alone) => alone.get()?.send(record, SEND_OPERATION).await,
+            None => self.producer.send(record, SEND_OPERATION).await,
+        }
     }
 
     /// The source partition when the dead-letter topic has it, else `None` (partition by key).
@@ -550,8 +607,9 @@ impl KafkaDeadLetterSink {
 ///
 /// Producer defaults (override with [`kafka_config`](Self::kafka_config)):
 /// `enable.idempotence=true`, `acks=all`, `message.timeout.ms` = the send timeout (30 s),
-/// `partitioner=murmur2_random` (Java-compatible), `batch.num.messages=1` (see
-/// [oversized records](KafkaDeadLetterSink#oversized-records)), `client.id=kourier-dead-letter`.
+/// `partitioner=murmur2_random` (Java-compatible), `client.id=kourier-dead-letter`. Letters
+/// are batched; one refused as too large is written again alone (see
+/// [oversized records](KafkaDeadLetterSink#oversized-records)).
 #[must_use = "a builder does nothing until `build()` is called"]
 pub struct KafkaDeadLetterSinkBuilder {
     settings: ProducerSettings,
@@ -623,7 +681,7 @@ impl KafkaDeadLetterSinkBuilder {
     /// `"create producer"`) when librdkafka rejects the configuration.
     pub fn build(self) -> Result<KafkaDeadLetterSink> {
         let KafkaDeadLetterSinkBuilder {
-            mut settings,
+            settings,
             producer,
             topic_name,
             log_interval,
@@ -641,15 +699,15 @@ impl KafkaDeadLetterSinkBuilder {
                     check_timeout(settings.send_timeout.unwrap_or(DEFAULT_SEND_TIMEOUT))?;
                 SinkProducer::Supplied(ManagedProducer::from_producer(producer, send_timeout))
             }
-            None => {
-                settings.set_default("batch.num.messages", "1");
-                SinkProducer::Own(
-                    settings.build_logging_every("kourier-dead-letter", log_interval)?,
-                )
-            }
+            None => SinkProducer::Own(
+                settings.build_logging_every("kourier-dead-letter", log_interval)?,
+            ),
         };
+        let alone = matches!(producer, SinkProducer::Own(_))
+            .then(|| AloneProducer::new(settings, log_interval));
         Ok(KafkaDeadLetterSink {
             producer,
+            alone,
             topic_name: topic_name
                 .unwrap_or_else(|| Arc::new(|topic: &str| format!("{topic}.dlt"))),
             partition_counts: Mutex::new(HashMap::new()),
