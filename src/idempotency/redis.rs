@@ -375,14 +375,7 @@ impl RedisIdempotencyStore {
                 }
             })
             .await;
-        match answers {
-            Ok((answers, _)) => answers
-                .into_iter()
-                .zip(tokens)
-                .map(|(answer, token)| Ok(claimed(answer, token)))
-                .collect(),
-            Err(error) => each(keys.len(), &error).into_iter().map(Err).collect(),
-        }
+        claims_answered(answers, tokens)
     }
 
     /// Runs `call` (one round trip answering one number per key of `keys`, unprefixed) with
@@ -532,17 +525,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let values: Vec<String> = tokens.iter().map(inflight).collect();
         let lease = millis(lease).to_string();
         let script = &self.scripts.claim_many;
-        match self
+        let answers = self
             .run_many("claim", manager, script, keys, &values, &lease)
-            .await
-        {
-            Ok((answers, _)) => answers
-                .into_iter()
-                .zip(tokens)
-                .map(|(answer, token)| Ok(claimed(answer, token)))
-                .collect(),
-            Err(error) => each(keys.len(), &error).into_iter().map(Err).collect(),
-        }
+            .await;
+        claims_answered(answers, tokens)
     }
 
     /// As [`claim_many`](Self::claim_many): one round trip on a single server, fenced per
@@ -588,6 +574,24 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let (answer, _) = self.run_token("renew", key, script, token, lease).await?;
         // Only the first attempt's answer counts: a renewal is never "done already".
         fenced(answer, 1, key)
+    }
+}
+
+/// A batch of claims' answers, one per token (the key's own), or the batch's error for each.
+fn claims_answered(
+    answers: Result<(Vec<i64>, u32), StoreError>,
+    tokens: Vec<ClaimToken>,
+) -> Vec<Result<Claim, StoreError>> {
+    match answers {
+        Ok((answers, _)) => answers
+            .into_iter()
+            .zip(tokens)
+            .map(|(answer, token)| Ok(claimed(answer, token)))
+            .collect(),
+        Err(error) => {
+            let n = tokens.len();
+            each(n, &error).into_iter().map(Err).collect()
+        }
     }
 }
 

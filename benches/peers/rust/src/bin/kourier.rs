@@ -48,12 +48,9 @@ impl Handler for Notifier {
     }
 }
 
-fn main() -> BoxResult<()> {
-    let args = Args::parse()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(args))
+#[tokio::main]
+async fn main() -> BoxResult<()> {
+    run(Args::parse()?).await
 }
 
 async fn run(args: Args) -> BoxResult<()> {

@@ -149,12 +149,9 @@ impl FallibleHandler for Notifier {
     async fn shutdown(self) {}
 }
 
-fn main() -> BoxResult<()> {
-    let args = Args::parse()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(args))
+#[tokio::main]
+async fn main() -> BoxResult<()> {
+    run(Args::parse()?).await
 }
 
 async fn run(args: Args) -> BoxResult<()> {
