@@ -36,6 +36,9 @@
 //! | `kourier_breaker_state` | gauge | `group` | the [outage breaker](crate::BreakerPolicy)'s state: `0` closed, `1` open, `2` half-open (consumers with a breaker only) |
 //! | `kourier_breaker_transitions_total` | counter | `group`, `state` | breaker transitions, by the state entered: `open`, `half-open` (one probe each) or `closed` |
 //! | `kourier_breaker_held_failures_total` | counter | `group` | failed calls the open breaker absorbed: they used up no attempt and dead-lettered nothing |
+//! | `kourier_destinations_open` | gauge | `group` | [destinations](crate::Destinations) whose breaker is open or half-open now (consumers with destinations only) |
+//! | `kourier_destination_transitions_total` | counter | `group`, `state` | destination breaker transitions, by the state entered: `open`, `half-open` or `closed` (no destination label: its cardinality is unbounded; the snapshot names the top ones) |
+//! | `kourier_destinations_untracked_total` | counter | `group` | failures of destinations that could not be tracked (as many are tracked as allowed): not isolated |
 //!
 //! The names are the constants of this module; the label names are in [`labels`].
 //!
@@ -135,6 +138,12 @@ pub const RECORDS_FORWARDED: &str = "kourier_records_forwarded_total";
 pub const FORWARD_FAILURES: &str = "kourier_forward_failures_total";
 /// Counter: failed calls the open breaker absorbed (no attempt used, nothing dead-lettered).
 pub const BREAKER_HELD_FAILURES: &str = "kourier_breaker_held_failures_total";
+/// Gauge: destinations whose breaker is open or half-open now.
+pub const DESTINATIONS_OPEN: &str = "kourier_destinations_open";
+/// Counter: destination breaker transitions, by the `state` entered.
+pub const DESTINATION_TRANSITIONS: &str = "kourier_destination_transitions_total";
+/// Counter: failures of destinations that could not be tracked (the cap was reached).
+pub const DESTINATIONS_UNTRACKED: &str = "kourier_destinations_untracked_total";
 
 /// Label names.
 pub mod labels {
@@ -351,6 +360,15 @@ struct BreakerMetrics {
     held_failures: Counter,
 }
 
+/// The destinations' breakers' handles (consumers with destinations only).
+#[derive(Debug)]
+struct DestinationMetrics {
+    open: Gauge,
+    /// By the state entered: closed, open, half-open.
+    transitions: [Counter; 3],
+    untracked: Counter,
+}
+
 /// Every metric handle of one consumer, and its outcome counts.
 #[derive(Debug)]
 pub(crate) struct ConsumerMetrics {
@@ -358,6 +376,7 @@ pub(crate) struct ConsumerMetrics {
     topics: Box<[(Box<str>, OnceLock<TopicMetrics>)]>,
     consumer: OnceLock<GroupMetrics>,
     breaker: OnceLock<BreakerMetrics>,
+    destinations: OnceLock<DestinationMetrics>,
     pub(crate) counts: OutcomeCounts,
 }
 
@@ -371,6 +390,7 @@ impl ConsumerMetrics {
                 .collect(),
             consumer: OnceLock::new(),
             breaker: OnceLock::new(),
+            destinations: OnceLock::new(),
             counts: OutcomeCounts::default(),
         }
     }
@@ -425,6 +445,51 @@ impl ConsumerMetrics {
     /// The open breaker absorbed a failed call.
     pub(crate) fn breaker_held_failure(&self) {
         self.breaker().held_failures.increment(1);
+    }
+
+    fn destinations(&self) -> &DestinationMetrics {
+        self.destinations.get_or_init(|| {
+            self.consumer(); // the descriptions
+            let transition = |state: &'static str| {
+                ::metrics::counter!(
+                    DESTINATION_TRANSITIONS,
+                    labels::GROUP => self.group.clone(),
+                    labels::STATE => state
+                )
+            };
+            let group = [(labels::GROUP, self.group.clone())];
+            DestinationMetrics {
+                open: ::metrics::gauge!(DESTINATIONS_OPEN, &group),
+                transitions: BREAKER_STATES.map(transition),
+                untracked: ::metrics::counter!(DESTINATIONS_UNTRACKED, &group),
+            }
+        })
+    }
+
+    /// A destination's breaker entered the state of index `state` in [`BREAKER_STATES`];
+    /// `open` destinations changed by `open_delta`.
+    pub(crate) fn destination_transition(&self, state: usize, open_delta: i64) {
+        let m = self.destinations();
+        m.transitions[state.min(BREAKER_STATES.len() - 1)].increment(1);
+        if open_delta != 0 {
+            m.open.increment(open_delta as f64);
+        }
+    }
+
+    /// `n` destinations that were open were forgotten (idle past the expiry).
+    pub(crate) fn destination_forgotten(&self, n: usize) {
+        self.destinations().open.decrement(n as f64);
+    }
+
+    /// A destination's failure could not be tracked.
+    pub(crate) fn destination_untracked(&self) {
+        self.destinations().untracked.increment(1);
+    }
+
+    /// Registers the destinations' handles (none open): call when a consumer with
+    /// destinations starts.
+    pub(crate) fn destinations_start(&self) {
+        self.destinations().open.set(0.0);
     }
 
     /// Registers the breaker's handles (state `0`): call when a consumer with a breaker
@@ -754,6 +819,24 @@ const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         Some(Unit::Count),
         "Failed calls the open breaker absorbed: no attempt used, nothing dead-lettered.",
     ),
+    (
+        DESTINATIONS_OPEN,
+        Kind::Gauge,
+        None,
+        "Destinations whose breaker is open or half-open now.",
+    ),
+    (
+        DESTINATION_TRANSITIONS,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Destination breaker transitions, by the state entered.",
+    ),
+    (
+        DESTINATIONS_UNTRACKED,
+        Kind::Counter,
+        Some(Unit::Count),
+        "Failures of destinations that could not be tracked (the cap was reached): not isolated.",
+    ),
 ];
 
 /// Describes every metric to the installed recorder (help texts and units).
@@ -801,6 +884,9 @@ pub const METRIC_NAMES: &[&str] = &[
     BREAKER_STATE,
     BREAKER_TRANSITIONS,
     BREAKER_HELD_FAILURES,
+    DESTINATIONS_OPEN,
+    DESTINATION_TRANSITIONS,
+    DESTINATIONS_UNTRACKED,
 ];
 
 #[cfg(test)]

@@ -11,13 +11,15 @@ use rdkafka::consumer::BaseConsumer;
 use super::retrying_consumer::RetryingConsumer;
 use crate::clock;
 use crate::codec::{Codec, JsonCodec};
-use crate::consumer::breaker::{Breaker, BreakerPolicy, OutageGate};
+use crate::consumer::breaker::{
+    Breaker, BreakerPolicy, DestinationBreakers, Destinations, OutageGate,
+};
 use crate::consumer::poll::KourierContext;
 use crate::consumer::poll::PollSettings;
 use crate::consumer::poll::{Provisioning, StartupSettings};
 use crate::consumer::schedule::Hub;
 use crate::consumer::schedule::{Limits, ProcessingOrder, Scheduler};
-use crate::consumer::work::WorkerContext;
+use crate::consumer::work::{DestinationGate, WorkerContext};
 use crate::consumer::work::{OutcomeObserver, RecordOutcome};
 use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
 use crate::error::{ConfigError, Error, Result};
@@ -227,6 +229,7 @@ struct Settings<T> {
     max_uncommitted_per_partition: usize,
     panic_policy: PanicPolicy,
     breaker: Option<BreakerPolicy>,
+    destinations: Option<Destinations<T>>,
     tiers: Option<RetryTiers>,
 }
 
@@ -260,6 +263,7 @@ impl<T> Settings<T> {
             max_uncommitted_per_partition: 10_000,
             panic_policy: PanicPolicy::Retry,
             breaker: None,
+            destinations: None,
             tiers: None,
         }
     }
@@ -671,6 +675,39 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
         self
     }
 
+    /// Opt-in: a breaker per destination (delivery rule 19 in the crate docs), so that a
+    /// destination that is down (a customer's webhook endpoint, a tenant's API) holds only
+    /// its own records while the others run at full speed. Default: none.
+    ///
+    /// Each record names its destination ([`Destinations::by_key`], a header, or a function
+    /// of the message). A destination's failures open its breaker only: its records wait
+    /// (no attempts used, nothing dead-lettered, order within the key kept, no in-flight
+    /// slot held), one probe per open interval. With a consumer-wide
+    /// [`breaker`](Self::breaker) too, that one counts failures by destination and opens only
+    /// when they span [`min_destinations`](BreakerPolicy::with_min_destinations) of them.
+    /// Isolation needs [`ProcessingOrder::Key`] (or `Unordered`): in partition order a
+    /// waiting record holds its partition. See [`Destinations`] for the states, the
+    /// defaults and the memory bound; the snapshot's
+    /// [`destinations`](crate::ConsumerSnapshot::destinations), the
+    /// `kourier_destination*` [metrics](crate::metrics) and one log line per destination
+    /// transition (throttled) show them. `build()` refuses invalid settings with
+    /// [`ConfigError::Invalid`] (`setting: "destinations"`).
+    ///
+    /// ```no_run
+    /// # use kourier::{handler_fn, BreakerPolicy, Destinations, Message, ProcessingOrder, RetryingConsumer};
+    /// # let handler = handler_fn(|_m: Message<String>| async { Ok(()) });
+    /// let builder = RetryingConsumer::builder(handler)
+    ///     .ordering(ProcessingOrder::Key)
+    ///     .destinations(Destinations::by_key())
+    ///     .breaker(BreakerPolicy::default().with_min_destinations(5));
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn destinations(mut self, destinations: Destinations<H::Event>) -> Self {
+        self.s.destinations = Some(destinations);
+        self
+    }
+
     /// Retry tiers: after the retry policy's in-place attempts, a transient failure is
     /// forwarded to the next tier topic (by default `<topic>.retry.<n>`), runs again there
     /// once due, and reaches the dead-letter topic only after the last tier. The consumer
@@ -730,10 +767,26 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
             .chain(tier_topics.iter().map(|(_, t)| t.clone()))
             .collect();
         let metrics = Arc::new(ConsumerMetrics::new(&group_id, &subscribed));
-        let breaker =
-            (s.breaker.clone()).map(|policy| Arc::new(Breaker::new(policy, metrics.clone())));
+        let breaker = (s.breaker.clone()).map(|policy| {
+            let breaker = Breaker::new(policy, metrics.clone());
+            Arc::new(if s.destinations.is_some() {
+                breaker.by_destination()
+            } else {
+                breaker
+            })
+        });
+        let destinations = (s.destinations.clone()).map(|of| DestinationGate {
+            breakers: Arc::new(DestinationBreakers::new(
+                of.rules(),
+                metrics.clone(),
+                s.error_log_interval,
+            )),
+            of,
+        });
         let hub = Arc::new(Hub::new(
-            Scheduler::new(s.ordering, s.limits()).with_breaker(breaker.clone()),
+            Scheduler::new(s.ordering, s.limits())
+                .with_breaker(breaker.clone())
+                .with_destinations(destinations.as_ref().map(|d| d.breakers.clone())),
             s.revoke_timeout,
             metrics.clone(),
             s.error_log_interval,
@@ -757,6 +810,7 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
             observer: s.observer,
             outage: OutageGate(breaker),
             tiers,
+            destinations,
         });
         Ok(RetryingConsumer {
             consumer,
@@ -877,6 +931,9 @@ impl<T> Settings<T> {
         self.policy.validate()?;
         if let Some(breaker) = &self.breaker {
             breaker.validate()?;
+        }
+        if let Some(destinations) = &self.destinations {
+            destinations.validate()?;
         }
         for (setting, value) in [
             ("max_in_flight", self.max_in_flight),

@@ -168,6 +168,7 @@ impl Engine {
                     .map(|p| Arc::new(Breaker::new(p, metrics.clone()))),
             ),
             tiers: None,
+            destinations: None,
         };
         Engine {
             worker,

@@ -29,7 +29,10 @@ mod stop;
 mod work;
 mod worker_task;
 
-pub use self::breaker::{BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition};
+pub use self::breaker::{
+    BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, DestinationStatus, Destinations,
+    DestinationsStatus,
+};
 pub use self::builder::{
     Idempotency, MissingTopics, PanicPolicy, RetryingConsumerBuilder, StoreOutage,
 };

@@ -55,7 +55,7 @@ impl Pass<'_> {
                 let held = b.on_failure(
                     self.epoch,
                     self.probe,
-                    (!unavailable).then_some(self.caller),
+                    (!unavailable || self.isolated).then_some(self.caller),
                     error.retry_after_hint(),
                     memo.outage.is_some(),
                     spent,
@@ -106,11 +106,24 @@ pub(crate) struct OutageGate(pub(crate) Option<Arc<Breaker>>);
 impl OutageGate {
     /// Waits until the breaker lets an attempt go; `None` when `stop` gives the record up
     /// first (a revoke or shutdown: nothing of the record runs while it waits).
+    #[cfg(test)]
     pub(crate) async fn admit(
         &self,
         stop: &Stop,
         memo: ProbeMemo,
         caller: Caller,
+    ) -> Option<Pass<'_>> {
+        self.admit_as(stop, memo, caller, false).await
+    }
+
+    /// [`admit`](Self::admit), for a record counted by its destination when `isolated`
+    /// (`caller` is then the destination's identity).
+    pub(crate) async fn admit_as(
+        &self,
+        stop: &Stop,
+        memo: ProbeMemo,
+        caller: Caller,
+        isolated: bool,
     ) -> Option<Pass<'_>> {
         let Some(b) = self.0.as_deref() else {
             return Some(Pass {
@@ -118,10 +131,12 @@ impl OutageGate {
                 epoch: 0,
                 probe: false,
                 caller,
+                isolated,
             });
         };
         // The fast path (closed): one lock, no waiter registered.
-        if let Ok(pass) = b.try_admit(memo, caller) {
+        if let Ok(mut pass) = b.try_admit(memo, caller) {
+            pass.isolated = isolated;
             return Some(pass);
         }
         let mut counted = WaitingGuard(None);
@@ -131,7 +146,10 @@ impl OutageGate {
             notified.as_mut().enable();
             // Checked after registering, so a change in between wakes this waiter.
             let wake_at = match b.try_admit(memo, caller) {
-                Ok(pass) => return Some(pass),
+                Ok(mut pass) => {
+                    pass.isolated = isolated;
+                    return Some(pass);
+                }
                 Err(wake_at) => wake_at,
             };
             if counted.0.is_none() {

@@ -83,8 +83,8 @@ struct Inner {
     consecutive: u32,
     /// The record of the first failure in the current run of failures, and whether another
     /// record failed in it too.
-    consecutive_first: Option<Caller>,
-    consecutive_mixed: bool,
+    /// The distinct callers of the current run of failures (at most `min_callers`).
+    consecutive_callers: Vec<Caller>,
     /// Unavailable failures so far: each counts as a record of its own.
     unavailable_calls: u64,
     /// Failed probes since the breaker last closed.
@@ -116,8 +116,11 @@ pub(crate) struct Pass<'a> {
     pub(super) breaker: Option<&'a Breaker>,
     pub(super) epoch: u64,
     pub(super) probe: bool,
-    /// The record making the call.
+    /// The record making the call (with destinations: its destination).
     pub(super) caller: Caller,
+    /// The caller is the record's destination: an unavailable failure counts for it, not
+    /// as a caller of its own.
+    pub(super) isolated: bool,
 }
 
 /// Which event made a call: the breaker opens only on failures of at least two, so that a
@@ -152,6 +155,9 @@ impl ProbeMemo {
 /// A consumer's breaker: see the module docs.
 pub(crate) struct Breaker {
     pub(super) policy: BreakerPolicy,
+    /// Failures must come from this many distinct callers to open it: 2 (events), or with
+    /// destinations the policy's `min_destinations` (destinations).
+    min_callers: usize,
     inner: Mutex<Inner>,
     /// Woken on every change that may let a waiting record go.
     pub(super) changed: Notify,
@@ -217,8 +223,7 @@ impl Breaker {
                 window: VecDeque::new(),
                 failures_in_window: 0,
                 consecutive: 0,
-                consecutive_first: None,
-                consecutive_mixed: false,
+                consecutive_callers: Vec::new(),
                 unavailable_calls: 0,
                 failed_probes: 0,
                 probe_out: false,
@@ -235,7 +240,15 @@ impl Breaker {
             }),
             changed: Notify::new(),
             metrics,
+            min_callers: 2,
         }
+    }
+
+    /// Counts failures by destination (the callers the workers give are destinations):
+    /// it opens only on failures of the policy's `min_destinations` destinations.
+    pub(crate) fn by_destination(mut self) -> Self {
+        self.min_callers = self.policy.min_destinations() as usize;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -301,6 +314,7 @@ impl Breaker {
                 epoch: s.epoch,
                 probe: false,
                 caller,
+                isolated: false,
             }),
             // A record that failed in this outage probes only when no other record can: no
             // other one waits and the scheduler had none to dispatch (or did not dispatch
@@ -321,6 +335,7 @@ impl Breaker {
                     epoch: s.epoch,
                     probe: true,
                     caller,
+                    isolated: false,
                 })
             }
             Phase::HalfOpen if s.probe_out || !suspect => Err(None),
@@ -434,16 +449,15 @@ impl Breaker {
         match failed_by {
             Some(caller) => {
                 s.consecutive = s.consecutive.saturating_add(1);
-                match s.consecutive_first {
-                    None => s.consecutive_first = Some(caller),
-                    Some(first) if first != caller => s.consecutive_mixed = true,
-                    Some(_) => {}
+                if s.consecutive_callers.len() < self.min_callers
+                    && !s.consecutive_callers.contains(&caller)
+                {
+                    s.consecutive_callers.push(caller);
                 }
             }
             None => {
                 s.consecutive = 0;
-                s.consecutive_first = None;
-                s.consecutive_mixed = false;
+                s.consecutive_callers.clear();
             }
         }
         if let Some(r) = self.policy.rate {
@@ -462,16 +476,22 @@ impl Breaker {
     fn tripped(&self, s: &Inner) -> Option<String> {
         if let Some(n) = self.policy.consecutive
             && s.consecutive >= n
-            && s.consecutive_mixed
+            && s.consecutive_callers.len() >= self.min_callers
         {
             return Some(format!("{} consecutive failed calls", s.consecutive));
         }
         let r = self.policy.rate?;
         let calls = s.window.len() as u32;
-        let mut failed = s.window.iter().flatten();
-        let first = failed.next()?;
-        let records = if failed.any(|c| c != first) { 2 } else { 1 };
-        (records >= 2
+        let mut callers: Vec<Caller> = Vec::with_capacity(self.min_callers);
+        for &caller in s.window.iter().flatten() {
+            if !callers.contains(&caller) {
+                callers.push(caller);
+                if callers.len() >= self.min_callers {
+                    break;
+                }
+            }
+        }
+        (callers.len() >= self.min_callers
             && calls >= r.min_calls
             && f64::from(s.failures_in_window) >= r.rate * f64::from(calls))
         .then(|| format!("{} of the last {calls} calls failed", s.failures_in_window))
@@ -512,8 +532,7 @@ impl Breaker {
             s.window.clear();
             s.failures_in_window = 0;
             s.consecutive = 0;
-            s.consecutive_first = None;
-            s.consecutive_mixed = false;
+            s.consecutive_callers.clear();
             s.failed_probes = 0;
         }
         if s.recent.len() == BreakerStatus::RECENT {
@@ -982,6 +1001,34 @@ mod tests {
         pass(&b).await.failed(&transient(), 0, fresh);
         pass(&b).await.failed(&transient(), 0, fresh);
         assert_eq!(b.status().state, BreakerState::Open);
+    }
+
+    /// A record of destination `d` is admitted (counted by its destination) and fails.
+    fn destination_fails(b: &Breaker, d: Caller, error: &HandlerError) -> Verdict {
+        let mut pass = admitted(b.try_admit(ProbeMemo::default(), d), "closed");
+        pass.isolated = true;
+        pass.failed(error, 0, &mut ProbeMemo::default())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_destinations_it_opens_only_on_failures_of_min_destinations() {
+        let b = breaker(
+            BreakerPolicy::default()
+                .with_consecutive_failures(4)
+                .with_min_destinations(3),
+        )
+        .by_destination();
+        // Two destinations failing, and failing, and saying unavailable: their own
+        // breakers' business, not the consumer's.
+        for _ in 0..10 {
+            for d in [1, 2] {
+                destination_fails(&b, d, &transient());
+                destination_fails(&b, d, &HandlerError::unavailable("503"));
+            }
+        }
+        assert_eq!(b.status().state, BreakerState::Closed, "2 destinations");
+        destination_fails(&b, 3, &transient());
+        assert_eq!(b.status().state, BreakerState::Open, "the third opens it");
     }
 
     #[tokio::test(start_paused = true)]

@@ -77,6 +77,7 @@ pub struct BreakerPolicy {
     open_interval: Duration,
     max_open_interval: Duration,
     probes_per_record: u32,
+    min_destinations: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -100,6 +101,7 @@ impl Default for BreakerPolicy {
             open_interval: Duration::from_secs(5),
             max_open_interval: Duration::from_secs(60),
             probes_per_record: DEFAULT_PROBES_PER_RECORD,
+            min_destinations: 3,
         }
     }
 }
@@ -175,6 +177,23 @@ impl BreakerPolicy {
         self
     }
 
+    /// With [destinations](crate::RetryingConsumerBuilder::destinations): the breaker opens
+    /// only when the failures of a trigger (the window's, or the run of consecutive ones)
+    /// span at least `n` distinct destinations (2 to 1,000; default 3). A few destinations
+    /// that are down are their own breakers' business; a downstream down as a whole fails
+    /// for every destination and still opens it. Without destinations it is not used:
+    /// failures of two records open it, as documented above.
+    #[must_use]
+    pub fn with_min_destinations(mut self, n: u32) -> Self {
+        self.min_destinations = n;
+        self
+    }
+
+    /// With destinations: how many distinct destinations the failures must span.
+    pub fn min_destinations(&self) -> u32 {
+        self.min_destinations
+    }
+
     /// How many probes one record may fail before its failures count as attempts again.
     pub fn probes_per_record(&self) -> u32 {
         self.probes_per_record
@@ -217,6 +236,12 @@ impl BreakerPolicy {
         }
         if self.probes_per_record == 0 {
             return invalid("probes_per_record must be at least 1".into());
+        }
+        if !(2..=1000).contains(&self.min_destinations) {
+            return invalid(format!(
+                "min_destinations ({}) must be in 2..=1000",
+                self.min_destinations
+            ));
         }
         if self.max_open_interval < self.open_interval {
             return invalid(format!(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::SystemTime;
 
-use crate::consumer::breaker::BreakerStatus;
+use crate::consumer::breaker::{BreakerStatus, DestinationsStatus};
 use crate::consumer::schedule::{ConnectionState, PartitionStatus};
 use crate::consumer::schedule::{Hub, PartitionEnd, Scheduler, Tp};
 use crate::metrics::DeadLetterCounts;
@@ -23,8 +23,8 @@ pub struct ConsumerMonitor {
 pub struct ConsumerSnapshot {
     /// Records being handled now (running, waiting for a retry or a dead-letter write).
     pub in_flight: usize,
-    /// Of [`in_flight`](Self::in_flight), records waiting out a retry back-off: they hold
-    /// no in-flight slot (see
+    /// Of [`in_flight`](Self::in_flight), records waiting out a retry back-off (or for their
+    /// [destination](crate::Destinations)): they hold no in-flight slot (see
     /// [`max_in_flight`](crate::RetryingConsumerBuilder::max_in_flight)).
     pub waiting_retry: usize,
     /// Records received and not started.
@@ -68,6 +68,9 @@ pub struct ConsumerSnapshot {
     /// The outage breaker's state, transitions and counts; `None` without a
     /// [breaker](crate::RetryingConsumerBuilder::breaker).
     pub breaker: Option<BreakerStatus>,
+    /// The breakers of destinations: how many are tracked and open, and the ones open
+    /// longest; `None` without [destinations](crate::RetryingConsumerBuilder::destinations).
+    pub destinations: Option<DestinationsStatus>,
 }
 
 impl ConsumerMonitor {
@@ -143,6 +146,7 @@ fn snapshot_of(hub: &Hub) -> ConsumerSnapshot {
         partitions,
         caught_up,
         breaker: s.breaker().map(|b| b.status()),
+        destinations: s.destinations().map(|d| d.status()),
     }
 }
 

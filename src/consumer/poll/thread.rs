@@ -69,6 +69,9 @@ pub(crate) fn poll_loop(
     if hub.lock().breaker().is_some() {
         hub.metrics.breaker_start();
     }
+    if hub.lock().destinations().is_some() {
+        hub.metrics.destinations_start();
+    }
     let mut thread = PollThread::new(&consumer, hub, settings);
     let stopped_by = loop {
         if hub.stop_requested() {

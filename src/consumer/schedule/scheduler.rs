@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::offsets::OffsetTracker;
 pub(crate) use super::topic_partition::Tp;
-use crate::consumer::breaker::{Breaker, Dispatch};
+use crate::consumer::breaker::{Breaker, DestinationBreakers, Dispatch};
 pub(crate) use crate::consumer::stop::Stop;
 use crate::record::{RawRecord, RecordBytes};
 
@@ -207,6 +207,8 @@ pub(crate) struct Scheduler {
     pub(super) resets: Vec<Tp>,
     /// The outage breaker: while it is not closed, nothing new is dispatched.
     pub(super) breaker: Option<Arc<Breaker>>,
+    /// The breakers of destinations (kept for the monitor: dispatch does not look at them).
+    destinations: Option<Arc<DestinationBreakers>>,
     /// Jobs that ended, for the poll thread to drop ([`Scheduler::keep_spent`]).
     pub(super) spent: Vec<Job>,
 }
@@ -251,6 +253,7 @@ impl Scheduler {
             left_for_later_at_stop: 0,
             resets: Vec::new(),
             breaker: None,
+            destinations: None,
         }
     }
 
@@ -264,6 +267,18 @@ impl Scheduler {
     /// The outage breaker, if the consumer has one.
     pub(crate) fn breaker(&self) -> Option<&Arc<Breaker>> {
         self.breaker.as_ref()
+    }
+
+    /// Keeps the breakers of destinations for the monitor.
+    #[must_use]
+    pub(crate) fn with_destinations(mut self, d: Option<Arc<DestinationBreakers>>) -> Self {
+        self.destinations = d;
+        self
+    }
+
+    /// The breakers of destinations, if the consumer isolates them.
+    pub(crate) fn destinations(&self) -> Option<&Arc<DestinationBreakers>> {
+        self.destinations.as_ref()
     }
 
     /// Starts tracking newly assigned partitions (a fresh generation each time, so late

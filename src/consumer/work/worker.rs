@@ -27,9 +27,13 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info_span, warn};
 
+use super::destination::DestinationGate;
 use super::outcome::{OutcomeObserver, RecordOutcome};
 use crate::codec::Codec;
-use crate::consumer::breaker::{Caller, OutageGate, Pass, ProbeMemo, Verdict, caller_of};
+use crate::consumer::breaker::{
+    Caller, Destination, DestinationMemo, DestinationPass, OutageGate, Pass, ProbeMemo, Verdict,
+    caller_of,
+};
 use crate::consumer::dedup::{Dedup, DedupKeys};
 use crate::consumer::dedup::{HeldClaim, keep_renewed};
 use crate::consumer::schedule::{JobEnd, Stop};
@@ -65,6 +69,9 @@ pub(crate) struct WorkerContext<H: Handler> {
     pub(crate) outage: OutageGate,
     /// Retry tiers (if any): where records go after their in-place attempts.
     pub(crate) tiers: Option<Arc<Tiers>>,
+    /// The breakers of destinations (if any): asked before every attempt, told every
+    /// result.
+    pub(crate) destinations: Option<DestinationGate<H::Event>>,
 }
 
 pub(crate) struct Failure {
@@ -115,6 +122,8 @@ pub(crate) struct Holding {
     pub(crate) keys: Option<DedupKeys>,
     pub(crate) claim: Option<HeldClaim>,
     pub(crate) tracked: Option<Tracked>,
+    /// Its destination, when the consumer isolates destinations and it names one.
+    pub(crate) destination: Option<Destination>,
 }
 
 /// What a record's attempts carry from one to the next.
@@ -136,6 +145,8 @@ struct Tries {
     held_since: Option<Instant>,
     /// Whether (and how often) this record failed a probe: it lets others probe first.
     probed: ProbeMemo,
+    /// How often it failed a probe of its destination.
+    destination_probes: DestinationMemo,
 }
 
 impl Tries {
@@ -156,6 +167,7 @@ impl Tries {
             holds: 0,
             held_since: None,
             probed: ProbeMemo::default(),
+            destination_probes: DestinationMemo::default(),
         }
     }
 }
@@ -416,8 +428,12 @@ impl<H: Handler> WorkerContext<H> {
         let keys = self
             .dedup_keys(&message, r.metrics)
             .map_err(Ending::GiveUp)?;
+        let destination = self
+            .destination_of(&message, r.metrics)
+            .map_err(Ending::GiveUp)?;
         let holding = Holding {
             keys,
+            destination,
             ..Holding::default()
         };
         Ok((message, holding))
@@ -436,8 +452,26 @@ impl<H: Handler> WorkerContext<H> {
         if stop.abandon.is_cancelled() {
             return Step::Ended(RecordOutcome::Abandoned);
         }
-        // The breaker: waits (cancellable, holding no claim) while the downstream is down.
-        let Some(pass) = self.outage.admit(stop, tries.probed, tries.caller).await else {
+        // The record's destination: waits (without its slot, holding no claim) while it is
+        // down; then the breaker: waits (cancellable, holding no claim) while the
+        // downstream is down.
+        let destination_pass = match (&self.destinations, &holding.destination) {
+            (Some(gate), Some(destination)) => {
+                let Some(pass) = gate.admit(destination, stop, r.slot).await else {
+                    debug!(coordinates = %record.coordinates(), "abandoned while waiting for its destination: the partition is draining");
+                    return Step::Ended(RecordOutcome::Abandoned);
+                };
+                Some(pass)
+            }
+            _ => None,
+        };
+        // With destinations the breaker counts failures by destination (delivery rule 19).
+        let (caller, isolated) = match &holding.destination {
+            Some(destination) => (destination.id, true),
+            None => (tries.caller, false),
+        };
+        let admitted = self.outage.admit_as(stop, tries.probed, caller, isolated);
+        let Some(pass) = admitted.await else {
             debug!(coordinates = %record.coordinates(), "abandoned while waiting for the breaker: the partition is draining");
             return Step::Ended(RecordOutcome::Abandoned);
         };
@@ -469,9 +503,15 @@ impl<H: Handler> WorkerContext<H> {
         {
             Attempted::Done(Ok(())) => {
                 pass.succeeded();
+                if let Some(d) = destination_pass {
+                    d.succeeded();
+                }
                 Step::Succeeded
             }
-            Attempted::Done(Err(error)) => self.next_after(&error, pass, holding, tries, r).await,
+            Attempted::Done(Err(error)) => {
+                let passes = (pass, destination_pass);
+                self.next_after(&error, passes, holding, tries, r).await
+            }
             Attempted::Abandoned => Step::Ended(RecordOutcome::Abandoned),
             Attempted::ClaimLost => Box::pin(self.after_lost_claim(tries, r)).await,
         }
@@ -501,13 +541,24 @@ impl<H: Handler> WorkerContext<H> {
     async fn next_after<'r>(
         &self,
         error: &HandlerError,
-        pass: Pass<'_>,
+        passes: (Pass<'_>, Option<DestinationPass<'_>>),
         holding: &mut Holding,
         tries: &mut Tries,
         r: &RecordRun<'r>,
     ) -> Step<'r> {
         let (record, stop) = (r.record, r.stop);
-        let delay = match self.after_failure(error, pass, tries, record) {
+        let (pass, destination_pass) = passes;
+        // The destination first: a record its destination holds uses no attempt.
+        let destination_held = match (destination_pass, &holding.destination) {
+            (Some(d), Some(destination)) => d.failed(
+                destination,
+                tries.caller,
+                error,
+                &mut tries.destination_probes,
+            ),
+            _ => false,
+        };
+        let delay = match self.after_failure(error, pass, destination_held, tries, record) {
             Next::GiveUp(failure) => return Step::GaveUp(failure),
             Next::Hold(delay) => delay,
             Next::Retry(delay) => {
@@ -534,6 +585,25 @@ impl<H: Handler> WorkerContext<H> {
                 Err(format!("codec panicked: {panic}"))
             }
         }
+    }
+
+    /// The record's destination (`None`: destinations are not isolated, or it names none); a
+    /// panicking destination function is a failure of its own (it would panic again):
+    /// dead-lettered at once as `panic`.
+    fn destination_of(
+        &self,
+        message: &Message<H::Event>,
+        metrics: &RecordMetrics<'_>,
+    ) -> Result<Option<Destination>, Failure> {
+        let Some(gate) = &self.destinations else {
+            return Ok(None);
+        };
+        guarded(|| gate.destination_of(message)).map_err(|panic| {
+            metrics.panicked();
+            let error = format!("destination function panicked: {panic}");
+            error!(coordinates = %message.raw().coordinates(), %error, "dead-lettering: the destination cannot be computed");
+            Failure::at_once(DeadLetterReason::Panic, error)
+        })
     }
 
     /// The record's dedup keys (`None`: no idempotency, or no key); a panicking key function
@@ -671,13 +741,20 @@ impl<H: Handler> WorkerContext<H> {
         &self,
         error: &HandlerError,
         pass: Pass<'_>,
+        destination_held: bool,
         tries: &mut Tries,
         record: &RawRecord,
     ) -> Next {
         let now = SystemTime::now();
         let first = *tries.first_failure.get_or_insert(now);
         let attempt = tries.made;
-        if let Verdict::Hold(delay) = pass.failed(error, tries.holds, &mut tries.probed) {
+        let verdict = match pass.failed(error, tries.holds, &mut tries.probed) {
+            // Its destination is down: the record waits for it (at its next admission, for
+            // the destination's open interval), not for a back-off of its own.
+            _ if destination_held => Verdict::Hold(Duration::ZERO),
+            verdict => verdict,
+        };
+        if let Verdict::Hold(delay) = verdict {
             // Not the record's fault: no attempt used, never dead-lettered for it.
             debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "the downstream looks unavailable: the record waits for it (attempt not counted)");
             tries.made -= 1;

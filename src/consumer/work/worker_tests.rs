@@ -566,6 +566,7 @@ impl Setup {
                     .map(|p| Arc::new(Breaker::new(p, metrics.clone()))),
             ),
             tiers: None,
+            destinations: None,
         };
         Harness {
             worker,

@@ -1,0 +1,342 @@
+//! [`Destinations`]: per-destination isolation settings (delivery rule 19 in the crate
+//! docs), the setting of
+//! [`RetryingConsumerBuilder::destinations`](crate::RetryingConsumerBuilder::destinations).
+
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::policy::BreakerPolicy;
+use crate::error::ConfigError;
+use crate::message::Message;
+use crate::record::RecordBytes;
+
+type DestinationFn<T> = Arc<dyn Fn(&Message<T>) -> Option<String> + Send + Sync>;
+
+enum Source<T> {
+    Key,
+    Header(String),
+    Fn(DestinationFn<T>),
+}
+
+impl<T> Clone for Source<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Source::Key => Source::Key,
+            Source::Header(name) => Source::Header(name.clone()),
+            Source::Fn(f) => Source::Fn(Arc::clone(f)),
+        }
+    }
+}
+
+/// Per-destination isolation: a breaker for each destination a handler delivers to (a
+/// webhook endpoint, a tenant's API, a push provider), so that one destination that is down
+/// holds only its own records (delivery rule 19 in the crate docs). Pass it to
+/// [`RetryingConsumerBuilder::destinations`](crate::RetryingConsumerBuilder::destinations).
+///
+/// Each record names its destination: by default its key ([`by_key`](Self::by_key)), or a
+/// header ([`header`](Self::header)), or a function of the decoded message
+/// ([`from_fn`](Self::from_fn)). A record without one (no key, no header, `None`) is not
+/// isolated: only the consumer-wide [breaker](crate::RetryingConsumerBuilder::breaker), if
+/// any, sees its failures.
+///
+/// # A destination's breaker
+///
+/// - **Closed**: records run. A destination's transient or
+///   [unavailable](crate::HandlerError::unavailable) failures are counted in a row (a success
+///   resets the count); it *opens* after [`consecutive_failures`](Self::with_consecutive_failures)
+///   failures of two records at least (default 3), or at once on an unavailable failure
+///   (the handler's word that this destination is down). One record failing alone never
+///   opens it: its retry policy decides, as without isolation.
+/// - **Open**: the destination's records wait (its failing record too): no attempt is used,
+///   nothing is dead-lettered, and a waiting record holds no in-flight slot (records of
+///   other destinations take them) while its lane stays taken, so order within a key holds.
+///   A revoke or a shutdown gives a waiting record up at once (delivered again later).
+///   For the open interval (default 5 s; doubling after each failed probe up to 60 s; a
+///   [`retry_after`](crate::HandlerError::retry_after) hint keeps it open at least that long,
+///   a day at most) nothing of the destination runs.
+/// - **Half-open**: the next record of the destination is its one probe. Success closes it
+///   (its waiting records run); a transient or unavailable failure opens it again for twice
+///   as long. A probe that ends otherwise (a permanent failure, a duplicate, given up) hands
+///   the probe to the next record. A record that fails
+///   [`probes_per_record`](Self::with_probes_per_record) probes (default 10) takes its normal
+///   path: its failures count as attempts again.
+///
+/// In [`Partition`](crate::ProcessingOrder::Partition) order a waiting record holds its
+/// partition (the order is the partition's); isolation works between partitions only. Use
+/// [`Key`](crate::ProcessingOrder::Key) order (with the destination in the key, or a function
+/// of it) so that one destination's records never hold another's.
+///
+/// # The consumer-wide breaker
+///
+/// With destinations, the consumer-wide breaker counts failures by destination: it opens
+/// only when the failures in its window span at least
+/// [`min_destinations`](BreakerPolicy::with_min_destinations) destinations (default 3), so a
+/// few destinations that are down do not hold the others, while a downstream that is down as
+/// a whole (every destination failing) still opens it. A record's unavailable failure opens
+/// its destination's breaker, not the consumer's.
+///
+/// # Memory
+///
+/// Only destinations with failures are tracked (a destination whose calls succeed costs
+/// nothing), at most [`max_tracked`](Self::with_max_tracked) at once (default 10,000; about
+/// 200 bytes each plus the destination's name). A closed destination with no failure for the
+/// [idle expiry](Self::with_idle_expiry) (default 5 min) is forgotten, and so is an open
+/// one whose interval ended that long ago with no record waiting. When the cap is reached
+/// and nothing can be forgotten, a destination failing for the first time is *not tracked*:
+/// its failures take the retry policy (and the consumer-wide breaker) as without isolation;
+/// `kourier_destinations_untracked_total` counts them and a warning is logged (throttled).
+///
+/// ```
+/// use std::time::Duration;
+/// use kourier::{Destinations, Message};
+/// # #[derive(serde::Deserialize)] struct Webhook { endpoint: String }
+///
+/// let by_key = Destinations::<Webhook>::by_key();
+/// let by_endpoint = Destinations::from_fn(|m: &Message<Webhook>| Some(m.event().endpoint.clone()))
+///     .with_consecutive_failures(5)
+///     .with_open_interval(Duration::from_secs(10), Duration::from_secs(300));
+/// assert_eq!(by_endpoint.open_interval(), Duration::from_secs(10));
+/// # let _ = by_key;
+/// ```
+pub struct Destinations<T> {
+    source: Source<T>,
+    consecutive: u32,
+    open_interval: Duration,
+    max_open_interval: Duration,
+    max_tracked: usize,
+    idle_expiry: Duration,
+    probes_per_record: u32,
+    /// Destinations are told apart by a hash of their name, seeded per process (a hostile
+    /// name cannot pick another's slot).
+    hasher: foldhash::fast::RandomState,
+}
+
+impl<T> Clone for Destinations<T> {
+    fn clone(&self) -> Self {
+        Destinations {
+            source: self.source.clone(),
+            hasher: self.hasher.clone(),
+            ..*self
+        }
+    }
+}
+
+impl<T> fmt::Debug for Destinations<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.source {
+            Source::Key => "key".to_owned(),
+            Source::Header(name) => format!("header {name:?}"),
+            Source::Fn(_) => "fn".to_owned(),
+        };
+        f.debug_struct("Destinations")
+            .field("source", &source)
+            .field("consecutive_failures", &self.consecutive)
+            .field("open_interval", &self.open_interval)
+            .field("max_open_interval", &self.max_open_interval)
+            .field("max_tracked", &self.max_tracked)
+            .field("idle_expiry", &self.idle_expiry)
+            .field("probes_per_record", &self.probes_per_record)
+            .finish()
+    }
+}
+
+/// The longest name of a destination kept for the snapshot and the logs (longer ones are
+/// cut, at a character boundary).
+pub(crate) const MAX_NAME_CHARS: usize = 96;
+
+/// A record's destination: its identity and its name's bytes.
+#[derive(Clone)]
+pub(crate) struct Destination {
+    pub(crate) id: u64,
+    pub(crate) name: RecordBytes,
+}
+
+impl Destination {
+    /// The name for the snapshot and the logs: escaped when not UTF-8, cut at
+    /// [`MAX_NAME_CHARS`].
+    pub(crate) fn display_name(&self) -> Box<str> {
+        let bytes = self.name.as_ref();
+        let text = String::from_utf8_lossy(bytes);
+        match text.char_indices().nth(MAX_NAME_CHARS) {
+            Some((cut, _)) => format!("{}…", &text[..cut]).into_boxed_str(),
+            None => text.into_owned().into_boxed_str(),
+        }
+    }
+}
+
+impl<T> Destinations<T> {
+    fn with_source(source: Source<T>) -> Self {
+        Destinations {
+            source,
+            consecutive: 3,
+            open_interval: Duration::from_secs(5),
+            max_open_interval: Duration::from_secs(60),
+            max_tracked: 10_000,
+            idle_expiry: Duration::from_secs(300),
+            probes_per_record: 10,
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    /// A record's destination is its key (a record without a key has none).
+    pub fn by_key() -> Self {
+        Destinations::with_source(Source::Key)
+    }
+
+    /// A record's destination is the value of header `name` (a record without it has none).
+    pub fn header(name: impl Into<String>) -> Self {
+        Destinations::with_source(Source::Header(name.into()))
+    }
+
+    /// A record's destination is computed from the decoded message (`None`: it has none). A
+    /// panic in `f` dead-letters the record (reason `panic`), like one in a dedup-key
+    /// function. Name the closure's parameter type (`|m: &Message<Ev>|`), as for
+    /// [`DedupKey::from_fn`](crate::DedupKey::from_fn).
+    pub fn from_fn(f: impl Fn(&Message<T>) -> Option<String> + Send + Sync + 'static) -> Self {
+        Destinations::with_source(Source::Fn(Arc::new(f)))
+    }
+
+    /// A destination opens after `n` (at least 2) transient failures in a row, of two records
+    /// at least (default 3).
+    #[must_use]
+    pub fn with_consecutive_failures(mut self, n: u32) -> Self {
+        self.consecutive = n;
+        self
+    }
+
+    /// How long a destination stays open before its first probe (`initial`, default 5 s),
+    /// and the most it stays open after failed probes (each doubles it; default 60 s). Either
+    /// above [`BreakerPolicy::MAX_OPEN_INTERVAL`] (a day) is taken as a day. `build()` refuses
+    /// a zero `initial` and a `max` below `initial`.
+    #[must_use]
+    pub fn with_open_interval(mut self, initial: Duration, max: Duration) -> Self {
+        self.open_interval = initial.min(BreakerPolicy::MAX_OPEN_INTERVAL);
+        self.max_open_interval = max.min(BreakerPolicy::MAX_OPEN_INTERVAL);
+        self
+    }
+
+    /// At most `n` destinations tracked at once (1 to 1,000,000; default 10,000): see
+    /// *Memory* above for what happens past it.
+    #[must_use]
+    pub fn with_max_tracked(mut self, n: usize) -> Self {
+        self.max_tracked = n;
+        self
+    }
+
+    /// A destination with no failure for this long is forgotten (default 5 min; at most a
+    /// day, longer is taken as a day; `build()` refuses zero).
+    #[must_use]
+    pub fn with_idle_expiry(mut self, idle: Duration) -> Self {
+        self.idle_expiry = idle.min(BreakerPolicy::MAX_OPEN_INTERVAL);
+        self
+    }
+
+    /// How many probes of its destination one record may fail transiently before its
+    /// failures count as attempts again (at least 1; default 10).
+    #[must_use]
+    pub fn with_probes_per_record(mut self, n: u32) -> Self {
+        self.probes_per_record = n;
+        self
+    }
+
+    /// How long a destination stays open before its first probe.
+    pub fn open_interval(&self) -> Duration {
+        self.open_interval
+    }
+
+    /// The longest a destination stays open between probes.
+    pub fn max_open_interval(&self) -> Duration {
+        self.max_open_interval
+    }
+
+    /// How many failures in a row open a destination.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive
+    }
+
+    /// At most this many destinations are tracked at once.
+    pub fn max_tracked(&self) -> usize {
+        self.max_tracked
+    }
+
+    /// Checks the settings (called by `build()`).
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |reason: String| Err(ConfigError::invalid("destinations", reason));
+        if self.consecutive < 2 {
+            return invalid(
+                "consecutive_failures must be at least 2 (failures of two records)".into(),
+            );
+        }
+        if self.open_interval.is_zero() {
+            return invalid("the open interval must be longer than zero".into());
+        }
+        if self.max_open_interval < self.open_interval {
+            return invalid(format!(
+                "the maximum open interval ({:?}) must be at least the initial one ({:?})",
+                self.max_open_interval, self.open_interval
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.max_tracked) {
+            return invalid(format!(
+                "max_tracked ({}) must be in 1..=1000000",
+                self.max_tracked
+            ));
+        }
+        if self.idle_expiry.is_zero() {
+            return invalid("the idle expiry must be longer than zero".into());
+        }
+        if self.probes_per_record == 0 {
+            return invalid("probes_per_record must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The record's destination (`None`: it has none). May panic (a function's panic): the
+    /// caller guards it.
+    pub(crate) fn of(&self, message: &Message<T>) -> Option<Destination> {
+        let name = match &self.source {
+            Source::Key => message.raw().key.clone()?,
+            Source::Header(name) => RecordBytes::from(message.headers().get(name)?.to_vec()),
+            Source::Fn(f) => RecordBytes::from(f(message)?.into_bytes()),
+        };
+        Some(Destination {
+            id: self.hasher.hash_one(name.as_ref()),
+            name,
+        })
+    }
+
+    /// The settings the breakers of destinations run with.
+    pub(crate) fn rules(&self) -> DestinationRules {
+        DestinationRules {
+            consecutive: self.consecutive,
+            open_interval: self.open_interval,
+            max_open_interval: self.max_open_interval,
+            max_tracked: self.max_tracked,
+            idle_expiry: self.idle_expiry,
+            probes_per_record: self.probes_per_record,
+        }
+    }
+}
+
+/// [`Destinations`]' settings without the source (what the state machine needs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct DestinationRules {
+    pub(crate) consecutive: u32,
+    pub(crate) open_interval: Duration,
+    pub(crate) max_open_interval: Duration,
+    pub(crate) max_tracked: usize,
+    pub(crate) idle_expiry: Duration,
+    pub(crate) probes_per_record: u32,
+}
+
+impl DestinationRules {
+    /// The open interval after `failed_probes` failed probes.
+    pub(crate) fn interval(&self, failed_probes: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failed_probes.min(30));
+        self.open_interval
+            .saturating_mul(factor)
+            .min(self.max_open_interval)
+    }
+}

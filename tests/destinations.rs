@@ -1,0 +1,299 @@
+//! Breakers per destination (delivery rule 19 in the crate docs) against the real broker:
+//! destinations that are down hold only their own records; a downstream down as a whole
+//! still opens the consumer-wide breaker.
+//!
+//! The handler delivers to simulated endpoints (one per key) that the test takes down and
+//! brings back. Each test prints its figures for the report; the assertions are about
+//! outcomes (dead letters, deliveries per record, calls to endpoints that are down against
+//! the probes the open interval allows), never about timing.
+//!
+//! Needs Kafka (`scripts/services up`); each test has its own topics and group.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kourier::{
+    BreakerPolicy, BreakerState, DedupKey, Destinations, HandlerError, Idempotency,
+    InMemoryIdempotencyStore, Message, ProcessingOrder, RetryPolicy, handler_fn,
+};
+use serde::Deserialize;
+use support::TestRecord;
+use support::consumer::{self, Running, setup, wait_for};
+
+#[derive(Debug, Deserialize)]
+struct Delivery {
+    id: usize,
+}
+
+/// Endpoints `ep-0` .. `ep-{ENDPOINTS - 1}`; record `id` goes to `ep-{id % ENDPOINTS}`.
+const ENDPOINTS: usize = 100;
+
+fn delivery(id: usize) -> TestRecord {
+    TestRecord::new()
+        .key(format!("ep-{}", id % ENDPOINTS))
+        .value(format!(r#"{{"id":{id}}}"#))
+}
+
+/// The endpoints, which of them are down, and what the handler saw.
+struct Endpoints {
+    down: Mutex<HashSet<usize>>,
+    /// Every endpoint is down (a downstream outage as a whole).
+    all_down: AtomicBool,
+    successes: Vec<AtomicU32>,
+    calls_while_down: AtomicU64,
+}
+
+impl Endpoints {
+    fn new(records: usize) -> Arc<Self> {
+        Arc::new(Endpoints {
+            down: Mutex::new(HashSet::new()),
+            all_down: AtomicBool::new(false),
+            successes: (0..records).map(|_| AtomicU32::new(0)).collect(),
+            calls_while_down: AtomicU64::new(0),
+        })
+    }
+
+    fn deliver(&self, d: &Delivery) -> Result<(), HandlerError> {
+        let endpoint = d.id % ENDPOINTS;
+        if self.all_down.load(Ordering::SeqCst) || self.down.lock().unwrap().contains(&endpoint) {
+            self.calls_while_down.fetch_add(1, Ordering::SeqCst);
+            // Connection refused: the handler's word that this endpoint is down.
+            return Err(HandlerError::unavailable(format!(
+                "ep-{endpoint}: connection refused"
+            )));
+        }
+        self.successes[d.id].fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn handled(&self, which: impl Fn(usize) -> bool) -> usize {
+        (self.successes.iter().enumerate())
+            .filter(|(id, n)| which(*id) && n.load(Ordering::SeqCst) > 0)
+            .count()
+    }
+
+    fn not_exactly_once(&self) -> Vec<(usize, u32)> {
+        (self.successes.iter().enumerate())
+            .map(|(id, n)| (id, n.load(Ordering::SeqCst)))
+            .filter(|(_, n)| *n != 1)
+            .collect()
+    }
+}
+
+fn delivering(e: &Arc<Endpoints>) -> impl kourier::Handler<Event = Delivery> {
+    let e = e.clone();
+    handler_fn(move |m: Message<Delivery>| {
+        let e = e.clone();
+        async move { e.deliver(m.event()) }
+    })
+}
+
+const OPEN: Duration = Duration::from_millis(500);
+
+/// Key order, a breaker per destination (the key) open 0.5 s, and the consumer-wide
+/// breaker with its defaults (at least 3 destinations).
+fn isolating(
+    e: &Arc<Endpoints>,
+    topic: &str,
+    group: &str,
+) -> kourier::RetryingConsumerBuilder<impl kourier::Handler<Event = Delivery>> {
+    consumer::builder(delivering(e), topic, group)
+        .ordering(ProcessingOrder::Key)
+        .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 3))
+        .destinations(Destinations::by_key().with_open_interval(OPEN, OPEN))
+        .breaker(BreakerPolicy::default().with_open_interval(OPEN, OPEN))
+}
+
+/// Two endpoints of 100 down: every other endpoint's record is delivered while they are
+/// down, nothing is dead-lettered, the consumer-wide breaker stays closed, the endpoints
+/// that are down are called about once per open interval, and once they are back each of
+/// their records is delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_that_are_down_hold_only_their_own_deliveries() {
+    const RECORDS: usize = 3_000;
+    let (topic, group, dlt_topic) = setup("destinations-two-down", 4).await;
+    let endpoints = Endpoints::new(RECORDS);
+    endpoints.down.lock().unwrap().extend([0, 1]);
+    support::produce(&topic, (0..RECORDS).map(delivery).collect()).await;
+    let down_records = |id: usize| id % ENDPOINTS < 2;
+
+    let started = Instant::now();
+    let c = Running::start(isolating(&endpoints, &topic, &group));
+    wait_for(
+        "every record of the healthy endpoints delivered",
+        Duration::from_secs(60),
+        || endpoints.handled(|id| !down_records(id)) == RECORDS - RECORDS / 50,
+    )
+    .await;
+    let healthy_done = started.elapsed();
+    // Let the open endpoints be probed a few intervals more.
+    tokio::time::sleep(OPEN * 4).await;
+    let while_down = c.monitor.snapshot();
+    let down_elapsed = started.elapsed();
+    let calls_while_down = endpoints.calls_while_down.load(Ordering::SeqCst);
+    let d = while_down
+        .destinations
+        .clone()
+        .expect("destinations in the snapshot");
+    eprintln!(
+        "two of {ENDPOINTS} endpoints down: the other {} records delivered in {:.2} s; \
+         {calls_while_down} calls to the down endpoints in {:.2} s (open interval {OPEN:?}); {d:?}",
+        RECORDS - RECORDS / 50,
+        healthy_done.as_secs_f64(),
+        down_elapsed.as_secs_f64()
+    );
+    assert_eq!(endpoints.handled(down_records), 0);
+    assert_eq!(while_down.dead_lettered.total(), 0, "nothing dead-lettered");
+    assert_eq!(d.open, 2, "{d:?}");
+    let mut names: Vec<&str> = d.top.iter().map(|t| t.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["ep-0", "ep-1"]);
+    assert!(
+        while_down
+            .breaker
+            .as_ref()
+            .is_some_and(|b| b.state == BreakerState::Closed && b.opened == 0),
+        "two endpoints do not open the consumer-wide breaker: {:?}",
+        while_down.breaker
+    );
+    // One call opens each; then one probe per open interval at most (plus one for an
+    // interval that ended as the count was read).
+    let allowed = 2 * (1 + down_elapsed.as_millis() / OPEN.as_millis() + 1) as u64;
+    assert!(
+        calls_while_down <= allowed,
+        "{calls_while_down} calls to the down endpoints, at most {allowed} allowed"
+    );
+
+    endpoints.down.lock().unwrap().clear();
+    wait_for(
+        "the endpoints' records delivered once they are back",
+        Duration::from_secs(60),
+        || endpoints.handled(|_| true) == RECORDS,
+    )
+    .await;
+    wait_for("their breakers closed", Duration::from_secs(10), || {
+        c.monitor
+            .snapshot()
+            .destinations
+            .is_some_and(|d| d.open == 0)
+    })
+    .await;
+    let end = c.monitor.snapshot();
+    c.stop().await;
+    assert_eq!(endpoints.not_exactly_once(), []);
+    assert_eq!(end.dead_lettered.total(), 0);
+    assert!(support::read_all(&dlt_topic).await.is_empty());
+}
+
+/// Every endpoint down: the failures span many destinations, so the consumer-wide breaker
+/// opens (dispatch held) and nothing is dead-lettered; once the downstream is back every
+/// record is delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downstream_down_as_a_whole_still_opens_the_consumer_breaker() {
+    const RECORDS: usize = 1_000;
+    let (topic, group, dlt_topic) = setup("destinations-all-down", 4).await;
+    let endpoints = Endpoints::new(RECORDS);
+    endpoints.all_down.store(true, Ordering::SeqCst);
+    support::produce(&topic, (0..RECORDS).map(delivery).collect()).await;
+
+    let c = Running::start(isolating(&endpoints, &topic, &group));
+    wait_for(
+        "the consumer-wide breaker open",
+        Duration::from_secs(60),
+        || {
+            c.monitor
+                .snapshot()
+                .breaker
+                .is_some_and(|b| b.state != BreakerState::Closed)
+        },
+    )
+    .await;
+    let open = c.monitor.snapshot();
+    eprintln!(
+        "downstream down: consumer-wide breaker {:?}; destinations {:?}; {} calls",
+        open.breaker.as_ref().map(|b| b.state),
+        open.destinations.as_ref().map(|d| (d.tracked, d.open)),
+        endpoints.calls_while_down.load(Ordering::SeqCst)
+    );
+    assert_eq!(open.dead_lettered.total(), 0);
+
+    endpoints.all_down.store(false, Ordering::SeqCst);
+    wait_for(
+        "every record delivered once the downstream is back",
+        Duration::from_secs(60),
+        || endpoints.handled(|_| true) == RECORDS,
+    )
+    .await;
+    let end = c.monitor.snapshot();
+    c.stop().await;
+    assert_eq!(endpoints.not_exactly_once(), []);
+    assert_eq!(end.dead_lettered.total(), 0);
+    assert!(support::read_all(&dlt_topic).await.is_empty());
+}
+
+/// Records waiting for their destination do not hold a shutdown: they are given up at once
+/// (delivered again), and a restart with the endpoints back delivers each record exactly
+/// once (the records above them in their partitions, delivered again too, are skipped by
+/// the idempotency store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_waiting_for_their_destination_do_not_hold_a_shutdown() {
+    const RECORDS: usize = 500;
+    let (topic, group, dlt_topic) = setup("destinations-stop", 4).await;
+    let endpoints = Endpoints::new(RECORDS);
+    endpoints.down.lock().unwrap().extend([0, 1, 2]);
+    support::produce(&topic, (0..RECORDS).map(delivery).collect()).await;
+
+    let store = Arc::new(InMemoryIdempotencyStore::new());
+    let idempotency = || {
+        let key = DedupKey::from_fn(|m: &Message<Delivery>| Some(m.event().id.to_string()));
+        Idempotency::new(store.clone(), key)
+    };
+    // No probe within the test; the consumer-wide breaker needs more destinations.
+    let c = Running::start(
+        isolating(&endpoints, &topic, &group)
+            .idempotency(idempotency())
+            .destinations(
+                Destinations::by_key()
+                    .with_open_interval(Duration::from_secs(120), Duration::from_secs(120)),
+            )
+            .breaker(BreakerPolicy::default().with_min_destinations(10))
+            .shutdown_timeout(Duration::from_secs(60)),
+    );
+    wait_for(
+        "the healthy endpoints' records",
+        Duration::from_secs(60),
+        || endpoints.handled(|_| true) == RECORDS - 3 * RECORDS / ENDPOINTS,
+    )
+    .await;
+    wait_for("three records waiting", Duration::from_secs(10), || {
+        c.monitor.snapshot().waiting_retry == 3
+    })
+    .await;
+    let stopping = Instant::now();
+    // Well under the 60 s shutdown timeout: the waits were cancelled, not waited out.
+    let report = c.stop_with_report(Duration::from_secs(20)).await;
+    eprintln!(
+        "shutdown with 3 destinations open took {:.2} s; {} abandoned",
+        stopping.elapsed().as_secs_f64(),
+        report.abandoned
+    );
+    assert_eq!(report.abandoned, 3, "{report:?}");
+
+    endpoints.down.lock().unwrap().clear();
+    let c = Running::start(isolating(&endpoints, &topic, &group).idempotency(idempotency()));
+    wait_for(
+        "every record after the restart",
+        Duration::from_secs(60),
+        || endpoints.handled(|_| true) == RECORDS,
+    )
+    .await;
+    let end = c.monitor.snapshot();
+    c.stop().await;
+    assert_eq!(endpoints.not_exactly_once(), []);
+    assert_eq!(end.dead_lettered.total(), 0);
+    assert!(support::read_all(&dlt_topic).await.is_empty());
+}
