@@ -77,6 +77,11 @@ pub enum FailureKind {
     /// [breaker](crate::BreakerPolicy) and never toward the dead letter: the record waits
     /// and is tried again without using up an attempt. See [`HandlerError::unavailable`].
     Unavailable,
+    /// The record's destination no longer exists: the record is dead-lettered at once (as
+    /// [`Permanent`](Self::Permanent)), and with
+    /// [destinations](crate::RetryingConsumerBuilder::destinations) so are the destination's
+    /// other records for a while. See [`HandlerError::destination_gone`].
+    DestinationGone,
 }
 
 /// A handler's failure: the cause, how to treat it, and an optional retry-after hint.
@@ -139,7 +144,27 @@ impl HandlerError {
         }
     }
 
-    /// A failure retrying cannot fix (invalid address, a 5xx reply, a business rule).
+    /// The record's destination no longer exists (an HTTP `410 Gone`, a deleted tenant, an
+    /// uninstalled app's endpoint): retrying cannot help this record *or any other record of
+    /// its destination*.
+    ///
+    /// The record is dead-lettered at once (reason `permanent`, like a
+    /// [permanent](Self::permanent) failure). With
+    /// [destinations](crate::RetryingConsumerBuilder::destinations) the destination is marked
+    /// gone: its records waiting for it and those that come later are dead-lettered too,
+    /// without calling the handler, for [`Destinations::with_gone`](crate::Destinations::with_gone)'s
+    /// period (default an hour; or they wait instead, if so configured); then its next
+    /// record probes it again. It does not count toward any breaker.
+    pub fn destination_gone(error: impl Into<BoxError>) -> Self {
+        HandlerError {
+            kind: FailureKind::DestinationGone,
+            retry_after: None,
+            source: error.into(),
+        }
+    }
+
+    /// A failure retrying cannot fix (an invalid address, a rejected payload, a business
+    /// rule).
     pub fn permanent(error: impl Into<BoxError>) -> Self {
         HandlerError {
             kind: FailureKind::Permanent,
@@ -228,6 +253,7 @@ impl fmt::Display for HandlerError {
             FailureKind::Permanent => "permanent",
             FailureKind::Panic => "panic",
             FailureKind::Unavailable => "unavailable",
+            FailureKind::DestinationGone => "destination gone",
         };
         write!(f, "{kind} failure: {}", self.message())
     }

@@ -328,9 +328,9 @@ pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
     BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, ConnectionState,
     ConsumerMonitor, ConsumerSnapshot, DedupKey, DestinationStatus, Destinations,
-    DestinationsStatus, Idempotency, MissingTopics, PanicPolicy, PartitionStatus, ProcessingOrder,
-    RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport, StoreOutage,
-    shutdown_signal,
+    DestinationsStatus, GoneRecords, Idempotency, MissingTopics, PanicPolicy, PartitionStatus,
+    ProcessingOrder, RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport,
+    StoreOutage, shutdown_signal,
 };
 pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
 pub use crate::dead_letter::letter::{

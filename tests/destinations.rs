@@ -297,3 +297,136 @@ async fn records_waiting_for_their_destination_do_not_hold_a_shutdown() {
     assert_eq!(end.dead_lettered.total(), 0);
     assert!(support::read_all(&dlt_topic).await.is_empty());
 }
+
+/// An endpoint that answers `410 Gone`: its first record is dead-lettered with the handler's
+/// words, and so are its later records, without calling it again; other endpoints are not
+/// touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_endpoint_dead_letters_its_records_without_calling_it_again() {
+    const RECORDS: usize = 1_000;
+    let (topic, group, dlt_topic) = setup("destinations-gone", 4).await;
+    support::produce(&topic, (0..RECORDS).map(delivery).collect()).await;
+    let calls_to_gone = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (calls, ok) = (calls_to_gone.clone(), delivered.clone());
+    let handler = handler_fn(move |m: Message<Delivery>| {
+        let (calls, ok) = (calls.clone(), ok.clone());
+        async move {
+            if m.event().id % ENDPOINTS == 7 {
+                calls.fetch_add(1, Ordering::SeqCst);
+                return Err(HandlerError::destination_gone("ep-7: 410 Gone"));
+            }
+            ok.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .destinations(Destinations::by_key()),
+    );
+    let gone_records = (RECORDS / ENDPOINTS) as u64;
+    wait_for("every record settled", Duration::from_secs(60), || {
+        let s = c.monitor.snapshot();
+        delivered.load(Ordering::SeqCst) == RECORDS as u64 - gone_records
+            && s.dead_lettered.total() == gone_records
+    })
+    .await;
+    let end = c.monitor.snapshot();
+    c.stop().await;
+    assert_eq!(
+        calls_to_gone.load(Ordering::SeqCst),
+        1,
+        "called once, then never again"
+    );
+    assert_eq!(end.dead_lettered.permanent, gone_records);
+    let d = end.destinations.expect("destinations");
+    assert_eq!(d.top[0].gone.as_deref(), Some("ep-7: 410 Gone"), "{d:?}");
+    let letters = support::read_all(&dlt_topic).await;
+    assert_eq!(letters.len(), gone_records as usize);
+    let messages: Vec<&str> = (letters.iter())
+        .map(|l| l.header_str(kourier::dead_letter::headers::EXCEPTION_MESSAGE))
+        .collect();
+    assert_eq!(
+        messages[0], "ep-7: 410 Gone",
+        "the record that got the answer"
+    );
+    assert!(
+        messages[1..]
+            .iter()
+            .all(|m| *m == "destination gone: ep-7: 410 Gone"),
+        "{messages:?}"
+    );
+}
+
+/// A per-destination cap in unordered mode: one hot endpoint never has more attempts
+/// running than its cap, while the other endpoints' records run alongside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_holds_a_hot_endpoint_to_its_share() {
+    const RECORDS: usize = 400;
+    const CAP: u64 = 3;
+    let (topic, group, _dlt) = setup("destinations-cap", 4).await;
+    // Half the records go to the hot endpoint, the rest spread over 100.
+    let records = (0..RECORDS)
+        .map(|id| {
+            let endpoint = if id % 2 == 0 {
+                "hot".to_owned()
+            } else {
+                format!("ep-{id}")
+            };
+            TestRecord::new()
+                .key(endpoint)
+                .value(format!(r#"{{"id":{id}}}"#))
+        })
+        .collect();
+    support::produce(&topic, records).await;
+    let running = Arc::new(AtomicU64::new(0));
+    let most = Arc::new(AtomicU64::new(0));
+    let others_running_with_hot = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let (r, m, o, d) = (
+        running.clone(),
+        most.clone(),
+        others_running_with_hot.clone(),
+        done.clone(),
+    );
+    let handler = handler_fn(move |msg: Message<Delivery>| {
+        let (r, m, o, d) = (r.clone(), m.clone(), o.clone(), d.clone());
+        async move {
+            if msg.key_str() == Some("hot") {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+            } else if r.load(Ordering::SeqCst) > 0 {
+                o.fetch_add(1, Ordering::SeqCst);
+            }
+            d.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    });
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .ordering(ProcessingOrder::Unordered)
+            .max_in_flight(32)
+            .destinations(Destinations::by_key().with_max_in_flight(CAP as u32)),
+    );
+    wait_for("every record handled", Duration::from_secs(60), || {
+        done.load(Ordering::SeqCst) == RECORDS as u64
+    })
+    .await;
+    c.stop().await;
+    let most = most.load(Ordering::SeqCst);
+    eprintln!(
+        "hot endpoint: at most {most} attempts at once (cap {CAP}); {} other records ran while it had some",
+        others_running_with_hot.load(Ordering::SeqCst)
+    );
+    assert!(
+        most <= CAP,
+        "{most} attempts at once to the hot endpoint, cap {CAP}"
+    );
+    assert!(
+        most >= 2,
+        "the cap, not a lack of records, limited it: {most}"
+    );
+}

@@ -31,7 +31,7 @@ mod worker_task;
 
 pub use self::breaker::{
     BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, DestinationStatus, Destinations,
-    DestinationsStatus,
+    DestinationsStatus, GoneRecords,
 };
 pub use self::builder::{
     Idempotency, MissingTopics, PanicPolicy, RetryingConsumerBuilder, StoreOutage,

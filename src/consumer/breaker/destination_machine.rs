@@ -1,12 +1,15 @@
 //! The breakers of destinations (delivery rule 19 in the crate docs): one small state
-//! machine per destination with failures, in one bounded map. The settings and the states
-//! are documented on [`Destinations`](super::Destinations); the worker's side (waiting
-//! without a slot) is `work::destination`.
+//! machine per destination, in one bounded map. The settings and the states are documented
+//! on [`Destinations`](super::Destinations); the worker's side (waiting without a slot) is
+//! `work::destination`.
 //!
-//! A destination is tracked from its first counted failure until it closes again (a success
-//! while closed, a successful probe), or until it is idle past the expiry. Records ask
+//! Without limits, a destination is tracked from its first counted failure until it closes
+//! again (a success while closed, a successful probe), or until it is idle past the expiry;
+//! with a per-destination concurrency cap or rate limit, every destination with records
+//! running is tracked (until it is idle again). Records ask
 //! [`DestinationBreakers::try_admit`] before each attempt: a pass, or how to wait (until the
-//! open interval ends, or until the destination's [`Notify`] says something changed).
+//! open interval ends, a token is due, or the destination's [`Notify`] says something
+//! changed), or that the destination is gone.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::destinations::{Destination, DestinationRules};
+use super::destinations::{Destination, DestinationRules, GoneRecords};
 use super::machine::Caller;
 use super::status::BreakerState;
 use crate::clock;
@@ -28,15 +31,23 @@ use crate::metrics::ConsumerMetrics;
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
     Closed,
-    Open { until: Instant },
-    HalfOpen { probe_out: bool },
+    Open {
+        until: Instant,
+    },
+    HalfOpen {
+        probe_out: bool,
+    },
+    /// The handler said the destination is gone: until `until` its records are given up.
+    Gone {
+        until: Instant,
+    },
 }
 
 impl Phase {
     fn state(self) -> BreakerState {
         match self {
             Phase::Closed => BreakerState::Closed,
-            Phase::Open { .. } => BreakerState::Open,
+            Phase::Open { .. } | Phase::Gone { .. } => BreakerState::Open,
             Phase::HalfOpen { .. } => BreakerState::HalfOpen,
         }
     }
@@ -52,6 +63,8 @@ struct Entry {
     first: Option<Caller>,
     mixed: bool,
     failed_probes: u32,
+    /// What the handler said when it called the destination gone (while it is).
+    gone: Option<Arc<str>>,
     /// When it last failed or changed state (for the idle expiry).
     touched: Instant,
     /// Since when it is not closed.
@@ -60,15 +73,44 @@ struct Entry {
     held_failures: u64,
     /// Records waiting for it now.
     waiting: usize,
+    /// Attempts running now (counted with a concurrency cap or a rate limit only).
+    running: u32,
+    /// The rate limit's bucket: tokens left, as of `refilled`.
+    tokens: f64,
+    refilled: Instant,
     changed: Arc<Notify>,
     /// Changes since it was tracked: a pass remembers the epoch it was given in, so a
     /// straggler's result does not move a destination that changed since.
     epoch: u64,
 }
 
+impl Entry {
+    fn new(name: Box<str>, now: Instant, tokens: f64) -> Self {
+        Entry {
+            name,
+            phase: Phase::Closed,
+            consecutive: 0,
+            first: None,
+            mixed: false,
+            failed_probes: 0,
+            gone: None,
+            touched: now,
+            since: SystemTime::now(),
+            opened: 0,
+            held_failures: 0,
+            waiting: 0,
+            running: 0,
+            tokens,
+            refilled: now,
+            changed: Arc::new(Notify::new()),
+            epoch: 0,
+        }
+    }
+}
+
 struct State {
     entries: HashMap<u64, Entry, foldhash::fast::RandomState>,
-    /// Destinations open or half-open now.
+    /// Destinations open, half-open or gone now.
     open: usize,
     untracked: u64,
     /// The last time expired entries were looked for.
@@ -94,7 +136,7 @@ impl fmt::Debug for DestinationBreakers {
     }
 }
 
-/// Leave for one attempt of a record of a tracked-or-not destination. Report its result with
+/// Leave for one attempt of a record of a destination. Report its result with
 /// [`DestinationPass::succeeded`] or [`DestinationPass::failed`]; dropped unreported, a
 /// probe passes to the next record.
 pub(crate) struct DestinationPass<'a> {
@@ -102,13 +144,21 @@ pub(crate) struct DestinationPass<'a> {
     id: u64,
     epoch: u64,
     probe: bool,
+    /// The attempt counts toward the destination's running attempts (a cap or a rate
+    /// limit is set and the destination is tracked).
+    counted: bool,
 }
 
-/// How a record waits for its destination.
-pub(crate) struct DestinationWait {
-    /// When to look again (`None`: when woken).
-    pub(crate) until: Option<Instant>,
-    pub(crate) changed: Arc<Notify>,
+/// Why a record may not make its attempt now.
+pub(crate) enum Denied {
+    /// Wait: until `until` (`None`: until woken), or until `changed` says something changed.
+    Wait {
+        until: Option<Instant>,
+        changed: Arc<Notify>,
+    },
+    /// The destination is gone (the handler said so, with this message): the record is
+    /// given up.
+    Gone(Arc<str>),
 }
 
 /// What a record remembers of its destination between attempts.
@@ -116,6 +166,19 @@ pub(crate) struct DestinationWait {
 pub(crate) struct DestinationMemo {
     /// Probes of its destination it failed (its bound: `probes_per_record`).
     pub(crate) failed_probes: u32,
+}
+
+/// How an attempt ended, for its destination.
+enum Ended<'e> {
+    Succeeded,
+    Failed {
+        destination: &'e Destination,
+        caller: Caller,
+        error: &'e HandlerError,
+        memo: &'e mut DestinationMemo,
+    },
+    /// Given up before or during its attempt (nothing said about the destination).
+    Dropped,
 }
 
 /// Before a sweep for expired entries when the map is full, at least this long passes
@@ -148,48 +211,109 @@ impl DestinationBreakers {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A pass for the next attempt of a record of `destination`, or how to wait for it.
+    /// Whether every destination with records running is tracked (a cap or a rate limit).
+    fn limited(&self) -> bool {
+        self.rules.max_in_flight.is_some() || self.rules.rate.is_some()
+    }
+
+    /// A full bucket.
+    fn full_bucket(&self) -> f64 {
+        self.rules.rate.map_or(0.0, |(calls, _)| f64::from(calls))
+    }
+
+    /// A pass for the next attempt of a record of `destination`, or why not now.
     pub(crate) fn try_admit(
         &self,
         destination: &Destination,
-    ) -> Result<DestinationPass<'_>, DestinationWait> {
+    ) -> Result<DestinationPass<'_>, Denied> {
         let mut s = self.lock();
-        let Some(e) = s.entries.get_mut(&destination.id) else {
-            return Ok(self.pass(destination.id, 0, false));
-        };
         let now = Instant::now();
-        match e.phase {
-            Phase::Closed => Ok(self.pass(destination.id, e.epoch, false)),
-            Phase::Open { until } if now < until => Err(DestinationWait {
-                until: Some(until),
-                changed: e.changed.clone(),
-            }),
-            Phase::Open { .. } | Phase::HalfOpen { probe_out: false } => {
-                if matches!(e.phase, Phase::Open { .. }) {
-                    e.epoch += 1;
-                    self.log_transition(
-                        e,
-                        BreakerState::HalfOpen,
-                        "destination half-open: one probe record goes through",
-                    );
-                }
-                e.phase = Phase::HalfOpen { probe_out: true };
-                e.touched = now;
-                Ok(self.pass(destination.id, e.epoch, true))
+        if !s.entries.contains_key(&destination.id) {
+            if !self.limited() {
+                // The fast path: a destination without failures is not tracked.
+                return Ok(self.pass(destination.id, 0, false, false));
             }
-            Phase::HalfOpen { probe_out: true } => Err(DestinationWait {
-                until: None,
-                changed: e.changed.clone(),
-            }),
+            if !self.make_room(&mut s, now) {
+                drop(s);
+                self.untracked();
+                return Ok(self.pass(destination.id, 0, false, false));
+            }
+            let tokens = self.full_bucket();
+            s.entries.insert(
+                destination.id,
+                Entry::new(destination.display_name(), now, tokens),
+            );
         }
+        let limited = self.limited();
+        let Some(e) = s.entries.get_mut(&destination.id) else {
+            unreachable!("inserted above");
+        };
+        let changed = e.changed.clone();
+        let wait = move |until| Denied::Wait { until, changed };
+        let probe = match e.phase {
+            Phase::Closed => false,
+            Phase::Open { until } if now < until => return Err(wait(Some(until))),
+            Phase::Gone { until } if now < until => {
+                return Err(Denied::Gone(
+                    e.gone.clone().unwrap_or_else(|| Arc::from("gone")),
+                ));
+            }
+            Phase::Open { .. } | Phase::Gone { .. } | Phase::HalfOpen { probe_out: false } => true,
+            Phase::HalfOpen { probe_out: true } => return Err(wait(None)),
+        };
+        if limited {
+            if let Some(cap) = self.rules.max_in_flight
+                && e.running >= cap
+            {
+                return Err(wait(None));
+            }
+            if let Some((calls, per)) = self.rules.rate {
+                let rate = f64::from(calls) / per.as_secs_f64();
+                let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
+                e.tokens = (e.tokens + elapsed * rate).min(f64::from(calls));
+                e.refilled = now;
+                if e.tokens < 1.0 {
+                    let due = Duration::from_secs_f64(((1.0 - e.tokens) / rate).min(86_400.0));
+                    return Err(wait(Some(clock::after(now, due))));
+                }
+                e.tokens -= 1.0;
+            }
+            e.running += 1;
+        }
+        if probe {
+            if !matches!(e.phase, Phase::HalfOpen { .. }) {
+                e.epoch += 1;
+                self.log_transition(
+                    e,
+                    BreakerState::HalfOpen,
+                    "destination half-open: one probe record goes through",
+                );
+            }
+            e.phase = Phase::HalfOpen { probe_out: true };
+            e.touched = now;
+        }
+        Ok(self.pass(destination.id, e.epoch, probe, limited))
     }
 
-    fn pass(&self, id: u64, epoch: u64, probe: bool) -> DestinationPass<'_> {
+    fn pass(&self, id: u64, epoch: u64, probe: bool, counted: bool) -> DestinationPass<'_> {
         DestinationPass {
             breakers: Some(self),
             id,
             epoch,
             probe,
+            counted,
+        }
+    }
+
+    fn untracked(&self) {
+        self.lock().untracked += 1;
+        self.metrics.destination_untracked();
+        if let Some(suppressed) = self.throttle.admit("destinations full") {
+            warn!(
+                max_tracked = self.rules.max_tracked,
+                suppressed,
+                "as many destinations are tracked as allowed: a destination not tracked yet is not isolated (its failures take the retry policy; no cap or rate limit holds it)"
+            );
         }
     }
 
@@ -205,109 +329,167 @@ impl DestinationBreakers {
         }
     }
 
-    fn on_success(&self, id: u64, epoch: u64, probe: bool) {
+    /// An attempt with `pass` ended; returns whether the record is held (it waits for its
+    /// destination, its attempt not counted) rather than left to its retry policy.
+    fn end(&self, pass: &DestinationPass<'_>, ended: Ended<'_>) -> bool {
         let mut s = self.lock();
-        let Some(e) = s.entries.get(&id) else {
-            return;
-        };
-        let closes = match e.phase {
-            Phase::Closed => true,
-            Phase::HalfOpen { .. } => probe && e.epoch == epoch,
-            Phase::Open { .. } => false,
-        };
-        if !closes {
-            return;
+        let now = Instant::now();
+        if pass.counted
+            && let Some(e) = s.entries.get_mut(&pass.id)
+        {
+            let was_full = self.rules.max_in_flight.is_some_and(|cap| e.running >= cap);
+            e.running = e.running.saturating_sub(1);
+            if was_full {
+                e.changed.notify_waiters();
+            }
         }
-        let Some(e) = s.entries.remove(&id) else {
-            return;
+        let held = match ended {
+            Ended::Succeeded => {
+                self.succeeded(&mut s, pass);
+                false
+            }
+            Ended::Failed {
+                destination,
+                caller,
+                error,
+                memo,
+            } => self.failed(&mut s, pass, destination, caller, error, memo, now),
+            Ended::Dropped => {
+                if pass.probe
+                    && let Some(e) = s.entries.get_mut(&pass.id)
+                    && e.epoch == pass.epoch
+                    && e.phase == (Phase::HalfOpen { probe_out: true })
+                {
+                    // The next record may probe.
+                    e.phase = Phase::HalfOpen { probe_out: false };
+                    e.changed.notify_waiters();
+                }
+                false
+            }
         };
-        if e.phase != Phase::Closed {
-            s.open -= 1;
-            drop(s);
-            self.metrics
-                .destination_transition(BreakerState::Closed.gauge(), -1);
-            self.log_transition(
-                &e,
-                BreakerState::Closed,
-                "destination closed: the probe succeeded; its records run again",
-            );
-        }
-        // Waiters find no entry: they go.
-        e.changed.notify_waiters();
+        self.forget_if_clean(&mut s, pass.id, now);
+        held
     }
 
-    /// Counts a failed call; returns whether the record is held (waits for its
-    /// destination, its attempt not counted) rather than left to its retry policy.
-    fn on_failure(
+    fn succeeded(&self, s: &mut State, pass: &DestinationPass<'_>) {
+        let Some(e) = s.entries.get_mut(&pass.id) else {
+            return;
+        };
+        match e.phase {
+            Phase::Closed => {
+                e.consecutive = 0;
+                e.first = None;
+                e.mixed = false;
+            }
+            Phase::HalfOpen { .. } if pass.probe && e.epoch == pass.epoch => {
+                s.open -= 1;
+                e.phase = Phase::Closed;
+                e.epoch += 1;
+                e.failed_probes = 0;
+                e.consecutive = 0;
+                e.first = None;
+                e.mixed = false;
+                e.gone = None;
+                self.metrics
+                    .destination_transition(BreakerState::Closed.gauge(), -1);
+                self.log_transition(
+                    e,
+                    BreakerState::Closed,
+                    "destination closed: the probe succeeded; its records run again",
+                );
+                // Waiters find it closed: they go.
+                e.changed.notify_waiters();
+            }
+            _ => {}
+        }
+    }
+
+    /// Counts a failed call; returns whether the record is held.
+    #[allow(clippy::too_many_arguments)]
+    fn failed(
         &self,
+        s: &mut State,
+        pass: &DestinationPass<'_>,
         destination: &Destination,
-        pass: (u64, bool),
         caller: Caller,
         error: &HandlerError,
         memo: &mut DestinationMemo,
+        now: Instant,
     ) -> bool {
-        let (epoch, probe) = pass;
-        let unavailable = error.kind() == FailureKind::Unavailable;
-        let mut s = self.lock();
-        let now = Instant::now();
-        if !s.entries.contains_key(&destination.id) && !self.make_room(&mut s, now) {
-            s.untracked += 1;
-            drop(s);
-            self.metrics.destination_untracked();
-            if let Some(suppressed) = self.throttle.admit("destinations full") {
-                warn!(
-                    max_tracked = self.rules.max_tracked,
-                    suppressed,
-                    "as many destinations are tracked as allowed: a destination failing for the first time is not isolated (its failures take the retry policy)"
-                );
+        let kind = error.kind();
+        let gone = kind == FailureKind::DestinationGone;
+        if !matches!(kind, FailureKind::Transient | FailureKind::Unavailable) && !gone {
+            // Permanent failures and panics say nothing about the destination; a probe
+            // that ends so hands the probe on.
+            if pass.probe
+                && let Some(e) = s.entries.get_mut(&pass.id)
+                && e.epoch == pass.epoch
+                && e.phase == (Phase::HalfOpen { probe_out: true })
+            {
+                e.phase = Phase::HalfOpen { probe_out: false };
+                e.changed.notify_waiters();
             }
             return false;
         }
+        if !s.entries.contains_key(&destination.id) {
+            if !self.make_room(s, now) {
+                s.untracked += 1;
+                self.metrics.destination_untracked();
+                if let Some(suppressed) = self.throttle.admit("destinations full") {
+                    warn!(
+                        max_tracked = self.rules.max_tracked,
+                        suppressed,
+                        "as many destinations are tracked as allowed: a destination failing for the first time is not isolated (its failures take the retry policy)"
+                    );
+                }
+                return false;
+            }
+            let mut e = Entry::new(destination.display_name(), now, self.full_bucket());
+            e.epoch = pass.epoch;
+            s.entries.insert(destination.id, e);
+        }
         let rules = self.rules;
-        let State { entries, open, .. } = &mut *s;
-        let e = entries.entry(destination.id).or_insert_with(|| Entry {
-            name: destination.display_name(),
-            phase: Phase::Closed,
-            consecutive: 0,
-            first: None,
-            mixed: false,
-            failed_probes: 0,
-            touched: now,
-            since: SystemTime::now(),
-            opened: 0,
-            held_failures: 0,
-            waiting: 0,
-            changed: Arc::new(Notify::new()),
-            epoch,
-        });
+        let State { entries, open, .. } = s;
+        let Some(e) = entries.get_mut(&destination.id) else {
+            unreachable!("inserted above");
+        };
         e.touched = now;
-        let held = match e.phase {
-            Phase::Closed => {
-                e.consecutive = e.consecutive.saturating_add(1);
-                match e.first {
-                    None => e.first = Some(caller),
-                    Some(first) if first != caller => e.mixed = true,
-                    Some(_) => {}
+        let unavailable = kind == FailureKind::Unavailable;
+        let was_closed = e.phase == Phase::Closed;
+        let held = if gone {
+            *open += usize::from(was_closed);
+            self.mark_gone(e, error);
+            // The record itself: dead-lettered with the others, or waiting with them.
+            rules.gone == GoneRecords::Wait
+        } else {
+            match e.phase {
+                Phase::Closed => {
+                    e.consecutive = e.consecutive.saturating_add(1);
+                    match e.first {
+                        None => e.first = Some(caller),
+                        Some(first) if first != caller => e.mixed = true,
+                        Some(_) => {}
+                    }
+                    if unavailable || (e.mixed && e.consecutive >= rules.consecutive) {
+                        *open += 1;
+                        self.open(e, error, "destination opened: its records wait (no attempts used, nothing dead-lettered) until a probe succeeds; other destinations run");
+                        true
+                    } else {
+                        false
+                    }
                 }
-                if unavailable || (e.mixed && e.consecutive >= rules.consecutive) {
-                    *open += 1;
-                    self.open(e, error, "destination opened: its records wait (no attempts used, nothing dead-lettered) until a probe succeeds; other destinations run");
-                    true
-                } else {
-                    false
+                Phase::HalfOpen { .. } if pass.probe && e.epoch == pass.epoch => {
+                    e.failed_probes = e.failed_probes.saturating_add(1);
+                    self.open(e, error, "destination re-opened: the probe failed");
+                    // A record failing its share of probes takes its normal path: one
+                    // record failing on its own cannot hold its destination open forever.
+                    memo.failed_probes = memo.failed_probes.saturating_add(u32::from(!unavailable));
+                    memo.failed_probes < rules.probes_per_record
                 }
+                // A call that started before the destination opened (or went): it is down,
+                // so the record waits for it like the others (or, gone, is given up then).
+                Phase::Open { .. } | Phase::HalfOpen { .. } | Phase::Gone { .. } => true,
             }
-            Phase::HalfOpen { .. } if probe && e.epoch == epoch => {
-                e.failed_probes = e.failed_probes.saturating_add(1);
-                self.open(e, error, "destination re-opened: the probe failed");
-                // A record failing its share of probes takes its normal path: one record
-                // failing on its own cannot hold its destination open forever.
-                memo.failed_probes = memo.failed_probes.saturating_add(u32::from(!unavailable));
-                memo.failed_probes < rules.probes_per_record
-            }
-            // A call that started before the destination opened: it is down, so the record
-            // waits for it like the others.
-            Phase::Open { .. } | Phase::HalfOpen { .. } => true,
         };
         if held {
             e.held_failures += 1;
@@ -323,10 +505,43 @@ impl DestinationBreakers {
                 .unwrap_or_default()
                 .min(HandlerError::MAX_RETRY_AFTER),
         );
+        self.enter(
+            e,
+            Phase::Open {
+                until: clock::deadline_in(open_for),
+            },
+        );
+        if let Some(suppressed) = self.throttle.admit(&format!("open {}", e.name)) {
+            warn!(destination = %e.name, ?open_for, error = %error, suppressed, "{line}");
+        }
+    }
+
+    /// The handler said `e` is gone: its records are given up (or wait) for `gone_for`.
+    fn mark_gone(&self, e: &mut Entry, error: &HandlerError) {
+        let gone_for = self.rules.gone_for.max(
+            error
+                .retry_after_hint()
+                .unwrap_or_default()
+                .min(HandlerError::MAX_RETRY_AFTER),
+        );
+        let until = clock::deadline_in(gone_for);
+        e.gone = Some(Arc::from(error.message()));
+        self.enter(
+            e,
+            match self.rules.gone {
+                GoneRecords::DeadLetter => Phase::Gone { until },
+                GoneRecords::Wait => Phase::Open { until },
+            },
+        );
+        if let Some(suppressed) = self.throttle.admit(&format!("gone {}", e.name)) {
+            warn!(destination = %e.name, ?gone_for, error = %error, records = ?self.rules.gone, suppressed, "destination gone: its records are given up (or wait, as configured) until it is probed again");
+        }
+    }
+
+    /// `e` enters `phase` (open or gone), from whatever it was.
+    fn enter(&self, e: &mut Entry, phase: Phase) {
         let from_closed = e.phase == Phase::Closed;
-        e.phase = Phase::Open {
-            until: clock::deadline_in(open_for),
-        };
+        e.phase = phase;
         e.epoch += 1;
         e.opened += 1;
         if from_closed {
@@ -337,9 +552,6 @@ impl DestinationBreakers {
         e.mixed = false;
         self.metrics
             .destination_transition(BreakerState::Open.gauge(), i64::from(from_closed));
-        if let Some(suppressed) = self.throttle.admit(&format!("open {}", e.name)) {
-            warn!(destination = %e.name, ?open_for, error = %error, suppressed, "{line}");
-        }
         e.changed.notify_waiters();
     }
 
@@ -352,16 +564,27 @@ impl DestinationBreakers {
         }
     }
 
-    /// A probe left unreported (its record ended otherwise): the next record may probe.
-    fn return_probe(&self, id: u64, epoch: u64) {
-        let mut s = self.lock();
-        if let Some(e) = s.entries.get_mut(&id)
-            && e.epoch == epoch
-            && e.phase == (Phase::HalfOpen { probe_out: true })
-        {
-            e.phase = Phase::HalfOpen { probe_out: false };
-            e.changed.notify_waiters();
+    /// Forgets `id` when nothing about it needs remembering: closed, no failures in a row,
+    /// nothing running or waiting, its bucket full again.
+    fn forget_if_clean(&self, s: &mut State, id: u64, now: Instant) {
+        let Some(e) = s.entries.get(&id) else {
+            return;
+        };
+        if self.is_clean(e, now) {
+            s.entries.remove(&id);
         }
+    }
+
+    fn is_clean(&self, e: &Entry, now: Instant) -> bool {
+        e.phase == Phase::Closed
+            && e.consecutive == 0
+            && e.running == 0
+            && e.waiting == 0
+            && self.rules.rate.is_none_or(|(calls, per)| {
+                let rate = f64::from(calls) / per.as_secs_f64();
+                let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
+                e.tokens + elapsed * rate >= f64::from(calls)
+            })
     }
 
     /// Whether a new destination may be tracked: forgets expired ones first (at most once
@@ -378,9 +601,14 @@ impl DestinationBreakers {
         let mut forgot_open = 0;
         s.entries.retain(|_, e| {
             let expired = e.waiting == 0
+                && e.running == 0
                 && match e.phase {
-                    Phase::Closed => now.saturating_duration_since(e.touched) >= idle,
-                    Phase::Open { until } => now.saturating_duration_since(until) >= idle,
+                    Phase::Closed => {
+                        now.saturating_duration_since(e.touched) >= idle || self.is_clean(e, now)
+                    }
+                    Phase::Open { until } | Phase::Gone { until } => {
+                        now.saturating_duration_since(until) >= idle
+                    }
                     Phase::HalfOpen { probe_out } => {
                         !probe_out && now.saturating_duration_since(e.touched) >= idle
                     }
@@ -407,6 +635,7 @@ impl DestinationBreakers {
             .map(|e| DestinationStatus {
                 name: e.name.to_string(),
                 state: e.phase.state(),
+                gone: e.gone.as_deref().map(str::to_owned),
                 since: e.since,
                 opened: e.opened,
                 held_failures: e.held_failures,
@@ -428,7 +657,7 @@ impl DestinationPass<'_> {
     /// The attempt succeeded.
     pub(crate) fn succeeded(mut self) {
         if let Some(b) = self.breakers.take() {
-            b.on_success(self.id, self.epoch, self.probe);
+            b.end(&self, Ended::Succeeded);
         }
     }
 
@@ -444,26 +673,22 @@ impl DestinationPass<'_> {
         let Some(b) = self.breakers.take() else {
             return false;
         };
-        let counted = matches!(
-            error.kind(),
-            FailureKind::Transient | FailureKind::Unavailable
-        );
-        if !counted {
-            if self.probe {
-                b.return_probe(self.id, self.epoch);
-            }
-            return false;
-        }
-        b.on_failure(destination, (self.epoch, self.probe), caller, error, memo)
+        b.end(
+            &self,
+            Ended::Failed {
+                destination,
+                caller,
+                error,
+                memo,
+            },
+        )
     }
 }
 
 impl Drop for DestinationPass<'_> {
     fn drop(&mut self) {
-        if let Some(b) = self.breakers.take()
-            && self.probe
-        {
-            b.return_probe(self.id, self.epoch);
+        if let Some(b) = self.breakers.take() {
+            b.end(self, Ended::Dropped);
         }
     }
 }
@@ -472,13 +697,15 @@ impl Drop for DestinationPass<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DestinationsStatus {
-    /// Destinations tracked now (those with recent failures, and the open ones).
+    /// Destinations tracked now (those with recent failures and the open ones; with a
+    /// per-destination cap or rate limit, also those with records running).
     pub tracked: usize,
-    /// Destinations open or half-open now.
+    /// Destinations open, half-open or gone now.
     pub open: usize,
-    /// Failures of destinations that could not be tracked (the cap was reached), so far.
+    /// Destinations that could not be tracked (the cap was reached), counted at each
+    /// failure or admission that found no room, so far.
     pub untracked: u64,
-    /// The destinations open or half-open longest, oldest first (at most 10).
+    /// The destinations not closed for longest, oldest first (at most 10).
     pub top: Vec<DestinationStatus>,
 }
 
@@ -488,8 +715,11 @@ pub struct DestinationsStatus {
 pub struct DestinationStatus {
     /// Its name (cut at 96 characters; bytes that are not UTF-8 replaced).
     pub name: String,
-    /// Open or half-open.
+    /// Open (or gone) or half-open.
     pub state: BreakerState,
+    /// While the handler's last word was that it is
+    /// [gone](crate::HandlerError::destination_gone): what it said.
+    pub gone: Option<String>,
     /// Since when it is not closed (it opened, after its last close).
     pub since: SystemTime,
     /// Times it opened (re-opening after a failed probe included).
@@ -540,6 +770,15 @@ mod tests {
     ) -> bool {
         let pass = b.try_admit(d).ok().expect("admitted");
         pass.failed(d, caller, error, &mut DestinationMemo::default())
+    }
+
+    /// `d`'s records must wait: until when (`None`: until woken).
+    fn wait_until(b: &DestinationBreakers, d: &Destination) -> Option<Instant> {
+        match b.try_admit(d) {
+            Err(Denied::Wait { until, .. }) => until,
+            Err(Denied::Gone(said)) => panic!("gone: {said}"),
+            Ok(_) => panic!("admitted"),
+        }
     }
 
     fn state_of(b: &DestinationBreakers, id: u64) -> Option<BreakerState> {
@@ -596,10 +835,7 @@ mod tests {
         let d = destination(1);
         let gone = HandlerError::unavailable("429").retry_after(Duration::from_secs(3));
         assert!(fails(&b, &d, 1, &gone));
-        let Err(wait) = b.try_admit(&d) else {
-            panic!("open")
-        };
-        let until = wait.until.expect("open until");
+        let until = wait_until(&b, &d).expect("open until");
         assert!(
             until >= Instant::now() + Duration::from_secs(3),
             "the hint, not the 1 s interval"
@@ -615,10 +851,11 @@ mod tests {
         assert!(b.try_admit(&d).is_err(), "open for 1 s");
         tokio::time::advance(Duration::from_millis(1)).await;
         let probe = b.try_admit(&d).ok().expect("the probe");
-        let Err(wait) = b.try_admit(&d) else {
-            panic!("one probe at a time")
-        };
-        assert!(wait.until.is_none(), "woken when the probe ends");
+        assert_eq!(
+            wait_until(&b, &d),
+            None,
+            "one probe at a time: woken when it ends"
+        );
         let mut memo = DestinationMemo::default();
         assert!(probe.failed(&d, 1, &transient(), &mut memo), "held again");
         assert_eq!(memo.failed_probes, 1);
@@ -725,6 +962,87 @@ mod tests {
             &HandlerError::unavailable("down")
         ));
         assert_eq!(state_of(&b, 1), Some(BreakerState::Open));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_gone_gives_its_records_up_until_it_is_probed_again() {
+        let b = breakers(DestinationRules {
+            gone_for: Duration::from_secs(60),
+            ..rules()
+        });
+        let d = destination(1);
+        let gone = HandlerError::destination_gone("410 Gone");
+        assert!(
+            !fails(&b, &d, 1, &gone),
+            "the record itself is dead-lettered"
+        );
+        let Err(Denied::Gone(said)) = b.try_admit(&d) else {
+            panic!("its later records are given up")
+        };
+        assert_eq!(&*said, "410 Gone");
+        let status = b.status();
+        assert_eq!(status.open, 1);
+        assert_eq!(status.top[0].gone.as_deref(), Some("410 Gone"));
+        assert!(b.try_admit(&destination(2)).is_ok(), "others run");
+        tokio::time::advance(Duration::from_secs(60)).await;
+        b.try_admit(&d).ok().expect("probed again").succeeded();
+        assert_eq!(state_of(&b, 1), None, "back: closed and forgotten");
+        assert_eq!(b.status().open, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_gone_can_make_its_records_wait_instead() {
+        let b = breakers(DestinationRules {
+            gone: GoneRecords::Wait,
+            gone_for: Duration::from_secs(60),
+            ..rules()
+        });
+        let d = destination(1);
+        assert!(
+            fails(&b, &d, 1, &HandlerError::destination_gone("410")),
+            "held"
+        );
+        assert!(wait_until(&b, &d).is_some_and(|t| t >= Instant::now() + Duration::from_secs(60)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cap_holds_a_destination_to_its_share_of_attempts() {
+        let b = breakers(DestinationRules {
+            max_in_flight: Some(2),
+            ..rules()
+        });
+        let (hot, other) = (destination(1), destination(2));
+        let first = b.try_admit(&hot).ok().expect("1 of 2");
+        let second = b.try_admit(&hot).ok().expect("2 of 2");
+        assert_eq!(wait_until(&b, &hot), None, "the third waits until one ends");
+        let third_other = b.try_admit(&other).ok().expect("another destination runs");
+        first.succeeded();
+        let third = b.try_admit(&hot).ok().expect("a place is free");
+        drop((second, third, third_other));
+        assert_eq!(b.status().tracked, 0, "idle destinations are forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_spaces_a_destinations_attempts() {
+        let b = breakers(DestinationRules {
+            rate: Some((2, Duration::from_secs(1))),
+            ..rules()
+        });
+        let d = destination(1);
+        for _ in 0..2 {
+            b.try_admit(&d).ok().expect("a burst of 2").succeeded();
+        }
+        let due = wait_until(&b, &d).expect("the next token's time");
+        assert_eq!(due, Instant::now() + Duration::from_millis(500));
+        assert!(
+            b.try_admit(&destination(2)).is_ok(),
+            "others have their own bucket"
+        );
+        tokio::time::advance(Duration::from_millis(500)).await;
+        b.try_admit(&d).ok().expect("a token").succeeded();
+        assert!(b.try_admit(&d).is_err());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        b.try_admit(&d).ok().expect("refilled").succeeded();
     }
 
     #[test]

@@ -102,6 +102,10 @@ impl<T> Clone for Source<T> {
 /// ```
 pub struct Destinations<T> {
     source: Source<T>,
+    max_in_flight: Option<u32>,
+    rate: Option<(u32, Duration)>,
+    gone: GoneRecords,
+    gone_for: Duration,
     consecutive: u32,
     open_interval: Duration,
     max_open_interval: Duration,
@@ -138,8 +142,30 @@ impl<T> fmt::Debug for Destinations<T> {
             .field("max_tracked", &self.max_tracked)
             .field("idle_expiry", &self.idle_expiry)
             .field("probes_per_record", &self.probes_per_record)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("rate", &self.rate)
+            .field("gone", &self.gone)
+            .field("gone_for", &self.gone_for)
             .finish()
     }
+}
+
+/// What happens to the records of a destination the handler said is
+/// [gone](crate::HandlerError::destination_gone): the setting of
+/// [`Destinations::with_gone`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum GoneRecords {
+    /// Dead-lettered at once (reason `permanent`, the error saying the destination is gone
+    /// and what the handler said), without calling the handler: the record that got the
+    /// answer, the destination's records waiting for it, and its later ones while it is
+    /// gone. The default.
+    #[default]
+    DeadLetter,
+    /// They wait, as for an open destination (no attempts used, nothing dead-lettered),
+    /// until it is probed again: for destinations that may come back (a customer who will
+    /// re-enable an endpoint).
+    Wait,
 }
 
 /// The longest name of a destination kept for the snapshot and the logs (longer ones are
@@ -170,6 +196,10 @@ impl<T> Destinations<T> {
     fn with_source(source: Source<T>) -> Self {
         Destinations {
             source,
+            max_in_flight: None,
+            rate: None,
+            gone: GoneRecords::DeadLetter,
+            gone_for: Duration::from_secs(3600),
             consecutive: 3,
             open_interval: Duration::from_secs(5),
             max_open_interval: Duration::from_secs(60),
@@ -241,6 +271,43 @@ impl<T> Destinations<T> {
         self
     }
 
+    /// At most `n` attempts (at least 1) to one destination run at once: a destination's
+    /// further records wait (without an in-flight slot) until one ends. So no destination
+    /// takes more than `n` of the consumer's
+    /// [`max_in_flight`](crate::RetryingConsumerBuilder::max_in_flight) slots, however hot it
+    /// is. Default: no cap. (In key order with the destination as the key, a destination
+    /// runs one record at a time anyway.)
+    #[must_use]
+    pub fn with_max_in_flight(mut self, n: u32) -> Self {
+        self.max_in_flight = Some(n);
+        self
+    }
+
+    /// At most `calls` attempts (at least 1) to one destination per `per` (longer than zero;
+    /// a day at most), with bursts of up to `calls`: a token bucket per destination. A record
+    /// whose destination has no token left waits for the next one (without an in-flight
+    /// slot, its attempts not counted). Default: no limit. A destination's own
+    /// `429 Too Many Requests` is better answered with
+    /// [`HandlerError::unavailable`](crate::HandlerError::unavailable) and its
+    /// [`retry_after`](crate::HandlerError::retry_after): the destination pauses for that long.
+    #[must_use]
+    pub fn with_rate_limit(mut self, calls: u32, per: Duration) -> Self {
+        self.rate = Some((calls, per.min(BreakerPolicy::MAX_OPEN_INTERVAL)));
+        self
+    }
+
+    /// What happens to a destination's records once the handler said it is
+    /// [gone](crate::HandlerError::destination_gone), and for how long (default: they are
+    /// dead-lettered, for an hour; at most a day, longer is taken as a day; a
+    /// [`retry_after`](crate::HandlerError::retry_after) hint on the error makes it longer).
+    /// After that, the destination's next record probes it like an open one's.
+    #[must_use]
+    pub fn with_gone(mut self, records: GoneRecords, gone_for: Duration) -> Self {
+        self.gone = records;
+        self.gone_for = gone_for.min(BreakerPolicy::MAX_OPEN_INTERVAL);
+        self
+    }
+
     /// How long a destination stays open before its first probe.
     pub fn open_interval(&self) -> Duration {
         self.open_interval
@@ -290,6 +357,19 @@ impl<T> Destinations<T> {
         if self.probes_per_record == 0 {
             return invalid("probes_per_record must be at least 1".into());
         }
+        if self.max_in_flight == Some(0) {
+            return invalid("max_in_flight must be at least 1".into());
+        }
+        if let Some((calls, per)) = self.rate
+            && (calls == 0 || per.is_zero())
+        {
+            return invalid(format!(
+                "the rate limit ({calls} per {per:?}) needs at least 1 call per period longer than zero"
+            ));
+        }
+        if self.gone_for.is_zero() {
+            return invalid("gone_for must be longer than zero".into());
+        }
         Ok(())
     }
 
@@ -316,6 +396,10 @@ impl<T> Destinations<T> {
             max_tracked: self.max_tracked,
             idle_expiry: self.idle_expiry,
             probes_per_record: self.probes_per_record,
+            max_in_flight: self.max_in_flight,
+            rate: self.rate,
+            gone: self.gone,
+            gone_for: self.gone_for,
         }
     }
 }
@@ -329,6 +413,11 @@ pub(crate) struct DestinationRules {
     pub(crate) max_tracked: usize,
     pub(crate) idle_expiry: Duration,
     pub(crate) probes_per_record: u32,
+    pub(crate) max_in_flight: Option<u32>,
+    /// `calls` per period.
+    pub(crate) rate: Option<(u32, Duration)>,
+    pub(crate) gone: GoneRecords,
+    pub(crate) gone_for: Duration,
 }
 
 impl DestinationRules {

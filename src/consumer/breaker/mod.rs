@@ -15,10 +15,12 @@ mod machine;
 mod policy;
 mod status;
 
-pub(crate) use self::destination_machine::{DestinationBreakers, DestinationMemo, DestinationPass};
+pub(crate) use self::destination_machine::{
+    Denied, DestinationBreakers, DestinationMemo, DestinationPass,
+};
 pub use self::destination_machine::{DestinationStatus, DestinationsStatus};
 pub(crate) use self::destinations::Destination;
-pub use self::destinations::Destinations;
+pub use self::destinations::{Destinations, GoneRecords};
 pub(crate) use self::gate::*;
 pub(crate) use self::machine::*;
 pub use self::policy::BreakerPolicy;

@@ -6,9 +6,21 @@
 use std::sync::Arc;
 
 use super::waits::Slot;
-use crate::consumer::breaker::{Destination, DestinationBreakers, DestinationPass, Destinations};
+use crate::consumer::breaker::{
+    Denied, Destination, DestinationBreakers, DestinationPass, Destinations,
+};
 use crate::consumer::stop::Stop;
 use crate::message::Message;
+
+/// How a record's wait for its destination ended.
+pub(crate) enum Admitted<'a> {
+    /// It may make its attempt.
+    Pass(DestinationPass<'a>),
+    /// Given up while it waited (a revoke or a shutdown): it holds its slot again.
+    GaveUp,
+    /// Its destination is gone (the handler's words): it is given up, holding its slot.
+    Gone(Arc<str>),
+}
 
 /// A consumer's destinations: where a record's destination comes from, and their breakers.
 pub(crate) struct DestinationGate<T> {
@@ -23,34 +35,37 @@ impl<T> DestinationGate<T> {
         self.of.of(message)
     }
 
-    /// Waits until `destination` lets an attempt go; `None` when the record is given up
-    /// first (a revoke or a shutdown: it holds its slot again, over the limit if need be).
+    /// Waits until `destination` lets an attempt go (see [`Admitted`]). The record waits
+    /// without its slot; given up, it holds it again (over the limit if need be).
     pub(crate) async fn admit<'a>(
         &'a self,
         destination: &Destination,
         stop: &Stop,
         slot: &dyn Slot,
-    ) -> Option<DestinationPass<'a>> {
+    ) -> Admitted<'a> {
         let breakers = &*self.breakers;
-        // The fast path: a destination without failures is not even tracked.
-        if let Ok(pass) = breakers.try_admit(destination) {
-            return Some(pass);
+        match breakers.try_admit(destination) {
+            // The fast path: a destination without failures is not even tracked.
+            Ok(pass) => return Admitted::Pass(pass),
+            Err(Denied::Gone(gone)) => return Admitted::Gone(gone),
+            Err(Denied::Wait { .. }) => {}
         }
         slot.park();
         breakers.waiting(destination.id, true);
         let admitted = loop {
-            let wait = match breakers.try_admit(destination) {
-                Ok(pass) => break Some(pass),
-                Err(wait) => wait,
+            let changed = match breakers.try_admit(destination) {
+                Ok(pass) => break Admitted::Pass(pass),
+                Err(Denied::Gone(gone)) => break Admitted::Gone(gone),
+                Err(Denied::Wait { changed, .. }) => changed,
             };
-            let changed = wait.changed;
             let notified = changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Checked after registering, so a change in between wakes this waiter.
             let until = match breakers.try_admit(destination) {
-                Ok(pass) => break Some(pass),
-                Err(wait) => wait.until,
+                Ok(pass) => break Admitted::Pass(pass),
+                Err(Denied::Gone(gone)) => break Admitted::Gone(gone),
+                Err(Denied::Wait { until, .. }) => until,
             };
             let until_probe = async {
                 match until {
@@ -61,17 +76,18 @@ impl<T> DestinationGate<T> {
             tokio::select! {
                 () = &mut notified => {}
                 () = until_probe => {}
-                () = stop.drain.cancelled() => break None,
-                () = stop.abandon.cancelled() => break None,
+                () = stop.drain.cancelled() => break Admitted::GaveUp,
+                () = stop.abandon.cancelled() => break Admitted::GaveUp,
             }
         };
         breakers.waiting(destination.id, false);
-        let Some(pass) = admitted else {
+        let Admitted::Pass(pass) = admitted else {
+            // Given up, or gone (its dead letter is written holding the slot).
             slot.resume_now();
-            return None;
+            return admitted;
         };
         match slot.resume() {
-            Ok(()) => Some(pass),
+            Ok(()) => Admitted::Pass(pass),
             Err(handed) => {
                 let resumed = tokio::select! {
                     handed = handed => handed.is_ok(),
@@ -79,10 +95,10 @@ impl<T> DestinationGate<T> {
                     () = stop.drain.cancelled() => false,
                 };
                 if resumed {
-                    Some(pass)
+                    Admitted::Pass(pass)
                 } else {
                     slot.resume_now();
-                    None
+                    Admitted::GaveUp
                 }
             }
         }

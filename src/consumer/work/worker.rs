@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info_span, warn};
 
-use super::destination::DestinationGate;
+use super::destination::{Admitted, DestinationGate};
 use super::outcome::{OutcomeObserver, RecordOutcome};
 use crate::codec::Codec;
 use crate::consumer::breaker::{
@@ -456,13 +456,16 @@ impl<H: Handler> WorkerContext<H> {
         // down; then the breaker: waits (cancellable, holding no claim) while the
         // downstream is down.
         let destination_pass = match (&self.destinations, &holding.destination) {
-            (Some(gate), Some(destination)) => {
-                let Some(pass) = gate.admit(destination, stop, r.slot).await else {
+            (Some(gate), Some(destination)) => match gate.admit(destination, stop, r.slot).await {
+                Admitted::Pass(pass) => Some(pass),
+                Admitted::GaveUp => {
                     debug!(coordinates = %record.coordinates(), "abandoned while waiting for its destination: the partition is draining");
                     return Step::Ended(RecordOutcome::Abandoned);
-                };
-                Some(pass)
-            }
+                }
+                Admitted::Gone(said) => {
+                    return Box::pin(self.destination_gone(&said, holding, tries, r)).await;
+                }
+            },
             _ => None,
         };
         // With destinations the breaker counts failures by destination (delivery rule 19).
@@ -515,6 +518,31 @@ impl<H: Handler> WorkerContext<H> {
             Attempted::Abandoned => Step::Ended(RecordOutcome::Abandoned),
             Attempted::ClaimLost => Box::pin(self.after_lost_claim(tries, r)).await,
         }
+    }
+
+    /// The record's destination is gone (the handler said so for a record of it): it is
+    /// given up without an attempt, holding its claim like any record given up (a copy
+    /// whose event is done already is skipped as a duplicate).
+    async fn destination_gone<'r>(
+        &self,
+        said: &str,
+        holding: &mut Holding,
+        tries: &mut Tries,
+        r: &RecordRun<'r>,
+    ) -> Step<'r> {
+        let first = std::mem::take(&mut tries.first_claim);
+        if let Some(ended) = self.claim_for_attempt(holding, r, first).await {
+            return Step::Skipped(ended);
+        }
+        let now = SystemTime::now();
+        warn!(coordinates = %r.record.coordinates(), said, "giving up on record, dead-lettering: its destination is gone");
+        Step::GaveUp(Failure {
+            reason: DeadLetterReason::Permanent,
+            error: format!("destination gone: {said}"),
+            attempts: tries.made,
+            first: tries.first_failure.unwrap_or(now),
+            last: now,
+        })
     }
 
     /// The claim was lost while the attempt ran: the attempt was dropped and does not count.
@@ -763,7 +791,9 @@ impl<H: Handler> WorkerContext<H> {
             return Next::Hold(delay);
         }
         let (retry, given_up) = match error.kind() {
-            FailureKind::Permanent => (false, DeadLetterReason::Permanent),
+            FailureKind::Permanent | FailureKind::DestinationGone => {
+                (false, DeadLetterReason::Permanent)
+            }
             FailureKind::Panic => (self.retry_panics, DeadLetterReason::Panic),
             _ => (true, DeadLetterReason::RetriesExhausted),
         };
