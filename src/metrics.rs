@@ -965,6 +965,11 @@ mod tests {
                 m.breaker_transition(state);
             }
             m.breaker_held_failure();
+            m.destinations_start();
+            for state in 0..BREAKER_STATES.len() {
+                m.destination_transition(state, 0);
+            }
+            m.destination_untracked();
             m.commit(Duration::from_millis(1), false);
             m.connection_state(true);
             m.consumed(&[RawRecord::builder("t").build()]);

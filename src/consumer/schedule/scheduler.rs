@@ -180,9 +180,13 @@ pub(crate) struct Scheduler {
     /// Records whose lane and slot were released while their end is still being written
     /// (completion, dead letter): see [`Scheduler::release_lane`].
     pub(super) settling: usize,
-    /// Parked records whose back-off is over, waiting for a slot, first come first served:
-    /// a freed slot goes to them before any new record.
+    /// Parked records whose back-off is over, waiting for a slot, first come first served.
+    /// While new records wait too, freed slots go to both in turns: retries cannot starve
+    /// first attempts, nor first attempts retries.
     pub(super) resuming: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// The last slot handed out went to a parked record (the next goes to a new record, if
+    /// one is ready).
+    resumed_last: bool,
     /// Emptied queues of ended lanes, reused by new lanes (see [`SPARE_QUEUES`]).
     pub(super) spare_queues: Vec<LaneQueue>,
     pub(super) next_job_id: u64,
@@ -238,6 +242,7 @@ impl Scheduler {
             parked: Default::default(),
             settling: 0,
             resuming: VecDeque::new(),
+            resumed_last: false,
             spare_queues: Vec::new(),
             spent: Vec::new(),
             next_job_id: 0,
@@ -380,12 +385,17 @@ impl Scheduler {
 
     fn take_one(&mut self) -> Option<Job> {
         while self.in_flight < self.limits.max_in_flight {
-            // Parked records whose back-off is over come first: they are older.
-            if let Some((id, resume)) = self.resuming.pop_front() {
-                // Else it ended or took its slot back itself meanwhile.
-                if self.parked.contains(&id) && resume.send(()).is_ok() {
+            // Parked records whose back-off is over and new records take turns (a parked
+            // record first: it is older).
+            if !self.resuming.is_empty() && (!self.resumed_last || self.ready.is_empty()) {
+                if let Some((id, resume)) = self.resuming.pop_front()
+                    // Else it ended or took its slot back itself meanwhile.
+                    && self.parked.contains(&id)
+                    && resume.send(()).is_ok()
+                {
                     self.in_flight += 1;
                     self.parked.remove(&id);
+                    self.resumed_last = true;
                 }
                 continue;
             }
@@ -407,8 +417,13 @@ impl Scheduler {
                 None | Some(Dispatch::Go) => None,
                 Some(Dispatch::Probe(epoch)) => Some(epoch),
                 Some(Dispatch::Held) => {
-                    // Held: the lane keeps its place at the front.
+                    // Held: the lane keeps its place at the front; parked records resume
+                    // (the breaker holds them where they wait).
                     self.ready.push_front((tp, generation, lane_key));
+                    if !self.resuming.is_empty() {
+                        self.resumed_last = false;
+                        continue;
+                    }
                     self.drop_held_draining();
                     return None;
                 }
@@ -429,6 +444,7 @@ impl Scheduler {
             self.buffered_bytes -= bytes;
             self.in_flight += 1;
             self.next_job_id += 1;
+            self.resumed_last = false;
             return Some(Job {
                 id: self.next_job_id,
                 tp,
@@ -859,6 +875,40 @@ mod tests {
         let next = s.finish(&a0, JobEnd::Settled).unwrap();
         assert_eq!(next.record.offset, 3, "c@3 was ready before a@1");
         assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+    }
+
+    #[test]
+    fn retries_and_first_attempts_take_turns_for_freed_slots() {
+        let mut s = holding(Key, limits(3), &[0], keyed(&["a", "b", "c", "d", "e", "f"]));
+        let jobs = s.take_jobs();
+        // a, b, c wait out back-offs: their slots go to d, e, f; then their back-offs end
+        // while new records of other keys arrive.
+        let mut new = Vec::new();
+        for j in &jobs {
+            new.push(s.park(j.id).expect("the freed slot runs a new lane"));
+        }
+        let mut handed: Vec<_> = jobs
+            .iter()
+            .map(|j| s.resume(j.id).expect_err("full"))
+            .collect();
+        for (offset, key) in [(6, "g"), (7, "h"), (8, "i")] {
+            assert!(s.enqueue(rec(0, offset, Some(key))));
+        }
+        // Each freed slot goes, in turn, to a retry and to a first attempt.
+        let mut order = Vec::new();
+        for done in new {
+            match s.finish(&done, JobEnd::Settled) {
+                Some(job) => order.push(format!("new {}", job.record.offset)),
+                None => order.push("retry".to_owned()),
+            }
+        }
+        assert_eq!(order, ["retry", "new 6", "retry"], "{order:?}");
+        let resumed = handed.iter_mut().map(|h| h.try_recv().is_ok());
+        assert_eq!(
+            resumed.collect::<Vec<_>>(),
+            [true, true, false],
+            "first come first served"
+        );
     }
 
     #[test]
