@@ -72,9 +72,10 @@ pub enum FailureKind {
     /// [`DeadLetterReason::Panic`](crate::DeadLetterReason::Panic) when given
     /// up. Only the consumer makes failures of this kind.
     Panic,
-    /// The downstream the handler calls is unavailable (refused connections, a 503, a
+    /// The downstream the handler calls is unavailable (refused connections, an HTTP 503, a
     /// circuit open elsewhere): the record is not at fault. It counts toward the consumer's
-    /// [breaker](crate::BreakerPolicy) and never toward the dead letter: the record waits
+    /// [breaker](crate::BreakerPolicy) (with destinations, its destination's) and never
+    /// toward the dead letter: the record waits
     /// and is tried again without using up an attempt. See [`HandlerError::unavailable`].
     Unavailable,
     /// The record's destination no longer exists: the record is dead-lettered at once (as
@@ -103,7 +104,11 @@ impl HandlerError {
     /// docs), as Spring Kafka ignores back-off times more than a day ahead.
     pub const MAX_RETRY_AFTER: Duration = crate::clock::LONGEST_HINT;
 
-    /// A failure worth retrying (a timeout, a 4xx SMTP reply, a refused connection, ...).
+    /// A failure worth retrying: a timeout, a dropped connection, an SMTP `4xx` reply, an
+    /// HTTP `500`/`502`/`504` or `408`, a lock conflict. (A downstream that says it is
+    /// down, such as an HTTP `503` or a refused connection, is better reported
+    /// [unavailable](Self::unavailable); a destination that no longer exists, such as an
+    /// HTTP `410`, [gone](Self::destination_gone).)
     pub fn transient(error: impl Into<BoxError>) -> Self {
         HandlerError {
             kind: FailureKind::Transient,
@@ -122,11 +127,15 @@ impl HandlerError {
     /// other records while the downstream is down; without a breaker the record alone
     /// waits, backing off from 100 ms to 5 s (or as long as a
     /// [`retry_after`](Self::retry_after) hint asks). A hint also keeps an opening breaker
-    /// open at least that long.
+    /// open at least that long. With
+    /// [destinations](crate::RetryingConsumerBuilder::destinations) it opens the record's
+    /// destination's breaker instead (for at least the hint: an HTTP `429` with a
+    /// `Retry-After` pauses that destination only), and counts for the consumer's breaker as
+    /// one failure of that destination.
     ///
-    /// Use it only for failures that say nothing about the record (connection refused,
-    /// `503 Service Unavailable`, a `421` SMTP greeting): a record that always gets this
-    /// answer waits forever.
+    /// Use it only for failures that say nothing about the record (a refused connection,
+    /// HTTP `503 Service Unavailable` or `429 Too Many Requests`, a `421` SMTP greeting): a
+    /// record that always gets this answer waits forever.
     pub fn unavailable(error: impl Into<BoxError>) -> Self {
         HandlerError {
             kind: FailureKind::Unavailable,

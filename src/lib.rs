@@ -137,6 +137,20 @@
 //!     marked done, so a redelivery after a crash or a stale copy is skipped; an event is
 //!     dead-lettered at most once as far as the store can tell. Copies of one event count as
 //!     one record for the outage breaker.
+//! 19. **One bad destination is not an outage** (opt-in [`Destinations`], through
+//!     [`RetryingConsumerBuilder::destinations`]): each record names its destination (its key,
+//!     a header, or a function of the message) and failures are attributed to it. A
+//!     destination's breaker opens on its own failures only; its records wait without a slot
+//!     (no attempt used, never dead-lettered for it, order within the key kept), one probe
+//!     per open interval, while other destinations run at full speed. The consumer-wide
+//!     breaker then opens only when failures span several destinations
+//!     ([`min_destinations`](BreakerPolicy::with_min_destinations)). A handler can say a
+//!     destination is [gone](HandlerError::destination_gone) (its records dead-lettered
+//!     without calling it) or pause it ([`unavailable`](HandlerError::unavailable) with a
+//!     [`retry_after`](HandlerError::retry_after)); a cap and a rate limit per destination
+//!     keep a hot one to its share. Per-destination state is bounded
+//!     ([`with_max_tracked`](Destinations::with_max_tracked)). Freed slots go to retries and
+//!     first attempts in turns.
 //!
 //! **Retry tiers** (opt-in, [`RetryingConsumerBuilder::retry_tiers`], see [`tiers`]): after
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of
@@ -164,6 +178,7 @@
 //! | shutdown with records still running | `run()` returns a `ShutdownReport` listing the records given up (not committed, delivered again after a restart): a record only waiting out a retry back-off, for its claim or for the breaker is given up at once, a handler still running at the deadline is dropped at its next `.await` (one blocking its thread is counted); a tier record waiting for its due time is counted as *left for later* (not a sign of trouble: the report stays clean) | at once / after `shutdown_timeout` (30 s) |
 //! | the final commit fails at shutdown (coordinator refusing or unreachable) | retried with a short back-off (100 ms doubling to 1 s), the consumer polling meanwhile so it stays in its group; one warning per `error_log_interval`; a commit still failing at the deadline is logged as an error and reported: `ShutdownReport::commit_error` and `uncommitted` (`topic/partition@offset`), `is_clean()` false, `into_result()` is `Error::Commit`; those partitions' records settled since their last commit are delivered again after a restart | until `shutdown_timeout` (at least one try) |
 //! | a panic escapes kourier's guards (a bug, or a value whose `Drop` panics) | the record is given up unsettled; its partition is drained like a revoke, its settled offsets committed, and it is read again from its commit point (one warning): the record and the ones after it run again instead of the partition freezing | at once (bounded by `revoke_timeout`) |
+//! | one destination of many is down (with [`Destinations`]) | its breaker opens (one warning per destination, throttled); its records wait without a slot, using no attempts and reaching no dead-letter topic, one probe per open interval; the other destinations' records run; `destinations` in the snapshot, `kourier_destination*` metrics | opens at once on an `unavailable` failure, else after 3 transient failures in a row of two records at least; probes after 5 s, then 10, 20, 40, 60 s |
 //! | the handlers' downstream is down (with a [`BreakerPolicy`]) | the breaker opens (one warning), dispatch is held, failing records wait without using attempts or reaching the dead-letter topic; one probe record per open interval (doubling to its maximum); closes on a successful probe (one line); `breaker` in the snapshot, `kourier_breaker_*` metrics | opens at the threshold (default: at least half of the last 20 calls failed, counted from 3 calls, failures of two records at least, each `unavailable` failure counting as a record of its own; no consecutive-failures trigger unless set with `with_consecutive_failures`); probes after 5 s, then 10, 20, 40, 60 s |
 //! | bad configuration | a typed `Error::Config` from `build()`, never a panic | at `build()` |
 //!

@@ -51,14 +51,14 @@ use crate::error::ConfigError;
 /// key when idempotency is on, else its source record (for a tier copy, the source record
 /// its headers name).
 ///
-/// # Why one breaker per consumer
+/// # Many destinations
 ///
-/// Keyed breakers (one per downstream, chosen from the message) are not offered: the
-/// scheduler holds dispatch *before* a record is decoded, so it cannot know which downstream
-/// a held record would call; a keyed breaker could only park records in workers, where they
-/// hold `max_in_flight` slots that other downstreams' records need (rule 16). One consumer
-/// per downstream (its own group, or a topic per downstream) gives the same isolation
-/// cleanly.
+/// One breaker per consumer fits one downstream (an SMTP relay). For a handler that delivers
+/// to many destinations (webhook endpoints, tenants' APIs), add
+/// [`destinations`](crate::RetryingConsumerBuilder::destinations): each destination gets a
+/// breaker of its own, and this one counts failures by destination and opens only when
+/// they span [`min_destinations`](Self::with_min_destinations) of them (a downstream down as
+/// a whole). An `unavailable` failure then opens its destination's breaker, not this one.
 ///
 /// ```
 /// use std::time::Duration;
