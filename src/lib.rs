@@ -232,6 +232,9 @@
 //! | `kourier_breaker_state` | gauge | | the outage breaker: `0` closed, `1` open, `2` half-open |
 //! | `kourier_breaker_transitions_total` | counter | `state` | breaker transitions by the state entered (`open`, `half-open`, `closed`) |
 //! | `kourier_breaker_held_failures_total` | counter | | failed calls the open breaker absorbed (no attempt used, nothing dead-lettered) |
+//! | `kourier_destinations_open` | gauge | | destinations whose breaker is open or half-open now (with `destinations`) |
+//! | `kourier_destination_transitions_total` | counter | `state` | destination breaker transitions by the state entered (`open`, `half-open`, `closed`; no destination label: the snapshot names the top ones) |
+//! | `kourier_destinations_untracked_total` | counter | | failures or admissions of destinations that could not be tracked (the cap was reached): not isolated |
 //!
 //! Per record, [`RetryingConsumerBuilder::on_outcome`] calls an observer with the record and
 //! its [`RecordOutcome`] (handled, duplicate, dead-lettered with its kind, forwarded to a

@@ -1440,7 +1440,8 @@ mod tests {
         /// durations are at most a year, or a typed error; it never panics.
         #[test]
         fn build_never_panics_on_extreme_durations(
-            d in proptest::collection::vec(crate::consumer::duration_tests::extreme(), 17),
+            d in proptest::collection::vec(crate::consumer::duration_tests::extreme(), 22),
+            rate_calls in proptest::sample::select(vec![0u32, 1, 1000, u32::MAX]),
             max_poll in proptest::option::of(proptest::sample::select(
                 vec!["1", "1000", "300000", "600000", "86400000", "86400001"],
             )),
@@ -1468,6 +1469,14 @@ mod tests {
                 .breaker({
                     let (initial, max) = pair(d[13], d[14]);
                     BreakerPolicy::default().with_open_interval(initial, max)
+                })
+                .destinations({
+                    let (initial, max) = pair(d[17], d[18]);
+                    Destinations::by_key()
+                        .with_open_interval(initial, max)
+                        .with_idle_expiry(d[19])
+                        .with_gone(crate::GoneRecords::DeadLetter, d[20])
+                        .with_rate_limit(rate_calls, d[21])
                 });
             if tiers {
                 b = b.retry_tiers(crate::tiers::RetryTiers::new([d[15], d[16]]));

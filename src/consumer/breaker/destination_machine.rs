@@ -1045,6 +1045,42 @@ mod tests {
         b.try_admit(&d).ok().expect("refilled").succeeded();
     }
 
+    /// The extreme settings `build()` accepts (durations clamped to a day) never panic or
+    /// wrap in the state machine: a rate of billions per nanosecond, one per day, and hints
+    /// of `Duration::MAX`.
+    #[tokio::test(start_paused = true)]
+    async fn extreme_settings_and_hints_never_panic() {
+        let day = Duration::from_secs(86_400);
+        for (calls, per) in [
+            (u32::MAX, Duration::from_nanos(1)),
+            (1, Duration::MAX.min(day)),
+        ] {
+            let b = breakers(
+                Destinations::<()>::by_key()
+                    .with_open_interval(Duration::from_nanos(1), Duration::MAX)
+                    .with_rate_limit(calls, per)
+                    .with_gone(GoneRecords::Wait, Duration::MAX)
+                    .with_idle_expiry(Duration::from_nanos(1))
+                    .with_max_tracked(1)
+                    .rules(),
+            );
+            let d = destination(1);
+            for _ in 0..3 {
+                if let Ok(pass) = b.try_admit(&d) {
+                    let hint = HandlerError::unavailable("x").retry_after(Duration::MAX);
+                    pass.failed(&d, 1, &hint, &mut DestinationMemo::default());
+                }
+                let _ = b.try_admit(&destination(2));
+                tokio::time::advance(day).await;
+            }
+            let gone = HandlerError::destination_gone("x").retry_after(Duration::MAX);
+            if let Ok(pass) = b.try_admit(&d) {
+                pass.failed(&d, 1, &gone, &mut DestinationMemo::default());
+            }
+            assert!(b.status().tracked <= 1);
+        }
+    }
+
     #[test]
     fn long_names_are_cut_and_bytes_escaped() {
         let long = Destination {
