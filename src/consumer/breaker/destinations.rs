@@ -48,7 +48,11 @@ impl<T> Clone for Source<T> {
 ///   resets the count); it *opens* after [`consecutive_failures`](Self::with_consecutive_failures)
 ///   failures of two records at least (default 3), or at once on an unavailable failure
 ///   (the handler's word that this destination is down). One record failing alone never
-///   opens it: its retry policy decides, as without isolation.
+///   opens it: its retry policy decides, as without isolation. (So in key order with the
+///   destination as the key, where a destination's records run one at a time, its first
+///   failing record may use up its attempts before a second one fails: have the handler
+///   say [unavailable](crate::HandlerError::unavailable) for the answers that mean the
+///   destination is down — a refused connection, an HTTP `503` — and it opens at once.)
 /// - **Open**: the destination's records wait (its failing record too): no attempt is used,
 ///   nothing is dead-lettered, and a waiting record holds no in-flight slot (records of
 ///   other destinations take them) while its lane stays taken, so order within a key holds.
