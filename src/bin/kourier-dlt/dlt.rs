@@ -865,7 +865,7 @@ pub(crate) fn parse_time(s: &str) -> std::result::Result<SystemTime, String> {
 /// A failure kind given on the command line.
 pub(crate) fn parse_kind(s: &str) -> std::result::Result<DeadLetterReason, String> {
     DeadLetterReason::parse(s.trim()).ok_or_else(|| {
-        format!("{s:?} is not a failure kind: use decode, permanent or retries-exhausted")
+        format!("{s:?} is not a failure kind: use decode, permanent, retries-exhausted or panic")
     })
 }
 
@@ -946,6 +946,21 @@ pub(crate) fn table(letters: &[Letter]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every failure kind a letter can carry is accepted by `--kind` and named in its error.
+    #[test]
+    fn every_failure_kind_is_a_kind_filter() {
+        let refused = parse_kind("nope").expect_err("not a kind");
+        for kind in [
+            DeadLetterReason::Decode,
+            DeadLetterReason::Permanent,
+            DeadLetterReason::RetriesExhausted,
+            DeadLetterReason::Panic,
+        ] {
+            assert_eq!(parse_kind(kind.as_str()), Ok(kind));
+            assert!(refused.contains(kind.as_str()), "{refused} omits {kind}");
+        }
+    }
 
     #[test]
     fn tier_records_show_their_tier_and_due_time() {

@@ -36,7 +36,7 @@
 //!   `--force`, so a record that keeps failing cannot loop forever; so is a metadata-only
 //!   letter whose value was too large to keep. `--dry-run` shows what would be redriven.
 //!
-//! Filters, for both: `--kind` (decode, permanent, retries-exhausted; repeatable),
+//! Filters, for both: `--kind` (decode, permanent, retries-exhausted, panic; repeatable),
 //! `--since`/`--until` (when the record was given up: RFC 3339, epoch ms, or a duration ago
 //! such as `2h`), `--key`. Progress goes to stderr every 2 s on long runs. A missing topic or
 //! an unreachable broker is an error within `--timeout` (default 10 s), never a hang.
@@ -125,7 +125,7 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct FilterArgs {
-    /// Only this failure kind: decode, permanent or retries-exhausted (repeatable).
+    /// Only this failure kind: decode, permanent, retries-exhausted or panic (repeatable).
     #[arg(long = "kind", value_parser = dlt::parse_kind, value_delimiter = ',')]
     kinds: Vec<DeadLetterReason>,
     /// Only letters given up at or after this time (RFC 3339, epoch ms, or e.g. `2h` ago).
