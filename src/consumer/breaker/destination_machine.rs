@@ -355,15 +355,7 @@ impl DestinationBreakers {
                 memo,
             } => self.failed(&mut s, pass, destination, caller, error, memo, now),
             Ended::Dropped => {
-                if pass.probe
-                    && let Some(e) = s.entries.get_mut(&pass.id)
-                    && e.epoch == pass.epoch
-                    && e.phase == (Phase::HalfOpen { probe_out: true })
-                {
-                    // The next record may probe.
-                    e.phase = Phase::HalfOpen { probe_out: false };
-                    e.changed.notify_waiters();
-                }
+                hand_probe_on(s.entries.get_mut(&pass.id), pass);
                 false
             }
         };
@@ -421,14 +413,7 @@ impl DestinationBreakers {
         if !matches!(kind, FailureKind::Transient | FailureKind::Unavailable) && !gone {
             // Permanent failures and panics say nothing about the destination; a probe
             // that ends so hands the probe on.
-            if pass.probe
-                && let Some(e) = s.entries.get_mut(&pass.id)
-                && e.epoch == pass.epoch
-                && e.phase == (Phase::HalfOpen { probe_out: true })
-            {
-                e.phase = Phase::HalfOpen { probe_out: false };
-                e.changed.notify_waiters();
-            }
+            hand_probe_on(s.entries.get_mut(&pass.id), pass);
             return false;
         }
         if !s.entries.contains_key(&destination.id) {
@@ -650,6 +635,19 @@ impl DestinationBreakers {
             untracked: s.untracked,
             top,
         }
+    }
+}
+
+/// A probe that ended without a word about its destination (given up, or a failure of
+/// its own): the next record may probe.
+fn hand_probe_on(e: Option<&mut Entry>, pass: &DestinationPass<'_>) {
+    if pass.probe
+        && let Some(e) = e
+        && e.epoch == pass.epoch
+        && e.phase == (Phase::HalfOpen { probe_out: true })
+    {
+        e.phase = Phase::HalfOpen { probe_out: false };
+        e.changed.notify_waiters();
     }
 }
 

@@ -7,7 +7,7 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::policy::BreakerPolicy;
+use super::policy::{BreakerPolicy, check_open_interval, doubled};
 use crate::error::ConfigError;
 use crate::message::Message;
 use crate::record::RecordBytes;
@@ -340,15 +340,7 @@ impl<T> Destinations<T> {
                 "consecutive_failures must be at least 2 (failures of two records)".into(),
             );
         }
-        if self.open_interval.is_zero() {
-            return invalid("the open interval must be longer than zero".into());
-        }
-        if self.max_open_interval < self.open_interval {
-            return invalid(format!(
-                "the maximum open interval ({:?}) must be at least the initial one ({:?})",
-                self.max_open_interval, self.open_interval
-            ));
-        }
+        check_open_interval(self.open_interval, self.max_open_interval).or_else(invalid)?;
         if !(1..=1_000_000).contains(&self.max_tracked) {
             return invalid(format!(
                 "max_tracked ({}) must be in 1..=1000000",
@@ -427,9 +419,6 @@ pub(crate) struct DestinationRules {
 impl DestinationRules {
     /// The open interval after `failed_probes` failed probes.
     pub(crate) fn interval(&self, failed_probes: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failed_probes.min(30));
-        self.open_interval
-            .saturating_mul(factor)
-            .min(self.max_open_interval)
+        doubled(self.open_interval, self.max_open_interval, failed_probes)
     }
 }

@@ -231,9 +231,7 @@ impl BreakerPolicy {
                 "consecutive_failures must be at least 2 (failures of two records)".into(),
             );
         }
-        if self.open_interval.is_zero() {
-            return invalid("the open interval must be longer than zero".into());
-        }
+        check_open_interval(self.open_interval, self.max_open_interval).or_else(invalid)?;
         if self.probes_per_record == 0 {
             return invalid("probes_per_record must be at least 1".into());
         }
@@ -243,20 +241,30 @@ impl BreakerPolicy {
                 self.min_destinations
             ));
         }
-        if self.max_open_interval < self.open_interval {
-            return invalid(format!(
-                "the maximum open interval ({:?}) must be at least the initial one ({:?})",
-                self.max_open_interval, self.open_interval
-            ));
-        }
         Ok(())
     }
 
     /// The open interval after `failed_probes` failed probes.
     pub(super) fn interval(&self, failed_probes: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failed_probes.min(30));
-        self.open_interval
-            .saturating_mul(factor)
-            .min(self.max_open_interval)
+        doubled(self.open_interval, self.max_open_interval, failed_probes)
     }
+}
+
+/// `initial` doubled `failed_probes` times, at most `max`: a breaker's open interval.
+pub(super) fn doubled(initial: Duration, max: Duration, failed_probes: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failed_probes.min(30));
+    initial.saturating_mul(factor).min(max)
+}
+
+/// Why an open interval is refused, if it is: zero, or a maximum below the initial one.
+pub(super) fn check_open_interval(initial: Duration, max: Duration) -> Result<(), String> {
+    if initial.is_zero() {
+        return Err("the open interval must be longer than zero".into());
+    }
+    if max < initial {
+        return Err(format!(
+            "the maximum open interval ({max:?}) must be at least the initial one ({initial:?})"
+        ));
+    }
+    Ok(())
 }
