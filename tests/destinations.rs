@@ -94,6 +94,21 @@ fn delivering(e: &Arc<Endpoints>) -> impl kourier::Handler<Event = Delivery> {
 
 const OPEN: Duration = Duration::from_millis(500);
 
+/// Waits until every record was delivered, stops `c`, and checks each was delivered exactly
+/// once and nothing was dead-lettered.
+async fn every_record_delivered_once(c: Running, endpoints: &Endpoints, dlt_topic: &str) {
+    let all = endpoints.successes.len();
+    wait_for("every record delivered", Duration::from_secs(60), || {
+        endpoints.handled(|_| true) == all
+    })
+    .await;
+    let end = c.monitor.snapshot();
+    c.stop().await;
+    assert_eq!(endpoints.not_exactly_once(), []);
+    assert_eq!(end.dead_lettered.total(), 0);
+    assert!(support::read_all(dlt_topic).await.is_empty());
+}
+
 /// Key order, a breaker per destination (the key) open 0.5 s, and the consumer-wide
 /// breaker with its defaults (at least 3 destinations).
 fn isolating(
@@ -182,11 +197,7 @@ async fn endpoints_that_are_down_hold_only_their_own_deliveries() {
             .is_some_and(|d| d.open == 0)
     })
     .await;
-    let end = c.monitor.snapshot();
-    c.stop().await;
-    assert_eq!(endpoints.not_exactly_once(), []);
-    assert_eq!(end.dead_lettered.total(), 0);
-    assert!(support::read_all(&dlt_topic).await.is_empty());
+    every_record_delivered_once(c, &endpoints, &dlt_topic).await;
 }
 
 /// Every endpoint down: the failures span many destinations, so the consumer-wide breaker
@@ -222,17 +233,7 @@ async fn a_downstream_down_as_a_whole_still_opens_the_consumer_breaker() {
     assert_eq!(open.dead_lettered.total(), 0);
 
     endpoints.all_down.store(false, Ordering::SeqCst);
-    wait_for(
-        "every record delivered once the downstream is back",
-        Duration::from_secs(60),
-        || endpoints.handled(|_| true) == RECORDS,
-    )
-    .await;
-    let end = c.monitor.snapshot();
-    c.stop().await;
-    assert_eq!(endpoints.not_exactly_once(), []);
-    assert_eq!(end.dead_lettered.total(), 0);
-    assert!(support::read_all(&dlt_topic).await.is_empty());
+    every_record_delivered_once(c, &endpoints, &dlt_topic).await;
 }
 
 /// Records waiting for their destination do not hold a shutdown: they are given up at once
@@ -285,17 +286,7 @@ async fn records_waiting_for_their_destination_do_not_hold_a_shutdown() {
 
     endpoints.down.lock().unwrap().clear();
     let c = Running::start(isolating(&endpoints, &topic, &group).idempotency(idempotency()));
-    wait_for(
-        "every record after the restart",
-        Duration::from_secs(60),
-        || endpoints.handled(|_| true) == RECORDS,
-    )
-    .await;
-    let end = c.monitor.snapshot();
-    c.stop().await;
-    assert_eq!(endpoints.not_exactly_once(), []);
-    assert_eq!(end.dead_lettered.total(), 0);
-    assert!(support::read_all(&dlt_topic).await.is_empty());
+    every_record_delivered_once(c, &endpoints, &dlt_topic).await;
 }
 
 /// An endpoint that answers `410 Gone`: its first record is dead-lettered with the handler's
