@@ -344,7 +344,7 @@ pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec
 #[doc(hidden)]
 pub use crate::consumer::bench_support as __bench;
 pub use crate::consumer::{
-    BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, ConnectionState,
+    BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, CommitMetadata, ConnectionState,
     ConsumerMonitor, ConsumerSnapshot, DedupKey, DestinationStatus, Destinations,
     DestinationsStatus, GoneRecords, Idempotency, MissingTopics, PanicPolicy, PartitionStatus,
     ProcessingOrder, RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport,

@@ -35,7 +35,7 @@ mod idempotency;
 mod options;
 
 pub use self::idempotency::{Idempotency, StoreOutage};
-pub use self::options::{MissingTopics, PanicPolicy};
+pub use self::options::{CommitMetadata, MissingTopics, PanicPolicy};
 
 /// Settings kourier owns: a raw `kafka_config` may not change them.
 const OWNED_SETTINGS: &[(&str, &str, &str)] = &[
@@ -231,6 +231,7 @@ struct Settings<T> {
     breaker: Option<BreakerPolicy>,
     destinations: Option<Destinations<T>>,
     tiers: Option<RetryTiers>,
+    commit_metadata: CommitMetadata,
 }
 
 impl<T> Settings<T> {
@@ -265,6 +266,7 @@ impl<T> Settings<T> {
             breaker: None,
             destinations: None,
             tiers: None,
+            commit_metadata: CommitMetadata::FinishedOffsets,
         }
     }
 }
@@ -501,6 +503,22 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
         F: Fn(&RawRecord, RecordOutcome) + Send + Sync + 'static,
     {
         self.s.observer = Some(Arc::new(observer));
+        self
+    }
+
+    /// What offset commits carry in their metadata: by default the offsets finished above
+    /// the commit point, so that a partition's next owner (after a rebalance or a restart)
+    /// skips them instead of handling them again. See [`CommitMetadata`].
+    ///
+    /// ```no_run
+    /// # use kourier::{handler_fn, CommitMetadata, Message, RetryingConsumer};
+    /// # let handler = handler_fn(|_m: Message<String>| async { Ok(()) });
+    /// let builder = RetryingConsumer::builder(handler).commit_metadata(CommitMetadata::None);
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn commit_metadata(mut self, metadata: CommitMetadata) -> Self {
+        self.s.commit_metadata = metadata;
         self
     }
 
@@ -785,6 +803,7 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
         });
         let hub = Arc::new(Hub::new(
             Scheduler::new(s.ordering, s.limits())
+                .with_commit_metadata(s.commit_metadata == CommitMetadata::FinishedOffsets)
                 .with_breaker(breaker.clone())
                 .with_destinations(destinations.as_ref().map(|d| d.breakers.clone())),
             s.revoke_timeout,

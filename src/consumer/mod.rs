@@ -34,7 +34,7 @@ pub use self::breaker::{
     DestinationsStatus, GoneRecords,
 };
 pub use self::builder::{
-    Idempotency, MissingTopics, PanicPolicy, RetryingConsumerBuilder, StoreOutage,
+    CommitMetadata, Idempotency, MissingTopics, PanicPolicy, RetryingConsumerBuilder, StoreOutage,
 };
 pub use self::dedup::DedupKey;
 pub use self::observe::{ConsumerMonitor, ConsumerSnapshot};

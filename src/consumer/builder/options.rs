@@ -1,5 +1,5 @@
-//! Named settings of the builder that were bare `bool`s or counts: [`MissingTopics`] and
-//! [`PanicPolicy`].
+//! Named settings of the builder that were bare `bool`s or counts: [`MissingTopics`],
+//! [`PanicPolicy`] and [`CommitMetadata`].
 
 /// What a consumer does at start when topics it needs do not exist: its subscribed topics,
 /// the topics its dead-letter sink writes to and its retry-tier topics. Set with
@@ -52,4 +52,31 @@ pub enum PanicPolicy {
     Retry,
     /// Dead-lettered at once.
     DeadLetter,
+}
+
+/// What a consumer's offset commits carry in their metadata. Set with
+/// [`RetryingConsumerBuilder::commit_metadata`](crate::RetryingConsumerBuilder::commit_metadata).
+///
+/// A commit of offset `n` says that every record below `n` is done; records of a partition
+/// settle out of order (key and unordered modes, a slow or stuck record), so records above
+/// `n` may be done too. Without more, the partition's next owner (after a rebalance or a
+/// restart) handles them all again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CommitMetadata {
+    /// Each commit names, in its metadata, the offsets finished above its commit point
+    /// (compactly: ranges, at most 4,000 bytes, under Kafka's default
+    /// `offset.metadata.max.bytes` of 4,096; past it the highest ranges are left out and
+    /// handled again). A commit is also sent when only those changed. At an assignment the
+    /// consumer reads the committed metadata (one request, at most 5 s) and skips the
+    /// records it names when they arrive, counted in
+    /// [`ConsumerSnapshot::skipped_finished`](crate::ConsumerSnapshot::skipped_finished).
+    /// Metadata kourier did not write (another client's, an old commit's) is ignored, and
+    /// so is metadata that does not hold together (delivery rule 17); a broker that refuses
+    /// it as too large turns it off, with one warning. The default.
+    #[default]
+    FinishedOffsets,
+    /// No metadata: a new owner handles again every record from the commit point on (an
+    /// idempotency store, if any, skips the finished ones).
+    None,
 }

@@ -50,6 +50,11 @@ pub struct ConsumerSnapshot {
     pub stalled: u64,
     /// Records given up unsettled at revokes and shutdown (delivered again later).
     pub abandoned: u64,
+    /// Records not handled again because a previous owner of their partition had finished
+    /// them above its commit point (named in its commit's metadata; see
+    /// [`CommitMetadata`](crate::CommitMetadata)). They reach no worker and no
+    /// [`on_outcome`](crate::RetryingConsumerBuilder::on_outcome) observer.
+    pub skipped_finished: u64,
     /// Records forwarded to retry tiers, per tier (index 0 is tier 1; tiers from 16 on
     /// share the last entry): after failures and, with `with_key_order`, to wait behind an
     /// earlier record of their key. Empty when none was.
@@ -140,6 +145,7 @@ fn snapshot_of(hub: &Hub) -> ConsumerSnapshot {
         panics: load(&counts.panics),
         stalled: load(&counts.stalled),
         abandoned: load(&counts.abandoned),
+        skipped_finished: s.skipped_finished(),
         forwarded: counts.forwarded(),
         connection: health.connection,
         connection_since: health.since,

@@ -30,6 +30,13 @@ pub(crate) trait PollConsumer {
     fn seek(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()>;
     /// Whether the current assignment was lost (another member may own it already).
     fn assignment_lost(&self) -> bool;
+    /// The group's committed offsets of `partitions`, with their metadata, waiting at most
+    /// `timeout`.
+    fn committed(
+        &self,
+        partitions: &TopicPartitionList,
+        timeout: Duration,
+    ) -> KafkaResult<TopicPartitionList>;
 }
 
 impl<C: ConsumerContext> PollConsumer for BaseConsumer<C> {
@@ -55,6 +62,14 @@ impl<C: ConsumerContext> PollConsumer for BaseConsumer<C> {
 
     fn assignment_lost(&self) -> bool {
         Consumer::assignment_lost(self)
+    }
+
+    fn committed(
+        &self,
+        partitions: &TopicPartitionList,
+        timeout: Duration,
+    ) -> KafkaResult<TopicPartitionList> {
+        Consumer::committed_offsets(self, partitions.clone(), timeout)
     }
 }
 
@@ -291,6 +306,14 @@ pub(crate) mod fake {
 
         fn assignment_lost(&self) -> bool {
             self.lost
+        }
+
+        fn committed(
+            &self,
+            partitions: &TopicPartitionList,
+            _timeout: Duration,
+        ) -> KafkaResult<TopicPartitionList> {
+            Ok(partitions.clone())
         }
     }
 }

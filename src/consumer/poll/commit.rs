@@ -12,15 +12,32 @@ use crate::consumer::schedule::Hub;
 use crate::consumer::schedule::Tp;
 use crate::metrics::ConsumerMetrics;
 
+/// One partition's commit: the offset (the next to read) and the metadata it carries (the
+/// finished offsets above it, see [`Scheduler::commit_metadata`](crate::consumer::schedule::Scheduler::commit_metadata)).
+pub(crate) type Commit = ((Tp, i64), Option<String>);
+
+/// `offsets` with their metadata, as the scheduler says now.
+pub(crate) fn with_metadata(hub: &Hub, offsets: &[(Tp, i64)]) -> Vec<Commit> {
+    let s = hub.lock();
+    (offsets.iter())
+        .map(|(tp, o)| ((tp.clone(), *o), s.commit_metadata(tp, *o)))
+        .collect()
+}
+
+/// The offsets of `commits`.
+pub(crate) fn offsets_of(commits: &[Commit]) -> Vec<(Tp, i64)> {
+    commits.iter().map(|(offset, _)| offset.clone()).collect()
+}
+
 /// Commits exactly these offsets (each the next offset to read) synchronously; returns
 /// whether the broker accepted them.
 pub(crate) fn commit(
     consumer: &impl PollConsumer,
-    metrics: &ConsumerMetrics,
-    offsets: &[(Tp, i64)],
+    hub: &Hub,
+    commits: &[Commit],
     why: &str,
 ) -> bool {
-    match commit_once(consumer, metrics, offsets, why) {
+    match commit_once(consumer, hub, commits, why) {
         Ok(()) => true,
         Err(e) if ownership_lost(&e) => {
             warn!(why, error = %e, "commit refused: partitions changed owner; their records will be redelivered");
@@ -34,22 +51,48 @@ pub(crate) fn commit(
 }
 
 /// One synchronous commit of exactly these offsets, counted in the metrics; failures are
-/// left to the caller to log.
+/// left to the caller to log. Metadata the broker refuses as too large
+/// (`offset.metadata.max.bytes` set below kourier's 4,000 bytes) is turned off for good,
+/// with one warning, and the commit sent again without it.
 fn commit_once(
     consumer: &impl PollConsumer,
-    metrics: &ConsumerMetrics,
-    offsets: &[(Tp, i64)],
+    hub: &Hub,
+    commits: &[Commit],
     why: &str,
 ) -> Result<(), KafkaError> {
-    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-    for ((t, p), o) in offsets {
+    match send(consumer, &hub.metrics, commits, true, why) {
+        Err(e)
+            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OffsetMetadataTooLarge)
+                && commits.iter().any(|(_, m)| m.is_some()) =>
+        {
+            warn!(error = %e, "the broker refuses commit metadata this large: commits carry no finished offsets from now on (a new owner handles again what finished above a commit point)");
+            hub.lock().set_commit_metadata(false);
+            send(consumer, &hub.metrics, commits, false, why)
+        }
+        result => result,
+    }
+}
+
+/// Sends one commit (with its metadata, if `metadata`).
+fn send(
+    consumer: &impl PollConsumer,
+    metrics: &ConsumerMetrics,
+    commits: &[Commit],
+    metadata: bool,
+    why: &str,
+) -> Result<(), KafkaError> {
+    let mut tpl = TopicPartitionList::with_capacity(commits.len());
+    for (((t, p), o), m) in commits {
         tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+        if let (true, Some(m), Some(mut e)) = (metadata, m, tpl.find_partition(t, *p)) {
+            e.set_metadata(m.as_str());
+        }
     }
     let started = Instant::now();
     let result = consumer.commit_sync(&tpl);
     metrics.commit(started.elapsed(), result.is_ok());
     if result.is_ok() {
-        debug!(why, offsets = %offsets_display(offsets), took = ?started.elapsed(), "committed");
+        debug!(why, offsets = %offsets_display(&offsets_of(commits)), took = ?started.elapsed(), "committed");
     }
     result
 }
@@ -79,7 +122,7 @@ pub(crate) fn commit_final(consumer: &impl PollConsumer, hub: &Hub, deadline: In
     final_commit_with(
         hub,
         deadline,
-        |offsets| commit_once(consumer, &hub.metrics, offsets, "shutdown"),
+        |offsets| commit_once(consumer, hub, &with_metadata(hub, offsets), "shutdown"),
         |pause| {
             let started = Instant::now();
             // Records that still arrive are dropped (the scheduler is stopping).
@@ -138,7 +181,7 @@ fn final_commit_with(
 /// Commits every offset that moved since the last commit, and notes what was committed.
 pub(crate) fn commit_settled(consumer: &impl PollConsumer, hub: &Hub, why: &str) {
     let offsets = hub.lock().to_commit();
-    if !offsets.is_empty() && commit(consumer, &hub.metrics, &offsets, why) {
+    if !offsets.is_empty() && commit(consumer, hub, &with_metadata(hub, &offsets), why) {
         hub.lock().committed(&offsets);
     }
 }

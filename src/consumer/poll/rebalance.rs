@@ -2,22 +2,69 @@
 
 use std::time::Duration;
 
-use rdkafka::TopicPartitionList;
+use std::sync::Arc;
+
+use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
 
 use super::client::PollConsumer;
-use super::commit::commit;
+use super::commit::{commit, offsets_of};
 use crate::consumer::schedule::Hub;
-use crate::consumer::schedule::{Tp, tps_display, tps_of};
+use crate::consumer::schedule::{Tp, decode_finished, tps_display, tps_of};
 
-/// Assign: track the partitions from their committed offsets, unpaused.
+/// How long an assignment waits for the group's committed offsets and their metadata.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Assign: track the partitions from their committed offsets, unpaused, skipping the
+/// records their previous owner finished above its commit point.
 pub(crate) fn on_assign(hub: &Hub, consumer: &impl PollConsumer, tpl: &TopicPartitionList) {
     let tps = tps_of(tpl);
     info!(partitions = ?tps_display(&tps), "partitions assigned");
-    hub.lock().assign(tps);
+    let metadata = {
+        let mut s = hub.lock();
+        s.assign(tps);
+        s.commit_metadata_on()
+    };
+    if metadata {
+        read_finished(hub, consumer, tpl);
+    }
     // librdkafka keeps a partition's pause across re-assignment: start clean.
     if let Err(e) = consumer.resume(tpl) {
         debug!(error = %e, "resume after assign failed");
+    }
+}
+
+/// Reads the finished offsets the previous owners of `tpl` committed above their commit
+/// points (see `schedule::finished`): before any record of them is polled, so each is
+/// skipped when it arrives. Metadata kourier did not write, or that does not hold, is
+/// ignored; so is a failure to read it (those records are handled again, as without it).
+fn read_finished(hub: &Hub, consumer: &impl PollConsumer, tpl: &TopicPartitionList) {
+    let committed = match consumer.committed(tpl, COMMITTED_TIMEOUT) {
+        Ok(committed) => committed,
+        Err(e) => {
+            if let Some(suppressed) = hub.throttle.admit("assign: committed metadata") {
+                warn!(error = %e, suppressed, "cannot read the committed offsets' metadata: records finished above the commit point by the previous owner are handled again");
+            }
+            return;
+        }
+    };
+    for e in committed.elements() {
+        let (Offset::Offset(point), metadata) = (e.offset(), e.metadata()) else {
+            continue;
+        };
+        if metadata.is_empty() {
+            continue;
+        }
+        let tp: Tp = (Arc::from(e.topic()), e.partition());
+        match decode_finished(metadata, point) {
+            Some(finished) => {
+                info!(partition = %format_args!("{}/{}", tp.0, tp.1), commit_point = point, up_to = ?finished.last(), "skipping the records the previous owner finished above its commit point");
+                hub.lock().set_finished(&tp, finished);
+            }
+            None => {
+                debug!(partition = %format_args!("{}/{}", tp.0, tp.1), metadata, "committed metadata is not kourier's: ignored");
+            }
+        }
     }
 }
 
@@ -26,15 +73,15 @@ pub(crate) fn on_assign(hub: &Hub, consumer: &impl PollConsumer, tpl: &TopicPart
 /// the renewal of its records' claims at once: another member may own them already.
 pub(crate) fn on_revoke(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
     drain(hub, tps, consumer.assignment_lost(), !hub.closing());
-    let offsets = hub.lock().remove(tps);
+    let commits = hub.lock().remove(tps);
     for (topic, partition) in tps {
         hub.metrics.partition_revoked(topic, *partition);
     }
     if consumer.assignment_lost() {
         warn!(partitions = ?tps_display(tps), "assignment lost: not committing");
-    } else if !offsets.is_empty() && commit(consumer, &hub.metrics, &offsets, "revoke") {
+    } else if !commits.is_empty() && commit(consumer, hub, &commits, "revoke") {
         // During a shutdown: what a failed final commit left may be committed now.
-        hub.committed_after_failure(&offsets);
+        hub.committed_after_failure(&offsets_of(&commits));
     }
     info!(partitions = ?tps_display(tps), "partitions revoked");
 }
@@ -81,13 +128,13 @@ pub(crate) fn reset(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
     }
     warn!(partitions = ?tps_display(&tps), "a record was given up outside a revoke or shutdown (its worker panicked): resetting its partition to the commit point; the records after it are delivered again");
     drain(hub, &tps, false, true);
-    let (offsets, restart) = {
+    let (commits, restart) = {
         let mut s = hub.lock();
         let restart = s.restart_points(&tps);
         (s.remove(&tps), restart)
     };
-    if !offsets.is_empty() {
-        commit(consumer, &hub.metrics, &offsets, "reset");
+    if !commits.is_empty() {
+        commit(consumer, hub, &commits, "reset");
     }
     hub.lock().assign(tps.iter().cloned());
     // The new assignment starts unpaused: so must librdkafka's (flow control may have paused it).

@@ -104,19 +104,20 @@ impl Scheduler {
             .all(|p| p.in_flight == 0 && p.queued == 0)
     }
 
-    /// Forgets `tps`, returning the offsets still to commit for them.
-    pub(crate) fn remove(&mut self, tps: &[Tp]) -> Vec<(Tp, i64)> {
+    /// Forgets `tps`, returning the offsets still to commit for them, each with its commit's
+    /// metadata.
+    pub(crate) fn remove(&mut self, tps: &[Tp]) -> Vec<((Tp, i64), Option<String>)> {
         let mut out = Vec::new();
         for tp in tps {
+            let commit = self.partitions.get(tp).and_then(|p| {
+                let point = super::scheduler::commit_point(p, self.commit_metadata_on())?;
+                Some(((tp.clone(), point), self.commit_metadata(tp, point)))
+            });
             if let Some(p) = self.partitions.remove(tp) {
                 p.stop.drain.cancel();
                 p.stop.abandon.cancel();
                 self.forget_buffered(&p);
-                if let Some(c) = p.tracker.committable()
-                    && p.committed.is_none_or(|done| c > done)
-                {
-                    out.push((tp.clone(), c));
-                }
+                out.extend(commit);
             }
         }
         out

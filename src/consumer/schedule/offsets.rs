@@ -19,6 +19,8 @@ pub(crate) struct OffsetTracker {
     watermark: Option<i64>,
     /// The first offset received (for lag before the first commit).
     first_received: Option<i64>,
+    /// Records settled so far (what a commit's metadata says changes with it).
+    settles: u64,
 }
 
 impl OffsetTracker {
@@ -37,11 +39,11 @@ impl OffsetTracker {
     /// Marks `offset` settled. Returns whether the commit watermark moved.
     /// Unknown offsets (never received, or already in the prefix) are ignored.
     pub(crate) fn settled(&mut self, offset: i64) -> bool {
-        if let Ok(i) = self.pending.binary_search_by_key(&offset, |&(o, _)| o) {
-            self.pending[i].1 = true;
-        } else {
-            return false;
+        match self.pending.binary_search_by_key(&offset, |&(o, _)| o) {
+            Ok(i) if !self.pending[i].1 => self.pending[i].1 = true,
+            _ => return false,
         }
+        self.settles += 1;
         let mut moved = false;
         while let Some(&(o, true)) = self.pending.front() {
             self.pending.pop_front();
@@ -66,6 +68,34 @@ impl OffsetTracker {
     /// unsettled offset received, else one past the settled prefix.
     pub(crate) fn restart_point(&self) -> Option<i64> {
         self.pending.front().map(|&(o, _)| o).or(self.watermark)
+    }
+
+    /// Records settled so far.
+    pub(crate) fn settles(&self) -> u64 {
+        self.settles
+    }
+
+    /// The settled records at or above `from` (a commit point at most the watermark), as
+    /// inclusive ranges in increasing order, not touching: `from` up to the watermark, then
+    /// each run of records settled above the first unsettled one (offsets between two of a
+    /// run that were never received are inside its range).
+    pub(crate) fn finished_ranges(&self, from: i64) -> Vec<(i64, i64)> {
+        let mut ranges: Vec<(i64, i64)> = Vec::new();
+        if let Some(w) = self.watermark
+            && w > from
+        {
+            ranges.push((from, w - 1));
+        }
+        let mut run: Option<(i64, i64)> = None;
+        for &(offset, settled) in &self.pending {
+            match (settled, run.as_mut()) {
+                (true, Some(r)) => r.1 = offset,
+                (true, None) => run = Some((offset, offset)),
+                (false, _) => ranges.extend(run.take()),
+            }
+        }
+        ranges.extend(run);
+        ranges
     }
 
     /// How many received records are not yet part of the settled prefix.
@@ -137,6 +167,28 @@ mod tests {
         t.received(9);
         t.settled(7);
         assert_eq!(t.first_received(), Some(7));
+    }
+
+    #[test]
+    fn finished_ranges_are_the_prefix_then_runs_of_settled_records() {
+        let mut t = OffsetTracker::default();
+        for o in [10, 11, 12, 13, 15, 16, 17, 19] {
+            t.received(o);
+        }
+        for o in [10, 11, 13, 15, 17, 19] {
+            t.settled(o);
+        }
+        assert_eq!(t.committable(), Some(12));
+        // 13 and 15 are one run (14 was never received); 16 is open; 17; 18 unseen, 19.
+        assert_eq!(t.finished_ranges(12), [(13, 15), (17, 19)]);
+        assert_eq!(
+            t.finished_ranges(10),
+            [(10, 11), (13, 15), (17, 19)],
+            "from an older commit point"
+        );
+        assert_eq!(t.settles(), 6);
+        assert!(!t.settled(13), "settling twice is not counted");
+        assert_eq!(t.settles(), 6);
     }
 
     #[test]

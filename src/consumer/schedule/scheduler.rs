@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::finished::Finished;
 use super::offsets::OffsetTracker;
 pub(crate) use super::topic_partition::Tp;
 use crate::consumer::breaker::{Breaker, DestinationBreakers, Dispatch};
@@ -132,6 +133,14 @@ pub(super) struct PartitionState {
     /// Revoking or stopping: no new records, only gap fillers are still dispatched.
     pub(super) draining: bool,
     pub(super) committed: Option<i64>,
+    /// Records settled when the last commit was offered, and when the last commit
+    /// succeeded: a commit carries the finished offsets above its commit point, so it is
+    /// worth sending when they changed even if the commit point did not move.
+    pub(super) offered_settles: u64,
+    pub(super) committed_settles: u64,
+    /// Offsets a previous owner finished above its commit point (from its commit's
+    /// metadata): skipped when they arrive, until the last of them is passed.
+    pub(super) finished: Option<Finished>,
     /// Shared by its jobs (one reference count per job, not three cancellation tokens).
     pub(super) stop: Arc<Stop>,
 }
@@ -154,6 +163,25 @@ fn job_partition<'a>(
     partitions
         .get_mut(&job.tp)
         .filter(|p| p.generation == job.generation)
+}
+
+/// Where `p` would be committed now, if a commit is worth sending: its commit point moved
+/// since it was last committed, or (with `metadata`) records above it settled since (the
+/// commit point is then the first offset received when nothing is committable yet).
+pub(super) fn commit_point(p: &PartitionState, metadata: bool) -> Option<i64> {
+    let watermark = p.tracker.committable();
+    if let Some(c) = watermark
+        && p.committed.is_none_or(|done| c > done)
+    {
+        return Some(c);
+    }
+    if !metadata || p.tracker.settles() == p.committed_settles {
+        return None;
+    }
+    let point = watermark.or(p.tracker.first_received())?;
+    p.committed
+        .is_none_or(|done| point >= done)
+        .then_some(point)
 }
 
 /// Keeps an ended lane's (empty) queue for a new lane, unless enough are kept already.
@@ -215,6 +243,10 @@ pub(crate) struct Scheduler {
     destinations: Option<Arc<DestinationBreakers>>,
     /// Jobs that ended, for the poll thread to drop ([`Scheduler::keep_spent`]).
     pub(super) spent: Vec<Job>,
+    /// Commits carry the finished offsets above their commit point in their metadata.
+    commit_metadata: bool,
+    /// Records skipped because a previous owner of their partition had finished them.
+    pub(super) skipped_finished: u64,
 }
 
 /// At most this many ended jobs wait for the poll thread to drop them (one poll batch, 500
@@ -257,6 +289,8 @@ impl Scheduler {
             abandoned_at_stop_count: 0,
             left_for_later_at_stop: 0,
             resets: Vec::new(),
+            commit_metadata: false,
+            skipped_finished: 0,
             breaker: None,
             destinations: None,
         }
@@ -272,6 +306,14 @@ impl Scheduler {
     /// The outage breaker, if the consumer has one.
     pub(crate) fn breaker(&self) -> Option<&Arc<Breaker>> {
         self.breaker.as_ref()
+    }
+
+    /// Whether commits carry the finished offsets above their commit point (off unless set;
+    /// the builder sets it from [`CommitMetadata`](crate::CommitMetadata), on by default).
+    #[must_use]
+    pub(crate) fn with_commit_metadata(mut self, on: bool) -> Self {
+        self.commit_metadata = on;
+        self
     }
 
     /// Keeps the breakers of destinations for the monitor.
@@ -307,6 +349,9 @@ impl Scheduler {
                     uncommitted_paused: false,
                     draining: false,
                     committed: None,
+                    offered_settles: 0,
+                    committed_settles: 0,
+                    finished: None,
                     stop: Arc::new(Stop {
                         abandon: self.shutdown.abandon.child_token(),
                         drain: self.shutdown.drain.child_token(),
@@ -341,6 +386,17 @@ impl Scheduler {
         };
         if p.draining || !p.tracker.received(record.offset) {
             return false;
+        }
+        if let Some(finished) = &p.finished {
+            if finished.contains(record.offset) {
+                // Finished by the previous owner: settled here without running again.
+                p.tracker.settled(record.offset);
+                self.skipped_finished += 1;
+                return false;
+            }
+            if finished.last().is_some_and(|last| record.offset > last) {
+                p.finished = None;
+            }
         }
         let lane_key = match self.ordering {
             ProcessingOrder::Partition => LaneKey::Partition,
@@ -657,26 +713,61 @@ impl Scheduler {
             .sum()
     }
 
-    /// Offsets that moved since they were last committed.
-    pub(crate) fn to_commit(&self) -> Vec<(Tp, i64)> {
+    /// What to commit: each partition whose commit point moved since it was last committed,
+    /// or (with commit metadata) whose finished records above it changed.
+    pub(crate) fn to_commit(&mut self) -> Vec<(Tp, i64)> {
+        let metadata = self.commit_metadata;
         self.partitions
-            .iter()
+            .iter_mut()
             .filter_map(|(tp, p)| {
-                let c = p.tracker.committable()?;
-                p.committed
-                    .is_none_or(|done| c > done)
-                    .then(|| (tp.clone(), c))
+                let point = commit_point(p, metadata)?;
+                p.offered_settles = p.tracker.settles();
+                Some((tp.clone(), point))
             })
             .collect()
+    }
+
+    /// The metadata of a commit of `offset` for `tp`: the finished offsets above it (see
+    /// [`Finished`]); `None` without any, or with commit metadata off.
+    pub(crate) fn commit_metadata(&self, tp: &Tp, offset: i64) -> Option<String> {
+        if !self.commit_metadata {
+            return None;
+        }
+        let p = self.partitions.get(tp)?;
+        super::finished::encode(offset, p.tracker.finished_ranges(offset))
+    }
+
+    /// Whether commits carry metadata.
+    pub(crate) fn commit_metadata_on(&self) -> bool {
+        self.commit_metadata
+    }
+
+    /// Turns commit metadata off (`false`): the broker refused it, or it was not wanted.
+    pub(crate) fn set_commit_metadata(&mut self, on: bool) {
+        self.commit_metadata = on;
+    }
+
+    /// Offsets of `tp` a previous owner finished above its commit point (read from the
+    /// committed metadata at assignment): they are skipped when they arrive.
+    pub(crate) fn set_finished(&mut self, tp: &Tp, finished: Finished) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            p.finished = Some(finished);
+        }
+    }
+
+    /// Records skipped because a previous owner had finished them, so far.
+    pub(crate) fn skipped_finished(&self) -> u64 {
+        self.skipped_finished
     }
 
     /// Notes a successful commit.
     pub(crate) fn committed(&mut self, offsets: &[(Tp, i64)]) {
         for (tp, offset) in offsets {
             if let Some(p) = self.partitions.get_mut(tp)
-                && p.committed.is_none_or(|done| *offset > done)
+                && p.committed.is_none_or(|done| *offset >= done)
             {
                 p.committed = Some(*offset);
+                p.committed_settles = p.offered_settles;
             }
         }
     }
@@ -875,6 +966,46 @@ mod tests {
         let next = s.finish(&a0, JobEnd::Settled).unwrap();
         assert_eq!(next.record.offset, 3, "c@3 was ready before a@1");
         assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+    }
+
+    #[test]
+    fn commits_carry_what_finished_above_a_stuck_record_and_its_next_owner_skips_it() {
+        let mut s = holding(Key, limits(10), &[0], keyed(&["a", "b", "c", "d", "e"]))
+            .with_commit_metadata(true);
+        let jobs = s.take_jobs();
+        // a@0 is stuck; b..e finish.
+        for j in &jobs[1..] {
+            assert!(s.finish(j, JobEnd::Settled).is_none());
+        }
+        let offered = s.to_commit();
+        assert_eq!(
+            offered,
+            [(tp(0), 0)],
+            "the commit point stays, with news above it"
+        );
+        assert_eq!(s.commit_metadata(&tp(0), 0).as_deref(), Some("k1:0:1.4"));
+        s.committed(&offered);
+        assert!(s.to_commit().is_empty(), "nothing new since");
+        // At the revoke, the same: the commit point and what finished above it.
+        assert_eq!(s.remove(&[tp(0)]), []);
+        // A new owner reads it back and skips 1..=4; 0 and 5 run.
+        let mut next = Scheduler::new(Key, limits(10)).with_commit_metadata(true);
+        next.assign([tp(0)]);
+        next.set_finished(
+            &tp(0),
+            crate::consumer::schedule::decode_finished("k1:0:1.4", 0).unwrap(),
+        );
+        for (offset, key) in [(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e"), (5, "f")] {
+            next.enqueue(rec(0, offset, Some(key)));
+        }
+        assert_eq!(offsets(&next.take_jobs()), [(0, 0), (0, 5)]);
+        assert_eq!(next.skipped_finished(), 4);
+        // Without metadata (the setting off), nothing is offered while a@0 is stuck.
+        let mut off = holding(Key, limits(10), &[0], keyed(&["a", "b"]));
+        let jobs = off.take_jobs();
+        assert!(off.finish(&jobs[1], JobEnd::Settled).is_none());
+        assert!(off.to_commit().is_empty());
+        assert_eq!(off.commit_metadata(&tp(0), 0), None);
     }
 
     #[test]
@@ -1110,7 +1241,7 @@ mod tests {
         assert!(s.finish(&j, JobEnd::Settled).is_none());
         assert_eq!(s.in_flight_of(&[tp(0)]), 0);
         assert!(s.drained(&[tp(0)]));
-        assert_eq!(s.remove(&[tp(0)]), vec![(tp(0), 1)]);
+        assert_eq!(s.remove(&[tp(0)]), vec![((tp(0), 1), None)]);
         // Reassigned: a late completion of the old generation changes nothing.
         s.assign([tp(0)]);
         s.enqueue(rec(0, 1, None));
