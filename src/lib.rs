@@ -93,6 +93,9 @@
 //! 9. **Rebalance**: on revoke, dispatching stops for the revoked partitions, their in-flight
 //!    records are waited for (bounded), their settled offsets are committed synchronously and
 //!    their buffered records dropped; late completions from an old assignment are ignored.
+//!    Each commit names, in its metadata, the offsets finished above its commit point, and
+//!    a partition's next owner skips them ([`CommitMetadata`]): what settled out of order
+//!    above a slow record is not handled again after a rebalance or restart.
 //! 10. **Bounded memory**: buffered records are bounded by count and bytes; above the limits
 //!     partitions are paused (polling continues) and resumed below half.
 //! 11. **Bad input never crashes the consumer**: malformed payloads, null keys and values,
