@@ -168,6 +168,28 @@ pub(crate) struct DestinationMemo {
     pub(crate) failed_probes: u32,
 }
 
+/// Whether a failed record is held for its destination, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Not held: its retry policy decides.
+    No,
+    /// Held: this failure opened the destination (or marked it gone with its records
+    /// waiting). It counts for the consumer-wide breaker as one failure of the destination.
+    Opened,
+    /// Held: the destination was known down already (a failed probe, a call that started
+    /// before it opened). The failure is the destination's alone: the consumer-wide breaker
+    /// does not count it (and hands its probe on, if the record held it), so a destination
+    /// that stays down cannot keep the consumer's breaker open.
+    AlreadyDown,
+}
+
+impl Held {
+    /// Whether the record waits for its destination.
+    pub(crate) fn is_held(self) -> bool {
+        self != Held::No
+    }
+}
+
 /// How an attempt ended, for its destination.
 enum Ended<'e> {
     Succeeded,
@@ -329,9 +351,9 @@ impl DestinationBreakers {
         }
     }
 
-    /// An attempt with `pass` ended; returns whether the record is held (it waits for its
+    /// An attempt with `pass` ended; says whether the record is held (it waits for its
     /// destination, its attempt not counted) rather than left to its retry policy.
-    fn end(&self, pass: &DestinationPass<'_>, ended: Ended<'_>) -> bool {
+    fn end(&self, pass: &DestinationPass<'_>, ended: Ended<'_>) -> Held {
         let mut s = self.lock();
         let now = Instant::now();
         if pass.counted
@@ -346,7 +368,7 @@ impl DestinationBreakers {
         let held = match ended {
             Ended::Succeeded => {
                 self.succeeded(&mut s, pass);
-                false
+                Held::No
             }
             Ended::Failed {
                 destination,
@@ -356,7 +378,7 @@ impl DestinationBreakers {
             } => self.failed(&mut s, pass, destination, caller, error, memo, now),
             Ended::Dropped => {
                 hand_probe_on(s.entries.get_mut(&pass.id), pass);
-                false
+                Held::No
             }
         };
         self.forget_if_clean(&mut s, pass.id, now);
@@ -396,7 +418,7 @@ impl DestinationBreakers {
         }
     }
 
-    /// Counts a failed call; returns whether the record is held.
+    /// Counts a failed call; says whether the record is held.
     #[allow(clippy::too_many_arguments)]
     fn failed(
         &self,
@@ -407,14 +429,14 @@ impl DestinationBreakers {
         error: &HandlerError,
         memo: &mut DestinationMemo,
         now: Instant,
-    ) -> bool {
+    ) -> Held {
         let kind = error.kind();
         let gone = kind == FailureKind::DestinationGone;
         if !matches!(kind, FailureKind::Transient | FailureKind::Unavailable) && !gone {
             // Permanent failures and panics say nothing about the destination; a probe
             // that ends so hands the probe on.
             hand_probe_on(s.entries.get_mut(&pass.id), pass);
-            return false;
+            return Held::No;
         }
         if !s.entries.contains_key(&destination.id) {
             if !self.make_room(s, now) {
@@ -427,7 +449,7 @@ impl DestinationBreakers {
                         "as many destinations are tracked as allowed: a destination failing for the first time is not isolated (its failures take the retry policy)"
                     );
                 }
-                return false;
+                return Held::No;
             }
             let mut e = Entry::new(destination.display_name(), now, self.full_bucket());
             e.epoch = pass.epoch;
@@ -445,7 +467,11 @@ impl DestinationBreakers {
             *open += usize::from(was_closed);
             self.mark_gone(e, error);
             // The record itself: dead-lettered with the others, or waiting with them.
-            rules.gone == GoneRecords::Wait
+            if rules.gone == GoneRecords::Wait {
+                Held::Opened
+            } else {
+                Held::No
+            }
         } else {
             match e.phase {
                 Phase::Closed => {
@@ -458,9 +484,9 @@ impl DestinationBreakers {
                     if unavailable || (e.mixed && e.consecutive >= rules.consecutive) {
                         *open += 1;
                         self.open(e, error, "destination opened: its records wait (no attempts used, nothing dead-lettered) until a probe succeeds; other destinations run");
-                        true
+                        Held::Opened
                     } else {
-                        false
+                        Held::No
                     }
                 }
                 Phase::HalfOpen { .. } if pass.probe && e.epoch == pass.epoch => {
@@ -469,14 +495,20 @@ impl DestinationBreakers {
                     // A record failing its share of probes takes its normal path: one
                     // record failing on its own cannot hold its destination open forever.
                     memo.failed_probes = memo.failed_probes.saturating_add(u32::from(!unavailable));
-                    memo.failed_probes < rules.probes_per_record
+                    if memo.failed_probes < rules.probes_per_record {
+                        Held::AlreadyDown
+                    } else {
+                        Held::No
+                    }
                 }
                 // A call that started before the destination opened (or went): it is down,
                 // so the record waits for it like the others (or, gone, is given up then).
-                Phase::Open { .. } | Phase::HalfOpen { .. } | Phase::Gone { .. } => true,
+                Phase::Open { .. } | Phase::HalfOpen { .. } | Phase::Gone { .. } => {
+                    Held::AlreadyDown
+                }
             }
         };
-        if held {
+        if held.is_held() {
             e.held_failures += 1;
         }
         held
@@ -659,17 +691,17 @@ impl DestinationPass<'_> {
         }
     }
 
-    /// The attempt failed with `error`: returns whether the record is held for its
-    /// destination (its attempt not counted; it waits for the destination before the next).
+    /// The attempt failed with `error`: says whether the record is held for its destination
+    /// (its attempt not counted; it waits for the destination before the next).
     pub(crate) fn failed(
         mut self,
         destination: &Destination,
         caller: Caller,
         error: &HandlerError,
         memo: &mut DestinationMemo,
-    ) -> bool {
+    ) -> Held {
         let Some(b) = self.breakers.take() else {
-            return false;
+            return Held::No;
         };
         b.end(
             &self,
@@ -768,6 +800,7 @@ mod tests {
     ) -> bool {
         let pass = b.try_admit(d).ok().expect("admitted");
         pass.failed(d, caller, error, &mut DestinationMemo::default())
+            .is_held()
     }
 
     /// `d`'s records must wait: until when (`None`: until woken).
@@ -855,7 +888,11 @@ mod tests {
             "one probe at a time: woken when it ends"
         );
         let mut memo = DestinationMemo::default();
-        assert!(probe.failed(&d, 1, &transient(), &mut memo), "held again");
+        assert_eq!(
+            probe.failed(&d, 1, &transient(), &mut memo),
+            Held::AlreadyDown,
+            "held again"
+        );
         assert_eq!(memo.failed_probes, 1);
         tokio::time::advance(Duration::from_millis(1999)).await;
         assert!(b.try_admit(&d).is_err(), "open for twice as long");
@@ -882,12 +919,9 @@ mod tests {
         assert!(fails(&b, &d, 1, &HandlerError::unavailable("down")));
         tokio::time::advance(Duration::from_secs(1)).await;
         let probe = b.try_admit(&d).ok().expect("the probe");
-        assert!(!probe.failed(
-            &d,
-            2,
-            &HandlerError::permanent("400"),
-            &mut DestinationMemo::default()
-        ));
+        let memo = &mut DestinationMemo::default();
+        let permanent = HandlerError::permanent("400");
+        assert_eq!(probe.failed(&d, 2, &permanent, memo), Held::No);
         let probe = b.try_admit(&d).ok().expect("the next record probes");
         drop(probe); // given up before its attempt
         assert!(b.try_admit(&d).is_ok(), "and the next");
@@ -905,7 +939,7 @@ mod tests {
         for held in [true, false] {
             tokio::time::advance(Duration::from_secs(4)).await;
             let probe = b.try_admit(&d).ok().expect("the probe");
-            assert_eq!(probe.failed(&d, 1, &transient(), &mut memo), held);
+            assert_eq!(probe.failed(&d, 1, &transient(), &mut memo).is_held(), held);
         }
     }
 

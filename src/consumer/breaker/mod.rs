@@ -16,7 +16,7 @@ mod policy;
 mod status;
 
 pub(crate) use self::destination_machine::{
-    Denied, DestinationBreakers, DestinationMemo, DestinationPass,
+    Denied, DestinationBreakers, DestinationMemo, DestinationPass, Held,
 };
 pub use self::destination_machine::{DestinationStatus, DestinationsStatus};
 pub(crate) use self::destinations::Destination;

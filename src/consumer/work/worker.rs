@@ -31,8 +31,8 @@ use super::destination::{Admitted, DestinationGate};
 use super::outcome::{OutcomeObserver, RecordOutcome};
 use crate::codec::Codec;
 use crate::consumer::breaker::{
-    Caller, Destination, DestinationMemo, DestinationPass, OutageGate, Pass, ProbeMemo, Verdict,
-    caller_of,
+    Caller, Destination, DestinationMemo, DestinationPass, Held, OutageGate, Pass, ProbeMemo,
+    Verdict, caller_of,
 };
 use crate::consumer::dedup::{Dedup, DedupKeys};
 use crate::consumer::dedup::{HeldClaim, keep_renewed};
@@ -584,7 +584,7 @@ impl<H: Handler> WorkerContext<H> {
                 error,
                 &mut tries.destination_probes,
             ),
-            _ => false,
+            _ => Held::No,
         };
         let delay = match self.after_failure(error, pass, destination_held, tries, record) {
             Next::GiveUp(failure) => return Step::GaveUp(failure),
@@ -769,18 +769,25 @@ impl<H: Handler> WorkerContext<H> {
         &self,
         error: &HandlerError,
         pass: Pass<'_>,
-        destination_held: bool,
+        destination_held: Held,
         tries: &mut Tries,
         record: &RawRecord,
     ) -> Next {
         let now = SystemTime::now();
         let first = *tries.first_failure.get_or_insert(now);
         let attempt = tries.made;
-        let verdict = match pass.failed(error, tries.holds, &mut tries.probed) {
-            // Its destination is down: the record waits for it (at its next admission, for
-            // the destination's open interval), not for a back-off of its own.
-            _ if destination_held => Verdict::Hold(Duration::ZERO),
-            verdict => verdict,
+        let verdict = if destination_held == Held::AlreadyDown {
+            // A destination known down failed again: its failure alone (rule 19). The
+            // consumer-wide breaker does not count it; dropping the pass hands its probe on.
+            drop(pass);
+            Verdict::Hold(Duration::ZERO)
+        } else {
+            match pass.failed(error, tries.holds, &mut tries.probed) {
+                // Its destination is down: the record waits for it (at its next admission,
+                // for the destination's open interval), not for a back-off of its own.
+                _ if destination_held.is_held() => Verdict::Hold(Duration::ZERO),
+                verdict => verdict,
+            }
         };
         if let Verdict::Hold(delay) = verdict {
             // Not the record's fault: no attempt used, never dead-lettered for it.

@@ -400,6 +400,7 @@ struct Setup {
     /// Dedup by this header instead of the order id.
     dedup_header: Option<&'static str>,
     breaker: Option<BreakerPolicy>,
+    destinations: Option<crate::Destinations<Order>>,
 }
 
 /// A worker whose handler plays `steps`, with `RetryPolicy::fixed(500 ms, 3)` (4 attempts),
@@ -434,6 +435,7 @@ fn script(steps: impl Into<Vec<Step>>) -> Setup {
         dedup_key_panics: false,
         dedup_header: None,
         breaker: None,
+        destinations: None,
     }
 }
 
@@ -501,6 +503,11 @@ impl Setup {
         self
     }
 
+    fn destinations(mut self, destinations: crate::Destinations<Order>) -> Self {
+        self.destinations = Some(destinations);
+        self
+    }
+
     /// Dedup in `store` by the value of header `name` (no decoding needed).
     fn dedup_by_header(mut self, store: &InMemoryIdempotencyStore, name: &'static str) -> Self {
         self.store = Some(Arc::new(store.clone()));
@@ -561,12 +568,23 @@ impl Setup {
             stall_threshold: self.stall_threshold,
             metrics: metrics.clone(),
             observer: None,
-            outage: OutageGate(
-                self.breaker
-                    .map(|p| Arc::new(Breaker::new(p, metrics.clone()))),
-            ),
+            outage: OutageGate(self.breaker.map(|p| {
+                let breaker = Breaker::new(p, metrics.clone());
+                Arc::new(if self.destinations.is_some() {
+                    breaker.by_destination()
+                } else {
+                    breaker
+                })
+            })),
             tiers: None,
-            destinations: None,
+            destinations: self.destinations.map(|of| super::DestinationGate {
+                breakers: Arc::new(crate::consumer::breaker::DestinationBreakers::new(
+                    of.rules(),
+                    metrics.clone(),
+                    Duration::from_secs(30),
+                )),
+                of,
+            }),
         };
         Harness {
             worker,
@@ -1923,6 +1941,43 @@ async fn an_outage_uses_up_no_attempts_and_dead_letters_nothing() {
     assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Done);
     // Every call held the claim; between calls it was released (see the drain test).
     assert!(h.calls().iter().all(|c| c.key == Some(KeyState::Held)));
+}
+
+/// With destinations, a destination known down that fails again (its probe) is its own
+/// business: the consumer-wide breaker counts it once, when it opened the destination, and
+/// never again (it cannot open or re-open the consumer's breaker alone). Before, each of
+/// its failed probes counted: with two other destinations failing, the consumer's breaker
+/// opened.
+#[tokio::test(start_paused = true)]
+async fn a_destination_known_down_counts_once_for_the_consumer_breaker() {
+    let h = script([UnavailableUntil(secs(30))])
+        .breaker(
+            BreakerPolicy::default()
+                .without_failure_rate()
+                .with_consecutive_failures(3)
+                .with_min_destinations(2),
+        )
+        .destinations(
+            crate::Destinations::from_fn(|m: &Message<Order>| Some(m.event().id.clone()))
+                .with_open_interval(secs(1), secs(1)),
+        )
+        .build();
+    // Another destination failed once: the consumer's breaker needs a second destination.
+    let pass = (h.worker.outage)
+        .admit_as(&Stop::default(), ProbeMemo::default(), 77, true)
+        .await
+        .expect("admitted");
+    let _ = pass.failed(&HandlerError::transient("refused"), 0, &mut ProbeMemo::default());
+
+    let (end, _) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.dead_lettered_total(), 0);
+    // o-1's destination opened at its first call and was probed once a second.
+    let calls = h.call_times().len();
+    assert!(calls >= 30, "{calls} calls in 30 s");
+    let b = h.breaker();
+    assert_eq!(b.opened, 0, "one failure of each of two destinations in a row: {b:?}");
 }
 
 #[tokio::test(start_paused = true)]
