@@ -110,7 +110,7 @@ impl SchedulerHarness {
 
     /// Partitions with an offset to commit.
     pub fn committable_partitions(&self) -> usize {
-        self.scheduler.to_commit().len()
+        self.scheduler.commits_due().len()
     }
 
     /// Jobs running now.

@@ -146,7 +146,7 @@ fn final_commit_with(
     loop {
         // Asked again at each try: a revoke while pausing commits and drops its partitions
         // (and, when it commits them, clears them from the failure).
-        let offsets = hub.lock().to_commit();
+        let offsets = hub.lock().commits_due();
         if offsets.is_empty() {
             return;
         }
@@ -180,7 +180,7 @@ fn final_commit_with(
 
 /// Commits every offset that moved since the last commit, and notes what was committed.
 pub(crate) fn commit_settled(consumer: &impl PollConsumer, hub: &Hub, why: &str) {
-    let offsets = hub.lock().to_commit();
+    let offsets = hub.lock().commits_due();
     if !offsets.is_empty() && commit(consumer, hub, &with_metadata(hub, &offsets), why) {
         hub.lock().committed(&offsets);
     }
@@ -253,9 +253,9 @@ mod tests {
         consumer.fail_commits(1, &refused());
         let offsets = vec![((Arc::from("t"), 0), 3)];
         commit_settled(&consumer, &hub, "interval");
-        assert_eq!(hub.lock().to_commit(), offsets, "failed: still to commit");
+        assert_eq!(hub.lock().commits_due(), offsets, "failed: still to commit");
         commit_settled(&consumer, &hub, "interval");
-        assert!(hub.lock().to_commit().is_empty(), "committed: noted");
+        assert!(hub.lock().commits_due().is_empty(), "committed: noted");
         commit_settled(&consumer, &hub, "interval");
         assert_eq!(consumer.commits(), [offsets.clone(), offsets]);
     }
@@ -263,7 +263,7 @@ mod tests {
     #[test]
     fn a_final_commit_that_fails_then_succeeds_is_retried_until_it_does() {
         let hub = hub_with_settled_records();
-        assert_eq!(hub.lock().to_commit(), vec![((Arc::from("t"), 0), 3)]);
+        assert_eq!(hub.lock().commits_due(), vec![((Arc::from("t"), 0), 3)]);
         let mut tries = Vec::new();
         let mut pauses = Vec::new();
         let deadline = crate::clock::after(Instant::now(), Duration::from_secs(60));
@@ -284,7 +284,7 @@ mod tests {
         assert!(tries.iter().all(|t| *t == [((Arc::from("t"), 0), 3)]));
         let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
         assert_eq!(ms, [100, 200, 400, 800, 1000], "a short back-off, capped");
-        assert!(hub.lock().to_commit().is_empty(), "the commit is noted");
+        assert!(hub.lock().commits_due().is_empty(), "the commit is noted");
         let failure = hub.take_final_commit_failure();
         assert!(failure.is_none(), "nothing to report: {failure:?}");
     }
@@ -315,7 +315,7 @@ mod tests {
         assert_eq!(failure.uncommitted, [((Arc::from("t"), 0), 3)]);
         assert_eq!(failure.uncommitted_display(), ["t/0@3"]);
         assert_eq!(failure.error, refused());
-        assert_eq!(hub.lock().to_commit().len(), 1, "still uncommitted");
+        assert_eq!(hub.lock().commits_due().len(), 1, "still uncommitted");
     }
 
     #[test]

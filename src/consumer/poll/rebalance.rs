@@ -311,7 +311,7 @@ mod tests {
             "a partition not assigned (t/7) is left alone"
         );
         assert_eq!(hub.lock().assigned(), [tp()], "tracked again");
-        assert!(hub.lock().to_commit().is_empty(), "from the commit point");
+        assert!(hub.lock().commits_due().is_empty(), "from the commit point");
 
         let untouched = FakeConsumer::new();
         reset(&hub, &untouched, &[(Arc::from("t"), 7)]);

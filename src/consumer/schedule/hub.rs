@@ -406,11 +406,11 @@ mod tests {
             .unwrap()
             .expect("the next record");
         assert_eq!(next.record.offset, 1);
-        assert!(hub.lock().to_commit().is_empty(), "0 not settled yet");
+        assert!(hub.lock().commits_due().is_empty(), "0 not settled yet");
         hub.settle(jobs.remove(0), JobEnd::Settled);
-        assert_eq!(hub.lock().to_commit(), [(tp(), 1)]);
+        assert_eq!(hub.lock().commits_due(), [(tp(), 1)]);
         assert!(hub.finish(next, JobEnd::Settled).is_none());
-        assert_eq!(hub.lock().to_commit(), [(tp(), 2)]);
+        assert_eq!(hub.lock().commits_due(), [(tp(), 2)]);
     }
 
     /// A record waiting out a back-off gives its slot to another key's record.

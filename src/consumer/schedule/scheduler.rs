@@ -715,7 +715,7 @@ impl Scheduler {
 
     /// What to commit: each partition whose commit point moved since it was last committed,
     /// or (with commit metadata) whose finished records above it changed.
-    pub(crate) fn to_commit(&mut self) -> Vec<(Tp, i64)> {
+    pub(crate) fn commits_due(&mut self) -> Vec<(Tp, i64)> {
         let metadata = self.commit_metadata;
         self.partitions
             .iter_mut()
@@ -909,7 +909,7 @@ mod tests {
         let j0 = jobs.into_iter().find(|j| j.record.partition == 0).unwrap();
         let next = s.finish(&j0, JobEnd::Settled).unwrap();
         assert_eq!((next.record.partition, next.record.offset), (0, 1));
-        assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+        assert_eq!(s.commits_due(), vec![(tp(0), 1)]);
     }
 
     #[test]
@@ -922,13 +922,13 @@ mod tests {
         // b finishes first: out-of-order settle does not move the watermark.
         let b = &jobs[1];
         assert!(s.finish(b, JobEnd::Settled).is_none());
-        assert_eq!(s.to_commit(), vec![]);
+        assert_eq!(s.commits_due(), vec![]);
         let next = s.finish(&jobs[0], JobEnd::Settled).unwrap();
         assert_eq!(
             next.record.offset, 2,
             "a's next record runs after a's first"
         );
-        assert_eq!(s.to_commit(), vec![(tp(0), 2)]);
+        assert_eq!(s.commits_due(), vec![(tp(0), 2)]);
         let next = s.finish(&jobs[2], JobEnd::Settled).unwrap();
         assert_eq!(next.record.offset, 4, "null keys run in partition order");
     }
@@ -943,7 +943,7 @@ mod tests {
         let next = s.finish(&jobs[1], JobEnd::Settled).unwrap();
         assert_eq!(next.record.offset, 3);
         assert_eq!(s.in_flight(), 3);
-        assert_eq!(s.to_commit(), vec![], "offset 0 is still running");
+        assert_eq!(s.commits_due(), vec![], "offset 0 is still running");
     }
 
     #[test]
@@ -965,7 +965,7 @@ mod tests {
         // a@0 ends: a@1 may run now (a@1 and c@3 are both ready; one slot).
         let next = s.finish(&a0, JobEnd::Settled).unwrap();
         assert_eq!(next.record.offset, 3, "c@3 was ready before a@1");
-        assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+        assert_eq!(s.commits_due(), vec![(tp(0), 1)]);
     }
 
     #[test]
@@ -977,7 +977,7 @@ mod tests {
         for j in &jobs[1..] {
             assert!(s.finish(j, JobEnd::Settled).is_none());
         }
-        let offered = s.to_commit();
+        let offered = s.commits_due();
         assert_eq!(
             offered,
             [(tp(0), 0)],
@@ -985,7 +985,7 @@ mod tests {
         );
         assert_eq!(s.commit_metadata(&tp(0), 0).as_deref(), Some("k1:0:1.4"));
         s.committed(&offered);
-        assert!(s.to_commit().is_empty(), "nothing new since");
+        assert!(s.commits_due().is_empty(), "nothing new since");
         // At the revoke, the same: the commit point and what finished above it.
         assert_eq!(s.remove(&[tp(0)]), []);
         // A new owner reads it back and skips 1..=4; 0 and 5 run.
@@ -1004,7 +1004,7 @@ mod tests {
         let mut off = holding(Key, limits(10), &[0], keyed(&["a", "b"]));
         let jobs = off.take_jobs();
         assert!(off.finish(&jobs[1], JobEnd::Settled).is_none());
-        assert!(off.to_commit().is_empty());
+        assert!(off.commits_due().is_empty());
         assert_eq!(off.commit_metadata(&tp(0), 0), None);
     }
 
@@ -1097,7 +1097,7 @@ mod tests {
         assert_eq!(s.in_flight(), 2, "the settling record still counts");
         assert!(s.finish(&j1, JobEnd::Settled).is_some());
         assert_eq!(
-            s.to_commit(),
+            s.commits_due(),
             vec![],
             "offset 1 settled, but 0 holds the commit point"
         );
@@ -1107,7 +1107,7 @@ mod tests {
             "a revoke waits for the settling record"
         );
         s.settle(&j0, JobEnd::Settled);
-        assert_eq!(s.to_commit(), vec![(tp(0), 2)]);
+        assert_eq!(s.commits_due(), vec![(tp(0), 2)]);
     }
 
     /// Records settling are bounded: with one slot, four may settle at once; the fifth keeps
@@ -1137,7 +1137,7 @@ mod tests {
         s.settle(&settling.remove(0), JobEnd::Settled);
         let next = s.release_lane(&job).unwrap().unwrap();
         assert_eq!(next.record.offset, 5);
-        assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+        assert_eq!(s.commits_due(), vec![(tp(0), 1)]);
     }
 
     /// At most `SPENT_MAX` ended jobs wait for the poll thread; past it the job is handed
@@ -1178,7 +1178,7 @@ mod tests {
         s.settle(&j0, JobEnd::Abandoned);
         assert_eq!(s.in_flight(), 0);
         assert_eq!(
-            s.to_commit(),
+            s.commits_due(),
             vec![],
             "nothing is committed past the given-up record"
         );
@@ -1190,7 +1190,7 @@ mod tests {
         let mut s = holding(Partition, limits(10), &[0], [(0, 0, None)]);
         let j = s.take_jobs().pop().unwrap();
         s.finish(&j, JobEnd::Abandoned);
-        assert_eq!(s.to_commit(), vec![]);
+        assert_eq!(s.commits_due(), vec![]);
         assert_eq!(s.unsettled_of(&tp(0)), 1);
     }
 
@@ -1257,9 +1257,9 @@ mod tests {
         };
         s.in_flight += 1; // the stale job held a slot
         s.finish(&stale, JobEnd::Settled);
-        assert_eq!(s.to_commit(), vec![]);
+        assert_eq!(s.commits_due(), vec![]);
         s.finish(&fresh, JobEnd::Settled);
-        assert_eq!(s.to_commit(), vec![(tp(0), 2)]);
+        assert_eq!(s.commits_due(), vec![(tp(0), 2)]);
     }
 
     #[test]
@@ -1335,7 +1335,7 @@ mod tests {
         assert_eq!(gap.record.offset, 1);
         assert!(s.finish(&next_b, JobEnd::Settled).is_none());
         assert!(s.finish(&gap, JobEnd::Settled).is_none());
-        assert_eq!(s.to_commit(), vec![(tp(0), 4)]);
+        assert_eq!(s.commits_due(), vec![(tp(0), 4)]);
         assert_eq!((s.in_flight(), s.buffered().0), (0, 0));
     }
 
@@ -1375,7 +1375,7 @@ mod tests {
         s.finish(&j, JobEnd::LeftForLater);
         assert_eq!(s.abandoned_at_stop(), (0, vec![]));
         assert_eq!(s.left_for_later_at_stop(), 1);
-        assert!(s.to_commit().is_empty(), "not settled: delivered again");
+        assert!(s.commits_due().is_empty(), "not settled: delivered again");
     }
 
     #[test]
@@ -1386,7 +1386,7 @@ mod tests {
         s.begin_stop();
         assert!(s.finish(&j, JobEnd::Settled).is_none());
         assert!(!s.enqueue(rec(0, 2, None)));
-        assert_eq!(s.to_commit(), vec![(tp(0), 1)]);
+        assert_eq!(s.commits_due(), vec![(tp(0), 1)]);
         assert_eq!(s.flow_control().pause, vec![tp(0)]);
     }
 
@@ -1414,7 +1414,7 @@ mod tests {
         let next_b = s.finish(&jobs[1], JobEnd::Settled).unwrap();
         assert_eq!(next_b.record.offset, 4);
         s.finish(&next_b, JobEnd::Settled);
-        assert_eq!(s.to_commit(), vec![], "nothing is committed past a@0");
+        assert_eq!(s.commits_due(), vec![], "nothing is committed past a@0");
     }
 
     /// Records b@1 and a@0 fail transiently: enough for a breaker to open.
