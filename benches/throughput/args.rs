@@ -36,7 +36,8 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
   --partition-buffer N kourier's max_buffered_records_per_partition (default: kourier's, 2000)
   --ordering O         kourier's ordering in scenarios b, c, d and latency (default partition;
                        the slow-handler scenarios always compare Partition with Key)
-  --max-in-flight N    kourier's max_in_flight in scenarios b, c, d and latency (default 64)
+  --max-in-flight N    kourier's max_in_flight in scenarios b, c, d, latency and the destination
+                       ones (default 64)
   --timeline           print each latency and destination scenario's mean and max latency per
                        second (stderr)
   --floor-claim-script (c0) claims each batch with kourier's claim script (one call) instead
