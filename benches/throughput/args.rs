@@ -8,19 +8,23 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
                   [--slow-records N] [--slow-partition-records N] [--keep-topics]
                   [--consumer-config KEY=VALUE]... [--buffer-records N] [--partition-buffer N]
                   [--ordering partition|key|unordered] [--max-in-flight N] [--timeline]
-                  [--floor-claim-script]
+                  [--floor-claim-script] [--uncommitted-per-partition N] [--dest-down-at-start]
 
   --records N          records of the drain scenarios a-d, c0, d0 (default 1000000; --quick 50000)
   --size BYTES         value size (default 100)
   --scenarios LIST     comma-separated, from: a,b,c0,c,d0,d,slow-partition,slow-key,e0,e,
-                       latency-raw,latency (default: all, in that order)
+                       latency-raw,latency (the default: these, in that order) and
+                       dest-up,dest-down,dest-all-down (run only when named; `destinations`
+                       stands for the three)
   --quick              a reduced run (CI smoke check): 50,000 records, 3 s latency phase, slow
                        handler on 5,000 (Key) and 100 (Partition) records
   --smoke              a tiny run (what `cargo test --all-targets` does with this binary):
                        2,000 records, 1 s latency phase at 1,000/s; figures are meaningless
   --compression C      producer compression.codec for pre-production (default none)
-  --latency-rate N     offered rate of the latency scenarios, records/s (default 5000)
-  --latency-secs S     measured seconds of the latency scenarios (default 20; --quick 3)
+  --latency-rate N     offered rate of the latency and destination scenarios, records/s
+                       (default 5000)
+  --latency-secs S     measured seconds of the latency and destination scenarios (default 20;
+                       --quick 3; dest-all-down at most 10)
   --slow-records N     records of the slow-handler Key scenario (default 20000)
   --slow-partition-records N
                        records of the slow-handler Partition scenario (default 1000)
@@ -32,10 +36,18 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
   --partition-buffer N kourier's max_buffered_records_per_partition (default: kourier's, 2000)
   --ordering O         kourier's ordering in scenarios b, c, d and latency (default partition;
                        the slow-handler scenarios always compare Partition with Key)
-  --max-in-flight N    kourier's max_in_flight in scenarios b, c, d and latency (default 64)
-  --timeline           print each latency scenario's mean and max latency per second (stderr)
+  --max-in-flight N    kourier's max_in_flight in scenarios b, c, d, latency and the destination
+                       ones (default 64)
+  --timeline           print each latency and destination scenario's mean and max latency per
+                       second (stderr)
   --floor-claim-script (c0) claims each batch with kourier's claim script (one call) instead
-                       of a pipeline of SET NX PX: the same commands for the server as (c)";
+                       of a pipeline of SET NX PX: the same commands for the server as (c)
+  --uncommitted-per-partition N
+                       kourier's max_uncommitted_per_partition (default: kourier's, 10000; the
+                       destination scenarios: the run's record count, so that records waiting
+                       for their destination never pause a partition)
+  --dest-down-at-start dest-down: the 20 destinations are down from the consumer's start, not
+                       from the end of the warm-up";
 
 #[derive(Debug, Clone)]
 pub(crate) struct Args {
@@ -57,6 +69,8 @@ pub(crate) struct Args {
     pub(crate) partition_buffer: Option<u64>,
     pub(crate) ordering: Option<String>,
     pub(crate) max_in_flight: Option<u64>,
+    pub(crate) uncommitted_per_partition: Option<u64>,
+    pub(crate) dest_down_at_start: bool,
     pub(crate) child: Option<ChildArgs>,
 }
 
@@ -104,7 +118,7 @@ pub(crate) fn parse_args() -> Result<Args, String> {
         smoke,
         records: pick(2_000, 50_000, 1_000_000),
         size: 100,
-        scenarios: Scenario::ALL.to_vec(),
+        scenarios: Scenario::DEFAULT.to_vec(),
         compression: "none".into(),
         latency_rate: pick(1_000, 5_000, 5_000),
         latency_secs: pick(1, 3, 20),
@@ -118,6 +132,8 @@ pub(crate) fn parse_args() -> Result<Args, String> {
         partition_buffer: None,
         ordering: None,
         max_in_flight: None,
+        uncommitted_per_partition: None,
+        dest_down_at_start: false,
         child: None,
     };
     let (mut scenario, mut topic, mut topic_records, mut run_id) = (None, None, None, None);
@@ -134,6 +150,10 @@ pub(crate) fn parse_args() -> Result<Args, String> {
             "--keep-topics" => args.keep_topics = true,
             "--timeline" => args.timeline = true,
             "--floor-claim-script" => args.floor_claim_script = true,
+            "--dest-down-at-start" => args.dest_down_at_start = true,
+            "--uncommitted-per-partition" => {
+                args.uncommitted_per_partition = Some(number(&flag, value(&flag)?)?);
+            }
             "--consumer-config" => {
                 let v = value(&flag)?;
                 let (k, v) = v
@@ -163,11 +183,16 @@ pub(crate) fn parse_args() -> Result<Args, String> {
                 args.slow_partition_records = number(&flag, value(&flag)?)?;
             }
             "--scenarios" => {
-                args.scenarios = value(&flag)?
-                    .split(',')
-                    .filter(|s| !s.is_empty())
-                    .map(|s| Scenario::parse(s).ok_or_else(|| format!("unknown scenario {s:?}")))
-                    .collect::<Result<_, _>>()?;
+                args.scenarios.clear();
+                for s in value(&flag)?.split(',').filter(|s| !s.is_empty()) {
+                    if s == "destinations" {
+                        args.scenarios.extend(Scenario::DESTINATIONS);
+                    } else {
+                        let scenario =
+                            Scenario::parse(s).ok_or_else(|| format!("unknown scenario {s:?}"))?;
+                        args.scenarios.push(scenario);
+                    }
+                }
             }
             "--scenario" => {
                 let v = value(&flag)?;

@@ -10,6 +10,7 @@ use kourier::{Handler, HandlerError, Message, ProcessingOrder, RetryingConsumer,
 use serde::Deserialize;
 
 use crate::args::Args;
+use crate::destinations::Endpoints;
 use crate::measure::{LatencyRecorder, epoch_micros};
 use crate::services::{bootstrap, client_config};
 use crate::{BoxResult, QUEUED_MAX_KBYTES, SENT_AT_HEADER};
@@ -32,7 +33,7 @@ pub(crate) fn consumer_config(args: &Args, group: &str) -> ClientConfig {
     config
 }
 
-/// A kourier consumer with the run's settings (`--consumer-config`, buffer sizes).
+/// A kourier consumer with the run's settings (`--consumer-config`, buffer sizes, limits).
 pub(crate) fn kourier_builder(
     args: &Args,
     handler: BenchHandler,
@@ -59,6 +60,9 @@ pub(crate) fn kourier_builder(
     }
     if let Some(n) = args.max_in_flight {
         builder = builder.max_in_flight(n as usize);
+    }
+    if let Some(n) = args.uncommitted_per_partition {
+        builder = builder.max_uncommitted_per_partition(n as usize);
     }
     builder
 }
@@ -91,6 +95,8 @@ pub(crate) enum Behaviour {
     },
     /// Record `handler entry − sent-at`.
     Latency(Arc<LatencyRecorder>),
+    /// Deliver to the record's destination (the destination scenarios).
+    Deliver(Arc<Endpoints>),
 }
 
 #[derive(Debug)]
@@ -134,6 +140,11 @@ impl Handler for BenchHandler {
             Behaviour::Latency(recorder) => {
                 recorder.record(message.headers().get(SENT_AT_HEADER), epoch_micros());
                 Ok(())
+            }
+            Behaviour::Deliver(endpoints) => {
+                endpoints
+                    .deliver(message.event().id, message.headers().get(SENT_AT_HEADER))
+                    .await
             }
         };
         self.progress.handled.fetch_add(1, AtomicOrdering::Relaxed);

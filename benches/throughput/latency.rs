@@ -15,25 +15,35 @@ use crate::consumers::{
     Behaviour, BenchHandler, Progress, Running, consumer_config, kourier_builder, runtime,
 };
 use crate::drain::raw_commit;
-use crate::measure::{
-    LatencyOutcome, LatencyRecorder, Outcome, epoch_micros, peak_rss_kib, process_cpu_secs,
-};
+use crate::measure::{LatencyRecorder, Outcome, epoch_micros, peak_rss_kib, process_cpu_secs};
 use crate::produce::{DeliveryCounter, fill_payload, send_blocking};
 use crate::scenario::Scenario;
 use crate::services::client_config;
 use crate::{BoxResult, LATENCY_LINGER_MS, PARTITIONS, SCENARIO_TIMEOUT, SENT_AT_HEADER};
+
+/// How the paced producer keys its records.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Keys {
+    /// `key-{id % 10000}`, round-robin over the partitions (the latency scenarios).
+    RoundRobin,
+    /// `dest-{id % n}`, the partition chosen by the producer's partitioner from the key, so
+    /// that each destination is on one partition (the destination scenarios).
+    Destinations(u64),
+}
 
 /// Sends records at `rate`/s for `warmup + secs`, each stamped with the time it is handed to
 /// the producer (µs since the epoch, in a header). The consumer never holds the producer back
 /// (no coordinated omission); how far the producer thread itself fell behind its schedule is
 /// returned so a starved producer shows. Returns (records sent, measured-phase send rate,
 /// worst lag behind schedule in µs).
-fn paced_producer(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn paced_producer(
     topic: &str,
     rate: u64,
     warmup: Duration,
     secs: Duration,
     size: usize,
+    keys: Keys,
     recorder: &LatencyRecorder,
     acks: &Arc<LatencyRecorder>,
 ) -> BoxResult<(u64, f64, u64)> {
@@ -75,17 +85,28 @@ fn paced_producer(
         }
         fill_payload(&mut payload, id, size);
         key.clear();
-        let _ = write!(key, "key-{}", id % 10_000);
+        let partition = match keys {
+            Keys::RoundRobin => {
+                let _ = write!(key, "key-{}", id % 10_000);
+                Some((id % PARTITIONS as u64) as i32)
+            }
+            Keys::Destinations(n) => {
+                let _ = write!(key, "dest-{}", id % n);
+                None
+            }
+        };
         let sent_at = epoch_micros().to_string();
         let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
             key: SENT_AT_HEADER,
             value: Some(sent_at.as_bytes()),
         });
-        let record = BaseRecord::to(topic)
-            .partition((id % PARTITIONS as u64) as i32)
+        let mut record = BaseRecord::to(topic)
             .key(key.as_bytes())
             .payload(payload.as_slice())
             .headers(headers);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         send_blocking(&producer, record)?;
         producer.poll(Duration::ZERO);
     }
@@ -188,6 +209,7 @@ pub(crate) fn latency(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<
         warmup,
         secs,
         args.size,
+        Keys::RoundRobin,
         &recorder,
         &acks,
     )
@@ -217,21 +239,8 @@ pub(crate) fn latency(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<
         rt.block_on(r.stop())?;
     }
     if args.timeline {
-        let t = recorder.timeline.lock().expect("not poisoned");
-        eprintln!(
-            "latency timeline ({}), by send second:",
-            child.scenario.name()
-        );
-        for (second, (n, sum, max)) in t.iter().enumerate() {
-            eprintln!(
-                "  {second:>3} s  {n:>6} records  mean {:>9.2} ms  max {:>9.2} ms",
-                *sum as f64 / (*n).max(1) as f64 / 1000.0,
-                *max as f64 / 1000.0
-            );
-        }
+        recorder.print_timeline(child.scenario.name());
     }
-    let h = recorder.histogram.lock().expect("not poisoned");
-    let a = acks.histogram.lock().expect("not poisoned");
     let first = progress.first.get().copied().unwrap_or(end);
     Ok(Outcome {
         records: total,
@@ -240,19 +249,7 @@ pub(crate) fn latency(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<
         join_secs: (first - created).as_secs_f64(),
         cpu_secs: cpu1 - cpu0,
         peak_rss_kib: rss,
-        dead_letters: 0,
-        store_cpu_secs: 0.0,
-        latency: Some(LatencyOutcome {
-            samples: h.len(),
-            p50_us: h.value_at_quantile(0.50),
-            p99_us: h.value_at_quantile(0.99),
-            p999_us: h.value_at_quantile(0.999),
-            max_us: h.max(),
-            offered_rate: rate,
-            send_rate,
-            max_send_lag_us: max_lag,
-            ack_p50_us: a.value_at_quantile(0.50),
-            ack_p99_us: a.value_at_quantile(0.99),
-        }),
+        latency: Some(recorder.outcome(&acks, rate, send_rate, max_lag)),
+        ..Outcome::default()
     })
 }

@@ -5,6 +5,7 @@
 //! cargo bench --bench throughput                  # full run: 1,000,000 records × 100 B
 //! cargo bench --bench throughput -- --quick       # reduced run (CI smoke check), ~30 s
 //! cargo bench --bench throughput -- --size 1024 --scenarios a,b
+//! cargo bench --bench throughput -- --scenarios destinations   # not in the default set, ~1 min
 //! cargo bench --bench throughput -- --help
 //! ```
 //!
@@ -60,17 +61,43 @@
 //! a no-op handler) records `now − sent` at handler entry in an HDR histogram. The producer's
 //! own send → acknowledgement time is reported beside it: it is the broker's share.
 //!
+//! The destination scenarios run only when named (`--scenarios destinations`, or any of
+//! `dest-up`, `dest-down`, `dest-all-down`): a breaker per destination on the real broker. Like
+//! the latency scenarios they send at `--latency-rate` for `--latency-secs` after the warm-up,
+//! each record stamped with its send time, but keyed by destination: record `id` goes to
+//! `dest-{id % 1000}`, its partition chosen by the producer from the key. kourier runs in
+//! `ProcessingOrder::Key` with `Destinations::by_key()` (open interval fixed at 2 s, so that
+//! the calls it allows are easy to count) and `BreakerPolicy::default()`; a delivery to a
+//! destination that is up is a 1 ms tokio sleep, one to a destination that is down returns
+//! `HandlerError::unavailable("connection refused")` at once. Latency (send → entry of the
+//! call that delivers) is recorded for the 980 destinations that dest-down keeps up, the same
+//! records in every scenario. dest-up: none down, the baseline. dest-down: `dest-0`,
+//! `dest-50`, … `dest-950` (20, 2 %) down from the end of the warm-up until every record of
+//! the others is delivered (`--dest-down-at-start`: from the consumer's start); it prints the
+//! others' p50/p99 against dest-up's, the calls to the 20 against what the open interval
+//! allows (20 × (1 + seconds down / 2 s)) and whether the consumer-wide breaker stayed closed.
+//! dest-all-down: every destination down for the first 3 s of a measured phase of at most
+//! 10 s; the consumer-wide breaker must open (the scenario fails if it does not). A record
+//! waiting for its destination holds its partition's commit point, so these scenarios raise
+//! `max_uncommitted_per_partition` to the run's record count (`--uncommitted-per-partition`
+//! sets it: with kourier's 10,000, 12 s of one partition's 833 records/s, every partition
+//! paused during dest-down and it failed). Each checks that every record is delivered once
+//! the destinations are back, that the group committed all of them and that nothing was
+//! dead-lettered, and fails otherwise.
+//!
 //! One table goes to stdout with every figure, its ratio to (a) and the issue's targets marked
 //! PASS/MISS; they are informational: the exit code is non-zero only when the benchmark itself
 //! broke (a service missing, a scenario failing or losing records).
 //!
 //! The code, by concern: `args` and `scenario` (the command line), `services` (Kafka, Redis,
 //! topics, offsets), `produce` (pre-filling), `consumers` (the raw settings, kourier's builder,
-//! the handler), `drain`, `floors` and `latency` (the scenarios), `measure` (CPU, RSS, latency, the
-//! outcome), `parent` (one child process per scenario) and `table` (the report).
+//! the handler), `drain`, `floors`, `latency` and `destinations` (the scenarios), `measure`
+//! (CPU, RSS, latency, the outcome), `parent` (one child process per scenario) and `table`
+//! (the report).
 
 mod args;
 mod consumers;
+mod destinations;
 mod drain;
 mod floors;
 mod latency;
@@ -85,6 +112,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::args::{Args, ChildArgs, parse_args};
+use crate::destinations::destinations;
 use crate::drain::{kourier_drain, raw_drain};
 use crate::floors::{dead_letter_floor_drain, redis_floor_drain};
 use crate::latency::latency;
@@ -121,6 +149,18 @@ const SENT_AT_HEADER: &str = "sent-at-us";
 const LATENCY_LINGER_MS: u64 = 5;
 /// kourier's librdkafka pre-fetch cap (`queued.max.messages.kbytes`, set by its builder).
 const QUEUED_MAX_KBYTES: u64 = 16_384;
+/// Destinations of the destination scenarios: record `id` goes to `dest-{id % DESTINATIONS}`.
+const DESTINATIONS: u64 = 1_000;
+/// In dest-down, `dest-N` is down when `N % DOWN_EVERY == 0`: 20 of 1,000 (2 %).
+const DOWN_EVERY: u64 = 50;
+/// A delivery to a destination that is up: a tokio sleep.
+const DELIVERY: Duration = Duration::from_millis(1);
+/// A destination's open interval in the destination scenarios (fixed: no doubling).
+const DEST_OPEN: Duration = Duration::from_secs(2);
+/// dest-all-down: every destination is down this long from the start of the measured phase.
+const OUTAGE: Duration = Duration::from_secs(3);
+/// dest-all-down measures at most this many seconds (the outage and the recovery fit).
+const OUTAGE_MAX_SECS: u64 = 10;
 /// A scenario that takes longer than this is broken.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -170,6 +210,9 @@ fn run_child(args: &Args, child: &ChildArgs) -> BoxResult<Outcome> {
         Scenario::RedisFloor => redis_floor_drain(args, child, &group),
         Scenario::DeadLetterFloor => dead_letter_floor_drain(args, child, &group),
         Scenario::LatencyRaw | Scenario::Latency => latency(args, child, &group),
+        Scenario::DestUp | Scenario::DestDown | Scenario::DestAllDown => {
+            destinations(args, child, &group)
+        }
         _ => kourier_drain(args, child, &group),
     }
 }

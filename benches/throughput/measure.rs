@@ -110,6 +110,9 @@ pub(crate) struct Outcome {
     #[serde(default)]
     pub(crate) store_cpu_secs: f64,
     pub(crate) latency: Option<LatencyOutcome>,
+    /// The destination scenarios' own figures.
+    #[serde(default)]
+    pub(crate) destinations: Option<DestinationsOutcome>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -127,6 +130,40 @@ pub(crate) struct LatencyOutcome {
     /// Send → broker acknowledgement (acks=1), measured phase: the broker's share.
     pub(crate) ack_p50_us: u64,
     pub(crate) ack_p99_us: u64,
+}
+
+/// What a destination scenario saw besides the latency of the destinations that stayed up.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct DestinationsOutcome {
+    /// Destinations that were down (none, 20, or all).
+    pub(crate) down: u64,
+    /// Handler calls to a destination while it was down.
+    pub(crate) calls_down: u64,
+    /// From the first such call until the destinations came back, seconds.
+    pub(crate) down_secs: f64,
+    /// The most destinations open (or half-open) at once, from snapshots every 100 ms.
+    pub(crate) open_max: usize,
+    /// The most partitions paused at once, from the same snapshots.
+    pub(crate) paused_max: usize,
+    /// The longest a partition's lag behind its commit point got, records, from the same
+    /// snapshots (records waiting for their destination hold the commit point).
+    pub(crate) lag_max: u64,
+    /// The consumer-wide breaker: times it opened by the time the destinations that stayed
+    /// up had every record delivered (dest-down: while the others were still down).
+    pub(crate) breaker_opened: u64,
+    /// Its state at that moment.
+    pub(crate) breaker_state: String,
+    /// Failed calls it held.
+    pub(crate) breaker_held: u64,
+    /// From the destinations going down to the breaker's first opening, seconds (`None`:
+    /// it never opened).
+    pub(crate) breaker_opened_after_secs: Option<f64>,
+    /// From the destinations going down to the breaker's last closing, seconds.
+    pub(crate) breaker_closed_after_secs: Option<f64>,
+    /// From the destinations coming back to every record delivered, seconds.
+    pub(crate) recovered_secs: f64,
+    /// Records delivered more than once (no record may be lost; none should be twice).
+    pub(crate) duplicates: u64,
 }
 
 /// End-to-end latencies: an HDR histogram of the measured phase, plus a per-second timeline
@@ -151,6 +188,44 @@ impl LatencyRecorder {
                 Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
             ),
             timeline: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The measured phase's figures, with the producer's (`acks`: its send → acknowledgement
+    /// recorder; `rate`, `send_rate`, `max_lag_us`: what `paced_producer` returned).
+    pub(crate) fn outcome(
+        &self,
+        acks: &LatencyRecorder,
+        rate: u64,
+        send_rate: f64,
+        max_lag_us: u64,
+    ) -> LatencyOutcome {
+        let h = self.histogram.lock().expect("not poisoned");
+        let a = acks.histogram.lock().expect("not poisoned");
+        LatencyOutcome {
+            samples: h.len(),
+            p50_us: h.value_at_quantile(0.50),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            offered_rate: rate,
+            send_rate,
+            max_send_lag_us: max_lag_us,
+            ack_p50_us: a.value_at_quantile(0.50),
+            ack_p99_us: a.value_at_quantile(0.99),
+        }
+    }
+
+    /// `--timeline`: the mean and max latency per send second (stderr).
+    pub(crate) fn print_timeline(&self, scenario: &str) {
+        let t = self.timeline.lock().expect("not poisoned");
+        eprintln!("latency timeline ({scenario}), by send second:");
+        for (second, (n, sum, max)) in t.iter().enumerate() {
+            eprintln!(
+                "  {second:>3} s  {n:>6} records  mean {:>9.2} ms  max {:>9.2} ms",
+                *sum as f64 / (*n).max(1) as f64 / 1000.0,
+                *max as f64 / 1000.0
+            );
         }
     }
 

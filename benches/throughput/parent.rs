@@ -46,6 +46,12 @@ fn run_child_process(
     if args.floor_claim_script {
         cmd.arg("--floor-claim-script");
     }
+    if args.dest_down_at_start {
+        cmd.arg("--dest-down-at-start");
+    }
+    if let Some(n) = args.uncommitted_per_partition {
+        cmd.args(["--uncommitted-per-partition", &n.to_string()]);
+    }
     for (k, v) in &args.consumer_config {
         cmd.args(["--consumer-config", &format!("{k}={v}")]);
     }
@@ -107,7 +113,7 @@ pub(crate) fn run_parent(args: &Args) -> BoxResult<()> {
         topics.push((slow_topic.clone(), 1));
         topics.push((format!("{slow_topic}.dlt"), 1));
     }
-    for s in args.scenarios.iter().filter(|s| s.is_latency()) {
+    for s in args.scenarios.iter().filter(|s| s.has_own_topic()) {
         let t = format!("kourier-bench-{run_id}-{}", s.name());
         topics.push((format!("{t}.dlt"), PARTITIONS));
         topics.push((t, PARTITIONS));

@@ -1,5 +1,5 @@
-//! The scenarios: what each is called on the command line and in the table, and which kind
-//! (drain, slow handler, latency) it is.
+//! The scenarios: what each is called on the command line and in the table, which kind
+//! (drain, slow handler, latency, destinations) it is, and which run by default.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scenario {
@@ -19,10 +19,36 @@ pub(crate) enum Scenario {
     Retry,
     LatencyRaw,
     Latency,
+    /// 1,000 destinations, a breaker per destination, none down.
+    DestUp,
+    /// The same with 20 of them down for the whole run.
+    DestDown,
+    /// The same with every destination down for a few seconds.
+    DestAllDown,
 }
 
 impl Scenario {
-    pub(crate) const ALL: [Scenario; 12] = [
+    /// What `--scenarios` accepts.
+    pub(crate) const ALL: [Scenario; 15] = [
+        Scenario::Raw,
+        Scenario::Kourier,
+        Scenario::RedisFloor,
+        Scenario::Redis,
+        Scenario::DeadLetterFloor,
+        Scenario::DeadLetter,
+        Scenario::SlowPartition,
+        Scenario::SlowKey,
+        Scenario::RetryBase,
+        Scenario::Retry,
+        Scenario::LatencyRaw,
+        Scenario::Latency,
+        Scenario::DestUp,
+        Scenario::DestDown,
+        Scenario::DestAllDown,
+    ];
+
+    /// What runs without `--scenarios`: every scenario but the destination ones.
+    pub(crate) const DEFAULT: [Scenario; 12] = [
         Scenario::Raw,
         Scenario::Kourier,
         Scenario::RedisFloor,
@@ -36,6 +62,10 @@ impl Scenario {
         Scenario::LatencyRaw,
         Scenario::Latency,
     ];
+
+    /// What `--scenarios destinations` stands for.
+    pub(crate) const DESTINATIONS: [Scenario; 3] =
+        [Scenario::DestUp, Scenario::DestDown, Scenario::DestAllDown];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
@@ -51,6 +81,9 @@ impl Scenario {
             Scenario::Retry => "e",
             Scenario::LatencyRaw => "latency-raw",
             Scenario::Latency => "latency",
+            Scenario::DestUp => "dest-up",
+            Scenario::DestDown => "dest-down",
+            Scenario::DestAllDown => "dest-all-down",
         }
     }
 
@@ -68,6 +101,9 @@ impl Scenario {
             Scenario::Retry => "(e) (e0) + 5% transient, 500 ms",
             Scenario::LatencyRaw => "raw rdkafka BaseConsumer",
             Scenario::Latency => "kourier, no-op, Partition",
+            Scenario::DestUp => "none down",
+            Scenario::DestDown => "20 of 1,000 down",
+            Scenario::DestAllDown => "all down for 3 s",
         }
     }
 
@@ -96,5 +132,17 @@ impl Scenario {
 
     pub(crate) fn is_latency(self) -> bool {
         matches!(self, Scenario::LatencyRaw | Scenario::Latency)
+    }
+
+    pub(crate) fn is_destinations(self) -> bool {
+        matches!(
+            self,
+            Scenario::DestUp | Scenario::DestDown | Scenario::DestAllDown
+        )
+    }
+
+    /// Reads a topic of its own that it produces to as it runs (latency, destinations).
+    pub(crate) fn has_own_topic(self) -> bool {
+        self.is_latency() || self.is_destinations()
     }
 }

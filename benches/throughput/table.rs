@@ -4,11 +4,12 @@
 use std::fmt::Write as _;
 
 use crate::args::Args;
-use crate::measure::{Outcome, Results, load_average, machine};
+use crate::measure::{DestinationsOutcome, Outcome, Results, load_average, machine};
 use crate::produce::Produced;
 use crate::scenario::Scenario;
 use crate::{
-    EVENT_ID_HEADER, LATENCY_LINGER_MS, PARTITIONS, QUEUED_MAX_KBYTES, SLOW_HANDLER, SLOW_KEYS,
+    DELIVERY, DEST_OPEN, DESTINATIONS, DOWN_EVERY, EVENT_ID_HEADER, LATENCY_LINGER_MS, OUTAGE,
+    OUTAGE_MAX_SECS, PARTITIONS, QUEUED_MAX_KBYTES, SLOW_HANDLER, SLOW_KEYS,
 };
 
 /// kourier's buffer defaults (builder.rs): records and bytes received but not started.
@@ -107,6 +108,8 @@ pub(crate) fn print_table(
         || args.partition_buffer.is_some()
         || args.ordering.is_some()
         || args.max_in_flight.is_some()
+        || args.uncommitted_per_partition.is_some()
+        || args.dest_down_at_start
         || args.floor_claim_script
     {
         let overrides: Vec<String> = args
@@ -129,6 +132,14 @@ pub(crate) fn print_table(
             .chain(
                 args.max_in_flight
                     .map(|n| format!("kourier max_in_flight={n}")),
+            )
+            .chain(
+                args.uncommitted_per_partition
+                    .map(|n| format!("kourier max_uncommitted_per_partition={n}")),
+            )
+            .chain(
+                args.dest_down_at_start
+                    .then(|| "dest-down: down from the consumer's start".to_owned()),
             )
             .chain(
                 args.floor_claim_script
@@ -314,6 +325,8 @@ pub(crate) fn print_table(
         }
     }
 
+    print_destinations(w, args, &get);
+
     // Targets.
     let _ = writeln!(w);
     let _ = writeln!(
@@ -428,6 +441,45 @@ pub(crate) fn print_table(
             );
         }
     }
+    let dest_up = get(Scenario::DestUp).and_then(|o| o.latency.clone());
+    if let Some(b) = get(Scenario::DestDown)
+        && let (Some(l), Some(d)) = (&b.latency, &b.destinations)
+    {
+        if let Some(a) = &dest_up {
+            let x = l.p99_us as f64 / a.p99_us.max(1) as f64;
+            target(
+                "dest-down: p99 of the destinations up ≤ 1.2 × dest-up's".into(),
+                format!("{x:.2} × ({:.2} ms)", a.p99_us as f64 / 1000.0),
+                Some(x <= 1.2),
+            );
+        }
+        let allowed = allowed_calls(d);
+        target(
+            format!(
+                "dest-down: calls to the {} down ≤ {} × (1 + secs / {} s)",
+                d.down,
+                d.down,
+                DEST_OPEN.as_secs_f64()
+            ),
+            format!("{} (allowed {allowed:.0})", d.calls_down),
+            Some(d.calls_down as f64 <= allowed),
+        );
+        target(
+            "dest-down: consumer-wide breaker stays closed".into(),
+            format!("{}, opened {}×", d.breaker_state, d.breaker_opened),
+            Some(d.breaker_opened == 0),
+        );
+    }
+    if let Some(d) = get(Scenario::DestAllDown).and_then(|o| o.destinations.as_ref()) {
+        target(
+            format!(
+                "dest-all-down: consumer-wide breaker opens (all down {} s)",
+                OUTAGE.as_secs()
+            ),
+            format!("opened {}×", d.breaker_opened),
+            Some(d.breaker_opened > 0),
+        );
+    }
     let _ = writeln!(
         w,
         "  (RSS limit, as documented on RetryingConsumerBuilder (# Memory): kourier's buffer \
@@ -495,4 +547,158 @@ fn print_floors<'a>(w: &mut String, get: &impl Fn(Scenario) -> Option<&'a Outcom
             ratio(kc + kr, Some(fc + fr)),
         );
     }
+}
+
+/// What the open interval allows a scenario's destinations that are down: one call each to
+/// open it, then one probe per interval while they stay down.
+fn allowed_calls(d: &DestinationsOutcome) -> f64 {
+    d.down as f64 * (1.0 + d.down_secs / DEST_OPEN.as_secs_f64())
+}
+
+/// The destination scenarios: latency of the destinations that stay up against dest-up's,
+/// calls to the destinations that are down against what the open interval allows, dead
+/// letters, the consumer-wide breaker.
+fn print_destinations<'a>(
+    w: &mut String,
+    args: &Args,
+    get: &impl Fn(Scenario) -> Option<&'a Outcome>,
+) {
+    let rows: Vec<_> = Scenario::DESTINATIONS
+        .into_iter()
+        .filter_map(|s| {
+            let o = get(s)?;
+            Some((s, o, o.latency.as_ref()?, o.destinations.as_ref()?))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let base = get(Scenario::DestUp).and_then(|o| o.latency.as_ref());
+    let ms = |us: u64| us as f64 / 1000.0;
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "Destinations: {} destinations (key dest-N), Key order, Destinations::by_key() open {} s \
+         (fixed), BreakerPolicy::default(), max_uncommitted_per_partition {}; a delivery is a \
+         {} ms tokio sleep, a destination that is down answers HandlerError::unavailable at \
+         once; offered {} rec/s for {} s after a warm-up that is not recorded; dest-down: {} \
+         down {}; dest-all-down: {} s, all down for the first {} s; latency = send → entry of \
+         the call that delivers, the {} destinations dest-down keeps up only",
+        thousands(DESTINATIONS as f64),
+        DEST_OPEN.as_secs(),
+        args.uncommitted_per_partition
+            .map_or("the run's records".into(), |n| thousands(n as f64)),
+        DELIVERY.as_millis(),
+        thousands(args.latency_rate as f64),
+        args.latency_secs,
+        DESTINATIONS / DOWN_EVERY,
+        if args.dest_down_at_start {
+            "from the consumer's start"
+        } else {
+            "from the end of the warm-up"
+        },
+        args.latency_secs.min(OUTAGE_MAX_SECS),
+        OUTAGE.as_secs(),
+        thousands((DESTINATIONS - DESTINATIONS / DOWN_EVERY) as f64),
+    );
+    let _ = writeln!(
+        w,
+        "{:<24} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "scenario",
+        "samples",
+        "sent/s",
+        "lag ms",
+        "p50 ms",
+        "p99 ms",
+        "×up p99",
+        "p99.9 ms",
+        "max ms",
+        "CPU s",
+        "RSS MiB"
+    );
+    for (s, o, l, _) in &rows {
+        let _ = writeln!(
+            w,
+            "{:<24} {:>8} {:>7} {:>8.1} {:>8.2} {:>8.2} {:>9} {:>9.2} {:>8.2} {:>8.2} {:>8.1}",
+            s.label(),
+            thousands(l.samples as f64),
+            thousands(l.send_rate),
+            ms(l.max_send_lag_us),
+            ms(l.p50_us),
+            ms(l.p99_us),
+            ratio(l.p99_us as f64, base.map(|b| b.p99_us as f64)),
+            ms(l.p999_us),
+            ms(l.max_us),
+            o.cpu_secs,
+            o.peak_rss_kib as f64 / 1024.0
+        );
+    }
+    let _ = writeln!(
+        w,
+        "{:<24} {:>5} {:>6} {:>8} {:>8} {:>16} {:>5} {:>7} {:>30}",
+        "",
+        "down",
+        "open≤",
+        "paused≤",
+        "lag≤",
+        "calls (allowed)",
+        "DLT",
+        "back s",
+        "consumer-wide breaker"
+    );
+    for (s, o, _, d) in &rows {
+        let calls = if d.down == 0 {
+            "—".to_owned()
+        } else if *s == Scenario::DestDown {
+            format!("{} ({:.0})", d.calls_down, allowed_calls(d))
+        } else {
+            d.calls_down.to_string()
+        };
+        let breaker = match (d.breaker_opened_after_secs, d.breaker_closed_after_secs) {
+            (Some(open), closed) if d.breaker_opened > 0 => format!(
+                "opened {}× +{:.0} ms{}",
+                d.breaker_opened,
+                open * 1000.0,
+                closed.map_or(String::new(), |c| format!(", closed +{c:.1} s"))
+            ),
+            _ => format!("{}, opened {}×", d.breaker_state, d.breaker_opened),
+        };
+        let back = if *s != Scenario::DestDown {
+            "—".to_owned()
+        } else {
+            format!("{:.2}", d.recovered_secs)
+        };
+        let _ = writeln!(
+            w,
+            "{:<24} {:>5} {:>6} {:>8} {:>8} {:>16} {:>5} {:>7} {:>30}",
+            s.label(),
+            thousands(d.down as f64),
+            thousands(d.open_max as f64),
+            d.paused_max,
+            thousands(d.lag_max as f64),
+            calls,
+            o.dead_letters,
+            back,
+            breaker
+        );
+        if d.duplicates > 0 {
+            let _ = writeln!(
+                w,
+                "  {}: {} records delivered twice",
+                s.label(),
+                d.duplicates
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "  (lag ms: the producer behind its schedule, worst; CPU s: the process, until the \
+         destinations that stay up have every record; open≤, paused≤, lag≤: the most \
+         destinations open, partitions paused, records between a partition's commit point and \
+         its end, sampled every 100 ms; calls: to destinations while down, for dest-down \
+         against down × (1 + seconds down / open interval); DLT: dead letters, 0 or the \
+         scenario fails; back s: dest-down, from the destinations coming back to every record delivered; \
+         +ms / +s: the consumer-wide breaker's first opening and last closing, after the \
+         destinations went down)"
+    );
 }
