@@ -1967,7 +1967,11 @@ async fn a_destination_known_down_counts_once_for_the_consumer_breaker() {
         .admit_as(&Stop::default(), ProbeMemo::default(), 77, true)
         .await
         .expect("admitted");
-    let _ = pass.failed(&HandlerError::transient("refused"), 0, &mut ProbeMemo::default());
+    let _ = pass.failed(
+        &HandlerError::transient("refused"),
+        0,
+        &mut ProbeMemo::default(),
+    );
 
     let (end, _) = h.process(order("o-1")).await;
 
@@ -1977,7 +1981,10 @@ async fn a_destination_known_down_counts_once_for_the_consumer_breaker() {
     let calls = h.call_times().len();
     assert!(calls >= 30, "{calls} calls in 30 s");
     let b = h.breaker();
-    assert_eq!(b.opened, 0, "one failure of each of two destinations in a row: {b:?}");
+    assert_eq!(
+        b.opened, 0,
+        "one failure of each of two destinations in a row: {b:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
