@@ -207,6 +207,9 @@ impl<H: Handler> WorkerContext<H> {
                 )
                 .await);
         }
+        if transient {
+            warn!(coordinates = %record.coordinates(), tier = at.tier, attempts = history.attempts, error = %failure.error, "giving up on record after its last retry tier, dead-lettering");
+        }
         if at.tier == 0 {
             return Err((record, failure));
         }

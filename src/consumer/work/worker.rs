@@ -814,7 +814,13 @@ impl<H: Handler> WorkerContext<H> {
             debug!(coordinates = %record.coordinates(), attempt, ?delay, error = %error, "failed, retrying");
             return Next::Retry(delay);
         }
-        warn!(coordinates = %record.coordinates(), attempt, reason = given_up.as_str(), error = %error, "giving up on record, dead-lettering");
+        if self.tiers.is_some() && given_up == DeadLetterReason::RetriesExhausted {
+            // Forwarded to the next retry tier, if there is one (`settle.rs` decides and
+            // logs a dead letter after the last).
+            debug!(coordinates = %record.coordinates(), attempt, error = %error, "in-place attempts used up: on to the next retry tier");
+        } else {
+            warn!(coordinates = %record.coordinates(), attempt, reason = given_up.as_str(), error = %error, "giving up on record, dead-lettering");
+        }
         Next::GiveUp(Failure {
             reason: given_up,
             error: error.message(),
