@@ -10,7 +10,6 @@ use kourier::{Handler, HandlerError, Message, ProcessingOrder, RetryingConsumer,
 use serde::Deserialize;
 
 use crate::args::Args;
-use crate::destinations::Endpoints;
 use crate::measure::{LatencyRecorder, epoch_micros};
 use crate::services::{bootstrap, client_config};
 use crate::{BoxResult, QUEUED_MAX_KBYTES, SENT_AT_HEADER};
@@ -96,7 +95,14 @@ pub(crate) enum Behaviour {
     /// Record `handler entry − sent-at`.
     Latency(Arc<LatencyRecorder>),
     /// Deliver to the record's destination (the destination scenarios).
-    Deliver(Arc<Endpoints>),
+    Deliver(Arc<dyn Deliver>),
+}
+
+/// The destination scenarios' work for one record (`destinations::Endpoints`): record `id`,
+/// sent at `sent` (the header's text).
+#[async_trait]
+pub(crate) trait Deliver: std::fmt::Debug + Send + Sync {
+    async fn deliver(&self, id: u64, sent: Option<&[u8]>) -> Result<(), HandlerError>;
 }
 
 #[derive(Debug)]

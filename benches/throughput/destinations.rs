@@ -9,11 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kourier::{
     BreakerPolicy, BreakerState, ConsumerMonitor, ConsumerSnapshot, Destinations, HandlerError,
-    ProcessingOrder,
+    ProcessingOrder, async_trait,
 };
 
 use crate::args::{Args, ChildArgs};
-use crate::consumers::{Behaviour, BenchHandler, Progress, Running, kourier_builder, runtime};
+use crate::consumers::{
+    Behaviour, BenchHandler, Deliver, Progress, Running, kourier_builder, runtime,
+};
 use crate::drain::check_committed;
 use crate::latency::{Keys, paced_producer};
 use crate::measure::{
@@ -108,10 +110,13 @@ impl Endpoints {
             _ => false,
         }
     }
+}
 
+#[async_trait]
+impl Deliver for Endpoints {
     /// The handler's work for record `id`, sent at `sent` (the header's text): refused at
     /// once when its destination is down, else a short sleep (the delivery).
-    pub(crate) async fn deliver(&self, id: u64, sent: Option<&[u8]>) -> Result<(), HandlerError> {
+    async fn deliver(&self, id: u64, sent: Option<&[u8]>) -> Result<(), HandlerError> {
         let entry_us = epoch_micros();
         let index = id % DESTINATIONS;
         if self.is_down(index, entry_us) {

@@ -109,7 +109,7 @@ impl SchedulerHarness {
     }
 
     /// Partitions with an offset to commit.
-    pub fn committable_partitions(&self) -> usize {
+    pub fn committable_partitions(&mut self) -> usize {
         self.scheduler.commits_due().len()
     }
 

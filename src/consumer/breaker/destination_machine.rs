@@ -1034,7 +1034,10 @@ mod tests {
             fails(&b, &d, 1, &HandlerError::destination_gone("410")),
             "held"
         );
-        assert!(wait_until(&b, &d).is_some_and(|t| t >= clock::after(Instant::now(), Duration::from_secs(60))));
+        assert!(
+            wait_until(&b, &d)
+                .is_some_and(|t| t >= clock::after(Instant::now(), Duration::from_secs(60)))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1065,7 +1068,10 @@ mod tests {
             b.try_admit(&d).ok().expect("a burst of 2").succeeded();
         }
         let due = wait_until(&b, &d).expect("the next token's time");
-        assert_eq!(due, clock::after(Instant::now(), Duration::from_millis(500)));
+        assert_eq!(
+            due,
+            clock::after(Instant::now(), Duration::from_millis(500))
+        );
         assert!(
             b.try_admit(&destination(2)).is_ok(),
             "others have their own bucket"
