@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::consumer::schedule::{Hub, Job, JobEnd, Stop};
 use crate::consumer::work::{Slot, WorkerContext};
@@ -205,7 +205,13 @@ impl<H: Handler> Drop for JobRun<H> {
         let Some(job) = self.job.take() else {
             return;
         };
-        error!(coordinates = %job.record.coordinates(), "worker task panicked: the record is given up unsettled (it is not committed past; delivered again after a rebalance or restart)");
+        if std::thread::panicking() {
+            error!(coordinates = %job.record.coordinates(), "worker task panicked: the record is given up unsettled (it is not committed past; delivered again after a rebalance or restart)");
+        } else {
+            // Dropped without a panic: its runtime shut down (or the consumer was dropped
+            // with it) while the record ran.
+            warn!(coordinates = %job.record.coordinates(), "worker task dropped (its runtime shut down): the record is given up unsettled (it is not committed past; delivered again after a restart)");
+        }
         if *self.released.get_mut() {
             self.hub.settle(job, JobEnd::Abandoned);
             return;
