@@ -362,7 +362,10 @@ impl DestinationBreakers {
             let was_full = self.rules.max_in_flight.is_some_and(|cap| e.running >= cap);
             e.running = e.running.saturating_sub(1);
             if was_full {
-                e.changed.notify_waiters();
+                // One place freed: one waiter (waking every record of a backlog at each end
+                // would cost the square of the backlog; a woken waiter dropped before it
+                // looks hands the wake-up on).
+                e.changed.notify_one();
             }
         }
         let held = match ended {
