@@ -9,13 +9,15 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
                   [--consumer-config KEY=VALUE]... [--buffer-records N] [--partition-buffer N]
                   [--ordering partition|key|unordered] [--max-in-flight N] [--timeline]
                   [--floor-claim-script] [--uncommitted-per-partition N] [--dest-down-at-start]
+                  [--hot-rate N]
 
   --records N          records of the drain scenarios a-d, c0, d0 (default 1000000; --quick 50000)
   --size BYTES         value size (default 100)
   --scenarios LIST     comma-separated, from: a,b,c0,c,d0,d,slow-partition,slow-key,e0,e,
                        latency-raw,latency (the default: these, in that order) and
                        dest-up,dest-down,dest-all-down (run only when named; `destinations`
-                       stands for the three)
+                       stands for the three) and dest-hot,dest-hot-capped,dest-hot-retry (run
+                       only when named; `hot` stands for the three)
   --quick              a reduced run (CI smoke check): 50,000 records, 3 s latency phase, slow
                        handler on 5,000 (Key) and 100 (Partition) records
   --smoke              a tiny run (what `cargo test --all-targets` does with this binary):
@@ -24,7 +26,7 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
   --latency-rate N     offered rate of the latency and destination scenarios, records/s
                        (default 5000)
   --latency-secs S     measured seconds of the latency and destination scenarios (default 20;
-                       --quick 3; dest-all-down at most 10)
+                       --quick 3; dest-all-down and the hot ones at most 10)
   --slow-records N     records of the slow-handler Key scenario (default 20000)
   --slow-partition-records N
                        records of the slow-handler Partition scenario (default 1000)
@@ -47,7 +49,9 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
                        destination scenarios: the run's record count, so that records waiting
                        for their destination never pause a partition)
   --dest-down-at-start dest-down: the 20 destinations are down from the consumer's start, not
-                       from the end of the warm-up";
+                       from the end of the warm-up
+  --hot-rate N         offered rate of the hot-destination scenarios, records/s, half of them
+                       to the hot destination (default 1000; --smoke 200)";
 
 #[derive(Debug, Clone)]
 pub(crate) struct Args {
@@ -71,6 +75,7 @@ pub(crate) struct Args {
     pub(crate) max_in_flight: Option<u64>,
     pub(crate) uncommitted_per_partition: Option<u64>,
     pub(crate) dest_down_at_start: bool,
+    pub(crate) hot_rate: u64,
     pub(crate) child: Option<ChildArgs>,
 }
 
@@ -134,6 +139,7 @@ pub(crate) fn parse_args() -> Result<Args, String> {
         max_in_flight: None,
         uncommitted_per_partition: None,
         dest_down_at_start: false,
+        hot_rate: pick(200, 1_000, 1_000),
         child: None,
     };
     let (mut scenario, mut topic, mut topic_records, mut run_id) = (None, None, None, None);
@@ -178,6 +184,7 @@ pub(crate) fn parse_args() -> Result<Args, String> {
             "--compression" => args.compression = value(&flag)?,
             "--latency-rate" => args.latency_rate = number(&flag, value(&flag)?)?,
             "--latency-secs" => args.latency_secs = number(&flag, value(&flag)?)?,
+            "--hot-rate" => args.hot_rate = number(&flag, value(&flag)?)?,
             "--slow-records" => args.slow_records = number(&flag, value(&flag)?)?,
             "--slow-partition-records" => {
                 args.slow_partition_records = number(&flag, value(&flag)?)?;
@@ -187,6 +194,8 @@ pub(crate) fn parse_args() -> Result<Args, String> {
                 for s in value(&flag)?.split(',').filter(|s| !s.is_empty()) {
                     if s == "destinations" {
                         args.scenarios.extend(Scenario::DESTINATIONS);
+                    } else if s == "hot" {
+                        args.scenarios.extend(Scenario::HOT);
                     } else {
                         let scenario =
                             Scenario::parse(s).ok_or_else(|| format!("unknown scenario {s:?}"))?;
@@ -212,8 +221,8 @@ pub(crate) fn parse_args() -> Result<Args, String> {
     if args.records == 0 || args.slow_records == 0 || args.slow_partition_records == 0 {
         return Err("record counts must be at least 1".into());
     }
-    if args.latency_rate == 0 || args.latency_secs == 0 {
-        return Err("--latency-rate and --latency-secs must be at least 1".into());
+    if args.latency_rate == 0 || args.latency_secs == 0 || args.hot_rate == 0 {
+        return Err("--latency-rate, --latency-secs and --hot-rate must be at least 1".into());
     }
     if args.scenarios.is_empty() {
         return Err("--scenarios: nothing to run".into());

@@ -98,11 +98,13 @@ pub(crate) enum Behaviour {
     Deliver(Arc<dyn Deliver>),
 }
 
-/// The destination scenarios' work for one record (`destinations::Endpoints`): record `id`,
-/// sent at `sent` (the header's text).
+/// The destination scenarios' work for one record (`destinations::Endpoints`,
+/// `hot::HotEndpoints`): record `id`, its `attempt` (1 for the first), sent at `sent` (the
+/// header's text).
 #[async_trait]
 pub(crate) trait Deliver: std::fmt::Debug + Send + Sync {
-    async fn deliver(&self, id: u64, sent: Option<&[u8]>) -> Result<(), HandlerError>;
+    async fn deliver(&self, id: u64, attempt: u32, sent: Option<&[u8]>)
+    -> Result<(), HandlerError>;
 }
 
 #[derive(Debug)]
@@ -149,7 +151,11 @@ impl Handler for BenchHandler {
             }
             Behaviour::Deliver(endpoints) => {
                 endpoints
-                    .deliver(message.event().id, message.headers().get(SENT_AT_HEADER))
+                    .deliver(
+                        message.event().id,
+                        message.attempt(),
+                        message.headers().get(SENT_AT_HEADER),
+                    )
                     .await
             }
         };

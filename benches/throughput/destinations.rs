@@ -116,7 +116,12 @@ impl Endpoints {
 impl Deliver for Endpoints {
     /// The handler's work for record `id`, sent at `sent` (the header's text): refused at
     /// once when its destination is down, else a short sleep (the delivery).
-    async fn deliver(&self, id: u64, sent: Option<&[u8]>) -> Result<(), HandlerError> {
+    async fn deliver(
+        &self,
+        id: u64,
+        _attempt: u32,
+        sent: Option<&[u8]>,
+    ) -> Result<(), HandlerError> {
         let entry_us = epoch_micros();
         let index = id % DESTINATIONS;
         if self.is_down(index, entry_us) {
@@ -166,7 +171,7 @@ impl Peaks {
 }
 
 /// What a snapshot says about a scenario that got stuck.
-fn state(s: &ConsumerSnapshot) -> String {
+pub(crate) fn state(s: &ConsumerSnapshot) -> String {
     format!(
         "in flight {} (waiting {}), buffered {}, paused partitions {}, consumer-wide breaker {}, \
          destinations open {}",
@@ -184,7 +189,7 @@ fn state(s: &ConsumerSnapshot) -> String {
 
 /// Waits (on this thread) until `done`, or fails after [`SETTLE_TIMEOUT`] saying `what` and
 /// the consumer's state.
-fn wait_for(
+pub(crate) fn wait_for(
     monitor: &ConsumerMonitor,
     what: impl Fn() -> String,
     done: impl Fn() -> bool,
@@ -294,7 +299,7 @@ pub(crate) fn destinations(args: &Args, child: &ChildArgs, group: &str) -> BoxRe
             secs,
             args.size,
             Keys::Destinations(DESTINATIONS),
-            &recorder,
+            &[&recorder],
             &acks,
         )
         .map_err(|e| format!("destinations producer: {e}"))?;

@@ -19,7 +19,9 @@ use crate::measure::{LatencyRecorder, Outcome, epoch_micros, peak_rss_kib, proce
 use crate::produce::{DeliveryCounter, fill_payload, send_blocking};
 use crate::scenario::Scenario;
 use crate::services::client_config;
-use crate::{BoxResult, LATENCY_LINGER_MS, PARTITIONS, SCENARIO_TIMEOUT, SENT_AT_HEADER};
+use crate::{
+    BoxResult, DEST_HEADER, LATENCY_LINGER_MS, PARTITIONS, SCENARIO_TIMEOUT, SENT_AT_HEADER,
+};
 
 /// How the paced producer keys its records.
 #[derive(Debug, Clone, Copy)]
@@ -29,13 +31,18 @@ pub(crate) enum Keys {
     /// `dest-{id % n}`, the partition chosen by the producer's partitioner from the key, so
     /// that each destination is on one partition (the destination scenarios).
     Destinations(u64),
+    /// `rec-{id}` (a key per record), the partition chosen by the producer's partitioner
+    /// from the key, and the record's destination, `destination(id)`, in header
+    /// [`DEST_HEADER`]: a destination spans every partition (the hot-destination scenarios).
+    PerRecord { destination: fn(u64) -> String },
 }
 
 /// Sends records at `rate`/s for `warmup + secs`, each stamped with the time it is handed to
 /// the producer (µs since the epoch, in a header). The consumer never holds the producer back
 /// (no coordinated omission); how far the producer thread itself fell behind its schedule is
-/// returned so a starved producer shows. Returns (records sent, measured-phase send rate,
-/// worst lag behind schedule in µs).
+/// returned so a starved producer shows. `recorders` (and `acks`) are told when the producer
+/// starts and when the warm-up ends. Returns (records sent, measured-phase send rate, worst
+/// lag behind schedule in µs).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn paced_producer(
     topic: &str,
@@ -44,7 +51,7 @@ pub(crate) fn paced_producer(
     secs: Duration,
     size: usize,
     keys: Keys,
-    recorder: &LatencyRecorder,
+    recorders: &[&LatencyRecorder],
     acks: &Arc<LatencyRecorder>,
 ) -> BoxResult<(u64, f64, u64)> {
     let producer: BaseProducer<DeliveryCounter> = client_config()
@@ -61,7 +68,7 @@ pub(crate) fn paced_producer(
     let warm = rate * warmup.as_secs();
     let started = Instant::now();
     let start_us = epoch_micros();
-    for r in [recorder, &**acks] {
+    for r in recorders.iter().copied().chain([&**acks]) {
         r.start_us.store(start_us, AtomicOrdering::Relaxed);
         r.measured_after_us.store(
             start_us + warmup.as_micros() as u64,
@@ -85,6 +92,7 @@ pub(crate) fn paced_producer(
         }
         fill_payload(&mut payload, id, size);
         key.clear();
+        let mut destination = None;
         let partition = match keys {
             Keys::RoundRobin => {
                 let _ = write!(key, "key-{}", id % 10_000);
@@ -94,12 +102,23 @@ pub(crate) fn paced_producer(
                 let _ = write!(key, "dest-{}", id % n);
                 None
             }
+            Keys::PerRecord { destination: of } => {
+                let _ = write!(key, "rec-{id}");
+                destination = Some(of(id));
+                None
+            }
         };
         let sent_at = epoch_micros().to_string();
-        let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+        let mut headers = OwnedHeaders::new_with_capacity(2).insert(Header {
             key: SENT_AT_HEADER,
             value: Some(sent_at.as_bytes()),
         });
+        if let Some(d) = &destination {
+            headers = headers.insert(Header {
+                key: DEST_HEADER,
+                value: Some(d.as_bytes()),
+            });
+        }
         let mut record = BaseRecord::to(topic)
             .key(key.as_bytes())
             .payload(payload.as_slice())
@@ -210,7 +229,7 @@ pub(crate) fn latency(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<
         secs,
         args.size,
         Keys::RoundRobin,
-        &recorder,
+        &[&recorder],
         &acks,
     )
     .map_err(|e| format!("latency producer: {e}"))?;

@@ -6,6 +6,7 @@
 //! cargo bench --bench throughput -- --quick       # reduced run (CI smoke check), ~30 s
 //! cargo bench --bench throughput -- --size 1024 --scenarios a,b
 //! cargo bench --bench throughput -- --scenarios destinations   # not in the default set, ~1 min
+//! cargo bench --bench throughput -- --scenarios hot            # not in the default set, ~1.5 min
 //! cargo bench --bench throughput -- --help
 //! ```
 //!
@@ -85,13 +86,39 @@
 //! the destinations are back, that the group committed all of them and that nothing was
 //! dead-lettered, and fails otherwise.
 //!
+//! The hot-destination scenarios run only when named (`--scenarios hot`, or any of `dest-hot`,
+//! `dest-hot-capped`, `dest-hot-retry`): whether one slow destination that takes half the
+//! records can take the in-flight slots of the others. They send at `--hot-rate` (default
+//! 1,000 records/s) for `--latency-secs` (at most 10) after the warm-up, each record stamped
+//! with its send time, with a key of its own (`rec-{id}`, the partition chosen by the producer
+//! from the key) and its destination in header `dest`: the even ids go to `hot`, whose
+//! delivery is a 200 ms tokio sleep, the odd ones to 500 others (`dest-N`), a 1 ms sleep.
+//! kourier runs in `ProcessingOrder::Unordered` (so the hot destination spans every lane) with
+//! the default `max_in_flight` (64) and `Destinations::header("dest")`. 500 records/s × 200 ms
+//! wants 100 slots: with no cap the hot destination takes all 64 and the consumer falls
+//! behind for as long as it sends. dest-hot: no cap, the baseline; dest-hot-capped:
+//! `with_max_in_flight(8)`, an eighth of the slots: the hot destination gets 40 records/s
+//! (8 / 200 ms) and its other records wait without a slot; dest-hot-retry: dest-hot-capped
+//! with the first attempt of one in ten of the other destinations' records (by a hash of the
+//! id) failing transiently, retried after a fixed 100 ms back-off. Latency (send → entry of
+//! the call that delivers) is recorded for the other destinations' records delivered at their
+//! first attempt, and apart for the hot destination's and for the others' delivered by a
+//! retry. The handler counts the calls to the hot destination running at once; a capped
+//! scenario fails if they ever exceed 8. Once every record of the others is delivered the hot
+//! destination answers in 1 ms, so that its backlog drains. Each prints the others' p50/p99
+//! against dest-hot's, the calls per second that delivered in the measured phase (the others'
+//! and the hot one's), the most calls to the hot destination at once, and how long the others
+//! and then the backlog took after the last send; like the destination scenarios each raises
+//! `max_uncommitted_per_partition` to the run's record count and fails if a record is lost or
+//! dead-lettered or the group did not commit them all.
+//!
 //! One table goes to stdout with every figure, its ratio to (a) and the issue's targets marked
 //! PASS/MISS; they are informational: the exit code is non-zero only when the benchmark itself
 //! broke (a service missing, a scenario failing or losing records).
 //!
 //! The code, by concern: `args` and `scenario` (the command line), `services` (Kafka, Redis,
 //! topics, offsets), `produce` (pre-filling), `consumers` (the raw settings, kourier's builder,
-//! the handler), `drain`, `floors`, `latency` and `destinations` (the scenarios), `measure`
+//! the handler), `drain`, `floors`, `latency`, `destinations` and `hot` (the scenarios), `measure`
 //! (CPU, RSS, latency, the outcome), `parent` (one child process per scenario) and `table`
 //! (the report).
 
@@ -100,6 +127,7 @@ mod consumers;
 mod destinations;
 mod drain;
 mod floors;
+mod hot;
 mod latency;
 mod measure;
 mod parent;
@@ -115,6 +143,7 @@ use crate::args::{Args, ChildArgs, parse_args};
 use crate::destinations::destinations;
 use crate::drain::{kourier_drain, raw_drain};
 use crate::floors::{dead_letter_floor_drain, redis_floor_drain};
+use crate::hot::hot;
 use crate::latency::latency;
 use crate::measure::Outcome;
 use crate::parent::run_parent;
@@ -128,6 +157,8 @@ const PARTITIONS: i32 = 6;
 const SLOW_KEYS: u64 = 1_000;
 /// What the slow handler awaits per record.
 const SLOW_HANDLER: Duration = Duration::from_millis(10);
+/// kourier's `max_in_flight` default (builder.rs).
+const DEFAULT_MAX_IN_FLIGHT: u64 = 64;
 /// `max_in_flight` of the slow-handler Key scenario.
 const SLOW_KEY_MAX_IN_FLIGHT: usize = 500;
 /// Every `FAIL_EVERY`-th record fails permanently in scenario (d): 1 %.
@@ -161,6 +192,26 @@ const DEST_OPEN: Duration = Duration::from_secs(2);
 const OUTAGE: Duration = Duration::from_secs(3);
 /// dest-all-down measures at most this many seconds (the outage and the recovery fit).
 const OUTAGE_MAX_SECS: u64 = 10;
+/// The hot-destination scenarios: records with an even id go to the hot destination (half).
+const HOT_EVERY: u64 = 2;
+/// The hot destination's name (header [`DEST_HEADER`]).
+const HOT_NAME: &str = "hot";
+/// A delivery to the hot destination: a tokio sleep.
+const HOT_DELIVERY: Duration = Duration::from_millis(200);
+/// The other records go to `dest-{(id / HOT_EVERY) % HOT_OTHERS}`: 500 destinations.
+const HOT_OTHERS: u64 = 500;
+/// `Destinations::with_max_in_flight` of dest-hot-capped and dest-hot-retry: 8 of the default
+/// `max_in_flight` (64).
+const HOT_CAP: u32 = 8;
+/// The hot-destination scenarios measure at most this many seconds.
+const HOT_MAX_SECS: u64 = 10;
+/// dest-hot-retry: the first attempt of every `HOT_RETRY_EVERY`-th record of the other
+/// destinations (by a hash of its id) fails transiently: 10 %.
+const HOT_RETRY_EVERY: u64 = 10;
+/// dest-hot-retry's fixed retry back-off.
+const HOT_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// The record's destination (the hot-destination scenarios).
+const DEST_HEADER: &str = "dest";
 /// A scenario that takes longer than this is broken.
 const SCENARIO_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -212,6 +263,9 @@ fn run_child(args: &Args, child: &ChildArgs) -> BoxResult<Outcome> {
         Scenario::LatencyRaw | Scenario::Latency => latency(args, child, &group),
         Scenario::DestUp | Scenario::DestDown | Scenario::DestAllDown => {
             destinations(args, child, &group)
+        }
+        Scenario::DestHot | Scenario::DestHotCapped | Scenario::DestHotRetry => {
+            hot(args, child, &group)
         }
         _ => kourier_drain(args, child, &group),
     }

@@ -113,6 +113,9 @@ pub(crate) struct Outcome {
     /// The destination scenarios' own figures.
     #[serde(default)]
     pub(crate) destinations: Option<DestinationsOutcome>,
+    /// The hot-destination scenarios' own figures.
+    #[serde(default)]
+    pub(crate) hot: Option<HotOutcome>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -163,6 +166,51 @@ pub(crate) struct DestinationsOutcome {
     /// From the destinations coming back to every record delivered, seconds.
     pub(crate) recovered_secs: f64,
     /// Records delivered more than once (no record may be lost; none should be twice).
+    pub(crate) duplicates: u64,
+}
+
+/// What a hot-destination scenario saw besides the other destinations' latency (that of
+/// their records delivered at the first attempt: [`Outcome::latency`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct HotOutcome {
+    /// `Destinations::with_max_in_flight`, if set.
+    pub(crate) cap: Option<u32>,
+    /// The consumer's `max_in_flight`.
+    pub(crate) max_in_flight: u64,
+    /// The most calls to the hot destination running at once (counted in the handler).
+    pub(crate) hot_at_once: u64,
+    /// Records sent per second to the other destinations and to the hot one (offered).
+    pub(crate) others_offered: f64,
+    pub(crate) hot_offered: f64,
+    /// Calls that delivered, started within the measured phase, per second: the other
+    /// destinations and the hot one.
+    pub(crate) others_rate: f64,
+    pub(crate) hot_rate: f64,
+    /// The hot destination's latency (send → entry of the call that delivers), measured
+    /// phase.
+    pub(crate) hot_p50_us: u64,
+    pub(crate) hot_p99_us: u64,
+    /// The other destinations' records delivered by a retry (their first attempt failed):
+    /// how many (measured phase) and their latency (send → entry of the retry).
+    pub(crate) retried_samples: u64,
+    pub(crate) retried_p50_us: u64,
+    pub(crate) retried_p99_us: u64,
+    /// First attempts that failed (all of the run).
+    pub(crate) failed_first: u64,
+    /// From the last send to every record of the other destinations delivered, seconds.
+    pub(crate) others_done_secs: f64,
+    /// From then (the hot destination answering at once from that moment) to every record
+    /// delivered, seconds, and the process's CPU seconds meanwhile.
+    pub(crate) drain_secs: f64,
+    pub(crate) drain_cpu_secs: f64,
+    /// The most seen at once, from snapshots every 100 ms: slots taken (in flight, less
+    /// the waiting), records waiting without a slot (for the cap, or a retry back-off),
+    /// partitions paused, destinations open.
+    pub(crate) running_max: usize,
+    pub(crate) waiting_max: usize,
+    pub(crate) paused_max: usize,
+    pub(crate) open_max: usize,
+    /// Records delivered more than once.
     pub(crate) duplicates: u64,
 }
 

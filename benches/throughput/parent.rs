@@ -29,6 +29,7 @@ fn run_child_process(
         .args(["--size", &args.size.to_string()])
         .args(["--latency-rate", &args.latency_rate.to_string()])
         .args(["--latency-secs", &args.latency_secs.to_string()])
+        .args(["--hot-rate", &args.hot_rate.to_string()])
         .args(["--slow-records", &args.slow_records.to_string()])
         .args([
             "--slow-partition-records",

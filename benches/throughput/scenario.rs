@@ -1,5 +1,6 @@
 //! The scenarios: what each is called on the command line and in the table, which kind
-//! (drain, slow handler, latency, destinations) it is, and which run by default.
+//! (drain, slow handler, latency, destinations, hot destination) it is, and which run by
+//! default.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scenario {
@@ -25,11 +26,18 @@ pub(crate) enum Scenario {
     DestDown,
     /// The same with every destination down for a few seconds.
     DestAllDown,
+    /// Half the records to one slow destination, no cap: the baseline.
+    DestHot,
+    /// The same with a cap per destination (`Destinations::with_max_in_flight`).
+    DestHotCapped,
+    /// The capped one with the first attempt of some of the other destinations' records
+    /// failing transiently.
+    DestHotRetry,
 }
 
 impl Scenario {
     /// What `--scenarios` accepts.
-    pub(crate) const ALL: [Scenario; 15] = [
+    pub(crate) const ALL: [Scenario; 18] = [
         Scenario::Raw,
         Scenario::Kourier,
         Scenario::RedisFloor,
@@ -45,9 +53,12 @@ impl Scenario {
         Scenario::DestUp,
         Scenario::DestDown,
         Scenario::DestAllDown,
+        Scenario::DestHot,
+        Scenario::DestHotCapped,
+        Scenario::DestHotRetry,
     ];
 
-    /// What runs without `--scenarios`: every scenario but the destination ones.
+    /// What runs without `--scenarios`: every scenario but the destination and hot ones.
     pub(crate) const DEFAULT: [Scenario; 12] = [
         Scenario::Raw,
         Scenario::Kourier,
@@ -67,6 +78,13 @@ impl Scenario {
     pub(crate) const DESTINATIONS: [Scenario; 3] =
         [Scenario::DestUp, Scenario::DestDown, Scenario::DestAllDown];
 
+    /// What `--scenarios hot` stands for.
+    pub(crate) const HOT: [Scenario; 3] = [
+        Scenario::DestHot,
+        Scenario::DestHotCapped,
+        Scenario::DestHotRetry,
+    ];
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Scenario::Raw => "a",
@@ -84,6 +102,9 @@ impl Scenario {
             Scenario::DestUp => "dest-up",
             Scenario::DestDown => "dest-down",
             Scenario::DestAllDown => "dest-all-down",
+            Scenario::DestHot => "dest-hot",
+            Scenario::DestHotCapped => "dest-hot-capped",
+            Scenario::DestHotRetry => "dest-hot-retry",
         }
     }
 
@@ -104,6 +125,9 @@ impl Scenario {
             Scenario::DestUp => "none down",
             Scenario::DestDown => "20 of 1,000 down",
             Scenario::DestAllDown => "all down for 3 s",
+            Scenario::DestHot => "hot, no cap",
+            Scenario::DestHotCapped => "hot, capped",
+            Scenario::DestHotRetry => "hot, capped, retries",
         }
     }
 
@@ -141,8 +165,16 @@ impl Scenario {
         )
     }
 
-    /// Reads a topic of its own that it produces to as it runs (latency, destinations).
+    pub(crate) fn is_hot(self) -> bool {
+        matches!(
+            self,
+            Scenario::DestHot | Scenario::DestHotCapped | Scenario::DestHotRetry
+        )
+    }
+
+    /// Reads a topic of its own that it produces to as it runs (latency, destinations, hot
+    /// destination).
     pub(crate) fn has_own_topic(self) -> bool {
-        self.is_latency() || self.is_destinations()
+        self.is_latency() || self.is_destinations() || self.is_hot()
     }
 }

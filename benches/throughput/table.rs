@@ -8,8 +8,10 @@ use crate::measure::{DestinationsOutcome, Outcome, Results, load_average, machin
 use crate::produce::Produced;
 use crate::scenario::Scenario;
 use crate::{
-    DELIVERY, DEST_OPEN, DESTINATIONS, DOWN_EVERY, EVENT_ID_HEADER, LATENCY_LINGER_MS, OUTAGE,
-    OUTAGE_MAX_SECS, PARTITIONS, QUEUED_MAX_KBYTES, SLOW_HANDLER, SLOW_KEYS,
+    DEFAULT_MAX_IN_FLIGHT, DELIVERY, DEST_HEADER, DEST_OPEN, DESTINATIONS, DOWN_EVERY,
+    EVENT_ID_HEADER, HOT_CAP, HOT_DELIVERY, HOT_EVERY, HOT_MAX_SECS, HOT_NAME, HOT_OTHERS,
+    HOT_RETRY_BACKOFF, HOT_RETRY_EVERY, LATENCY_LINGER_MS, OUTAGE, OUTAGE_MAX_SECS, PARTITIONS,
+    QUEUED_MAX_KBYTES, SLOW_HANDLER, SLOW_KEYS,
 };
 
 /// kourier's buffer defaults (builder.rs): records and bytes received but not started.
@@ -19,8 +21,7 @@ const MAX_BUFFERED_BYTES: u64 = 64 << 20;
 /// threads and metadata, the dead-letter producer, allocator slack, code. Stated before
 /// measuring; the raw baseline's own RSS shows how much of it any rdkafka consumer needs.
 const RSS_CONSTANT_MIB: f64 = 72.0;
-/// kourier's `max_in_flight` and `fetch.max.bytes` defaults (builder.rs).
-const DEFAULT_MAX_IN_FLIGHT: u64 = 64;
+/// kourier's `fetch.max.bytes` default (builder.rs).
 const FETCH_MAX_BYTES: u64 = 16 << 20;
 /// Records settling per in-flight slot, and the state each holds besides its record
 /// (`RetryingConsumerBuilder`'s *Memory*).
@@ -326,6 +327,7 @@ pub(crate) fn print_table(
     }
 
     print_destinations(w, args, &get);
+    print_hot(w, args, &get);
 
     // Targets.
     let _ = writeln!(w);
@@ -468,6 +470,28 @@ pub(crate) fn print_table(
             "dest-down: consumer-wide breaker stays closed".into(),
             format!("{}, opened {}×", d.breaker_state, d.breaker_opened),
             Some(d.breaker_opened == 0),
+        );
+    }
+    for s in [Scenario::DestHotCapped, Scenario::DestHotRetry] {
+        if let Some(h) = get(s).and_then(|o| o.hot.as_ref())
+            && let Some(cap) = h.cap
+        {
+            target(
+                format!("{}: calls to the hot destination at once ≤ {cap}", s.name()),
+                format!("{} at most", h.hot_at_once),
+                Some(h.hot_at_once <= u64::from(cap)),
+            );
+        }
+    }
+    if let (Some(c), Some(r)) = (
+        get(Scenario::DestHotCapped).and_then(|o| o.latency.as_ref()),
+        get(Scenario::DestHotRetry).and_then(|o| o.latency.as_ref()),
+    ) {
+        let x = r.p99_us as f64 / c.p99_us.max(1) as f64;
+        target(
+            "dest-hot-retry: first attempts' p99 ≤ 1.2 × dest-hot-capped's".into(),
+            format!("{x:.2} × ({:.2} ms)", c.p99_us as f64 / 1000.0),
+            Some(x <= 1.2),
         );
     }
     if let Some(d) = get(Scenario::DestAllDown).and_then(|o| o.destinations.as_ref()) {
@@ -700,5 +724,164 @@ fn print_destinations<'a>(
          scenario fails; back s: dest-down, from the destinations coming back to every record delivered; \
          +ms / +s: the consumer-wide breaker's first opening and last closing, after the \
          destinations went down)"
+    );
+}
+
+/// The hot-destination scenarios: the other destinations' latency and rate with the hot one
+/// capped or not, the most calls to the hot one at once, what the cap costs the hot one.
+fn print_hot<'a>(w: &mut String, args: &Args, get: &impl Fn(Scenario) -> Option<&'a Outcome>) {
+    let rows: Vec<_> = Scenario::HOT
+        .into_iter()
+        .filter_map(|s| {
+            let o = get(s)?;
+            Some((s, o, o.latency.as_ref()?, o.hot.as_ref()?))
+        })
+        .collect();
+    let Some((_, _, _, first)) = rows.first() else {
+        return;
+    };
+    let base = get(Scenario::DestHot).and_then(|o| o.latency.as_ref());
+    let ms = |us: u64| us as f64 / 1000.0;
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "Hot destination: offered {} rec/s for {} s after a warm-up that is not recorded, a key \
+         per record, the destination in header `{DEST_HEADER}`, Unordered, max_in_flight {}, \
+         Destinations::header, max_uncommitted_per_partition {}; 1 in {HOT_EVERY} records to \
+         `{HOT_NAME}` (a {} ms tokio sleep), the others over {HOT_OTHERS} destinations (a {} ms \
+         sleep); capped: with_max_in_flight({HOT_CAP}); retries: the first attempt of 1 in \
+         {HOT_RETRY_EVERY} of the others' records fails transiently (fixed {} ms back-off); once \
+         every record of the others is delivered the hot destination answers in {} ms (its \
+         backlog drains); latency = send → entry of the call that delivers, the other \
+         destinations' records delivered at the first attempt",
+        thousands(args.hot_rate as f64),
+        args.latency_secs.min(HOT_MAX_SECS),
+        first.max_in_flight,
+        args.uncommitted_per_partition
+            .map_or("the run's records".into(), |n| thousands(n as f64)),
+        HOT_DELIVERY.as_millis(),
+        DELIVERY.as_millis(),
+        HOT_RETRY_BACKOFF.as_millis(),
+        DELIVERY.as_millis(),
+    );
+    let _ = writeln!(
+        w,
+        "{:<24} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>16} {:>8} {:>8}",
+        "scenario",
+        "samples",
+        "sent/s",
+        "lag ms",
+        "p50 ms",
+        "p99 ms",
+        "×no cap",
+        "p99.9 ms",
+        "max ms",
+        "others/s (sent)",
+        "CPU s",
+        "RSS MiB"
+    );
+    for (s, o, l, h) in &rows {
+        let _ = writeln!(
+            w,
+            "{:<24} {:>8} {:>7} {:>8.1} {:>8.2} {:>8.2} {:>9} {:>9.2} {:>8.2} {:>16} {:>8.2} {:>8.1}",
+            s.label(),
+            thousands(l.samples as f64),
+            thousands(l.send_rate),
+            ms(l.max_send_lag_us),
+            ms(l.p50_us),
+            ms(l.p99_us),
+            ratio(l.p99_us as f64, base.map(|b| b.p99_us as f64)),
+            ms(l.p999_us),
+            ms(l.max_us),
+            format!(
+                "{} ({})",
+                thousands(h.others_rate),
+                thousands(h.others_offered)
+            ),
+            o.cpu_secs,
+            o.peak_rss_kib as f64 / 1024.0
+        );
+    }
+    let _ = writeln!(
+        w,
+        "{:<24} {:>5} {:>8} {:>14} {:>9} {:>9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>7}",
+        "",
+        "cap",
+        "hot≤",
+        "hot/s (sent)",
+        "hot p50",
+        "hot p99",
+        "slots≤",
+        "waiting≤",
+        "paused≤",
+        "others s",
+        "drain s",
+        "CPU s"
+    );
+    for (s, _, _, h) in &rows {
+        let _ = writeln!(
+            w,
+            "{:<24} {:>5} {:>8} {:>14} {:>9.2} {:>9.2} {:>7} {:>9} {:>8} {:>8.2} {:>8.2} {:>7.2}",
+            s.label(),
+            h.cap.map_or("—".into(), |c| c.to_string()),
+            h.hot_at_once,
+            format!("{} ({})", thousands(h.hot_rate), thousands(h.hot_offered)),
+            ms(h.hot_p50_us),
+            ms(h.hot_p99_us),
+            h.running_max,
+            thousands(h.waiting_max as f64),
+            h.paused_max,
+            h.others_done_secs,
+            h.drain_secs,
+            h.drain_cpu_secs
+        );
+        if h.duplicates > 0 {
+            let _ = writeln!(
+                w,
+                "  {}: {} records delivered twice",
+                s.label(),
+                h.duplicates
+            );
+        }
+    }
+    if let (Some(b), Some(c)) = (
+        base,
+        get(Scenario::DestHotCapped).and_then(|o| o.latency.as_ref()),
+    ) {
+        let _ = writeln!(
+            w,
+            "  the other destinations, capped / no cap: p50 {} ({:.2} vs {:.2} ms), p99 {} ({:.2} vs {:.2} ms)",
+            ratio(c.p50_us as f64, Some(b.p50_us as f64)),
+            ms(c.p50_us),
+            ms(b.p50_us),
+            ratio(c.p99_us as f64, Some(b.p99_us as f64)),
+            ms(c.p99_us),
+            ms(b.p99_us)
+        );
+    }
+    if let Some((_, _, l, h)) = rows.iter().find(|(s, ..)| *s == Scenario::DestHotRetry) {
+        let _ = writeln!(
+            w,
+            "  retries: {} first attempts failed; the {} records of the others delivered by a \
+             retry: p50 {:.2} ms, p99 {:.2} ms (back-off included); at the first attempt: p50 \
+             {:.2} ms, p99 {:.2} ms; destinations open ≤ {}",
+            thousands(h.failed_first as f64),
+            thousands(h.retried_samples as f64),
+            ms(h.retried_p50_us),
+            ms(h.retried_p99_us),
+            ms(l.p50_us),
+            ms(l.p99_us),
+            h.open_max
+        );
+    }
+    let _ = writeln!(
+        w,
+        "  (lag ms: the producer behind its schedule, worst; others/s, hot/s: calls that \
+         delivered started within the measured phase, per second; hot≤: the most calls to the \
+         hot destination at once, counted in the handler; slots≤, waiting≤, paused≤: the most \
+         in-flight slots taken, records waiting without one (for the cap or a back-off) and \
+         partitions paused, sampled every 100 ms; others s: from the last send to every record \
+         of the others delivered; drain s, CPU s: from then to every record delivered, and the \
+         process's CPU meanwhile; the first CPU s: the process, until the others are done)"
     );
 }
