@@ -216,6 +216,7 @@ mod ledger;
 mod outcomes;
 mod procs;
 mod redis;
+mod replays;
 mod report;
 mod run;
 mod watch;
@@ -224,7 +225,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Sub};
+use crate::cli::{Cli, MetadataMode, RunArgs, Sub};
 
 /// How many attempts the consumer makes (fixed 50 ms back-off, 3 retries).
 const MAX_ATTEMPTS: u32 = 4;
@@ -254,7 +255,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Some(Sub::Consume(args)) => consumer::consume(args),
-        None => match run::run(cli.run) {
+        None => match run_all(cli.run) {
             Ok(true) => 0,
             Ok(false) => 1,
             Err(e) => {
@@ -264,6 +265,31 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+/// One run, or with `--commit-metadata both` two with the same seed (`none`, then
+/// `finished-offsets`) and the line comparing their replays; true when every run passed.
+fn run_all(args: RunArgs) -> BoxResult<bool> {
+    if args.commit_metadata != MetadataMode::Both {
+        return Ok(run::run(args)?.pass);
+    }
+    let seed = args.seed.unwrap_or_else(run::seed_from_clock);
+    let with = |mode: MetadataMode| RunArgs {
+        seed: Some(seed),
+        commit_metadata: mode,
+        work_dir: args
+            .work_dir
+            .as_ref()
+            .map(|d| d.join(format!("commit-metadata-{}", mode.as_str()))),
+        ..args.clone()
+    };
+    log(format!(
+        "--commit-metadata both: two runs with seed {seed}, first without commit metadata, then with it"
+    ));
+    let before = run::run(with(MetadataMode::None))?;
+    let after = run::run(with(MetadataMode::FinishedOffsets))?;
+    println!("{}", replays::compare(&before.replays, &after.replays));
+    Ok(before.pass && after.pass)
 }
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
