@@ -172,7 +172,7 @@ impl Replays {
 }
 
 /// The line comparing a run without commit metadata (`before`) with one with it (`after`),
-/// both with the same seed: per fault `before/after` replays, then the totals.
+/// both with the same seed: per fault `before -> after` replays, then the totals.
 pub(crate) fn compare(before: &Replays, after: &Replays) -> String {
     let per_fault: Vec<String> = before
         .windows
@@ -180,15 +180,15 @@ pub(crate) fn compare(before: &Replays, after: &Replays) -> String {
         .zip(&after.windows)
         .map(|(b, a)| {
             if b.label == a.label {
-                format!("{} {}/{}", b.label, b.replayed, a.replayed)
+                format!("{}: {} -> {}", b.label, b.replayed, a.replayed)
             } else {
-                format!("{} {}/{} {}", b.label, b.replayed, a.label, a.replayed)
+                format!("{} {} -> {} {}", b.label, b.replayed, a.label, a.replayed)
             }
         })
         .collect();
     format!(
-        "replays before/after (commit_metadata=none/finished-offsets): {}; in all before={} after={} \
-         skipped_as_finished_after={}",
+        "replays before -> after (commit_metadata none -> finished-offsets): {}; in all {} -> {} \
+         replayed, {} -> {} skipped as finished",
         if per_fault.is_empty() {
             "no fault".to_owned()
         } else {
@@ -196,6 +196,7 @@ pub(crate) fn compare(before: &Replays, after: &Replays) -> String {
         },
         before.replayed,
         after.replayed,
+        before.skipped,
         after.skipped
     )
 }
@@ -252,5 +253,13 @@ mod tests {
         );
         assert_eq!((r.replayed, r.skipped), (3, 7));
         assert_eq!(finished_above(&finals, &[vec![2]]), 2);
+        let mut after = r.clone();
+        after.windows[0].replayed = 0;
+        after.replayed = 1;
+        assert_eq!(
+            compare(&r, &after),
+            "replays before -> after (commit_metadata none -> finished-offsets): kill 1/1: 2 -> 0, \
+             broker-restart 1/1: 1 -> 1; in all 3 -> 1 replayed, 7 -> 7 skipped as finished"
+        );
     }
 }
