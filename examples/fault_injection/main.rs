@@ -140,8 +140,9 @@
 //! settled, and a commit names only what was settled when it was sent, so records finished
 //! after the last commit that went through are delivered again — those of the last commit
 //! interval (500 ms) before a kill, and, when a broker restart outlasts the session timeout,
-//! every record finished while the broker was down (no commit goes through then) — and so
-//! are the highest finished ranges when they do not fit in the metadata's 4,000 bytes.
+//! every record finished after the broker died until the consumer gave its partitions up (no
+//! commit goes through meanwhile) — and so are the highest finished ranges when they do not
+//! fit in the metadata's 4,000 bytes.
 //!
 //! `--commit-metadata none` runs the consumers with `CommitMetadata::None` (every record
 //! from the commit point on is delivered again); `both` runs the whole experiment twice with
@@ -151,9 +152,12 @@
 //! stdout (exit status 1 if either run failed):
 //!
 //! ```text
-//! replays before -> after (commit_metadata none -> finished-offsets): kill 1/2: 811 -> 97,
-//! broker-restart 1/1: 6659 -> 4012, ...; in all 7470 -> 4111 replayed, 0 -> 4239 skipped as finished
+//! replays before -> after (commit_metadata none -> finished-offsets): downstream-outage 1/1: 0 -> 0,
+//! kill 1/2: 2166 -> 67, redis-outage 1/1: 0 -> 0, broker-restart 1/1: 907 -> 264, kill 2/2: 0 -> 0;
+//! in all 3073 -> 331 replayed, 0 -> 3278 skipped as finished
 //! ```
+//!
+//! (one line; the reduced run above with `--commit-metadata both`, README "Fault injection").
 //!
 //! Each run also logs `replays (commit_metadata=M): <fault>: R replayed (F finished above the
 //! commits at the kill), S skipped as finished; ...`. Replays are never a failure, and the
