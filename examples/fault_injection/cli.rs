@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,6 +86,14 @@ pub(crate) struct RunArgs {
     /// idempotency store; expects 0 duplicates.
     #[arg(long)]
     pub(crate) clean_restarts: bool,
+    /// What the consumers' offset commits carry in their metadata (`CommitMetadata`):
+    /// `finished-offsets` (the default: a partition's next owner skips the records finished
+    /// above the commit point), `none` (it delivers them all again), or `both`: the whole run
+    /// twice with the same seed, first `none` (the "before" figure) then `finished-offsets`
+    /// (the "after" figure), ending with one line that compares their replays (see the module
+    /// docs, "Replays"). Replays are reported, never a failure.
+    #[arg(long, value_enum, default_value_t = MetadataMode::FinishedOffsets)]
+    pub(crate) commit_metadata: MetadataMode,
     /// Run the consumer without the idempotency store. With SIGKILLs the duplicate bound then
     /// does not hold (every uncommitted effect repeats): a check that the checker catches it.
     #[arg(long)]
@@ -140,6 +148,28 @@ pub(crate) struct RunArgs {
     pub(crate) keep: bool,
 }
 
+/// `--commit-metadata`: what the consumers' commits carry, or both one after the other.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MetadataMode {
+    /// `CommitMetadata::FinishedOffsets`, the consumer's default.
+    FinishedOffsets,
+    /// `CommitMetadata::None`.
+    None,
+    /// Two runs with the same seed: `none`, then `finished-offsets`.
+    Both,
+}
+
+impl MetadataMode {
+    /// The name in the output (`commit_metadata=...`).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            MetadataMode::FinishedOffsets => "finished-offsets",
+            MetadataMode::None => "none",
+            MetadataMode::Both => "both",
+        }
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ConsumeArgs {
     #[arg(long)]
@@ -176,4 +206,8 @@ pub(crate) struct ConsumeArgs {
     /// The key-order ledger's Redis (`--compose`).
     #[arg(long)]
     pub(crate) ledger_url: Option<String>,
+    /// Commit without metadata (`CommitMetadata::None`): a partition's next owner delivers
+    /// again every record from the commit point on.
+    #[arg(long)]
+    pub(crate) no_commit_metadata: bool,
 }

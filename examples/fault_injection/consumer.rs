@@ -9,8 +9,8 @@ use std::time::Duration;
 use kourier::dead_letter::Provenance;
 use kourier::tiers::{RedisKeyOrderLedger, RetryTiers};
 use kourier::{
-    BreakerPolicy, DedupKey, Handler, HandlerError, Idempotency, Message, ProcessingOrder,
-    RedisIdempotencyStore, RetryPolicy, RetryingConsumer, async_trait,
+    BreakerPolicy, CommitMetadata, DedupKey, Handler, HandlerError, Idempotency, Message,
+    ProcessingOrder, RedisIdempotencyStore, RetryPolicy, RetryingConsumer, async_trait,
 };
 
 use crate::cli::ConsumeArgs;
@@ -207,6 +207,9 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
     builder = builder.on_outcome(move |record, outcome| {
         outcomes.note(record, outcome, tier_of(&source, &record.topic));
     });
+    if args.no_commit_metadata {
+        builder = builder.commit_metadata(CommitMetadata::None);
+    }
     if args.breaker {
         builder = builder.breaker(
             BreakerPolicy::default()
@@ -274,6 +277,7 @@ fn snapshot_json(monitor: &kourier::ConsumerMonitor) -> serde_json::Value {
         "paused": s.paused,
         "caught_up": s.caught_up,
         "forwarded": s.forwarded,
+        "skipped_finished": s.skipped_finished,
         "breaker": breaker,
     })
 }

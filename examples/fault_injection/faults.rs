@@ -141,6 +141,9 @@ pub(crate) struct Injector<'a> {
     pub(crate) dlt_kill_notes: Vec<DltKillNote>,
     /// When the last kill's signal was sent (ms since the epoch).
     last_kill_ms: u64,
+    /// The last kill: records finished (an outcome noted) at offsets the group's commits did
+    /// not cover once the process was dead (see [`crate::replays`]).
+    pub(crate) finished_above: Option<u64>,
 }
 
 /// A kill right after a dead letter: which one it followed, and how soon.
@@ -176,6 +179,7 @@ impl<'a> Injector<'a> {
             redis_kills_ms: Vec::new(),
             dlt_kill_notes: Vec::new(),
             last_kill_ms: 0,
+            finished_above: None,
         }
     }
 
@@ -361,13 +365,18 @@ impl<'a> Injector<'a> {
             .map(|c| watch.uncommitted_effects_of(child_index, c));
         let letters = watch.uncommitted_dead_letters(commits.as_ref().map(|c| c[0].as_slice()));
         self.dlt_allowance += letters;
+        self.finished_above = commits
+            .as_ref()
+            .map(|c| crate::replays::finished_above(&watch.ledgers.outcomes.finals, c));
         log(format!(
             "kill {}/{}: {how} consumer #{child_index} {why}{}at {at}/{expected_effects} effects ({status}); \
-             not yet committed: {} of its effects, {letters} dead letters",
+             not yet committed: {} of its effects, {letters} dead letters; {} records finished above the commits",
             self.done.kills + 1,
             self.planned.kills,
             if why.is_empty() { "" } else { " " },
-            exposure.map_or("unknown (commits unreadable)".into(), |n| n.to_string())
+            exposure.map_or("unknown (commits unreadable)".into(), |n| n.to_string()),
+            self.finished_above
+                .map_or("unknown".into(), |n| n.to_string())
         ));
         if clean && !status.success() {
             watch.problems.push(format!(

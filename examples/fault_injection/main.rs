@@ -15,6 +15,9 @@
 //! # every feature at once (see "Compose mode"); scripts/test runs this one too:
 //! cargo run --example fault_injection -- --compose --events 3000 --kills 2 \
 //!     --broker-restarts 1 --redis-outages 1 --outages 1 --outage-secs 3
+//! # the reduced run twice, without and with commit metadata, comparing replays (see "Replays"):
+//! cargo run --example fault_injection -- --events 20000 --kills 2 --broker-restarts 1 \
+//!     --redis-outages 1 --dlt-partitions 2 --outages 1 --outage-secs 3 --commit-metadata both
 //! ```
 //!
 //! It needs the broker (`KAFKA_BOOTSTRAP_SERVERS`, default `127.0.0.1:9092`) and
@@ -62,7 +65,8 @@
 //! broker_restarts=R loaded_broker_restarts=RL redis_outages=S zombies=Z zombie_duplicates=ZD
 //! zombie_late_writes=ZL zombie_bound=ZB outages=O breaker=on|off breaker_opened=BO breaker_probes=BP
 //! breaker_held=BH outage_dead_lettered=OX dlt_partitions=P
-//! dlt_by_key=PK verdict=PASS|FAIL
+//! dlt_by_key=PK commit_metadata=finished-offsets|none replayed=RP skipped_finished=SF
+//! verdict=PASS|FAIL
 //! ```
 //!
 //! - **lost = 0**: every id is in the ledger or the dead-letter topic.
@@ -101,6 +105,65 @@
 //!   numbers of *first* effects strictly increase; committed offsets end at the log end; the
 //!   last consumer's monitor snapshot shows every partition assigned, none paused, nothing in
 //!   flight or buffered; no consumer process exited unless the runner stopped it.
+//!
+//! RP and SF are reported, never checked (see "Replays").
+//!
+//! # Replays (`--commit-metadata`)
+//!
+//! How many records each fault made the consumers deliver again although they had already
+//! finished them: what the crate's commit metadata (`CommitMetadata::FinishedOffsets`, the
+//! default) is there to spare. Counted from the outcome logs every consumer writes (its
+//! `on_outcome` observer, see "Compose mode"; every mode writes them):
+//!
+//! - A record (its topic — source or tier —, partition and offset) is **finished** once a
+//!   process noted a final outcome for it: `handled`, `duplicate`, `dead-lettered` or
+//!   `forwarded` (not `abandoned`: given up unsettled at a revoke or shutdown).
+//! - Every later final outcome of the same record is a **replay**: the record was delivered
+//!   again and reached a handler, or the idempotency check, which skipped it as a
+//!   duplicate — in another process (after a kill, a zombie's hand-over) or in the same one
+//!   after it lost its partitions and got them back (a broker restart that outlasts the
+//!   session timeout). Each replay counts for the fault in whose window it was noted: from
+//!   that fault's start to the next fault's (or the end). The runner settles each fault
+//!   before the next, so a fault's replays are over before the next begins.
+//! - **Skipped as finished**: records a new owner did not deliver because a commit's
+//!   metadata named them finished. They reach no handler and no observer; each consumer's
+//!   status lines carry its `ConsumerSnapshot::skipped_finished`, and the runner counts
+//!   per window what each process added (status lines come every 500 ms: a killed
+//!   process's last half second may be missing).
+//! - For a kill, also the records **finished above the commits** once the process was dead
+//!   (outcomes at offsets the group's commits do not cover): what a next owner without
+//!   metadata delivers again.
+//!
+//! Not counted as replays: records in flight but not finished at a SIGKILL (their repeated
+//! effects are the duplicates above), and a replay cut short by a later kill before its
+//! outcome. With metadata some replays stay: the observer runs just before a record is
+//! settled, and a commit names only what was settled when it was sent, so records finished
+//! after the last commit that went through are delivered again — those of the last commit
+//! interval (500 ms) before a kill, and, when a broker restart outlasts the session timeout,
+//! every record finished after the broker died until the consumer gave its partitions up (no
+//! commit goes through meanwhile) — and so are the highest finished ranges when they do not
+//! fit in the metadata's 4,000 bytes.
+//!
+//! `--commit-metadata none` runs the consumers with `CommitMetadata::None` (every record
+//! from the commit point on is delivered again); `both` runs the whole experiment twice with
+//! the same seed (the same events, injected failures and fault plan; the faults come at the
+//! same points of progress, but timings differ), first `none` (the "before" figure) then the
+//! default (the "after" figure), each with its own verdict line, and ends with one line on
+//! stdout (exit status 1 if either run failed):
+//!
+//! ```text
+//! replays before -> after (commit_metadata none -> finished-offsets): downstream-outage 1/1: 0 -> 0,
+//! kill 1/2: 2166 -> 67, redis-outage 1/1: 0 -> 0, broker-restart 1/1: 907 -> 264, kill 2/2: 0 -> 0;
+//! in all 3073 -> 331 replayed, 0 -> 3278 skipped as finished
+//! ```
+//!
+//! (one line; the reduced run above with `--commit-metadata both`, README "Fault injection").
+//!
+//! Each run also logs `replays (commit_metadata=M): <fault>: R replayed (F finished above the
+//! commits at the kill), S skipped as finished; ...`. Replays are never a failure, and the
+//! checks are the same with either metadata; but without an idempotency store
+//! (`--clean-restarts`, `--no-idempotency`) a replay is a repeated effect, and the duplicate
+//! checks count it as one.
 //!
 //! # Compose mode (`--compose`)
 //!
@@ -200,7 +263,7 @@
 //!
 //! The code, by concern: `cli` (flags), `event` (events and their injected fates), `consumer`
 //! (the child process and its handler), `ledger` (the side-effect files, written and read),
-//! `outcomes` (the outcome logs, written and read),
+//! `outcomes` (the outcome logs, written and read), `replays` (replays counted per fault),
 //! `procs` (starting and stopping consumer processes), `run` (the runner), `faults` (the plan
 //! and each fault), `watch` (waiting for progress and recovery), `kafka`, `redis` and `broker`
 //! (the services), `check` (the checks) and `report` (verdict and summary line).
@@ -216,6 +279,7 @@ mod ledger;
 mod outcomes;
 mod procs;
 mod redis;
+mod replays;
 mod report;
 mod run;
 mod watch;
@@ -224,7 +288,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Sub};
+use crate::cli::{Cli, MetadataMode, RunArgs, Sub};
 
 /// How many attempts the consumer makes (fixed 50 ms back-off, 3 retries).
 const MAX_ATTEMPTS: u32 = 4;
@@ -254,7 +318,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Some(Sub::Consume(args)) => consumer::consume(args),
-        None => match run::run(cli.run) {
+        None => match run_all(cli.run) {
             Ok(true) => 0,
             Ok(false) => 1,
             Err(e) => {
@@ -264,6 +328,31 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+/// One run, or with `--commit-metadata both` two with the same seed (`none`, then
+/// `finished-offsets`) and the line comparing their replays; true when every run passed.
+fn run_all(args: RunArgs) -> BoxResult<bool> {
+    if args.commit_metadata != MetadataMode::Both {
+        return Ok(run::run(args)?.pass);
+    }
+    let seed = args.seed.unwrap_or_else(run::seed_from_clock);
+    let with = |mode: MetadataMode| RunArgs {
+        seed: Some(seed),
+        commit_metadata: mode,
+        work_dir: args
+            .work_dir
+            .as_ref()
+            .map(|d| d.join(format!("commit-metadata-{}", mode.as_str()))),
+        ..args.clone()
+    };
+    log(format!(
+        "--commit-metadata both: two runs with seed {seed}, first without commit metadata, then with it"
+    ));
+    let before = run::run(with(MetadataMode::None))?;
+    let after = run::run(with(MetadataMode::FinishedOffsets))?;
+    println!("{}", replays::compare(&before.replays, &after.replays));
+    Ok(before.pass && after.pass)
 }
 
 type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;

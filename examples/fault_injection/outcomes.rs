@@ -154,9 +154,22 @@ impl Tail {
     }
 }
 
+/// A final outcome (handled, duplicate, dead-lettered or forwarded: not abandoned) of one
+/// record, by one process: what counts replays (see [`crate::replays`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Final {
+    pub(crate) time_ms: u64,
+    /// The record: its tier (0: the source topic), partition and offset.
+    pub(crate) tier: u32,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+}
+
 /// Every outcome line read so far, and per event what the checks need.
 pub(crate) struct Outcomes {
     files: Vec<Tail>,
+    /// Every final outcome, in the order read.
+    pub(crate) finals: Vec<Final>,
     /// Per id, when a process first reported it handled (its key marked done).
     pub(crate) handled_at: Vec<Option<u64>>,
     /// Per id, the dead-lettered outcomes reported (one per dead letter written).
@@ -174,6 +187,7 @@ impl Outcomes {
     pub(crate) fn new(events: usize) -> Outcomes {
         Outcomes {
             files: Vec::new(),
+            finals: Vec::new(),
             handled_at: vec![None; events],
             dead_lettered: vec![0; events],
             forwarded: Vec::new(),
@@ -198,6 +212,14 @@ impl Outcomes {
                 self.malformed.push(line);
                 continue;
             };
+            if o.kind != Kind::Abandoned {
+                self.finals.push(Final {
+                    time_ms: o.time_ms,
+                    tier: o.tier,
+                    partition: o.partition,
+                    offset: o.offset,
+                });
+            }
             let id = o.id.filter(|&id| (id as usize) < self.handled_at.len());
             let max = self.max_offset.entry((o.tier, o.partition)).or_insert(-1);
             *max = (*max).max(o.offset);

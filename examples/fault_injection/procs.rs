@@ -26,6 +26,8 @@ pub(crate) struct ConsumerSpawn {
     /// `--compose`: the consumers run with retry tiers keeping key order, the ledger in the
     /// Redis at this URL.
     pub(crate) compose_ledger: Option<String>,
+    /// The consumers commit without metadata (`CommitMetadata::None`).
+    pub(crate) no_commit_metadata: bool,
 }
 
 impl ConsumerSpawn {
@@ -72,6 +74,9 @@ impl ConsumerSpawn {
         }
         if let Some(url) = &self.compose_ledger {
             cmd.arg("--compose").args(["--ledger-url", url]);
+        }
+        if self.no_commit_metadata {
+            cmd.arg("--no-commit-metadata");
         }
         let child = cmd.spawn()?;
         log(format!("started consumer #{index} (pid {})", child.id()));
@@ -202,6 +207,26 @@ pub(crate) fn read_last(path: &Path, field: &str) -> Option<serde_json::Value> {
         .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find_map(|v| v.get(field).cloned())
+}
+
+/// The consumer's `skipped_finished` so far (`ConsumerSnapshot::skipped_finished`: records
+/// it did not deliver because a previous owner of their partition had finished them), as its
+/// latest status or snapshot line in `path` says (0 before its first line). Status lines come
+/// every 500 ms, so a killed consumer's figure may miss its last half second.
+pub(crate) fn skipped_finished(path: &Path) -> u64 {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    // The counter only grows: the highest figure is the latest.
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            ["status", "snapshot"]
+                .iter()
+                .find_map(|f| v.get(*f)?.get("skipped_finished")?.as_u64())
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Whether a consumer status shows it idle: every partition assigned (`partitions`: of the

@@ -11,6 +11,7 @@ use crate::kafka::Kafka;
 use crate::ledger::Ledgers;
 use crate::log;
 use crate::redis::RedisServer;
+use crate::replays::Replays;
 use crate::run::CaughtUp;
 
 /// What the run did and found.
@@ -39,6 +40,8 @@ pub(crate) struct Summary<'a> {
     pub(crate) monitor_caught_up: Option<bool>,
     /// The kills right after a dead letter.
     pub(crate) dlt_kill_notes: &'a [DltKillNote],
+    /// Records delivered again after they were finished, per fault (reported, not checked).
+    pub(crate) replays: &'a Replays,
 }
 
 /// What to remove after a passing run (and keep, naming it, after a failing one).
@@ -101,6 +104,7 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         report.per_kill, report.dlt_duplicates, s.dlt_allowance
     ));
     log(format!("per zombie: {}", report.per_zombie));
+    log(s.replays.describe());
     log(format!(
         "dead-letter topic: {} partitions for {} source partitions; {} letters from source partitions it lacks were placed by key",
         s.dlt_partitions, args.partitions, report.dlt_by_key
@@ -220,7 +224,8 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         "events={} lost={} duplicates={} bound={bound} dead_lettered={} kills={} kill_duplicates={} \
          broker_restarts={} loaded_broker_restarts={} redis_outages={} zombies={} zombie_duplicates={} \
          zombie_late_writes={} zombie_bound={zombie_bound} outages={} breaker={} breaker_opened={opened} \
-         breaker_probes={probes} breaker_held={held} outage_dead_lettered={} dlt_partitions={} dlt_by_key={} {compose}verdict={}",
+         breaker_probes={probes} breaker_held={held} outage_dead_lettered={} dlt_partitions={} dlt_by_key={} \
+         commit_metadata={} replayed={} skipped_finished={} {compose}verdict={}",
         args.events,
         report.lost,
         report.duplicates,
@@ -238,6 +243,9 @@ pub(crate) fn report(mut s: Summary<'_>, cleanup: Cleanup<'_>) -> bool {
         report.outage_dead_lettered,
         s.dlt_partitions,
         report.dlt_by_key,
+        s.replays.commit_metadata,
+        s.replays.replayed,
+        s.replays.skipped,
         if pass { "PASS" } else { "FAIL" }
     );
     pass

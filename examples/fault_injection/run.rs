@@ -6,27 +6,44 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::broker::BrokerControl;
 use crate::check::{ComposeInputs, Inputs, check};
-use crate::cli::RunArgs;
+use crate::cli::{MetadataMode, RunArgs};
 use crate::event::{Fate, make_events};
-use crate::faults::{Counts, Injector, Plan};
+use crate::faults::{Counts, FaultKind, Injector, Plan};
 use crate::kafka::Kafka;
 use crate::ledger::Ledgers;
 use crate::procs::{ChildRecord, ConsumerSpawn, Consumers, read_last};
 use crate::redis::RedisServer;
+use crate::replays::{Mark, Replays};
 use crate::report::{Cleanup, Summary, report};
 use crate::watch::Watch;
 use crate::{BoxResult, COMPOSE_ATTEMPTS_PER_STAGE, TIER_DELAYS, log, max_attempts};
 
-/// Runs the whole experiment; `Ok(true)` on PASS.
-pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
+/// What a run found: its verdict and its replays.
+pub(crate) struct RunOutcome {
+    pub(crate) pass: bool,
+    pub(crate) replays: Replays,
+}
+
+/// A seed from the clock, for runs not given `--seed`.
+pub(crate) fn seed_from_clock() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// Runs the whole experiment once, with the commit metadata `args.commit_metadata` names
+/// (`none`, else the default); `pass` on PASS.
+pub(crate) fn run(mut args: RunArgs) -> BoxResult<RunOutcome> {
     let started = Instant::now();
     let mut counts = fault_counts(&args)?;
-    let seed = args.seed.unwrap_or_else(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-    });
+    let seed = args.seed.unwrap_or_else(seed_from_clock);
     args.seed = Some(seed);
+    let no_commit_metadata = args.commit_metadata == MetadataMode::None;
+    let commit_metadata = if no_commit_metadata {
+        MetadataMode::None
+    } else {
+        MetadataMode::FinishedOffsets
+    };
     let use_store = !args.clean_restarts && !args.no_idempotency;
     if !use_store && (counts.redis_outages > 0 || counts.zombies > 0) {
         return Err("--redis-outages and --zombies need the idempotency store".into());
@@ -63,7 +80,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     let dlt = format!("{topic}.dlt");
     let group = format!("{topic}-group");
     log(format!(
-        "seed={seed} events={} partitions={} dlt_partitions={dlt_partitions} keys={} max_in_flight={} mode={} bootstrap={} work_dir={}",
+        "seed={seed} events={} partitions={} dlt_partitions={dlt_partitions} keys={} max_in_flight={} mode={} commit_metadata={} bootstrap={} work_dir={}",
         args.events,
         args.partitions,
         args.keys,
@@ -75,6 +92,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         } else {
             "sigkill"
         },
+        commit_metadata.as_str(),
         args.bootstrap,
         work_dir.display()
     ));
@@ -172,6 +190,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         outage_flag: work_dir.join("downstream-outage"),
         breaker: args.breaker,
         compose_ledger: ledger_redis.as_ref().map(RedisServer::url),
+        no_commit_metadata,
     };
     let mut ledgers = Ledgers::new(args.events as usize, max_attempts(compose));
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
@@ -204,7 +223,9 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
     // end of the last.
     let mut pace: Option<f64> = None;
     let mut last_fault_end: Option<(Instant, usize)> = None;
-    for (fault, trigger) in plan.kinds.iter().zip(&plan.triggers) {
+    // Where each fault's window of replays begins (see `replays`).
+    let mut marks: Vec<Mark> = Vec::new();
+    for (i, (fault, trigger)) in plan.kinds.iter().zip(&plan.triggers).enumerate() {
         let target = (trigger * expected_effects as f64) as usize;
         watch.wait_progress(target)?;
         std::thread::sleep(Duration::from_millis(rng.u64(0..400)));
@@ -212,7 +233,17 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         if pace.is_none() {
             pace = effects_per_second(watch.ledgers);
         }
+        let of_kind = |k: &[FaultKind]| k.iter().filter(|k| *k == fault).count();
+        let mut mark = Mark {
+            label: crate::replays::label(*fault, of_kind(&plan.kinds[..=i]), of_kind(&plan.kinds)),
+            at_ms: crate::ledger::now_ms(),
+            finished_above: None,
+            skipped: watch.skipped_by_process(),
+        };
+        injector.finished_above = None;
         injector.inject(*fault, at, expected_effects, &mut watch)?;
+        mark.finished_above = injector.finished_above.take();
+        marks.push(mark);
         last_fault_end = Some((Instant::now(), watch.ledgers.distinct));
         // Let the consumer recover before the next fault: it commits again and, after a Redis
         // restart, commits past every effect whose done mark was lost.
@@ -267,11 +298,18 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
         zombie: None,
     });
     watch.ledgers.poll();
+    let skipped_end = watch.skipped_by_process();
     let Watch {
         consumers,
         mut problems,
         ..
     } = watch;
+    let replays = crate::replays::count(
+        commit_metadata.as_str(),
+        &ledgers.outcomes.finals,
+        &marks,
+        &skipped_end,
+    );
     let snapshot = read_last(&consumers.spawn.out_path(last_index), "snapshot");
 
     // The checks.
@@ -349,6 +387,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
             caught_up: caught_up.as_ref(),
             monitor_caught_up,
             dlt_kill_notes: &dlt_kill_notes,
+            replays: &replays,
         },
         Cleanup {
             rt: &rt,
@@ -362,7 +401,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<bool> {
             work_dir: &work_dir,
         },
     );
-    Ok(pass)
+    Ok(RunOutcome { pass, replays })
 }
 
 /// Effects per second so far: the distinct effects over the time since the first one.

@@ -2,6 +2,7 @@
 //! after a fault, for the end; restarting a consumer that died on its own on the way, and
 //! noting the problems seen.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::faults::FaultKind;
@@ -320,6 +321,17 @@ impl Watch<'_> {
                         .is_some_and(|&c| e.offset >= c)
             })
             .count() as u64
+    }
+
+    /// Each consumer process's `skipped_finished` so far (its latest status line; see
+    /// [`crate::procs::skipped_finished`]), by index.
+    pub(crate) fn skipped_by_process(&self) -> BTreeMap<usize, u64> {
+        (0..=self.consumers.current.index)
+            .map(|i| {
+                let out = self.consumers.spawn.out_path(i);
+                (i, crate::procs::skipped_finished(&out))
+            })
+            .collect()
     }
 
     /// Events in the dead-letter topic now whose source offsets `commits` does not cover
