@@ -209,6 +209,85 @@ pub(crate) fn wait_for(
     Ok(())
 }
 
+/// Runs `consumer` (inside the runtime `rt` entered) and samples its snapshot every 100 ms
+/// into `sample` (the scenario's peaks).
+pub(crate) fn run_sampled(
+    rt: &tokio::runtime::Runtime,
+    consumer: kourier::RetryingConsumer<BenchHandler>,
+    sample: impl Fn(&ConsumerSnapshot) + Send + 'static,
+) -> Running {
+    let _guard = rt.enter();
+    let running = Running::spawn(consumer);
+    let monitor = running.monitor.clone();
+    rt.spawn(async move {
+        loop {
+            sample(&monitor.snapshot());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    running
+}
+
+/// Waits until every partition is assigned.
+pub(crate) fn wait_assigned(monitor: &ConsumerMonitor) -> BoxResult<()> {
+    wait_for(
+        monitor,
+        || "no partitions assigned".into(),
+        || monitor.snapshot().assigned.len() == PARTITIONS as usize,
+    )
+}
+
+/// Waits until `delivered()` reaches `total` (else records were lost).
+pub(crate) fn wait_delivered(
+    monitor: &ConsumerMonitor,
+    delivered: impl Fn() -> u64,
+    total: u64,
+) -> BoxResult<()> {
+    wait_for(
+        monitor,
+        || format!("{} of {total} records delivered: records lost", delivered()),
+        || delivered() >= total,
+    )
+}
+
+/// Waits until nothing is in flight or buffered.
+pub(crate) fn wait_idle(monitor: &ConsumerMonitor) -> BoxResult<()> {
+    wait_for(
+        monitor,
+        || "records still in flight or buffered".into(),
+        || {
+            let s = monitor.snapshot();
+            s.in_flight == 0 && s.buffered_records == 0
+        },
+    )
+}
+
+/// After a run: the consumer stopped (either way: a consumer dropped with its runtime
+/// reports its tasks as lost), its offsets committed to the end, and no dead letter in the
+/// topic nor acknowledged by the sink (`acknowledged`, read from the run's result).
+pub(crate) fn stop_and_check<M>(
+    rt: &tokio::runtime::Runtime,
+    running: Running,
+    measured: BoxResult<M>,
+    acknowledged: impl Fn(&M) -> u64,
+    (group, topic, total): (&str, &str, u64),
+) -> BoxResult<M> {
+    let stopped = rt.block_on(running.stop());
+    let m = measured?;
+    stopped?;
+    check_committed(group, topic, PARTITIONS, total)?;
+    let dlt = format!("{topic}.dlt");
+    let dead_letters = log_end(&dlt, PARTITIONS)?;
+    if dead_letters > 0 || acknowledged(&m) > 0 {
+        return Err(format!(
+            "{dead_letters} dead letters in {dlt} ({} acknowledged by the sink): none may be",
+            acknowledged(&m)
+        )
+        .into());
+    }
+    Ok(m)
+}
+
 /// µs since the epoch.
 fn micros(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -260,7 +339,6 @@ pub(crate) fn destinations(args: &Args, child: &ChildArgs, group: &str) -> BoxRe
 
     let rt = runtime()?;
     let running = {
-        let _guard = rt.enter();
         let handler = BenchHandler {
             progress: progress.clone(),
             behaviour: Behaviour::Deliver(endpoints.clone()),
@@ -274,24 +352,13 @@ pub(crate) fn destinations(args: &Args, child: &ChildArgs, group: &str) -> BoxRe
             .breaker(BreakerPolicy::default())
             .max_uncommitted_per_partition(uncommitted as usize)
             .build()?;
-        let running = Running::spawn(consumer);
-        let (monitor, peaks) = (running.monitor.clone(), peaks.clone());
-        rt.spawn(async move {
-            loop {
-                peaks.sample(&monitor.snapshot());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        running
+        let peaks = peaks.clone();
+        run_sampled(&rt, consumer, move |s| peaks.sample(s))
     };
 
     let run = || -> BoxResult<Measured> {
         let monitor = &running.monitor;
-        wait_for(
-            monitor,
-            || "no partitions assigned".into(),
-            || monitor.snapshot().assigned.len() == PARTITIONS as usize,
-        )?;
+        wait_assigned(monitor)?;
         let (sent, send_rate, max_lag_us) = paced_producer(
             &child.topic,
             rate,
@@ -335,20 +402,9 @@ pub(crate) fn destinations(args: &Args, child: &ChildArgs, group: &str) -> BoxRe
         };
         endpoints.back_at_us.store(back_us, AtomicOrdering::Relaxed);
         let delivered = || endpoints.delivered_records.load(AtomicOrdering::Relaxed);
-        wait_for(
-            monitor,
-            || format!("{} of {total} records delivered: records lost", delivered()),
-            || delivered() >= total,
-        )?;
+        wait_delivered(monitor, delivered, total)?;
         let recovered_secs = epoch_micros().saturating_sub(back_us) as f64 / 1e6;
-        wait_for(
-            monitor,
-            || "records still in flight or buffered".into(),
-            || {
-                let s = monitor.snapshot();
-                s.in_flight == 0 && s.buffered_records == 0
-            },
-        )?;
+        wait_idle(monitor)?;
         Ok(Measured {
             total,
             send_rate,
@@ -366,24 +422,16 @@ pub(crate) fn destinations(args: &Args, child: &ChildArgs, group: &str) -> BoxRe
         })
     };
     let measured = run();
-    // Stopped either way: a consumer dropped with its runtime reports its tasks as lost.
-    let stopped = rt.block_on(running.stop());
-    let m = measured?;
-    stopped?;
+    let acknowledged = |m: &Measured| m.end.dead_lettered.total();
+    let m = stop_and_check(
+        &rt,
+        running,
+        measured,
+        acknowledged,
+        (group, &child.topic, total),
+    )?;
     if args.timeline {
         recorder.print_timeline(scenario.name());
-    }
-
-    check_committed(group, &child.topic, PARTITIONS, total)?;
-    let dlt = format!("{}.dlt", child.topic);
-    let dead_letters = log_end(&dlt, PARTITIONS)?;
-    if dead_letters > 0 || m.end.dead_lettered.total() > 0 {
-        return Err(format!(
-            "{dead_letters} dead letters in {dlt} ({} acknowledged by the sink): a destination \
-             that is down may dead-letter nothing",
-            m.end.dead_lettered.total()
-        )
-        .into());
     }
     let breaker = m
         .at_up_done

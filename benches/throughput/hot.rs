@@ -14,20 +14,18 @@ use kourier::{
 };
 
 use crate::args::{Args, ChildArgs};
-use crate::consumers::{
-    Behaviour, BenchHandler, Deliver, Progress, Running, kourier_builder, runtime,
+use crate::consumers::{Behaviour, BenchHandler, Deliver, Progress, kourier_builder, runtime};
+use crate::destinations::{
+    run_sampled, stop_and_check, wait_assigned, wait_delivered, wait_for, wait_idle,
 };
-use crate::destinations::wait_for;
-use crate::drain::check_committed;
 use crate::latency::{Keys, paced_producer};
 use crate::measure::{
     HotOutcome, LatencyRecorder, Outcome, epoch_micros, peak_rss_kib, process_cpu_secs,
 };
 use crate::scenario::Scenario;
-use crate::services::log_end;
 use crate::{
     BoxResult, DEFAULT_MAX_IN_FLIGHT, DELIVERY, DEST_HEADER, HOT_CAP, HOT_DELIVERY, HOT_EVERY,
-    HOT_MAX_SECS, HOT_NAME, HOT_OTHERS, HOT_RETRY_BACKOFF, HOT_RETRY_EVERY, PARTITIONS,
+    HOT_MAX_SECS, HOT_NAME, HOT_OTHERS, HOT_RETRY_BACKOFF, HOT_RETRY_EVERY,
 };
 
 /// Whether record `id` goes to the hot destination (half of them).
@@ -223,7 +221,6 @@ pub(crate) fn hot(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<Outc
 
     let rt = runtime()?;
     let running = {
-        let _guard = rt.enter();
         let handler = BenchHandler {
             progress: progress.clone(),
             behaviour: Behaviour::Deliver(endpoints.clone()),
@@ -243,24 +240,13 @@ pub(crate) fn hot(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<Outc
         if scenario == Scenario::DestHotRetry {
             builder = builder.retry_policy(RetryPolicy::fixed(HOT_RETRY_BACKOFF, 3));
         }
-        let running = Running::spawn(builder.build()?);
-        let (monitor, peaks) = (running.monitor.clone(), peaks.clone());
-        rt.spawn(async move {
-            loop {
-                peaks.sample(&monitor.snapshot());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        running
+        let peaks = peaks.clone();
+        run_sampled(&rt, builder.build()?, move |s| peaks.sample(s))
     };
 
     let run = || -> BoxResult<Measured> {
         let monitor = &running.monitor;
-        wait_for(
-            monitor,
-            || "no partitions assigned".into(),
-            || monitor.snapshot().assigned.len() == PARTITIONS as usize,
-        )?;
+        wait_assigned(monitor)?;
         let (sent, send_rate, max_lag_us) = paced_producer(
             &child.topic,
             rate,
@@ -299,21 +285,10 @@ pub(crate) fn hot(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<Outc
             .fast_from_us
             .store(epoch_micros(), AtomicOrdering::Relaxed);
         let delivered = || endpoints.delivered_records.load(AtomicOrdering::Relaxed);
-        wait_for(
-            monitor,
-            || format!("{} of {total} records delivered: records lost", delivered()),
-            || delivered() >= total,
-        )?;
+        wait_delivered(monitor, delivered, total)?;
         let drain_secs = others_done.elapsed().as_secs_f64();
         let drain_cpu_secs = process_cpu_secs() - cpu0 - cpu_secs;
-        wait_for(
-            monitor,
-            || "records still in flight or buffered".into(),
-            || {
-                let s = monitor.snapshot();
-                s.in_flight == 0 && s.buffered_records == 0
-            },
-        )?;
+        wait_idle(monitor)?;
         Ok(Measured {
             send_rate,
             max_lag_us,
@@ -328,10 +303,14 @@ pub(crate) fn hot(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<Outc
         })
     };
     let measured = run();
-    // Stopped either way: a consumer dropped with its runtime reports its tasks as lost.
-    let stopped = rt.block_on(running.stop());
-    let m = measured?;
-    stopped?;
+    let acknowledged = |m: &Measured| m.dead_lettered;
+    let m = stop_and_check(
+        &rt,
+        running,
+        measured,
+        acknowledged,
+        (group, &child.topic, total),
+    )?;
     if args.timeline {
         endpoints
             .others
@@ -341,16 +320,6 @@ pub(crate) fn hot(args: &Args, child: &ChildArgs, group: &str) -> BoxResult<Outc
             .print_timeline(&format!("{}, hot destination", scenario.name()));
     }
 
-    check_committed(group, &child.topic, PARTITIONS, total)?;
-    let dlt = format!("{}.dlt", child.topic);
-    let dead_letters = log_end(&dlt, PARTITIONS)?;
-    if dead_letters > 0 || m.dead_lettered > 0 {
-        return Err(format!(
-            "{dead_letters} dead letters in {dlt} ({} acknowledged by the sink): none may be",
-            m.dead_lettered
-        )
-        .into());
-    }
     let hot_at_once = endpoints.hot_at_once.load(AtomicOrdering::Relaxed);
     if let Some(n) = cap
         && hot_at_once > u64::from(n)
