@@ -256,8 +256,7 @@ impl DestinationBreakers {
                 return Ok(self.pass(destination.id, 0, false, false));
             }
             if !self.make_room(&mut s, now) {
-                drop(s);
-                self.untracked();
+                self.untracked(&mut s);
                 return Ok(self.pass(destination.id, 0, false, false));
             }
             let tokens = self.full_bucket();
@@ -327,8 +326,10 @@ impl DestinationBreakers {
         }
     }
 
-    fn untracked(&self) {
-        self.lock().untracked += 1;
+    /// A destination could not be tracked (as many are as allowed): counted, logged
+    /// (throttled).
+    fn untracked(&self, s: &mut State) {
+        s.untracked += 1;
         self.metrics.destination_untracked();
         if let Some(suppressed) = self.throttle.admit("destinations full") {
             warn!(
@@ -445,15 +446,7 @@ impl DestinationBreakers {
         }
         if !s.entries.contains_key(&destination.id) {
             if !self.make_room(s, now) {
-                s.untracked += 1;
-                self.metrics.destination_untracked();
-                if let Some(suppressed) = self.throttle.admit("destinations full") {
-                    warn!(
-                        max_tracked = self.rules.max_tracked,
-                        suppressed,
-                        "as many destinations are tracked as allowed: a destination failing for the first time is not isolated (its failures take the retry policy)"
-                    );
-                }
+                self.untracked(s);
                 return Held::No;
             }
             let mut e = Entry::new(destination.display_name(), now, self.full_bucket());
