@@ -153,7 +153,9 @@
 //!     [`retry_after`](HandlerError::retry_after)); a cap and a rate limit per destination
 //!     keep a hot one to its share. Per-destination state is bounded
 //!     ([`with_max_tracked`](Destinations::with_max_tracked)). Freed slots go to retries and
-//!     first attempts in turns.
+//!     first attempts in turns. With retry tiers, a record that waited
+//!     [`park_after`](Destinations::with_park_after) for its open destination is parked in a
+//!     tier (a deferred forward: no attempt used), so its partition's commit point moves on.
 //!
 //! **Retry tiers** (opt-in, [`RetryingConsumerBuilder::retry_tiers`], see [`tiers`]): after
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of

@@ -113,6 +113,7 @@ struct State {
     /// Destinations open, half-open or gone now.
     open: usize,
     untracked: u64,
+    parked: u64,
     /// The last time expired entries were looked for.
     swept: Instant,
 }
@@ -152,9 +153,12 @@ pub(crate) struct DestinationPass<'a> {
 /// Why a record may not make its attempt now.
 pub(crate) enum Denied {
     /// Wait: until `until` (`None`: until woken), or until `changed` says something changed.
+    /// `down`: the destination is open (or its probe is out), not merely at its cap or out
+    /// of tokens.
     Wait {
         until: Option<Instant>,
         changed: Arc<Notify>,
+        down: bool,
     },
     /// The destination is gone (the handler said so, with this message): the record is
     /// given up.
@@ -222,6 +226,7 @@ impl DestinationBreakers {
                 entries: HashMap::default(),
                 open: 0,
                 untracked: 0,
+                parked: 0,
                 swept: Instant::now(),
             }),
             metrics,
@@ -270,23 +275,27 @@ impl DestinationBreakers {
             unreachable!("inserted above");
         };
         let changed = e.changed.clone();
-        let wait = move |until| Denied::Wait { until, changed };
+        let wait = move |until, down| Denied::Wait {
+            until,
+            changed,
+            down,
+        };
         let probe = match e.phase {
             Phase::Closed => false,
-            Phase::Open { until } if now < until => return Err(wait(Some(until))),
+            Phase::Open { until } if now < until => return Err(wait(Some(until), true)),
             Phase::Gone { until } if now < until => {
                 return Err(Denied::Gone(
                     e.gone.clone().unwrap_or_else(|| Arc::from("gone")),
                 ));
             }
             Phase::Open { .. } | Phase::Gone { .. } | Phase::HalfOpen { probe_out: false } => true,
-            Phase::HalfOpen { probe_out: true } => return Err(wait(None)),
+            Phase::HalfOpen { probe_out: true } => return Err(wait(None, true)),
         };
         if limited {
             if let Some(cap) = self.rules.max_in_flight
                 && e.running >= cap
             {
-                return Err(wait(None));
+                return Err(wait(None, false));
             }
             if let Some((calls, per)) = self.rules.rate {
                 let rate = f64::from(calls) / per.as_secs_f64();
@@ -295,7 +304,7 @@ impl DestinationBreakers {
                 e.refilled = now;
                 if e.tokens < 1.0 {
                     let due = Duration::from_secs_f64(((1.0 - e.tokens) / rate).min(86_400.0));
-                    return Err(wait(Some(clock::after(now, due))));
+                    return Err(wait(Some(clock::after(now, due)), false));
                 }
                 e.tokens -= 1.0;
             }
@@ -338,6 +347,11 @@ impl DestinationBreakers {
                 "as many destinations are tracked as allowed: a destination not tracked yet is not isolated (its failures take the retry policy; no cap or rate limit holds it)"
             );
         }
+    }
+
+    /// A record waiting for its destination was parked in a retry tier.
+    pub(crate) fn parked(&self) {
+        self.lock().parked += 1;
     }
 
     /// A record starts (`true`) or stops waiting for `id`.
@@ -663,6 +677,7 @@ impl DestinationBreakers {
             tracked: s.entries.len(),
             open: s.open,
             untracked: s.untracked,
+            parked: s.parked,
             top,
         }
     }
@@ -733,6 +748,10 @@ pub struct DestinationsStatus {
     /// Destinations that could not be tracked (the cap was reached), counted at each
     /// failure or admission that found no room, so far.
     pub untracked: u64,
+    /// Records parked in a retry tier after waiting
+    /// [`park_after`](crate::Destinations::with_park_after) for their open destination, so
+    /// far (each time: a record parked again from its tier counts again).
+    pub parked: u64,
     /// The destinations not closed for longest, oldest first (at most 10).
     pub top: Vec<DestinationStatus>,
 }

@@ -4,8 +4,10 @@
 //! partition overtakes it); a revoke or a shutdown gives it up at once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::waits::Slot;
+use crate::clock;
 use crate::consumer::breaker::{
     Denied, Destination, DestinationBreakers, DestinationPass, Destinations,
 };
@@ -20,12 +22,19 @@ pub(crate) enum Admitted<'a> {
     GaveUp,
     /// Its destination is gone (the handler's words): it is given up, holding its slot.
     Gone(Arc<str>),
+    /// It waited [`park_after`](DestinationGate::park_after) for its open destination: it
+    /// is to be parked in a retry tier, holding its slot.
+    Park,
 }
 
 /// A consumer's destinations: where a record's destination comes from, and their breakers.
 pub(crate) struct DestinationGate<T> {
     pub(crate) of: Destinations<T>,
     pub(crate) breakers: Arc<DestinationBreakers>,
+    /// How long a record waits for its open destination before it is parked in a retry
+    /// tier (`None`: it waits in place; the builder sets it only when the consumer has
+    /// retry tiers that can take the record without breaking its order).
+    pub(crate) park_after: Option<Duration>,
 }
 
 impl<T> DestinationGate<T> {
@@ -52,6 +61,9 @@ impl<T> DestinationGate<T> {
         }
         slot.park();
         breakers.waiting(destination.id, true);
+        // Parked once it has waited this long for its destination while it is down (not
+        // for a cap or a rate limit: those free up on their own).
+        let park_at = self.park_after.map(clock::deadline_in);
         let admitted = loop {
             let changed = match breakers.try_admit(destination) {
                 Ok(pass) => break Admitted::Pass(pass),
@@ -62,10 +74,16 @@ impl<T> DestinationGate<T> {
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Checked after registering, so a change in between wakes this waiter.
-            let until = match breakers.try_admit(destination) {
+            let (until, down) = match breakers.try_admit(destination) {
                 Ok(pass) => break Admitted::Pass(pass),
                 Err(Denied::Gone(gone)) => break Admitted::Gone(gone),
-                Err(Denied::Wait { until, .. }) => until,
+                Err(Denied::Wait { until, down, .. }) => (until, down),
+            };
+            let park = async {
+                match park_at {
+                    Some(t) if down => tokio::time::sleep_until(t).await,
+                    _ => std::future::pending().await,
+                }
             };
             let until_probe = async {
                 match until {
@@ -76,13 +94,15 @@ impl<T> DestinationGate<T> {
             tokio::select! {
                 () = &mut notified => {}
                 () = until_probe => {}
+                () = park => break Admitted::Park,
                 () = stop.drain.cancelled() => break Admitted::GaveUp,
                 () = stop.abandon.cancelled() => break Admitted::GaveUp,
             }
         };
         breakers.waiting(destination.id, false);
         let Admitted::Pass(pass) = admitted else {
-            // Given up, or gone (its dead letter is written holding the slot).
+            // Given up, gone (its dead letter is written holding the slot) or parked (its
+            // forward is written holding the slot).
             slot.resume_now();
             return admitted;
         };
@@ -102,5 +122,98 @@ impl<T> DestinationGate<T> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::consumer::breaker::DestinationMemo;
+    use crate::consumer::work::waits::KeepSlot;
+    use crate::handler::HandlerError;
+    use crate::metrics::ConsumerMetrics;
+    use crate::record::RecordBytes;
+
+    fn gate(of: Destinations<()>, park_after: Option<Duration>) -> DestinationGate<()> {
+        DestinationGate {
+            breakers: Arc::new(DestinationBreakers::new(
+                of.rules(),
+                Arc::new(ConsumerMetrics::new("g", &["t".to_owned()])),
+                Duration::from_secs(30),
+            )),
+            park_after,
+            of,
+        }
+    }
+
+    fn endpoint() -> Destination {
+        Destination {
+            id: 7,
+            name: RecordBytes::from("endpoint-7"),
+        }
+    }
+
+    /// Whether `admit` ended within `within` (and how).
+    async fn admitted_within(
+        g: &DestinationGate<()>,
+        d: &Destination,
+        within: Duration,
+    ) -> Option<&'static str> {
+        let stop = Stop::default();
+        let admitted = tokio::time::timeout(within, g.admit(d, &stop, &KeepSlot)).await;
+        admitted.ok().map(|a| match a {
+            Admitted::Pass(_) => "pass",
+            Admitted::GaveUp => "gave up",
+            Admitted::Gone(_) => "gone",
+            Admitted::Park => "park",
+        })
+    }
+
+    /// A record of an open destination is parked once it waited `park_after`; without
+    /// `park_after` it goes on waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_waiting_for_an_open_destination_is_parked_after_its_wait() {
+        let of = || {
+            Destinations::by_key()
+                .with_open_interval(Duration::from_secs(60), Duration::from_secs(60))
+        };
+        for (park_after, expected) in [(Some(Duration::from_secs(10)), Some("park")), (None, None)]
+        {
+            let g = gate(of(), park_after);
+            let d = endpoint();
+            let pass = g.breakers.try_admit(&d).ok().expect("closed");
+            let held = pass.failed(
+                &d,
+                1,
+                &HandlerError::unavailable("connection refused"),
+                &mut DestinationMemo::default(),
+            );
+            assert!(held.is_held());
+            assert_eq!(
+                admitted_within(&g, &d, Duration::from_secs(11)).await,
+                expected,
+                "park_after {park_after:?}"
+            );
+        }
+    }
+
+    /// A record waiting for a place under its destination's cap (the destination is not
+    /// down) is never parked: the place frees up on its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_waiting_at_a_cap_is_not_parked() {
+        let g = gate(
+            Destinations::by_key().with_max_in_flight(1),
+            Some(Duration::from_secs(1)),
+        );
+        let d = endpoint();
+        let running = g.breakers.try_admit(&d).ok().expect("first place");
+        assert_eq!(admitted_within(&g, &d, Duration::from_secs(5)).await, None);
+        running.succeeded();
+        assert_eq!(
+            admitted_within(&g, &d, Duration::from_secs(5)).await,
+            Some("pass")
+        );
     }
 }
