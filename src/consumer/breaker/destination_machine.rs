@@ -16,7 +16,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -75,6 +75,10 @@ struct Entry {
     waiting: usize,
     /// Attempts running now (counted with a concurrency cap or a rate limit only).
     running: u32,
+    /// With a concurrency cap: its places, handed to waiting records first come, first
+    /// served (a freed place goes to the record that has waited longest, which alone is
+    /// woken).
+    places: Option<Arc<Semaphore>>,
     /// The rate limit's bucket: tokens left, as of `refilled`.
     tokens: f64,
     refilled: Instant,
@@ -85,7 +89,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(name: Box<str>, now: Instant, tokens: f64) -> Self {
+    fn new(name: Box<str>, now: Instant, tokens: f64, cap: Option<u32>) -> Self {
         Entry {
             name,
             phase: Phase::Closed,
@@ -100,6 +104,7 @@ impl Entry {
             held_failures: 0,
             waiting: 0,
             running: 0,
+            places: cap.map(|n| Arc::new(Semaphore::new(n as usize))),
             tokens,
             refilled: now,
             changed: Arc::new(Notify::new()),
@@ -148,6 +153,9 @@ pub(crate) struct DestinationPass<'a> {
     /// The attempt counts toward the destination's running attempts (a cap or a rate
     /// limit is set and the destination is tracked).
     counted: bool,
+    /// Its place under the destination's cap: freed (handed to the next waiting record)
+    /// when the pass is dropped, after its result is counted.
+    _place: Option<OwnedSemaphorePermit>,
 }
 
 /// Why a record may not make its attempt now.
@@ -163,6 +171,9 @@ pub(crate) enum Denied {
     /// The destination is gone (the handler said so, with this message): the record is
     /// given up.
     Gone(Arc<str>),
+    /// Every place under the destination's cap is taken: wait for one from these (in
+    /// turn), then ask again with it.
+    Place(Arc<Semaphore>),
 }
 
 /// What a record remembers of its destination between attempts.
@@ -249,9 +260,22 @@ impl DestinationBreakers {
     }
 
     /// A pass for the next attempt of a record of `destination`, or why not now.
+    #[cfg(test)]
     pub(crate) fn try_admit(
         &self,
         destination: &Destination,
+    ) -> Result<DestinationPass<'_>, Denied> {
+        self.try_admit_with(destination, &mut None)
+    }
+
+    /// A pass for the next attempt of a record of `destination`, or why not now. `place`:
+    /// a place under the destination's cap the record waited for ([`Denied::Place`]); the
+    /// pass takes it, a destination that went down meanwhile frees it, and a wait for a
+    /// token keeps it.
+    pub(crate) fn try_admit_with(
+        &self,
+        destination: &Destination,
+        place: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<DestinationPass<'_>, Denied> {
         let mut s = self.lock();
         let now = Instant::now();
@@ -267,7 +291,12 @@ impl DestinationBreakers {
             let tokens = self.full_bucket();
             s.entries.insert(
                 destination.id,
-                Entry::new(destination.display_name(), now, tokens),
+                Entry::new(
+                    destination.display_name(),
+                    now,
+                    tokens,
+                    self.rules.max_in_flight,
+                ),
             );
         }
         let limited = self.limited();
@@ -275,37 +304,53 @@ impl DestinationBreakers {
             unreachable!("inserted above");
         };
         let changed = e.changed.clone();
-        let wait = move |until, down| Denied::Wait {
+        let wait = |until, down| Denied::Wait {
             until,
-            changed,
+            changed: changed.clone(),
             down,
         };
-        let probe = match e.phase {
-            Phase::Closed => false,
-            Phase::Open { until } if now < until => return Err(wait(Some(until), true)),
-            Phase::Gone { until } if now < until => {
-                return Err(Denied::Gone(
-                    e.gone.clone().unwrap_or_else(|| Arc::from("gone")),
-                ));
+        let down = match e.phase {
+            Phase::Closed => Ok(false),
+            Phase::Open { until } if now < until => Err(wait(Some(until), true)),
+            Phase::Gone { until } if now < until => Err(Denied::Gone(
+                e.gone.clone().unwrap_or_else(|| Arc::from("gone")),
+            )),
+            Phase::Open { .. } | Phase::Gone { .. } | Phase::HalfOpen { probe_out: false } => {
+                Ok(true)
             }
-            Phase::Open { .. } | Phase::Gone { .. } | Phase::HalfOpen { probe_out: false } => true,
-            Phase::HalfOpen { probe_out: true } => return Err(wait(None, true)),
+            Phase::HalfOpen { probe_out: true } => Err(wait(None, true)),
         };
-        if limited {
-            if let Some(cap) = self.rules.max_in_flight
-                && e.running >= cap
-            {
-                return Err(wait(None, false));
+        let probe = match down {
+            Ok(probe) => probe,
+            Err(denied) => {
+                // Down: a place it waited for goes to the next waiting record.
+                drop(place.take());
+                return Err(denied);
             }
+        };
+        let mut taken = None;
+        if limited {
             if let Some((calls, per)) = self.rules.rate {
                 let rate = f64::from(calls) / per.as_secs_f64();
                 let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
                 e.tokens = (e.tokens + elapsed * rate).min(f64::from(calls));
                 e.refilled = now;
                 if e.tokens < 1.0 {
+                    // A place it holds is kept: the records behind it need a token too.
                     let due = Duration::from_secs_f64(((1.0 - e.tokens) / rate).min(86_400.0));
                     return Err(wait(Some(clock::after(now, due)), false));
                 }
+            }
+            if let Some(places) = &e.places {
+                taken = match place.take() {
+                    Some(held) => Some(held),
+                    None => match Arc::clone(places).try_acquire_owned() {
+                        Ok(free) => Some(free),
+                        Err(_) => return Err(Denied::Place(Arc::clone(places))),
+                    },
+                };
+            }
+            if self.rules.rate.is_some() {
                 e.tokens -= 1.0;
             }
             e.running += 1;
@@ -322,7 +367,9 @@ impl DestinationBreakers {
             e.phase = Phase::HalfOpen { probe_out: true };
             e.touched = now;
         }
-        Ok(self.pass(destination.id, e.epoch, probe, limited))
+        let mut pass = self.pass(destination.id, e.epoch, probe, limited);
+        pass._place = taken;
+        Ok(pass)
     }
 
     fn pass(&self, id: u64, epoch: u64, probe: bool, counted: bool) -> DestinationPass<'_> {
@@ -332,6 +379,7 @@ impl DestinationBreakers {
             epoch,
             probe,
             counted,
+            _place: None,
         }
     }
 
@@ -374,16 +422,9 @@ impl DestinationBreakers {
         if pass.counted
             && let Some(e) = s.entries.get_mut(&pass.id)
         {
-            let was_full = self.rules.max_in_flight.is_some_and(|cap| e.running >= cap);
+            // Its place (if any) is handed to the longest waiting record when the pass is
+            // dropped, right after this.
             e.running = e.running.saturating_sub(1);
-            if was_full {
-                // Every waiter looks again (a `notify_one` would keep one permit for two
-                // places freed while nobody was registered, and a waiter would sleep on a
-                // free place). With a long backlog this costs a wake-up per waiter per place
-                // freed: measured, draining 6,908 waiting records at a cap of 8 took about
-                // twice the ideal time (the benchmark's `dest-hot-capped`).
-                e.changed.notify_waiters();
-            }
         }
         let held = match ended {
             Ended::Succeeded => {
@@ -463,7 +504,12 @@ impl DestinationBreakers {
                 self.untracked(s);
                 return Held::No;
             }
-            let mut e = Entry::new(destination.display_name(), now, self.full_bucket());
+            let mut e = Entry::new(
+                destination.display_name(),
+                now,
+                self.full_bucket(),
+                self.rules.max_in_flight,
+            );
             e.epoch = pass.epoch;
             s.entries.insert(destination.id, e);
         }
@@ -820,10 +866,11 @@ mod tests {
             .is_held()
     }
 
-    /// `d`'s records must wait: until when (`None`: until woken).
+    /// `d`'s records must wait: until when (`None`: until woken, or for a place).
     fn wait_until(b: &DestinationBreakers, d: &Destination) -> Option<Instant> {
         match b.try_admit(d) {
             Err(Denied::Wait { until, .. }) => until,
+            Err(Denied::Place(_)) => None,
             Err(Denied::Gone(said)) => panic!("gone: {said}"),
             Ok(_) => panic!("admitted"),
         }

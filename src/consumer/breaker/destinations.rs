@@ -84,11 +84,13 @@ impl<T> Clone for Source<T> {
 /// it opened are its own, so a destination that stays down never re-opens the consumer's
 /// breaker (nor holds its probe).
 ///
-/// Set `min_destinations` above the number of destinations you expect to be down at once:
-/// at a start, destinations that fail at once (a refused connection) can answer before the
-/// first successful calls of the others, and the breaker's window is nearly empty then
-/// (measured with the throughput benchmark's `dest-down` scenario started with 20 of 1,000
-/// destinations down: with the default 3, the consumer-wide breaker opened 99 ms in).
+/// Its failure rate then counts only once its window is full (20 calls by default), not from
+/// the policy's `min_calls`: at a start, destinations that are down fail at once (a refused
+/// connection) while the others' first calls are still running, and three such failures in
+/// a nearly empty window must not read as an outage (with `min_calls` of 3, the throughput
+/// benchmark's `dest-down` scenario started with 20 of 1,000 destinations down opened the
+/// consumer-wide breaker 99 ms in). Set `min_destinations` above the number of destinations
+/// you expect to be down at once.
 ///
 /// # The commit point: records are parked in a retry tier
 ///
@@ -320,7 +322,9 @@ impl<T> Destinations<T> {
     }
 
     /// At most `n` attempts (at least 1) to one destination run at once: a destination's
-    /// further records wait (without an in-flight slot) until one ends. So no destination
+    /// further records wait (without an in-flight slot) until one ends, first come, first
+    /// served (a freed place goes to the record that has waited longest, and wakes it
+    /// alone). So no destination
     /// takes more than `n` of the consumer's
     /// [`max_in_flight`](crate::RetryingConsumerBuilder::max_in_flight) slots, however hot it
     /// is. Default: no cap. (In key order with the destination as the key, a destination

@@ -53,11 +53,13 @@ impl<T> DestinationGate<T> {
         slot: &dyn Slot,
     ) -> Admitted<'a> {
         let breakers = &*self.breakers;
-        match breakers.try_admit(destination) {
+        // A place under the destination's cap, once its turn came.
+        let mut place = None;
+        match breakers.try_admit_with(destination, &mut place) {
             // The fast path: a destination without failures is not even tracked.
             Ok(pass) => return Admitted::Pass(pass),
             Err(Denied::Gone(gone)) => return Admitted::Gone(gone),
-            Err(Denied::Wait { .. }) => {}
+            Err(Denied::Wait { .. } | Denied::Place(_)) => {}
         }
         slot.park();
         breakers.waiting(destination.id, true);
@@ -65,19 +67,30 @@ impl<T> DestinationGate<T> {
         // for a cap or a rate limit: those free up on their own).
         let park_at = self.park_after.map(clock::deadline_in);
         let admitted = loop {
-            let changed = match breakers.try_admit(destination) {
+            let changed = match breakers.try_admit_with(destination, &mut place) {
                 Ok(pass) => break Admitted::Pass(pass),
                 Err(Denied::Gone(gone)) => break Admitted::Gone(gone),
                 Err(Denied::Wait { changed, .. }) => changed,
+                Err(Denied::Place(places)) => {
+                    // Its turn for a place: the semaphore hands a freed place to the record
+                    // that has waited longest, waking it alone.
+                    tokio::select! {
+                        taken = places.acquire_owned() => place = taken.ok(),
+                        () = stop.drain.cancelled() => break Admitted::GaveUp,
+                        () = stop.abandon.cancelled() => break Admitted::GaveUp,
+                    }
+                    continue;
+                }
             };
             let notified = changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Checked after registering, so a change in between wakes this waiter.
-            let (until, down) = match breakers.try_admit(destination) {
+            let (until, down) = match breakers.try_admit_with(destination, &mut place) {
                 Ok(pass) => break Admitted::Pass(pass),
                 Err(Denied::Gone(gone)) => break Admitted::Gone(gone),
                 Err(Denied::Wait { until, down, .. }) => (until, down),
+                Err(Denied::Place(_)) => continue,
             };
             let park = async {
                 match park_at {
@@ -99,6 +112,8 @@ impl<T> DestinationGate<T> {
                 () = stop.abandon.cancelled() => break Admitted::GaveUp,
             }
         };
+        // A place it took and did not use goes to the next waiting record.
+        drop(place);
         breakers.waiting(destination.id, false);
         let Admitted::Pass(pass) = admitted else {
             // Given up, gone (its dead letter is written holding the slot) or parked (its
@@ -197,6 +212,41 @@ mod tests {
                 "park_after {park_after:?}"
             );
         }
+    }
+
+    /// Places under a cap go to waiting records first come, first served: with a cap of 1
+    /// and three records waiting in turn, each freed place goes to the longest waiting one
+    /// (and a waiter given up passes its turn on).
+    #[tokio::test(start_paused = true)]
+    async fn places_under_a_cap_go_to_the_longest_waiting_record() {
+        let g = Arc::new(gate(Destinations::by_key().with_max_in_flight(1), None));
+        let d = endpoint();
+        let running = g.breakers.try_admit(&d).ok().expect("the one place");
+        let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut stops = Vec::new();
+        for waiter in 0..4 {
+            let (g, d, order_tx) = (g.clone(), d.clone(), order_tx.clone());
+            let stop = Stop::default();
+            stops.push(stop.clone());
+            tokio::spawn(async move {
+                if let Admitted::Pass(pass) = g.admit(&d, &stop, &KeepSlot).await {
+                    order_tx.send(waiter).unwrap();
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    pass.succeeded();
+                }
+            });
+            // Each waiter queues before the next starts.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stops[1].drain.cancel();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        running.succeeded();
+        let mut order = Vec::new();
+        while order.len() < 3 {
+            let next = tokio::time::timeout(Duration::from_secs(60), order_rx.recv()).await;
+            order.push(next.expect("a place was handed on").expect("a waiter went"));
+        }
+        assert_eq!(order, [0, 2, 3]);
     }
 
     /// A record waiting for a place under its destination's cap (the destination is not
