@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::waits::Slot;
 use crate::clock;
 use crate::consumer::breaker::{
@@ -46,11 +48,16 @@ impl<T> DestinationGate<T> {
 
     /// Waits until `destination` lets an attempt go (see [`Admitted`]). The record waits
     /// without its slot; given up, it holds it again (over the limit if need be).
+    ///
+    /// `waiting_since`: when the record first waited for its destination (kept across its
+    /// attempts: a probe that fails does not restart its wait toward
+    /// [`park_after`](Self::park_after)).
     pub(crate) async fn admit<'a>(
         &'a self,
         destination: &Destination,
         stop: &Stop,
         slot: &dyn Slot,
+        waiting_since: &mut Option<Instant>,
     ) -> Admitted<'a> {
         let breakers = &*self.breakers;
         // A place under the destination's cap, once its turn came.
@@ -65,7 +72,8 @@ impl<T> DestinationGate<T> {
         breakers.waiting(destination.id, true);
         // Parked once it has waited this long for its destination while it is down (not
         // for a cap or a rate limit: those free up on their own).
-        let park_at = self.park_after.map(clock::deadline_in);
+        let since = *waiting_since.get_or_insert_with(Instant::now);
+        let park_at = self.park_after.map(|after| clock::after(since, after));
         let admitted = loop {
             let changed = match breakers.try_admit_with(destination, &mut place) {
                 Ok(pass) => break Admitted::Pass(pass),
@@ -177,7 +185,7 @@ mod tests {
         within: Duration,
     ) -> Option<&'static str> {
         let stop = Stop::default();
-        let admitted = tokio::time::timeout(within, g.admit(d, &stop, &KeepSlot)).await;
+        let admitted = tokio::time::timeout(within, g.admit(d, &stop, &KeepSlot, &mut None)).await;
         admitted.ok().map(|a| match a {
             Admitted::Pass(_) => "pass",
             Admitted::GaveUp => "gave up",
@@ -214,6 +222,44 @@ mod tests {
         }
     }
 
+    /// The wait toward `park_after` is the record's whole wait for its destination: a
+    /// probe it makes and fails in between (every open interval, here 1 s) does not
+    /// restart it, so it is parked 2.5 s after it first waited (after probes at 1 s and 2 s).
+    #[tokio::test(start_paused = true)]
+    async fn probes_in_between_do_not_restart_the_wait_toward_parking() {
+        let second = Duration::from_secs(1);
+        let g = gate(
+            Destinations::by_key().with_open_interval(second, second),
+            Some(Duration::from_millis(2_500)),
+        );
+        let d = endpoint();
+        let down = || HandlerError::unavailable("connection refused");
+        let pass = g.breakers.try_admit(&d).ok().expect("closed");
+        pass.failed(&d, 1, &down(), &mut DestinationMemo::default());
+        let (started, stop) = (Instant::now(), Stop::default());
+        let mut since = None;
+        let mut probes = 0;
+        loop {
+            let admitted = tokio::time::timeout(
+                Duration::from_secs(10),
+                g.admit(&d, &stop, &KeepSlot, &mut since),
+            )
+            .await
+            .expect("admitted or parked within 10 s");
+            match admitted {
+                Admitted::Park => break,
+                Admitted::Pass(probe) => {
+                    probes += 1;
+                    probe.failed(&d, 1, &down(), &mut DestinationMemo::default());
+                }
+                Admitted::GaveUp | Admitted::Gone(_) => panic!("neither given up nor gone"),
+            }
+            assert!(probes < 5, "not parked after {probes} probes");
+        }
+        assert_eq!(started.elapsed(), Duration::from_millis(2_500));
+        assert_eq!(probes, 2);
+    }
+
     /// Places under a cap go to waiting records first come, first served: with a cap of 1
     /// and three records waiting in turn, each freed place goes to the longest waiting one
     /// (and a waiter given up passes its turn on).
@@ -229,7 +275,7 @@ mod tests {
             let stop = Stop::default();
             stops.push(stop.clone());
             tokio::spawn(async move {
-                if let Admitted::Pass(pass) = g.admit(&d, &stop, &KeepSlot).await {
+                if let Admitted::Pass(pass) = g.admit(&d, &stop, &KeepSlot, &mut None).await {
                     order_tx.send(waiter).unwrap();
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     pass.succeeded();

@@ -147,6 +147,8 @@ struct Tries {
     probed: ProbeMemo,
     /// How often it failed a probe of its destination.
     destination_probes: DestinationMemo,
+    /// When it first waited for its destination (toward `park_after`).
+    destination_wait: Option<Instant>,
 }
 
 impl Tries {
@@ -168,6 +170,7 @@ impl Tries {
             held_since: None,
             probed: ProbeMemo::default(),
             destination_probes: DestinationMemo::default(),
+            destination_wait: None,
         }
     }
 }
@@ -456,7 +459,10 @@ impl<H: Handler> WorkerContext<H> {
         // down; then the breaker: waits (cancellable, holding no claim) while the
         // downstream is down.
         let destination_pass = match (&self.destinations, &holding.destination) {
-            (Some(gate), Some(destination)) => match gate.admit(destination, stop, r.slot).await {
+            (Some(gate), Some(destination)) => match gate
+                .admit(destination, stop, r.slot, &mut tries.destination_wait)
+                .await
+            {
                 Admitted::Pass(pass) => Some(pass),
                 Admitted::GaveUp => {
                     debug!(coordinates = %record.coordinates(), "abandoned while waiting for its destination: the partition is draining");
