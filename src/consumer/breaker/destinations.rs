@@ -102,7 +102,7 @@ impl<T> Clone for Source<T> {
 /// of 1,000 destinations down, paused all six partitions: about 830 records/s each reach
 /// 10,000 in 12 s).
 ///
-/// So a record that has waited [`park_after`](Self::with_park_after) (default 10 s) for its
+/// So a record that has waited [`park_after`](Self::with_park_after) (default 5 s) for its
 /// open destination is **parked**: forwarded to a [retry tier](crate::tiers) as a *deferred*
 /// record (no attempt used, no stage counted, never dead-lettered for it), and its source
 /// offset settles once the broker acknowledged the forward. When it comes up in the tier
@@ -112,7 +112,10 @@ impl<T> Clone for Source<T> {
 /// records are deferred into the tier behind it, so order within the key holds (in
 /// [`Unordered`](crate::ProcessingOrder::Unordered) mode tiers without key order park too).
 /// Each park costs one forward per tier delay per waiting record. Parked records count in
-/// [`DestinationsStatus::parked`](crate::DestinationsStatus::parked) and as forwarded.
+/// [`DestinationsStatus::parked`](crate::DestinationsStatus::parked) and as forwarded. A
+/// partition then holds about its records per second × `park_after` past a waiting record:
+/// keep that under `max_uncommitted_per_partition` (the default 5 s and 10,000 allow up to
+/// 2,000 records/s per partition).
 ///
 /// Without retry tiers (or in an ordered mode with tiers that do not keep key order) records
 /// wait in place: size `max_uncommitted_per_partition` for the longest outage of one
@@ -240,7 +243,7 @@ impl Destination {
 impl<T> Destinations<T> {
     /// How long a record waits for its open destination before it is parked in a retry
     /// tier, by default (see [`with_park_after`](Self::with_park_after)).
-    pub const DEFAULT_PARK_AFTER: Duration = Duration::from_secs(10);
+    pub const DEFAULT_PARK_AFTER: Duration = Duration::from_secs(5);
 
     fn with_source(source: Source<T>) -> Self {
         Destinations {
@@ -364,7 +367,7 @@ impl<T> Destinations<T> {
     /// a retry tier (its first, or the tier it came from) as a deferred record — no attempt
     /// used, no stage counted — so that its partition's commit point moves on (see *The
     /// commit point* above). Default [`DEFAULT_PARK_AFTER`](Self::DEFAULT_PARK_AFTER)
-    /// (10 s); at most a day, longer is taken as a day; `build()` refuses zero. It needs
+    /// (5 s); at most a day, longer is taken as a day; `build()` refuses zero. It needs
     /// [retry tiers](crate::RetryingConsumerBuilder::retry_tiers), and in
     /// [`Key`](crate::ProcessingOrder::Key) or [`Partition`](crate::ProcessingOrder::Partition)
     /// order tiers that keep key order ([`RetryTiers::with_key_order`](crate::tiers::RetryTiers::with_key_order)),
