@@ -416,7 +416,7 @@ async fn a_crashed_redrive_resumes_without_redriving_twice() {
         .await
         .expect_err("the simulated crash");
     assert!(
-        matches!(crashed.error, DeadLetterTopicError::SimulatedCrash),
+        matches!(*crashed.error, DeadLetterTopicError::SimulatedCrash),
         "{crashed:?}"
     );
     assert_eq!(places(&crashed.report), ["0@0", "0@1", "0@2"]);
@@ -937,7 +937,7 @@ async fn a_resumable_redrive_never_passes_over_letters_another_selection_selects
     .await
     .expect_err("another selection on the same group");
     assert!(
-        matches!(&other.error, DeadLetterTopicError::ResumeMismatch { wanted, .. } if wanted == "key=k4"),
+        matches!(&*other.error, DeadLetterTopicError::ResumeMismatch { wanted, .. } if wanted == "key=k4"),
         "{other:?}"
     );
     assert!(other.report.redriven.is_empty());

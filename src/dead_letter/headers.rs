@@ -281,7 +281,7 @@ pub(crate) fn redrive_count(h: &Headers) -> u32 {
 
 /// The value of the last header named `name`: `None` when there is none, `Some(None)` when
 /// its value is null.
-pub(crate) fn last<'h>(h: &'h Headers, name: impl AsRef<[u8]>) -> Option<Option<&'h [u8]>> {
+pub(crate) fn last(h: &Headers, name: impl AsRef<[u8]>) -> Option<Option<&[u8]>> {
     let name = name.as_ref();
     h.iter().rev().find(|x| x.is_named(name)).map(|x| x.value())
 }

@@ -157,7 +157,7 @@ pub struct RedriveStopped {
     pub report: Box<RedriveReport>,
     /// Why it stopped.
     #[source]
-    pub error: DeadLetterTopicError,
+    pub error: Box<DeadLetterTopicError>,
 }
 
 /// What a [`DeadLetterTopic::redrive`] does.
@@ -434,7 +434,7 @@ impl DeadLetterTopic {
             Ok(()) => Ok(report),
             Err(error) => Err(RedriveStopped {
                 report: Box::new(report),
-                error,
+                error: Box::new(error),
             }),
         }
     }

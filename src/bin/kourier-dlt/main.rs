@@ -314,7 +314,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Err(stopped) => {
                     print_redrive(&mut stdout, &redrive, &stopped.report)?;
                     stdout.flush()?;
-                    Err(anyhow::Error::new(stopped.error).context(format!(
+                    Err(anyhow::Error::new(*stopped.error).context(format!(
                         "redrive of {dlt_topic} stopped after redriving {} letter(s)",
                         stopped.report.redriven.len()
                     )))
