@@ -1213,4 +1213,19 @@ async fn binary_redrives_one_letter_by_offset_and_by_event_id() {
     let source = support::read_all(&topic).await;
     let events: Vec<&str> = source.iter().map(|r| r.header_str("event-id")).collect();
     assert_eq!(events, ["e-3", "e-5"]);
+
+    // The removed `--group` is refused with its migration, before anything is read.
+    let out = run_tool(vec![
+        "redrive".into(),
+        dlt_topic.clone(),
+        "--group".into(),
+        "g".into(),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("use --resume-group with a new group name"),
+        "{stderr}"
+    );
 }

@@ -150,6 +150,12 @@ enum Command {
         /// before its progress is committed.
         #[arg(long, hide = true)]
         crash_after: Option<u64>,
+        /// Removed (stateless by default now): refused with the migration.
+        #[arg(long, hide = true)]
+        group: Option<String>,
+        /// Removed (every run reads from the beginning now): refused with the migration.
+        #[arg(long, hide = true)]
+        from_beginning: bool,
         #[command(flatten)]
         filter: FilterArgs,
     },
@@ -293,8 +299,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_redrives,
             force,
             crash_after,
+            group,
+            from_beginning,
             filter,
         } => {
+            if group.is_some() || from_beginning {
+                anyhow::bail!(
+                    "--group and --from-beginning were removed: redrive is stateless by default (every run reads from the beginning, nothing is committed); for a resumable run use --resume-group with a new group name"
+                );
+            }
             let mut redrive = Redrive::new(filter.into())
                 .dry_run(dry_run)
                 .max_redrives(max_redrives)
