@@ -1214,6 +1214,31 @@ async fn binary_redrives_one_letter_by_offset_and_by_event_id() {
     let events: Vec<&str> = source.iter().map(|r| r.header_str("event-id")).collect();
     assert_eq!(events, ["e-3", "e-5"]);
 
+    // `--json`: one object per letter, with its place and where it landed.
+    let out = run_tool(vec![
+        "redrive".into(),
+        dlt_topic.clone(),
+        "--at".into(),
+        "0:1".into(),
+        "--json".into(),
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(
+        line,
+        serde_json::json!({
+            "status": "redriven",
+            "letter": {"topic": dlt_topic, "partition": 0, "offset": 1},
+            "original": format!("{topic}/0@1"),
+            "key": "k1",
+            "key_hex": null,
+            "destination": {"topic": topic, "partition": 0, "offset": 2},
+            "redrive_count": 1,
+        })
+    );
+
     // The removed `--group` is refused with its migration, before anything is read.
     let out = run_tool(vec![
         "redrive".into(),

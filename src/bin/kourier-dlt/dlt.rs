@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use kourier::dead_letter::{
-    DeadLetterTopic, LetterSelector, Provenance, Redrive, RedriveReport, RedriveStopped, headers,
+    DeadLetterTopic, LetterPlace, LetterSelector, Provenance, Redrive, RedriveReport,
+    RedriveStopped, Redriven, Refused, headers,
 };
 use kourier::tiers::headers as tiers;
 use kourier::{DeadLetterReason, Header, RawRecord};
@@ -319,6 +320,39 @@ pub(crate) fn redrive(
             )
         });
     })
+}
+
+/// A letter republished as one JSON object (a line of `redrive --json`).
+pub(crate) fn redriven_json(r: &Redriven, dry_run: bool) -> serde_json::Value {
+    let key = r.key.as_deref();
+    let key_utf8 = key.and_then(|k| std::str::from_utf8(k).ok());
+    serde_json::json!({
+        "status": if dry_run { "would-redrive" } else { "redriven" },
+        "letter": place_json(&r.letter),
+        "original": r.original,
+        "key": key_utf8,
+        "key_hex": key.filter(|_| key_utf8.is_none()).map(hex),
+        "destination": {
+            "topic": r.topic,
+            "partition": r.partition,
+            "offset": r.offset,
+        },
+        "redrive_count": r.redrive_count,
+    })
+}
+
+/// A letter refused as one JSON object (a line of `redrive --json`).
+pub(crate) fn refused_json(r: &Refused) -> serde_json::Value {
+    serde_json::json!({
+        "status": "refused",
+        "letter": place_json(&r.letter),
+        "original": r.original,
+        "reason": r.reason,
+    })
+}
+
+fn place_json(p: &LetterPlace) -> serde_json::Value {
+    serde_json::json!({"topic": p.topic, "partition": p.partition, "offset": p.offset})
 }
 
 // ───────────── formatting ─────────────

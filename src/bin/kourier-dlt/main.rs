@@ -40,7 +40,10 @@
 //!   headers, **plus** a raised `kourier-redrive-count` and `kourier-redriven-from:
 //!   <dlt>/<partition>@<offset>`. It prints each letter republished with its coordinates —
 //!   `redrove <dlt>/<p>@<o> (<original>) -> <topic>/<p>@<o>` — and each letter refused with
-//!   the reason, then a summary.
+//!   the reason, then a summary; with `--json`, one object per letter — `status`
+//!   (`redriven`, `would-redrive` or `refused`), `letter` and `destination` (`topic`,
+//!   `partition`, `offset`), `original`, `key`, `redrive_count` or `reason` — and the summary
+//!   on stderr.
 //!
 //!   **Stateless by default:** it reads with assign and seek, joins no group and commits
 //!   nothing; running it again redrives the same letters again. A consumer with an
@@ -140,6 +143,10 @@ enum Command {
         /// Show what would be redriven; publish and commit nothing.
         #[arg(long)]
         dry_run: bool,
+        /// One JSON object per letter (redriven or refused) instead of text lines; the
+        /// summary goes to stderr.
+        #[arg(long)]
+        json: bool,
         /// Refuse letters already redriven this many times.
         #[arg(long, default_value_t = 3)]
         max_redrives: u32,
@@ -296,6 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             to,
             resume_group,
             dry_run,
+            json,
             max_redrives,
             force,
             crash_after,
@@ -317,7 +325,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             redrive.crash_after = crash_after;
             match dlt::redrive(&kafka, &dlt_topic, &redrive, &mut progress()) {
                 Ok(report) => {
-                    print_redrive(&mut stdout, &redrive, &report)?;
+                    print_redrive(&mut stdout, &redrive, &report, json)?;
                     Ok(if report.refused.is_empty() {
                         ExitCode::SUCCESS
                     } else {
@@ -325,7 +333,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     })
                 }
                 Err(stopped) => {
-                    print_redrive(&mut stdout, &redrive, &stopped.report)?;
+                    print_redrive(&mut stdout, &redrive, &stopped.report, json)?;
                     stdout.flush()?;
                     Err(anyhow::Error::new(*stopped.error).context(format!(
                         "redrive of {dlt_topic} stopped after redriving {} letter(s)",
@@ -337,11 +345,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// What a redrive did (or, with `--dry-run`, would do), letter by letter, then a summary.
+/// What a redrive did (or, with `--dry-run`, would do), letter by letter, then a summary
+/// (to stderr with `--json`).
 fn print_redrive(
     stdout: &mut impl std::io::Write,
     redrive: &Redrive,
     report: &RedriveReport,
+    json: bool,
 ) -> Result<()> {
     let verb = if redrive.dry_run {
         "would redrive"
@@ -349,6 +359,10 @@ fn print_redrive(
         "redrove"
     };
     for r in &report.redriven {
+        if json {
+            writeln!(stdout, "{}", dlt::redriven_json(r, redrive.dry_run))?;
+            continue;
+        }
         let key = r.key.as_deref().map_or_else(
             || "-".to_owned(),
             |k| dlt::cell(&String::from_utf8_lossy(k)),
@@ -361,6 +375,10 @@ fn print_redrive(
         )?;
     }
     for r in &report.refused {
+        if json {
+            writeln!(stdout, "{}", dlt::refused_json(r))?;
+            continue;
+        }
         writeln!(
             stdout,
             "refused {} ({}): {}",
@@ -369,8 +387,7 @@ fn print_redrive(
             dlt::cell(&r.reason)
         )?;
     }
-    writeln!(
-        stdout,
+    let summary = format!(
         "{}: read {}, {} {}, filtered out {}, refused {}{}",
         report.dlt,
         report.read,
@@ -383,6 +400,12 @@ fn print_redrive(
             (Some(group), false) => format!("; position committed for group {group}"),
             (None, false) => " (stateless: nothing committed)".to_owned(),
         }
-    )?;
+    );
+    if json {
+        stdout.flush()?;
+        eprintln!("{summary}");
+    } else {
+        writeln!(stdout, "{summary}")?;
+    }
     Ok(())
 }
