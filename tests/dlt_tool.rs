@@ -881,6 +881,42 @@ async fn a_missing_destination_refuses_its_letter_and_the_others_go_on() {
     }
 }
 
+/// A letter the broker refuses for itself (here: too large for its destination) is refused
+/// with the broker's reason, and the letters after it are still redriven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_the_destination_refuses_is_refused_and_the_others_go_on() {
+    let (topic, dlt_topic) = topics("dlt-too-large").await;
+    let big = format!("{{\"id\":1,\"pad\":\"{}\"}}", "x".repeat(20_000));
+    write_letters(
+        &topic,
+        [
+            letter(0, "small-0").value(b"{\"id\":0}"),
+            letter(1, "big").value(big),
+            letter(2, "small-2").value(b"{\"id\":2}"),
+        ],
+    )
+    .await;
+    let destination = support::unique_name("dlt-too-large-to");
+    support::create_topic_with_config(&destination, 1, &[("max.message.bytes", "4096")]).await;
+    let report = redrive(
+        &dlt_topic,
+        Redrive::new(LetterSelector::new()).to(&destination),
+    )
+    .await
+    .expect("the run goes on");
+    assert_eq!(places(&report), ["0@0", "0@2"], "{report:?}");
+    assert_eq!(report.refused.len(), 1, "{report:?}");
+    assert_eq!(report.refused[0].letter.offset, 1);
+    assert!(
+        report.refused[0].reason.contains("too large"),
+        "{:?}",
+        report.refused[0]
+    );
+    let landed = support::read_all(&destination).await;
+    let keys: Vec<_> = landed.iter().map(|r| r.key.clone().unwrap()).collect();
+    assert_eq!(keys, [b"small-0".to_vec(), b"small-2".to_vec()]);
+}
+
 /// Stateless runs commit nothing: a rerun sees the same letters and redrives them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stateless_reruns_see_the_same_letters() {

@@ -128,7 +128,8 @@ pub enum DeadLetterTopicError {
         /// This run's selection.
         wanted: String,
     },
-    /// The broker did not acknowledge a re-published letter: the redrive stopped there.
+    /// The broker did not acknowledge a re-published letter (no answer in time, or an error
+    /// that is not the letter's own): the redrive stopped there.
     #[error(
         "re-publishing letter {letter} to {topic} failed: {reason}; nothing after it was redriven"
     )]
@@ -339,7 +340,8 @@ pub struct Refused {
     /// The original record's coordinates.
     pub original: String,
     /// Why: its destination does not exist or is not a valid name, it was redriven
-    /// [`Redrive::max_redrives`] times already, or it is a metadata-only letter.
+    /// [`Redrive::max_redrives`] times already, it is a metadata-only letter, or the broker
+    /// refused the record itself (too large for the destination, not allowed there).
     pub reason: String,
 }
 
@@ -414,7 +416,9 @@ impl DeadLetterTopic {
     ///
     /// A selected letter that cannot be redriven — its destination topic does not exist or
     /// is not a valid name, it was redriven [`Redrive::max_redrives`] times already, its value
-    /// was dropped — is [`Refused`] with the reason and the run goes on (a dry run too).
+    /// was dropped — is [`Refused`] with the reason and the run goes on (a dry run too); so is
+    /// one the broker refuses for itself (too large for its destination, not authorized
+    /// there, refused by a policy), which a dry run cannot know.
     ///
     /// # Errors
     /// [`RedriveStopped`], with the report of what was done, when the run cannot go on: the
@@ -498,15 +502,22 @@ impl DeadLetterTopic {
                     continue;
                 }
             };
-            let at = match &producer {
+            let at = match producer.as_ref().map(|p| p.send(&record)) {
                 None => None,
-                Some(producer) => Some(producer.send(&record).map_err(|reason| {
-                    DeadLetterTopicError::Republish {
+                Some(Ok(at)) => Some(at),
+                Some(Err(failure)) if failure.letter_only => {
+                    report.refused.push(refuse(failure.reason));
+                    uncommitted.insert(partition, next);
+                    progress(report);
+                    continue;
+                }
+                Some(Err(failure)) => {
+                    return Err(DeadLetterTopicError::Republish {
                         letter: letter.coordinates(),
                         topic: record.topic.clone(),
-                        reason,
-                    }
-                })?),
+                        reason: failure.reason,
+                    });
+                }
             };
             report.redriven.push(Redriven {
                 letter: LetterPlace::of(&letter),
@@ -906,7 +917,7 @@ impl RedriveProducer {
     }
 
     /// Sends and waits for the acknowledgement: `(partition, offset)`, or why not.
-    fn send(&self, r: &RedriveRecord) -> std::result::Result<(i32, i64), String> {
+    fn send(&self, r: &RedriveRecord) -> std::result::Result<(i32, i64), SendFailure> {
         // Names byte for byte: rdkafka's `OwnedHeaders::insert` would need them as `&str`.
         let mut record = BaseRecord::<[u8], [u8]>::to(&r.topic).headers(r.headers.to_rdkafka());
         if let Some(key) = &r.key {
@@ -917,7 +928,7 @@ impl RedriveProducer {
         }
         self.producer
             .send(record)
-            .map_err(|(e, _)| format!("the producer refused the record: {e}"))?;
+            .map_err(|(e, _)| SendFailure::of("the producer refused the record", &e))?;
         // flush() serves the delivery callback; it ends by message.timeout.ms at the latest.
         let flushed = self
             .producer
@@ -929,11 +940,47 @@ impl RedriveProducer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        let stop = |reason: String| SendFailure {
+            reason,
+            letter_only: false,
+        };
         match (outcome, flushed) {
             (Some(Ok(at)), _) => Ok(at),
-            (Some(Err(e)), _) => Err(format!("the broker did not acknowledge it: {e}")),
-            (None, Err(e)) => Err(format!("no acknowledgement in time: {e}")),
-            (None, Ok(())) => Err("no delivery report".to_owned()),
+            (Some(Err(e)), _) => Err(SendFailure::of("the broker refused it", &e)),
+            (None, Err(e)) => Err(stop(format!("no acknowledgement in time: {e}"))),
+            (None, Ok(())) => Err(stop("no delivery report".to_owned())),
+        }
+    }
+}
+
+/// Why a republish failed, and whether it is the letter's own fault (its size, its content,
+/// its destination's policy or permissions: the next letter may go through) rather than the
+/// cluster's (no answer: the run stops).
+#[derive(Debug)]
+struct SendFailure {
+    reason: String,
+    letter_only: bool,
+}
+
+impl SendFailure {
+    fn of(what: &str, e: &KafkaError) -> Self {
+        use RDKafkaErrorCode as C;
+        let letter_only = matches!(
+            e.rdkafka_error_code(),
+            Some(
+                C::MessageSizeTooLarge
+                    | C::MessageBatchTooLarge
+                    | C::InvalidMessage
+                    | C::InvalidMessageSize
+                    | C::InvalidRecord
+                    | C::InvalidTopic
+                    | C::TopicAuthorizationFailed
+                    | C::PolicyViolation
+            )
+        );
+        SendFailure {
+            reason: format!("{what}: {e}"),
+            letter_only,
         }
     }
 }

@@ -58,7 +58,8 @@
 //!   absolute times there (`2h` ago moves between runs).
 //!
 //!   A letter is **refused**, with its reason, and the others go on (also with `--dry-run`)
-//!   when its destination topic does not exist or is not a valid name, when it was redriven
+//!   when its destination topic does not exist or is not a valid name, when the broker
+//!   refuses the record (too large for its destination, not authorized), when it was redriven
 //!   `--max-redrives` times already (default 3; a record that keeps failing cannot loop
 //!   forever), or when it is a metadata-only letter whose value was too large to keep
 //!   (`--force` redrives the last two). `--dry-run` checks the same and publishes nothing.
