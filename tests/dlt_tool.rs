@@ -1062,6 +1062,24 @@ async fn a_replayed_letter_is_not_handled_twice_by_an_idempotent_consumer() {
     })
     .await;
 
+    // A second letter of e-1 (as a crash can write): redriving both letters of the event
+    // delivers two more copies at redrive count 1, both skipped.
+    write_letters(
+        &topic,
+        [letter(0, "u1")
+            .value(serde_json::to_vec(&Ev { id: 1 }).unwrap())
+            .headers(Headers::new().with("event-id", "e-1"))],
+    )
+    .await;
+    let both = redrive(&dlt_topic, e1())
+        .await
+        .expect("redrive both letters of e-1");
+    assert_eq!(places(&both), ["0@0", "0@1"]);
+    wait_for("both copies skipped", WAIT, || {
+        consumer.monitor.snapshot().duplicates == 3
+    })
+    .await;
+
     // A stale letter of e-2, which the consumer handled from its source record.
     support::produce(
         &topic,
@@ -1105,16 +1123,31 @@ async fn a_replayed_letter_is_not_handled_twice_by_an_idempotent_consumer() {
         "e-1 once from its redrives; e-2 from its source and from the stale letter"
     );
     let source = support::read_all(&topic).await;
-    let redriven: Vec<_> = source
+    let from: Vec<(&str, &str)> = source
         .iter()
-        .filter(|r| r.header("event-id").is_some())
+        .filter(|r| r.header(headers::REDRIVEN_FROM).is_some())
+        .map(|r| {
+            (
+                r.header_str("event-id"),
+                r.header_str(headers::REDRIVEN_FROM),
+            )
+        })
         .collect();
-    assert!(
-        redriven[1..3]
-            .iter()
-            .all(|r| r.header_str("event-id") == "e-1"
-                && r.header_str(headers::REDRIVEN_FROM) == format!("{dlt_topic}/0@0")),
-        "both copies keep the event id and name their letter: {redriven:?}"
+    let (l0, l1, l2) = (
+        format!("{dlt_topic}/0@0"),
+        format!("{dlt_topic}/0@1"),
+        format!("{dlt_topic}/0@2"),
+    );
+    assert_eq!(
+        from,
+        [
+            ("e-1", l0.as_str()),
+            ("e-1", l0.as_str()),
+            ("e-1", l0.as_str()),
+            ("e-1", l1.as_str()),
+            ("e-2", l2.as_str()),
+        ],
+        "every copy keeps its event id and names its letter"
     );
 }
 
