@@ -33,8 +33,9 @@
 //!   has, each with its fate (place, kind, error, attempts, failure times, redrive count);
 //!   groups in the order of their first letter, letters without the header last. With
 //!   `--json`, one object per group (`group_by`, `value`, `letters`, `kinds`, `fates`). A
-//!   header literally named `key` is `header:key`. After a crash one event can have several
-//!   letters (delivery rule 18 in the crate docs bounds how many): this is where they show.
+//!   header literally named `key` is `header:key`. One event can have several letters (a
+//!   crash between a letter's acknowledgement and its mark in the idempotency store, see
+//!   delivery rule 18 in the crate docs; a consumer without a store): this is where they show.
 //! - `redrive <dlt-topic>` publishes the selected letters again, each to its original topic
 //!   (or `--to <topic>`), with the original key, value and headers **minus** the dead-letter
 //!   headers, **plus** a raised `kourier-redrive-count` and `kourier-redriven-from:
@@ -82,6 +83,9 @@
 //! time outside 1970..9999 is shown as `-` (`null` in JSON), control characters in table
 //! cells as spaces; a redrive count that is too large or unreadable counts as `u32::MAX`, so
 //! `--max-redrives` refuses the letter; a letter naming an invalid topic is refused.
+//!
+//! Do not run two resumable redrives with the same `--resume-group` at once: each would
+//! redrive the same letters.
 
 mod dlt;
 
