@@ -350,8 +350,8 @@ pub use crate::consumer::{
     BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, CommitMetadata, ConnectionState,
     ConsumerMonitor, ConsumerSnapshot, DedupKey, DestinationStatus, Destinations,
     DestinationsStatus, GoneRecords, Idempotency, MissingTopics, PanicPolicy, PartitionStatus,
-    ProcessingOrder, RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport,
-    StoreOutage, shutdown_signal,
+    ProcessingOrder, RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, RunState,
+    ShutdownReport, StoreOutage, shutdown_signal,
 };
 pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
 pub use crate::dead_letter::letter::{
