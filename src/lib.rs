@@ -327,6 +327,9 @@ pub mod dead_letter;
 mod error;
 mod guard;
 mod handler;
+#[cfg(feature = "health")]
+#[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+pub mod health;
 pub mod idempotency;
 mod log_throttle;
 mod message;
