@@ -613,10 +613,59 @@ mod tests {
         assert_eq!(health.status()["consumer"], Value::Null);
     }
 
+    fn running_hub() -> Arc<crate::consumer::Hub> {
+        let hub = Arc::new(crate::consumer::Hub::idle_for_tests());
+        hub.lifecycle.set(RunState::Running);
+        hub.set_connected(true);
+        hub.lock().assign([(Arc::from("t"), 0)]);
+        hub.lifecycle.polled();
+        hub
+    }
+
+    /// A poll loop that stops going round fails liveness and readiness once the gap passes
+    /// the limit, and only then.
+    #[test]
+    fn a_poll_loop_that_stops_going_round_is_not_alive() {
+        let hub = running_hub();
+        let health =
+            Health::new(ConsumerMonitor { hub: hub.clone() }).max_poll_gap(Duration::from_secs(1));
+        assert!(health.liveness().ok, "{:?}", health.liveness());
+        assert!(health.readiness().ok, "{:?}", health.readiness());
+        std::thread::sleep(Duration::from_millis(1100));
+        let live = health.liveness();
+        assert!(!live.ok);
+        assert_eq!(live.reasons.len(), 1);
+        assert!(
+            live.reasons[0].starts_with("poll loop stalled: no round for "),
+            "{live:?}"
+        );
+        assert_eq!(health.readiness().reasons, live.reasons);
+        // It goes round again: alive.
+        hub.lifecycle.polled();
+        assert!(health.liveness().ok);
+    }
+
+    #[test]
+    fn a_disconnected_running_consumer_is_alive_and_not_ready() {
+        let hub = running_hub();
+        hub.set_connected(false);
+        let health = Health::new(ConsumerMonitor { hub });
+        assert!(health.liveness().ok);
+        let ready = health.readiness();
+        assert_eq!(ready.reasons.len(), 1, "{ready:?}");
+        assert!(
+            ready.reasons[0].starts_with("kafka unreachable since "),
+            "{ready:?}"
+        );
+    }
+
     #[test]
     fn the_poll_gap_is_bounded_where_it_enters() {
         let h = Health::new(ConsumerSlot::new());
-        assert_eq!(h.clone().max_poll_gap(Duration::ZERO).max_poll_gap, MIN_MAX_POLL_GAP);
+        assert_eq!(
+            h.clone().max_poll_gap(Duration::ZERO).max_poll_gap,
+            MIN_MAX_POLL_GAP
+        );
         assert_eq!(h.max_poll_gap(Duration::MAX).max_poll_gap, MAX_MAX_POLL_GAP);
     }
 }

@@ -137,7 +137,10 @@ mod tests {
         assert_eq!(l.since_last_poll(), None);
         l.set(RunState::Running);
         l.polled();
-        assert!(l.since_last_poll().is_some_and(|d| d < Duration::from_secs(5)));
+        assert!(
+            l.since_last_poll()
+                .is_some_and(|d| d < Duration::from_secs(5))
+        );
         l.end(Some("boom".into()));
         l.set(RunState::Stopping);
         l.end(None);
