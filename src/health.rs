@@ -80,6 +80,7 @@
 //! ```
 
 use std::fmt;
+use std::future::Future as _;
 use std::io;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
@@ -340,28 +341,15 @@ impl Health {
     /// own, until [`HealthServer::shutdown`] or until the server is dropped. Must be called
     /// within a Tokio runtime.
     ///
+    /// A slow or silent client cannot hold the probes up: each connection is closed
+    /// [`CONNECTION_LIFETIME`] after it was accepted (a probe's connection needs
+    /// milliseconds), and above [`MAX_CONNECTIONS`] open at once new ones are closed at
+    /// once. It has no authentication: serve it on a pod or loopback address.
+    ///
     /// # Errors
     /// When it cannot listen on `addr`.
     pub async fn serve(&self, addr: impl ToSocketAddrs) -> io::Result<HealthServer> {
-        let listener = TcpListener::bind(addr).await?;
-        let local_addr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let app = self.router();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "health server stopped");
-            }
-        });
-        Ok(HealthServer {
-            local_addr,
-            stop: Some(stop),
-            task: Some(task),
-        })
+        serve_router(addr, self.router()).await
     }
 }
 
@@ -382,8 +370,151 @@ pub async fn serve(
     Health::new(consumer).serve(addr).await
 }
 
-/// The health routes served on their own, from [`Health::serve`]. Dropping it stops the
-/// server too (without waiting).
+/// The longest a connection to [`Health::serve`]'s server lives: then it is closed,
+/// whatever it is doing (a client reconnects; probes and scrapes take milliseconds).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(10);
+/// The most connections [`Health::serve`]'s server keeps open at once; more are closed as
+/// soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// A listener whose connections live at most [`CONNECTION_LIFETIME`], at most
+/// [`MAX_CONNECTIONS`] at once.
+struct Bounded {
+    listener: TcpListener,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Bounded {
+    fn new(listener: TcpListener) -> Self {
+        Bounded {
+            listener,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+        }
+    }
+}
+
+impl axum::serve::Listener for Bounded {
+    type Io = Expiring;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // E.g. out of file descriptors: back off briefly rather than spin.
+                    tracing::debug!(error = %e, "health server: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "health server: too many connections; closing this one");
+                continue;
+            };
+            let io = Expiring {
+                stream,
+                expiry: Box::pin(tokio::time::sleep(CONNECTION_LIFETIME)),
+                _slot: slot,
+            };
+            return (io, peer);
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.listener.local_addr()
+    }
+}
+
+/// A connection that fails its reads and writes once its lifetime is over, so the server
+/// drops it (and its slot).
+struct Expiring {
+    stream: tokio::net::TcpStream,
+    expiry: std::pin::Pin<Box<tokio::time::Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Expiring {
+    /// An error once the lifetime is over; else registers the task to be woken when it is.
+    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> Option<io::Error> {
+        self.expiry.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "health server: connection lifetime over",
+            )
+        })
+    }
+}
+
+impl tokio::io::AsyncRead for Expiring {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Expiring {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Serves `app` on `addr` as [`Health::serve`] serves the health routes (in a task of its
+/// own, with the same bounds on connections): for the health routes merged with pages of
+/// an application's own, e.g. `serve_router(addr, health.router().merge(pages))`.
+///
+/// # Errors
+/// When it cannot listen on `addr`.
+pub async fn serve_router(addr: impl ToSocketAddrs, app: Router) -> io::Result<HealthServer> {
+    let listener = Bounded::new(TcpListener::bind(addr).await?);
+    let local_addr = listener.listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::warn!(error = %e, "health server stopped");
+        }
+    });
+    Ok(HealthServer {
+        local_addr,
+        stop: Some(stop),
+        task: Some(task),
+    })
+}
+
+/// The routes served on their own, from [`Health::serve`] or [`serve_router`]. Dropping it
+/// stops the server too (without waiting).
 #[derive(Debug)]
 pub struct HealthServer {
     local_addr: std::net::SocketAddr,

@@ -421,3 +421,61 @@ async fn routes_nested_in_an_applications_router_with_caught_up_required_and_met
     running.stop().await;
     app_server.abort();
 }
+
+/// A client that opens a connection and never finishes its request does not hold the
+/// standalone server: probes are answered meanwhile, the silent connection is closed once
+/// its lifetime is over, and connections above the cap are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_excess_connections_do_not_hold_the_standalone_server() {
+    use kourier::health::{CONNECTION_LIFETIME, MAX_CONNECTIONS};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    let server = kourier::health::serve("127.0.0.1:0", ConsumerSlot::new())
+        .await
+        .expect("listens");
+    let addr = server.local_addr();
+    let base = format!("http://{addr}");
+
+    let mut silent = TcpStream::connect(addr).await.expect("connects");
+    silent.write_all(b"GET /rea").await.expect("sends a part");
+    let asked = std::time::Instant::now();
+    assert_eq!(get(&format!("{base}/livez")).await.status, 200);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    // The silent one is closed once its lifetime is over.
+    let mut byte = [0u8; 1];
+    let cut = tokio::time::timeout(
+        CONNECTION_LIFETIME + Duration::from_secs(3),
+        silent.read(&mut byte),
+    )
+    .await
+    .expect("the server closes a silent connection after its lifetime");
+    assert!(matches!(cut, Ok(0) | Err(_)), "{cut:?}");
+    let lived = asked.elapsed();
+    assert!(
+        lived >= CONNECTION_LIFETIME - Duration::from_secs(1),
+        "closed after {lived:?}"
+    );
+
+    // At the cap, one more connection is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(TcpStream::connect(addr).await.expect("connects"));
+    }
+    // Let the server accept them all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = TcpStream::connect(addr).await.expect("connects");
+    let closed = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut byte))
+        .await
+        .expect("a connection over the cap is closed at once");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    drop(held);
+    let probe = eventually_status(&format!("{base}/readyz"), 503, Duration::from_secs(5)).await;
+    assert_eq!(probe.reasons(), ["consumer starting: not built yet"]);
+    server.shutdown().await;
+}

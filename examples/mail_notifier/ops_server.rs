@@ -21,11 +21,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use kourier::health::{ConsumerSlot, Health};
+use kourier::health::{ConsumerSlot, Health, HealthServer};
 use kourier::{Handler, RetryingConsumer, ShutdownReport};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 /// Builds a Prometheus recorder for kourier's metrics (see `kourier::metrics`) and installs it
 /// as the process' global recorder. Call it before the consumer runs: a consumer registers its
@@ -91,8 +89,7 @@ impl Probes {
 /// The running server; stops when dropped.
 #[derive(Debug)]
 pub(crate) struct OpsServer {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
+    server: HealthServer,
 }
 
 /// `GET /`: what the server answers.
@@ -100,7 +97,9 @@ const INDEX: &str = "mail_notifier ops: /metrics (Prometheus), /livez, /readyz, 
 
 impl OpsServer {
     /// Listens on `addr` (port `0`: any free port) and serves `/metrics` from `metrics`,
-    /// `/livez`, `/readyz` and `/status` from `probes`, and the index at `/`.
+    /// `/livez`, `/readyz` and `/status` from `probes`, and the index at `/`. kourier's
+    /// server bounds its connections (`kourier::health::CONNECTION_LIFETIME`,
+    /// `MAX_CONNECTIONS`): a slow client cannot hold the probes up.
     ///
     /// # Errors
     /// When it cannot listen on `addr`.
@@ -109,29 +108,17 @@ impl OpsServer {
         metrics: PrometheusHandle,
         probes: Probes,
     ) -> Result<Self> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr} for metrics and probes"))?;
-        let addr = listener.local_addr()?;
         let app = axum::Router::new()
             .route("/", axum::routing::get(|| async { INDEX }))
             .merge(probes.health().metrics(move || metrics.render()).router());
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::warn!(error = %e, "ops server stopped");
-            }
-        });
-        Ok(OpsServer { addr, task })
+        let server = kourier::health::serve_router(addr, app)
+            .await
+            .with_context(|| format!("listening on {addr} for metrics and probes"))?;
+        Ok(OpsServer { server })
     }
 
     /// Where it listens.
     pub(crate) fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for OpsServer {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.server.local_addr()
     }
 }
