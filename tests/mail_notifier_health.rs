@@ -327,6 +327,12 @@ async fn malformed_and_non_get_requests_get_an_error_not_a_hang() {
     assert_eq!(post.status, 405);
     assert!(post.head.contains("allow: get,head"), "{post:?}");
     assert_eq!(request(addr, "hello\r\n\r\n").await.status, 400);
+    // A head above hyper's bound (about 400 KiB) is answered 431.
+    let huge = format!(
+        "GET /livez HTTP/1.1\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(512 * 1024)
+    );
+    assert_eq!(request(addr, &huge).await.status, 431);
 
     // Many silent connections at once still leave room for a probe.
     let mut silent = Vec::new();
