@@ -68,15 +68,31 @@
 //! exists. Metrics come from the exporter the application installs; with
 //! `metrics-exporter-prometheus`:
 //!
-//! ```ignore
+//! ```no_run
+//! # use kourier::{async_trait, Handler, HandlerError, Message, RetryingConsumer};
+//! # struct Mailer;
+//! # #[async_trait]
+//! # impl Handler for Mailer {
+//! #     type Event = serde_json::Value;
+//! #     async fn handle(&self, _: &Message<serde_json::Value>) -> Result<(), HandlerError> { Ok(()) }
+//! # }
+//! # fn build_consumer() -> kourier::Result<RetryingConsumer<Mailer>> {
+//! #     RetryingConsumer::builder(Mailer).bootstrap_servers("k:9092").group_id("g").topic("t").build()
+//! # }
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use kourier::health::{ConsumerSlot, Health};
+//!
 //! let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
-//! let slot = kourier::health::ConsumerSlot::new();
+//! let slot = ConsumerSlot::new();
 //! let server = Health::new(slot.clone())
 //!     .metrics(move || handle.render())
 //!     .serve("0.0.0.0:9090")
 //!     .await?;
-//! let consumer = build_consumer()?; // startup, meanwhile /livez 200, /readyz 503
+//! let consumer = build_consumer()?; // meanwhile /livez 200, /readyz 503 "not built yet"
 //! slot.set(consumer.monitor());
+//! consumer.run_until_signal().await?;
+//! server.shutdown().await;
+//! # Ok(()) }
 //! ```
 
 use std::fmt;
@@ -537,13 +553,12 @@ impl HealthServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
                 .await
                 .is_err()
-            {
-                task.abort();
-            }
+        {
+            task.abort();
         }
     }
 }

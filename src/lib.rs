@@ -287,7 +287,7 @@
 //! | `testing` | off | `kourier::idempotency::testing`: a conformance suite that checks an `IdempotencyStore` implementation against the documented contract, for store implementers' tests, and `HookedStore`, a store with faults, delays or counters added, for handler and consumer tests |
 //! | `cli` | off | the `kourier-dlt` binary (inspect and redrive dead-letter topics; `cargo install kourier --features cli`); no library API, pulls `clap`, `humantime`, `anyhow` and `tracing-subscriber` |
 //! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
-//! | `health` | off | [`health`](crate::health): liveness (`/livez`), readiness (`/readyz`), a JSON status (`/status`) and the Prometheus metrics (`/metrics`) of a running consumer, as an `axum` 0.8 `Router` to mount in your server or served on their own (`kourier::health::serve`) |
+//! | `health` | off | `kourier::health`: liveness (`/livez`), readiness (`/readyz`), a JSON status (`/status`) and the Prometheus metrics (`/metrics`) of a running consumer, as an `axum` 0.8 `Router` to mount in your server or served on their own (`kourier::health::serve`) |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!
 //! kourier's own micro-benchmarks and fuzz targets reach crate-private parts through

@@ -91,11 +91,11 @@ impl<H: Handler> RetryingConsumer<H> {
             settings,
         } = self;
         hub.lifecycle.set(RunState::Starting);
-        if let Some(create) = &settings.startup.create {
-            if let Err(e) = provision(&settings.startup, create).await {
-                hub.lifecycle.end(Some(error_chain(&e)));
-                return Err(e);
-            }
+        if let Some(create) = &settings.startup.create
+            && let Err(e) = provision(&settings.startup, create).await
+        {
+            hub.lifecycle.end(Some(error_chain(&e)));
+            return Err(e);
         }
         // Claims fetched ahead for records that never ran are released once the poll
         // thread is done (the next owner of their partitions must not find them busy).
