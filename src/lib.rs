@@ -309,7 +309,8 @@
 //! have a public module for what only some users need: [`dead_letter`] (header names,
 //! reading letters back, redrive), [`idempotency`] (the store contract, the one-by-one batch
 //! helpers, and for tests the conformance suite and a store with hooks), [`mod@metrics`] (metric names and counts) and [`topics`] (checking and creating
-//! topics, key partitioning). [`rdkafka`] and [`async_trait`](macro@async_trait) are re-exported so that an
+//! topics, key partitioning); with the `health` feature, `kourier::health` (the health
+//! routes) is a fifth. [`rdkafka`] and [`async_trait`](macro@async_trait) are re-exported so that an
 //! application names the same versions kourier uses.
 //!
 //! ## Minimum supported Rust version
