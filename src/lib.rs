@@ -153,7 +153,9 @@
 //!     [`retry_after`](HandlerError::retry_after)); a cap and a rate limit per destination
 //!     keep a hot one to its share. Per-destination state is bounded
 //!     ([`with_max_tracked`](Destinations::with_max_tracked)). Freed slots go to retries and
-//!     first attempts in turns.
+//!     first attempts in turns. With retry tiers, a record that waited
+//!     [`park_after`](Destinations::with_park_after) for its open destination is parked in a
+//!     tier (a deferred forward: no attempt used), so its partition's commit point moves on.
 //!
 //! **Retry tiers** (opt-in, [`RetryingConsumerBuilder::retry_tiers`], see [`tiers`]): after
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of
@@ -273,12 +275,15 @@
 //!
 //! [`dead_letter::Provenance`] reads a dead letter's headers back (original topic, partition
 //! and offset, failure kind, error, attempts, failure times, redrive count);
-//! [`dead_letter::RedriveRecord`] rebuilds the original record to publish it again. The
-//! `kourier-dlt` command-line tool is built on them (`cargo install kourier --features cli`):
-//! `inspect <dlt-topic>` lists letters as a table or JSON lines, with filters by kind, time
-//! and key; `redrive <dlt-topic>` re-publishes selected letters to their source topic,
-//! committing its progress per letter so a crash redrives at most the letter in flight
-//! twice, and refusing records redriven more than `--max-redrives` times.
+//! [`dead_letter::RedriveRecord`] rebuilds the original record to publish it again.
+//! [`dead_letter::DeadLetterTopic`] reads the letters a [`dead_letter::LetterSelector`]
+//! selects (by place in the dead-letter topic, header value such as an event id, key, kind,
+//! time) and redrives them: stateless by default, the report listing each letter republished
+//! with its place and where it landed; resumable with a consumer group tied to the selection;
+//! a letter whose destination does not exist refused with the reason while the others go on.
+//! The `kourier-dlt` command-line tool is built on it (`cargo install kourier --features
+//! cli`): `inspect <dlt-topic>` lists letters as a table or JSON lines, filtered, or grouped
+//! by event (`--group-by`); `redrive <dlt-topic>` re-publishes a selection.
 //!
 //! ## Feature flags
 //!

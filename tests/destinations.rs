@@ -16,9 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kourier::tiers::RetryTiers;
 use kourier::{
     BreakerPolicy, BreakerState, DedupKey, Destinations, HandlerError, Idempotency,
-    InMemoryIdempotencyStore, Message, ProcessingOrder, RetryPolicy, handler_fn,
+    InMemoryIdempotencyStore, Message, MissingTopics, ProcessingOrder, RetryPolicy, handler_fn,
 };
 use serde::Deserialize;
 use support::TestRecord;
@@ -45,6 +46,8 @@ struct Endpoints {
     all_down: AtomicBool,
     successes: Vec<AtomicU32>,
     calls_while_down: AtomicU64,
+    /// Every successful delivery's id, in order.
+    delivered: Mutex<Vec<usize>>,
 }
 
 impl Endpoints {
@@ -54,6 +57,7 @@ impl Endpoints {
             all_down: AtomicBool::new(false),
             successes: (0..records).map(|_| AtomicU32::new(0)).collect(),
             calls_while_down: AtomicU64::new(0),
+            delivered: Mutex::new(Vec::new()),
         })
     }
 
@@ -67,6 +71,7 @@ impl Endpoints {
             )));
         }
         self.successes[d.id].fetch_add(1, Ordering::SeqCst);
+        self.delivered.lock().unwrap().push(d.id);
         Ok(())
     }
 
@@ -420,4 +425,70 @@ async fn a_cap_holds_a_hot_endpoint_to_its_share() {
         most >= 2,
         "the cap, not a lack of records, limited it: {most}"
     );
+}
+
+/// One endpoint down on a partition whose uncommitted window is small (100 records): its
+/// records are parked in the retry tier after waiting 0.3 s, so the partition's commit point
+/// moves on and every other endpoint's record is delivered while it is down (waiting in
+/// place, the window fills behind its first record and the partition pauses: fewer than
+/// 200 of the other 990 would be delivered). Nothing is dead-lettered and no attempt is
+/// used; once the endpoint is back its records are delivered exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_a_down_endpoint_are_parked_so_its_partition_goes_on() {
+    const RECORDS: usize = 1_000;
+    let (topic, group, dlt_topic) = setup("destinations-park", 1).await;
+    let endpoints = Endpoints::new(RECORDS);
+    endpoints.down.lock().unwrap().insert(0);
+    support::produce(&topic, (0..RECORDS).map(delivery).collect()).await;
+    let down_records = |id: usize| id.is_multiple_of(ENDPOINTS);
+
+    let tiers = RetryTiers::new([Duration::from_secs(1)])
+        .with_key_order(Arc::new(kourier::tiers::InMemoryKeyOrderLedger::new()));
+    let b = isolating(&endpoints, &topic, &group)
+        .destinations(
+            Destinations::by_key()
+                .with_open_interval(OPEN, OPEN)
+                .with_park_after(Duration::from_millis(300)),
+        )
+        .idempotency(Idempotency::new(
+            Arc::new(InMemoryIdempotencyStore::new()),
+            DedupKey::from_fn(|m: &Message<Delivery>| Some(m.event().id.to_string())),
+        ))
+        .retry_tiers(tiers)
+        .missing_topics(MissingTopics::create(1))
+        .max_uncommitted_per_partition(100);
+    let c = Running::start(b);
+    wait_for(
+        "every record of the healthy endpoints delivered while ep-0 is down",
+        Duration::from_secs(60),
+        || endpoints.handled(|id| !down_records(id)) == RECORDS - RECORDS / ENDPOINTS,
+    )
+    .await;
+    let while_down = c.monitor.snapshot();
+    let d = while_down.destinations.clone().expect("destinations");
+    eprintln!(
+        "one endpoint down, window 100: the other {} records delivered; parked {} times; {:?}",
+        RECORDS - RECORDS / ENDPOINTS,
+        d.parked,
+        while_down.forwarded
+    );
+    assert_eq!(endpoints.handled(down_records), 0);
+    assert!(d.parked >= 1, "records were parked: {d:?}");
+    assert_eq!(while_down.dead_lettered.total(), 0, "nothing dead-lettered");
+
+    endpoints.down.lock().unwrap().clear();
+    wait_for(
+        "ep-0's records delivered once it is back",
+        Duration::from_secs(60),
+        || endpoints.handled(|_| true) == RECORDS,
+    )
+    .await;
+    let order: Vec<usize> = (endpoints.delivered.lock().unwrap().iter().copied())
+        .filter(|id| down_records(*id))
+        .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "ep-0's records in order: {order:?}"
+    );
+    every_record_delivered_once(c, &endpoints, &dlt_topic).await;
 }

@@ -1,8 +1,12 @@
-//! The `kourier-dlt` tool (`src/bin/kourier-dlt/`, feature `cli`) against the real broker: `inspect` lists dead letters with
-//! their provenance and filters them; `redrive` re-publishes selected letters to their source
-//! topic, where a consumer handles them, commits its progress so that a crash of the tool
-//! redrives nothing twice but the letter in flight, refuses letters redriven too often, and
-//! fails clearly (and in bounded time) for a missing topic or an unreachable broker.
+//! `kourier::dead_letter::DeadLetterTopic` and the `kourier-dlt` tool built on it
+//! (`src/bin/kourier-dlt/`, feature `cli`) against the real broker: `inspect` lists dead
+//! letters with their provenance, filters them and groups the copies of one event; `redrive`
+//! re-publishes the letters selected by place, header, key, kind or time to their source
+//! topic, where a consumer handles them — stateless by default (reruns see the same
+//! letters), resumable with a group tied to its selection (a crash redrives nothing twice but
+//! the letter in flight; another selection never inherits its position) — refuses letters
+//! it cannot redrive one by one (destination missing, redriven too often) while the others go
+//! on, and fails clearly (and in bounded time) for a missing topic or an unreachable broker.
 //!
 //! The tool's logic is compiled in here (`#[path]`), so this runs the code the installed
 //! `kourier-dlt` runs, with or without the `cli` feature; with it, the binary itself is run
@@ -27,6 +31,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kourier::DeadLetterReason;
 use kourier::dead_letter::headers::{self, ALL, REDRIVE_COUNT};
+use kourier::dead_letter::{
+    DeadLetterTopicError, LetterRange, LetterSelector, Redrive, RedriveReport, RedriveStopped,
+};
 use kourier::tiers::headers as tier;
 use kourier::{
     DeadLetter, DeadLetterSink, Handler, HandlerError, Header, Headers, KafkaDeadLetterSink,
@@ -34,7 +41,7 @@ use kourier::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::dlt::{Filter, Kafka, Progress, RedriveOptions};
+use crate::dlt::{Kafka, Progress};
 use crate::support::consumer::{Running, wait_for};
 
 /// How long the consumer may take to handle what a test waits for.
@@ -159,29 +166,26 @@ async fn inspect_all(kafka: Kafka, dlt_topic: &str) -> anyhow::Result<(Vec<dlt::
         dlt::inspect(
             &kafka,
             &dlt_topic,
-            &Filter::default(),
+            &LetterSelector::new(),
             &mut Progress::silent(),
         )
     })
     .await
 }
 
-fn options(dlt_topic: &str, group: &str) -> RedriveOptions {
-    RedriveOptions {
-        dlt: dlt_topic.to_owned(),
-        to: None,
-        group: group.to_owned(),
-        filter: Filter::default(),
-        dry_run: false,
-        max_redrives: 3,
-        force: false,
-        from_beginning: false,
-        crash_after: None,
-    }
+/// Runs `redrive` on `dlt_topic` through the tool's code.
+async fn redrive(dlt_topic: &str, redrive: Redrive) -> Result<RedriveReport, RedriveStopped> {
+    let dlt_topic = dlt_topic.to_owned();
+    blocking(move || dlt::redrive(&kafka(), &dlt_topic, &redrive, &mut Progress::silent())).await
 }
 
-async fn redrive(opts: RedriveOptions) -> anyhow::Result<dlt::RedriveReport> {
-    blocking(move || dlt::redrive(&kafka(), &opts, &mut Progress::silent())).await
+/// The letters' places in a report, `partition@offset`.
+fn places(report: &RedriveReport) -> Vec<String> {
+    report
+        .redriven
+        .iter()
+        .map(|r| format!("{}@{}", r.letter.partition, r.letter.offset))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,11 +210,11 @@ async fn inspect_lists_provenance_and_filters() {
     )
     .await;
 
-    let inspect = |filter: Filter| {
+    let inspect = |filter: LetterSelector| {
         let dlt_topic = dlt_topic.clone();
         blocking(move || dlt::inspect(&kafka(), &dlt_topic, &filter, &mut Progress::silent()))
     };
-    let (all, read) = inspect(Filter::default()).await.expect("inspect");
+    let (all, read) = inspect(LetterSelector::new()).await.expect("inspect");
     assert_eq!(read, 4);
     let offsets: Vec<_> = all.iter().map(|l| l.provenance.original_offset).collect();
     assert_eq!(offsets, [Some(10), Some(11), Some(12), Some(13)]);
@@ -230,27 +234,18 @@ async fn inspect_lists_provenance_and_filters() {
             .filter_map(|l| l.provenance.original_offset)
             .collect()
     };
-    let by_kind = inspect(Filter {
-        kinds: vec![DeadLetterReason::Permanent],
-        ..Filter::default()
-    })
-    .await
-    .unwrap()
-    .0;
+    let by_kind = inspect(LetterSelector::new().kind(DeadLetterReason::Permanent))
+        .await
+        .unwrap()
+        .0;
     assert_eq!(original_offsets(&by_kind), [10, 13]);
-    let by_key = inspect(Filter {
-        key: Some(b"alice".to_vec()),
-        ..Filter::default()
-    })
-    .await
-    .unwrap()
-    .0;
+    let by_key = inspect(LetterSelector::new().key("alice")).await.unwrap().0;
     assert_eq!(original_offsets(&by_key), [10, 12]);
-    let by_time = inspect(Filter {
-        since: Some(at(t0 + 60_000)),
-        until: Some(at(t0 + 180_000)),
-        ..Filter::default()
-    })
+    let by_time = inspect(
+        LetterSelector::new()
+            .since(at(t0 + 60_000))
+            .until(at(t0 + 180_000)),
+    )
     .await
     .unwrap()
     .0;
@@ -259,11 +254,12 @@ async fn inspect_lists_provenance_and_filters() {
         [11, 12],
         "since inclusive, until exclusive"
     );
-    let combined = inspect(Filter {
-        kinds: vec![DeadLetterReason::RetriesExhausted, DeadLetterReason::Decode],
-        key: Some(b"alice".to_vec()),
-        ..Filter::default()
-    })
+    let combined = inspect(
+        LetterSelector::new()
+            .kind(DeadLetterReason::RetriesExhausted)
+            .kind(DeadLetterReason::Decode)
+            .key("alice"),
+    )
     .await
     .unwrap()
     .0;
@@ -346,34 +342,30 @@ async fn redriven_letters_are_handled_in_their_source_topic_once() {
     .await;
     *failing.lock().unwrap() = false;
 
-    // A dry run publishes and commits nothing.
-    let group = support::unique_name("dlt-redrive-tool");
-    let report = redrive(RedriveOptions {
-        dry_run: true,
-        ..options(&dlt_topic, &group)
-    })
+    // A dry run publishes nothing.
+    let report = redrive(
+        &dlt_topic,
+        Redrive::new(LetterSelector::new()).dry_run(true),
+    )
     .await
     .expect("dry run");
     assert_eq!(report.redriven.len(), 4);
     assert!(report.redriven.iter().all(|r| r.offset.is_none()));
 
-    // Redrive u2 and u4 only.
-    let mut opts = options(&dlt_topic, &group);
-    opts.filter.key = Some(b"u2".to_vec());
-    let first = redrive(opts.clone()).await.expect("redrive u2");
+    // Redrive u2 only.
+    let first = redrive(&dlt_topic, Redrive::new(LetterSelector::new().key("u2")))
+        .await
+        .expect("redrive u2");
     assert_eq!(first.redriven.len(), 1);
     assert_eq!(first.filtered_out, 3);
     assert_eq!(first.redriven[0].topic, topic);
     wait_for("u2 handled", WAIT, || handled.lock().unwrap().len() == 1).await;
 
-    // The group moved past every letter it read (filtered-out ones too): a rerun finds
-    // nothing, and u4 needs --from-beginning (or another group).
-    let again = redrive(opts.clone()).await.expect("rerun");
-    assert_eq!((again.read, again.redriven.len()), (0, 0));
-    opts.filter.key = Some(b"u4".to_vec());
-    opts.from_beginning = true;
-    let u4 = redrive(opts).await.expect("redrive u4");
-    assert_eq!(u4.redriven.len(), 1);
+    // Stateless: nothing was committed, so a run with another filter still sees u4.
+    let u4 = redrive(&dlt_topic, Redrive::new(LetterSelector::new().key("u4")))
+        .await
+        .expect("redrive u4");
+    assert_eq!((u4.read, u4.redriven.len()), (4, 1));
     wait_for("u4 handled", WAIT, || handled.lock().unwrap().len() == 2).await;
 
     consumer.stop().await;
@@ -416,14 +408,18 @@ async fn a_crashed_redrive_resumes_without_redriving_twice() {
     )
     .await;
     let group = support::unique_name("dlt-crash-tool");
+    let resumable = || Redrive::new(LetterSelector::new()).resume_group(group.clone());
 
-    let crashed = redrive(RedriveOptions {
-        crash_after: Some(3),
-        ..options(&dlt_topic, &group)
-    })
-    .await
-    .expect_err("the simulated crash");
-    assert_eq!(crashed.to_string(), dlt::SIMULATED_CRASH);
+    let mut crashing = resumable();
+    crashing.crash_after = Some(3);
+    let crashed = redrive(&dlt_topic, crashing)
+        .await
+        .expect_err("the simulated crash");
+    assert!(
+        matches!(*crashed.error, DeadLetterTopicError::SimulatedCrash),
+        "{crashed:?}"
+    );
+    assert_eq!(places(&crashed.report), ["0@0", "0@1", "0@2"]);
     let committed = support::committed_offsets(&group, &dlt_topic, 1).await;
     assert_eq!(
         committed[&0],
@@ -432,10 +428,9 @@ async fn a_crashed_redrive_resumes_without_redriving_twice() {
     );
     assert_eq!(support::read_all(&topic).await.len(), 3);
 
-    let rerun = redrive(options(&dlt_topic, &group)).await.expect("rerun");
-    let places: Vec<_> = rerun.redriven.iter().map(|r| r.letter.clone()).collect();
+    let rerun = redrive(&dlt_topic, resumable()).await.expect("rerun");
     assert_eq!(
-        places,
+        places(&rerun),
         ["0@2", "0@3", "0@4", "0@5"],
         "resumes at the letter in flight"
     );
@@ -456,9 +451,7 @@ async fn a_crashed_redrive_resumes_without_redriving_twice() {
         support::committed_offsets(&group, &dlt_topic, 1).await[&0],
         Some(6)
     );
-    let nothing = redrive(options(&dlt_topic, &group))
-        .await
-        .expect("third run");
+    let nothing = redrive(&dlt_topic, resumable()).await.expect("third run");
     assert!(nothing.redriven.is_empty());
 }
 
@@ -477,11 +470,11 @@ async fn letters_redriven_too_often_are_refused_unless_forced() {
     )
     .await;
 
-    let refused = redrive(options(&dlt_topic, &support::unique_name("dlt-loop-tool")))
+    let refused = redrive(&dlt_topic, Redrive::new(LetterSelector::new()))
         .await
         .expect("redrive");
     assert_eq!(refused.redriven.len(), 1);
-    assert_eq!(refused.redriven[0].key.as_deref(), Some("fresh"));
+    assert_eq!(refused.redriven[0].key.as_deref(), Some(&b"fresh"[..]));
     assert_eq!(refused.refused.len(), 1);
     assert!(
         refused.refused[0]
@@ -489,14 +482,10 @@ async fn letters_redriven_too_often_are_refused_unless_forced() {
             .contains("already redriven 3 time(s)")
     );
 
-    let forced = redrive(RedriveOptions {
-        force: true,
-        filter: Filter {
-            key: Some(b"looping".to_vec()),
-            ..Filter::default()
-        },
-        ..options(&dlt_topic, &support::unique_name("dlt-loop-force"))
-    })
+    let forced = redrive(
+        &dlt_topic,
+        Redrive::new(LetterSelector::new().key("looping")).force(true),
+    )
     .await
     .expect("forced redrive");
     assert_eq!(forced.redriven.len(), 1);
@@ -521,23 +510,12 @@ async fn missing_topics_and_unreachable_brokers_are_clear_errors() {
         .expect_err("missing topic");
     assert_eq!(err.to_string(), format!("topic {missing} does not exist"));
 
-    // A destination that does not exist stops the redrive before publishing anything.
-    let (topic, dlt_topic) = topics("dlt-no-dest").await;
-    write_letters(&topic, [letter(0, "k")]).await;
-    let group = support::unique_name("dlt-no-dest-tool");
-    let err = redrive(RedriveOptions {
-        to: Some(missing.clone()),
-        ..options(&dlt_topic, &group)
-    })
-    .await
-    .expect_err("missing destination");
-    assert!(
-        format!("{err:#}").contains(&format!("topic {missing} does not exist")),
-        "{err:#}"
-    );
+    let err = redrive(&missing, Redrive::new(LetterSelector::new()))
+        .await
+        .expect_err("missing dead-letter topic");
     assert_eq!(
-        support::committed_offsets(&group, &dlt_topic, 1).await[&0],
-        None
+        err.error.to_string(),
+        format!("topic {missing} does not exist")
     );
 
     let started = Instant::now();
@@ -611,14 +589,21 @@ async fn odd_header_names_are_shown_escaped_and_redriven_byte_for_byte() {
     );
 
     let destination = support::new_topic("dlt-hdr-bytes-to", 1).await;
-    let mut opts = options(&dlt_topic, &support::unique_name("dlt-hdr-bytes-g"));
-    opts.to = Some(destination.clone());
-    let report = redrive(opts).await.expect("redrive");
+    let report = redrive(
+        &dlt_topic,
+        Redrive::new(LetterSelector::new()).to(&destination),
+    )
+    .await
+    .expect("redrive");
     assert_eq!(report.redriven.len(), 1, "{report:?}");
     let redriven = support::read_all(&destination).await;
     assert_eq!(redriven.len(), 1);
     let mut expected = odd;
     expected.push(Header::new(headers::REDRIVE_COUNT, "1"));
+    expected.push(Header::new(
+        headers::REDRIVEN_FROM,
+        format!("{dlt_topic}/0@0"),
+    ));
     assert_eq!(redriven[0].raw_headers, expected);
 }
 
@@ -666,18 +651,15 @@ async fn huge_or_unreadable_redrive_counts_are_refused() {
     });
     write_letters(&topic, letters).await;
 
-    let report = redrive(options(
-        &dlt_topic,
-        &support::unique_name("dlt-hostile-count-g"),
-    ))
-    .await
-    .expect("redrive");
+    let report = redrive(&dlt_topic, Redrive::new(LetterSelector::new()))
+        .await
+        .expect("redrive");
     let redriven: Vec<_> = report
         .redriven
         .iter()
         .map(|r| r.key.clone().unwrap_or_default())
         .collect();
-    assert_eq!(redriven, ["fresh"], "{report:?}");
+    assert_eq!(redriven, [b"fresh".to_vec()], "{report:?}");
     assert_eq!(report.refused.len(), 2, "{report:?}");
     for refused in &report.refused {
         assert!(
@@ -737,13 +719,607 @@ proptest::proptest! {
         let table = dlt::table(std::slice::from_ref(&letter));
         proptest::prop_assert_eq!(table.lines().count(), 2, "{}", table);
         proptest::prop_assert!(serde_json::to_string(&letter.to_json()).is_ok());
-        let _ = (letter.failed_at(), letter.tier(), letter.place());
-        let filter = Filter {
-            kinds: vec![DeadLetterReason::Permanent],
-            since: Some(at(0)),
-            until: Some(at(u64::MAX / 2)),
-            key: None,
-        };
-        let _ = filter.matches(&letter);
+        let _ = (letter.tier(), letter.place());
+        let filter = LetterSelector::new()
+            .kind(DeadLetterReason::Permanent)
+            .header("event-id", "e-1")
+            .since(at(0))
+            .until(at(u64::MAX / 2));
+        let _ = filter.matches(&letter.record);
+        let groups = dlt::group(std::slice::from_ref(&letter), &dlt::GroupBy::Header("event-id".into()));
+        let table = dlt::grouped_table(&groups, &dlt::GroupBy::Key);
+        proptest::prop_assert_eq!(table.lines().count(), 2, "{}", table);
     }
+}
+
+// ───────────── selective redrive (issue 29) ─────────────
+
+/// Six letters of `topic` at DLT offsets 0..6, keyed `k<n>`, each with `event-id: e-<n>`
+/// and the value `{"id": n}`.
+async fn six_letters(topic: &str) {
+    write_letters(
+        topic,
+        (0..6).map(|n| {
+            letter(n, &format!("k{n}"))
+                .value(serde_json::to_vec(&Ev { id: n as u32 }).unwrap())
+                .headers(Headers::new().with("event-id", format!("e-{n}")))
+        }),
+    )
+    .await;
+}
+
+/// One letter by its place, one by its event id, a range: each run republishes exactly those
+/// letters, and its report gives each letter's place and where it landed — the record found
+/// there is that letter's, marked with where it came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redrive_selects_letters_by_place_event_id_and_range() {
+    let (topic, dlt_topic) = topics("dlt-select").await;
+    six_letters(&topic).await;
+    let destination = support::new_topic("dlt-select-to", 1).await;
+    let run =
+        |selector: LetterSelector| redrive(&dlt_topic, Redrive::new(selector).to(&destination));
+
+    let by_place = run(LetterSelector::new().at("0:2".parse().unwrap()))
+        .await
+        .expect("by place");
+    assert_eq!(places(&by_place), ["0@2"]);
+    assert_eq!(
+        (by_place.total, by_place.read),
+        (1, 1),
+        "reads only the place asked for"
+    );
+    let by_event = run(LetterSelector::new().header("event-id", "e-4"))
+        .await
+        .expect("by event id");
+    assert_eq!(places(&by_event), ["0@4"]);
+    assert_eq!(by_event.filtered_out, 5);
+    let range = run(LetterSelector::new().at(LetterRange::new(0, 1, 3)))
+        .await
+        .expect("range");
+    assert_eq!(places(&range), ["0@1", "0@2", "0@3"]);
+
+    let landed = support::read_all(&destination).await;
+    assert_eq!(landed.len(), 5);
+    for r in by_place
+        .redriven
+        .iter()
+        .chain(&by_event.redriven)
+        .chain(&range.redriven)
+    {
+        assert_eq!(r.topic, destination);
+        let at = support::record_at(
+            &landed,
+            r.partition.expect("partition"),
+            r.offset.expect("offset"),
+        );
+        assert_eq!(
+            at.header_str("event-id"),
+            format!("e-{}", r.letter.offset),
+            "the report's coordinates name the letter's record"
+        );
+        assert_eq!(
+            at.header_str(headers::REDRIVEN_FROM),
+            format!("{dlt_topic}/0@{}", r.letter.offset)
+        );
+        assert_eq!(r.original, format!("{topic}/0@{}", r.letter.offset));
+    }
+}
+
+/// A letter whose destination topic does not exist is refused with the reason and the
+/// others go on, in a dry run too; nothing stops at the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_destination_refuses_its_letter_and_the_others_go_on() {
+    let (topic, dlt_topic) = topics("dlt-refuse").await;
+    let gone = support::unique_name("dlt-refuse-gone");
+    write_letters(&topic, [letter(0, "a").value(b"{\"id\":0}")]).await;
+    // The letter at DLT offset 1 names a source topic that does not exist (any more).
+    support::produce(
+        &dlt_topic,
+        vec![
+            support::TestRecord::new()
+                .key("b")
+                .value(b"{\"id\":1}")
+                .header(headers::ORIGINAL_TOPIC, Some(gone.clone().into_bytes()))
+                .header(headers::FAILURE_KIND, Some(b"permanent".to_vec())),
+        ],
+    )
+    .await;
+    write_letters(&topic, [letter(2, "c").value(b"{\"id\":2}")]).await;
+
+    for dry_run in [true, false] {
+        let report = redrive(
+            &dlt_topic,
+            Redrive::new(LetterSelector::new()).dry_run(dry_run),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("dry run {dry_run}: {e:?}"));
+        assert_eq!(places(&report), ["0@0", "0@2"], "dry run {dry_run}");
+        assert_eq!(report.refused.len(), 1, "dry run {dry_run}: {report:?}");
+        let refused = &report.refused[0];
+        assert_eq!(refused.letter.to_string(), format!("{dlt_topic}/0@1"));
+        assert_eq!(refused.reason, format!("topic {gone} does not exist"));
+    }
+    let source = support::read_all(&topic).await;
+    assert_eq!(source.len(), 2, "only the real run published, both others");
+
+    #[cfg(feature = "cli")]
+    {
+        let out = run_tool(vec![
+            "redrive".into(),
+            dlt_topic.clone(),
+            "--dry-run".into(),
+        ])
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "refused letters: exit 2\n{stdout}{out:?}"
+        );
+        assert!(
+            stdout.contains(&format!("refused {dlt_topic}/0@1 (")),
+            "{stdout}"
+        );
+        let would = stdout
+            .lines()
+            .filter(|l| l.starts_with("would redrive "))
+            .count();
+        assert_eq!(would, 2, "{stdout}");
+        let out = run_tool(vec![
+            "redrive".into(),
+            dlt_topic.clone(),
+            "--dry-run".into(),
+            "--at".into(),
+            "0:2".into(),
+        ])
+        .await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "nothing refused: exit 0 {out:?}"
+        );
+    }
+}
+
+/// A letter the broker refuses for itself (here: too large for its destination) is refused
+/// with the broker's reason, and the letters after it are still redriven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_letter_the_destination_refuses_is_refused_and_the_others_go_on() {
+    let (topic, dlt_topic) = topics("dlt-too-large").await;
+    let big = format!("{{\"id\":1,\"pad\":\"{}\"}}", "x".repeat(20_000));
+    write_letters(
+        &topic,
+        [
+            letter(0, "small-0").value(b"{\"id\":0}"),
+            letter(1, "big").value(big),
+            letter(2, "small-2").value(b"{\"id\":2}"),
+        ],
+    )
+    .await;
+    let destination = support::unique_name("dlt-too-large-to");
+    support::create_topic_with_config(&destination, 1, &[("max.message.bytes", "4096")]).await;
+    let report = redrive(
+        &dlt_topic,
+        Redrive::new(LetterSelector::new()).to(&destination),
+    )
+    .await
+    .expect("the run goes on");
+    assert_eq!(places(&report), ["0@0", "0@2"], "{report:?}");
+    assert_eq!(report.refused.len(), 1, "{report:?}");
+    assert_eq!(report.refused[0].letter.offset, 1);
+    assert!(
+        report.refused[0].reason.contains("too large"),
+        "{:?}",
+        report.refused[0]
+    );
+    let landed = support::read_all(&destination).await;
+    let keys: Vec<_> = landed.iter().map(|r| r.key.clone().unwrap()).collect();
+    assert_eq!(keys, [b"small-0".to_vec(), b"small-2".to_vec()]);
+}
+
+/// Stateless runs commit nothing: a rerun sees the same letters and redrives them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_reruns_see_the_same_letters() {
+    let (topic, dlt_topic) = topics("dlt-stateless").await;
+    six_letters(&topic).await;
+    let selector = LetterSelector::new().at(LetterRange::new(0, 1, 2));
+    let first = redrive(&dlt_topic, Redrive::new(selector.clone()))
+        .await
+        .expect("first");
+    let second = redrive(&dlt_topic, Redrive::new(selector))
+        .await
+        .expect("second");
+    assert_eq!(places(&first), ["0@1", "0@2"]);
+    assert_eq!(places(&second), places(&first));
+    assert_ne!(
+        first.redriven[0].offset, second.redriven[0].offset,
+        "each run reports its own republished record"
+    );
+    assert_eq!(support::read_all(&topic).await.len(), 4);
+}
+
+/// A resumable run commits its position tied to its selection: a rerun with the same
+/// selection goes on from there; a run with another selection refuses that position (and a
+/// position without one, e.g. from the old `--group`) instead of passing over letters the
+/// first selection filtered out, and with a group of its own it finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumable_redrive_never_passes_over_letters_another_selection_selects() {
+    let (topic, dlt_topic) = topics("dlt-resume").await;
+    six_letters(&topic).await;
+    let group = support::unique_name("dlt-resume-g");
+    let k1 = || Redrive::new(LetterSelector::new().key("k1")).resume_group(group.clone());
+
+    let first = redrive(&dlt_topic, k1()).await.expect("k1");
+    assert_eq!(
+        (places(&first), first.filtered_out),
+        (vec!["0@1".to_owned()], 5)
+    );
+    assert_eq!(
+        support::committed_offsets(&group, &dlt_topic, 1).await[&0],
+        Some(6),
+        "every letter was considered by this selection"
+    );
+    let again = redrive(&dlt_topic, k1()).await.expect("k1 again");
+    assert_eq!(
+        (again.read, again.redriven.len()),
+        (0, 0),
+        "resumed at the end"
+    );
+
+    let other = redrive(
+        &dlt_topic,
+        Redrive::new(LetterSelector::new().key("k4")).resume_group(group.clone()),
+    )
+    .await
+    .expect_err("another selection on the same group");
+    assert!(
+        matches!(&*other.error, DeadLetterTopicError::ResumeMismatch { wanted, .. } if wanted == "key=k4"),
+        "{other:?}"
+    );
+    assert!(other.report.redriven.is_empty());
+
+    let own = redrive(
+        &dlt_topic,
+        Redrive::new(LetterSelector::new().key("k4"))
+            .resume_group(support::unique_name("dlt-resume-k4")),
+    )
+    .await
+    .expect("k4 with its own group");
+    assert_eq!(places(&own), ["0@4"], "the letter k1's run filtered out");
+
+    // A position committed without a selection (the old tool's `--group`) is refused too.
+    let legacy = support::unique_name("dlt-resume-legacy");
+    support::commit_offsets(&legacy, &dlt_topic, &[(0, 3)]).await;
+    let err = redrive(
+        &dlt_topic,
+        Redrive::new(LetterSelector::new()).resume_group(legacy),
+    )
+    .await
+    .expect_err("a position of unknown selection");
+    assert!(
+        err.error.to_string().contains("none recorded"),
+        "{}",
+        err.error
+    );
+    assert_eq!(support::read_all(&topic).await.len(), 2);
+}
+
+/// Redriving a letter of an event the consumer already delivered from a redrive (a rerun of
+/// a stateless redrive, or a second letter of the event) does not run the handler again:
+/// the redriven record keeps its `event-id` and carries the same redrive count, so its dedup
+/// key (`<event>#r1`) is already done. A stale letter of an event handled from its *source*
+/// record does run again: a redrive is a delivery position of its own (documented in the
+/// crate's idempotency docs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_letter_is_not_handled_twice_by_an_idempotent_consumer() {
+    use kourier::{DedupKey, Idempotency, InMemoryIdempotencyStore};
+
+    let (topic, dlt_topic) = topics("dlt-idem").await;
+    let failing = Arc::new(Mutex::new(true));
+    let handled: HandledLog = Arc::new(Mutex::new(Vec::new()));
+    let consumer = Running::start(
+        RetryingConsumer::builder(Service {
+            failing: failing.clone(),
+            handled: handled.clone(),
+        })
+        .bootstrap_servers(support::bootstrap())
+        .group_id(support::unique_name("dlt-idem-svc"))
+        .topic(&topic)
+        .retry_policy(RetryPolicy::no_retries())
+        .idempotency(Idempotency::new(
+            Arc::new(InMemoryIdempotencyStore::new()),
+            DedupKey::header("event-id"),
+        ))
+        .commit_interval(Duration::from_millis(200)),
+    );
+    // e-1 fails and is dead-lettered by the consumer.
+    support::produce(
+        &topic,
+        vec![
+            support::TestRecord::new()
+                .key("u1")
+                .value(serde_json::to_vec(&Ev { id: 1 }).unwrap())
+                .header("event-id", Some(b"e-1".to_vec())),
+        ],
+    )
+    .await;
+    wait_for("e-1 dead-lettered", WAIT, || {
+        consumer.monitor.snapshot().dead_lettered.permanent == 1
+    })
+    .await;
+    *failing.lock().unwrap() = false;
+
+    let e1 = || Redrive::new(LetterSelector::new().header("event-id", "e-1"));
+    let first = redrive(&dlt_topic, e1()).await.expect("redrive e-1");
+    assert_eq!(first.redriven.len(), 1);
+    wait_for("e-1 handled", WAIT, || handled.lock().unwrap().len() == 1).await;
+
+    // The same letter again (a stateless rerun): delivered, but skipped as a duplicate.
+    let second = redrive(&dlt_topic, e1()).await.expect("redrive e-1 again");
+    assert_eq!(second.redriven.len(), 1);
+    wait_for("the second copy skipped", WAIT, || {
+        consumer.monitor.snapshot().duplicates == 1
+    })
+    .await;
+
+    // A second letter of e-1 (as a crash can write): redriving both letters of the event
+    // delivers two more copies at redrive count 1, both skipped.
+    write_letters(
+        &topic,
+        [letter(0, "u1")
+            .value(serde_json::to_vec(&Ev { id: 1 }).unwrap())
+            .headers(Headers::new().with("event-id", "e-1"))],
+    )
+    .await;
+    let both = redrive(&dlt_topic, e1())
+        .await
+        .expect("redrive both letters of e-1");
+    assert_eq!(places(&both), ["0@0", "0@1"]);
+    wait_for("both copies skipped", WAIT, || {
+        consumer.monitor.snapshot().duplicates == 3
+    })
+    .await;
+
+    // A stale letter of e-2, which the consumer handled from its source record.
+    support::produce(
+        &topic,
+        vec![
+            support::TestRecord::new()
+                .key("u2")
+                .value(serde_json::to_vec(&Ev { id: 2 }).unwrap())
+                .header("event-id", Some(b"e-2".to_vec())),
+        ],
+    )
+    .await;
+    wait_for("e-2 handled", WAIT, || handled.lock().unwrap().len() == 2).await;
+    write_letters(
+        &topic,
+        [letter(1, "u2")
+            .value(serde_json::to_vec(&Ev { id: 2 }).unwrap())
+            .headers(Headers::new().with("event-id", "e-2"))],
+    )
+    .await;
+    let stale = redrive(
+        &dlt_topic,
+        Redrive::new(LetterSelector::new().header("event-id", "e-2")),
+    )
+    .await
+    .expect("redrive e-2");
+    assert_eq!(stale.redriven.len(), 1);
+    wait_for("e-2 handled again", WAIT, || {
+        handled.lock().unwrap().len() == 3
+    })
+    .await;
+    consumer.stop().await;
+
+    let got = handled.lock().unwrap().clone();
+    assert_eq!(
+        got,
+        [
+            (1, Some("1".to_owned())),
+            (2, None),
+            (2, Some("1".to_owned()))
+        ],
+        "e-1 once from its redrives; e-2 from its source and from the stale letter"
+    );
+    let source = support::read_all(&topic).await;
+    let from: Vec<(&str, &str)> = source
+        .iter()
+        .filter(|r| r.header(headers::REDRIVEN_FROM).is_some())
+        .map(|r| {
+            (
+                r.header_str("event-id"),
+                r.header_str(headers::REDRIVEN_FROM),
+            )
+        })
+        .collect();
+    let (l0, l1, l2) = (
+        format!("{dlt_topic}/0@0"),
+        format!("{dlt_topic}/0@1"),
+        format!("{dlt_topic}/0@2"),
+    );
+    assert_eq!(
+        from,
+        [
+            ("e-1", l0.as_str()),
+            ("e-1", l0.as_str()),
+            ("e-1", l0.as_str()),
+            ("e-1", l1.as_str()),
+            ("e-2", l2.as_str()),
+        ],
+        "every copy keeps its event id and names its letter"
+    );
+}
+
+/// `inspect --group-by` shows the copies of one event together with their fates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_groups_the_letters_of_one_event() {
+    let (topic, dlt_topic) = topics("dlt-group").await;
+    let event = |id: &str| Headers::new().with("event-id", id);
+    write_letters(
+        &topic,
+        [
+            letter(0, "u1").headers(event("e-1")),
+            letter(1, "u2").headers(event("e-2")),
+            letter(0, "u1")
+                .headers(event("e-1"))
+                .reason(DeadLetterReason::RetriesExhausted),
+            letter(2, "u3"),
+        ],
+    )
+    .await;
+    let (letters, _) = inspect_all(kafka(), &dlt_topic).await.expect("inspect");
+    let by = dlt::GroupBy::parse("event-id").unwrap();
+    let groups = dlt::group(&letters, &by);
+    let shape: Vec<(Option<&str>, Vec<String>)> = groups
+        .iter()
+        .map(|g| {
+            (
+                g.value.as_deref(),
+                g.letters.iter().map(|l| l.place()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            (Some("e-1"), vec!["0@0".to_owned(), "0@2".to_owned()]),
+            (Some("e-2"), vec!["0@1".to_owned()]),
+            (None, vec!["0@3".to_owned()]),
+        ]
+    );
+    let table = dlt::grouped_table(&groups, &by);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().take(2).collect::<Vec<_>>(),
+        ["EVENT-ID", "DLT"],
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("e-1 (2 letters)") && lines[1].contains("permanent"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("   ") && lines[2].contains("retries-exhausted"),
+        "{table}"
+    );
+    assert_eq!(lines[3].trim(), "", "a blank line between groups: {table}");
+    assert!(table.contains("(no event-id)"), "{table}");
+    let json = dlt::group_json(&by, &groups[0]);
+    assert_eq!(json["value"], "e-1");
+    assert_eq!(
+        json["kinds"],
+        serde_json::json!(["permanent", "retries-exhausted"])
+    );
+    assert_eq!(json["fates"][1]["dlt_offset"], 2);
+    assert_eq!(dlt::GroupBy::parse("key"), Ok(dlt::GroupBy::Key));
+    assert_eq!(
+        dlt::GroupBy::parse("header:key"),
+        Ok(dlt::GroupBy::Header("key".into()))
+    );
+    let by_key = dlt::group(&letters, &dlt::GroupBy::Key);
+    assert_eq!(by_key.len(), 3, "u1 twice, u2, u3");
+
+    #[cfg(feature = "cli")]
+    {
+        let out = run_tool(vec![
+            "inspect".into(),
+            dlt_topic.clone(),
+            "--group-by".into(),
+        ])
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            stdout.contains("e-1 (2 letters)"),
+            "--group-by alone is event-id: {stdout}"
+        );
+    }
+}
+
+/// The binary: one letter by its offset and the letters of one event id, each printed with
+/// the letter's place and where it landed.
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_redrives_one_letter_by_offset_and_by_event_id() {
+    let (topic, dlt_topic) = topics("dlt-binary-select").await;
+    six_letters(&topic).await;
+    let out = run_tool(vec![
+        "redrive".into(),
+        dlt_topic.clone(),
+        "--at".into(),
+        "0:3".into(),
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.starts_with(&format!(
+            "redrove {dlt_topic}/0@3 ({topic}/0@3) -> {topic}/0@0  key=k3 redrive-count=1
+"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("read 1, redrove 1, filtered out 0, refused 0 (stateless"),
+        "{stdout}"
+    );
+    let out = run_tool(vec![
+        "redrive".into(),
+        dlt_topic.clone(),
+        "--header".into(),
+        "event-id=e-5".into(),
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.starts_with(&format!(
+            "redrove {dlt_topic}/0@5 ({topic}/0@5) -> {topic}/0@1 "
+        )),
+        "{stdout}"
+    );
+    let source = support::read_all(&topic).await;
+    let events: Vec<&str> = source.iter().map(|r| r.header_str("event-id")).collect();
+    assert_eq!(events, ["e-3", "e-5"]);
+
+    // `--json`: one object per letter, with its place and where it landed.
+    let out = run_tool(vec![
+        "redrive".into(),
+        dlt_topic.clone(),
+        "--at".into(),
+        "0:1".into(),
+        "--json".into(),
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(
+        line,
+        serde_json::json!({
+            "status": "redriven",
+            "letter": {"topic": dlt_topic, "partition": 0, "offset": 1},
+            "original": format!("{topic}/0@1"),
+            "key": "k1",
+            "key_hex": null,
+            "destination": {"topic": topic, "partition": 0, "offset": 2},
+            "redrive_count": 1,
+        })
+    );
+
+    // The removed `--group` is refused with its migration, before anything is read.
+    let out = run_tool(vec![
+        "redrive".into(),
+        dlt_topic.clone(),
+        "--group".into(),
+        "g".into(),
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("use --resume-group with a new group name"),
+        "{stderr}"
+    );
 }

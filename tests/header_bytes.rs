@@ -132,6 +132,10 @@ async fn header_name_bytes_survive_handler_dead_letter_and_redrive() {
     assert_eq!(redriven.len(), 1);
     let mut expected_redrive = expected.clone();
     expected_redrive.push(Header::new(headers::REDRIVE_COUNT, "1"));
+    expected_redrive.push(Header::new(
+        headers::REDRIVEN_FROM,
+        format!("{dlt_topic}/{}@{}", letter.partition, letter.offset),
+    ));
     assert_eq!(
         redriven[0].raw_headers, expected_redrive,
         "the redriven record"

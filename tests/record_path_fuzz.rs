@@ -142,12 +142,14 @@ proptest! {
         prop_assert_eq!(redrive.key.as_deref(), record.key.as_deref());
         prop_assert_eq!(redrive.value.as_deref(), record.value.as_deref());
         // The record's own headers come back in order, byte for byte (provenance names and
-        // the redrive count are kourier's: replaced, never duplicated).
+        // the redrive count and where it was redriven from are kourier's: replaced, never
+        // duplicated).
         let own = |h: &Headers| -> Vec<Header> {
             h.iter()
                 .filter(|h| {
                     !kourier::dead_letter::headers::ALL.iter().any(|n| h.is_named(n))
                         && !h.is_named(kourier::dead_letter::headers::REDRIVE_COUNT)
+                        && !h.is_named(kourier::dead_letter::headers::REDRIVEN_FROM)
                 })
                 .cloned()
                 .collect()

@@ -8,7 +8,7 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
                   [--slow-records N] [--slow-partition-records N] [--keep-topics]
                   [--consumer-config KEY=VALUE]... [--buffer-records N] [--partition-buffer N]
                   [--ordering partition|key|unordered] [--max-in-flight N] [--timeline]
-                  [--floor-claim-script] [--uncommitted-per-partition N] [--dest-down-at-start]
+                  [--floor-claim-script] [--uncommitted-per-partition N] [--dest-down-at-start] [--park]
                   [--hot-rate N]
 
   --records N          records of the drain scenarios a-d, c0, d0 (default 1000000; --quick 50000)
@@ -50,6 +50,9 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
                        for their destination never pause a partition)
   --dest-down-at-start dest-down: the 20 destinations are down from the consumer's start, not
                        from the end of the warm-up
+  --park               the destination scenarios park waiting records in a retry tier (1 s,
+                       with key order, in-memory ledger; park after 5 s) and keep kourier's
+                       max_uncommitted_per_partition (10000) unless told otherwise
   --hot-rate N         offered rate of the hot-destination scenarios, records/s, half of them
                        to the hot destination (default 1000; --smoke 200)";
 
@@ -75,6 +78,7 @@ pub(crate) struct Args {
     pub(crate) max_in_flight: Option<u64>,
     pub(crate) uncommitted_per_partition: Option<u64>,
     pub(crate) dest_down_at_start: bool,
+    pub(crate) park: bool,
     pub(crate) hot_rate: u64,
     pub(crate) child: Option<ChildArgs>,
 }
@@ -139,6 +143,7 @@ pub(crate) fn parse_args() -> Result<Args, String> {
         max_in_flight: None,
         uncommitted_per_partition: None,
         dest_down_at_start: false,
+        park: false,
         hot_rate: pick(200, 1_000, 1_000),
         child: None,
     };
@@ -157,6 +162,7 @@ pub(crate) fn parse_args() -> Result<Args, String> {
             "--timeline" => args.timeline = true,
             "--floor-claim-script" => args.floor_claim_script = true,
             "--dest-down-at-start" => args.dest_down_at_start = true,
+            "--park" => args.park = true,
             "--uncommitted-per-partition" => {
                 args.uncommitted_per_partition = Some(number(&flag, value(&flag)?)?);
             }

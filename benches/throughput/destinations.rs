@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use kourier::tiers::{InMemoryKeyOrderLedger, RetryTiers};
 use kourier::{
     BreakerPolicy, BreakerState, ConsumerMonitor, ConsumerSnapshot, Destinations, HandlerError,
-    ProcessingOrder, async_trait,
+    MissingTopics, ProcessingOrder, async_trait,
 };
 
 use crate::args::{Args, ChildArgs};
@@ -233,7 +234,12 @@ pub(crate) fn wait_assigned(monitor: &ConsumerMonitor) -> BoxResult<()> {
     wait_for(
         monitor,
         || "no partitions assigned".into(),
-        || monitor.snapshot().assigned.len() == PARTITIONS as usize,
+        // Those of the source topic (with --park the retry tier's are assigned too).
+        || {
+            let assigned = monitor.snapshot().assigned;
+            let source = assigned.iter().filter(|(t, _)| !t.contains(".retry."));
+            source.count() == PARTITIONS as usize
+        },
     )
 }
 
@@ -343,15 +349,27 @@ pub(crate) fn destinations(args: &Args, child: &ChildArgs, group: &str) -> BoxRe
             progress: progress.clone(),
             behaviour: Behaviour::Deliver(endpoints.clone()),
         };
-        // Records waiting for their destination hold their partition's commit point: unless
-        // told otherwise, allow the whole run past it.
-        let uncommitted = args.uncommitted_per_partition.unwrap_or(total.max(10_000));
-        let consumer = kourier_builder(args, handler, group, &child.topic)
+        // Records waiting for their destination in place hold their partition's commit
+        // point: unless told otherwise (or parking them), allow the whole run past it.
+        let uncommitted = args.uncommitted_per_partition.unwrap_or(if args.park {
+            10_000
+        } else {
+            total.max(10_000)
+        });
+        let mut builder = kourier_builder(args, handler, group, &child.topic)
             .ordering(ProcessingOrder::Key)
             .destinations(Destinations::by_key().with_open_interval(DEST_OPEN, DEST_OPEN))
             .breaker(BreakerPolicy::default())
-            .max_uncommitted_per_partition(uncommitted as usize)
-            .build()?;
+            .max_uncommitted_per_partition(uncommitted as usize);
+        if args.park {
+            builder = builder
+                .retry_tiers(
+                    RetryTiers::new([Duration::from_secs(1)])
+                        .with_key_order(Arc::new(InMemoryKeyOrderLedger::new())),
+                )
+                .missing_topics(MissingTopics::create(PARTITIONS as u16));
+        }
+        let consumer = builder.build()?;
         let peaks = peaks.clone();
         run_sampled(&rt, consumer, move |s| peaks.sample(s))
     };
@@ -391,6 +409,15 @@ pub(crate) fn destinations(args: &Args, child: &ChildArgs, group: &str) -> BoxRe
         let cpu_secs = process_cpu_secs() - cpu0;
         let rss_kib = peak_rss_kib();
         let at_up_done = monitor.snapshot();
+        if args.park {
+            eprintln!(
+                "{}: parked {} times, forwarded {:?}, paused partitions {:?} when the others were delivered",
+                scenario.name(),
+                at_up_done.destinations.as_ref().map_or(0, |d| d.parked),
+                at_up_done.forwarded,
+                at_up_done.paused,
+            );
+        }
         let calls_down = endpoints.calls_down.load(AtomicOrdering::Relaxed);
         let first_down_us = endpoints.first_down_call_us.load(AtomicOrdering::Relaxed);
 

@@ -50,6 +50,9 @@ fn run_child_process(
     if args.dest_down_at_start {
         cmd.arg("--dest-down-at-start");
     }
+    if args.park {
+        cmd.arg("--park");
+    }
     if let Some(n) = args.uncommitted_per_partition {
         cmd.args(["--uncommitted-per-partition", &n.to_string()]);
     }

@@ -111,6 +111,7 @@ pub(crate) fn print_table(
         || args.max_in_flight.is_some()
         || args.uncommitted_per_partition.is_some()
         || args.dest_down_at_start
+        || args.park
         || args.floor_claim_script
     {
         let overrides: Vec<String> = args
@@ -145,6 +146,10 @@ pub(crate) fn print_table(
             .chain(
                 args.floor_claim_script
                     .then(|| "(c0) claims with kourier's claim script".to_owned()),
+            )
+            .chain(
+                args.park
+                    .then(|| "destinations: waiting records parked in a retry tier".to_owned()),
             )
             .collect();
         let _ = writeln!(w, "overrides: {}", overrides.join(", "));
@@ -610,8 +615,14 @@ fn print_destinations<'a>(
          the call that delivers, the {} destinations dest-down keeps up only",
         thousands(DESTINATIONS as f64),
         DEST_OPEN.as_secs(),
-        args.uncommitted_per_partition
-            .map_or("the run's records".into(), |n| thousands(n as f64)),
+        args.uncommitted_per_partition.map_or(
+            if args.park {
+                "10,000".into()
+            } else {
+                "the run's records".into()
+            },
+            |n| thousands(n as f64)
+        ),
         DELIVERY.as_millis(),
         thousands(args.latency_rate as f64),
         args.latency_secs,
@@ -757,8 +768,14 @@ fn print_hot<'a>(w: &mut String, args: &Args, get: &impl Fn(Scenario) -> Option<
         thousands(args.hot_rate as f64),
         args.latency_secs.min(HOT_MAX_SECS),
         first.max_in_flight,
-        args.uncommitted_per_partition
-            .map_or("the run's records".into(), |n| thousands(n as f64)),
+        args.uncommitted_per_partition.map_or(
+            if args.park {
+                "10,000".into()
+            } else {
+                "the run's records".into()
+            },
+            |n| thousands(n as f64)
+        ),
         HOT_DELIVERY.as_millis(),
         DELIVERY.as_millis(),
         HOT_RETRY_BACKOFF.as_millis(),

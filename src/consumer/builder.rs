@@ -793,12 +793,18 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
                 breaker
             })
         });
+        // A record parked in a tier must not be overtaken by its key's later records: in an
+        // ordered mode, only tiers that keep key order can take it.
+        let can_park = tiers
+            .as_ref()
+            .is_some_and(|t| t.keeps_key_order() || s.ordering == ProcessingOrder::Unordered);
         let destinations = (s.destinations.clone()).map(|of| DestinationGate {
             breakers: Arc::new(DestinationBreakers::new(
                 of.rules(),
                 metrics.clone(),
                 s.error_log_interval,
             )),
+            park_after: of.park_after().filter(|_| can_park),
             of,
         });
         let hub = Arc::new(Hub::new(

@@ -79,6 +79,14 @@ pub const KEY_DROPPED_BYTES: &str = "kourier-dlt-key-dropped-bytes";
 pub const HEADERS_DROPPED: &str = "kourier-dlt-headers-dropped";
 /// How many times the record was redriven from a dead-letter topic, decimal (UTF-8).
 pub const REDRIVE_COUNT: &str = "kourier-redrive-count";
+/// Set on a redriven record: the letter it was redriven from, as
+/// `<dead-letter topic>/<partition>@<offset>` (UTF-8). Replaced on each redrive, like
+/// [`REDRIVE_COUNT`]; not a provenance header, so a letter of a redriven record keeps it and
+/// shows where its previous letter was. Informative only: the consumer's dedup key of a
+/// redriven record is its event's key at the redrive count (see
+/// [`idempotency`](crate::idempotency#deliveries-of-one-event-delivery-rule-18)), whichever
+/// letter it came from.
+pub const REDRIVEN_FROM: &str = "kourier-redriven-from";
 
 /// The latest time a provenance header can name, in ms since the epoch:
 /// 9999-12-31T23:59:59.999Z (RFC 3339 has four-digit years). A later time reads as `None`.
@@ -273,7 +281,8 @@ pub(crate) fn redrive_count(h: &Headers) -> u32 {
 
 /// The value of the last header named `name`: `None` when there is none, `Some(None)` when
 /// its value is null.
-pub(crate) fn last<'h>(h: &'h Headers, name: &str) -> Option<Option<&'h [u8]>> {
+pub(crate) fn last(h: &Headers, name: impl AsRef<[u8]>) -> Option<Option<&[u8]>> {
+    let name = name.as_ref();
     h.iter().rev().find(|x| x.is_named(name)).map(|x| x.value())
 }
 

@@ -7,9 +7,17 @@
 //!
 //! To read dead letters back, [`Provenance::from_headers`] parses those headers; to publish
 //! one again, [`RedriveRecord::from_dead_letter`] rebuilds the original record (provenance
-//! removed, redrive count raised). The `kourier-dlt` binary (feature `cli`) is a command-line
-//! tool built on them: `inspect` lists a dead-letter topic, `redrive` re-publishes selected letters with
-//! crash-safe progress.
+//! removed, redrive count raised, [`headers::REDRIVEN_FROM`] naming the letter).
+//!
+//! [`DeadLetterTopic`] does the rest for a dead-letter topic on a cluster: it reads the
+//! letters a [`LetterSelector`] selects — by place (partition and offset, one or a range),
+//! header value (an event id), key, failure kind, time — and redrives them
+//! ([`Redrive`]): stateless by default (nothing committed; the [`RedriveReport`] lists
+//! each letter republished with its place and where it landed), resumable with a consumer
+//! group tied to the selector, a letter that cannot be redriven (its destination missing)
+//! refused with its reason while the others go on. The `kourier-dlt` binary (feature
+//! `cli`) is the command line for it: `inspect` lists (and groups by event) the letters of
+//! a dead-letter topic, `redrive` republishes a selection.
 //!
 //! The sink trait and the letter itself are used by every consumer, so they live at the crate
 //! root, not here: [`DeadLetterSink`],
@@ -24,6 +32,8 @@ pub mod headers;
 pub(crate) mod kafka;
 pub(crate) mod letter;
 mod redrive;
+mod select;
+mod topic;
 
 pub use self::headers::Provenance;
 pub(crate) use self::kafka::KafkaDeadLetterSink;
@@ -31,6 +41,11 @@ pub(crate) use self::letter::{
     DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, PendingLetter,
 };
 pub use self::redrive::{RedriveError, RedriveRecord};
+pub use self::select::{LetterRange, LetterRangeError, LetterSelector};
+pub use self::topic::{
+    DeadLetterTopic, DeadLetterTopicError, LetterPlace, Letters, Redrive, RedriveReport,
+    RedriveStopped, Redriven, Refused,
+};
 
 /// Error messages in dead letters are cut to this many bytes (on a UTF-8 boundary).
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;

@@ -7,11 +7,18 @@ use crate::record::{Header, Headers, RawRecord};
 /// A dead letter made ready to be published again ("redriven"): the original key, value and
 /// headers (names and values byte for byte), **minus** the provenance headers ([`headers::ALL`]) and any
 /// retry-tier headers ([`tiers::headers::ALL`](headers::tier::ALL)), **plus**
-/// [`headers::REDRIVE_COUNT`] one higher than the letter's.
+/// [`headers::REDRIVE_COUNT`] one higher than the letter's and [`headers::REDRIVEN_FROM`]
+/// naming the letter (`<dead-letter topic>/<partition>@<offset>`), both replacing any the
+/// letter carried.
 ///
 /// The record goes to the letter's original topic unless another is given. Its headers keep
 /// everything else the original record carried, e.g. an event id to deduplicate on and the
-/// W3C `traceparent`, so the redriven record continues the original trace. A consumer that
+/// W3C `traceparent`, so the redriven record continues the original trace. The consumer's
+/// dedup key of the redriven record is the event's key at the new redrive count (`#r1` for a
+/// first redrive): every redrive of a letter at one count — two runs of one redrive, or
+/// letters of one event written twice after a crash — is one delivery, handled once when the
+/// consumer has an idempotency store (see
+/// [`idempotency`](crate::idempotency#deliveries-of-one-event-delivery-rule-18)). A consumer that
 /// dead-letters it again keeps the redrive count, which is how a redrive tool can refuse to
 /// loop a record forever (the `kourier-dlt` tool does, above `--max-redrives`).
 ///
@@ -29,7 +36,13 @@ use crate::record::{Header, Headers, RawRecord};
 ///     .build();
 /// let redrive = RedriveRecord::from_dead_letter(&letter, None)?;
 /// assert_eq!(redrive.topic, "notify.v1");
-/// assert_eq!(redrive.headers, Headers::new().with("event-id", "e-1").with(headers::REDRIVE_COUNT, "1"));
+/// assert_eq!(
+///     redrive.headers,
+///     Headers::new()
+///         .with("event-id", "e-1")
+///         .with(headers::REDRIVE_COUNT, "1")
+///         .with(headers::REDRIVEN_FROM, "notify.v1.dlt/0@7"),
+/// );
 /// assert_eq!(redrive.redrive_count, 1);
 /// # Ok::<(), kourier::dead_letter::RedriveError>(())
 /// ```
@@ -43,7 +56,8 @@ pub struct RedriveRecord {
     /// The original value (`None` for a null value, which includes a metadata-only letter's
     /// dropped value: check [`Provenance::value_dropped_bytes`](super::Provenance) first).
     pub value: Option<Vec<u8>>,
-    /// The original headers without provenance, then the new redrive count.
+    /// The original headers without provenance, then the new redrive count and where it was
+    /// redriven from.
     pub headers: Headers,
     /// The redrive count written to [`headers::REDRIVE_COUNT`].
     pub redrive_count: u32,
@@ -118,11 +132,13 @@ impl RedriveRecord {
             .filter(|h| {
                 !headers::is_provenance(&h.key)
                     && !h.is_named(headers::REDRIVE_COUNT)
+                    && !h.is_named(headers::REDRIVEN_FROM)
                     && !headers::tier::ALL.iter().any(|n| h.is_named(n))
             })
             .cloned()
             .collect();
         out.push(Header::new(headers::REDRIVE_COUNT, count.to_string()));
+        out.push(Header::new(headers::REDRIVEN_FROM, letter.coordinates()));
         Ok(RedriveRecord {
             topic,
             key: letter.key.as_deref().map(<[u8]>::to_vec),
@@ -158,6 +174,7 @@ mod tests {
         }
         h.push(Header::new(headers::ORIGINAL_TOPIC, "t"));
         h.push(Header::new(headers::REDRIVE_COUNT, "2"));
+        h.push(Header::new(headers::REDRIVEN_FROM, "older.dlt/0@1"));
         h.push(Header::null("null-valued"));
         let r = RedriveRecord::from_dead_letter(&letter(h), None).unwrap();
         assert_eq!(r.topic, "t", "the last original-topic header counts");
@@ -168,6 +185,7 @@ mod tests {
                 Header::new("traceparent", "tp"),
                 Header::null("null-valued"),
                 Header::new(headers::REDRIVE_COUNT, "3"),
+                Header::new(headers::REDRIVEN_FROM, "t.dlt/1@9"),
             ])
         );
         assert_eq!((r.key, r.value), (None, None), "null stays null");
@@ -230,6 +248,7 @@ mod tests {
                     proptest::prop_assert!(crate::topic_name::check(&r.topic).is_ok());
                     proptest::prop_assert_eq!(r.redrive_count, before.saturating_add(1));
                     proptest::prop_assert_eq!(r.headers.get_all(headers::REDRIVE_COUNT).count(), 1);
+                    proptest::prop_assert_eq!(r.headers.get_all(headers::REDRIVEN_FROM).count(), 1);
                     let clean = r.headers.iter().all(|x| {
                         !headers::is_provenance(x.key())
                             && !headers::tier::ALL.iter().any(|n| x.is_named(n))

@@ -16,7 +16,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -75,6 +75,10 @@ struct Entry {
     waiting: usize,
     /// Attempts running now (counted with a concurrency cap or a rate limit only).
     running: u32,
+    /// With a concurrency cap: its places, handed to waiting records first come, first
+    /// served (a freed place goes to the record that has waited longest, which alone is
+    /// woken).
+    places: Option<Arc<Semaphore>>,
     /// The rate limit's bucket: tokens left, as of `refilled`.
     tokens: f64,
     refilled: Instant,
@@ -85,7 +89,7 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(name: Box<str>, now: Instant, tokens: f64) -> Self {
+    fn new(name: Box<str>, now: Instant, tokens: f64, cap: Option<u32>) -> Self {
         Entry {
             name,
             phase: Phase::Closed,
@@ -100,6 +104,7 @@ impl Entry {
             held_failures: 0,
             waiting: 0,
             running: 0,
+            places: cap.map(|n| Arc::new(Semaphore::new(n as usize))),
             tokens,
             refilled: now,
             changed: Arc::new(Notify::new()),
@@ -113,6 +118,7 @@ struct State {
     /// Destinations open, half-open or gone now.
     open: usize,
     untracked: u64,
+    parked: u64,
     /// The last time expired entries were looked for.
     swept: Instant,
 }
@@ -147,18 +153,27 @@ pub(crate) struct DestinationPass<'a> {
     /// The attempt counts toward the destination's running attempts (a cap or a rate
     /// limit is set and the destination is tracked).
     counted: bool,
+    /// Its place under the destination's cap: freed (handed to the next waiting record)
+    /// when the pass is dropped, after its result is counted.
+    _place: Option<OwnedSemaphorePermit>,
 }
 
 /// Why a record may not make its attempt now.
 pub(crate) enum Denied {
     /// Wait: until `until` (`None`: until woken), or until `changed` says something changed.
+    /// `down`: the destination is open (or its probe is out), not merely at its cap or out
+    /// of tokens.
     Wait {
         until: Option<Instant>,
         changed: Arc<Notify>,
+        down: bool,
     },
     /// The destination is gone (the handler said so, with this message): the record is
     /// given up.
     Gone(Arc<str>),
+    /// Every place under the destination's cap is taken: wait for one from these (in
+    /// turn), then ask again with it.
+    Place(Arc<Semaphore>),
 }
 
 /// What a record remembers of its destination between attempts.
@@ -222,6 +237,7 @@ impl DestinationBreakers {
                 entries: HashMap::default(),
                 open: 0,
                 untracked: 0,
+                parked: 0,
                 swept: Instant::now(),
             }),
             metrics,
@@ -244,9 +260,22 @@ impl DestinationBreakers {
     }
 
     /// A pass for the next attempt of a record of `destination`, or why not now.
+    #[cfg(test)]
     pub(crate) fn try_admit(
         &self,
         destination: &Destination,
+    ) -> Result<DestinationPass<'_>, Denied> {
+        self.try_admit_with(destination, &mut None)
+    }
+
+    /// A pass for the next attempt of a record of `destination`, or why not now. `place`:
+    /// a place under the destination's cap the record waited for ([`Denied::Place`]); the
+    /// pass takes it, a destination that went down meanwhile frees it, and a wait for a
+    /// token keeps it.
+    pub(crate) fn try_admit_with(
+        &self,
+        destination: &Destination,
+        place: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<DestinationPass<'_>, Denied> {
         let mut s = self.lock();
         let now = Instant::now();
@@ -262,7 +291,12 @@ impl DestinationBreakers {
             let tokens = self.full_bucket();
             s.entries.insert(
                 destination.id,
-                Entry::new(destination.display_name(), now, tokens),
+                Entry::new(
+                    destination.display_name(),
+                    now,
+                    tokens,
+                    self.rules.max_in_flight,
+                ),
             );
         }
         let limited = self.limited();
@@ -270,33 +304,53 @@ impl DestinationBreakers {
             unreachable!("inserted above");
         };
         let changed = e.changed.clone();
-        let wait = move |until| Denied::Wait { until, changed };
-        let probe = match e.phase {
-            Phase::Closed => false,
-            Phase::Open { until } if now < until => return Err(wait(Some(until))),
-            Phase::Gone { until } if now < until => {
-                return Err(Denied::Gone(
-                    e.gone.clone().unwrap_or_else(|| Arc::from("gone")),
-                ));
-            }
-            Phase::Open { .. } | Phase::Gone { .. } | Phase::HalfOpen { probe_out: false } => true,
-            Phase::HalfOpen { probe_out: true } => return Err(wait(None)),
+        let wait = |until, down| Denied::Wait {
+            until,
+            changed: changed.clone(),
+            down,
         };
-        if limited {
-            if let Some(cap) = self.rules.max_in_flight
-                && e.running >= cap
-            {
-                return Err(wait(None));
+        let down = match e.phase {
+            Phase::Closed => Ok(false),
+            Phase::Open { until } if now < until => Err(wait(Some(until), true)),
+            Phase::Gone { until } if now < until => Err(Denied::Gone(
+                e.gone.clone().unwrap_or_else(|| Arc::from("gone")),
+            )),
+            Phase::Open { .. } | Phase::Gone { .. } | Phase::HalfOpen { probe_out: false } => {
+                Ok(true)
             }
+            Phase::HalfOpen { probe_out: true } => Err(wait(None, true)),
+        };
+        let probe = match down {
+            Ok(probe) => probe,
+            Err(denied) => {
+                // Down: a place it waited for goes to the next waiting record.
+                drop(place.take());
+                return Err(denied);
+            }
+        };
+        let mut taken = None;
+        if limited {
             if let Some((calls, per)) = self.rules.rate {
                 let rate = f64::from(calls) / per.as_secs_f64();
                 let elapsed = now.saturating_duration_since(e.refilled).as_secs_f64();
                 e.tokens = (e.tokens + elapsed * rate).min(f64::from(calls));
                 e.refilled = now;
                 if e.tokens < 1.0 {
+                    // A place it holds is kept: the records behind it need a token too.
                     let due = Duration::from_secs_f64(((1.0 - e.tokens) / rate).min(86_400.0));
-                    return Err(wait(Some(clock::after(now, due))));
+                    return Err(wait(Some(clock::after(now, due)), false));
                 }
+            }
+            if let Some(places) = &e.places {
+                taken = match place.take() {
+                    Some(held) => Some(held),
+                    None => match Arc::clone(places).try_acquire_owned() {
+                        Ok(free) => Some(free),
+                        Err(_) => return Err(Denied::Place(Arc::clone(places))),
+                    },
+                };
+            }
+            if self.rules.rate.is_some() {
                 e.tokens -= 1.0;
             }
             e.running += 1;
@@ -313,7 +367,9 @@ impl DestinationBreakers {
             e.phase = Phase::HalfOpen { probe_out: true };
             e.touched = now;
         }
-        Ok(self.pass(destination.id, e.epoch, probe, limited))
+        let mut pass = self.pass(destination.id, e.epoch, probe, limited);
+        pass._place = taken;
+        Ok(pass)
     }
 
     fn pass(&self, id: u64, epoch: u64, probe: bool, counted: bool) -> DestinationPass<'_> {
@@ -323,6 +379,7 @@ impl DestinationBreakers {
             epoch,
             probe,
             counted,
+            _place: None,
         }
     }
 
@@ -338,6 +395,11 @@ impl DestinationBreakers {
                 "as many destinations are tracked as allowed: a destination not tracked yet is not isolated (its failures take the retry policy; no cap or rate limit holds it)"
             );
         }
+    }
+
+    /// A record waiting for its destination was parked in a retry tier.
+    pub(crate) fn parked(&self) {
+        self.lock().parked += 1;
     }
 
     /// A record starts (`true`) or stops waiting for `id`.
@@ -360,16 +422,9 @@ impl DestinationBreakers {
         if pass.counted
             && let Some(e) = s.entries.get_mut(&pass.id)
         {
-            let was_full = self.rules.max_in_flight.is_some_and(|cap| e.running >= cap);
+            // Its place (if any) is handed to the longest waiting record when the pass is
+            // dropped, right after this.
             e.running = e.running.saturating_sub(1);
-            if was_full {
-                // Every waiter looks again (a `notify_one` would keep one permit for two
-                // places freed while nobody was registered, and a waiter would sleep on a
-                // free place). With a long backlog this costs a wake-up per waiter per place
-                // freed: measured, draining 6,908 waiting records at a cap of 8 took about
-                // twice the ideal time (the benchmark's `dest-hot-capped`).
-                e.changed.notify_waiters();
-            }
         }
         let held = match ended {
             Ended::Succeeded => {
@@ -449,7 +504,12 @@ impl DestinationBreakers {
                 self.untracked(s);
                 return Held::No;
             }
-            let mut e = Entry::new(destination.display_name(), now, self.full_bucket());
+            let mut e = Entry::new(
+                destination.display_name(),
+                now,
+                self.full_bucket(),
+                self.rules.max_in_flight,
+            );
             e.epoch = pass.epoch;
             s.entries.insert(destination.id, e);
         }
@@ -663,6 +723,7 @@ impl DestinationBreakers {
             tracked: s.entries.len(),
             open: s.open,
             untracked: s.untracked,
+            parked: s.parked,
             top,
         }
     }
@@ -733,6 +794,10 @@ pub struct DestinationsStatus {
     /// Destinations that could not be tracked (the cap was reached), counted at each
     /// failure or admission that found no room, so far.
     pub untracked: u64,
+    /// Records parked in a retry tier after waiting
+    /// [`park_after`](crate::Destinations::with_park_after) for their open destination, so
+    /// far (each time: a record parked again from its tier counts again).
+    pub parked: u64,
     /// The destinations not closed for longest, oldest first (at most 10).
     pub top: Vec<DestinationStatus>,
 }
@@ -801,10 +866,11 @@ mod tests {
             .is_held()
     }
 
-    /// `d`'s records must wait: until when (`None`: until woken).
+    /// `d`'s records must wait: until when (`None`: until woken, or for a place).
     fn wait_until(b: &DestinationBreakers, d: &Destination) -> Option<Instant> {
         match b.try_admit(d) {
             Err(Denied::Wait { until, .. }) => until,
+            Err(Denied::Place(_)) => None,
             Err(Denied::Gone(said)) => panic!("gone: {said}"),
             Ok(_) => panic!("admitted"),
         }

@@ -84,23 +84,43 @@ impl<T> Clone for Source<T> {
 /// it opened are its own, so a destination that stays down never re-opens the consumer's
 /// breaker (nor holds its probe).
 ///
-/// Set `min_destinations` above the number of destinations you expect to be down at once:
-/// at a start, destinations that fail at once (a refused connection) can answer before the
-/// first successful calls of the others, and the breaker's window is nearly empty then
-/// (measured with the throughput benchmark's `dest-down` scenario started with 20 of 1,000
-/// destinations down: with the default 3, the consumer-wide breaker opened 99 ms in).
+/// Its failure rate then counts only once its window is full (20 calls by default), not from
+/// the policy's `min_calls`: at a start, destinations that are down fail at once (a refused
+/// connection) while the others' first calls are still running, and three such failures in
+/// a nearly empty window must not read as an outage (with `min_calls` of 3, the throughput
+/// benchmark's `dest-down` scenario started with 20 of 1,000 destinations down opened the
+/// consumer-wide breaker 99 ms in). Set `min_destinations` above the number of destinations
+/// you expect to be down at once.
 ///
-/// # The commit point
+/// # The commit point: records are parked in a retry tier
 ///
-/// A record waiting for its destination is not settled: its partition's commit point
-/// stays before it, and the records after it that settle count toward
+/// A record waiting for its destination is not settled: its partition's commit point stays
+/// before it, and the records after it that settle count toward
 /// [`max_uncommitted_per_partition`](crate::RetryingConsumerBuilder::max_uncommitted_per_partition)
 /// (default 10,000). Past it the partition pauses, and with it every destination of that
-/// partition. Size it for the longest outage of one destination you want to ride out: about
-/// the partition's records per second × that outage (the benchmark's `dest-down` scenario,
-/// 5,000 records/s over 6 partitions with 20 of 1,000 destinations down, paused all six
-/// partitions with the default: about 830 records/s each reach 10,000 in 12 s). What finished above
-/// a waiting record is not handled again after a rebalance
+/// partition (the benchmark's `dest-down` scenario, 5,000 records/s over 6 partitions with 20
+/// of 1,000 destinations down, paused all six partitions: about 830 records/s each reach
+/// 10,000 in 12 s).
+///
+/// So a record that has waited [`park_after`](Self::with_park_after) (default 5 s) for its
+/// open destination is **parked**: forwarded to a [retry tier](crate::tiers) as a *deferred*
+/// record (no attempt used, no stage counted, never dead-lettered for it), and its source
+/// offset settles once the broker acknowledged the forward. When it comes up in the tier
+/// (after the tier's delay) it asks its destination again: closed, it runs; still down, it
+/// waits and is parked round the same tier again. With
+/// [`RetryTiers::with_key_order`](crate::tiers::RetryTiers::with_key_order) its key's later
+/// records are deferred into the tier behind it, so order within the key holds (in
+/// [`Unordered`](crate::ProcessingOrder::Unordered) mode tiers without key order park too).
+/// Each park costs one forward per tier delay per waiting record. Parked records count in
+/// [`DestinationsStatus::parked`](crate::DestinationsStatus::parked) and as forwarded. A
+/// partition then holds about its records per second × `park_after` past a waiting record:
+/// keep that under `max_uncommitted_per_partition` (the default 5 s and 10,000 allow up to
+/// 2,000 records/s per partition).
+///
+/// Without retry tiers (or in an ordered mode with tiers that do not keep key order) records
+/// wait in place: size `max_uncommitted_per_partition` for the longest outage of one
+/// destination you want to ride out, about the partition's records per second × that outage.
+/// What finished above a waiting record is not handled again after a rebalance
 /// ([`CommitMetadata`](crate::CommitMetadata)), within the metadata's size.
 ///
 /// # Memory
@@ -138,6 +158,7 @@ pub struct Destinations<T> {
     max_tracked: usize,
     idle_expiry: Duration,
     probes_per_record: u32,
+    park_after: Option<Duration>,
     /// Destinations are told apart by a hash of their name, seeded per process (a hostile
     /// name cannot pick another's slot).
     hasher: foldhash::fast::RandomState,
@@ -172,6 +193,7 @@ impl<T> fmt::Debug for Destinations<T> {
             .field("rate", &self.rate)
             .field("gone", &self.gone)
             .field("gone_for", &self.gone_for)
+            .field("park_after", &self.park_after)
             .finish()
     }
 }
@@ -219,6 +241,10 @@ impl Destination {
 }
 
 impl<T> Destinations<T> {
+    /// How long a record waits for its open destination before it is parked in a retry
+    /// tier, by default (see [`with_park_after`](Self::with_park_after)).
+    pub const DEFAULT_PARK_AFTER: Duration = Duration::from_secs(5);
+
     fn with_source(source: Source<T>) -> Self {
         Destinations {
             source,
@@ -232,6 +258,7 @@ impl<T> Destinations<T> {
             max_tracked: 10_000,
             idle_expiry: Duration::from_secs(300),
             probes_per_record: 10,
+            park_after: Some(Self::DEFAULT_PARK_AFTER),
             hasher: foldhash::fast::RandomState::default(),
         }
     }
@@ -298,7 +325,9 @@ impl<T> Destinations<T> {
     }
 
     /// At most `n` attempts (at least 1) to one destination run at once: a destination's
-    /// further records wait (without an in-flight slot) until one ends. So no destination
+    /// further records wait (without an in-flight slot) until one ends, first come, first
+    /// served (a freed place goes to the record that has waited longest, and wakes it
+    /// alone). So no destination
     /// takes more than `n` of the consumer's
     /// [`max_in_flight`](crate::RetryingConsumerBuilder::max_in_flight) slots, however hot it
     /// is. Default: no cap. (In key order with the destination as the key, a destination
@@ -332,6 +361,36 @@ impl<T> Destinations<T> {
         self.gone = records;
         self.gone_for = gone_for.min(BreakerPolicy::MAX_OPEN_INTERVAL);
         self
+    }
+
+    /// A record that has waited `after` for its open destination is **parked**: forwarded to
+    /// a retry tier (its first, or the tier it came from) as a deferred record — no attempt
+    /// used, no stage counted — so that its partition's commit point moves on (see *The
+    /// commit point* above). Default [`DEFAULT_PARK_AFTER`](Self::DEFAULT_PARK_AFTER)
+    /// (5 s); at most a day, longer is taken as a day; `build()` refuses zero. It needs
+    /// [retry tiers](crate::RetryingConsumerBuilder::retry_tiers), and in
+    /// [`Key`](crate::ProcessingOrder::Key) or [`Partition`](crate::ProcessingOrder::Partition)
+    /// order tiers that keep key order ([`RetryTiers::with_key_order`](crate::tiers::RetryTiers::with_key_order)),
+    /// so that the key's later records follow it into the tier; otherwise records wait in
+    /// place, whatever this says.
+    #[must_use]
+    pub fn with_park_after(mut self, after: Duration) -> Self {
+        self.park_after = Some(after.min(BreakerPolicy::MAX_OPEN_INTERVAL));
+        self
+    }
+
+    /// Records wait for their open destination in place, however long: nothing is parked
+    /// in a retry tier (see [`with_park_after`](Self::with_park_after)).
+    #[must_use]
+    pub fn without_parking(mut self) -> Self {
+        self.park_after = None;
+        self
+    }
+
+    /// How long a record waits for its open destination before it is parked in a retry
+    /// tier (`None`: never parked).
+    pub fn park_after(&self) -> Option<Duration> {
+        self.park_after
     }
 
     /// How long a destination stays open before its first probe.
@@ -387,6 +446,9 @@ impl<T> Destinations<T> {
         }
         if self.gone_for.is_zero() {
             return invalid("gone_for must be longer than zero".into());
+        }
+        if self.park_after.is_some_and(|d| d.is_zero()) {
+            return invalid("park_after must be longer than zero (or use without_parking)".into());
         }
         Ok(())
     }

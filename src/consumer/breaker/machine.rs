@@ -158,6 +158,9 @@ pub(crate) struct Breaker {
     /// Failures must come from this many distinct callers to open it: 2 (events), or with
     /// destinations the policy's `min_destinations` (destinations).
     min_callers: usize,
+    /// The failure rate counts only once the window is full (with destinations), not from
+    /// the policy's `min_calls`.
+    full_window: bool,
     inner: Mutex<Inner>,
     /// Woken on every change that may let a waiting record go.
     pub(super) changed: Notify,
@@ -241,13 +244,19 @@ impl Breaker {
             changed: Notify::new(),
             metrics,
             min_callers: 2,
+            full_window: false,
         }
     }
 
     /// Counts failures by destination (the callers the workers give are destinations):
-    /// it opens only on failures of the policy's `min_destinations` destinations.
+    /// it opens only on failures of the policy's `min_destinations` destinations, and its
+    /// failure rate counts only once its window is full. (A destination that is down fails
+    /// at once, while the others' first calls are still running: at a start, the first
+    /// calls to end can all be failures of a few destinations, and a window of three calls
+    /// would read that as an outage.)
     pub(crate) fn by_destination(mut self) -> Self {
         self.min_callers = self.policy.min_destinations() as usize;
+        self.full_window = true;
         self
     }
 
@@ -491,8 +500,13 @@ impl Breaker {
                 }
             }
         }
+        let min_calls = if self.full_window {
+            r.window
+        } else {
+            r.min_calls
+        };
         (callers.len() >= self.min_callers
-            && calls >= r.min_calls
+            && calls >= min_calls
             && f64::from(s.failures_in_window) >= r.rate * f64::from(calls))
         .then(|| format!("{} of the last {calls} calls failed", s.failures_in_window))
     }
@@ -1029,6 +1043,35 @@ mod tests {
         assert_eq!(b.status().state, BreakerState::Closed, "2 destinations");
         destination_fails(&b, 3, &transient());
         assert_eq!(b.status().state, BreakerState::Open, "the third opens it");
+    }
+
+    /// With destinations, the failure rate counts from a full window: three destinations
+    /// failing first at a start (their calls end at once, the others' are still running) do
+    /// not open it; a window of 20 calls with half of them failed, over 3 destinations, does.
+    #[tokio::test(start_paused = true)]
+    async fn with_destinations_the_failure_rate_counts_from_a_full_window() {
+        let b = breaker(BreakerPolicy::default()).by_destination();
+        for d in [1, 2, 3] {
+            destination_fails(&b, d, &HandlerError::unavailable("connection refused"));
+        }
+        assert_eq!(b.status().state, BreakerState::Closed, "3 of 3 calls");
+        for d in 100..116 {
+            admitted(b.try_admit(ProbeMemo::default(), d), "closed").succeeded();
+        }
+        assert_eq!(b.status().state, BreakerState::Closed, "3 of 19 calls");
+        let b = breaker(BreakerPolicy::default()).by_destination();
+        for d in 0..20 {
+            if d % 2 == 0 {
+                admitted(b.try_admit(ProbeMemo::default(), 100 + d), "closed").succeeded();
+            } else {
+                destination_fails(&b, d, &HandlerError::unavailable("connection refused"));
+            }
+        }
+        assert_eq!(
+            b.status().state,
+            BreakerState::Open,
+            "10 of 20 calls, 10 destinations"
+        );
     }
 
     #[tokio::test(start_paused = true)]

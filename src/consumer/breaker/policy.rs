@@ -58,7 +58,8 @@ use crate::error::ConfigError;
 /// [`destinations`](crate::RetryingConsumerBuilder::destinations): each destination gets a
 /// breaker of its own, and this one counts failures by destination and opens only when
 /// they span [`min_destinations`](Self::with_min_destinations) of them (a downstream down as
-/// a whole). An `unavailable` failure then opens its destination's breaker, not this one.
+/// a whole), its failure rate counted once its window is full (not from `min_calls`). An
+/// `unavailable` failure then opens its destination's breaker, not this one.
 ///
 /// ```
 /// use std::time::Duration;

@@ -140,7 +140,7 @@ impl<H: Handler> WorkerContext<H> {
         let Some(tiers) = &self.tiers else {
             return RecordOutcome::Abandoned;
         };
-        debug!(coordinates = %record.coordinates(), tier = target, "deferred behind an earlier record of its key");
+        debug!(coordinates = %record.coordinates(), tier = target, "deferred to a retry tier (no attempt used)");
         let mut holding = holding;
         let history = at.history.clone();
         let forward = self.tier_forward(

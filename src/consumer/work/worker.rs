@@ -147,6 +147,8 @@ struct Tries {
     probed: ProbeMemo,
     /// How often it failed a probe of its destination.
     destination_probes: DestinationMemo,
+    /// When it first waited for its destination (toward `park_after`).
+    destination_wait: Option<Instant>,
 }
 
 impl Tries {
@@ -168,6 +170,7 @@ impl Tries {
             held_since: None,
             probed: ProbeMemo::default(),
             destination_probes: DestinationMemo::default(),
+            destination_wait: None,
         }
     }
 }
@@ -456,7 +459,10 @@ impl<H: Handler> WorkerContext<H> {
         // down; then the breaker: waits (cancellable, holding no claim) while the
         // downstream is down.
         let destination_pass = match (&self.destinations, &holding.destination) {
-            (Some(gate), Some(destination)) => match gate.admit(destination, stop, r.slot).await {
+            (Some(gate), Some(destination)) => match gate
+                .admit(destination, stop, r.slot, &mut tries.destination_wait)
+                .await
+            {
                 Admitted::Pass(pass) => Some(pass),
                 Admitted::GaveUp => {
                     debug!(coordinates = %record.coordinates(), "abandoned while waiting for its destination: the partition is draining");
@@ -465,6 +471,7 @@ impl<H: Handler> WorkerContext<H> {
                 Admitted::Gone(said) => {
                     return Box::pin(self.destination_gone(&said, holding, tries, r)).await;
                 }
+                Admitted::Park => return Box::pin(self.park(holding, tries, r)).await,
             },
             _ => None,
         };
@@ -543,6 +550,46 @@ impl<H: Handler> WorkerContext<H> {
             first: tries.first_failure.unwrap_or(now),
             last: now,
         })
+    }
+
+    /// The record waited long enough for its open destination: it is parked in a retry tier
+    /// (delivery rule 19 in the crate docs), a deferred forward like the key-order ledger's
+    /// (no attempt used, no stage counted), so its partition's commit point moves on. It
+    /// goes to its first tier (a source record) or round its own tier again, or further
+    /// behind an earlier record of its key. Claimed first like any record given up (a copy
+    /// whose event is done already is skipped as a duplicate).
+    async fn park<'r>(
+        &self,
+        holding: &mut Holding,
+        tries: &mut Tries,
+        r: &RecordRun<'r>,
+    ) -> Step<'r> {
+        let (Some(tiers), Some(at)) = (&self.tiers, r.at) else {
+            // The builder parks only with tiers: a record without them goes on waiting.
+            return Step::Again;
+        };
+        let first = std::mem::take(&mut tries.first_claim);
+        if let Some(ended) = self.claim_for_attempt(holding, r, first).await {
+            return Step::Skipped(ended);
+        }
+        let mut target = at.tier.clamp(1, tiers.count());
+        if std::mem::take(&mut tries.admit) {
+            match self.tier_admit(at, r.record, r.stop, r.slot).await {
+                Admit::Run(_) => {}
+                Admit::Defer(behind) => target = target.max(behind),
+                Admit::GaveUp => {
+                    self.abandon_claim(holding);
+                    return Step::Ended(RecordOutcome::Abandoned);
+                }
+            }
+        }
+        // Its ledger entry (if any) stays: the forward places it at its new tier.
+        holding.tracked = None;
+        if let Some(gate) = &self.destinations {
+            gate.breakers.parked();
+        }
+        debug!(coordinates = %r.record.coordinates(), tier = target, "parked in a retry tier: its destination is still down");
+        Step::Deferred(target, at)
     }
 
     /// The claim was lost while the attempt ran: the attempt was dropped and does not count.

@@ -583,6 +583,7 @@ impl Setup {
                     metrics.clone(),
                     Duration::from_secs(30),
                 )),
+                park_after: None,
                 of,
             }),
         };
