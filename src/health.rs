@@ -686,6 +686,7 @@ fn snapshot_json(s: &ConsumerSnapshot) -> Value {
             "tracked": d.tracked,
             "open": d.open,
             "untracked": d.untracked,
+            "parked": d.parked,
             "top": d.top.iter().map(|t| json!({
                 "name": t.name,
                 "state": t.state.as_str(),
