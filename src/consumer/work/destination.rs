@@ -283,24 +283,21 @@ mod tests {
             &HandlerError::unavailable("refused"),
             &mut DestinationMemo::default(),
         );
-        let started = Instant::now();
+        // How long the next record waits until it is parked.
+        let parked_after = || async {
+            let started = Instant::now();
+            let admitted = admitted_within(&g, &d, Duration::from_secs(6)).await;
+            assert_eq!(admitted, Some("park"));
+            started.elapsed()
+        };
         assert_eq!(
-            admitted_within(&g, &d, Duration::from_secs(6)).await,
-            Some("park")
-        );
-        assert_eq!(
-            started.elapsed(),
+            parked_after().await,
             Duration::from_secs(5),
             "the first waits park_after"
         );
         g.breakers.parked(d.id);
-        let started = Instant::now();
         assert_eq!(
-            admitted_within(&g, &d, Duration::from_secs(6)).await,
-            Some("park")
-        );
-        assert_eq!(
-            started.elapsed(),
+            parked_after().await,
             Duration::ZERO,
             "the next is parked at once"
         );
