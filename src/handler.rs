@@ -144,6 +144,16 @@ impl HandlerError {
         }
     }
 
+    /// The same failure for another record: its kind, its hint and its message (the source
+    /// error itself is not `Clone`; its text is kept).
+    pub(crate) fn duplicate(&self) -> Self {
+        HandlerError {
+            kind: self.kind,
+            retry_after: self.retry_after,
+            source: self.message().into(),
+        }
+    }
+
     /// A panic caught on the record's path, as the consumer reports it.
     pub(crate) fn panic(message: String) -> Self {
         HandlerError {

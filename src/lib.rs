@@ -310,12 +310,12 @@
 //! ## Where things are
 //!
 //! Each public item has one path. What a consumer or publisher needs is at the crate root
-//! (`kourier::{Handler, RetryingConsumer, DeadLetterSink, IdempotencyStore, ...}`). Four areas
+//! (`kourier::{Handler, RetryingConsumer, DeadLetterSink, IdempotencyStore, ...}`). Five areas
 //! have a public module for what only some users need: [`dead_letter`] (header names,
 //! reading letters back, redrive), [`idempotency`] (the store contract, the one-by-one batch
 //! helpers, and for tests the conformance suite and a store with hooks), [`mod@metrics`] (metric names and counts) and [`topics`] (checking and creating
-//! topics, key partitioning); with the `health` feature, `kourier::health` (the health
-//! routes) is a fifth. [`rdkafka`] and [`async_trait`](macro@async_trait) are re-exported so that an
+//! topics, key partitioning), and [`batch`] (handlers that take many records in one call);
+//! with the `health` feature, `kourier::health` (the health routes) is a sixth. [`rdkafka`] and [`async_trait`](macro@async_trait) are re-exported so that an
 //! application names the same versions kourier uses.
 //!
 //! ## Minimum supported Rust version
@@ -332,6 +332,7 @@ pub use rdkafka;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis;
 
+pub mod batch;
 mod blocking;
 mod clock;
 mod codec;
