@@ -87,6 +87,8 @@
 //! Do not run two resumable redrives with the same `--resume-group` at once: each would
 //! redrive the same letters.
 
+#[cfg(feature = "console")]
+mod console;
 mod dlt;
 
 use std::io::{IsTerminal as _, Write as _};
@@ -170,6 +172,28 @@ enum Command {
         from_beginning: bool,
         #[command(flatten)]
         filter: FilterArgs,
+    },
+    /// Serve a web page to watch consumers, browse dead-letter topics and redrive letters
+    /// (feature `console`).
+    #[cfg(feature = "console")]
+    Console {
+        /// The address to listen on (no login: keep it on loopback, or behind a proxy that
+        /// authenticates).
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        listen: std::net::SocketAddr,
+        /// A dead-letter topic to browse (repeatable; the first is shown first).
+        #[arg(long = "dlt", value_name = "TOPIC", required = true)]
+        dlts: Vec<String>,
+        /// A consumer's JSON status URL, e.g. `notifier=http://127.0.0.1:9090/status`
+        /// (kourier's health routes; repeatable).
+        #[arg(long = "consumer", value_name = "NAME=URL", value_parser = console::parse_consumer)]
+        consumers: Vec<(String, String)>,
+        /// Most letters listed on one page.
+        #[arg(long, default_value_t = 50)]
+        max_letters: usize,
+        /// Most records read for one page.
+        #[arg(long, default_value_t = 10_000)]
+        max_read: u64,
     },
 }
 
@@ -346,6 +370,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     )))
                 }
             }
+        }
+        #[cfg(feature = "console")]
+        Command::Console {
+            listen,
+            dlts,
+            consumers,
+            max_letters,
+            max_read,
+        } => {
+            drop(stdout); // the console prints its address
+            let console = console::Console {
+                kafka,
+                dlts,
+                consumers,
+                max_letters: max_letters.max(1),
+                max_read: max_read.max(1),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(console::serve(listen, console))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

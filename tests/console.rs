@@ -1,0 +1,372 @@
+//! `kourier-dlt console` (feature `console`) in a real headless Chromium, driven over
+//! WebDriver, against the real broker: a consumer dead-letters two records; the page shows the
+//! consumer's status (and says a second consumer's URL does not answer), lists the letters,
+//! filters them by event id, opens one (its headers and its value decoded), redrives the
+//! ticked letter after the confirmation step, and the consumer handles the redriven record.
+//!
+//! Needs Kafka (`scripts/services up`) and Debian's `chromium` and `chromium-driver`
+//! (`apt-get install chromium chromium-driver`; `scripts/test` installs them when missing), or
+//! `KOURIER_CHROMIUM` / `KOURIER_CHROMEDRIVER` naming other binaries. Without them the test
+//! fails saying so; it never skips. `KOURIER_CONSOLE_SCREENSHOT=/tmp/console.png` saves a
+//! screenshot of the page.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use kourier::dead_letter::headers::REDRIVEN_FROM;
+use kourier::{
+    ConsumerMonitor, Handler, HandlerError, Message, RetryPolicy, RetryingConsumer, async_trait,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::support::consumer::{Running, wait_for};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Ev {
+    id: u32,
+}
+
+/// `(event id, kourier-redriven-from)` of each record handled.
+type Handled = Arc<Mutex<Vec<(u32, String)>>>;
+
+/// Refuses every record (permanent: dead-lettered at once) except a redriven one.
+struct Service {
+    handled: Handled,
+}
+
+#[async_trait]
+impl Handler for Service {
+    type Event = Ev;
+    async fn handle(&self, m: &Message<Ev>) -> Result<(), HandlerError> {
+        let Some(from) = m.headers().get_str(REDRIVEN_FROM) else {
+            return Err(HandlerError::permanent("downstream refuses it"));
+        };
+        self.handled
+            .lock()
+            .unwrap()
+            .push((m.event().id, from.to_owned()));
+        Ok(())
+    }
+}
+
+/// A binary from `KOURIER_<var>` or found on the PATH as `name`; the test fails saying how to
+/// install it otherwise.
+fn browser_binary(var: &str, name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(var) {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "tests/console.rs needs `{name}` (Chromium and its WebDriver) and did not find it on the PATH: \
+                 install them with `sudo apt-get install chromium chromium-driver` (scripts/test does this \
+                 when they are missing), or set {var} to the binary"
+            )
+        })
+}
+
+/// The consumer's status as kourier's health routes answer it (`GET /status`): the parts of
+/// the snapshot the console shows.
+fn status_json(monitor: &ConsumerMonitor) -> serde_json::Value {
+    let s = monitor.snapshot();
+    json!({
+        "live": true,
+        "ready": !s.assigned.is_empty(),
+        "reasons": [],
+        "consumer": {
+            "state": "running",
+            "connection": format!("{:?}", s.connection).to_lowercase(),
+            "caught_up": s.caught_up,
+            "in_flight": s.in_flight,
+            "waiting_retry": s.waiting_retry,
+            "buffered_records": s.buffered_records,
+            "partitions": s.partitions.iter().map(|p| json!({
+                "topic": p.topic, "partition": p.partition, "committed": p.committed,
+                "end_offset": p.end_offset, "lag": p.lag, "paused": p.paused,
+            })).collect::<Vec<_>>(),
+            "outcomes": {
+                "handled": s.handled,
+                "dead_lettered": { "permanent": s.dead_lettered.permanent },
+            },
+            "breaker": null,
+            "destinations": null,
+        },
+    })
+}
+
+/// Serves `GET /status` for `monitor` on a free loopback port.
+async fn status_server(monitor: ConsumerMonitor) -> SocketAddr {
+    let app = axum::Router::new().route(
+        "/status",
+        axum::routing::get(move || {
+            let monitor = monitor.clone();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    status_json(&monitor).to_string(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// A loopback address nothing listens on.
+async fn closed_port() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Starts `kourier-dlt console` and returns it with the URL it prints.
+async fn start_console(dlt: &str, consumers: &[(&str, String)]) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kourier-dlt"));
+    cmd.args(["--bootstrap-servers", &support::bootstrap()])
+        .args(["console", "--listen", "127.0.0.1:0", "--dlt", dlt])
+        .args(["--max-letters", "20"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    for (name, url) in consumers {
+        cmd.args(["--consumer", &format!("{name}={url}")]);
+    }
+    let mut child = cmd.spawn().expect("start kourier-dlt console");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("the console prints its address within 20 s")
+        .unwrap()
+        .expect("a line on stdout");
+    let url = line
+        .split_whitespace()
+        .last()
+        .expect("an address")
+        .to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    (child, url)
+}
+
+/// Starts chromedriver on a free port and connects a headless Chromium session to it.
+async fn start_browser() -> (Child, Client) {
+    let chromium = browser_binary("KOURIER_CHROMIUM", "chromium");
+    let chromedriver = browser_binary("KOURIER_CHROMEDRIVER", "chromedriver");
+    let port = closed_port().await.port();
+    let driver = Command::new(&chromedriver)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", chromedriver.display()));
+    let profile = std::env::temp_dir().join(format!(
+        "kourier-console-chromium-{}",
+        support::unique_name("profile")
+    ));
+    let caps = json!({
+        "goog:chromeOptions": {
+            "binary": chromium,
+            // The network here is closed: without these Chromium waits on connections of its
+            // own (updates, sync, QUIC probes).
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,1000",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        },
+    });
+    let serde_json::Value::Object(caps) = caps else {
+        unreachable!()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let mut last = None;
+    for _ in 0..100 {
+        match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps.clone())
+            .connect(&url)
+            .await
+        {
+            Ok(client) => return (driver, client),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no WebDriver session from {url} within 20 s: {last:?}");
+}
+
+async fn text_of(client: &Client, css: &str) -> String {
+    match client.find(Locator::Css(css)).await {
+        Ok(element) => element.text().await.unwrap(),
+        Err(e) => panic!(
+            "{css} not found on {:?}: {e}\n{}",
+            client.current_url().await,
+            client.source().await.unwrap_or_default()
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
+    let (topic, _group, dlt) = support::consumer::setup("console", 1).await;
+    let handled: Handled = Arc::new(Mutex::new(Vec::new()));
+    let consumer = Running::start(
+        RetryingConsumer::builder(Service {
+            handled: handled.clone(),
+        })
+        .bootstrap_servers(support::bootstrap())
+        .group_id(support::unique_name("console-svc"))
+        .topic(&topic)
+        .retry_policy(RetryPolicy::no_retries())
+        .commit_interval(Duration::from_millis(200)),
+    );
+    // Two events fail and are dead-lettered by the consumer itself.
+    let records = (1..=2)
+        .map(|id| {
+            support::TestRecord::new()
+                .key(format!("u{id}"))
+                .value(serde_json::to_vec(&Ev { id }).unwrap())
+                .header("event-id", Some(format!("e-{id}").into_bytes()))
+        })
+        .collect();
+    support::produce(&topic, records).await;
+    wait_for("2 dead letters", WAIT, || {
+        consumer.monitor.snapshot().dead_lettered.permanent == 2
+    })
+    .await;
+
+    let status = status_server(consumer.monitor.clone()).await;
+    let gone = closed_port().await;
+    let (mut console, base) = start_console(
+        &dlt,
+        &[
+            ("svc", format!("http://{status}/status")),
+            ("gone", format!("http://{gone}/status")),
+        ],
+    )
+    .await;
+    let (mut driver, client) = start_browser().await;
+
+    // The page: the consumer's status, the unreachable one, both letters.
+    client.goto(&base).await.unwrap();
+    let svc = text_of(&client, ".consumer[data-name='svc'] .health").await;
+    assert!(svc.contains("state: running"), "{svc}");
+    let partitions = text_of(&client, ".consumer[data-name='svc'] table.partitions").await;
+    assert!(partitions.contains(&topic), "{partitions}");
+    let outcomes = text_of(&client, ".consumer[data-name='svc'] .outcomes").await;
+    assert!(outcomes.contains("dead_lettered.permanent 2"), "{outcomes}");
+    let gone_text = text_of(&client, ".consumer[data-name='gone'] .unreachable").await;
+    assert!(gone_text.contains("unreachable"), "{gone_text}");
+    let rows = client.find_all(Locator::Css("tr.letter")).await.unwrap();
+    assert_eq!(rows.len(), 2, "{}", text_of(&client, "#letters").await);
+    let list = text_of(&client, "#letters").await;
+    assert!(list.contains("downstream refuses it"), "{list}");
+    if let Some(path) = std::env::var_os("KOURIER_CONSOLE_SCREENSHOT") {
+        std::fs::write(path, client.screenshot().await.unwrap()).unwrap();
+    }
+
+    // Filtered by event id: only e-2's letter.
+    client
+        .find(Locator::Css("input[name='header']"))
+        .await
+        .unwrap()
+        .send_keys("event-id=e-2")
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("#apply"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let rows = client.find_all(Locator::Css("tr.letter")).await.unwrap();
+    assert_eq!(rows.len(), 1, "{}", text_of(&client, "#letters").await);
+    let key = text_of(&client, "tr.letter td.key").await;
+    assert_eq!(key, "u2");
+
+    // Its page: the headers and the value decoded.
+    client
+        .find(Locator::Css("tr.letter a.place"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let headers = text_of(&client, "#headers").await;
+    assert!(headers.contains("event-id e-2"), "{headers}");
+    assert!(
+        headers.contains("kourier-dlt-failure-kind permanent"),
+        "{headers}"
+    );
+    assert_eq!(text_of(&client, "#value").await, "{\n  \"id\": 2\n}");
+    client.back().await.unwrap();
+
+    // Tick it, redrive: the confirmation shows it and publishes nothing yet.
+    client
+        .find(Locator::Css("tr.letter input[name='letter']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    client
+        .find(Locator::Css("#redrive-selected"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let summary = text_of(&client, "#report-summary").await;
+    assert!(summary.contains("1 will be redriven"), "{summary}");
+    assert!(summary.contains("dry run"), "{summary}");
+    let planned = text_of(&client, "#redriven").await;
+    assert!(planned.contains(&topic), "{planned}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        handled.lock().unwrap().is_empty(),
+        "redriven before confirmation"
+    );
+
+    // Confirmed: redriven, and the consumer handles it.
+    client
+        .find(Locator::Css("#confirm-redrive"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let summary = text_of(&client, "#report-summary").await;
+    assert!(summary.contains("1 redriven"), "{summary}");
+    wait_for("the redriven record handled", WAIT, || {
+        !handled.lock().unwrap().is_empty()
+    })
+    .await;
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(handled.len(), 1, "{handled:?}");
+    assert_eq!(handled[0].0, 2, "{handled:?}");
+    assert!(
+        handled[0].1.starts_with(&format!("{dlt}/0@")),
+        "{handled:?}"
+    );
+
+    client.close().await.unwrap();
+    let _ = driver.kill().await;
+    let _ = console.kill().await;
+    consumer.stop().await;
+}
