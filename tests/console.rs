@@ -63,21 +63,23 @@ impl Handler for Service {
 /// A binary from `KOURIER_<var>` or found on the PATH as `name`; the test fails saying how to
 /// install it otherwise.
 fn browser_binary(var: &str, name: &str) -> PathBuf {
+    let missing = || -> ! {
+        panic!(
+            "tests/console.rs needs `{name}` (Chromium and its WebDriver) and did not find it: \
+             install them with `sudo apt-get install chromium chromium-driver` (scripts/test does \
+             this when they are missing), or set {var} to the binary"
+        )
+    };
     if let Some(path) = std::env::var_os(var) {
-        return PathBuf::from(path);
+        let path = PathBuf::from(path);
+        return if path.is_file() { path } else { missing() };
     }
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "tests/console.rs needs `{name}` (Chromium and its WebDriver) and did not find it on the PATH: \
-                 install them with `sudo apt-get install chromium chromium-driver` (scripts/test does this \
-                 when they are missing), or set {var} to the binary"
-            )
-        })
+        .unwrap_or_else(|| missing())
 }
 
 /// The consumer's status as kourier's health routes answer it (`GET /status`): the parts of
@@ -163,9 +165,7 @@ async fn start_console(dlt: &str, consumers: &[(&str, String)]) -> (Child, Strin
 }
 
 /// Starts chromedriver on a free port and connects a headless Chromium session to it.
-async fn start_browser() -> (Child, Client) {
-    let chromium = browser_binary("KOURIER_CHROMIUM", "chromium");
-    let chromedriver = browser_binary("KOURIER_CHROMEDRIVER", "chromedriver");
+async fn start_browser(chromium: PathBuf, chromedriver: PathBuf) -> (Child, Client) {
     let port = closed_port().await.port();
     let driver = Command::new(&chromedriver)
         .arg(format!("--port={port}"))
@@ -210,6 +210,47 @@ async fn start_browser() -> (Child, Client) {
     panic!("no WebDriver session from {url} within 20 s: {last:?}");
 }
 
+/// Clicks `css` and waits (up to 30 s) until the page it leads to has loaded: its URL and
+/// title satisfy `arrived`. A click returns before a form's answer has come (a redrive takes a
+/// moment), so reading the page right away could read the page before.
+async fn click_to(client: &Client, css: &str, arrived: impl Fn(&str, &str) -> bool) {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        let url = client.current_url().await.unwrap().to_string();
+        let title = client.title().await.unwrap_or_default();
+        let ready = client
+            .execute("return document.readyState", vec![])
+            .await
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned));
+        if arrived(&url, &title) && ready.as_deref() == Some("complete") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "clicking {css} did not lead to the page expected within 30 s; now at {:?} ({:?})",
+        client.current_url().await,
+        client.title().await
+    );
+}
+
+async fn wait_for_title(client: &Client, want: &str) {
+    for _ in 0..300 {
+        if client.title().await.unwrap_or_default() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no page titled {want:?} within 30 s");
+}
+
 async fn text_of(client: &Client, css: &str) -> String {
     match client.find(Locator::Css(css)).await {
         Ok(element) => element.text().await.unwrap(),
@@ -223,6 +264,9 @@ async fn text_of(client: &Client, css: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
+    // First: a missing browser fails the test at once.
+    let chromium = browser_binary("KOURIER_CHROMIUM", "chromium");
+    let chromedriver = browser_binary("KOURIER_CHROMEDRIVER", "chromedriver");
     let (topic, _group, dlt) = support::consumer::setup("console", 1).await;
     let handled: Handled = Arc::new(Mutex::new(Vec::new()));
     let consumer = Running::start(
@@ -260,7 +304,7 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
         ],
     )
     .await;
-    let (mut driver, client) = start_browser().await;
+    let (mut driver, client) = start_browser(chromium, chromedriver).await;
 
     // The page: the consumer's status, the unreachable one, both letters.
     client.goto(&base).await.unwrap();
@@ -288,26 +332,17 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
         .send_keys("event-id=e-2")
         .await
         .unwrap();
-    client
-        .find(Locator::Css("#apply"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click_to(&client, "#apply", |url, _| url.contains("header=event-id")).await;
     let rows = client.find_all(Locator::Css("tr.letter")).await.unwrap();
     assert_eq!(rows.len(), 1, "{}", text_of(&client, "#letters").await);
     let key = text_of(&client, "tr.letter td.key").await;
     assert_eq!(key, "u2");
 
     // Its page: the headers and the value decoded.
-    client
-        .find(Locator::Css("tr.letter a.place"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click_to(&client, "tr.letter a.place", |_, title| {
+        title.starts_with("letter ")
+    })
+    .await;
     let headers = text_of(&client, "#headers").await;
     assert!(headers.contains("event-id e-2"), "{headers}");
     assert!(
@@ -316,6 +351,7 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     );
     assert_eq!(text_of(&client, "#value").await, "{\n  \"id\": 2\n}");
     client.back().await.unwrap();
+    wait_for_title(&client, "kourier console").await;
 
     // Tick it, redrive: the confirmation shows it and publishes nothing yet.
     client
@@ -325,13 +361,10 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
         .click()
         .await
         .unwrap();
-    client
-        .find(Locator::Css("#redrive-selected"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click_to(&client, "#redrive-selected", |_, title| {
+        title == "Confirm the redrive"
+    })
+    .await;
     let summary = text_of(&client, "#report-summary").await;
     assert!(summary.contains("1 will be redriven"), "{summary}");
     assert!(summary.contains("dry run"), "{summary}");
@@ -344,13 +377,10 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     );
 
     // Confirmed: redriven, and the consumer handles it.
-    client
-        .find(Locator::Css("#confirm-redrive"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click_to(&client, "#confirm-redrive", |_, title| {
+        title == "Redrive report"
+    })
+    .await;
     let summary = text_of(&client, "#report-summary").await;
     assert!(summary.contains("1 redriven"), "{summary}");
     wait_for("the redriven record handled", WAIT, || {
