@@ -286,6 +286,8 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
                 .key(format!("u{id}"))
                 .value(serde_json::to_vec(&Ev { id }).unwrap())
                 .header("event-id", Some(format!("e-{id}").into_bytes()))
+                // Letters are untrusted: markup in them is shown, never run.
+                .header("note", Some(b"<img id=injected src=x>".to_vec()))
         })
         .collect();
     support::produce(&topic, records).await;
@@ -348,6 +350,15 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     assert!(
         headers.contains("kourier-dlt-failure-kind permanent"),
         "{headers}"
+    );
+    assert!(headers.contains("note <img id=injected src=x>"), "{headers}");
+    assert!(
+        client
+            .find_all(Locator::Css("#injected"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "markup from a letter became part of the page"
     );
     assert_eq!(text_of(&client, "#value").await, "{\n  \"id\": 2\n}");
     client.back().await.unwrap();

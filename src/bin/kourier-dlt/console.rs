@@ -807,13 +807,18 @@ fn error_page(code: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
-/// Bytes as text when they are UTF-8, else as hex; `null` for none.
+/// Bytes as text when they are UTF-8 without control characters (but tabs and line breaks),
+/// else as hex (Spring Kafka's binary provenance headers, for one); `null` for none.
 fn bytes_text(bytes: Option<&[u8]>) -> String {
+    let text = |s: &str| {
+        s.chars()
+            .all(|c| !c.is_control() || matches!(c, '\n' | '\r' | '\t'))
+    };
     match bytes {
         None => "null".to_owned(),
         Some(b) => match std::str::from_utf8(b) {
-            Ok(s) => s.to_owned(),
-            Err(_) => format!("hex: {}", hex(b)),
+            Ok(s) if text(s) => s.to_owned(),
+            _ => format!("hex: {}", hex(b)),
         },
     }
 }
@@ -913,6 +918,9 @@ mod tests {
         assert!(json.contains("shown as JSON"), "{json}");
         let binary = value_view(Some(&[0xff, 0x00, b'a'])).into_string();
         assert!(binary.contains("ff 00 61"), "{binary}");
+        assert_eq!(bytes_text(Some(&[0, 0, 0, 3])), "hex: 00000003");
+        assert_eq!(bytes_text(Some(b"e-1")), "e-1");
+        assert_eq!(bytes_text(None), "null");
     }
 
     #[test]
