@@ -285,6 +285,7 @@
 //! |---|---|---|
 //! | `testing` | off | `kourier::idempotency::testing`: a conformance suite that checks an `IdempotencyStore` implementation against the documented contract, for store implementers' tests, and `HookedStore`, a store with faults, delays or counters added, for handler and consumer tests |
 //! | `cli` | off | the `kourier-dlt` binary (inspect and redrive dead-letter topics; `cargo install kourier --features cli`); no library API, pulls `clap`, `humantime`, `anyhow` and `tracing-subscriber` |
+//! | `console` | off | `kourier-dlt console` (implies `cli`): one web page with consumers' status (from their health routes' JSON), a dead-letter browser with the redrive filters, a letter's headers and value, and redrive after a confirmation; no library API, pulls `axum`, `maud`, `form_urlencoded` and `reqwest` |
 //! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!

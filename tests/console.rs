@@ -351,7 +351,10 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
         headers.contains("kourier-dlt-failure-kind permanent"),
         "{headers}"
     );
-    assert!(headers.contains("note <img id=injected src=x>"), "{headers}");
+    assert!(
+        headers.contains("note <img id=injected src=x>"),
+        "{headers}"
+    );
     assert!(
         client
             .find_all(Locator::Css("#injected"))

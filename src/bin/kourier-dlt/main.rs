@@ -65,6 +65,11 @@
 //!   forever), or when it is a metadata-only letter whose value was too large to keep
 //!   (`--force` redrives the last two). `--dry-run` checks the same and publishes nothing.
 //!
+//! - `console --listen ADDR --dlt TOPIC [--consumer NAME=URL]` (feature `console`) serves
+//!   one web page: each consumer's JSON status (kourier's health routes), the dead-letter
+//!   topics browsed with the filters below, a letter's headers and value, and redrive of
+//!   ticked letters after a dry-run confirmation (see the README, "The console page").
+//!
 //! Filters, for both (every filter given must match; a repeated filter matches any of its
 //! values): `--at P:O` or `--at P:FIRST-LAST` (the letter's place in the dead-letter topic;
 //! the tool reads only those offsets), `--header NAME=VALUE` (the letter's last header of
