@@ -241,6 +241,20 @@ async fn click_to(client: &Client, css: &str, arrived: impl Fn(&str, &str) -> bo
     );
 }
 
+/// With `KOURIER_CONSOLE_SCREENSHOT=/tmp/console.png`, saves the page as that file, with
+/// `suffix` added to its name (`/tmp/console-letter.png`).
+async fn screenshot(client: &Client, suffix: &str) {
+    let Some(path) = std::env::var_os("KOURIER_CONSOLE_SCREENSHOT") else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    let path = path.with_file_name(format!(
+        "{}{suffix}.png",
+        path.file_stem().unwrap_or_default().to_string_lossy()
+    ));
+    std::fs::write(&path, client.screenshot().await.unwrap()).unwrap();
+}
+
 async fn wait_for_title(client: &Client, want: &str) {
     for _ in 0..300 {
         if client.title().await.unwrap_or_default() == want {
@@ -322,9 +336,7 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     assert_eq!(rows.len(), 2, "{}", text_of(&client, "#letters").await);
     let list = text_of(&client, "#letters").await;
     assert!(list.contains("downstream refuses it"), "{list}");
-    if let Some(path) = std::env::var_os("KOURIER_CONSOLE_SCREENSHOT") {
-        std::fs::write(path, client.screenshot().await.unwrap()).unwrap();
-    }
+    screenshot(&client, "").await;
 
     // Filtered by event id: only e-2's letter.
     client
@@ -364,6 +376,7 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
         "markup from a letter became part of the page"
     );
     assert_eq!(text_of(&client, "#value").await, "{\n  \"id\": 2\n}");
+    screenshot(&client, "-letter").await;
     client.back().await.unwrap();
     wait_for_title(&client, "kourier console").await;
 
@@ -382,6 +395,7 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     let summary = text_of(&client, "#report-summary").await;
     assert!(summary.contains("1 will be redriven"), "{summary}");
     assert!(summary.contains("dry run"), "{summary}");
+    screenshot(&client, "-confirm").await;
     let planned = text_of(&client, "#redriven").await;
     assert!(planned.contains(&topic), "{planned}");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -397,6 +411,7 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     .await;
     let summary = text_of(&client, "#report-summary").await;
     assert!(summary.contains("1 redriven"), "{summary}");
+    screenshot(&client, "-report").await;
     wait_for("the redriven record handled", WAIT, || {
         !handled.lock().unwrap().is_empty()
     })

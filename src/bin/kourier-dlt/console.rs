@@ -245,20 +245,20 @@ fn cross_site(headers: &HeaderMap) -> bool {
 async fn index(State(app): State<Shared>, RawQuery(query): RawQuery) -> Response {
     let fields = Fields::parse(query.unwrap_or_default().as_bytes());
     let filters = Filters::from_fields(&fields);
-    let consumers = consumer_statuses(&app).await;
-    let browser = match chosen_dlt(&app.console, &fields) {
-        Err(e) => html! { p.error { (e) } },
-        Ok(dlt) => {
-            let dlt = dlt.to_owned();
-            match filters.selector() {
-                Err(e) => browser(&app.console, &dlt, &filters, Err(e)),
+    // The consumers are asked while the letters are read.
+    let letters = async {
+        match chosen_dlt(&app.console, &fields) {
+            Err(e) => html! { p.error { (e) } },
+            Ok(dlt) => match filters.selector() {
+                Err(e) => browser(&app.console, dlt, &filters, Err(e)),
                 Ok(selector) => {
-                    let read = read_letters(&app.console, &dlt, selector).await;
-                    browser(&app.console, &dlt, &filters, read)
+                    let read = read_letters(&app.console, dlt, selector).await;
+                    browser(&app.console, dlt, &filters, read)
                 }
-            }
+            },
         }
     };
+    let (consumers, browser) = tokio::join!(consumer_statuses(&app), letters);
     page(
         "kourier console",
         html! {
@@ -934,6 +934,49 @@ mod tests {
         h.insert(header::ORIGIN, "http://127.0.0.1:8080".parse().unwrap());
         h.insert("sec-fetch-site", "cross-site".parse().unwrap());
         assert!(cross_site(&h));
+    }
+
+    /// The shape of kourier's health routes' `GET /status` (`kourier::health`).
+    #[test]
+    fn the_health_status_is_shown_by_part() {
+        let v: Value = serde_json::json!({
+            "live": true, "ready": false, "reasons": ["breaker open"],
+            "consumer": {
+                "state": "running", "failure": null, "since_last_poll_ms": 12,
+                "connection": "connected", "connection_since": "2026-12-06T23:00:00.000Z",
+                "assigned": [{"topic": "notify.v1", "partition": 0}], "paused": [],
+                "partitions": [{"topic": "notify.v1", "partition": 0, "committed": 40,
+                                "end_offset": 57, "lag": 17, "paused": true}],
+                "caught_up": false, "in_flight": 3, "waiting_retry": 1,
+                "buffered_records": 9, "buffered_bytes": 900,
+                "outcomes": {"handled": 40, "retried": 6,
+                             "dead_lettered": {"decode": 0, "permanent": 2,
+                                               "retries_exhausted": 1, "panic": 0},
+                             "duplicates": 0, "forwarded": [0], "panics": 0, "stalled": 0,
+                             "abandoned": 0, "skipped_finished": 0},
+                "breaker": {"state": "open", "since": "2026-12-06T23:01:00.000Z", "opened": 1,
+                            "probes": 0, "held_failures": 5, "waiting": 3,
+                            "open_interval_ms": 5000, "recent": []},
+                "destinations": {"tracked": 4, "open": 1, "untracked": 0,
+                                 "top": [{"name": "hooks.example", "state": "open",
+                                          "gone": false, "since": "2026-12-06T23:01:00.000Z",
+                                          "opened": 1, "held_failures": 3, "waiting": 2}]},
+            },
+        });
+        let page = consumer_view("svc", "http://h/status", Ok((200, v))).into_string();
+        for shown in [
+            "ready: <b class=\"ready\">no</b>",
+            "<li>breaker open</li>",
+            "<td class=\"lag\">17</td>",
+            "outage breaker: <b>open</b>",
+            "1 open of 4 tracked",
+            "<td>hooks.example</td>",
+            "in flight: <b class=\"in-flight\">3</b>",
+            "<th>dead_lettered.permanent</th><td>2</td>",
+        ] {
+            assert!(page.contains(shown), "{shown} not in {page}");
+        }
+        assert!(!page.contains("not the shape"), "{page}");
     }
 
     #[test]
