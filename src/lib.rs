@@ -265,6 +265,12 @@
 //! record span becomes a child of the record's context, so publish → handle → dead letter is
 //! one trace. See [`TraceContext`].
 //!
+//! **Health endpoints**: with the `health` feature, `kourier::health` serves liveness and
+//! readiness probes, the snapshot as JSON and the Prometheus metrics over HTTP, mounted in
+//! the application's axum router or on their own port; they read the snapshot's
+//! [`RunState`] (starting, running, stopping, stopped, failed) and how long ago the poll loop
+//! last went round ([`ConsumerSnapshot::since_last_poll`]).
+//!
 //! ## Dead letters: inspect and redrive
 //!
 //! [`dead_letter::Provenance`] reads a dead letter's headers back (original topic, partition
@@ -287,6 +293,7 @@
 //! | `cli` | off | the `kourier-dlt` binary (inspect and redrive dead-letter topics; `cargo install kourier --features cli`); no library API, pulls `clap`, `humantime`, `anyhow` and `tracing-subscriber` |
 //! | `console` | off | `kourier-dlt console` (implies `cli`): one web page with consumers' status (from their health routes' JSON), a dead-letter browser with the redrive filters, a letter's headers and value, and redrive after a confirmation; no library API, pulls `axum`, `maud`, `form_urlencoded` and `reqwest` |
 //! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
+//! | `health` | off | `kourier::health`: liveness (`/livez`), readiness (`/readyz`), a JSON status (`/status`) and the Prometheus metrics (`/metrics`) of a running consumer, as an `axum` 0.8 `Router` to mount in your server or served on their own (`kourier::health::serve`) |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!
 //! kourier's own micro-benchmarks and fuzz targets reach crate-private parts through
@@ -308,7 +315,8 @@
 //! have a public module for what only some users need: [`dead_letter`] (header names,
 //! reading letters back, redrive), [`idempotency`] (the store contract, the one-by-one batch
 //! helpers, and for tests the conformance suite and a store with hooks), [`mod@metrics`] (metric names and counts) and [`topics`] (checking and creating
-//! topics, key partitioning). [`rdkafka`] and [`async_trait`](macro@async_trait) are re-exported so that an
+//! topics, key partitioning); with the `health` feature, `kourier::health` (the health
+//! routes) is a fifth. [`rdkafka`] and [`async_trait`](macro@async_trait) are re-exported so that an
 //! application names the same versions kourier uses.
 //!
 //! ## Minimum supported Rust version
@@ -333,6 +341,9 @@ pub mod dead_letter;
 mod error;
 mod guard;
 mod handler;
+#[cfg(feature = "health")]
+#[cfg_attr(docsrs, doc(cfg(feature = "health")))]
+pub mod health;
 pub mod idempotency;
 mod log_throttle;
 mod message;
@@ -356,8 +367,8 @@ pub use crate::consumer::{
     BreakerPolicy, BreakerState, BreakerStatus, BreakerTransition, CommitMetadata, ConnectionState,
     ConsumerMonitor, ConsumerSnapshot, DedupKey, DestinationStatus, Destinations,
     DestinationsStatus, GoneRecords, Idempotency, MissingTopics, PanicPolicy, PartitionStatus,
-    ProcessingOrder, RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, ShutdownReport,
-    StoreOutage, shutdown_signal,
+    ProcessingOrder, RecordOutcome, RetryingConsumer, RetryingConsumerBuilder, RunState,
+    ShutdownReport, StoreOutage, shutdown_signal,
 };
 pub use crate::dead_letter::kafka::{KafkaDeadLetterSink, KafkaDeadLetterSinkBuilder};
 pub use crate::dead_letter::letter::{

@@ -1,6 +1,7 @@
 //! `kourier-dlt console` (feature `console`) in a real headless Chromium, driven over
 //! WebDriver, against the real broker: a consumer dead-letters two records; the page shows the
-//! consumer's status (and says a second consumer's URL does not answer), lists the letters,
+//! consumer's status from its health routes (`kourier::health`, `GET /status`) and says a
+//! second consumer's URL does not answer, lists the letters,
 //! filters them by event id, opens one (its headers and its value decoded), redrives the
 //! ticked letter after the confirmation step, and the consumer handles the redriven record.
 //!
@@ -20,9 +21,7 @@ use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use kourier::dead_letter::headers::REDRIVEN_FROM;
-use kourier::{
-    ConsumerMonitor, Handler, HandlerError, Message, RetryPolicy, RetryingConsumer, async_trait,
-};
+use kourier::{Handler, HandlerError, Message, RetryPolicy, RetryingConsumer, async_trait};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -80,55 +79,6 @@ fn browser_binary(var: &str, name: &str) -> PathBuf {
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
         .unwrap_or_else(|| missing())
-}
-
-/// The consumer's status as kourier's health routes answer it (`GET /status`): the parts of
-/// the snapshot the console shows.
-fn status_json(monitor: &ConsumerMonitor) -> serde_json::Value {
-    let s = monitor.snapshot();
-    json!({
-        "live": true,
-        "ready": !s.assigned.is_empty(),
-        "reasons": [],
-        "consumer": {
-            "state": "running",
-            "connection": format!("{:?}", s.connection).to_lowercase(),
-            "caught_up": s.caught_up,
-            "in_flight": s.in_flight,
-            "waiting_retry": s.waiting_retry,
-            "buffered_records": s.buffered_records,
-            "partitions": s.partitions.iter().map(|p| json!({
-                "topic": p.topic, "partition": p.partition, "committed": p.committed,
-                "end_offset": p.end_offset, "lag": p.lag, "paused": p.paused,
-            })).collect::<Vec<_>>(),
-            "outcomes": {
-                "handled": s.handled,
-                "dead_lettered": { "permanent": s.dead_lettered.permanent },
-            },
-            "breaker": null,
-            "destinations": null,
-        },
-    })
-}
-
-/// Serves `GET /status` for `monitor` on a free loopback port.
-async fn status_server(monitor: ConsumerMonitor) -> SocketAddr {
-    let app = axum::Router::new().route(
-        "/status",
-        axum::routing::get(move || {
-            let monitor = monitor.clone();
-            async move {
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/json")],
-                    status_json(&monitor).to_string(),
-                )
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
 }
 
 /// A loopback address nothing listens on.
@@ -310,7 +260,11 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     })
     .await;
 
-    let status = status_server(consumer.monitor.clone()).await;
+    // kourier's own health routes (feature `health`), as a service on kourier serves them.
+    let health = kourier::health::serve("127.0.0.1:0", consumer.monitor.clone())
+        .await
+        .expect("serve the health routes");
+    let status = health.local_addr();
     let gone = closed_port().await;
     let (mut console, base) = start_console(
         &dlt,
@@ -322,6 +276,8 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     .await;
     let (mut driver, client) = start_browser(chromium, chromedriver).await;
 
+    // Tall enough for a screenshot of the whole page.
+    client.set_window_size(1400, 1800).await.unwrap();
     // The page: the consumer's status, the unreachable one, both letters.
     client.goto(&base).await.unwrap();
     let svc = text_of(&client, ".consumer[data-name='svc'] .health").await;
@@ -427,5 +383,6 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     client.close().await.unwrap();
     let _ = driver.kill().await;
     let _ = console.kill().await;
+    health.shutdown().await;
     consumer.stop().await;
 }

@@ -630,9 +630,41 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
         monitor.snapshot().connection,
         kourier::ConnectionState::Connected
     );
+    // Its health probes over HTTP: ready while connected; once the broker is gone, not
+    // ready with the reason, and not alive once `run()` gave up (delivery rule 13).
+    let probes = kourier::health::serve("127.0.0.1:0", monitor.clone())
+        .await
+        .expect("health server");
+    let readyz = format!("http://{}/readyz", probes.local_addr());
+    let livez = format!("http://{}/livez", probes.local_addr());
+    let probe = |url: String| async move {
+        let answer = reqwest::get(&url).await.expect("probe answered");
+        (
+            answer.status().as_u16(),
+            answer.text().await.expect("probe body"),
+        )
+    };
+    let healthy = probe(readyz.clone()).await;
+    assert_eq!(healthy.0, 200, "ready while connected: {healthy:?}");
     proxy.set_refusing(true);
     proxy.cut_all();
     let cut_at = Instant::now();
+    let broker_down = loop {
+        let answer = probe(readyz.clone()).await;
+        if answer.0 == 503 {
+            break answer;
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(3),
+            "/readyz still {answer:?} 3 s after the broker went away"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        broker_down.1.contains("unreachable"),
+        "/readyz names the lost broker: {broker_down:?}"
+    );
+    eprintln!("health, broker down mid-run: /readyz {broker_down:?}");
     let ended = tokio::time::timeout(Duration::from_secs(60), run)
         .await
         .expect("run() did not return within 60 s of the outage")
@@ -644,6 +676,10 @@ async fn latency_cuts_and_refused_connections_lose_nothing() {
         monitor.snapshot().connection,
         kourier::ConnectionState::Disconnected
     );
+    let dead = probe(livez).await;
+    assert_eq!(dead.0, 503, "not alive once run() gave up: {dead:?}");
+    eprintln!("health, after max_broker_outage: /livez {dead:?}");
+    probes.shutdown().await;
     proxy.set_refusing(false);
     eprintln!("max_broker_outage(3s): run() returned {took:?} after the cut: {err}");
 }

@@ -768,14 +768,8 @@ fn print_hot<'a>(w: &mut String, args: &Args, get: &impl Fn(Scenario) -> Option<
         thousands(args.hot_rate as f64),
         args.latency_secs.min(HOT_MAX_SECS),
         first.max_in_flight,
-        args.uncommitted_per_partition.map_or(
-            if args.park {
-                "10,000".into()
-            } else {
-                "the run's records".into()
-            },
-            |n| thousands(n as f64)
-        ),
+        args.uncommitted_per_partition
+            .map_or("the run's records".into(), |n| thousands(n as f64)),
         HOT_DELIVERY.as_millis(),
         DELIVERY.as_millis(),
         HOT_RETRY_BACKOFF.as_millis(),

@@ -55,15 +55,16 @@
 //!
 //! - `GET /metrics`: kourier's metrics (records handled, retried, dead-lettered, duplicates,
 //!   handler durations, lag, connection state, ...; see `kourier::metrics`) for Prometheus;
-//! - `GET /livez`: `200` while the consumer is starting, running or draining at shutdown,
-//!   `503` once it has stopped or failed;
-//! - `GET /readyz`: `200` while the consumer reaches the Kafka cluster and has at least one
-//!   partition assigned, else `503` with the reason (`not ready: no partitions assigned`,
-//!   `not ready: not connected to kafka since 2025-06-01T10:00:00Z (42s)`, ...).
+//! - `GET /livez`: `200` while the consumer is starting, running (its poll loop going round)
+//!   or draining at shutdown, `503` once it has stopped or failed;
+//! - `GET /readyz`: `200` while the consumer runs, reaches the Kafka cluster and has at least
+//!   one partition assigned, else `503` with the reasons
+//!   (`{"ready":false,"reasons":["no partitions assigned"]}`, ...);
+//! - `GET /status`: the consumer's snapshot as JSON.
 //!
-//! The probes answer with one plain-text line that ends in the consumer's status
-//! (`connection=connected since=... assigned=6 in_flight=0 caught_up=true`); any other path
-//! is `404`. `examples/mail_notifier/ops/` has a Grafana dashboard, Prometheus alert rules and
+//! Those are kourier's health routes (`kourier::health`, feature `health`) mounted in the
+//! example's own axum router (`ops_server.rs`), which adds an index at `/`.
+//! `examples/mail_notifier/ops/` has a Grafana dashboard, Prometheus alert rules and
 //! Kubernetes probe settings for them.
 
 mod demo;
@@ -125,7 +126,8 @@ struct KafkaArgs {
     #[arg(long, env = "NOTIFY_PARTITIONS", default_value_t = 6, global = true)]
     partitions: i32,
     /// With `demo` and `run`: serve kourier's metrics for Prometheus at http://<ADDR>/metrics and
-    /// liveness and readiness probes at /livez and /readyz (e.g. 127.0.0.1:9464).
+    /// liveness and readiness probes at /livez and /readyz, the consumer's status at /status
+    /// (e.g. 127.0.0.1:9464).
     #[arg(long, env = "METRICS_ADDR", global = true)]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Retry tiers: delays in seconds of the tier topics `<topic>.retry.<n>`, comma-separated
@@ -304,7 +306,7 @@ async fn serve_ops(addr: std::net::SocketAddr, probes: Probes) -> Result<OpsServ
     let metrics = ops_server::install_prometheus()?;
     let server = OpsServer::start(addr, metrics, probes).await?;
     let addr = server.addr();
-    tracing::info!(%addr, "metrics at http://{addr}/metrics, probes at /livez and /readyz");
+    tracing::info!(%addr, "metrics at http://{addr}/metrics, probes at /livez and /readyz, status at /status");
     Ok(server)
 }
 

@@ -33,7 +33,9 @@
 //! Running it again is safe: each run's event ids start with a fresh run id, and the group
 //! `webhook-sender` resumes after what it committed. Other subcommands: `run` (the sender
 //! alone, until Ctrl-C), `publish` (sample webhooks to a server started with `server`) and
-//! `server` (the test server alone): try them in three terminals. Settings come from flags or
+//! `server` (the test server alone): try them in three terminals. `run --health-addr
+//! 127.0.0.1:9465` also serves kourier's health routes (`/livez`, `/readyz`, `/status`;
+//! `kourier::health`) while the sender runs. Settings come from flags or
 //! the environment (`KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL`, `WEBHOOKS_TOPIC`, ...); `--help`
 //! lists them.
 
@@ -150,7 +152,12 @@ enum Command {
         settle_timeout: u64,
     },
     /// Run the sender until Ctrl-C (webhooks go to the URLs their events carry).
-    Run,
+    Run {
+        /// Serve kourier's health routes on this address while the sender runs: `/livez`,
+        /// `/readyz`, `/status` (JSON) (e.g. 127.0.0.1:9465).
+        #[arg(long, env = "WEBHOOKS_HEALTH_ADDR")]
+        health_addr: Option<SocketAddr>,
+    },
     /// Publish sample webhooks to the endpoints of a server started with `server`.
     Publish {
         /// Where that server's endpoints are.
@@ -241,11 +248,23 @@ async fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::Run => {
+        Command::Run { health_addr } => {
             sender::ensure_topics(&settings).await?;
             let deliverer = Deliverer::new(settings.request_timeout, Journal::default())
                 .context("building the HTTP client")?;
             let consumer = sender::consumer(&settings, deliverer).await?;
+            // kourier's health routes on a port of their own; stopped when dropped.
+            let _health = match health_addr {
+                Some(addr) => {
+                    let server = kourier::health::serve(addr, consumer.monitor())
+                        .await
+                        .with_context(|| format!("listening on {addr} for the health routes"))?;
+                    let addr = server.local_addr();
+                    tracing::info!(%addr, "health at http://{addr}/livez, /readyz and /status");
+                    Some(server)
+                }
+                None => None,
+            };
             tracing::info!(topic = %settings.topic, group = %settings.group, "sender running; Ctrl-C stops it");
             let report = consumer.run(kourier::shutdown_signal()).await?;
             if report.is_clean() {

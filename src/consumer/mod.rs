@@ -40,5 +40,8 @@ pub use self::dedup::DedupKey;
 pub use self::observe::{ConsumerMonitor, ConsumerSnapshot};
 pub use self::poll::{ShutdownReport, shutdown_signal};
 pub use self::retrying_consumer::RetryingConsumer;
-pub use self::schedule::{ConnectionState, PartitionStatus, ProcessingOrder};
+pub use self::schedule::{ConnectionState, PartitionStatus, ProcessingOrder, RunState};
 pub use self::work::RecordOutcome;
+// The health routes' unit tests run a monitor on a hub of their own.
+#[cfg(all(test, feature = "health"))]
+pub(crate) use self::schedule::Hub;

@@ -12,10 +12,10 @@ use crate::consumer::poll::provision;
 use crate::consumer::poll::{PollSettings, poll_loop};
 use crate::consumer::poll::{ShutdownReport, shutdown_signal};
 use crate::consumer::schedule::Hub;
-use crate::consumer::schedule::Job;
+use crate::consumer::schedule::{Job, RunState};
 use crate::consumer::work::WorkerContext;
 use crate::consumer::worker_task::work;
-use crate::error::{Error, PollThreadError, Result};
+use crate::error::{Error, PollThreadError, Result, error_chain};
 use crate::guard::guarded;
 use crate::handler::Handler;
 
@@ -90,8 +90,12 @@ impl<H: Handler> RetryingConsumer<H> {
             worker,
             settings,
         } = self;
-        if let Some(create) = &settings.startup.create {
-            provision(&settings.startup, create).await?;
+        hub.lifecycle.set(RunState::Starting);
+        if let Some(create) = &settings.startup.create
+            && let Err(e) = provision(&settings.startup, create).await
+        {
+            hub.lifecycle.end(Some(error_chain(&e)));
+            return Err(e);
         }
         // Claims fetched ahead for records that never ran are released once the poll
         // thread is done (the next owner of their partitions must not find them busy).
@@ -111,11 +115,20 @@ impl<H: Handler> RetryingConsumer<H> {
                     spawner.spawn(work(worker.clone(), spawn_hub.clone(), job));
                 };
                 let result = caught(|| poll_loop(consumer, &thread_hub, &settings, &spawn));
+                // Here rather than in `run`: the poll thread finishes even when `run`'s
+                // future was dropped, and the monitor must see it end.
+                thread_hub
+                    .lifecycle
+                    .end(result.as_ref().err().map(|e| error_chain(e)));
                 // Drop the handler before `run` returns, inside the runtime context.
                 drop(spawn);
                 let _ = done_tx.send(result);
             })
-            .map_err(|e| Error::PollThread(PollThreadError::Spawn(e)))?;
+            .map_err(|e| {
+                let e = Error::PollThread(PollThreadError::Spawn(e));
+                hub.lifecycle.end(Some(error_chain(&e)));
+                e
+            })?;
 
         // Stop the poll thread if this future is dropped, too.
         let _guard = StopOnDrop(hub.clone());

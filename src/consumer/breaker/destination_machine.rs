@@ -73,6 +73,8 @@ struct Entry {
     held_failures: u64,
     /// Records waiting for it now.
     waiting: usize,
+    /// A record of it was parked in a retry tier since it opened.
+    parking: bool,
     /// Attempts running now (counted with a concurrency cap or a rate limit only).
     running: u32,
     /// With a concurrency cap: its places, handed to waiting records first come, first
@@ -103,6 +105,7 @@ impl Entry {
             opened: 0,
             held_failures: 0,
             waiting: 0,
+            parking: false,
             running: 0,
             places: cap.map(|n| Arc::new(Semaphore::new(n as usize))),
             tokens,
@@ -162,11 +165,13 @@ pub(crate) struct DestinationPass<'a> {
 pub(crate) enum Denied {
     /// Wait: until `until` (`None`: until woken), or until `changed` says something changed.
     /// `down`: the destination is open (or its probe is out), not merely at its cap or out
-    /// of tokens.
+    /// of tokens; `parking`: and a record of it was parked since it opened (its next
+    /// records are parked at once rather than each waiting its own `park_after`).
     Wait {
         until: Option<Instant>,
         changed: Arc<Notify>,
         down: bool,
+        parking: bool,
     },
     /// The destination is gone (the handler said so, with this message): the record is
     /// given up.
@@ -304,10 +309,12 @@ impl DestinationBreakers {
             unreachable!("inserted above");
         };
         let changed = e.changed.clone();
+        let parking = e.parking;
         let wait = |until, down| Denied::Wait {
             until,
             changed: changed.clone(),
             down,
+            parking: down && parking,
         };
         let down = match e.phase {
             Phase::Closed => Ok(false),
@@ -397,9 +404,14 @@ impl DestinationBreakers {
         }
     }
 
-    /// A record waiting for its destination was parked in a retry tier.
-    pub(crate) fn parked(&self) {
-        self.lock().parked += 1;
+    /// A record waiting for destination `id` was parked in a retry tier: so are its next
+    /// records that find it down, until it closes.
+    pub(crate) fn parked(&self, id: u64) {
+        let mut s = self.lock();
+        s.parked += 1;
+        if let Some(e) = s.entries.get_mut(&id) {
+            e.parking = true;
+        }
     }
 
     /// A record starts (`true`) or stops waiting for `id`.
@@ -465,6 +477,7 @@ impl DestinationBreakers {
                 e.first = None;
                 e.mixed = false;
                 e.gone = None;
+                e.parking = false;
                 self.metrics
                     .destination_transition(BreakerState::Closed.gauge(), -1);
                 self.log_transition(

@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::consumer::breaker::{BreakerStatus, DestinationsStatus};
-use crate::consumer::schedule::{ConnectionState, PartitionStatus};
+use crate::consumer::schedule::{ConnectionState, PartitionStatus, RunState};
 use crate::consumer::schedule::{Hub, PartitionEnd, Scheduler, Tp};
 use crate::metrics::DeadLetterCounts;
 
@@ -76,6 +76,18 @@ pub struct ConsumerSnapshot {
     /// The breakers of destinations: how many are tracked and open, and the ones open
     /// longest; `None` without [destinations](crate::RetryingConsumerBuilder::destinations).
     pub destinations: Option<DestinationsStatus>,
+    /// Where the consumer is in its life: not started, starting (startup checks), running,
+    /// stopping, stopped or failed.
+    pub state: RunState,
+    /// Why [`run`](crate::RetryingConsumer::run) failed (the error and its causes on one
+    /// line), when [`state`](Self::state) is [`RunState::Failed`].
+    pub failure: Option<String>,
+    /// How long ago the poll loop last went round; `None` before its first round. It goes
+    /// round at least every 50 ms while it runs, except while a rebalance waits for the
+    /// revoked partitions' records (at most the revoke timeout) or librdkafka blocks: a
+    /// figure that keeps growing while [`state`](Self::state) is
+    /// [`Running`](RunState::Running) is a stuck poll loop.
+    pub since_last_poll: Option<Duration>,
 }
 
 impl ConsumerMonitor {
@@ -123,6 +135,7 @@ fn snapshot_of(hub: &Hub) -> ConsumerSnapshot {
     let counts = &hub.metrics.counts;
     let load = |c: &AtomicU64| c.load(AtomicOrdering::Relaxed);
     let health = hub.health.state();
+    let (state, failure) = hub.lifecycle.state();
     let assigned = sorted(s.assigned());
     let paused = sorted(s.paused());
     let partitions = partition_statuses(&s, &health.ends, &assigned, &paused);
@@ -153,6 +166,9 @@ fn snapshot_of(hub: &Hub) -> ConsumerSnapshot {
         caught_up,
         breaker: s.breaker().map(|b| b.status()),
         destinations: s.destinations().map(|d| d.status()),
+        state,
+        failure,
+        since_last_poll: hub.lifecycle.since_last_poll(),
     }
 }
 

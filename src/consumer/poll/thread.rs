@@ -21,8 +21,8 @@ use super::rebalance::reset;
 use super::shutdown::{ShutdownReport, shutdown};
 use super::startup::{self, StartupSettings};
 use crate::consumer::observe::publish_caught_up;
-use crate::consumer::schedule::Job;
 use crate::consumer::schedule::{FinalCommitFailure, Hub};
+use crate::consumer::schedule::{Job, RunState};
 use crate::consumer::schedule::{PartitionEnd, cached_watermarks};
 use crate::consumer::schedule::{Tp, tps_display};
 use crate::error::Error;
@@ -73,7 +73,9 @@ pub(crate) fn poll_loop(
         hub.metrics.destinations_start();
     }
     let mut thread = PollThread::new(&consumer, hub, settings);
+    hub.lifecycle.set(RunState::Running);
     let stopped_by = loop {
+        hub.lifecycle.polled();
         if hub.stop_requested() {
             break None;
         }
@@ -86,6 +88,7 @@ pub(crate) fn poll_loop(
             break Some(Error::kafka("consume", e));
         }
     };
+    hub.lifecycle.set(RunState::Stopping);
     shutdown(&consumer, hub, settings.shutdown_timeout);
     drop(consumer);
     let report = closing_report(hub);

@@ -10,6 +10,7 @@ use rdkafka::error::KafkaError;
 use tracing::{info, warn};
 
 use super::health::Health;
+use super::lifecycle::{Lifecycle, RunState};
 use super::scheduler::{Job, JobEnd, Scheduler, SettlingFull};
 use super::topic_partition::Tp;
 use crate::log_throttle::LogThrottle;
@@ -35,6 +36,8 @@ pub(crate) struct Hub {
     pub(crate) revoke_timeout: Duration,
     pub(crate) metrics: Arc<ConsumerMetrics>,
     pub(crate) health: Health,
+    /// Where the consumer is in its life, and the poll loop's heartbeat.
+    pub(crate) lifecycle: Lifecycle,
     /// Log lines of persisting conditions (broker errors, waits), once per interval.
     pub(crate) throttle: LogThrottle,
     /// The final commit at shutdown, when it failed until the deadline: for the report.
@@ -62,6 +65,7 @@ impl Hub {
             revoke_timeout,
             metrics,
             health: Health::new(),
+            lifecycle: Lifecycle::default(),
             throttle: LogThrottle::new(log_interval),
             final_commit: Mutex::new(None),
             caught_up: tokio::sync::watch::Sender::new(false),
@@ -152,6 +156,7 @@ impl Hub {
 
     pub(crate) fn request_stop(&self) {
         self.stop.store(true, AtomicOrdering::SeqCst);
+        self.lifecycle.set(RunState::Stopping);
     }
 
     pub(crate) fn stop_requested(&self) -> bool {

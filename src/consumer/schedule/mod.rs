@@ -12,6 +12,7 @@ mod drain;
 mod finished;
 mod health;
 mod hub;
+mod lifecycle;
 mod offsets;
 mod scheduler;
 mod topic_partition;
@@ -21,6 +22,7 @@ pub(crate) use self::finished::decode as decode_finished;
 pub(crate) use self::health::*;
 pub use self::health::{ConnectionState, PartitionStatus};
 pub(crate) use self::hub::*;
+pub use self::lifecycle::RunState;
 #[cfg(kourier_bench)]
 pub(crate) use self::offsets::OffsetTracker;
 pub use self::scheduler::ProcessingOrder;

@@ -97,6 +97,11 @@ impl<T> DestinationGate<T> {
             let (until, down) = match breakers.try_admit_with(destination, &mut place) {
                 Ok(pass) => break Admitted::Pass(pass),
                 Err(Denied::Gone(gone)) => break Admitted::Gone(gone),
+                // Its destination's records are being parked: so is it, at once (each
+                // waiting its own `park_after` in turn would hold its lane that long).
+                Err(Denied::Wait { parking: true, .. }) if park_at.is_some() => {
+                    break Admitted::Park;
+                }
                 Err(Denied::Wait { until, down, .. }) => (until, down),
                 Err(Denied::Place(_)) => continue,
             };
@@ -258,6 +263,44 @@ mod tests {
         }
         assert_eq!(started.elapsed(), Duration::from_millis(2_500));
         assert_eq!(probes, 2);
+    }
+
+    /// Once a record of an open destination was parked, its next records are parked at once
+    /// (in key order each would otherwise hold its lane for its own `park_after`), until
+    /// the destination closes.
+    #[tokio::test(start_paused = true)]
+    async fn once_a_destination_parks_its_next_records_park_at_once() {
+        let g = gate(
+            Destinations::by_key()
+                .with_open_interval(Duration::from_secs(60), Duration::from_secs(60)),
+            Some(Duration::from_secs(5)),
+        );
+        let d = endpoint();
+        let pass = g.breakers.try_admit(&d).ok().expect("closed");
+        pass.failed(
+            &d,
+            1,
+            &HandlerError::unavailable("refused"),
+            &mut DestinationMemo::default(),
+        );
+        // How long the next record waits until it is parked.
+        let parked_after = || async {
+            let started = Instant::now();
+            let admitted = admitted_within(&g, &d, Duration::from_secs(6)).await;
+            assert_eq!(admitted, Some("park"));
+            started.elapsed()
+        };
+        assert_eq!(
+            parked_after().await,
+            Duration::from_secs(5),
+            "the first waits park_after"
+        );
+        g.breakers.parked(d.id);
+        assert_eq!(
+            parked_after().await,
+            Duration::ZERO,
+            "the next is parked at once"
+        );
     }
 
     /// Places under a cap go to waiting records first come, first served: with a cap of 1

@@ -585,8 +585,8 @@ impl<H: Handler> WorkerContext<H> {
         }
         // Its ledger entry (if any) stays: the forward places it at its new tier.
         holding.tracked = None;
-        if let Some(gate) = &self.destinations {
-            gate.breakers.parked();
+        if let (Some(gate), Some(destination)) = (&self.destinations, &holding.destination) {
+            gate.breakers.parked(destination.id);
         }
         debug!(coordinates = %r.record.coordinates(), tier = target, "parked in a retry tier: its destination is still down");
         Step::Deferred(target, at)
