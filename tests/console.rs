@@ -114,13 +114,33 @@ async fn start_console(dlt: &str, consumers: &[(&str, String)]) -> (Child, Strin
     (child, url)
 }
 
+/// chromedriver and the Chromium it starts, in a process group of their own: dropped (at the
+/// end of the test, or when it fails), the whole group is killed and the profile removed, so a
+/// failing test leaves no browser behind.
+struct Browser {
+    driver: Child,
+    profile: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(pid) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
 /// Starts chromedriver on a free port and connects a headless Chromium session to it.
-async fn start_browser(chromium: PathBuf, chromedriver: PathBuf) -> (Child, Client) {
+async fn start_browser(chromium: PathBuf, chromedriver: PathBuf) -> (Browser, Client) {
     let port = closed_port().await.port();
     let driver = Command::new(&chromedriver)
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("starting {}: {e}", chromedriver.display()));
@@ -128,6 +148,10 @@ async fn start_browser(chromium: PathBuf, chromedriver: PathBuf) -> (Child, Clie
         "kourier-console-chromium-{}",
         support::unique_name("profile")
     ));
+    let browser = Browser {
+        driver,
+        profile: profile.clone(),
+    };
     let caps = json!({
         "goog:chromeOptions": {
             "binary": chromium,
@@ -152,7 +176,7 @@ async fn start_browser(chromium: PathBuf, chromedriver: PathBuf) -> (Child, Clie
             .connect(&url)
             .await
         {
-            Ok(client) => return (driver, client),
+            Ok(client) => return (browser, client),
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -274,7 +298,7 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
         ],
     )
     .await;
-    let (mut driver, client) = start_browser(chromium, chromedriver).await;
+    let (browser, client) = start_browser(chromium, chromedriver).await;
 
     // Tall enough for a screenshot of the whole page.
     client.set_window_size(1400, 1800).await.unwrap();
@@ -381,7 +405,7 @@ async fn the_console_shows_a_letter_and_redrives_it_after_confirmation() {
     );
 
     client.close().await.unwrap();
-    let _ = driver.kill().await;
+    drop(browser);
     let _ = console.kill().await;
     health.shutdown().await;
     consumer.stop().await;
