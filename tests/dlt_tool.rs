@@ -1323,3 +1323,40 @@ async fn binary_redrives_one_letter_by_offset_and_by_event_id() {
         "{stderr}"
     );
 }
+
+/// `DeadLetterTopic::read_at_most` (the console's page bound) stops at the letter limit or
+/// the read limit and says more may follow; read to the end, it says nothing more follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_read_stops_at_its_limits() {
+    let (topic, dlt_topic) = topics("dlt-bounded").await;
+    let keys = ["a", "b", "a", "b", "a"];
+    write_letters(
+        &topic,
+        keys.iter().enumerate().map(|(i, k)| letter(i as i64, k)),
+    )
+    .await;
+    let dlt = kafka().topic(&dlt_topic);
+    let (two, first_three_read, all_a) = tokio::task::spawn_blocking(move || {
+        (
+            dlt.read_at_most(&LetterSelector::new(), 2, u64::MAX, |_, _| {})
+                .expect("read"),
+            dlt.read_at_most(&LetterSelector::new().key("a"), 10, 3, |_, _| {})
+                .expect("read"),
+            dlt.read_at_most(&LetterSelector::new().key("a"), 10, u64::MAX, |_, _| {})
+                .expect("read"),
+        )
+    })
+    .await
+    .unwrap();
+    let offsets =
+        |l: &kourier::dead_letter::Letters| l.letters.iter().map(|r| r.offset).collect::<Vec<_>>();
+    assert_eq!(offsets(&two), [0, 1]);
+    assert!(two.more);
+    assert_eq!(
+        (offsets(&first_three_read), first_three_read.read),
+        (vec![0, 2], 3)
+    );
+    assert!(first_three_read.more);
+    assert_eq!((offsets(&all_a), all_a.read), (vec![0, 2, 4], 5));
+    assert!(!all_a.more);
+}

@@ -353,6 +353,9 @@ pub struct Letters {
     pub letters: Vec<RawRecord>,
     /// Records read.
     pub read: u64,
+    /// Whether the read stopped at a limit of [`DeadLetterTopic::read_at_most`] before the
+    /// topic's end: more letters may follow.
+    pub more: bool,
 }
 
 impl DeadLetterTopic {
@@ -395,17 +398,40 @@ impl DeadLetterTopic {
     pub fn read(
         &self,
         selector: &LetterSelector,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<Letters> {
+        self.read_at_most(selector, usize::MAX, u64::MAX, progress)
+    }
+
+    /// [`read`](Self::read), stopping once `max_letters` letters are selected or `max_read`
+    /// records are read, whichever comes first; [`Letters::more`] says whether it stopped
+    /// before the end. A page of a topic too large to read whole: its first letters in
+    /// offset order per partition (give [`LetterSelector::at`] places or a time bound to see
+    /// others).
+    ///
+    /// # Errors
+    /// As [`read`](Self::read).
+    pub fn read_at_most(
+        &self,
+        selector: &LetterSelector,
+        max_letters: usize,
+        max_read: u64,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Letters> {
         let mut reader = Reader::open(self, selector, None)?;
         let mut out = Letters::default();
-        while let Some(record) = reader.next()? {
+        while out.letters.len() < max_letters && reader.read < max_read {
+            let Some(record) = reader.next()? else {
+                out.read = reader.read;
+                return Ok(out);
+            };
             if selector.matches(&record) {
                 out.letters.push(record);
             }
             progress(reader.read, reader.total);
         }
         out.read = reader.read;
+        out.more = !reader.pending.is_empty();
         Ok(out)
     }
 

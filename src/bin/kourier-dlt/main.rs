@@ -65,6 +65,11 @@
 //!   forever), or when it is a metadata-only letter whose value was too large to keep
 //!   (`--force` redrives the last two). `--dry-run` checks the same and publishes nothing.
 //!
+//! - `console --listen ADDR --dlt TOPIC [--consumer NAME=URL]` (feature `console`) serves
+//!   one web page: each consumer's JSON status (kourier's health routes), the dead-letter
+//!   topics browsed with the filters below, a letter's headers and value, and redrive of
+//!   ticked letters after a dry-run confirmation (see the README, "The console page").
+//!
 //! Filters, for both (every filter given must match; a repeated filter matches any of its
 //! values): `--at P:O` or `--at P:FIRST-LAST` (the letter's place in the dead-letter topic;
 //! the tool reads only those offsets), `--header NAME=VALUE` (the letter's last header of
@@ -87,6 +92,8 @@
 //! Do not run two resumable redrives with the same `--resume-group` at once: each would
 //! redrive the same letters.
 
+#[cfg(feature = "console")]
+mod console;
 mod dlt;
 
 use std::io::{IsTerminal as _, Write as _};
@@ -170,6 +177,28 @@ enum Command {
         from_beginning: bool,
         #[command(flatten)]
         filter: FilterArgs,
+    },
+    /// Serve a web page to watch consumers, browse dead-letter topics and redrive letters
+    /// (feature `console`).
+    #[cfg(feature = "console")]
+    Console {
+        /// The address to listen on (no login: keep it on loopback, or behind a proxy that
+        /// authenticates).
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        listen: std::net::SocketAddr,
+        /// A dead-letter topic to browse (repeatable; the first is shown first).
+        #[arg(long = "dlt", value_name = "TOPIC", required = true)]
+        dlts: Vec<String>,
+        /// A consumer's JSON status URL, e.g. `notifier=http://127.0.0.1:9090/status`
+        /// (kourier's health routes; repeatable).
+        #[arg(long = "consumer", value_name = "NAME=URL", value_parser = console::parse_consumer)]
+        consumers: Vec<(String, String)>,
+        /// Most letters listed on one page.
+        #[arg(long, default_value_t = 50)]
+        max_letters: usize,
+        /// Most records read for one page.
+        #[arg(long, default_value_t = 10_000)]
+        max_read: u64,
     },
 }
 
@@ -346,6 +375,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     )))
                 }
             }
+        }
+        #[cfg(feature = "console")]
+        Command::Console {
+            listen,
+            dlts,
+            consumers,
+            max_letters,
+            max_read,
+        } => {
+            drop(stdout); // the console prints its address
+            let console = console::Console {
+                kafka,
+                dlts,
+                consumers,
+                max_letters: max_letters.max(1),
+                max_read: max_read.max(1),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(console::serve(listen, console))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
