@@ -10,14 +10,14 @@
 //! calls made, and batch ÷ single. Run: `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 cargo bench
 //! --bench batch` (needs `scripts/services up`).
 
+mod drain_common;
+
 use std::hash::BuildHasher as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kourier::batch::{BatchHandler, BatchOutcome, batched};
-use kourier::rdkafka::ClientConfig;
-use kourier::rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use kourier::topics::{TopicAdmin, TopicSpec};
 use kourier::{
     BytesCodec, Handler, HandlerError, Message, ProcessingOrder, RetryingConsumer, async_trait,
@@ -69,30 +69,6 @@ impl BatchHandler for Bulk {
     }
 }
 
-async fn produce(bootstrap: &str, topic: &str, records: u64) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    let value = vec![b'x'; 100];
-    let mut pending = Vec::new();
-    for id in 0..records {
-        let key = format!("k-{}", id % KEYS);
-        let record = FutureRecord::to(topic).key(&key).payload(&value);
-        pending.push(producer.send_result(record).expect("enqueue"));
-        if pending.len() >= 5_000 {
-            for p in pending.drain(..) {
-                p.await.expect("delivery").expect("acked");
-            }
-        }
-    }
-    for p in pending {
-        p.await.expect("delivery").expect("acked");
-    }
-    producer.flush(Duration::from_secs(10)).expect("flush");
-}
-
 /// Drains `records` with the single or the batch handler: records per second and calls.
 async fn run(bootstrap: &str, records: u64, batch: bool) -> (f64, u64) {
     let run_id = format!(
@@ -110,7 +86,7 @@ async fn run(bootstrap: &str, records: u64, batch: bool) -> (f64, u64) {
         ])
         .await
         .expect("topics");
-    produce(bootstrap, &topic, records).await;
+    drain_common::produce(bootstrap, &topic, records, KEYS, |_| vec![b'x'; 100]).await;
     let downstream = Arc::new(Downstream {
         pool: Semaphore::new(POOL),
         calls: AtomicU64::new(0),
@@ -161,22 +137,9 @@ async fn run(bootstrap: &str, records: u64, batch: bool) -> (f64, u64) {
 
 #[tokio::main]
 async fn main() {
-    let bootstrap =
-        std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    // `cargo test --all-targets` runs this binary too, without `--bench`: then a smoke run
-    // (figures meaningless), so the test suite stays fast; a test-name filter skips it.
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let bench = args.iter().any(|a| a == "--bench");
-    if !bench && args.iter().any(|a| !a.starts_with('-')) {
+    let Some((bootstrap, records)) = drain_common::sized("BATCH_BENCH_RECORDS", 20_000, 200) else {
         return;
-    }
-    let records: u64 = std::env::var("BATCH_BENCH_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if bench { 20_000 } else { 200 });
-    if !bench {
-        println!("smoke run (cargo test): figures are meaningless");
-    }
+    };
     println!(
         "{records} records × 100 B, {PARTITIONS} partitions, {KEYS} keys, Key order, max_in_flight 256; \
          the downstream: {CALL:?} per call whatever its size, {POOL} calls at once"

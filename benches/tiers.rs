@@ -13,12 +13,12 @@
 //! Run: `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 cargo bench --bench tiers` (needs
 //! `scripts/services up`). `TIERS_BENCH_RECORDS` sets the record count (default 6 000).
 
+mod drain_common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kourier::rdkafka::ClientConfig;
-use kourier::rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use kourier::tiers::RetryTiers;
 use kourier::topics::{TopicAdmin, TopicSpec};
 use kourier::{
@@ -42,30 +42,6 @@ struct Seen {
     failing_done: Vec<Duration>,
 }
 
-async fn produce(bootstrap: &str, topic: &str, records: u64) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    let mut pending = Vec::new();
-    for id in 0..records {
-        let key = format!("k-{}", id % KEYS);
-        let value = id.to_string();
-        let record = FutureRecord::to(topic).key(&key).payload(&value);
-        pending.push(producer.send_result(record).expect("enqueue"));
-        if pending.len() >= 5_000 {
-            for p in pending.drain(..) {
-                p.await.expect("delivery").expect("acked");
-            }
-        }
-    }
-    for p in pending {
-        p.await.expect("delivery").expect("acked");
-    }
-    producer.flush(Duration::from_secs(10)).expect("flush");
-}
-
 async fn run(bootstrap: &str, records: u64, tiers: bool, ordering: ProcessingOrder) {
     let run_id = format!(
         "{}-{}",
@@ -82,7 +58,10 @@ async fn run(bootstrap: &str, records: u64, tiers: bool, ordering: ProcessingOrd
         specs.push(TopicSpec::new(format!("{topic}.retry.{n}"), PARTITIONS));
     }
     admin.ensure(&specs).await.expect("topics");
-    produce(bootstrap, &topic, records).await;
+    drain_common::produce(bootstrap, &topic, records, KEYS, |id| {
+        id.to_string().into_bytes()
+    })
+    .await;
 
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let failing_total = (0..records).filter(|&id| failing(id)).count();
@@ -174,22 +153,9 @@ use std::hash::BuildHasher as _;
 
 #[tokio::main]
 async fn main() {
-    let bootstrap =
-        std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    // `cargo test --all-targets` runs this binary too, without `--bench`: then a smoke run
-    // (figures meaningless), so the test suite stays fast; a test-name filter skips it.
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let bench = args.iter().any(|a| a == "--bench");
-    if !bench && args.iter().any(|a| !a.starts_with('-')) {
+    let Some((bootstrap, records)) = drain_common::sized("TIERS_BENCH_RECORDS", 6_000, 120) else {
         return;
-    }
-    let records: u64 = std::env::var("TIERS_BENCH_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if bench { 6_000 } else { 120 });
-    if !bench {
-        println!("smoke run (cargo test): figures are meaningless");
-    }
+    };
     println!(
         "{records} records, {PARTITIONS} partitions, {KEYS} keys, 1 ms of work each; 5 % fail for {BLIP:?}"
     );
