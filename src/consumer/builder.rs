@@ -820,7 +820,7 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
             .create_with_context(KourierContext { hub: hub.clone() })
             .map_err(|e| Error::kafka("create consumer", e))?;
         let sink_topics = s.sink_topics(sink.as_ref(), tier_topics);
-        let settings = s.poll_settings(bootstrap, subscribed, sink_topics);
+        let settings = s.poll_settings(bootstrap, subscribed, sink_topics, &group_id);
         let worker = Arc::new(WorkerContext {
             handler: Arc::new(handler),
             codec: Arc::new(codec),
@@ -866,6 +866,7 @@ impl<T> Settings<T> {
         servers: String,
         subscribed: Vec<String>,
         sink_topics: Vec<(String, String)>,
+        group: &str,
     ) -> PollSettings {
         let create = match self.missing_topics {
             MissingTopics::Create { partitions } => Some(Provisioning {
@@ -885,6 +886,7 @@ impl<T> Settings<T> {
                 create,
             },
             topics: subscribed,
+            group: group.to_owned(),
             commit_interval: self.commit_interval,
             shutdown_timeout: self.shutdown_timeout,
             max_poll_batch: self.max_poll_batch,

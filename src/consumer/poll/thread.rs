@@ -32,6 +32,8 @@ use crate::record::RawRecord;
 #[derive(Debug, Clone)]
 pub(crate) struct PollSettings {
     pub(crate) topics: Vec<String>,
+    /// The consumer group (for the join watch).
+    pub(crate) group: String,
     pub(crate) commit_interval: Duration,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) max_poll_batch: usize,
@@ -46,6 +48,9 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 const HEALTH_EVERY: Duration = Duration::from_millis(200);
 /// How often a disconnected consumer asks the cluster whether it is back.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// A subscribed consumer without partitions this long asks the group coordinator whether it
+/// is a member at all (see [`JoinWatch`]), then again at most this often.
+const JOIN_CHECK_AFTER: Duration = Duration::from_secs(30);
 /// At most one look for deleted topics this often.
 const DELETED_CHECK_EVERY: Duration = Duration::from_secs(2);
 
@@ -114,6 +119,43 @@ struct PollThread<'a> {
     batch: Vec<RawRecord>,
     /// Jobs the workers ended since the last hand-over, dropped on this thread.
     spent: Vec<Job>,
+    join: JoinWatch,
+}
+
+/// Watches for a join that was lost: a consumer subscribed for [`JOIN_CHECK_AFTER`] without
+/// partitions asks the coordinator for its group; when the group has no member at all (so
+/// not this one either), the join was lost on the way — seen after a broker restart, where
+/// the coordinator asked a new member to rejoin with its member id and never heard from it
+/// again, leaving the consumer idle for good — and the consumer subscribes again (one
+/// warning). A consumer that is a member without partitions (more members than partitions)
+/// is left alone.
+#[derive(Debug, Default)]
+struct JoinWatch {
+    /// Since when the consumer has had no partition (`None`: it has some).
+    unassigned_since: Option<Instant>,
+}
+
+impl JoinWatch {
+    /// Whether to ask the coordinator now, given whether the consumer has partitions.
+    fn due(&mut self, assigned: bool, now: Instant) -> bool {
+        if assigned {
+            self.unassigned_since = None;
+            return false;
+        }
+        let since = *self.unassigned_since.get_or_insert(now);
+        if now.saturating_duration_since(since) < JOIN_CHECK_AFTER {
+            return false;
+        }
+        // Asked now: the next look waits as long again.
+        self.unassigned_since = Some(now);
+        true
+    }
+}
+
+/// Whether the coordinator's answer about the group shows the join was lost: the group has
+/// no member (`Empty`, `Dead`), though this consumer is subscribed to it.
+fn join_lost(state: &str, members: usize) -> bool {
+    members == 0 && matches!(state, "Empty" | "Dead")
 }
 
 impl<'a> PollThread<'a> {
@@ -134,6 +176,7 @@ impl<'a> PollThread<'a> {
             group_committed: GroupCommitted::default(),
             batch: Vec::with_capacity(settings.max_poll_batch),
             spent: Vec::new(),
+            join: JoinWatch::default(),
         }
     }
 
@@ -158,6 +201,7 @@ impl<'a> PollThread<'a> {
         if looked {
             publish_caught_up(hub);
         }
+        self.watch_join();
         let outage = hub.health.outage()?;
         if self.last_probe.elapsed() >= PROBE_EVERY {
             probe(consumer, hub, &settings.topics);
@@ -169,6 +213,38 @@ impl<'a> PollThread<'a> {
             servers: settings.startup.servers.clone(),
             after: outage,
         })
+    }
+
+    /// The [`JoinWatch`]: a consumer long without partitions whose group has no member
+    /// subscribes again.
+    fn watch_join(&mut self) {
+        let consumer = self.consumer;
+        let assigned = consumer.assignment().is_ok_and(|a| a.count() > 0);
+        if !self.join.due(assigned, Instant::now()) {
+            return;
+        }
+        let group = &self.settings.group;
+        let Ok(list) = consumer.fetch_group_list(Some(group.as_str()), Duration::from_secs(2))
+        else {
+            return;
+        };
+        let Some(g) = list.groups().iter().find(|g| g.name() == group) else {
+            return;
+        };
+        if !join_lost(g.state(), g.members().len()) {
+            return;
+        }
+        warn!(
+            group = %group,
+            state = g.state(),
+            unassigned_for = ?JOIN_CHECK_AFTER,
+            "subscribed without partitions while the group has no member: the join was lost; subscribing again"
+        );
+        let topics: Vec<&str> = self.settings.topics.iter().map(String::as_str).collect();
+        consumer.unsubscribe();
+        if let Err(e) = consumer.subscribe(&topics) {
+            warn!(group = %group, error = %e, "subscribing again failed; the next look tries again");
+        }
     }
 
     /// Polls what fits the buffer into `batch`. A (nearly) full buffer: waits until workers
@@ -446,4 +522,41 @@ fn forget_deleted_topics(
         hub.metrics.partition_revoked(topic, *partition);
     }
     deleted.extend(gone);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watch asks the coordinator only after `JOIN_CHECK_AFTER` without partitions, then
+    /// at most that often; partitions reset it.
+    #[test]
+    fn the_join_watch_asks_after_a_long_time_without_partitions() {
+        let start = Instant::now();
+        let at = |secs: u64| {
+            start
+                .checked_add(Duration::from_secs(secs))
+                .expect("a near instant")
+        };
+        let mut w = JoinWatch::default();
+        assert!(!w.due(false, at(0)));
+        assert!(!w.due(false, at(29)));
+        assert!(w.due(false, at(30)), "30 s without partitions");
+        assert!(!w.due(false, at(45)), "not again before another 30 s");
+        assert!(w.due(false, at(60)));
+        assert!(!w.due(true, at(100)), "partitions: nothing to ask");
+        assert!(!w.due(false, at(101)), "the wait starts again");
+        assert!(w.due(false, at(131)));
+    }
+
+    /// Only a group without any member means the join was lost: a member without partitions
+    /// (more members than partitions) and a group rebalancing are left alone.
+    #[test]
+    fn a_join_is_lost_only_when_the_group_has_no_member() {
+        assert!(join_lost("Empty", 0));
+        assert!(join_lost("Dead", 0));
+        assert!(!join_lost("Stable", 2), "an idle member of a stable group");
+        assert!(!join_lost("PreparingRebalance", 1));
+        assert!(!join_lost("CompletingRebalance", 0));
+    }
 }
