@@ -133,9 +133,27 @@ struct PollThread<'a> {
 struct JoinWatch {
     /// Since when the consumer has had no partition (`None`: it has some).
     unassigned_since: Option<Instant>,
+    /// When its assignment was last looked at (at most every [`JOIN_LOOK_EVERY`]: not on
+    /// every turn of a busy poll loop).
+    looked: Option<Instant>,
 }
 
+/// How often the join watch looks at the consumer's assignment.
+const JOIN_LOOK_EVERY: Duration = Duration::from_secs(1);
+
 impl JoinWatch {
+    /// Whether to look at the assignment now.
+    fn look(&mut self, now: Instant) -> bool {
+        if self
+            .looked
+            .is_some_and(|t| now.saturating_duration_since(t) < JOIN_LOOK_EVERY)
+        {
+            return false;
+        }
+        self.looked = Some(now);
+        true
+    }
+
     /// Whether to ask the coordinator now, given whether the consumer has partitions.
     fn due(&mut self, assigned: bool, now: Instant) -> bool {
         if assigned {
@@ -219,8 +237,12 @@ impl<'a> PollThread<'a> {
     /// subscribes again.
     fn watch_join(&mut self) {
         let consumer = self.consumer;
+        let now = Instant::now();
+        if !self.join.look(now) {
+            return;
+        }
         let assigned = consumer.assignment().is_ok_and(|a| a.count() > 0);
-        if !self.join.due(assigned, Instant::now()) {
+        if !self.join.due(assigned, now) {
             return;
         }
         let group = &self.settings.group;
@@ -547,6 +569,22 @@ mod tests {
         assert!(!w.due(true, at(100)), "partitions: nothing to ask");
         assert!(!w.due(false, at(101)), "the wait starts again");
         assert!(w.due(false, at(131)));
+    }
+
+    /// The assignment is looked at once a second at most, not on every turn of the loop.
+    #[test]
+    fn the_join_watch_looks_once_a_second() {
+        let start = Instant::now();
+        let at = |ms: u64| {
+            start
+                .checked_add(Duration::from_millis(ms))
+                .expect("a near instant")
+        };
+        let mut w = JoinWatch::default();
+        assert!(w.look(at(0)));
+        assert!(!w.look(at(10)));
+        assert!(!w.look(at(999)));
+        assert!(w.look(at(1_000)));
     }
 
     /// Only a group without any member means the join was lost: a member without partitions

@@ -565,7 +565,9 @@ impl<H: Handler> WorkerContext<H> {
         r: &RecordRun<'r>,
     ) -> Step<'r> {
         let (Some(tiers), Some(at)) = (&self.tiers, r.at) else {
-            // The builder parks only with tiers: a record without them goes on waiting.
+            // The builder parks only with tiers: a record without them goes on waiting (its
+            // wait starts again, so it is not told to park at once, again and again).
+            tries.destination_wait = None;
             return Step::Again;
         };
         let first = std::mem::take(&mut tries.first_claim);
