@@ -351,6 +351,9 @@ mod message;
 pub mod metrics;
 mod producer;
 mod publisher;
+#[cfg(feature = "queue")]
+#[cfg_attr(docsrs, doc(cfg(feature = "queue")))]
+pub mod queue;
 mod record;
 mod retry;
 pub mod tiers;

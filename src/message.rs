@@ -20,6 +20,7 @@ pub struct Message<T> {
     attempt: u32,
     event: Arc<T>,
     claim: Option<ClaimToken>,
+    delivery_count: Option<u16>,
 }
 
 impl<T> Clone for Message<T> {
@@ -29,6 +30,7 @@ impl<T> Clone for Message<T> {
             attempt: self.attempt,
             event: Arc::clone(&self.event),
             claim: self.claim.clone(),
+            delivery_count: self.delivery_count,
         }
     }
 }
@@ -40,6 +42,7 @@ impl<T> Message<T> {
             attempt,
             event: Arc::new(event),
             claim: None,
+            delivery_count: None,
         }
     }
 
@@ -62,6 +65,11 @@ impl<T> Message<T> {
 
     pub(crate) fn set_attempt(&mut self, attempt: u32) {
         self.attempt = attempt;
+    }
+
+    #[cfg_attr(not(feature = "queue"), allow(dead_code))]
+    pub(crate) fn set_delivery_count(&mut self, count: Option<u16>) {
+        self.delivery_count = count;
     }
 
     pub(crate) fn set_claim_token(&mut self, claim: Option<ClaimToken>) {
@@ -122,6 +130,16 @@ impl<T> Message<T> {
     /// Which attempt this is: 1 for the first try, 2 for the first retry, and so on.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// How many times the broker has delivered this record, this delivery included: the
+    /// share group's delivery count in queue mode (feature `queue`, see `kourier::queue`),
+    /// which counts deliveries across consumer crashes and lock expiries; `None` for a
+    /// consumer-group record (a [`RetryingConsumer`](crate::RetryingConsumer)) and in
+    /// [`Message::for_test`]. [`attempt`](Self::attempt) counts the attempts of this
+    /// delivery only.
+    pub fn delivery_count(&self) -> Option<u16> {
+        self.delivery_count
     }
 
     /// The token of the idempotency claim this attempt holds on the record's dedup key, if

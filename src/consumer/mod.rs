@@ -43,5 +43,9 @@ pub use self::retrying_consumer::RetryingConsumer;
 pub use self::schedule::{ConnectionState, PartitionStatus, ProcessingOrder, RunState};
 pub use self::work::RecordOutcome;
 // The health routes' unit tests run a monitor on a hub of their own.
+#[cfg(feature = "queue")]
+pub(crate) use self::dedup::Dedup;
 #[cfg(all(test, feature = "health"))]
 pub(crate) use self::schedule::Hub;
+#[cfg(feature = "queue")]
+pub(crate) use self::work::OutcomeObserver;

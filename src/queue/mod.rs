@@ -1,0 +1,618 @@
+//! **Experimental.** Queue mode: the same [`Handler`] over a Kafka share group (KIP-932,
+//! "queues for Kafka"), feature `queue`.
+//!
+//! A share group hands records to its members one by one, each locked for the member that
+//! got it (the broker's *acquisition lock*) and settled per record: ACCEPT (done), RELEASE
+//! (deliver again) or REJECT (archive). Members can outnumber partitions, and one slow
+//! record never holds up a partition. When every event is independent — a mail, a push
+//! notification — this is the natural model. A [`QueueConsumer`] runs the handler, codec,
+//! [`IdempotencyStore`](crate::IdempotencyStore) (through [`Idempotency`]),
+//! [`DeadLetterSink`], outcome observer and [`RetryPolicy`] of a
+//! [`RetryingConsumer`](crate::RetryingConsumer) over a share group.
+//!
+//! ```no_run
+//! use kourier::queue::QueueConsumer;
+//! use kourier::{handler_fn, HandlerError, Message};
+//!
+//! # async fn run() -> Result<(), kourier::queue::QueueError> {
+//! let handler = handler_fn(|m: Message<String>| async move {
+//!     println!("{}", m.event());
+//!     Ok::<(), HandlerError>(())
+//! });
+//! let report = QueueConsumer::builder(handler)
+//!     .bootstrap_servers("127.0.0.1:9092")
+//!     .group_id("notifier")
+//!     .topic("notify.v1") // and its dead-letter topic notify.v1.dlt
+//!     .build()?
+//!     .run_until_signal()
+//!     .await?;
+//! println!("{report:?}");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Why experimental
+//!
+//! The client. rdkafka 0.39 (librdkafka 2.12) has no share consumer; librdkafka's (2.15 and
+//! later) is a Preview, "not for production". Queue mode runs on the pure-Rust client
+//! [`krafka`](https://docs.rs/krafka) 0.28, which passed every trial against Kafka 4.4 but
+//! is young. The engine reaches the client through one crate-private seam (a source of
+//! locked records with accept, release and lock renewal), so a librdkafka-backed source can
+//! replace it later without changing this API. The API may still change in a minor release.
+//!
+//! **Rust 1.95**: krafka's minimum Rust version; the rest of kourier needs 1.88.
+//! The broker must be Kafka 4.2 or later with share groups on (`share.version` ≥ 1, the
+//! default on a cluster formatted by 4.2+).
+//!
+//! # Semantics
+//!
+//! | what happens | queue mode | (consumer group, for comparison) |
+//! |---|---|---|
+//! | the handler succeeds | ACCEPT | offset committed once contiguous |
+//! | a transient failure | retried in place with the [`RetryPolicy`]'s back-off while the record stays locked, its lock renewed every third of the lock duration | retried in place, partition lane held |
+//! | attempts exhausted | kourier's own dead letter (the same letter and provenance headers, reason `retries-exhausted`, through the [`DeadLetterSink`]), then ACCEPT | the same letter, then commit |
+//! | a permanent failure, a record the codec cannot decode (poison pill), a panicking dedup-key function | dead letter at once (`permanent`, `decode`, `panic`), then ACCEPT | the same |
+//! | a panicking handler | retried like a transient failure, then dead letter `panic` | the same (by default) |
+//! | [`HandlerError::unavailable`](crate::HandlerError::unavailable) | the record is held, its lock renewed, and tried again after the hint or the policy's first delay, using no attempt | the breaker / the record waits |
+//! | the dedup key is already done | ACCEPT without calling the handler | skip and commit |
+//! | a dead-letter write fails | retried (0.5 s doubling to 5 s) while the lock is renewed; never dropped | retried, the offset waits |
+//! | shutdown | records not started are RELEASEd at once (another member takes them); running ones get [`shutdown_timeout`](QueueConsumerBuilder::shutdown_timeout), then are RELEASEd; records waiting (a back-off, a busy key, a failing sink) are RELEASEd at once | the same, by offsets |
+//! | the member crashes (kill -9) | the broker releases its records when the connection closes, or when their locks run out | uncommitted offsets are read again |
+//! | redelivered record | [`Message::delivery_count`](crate::Message::delivery_count) is the broker's delivery count (across crashes and lock expiries), logged when above 1; [`Message::attempt`](crate::Message::attempt) counts this delivery's attempts | — |
+//! | ordering | **none**: records of one partition, of one key, run in parallel on one or several members | [`ProcessingOrder`](crate::ProcessingOrder) |
+//!
+//! The broker's own dead-letter queue (KIP-1191) is not used: kourier REJECTs nothing (a
+//! REJECTed record is archived silently unless a `dlq.*` topic opted in, and the broker's
+//! letter keeps neither the original headers nor a reason), so kourier writes its own letter
+//! and ACCEPTs.
+//!
+//! Duplicates remain possible, as with a consumer group: a record whose lock ran out (the
+//! process frozen longer than the lock, or renewals not reaching the broker) is delivered to
+//! another member while the first may still finish it; the late ACCEPT is refused
+//! ([`QueueReport::acknowledgement_failures`], logged). An [`Idempotency`] store makes the
+//! second delivery wait for the first's claim, then skip it.
+//!
+//! # Not (yet) in queue mode
+//!
+//! The outage breaker ([`BreakerPolicy`](crate::BreakerPolicy)), per-destination breakers,
+//! retry tiers, kourier's metrics and the consumer monitor belong to the consumer-group
+//! engine and are not wired here; [`HandlerError::unavailable`](crate::HandlerError::unavailable)
+//! holds the record (see above). A batch holds at most
+//! [`fetch_size`](QueueConsumerBuilder::fetch_size) records, and the next batch is
+//! fetched once every record of the current one is settled (the share consumer's explicit
+//! mode requires it), so one slow record delays the member's next fetch (not the other
+//! members).
+//!
+//! # Startup checks
+//!
+//! [`QueueConsumer::run`] checks, within [`startup_timeout`](QueueConsumerBuilder::startup_timeout),
+//! and answers with a [`QueueError`] naming what is wrong: the brokers answer
+//! ([`QueueError::BrokersUnreachable`]); share groups are on
+//! ([`QueueError::ShareGroupsUnsupported`]); the group's `share.auto.offset.reset` is set
+//! ([`start_from`](QueueConsumerBuilder::start_from), default earliest: a new group reads
+//! the records already in the topic) and, when set, its `share.record.lock.duration.ms`
+//! within the broker's `group.share.min/max.record.lock.duration.ms`
+//! ([`QueueError::LockDuration`]); the topic and its dead-letter topics exist, or are created
+//! with [`create_missing_topics`](QueueConsumerBuilder::create_missing_topics)
+//! ([`QueueError::MissingTopics`]).
+
+mod engine;
+mod krafka_source;
+mod source;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use self::engine::{Counts, Engine, Stops};
+use self::krafka_source::{Connect, KrafkaSource};
+use crate::codec::{Codec, JsonCodec};
+use crate::consumer::OutcomeObserver;
+use crate::dead_letter::DeadLetterSink;
+use crate::error::{BoxError, ConfigError};
+use crate::handler::Handler;
+use crate::record::RawRecord;
+use crate::retry::RetryPolicy;
+use crate::topics::{TopicAdmin, TopicSpec};
+use crate::{Idempotency, KafkaDeadLetterSink, RecordOutcome};
+
+/// Where a new share group starts reading: the group config `share.auto.offset.reset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StartFrom {
+    /// The earliest record still in the topic (kourier's default: a queue's records are
+    /// work to do, whenever they were written).
+    #[default]
+    Earliest,
+    /// Records written after the group started (the broker's default).
+    Latest,
+}
+
+impl StartFrom {
+    fn config_value(self) -> &'static str {
+        match self {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest => "latest",
+        }
+    }
+}
+
+/// Why a [`QueueConsumer`] could not be built or could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueueError {
+    /// A setting is missing or out of range (from `build()`).
+    #[error("invalid configuration: {0}")]
+    Config(ConfigError),
+    /// The brokers did not answer within the startup timeout.
+    #[error("kafka brokers {servers} unreachable for {after:?}")]
+    BrokersUnreachable {
+        /// The bootstrap servers.
+        servers: String,
+        /// The startup timeout.
+        after: Duration,
+    },
+    /// The cluster does not run share groups: the finalized feature level is below 1
+    /// (Kafka before 4.2, or a cluster where `share.version` was not raised:
+    /// `kafka-features.sh upgrade --feature share.version=1`).
+    #[error(
+        "the cluster does not run share groups: feature `{feature}` is at level {level} (1 or more needed)"
+    )]
+    ShareGroupsUnsupported {
+        /// The feature's name, `share.version`.
+        feature: &'static str,
+        /// Its finalized level (0 when the cluster does not know it).
+        level: i16,
+    },
+    /// The broker refused the lock duration set with
+    /// [`lock_duration`](QueueConsumerBuilder::lock_duration): it is outside the broker's
+    /// `group.share.min.record.lock.duration.ms` ..= `group.share.max.record.lock.duration.ms`.
+    #[error("lock duration {requested:?} refused by the broker: {reason}")]
+    LockDuration {
+        /// The lock duration asked for.
+        requested: Duration,
+        /// The broker's answer (it names the allowed range).
+        reason: String,
+    },
+    /// The broker refused the share group's configs (`share.auto.offset.reset`), e.g. for
+    /// lack of the ALTER_CONFIGS permission on the group.
+    #[error("share group {group}: the broker refused its configs: {reason}")]
+    GroupConfig {
+        /// The share group.
+        group: String,
+        /// The broker's answer.
+        reason: String,
+    },
+    /// Topics the consumer needs do not exist (the source topic, its dead-letter topics).
+    #[error("missing topics: {} (set `create_missing_topics(true)` to create them)", topics.join(", "))]
+    MissingTopics {
+        /// The topics that do not exist.
+        topics: Vec<String>,
+    },
+    /// Checking or creating the topics failed.
+    #[error("checking the topics failed")]
+    Topics(#[source] crate::Error),
+    /// The share-group client failed.
+    #[error("share-group client error during {operation}")]
+    Client {
+        /// What was being done.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// What a [`QueueConsumer`] did, from [`QueueConsumer::run`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueReport {
+    /// Records whose handler succeeded (ACCEPTed).
+    pub handled: u64,
+    /// Records skipped because their dedup key was done (ACCEPTed).
+    pub duplicates: u64,
+    /// Records dead-lettered by kourier (ACCEPTed after the sink's acknowledgement).
+    pub dead_lettered: u64,
+    /// Records of the last batch not started at shutdown, RELEASEd for other members.
+    pub released_unstarted: u64,
+    /// Records given up while running or waiting at shutdown, RELEASEd.
+    pub abandoned: u64,
+    /// Acknowledgements (accepts, releases, renewals) the broker refused, most often for a
+    /// lock that had run out: such a record may have been handled twice.
+    pub acknowledgement_failures: u64,
+}
+
+/// **Experimental.** Runs a [`Handler`] over a Kafka share group. See the
+/// [module docs](self) for the semantics; build one with [`QueueConsumer::builder`].
+pub struct QueueConsumer<H: Handler, C = JsonCodec<<H as Handler>::Event>> {
+    engine: Engine<H, C>,
+    fetch_size: usize,
+    bootstrap: String,
+    topic: String,
+    start_from: StartFrom,
+    lock_duration: Option<Duration>,
+    startup_timeout: Duration,
+    create_missing_topics: bool,
+    partitions: i32,
+}
+
+impl<H: Handler, C> fmt::Debug for QueueConsumer<H, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueConsumer")
+            .field("group", &self.engine.group)
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> QueueConsumer<H> {
+    /// A builder for a queue consumer running `handler`, decoding JSON until
+    /// [`codec`](QueueConsumerBuilder::codec) says otherwise.
+    pub fn builder(handler: H) -> QueueConsumerBuilder<H> {
+        QueueConsumerBuilder {
+            handler,
+            codec: JsonCodec::new(),
+            bootstrap: None,
+            group: None,
+            topic: None,
+            retry: RetryPolicy::default(),
+            sink: None,
+            idempotency: None,
+            observer: None,
+            max_in_flight: 16,
+            fetch_size: None,
+            shutdown_timeout: Duration::from_secs(30),
+            startup_timeout: Duration::from_secs(30),
+            start_from: StartFrom::Earliest,
+            lock_duration: None,
+            create_missing_topics: false,
+            partitions: 1,
+        }
+    }
+}
+
+impl<H: Handler, C: Codec<H::Event>> QueueConsumer<H, C> {
+    /// Runs until `shutdown` resolves, then RELEASEs what did not start, lets running records
+    /// finish within the shutdown timeout, sends the last acknowledgements and leaves the
+    /// group.
+    ///
+    /// # Errors
+    /// A [`QueueError`] from the startup checks (see the [module docs](self#startup-checks)).
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<QueueReport, QueueError> {
+        self.ensure_topics().await?;
+        let source = KrafkaSource::connect(Connect {
+            bootstrap: &self.bootstrap,
+            group: &self.engine.group,
+            topic: &self.topic,
+            max_records: self.fetch_size,
+            reset: self.start_from.config_value(),
+            lock_duration: self.lock_duration,
+            timeout: self.startup_timeout,
+        })
+        .await?;
+        tracing::info!(group = %self.engine.group, topic = %self.topic, "queue consumer joined its share group");
+        let stops = Stops {
+            stop: CancellationToken::new(),
+            hard: CancellationToken::new(),
+        };
+        let run = self.engine.run(&source, &stops);
+        tokio::pin!(run);
+        tokio::select! {
+            () = &mut run => {}
+            () = shutdown => {
+                stops.stop.cancel();
+                let hard = async {
+                    tokio::time::sleep(self.engine.shutdown_timeout).await;
+                    stops.hard.cancel();
+                    std::future::pending::<()>().await;
+                };
+                tokio::select! {
+                    () = &mut run => {}
+                    () = hard => {}
+                }
+            }
+        }
+        let report = self.engine.counts.report();
+        tracing::info!(group = %self.engine.group, ?report, "queue consumer stopped");
+        Ok(report)
+    }
+
+    /// [`run`](Self::run) until SIGINT (Ctrl-C) or SIGTERM.
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
+    pub async fn run_until_signal(self) -> Result<QueueReport, QueueError> {
+        self.run(crate::shutdown_signal()).await
+    }
+
+    async fn ensure_topics(&self) -> Result<(), QueueError> {
+        let mut topics = vec![self.topic.clone()];
+        topics.extend(self.engine.sink.topics_for(&self.topic));
+        let admin = TopicAdmin::new(self.bootstrap.clone()).timeout(self.startup_timeout);
+        let missing = admin
+            .missing(&topics)
+            .await
+            .map_err(|e| unreachable_or(e, self))?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if !self.create_missing_topics {
+            return Err(QueueError::MissingTopics { topics: missing });
+        }
+        let specs: Vec<TopicSpec> = missing
+            .iter()
+            .map(|t| TopicSpec::new(t.clone(), self.partitions))
+            .collect();
+        admin
+            .ensure(&specs)
+            .await
+            .map_err(|e| unreachable_or(e, self))?;
+        Ok(())
+    }
+}
+
+fn unreachable_or<H: Handler, C>(e: crate::Error, c: &QueueConsumer<H, C>) -> QueueError {
+    if crate::topics::cluster_unreachable(&e) {
+        QueueError::BrokersUnreachable {
+            servers: c.bootstrap.clone(),
+            after: c.startup_timeout,
+        }
+    } else {
+        QueueError::Topics(e)
+    }
+}
+
+/// Builds a [`QueueConsumer`]; start with [`QueueConsumer::builder`]. The same parts as a
+/// [`RetryingConsumerBuilder`](crate::RetryingConsumerBuilder), and the share group's own
+/// settings.
+#[must_use]
+pub struct QueueConsumerBuilder<H: Handler, C = JsonCodec<<H as Handler>::Event>> {
+    handler: H,
+    codec: C,
+    bootstrap: Option<String>,
+    group: Option<String>,
+    topic: Option<String>,
+    retry: RetryPolicy,
+    sink: Option<Arc<dyn DeadLetterSink>>,
+    idempotency: Option<Idempotency<H::Event>>,
+    observer: Option<OutcomeObserver>,
+    max_in_flight: usize,
+    fetch_size: Option<usize>,
+    shutdown_timeout: Duration,
+    startup_timeout: Duration,
+    start_from: StartFrom,
+    lock_duration: Option<Duration>,
+    create_missing_topics: bool,
+    partitions: i32,
+}
+
+impl<H: Handler, C> fmt::Debug for QueueConsumerBuilder<H, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueueConsumerBuilder")
+            .field("group", &self.group)
+            .field("topic", &self.topic)
+            .field("retry", &self.retry)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
+    /// The Kafka bootstrap servers (required).
+    pub fn bootstrap_servers(mut self, servers: impl Into<String>) -> Self {
+        self.bootstrap = Some(servers.into());
+        self
+    }
+
+    /// The share group (required). Share groups and consumer groups have separate names
+    /// spaces in practice: do not reuse a consumer group's name.
+    pub fn group_id(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// The topic to consume (required; one topic).
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    /// How records are decoded. Default: JSON.
+    pub fn codec<D: Codec<H::Event>>(self, codec: D) -> QueueConsumerBuilder<H, D> {
+        QueueConsumerBuilder {
+            handler: self.handler,
+            codec,
+            bootstrap: self.bootstrap,
+            group: self.group,
+            topic: self.topic,
+            retry: self.retry,
+            sink: self.sink,
+            idempotency: self.idempotency,
+            observer: self.observer,
+            max_in_flight: self.max_in_flight,
+            fetch_size: self.fetch_size,
+            shutdown_timeout: self.shutdown_timeout,
+            startup_timeout: self.startup_timeout,
+            start_from: self.start_from,
+            lock_duration: self.lock_duration,
+            create_missing_topics: self.create_missing_topics,
+            partitions: self.partitions,
+        }
+    }
+
+    /// The retry policy of transient failures, retried in place while the record stays
+    /// locked. Default: [`RetryPolicy::default`] (4 attempts, 500 ms apart).
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Where dead letters go. Default: a [`KafkaDeadLetterSink`] writing to `<topic>.dlt`.
+    pub fn dead_letter_sink(mut self, sink: Arc<dyn DeadLetterSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Idempotency, as for a consumer group: a record whose dedup key is done is ACCEPTed
+    /// without calling the handler; a key busy elsewhere makes the record wait (its lock
+    /// renewed). Keys are namespaced by the share group. Default: none.
+    pub fn idempotency(mut self, idempotency: Idempotency<H::Event>) -> Self {
+        self.idempotency = Some(idempotency);
+        self
+    }
+
+    /// Calls `observer` with each record and its [`RecordOutcome`] when its life ends
+    /// (`Handled`, `Duplicate`, `DeadLettered`, `Abandoned`), before it is settled. Keep it
+    /// short; a panic in it is logged.
+    pub fn on_outcome<F>(mut self, observer: F) -> Self
+    where
+        F: Fn(&RawRecord, RecordOutcome) + Send + Sync + 'static,
+    {
+        self.observer = Some(Arc::new(observer));
+        self
+    }
+
+    /// The most records this member runs at once. Default 16; at least 1.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n;
+        self
+    }
+
+    /// The most records one fetch takes (and this member holds locked): records of a batch
+    /// beyond [`max_in_flight`](Self::max_in_flight) wait locked (renewed) for a free slot,
+    /// and are RELEASEd at once at shutdown. Default: `max_in_flight`; at least
+    /// `max_in_flight`.
+    pub fn fetch_size(mut self, n: usize) -> Self {
+        self.fetch_size = Some(n);
+        self
+    }
+
+    /// How long running records may take to finish after the shutdown signal before they are
+    /// RELEASEd. Default 30 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = crate::clock::bounded(timeout);
+        self
+    }
+
+    /// How long the startup checks may take. Default 30 s.
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = crate::clock::bounded(timeout);
+        self
+    }
+
+    /// Where the share group starts, set as its `share.auto.offset.reset` at start.
+    /// Default [`StartFrom::Earliest`].
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start_from = start;
+        self
+    }
+
+    /// Sets the group's lock duration (`share.record.lock.duration.ms`) at start; the broker
+    /// refuses one outside its `group.share.min/max.record.lock.duration.ms` (15 s to 60 s by
+    /// default): [`QueueError::LockDuration`]. Default: the broker's (30 s). Locks are
+    /// renewed every third of it while a record is held.
+    pub fn lock_duration(mut self, lock: Duration) -> Self {
+        self.lock_duration = Some(crate::clock::bounded(lock));
+        self
+    }
+
+    /// Creates the topic and its dead-letter topics when missing, with
+    /// [`partitions`](Self::partitions) partitions each. Default: off (a missing topic is
+    /// [`QueueError::MissingTopics`]).
+    pub fn create_missing_topics(mut self, create: bool) -> Self {
+        self.create_missing_topics = create;
+        self
+    }
+
+    /// The partition count of topics created by
+    /// [`create_missing_topics`](Self::create_missing_topics). Default 1 (share-group
+    /// members do not need partitions to scale).
+    pub fn partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+
+    /// Checks the settings and builds the consumer; it connects in
+    /// [`run`](QueueConsumer::run).
+    ///
+    /// # Errors
+    /// [`QueueError::Config`] for a missing bootstrap server, group or topic, a zero
+    /// `max_in_flight`, partitions below 1, a zero lock duration or an invalid retry policy.
+    pub fn build(self) -> Result<QueueConsumer<H, C>, QueueError> {
+        let config = QueueError::Config;
+        let bootstrap = self
+            .bootstrap
+            .filter(|s| !s.trim().is_empty())
+            .ok_or(config(ConfigError::Missing("bootstrap_servers")))?;
+        let group = self
+            .group
+            .filter(|s| !s.is_empty())
+            .ok_or(config(ConfigError::Missing("group_id")))?;
+        let topic = self
+            .topic
+            .filter(|s| !s.is_empty())
+            .ok_or(config(ConfigError::Missing("topic")))?;
+        if self.max_in_flight == 0 {
+            return Err(config(ConfigError::invalid(
+                "max_in_flight",
+                "must be at least 1",
+            )));
+        }
+        let fetch_size = self.fetch_size.unwrap_or(self.max_in_flight);
+        if fetch_size < self.max_in_flight {
+            return Err(config(ConfigError::invalid(
+                "fetch_size",
+                "must be at least max_in_flight",
+            )));
+        }
+        if self.partitions < 1 {
+            return Err(config(ConfigError::invalid(
+                "partitions",
+                "must be at least 1",
+            )));
+        }
+        if self.lock_duration.is_some_and(|l| l.is_zero()) {
+            return Err(config(ConfigError::invalid(
+                "lock_duration",
+                "must not be zero",
+            )));
+        }
+        self.retry.validate().map_err(config)?;
+        let sink = match self.sink {
+            Some(sink) => sink,
+            None => Arc::new(
+                KafkaDeadLetterSink::builder(bootstrap.clone())
+                    .build()
+                    .map_err(QueueError::Topics)?,
+            ),
+        };
+        Ok(QueueConsumer {
+            engine: Engine {
+                handler: self.handler,
+                codec: self.codec,
+                retry: self.retry,
+                sink,
+                dedup: self.idempotency.map(|i| i.into_dedup(group.clone())),
+                observer: self.observer,
+                group,
+                max_in_flight: self.max_in_flight,
+                shutdown_timeout: self.shutdown_timeout,
+                counts: Counts::default(),
+            },
+            fetch_size,
+            bootstrap,
+            topic,
+            start_from: self.start_from,
+            lock_duration: self.lock_duration,
+            startup_timeout: self.startup_timeout,
+            create_missing_topics: self.create_missing_topics,
+            partitions: self.partitions,
+        })
+    }
+}

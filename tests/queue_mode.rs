@@ -1,0 +1,730 @@
+//! Queue mode (feature `queue`, `kourier::queue`) on a real Kafka 4.4 broker: two members
+//! of one share group on one partition, lock renewal, dead letters, idempotency, shutdown.
+//!
+//! These tests start a broker of their own (one for the whole file, from the Kafka jars
+//! `scripts/services up` caches) with the share-group settings they need: a lock as short
+//! as 1 s (`group.share.min.record.lock.duration.ms=1000`; the default minimum is 15 s), so
+//! a lock that runs out does so in seconds. `scripts/services` starts the shared broker with
+//! the same lines. Run with `cargo test --features queue --test queue_mode`.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kourier::dead_letter::headers;
+use kourier::queue::{QueueConsumer, QueueReport};
+use kourier::rdkafka::config::ClientConfig;
+use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
+use kourier::rdkafka::message::{Headers as _, Message as _};
+use kourier::rdkafka::producer::{FutureProducer, FutureRecord};
+use kourier::rdkafka::{Offset, TopicPartitionList};
+use kourier::{
+    DedupKey, HandlerError, Idempotency, IdempotencyStore, InMemoryIdempotencyStore, Message,
+    RecordOutcome, RetryPolicy, handler_fn,
+};
+use tokio::sync::OnceCell;
+use tokio::task::JoinHandle;
+
+// ─────────────────────────── the private broker ───────────────────────────
+
+static BROKER: OnceCell<String> = OnceCell::const_new();
+
+/// The bootstrap address of this file's broker, started on first use. The broker is a
+/// child of a small shell watchdog that kills it (and removes its directory) once the test
+/// process is gone, since statics are never dropped.
+async fn broker() -> &'static str {
+    // `RUST_LOG=kourier=debug` shows the engine's lines.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    BROKER.get_or_init(start_broker).await
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Kafka cluster id: 16 random bytes, URL-safe base64 without padding.
+fn cluster_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes: Vec<u8> = (0..16).map(|_| fastrand::u8(..)).collect();
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = String::new();
+    for b in bytes {
+        bits = (bits << 8) | u32::from(b);
+        n += 8;
+        while n >= 6 {
+            n -= 6;
+            out.push(ALPHABET[((bits >> n) & 63) as usize] as char);
+        }
+    }
+    if n > 0 {
+        out.push(ALPHABET[((bits << (6 - n)) & 63) as usize] as char);
+    }
+    out
+}
+
+async fn start_broker() -> String {
+    let cache = std::env::var_os("KOURIER_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/kourier"),
+        PathBuf::from,
+    );
+    let version = std::env::var("KOURIER_KAFKA_VERSION").unwrap_or_else(|_| "4.4.0".to_owned());
+    let home = cache.join(format!("kafka-{version}"));
+    let libs = home.join("libs");
+    assert!(
+        home.join(".complete").exists() && libs.is_dir(),
+        "this test starts its own broker from the Kafka jars in {}; fetch them with \
+         `scripts/services up` (KOURIER_CACHE / KOURIER_KAFKA_VERSION as for that script)",
+        libs.display()
+    );
+    let (port, controller) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!(
+        "kourier-queue-broker-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("broker dir");
+    let props = dir.join("server.properties");
+    std::fs::write(
+        &props,
+        format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.bootstrap.servers=127.0.0.1:{controller}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             controller.listener.names=CONTROLLER\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             log.dirs={}\n\
+             num.partitions=1\n\
+             auto.create.topics.enable=false\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=1\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             share.coordinator.state.topic.num.partitions=1\n\
+             group.initial.rebalance.delay.ms=0\n\
+             group.share.min.record.lock.duration.ms=1000\n\
+             group.share.record.lock.duration.ms=30000\n",
+            dir.join("data").display()
+        ),
+    )
+    .expect("write server.properties");
+    let classpath = format!("{}/*", libs.display());
+    let log4j = format!(
+        "-Dlog4j2.configurationFile={}",
+        home.join("log4j2-broker.properties").display()
+    );
+    let format = Command::new("java")
+        .args(["-Xmx256m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1"])
+        .arg(&log4j)
+        .args([
+            "-cp",
+            &classpath,
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+        ])
+        .args(["-t", &cluster_id(), "-c"])
+        .arg(&props)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("run java (Java 17 is needed, `scripts/services up` installs it): {e}")
+        });
+    assert!(
+        format.status.success(),
+        "kafka storage format failed: {}{}",
+        String::from_utf8_lossy(&format.stdout),
+        String::from_utf8_lossy(&format.stderr)
+    );
+    // The watchdog: runs the broker, kills it when this test process has gone.
+    let script = format!(
+        "java -Xmx384m -Xms128m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 '{log4j}' -cp '{classpath}' \
+         kafka.Kafka '{props}' >'{log}' 2>&1 & b=$!; \
+         while kill -0 {test} 2>/dev/null && kill -0 $b 2>/dev/null; do sleep 1; done; \
+         kill -9 $b 2>/dev/null; wait $b 2>/dev/null; rm -rf '{dir}'",
+        props = props.display(),
+        log = dir.join("kafka.log").display(),
+        test = std::process::id(),
+        dir = dir.display(),
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the broker");
+    let bootstrap = format!("127.0.0.1:{port}");
+    let log = dir.join("kafka.log");
+    let ready = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let servers = bootstrap.clone();
+            let ok = tokio::task::spawn_blocking(move || {
+                let consumer: BaseConsumer = config(&servers).create().ok()?;
+                let m = consumer.fetch_metadata(None, Duration::from_secs(2)).ok()?;
+                Some(!m.brokers().is_empty())
+            })
+            .await
+            .unwrap()
+            .unwrap_or(false);
+            if ok {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+    assert!(
+        ready.is_ok(),
+        "the test broker did not answer within 120 s:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    bootstrap
+}
+
+fn config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    c
+}
+
+// ─────────────────────────── helpers ───────────────────────────
+
+/// A fresh topic and its dead-letter topic, one partition each, on the private broker.
+async fn topics(prefix: &str) -> (&'static str, String) {
+    let bootstrap = broker().await;
+    let topic = support::unique_name(prefix);
+    support::create_topic_via(&config(bootstrap), &topic, 1, &[]).await;
+    support::create_topic_via(&config(bootstrap), &format!("{topic}.dlt"), 1, &[]).await;
+    (bootstrap, topic)
+}
+
+/// Produces `(key, value)` records (keys double as event ids) and waits for the acks.
+async fn produce(bootstrap: &str, topic: &str, records: &[(String, String)]) {
+    let producer: FutureProducer = config(bootstrap)
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut pending = Vec::new();
+    for (key, value) in records {
+        let record = FutureRecord::to(topic).key(key).payload(value);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for d in pending {
+        d.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+fn events(n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("e-{i}"), format!("\"payload {i}\"")))
+        .collect()
+}
+
+/// The dead letters in `dlt` after `settle` of quiet: (key, headers as text).
+async fn read_letters(
+    bootstrap: &str,
+    dlt: &str,
+    settle: Duration,
+) -> Vec<(String, HashMap<String, Vec<u8>>)> {
+    let (bootstrap, dlt) = (bootstrap.to_owned(), dlt.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config(&bootstrap)
+            .set("group.id", support::unique_name("queue-dlt-reader"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&dlt, 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut letters = Vec::new();
+        let mut quiet = Duration::ZERO;
+        while quiet < settle {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    quiet = Duration::ZERO;
+                    let mut h = HashMap::new();
+                    if let Some(hs) = m.headers() {
+                        for header in hs.iter() {
+                            h.insert(
+                                header.key.to_owned(),
+                                header.value.unwrap_or_default().to_vec(),
+                            );
+                        }
+                    }
+                    let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                    letters.push((key, h));
+                }
+                _ => quiet += Duration::from_millis(200),
+            }
+        }
+        letters
+    })
+    .await
+    .unwrap()
+}
+
+/// A header of a letter as text (empty when absent).
+fn text<'a>(h: &'a HashMap<String, Vec<u8>>, name: &str) -> std::borrow::Cow<'a, str> {
+    String::from_utf8_lossy(h.get(name).map_or(&[][..], Vec::as_slice))
+}
+
+/// A member running in the background until `stop` is sent.
+struct Member {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: JoinHandle<Result<QueueReport, kourier::queue::QueueError>>,
+}
+
+impl Member {
+    /// Sends the shutdown signal.
+    fn signal(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Sends the shutdown signal and waits for the report.
+    async fn stop(mut self) -> QueueReport {
+        self.signal();
+        tokio::time::timeout(Duration::from_secs(40), self.task)
+            .await
+            .expect("the member stops within 40 s")
+            .expect("the member's task")
+            .expect("the member ran")
+    }
+}
+
+fn spawn<H, C>(consumer: QueueConsumer<H, C>) -> Member
+where
+    H: kourier::Handler,
+    C: kourier::Codec<H::Event>,
+{
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async {
+        let _ = stopped.await;
+    }));
+    Member {
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// Waits until `check` holds, at most `limit`.
+async fn until(limit: Duration, what: &str, check: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(limit, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{what}: not within {limit:?}");
+}
+
+type Seen = Arc<Mutex<Vec<(u8, String)>>>;
+
+/// A handler for member `member` that records each event it handles, taking `delay`.
+fn recording(
+    member: u8,
+    seen: &Seen,
+    delay: Duration,
+) -> impl kourier::Handler<Event = String> + use<> {
+    let seen = Arc::clone(seen);
+    handler_fn(move |m: Message<String>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            tokio::time::sleep(delay).await;
+            seen.lock()
+                .unwrap()
+                .push((member, m.key_str().unwrap_or_default().to_owned()));
+            Ok::<(), HandlerError>(())
+        }
+    })
+}
+
+fn counts(seen: &Seen) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for (_, key) in seen.lock().unwrap().iter() {
+        *counts.entry(key.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+// ─────────────────────────── the tests ───────────────────────────
+
+/// Two members of one share group on a one-partition topic: both handle records (a
+/// consumer group would give the partition to one), every record once, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_share_one_partition_without_loss_or_duplicates() {
+    let (bootstrap, topic) = topics("queue-two-members").await;
+    let group = support::unique_name("queue-two-members");
+    let seen: Seen = Arc::default();
+    let member = |id: u8| {
+        QueueConsumer::builder(recording(id, &seen, Duration::from_millis(20)))
+            .bootstrap_servers(bootstrap)
+            .group_id(group.clone())
+            .topic(topic.clone())
+            .max_in_flight(4)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (spawn(member(1)), spawn(member(2)));
+    produce(bootstrap, &topic, &events(300)).await;
+    until(Duration::from_secs(30), "300 records handled", || {
+        seen.lock().unwrap().len() >= 300
+    })
+    .await;
+    let (ra, rb) = (a.stop().await, b.stop().await);
+    let counts = counts(&seen);
+    assert_eq!(counts.len(), 300, "every record handled");
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "handled more than once: {twice:?}");
+    let by_a = seen.lock().unwrap().iter().filter(|(m, _)| *m == 1).count();
+    assert!(
+        by_a > 0 && by_a < 300,
+        "both members took part: member 1 handled {by_a} of 300"
+    );
+    assert_eq!(ra.handled + rb.handled, 300, "reports: {ra:?} {rb:?}");
+    assert_eq!(ra.acknowledgement_failures + rb.acknowledgement_failures, 0);
+}
+
+/// A handler running longer than the lock (2 s lock, 6 s handler) keeps its record: the
+/// lock is renewed, so the other member never gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_longer_than_the_lock_is_not_redelivered() {
+    let (bootstrap, topic) = topics("queue-renewal").await;
+    let group = support::unique_name("queue-renewal");
+    let seen: Seen = Arc::default();
+    let calls = Arc::new(AtomicU32::new(0));
+    let member = |id: u8| {
+        let (seen, calls) = (Arc::clone(&seen), Arc::clone(&calls));
+        QueueConsumer::builder(handler_fn(move |m: Message<String>| {
+            let (seen, calls) = (Arc::clone(&seen), Arc::clone(&calls));
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                seen.lock()
+                    .unwrap()
+                    .push((id, m.key_str().unwrap_or_default().to_owned()));
+                Ok::<(), HandlerError>(())
+            }
+        }))
+        .bootstrap_servers(bootstrap)
+        .group_id(group.clone())
+        .topic(topic.clone())
+        .lock_duration(Duration::from_secs(2))
+        .max_in_flight(1)
+        .build()
+        .unwrap()
+    };
+    let (a, b) = (spawn(member(1)), spawn(member(2)));
+    produce(bootstrap, &topic, &events(1)).await;
+    until(Duration::from_secs(20), "the record handled", || {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    // Past two more lock durations: a lost lock would have shown as a second call by now.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (ra, rb) = (a.stop().await, b.stop().await);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the handler ran once (a second call means the lock ran out and the record went to the other member)"
+    );
+    assert_eq!(ra.handled + rb.handled, 1);
+    assert_eq!(
+        ra.acknowledgement_failures + rb.acknowledgement_failures,
+        0,
+        "the ACCEPT found its lock: {ra:?} {rb:?}"
+    );
+}
+
+/// Transient failures retried in place (3 attempts), then exactly one dead letter with the
+/// consumer-group engine's headers, and the record ACCEPTed (not delivered again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempts_exhausted_give_exactly_one_dead_letter() {
+    let (bootstrap, topic) = topics("queue-exhausted").await;
+    let group = support::unique_name("queue-exhausted");
+    let calls = Arc::new(AtomicU32::new(0));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let (c, o) = (Arc::clone(&calls), Arc::clone(&outcomes));
+    let consumer = QueueConsumer::builder(handler_fn(move |_m: Message<String>| {
+        let c = Arc::clone(&c);
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(HandlerError::transient("smtp 451"))
+        }
+    }))
+    .bootstrap_servers(bootstrap)
+    .group_id(group.clone())
+    .topic(topic.clone())
+    .retry_policy(RetryPolicy::fixed(Duration::from_millis(100), 2))
+    .on_outcome(move |_r, outcome| o.lock().unwrap().push(outcome))
+    .build()
+    .unwrap();
+    let member = spawn(consumer);
+    produce(bootstrap, &topic, &events(1)).await;
+    until(Duration::from_secs(20), "an outcome", || {
+        !outcomes.lock().unwrap().is_empty()
+    })
+    .await;
+    let letters = read_letters(bootstrap, &format!("{topic}.dlt"), Duration::from_secs(3)).await;
+    let report = member.stop().await;
+    assert_eq!(letters.len(), 1, "exactly one dead letter: {letters:?}");
+    let (key, h) = &letters[0];
+    assert_eq!(key, "e-0");
+    assert_eq!(text(h, headers::FAILURE_KIND), "retries-exhausted");
+    assert_eq!(text(h, headers::ATTEMPTS), "3");
+    assert_eq!(text(h, headers::ORIGINAL_TOPIC), topic);
+    // Spring's format: the offset as 8 big-endian bytes.
+    assert_eq!(h[headers::ORIGINAL_OFFSET], 0i64.to_be_bytes());
+    assert_eq!(text(h, headers::ORIGINAL_CONSUMER_GROUP), group);
+    assert!(
+        text(h, headers::EXCEPTION_MESSAGE).contains("smtp 451"),
+        "{h:?}"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "3 attempts, and not delivered again"
+    );
+    assert_eq!(
+        *outcomes.lock().unwrap(),
+        vec![RecordOutcome::DeadLettered(
+            kourier::DeadLetterReason::RetriesExhausted
+        )]
+    );
+    assert_eq!(report.dead_lettered, 1);
+}
+
+/// A permanent failure is dead-lettered at once (one call), and a record the codec cannot
+/// decode (a poison pill) too, without calling the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_and_poison_pills_are_dead_lettered_at_once() {
+    let (bootstrap, topic) = topics("queue-permanent").await;
+    let group = support::unique_name("queue-permanent");
+    let calls = Arc::new(AtomicU32::new(0));
+    let ended = Arc::new(AtomicU32::new(0));
+    let (c, e) = (Arc::clone(&calls), Arc::clone(&ended));
+    let consumer = QueueConsumer::builder(handler_fn(move |_m: Message<String>| {
+        let c = Arc::clone(&c);
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(HandlerError::permanent("no such mailbox"))
+        }
+    }))
+    .bootstrap_servers(bootstrap)
+    .group_id(group)
+    .topic(topic.clone())
+    .retry_policy(RetryPolicy::fixed(Duration::from_millis(100), 5))
+    .on_outcome(move |_, _| {
+        e.fetch_add(1, Ordering::SeqCst);
+    })
+    .build()
+    .unwrap();
+    let member = spawn(consumer);
+    produce(
+        bootstrap,
+        &topic,
+        &[
+            ("bad".to_owned(), "not json".to_owned()),
+            ("e-1".to_owned(), "\"fine json\"".to_owned()),
+        ],
+    )
+    .await;
+    until(Duration::from_secs(20), "two outcomes", || {
+        ended.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let letters = read_letters(bootstrap, &format!("{topic}.dlt"), Duration::from_secs(2)).await;
+    let report = member.stop().await;
+    let kinds: HashMap<&str, String> = letters
+        .iter()
+        .map(|(k, h)| (k.as_str(), text(h, headers::FAILURE_KIND).into_owned()))
+        .collect();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!(kinds["bad"], "decode");
+    assert_eq!(kinds["e-1"], "permanent");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "once for e-1, never for the poison pill"
+    );
+    assert_eq!(report.dead_lettered, 2);
+}
+
+/// A record whose dedup key is done is ACCEPTed without calling the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_skips_a_record_whose_effect_is_done() {
+    let (bootstrap, topic) = topics("queue-dedup").await;
+    let group = support::unique_name("queue-dedup");
+    let store = Arc::new(InMemoryIdempotencyStore::new());
+    // e-0's effect is done already (keys are namespaced by the group).
+    let kourier::Claim::Acquired(token) = store
+        .claim(&format!("{group}:e-0"), Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh store hands out the claim")
+    };
+    store
+        .complete(&format!("{group}:e-0"), &token, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let seen: Seen = Arc::default();
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let o = Arc::clone(&outcomes);
+    let consumer = QueueConsumer::builder(recording(1, &seen, Duration::ZERO))
+        .bootstrap_servers(bootstrap)
+        .group_id(group.clone())
+        .topic(topic.clone())
+        .idempotency(Idempotency::new(
+            store.clone(),
+            DedupKey::from_fn(|m: &Message<String>| m.key_str().map(str::to_owned)),
+        ))
+        .on_outcome(move |r, outcome| {
+            o.lock().unwrap().push((
+                String::from_utf8_lossy(r.key.as_ref().unwrap().as_slice()).into_owned(),
+                outcome,
+            ))
+        })
+        .build()
+        .unwrap();
+    let member = spawn(consumer);
+    produce(bootstrap, &topic, &events(2)).await;
+    until(Duration::from_secs(20), "two outcomes", || {
+        outcomes.lock().unwrap().len() >= 2
+    })
+    .await;
+    let report = member.stop().await;
+    let handled: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, k)| k.clone())
+        .collect();
+    assert_eq!(
+        handled,
+        vec!["e-1".to_owned()],
+        "the handler ran for e-1 only"
+    );
+    let mut outcomes = outcomes.lock().unwrap().clone();
+    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        outcomes,
+        vec![
+            ("e-0".to_owned(), RecordOutcome::Duplicate),
+            ("e-1".to_owned(), RecordOutcome::Handled)
+        ]
+    );
+    assert_eq!((report.duplicates, report.handled), (1, 1));
+    // e-1 is marked done now: a redelivery would be skipped.
+    assert_eq!(
+        store
+            .claim(&format!("{group}:e-1"), Duration::from_secs(1))
+            .await
+            .unwrap(),
+        kourier::Claim::Done
+    );
+}
+
+/// At shutdown, the records of the batch that did not start are RELEASEd at once: the other
+/// member gets them while member 1's running record still runs, well before their lock
+/// (10 s) would have run out; the running record finishes and is ACCEPTed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_unstarted_records_to_another_member() {
+    let (bootstrap, topic) = topics("queue-shutdown").await;
+    let group = support::unique_name("queue-shutdown");
+    let seen: Seen = Arc::default();
+    let started = Arc::new(AtomicU32::new(0));
+    let s = Arc::clone(&started);
+    let seen_a = Arc::clone(&seen);
+    let a = QueueConsumer::builder(handler_fn(move |m: Message<String>| {
+        let (s, seen) = (Arc::clone(&s), Arc::clone(&seen_a));
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            seen.lock()
+                .unwrap()
+                .push((1, m.key_str().unwrap_or_default().to_owned()));
+            Ok::<(), HandlerError>(())
+        }
+    }))
+    .bootstrap_servers(bootstrap)
+    .group_id(group.clone())
+    .topic(topic.clone())
+    .lock_duration(Duration::from_secs(10))
+    .max_in_flight(1)
+    .fetch_size(20)
+    .build()
+    .unwrap();
+    produce(bootstrap, &topic, &events(20)).await;
+    let mut a = spawn(a);
+    until(Duration::from_secs(20), "member 1 started a record", || {
+        started.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let b = spawn(
+        QueueConsumer::builder(recording(2, &seen, Duration::ZERO))
+            .bootstrap_servers(bootstrap)
+            .group_id(group.clone())
+            .topic(topic.clone())
+            .build()
+            .unwrap(),
+    );
+    // Let member 2 join while member 1 is on its first record.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.signal();
+    let by_b = || seen.lock().unwrap().iter().filter(|(m, _)| *m == 2).count();
+    // Member 1's running record still has about 2 s to go: member 2 gets the released ones
+    // meanwhile (a lock running out would take 10 s).
+    let a_started = started.load(Ordering::SeqCst);
+    until(
+        Duration::from_secs(5),
+        "member 2 handled the released records",
+        || by_b() + a_started as usize >= 20,
+    )
+    .await;
+    let report_a = a.stop().await;
+    let report_b = b.stop().await;
+    let counts = counts(&seen);
+    assert_eq!(counts.len(), 20, "every record handled: {counts:?}");
+    assert!(counts.values().all(|n| *n == 1), "each once: {counts:?}");
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        a_started,
+        "member 1 started nothing after the signal"
+    );
+    assert_eq!(
+        report_a.handled,
+        u64::from(a_started),
+        "its running record finished: {report_a:?}"
+    );
+    assert!(
+        report_a.released_unstarted >= 1,
+        "member 1 held records it had not started: {report_a:?}"
+    );
+    assert_eq!(
+        report_b.handled + report_a.handled,
+        20,
+        "{report_a:?} {report_b:?}"
+    );
+}
