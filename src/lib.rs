@@ -294,6 +294,7 @@
 //! | `console` | off | `kourier-dlt console` (implies `cli`): one web page with consumers' status (from their health routes' JSON), a dead-letter browser with the redrive filters, a letter's headers and value, and redrive after a confirmation; no library API, pulls `axum`, `maud`, `form_urlencoded` and `reqwest` |
 //! | `redis` | **on** | `RedisIdempotencyStore` and the `kourier::redis` re-export (`redis` 1.x with Tokio). Turn it off (`default-features = false`) when you use [`InMemoryIdempotencyStore`] or your own [`IdempotencyStore`]: kourier then has no Redis dependency. |
 //! | `health` | off | `kourier::health`: liveness (`/livez`), readiness (`/readyz`), a JSON status (`/status`) and the Prometheus metrics (`/metrics`) of a running consumer, as an `axum` 0.8 `Router` to mount in your server or served on their own (`kourier::health::serve`) |
+//! | `queue` | off | **experimental**: `kourier::queue`, a `QueueConsumer` running the same handler over a Kafka share group (KIP-932), through the pure-Rust client `krafka` 0.28; needs Rust 1.95 |
 //! | `opentelemetry` | off | trace context to and from OpenTelemetry (`opentelemetry` 0.33 API crate and `tracing-opentelemetry` 0.34): publishers inject the current span's context, record spans are parented on the record's context. The application installs the SDK, exporter and `tracing-opentelemetry` layer. |
 //!
 //! kourier's own micro-benchmarks and fuzz targets reach crate-private parts through
@@ -321,7 +322,8 @@
 //!
 //! ## Minimum supported Rust version
 //!
-//! Rust 1.88 (`rust-version` in Cargo.toml), set by the `redis` 1.x dependency.
+//! Rust 1.88 (`rust-version` in Cargo.toml), set by the `redis` 1.x dependency. The
+//! experimental `queue` feature needs Rust 1.95 (its client, `krafka` 0.28).
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kourier::dead_letter::headers;
-use kourier::queue::{QueueConsumer, QueueReport};
+use kourier::queue::{QueueConsumer, QueueError, QueueReport};
 use kourier::rdkafka::config::ClientConfig;
 use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
 use kourier::rdkafka::message::{Headers as _, Message as _};
@@ -164,13 +164,15 @@ async fn start_broker() -> String {
         test = std::process::id(),
         dir = dir.display(),
     );
-    Command::new("sh")
+    let mut watchdog = Command::new("sh")
         .args(["-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start the broker");
+    // Reaped when it ends (with the broker, or with this process).
+    std::thread::spawn(move || watchdog.wait());
     let bootstrap = format!("127.0.0.1:{port}");
     let log = dir.join("kafka.log");
     let ready = tokio::time::timeout(Duration::from_secs(120), async {
@@ -727,4 +729,75 @@ async fn shutdown_releases_unstarted_records_to_another_member() {
         20,
         "{report_a:?} {report_b:?}"
     );
+}
+
+/// The startup checks answer with a typed error naming what is wrong: a lock duration the
+/// broker refuses (below its 1 s minimum here), missing topics; and
+/// `create_missing_topics(true)` creates the topic and its dead-letter topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_checks_name_what_is_wrong() {
+    let bootstrap = broker().await;
+    let handler = || handler_fn(|_m: Message<String>| async { Ok::<(), HandlerError>(()) });
+    let (_, topic) = topics("queue-startup").await;
+    let refused = QueueConsumer::builder(handler())
+        .bootstrap_servers(bootstrap)
+        .group_id(support::unique_name("queue-startup"))
+        .topic(topic)
+        .lock_duration(Duration::from_millis(500))
+        .build()
+        .unwrap()
+        .run(std::future::pending())
+        .await;
+    match refused {
+        Err(QueueError::LockDuration { requested, reason }) => {
+            assert_eq!(requested, Duration::from_millis(500));
+            assert!(reason.contains("share.record.lock.duration.ms"), "{reason}");
+        }
+        other => panic!("expected QueueError::LockDuration, got {other:?}"),
+    }
+
+    let missing = support::unique_name("queue-missing");
+    let err = QueueConsumer::builder(handler())
+        .bootstrap_servers(bootstrap)
+        .group_id(support::unique_name("queue-missing"))
+        .topic(missing.clone())
+        .build()
+        .unwrap()
+        .run(std::future::pending())
+        .await
+        .unwrap_err();
+    match &err {
+        QueueError::MissingTopics { topics } => {
+            assert_eq!(topics, &vec![missing.clone(), format!("{missing}.dlt")]);
+        }
+        other => panic!("expected QueueError::MissingTopics, got {other:?}"),
+    }
+
+    let seen: Seen = Arc::default();
+    let member = spawn(
+        QueueConsumer::builder(recording(1, &seen, Duration::ZERO))
+            .bootstrap_servers(bootstrap)
+            .group_id(support::unique_name("queue-missing"))
+            .topic(missing.clone())
+            .create_missing_topics(true)
+            .build()
+            .unwrap(),
+    );
+    until(Duration::from_secs(20), "the topics created", || {
+        let Ok(consumer) = config(bootstrap).create::<BaseConsumer>() else {
+            return false;
+        };
+        let Ok(m) = consumer.fetch_metadata(None, Duration::from_secs(2)) else {
+            return false;
+        };
+        let names: Vec<&str> = m.topics().iter().map(|t| t.name()).collect();
+        names.contains(&missing.as_str()) && names.contains(&format!("{missing}.dlt").as_str())
+    })
+    .await;
+    produce(bootstrap, &missing, &events(1)).await;
+    until(Duration::from_secs(20), "the record handled", || {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(member.stop().await.handled, 1);
 }

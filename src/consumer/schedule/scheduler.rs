@@ -25,7 +25,9 @@ use crate::record::{RawRecord, RecordBytes};
 
 /// How records may run in parallel.
 ///
-/// Every mode is bounded by the consumer's `max_in_flight`.
+/// Every mode is bounded by the consumer's `max_in_flight`. Queue mode (feature `queue`,
+/// `kourier::queue::QueueConsumer`, over a share group) has no ordering at all, neither per
+/// partition nor per key: the broker hands a partition's records to several members at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum ProcessingOrder {
