@@ -663,7 +663,7 @@ async fn shutdown_releases_unstarted_records_to_another_member() {
         let (s, seen) = (Arc::clone(&s), Arc::clone(&seen_a));
         async move {
             s.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_secs(4)).await;
+            tokio::time::sleep(Duration::from_secs(7)).await;
             seen.lock()
                 .unwrap()
                 .push((1, m.key_str().unwrap_or_default().to_owned()));
@@ -696,8 +696,9 @@ async fn shutdown_releases_unstarted_records_to_another_member() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     a.signal();
     let by_b = || seen.lock().unwrap().iter().filter(|(m, _)| *m == 2).count();
-    // Member 1's running record still has about 2 s to go: member 2 gets the released ones
-    // meanwhile (a lock running out would take 10 s).
+    // Member 1's running record still has about 5 s to go: member 2 gets the released ones
+    // meanwhile (released only when member 1's batch ends, they would come after that; a
+    // lock running out would take 10 s).
     let a_started = started.load(Ordering::SeqCst);
     until(
         Duration::from_secs(5),
