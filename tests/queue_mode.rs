@@ -802,3 +802,143 @@ async fn startup_checks_name_what_is_wrong() {
     .await;
     assert_eq!(member.stop().await.handled, 1);
 }
+
+/// The member process `kill_9_of_a_member_loses_nothing` starts and kills: this test binary
+/// again, running only this test, with `QUEUE_CHILD_BOOTSTRAP` set (without it this test does
+/// nothing). It handles records (20 ms each) and appends each handled key to
+/// `QUEUE_CHILD_OUT`, until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a member process for kill_9_of_a_member_loses_nothing, started by it"]
+async fn queue_member_child() {
+    let (Ok(bootstrap), Ok(topic), Ok(group), Ok(out)) = (
+        std::env::var("QUEUE_CHILD_BOOTSTRAP"),
+        std::env::var("QUEUE_CHILD_TOPIC"),
+        std::env::var("QUEUE_CHILD_GROUP"),
+        std::env::var("QUEUE_CHILD_OUT"),
+    ) else {
+        return;
+    };
+    let out = Arc::new(Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)
+            .unwrap(),
+    ));
+    let handler = handler_fn(move |m: Message<String>| {
+        let out = Arc::clone(&out);
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            use std::io::Write as _;
+            writeln!(out.lock().unwrap(), "{}", m.key_str().unwrap_or_default()).unwrap();
+            Ok::<(), HandlerError>(())
+        }
+    });
+    QueueConsumer::builder(handler)
+        .bootstrap_servers(bootstrap)
+        .group_id(group)
+        .topic(topic)
+        .max_in_flight(4)
+        .fetch_size(16)
+        .build()
+        .unwrap()
+        .run(std::future::pending())
+        .await
+        .unwrap();
+}
+
+/// kill -9 of a member process holding records: nothing is lost. The broker gives the
+/// killed member's records back when its connection closes; the other member handles them,
+/// and sees their delivery count above 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_member_loses_nothing() {
+    let (bootstrap, topic) = topics("queue-kill").await;
+    let group = support::unique_name("queue-kill");
+    produce(bootstrap, &topic, &events(200)).await;
+    let out = std::env::temp_dir().join(support::unique_name("queue-kill-out"));
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "queue_member_child", "--ignored", "--nocapture"])
+        .env("QUEUE_CHILD_BOOTSTRAP", bootstrap)
+        .env("QUEUE_CHILD_TOPIC", &topic)
+        .env("QUEUE_CHILD_GROUP", &group)
+        .env("QUEUE_CHILD_OUT", &out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let by_child = || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    until(
+        Duration::from_secs(30),
+        "the member process handled 40 records",
+        || by_child().len() >= 40,
+    )
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let killed_at = by_child();
+    assert!(
+        killed_at.len() < 200,
+        "killed while records were left: {}",
+        killed_at.len()
+    );
+
+    let seen: Seen = Arc::default();
+    let redelivered = Arc::new(AtomicU32::new(0));
+    let (s, r) = (Arc::clone(&seen), Arc::clone(&redelivered));
+    let member = spawn(
+        QueueConsumer::builder(handler_fn(move |m: Message<String>| {
+            let (s, r) = (Arc::clone(&s), Arc::clone(&r));
+            async move {
+                if m.delivery_count().is_some_and(|c| c > 1) {
+                    r.fetch_add(1, Ordering::SeqCst);
+                }
+                s.lock()
+                    .unwrap()
+                    .push((2, m.key_str().unwrap_or_default().to_owned()));
+                Ok::<(), HandlerError>(())
+            }
+        }))
+        .bootstrap_servers(bootstrap)
+        .group_id(group)
+        .topic(topic)
+        .max_in_flight(8)
+        .build()
+        .unwrap(),
+    );
+    let handled = || {
+        let mut all: std::collections::HashSet<String> = killed_at.iter().cloned().collect();
+        all.extend(seen.lock().unwrap().iter().map(|(_, k)| k.clone()));
+        all.len()
+    };
+    // Within the default 30 s lock: the records come back when the connection closes.
+    until(
+        Duration::from_secs(25),
+        "all 200 records handled by one member or the other",
+        || handled() >= 200,
+    )
+    .await;
+    let report = member.stop().await;
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(handled(), 200, "nothing lost");
+    let again = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, k)| killed_at.contains(k))
+        .count();
+    assert!(
+        again <= 16,
+        "records handled by both: at most the killed member's fetch (16), got {again}"
+    );
+    assert!(
+        redelivered.load(Ordering::SeqCst) >= 1,
+        "records the killed member held came back with a delivery count above 1"
+    );
+    assert_eq!(report.acknowledgement_failures, 0);
+}
