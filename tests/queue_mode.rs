@@ -141,7 +141,9 @@ async fn start_broker() -> String {
             "format",
             "--standalone",
         ])
-        .args(["-t", &cluster_id(), "-c"])
+        // `--cluster-id=<id>`: an id may start with `-`, which `-t <id>` takes for an option.
+        .arg(format!("--cluster-id={}", cluster_id()))
+        .arg("-c")
         .arg(&props)
         .output()
         .unwrap_or_else(|e| {
@@ -941,4 +943,62 @@ async fn kill_9_of_a_member_loses_nothing() {
         "records the killed member held came back with a delivery count above 1"
     );
     assert_eq!(report.acknowledgement_failures, 0);
+}
+
+/// Two records of one event (the same dedup key) on two members: the first holds the claim
+/// while its handler outlives the lease (3 s handler, 1 s lease: the claim is renewed), the
+/// second waits for it (busy), then finds the key done and is ACCEPTed without the handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_outliving_its_lease_is_renewed_and_the_copy_waits() {
+    let (bootstrap, topic) = topics("queue-claim").await;
+    let group = support::unique_name("queue-claim");
+    let store = Arc::new(InMemoryIdempotencyStore::new());
+    let calls = Arc::new(AtomicU32::new(0));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let member = || {
+        let (c, o) = (Arc::clone(&calls), Arc::clone(&outcomes));
+        QueueConsumer::builder(handler_fn(move |_m: Message<String>| {
+            let c = Arc::clone(&c);
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok::<(), HandlerError>(())
+            }
+        }))
+        .bootstrap_servers(bootstrap)
+        .group_id(group.clone())
+        .topic(topic.clone())
+        .max_in_flight(1)
+        .idempotency(
+            Idempotency::new(
+                store.clone(),
+                DedupKey::from_fn(|m: &Message<String>| m.key_str().map(str::to_owned)),
+            )
+            .with_lease(Duration::from_secs(1)),
+        )
+        .on_outcome(move |_, outcome| o.lock().unwrap().push(outcome))
+        .build()
+        .unwrap()
+    };
+    let (a, b) = (spawn(member()), spawn(member()));
+    tokio::time::sleep(Duration::from_secs(2)).await; // both join
+    let twice = vec![("e-0".to_owned(), "\"one\"".to_owned()); 2];
+    produce(bootstrap, &topic, &twice).await;
+    until(Duration::from_secs(20), "two outcomes", || {
+        outcomes.lock().unwrap().len() >= 2
+    })
+    .await;
+    let (ra, rb) = (a.stop().await, b.stop().await);
+    let mut outcomes = outcomes.lock().unwrap().clone();
+    outcomes.sort_by_key(|o| o.as_str());
+    assert_eq!(
+        outcomes,
+        vec![RecordOutcome::Duplicate, RecordOutcome::Handled],
+        "{ra:?} {rb:?}"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the handler ran once for the event"
+    );
 }

@@ -301,7 +301,15 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
         };
         message.set_claim_token(claim.as_ref().map(|(_, token)| token.clone()));
 
-        let end = self.attempts(&mut message, record, stops).await;
+        let end = {
+            let attempts = self.attempts(&mut message, record, stops);
+            tokio::pin!(attempts);
+            tokio::select! {
+                biased;
+                end = &mut attempts => end,
+                () = self.renew_claim(claim.as_ref(), record) => attempts.await,
+            }
+        };
         if let (Some(d), Some((key, token))) = (&self.dedup, &claim) {
             // Done after a success or an acknowledged dead letter (delivery rules 7 and 18 in
             // the crate docs); released when given up, so the next delivery runs.
@@ -314,6 +322,29 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
             }
         }
         end
+    }
+
+    /// Keeps the record's claim alive while its work runs: renewed every third of the lease
+    /// (delivery rule 15 in the crate docs). Returns only when renewal is over (the store
+    /// cannot renew, or no claim); a failed renewal is logged and tried again next period.
+    async fn renew_claim(&self, claim: Option<&(String, ClaimToken)>, record: &RawRecord) {
+        let (Some(d), Some((key, token))) = (&self.dedup, claim) else {
+            return;
+        };
+        let period = (d.lease / 3).max(Duration::from_millis(1));
+        loop {
+            tokio::time::sleep(period).await;
+            match guarded_async(d.store.renew(key, token, d.lease)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.is_unsupported() => return,
+                Ok(Err(e)) => {
+                    warn!(coordinates = %record.coordinates(), key, error = %error_chain(&e), "renewing the record's claim failed");
+                }
+                Err(panic) => {
+                    warn!(coordinates = %record.coordinates(), key, panic, "the idempotency store panicked renewing a claim");
+                }
+            }
+        }
     }
 
     /// Claims the record's dedup key: `Ok(None)` without one, `Err` when the record ends
