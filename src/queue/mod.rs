@@ -55,6 +55,8 @@
 //! | a panicking handler | retried like a transient failure, then dead letter `panic` | the same (by default) |
 //! | [`HandlerError::unavailable`](crate::HandlerError::unavailable) | the record is held, its lock renewed, and tried again after the hint or the policy's first delay, using no attempt | the breaker / the record waits |
 //! | the dedup key is already done | ACCEPT without calling the handler | skip and commit |
+//! | the dedup key is held by another member (a copy of the event) | the record waits (lock renewed), then is skipped once the key is done, or runs if it was released | the same |
+//! | a handler outliving the idempotency lease | its claim is renewed every third of the lease | the same |
 //! | a dead-letter write fails | retried (0.5 s doubling to 5 s) while the lock is renewed; never dropped | retried, the offset waits |
 //! | shutdown | records not started are RELEASEd at once (another member takes them); running ones get [`shutdown_timeout`](QueueConsumerBuilder::shutdown_timeout), then are RELEASEd; records waiting (a back-off, a busy key, a failing sink) are RELEASEd at once | the same, by offsets |
 //! | the member crashes (kill -9) | the broker releases its records when the connection closes, or when their locks run out | uncommitted offsets are read again |
@@ -614,5 +616,81 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
             create_missing_topics: self.create_missing_topics,
             partitions: self.partitions,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HandlerError, Message, handler_fn};
+
+    fn builder() -> QueueConsumerBuilder<impl Handler<Event = String>> {
+        QueueConsumer::builder(handler_fn(|_m: Message<String>| async {
+            Ok::<(), HandlerError>(())
+        }))
+        .bootstrap_servers("127.0.0.1:9")
+        .group_id("g")
+        .topic("t")
+    }
+
+    fn config_error(b: QueueConsumerBuilder<impl Handler<Event = String>>) -> ConfigError {
+        match b.build() {
+            Err(QueueError::Config(e)) => e,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn build_refuses_missing_and_out_of_range_settings() {
+        let missing = QueueConsumer::builder(handler_fn(|_m: Message<String>| async {
+            Ok::<(), HandlerError>(())
+        }))
+        .group_id("g")
+        .topic("t");
+        assert_eq!(
+            config_error(missing),
+            ConfigError::Missing("bootstrap_servers")
+        );
+        assert_eq!(
+            config_error(builder().group_id("")),
+            ConfigError::Missing("group_id")
+        );
+        assert!(matches!(
+            config_error(builder().max_in_flight(0)),
+            ConfigError::Invalid {
+                setting: "max_in_flight",
+                ..
+            }
+        ));
+        assert!(matches!(
+            config_error(builder().max_in_flight(8).fetch_size(4)),
+            ConfigError::Invalid {
+                setting: "fetch_size",
+                ..
+            }
+        ));
+        assert!(matches!(
+            config_error(builder().lock_duration(Duration::ZERO)),
+            ConfigError::Invalid {
+                setting: "lock_duration",
+                ..
+            }
+        ));
+        assert!(matches!(
+            config_error(builder().partitions(0)),
+            ConfigError::Invalid {
+                setting: "partitions",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn build_takes_good_settings_and_defaults_the_fetch_to_max_in_flight() {
+        let consumer = builder().max_in_flight(8).build().unwrap();
+        assert_eq!(consumer.fetch_size, 8);
+        assert_eq!(consumer.start_from, StartFrom::Earliest);
+        let consumer = builder().max_in_flight(2).fetch_size(10).build().unwrap();
+        assert_eq!(consumer.fetch_size, 10);
     }
 }

@@ -14,6 +14,10 @@
 //! - `settle` and `renew` only record the acknowledgement; `flush` sends what was recorded
 //!   and reports failures (a lock that expired before its acknowledgement arrived, for one).
 //! - `close` sends what is pending, gives back every record still held and leaves the group.
+//!
+//! There is no REJECT: kourier writes its own dead letter (with the original headers and the
+//! reason, which the broker's dead-letter queue of KIP-1191 does not keep) and then ACCEPTs.
+//! A source would add it for a configured broker-side backstop.
 
 use std::sync::Arc;
 use std::time::Duration;
