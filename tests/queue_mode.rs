@@ -1002,3 +1002,98 @@ async fn a_claim_outliving_its_lease_is_renewed_and_the_copy_waits() {
         "the handler ran once for the event"
     );
 }
+
+/// A member frozen longer than the lock (its handler blocks its runtime's only thread, so
+/// nothing renews the lock: as with SIGSTOP or a VM pause) loses the record to the other
+/// member, which sees delivery count 2: the duplicate the docs admit. The frozen member's
+/// late ACCEPT, sent after the other member's, is answered with success by Kafka 4.4 (the
+/// record is archived already), so nothing reports the duplicate: the docs say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_member_loses_its_record_to_another_member() {
+    let (bootstrap, topic) = topics("queue-frozen").await;
+    let group = support::unique_name("queue-frozen");
+    let frozen_calls = Arc::new(AtomicU32::new(0));
+    let a_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (fc, done) = (Arc::clone(&frozen_calls), Arc::clone(&a_done));
+    let a = QueueConsumer::builder(handler_fn(move |_m: Message<String>| {
+        let (fc, done) = (Arc::clone(&fc), Arc::clone(&done));
+        async move {
+            if fc.fetch_add(1, Ordering::SeqCst) == 0 {
+                // Frozen for 4.5 locks: member 2 joins meanwhile (its assignment comes with a
+                // heartbeat, up to 5 s) and takes the record once the lock ran out.
+                std::thread::sleep(Duration::from_secs(9));
+                done.store(true, Ordering::SeqCst);
+            }
+            Ok::<(), HandlerError>(())
+        }
+    }))
+    .bootstrap_servers(bootstrap)
+    .group_id(group.clone())
+    .topic(topic.clone())
+    .lock_duration(Duration::from_secs(2))
+    .max_in_flight(1)
+    .build()
+    .unwrap();
+    // Member A on a runtime of one thread of its own: its handler freezes it whole.
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let a = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(a.run(async {
+                let _ = stopped_a.await;
+            }))
+    });
+    produce(bootstrap, &topic, &events(1)).await;
+    until(Duration::from_secs(20), "member 1 took the record", || {
+        frozen_calls.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let counts_seen = Arc::new(Mutex::new(Vec::new()));
+    let cs = Arc::clone(&counts_seen);
+    let b = spawn(
+        QueueConsumer::builder(handler_fn(move |m: Message<String>| {
+            let cs = Arc::clone(&cs);
+            async move {
+                cs.lock().unwrap().push(m.delivery_count());
+                Ok::<(), HandlerError>(())
+            }
+        }))
+        .bootstrap_servers(bootstrap)
+        .group_id(group)
+        .topic(topic)
+        .build()
+        .unwrap(),
+    );
+    until(Duration::from_secs(15), "member 2 got the record", || {
+        !counts_seen.lock().unwrap().is_empty()
+    })
+    .await;
+    // Let member 1 wake up and send its late ACCEPT.
+    until(Duration::from_secs(15), "member 1 woke up", || {
+        frozen_calls.load(Ordering::SeqCst) >= 1 && a_done.load(Ordering::SeqCst)
+    })
+    .await;
+    let _ = stop_a.send(());
+    let report_a = tokio::task::spawn_blocking(move || a.join().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let report_b = b.stop().await;
+    assert_eq!(
+        *counts_seen.lock().unwrap(),
+        vec![Some(2)],
+        "delivered again, count 2"
+    );
+    assert_eq!(report_b.handled, 1);
+    assert_eq!(
+        report_a.handled, 1,
+        "the frozen handler finished too: {report_a:?}"
+    );
+    assert_eq!(
+        frozen_calls.load(Ordering::SeqCst),
+        1,
+        "member 1 did not get it again"
+    );
+}

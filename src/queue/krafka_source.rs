@@ -195,13 +195,16 @@ impl ShareSource for KrafkaSource {
 
     async fn flush(&self) -> Vec<String> {
         match self.consumer.commit().await {
-            Ok(results) => results
-                .into_iter()
-                .filter_map(|(tp, r)| {
-                    r.err()
-                        .map(|e| format!("{}/{}: {e}", tp.topic, tp.partition))
-                })
-                .collect(),
+            Ok(results) => {
+                tracing::debug!(?results, "acknowledgements sent");
+                results
+                    .into_iter()
+                    .filter_map(|(tp, r)| {
+                        r.err()
+                            .map(|e| format!("{}/{}: {e}", tp.topic, tp.partition))
+                    })
+                    .collect()
+            }
             Err(e) => vec![e.to_string()],
         }
     }

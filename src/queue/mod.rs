@@ -70,9 +70,12 @@
 //!
 //! Duplicates remain possible, as with a consumer group: a record whose lock ran out (the
 //! process frozen longer than the lock, or renewals not reaching the broker) is delivered to
-//! another member while the first may still finish it; the late ACCEPT is refused
-//! ([`QueueReport::acknowledgement_failures`], logged). An [`Idempotency`] store makes the
-//! second delivery wait for the first's claim, then skip it.
+//! another member while the first may still finish it. The first member's late ACCEPT is
+//! refused while the record waits for its next delivery
+//! ([`QueueReport::acknowledgement_failures`], logged), but once another member has
+//! ACCEPTed it, Kafka 4.4 answers the late ACCEPT with success: that duplicate is reported
+//! nowhere (measured). An [`Idempotency`] store makes the second delivery wait for the
+//! first's claim (renewed while it runs), then skip it.
 //!
 //! # Not (yet) in queue mode
 //!
@@ -223,7 +226,9 @@ pub struct QueueReport {
     /// Records given up while running or waiting at shutdown, RELEASEd.
     pub abandoned: u64,
     /// Acknowledgements (accepts, releases, renewals) the broker refused, most often for a
-    /// lock that had run out: such a record may have been handled twice.
+    /// lock that had run out: such a record may have been handled twice. A late ACCEPT of a
+    /// record another member ACCEPTed already is answered with success by the broker, and
+    /// not counted (see the [module docs](self#semantics)).
     pub acknowledgement_failures: u64,
 }
 
