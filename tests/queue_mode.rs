@@ -410,7 +410,7 @@ async fn two_members_share_one_partition_without_loss_or_duplicates() {
     assert_eq!(ra.acknowledgement_failures + rb.acknowledgement_failures, 0);
 }
 
-/// A handler running longer than the lock (2 s lock, 6 s handler) keeps its record: the
+/// A handler running longer than the lock (2 s lock, 5 s handler) keeps its record: the
 /// lock is renewed, so the other member never gets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_longer_than_the_lock_is_not_redelivered() {
@@ -424,7 +424,7 @@ async fn a_handler_longer_than_the_lock_is_not_redelivered() {
             let (seen, calls) = (Arc::clone(&seen), Arc::clone(&calls));
             async move {
                 calls.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_secs(6)).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
                 seen.lock()
                     .unwrap()
                     .push((id, m.key_str().unwrap_or_default().to_owned()));
@@ -445,8 +445,8 @@ async fn a_handler_longer_than_the_lock_is_not_redelivered() {
         !seen.lock().unwrap().is_empty()
     })
     .await;
-    // Past two more lock durations: a lost lock would have shown as a second call by now.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Past 1.5 more lock durations: a lost lock would have shown as a second call by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let (ra, rb) = (a.stop().await, b.stop().await);
     assert_eq!(
         calls.load(Ordering::SeqCst),
@@ -1019,9 +1019,9 @@ async fn a_frozen_member_loses_its_record_to_another_member() {
         let (fc, done) = (Arc::clone(&fc), Arc::clone(&done));
         async move {
             if fc.fetch_add(1, Ordering::SeqCst) == 0 {
-                // Frozen for 4.5 locks: member 2 joins meanwhile (its assignment comes with a
+                // Frozen for 4 locks: member 2 joins meanwhile (its assignment comes with a
                 // heartbeat, up to 5 s) and takes the record once the lock ran out.
-                std::thread::sleep(Duration::from_secs(9));
+                std::thread::sleep(Duration::from_secs(8));
                 done.store(true, Ordering::SeqCst);
             }
             Ok::<(), HandlerError>(())
