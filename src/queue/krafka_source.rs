@@ -2,6 +2,7 @@
 //! startup checks made with krafka's admin client.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +24,9 @@ pub(super) const SHARE_FEATURE: &str = "share.version";
 /// A share consumer of krafka's, subscribed to one topic.
 pub(super) struct KrafkaSource {
     consumer: ShareConsumer,
+    /// Acknowledgement requests refused, counted by krafka's callback (which sees every
+    /// request: piggybacked on fetches, sent by `commit` or `close`).
+    refused: Arc<AtomicU64>,
 }
 
 /// What the startup needs from the builder's settings.
@@ -119,8 +123,17 @@ impl KrafkaSource {
         }
 
         let max = i32::try_from(c.max_records).unwrap_or(i32::MAX);
+        let refused = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&refused);
+        let group = c.group.to_owned();
         let consumer = kafka
             .share_consumer(c.group)
+            .acknowledgement_commit_callback(move |commit| {
+                if let Err(e) = &commit.result {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(group, topic = commit.topic, partition = commit.partition, offsets = ?commit.offsets, error = %e, "the broker refused acknowledgements (a lock that ran out: the records may be handled again)");
+                }
+            })
             .acknowledgement_mode(AcknowledgementMode::Explicit)
             // A hard bound (Kafka 4.2+): the member holds locks on at most `max` records.
             .acquire_mode(AcquireMode::RecordLimit)
@@ -133,7 +146,7 @@ impl KrafkaSource {
             .subscribe([c.topic])
             .await
             .map_err(|e| client("subscribing", e))?;
-        Ok(KrafkaSource { consumer })
+        Ok(KrafkaSource { consumer, refused })
     }
 }
 
@@ -193,20 +206,15 @@ impl ShareSource for KrafkaSource {
         Ok(self.consumer.renew(token)?)
     }
 
-    async fn flush(&self) -> Vec<String> {
-        match self.consumer.commit().await {
-            Ok(results) => {
-                tracing::debug!(?results, "acknowledgements sent");
-                results
-                    .into_iter()
-                    .filter_map(|(tp, r)| {
-                        r.err()
-                            .map(|e| format!("{}/{}: {e}", tp.topic, tp.partition))
-                    })
-                    .collect()
-            }
-            Err(e) => vec![e.to_string()],
+    async fn flush(&self) {
+        // Outcomes reach the callback (counted in `refused`); a failed call is logged here.
+        if let Err(e) = self.consumer.commit().await {
+            tracing::warn!(error = %e, "sending acknowledgements failed");
         }
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     fn lock_duration(&self) -> Option<Duration> {

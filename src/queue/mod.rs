@@ -114,6 +114,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::engine::{Counts, Engine, Stops};
 use self::krafka_source::{Connect, KrafkaSource};
+use self::source::ShareSource as _;
 use crate::codec::{Codec, JsonCodec};
 use crate::consumer::OutcomeObserver;
 use crate::dead_letter::DeadLetterSink;
@@ -225,8 +226,9 @@ pub struct QueueReport {
     pub released_unstarted: u64,
     /// Records given up while running or waiting at shutdown, RELEASEd.
     pub abandoned: u64,
-    /// Acknowledgements (accepts, releases, renewals) the broker refused, most often for a
-    /// lock that had run out: such a record may have been handled twice. A late ACCEPT of a
+    /// Acknowledgement requests (accepts, releases, renewals; counted per partition and
+    /// request) the broker refused, most often for a lock that had run out: such a record
+    /// may have been handled twice. A late ACCEPT of a
     /// record another member ACCEPTed already is answered with success by the broker, and
     /// not counted (see the [module docs](self#semantics)).
     pub acknowledgement_failures: u64,
@@ -325,7 +327,8 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumer<H, C> {
                 }
             }
         }
-        let report = self.engine.counts.report();
+        let mut report = self.engine.counts.report();
+        report.acknowledgement_failures = source.refused();
         tracing::info!(group = %self.engine.group, ?report, "queue consumer stopped");
         Ok(report)
     }

@@ -11,8 +11,10 @@
 //! - `poll` returns records each locked for this member (the broker's acquisition lock),
 //!   with the broker's delivery count; the engine settles every record of a batch before it
 //!   polls again (share consumers in explicit mode refuse the next poll until then).
-//! - `settle` and `renew` only record the acknowledgement; `flush` sends what was recorded
-//!   and reports failures (a lock that expired before its acknowledgement arrived, for one).
+//! - `settle` and `renew` only record the acknowledgement; the next `poll` carries it to the
+//!   broker (no round trip of its own), or `flush` sends it now (renewals, the stop).
+//! - `refused` counts the acknowledgement requests the broker refused, however they were
+//!   sent (a lock that expired before its acknowledgement arrived, for one).
 //! - `close` sends what is pending, gives back every record still held and leaves the group.
 //!
 //! There is no REJECT: kourier writes its own dead letter (with the original headers and the
@@ -61,8 +63,11 @@ pub(crate) trait ShareSource: Send + Sync + 'static {
     /// Records a renewal of a delivered record's lock (sent by the next `flush`).
     fn renew(&self, token: &Self::Token) -> Result<(), BoxError>;
 
-    /// Sends the recorded settlements and renewals; describes each one that failed.
-    async fn flush(&self) -> Vec<String>;
+    /// Sends the recorded settlements and renewals now.
+    async fn flush(&self);
+
+    /// How many acknowledgement requests (per partition) the broker refused so far.
+    fn refused(&self) -> u64;
 
     /// How long a lock lasts, as the broker last said; `None` before it said.
     fn lock_duration(&self) -> Option<Duration>;
