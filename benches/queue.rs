@@ -9,7 +9,8 @@
 //!   a time) and four `QueueConsumer` members running one record each (members scale past
 //!   the partition count).
 //!
-//! Figures: records per second from the consumers' start to the last record handled.
+//! Figures: the time from the consumers' start to the first record handled (joining), and
+//! records per second from the first record to the last.
 //! Run: `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 cargo bench --features queue --bench queue`
 //! (needs `scripts/services up`, Kafka 4.2+).
 
@@ -53,8 +54,9 @@ enum Engine {
     Queue(usize, usize),
 }
 
-/// Drains `records` records with `engine`, each taking `work`: records per second.
-async fn run(bootstrap: &str, records: u64, work: Duration, engine: Engine) -> f64 {
+/// Drains `records` records with `engine`, each taking `work`: the time to the first record
+/// handled (joining the group), and records per second from then to the last.
+async fn run(bootstrap: &str, records: u64, work: Duration, engine: Engine) -> (Duration, f64) {
     let run_id = format!(
         "{}-{}",
         std::process::id(),
@@ -124,21 +126,27 @@ async fn run(bootstrap: &str, records: u64, work: Duration, engine: Engine) -> f
             }
         }
     }
+    let mut first = None;
     while done.load(Ordering::Relaxed) < records {
+        if first.is_none() && done.load(Ordering::Relaxed) > 0 {
+            first = Some(Instant::now());
+        }
         assert!(
             started.elapsed() < Duration::from_secs(600),
             "the drain did not finish within 600 s"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let secs = started.elapsed().as_secs_f64();
+    let first = first.unwrap_or(started);
+    let joined = first.duration_since(started);
+    let secs = first.elapsed().as_secs_f64().max(1e-3);
     for stop in stops {
         let _ = stop.send(());
     }
     for task in tasks {
         let _ = task.await;
     }
-    records as f64 / secs
+    (joined, records.saturating_sub(1) as f64 / secs)
 }
 
 #[tokio::main]
@@ -147,34 +155,39 @@ async fn main() {
         return;
     };
     let slow = (records / 10).max(1);
-    println!("one partition, 100 B records; rates from the consumers' start to the last record");
-    let group = run(
+    println!(
+        "one partition, 100 B records; join = time to the first record handled, rate = from \
+         the first record to the last"
+    );
+    let (gj, group) = run(
         &bootstrap,
         records,
         Duration::ZERO,
         Engine::Group(ProcessingOrder::Unordered, 64),
     )
     .await;
-    let queue = run(&bootstrap, records, Duration::ZERO, Engine::Queue(1, 64)).await;
+    let (qj, queue) = run(&bootstrap, records, Duration::ZERO, Engine::Queue(1, 64)).await;
     println!("no-op, {records} records:");
-    println!("  consumer group (unordered, 64 in flight): {group:>8.0} rec/s");
+    println!("  consumer group (unordered, 64 in flight): join {gj:>8.2?}, {group:>8.0} rec/s");
     println!(
-        "  queue, 1 member (64 in flight):           {queue:>8.0} rec/s ({:.2}×)",
+        "  queue, 1 member (64 in flight):           join {qj:>8.2?}, {queue:>8.0} rec/s ({:.2}×)",
         queue / group
     );
     let ten = Duration::from_millis(10);
-    let group = run(
+    let (gj, group) = run(
         &bootstrap,
         slow,
         ten,
         Engine::Group(ProcessingOrder::Partition, 1),
     )
     .await;
-    let queue = run(&bootstrap, slow, ten, Engine::Queue(4, 1)).await;
+    let (qj, queue) = run(&bootstrap, slow, ten, Engine::Queue(4, 1)).await;
     println!("10 ms each, {slow} records:");
-    println!("  consumer group (partition order: 1 member, 1 at a time): {group:>6.0} rec/s");
     println!(
-        "  queue, 4 members × 1 in flight:                          {queue:>6.0} rec/s ({:.2}×)",
+        "  consumer group (partition order: 1 member, 1 at a time): join {gj:>8.2?}, {group:>6.0} rec/s"
+    );
+    println!(
+        "  queue, 4 members × 1 in flight:                          join {qj:>8.2?}, {queue:>6.0} rec/s ({:.2}×)",
         queue / group
     );
 }

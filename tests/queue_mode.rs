@@ -4,8 +4,9 @@
 //! These tests start a broker of their own (one for the whole file, from the Kafka jars
 //! `scripts/services up` caches) with the share-group settings they need: a lock as short
 //! as 1 s (`group.share.min.record.lock.duration.ms=1000`; the default minimum is 15 s), so
-//! a lock that runs out does so in seconds. `scripts/services` starts the shared broker with
-//! the same lines. Run with `cargo test --features queue --test queue_mode`.
+//! a lock that runs out does so in seconds, and a 1 s share-group heartbeat (default 5 s: a
+//! member gets its assignment on its second heartbeat, so joining took about 5 s).
+//! `scripts/services` starts the shared broker with the same lines. Run with `cargo test --features queue --test queue_mode`.
 
 mod support;
 
@@ -121,6 +122,8 @@ async fn start_broker() -> String {
              share.coordinator.state.topic.num.partitions=1\n\
              group.initial.rebalance.delay.ms=0\n\
              group.share.min.record.lock.duration.ms=1000\n\
+             group.share.min.heartbeat.interval.ms=1000\n\
+             group.share.heartbeat.interval.ms=1000\n\
              group.share.record.lock.duration.ms=30000\n",
             dir.join("data").display()
         ),
@@ -1019,8 +1022,8 @@ async fn a_frozen_member_loses_its_record_to_another_member() {
         let (fc, done) = (Arc::clone(&fc), Arc::clone(&done));
         async move {
             if fc.fetch_add(1, Ordering::SeqCst) == 0 {
-                // Frozen for 4 locks: member 2 joins meanwhile (its assignment comes with a
-                // heartbeat, up to 5 s) and takes the record once the lock ran out.
+                // Frozen for 4 locks: member 2 joins meanwhile (its assignment comes with its
+                // second heartbeat, 1 s apart here) and takes the record once the lock ran out.
                 std::thread::sleep(Duration::from_secs(8));
                 done.store(true, Ordering::SeqCst);
             }
