@@ -86,7 +86,9 @@
 //! [`fetch_size`](QueueConsumerBuilder::fetch_size) records, and the next batch is
 //! fetched once every record of the current one is settled (the share consumer's explicit
 //! mode requires it), so one slow record delays the member's next fetch (not the other
-//! members).
+//! members). Settlements travel with the next fetch (no round trip of their own); lock
+//! renewals are sent at once. A new member gets its first records on its second heartbeat:
+//! about 5 s after it starts with the broker's default `group.share.heartbeat.interval.ms`.
 //!
 //! # Startup checks
 //!
