@@ -1100,3 +1100,72 @@ async fn a_frozen_member_loses_its_record_to_another_member() {
         "member 1 did not get it again"
     );
 }
+
+/// The outage breaker in queue mode: while the downstream is down the breaker opens and the
+/// records wait (locked, using no attempt) instead of being dead-lettered after their three
+/// attempts; once it is back, a probe closes the breaker and every record is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_holds_records_instead_of_dead_lettering_them() {
+    let (bootstrap, topic) = topics("queue-breaker").await;
+    let group = support::unique_name("queue-breaker");
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let calls = Arc::new(AtomicU32::new(0));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let (d, c, o) = (Arc::clone(&down), Arc::clone(&calls), Arc::clone(&outcomes));
+    let member = spawn(
+        QueueConsumer::builder(handler_fn(move |_m: Message<String>| {
+            let (d, c) = (Arc::clone(&d), Arc::clone(&c));
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                if d.load(Ordering::SeqCst) {
+                    return Err(HandlerError::transient("connection refused"));
+                }
+                Ok::<(), HandlerError>(())
+            }
+        }))
+        .bootstrap_servers(bootstrap)
+        .group_id(group)
+        .topic(topic.clone())
+        .max_in_flight(4)
+        .fetch_size(10)
+        .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 2))
+        .breaker(
+            kourier::BreakerPolicy::default()
+                .with_open_interval(Duration::from_millis(500), Duration::from_secs(1)),
+        )
+        .on_outcome(move |_, outcome| o.lock().unwrap().push(outcome))
+        .build()
+        .unwrap(),
+    );
+    produce(bootstrap, &topic, &events(10)).await;
+    until(Duration::from_secs(20), "the downstream called", || {
+        calls.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    // Down for 3 s: without the breaker every record would be dead-lettered by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during_outage = calls.load(Ordering::SeqCst);
+    assert!(
+        outcomes.lock().unwrap().is_empty(),
+        "nothing settled while the downstream was down: {:?}",
+        outcomes.lock().unwrap()
+    );
+    down.store(false, Ordering::SeqCst);
+    until(Duration::from_secs(15), "every record handled", || {
+        outcomes.lock().unwrap().len() >= 10
+    })
+    .await;
+    let report = member.stop().await;
+    assert!(
+        outcomes
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|o| *o == RecordOutcome::Handled),
+        "{:?}",
+        outcomes.lock().unwrap()
+    );
+    assert_eq!((report.handled, report.dead_lettered), (10, 0));
+    // A few failed calls opened it, then one probe per open interval (0.5 s, 1 s, ...).
+    assert!(during_outage <= 12, "calls while down: {during_outage}");
+}

@@ -44,8 +44,12 @@ pub use self::schedule::{ConnectionState, PartitionStatus, ProcessingOrder, RunS
 pub use self::work::RecordOutcome;
 // The health routes' unit tests run a monitor on a hub of their own.
 #[cfg(feature = "queue")]
+pub(crate) use self::breaker::{Breaker, OutageGate, ProbeMemo, Verdict, caller_of};
+#[cfg(feature = "queue")]
 pub(crate) use self::dedup::Dedup;
 #[cfg(all(test, feature = "health"))]
 pub(crate) use self::schedule::Hub;
+#[cfg(feature = "queue")]
+pub(crate) use self::stop::Stop;
 #[cfg(feature = "queue")]
 pub(crate) use self::work::OutcomeObserver;

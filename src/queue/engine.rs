@@ -14,7 +14,7 @@ use super::source::{Ack, Delivery, ShareSource};
 use crate::RecordOutcome;
 use crate::clock;
 use crate::codec::Codec;
-use crate::consumer::{Dedup, OutcomeObserver};
+use crate::consumer::{Dedup, OutageGate, OutcomeObserver, ProbeMemo, Stop, Verdict, caller_of};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, MAX_ERROR_MESSAGE_BYTES};
 use crate::error::error_chain;
 use crate::guard::{guarded, guarded_async};
@@ -41,6 +41,8 @@ pub(super) struct Engine<H: Handler, C> {
     pub(super) sink: Arc<dyn DeadLetterSink>,
     pub(super) dedup: Option<Dedup<H::Event>>,
     pub(super) observer: Option<OutcomeObserver>,
+    /// The outage breaker (a [`BreakerPolicy`](crate::BreakerPolicy)), or none.
+    pub(super) gate: OutageGate,
     pub(super) group: String,
     pub(super) max_in_flight: usize,
     pub(super) shutdown_timeout: Duration,
@@ -407,37 +409,51 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
         let started = tokio::time::Instant::now();
         let mut attempt = 1u32;
         let mut first_failure: Option<SystemTime> = None;
+        // The breaker's waits end at the stop (nothing of the record runs) or the hard stop.
+        let stop = Stop {
+            abandon: stops.hard.clone(),
+            drain: stops.stop.clone(),
+            ..Stop::default()
+        };
+        let caller = caller_of((record.topic.as_ref(), record.partition, record.offset));
+        let mut memo = ProbeMemo::default();
+        let mut holds = 0u32;
         loop {
             message.set_attempt(attempt);
+            // While the breaker is open the record waits here, locked (the batch renews its
+            // lock), using no attempt (delivery rule 16 in the crate docs).
+            let Some(pass) = self.gate.admit_as(&stop, memo, caller, false).await else {
+                return End::Abandoned;
+            };
             let result = tokio::select! {
                 biased;
                 () = stops.hard.cancelled() => return End::Abandoned,
                 result = guarded_async(self.handler.handle(message)) => result,
             };
             let error = match result {
-                Ok(Ok(())) => return End::Outcome(RecordOutcome::Handled),
+                Ok(Ok(())) => {
+                    pass.succeeded();
+                    return End::Outcome(RecordOutcome::Handled);
+                }
                 Ok(Err(e)) => e,
                 Err(panic) => HandlerError::panic(panic),
             };
+            if let Verdict::Hold(wait) = pass.failed(&error, holds, &mut memo) {
+                // Not the record's fault (an open breaker, or an unavailable downstream):
+                // held and tried again without using an attempt.
+                holds = holds.saturating_add(1);
+                debug!(coordinates = %record.coordinates(), ?wait, error = %error.message(), "downstream unavailable; the record is held");
+                if !wait_or_stop(wait, &stops.stop).await {
+                    return End::Abandoned;
+                }
+                continue;
+            }
             let now = SystemTime::now();
             let first = *first_failure.get_or_insert(now);
             let coordinates = message.raw().coordinates();
             let reason = match error.kind() {
                 FailureKind::Permanent | FailureKind::DestinationGone => {
                     DeadLetterReason::Permanent
-                }
-                FailureKind::Unavailable => {
-                    // Not the record's fault (delivery rule 16 in the crate docs): held, its
-                    // lock renewed, tried again without using an attempt.
-                    let wait = error
-                        .retry_after_hint()
-                        .unwrap_or_else(|| self.retry.base_delay(1))
-                        .min(HandlerError::MAX_RETRY_AFTER);
-                    debug!(coordinates, ?wait, error = %error.message(), "downstream unavailable; the record is held");
-                    if !wait_or_stop(wait, &stops.stop).await {
-                        return End::Abandoned;
-                    }
-                    continue;
                 }
                 kind => {
                     match self

@@ -53,7 +53,8 @@
 //! | attempts exhausted | kourier's own dead letter (the same letter and provenance headers, reason `retries-exhausted`, through the [`DeadLetterSink`]), then ACCEPT | the same letter, then commit |
 //! | a permanent failure, a record the codec cannot decode (poison pill), a panicking dedup-key function | dead letter at once (`permanent`, `decode`, `panic`), then ACCEPT | the same |
 //! | a panicking handler | retried like a transient failure, then dead letter `panic` | the same (by default) |
-//! | [`HandlerError::unavailable`](crate::HandlerError::unavailable) | the record is held, its lock renewed, and tried again after the hint or the policy's first delay, using no attempt | the breaker / the record waits |
+//! | [`HandlerError::unavailable`](crate::HandlerError::unavailable) | the record is held, its lock renewed, and tried again with back-off (or after the hint), using no attempt | the same |
+//! | the outage breaker is open ([`breaker`](QueueConsumerBuilder::breaker)) | records wait before their next attempt, locked (locks renewed), using no attempt, never dead-lettered for it; one probe per open interval | the same, by partition |
 //! | the dedup key is already done | ACCEPT without calling the handler | skip and commit |
 //! | the dedup key is held by another member (a copy of the event) | the record waits (lock renewed), then is skipped once the key is done, or runs if it was released | the same |
 //! | a handler outliving the idempotency lease | its claim is renewed every third of the lease | the same |
@@ -79,10 +80,9 @@
 //!
 //! # Not (yet) in queue mode
 //!
-//! The outage breaker ([`BreakerPolicy`](crate::BreakerPolicy)), per-destination breakers,
-//! retry tiers, kourier's metrics and the consumer monitor belong to the consumer-group
-//! engine and are not wired here; [`HandlerError::unavailable`](crate::HandlerError::unavailable)
-//! holds the record (see above). A batch holds at most
+//! Per-destination breakers, retry tiers, kourier's metrics (but the breaker's) and the
+//! consumer monitor belong to the consumer-group engine and are not wired here. A held
+//! record holds its slot (its `max_in_flight` place) while it waits. A batch holds at most
 //! [`fetch_size`](QueueConsumerBuilder::fetch_size) records, and the next batch is
 //! fetched once every record of the current one is settled (the share consumer's explicit
 //! mode requires it), so one slow record delays the member's next fetch (not the other
@@ -118,14 +118,15 @@ use self::engine::{Counts, Engine, Stops};
 use self::krafka_source::{Connect, KrafkaSource};
 use self::source::ShareSource as _;
 use crate::codec::{Codec, JsonCodec};
-use crate::consumer::OutcomeObserver;
+use crate::consumer::{Breaker, OutageGate, OutcomeObserver};
 use crate::dead_letter::DeadLetterSink;
 use crate::error::{BoxError, ConfigError};
 use crate::handler::Handler;
+use crate::metrics::ConsumerMetrics;
 use crate::record::RawRecord;
 use crate::retry::RetryPolicy;
 use crate::topics::{TopicAdmin, TopicSpec};
-use crate::{Idempotency, KafkaDeadLetterSink, RecordOutcome};
+use crate::{BreakerPolicy, Idempotency, KafkaDeadLetterSink, RecordOutcome};
 
 /// Where a new share group starts reading: the group config `share.auto.offset.reset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -273,6 +274,7 @@ impl<H: Handler> QueueConsumer<H> {
             sink: None,
             idempotency: None,
             observer: None,
+            breaker: None,
             max_in_flight: 16,
             fetch_size: None,
             shutdown_timeout: Duration::from_secs(30),
@@ -394,6 +396,7 @@ pub struct QueueConsumerBuilder<H: Handler, C = JsonCodec<<H as Handler>::Event>
     sink: Option<Arc<dyn DeadLetterSink>>,
     idempotency: Option<Idempotency<H::Event>>,
     observer: Option<OutcomeObserver>,
+    breaker: Option<BreakerPolicy>,
     max_in_flight: usize,
     fetch_size: Option<usize>,
     shutdown_timeout: Duration,
@@ -447,6 +450,7 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
             sink: self.sink,
             idempotency: self.idempotency,
             observer: self.observer,
+            breaker: self.breaker,
             max_in_flight: self.max_in_flight,
             fetch_size: self.fetch_size,
             shutdown_timeout: self.shutdown_timeout,
@@ -487,6 +491,17 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
         F: Fn(&RawRecord, RecordOutcome) + Send + Sync + 'static,
     {
         self.observer = Some(Arc::new(observer));
+        self
+    }
+
+    /// Turns on the outage breaker, as for a consumer group (delivery rule 16 in the crate
+    /// docs): when transient failures cross the policy's threshold the breaker opens and
+    /// records wait — still locked, their locks renewed, using no attempt, never
+    /// dead-lettered for it — until a probe record gets through. Default: none (a
+    /// [`HandlerError::unavailable`](crate::HandlerError::unavailable) failure still holds
+    /// its record without using an attempt).
+    pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.breaker = Some(policy);
         self
     }
 
@@ -596,6 +611,13 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
             )));
         }
         self.retry.validate().map_err(config)?;
+        if let Some(policy) = &self.breaker {
+            policy.validate().map_err(config)?;
+        }
+        let gate = OutageGate(self.breaker.map(|policy| {
+            let metrics = ConsumerMetrics::new(&group, std::slice::from_ref(&topic));
+            Arc::new(Breaker::new(policy, Arc::new(metrics)))
+        }));
         let sink = match self.sink {
             Some(sink) => sink,
             None => Arc::new(
@@ -612,6 +634,7 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
                 sink,
                 dedup: self.idempotency.map(|i| i.into_dedup(group.clone())),
                 observer: self.observer,
+                gate,
                 group,
                 max_in_flight: self.max_in_flight,
                 shutdown_timeout: self.shutdown_timeout,
