@@ -204,7 +204,10 @@ pub enum QueueError {
     },
     /// Checking or creating the topics failed.
     #[error("checking the topics failed")]
-    Topics(#[source] crate::Error),
+    Topics(#[source] Box<crate::Error>),
+    /// The default dead-letter sink could not be built (from `build()`).
+    #[error("building the dead-letter sink failed")]
+    DeadLetterSink(#[source] Box<crate::Error>),
     /// The share-group client failed.
     #[error("share-group client error during {operation}")]
     Client {
@@ -379,7 +382,7 @@ fn unreachable_or<H: Handler, C>(e: crate::Error, c: &QueueConsumer<H, C>) -> Qu
             after: c.startup_timeout,
         }
     } else {
-        QueueError::Topics(e)
+        QueueError::Topics(Box::new(e))
     }
 }
 
@@ -624,7 +627,7 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
             None => Arc::new(
                 KafkaDeadLetterSink::builder(bootstrap.clone())
                     .build()
-                    .map_err(QueueError::Topics)?,
+                    .map_err(|e| QueueError::DeadLetterSink(Box::new(e)))?,
             ),
         };
         Ok(QueueConsumer {
