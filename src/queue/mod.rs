@@ -81,6 +81,10 @@
 //!
 //! # Not (yet) in queue mode
 //!
+//! Header names that are not UTF-8: krafka 0.28 hands them over as text, each invalid byte
+//! replaced by U+FFFD, so a dead letter keeps such a name changed (`b"\xff\xfeid"` arrives
+//! as `"\u{fffd}\u{fffd}id"`, measured); the consumer-group engine keeps it byte for byte.
+//!
 //! Per-destination breakers, retry tiers, kourier's metrics (but the breaker's) and the
 //! consumer monitor belong to the consumer-group engine and are not wired here. A held
 //! record holds its slot (its `max_in_flight` place) while it waits. A batch holds at most
