@@ -7,6 +7,7 @@
 //! per unique valid event (none for the duplicate; the greylisted one once, after its `451`);
 //! the dead-letter topic holds exactly the bad records, with the right failure kinds; the group
 //! committed everything; and a re-run neither re-mails old events nor mails re-published ones.
+//! Batch mode (`--batch`) is checked the same way, and that its mails really shared SMTP sessions.
 //!
 //! Needs Kafka and Redis (`scripts/services up`); each test has its own topics and group.
 

@@ -1,5 +1,6 @@
 //! The handler: sends one mail per [`NotifyEvent`] over SMTP with `lettre`, and says which
-//! failures are worth retrying.
+//! failures are worth retrying. In batch mode (`--batch`), [`BulkMailer`] sends many mails in
+//! one SMTP session and classifies each mail's failure the same way.
 //!
 //! | failure                                           | kind      | what kourier does            |
 //! |---------------------------------------------------|-----------|------------------------------|
@@ -156,8 +157,8 @@ pub(crate) struct Attempt {
 }
 
 /// One call of the bulk path (`--batch`): how many mails it was given and how many SMTP
-/// sessions it opened for them (one, plus one after each failure: lettre closes a session
-/// whose command failed).
+/// sessions it opened or tried to open for them (one, plus one after each failure: lettre
+/// closes a session whose command failed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BulkCall {
     pub(crate) mails: usize,
