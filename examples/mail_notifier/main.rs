@@ -226,6 +226,9 @@ async fn main() -> Result<()> {
         None => None,
     };
     let batch = cli.kafka.batch;
+    if batch && !matches!(cli.command, Command::Demo { .. } | Command::Run { .. }) {
+        tracing::warn!("--batch applies to `demo` and `run` only; ignored");
+    }
     let settings = Settings {
         bootstrap: cli.kafka.bootstrap_servers,
         redis_url: cli.kafka.redis_url,
