@@ -13,6 +13,7 @@ use super::health::Health;
 use super::lifecycle::{Lifecycle, RunState};
 use super::scheduler::{Job, JobEnd, Scheduler, SettlingFull};
 use super::topic_partition::Tp;
+use crate::consumer::breaker::Breaker;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::ConsumerMetrics;
 
@@ -45,6 +46,9 @@ pub(crate) struct Hub {
     /// Whether the consumer has caught up, as the poll thread last saw it (published by
     /// `observe::publish_caught_up`, awaited by `ConsumerMonitor::caught_up`).
     pub(crate) caught_up: tokio::sync::watch::Sender<bool>,
+    /// The scheduler's outage breaker, looked at without its lock (see
+    /// [`Hub::breaker_holds`]).
+    breaker: Option<Arc<Breaker>>,
 }
 
 impl Hub {
@@ -55,6 +59,7 @@ impl Hub {
         log_interval: Duration,
     ) -> Self {
         Hub {
+            breaker: scheduler.breaker().cloned(),
             scheduler: Mutex::new(scheduler),
             changed: Condvar::new(),
             waiters: AtomicUsize::new(0),
@@ -143,9 +148,26 @@ impl Hub {
         drop(overflow);
     }
 
+    /// Called by a worker whose record did not end at once: what ran of its job's run
+    /// before it is told now (see [`Scheduler::report_run`]), not when the record ends.
+    pub(crate) fn report_run(&self, job: &Job) {
+        let room = {
+            let mut s = self.lock();
+            s.report_run(job);
+            s.room()
+        };
+        self.changed(room);
+    }
+
+    /// Whether the outage breaker holds dispatch now (`false` without one): a worker then
+    /// stops going on with its job's run.
+    pub(crate) fn breaker_holds(&self) -> bool {
+        self.breaker.as_ref().is_some_and(|b| b.holds_dispatch())
+    }
+
     /// Called by a worker whose record starts waiting out a retry back-off: the slot it frees
     /// goes to the returned job.
-    pub(crate) fn park(&self, job: u64) -> Option<Job> {
+    pub(crate) fn park(&self, job: &Job) -> Option<Job> {
         let (next, room) = {
             let mut s = self.lock();
             (s.park(job), s.room())
@@ -423,7 +445,7 @@ mod tests {
     fn a_parked_record_gives_its_slot_to_another_key() {
         let (hub, jobs) = hub(ProcessingOrder::Key, &["a", "b"]);
         assert_eq!(jobs.len(), 1, "one slot");
-        let other = hub.park(jobs[0].id).expect("the other key's record");
+        let other = hub.park(&jobs[0]).expect("the other key's record");
         assert_eq!(other.record.offset, 1);
         assert_eq!(hub.lock().in_flight(), 2, "both held by workers");
     }

@@ -294,14 +294,17 @@ impl<H: Handler> WorkerContext<H> {
         let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
         match first {
             Poll::Ready(outcome) => outcome,
-            Poll::Pending => tokio::select! {
+            Poll::Pending => {
+                slot.waits();
+                tokio::select! {
                 outcome = &mut run => outcome,
                 () = tokio::time::sleep_until(crate::clock::after(started, self.stall_threshold)) => {
                     warn!(coordinates = %record.coordinates(), threshold = ?self.stall_threshold, "record stalled: in flight longer than the stall threshold");
                     metrics.stalled();
                     run.await
                 }
-            },
+                }
+            }
         }
     }
 
