@@ -155,8 +155,9 @@ impl<H: Handler> JobRun<H> {
         if *self.released.get_mut() {
             self.hub.settle(job, end);
         } else if end == JobEnd::Settled
+            // A partition drains before its records are given up (`abandon`): the rest of
+            // the run goes back to the scheduler, which keeps only gap fillers.
             && !job.stop.drain.is_cancelled()
-            && !job.stop.abandon.is_cancelled()
             && !self.hub.breaker_holds()
             && job.advance()
         {
