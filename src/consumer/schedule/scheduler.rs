@@ -690,12 +690,7 @@ impl Scheduler {
             lane.queue.push_front(entry);
         }
         if p.draining {
-            // While the breaker holds dispatch gap fillers cannot run: dropped too (see
-            // `drop_held_draining`).
-            let keep = !self.breaker.as_ref().is_some_and(|b| b.holds_dispatch());
-            let (records, bytes) = super::drain::trim_to_gap_fillers(p, keep);
-            self.buffered_records -= records;
-            self.buffered_bytes -= bytes;
+            self.trim_draining(&job.tp);
         }
     }
 
