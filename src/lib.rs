@@ -194,7 +194,10 @@
 //! partition and lane (partition, key or record, by ordering mode), pauses and resumes
 //! partitions, commits settled offsets and serves rebalances. Workers are Tokio tasks on your
 //! runtime: each runs decode → claim → handler → retry → dead-letter → complete/release, then
-//! reports the record settled and takes the next one.
+//! reports the record settled and takes the next one. In Key and Partition order a worker
+//! takes a *run*: a record and the next ones of its lane (up to 32), each run after the
+//! previous one settled, without the scheduler's lock, for at most 2 ms; what ran is reported
+//! at the run's end, when a record does not end at once, or when one parks for a back-off.
 //!
 //! The modules form layers; imports only point down (no file imports one above it, and no
 //! import circle):
