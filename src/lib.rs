@@ -357,6 +357,7 @@ pub mod tiers;
 mod topic_name;
 pub mod topics;
 mod trace_context;
+pub mod transactional;
 
 pub use crate::blocking::{Blocking, BlockingHandler, blocking};
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};
