@@ -395,3 +395,204 @@ fn unsupported_combinations_are_refused_by_build() {
         "{err:?}"
     );
 }
+
+// ---- Process faults: a child process runs the consumer (this test binary, run again) ----
+
+/// The child's handler sleeps this long per record, so that faults land mid-run.
+const CHILD_HANDLER_MS: u64 = 20;
+
+/// Not a test on its own: with `KOURIER_TXN_CHILD` set, runs a transactional consumer of
+/// `KOURIER_TXN_TOPIC` in `KOURIER_TXN_GROUP` with the id `KOURIER_TXN_ID`, writing to
+/// `KOURIER_TXN_OUT`, until SIGTERM; exits 0 after a clean stop, 3 on `Error::Transaction`
+/// (printing `fenced=<bool>`), 4 on any other error.
+#[test]
+fn child_consumer() {
+    let Ok(topic) = std::env::var("KOURIER_TXN_CHILD") else {
+        return;
+    };
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set"));
+    let (group, out, id) = (var("KOURIER_TXN_GROUP"), var("KOURIER_TXN_OUT"), var("KOURIER_TXN_ID"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let result = runtime.block_on(async move {
+        let handler = handler_fn(move |m: Message<Job>| {
+            let out = out.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(CHILD_HANDLER_MS)).await;
+                let id = m.event().id;
+                for n in 0..OUTPUTS_PER_INPUT {
+                    m.send_output(
+                        OutputRecord::new(&out)
+                            .key(format!("k{id}"))
+                            .value(format!("{id}-{n}")),
+                    )?;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        });
+        consumer::builder(handler, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .max_in_flight(8)
+            .shutdown_timeout(Duration::from_secs(5))
+            .transactional(TransactionalOutput::new(id))
+            .build()?
+            .run_until_signal()
+            .await
+    });
+    match result {
+        Ok(_) => std::process::exit(0),
+        Err(Error::Transaction { fenced, operation, source }) => {
+            eprintln!("child: transaction error during {operation}: fenced={fenced}: {source}");
+            std::process::exit(3)
+        }
+        Err(e) => {
+            eprintln!("child: error: {e:?}");
+            std::process::exit(4)
+        }
+    }
+}
+
+/// A child process running [`child_consumer`].
+struct Child(std::process::Child);
+
+impl Child {
+    fn start(topic: &str, group: &str, out: &str, id: &str) -> Child {
+        let exe = std::env::current_exe().expect("test binary");
+        let child = std::process::Command::new(exe)
+            .args(["--exact", "child_consumer", "--nocapture", "--test-threads=1"])
+            .env("KOURIER_TXN_CHILD", topic)
+            .env("KOURIER_TXN_GROUP", group)
+            .env("KOURIER_TXN_OUT", out)
+            .env("KOURIER_TXN_ID", id)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn the child consumer");
+        Child(child)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
+    /// Waits (at most `timeout`) for the child to exit; its exit code.
+    async fn exit_code(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "the child did not exit within {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until a `read_committed` reader sees at least `count` output values (each counted
+/// once per copy) in `out`; returns how many it saw.
+async fn wait_for_committed(out: &str, count: usize, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen: usize = read(out, true).await.values().sum();
+        if seen >= count {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{out}: {seen} committed outputs after {timeout:?}, expected {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// kill -9 of the consumer process, twice, mid-run (the same transactional id restarts
+/// each time): each input's outputs are seen exactly once by a `read_committed` reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_run_leaves_each_inputs_outputs_exactly_once() {
+    // About 8 s of work for one process (8 records at a time, 20 ms each).
+    const N: usize = 3_000;
+    let (topic, group, _) = setup("txn-kill", 2).await;
+    let out = support::new_topic("txn-kill-out", 2).await;
+    produce_inputs(&topic, N).await;
+    let id = support::unique_name("txn-kill-id");
+    let mut seen_before_kill = Vec::new();
+    let mut floor = 0i64;
+    for _ in 0..2 {
+        let child = Child::start(&topic, &group, &out, &id);
+        // Some inputs committed by this run (their transactions), then the kill lands
+        // mid-run.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let committed = support::committed_sum(&group, &topic, 2).await;
+            if committed >= floor + 300 {
+                floor = committed;
+                break;
+            }
+            assert!(Instant::now() < deadline, "no progress: {committed} committed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        child.signal("-KILL");
+        drop(child);
+        seen_before_kill.push(floor);
+    }
+    let mut last = Child::start(&topic, &group, &out, &id);
+    wait_for_committed(&out, N * OUTPUTS_PER_INPUT, Duration::from_secs(120)).await;
+    last.signal("-TERM");
+    assert_eq!(last.exit_code(Duration::from_secs(30)).await, Some(0), "a clean stop");
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    eprintln!(
+        "kill -9 twice (inputs committed before each kill: {seen_before_kill:?}): {} duplicates, {} missing under read_committed; {} copies read uncommitted",
+        duplicates.len(),
+        missing.len(),
+        read(&out, false).await.values().sum::<usize>()
+    );
+    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
+    assert!(missing.is_empty(), "missing: {missing:?}");
+}
+
+/// A zombie: the consumer process is frozen (SIGSTOP) past its session timeout while another
+/// member of its group takes its partitions over and handles them; resumed, the zombie's
+/// open transaction is refused (KIP-447: its group generation is stale) or aborted, it stops
+/// with `Error::Transaction`, and a `read_committed` reader sees each input's outputs exactly
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_frozen_past_its_session_is_fenced() {
+    const N: usize = 600;
+    let (topic, group, _) = setup("txn-zombie", 2).await;
+    let out = support::new_topic("txn-zombie-out", 2).await;
+    produce_inputs(&topic, N).await;
+    let mut zombie = Child::start(&topic, &group, &out, &support::unique_name("txn-zombie-a"));
+    wait_for_committed(&out, 100, Duration::from_secs(60)).await;
+    zombie.signal("-STOP");
+    // Past the 6 s session timeout: the group forgets the zombie.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut successor = Child::start(&topic, &group, &out, &support::unique_name("txn-zombie-b"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while support::committed_sum(&group, &topic, 2).await < N as i64 {
+        assert!(Instant::now() < deadline, "the successor did not commit every offset");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    zombie.signal("-CONT");
+    assert_eq!(
+        zombie.exit_code(Duration::from_secs(60)).await,
+        Some(3),
+        "the zombie stops with Error::Transaction"
+    );
+    wait_for_committed(&out, N * OUTPUTS_PER_INPUT, Duration::from_secs(60)).await;
+    successor.signal("-TERM");
+    assert_eq!(successor.exit_code(Duration::from_secs(30)).await, Some(0));
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
+    assert!(missing.is_empty(), "missing: {missing:?}");
+}

@@ -235,8 +235,16 @@ impl Transactions {
             }
         }
         let produced = self.produced.load(Ordering::SeqCst);
-        if commits.is_empty() && !produced {
-            return Ok(Vec::new());
+        if commits.is_empty() {
+            if !produced {
+                return Ok(Vec::new());
+            }
+            // Outputs without an offset to commit with them: their records' partitions left
+            // without a commit. Committing them would duplicate what the next owner produces.
+            return Err(self.abort_and_fail(
+                "commit transaction",
+                KafkaError::ConsumerCommit(RDKafkaErrorCode::AssignmentLost),
+            ));
         }
         let started = Instant::now();
         if !commits.is_empty() {
@@ -276,6 +284,28 @@ impl Transactions {
         Ok(offsets)
     }
 
+    /// The consumer's assignment was lost (it was away past its session timeout: another
+    /// member may own its partitions already): the open transaction, whose outputs' records
+    /// may be handled by the new owner, is aborted, and the transactions stop (a zombie).
+    pub(crate) fn assignment_lost(&self) {
+        if self.failure().is_some() {
+            return;
+        }
+        let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        self.abort_and_fail(
+            "keep the assignment",
+            KafkaError::ConsumerCommit(RDKafkaErrorCode::AssignmentLost),
+        );
+    }
+
+    fn abort_and_fail(&self, operation: &'static str, e: KafkaError) -> TransactionFailure {
+        let failure = self.fail(operation, e);
+        if let Err(e) = self.producer.abort_transaction(self.timeout) {
+            error!(error = %e, "aborting the transaction failed (the broker aborts it when its timeout passes)");
+        }
+        failure
+    }
+
     /// A transactional operation failed: a retriable error leaves the transaction open (the
     /// next commit tries again); else it is aborted if it must be, and the transactions stop.
     fn failed(&self, operation: &'static str, e: KafkaError) -> TransactionFailure {
@@ -291,11 +321,11 @@ impl Transactions {
                 error: e,
             };
         }
-        let failure = self.fail(operation, e);
-        if abort && let Err(e) = self.producer.abort_transaction(self.timeout) {
-            error!(error = %e, "aborting the failed transaction failed (the broker aborts it when its timeout passes)");
+        if abort {
+            self.abort_and_fail(operation, e)
+        } else {
+            self.fail(operation, e)
         }
-        failure
     }
 }
 
@@ -311,6 +341,7 @@ fn is_fenced(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::UnknownMemberId
                 | RDKafkaErrorCode::FencedInstanceId
                 | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::AssignmentLost
         )
     )
 }

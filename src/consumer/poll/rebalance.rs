@@ -79,6 +79,10 @@ pub(crate) fn on_revoke(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
     }
     if consumer.assignment_lost() {
         warn!(partitions = ?tps_display(tps), "assignment lost: not committing");
+        if let Some(t) = hub.transactions() {
+            // Its open transaction may hold outputs of records the new owner handles again.
+            t.assignment_lost();
+        }
     } else if !commits.is_empty() && commit(consumer, hub, &commits, "revoke") {
         // During a shutdown: what a failed final commit left may be committed now.
         hub.committed_after_failure(&offsets_of(&commits));
