@@ -193,11 +193,27 @@ fn differences(
         .filter(|(_, c)| **c > 1)
         .map(|(v, c)| (v.clone(), *c))
         .collect();
+    // (Failure messages name the count and the first few.)
     let missing = (expected.keys())
         .filter(|v| !seen.contains_key(*v))
         .cloned()
         .collect();
     (duplicates, missing)
+}
+
+fn assert_exactly_once(duplicates: &[(String, usize)], missing: &[String]) {
+    assert!(
+        duplicates.is_empty(),
+        "{} output values seen more than once under read_committed, first: {:?}",
+        duplicates.len(),
+        &duplicates[..duplicates.len().min(6)]
+    );
+    assert!(
+        missing.is_empty(),
+        "{} output values missing under read_committed, first: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(6)]
+    );
 }
 
 /// A clean run: every input's outputs are seen exactly once by a `read_committed` reader,
@@ -222,8 +238,7 @@ async fn every_inputs_outputs_are_seen_exactly_once_in_a_clean_run() {
     c.stop().await;
     let seen = read(&out, true).await;
     let (duplicates, missing) = differences(&seen, N);
-    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
-    assert!(missing.is_empty(), "missing: {missing:?}");
+    assert_exactly_once(&duplicates, &missing);
     assert_eq!(seen.len(), N * OUTPUTS_PER_INPUT);
     let total = support::committed_sum(&group, &topic, 3).await;
     assert_eq!(total, N as i64, "offsets committed to the end");
@@ -284,8 +299,7 @@ async fn outputs_of_records_finished_above_a_stuck_one_are_not_produced_again_by
     assert_eq!(next.called(), [0], "only the record that never finished");
     let seen = read(&out, true).await;
     let (duplicates, missing) = differences(&seen, N);
-    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
-    assert!(missing.is_empty(), "missing: {missing:?}");
+    assert_exactly_once(&duplicates, &missing);
 }
 
 /// A transaction that cannot commit (an output the broker refuses) is aborted: the consumer
@@ -349,8 +363,7 @@ async fn an_aborted_transactions_outputs_are_invisible_and_its_records_handled_a
     assert!(again.called().contains(&60), "the aborted record ran again");
     let seen = read(&out, true).await;
     let (duplicates, missing) = differences(&seen, N);
-    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
-    assert!(missing.is_empty(), "missing: {missing:?}");
+    assert_exactly_once(&duplicates, &missing);
 }
 
 /// `build()` refuses the combinations not supported yet, with a typed error.
@@ -556,8 +569,7 @@ async fn kill_9_during_a_run_leaves_each_inputs_outputs_exactly_once() {
         missing.len(),
         read(&out, false).await.values().sum::<usize>()
     );
-    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
-    assert!(missing.is_empty(), "missing: {missing:?}");
+    assert_exactly_once(&duplicates, &missing);
 }
 
 /// A zombie: the consumer process is frozen (SIGSTOP) past its session timeout while another
@@ -593,6 +605,5 @@ async fn a_zombie_frozen_past_its_session_is_fenced() {
     assert_eq!(successor.exit_code(Duration::from_secs(30)).await, Some(0));
     let seen = read(&out, true).await;
     let (duplicates, missing) = differences(&seen, N);
-    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
-    assert!(missing.is_empty(), "missing: {missing:?}");
+    assert_exactly_once(&duplicates, &missing);
 }
