@@ -217,7 +217,10 @@ impl<T> Message<T> {
 
     /// The output records staged on this message so far (empty when not transactional).
     pub fn staged_outputs(&self) -> Vec<OutputRecord> {
-        self.outputs.as_ref().map(|o| o.snapshot()).unwrap_or_default()
+        self.outputs
+            .as_ref()
+            .map(|o| o.snapshot())
+            .unwrap_or_default()
     }
 
     /// The staged outputs of this attempt, taken out.

@@ -226,7 +226,10 @@ impl Staged {
     }
 
     pub(crate) fn snapshot(&self) -> Vec<OutputRecord> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn take(&self) -> Vec<OutputRecord> {

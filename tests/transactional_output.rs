@@ -184,10 +184,7 @@ fn each_once(n: usize) -> BTreeMap<String, usize> {
 }
 
 /// The values seen more than once, and those missing.
-fn differences(
-    seen: &BTreeMap<String, usize>,
-    n: usize,
-) -> (Vec<(String, usize)>, Vec<String>) {
+fn differences(seen: &BTreeMap<String, usize>, n: usize) -> (Vec<(String, usize)>, Vec<String>) {
     let expected = each_once(n);
     let duplicates = (seen.iter())
         .filter(|(_, c)| **c > 1)
@@ -249,8 +246,7 @@ async fn every_inputs_outputs_are_seen_exactly_once_in_a_clean_run() {
 /// partition's next owner handles only the stuck record, and a `read_committed` reader sees
 /// every input's outputs exactly once (delivery rule 20).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outputs_of_records_finished_above_a_stuck_one_are_not_produced_again_by_the_next_owner()
-{
+async fn outputs_of_records_finished_above_a_stuck_one_are_not_produced_again_by_the_next_owner() {
     const N: usize = 200;
     let (topic, group, _) = setup("txn-ooo", 1).await;
     let out = support::new_topic("txn-ooo-out", 1).await;
@@ -290,9 +286,11 @@ async fn outputs_of_records_finished_above_a_stuck_one_are_not_produced_again_by
         &group,
         &id,
     ));
-    wait_for("record 0 handled by the next owner", Duration::from_secs(60), || {
-        next.calls[0].load(Ordering::SeqCst) > 0
-    })
+    wait_for(
+        "record 0 handled by the next owner",
+        Duration::from_secs(60),
+        || next.calls[0].load(Ordering::SeqCst) > 0,
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     c.stop().await;
@@ -355,9 +353,11 @@ async fn an_aborted_transactions_outputs_are_invisible_and_its_records_handled_a
         &group,
         &id,
     ));
-    wait_for("record 99 handled after the restart", Duration::from_secs(60), || {
-        again.calls[N - 1].load(Ordering::SeqCst) > 0
-    })
+    wait_for(
+        "record 99 handled after the restart",
+        Duration::from_secs(60),
+        || again.calls[N - 1].load(Ordering::SeqCst) > 0,
+    )
     .await;
     c.stop().await;
     assert!(again.called().contains(&60), "the aborted record ran again");
@@ -424,7 +424,11 @@ fn child_consumer() {
         return;
     };
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set"));
-    let (group, out, id) = (var("KOURIER_TXN_GROUP"), var("KOURIER_TXN_OUT"), var("KOURIER_TXN_ID"));
+    let (group, out, id) = (
+        var("KOURIER_TXN_GROUP"),
+        var("KOURIER_TXN_OUT"),
+        var("KOURIER_TXN_ID"),
+    );
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let result = runtime.block_on(async move {
         let handler = handler_fn(move |m: Message<Job>| {
@@ -453,7 +457,11 @@ fn child_consumer() {
     });
     match result {
         Ok(_) => std::process::exit(0),
-        Err(Error::Transaction { fenced, operation, source }) => {
+        Err(Error::Transaction {
+            fenced,
+            operation,
+            source,
+        }) => {
             eprintln!("child: transaction error during {operation}: fenced={fenced}: {source}");
             std::process::exit(3)
         }
@@ -471,7 +479,12 @@ impl Child {
     fn start(topic: &str, group: &str, out: &str, id: &str) -> Child {
         let exe = std::env::current_exe().expect("test binary");
         let child = std::process::Command::new(exe)
-            .args(["--exact", "child_consumer", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "child_consumer",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("KOURIER_TXN_CHILD", topic)
             .env("KOURIER_TXN_GROUP", group)
             .env("KOURIER_TXN_OUT", out)
@@ -497,7 +510,10 @@ impl Child {
             if let Some(status) = self.0.try_wait().expect("wait") {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "the child did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "the child did not exit within {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -550,7 +566,10 @@ async fn kill_9_during_a_run_leaves_each_inputs_outputs_exactly_once() {
                 floor = committed;
                 break;
             }
-            assert!(Instant::now() < deadline, "no progress: {committed} committed");
+            assert!(
+                Instant::now() < deadline,
+                "no progress: {committed} committed"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         child.signal("-KILL");
@@ -560,7 +579,11 @@ async fn kill_9_during_a_run_leaves_each_inputs_outputs_exactly_once() {
     let mut last = Child::start(&topic, &group, &out, &id);
     wait_for_committed(&out, N * OUTPUTS_PER_INPUT, Duration::from_secs(120)).await;
     last.signal("-TERM");
-    assert_eq!(last.exit_code(Duration::from_secs(30)).await, Some(0), "a clean stop");
+    assert_eq!(
+        last.exit_code(Duration::from_secs(30)).await,
+        Some(0),
+        "a clean stop"
+    );
     let seen = read(&out, true).await;
     let (duplicates, missing) = differences(&seen, N);
     eprintln!(
@@ -591,7 +614,10 @@ async fn a_zombie_frozen_past_its_session_is_fenced() {
     let mut successor = Child::start(&topic, &group, &out, &support::unique_name("txn-zombie-b"));
     let deadline = Instant::now() + Duration::from_secs(120);
     while support::committed_sum(&group, &topic, 2).await < N as i64 {
-        assert!(Instant::now() < deadline, "the successor did not commit every offset");
+        assert!(
+            Instant::now() < deadline,
+            "the successor did not commit every offset"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     zombie.signal("-CONT");

@@ -19,6 +19,7 @@ use crate::consumer::poll::PollSettings;
 use crate::consumer::poll::{Provisioning, StartupSettings};
 use crate::consumer::schedule::Hub;
 use crate::consumer::schedule::{Limits, ProcessingOrder, Scheduler};
+use crate::consumer::transaction::Transactions;
 use crate::consumer::work::{DestinationGate, WorkerContext};
 use crate::consumer::work::{OutcomeObserver, RecordOutcome};
 use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
@@ -29,9 +30,8 @@ use crate::producer::ProducerSettings;
 use crate::record::RawRecord;
 use crate::retry::RetryPolicy;
 use crate::tiers::RetryTiers;
-use crate::transactional::TransactionalOutput;
-use crate::consumer::transaction::Transactions;
 use crate::tiers::runtime::Tiers;
+use crate::transactional::TransactionalOutput;
 
 mod idempotency;
 mod options;

@@ -174,8 +174,7 @@ impl Transactions {
                 value: Some(value),
             });
         }
-        let mut record: BaseRecord<'_, [u8], [u8]> =
-            BaseRecord::to(&output.topic).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&output.topic).headers(headers);
         if let Some(key) = &output.key {
             record = record.key(key.as_slice());
         }

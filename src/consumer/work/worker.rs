@@ -29,7 +29,6 @@ use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::destination::{Admitted, DestinationGate};
 use super::outcome::{OutcomeObserver, RecordOutcome};
-use crate::consumer::transaction::Transactions;
 use crate::codec::Codec;
 use crate::consumer::breaker::{
     Caller, Destination, DestinationMemo, DestinationPass, Held, OutageGate, Pass, ProbeMemo,
@@ -38,6 +37,7 @@ use crate::consumer::breaker::{
 use crate::consumer::dedup::{Dedup, DedupKeys};
 use crate::consumer::dedup::{HeldClaim, keep_renewed};
 use crate::consumer::schedule::{JobEnd, Stop};
+use crate::consumer::transaction::Transactions;
 use crate::dead_letter::{DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
 pub(crate) use crate::guard::{guarded, guarded_async};
