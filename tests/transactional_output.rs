@@ -633,3 +633,70 @@ async fn a_zombie_frozen_past_its_session_is_fenced() {
     let (duplicates, missing) = differences(&seen, N);
     assert_exactly_once(&duplicates, &missing);
 }
+
+/// A batch handler (`batched`) stages outputs per record of its batch, and fails every
+/// other record's first attempt after staging its outputs: the outputs of the failed
+/// attempts are dropped, those of the attempts that succeed are produced, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handlers_outputs_of_failed_attempts_are_dropped() {
+    use kourier::batch::{BatchHandler, BatchOutcome, batched};
+
+    const N: usize = 200;
+    struct Bulk {
+        out: String,
+        calls: Arc<Calls>,
+    }
+    #[kourier::async_trait]
+    impl BatchHandler for Bulk {
+        type Event = Job;
+        async fn handle_batch(&self, batch: &[Message<Job>]) -> BatchOutcome {
+            let mut results = Vec::with_capacity(batch.len());
+            for m in batch {
+                let id = m.event().id;
+                let attempt = self.calls.calls[id].fetch_add(1, Ordering::SeqCst) + 1;
+                for n in 0..OUTPUTS_PER_INPUT {
+                    let staged = m.send_output(
+                        OutputRecord::new(&self.out)
+                            .key(format!("k{id}"))
+                            .value(format!("{id}-{n}")),
+                    );
+                    assert!(staged.is_ok(), "transactional: {staged:?}");
+                }
+                results.push(if id % 2 == 0 && attempt == 1 {
+                    Err(HandlerError::transient("first attempt of an even record"))
+                } else {
+                    Ok(())
+                });
+            }
+            BatchOutcome::each(results)
+        }
+    }
+
+    let (topic, group, _) = setup("txn-batch", 2).await;
+    let out = support::new_topic("txn-batch-out", 2).await;
+    produce_inputs(&topic, N).await;
+    let calls = Calls::new(N);
+    let handler = batched(Bulk {
+        out: out.clone(),
+        calls: calls.clone(),
+    })
+    .max_records(50)
+    .linger(Duration::from_millis(5));
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .retry_policy(kourier::RetryPolicy::fixed(Duration::from_millis(50), 3))
+            .transactional(TransactionalOutput::new(support::unique_name(
+                "txn-batch-id",
+            ))),
+    );
+    wait_for("every even record retried", Duration::from_secs(60), || {
+        (0..N).all(|id| calls.calls[id].load(Ordering::SeqCst) >= if id % 2 == 0 { 2 } else { 1 })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.stop().await;
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    assert_exactly_once(&duplicates, &missing);
+}
