@@ -49,6 +49,11 @@
 //! - Retry tiers and an idempotency store cannot be combined with transactional output yet:
 //!   `build()` refuses them ([`ConfigError::Conflict`](crate::ConfigError::Conflict)).
 //!
+//! A panic that escapes kourier's own guards (a bug: a handler's panic is caught) resets its
+//! partition to the commit point (delivery rule 14); with transactional output it stops the
+//! consumer with [`Error::Transaction`](crate::Error::Transaction) instead, since the records
+//! finished above the commit point would produce their outputs again.
+//!
 //! Exactly-once also needs the finished offsets above a commit point to fit in the commit's
 //! metadata (about a thousand separate ranges of finished records above a stuck one); the
 //! ranges past that are handled again after a rebalance, and their outputs appear again.

@@ -266,11 +266,11 @@ impl Transactions {
                 .producer
                 .send_offsets_to_transaction(&tpl, &group, self.timeout)
             {
-                return Err(self.failed("send offsets to the transaction", e));
+                return Err(self.failed("send offsets to the transaction", e, !extra.is_empty()));
             }
         }
         if let Err(e) = self.producer.commit_transaction(self.timeout) {
-            return Err(self.failed("commit transaction", e));
+            return Err(self.failed("commit transaction", e, !extra.is_empty()));
         }
         self.produced.store(false, Ordering::SeqCst);
         let offsets: Vec<(Tp, i64)> = commits.into_iter().map(|(o, _)| o).collect();
@@ -287,14 +287,23 @@ impl Transactions {
     /// member may own its partitions already): the open transaction, whose outputs' records
     /// may be handled by the new owner, is aborted, and the transactions stop (a zombie).
     pub(crate) fn assignment_lost(&self) {
+        self.stop("keep the assignment", RDKafkaErrorCode::AssignmentLost);
+    }
+
+    /// A partition was reset to its commit point (a panic escaped a worker): the records
+    /// finished above it would be handled again and their outputs produced twice, so the
+    /// transactions stop instead (after the reset's own commit).
+    pub(crate) fn partition_reset(&self) {
+        self.stop("reset a partition", RDKafkaErrorCode::State);
+    }
+
+    /// Aborts the open transaction and stops the transactions.
+    fn stop(&self, operation: &'static str, code: RDKafkaErrorCode) {
         if self.failure().is_some() {
             return;
         }
         let _exclusive = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        self.abort_and_fail(
-            "keep the assignment",
-            KafkaError::ConsumerCommit(RDKafkaErrorCode::AssignmentLost),
-        );
+        self.abort_and_fail(operation, KafkaError::ConsumerCommit(code));
     }
 
     fn abort_and_fail(&self, operation: &'static str, e: KafkaError) -> TransactionFailure {
@@ -307,11 +316,16 @@ impl Transactions {
 
     /// A transactional operation failed: a retriable error leaves the transaction open (the
     /// next commit tries again); else it is aborted if it must be, and the transactions stop.
-    fn failed(&self, operation: &'static str, e: KafkaError) -> TransactionFailure {
+    fn failed(&self, operation: &'static str, e: KafkaError, revoke: bool) -> TransactionFailure {
         let (retriable, abort) = match &e {
             KafkaError::Transaction(t) => (t.is_retriable(), t.txn_requires_abort()),
             _ => (false, false),
         };
+        if revoke {
+            // The revoked partitions are gone from the scheduler: a later transaction would
+            // carry their records' outputs without their offsets.
+            return self.abort_and_fail(operation, e);
+        }
         if retriable {
             warn!(operation, error = %e, "transactional operation failed; retrying at the next commit");
             return TransactionFailure {

@@ -140,6 +140,10 @@ pub(crate) fn reset(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
     if !commits.is_empty() {
         commit(consumer, hub, &commits, "reset");
     }
+    if let Some(t) = hub.transactions() {
+        // Exactly-once output cannot go back to the commit point (delivery rule 20).
+        t.partition_reset();
+    }
     hub.lock().assign(tps.iter().cloned());
     // The new assignment starts unpaused: so must librdkafka's (flow control may have paused it).
     let mut tpl = TopicPartitionList::with_capacity(tps.len());
