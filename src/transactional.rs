@@ -63,7 +63,9 @@
 //! One transaction per commit interval (a few round trips to the transaction coordinator),
 //! workers that finish a record while a transaction commits wait for it, and a
 //! `read_committed` reader sees outputs only once their transaction committed: latency of
-//! about one commit interval. See the README's "Transactional output" for measured figures.
+//! about one commit interval. Measured on one drain with one output per input (the README's
+//! "Transactional output"): 32 % below the same drain without output, 1.8× a handler that
+//! awaits each output's acknowledgement itself.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
