@@ -54,6 +54,10 @@
 //! consumer with [`Error::Transaction`](crate::Error::Transaction) instead, since the records
 //! finished above the commit point would produce their outputs again.
 //!
+//! The commit metadata (up to 4,000 bytes) goes into the transaction too: a broker whose
+//! `offset.metadata.max.bytes` is below that fails the transaction (the plain commit falls
+//! back to commits without metadata; a transaction cannot).
+//!
 //! Exactly-once also needs the finished offsets above a commit point to fit in the commit's
 //! metadata (about a thousand separate ranges of finished records above a stuck one); the
 //! ranges past that are handled again after a rebalance, and their outputs appear again.

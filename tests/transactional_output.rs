@@ -383,6 +383,23 @@ fn unsupported_combinations_are_refused_by_build() {
         "{err:?}"
     );
     let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    let store = std::sync::Arc::new(kourier::InMemoryIdempotencyStore::new());
+    let err = kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .idempotency(kourier::Idempotency::new(
+            store,
+            kourier::DedupKey::header("event-id"),
+        ))
+        .transactional(TransactionalOutput::new("x"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(kourier::ConfigError::Conflict { value, .. }) if value == "idempotency"),
+        "{err:?}"
+    );
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
     let err = kourier::RetryingConsumer::builder(handler)
         .bootstrap_servers("127.0.0.1:1")
         .group_id("g")
@@ -393,6 +410,32 @@ fn unsupported_combinations_are_refused_by_build() {
         .unwrap_err();
     assert!(
         matches!(&err, Error::Config(kourier::ConfigError::Conflict { .. })),
+        "{err:?}"
+    );
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    let err = kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .kafka_config("isolation.level", "read_uncommitted")
+        .transactional(TransactionalOutput::new("x"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(kourier::ConfigError::Conflict { key, .. }) if key == "isolation.level"),
+        "{err:?}"
+    );
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    let err = kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .commit_interval(Duration::from_secs(60))
+        .transactional(TransactionalOutput::new("x"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(kourier::ConfigError::Invalid { .. })),
         "{err:?}"
     );
     let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });

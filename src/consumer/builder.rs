@@ -537,8 +537,10 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     ///
     /// `build()` refuses, with [`ConfigError::Conflict`], transactional output combined with
     /// [`retry_tiers`](Self::retry_tiers), [`idempotency`](Self::idempotency) or
-    /// [`CommitMetadata::None`] (not supported yet), and an empty transactional id with
-    /// [`ConfigError::Invalid`].
+    /// [`CommitMetadata::None`] (not supported yet), or with an `isolation.level` other than
+    /// `read_committed` (a new owner must wait for a pending transaction's offsets); and with
+    /// [`ConfigError::Invalid`] an empty transactional id, or a transaction timeout not above
+    /// the commit interval.
     ///
     /// ```no_run
     /// # use kourier::{handler_fn, Message, RetryingConsumer};
@@ -968,6 +970,25 @@ impl<T> Settings<T> {
             return Err(conflict(
                 "CommitMetadata::None",
                 "a transaction marks the records it finished above the commit point in the commit metadata",
+            )
+            .into());
+        }
+        if let Some(level) = self.kafka_config.get("isolation.level")
+            && !level.trim().eq_ignore_ascii_case("read_committed")
+        {
+            // A new owner must wait for a pending transaction's offsets (KIP-447): librdkafka
+            // asks for stable offsets only when reading committed.
+            return Err(ConfigError::Conflict {
+                key: "isolation.level".to_owned(),
+                value: level.clone(),
+                reason: "transactional output reads its committed offsets as stable: the consumer must read committed",
+            }
+            .into());
+        }
+        if output.transaction_timeout <= self.commit_interval {
+            return Err(ConfigError::invalid(
+                "transactional",
+                "the transaction timeout must be longer than the commit interval (a transaction stays open for one interval)",
             )
             .into());
         }
