@@ -44,6 +44,8 @@ pub(crate) struct Transactions {
     /// Outputs were produced into the open transaction.
     produced: AtomicBool,
     failure: Mutex<Option<TransactionFailure>>,
+    /// `failure` is set.
+    stopped: AtomicBool,
     timeout: Duration,
 }
 
@@ -88,6 +90,7 @@ impl Transactions {
             staged: Mutex::new(HashMap::new()),
             produced: AtomicBool::new(false),
             failure: Mutex::new(None),
+            stopped: AtomicBool::new(false),
             timeout: output.operation_timeout,
         })
     }
@@ -123,6 +126,7 @@ impl Transactions {
         if slot.is_none() {
             error!(operation, fenced, error = %failure.error, "transaction failed: the consumer stops; nothing more is committed (a restart handles the uncommitted records again, their outputs were not committed)");
             *slot = Some(failure.clone());
+            self.stopped.store(true, Ordering::SeqCst);
         }
         failure
     }
@@ -153,7 +157,9 @@ impl Transactions {
             }
             staged.remove(&key_of(record))
         };
-        let Some(outputs) = outputs.filter(|_| finishes) else {
+        // After a failure nothing more is committed: outputs would only fail again.
+        let Some(outputs) = outputs.filter(|_| finishes && !self.stopped.load(Ordering::SeqCst))
+        else {
             return;
         };
         self.produced.store(true, Ordering::SeqCst);
