@@ -743,3 +743,82 @@ async fn a_batch_handlers_outputs_of_failed_attempts_are_dropped() {
     let (duplicates, missing) = differences(&seen, N);
     assert_exactly_once(&duplicates, &missing);
 }
+
+/// A live hand-over: a second member joins mid-run (its partitions revoked from the first,
+/// whose revoke commits its transaction with their offsets), then the first leaves: each
+/// input's outputs exactly once under `read_committed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_rebalance_between_two_members_keeps_outputs_exactly_once() {
+    const N: usize = 2_000;
+    let (topic, group, _) = setup("txn-handover", 4).await;
+    let out = support::new_topic("txn-handover-out", 4).await;
+    produce_inputs(&topic, N).await;
+    let slow = |calls: &Arc<Calls>| {
+        let calls = calls.clone();
+        let out = out.clone();
+        handler_fn(move |m: Message<Job>| {
+            let (calls, out) = (calls.clone(), out.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let id = m.event().id;
+                calls.calls[id].fetch_add(1, Ordering::SeqCst);
+                for n in 0..OUTPUTS_PER_INPUT {
+                    m.send_output(
+                        OutputRecord::new(&out)
+                            .key(format!("k{id}"))
+                            .value(format!("{id}-{n}")),
+                    )?;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    let (first_calls, second_calls) = (Calls::new(N), Calls::new(N));
+    let build = |calls: &Arc<Calls>, id: &str| {
+        consumer::builder(slow(calls), &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .max_in_flight(8)
+            .revoke_timeout(Duration::from_secs(5))
+            .transactional(TransactionalOutput::new(support::unique_name(id)))
+    };
+    let first = Running::start(build(&first_calls, "txn-handover-a"));
+    wait_for(
+        "the first member's progress",
+        Duration::from_secs(60),
+        || first_calls.called().len() >= 300,
+    )
+    .await;
+    let second = Running::start(build(&second_calls, "txn-handover-b"));
+    wait_for(
+        "the second member's progress",
+        Duration::from_secs(60),
+        || second_calls.called().len() >= 300,
+    )
+    .await;
+    first.stop().await;
+    wait_for("every input handled", Duration::from_secs(120), || {
+        (0..N).all(|id| {
+            first_calls.calls[id].load(Ordering::SeqCst)
+                + second_calls.calls[id].load(Ordering::SeqCst)
+                > 0
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    second.stop().await;
+    let handled_twice = (0..N)
+        .filter(|&id| {
+            first_calls.calls[id].load(Ordering::SeqCst)
+                + second_calls.calls[id].load(Ordering::SeqCst)
+                > 1
+        })
+        .count();
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    eprintln!(
+        "hand-over: {} inputs handled by the first member, {} by the second, {handled_twice} handled by both",
+        first_calls.called().len(),
+        second_calls.called().len()
+    );
+    assert_exactly_once(&duplicates, &missing);
+}
