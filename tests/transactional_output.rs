@@ -749,7 +749,9 @@ async fn a_batch_handlers_outputs_of_failed_attempts_are_dropped() {
 /// input's outputs exactly once under `read_committed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_rebalance_between_two_members_keeps_outputs_exactly_once() {
-    const N: usize = 2_000;
+    // About 5 s of work for one member (4 records at a time, 5 ms each): the second joins
+    // while records still flow.
+    const N: usize = 4_000;
     let (topic, group, _) = setup("txn-handover", 4).await;
     let out = support::new_topic("txn-handover-out", 4).await;
     produce_inputs(&topic, N).await;
@@ -777,7 +779,7 @@ async fn a_live_rebalance_between_two_members_keeps_outputs_exactly_once() {
     let build = |calls: &Arc<Calls>, id: &str| {
         consumer::builder(slow(calls), &topic, &group)
             .ordering(ProcessingOrder::Key)
-            .max_in_flight(8)
+            .max_in_flight(4)
             .revoke_timeout(Duration::from_secs(5))
             .transactional(TransactionalOutput::new(support::unique_name(id)))
     };
@@ -792,7 +794,7 @@ async fn a_live_rebalance_between_two_members_keeps_outputs_exactly_once() {
     wait_for(
         "the second member's progress",
         Duration::from_secs(60),
-        || second_calls.called().len() >= 300,
+        || second_calls.called().len() >= 50,
     )
     .await;
     first.stop().await;
