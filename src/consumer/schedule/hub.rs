@@ -3,7 +3,7 @@
 //! stop flags.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
@@ -14,6 +14,7 @@ use super::lifecycle::{Lifecycle, RunState};
 use super::scheduler::{Job, JobEnd, Scheduler, SettlingFull};
 use super::topic_partition::Tp;
 use crate::consumer::breaker::Breaker;
+use crate::consumer::transaction::Transactions;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::ConsumerMetrics;
 
@@ -49,6 +50,9 @@ pub(crate) struct Hub {
     /// The scheduler's outage breaker, looked at without its lock (see
     /// [`Hub::breaker_holds`]).
     breaker: Option<Arc<Breaker>>,
+    /// Transactional output (set once, by the builder): a record's staged outputs are
+    /// produced as it finishes, under the transactions' guard (delivery rule 20).
+    transactions: OnceLock<Arc<Transactions>>,
 }
 
 impl Hub {
@@ -74,6 +78,7 @@ impl Hub {
             throttle: LogThrottle::new(log_interval),
             final_commit: Mutex::new(None),
             caught_up: tokio::sync::watch::Sender::new(false),
+            transactions: OnceLock::new(),
         }
     }
 
@@ -98,11 +103,32 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Turns transactional output on.
+    pub(crate) fn set_transactions(&self, transactions: Arc<Transactions>) {
+        let _ = self.transactions.set(transactions);
+    }
+
+    /// The transactional output, if on.
+    pub(crate) fn transactions(&self) -> Option<&Arc<Transactions>> {
+        self.transactions.get()
+    }
+
+    /// With transactional output: produces the job's staged outputs when it finishes in
+    /// its current assignment (else drops them), under the scheduler's lock `s` and the
+    /// transactions' shared guard, which the caller holds until the job is marked finished.
+    fn produce_outputs(&self, s: &Scheduler, job: &Job, end: JobEnd) {
+        if let Some(t) = self.transactions.get() {
+            t.produce_staged(&job.record, end == JobEnd::Settled && s.is_current(job));
+        }
+    }
+
     /// Called by a worker when a job ended; returns its next job.
     /// The job is dropped by the poll thread ([`Scheduler::keep_spent`]).
     pub(crate) fn finish(&self, job: Job, end: JobEnd) -> Option<Job> {
+        let _shared = self.transactions.get().map(|t| t.shared());
         let (next, room, overflow) = {
             let mut s = self.lock();
+            self.produce_outputs(&s, &job, end);
             let next = s.finish(&job, end);
             (next, s.room(), s.keep_spent(job))
         };
@@ -139,8 +165,10 @@ impl Hub {
     /// Called by a worker when a job whose lane it released ended.
     /// The job is dropped by the poll thread ([`Scheduler::keep_spent`]).
     pub(crate) fn settle(&self, job: Job, end: JobEnd) {
+        let _shared = self.transactions.get().map(|t| t.shared());
         let (room, overflow) = {
             let mut s = self.lock();
+            self.produce_outputs(&s, &job, end);
             s.settle(&job, end);
             (s.room(), s.keep_spent(job))
         };

@@ -910,6 +910,14 @@ impl Scheduler {
             .sum()
     }
 
+    /// Whether `job` belongs to its partition's current assignment (a late completion of a
+    /// revoked one is ignored).
+    pub(crate) fn is_current(&self, job: &Job) -> bool {
+        self.partitions
+            .get(&job.tp)
+            .is_some_and(|p| p.generation == job.generation)
+    }
+
     /// What to commit: each partition whose commit point moved since it was last committed,
     /// or (with commit metadata) whose finished records above it changed.
     pub(crate) fn commits_due(&mut self) -> Vec<(Tp, i64)> {
