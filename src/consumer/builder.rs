@@ -848,6 +848,9 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
         let hub = Arc::new(Hub::new(
             Scheduler::new(s.ordering, s.limits())
                 .with_commit_metadata(s.commit_metadata == CommitMetadata::FinishedOffsets)
+                // Transactional outputs are produced as the scheduler marks each record
+                // finished (delivery rule 20): no record may settle on its worker alone.
+                .with_runs(s.transactional.is_none())
                 .with_breaker(breaker.clone())
                 .with_destinations(destinations.as_ref().map(|d| d.breakers.clone())),
             s.revoke_timeout,

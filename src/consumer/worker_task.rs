@@ -158,9 +158,6 @@ impl<H: Handler> JobRun<H> {
             // A partition drains before its records are given up (`abandon`): the rest of
             // the run goes back to the scheduler, which keeps only gap fillers.
             && !job.stop.drain.is_cancelled()
-            // With transactional output a record's outputs are produced as the scheduler
-            // marks it finished (delivery rule 20): no record settles on the worker alone.
-            && self.hub.transactions().is_none()
             && !self.hub.breaker_holds()
             && job.advance()
         {

@@ -328,6 +328,8 @@ pub(crate) struct Scheduler {
     commit_metadata: bool,
     /// Records skipped because a previous owner of their partition had finished them.
     pub(super) skipped_finished: u64,
+    /// Jobs take runs of their lane's records ([`Run`]).
+    runs: bool,
 }
 
 /// At most this many ended jobs wait for the poll thread to drop them (one poll batch, 500
@@ -372,6 +374,7 @@ impl Scheduler {
             resets: Vec::new(),
             commit_metadata: false,
             skipped_finished: 0,
+            runs: true,
             breaker: None,
             destinations: None,
         }
@@ -394,6 +397,13 @@ impl Scheduler {
     #[must_use]
     pub(crate) fn with_commit_metadata(mut self, on: bool) -> Self {
         self.commit_metadata = on;
+        self
+    }
+
+    /// Whether jobs take runs of their lane's records (on unless set; see [`Run`]).
+    #[must_use]
+    pub(crate) fn with_runs(mut self, on: bool) -> Self {
+        self.runs = on;
         self
     }
 
@@ -586,7 +596,7 @@ impl Scheduler {
             // start): not for a probe (one record), nor from a draining partition (its
             // records are being trimmed to gap fillers).
             let mut run = Run::default();
-            if probe_epoch.is_none() && !p.draining && !lane.queue.is_empty() {
+            if self.runs && probe_epoch.is_none() && !p.draining && !lane.queue.is_empty() {
                 let n = lane.queue.len().min(RUN_RECORDS - 1);
                 run.ahead = lane.queue.drain(..n).collect();
                 run.since = Some(std::time::Instant::now());
@@ -1730,6 +1740,16 @@ mod tests {
         assert_eq!((next.record.offset, run_of(&next)), (3, vec![4]));
         assert_eq!(s.commits_due(), [(tp(0), 3)]);
         assert_eq!((s.buffered().0, s.in_flight()), (1, 1));
+    }
+
+    #[test]
+    fn without_runs_a_job_takes_its_record_alone() {
+        let records = (0..3).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits(10), &[0], records).with_runs(false);
+        let mut job = s.take_jobs().pop().unwrap();
+        assert!(run_of(&job).is_empty());
+        assert!(!job.advance(), "nothing to go on with");
+        assert_eq!(s.buffered().0, 2);
     }
 
     #[test]
