@@ -116,6 +116,21 @@ pub enum Error {
     /// A topic check or topic creation failed ([`crate::topics`]).
     #[error("topic administration failed")]
     Topic(#[from] TopicError),
+
+    /// Transactional output ([`crate::transactional`]) failed: the open transaction was
+    /// aborted (or left to the broker's transaction timeout) and the consumer stopped without
+    /// committing anything more. A restart reads again from the last committed transaction.
+    #[error("transaction failed during {operation}{}", if *fenced { " (fenced: another instance or a newer group generation took over)" } else { "" })]
+    Transaction {
+        /// What failed (`init transactions`, `commit transaction`, ...).
+        operation: &'static str,
+        /// Another producer with the same transactional id, or a newer generation of the
+        /// consumer group, took over: this instance is a zombie.
+        fenced: bool,
+        /// The error.
+        #[source]
+        source: KafkaError,
+    },
 }
 
 /// `error: cause: cause`, for logs and dead letters. A cause whose text the message already

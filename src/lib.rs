@@ -156,6 +156,23 @@
 //!     first attempts in turns. With retry tiers, a record that waited
 //!     [`park_after`](Destinations::with_park_after) for its open destination is parked in a
 //!     tier (a deferred forward: no attempt used), so its partition's commit point moves on.
+//! 20. **Transactional output is exactly-once for Kafka** (opt-in
+//!     [`transactional`], through [`RetryingConsumerBuilder::transactional`]):
+//!     a handler stages output records on its message ([`Message::send_output`]); a record's
+//!     outputs are produced into the transaction open when it finishes, and it counts as
+//!     finished only under the same guard, so each transaction — one per commit interval,
+//!     also at a revoke and at shutdown — carries exactly the outputs of the records whose
+//!     offsets it commits: the commit point *and* the offsets finished above it (the same
+//!     commit metadata as 9). Records that finished out of order above a slow one have their
+//!     outputs and their finished mark in one transaction, so a partition's next owner skips
+//!     exactly the records whose outputs committed. A `read_committed` reader sees each
+//!     input's outputs once across crashes, restarts and rebalances. A transaction that
+//!     fails is aborted and the consumer stops with [`Error::Transaction`] (nothing more is
+//!     committed; a restart handles its records again); so does a zombie — a consumer whose
+//!     assignment was lost, or whose commit the broker refuses for a stale group generation
+//!     (KIP-447) or a newer producer with its transactional id. Effects outside Kafka, and
+//!     dead letters (written outside the transaction), stay at-least-once; retry tiers and an
+//!     idempotency store are refused with it by `build()` (not supported yet).
 //!
 //! **Retry tiers** (opt-in, [`RetryingConsumerBuilder::retry_tiers`], see [`tiers`]): after
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of
@@ -194,7 +211,10 @@
 //! partition and lane (partition, key or record, by ordering mode), pauses and resumes
 //! partitions, commits settled offsets and serves rebalances. Workers are Tokio tasks on your
 //! runtime: each runs decode → claim → handler → retry → dead-letter → complete/release, then
-//! reports the record settled and takes the next one.
+//! reports the record settled and takes the next one. In Key and Partition order a worker
+//! takes a *run*: a record and the next ones of its lane (up to 32), each run after the
+//! previous one settled, without the scheduler's lock, for at most 2 ms; what ran is reported
+//! at the run's end, when a record does not end at once, or when one parks for a back-off.
 //!
 //! The modules form layers; imports only point down (no file imports one above it, and no
 //! import circle):
@@ -362,6 +382,7 @@ pub mod tiers;
 mod topic_name;
 pub mod topics;
 mod trace_context;
+pub mod transactional;
 
 pub use crate::blocking::{Blocking, BlockingHandler, blocking};
 pub use crate::codec::{BytesCodec, Codec, CodecFn, DecodeError, JsonCodec, codec_fn};

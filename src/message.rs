@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::idempotency::ClaimToken;
 use crate::record::{Headers, RawRecord};
 use crate::trace_context::TraceContext;
+use crate::transactional::{OutputError, OutputRecord, Staged};
 
 /// A decoded record, as a [`Handler`](crate::Handler) receives it.
 ///
@@ -21,6 +22,8 @@ pub struct Message<T> {
     event: Arc<T>,
     claim: Option<ClaimToken>,
     delivery_count: Option<u16>,
+    /// The attempt's staged output records: `Some` only with transactional output.
+    outputs: Option<Arc<Staged>>,
 }
 
 impl<T> Clone for Message<T> {
@@ -31,6 +34,7 @@ impl<T> Clone for Message<T> {
             event: Arc::clone(&self.event),
             claim: self.claim.clone(),
             delivery_count: self.delivery_count,
+            outputs: self.outputs.clone(),
         }
     }
 }
@@ -43,6 +47,7 @@ impl<T> Message<T> {
             event: Arc::new(event),
             claim: None,
             delivery_count: None,
+            outputs: None,
         }
     }
 
@@ -70,6 +75,11 @@ impl<T> Message<T> {
     #[cfg_attr(not(feature = "queue"), allow(dead_code))]
     pub(crate) fn set_delivery_count(&mut self, count: Option<u16>) {
         self.delivery_count = count;
+    }
+
+    /// A fresh, empty list of staged outputs for the next attempt (transactional output).
+    pub(crate) fn set_outputs(&mut self, outputs: Option<Arc<Staged>>) {
+        self.outputs = outputs;
     }
 
     pub(crate) fn set_claim_token(&mut self, claim: Option<ClaimToken>) {
@@ -177,6 +187,63 @@ impl<T> Message<T> {
     /// ```
     pub fn claim_token(&self) -> Option<&ClaimToken> {
         self.claim.as_ref()
+    }
+
+    /// Stages an output record, produced in the same Kafka transaction as this record's
+    /// offset once this attempt succeeds (see [`transactional`](crate::transactional)).
+    ///
+    /// Outputs staged by an attempt that fails are dropped: the attempt that succeeds stages
+    /// its own. Staging only keeps the record: a record Kafka refuses (too large, unknown
+    /// topic) fails the transaction it is produced in, which stops the consumer.
+    ///
+    /// # Errors
+    /// [`OutputError::NotTransactional`] when the consumer has no transactional setting.
+    ///
+    /// ```
+    /// use kourier::transactional::OutputRecord;
+    /// use kourier::{HandlerError, Message};
+    ///
+    /// async fn handle(message: &Message<String>) -> Result<(), HandlerError> {
+    ///     let enriched = format!("{}!", message.event());
+    ///     message.send_output(OutputRecord::new("out.v1").key("k").value(enriched))?;
+    ///     Ok(())
+    /// }
+    /// # let _ = handle;
+    /// ```
+    pub fn send_output(&self, record: OutputRecord) -> Result<(), OutputError> {
+        let outputs = self.outputs.as_ref().ok_or(OutputError::NotTransactional)?;
+        outputs.push(record);
+        Ok(())
+    }
+
+    /// This message with an empty list of staged outputs, as a transactional consumer gives
+    /// each attempt: to unit-test a handler that calls [`send_output`](Self::send_output).
+    ///
+    /// ```
+    /// use kourier::transactional::OutputRecord;
+    /// use kourier::{Message, RawRecord};
+    ///
+    /// let message = Message::for_test(RawRecord::builder("in.v1"), 1, 7).with_staged_outputs();
+    /// message.send_output(OutputRecord::new("out.v1").value("7")).unwrap();
+    /// assert_eq!(message.staged_outputs().len(), 1);
+    /// ```
+    #[must_use]
+    pub fn with_staged_outputs(mut self) -> Self {
+        self.outputs = Some(Staged::new());
+        self
+    }
+
+    /// The output records staged on this message so far (empty when not transactional).
+    pub fn staged_outputs(&self) -> Vec<OutputRecord> {
+        self.outputs
+            .as_ref()
+            .map(|o| o.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// The staged outputs of this attempt, taken out.
+    pub(crate) fn take_outputs(&self) -> Vec<OutputRecord> {
+        self.outputs.as_ref().map(|o| o.take()).unwrap_or_default()
     }
 
     /// The undecoded record.

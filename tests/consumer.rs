@@ -964,3 +964,32 @@ async fn the_outcome_observer_sees_each_record_once_and_cannot_break_it() {
     assert_eq!(seen, expected, "once per record");
     assert_eq!(support::read_all(&dlt_topic).await.len(), 2);
 }
+
+/// Records are handed to workers in runs (a record and its lane's next ones): those that
+/// ran before a slow record of the same run are committed while it still runs, not when it
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_before_a_slow_one_are_committed_while_it_runs() {
+    let (topic, group, _dlt_topic) = setup("run-commit", 1).await;
+    let records: Vec<_> = (0..30)
+        .map(|i| {
+            let ev = Ev::new(i, "k");
+            if i == 5 { ev.sleep_ms(6_000) } else { ev }.record()
+        })
+        .collect();
+    support::produce(&topic, records).await;
+    let log = Log::new();
+    let c = Running::start(builder(&log, &topic, &group).ordering(ProcessingOrder::Partition));
+    wait_until("0-4 committed", Duration::from_secs(5), || async {
+        committed_sum(&group, &topic, 1).await == 5
+    })
+    .await;
+    assert_eq!(
+        log.sorted_succeeded_ids(),
+        (0..5).collect::<Vec<_>>(),
+        "5 still runs"
+    );
+    log.wait_succeeded(30, Duration::from_secs(30)).await;
+    c.stop_within(Duration::from_secs(30)).await;
+    assert_eq!(committed_sum(&group, &topic, 1).await, 30);
+}

@@ -7,6 +7,7 @@
 //! per unique valid event (none for the duplicate; the greylisted one once, after its `451`);
 //! the dead-letter topic holds exactly the bad records, with the right failure kinds; the group
 //! committed everything; and a re-run neither re-mails old events nor mails re-published ones.
+//! Batch mode (`--batch`) is checked the same way, and that its mails really shared SMTP sessions.
 //!
 //! Needs Kafka and Redis (`scripts/services up`); each test has its own topics and group.
 
@@ -43,6 +44,7 @@ fn config(topic: &str, group: &str, outbox: &Path, run_id: &str) -> DemoConfig {
         settle_timeout: Duration::from_secs(90),
         probes: ops_server::Probes::default(),
         outage: None,
+        batch: false,
     }
 }
 
@@ -383,4 +385,142 @@ async fn an_smtp_outage_dead_letters_nothing_and_mails_each_once_after_it() {
     let breaker = report.breaker.as_ref().expect("the notifier has a breaker");
     assert!(breaker.opened >= 1, "{breaker:?}");
     assert_eq!(breaker.state, kourier::BreakerState::Closed, "{breaker:?}");
+}
+
+/// Batch mode (`--batch`), with the outage sample: the bulk mailer sends the mails of several
+/// records over one SMTP session and answers per mail. Each valid event is mailed exactly once,
+/// each user's mails arrive in publishing order, the `550` and the invalid address are
+/// dead-lettered on their own (their batch-mates sent), the greylisted mail is retried on its
+/// own, the outage dead-letters nothing, and batching really happened: fewer bulk calls and
+/// SMTP sessions than mails, and a session that carried several mails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_mode_mails_each_event_once_over_shared_smtp_sessions() {
+    require_kafka().await;
+    require_redis().await;
+    let topic = unique_name("mail-notifier-batch");
+    let group = unique_name("mail-notifier-batch");
+    let outbox = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("outbox"));
+    let mut config = config(&topic, &group, &outbox, "k1");
+    config.batch = true;
+    config.outage = Some(Duration::from_secs(3));
+    let report = run(config).await;
+    let summary = report.summary();
+    assert!(report.surprises().is_empty(), "{summary}");
+
+    // Exactly one mail per unique valid event id, the outage's included.
+    let valid = ids_expecting(
+        &report,
+        &[
+            Expect::Mail,
+            Expect::MailAfterRetry,
+            Expect::Duplicate,
+            Expect::MailAfterOutage,
+        ],
+    );
+    assert_eq!(valid.len(), 12, "{summary}");
+    assert_eq!(mailed_ids(&report), valid, "{summary}");
+
+    // Key order: each user's mails reached the server in publishing order.
+    let arrival = |id: &str| {
+        report
+            .mails
+            .iter()
+            .position(|m| {
+                m.message_id
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with(&format!("{id}@")))
+            })
+            .unwrap_or_else(|| panic!("{id} was not mailed:{summary}"))
+    };
+    for (first, then) in [
+        ("k1-01", "k1-03"),
+        ("k1-03", "k1-11"),
+        ("k1-02", "k1-09"),
+        ("k1-09", "k1-12"),
+        ("k1-08", "k1-13"),
+        ("k1-06", "k1-14"),
+    ] {
+        assert!(
+            arrival(first) < arrival(then),
+            "{first} before {then}:{summary}"
+        );
+    }
+
+    // Dead letters: exactly the three bad records, each failing on its own.
+    let mut kinds: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for letter in support::read_all(&format!("{topic}.dlt")).await {
+        let id = header_text(&letter, event::EVENT_ID_HEADER);
+        let kind = header_text(&letter, dlt::FAILURE_KIND);
+        let attempts = header_text(&letter, dlt::ATTEMPTS);
+        assert!(
+            kinds.insert(id, (kind, attempts)).is_none(),
+            "two dead letters for one record:{summary}"
+        );
+    }
+    let letter = |kind: &str, attempts: &str| (kind.to_owned(), attempts.to_owned());
+    assert_eq!(
+        kinds,
+        BTreeMap::from([
+            ("k1-04".to_owned(), letter("decode", "0")),
+            ("k1-05".to_owned(), letter("permanent", "1")),
+            ("k1-07".to_owned(), letter("permanent", "1")),
+        ]),
+        "{summary}"
+    );
+
+    // The greylisted mail: its 451 failed it alone; sent on attempt 2.
+    let (_, flaky) = report
+        .published
+        .iter()
+        .zip(&report.fates)
+        .find(|(p, _)| p.sample.expect == Expect::MailAfterRetry)
+        .unwrap();
+    let Fate::Sent(calls) = flaky else {
+        panic!("the greylisted event was not sent:{summary}")
+    };
+    assert!(
+        matches!(&calls[0].outcome, Outcome::Transient(e) if e.contains("451")),
+        "{calls:?}"
+    );
+    assert_eq!(calls.last().map(|c| c.attempt), Some(2), "{calls:?}");
+
+    // Batching happened: every handler attempt went through a bulk call, fewer bulk calls
+    // than mail attempts, and the server saw fewer sessions than mails, one of them carrying
+    // several mails.
+    let calls = &report.bulk_calls;
+    let in_bulk: usize = calls.iter().map(|c| c.mails).sum();
+    let attempts: usize = report
+        .fates
+        .iter()
+        .map(|f| match f {
+            Fate::Sent(c) | Fate::DeadLettered(_, c) | Fate::Unsettled(c) => c.len(),
+            Fate::SkippedDuplicate => 0,
+        })
+        .sum();
+    assert_eq!(in_bulk, attempts, "{calls:?}");
+    assert!(
+        calls.len() < in_bulk,
+        "{} bulk calls for {in_bulk} mails",
+        calls.len()
+    );
+    let mut per_session: BTreeMap<u64, usize> = BTreeMap::new();
+    for mail in &report.mails {
+        *per_session.entry(mail.session).or_default() += 1;
+    }
+    let widest = per_session.values().copied().max().unwrap_or(0);
+    assert!(
+        per_session.len() < report.mails.len() && widest >= 2,
+        "{} sessions for {} mails, at most {widest} per session: {per_session:?}",
+        per_session.len(),
+        report.mails.len()
+    );
+    eprintln!(
+        "batch mode: {} bulk calls for {in_bulk} mail attempts (sizes {:?}); {} SMTP sessions \
+         for {} mails (mails per session {:?})",
+        calls.len(),
+        calls.iter().map(|c| c.mails).collect::<Vec<_>>(),
+        per_session.len(),
+        report.mails.len(),
+        per_session.values().collect::<Vec<_>>()
+    );
 }

@@ -15,7 +15,7 @@ use kourier::rdkafka::message::OwnedMessage;
 use kourier::{BreakerState, BreakerStatus, ConsumerMonitor, ShutdownReport};
 
 use crate::kafka::{CommittedOffsets, end_offsets, read_from};
-use crate::mailer::{Attempt, Journal, Mailer, Outcome};
+use crate::mailer::{Attempt, BulkCall, BulkMailer, Journal, Mailer, Outcome};
 use crate::notifier::{self, Settings};
 use crate::ops_server::Probes;
 use crate::samples::{self, Expect, Published};
@@ -36,6 +36,8 @@ pub(crate) struct DemoConfig {
     /// The outage sample: once the regular samples are settled, the SMTP server refuses
     /// connections this long while the outage samples are published. `None`: no outage.
     pub(crate) outage: Option<Duration>,
+    /// Batch mode (`--batch`): the bulk mailer, one SMTP session per batch of mails.
+    pub(crate) batch: bool,
 }
 
 /// A dead letter read back from the dead-letter topic.
@@ -75,6 +77,8 @@ pub(crate) struct Report {
     pub(crate) fates: Vec<Fate>,
     /// The mails the SMTP server accepted during the run.
     pub(crate) mails: Vec<ReceivedMail>,
+    /// In batch mode, every bulk call (mails given, SMTP sessions opened).
+    pub(crate) bulk_calls: Vec<BulkCall>,
     /// Every dead letter written to the dead-letter topic during the run.
     pub(crate) dead_letters: Vec<DeadLetterRecord>,
     /// Handler calls for records published before this run (left over in the topic).
@@ -110,13 +114,28 @@ pub(crate) async fn run_demo(
     tracing::info!(addr = %server.addr(), outbox = %server.outbox().display(), "smtp server listening");
 
     let journal = Journal::default();
-    let mailer = Mailer::plaintext("127.0.0.1", server.addr().port(), journal.clone());
-    let consumer = notifier::consumer(settings, mailer).await?;
-    let monitor = consumer.monitor();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut running = tokio::spawn(config.probes.clone().run(consumer, async {
+    let stop = async {
         let _ = stop_rx.await;
-    }));
+    };
+    let port = server.addr().port();
+    let (monitor, mut running) = if config.batch {
+        let mailer = BulkMailer::plaintext("127.0.0.1", port, journal.clone());
+        let consumer = notifier::consumer(settings, notifier::bulk(mailer)).await?;
+        let monitor = consumer.monitor();
+        (
+            monitor,
+            tokio::spawn(config.probes.clone().run(consumer, stop)),
+        )
+    } else {
+        let mailer = Mailer::plaintext("127.0.0.1", port, journal.clone());
+        let consumer = notifier::consumer(settings, mailer).await?;
+        let monitor = consumer.monitor();
+        (
+            monitor,
+            tokio::spawn(config.probes.clone().run(consumer, stop)),
+        )
+    };
 
     let publisher = samples::publisher(&settings.bootstrap, &settings.topic)?;
     let mut published = samples::publish(&publisher, samples::samples(&config.run_id)).await?;
@@ -217,6 +236,7 @@ pub(crate) async fn run_demo(
         published,
         fates,
         mails: server.received(),
+        bulk_calls: journal.bulk_calls(),
         dead_letters,
         earlier: {
             let mut earlier: Vec<Attempt> = by_record.into_values().flatten().collect();
@@ -564,6 +584,17 @@ impl Report {
 
         if let Some((began, ended)) = self.outage {
             self.outage_summary(w, began, ended);
+        }
+
+        if self.config.batch {
+            let mails: usize = self.bulk_calls.iter().map(|c| c.mails).sum();
+            let sessions: usize = self.bulk_calls.iter().map(|c| c.sessions).sum();
+            let largest = self.bulk_calls.iter().map(|c| c.mails).max().unwrap_or(0);
+            let _ = writeln!(
+                w,
+                "\nbatch mode: {} bulk call(s) for {mails} mail attempt(s) (largest {largest}), {sessions} SMTP session(s)",
+                self.bulk_calls.len(),
+            );
         }
 
         let folder = self.config.outbox.join(&self.config.run_id);

@@ -50,6 +50,16 @@
 //! `<topic>.retry.2`, before the dead-letter topic, and the user's later mails wait behind it
 //! (`with_key_order`, the ledger in the same Redis). The tier topics are created when missing.
 //!
+//! `--batch` (or `NOTIFY_BATCH=true`; with `demo` and `run`) is batch mode: the handler is a
+//! `kourier::batch::BatchHandler` (`mailer::BulkMailer`) that sends the mails of the records
+//! running at the same moment in one SMTP session (one connection and `EHLO`, then
+//! `MAIL FROM`/`RCPT TO`/`DATA` per mail) instead of one pooled send per handler call, and
+//! answers for each mail on its own (`BatchOutcome::each`): a `550` dead-letters that mail
+//! only, a `451` retries that mail only, a refused session makes the batch's mails wait for the
+//! relay. Everything else holds as in the default mode, per record: one user's mails in order
+//! (a batch holds one record per user), Redis idempotency, retries, dead letters, the breaker.
+//! A mail waits up to 20 ms for others to join its batch; the summary counts the bulk calls.
+//!
 //! `--metrics-addr 127.0.0.1:9464` (with `demo` and `run`) serves, on that one address, while
 //! the notifier runs:
 //!
@@ -84,7 +94,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::demo::DemoConfig;
-use crate::mailer::{Journal, Mailer};
+use crate::mailer::{BulkMailer, Journal, Mailer};
 use crate::notifier::Settings;
 use crate::ops_server::{OpsServer, Probes};
 use crate::smtp_server::SmtpServer;
@@ -135,6 +145,11 @@ struct KafkaArgs {
     /// (the user's later mails behind it) before the dead-letter topic. Off when not given.
     #[arg(long, env = "NOTIFY_RETRY_TIERS", value_delimiter = ',', global = true)]
     retry_tiers: Vec<u64>,
+    /// With `demo` and `run`: batch mode. The mails of records running at the same moment
+    /// (one per user) go out in bulk calls of up to 50, each over one SMTP session, with an
+    /// outcome per mail (kourier's `BatchHandler`). Off: one mail per handler call.
+    #[arg(long, env = "NOTIFY_BATCH", global = true)]
+    batch: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +225,10 @@ async fn main() -> Result<()> {
         }
         None => None,
     };
+    let batch = cli.kafka.batch;
+    if batch && !matches!(cli.command, Command::Demo { .. } | Command::Run { .. }) {
+        tracing::warn!("--batch applies to `demo` and `run` only; ignored");
+    }
     let settings = Settings {
         bootstrap: cli.kafka.bootstrap_servers,
         redis_url: cli.kafka.redis_url,
@@ -237,6 +256,7 @@ async fn main() -> Result<()> {
                 settle_timeout: Duration::from_secs(settle_timeout),
                 probes,
                 outage: (outage_secs > 0).then(|| Duration::from_secs(outage_secs)),
+                batch,
             };
             // Listen for Ctrl-C from now on (a signal future only listens once polled).
             let (interrupted, interrupt) = tokio::sync::oneshot::channel::<()>();
@@ -258,10 +278,18 @@ async fn main() -> Result<()> {
             smtp_port,
         } => {
             notifier::ensure_topics(&settings).await?;
-            let mailer = Mailer::plaintext(&smtp_host, smtp_port, Journal::default());
-            let consumer = notifier::consumer(&settings, mailer).await?;
-            tracing::info!(topic = %settings.topic, group = %settings.group, smtp = %format!("{smtp_host}:{smtp_port}"), "notifier running; Ctrl-C stops it");
-            let report = probes.run(consumer, kourier::shutdown_signal()).await?;
+            let started = |batch: bool| tracing::info!(topic = %settings.topic, group = %settings.group, smtp = %format!("{smtp_host}:{smtp_port}"), batch, "notifier running; Ctrl-C stops it");
+            let report = if batch {
+                let mailer = BulkMailer::plaintext(&smtp_host, smtp_port, Journal::default());
+                let consumer = notifier::consumer(&settings, notifier::bulk(mailer)).await?;
+                started(true);
+                probes.run(consumer, kourier::shutdown_signal()).await?
+            } else {
+                let mailer = Mailer::plaintext(&smtp_host, smtp_port, Journal::default());
+                let consumer = notifier::consumer(&settings, mailer).await?;
+                started(false);
+                probes.run(consumer, kourier::shutdown_signal()).await?
+            };
             if report.is_clean() {
                 tracing::info!("notifier stopped");
             } else {

@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use kourier::batch::{Batched, batched};
 use kourier::tiers::{RedisKeyOrderLedger, RetryTiers};
 use kourier::topics::{TopicAdmin, TopicSpec};
 use kourier::{
-    BreakerPolicy, DedupKey, Idempotency, Message, MissingTopics, ProcessingOrder,
+    BreakerPolicy, DedupKey, Handler, Idempotency, Message, MissingTopics, ProcessingOrder,
     RedisIdempotencyStore, RetryPolicy, RetryingConsumer,
 };
 
 use crate::event::NotifyEvent;
-use crate::mailer::Mailer;
+use crate::mailer::BulkMailer;
 
 /// Where the notifier reads from and keeps its state.
 #[derive(Debug, Clone)]
@@ -88,17 +89,31 @@ pub(crate) fn breaker_policy() -> BreakerPolicy {
     BreakerPolicy::default().with_open_interval(Duration::from_secs(1), Duration::from_secs(30))
 }
 
+/// Batch mode (`--batch`): the [`BulkMailer`] as a handler. The consumer still runs each
+/// record on its own (its Redis claim, retries, dead letter, breaker); the adapter gathers the
+/// records running at the same moment — in key order one per user, so a user's mails stay in
+/// order — into bulk calls of up to 50 mails, each one SMTP session. A mail waits up to 20 ms
+/// for others to join its batch.
+pub(crate) fn bulk(mailer: BulkMailer) -> Batched<BulkMailer> {
+    batched(mailer)
+        .max_records(50)
+        .linger(Duration::from_millis(20))
+        // Four sessions at most, as many as the single-mail mode's connection pool.
+        .max_concurrent_batches(4)
+}
+
 /// The consumer: JSON `NotifyEvent`s, one mail per event id (deduplicated in Redis), one record
-/// per user at a time (key order), dead letters to `<topic>.dlt`.
-pub(crate) async fn consumer(
+/// per user at a time (key order), dead letters to `<topic>.dlt`. `handler` is the
+/// [`Mailer`](crate::mailer::Mailer) (one mail per call) or, in batch mode, [`bulk`]'s handler.
+pub(crate) async fn consumer<H: Handler<Event = NotifyEvent>>(
     settings: &Settings,
-    mailer: Mailer,
-) -> Result<RetryingConsumer<Mailer>> {
+    handler: H,
+) -> Result<RetryingConsumer<H>> {
     let store = RedisIdempotencyStore::builder(settings.redis_url.as_str())
         .build()
         .await
         .with_context(|| format!("connecting to Redis at {}", settings.redis_url))?;
-    let mut builder = RetryingConsumer::builder(mailer)
+    let mut builder = RetryingConsumer::builder(handler)
         .bootstrap_servers(settings.bootstrap.as_str())
         .group_id(settings.group.as_str())
         .topic(settings.topic.as_str())

@@ -14,6 +14,8 @@
 //!   server's address (connections are refused) and open connections are cut. Clients
 //!   connect to a small front door that pipes each connection to mailin's own listener, which
 //!   is what makes this possible (mailin cannot stop listening).
+//! - Each mail records the SMTP session it came in ([`ReceivedMail::session`]), so a test can
+//!   tell how many mails shared a connection.
 //!
 //! `mailin-embedded` has no shutdown handle: the server lives until the process ends.
 
@@ -46,6 +48,10 @@ pub(crate) struct ReceivedMail {
     pub(crate) message_id: Option<String>,
     /// The `.eml` file it was written to.
     pub(crate) path: PathBuf,
+    /// The SMTP session (connection) it came in, numbered from 1 in the order of their first
+    /// `MAIL FROM`.
+    #[allow(dead_code)] // read by tests/mail_notifier.rs
+    pub(crate) session: u64,
 }
 
 /// A running server; cheap to clone.
@@ -67,6 +73,8 @@ struct State {
     /// outage begins.
     open: Mutex<HashMap<u64, [TcpStream; 2]>>,
     connections: AtomicU64,
+    /// SMTP sessions that sent `MAIL FROM`.
+    sessions: AtomicU64,
 }
 
 impl SmtpServer {
@@ -86,6 +94,7 @@ impl SmtpServer {
             refusing: AtomicBool::new(false),
             open: Mutex::new(HashMap::new()),
             connections: AtomicU64::new(0),
+            sessions: AtomicU64::new(0),
         });
         let mut server = Server::new(Session::new(state.clone()));
         server
@@ -137,6 +146,8 @@ impl SmtpServer {
 #[derive(Clone)]
 struct Session {
     state: Arc<State>,
+    /// This connection's number, given at its first `MAIL FROM`.
+    number: Option<u64>,
     from: String,
     to: Vec<String>,
     data: Vec<u8>,
@@ -146,6 +157,7 @@ impl Session {
     fn new(state: Arc<State>) -> Self {
         Session {
             state,
+            number: None,
             from: String::new(),
             to: Vec::new(),
             data: Vec::new(),
@@ -179,6 +191,7 @@ impl Session {
             to: std::mem::take(&mut self.to),
             message_id,
             path,
+            session: self.number.unwrap_or_default(),
         });
         Ok(())
     }
@@ -186,6 +199,9 @@ impl Session {
 
 impl Handler for Session {
     fn mail(&mut self, _ip: IpAddr, _domain: &str, from: &str) -> Response {
+        if self.number.is_none() {
+            self.number = Some(self.state.sessions.fetch_add(1, Ordering::SeqCst) + 1);
+        }
         self.from = from.to_owned();
         self.to.clear();
         self.data.clear();

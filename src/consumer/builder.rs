@@ -19,6 +19,7 @@ use crate::consumer::poll::PollSettings;
 use crate::consumer::poll::{Provisioning, StartupSettings};
 use crate::consumer::schedule::Hub;
 use crate::consumer::schedule::{Limits, ProcessingOrder, Scheduler};
+use crate::consumer::transaction::Transactions;
 use crate::consumer::work::{DestinationGate, WorkerContext};
 use crate::consumer::work::{OutcomeObserver, RecordOutcome};
 use crate::dead_letter::{DeadLetterSink, KafkaDeadLetterSink};
@@ -30,6 +31,7 @@ use crate::record::RawRecord;
 use crate::retry::RetryPolicy;
 use crate::tiers::RetryTiers;
 use crate::tiers::runtime::Tiers;
+use crate::transactional::TransactionalOutput;
 
 mod idempotency;
 mod options;
@@ -232,6 +234,7 @@ struct Settings<T> {
     destinations: Option<Destinations<T>>,
     tiers: Option<RetryTiers>,
     commit_metadata: CommitMetadata,
+    transactional: Option<TransactionalOutput>,
 }
 
 impl<T> Settings<T> {
@@ -267,6 +270,7 @@ impl<T> Settings<T> {
             destinations: None,
             tiers: None,
             commit_metadata: CommitMetadata::FinishedOffsets,
+            transactional: None,
         }
     }
 }
@@ -284,6 +288,7 @@ impl<H: Handler, C> fmt::Debug for RetryingConsumerBuilder<H, C> {
             .field("idempotency", &s.idempotency)
             .field("missing_topics", &s.missing_topics)
             .field("panic_policy", &s.panic_policy)
+            .field("transactional", &s.transactional)
             .finish_non_exhaustive()
     }
 }
@@ -519,6 +524,39 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     #[must_use]
     pub fn commit_metadata(mut self, metadata: CommitMetadata) -> Self {
         self.s.commit_metadata = metadata;
+        self
+    }
+
+    /// Transactional output, exactly-once Kafka-to-Kafka: the handler stages output records
+    /// with [`Message::send_output`](crate::Message::send_output), and kourier produces them
+    /// and commits the consumed offsets in one Kafka transaction per
+    /// [`commit_interval`](Self::commit_interval) (delivery rule 20 in the crate docs). A
+    /// `read_committed` reader of the outputs sees each input's outputs exactly once. See
+    /// [`transactional`](crate::transactional) for what a transaction covers, what stays
+    /// at-least-once and the cost.
+    ///
+    /// `build()` refuses, with [`ConfigError::Conflict`], transactional output combined with
+    /// [`retry_tiers`](Self::retry_tiers), [`idempotency`](Self::idempotency) or
+    /// [`CommitMetadata::None`] (not supported yet), or with an `isolation.level` other than
+    /// `read_committed` (a new owner must wait for a pending transaction's offsets); and with
+    /// [`ConfigError::Invalid`] an empty transactional id, or a transaction timeout not above
+    /// the commit interval.
+    ///
+    /// ```no_run
+    /// # use kourier::{handler_fn, Message, RetryingConsumer};
+    /// use kourier::transactional::{OutputRecord, TransactionalOutput};
+    ///
+    /// let handler = handler_fn(|m: Message<String>| async move {
+    ///     m.send_output(OutputRecord::new("out.v1").key("k").value(m.event().to_uppercase()))?;
+    ///     Ok(())
+    /// });
+    /// let builder = RetryingConsumer::builder(handler)
+    ///     .transactional(TransactionalOutput::new("uppercaser-0"));
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn transactional(mut self, output: TransactionalOutput) -> Self {
+        self.s.transactional = Some(output);
         self
     }
 
@@ -810,12 +848,18 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
         let hub = Arc::new(Hub::new(
             Scheduler::new(s.ordering, s.limits())
                 .with_commit_metadata(s.commit_metadata == CommitMetadata::FinishedOffsets)
+                // Transactional outputs are produced as the scheduler marks each record
+                // finished (delivery rule 20): no record may settle on its worker alone.
+                .with_runs(s.transactional.is_none())
                 .with_breaker(breaker.clone())
                 .with_destinations(destinations.as_ref().map(|d| d.breakers.clone())),
             s.revoke_timeout,
             metrics.clone(),
             s.error_log_interval,
         ));
+        if let Some(t) = s.transactions(&bootstrap)? {
+            hub.set_transactions(t);
+        }
         let consumer: BaseConsumer<KourierContext> = (s.client_config(&bootstrap, &group_id))
             .create_with_context(KourierContext { hub: hub.clone() })
             .map_err(|e| Error::kafka("create consumer", e))?;
@@ -836,6 +880,7 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
             outage: OutageGate(breaker),
             tiers,
             destinations,
+            transactions: hub.transactions().cloned(),
         });
         Ok(RetryingConsumer {
             consumer,
@@ -892,6 +937,79 @@ impl<T> Settings<T> {
             max_poll_batch: self.max_poll_batch,
             max_broker_outage: self.max_broker_outage,
         }
+    }
+
+    /// Transactional output, checked, with its producer (see
+    /// [`RetryingConsumerBuilder::transactional`]).
+    fn transactions(&self, bootstrap: &str) -> Result<Option<Arc<Transactions>>> {
+        let Some(output) = &self.transactional else {
+            return Ok(None);
+        };
+        let conflict = |with: &str, reason| ConfigError::Conflict {
+            key: "transactional".to_owned(),
+            value: with.to_owned(),
+            reason,
+        };
+        if output.transactional_id.trim().is_empty() {
+            return Err(
+                ConfigError::invalid("transactional", "the transactional id is empty").into(),
+            );
+        }
+        if self.tiers.is_some() {
+            return Err(conflict(
+                "retry_tiers",
+                "retry-tier forwards are not transactional yet: transactional output cannot be combined with retry tiers",
+            )
+            .into());
+        }
+        if self.idempotency.is_some() {
+            return Err(conflict(
+                "idempotency",
+                "a key marked done in the store before its transaction commits would skip the record's outputs after a crash: transactional output cannot be combined with an idempotency store yet",
+            )
+            .into());
+        }
+        if self.commit_metadata == CommitMetadata::None {
+            return Err(conflict(
+                "CommitMetadata::None",
+                "a transaction marks the records it finished above the commit point in the commit metadata",
+            )
+            .into());
+        }
+        if let Some(level) = self.kafka_config.get("isolation.level")
+            && !level.trim().eq_ignore_ascii_case("read_committed")
+        {
+            // A new owner must wait for a pending transaction's offsets (KIP-447): librdkafka
+            // asks for stable offsets only when reading committed.
+            return Err(ConfigError::Conflict {
+                key: "isolation.level".to_owned(),
+                value: level.clone(),
+                reason: "transactional output reads its committed offsets as stable: the consumer must read committed",
+            }
+            .into());
+        }
+        if output.transaction_timeout <= self.commit_interval {
+            return Err(ConfigError::invalid(
+                "transactional",
+                "the transaction timeout must be longer than the commit interval (a transaction stays open for one interval)",
+            )
+            .into());
+        }
+        for (setting, value) in [
+            ("transaction timeout", output.transaction_timeout),
+            ("transaction operation timeout", output.operation_timeout),
+        ] {
+            if value.is_zero() || value > Duration::from_secs(3_600) {
+                return Err(ConfigError::invalid(
+                    "transactional",
+                    format!("the {setting} must be above zero and at most one hour"),
+                )
+                .into());
+            }
+        }
+        let t = Transactions::new(bootstrap, self.security_settings(), output)
+            .map_err(|e| Error::kafka("create transactional producer", e))?;
+        Ok(Some(Arc::new(t)))
     }
 
     /// The retry tiers, checked, with their forwarding producer.

@@ -169,6 +169,7 @@ impl Engine {
             ),
             tiers: None,
             destinations: None,
+            transactions: None,
         };
         Engine {
             worker,

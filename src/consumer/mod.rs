@@ -26,6 +26,7 @@ mod poll;
 mod retrying_consumer;
 mod schedule;
 mod stop;
+mod transaction;
 mod work;
 mod worker_task;
 

@@ -149,11 +149,20 @@ impl<H: Handler> JobRun<H> {
     /// Records how the job ended: a released job settles (its slot went to the next job
     /// already); any other frees its slot, whose next job is handed to the worker.
     fn end(&mut self, end: JobEnd) {
-        let Some(job) = self.job.take() else {
+        let Some(mut job) = self.job.take() else {
             return;
         };
         if *self.released.get_mut() {
             self.hub.settle(job, end);
+        } else if end == JobEnd::Settled
+            // A partition drains before its records are given up (`abandon`): the rest of
+            // the run goes back to the scheduler, which keeps only gap fillers.
+            && !job.stop.drain.is_cancelled()
+            && !self.hub.breaker_holds()
+            && job.advance()
+        {
+            // The next record of its run, without the scheduler (see `Run`).
+            self.handoff.hand(Some(job));
         } else {
             self.handoff.hand(self.hub.finish(job, end));
         }
@@ -168,7 +177,7 @@ impl<H: Handler> JobRun<H> {
 
 impl<H: Handler> Slot for JobRun<H> {
     fn park(&self) {
-        if let Some(next) = self.hub.park(self.job().id) {
+        if let Some(next) = self.hub.park(self.job()) {
             tokio::spawn(work(self.ctx.clone(), self.hub.clone(), next));
         }
     }
@@ -195,8 +204,20 @@ impl<H: Handler> Slot for JobRun<H> {
 
     fn lane_ahead(&self, max: usize) -> Option<(Arc<Stop>, Vec<Arc<RawRecord>>)> {
         let job = self.job();
-        let next = self.hub.lock().lane_ahead(job, max);
+        // Its run's records come first: they are the lane's next ones.
+        let mut next: Vec<_> = job.run_ahead(max);
+        if next.len() < max {
+            let rest = self.hub.lock().lane_ahead(job, max - next.len());
+            next.extend(rest);
+        }
         Some((job.stop.clone(), next))
+    }
+
+    fn waits(&self) {
+        let job = self.job();
+        if job.run_unreported() {
+            self.hub.report_run(job);
+        }
     }
 }
 

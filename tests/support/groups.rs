@@ -14,6 +14,18 @@ pub(crate) async fn committed_offsets(
     topic: &str,
     partitions: i32,
 ) -> BTreeMap<i32, Option<i64>> {
+    try_committed_offsets(group, topic, partitions)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`committed_offsets`], or why the broker did not answer in time (e.g. a transaction with
+/// offsets pending: a `read_committed` client waits for it to end).
+pub(crate) async fn try_committed_offsets(
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Result<BTreeMap<i32, Option<i64>>, String> {
     let group = group.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
@@ -25,7 +37,7 @@ pub(crate) async fn committed_offsets(
             wanted.add_partition_range(&topic, 0, partitions - 1);
             let committed = consumer
                 .committed_offsets(wanted, KAFKA_TIMEOUT)
-                .unwrap_or_else(|e| panic!("committed offsets of {group} on {topic}: {e}"));
+                .map_err(|e| format!("committed offsets of {group} on {topic}: {e}"))?;
             committed
                 .elements_for_topic(&topic)
                 .iter()
@@ -39,7 +51,7 @@ pub(crate) async fn committed_offsets(
                 .collect()
         };
         drop(consumer);
-        offsets
+        Ok(offsets)
     })
     .await
     .expect("committed_offsets panicked")
@@ -56,6 +68,17 @@ fn group_client(group: &str) -> BaseConsumer {
 
 /// The committed offsets of `group` on partitions `0..partitions` of `topic` added up (0
 /// where none): the number of records settled when the offsets are dense from 0.
+/// The sum of `group`'s committed offsets on `topic` (a partition without one counts 0), or
+/// why the broker did not answer in time (see [`try_committed_offsets`]).
+pub(crate) async fn try_committed_sum(
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Result<i64, String> {
+    let offsets = try_committed_offsets(group, topic, partitions).await?;
+    Ok(offsets.values().map(|o| o.unwrap_or(0)).sum())
+}
+
 pub(crate) async fn committed_sum(group: &str, topic: &str, partitions: i32) -> i64 {
     committed_offsets(group, topic, partitions)
         .await

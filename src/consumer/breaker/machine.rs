@@ -132,8 +132,10 @@ pub(crate) type Caller = u64;
 /// The caller of an event known by `identity` (its dedup key, else its source record's
 /// topic, partition and offset).
 pub(crate) fn caller_of(identity: impl std::hash::Hash) -> Caller {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(identity)
+    use std::hash::BuildHasher;
+    // Fixed seed: the same identity is the same caller for the process's whole life.
+    // foldhash, not std's SipHash: this runs once per record, breaker or not.
+    foldhash::fast::FixedState::default().hash_one(identity)
 }
 
 /// What a record remembers between attempts: the outage in which a failure of its was held,

@@ -37,6 +37,10 @@ pub(crate) trait PollConsumer {
         partitions: &TopicPartitionList,
         timeout: Duration,
     ) -> KafkaResult<TopicPartitionList>;
+    /// The consumer's group metadata (member, generation), for a transaction's offsets.
+    fn group_metadata(&self) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+        None
+    }
 }
 
 impl<C: ConsumerContext> PollConsumer for BaseConsumer<C> {
@@ -70,6 +74,10 @@ impl<C: ConsumerContext> PollConsumer for BaseConsumer<C> {
         timeout: Duration,
     ) -> KafkaResult<TopicPartitionList> {
         Consumer::committed_offsets(self, partitions.clone(), timeout)
+    }
+
+    fn group_metadata(&self) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+        Consumer::group_metadata(self)
     }
 }
 

@@ -37,6 +37,12 @@ pub(crate) fn commit(
     commits: &[Commit],
     why: &str,
 ) -> bool {
+    if let Some(t) = hub.transactions() {
+        // Every partition's due offsets go with these (delivery rule 20).
+        return t
+            .commit(hub, consumer.group_metadata(), commits, why)
+            .is_ok();
+    }
     match commit_once(consumer, hub, commits, why) {
         Ok(()) => true,
         Err(e) if ownership_lost(&e) => {
@@ -119,10 +125,20 @@ const FINAL_COMMIT_POLL: Duration = Duration::from_millis(50);
 /// stays in its group; a rebalance meanwhile commits and drops its partitions itself). What
 /// still failed is kept in the hub for the report ([`Hub::take_final_commit_failure`]).
 pub(crate) fn commit_final(consumer: &impl PollConsumer, hub: &Hub, deadline: Instant) {
+    if hub.transactions().is_some_and(|t| t.failure().is_some()) {
+        // The transactions stopped: nothing more may be committed (delivery rule 20).
+        return;
+    }
     final_commit_with(
         hub,
         deadline,
-        |offsets| commit_once(consumer, hub, &with_metadata(hub, offsets), "shutdown"),
+        |offsets| match hub.transactions() {
+            // The transaction sends what is due when it holds its guard.
+            Some(t) => (t.commit(hub, consumer.group_metadata(), &[], "shutdown"))
+                .map(drop)
+                .map_err(|f| f.error),
+            None => commit_once(consumer, hub, &with_metadata(hub, offsets), "shutdown"),
+        },
         |pause| {
             let started = Instant::now();
             // Records that still arrive are dropped (the scheduler is stopping).
@@ -180,6 +196,11 @@ fn final_commit_with(
 
 /// Commits every offset that moved since the last commit, and notes what was committed.
 pub(crate) fn commit_settled(consumer: &impl PollConsumer, hub: &Hub, why: &str) {
+    if let Some(t) = hub.transactions() {
+        // What is due is read under the transaction's guard (delivery rule 20).
+        let _ = t.commit(hub, consumer.group_metadata(), &[], why);
+        return;
+    }
     let offsets = hub.lock().commits_due();
     if !offsets.is_empty() && commit(consumer, hub, &with_metadata(hub, &offsets), why) {
         hub.lock().committed(&offsets);

@@ -79,6 +79,10 @@ pub(crate) fn on_revoke(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
     }
     if consumer.assignment_lost() {
         warn!(partitions = ?tps_display(tps), "assignment lost: not committing");
+        if let Some(t) = hub.transactions() {
+            // Its open transaction may hold outputs of records the new owner handles again.
+            t.assignment_lost();
+        }
     } else if !commits.is_empty() && commit(consumer, hub, &commits, "revoke") {
         // During a shutdown: what a failed final commit left may be committed now.
         hub.committed_after_failure(&offsets_of(&commits));
@@ -135,6 +139,10 @@ pub(crate) fn reset(hub: &Hub, consumer: &impl PollConsumer, tps: &[Tp]) {
     };
     if !commits.is_empty() {
         commit(consumer, hub, &commits, "reset");
+    }
+    if let Some(t) = hub.transactions() {
+        // Exactly-once output cannot go back to the commit point (delivery rule 20).
+        t.partition_reset();
     }
     hub.lock().assign(tps.iter().cloned());
     // The new assignment starts unpaused: so must librdkafka's (flow control may have paused it).

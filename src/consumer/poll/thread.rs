@@ -64,6 +64,9 @@ pub(crate) fn poll_loop(
     if !startup::check(&consumer, hub, &settings.startup)? {
         return Ok(ShutdownReport::default());
     }
+    if let Some(t) = hub.transactions() {
+        t.start().map_err(Error::from)?;
+    }
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topics)
@@ -91,6 +94,9 @@ pub(crate) fn poll_loop(
         thread.hand_over(spawn);
         if let Some(e) = fatal {
             break Some(Error::kafka("consume", e));
+        }
+        if let Some(failure) = hub.transactions().and_then(|t| t.failure()) {
+            break Some(Error::from(failure));
         }
     };
     hub.lifecycle.set(RunState::Stopping);

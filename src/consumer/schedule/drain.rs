@@ -47,6 +47,18 @@ impl Scheduler {
         }
     }
 
+    /// Trims draining partition `tp`'s buffered records to gap fillers again (a job's run
+    /// handed records back to it); all of them while the breaker holds dispatch (gap
+    /// fillers cannot run then, see [`Scheduler::drop_held_draining`]).
+    pub(super) fn trim_draining(&mut self, tp: &Tp) {
+        let keep = !self.breaker.as_ref().is_some_and(|b| b.holds_dispatch());
+        if let Some(p) = self.partitions.get_mut(tp) {
+            let (records, bytes) = trim_to_gap_fillers(p, keep);
+            self.buffered_records -= records;
+            self.buffered_bytes -= bytes;
+        }
+    }
+
     /// Starts revoking `tps`: no new records are taken for them, and of their buffered
     /// records only *gap fillers* are kept — records below the highest offset already
     /// started, which must run for the settled records above them to become committable

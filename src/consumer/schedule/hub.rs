@@ -3,7 +3,7 @@
 //! stop flags.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
@@ -13,6 +13,8 @@ use super::health::Health;
 use super::lifecycle::{Lifecycle, RunState};
 use super::scheduler::{Job, JobEnd, Scheduler, SettlingFull};
 use super::topic_partition::Tp;
+use crate::consumer::breaker::Breaker;
+use crate::consumer::transaction::Transactions;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::ConsumerMetrics;
 
@@ -45,6 +47,12 @@ pub(crate) struct Hub {
     /// Whether the consumer has caught up, as the poll thread last saw it (published by
     /// `observe::publish_caught_up`, awaited by `ConsumerMonitor::caught_up`).
     pub(crate) caught_up: tokio::sync::watch::Sender<bool>,
+    /// The scheduler's outage breaker, looked at without its lock (see
+    /// [`Hub::breaker_holds`]).
+    breaker: Option<Arc<Breaker>>,
+    /// Transactional output (set once, by the builder): a record's staged outputs are
+    /// produced as it finishes, under the transactions' guard (delivery rule 20).
+    transactions: OnceLock<Arc<Transactions>>,
 }
 
 impl Hub {
@@ -55,6 +63,7 @@ impl Hub {
         log_interval: Duration,
     ) -> Self {
         Hub {
+            breaker: scheduler.breaker().cloned(),
             scheduler: Mutex::new(scheduler),
             changed: Condvar::new(),
             waiters: AtomicUsize::new(0),
@@ -69,6 +78,7 @@ impl Hub {
             throttle: LogThrottle::new(log_interval),
             final_commit: Mutex::new(None),
             caught_up: tokio::sync::watch::Sender::new(false),
+            transactions: OnceLock::new(),
         }
     }
 
@@ -93,11 +103,32 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Turns transactional output on.
+    pub(crate) fn set_transactions(&self, transactions: Arc<Transactions>) {
+        let _ = self.transactions.set(transactions);
+    }
+
+    /// The transactional output, if on.
+    pub(crate) fn transactions(&self) -> Option<&Arc<Transactions>> {
+        self.transactions.get()
+    }
+
+    /// With transactional output: produces the job's staged outputs when it finishes in
+    /// its current assignment (else drops them), under the scheduler's lock `s` and the
+    /// transactions' shared guard, which the caller holds until the job is marked finished.
+    fn produce_outputs(&self, s: &Scheduler, job: &Job, end: JobEnd) {
+        if let Some(t) = self.transactions.get() {
+            t.produce_staged(&job.record, end == JobEnd::Settled && s.is_current(job));
+        }
+    }
+
     /// Called by a worker when a job ended; returns its next job.
     /// The job is dropped by the poll thread ([`Scheduler::keep_spent`]).
     pub(crate) fn finish(&self, job: Job, end: JobEnd) -> Option<Job> {
+        let _shared = self.transactions.get().map(|t| t.shared());
         let (next, room, overflow) = {
             let mut s = self.lock();
+            self.produce_outputs(&s, &job, end);
             let next = s.finish(&job, end);
             (next, s.room(), s.keep_spent(job))
         };
@@ -134,8 +165,10 @@ impl Hub {
     /// Called by a worker when a job whose lane it released ended.
     /// The job is dropped by the poll thread ([`Scheduler::keep_spent`]).
     pub(crate) fn settle(&self, job: Job, end: JobEnd) {
+        let _shared = self.transactions.get().map(|t| t.shared());
         let (room, overflow) = {
             let mut s = self.lock();
+            self.produce_outputs(&s, &job, end);
             s.settle(&job, end);
             (s.room(), s.keep_spent(job))
         };
@@ -143,9 +176,26 @@ impl Hub {
         drop(overflow);
     }
 
+    /// Called by a worker whose record did not end at once: what ran of its job's run
+    /// before it is told now (see [`Scheduler::report_run`]), not when the record ends.
+    pub(crate) fn report_run(&self, job: &Job) {
+        let room = {
+            let mut s = self.lock();
+            s.report_run(job);
+            s.room()
+        };
+        self.changed(room);
+    }
+
+    /// Whether the outage breaker holds dispatch now (`false` without one): a worker then
+    /// stops going on with its job's run.
+    pub(crate) fn breaker_holds(&self) -> bool {
+        self.breaker.as_ref().is_some_and(|b| b.holds_dispatch())
+    }
+
     /// Called by a worker whose record starts waiting out a retry back-off: the slot it frees
     /// goes to the returned job.
-    pub(crate) fn park(&self, job: u64) -> Option<Job> {
+    pub(crate) fn park(&self, job: &Job) -> Option<Job> {
         let (next, room) = {
             let mut s = self.lock();
             (s.park(job), s.room())
@@ -423,7 +473,7 @@ mod tests {
     fn a_parked_record_gives_its_slot_to_another_key() {
         let (hub, jobs) = hub(ProcessingOrder::Key, &["a", "b"]);
         assert_eq!(jobs.len(), 1, "one slot");
-        let other = hub.park(jobs[0].id).expect("the other key's record");
+        let other = hub.park(&jobs[0]).expect("the other key's record");
         assert_eq!(other.record.offset, 1);
         assert_eq!(hub.lock().in_flight(), 2, "both held by workers");
     }

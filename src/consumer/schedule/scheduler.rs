@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 /// `foldhash` (randomly seeded, like std's) hashes a topic name or a key several times faster
 /// than std's SipHash.
 pub(super) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -70,6 +70,87 @@ pub(crate) struct Job {
     /// Dispatched as the half-open breaker's probe (in this breaker epoch): if the record
     /// ends without taking the probe (a poison pill, a duplicate), the probe is free again.
     probe_epoch: Option<u64>,
+    /// The next records of its lane, taken with it to run after it on the same worker (see
+    /// [`Run`]). Behind a lock only because a job's slot is used through a shared reference
+    /// while its record runs; the worker is the only one to take it.
+    pub(crate) run: Mutex<Run>,
+}
+
+/// The most records one job takes from its lane at once: its record and the next ones of
+/// the lane ([`Run`]).
+pub(crate) const RUN_RECORDS: usize = 32;
+
+/// How long a worker may go on with a job's run without going back to the scheduler (which
+/// may then give the slot to a record that waits for one: fairness).
+pub(crate) const RUN_FOR: Duration = Duration::from_millis(2);
+
+/// A job's run: the records of its lane taken with it (in Key and Partition order), which
+/// the worker runs one after another, each after the previous one settled, without taking
+/// the scheduler's lock per record (one hand-off per run, not per record). Until a record
+/// of the run starts it is counted as buffered; the records that started and settled on the
+/// worker are told to the scheduler at the job's next visit to it ([`Scheduler::finish`],
+/// [`Scheduler::release_lane`], [`Scheduler::park`], or [`Scheduler::report_run`] when a
+/// record does not end at once), so a commit never waits for more than the run.
+#[derive(Debug, Default)]
+pub(crate) struct Run {
+    /// Records still to run, in lane order, with their byte sizes.
+    ahead: VecDeque<(Arc<RawRecord>, usize)>,
+    /// Records of the run that started since the last report (the job's record among them
+    /// when it came from the run), and their bytes: still counted as buffered.
+    started: usize,
+    started_bytes: usize,
+    /// Records of the run that ran and settled on the worker; those from `reported` on are
+    /// not told to the scheduler yet. Kept until the job is dropped (on the poll thread).
+    settled: Vec<Arc<RawRecord>>,
+    reported: usize,
+    /// When the run was taken.
+    since: Option<std::time::Instant>,
+}
+
+impl Run {
+    /// Records of the run not started yet.
+    pub(crate) fn ahead(&self, max: usize) -> impl Iterator<Item = &Arc<RawRecord>> {
+        self.ahead.iter().take(max).map(|(r, _)| r)
+    }
+
+    /// Whether settled records wait to be told to the scheduler.
+    pub(crate) fn unreported(&self) -> bool {
+        self.reported < self.settled.len()
+    }
+}
+
+impl Job {
+    /// Moves a job whose record settled on to the next record of its run, without the
+    /// scheduler: `false` when the run is over, or older than [`RUN_FOR`] (the worker then
+    /// ends the job through the scheduler, which takes the run back).
+    pub(crate) fn advance(&mut self) -> bool {
+        let run = self.run.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if run.since.is_none_or(|since| since.elapsed() >= RUN_FOR) {
+            return false;
+        }
+        let Some((next, bytes)) = run.ahead.pop_front() else {
+            return false;
+        };
+        run.started += 1;
+        run.started_bytes += bytes;
+        run.settled.push(std::mem::replace(&mut self.record, next));
+        true
+    }
+
+    /// The next records of the job's run (at most `max`), in order.
+    pub(crate) fn run_ahead(&self, max: usize) -> Vec<Arc<RawRecord>> {
+        self.run().ahead(max).cloned().collect()
+    }
+
+    /// Whether records of the job's run started or settled since the scheduler was last told.
+    pub(crate) fn run_unreported(&self) -> bool {
+        let run = self.run();
+        run.started > 0 || run.unreported()
+    }
+
+    fn run(&self) -> std::sync::MutexGuard<'_, Run> {
+        self.run.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// How a job ended.
@@ -249,6 +330,8 @@ pub(crate) struct Scheduler {
     commit_metadata: bool,
     /// Records skipped because a previous owner of their partition had finished them.
     pub(super) skipped_finished: u64,
+    /// Jobs take runs of their lane's records ([`Run`]).
+    runs: bool,
 }
 
 /// At most this many ended jobs wait for the poll thread to drop them (one poll batch, 500
@@ -293,6 +376,7 @@ impl Scheduler {
             resets: Vec::new(),
             commit_metadata: false,
             skipped_finished: 0,
+            runs: true,
             breaker: None,
             destinations: None,
         }
@@ -315,6 +399,13 @@ impl Scheduler {
     #[must_use]
     pub(crate) fn with_commit_metadata(mut self, on: bool) -> Self {
         self.commit_metadata = on;
+        self
+    }
+
+    /// Whether jobs take runs of their lane's records (on unless set; see [`Run`]).
+    #[must_use]
+    pub(crate) fn with_runs(mut self, on: bool) -> Self {
+        self.runs = on;
         self
     }
 
@@ -503,6 +594,15 @@ impl Scheduler {
             self.in_flight += 1;
             self.next_job_id += 1;
             self.resumed_last = false;
+            // The lane's next records go with it (they stay counted as buffered until they
+            // start): not for a probe (one record), nor from a draining partition (its
+            // records are being trimmed to gap fillers).
+            let mut run = Run::default();
+            if self.runs && probe_epoch.is_none() && !p.draining && !lane.queue.is_empty() {
+                let n = lane.queue.len().min(RUN_RECORDS - 1);
+                run.ahead = lane.queue.drain(..n).collect();
+                run.since = Some(std::time::Instant::now());
+            }
             return Some(Job {
                 id: self.next_job_id,
                 tp,
@@ -511,6 +611,7 @@ impl Scheduler {
                 record,
                 stop: p.stop.clone(),
                 probe_epoch,
+                run: Mutex::new(run),
             });
         }
         None
@@ -541,9 +642,68 @@ impl Scheduler {
     /// Completions from an earlier assignment (revoked since) are ignored.
     pub(crate) fn finish(&mut self, job: &Job, end: JobEnd) -> Option<Job> {
         self.free_slot(job);
+        self.report_run(job);
         self.end_job(job, end);
+        self.return_run(job);
         self.end_lane(job, end);
         self.take_one()
+    }
+
+    /// Tells the scheduler what of `job`'s run happened on the worker since the last
+    /// report: the records that started leave the buffer and count in flight, those that
+    /// settled become committable.
+    pub(crate) fn report_run(&mut self, job: &Job) {
+        let mut run = job.run();
+        if run.started == 0 && !run.unreported() {
+            return;
+        }
+        let (started, bytes) = (run.started, run.started_bytes);
+        run.started = 0;
+        run.started_bytes = 0;
+        let settled = run.settled.len();
+        let from = std::mem::replace(&mut run.reported, settled);
+        let Some(p) = job_partition(&mut self.partitions, job) else {
+            // Revoked since: its counts went with it.
+            return;
+        };
+        p.queued -= started;
+        p.queued_bytes -= bytes;
+        p.in_flight += started;
+        self.buffered_records -= started;
+        self.buffered_bytes -= bytes;
+        for record in &run.settled[from..] {
+            p.in_flight -= 1;
+            p.tracker.settled(record.offset);
+            p.max_started = Some(
+                p.max_started
+                    .map_or(record.offset, |m| m.max(record.offset)),
+            );
+        }
+        p.max_started = Some(
+            p.max_started
+                .map_or(job.record.offset, |m| m.max(job.record.offset)),
+        );
+    }
+
+    /// Puts the records of `job`'s run that did not start back at the front of its lane (in
+    /// order; still counted as buffered). In a draining partition only gap fillers stay.
+    fn return_run(&mut self, job: &Job) {
+        let ahead = std::mem::take(&mut job.run().ahead);
+        if ahead.is_empty() {
+            return;
+        }
+        let Some(p) = job_partition(&mut self.partitions, job) else {
+            return;
+        };
+        let Some(lane) = p.lanes.get_mut(&job.lane) else {
+            unreachable!("a running lane is kept while its job runs");
+        };
+        for entry in ahead.into_iter().rev() {
+            lane.queue.push_front(entry);
+        }
+        if p.draining {
+            self.trim_draining(&job.tp);
+        }
     }
 
     /// Keeps an ended job for the poll thread to drop ([`Scheduler::swap_spent`]): its record
@@ -623,11 +783,55 @@ impl Scheduler {
         if self.settling >= self.limits.max_in_flight.saturating_mul(SETTLING_PER_SLOT) {
             return Err(SettlingFull);
         }
-        self.free_slot(job);
         self.settling += 1;
+        self.report_run(job);
+        // Its run goes on with the slot, as a job of its own (unless the run is over).
+        if let Some(next) = self.split_run(job) {
+            if self.parked.remove(&job.id) {
+                // It held no slot (parked): the run's next record takes one.
+                self.in_flight += 1;
+            }
+            return Ok(Some(next));
+        }
+        self.free_slot(job);
+        self.return_run(job);
         // Its outcome is decided: the lane goes on as after a settled record.
         self.end_lane(job, JobEnd::Settled);
         Ok(self.take_one())
+    }
+
+    /// The rest of `job`'s run as a job of its own, keeping `job`'s slot and lane: when the
+    /// run has records left, is younger than [`RUN_FOR`] and its partition does not drain.
+    fn split_run(&mut self, job: &Job) -> Option<Job> {
+        let mut run = job.run();
+        if run.ahead.is_empty()
+            || job.stop.drain.is_cancelled()
+            || run.since.is_none_or(|since| since.elapsed() >= RUN_FOR)
+        {
+            return None;
+        }
+        let p = job_partition(&mut self.partitions, job)?;
+        let (record, bytes) = run.ahead.pop_front()?;
+        p.queued -= 1;
+        p.queued_bytes -= bytes;
+        p.in_flight += 1;
+        self.buffered_records -= 1;
+        self.buffered_bytes -= bytes;
+        self.next_job_id += 1;
+        Some(Job {
+            id: self.next_job_id,
+            tp: job.tp.clone(),
+            generation: job.generation,
+            lane: job.lane.clone(),
+            record,
+            stop: job.stop.clone(),
+            probe_epoch: None,
+            run: Mutex::new(Run {
+                ahead: std::mem::take(&mut run.ahead),
+                since: run.since,
+                ..Run::default()
+            }),
+        })
     }
 
     /// Ends a job whose lane was released by [`Scheduler::release_lane`]: its offset becomes
@@ -636,6 +840,7 @@ impl Scheduler {
     /// the slot was freed already.
     pub(crate) fn settle(&mut self, job: &Job, end: JobEnd) {
         self.settling -= 1;
+        self.report_run(job);
         self.end_job(job, end);
     }
 
@@ -673,8 +878,10 @@ impl Scheduler {
     /// A running record starts waiting out a retry back-off: it gives its slot up (its lane
     /// stays taken, so nothing of its key or partition overtakes it) and the freed slot's next
     /// job is handed to the caller, to run on a new worker.
-    pub(crate) fn park(&mut self, job: u64) -> Option<Job> {
-        if self.parked.insert(job) {
+    pub(crate) fn park(&mut self, job: &Job) -> Option<Job> {
+        // What ran of its run before it is told now, not after the back-off.
+        self.report_run(job);
+        if self.parked.insert(job.id) {
             self.in_flight -= 1;
         }
         self.take_one()
@@ -713,6 +920,14 @@ impl Scheduler {
             .filter_map(|tp| self.partitions.get(tp))
             .map(|p| p.in_flight)
             .sum()
+    }
+
+    /// Whether `job` belongs to its partition's current assignment (a late completion of a
+    /// revoked one is ignored).
+    pub(crate) fn is_current(&self, job: &Job) -> bool {
+        self.partitions
+            .get(&job.tp)
+            .is_some_and(|p| p.generation == job.generation)
     }
 
     /// What to commit: each partition whose commit point moved since it was last committed,
@@ -954,7 +1169,7 @@ mod tests {
         let a0 = s.take_jobs().pop().unwrap();
         assert_eq!(a0.record.offset, 0);
         // a@0 waits out a back-off: its slot goes to b@2, not to a@1 (its lane is taken).
-        let b2 = s.park(a0.id).expect("the freed slot runs the next lane");
+        let b2 = s.park(&a0).expect("the freed slot runs the next lane");
         assert_eq!(b2.record.offset, 2);
         assert_eq!(s.in_flight(), 2, "the parked record still counts as held");
         assert_eq!(s.parked(), 1);
@@ -1018,7 +1233,7 @@ mod tests {
         // while new records of other keys arrive.
         let mut new = Vec::new();
         for j in &jobs {
-            new.push(s.park(j.id).expect("the freed slot runs a new lane"));
+            new.push(s.park(j).expect("the freed slot runs a new lane"));
         }
         let mut handed: Vec<_> = jobs
             .iter()
@@ -1049,7 +1264,7 @@ mod tests {
         let records = [(0, 0, None), (1, 0, None)];
         let mut s = holding(Partition, limits(1), &[0, 1], records);
         let p0 = s.take_jobs().pop().unwrap();
-        let p1 = s.park(p0.id).unwrap();
+        let p1 = s.park(&p0).unwrap();
         let _handed = s.resume(p0.id).expect_err("p1 holds the slot");
         // Given up while waiting: it takes the slot back over the limit, and its place in
         // the queue is skipped when a slot frees.
@@ -1062,7 +1277,7 @@ mod tests {
         // Given up before asking for a slot.
         s.enqueue(rec(1, 1, None));
         let j = s.take_jobs().pop().unwrap();
-        assert!(s.park(j.id).is_none());
+        assert!(s.park(&j).is_none());
         s.resume_now(j.id);
         assert_eq!((s.in_flight(), s.parked()), (1, 0));
         assert!(s.finish(&j, JobEnd::Settled).is_none());
@@ -1074,7 +1289,7 @@ mod tests {
         let mut s = holding(Key, limits(2), &[0], keyed(&["a", "b", "c"]));
         let jobs = s.take_jobs();
         let (a, b) = (&jobs[0], &jobs[1]);
-        let c = s.park(a.id).expect("c takes a's slot");
+        let c = s.park(a).expect("c takes a's slot");
         let _waiting = s.resume(a.id).expect_err("b and c hold both slots");
         // a's task is dropped while it waits (the runtime shuts down): its end counts no slot.
         assert!(s.finish(a, JobEnd::Abandoned).is_none());
@@ -1159,6 +1374,7 @@ mod tests {
                 record: next.record.clone(),
                 stop: next.stop.clone(),
                 probe_epoch: None,
+                run: Mutex::default(),
             })
             .collect();
         assert!(s.keep_spent(job).is_some(), "full: handed back");
@@ -1227,11 +1443,6 @@ mod tests {
             j.stop.drain.is_cancelled(),
             "a back-off wait is given up at once"
         );
-        assert_eq!(
-            s.buffered().0,
-            0,
-            "records after the last started one are dropped"
-        );
         assert!(!s.drained(&[tp(0)]));
         s.cancel(&[tp(0)]);
         assert!(j.stop.abandon.is_cancelled());
@@ -1241,6 +1452,11 @@ mod tests {
             "no records for a revoking partition"
         );
         assert!(s.finish(&j, JobEnd::Settled).is_none());
+        assert_eq!(
+            s.buffered().0,
+            0,
+            "records after the last started one are dropped (those of its run with it)"
+        );
         assert_eq!(s.in_flight_of(&[tp(0)]), 0);
         assert!(s.drained(&[tp(0)]));
         assert_eq!(s.remove(&[tp(0)]), vec![((tp(0), 1), None)]);
@@ -1256,6 +1472,7 @@ mod tests {
             record: Arc::new(rec(0, 1, None)),
             stop: Arc::default(),
             probe_epoch: None,
+            run: Mutex::default(),
         };
         s.in_flight += 1; // the stale job held a slot
         s.finish(&stale, JobEnd::Settled);
@@ -1478,10 +1695,146 @@ mod tests {
         // Open again, then stop: the held gap filler a@3 is dropped, not waited for.
         two_records_fail(&gate).await;
         s.begin_stop();
+        // a@3 went with a@0 (its run): dropped when a@0 is given up, not run.
+        assert!(s.finish(&first[0], JobEnd::Abandoned).is_none());
         assert_eq!(
             s.buffered().0,
             0,
             "a held gap filler does not delay the shutdown"
+        );
+    }
+
+    /// The offsets a job's run holds, in order.
+    fn run_of(job: &Job) -> Vec<i64> {
+        job.run_ahead(RUN_RECORDS)
+            .iter()
+            .map(|r| r.offset)
+            .collect()
+    }
+
+    /// Makes `job`'s run look older than [`RUN_FOR`].
+    fn age(job: &mut Job) {
+        job.run.get_mut().unwrap().since =
+            std::time::Instant::now().checked_sub(Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_job_takes_its_lanes_next_records_and_reports_them_settled_in_one_visit() {
+        let records = (0..5).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits(10), &[0], records);
+        let mut job = s.take_jobs().pop().unwrap();
+        assert_eq!((job.record.offset, run_of(&job)), (0, vec![1, 2, 3, 4]));
+        assert_eq!(s.buffered().0, 4, "not started yet: still buffered");
+        assert!(
+            job.advance() && job.advance(),
+            "0 and 1 settle on the worker"
+        );
+        assert_eq!(job.record.offset, 2);
+        assert!(s.commits_due().is_empty(), "not told yet");
+        s.report_run(&job);
+        assert_eq!(s.commits_due(), [(tp(0), 2)], "0 and 1 settled");
+        assert_eq!(s.buffered().0, 2, "1 and 2 started");
+        assert_eq!(s.in_flight_of(&[tp(0)]), 1, "2 runs");
+        // The job ends through the scheduler: the rest of its run goes on in order.
+        let next = s
+            .finish(&job, JobEnd::Settled)
+            .expect("3, with 4 in its run");
+        assert_eq!((next.record.offset, run_of(&next)), (3, vec![4]));
+        assert_eq!(s.commits_due(), [(tp(0), 3)]);
+        assert_eq!((s.buffered().0, s.in_flight()), (1, 1));
+    }
+
+    #[test]
+    fn without_runs_a_job_takes_its_record_alone() {
+        let records = (0..3).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits(10), &[0], records).with_runs(false);
+        let mut job = s.take_jobs().pop().unwrap();
+        assert!(run_of(&job).is_empty());
+        assert!(!job.advance(), "nothing to go on with");
+        assert_eq!(s.buffered().0, 2);
+    }
+
+    #[test]
+    fn a_run_older_than_its_time_goes_back_through_the_scheduler() {
+        let mut s = holding(Key, limits(10), &[0], (0..3).map(|o| (0, o, Some("a"))));
+        let mut job = s.take_jobs().pop().unwrap();
+        age(&mut job);
+        assert!(!job.advance(), "too old to go on without the scheduler");
+        assert_eq!(job.record.offset, 0, "unchanged");
+        let next = s.finish(&job, JobEnd::Settled).expect("the lane goes on");
+        assert_eq!((next.record.offset, run_of(&next)), (1, vec![2]));
+    }
+
+    #[test]
+    fn a_record_given_up_in_a_run_drops_the_rest_and_blocks_its_lane() {
+        let mut s = holding(Key, limits(10), &[0], (0..4).map(|o| (0, o, Some("a"))));
+        let mut job = s.take_jobs().pop().unwrap();
+        assert!(job.advance(), "0 settles");
+        assert!(
+            s.finish(&job, JobEnd::Abandoned).is_none(),
+            "2 and 3 do not run"
+        );
+        assert_eq!(s.commits_due(), [(tp(0), 1)], "0 is committed, 1 is not");
+        assert_eq!((s.buffered().0, s.in_flight_of(&[tp(0)])), (0, 0));
+        assert!(!s.enqueue(rec(0, 4, Some("a"))), "the lane is blocked");
+    }
+
+    #[test]
+    fn a_released_record_hands_the_rest_of_its_run_on_with_its_slot() {
+        let mut s = holding(Partition, limits(1), &[0], (0..3).map(|o| (0, o, None)));
+        let job = s.take_jobs().pop().unwrap();
+        let next = s
+            .release_lane(&job)
+            .unwrap()
+            .expect("1 runs while 0 settles");
+        assert_eq!((next.record.offset, run_of(&next)), (1, vec![2]));
+        assert_eq!(s.in_flight, 1, "the slot went with the run");
+        assert_eq!(s.in_flight(), 2, "1 running, 0 settling");
+        assert!(s.commits_due().is_empty(), "0 is still settling");
+        s.settle(&job, JobEnd::Settled);
+        assert_eq!(s.commits_due(), [(tp(0), 1)]);
+        // Too old to hand on: the run goes back to its lane and the scheduler picks.
+        let mut next = next;
+        age(&mut next);
+        let last = s
+            .release_lane(&next)
+            .unwrap()
+            .expect("2, through the scheduler");
+        assert_eq!((last.record.offset, run_of(&last)), (2, vec![]));
+    }
+
+    #[test]
+    fn a_draining_partition_takes_a_run_back_as_gap_fillers_only() {
+        let records = [
+            (0, 0, Some("a")),
+            (0, 1, Some("b")),
+            (0, 2, Some("a")),
+            (0, 3, Some("c")),
+            (0, 4, Some("a")),
+        ];
+        let mut s = holding(Key, limits(10), &[0], records);
+        let jobs = s.take_jobs();
+        assert_eq!(offsets(&jobs), [(0, 0), (0, 1), (0, 3)]);
+        assert_eq!(run_of(&jobs[0]), [2, 4]);
+        s.begin_revoke(&[tp(0)]);
+        // a@2 is below c@3, which started: it must run for 3 to be committable; a@4 is not.
+        let gap = s
+            .finish(&jobs[0], JobEnd::Settled)
+            .expect("a@2 fills the gap");
+        assert_eq!((gap.record.offset, run_of(&gap)), (2, vec![]));
+        assert_eq!(s.buffered().0, 0, "a@4 dropped");
+    }
+
+    #[test]
+    fn a_parked_record_reports_what_its_run_settled_before_it() {
+        let mut s = holding(Partition, limits(2), &[0], (0..3).map(|o| (0, o, None)));
+        let mut job = s.take_jobs().pop().unwrap();
+        assert!(job.advance());
+        assert!(s.park(&job).is_none(), "nothing else to run");
+        assert_eq!(
+            s.commits_due(),
+            [(tp(0), 1)],
+            "0 is committable during 1's back-off"
         );
     }
 }

@@ -50,6 +50,9 @@ pub(crate) trait Slot: Send + Sync {
     fn lane_ahead(&self, _max: usize) -> Option<(Arc<Stop>, Vec<Arc<RawRecord>>)> {
         None
     }
+    /// The record did not end at its first poll (it waits for I/O, a timer or a slot): what
+    /// its worker ran before it is told to the scheduler now, not when it ends.
+    fn waits(&self) {}
 }
 
 /// A slot that is never given up: the record keeps it while it waits (unit tests).

@@ -37,6 +37,7 @@ use crate::consumer::breaker::{
 use crate::consumer::dedup::{Dedup, DedupKeys};
 use crate::consumer::dedup::{HeldClaim, keep_renewed};
 use crate::consumer::schedule::{JobEnd, Stop};
+use crate::consumer::transaction::Transactions;
 use crate::dead_letter::{DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
 pub(crate) use crate::guard::{guarded, guarded_async};
@@ -72,6 +73,9 @@ pub(crate) struct WorkerContext<H: Handler> {
     /// The breakers of destinations (if any): asked before every attempt, told every
     /// result.
     pub(crate) destinations: Option<DestinationGate<H::Event>>,
+    /// Transactional output (if on): a successful attempt's staged outputs are kept there
+    /// until the record finishes.
+    pub(crate) transactions: Option<Arc<Transactions>>,
 }
 
 pub(crate) struct Failure {
@@ -294,14 +298,17 @@ impl<H: Handler> WorkerContext<H> {
         let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
         match first {
             Poll::Ready(outcome) => outcome,
-            Poll::Pending => tokio::select! {
+            Poll::Pending => {
+                slot.waits();
+                tokio::select! {
                 outcome = &mut run => outcome,
                 () = tokio::time::sleep_until(crate::clock::after(started, self.stall_threshold)) => {
                     warn!(coordinates = %record.coordinates(), threshold = ?self.stall_threshold, "record stalled: in flight longer than the stall threshold");
                     metrics.stalled();
                     run.await
                 }
-            },
+                }
+            }
         }
     }
 
@@ -752,6 +759,10 @@ impl<H: Handler> WorkerContext<H> {
         let attempt = tries.made;
         message.set_attempt(attempt);
         message.set_claim_token(holding.claim.as_ref().map(|h| h.token.clone()));
+        if self.transactions.is_some() {
+            // Each attempt stages its own outputs: a failed attempt's are dropped.
+            message.set_outputs(Some(crate::transactional::Staged::new()));
+        }
         tracing::Span::current().record("attempt", attempt);
         let call = guarded_async(self.handler.handle(message));
         let attempt_started = Instant::now();
@@ -799,6 +810,10 @@ impl<H: Handler> WorkerContext<H> {
             outcome = timed => outcome,
         };
         metrics.handler_duration(attempt_started.elapsed());
+        if let (Some(t), Ok(Ok(Ok(())))) = (&self.transactions, &outcome) {
+            // Produced when the record finishes, in the transaction open then.
+            t.stage(message.raw(), message.take_outputs());
+        }
         Attempted::Done(match outcome {
             Ok(Ok(result)) => result,
             Ok(Err(panic)) => {

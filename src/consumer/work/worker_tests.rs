@@ -586,6 +586,7 @@ impl Setup {
                 park_after: None,
                 of,
             }),
+            transactions: None,
         };
         Harness {
             worker,

@@ -1,0 +1,835 @@
+//! Transactional output (`RetryingConsumerBuilder::transactional`), against the real broker:
+//! the outputs a handler stages and the consumed offsets commit in one transaction, so a
+//! `read_committed` reader of the outputs sees each input's outputs exactly once — in a clean
+//! run, after a rebalance with records finished out of order above a stuck one, and after an
+//! aborted transaction (whose outputs are in the log but invisible to `read_committed`).
+//!
+//! Needs Kafka (`scripts/services up`); each test has its own topics, group and
+//! transactional id.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use kourier::transactional::{OutputRecord, TransactionalOutput};
+use kourier::{Error, HandlerError, Message, ProcessingOrder, handler_fn};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use support::TestRecord;
+use support::consumer::{self, Running, setup, wait_for};
+
+#[derive(Debug, Deserialize)]
+struct Job {
+    id: usize,
+}
+
+/// Each input produces this many outputs.
+const OUTPUTS_PER_INPUT: usize = 2;
+
+async fn produce_inputs(topic: &str, n: usize) {
+    let records = (0..n)
+        .map(|id| {
+            TestRecord::new()
+                .key(format!("k{id}"))
+                .value(format!(r#"{{"id":{id}}}"#))
+        })
+        .collect();
+    support::produce(topic, records).await;
+}
+
+/// What the handlers do, per input id.
+struct Calls {
+    calls: Vec<AtomicU32>,
+    /// Record 0 hangs while set.
+    stuck: AtomicBool,
+    /// While set, record `big` also stages an output too large for the `big` topic.
+    oversize: AtomicBool,
+    big: usize,
+}
+
+impl Calls {
+    fn new(n: usize) -> Arc<Self> {
+        Arc::new(Calls {
+            calls: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            stuck: AtomicBool::new(false),
+            oversize: AtomicBool::new(false),
+            big: usize::MAX,
+        })
+    }
+
+    fn called(&self) -> Vec<usize> {
+        (self.calls.iter().enumerate())
+            .filter(|(_, n)| n.load(Ordering::SeqCst) > 0)
+            .map(|(id, _)| id)
+            .collect()
+    }
+}
+
+/// Stages `OUTPUTS_PER_INPUT` outputs to `out` per input (key `k<id>`, value `<id>-<n>`).
+fn enriching(
+    calls: &Arc<Calls>,
+    out: &str,
+    big_topic: Option<String>,
+) -> impl kourier::Handler<Event = Job> {
+    let calls = calls.clone();
+    let out = out.to_owned();
+    handler_fn(move |m: Message<Job>| {
+        let (calls, out, big_topic) = (calls.clone(), out.clone(), big_topic.clone());
+        async move {
+            let id = m.event().id;
+            calls.calls[id].fetch_add(1, Ordering::SeqCst);
+            while id == 0 && calls.stuck.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            for n in 0..OUTPUTS_PER_INPUT {
+                m.send_output(
+                    OutputRecord::new(&out)
+                        .key(format!("k{id}"))
+                        .value(format!("{id}-{n}"))
+                        .header("input-offset", m.offset().to_string()),
+                )?;
+            }
+            if let Some(big) = &big_topic
+                && id == calls.big
+                && calls.oversize.load(Ordering::SeqCst)
+            {
+                m.send_output(OutputRecord::new(big).value(vec![b'x'; 8_000]))?;
+            }
+            Ok::<(), HandlerError>(())
+        }
+    })
+}
+
+fn transactional(
+    handler: impl kourier::Handler<Event = Job>,
+    topic: &str,
+    group: &str,
+    transactional_id: &str,
+) -> kourier::RetryingConsumerBuilder<impl kourier::Handler<Event = Job>> {
+    consumer::builder(handler, topic, group)
+        .ordering(ProcessingOrder::Key)
+        .shutdown_timeout(Duration::from_secs(2))
+        .revoke_timeout(Duration::from_secs(1))
+        .transactional(
+            TransactionalOutput::new(transactional_id)
+                .with_transaction_timeout(Duration::from_secs(10)),
+        )
+}
+
+/// The values of `topic` (every partition, from the start to its end) as a reader with
+/// `isolation.level` `read_committed` (`committed`) or `read_uncommitted` sees them, counted.
+fn read_values(topic: &str, committed: bool) -> BTreeMap<String, usize> {
+    let consumer: BaseConsumer = support::client_config()
+        .set("group.id", support::unique_name("txn-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set(
+            "isolation.level",
+            if committed {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        )
+        .create()
+        .expect("reader");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let partitions = metadata.topics()[0].partitions().len();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut values = BTreeMap::new();
+    let mut ended = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ended.len() < partitions {
+        assert!(Instant::now() < deadline, "reading {topic}: no end in 30 s");
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let v = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+                *values.entry(v).or_insert(0) += 1;
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    values
+}
+
+async fn read(topic: &str, committed: bool) -> BTreeMap<String, usize> {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || read_values(&topic, committed))
+        .await
+        .expect("reader")
+}
+
+/// Every expected output value of inputs `0..n`, once each.
+fn each_once(n: usize) -> BTreeMap<String, usize> {
+    (0..n)
+        .flat_map(|id| (0..OUTPUTS_PER_INPUT).map(move |k| (format!("{id}-{k}"), 1)))
+        .collect()
+}
+
+/// The values seen more than once, and those missing.
+fn differences(seen: &BTreeMap<String, usize>, n: usize) -> (Vec<(String, usize)>, Vec<String>) {
+    let expected = each_once(n);
+    let duplicates = (seen.iter())
+        .filter(|(_, c)| **c > 1)
+        .map(|(v, c)| (v.clone(), *c))
+        .collect();
+    // (Failure messages name the count and the first few.)
+    let missing = (expected.keys())
+        .filter(|v| !seen.contains_key(*v))
+        .cloned()
+        .collect();
+    (duplicates, missing)
+}
+
+fn assert_exactly_once(duplicates: &[(String, usize)], missing: &[String]) {
+    assert!(
+        duplicates.is_empty(),
+        "{} output values seen more than once under read_committed, first: {:?}",
+        duplicates.len(),
+        &duplicates[..duplicates.len().min(6)]
+    );
+    assert!(
+        missing.is_empty(),
+        "{} output values missing under read_committed, first: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(6)]
+    );
+}
+
+/// A clean run: every input's outputs are seen exactly once by a `read_committed` reader,
+/// and the group's offsets are committed to the end (by the transactions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_inputs_outputs_are_seen_exactly_once_in_a_clean_run() {
+    const N: usize = 300;
+    let (topic, group, _) = setup("txn-clean", 3).await;
+    let out = support::new_topic("txn-clean-out", 3).await;
+    produce_inputs(&topic, N).await;
+    let calls = Calls::new(N);
+    let c = Running::start(transactional(
+        enriching(&calls, &out, None),
+        &topic,
+        &group,
+        &support::unique_name("txn-clean-id"),
+    ));
+    wait_for("every input handled", Duration::from_secs(60), || {
+        calls.called().len() == N
+    })
+    .await;
+    c.stop().await;
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    assert_exactly_once(&duplicates, &missing);
+    assert_eq!(seen.len(), N * OUTPUTS_PER_INPUT);
+    let total = support::committed_sum(&group, &topic, 3).await;
+    assert_eq!(total, N as i64, "offsets committed to the end");
+}
+
+/// Records finished out of order above a stuck one, then a rebalance: the transaction that
+/// carried their outputs also carried their "finished" mark (the commit metadata), so the
+/// partition's next owner handles only the stuck record, and a `read_committed` reader sees
+/// every input's outputs exactly once (delivery rule 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_of_records_finished_above_a_stuck_one_are_not_produced_again_by_the_next_owner() {
+    const N: usize = 200;
+    let (topic, group, _) = setup("txn-ooo", 1).await;
+    let out = support::new_topic("txn-ooo-out", 1).await;
+    produce_inputs(&topic, N).await;
+    let id = support::unique_name("txn-ooo-id");
+
+    // The first owner: record 0 hangs, every other finishes (out of order above it) and
+    // their transactions commit; it leaves with record 0 still running.
+    let first = Calls::new(N);
+    first.stuck.store(true, Ordering::SeqCst);
+    let c = Running::start(transactional(
+        enriching(&first, &out, None),
+        &topic,
+        &group,
+        &id,
+    ));
+    wait_for("every input but 0 handled", Duration::from_secs(60), || {
+        first.called().len() == N
+    })
+    .await;
+    // Let a transaction commit them while 0 is still stuck.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = read(&out, true).await;
+    assert_eq!(
+        before.len(),
+        (N - 1) * OUTPUTS_PER_INPUT,
+        "records above the stuck one committed their outputs already"
+    );
+    let report = c.stop_with_report(Duration::from_secs(30)).await;
+    assert_eq!(report.abandoned, 1, "record 0, stuck: {report:?}");
+
+    // The next owner.
+    let next = Calls::new(N);
+    let c = Running::start(transactional(
+        enriching(&next, &out, None),
+        &topic,
+        &group,
+        &id,
+    ));
+    wait_for(
+        "record 0 handled by the next owner",
+        Duration::from_secs(60),
+        || next.calls[0].load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    c.stop().await;
+    assert_eq!(next.called(), [0], "only the record that never finished");
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    assert_exactly_once(&duplicates, &missing);
+}
+
+/// A transaction that cannot commit (an output the broker refuses) is aborted: the consumer
+/// stops with `Error::Transaction`, the outputs of the aborted transaction are in the log
+/// (a `read_uncommitted` reader sees them) but not visible to `read_committed`, and a restart
+/// handles the aborted records again: each input's outputs exactly once under
+/// `read_committed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_transactions_outputs_are_invisible_and_its_records_handled_again() {
+    const N: usize = 100;
+    let (topic, group, _) = setup("txn-abort", 1).await;
+    let out = support::new_topic("txn-abort-out", 1).await;
+    let big = support::unique_name("txn-abort-big");
+    support::create_topic_with_config(&big, 1, &[("max.message.bytes", "1024")]).await;
+    produce_inputs(&topic, N).await;
+    let id = support::unique_name("txn-abort-id");
+
+    let mut calls = Calls::new(N);
+    Arc::get_mut(&mut calls).unwrap().big = 60;
+    calls.oversize.store(true, Ordering::SeqCst);
+    let c = Running::start(transactional(
+        enriching(&calls, &out, Some(big.clone())),
+        &topic,
+        &group,
+        &id,
+    ));
+    let result = tokio::time::timeout(Duration::from_secs(60), c.task)
+        .await
+        .expect("the consumer stops on its own")
+        .expect("no panic");
+    match result {
+        Err(Error::Transaction { fenced, .. }) => assert!(!fenced),
+        other => panic!("expected a transaction error, got {other:?}"),
+    }
+    let uncommitted = read(&out, false).await;
+    let committed = read(&out, true).await;
+    assert!(
+        uncommitted.len() > committed.len(),
+        "the aborted transaction's outputs are in the log: {} read uncommitted, {} committed",
+        uncommitted.len(),
+        committed.len()
+    );
+    assert!(
+        !committed.contains_key("60-0"),
+        "the record whose output was refused is not committed"
+    );
+
+    // Restarted without the oversized output: the aborted records are handled again.
+    let again = Calls::new(N);
+    let c = Running::start(transactional(
+        enriching(&again, &out, Some(big)),
+        &topic,
+        &group,
+        &id,
+    ));
+    wait_for(
+        "record 99 handled after the restart",
+        Duration::from_secs(60),
+        || again.calls[N - 1].load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    c.stop().await;
+    assert!(again.called().contains(&60), "the aborted record ran again");
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    assert_exactly_once(&duplicates, &missing);
+}
+
+/// `build()` refuses the combinations not supported yet, with a typed error.
+#[test]
+fn unsupported_combinations_are_refused_by_build() {
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    let err = kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .retry_tiers(kourier::tiers::RetryTiers::new([Duration::from_secs(5)]))
+        .transactional(TransactionalOutput::new("x"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(kourier::ConfigError::Conflict { value, .. }) if value == "retry_tiers"),
+        "{err:?}"
+    );
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    let store = std::sync::Arc::new(kourier::InMemoryIdempotencyStore::new());
+    let err = kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .idempotency(kourier::Idempotency::new(
+            store,
+            kourier::DedupKey::header("event-id"),
+        ))
+        .transactional(TransactionalOutput::new("x"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(kourier::ConfigError::Conflict { value, .. }) if value == "idempotency"),
+        "{err:?}"
+    );
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    let err = kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .commit_metadata(kourier::CommitMetadata::None)
+        .transactional(TransactionalOutput::new("x"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(kourier::ConfigError::Conflict { .. })),
+        "{err:?}"
+    );
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    let err = kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .kafka_config("isolation.level", "read_uncommitted")
+        .transactional(TransactionalOutput::new("x"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(kourier::ConfigError::Conflict { key, .. }) if key == "isolation.level"),
+        "{err:?}"
+    );
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    let err = kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .commit_interval(Duration::from_secs(60))
+        .transactional(TransactionalOutput::new("x"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(kourier::ConfigError::Invalid { .. })),
+        "{err:?}"
+    );
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    let err = kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .transactional(TransactionalOutput::new(" "))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(kourier::ConfigError::Invalid { .. })),
+        "{err:?}"
+    );
+}
+
+// ---- Process faults: a child process runs the consumer (this test binary, run again) ----
+
+/// The child's handler sleeps this long per record, so that faults land mid-run.
+const CHILD_HANDLER_MS: u64 = 20;
+
+/// Not a test on its own: with `KOURIER_TXN_CHILD` set, runs a transactional consumer of
+/// `KOURIER_TXN_TOPIC` in `KOURIER_TXN_GROUP` with the id `KOURIER_TXN_ID`, writing to
+/// `KOURIER_TXN_OUT`, until SIGTERM; exits 0 after a clean stop, 3 on `Error::Transaction`
+/// (printing `fenced=<bool>`), 4 on any other error.
+#[test]
+fn child_consumer() {
+    let Ok(topic) = std::env::var("KOURIER_TXN_CHILD") else {
+        return;
+    };
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set"));
+    let (group, out, id) = (
+        var("KOURIER_TXN_GROUP"),
+        var("KOURIER_TXN_OUT"),
+        var("KOURIER_TXN_ID"),
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let result = runtime.block_on(async move {
+        let handler = handler_fn(move |m: Message<Job>| {
+            let out = out.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(CHILD_HANDLER_MS)).await;
+                let id = m.event().id;
+                for n in 0..OUTPUTS_PER_INPUT {
+                    m.send_output(
+                        OutputRecord::new(&out)
+                            .key(format!("k{id}"))
+                            .value(format!("{id}-{n}")),
+                    )?;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        });
+        consumer::builder(handler, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .max_in_flight(8)
+            .shutdown_timeout(Duration::from_secs(5))
+            .transactional(TransactionalOutput::new(id))
+            .build()?
+            .run_until_signal()
+            .await
+    });
+    match result {
+        Ok(_) => std::process::exit(0),
+        Err(Error::Transaction {
+            fenced,
+            operation,
+            source,
+        }) => {
+            eprintln!("child: transaction error during {operation}: fenced={fenced}: {source}");
+            std::process::exit(3)
+        }
+        Err(e) => {
+            eprintln!("child: error: {e:?}");
+            std::process::exit(4)
+        }
+    }
+}
+
+/// A child process running [`child_consumer`].
+struct Child(std::process::Child);
+
+impl Child {
+    fn start(topic: &str, group: &str, out: &str, id: &str) -> Child {
+        let exe = std::env::current_exe().expect("test binary");
+        let child = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "child_consumer",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("KOURIER_TXN_CHILD", topic)
+            .env("KOURIER_TXN_GROUP", group)
+            .env("KOURIER_TXN_OUT", out)
+            .env("KOURIER_TXN_ID", id)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn the child consumer");
+        Child(child)
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
+    /// Waits (at most `timeout`) for the child to exit; its exit code.
+    async fn exit_code(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the child did not exit within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until a `read_committed` reader sees at least `count` output values (each counted
+/// once per copy) in `out`; returns how many it saw.
+async fn wait_for_committed(out: &str, count: usize, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen: usize = read(out, true).await.values().sum();
+        if seen >= count {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{out}: {seen} committed outputs after {timeout:?}, expected {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// kill -9 of the consumer process, twice, mid-run (the same transactional id restarts
+/// each time): each input's outputs are seen exactly once by a `read_committed` reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_run_leaves_each_inputs_outputs_exactly_once() {
+    // About 8 s of work for one process (8 records at a time, 20 ms each).
+    const N: usize = 3_000;
+    let (topic, group, _) = setup("txn-kill", 2).await;
+    let out = support::new_topic("txn-kill-out", 2).await;
+    produce_inputs(&topic, N).await;
+    let id = support::unique_name("txn-kill-id");
+    let mut seen_before_kill = Vec::new();
+    let mut floor = 0i64;
+    for _ in 0..2 {
+        let child = Child::start(&topic, &group, &out, &id);
+        // Some inputs committed by this run (their transactions), then the kill lands
+        // mid-run.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            // A killed child's transaction may hold its offsets pending until its successor
+            // (same transactional id) fences it: a fetch that times out meanwhile is retried.
+            let committed = support::try_committed_sum(&group, &topic, 2)
+                .await
+                .unwrap_or(floor);
+            if committed >= floor + 300 {
+                floor = committed;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no progress: {committed} committed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        child.signal("-KILL");
+        drop(child);
+        seen_before_kill.push(floor);
+    }
+    let mut last = Child::start(&topic, &group, &out, &id);
+    wait_for_committed(&out, N * OUTPUTS_PER_INPUT, Duration::from_secs(120)).await;
+    last.signal("-TERM");
+    assert_eq!(
+        last.exit_code(Duration::from_secs(30)).await,
+        Some(0),
+        "a clean stop"
+    );
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    eprintln!(
+        "kill -9 twice (inputs committed before each kill: {seen_before_kill:?}): {} duplicates, {} missing under read_committed; {} copies read uncommitted",
+        duplicates.len(),
+        missing.len(),
+        read(&out, false).await.values().sum::<usize>()
+    );
+    assert_exactly_once(&duplicates, &missing);
+}
+
+/// A zombie: the consumer process is frozen (SIGSTOP) past its session timeout while another
+/// member of its group takes its partitions over and handles them; resumed, the zombie's
+/// open transaction is refused (KIP-447: its group generation is stale) or aborted, it stops
+/// with `Error::Transaction`, and a `read_committed` reader sees each input's outputs exactly
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_frozen_past_its_session_is_fenced() {
+    const N: usize = 600;
+    let (topic, group, _) = setup("txn-zombie", 2).await;
+    let out = support::new_topic("txn-zombie-out", 2).await;
+    produce_inputs(&topic, N).await;
+    let mut zombie = Child::start(&topic, &group, &out, &support::unique_name("txn-zombie-a"));
+    wait_for_committed(&out, 100, Duration::from_secs(60)).await;
+    zombie.signal("-STOP");
+    // Past the 6 s session timeout: the group forgets the zombie.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut successor = Child::start(&topic, &group, &out, &support::unique_name("txn-zombie-b"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // The frozen zombie's transaction may hold offsets pending (a read_committed fetch
+    // waits for it) until the broker aborts it: a fetch that times out is retried.
+    while support::try_committed_sum(&group, &topic, 2)
+        .await
+        .map_or(true, |sum| sum < N as i64)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the successor did not commit every offset"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    zombie.signal("-CONT");
+    assert_eq!(
+        zombie.exit_code(Duration::from_secs(60)).await,
+        Some(3),
+        "the zombie stops with Error::Transaction"
+    );
+    wait_for_committed(&out, N * OUTPUTS_PER_INPUT, Duration::from_secs(60)).await;
+    successor.signal("-TERM");
+    assert_eq!(successor.exit_code(Duration::from_secs(30)).await, Some(0));
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    assert_exactly_once(&duplicates, &missing);
+}
+
+/// A batch handler (`batched`) stages outputs per record of its batch, and fails every
+/// other record's first attempt after staging its outputs: the outputs of the failed
+/// attempts are dropped, those of the attempts that succeed are produced, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handlers_outputs_of_failed_attempts_are_dropped() {
+    use kourier::batch::{BatchHandler, BatchOutcome, batched};
+
+    const N: usize = 200;
+    struct Bulk {
+        out: String,
+        calls: Arc<Calls>,
+    }
+    #[kourier::async_trait]
+    impl BatchHandler for Bulk {
+        type Event = Job;
+        async fn handle_batch(&self, batch: &[Message<Job>]) -> BatchOutcome {
+            let mut results = Vec::with_capacity(batch.len());
+            for m in batch {
+                let id = m.event().id;
+                let attempt = self.calls.calls[id].fetch_add(1, Ordering::SeqCst) + 1;
+                for n in 0..OUTPUTS_PER_INPUT {
+                    let staged = m.send_output(
+                        OutputRecord::new(&self.out)
+                            .key(format!("k{id}"))
+                            .value(format!("{id}-{n}")),
+                    );
+                    assert!(staged.is_ok(), "transactional: {staged:?}");
+                }
+                results.push(if id % 2 == 0 && attempt == 1 {
+                    Err(HandlerError::transient("first attempt of an even record"))
+                } else {
+                    Ok(())
+                });
+            }
+            BatchOutcome::each(results)
+        }
+    }
+
+    let (topic, group, _) = setup("txn-batch", 2).await;
+    let out = support::new_topic("txn-batch-out", 2).await;
+    produce_inputs(&topic, N).await;
+    let calls = Calls::new(N);
+    let handler = batched(Bulk {
+        out: out.clone(),
+        calls: calls.clone(),
+    })
+    .max_records(50)
+    .linger(Duration::from_millis(5));
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .retry_policy(kourier::RetryPolicy::fixed(Duration::from_millis(50), 3))
+            .transactional(TransactionalOutput::new(support::unique_name(
+                "txn-batch-id",
+            ))),
+    );
+    wait_for("every even record retried", Duration::from_secs(60), || {
+        (0..N).all(|id| calls.calls[id].load(Ordering::SeqCst) >= if id % 2 == 0 { 2 } else { 1 })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.stop().await;
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    assert_exactly_once(&duplicates, &missing);
+}
+
+/// A live hand-over: a second member joins mid-run (its partitions revoked from the first,
+/// whose revoke commits its transaction with their offsets), then the first leaves: each
+/// input's outputs exactly once under `read_committed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_rebalance_between_two_members_keeps_outputs_exactly_once() {
+    // About 5 s of work for one member (4 records at a time, 5 ms each): the second joins
+    // while records still flow.
+    const N: usize = 4_000;
+    let (topic, group, _) = setup("txn-handover", 4).await;
+    let out = support::new_topic("txn-handover-out", 4).await;
+    produce_inputs(&topic, N).await;
+    let slow = |calls: &Arc<Calls>| {
+        let calls = calls.clone();
+        let out = out.clone();
+        handler_fn(move |m: Message<Job>| {
+            let (calls, out) = (calls.clone(), out.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let id = m.event().id;
+                calls.calls[id].fetch_add(1, Ordering::SeqCst);
+                for n in 0..OUTPUTS_PER_INPUT {
+                    m.send_output(
+                        OutputRecord::new(&out)
+                            .key(format!("k{id}"))
+                            .value(format!("{id}-{n}")),
+                    )?;
+                }
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    let (first_calls, second_calls) = (Calls::new(N), Calls::new(N));
+    let build = |calls: &Arc<Calls>, id: &str| {
+        consumer::builder(slow(calls), &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .max_in_flight(4)
+            .revoke_timeout(Duration::from_secs(5))
+            .transactional(TransactionalOutput::new(support::unique_name(id)))
+    };
+    let first = Running::start(build(&first_calls, "txn-handover-a"));
+    wait_for(
+        "the first member's progress",
+        Duration::from_secs(60),
+        || first_calls.called().len() >= 300,
+    )
+    .await;
+    let second = Running::start(build(&second_calls, "txn-handover-b"));
+    wait_for(
+        "the second member's progress",
+        Duration::from_secs(60),
+        || second_calls.called().len() >= 50,
+    )
+    .await;
+    first.stop().await;
+    wait_for("every input handled", Duration::from_secs(120), || {
+        (0..N).all(|id| {
+            first_calls.calls[id].load(Ordering::SeqCst)
+                + second_calls.calls[id].load(Ordering::SeqCst)
+                > 0
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    second.stop().await;
+    let handled_twice = (0..N)
+        .filter(|&id| {
+            first_calls.calls[id].load(Ordering::SeqCst)
+                + second_calls.calls[id].load(Ordering::SeqCst)
+                > 1
+        })
+        .count();
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    eprintln!(
+        "hand-over: {} inputs handled by the first member, {} by the second, {handled_twice} handled by both",
+        first_calls.called().len(),
+        second_calls.called().len()
+    );
+    assert_exactly_once(&duplicates, &missing);
+}
