@@ -50,6 +50,16 @@
 //! `<topic>.retry.2`, before the dead-letter topic, and the user's later mails wait behind it
 //! (`with_key_order`, the ledger in the same Redis). The tier topics are created when missing.
 //!
+//! `--queue` (or `NOTIFY_QUEUE=true`; with `demo` and `run`; kourier's experimental `queue`
+//! feature: `cargo run --features queue --example mail_notifier -- --queue demo`) is queue
+//! mode: the same mailer, Redis idempotency, retry policy and dead-letter topic run by a
+//! `kourier::queue::QueueConsumer` over a Kafka share group (`<group>-queue`, from the earliest
+//! record), which hands records to its members one by one, each locked for the member that got
+//! it: members may outnumber partitions, and a user's mails may go out in any order. A refused
+//! connection holds the mail (its lock renewed) instead of opening a breaker; retry tiers,
+//! kourier's metrics and the health routes' consumer status are consumer-group features
+//! (`--retry-tiers` is refused, the probes keep answering "starting").
+//!
 //! `--metrics-addr 127.0.0.1:9464` (with `demo` and `run`) serves, on that one address, while
 //! the notifier runs:
 //!
@@ -135,6 +145,12 @@ struct KafkaArgs {
     /// (the user's later mails behind it) before the dead-letter topic. Off when not given.
     #[arg(long, env = "NOTIFY_RETRY_TIERS", value_delimiter = ',', global = true)]
     retry_tiers: Vec<u64>,
+    /// With `demo` and `run`: queue mode (experimental). The same mailer, idempotency and
+    /// dead letters over a Kafka share group (`<group>-queue`): records shared one by one
+    /// between members, no per-user order.
+    #[cfg(feature = "queue")]
+    #[arg(long, env = "NOTIFY_QUEUE", global = true)]
+    queue: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +226,13 @@ async fn main() -> Result<()> {
         }
         None => None,
     };
+    #[cfg(feature = "queue")]
+    let queue = cli.kafka.queue;
+    #[cfg(not(feature = "queue"))]
+    let queue = false;
+    if queue && !matches!(cli.command, Command::Demo { .. } | Command::Run { .. }) {
+        tracing::warn!("--queue applies to `demo` and `run` only; ignored");
+    }
     let settings = Settings {
         bootstrap: cli.kafka.bootstrap_servers,
         redis_url: cli.kafka.redis_url,
@@ -237,6 +260,7 @@ async fn main() -> Result<()> {
                 settle_timeout: Duration::from_secs(settle_timeout),
                 probes,
                 outage: (outage_secs > 0).then(|| Duration::from_secs(outage_secs)),
+                queue,
             };
             // Listen for Ctrl-C from now on (a signal future only listens once polled).
             let (interrupted, interrupt) = tokio::sync::oneshot::channel::<()>();
@@ -259,6 +283,14 @@ async fn main() -> Result<()> {
         } => {
             notifier::ensure_topics(&settings).await?;
             let mailer = Mailer::plaintext(&smtp_host, smtp_port, Journal::default());
+            #[cfg(feature = "queue")]
+            if queue {
+                let consumer = notifier::queue_consumer(&settings, mailer, |_, _| {}).await?;
+                tracing::info!(topic = %settings.topic, group = %settings.share_group(), smtp = %format!("{smtp_host}:{smtp_port}"), "notifier running in queue mode; Ctrl-C stops it");
+                let report = consumer.run_until_signal().await?;
+                tracing::info!(?report, "notifier stopped");
+                return Ok(());
+            }
             let consumer = notifier::consumer(&settings, mailer).await?;
             tracing::info!(topic = %settings.topic, group = %settings.group, smtp = %format!("{smtp_host}:{smtp_port}"), "notifier running; Ctrl-C stops it");
             let report = probes.run(consumer, kourier::shutdown_signal()).await?;
