@@ -4,6 +4,9 @@
 //!
 //! - **no-op**: a handler that does nothing; 4 partitions, one member each side,
 //!   `max_in_flight` 64; `QUEUE_BENCH_RECORDS` records (default 50,000 with `--bench`).
+//! - **no-op f1k**: the same, the queue member fetching up to 1,024 records at a time
+//!   (`fetch_size`; by default a member fetches `max_in_flight` records and fetches again once
+//!   all of them are settled, one round trip per 64 records here).
 //! - **10 ms**: a handler that sleeps 10 ms; the same set-up, a tenth of the records.
 //! - **scaling**: a 10 ms handler on **1 partition**, `max_in_flight` 8 per member: 4 queue
 //!   members in one share group vs one consumer-group member (a consumer group gives one
@@ -82,6 +85,8 @@ struct Scenario {
     work: Duration,
     max_in_flight: usize,
     queue_members: usize,
+    /// The queue members' `fetch_size` (default: `max_in_flight`).
+    fetch_size: Option<usize>,
 }
 
 fn run_id() -> String {
@@ -157,6 +162,7 @@ async fn queue_drain(bootstrap: &str, topic: &str, s: &Scenario) -> Drain {
         .group_id(group.as_str())
         .topic(topic)
         .max_in_flight(s.max_in_flight)
+        .fetch_size(s.fetch_size.unwrap_or(s.max_in_flight))
         .shutdown_timeout(Duration::from_secs(5))
         .build()
         .expect("build the queue consumer");
@@ -205,6 +211,16 @@ async fn main() {
             work: Duration::ZERO,
             max_in_flight: 64,
             queue_members: 1,
+            fetch_size: None,
+        },
+        Scenario {
+            name: "no-op f1k",
+            partitions: 4,
+            records,
+            work: Duration::ZERO,
+            max_in_flight: 64,
+            queue_members: 1,
+            fetch_size: Some(1_024),
         },
         Scenario {
             name: "10 ms",
@@ -213,6 +229,7 @@ async fn main() {
             work: Duration::from_millis(10),
             max_in_flight: 64,
             queue_members: 1,
+            fetch_size: None,
         },
         Scenario {
             name: "scaling",
@@ -221,6 +238,7 @@ async fn main() {
             work: Duration::from_millis(10),
             max_in_flight: 8,
             queue_members: 4,
+            fetch_size: None,
         },
     ];
     println!(
@@ -228,7 +246,7 @@ async fn main() {
          (time to the first record apart); group: RetryingConsumer, Unordered, 1 member"
     );
     println!(
-        "{:<8} {:>7} {:>10} {:>9} {:>13} {:>12} {:>12} {:>8}   first record after (group / queue)",
+        "{:<9} {:>7} {:>10} {:>9} {:>13} {:>12} {:>12} {:>8}   first record after (group / queue)",
         "scenario",
         "records",
         "partitions",
@@ -241,7 +259,7 @@ async fn main() {
     for s in &scenarios {
         let (group, queue) = scenario(&bootstrap, s).await;
         println!(
-            "{:<8} {:>7} {:>10} {:>9} {:>13} {:>12.0} {:>12.0} {:>7.2}×   {:.1} s / {:.1} s",
+            "{:<9} {:>7} {:>10} {:>9} {:>13} {:>12.0} {:>12.0} {:>7.2}×   {:.1} s / {:.1} s",
             s.name,
             s.records,
             s.partitions,
