@@ -1,24 +1,30 @@
-//! Queue mode (feature `queue`, experimental) against the consumer-group engine, on the same
-//! drain of a topic with **one partition**:
+//! Queue mode (`kourier::queue::QueueConsumer`, a share group) vs the consumer-group engine
+//! (`RetryingConsumer`) on the same drain: each scenario fills one topic, then each engine
+//! drains it with a group of its own (both from the earliest record), one after the other.
 //!
-//! - **no-op**: `QUEUE_BENCH_RECORDS` records (default 20,000 with `--bench`) handled by a
-//!   handler that does nothing: a `RetryingConsumer` (unordered, `max_in_flight` 64) and one
-//!   `QueueConsumer` member (`max_in_flight` 64, fetches of 500);
-//! - **10 ms**: a tenth as many records, each taking 10 ms: a `RetryingConsumer` in partition
-//!   order (a consumer group gives the one partition to one member, which runs one record at
-//!   a time) and four `QueueConsumer` members running one record each (members scale past
-//!   the partition count).
+//! - **no-op**: a handler that does nothing; 4 partitions, one member each side,
+//!   `max_in_flight` 64; `QUEUE_BENCH_RECORDS` records (default 50,000 with `--bench`).
+//! - **no-op f1k**: the same, the queue member fetching up to 1,024 records at a time
+//!   (`fetch_size`; by default a member fetches `max_in_flight` records and fetches again once
+//!   all of them are settled, one round trip per 64 records here).
+//! - **10 ms**: a handler that sleeps 10 ms; the same set-up, a tenth of the records.
+//! - **scaling**: a 10 ms handler on **1 partition**, `max_in_flight` 8 per member: 4 queue
+//!   members in one share group vs one consumer-group member (a consumer group gives one
+//!   partition to one member; more members would idle), a twenty-fifth of the records.
 //!
-//! Figures: the time from the consumers' start to the first record handled (joining), and
-//! records per second from the first record to the last.
+//! The consumer group runs `ProcessingOrder::Unordered` (queue mode has no order either).
+//! Figures per run: records per second from the first record handled to the last (the time to
+//! join the group and get the first record is printed apart, not counted), and queue ÷ group.
+//! Handler calls are counted, so a record delivered twice counts twice (none expected).
+//!
 //! Run: `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 cargo bench --features queue --bench queue`
-//! (needs `scripts/services up`, Kafka 4.2+).
+//! (needs `scripts/services up`: Kafka 4.2+ with share groups on).
 
 mod drain_common;
 
 use std::hash::BuildHasher as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kourier::queue::QueueConsumer;
@@ -27,10 +33,27 @@ use kourier::{
     BytesCodec, Handler, HandlerError, Message, ProcessingOrder, RetryingConsumer, async_trait,
 };
 
-/// Counts records, taking `work` for each.
+/// Handler calls: how many, and when the first and the latest happened.
+#[derive(Default)]
+struct Calls {
+    count: AtomicU64,
+    first: Mutex<Option<Instant>>,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Calls {
+    fn record(&self) {
+        let now = Instant::now();
+        self.first.lock().unwrap().get_or_insert(now);
+        *self.last.lock().unwrap() = Some(now);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes `work` (none, or a sleep), then counts the call.
 struct Work {
+    calls: Arc<Calls>,
     work: Duration,
-    done: Arc<AtomicU64>,
 }
 
 #[async_trait]
@@ -41,153 +64,212 @@ impl Handler for Work {
         if !self.work.is_zero() {
             tokio::time::sleep(self.work).await;
         }
-        self.done.fetch_add(1, Ordering::Relaxed);
+        self.calls.record();
         Ok(())
     }
 }
 
-#[derive(Clone, Copy)]
-enum Engine {
-    /// A consumer group, this order and in-flight bound.
-    Group(ProcessingOrder, usize),
-    /// This many share-group members, each with this in-flight bound.
-    Queue(usize, usize),
+/// One drain's figures.
+struct Drain {
+    /// Records per second, first record handled to last.
+    rate: f64,
+    /// From the start to the first record handled (joining the group, fetching).
+    first_after: Duration,
 }
 
-/// Drains `records` records with `engine`, each taking `work`: the time to the first record
-/// handled (joining the group), and records per second from then to the last.
-async fn run(bootstrap: &str, records: u64, work: Duration, engine: Engine) -> (Duration, f64) {
-    let run_id = format!(
+/// A scenario: the drain's shape.
+struct Scenario {
+    name: &'static str,
+    partitions: i32,
+    records: u64,
+    work: Duration,
+    max_in_flight: usize,
+    queue_members: usize,
+    /// The queue members' `fetch_size` (default: `max_in_flight`).
+    fetch_size: Option<usize>,
+}
+
+fn run_id() -> String {
+    format!(
         "{}-{}",
         std::process::id(),
         std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
             as u32
-    );
-    let topic = format!("bench-queue-{run_id}");
+    )
+}
+
+/// Waits until `calls` reached `records`, then gives the drain's figures.
+async fn drained(calls: &Calls, records: u64, started: Instant) -> Drain {
+    while calls.count.load(Ordering::Relaxed) < records {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the drain did not finish within 300 s ({} of {records} records)",
+            calls.count.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = calls.first.lock().unwrap().expect("a first call");
+    let last = calls.last.lock().unwrap().expect("a last call");
+    let secs = last.duration_since(first).as_secs_f64().max(1e-6);
+    Drain {
+        // The first record's own time is not in the span: count the records after it.
+        rate: (records.saturating_sub(1)).max(1) as f64 / secs,
+        first_after: first.duration_since(started),
+    }
+}
+
+/// The consumer-group engine drains `topic` with one member.
+async fn group_drain(bootstrap: &str, topic: &str, s: &Scenario) -> Drain {
+    let calls = Arc::new(Calls::default());
+    let consumer = RetryingConsumer::builder(Work {
+        calls: calls.clone(),
+        work: s.work,
+    })
+    .codec(BytesCodec)
+    .bootstrap_servers(bootstrap)
+    .group_id(format!("bench-queue-cg-{}", run_id()))
+    .topic(topic)
+    .ordering(ProcessingOrder::Unordered)
+    .max_in_flight(s.max_in_flight)
+    .kafka_config("auto.offset.reset", "earliest")
+    .build()
+    .expect("build the group consumer");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let task = tokio::spawn(consumer.run(async {
+        let _ = stopped.await;
+    }));
+    let drain = drained(&calls, s.records, started).await;
+    let _ = stop.send(());
+    let _ = task.await;
+    drain
+}
+
+/// Queue mode drains `topic` with `s.queue_members` members of one share group.
+async fn queue_drain(bootstrap: &str, topic: &str, s: &Scenario) -> Drain {
+    let calls = Arc::new(Calls::default());
+    let group = format!("bench-queue-sg-{}", run_id());
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let started = Instant::now();
+    let mut members = Vec::new();
+    for _ in 0..s.queue_members {
+        let consumer = QueueConsumer::builder(Work {
+            calls: calls.clone(),
+            work: s.work,
+        })
+        .codec(BytesCodec)
+        .bootstrap_servers(bootstrap)
+        .group_id(group.as_str())
+        .topic(topic)
+        .max_in_flight(s.max_in_flight)
+        .fetch_size(s.fetch_size.unwrap_or(s.max_in_flight))
+        .shutdown_timeout(Duration::from_secs(5))
+        .build()
+        .expect("build the queue consumer");
+        let mut stopped = stop.subscribe();
+        members.push(tokio::spawn(consumer.run(async move {
+            let _ = stopped.recv().await;
+        })));
+    }
+    let drain = drained(&calls, s.records, started).await;
+    let _ = stop.send(());
+    for member in members {
+        match member.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("a queue member failed: {e}"),
+            Err(e) => panic!("a queue member panicked: {e}"),
+        }
+    }
+    drain
+}
+
+async fn scenario(bootstrap: &str, s: &Scenario) -> (Drain, Drain) {
+    let topic = format!("bench-queue-{}", run_id());
     TopicAdmin::new(bootstrap)
         .ensure(&[
-            TopicSpec::new(topic.clone(), 1),
-            TopicSpec::dead_letter(&topic, 1),
+            TopicSpec::new(topic.clone(), s.partitions),
+            TopicSpec::dead_letter(&topic, s.partitions),
         ])
         .await
         .expect("topics");
-    drain_common::produce(bootstrap, &topic, records, 1_000, |_| vec![b'x'; 100]).await;
-    let done = Arc::new(AtomicU64::new(0));
-    let group = format!("bench-queue-g-{run_id}");
-    let started = Instant::now();
-    let mut stops = Vec::new();
-    let mut tasks = Vec::new();
-    let handler = || Work {
-        work,
-        done: done.clone(),
-    };
-    match engine {
-        Engine::Group(order, in_flight) => {
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            stops.push(stop);
-            let consumer = RetryingConsumer::builder(handler())
-                .codec(BytesCodec)
-                .bootstrap_servers(bootstrap)
-                .group_id(group)
-                .topic(topic.as_str())
-                .ordering(order)
-                .max_in_flight(in_flight)
-                .kafka_config("auto.offset.reset", "earliest")
-                .build()
-                .expect("build");
-            tasks.push(tokio::spawn(async move {
-                let _ = consumer
-                    .run(async {
-                        let _ = stopped.await;
-                    })
-                    .await;
-            }));
-        }
-        Engine::Queue(members, in_flight) => {
-            for _ in 0..members {
-                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                stops.push(stop);
-                let consumer = QueueConsumer::builder(handler())
-                    .codec(BytesCodec)
-                    .bootstrap_servers(bootstrap)
-                    .group_id(group.clone())
-                    .topic(topic.as_str())
-                    .max_in_flight(in_flight)
-                    .fetch_size(if in_flight > 1 { 500 } else { 1 })
-                    .build()
-                    .expect("build");
-                tasks.push(tokio::spawn(async move {
-                    let _ = consumer
-                        .run(async {
-                            let _ = stopped.await;
-                        })
-                        .await;
-                }));
-            }
-        }
-    }
-    let mut first = None;
-    while done.load(Ordering::Relaxed) < records {
-        if first.is_none() && done.load(Ordering::Relaxed) > 0 {
-            first = Some(Instant::now());
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "the drain did not finish within 600 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let first = first.unwrap_or(started);
-    let joined = first.duration_since(started);
-    let secs = first.elapsed().as_secs_f64().max(1e-3);
-    for stop in stops {
-        let _ = stop.send(());
-    }
-    for task in tasks {
-        let _ = task.await;
-    }
-    (joined, records.saturating_sub(1) as f64 / secs)
+    drain_common::produce(bootstrap, &topic, s.records, 1_000, |_| vec![b'x'; 100]).await;
+    let group = group_drain(bootstrap, &topic, s).await;
+    let queue = queue_drain(bootstrap, &topic, s).await;
+    (group, queue)
 }
 
 #[tokio::main]
 async fn main() {
-    let Some((bootstrap, records)) = drain_common::sized("QUEUE_BENCH_RECORDS", 20_000, 200) else {
+    let Some((bootstrap, records)) = drain_common::sized("QUEUE_BENCH_RECORDS", 50_000, 200) else {
         return;
     };
-    let slow = (records / 10).max(1);
+    let scenarios = [
+        Scenario {
+            name: "no-op",
+            partitions: 4,
+            records,
+            work: Duration::ZERO,
+            max_in_flight: 64,
+            queue_members: 1,
+            fetch_size: None,
+        },
+        Scenario {
+            name: "no-op f1k",
+            partitions: 4,
+            records,
+            work: Duration::ZERO,
+            max_in_flight: 64,
+            queue_members: 1,
+            fetch_size: Some(1_024),
+        },
+        Scenario {
+            name: "10 ms",
+            partitions: 4,
+            records: (records / 10).max(10),
+            work: Duration::from_millis(10),
+            max_in_flight: 64,
+            queue_members: 1,
+            fetch_size: None,
+        },
+        Scenario {
+            name: "scaling",
+            partitions: 1,
+            records: (records / 25).max(10),
+            work: Duration::from_millis(10),
+            max_in_flight: 8,
+            queue_members: 4,
+            fetch_size: None,
+        },
+    ];
     println!(
-        "one partition, 100 B records; join = time to the first record handled, rate = from \
-         the first record to the last"
-    );
-    let (gj, group) = run(
-        &bootstrap,
-        records,
-        Duration::ZERO,
-        Engine::Group(ProcessingOrder::Unordered, 64),
-    )
-    .await;
-    let (qj, queue) = run(&bootstrap, records, Duration::ZERO, Engine::Queue(1, 64)).await;
-    println!("no-op, {records} records:");
-    println!("  consumer group (unordered, 64 in flight): join {gj:>8.2?}, {group:>8.0} rec/s");
-    println!(
-        "  queue, 1 member (64 in flight):           join {qj:>8.2?}, {queue:>8.0} rec/s ({:.2}×)",
-        queue / group
-    );
-    let ten = Duration::from_millis(10);
-    let (gj, group) = run(
-        &bootstrap,
-        slow,
-        ten,
-        Engine::Group(ProcessingOrder::Partition, 1),
-    )
-    .await;
-    let (qj, queue) = run(&bootstrap, slow, ten, Engine::Queue(4, 1)).await;
-    println!("10 ms each, {slow} records:");
-    println!(
-        "  consumer group (partition order: 1 member, 1 at a time): join {gj:>8.2?}, {group:>6.0} rec/s"
+        "records × 100 B over 1,000 keys; rec/s from the first record handled to the last \
+         (time to the first record apart); group: RetryingConsumer, Unordered, 1 member"
     );
     println!(
-        "  queue, 4 members × 1 in flight:                          join {qj:>8.2?}, {queue:>6.0} rec/s ({:.2}×)",
-        queue / group
+        "{:<9} {:>7} {:>10} {:>9} {:>13} {:>12} {:>12} {:>8}   first record after (group / queue)",
+        "scenario",
+        "records",
+        "partitions",
+        "in flight",
+        "queue members",
+        "group rec/s",
+        "queue rec/s",
+        "q÷g"
     );
+    for s in &scenarios {
+        let (group, queue) = scenario(&bootstrap, s).await;
+        println!(
+            "{:<9} {:>7} {:>10} {:>9} {:>13} {:>12.0} {:>12.0} {:>7.2}×   {:.1} s / {:.1} s",
+            s.name,
+            s.records,
+            s.partitions,
+            s.max_in_flight,
+            s.queue_members,
+            group.rate,
+            queue.rate,
+            queue.rate / group.rate,
+            group.first_after.as_secs_f64(),
+            queue.first_after.as_secs_f64(),
+        );
+    }
 }

@@ -8,6 +8,7 @@
 //! the dead-letter topic holds exactly the bad records, with the right failure kinds; the group
 //! committed everything; and a re-run neither re-mails old events nor mails re-published ones.
 //! Batch mode (`--batch`) is checked the same way, and that its mails really shared SMTP sessions.
+//! Queue mode (`--queue`, feature `queue`: a share group) is checked the same way.
 //!
 //! Needs Kafka and Redis (`scripts/services up`); each test has its own topics and group.
 
@@ -45,6 +46,7 @@ fn config(topic: &str, group: &str, outbox: &Path, run_id: &str) -> DemoConfig {
         probes: ops_server::Probes::default(),
         outage: None,
         batch: false,
+        queue: false,
     }
 }
 
@@ -522,5 +524,135 @@ async fn batch_mode_mails_each_event_once_over_shared_smtp_sessions() {
         per_session.len(),
         report.mails.len(),
         per_session.values().collect::<Vec<_>>()
+    );
+}
+
+/// Queue mode (`--queue`): the same mailer, Redis idempotency and dead-letter topic over a
+/// share group (on the shared broker: Kafka 4.2+ with share groups on), with the outage
+/// sample. Each valid event is mailed exactly once (either copy of the duplicated event, the
+/// other skipped), the greylisted mail after its `451`, the malformed record and the two
+/// refused addresses are dead-lettered (kourier's own letters, naming the share group), and
+/// the outage dead-letters nothing: the refused mails were held and sent once the server was
+/// back.
+#[cfg(feature = "queue")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_mode_mails_each_event_once_and_dead_letters_the_bad_ones() {
+    require_kafka().await;
+    require_redis().await;
+    let topic = unique_name("mail-notifier-queue");
+    let group = unique_name("mail-notifier-queue");
+    let outbox = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("outbox"));
+    let mut config = config(&topic, &group, &outbox, "q1");
+    config.queue = true;
+    config.outage = Some(Duration::from_secs(3));
+    let report = run(config).await;
+    let summary = report.summary();
+    assert!(report.surprises().is_empty(), "{summary}");
+
+    // Exactly one mail per unique valid event id, the outage's included.
+    let valid = ids_expecting(
+        &report,
+        &[
+            Expect::Mail,
+            Expect::MailAfterRetry,
+            Expect::Duplicate,
+            Expect::MailAfterOutage,
+        ],
+    );
+    assert_eq!(valid.len(), 12, "{summary}");
+    assert_eq!(mailed_ids(&report), valid, "{summary}");
+
+    // The duplicated event: one copy mailed on its first call, the other skipped.
+    let copies: Vec<&Fate> = report
+        .published
+        .iter()
+        .zip(&report.fates)
+        .filter(|(p, _)| {
+            report
+                .published
+                .iter()
+                .filter(|q| q.sample.event_id == p.sample.event_id)
+                .count()
+                > 1
+        })
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(copies.len(), 2, "{summary}");
+    assert_eq!(
+        copies
+            .iter()
+            .filter(|f| matches!(f, Fate::Sent(c) if c.len() == 1))
+            .count(),
+        1,
+        "{summary}"
+    );
+    assert_eq!(
+        copies
+            .iter()
+            .filter(|f| matches!(f, Fate::SkippedDuplicate))
+            .count(),
+        1,
+        "{summary}"
+    );
+
+    // The greylisted mail: a 451 on attempt 1, sent on attempt 2.
+    let (_, flaky) = report
+        .published
+        .iter()
+        .zip(&report.fates)
+        .find(|(p, _)| p.sample.expect == Expect::MailAfterRetry)
+        .unwrap();
+    let Fate::Sent(calls) = flaky else {
+        panic!("the greylisted event was not sent:{summary}")
+    };
+    assert!(
+        matches!(&calls[0].outcome, Outcome::Transient(e) if e.contains("451")),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        [1, 2],
+        "{calls:?}"
+    );
+
+    // The outage: its mails were refused at least once between them, held, then sent.
+    let refused = report
+        .published
+        .iter()
+        .zip(&report.fates)
+        .filter(|(p, _)| p.sample.expect == Expect::MailAfterOutage)
+        .flat_map(|(_, f)| match f {
+            Fate::Sent(c) | Fate::DeadLettered(_, c) | Fate::Unsettled(c) => c.as_slice(),
+            Fate::SkippedDuplicate => &[],
+        })
+        .filter(|c| matches!(c.outcome, Outcome::Unavailable(_)))
+        .count();
+    assert!(refused >= 1, "no outage mail was refused:{summary}");
+
+    // Dead letters: exactly the three bad records, once each, from the share group.
+    let mut kinds: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for letter in support::read_all(&format!("{topic}.dlt")).await {
+        let id = header_text(&letter, event::EVENT_ID_HEADER);
+        assert_eq!(header_text(&letter, dlt::ORIGINAL_TOPIC), topic);
+        assert_eq!(
+            header_text(&letter, dlt::ORIGINAL_CONSUMER_GROUP),
+            format!("{group}-queue")
+        );
+        let kind = header_text(&letter, dlt::FAILURE_KIND);
+        let attempts = header_text(&letter, dlt::ATTEMPTS);
+        assert!(
+            kinds.insert(id, (kind, attempts)).is_none(),
+            "two dead letters for one record:{summary}"
+        );
+    }
+    let letter = |kind: &str, attempts: &str| (kind.to_owned(), attempts.to_owned());
+    assert_eq!(
+        kinds,
+        BTreeMap::from([
+            ("q1-04".to_owned(), letter("decode", "0")),
+            ("q1-05".to_owned(), letter("permanent", "1")),
+            ("q1-07".to_owned(), letter("permanent", "1")),
+        ]),
+        "{summary}"
     );
 }

@@ -36,6 +36,9 @@ pub(crate) struct DemoConfig {
     /// The outage sample: once the regular samples are settled, the SMTP server refuses
     /// connections this long while the outage samples are published. `None`: no outage.
     pub(crate) outage: Option<Duration>,
+    /// Queue mode (`--queue`, feature `queue`): the mailer over a share group
+    /// ([`notifier::queue_consumer`]); a record is settled once kourier reports its outcome.
+    pub(crate) queue: bool,
     /// Batch mode (`--batch`): the bulk mailer, one SMTP session per batch of mails.
     pub(crate) batch: bool,
 }
@@ -114,51 +117,57 @@ pub(crate) async fn run_demo(
     tracing::info!(addr = %server.addr(), outbox = %server.outbox().display(), "smtp server listening");
 
     let journal = Journal::default();
+    let port = server.addr().port();
+    let mailer = Mailer::plaintext("127.0.0.1", port, journal.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async {
+    let stop = async move {
         let _ = stop_rx.await;
     };
-    let port = server.addr().port();
-    let (monitor, mut running) = if config.batch {
-        let mailer = BulkMailer::plaintext("127.0.0.1", port, journal.clone());
-        let consumer = notifier::consumer(settings, notifier::bulk(mailer)).await?;
-        let monitor = consumer.monitor();
-        (
-            monitor,
-            tokio::spawn(config.probes.clone().run(consumer, stop)),
-        )
+    let running = if config.queue {
+        Running::queue(settings, mailer, stop).await?
     } else {
-        let mailer = Mailer::plaintext("127.0.0.1", port, journal.clone());
-        let consumer = notifier::consumer(settings, mailer).await?;
-        let monitor = consumer.monitor();
-        (
+        let (monitor, task) = if config.batch {
+            let bulk = BulkMailer::plaintext("127.0.0.1", port, journal.clone());
+            let consumer = notifier::consumer(settings, notifier::bulk(bulk)).await?;
+            let monitor = consumer.monitor();
+            (
+                monitor,
+                tokio::spawn(config.probes.clone().run(consumer, stop)),
+            )
+        } else {
+            let consumer = notifier::consumer(settings, mailer).await?;
+            let monitor = consumer.monitor();
+            (
+                monitor,
+                tokio::spawn(config.probes.clone().run(consumer, stop)),
+            )
+        };
+        let probe = {
+            let (b, g, t) = (
+                settings.bootstrap.clone(),
+                settings.group.clone(),
+                settings.topic.clone(),
+            );
+            blocking(move || CommittedOffsets::new(&b, &g, &t, partitions)).await?
+        };
+        Running::Group {
             monitor,
-            tokio::spawn(config.probes.clone().run(consumer, stop)),
-        )
+            task,
+            probe: std::sync::Arc::new(probe),
+            committed: BTreeMap::new(),
+        }
     };
 
     let publisher = samples::publisher(&settings.bootstrap, &settings.topic)?;
     let mut published = samples::publish(&publisher, samples::samples(&config.run_id)).await?;
     tracing::info!(records = published.len(), "sample records published");
 
-    let probe = {
-        let (b, g, t) = (
-            settings.bootstrap.clone(),
-            settings.group.clone(),
-            settings.topic.clone(),
-        );
-        blocking(move || CommittedOffsets::new(&b, &g, &t, partitions)).await?
-    };
     let mut waiter = Settling {
-        probe: std::sync::Arc::new(probe),
-        monitor: &monitor,
+        running,
         deadline: tokio::time::Instant::now() + config.settle_timeout,
-        committed: BTreeMap::new(),
     };
     tokio::pin!(interrupt);
-    let mut settled = waiter
-        .wait(&published, &mut running, &mut interrupt)
-        .await?;
+    let mut settled = waiter.wait(&published, &mut interrupt).await?;
     let mut outage = None;
     if let (Some(down_for), Settled::All) = (config.outage, settled) {
         // The outage sample: the SMTP server refuses connections while more mails come in.
@@ -172,25 +181,13 @@ pub(crate) async fn run_demo(
         server.set_refusing(false);
         tracing::info!("smtp server back: accepting connections");
         outage = Some((began, SystemTime::now()));
-        settled = waiter
-            .wait(&published, &mut running, &mut interrupt)
-            .await?;
+        settled = waiter.wait(&published, &mut interrupt).await?;
     }
-    let breaker = monitor.snapshot().breaker;
-    let committed = waiter.committed;
-    let probe = waiter.probe;
+    let breaker = waiter.running.breaker();
     let (settled, interrupted) = (settled == Settled::All, settled == Settled::Interrupted);
 
     let _ = stop_tx.send(());
-    let report = running
-        .await
-        .context("the consumer task panicked")?
-        .context("the consumer failed while shutting down")?;
-    if !report.is_clean() {
-        bail!("the shutdown abandoned {} records", report.abandoned);
-    }
-    // The shutdown committed what settled meanwhile.
-    let committed = blocking(move || probe.get()).await.unwrap_or(committed);
+    let done = waiter.running.stop().await?;
 
     let dead_letters = blocking({
         let (bootstrap, dlt) = (settings.bootstrap.clone(), dlt.clone());
@@ -219,7 +216,7 @@ pub(crate) async fn run_demo(
             let letter = dead_letters
                 .iter()
                 .find(|d| d.original_partition == p.partition && d.original_offset == p.offset);
-            let done = committed.get(&p.partition).is_some_and(|c| *c > p.offset);
+            let done = done.settled(p.partition, p.offset);
             match letter {
                 Some(d) => Fate::DeadLettered(d.clone(), calls),
                 None if calls.last().is_some_and(|a| a.outcome == Outcome::Sent) => {
@@ -260,54 +257,235 @@ enum Settled {
     Interrupted,
 }
 
-/// Waits for records to be settled: committed by the group (kourier commits an offset only
-/// once that record and every lower one of its partition are mailed, dead-lettered
-/// (acknowledged) or skipped as duplicates) and nothing in flight.
-struct Settling<'a> {
-    probe: std::sync::Arc<CommittedOffsets>,
-    monitor: &'a ConsumerMonitor,
-    deadline: tokio::time::Instant,
-    committed: BTreeMap<i32, i64>,
+/// The consumer the demo runs: a consumer group (the default) or, with `--queue`, a share
+/// group.
+enum Running {
+    Group {
+        monitor: ConsumerMonitor,
+        task: tokio::task::JoinHandle<kourier::Result<ShutdownReport>>,
+        probe: std::sync::Arc<CommittedOffsets>,
+        /// The group's committed offsets, as last read.
+        committed: BTreeMap<i32, i64>,
+    },
+    #[cfg(feature = "queue")]
+    Queue {
+        task: tokio::task::JoinHandle<
+            Result<kourier::queue::QueueReport, kourier::queue::QueueError>,
+        >,
+        /// Each record's outcome as kourier reported it, by (partition, offset).
+        outcomes: Outcomes,
+    },
 }
 
-impl Settling<'_> {
+/// Queue mode's settled records: (partition, offset) → outcome, from the consumer's observer.
+#[cfg(feature = "queue")]
+type Outcomes = std::sync::Arc<std::sync::Mutex<HashMap<(i32, i64), kourier::RecordOutcome>>>;
+
+/// Which records were settled when the consumer stopped.
+enum Done {
+    /// The consumer group's committed offsets.
+    Committed(BTreeMap<i32, i64>),
+    /// Queue mode: the records whose outcome was handled, duplicate or dead-lettered.
+    #[cfg(feature = "queue")]
+    Outcomes(HashMap<(i32, i64), kourier::RecordOutcome>),
+}
+
+impl Done {
+    fn settled(&self, partition: i32, offset: i64) -> bool {
+        match self {
+            Done::Committed(committed) => committed.get(&partition).is_some_and(|c| *c > offset),
+            #[cfg(feature = "queue")]
+            Done::Outcomes(outcomes) => outcomes
+                .get(&(partition, offset))
+                .is_some_and(|o| queue_settled(*o)),
+        }
+    }
+}
+
+/// A queue-mode record is settled (ACCEPTed) once handled, skipped or dead-lettered.
+#[cfg(feature = "queue")]
+fn queue_settled(outcome: kourier::RecordOutcome) -> bool {
+    matches!(
+        outcome,
+        kourier::RecordOutcome::Handled
+            | kourier::RecordOutcome::Duplicate
+            | kourier::RecordOutcome::DeadLettered(_)
+    )
+}
+
+impl Running {
+    /// Queue mode: starts the mailer over the share group, its outcomes recorded.
+    #[cfg(feature = "queue")]
+    async fn queue(
+        settings: &Settings,
+        mailer: Mailer,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Running> {
+        let outcomes = Outcomes::default();
+        let seen = outcomes.clone();
+        let consumer = notifier::queue_consumer(settings, mailer, move |record, outcome| {
+            if let Ok(mut seen) = seen.lock() {
+                seen.insert((record.partition, record.offset), outcome);
+            }
+        })
+        .await?;
+        Ok(Running::Queue {
+            task: tokio::spawn(consumer.run(stop)),
+            outcomes,
+        })
+    }
+
+    #[cfg(not(feature = "queue"))]
+    async fn queue(
+        _settings: &Settings,
+        _mailer: Mailer,
+        _stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Running> {
+        bail!("queue mode needs kourier's `queue` feature (cargo run --features queue ...)")
+    }
+
+    /// Whether every published record is settled and nothing runs.
+    fn all_settled(&self, published: &[Published]) -> bool {
+        match self {
+            Running::Group {
+                monitor, committed, ..
+            } => {
+                let mut last_offset: BTreeMap<i32, i64> = BTreeMap::new();
+                for p in published {
+                    let o = last_offset.entry(p.partition).or_insert(p.offset);
+                    *o = (*o).max(p.offset);
+                }
+                let all = last_offset
+                    .iter()
+                    .all(|(p, last)| committed.get(p).is_some_and(|c| c > last));
+                all && monitor.snapshot().in_flight == 0
+            }
+            #[cfg(feature = "queue")]
+            Running::Queue { outcomes, .. } => outcomes.lock().is_ok_and(|seen| {
+                published.iter().all(|p| {
+                    seen.get(&(p.partition, p.offset))
+                        .is_some_and(|o| queue_settled(*o))
+                })
+            }),
+        }
+    }
+
+    /// Reads the group's committed offsets again (queue mode: outcomes arrive by themselves).
+    async fn refresh(&mut self) {
+        match self {
+            Running::Group {
+                probe, committed, ..
+            } => {
+                let probe = probe.clone();
+                match blocking(move || probe.get()).await {
+                    Ok(now) => *committed = now,
+                    // The broker may be restarting: keep waiting (the consumer rides it out, too).
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot read committed offsets yet")
+                    }
+                }
+            }
+            #[cfg(feature = "queue")]
+            Running::Queue { .. } => {}
+        }
+    }
+
+    /// Resolves when the consumer stopped on its own (it should not): why.
+    async fn ended(&mut self) -> anyhow::Error {
+        match self {
+            Running::Group { task, .. } => match task.await {
+                Ok(Ok(_)) => anyhow::anyhow!("the consumer stopped on its own"),
+                Ok(Err(e)) => anyhow::Error::new(e).context("the consumer stopped"),
+                Err(e) => anyhow::Error::new(e).context("the consumer task panicked"),
+            },
+            #[cfg(feature = "queue")]
+            Running::Queue { task, .. } => match task.await {
+                Ok(Ok(_)) => anyhow::anyhow!("the queue consumer stopped on its own"),
+                Ok(Err(e)) => anyhow::Error::new(e).context("the queue consumer stopped"),
+                Err(e) => anyhow::Error::new(e).context("the queue consumer task panicked"),
+            },
+        }
+    }
+
+    /// The outage breaker (consumer group only).
+    fn breaker(&self) -> Option<BreakerStatus> {
+        match self {
+            Running::Group { monitor, .. } => monitor.snapshot().breaker,
+            #[cfg(feature = "queue")]
+            Running::Queue { .. } => None,
+        }
+    }
+
+    /// Waits for the consumer's graceful shutdown (already signalled): what was settled then.
+    async fn stop(self) -> Result<Done> {
+        match self {
+            Running::Group {
+                task,
+                probe,
+                committed,
+                ..
+            } => {
+                let report = task
+                    .await
+                    .context("the consumer task panicked")?
+                    .context("the consumer failed while shutting down")?;
+                if !report.is_clean() {
+                    bail!("the shutdown abandoned {} records", report.abandoned);
+                }
+                // The shutdown committed what settled meanwhile.
+                let committed = blocking(move || probe.get()).await.unwrap_or(committed);
+                Ok(Done::Committed(committed))
+            }
+            #[cfg(feature = "queue")]
+            Running::Queue { task, outcomes } => {
+                let report = task
+                    .await
+                    .context("the queue consumer task panicked")?
+                    .context("the queue consumer failed")?;
+                if report.abandoned > 0 {
+                    bail!("the shutdown abandoned {} records", report.abandoned);
+                }
+                if report.acknowledgement_failures > 0 {
+                    tracing::warn!(
+                        refused = report.acknowledgement_failures,
+                        "the broker refused acknowledgements: a record may have been mailed twice"
+                    );
+                }
+                let outcomes = outcomes.lock().map(|o| o.clone()).unwrap_or_default();
+                Ok(Done::Outcomes(outcomes))
+            }
+        }
+    }
+}
+
+/// Waits for records to be settled: committed by the group (kourier commits an offset only
+/// once that record and every lower one of its partition are mailed, dead-lettered
+/// (acknowledged) or skipped as duplicates) and nothing in flight; in queue mode, each
+/// record's outcome reported (mailed, dead-lettered or skipped, then ACCEPTed).
+struct Settling {
+    running: Running,
+    deadline: tokio::time::Instant,
+}
+
+impl Settling {
     async fn wait(
         &mut self,
         published: &[Published],
-        running: &mut tokio::task::JoinHandle<kourier::Result<ShutdownReport>>,
         interrupt: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<Settled> {
-        let mut last_offset: BTreeMap<i32, i64> = BTreeMap::new();
-        for p in published {
-            let o = last_offset.entry(p.partition).or_insert(p.offset);
-            *o = (*o).max(p.offset);
-        }
         loop {
-            let all = last_offset
-                .iter()
-                .all(|(p, last)| self.committed.get(p).is_some_and(|c| c > last));
-            if all && self.monitor.snapshot().in_flight == 0 {
+            if self.running.all_settled(published) {
                 return Ok(Settled::All);
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(250)) => {}
                 () = interrupt.as_mut() => return Ok(Settled::Interrupted),
-                result = &mut *running => {
-                    let _report = result.context("the consumer task panicked")?.context("the consumer stopped")?;
-                    bail!("the consumer stopped on its own");
-                }
+                e = self.running.ended() => return Err(e),
             }
             if tokio::time::Instant::now() >= self.deadline {
                 return Ok(Settled::TimedOut);
             }
-            let probe = self.probe.clone();
-            match blocking(move || probe.get()).await {
-                Ok(now) => self.committed = now,
-                // The broker may be restarting: keep waiting (the consumer rides it out, too).
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot read committed offsets yet")
-                }
-            }
+            self.running.refresh().await;
         }
     }
 }
@@ -354,6 +532,13 @@ impl Report {
             .zip(&self.fates)
             .filter_map(|(p, fate)| {
                 let ok = match (p.sample.expect, fate) {
+                    // Queue mode has no order: either copy of the duplicated event may be the
+                    // one mailed, the other skipped.
+                    (Expect::Mail | Expect::Duplicate, Fate::Sent(_) | Fate::SkippedDuplicate)
+                        if self.config.queue && self.copies(&p.sample.event_id) > 1 =>
+                    {
+                        self.mailed_once(&p.sample.event_id)
+                    }
                     (Expect::Mail, Fate::Sent(calls)) => calls.len() == 1,
                     (Expect::MailAfterRetry, Fate::Sent(calls)) => calls.len() > 1,
                     (Expect::Duplicate, Fate::SkippedDuplicate) => true,
@@ -379,6 +564,35 @@ impl Report {
             .collect()
     }
 
+    /// How many sample records carry event id `id`.
+    fn copies(&self, id: &str) -> usize {
+        self.published
+            .iter()
+            .filter(|p| p.sample.event_id == id)
+            .count()
+    }
+
+    /// Whether exactly one record of event id `id` was mailed (on its first call) and every
+    /// other copy skipped as a duplicate.
+    fn mailed_once(&self, id: &str) -> bool {
+        let fates: Vec<&Fate> = self
+            .published
+            .iter()
+            .zip(&self.fates)
+            .filter(|(p, _)| p.sample.event_id == id)
+            .map(|(_, f)| f)
+            .collect();
+        let sent = fates
+            .iter()
+            .filter(|f| matches!(f, Fate::Sent(calls) if calls.len() == 1))
+            .count();
+        let skipped = fates
+            .iter()
+            .filter(|f| matches!(f, Fate::SkippedDuplicate))
+            .count();
+        sent == 1 && sent + skipped == fates.len()
+    }
+
     /// The human summary the demo prints.
     pub(crate) fn summary(&self) -> String {
         let s = &self.config.settings;
@@ -395,6 +609,13 @@ impl Report {
             s.group,
             without_password(&s.redis_url)
         );
+        if self.config.queue {
+            let _ = writeln!(
+                w,
+                "queue mode: share group {}-queue, records shared one by one (no per-user order)",
+                s.group
+            );
+        }
         let _ = writeln!(
             w,
             "published {} records; {} after {:.1}s",

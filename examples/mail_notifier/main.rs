@@ -60,6 +60,16 @@
 //! (a batch holds one record per user), Redis idempotency, retries, dead letters, the breaker.
 //! A mail waits up to 20 ms for others to join its batch; the summary counts the bulk calls.
 //!
+//! `--queue` (or `NOTIFY_QUEUE=true`; with `demo` and `run`; kourier's experimental `queue`
+//! feature: `cargo run --features queue --example mail_notifier -- --queue demo`) is queue
+//! mode: the same mailer, Redis idempotency, retry policy and dead-letter topic run by a
+//! `kourier::queue::QueueConsumer` over a Kafka share group (`<group>-queue`, from the earliest
+//! record), which hands records to its members one by one, each locked for the member that got
+//! it: members may outnumber partitions, and a user's mails may go out in any order. A refused
+//! connection holds the mail (its lock renewed) instead of opening a breaker; retry tiers,
+//! kourier's metrics and the health routes' consumer status are consumer-group features
+//! (`--retry-tiers` is refused, the probes keep answering "starting").
+//!
 //! `--metrics-addr 127.0.0.1:9464` (with `demo` and `run`) serves, on that one address, while
 //! the notifier runs:
 //!
@@ -150,6 +160,12 @@ struct KafkaArgs {
     /// outcome per mail (kourier's `BatchHandler`). Off: one mail per handler call.
     #[arg(long, env = "NOTIFY_BATCH", global = true)]
     batch: bool,
+    /// With `demo` and `run`: queue mode (experimental). The same mailer, idempotency and
+    /// dead letters over a Kafka share group (`<group>-queue`): records shared one by one
+    /// between members, no per-user order.
+    #[cfg(feature = "queue")]
+    #[arg(long, env = "NOTIFY_QUEUE", global = true)]
+    queue: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,6 +245,16 @@ async fn main() -> Result<()> {
     if batch && !matches!(cli.command, Command::Demo { .. } | Command::Run { .. }) {
         tracing::warn!("--batch applies to `demo` and `run` only; ignored");
     }
+    #[cfg(feature = "queue")]
+    let queue = cli.kafka.queue;
+    #[cfg(not(feature = "queue"))]
+    let queue = false;
+    if queue && !matches!(cli.command, Command::Demo { .. } | Command::Run { .. }) {
+        tracing::warn!("--queue applies to `demo` and `run` only; ignored");
+    }
+    if queue && batch {
+        tracing::warn!("--batch does not apply in queue mode; ignored");
+    }
     let settings = Settings {
         bootstrap: cli.kafka.bootstrap_servers,
         redis_url: cli.kafka.redis_url,
@@ -257,6 +283,7 @@ async fn main() -> Result<()> {
                 probes,
                 outage: (outage_secs > 0).then(|| Duration::from_secs(outage_secs)),
                 batch,
+                queue,
             };
             // Listen for Ctrl-C from now on (a signal future only listens once polled).
             let (interrupted, interrupt) = tokio::sync::oneshot::channel::<()>();
@@ -278,6 +305,15 @@ async fn main() -> Result<()> {
             smtp_port,
         } => {
             notifier::ensure_topics(&settings).await?;
+            #[cfg(feature = "queue")]
+            if queue {
+                let mailer = Mailer::plaintext(&smtp_host, smtp_port, Journal::default());
+                let consumer = notifier::queue_consumer(&settings, mailer, |_, _| {}).await?;
+                tracing::info!(topic = %settings.topic, group = %settings.share_group(), smtp = %format!("{smtp_host}:{smtp_port}"), "notifier running in queue mode; Ctrl-C stops it");
+                let report = consumer.run_until_signal().await?;
+                tracing::info!(?report, "notifier stopped");
+                return Ok(());
+            }
             let started = |batch: bool| tracing::info!(topic = %settings.topic, group = %settings.group, smtp = %format!("{smtp_host}:{smtp_port}"), batch, "notifier running; Ctrl-C stops it");
             let report = if batch {
                 let mailer = BulkMailer::plaintext(&smtp_host, smtp_port, Journal::default());

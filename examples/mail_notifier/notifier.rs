@@ -16,6 +16,8 @@ use kourier::{
 
 use crate::event::NotifyEvent;
 use crate::mailer::BulkMailer;
+#[cfg(feature = "queue")]
+use crate::mailer::Mailer;
 
 /// Where the notifier reads from and keeps its state.
 #[derive(Debug, Clone)]
@@ -36,6 +38,13 @@ impl Settings {
     /// kourier's default dead-letter topic for the source topic: `<topic>.dlt`.
     pub(crate) fn dead_letter_topic(&self) -> String {
         format!("{}.dlt", self.topic)
+    }
+
+    /// Queue mode's share group: `<group>-queue` (share groups and consumer groups share one
+    /// name space on the broker).
+    #[cfg(feature = "queue")]
+    pub(crate) fn share_group(&self) -> String {
+        format!("{}-queue", self.group)
     }
 }
 
@@ -149,4 +158,42 @@ pub(crate) async fn consumer<H: Handler<Event = NotifyEvent>>(
     }
     let consumer = builder.build().context("building the consumer")?;
     Ok(consumer)
+}
+
+/// Queue mode (`--queue`): the same [`Mailer`], Redis idempotency, retry policy and dead-letter
+/// topic over a Kafka share group (kourier's experimental `QueueConsumer`, feature `queue`).
+/// The group's members share the records of every partition, one by one, each locked for the
+/// member that got it: no per-user order (a user's mails may go out in any order), and members
+/// may outnumber partitions. The share group is `<group>-queue` (a share group cannot take a
+/// consumer group's name); a new one starts at the earliest record, so records the demo
+/// publishes while it joins are not missed. Retry tiers and the outage breaker belong to the
+/// consumer-group engine: a refused connection (`unavailable`) holds the mail, its lock
+/// renewed, and tries it again after the retry policy's first delay, using no attempt.
+#[cfg(feature = "queue")]
+pub(crate) async fn queue_consumer(
+    settings: &Settings,
+    mailer: Mailer,
+    observer: impl Fn(&kourier::RawRecord, kourier::RecordOutcome) + Send + Sync + 'static,
+) -> Result<kourier::queue::QueueConsumer<Mailer>> {
+    if !settings.retry_tiers.is_empty() {
+        anyhow::bail!("--retry-tiers is not available in queue mode (--queue)");
+    }
+    let store = RedisIdempotencyStore::builder(settings.redis_url.as_str())
+        .build()
+        .await
+        .with_context(|| format!("connecting to Redis at {}", settings.redis_url))?;
+    kourier::queue::QueueConsumer::builder(mailer)
+        .bootstrap_servers(settings.bootstrap.as_str())
+        .group_id(settings.share_group())
+        .topic(settings.topic.as_str())
+        .start_from(kourier::queue::StartFrom::Earliest)
+        .idempotency(Idempotency::new(
+            Arc::new(store),
+            DedupKey::from_fn(|m: &Message<NotifyEvent>| Some(m.event().event_id.clone())),
+        ))
+        .retry_policy(retry_policy())
+        .on_outcome(observer)
+        .shutdown_timeout(Duration::from_secs(15))
+        .build()
+        .context("building the queue consumer")
 }
