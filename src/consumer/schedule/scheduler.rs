@@ -324,8 +324,10 @@ pub(crate) struct Scheduler {
     pub(super) breaker: Option<Arc<Breaker>>,
     /// The breakers of destinations (kept for the monitor: dispatch does not look at them).
     destinations: Option<Arc<DestinationBreakers>>,
-    /// Jobs that ended, for the poll thread to drop ([`Scheduler::keep_spent`]).
+    /// Jobs that ended, for the poll thread to drop ([`Scheduler::keep_spent`]), and the
+    /// records they hold (a job holds those its run settled too).
     pub(super) spent: Vec<Job>,
+    spent_records: usize,
     /// Commits carry the finished offsets above their commit point in their metadata.
     commit_metadata: bool,
     /// Records skipped because a previous owner of their partition had finished them.
@@ -334,8 +336,8 @@ pub(crate) struct Scheduler {
     runs: bool,
 }
 
-/// At most this many ended jobs wait for the poll thread to drop them (one poll batch, 500
-/// records by default, and then some); past it a worker drops its own.
+/// At most this many records of ended jobs wait for the poll thread to drop them (one poll
+/// batch, 500 records by default, and then some); past it a worker drops its own.
 const SPENT_MAX: usize = 2_048;
 
 /// How long a partition may hold its per-partition limit before it is paused: a healthy
@@ -362,6 +364,7 @@ impl Scheduler {
             resumed_last: false,
             spare_queues: Vec::new(),
             spent: Vec::new(),
+            spent_records: 0,
             next_job_id: 0,
             buffered_records: 0,
             buffered_bytes: 0,
@@ -710,10 +713,18 @@ impl Scheduler {
     /// was allocated there, and memory freed on the thread that allocated it stays in that
     /// thread's allocator caches (no lock of another thread's arena per record). Past
     /// [`SPENT_MAX`] the job is handed back, for the caller to drop.
-    pub(crate) fn keep_spent(&mut self, job: Job) -> Option<Job> {
-        if self.spent.len() >= SPENT_MAX {
+    pub(crate) fn keep_spent(&mut self, mut job: Job) -> Option<Job> {
+        // A job keeps the records its run settled: they count.
+        let records = 1 + job
+            .run
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .settled
+            .len();
+        if self.spent_records + records > SPENT_MAX {
             return Some(job);
         }
+        self.spent_records += records;
         self.spent.push(job);
         None
     }
@@ -721,6 +732,7 @@ impl Scheduler {
     /// Swaps the ended jobs kept so far with `spare` (empty, its capacity reused).
     pub(crate) fn swap_spent(&mut self, spare: &mut Vec<Job>) {
         std::mem::swap(&mut self.spent, spare);
+        self.spent_records = self.spent.len();
     }
 
     /// A job stops holding its in-flight slot (one that ends while parked, its task dropped
@@ -1377,11 +1389,24 @@ mod tests {
                 run: Mutex::default(),
             })
             .collect();
+        s.spent_records = SPENT_MAX;
         assert!(s.keep_spent(job).is_some(), "full: handed back");
         let mut spent = Vec::new();
         s.swap_spent(&mut spent);
         assert_eq!(spent.len(), SPENT_MAX);
         assert!(s.keep_spent(next).is_none(), "room again");
+    }
+
+    /// A job that ran a run holds the records it settled: they count toward `SPENT_MAX`.
+    #[test]
+    fn ended_jobs_count_the_records_their_run_settled() {
+        let records = (0..4).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits(1), &[0], records);
+        let mut job = s.take_jobs().pop().unwrap();
+        assert!(job.advance() && job.advance() && job.advance());
+        assert!(s.finish(&job, JobEnd::Settled).is_none());
+        s.spent_records = SPENT_MAX - 3;
+        assert!(s.keep_spent(job).is_some(), "4 records do not fit in 3");
     }
 
     #[test]
