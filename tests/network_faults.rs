@@ -171,7 +171,9 @@ impl Broker {
                 "format",
                 "--standalone",
             ])
-            .args(["-t", &cluster_id(), "-c"])
+            // `--cluster-id=<id>`: an id may start with `-`, which `-t <id>` takes for an option.
+            .arg(format!("--cluster-id={}", cluster_id()))
+            .arg("-c")
             .arg(&props)
             .output()
             .unwrap_or_else(|e| {

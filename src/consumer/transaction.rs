@@ -365,9 +365,9 @@ fn is_fenced(e: &KafkaError) -> bool {
     )
 }
 
-impl From<TransactionFailure> for crate::Error {
+impl From<TransactionFailure> for crate::error::Error {
     fn from(f: TransactionFailure) -> Self {
-        crate::Error::Transaction {
+        crate::error::Error::Transaction {
             operation: f.operation,
             fenced: f.fenced,
             source: f.error,
