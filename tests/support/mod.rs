@@ -14,6 +14,7 @@
 mod background;
 pub(crate) mod consumer;
 mod groups;
+pub(crate) mod own_broker;
 mod produce;
 pub(crate) mod proxy;
 mod raw_produce;
