@@ -19,8 +19,9 @@ pub(crate) struct Stop {
     /// deadline).
     pub(crate) give_up_by: Arc<OnceLock<tokio::time::Instant>>,
     /// Its partition's assignment was lost (it may already belong to another member): the
-    /// record's claim is no longer renewed, so the new owner can take the key once the lease
-    /// runs out. Fired with `drain`, before the revoke waits.
+    /// record's claim is no longer renewed during a handler attempt, so the new owner can
+    /// take the key once the lease runs out (a dead letter or forward being written keeps
+    /// renewing until it is marked settled). Fired with `drain`, before the revoke waits.
     pub(crate) lost: CancellationToken,
 }
 

@@ -34,7 +34,10 @@
 //! - the next position (the tier copy, a redrive) runs under its own key;
 //! - at most one dead letter is written per event as far as the store can tell: a crash in
 //!   the milliseconds between the broker's acknowledgement of a letter and the mark can
-//!   still write a second one when the record is delivered again.
+//!   still write a second one when the record is delivered again. The claim is renewed while
+//!   the letter is written, also after the partition's assignment was lost (a broker away
+//!   past the session timeout), so the next owner waits for the mark instead of taking the
+//!   key at the lease's end.
 //!
 //! A redrive therefore runs the event again even if it was handled once (a stale letter):
 //! redriving is an operator's decision. Redriving the same letter twice is one position

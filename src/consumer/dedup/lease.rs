@@ -8,7 +8,9 @@
 //!   belong to another member, whose worker must be able to claim the key once the lease runs
 //!   out. A revoke does not stop renewal: the partition stays ours while the revoke waits for
 //!   its records, and a record the revoke gives up (`Stop::abandon`) has its attempt dropped,
-//!   renewal included;
+//!   renewal included. A dead letter or tier forward being written is the exception: its
+//!   renewal ignores the loss (`WorkerContext::renewing`), since the write lands whatever
+//!   the assignment and the claim must hold until it is marked settled (delivery rule 18);
 //! - the store cannot renew ([`StoreError::Unsupported`] from `renew`): logged once
 //!   per process; the lease runs out as it was set at the claim.
 //!

@@ -58,7 +58,7 @@ impl<H: Handler> WorkerContext<H> {
                 .await
         };
         let outcome = self
-            .renewing(write, &mut holding, &coordinates, stop, metrics)
+            .renewing(write, &mut holding, &coordinates, metrics)
             .await;
         match outcome {
             RecordOutcome::DeadLettered(_) => {
@@ -101,12 +101,19 @@ impl<H: Handler> WorkerContext<H> {
 
     /// Runs `work` (writing a dead letter or a forward) with the record's claim renewed
     /// meanwhile; a claim found lost is dropped from `holding` (not marked done after).
+    ///
+    /// Renewal goes on when the partition's assignment is lost meanwhile (unlike during a
+    /// handler attempt, which is cancelled at its lease's end): once queued, the letter or
+    /// forward is written whatever happens to the assignment, so the claim is kept until it
+    /// is marked settled and the partition's next owner, replaying the record, skips it
+    /// rather than taking the key at the lease's end and writing a second letter (delivery
+    /// rule 18). The wait is bounded by the write: the producer's delivery timeout, and the
+    /// revoke timeout ends its retries.
     pub(crate) async fn renewing<F: Future<Output = RecordOutcome>>(
         &self,
         work: F,
         holding: &mut Holding,
         record: &RawRecord,
-        stop: &Stop,
         metrics: &RecordMetrics<'_>,
     ) -> RecordOutcome {
         let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &mut holding.claim)
@@ -114,12 +121,13 @@ impl<H: Handler> WorkerContext<H> {
             return work.await;
         };
         tokio::pin!(work);
+        let assignment_kept = CancellationToken::new();
         let renewal = keep_renewed(
             &*d.store,
             &keys.delivery,
             d.lease,
             claim,
-            &stop.lost,
+            &assignment_kept,
             record,
             metrics,
         );

@@ -153,9 +153,7 @@ impl<H: Handler> WorkerContext<H> {
             metrics,
             &stop.abandon,
         );
-        let outcome = self
-            .renewing(forward, &mut holding, record, stop, metrics)
-            .await;
+        let outcome = self.renewing(forward, &mut holding, record, metrics).await;
         if !matches!(outcome, RecordOutcome::Forwarded(_)) {
             self.abandon_claim(&mut holding);
             return outcome;

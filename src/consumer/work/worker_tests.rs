@@ -1656,6 +1656,52 @@ async fn renewal_stops_when_the_partition_assignment_is_lost() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_dead_letter_written_after_the_assignment_was_lost_keeps_its_claim_and_marks_it_settled()
+{
+    // The broker is away while the letter is written (eight failed writes: at least 8 s of
+    // jittered waits, longer than the 3 s lease) and the assignment is lost meanwhile, as when
+    // a restarting broker expires the member's session. The letter will be written whatever
+    // the assignment: the claim must outlive it, else the partition's next owner takes the key
+    // at the lease's end and writes a second letter (delivery rule 18).
+    let store = FlakyStore::up();
+    let key = store_key("o-1");
+    let h = script([Permanent])
+        .dedup_in(store.hooked())
+        .lease(secs(3))
+        .sink_failures(8)
+        .build();
+    let stop = Stop::default();
+    let next_owner = async {
+        sleep_until(h.t0 + ms(50)).await;
+        stop.drain.cancel();
+        stop.lost.cancel();
+        sleep_until(h.t0 + ms(4500)).await;
+        key_state(&store.inner, &key).await
+    };
+
+    let ((end, _), at_the_lease_end) =
+        tokio::join!(h.process_with(order("o-1"), &stop), next_owner);
+
+    assert_eq!(
+        at_the_lease_end,
+        KeyState::Held,
+        "the next owner cannot take the key while the letter is still being written"
+    );
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(h.letters().len(), 1);
+    assert!(
+        store.renew_times().iter().any(|t| *t - h.t0 > secs(3)),
+        "renewed past the first lease: {:?}",
+        store.renew_times()
+    );
+    assert_eq!(
+        key_state(&store.inner, &key).await,
+        KeyState::Done,
+        "marked settled: a replay of the record is skipped"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_revoke_keeps_renewing_while_it_waits_and_renewal_ends_with_the_given_up_record() {
     let (store, key, h) = stalled_claim(secs(60));
     let stop = Stop::default();
