@@ -816,6 +816,35 @@ fn signal(child: &std::process::Child, sig: &str) {
     assert!(status.success(), "kill {sig} {}", child.id());
 }
 
+/// The member that takes over in the kill and stop tests: it notes each key it handled
+/// (as member 2) and counts the records it got with a delivery count above 1.
+fn taking_member(bootstrap: &str, group: String, topic: String) -> (Member, Seen, Arc<AtomicU32>) {
+    let seen: Seen = Arc::default();
+    let redelivered = Arc::new(AtomicU32::new(0));
+    let (s, r) = (Arc::clone(&seen), Arc::clone(&redelivered));
+    let member = spawn(
+        QueueConsumer::builder(handler_fn(move |m: Message<String>| {
+            let (s, r) = (Arc::clone(&s), Arc::clone(&r));
+            async move {
+                if m.delivery_count().is_some_and(|c| c > 1) {
+                    r.fetch_add(1, Ordering::SeqCst);
+                }
+                s.lock()
+                    .unwrap()
+                    .push((2, m.key_str().unwrap_or_default().to_owned()));
+                Ok::<(), HandlerError>(())
+            }
+        }))
+        .bootstrap_servers(bootstrap)
+        .group_id(group)
+        .topic(topic)
+        .max_in_flight(8)
+        .build()
+        .unwrap(),
+    );
+    (member, seen, redelivered)
+}
+
 /// SIGSTOP of a member process holding records: its connection stays open, so the broker
 /// gives its records back only when their locks run out (2 s here); the other member
 /// handles them, with a delivery count above 1, while the first is frozen. Nothing is lost,
@@ -841,29 +870,7 @@ async fn sigstop_of_a_member_loses_nothing() {
         stopped_at.len()
     );
 
-    let seen: Seen = Arc::default();
-    let redelivered = Arc::new(AtomicU32::new(0));
-    let (s, r) = (Arc::clone(&seen), Arc::clone(&redelivered));
-    let member = spawn(
-        QueueConsumer::builder(handler_fn(move |m: Message<String>| {
-            let (s, r) = (Arc::clone(&s), Arc::clone(&r));
-            async move {
-                if m.delivery_count().is_some_and(|c| c > 1) {
-                    r.fetch_add(1, Ordering::SeqCst);
-                }
-                s.lock()
-                    .unwrap()
-                    .push((2, m.key_str().unwrap_or_default().to_owned()));
-                Ok::<(), HandlerError>(())
-            }
-        }))
-        .bootstrap_servers(bootstrap)
-        .group_id(group)
-        .topic(topic)
-        .max_in_flight(8)
-        .build()
-        .unwrap(),
-    );
+    let (member, seen, redelivered) = taking_member(bootstrap, group, topic);
     let handled = || {
         let mut all: std::collections::HashSet<String> = stopped_at.iter().cloned().collect();
         all.extend(seen.lock().unwrap().iter().map(|(_, k)| k.clone()));
@@ -932,29 +939,7 @@ async fn kill_9_of_a_member_loses_nothing() {
         killed_at.len()
     );
 
-    let seen: Seen = Arc::default();
-    let redelivered = Arc::new(AtomicU32::new(0));
-    let (s, r) = (Arc::clone(&seen), Arc::clone(&redelivered));
-    let member = spawn(
-        QueueConsumer::builder(handler_fn(move |m: Message<String>| {
-            let (s, r) = (Arc::clone(&s), Arc::clone(&r));
-            async move {
-                if m.delivery_count().is_some_and(|c| c > 1) {
-                    r.fetch_add(1, Ordering::SeqCst);
-                }
-                s.lock()
-                    .unwrap()
-                    .push((2, m.key_str().unwrap_or_default().to_owned()));
-                Ok::<(), HandlerError>(())
-            }
-        }))
-        .bootstrap_servers(bootstrap)
-        .group_id(group)
-        .topic(topic)
-        .max_in_flight(8)
-        .build()
-        .unwrap(),
-    );
+    let (member, seen, redelivered) = taking_member(bootstrap, group, topic);
     let handled = || {
         let mut all: std::collections::HashSet<String> = killed_at.iter().cloned().collect();
         all.extend(seen.lock().unwrap().iter().map(|(_, k)| k.clone()));
