@@ -1008,3 +1008,133 @@ async fn a_kill_9_after_dead_lettering_before_the_commit_leaves_one_letter_per_r
     );
     assert_eq!(letters.len(), N, "one letter per record: {letters:?}");
 }
+
+/// A letter above the transactional producer's `message.max.bytes` is written in the
+/// transaction without its value (the sink's metadata-only letter, with the dropped size),
+/// instead of failing the transaction; the other letters are whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_letter_in_the_transaction_is_written_without_its_value() {
+    const N: usize = 4;
+    let (topic, group, dlt) = setup("txn-dlt-big", 1).await;
+    let pad = "x".repeat(3_000);
+    let big = format!(r#"{{"id":1,"pad":"{pad}"}}"#);
+    let records = (0..N)
+        .map(|id| {
+            let value = if id == 1 {
+                big.clone()
+            } else {
+                format!(r#"{{"id":{id}}}"#)
+            };
+            TestRecord::new().key(format!("k{id}")).value(value)
+        })
+        .collect();
+    support::produce(&topic, records).await;
+    let handler =
+        handler_fn(|_m: Message<Job>| async { Err::<(), _>(HandlerError::permanent("refused")) });
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .shutdown_timeout(Duration::from_secs(2))
+            .transactional(
+                TransactionalOutput::new(support::unique_name("txn-dlt-big-id"))
+                    .with_transaction_timeout(Duration::from_secs(10))
+                    .producer_config("message.max.bytes", "2000"),
+            ),
+    );
+    consumer::wait_until(
+        "every offset committed",
+        Duration::from_secs(60),
+        || async { support::try_committed_sum(&group, &topic, 1).await == Ok(N as i64) },
+    )
+    .await;
+    c.stop().await;
+    let letters = read(&dlt, true).await;
+    let expected: BTreeMap<String, usize> = [
+        (String::new(), 1),
+        (r#"{"id":0}"#.to_owned(), 1),
+        (r#"{"id":2}"#.to_owned(), 1),
+        (r#"{"id":3}"#.to_owned(), 1),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(
+        letters, expected,
+        "under read_committed: three whole letters, the oversized one without its value"
+    );
+    let all = support::read_all(&dlt).await;
+    let dropped = support::record_at(&all, 0, 1);
+    assert_eq!(dropped.value, None);
+    assert_eq!(dropped.key.as_deref(), Some(&b"k1"[..]));
+    assert_eq!(
+        dropped.header_str("kourier-dlt-value-dropped-bytes"),
+        big.len().to_string()
+    );
+}
+
+/// A custom dead-letter sink (here a wrapper of the Kafka sink) cannot join the transaction:
+/// with transactional output it still writes every letter itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_sink_writes_its_letters_itself_with_transactional_output() {
+    use kourier::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
+    use kourier::{KafkaDeadLetterSink, PendingLetter, async_trait};
+
+    #[derive(Debug)]
+    struct Counting {
+        inner: KafkaDeadLetterSink,
+        letters: Arc<AtomicU32>,
+    }
+
+    #[async_trait]
+    impl DeadLetterSink for Counting {
+        async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+            self.letters.fetch_add(1, Ordering::SeqCst);
+            self.inner.send(letter).await
+        }
+        async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+            self.letters.fetch_add(1, Ordering::SeqCst);
+            self.inner.enqueue(letter).await
+        }
+        fn topics_for(&self, source_topic: &str) -> Vec<String> {
+            self.inner.topics_for(source_topic)
+        }
+    }
+
+    const N: usize = 8;
+    let (topic, group, dlt) = setup("txn-dlt-custom", 1).await;
+    produce_inputs(&topic, N).await;
+    let letters = Arc::new(AtomicU32::new(0));
+    let sink = Counting {
+        inner: KafkaDeadLetterSink::builder(support::bootstrap())
+            .build()
+            .expect("sink"),
+        letters: letters.clone(),
+    };
+    let handler = handler_fn(|m: Message<Job>| async move {
+        if fails_permanently(m.event().id) {
+            return Err(HandlerError::permanent("refused"));
+        }
+        Ok(())
+    });
+    let c = Running::start(
+        transactional(
+            handler,
+            &topic,
+            &group,
+            &support::unique_name("txn-dlt-custom-id"),
+        )
+        .dead_letter_sink(Arc::new(sink)),
+    );
+    consumer::wait_until(
+        "every offset committed",
+        Duration::from_secs(60),
+        || async { support::try_committed_sum(&group, &topic, 1).await == Ok(N as i64) },
+    )
+    .await;
+    c.stop().await;
+    let failed = (0..N).filter(|id| fails_permanently(*id)).count();
+    assert_eq!(
+        letters.load(Ordering::SeqCst) as usize,
+        failed,
+        "every letter went through the custom sink"
+    );
+    assert_eq!(read(&dlt, true).await.values().sum::<usize>(), failed);
+}

@@ -542,6 +542,12 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// [`ConfigError::Invalid`] an empty transactional id, or a transaction timeout not above
     /// the commit interval.
     ///
+    /// Dead letters join the transaction with the [`KafkaDeadLetterSink`] (the default, or
+    /// one given as is to [`dead_letter_sink`](Self::dead_letter_sink)): a record's letter is
+    /// produced in the transaction that commits its offset, exactly-once under
+    /// `read_committed`. A custom [`DeadLetterSink`] — a wrapper of the Kafka sink included —
+    /// cannot join it: it writes its letters itself, at-least-once, as without this setting.
+    ///
     /// ```no_run
     /// # use kourier::{handler_fn, Message, RetryingConsumer};
     /// use kourier::transactional::{OutputRecord, TransactionalOutput};
