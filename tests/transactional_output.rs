@@ -861,7 +861,7 @@ async fn a_live_rebalance_between_two_members_keeps_outputs_exactly_once() {
 
 /// The inputs failing permanently: every one whose id is a multiple of 4.
 fn fails_permanently(id: usize) -> bool {
-    id % 4 == 0
+    id.is_multiple_of(4)
 }
 
 /// A permanent failure with transactional output and the Kafka dead-letter sink: its letter

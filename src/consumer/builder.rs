@@ -474,7 +474,9 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// Calls `observer` once for each record a worker took, when it ends: with the record
     /// (its coordinates, key, headers) and how it ended — [`RecordOutcome::Handled`],
     /// [`Duplicate`](RecordOutcome::Duplicate), [`DeadLettered`](RecordOutcome::DeadLettered)
-    /// with the failure kind (after the sink acknowledged the letter),
+    /// with the failure kind (after the sink acknowledged the letter; with
+    /// [`transactional`](Self::transactional) output and the Kafka sink, once the letter is
+    /// staged for the transaction that commits the record's offset, not yet committed),
     /// [`Forwarded`](RecordOutcome::Forwarded) to a retry tier (acknowledged),
     /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown, or
     /// [`LeftForLater`](RecordOutcome::LeftForLater) (a tier record still waiting for its due

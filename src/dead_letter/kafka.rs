@@ -87,6 +87,11 @@ type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 /// than after the send timeout. A send that timed out may still have been written, so a retry
 /// can write the letter twice: dead letters are at-least-once.
 ///
+/// Given to a consumer with [transactional output](crate::transactional#dead-letters) (as
+/// is, not wrapped), the sink writes nothing itself: the consumer's transactional producer
+/// writes the records this sink would write, in the transaction that commits the record's
+/// offset, so its letters are exactly-once for `read_committed` readers.
+///
 /// # Oversized records
 ///
 /// When the broker or librdkafka refuses the letter as too large (`MessageSizeTooLarge`, e.g.
