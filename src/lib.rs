@@ -170,9 +170,16 @@
 //!     fails is aborted and the consumer stops with [`Error::Transaction`] (nothing more is
 //!     committed; a restart handles its records again); so does a zombie — a consumer whose
 //!     assignment was lost, or whose commit the broker refuses for a stale group generation
-//!     (KIP-447) or a newer producer with its transactional id. Effects outside Kafka, and
-//!     dead letters (written outside the transaction), stay at-least-once; retry tiers and an
-//!     idempotency store are refused with it by `build()` (not supported yet).
+//!     (KIP-447) or a newer producer with its transactional id. A record given up is
+//!     dead-lettered in the transaction too, with the default [`KafkaDeadLetterSink`] (or one
+//!     given to [`RetryingConsumerBuilder::dead_letter_sink`]): its letter — the record the
+//!     sink would write, same topic, partition, key, value and headers — is produced when
+//!     the record finishes, like outputs, so a `read_committed` reader of the dead-letter
+//!     topic sees one letter per record given up, never one for a record whose transaction
+//!     aborted. Any other [`DeadLetterSink`] (a wrapper of the Kafka sink included) writes
+//!     its letters itself, outside the transaction: at-least-once. Effects outside Kafka stay
+//!     at-least-once; retry tiers and an idempotency store are refused with it by `build()`
+//!     (not supported yet).
 //!
 //! **Retry tiers** (opt-in, [`RetryingConsumerBuilder::retry_tiers`], see [`tiers`]): after
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of

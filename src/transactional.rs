@@ -27,6 +27,27 @@
 //!
 //! Staged outputs of a failed attempt are dropped: only the attempt that succeeds produces.
 //!
+//! # Dead letters
+//!
+//! With the [`KafkaDeadLetterSink`](crate::KafkaDeadLetterSink) (the default sink, or one
+//! given as is to [`dead_letter_sink`](crate::RetryingConsumerBuilder::dead_letter_sink)), a
+//! record given up has its dead letter produced by the transactional producer, in the
+//! transaction that commits its offset, the way a record's outputs are: the letter is the
+//! record the sink would write (same dead-letter topic, the source partition when the topic
+//! has it, key, value and headers), produced when the record finishes. A crash before the
+//! commit aborts it with the record's offset, and the restarted consumer dead-letters the
+//! record again: a `read_committed` reader of the dead-letter topic sees one letter per
+//! record, and never one for a record whose transaction aborted. The sink's own producer
+//! writes nothing then (only its metadata look-ups are used, to choose the partition).
+//!
+//! A letter above the transactional producer's `message.max.bytes` is written without its
+//! value, then as provenance only, like the sink does; a letter the *broker* refuses as too
+//! large (the dead-letter topic's `max.message.bytes` below the producer's
+//! `message.max.bytes`) fails the transaction, as a refused output does. Give the
+//! transactional producer the dead-letter topics' limit
+//! ([`producer_config`](TransactionalOutput::producer_config)`("message.max.bytes", ..)`)
+//! so that oversized letters fall back instead.
+//!
 //! # Failures and fencing
 //!
 //! A transaction that cannot commit is aborted (its outputs are never visible to a
@@ -43,9 +64,11 @@
 //! - Effects outside Kafka (a mail, an HTTP call, a database write) made by the handler: a
 //!   record whose transaction aborted, or whose consumer crashed before it committed, is
 //!   handled again.
-//! - Dead letters: written by the dead-letter sink's own producer, outside the transaction
-//!   (not yet supported inside it): a record dead-lettered just before a crash is
-//!   dead-lettered again after the restart.
+//! - Dead letters of a custom [`DeadLetterSink`](crate::DeadLetterSink) (any sink but
+//!   [`KafkaDeadLetterSink`](crate::KafkaDeadLetterSink) itself, a wrapper of it included):
+//!   the sink writes them, outside the transaction, so a record dead-lettered just before a
+//!   crash is dead-lettered again after the restart. With the Kafka sink (the default), a
+//!   record given up is dead-lettered **in the transaction**: see [Dead letters](#dead-letters).
 //! - Retry tiers and an idempotency store cannot be combined with transactional output yet:
 //!   `build()` refuses them ([`ConfigError::Conflict`](crate::ConfigError::Conflict)).
 //!

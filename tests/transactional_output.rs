@@ -472,12 +472,18 @@ fn child_consumer() {
         var("KOURIER_TXN_OUT"),
         var("KOURIER_TXN_ID"),
     );
+    // Dead-letter mode: every input fails permanently, each outcome is appended to this file.
+    let letters_to = std::env::var("KOURIER_TXN_DLT_REPORT").ok();
+    let fail_all = letters_to.is_some();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let result = runtime.block_on(async move {
         let handler = handler_fn(move |m: Message<Job>| {
             let out = out.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(CHILD_HANDLER_MS)).await;
+                if fail_all {
+                    return Err(HandlerError::permanent("refused"));
+                }
                 let id = m.event().id;
                 for n in 0..OUTPUTS_PER_INPUT {
                     m.send_output(
@@ -489,14 +495,26 @@ fn child_consumer() {
                 Ok::<(), HandlerError>(())
             }
         });
-        consumer::builder(handler, &topic, &group)
+        let mut builder = consumer::builder(handler, &topic, &group)
             .ordering(ProcessingOrder::Key)
             .max_in_flight(8)
             .shutdown_timeout(Duration::from_secs(5))
-            .transactional(TransactionalOutput::new(id))
-            .build()?
-            .run_until_signal()
-            .await
+            .transactional(TransactionalOutput::new(id));
+        if let Some(report) = letters_to {
+            // A long interval: the transaction holding the letters stays open till the kill.
+            builder = builder.commit_interval(Duration::from_secs(30)).on_outcome(
+                move |record, outcome| {
+                    use std::io::Write as _;
+                    let mut file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&report)
+                        .expect("report file");
+                    writeln!(file, "{} {outcome}", record.coordinates()).expect("report");
+                },
+            );
+        }
+        builder.build()?.run_until_signal().await
     });
     match result {
         Ok(_) => std::process::exit(0),
@@ -520,8 +538,13 @@ struct Child(std::process::Child);
 
 impl Child {
     fn start(topic: &str, group: &str, out: &str, id: &str) -> Child {
+        Child::start_with(topic, group, out, id, &[])
+    }
+
+    fn start_with(topic: &str, group: &str, out: &str, id: &str, env: &[(&str, &str)]) -> Child {
         let exe = std::env::current_exe().expect("test binary");
         let child = std::process::Command::new(exe)
+            .envs(env.iter().copied())
             .args([
                 "--exact",
                 "child_consumer",
@@ -832,4 +855,286 @@ async fn a_live_rebalance_between_two_members_keeps_outputs_exactly_once() {
         second_calls.called().len()
     );
     assert_exactly_once(&duplicates, &missing);
+}
+
+// ---- Dead letters in the transaction (delivery rule 20) ----
+
+/// The inputs failing permanently: every one whose id is a multiple of 4.
+fn fails_permanently(id: usize) -> bool {
+    id.is_multiple_of(4)
+}
+
+/// A permanent failure with transactional output and the Kafka dead-letter sink: its letter
+/// (the source record's value, the sink's headers, the source partition) is seen once by a
+/// `read_committed` reader of the dead-letter topic, and its offset is committed with the
+/// others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_dead_lettered_once_in_the_transaction_and_its_offset_committed() {
+    const N: usize = 40;
+    let (topic, group, dlt) = setup("txn-dlt", 2).await;
+    let out = support::new_topic("txn-dlt-out", 2).await;
+    produce_inputs(&topic, N).await;
+    let out_topic = out.clone();
+    let handler = handler_fn(move |m: Message<Job>| {
+        let out = out_topic.clone();
+        async move {
+            let id = m.event().id;
+            for n in 0..OUTPUTS_PER_INPUT {
+                m.send_output(OutputRecord::new(&out).value(format!("{id}-{n}")))?;
+            }
+            if fails_permanently(id) {
+                // Staged, then dropped: the attempt failed.
+                return Err(HandlerError::permanent("refused"));
+            }
+            Ok(())
+        }
+    });
+    let c = Running::start(transactional(
+        handler,
+        &topic,
+        &group,
+        &support::unique_name("txn-dlt-id"),
+    ));
+    consumer::wait_until(
+        "every offset committed",
+        Duration::from_secs(60),
+        || async { support::try_committed_sum(&group, &topic, 2).await == Ok(N as i64) },
+    )
+    .await;
+    c.stop().await;
+    let failed: Vec<usize> = (0..N).filter(|id| fails_permanently(*id)).collect();
+    let letters = read(&dlt, true).await;
+    let expected: BTreeMap<String, usize> = (failed.iter())
+        .map(|id| (format!(r#"{{"id":{id}}}"#), 1))
+        .collect();
+    assert_eq!(
+        letters, expected,
+        "each permanent failure's letter, once, under read_committed"
+    );
+    let outputs = read(&out, true).await;
+    assert_eq!(
+        outputs.values().sum::<usize>(),
+        (N - failed.len()) * OUTPUTS_PER_INPUT,
+        "the outputs of the records handled, not of those dead-lettered"
+    );
+    for letter in support::read_all(&dlt).await {
+        assert_eq!(letter.header_str("kafka_dlt-original-topic"), topic);
+        assert_eq!(
+            letter.header_str("kafka_dlt-exception-fqcn"),
+            "kourier.PermanentFailure"
+        );
+        let source_partition = letter
+            .header("kafka_dlt-original-partition")
+            .flatten()
+            .map(|b| i32::from_be_bytes(b.try_into().expect("4 bytes")));
+        assert_eq!(
+            source_partition,
+            Some(letter.partition),
+            "the letter goes to its source partition"
+        );
+    }
+    assert_eq!(support::committed_sum(&group, &topic, 2).await, N as i64);
+}
+
+/// kill -9 once every record was dead-lettered (the outcome observer reported it) but
+/// before the transaction committed (a 30 s commit interval): the letters were in that
+/// transaction, which the restarted consumer (same transactional id) aborts; it dead-letters
+/// the records again, and a `read_committed` reader of the dead-letter topic sees exactly
+/// one letter per record. (Before dead letters joined the transaction, the sink's own
+/// producer had written them already: two letters per record.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_after_dead_lettering_before_the_commit_leaves_one_letter_per_record() {
+    const N: usize = 12;
+    let (topic, group, dlt) = setup("txn-dlt-kill", 1).await;
+    let out = support::new_topic("txn-dlt-kill-out", 1).await;
+    produce_inputs(&topic, N).await;
+    let id = support::unique_name("txn-dlt-kill-id");
+    let report = std::env::temp_dir().join(support::unique_name("txn-dlt-report"));
+    let report_path = report.to_str().expect("utf-8 path").to_owned();
+    let child = Child::start_with(
+        &topic,
+        &group,
+        &out,
+        &id,
+        &[("KOURIER_TXN_DLT_REPORT", &report_path)],
+    );
+    wait_for(
+        "every record dead-lettered (the observer's report)",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&report)
+                .map(|r| r.lines().filter(|l| l.ends_with("(permanent)")).count())
+                .unwrap_or(0)
+                == N
+        },
+    )
+    .await;
+    child.signal("-KILL");
+    drop(child);
+    assert_eq!(
+        support::try_committed_sum(&group, &topic, 1)
+            .await
+            .unwrap_or(0),
+        0,
+        "killed before its first commit"
+    );
+    let _ = std::fs::remove_file(&report);
+    let mut restarted = Child::start_with(
+        &topic,
+        &group,
+        &out,
+        &id,
+        &[("KOURIER_TXN_DLT_REPORT", &report_path)],
+    );
+    consumer::wait_until(
+        "every offset committed by the restarted consumer",
+        Duration::from_secs(90),
+        || async { support::try_committed_sum(&group, &topic, 1).await == Ok(N as i64) },
+    )
+    .await;
+    restarted.signal("-TERM");
+    assert_eq!(
+        restarted.exit_code(Duration::from_secs(30)).await,
+        Some(0),
+        "a clean stop"
+    );
+    let _ = std::fs::remove_file(&report);
+    let letters = read(&dlt, true).await;
+    let twice: Vec<_> = letters.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} of {N} records dead-lettered more than once under read_committed: {twice:?}",
+        twice.len()
+    );
+    assert_eq!(letters.len(), N, "one letter per record: {letters:?}");
+}
+
+/// A letter above the transactional producer's `message.max.bytes` is written in the
+/// transaction without its value (the sink's metadata-only letter, with the dropped size),
+/// instead of failing the transaction; the other letters are whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_letter_in_the_transaction_is_written_without_its_value() {
+    const N: usize = 4;
+    let (topic, group, dlt) = setup("txn-dlt-big", 1).await;
+    let pad = "x".repeat(3_000);
+    let big = format!(r#"{{"id":1,"pad":"{pad}"}}"#);
+    let records = (0..N)
+        .map(|id| {
+            let value = if id == 1 {
+                big.clone()
+            } else {
+                format!(r#"{{"id":{id}}}"#)
+            };
+            TestRecord::new().key(format!("k{id}")).value(value)
+        })
+        .collect();
+    support::produce(&topic, records).await;
+    let handler =
+        handler_fn(|_m: Message<Job>| async { Err::<(), _>(HandlerError::permanent("refused")) });
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .shutdown_timeout(Duration::from_secs(2))
+            .transactional(
+                TransactionalOutput::new(support::unique_name("txn-dlt-big-id"))
+                    .with_transaction_timeout(Duration::from_secs(10))
+                    .producer_config("message.max.bytes", "2000"),
+            ),
+    );
+    consumer::wait_until(
+        "every offset committed",
+        Duration::from_secs(60),
+        || async { support::try_committed_sum(&group, &topic, 1).await == Ok(N as i64) },
+    )
+    .await;
+    c.stop().await;
+    let letters = read(&dlt, true).await;
+    let expected: BTreeMap<String, usize> = [
+        (String::new(), 1),
+        (r#"{"id":0}"#.to_owned(), 1),
+        (r#"{"id":2}"#.to_owned(), 1),
+        (r#"{"id":3}"#.to_owned(), 1),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(
+        letters, expected,
+        "under read_committed: three whole letters, the oversized one without its value"
+    );
+    let all = support::read_all(&dlt).await;
+    let dropped = support::record_at(&all, 0, 1);
+    assert_eq!(dropped.value, None);
+    assert_eq!(dropped.key.as_deref(), Some(&b"k1"[..]));
+    assert_eq!(
+        dropped.header_str("kourier-dlt-value-dropped-bytes"),
+        big.len().to_string()
+    );
+}
+
+/// A custom dead-letter sink (here a wrapper of the Kafka sink) cannot join the transaction:
+/// with transactional output it still writes every letter itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_sink_writes_its_letters_itself_with_transactional_output() {
+    use kourier::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
+    use kourier::{KafkaDeadLetterSink, PendingLetter, async_trait};
+
+    #[derive(Debug)]
+    struct Counting {
+        inner: KafkaDeadLetterSink,
+        letters: Arc<AtomicU32>,
+    }
+
+    #[async_trait]
+    impl DeadLetterSink for Counting {
+        async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+            self.letters.fetch_add(1, Ordering::SeqCst);
+            self.inner.send(letter).await
+        }
+        async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+            self.letters.fetch_add(1, Ordering::SeqCst);
+            self.inner.enqueue(letter).await
+        }
+        fn topics_for(&self, source_topic: &str) -> Vec<String> {
+            self.inner.topics_for(source_topic)
+        }
+    }
+
+    const N: usize = 8;
+    let (topic, group, dlt) = setup("txn-dlt-custom", 1).await;
+    produce_inputs(&topic, N).await;
+    let letters = Arc::new(AtomicU32::new(0));
+    let sink = Counting {
+        inner: KafkaDeadLetterSink::builder(support::bootstrap())
+            .build()
+            .expect("sink"),
+        letters: letters.clone(),
+    };
+    let handler = handler_fn(|m: Message<Job>| async move {
+        if fails_permanently(m.event().id) {
+            return Err(HandlerError::permanent("refused"));
+        }
+        Ok(())
+    });
+    let c = Running::start(
+        transactional(
+            handler,
+            &topic,
+            &group,
+            &support::unique_name("txn-dlt-custom-id"),
+        )
+        .dead_letter_sink(Arc::new(sink)),
+    );
+    consumer::wait_until(
+        "every offset committed",
+        Duration::from_secs(60),
+        || async { support::try_committed_sum(&group, &topic, 1).await == Ok(N as i64) },
+    )
+    .await;
+    c.stop().await;
+    let failed = (0..N).filter(|id| fails_permanently(*id)).count();
+    assert_eq!(
+        letters.load(Ordering::SeqCst) as usize,
+        failed,
+        "every letter went through the custom sink"
+    );
+    assert_eq!(read(&dlt, true).await.values().sum::<usize>(), failed);
 }

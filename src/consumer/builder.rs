@@ -474,7 +474,9 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// Calls `observer` once for each record a worker took, when it ends: with the record
     /// (its coordinates, key, headers) and how it ended — [`RecordOutcome::Handled`],
     /// [`Duplicate`](RecordOutcome::Duplicate), [`DeadLettered`](RecordOutcome::DeadLettered)
-    /// with the failure kind (after the sink acknowledged the letter),
+    /// with the failure kind (after the sink acknowledged the letter; with
+    /// [`transactional`](Self::transactional) output and the Kafka sink, once the letter is
+    /// staged for the transaction that commits the record's offset, not yet committed),
     /// [`Forwarded`](RecordOutcome::Forwarded) to a retry tier (acknowledged),
     /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown, or
     /// [`LeftForLater`](RecordOutcome::LeftForLater) (a tier record still waiting for its due
@@ -541,6 +543,12 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// `read_committed` (a new owner must wait for a pending transaction's offsets); and with
     /// [`ConfigError::Invalid`] an empty transactional id, or a transaction timeout not above
     /// the commit interval.
+    ///
+    /// Dead letters join the transaction with the [`KafkaDeadLetterSink`] (the default, or
+    /// one given as is to [`dead_letter_sink`](Self::dead_letter_sink)): a record's letter is
+    /// produced in the transaction that commits its offset, exactly-once under
+    /// `read_committed`. A custom [`DeadLetterSink`] — a wrapper of the Kafka sink included —
+    /// cannot join it: it writes its letters itself, at-least-once, as without this setting.
     ///
     /// ```no_run
     /// # use kourier::{handler_fn, Message, RetryingConsumer};

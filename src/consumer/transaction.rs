@@ -15,6 +15,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, warn};
 
 use crate::consumer::schedule::{Hub, Tp};
+use crate::dead_letter::kafka::LetterRecord;
 use crate::record::RawRecord;
 use crate::transactional::{OutputRecord, TransactionalOutput};
 
@@ -23,6 +24,16 @@ type Commit = ((Tp, i64), Option<String>);
 
 /// How long an output waits for room in the producer's queue before it fails the transaction.
 const QUEUE_FULL_WAIT: Duration = Duration::from_secs(30);
+
+/// What a record produces when it finishes.
+#[derive(Debug)]
+enum Pending {
+    /// The staged outputs of its successful attempt.
+    Outputs(Vec<OutputRecord>),
+    /// Its dead letter, rendered by the Kafka dead-letter sink: the full letter, then the
+    /// fallbacks written when the previous one is too large.
+    Letter(Vec<LetterRecord>),
+}
 
 /// Why the transactions stopped: the consumer stops with it.
 #[derive(Debug, Clone)]
@@ -38,9 +49,10 @@ pub(crate) struct Transactions {
     /// Shared by a worker while it produces a record's outputs and marks it finished;
     /// exclusive while the poll thread commits the transaction.
     gate: RwLock<()>,
-    /// Staged outputs of records whose last attempt succeeded, by record (the address of
-    /// the job's record, alive until the job ends), until the record finishes.
-    staged: Mutex<HashMap<usize, Vec<OutputRecord>>>,
+    /// Staged outputs of records whose last attempt succeeded, and dead letters of records
+    /// given up, by record (the address of the job's record, alive until the job ends),
+    /// until the record finishes.
+    staged: Mutex<HashMap<usize, Pending>>,
     /// Outputs were produced into the open transaction.
     produced: AtomicBool,
     failure: Mutex<Option<TransactionFailure>>,
@@ -137,8 +149,15 @@ impl Transactions {
         if outputs.is_empty() {
             staged.remove(&key_of(record));
         } else {
-            staged.insert(key_of(record), outputs);
+            staged.insert(key_of(record), Pending::Outputs(outputs));
         }
+    }
+
+    /// Keeps the dead letter of `record` (the records the Kafka sink would write, full letter
+    /// first), until it finishes: it is written in the transaction that commits its offset.
+    pub(crate) fn stage_letter(&self, record: &RawRecord, letter: Vec<LetterRecord>) {
+        let mut staged = self.staged.lock().unwrap_or_else(PoisonError::into_inner);
+        staged.insert(key_of(record), Pending::Letter(letter));
     }
 
     /// Held while a record's outputs are produced and it is marked finished.
@@ -147,10 +166,10 @@ impl Transactions {
     }
 
     /// Called under [`shared`](Self::shared) as `record` ends: produces its staged outputs
-    /// into the open transaction when it `finishes` (settled, in its current assignment),
-    /// drops them otherwise.
+    /// or its dead letter into the open transaction when it `finishes` (settled, in its
+    /// current assignment), drops them otherwise.
     pub(crate) fn produce_staged(&self, record: &RawRecord, finishes: bool) {
-        let outputs = {
+        let pending = {
             let mut staged = self.staged.lock().unwrap_or_else(PoisonError::into_inner);
             if staged.is_empty() {
                 return;
@@ -158,11 +177,15 @@ impl Transactions {
             staged.remove(&key_of(record))
         };
         // After a failure nothing more is committed: outputs would only fail again.
-        let Some(outputs) = outputs.filter(|_| finishes && !self.stopped.load(Ordering::SeqCst))
+        let Some(pending) = pending.filter(|_| finishes && !self.stopped.load(Ordering::SeqCst))
         else {
             return;
         };
         self.produced.store(true, Ordering::SeqCst);
+        let outputs = match pending {
+            Pending::Outputs(outputs) => outputs,
+            Pending::Letter(letter) => return self.produce_letter(record, letter),
+        };
         for output in &outputs {
             if let Err(e) = self.send(output) {
                 warn!(coordinates = %record.coordinates(), topic = output.topic, error = %e, "output record refused: the transaction fails");
@@ -170,6 +193,35 @@ impl Transactions {
                 return;
             }
         }
+    }
+
+    /// Produces the dead letter of `record`: its first record that the producer takes (a
+    /// record above the producer's `message.max.bytes` is refused at once, and the next,
+    /// smaller, fallback is tried, as the sink does when the broker refuses one).
+    fn produce_letter(&self, record: &RawRecord, letter: Vec<LetterRecord>) {
+        let mut last = None;
+        for (n, fallback) in letter.iter().enumerate() {
+            match self.send_record(fallback.base_record()) {
+                Ok(()) => {
+                    if n > 0 {
+                        warn!(coordinates = %record.coordinates(), dead_letter_topic = fallback.topic, fallbacks = n, "dead letter too large for the transactional producer; written without its value (or as provenance only)");
+                    }
+                    return;
+                }
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
+                    last = Some(KafkaError::MessageProduction(
+                        RDKafkaErrorCode::MessageSizeTooLarge,
+                    ));
+                }
+                Err(e) => {
+                    last = Some(e);
+                    break;
+                }
+            }
+        }
+        let e = last.unwrap_or(KafkaError::MessageProduction(RDKafkaErrorCode::Fail));
+        warn!(coordinates = %record.coordinates(), error = %e, "dead letter refused by the transactional producer: the transaction fails");
+        self.fail("produce a dead letter", e);
     }
 
     fn send(&self, output: &OutputRecord) -> Result<(), KafkaError> {
@@ -190,6 +242,11 @@ impl Transactions {
         if let Some(partition) = output.partition {
             record = record.partition(partition);
         }
+        self.send_record(record)
+    }
+
+    /// Hands `record` to the producer, waiting (a bounded while) for room in its queue.
+    fn send_record(&self, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
         let started = Instant::now();
         loop {
             match self.producer.send(record) {

@@ -17,7 +17,7 @@ use crate::error::error_chain;
 use crate::error::{ConfigError, Error, Result};
 use crate::log_throttle::CLIENT_LOG_INTERVAL;
 use crate::producer::{DEFAULT_SEND_TIMEOUT, ManagedProducer, ProducerSettings, check_timeout};
-use crate::record::{Header, owned_headers};
+use crate::record::{Header, RecordBytes, owned_headers};
 
 /// How long a dead-letter topic's partition count is trusted before it is fetched again.
 const PARTITION_COUNT_MAX_AGE: Duration = Duration::from_secs(60);
@@ -86,6 +86,11 @@ type TopicNameFn = Arc<dyn Fn(&str) -> String + Send + Sync + 'static>;
 /// record meanwhile. A missing dead-letter topic fails at once (the metadata says so) rather
 /// than after the send timeout. A send that timed out may still have been written, so a retry
 /// can write the letter twice: dead letters are at-least-once.
+///
+/// Given to a consumer with [transactional output](crate::transactional#dead-letters) (as
+/// is, not wrapped), the sink writes nothing itself: the consumer's transactional producer
+/// writes the records this sink would write, in the transaction that commits the record's
+/// offset, so its letters are exactly-once for `read_committed` readers.
 ///
 /// # Oversized records
 ///
@@ -327,16 +332,7 @@ impl KafkaDeadLetterSink {
         dlt: &str,
     ) -> Result<(Option<i32>, (DeliveryFuture, Instant))> {
         let record = &letter.record;
-        if dlt == &*record.topic {
-            return Err(ConfigError::invalid(
-                "topic_name",
-                format!("it maps `{dlt}` to itself, so dead letters would be consumed again"),
-            )
-            .into());
-        }
-        crate::topic_name::check(dlt)
-            .map_err(|reason| ConfigError::invalid("topic_name", reason))?;
-        let partition = self.partition_for(dlt, record.partition).await?;
+        let partition = self.destination(letter, dlt).await?;
         let full = letter_headers(letter, None);
         let queued = self
             .producer
@@ -358,6 +354,58 @@ impl KafkaDeadLetterSink {
                 Err(e)
             }
         }
+    }
+
+    /// Checks the dead-letter topic `dlt` of `letter` (a valid name, not its source) and
+    /// chooses its partition: the source partition when `dlt` has it, else `None`.
+    async fn destination(&self, letter: &DeadLetter, dlt: &str) -> Result<Option<i32>> {
+        let record = &letter.record;
+        if dlt == &*record.topic {
+            return Err(ConfigError::invalid(
+                "topic_name",
+                format!("it maps `{dlt}` to itself, so dead letters would be consumed again"),
+            )
+            .into());
+        }
+        crate::topic_name::check(dlt)
+            .map_err(|reason| ConfigError::invalid("topic_name", reason))?;
+        self.partition_for(dlt, record.partition).await
+    }
+
+    /// The records this sink would write for `letter`, for a transactional producer to write
+    /// instead (delivery rule 20): the full letter first, then the fallbacks written when a
+    /// record is refused as too large (without the value, then provenance only; see
+    /// *Oversized records*). Same topic, partition, key, value and headers as
+    /// [`enqueue`](DeadLetterSink::enqueue) writes.
+    pub(crate) async fn render(
+        &self,
+        letter: &DeadLetter,
+    ) -> Result<Vec<LetterRecord>, DeadLetterError> {
+        let dlt = self.topic_for(&letter.record.topic);
+        let partition = match self.destination(letter, &dlt).await {
+            Ok(partition) => partition,
+            // Logged and named like a failed write (`outcome` of an error is that error).
+            Err(e) => return self.outcome(letter, dlt, Err(e)).map(|_| Vec::new()),
+        };
+        let record = &letter.record;
+        let at = |key: Option<&RecordBytes>, value: Option<&RecordBytes>, headers| LetterRecord {
+            topic: dlt.clone(),
+            partition,
+            key: key.cloned(),
+            value: value.cloned(),
+            headers,
+        };
+        let mut records = vec![at(
+            record.key.as_ref(),
+            record.value.as_ref(),
+            letter_headers(letter, None),
+        )];
+        if let Some(value) = &record.value {
+            let metadata_only = letter_headers(letter, Some(value.len()));
+            records.push(at(record.key.as_ref(), None, metadata_only));
+        }
+        records.push(at(None, None, provenance_only_headers(letter)));
+        Ok(records)
     }
 
     /// Awaits the queued write's acknowledgement; a letter too large for its topic is written
@@ -516,6 +564,34 @@ impl KafkaDeadLetterSink {
     }
 }
 
+/// One record of a dead letter as [`KafkaDeadLetterSink::render`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LetterRecord {
+    pub(crate) topic: String,
+    pub(crate) partition: Option<i32>,
+    pub(crate) key: Option<RecordBytes>,
+    pub(crate) value: Option<RecordBytes>,
+    pub(crate) headers: Vec<Header>,
+}
+
+impl LetterRecord {
+    /// The record for a producer (the sink's own writes build theirs the same way).
+    pub(crate) fn base_record(&self) -> rdkafka::producer::BaseRecord<'_, [u8], [u8]> {
+        let mut record = rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&self.topic)
+            .headers(owned_headers(self.headers.iter()));
+        if let Some(partition) = self.partition {
+            record = record.partition(partition);
+        }
+        if let Some(key) = &self.key {
+            record = record.key(&**key);
+        }
+        if let Some(value) = &self.value {
+            record = record.payload(&**value);
+        }
+        record
+    }
+}
+
 /// The Kafka record of a letter (or of one of its fallbacks).
 fn to_record<'a>(
     dlt: &'a str,
@@ -541,6 +617,10 @@ fn to_record<'a>(
 impl DeadLetterSink for KafkaDeadLetterSink {
     fn topics_for(&self, source_topic: &str) -> Vec<String> {
         vec![self.topic_for(source_topic)]
+    }
+
+    fn kafka_sink(&self, _: super::letter::sealed::Token) -> Option<&KafkaDeadLetterSink> {
+        Some(self)
     }
 
     async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
@@ -782,5 +862,88 @@ mod tests {
         let err = sink.send(&letter(Headers::new(), None)).await.unwrap_err();
         assert_eq!(err.destination, "notify.v1");
         assert_eq!(err.coordinates, "notify.v1/3@42");
+        let err = sink
+            .render(&letter(Headers::new(), None))
+            .await
+            .unwrap_err();
+        assert_eq!(err.destination, "notify.v1", "render checks the topic too");
+    }
+
+    /// A sink whose dead-letter topic `notify.v1.dlt` has `partitions` partitions (cached:
+    /// nothing is fetched).
+    fn sink_with_partitions(partitions: i32) -> KafkaDeadLetterSink {
+        let sink = KafkaDeadLetterSink::builder("127.0.0.1:1").build().unwrap();
+        sink.lock_counts().insert(
+            "notify.v1.dlt".into(),
+            PartitionCount {
+                count: partitions,
+                fetched: Instant::now(),
+            },
+        );
+        sink
+    }
+
+    #[tokio::test]
+    async fn a_rendered_letter_is_the_record_the_sink_writes_then_its_fallbacks() {
+        let headers = Headers::from(vec![Header::new("trace", "t-1"), Header::null("empty")]);
+        let letter = letter(headers, Some(b"{\"to\":\"a@b\"}".to_vec()));
+        let records = sink_with_partitions(8).render(&letter).await.unwrap();
+        let record = &letter.record;
+        assert_eq!(records.len(), 3, "full, without value, provenance only");
+        for r in &records {
+            assert_eq!(r.topic, "notify.v1.dlt");
+            assert_eq!(
+                r.partition,
+                Some(3),
+                "the source partition, which the DLT has"
+            );
+        }
+        let (full, metadata_only, provenance_only) = (&records[0], &records[1], &records[2]);
+        assert_eq!(full.key, record.key);
+        assert_eq!(full.value, record.value);
+        assert_eq!(full.headers, letter_headers(&letter, None));
+        assert_eq!(metadata_only.key, record.key);
+        assert_eq!(metadata_only.value, None);
+        assert_eq!(metadata_only.headers, letter_headers(&letter, Some(12)));
+        assert_eq!(
+            (&provenance_only.key, &provenance_only.value),
+            (&None, &None)
+        );
+        assert_eq!(provenance_only.headers, provenance_only_headers(&letter));
+    }
+
+    #[tokio::test]
+    async fn a_rendered_letter_goes_by_key_when_the_dlt_lacks_the_source_partition() {
+        let records = sink_with_partitions(2)
+            .render(&letter(Headers::new(), None))
+            .await
+            .unwrap();
+        assert!(records.iter().all(|r| r.partition.is_none()));
+        assert_eq!(records.len(), 2, "no value: no metadata-only fallback");
+    }
+
+    #[derive(Debug)]
+    struct Wrapper(KafkaDeadLetterSink);
+
+    #[async_trait]
+    impl DeadLetterSink for Wrapper {
+        async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
+            self.0.send(letter).await
+        }
+        async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
+            self.0.enqueue(letter).await
+        }
+        fn topics_for(&self, source_topic: &str) -> Vec<String> {
+            self.0.topics_for(source_topic)
+        }
+    }
+
+    #[test]
+    fn only_the_kafka_sink_itself_writes_its_letters_in_a_transaction() {
+        let token = || super::super::letter::sealed::Token(());
+        let kafka: Arc<dyn DeadLetterSink> = Arc::new(sink_with_partitions(1));
+        assert!(kafka.kafka_sink(token()).is_some());
+        let wrapper: Arc<dyn DeadLetterSink> = Arc::new(Wrapper(sink_with_partitions(1)));
+        assert!(wrapper.kafka_sink(token()).is_none());
     }
 }

@@ -256,4 +256,21 @@ pub trait DeadLetterSink: Send + Sync + fmt::Debug + 'static {
     /// first failure. A sink that writes elsewhere answers none (`Vec::new()`); a sink that
     /// wraps a Kafka sink forwards this call.
     fn topics_for(&self, source_topic: &str) -> Vec<String>;
+
+    /// Not part of the API (it cannot be called or overridden outside kourier): the
+    /// [`KafkaDeadLetterSink`](crate::KafkaDeadLetterSink) itself, whose letters a
+    /// transactional consumer writes in its transaction (delivery rule 20). Any other sink,
+    /// a wrapper of the Kafka sink included, answers `None` and writes its letters itself.
+    #[doc(hidden)]
+    fn kafka_sink(&self, _: sealed::Token) -> Option<&crate::KafkaDeadLetterSink> {
+        None
+    }
+}
+
+pub(crate) mod sealed {
+    /// Makes [`DeadLetterSink::kafka_sink`](super::DeadLetterSink::kafka_sink) kourier's
+    /// own: a type outside kourier cannot name it, so cannot implement or call the method.
+    #[allow(unreachable_pub)] // named in a public trait's method, so `pub`, but unreachable
+    #[derive(Debug, Clone, Copy)]
+    pub struct Token(pub(crate) ());
 }

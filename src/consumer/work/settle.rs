@@ -13,7 +13,9 @@ use super::waits::{InfraWait, Slot};
 use super::worker::{Failure, Holding, WorkerContext};
 use crate::consumer::dedup::keep_renewed;
 use crate::consumer::stop::Stop;
-use crate::dead_letter::{DeadLetter, DeadLetterError};
+use crate::consumer::transaction::Transactions;
+use crate::dead_letter::letter::sealed::Token;
+use crate::dead_letter::{DeadLetter, DeadLetterError, KafkaDeadLetterSink};
 use crate::error::error_chain;
 use crate::guard::guarded_async;
 use crate::handler::Handler;
@@ -167,6 +169,13 @@ impl<H: Handler> WorkerContext<H> {
                 slot.release();
             }
         };
+        if let Some(t) = &self.transactions
+            && let Some(sink) = self.sink.kafka_sink(Token(()))
+        {
+            return self
+                .dead_letter_in_transaction(t, sink, letter, metrics, cancel, release)
+                .await;
+        }
         let mut failures = 0u32;
         loop {
             // Pipelined: once the letter is queued, the lane's next record starts while it is
@@ -194,6 +203,51 @@ impl<H: Handler> WorkerContext<H> {
                 Err(e) => {
                     metrics.dead_letter_write_failed();
                     error!(coordinates = %letter.record.coordinates(), error = %error_chain(&e), failures, "dead-letter write failed; retrying, the partition waits");
+                }
+            }
+            if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
+                return RecordOutcome::Abandoned;
+            }
+            failures = failures.saturating_add(1);
+        }
+    }
+
+    /// With transactional output and the Kafka sink: the letter, rendered by the sink as it
+    /// would write it, is produced in the transaction that commits the record's offset, when
+    /// the record finishes (delivery rule 20), not by the sink's own producer. Only choosing
+    /// its partition can fail (the dead-letter topic's metadata): retried like a write.
+    async fn dead_letter_in_transaction(
+        &self,
+        transactions: &Transactions,
+        sink: &KafkaDeadLetterSink,
+        letter: DeadLetter,
+        metrics: &RecordMetrics<'_>,
+        cancel: &CancellationToken,
+        release: impl Fn(),
+    ) -> RecordOutcome {
+        let mut failures = 0u32;
+        loop {
+            let rendered = guarded_async(sink.render(&letter))
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(DeadLetterError {
+                        coordinates: letter.record.coordinates(),
+                        destination: "the dead-letter sink".into(),
+                        source: format!("the sink panicked: {panic}").into(),
+                    })
+                });
+            // As after a write is queued (or failed to be): the lane's next record may start.
+            release();
+            match rendered {
+                Ok(records) => {
+                    transactions.stage_letter(&letter.record, records);
+                    debug!(coordinates = %letter.record.coordinates(), dlt = %sink.topic_for(&letter.record.topic), "dead-lettered in the transaction");
+                    metrics.dead_lettered(letter.reason);
+                    return RecordOutcome::DeadLettered(letter.reason);
+                }
+                Err(e) => {
+                    metrics.dead_letter_write_failed();
+                    error!(coordinates = %letter.record.coordinates(), error = %error_chain(&e), failures, "dead letter cannot be written; retrying, the partition waits");
                 }
             }
             if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
