@@ -278,6 +278,7 @@ mod kafka;
 mod ledger;
 mod outcomes;
 mod procs;
+mod queue_run;
 mod redis;
 mod replays;
 mod report;
@@ -333,6 +334,9 @@ fn main() {
 /// One run, or with `--commit-metadata both` two with the same seed (`none`, then
 /// `finished-offsets`) and the line comparing their replays; true when every run passed.
 fn run_all(args: RunArgs) -> BoxResult<bool> {
+    if args.queue {
+        return queue_run::run(args);
+    }
     if args.commit_metadata != MetadataMode::Both {
         return Ok(run::run(args)?.pass);
     }
