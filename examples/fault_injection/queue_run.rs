@@ -185,7 +185,7 @@ mod imp {
             running.push(spawn.spawn(index, &mut ledgers)?);
         }
         let mut next_index = args.members;
-        let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+        let deadline = after(Duration::from_secs(args.timeout_secs));
         let mut problems: Vec<String> = Vec::new();
         let mut done_kills = 0u32;
         let mut done_restarts = 0u32;
@@ -377,6 +377,14 @@ mod imp {
         Ok(pass)
     }
 
+    /// `d` from now, capped (a huge `--timeout-secs` must not overflow the clock).
+    fn after(d: Duration) -> Instant {
+        let now = Instant::now();
+        now.checked_add(d)
+            .or_else(|| now.checked_add(Duration::from_secs(86_400 * 365)))
+            .unwrap_or(now)
+    }
+
     /// Polls the ledgers until `done` holds; an error at the deadline or when a member
     /// process exited on its own.
     fn wait_until(
@@ -418,7 +426,7 @@ mod imp {
         log_end: &[i64],
         secs: u64,
     ) -> BoxResult<i64> {
-        let until = Instant::now() + Duration::from_secs(secs);
+        let until = after(Duration::from_secs(secs));
         loop {
             let left = rt.block_on(async {
                 let kafka = krafka::Kafka::builder(bootstrap).connect().await?;
