@@ -86,6 +86,18 @@ pub(crate) struct RunArgs {
     /// idempotency store; expects 0 duplicates.
     #[arg(long)]
     pub(crate) clean_restarts: bool,
+    /// Queue mode (see the module docs, "Queue mode"; needs the `queue` feature): the
+    /// consumers are `QueueConsumer`s sharing one share group, `--members` at once. Faults:
+    /// `--kills` and `--broker-restarts` only.
+    #[arg(long)]
+    pub(crate) queue: bool,
+    /// `--queue`: consumer processes in the share group at once.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) members: usize,
+    /// `--queue`: the most records one member fetches and holds locked (`fetch_size`;
+    /// default: `--max-in-flight`). The duplicate bound is counted in these.
+    #[arg(long)]
+    pub(crate) fetch_size: Option<usize>,
     /// What the consumers' offset commits carry in their metadata (`CommitMetadata`):
     /// `finished-offsets` (the default: a partition's next owner skips the records finished
     /// above the commit point), `none` (it delivers them all again), or `both`: the whole run
@@ -210,4 +222,8 @@ pub(crate) struct ConsumeArgs {
     /// again every record from the commit point on.
     #[arg(long)]
     pub(crate) no_commit_metadata: bool,
+    /// Run a `QueueConsumer` over the share group `--group` (feature `queue`), fetching at
+    /// most this many records at once.
+    #[arg(long)]
+    pub(crate) queue_fetch_size: Option<usize>,
 }

@@ -160,6 +160,15 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
         half_work: Duration::from_millis(args.work_ms) / 2,
         outage,
     };
+    if let Some(fetch_size) = args.queue_fetch_size {
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        return consume_queue(&args, handler, fetch_size, shutdown).await;
+    }
     let mut builder = RetryingConsumer::builder(handler)
         .bootstrap_servers(&args.bootstrap)
         .group_id(&args.group)
@@ -181,13 +190,8 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
             SESSION_TIMEOUT.as_millis().to_string(),
         )
         .kafka_config("heartbeat.interval.ms", "500");
-    if let Some(url) = &args.redis_url {
-        let store = RedisIdempotencyStore::builder(url.as_str())
-            .key_prefix("fault:")
-            .build()
-            .await?;
-        let key = DedupKey::from_fn(|m: &Message<Event>| Some(m.event().id.to_string()));
-        builder = builder.idempotency(Idempotency::new(Arc::new(store), key).with_lease(LEASE));
+    if let Some(idempotency) = idempotency(&args).await? {
+        builder = builder.idempotency(idempotency);
     }
     if args.compose {
         // The key-order ledger, shared by every consumer process of the run.
@@ -249,6 +253,87 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
         serde_json::json!({ "exited": "clean", "abandoned": report.abandoned })
     );
     Ok(())
+}
+
+/// The Redis idempotency store at `--redis-url` (none without it), keyed by the event id.
+async fn idempotency(
+    args: &ConsumeArgs,
+) -> Result<Option<Idempotency<Event>>, Box<dyn std::error::Error>> {
+    let Some(url) = &args.redis_url else {
+        return Ok(None);
+    };
+    let store = RedisIdempotencyStore::builder(url.as_str())
+        .key_prefix("fault:")
+        .build()
+        .await?;
+    let key = DedupKey::from_fn(|m: &Message<Event>| Some(m.event().id.to_string()));
+    Ok(Some(
+        Idempotency::new(Arc::new(store), key).with_lease(LEASE),
+    ))
+}
+
+/// Queue mode (`--queue-fetch-size`): the same handler, idempotency store, retry policy and
+/// outcome notes over the share group `--group`, with the dead-letter topic `<topic>.dlt`.
+/// Its status lines carry no monitor (a `QueueConsumer` has none): the runner reads the
+/// outcome logs and the share group's offsets instead.
+#[cfg(feature = "queue")]
+async fn consume_queue(
+    args: &ConsumeArgs,
+    handler: FaultHandler,
+    fetch_size: usize,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut builder = kourier::queue::QueueConsumer::builder(handler)
+        .bootstrap_servers(&args.bootstrap)
+        .group_id(&args.group)
+        .topic(&args.topic)
+        .max_in_flight(args.max_in_flight)
+        .fetch_size(fetch_size)
+        .retry_policy(RetryPolicy::fixed(
+            Duration::from_millis(50),
+            MAX_ATTEMPTS - 1,
+        ))
+        .shutdown_timeout(Duration::from_secs(20));
+    if let Some(idempotency) = idempotency(args).await? {
+        builder = builder.idempotency(idempotency);
+    }
+    let outcomes = OutcomeLog::open(&args.outcomes)?;
+    builder = builder.on_outcome(move |record, outcome| outcomes.note(record, outcome, 0));
+    let consumer = builder.build()?;
+    // A status line every 500 ms (the runner waits for the first before it signals).
+    let status = tokio::spawn(async move {
+        loop {
+            println!(
+                "{}",
+                serde_json::json!({ "status": { "queue": true, "pid": std::process::id() } })
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let result = consumer.run(shutdown).await;
+    status.abort();
+    let report = result?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "exited": "clean",
+            "abandoned": report.abandoned,
+            "released_unstarted": report.released_unstarted,
+            "acknowledgement_failures": report.acknowledgement_failures,
+        })
+    );
+    Ok(())
+}
+
+/// Without the `queue` feature the runner refuses `--queue` before it starts a consumer.
+#[cfg(not(feature = "queue"))]
+async fn consume_queue(
+    _args: &ConsumeArgs,
+    _handler: FaultHandler,
+    _fetch_size: usize,
+    _shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error>> {
+    Err(crate::queue_run::NO_FEATURE.into())
 }
 
 fn snapshot_json(monitor: &kourier::ConsumerMonitor) -> serde_json::Value {

@@ -15,6 +15,9 @@
 //! # every feature at once (see "Compose mode"); scripts/test runs this one too:
 //! cargo run --example fault_injection -- --compose --events 3000 --kills 2 \
 //!     --broker-restarts 1 --redis-outages 1 --outages 1 --outage-secs 3
+//! # queue mode (feature `queue`): QueueConsumers in one share group (see "Queue mode"):
+//! cargo run --features queue --example fault_injection -- --queue --events 3000 --kills 2 \
+//!     --broker-restarts 1
 //! # the reduced run twice, without and with commit metadata, comparing replays (see "Replays"):
 //! cargo run --example fault_injection -- --events 20000 --kills 2 --broker-restarts 1 \
 //!     --redis-outages 1 --dlt-partitions 2 --outages 1 --outage-secs 3 --commit-metadata both
@@ -256,6 +259,68 @@
 //!   an outage from a record failing on its own; a kill after a dead letter needs letters
 //!   still to come).
 //!
+//! # Queue mode (`--queue`)
+//!
+//! Needs kourier's experimental `queue` feature (`cargo run --features queue --example
+//! fault_injection -- --queue ...`; without it `--queue` is an error before anything is
+//! created). `--members` (2) consumer processes run a `QueueConsumer` each, in one share
+//! group over the topic (6 partitions): the same events, handler, injected failures (4.5 %
+//! transient once or twice, 0.5 % always, 0.5 % permanent), ledger, outcome notes, Redis
+//! idempotency store (lease 3 s), 4 attempts (fixed 50 ms back-off), `max_in_flight` and
+//! dead-letter topic `<topic>.dlt`; each member fetches at most `--fetch-size` records
+//! (default `--max-in-flight`, 32). Simulated work is paced so that consuming takes about 12 s
+//! per fault (20 s at least) at full speed.
+//!
+//! Faults, one after the other at random points of progress (15 %..80 % of the effects), each
+//! followed by progress of two batches per member before the next: **SIGKILL of a member**
+//! (`--kills`; one at random, replaced at once by a new process) — the broker hands the
+//! records it held locked to the others when its connection closes; **broker restart**
+//! (`--broker-restarts`, default 1; only through `KOURIER_FAULT_BROKER_CONTROL`, as in the other
+//! modes, else skipped and said so). No other fault (`--redis-outages`, `--zombies`,
+//! `--outages`, `--compose`, `--clean-restarts` are refused). When every event is accounted for,
+//! the runner waits for the share group to have nothing left (below), stops every member with
+//! SIGTERM and checks:
+//!
+//! ```text
+//! events=E lost=L duplicates=D bound=B dead_lettered=X kills=K kill_duplicates=KD
+//! broker_restarts=R mode=queue members=M fetch_size=F duplicate_letters=DL letter_bound=B
+//! max_letters_per_event=ML share_group_left=G acknowledgement_failures=AF verdict=PASS|FAIL
+//! ```
+//!
+//! - **lost = 0**: every event has its effect in a ledger, or, if injected to fail for good,
+//!   a letter in the dead-letter topic.
+//! - **Effects**: none for a dead-lettered event; each at the attempt its injected failures
+//!   predict (`Message::attempt` counts a delivery's attempts, so a record redelivered after a
+//!   kill fails its injected failures again and still has its effect at that attempt).
+//! - **Duplicates**: `D ≤ B = kills × F + broker_restarts × M × F`. A share-group member holds
+//!   at most a fetch (F records) locked; a SIGKILL sends back what the killed member held, and a
+//!   broker restart what every member held (their connections close; settlements that travel
+//!   with the next fetch may not have gone). F rather than `max_in_flight`: what comes back is
+//!   the fetch, and the bound holds without the idempotency store (with it, only records whose
+//!   effect was written but whose claim was not yet completed run again, at most
+//!   `max_in_flight`, which the default F equals). Checked per kill too: the repeats of a killed
+//!   member's effects are at most F (KD sums them); effects of a member never killed do not
+//!   repeat unless the broker restarted. Repeats are counted by the effect they repeat (ledger
+//!   time order).
+//! - **Dead letters**: exactly the permanent (`permanent`, 1 attempt) and exhausted
+//!   (`retries-exhausted`, 4 attempts) events have letters, with that kind and attempt count,
+//!   and nothing else is in the topic. A letter repeats only where a fault fell between the
+//!   letter and its ACCEPT reaching the broker (the ACCEPT travels with the member's next
+//!   fetch): the duplicate letters DL share the bound B (a fault sends back at most F records
+//!   per member it hit, letters included), and no event has more than `1 + kills +
+//!   broker_restarts` letters (ML).
+//! - **The share group has nothing left (G = 0)**: every record acknowledged, read from the
+//!   broker with krafka's admin client (`DescribeShareGroupOffsets`: the share-partition lag,
+//!   summed over the partitions; log end − start offset on brokers before Kafka 4.3). Read
+//!   while the members still run (their last ACCEPTs travel with their next fetch; up to 30 s)
+//!   and again, checked, once every member left. The start offset alone is no proof: it can
+//!   stay below the log end with every record above it acknowledged (measured: 60 of 3,000).
+//! - Every member exited on SIGTERM with status 0; none exited on its own (a member that exits
+//!   during the run stops it with an error).
+//!
+//! AF (acknowledgements the broker refused, from each member's `QueueReport`; a killed
+//! member's are missing) is reported, not checked.
+//!
 //! On PASS the topics and the work directory are removed; on FAIL they are kept (the path is
 //! printed), with each consumer's log and ledger.
 //!
@@ -264,7 +329,8 @@
 //! The code, by concern: `cli` (flags), `event` (events and their injected fates), `consumer`
 //! (the child process and its handler), `ledger` (the side-effect files, written and read),
 //! `outcomes` (the outcome logs, written and read), `replays` (replays counted per fault),
-//! `procs` (starting and stopping consumer processes), `run` (the runner), `faults` (the plan
+//! `procs` (starting and stopping consumer processes), `run` (the runner), `queue_run` (the
+//! runner and checks of queue mode), `faults` (the plan
 //! and each fault), `watch` (waiting for progress and recovery), `kafka`, `redis` and `broker`
 //! (the services), `check` (the checks) and `report` (verdict and summary line).
 
@@ -278,6 +344,7 @@ mod kafka;
 mod ledger;
 mod outcomes;
 mod procs;
+mod queue_run;
 mod redis;
 mod replays;
 mod report;
@@ -333,6 +400,9 @@ fn main() {
 /// One run, or with `--commit-metadata both` two with the same seed (`none`, then
 /// `finished-offsets`) and the line comparing their replays; true when every run passed.
 fn run_all(args: RunArgs) -> BoxResult<bool> {
+    if args.queue {
+        return queue_run::run(args);
+    }
     if args.commit_metadata != MetadataMode::Both {
         return Ok(run::run(args)?.pass);
     }

@@ -28,6 +28,8 @@ pub(crate) struct ConsumerSpawn {
     pub(crate) compose_ledger: Option<String>,
     /// The consumers commit without metadata (`CommitMetadata::None`).
     pub(crate) no_commit_metadata: bool,
+    /// `--queue`: the consumers are `QueueConsumer`s fetching this many records at once.
+    pub(crate) queue_fetch_size: Option<usize>,
 }
 
 impl ConsumerSpawn {
@@ -77,6 +79,9 @@ impl ConsumerSpawn {
         }
         if self.no_commit_metadata {
             cmd.arg("--no-commit-metadata");
+        }
+        if let Some(n) = self.queue_fetch_size {
+            cmd.args(["--queue-fetch-size", &n.to_string()]);
         }
         let child = cmd.spawn()?;
         log(format!("started consumer #{index} (pid {})", child.id()));

@@ -191,6 +191,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<RunOutcome> {
         breaker: args.breaker,
         compose_ledger: ledger_redis.as_ref().map(RedisServer::url),
         no_commit_metadata,
+        queue_fetch_size: None,
     };
     let mut ledgers = Ledgers::new(args.events as usize, max_attempts(compose));
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
