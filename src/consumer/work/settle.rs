@@ -13,9 +13,8 @@ use super::waits::{InfraWait, Slot};
 use super::worker::{Failure, Holding, WorkerContext};
 use crate::consumer::dedup::keep_renewed;
 use crate::consumer::stop::Stop;
-use crate::consumer::transaction::Transactions;
 use crate::dead_letter::letter::sealed::Token;
-use crate::dead_letter::{DeadLetter, DeadLetterError, KafkaDeadLetterSink};
+use crate::dead_letter::{DeadLetter, DeadLetterError};
 use crate::error::error_chain;
 use crate::guard::guarded_async;
 use crate::handler::Handler;
@@ -172,82 +171,69 @@ impl<H: Handler> WorkerContext<H> {
         if let Some(t) = &self.transactions
             && let Some(sink) = self.sink.kafka_sink(Token(()))
         {
+            // Transactional output with the Kafka sink: the letter, rendered by the sink as it
+            // would write it, is produced in the transaction that commits the record's offset,
+            // when the record finishes (delivery rule 20), not by the sink's own producer. Only
+            // choosing its partition can fail (the dead-letter topic's metadata).
             return self
-                .dead_letter_in_transaction(t, sink, letter, metrics, cancel, release)
+                .until_written(&letter, metrics, cancel, &release, || async {
+                    let records = sink.render(&letter).await?;
+                    t.stage_letter(&letter.record, records);
+                    Ok(format!(
+                        "{} (in the transaction)",
+                        sink.topic_for(&letter.record.topic)
+                    ))
+                })
                 .await;
         }
+        // Pipelined: once the letter is queued, the lane's next record starts while it is
+        // written (and retried, never dropped); the offset waits for the acknowledgement.
+        self.until_written(&letter, metrics, cancel, &release, || async {
+            let pending = self.sink.enqueue(&letter).await;
+            release();
+            let receipt = pending.await?;
+            Ok(format!(
+                "{} partition {:?} offset {:?}",
+                receipt.topic, receipt.partition, receipt.offset
+            ))
+        })
+        .await
+    }
+
+    /// Runs `write` (it answers where the letter went) until it succeeds or the record is
+    /// given up, waiting longer after each failure; a panic in it is a failed write. The
+    /// lane is released after each try, also when the sink panicked before it queued.
+    async fn until_written<W, F>(
+        &self,
+        letter: &DeadLetter,
+        metrics: &RecordMetrics<'_>,
+        cancel: &CancellationToken,
+        release: &(dyn Fn() + Sync),
+        mut write: W,
+    ) -> RecordOutcome
+    where
+        W: FnMut() -> F,
+        F: Future<Output = Result<String, DeadLetterError>>,
+    {
         let mut failures = 0u32;
         loop {
-            // Pipelined: once the letter is queued, the lane's next record starts while it is
-            // written (and retried, never dropped); the offset waits for the acknowledgement.
-            let sent = guarded_async(async {
-                let pending = self.sink.enqueue(&letter).await;
-                release();
-                pending.await
-            })
-            .await
-            .unwrap_or_else(|panic| {
+            let written = guarded_async(write()).await.unwrap_or_else(|panic| {
                 Err(DeadLetterError {
                     coordinates: letter.record.coordinates(),
                     destination: "the dead-letter sink".into(),
                     source: format!("the sink panicked: {panic}").into(),
                 })
             });
-            release(); // also when the sink panicked before it queued
-            match sent {
-                Ok(receipt) => {
-                    debug!(coordinates = %letter.record.coordinates(), dlt = %receipt.topic, partition = ?receipt.partition, offset = ?receipt.offset, "dead-lettered");
+            release();
+            match written {
+                Ok(to) => {
+                    debug!(coordinates = %letter.record.coordinates(), %to, "dead-lettered");
                     metrics.dead_lettered(letter.reason);
                     return RecordOutcome::DeadLettered(letter.reason);
                 }
                 Err(e) => {
                     metrics.dead_letter_write_failed();
                     error!(coordinates = %letter.record.coordinates(), error = %error_chain(&e), failures, "dead-letter write failed; retrying, the partition waits");
-                }
-            }
-            if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
-                return RecordOutcome::Abandoned;
-            }
-            failures = failures.saturating_add(1);
-        }
-    }
-
-    /// With transactional output and the Kafka sink: the letter, rendered by the sink as it
-    /// would write it, is produced in the transaction that commits the record's offset, when
-    /// the record finishes (delivery rule 20), not by the sink's own producer. Only choosing
-    /// its partition can fail (the dead-letter topic's metadata): retried like a write.
-    async fn dead_letter_in_transaction(
-        &self,
-        transactions: &Transactions,
-        sink: &KafkaDeadLetterSink,
-        letter: DeadLetter,
-        metrics: &RecordMetrics<'_>,
-        cancel: &CancellationToken,
-        release: impl Fn(),
-    ) -> RecordOutcome {
-        let mut failures = 0u32;
-        loop {
-            let rendered = guarded_async(sink.render(&letter))
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(DeadLetterError {
-                        coordinates: letter.record.coordinates(),
-                        destination: "the dead-letter sink".into(),
-                        source: format!("the sink panicked: {panic}").into(),
-                    })
-                });
-            // As after a write is queued (or failed to be): the lane's next record may start.
-            release();
-            match rendered {
-                Ok(records) => {
-                    transactions.stage_letter(&letter.record, records);
-                    debug!(coordinates = %letter.record.coordinates(), dlt = %sink.topic_for(&letter.record.topic), "dead-lettered in the transaction");
-                    metrics.dead_lettered(letter.reason);
-                    return RecordOutcome::DeadLettered(letter.reason);
-                }
-                Err(e) => {
-                    metrics.dead_letter_write_failed();
-                    error!(coordinates = %letter.record.coordinates(), error = %error_chain(&e), failures, "dead letter cannot be written; retrying, the partition waits");
                 }
             }
             if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
