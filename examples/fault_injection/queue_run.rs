@@ -27,7 +27,7 @@ pub(crate) fn run(args: RunArgs) -> BoxResult<bool> {
 #[cfg(feature = "queue")]
 mod imp {
     use std::collections::BTreeMap;
-    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+    use std::time::{Duration, Instant};
 
     use crate::broker::BrokerControl;
     use crate::cli::RunArgs;
@@ -36,7 +36,7 @@ mod imp {
     use crate::ledger::Ledgers;
     use crate::procs::{ConsumerProc, ConsumerSpawn};
     use crate::redis::RedisServer;
-    use crate::run::seed_from_clock;
+    use crate::run::{seed_from_clock, work_dir_and_topic};
     use crate::{BoxResult, MAX_ATTEMPTS, log};
 
     /// A fault of queue mode.
@@ -85,17 +85,7 @@ mod imp {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let stamp = format!(
-            "{}-{}",
-            std::process::id(),
-            SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis()
-        );
-        let work_dir = match &args.work_dir {
-            Some(d) => d.clone(),
-            None => std::env::temp_dir().join(format!("kourier-fault-queue-{stamp}")),
-        };
-        std::fs::create_dir_all(&work_dir)?;
-        let topic = format!("kourier-fault-queue-{stamp}");
+        let (work_dir, topic) = work_dir_and_topic(args.work_dir.as_ref(), "kourier-fault-queue")?;
         let dlt = format!("{topic}.dlt");
         let group = format!("{topic}-share");
         let kafka = Kafka::new(&args.bootstrap, &group)?;

@@ -33,6 +33,25 @@ pub(crate) fn seed_from_clock() -> u64 {
 
 /// Runs the whole experiment once, with the commit metadata `args.commit_metadata` names
 /// (`none`, else the default); `pass` on PASS.
+/// A run's work directory (`work_dir`, else a new one in the temporary directory; created)
+/// and topic, both named `<prefix>-<pid>-<milliseconds>`.
+pub(crate) fn work_dir_and_topic(
+    work_dir: Option<&std::path::PathBuf>,
+    prefix: &str,
+) -> BoxResult<(std::path::PathBuf, String)> {
+    let name = format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis()
+    );
+    let work_dir = match work_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(&name),
+    };
+    std::fs::create_dir_all(&work_dir)?;
+    Ok((work_dir, name))
+}
+
 pub(crate) fn run(mut args: RunArgs) -> BoxResult<RunOutcome> {
     let started = Instant::now();
     let mut counts = fault_counts(&args)?;
@@ -66,17 +85,7 @@ pub(crate) fn run(mut args: RunArgs) -> BoxResult<RunOutcome> {
         .enable_all()
         .build()?;
 
-    let stamp = format!(
-        "{}-{}",
-        std::process::id(),
-        SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis()
-    );
-    let work_dir = match &args.work_dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("kourier-fault-{stamp}")),
-    };
-    std::fs::create_dir_all(&work_dir)?;
-    let topic = format!("kourier-fault-{stamp}");
+    let (work_dir, topic) = work_dir_and_topic(args.work_dir.as_ref(), "kourier-fault")?;
     let dlt = format!("{topic}.dlt");
     let group = format!("{topic}-group");
     log(format!(
