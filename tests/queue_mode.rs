@@ -1085,3 +1085,180 @@ async fn an_open_breaker_holds_records_instead_of_dead_lettering_them() {
     // A few failed calls opened it, then one probe per open interval (0.5 s, 1 s, ...).
     assert!(during_outage <= 12, "calls while down: {during_outage}");
 }
+
+// ─────────────────────────── metrics ───────────────────────────
+
+/// The process-wide test recorder (`metrics-util`'s `DebuggingRecorder`), installed once:
+/// the members' records run on the runtime's threads. Other tests of this file record into
+/// it too; the metrics test reads only its own group's series.
+fn snapshotter() -> &'static metrics_util::debugging::Snapshotter {
+    static SNAPSHOTTER: std::sync::OnceLock<metrics_util::debugging::Snapshotter> =
+        std::sync::OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("install the test recorder");
+        snapshotter
+    })
+}
+
+/// A metric series of one group: its name and its labels but `group`, sorted.
+type Series = (String, Vec<(String, String)>);
+
+/// One snapshot of a group's series: counters, gauges, histogram values.
+type GroupMetrics = (
+    HashMap<Series, u64>,
+    HashMap<Series, f64>,
+    HashMap<Series, Vec<f64>>,
+);
+
+/// The counters, gauges and histogram values of `group`'s series in one snapshot.
+fn group_metrics(group: &str) -> GroupMetrics {
+    use metrics_util::debugging::DebugValue;
+    let (mut counters, mut gauges, mut histograms) =
+        (HashMap::new(), HashMap::new(), HashMap::new());
+    for (key, _, _, value) in snapshotter().snapshot().into_vec() {
+        let key = key.key();
+        if !key
+            .labels()
+            .any(|l| l.key() == "group" && l.value() == group)
+        {
+            continue;
+        }
+        let mut labels: Vec<(String, String)> = key
+            .labels()
+            .filter(|l| l.key() != "group")
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        labels.sort();
+        let series = (key.name().to_owned(), labels);
+        match value {
+            DebugValue::Counter(n) => {
+                counters.insert(series, n);
+            }
+            DebugValue::Gauge(g) => {
+                gauges.insert(series, g.into_inner());
+            }
+            DebugValue::Histogram(values) => {
+                histograms.insert(series, values.into_iter().map(|v| v.into_inner()).collect());
+            }
+        }
+    }
+    (counters, gauges, histograms)
+}
+
+fn series(name: &str, labels: &[(&str, &str)]) -> Series {
+    let mut labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    labels.sort();
+    (name.to_owned(), labels)
+}
+
+/// Queue mode records kourier's metrics under the consumer-group engine's names and
+/// labels: after a drain of 7 records — 5 handled (one of them after 2 transient
+/// failures), 1 permanent failure, 1 poison pill — the counters say exactly that, the
+/// handler duration has one value per handler call (8: the poison pill never reaches the
+/// handler), and nothing is left in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_the_drain_did() {
+    use kourier::metrics::{self as m, labels};
+    snapshotter();
+    let (bootstrap, topic) = topics("queue-metrics").await;
+    let group = support::unique_name("queue-metrics");
+    let ended = Arc::new(AtomicU32::new(0));
+    let e = Arc::clone(&ended);
+    let consumer = QueueConsumer::builder(handler_fn(|m: Message<String>| async move {
+        match m.key_str() {
+            Some("e-1") if m.attempt() <= 2 => Err(HandlerError::transient("smtp 451")),
+            Some("e-5") => Err(HandlerError::permanent("no such mailbox")),
+            _ => Ok(()),
+        }
+    }))
+    .bootstrap_servers(bootstrap)
+    .group_id(group.clone())
+    .topic(topic.clone())
+    .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 3))
+    .on_outcome(move |_, _| {
+        e.fetch_add(1, Ordering::SeqCst);
+    })
+    .build()
+    .unwrap();
+    let member = spawn(consumer);
+    let mut records = events(6);
+    records.push(("bad".to_owned(), "not json".to_owned()));
+    produce(bootstrap, &topic, &records).await;
+    until(Duration::from_secs(30), "seven outcomes", || {
+        ended.load(Ordering::SeqCst) >= 7
+    })
+    .await;
+    let report = member.stop().await;
+    let (counters, gauges, histograms) = group_metrics(&group);
+    let t = topic.as_str();
+    let counter = |name: &str, extra: &[(&str, &str)]| {
+        let mut l = vec![(labels::TOPIC, t)];
+        l.extend_from_slice(extra);
+        counters.get(&series(name, &l)).copied().unwrap_or(0)
+    };
+    let all = format!("{counters:?}");
+    assert_eq!(counter(m::RECORDS_CONSUMED, &[]), 7, "{all}");
+    assert_eq!(counter(m::RECORDS_HANDLED, &[]), 5, "{all}");
+    assert_eq!(
+        counter(m::RECORDS_RETRIED, &[(labels::ATTEMPT, "1")]),
+        1,
+        "{all}"
+    );
+    assert_eq!(
+        counter(m::RECORDS_RETRIED, &[(labels::ATTEMPT, "2")]),
+        1,
+        "{all}"
+    );
+    assert_eq!(
+        counter(m::RECORDS_DEAD_LETTERED, &[(labels::KIND, "permanent")]),
+        1,
+        "{all}"
+    );
+    assert_eq!(
+        counter(m::RECORDS_DEAD_LETTERED, &[(labels::KIND, "decode")]),
+        1,
+        "{all}"
+    );
+    assert_eq!(counter(m::DUPLICATES_SKIPPED, &[]), 0, "{all}");
+    assert_eq!(counter(m::RECORDS_ABANDONED, &[]), 0, "{all}");
+    assert_eq!(counter(m::DEAD_LETTER_WRITE_FAILURES, &[]), 0, "{all}");
+    let durations = histograms
+        .get(&series(m::HANDLER_DURATION, &[(labels::TOPIC, t)]))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        durations.len(),
+        8,
+        "one value per handler call: {durations:?}"
+    );
+    assert_eq!(
+        gauges.get(&series(m::RECORDS_IN_FLIGHT, &[])).copied(),
+        Some(0.0),
+        "nothing in flight after the drain: {gauges:?}"
+    );
+    // Metrics of the consumer-group engine that do not apply are not registered.
+    for absent in [
+        m::CONSUMER_LAG,
+        m::PARTITION_PAUSED,
+        m::COMMIT_DURATION,
+        m::COMMIT_FAILURES,
+        m::CONNECTION_STATE,
+        m::RECORDS_STALLED,
+        m::FORWARD_FAILURES,
+    ] {
+        assert!(
+            !counters
+                .keys()
+                .chain(gauges.keys())
+                .chain(histograms.keys())
+                .any(|(n, _)| n == absent),
+            "{absent} is not a queue-mode metric"
+        );
+    }
+    assert_eq!((report.handled, report.dead_lettered), (5, 2));
+}

@@ -85,8 +85,8 @@
 //! replaced by U+FFFD, so a dead letter keeps such a name changed (`b"\xff\xfeid"` arrives
 //! as `"\u{fffd}\u{fffd}id"`, measured); the consumer-group engine keeps it byte for byte.
 //!
-//! Per-destination breakers, retry tiers, kourier's metrics (but the breaker's) and the
-//! consumer monitor belong to the consumer-group engine and are not wired here. A held
+//! Per-destination breakers, retry tiers and the consumer monitor belong to the
+//! consumer-group engine and are not wired here. A held
 //! record holds its slot (its `max_in_flight` place) while it waits. A batch holds at most
 //! [`fetch_size`](QueueConsumerBuilder::fetch_size) records, and the next batch is
 //! fetched once every record of the current one is settled (the share consumer's explicit
@@ -94,6 +94,31 @@
 //! members). Settlements travel with the next fetch (no round trip of their own); lock
 //! renewals are sent at once. A new member gets its first records on its second heartbeat:
 //! about 5 s after it starts with the broker's default `group.share.heartbeat.interval.ms`.
+//!
+//! # Metrics
+//!
+//! A queue consumer records [kourier's metrics](crate::metrics) under the same names and
+//! labels as a [`RetryingConsumer`](crate::RetryingConsumer), `group` being the share group:
+//! `kourier_records_consumed_total` (records the share group handed over, redeliveries
+//! included), `kourier_records_handled_total`, `kourier_records_retried_total` (by the
+//! attempt that failed, within one delivery), `kourier_records_dead_lettered_total` (by
+//! kind), `kourier_duplicates_skipped_total`, `kourier_idempotency_store_errors_total`,
+//! `kourier_dead_letter_write_failures_total`, `kourier_handler_duration_seconds`,
+//! `kourier_records_in_flight` (records started and not yet settled; records of a batch
+//! waiting for a slot are not in it), `kourier_handler_panics_total`,
+//! `kourier_records_abandoned_total` (given up at shutdown and RELEASEd; the records of a
+//! batch RELEASEd before they started are in [`QueueReport::released_unstarted`] only) and,
+//! with a [`breaker`](QueueConsumerBuilder::breaker), `kourier_breaker_state`,
+//! `kourier_breaker_transitions_total` and `kourier_breaker_held_failures_total`.
+//!
+//! Not recorded, as they do not apply to a share group (their series are not registered):
+//! `kourier_consumer_lag` and `kourier_partition_paused` (no partition is assigned to a
+//! member, and none is paused), `kourier_commit_duration_seconds` and
+//! `kourier_commit_failures_total` (no offsets are committed: settlements travel with the
+//! fetches; refused ones are [`QueueReport::acknowledgement_failures`]),
+//! `kourier_connection_state`, `kourier_records_stalled_total` (no stall threshold),
+//! `kourier_records_forwarded_total` and `kourier_forward_failures_total` (no retry tiers),
+//! and the per-destination breakers' metrics.
 //!
 //! # Startup checks
 //!
@@ -318,6 +343,11 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumer<H, C> {
         })
         .await?;
         tracing::info!(group = %self.engine.group, topic = %self.topic, "queue consumer joined its share group");
+        // The handles are taken now: a recorder installed before `run` sees every metric.
+        self.engine.metrics.start_queue();
+        if self.engine.gate.0.is_some() {
+            self.engine.metrics.breaker_start();
+        }
         let stops = Stops {
             stop: CancellationToken::new(),
             hard: CancellationToken::new(),
@@ -622,10 +652,11 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
         if let Some(policy) = &self.breaker {
             policy.validate().map_err(config)?;
         }
-        let gate = OutageGate(self.breaker.map(|policy| {
-            let metrics = ConsumerMetrics::new(&group, std::slice::from_ref(&topic));
-            Arc::new(Breaker::new(policy, Arc::new(metrics)))
-        }));
+        let metrics = Arc::new(ConsumerMetrics::new_queue(&group, &topic));
+        let gate = OutageGate(
+            self.breaker
+                .map(|policy| Arc::new(Breaker::new(policy, Arc::clone(&metrics)))),
+        );
         let sink = match self.sink {
             Some(sink) => sink,
             None => Arc::new(
@@ -647,6 +678,7 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
                 max_in_flight: self.max_in_flight,
                 shutdown_timeout: self.shutdown_timeout,
                 counts: Counts::default(),
+                metrics,
             },
             fetch_size,
             bootstrap,
