@@ -1262,3 +1262,120 @@ async fn metrics_count_what_the_drain_did() {
     }
     assert_eq!((report.handled, report.dead_lettered), (5, 2));
 }
+
+// ─────────────────────────── delivery limit ───────────────────────────
+
+/// A handler that never finishes (it counts the records it started).
+struct NeverDone(Arc<AtomicU32>);
+
+#[kourier::async_trait]
+impl kourier::Handler for NeverDone {
+    type Event = String;
+
+    async fn handle(&self, _m: &Message<String>) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        Ok(())
+    }
+}
+
+/// A member whose handler never finishes: the record it gets is abandoned at its stop
+/// (after a 200 ms shutdown timeout) and RELEASEd, one delivery used. Returns its report
+/// once its handler saw a record and it stopped.
+async fn deliver_and_abandon(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    configure: impl FnOnce(
+        kourier::queue::QueueConsumerBuilder<NeverDone>,
+    ) -> kourier::queue::QueueConsumerBuilder<NeverDone>,
+) -> QueueReport {
+    let started = Arc::new(AtomicU32::new(0));
+    let builder = QueueConsumer::builder(NeverDone(Arc::clone(&started)))
+        .bootstrap_servers(bootstrap)
+        .group_id(group)
+        .topic(topic)
+        .shutdown_timeout(Duration::from_millis(200));
+    let member = spawn(configure(builder).build().unwrap());
+    until(Duration::from_secs(20), "the record delivered", || {
+        started.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    member.stop().await
+}
+
+/// `delivery_limit(n)` sets the group's `share.delivery.count.limit`: a record abandoned
+/// (RELEASEd at a stop) twice under a limit of 2 is archived by the broker and never
+/// delivered again (under the default 5 it would be); a limit outside the broker's
+/// `group.share.min/max.delivery.count.limit` (2..=10) is a `QueueError::DeliveryLimit`
+/// naming the value and the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_limit_is_set_on_the_group_and_checked_against_the_broker() {
+    let (bootstrap, topic) = topics("queue-limit").await;
+    let group = support::unique_name("queue-limit");
+    for limit in [1, 11] {
+        let refused = QueueConsumer::builder(handler_fn(|_m: Message<String>| async {
+            Ok::<(), HandlerError>(())
+        }))
+        .bootstrap_servers(bootstrap)
+        .group_id(group.clone())
+        .topic(topic.clone())
+        .delivery_limit(limit)
+        .build()
+        .unwrap()
+        .run(std::future::pending())
+        .await;
+        match refused {
+            Err(e @ QueueError::DeliveryLimit { .. }) => {
+                let QueueError::DeliveryLimit {
+                    requested,
+                    min,
+                    max,
+                } = e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((requested, min, max), (limit, 2, 10));
+                assert!(
+                    e.to_string().contains(&format!("{limit}")) && e.to_string().contains("2..=10"),
+                    "{e}"
+                );
+            }
+            other => panic!("expected QueueError::DeliveryLimit for {limit}, got {other:?}"),
+        }
+    }
+
+    produce(bootstrap, &topic, &events(1)).await;
+    for _ in 0..2 {
+        let report = deliver_and_abandon(bootstrap, &topic, &group, |b| b.delivery_limit(2)).await;
+        assert_eq!(report.abandoned, 1, "{report:?}");
+    }
+    // A third member: it gets a record produced now, and never the archived one.
+    let seen: Seen = Arc::default();
+    let member = spawn(
+        QueueConsumer::builder(recording(3, &seen, Duration::ZERO))
+            .bootstrap_servers(bootstrap)
+            .group_id(group.clone())
+            .topic(topic.clone())
+            .build()
+            .unwrap(),
+    );
+    produce(
+        bootstrap,
+        &topic,
+        &[("probe".to_owned(), "\"probe\"".to_owned())],
+    )
+    .await;
+    until(Duration::from_secs(20), "the probe handled", || {
+        counts(&seen).contains_key("probe")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    member.stop().await;
+    assert_eq!(
+        counts(&seen).get("e-0"),
+        None,
+        "the record delivered twice was archived at the limit of 2: {:?}",
+        seen.lock().unwrap()
+    );
+}

@@ -8,7 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use krafka::Kafka;
 use krafka::admin::{
-    ConfigOp, ConfigResource, DescribeFeaturesOptions, IncrementalAlterConfigsOptions,
+    AdminClient, ConfigOp, ConfigResource, DescribeClusterOptions, DescribeConfigsOptions,
+    DescribeFeaturesOptions, IncrementalAlterConfigsOptions,
 };
 use krafka::consumer::ConsumerRecord;
 use krafka::share_consumer::{AcknowledgementMode, AcquireMode, ShareConsumer};
@@ -20,6 +21,11 @@ use crate::record::{Header, Headers, RawRecord};
 
 /// The finalized feature that gates share groups (KIP-932); 1 or more turns them on.
 pub(super) const SHARE_FEATURE: &str = "share.version";
+/// The group config: deliveries of a record before the broker archives it.
+pub(super) const DELIVERY_LIMIT: &str = "share.delivery.count.limit";
+/// The broker configs bounding [`DELIVERY_LIMIT`], and Kafka 4.4's defaults for them.
+pub(super) const MIN_DELIVERY_LIMIT: (&str, u32) = ("group.share.min.delivery.count.limit", 2);
+pub(super) const MAX_DELIVERY_LIMIT: (&str, u32) = ("group.share.max.delivery.count.limit", 10);
 
 /// A share consumer of krafka's, subscribed to one topic.
 pub(super) struct KrafkaSource {
@@ -37,6 +43,7 @@ pub(super) struct Connect<'a> {
     pub(super) max_records: usize,
     pub(super) reset: &'static str,
     pub(super) lock_duration: Option<Duration>,
+    pub(super) delivery_limit: Option<u32>,
     pub(super) timeout: Duration,
 }
 
@@ -87,6 +94,19 @@ impl KrafkaSource {
         }
 
         let mut ops = vec![ConfigOp::set("share.auto.offset.reset", c.reset)];
+        if let Some(limit) = c.delivery_limit {
+            let (min, max) = delivery_limit_range(&admin, c.timeout)
+                .await
+                .map_err(|e| e.unwrap_or_else(unreachable))?;
+            if !(min..=max).contains(&limit) {
+                return Err(QueueError::DeliveryLimit {
+                    requested: limit,
+                    min,
+                    max,
+                });
+            }
+            ops.push(ConfigOp::set(DELIVERY_LIMIT, limit.to_string()));
+        }
         if let Some(lock) = c.lock_duration {
             ops.push(ConfigOp::set(
                 "share.record.lock.duration.ms",
@@ -148,6 +168,53 @@ impl KrafkaSource {
             .map_err(|e| client("subscribing", e))?;
         Ok(KrafkaSource { consumer, refused })
     }
+}
+
+/// The broker's bounds of a share group's delivery limit:
+/// `group.share.min/max.delivery.count.limit` as one broker of the cluster says (a setting of
+/// every broker; Kafka's defaults when it reports none). `Err(None)`: no answer within
+/// `timeout`.
+async fn delivery_limit_range(
+    admin: &AdminClient,
+    timeout: Duration,
+) -> Result<(u32, u32), Option<QueueError>> {
+    let reading = |e| Some(client("reading the broker's delivery count limits", e));
+    let cluster = tokio::time::timeout(
+        timeout,
+        admin.describe_cluster(DescribeClusterOptions::default()),
+    )
+    .await
+    .map_err(|_| None)?
+    .map_err(reading)?;
+    let Some(broker) = cluster.brokers.first() else {
+        return Ok((MIN_DELIVERY_LIMIT.1, MAX_DELIVERY_LIMIT.1));
+    };
+    let resource = ConfigResource::broker(broker.id);
+    let names = [MIN_DELIVERY_LIMIT, MAX_DELIVERY_LIMIT];
+    let mut configs = tokio::time::timeout(
+        timeout,
+        admin.describe_configs(
+            [resource.clone()],
+            DescribeConfigsOptions::default()
+                .config_names(names.iter().map(|(n, _)| (*n).to_owned()).collect()),
+        ),
+    )
+    .await
+    .map_err(|_| None)?
+    .map_err(reading)?;
+    let entries = configs
+        .remove(&resource)
+        .unwrap_or_else(|| Ok(Vec::new()))
+        .map_err(reading)?;
+    let [min, max] = names.map(|(name, default)| {
+        entries
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(default)
+    });
+    Ok((min, max))
 }
 
 /// kourier's record from krafka's. krafka gives header names as `String` (a name that is not

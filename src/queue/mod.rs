@@ -61,7 +61,7 @@
 //! | a dead-letter write fails | retried (0.5 s doubling to 5 s) while the lock is renewed; never dropped | retried, the offset waits |
 //! | shutdown | records not started are RELEASEd at once (another member takes them); running ones get [`shutdown_timeout`](QueueConsumerBuilder::shutdown_timeout), then are RELEASEd; records waiting (a back-off, a busy key, a failing sink) are RELEASEd at once | the same, by offsets |
 //! | the member crashes (kill -9) | the broker releases its records when the connection closes, or when their locks run out | uncommitted offsets are read again |
-//! | a record delivered `share.delivery.count.limit` times (default 5: its member crashed, froze or was killed each time) | the broker archives it: **no dead letter** is written (kourier never saw it fail) | delivered again after every restart |
+//! | a record delivered `share.delivery.count.limit` times (default 5, or [`delivery_limit`](QueueConsumerBuilder::delivery_limit): its member crashed, froze, was killed or stopped while it ran each time) | the broker archives it: **no dead letter** is written by kourier (it never saw it fail) | delivered again after every restart |
 //! | redelivered record | [`Message::delivery_count`](crate::Message::delivery_count) is the broker's delivery count (across crashes and lock expiries), logged when above 1; [`Message::attempt`](crate::Message::attempt) counts this delivery's attempts | — |
 //! | ordering | **none**: records of one partition, of one key, run in parallel on one or several members | [`ProcessingOrder`](crate::ProcessingOrder) |
 //!
@@ -129,7 +129,11 @@
 //! ([`start_from`](QueueConsumerBuilder::start_from), default earliest: a new group reads
 //! the records already in the topic) and, when set, its `share.record.lock.duration.ms`
 //! within the broker's `group.share.min/max.record.lock.duration.ms`
-//! ([`QueueError::LockDuration`]); the topic and its dead-letter topics exist, or are created
+//! ([`QueueError::LockDuration`]); when [`delivery_limit`](QueueConsumerBuilder::delivery_limit)
+//! is set, that it lies within the broker's `group.share.min/max.delivery.count.limit`
+//! (read from a broker; 2 to 10 by default), then set as the group's
+//! `share.delivery.count.limit` ([`QueueError::DeliveryLimit`], naming the value and the
+//! range); the topic and its dead-letter topics exist, or are created
 //! with [`create_missing_topics`](QueueConsumerBuilder::create_missing_topics)
 //! ([`QueueError::MissingTopics`]).
 
@@ -216,6 +220,21 @@ pub enum QueueError {
         /// The broker's answer (it names the allowed range).
         reason: String,
     },
+    /// The delivery limit set with [`delivery_limit`](QueueConsumerBuilder::delivery_limit)
+    /// is outside the broker's `group.share.min.delivery.count.limit` ..=
+    /// `group.share.max.delivery.count.limit` (2 ..= 10 by default).
+    #[error(
+        "delivery limit {requested} is outside the broker's range {min}..={max} \
+         (group.share.min/max.delivery.count.limit)"
+    )]
+    DeliveryLimit {
+        /// The delivery limit asked for.
+        requested: u32,
+        /// The broker's `group.share.min.delivery.count.limit`.
+        min: u32,
+        /// The broker's `group.share.max.delivery.count.limit`.
+        max: u32,
+    },
     /// The broker refused the share group's configs (`share.auto.offset.reset`), e.g. for
     /// lack of the ALTER_CONFIGS permission on the group.
     #[error("share group {group}: the broker refused its configs: {reason}")]
@@ -279,6 +298,7 @@ pub struct QueueConsumer<H: Handler, C = JsonCodec<<H as Handler>::Event>> {
     topic: String,
     start_from: StartFrom,
     lock_duration: Option<Duration>,
+    delivery_limit: Option<u32>,
     startup_timeout: Duration,
     create_missing_topics: bool,
     partitions: i32,
@@ -314,6 +334,7 @@ impl<H: Handler> QueueConsumer<H> {
             startup_timeout: Duration::from_secs(30),
             start_from: StartFrom::Earliest,
             lock_duration: None,
+            delivery_limit: None,
             create_missing_topics: false,
             partitions: 1,
         }
@@ -339,6 +360,7 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumer<H, C> {
             max_records: self.fetch_size,
             reset: self.start_from.config_value(),
             lock_duration: self.lock_duration,
+            delivery_limit: self.delivery_limit,
             timeout: self.startup_timeout,
         })
         .await?;
@@ -441,6 +463,7 @@ pub struct QueueConsumerBuilder<H: Handler, C = JsonCodec<<H as Handler>::Event>
     startup_timeout: Duration,
     start_from: StartFrom,
     lock_duration: Option<Duration>,
+    delivery_limit: Option<u32>,
     create_missing_topics: bool,
     partitions: i32,
 }
@@ -495,6 +518,7 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
             startup_timeout: self.startup_timeout,
             start_from: self.start_from,
             lock_duration: self.lock_duration,
+            delivery_limit: self.delivery_limit,
             create_missing_topics: self.create_missing_topics,
             partitions: self.partitions,
         }
@@ -584,6 +608,19 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
     /// renewed every third of it while a record is held.
     pub fn lock_duration(mut self, lock: Duration) -> Self {
         self.lock_duration = Some(crate::clock::bounded(lock));
+        self
+    }
+
+    /// Sets the group's delivery limit (`share.delivery.count.limit`) at start: how many
+    /// times the broker delivers a record before it archives it. A delivery ends without a
+    /// settlement when its member crashes, freezes past the lock or is stopped while the
+    /// record runs (RELEASEd); kourier's own failures never use one (they are retried in
+    /// place, then dead-lettered and ACCEPTed). The startup check refuses a limit outside the
+    /// broker's `group.share.min/max.delivery.count.limit` (2 to 10 by default):
+    /// [`QueueError::DeliveryLimit`]. Default: the group's current limit (the broker's
+    /// `group.share.delivery.count.limit`, 5, for a new group).
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
         self
     }
 
@@ -685,6 +722,7 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
             topic,
             start_from: self.start_from,
             lock_duration: self.lock_duration,
+            delivery_limit: self.delivery_limit,
             startup_timeout: self.startup_timeout,
             create_missing_topics: self.create_missing_topics,
             partitions: self.partitions,
