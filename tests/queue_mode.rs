@@ -1379,3 +1379,92 @@ async fn the_delivery_limit_is_set_on_the_group_and_checked_against_the_broker()
         seen.lock().unwrap()
     );
 }
+
+// ─────────────────────────── the broker's dead-letter queue ───────────────────────────
+
+/// `broker_dead_letter_queue(topic)` (KIP-1191): the startup checks refuse a name without
+/// the broker's `dlq.` prefix, a topic that has not opted in
+/// (`errors.deadletterqueue.group.enable`) and a missing one, each naming the topic; with
+/// `create_missing_topics(true)` the topic is created opted in, and a record abandoned
+/// (RELEASEd at a stop) as many times as the delivery limit (2) is written there by the
+/// broker, with its `__dlq.errors.*` headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_dead_letter_queue_takes_a_record_past_the_delivery_limit() {
+    let (bootstrap, topic) = topics("queue-bdlq").await;
+    let group = support::unique_name("queue-bdlq");
+    let startup = |dlq: String, create: bool| {
+        let (topic, group) = (topic.clone(), group.clone());
+        async move {
+            let run = QueueConsumer::builder(handler_fn(|_m: Message<String>| async {
+                Ok::<(), HandlerError>(())
+            }))
+            .bootstrap_servers(bootstrap)
+            .group_id(group)
+            .topic(topic)
+            .broker_dead_letter_queue(dlq)
+            .create_missing_topics(create)
+            .build()
+            .unwrap()
+            .run(std::future::pending());
+            tokio::time::timeout(Duration::from_secs(30), run)
+                .await
+                .expect("the startup checks answer within 30 s")
+        }
+    };
+
+    let unprefixed = format!("{topic}.broker-dlq");
+    match startup(unprefixed.clone(), true).await {
+        Err(QueueError::BrokerDeadLetterQueue { topic, setting, .. }) => {
+            assert_eq!(
+                (topic.as_str(), setting),
+                (
+                    unprefixed.as_str(),
+                    "errors.deadletterqueue.topic.name.prefix"
+                )
+            );
+        }
+        other => panic!("expected QueueError::BrokerDeadLetterQueue, got {other:?}"),
+    }
+
+    let not_opted_in = format!("dlq.{topic}.a");
+    support::create_topic_via(&config(bootstrap), &not_opted_in, 1, &[]).await;
+    match startup(not_opted_in.clone(), false).await {
+        Err(e @ QueueError::BrokerDeadLetterQueue { .. }) => {
+            let message = e.to_string();
+            let QueueError::BrokerDeadLetterQueue { topic, setting, .. } = e else {
+                unreachable!()
+            };
+            assert_eq!(
+                (topic.as_str(), setting),
+                (not_opted_in.as_str(), "errors.deadletterqueue.group.enable")
+            );
+            assert!(message.contains(&not_opted_in), "{message}");
+        }
+        other => panic!("expected QueueError::BrokerDeadLetterQueue, got {other:?}"),
+    }
+
+    let dlq = format!("dlq.{topic}.b");
+    match startup(dlq.clone(), false).await {
+        Err(QueueError::MissingTopics { topics }) => assert_eq!(topics, vec![dlq.clone()]),
+        other => panic!("expected QueueError::MissingTopics, got {other:?}"),
+    }
+
+    produce(bootstrap, &topic, &events(1)).await;
+    for _ in 0..2 {
+        let report = deliver_and_abandon(bootstrap, &topic, &group, |b| {
+            b.delivery_limit(2)
+                .broker_dead_letter_queue(dlq.clone())
+                .create_missing_topics(true)
+        })
+        .await;
+        assert_eq!(report.abandoned, 1, "{report:?}");
+    }
+    let letters = read_letters(bootstrap, &dlq, Duration::from_secs(5)).await;
+    assert_eq!(letters.len(), 1, "one letter from the broker: {letters:?}");
+    let (key, h) = &letters[0];
+    assert_eq!(key, "e-0", "a copy of the record: {h:?}");
+    assert_eq!(text(h, "__dlq.errors.topic"), topic, "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.group"), group, "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.delivery.count"), "2", "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.offset"), "0", "{h:?}");
+}

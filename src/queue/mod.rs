@@ -61,14 +61,16 @@
 //! | a dead-letter write fails | retried (0.5 s doubling to 5 s) while the lock is renewed; never dropped | retried, the offset waits |
 //! | shutdown | records not started are RELEASEd at once (another member takes them); running ones get [`shutdown_timeout`](QueueConsumerBuilder::shutdown_timeout), then are RELEASEd; records waiting (a back-off, a busy key, a failing sink) are RELEASEd at once | the same, by offsets |
 //! | the member crashes (kill -9) | the broker releases its records when the connection closes, or when their locks run out | uncommitted offsets are read again |
-//! | a record delivered `share.delivery.count.limit` times (default 5, or [`delivery_limit`](QueueConsumerBuilder::delivery_limit): its member crashed, froze, was killed or stopped while it ran each time) | the broker archives it: **no dead letter** is written by kourier (it never saw it fail) | delivered again after every restart |
+//! | a record delivered `share.delivery.count.limit` times (default 5, or [`delivery_limit`](QueueConsumerBuilder::delivery_limit): its member crashed, froze, was killed or stopped while it ran each time) | the broker archives it: **no dead letter** is written by kourier (it never saw it fail); with [`broker_dead_letter_queue`](QueueConsumerBuilder::broker_dead_letter_queue) the broker writes a copy to that `dlq.*` topic, with `__dlq.errors.*` headers (topic, partition, offset, group, delivery count, message) | delivered again after every restart |
 //! | redelivered record | [`Message::delivery_count`](crate::Message::delivery_count) is the broker's delivery count (across crashes and lock expiries), logged when above 1; [`Message::attempt`](crate::Message::attempt) counts this delivery's attempts | — |
 //! | ordering | **none**: records of one partition, of one key, run in parallel on one or several members | [`ProcessingOrder`](crate::ProcessingOrder) |
 //!
-//! The broker's own dead-letter queue (KIP-1191) is not used: kourier REJECTs nothing (a
-//! REJECTed record is archived silently unless a `dlq.*` topic opted in, and the broker's
-//! letter keeps neither the original headers nor a reason), so kourier writes its own letter
-//! and ACCEPTs.
+//! The broker's own dead-letter queue (KIP-1191) is only a backstop, off unless
+//! [`broker_dead_letter_queue`](QueueConsumerBuilder::broker_dead_letter_queue) names a
+//! topic: kourier REJECTs nothing (its letter keeps the provenance headers and the reason,
+//! which the broker's does not), it writes its own letter and ACCEPTs. The broker's letter
+//! is for the records kourier could not settle: delivered the delivery limit times (tested:
+//! a record abandoned at a stop twice under a limit of 2 lands there).
 //!
 //! Duplicates remain possible, as with a consumer group: a record whose lock ran out (the
 //! process frozen longer than the lock, or renewals not reaching the broker) is delivered to
@@ -133,7 +135,13 @@
 //! is set, that it lies within the broker's `group.share.min/max.delivery.count.limit`
 //! (read from a broker; 2 to 10 by default), then set as the group's
 //! `share.delivery.count.limit` ([`QueueError::DeliveryLimit`], naming the value and the
-//! range); the topic and its dead-letter topics exist, or are created
+//! range); when [`broker_dead_letter_queue`](QueueConsumerBuilder::broker_dead_letter_queue)
+//! is set, that its name starts with the broker's `errors.deadletterqueue.topic.name.prefix`
+//! (`dlq.`) and that the topic exists with `errors.deadletterqueue.group.enable=true`
+//! ([`QueueError::BrokerDeadLetterQueue`] naming the topic and the setting,
+//! [`QueueError::MissingTopics`]; [`create_missing_topics`](QueueConsumerBuilder::create_missing_topics)
+//! creates it or sets the config), then the group's `errors.deadletterqueue.topic.name` and
+//! `errors.deadletterqueue.copy.record.enable=true` are set; the topic and its dead-letter topics exist, or are created
 //! with [`create_missing_topics`](QueueConsumerBuilder::create_missing_topics)
 //! ([`QueueError::MissingTopics`]).
 
@@ -235,6 +243,22 @@ pub enum QueueError {
         /// The broker's `group.share.max.delivery.count.limit`.
         max: u32,
     },
+    /// The broker's dead-letter queue topic set with
+    /// [`broker_dead_letter_queue`](QueueConsumerBuilder::broker_dead_letter_queue) cannot
+    /// be used: its name lacks the broker's prefix (`errors.deadletterqueue.topic.name.prefix`,
+    /// `dlq.` by default), or the topic has not opted in
+    /// (`errors.deadletterqueue.group.enable=true`; without it the broker archives the
+    /// records silently). A missing topic is [`QueueError::MissingTopics`].
+    #[error("broker dead-letter queue topic {topic} ({setting}): {problem}")]
+    BrokerDeadLetterQueue {
+        /// The topic.
+        topic: String,
+        /// The setting that is not right: `errors.deadletterqueue.topic.name.prefix` (a
+        /// broker config) or `errors.deadletterqueue.group.enable` (the topic's).
+        setting: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
     /// The broker refused the share group's configs (`share.auto.offset.reset`), e.g. for
     /// lack of the ALTER_CONFIGS permission on the group.
     #[error("share group {group}: the broker refused its configs: {reason}")]
@@ -299,6 +323,7 @@ pub struct QueueConsumer<H: Handler, C = JsonCodec<<H as Handler>::Event>> {
     start_from: StartFrom,
     lock_duration: Option<Duration>,
     delivery_limit: Option<u32>,
+    broker_dlq: Option<String>,
     startup_timeout: Duration,
     create_missing_topics: bool,
     partitions: i32,
@@ -335,6 +360,7 @@ impl<H: Handler> QueueConsumer<H> {
             start_from: StartFrom::Earliest,
             lock_duration: None,
             delivery_limit: None,
+            broker_dlq: None,
             create_missing_topics: false,
             partitions: 1,
         }
@@ -361,6 +387,9 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumer<H, C> {
             reset: self.start_from.config_value(),
             lock_duration: self.lock_duration,
             delivery_limit: self.delivery_limit,
+            broker_dlq: self.broker_dlq.as_deref(),
+            create_missing_topics: self.create_missing_topics,
+            partitions: self.partitions,
             timeout: self.startup_timeout,
         })
         .await?;
@@ -464,6 +493,7 @@ pub struct QueueConsumerBuilder<H: Handler, C = JsonCodec<<H as Handler>::Event>
     start_from: StartFrom,
     lock_duration: Option<Duration>,
     delivery_limit: Option<u32>,
+    broker_dlq: Option<String>,
     create_missing_topics: bool,
     partitions: i32,
 }
@@ -519,6 +549,7 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
             start_from: self.start_from,
             lock_duration: self.lock_duration,
             delivery_limit: self.delivery_limit,
+            broker_dlq: self.broker_dlq,
             create_missing_topics: self.create_missing_topics,
             partitions: self.partitions,
         }
@@ -618,9 +649,30 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
     /// place, then dead-lettered and ACCEPTed). The startup check refuses a limit outside the
     /// broker's `group.share.min/max.delivery.count.limit` (2 to 10 by default):
     /// [`QueueError::DeliveryLimit`]. Default: the group's current limit (the broker's
-    /// `group.share.delivery.count.limit`, 5, for a new group).
+    /// `group.share.delivery.count.limit`, 5, for a new group). What the broker does with the
+    /// record then: see [`broker_dead_letter_queue`](Self::broker_dead_letter_queue).
     pub fn delivery_limit(mut self, limit: u32) -> Self {
         self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// A backstop: the broker's own dead-letter queue (KIP-1191, Kafka 4.2+) for records the
+    /// broker gives up on — delivered [`delivery_limit`](Self::delivery_limit) times without
+    /// being settled (their member crashed, froze past the lock, or was stopped while they
+    /// ran). Without it the broker archives such a record silently. kourier's own dead
+    /// letters (failures it saw, through the [`DeadLetterSink`]) are unchanged.
+    ///
+    /// At start kourier sets the group's `errors.deadletterqueue.topic.name` to `topic` and
+    /// `errors.deadletterqueue.copy.record.enable=true` (the broker's letter is a copy of the
+    /// record, with the broker's `__dlq.errors.*` headers: topic, partition, offset, group,
+    /// delivery count, message; without it, the headers alone), after checking that the name starts with the
+    /// broker's `errors.deadletterqueue.topic.name.prefix` (`dlq.` by default) and that the
+    /// topic exists with `errors.deadletterqueue.group.enable=true`: else
+    /// [`QueueError::BrokerDeadLetterQueue`] (or [`QueueError::MissingTopics`]), unless
+    /// [`create_missing_topics`](Self::create_missing_topics) creates the topic or sets the
+    /// config. Default: none (kourier leaves the group's own setting as it is).
+    pub fn broker_dead_letter_queue(mut self, topic: impl Into<String>) -> Self {
+        self.broker_dlq = Some(topic.into());
         self
     }
 
@@ -723,6 +775,7 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
             start_from: self.start_from,
             lock_duration: self.lock_duration,
             delivery_limit: self.delivery_limit,
+            broker_dlq: self.broker_dlq,
             startup_timeout: self.startup_timeout,
             create_missing_topics: self.create_missing_topics,
             partitions: self.partitions,
