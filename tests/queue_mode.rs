@@ -1443,6 +1443,25 @@ async fn the_broker_dead_letter_queue_takes_a_record_past_the_delivery_limit() {
         other => panic!("expected QueueError::BrokerDeadLetterQueue, got {other:?}"),
     }
 
+    // `create_missing_topics(true)` opts the existing topic in: the member starts.
+    let member = spawn(
+        QueueConsumer::builder(recording(1, &Seen::default(), Duration::ZERO))
+            .bootstrap_servers(bootstrap)
+            .group_id(support::unique_name("queue-bdlq-opt-in"))
+            .topic(topic.clone())
+            .broker_dead_letter_queue(not_opted_in.clone())
+            .create_missing_topics(true)
+            .build()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    member.stop().await;
+    assert_eq!(
+        dlq_opt_in(bootstrap, &not_opted_in).await.as_deref(),
+        Some("true"),
+        "create_missing_topics(true) set {not_opted_in}'s errors.deadletterqueue.group.enable"
+    );
+
     let dlq = format!("dlq.{topic}.b");
     match startup(dlq.clone(), false).await {
         Err(QueueError::MissingTopics { topics }) => assert_eq!(topics, vec![dlq.clone()]),
@@ -1458,6 +1477,12 @@ async fn the_broker_dead_letter_queue_takes_a_record_past_the_delivery_limit() {
         })
         .await;
         assert_eq!(report.abandoned, 1, "{report:?}");
+        // Created opted in by the first member (the second would opt it in anyway).
+        assert_eq!(
+            dlq_opt_in(bootstrap, &dlq).await.as_deref(),
+            Some("true"),
+            "created opted in"
+        );
     }
     let letters = read_letters(bootstrap, &dlq, Duration::from_secs(5)).await;
     assert_eq!(letters.len(), 1, "one letter from the broker: {letters:?}");
@@ -1467,4 +1492,24 @@ async fn the_broker_dead_letter_queue_takes_a_record_past_the_delivery_limit() {
     assert_eq!(text(h, "__dlq.errors.group"), group, "{h:?}");
     assert_eq!(text(h, "__dlq.errors.delivery.count"), "2", "{h:?}");
     assert_eq!(text(h, "__dlq.errors.offset"), "0", "{h:?}");
+}
+
+/// The topic's `errors.deadletterqueue.group.enable`, as the broker describes it.
+async fn dlq_opt_in(bootstrap: &str, topic: &str) -> Option<String> {
+    use kourier::rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use kourier::rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = config(bootstrap).create().unwrap();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
+        .await
+        .expect("describe configs");
+    let resource = results
+        .into_iter()
+        .next()
+        .expect("one resource")
+        .unwrap_or_else(|code| panic!("describe {topic}: {code}"));
+    resource
+        .get("errors.deadletterqueue.group.enable")
+        .and_then(|e| e.value.clone())
 }
