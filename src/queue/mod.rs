@@ -88,8 +88,8 @@
 //! as `"\u{fffd}\u{fffd}id"`, measured); the consumer-group engine keeps it byte for byte.
 //!
 //! Per-destination breakers, retry tiers and the consumer monitor belong to the
-//! consumer-group engine and are not wired here. A held
-//! record holds its slot (its `max_in_flight` place) while it waits. A batch holds at most
+//! consumer-group engine and are not wired here. A held record holds its slot (its
+//! `max_in_flight` place) while it waits. A batch holds at most
 //! [`fetch_size`](QueueConsumerBuilder::fetch_size) records, and the next batch is
 //! fetched once every record of the current one is settled (the share consumer's explicit
 //! mode requires it), so one slow record delays the member's next fetch (not the other
