@@ -727,7 +727,10 @@ async fn startup_checks_name_what_is_wrong() {
 /// The member process `kill_9_of_a_member_loses_nothing` starts and kills: this test binary
 /// again, running only this test, with `QUEUE_CHILD_BOOTSTRAP` set (without it this test does
 /// nothing). It handles records (20 ms each) and appends each handled key to
-/// `QUEUE_CHILD_OUT`, until it is killed.
+/// `QUEUE_CHILD_OUT`, until it is killed. With `QUEUE_CHILD_HANG` (for
+/// `a_member_killed_at_each_delivery_sends_the_record_to_the_broker_dlq`) its handler appends
+/// the key when it starts and never finishes, and `QUEUE_CHILD_LIMIT` / `QUEUE_CHILD_DLQ` set
+/// the delivery limit and the broker's dead-letter queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a member process for kill_9_of_a_member_loses_nothing, started by it"]
 async fn queue_member_child() {
@@ -746,21 +749,39 @@ async fn queue_member_child() {
             .open(out)
             .unwrap(),
     ));
+    let hang = std::env::var("QUEUE_CHILD_HANG").is_ok();
     let handler = handler_fn(move |m: Message<String>| {
         let out = Arc::clone(&out);
         async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
             use std::io::Write as _;
+            if hang {
+                writeln!(out.lock().unwrap(), "{}", m.key_str().unwrap_or_default()).unwrap();
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                return Ok::<(), HandlerError>(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
             writeln!(out.lock().unwrap(), "{}", m.key_str().unwrap_or_default()).unwrap();
             Ok::<(), HandlerError>(())
         }
     });
-    QueueConsumer::builder(handler)
+    let mut builder = QueueConsumer::builder(handler)
         .bootstrap_servers(bootstrap)
         .group_id(group)
         .topic(topic)
         .max_in_flight(4)
-        .fetch_size(16)
+        .fetch_size(16);
+    if let Some(limit) = std::env::var("QUEUE_CHILD_LIMIT")
+        .ok()
+        .and_then(|l| l.parse().ok())
+    {
+        builder = builder.delivery_limit(limit);
+    }
+    if let Ok(dlq) = std::env::var("QUEUE_CHILD_DLQ") {
+        builder = builder
+            .broker_dead_letter_queue(dlq)
+            .create_missing_topics(true);
+    }
+    builder
         .build()
         .unwrap()
         .run(std::future::pending())
@@ -1512,4 +1533,51 @@ async fn dlq_opt_in(bootstrap: &str, topic: &str) -> Option<String> {
     resource
         .get("errors.deadletterqueue.group.enable")
         .and_then(|e| e.value.clone())
+}
+
+/// kill -9 of the member holding a record, as many times as the delivery limit (2): the
+/// broker gives the record back at each kill (the connection closed), then, at the limit,
+/// writes it to the broker's dead-letter queue topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_at_each_delivery_sends_the_record_to_the_broker_dlq() {
+    let (bootstrap, topic) = topics("queue-bdlq-kill").await;
+    let group = support::unique_name("queue-bdlq-kill");
+    let dlq = format!("dlq.{topic}");
+    produce(bootstrap, &topic, &events(1)).await;
+    for delivery in 1..=2 {
+        let out = std::env::temp_dir().join(support::unique_name("queue-bdlq-kill-out"));
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "queue_member_child", "--ignored", "--nocapture"])
+            .env("QUEUE_CHILD_BOOTSTRAP", bootstrap)
+            .env("QUEUE_CHILD_TOPIC", &topic)
+            .env("QUEUE_CHILD_GROUP", &group)
+            .env("QUEUE_CHILD_OUT", &out)
+            .env("QUEUE_CHILD_HANG", "1")
+            .env("QUEUE_CHILD_LIMIT", "2")
+            .env("QUEUE_CHILD_DLQ", &dlq)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        until(
+            Duration::from_secs(30),
+            &format!("delivery {delivery} started in the member process"),
+            || {
+                std::fs::read_to_string(&out)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l == "e-0")
+            },
+        )
+        .await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let _ = std::fs::remove_file(&out);
+    }
+    let letters = read_letters(bootstrap, &dlq, Duration::from_secs(5)).await;
+    assert_eq!(letters.len(), 1, "one letter from the broker: {letters:?}");
+    let (key, h) = &letters[0];
+    assert_eq!(key, "e-0", "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.delivery.count"), "2", "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.topic"), topic, "{h:?}");
 }

@@ -69,8 +69,9 @@
 //! [`broker_dead_letter_queue`](QueueConsumerBuilder::broker_dead_letter_queue) names a
 //! topic: kourier REJECTs nothing (its letter keeps the provenance headers and the reason,
 //! which the broker's does not), it writes its own letter and ACCEPTs. The broker's letter
-//! is for the records kourier could not settle: delivered the delivery limit times (tested:
-//! a record abandoned at a stop twice under a limit of 2 lands there).
+//! is for the records kourier could not settle: delivered the delivery limit times (tested
+//! under a limit of 2: a record abandoned at a stop twice, and a record whose member process
+//! was killed with SIGKILL twice, land there).
 //!
 //! Duplicates remain possible, as with a consumer group: a record whose lock ran out (the
 //! process frozen longer than the lock, or renewals not reaching the broker) is delivered to
