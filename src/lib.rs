@@ -268,6 +268,10 @@
 //! | `kourier_destination_transitions_total` | counter | `state` | destination breaker transitions by the state entered (`open`, `half-open`, `closed`; no destination label: the snapshot names the top ones) |
 //! | `kourier_destinations_untracked_total` | counter | | failures or admissions of destinations that could not be tracked (the cap was reached): not isolated |
 //!
+//! A queue-mode consumer (feature `queue`) records a subset of these under the same names
+//! and labels: no lag, paused-partition, commit, connection, stall, retry-tier or
+//! destination metrics (the `kourier::queue` module docs list them).
+//!
 //! Per record, [`RetryingConsumerBuilder::on_outcome`] calls an observer with the record and
 //! its [`RecordOutcome`] (handled, duplicate, dead-lettered with its kind, forwarded to a
 //! retry tier, abandoned, left for later), so an

@@ -42,6 +42,11 @@
 //!
 //! The names are the constants of this module; the label names are in [`labels`].
 //!
+//! A queue-mode consumer (feature `queue`, `kourier::queue`) records a subset under the same
+//! names and labels, `group` being the share group: no lag, paused-partition, commit,
+//! connection, stall, retry-tier or destination metrics (the `kourier::queue` docs list
+//! them).
+//!
 //! # Cost
 //!
 //! Per record, kourier increments pre-registered handles (no label strings are built per
@@ -300,7 +305,9 @@ pub(crate) struct TopicMetrics {
 }
 
 impl TopicMetrics {
-    fn new(topic: SharedString, group: SharedString) -> Self {
+    /// `queue`: a queue-mode consumer's, without the consumer-group engine's stall and
+    /// retry-tier counters (no-op handles: those series are not registered).
+    fn new(topic: SharedString, group: SharedString, queue: bool) -> Self {
         let labels = [
             (labels::TOPIC, topic.clone()),
             (labels::GROUP, group.clone()),
@@ -312,13 +319,21 @@ impl TopicMetrics {
             dead_letter_write_failures: ::metrics::counter!(DEAD_LETTER_WRITE_FAILURES, &labels),
             handler_duration: ::metrics::histogram!(HANDLER_DURATION, &labels),
             panics: ::metrics::counter!(HANDLER_PANICS, &labels),
-            stalled: ::metrics::counter!(RECORDS_STALLED, &labels),
+            stalled: if queue {
+                Counter::noop()
+            } else {
+                ::metrics::counter!(RECORDS_STALLED, &labels)
+            },
             abandoned: ::metrics::counter!(RECORDS_ABANDONED, &labels),
             retried: Default::default(),
             dead_lettered: Default::default(),
             store_errors: Default::default(),
             forwarded: Default::default(),
-            forward_failures: ::metrics::counter!(FORWARD_FAILURES, &labels),
+            forward_failures: if queue {
+                Counter::noop()
+            } else {
+                ::metrics::counter!(FORWARD_FAILURES, &labels)
+            },
             topic,
             group,
         }
@@ -345,7 +360,6 @@ impl std::fmt::Debug for TopicMetrics {
 /// Consumer-wide handles, registered when the consumer starts running.
 #[derive(Debug)]
 struct GroupMetrics {
-    in_flight: Gauge,
     commit_duration: Histogram,
     commit_failures: Counter,
     connection_state: Gauge,
@@ -375,7 +389,11 @@ pub(crate) struct ConsumerMetrics {
     group: SharedString,
     topics: Box<[(Box<str>, OnceLock<TopicMetrics>)]>,
     consumer: OnceLock<GroupMetrics>,
+    /// Apart from [`GroupMetrics`]: queue mode has it and no commits.
+    in_flight: OnceLock<Gauge>,
     breaker: OnceLock<BreakerMetrics>,
+    /// A queue-mode consumer's (see [`TopicMetrics::new`]).
+    queue: bool,
     destinations: OnceLock<DestinationMetrics>,
     pub(crate) counts: OutcomeCounts,
 }
@@ -389,9 +407,20 @@ impl ConsumerMetrics {
                 .map(|t| (Box::from(t.as_str()), OnceLock::new()))
                 .collect(),
             consumer: OnceLock::new(),
+            in_flight: OnceLock::new(),
             breaker: OnceLock::new(),
+            queue: false,
             destinations: OnceLock::new(),
             counts: OutcomeCounts::default(),
+        }
+    }
+
+    /// A queue-mode consumer's metrics: no commit, lag, pause, stall or retry-tier series.
+    #[cfg(feature = "queue")]
+    pub(crate) fn new_queue(group: &str, topic: &str) -> Self {
+        ConsumerMetrics {
+            queue: true,
+            ..ConsumerMetrics::new(group, &[topic.to_owned()])
         }
     }
 
@@ -400,7 +429,6 @@ impl ConsumerMetrics {
             describe();
             let group = [(labels::GROUP, self.group.clone())];
             GroupMetrics {
-                in_flight: ::metrics::gauge!(RECORDS_IN_FLIGHT, &group),
                 commit_duration: ::metrics::histogram!(COMMIT_DURATION, &group),
                 commit_failures: ::metrics::counter!(COMMIT_FAILURES, &group),
                 connection_state: ::metrics::gauge!(CONNECTION_STATE, &group),
@@ -415,9 +443,16 @@ impl ConsumerMetrics {
             .set(if connected { 1.0 } else { 0.0 });
     }
 
+    fn in_flight(&self) -> &Gauge {
+        self.in_flight.get_or_init(
+            || ::metrics::gauge!(RECORDS_IN_FLIGHT, labels::GROUP => self.group.clone()),
+        )
+    }
+
     fn breaker(&self) -> &BreakerMetrics {
         self.breaker.get_or_init(|| {
-            self.consumer(); // the descriptions
+            // The descriptions (not `consumer()`: queue mode has no commit metrics).
+            describe();
             let transition = |state: &'static str| {
                 ::metrics::counter!(
                     BREAKER_TRANSITIONS,
@@ -501,24 +536,37 @@ impl ConsumerMetrics {
     /// Registers the consumer-wide handles (and the descriptions): call when it starts.
     pub(crate) fn start(&self) {
         self.consumer();
+        self.in_flight();
+    }
+
+    /// Registers the handles of a queue-mode consumer (no commits, no connection state).
+    #[cfg(feature = "queue")]
+    pub(crate) fn start_queue(&self) {
+        describe();
+        self.in_flight();
     }
 
     fn topic(&self, topic: &str) -> Cow<'_, TopicMetrics> {
         match self.topics.iter().find(|(t, _)| &**t == topic) {
             Some((t, cell)) => Cow::Borrowed(cell.get_or_init(|| {
-                TopicMetrics::new(SharedString::from(String::from(&**t)), self.group.clone())
+                TopicMetrics::new(
+                    SharedString::from(String::from(&**t)),
+                    self.group.clone(),
+                    self.queue,
+                )
             })),
             // Not subscribed (cannot happen with exact topic names): correct labels, no cache.
             None => Cow::Owned(TopicMetrics::new(
                 SharedString::from(topic.to_owned()),
                 self.group.clone(),
+                self.queue,
             )),
         }
     }
 
     /// The handles for one record's metrics; marks it in flight until dropped.
     pub(crate) fn record(&self, topic: &str) -> RecordMetrics<'_> {
-        let in_flight = &self.consumer().in_flight;
+        let in_flight = self.in_flight();
         in_flight.increment(1.0);
         RecordMetrics {
             topic: self.topic(topic),
@@ -535,6 +583,12 @@ impl ConsumerMetrics {
             self.topic(&first.topic).consumed.increment(run as u64);
             rest = &rest[run..];
         }
+    }
+
+    /// Counts `n` records received from `topic` (queue mode: one topic per consumer).
+    #[cfg(feature = "queue")]
+    pub(crate) fn consumed_from(&self, topic: &str, n: u64) {
+        self.topic(topic).consumed.increment(n);
     }
 
     /// Records one synchronous commit.

@@ -727,7 +727,10 @@ async fn startup_checks_name_what_is_wrong() {
 /// The member process `kill_9_of_a_member_loses_nothing` starts and kills: this test binary
 /// again, running only this test, with `QUEUE_CHILD_BOOTSTRAP` set (without it this test does
 /// nothing). It handles records (20 ms each) and appends each handled key to
-/// `QUEUE_CHILD_OUT`, until it is killed.
+/// `QUEUE_CHILD_OUT`, until it is killed. With `QUEUE_CHILD_HANG` (for
+/// `a_member_killed_at_each_delivery_sends_the_record_to_the_broker_dlq`) its handler appends
+/// the key when it starts and never finishes, and `QUEUE_CHILD_LIMIT` / `QUEUE_CHILD_DLQ` set
+/// the delivery limit and the broker's dead-letter queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a member process for kill_9_of_a_member_loses_nothing, started by it"]
 async fn queue_member_child() {
@@ -746,11 +749,17 @@ async fn queue_member_child() {
             .open(out)
             .unwrap(),
     ));
+    let hang = std::env::var("QUEUE_CHILD_HANG").is_ok();
     let handler = handler_fn(move |m: Message<String>| {
         let out = Arc::clone(&out);
         async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
             use std::io::Write as _;
+            if hang {
+                writeln!(out.lock().unwrap(), "{}", m.key_str().unwrap_or_default()).unwrap();
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                return Ok::<(), HandlerError>(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
             writeln!(out.lock().unwrap(), "{}", m.key_str().unwrap_or_default()).unwrap();
             Ok::<(), HandlerError>(())
         }
@@ -767,6 +776,17 @@ async fn queue_member_child() {
     {
         builder = builder.lock_duration(Duration::from_millis(ms));
     }
+    if let Some(limit) = std::env::var("QUEUE_CHILD_LIMIT")
+        .ok()
+        .and_then(|l| l.parse().ok())
+    {
+        builder = builder.delivery_limit(limit);
+    }
+    if let Ok(dlq) = std::env::var("QUEUE_CHILD_DLQ") {
+        builder = builder
+            .broker_dead_letter_queue(dlq)
+            .create_missing_topics(true);
+    }
     builder
         .build()
         .unwrap()
@@ -775,14 +795,14 @@ async fn queue_member_child() {
         .unwrap();
 }
 
-/// Starts `queue_member_child` on `topic` and `group`, appending what it handles to `out`
-/// (`lock_ms`: its group's lock duration, else the default).
+/// Starts `queue_member_child` on `topic` and `group`, appending what it handles to `out`,
+/// with `settings` (its `QUEUE_CHILD_*` variables) on top.
 fn member_process(
     bootstrap: &str,
     topic: &str,
     group: &str,
     out: &std::path::Path,
-    lock_ms: Option<u64>,
+    settings: &[(&str, &str)],
 ) -> std::process::Child {
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
@@ -793,9 +813,7 @@ fn member_process(
         .env("QUEUE_CHILD_OUT", out)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    if let Some(ms) = lock_ms {
-        command.env("QUEUE_CHILD_LOCK_MS", ms.to_string());
-    }
+    command.envs(settings.iter().copied());
     command.spawn().unwrap()
 }
 
@@ -855,7 +873,13 @@ async fn sigstop_of_a_member_loses_nothing() {
     let group = support::unique_name("queue-stop");
     produce(bootstrap, &topic, &events(200)).await;
     let out = std::env::temp_dir().join(support::unique_name("queue-stop-out"));
-    let mut child = member_process(bootstrap, &topic, &group, &out, Some(2000));
+    let mut child = member_process(
+        bootstrap,
+        &topic,
+        &group,
+        &out,
+        &[("QUEUE_CHILD_LOCK_MS", "2000")],
+    );
     until(
         Duration::from_secs(30),
         "the member process handled 40 records",
@@ -922,7 +946,7 @@ async fn kill_9_of_a_member_loses_nothing() {
     let group = support::unique_name("queue-kill");
     produce(bootstrap, &topic, &events(200)).await;
     let out = std::env::temp_dir().join(support::unique_name("queue-kill-out"));
-    let mut child = member_process(bootstrap, &topic, &group, &out, None);
+    let mut child = member_process(bootstrap, &topic, &group, &out, &[]);
     let by_child = || handled_by(&out);
     until(
         Duration::from_secs(30),
@@ -1192,4 +1216,472 @@ async fn an_open_breaker_holds_records_instead_of_dead_lettering_them() {
     assert_eq!((report.handled, report.dead_lettered), (10, 0));
     // A few failed calls opened it, then one probe per open interval (0.5 s, 1 s, ...).
     assert!(during_outage <= 12, "calls while down: {during_outage}");
+}
+
+// ─────────────────────────── metrics ───────────────────────────
+
+/// The process-wide test recorder (`metrics-util`'s `DebuggingRecorder`), installed once:
+/// the members' records run on the runtime's threads. Other tests of this file record into
+/// it too; the metrics test reads only its own group's series.
+fn snapshotter() -> &'static metrics_util::debugging::Snapshotter {
+    static SNAPSHOTTER: std::sync::OnceLock<metrics_util::debugging::Snapshotter> =
+        std::sync::OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("install the test recorder");
+        snapshotter
+    })
+}
+
+/// A metric series of one group: its name and its labels but `group`, sorted.
+type Series = (String, Vec<(String, String)>);
+
+/// One snapshot of a group's series: counters, gauges, histogram values.
+type GroupMetrics = (
+    HashMap<Series, u64>,
+    HashMap<Series, f64>,
+    HashMap<Series, Vec<f64>>,
+);
+
+/// The counters, gauges and histogram values of `group`'s series in one snapshot.
+fn group_metrics(group: &str) -> GroupMetrics {
+    use metrics_util::debugging::DebugValue;
+    let (mut counters, mut gauges, mut histograms) =
+        (HashMap::new(), HashMap::new(), HashMap::new());
+    for (key, _, _, value) in snapshotter().snapshot().into_vec() {
+        let key = key.key();
+        if !key
+            .labels()
+            .any(|l| l.key() == "group" && l.value() == group)
+        {
+            continue;
+        }
+        let mut labels: Vec<(String, String)> = key
+            .labels()
+            .filter(|l| l.key() != "group")
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        labels.sort();
+        let series = (key.name().to_owned(), labels);
+        match value {
+            DebugValue::Counter(n) => {
+                counters.insert(series, n);
+            }
+            DebugValue::Gauge(g) => {
+                gauges.insert(series, g.into_inner());
+            }
+            DebugValue::Histogram(values) => {
+                histograms.insert(series, values.into_iter().map(|v| v.into_inner()).collect());
+            }
+        }
+    }
+    (counters, gauges, histograms)
+}
+
+fn series(name: &str, labels: &[(&str, &str)]) -> Series {
+    let mut labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    labels.sort();
+    (name.to_owned(), labels)
+}
+
+/// Queue mode records kourier's metrics under the consumer-group engine's names and
+/// labels: after a drain of 7 records — 5 handled (one of them after 2 transient
+/// failures), 1 permanent failure, 1 poison pill — the counters say exactly that, the
+/// handler duration has one value per handler call (8: the poison pill never reaches the
+/// handler), and nothing is left in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_the_drain_did() {
+    use kourier::metrics::{self as m, labels};
+    snapshotter();
+    let (bootstrap, topic) = topics("queue-metrics").await;
+    let group = support::unique_name("queue-metrics");
+    let ended = Arc::new(AtomicU32::new(0));
+    let e = Arc::clone(&ended);
+    let consumer = QueueConsumer::builder(handler_fn(|m: Message<String>| async move {
+        match m.key_str() {
+            Some("e-1") if m.attempt() <= 2 => Err(HandlerError::transient("smtp 451")),
+            Some("e-5") => Err(HandlerError::permanent("no such mailbox")),
+            _ => Ok(()),
+        }
+    }))
+    .bootstrap_servers(bootstrap)
+    .group_id(group.clone())
+    .topic(topic.clone())
+    .retry_policy(RetryPolicy::fixed(Duration::from_millis(50), 3))
+    .on_outcome(move |_, _| {
+        e.fetch_add(1, Ordering::SeqCst);
+    })
+    .build()
+    .unwrap();
+    let member = spawn(consumer);
+    let mut records = events(6);
+    records.push(("bad".to_owned(), "not json".to_owned()));
+    produce(bootstrap, &topic, &records).await;
+    until(Duration::from_secs(30), "seven outcomes", || {
+        ended.load(Ordering::SeqCst) >= 7
+    })
+    .await;
+    let report = member.stop().await;
+    let (counters, gauges, histograms) = group_metrics(&group);
+    let t = topic.as_str();
+    let counter = |name: &str, extra: &[(&str, &str)]| {
+        let mut l = vec![(labels::TOPIC, t)];
+        l.extend_from_slice(extra);
+        counters.get(&series(name, &l)).copied().unwrap_or(0)
+    };
+    let all = format!("{counters:?}");
+    assert_eq!(counter(m::RECORDS_CONSUMED, &[]), 7, "{all}");
+    assert_eq!(counter(m::RECORDS_HANDLED, &[]), 5, "{all}");
+    assert_eq!(
+        counter(m::RECORDS_RETRIED, &[(labels::ATTEMPT, "1")]),
+        1,
+        "{all}"
+    );
+    assert_eq!(
+        counter(m::RECORDS_RETRIED, &[(labels::ATTEMPT, "2")]),
+        1,
+        "{all}"
+    );
+    assert_eq!(
+        counter(m::RECORDS_DEAD_LETTERED, &[(labels::KIND, "permanent")]),
+        1,
+        "{all}"
+    );
+    assert_eq!(
+        counter(m::RECORDS_DEAD_LETTERED, &[(labels::KIND, "decode")]),
+        1,
+        "{all}"
+    );
+    assert_eq!(counter(m::DUPLICATES_SKIPPED, &[]), 0, "{all}");
+    assert_eq!(counter(m::RECORDS_ABANDONED, &[]), 0, "{all}");
+    assert_eq!(counter(m::DEAD_LETTER_WRITE_FAILURES, &[]), 0, "{all}");
+    let durations = histograms
+        .get(&series(m::HANDLER_DURATION, &[(labels::TOPIC, t)]))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        durations.len(),
+        8,
+        "one value per handler call: {durations:?}"
+    );
+    assert_eq!(
+        gauges.get(&series(m::RECORDS_IN_FLIGHT, &[])).copied(),
+        Some(0.0),
+        "nothing in flight after the drain: {gauges:?}"
+    );
+    // Metrics of the consumer-group engine that do not apply are not registered.
+    for absent in [
+        m::CONSUMER_LAG,
+        m::PARTITION_PAUSED,
+        m::COMMIT_DURATION,
+        m::COMMIT_FAILURES,
+        m::CONNECTION_STATE,
+        m::RECORDS_STALLED,
+        m::FORWARD_FAILURES,
+    ] {
+        assert!(
+            !counters
+                .keys()
+                .chain(gauges.keys())
+                .chain(histograms.keys())
+                .any(|(n, _)| n == absent),
+            "{absent} is not a queue-mode metric"
+        );
+    }
+    assert_eq!((report.handled, report.dead_lettered), (5, 2));
+}
+
+// ─────────────────────────── delivery limit ───────────────────────────
+
+/// A handler that never finishes (it counts the records it started).
+struct NeverDone(Arc<AtomicU32>);
+
+#[kourier::async_trait]
+impl kourier::Handler for NeverDone {
+    type Event = String;
+
+    async fn handle(&self, _m: &Message<String>) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        Ok(())
+    }
+}
+
+/// A member whose handler never finishes: the record it gets is abandoned at its stop
+/// (after a 200 ms shutdown timeout) and RELEASEd, one delivery used. Returns its report
+/// once its handler saw a record and it stopped.
+async fn deliver_and_abandon(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    configure: impl FnOnce(
+        kourier::queue::QueueConsumerBuilder<NeverDone>,
+    ) -> kourier::queue::QueueConsumerBuilder<NeverDone>,
+) -> QueueReport {
+    let started = Arc::new(AtomicU32::new(0));
+    let builder = QueueConsumer::builder(NeverDone(Arc::clone(&started)))
+        .bootstrap_servers(bootstrap)
+        .group_id(group)
+        .topic(topic)
+        .shutdown_timeout(Duration::from_millis(200));
+    let member = spawn(configure(builder).build().unwrap());
+    until(Duration::from_secs(20), "the record delivered", || {
+        started.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    member.stop().await
+}
+
+/// `delivery_limit(n)` sets the group's `share.delivery.count.limit`: a record abandoned
+/// (RELEASEd at a stop) twice under a limit of 2 is archived by the broker and never
+/// delivered again (under the default 5 it would be); a limit outside the broker's
+/// `group.share.min/max.delivery.count.limit` (2..=10) is a `QueueError::DeliveryLimit`
+/// naming the value and the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_limit_is_set_on_the_group_and_checked_against_the_broker() {
+    let (bootstrap, topic) = topics("queue-limit").await;
+    let group = support::unique_name("queue-limit");
+    for limit in [1, 11] {
+        let refused = QueueConsumer::builder(handler_fn(|_m: Message<String>| async {
+            Ok::<(), HandlerError>(())
+        }))
+        .bootstrap_servers(bootstrap)
+        .group_id(group.clone())
+        .topic(topic.clone())
+        .delivery_limit(limit)
+        .build()
+        .unwrap()
+        .run(std::future::pending())
+        .await;
+        match refused {
+            Err(e @ QueueError::DeliveryLimit { .. }) => {
+                let QueueError::DeliveryLimit {
+                    requested,
+                    min,
+                    max,
+                } = e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((requested, min, max), (limit, 2, 10));
+                assert!(
+                    e.to_string().contains(&format!("{limit}")) && e.to_string().contains("2..=10"),
+                    "{e}"
+                );
+            }
+            other => panic!("expected QueueError::DeliveryLimit for {limit}, got {other:?}"),
+        }
+    }
+
+    produce(bootstrap, &topic, &events(1)).await;
+    for _ in 0..2 {
+        let report = deliver_and_abandon(bootstrap, &topic, &group, |b| b.delivery_limit(2)).await;
+        assert_eq!(report.abandoned, 1, "{report:?}");
+    }
+    // A third member: it gets a record produced now, and never the archived one.
+    let seen: Seen = Arc::default();
+    let member = spawn(
+        QueueConsumer::builder(recording(3, &seen, Duration::ZERO))
+            .bootstrap_servers(bootstrap)
+            .group_id(group.clone())
+            .topic(topic.clone())
+            .build()
+            .unwrap(),
+    );
+    produce(
+        bootstrap,
+        &topic,
+        &[("probe".to_owned(), "\"probe\"".to_owned())],
+    )
+    .await;
+    until(Duration::from_secs(20), "the probe handled", || {
+        counts(&seen).contains_key("probe")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    member.stop().await;
+    assert_eq!(
+        counts(&seen).get("e-0"),
+        None,
+        "the record delivered twice was archived at the limit of 2: {:?}",
+        seen.lock().unwrap()
+    );
+}
+
+// ─────────────────────────── the broker's dead-letter queue ───────────────────────────
+
+/// `broker_dead_letter_queue(topic)` (KIP-1191): the startup checks refuse a name without
+/// the broker's `dlq.` prefix, a topic that has not opted in
+/// (`errors.deadletterqueue.group.enable`) and a missing one, each naming the topic; with
+/// `create_missing_topics(true)` the topic is created opted in, and a record abandoned
+/// (RELEASEd at a stop) as many times as the delivery limit (2) is written there by the
+/// broker, with its `__dlq.errors.*` headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_dead_letter_queue_takes_a_record_past_the_delivery_limit() {
+    let (bootstrap, topic) = topics("queue-bdlq").await;
+    let group = support::unique_name("queue-bdlq");
+    let startup = |dlq: String, create: bool| {
+        let (topic, group) = (topic.clone(), group.clone());
+        async move {
+            let run = QueueConsumer::builder(handler_fn(|_m: Message<String>| async {
+                Ok::<(), HandlerError>(())
+            }))
+            .bootstrap_servers(bootstrap)
+            .group_id(group)
+            .topic(topic)
+            .broker_dead_letter_queue(dlq)
+            .create_missing_topics(create)
+            .build()
+            .unwrap()
+            .run(std::future::pending());
+            tokio::time::timeout(Duration::from_secs(30), run)
+                .await
+                .expect("the startup checks answer within 30 s")
+        }
+    };
+
+    let unprefixed = format!("{topic}.broker-dlq");
+    match startup(unprefixed.clone(), true).await {
+        Err(QueueError::BrokerDeadLetterQueue { topic, setting, .. }) => {
+            assert_eq!(
+                (topic.as_str(), setting),
+                (
+                    unprefixed.as_str(),
+                    "errors.deadletterqueue.topic.name.prefix"
+                )
+            );
+        }
+        other => panic!("expected QueueError::BrokerDeadLetterQueue, got {other:?}"),
+    }
+
+    let not_opted_in = format!("dlq.{topic}.a");
+    support::create_topic_via(&config(bootstrap), &not_opted_in, 1, &[]).await;
+    match startup(not_opted_in.clone(), false).await {
+        Err(e @ QueueError::BrokerDeadLetterQueue { .. }) => {
+            let message = e.to_string();
+            let QueueError::BrokerDeadLetterQueue { topic, setting, .. } = e else {
+                unreachable!()
+            };
+            assert_eq!(
+                (topic.as_str(), setting),
+                (not_opted_in.as_str(), "errors.deadletterqueue.group.enable")
+            );
+            assert!(message.contains(&not_opted_in), "{message}");
+        }
+        other => panic!("expected QueueError::BrokerDeadLetterQueue, got {other:?}"),
+    }
+
+    // `create_missing_topics(true)` opts the existing topic in: the member starts.
+    let member = spawn(
+        QueueConsumer::builder(recording(1, &Seen::default(), Duration::ZERO))
+            .bootstrap_servers(bootstrap)
+            .group_id(support::unique_name("queue-bdlq-opt-in"))
+            .topic(topic.clone())
+            .broker_dead_letter_queue(not_opted_in.clone())
+            .create_missing_topics(true)
+            .build()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    member.stop().await;
+    assert_eq!(
+        dlq_opt_in(bootstrap, &not_opted_in).await.as_deref(),
+        Some("true"),
+        "create_missing_topics(true) set {not_opted_in}'s errors.deadletterqueue.group.enable"
+    );
+
+    let dlq = format!("dlq.{topic}.b");
+    match startup(dlq.clone(), false).await {
+        Err(QueueError::MissingTopics { topics }) => assert_eq!(topics, vec![dlq.clone()]),
+        other => panic!("expected QueueError::MissingTopics, got {other:?}"),
+    }
+
+    produce(bootstrap, &topic, &events(1)).await;
+    for _ in 0..2 {
+        let report = deliver_and_abandon(bootstrap, &topic, &group, |b| {
+            b.delivery_limit(2)
+                .broker_dead_letter_queue(dlq.clone())
+                .create_missing_topics(true)
+        })
+        .await;
+        assert_eq!(report.abandoned, 1, "{report:?}");
+        // Created opted in by the first member (the second would opt it in anyway).
+        assert_eq!(
+            dlq_opt_in(bootstrap, &dlq).await.as_deref(),
+            Some("true"),
+            "created opted in"
+        );
+    }
+    let letters = read_letters(bootstrap, &dlq, Duration::from_secs(5)).await;
+    assert_eq!(letters.len(), 1, "one letter from the broker: {letters:?}");
+    let (key, h) = &letters[0];
+    assert_eq!(key, "e-0", "a copy of the record: {h:?}");
+    assert_eq!(text(h, "__dlq.errors.topic"), topic, "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.group"), group, "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.delivery.count"), "2", "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.offset"), "0", "{h:?}");
+}
+
+/// The topic's `errors.deadletterqueue.group.enable`, as the broker describes it.
+async fn dlq_opt_in(bootstrap: &str, topic: &str) -> Option<String> {
+    use kourier::rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use kourier::rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = config(bootstrap).create().unwrap();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
+        .await
+        .expect("describe configs");
+    let resource = results
+        .into_iter()
+        .next()
+        .expect("one resource")
+        .unwrap_or_else(|code| panic!("describe {topic}: {code}"));
+    resource
+        .get("errors.deadletterqueue.group.enable")
+        .and_then(|e| e.value.clone())
+}
+
+/// kill -9 of the member holding a record, as many times as the delivery limit (2): the
+/// broker gives the record back at each kill (the connection closed), then, at the limit,
+/// writes it to the broker's dead-letter queue topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_at_each_delivery_sends_the_record_to_the_broker_dlq() {
+    let (bootstrap, topic) = topics("queue-bdlq-kill").await;
+    let group = support::unique_name("queue-bdlq-kill");
+    let dlq = format!("dlq.{topic}");
+    produce(bootstrap, &topic, &events(1)).await;
+    for delivery in 1..=2 {
+        let out = std::env::temp_dir().join(support::unique_name("queue-bdlq-kill-out"));
+        let mut child = member_process(
+            bootstrap,
+            &topic,
+            &group,
+            &out,
+            &[
+                ("QUEUE_CHILD_HANG", "1"),
+                ("QUEUE_CHILD_LIMIT", "2"),
+                ("QUEUE_CHILD_DLQ", &dlq),
+            ],
+        );
+        until(
+            Duration::from_secs(30),
+            &format!("delivery {delivery} started in the member process"),
+            || handled_by(&out).iter().any(|l| l == "e-0"),
+        )
+        .await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let _ = std::fs::remove_file(&out);
+    }
+    let letters = read_letters(bootstrap, &dlq, Duration::from_secs(5)).await;
+    assert_eq!(letters.len(), 1, "one letter from the broker: {letters:?}");
+    let (key, h) = &letters[0];
+    assert_eq!(key, "e-0", "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.delivery.count"), "2", "{h:?}");
+    assert_eq!(text(h, "__dlq.errors.topic"), topic, "{h:?}");
 }

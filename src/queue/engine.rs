@@ -21,6 +21,7 @@ use crate::guard::{guarded, guarded_async};
 use crate::handler::{FailureKind, Handler, HandlerError};
 use crate::idempotency::{Claim, ClaimToken};
 use crate::message::Message;
+use crate::metrics::{ConsumerMetrics, RecordMetrics, StoreOperation};
 use crate::record::RawRecord;
 use crate::retry::{RetryDecision, RetryPolicy};
 
@@ -47,6 +48,9 @@ pub(super) struct Engine<H: Handler, C> {
     pub(super) max_in_flight: usize,
     pub(super) shutdown_timeout: Duration,
     pub(super) counts: Counts,
+    /// kourier's metrics, under the same names and labels as the consumer-group engine's
+    /// (the breaker's included: it shares these handles).
+    pub(super) metrics: Arc<ConsumerMetrics>,
 }
 
 /// What became of the records, for the [`QueueReport`].
@@ -120,7 +124,10 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
                     continue;
                 }
             };
-            if !batch.is_empty() {
+            if let Some(first) = batch.first() {
+                // One topic per consumer: the batch is counted in one increment.
+                self.metrics
+                    .consumed_from(&first.record.topic, batch.len() as u64);
                 self.run_batch(source, batch, stops).await;
             }
         }
@@ -230,13 +237,15 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
         {
             return; // the releaser settles it
         }
-        let ack = match self.record_life(delivery, stops).await {
+        // In flight (the `kourier_records_in_flight` gauge) until dropped, after settling.
+        let metrics = self.metrics.record(&delivery.record.topic);
+        let ack = match self.record_life(delivery, &metrics, stops).await {
             End::Outcome(outcome) => {
-                self.observe(&delivery.record, outcome);
+                self.observe(&delivery.record, outcome, &metrics);
                 Ack::Accept
             }
             End::Abandoned => {
-                self.observe(&delivery.record, RecordOutcome::Abandoned);
+                self.observe(&delivery.record, RecordOutcome::Abandoned, &metrics);
                 Ack::Release
             }
         };
@@ -250,7 +259,13 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
         source.flush().await;
     }
 
-    fn observe(&self, record: &RawRecord, outcome: RecordOutcome) {
+    fn observe(&self, record: &RawRecord, outcome: RecordOutcome, metrics: &RecordMetrics<'_>) {
+        match outcome {
+            RecordOutcome::Handled => metrics.handled(),
+            RecordOutcome::Duplicate => metrics.duplicate(),
+            RecordOutcome::DeadLettered(reason) => metrics.dead_lettered(reason),
+            _ => metrics.abandoned(),
+        }
         match outcome {
             RecordOutcome::Handled => &self.counts.handled,
             RecordOutcome::Duplicate => &self.counts.duplicates,
@@ -261,13 +276,19 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
         if let Some(observer) = &self.observer
             && let Err(panic) = guarded(|| observer(record, outcome))
         {
+            metrics.panicked();
             warn!(coordinates = %record.coordinates(), panic, "the outcome observer panicked");
         }
     }
 
     /// One record: decode, claim, attempts, dead letter. Never panics on the record's input
     /// or a plug-in's panic (delivery rule 14 in the crate docs).
-    async fn record_life<T>(&self, delivery: &Delivery<T>, stops: &Stops) -> End {
+    async fn record_life<T>(
+        &self,
+        delivery: &Delivery<T>,
+        metrics: &RecordMetrics<'_>,
+        stops: &Stops,
+    ) -> End {
         let record = &delivery.record;
         if let Some(count) = delivery.delivery_count.filter(|&c| c > 1) {
             info!(coordinates = %record.coordinates(), delivery_count = count, "record delivered again by the share group");
@@ -277,48 +298,54 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
             Ok(Err(e)) => {
                 return self
                     .dead_letter(
-                        record,
-                        DeadLetterReason::Decode,
-                        &error_chain(&e),
-                        0,
-                        None,
+                        self.letter(record, DeadLetterReason::Decode, &error_chain(&e), 0, None),
+                        metrics,
                         stops,
                     )
                     .await;
             }
             Err(panic) => {
+                metrics.panicked();
                 let error = format!("the codec panicked: {panic}");
                 return self
-                    .dead_letter(record, DeadLetterReason::Decode, &error, 0, None, stops)
+                    .dead_letter(
+                        self.letter(record, DeadLetterReason::Decode, &error, 0, None),
+                        metrics,
+                        stops,
+                    )
                     .await;
             }
         };
         let mut message = Message::new(Arc::clone(record), 1, event);
         message.set_delivery_count(delivery.delivery_count);
 
-        let claim = match self.claim(&message, record, stops).await {
+        let claim = match self.claim(&message, record, metrics, stops).await {
             Ok(claim) => claim,
             Err(end) => return end,
         };
         message.set_claim_token(claim.as_ref().map(|(_, token)| token.clone()));
 
         let end = {
-            let attempts = self.attempts(&mut message, record, stops);
+            let attempts = self.attempts(&mut message, record, metrics, stops);
             tokio::pin!(attempts);
             tokio::select! {
                 biased;
                 end = &mut attempts => end,
-                () = self.renew_claim(claim.as_ref(), record) => attempts.await,
+                () = self.renew_claim(claim.as_ref(), record, metrics) => attempts.await,
             }
         };
         if let (Some(d), Some((key, token))) = (&self.dedup, &claim) {
             // Done after a success or an acknowledged dead letter (delivery rules 7 and 18 in
             // the crate docs); released when given up, so the next delivery runs.
-            let result = match &end {
-                End::Outcome(_) => d.store.complete(key, token, d.ttl).await,
-                End::Abandoned => d.store.release(key, token).await,
+            let (result, operation) = match &end {
+                End::Outcome(_) => (
+                    d.store.complete(key, token, d.ttl).await,
+                    StoreOperation::Complete,
+                ),
+                End::Abandoned => (d.store.release(key, token).await, StoreOperation::Release),
             };
             if let Err(e) = result {
+                metrics.store_error(operation);
                 warn!(coordinates = %record.coordinates(), key, error = %error_chain(&e), "idempotency store call failed after the record's outcome");
             }
         }
@@ -328,7 +355,12 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
     /// Keeps the record's claim alive while its work runs: renewed every third of the lease
     /// (delivery rule 15 in the crate docs). Returns only when renewal is over (the store
     /// cannot renew, or no claim); a failed renewal is logged and tried again next period.
-    async fn renew_claim(&self, claim: Option<&(String, ClaimToken)>, record: &RawRecord) {
+    async fn renew_claim(
+        &self,
+        claim: Option<&(String, ClaimToken)>,
+        record: &RawRecord,
+        metrics: &RecordMetrics<'_>,
+    ) {
         let (Some(d), Some((key, token))) = (&self.dedup, claim) else {
             return;
         };
@@ -339,9 +371,11 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) if e.is_unsupported() => return,
                 Ok(Err(e)) => {
+                    metrics.store_error(StoreOperation::Renew);
                     warn!(coordinates = %record.coordinates(), key, error = %error_chain(&e), "renewing the record's claim failed");
                 }
                 Err(panic) => {
+                    metrics.store_error(StoreOperation::Renew);
                     warn!(coordinates = %record.coordinates(), key, panic, "the idempotency store panicked renewing a claim");
                 }
             }
@@ -354,6 +388,7 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
         &self,
         message: &Message<H::Event>,
         record: &Arc<RawRecord>,
+        metrics: &RecordMetrics<'_>,
         stops: &Stops,
     ) -> Result<Option<(String, ClaimToken)>, End> {
         let Some(d) = &self.dedup else {
@@ -363,9 +398,14 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
             Ok(Some(keys)) => keys,
             Ok(None) => return Ok(None),
             Err(panic) => {
+                metrics.panicked();
                 let error = format!("the dedup-key function panicked: {panic}");
                 return Err(self
-                    .dead_letter(record, DeadLetterReason::Panic, &error, 0, None, stops)
+                    .dead_letter(
+                        self.letter(record, DeadLetterReason::Panic, &error, 0, None),
+                        metrics,
+                        stops,
+                    )
                     .await);
             }
         };
@@ -382,13 +422,16 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
                     debug!(coordinates = %message.raw().coordinates(), key = keys.delivery, "key busy elsewhere; waiting");
                 }
                 Ok(Err(e)) if d.run_without_store_on_outage => {
+                    metrics.store_error(StoreOperation::Claim);
                     warn!(coordinates = %message.raw().coordinates(), error = %error_chain(&e), "idempotency store unavailable; running without dedup (opted in)");
                     return Ok(None);
                 }
                 Ok(Err(e)) => {
+                    metrics.store_error(StoreOperation::Claim);
                     warn!(coordinates = %message.raw().coordinates(), error = %error_chain(&e), "idempotency store unavailable; the record waits (its lock renewed)");
                 }
                 Err(panic) => {
+                    metrics.store_error(StoreOperation::Claim);
                     warn!(coordinates = %message.raw().coordinates(), panic, "the idempotency store panicked; the record waits")
                 }
             }
@@ -404,6 +447,7 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
         &self,
         message: &mut Message<H::Event>,
         record: &Arc<RawRecord>,
+        metrics: &RecordMetrics<'_>,
         stops: &Stops,
     ) -> End {
         let started = tokio::time::Instant::now();
@@ -425,18 +469,23 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
             let Some(pass) = self.gate.admit_as(&stop, memo, caller, false).await else {
                 return End::Abandoned;
             };
+            let attempt_started = tokio::time::Instant::now();
             let result = tokio::select! {
                 biased;
                 () = stops.hard.cancelled() => return End::Abandoned,
                 result = guarded_async(self.handler.handle(message)) => result,
             };
+            metrics.handler_duration(attempt_started.elapsed());
             let error = match result {
                 Ok(Ok(())) => {
                     pass.succeeded();
                     return End::Outcome(RecordOutcome::Handled);
                 }
                 Ok(Err(e)) => e,
-                Err(panic) => HandlerError::panic(panic),
+                Err(panic) => {
+                    metrics.panicked();
+                    HandlerError::panic(panic)
+                }
             };
             if let Verdict::Hold(wait) = pass.failed(&error, holds, &mut memo) {
                 // Not the record's fault (an open breaker, or an unavailable downstream):
@@ -462,6 +511,7 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
                     {
                         RetryDecision::RetryAfter(delay) => {
                             debug!(coordinates, attempt, ?delay, error = %error.message(), "transient failure; retrying in place");
+                            metrics.retried(attempt);
                             if !wait_or_stop(delay, &stops.stop).await {
                                 return End::Abandoned;
                             }
@@ -475,28 +525,30 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
             };
             return self
                 .dead_letter(
-                    record,
-                    reason,
-                    &error.message(),
-                    attempt,
-                    Some((first, now)),
+                    self.letter(
+                        record,
+                        reason,
+                        &error.message(),
+                        attempt,
+                        Some((first, now)),
+                    ),
+                    metrics,
                     stops,
                 )
                 .await;
         }
     }
 
-    /// Writes kourier's own dead letter (the same letter as the consumer-group engine's),
-    /// retried until the sink acknowledges it (delivery rule 6 in the crate docs).
-    async fn dead_letter(
+    /// kourier's own dead letter for `record` (the same letter as the consumer-group
+    /// engine's).
+    fn letter(
         &self,
         record: &Arc<RawRecord>,
         reason: DeadLetterReason,
         error: &str,
         attempts: u32,
         failures: Option<(SystemTime, SystemTime)>,
-        stops: &Stops,
-    ) -> End {
+    ) -> DeadLetter {
         let mut letter = DeadLetter::new(
             Arc::clone(record),
             reason,
@@ -508,6 +560,18 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
             letter.last_failure = last;
         }
         letter.group_id.clone_from(&self.group);
+        letter
+    }
+
+    /// Writes `letter`, retried until the sink acknowledges it (delivery rule 6 in the crate
+    /// docs).
+    async fn dead_letter(
+        &self,
+        letter: DeadLetter,
+        metrics: &RecordMetrics<'_>,
+        stops: &Stops,
+    ) -> End {
+        let (record, reason) = (&letter.record, letter.reason);
         let mut failures = 0u32;
         loop {
             let sent = guarded_async(async { self.sink.enqueue(&letter).await.await }).await;
@@ -517,9 +581,11 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
                     return End::Outcome(RecordOutcome::DeadLettered(reason));
                 }
                 Ok(Err(e)) => {
+                    metrics.dead_letter_write_failed();
                     warn!(coordinates = %record.coordinates(), error = %error_chain(&e), failures, "dead-letter write failed; retrying (the record stays locked)")
                 }
                 Err(panic) => {
+                    metrics.dead_letter_write_failed();
                     warn!(coordinates = %record.coordinates(), panic, "the dead-letter sink panicked; retrying")
                 }
             }

@@ -61,14 +61,17 @@
 //! | a dead-letter write fails | retried (0.5 s doubling to 5 s) while the lock is renewed; never dropped | retried, the offset waits |
 //! | shutdown | records not started are RELEASEd at once (another member takes them); running ones get [`shutdown_timeout`](QueueConsumerBuilder::shutdown_timeout), then are RELEASEd; records waiting (a back-off, a busy key, a failing sink) are RELEASEd at once | the same, by offsets |
 //! | the member crashes (kill -9) | the broker releases its records when the connection closes, or when their locks run out | uncommitted offsets are read again |
-//! | a record delivered `share.delivery.count.limit` times (default 5: its member crashed, froze or was killed each time) | the broker archives it: **no dead letter** is written (kourier never saw it fail) | delivered again after every restart |
+//! | a record delivered `share.delivery.count.limit` times (default 5, or [`delivery_limit`](QueueConsumerBuilder::delivery_limit): its member crashed, froze, was killed or stopped while it ran each time) | the broker archives it: **no dead letter** is written by kourier (it never saw it fail); with [`broker_dead_letter_queue`](QueueConsumerBuilder::broker_dead_letter_queue) the broker writes a copy to that `dlq.*` topic, with `__dlq.errors.*` headers (topic, partition, offset, group, delivery count, message) | delivered again after every restart |
 //! | redelivered record | [`Message::delivery_count`](crate::Message::delivery_count) is the broker's delivery count (across crashes and lock expiries), logged when above 1; [`Message::attempt`](crate::Message::attempt) counts this delivery's attempts | — |
 //! | ordering | **none**: records of one partition, of one key, run in parallel on one or several members | [`ProcessingOrder`](crate::ProcessingOrder) |
 //!
-//! The broker's own dead-letter queue (KIP-1191) is not used: kourier REJECTs nothing (a
-//! REJECTed record is archived silently unless a `dlq.*` topic opted in, and the broker's
-//! letter keeps neither the original headers nor a reason), so kourier writes its own letter
-//! and ACCEPTs.
+//! The broker's own dead-letter queue (KIP-1191) is only a backstop, off unless
+//! [`broker_dead_letter_queue`](QueueConsumerBuilder::broker_dead_letter_queue) names a
+//! topic: kourier REJECTs nothing (its letter keeps the provenance headers and the reason,
+//! which the broker's does not), it writes its own letter and ACCEPTs. The broker's letter
+//! is for the records kourier could not settle: delivered the delivery limit times (tested
+//! under a limit of 2: a record abandoned at a stop twice, and a record whose member process
+//! was killed with SIGKILL twice, land there).
 //!
 //! Duplicates remain possible, as with a consumer group: a record whose lock ran out (the
 //! process frozen longer than the lock, or renewals not reaching the broker) is delivered to
@@ -85,15 +88,40 @@
 //! replaced by U+FFFD, so a dead letter keeps such a name changed (`b"\xff\xfeid"` arrives
 //! as `"\u{fffd}\u{fffd}id"`, measured); the consumer-group engine keeps it byte for byte.
 //!
-//! Per-destination breakers, retry tiers, kourier's metrics (but the breaker's) and the
-//! consumer monitor belong to the consumer-group engine and are not wired here. A held
-//! record holds its slot (its `max_in_flight` place) while it waits. A batch holds at most
+//! Per-destination breakers, retry tiers and the consumer monitor belong to the
+//! consumer-group engine and are not wired here. A held record holds its slot (its
+//! `max_in_flight` place) while it waits. A batch holds at most
 //! [`fetch_size`](QueueConsumerBuilder::fetch_size) records, and the next batch is
 //! fetched once every record of the current one is settled (the share consumer's explicit
 //! mode requires it), so one slow record delays the member's next fetch (not the other
 //! members). Settlements travel with the next fetch (no round trip of their own); lock
 //! renewals are sent at once. A new member gets its first records on its second heartbeat:
 //! about 5 s after it starts with the broker's default `group.share.heartbeat.interval.ms`.
+//!
+//! # Metrics
+//!
+//! A queue consumer records [kourier's metrics](crate::metrics) under the same names and
+//! labels as a [`RetryingConsumer`](crate::RetryingConsumer), `group` being the share group:
+//! `kourier_records_consumed_total` (records the share group handed over, redeliveries
+//! included), `kourier_records_handled_total`, `kourier_records_retried_total` (by the
+//! attempt that failed, within one delivery), `kourier_records_dead_lettered_total` (by
+//! kind), `kourier_duplicates_skipped_total`, `kourier_idempotency_store_errors_total`,
+//! `kourier_dead_letter_write_failures_total`, `kourier_handler_duration_seconds`,
+//! `kourier_records_in_flight` (records started and not yet settled; records of a batch
+//! waiting for a slot are not in it), `kourier_handler_panics_total`,
+//! `kourier_records_abandoned_total` (given up at shutdown and RELEASEd; the records of a
+//! batch RELEASEd before they started are in [`QueueReport::released_unstarted`] only) and,
+//! with a [`breaker`](QueueConsumerBuilder::breaker), `kourier_breaker_state`,
+//! `kourier_breaker_transitions_total` and `kourier_breaker_held_failures_total`.
+//!
+//! Not recorded, as they do not apply to a share group (their series are not registered):
+//! `kourier_consumer_lag` and `kourier_partition_paused` (no partition is assigned to a
+//! member, and none is paused), `kourier_commit_duration_seconds` and
+//! `kourier_commit_failures_total` (no offsets are committed: settlements travel with the
+//! fetches; refused ones are [`QueueReport::acknowledgement_failures`]),
+//! `kourier_connection_state`, `kourier_records_stalled_total` (no stall threshold),
+//! `kourier_records_forwarded_total` and `kourier_forward_failures_total` (no retry tiers),
+//! and the per-destination breakers' metrics.
 //!
 //! # Startup checks
 //!
@@ -104,7 +132,17 @@
 //! ([`start_from`](QueueConsumerBuilder::start_from), default earliest: a new group reads
 //! the records already in the topic) and, when set, its `share.record.lock.duration.ms`
 //! within the broker's `group.share.min/max.record.lock.duration.ms`
-//! ([`QueueError::LockDuration`]); the topic and its dead-letter topics exist, or are created
+//! ([`QueueError::LockDuration`]); when [`delivery_limit`](QueueConsumerBuilder::delivery_limit)
+//! is set, that it lies within the broker's `group.share.min/max.delivery.count.limit`
+//! (read from a broker; 2 to 10 by default), then set as the group's
+//! `share.delivery.count.limit` ([`QueueError::DeliveryLimit`], naming the value and the
+//! range); when [`broker_dead_letter_queue`](QueueConsumerBuilder::broker_dead_letter_queue)
+//! is set, that its name starts with the broker's `errors.deadletterqueue.topic.name.prefix`
+//! (`dlq.`) and that the topic exists with `errors.deadletterqueue.group.enable=true`
+//! ([`QueueError::BrokerDeadLetterQueue`] naming the topic and the setting,
+//! [`QueueError::MissingTopics`]; [`create_missing_topics`](QueueConsumerBuilder::create_missing_topics)
+//! creates it or sets the config), then the group's `errors.deadletterqueue.topic.name` and
+//! `errors.deadletterqueue.copy.record.enable=true` are set; the topic and its dead-letter topics exist, or are created
 //! with [`create_missing_topics`](QueueConsumerBuilder::create_missing_topics)
 //! ([`QueueError::MissingTopics`]).
 
@@ -191,6 +229,37 @@ pub enum QueueError {
         /// The broker's answer (it names the allowed range).
         reason: String,
     },
+    /// The delivery limit set with [`delivery_limit`](QueueConsumerBuilder::delivery_limit)
+    /// is outside the broker's `group.share.min.delivery.count.limit` ..=
+    /// `group.share.max.delivery.count.limit` (2 ..= 10 by default).
+    #[error(
+        "delivery limit {requested} is outside the broker's range {min}..={max} \
+         (group.share.min/max.delivery.count.limit)"
+    )]
+    DeliveryLimit {
+        /// The delivery limit asked for.
+        requested: u32,
+        /// The broker's `group.share.min.delivery.count.limit`.
+        min: u32,
+        /// The broker's `group.share.max.delivery.count.limit`.
+        max: u32,
+    },
+    /// The broker's dead-letter queue topic set with
+    /// [`broker_dead_letter_queue`](QueueConsumerBuilder::broker_dead_letter_queue) cannot
+    /// be used: its name lacks the broker's prefix (`errors.deadletterqueue.topic.name.prefix`,
+    /// `dlq.` by default), or the topic has not opted in
+    /// (`errors.deadletterqueue.group.enable=true`; without it the broker archives the
+    /// records silently). A missing topic is [`QueueError::MissingTopics`].
+    #[error("broker dead-letter queue topic {topic} ({setting}): {problem}")]
+    BrokerDeadLetterQueue {
+        /// The topic.
+        topic: String,
+        /// The setting that is not right: `errors.deadletterqueue.topic.name.prefix` (a
+        /// broker config) or `errors.deadletterqueue.group.enable` (the topic's).
+        setting: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
     /// The broker refused the share group's configs (`share.auto.offset.reset`), e.g. for
     /// lack of the ALTER_CONFIGS permission on the group.
     #[error("share group {group}: the broker refused its configs: {reason}")]
@@ -254,6 +323,8 @@ pub struct QueueConsumer<H: Handler, C = JsonCodec<<H as Handler>::Event>> {
     topic: String,
     start_from: StartFrom,
     lock_duration: Option<Duration>,
+    delivery_limit: Option<u32>,
+    broker_dlq: Option<String>,
     startup_timeout: Duration,
     create_missing_topics: bool,
     partitions: i32,
@@ -289,6 +360,8 @@ impl<H: Handler> QueueConsumer<H> {
             startup_timeout: Duration::from_secs(30),
             start_from: StartFrom::Earliest,
             lock_duration: None,
+            delivery_limit: None,
+            broker_dlq: None,
             create_missing_topics: false,
             partitions: 1,
         }
@@ -314,10 +387,19 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumer<H, C> {
             max_records: self.fetch_size,
             reset: self.start_from.config_value(),
             lock_duration: self.lock_duration,
+            delivery_limit: self.delivery_limit,
+            broker_dlq: self.broker_dlq.as_deref(),
+            create_missing_topics: self.create_missing_topics,
+            partitions: self.partitions,
             timeout: self.startup_timeout,
         })
         .await?;
         tracing::info!(group = %self.engine.group, topic = %self.topic, "queue consumer joined its share group");
+        // The handles are taken now: a recorder installed before `run` sees every metric.
+        self.engine.metrics.start_queue();
+        if self.engine.gate.0.is_some() {
+            self.engine.metrics.breaker_start();
+        }
         let stops = Stops {
             stop: CancellationToken::new(),
             hard: CancellationToken::new(),
@@ -411,6 +493,8 @@ pub struct QueueConsumerBuilder<H: Handler, C = JsonCodec<<H as Handler>::Event>
     startup_timeout: Duration,
     start_from: StartFrom,
     lock_duration: Option<Duration>,
+    delivery_limit: Option<u32>,
+    broker_dlq: Option<String>,
     create_missing_topics: bool,
     partitions: i32,
 }
@@ -465,6 +549,8 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
             startup_timeout: self.startup_timeout,
             start_from: self.start_from,
             lock_duration: self.lock_duration,
+            delivery_limit: self.delivery_limit,
+            broker_dlq: self.broker_dlq,
             create_missing_topics: self.create_missing_topics,
             partitions: self.partitions,
         }
@@ -557,6 +643,40 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
         self
     }
 
+    /// Sets the group's delivery limit (`share.delivery.count.limit`) at start: how many
+    /// times the broker delivers a record before it archives it. A delivery ends without a
+    /// settlement when its member crashes, freezes past the lock or is stopped while the
+    /// record runs (RELEASEd); kourier's own failures never use one (they are retried in
+    /// place, then dead-lettered and ACCEPTed). The startup check refuses a limit outside the
+    /// broker's `group.share.min/max.delivery.count.limit` (2 to 10 by default):
+    /// [`QueueError::DeliveryLimit`]. Default: the group's current limit (the broker's
+    /// `group.share.delivery.count.limit`, 5, for a new group). What the broker does with the
+    /// record then: see [`broker_dead_letter_queue`](Self::broker_dead_letter_queue).
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// A backstop: the broker's own dead-letter queue (KIP-1191, Kafka 4.2+) for records the
+    /// broker gives up on — delivered [`delivery_limit`](Self::delivery_limit) times without
+    /// being settled (their member crashed, froze past the lock, or was stopped while they
+    /// ran). Without it the broker archives such a record silently. kourier's own dead
+    /// letters (failures it saw, through the [`DeadLetterSink`]) are unchanged.
+    ///
+    /// At start kourier sets the group's `errors.deadletterqueue.topic.name` to `topic` and
+    /// `errors.deadletterqueue.copy.record.enable=true` (the broker's letter is a copy of the
+    /// record, with the broker's `__dlq.errors.*` headers: topic, partition, offset, group,
+    /// delivery count, message; without it, the headers alone), after checking that the name starts with the
+    /// broker's `errors.deadletterqueue.topic.name.prefix` (`dlq.` by default) and that the
+    /// topic exists with `errors.deadletterqueue.group.enable=true`: else
+    /// [`QueueError::BrokerDeadLetterQueue`] (or [`QueueError::MissingTopics`]), unless
+    /// [`create_missing_topics`](Self::create_missing_topics) creates the topic or sets the
+    /// config. Default: none (kourier leaves the group's own setting as it is).
+    pub fn broker_dead_letter_queue(mut self, topic: impl Into<String>) -> Self {
+        self.broker_dlq = Some(topic.into());
+        self
+    }
+
     /// Creates the topic and its dead-letter topics when missing, with
     /// [`partitions`](Self::partitions) partitions each. Default: off (a missing topic is
     /// [`QueueError::MissingTopics`]).
@@ -622,10 +742,11 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
         if let Some(policy) = &self.breaker {
             policy.validate().map_err(config)?;
         }
-        let gate = OutageGate(self.breaker.map(|policy| {
-            let metrics = ConsumerMetrics::new(&group, std::slice::from_ref(&topic));
-            Arc::new(Breaker::new(policy, Arc::new(metrics)))
-        }));
+        let metrics = Arc::new(ConsumerMetrics::new_queue(&group, &topic));
+        let gate = OutageGate(
+            self.breaker
+                .map(|policy| Arc::new(Breaker::new(policy, Arc::clone(&metrics)))),
+        );
         let sink = match self.sink {
             Some(sink) => sink,
             None => Arc::new(
@@ -647,12 +768,15 @@ impl<H: Handler, C: Codec<H::Event>> QueueConsumerBuilder<H, C> {
                 max_in_flight: self.max_in_flight,
                 shutdown_timeout: self.shutdown_timeout,
                 counts: Counts::default(),
+                metrics,
             },
             fetch_size,
             bootstrap,
             topic,
             start_from: self.start_from,
             lock_duration: self.lock_duration,
+            delivery_limit: self.delivery_limit,
+            broker_dlq: self.broker_dlq,
             startup_timeout: self.startup_timeout,
             create_missing_topics: self.create_missing_topics,
             partitions: self.partitions,

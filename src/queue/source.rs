@@ -19,7 +19,8 @@
 //!
 //! There is no REJECT: kourier writes its own dead letter (with the original headers and the
 //! reason, which the broker's dead-letter queue of KIP-1191 does not keep) and then ACCEPTs.
-//! A source would add it for a configured broker-side backstop.
+//! The broker-side backstop (a configured dead-letter queue topic) needs none: the broker
+//! writes there the records that reach the group's delivery limit unsettled.
 
 use std::sync::Arc;
 use std::time::Duration;
