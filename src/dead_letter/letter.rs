@@ -262,7 +262,7 @@ pub trait DeadLetterSink: Send + Sync + fmt::Debug + 'static {
     /// transactional consumer writes in its transaction (delivery rule 20). Any other sink,
     /// a wrapper of the Kafka sink included, answers `None` and writes its letters itself.
     #[doc(hidden)]
-    fn kafka_sink(&self, _: sealed::Token) -> Option<&crate::KafkaDeadLetterSink> {
+    fn kafka_sink(&self, _: sealed::Token) -> Option<&super::KafkaDeadLetterSink> {
         None
     }
 }
