@@ -177,9 +177,14 @@
 //!     the record finishes, like outputs, so a `read_committed` reader of the dead-letter
 //!     topic sees one letter per record given up, never one for a record whose transaction
 //!     aborted. Any other [`DeadLetterSink`] (a wrapper of the Kafka sink included) writes
-//!     its letters itself, outside the transaction: at-least-once. Effects outside Kafka stay
-//!     at-least-once; retry tiers and an idempotency store are refused with it by `build()`
-//!     (not supported yet).
+//!     its letters itself, outside the transaction: at-least-once. A record given up to a
+//!     retry tier is forwarded in the transaction too: its forward — the record the tiers
+//!     would write, same tier topic, partition, key, value and headers — is produced when the
+//!     record finishes, so the forward and the record's offset commit are atomic and the
+//!     consumer, reading its tier topics `read_committed`, sees one forward per record given
+//!     up to a tier. Effects outside Kafka stay at-least-once; retry tiers that keep key
+//!     order (their ledger is outside the transaction and settles a record before it
+//!     commits) and an idempotency store are refused with it by `build()`.
 //!
 //! **Retry tiers** (opt-in, [`RetryingConsumerBuilder::retry_tiers`], see [`tiers`]): after
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of

@@ -48,6 +48,31 @@
 //! ([`producer_config`](TransactionalOutput::producer_config)`("message.max.bytes", ..)`)
 //! so that oversized letters fall back instead.
 //!
+//! # Retry-tier forwards
+//!
+//! With [`retry_tiers`](crate::RetryingConsumerBuilder::retry_tiers), a record given up to a
+//! tier is forwarded the same way: its forward is the record the tiers would write (the
+//! tier topic, the source partition when the tier topic has it, key, value, and the
+//! provenance and tier headers), produced by the transactional producer in the transaction
+//! that commits the record's offset. A crash before the commit aborts both; the restarted
+//! consumer handles the record again and forwards it again: the consumer, which reads its
+//! tier topics `read_committed` like its sources, sees one forward per record, and a tier
+//! record's own offset commits in the transaction that carries what it led to (its outputs,
+//! its next forward or its dead letter). The tiers' producer writes nothing then (it is used
+//! to look up a tier topic's partitions: one metadata request per forward). A tier record
+//! becomes visible when its transaction commits, up to one commit interval after its due
+//! time was set: a tier's delay is counted from the forward, so the wait in the tier shrinks
+//! by that much (never below zero).
+//!
+//! Retry tiers that keep key order
+//! ([`with_key_order`](crate::tiers::RetryTiers::with_key_order)) are refused: the key-order
+//! ledger (Redis or in memory) is outside the transaction. Placing a record in the ledger
+//! before its forward would be safe (a replay places it again), but the ledger *settles* a
+//! record — letting the later records of its key run — before the record's transaction
+//! commits; if that transaction aborts, a later record of the key can run and commit its
+//! outputs before the record's replay commits its own, so a `read_committed` reader would
+//! see the key's outputs out of order.
+//!
 //! # Failures and fencing
 //!
 //! A transaction that cannot commit is aborted (its outputs are never visible to a
@@ -69,8 +94,10 @@
 //!   the sink writes them, outside the transaction, so a record dead-lettered just before a
 //!   crash is dead-lettered again after the restart. With the Kafka sink (the default), a
 //!   record given up is dead-lettered **in the transaction**: see [Dead letters](#dead-letters).
-//! - Retry tiers and an idempotency store cannot be combined with transactional output yet:
-//!   `build()` refuses them ([`ConfigError::Conflict`](crate::ConfigError::Conflict)).
+//! - Retry tiers with a key-order ledger and an idempotency store cannot be combined with
+//!   transactional output: `build()` refuses them
+//!   ([`ConfigError::Conflict`](crate::ConfigError::Conflict)). Retry tiers without one are
+//!   forwarded in the transaction: see [Retry-tier forwards](#retry-tier-forwards).
 //!
 //! A panic that escapes kourier's own guards (a bug: a handler's panic is caught) resets its
 //! partition to the commit point (delivery rule 14); with transactional output it stops the

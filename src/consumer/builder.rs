@@ -477,7 +477,9 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// with the failure kind (after the sink acknowledged the letter; with
     /// [`transactional`](Self::transactional) output and the Kafka sink, once the letter is
     /// staged for the transaction that commits the record's offset, not yet committed),
-    /// [`Forwarded`](RecordOutcome::Forwarded) to a retry tier (acknowledged),
+    /// [`Forwarded`](RecordOutcome::Forwarded) to a retry tier (acknowledged; with
+    /// transactional output, once the forward is staged for the transaction that commits the
+    /// record's offset, not yet committed),
     /// [`Abandoned`](RecordOutcome::Abandoned) at a revoke or shutdown, or
     /// [`LeftForLater`](RecordOutcome::LeftForLater) (a tier record still waiting for its due
     /// time at a revoke or shutdown). Records dropped from
@@ -538,7 +540,10 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// at-least-once and the cost.
     ///
     /// `build()` refuses, with [`ConfigError::Conflict`], transactional output combined with
-    /// [`retry_tiers`](Self::retry_tiers), [`idempotency`](Self::idempotency) or
+    /// [`retry_tiers`](Self::retry_tiers) that keep key order
+    /// ([`RetryTiers::with_key_order`](crate::tiers::RetryTiers::with_key_order): the ledger
+    /// settles a record before its transaction commits, so after an abort a later record of
+    /// the key could commit its outputs first), [`idempotency`](Self::idempotency) or
     /// [`CommitMetadata::None`] (not supported yet), or with an `isolation.level` other than
     /// `read_committed` (a new owner must wait for a pending transaction's offsets); and with
     /// [`ConfigError::Invalid`] an empty transactional id, or a transaction timeout not above
@@ -549,6 +554,12 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// produced in the transaction that commits its offset, exactly-once under
     /// `read_committed`. A custom [`DeadLetterSink`] — a wrapper of the Kafka sink included —
     /// cannot join it: it writes its letters itself, at-least-once, as without this setting.
+    ///
+    /// Retry-tier forwards join the transaction too (retry tiers without key order): a
+    /// record's forward — the record the tiers would write, same topic, partition, key, value
+    /// and headers — is produced in the transaction that commits its offset, so the forward
+    /// and the commit are atomic and a `read_committed` reader of a tier topic (the consumer
+    /// itself) sees one forward per record given up to it.
     ///
     /// ```no_run
     /// # use kourier::{handler_fn, Message, RetryingConsumer};
@@ -963,10 +974,14 @@ impl<T> Settings<T> {
                 ConfigError::invalid("transactional", "the transactional id is empty").into(),
             );
         }
-        if self.tiers.is_some() {
+        if self.tiers.as_ref().is_some_and(|t| t.ledger.is_some()) {
+            // Delivery rule 20: the ledger is outside the transaction. Its `place` may run
+            // again at a replay (a repeated step), but its `settle` frees the key's later
+            // records before the transaction commits: after an abort, one of them may commit
+            // its outputs before the settled record's replay commits its own.
             return Err(conflict(
-                "retry_tiers",
-                "retry-tier forwards are not transactional yet: transactional output cannot be combined with retry tiers",
+                "RetryTiers::with_key_order",
+                "the key-order ledger settles a record before its transaction commits: if that transaction aborts, a later record of the key may run and commit its outputs before the record's replay does, so key order would not hold for read_committed readers; transactional output cannot be combined with a key-order ledger",
             )
             .into());
         }

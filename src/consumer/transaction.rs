@@ -33,6 +33,8 @@ enum Pending {
     /// Its dead letter, rendered by the Kafka dead-letter sink: the full letter, then the
     /// fallbacks written when the previous one is too large.
     Letter(Vec<LetterRecord>),
+    /// Its forward to a retry tier, rendered by the tiers as they would write it.
+    Forward(LetterRecord),
 }
 
 /// Why the transactions stopped: the consumer stops with it.
@@ -49,8 +51,8 @@ pub(crate) struct Transactions {
     /// Shared by a worker while it produces a record's outputs and marks it finished;
     /// exclusive while the poll thread commits the transaction.
     gate: RwLock<()>,
-    /// Staged outputs of records whose last attempt succeeded, and dead letters of records
-    /// given up, by record (the address of the job's record, alive until the job ends),
+    /// Staged outputs of records whose last attempt succeeded, dead letters of records
+    /// given up and forwards of records sent to a retry tier, by record (the address of the job's record, alive until the job ends),
     /// until the record finishes.
     staged: Mutex<HashMap<usize, Pending>>,
     /// Outputs were produced into the open transaction.
@@ -160,13 +162,20 @@ impl Transactions {
         staged.insert(key_of(record), Pending::Letter(letter));
     }
 
+    /// Keeps the forward of `record` to a retry tier (the record the tiers would write),
+    /// until it finishes: it is written in the transaction that commits its offset.
+    pub(crate) fn stage_forward(&self, record: &RawRecord, forward: LetterRecord) {
+        let mut staged = self.staged.lock().unwrap_or_else(PoisonError::into_inner);
+        staged.insert(key_of(record), Pending::Forward(forward));
+    }
+
     /// Held while a record's outputs are produced and it is marked finished.
     pub(crate) fn shared(&self) -> RwLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Called under [`shared`](Self::shared) as `record` ends: produces its staged outputs
-    /// or its dead letter into the open transaction when it `finishes` (settled, in its
+    /// Called under [`shared`](Self::shared) as `record` ends: produces its staged outputs,
+    /// its dead letter or its retry-tier forward into the open transaction when it `finishes` (settled, in its
     /// current assignment), drops them otherwise.
     pub(crate) fn produce_staged(&self, record: &RawRecord, finishes: bool) {
         let pending = {
@@ -185,6 +194,13 @@ impl Transactions {
         let outputs = match pending {
             Pending::Outputs(outputs) => outputs,
             Pending::Letter(letter) => return self.produce_letter(record, letter),
+            Pending::Forward(forward) => {
+                if let Err(e) = self.send_record(forward.base_record()) {
+                    warn!(coordinates = %record.coordinates(), tier_topic = forward.topic, error = %e, "retry-tier forward refused by the transactional producer: the transaction fails");
+                    self.fail("produce a retry-tier forward", e);
+                }
+                return;
+            }
         };
         for output in &outputs {
             if let Err(e) = self.send(output) {

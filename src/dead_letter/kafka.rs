@@ -564,7 +564,8 @@ impl KafkaDeadLetterSink {
     }
 }
 
-/// One record of a dead letter as [`KafkaDeadLetterSink::render`] gives it.
+/// One record of a dead letter as [`KafkaDeadLetterSink::render`] gives it (or a
+/// retry-tier forward, as the tiers render it for a transaction).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LetterRecord {
     pub(crate) topic: String,

@@ -67,8 +67,10 @@
 //! KIP-447 group-metadata path) and `read_committed` consumers of the tiers, and would still
 //! not make the *handler's* effects exactly-once. The idempotency store already absorbs the
 //! only duplicate the at-least-once forward can make, so the transaction would buy little
-//! and cost a round of transaction markers per forward. A later version could add it as an
-//! opt-in.
+//! and cost a round of transaction markers per forward. With transactional output
+//! ([`transactional`](crate::transactional#retry-tier-forwards), opt-in) forwards *are*
+//! produced in the consumer's transaction, with the offsets it commits: exactly one forward
+//! per record under `read_committed` (not with `with_key_order`, which it refuses).
 //!
 //! # Due times
 //!

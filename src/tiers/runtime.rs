@@ -4,19 +4,23 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::FutureRecord;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureRecord, Producer};
 
 use super::RetryTiers;
 use super::headers::{self, History, Origin, Stamp, forward_headers};
 use crate::clock;
 use crate::dead_letter::Provenance;
 use crate::dead_letter::headers as dlt;
+use crate::dead_letter::kafka::LetterRecord;
 use crate::error::{ConfigError, Error, Result};
 use crate::producer::{Delivery, ManagedProducer};
-use crate::record::{RawRecord, owned_headers};
+use crate::record::{Header, RawRecord, owned_headers};
 
 const SEND_OPERATION: &str = "forward record to retry tier";
+const METADATA_OPERATION: &str = "fetch retry-tier topic metadata";
+/// The longest a tier topic's metadata request may take.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most a tier record's due time may lie past its tier's delay (from its timestamp, and
 /// from when it is first looked at), for clock skew between the forwarding and the running
@@ -224,16 +228,17 @@ impl Tiers {
             .min(self.config.delays.len() - 1)]
     }
 
-    /// Writes `record` to tier `target` of its source, due after that tier's delay, and
-    /// waits for the acknowledgement.
-    pub(crate) async fn send(
+    /// The topic and headers of a forward of `record` to tier `target` of its source, due
+    /// after that tier's delay: what [`send`](Self::send) writes and
+    /// [`render`](Self::render) gives.
+    fn forward(
         &self,
         record: &RawRecord,
         at: &Located,
         target: u32,
         history: Option<&History>,
         deferred: bool,
-    ) -> Result<(String, Delivery)> {
+    ) -> (String, Vec<Header>) {
         let topic = self.config.tier_topic(&at.origin.topic, target);
         let due = clock::after(SystemTime::now(), self.delay(target));
         let hop = crate::dead_letter::headers::position_of(&record.headers)
@@ -246,6 +251,75 @@ impl Tiers {
             hop,
         };
         let headers = forward_headers(&record.headers, &at.origin, &self.group, history, stamp);
+        (topic, headers)
+    }
+
+    /// The record [`send`](Self::send) would write for this forward, for a transactional
+    /// producer to write instead (delivery rule 20 in the crate docs): same topic, key,
+    /// value and headers; the source partition when the tier topic has it (its partition
+    /// count is fetched: one metadata request per forward), else `None` (the partitioner
+    /// chooses by key), as `send` falls back.
+    pub(crate) async fn render(
+        &self,
+        record: &RawRecord,
+        at: &Located,
+        target: u32,
+        history: Option<&History>,
+        deferred: bool,
+    ) -> Result<LetterRecord> {
+        let (topic, headers) = self.forward(record, at, target, history, deferred);
+        let count = self.partition_count(&topic).await?;
+        let partition = (0..count)
+            .contains(&at.origin.partition)
+            .then_some(at.origin.partition);
+        Ok(LetterRecord {
+            topic,
+            partition,
+            key: record.key.clone(),
+            value: record.value.clone(),
+            headers,
+        })
+    }
+
+    /// How many partitions tier topic `topic` has (from the broker).
+    async fn partition_count(&self, topic: &str) -> Result<i32> {
+        let producer = self.producer.current();
+        let name = topic.to_owned();
+        // `fetch_metadata` blocks the calling thread until the broker answers.
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+        })
+        .await
+        .map_err(|_join| Error::kafka(METADATA_OPERATION, KafkaError::Canceled))?
+        .map_err(|e| Error::kafka(METADATA_OPERATION, e))?;
+        let missing = |code| Error::kafka(METADATA_OPERATION, KafkaError::MetadataFetch(code));
+        let found = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| missing(RDKafkaErrorCode::UnknownTopicOrPartition))?;
+        if let Some(err) = found.error() {
+            return Err(missing(err.into()));
+        }
+        match i32::try_from(found.partitions().len()) {
+            Ok(count) if count > 0 => Ok(count),
+            _ => Err(missing(RDKafkaErrorCode::LeaderNotAvailable)),
+        }
+    }
+
+    /// Writes `record` to tier `target` of its source, due after that tier's delay, and
+    /// waits for the acknowledgement.
+    pub(crate) async fn send(
+        &self,
+        record: &RawRecord,
+        at: &Located,
+        target: u32,
+        history: Option<&History>,
+        deferred: bool,
+    ) -> Result<(String, Delivery)> {
+        let (topic, headers) = self.forward(record, at, target, history, deferred);
         // Placement is decided for this record alone: the source partition when the tier
         // topic has it, else by key. Nothing is learned from one record for the next: a
         // tier record's original partition is a header, and a crafted one must not move

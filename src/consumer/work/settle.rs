@@ -55,7 +55,7 @@ impl<H: Handler> WorkerContext<H> {
                 }
                 _ => (record, failure),
             };
-            self.dead_letter(record, failure, metrics, cancel, slot, pipelined)
+            self.dead_letter(record, &coordinates, failure, metrics, cancel, slot, pipelined)
                 .await
         };
         let outcome = self
@@ -143,11 +143,14 @@ impl<H: Handler> WorkerContext<H> {
         work.await
     }
 
-    /// Writes the dead letter; `pipelined`: the lane's next record may start once the letter
+    /// Writes the dead letter of `record` (the job's record `job`, or the source record a
+    /// tier record stands for); `pipelined`: the lane's next record may start once the letter
     /// is queued (else the lane is freed by the caller).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn dead_letter(
         &self,
         record: Arc<RawRecord>,
+        job: &RawRecord,
         failure: Failure,
         metrics: &RecordMetrics<'_>,
         cancel: &CancellationToken,
@@ -174,11 +177,12 @@ impl<H: Handler> WorkerContext<H> {
             // Transactional output with the Kafka sink: the letter, rendered by the sink as it
             // would write it, is produced in the transaction that commits the record's offset,
             // when the record finishes (delivery rule 20), not by the sink's own producer. Only
-            // choosing its partition can fail (the dead-letter topic's metadata).
+            // choosing its partition can fail (the dead-letter topic's metadata). Staged under
+            // the job's record: a tier record's letter is of the source record it stands for.
             return self
                 .until_written(&letter, metrics, cancel, &release, || async {
                     let records = sink.render(&letter).await?;
-                    t.stage_letter(&letter.record, records);
+                    t.stage_letter(job, records);
                     Ok(format!(
                         "{} (in the transaction)",
                         sink.topic_for(&letter.record.topic)
