@@ -374,14 +374,29 @@ fn unsupported_combinations_are_refused_by_build() {
         .bootstrap_servers("127.0.0.1:1")
         .group_id("g")
         .topic("t")
-        .retry_tiers(kourier::tiers::RetryTiers::new([Duration::from_secs(5)]))
+        .retry_tiers(
+            kourier::tiers::RetryTiers::new([Duration::from_secs(5)]).with_key_order(Arc::new(
+                kourier::tiers::InMemoryKeyOrderLedger::new(),
+            )),
+        )
         .transactional(TransactionalOutput::new("x"))
         .build()
         .unwrap_err();
     assert!(
-        matches!(&err, Error::Config(kourier::ConfigError::Conflict { value, .. }) if value == "retry_tiers"),
+        matches!(&err, Error::Config(kourier::ConfigError::Conflict { value, reason, .. })
+            if value == "RetryTiers::with_key_order" && reason.contains("before its transaction commits")),
         "{err:?}"
     );
+    // Without a key-order ledger, retry tiers are forwarded in the transaction.
+    let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
+    kourier::RetryingConsumer::builder(handler)
+        .bootstrap_servers("127.0.0.1:1")
+        .group_id("g")
+        .topic("t")
+        .retry_tiers(kourier::tiers::RetryTiers::new([Duration::from_secs(5)]))
+        .transactional(TransactionalOutput::new("x"))
+        .build()
+        .expect("retry tiers without key order build with transactional output");
     let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
     let store = std::sync::Arc::new(kourier::InMemoryIdempotencyStore::new());
     let err = kourier::RetryingConsumer::builder(handler)
@@ -460,7 +475,9 @@ const CHILD_HANDLER_MS: u64 = 20;
 /// Not a test on its own: with `KOURIER_TXN_CHILD` set, runs a transactional consumer of
 /// `KOURIER_TXN_TOPIC` in `KOURIER_TXN_GROUP` with the id `KOURIER_TXN_ID`, writing to
 /// `KOURIER_TXN_OUT`, until SIGTERM; exits 0 after a clean stop, 3 on `Error::Transaction`
-/// (printing `fenced=<bool>`), 4 on any other error.
+/// (printing `fenced=<bool>`), 4 on any other error. `KOURIER_TXN_DLT_REPORT` (every input
+/// fails permanently) or `KOURIER_TXN_TIER_REPORT` (every input fails transiently, to tier 1)
+/// names a file each outcome is appended to; either sets a 30 s commit interval.
 #[test]
 fn child_consumer() {
     let Ok(topic) = std::env::var("KOURIER_TXN_CHILD") else {
@@ -474,7 +491,11 @@ fn child_consumer() {
     );
     // Dead-letter mode: every input fails permanently, each outcome is appended to this file.
     let letters_to = std::env::var("KOURIER_TXN_DLT_REPORT").ok();
+    // Tier mode: every input fails transiently and is forwarded to tier 1 (a 30 s delay),
+    // each outcome is appended to this file.
+    let forwards_to = std::env::var("KOURIER_TXN_TIER_REPORT").ok();
     let fail_all = letters_to.is_some();
+    let fail_transiently = forwards_to.is_some();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let result = runtime.block_on(async move {
         let handler = handler_fn(move |m: Message<Job>| {
@@ -483,6 +504,9 @@ fn child_consumer() {
                 tokio::time::sleep(Duration::from_millis(CHILD_HANDLER_MS)).await;
                 if fail_all {
                     return Err(HandlerError::permanent("refused"));
+                }
+                if fail_transiently {
+                    return Err(HandlerError::transient("not yet"));
                 }
                 let id = m.event().id;
                 for n in 0..OUTPUTS_PER_INPUT {
@@ -500,7 +524,12 @@ fn child_consumer() {
             .max_in_flight(8)
             .shutdown_timeout(Duration::from_secs(5))
             .transactional(TransactionalOutput::new(id));
-        if let Some(report) = letters_to {
+        if forwards_to.is_some() {
+            builder = builder
+                .retry_policy(kourier::RetryPolicy::no_retries())
+                .retry_tiers(kourier::tiers::RetryTiers::new([Duration::from_secs(30)]));
+        }
+        if let Some(report) = letters_to.or(forwards_to) {
             // A long interval: the transaction holding the letters stays open till the kill.
             builder = builder.commit_interval(Duration::from_secs(30)).on_outcome(
                 move |record, outcome| {
@@ -1137,4 +1166,213 @@ async fn a_custom_sink_writes_its_letters_itself_with_transactional_output() {
         "every letter went through the custom sink"
     );
     assert_eq!(read(&dlt, true).await.values().sum::<usize>(), failed);
+}
+
+// ---- Retry-tier forwards in the transaction (delivery rule 20) ----
+
+/// The inputs failing transiently on their first call only (handled in tier 1).
+fn fails_once(id: usize) -> bool {
+    id % 3 == 0
+}
+
+/// The inputs failing transiently on every call (through tier 1 to the dead-letter topic).
+fn fails_always(id: usize) -> bool {
+    id % 10 == 7
+}
+
+/// Retry tiers of 200 ms with transactional output: records failing transiently once are
+/// forwarded to tier 1 and handled there, records failing every time are dead-lettered from
+/// tier 1. Under `read_committed`: each handled input's outputs exactly once, one forward per
+/// record given up to the tier (the tiers' headers, the source partition), one letter per
+/// record failing every time (as its source record); the offsets of the source and of the
+/// tier topic are committed past every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_goes_through_a_tier_in_the_transaction_and_is_handled_there() {
+    const N: usize = 40;
+    let (topic, group, dlt) = setup("txn-tiers", 2).await;
+    let tier = format!("{topic}.retry.1");
+    support::create_topic(&tier, 2).await;
+    let out = support::new_topic("txn-tiers-out", 2).await;
+    produce_inputs(&topic, N).await;
+    let calls = Calls::new(N);
+    let handled_in: Arc<std::sync::Mutex<BTreeMap<usize, Vec<String>>>> = Arc::default();
+    let (c, h, out_topic) = (calls.clone(), handled_in.clone(), out.clone());
+    let handler = handler_fn(move |m: Message<Job>| {
+        let (calls, handled_in, out) = (c.clone(), h.clone(), out_topic.clone());
+        async move {
+            let id = m.event().id;
+            let call = calls.calls[id].fetch_add(1, Ordering::SeqCst);
+            for n in 0..OUTPUTS_PER_INPUT {
+                m.send_output(OutputRecord::new(&out).value(format!("{id}-{n}")))?;
+            }
+            if fails_always(id) || (fails_once(id) && call == 0) {
+                // Staged, then dropped: the attempt failed.
+                return Err(HandlerError::transient("not yet"));
+            }
+            (handled_in.lock().unwrap().entry(id).or_default()).push(m.topic().to_owned());
+            Ok(())
+        }
+    });
+    let c = Running::start(
+        transactional(
+            handler,
+            &topic,
+            &group,
+            &support::unique_name("txn-tiers-id"),
+        )
+        .retry_policy(kourier::RetryPolicy::no_retries())
+        .retry_tiers(kourier::tiers::RetryTiers::new([Duration::from_millis(
+            200,
+        )])),
+    );
+    let forwarded: Vec<usize> = (0..N)
+        .filter(|id| fails_once(*id) || fails_always(*id))
+        .collect();
+    let lettered: Vec<usize> = (0..N).filter(|id| fails_always(*id)).collect();
+    consumer::wait_until(
+        "every source offset committed and every record settled",
+        Duration::from_secs(60),
+        || async {
+            let handled = handled_in.lock().unwrap().len();
+            handled == N - lettered.len()
+                && support::try_committed_sum(&group, &topic, 2).await == Ok(N as i64)
+                && read(&dlt, true).await.len() == lettered.len()
+        },
+    )
+    .await;
+    // The tier records' offsets: committed past each partition's last record.
+    let tier_records = support::read_all(&tier).await;
+    consumer::wait_until(
+        "the tier topic's offsets committed past its records",
+        Duration::from_secs(30),
+        || async {
+            let Ok(committed) = support::try_committed_offsets(&group, &tier, 2).await else {
+                return false;
+            };
+            tier_records.iter().all(|r| {
+                committed
+                    .get(&r.partition)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|o| o > r.offset)
+            })
+        },
+    )
+    .await;
+    c.stop().await;
+    let handled_in = std::mem::take(&mut *handled_in.lock().unwrap());
+    for id in (0..N).filter(|id| fails_once(*id) && !fails_always(*id)) {
+        assert_eq!(
+            handled_in.get(&id),
+            Some(&vec![tier.clone()]),
+            "record {id} handled once, in tier 1"
+        );
+    }
+    // Outputs: the handled records', each once.
+    let outputs = read(&out, true).await;
+    let expected: BTreeMap<String, usize> = (0..N)
+        .filter(|id| !fails_always(*id))
+        .flat_map(|id| (0..OUTPUTS_PER_INPUT).map(move |n| (format!("{id}-{n}"), 1)))
+        .collect();
+    assert_eq!(
+        outputs, expected,
+        "each handled input's outputs exactly once under read_committed"
+    );
+    // Forwards: one per record given up to the tier.
+    let forwards = read(&tier, true).await;
+    let expected: BTreeMap<String, usize> = (forwarded.iter())
+        .map(|id| (format!(r#"{{"id":{id}}}"#), 1))
+        .collect();
+    assert_eq!(
+        forwards, expected,
+        "one forward per record under read_committed"
+    );
+    assert_eq!(tier_records.len(), forwarded.len(), "no aborted forward");
+    for r in &tier_records {
+        assert_eq!(r.header_str("kafka_dlt-original-topic"), topic);
+        assert_eq!(r.header_str("kourier-retry-tier"), "1");
+        let source_partition = r
+            .header("kafka_dlt-original-partition")
+            .flatten()
+            .map(|b| i32::from_be_bytes(b.try_into().expect("4 bytes")));
+        assert_eq!(
+            source_partition,
+            Some(r.partition),
+            "the forward goes to its source partition"
+        );
+    }
+    // Letters: one per record failing every time, as its source record.
+    let letters = read(&dlt, true).await;
+    let expected: BTreeMap<String, usize> = (lettered.iter())
+        .map(|id| (format!(r#"{{"id":{id}}}"#), 1))
+        .collect();
+    assert_eq!(letters, expected, "one letter per record failing every time");
+    for letter in support::read_all(&dlt).await {
+        assert_eq!(letter.header_str("kafka_dlt-original-topic"), topic);
+    }
+    assert_eq!(support::committed_sum(&group, &topic, 2).await, N as i64);
+}
+
+/// kill -9 once every record was forwarded to tier 1 (the outcome observer reported it) but
+/// before the transaction committed (a 30 s commit interval): the forwards were in that
+/// transaction, which the restarted consumer (same transactional id) aborts; it forwards the
+/// records again, and a `read_committed` reader of the tier topic sees exactly one forward
+/// per record. (With the forward written by the tiers' own producer, outside the
+/// transaction: two per record.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_after_forwarding_before_the_commit_leaves_one_forward_per_record() {
+    const N: usize = 12;
+    let (topic, group, _dlt) = setup("txn-tier-kill", 1).await;
+    let tier = format!("{topic}.retry.1");
+    support::create_topic(&tier, 1).await;
+    let out = support::new_topic("txn-tier-kill-out", 1).await;
+    produce_inputs(&topic, N).await;
+    let id = support::unique_name("txn-tier-kill-id");
+    let report = std::env::temp_dir().join(support::unique_name("txn-tier-report"));
+    let report_path = report.to_str().expect("utf-8 path").to_owned();
+    let env = [("KOURIER_TXN_TIER_REPORT", report_path.as_str())];
+    let child = Child::start_with(&topic, &group, &out, &id, &env);
+    let forwarded = || {
+        std::fs::read_to_string(&report)
+            .map(|r| r.lines().filter(|l| l.ends_with("forwarded (tier 1)")).count())
+            .unwrap_or(0)
+    };
+    wait_for(
+        "every record forwarded (the observer's report)",
+        Duration::from_secs(60),
+        || forwarded() == N,
+    )
+    .await;
+    child.signal("-KILL");
+    drop(child);
+    assert_eq!(
+        support::try_committed_sum(&group, &topic, 1)
+            .await
+            .unwrap_or(0),
+        0,
+        "killed before its first commit"
+    );
+    let _ = std::fs::remove_file(&report);
+    let mut restarted = Child::start_with(&topic, &group, &out, &id, &env);
+    consumer::wait_until(
+        "every source offset committed by the restarted consumer",
+        Duration::from_secs(90),
+        || async { support::try_committed_sum(&group, &topic, 1).await == Ok(N as i64) },
+    )
+    .await;
+    restarted.signal("-TERM");
+    assert_eq!(
+        restarted.exit_code(Duration::from_secs(30)).await,
+        Some(0),
+        "a clean stop"
+    );
+    let _ = std::fs::remove_file(&report);
+    let forwards = read(&tier, true).await;
+    let twice: Vec<_> = forwards.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} of {N} records forwarded more than once under read_committed: {twice:?}",
+        twice.len()
+    );
+    assert_eq!(forwards.len(), N, "one forward per record: {forwards:?}");
 }
