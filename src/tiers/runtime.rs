@@ -268,10 +268,10 @@ impl Tiers {
         deferred: bool,
     ) -> Result<LetterRecord> {
         let (topic, headers) = self.forward(record, at, target, history, deferred);
-        let count = self.partition_count(&topic).await?;
-        let partition = (0..count)
-            .contains(&at.origin.partition)
-            .then_some(at.origin.partition);
+        let partition = placement(
+            self.partition_count(&topic).await?,
+            at.origin.partition,
+        );
         Ok(LetterRecord {
             topic,
             partition,
@@ -351,6 +351,15 @@ impl Tiers {
             }
         }
     }
+}
+
+/// The partition of a forward to a tier topic of `count` partitions: the source partition
+/// when the topic has it, else `None` (the partitioner chooses by key), as
+/// [`Tiers::send`] falls back on an unknown partition.
+fn placement(count: i32, source_partition: i32) -> Option<i32> {
+    (0..count)
+        .contains(&source_partition)
+        .then_some(source_partition)
 }
 
 /// Reads a record of tier `tier` (of `tiers`, with delay `delay`) of `source` as untrusted
@@ -594,6 +603,42 @@ mod tests {
         };
         let at = tiers.locate(&source);
         assert_eq!((at.tier, at.origin.offset, at.due.is_none()), (0, 3, true));
+    }
+
+    /// Rule (delivery rule 20): a forward rendered for a transaction is the record `send`
+    /// writes: its tier topic, the provenance and tier headers, and the source partition
+    /// when the tier topic has it (else by key).
+    #[test]
+    fn a_forward_for_a_transaction_is_the_record_send_writes() {
+        let producer = ProducerSettings::new("127.0.0.1:1".into())
+            .build("tiers-test")
+            .unwrap();
+        let config = RetryTiers::new([Duration::from_secs(1), Duration::from_secs(2)]);
+        let tiers = Tiers::new(config, &["src".to_owned()], "g".into(), producer);
+        let record = RawRecord {
+            topic: "src".into(),
+            partition: 3,
+            offset: 11,
+            key: Some(b"k".into()),
+            value: Some(b"v".into()),
+            headers: Headers::new().with("event-id", "e-1"),
+            timestamp: Some(1_000),
+            log_append_time: false,
+        };
+        let at = tiers.locate(&record);
+        let before = SystemTime::now();
+        let (topic, written) = tiers.forward(&record, &at, 2, None, false);
+        assert_eq!(topic, "src.retry.2");
+        let h = Headers::from(written);
+        assert_eq!(h.get_str("event-id"), Some("e-1"));
+        assert_eq!(h.get_str(headers::TIER), Some("2"));
+        assert_eq!(h.get_str(headers::HOP), Some("1"));
+        assert_eq!(h.get_str(dlt::ORIGINAL_TOPIC), Some("src"));
+        let due = h.get(headers::DUE_MS).and_then(due_ms).expect("a due time");
+        assert!(due + Duration::from_millis(1) >= before + Duration::from_secs(2));
+        assert_eq!(placement(8, 3), Some(3), "the source partition");
+        assert_eq!(placement(4, 0), Some(0));
+        assert_eq!(placement(3, 3), None, "by key: the tier topic lacks it");
     }
 
     const SKEW: Duration = MAX_DUE_SKEW;
