@@ -375,9 +375,8 @@ fn unsupported_combinations_are_refused_by_build() {
         .group_id("g")
         .topic("t")
         .retry_tiers(
-            kourier::tiers::RetryTiers::new([Duration::from_secs(5)]).with_key_order(Arc::new(
-                kourier::tiers::InMemoryKeyOrderLedger::new(),
-            )),
+            kourier::tiers::RetryTiers::new([Duration::from_secs(5)])
+                .with_key_order(Arc::new(kourier::tiers::InMemoryKeyOrderLedger::new())),
         )
         .transactional(TransactionalOutput::new("x"))
         .build()
@@ -1172,7 +1171,7 @@ async fn a_custom_sink_writes_its_letters_itself_with_transactional_output() {
 
 /// The inputs failing transiently on their first call only (handled in tier 1).
 fn fails_once(id: usize) -> bool {
-    id % 3 == 0
+    id.is_multiple_of(3)
 }
 
 /// The inputs failing transiently on every call (through tier 1 to the dead-letter topic).
@@ -1306,7 +1305,10 @@ async fn a_transient_failure_goes_through_a_tier_in_the_transaction_and_is_handl
     let expected: BTreeMap<String, usize> = (lettered.iter())
         .map(|id| (format!(r#"{{"id":{id}}}"#), 1))
         .collect();
-    assert_eq!(letters, expected, "one letter per record failing every time");
+    assert_eq!(
+        letters, expected,
+        "one letter per record failing every time"
+    );
     for letter in support::read_all(&dlt).await {
         assert_eq!(letter.header_str("kafka_dlt-original-topic"), topic);
     }
@@ -1334,7 +1336,11 @@ async fn a_kill_9_after_forwarding_before_the_commit_leaves_one_forward_per_reco
     let child = Child::start_with(&topic, &group, &out, &id, &env);
     let forwarded = || {
         std::fs::read_to_string(&report)
-            .map(|r| r.lines().filter(|l| l.ends_with("forwarded (tier 1)")).count())
+            .map(|r| {
+                r.lines()
+                    .filter(|l| l.ends_with("forwarded (tier 1)"))
+                    .count()
+            })
             .unwrap_or(0)
     };
     wait_for(

@@ -268,10 +268,7 @@ impl Tiers {
         deferred: bool,
     ) -> Result<LetterRecord> {
         let (topic, headers) = self.forward(record, at, target, history, deferred);
-        let partition = placement(
-            self.partition_count(&topic).await?,
-            at.origin.partition,
-        );
+        let partition = placement(self.partition_count(&topic).await?, at.origin.partition);
         Ok(LetterRecord {
             topic,
             partition,

@@ -17,8 +17,9 @@ pub enum RecordOutcome {
     Duplicate,
     /// Written to the dead-letter sink (acknowledged), for this reason.
     DeadLettered(DeadLetterReason),
-    /// Forwarded to this retry tier (1-based; acknowledged by the broker): it runs again
-    /// there. See [`tiers`](crate::tiers).
+    /// Forwarded to this retry tier (1-based; acknowledged by the broker, or, with
+    /// transactional output, staged for the transaction that commits the record's offset):
+    /// it runs again there. See [`tiers`](crate::tiers).
     Forwarded(u32),
     /// Given up unsettled at a revoke or shutdown: not committed, delivered again later.
     Abandoned,

@@ -55,8 +55,16 @@ impl<H: Handler> WorkerContext<H> {
                 }
                 _ => (record, failure),
             };
-            self.dead_letter(record, &coordinates, failure, metrics, cancel, slot, pipelined)
-                .await
+            self.dead_letter(
+                record,
+                &coordinates,
+                failure,
+                metrics,
+                cancel,
+                slot,
+                pipelined,
+            )
+            .await
         };
         let outcome = self
             .renewing(write, &mut holding, &coordinates, metrics)
