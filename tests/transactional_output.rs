@@ -538,7 +538,10 @@ fn child_consumer() {
                         .append(true)
                         .open(&report)
                         .expect("report file");
-                    writeln!(file, "{} {outcome}", record.coordinates()).expect("report");
+                    // One write per line: workers report at once, and `writeln!` may
+                    // write a line in pieces that interleave.
+                    let line = format!("{} {outcome}\n", record.coordinates());
+                    file.write_all(line.as_bytes()).expect("report");
                 },
             );
         }
