@@ -400,6 +400,38 @@ impl<C: ClientContext + 'static> Drop for ManagedProducer<C> {
     }
 }
 
+/// How many partitions `topic` has, from the broker. `fetch` (a client's metadata call,
+/// which blocks until the broker answers) runs on a blocking thread; errors are
+/// [`Error::Kafka`] for `operation`: a topic the broker does not know is
+/// `UnknownTopicOrPartition`, one without partitions `LeaderNotAvailable`.
+pub(crate) async fn fetch_partition_count(
+    fetch: impl FnOnce(&str, Duration) -> rdkafka::error::KafkaResult<rdkafka::metadata::Metadata>
+    + Send
+    + 'static,
+    topic: &str,
+    timeout: Duration,
+    operation: &'static str,
+) -> Result<i32> {
+    let name = topic.to_owned();
+    let metadata = tokio::task::spawn_blocking(move || fetch(&name, timeout))
+        .await
+        .map_err(|_join| Error::kafka(operation, KafkaError::Canceled))?
+        .map_err(|e| Error::kafka(operation, e))?;
+    let missing = |code| Error::kafka(operation, KafkaError::MetadataFetch(code));
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| missing(RDKafkaErrorCode::UnknownTopicOrPartition))?;
+    if let Some(err) = found.error() {
+        return Err(missing(err.into()));
+    }
+    match i32::try_from(found.partitions().len()) {
+        Ok(count) if count > 0 => Ok(count),
+        _ => Err(missing(RDKafkaErrorCode::LeaderNotAvailable)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -531,26 +531,14 @@ impl KafkaDeadLetterSink {
     }
 
     async fn fetch_partition_count(&self, dlt: &str) -> Result<i32> {
-        let fetch = self.producer.metadata_fetcher();
-        let topic = dlt.to_owned();
         let timeout = self.producer.send_timeout().min(METADATA_TIMEOUT);
-        // `fetch_metadata` blocks the calling thread until the broker answers.
-        let metadata = tokio::task::spawn_blocking(move || fetch(&topic, timeout))
-            .await
-            .map_err(|_join| Error::kafka(METADATA_OPERATION, KafkaError::Canceled))?
-            .map_err(|e| Error::kafka(METADATA_OPERATION, e))?;
-        let topic = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == dlt)
-            .ok_or_else(|| metadata_error(RDKafkaErrorCode::UnknownTopicOrPartition))?;
-        if let Some(err) = topic.error() {
-            return Err(metadata_error(err.into()));
-        }
-        match i32::try_from(topic.partitions().len()) {
-            Ok(count) if count > 0 => Ok(count),
-            _ => Err(metadata_error(RDKafkaErrorCode::LeaderNotAvailable)),
-        }
+        crate::producer::fetch_partition_count(
+            self.producer.metadata_fetcher(),
+            dlt,
+            timeout,
+            METADATA_OPERATION,
+        )
+        .await
     }
 
     fn forget_partition_count(&self, dlt: &str) {
@@ -794,10 +782,6 @@ impl KafkaDeadLetterSinkBuilder {
             partition_counts: Mutex::new(HashMap::new()),
         })
     }
-}
-
-fn metadata_error(code: RDKafkaErrorCode) -> Error {
-    Error::kafka(METADATA_OPERATION, KafkaError::MetadataFetch(code))
 }
 
 fn is_missing_topic(e: &Error) -> bool {

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureRecord, Producer};
 
 use super::RetryTiers;
@@ -281,29 +281,13 @@ impl Tiers {
     /// How many partitions tier topic `topic` has (from the broker).
     async fn partition_count(&self, topic: &str) -> Result<i32> {
         let producer = self.producer.current();
-        let name = topic.to_owned();
-        // `fetch_metadata` blocks the calling thread until the broker answers.
-        let metadata = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
-        })
+        crate::producer::fetch_partition_count(
+            move |name, timeout| producer.client().fetch_metadata(Some(name), timeout),
+            topic,
+            METADATA_TIMEOUT,
+            METADATA_OPERATION,
+        )
         .await
-        .map_err(|_join| Error::kafka(METADATA_OPERATION, KafkaError::Canceled))?
-        .map_err(|e| Error::kafka(METADATA_OPERATION, e))?;
-        let missing = |code| Error::kafka(METADATA_OPERATION, KafkaError::MetadataFetch(code));
-        let found = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .ok_or_else(|| missing(RDKafkaErrorCode::UnknownTopicOrPartition))?;
-        if let Some(err) = found.error() {
-            return Err(missing(err.into()));
-        }
-        match i32::try_from(found.partitions().len()) {
-            Ok(count) if count > 0 => Ok(count),
-            _ => Err(missing(RDKafkaErrorCode::LeaderNotAvailable)),
-        }
     }
 
     /// Writes `record` to tier `target` of its source, due after that tier's delay, and
@@ -520,13 +504,18 @@ mod tests {
     use crate::producer::ProducerSettings;
     use crate::record::Headers;
 
-    #[test]
-    fn a_forwarded_record_reads_back_as_its_source_record() {
+    /// Tiers of 1 s and 2 s for topic `src`, group `g` (a producer that reaches no broker).
+    fn two_tiers() -> Tiers {
         let producer = ProducerSettings::new("127.0.0.1:1".into())
             .build("tiers-test")
             .unwrap();
         let config = RetryTiers::new([Duration::from_secs(1), Duration::from_secs(2)]);
-        let tiers = Tiers::new(config, &["src".to_owned()], "g".into(), producer);
+        Tiers::new(config, &["src".to_owned()], "g".into(), producer)
+    }
+
+    #[test]
+    fn a_forwarded_record_reads_back_as_its_source_record() {
+        let tiers = two_tiers();
         assert_eq!(
             tiers.topics(),
             vec![
@@ -607,11 +596,7 @@ mod tests {
     /// when the tier topic has it (else by key).
     #[test]
     fn a_forward_for_a_transaction_is_the_record_send_writes() {
-        let producer = ProducerSettings::new("127.0.0.1:1".into())
-            .build("tiers-test")
-            .unwrap();
-        let config = RetryTiers::new([Duration::from_secs(1), Duration::from_secs(2)]);
-        let tiers = Tiers::new(config, &["src".to_owned()], "g".into(), producer);
+        let tiers = two_tiers();
         let record = RawRecord {
             topic: "src".into(),
             partition: 3,

@@ -10,7 +10,6 @@ use super::outcome::RecordOutcome;
 use super::waits::{AtDrain, InfraWait, Slot, back_off};
 use super::worker::{Admit, Failure, Holding, Tracked, WorkerContext};
 use crate::consumer::schedule::Stop;
-use crate::consumer::transaction::Transactions;
 use crate::dead_letter::DeadLetterReason;
 use crate::error::{StoreError, error_chain};
 use crate::guard::guarded_async;
@@ -224,8 +223,9 @@ impl<H: Handler> WorkerContext<H> {
     }
 
     /// Forwards `record` to tier `target`: recorded in the ledger first (with
-    /// `with_key_order`), then written and acknowledged. Failed writes are retried with
-    /// back-off (the partition waits, as for a dead-letter write).
+    /// `with_key_order`), then written and acknowledged, or, with transactional output,
+    /// staged in the transaction. Failures are retried with back-off (the partition waits,
+    /// as for a dead-letter write).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn tier_forward(
         &self,
@@ -248,63 +248,43 @@ impl<H: Handler> WorkerContext<H> {
                 return RecordOutcome::Abandoned;
             }
         }
-        if let Some(t) = &self.transactions {
-            return self
-                .tier_forward_in_transaction(
-                    t, tiers, record, at, target, history, deferred, metrics, cancel,
-                )
-                .await;
-        }
         let mut failures = 0u32;
         loop {
-            match tiers.send(record, at, target, history, deferred).await {
-                Ok((topic, delivery)) => {
-                    debug!(coordinates = %record.coordinates(), tier = target, %topic, partition = delivery.partition, offset = delivery.offset, deferred, "forwarded to retry tier");
+            let written = match &self.transactions {
+                // With transactional output: the forward, rendered by the tiers as they would
+                // write it, is produced in the transaction that commits the record's offset,
+                // when the record finishes (delivery rule 20), not by the tiers' producer.
+                // `record` is the job's record (a tier record's forward is staged under it).
+                // Only choosing its partition can fail (the tier topic's metadata).
+                Some(t) => tiers
+                    .render(record, at, target, history, deferred)
+                    .await
+                    .map(|forward| {
+                        let to = format!(
+                            "{} partition {:?} (in the transaction)",
+                            forward.topic, forward.partition
+                        );
+                        t.stage_forward(record, forward);
+                        to
+                    }),
+                None => {
+                    tiers
+                        .send(record, at, target, history, deferred)
+                        .await
+                        .map(|(topic, d)| {
+                            format!("{topic} partition {} offset {}", d.partition, d.offset)
+                        })
+                }
+            };
+            match written {
+                Ok(to) => {
+                    debug!(coordinates = %record.coordinates(), tier = target, %to, deferred, "forwarded to retry tier");
                     metrics.forwarded(target);
                     return RecordOutcome::Forwarded(target);
                 }
                 Err(e) => {
                     metrics.forward_failed();
                     error!(coordinates = %record.coordinates(), tier = target, error = %error_chain(&e), failures, "forward to retry tier failed; retrying, the partition waits");
-                }
-            }
-            if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
-                return RecordOutcome::Abandoned;
-            }
-            failures = failures.saturating_add(1);
-        }
-    }
-
-    /// With transactional output: the forward, rendered by the tiers as they would write it,
-    /// is produced in the transaction that commits the record's offset, when the record
-    /// finishes (delivery rule 20), not by the tiers' producer. `record` is the job's record
-    /// (a tier record's forward is staged under it). Only choosing its partition can fail
-    /// (the tier topic's metadata): retried like a write.
-    #[allow(clippy::too_many_arguments)]
-    async fn tier_forward_in_transaction(
-        &self,
-        transactions: &Transactions,
-        tiers: &Tiers,
-        record: &RawRecord,
-        at: &Located,
-        target: u32,
-        history: Option<&History>,
-        deferred: bool,
-        metrics: &RecordMetrics<'_>,
-        cancel: &CancellationToken,
-    ) -> RecordOutcome {
-        let mut failures = 0u32;
-        loop {
-            match tiers.render(record, at, target, history, deferred).await {
-                Ok(forward) => {
-                    debug!(coordinates = %record.coordinates(), tier = target, topic = %forward.topic, partition = ?forward.partition, deferred, "forwarded to retry tier in the transaction");
-                    transactions.stage_forward(record, forward);
-                    metrics.forwarded(target);
-                    return RecordOutcome::Forwarded(target);
-                }
-                Err(e) => {
-                    metrics.forward_failed();
-                    error!(coordinates = %record.coordinates(), tier = target, error = %error_chain(&e), failures, "forward to retry tier failed (its topic's metadata); retrying, the partition waits");
                 }
             }
             if !InfraWait::UntilAbandoned(cancel).wait(failures).await {
