@@ -975,29 +975,63 @@ async fn a_permanent_failure_is_dead_lettered_once_in_the_transaction_and_its_of
 /// producer had written them already: two letters per record.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_after_dead_lettering_before_the_commit_leaves_one_letter_per_record() {
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::DeadLetter).await;
+}
+
+/// What `kill_9_before_the_commit_leaves_one_copy_per_record` waits for before its kill -9.
+#[derive(Clone, Copy)]
+enum KillAfter {
+    /// Every record dead-lettered (the child fails each permanently).
+    DeadLetter,
+    /// Every record forwarded to tier 1 (the child fails each transiently).
+    Forward,
+}
+
+/// Starts a transactional child whose outcome observer reports to a file, kill -9s it once
+/// all N records reported `what` (before its first commit: a 30 s commit interval),
+/// restarts it with the same transactional id until every offset is committed, and checks
+/// that a `read_committed` reader of the dead-letter or tier topic sees one copy per record.
+async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
     const N: usize = 12;
-    let (topic, group, dlt) = setup("txn-dlt-kill", 1).await;
-    let out = support::new_topic("txn-dlt-kill-out", 1).await;
+    let (name, env_name, outcome, noun) = match what {
+        KillAfter::DeadLetter => (
+            "txn-dlt-kill",
+            "KOURIER_TXN_DLT_REPORT",
+            "(permanent)",
+            "dead-lettered",
+        ),
+        KillAfter::Forward => (
+            "txn-tier-kill",
+            "KOURIER_TXN_TIER_REPORT",
+            "forwarded (tier 1)",
+            "forwarded",
+        ),
+    };
+    let (topic, group, dlt) = setup(name, 1).await;
+    let copies = match what {
+        KillAfter::DeadLetter => dlt,
+        KillAfter::Forward => {
+            let tier = format!("{topic}.retry.1");
+            support::create_topic(&tier, 1).await;
+            tier
+        }
+    };
+    let out = support::new_topic(&format!("{name}-out"), 1).await;
     produce_inputs(&topic, N).await;
-    let id = support::unique_name("txn-dlt-kill-id");
-    let report = std::env::temp_dir().join(support::unique_name("txn-dlt-report"));
+    let id = support::unique_name(&format!("{name}-id"));
+    let report = std::env::temp_dir().join(support::unique_name(&format!("{name}-report")));
     let report_path = report.to_str().expect("utf-8 path").to_owned();
-    let child = Child::start_with(
-        &topic,
-        &group,
-        &out,
-        &id,
-        &[("KOURIER_TXN_DLT_REPORT", &report_path)],
-    );
+    let env = [(env_name, report_path.as_str())];
+    let child = Child::start_with(&topic, &group, &out, &id, &env);
+    let reported = || {
+        std::fs::read_to_string(&report)
+            .map(|r| r.lines().filter(|l| l.ends_with(outcome)).count())
+            .unwrap_or(0)
+    };
     wait_for(
-        "every record dead-lettered (the observer's report)",
+        &format!("every record {noun} (the observer's report)"),
         Duration::from_secs(60),
-        || {
-            std::fs::read_to_string(&report)
-                .map(|r| r.lines().filter(|l| l.ends_with("(permanent)")).count())
-                .unwrap_or(0)
-                == N
-        },
+        || reported() == N,
     )
     .await;
     child.signal("-KILL");
@@ -1010,15 +1044,9 @@ async fn a_kill_9_after_dead_lettering_before_the_commit_leaves_one_letter_per_r
         "killed before its first commit"
     );
     let _ = std::fs::remove_file(&report);
-    let mut restarted = Child::start_with(
-        &topic,
-        &group,
-        &out,
-        &id,
-        &[("KOURIER_TXN_DLT_REPORT", &report_path)],
-    );
+    let mut restarted = Child::start_with(&topic, &group, &out, &id, &env);
     consumer::wait_until(
-        "every offset committed by the restarted consumer",
+        "every source offset committed by the restarted consumer",
         Duration::from_secs(90),
         || async { support::try_committed_sum(&group, &topic, 1).await == Ok(N as i64) },
     )
@@ -1030,14 +1058,14 @@ async fn a_kill_9_after_dead_lettering_before_the_commit_leaves_one_letter_per_r
         "a clean stop"
     );
     let _ = std::fs::remove_file(&report);
-    let letters = read(&dlt, true).await;
-    let twice: Vec<_> = letters.iter().filter(|(_, n)| **n > 1).collect();
+    let seen = read(&copies, true).await;
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
         twice.is_empty(),
-        "{} of {N} records dead-lettered more than once under read_committed: {twice:?}",
+        "{} of {N} records {noun} more than once under read_committed: {twice:?}",
         twice.len()
     );
-    assert_eq!(letters.len(), N, "one letter per record: {letters:?}");
+    assert_eq!(seen.len(), N, "one copy per record in {copies}: {seen:?}");
 }
 
 /// A letter above the transactional producer's `message.max.bytes` is written in the
@@ -1326,62 +1354,5 @@ async fn a_transient_failure_goes_through_a_tier_in_the_transaction_and_is_handl
 /// transaction: two per record.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_after_forwarding_before_the_commit_leaves_one_forward_per_record() {
-    const N: usize = 12;
-    let (topic, group, _dlt) = setup("txn-tier-kill", 1).await;
-    let tier = format!("{topic}.retry.1");
-    support::create_topic(&tier, 1).await;
-    let out = support::new_topic("txn-tier-kill-out", 1).await;
-    produce_inputs(&topic, N).await;
-    let id = support::unique_name("txn-tier-kill-id");
-    let report = std::env::temp_dir().join(support::unique_name("txn-tier-report"));
-    let report_path = report.to_str().expect("utf-8 path").to_owned();
-    let env = [("KOURIER_TXN_TIER_REPORT", report_path.as_str())];
-    let child = Child::start_with(&topic, &group, &out, &id, &env);
-    let forwarded = || {
-        std::fs::read_to_string(&report)
-            .map(|r| {
-                r.lines()
-                    .filter(|l| l.ends_with("forwarded (tier 1)"))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    wait_for(
-        "every record forwarded (the observer's report)",
-        Duration::from_secs(60),
-        || forwarded() == N,
-    )
-    .await;
-    child.signal("-KILL");
-    drop(child);
-    assert_eq!(
-        support::try_committed_sum(&group, &topic, 1)
-            .await
-            .unwrap_or(0),
-        0,
-        "killed before its first commit"
-    );
-    let _ = std::fs::remove_file(&report);
-    let mut restarted = Child::start_with(&topic, &group, &out, &id, &env);
-    consumer::wait_until(
-        "every source offset committed by the restarted consumer",
-        Duration::from_secs(90),
-        || async { support::try_committed_sum(&group, &topic, 1).await == Ok(N as i64) },
-    )
-    .await;
-    restarted.signal("-TERM");
-    assert_eq!(
-        restarted.exit_code(Duration::from_secs(30)).await,
-        Some(0),
-        "a clean stop"
-    );
-    let _ = std::fs::remove_file(&report);
-    let forwards = read(&tier, true).await;
-    let twice: Vec<_> = forwards.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(
-        twice.is_empty(),
-        "{} of {N} records forwarded more than once under read_committed: {twice:?}",
-        twice.len()
-    );
-    assert_eq!(forwards.len(), N, "one forward per record: {forwards:?}");
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::Forward).await;
 }
