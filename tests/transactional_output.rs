@@ -935,9 +935,7 @@ async fn a_permanent_failure_is_dead_lettered_once_in_the_transaction_and_its_of
     c.stop().await;
     let failed: Vec<usize> = (0..N).filter(|id| fails_permanently(*id)).collect();
     let letters = read(&dlt, true).await;
-    let expected: BTreeMap<String, usize> = (failed.iter())
-        .map(|id| (format!(r#"{{"id":{id}}}"#), 1))
-        .collect();
+    let expected = once_each(failed.iter());
     assert_eq!(
         letters, expected,
         "each permanent failure's letter, once, under read_committed"
@@ -954,10 +952,7 @@ async fn a_permanent_failure_is_dead_lettered_once_in_the_transaction_and_its_of
             letter.header_str("kafka_dlt-exception-fqcn"),
             "kourier.PermanentFailure"
         );
-        let source_partition = letter
-            .header("kafka_dlt-original-partition")
-            .flatten()
-            .map(|b| i32::from_be_bytes(b.try_into().expect("4 bytes")));
+        let source_partition = source_partition_of(&letter);
         assert_eq!(
             source_partition,
             Some(letter.partition),
@@ -965,6 +960,18 @@ async fn a_permanent_failure_is_dead_lettered_once_in_the_transaction_and_its_of
         );
     }
     assert_eq!(support::committed_sum(&group, &topic, 2).await, N as i64);
+}
+
+/// Each input id's value (`{"id":n}`) once: what a reader should see of `ids`' copies.
+fn once_each<'a>(ids: impl Iterator<Item = &'a usize>) -> BTreeMap<String, usize> {
+    ids.map(|id| (format!(r#"{{"id":{id}}}"#), 1)).collect()
+}
+
+/// The source partition a letter or forward names (its `kafka_dlt-original-partition`).
+fn source_partition_of(r: &support::ReadRecord) -> Option<i32> {
+    r.header("kafka_dlt-original-partition")
+        .flatten()
+        .map(|b| i32::from_be_bytes(b.try_into().expect("4 bytes")))
 }
 
 /// kill -9 once every record was dead-lettered (the outcome observer reported it) but
@@ -1310,9 +1317,7 @@ async fn a_transient_failure_goes_through_a_tier_in_the_transaction_and_is_handl
     );
     // Forwards: one per record given up to the tier.
     let forwards = read(&tier, true).await;
-    let expected: BTreeMap<String, usize> = (forwarded.iter())
-        .map(|id| (format!(r#"{{"id":{id}}}"#), 1))
-        .collect();
+    let expected = once_each(forwarded.iter());
     assert_eq!(
         forwards, expected,
         "one forward per record under read_committed"
@@ -1321,10 +1326,7 @@ async fn a_transient_failure_goes_through_a_tier_in_the_transaction_and_is_handl
     for r in &tier_records {
         assert_eq!(r.header_str("kafka_dlt-original-topic"), topic);
         assert_eq!(r.header_str("kourier-retry-tier"), "1");
-        let source_partition = r
-            .header("kafka_dlt-original-partition")
-            .flatten()
-            .map(|b| i32::from_be_bytes(b.try_into().expect("4 bytes")));
+        let source_partition = source_partition_of(r);
         assert_eq!(
             source_partition,
             Some(r.partition),
@@ -1333,9 +1335,7 @@ async fn a_transient_failure_goes_through_a_tier_in_the_transaction_and_is_handl
     }
     // Letters: one per record failing every time, as its source record.
     let letters = read(&dlt, true).await;
-    let expected: BTreeMap<String, usize> = (lettered.iter())
-        .map(|id| (format!(r#"{{"id":{id}}}"#), 1))
-        .collect();
+    let expected = once_each(lettered.iter());
     assert_eq!(
         letters, expected,
         "one letter per record failing every time"
