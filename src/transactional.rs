@@ -59,7 +59,7 @@
 //! tier topics `read_committed` like its sources, sees one forward per record, and a tier
 //! record's own offset commits in the transaction that carries what it led to (its outputs,
 //! its next forward or its dead letter). The tiers' producer writes nothing then (it is used
-//! to look up a tier topic's partitions: one metadata request per forward). A tier record
+//! to look up a tier topic's partition count, once, then kept). A tier record
 //! becomes visible when its transaction commits, up to one commit interval after its due
 //! time was set: a tier's delay is counted from the forward, so the wait in the tier shrinks
 //! by that much (never below zero).

@@ -2,7 +2,8 @@
 //! forwarding producer.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureRecord, Producer};
@@ -21,6 +22,9 @@ const SEND_OPERATION: &str = "forward record to retry tier";
 const METADATA_OPERATION: &str = "fetch retry-tier topic metadata";
 /// The longest a tier topic's metadata request may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a kept partition count that lacks a forward's source partition is trusted
+/// before it is fetched again ([`Tiers::render`]).
+const COUNT_RECHECK: Duration = Duration::from_secs(30);
 
 /// The most a tier record's due time may lie past its tier's delay (from its timestamp, and
 /// from when it is first looked at), for clock skew between the forwarding and the running
@@ -87,6 +91,9 @@ pub(crate) struct Tiers {
     /// Tier topic → (source topic, tier).
     by_topic: HashMap<String, (String, u32)>,
     producer: ManagedProducer,
+    /// Tier topic → its partition count and when it was fetched (for forwards rendered for
+    /// a transaction; see [`Tiers::render`]).
+    partition_counts: Mutex<HashMap<String, (i32, Instant)>>,
 }
 
 impl std::fmt::Debug for Tiers {
@@ -151,6 +158,7 @@ impl Tiers {
             group,
             by_topic,
             producer,
+            partition_counts: Mutex::default(),
         }
     }
 
@@ -256,9 +264,11 @@ impl Tiers {
 
     /// The record [`send`](Self::send) would write for this forward, for a transactional
     /// producer to write instead (delivery rule 20 in the crate docs): same topic, key,
-    /// value and headers; the source partition when the tier topic has it (its partition
-    /// count is fetched: one metadata request per forward), else `None` (the partitioner
-    /// chooses by key), as `send` falls back.
+    /// value and headers; the source partition when the tier topic has it, else `None` (the
+    /// partitioner chooses by key), as `send` falls back. The tier topic's partition count
+    /// is fetched once and kept: partition counts only grow, so a kept count that has the
+    /// source partition stays right; one that lacks it is fetched again once it is older
+    /// than [`COUNT_RECHECK`] (the topic may have grown).
     pub(crate) async fn render(
         &self,
         record: &RawRecord,
@@ -268,7 +278,18 @@ impl Tiers {
         deferred: bool,
     ) -> Result<LetterRecord> {
         let (topic, headers) = self.forward(record, at, target, history, deferred);
-        let partition = placement(self.partition_count(&topic).await?, at.origin.partition);
+        let source = at.origin.partition;
+        let kept = self.lock_counts().get(&topic).copied();
+        let count = match kept {
+            Some((count, fetched)) if source < count || fetched.elapsed() < COUNT_RECHECK => count,
+            _ => {
+                let count = self.partition_count(&topic).await?;
+                self.lock_counts()
+                    .insert(topic.clone(), (count, Instant::now()));
+                count
+            }
+        };
+        let partition = placement(count, source);
         Ok(LetterRecord {
             topic,
             partition,
@@ -276,6 +297,12 @@ impl Tiers {
             value: record.value.clone(),
             headers,
         })
+    }
+
+    fn lock_counts(&self) -> MutexGuard<'_, HashMap<String, (i32, Instant)>> {
+        self.partition_counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// How many partitions tier topic `topic` has (from the broker).
@@ -621,6 +648,38 @@ mod tests {
         assert_eq!(placement(8, 3), Some(3), "the source partition");
         assert_eq!(placement(4, 0), Some(0));
         assert_eq!(placement(3, 3), None, "by key: the tier topic lacks it");
+    }
+
+    /// A tier topic's partition count is kept: forwards rendered for a transaction do not
+    /// ask the broker each time (the producer here reaches no broker: a fetch would fail).
+    #[tokio::test]
+    async fn a_kept_partition_count_renders_forwards_without_a_metadata_request() {
+        let tiers = two_tiers();
+        tiers
+            .lock_counts()
+            .insert("src.retry.1".into(), (4, Instant::now()));
+        let record = |partition| RawRecord {
+            topic: "src".into(),
+            partition,
+            offset: 11,
+            key: Some(b"k".into()),
+            value: None,
+            headers: Headers::new(),
+            timestamp: None,
+            log_append_time: false,
+        };
+        for (source, placed) in [(3, Some(3)), (0, Some(0)), (6, None)] {
+            let r = record(source);
+            let at = tiers.locate(&r);
+            let forward = tiers
+                .render(&r, &at, 1, None, false)
+                .await
+                .expect("rendered from the kept count, no metadata request");
+            assert_eq!(
+                (forward.topic.as_str(), forward.partition),
+                ("src.retry.1", placed)
+            );
+        }
     }
 
     const SKEW: Duration = MAX_DUE_SKEW;
