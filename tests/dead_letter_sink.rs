@@ -10,12 +10,11 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use kourier::dead_letter::{MAX_ERROR_MESSAGE_BYTES, headers};
 use kourier::topics::java_partition;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
 use kourier::{
-    DeadLetter, DeadLetterError, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, Error,
-    Header, Headers, KafkaDeadLetterSink, Message, PendingLetter, RawRecord, async_trait,
-    handler_fn,
+    DeadLetter, DeadLetterReason, DeadLetterReceipt, DeadLetterSink, Error, Header, Headers,
+    KafkaDeadLetterSink, Message, RawRecord, handler_fn,
 };
 use support::{
     ReadRecord, bootstrap, create_topic_with_config, read_at_least, record_at, require_kafka,
@@ -445,29 +444,6 @@ async fn flush_after_writes_succeeds() {
     sink.flush(Duration::from_secs(5)).await.expect("flushed");
 }
 
-/// A sink that wraps the Kafka sink to count letters: every trait method is required, so it
-/// says what it does with each — here it forwards them all.
-#[derive(Debug)]
-struct Counting {
-    inner: KafkaDeadLetterSink,
-    letters: AtomicU32,
-}
-
-#[async_trait]
-impl DeadLetterSink for Counting {
-    async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
-        self.letters.fetch_add(1, Ordering::SeqCst);
-        self.inner.send(letter).await
-    }
-    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
-        self.letters.fetch_add(1, Ordering::SeqCst);
-        self.inner.enqueue(letter).await
-    }
-    fn topics_for(&self, source_topic: &str) -> Vec<String> {
-        self.inner.topics_for(source_topic)
-    }
-}
-
 /// A wrapper around the Kafka sink keeps its startup check: with the dead-letter topic
 /// missing, `run()` fails with `MissingTopics` naming it. When `topics_for` had a default
 /// (none), a wrapper that forwarded only `send` compiled, and the consumer started without
@@ -476,10 +452,7 @@ impl DeadLetterSink for Counting {
 async fn a_sink_wrapping_the_kafka_sink_keeps_the_startup_check_of_its_topic() {
     let (topic, group) = support::consumer::topic_and_group("dl-wrapped", 1).await;
     let dlt = format!("{topic}.dlt");
-    let sink = Arc::new(Counting {
-        inner: sink(),
-        letters: AtomicU32::new(0),
-    });
+    let sink = Arc::new(support::sinks::CountingSink::new(sink()));
     let handler = handler_fn(|_m: Message<serde_json::Value>| async { Ok(()) });
     let consumer = support::consumer::builder(handler, &topic, &group)
         .dead_letter_sink(sink.clone())

@@ -1628,22 +1628,12 @@ async fn the_broker_dead_letter_queue_takes_a_record_past_the_delivery_limit() {
 
 /// The topic's `errors.deadletterqueue.group.enable`, as the broker describes it.
 async fn dlq_opt_in(bootstrap: &str, topic: &str) -> Option<String> {
-    use kourier::rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-    use kourier::rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = config(bootstrap).create().unwrap();
-    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
-        .await
-        .expect("describe configs");
-    let resource = results
-        .into_iter()
-        .next()
-        .expect("one resource")
-        .unwrap_or_else(|code| panic!("describe {topic}: {code}"));
-    resource
-        .get("errors.deadletterqueue.group.enable")
-        .and_then(|e| e.value.clone())
+    support::topic_config_via(
+        &config(bootstrap),
+        topic,
+        "errors.deadletterqueue.group.enable",
+    )
+    .await
 }
 
 /// kill -9 of the member holding a record, as many times as the delivery limit (2): the

@@ -12,8 +12,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kourier::Error;
-use kourier::rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use kourier::rdkafka::client::DefaultClientContext;
 use kourier::rdkafka::types::RDKafkaErrorCode;
 use kourier::topics::{TopicAdmin, TopicError, TopicSpec};
 
@@ -248,17 +246,5 @@ fn chain(e: &Error) -> String {
 
 /// A topic's configuration value, as the broker describes it.
 async fn topic_config(topic: &str, key: &str) -> Option<String> {
-    let admin: AdminClient<DefaultClientContext> =
-        client_config().create().expect("create admin client");
-    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
-        .await
-        .expect("describe configs");
-    let resource = results
-        .into_iter()
-        .next()
-        .expect("one resource")
-        .unwrap_or_else(|code| panic!("describe {topic}: {code}"));
-    resource.get(key).and_then(|e| e.value.clone())
+    crate::support::topic_config_via(&client_config(), topic, key).await
 }

@@ -1140,40 +1140,15 @@ async fn an_oversized_letter_in_the_transaction_is_written_without_its_value() {
 /// with transactional output it still writes every letter itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_sink_writes_its_letters_itself_with_transactional_output() {
-    use kourier::{DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink};
-    use kourier::{KafkaDeadLetterSink, PendingLetter, async_trait};
-
-    #[derive(Debug)]
-    struct Counting {
-        inner: KafkaDeadLetterSink,
-        letters: Arc<AtomicU32>,
-    }
-
-    #[async_trait]
-    impl DeadLetterSink for Counting {
-        async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
-            self.letters.fetch_add(1, Ordering::SeqCst);
-            self.inner.send(letter).await
-        }
-        async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
-            self.letters.fetch_add(1, Ordering::SeqCst);
-            self.inner.enqueue(letter).await
-        }
-        fn topics_for(&self, source_topic: &str) -> Vec<String> {
-            self.inner.topics_for(source_topic)
-        }
-    }
-
     const N: usize = 8;
     let (topic, group, dlt) = setup("txn-dlt-custom", 1).await;
     produce_inputs(&topic, N).await;
-    let letters = Arc::new(AtomicU32::new(0));
-    let sink = Counting {
-        inner: KafkaDeadLetterSink::builder(support::bootstrap())
+    let sink = support::sinks::CountingSink::new(
+        kourier::KafkaDeadLetterSink::builder(support::bootstrap())
             .build()
             .expect("sink"),
-        letters: letters.clone(),
-    };
+    );
+    let letters = Arc::clone(&sink.letters);
     let handler = handler_fn(|m: Message<Job>| async move {
         if fails_permanently(m.event().id) {
             return Err(HandlerError::permanent("refused"));

@@ -22,6 +22,7 @@ mod read;
 pub(crate) mod recorder;
 pub(crate) mod redis_server;
 mod services;
+pub(crate) mod sinks;
 pub(crate) mod store;
 mod topics;
 

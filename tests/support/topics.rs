@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -157,4 +157,25 @@ pub(super) fn topic_partitions(consumer: &BaseConsumer, topic: &str) -> Vec<i32>
     let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
     ids.sort_unstable();
     ids
+}
+
+/// A topic's configuration value `key`, as the broker `client` reaches describes it (`None`
+/// when it has no value).
+pub(crate) async fn topic_config_via(
+    client: &ClientConfig,
+    topic: &str,
+    key: &str,
+) -> Option<String> {
+    let admin: AdminClient<DefaultClientContext> = client.create().expect("create admin client");
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
+        .await
+        .expect("describe configs");
+    let resource = results
+        .into_iter()
+        .next()
+        .expect("one resource")
+        .unwrap_or_else(|code| panic!("describe {topic}: {code}"));
+    resource.get(key).and_then(|e| e.value.clone())
 }
