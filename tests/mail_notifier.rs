@@ -62,6 +62,54 @@ async fn run(config: DemoConfig) -> Report {
     report
 }
 
+/// The modes the outage sample runs in: one by one, in batches, over a share group.
+#[derive(Clone, Copy)]
+enum Mode {
+    Single,
+    Batch,
+    #[cfg(feature = "queue")]
+    Queue,
+}
+
+/// Runs the demo with the outage sample (the SMTP server refuses connections for 3 s) in
+/// `mode`, for run id `run_id` on topic and group names from `name`, and checks what every
+/// mode promises: no surprise, and exactly one mail per valid event id (the outage's
+/// included). Returns the topic, the group, the report and its summary.
+async fn outage_run(name: &str, run_id: &str, mode: Mode) -> (String, String, Report, String) {
+    require_kafka().await;
+    require_redis().await;
+    let topic = unique_name(name);
+    let group = unique_name(name);
+    let outbox = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("outbox"));
+    let mut config = config(&topic, &group, &outbox, run_id);
+    match mode {
+        Mode::Single => {}
+        Mode::Batch => config.batch = true,
+        #[cfg(feature = "queue")]
+        Mode::Queue => config.queue = true,
+    }
+    config.outage = Some(Duration::from_secs(3));
+    let report = run(config).await;
+    let summary = report.summary();
+    assert!(report.surprises().is_empty(), "{summary}");
+    (topic, group, report, summary)
+}
+
+/// Exactly one mail per unique valid event id, the outage's included.
+fn assert_each_valid_event_mailed_once(report: &Report, summary: &str) {
+    let valid = ids_expecting(
+        report,
+        &[
+            Expect::Mail,
+            Expect::MailAfterRetry,
+            Expect::Duplicate,
+            Expect::MailAfterOutage,
+        ],
+    );
+    assert_eq!(valid.len(), 12, "{summary}");
+    assert_eq!(mailed_ids(report), valid, "{summary}");
+}
+
 /// The event ids of the samples with one of `expects`, sorted.
 fn ids_expecting(report: &Report, expects: &[Expect]) -> Vec<String> {
     let mut ids: Vec<String> = report
@@ -335,16 +383,7 @@ async fn re_runs_mail_only_new_events_and_republished_events_are_skipped() {
 /// server is back, none is dead-lettered, and no refused call used up an attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_smtp_outage_dead_letters_nothing_and_mails_each_once_after_it() {
-    require_kafka().await;
-    require_redis().await;
-    let topic = unique_name("mail-notifier-outage");
-    let group = unique_name("mail-notifier-outage");
-    let outbox = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("outbox"));
-    let mut config = config(&topic, &group, &outbox, "o1");
-    config.outage = Some(Duration::from_secs(3));
-    let report = run(config).await;
-    let summary = report.summary();
-    assert!(report.surprises().is_empty(), "{summary}");
+    let (topic, _, report, summary) = outage_run("mail-notifier-outage", "o1", Mode::Single).await;
     assert!(report.outage.is_some());
 
     let outage = ids_expecting(&report, &[Expect::MailAfterOutage]);
@@ -397,30 +436,8 @@ async fn an_smtp_outage_dead_letters_nothing_and_mails_each_once_after_it() {
 /// SMTP sessions than mails, and a session that carried several mails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_mode_mails_each_event_once_over_shared_smtp_sessions() {
-    require_kafka().await;
-    require_redis().await;
-    let topic = unique_name("mail-notifier-batch");
-    let group = unique_name("mail-notifier-batch");
-    let outbox = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("outbox"));
-    let mut config = config(&topic, &group, &outbox, "k1");
-    config.batch = true;
-    config.outage = Some(Duration::from_secs(3));
-    let report = run(config).await;
-    let summary = report.summary();
-    assert!(report.surprises().is_empty(), "{summary}");
-
-    // Exactly one mail per unique valid event id, the outage's included.
-    let valid = ids_expecting(
-        &report,
-        &[
-            Expect::Mail,
-            Expect::MailAfterRetry,
-            Expect::Duplicate,
-            Expect::MailAfterOutage,
-        ],
-    );
-    assert_eq!(valid.len(), 12, "{summary}");
-    assert_eq!(mailed_ids(&report), valid, "{summary}");
+    let (topic, _, report, summary) = outage_run("mail-notifier-batch", "k1", Mode::Batch).await;
+    assert_each_valid_event_mailed_once(&report, &summary);
 
     // Key order: each user's mails reached the server in publishing order.
     let arrival = |id: &str| {
@@ -537,30 +554,9 @@ async fn batch_mode_mails_each_event_once_over_shared_smtp_sessions() {
 #[cfg(feature = "queue")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_mode_mails_each_event_once_and_dead_letters_the_bad_ones() {
-    require_kafka().await;
-    require_redis().await;
-    let topic = unique_name("mail-notifier-queue");
-    let group = unique_name("mail-notifier-queue");
-    let outbox = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(unique_name("outbox"));
-    let mut config = config(&topic, &group, &outbox, "q1");
-    config.queue = true;
-    config.outage = Some(Duration::from_secs(3));
-    let report = run(config).await;
-    let summary = report.summary();
-    assert!(report.surprises().is_empty(), "{summary}");
-
-    // Exactly one mail per unique valid event id, the outage's included.
-    let valid = ids_expecting(
-        &report,
-        &[
-            Expect::Mail,
-            Expect::MailAfterRetry,
-            Expect::Duplicate,
-            Expect::MailAfterOutage,
-        ],
-    );
-    assert_eq!(valid.len(), 12, "{summary}");
-    assert_eq!(mailed_ids(&report), valid, "{summary}");
+    let (topic, group, report, summary) =
+        outage_run("mail-notifier-queue", "q1", Mode::Queue).await;
+    assert_each_valid_event_mailed_once(&report, &summary);
 
     // The duplicated event: one copy mailed on its first call, the other skipped.
     let copies: Vec<&Fate> = report
