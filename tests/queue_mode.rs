@@ -863,78 +863,114 @@ fn taking_member(bootstrap: &str, group: String, topic: String) -> (Member, Seen
     (member, seen, redelivered)
 }
 
+/// A member process that handled at least 40 of 200 records and was then signalled, and a
+/// member in the test that takes the records it held over.
+struct Takeover {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+    /// What the member process had handled when it was signalled.
+    first: Vec<String>,
+    member: Member,
+    seen: Seen,
+    redelivered: Arc<AtomicU32>,
+}
+
+impl Takeover {
+    /// Starts a member process on 200 records (with `settings`), sends it `sig` once it has
+    /// handled 40, and starts the taking member.
+    async fn start(name: &str, settings: &[(&str, &str)], sig: &str) -> Takeover {
+        let (bootstrap, topic) = topics(name).await;
+        let group = support::unique_name(name);
+        produce(bootstrap, &topic, &events(200)).await;
+        let out = std::env::temp_dir().join(support::unique_name(&format!("{name}-out")));
+        let child = member_process(bootstrap, &topic, &group, &out, settings);
+        until(
+            Duration::from_secs(30),
+            "the member process handled 40 records",
+            || handled_by(&out).len() >= 40,
+        )
+        .await;
+        signal(&child, sig);
+        let first = handled_by(&out);
+        assert!(
+            first.len() < 200,
+            "signalled while records were left: {}",
+            first.len()
+        );
+        let (member, seen, redelivered) = taking_member(bootstrap, group, topic);
+        Takeover {
+            child,
+            out,
+            first,
+            member,
+            seen,
+            redelivered,
+        }
+    }
+
+    /// Distinct records handled by one member or the other.
+    fn handled(&self) -> usize {
+        let mut all: std::collections::HashSet<&str> =
+            self.first.iter().map(String::as_str).collect();
+        let seen = self.seen.lock().unwrap();
+        all.extend(seen.iter().map(|(_, k)| k.as_str()));
+        all.len()
+    }
+
+    /// Records the taking member handled that the member process had handled already.
+    fn handled_by_both(&self) -> usize {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().filter(|(_, k)| self.first.contains(k)).count()
+    }
+
+    /// Waits (at most `limit`) until all 200 records are handled by one member or the other.
+    async fn until_all_handled(&self, limit: Duration, what: &str) {
+        until(limit, what, || self.handled() >= 200).await;
+    }
+
+    /// Stops the taking member; checks nothing was lost, that records came back with a
+    /// delivery count above 1, that at most one fetch of the member process (16: a batch's
+    /// ACCEPTs go with the next fetch) was handled by both, and that no acknowledgement failed.
+    async fn finish(self) {
+        let _ = std::fs::remove_file(&self.out);
+        assert_eq!(self.handled(), 200, "nothing lost");
+        let both = self.handled_by_both();
+        assert!(
+            self.redelivered.load(Ordering::SeqCst) >= 1,
+            "records the signalled member held came back with a delivery count above 1"
+        );
+        assert!(
+            both <= 16,
+            "records handled by both: at most the signalled member's fetch (16), got {both}"
+        );
+        let report = self.member.stop().await;
+        assert_eq!(report.acknowledgement_failures, 0);
+    }
+}
+
 /// SIGSTOP of a member process holding records: its connection stays open, so the broker
 /// gives its records back only when their locks run out (2 s here); the other member
 /// handles them, with a delivery count above 1, while the first is frozen. Nothing is lost,
 /// and resuming the frozen member (SIGCONT) does not break anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_of_a_member_loses_nothing() {
-    let (bootstrap, topic) = topics("queue-stop").await;
-    let group = support::unique_name("queue-stop");
-    produce(bootstrap, &topic, &events(200)).await;
-    let out = std::env::temp_dir().join(support::unique_name("queue-stop-out"));
-    let mut child = member_process(
-        bootstrap,
-        &topic,
-        &group,
-        &out,
-        &[("QUEUE_CHILD_LOCK_MS", "2000")],
-    );
-    until(
-        Duration::from_secs(30),
-        "the member process handled 40 records",
-        || handled_by(&out).len() >= 40,
-    )
-    .await;
-    signal(&child, "-STOP");
-    let stopped_at = handled_by(&out);
-    assert!(
-        stopped_at.len() < 200,
-        "stopped while records were left: {}",
-        stopped_at.len()
-    );
-
-    let (member, seen, redelivered) = taking_member(bootstrap, group, topic);
-    let handled = || {
-        let mut all: std::collections::HashSet<String> = stopped_at.iter().cloned().collect();
-        all.extend(seen.lock().unwrap().iter().map(|(_, k)| k.clone()));
-        all.len()
-    };
-    until(
+    let mut run = Takeover::start("queue-stop", &[("QUEUE_CHILD_LOCK_MS", "2000")], "-STOP").await;
+    run.until_all_handled(
         Duration::from_secs(30),
         "all 200 records handled while the first member is frozen",
-        || handled() >= 200,
     )
     .await;
-    let frozen_handled = handled_by(&out).len();
-    signal(&child, "-CONT");
+    let frozen_handled = handled_by(&run.out).len();
+    signal(&run.child, "-CONT");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let report = member.stop().await;
-    let _ = std::fs::remove_file(&out);
-
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
     assert_eq!(
         frozen_handled,
-        stopped_at.len(),
+        run.first.len(),
         "the first member handled nothing while frozen"
     );
-    assert_eq!(handled(), 200, "nothing lost");
-    assert!(
-        redelivered.load(Ordering::SeqCst) >= 1,
-        "records the frozen member held came back, once their locks ran out, with a delivery count above 1"
-    );
-    let again = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, k)| stopped_at.contains(k))
-        .count();
-    assert!(
-        again <= 16,
-        "records handled by both: at most the frozen member's fetch (16; a batch's ACCEPTs go with the next fetch), got {again}"
-    );
-    assert_eq!(report.acknowledgement_failures, 0);
+    run.finish().await;
 }
 
 /// kill -9 of a member process holding records: nothing is lost. The broker gives the
@@ -942,58 +978,15 @@ async fn sigstop_of_a_member_loses_nothing() {
 /// and sees their delivery count above 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_member_loses_nothing() {
-    let (bootstrap, topic) = topics("queue-kill").await;
-    let group = support::unique_name("queue-kill");
-    produce(bootstrap, &topic, &events(200)).await;
-    let out = std::env::temp_dir().join(support::unique_name("queue-kill-out"));
-    let mut child = member_process(bootstrap, &topic, &group, &out, &[]);
-    let by_child = || handled_by(&out);
-    until(
-        Duration::from_secs(30),
-        "the member process handled 40 records",
-        || by_child().len() >= 40,
-    )
-    .await;
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let killed_at = by_child();
-    assert!(
-        killed_at.len() < 200,
-        "killed while records were left: {}",
-        killed_at.len()
-    );
-
-    let (member, seen, redelivered) = taking_member(bootstrap, group, topic);
-    let handled = || {
-        let mut all: std::collections::HashSet<String> = killed_at.iter().cloned().collect();
-        all.extend(seen.lock().unwrap().iter().map(|(_, k)| k.clone()));
-        all.len()
-    };
+    let mut run = Takeover::start("queue-kill", &[], "-KILL").await;
+    run.child.wait().unwrap();
     // Within the default 30 s lock: the records come back when the connection closes.
-    until(
+    run.until_all_handled(
         Duration::from_secs(25),
         "all 200 records handled by one member or the other",
-        || handled() >= 200,
     )
     .await;
-    let report = member.stop().await;
-    let _ = std::fs::remove_file(&out);
-    assert_eq!(handled(), 200, "nothing lost");
-    let again = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, k)| killed_at.contains(k))
-        .count();
-    assert!(
-        again <= 16,
-        "records handled by both: at most the killed member's fetch (16), got {again}"
-    );
-    assert!(
-        redelivered.load(Ordering::SeqCst) >= 1,
-        "records the killed member held came back with a delivery count above 1"
-    );
-    assert_eq!(report.acknowledgement_failures, 0);
+    run.finish().await;
 }
 
 /// Two records of one event (the same dedup key) on two members: the first holds the claim
