@@ -176,16 +176,7 @@ fn config(bootstrap: &str) -> ClientConfig {
 async fn wait_ready(bootstrap: &str, broker: &mut Broker) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let servers = bootstrap.to_owned();
-        let ok = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = config(&servers).create().ok()?;
-            let m = consumer.fetch_metadata(None, Duration::from_secs(2)).ok()?;
-            Some(!m.brokers().is_empty())
-        })
-        .await
-        .unwrap()
-        .unwrap_or(false);
-        if ok {
+        if support::own_broker::answers(bootstrap, config).await {
             return;
         }
         if let Ok(Some(status)) = broker.child.try_wait() {

@@ -98,16 +98,7 @@ async fn start_broker() -> String {
     let log = dir.join("kafka.log");
     let ready = tokio::time::timeout(Duration::from_secs(120), async {
         loop {
-            let servers = bootstrap.clone();
-            let ok = tokio::task::spawn_blocking(move || {
-                let consumer: BaseConsumer = config(&servers).create().ok()?;
-                let m = consumer.fetch_metadata(None, Duration::from_secs(2)).ok()?;
-                Some(!m.brokers().is_empty())
-            })
-            .await
-            .unwrap()
-            .unwrap_or(false);
-            if ok {
+            if support::own_broker::answers(&bootstrap, config).await {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;

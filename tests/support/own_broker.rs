@@ -130,3 +130,24 @@ fn cluster_id() -> String {
     }
     out
 }
+
+/// Whether a broker at `bootstrap` answers a metadata request (within about 2 s) with at
+/// least one broker, asked with the client settings `config`: the readiness probe of the
+/// tests that start a broker of their own.
+pub(crate) async fn answers(
+    bootstrap: &str,
+    config: fn(&str) -> kourier::rdkafka::ClientConfig,
+) -> bool {
+    use kourier::rdkafka::consumer::{BaseConsumer, Consumer};
+    let servers = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config(&servers).create().ok()?;
+        let m = consumer
+            .fetch_metadata(None, std::time::Duration::from_secs(2))
+            .ok()?;
+        Some(!m.brokers().is_empty())
+    })
+    .await
+    .unwrap()
+    .unwrap_or(false)
+}
