@@ -927,7 +927,11 @@ mod tests {
         let turns = handle_in_lanes(&h, [(2, vec![3]), (102, vec![])]).await;
         assert_eq!(turns, [Ok(()); 2]);
         assert_eq!(handle_in_lanes(&h, [(3, vec![4])]).await, [Ok(())]);
-        assert_eq!(batches(&h).len(), 1, "the turns of records handled ahead call nothing");
+        assert_eq!(
+            batches(&h).len(),
+            1,
+            "the turns of records handled ahead call nothing"
+        );
         assert_eq!(handle_in_lanes(&h, [(4, vec![])]).await, [Ok(())]);
         assert_eq!(batches(&h), [vec![0, 1, 2, 3, 100, 101, 102], vec![4]]);
     }
@@ -941,8 +945,7 @@ mod tests {
                 .unwrap()
                 .max_records(4),
         );
-        let results =
-            handle_in_lanes(&h, [(0, vec![1, 2, 3, 4, 5]), (100, vec![101])]).await;
+        let results = handle_in_lanes(&h, [(0, vec![1, 2, 3, 4, 5]), (100, vec![101])]).await;
         assert_eq!(results, [Ok(()); 2]);
         assert_eq!(batches(&h), [vec![0, 1, 2, 100]]);
         for turn in [(1, vec![2, 3, 4, 5]), (2, vec![3, 4, 5])] {
@@ -1008,7 +1011,11 @@ mod tests {
         assert_eq!(handle_in_lanes(&h, [(1, vec![2, 3])]).await, [Ok(())]);
         assert_eq!(batches(&h).len(), 2, "1 was kept");
         assert_eq!(handle_in_lanes(&h, [(101, vec![])]).await, [Ok(())]);
-        assert_eq!(batches(&h).len(), 3, "101 was not attempted: it runs at its turn");
+        assert_eq!(
+            batches(&h).len(),
+            3,
+            "101 was not attempted: it runs at its turn"
+        );
     }
 
     /// A record running in a batch is not taken ahead again (a record given up while its
@@ -1053,7 +1060,10 @@ mod tests {
         assert!(!ahead.take(&keyed(8, "a")), "8 was not kept");
         assert_eq!(ahead.len, 2, "a's 5 and 6 were dropped");
         assert!(!ahead.take(&keyed(6, "a")));
-        assert!(ahead.take(&keyed(7, "b")), "another key's turn keeps its own");
+        assert!(
+            ahead.take(&keyed(7, "b")),
+            "another key's turn keeps its own"
+        );
         assert!(ahead.take(&keyed(9, "a")));
         assert_eq!(ahead.len, 0);
         assert!(ahead.kept.is_empty());

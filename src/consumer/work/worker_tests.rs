@@ -167,7 +167,11 @@ impl Handler for ScriptedHandler {
         message: &'a Message<Order>,
         lane: crate::handler::sealed::Lane<'_, Order>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>> {
-        let ahead = lane.ahead(10).iter().map(|m| m.event().id.clone()).collect();
+        let ahead = lane
+            .ahead(10)
+            .iter()
+            .map(|m| m.event().id.clone())
+            .collect();
         self.lanes.lock().unwrap().push(ahead);
         self.handle(message)
     }
@@ -2581,7 +2585,10 @@ async fn the_lanes_next_records_are_offered_only_without_a_store_and_before_a_dr
     let offered = |h: &Harness| h.handler.lanes.lock().unwrap().clone();
 
     let h = script([Succeed]).build();
-    let end = h.worker.run_job(Arc::new(order("o-1")), &Stop::default(), &lane).await;
+    let end = h
+        .worker
+        .run_job(Arc::new(order("o-1")), &Stop::default(), &lane)
+        .await;
     assert_eq!(end, JobEnd::Settled);
     assert_eq!(
         offered(&h),
@@ -2592,12 +2599,21 @@ async fn the_lanes_next_records_are_offered_only_without_a_store_and_before_a_dr
     let draining = Stop::default();
     draining.drain.cancel();
     let h = script([Succeed]).build();
-    h.worker.run_job(Arc::new(order("o-1")), &draining, &lane).await;
+    h.worker
+        .run_job(Arc::new(order("o-1")), &draining, &lane)
+        .await;
     assert_eq!(offered(&h), [Vec::<String>::new()], "none while draining");
 
     let store = InMemoryIdempotencyStore::new();
     let h = script([Succeed]).dedup_in(Arc::new(store)).build();
-    let end = h.worker.run_job(Arc::new(order("o-1")), &Stop::default(), &lane).await;
+    let end = h
+        .worker
+        .run_job(Arc::new(order("o-1")), &Stop::default(), &lane)
+        .await;
     assert_eq!(end, JobEnd::Settled);
-    assert!(offered(&h).is_empty(), "not offered with a store: {:?}", offered(&h));
+    assert!(
+        offered(&h).is_empty(),
+        "not offered with a store: {:?}",
+        offered(&h)
+    );
 }
