@@ -40,13 +40,49 @@ fn bad(id: u64) -> bool {
     id % 100 == 42
 }
 
+/// What happened to a record, in the order it happened.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Seen {
+    /// The bulk call stored row `id` (at partition, offset).
+    Stored(u64, i32, i64),
+    /// The bulk call refused it (partition, offset).
+    Refused(i32, i64),
+    /// The consumer settled it with this outcome (partition, offset).
+    Settled(i32, i64, RecordOutcome),
+}
+
 /// A bulk insert: stores its batch up to the first bad row (refused: the rest of the batch is
-/// not attempted), 20 ms per call whatever its size.
+/// not attempted), 20 ms per call whatever its size, and logs each row it stores or refuses
+/// (a test's outcome observer may log into the same log).
 #[derive(Default)]
 struct BulkInsert {
-    /// Rows stored, in order.
-    stored: Mutex<Vec<u64>>,
+    log: Mutex<Vec<Seen>>,
     sizes: Mutex<Vec<usize>>,
+}
+
+impl BulkInsert {
+    /// The rows stored, in order: id, partition, offset.
+    fn stored(&self) -> Vec<(u64, i32, i64)> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter_map(|s| match s {
+                Seen::Stored(id, p, o) => Some((*id, *p, *o)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The mean batch size (printed with the count and the largest).
+    fn mean_batch(&self, what: &str) -> f64 {
+        let sizes = self.sizes.lock().unwrap().clone();
+        let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+        eprintln!(
+            "{} batches for {what}: mean size {mean:.1}, largest {}",
+            sizes.len(),
+            sizes.iter().max().unwrap()
+        );
+        mean
+    }
 }
 
 /// The handler: shares the "database" with the test.
@@ -59,16 +95,17 @@ impl BatchHandler for Insert {
     async fn handle_batch(&self, batch: &[Message<Row>]) -> BatchOutcome {
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.0.sizes.lock().unwrap().push(batch.len());
-        let mut stored = self.0.stored.lock().unwrap();
+        let mut log = self.0.log.lock().unwrap();
         for (i, m) in batch.iter().enumerate() {
-            let id = m.event().id;
+            let (id, p, o) = (m.event().id, m.raw().partition, m.raw().offset);
             if bad(id) {
+                log.push(Seen::Refused(p, o));
                 return BatchOutcome::failed_at(
                     i,
                     HandlerError::permanent(format!("row {id} refused")),
                 );
             }
-            stored.push(id);
+            log.push(Seen::Stored(id, p, o));
         }
         BatchOutcome::all_ok()
     }
@@ -94,14 +131,14 @@ async fn batches_handle_each_record_once_in_key_order_and_dead_letter_only_the_b
     );
     let good = (0..RECORDS).filter(|id| !bad(*id)).count();
     wait_for("every good row stored", Duration::from_secs(60), || {
-        db.stored.lock().unwrap().len() >= good
+        db.stored().len() >= good
     })
     .await;
     let bad_rows: Vec<u64> = (0..RECORDS).filter(|id| bad(*id)).collect();
     let letters = support::read_at_least(&dlt_topic, bad_rows.len(), Duration::from_secs(30)).await;
     c.stop().await;
 
-    let stored = db.stored.lock().unwrap().clone();
+    let stored: Vec<u64> = db.stored().iter().map(|(id, _, _)| *id).collect();
     let mut seen: HashMap<u64, u32> = HashMap::new();
     for id in &stored {
         *seen.entry(*id).or_default() += 1;
@@ -121,57 +158,11 @@ async fn batches_handle_each_record_once_in_key_order_and_dead_letter_only_the_b
         }
     }
     assert_eq!(letters.len(), bad_rows.len(), "one dead letter per bad row");
-    let sizes = db.sizes.lock().unwrap().clone();
-    let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
-    eprintln!(
-        "{} batches for {RECORDS} records: mean size {mean:.1}, largest {}",
-        sizes.len(),
-        sizes.iter().max().unwrap()
-    );
+    let mean = db.mean_batch(&format!("{RECORDS} records"));
     assert!(
         mean > 2.0,
         "records were batched (mean batch size {mean:.1})"
     );
-}
-
-/// What happened to a record, in the order it happened.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Seen {
-    /// The bulk call stored it (partition, offset).
-    Stored(i32, i64),
-    /// The bulk call refused it (partition, offset).
-    Refused(i32, i64),
-    /// The consumer settled it with this outcome (partition, offset).
-    Settled(i32, i64, RecordOutcome),
-}
-
-/// A bulk insert that logs each row it stores and refuses the bad ones (the rest of its batch
-/// not attempted), 20 ms per call; the consumer's outcome observer logs into the same log.
-#[derive(Default)]
-struct Logged {
-    log: Mutex<Vec<Seen>>,
-    sizes: Mutex<Vec<usize>>,
-}
-
-struct LoggedInsert(Arc<Logged>);
-
-#[async_trait]
-impl BatchHandler for LoggedInsert {
-    type Event = Row;
-
-    async fn handle_batch(&self, batch: &[Message<Row>]) -> BatchOutcome {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.0.sizes.lock().unwrap().push(batch.len());
-        let mut log = self.0.log.lock().unwrap();
-        for (i, m) in batch.iter().enumerate() {
-            if bad(m.event().id) {
-                log.push(Seen::Refused(m.raw().partition, m.raw().offset));
-                return BatchOutcome::failed_at(i, HandlerError::permanent("row refused"));
-            }
-            log.push(Seen::Stored(m.raw().partition, m.raw().offset));
-        }
-        BatchOutcome::all_ok()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,10 +181,10 @@ async fn in_partition_order_a_batch_takes_a_run_of_its_partition_in_offset_order
         .filter(|id| bad(*id))
         .map(|id| sent[usize::try_from(id).unwrap()])
         .collect();
-    let db = Arc::new(Logged::default());
+    let db = Arc::new(BulkInsert::default());
     let observed = db.clone();
     let c = Running::start(
-        consumer::builder(batched(LoggedInsert(db.clone())), &topic, &group)
+        consumer::builder(batched(Insert(db.clone())), &topic, &group)
             .ordering(ProcessingOrder::Partition)
             .retry_policy(RetryPolicy::fixed(Duration::from_millis(10), 2))
             .on_outcome(move |raw, outcome| {
@@ -212,13 +203,7 @@ async fn in_partition_order_a_batch_takes_a_run_of_its_partition_in_offset_order
     .await;
     let log = db.log.lock().unwrap().clone();
     let good = RECORDS as usize - bad_at.len();
-    let stored: Vec<(i32, i64)> = log
-        .iter()
-        .filter_map(|s| match s {
-            Seen::Stored(p, o) => Some((*p, *o)),
-            _ => None,
-        })
-        .collect();
+    let stored: Vec<(i32, i64)> = db.stored().iter().map(|(_, p, o)| (*p, *o)).collect();
     // Per partition, offsets strictly increase: each row stored once, in offset order.
     let mut last: HashMap<i32, i64> = HashMap::new();
     for (p, o) in &stored {
@@ -244,7 +229,7 @@ async fn in_partition_order_a_batch_takes_a_run_of_its_partition_in_offset_order
             .unwrap_or_else(|| panic!("partition {p} offset {o} attempted"));
         let early: Vec<_> = log[..last_try]
             .iter()
-            .filter(|s| matches!(s, Seen::Stored(sp, so) if sp == p && so > o))
+            .filter(|s| matches!(s, Seen::Stored(_, sp, so) if sp == p && so > o))
             .collect();
         assert!(
             early.is_empty(),
@@ -254,13 +239,7 @@ async fn in_partition_order_a_batch_takes_a_run_of_its_partition_in_offset_order
     let letters = support::read_at_least(&dlt_topic, bad_at.len(), Duration::from_secs(30)).await;
     c.stop().await;
     assert_eq!(letters.len(), bad_at.len(), "one dead letter per bad row");
-    let sizes = db.sizes.lock().unwrap().clone();
-    let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
-    eprintln!(
-        "{} batches for {RECORDS} records on {PARTITIONS} partitions: mean size {mean:.1}, largest {}",
-        sizes.len(),
-        sizes.iter().max().unwrap()
-    );
+    let mean = db.mean_batch(&format!("{RECORDS} records on {PARTITIONS} partitions"));
     assert!(
         mean > 10.0,
         "a batch takes a run of its partition (mean batch size {mean:.1}; one record per \

@@ -2582,38 +2582,30 @@ async fn the_lanes_next_records_are_offered_only_without_a_store_and_before_a_dr
         stop: Arc::default(),
         next,
     };
-    let offered = |h: &Harness| h.handler.lanes.lock().unwrap().clone();
+    // Runs o-1 (settled) in the lane: what its handler was offered, per attempt.
+    let offered = async |setup: Setup, stop: &Stop| {
+        let h = setup.build();
+        let end = h.worker.run_job(Arc::new(order("o-1")), stop, &lane).await;
+        assert_eq!(end, JobEnd::Settled);
+        h.handler.lanes.lock().unwrap().clone()
+    };
 
-    let h = script([Succeed]).build();
-    let end = h
-        .worker
-        .run_job(Arc::new(order("o-1")), &Stop::default(), &lane)
-        .await;
-    assert_eq!(end, JobEnd::Settled);
     assert_eq!(
-        offered(&h),
+        offered(script([Succeed]), &Stop::default()).await,
         [vec!["o-2".to_owned(), "o-3".to_owned()]],
         "the lane's next records up to the one that cannot be decoded"
     );
-
     let draining = Stop::default();
     draining.drain.cancel();
-    let h = script([Succeed]).build();
-    h.worker
-        .run_job(Arc::new(order("o-1")), &draining, &lane)
-        .await;
-    assert_eq!(offered(&h), [Vec::<String>::new()], "none while draining");
-
-    let store = InMemoryIdempotencyStore::new();
-    let h = script([Succeed]).dedup_in(Arc::new(store)).build();
-    let end = h
-        .worker
-        .run_job(Arc::new(order("o-1")), &Stop::default(), &lane)
-        .await;
-    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(
+        offered(script([Succeed]), &draining).await,
+        [Vec::<String>::new()],
+        "none while draining"
+    );
+    let store = Arc::new(InMemoryIdempotencyStore::new());
+    let with_store = offered(script([Succeed]).dedup_in(store), &Stop::default()).await;
     assert!(
-        offered(&h).is_empty(),
-        "not offered with a store: {:?}",
-        offered(&h)
+        with_store.is_empty(),
+        "not offered with a store: {with_store:?}"
     );
 }
