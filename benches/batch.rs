@@ -1,13 +1,14 @@
 //! Batch vs single-record handlers against a bulk downstream: each call takes 10 ms whatever
 //! it carries, and at most 4 calls run at once (a bulk API with a connection pool of 4). A
-//! drain of `BATCH_BENCH_RECORDS` records (default 20,000 with `--bench`) over 1,000 keys, in
-//! `Key` order with `max_in_flight` 256:
+//! drain of `BATCH_BENCH_RECORDS` records (default 20,000 with `--bench`) over 1,000 keys and
+//! 6 partitions, with `max_in_flight` 256, in `Key` order and in `Partition` order:
 //!
 //! - **single**: a `Handler`, one call per record;
-//! - **batch**: `batched(..)` with 100 records per batch at most and a 5 ms linger.
+//! - **batch**: `batched(..)` with 100 records per batch at most and a 5 ms linger (in both
+//!   orders a batch takes each lane's next records: a run per key, a run per partition).
 //!
 //! Figures per run: records per second from the consumer's start to the last record handled,
-//! calls made, and batch ÷ single. Run: `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 cargo bench
+//! calls made, batch ÷ single in each order, and the `Partition` batch ÷ the `Key` batch. Run: `KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 cargo bench
 //! --bench batch` (needs `scripts/services up`).
 
 mod drain_common;
@@ -70,7 +71,7 @@ impl BatchHandler for Bulk {
 }
 
 /// Drains `records` with the single or the batch handler: records per second and calls.
-async fn run(bootstrap: &str, records: u64, batch: bool) -> (f64, u64) {
+async fn run(bootstrap: &str, records: u64, order: ProcessingOrder, batch: bool) -> (f64, u64) {
     let run_id = format!(
         "{}-{}",
         std::process::id(),
@@ -104,7 +105,7 @@ async fn run(bootstrap: &str, records: u64, batch: bool) -> (f64, u64) {
                 .bootstrap_servers(bootstrap)
                 .group_id(format!("bench-batch-g-{run_id}"))
                 .topic(topic.as_str())
-                .ordering(ProcessingOrder::Key)
+                .ordering(order)
                 .max_in_flight(256)
                 .kafka_config("auto.offset.reset", "earliest")
                 .build()
@@ -141,15 +142,26 @@ async fn main() {
         return;
     };
     println!(
-        "{records} records × 100 B, {PARTITIONS} partitions, {KEYS} keys, Key order, max_in_flight 256; \
+        "{records} records × 100 B, {PARTITIONS} partitions, {KEYS} keys, max_in_flight 256; \
          the downstream: {CALL:?} per call whatever its size, {POOL} calls at once"
     );
-    let (single, single_calls) = run(&bootstrap, records, false).await;
-    println!("single: {single:>8.0} rec/s, {single_calls} calls");
-    let (batch, batch_calls) = run(&bootstrap, records, true).await;
+    let mut batches = Vec::new();
+    for (name, order) in [
+        ("Key", ProcessingOrder::Key),
+        ("Partition", ProcessingOrder::Partition),
+    ] {
+        let (single, single_calls) = run(&bootstrap, records, order, false).await;
+        println!("{name:<9} single: {single:>8.0} rec/s, {single_calls} calls");
+        let (batch, batch_calls) = run(&bootstrap, records, order, true).await;
+        println!(
+            "{name:<9} batch:  {batch:>8.0} rec/s, {batch_calls} calls (mean {:.1} records per call)",
+            records as f64 / batch_calls as f64
+        );
+        println!("{name:<9} batch ÷ single: {:.1}×", batch / single);
+        batches.push(batch);
+    }
     println!(
-        "batch:  {batch:>8.0} rec/s, {batch_calls} calls (mean {:.1} records per call)",
-        records as f64 / batch_calls as f64
+        "Partition batch ÷ Key batch: {:.2}×",
+        batches[1] / batches[0]
     );
-    println!("batch ÷ single: {:.1}×", batch / single);
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -56,6 +57,58 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Handles one attempt of one record.
     async fn handle(&self, message: &Message<Self::Event>) -> Result<(), HandlerError>;
+
+    /// Not part of the API (it cannot be called or overridden outside kourier: `lane`'s type
+    /// cannot be named or made there): [`handle`](Self::handle), told the records queued
+    /// next in the record's lane. The batch adapter ([`batched`](crate::batch::batched))
+    /// overrides it to put them in the record's batch; any other handler is simply called.
+    #[doc(hidden)]
+    fn handle_in_lane<'a>(
+        &'a self,
+        message: &'a Message<Self::Event>,
+        lane: sealed::Lane<'_, Self::Event>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>> {
+        let _ = lane;
+        self.handle(message)
+    }
+}
+
+pub(crate) mod sealed {
+    use crate::message::Message;
+
+    /// The look-up of the records queued next in a record's lane, which the consumer hands
+    /// to [`Handler::handle_in_lane`](super::Handler::handle_in_lane). Only kourier can make
+    /// one (and a type outside kourier cannot name it), so the method stays kourier's own.
+    #[allow(unreachable_pub)] // named in a public trait's method, so `pub`, but unreachable
+    pub struct Lane<'a, T> {
+        ahead: &'a (dyn Fn(usize) -> Vec<Message<T>> + Send + Sync + 'a),
+    }
+
+    impl<T> std::fmt::Debug for Lane<'_, T> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Lane").finish_non_exhaustive()
+        }
+    }
+
+    impl<'a, T> Lane<'a, T> {
+        /// The lane's next records, decoded, looked up by `ahead(max)` when asked for.
+        pub(crate) fn new(
+            ahead: &'a (dyn Fn(usize) -> Vec<Message<T>> + Send + Sync + 'a),
+        ) -> Self {
+            Lane { ahead }
+        }
+
+        /// At most `max` records queued next in the lane, in order, each decoded (up to the
+        /// first that cannot be).
+        pub(crate) fn ahead(&self, max: usize) -> Vec<Message<T>> {
+            if max == 0 {
+                return Vec::new();
+            }
+            let mut next = (self.ahead)(max);
+            next.truncate(max);
+            next
+        }
+    }
 }
 
 /// How a failed attempt should be treated.

@@ -57,7 +57,10 @@
 //!    marking its key done, its dead letter's acknowledgement — overlaps the next record; its
 //!    offset waits for it). `Key`: one record per key at a time, in order;
 //!    different keys of a partition run in parallel; null keys fall back to partition order.
-//!    `Unordered`: none. `max_in_flight` bounds every mode.
+//!    `Unordered`: none. `max_in_flight` bounds every mode. A [batch
+//!    handler](crate::batch) is handed a lane's next records after the one whose turn it is,
+//!    in order, in one call; those after a failure in that call run again, after the failed
+//!    record's outcome.
 //! 3. **Retries are explicit** ([`RetryPolicy`]): attempts include the first try; fixed or
 //!    exponential with jitter, with a maximum elapsed time. Waiting is an async timer while
 //!    polling continues on a dedicated thread, so a long back-off never makes the consumer

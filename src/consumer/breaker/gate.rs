@@ -23,6 +23,12 @@ pub(crate) enum Verdict {
 }
 
 impl Pass<'_> {
+    /// Whether this attempt is the breaker's probe (one record tells whether the downstream
+    /// is back).
+    pub(crate) fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// The attempt succeeded.
     pub(crate) fn succeeded(mut self) {
         if let Some(b) = self.breaker.take() {

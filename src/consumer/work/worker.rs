@@ -41,7 +41,7 @@ use crate::consumer::transaction::Transactions;
 use crate::dead_letter::{DeadLetterReason, DeadLetterSink};
 use crate::error::error_chain;
 pub(crate) use crate::guard::{guarded, guarded_async};
-use crate::handler::{FailureKind, Handler, HandlerError};
+use crate::handler::{FailureKind, Handler, HandlerError, sealed::Lane};
 use crate::message::Message;
 use crate::metrics::{ConsumerMetrics, RecordMetrics};
 use crate::record::RawRecord;
@@ -514,8 +514,10 @@ impl<H: Handler> WorkerContext<H> {
                 }
             }
         }
+        // The batch adapter may take the lane's next records into this attempt's batch.
+        let lane = self.offers_lane(r.at, &pass).then_some(r.slot);
         match self
-            .attempt(message, holding, tries, record, r.metrics, stop)
+            .attempt(message, holding, tries, record, r.metrics, stop, lane)
             .await
         {
             Attempted::Done(Ok(())) => {
@@ -745,7 +747,54 @@ impl<H: Handler> WorkerContext<H> {
         .await
     }
 
-    /// One handler attempt, with its claim renewed while it runs.
+    /// Whether the handler may be told the records queued next in the record's lane, to run
+    /// them ahead of their turn (the batch adapter does: see `batch.rs`'s module docs). Not
+    /// when running a record ahead would skip a step its turn takes:
+    ///
+    /// - an idempotency store: its claim is taken at its turn, so an effect run ahead would
+    ///   run unclaimed (the duplicate the store exists to prevent);
+    /// - transactional output: its outputs are staged for its own transaction, at its turn;
+    /// - destinations: it would skip its destination's breaker (delivery rule 19);
+    /// - retry tiers with key order: the ledger may defer it to a tier rather than run it;
+    ///   a record read from a tier topic waits for its due time, and so would its lane's;
+    /// - the breaker's probe: one record tells whether the downstream is back.
+    ///
+    /// Unordered lanes hold one record, and a draining partition's lane offers none (see
+    /// [`WorkerContext::lane_ahead`]).
+    fn offers_lane(&self, at: Option<&Located>, pass: &Pass<'_>) -> bool {
+        self.dedup.is_none()
+            && self.transactions.is_none()
+            && self.destinations.is_none()
+            && !self.keeps_key_order(at)
+            && at.is_none_or(|at| at.tier == 0 && at.invalid.is_none())
+            && !pass.is_probe()
+    }
+
+    /// Up to `max` records queued next in the record's lane, in order, decoded: up to the
+    /// first that cannot be decoded (it is dead-lettered at its turn). None while the
+    /// partition drains.
+    fn lane_ahead(&self, slot: &dyn Slot, stop: &Stop, max: usize) -> Vec<Message<H::Event>> {
+        if stop.drain.is_cancelled() {
+            return Vec::new();
+        }
+        let Some((lane_stop, records)) = slot.lane_ahead(max) else {
+            return Vec::new();
+        };
+        if lane_stop.drain.is_cancelled() {
+            return Vec::new();
+        }
+        records
+            .into_iter()
+            .map_while(|r| {
+                let event = guarded(|| self.codec.decode(&r)).ok()?.ok()?;
+                Some(Message::new(r, 1, event))
+            })
+            .collect()
+    }
+
+    /// One handler attempt, with its claim renewed while it runs; `lane`: the record's slot,
+    /// when the handler may be told its lane's next records (see [`Self::offers_lane`]).
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         message: &mut Message<H::Event>,
@@ -754,6 +803,7 @@ impl<H: Handler> WorkerContext<H> {
         record: &RawRecord,
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
+        lane: Option<&dyn Slot>,
     ) -> Attempted {
         tries.made += 1;
         let attempt = tries.made;
@@ -764,7 +814,19 @@ impl<H: Handler> WorkerContext<H> {
             message.set_outputs(Some(crate::transactional::Staged::new()));
         }
         tracing::Span::current().record("attempt", attempt);
-        let call = guarded_async(self.handler.handle(message));
+        let message_ref = &*message;
+        // Inside the guard: what the handler does before its future (the batch adapter's
+        // look-up of the lane) is caught like the rest of it.
+        let call = guarded_async(async move {
+            let call = match lane {
+                Some(slot) => {
+                    let ahead = |max: usize| self.lane_ahead(slot, stop, max);
+                    self.handler.handle_in_lane(message_ref, Lane::new(&ahead))
+                }
+                None => self.handler.handle(message_ref),
+            };
+            call.await
+        });
         let attempt_started = Instant::now();
         let timed = async {
             match self.handler_timeout {

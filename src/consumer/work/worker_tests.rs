@@ -5,6 +5,7 @@
 //! Every helper that touches the worker's interface sits in the "harness" section, so an
 //! interface change is fixed there once.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -152,11 +153,28 @@ struct ScriptedHandler {
     t0: Instant,
     probe: Option<InMemoryIdempotencyStore>,
     calls: Mutex<Vec<Call>>,
+    /// For each attempt told its lane's next records: their order ids (see
+    /// `Handler::handle_in_lane`).
+    lanes: Mutex<Vec<Vec<String>>>,
 }
 
 #[async_trait]
 impl Handler for ScriptedHandler {
     type Event = Order;
+
+    fn handle_in_lane<'a>(
+        &'a self,
+        message: &'a Message<Order>,
+        lane: crate::handler::sealed::Lane<'_, Order>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>> {
+        let ahead = lane
+            .ahead(10)
+            .iter()
+            .map(|m| m.event().id.clone())
+            .collect();
+        self.lanes.lock().unwrap().push(ahead);
+        self.handle(message)
+    }
 
     async fn handle(&self, message: &Message<Order>) -> Result<(), HandlerError> {
         let attempt = message.attempt();
@@ -529,6 +547,7 @@ impl Setup {
             t0,
             probe: self.probe,
             calls: Mutex::new(Vec::new()),
+            lanes: Mutex::new(Vec::new()),
         });
         let sink = Arc::new(RecordingSink {
             t0,
@@ -2546,4 +2565,47 @@ async fn a_record_that_fails_its_share_of_probes_takes_its_normal_path() {
         "one held failure, then three failed probes"
     );
     assert!(took <= secs(10), "{took:?}");
+}
+
+/// The handler is told its lane's next records (decoded, up to the first that cannot be)
+/// only where running them ahead skips nothing of their turn: not with an idempotency store
+/// (their claims are taken at their turn), not while the partition drains.
+#[tokio::test(start_paused = true)]
+async fn the_lanes_next_records_are_offered_only_without_a_store_and_before_a_drain() {
+    let next: Vec<Arc<RawRecord>> = vec![
+        Arc::new(order("o-2")),
+        Arc::new(order("o-3")),
+        Arc::new(raw(Some(b"not json"))),
+        Arc::new(order("o-5")),
+    ];
+    let lane = LaneSlot {
+        stop: Arc::default(),
+        next,
+    };
+    // Runs o-1 (settled) in the lane: what its handler was offered, per attempt.
+    let offered = async |setup: Setup, stop: &Stop| {
+        let h = setup.build();
+        let end = h.worker.run_job(Arc::new(order("o-1")), stop, &lane).await;
+        assert_eq!(end, JobEnd::Settled);
+        h.handler.lanes.lock().unwrap().clone()
+    };
+
+    assert_eq!(
+        offered(script([Succeed]), &Stop::default()).await,
+        [vec!["o-2".to_owned(), "o-3".to_owned()]],
+        "the lane's next records up to the one that cannot be decoded"
+    );
+    let draining = Stop::default();
+    draining.drain.cancel();
+    assert_eq!(
+        offered(script([Succeed]), &draining).await,
+        [Vec::<String>::new()],
+        "none while draining"
+    );
+    let store = Arc::new(InMemoryIdempotencyStore::new());
+    let with_store = offered(script([Succeed]).dedup_in(store), &Stop::default()).await;
+    assert!(
+        with_store.is_empty(),
+        "not offered with a store: {with_store:?}"
+    );
 }
