@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use kourier::idempotency::testing::{HookedStore, StoreCall, StoreHook};
+use kourier::idempotency::testing::HookedStore;
 use kourier::transactional::{OutputRecord, TransactionalOutput};
 use kourier::{Error, HandlerError, Message, ProcessingOrder, handler_fn};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -24,6 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use support::TestRecord;
 use support::consumer::{self, Running, setup, wait_for};
+use support::store::HeldCompletions;
 
 #[derive(Debug, Deserialize)]
 struct Job {
@@ -288,7 +289,13 @@ async fn assert_all_done(store: &dyn kourier::IdempotencyStore, group: &str, n: 
 /// key is done in the store after the run. Without duplicates the consumer is stopped once
 /// every input was handled, before its first commit (an 8 s interval): the shutdown's
 /// commit carries every record, and `run` returns once their keys are done.
-async fn once_with_a_store(name: &str, store: Arc<dyn kourier::IdempotencyStore>, dups: usize) {
+/// `held_completions`, if any, is opened half a second after the stop is asked for.
+async fn once_with_a_store(
+    name: &str,
+    store: Arc<dyn kourier::IdempotencyStore>,
+    dups: usize,
+    held_completions: Option<tokio::sync::watch::Sender<bool>>,
+) {
     const N: usize = 60;
     let (topic, group, _) = setup(name, 2).await;
     let out = support::new_topic(&format!("{name}-out"), 2).await;
@@ -321,6 +328,12 @@ async fn once_with_a_store(name: &str, store: Arc<dyn kourier::IdempotencyStore>
         )
         .await;
     }
+    if let Some(open) = held_completions {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = open.send(true);
+        });
+    }
     c.stop().await;
     // Done once `run` returned (before anything else is looked at).
     assert_all_done(&*store, &group, N).await;
@@ -342,40 +355,24 @@ async fn once_with_a_store(name: &str, store: Arc<dyn kourier::IdempotencyStore>
     assert_exactly_once(&duplicates, &missing);
 }
 
-/// Marks keys done half a second late: `run` must wait for the completions its last
-/// transaction led to.
-#[derive(Debug)]
-struct SlowCompletions;
-
-#[kourier::async_trait]
-impl StoreHook for SlowCompletions {
-    async fn before(&self, call: &StoreCall<'_>) -> Result<(), kourier::StoreError> {
-        if matches!(
-            call,
-            StoreCall::Complete { .. } | StoreCall::CompleteMany { .. }
-        ) {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        Ok(())
-    }
-}
-
-/// A clean run with transactional output and an in-memory idempotency store (marking keys
-/// done slowly): each input's outputs seen once under `read_committed`, each key done in the
-/// store once `run` returned.
+/// A clean run with transactional output and an in-memory idempotency store whose
+/// completions are held until half a second after the stop was asked for (`run` must wait
+/// for the completions its last transaction led to): each input's outputs seen once under
+/// `read_committed`, each key done in the store once `run` returned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_an_in_memory_store_each_key_is_done_after_its_outputs_committed() {
     let memory: Arc<dyn kourier::IdempotencyStore> =
         Arc::new(kourier::InMemoryIdempotencyStore::new());
-    let store = Arc::new(HookedStore::new(memory, SlowCompletions));
-    once_with_a_store("txn-mem-store", store, 0).await;
+    let (open, held) = tokio::sync::watch::channel(false);
+    let store = Arc::new(HookedStore::new(memory, HeldCompletions(held)));
+    once_with_a_store("txn-mem-store", store, 0, Some(open)).await;
 }
 
 /// The same with the Redis store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_redis_store_each_key_is_done_after_its_outputs_committed() {
     let store = redis_store(&support::unique_name("txn-redis-store:")).await;
-    once_with_a_store("txn-redis-store", store, 0).await;
+    once_with_a_store("txn-redis-store", store, 0, None).await;
 }
 
 /// Duplicate events (the same dedup key in two records): the second copy waits while the
@@ -384,9 +381,9 @@ async fn with_a_redis_store_each_key_is_done_after_its_outputs_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_event_has_its_effect_and_outputs_once() {
     let store = Arc::new(kourier::InMemoryIdempotencyStore::new());
-    once_with_a_store("txn-mem-dups", store, 20).await;
+    once_with_a_store("txn-mem-dups", store, 20, None).await;
     let store = redis_store(&support::unique_name("txn-redis-dups:")).await;
-    once_with_a_store("txn-redis-dups", store, 20).await;
+    once_with_a_store("txn-redis-dups", store, 20, None).await;
 }
 
 /// kill -9 once every record was handled (its effect made, its key claimed in Redis) but
