@@ -393,7 +393,7 @@ async fn a_duplicate_event_has_its_effect_and_outputs_once() {
 /// `read_committed`, and every key is done in the store after the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_after_handling_before_the_commit_with_a_redis_store_leaves_each_output_once() {
-    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::Handled).await;
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::Handled, true).await;
 }
 
 /// Records finished out of order above a stuck one, then a rebalance: the transaction that
@@ -628,9 +628,9 @@ const CHILD_HANDLER_MS: u64 = 20;
 /// `KOURIER_TXN_OUT`, until SIGTERM; exits 0 after a clean stop, 3 on `Error::Transaction`
 /// (printing `fenced=<bool>`), 4 on any other error. `KOURIER_TXN_DLT_REPORT` (every input
 /// fails permanently), `KOURIER_TXN_TIER_REPORT` (every input fails transiently, to tier 1)
-/// or `KOURIER_TXN_HANDLED_REPORT` (every input is handled, with idempotency in Redis under
-/// the key prefix `KOURIER_TXN_REDIS_PREFIX`) names a file each outcome is appended to; each
-/// sets a 30 s commit interval.
+/// or `KOURIER_TXN_HANDLED_REPORT` (every input is handled) names a file each outcome is
+/// appended to; each sets a 30 s commit interval. `KOURIER_TXN_REDIS_PREFIX` turns on
+/// idempotency in Redis under that key prefix.
 #[test]
 fn child_consumer() {
     let Ok(topic) = std::env::var("KOURIER_TXN_CHILD") else {
@@ -647,8 +647,7 @@ fn child_consumer() {
     // Tier mode: every input fails transiently and is forwarded to tier 1 (a 30 s delay),
     // each outcome is appended to this file.
     let forwards_to = std::env::var("KOURIER_TXN_TIER_REPORT").ok();
-    // Handled mode: idempotency in Redis (a short lease: the restarted consumer takes the
-    // killed one's claims over soon), each outcome appended to this file.
+    // Handled mode: each outcome appended to this file.
     let handled_to = std::env::var("KOURIER_TXN_HANDLED_REPORT").ok();
     let fail_all = letters_to.is_some();
     let fail_transiently = forwards_to.is_some();
@@ -685,9 +684,10 @@ fn child_consumer() {
                 .retry_policy(kourier::RetryPolicy::no_retries())
                 .retry_tiers(kourier::tiers::RetryTiers::new([Duration::from_secs(30)]));
         }
-        if handled_to.is_some() {
+        if let Ok(prefix) = std::env::var("KOURIER_TXN_REDIS_PREFIX") {
+            // A short lease: the restarted consumer takes the killed one's claims over soon.
             let store = kourier::RedisIdempotencyStore::builder(support::redis_url().as_str())
-                .key_prefix(var("KOURIER_TXN_REDIS_PREFIX"))
+                .key_prefix(prefix)
                 .build()
                 .await
                 .expect("redis store");
@@ -1155,7 +1155,17 @@ fn source_partition_of(r: &support::ReadRecord) -> Option<i32> {
 /// producer had written them already: two letters per record.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_after_dead_lettering_before_the_commit_leaves_one_letter_per_record() {
-    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::DeadLetter).await;
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::DeadLetter, false).await;
+}
+
+/// The same with idempotency in Redis (the child and its restart share the store): the
+/// letters were in the killed transaction, so the records' keys were not done, and the
+/// restarted consumer dead-letters them again (one letter per record under
+/// `read_committed`, each key done after the run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_after_dead_lettering_before_the_commit_with_a_redis_store_leaves_one_letter_per_record()
+ {
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::DeadLetter, true).await;
 }
 
 /// What `kill_9_before_the_commit_leaves_one_copy_per_record` waits for before its kill -9.
@@ -1165,8 +1175,7 @@ enum KillAfter {
     DeadLetter,
     /// Every record forwarded to tier 1 (the child fails each transiently).
     Forward,
-    /// Every record handled, with idempotency in Redis (the child and its restart share
-    /// the store): copies are the outputs.
+    /// Every record handled: copies are the outputs.
     Handled,
 }
 
@@ -1174,9 +1183,17 @@ enum KillAfter {
 /// all N records reported `what` (before its first commit: a 30 s commit interval),
 /// restarts it with the same transactional id until every offset is committed, and checks
 /// that a `read_committed` reader of the dead-letter or tier topic sees one copy per record.
-async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
+/// With `store`, the child and its restart share an idempotency store in Redis, and every
+/// record's key is done in it after the run.
+async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter, store: bool) {
     const N: usize = 12;
     let (name, env_name, outcome, noun) = match what {
+        KillAfter::DeadLetter if store => (
+            "txn-dlt-store-kill",
+            "KOURIER_TXN_DLT_REPORT",
+            "(permanent)",
+            "dead-lettered",
+        ),
         KillAfter::DeadLetter => (
             "txn-dlt-kill",
             "KOURIER_TXN_DLT_REPORT",
@@ -1212,10 +1229,10 @@ async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
     let report = std::env::temp_dir().join(support::unique_name(&format!("{name}-report")));
     let report_path = report.to_str().expect("utf-8 path").to_owned();
     let prefix = support::unique_name(&format!("{name}:"));
-    let env = [
-        (env_name, report_path.as_str()),
-        ("KOURIER_TXN_REDIS_PREFIX", prefix.as_str()),
-    ];
+    let mut env = vec![(env_name, report_path.as_str())];
+    if store {
+        env.push(("KOURIER_TXN_REDIS_PREFIX", prefix.as_str()));
+    }
     let child = Child::start_with(&topic, &group, &out, &id, &env);
     let reported = || {
         std::fs::read_to_string(&report)
@@ -1238,7 +1255,8 @@ async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
         "killed before its first commit"
     );
     let _ = std::fs::remove_file(&report);
-    let restart_env = [env[0], env[1], ("KOURIER_TXN_COMMIT_INTERVAL_MS", "500")];
+    let mut restart_env = env.clone();
+    restart_env.push(("KOURIER_TXN_COMMIT_INTERVAL_MS", "500"));
     let mut restarted = Child::start_with(&topic, &group, &out, &id, &restart_env);
     consumer::wait_until(
         "every source offset committed by the restarted consumer",
@@ -1254,14 +1272,15 @@ async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
     );
     let _ = std::fs::remove_file(&report);
     let seen = read(&copies, true).await;
+    if store {
+        assert_all_done(&*redis_store(&prefix).await, &group, N).await;
+    }
     if let KillAfter::Handled = what {
         // Marked done before the commit, the keys would have made the restarted consumer
         // skip every record: its outputs (aborted with the killed transaction) never
         // committed.
         let (duplicates, missing) = differences(&seen, N);
         assert_exactly_once(&duplicates, &missing);
-        let store = redis_store(&prefix).await;
-        assert_all_done(&*store, &group, N).await;
         return;
     }
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
@@ -1527,5 +1546,5 @@ async fn a_transient_failure_goes_through_a_tier_in_the_transaction_and_is_handl
 /// transaction: two per record.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_after_forwarding_before_the_commit_leaves_one_forward_per_record() {
-    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::Forward).await;
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::Forward, false).await;
 }
