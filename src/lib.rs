@@ -185,9 +185,13 @@
 //!     would write, same tier topic, partition, key, value and headers — is produced when the
 //!     record finishes, so the forward and the record's offset commit are atomic and the
 //!     consumer, reading its tier topics `read_committed`, sees one forward per record given
-//!     up to a tier. Effects outside Kafka stay at-least-once; retry tiers that keep key
-//!     order (their ledger is outside the transaction and settles a record before it
-//!     commits) and an idempotency store are refused with it by `build()`.
+//!     up to a tier. Effects outside Kafka stay at-least-once; with an idempotency store
+//!     (rule 7) a record's key is marked done only once the transaction carrying its
+//!     outputs, letter or forward and its offset committed (its claim is held and renewed
+//!     until then, and released if that transaction aborts), so the store never skips a
+//!     record whose outputs did not commit. Retry tiers that keep key order (their ledger is
+//!     outside the transaction and settles a record before it commits) are refused with it
+//!     by `build()`.
 //!
 //! **Retry tiers** (opt-in, [`RetryingConsumerBuilder::retry_tiers`], see [`tiers`]): after
 //! the in-place attempts, a transient failure is forwarded to a delayed tier topic instead of

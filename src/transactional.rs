@@ -73,6 +73,39 @@
 //! outputs before the record's replay commits its own, so a `read_committed` reader would
 //! see the key's outputs out of order.
 //!
+//! # Idempotency
+//!
+//! With [`idempotency`](crate::RetryingConsumerBuilder::idempotency) (a handler with an
+//! effect outside Kafka, a mail, that also stages outputs), a record's key is marked done in
+//! the store only **after the transaction that carries its outputs** (or its dead letter,
+//! or its forward) **and its offset committed**. Marked done before, a crash between the two
+//! would leave the key done and the outputs aborted: the restarted consumer would skip the
+//! record as a duplicate and its outputs would never be committed.
+//!
+//! So a record that succeeded ends its job (its outputs enter the open transaction, its
+//! offset is finished, its slot and lane go to the next record) while its claim stays held
+//! and renewed; once that transaction committed the key is marked done. The record's job
+//! must end first: its outputs and offset enter a transaction only when it ends, so a job
+//! that waited for the commit before ending would wait for itself. When the transaction
+//! does not commit (it failed or was aborted, the consumer stopped with
+//! [`Error::Transaction`](crate::Error::Transaction), or the record finished after its
+//! partition was revoked and its outputs were dropped) the claim is **released**, not left
+//! to expire: nothing of the record was committed, so its redelivery (after a restart, or
+//! at the partition's new owner) runs it again at once and produces its outputs again in a
+//! new transaction. A crash leaves the claim to run out with its lease, then the same
+//! happens. A letter of a custom [`DeadLetterSink`](crate::DeadLetterSink) is acknowledged
+//! before the record ends: its key is marked done at once, as without transactions.
+//!
+//! A duplicate (its key done already) is skipped as without transactions, its offset
+//! committed in the transaction; a copy that arrives while the first copy's claim is held
+//! waits (the key is busy) and is skipped once that transaction committed. `run` returns
+//! once the claims the shutdown's transaction carried are marked done (or released), within
+//! the shutdown timeout.
+//!
+//! The cost: each claim is held about one commit interval longer (a duplicate arriving
+//! meanwhile waits that long), and a pending completion is kept per record finished since
+//! the last commit.
+//!
 //! # Failures and fencing
 //!
 //! A transaction that cannot commit is aborted (its outputs are never visible to a
@@ -88,16 +121,17 @@
 //!
 //! - Effects outside Kafka (a mail, an HTTP call, a database write) made by the handler: a
 //!   record whose transaction aborted, or whose consumer crashed before it committed, is
-//!   handled again.
+//!   handled again, with an idempotency store too (its key is not done: see
+//!   [Idempotency](#idempotency)).
 //! - Dead letters of a custom [`DeadLetterSink`](crate::DeadLetterSink) (any sink but
 //!   [`KafkaDeadLetterSink`](crate::KafkaDeadLetterSink) itself, a wrapper of it included):
 //!   the sink writes them, outside the transaction, so a record dead-lettered just before a
 //!   crash is dead-lettered again after the restart. With the Kafka sink (the default), a
 //!   record given up is dead-lettered **in the transaction**: see [Dead letters](#dead-letters).
-//! - Retry tiers with a key-order ledger and an idempotency store cannot be combined with
-//!   transactional output: `build()` refuses them
-//!   ([`ConfigError::Conflict`](crate::ConfigError::Conflict)). Retry tiers without one are
-//!   forwarded in the transaction: see [Retry-tier forwards](#retry-tier-forwards).
+//! - Retry tiers with a key-order ledger cannot be combined with transactional output:
+//!   `build()` refuses them ([`ConfigError::Conflict`](crate::ConfigError::Conflict)). Retry
+//!   tiers without one are forwarded in the transaction: see
+//!   [Retry-tier forwards](#retry-tier-forwards).
 //!
 //! A panic that escapes kourier's own guards (a bug: a handler's panic is caught) resets its
 //! partition to the commit point (delivery rule 14); with transactional output it stops the

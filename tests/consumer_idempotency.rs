@@ -35,7 +35,7 @@ use kourier::{
 use support::consumer::{self, Running, setup, wait_for};
 use support::recorder::{Call, EVENT_ID_HEADER, Ev, Log, Recorder};
 use support::redis_server::RedisServer;
-use support::store::{Answer, SpyStore};
+use support::store::{Answer, HeldCompletions, SpyStore};
 use support::{TestRecord, committed_sum};
 
 /// Generous: the machine is small and other suites may run at the same time.
@@ -1024,23 +1024,6 @@ async fn revoke_and_shutdown_release_the_claims_fetched_ahead() {
         "every record handled exactly once"
     );
     assert_nothing_dead_lettered(&support::read_all(&dlt_topic).await);
-}
-
-/// Holds every completion until it is opened (the store slow to mark keys done).
-#[derive(Debug)]
-struct HeldCompletions(tokio::sync::watch::Receiver<bool>);
-
-#[async_trait::async_trait]
-impl StoreHook for HeldCompletions {
-    async fn before(&self, call: &StoreCall<'_>) -> Result<(), kourier::StoreError> {
-        if matches!(
-            call,
-            StoreCall::Complete { .. } | StoreCall::CompleteMany { .. }
-        ) {
-            let _ = self.0.clone().wait_for(|open| *open).await;
-        }
-        Ok(())
-    }
 }
 
 /// A record whose key is being marked done frees its lane for the next record, and costs no

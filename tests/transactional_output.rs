@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use kourier::idempotency::testing::HookedStore;
 use kourier::transactional::{OutputRecord, TransactionalOutput};
 use kourier::{Error, HandlerError, Message, ProcessingOrder, handler_fn};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -23,6 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use support::TestRecord;
 use support::consumer::{self, Running, setup, wait_for};
+use support::store::HeldCompletions;
 
 #[derive(Debug, Deserialize)]
 struct Job {
@@ -241,6 +243,159 @@ async fn every_inputs_outputs_are_seen_exactly_once_in_a_clean_run() {
     assert_eq!(total, N as i64, "offsets committed to the end");
 }
 
+// ---- With an idempotency store: keys are marked done once their transaction committed ----
+
+/// The dedup key of an input: its id.
+fn job_id_key() -> kourier::DedupKey<Job> {
+    kourier::DedupKey::from_fn(|m: &Message<Job>| Some(format!("job-{}", m.event().id)))
+}
+
+/// A Redis idempotency store under `prefix` (the one a consumer of this test used).
+async fn redis_store(prefix: &str) -> Arc<dyn kourier::IdempotencyStore> {
+    support::require_redis().await;
+    let store = kourier::RedisIdempotencyStore::builder(support::redis_url().as_str())
+        .key_prefix(prefix)
+        .build()
+        .await
+        .expect("redis store");
+    Arc::new(store)
+}
+
+/// Every input id `0..n`'s key is done in `store` for `group` (a claim says `Done`).
+async fn assert_all_done(store: &dyn kourier::IdempotencyStore, group: &str, n: usize) {
+    let mut not_done = Vec::new();
+    for id in 0..n {
+        let key = format!("{group}:job-{id}");
+        let claim = store
+            .claim(&key, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("probe claim on {key}: {e:?}"));
+        if claim != kourier::Claim::Done {
+            not_done.push((id, claim));
+        }
+    }
+    assert!(
+        not_done.is_empty(),
+        "{} of {n} keys not done in the store after the run, first: {:?}",
+        not_done.len(),
+        &not_done[..not_done.len().min(6)]
+    );
+}
+
+/// Inputs `0..n`, then `0..dups` again (the same ids: duplicate events, later offsets of
+/// the same keys' partitions); a transactional consumer with idempotency in `store` handles
+/// them: each input's effect (the handler's call) happens once, its outputs are seen once
+/// under `read_committed`, the duplicates are skipped and their offsets committed, and every
+/// key is done in the store after the run. Without duplicates the consumer is stopped once
+/// every input was handled, before its first commit (an 8 s interval): the shutdown's
+/// commit carries every record, and `run` returns once their keys are done.
+/// `held_completions`, if any, is opened half a second after the stop is asked for.
+async fn once_with_a_store(
+    name: &str,
+    store: Arc<dyn kourier::IdempotencyStore>,
+    dups: usize,
+    held_completions: Option<tokio::sync::watch::Sender<bool>>,
+) {
+    const N: usize = 60;
+    let (topic, group, _) = setup(name, 2).await;
+    let out = support::new_topic(&format!("{name}-out"), 2).await;
+    produce_inputs(&topic, N).await;
+    produce_inputs(&topic, dups).await;
+    let calls = Calls::new(N);
+    let c = Running::start(
+        transactional(
+            enriching(&calls, &out, None),
+            &topic,
+            &group,
+            &support::unique_name(&format!("{name}-id")),
+        )
+        // (A duplicate waits while its key's claim is held: until a commit.)
+        .commit_interval(Duration::from_millis(if dups == 0 { 8_000 } else { 500 }))
+        .idempotency(kourier::Idempotency::new(store.clone(), job_id_key())),
+    );
+    if dups == 0 {
+        wait_for("every input handled", Duration::from_secs(30), || {
+            calls.called().len() == N
+        })
+        .await;
+    } else {
+        consumer::wait_until(
+            "every input committed, duplicates included",
+            Duration::from_secs(30),
+            || async {
+                support::try_committed_sum(&group, &topic, 2).await == Ok((N + dups) as i64)
+            },
+        )
+        .await;
+    }
+    if let Some(open) = held_completions {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = open.send(true);
+        });
+    }
+    c.stop().await;
+    // Done once `run` returned (before anything else is looked at).
+    assert_all_done(&*store, &group, N).await;
+    assert_eq!(
+        support::committed_sum(&group, &topic, 2).await,
+        (N + dups) as i64,
+        "offsets committed to the end"
+    );
+    let twice: Vec<_> = (calls.calls.iter().enumerate())
+        .map(|(id, n)| (id, n.load(Ordering::SeqCst)))
+        .filter(|(_, n)| *n != 1)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "inputs whose effect did not happen exactly once (id, calls): {twice:?}"
+    );
+    let seen = read(&out, true).await;
+    let (duplicates, missing) = differences(&seen, N);
+    assert_exactly_once(&duplicates, &missing);
+}
+
+/// A clean run with transactional output and an in-memory idempotency store whose
+/// completions are held until half a second after the stop was asked for (`run` must wait
+/// for the completions its last transaction led to): each input's outputs seen once under
+/// `read_committed`, each key done in the store once `run` returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_in_memory_store_each_key_is_done_after_its_outputs_committed() {
+    let memory: Arc<dyn kourier::IdempotencyStore> =
+        Arc::new(kourier::InMemoryIdempotencyStore::new());
+    let (open, held) = tokio::sync::watch::channel(false);
+    let store = Arc::new(HookedStore::new(memory, HeldCompletions(held)));
+    once_with_a_store("txn-mem-store", store, 0, Some(open)).await;
+}
+
+/// The same with the Redis store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_redis_store_each_key_is_done_after_its_outputs_committed() {
+    let store = redis_store(&support::unique_name("txn-redis-store:")).await;
+    once_with_a_store("txn-redis-store", store, 0, None).await;
+}
+
+/// Duplicate events (the same dedup key in two records): the second copy waits while the
+/// first's claim is held until its transaction committed, then is skipped; one effect and
+/// one set of outputs per event, with the in-memory store and with Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_event_has_its_effect_and_outputs_once() {
+    let store = Arc::new(kourier::InMemoryIdempotencyStore::new());
+    once_with_a_store("txn-mem-dups", store, 20, None).await;
+    let store = redis_store(&support::unique_name("txn-redis-dups:")).await;
+    once_with_a_store("txn-redis-dups", store, 20, None).await;
+}
+
+/// kill -9 once every record was handled (its effect made, its key claimed in Redis) but
+/// before the transaction committed (a 30 s commit interval); the restarted consumer (same
+/// transactional id, same Redis store) aborts that transaction and, the keys not being done,
+/// handles the records again: each input's outputs are seen exactly once under
+/// `read_committed`, and every key is done in the store after the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_after_handling_before_the_commit_with_a_redis_store_leaves_each_output_once() {
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::Handled, true).await;
+}
+
 /// Records finished out of order above a stuck one, then a rebalance: the transaction that
 /// carried their outputs also carried their "finished" mark (the commit metadata), so the
 /// partition's next owner handles only the stuck record, and a `read_committed` reader sees
@@ -396,9 +551,10 @@ fn unsupported_combinations_are_refused_by_build() {
         .transactional(TransactionalOutput::new("x"))
         .build()
         .expect("retry tiers without key order build with transactional output");
+    // An idempotency store is kept until the transaction commits: not refused.
     let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
     let store = std::sync::Arc::new(kourier::InMemoryIdempotencyStore::new());
-    let err = kourier::RetryingConsumer::builder(handler)
+    kourier::RetryingConsumer::builder(handler)
         .bootstrap_servers("127.0.0.1:1")
         .group_id("g")
         .topic("t")
@@ -408,11 +564,7 @@ fn unsupported_combinations_are_refused_by_build() {
         ))
         .transactional(TransactionalOutput::new("x"))
         .build()
-        .unwrap_err();
-    assert!(
-        matches!(&err, Error::Config(kourier::ConfigError::Conflict { value, .. }) if value == "idempotency"),
-        "{err:?}"
-    );
+        .expect("idempotency builds with transactional output");
     let handler = handler_fn(|_m: Message<Job>| async { Ok(()) });
     let err = kourier::RetryingConsumer::builder(handler)
         .bootstrap_servers("127.0.0.1:1")
@@ -475,8 +627,10 @@ const CHILD_HANDLER_MS: u64 = 20;
 /// `KOURIER_TXN_TOPIC` in `KOURIER_TXN_GROUP` with the id `KOURIER_TXN_ID`, writing to
 /// `KOURIER_TXN_OUT`, until SIGTERM; exits 0 after a clean stop, 3 on `Error::Transaction`
 /// (printing `fenced=<bool>`), 4 on any other error. `KOURIER_TXN_DLT_REPORT` (every input
-/// fails permanently) or `KOURIER_TXN_TIER_REPORT` (every input fails transiently, to tier 1)
-/// names a file each outcome is appended to; either sets a 30 s commit interval.
+/// fails permanently), `KOURIER_TXN_TIER_REPORT` (every input fails transiently, to tier 1)
+/// or `KOURIER_TXN_HANDLED_REPORT` (every input is handled) names a file each outcome is
+/// appended to; each sets a 30 s commit interval. `KOURIER_TXN_REDIS_PREFIX` turns on
+/// idempotency in Redis under that key prefix.
 #[test]
 fn child_consumer() {
     let Ok(topic) = std::env::var("KOURIER_TXN_CHILD") else {
@@ -493,6 +647,8 @@ fn child_consumer() {
     // Tier mode: every input fails transiently and is forwarded to tier 1 (a 30 s delay),
     // each outcome is appended to this file.
     let forwards_to = std::env::var("KOURIER_TXN_TIER_REPORT").ok();
+    // Handled mode: each outcome appended to this file.
+    let handled_to = std::env::var("KOURIER_TXN_HANDLED_REPORT").ok();
     let fail_all = letters_to.is_some();
     let fail_transiently = forwards_to.is_some();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -528,10 +684,28 @@ fn child_consumer() {
                 .retry_policy(kourier::RetryPolicy::no_retries())
                 .retry_tiers(kourier::tiers::RetryTiers::new([Duration::from_secs(30)]));
         }
-        if let Some(report) = letters_to.or(forwards_to) {
-            // A long interval: the transaction holding the letters stays open till the kill.
-            builder = builder.commit_interval(Duration::from_secs(30)).on_outcome(
-                move |record, outcome| {
+        if let Ok(prefix) = std::env::var("KOURIER_TXN_REDIS_PREFIX") {
+            // A short lease: the restarted consumer takes the killed one's claims over soon.
+            let store = kourier::RedisIdempotencyStore::builder(support::redis_url().as_str())
+                .key_prefix(prefix)
+                .build()
+                .await
+                .expect("redis store");
+            builder = builder.idempotency(
+                kourier::Idempotency::new(Arc::new(store), job_id_key())
+                    .with_lease(Duration::from_secs(3)),
+            );
+        }
+        if let Some(report) = letters_to.or(forwards_to).or(handled_to) {
+            // A long interval: the transaction holding the letters stays open till the kill
+            // (a restarted child is given a short one, to commit soon).
+            let interval = std::env::var("KOURIER_TXN_COMMIT_INTERVAL_MS")
+                .map_or(Duration::from_secs(30), |ms| {
+                    Duration::from_millis(ms.parse().expect("milliseconds"))
+                });
+            builder = builder
+                .commit_interval(interval)
+                .on_outcome(move |record, outcome| {
                     use std::io::Write as _;
                     let mut file = std::fs::OpenOptions::new()
                         .create(true)
@@ -542,8 +716,7 @@ fn child_consumer() {
                     // write a line in pieces that interleave.
                     let line = format!("{} {outcome}\n", record.coordinates());
                     file.write_all(line.as_bytes()).expect("report");
-                },
-            );
+                });
         }
         builder.build()?.run_until_signal().await
     });
@@ -982,7 +1155,17 @@ fn source_partition_of(r: &support::ReadRecord) -> Option<i32> {
 /// producer had written them already: two letters per record.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_after_dead_lettering_before_the_commit_leaves_one_letter_per_record() {
-    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::DeadLetter).await;
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::DeadLetter, false).await;
+}
+
+/// The same with idempotency in Redis (the child and its restart share the store): the
+/// letters were in the killed transaction, so the records' keys were not done, and the
+/// restarted consumer dead-letters them again (one letter per record under
+/// `read_committed`, each key done after the run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_after_dead_lettering_before_the_commit_with_a_redis_store_leaves_one_letter_per_record()
+ {
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::DeadLetter, true).await;
 }
 
 /// What `kill_9_before_the_commit_leaves_one_copy_per_record` waits for before its kill -9.
@@ -992,15 +1175,25 @@ enum KillAfter {
     DeadLetter,
     /// Every record forwarded to tier 1 (the child fails each transiently).
     Forward,
+    /// Every record handled: copies are the outputs.
+    Handled,
 }
 
 /// Starts a transactional child whose outcome observer reports to a file, kill -9s it once
 /// all N records reported `what` (before its first commit: a 30 s commit interval),
 /// restarts it with the same transactional id until every offset is committed, and checks
 /// that a `read_committed` reader of the dead-letter or tier topic sees one copy per record.
-async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
+/// With `store`, the child and its restart share an idempotency store in Redis, and every
+/// record's key is done in it after the run.
+async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter, store: bool) {
     const N: usize = 12;
     let (name, env_name, outcome, noun) = match what {
+        KillAfter::DeadLetter if store => (
+            "txn-dlt-store-kill",
+            "KOURIER_TXN_DLT_REPORT",
+            "(permanent)",
+            "dead-lettered",
+        ),
         KillAfter::DeadLetter => (
             "txn-dlt-kill",
             "KOURIER_TXN_DLT_REPORT",
@@ -1013,8 +1206,15 @@ async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
             "forwarded (tier 1)",
             "forwarded",
         ),
+        KillAfter::Handled => (
+            "txn-store-kill",
+            "KOURIER_TXN_HANDLED_REPORT",
+            "handled",
+            "handled",
+        ),
     };
     let (topic, group, dlt) = setup(name, 1).await;
+    let out = support::new_topic(&format!("{name}-out"), 1).await;
     let copies = match what {
         KillAfter::DeadLetter => dlt,
         KillAfter::Forward => {
@@ -1022,13 +1222,17 @@ async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
             support::create_topic(&tier, 1).await;
             tier
         }
+        KillAfter::Handled => out.clone(),
     };
-    let out = support::new_topic(&format!("{name}-out"), 1).await;
     produce_inputs(&topic, N).await;
     let id = support::unique_name(&format!("{name}-id"));
     let report = std::env::temp_dir().join(support::unique_name(&format!("{name}-report")));
     let report_path = report.to_str().expect("utf-8 path").to_owned();
-    let env = [(env_name, report_path.as_str())];
+    let prefix = support::unique_name(&format!("{name}:"));
+    let mut env = vec![(env_name, report_path.as_str())];
+    if store {
+        env.push(("KOURIER_TXN_REDIS_PREFIX", prefix.as_str()));
+    }
     let child = Child::start_with(&topic, &group, &out, &id, &env);
     let reported = || {
         std::fs::read_to_string(&report)
@@ -1051,7 +1255,9 @@ async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
         "killed before its first commit"
     );
     let _ = std::fs::remove_file(&report);
-    let mut restarted = Child::start_with(&topic, &group, &out, &id, &env);
+    let mut restart_env = env.clone();
+    restart_env.push(("KOURIER_TXN_COMMIT_INTERVAL_MS", "500"));
+    let mut restarted = Child::start_with(&topic, &group, &out, &id, &restart_env);
     consumer::wait_until(
         "every source offset committed by the restarted consumer",
         Duration::from_secs(90),
@@ -1066,6 +1272,17 @@ async fn kill_9_before_the_commit_leaves_one_copy_per_record(what: KillAfter) {
     );
     let _ = std::fs::remove_file(&report);
     let seen = read(&copies, true).await;
+    if store {
+        assert_all_done(&*redis_store(&prefix).await, &group, N).await;
+    }
+    if let KillAfter::Handled = what {
+        // Marked done before the commit, the keys would have made the restarted consumer
+        // skip every record: its outputs (aborted with the killed transaction) never
+        // committed.
+        let (duplicates, missing) = differences(&seen, N);
+        assert_exactly_once(&duplicates, &missing);
+        return;
+    }
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
         twice.is_empty(),
@@ -1329,5 +1546,5 @@ async fn a_transient_failure_goes_through_a_tier_in_the_transaction_and_is_handl
 /// transaction: two per record.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_after_forwarding_before_the_commit_leaves_one_forward_per_record() {
-    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::Forward).await;
+    kill_9_before_the_commit_leaves_one_copy_per_record(KillAfter::Forward, false).await;
 }

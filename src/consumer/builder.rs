@@ -454,7 +454,9 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// Turns on idempotency (delivery rule 7 in the crate docs): before each attempt the
     /// record's dedup key is claimed in the store; records whose key is done are skipped.
     /// Everything about it — the store, the dedup key, the lease, the TTL, what a store
-    /// outage does — is one [`Idempotency`] value. Default: none.
+    /// outage does — is one [`Idempotency`] value. Default: none. With
+    /// [`transactional`](Self::transactional) output, a key is marked done once the
+    /// transaction carrying the record's outputs committed.
     ///
     /// ```no_run
     /// # use std::sync::Arc;
@@ -543,7 +545,7 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// [`retry_tiers`](Self::retry_tiers) that keep key order
     /// ([`RetryTiers::with_key_order`](crate::tiers::RetryTiers::with_key_order): the ledger
     /// settles a record before its transaction commits, so after an abort a later record of
-    /// the key could commit its outputs first), [`idempotency`](Self::idempotency) or
+    /// the key could commit its outputs first) or
     /// [`CommitMetadata::None`] (not supported yet), or with an `isolation.level` other than
     /// `read_committed` (a new owner must wait for a pending transaction's offsets); and with
     /// [`ConfigError::Invalid`] an empty transactional id, or a transaction timeout not above
@@ -554,6 +556,14 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// produced in the transaction that commits its offset, exactly-once under
     /// `read_committed`. A custom [`DeadLetterSink`] — a wrapper of the Kafka sink included —
     /// cannot join it: it writes its letters itself, at-least-once, as without this setting.
+    ///
+    /// With [`idempotency`](Self::idempotency), a record's key is marked done in the store
+    /// only once the transaction carrying its outputs (or its dead letter, or its forward)
+    /// and its offset committed; until then its claim stays held and renewed, and when that
+    /// transaction aborts the claim is released: a redelivery runs the record again and
+    /// produces its outputs again (so its effect outside Kafka runs again then; duplicates
+    /// of a record whose transaction committed are skipped). Each claim is held about one
+    /// commit interval longer. See [idempotency](crate::transactional#idempotency).
     ///
     /// Retry-tier forwards join the transaction too (retry tiers without key order): a
     /// record's forward — the record the tiers would write, same topic, partition, key, value
@@ -982,13 +992,6 @@ impl<T> Settings<T> {
             return Err(conflict(
                 "RetryTiers::with_key_order",
                 "the key-order ledger settles a record before its transaction commits: if that transaction aborts, a later record of the key may run and commit its outputs before the record's replay does, so key order would not hold for read_committed readers; transactional output cannot be combined with a key-order ledger",
-            )
-            .into());
-        }
-        if self.idempotency.is_some() {
-            return Err(conflict(
-                "idempotency",
-                "a key marked done in the store before its transaction commits would skip the record's outputs after a crash: transactional output cannot be combined with an idempotency store yet",
             )
             .into());
         }

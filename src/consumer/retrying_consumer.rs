@@ -100,6 +100,7 @@ impl<H: Handler> RetryingConsumer<H> {
         // Claims fetched ahead for records that never ran are released once the poll
         // thread is done (the next owner of their partitions must not find them busy).
         let ahead = worker.dedup.as_ref().map(|d| d.ahead.clone());
+        let claims_limit = settings.shutdown_timeout;
         let runtime = tokio::runtime::Handle::current();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let thread_hub = hub.clone();
@@ -115,6 +116,11 @@ impl<H: Handler> RetryingConsumer<H> {
                     spawner.spawn(work(worker.clone(), spawn_hub.clone(), job));
                 };
                 let result = caught(|| poll_loop(consumer, &thread_hub, &settings, &spawn));
+                if let Some(t) = thread_hub.transactions() {
+                    // No transaction commits any more: claims still waiting for one are
+                    // released (their records' outputs were not committed).
+                    t.close();
+                }
                 // Here rather than in `run`: the poll thread finishes even when `run`'s
                 // future was dropped, and the monitor must see it end.
                 thread_hub
@@ -142,6 +148,11 @@ impl<H: Handler> RetryingConsumer<H> {
         };
         if let Some(ahead) = ahead {
             ahead.release_all().await;
+        }
+        if let Some(t) = hub.transactions() {
+            // Claims kept until their transaction committed: marked done (the final commit
+            // carried them) or released, before `run` returns.
+            t.claims_settled(claims_limit).await;
         }
         flatten(result)
     }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -37,6 +37,15 @@ enum Pending {
     Forward(LetterRecord),
 }
 
+/// How many transactions committed, and whether more may: what a claim kept past its
+/// record's end waits for (see [`Transactions::committed`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Committed {
+    count: u64,
+    /// No transaction commits any more (they failed, or the consumer stopped).
+    over: bool,
+}
+
 /// Why the transactions stopped: the consumer stops with it.
 #[derive(Debug, Clone)]
 pub(crate) struct TransactionFailure {
@@ -61,6 +70,12 @@ pub(crate) struct Transactions {
     /// `failure` is set.
     stopped: AtomicBool,
     timeout: Duration,
+    /// Transactions committed so far: the open one is number `count` (it cannot change
+    /// while the shared guard is held).
+    committed: tokio::sync::watch::Sender<Committed>,
+    /// Claims kept past their record's end until their transaction commits (see
+    /// [`Transactions::keep_claim`]).
+    kept_claims: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl std::fmt::Debug for Transactions {
@@ -106,6 +121,8 @@ impl Transactions {
             failure: Mutex::new(None),
             stopped: AtomicBool::new(false),
             timeout: output.operation_timeout,
+            committed: tokio::sync::watch::Sender::new(Committed::default()),
+            kept_claims: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -141,8 +158,55 @@ impl Transactions {
             error!(operation, fenced, error = %failure.error, "transaction failed: the consumer stops; nothing more is committed (a restart handles the uncommitted records again, their outputs were not committed)");
             *slot = Some(failure.clone());
             self.stopped.store(true, Ordering::SeqCst);
+            self.committed.send_modify(|c| c.over = true);
         }
         failure
+    }
+
+    /// No transaction commits any more: the poll thread is done (the final commit made or
+    /// failed). Claims still waiting for a transaction are released.
+    pub(crate) fn close(&self) {
+        self.committed.send_modify(|c| c.over = true);
+    }
+
+    /// Whether transaction number `transaction` (as [`produce_staged`](Self::produce_staged)
+    /// answered) committed: waits until it did (`true`), or until no transaction commits any
+    /// more (`false`: it failed, was aborted, or the consumer stopped first).
+    pub(crate) async fn committed(&self, transaction: u64) -> bool {
+        let mut committed = self.committed.subscribe();
+        committed
+            .wait_for(|c| c.count > transaction || c.over)
+            .await
+            .is_ok_and(|c| c.count > transaction)
+    }
+
+    /// What a commit tells the claims waiting for it, without a broker (unit tests).
+    #[cfg(test)]
+    pub(crate) fn committed_without_broker(&self) {
+        self.committed.send_modify(|c| c.count += 1);
+    }
+
+    /// Counts a claim kept past its record's end until its transaction commits, until the
+    /// returned guard is dropped: the consumer's `run` waits for such claims before it
+    /// returns ([`claims_settled`](Self::claims_settled)).
+    pub(crate) fn keep_claim(&self) -> KeptClaim {
+        self.kept_claims.send_modify(|n| *n += 1);
+        KeptClaim(self.kept_claims.clone())
+    }
+
+    /// Waits (at most `limit`) until no claim kept past its record's end is left: each was
+    /// marked done, or released. Called after [`close`](Self::close).
+    pub(crate) async fn claims_settled(&self, limit: Duration) {
+        let mut kept = self.kept_claims.subscribe();
+        if tokio::time::timeout(limit, kept.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            warn!(
+                claims = *kept.borrow(),
+                "claims kept until their transaction committed still unsettled at the end of the run: they run out with their lease"
+            );
+        }
     }
 
     /// Keeps the outputs the successful attempt of `record` staged, until it finishes.
@@ -175,21 +239,29 @@ impl Transactions {
     }
 
     /// Called under [`shared`](Self::shared) as `record` ends: produces its staged outputs,
-    /// its dead letter or its retry-tier forward into the open transaction when it `finishes` (settled, in its
-    /// current assignment), drops them otherwise.
-    pub(crate) fn produce_staged(&self, record: &RawRecord, finishes: bool) {
+    /// its dead letter or its retry-tier forward into the open transaction when it `finishes`
+    /// (settled, in its current assignment), drops them otherwise. Answers the number of the
+    /// transaction the record finished in (`None`: it did not, or the transactions stopped),
+    /// for [`committed`](Self::committed).
+    pub(crate) fn produce_staged(&self, record: &RawRecord, finishes: bool) -> Option<u64> {
+        // After a failure nothing more is committed: outputs would only fail again.
+        let finished_in = (finishes && !self.stopped.load(Ordering::SeqCst))
+            .then(|| self.committed.borrow().count);
         let pending = {
             let mut staged = self.staged.lock().unwrap_or_else(PoisonError::into_inner);
             if staged.is_empty() {
-                return;
+                return finished_in;
             }
             staged.remove(&key_of(record))
         };
-        // After a failure nothing more is committed: outputs would only fail again.
-        let Some(pending) = pending.filter(|_| finishes && !self.stopped.load(Ordering::SeqCst))
-        else {
-            return;
+        let Some(pending) = pending.filter(|_| finished_in.is_some()) else {
+            return finished_in;
         };
+        self.send_pending(record, pending);
+        finished_in
+    }
+
+    fn send_pending(&self, record: &RawRecord, pending: Pending) {
         self.produced.store(true, Ordering::SeqCst);
         let outputs = match pending {
             Pending::Outputs(outputs) => outputs,
@@ -352,6 +424,7 @@ impl Transactions {
             return Err(self.failed("commit transaction", e, !extra.is_empty()));
         }
         self.produced.store(false, Ordering::SeqCst);
+        self.committed.send_modify(|c| c.count += 1);
         let offsets: Vec<(Tp, i64)> = commits.into_iter().map(|(o, _)| o).collect();
         hub.lock().committed(&offsets);
         hub.metrics.commit(started.elapsed(), true);
@@ -418,6 +491,17 @@ impl Transactions {
         } else {
             self.fail(operation, e)
         }
+    }
+}
+
+/// A claim kept past its record's end, counted until dropped (see
+/// [`Transactions::keep_claim`]).
+#[derive(Debug)]
+pub(crate) struct KeptClaim(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for KeptClaim {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

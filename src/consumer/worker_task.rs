@@ -8,6 +8,11 @@
 //! and no thread woken per record, and the job futures' allocations are reused (one box per
 //! job running or settling at a time, kept for the next job once it ends).
 //!
+//! With transactional output and idempotency, a job whose record succeeded ends (its outputs
+//! and offset enter the open transaction) and its future stays a tail, which keeps the
+//! record's claim renewed until that transaction commits and then marks its key done
+//! ([`Slot::complete_after_commit`]).
+//!
 //! A worker ends when it has no job to run and no tail left. A job that gives its slot up
 //! while it waits out a retry back-off ([`Slot::park`]) stays the worker's current job; the
 //! freed slot's next job runs on a new worker task (a back-off can be long).
@@ -22,7 +27,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tracing::{error, warn};
 
 use crate::consumer::schedule::{Hub, Job, JobEnd, Stop};
-use crate::consumer::work::{Slot, WorkerContext};
+use crate::consumer::work::{AfterCommit, Slot, WorkerContext};
 use crate::handler::Handler;
 use crate::record::RawRecord;
 
@@ -77,13 +82,26 @@ pub(crate) async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, 
     .await;
 }
 
-/// Runs one job to its end and hands its slot over (see [`JobRun::end`]).
+/// Runs one job to its end and hands its slot over (see [`JobRun::end`]); with
+/// transactional output, a claim its record kept is then marked done once the transaction
+/// it finished in commits (the job's slot went to the next job already).
 async fn run_one<H: Handler>(mut run: JobRun<H>) {
     let Some(job) = run.job.as_ref() else {
         return;
     };
-    let end = run.ctx.run_job(job.record.clone(), &job.stop, &run).await;
-    run.end(end);
+    let record = job.record.clone();
+    let end = run.ctx.run_job(record.clone(), &job.stop, &run).await;
+    let finished_in = run.end(end);
+    let kept = run
+        .after_commit
+        .get_mut()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(kept) = kept {
+        run.ctx
+            .complete_after_commit(kept, &record, finished_in)
+            .await;
+    }
 }
 
 /// The slot's next job, set by the worker's current job when it hands its slot over.
@@ -133,6 +151,8 @@ struct JobRun<H: Handler> {
     /// The job's lane and slot were released already (its end is being written).
     released: AtomicBool,
     handoff: Arc<Handoff>,
+    /// The record's claim, kept until the transaction it finishes in commits.
+    after_commit: Mutex<Option<AfterCommit>>,
 }
 
 impl<H: Handler> JobRun<H> {
@@ -143,28 +163,33 @@ impl<H: Handler> JobRun<H> {
             job: Some(job),
             released: AtomicBool::new(false),
             handoff: Arc::clone(handoff),
+            after_commit: Mutex::new(None),
         }
     }
 
     /// Records how the job ended: a released job settles (its slot went to the next job
-    /// already); any other frees its slot, whose next job is handed to the worker.
-    fn end(&mut self, end: JobEnd) {
-        let Some(mut job) = self.job.take() else {
-            return;
-        };
+    /// already); any other frees its slot, whose next job is handed to the worker. With
+    /// transactional output, the number of the transaction its record finished in.
+    fn end(&mut self, end: JobEnd) -> Option<u64> {
+        let mut job = self.job.take()?;
         if *self.released.get_mut() {
-            self.hub.settle(job, end);
-        } else if end == JobEnd::Settled
+            return self.hub.settle(job, end);
+        }
+        if end == JobEnd::Settled
             // A partition drains before its records are given up (`abandon`): the rest of
             // the run goes back to the scheduler, which keeps only gap fillers.
             && !job.stop.drain.is_cancelled()
             && !self.hub.breaker_holds()
             && job.advance()
         {
-            // The next record of its run, without the scheduler (see `Run`).
+            // The next record of its run, without the scheduler (see `Run`). (Runs are off
+            // with transactional output.)
             self.handoff.hand(Some(job));
+            None
         } else {
-            self.handoff.hand(self.hub.finish(job, end));
+            let (next, finished_in) = self.hub.finish_in_transaction(job, end);
+            self.handoff.hand(next);
+            finished_in
         }
     }
 
@@ -218,6 +243,13 @@ impl<H: Handler> Slot for JobRun<H> {
         if job.run_unreported() {
             self.hub.report_run(job);
         }
+    }
+
+    fn complete_after_commit(&self, claim: AfterCommit) {
+        *self
+            .after_commit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(claim);
     }
 }
 

@@ -116,25 +116,35 @@ impl Hub {
     /// With transactional output: produces the job's staged outputs when it finishes in
     /// its current assignment (else drops them), under the scheduler's lock `s` and the
     /// transactions' shared guard, which the caller holds until the job is marked finished.
-    fn produce_outputs(&self, s: &Scheduler, job: &Job, end: JobEnd) {
-        if let Some(t) = self.transactions.get() {
-            t.produce_staged(&job.record, end == JobEnd::Settled && s.is_current(job));
-        }
+    /// The number of the transaction it finished in (`None`: it did not).
+    fn produce_outputs(&self, s: &Scheduler, job: &Job, end: JobEnd) -> Option<u64> {
+        let t = self.transactions.get()?;
+        t.produce_staged(&job.record, end == JobEnd::Settled && s.is_current(job))
     }
 
     /// Called by a worker when a job ended; returns its next job.
     /// The job is dropped by the poll thread ([`Scheduler::keep_spent`]).
     pub(crate) fn finish(&self, job: Job, end: JobEnd) -> Option<Job> {
+        self.finish_in_transaction(job, end).0
+    }
+
+    /// [`finish`](Self::finish), also answering (with transactional output) the number of
+    /// the transaction the job's record finished in.
+    pub(crate) fn finish_in_transaction(
+        &self,
+        job: Job,
+        end: JobEnd,
+    ) -> (Option<Job>, Option<u64>) {
         let _shared = self.transactions.get().map(|t| t.shared());
-        let (next, room, overflow) = {
+        let (next, finished_in, room, overflow) = {
             let mut s = self.lock();
-            self.produce_outputs(&s, &job, end);
+            let finished_in = self.produce_outputs(&s, &job, end);
             let next = s.finish(&job, end);
-            (next, s.room(), s.keep_spent(job))
+            (next, finished_in, s.room(), s.keep_spent(job))
         };
         self.changed(room);
         drop(overflow);
-        next
+        (next, finished_in)
     }
 
     /// Wakes whoever waits for what changed: waiters on any change, and the poll thread
@@ -162,18 +172,20 @@ impl Hub {
         next
     }
 
-    /// Called by a worker when a job whose lane it released ended.
+    /// Called by a worker when a job whose lane it released ended; (with transactional
+    /// output) the number of the transaction its record finished in.
     /// The job is dropped by the poll thread ([`Scheduler::keep_spent`]).
-    pub(crate) fn settle(&self, job: Job, end: JobEnd) {
+    pub(crate) fn settle(&self, job: Job, end: JobEnd) -> Option<u64> {
         let _shared = self.transactions.get().map(|t| t.shared());
-        let (room, overflow) = {
+        let (finished_in, room, overflow) = {
             let mut s = self.lock();
-            self.produce_outputs(&s, &job, end);
+            let finished_in = self.produce_outputs(&s, &job, end);
             s.settle(&job, end);
-            (s.room(), s.keep_spent(job))
+            (finished_in, s.room(), s.keep_spent(job))
         };
         self.changed(room);
         drop(overflow);
+        finished_in
     }
 
     /// Called by a worker whose record did not end at once: what ran of its job's run

@@ -9,9 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::outcome::RecordOutcome;
-use super::waits::{InfraWait, Slot};
+use super::waits::{AfterCommit, InfraWait, Slot};
 use super::worker::{Holding, RecordRun, WorkerContext};
-use crate::consumer::dedup::{Answer, CLAIM_AHEAD, Dedup, HeldClaim, LaneKeys, Taken};
+use crate::consumer::dedup::{
+    Answer, CLAIM_AHEAD, Dedup, HeldClaim, LaneKeys, Taken, keep_renewed,
+};
 use crate::consumer::stop::Stop;
 use crate::guard::{guarded, store_call};
 use crate::handler::Handler;
@@ -177,6 +179,97 @@ impl<H: Handler> WorkerContext<H> {
             })
             .collect();
         (!keyed.is_empty()).then_some((stop, keyed))
+    }
+
+    /// Marks the record's delivery key done (when it holds a claim), the lane freed first
+    /// so that its next record starts meanwhile; `false` when cut short (the record is then
+    /// given up unsettled). With `in_transaction` (its outcome commits in a transaction, after
+    /// its job's end) the claim is handed to the slot instead, to be marked done once that
+    /// transaction committed ([`complete_after_commit`](Self::complete_after_commit)).
+    pub(super) async fn mark_done(
+        &self,
+        holding: Holding,
+        in_transaction: bool,
+        record: &RawRecord,
+        metrics: &RecordMetrics<'_>,
+        stop: &Stop,
+        slot: &dyn Slot,
+    ) -> bool {
+        let (Some(d), Some(keys), Some(claim)) = (&self.dedup, holding.keys, holding.claim) else {
+            return true;
+        };
+        if in_transaction && let Some(t) = &self.transactions {
+            slot.complete_after_commit(AfterCommit {
+                key: keys.delivery,
+                claim,
+                kept: t.keep_claim(),
+            });
+            return true;
+        }
+        slot.release();
+        self.complete(d, &keys.delivery, &claim, record, metrics, &stop.abandon)
+            .await
+    }
+
+    /// A claim kept past its record's job (see [`AfterCommit`]), renewed meanwhile: marked
+    /// done once transaction number `finished_in` (where the record finished) committed;
+    /// released when the record did not finish in a transaction (given up, or finished after
+    /// its partition was revoked: its outputs were dropped) or the transactions stopped first
+    /// (its outputs were aborted with its offset), so that its redelivery runs it again
+    /// without waiting for the lease.
+    pub(crate) async fn complete_after_commit(
+        &self,
+        kept: AfterCommit,
+        record: &RawRecord,
+        finished_in: Option<u64>,
+    ) {
+        let (Some(d), Some(t)) = (&self.dedup, &self.transactions) else {
+            return;
+        };
+        let AfterCommit {
+            key,
+            mut claim,
+            kept: _counted,
+        } = kept;
+        let metrics = self.metrics.record(&record.topic);
+        let committed = match finished_in {
+            None => false,
+            Some(transaction) => {
+                // Renewed whatever happens to the assignment: the wait ends with the next
+                // commit (a revoke commits first), or when the transactions stop.
+                let renewed_until_lost = CancellationToken::new();
+                let renewal = keep_renewed(
+                    &*d.store,
+                    &key,
+                    d.lease,
+                    &mut claim,
+                    &renewed_until_lost,
+                    record,
+                    &metrics,
+                );
+                let committed = tokio::select! {
+                    committed = t.committed(transaction) => Some(committed),
+                    () = renewal => None,
+                };
+                match committed {
+                    Some(committed) => committed,
+                    // The claim was lost: marking it done is refused (lease lost) once it commits.
+                    None => t.committed(transaction).await,
+                }
+            }
+        };
+        if committed {
+            self.complete(d, &key, &claim, record, &metrics, &CancellationToken::new())
+                .await;
+            return;
+        }
+        debug!(coordinates = %record.coordinates(), key, "its transaction did not commit: the claim is released, the record runs again when delivered again");
+        if let Err(e) = store_call("release", d.store.release(&key, &claim.token)).await
+            && !e.is_lease_lost()
+        {
+            metrics.store_error(StoreOperation::Release);
+            warn!(coordinates = %record.coordinates(), error = %e, "could not release claim; its redelivery waits for the lease to expire");
+        }
     }
 
     pub(super) async fn complete(

@@ -11,7 +11,9 @@ use crate::record::RawRecord;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RecordOutcome {
-    /// The handler succeeded (and the key was marked done, with idempotency on).
+    /// The handler succeeded (and the key was marked done, with idempotency on; with
+    /// transactional output too, it is marked done once the record's transaction commits,
+    /// after this is reported).
     Handled,
     /// Skipped: the idempotency store says the record's key is done.
     Duplicate,

@@ -84,12 +84,14 @@ impl<H: Handler> WorkerContext<H> {
             }
         }
         slot.release();
-        self.mark_settled(holding, outcome, &coordinates, metrics, stop)
+        self.mark_settled(holding, outcome, &coordinates, metrics, stop, slot)
             .await
     }
 
     /// Marks the delivery's key done after its dead letter or forward was acknowledged
-    /// (best effort within the lease, like a completion).
+    /// (best effort within the lease, like a completion); with transactional output, once
+    /// the transaction carrying the letter or forward committed, when it did
+    /// ([`mark_done`](Self::mark_done)).
     pub(crate) async fn mark_settled(
         &self,
         holding: Holding,
@@ -97,15 +99,36 @@ impl<H: Handler> WorkerContext<H> {
         record: &RawRecord,
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
+        slot: &dyn Slot,
     ) -> RecordOutcome {
-        if let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &holding.claim)
-            && !self
-                .complete(d, &keys.delivery, claim, record, metrics, &stop.abandon)
-                .await
+        if self
+            .mark_done(
+                holding,
+                self.in_transaction(outcome),
+                record,
+                metrics,
+                stop,
+                slot,
+            )
+            .await
         {
-            return RecordOutcome::Abandoned;
+            outcome
+        } else {
+            RecordOutcome::Abandoned
         }
-        outcome
+    }
+
+    /// Whether `outcome` is written in the transaction that commits the record's offset: a
+    /// forward with transactional output, and a dead letter when the Kafka sink's letters
+    /// join it (a custom sink's letter is acknowledged already: its key is marked done at
+    /// once, as without transactions).
+    fn in_transaction(&self, outcome: RecordOutcome) -> bool {
+        self.transactions.is_some()
+            && match outcome {
+                RecordOutcome::Forwarded(_) => true,
+                RecordOutcome::DeadLettered(_) => self.sink.kafka_sink(Token(())).is_some(),
+                _ => false,
+            }
     }
 
     /// Runs `work` (writing a dead letter or a forward) with the record's claim renewed

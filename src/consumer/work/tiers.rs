@@ -159,7 +159,7 @@ impl<H: Handler> WorkerContext<H> {
             return outcome;
         }
         slot.release();
-        self.mark_settled(holding, outcome, record, metrics, stop)
+        self.mark_settled(holding, outcome, record, metrics, stop, slot)
             .await
     }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::consumer::dedup::HeldClaim;
 use crate::consumer::stop::Stop;
+use crate::consumer::transaction::KeptClaim;
 use crate::record::RawRecord;
 use crate::retry::infra_backoff;
 
@@ -53,6 +55,22 @@ pub(crate) trait Slot: Send + Sync {
     /// The record did not end at its first poll (it waits for I/O, a timer or a slot): what
     /// its worker ran before it is told to the scheduler now, not when it ends.
     fn waits(&self) {}
+    /// With transactional output: the record's claim is kept past its job's end, and marked
+    /// done only once the transaction that carries the record's outcome commits (released
+    /// if it never does). A slot without a job of its own (unit tests) drops it: the claim
+    /// then runs out with its lease.
+    fn complete_after_commit(&self, _claim: AfterCommit) {}
+}
+
+/// A record's claim kept past its job's end (transactional output): its key is marked done
+/// once the transaction that carries the record's outputs, dead letter or forward and its
+/// offset commits, and released when that transaction fails. Marked done before, the key
+/// would make a redelivery after a crash skip the record, whose outputs never committed.
+pub(crate) struct AfterCommit {
+    pub(crate) key: String,
+    pub(crate) claim: HeldClaim,
+    /// Counted until it is marked done or released: the consumer's run waits for it.
+    pub(crate) kept: KeptClaim,
 }
 
 /// A slot that is never given up: the record keeps it while it waits (unit tests).

@@ -961,30 +961,28 @@ impl<H: Handler> WorkerContext<H> {
     async fn succeeded(
         &self,
         record: &RawRecord,
-        holding: Holding,
+        mut holding: Holding,
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
         slot: &dyn Slot,
     ) -> RecordOutcome {
         // Before the lane moves on: the key's next record must not find this one still in
         // the ledger (it would be deferred round a tier for nothing).
-        if let Some(tracked) = holding.tracked
+        if let Some(tracked) = holding.tracked.take()
             && !self.ledger_settle(tracked, record, stop).await
         {
             return RecordOutcome::Abandoned;
         }
-        if let (Some(d), Some(keys), Some(claim)) = (&self.dedup, &holding.keys, &holding.claim) {
-            // Off the lane's critical path: the next record starts while the key is marked
-            // done; the offset waits for it.
-            slot.release();
-            if !self
-                .complete(d, &keys.delivery, claim, record, metrics, &stop.abandon)
-                .await
-            {
-                // Cut short (revoke timeout, shutdown deadline): not settled, so its offset
-                // is not committed and it is delivered again.
-                return RecordOutcome::Abandoned;
-            }
+        // With transactional output the outputs and the offset commit together, after the
+        // job's end: the key is marked done once they did.
+        let in_transaction = self.transactions.is_some();
+        if !self
+            .mark_done(holding, in_transaction, record, metrics, stop, slot)
+            .await
+        {
+            // Cut short (revoke timeout, shutdown deadline): not settled, so its offset
+            // is not committed and it is delivered again.
+            return RecordOutcome::Abandoned;
         }
         metrics.handled();
         RecordOutcome::Handled

@@ -419,6 +419,8 @@ struct Setup {
     dedup_header: Option<&'static str>,
     breaker: Option<BreakerPolicy>,
     destinations: Option<crate::Destinations<Order>>,
+    /// Transactional output (a producer that never connects: nothing is committed for real).
+    transactional: bool,
 }
 
 /// A worker whose handler plays `steps`, with `RetryPolicy::fixed(500 ms, 3)` (4 attempts),
@@ -454,6 +456,7 @@ fn script(steps: impl Into<Vec<Step>>) -> Setup {
         dedup_header: None,
         breaker: None,
         destinations: None,
+        transactional: false,
     }
 }
 
@@ -523,6 +526,15 @@ impl Setup {
 
     fn destinations(mut self, destinations: crate::Destinations<Order>) -> Self {
         self.destinations = Some(destinations);
+        self
+    }
+
+    /// Transactional output, with a producer that never connects: its transactions commit
+    /// only when the test says so ([`Transactions::committed_without_broker`]).
+    ///
+    /// [`Transactions::committed_without_broker`]: crate::consumer::transaction::Transactions::committed_without_broker
+    fn transactional(mut self) -> Self {
+        self.transactional = true;
         self
     }
 
@@ -605,7 +617,17 @@ impl Setup {
                 park_after: None,
                 of,
             }),
-            transactions: None,
+            transactions: self.transactional.then(|| {
+                let output = crate::transactional::TransactionalOutput::new("unit-test");
+                Arc::new(
+                    crate::consumer::transaction::Transactions::new(
+                        "127.0.0.1:1",
+                        Vec::new(),
+                        &output,
+                    )
+                    .expect("a transactional producer (it does not connect)"),
+                )
+            }),
         };
         Harness {
             worker,
@@ -1147,7 +1169,11 @@ async fn cancel_during_a_retry_back_off_abandons_at_once() {
     assert_eq!(h.attempts(), [1]);
     assert!(h.sends().is_empty());
     assert_eq!(h.handled(), 0);
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    assert_eq!(
+        key_state(&store, &store_key("o-1")).await,
+        KeyState::Free,
+        "released when the transactions stopped"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1859,7 +1885,11 @@ async fn a_panicking_dedup_key_function_dead_letters_the_record_as_panic_without
             .contains("dedup key function panicked: no key for o-1")
     );
     assert_eq!(h.counts().panics.load(Ordering::Relaxed), 1);
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    assert_eq!(
+        key_state(&store, &store_key("o-1")).await,
+        KeyState::Free,
+        "released when the transactions stopped"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -1882,7 +1912,11 @@ async fn a_draining_partition_gives_up_a_record_waiting_out_its_back_off_at_once
     assert!(h.sends().is_empty(), "not dead-lettered");
     assert_eq!(h.counts().abandoned.load(Ordering::Relaxed), 1);
     // Its claim was released after the failed attempt: the next owner can run it.
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    assert_eq!(
+        key_state(&store, &store_key("o-1")).await,
+        KeyState::Free,
+        "released when the transactions stopped"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -2085,7 +2119,11 @@ async fn a_record_waiting_for_the_breaker_holds_no_claim_and_a_drain_gives_it_up
     assert_eq!(h.attempts(), [1, 2, 3]);
     assert!(h.sends().is_empty(), "not dead-lettered");
     assert_eq!(h.breaker().waiting, 0);
-    assert_eq!(key_state(&store, &store_key("o-1")).await, KeyState::Free);
+    assert_eq!(
+        key_state(&store, &store_key("o-1")).await,
+        KeyState::Free,
+        "released when the transactions stopped"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -2607,5 +2645,116 @@ async fn the_lanes_next_records_are_offered_only_without_a_store_and_before_a_dr
     assert!(
         with_store.is_empty(),
         "not offered with a store: {with_store:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transactional output with idempotency: a key is marked done once its transaction committed
+// ---------------------------------------------------------------------------------------------
+
+/// A slot that keeps the claim a record hands over past its job's end.
+#[derive(Default)]
+struct KeptClaimSlot(Mutex<Option<super::super::waits::AfterCommit>>);
+
+impl super::Slot for KeptClaimSlot {
+    fn park(&self) {}
+    fn resume(&self) -> Result<(), tokio::sync::oneshot::Receiver<()>> {
+        Ok(())
+    }
+    fn resume_now(&self) {}
+    fn release(&self) {}
+    fn complete_after_commit(&self, claim: super::super::waits::AfterCommit) {
+        *self.0.lock().unwrap() = Some(claim);
+    }
+}
+
+/// Runs order `id` with transactional output and dedup in `store`: the claim its job kept.
+async fn handled_in_a_transaction(h: &Harness, id: &str) -> super::super::waits::AfterCommit {
+    let slot = KeptClaimSlot::default();
+    let end = h
+        .worker
+        .run_job(Arc::new(order(id)), &Stop::default(), &slot)
+        .await;
+    assert_eq!(end, JobEnd::Settled);
+    slot.0
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the claim is kept past the job's end")
+}
+
+/// The record's job ends with its key still held (its outputs and offset enter the open
+/// transaction only then); the claim is renewed past its lease while the transaction stays
+/// open, and the key is marked done once it committed.
+#[tokio::test(start_paused = true)]
+async fn with_transactions_a_key_is_done_only_once_its_transaction_committed() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Succeed]).dedup(&store).transactional().build();
+    let kept = handled_in_a_transaction(&h, "o-1").await;
+    let key = store_key("o-1");
+    assert_eq!(
+        key_state(&store, &key).await,
+        KeyState::Held,
+        "held at the job's end"
+    );
+    let t = h.worker.transactions.clone().expect("transactional");
+    let record = order("o-1");
+    let commit_later = async {
+        sleep(LEASE * 3).await;
+        let before = key_state(&store, &key).await;
+        t.committed_without_broker();
+        before
+    };
+    let ((), before) = tokio::join!(
+        h.worker.complete_after_commit(kept, &record, Some(0)),
+        commit_later
+    );
+    assert_eq!(
+        before,
+        KeyState::Held,
+        "renewed, not done, three leases later"
+    );
+    assert_eq!(
+        key_state(&store, &key).await,
+        KeyState::Done,
+        "done after the commit"
+    );
+}
+
+/// The transactions stop before the record's transaction committed (it failed, or the
+/// consumer stopped): the claim is released, so the redelivery runs the record at once; a
+/// record that did not finish in a transaction (its partition revoked first) too.
+#[tokio::test(start_paused = true)]
+async fn with_transactions_a_claim_whose_transaction_never_commits_is_released() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Succeed, Succeed])
+        .dedup(&store)
+        .transactional()
+        .build();
+    let t = h.worker.transactions.clone().expect("transactional");
+    let kept = handled_in_a_transaction(&h, "o-1").await;
+    let record = order("o-1");
+    let close_later = async {
+        sleep(secs(1)).await;
+        t.close();
+    };
+    tokio::join!(
+        h.worker.complete_after_commit(kept, &record, Some(0)),
+        close_later
+    );
+    assert_eq!(
+        key_state(&store, &store_key("o-1")).await,
+        KeyState::Free,
+        "released when the transactions stopped"
+    );
+
+    let kept = handled_in_a_transaction(&h, "o-2").await;
+    h.worker
+        .complete_after_commit(kept, &order("o-2"), None)
+        .await;
+    assert_eq!(
+        key_state(&store, &store_key("o-2")).await,
+        KeyState::Free,
+        "released when the record did not finish in a transaction"
     );
 }
