@@ -89,15 +89,19 @@ async fn run_one<H: Handler>(mut run: JobRun<H>) {
     let Some(job) = run.job.as_ref() else {
         return;
     };
-    let record = job.record.clone();
-    let end = run.ctx.run_job(record.clone(), &job.stop, &run).await;
-    let finished_in = run.end(end);
+    let end = run.ctx.run_job(job.record.clone(), &job.stop, &run).await;
     let kept = run
         .after_commit
         .get_mut()
         .unwrap_or_else(PoisonError::into_inner)
         .take();
-    if let Some(kept) = kept {
+    // Only a record whose claim waits for the commit is kept past its job's end.
+    let record = kept
+        .as_ref()
+        .and(run.job.as_ref())
+        .map(|job| job.record.clone());
+    let finished_in = run.end(end);
+    if let (Some(kept), Some(record)) = (kept, record) {
         run.ctx
             .complete_after_commit(kept, &record, finished_in)
             .await;
