@@ -703,6 +703,42 @@ mod tests {
         assert!(claims.take(&r, "a").await.is_none());
     }
 
+    /// Shutdown leaves a claim lent to a batch (its effect may be running) to its lease; once
+    /// the batch let it go, its record takes it at its turn.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_leaves_a_claim_lent_to_a_batch_and_its_record_takes_it_after() {
+        let (store, claims) = setup();
+        let (lent, other) = (record(1), record(2));
+        let (a, b) = (acquired(&store, "a").await, acquired(&store, "b").await);
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [
+                (lent.clone(), "a".into(), a),
+                (other.clone(), "b".into(), b),
+            ],
+        );
+        let (in_batch, tokens) = claims
+            .lend([(&lent, "a".to_owned())], &CancellationToken::new())
+            .expect("held for it");
+        assert_eq!(tokens.len(), 1);
+        claims.release_all().await;
+        assert_eq!(
+            store.claim("a", LEASE).await.unwrap(),
+            Claim::Busy,
+            "in use"
+        );
+        assert!(
+            matches!(store.claim("b", LEASE).await.unwrap(), Claim::Acquired(_)),
+            "released"
+        );
+        drop(in_batch);
+        assert!(matches!(
+            claims.take(&lent, "a").await,
+            Some(Taken::Held(_))
+        ));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_done_answer_makes_the_record_a_duplicate() {
         let (_store, claims) = setup();

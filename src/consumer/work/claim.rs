@@ -195,10 +195,14 @@ impl<H: Handler> WorkerContext<H> {
         lane_stop: &Stop,
         next: Vec<Message<H::Event>>,
     ) -> Vec<Message<H::Event>> {
-        let keyed = next.iter().map_while(|m| {
-            let keys = guarded(|| d.keys_of(m)).ok().flatten()?;
-            Some((m.raw_shared(), keys.delivery))
-        });
+        // The keys first: the key function does not run under the claims' lock.
+        let keyed: Vec<_> = next
+            .iter()
+            .map_while(|m| {
+                let keys = guarded(|| d.keys_of(m)).ok().flatten()?;
+                Some((m.raw_shared(), keys.delivery))
+            })
+            .collect();
         let Some((lent, tokens)) = d.ahead.lend(keyed, &lane_stop.lost) else {
             return Vec::new();
         };
