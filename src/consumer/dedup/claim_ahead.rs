@@ -627,21 +627,25 @@ mod tests {
         assert_eq!(store.claim("b", LEASE).await.unwrap(), Claim::Busy);
     }
 
+    /// Records 1 and 2 with claims on keys "a" and "b" fetched ahead for them, now.
+    async fn two_kept(
+        store: &InMemoryIdempotencyStore,
+        claims: &Arc<AheadClaims>,
+    ) -> (Arc<RawRecord>, Arc<RawRecord>) {
+        let (r, other) = (record(1), record(2));
+        let (a, b) = (acquired(store, "a").await, acquired(store, "b").await);
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(r.clone(), "a".into(), a), (other.clone(), "b".into(), b)],
+        );
+        (r, other)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_record_that_ends_without_its_claim_and_shutdown_release_it() {
         let (store, claims) = setup();
-        let (r, other) = (record(1), record(2));
-        let (a, b) = (acquired(&store, "a").await, acquired(&store, "b").await);
-        claims.keep(
-            &Arc::default(),
-            Instant::now(),
-            [(r.clone(), "a".into(), a)],
-        );
-        claims.keep(
-            &Arc::default(),
-            Instant::now(),
-            [(other.clone(), "b".into(), b)],
-        );
+        let (r, _other) = two_kept(&store, &claims).await;
         claims.forget(&r).await;
         assert!(matches!(
             store.claim("a", LEASE).await.unwrap(),
@@ -708,16 +712,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_leaves_a_claim_lent_to_a_batch_and_its_record_takes_it_after() {
         let (store, claims) = setup();
-        let (lent, other) = (record(1), record(2));
-        let (a, b) = (acquired(&store, "a").await, acquired(&store, "b").await);
-        claims.keep(
-            &Arc::default(),
-            Instant::now(),
-            [
-                (lent.clone(), "a".into(), a),
-                (other.clone(), "b".into(), b),
-            ],
-        );
+        let (lent, _other) = two_kept(&store, &claims).await;
         let (in_batch, tokens) = claims
             .lend([(&lent, "a".to_owned())], &CancellationToken::new())
             .expect("held for it");
