@@ -46,11 +46,23 @@
 //! simply handled again at its turn; a kept success of a key below its lane's current offset
 //! (its turn passed: a revoke, a restart) is dropped.
 //!
+//! With an [idempotency store](crate::RetryingConsumerBuilder::idempotency) a record's effect
+//! must run under its claim, so the consumer offers only the records whose claims it holds
+//! already: when a record of an ordered lane claims its key, the same store call claims the
+//! keys of the lane's next records (up to 32), and the run offered is the prefix of those
+//! whose claims were acquired (a record whose key is done — a duplicate, skipped at its
+//! turn —, busy, not claimed yet or claimed too long ago ends the run: it runs at its turn).
+//! Their claims hold while the batch runs (renewed, never released meanwhile; each message
+//! carries its claim's token, as [`Message::claim_token`] says), and each record takes its
+//! claim at its turn and has its key marked done there. A run is then at most 33 records of a
+//! lane (with its lead), and the claims of the next run are fetched when its first record
+//! claims. A record taken ahead whose turn never comes in this consumer (a revoke, a shutdown
+//! in between) ran but is not marked done: it runs again where it is delivered next
+//! (at-least-once, as any record whose effect ran before its completion was written).
+//!
 //! The consumer offers no records ahead — a batch then holds one record per lane, as
 //! [`look_ahead(false)`](Batched::look_ahead) does — where running a record before its turn
-//! would skip a step of that turn: with an
-//! [idempotency store](crate::RetryingConsumerBuilder::idempotency) (its claim is taken at
-//! its turn; run ahead, its effect would run unclaimed), with
+//! would skip a step of that turn: with
 //! [transactional output](crate::RetryingConsumerBuilder::transactional) (its
 //! outputs belong to its own transaction), with
 //! [destinations](crate::RetryingConsumerBuilder::destinations) (it would skip its

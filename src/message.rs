@@ -24,6 +24,9 @@ pub struct Message<T> {
     delivery_count: Option<u16>,
     /// The attempt's staged output records: `Some` only with transactional output.
     outputs: Option<Arc<Staged>>,
+    /// Held while any clone lives: for a record run ahead of its turn, the lease on its claim
+    /// (its claim stays in use while its message may be in a batch).
+    held: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl<T> Clone for Message<T> {
@@ -35,6 +38,7 @@ impl<T> Clone for Message<T> {
             claim: self.claim.clone(),
             delivery_count: self.delivery_count,
             outputs: self.outputs.clone(),
+            held: self.held.clone(),
         }
     }
 }
@@ -48,6 +52,7 @@ impl<T> Message<T> {
             claim: None,
             delivery_count: None,
             outputs: None,
+            held: None,
         }
     }
 
@@ -84,6 +89,16 @@ impl<T> Message<T> {
 
     pub(crate) fn set_claim_token(&mut self, claim: Option<ClaimToken>) {
         self.claim = claim;
+    }
+
+    /// The shared record.
+    pub(crate) fn raw_shared(&self) -> &Arc<RawRecord> {
+        &self.raw
+    }
+
+    /// Keeps `held` alive as long as this message or a clone of it lives.
+    pub(crate) fn hold_while_alive(&mut self, held: Arc<dyn std::any::Any + Send + Sync>) {
+        self.held = Some(held);
     }
 
     /// The decoded event.

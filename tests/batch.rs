@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use kourier::batch::{BatchHandler, BatchOutcome, batched};
 use kourier::{
-    DeadLetterReason, DedupKey, HandlerError, Idempotency, InMemoryIdempotencyStore, Message,
-    ProcessingOrder, RecordOutcome, RetryPolicy, async_trait,
+    DeadLetterReason, DedupKey, HandlerError, Idempotency, IdempotencyStore,
+    InMemoryIdempotencyStore, Message, ProcessingOrder, RecordOutcome, RetryPolicy, async_trait,
 };
 use serde::Deserialize;
 use support::TestRecord;
@@ -245,4 +245,92 @@ async fn in_partition_order_a_batch_takes_a_run_of_its_partition_in_offset_order
         "a batch takes a run of its partition (mean batch size {mean:.1}; one record per \
          partition would make at most {PARTITIONS})"
     );
+}
+
+/// `Partition` order with an idempotency store: the lane's records whose claims were fetched
+/// ahead join their lead's batch (mean batch size well above the partition count), each good
+/// row is stored once, and an event delivered twice (the same dedup key in two records, in its
+/// own partition and in another) is stored once.
+async fn in_partition_order_with_a_store(name: &str, store: Arc<dyn IdempotencyStore>) {
+    const RECORDS: u64 = 600;
+    const DUPLICATES: u64 = 60;
+    const PARTITIONS: i32 = 3;
+    let (topic, group, dlt_topic) = setup(name, PARTITIONS).await;
+    // Rows 0..RECORDS, then rows 0..DUPLICATES again (each to the partition after its first).
+    let ids: Vec<(u64, i32)> = (0..RECORDS)
+        .map(|id| (id, i32::try_from(id).unwrap() % PARTITIONS))
+        .chain((0..DUPLICATES).map(|id| (id, (i32::try_from(id).unwrap() + 1) % PARTITIONS)))
+        .collect();
+    let sent = support::produce(
+        &topic,
+        ids.iter().map(|(id, p)| row(*id).partition(*p)).collect(),
+    )
+    .await;
+    // A bad row delivered twice is dead-lettered once (one event, one outcome).
+    let bad_rows = (0..RECORDS).filter(|id| bad(*id)).count();
+    assert_eq!(sent.len(), ids.len());
+    let db = Arc::new(BulkInsert::default());
+    let settled = Arc::new(Mutex::new(0usize));
+    let count = settled.clone();
+    let c = Running::start(
+        consumer::builder(batched(Insert(db.clone())), &topic, &group)
+            .ordering(ProcessingOrder::Partition)
+            .retry_policy(RetryPolicy::fixed(Duration::from_millis(10), 2))
+            .idempotency(Idempotency::new(
+                store,
+                DedupKey::from_fn(|m: &Message<Row>| Some(m.event().id.to_string())),
+            ))
+            .on_outcome(move |_, _| *count.lock().unwrap() += 1),
+    );
+    wait_for("every record settled", Duration::from_secs(60), || {
+        *settled.lock().unwrap() >= ids.len()
+    })
+    .await;
+    let letters = support::read_at_least(&dlt_topic, bad_rows, Duration::from_secs(30)).await;
+    c.stop().await;
+
+    let mut times: HashMap<u64, u32> = HashMap::new();
+    for (id, _, _) in db.stored() {
+        *times.entry(id).or_default() += 1;
+    }
+    let not_once: Vec<_> = (0..RECORDS)
+        .filter(|id| !bad(*id) && times.get(id) != Some(&1))
+        .map(|id| (id, times.get(&id).copied().unwrap_or(0)))
+        .collect();
+    assert!(
+        not_once.is_empty(),
+        "each good row (duplicates included) stored once: (id, times) {not_once:?}"
+    );
+    assert!(times.keys().all(|id| !bad(*id)), "no refused row stored");
+    assert_eq!(letters.len(), bad_rows, "one dead letter per bad row");
+    let mean = db.mean_batch(&format!(
+        "{} records on {PARTITIONS} partitions with a store ({name})",
+        ids.len()
+    ));
+    assert!(
+        mean > 10.0,
+        "a batch takes a run of its partition whose claims are held (mean batch size \
+         {mean:.1}; one record per partition would make at most {PARTITIONS})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_partition_order_with_an_in_memory_store_batches_store_each_row_once() {
+    in_partition_order_with_a_store(
+        "batch-partition-store",
+        Arc::new(InMemoryIdempotencyStore::new()),
+    )
+    .await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_partition_order_with_a_redis_store_batches_store_each_row_once() {
+    support::require_redis().await;
+    let store = kourier::RedisIdempotencyStore::builder(support::redis_url())
+        .key_prefix(format!("{}:", support::unique_name("batch-idem")))
+        .build()
+        .await
+        .expect("connect the idempotency store to REDIS_URL");
+    in_partition_order_with_a_store("batch-partition-redis", Arc::new(store)).await;
 }

@@ -19,7 +19,21 @@
 //!   those of partitions that are draining (revoked or stopping): the records they were for
 //!   were dropped from the buffer, and the partition's next owner must not find their keys
 //!   busy;
-//! - shutdown releases whatever is left ([`AheadClaims::release_all`]).
+//! - shutdown releases whatever is left ([`AheadClaims::release_all`]), but for claims in use
+//!   by a batch (below), which run out with their lease.
+//!
+//! # Claims lent to a batch
+//!
+//! A batch handler may run a lane's next records ahead of their turn (see `batch.rs`'s module
+//! docs). With a store it is offered only those whose claims wait here for them
+//! ([`AheadClaims::lend`]): the contiguous prefix of the lane whose keys were acquired, are
+//! fresh and were fetched after the store's last failure (a record whose key is done, busy,
+//! unknown or stale ends it, and runs at its turn). Their effects then run under their claims,
+//! so those claims must hold for as long as the batch runs: while any message of the records
+//! lent lives ([`Lent`], which the messages carry) their entries are **in use**: the sweeper
+//! skips them and a task renews them every sixth of the lease, so they are still fresh when
+//! their records' turns come (until the partition is lost, as a running record's claim). Each record takes its claim at its turn as any other; a
+//! record whose turn is late (its result was not kept) finds it fresh or not, as above.
 //!
 //! A crash leaves them to expire with their lease, like the claim of a running record. An
 //! answer "done" is kept too (the record is a duplicate, skipped at its turn); "busy" and
@@ -30,10 +44,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, warn};
 
 use super::lease::HeldClaim;
+use crate::clock::after;
 use crate::consumer::stop::Stop;
 use crate::guard::store_call;
 use crate::idempotency::{ClaimToken, IdempotencyStore};
@@ -61,8 +78,11 @@ struct Entry {
     _record: Arc<RawRecord>,
     key: String,
     answer: Answer,
+    /// When the claim, or its last renewal, was sent.
     sent: Instant,
     stop: Arc<Stop>,
+    /// Lent to a batch that may be running the record's effect: not swept (see [`Lent`]).
+    in_use: bool,
 }
 
 /// What a record finds waiting for it.
@@ -172,6 +192,7 @@ impl AheadClaims {
                 answer,
                 sent,
                 stop: stop.clone(),
+                in_use: false,
             };
             if entries.insert(address(&record), entry).is_none() {
                 self.len.fetch_add(1, Ordering::AcqRel);
@@ -223,12 +244,17 @@ impl AheadClaims {
         }
     }
 
-    /// Releases every claim fetched ahead (shutdown).
+    /// Releases every claim fetched ahead (shutdown), but those in use by a batch that may
+    /// still run their effects: they run out with their lease.
     pub(crate) async fn release_all(&self) {
         let all: Vec<Entry> = {
             let mut entries = self.lock();
-            self.len.store(0, Ordering::Release);
-            entries.drain().map(|(_, e)| e).collect()
+            let all: Vec<Entry> = entries
+                .extract_if(|_, e| !e.in_use)
+                .map(|(_, e)| e)
+                .collect();
+            self.len.fetch_sub(all.len(), Ordering::AcqRel);
+            all
         };
         if !all.is_empty() {
             debug!(
@@ -249,7 +275,9 @@ impl AheadClaims {
         let fresh_for = self.fresh_for();
         let swept: Vec<Entry> = self
             .lock()
-            .extract_if(|_, e| e.stop.drain.is_cancelled() || e.sent.elapsed() >= fresh_for)
+            .extract_if(|_, e| {
+                !e.in_use && (e.stop.drain.is_cancelled() || e.sent.elapsed() >= fresh_for)
+            })
             .map(|(_, e)| e)
             .collect();
         self.len.fetch_sub(swept.len(), Ordering::AcqRel);
@@ -266,6 +294,185 @@ impl AheadClaims {
         {
             warn!(key = entry.key, error = %e, "could not release a claim fetched ahead; it runs out with its lease");
         }
+    }
+}
+
+/// The claims of a lane's next records lent to a batch (see the module docs): in use until
+/// this is dropped (with the last message that carries it), renewed meanwhile.
+pub(crate) struct Lent {
+    claims: Arc<AheadClaims>,
+    /// Held so their addresses are not reused while their entries are in use.
+    records: Vec<Arc<RawRecord>>,
+    _renewal: DropGuard,
+}
+
+impl std::fmt::Debug for Lent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lent")
+            .field("records", &self.records.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut entries = self.claims.lock();
+        for record in &self.records {
+            if let Some(entry) = entries.get_mut(&address(record)) {
+                entry.in_use = false;
+            }
+        }
+    }
+}
+
+impl AheadClaims {
+    /// Lends to a batch the claims held for the longest prefix of `next` (a lane's next
+    /// records with their delivery keys, in order) whose claims wait here acquired, fresh,
+    /// fetched after the store's last failure and not in use already; `None` when the first
+    /// has none. The tokens are the prefix's, in order. Their renewal stops when `lost`
+    /// fires (the partition is lost: its next owner must be able to claim the keys).
+    pub(crate) fn lend<'r>(
+        self: &Arc<Self>,
+        next: impl IntoIterator<Item = (&'r Arc<RawRecord>, String)>,
+        lost: &CancellationToken,
+    ) -> Option<(Arc<Lent>, Vec<ClaimToken>)> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let fresh_for = self.fresh_for();
+        let (mut records, mut tokens) = (Vec::new(), Vec::new());
+        {
+            let mut entries = self.lock();
+            for (record, key) in next {
+                let Some(entry) = entries.get_mut(&address(record)) else {
+                    break;
+                };
+                let Answer::Acquired(token) = &entry.answer else {
+                    break;
+                };
+                if entry.key != key
+                    || entry.in_use
+                    || entry.sent.elapsed() >= fresh_for
+                    || self.failed_since(entry.sent)
+                {
+                    break;
+                }
+                entry.in_use = true;
+                tokens.push(token.clone());
+                records.push(record.clone());
+            }
+        }
+        if records.is_empty() {
+            return None;
+        }
+        let done = CancellationToken::new();
+        let addresses = records.iter().map(address).collect();
+        tokio::spawn(renew_lent(
+            Arc::downgrade(self),
+            addresses,
+            lost.clone(),
+            done.clone(),
+        ));
+        let lent = Lent {
+            claims: self.clone(),
+            records,
+            _renewal: done.drop_guard(),
+        };
+        Some((Arc::new(lent), tokens))
+    }
+
+    /// When the oldest claim still in use among `lent` was sent or last renewed.
+    fn oldest_in_use(&self, lent: &[usize]) -> Option<Instant> {
+        let entries = self.lock();
+        lent.iter()
+            .filter_map(|a| entries.get(a).filter(|e| e.in_use).map(|e| e.sent))
+            .min()
+    }
+
+    /// How often a claim lent to a batch is renewed: half the time it stays fresh, so that it
+    /// is fresh whenever its record's turn comes.
+    fn lent_renewal(&self) -> Duration {
+        (self.fresh_for() / 2).max(Duration::from_millis(1))
+    }
+
+    /// Renews the claims in use among `lent` that are due (see [`Self::lent_renewal`]);
+    /// one the store says is lost is dropped (its record claims anew at its turn).
+    async fn renew_due(&self, lent: &[usize]) {
+        let period = self.lent_renewal();
+        let due: Vec<(usize, String, ClaimToken)> = {
+            let entries = self.lock();
+            lent.iter()
+                .filter_map(|a| {
+                    let e = entries.get(a).filter(|e| e.in_use)?;
+                    let Answer::Acquired(token) = &e.answer else {
+                        return None;
+                    };
+                    (e.sent.elapsed() >= period).then(|| (*a, e.key.clone(), token.clone()))
+                })
+                .collect()
+        };
+        let sent = Instant::now();
+        let renewed =
+            join_all(due.iter().map(|(_, key, token)| {
+                store_call("renew", self.store.renew(key, token, self.lease))
+            }))
+            .await;
+        let mut entries = self.lock();
+        for ((a, key, token), renewed) in due.into_iter().zip(renewed) {
+            let Some(entry) = entries.get_mut(&a) else {
+                continue;
+            };
+            if !matches!(&entry.answer, Answer::Acquired(t) if *t == token) {
+                continue;
+            }
+            match renewed {
+                Ok(()) => entry.sent = sent,
+                Err(e) if e.is_lease_lost() => {
+                    warn!(
+                        key,
+                        "a claim lent to a batch was lost; its record claims anew at its turn"
+                    );
+                    entries.remove(&a);
+                    self.len.fetch_sub(1, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    warn!(key, error = %e, "could not renew a claim lent to a batch; retrying at the next tick");
+                }
+            }
+        }
+    }
+}
+
+/// Renews the claims lent to a batch (see [`Lent`]) until it is dropped (`done`) or the
+/// partition is lost.
+async fn renew_lent(
+    claims: Weak<AheadClaims>,
+    lent: Vec<usize>,
+    lost: CancellationToken,
+    done: CancellationToken,
+) {
+    // A round whose renewals failed leaves them due: the next waits a period all the same.
+    let mut not_before = Instant::now();
+    loop {
+        let next = {
+            let Some(claims) = claims.upgrade() else {
+                return;
+            };
+            let Some(oldest) = claims.oldest_in_use(&lent) else {
+                return;
+            };
+            after(oldest, claims.lent_renewal()).max(not_before)
+        };
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = lost.cancelled() => return,
+            () = tokio::time::sleep_until(next) => {}
+        }
+        let Some(claims) = claims.upgrade() else {
+            return;
+        };
+        not_before = after(Instant::now(), claims.lent_renewal());
+        claims.renew_due(&lent).await;
     }
 }
 
@@ -420,21 +627,25 @@ mod tests {
         assert_eq!(store.claim("b", LEASE).await.unwrap(), Claim::Busy);
     }
 
+    /// Records 1 and 2 with claims on keys "a" and "b" fetched ahead for them, now.
+    async fn two_kept(
+        store: &InMemoryIdempotencyStore,
+        claims: &Arc<AheadClaims>,
+    ) -> (Arc<RawRecord>, Arc<RawRecord>) {
+        let (r, other) = (record(1), record(2));
+        let (a, b) = (acquired(store, "a").await, acquired(store, "b").await);
+        claims.keep(
+            &Arc::default(),
+            Instant::now(),
+            [(r.clone(), "a".into(), a), (other.clone(), "b".into(), b)],
+        );
+        (r, other)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_record_that_ends_without_its_claim_and_shutdown_release_it() {
         let (store, claims) = setup();
-        let (r, other) = (record(1), record(2));
-        let (a, b) = (acquired(&store, "a").await, acquired(&store, "b").await);
-        claims.keep(
-            &Arc::default(),
-            Instant::now(),
-            [(r.clone(), "a".into(), a)],
-        );
-        claims.keep(
-            &Arc::default(),
-            Instant::now(),
-            [(other.clone(), "b".into(), b)],
-        );
+        let (r, _other) = two_kept(&store, &claims).await;
         claims.forget(&r).await;
         assert!(matches!(
             store.claim("a", LEASE).await.unwrap(),
@@ -494,6 +705,33 @@ mod tests {
         );
         claims.store_failed();
         assert!(claims.take(&r, "a").await.is_none());
+    }
+
+    /// Shutdown leaves a claim lent to a batch (its effect may be running) to its lease; once
+    /// the batch let it go, its record takes it at its turn.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_leaves_a_claim_lent_to_a_batch_and_its_record_takes_it_after() {
+        let (store, claims) = setup();
+        let (lent, _other) = two_kept(&store, &claims).await;
+        let (in_batch, tokens) = claims
+            .lend([(&lent, "a".to_owned())], &CancellationToken::new())
+            .expect("held for it");
+        assert_eq!(tokens.len(), 1);
+        claims.release_all().await;
+        assert_eq!(
+            store.claim("a", LEASE).await.unwrap(),
+            Claim::Busy,
+            "in use"
+        );
+        assert!(
+            matches!(store.claim("b", LEASE).await.unwrap(), Claim::Acquired(_)),
+            "released"
+        );
+        drop(in_batch);
+        assert!(matches!(
+            claims.take(&lent, "a").await,
+            Some(Taken::Held(_))
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -181,6 +181,42 @@ impl<H: Handler> WorkerContext<H> {
         (!keyed.is_empty()).then_some((stop, keyed))
     }
 
+    /// The lane's next records (`next`, in order) that may run ahead of their turn with a
+    /// store: the prefix whose claims were fetched ahead and are held for them, lent to the
+    /// batch (see [`claim_ahead`](crate::consumer::dedup::claim_ahead)'s module docs): each
+    /// message carries its claim's token and keeps the claim in use (renewed, never swept)
+    /// while it lives. A record without a dedup key, or whose key is done, busy or not claimed
+    /// yet, ends the prefix: it runs at its turn. No claim is fetched here: the claims of the
+    /// lane's next records are fetched with the claim of the record whose turn it is, when it
+    /// claims without one fetched for it.
+    pub(super) fn lent_claims(
+        &self,
+        d: &Dedup<H::Event>,
+        lane_stop: &Stop,
+        next: Vec<Message<H::Event>>,
+    ) -> Vec<Message<H::Event>> {
+        // The keys first: the key function does not run under the claims' lock.
+        let keyed: Vec<_> = next
+            .iter()
+            .map_while(|m| {
+                let keys = guarded(|| d.keys_of(m)).ok().flatten()?;
+                Some((m.raw_shared(), keys.delivery))
+            })
+            .collect();
+        let Some((lent, tokens)) = d.ahead.lend(keyed, &lane_stop.lost) else {
+            return Vec::new();
+        };
+        let held: Arc<dyn std::any::Any + Send + Sync> = lent;
+        next.into_iter()
+            .zip(tokens)
+            .map(|(mut message, token)| {
+                message.set_claim_token(Some(token));
+                message.hold_while_alive(held.clone());
+                message
+            })
+            .collect()
+    }
+
     /// Marks the record's delivery key done (when it holds a claim), the lane freed first
     /// so that its next record starts meanwhile; `false` when cut short (the record is then
     /// given up unsettled). With `in_transaction` (its outcome commits in a transaction, after

@@ -748,11 +748,11 @@ impl<H: Handler> WorkerContext<H> {
     }
 
     /// Whether the handler may be told the records queued next in the record's lane, to run
-    /// them ahead of their turn (the batch adapter does: see `batch.rs`'s module docs). Not
-    /// when running a record ahead would skip a step its turn takes:
+    /// them ahead of their turn (the batch adapter does: see `batch.rs`'s module docs). With
+    /// an idempotency store only records whose claims were fetched ahead and are held for
+    /// them are offered (see [`Self::lane_ahead`]): an effect run ahead never runs unclaimed.
+    /// Not offered when running a record ahead would skip a step its turn takes:
     ///
-    /// - an idempotency store: its claim is taken at its turn, so an effect run ahead would
-    ///   run unclaimed (the duplicate the store exists to prevent);
     /// - transactional output: its outputs are staged for its own transaction, at its turn;
     /// - destinations: it would skip its destination's breaker (delivery rule 19);
     /// - retry tiers with key order: the ledger may defer it to a tier rather than run it;
@@ -762,8 +762,7 @@ impl<H: Handler> WorkerContext<H> {
     /// Unordered lanes hold one record, and a draining partition's lane offers none (see
     /// [`WorkerContext::lane_ahead`]).
     fn offers_lane(&self, at: Option<&Located>, pass: &Pass<'_>) -> bool {
-        self.dedup.is_none()
-            && self.transactions.is_none()
+        self.transactions.is_none()
             && self.destinations.is_none()
             && !self.keeps_key_order(at)
             && at.is_none_or(|at| at.tier == 0 && at.invalid.is_none())
@@ -772,7 +771,8 @@ impl<H: Handler> WorkerContext<H> {
 
     /// Up to `max` records queued next in the record's lane, in order, decoded: up to the
     /// first that cannot be decoded (it is dead-lettered at its turn). None while the
-    /// partition drains.
+    /// partition drains. With an idempotency store, only those before the first whose claim
+    /// is not held for it (see [`Self::lent_claims`]).
     fn lane_ahead(&self, slot: &dyn Slot, stop: &Stop, max: usize) -> Vec<Message<H::Event>> {
         if stop.drain.is_cancelled() {
             return Vec::new();
@@ -783,13 +783,14 @@ impl<H: Handler> WorkerContext<H> {
         if lane_stop.drain.is_cancelled() {
             return Vec::new();
         }
-        records
-            .into_iter()
-            .map_while(|r| {
-                let event = guarded(|| self.codec.decode(&r)).ok()?.ok()?;
-                Some(Message::new(r, 1, event))
-            })
-            .collect()
+        let next = records.into_iter().map_while(|r| {
+            let event = guarded(|| self.codec.decode(&r)).ok()?.ok()?;
+            Some(Message::new(r, 1, event))
+        });
+        match &self.dedup {
+            None => next.collect(),
+            Some(d) => self.lent_claims(d, &lane_stop, next.collect()),
+        }
     }
 
     /// One handler attempt, with its claim renewed while it runs; `lane`: the record's slot,

@@ -167,13 +167,14 @@ impl Handler for ScriptedHandler {
         message: &'a Message<Order>,
         lane: crate::handler::sealed::Lane<'_, Order>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>> {
-        let ahead = lane
-            .ahead(10)
-            .iter()
-            .map(|m| m.event().id.clone())
-            .collect();
-        self.lanes.lock().unwrap().push(ahead);
-        self.handle(message)
+        let ahead = lane.ahead(10);
+        let ids = ahead.iter().map(|m| m.event().id.clone()).collect();
+        self.lanes.lock().unwrap().push(ids);
+        // Kept while the attempt runs, as the batch adapter keeps them while their batch runs.
+        Box::pin(async move {
+            let _in_the_batch = ahead;
+            self.handle(message).await
+        })
     }
 
     async fn handle(&self, message: &Message<Order>) -> Result<(), HandlerError> {
@@ -2609,42 +2610,165 @@ async fn a_record_that_fails_its_share_of_probes_takes_its_normal_path() {
 /// only where running them ahead skips nothing of their turn: not with an idempotency store
 /// (their claims are taken at their turn), not while the partition drains.
 #[tokio::test(start_paused = true)]
-async fn the_lanes_next_records_are_offered_only_without_a_store_and_before_a_drain() {
+async fn the_lanes_next_records_are_offered_before_a_drain_and_with_a_store_while_claimed() {
     let next: Vec<Arc<RawRecord>> = vec![
         Arc::new(order("o-2")),
         Arc::new(order("o-3")),
         Arc::new(raw(Some(b"not json"))),
         Arc::new(order("o-5")),
     ];
-    let lane = LaneSlot {
-        stop: Arc::default(),
-        next,
-    };
-    // Runs o-1 (settled) in the lane: what its handler was offered, per attempt.
-    let offered = async |setup: Setup, stop: &Stop| {
+    // Runs `next[0]` (settled) in a lane holding the rest: what its handler was offered, per
+    // attempt.
+    let offered = async |setup: Setup, stop: &Stop, lane: &[&str]| {
+        let (lead, next) = lane.split_first().expect("a lead");
         let h = setup.build();
-        let end = h.worker.run_job(Arc::new(order("o-1")), stop, &lane).await;
+        let lane = LaneSlot {
+            stop: Arc::default(),
+            next: next.iter().map(|id| Arc::new(order(id))).collect(),
+        };
+        let end = h.worker.run_job(Arc::new(order(lead)), stop, &lane).await;
         assert_eq!(end, JobEnd::Settled);
         h.handler.lanes.lock().unwrap().clone()
     };
 
+    let h = script([Succeed]).build();
+    let lane = LaneSlot {
+        stop: Arc::default(),
+        next,
+    };
+    let end = h
+        .worker
+        .run_job(Arc::new(order("o-1")), &Stop::default(), &lane)
+        .await;
+    assert_eq!(end, JobEnd::Settled);
     assert_eq!(
-        offered(script([Succeed]), &Stop::default()).await,
+        *h.handler.lanes.lock().unwrap(),
         [vec!["o-2".to_owned(), "o-3".to_owned()]],
         "the lane's next records up to the one that cannot be decoded"
     );
     let draining = Stop::default();
     draining.drain.cancel();
     assert_eq!(
-        offered(script([Succeed]), &draining).await,
+        offered(script([Succeed]), &draining, &["o-1", "o-2"]).await,
         [Vec::<String>::new()],
         "none while draining"
     );
-    let store = Arc::new(InMemoryIdempotencyStore::new());
-    let with_store = offered(script([Succeed]).dedup_in(store), &Stop::default()).await;
-    assert!(
-        with_store.is_empty(),
-        "not offered with a store: {with_store:?}"
+
+    // With a store: the lead's claim fetches the lane's claims ahead; only the prefix whose
+    // claims are held for them is offered. o-4 is busy (another worker holds it), o-7 done.
+    let store = InMemoryIdempotencyStore::new();
+    let Claim::Acquired(_busy) = store.claim(&store_key("o-4"), LEASE).await.unwrap() else {
+        panic!("o-4 claimable");
+    };
+    let Claim::Acquired(token) = store.claim(&store_key("o-7"), LEASE).await.unwrap() else {
+        panic!("o-7 claimable");
+    };
+    store
+        .complete(&store_key("o-7"), &token, TTL)
+        .await
+        .unwrap();
+    let with_store = || script([Succeed]).dedup_in(Arc::new(store.clone()));
+    assert_eq!(
+        offered(
+            with_store(),
+            &Stop::default(),
+            &["o-1", "o-2", "o-3", "o-4", "o-5"]
+        )
+        .await,
+        [vec!["o-2".to_owned(), "o-3".to_owned()]],
+        "a busy key ends the prefix"
+    );
+    assert_eq!(
+        offered(
+            with_store(),
+            &Stop::default(),
+            &["o-9", "o-6", "o-7", "o-8"]
+        )
+        .await,
+        [vec!["o-6".to_owned()]],
+        "a done key (a duplicate, skipped at its turn) ends the prefix"
+    );
+}
+
+/// The claims of the records offered ahead hold while the attempt that took them runs (three
+/// leases here): the sweeper does not release them, and they are renewed. Each record then
+/// takes its claim at its turn, with the token its message carried, and its key is marked
+/// done.
+#[tokio::test(start_paused = true)]
+async fn the_claims_of_records_offered_ahead_hold_while_their_batch_runs() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Stall(LEASE * 3), Succeed])
+        .dedup_in(Arc::new(store.clone()))
+        .build();
+    let next: Vec<Arc<RawRecord>> = vec![Arc::new(order("o-2")), Arc::new(order("o-3"))];
+    let lane = LaneSlot {
+        stop: Arc::default(),
+        next: next.clone(),
+    };
+    let stop = Stop::default();
+    let during = async {
+        sleep(LEASE * 2).await;
+        [
+            key_state(&store, &store_key("o-2")).await,
+            key_state(&store, &store_key("o-3")).await,
+        ]
+    };
+    let (end, during) = tokio::join!(
+        h.worker.run_job(Arc::new(order("o-1")), &stop, &lane),
+        during
+    );
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(
+        *h.handler.lanes.lock().unwrap(),
+        [vec!["o-2".to_owned(), "o-3".to_owned()]]
+    );
+    assert_eq!(
+        during,
+        [KeyState::Held; 2],
+        "held two leases into the attempt that took them"
+    );
+    for record in next {
+        let end = h.worker.run_job(record, &stop, &KeepSlot).await;
+        assert_eq!(end, JobEnd::Settled);
+    }
+    assert_eq!(key_state(&store, &store_key("o-2")).await, KeyState::Done);
+    assert_eq!(key_state(&store, &store_key("o-3")).await, KeyState::Done);
+    assert_eq!(h.handled(), 3);
+}
+
+/// A revoke while the batch runs (the lane's partition drains): the sweeper, which releases
+/// the claims fetched ahead for a draining partition, leaves those lent to the batch until it
+/// ended.
+#[tokio::test(start_paused = true)]
+async fn the_claims_lent_to_a_batch_are_released_at_a_drain_only_once_it_ended() {
+    let store = InMemoryIdempotencyStore::new();
+    let h = script([Stall(LEASE)])
+        .dedup_in(Arc::new(store.clone()))
+        .build();
+    let lane_stop = Arc::new(Stop::default());
+    let lane = LaneSlot {
+        stop: lane_stop.clone(),
+        next: vec![Arc::new(order("o-2"))],
+    };
+    let during = async {
+        sleep(LEASE / 2).await;
+        lane_stop.drain.cancel();
+        sleep(LEASE / 4).await;
+        key_state(&store, &store_key("o-2")).await
+    };
+    let stop = Stop::default();
+    let (end, during) = tokio::join!(
+        h.worker.run_job(Arc::new(order("o-1")), &stop, &lane),
+        during
+    );
+    assert_eq!(end, JobEnd::Settled);
+    assert_eq!(*h.handler.lanes.lock().unwrap(), [vec!["o-2".to_owned()]]);
+    assert_eq!(during, KeyState::Held, "not released while the batch runs");
+    sleep(secs(1)).await;
+    assert_eq!(
+        key_state(&store, &store_key("o-2")).await,
+        KeyState::Free,
+        "released once it ended"
     );
 }
 
