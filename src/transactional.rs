@@ -71,7 +71,13 @@
 //! record — letting the later records of its key run — before the record's transaction
 //! commits; if that transaction aborts, a later record of the key can run and commit its
 //! outputs before the record's replay commits its own, so a `read_committed` reader would
-//! see the key's outputs out of order.
+//! see the key's outputs out of order. Settling only once the transaction committed (as the
+//! idempotency store's keys are marked done, below) moves the problem rather than solving
+//! it: a process that dies between the commit and the settle leaves the record in the
+//! ledger while its offset is committed, so it is never delivered again to settle it, and
+//! the key's later records would go round the tier until the ledger's entry expires (with
+//! Redis each deferral pushes that expiry back). Closing that window needs a settling state
+//! the ledger can resolve after a crash; until then the combination is refused.
 //!
 //! # Idempotency
 //!
