@@ -350,7 +350,8 @@ impl<'a> PollThread<'a> {
         let jobs = if self.batch.is_empty() {
             hub.lock().take_jobs()
         } else {
-            hub.set_connected(true);
+            // Records are no sign of a connection: after all brokers went down, librdkafka
+            // still hands over what it fetched before. Only the probe's answer reconnects.
             hub.metrics.consumed(&self.batch);
             let mut s = hub.lock();
             for record in self.batch.drain(..) {
