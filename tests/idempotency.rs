@@ -728,3 +728,50 @@ async fn claims_on_redis_7_are_plain_commands_with_the_scripts_answers() {
         Ok(Claim::Acquired(_))
     ));
 }
+
+/// A server that lost its scripts (restarted, or `SCRIPT FLUSH`) is sent each script again
+/// when it answers `NOSCRIPT`: completions, renewals and releases, one key or a batch, keep
+/// working, fenced as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_flushed_on_the_server_are_loaded_again() {
+    let server = RedisServer::start_on_free_port("script-flush");
+    let store = store_on(&server, "script-flush", None).await;
+    let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(60));
+    let keys = ["a", "b", "c", "d"];
+    let mut tokens = Vec::new();
+    for key in keys {
+        tokens.push(acquire(&store, key, lease).await);
+    }
+    let flush = || assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+
+    flush();
+    store.complete(keys[0], &tokens[0], ttl).await.unwrap();
+    flush();
+    let batch = store
+        .complete_many(&[(keys[1], &tokens[1]), (keys[2], &tokens[2])], ttl)
+        .await;
+    assert!(
+        batch.iter().all(Result::is_ok),
+        "a batch completes after a flush: {batch:?}"
+    );
+    flush();
+    store.renew(keys[3], &tokens[3], lease).await.unwrap();
+    flush();
+    store.release(keys[3], &tokens[3]).await.unwrap();
+    for key in &keys[..3] {
+        expect_claim(&store, key, Claim::Done).await;
+    }
+    assert!(matches!(
+        store.claim(keys[3], lease).await,
+        Ok(Claim::Acquired(_))
+    ));
+    flush();
+    let foreign = ClaimToken::new("not-the-holder");
+    assert!(
+        matches!(
+            store.complete(keys[3], &foreign, ttl).await,
+            Err(StoreError::LeaseLost { .. })
+        ),
+        "still fenced by the token after a flush"
+    );
+}

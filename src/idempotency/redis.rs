@@ -14,7 +14,10 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{ConnectionInfo, IntoConnectionInfo, RedisError, RetryMethod, Script};
+use redis::{
+    Cmd, ConnectionInfo, FromRedisValue, IntoConnectionInfo, RedisError, RedisWrite, RetryMethod,
+    Script, ServerErrorKind, ToRedisArgs,
+};
 
 use super::{Claim, ClaimToken, IdempotencyStore, StoreError};
 use crate::error::{ConfigError, Error};
@@ -232,33 +235,34 @@ impl RedisIdempotencyStore {
         token: &ClaimToken,
         duration: Duration,
     ) -> Result<(i64, u32), StoreError> {
-        let value = inflight(token);
-        let duration = millis(duration).to_string();
-        let args: [&[u8]; 2] = [value.as_bytes(), duration.as_bytes()];
-        self.run(operation, key, script, &args).await
+        let duration = millis(duration);
+        self.run(operation, key, script, |cmd| {
+            cmd.arg(inflight(token)).arg(duration);
+        })
+        .await
     }
 
+    /// Runs `script` on `key` (unprefixed) with the arguments `args` writes, with retries,
+    /// within the command timeout.
     async fn run(
         &self,
         operation: &'static str,
         key: &str,
         script: &Script,
-        args: &[&[u8]],
+        args: impl Fn(&mut Cmd),
     ) -> Result<(i64, u32), StoreError> {
-        let redis_key = format!("{}{key}", self.key_prefix);
         let attempts = async {
             let mut attempt = 1;
             loop {
-                let mut invocation = script.key(redis_key.as_str());
-                for arg in args {
-                    invocation.arg(*arg);
-                }
+                let mut cmd = script_cmd(script, 1, 4);
+                cmd.arg(Joined(&self.key_prefix, key));
+                args(&mut cmd);
                 let result: redis::RedisResult<i64> = match &self.connection {
                     Connection::Single(manager) => {
-                        invocation.invoke_async(&mut manager.clone()).await
+                        eval(&cmd, script, &mut manager.clone()).await
                     }
                     Connection::Cluster(cluster) => {
-                        invocation.invoke_async(&mut cluster.clone()).await
+                        eval(&cmd, script, &mut cluster.clone()).await
                     }
                 };
                 match result {
@@ -321,20 +325,20 @@ impl RedisIdempotencyStore {
         manager: &ConnectionManager,
         script: &Script,
         keys: &[&str],
-        per_key: &[String],
-        last: &str,
+        per_key: &[&ClaimToken],
+        last: u64,
     ) -> Result<(Vec<i64>, u32), StoreError> {
         self.retried_batch(operation, keys, || {
-            let mut invocation = script.prepare_invoke();
+            let mut cmd = script_cmd(script, keys.len(), 2 * keys.len() + 1);
             for key in keys {
-                invocation.key(format!("{}{key}", self.key_prefix));
+                cmd.arg(Joined(&self.key_prefix, key));
             }
-            for arg in per_key {
-                invocation.arg(arg.as_str());
+            for token in per_key {
+                cmd.arg(inflight(token));
             }
-            invocation.arg(last);
+            cmd.arg(last);
             let mut connection = manager.clone();
-            async move { invocation.invoke_async(&mut connection).await }
+            async move { eval(&cmd, script, &mut connection).await }
         })
         .await
     }
@@ -349,28 +353,32 @@ impl RedisIdempotencyStore {
         lease: Duration,
     ) -> Vec<Result<Claim, StoreError>> {
         let tokens: Vec<ClaimToken> = keys.iter().map(|_| ClaimToken::random()).collect();
-        let values: Vec<String> = tokens.iter().map(inflight).collect();
         let lease = millis(lease);
         let answers = self
             .retried_batch("claim", keys, || {
-                let mut pipe = redis::pipe();
-                for (key, value) in keys.iter().zip(&values) {
-                    pipe.cmd("SET")
-                        .arg(format!("{}{key}", self.key_prefix))
-                        .arg(value)
+                let mut pipe = redis::Pipeline::with_capacity(keys.len());
+                for (key, token) in keys.iter().zip(&tokens) {
+                    // Sized for the command: its arguments and their bytes, with room for
+                    // the lease's digits (no buffer grown on the way).
+                    let bytes = self.key_prefix.len() + key.len() + INFLIGHT.len() + 32 + 32;
+                    let mut set = Cmd::with_capacity(7, bytes);
+                    set.arg("SET")
+                        .arg(Joined(&self.key_prefix, key))
+                        .arg(inflight(token))
                         .arg("NX")
                         .arg("PX")
                         .arg(lease)
                         .arg("GET");
+                    pipe.add_command(set);
                 }
                 let mut connection = manager.clone();
-                let values = &values;
+                let tokens = &tokens;
                 async move {
                     let held: Vec<Option<Vec<u8>>> = pipe.query_async(&mut connection).await?;
                     Ok(held
                         .iter()
-                        .zip(values)
-                        .map(|(held, value)| plain_claim_answer(held.as_deref(), value))
+                        .zip(tokens)
+                        .map(|(held, token)| plain_claim_answer(held.as_deref(), token))
                         .collect())
                 }
             })
@@ -500,9 +508,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
     }
 
     async fn release(&self, key: &str, token: &ClaimToken) -> Result<(), StoreError> {
-        let value = inflight(token);
         let (answer, attempt) = self
-            .run("release", key, &self.scripts.release, &[value.as_bytes()])
+            .run("release", key, &self.scripts.release, |cmd| {
+                cmd.arg(inflight(token));
+            })
             .await?;
         fenced(answer, attempt, key)
     }
@@ -522,11 +531,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
             }
         };
         let tokens: Vec<ClaimToken> = keys.iter().map(|_| ClaimToken::random()).collect();
-        let values: Vec<String> = tokens.iter().map(inflight).collect();
-        let lease = millis(lease).to_string();
+        let values: Vec<&ClaimToken> = tokens.iter().collect();
         let script = &self.scripts.claim_many;
         let answers = self
-            .run_many("claim", manager, script, keys, &values, &lease)
+            .run_many("claim", manager, script, keys, &values, millis(lease))
             .await;
         claims_answered(answers, tokens)
     }
@@ -548,11 +556,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
             }
         };
         let keys: Vec<&str> = claims.iter().map(|(k, _)| *k).collect();
-        let values: Vec<String> = claims.iter().map(|(_, t)| inflight(t)).collect();
-        let ttl = millis(ttl).to_string();
+        let values: Vec<&ClaimToken> = claims.iter().map(|(_, t)| *t).collect();
         let script = &self.scripts.complete_many;
         match self
-            .run_many("complete", manager, script, &keys, &values, &ttl)
+            .run_many("complete", manager, script, &keys, &values, millis(ttl))
             .await
         {
             Ok((answers, attempt)) => answers
@@ -826,11 +833,13 @@ fn server_major_version(info: &str) -> Option<u32> {
 
 /// What a plain claim's reply means, as [`CLAIM_LUA`] answers it: 1 acquired, 2 done, 3 busy.
 /// `held` is what the key held before (`None`: it was absent, and is set now).
-fn plain_claim_answer(held: Option<&[u8]>, value: &str) -> i64 {
+fn plain_claim_answer(held: Option<&[u8]>, token: &ClaimToken) -> i64 {
     match held {
         None => 1,
         Some(b"done") => 2,
-        Some(held) if held == value.as_bytes() => 1,
+        Some(held) if held.strip_prefix(INFLIGHT.as_bytes()) == Some(token.as_str().as_bytes()) => {
+            1
+        }
         Some(_) => 3,
     }
 }
@@ -881,8 +890,51 @@ fn connect_error(error: RedisError) -> Error {
     })
 }
 
-fn inflight(token: &ClaimToken) -> String {
-    format!("inflight:{token}")
+/// What a held claim's value starts with, before its token.
+const INFLIGHT: &str = "inflight:";
+
+/// A held claim's value: `inflight:` and the claim's token.
+fn inflight(token: &ClaimToken) -> Joined<'_> {
+    Joined(INFLIGHT, token.as_str())
+}
+
+/// Two strings as one Redis argument, written straight into the command's buffer (the key
+/// prefix and a key, or `inflight:` and a token): no string is built for it.
+struct Joined<'a>(&'a str, &'a str);
+
+impl ToRedisArgs for Joined<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        use std::io::Write as _;
+        let mut arg = out.writer_for_next_arg();
+        // Writing to a command's buffer (or a vector) cannot fail.
+        let _ = arg.write_all(self.0.as_bytes());
+        let _ = arg.write_all(self.1.as_bytes());
+    }
+}
+
+/// An `EVALSHA` of `script` over `keys` keys, sized for them and `args` more arguments; the
+/// caller adds the keys, then the arguments.
+fn script_cmd(script: &Script, keys: usize, args: usize) -> Cmd {
+    // Room for the name, the hash, the key count and about 48 bytes per argument.
+    let mut cmd = Cmd::with_capacity(3 + keys + args, 64 + 48 * (keys + args));
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+    cmd
+}
+
+/// Runs `cmd` (made by [`script_cmd`]); a server that does not have the script yet (a new
+/// or restarted server) is sent it first and asked again, as `ScriptInvocation` does.
+async fn eval<T, C>(cmd: &Cmd, script: &Script, connection: &mut C) -> redis::RedisResult<T>
+where
+    T: FromRedisValue,
+    C: redis::aio::ConnectionLike,
+{
+    match cmd.query_async(connection).await {
+        Err(error) if error.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(connection).await?;
+            cmd.query_async(connection).await
+        }
+        answer => answer,
+    }
 }
 
 /// Whole milliseconds, rounded up, within what Redis accepts for `PX`.
@@ -932,25 +984,41 @@ mod tests {
 
     #[test]
     fn a_plain_claim_answers_as_the_claim_script() {
-        let ours = "inflight:abc";
+        let ours = ClaimToken::new("abc");
         assert_eq!(
-            plain_claim_answer(None, ours),
+            plain_claim_answer(None, &ours),
             1,
             "absent: set now, acquired"
         );
-        assert_eq!(plain_claim_answer(Some(b"done"), ours), 2, "done");
+        assert_eq!(plain_claim_answer(Some(b"done"), &ours), 2, "done");
         assert_eq!(
-            plain_claim_answer(Some(ours.as_bytes()), ours),
+            plain_claim_answer(Some(b"inflight:abc"), &ours),
             1,
             "our own value: a retry whose first reply was lost"
         );
-        assert_eq!(plain_claim_answer(Some(b"inflight:xyz"), ours), 3, "busy");
+        assert_eq!(plain_claim_answer(Some(b"inflight:xyz"), &ours), 3, "busy");
         assert_eq!(
-            plain_claim_answer(Some(b"DONE"), ours),
+            plain_claim_answer(Some(b"inflight:abcd"), &ours),
+            3,
+            "a longer token is another's"
+        );
+        assert_eq!(plain_claim_answer(Some(b"abc"), &ours), 3, "no prefix");
+        assert_eq!(
+            plain_claim_answer(Some(b"DONE"), &ours),
             3,
             "a foreign value is busy"
         );
-        assert_eq!(plain_claim_answer(Some(b""), ours), 3);
+        assert_eq!(plain_claim_answer(Some(b""), &ours), 3);
+    }
+
+    #[test]
+    fn a_joined_argument_is_one_argument_of_both_parts() {
+        let mut cmd = Cmd::new();
+        cmd.arg("GET").arg(Joined("prefix:", "key")).arg(inflight(&ClaimToken::new("t")));
+        assert_eq!(
+            String::from_utf8(cmd.get_packed_command()).unwrap(),
+            "*3\r\n$3\r\nGET\r\n$10\r\nprefix:key\r\n$10\r\ninflight:t\r\n"
+        );
     }
 
     #[test]

@@ -20,11 +20,11 @@ impl ClaimToken {
 
     /// A fresh random token.
     pub fn random() -> Self {
-        ClaimToken(format!(
-            "{:016x}{:016x}",
-            fastrand::u64(..),
-            fastrand::u64(..)
-        ))
+        use std::fmt::Write as _;
+        // Sized for its 32 hex digits: one allocation (a `format!` grows its buffer).
+        let mut token = String::with_capacity(32);
+        let _ = write!(token, "{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        ClaimToken(token)
     }
 
     /// The token's value.
