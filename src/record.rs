@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use rdkafka::Timestamp;
 use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message as _, OwnedHeaders};
+use smallvec::SmallVec;
 
 /// Bytes of a record — its key, its value, a header's name or value: a read-only, cheaply
 /// cloned view into one shared buffer. Use it as a `&[u8]` (it derefs to one).
@@ -321,6 +322,10 @@ pub(crate) fn escape_bytes(bytes: &[u8]) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Headers a record holds without an allocation of their own (most records carry one or
+/// two: an event id, a trace context).
+const INLINE_HEADERS: usize = 2;
+
 /// The ordered headers of a record. Names may repeat, as in Kafka.
 ///
 /// Names are bytes ([`Header::key`]); lookups take a name as text or bytes and compare byte
@@ -338,12 +343,12 @@ pub(crate) fn escape_bytes(bytes: &[u8]) -> Cow<'_, str> {
 /// assert_eq!(headers.get_all("event-id").count(), 2);
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<Header>);
+pub struct Headers(SmallVec<[Header; INLINE_HEADERS]>);
 
 impl Headers {
     /// No headers.
     pub fn new() -> Self {
-        Headers(Vec::new())
+        Headers(SmallVec::new())
     }
 
     /// Appends a header (names may repeat).
@@ -454,7 +459,7 @@ impl From<&OwnedHeaders> for Headers {
 
 impl From<Vec<Header>> for Headers {
     fn from(headers: Vec<Header>) -> Self {
-        Headers(headers)
+        Headers(SmallVec::from_vec(headers))
     }
 }
 
@@ -474,7 +479,7 @@ impl IntoIterator for Headers {
     type Item = Header;
     type IntoIter = std::vec::IntoIter<Header>;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
+        self.0.into_vec().into_iter()
     }
 }
 

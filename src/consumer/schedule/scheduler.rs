@@ -604,6 +604,9 @@ impl Scheduler {
             if self.runs && probe_epoch.is_none() && !p.draining && !lane.queue.is_empty() {
                 let n = lane.queue.len().min(RUN_RECORDS - 1);
                 run.ahead = lane.queue.drain(..n).collect();
+                // Sized here, on the poll thread, which frees it with the job: a vector the
+                // worker grew would be freed into another thread's arena, under its lock.
+                run.settled = Vec::with_capacity(n);
                 run.since = Some(std::time::Instant::now());
             }
             return Some(Job {
