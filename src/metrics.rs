@@ -83,7 +83,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::borrow::Cow;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -546,9 +545,9 @@ impl ConsumerMetrics {
         self.in_flight();
     }
 
-    fn topic(&self, topic: &str) -> Cow<'_, TopicMetrics> {
+    fn topic(&self, topic: &str) -> TopicRef<'_> {
         match self.topics.iter().find(|(t, _)| &**t == topic) {
-            Some((t, cell)) => Cow::Borrowed(cell.get_or_init(|| {
+            Some((t, cell)) => TopicRef::Cached(cell.get_or_init(|| {
                 TopicMetrics::new(
                     SharedString::from(String::from(&**t)),
                     self.group.clone(),
@@ -556,11 +555,11 @@ impl ConsumerMetrics {
                 )
             })),
             // Not subscribed (cannot happen with exact topic names): correct labels, no cache.
-            None => Cow::Owned(TopicMetrics::new(
+            None => TopicRef::Own(Box::new(TopicMetrics::new(
                 SharedString::from(topic.to_owned()),
                 self.group.clone(),
                 self.queue,
-            )),
+            ))),
         }
     }
 
@@ -628,10 +627,28 @@ impl ConsumerMetrics {
     }
 }
 
+/// A topic's handles: the consumer's, registered once, or (a topic not subscribed) a set of
+/// its own, boxed: a record's [`RecordMetrics`] stays a few words (its future holds it).
+enum TopicRef<'a> {
+    Cached(&'a TopicMetrics),
+    Own(Box<TopicMetrics>),
+}
+
+impl std::ops::Deref for TopicRef<'_> {
+    type Target = TopicMetrics;
+
+    fn deref(&self) -> &TopicMetrics {
+        match self {
+            TopicRef::Cached(t) => t,
+            TopicRef::Own(t) => t,
+        }
+    }
+}
+
 /// One record's metrics, from [`ConsumerMetrics::record`]. The record counts as in flight
 /// until this is dropped.
 pub(crate) struct RecordMetrics<'a> {
-    topic: Cow<'a, TopicMetrics>,
+    topic: TopicRef<'a>,
     counts: &'a OutcomeCounts,
     in_flight: &'a Gauge,
 }

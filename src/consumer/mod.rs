@@ -51,6 +51,6 @@ pub(crate) use self::dedup::Dedup;
 #[cfg(all(test, feature = "health"))]
 pub(crate) use self::schedule::Hub;
 #[cfg(feature = "queue")]
-pub(crate) use self::stop::Stop;
+pub(crate) use self::stop::{Signal, Stop};
 #[cfg(feature = "queue")]
 pub(crate) use self::work::OutcomeObserver;

@@ -258,12 +258,8 @@ impl RedisIdempotencyStore {
                 cmd.arg(Joined(&self.key_prefix, key));
                 args(&mut cmd);
                 let result: redis::RedisResult<i64> = match &self.connection {
-                    Connection::Single(manager) => {
-                        eval(&cmd, script, &mut manager.clone()).await
-                    }
-                    Connection::Cluster(cluster) => {
-                        eval(&cmd, script, &mut cluster.clone()).await
-                    }
+                    Connection::Single(manager) => eval(&cmd, script, &mut manager.clone()).await,
+                    Connection::Cluster(cluster) => eval(&cmd, script, &mut cluster.clone()).await,
                 };
                 match result {
                     Ok(answer) => return Ok((answer, attempt)),
@@ -1014,7 +1010,9 @@ mod tests {
     #[test]
     fn a_joined_argument_is_one_argument_of_both_parts() {
         let mut cmd = Cmd::new();
-        cmd.arg("GET").arg(Joined("prefix:", "key")).arg(inflight(&ClaimToken::new("t")));
+        cmd.arg("GET")
+            .arg(Joined("prefix:", "key"))
+            .arg(inflight(&ClaimToken::new("t")));
         assert_eq!(
             String::from_utf8(cmd.get_packed_command()).unwrap(),
             "*3\r\n$3\r\nGET\r\n$10\r\nprefix:key\r\n$10\r\ninflight:t\r\n"

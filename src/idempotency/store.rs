@@ -23,7 +23,12 @@ impl ClaimToken {
         use std::fmt::Write as _;
         // Sized for its 32 hex digits: one allocation (a `format!` grows its buffer).
         let mut token = String::with_capacity(32);
-        let _ = write!(token, "{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let _ = write!(
+            token,
+            "{:016x}{:016x}",
+            fastrand::u64(..),
+            fastrand::u64(..)
+        );
         ClaimToken(token)
     }
 

@@ -14,7 +14,9 @@ use super::source::{Ack, Delivery, ShareSource};
 use crate::RecordOutcome;
 use crate::clock;
 use crate::codec::Codec;
-use crate::consumer::{Dedup, OutageGate, OutcomeObserver, ProbeMemo, Stop, Verdict, caller_of};
+use crate::consumer::{
+    Dedup, OutageGate, OutcomeObserver, ProbeMemo, Signal, Stop, Verdict, caller_of,
+};
 use crate::dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSink, MAX_ERROR_MESSAGE_BYTES};
 use crate::error::error_chain;
 use crate::guard::{guarded, guarded_async};
@@ -455,8 +457,8 @@ impl<H: Handler, C: Codec<H::Event>> Engine<H, C> {
         let mut first_failure: Option<SystemTime> = None;
         // The breaker's waits end at the stop (nothing of the record runs) or the hard stop.
         let stop = Stop {
-            abandon: stops.hard.clone(),
-            drain: stops.stop.clone(),
+            abandon: Signal::watching(stops.hard.clone()),
+            drain: Signal::watching(stops.stop.clone()),
             ..Stop::default()
         };
         let caller = caller_of((record.topic.as_ref(), record.partition, record.offset));

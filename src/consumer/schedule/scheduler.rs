@@ -14,12 +14,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 
 use super::finished::Finished;
 use super::offsets::OffsetTracker;
 pub(crate) use super::topic_partition::Tp;
 use crate::consumer::breaker::{Breaker, DestinationBreakers, Dispatch};
+use crate::consumer::stop::Signal;
 pub(crate) use crate::consumer::stop::Stop;
 use crate::record::{RawRecord, RecordBytes};
 
@@ -449,9 +449,9 @@ impl Scheduler {
                     committed_settles: 0,
                     finished: None,
                     stop: Arc::new(Stop {
-                        abandon: self.shutdown.abandon.child_token(),
-                        drain: self.shutdown.drain.child_token(),
-                        lost: CancellationToken::new(),
+                        abandon: self.shutdown.abandon.child(),
+                        drain: self.shutdown.drain.child(),
+                        lost: Signal::default(),
                         give_up_by: Arc::default(),
                     }),
                 },

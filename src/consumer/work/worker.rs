@@ -138,8 +138,8 @@ struct Tries {
     admit: bool,
     /// The next claim is the record's first (it may take a claim fetched ahead).
     first_claim: bool,
-    /// When the first attempt started (moved on by outages: they do not count toward
-    /// `max_elapsed`).
+    /// When the record started running, before it was read and claimed (moved on by
+    /// outages: they do not count toward `max_elapsed`).
     started: Instant,
     first_failure: Option<SystemTime>,
     made: u32,
@@ -161,12 +161,13 @@ impl Tries {
         at: Option<&Located>,
         keys: Option<&DedupKeys>,
         admit: bool,
+        started: Instant,
     ) -> Self {
         Tries {
             caller: caller_of_record(record, at, keys),
             admit,
             first_claim: true,
-            started: Instant::now(),
+            started,
             first_failure: None,
             made: 0,
             lost_claims: 0,
@@ -238,7 +239,7 @@ impl<H: Handler> WorkerContext<H> {
         cancel: &tokio_util::sync::CancellationToken,
     ) -> JobEnd {
         let stop = Stop {
-            abandon: cancel.clone(),
+            abandon: crate::consumer::stop::Signal::watching(cancel.clone()),
             ..Stop::default()
         };
         self.run_job(record, &stop, &KeepSlot).await
@@ -289,12 +290,13 @@ impl<H: Handler> WorkerContext<H> {
         stop: &Stop,
         slot: &dyn Slot,
     ) -> RecordOutcome {
-        let run = self.run(record.clone(), at, metrics, stop, slot);
-        tokio::pin!(run);
         // Most records end at their first poll (no I/O, or none that waits): the stall
         // timer is set only for those that do not, from the record's start (a timer per
-        // record costs two timer-wheel updates).
+        // record costs two timer-wheel updates). The same reading of the clock starts the
+        // record's retries' elapsed time (`max_elapsed`).
         let started = Instant::now();
+        let run = self.run(record.clone(), at, metrics, stop, slot, started);
+        tokio::pin!(run);
         let first = std::future::poll_fn(|cx| Poll::Ready(run.as_mut().poll(cx))).await;
         match first {
             Poll::Ready(outcome) => outcome,
@@ -360,6 +362,7 @@ impl<H: Handler> WorkerContext<H> {
         metrics: &RecordMetrics<'_>,
         stop: &Stop,
         slot: &dyn Slot,
+        started: Instant,
     ) -> RecordOutcome {
         let r = RecordRun {
             record: &record,
@@ -378,7 +381,8 @@ impl<H: Handler> WorkerContext<H> {
                     .await;
             }
         };
-        let mut tries = Tries::new(&record, at, holding.keys.as_ref(), self.keeps_key_order(at));
+        let admit = self.keeps_key_order(at);
+        let mut tries = Tries::new(&record, at, holding.keys.as_ref(), admit, started);
         loop {
             match self
                 .try_once(&r, &mut message, &mut holding, &mut tries)
@@ -835,6 +839,7 @@ impl<H: Handler> WorkerContext<H> {
                 None => Ok(call.await),
             }
         };
+        let renews = self.dedup.is_some() && holding.keys.is_some() && holding.claim.is_some();
         // The claim is renewed while the attempt runs (delivery rule 15).
         let renewal = async {
             match (&self.dedup, &holding.keys, holding.claim.as_mut()) {
@@ -859,18 +864,37 @@ impl<H: Handler> WorkerContext<H> {
         // Biased: whenever the task wakes, the stop and the lease are looked at before the
         // attempt is polled again (a resumed frozen process must not run a step of an
         // attempt whose claim ran out).
-        let outcome = tokio::select! {
-            biased;
-            () = stop.abandon.cancelled() => {
-                warn!(coordinates = %record.coordinates(), attempt, "handler attempt given up: the partition was revoked or the shutdown deadline passed");
-                return Attempted::Abandoned;
+        let mut timed = std::pin::pin!(timed);
+        let abandoned = || {
+            warn!(coordinates = %record.coordinates(), attempt, "handler attempt given up: the partition was revoked or the shutdown deadline passed");
+            Attempted::Abandoned
+        };
+        if stop.abandon.is_cancelled() {
+            return abandoned();
+        }
+        // Without a claim to renew, the stop is the only thing looked at before the attempt:
+        // an attempt that ends at its first poll (most do) ends without the select (no
+        // waiter registered on the stop, none dropped).
+        let first = if renews {
+            None
+        } else {
+            match std::future::poll_fn(|cx| Poll::Ready(timed.as_mut().poll(cx))).await {
+                Poll::Ready(outcome) => Some(outcome),
+                Poll::Pending => None,
             }
+        };
+        let outcome = match first {
+            Some(outcome) => outcome,
+            None => tokio::select! {
+            biased;
+            () = stop.abandon.cancelled() => return abandoned(),
             () = renewal => {
                 tries.made -= 1;
                 holding.claim = None;
                 return Attempted::ClaimLost;
             }
-            outcome = timed => outcome,
+            outcome = &mut timed => outcome,
+            },
         };
         metrics.handler_duration(attempt_started.elapsed());
         if let (Some(t), Ok(Ok(Ok(())))) = (&self.transactions, &outcome) {

@@ -277,6 +277,7 @@ struct FlakyStore {
     down: AtomicBool,
     forget_on_renew: bool,
     complete_delay: Duration,
+    claim_delay: Duration,
     claims: AtomicU32,
     /// `(operation, token, ok)` of every `renew`, `complete` and `release`, with the paused
     /// time it was answered at.
@@ -307,6 +308,14 @@ impl FlakyStore {
         Arc::new(FlakyStore {
             inner,
             complete_delay: delay,
+            ..FlakyStore::default()
+        })
+    }
+
+    /// Up, answering each claim after `delay`.
+    fn slow_claim(delay: Duration) -> Arc<Self> {
+        Arc::new(FlakyStore {
+            claim_delay: delay,
             ..FlakyStore::default()
         })
     }
@@ -368,6 +377,7 @@ impl StoreHook for FlakyStore {
         match *call {
             StoreCall::Claim { .. } => {
                 self.claims.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.claim_delay).await;
             }
             StoreCall::Complete { .. } if !self.complete_delay.is_zero() => {
                 tokio::time::sleep(self.complete_delay).await;
@@ -1311,6 +1321,31 @@ async fn a_store_outage_on_claim_holds_the_record_until_the_store_answers() {
         "an outage is not the record's failure"
     );
     assert_eq!(h.retried(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_that_fires_while_the_claim_is_answered_abandons_before_the_handler() {
+    let store = FlakyStore::slow_claim(secs(2));
+    let h = script([Succeed]).dedup_in(store.hooked()).build();
+
+    let ((end, _), ()) = tokio::join!(h.process(order("o-1")), h.cancel_at(secs(1)));
+
+    assert_eq!(end, JobEnd::Abandoned, "acquired, but the stop came first");
+    assert!(h.calls().is_empty(), "the handler never ran");
+
+    // Without a claim (the store failed, and running without it is opted in), the stop is
+    // looked at before the handler's first poll too.
+    let store = FlakyStore::slow_claim(secs(2));
+    store.set_down(true);
+    let h = script([Succeed])
+        .dedup_in(store.hooked())
+        .run_without_store_on_outage()
+        .build();
+
+    let ((end, _), ()) = tokio::join!(h.process(order("o-1")), h.cancel_at(secs(1)));
+
+    assert_eq!(end, JobEnd::Abandoned, "no claim, and the stop came first");
+    assert!(h.calls().is_empty(), "the handler never ran");
 }
 
 #[tokio::test(start_paused = true)]
