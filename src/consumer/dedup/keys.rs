@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::claim_ahead::AheadClaims;
 use super::store_batch::StoreBatcher;
+use crate::consumer::breaker::{Caller, caller_of};
 use crate::dead_letter::headers::{position_of, positioned};
 use crate::idempotency::{Claim, ClaimToken, IdempotencyStore, StoreError};
 use crate::message::Message;
@@ -104,19 +105,22 @@ impl<T> fmt::Debug for DedupKey<T> {
     }
 }
 
-/// A record's dedup keys: the event's (the same for every copy of the event: what the
-/// breaker counts a record by) and the delivery's (the event's key at the record's
-/// [`Position`]: what is claimed and marked done).
+/// A record's dedup keys: the event's, as the breaker's caller (the same for every copy of
+/// the event: what the breaker counts a record by), and the delivery's (the event's key at
+/// the record's [`Position`]: what is claimed and marked done).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DedupKeys {
-    pub(crate) event: String,
+    /// [`caller_of`] the event's key (kept as the caller, not as a second string).
+    pub(crate) event_caller: Caller,
     pub(crate) delivery: String,
 }
 
 impl DedupKeys {
     fn of(event: String, record: &RawRecord) -> Self {
-        let delivery = positioned(event.clone(), position_of(&record.headers));
-        DedupKeys { event, delivery }
+        DedupKeys {
+            event_caller: caller_of(&event),
+            delivery: positioned(event, position_of(&record.headers)),
+        }
     }
 }
 

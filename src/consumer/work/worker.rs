@@ -839,7 +839,12 @@ impl<H: Handler> WorkerContext<H> {
                 None => Ok(call.await),
             }
         };
-        let renews = self.dedup.is_some() && holding.keys.is_some() && holding.claim.is_some();
+        // Whether the claim (if one is renewed) still holds by the local clock: the renewal's
+        // first look, made here without registering its timers.
+        let lease_holds = match (&self.dedup, &holding.keys, &holding.claim) {
+            (Some(d), Some(_), Some(h)) => tokio::time::Instant::now() < h.held_until(d.lease),
+            _ => true,
+        };
         // The claim is renewed while the attempt runs (delivery rule 15).
         let renewal = async {
             match (&self.dedup, &holding.keys, holding.claim.as_mut()) {
@@ -872,10 +877,10 @@ impl<H: Handler> WorkerContext<H> {
         if stop.abandon.is_cancelled() {
             return abandoned();
         }
-        // Without a claim to renew, the stop is the only thing looked at before the attempt:
-        // an attempt that ends at its first poll (most do) ends without the select (no
-        // waiter registered on the stop, none dropped).
-        let first = if renews {
+        // The stop, and the claim's lease, are what the select below looks at before the
+        // attempt's first poll: an attempt that ends at that poll (most do) ends without the
+        // select (no waiter registered on the stop, no renewal timer set, none dropped).
+        let first = if !lease_holds {
             None
         } else {
             match std::future::poll_fn(|cx| Poll::Ready(timed.as_mut().poll(cx))).await {
@@ -1018,7 +1023,7 @@ impl<H: Handler> WorkerContext<H> {
 /// tier copy's source, from its headers), so that copies of one event count as one.
 fn caller_of_record(record: &RawRecord, at: Option<&Located>, keys: Option<&DedupKeys>) -> Caller {
     match (keys, at) {
-        (Some(keys), _) => caller_of(&keys.event),
+        (Some(keys), _) => keys.event_caller,
         (None, Some(at)) => caller_of((&at.origin.topic, at.origin.partition, at.origin.offset)),
         (None, None) => caller_of((&*record.topic, record.partition, record.offset)),
     }

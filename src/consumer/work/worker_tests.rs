@@ -312,7 +312,7 @@ impl FlakyStore {
         })
     }
 
-    /// Up, answering each claim after `delay`.
+    /// Up, answering its first claim after `delay` (the others at once).
     fn slow_claim(delay: Duration) -> Arc<Self> {
         Arc::new(FlakyStore {
             claim_delay: delay,
@@ -376,8 +376,9 @@ impl StoreHook for FlakyStore {
     async fn before(&self, call: &StoreCall<'_>) -> Result<(), StoreError> {
         match *call {
             StoreCall::Claim { .. } => {
-                self.claims.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(self.claim_delay).await;
+                if self.claims.fetch_add(1, Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(self.claim_delay).await;
+                }
             }
             StoreCall::Complete { .. } if !self.complete_delay.is_zero() => {
                 tokio::time::sleep(self.complete_delay).await;
@@ -1346,6 +1347,32 @@ async fn a_stop_that_fires_while_the_claim_is_answered_abandons_before_the_handl
 
     assert_eq!(end, JobEnd::Abandoned, "no claim, and the stop came first");
     assert!(h.calls().is_empty(), "the handler never ran");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_whose_lease_ran_out_before_the_attempt_is_claimed_again_first() {
+    // The claim's answer comes after its whole lease (counted from when it was asked).
+    let store = FlakyStore::slow_claim(secs(4));
+    let h = script([Succeed])
+        .dedup_in(store.hooked())
+        .lease(secs(3))
+        .build();
+
+    let (end, took) = h.process(order("o-1")).await;
+
+    assert_eq!(end, JobEnd::Settled);
+    // The store set the key when the hook let the first claim through (at 4 s): the key
+    // is busy under the lapsed token until 7 s, and claimed again then.
+    assert!(
+        store.claims.load(Ordering::SeqCst) > 1,
+        "not run under the lapsed claim: claimed again"
+    );
+    assert_eq!(h.call_times(), [took], "one call, under a later claim");
+    assert!(
+        took >= secs(7),
+        "after the lapsed claim's key expired: {took:?}"
+    );
+    assert_eq!(h.attempts(), [1], "the lapsed claim used no attempt");
 }
 
 #[tokio::test(start_paused = true)]
