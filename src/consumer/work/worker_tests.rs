@@ -376,7 +376,8 @@ impl StoreHook for FlakyStore {
     async fn before(&self, call: &StoreCall<'_>) -> Result<(), StoreError> {
         match *call {
             StoreCall::Claim { .. } => {
-                if self.claims.fetch_add(1, Ordering::SeqCst) == 0 {
+                let first = self.claims.fetch_add(1, Ordering::SeqCst) == 0;
+                if first {
                     tokio::time::sleep(self.claim_delay).await;
                 }
             }
