@@ -29,6 +29,7 @@ pub(crate) struct Signal {
 
 impl Signal {
     /// A signal over `token`, which is cancelled elsewhere: its checks read the token.
+    #[cfg_attr(not(any(test, feature = "queue")), allow(dead_code))]
     pub(crate) fn watching(token: CancellationToken) -> Signal {
         Signal {
             token,
