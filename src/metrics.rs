@@ -575,10 +575,16 @@ impl ConsumerMetrics {
     }
 
     /// Counts a polled batch (per topic, one increment per batch).
-    pub(crate) fn consumed(&self, batch: &[RawRecord]) {
+    pub(crate) fn consumed<R: std::borrow::Borrow<RawRecord>>(&self, batch: &[R]) {
         let mut rest = batch;
         while let Some(first) = rest.first() {
-            let run = rest.iter().take_while(|r| r.topic == first.topic).count();
+            let first = first.borrow();
+            // A topic's records share its name (`RawRecord::topic`): compared by pointer first.
+            let same = |r: &R| {
+                let topic = &r.borrow().topic;
+                std::sync::Arc::ptr_eq(topic, &first.topic) || *topic == first.topic
+            };
+            let run = rest.iter().take_while(|r| same(r)).count();
             self.topic(&first.topic).consumed.increment(run as u64);
             rest = &rest[run..];
         }

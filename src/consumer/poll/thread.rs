@@ -122,7 +122,7 @@ struct PollThread<'a> {
     deleted: HashSet<Tp>,
     group_committed: GroupCommitted,
     /// The records of the last poll, handed to the scheduler in one lock.
-    batch: Vec<RawRecord>,
+    batch: Vec<Arc<RawRecord>>,
     /// Jobs the workers ended since the last hand-over, dropped on this thread.
     spent: Vec<Job>,
     join: JoinWatch,
@@ -306,7 +306,7 @@ impl<'a> PollThread<'a> {
         while self.batch.len() < max_batch && (self.batch.is_empty() || batch_bytes < room_bytes) {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
-                    let record = RawRecord::from_message(&m);
+                    let record = Arc::new(RawRecord::from_message(&m));
                     batch_bytes += record.byte_len();
                     self.batch.push(record);
                 }
@@ -363,7 +363,7 @@ impl<'a> PollThread<'a> {
                         s.assign([tp]);
                     }
                 }
-                s.enqueue(record);
+                s.enqueue_shared(record);
             }
             s.take_jobs()
         };

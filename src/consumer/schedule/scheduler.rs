@@ -469,9 +469,16 @@ impl Scheduler {
         self.buffered_bytes -= p.queued_bytes;
     }
 
-    /// Buffers a record. Returns `false` when it was dropped: its partition is not assigned
-    /// (or is being revoked), the consumer is stopping, or it is a redelivery.
+    /// [`enqueue_shared`](Self::enqueue_shared) for a record not shared yet (tests).
+    #[cfg(any(test, kourier_bench))]
     pub(crate) fn enqueue(&mut self, record: RawRecord) -> bool {
+        self.enqueue_shared(Arc::new(record))
+    }
+
+    /// Buffers a record. Returns `false` when it was dropped: its partition is not assigned
+    /// (or is being revoked), the consumer is stopping, or it is a redelivery. The poll
+    /// thread puts each record behind its `Arc` where it reads it (it is not moved on).
+    pub(crate) fn enqueue_shared(&mut self, record: Arc<RawRecord>) -> bool {
         if self.stopping {
             return false;
         }
@@ -509,7 +516,7 @@ impl Scheduler {
             // Behind a record given up unsettled: not run now (order), not committed past.
             return false;
         }
-        lane.queue.push_back((Arc::new(record), bytes));
+        lane.queue.push_back((record, bytes));
         if !lane.running && !lane.in_ready {
             lane.in_ready = true;
             self.ready.push_back((tp, p.generation, lane_key));
