@@ -555,6 +555,17 @@ impl RawRecord {
         }
     }
 
+    /// The length of the buffer its bytes live in (a consumed record's key, value and
+    /// headers share one: [`RawRecord::from_message`]), read without walking its headers;
+    /// for a record built otherwise, the length of one of its buffers.
+    pub(crate) fn buffer_len(&self) -> usize {
+        self.value
+            .as_ref()
+            .or(self.key.as_ref())
+            .or_else(|| self.headers.iter().next().map(|h| &h.key))
+            .map_or(0, |b| b.buffer.len())
+    }
+
     /// Approximate memory this record holds, for buffer limits.
     pub(crate) fn byte_len(&self) -> usize {
         self.key.as_ref().map_or(0, |k| k.len())
@@ -988,6 +999,26 @@ mod tests {
             Header::new("event-id", "e-1"),
             Header::new("event-id", "e-2"),
         ])
+    }
+
+    #[test]
+    fn the_buffer_len_of_a_record_is_that_of_the_buffer_its_bytes_share() {
+        let shared: Arc<[u8]> = Arc::from(&b"keyvalueevent-ide-1"[..]);
+        let record = RawRecord {
+            key: Some(RecordBytes::view(&shared, 0..3)),
+            value: Some(RecordBytes::view(&shared, 3..8)),
+            headers: Headers::from(vec![Header {
+                key: RecordBytes::view(&shared, 8..16),
+                value: Some(RecordBytes::view(&shared, 16..19)),
+            }]),
+            ..RawRecord::builder("t").build()
+        };
+        assert_eq!(record.buffer_len(), 19);
+        let tombstone = RawRecord::builder("t").key("k1").build();
+        assert_eq!(tombstone.buffer_len(), 2, "no value: the key's buffer");
+        let bare = RawRecord::builder("t").header("abc", "d").build();
+        assert_eq!(bare.buffer_len(), 3, "neither: a header's");
+        assert_eq!(RawRecord::builder("t").build().buffer_len(), 0);
     }
 
     #[test]

@@ -185,8 +185,10 @@ const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 /// + librdkafka's queue   queued.max.messages.kbytes                (16 MiB by default)
 /// + fetch responses      fetch.max.bytes × brokers fetched from     (16 MiB by default)
 /// + a constant           ≈ 72 MiB: the Tokio runtime, librdkafka's threads and metadata,
-///                        the dead-letter producer, the idempotency store's client, code
-///                        and allocator slack
+///                        the dead-letter producer, the idempotency store's client, code,
+///                        allocator slack, and up to 256 KiB of settled records the poll
+///                        thread frees one per record it reads (the allocator then reuses
+///                        their memory from its per-thread cache)
 /// ```
 ///
 /// where *record bytes* is what the buffer charges a record: key + value + header names and

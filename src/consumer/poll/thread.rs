@@ -109,6 +109,12 @@ pub(crate) fn poll_loop(
     }
 }
 
+/// At most this many bytes of ended records wait to be freed one per record read: a burst
+/// of frees overflows the allocator's per-thread cache (glibc keeps 7 chunks per size), and
+/// the next burst of reads then takes the slow path; interleaved, each read reuses the chunk
+/// just freed. Bounded so that they add little to the consumer's memory.
+const RETIRED_BYTES: usize = 256 * 1024;
+
 /// The poll loop's state between iterations.
 struct PollThread<'a> {
     consumer: &'a BaseConsumer<KourierContext>,
@@ -125,6 +131,8 @@ struct PollThread<'a> {
     batch: Vec<Arc<RawRecord>>,
     /// Jobs the workers ended since the last hand-over, dropped on this thread.
     spent: Vec<Job>,
+    /// Records of those jobs, dropped one for each record read (see [`RETIRED_BYTES`]).
+    retired: Vec<Arc<RawRecord>>,
     join: JoinWatch,
 }
 
@@ -199,6 +207,7 @@ impl<'a> PollThread<'a> {
             deleted: HashSet::new(),
             group_committed: GroupCommitted::default(),
             batch: Vec::with_capacity(settings.max_poll_batch),
+            retired: Vec::new(),
             spent: Vec::new(),
             join: JoinWatch::default(),
         }
@@ -309,6 +318,9 @@ impl<'a> PollThread<'a> {
                     let record = Arc::new(RawRecord::from_message(&m));
                     batch_bytes += record.byte_len();
                     self.batch.push(record);
+                    // One ended record freed per record read: the allocator hands its memory
+                    // to the next record from its per-thread cache.
+                    self.retired.pop();
                 }
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
                     error!(%code, "fatal consumer error");
@@ -375,8 +387,17 @@ impl<'a> PollThread<'a> {
             s.swap_spent(&mut self.spent);
             s.take_resets()
         };
-        // Dropped here, where their records were allocated (see `Scheduler::keep_spent`).
-        self.spent.clear();
+        // Dropped here, where their records were allocated (see `Scheduler::keep_spent`):
+        // the jobs now, their records one per record read next (up to `RETIRED_BYTES`; the
+        // rest, and what the last reads left, now).
+        self.retired.clear();
+        let mut kept = 0usize;
+        for record in self.spent.drain(..).flat_map(Job::into_records) {
+            kept += record.buffer_len();
+            if kept <= RETIRED_BYTES {
+                self.retired.push(record);
+            }
+        }
         if !resets.is_empty() {
             reset(hub, self.consumer, &resets);
         }

@@ -120,6 +120,18 @@ impl Run {
 }
 
 impl Job {
+    /// The records the job holds (its own, those its run settled, those left ahead), the
+    /// job itself dropped.
+    pub(crate) fn into_records(self) -> impl Iterator<Item = Arc<RawRecord>> {
+        let run = self
+            .run
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::iter::once(self.record)
+            .chain(run.settled)
+            .chain(run.ahead.into_iter().map(|(record, _)| record))
+    }
+
     /// Moves a job whose record settled on to the next record of its run, without the
     /// scheduler: `false` when the run is over, or older than [`RUN_FOR`] (the worker then
     /// ends the job through the scheduler, which takes the run back).
@@ -1417,6 +1429,18 @@ mod tests {
         assert!(s.finish(&job, JobEnd::Settled).is_none());
         s.spent_records = SPENT_MAX - 3;
         assert!(s.keep_spent(job).is_some(), "4 records do not fit in 3");
+    }
+
+    /// The poll thread frees an ended job's records one by one: its own, those its run
+    /// settled and those left ahead, each once.
+    #[test]
+    fn an_ended_job_hands_over_every_record_it_holds() {
+        let records = (0..5).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits(1), &[0], records);
+        let mut job = s.take_jobs().pop().unwrap();
+        assert!(job.advance() && job.advance());
+        let offsets: Vec<i64> = job.into_records().map(|r| r.offset).collect();
+        assert_eq!(offsets, [2, 0, 1, 3, 4]);
     }
 
     #[test]
