@@ -84,28 +84,50 @@ pub(crate) async fn work<H: Handler>(ctx: Arc<WorkerContext<H>>, hub: Arc<Hub>, 
 
 /// Runs one job to its end and hands its slot over (see [`JobRun::end`]); with
 /// transactional output, a claim its record kept is then marked done once the transaction
-/// it finished in commits (the job's slot went to the next job already).
+/// it finished in commits (the job's slot went to the next job already). A job whose record
+/// settled goes on with the next record of its run in this same future (no new future
+/// built and moved into the worker's box per record: it is a few kilobytes); a run is at
+/// most `RUN_RECORDS` (32) records or `RUN_FOR` (2 ms).
 async fn run_one<H: Handler>(mut run: JobRun<H>) {
-    let Some(job) = run.job.as_ref() else {
+    loop {
+        let Some(job) = run.job.as_ref() else {
+            return;
+        };
+        let end = run.ctx.run_job(job.record.clone(), &job.stop, &run).await;
+        let kept = run
+            .after_commit
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        // Only a record whose claim waits for the commit is kept past its job's end.
+        let record = kept
+            .as_ref()
+            .and(run.job.as_ref())
+            .map(|job| job.record.clone());
+        let finished_in = match run.end(end) {
+            Ended::Advanced(next) => {
+                run.job = Some(next);
+                continue;
+            }
+            Ended::HandedOver(finished_in) => finished_in,
+        };
+        if let (Some(kept), Some(record)) = (kept, record) {
+            run.ctx
+                .complete_after_commit(kept, &record, finished_in)
+                .await;
+        }
         return;
-    };
-    let end = run.ctx.run_job(job.record.clone(), &job.stop, &run).await;
-    let kept = run
-        .after_commit
-        .get_mut()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take();
-    // Only a record whose claim waits for the commit is kept past its job's end.
-    let record = kept
-        .as_ref()
-        .and(run.job.as_ref())
-        .map(|job| job.record.clone());
-    let finished_in = run.end(end);
-    if let (Some(kept), Some(record)) = (kept, record) {
-        run.ctx
-            .complete_after_commit(kept, &record, finished_in)
-            .await;
     }
+}
+
+/// How a job's end went on ([`JobRun::end`]).
+enum Ended {
+    /// Its record settled and the job moved on to the next record of its run, without the
+    /// scheduler (see `Run`): still this future's, its slot kept.
+    Advanced(Job),
+    /// Its slot was handed over (or it settles, released); with transactional output, the
+    /// number of the transaction its record finished in.
+    HandedOver(Option<u64>),
 }
 
 /// The slot's next job, set by the worker's current job when it hands its slot over.
@@ -172,12 +194,14 @@ impl<H: Handler> JobRun<H> {
     }
 
     /// Records how the job ended: a released job settles (its slot went to the next job
-    /// already); any other frees its slot, whose next job is handed to the worker. With
-    /// transactional output, the number of the transaction its record finished in.
-    fn end(&mut self, end: JobEnd) -> Option<u64> {
-        let mut job = self.job.take()?;
+    /// already); a settled one goes on with its run's next record when it may; any other
+    /// frees its slot, whose next job is handed to the worker.
+    fn end(&mut self, end: JobEnd) -> Ended {
+        let Some(mut job) = self.job.take() else {
+            return Ended::HandedOver(None);
+        };
         if *self.released.get_mut() {
-            return self.hub.settle(job, end);
+            return Ended::HandedOver(self.hub.settle(job, end));
         }
         if end == JobEnd::Settled
             // A partition drains before its records are given up (`abandon`): the rest of
@@ -188,12 +212,11 @@ impl<H: Handler> JobRun<H> {
         {
             // The next record of its run, without the scheduler (see `Run`). (Runs are off
             // with transactional output.)
-            self.handoff.hand(Some(job));
-            None
+            Ended::Advanced(job)
         } else {
             let (next, finished_in) = self.hub.finish_in_transaction(job, end);
             self.handoff.hand(next);
-            finished_in
+            Ended::HandedOver(finished_in)
         }
     }
 
