@@ -575,18 +575,26 @@ impl ConsumerMetrics {
     }
 
     /// Counts a polled batch (per topic, one increment per batch).
-    pub(crate) fn consumed<R: std::borrow::Borrow<RawRecord>>(&self, batch: &[R]) {
-        let mut rest = batch;
-        while let Some(first) = rest.first() {
-            let first = first.borrow();
-            // A topic's records share its name (`RawRecord::topic`): compared by pointer first.
-            let same = |r: &R| {
-                let topic = &r.borrow().topic;
-                std::sync::Arc::ptr_eq(topic, &first.topic) || *topic == first.topic
-            };
-            let run = rest.iter().take_while(|r| same(r)).count();
-            self.topic(&first.topic).consumed.increment(run as u64);
-            rest = &rest[run..];
+    pub(crate) fn consumed<'r>(&self, batch: impl IntoIterator<Item = &'r RawRecord>) {
+        let mut run: Option<(&std::sync::Arc<str>, u64)> = None;
+        for record in batch {
+            match &mut run {
+                // A topic's records share its name (`RawRecord::topic`): compared by pointer
+                // first.
+                Some((topic, n))
+                    if std::sync::Arc::ptr_eq(topic, &record.topic) || **topic == record.topic =>
+                {
+                    *n += 1;
+                }
+                _ => {
+                    if let Some((topic, n)) = run.replace((&record.topic, 1)) {
+                        self.topic(topic).consumed.increment(n);
+                    }
+                }
+            }
+        }
+        if let Some((topic, n)) = run {
+            self.topic(topic).consumed.increment(n);
         }
     }
 
@@ -1023,6 +1031,37 @@ mod tests {
             assert!(rows.insert(name.clone(), row).is_none(), "{name} twice");
         }
         rows
+    }
+
+    /// A polled batch is counted per topic, each run of a topic's records once (records of
+    /// one topic that are not adjacent count toward it all the same).
+    #[test]
+    fn a_polled_batch_is_counted_per_topic() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        ::metrics::with_local_recorder(&recorder, || {
+            let m = ConsumerMetrics::new("g", &["a".to_owned(), "b".to_owned()]);
+            let batch: Vec<RawRecord> = ["a", "a", "b", "a", "b", "b", "b"]
+                .into_iter()
+                .map(|t| RawRecord::builder(t).build())
+                .collect();
+            m.consumed(&batch);
+        });
+        let mut counts = BTreeMap::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            if key.key().name() == RECORDS_CONSUMED
+                && let DebugValue::Counter(n) = value
+            {
+                let topic = key.key().labels().find(|l| l.key() == labels::TOPIC);
+                counts.insert(topic.map(|l| l.value().to_owned()), n);
+            }
+        }
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            [(Some("a".to_owned()), 3), (Some("b".to_owned()), 4)]
+        );
     }
 
     /// Every metric the code registers, with its type, label names and the values of its

@@ -128,7 +128,7 @@ struct PollThread<'a> {
     deleted: HashSet<Tp>,
     group_committed: GroupCommitted,
     /// The records of the last poll, handed to the scheduler in one lock.
-    batch: Vec<Arc<RawRecord>>,
+    batch: Vec<(Arc<RawRecord>, usize)>,
     /// Jobs the workers ended since the last hand-over, dropped on this thread.
     spent: Vec<Job>,
     /// Records of those jobs, dropped one for each record read (see [`RETIRED_BYTES`]).
@@ -316,8 +316,9 @@ impl<'a> PollThread<'a> {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
                     let record = Arc::new(RawRecord::from_message(&m));
-                    batch_bytes += record.byte_len();
-                    self.batch.push(record);
+                    let bytes = record.byte_len();
+                    batch_bytes += bytes;
+                    self.batch.push((record, bytes));
                     // One ended record freed per record read: the allocator hands its memory
                     // to the next record from its per-thread cache.
                     self.retired.pop();
@@ -364,9 +365,10 @@ impl<'a> PollThread<'a> {
         } else {
             // Records are no sign of a connection: after all brokers went down, librdkafka
             // still hands over what it fetched before. Only the probe's answer reconnects.
-            hub.metrics.consumed(&self.batch);
+            hub.metrics
+                .consumed(self.batch.iter().map(|(record, _)| &**record));
             let mut s = hub.lock();
-            for record in self.batch.drain(..) {
+            for (record, bytes) in self.batch.drain(..) {
                 if !self.deleted.is_empty() {
                     // A deleted topic that came back: track its partition again.
                     let tp: Tp = (Arc::clone(&record.topic), record.partition);
@@ -375,7 +377,7 @@ impl<'a> PollThread<'a> {
                         s.assign([tp]);
                     }
                 }
-                s.enqueue_shared(record);
+                s.enqueue_shared(record, bytes);
             }
             s.take_jobs()
         };

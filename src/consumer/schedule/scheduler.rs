@@ -484,13 +484,15 @@ impl Scheduler {
     /// [`enqueue_shared`](Self::enqueue_shared) for a record not shared yet (tests).
     #[cfg(any(test, kourier_bench))]
     pub(crate) fn enqueue(&mut self, record: RawRecord) -> bool {
-        self.enqueue_shared(Arc::new(record))
+        let bytes = record.byte_len();
+        self.enqueue_shared(Arc::new(record), bytes)
     }
 
     /// Buffers a record. Returns `false` when it was dropped: its partition is not assigned
     /// (or is being revoked), the consumer is stopping, or it is a redelivery. The poll
     /// thread puts each record behind its `Arc` where it reads it (it is not moved on).
-    pub(crate) fn enqueue_shared(&mut self, record: Arc<RawRecord>) -> bool {
+    /// `bytes` is the record's [`RawRecord::byte_len`] (the poll thread has it already).
+    pub(crate) fn enqueue_shared(&mut self, record: Arc<RawRecord>, bytes: usize) -> bool {
         if self.stopping {
             return false;
         }
@@ -518,7 +520,6 @@ impl Scheduler {
             ProcessingOrder::Key => record.key.clone().map_or(LaneKey::NullKey, LaneKey::Key),
             ProcessingOrder::Unordered => LaneKey::Record(record.offset),
         };
-        let bytes = record.byte_len();
         let spare = &mut self.spare_queues;
         let lane = p.lanes.entry(lane_key.clone()).or_insert_with(|| Lane {
             queue: spare.pop().unwrap_or_default(),
