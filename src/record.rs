@@ -566,6 +566,15 @@ impl RawRecord {
             .map_or(0, |b| b.buffer.len())
     }
 
+    /// [`byte_len`](Self::byte_len) of a record read by [`RawRecord::from_message`], whose
+    /// key, value and headers share one buffer: read off that buffer's length, without
+    /// walking the headers.
+    pub(crate) fn consumed_byte_len(&self) -> usize {
+        let len = self.buffer_len() + self.topic.len() + 64;
+        debug_assert_eq!(len, self.byte_len(), "a consumed record's bytes share one buffer");
+        len
+    }
+
     /// Approximate memory this record holds, for buffer limits.
     pub(crate) fn byte_len(&self) -> usize {
         self.key.as_ref().map_or(0, |k| k.len())
@@ -1014,6 +1023,8 @@ mod tests {
             ..RawRecord::builder("t").build()
         };
         assert_eq!(record.buffer_len(), 19);
+        assert_eq!(record.consumed_byte_len(), record.byte_len());
+        assert_eq!(record.byte_len(), 19 + 1 + 64, "bytes, topic name, 64");
         let tombstone = RawRecord::builder("t").key("k1").build();
         assert_eq!(tombstone.buffer_len(), 2, "no value: the key's buffer");
         let bare = RawRecord::builder("t").header("abc", "d").build();

@@ -316,7 +316,7 @@ impl<'a> PollThread<'a> {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
                     let record = Arc::new(RawRecord::from_message(&m));
-                    let bytes = record.byte_len();
+                    let bytes = record.consumed_byte_len();
                     batch_bytes += bytes;
                     self.batch.push((record, bytes));
                     // One ended record freed per record read: the allocator hands its memory
