@@ -571,7 +571,11 @@ impl RawRecord {
     /// walking the headers.
     pub(crate) fn consumed_byte_len(&self) -> usize {
         let len = self.buffer_len() + self.topic.len() + 64;
-        debug_assert_eq!(len, self.byte_len(), "a consumed record's bytes share one buffer");
+        debug_assert_eq!(
+            len,
+            self.byte_len(),
+            "a consumed record's bytes share one buffer"
+        );
         len
     }
 

@@ -104,7 +104,9 @@ async fn run_one<H: Handler>(mut run: JobRun<H>) {
             .as_ref()
             .and(run.job.as_ref())
             .map(|job| job.record.clone());
-        let finished_in = match run.end(end) {
+        // A record whose claim waits for its transaction's commit never goes on with a run
+        // (runs are off with transactional output; checked here all the same).
+        let finished_in = match run.end(end, kept.is_none()) {
             Ended::Advanced(next) => {
                 run.job = Some(next);
                 continue;
@@ -194,9 +196,9 @@ impl<H: Handler> JobRun<H> {
     }
 
     /// Records how the job ended: a released job settles (its slot went to the next job
-    /// already); a settled one goes on with its run's next record when it may; any other
-    /// frees its slot, whose next job is handed to the worker.
-    fn end(&mut self, end: JobEnd) -> Ended {
+    /// already); a settled one goes on with its run's next record when it may (and
+    /// `may_advance`); any other frees its slot, whose next job is handed to the worker.
+    fn end(&mut self, end: JobEnd, may_advance: bool) -> Ended {
         let Some(mut job) = self.job.take() else {
             return Ended::HandedOver(None);
         };
@@ -204,6 +206,7 @@ impl<H: Handler> JobRun<H> {
             return Ended::HandedOver(self.hub.settle(job, end));
         }
         if end == JobEnd::Settled
+            && may_advance
             // A partition drains before its records are given up (`abandon`): the rest of
             // the run goes back to the scheduler, which keeps only gap fillers.
             && !job.stop.drain.is_cancelled()

@@ -891,14 +891,14 @@ impl<H: Handler> WorkerContext<H> {
         let outcome = match first {
             Some(outcome) => outcome,
             None => tokio::select! {
-            biased;
-            () = stop.abandon.cancelled() => return abandoned(),
-            () = renewal => {
-                tries.made -= 1;
-                holding.claim = None;
-                return Attempted::ClaimLost;
-            }
-            outcome = &mut timed => outcome,
+                biased;
+                () = stop.abandon.cancelled() => return abandoned(),
+                () = renewal => {
+                    tries.made -= 1;
+                    holding.claim = None;
+                    return Attempted::ClaimLost;
+                }
+                outcome = &mut timed => outcome,
             },
         };
         metrics.handler_duration(attempt_started.elapsed());
