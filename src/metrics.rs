@@ -579,11 +579,9 @@ impl ConsumerMetrics {
         let mut run: Option<(&std::sync::Arc<str>, u64)> = None;
         for record in batch {
             match &mut run {
-                // A topic's records share its name (`RawRecord::topic`): compared by pointer
-                // first.
-                Some((topic, n))
-                    if std::sync::Arc::ptr_eq(topic, &record.topic) || **topic == record.topic =>
-                {
+                // A topic's records share its name (`RawRecord::topic`), and `Arc<str>`'s
+                // equality compares pointers before contents.
+                Some((topic, n)) if **topic == record.topic => {
                     *n += 1;
                 }
                 _ => {

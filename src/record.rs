@@ -570,7 +570,7 @@ impl RawRecord {
     /// key, value and headers share one buffer: read off that buffer's length, without
     /// walking the headers.
     pub(crate) fn consumed_byte_len(&self) -> usize {
-        let len = self.buffer_len() + self.topic.len() + 64;
+        let len = self.charged(self.buffer_len());
         debug_assert_eq!(
             len,
             self.byte_len(),
@@ -581,11 +581,17 @@ impl RawRecord {
 
     /// Approximate memory this record holds, for buffer limits.
     pub(crate) fn byte_len(&self) -> usize {
-        self.key.as_ref().map_or(0, |k| k.len())
-            + self.value.as_ref().map_or(0, |v| v.len())
-            + self.headers.byte_len()
-            + self.topic.len()
-            + 64
+        self.charged(
+            self.key.as_ref().map_or(0, |k| k.len())
+                + self.value.as_ref().map_or(0, |v| v.len())
+                + self.headers.byte_len(),
+        )
+    }
+
+    /// What the buffer charges a record whose key, value and headers hold `bytes`: those,
+    /// its topic name and 64.
+    fn charged(&self, bytes: usize) -> usize {
+        bytes + self.topic.len() + 64
     }
 
     /// `topic/partition@offset`, for logs and errors.
