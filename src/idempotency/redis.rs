@@ -223,8 +223,6 @@ impl RedisIdempotencyStore {
         &self.key_prefix
     }
 
-    /// Runs one script on `<prefix><key>` with retries, all within the command timeout.
-    /// Returns the script's answer and the attempt (1-based) that produced it.
     /// [`run`](Self::run) with the two arguments most scripts take: the claim's value (its
     /// token) and a duration in milliseconds (the lease or the TTL).
     async fn run_token(
@@ -242,8 +240,9 @@ impl RedisIdempotencyStore {
         .await
     }
 
-    /// Runs `script` on `key` (unprefixed) with the arguments `args` writes, with retries,
-    /// within the command timeout.
+    /// Runs one script on `<prefix><key>` (`key` unprefixed) with the arguments `args`
+    /// writes, with retries, all within the command timeout. Returns the script's answer and
+    /// the attempt (1-based) that produced it.
     async fn run(
         &self,
         operation: &'static str,
