@@ -142,7 +142,7 @@ use std::time::Duration;
 use crate::args::{Args, ChildArgs, parse_args};
 use crate::destinations::destinations;
 use crate::drain::{kourier_drain, raw_drain};
-use crate::floors::{dead_letter_floor_drain, redis_floor_drain};
+use crate::floors::{dead_letter_floor_drain, read_floor_drain, redis_floor_drain};
 use crate::hot::hot;
 use crate::latency::latency;
 use crate::measure::Outcome;
@@ -258,6 +258,7 @@ fn run_child(args: &Args, child: &ChildArgs) -> BoxResult<Outcome> {
     );
     match child.scenario {
         Scenario::Raw => raw_drain(args, child, &group),
+        Scenario::RawRead => read_floor_drain(args, child, &group),
         Scenario::RedisFloor => redis_floor_drain(args, child, &group),
         Scenario::DeadLetterFloor => dead_letter_floor_drain(args, child, &group),
         Scenario::LatencyRaw | Scenario::Latency => latency(args, child, &group),

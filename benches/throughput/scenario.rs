@@ -5,6 +5,9 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scenario {
     Raw,
+    /// (a1): the floor of (b), the raw loop reading what a handler is given: each record's
+    /// headers (librdkafka parses them) and its value decoded.
+    RawRead,
     Kourier,
     Redis,
     DeadLetter,
@@ -37,8 +40,9 @@ pub(crate) enum Scenario {
 
 impl Scenario {
     /// What `--scenarios` accepts.
-    pub(crate) const ALL: [Scenario; 18] = [
+    pub(crate) const ALL: [Scenario; 19] = [
         Scenario::Raw,
+        Scenario::RawRead,
         Scenario::Kourier,
         Scenario::RedisFloor,
         Scenario::Redis,
@@ -59,8 +63,9 @@ impl Scenario {
     ];
 
     /// What runs without `--scenarios`: every scenario but the destination and hot ones.
-    pub(crate) const DEFAULT: [Scenario; 12] = [
+    pub(crate) const DEFAULT: [Scenario; 13] = [
         Scenario::Raw,
+        Scenario::RawRead,
         Scenario::Kourier,
         Scenario::RedisFloor,
         Scenario::Redis,
@@ -88,6 +93,7 @@ impl Scenario {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Scenario::Raw => "a",
+            Scenario::RawRead => "a1",
             Scenario::Kourier => "b",
             Scenario::Redis => "c",
             Scenario::DeadLetter => "d",
@@ -111,6 +117,7 @@ impl Scenario {
     pub(crate) fn label(self) -> &'static str {
         match self {
             Scenario::Raw => "(a) raw rdkafka BaseConsumer",
+            Scenario::RawRead => "(a1) raw + headers read, decoded",
             Scenario::Kourier => "(b) kourier, no-op, Partition",
             Scenario::Redis => "(c) kourier + Redis idempotency",
             Scenario::DeadLetter => "(d) kourier, 1% permanent → DLT",
@@ -139,6 +146,7 @@ impl Scenario {
         matches!(
             self,
             Scenario::Raw
+                | Scenario::RawRead
                 | Scenario::Kourier
                 | Scenario::Redis
                 | Scenario::DeadLetter

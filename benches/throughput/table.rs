@@ -523,6 +523,7 @@ pub(crate) fn print_table(
 /// raw loop. CPU per record apart for the consumer process and the Redis server.
 fn print_floors<'a>(w: &mut String, get: &impl Fn(Scenario) -> Option<&'a Outcome>) {
     let pairs: Vec<_> = [
+        (Scenario::Kourier, Scenario::RawRead),
         (Scenario::Redis, Scenario::RedisFloor),
         (Scenario::DeadLetter, Scenario::DeadLetterFloor),
     ]
@@ -537,7 +538,7 @@ fn print_floors<'a>(w: &mut String, get: &impl Fn(Scenario) -> Option<&'a Outcom
     let _ = writeln!(w);
     let _ = writeln!(
         w,
-        "Floors: kourier against the same work done by hand in the raw loop (c0, d0); \
+        "Floors: kourier against the same work done by hand in the raw loop (a1, c0, d0); \
          CPU µs/record, consumer process and Redis server apart, kourier vs floor (×floor)"
     );
     let _ = writeln!(
