@@ -11,9 +11,9 @@ usage: throughput [--quick|--smoke] [--records N] [--size BYTES] [--scenarios LI
                   [--floor-claim-script] [--uncommitted-per-partition N] [--dest-down-at-start] [--park]
                   [--hot-rate N]
 
-  --records N          records of the drain scenarios a-d, c0, d0 (default 1000000; --quick 50000)
+  --records N          records of the drain scenarios a-d, a1, c0, d0 (default 1000000; --quick 50000)
   --size BYTES         value size (default 100)
-  --scenarios LIST     comma-separated, from: a,b,c0,c,d0,d,slow-partition,slow-key,e0,e,
+  --scenarios LIST     comma-separated, from: a,a1,b,c0,c,d0,d,slow-partition,slow-key,e0,e,
                        latency-raw,latency (the default: these, in that order) and
                        dest-up,dest-down,dest-all-down (run only when named; `destinations`
                        stands for the three) and dest-hot,dest-hot-capped,dest-hot-retry (run
