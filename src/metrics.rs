@@ -83,8 +83,8 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ::metrics::{Counter, Gauge, Histogram, SharedString, Unit};
@@ -386,7 +386,7 @@ struct DestinationMetrics {
 #[derive(Debug)]
 pub(crate) struct ConsumerMetrics {
     group: SharedString,
-    topics: Box<[(Box<str>, OnceLock<TopicMetrics>)]>,
+    topics: Box<[TopicEntry]>,
     consumer: OnceLock<GroupMetrics>,
     /// Apart from [`GroupMetrics`]: queue mode has it and no commits.
     in_flight: OnceLock<Gauge>,
@@ -401,10 +401,7 @@ impl ConsumerMetrics {
     pub(crate) fn new(group: &str, topics: &[String]) -> Self {
         ConsumerMetrics {
             group: SharedString::from(std::sync::Arc::<str>::from(group)),
-            topics: topics
-                .iter()
-                .map(|t| (Box::from(t.as_str()), OnceLock::new()))
-                .collect(),
+            topics: topics.iter().map(|t| TopicEntry::new(t)).collect(),
             consumer: OnceLock::new(),
             in_flight: OnceLock::new(),
             breaker: OnceLock::new(),
@@ -545,15 +542,23 @@ impl ConsumerMetrics {
         self.in_flight();
     }
 
-    fn topic(&self, topic: &str) -> TopicRef<'_> {
-        match self.topics.iter().find(|(t, _)| &**t == topic) {
-            Some((t, cell)) => TopicRef::Cached(cell.get_or_init(|| {
-                TopicMetrics::new(
-                    SharedString::from(String::from(&**t)),
-                    self.group.clone(),
-                    self.queue,
-                )
-            })),
+    /// The handles of a record's topic. The records of a topic share its name
+    /// (`RawRecord::topic`): found by the name's address first, without reading the name
+    /// (the thread that reads records writes its count for each).
+    fn topic(&self, topic: &Arc<str>) -> TopicRef<'_> {
+        match self.topics.iter().find(|e| e.is(topic)) {
+            Some(e) => self.cached(e),
+            None => self.topic_named(topic, |e| e.share(topic)),
+        }
+    }
+
+    /// The handles of `topic`, found by its name; `found` is told the entry found.
+    fn topic_named(&self, topic: &str, found: impl FnOnce(&TopicEntry)) -> TopicRef<'_> {
+        match self.topics.iter().find(|e| *e.name == *topic) {
+            Some(e) => {
+                found(e);
+                self.cached(e)
+            }
             // Not subscribed (cannot happen with exact topic names): correct labels, no cache.
             None => TopicRef::Own(Box::new(TopicMetrics::new(
                 SharedString::from(topic.to_owned()),
@@ -563,8 +568,18 @@ impl ConsumerMetrics {
         }
     }
 
+    fn cached<'a>(&self, e: &'a TopicEntry) -> TopicRef<'a> {
+        TopicRef::Cached(e.metrics.get_or_init(|| {
+            TopicMetrics::new(
+                SharedString::from(String::from(&*e.name)),
+                self.group.clone(),
+                self.queue,
+            )
+        }))
+    }
+
     /// The handles for one record's metrics; marks it in flight until dropped.
-    pub(crate) fn record(&self, topic: &str) -> RecordMetrics<'_> {
+    pub(crate) fn record(&self, topic: &Arc<str>) -> RecordMetrics<'_> {
         let in_flight = self.in_flight();
         in_flight.increment(1.0);
         RecordMetrics {
@@ -576,7 +591,7 @@ impl ConsumerMetrics {
 
     /// Counts a polled batch (per topic, one increment per batch).
     pub(crate) fn consumed<'r>(&self, batch: impl IntoIterator<Item = &'r RawRecord>) {
-        let mut run: Option<(&std::sync::Arc<str>, u64)> = None;
+        let mut run: Option<(&Arc<str>, u64)> = None;
         for record in batch {
             match &mut run {
                 // A topic's records share its name (`RawRecord::topic`), and `Arc<str>`'s
@@ -599,7 +614,7 @@ impl ConsumerMetrics {
     /// Counts `n` records received from `topic` (queue mode: one topic per consumer).
     #[cfg(feature = "queue")]
     pub(crate) fn consumed_from(&self, topic: &str, n: u64) {
-        self.topic(topic).consumed.increment(n);
+        self.topic_named(topic, |_| {}).consumed.increment(n);
     }
 
     /// Records one synchronous commit.
@@ -641,6 +656,37 @@ impl ConsumerMetrics {
 
 /// A topic's handles: the consumer's, registered once, or (a topic not subscribed) a set of
 /// its own, boxed: a record's [`RecordMetrics`] stays a few words (its future holds it).
+/// A subscribed topic's metric handles, and the name its records share.
+#[derive(Debug)]
+struct TopicEntry {
+    name: Box<str>,
+    /// The shared name of the first record found by its text: later records of the topic
+    /// are found by its address alone. Kept alive here, so no other name takes its address.
+    shared: OnceLock<Arc<str>>,
+    metrics: OnceLock<TopicMetrics>,
+}
+
+impl TopicEntry {
+    fn new(name: &str) -> Self {
+        TopicEntry {
+            name: Box::from(name),
+            shared: OnceLock::new(),
+            metrics: OnceLock::new(),
+        }
+    }
+
+    /// `topic` is the shared name this entry found before (compares addresses only).
+    fn is(&self, topic: &Arc<str>) -> bool {
+        self.shared.get().is_some_and(|s| Arc::ptr_eq(s, topic))
+    }
+
+    /// Keeps `topic`, this entry's name, as the one its records share (the first kept
+    /// stays).
+    fn share(&self, topic: &Arc<str>) {
+        let _ = self.shared.set(Arc::clone(topic));
+    }
+}
+
 enum TopicRef<'a> {
     Cached(&'a TopicMetrics),
     Own(Box<TopicMetrics>),
@@ -987,6 +1033,35 @@ mod tests {
 
     use super::*;
 
+    fn handles_of(m: &ConsumerMetrics, topic: &Arc<str>) -> Option<*const TopicMetrics> {
+        match m.topic(topic) {
+            TopicRef::Cached(t) => Some(std::ptr::from_ref(t)),
+            TopicRef::Own(_) => None,
+        }
+    }
+
+    /// A record's topic is found by its shared name's address once found by its text; a name
+    /// of the same text elsewhere finds the same handles, another topic's name its own.
+    #[test]
+    fn a_topic_is_found_by_the_address_of_its_shared_name() {
+        let m = ConsumerMetrics::new("g", &["a".to_owned(), "b".to_owned()]);
+        let (b, b_elsewhere): (Arc<str>, Arc<str>) = (Arc::from("b"), Arc::from("b"));
+        let b_handles = handles_of(&m, &b).expect("a subscribed topic's handles are cached");
+        assert!(m.topics[1].is(&b), "the first shared name is kept");
+        assert!(!m.topics[1].is(&b_elsewhere), "addresses, not text");
+        assert_eq!(handles_of(&m, &b), Some(b_handles));
+        assert_eq!(handles_of(&m, &b_elsewhere), Some(b_handles));
+        let a: Arc<str> = Arc::from("a");
+        let a_handles = handles_of(&m, &a).expect("cached");
+        assert_ne!(a_handles, b_handles, "each topic its own handles");
+        assert_eq!(handles_of(&m, &a), Some(a_handles));
+        assert_eq!(
+            handles_of(&m, &Arc::from("c")),
+            None,
+            "not subscribed: not cached"
+        );
+    }
+
     #[test]
     fn dead_letter_counts_add_up() {
         let counts = OutcomeCounts::default();
@@ -1089,7 +1164,7 @@ mod tests {
             m.consumed(&[RawRecord::builder("t").build()]);
             m.consumer_lag("t", 0, 1);
             m.partition_paused("t", 0, true);
-            let r = m.record("t");
+            let r = m.record(&Arc::from("t"));
             r.handled();
             r.duplicate();
             (1..=11).for_each(|a| r.retried(a));
