@@ -39,7 +39,13 @@ impl OffsetTracker {
     /// Marks `offset` settled. Returns whether the commit watermark moved.
     /// Unknown offsets (never received, or already in the prefix) are ignored.
     pub(crate) fn settled(&mut self, offset: i64) -> bool {
-        match self.pending.binary_search_by_key(&offset, |&(o, _)| o) {
+        // Records of a partition mostly settle in order: the oldest pending one first, found
+        // without a search.
+        let at = match self.pending.front() {
+            Some(&(o, _)) if o == offset => Ok(0),
+            _ => self.pending.binary_search_by_key(&offset, |&(o, _)| o),
+        };
+        match at {
             Ok(i) if !self.pending[i].1 => self.pending[i].1 = true,
             _ => return false,
         }
