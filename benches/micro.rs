@@ -202,6 +202,57 @@ mod internals {
         });
         group.finish();
     }
+
+    /// A handler that does nothing (the throughput benchmark's (b)).
+    struct Noop;
+
+    #[async_trait::async_trait]
+    impl kourier::Handler for Noop {
+        type Event = BenchEvent;
+
+        async fn handle(
+            &self,
+            message: &kourier::Message<BenchEvent>,
+        ) -> Result<(), kourier::HandlerError> {
+            black_box(message.event().id);
+            Ok(())
+        }
+    }
+
+    /// One worker's path for 500 records of 100 B whose handler does nothing: decode,
+    /// breaker, attempt, settle and report, on one thread (the worker's share of (b)'s cost
+    /// per record, without the poll thread, the scheduler or the hand-off).
+    pub(super) fn worker(c: &mut Criterion) {
+        use std::sync::Arc;
+        let mut group = c.benchmark_group("worker");
+        group.throughput(Throughput::Elements(BATCH as u64));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime");
+        let worker = kourier::__bench::WorkerHarness::new(Noop, "bench.v1");
+        // One topic name shared by the records, as records read from Kafka share it.
+        let topic: Arc<str> = Arc::from("bench.v1");
+        let records: Vec<Arc<RawRecord>> = (0..BATCH)
+            .map(|o| {
+                let mut r = record(0, o, Some(format!("key-{o}")), 100);
+                r.topic = Arc::clone(&topic);
+                Arc::new(r)
+            })
+            .collect();
+        group.bench_function("run_500_noop", |b| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    let mut settled = 0;
+                    for r in &records {
+                        settled += usize::from(worker.run(Arc::clone(r)).await);
+                    }
+                    assert_eq!(settled, records.len(), "every record settles");
+                })
+            })
+        });
+        group.finish();
+    }
 }
 
 criterion_group!(public, codec, headers, memory_store);
@@ -210,7 +261,8 @@ criterion_group!(public, codec, headers, memory_store);
 criterion_group!(
     crate_private,
     internals::offset_tracker,
-    internals::scheduler
+    internals::scheduler,
+    internals::worker
 );
 
 #[cfg(kourier_bench)]

@@ -163,3 +163,93 @@ pub fn read_tier_record(
         stages: at.history.as_ref().map(|h| h.stages),
     }
 }
+
+/// One worker's record path — decode, breaker, claim, attempt, settle, report — for a handler
+/// of events decoded from JSON, without idempotency, breaker, tiers or destinations (the
+/// throughput benchmark's (b)): what a worker does for each record, on the calling task.
+pub struct WorkerHarness<H: crate::Handler> {
+    worker: crate::consumer::work::WorkerContext<H>,
+    /// The stop signals of the records' partition (one for all, as for a partition's records).
+    stop: crate::consumer::Stop,
+}
+
+impl<H: crate::Handler> std::fmt::Debug for WorkerHarness<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkerHarness")
+    }
+}
+
+impl<H> WorkerHarness<H>
+where
+    H: crate::Handler,
+    H::Event: serde::de::DeserializeOwned,
+{
+    /// A worker for `handler`, reading `topic`: no retries, letters refused (none is sent
+    /// while the handler succeeds).
+    pub fn new(handler: H, topic: &str) -> Self {
+        use crate::consumer::work::WorkerContext;
+        let metrics = Arc::new(crate::metrics::ConsumerMetrics::new(
+            "bench",
+            &[topic.to_owned()],
+        ));
+        let worker = WorkerContext {
+            handler: Arc::new(handler),
+            codec: Arc::new(crate::JsonCodec::<H::Event>::new()),
+            policy: crate::RetryPolicy::no_retries(),
+            sink: Arc::new(RefusingSink),
+            dedup: None,
+            group_id: "bench".to_owned(),
+            handler_timeout: None,
+            retry_panics: false,
+            stall_threshold: std::time::Duration::from_secs(60),
+            metrics,
+            observer: None,
+            outage: crate::consumer::OutageGate(None),
+            tiers: None,
+            destinations: None,
+            transactions: None,
+        };
+        WorkerHarness {
+            worker,
+            stop: crate::consumer::Stop::default(),
+        }
+    }
+
+    /// Runs one record to its end; `true` when it settled.
+    pub async fn run(&self, record: Arc<RawRecord>) -> bool {
+        let end = self
+            .worker
+            .run_job(record, &self.stop, &crate::consumer::work::KeepSlot)
+            .await;
+        end == JobEnd::Settled
+    }
+}
+
+/// A dead-letter sink that refuses every letter (the harness's handlers succeed).
+#[derive(Debug)]
+struct RefusingSink;
+
+#[async_trait::async_trait]
+impl crate::DeadLetterSink for RefusingSink {
+    async fn send(
+        &self,
+        letter: &crate::DeadLetter,
+    ) -> Result<crate::DeadLetterReceipt, crate::DeadLetterError> {
+        Err(crate::DeadLetterError {
+            coordinates: letter.record.coordinates(),
+            destination: "none".to_owned(),
+            source: "the benchmark harness sends no letter".into(),
+        })
+    }
+
+    async fn enqueue<'a>(
+        &'a self,
+        letter: &'a crate::DeadLetter,
+    ) -> crate::dead_letter::PendingLetter<'a> {
+        self.send(letter)
+    }
+
+    fn topics_for(&self, _source_topic: &str) -> Vec<String> {
+        Vec::new()
+    }
+}

@@ -73,11 +73,12 @@ pub(crate) struct AfterCommit {
     pub(crate) kept: KeptClaim,
 }
 
-/// A slot that is never given up: the record keeps it while it waits (unit tests).
-#[cfg(test)]
+/// A slot that is never given up: the record keeps it while it waits (unit tests, and the
+/// benchmarks' worker harness).
+#[cfg(any(test, kourier_bench))]
 pub(crate) struct KeepSlot;
 
-#[cfg(test)]
+#[cfg(any(test, kourier_bench))]
 impl Slot for KeepSlot {
     fn park(&self) {}
     fn resume(&self) -> Result<(), oneshot::Receiver<()>> {
