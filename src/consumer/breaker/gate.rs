@@ -122,10 +122,11 @@ impl OutageGate {
         self.admit_as(stop, memo, caller, false).await
     }
 
-    /// [`admit_as`](Self::admit_as)'s fast path, without waiting: a pass when there is no
-    /// breaker or it lets the attempt go at once (closed: one lock, no waiter registered).
-    pub(crate) fn pass_now(
+    /// [`admit`](Self::admit), for a record counted by its destination when `isolated`
+    /// (`caller` is then the destination's identity).
+    pub(crate) async fn admit_as(
         &self,
+        stop: &Stop,
         memo: ProbeMemo,
         caller: Caller,
         isolated: bool,
@@ -139,25 +140,11 @@ impl OutageGate {
                 isolated,
             });
         };
-        let mut pass = b.try_admit(memo, caller).ok()?;
-        pass.isolated = isolated;
-        Some(pass)
-    }
-
-    /// [`admit`](Self::admit), for a record counted by its destination when `isolated`
-    /// (`caller` is then the destination's identity).
-    pub(crate) async fn admit_as(
-        &self,
-        stop: &Stop,
-        memo: ProbeMemo,
-        caller: Caller,
-        isolated: bool,
-    ) -> Option<Pass<'_>> {
-        if let Some(pass) = self.pass_now(memo, caller, isolated) {
+        // The fast path (closed): one lock, no waiter registered.
+        if let Ok(mut pass) = b.try_admit(memo, caller) {
+            pass.isolated = isolated;
             return Some(pass);
         }
-        // Only a breaker refuses a pass (without one, `pass_now` always gives it).
-        let b = self.0.as_deref()?;
         let mut counted = WaitingGuard(None);
         loop {
             let notified = b.changed.notified();

@@ -243,8 +243,8 @@ impl<H: Handler> WorkerContext<H> {
             return true;
         }
         slot.release();
-        // Boxed: records without idempotency never build it (see `succeeded`).
-        Box::pin(self.complete(d, &keys.delivery, &claim, record, metrics, &stop.abandon)).await
+        self.complete(d, &keys.delivery, &claim, record, metrics, &stop.abandon)
+            .await
     }
 
     /// A claim kept past its record's job (see [`AfterCommit`]), renewed meanwhile: marked

@@ -385,7 +385,7 @@ impl<H: Handler> WorkerContext<H> {
                 Step::Again => {}
                 Step::Ended(outcome) => return outcome,
                 Step::Skipped(outcome) => {
-                    return Box::pin(self.end_early(outcome, holding, &record, stop)).await;
+                    return self.end_early(outcome, holding, &record, stop).await;
                 }
                 Step::Deferred(target, at) => {
                     return Box::pin(
@@ -408,8 +408,9 @@ impl<H: Handler> WorkerContext<H> {
         }
     }
 
-    /// Who the breakers count the record as; without a breaker, no one (the record's
-    /// identity is not hashed).
+    /// Who the breakers count the record as; without a breaker, no one: the record's
+    /// identity is not hashed (the hash reads the topic name, whose cache line the poll
+    /// thread writes for every record it reads).
     fn caller(&self, record: &RawRecord, at: Option<&Located>, holding: &Holding) -> Caller {
         if self.outage.0.is_none() && self.destinations.is_none() {
             return 0;
@@ -473,22 +474,20 @@ impl<H: Handler> WorkerContext<H> {
         // down; then the breaker: waits (cancellable, holding no claim) while the
         // downstream is down.
         let destination_pass = match (&self.destinations, &holding.destination) {
-            // Boxed (see `succeeded`): only records with a destination build it.
-            (Some(gate), Some(destination)) => {
-                match Box::pin(gate.admit(destination, stop, r.slot, &mut tries.destination_wait))
-                    .await
-                {
-                    Admitted::Pass(pass) => Some(pass),
-                    Admitted::GaveUp => {
-                        debug!(coordinates = %record.coordinates(), "abandoned while waiting for its destination: the partition is draining");
-                        return Step::Ended(RecordOutcome::Abandoned);
-                    }
-                    Admitted::Gone(said) => {
-                        return Box::pin(self.destination_gone(&said, holding, tries, r)).await;
-                    }
-                    Admitted::Park => return Box::pin(self.park(holding, tries, r)).await,
+            (Some(gate), Some(destination)) => match gate
+                .admit(destination, stop, r.slot, &mut tries.destination_wait)
+                .await
+            {
+                Admitted::Pass(pass) => Some(pass),
+                Admitted::GaveUp => {
+                    debug!(coordinates = %record.coordinates(), "abandoned while waiting for its destination: the partition is draining");
+                    return Step::Ended(RecordOutcome::Abandoned);
                 }
-            }
+                Admitted::Gone(said) => {
+                    return Box::pin(self.destination_gone(&said, holding, tries, r)).await;
+                }
+                Admitted::Park => return Box::pin(self.park(holding, tries, r)).await,
+            },
             _ => None,
         };
         // With destinations the breaker counts failures by destination (delivery rule 19).
@@ -496,12 +495,8 @@ impl<H: Handler> WorkerContext<H> {
             Some(destination) => (destination.id, true),
             None => (tries.caller, false),
         };
-        // The breaker's fast path first; waiting for it is boxed (see `succeeded`).
-        let admitted = match self.outage.pass_now(tries.probed, caller, isolated) {
-            Some(pass) => Some(pass),
-            None => Box::pin(self.outage.admit_as(stop, tries.probed, caller, isolated)).await,
-        };
-        let Some(pass) = admitted else {
+        let admitted = self.outage.admit_as(stop, tries.probed, caller, isolated);
+        let Some(pass) = admitted.await else {
             debug!(coordinates = %record.coordinates(), "abandoned while waiting for the breaker: the partition is draining");
             return Step::Ended(RecordOutcome::Abandoned);
         };
@@ -510,11 +505,7 @@ impl<H: Handler> WorkerContext<H> {
         }
         // Claim before every attempt (a failed attempt released its claim).
         let first = std::mem::take(&mut tries.first_claim);
-        // Boxed (see `succeeded`): without idempotency there is nothing to claim.
-        if self.dedup.is_some()
-            && holding.keys.is_some()
-            && let Some(ended) = Box::pin(self.claim_for_attempt(holding, r, first)).await
-        {
+        if let Some(ended) = self.claim_for_attempt(holding, r, first).await {
             return Step::Skipped(ended);
         }
         // With `with_key_order`, the ledger admits the record once, after its first claim
@@ -522,8 +513,7 @@ impl<H: Handler> WorkerContext<H> {
         if std::mem::take(&mut tries.admit)
             && let Some(at) = r.at
         {
-            // Boxed (see `succeeded`): only records of retry tiers kept in key order.
-            match Box::pin(self.tier_admit(at, record, stop, r.slot)).await {
+            match self.tier_admit(at, record, stop, r.slot).await {
                 Admit::Run(tracked) => holding.tracked = tracked,
                 Admit::Defer(target) => return Step::Deferred(target, at),
                 Admit::GaveUp => {
@@ -534,7 +524,10 @@ impl<H: Handler> WorkerContext<H> {
         }
         // The batch adapter may take the lane's next records into this attempt's batch.
         let lane = self.offers_lane(r.at, &pass).then_some(r.slot);
-        match self.attempt(message, holding, tries, r, lane).await {
+        match self
+            .attempt(message, holding, tries, record, r.metrics, stop, lane)
+            .await
+        {
             Attempted::Done(Ok(())) => {
                 pass.succeeded();
                 if let Some(d) = destination_pass {
@@ -816,10 +809,11 @@ impl<H: Handler> WorkerContext<H> {
         message: &mut Message<H::Event>,
         holding: &mut Holding,
         tries: &mut Tries,
-        r: &RecordRun<'_>,
+        record: &RawRecord,
+        metrics: &RecordMetrics<'_>,
+        stop: &Stop,
         lane: Option<&dyn Slot>,
     ) -> Attempted {
-        let (record, metrics, stop) = (&**r.record, r.metrics, r.stop);
         tries.made += 1;
         let attempt = tries.made;
         message.set_attempt(attempt);
@@ -845,11 +839,7 @@ impl<H: Handler> WorkerContext<H> {
         let attempt_started = Instant::now();
         let timed = async {
             match self.handler_timeout {
-                // Boxed (see `succeeded`): only with a handler timeout (a timer is larger
-                // than the rest of the attempt).
-                Some(limit) => Box::pin(tokio::time::timeout(limit, call))
-                    .await
-                    .map_err(|_| limit),
+                Some(limit) => tokio::time::timeout(limit, call).await.map_err(|_| limit),
                 None => Ok(call.await),
             }
         };
@@ -858,6 +848,24 @@ impl<H: Handler> WorkerContext<H> {
         let lease_holds = match (&self.dedup, &holding.keys, &holding.claim) {
             (Some(d), Some(_), Some(h)) => tokio::time::Instant::now() < h.held_until(d.lease),
             _ => true,
+        };
+        // The claim is renewed while the attempt runs (delivery rule 15).
+        let renewal = async {
+            match (&self.dedup, &holding.keys, holding.claim.as_mut()) {
+                (Some(d), Some(k), Some(h)) => {
+                    keep_renewed(
+                        &*d.store,
+                        &k.delivery,
+                        d.lease,
+                        h,
+                        &stop.lost,
+                        record,
+                        metrics,
+                    )
+                    .await;
+                }
+                _ => std::future::pending().await,
+            }
         };
         // Past the revoke timeout or the shutdown deadline the attempt is dropped at its
         // next `.await` and the record given up unsettled. Its claim is left to expire:
@@ -886,27 +894,7 @@ impl<H: Handler> WorkerContext<H> {
         };
         let outcome = match first {
             Some(outcome) => outcome,
-            None => {
-                // The claim is renewed while the attempt runs (delivery rule 15). Boxed: only
-                // an attempt that waits builds it, and every record's future stays small.
-                let renewal = Box::pin(async {
-                    match (&self.dedup, &holding.keys, holding.claim.as_mut()) {
-                        (Some(d), Some(k), Some(h)) => {
-                            keep_renewed(
-                                &*d.store,
-                                &k.delivery,
-                                d.lease,
-                                h,
-                                &stop.lost,
-                                record,
-                                metrics,
-                            )
-                            .await;
-                        }
-                        _ => std::future::pending().await,
-                    }
-                });
-                tokio::select! {
+            None => tokio::select! {
                 biased;
                 () = stop.abandon.cancelled() => return abandoned(),
                 () = renewal => {
@@ -915,8 +903,7 @@ impl<H: Handler> WorkerContext<H> {
                     return Attempted::ClaimLost;
                 }
                 outcome = &mut timed => outcome,
-                }
-            }
+            },
         };
         metrics.handler_duration(attempt_started.elapsed());
         if let (Some(t), Ok(Ok(Ok(())))) = (&self.transactions, &outcome) {
@@ -1015,10 +1002,8 @@ impl<H: Handler> WorkerContext<H> {
     ) -> RecordOutcome {
         // Before the lane moves on: the key's next record must not find this one still in
         // the ledger (it would be deferred round a tier for nothing).
-        // Boxed, like the claim's completion: only some records take these paths, and every
-        // record's future stays small (it is moved as it starts).
         if let Some(tracked) = holding.tracked.take()
-            && !Box::pin(self.ledger_settle(tracked, record, stop)).await
+            && !self.ledger_settle(tracked, record, stop).await
         {
             return RecordOutcome::Abandoned;
         }
