@@ -14,7 +14,8 @@
 //! handler runs), header lookups (dedup keys) and the in-memory idempotency store's
 //! claim → complete.
 //!
-//! The offset tracker and the scheduler are crate-private; their benchmarks go through a hidden
+//! The offset tracker, the scheduler and a worker's record path are crate-private; their
+//! benchmarks go through a hidden
 //! facade, `kourier::__bench` (`#[doc(hidden)]`, no semver promise; src/consumer/bench_support.rs),
 //! which exists only when kourier is built with `--cfg kourier_bench` (not a Cargo feature, so
 //! that no dependent can turn it on):
@@ -27,6 +28,7 @@
 //!     enqueue(RawRecord) -> bool, start_ready() -> usize, settle_oldest() -> bool,
 //!     flow_control() -> (paused, resumed), committable_partitions() -> usize,
 //!     running() -> usize}
+//! kourier::__bench::WorkerHarness::{new(handler, topic), run(Arc<RawRecord>) -> bool (async)}
 //! ```
 
 use std::hint::black_box;
