@@ -10,7 +10,13 @@ use std::sync::Arc;
 
 use crate::consumer::schedule::OffsetTracker as Tracker;
 use crate::consumer::schedule::{Job, JobEnd, Limits, ProcessingOrder, Scheduler};
+use crate::codec::JsonCodec;
+use crate::dead_letter::{
+    DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, PendingLetter,
+};
+use crate::handler::Handler;
 use crate::record::RawRecord;
+use crate::retry::RetryPolicy;
 
 /// The per-partition offset tracker (contiguous settled watermark).
 #[derive(Debug, Default)]
@@ -167,13 +173,13 @@ pub fn read_tier_record(
 /// One worker's record path — decode, breaker, claim, attempt, settle, report — for a handler
 /// of events decoded from JSON, without idempotency, breaker, tiers or destinations (the
 /// throughput benchmark's (b)): what a worker does for each record, on the calling task.
-pub struct WorkerHarness<H: crate::Handler> {
+pub struct WorkerHarness<H: Handler> {
     worker: crate::consumer::work::WorkerContext<H>,
     /// The stop signals of the records' partition (one for all, as for a partition's records).
     stop: crate::consumer::Stop,
 }
 
-impl<H: crate::Handler> std::fmt::Debug for WorkerHarness<H> {
+impl<H: Handler> std::fmt::Debug for WorkerHarness<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("WorkerHarness")
     }
@@ -181,7 +187,7 @@ impl<H: crate::Handler> std::fmt::Debug for WorkerHarness<H> {
 
 impl<H> WorkerHarness<H>
 where
-    H: crate::Handler,
+    H: Handler,
     H::Event: serde::de::DeserializeOwned,
 {
     /// A worker for `handler`, reading `topic`: no retries, letters refused (none is sent
@@ -194,8 +200,8 @@ where
         ));
         let worker = WorkerContext {
             handler: Arc::new(handler),
-            codec: Arc::new(crate::JsonCodec::<H::Event>::new()),
-            policy: crate::RetryPolicy::no_retries(),
+            codec: Arc::new(JsonCodec::<H::Event>::new()),
+            policy: RetryPolicy::no_retries(),
             sink: Arc::new(RefusingSink),
             dedup: None,
             group_id: "bench".to_owned(),
@@ -230,12 +236,12 @@ where
 struct RefusingSink;
 
 #[async_trait::async_trait]
-impl crate::DeadLetterSink for RefusingSink {
+impl DeadLetterSink for RefusingSink {
     async fn send(
         &self,
-        letter: &crate::DeadLetter,
-    ) -> Result<crate::DeadLetterReceipt, crate::DeadLetterError> {
-        Err(crate::DeadLetterError {
+        letter: &DeadLetter,
+    ) -> Result<DeadLetterReceipt, DeadLetterError> {
+        Err(DeadLetterError {
             coordinates: letter.record.coordinates(),
             destination: "none".to_owned(),
             source: "the benchmark harness sends no letter".into(),
@@ -244,8 +250,8 @@ impl crate::DeadLetterSink for RefusingSink {
 
     async fn enqueue<'a>(
         &'a self,
-        letter: &'a crate::DeadLetter,
-    ) -> crate::dead_letter::PendingLetter<'a> {
+        letter: &'a DeadLetter,
+    ) -> PendingLetter<'a> {
         self.send(letter)
     }
 
