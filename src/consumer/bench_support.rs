@@ -8,9 +8,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::codec::JsonCodec;
 use crate::consumer::schedule::OffsetTracker as Tracker;
 use crate::consumer::schedule::{Job, JobEnd, Limits, ProcessingOrder, Scheduler};
-use crate::codec::JsonCodec;
 use crate::dead_letter::{
     DeadLetter, DeadLetterError, DeadLetterReceipt, DeadLetterSink, PendingLetter,
 };
@@ -237,10 +237,7 @@ struct RefusingSink;
 
 #[async_trait::async_trait]
 impl DeadLetterSink for RefusingSink {
-    async fn send(
-        &self,
-        letter: &DeadLetter,
-    ) -> Result<DeadLetterReceipt, DeadLetterError> {
+    async fn send(&self, letter: &DeadLetter) -> Result<DeadLetterReceipt, DeadLetterError> {
         Err(DeadLetterError {
             coordinates: letter.record.coordinates(),
             destination: "none".to_owned(),
@@ -248,10 +245,7 @@ impl DeadLetterSink for RefusingSink {
         })
     }
 
-    async fn enqueue<'a>(
-        &'a self,
-        letter: &'a DeadLetter,
-    ) -> PendingLetter<'a> {
+    async fn enqueue<'a>(&'a self, letter: &'a DeadLetter) -> PendingLetter<'a> {
         self.send(letter)
     }
 
