@@ -654,8 +654,6 @@ impl ConsumerMetrics {
     }
 }
 
-/// A topic's handles: the consumer's, registered once, or (a topic not subscribed) a set of
-/// its own, boxed: a record's [`RecordMetrics`] stays a few words (its future holds it).
 /// A subscribed topic's metric handles, and the name its records share.
 #[derive(Debug)]
 struct TopicEntry {
@@ -687,6 +685,8 @@ impl TopicEntry {
     }
 }
 
+/// A topic's handles: the consumer's, registered once, or (a topic not subscribed) a set of
+/// its own, boxed: a record's [`RecordMetrics`] stays a few words (its future holds it).
 enum TopicRef<'a> {
     Cached(&'a TopicMetrics),
     Own(Box<TopicMetrics>),

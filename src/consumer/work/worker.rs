@@ -132,7 +132,8 @@ pub(crate) struct Holding {
 
 /// What a record's attempts carry from one to the next.
 struct Tries {
-    /// Who the breaker counts the record as (its event).
+    /// Who the breaker counts the record as (its event; 0 without a breaker or
+    /// destinations, which alone count it).
     caller: Caller,
     /// The key-order ledger must still admit the record.
     admit: bool,
