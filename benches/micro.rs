@@ -15,10 +15,9 @@
 //! claim → complete.
 //!
 //! The offset tracker, the scheduler and a worker's record path are crate-private; their
-//! benchmarks go through a hidden
-//! facade, `kourier::__bench` (`#[doc(hidden)]`, no semver promise; src/consumer/bench_support.rs),
-//! which exists only when kourier is built with `--cfg kourier_bench` (not a Cargo feature, so
-//! that no dependent can turn it on):
+//! benchmarks go through a hidden facade, `kourier::__bench` (`#[doc(hidden)]`, no semver
+//! promise; src/consumer/bench_support.rs), which exists only when kourier is built with
+//! `--cfg kourier_bench` (not a Cargo feature, so that no dependent can turn it on):
 //!
 //! ```text
 //! kourier::__bench::OffsetTracker::{new, received(i64) -> bool, settled(i64) -> bool,
