@@ -679,9 +679,12 @@ impl TopicEntry {
     }
 
     /// Keeps `topic`, this entry's name, as the one its records share (the first kept
-    /// stays).
+    /// stays). Records whose names are not shared (queue mode builds a name per record)
+    /// come here every time: nothing is cloned for them once one is kept.
     fn share(&self, topic: &Arc<str>) {
-        let _ = self.shared.set(Arc::clone(topic));
+        if self.shared.get().is_none() {
+            let _ = self.shared.set(Arc::clone(topic));
+        }
     }
 }
 
