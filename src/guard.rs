@@ -13,12 +13,14 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| panic_message(&*p).to_owned())
 }
 
-/// Awaits `fut`, turning a panic into its message.
-pub(crate) async fn guarded_async<F: std::future::Future>(fut: F) -> Result<F::Output, String> {
+/// Awaits `fut`, turning a panic into its message. Not an `async fn`: its future would hold
+/// `fut` and then move it into the catching future (one copy more of every handler call).
+pub(crate) fn guarded_async<F: std::future::Future>(
+    fut: F,
+) -> impl std::future::Future<Output = Result<F::Output, String>> {
     AssertUnwindSafe(fut)
         .catch_unwind()
-        .await
-        .map_err(|p| panic_message(&*p).to_owned())
+        .map(|caught| caught.map_err(|p| panic_message(&*p).to_owned()))
 }
 
 /// Calls the store; a panic becomes the store error it stands for (the record waits and
