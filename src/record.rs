@@ -10,7 +10,7 @@ use std::ops::{Deref, Range};
 use std::sync::Arc;
 
 use rdkafka::Timestamp;
-use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message as _, OwnedHeaders};
+use rdkafka::message::{BorrowedHeaders, Message, OwnedHeaders};
 use smallvec::SmallVec;
 
 /// Bytes of a record — its key, its value, a header's name or value: a read-only, cheaply
@@ -612,6 +612,12 @@ impl RawRecord {
     pub fn from_message(message: &rdkafka::message::BorrowedMessage<'_>) -> RawRecord {
         to_raw(message)
     }
+
+    /// Copies a record read from any of librdkafka's consumer queues (see
+    /// [`from_message`](Self::from_message)).
+    pub(crate) fn from_consumed<M: Message<Headers = BorrowedHeaders>>(message: &M) -> RawRecord {
+        to_raw(message)
+    }
 }
 
 /// Builds a [`RawRecord`] by hand; start with [`RawRecord::builder`].
@@ -974,7 +980,7 @@ pub(crate) fn owned_headers<'a>(
 
 /// Copies a consumed record: its key, value and header names and values into one buffer
 /// (one allocation, plus the header list's when it has headers), its topic name shared.
-fn to_raw(m: &BorrowedMessage<'_>) -> RawRecord {
+fn to_raw<M: Message<Headers = BorrowedHeaders>>(m: &M) -> RawRecord {
     let (timestamp, log_append_time) = match m.timestamp() {
         Timestamp::NotAvailable => (None, false),
         Timestamp::CreateTime(t) => (Some(t), false),

@@ -27,6 +27,9 @@ const FETCH_MAX_BYTES: u64 = 16 << 20;
 /// (`RetryingConsumerBuilder`'s *Memory*).
 const SETTLING_PER_SLOT: u64 = 4;
 const SETTLING_STATE_BYTES: u64 = 8 << 10;
+/// Records the poll thread may hold read ahead of the buffer: the rest of one run of 64
+/// taken from librdkafka (`RetryingConsumerBuilder`'s *Memory*).
+const READ_AHEAD_RECORDS: u64 = 63;
 
 /// 1234567 → "1,234,567".
 pub(crate) fn thousands(v: f64) -> String {
@@ -406,8 +409,10 @@ pub(crate) fn print_table(
     // The bound documented on `RetryingConsumerBuilder` (# Memory), with kourier's defaults.
     let record_bytes = accounted_record_bytes(args, drain_topic, run_id);
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let buffer_mib =
-        mib((MAX_BUFFERED_RECORDS * record_bytes).min(MAX_BUFFERED_BYTES) + record_bytes);
+    let buffer_mib = mib(
+        (MAX_BUFFERED_RECORDS * record_bytes).min(MAX_BUFFERED_BYTES)
+            + (1 + READ_AHEAD_RECORDS) * record_bytes,
+    );
     let max_in_flight = args.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
     // Running or parked, plus settling: 4 per slot, each with its job's state (≤ 8 KiB).
     let in_flight_mib = mib(max_in_flight * record_bytes
@@ -512,8 +517,8 @@ pub(crate) fn print_table(
     let _ = writeln!(
         w,
         "  (RSS limit, as documented on RetryingConsumerBuilder (# Memory): kourier's buffer \
-         min(max_buffered_bytes, max_buffered_records × record bytes) + one record, + \
-         max_in_flight × record bytes, + 4 × max_in_flight × (record bytes + 8 KiB) settling, + librdkafka's queued.max.messages.kbytes and \
+         min(max_buffered_bytes, max_buffered_records × record bytes) + one record + 63 read \
+         ahead, + max_in_flight × record bytes, + 4 × max_in_flight × (record bytes + 8 KiB) settling, + librdkafka's queued.max.messages.kbytes and \
          fetch.max.bytes (one broker), + a constant for runtime, DLT producer and allocator)"
     );
     println!("{out}");

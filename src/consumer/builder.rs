@@ -179,6 +179,8 @@ const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
 ///
 /// ```text
 ///   kourier's buffer     min(max_buffered_bytes, max_buffered_records × record bytes) + one record
+/// + records read ahead   63 × record bytes: taken from librdkafka in runs of up to 64, the
+///                        rest of a run waiting on the poll thread until the buffer has room
 /// + records in flight    max_in_flight × record bytes (running, or parked in a retry back-off)
 /// + records settling     4 × max_in_flight × (record bytes + 8 KiB): handled, their key
 ///                        being marked done or their dead letter awaiting its acknowledgement
@@ -892,7 +894,7 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
             hub.set_transactions(t);
         }
         let consumer: BaseConsumer<KourierContext> = (s.client_config(&bootstrap, &group_id))
-            .create_with_context(KourierContext { hub: hub.clone() })
+            .create_with_context(KourierContext::new(hub.clone()))
             .map_err(|e| Error::kafka("create consumer", e))?;
         let sink_topics = s.sink_topics(sink.as_ref(), tier_topics);
         let settings = s.poll_settings(bootstrap, subscribed, sink_topics, &group_id);

@@ -1,24 +1,46 @@
 //! The rdkafka client context: librdkafka calls it on the poll thread for statistics and
 //! rebalances; it hands both on (to the lag gauge and to [`super::rebalance`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tracing::{debug, warn};
 
 use super::rebalance;
+use super::split::SplitTarget;
 use crate::consumer::observe::partition_offsets;
-use crate::consumer::schedule::Hub;
 use crate::consumer::schedule::tps_of;
+use crate::consumer::schedule::{Hub, Tp};
 use crate::log_throttle::{error_throttled, log_throttled};
 
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct KourierContext {
     pub(crate) hub: Arc<Hub>,
+    /// Where newly assigned partitions' records go (the poll thread's split queue).
+    pub(crate) split: SplitTarget,
+    /// Partitions revoked since the poll thread last looked: records it read ahead of them
+    /// are dropped.
+    revoked: Mutex<Vec<Tp>>,
+}
+
+impl KourierContext {
+    /// The context of a consumer whose rebalances `hub` follows.
+    pub(crate) fn new(hub: Arc<Hub>) -> Self {
+        KourierContext {
+            hub,
+            split: SplitTarget::default(),
+            revoked: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The partitions revoked since the last call.
+    pub(crate) fn take_revoked(&self) -> Vec<Tp> {
+        std::mem::take(&mut *self.revoked.lock().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 impl ClientContext for KourierContext {
@@ -65,8 +87,16 @@ impl ClientContext for KourierContext {
 impl ConsumerContext for KourierContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Revoke(tpl) => rebalance::on_revoke(&self.hub, consumer, &tps_of(tpl)),
-            Rebalance::Assign(_) => {}
+            Rebalance::Revoke(tpl) => {
+                let tps = tps_of(tpl);
+                rebalance::on_revoke(&self.hub, consumer, &tps);
+                self.revoked
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(tps);
+            }
+            // Before librdkafka fetches them (see `split`).
+            Rebalance::Assign(tpl) => self.split.split(consumer.client().native_ptr(), tpl),
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
     }

@@ -1,11 +1,12 @@
 //! The poll thread: the only code that touches the rdkafka consumer, and everything that
 //! runs on it — the loop (`thread`), librdkafka's callbacks (`context`), pausing and
 //! resuming partitions (`flow`), rebalances and partition resets (`rebalance`), commits
-//! (`commit`), the startup checks and topic provisioning (`startup`) and the graceful
-//! shutdown (`shutdown`). Flow control, rebalances, commits and the shutdown reach the
-//! consumer through [`client::PollConsumer`], a seam that lets unit tests drive them with a
-//! fake consumer. It may call the shared state (the scheduler behind the hub) and the
-//! observers, never a worker.
+//! (`commit`), records read in runs from a queue of its own (`split`), the startup checks
+//! and topic provisioning (`startup`) and the graceful shutdown (`shutdown`). Flow control,
+//! rebalances, commits and the shutdown reach the consumer through
+//! [`client::PollConsumer`], a seam that lets unit tests drive them with a fake consumer. It
+//! may call the shared state (the scheduler behind the hub) and the observers, never a
+//! worker.
 
 mod client;
 mod commit;
@@ -13,6 +14,7 @@ mod context;
 mod flow;
 mod rebalance;
 mod shutdown;
+mod split;
 mod startup;
 mod thread;
 

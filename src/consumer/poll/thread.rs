@@ -5,7 +5,7 @@
 //! async runtime, and so that handler work never delays polling (the consumer stays in its
 //! group whatever the handlers and back-offs do).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use super::context::KourierContext;
 use super::flow::apply_flow;
 use super::rebalance::reset;
 use super::shutdown::{ShutdownReport, shutdown};
+use super::split::{NativeMessage, SplitQueue, drop_pending_of};
 use super::startup::{self, StartupSettings};
 use crate::consumer::observe::publish_caught_up;
 use crate::consumer::schedule::{FinalCommitFailure, Hub};
@@ -81,6 +82,7 @@ pub(crate) fn poll_loop(
         hub.metrics.destinations_start();
     }
     let mut thread = PollThread::new(&consumer, hub, settings);
+    thread.split = SplitQueue::new(&consumer);
     hub.lifecycle.set(RunState::Running);
     let stopped_by = loop {
         hub.lifecycle.polled();
@@ -101,6 +103,8 @@ pub(crate) fn poll_loop(
     };
     hub.lifecycle.set(RunState::Stopping);
     shutdown(&consumer, hub, settings.shutdown_timeout);
+    thread.close_split();
+    drop(thread);
     drop(consumer);
     let report = closing_report(hub);
     match stopped_by {
@@ -134,6 +138,13 @@ struct PollThread<'a> {
     /// Records of those jobs, dropped one for each record read (see [`RETIRED_BYTES`]).
     retired: Vec<Arc<RawRecord>>,
     join: JoinWatch,
+    /// The queue the assigned partitions' records come on, read in runs (see
+    /// [`super::split`]); `None` when librdkafka gave none (records come with the
+    /// consumer's other events).
+    split: Option<SplitQueue<'a>>,
+    /// Records taken from the split queue that did not fit the last batch (at most one run,
+    /// `RUN - 1`): the next batch starts with them.
+    pending: VecDeque<NativeMessage>,
 }
 
 /// Watches for a join that was lost: a consumer subscribed for [`JOIN_CHECK_AFTER`] without
@@ -210,7 +221,24 @@ impl<'a> PollThread<'a> {
             retired: Vec::new(),
             spent: Vec::new(),
             join: JoinWatch::default(),
+            split: None,
+            pending: VecDeque::new(),
         }
+    }
+
+    /// Drops the records read ahead, then the split queue, before the consumer goes (no
+    /// partition is forwarded to it anymore).
+    fn close_split(&mut self) {
+        self.pending.clear();
+        self.consumer.context().split.clear();
+        self.split = None;
+    }
+
+    /// Drops the records read ahead of partitions revoked since the last look and of `tps`.
+    fn drop_pending(&mut self, tps: &[Tp]) {
+        let revoked = self.consumer.context().take_revoked();
+        drop_pending_of(&mut self.pending, &revoked);
+        drop_pending_of(&mut self.pending, tps);
     }
 
     /// Between polls: flow control, the interval commit, the monitor's partition ends, and
@@ -312,37 +340,33 @@ impl<'a> PollThread<'a> {
         let (mut topic_missing, mut fatal) = (false, None);
         // Taken by bytes as well as by count: the byte bound holds within one record.
         let mut batch_bytes = 0usize;
+        let split = self.split.is_some();
+        // The consumer's own queue: its events, and records of partitions not split. With a
+        // split queue, the wait (if any) is on that queue.
         while self.batch.len() < max_batch && (self.batch.is_empty() || batch_bytes < room_bytes) {
-            match consumer.poll(timeout) {
-                Some(Ok(m)) => {
-                    let record = Arc::new(RawRecord::from_message(&m));
-                    let bytes = record.consumed_byte_len();
-                    batch_bytes += bytes;
-                    self.batch.push((record, bytes));
-                    // One ended record freed per record read: the allocator hands its memory
-                    // to the next record from its per-thread cache.
-                    self.retired.pop();
-                }
-                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
-                    error!(%code, "fatal consumer error");
-                    fatal = Some(KafkaError::MessageConsumptionFatal(code));
-                    break;
-                }
+            match consumer.poll(if split { Duration::ZERO } else { timeout }) {
+                Some(Ok(m)) => self.push(RawRecord::from_message(&m), &mut batch_bytes),
                 Some(Err(e)) => {
-                    topic_missing |= matches!(
-                        e.rdkafka_error_code(),
-                        Some(
-                            RDKafkaErrorCode::UnknownTopicOrPartition
-                                | RDKafkaErrorCode::UnknownTopic
-                        )
-                    );
-                    if let Some(suppressed) = hub.throttle.admit(&e.to_string()) {
-                        warn!(error = %e, suppressed, "consumer error");
+                    fatal = self.consumer_error(e, &mut topic_missing);
+                    if fatal.is_some() {
+                        break;
                     }
                 }
                 None => break,
             }
             timeout = Duration::ZERO;
+        }
+        if fatal.is_none() && split {
+            self.drop_pending(&[]);
+            // By count and bytes, without the one record a poll takes whatever the room:
+            // the split queue is read only when there is room (its consumer is polled all
+            // the same), so the bound holds within one record.
+            self.read_split(
+                (room.min(settings.max_poll_batch), room_bytes),
+                &mut batch_bytes,
+                timeout,
+                &mut topic_missing,
+            );
         }
         if topic_missing
             && self
@@ -350,9 +374,84 @@ impl<'a> PollThread<'a> {
                 .is_none_or(|t| t.elapsed() >= DELETED_CHECK_EVERY)
         {
             forget_deleted_topics(consumer, hub, &settings.topics, &mut self.deleted);
+            let deleted: Vec<Tp> = self.deleted.iter().cloned().collect();
+            drop_pending_of(&mut self.pending, &deleted);
             self.last_deleted_check = Some(Instant::now());
         }
         fatal
+    }
+
+    /// Moves what fits of the records read ahead into the batch, then takes runs from the
+    /// split queue until the batch is full or the queue empty, waiting at most `wait` for
+    /// the first run when the batch is empty and the consumer's queue holds nothing. A
+    /// record fits while the batch holds fewer than `max_records` and fewer than
+    /// `room_bytes` bytes (so none when there is no room).
+    fn read_split(
+        &mut self,
+        (max_records, room_bytes): (usize, usize),
+        batch_bytes: &mut usize,
+        mut wait: Duration,
+        topic_missing: &mut bool,
+    ) {
+        loop {
+            while self.batch.len() < max_records && *batch_bytes < room_bytes {
+                let Some(m) = self.pending.pop_front() else {
+                    break;
+                };
+                match m.error() {
+                    // A partition's error (never fatal: those come on the consumer's queue).
+                    Some(code) => {
+                        self.consumer_error(KafkaError::MessageConsumption(code), topic_missing);
+                    }
+                    None => {
+                        let record = RawRecord::from_consumed(&m);
+                        // Freed here, on the thread that read it.
+                        drop(m);
+                        self.push(record, batch_bytes);
+                    }
+                }
+            }
+            let full = self.batch.len() >= max_records || *batch_bytes >= room_bytes;
+            let Some(split) = self.split.as_mut().filter(|_| !full) else {
+                return;
+            };
+            if !self.batch.is_empty() || split.consumer_queue_busy() {
+                wait = Duration::ZERO;
+            }
+            split.take(wait, max_records - self.batch.len(), &mut self.pending);
+            if self.pending.is_empty() {
+                return;
+            }
+            wait = Duration::ZERO;
+        }
+    }
+
+    /// Adds a record read to the batch.
+    fn push(&mut self, record: RawRecord, batch_bytes: &mut usize) {
+        let record = Arc::new(record);
+        let bytes = record.consumed_byte_len();
+        *batch_bytes += bytes;
+        self.batch.push((record, bytes));
+        // One ended record freed per record read: the allocator hands its memory to the next
+        // record from its per-thread cache.
+        self.retired.pop();
+    }
+
+    /// A consumer error: notes a missing topic and logs it (throttled); a fatal one is
+    /// returned.
+    fn consumer_error(&self, e: KafkaError, topic_missing: &mut bool) -> Option<KafkaError> {
+        if let KafkaError::MessageConsumptionFatal(code) = e {
+            error!(%code, "fatal consumer error");
+            return Some(e);
+        }
+        *topic_missing |= matches!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+        );
+        if let Some(suppressed) = self.hub.throttle.admit(&e.to_string()) {
+            warn!(error = %e, suppressed, "consumer error");
+        }
+        None
     }
 
     /// Hands the batch to the scheduler and the jobs that may start to workers (with an
@@ -402,6 +501,8 @@ impl<'a> PollThread<'a> {
         }
         if !resets.is_empty() {
             reset(hub, self.consumer, &resets);
+            // Read again from the commit point.
+            self.drop_pending(&resets);
         }
     }
 }
