@@ -12,7 +12,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +30,7 @@ use kourier::{
 use serde::Deserialize;
 use support::TestRecord;
 use support::consumer::{self, Running, setup, wait_for};
+use support::exploding::{ARMED, Exploding};
 
 #[derive(Debug, Deserialize)]
 struct Ev {
@@ -368,29 +369,6 @@ async fn records_waiting_for_their_claims_are_given_up_at_once_at_shutdown() {
         0,
         "nothing ran without a claim"
     );
-}
-
-/// An event whose drop panics once: a panic that escapes kourier's guards (they catch the
-/// codec's, the handler's and the stores'), so its record is given up outside any drain.
-#[derive(Debug)]
-struct Exploding {
-    id: u64,
-}
-
-static ARMED: AtomicBool = AtomicBool::new(true);
-
-impl<'de> Deserialize<'de> for Exploding {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ev::deserialize(d).map(|e| Exploding { id: e.id })
-    }
-}
-
-impl Drop for Exploding {
-    fn drop(&mut self) {
-        if self.id == 5 && ARMED.swap(false, Ordering::SeqCst) {
-            panic!("event 5 explodes when dropped");
-        }
-    }
 }
 
 /// A worker that panics outside kourier's guards gives its record up while nothing drains:

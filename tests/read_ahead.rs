@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kourier::{HandlerError, Message, handler_fn};
-use serde::Deserialize;
 use support::TestRecord;
 use support::consumer::{Running, builder, setup, wait_for};
+use support::exploding::{ARMED, Exploding};
 
 const PARTITIONS: i32 = 1;
 const RECORDS: usize = 300;
@@ -113,34 +113,6 @@ async fn records_read_ahead_are_neither_lost_nor_skipped_across_rebalances() {
     for (p, end) in committed {
         for o in 0..end.unwrap_or(0) {
             assert!(seen.contains(&(p, o)), "record {p}/{o} was never handled");
-        }
-    }
-}
-
-/// An event whose drop panics once, for id 5: outside kourier's guards, like a bug in a
-/// worker (see `tests/one_outcome.rs`), so its partition is reset to the commit point.
-#[derive(Debug)]
-struct Exploding {
-    id: u64,
-}
-
-static ARMED: AtomicBool = AtomicBool::new(true);
-
-#[derive(Deserialize)]
-struct Id {
-    id: u64,
-}
-
-impl<'de> Deserialize<'de> for Exploding {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Id::deserialize(d).map(|e| Exploding { id: e.id })
-    }
-}
-
-impl Drop for Exploding {
-    fn drop(&mut self) {
-        if self.id == 5 && ARMED.swap(false, Ordering::SeqCst) {
-            panic!("event 5 explodes when dropped");
         }
     }
 }

@@ -13,6 +13,7 @@
 
 mod background;
 pub(crate) mod consumer;
+pub(crate) mod exploding;
 mod groups;
 pub(crate) mod own_broker;
 mod produce;

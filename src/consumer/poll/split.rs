@@ -136,9 +136,10 @@ impl<'a> SplitQueue<'a> {
         unsafe { rd::rd_kafka_queue_length(self.consumer_queue.as_ptr()) > 0 }
     }
 
-    /// Takes up to `max` (at most [`RUN`]) records into `into`, waiting at most `wait` for
-    /// the first; an error librdkafka reports for a partition comes as a record with
-    /// [`NativeMessage::error`] set.
+    /// Takes up to `max` (at most [`RUN`]) records into `into`, waiting at most `wait`; an
+    /// error librdkafka reports for a partition comes as a record with
+    /// [`NativeMessage::error`] set. librdkafka waits until it has `max` records or the time
+    /// is up: a wait is for one record.
     pub(crate) fn take(
         &mut self,
         wait: Duration,

@@ -418,7 +418,14 @@ impl<'a> PollThread<'a> {
             if !self.batch.is_empty() || split.consumer_queue_busy() {
                 wait = Duration::ZERO;
             }
-            split.take(wait, max_records - self.batch.len(), &mut self.pending);
+            // A wait is for the first record only: librdkafka's batch read waits until the
+            // run is full or the time is up, which would hold records back at low rates.
+            let max = if wait.is_zero() {
+                max_records - self.batch.len()
+            } else {
+                1
+            };
+            split.take(wait, max, &mut self.pending);
             if self.pending.is_empty() {
                 return;
             }
