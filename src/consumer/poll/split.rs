@@ -27,11 +27,10 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use rdkafka::bindings as rd;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
 use rdkafka::message::{BorrowedHeaders, Message};
 use rdkafka::{Timestamp, TopicPartitionList};
 
-use super::context::KourierContext;
 use crate::consumer::schedule::Tp;
 
 /// At most this many records are taken from the split queue in one call.
@@ -42,7 +41,7 @@ pub(crate) const RUN: usize = 64;
 /// client).
 pub(crate) struct SplitQueue<'a> {
     /// The consumer the queues belong to, which must outlive them.
-    consumer: PhantomData<&'a BaseConsumer<KourierContext>>,
+    consumer: PhantomData<&'a ()>,
     queue: NonNull<rd::rd_kafka_queue_t>,
     /// The consumer's queue, whose callback wakes a wait on `queue`.
     consumer_queue: NonNull<rd::rd_kafka_queue_t>,
@@ -98,12 +97,14 @@ unsafe extern "C" fn wake(_rk: *mut rd::rd_kafka_t, opaque: *mut c_void) {
 }
 
 impl<'a> SplitQueue<'a> {
-    /// A split queue for `consumer`, where its context forwards the partitions assigned from
-    /// now on. `None` when librdkafka hands out no queue (then records keep coming the usual
-    /// way).
-    pub(crate) fn new(consumer: &'a BaseConsumer<KourierContext>) -> Option<Self> {
+    /// A split queue for `consumer`, set as `target`: where its context forwards the
+    /// partitions assigned from now on. `None` when librdkafka hands out no queue (then
+    /// records keep coming the usual way).
+    pub(crate) fn new<C: ConsumerContext>(
+        consumer: &'a BaseConsumer<C>,
+        target: &SplitTarget,
+    ) -> Option<Self> {
         let rk = consumer.client().native_ptr();
-        let target = &consumer.context().split;
         // SAFETY: `rk` is the live client, which outlives `'a`; each handle is checked and
         // destroyed in `Drop`.
         unsafe {

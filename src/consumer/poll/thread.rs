@@ -82,7 +82,7 @@ pub(crate) fn poll_loop(
         hub.metrics.destinations_start();
     }
     let mut thread = PollThread::new(&consumer, hub, settings);
-    thread.split = SplitQueue::new(&consumer);
+    thread.split = SplitQueue::new(&consumer, &consumer.context().split);
     hub.lifecycle.set(RunState::Running);
     let stopped_by = loop {
         hub.lifecycle.polled();
