@@ -313,9 +313,10 @@ impl<'a> PollThread<'a> {
     }
 
     /// Polls what fits the buffer into `batch`. A (nearly) full buffer: waits until workers
-    /// made room for a batch (or [`POLL_TIMEOUT`]), then takes what fits — at least one
-    /// record, so that polling goes on (group membership, rebalances) without pulling
-    /// records faster than handlers settle them. Returns a fatal consumer error.
+    /// made room for a batch (or [`POLL_TIMEOUT`]), then takes what fits. The consumer's
+    /// queue is polled in any case (group membership, rebalances), and a poll that returns
+    /// a record (of a partition not split) takes it: at least one record from there. The
+    /// split queue is read only while there is room. Returns a fatal consumer error.
     fn poll_batch(&mut self) -> Option<KafkaError> {
         let (consumer, hub, settings) = (self.consumer, self.hub, self.settings);
         let (mut room, want, mut room_bytes) = {
