@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tracing::{debug, warn};
 
@@ -96,7 +96,7 @@ impl ConsumerContext for KourierContext {
                     .extend(tps);
             }
             // Before librdkafka fetches them (see `split`).
-            Rebalance::Assign(tpl) => self.split.split(consumer.client().native_ptr(), tpl),
+            Rebalance::Assign(tpl) => self.split.split(consumer, tpl),
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
     }

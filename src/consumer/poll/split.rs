@@ -56,16 +56,21 @@ pub(crate) struct SplitTarget(std::sync::atomic::AtomicPtr<rd::rd_kafka_queue_t>
 impl SplitTarget {
     /// Forwards the fetch queue of every partition of `tpl` to the split queue, if there is
     /// one. A partition librdkafka does not know keeps its records on the consumer's queue.
-    pub(crate) fn split(&self, rk: *mut rd::rd_kafka_t, tpl: &TopicPartitionList) {
+    pub(crate) fn split<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+    ) {
         let target = self.0.load(std::sync::atomic::Ordering::Acquire);
         if target.is_null() {
             return;
         }
+        let rk = consumer.client().native_ptr();
         for e in tpl.elements() {
             let Ok(topic) = CString::new(e.topic()) else {
                 continue;
             };
-            // SAFETY: `rk` is the live client calling its rebalance callback; `target` is set
+            // SAFETY: `rk` is the live client (calling its rebalance callback); `target` is set
             // only while its `SplitQueue` lives (cleared before it is destroyed, on this same
             // poll thread); the partition's queue handle is destroyed after forwarding (the
             // forward holds its own reference to `target`).
