@@ -16,6 +16,10 @@
 //! seek) when the queue is read; records already read ahead and waiting on the poll thread
 //! are dropped by the poll thread itself ([`super::thread`]).
 //!
+//! A partition's error comes as a record with an error set, except librdkafka's own errors
+//! of a partition (a topic found missing): those go to the error callback, which rdkafka
+//! does not set, so librdkafka logs them; the context recognises a missing topic there.
+//!
 //! While the poll thread waits on the split queue, something arriving on the consumer's
 //! queue wakes it (librdkafka's callback for a queue that stops being empty yields the
 //! split queue's wait).
@@ -304,6 +308,14 @@ impl Message for NativeMessage {
                 .then(|| &*(hdrs.cast::<BorrowedHeaders>()))
         }
     }
+}
+
+/// librdkafka's own description of `code` (what it writes in its log lines).
+pub(crate) fn librdkafka_description(code: rd::rd_kafka_resp_err_t) -> String {
+    // SAFETY: `rd_kafka_err2str` returns a static NUL-terminated string for any code.
+    unsafe { CStr::from_ptr(rd::rd_kafka_err2str(code)) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Drops the records in `pending` of any partition of `tps` (revoked, reset to their commit

@@ -369,6 +369,8 @@ impl<'a> PollThread<'a> {
                 &mut topic_missing,
             );
         }
+        // A partition's error read from the split queue is only logged (see the context).
+        topic_missing |= consumer.context().take_topic_missing();
         if topic_missing
             && self
                 .last_deleted_check
