@@ -46,6 +46,8 @@ pub(crate) const RUN: usize = 64;
 pub(crate) struct SplitQueue<'a> {
     /// The consumer the queues belong to, which must outlive them.
     consumer: PhantomData<&'a ()>,
+    /// Where the consumer's context forwards assigned partitions: this queue until dropped.
+    target: &'a SplitTarget,
     queue: NonNull<rd::rd_kafka_queue_t>,
     /// The consumer's queue, whose callback wakes a wait on `queue`.
     consumer_queue: NonNull<rd::rd_kafka_queue_t>,
@@ -92,7 +94,7 @@ impl SplitTarget {
 impl SplitTarget {
     /// No queue anymore: partitions assigned from now on keep their records on the
     /// consumer's queue.
-    pub(crate) fn clear(&self) {
+    fn clear(&self) {
         self.0
             .store(std::ptr::null_mut(), std::sync::atomic::Ordering::Release);
     }
@@ -111,7 +113,7 @@ impl<'a> SplitQueue<'a> {
     /// records keep coming the usual way).
     pub(crate) fn new<C: ConsumerContext>(
         consumer: &'a BaseConsumer<C>,
-        target: &SplitTarget,
+        target: &'a SplitTarget,
     ) -> Option<Self> {
         let rk = consumer.client().native_ptr();
         // SAFETY: `rk` is the live client, which outlives `'a`; each handle is checked and
@@ -132,6 +134,7 @@ impl<'a> SplitQueue<'a> {
                 .store(queue.as_ptr(), std::sync::atomic::Ordering::Release);
             Some(SplitQueue {
                 consumer: PhantomData,
+                target,
                 queue,
                 consumer_queue,
                 taken: vec![std::ptr::null_mut(); RUN],
@@ -179,6 +182,8 @@ impl<'a> SplitQueue<'a> {
 
 impl Drop for SplitQueue<'_> {
     fn drop(&mut self) {
+        // Partitions assigned from now on keep their records on the consumer's queue.
+        self.target.clear();
         // SAFETY: disabling the callback takes the consumer queue's lock, under which
         // librdkafka calls it: no call runs past this. Then both handles go (partitions
         // still forwarded hold their own references; librdkafka drops what reaches a queue

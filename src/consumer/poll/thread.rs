@@ -226,11 +226,10 @@ impl<'a> PollThread<'a> {
         }
     }
 
-    /// Drops the records read ahead, then the split queue, before the consumer goes (no
-    /// partition is forwarded to it anymore).
+    /// Drops the records read ahead, then the split queue (which stops the forwarding of
+    /// partitions assigned from then on), before the consumer goes.
     fn close_split(&mut self) {
         self.pending.clear();
-        self.consumer.context().split.clear();
         self.split = None;
     }
 
