@@ -40,7 +40,7 @@ use crate::clock;
 /// retry-tier forward is still being written, and in partition and key order claims fetched
 /// ahead for the next records of a lane (up to 32 per claiming record, released once no
 /// longer fresh). Each belongs to a record the consumer received and has not settled, so the
-/// overshoot stays within its bounds on such records (`max_buffered_records` and
+/// overshoot stays within its bounds on such records (`max_buffered_records` and twice
 /// `max_uncommitted_per_partition` per assigned partition).
 ///
 /// Times are [`tokio::time::Instant`]s, so tests can use paused time. A lease or TTL above

@@ -97,10 +97,10 @@ impl<T> Clone for Source<T> {
 /// A record waiting for its destination is not settled: its partition's commit point stays
 /// before it, and the records after it that settle count toward
 /// [`max_uncommitted_per_partition`](crate::RetryingConsumerBuilder::max_uncommitted_per_partition)
-/// (default 10,000). Past it the partition pauses, and with it every destination of that
-/// partition (the benchmark's `dest-down` scenario, 5,000 records/s over 6 partitions with 20
-/// of 1,000 destinations down, paused all six partitions: about 830 records/s each reach
-/// 10,000 in 12 s).
+/// (default 10,000). Held past it for half a second (or past twice it) the partition pauses,
+/// and with it every destination of that partition (the benchmark's `dest-down` scenario,
+/// 5,000 records/s over 6 partitions with 20 of 1,000 destinations down, paused all six
+/// partitions: about 830 records/s each reach 10,000 in 12 s).
 ///
 /// So a record that has waited [`park_after`](Self::with_park_after) (default 5 s) for its
 /// open destination is **parked**: forwarded to a [retry tier](crate::tiers) as a *deferred*

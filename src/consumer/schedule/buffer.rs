@@ -48,10 +48,13 @@ impl Scheduler {
     /// Pausing is kept for real stalls, because librdkafka drops a paused partition's
     /// pre-fetched records and fetches them again on resume: a partition is paused when it
     /// alone holds its per-partition limit for [`PAUSE_GRACE`] (one fetch response of a fast
-    /// partition overshoots the limit at once, and is drained in milliseconds), or — when the buffer overflows its limits by a
-    /// further 10 % despite the slowed polling (handlers stuck everywhere) — every partition
-    /// holding records is. Partitions resume once the overflow is gone (below half of the
-    /// limits) and they are below half of their own limit.
+    /// partition overshoots the limit at once, and is drained in milliseconds); when it holds
+    /// `max_uncommitted_per_partition` records past its commit point for that grace, or twice
+    /// that at once (a record holding the commit point while its dead letter is acknowledged
+    /// lets tens of milliseconds of a fast partition pile up behind it); or — when the buffer
+    /// overflows its limits by a further 10 % despite the slowed polling (handlers stuck
+    /// everywhere) — every partition holding records is. Partitions resume once the overflow
+    /// is gone (below half of the limits) and they are below half of their own limit.
     pub(crate) fn flow_control(&mut self) -> FlowChanges {
         let l = self.limits;
         // Bytes are held at the limit itself (a few large records overshoot it fast, and
@@ -79,13 +82,25 @@ impl Scheduler {
             if p.uncommitted_paused {
                 p.uncommitted_paused = uncommitted > uncommitted_limit / 2;
             } else if uncommitted >= uncommitted_limit {
-                p.uncommitted_paused = true;
-                tracing::warn!(
-                    partition = %format_args!("{}/{}", tp.0, tp.1),
-                    uncommitted,
-                    limit = uncommitted_limit,
-                    "partition paused: too many records received past its commit point (one record is holding it back)"
-                );
+                // Held at the limit for the grace without a break, or at twice the limit:
+                // a record that holds the commit point for a moment (a dead letter waiting
+                // for its acknowledgement) must not pause a fast partition, since pausing
+                // drops its pre-fetched records.
+                let since = *p.uncommitted_since.get_or_insert(now);
+                if uncommitted >= uncommitted_limit.saturating_mul(2)
+                    || now.duration_since(since) >= self.pause_grace
+                {
+                    p.uncommitted_paused = true;
+                    p.uncommitted_since = None;
+                    tracing::warn!(
+                        partition = %format_args!("{}/{}", tp.0, tp.1),
+                        uncommitted,
+                        limit = uncommitted_limit,
+                        "partition paused: too many records received past its commit point (one record is holding it back)"
+                    );
+                }
+            } else {
+                p.uncommitted_since = None;
             }
             let over_limit = if p.queued >= per_partition {
                 let since = *p.over_limit_since.get_or_insert(now);

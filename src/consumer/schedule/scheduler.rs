@@ -225,6 +225,9 @@ pub(super) struct PartitionState {
     pub(super) over_limit_since: Option<std::time::Instant>,
     /// Paused because too many records were received past the commit point.
     pub(super) uncommitted_paused: bool,
+    /// Since when it holds `max_uncommitted_per_partition` records past its commit point
+    /// (without a break), not yet paused for it.
+    pub(super) uncommitted_since: Option<std::time::Instant>,
     /// Revoking or stopping: no new records, only gap fillers are still dispatched.
     pub(super) draining: bool,
     pub(super) committed: Option<i64>,
@@ -455,6 +458,7 @@ impl Scheduler {
                     paused: false,
                     over_limit_since: None,
                     uncommitted_paused: false,
+                    uncommitted_since: None,
                     draining: false,
                     committed: None,
                     offered_settles: 0,
@@ -1569,6 +1573,50 @@ mod tests {
             job = s.finish(&j, JobEnd::Settled);
         }
         assert_eq!(s.flow_control().resume, vec![tp(0)]);
+    }
+
+    /// A record holding the commit point pauses its partition once the records past it have
+    /// held `max_uncommitted_per_partition` for the grace without a break, or at once at
+    /// twice that; a hold that ends within the grace does not, and the next one starts its
+    /// grace anew.
+    #[test]
+    fn the_uncommitted_limit_pauses_after_the_grace_or_at_twice_the_limit() {
+        let limits = Limits {
+            max_uncommitted_per_partition: 4,
+            ..limits(20)
+        };
+        let mut s = holding(Key, limits, &[0, 1], keyed(&["held", "a", "b", "c"]));
+        s.pause_grace = Duration::from_millis(50);
+        let jobs = s.take_jobs();
+        assert_eq!(jobs.len(), 4);
+        for job in &jobs[1..] {
+            assert!(s.finish(job, JobEnd::Settled).is_none());
+        }
+        // 4 past the commit point (offset 0 holds it): at the limit, under twice it.
+        assert!(s.flow_control().pause.is_empty(), "not at once");
+        std::thread::sleep(Duration::from_millis(60));
+        // The holder settles within the grace: the hold ends, nothing pauses.
+        assert!(s.finish(&jobs[0], JobEnd::Settled).is_none());
+        assert!(s.flow_control().pause.is_empty());
+        // A new hold starts its grace anew.
+        for (offset, key) in (4..).zip(["held2", "d", "e", "f"]) {
+            s.enqueue(rec(0, offset, Some(key)));
+        }
+        let jobs = s.take_jobs();
+        for job in &jobs[1..] {
+            assert!(s.finish(job, JobEnd::Settled).is_none());
+        }
+        assert!(s.flow_control().pause.is_empty(), "the grace starts anew");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(s.flow_control().pause, vec![tp(0)], "held for the grace");
+        assert!(s.finish(&jobs[0], JobEnd::Settled).is_none());
+        assert_eq!(s.flow_control().resume, vec![tp(0)]);
+        // Twice the limit past the commit point: paused at once.
+        for (offset, key) in (8..).zip(["held3", "g", "h", "i", "j", "k", "l", "m"]) {
+            s.enqueue(rec(0, offset, Some(key)));
+        }
+        let _jobs = s.take_jobs();
+        assert_eq!(s.flow_control().pause, vec![tp(0)], "at twice the limit");
     }
 
     #[test]
