@@ -16,7 +16,10 @@ use crate::consumers::{
 };
 use crate::measure::{DrainClock, Outcome};
 use crate::scenario::Scenario;
-use crate::services::{committed_sum, log_end, redis_cpu_secs, redis_url, require_redis};
+use crate::services::{
+    committed_sum, delete_redis_keys, log_end, redis_cpu_secs, redis_url, require_redis,
+    settle_redis,
+};
 use crate::{
     BoxResult, DEDUP_LEASE, DEDUP_TTL, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, RETRY_BACKOFF,
     RETRY_FAIL_EVERY, SCENARIO_TIMEOUT, SLOW_HANDLER, SLOW_KEY_MAX_IN_FLIGHT,
@@ -148,6 +151,7 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
         };
         let store_cpu0 = if scenario == Scenario::Redis {
             require_redis().await?;
+            settle_redis().await?;
             redis_cpu_secs().await?
         } else {
             0.0
@@ -211,6 +215,9 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
         running.stop().await?;
         let partitions = if scenario.is_slow() { 1 } else { PARTITIONS };
         check_committed(group, &child.topic, partitions, n)?;
+        if scenario == Scenario::Redis {
+            delete_redis_keys(&format!("kourier-bench:{}:", child.run_id)).await?;
+        }
         let mut dead_letters = 0;
         if scenario == Scenario::DeadLetter {
             let failed = progress.failed.load(AtomicOrdering::Relaxed);

@@ -75,7 +75,10 @@ use crate::args::{Args, ChildArgs};
 use crate::consumers::{BenchEvent, consumer_config};
 use crate::drain::{check_committed, raw_commit, raw_loop};
 use crate::measure::{DrainClock, Outcome};
-use crate::services::{client_config, log_end, redis_cpu_secs, redis_url, require_redis};
+use crate::services::{
+    client_config, delete_redis_keys, log_end, redis_cpu_secs, redis_url, require_redis,
+    settle_redis,
+};
 use crate::{
     BoxResult, DEDUP_LEASE, DEDUP_TTL, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, SCENARIO_TIMEOUT,
 };
@@ -112,6 +115,7 @@ pub(crate) fn redis_floor_drain(args: &Args, child: &ChildArgs, group: &str) -> 
         .enable_all()
         .build()?;
     rt.block_on(require_redis())?;
+    rt.block_on(settle_redis())?;
     let store_cpu0 = rt.block_on(redis_cpu_secs())?;
     let clock = DrainClock::start();
     let consumer: BaseConsumer = consumer_config(args, group).create()?;
@@ -201,6 +205,10 @@ pub(crate) fn redis_floor_drain(args: &Args, child: &ChildArgs, group: &str) -> 
     consumer.unsubscribe();
     drop(consumer);
     check_committed(group, &child.topic, PARTITIONS, n)?;
+    rt.block_on(delete_redis_keys(&format!(
+        "kourier-bench:{}:",
+        child.run_id
+    )))?;
     Ok(Outcome {
         store_cpu_secs,
         ..outcome

@@ -49,6 +49,59 @@ pub(crate) async fn redis_cpu_secs() -> BoxResult<f64> {
         .sum())
 }
 
+/// Deletes the keys a Redis scenario wrote (`prefix*`, with `SCAN` and `UNLINK`), so that the
+/// next one starts from the same keyspace. Left behind (their TTL is 10 minutes), they made
+/// the next scenarios' server CPU depend on what ran before: Redis grows its key table by
+/// rehashing every key into one twice the size when the keyspace passes a power of two
+/// (2^20, 2^21, ...), and a scenario that wrote its million keys across that line paid for
+/// the keys before it (one (c0) crossing 2^23 keys cost the server 19.8 s against 6.2–7.5 s
+/// for the same (c0) between the lines). Returns how many were deleted.
+pub(crate) async fn delete_redis_keys(prefix: &str) -> BoxResult<u64> {
+    let client = redis::Client::open(redis_url().as_str())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let pattern = format!("{prefix}*");
+    let mut cursor = 0u64;
+    let mut deleted = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut connection)
+            .await?;
+        if !keys.is_empty() {
+            deleted += redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<u64>(&mut connection)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+/// Waits (at most 10 s) until the Redis server is idle: under 10 ms of its CPU in 200 ms, so
+/// that a scenario's server CPU is its own, not the end of the work before it (a shrinking
+/// key table after [`delete_redis_keys`] is rehashed by the server's timer).
+pub(crate) async fn settle_redis() -> BoxResult<()> {
+    let start = Instant::now();
+    let mut before = redis_cpu_secs().await?;
+    while start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = redis_cpu_secs().await?;
+        if now - before < 0.01 {
+            return Ok(());
+        }
+        before = now;
+    }
+    eprintln!("the Redis server was still busy after 10 s; measuring anyway");
+    Ok(())
+}
+
 pub(crate) async fn require_redis() -> BoxResult<()> {
     let url = redis_url();
     let ping = async {
