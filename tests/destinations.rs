@@ -427,11 +427,11 @@ async fn a_cap_holds_a_hot_endpoint_to_its_share() {
     );
 }
 
-/// One endpoint down on a partition whose uncommitted window is small (100 records): its
-/// records are parked in the retry tier after waiting 0.3 s, so the partition's commit point
-/// moves on and every other endpoint's record is delivered while it is down (waiting in
-/// place, the window fills behind its first record and the partition pauses: fewer than
-/// 200 of the other 990 would be delivered). Nothing is dead-lettered and no attempt is
+/// One endpoint down on a partition whose uncommitted window is small (100 records, and a
+/// buffer of 50): its records are parked in the retry tier after waiting 0.3 s, so the
+/// partition's commit point moves on and every other endpoint's record is delivered while it
+/// is down (waiting in place, the window fills behind its first record and the partition
+/// pauses at twice it: fewer than 250 of the other 990 would be delivered). Nothing is dead-lettered and no attempt is
 /// used; once the endpoint is back its records are delivered exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_of_a_down_endpoint_are_parked_so_its_partition_goes_on() {
@@ -456,6 +456,7 @@ async fn records_of_a_down_endpoint_are_parked_so_its_partition_goes_on() {
         ))
         .retry_tiers(tiers)
         .missing_topics(MissingTopics::create(1))
+        .max_buffered_records(50)
         .max_uncommitted_per_partition(100);
     let c = Running::start(b);
     wait_for(

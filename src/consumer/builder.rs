@@ -711,19 +711,21 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
         self
     }
 
-    /// Records of one partition received past its commit point — running, buffered, or
-    /// settled behind a record that is not — before that partition is paused (resumed
-    /// below half). Bounds the work a stuck record lets run ahead of the commit point in
-    /// key and unordered mode (all of it is handled again if the consumer crashes). Default
-    /// 10 000.
+    /// Records of one partition started past its commit point — running, or settled behind
+    /// a record that is not — before that partition is paused (resumed below half). Bounds
+    /// the work a stuck record lets run ahead of the commit point in key and unordered mode
+    /// (all of it is handled again if the consumer crashes). Default 10 000.
     ///
     /// The partition is paused once it has held `n` such records for half a second without
-    /// a break, and at once at `2 × n`, so at most `2 × n` (plus one poll batch) run ahead
-    /// of a stuck record. A record that holds the commit point only for a moment, such as a
-    /// dead letter waiting for the broker's acknowledgement (tens of milliseconds on a busy
-    /// machine, in which a fast partition delivers thousands of records), does not pause
-    /// it: a pause makes librdkafka drop the partition's pre-fetched records and fetch them
-    /// again.
+    /// a break, and at once at `2 × n`; its records already buffered still run. So at most
+    /// `2 × n` plus the partition's records buffered at the pause (at most
+    /// [`max_buffered_records`](Self::max_buffered_records)) run ahead of a stuck record.
+    /// Records still buffered do not count: they are not work done, and the buffer limits
+    /// bound them. A record that holds the commit point only for a
+    /// moment, such as a dead letter waiting for the broker's acknowledgement (tens of
+    /// milliseconds on a busy machine, in which a fast partition delivers thousands of
+    /// records), does not pause it: a pause makes librdkafka drop the partition's
+    /// pre-fetched records and fetch them again.
     #[must_use]
     pub fn max_uncommitted_per_partition(mut self, n: usize) -> Self {
         self.s.max_uncommitted_per_partition = n;

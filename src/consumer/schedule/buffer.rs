@@ -49,9 +49,9 @@ impl Scheduler {
     /// pre-fetched records and fetches them again on resume: a partition is paused when it
     /// alone holds its per-partition limit for [`PAUSE_GRACE`] (one fetch response of a fast
     /// partition overshoots the limit at once, and is drained in milliseconds); when it holds
-    /// `max_uncommitted_per_partition` records past its commit point for that grace, or twice
-    /// that at once (a record holding the commit point while its dead letter is acknowledged
-    /// lets tens of milliseconds of a fast partition pile up behind it); or — when the buffer
+    /// `max_uncommitted_per_partition` records started past its commit point for that grace,
+    /// or twice that at once (a record holding the commit point while its dead letter is
+    /// acknowledged lets tens of milliseconds of a fast partition pile up behind it); or — when the buffer
     /// overflows its limits by a further 10 % despite the slowed polling (handlers stuck
     /// everywhere) — every partition holding records is. Partitions resume once the overflow
     /// is gone (below half of the limits) and they are below half of their own limit.
@@ -76,9 +76,11 @@ impl Scheduler {
         let uncommitted_limit = l.max_uncommitted_per_partition;
         let mut changes = FlowChanges::default();
         for (tp, p) in &mut self.partitions {
-            // Received past the commit point: the tracker's unsettled records (running,
-            // buffered, or settled behind an unsettled one).
-            let uncommitted = p.tracker.unsettled();
+            // Started past the commit point: the tracker's unsettled records (running, or
+            // settled behind an unsettled one) but those still buffered, which are not work
+            // done (the buffer limits bound them; counted, a full buffer behind a record
+            // waiting for its retry paused the partition until its buffer had run dry).
+            let uncommitted = p.tracker.unsettled().saturating_sub(p.queued);
             if p.uncommitted_paused {
                 p.uncommitted_paused = uncommitted > uncommitted_limit / 2;
             } else if uncommitted >= uncommitted_limit {

@@ -1619,6 +1619,24 @@ mod tests {
         assert_eq!(s.flow_control().pause, vec![tp(0)], "at twice the limit");
     }
 
+    /// Records still buffered are not work run ahead of the commit point: a full buffer
+    /// behind a running record does not pause its partition for the uncommitted limit.
+    #[test]
+    fn buffered_records_do_not_count_toward_the_uncommitted_limit() {
+        let limits = Limits {
+            max_uncommitted_per_partition: 4,
+            ..limits(1)
+        };
+        let records = (0..10).map(|o| (0, o, None));
+        let mut s = holding(Partition, limits, &[0], records);
+        let running = s.take_jobs();
+        assert_eq!((running.len(), s.buffered().0), (1, 9));
+        assert!(
+            s.flow_control().pause.is_empty(),
+            "one started, nine buffered"
+        );
+    }
+
     #[test]
     fn room_counts_down_to_zero_and_refills_in_batches() {
         let mut s = holding(Partition, small_buffer(), &[0], []);
