@@ -1232,7 +1232,7 @@ async fn one_stuck_key_pauses_its_partition_at_the_uncommitted_limit() {
         "offset 0 holds the commit: {committed:?}"
     );
     let warned = lines_since(mark, |l| {
-        l.contains(topic.as_str()) && l.contains("too many records received past its commit point")
+        l.contains(topic.as_str()) && l.contains("too many records started past its commit point")
     });
     assert_eq!(warned.len(), 1, "one warning: {warned:?}");
 

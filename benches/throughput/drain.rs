@@ -17,8 +17,8 @@ use crate::consumers::{
 use crate::measure::{DrainClock, Outcome};
 use crate::scenario::Scenario;
 use crate::services::{
-    committed_sum, delete_redis_keys, log_end, redis_cpu_secs, redis_url, require_redis,
-    settle_redis,
+    committed_sum, delete_redis_keys, log_end, redis_cpu_secs, redis_prefix, redis_url,
+    require_redis, settle_redis,
 };
 use crate::{
     BoxResult, DEDUP_LEASE, DEDUP_TTL, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, RETRY_BACKOFF,
@@ -162,7 +162,7 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
             Scenario::Redis => {
                 require_redis().await?;
                 let store = RedisIdempotencyStore::builder(redis_url())
-                    .key_prefix(format!("kourier-bench:{}:", child.run_id))
+                    .key_prefix(redis_prefix(&child.run_id))
                     .build()
                     .await?;
                 builder = builder.idempotency(
@@ -216,7 +216,7 @@ pub(crate) fn kourier_drain(args: &Args, child: &ChildArgs, group: &str) -> BoxR
         let partitions = if scenario.is_slow() { 1 } else { PARTITIONS };
         check_committed(group, &child.topic, partitions, n)?;
         if scenario == Scenario::Redis {
-            delete_redis_keys(&format!("kourier-bench:{}:", child.run_id)).await?;
+            delete_redis_keys(&redis_prefix(&child.run_id)).await?;
         }
         let mut dead_letters = 0;
         if scenario == Scenario::DeadLetter {

@@ -76,8 +76,8 @@ use crate::consumers::{BenchEvent, consumer_config};
 use crate::drain::{check_committed, raw_commit, raw_loop};
 use crate::measure::{DrainClock, Outcome};
 use crate::services::{
-    client_config, delete_redis_keys, log_end, redis_cpu_secs, redis_url, require_redis,
-    settle_redis,
+    client_config, delete_redis_keys, log_end, redis_cpu_secs, redis_prefix, redis_url,
+    require_redis, settle_redis,
 };
 use crate::{
     BoxResult, DEDUP_LEASE, DEDUP_TTL, EVENT_ID_HEADER, FAIL_EVERY, PARTITIONS, SCENARIO_TIMEOUT,
@@ -126,7 +126,7 @@ pub(crate) fn redis_floor_drain(args: &Args, child: &ChildArgs, group: &str) -> 
         .floor_claim_script
         .then(|| redis::Script::new(CLAIM_MANY_LUA));
     // kourier's key: the store's prefix, then the dedup key namespaced by the group.
-    let prefix = format!("kourier-bench:{}:{group}:", child.run_id);
+    let prefix = format!("{}{group}:", redis_prefix(&child.run_id));
     let lease_ms = DEDUP_LEASE.as_millis().to_string();
     let ttl_ms = DEDUP_TTL.as_millis().to_string();
     let mut next = vec![-1i64; PARTITIONS as usize];
@@ -205,10 +205,7 @@ pub(crate) fn redis_floor_drain(args: &Args, child: &ChildArgs, group: &str) -> 
     consumer.unsubscribe();
     drop(consumer);
     check_committed(group, &child.topic, PARTITIONS, n)?;
-    rt.block_on(delete_redis_keys(&format!(
-        "kourier-bench:{}:",
-        child.run_id
-    )))?;
+    rt.block_on(delete_redis_keys(&redis_prefix(&child.run_id)))?;
     Ok(Outcome {
         store_cpu_secs,
         ..outcome

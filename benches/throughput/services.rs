@@ -49,12 +49,18 @@ pub(crate) async fn redis_cpu_secs() -> BoxResult<f64> {
         .sum())
 }
 
+/// The prefix of every Redis key a scenario of run `run_id` writes (kourier's store prefix, and
+/// the floor's keys under it): what [`delete_redis_keys`] deletes after it.
+pub(crate) fn redis_prefix(run_id: &str) -> String {
+    format!("kourier-bench:{run_id}:")
+}
+
 /// Deletes the keys a Redis scenario wrote (`prefix*`, with `SCAN` and `UNLINK`), so that the
 /// next one starts from the same keyspace. Left behind (their TTL is 10 minutes), they made
 /// the next scenarios' server CPU depend on what ran before: Redis grows its key table by
 /// rehashing every key into one twice the size when the keyspace passes a power of two
 /// (2^20, 2^21, ...), and a scenario that wrote its million keys across that line paid for
-/// the keys before it (one (c0) crossing 2^23 keys cost the server 19.8 s against 6.2–7.5 s
+/// the keys before it (one (c0) crossing 2^23 keys cost the server 19.8 s against 6.2–8.9 s
 /// for the same (c0) between the lines). Returns how many were deleted.
 pub(crate) async fn delete_redis_keys(prefix: &str) -> BoxResult<u64> {
     let client = redis::Client::open(redis_url().as_str())?;

@@ -721,11 +721,11 @@ impl<H: Handler, C> RetryingConsumerBuilder<H, C> {
     /// `2 × n` plus the partition's records buffered at the pause (at most
     /// [`max_buffered_records`](Self::max_buffered_records)) run ahead of a stuck record.
     /// Records still buffered do not count: they are not work done, and the buffer limits
-    /// bound them. A record that holds the commit point only for a
-    /// moment, such as a dead letter waiting for the broker's acknowledgement (tens of
-    /// milliseconds on a busy machine, in which a fast partition delivers thousands of
-    /// records), does not pause it: a pause makes librdkafka drop the partition's
-    /// pre-fetched records and fetch them again.
+    /// bound them. A record that holds the commit point only for a moment, such as a dead
+    /// letter waiting for the broker's acknowledgement (tens of milliseconds on a busy
+    /// machine, in which a fast partition delivers thousands of records), does not pause
+    /// it: a pause makes librdkafka drop the partition's pre-fetched records and fetch them
+    /// again.
     #[must_use]
     pub fn max_uncommitted_per_partition(mut self, n: usize) -> Self {
         self.s.max_uncommitted_per_partition = n;

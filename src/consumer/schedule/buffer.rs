@@ -51,9 +51,9 @@ impl Scheduler {
     /// partition overshoots the limit at once, and is drained in milliseconds); when it holds
     /// `max_uncommitted_per_partition` records started past its commit point for that grace,
     /// or twice that at once (a record holding the commit point while its dead letter is
-    /// acknowledged lets tens of milliseconds of a fast partition pile up behind it); or — when the buffer
-    /// overflows its limits by a further 10 % despite the slowed polling (handlers stuck
-    /// everywhere) — every partition holding records is. Partitions resume once the overflow
+    /// acknowledged lets tens of milliseconds of a fast partition pile up behind it); or —
+    /// when the buffer overflows its limits by a further 10 % despite the slowed polling
+    /// (handlers stuck everywhere) — every partition holding records is. Partitions resume once the overflow
     /// is gone (below half of the limits) and they are below half of their own limit.
     pub(crate) fn flow_control(&mut self) -> FlowChanges {
         let l = self.limits;
@@ -98,7 +98,7 @@ impl Scheduler {
                         partition = %format_args!("{}/{}", tp.0, tp.1),
                         uncommitted,
                         limit = uncommitted_limit,
-                        "partition paused: too many records received past its commit point (one record is holding it back)"
+                        "partition paused: too many records started past its commit point (one record is holding it back)"
                     );
                 }
             } else {

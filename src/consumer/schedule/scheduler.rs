@@ -194,8 +194,8 @@ pub(crate) struct Limits {
     pub(crate) max_buffered_records: usize,
     pub(crate) max_buffered_bytes: usize,
     pub(crate) max_buffered_records_per_partition: usize,
-    /// Records of one partition received past its commit point (running, buffered or
-    /// settled out of order) before the partition is paused.
+    /// Records of one partition started past its commit point (running, or settled out of
+    /// order) before the partition is paused: held for the pause grace, or twice it at once.
     pub(crate) max_uncommitted_per_partition: usize,
 }
 
@@ -223,10 +223,10 @@ pub(super) struct PartitionState {
     pub(super) paused: bool,
     /// Since when it holds its per-partition limit (without a break).
     pub(super) over_limit_since: Option<std::time::Instant>,
-    /// Paused because too many records were received past the commit point.
+    /// Paused because too many records were started past the commit point.
     pub(super) uncommitted_paused: bool,
-    /// Since when it holds `max_uncommitted_per_partition` records past its commit point
-    /// (without a break), not yet paused for it.
+    /// Since when it holds `max_uncommitted_per_partition` records started past its commit
+    /// point (without a break), not yet paused for it.
     pub(super) uncommitted_since: Option<std::time::Instant>,
     /// Revoking or stopping: no new records, only gap fillers are still dispatched.
     pub(super) draining: bool,
