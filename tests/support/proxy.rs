@@ -54,6 +54,10 @@ impl Proxy {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
+                // Checked and recorded under the connections' lock: a connection accepted
+                // while `set_refusing(true)` and `cut_all` run is either refused or cut, never
+                // left open (checked outside it, one could be recorded after the cut).
+                let mut connections = accept_state.connections.lock().unwrap();
                 if accept_state.refusing.load(Ordering::SeqCst) {
                     accept_state.refused.fetch_add(1, Ordering::SeqCst);
                     drop(client);
@@ -61,7 +65,6 @@ impl Proxy {
                 }
                 accept_state.accepted.fetch_add(1, Ordering::SeqCst);
                 let task = tokio::spawn(serve(client, upstream, accept_state.clone()));
-                let mut connections = accept_state.connections.lock().unwrap();
                 connections.retain(|t| !t.is_finished());
                 connections.push(task);
             }
