@@ -127,9 +127,10 @@
 //!     Permanent failures and poison pills are dead-lettered as always. Waits do not hold
 //!     capacity: a record in a retry back-off (or held for an outage) gives its in-flight
 //!     slot to records of other keys or partitions, and takes the next free one back.
-//!     Records failing on their own cannot keep it open: a record that failed
-//!     [`probes_per_record`](BreakerPolicy::with_probes_per_record) probes of its own takes
-//!     its normal path.
+//!     Records failing on their own cannot keep it open: other records probe first, and
+//!     after [`probes_per_record`](BreakerPolicy::with_probes_per_record) failed probes in a
+//!     row by records that failed in the outage already it closes and they take their
+//!     normal path.
 //! 17. **Everything a record carries is untrusted**: headers kourier reads back (a tier's due
 //!     time, attempts, stages, provenance, the redrive count) are validated and clamped by
 //!     written rules ([`tiers`](tiers#headers-are-untrusted),

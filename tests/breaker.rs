@@ -552,6 +552,73 @@ async fn records_failing_on_their_own_cannot_keep_the_breaker_open() {
     );
 }
 
+/// Records failing on their own that are all that is left (nothing else to probe) close
+/// the breaker after `probes_per_record` failed probes of theirs in a row *in all*, not
+/// that many each one after another, and are then dead-lettered by their retry policy. (The
+/// compose fault run failed on this: a broker restart opened the breaker with only three
+/// always-failing records left, which held it open past the runner's deadline.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_left_alone_failing_on_their_own_close_it_after_probes_per_record_in_all() {
+    const BAD: usize = 3;
+    const PROBES: u32 = 3;
+    let (topic, group, dlt_topic) = setup("breaker-left-alone", 3).await;
+    support::produce(&topic, (0..BAD).map(|id| job(id, false)).collect()).await;
+    let calls = Arc::new(AtomicU32::new(0));
+    let handler = {
+        let calls = calls.clone();
+        handler_fn(move |m: Message<Job>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let id = m.event().id;
+            async move { Err::<(), _>(HandlerError::transient(format!("job {id}: mailbox full"))) }
+        })
+    };
+    let c = Running::start(
+        consumer::builder(handler, &topic, &group)
+            .ordering(ProcessingOrder::Key)
+            .retry_policy(kourier::RetryPolicy::fixed(Duration::from_millis(100), 2))
+            .breaker(
+                BreakerPolicy::default()
+                    .with_open_interval(Duration::from_millis(500), Duration::from_secs(1))
+                    .with_probes_per_record(PROBES),
+            ),
+    );
+    let started = Instant::now();
+    within(
+        "the three records dead-lettered",
+        Duration::from_secs(60),
+        || c.monitor.snapshot().dead_lettered.total() == BAD as u64,
+    )
+    .await;
+    let (took, _, b) = finish(c, started).await;
+    eprintln!(
+        "left-alone figures: {BAD} records always failing, {PROBES} probes per record: done in {:.1} s; breaker {}; their calls {}",
+        took.as_secs_f64(),
+        breaker_counts(&b),
+        calls.load(Ordering::SeqCst),
+    );
+    use BreakerState::{Closed, HalfOpen, Open};
+    assert_eq!(
+        transitions(&b, Closed, Open),
+        1,
+        "their failures opened it: {b:?}"
+    );
+    assert_eq!(transitions(&b, HalfOpen, Closed), 1, "and it closed: {b:?}");
+    assert_eq!(b.state, Closed, "{b:?}");
+    // Records that had not failed in the outage yet probe first (at most the two whose
+    // failures opened it before being held), then PROBES in a row by held ones close it.
+    // Probing each record's share in turn took BAD × PROBES.
+    assert!(
+        b.probes <= u64::from(PROBES) + 2,
+        "{} probes: {b:?}",
+        b.probes
+    );
+    let letters = support::read_at_least(&dlt_topic, BAD, Duration::from_secs(30)).await;
+    assert_eq!(letters.len(), BAD);
+    for letter in &letters {
+        assert_eq!(letter.header_str(dlt::FAILURE_KIND), "retries-exhausted");
+    }
+}
+
 /// The consumer of the shutdown and rebalance tests: key order, the test breaker, and long
 /// shutdown and revoke timeouts, so that a wait the breaker failed to cancel would show.
 fn patient<H>(handler: H, topic: &str, group: &str) -> kourier::RetryingConsumerBuilder<H>

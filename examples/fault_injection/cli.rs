@@ -62,7 +62,8 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 10)]
     pub(crate) outage_secs: u64,
     /// Run the consumers with the outage breaker (`BreakerPolicy::default()` with a 1 s open
-    /// interval doubling to 10 s): a downstream outage then dead-letters nothing.
+    /// interval doubling to 10 s, four probes per record): a downstream outage then
+    /// dead-letters nothing.
     #[arg(long)]
     pub(crate) breaker: bool,
     /// Compose the features (see the module docs, "Compose mode"): the consumers run with

@@ -215,9 +215,14 @@ async fn consume_async(args: ConsumeArgs) -> Result<(), Box<dyn std::error::Erro
         builder = builder.commit_metadata(CommitMetadata::None);
     }
     if args.breaker {
+        // Four failed probes in a row by records that failed in the outage already (probes
+        // 1, 2, 4 and 8 s apart) close it: more than a 3 s outage can fail, and within the
+        // runner's deadline when a broker restart opened it and only records injected to
+        // fail are left (with the default ten, 75 s of probing).
         builder = builder.breaker(
             BreakerPolicy::default()
-                .with_open_interval(Duration::from_secs(1), Duration::from_secs(10)),
+                .with_open_interval(Duration::from_secs(1), Duration::from_secs(10))
+                .with_probes_per_record(4),
         );
     }
     let consumer = builder.build()?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::machine::{Breaker, Caller, Pass, ProbeMemo};
+use super::machine::{Breaker, Caller, Failure, Pass, ProbeMemo};
 use crate::consumer::stop::Stop;
 use crate::handler::{FailureKind, HandlerError};
 use crate::retry::infra_backoff;
@@ -61,10 +61,13 @@ impl Pass<'_> {
                 let held = b.on_failure(
                     self.epoch,
                     self.probe,
-                    (!unavailable || self.isolated).then_some(self.caller),
-                    error.retry_after_hint(),
-                    memo.outage.is_some(),
-                    spent,
+                    Failure {
+                        caller: (!unavailable || self.isolated).then_some(self.caller),
+                        hint: error.retry_after_hint(),
+                        held_in: memo.outage,
+                        unavailable,
+                        spent,
+                    },
                 );
                 if spent && self.probe {
                     warn!(

@@ -29,7 +29,11 @@
 //!   scheduler dispatches fresh; only when the scheduler has none to dispatch (or dispatched
 //!   none within half a second), a waiting record that failed in this outage. So records
 //!   that fail on their own (not because of the downstream) cannot keep the breaker open:
-//!   other records probe, one succeeds, the breaker closes.
+//!   other records probe, one succeeds, the breaker closes. When only such records are
+//!   left, nothing tells them from a downstream that is down: after `probes_per_record`
+//!   failed probes in a row by them (one failed probe by any other record starts the count
+//!   again) the breaker closes and they take their normal path. The bound is per outage, not
+//!   per record: a hundred such records do not probe ten times each, one after another.
 //!
 //! Results of calls that started before the breaker opened (stragglers) do not move it, nor
 //! do failures (while closed) of records that waited for it before: the downstream answered
@@ -89,6 +93,10 @@ struct Inner {
     unavailable_calls: u64,
     /// Failed probes since the breaker last closed.
     failed_probes: u32,
+    /// Failed probes in a row in this outage, each by a record that had failed in it
+    /// already (no other record was there to probe): at the policy's `probes_per_record`
+    /// the breaker closes (see the module docs).
+    suspect_failed_probes: u32,
     /// Half-open: a record holds the probe.
     probe_out: bool,
     /// Half-open: the scheduler dispatched a record to become the probe.
@@ -121,6 +129,24 @@ pub(crate) struct Pass<'a> {
     /// The caller is the record's destination: an unavailable failure counts for it, not
     /// as a caller of its own.
     pub(super) isolated: bool,
+}
+
+/// A failed call, for [`Breaker::on_failure`].
+pub(super) struct Failure {
+    /// Who failed: `None` for an unavailable failure, which counts as a record of its own.
+    pub(super) caller: Option<Caller>,
+    /// The handler's `retry_after` hint.
+    pub(super) hint: Option<Duration>,
+    /// The outage in which the open breaker held a failure of this record before, if any.
+    /// Such a record's failures while closed say nothing new about the downstream (others
+    /// succeeded since it was held: it may well be failing on its own), so they do not
+    /// count toward opening; its failed probes in that same outage are suspect.
+    pub(super) held_in: Option<u64>,
+    /// The handler said the downstream is unavailable: its word, never suspect.
+    pub(super) unavailable: bool,
+    /// The record failed its share of probes (`probes_per_record`): its retry policy
+    /// decides, the failure is not held.
+    pub(super) spent: bool,
 }
 
 /// Which event made a call: the breaker opens only on failures of at least two, so that a
@@ -231,6 +257,7 @@ impl Breaker {
                 consecutive_callers: Vec::new(),
                 unavailable_calls: 0,
                 failed_probes: 0,
+                suspect_failed_probes: 0,
                 probe_out: false,
                 probe_dispatched: false,
                 nothing_fresh: false,
@@ -298,6 +325,8 @@ impl Breaker {
     /// waiting record that failed a probe before may take it.
     pub(crate) fn nothing_dispatched(&self) {
         let mut s = self.lock();
+        // Its open interval may have passed without anyone asking yet.
+        self.expire(&mut s);
         if s.phase == Phase::HalfOpen && !s.probe_out && !s.probe_dispatched && !s.nothing_fresh {
             s.nothing_fresh = true;
             drop(s);
@@ -385,25 +414,20 @@ impl Breaker {
         }
     }
 
-    /// Counts a failed call; returns whether the breaker is closed afterwards.
-    /// Counts a failed call of `caller` (`None`: an unavailable failure, which counts as a
-    /// record of its own); returns the outage holding the failure (`None`: closed, the
-    /// retry policy decides). `was_held`: the record waited for the breaker before. Its
-    /// failures while closed say nothing new about the downstream (others succeeded since it
-    /// was held: it may well be failing on its own), so they do not count toward opening.
-    pub(super) fn on_failure(
-        &self,
-        epoch: u64,
-        probe: bool,
-        caller: Option<Caller>,
-        hint: Option<Duration>,
-        was_held: bool,
-        spent: bool,
-    ) -> Option<u64> {
+    /// Counts a failed call (see [`Failure`]); returns the outage holding the failure
+    /// (`None`: closed, the retry policy decides).
+    pub(super) fn on_failure(&self, epoch: u64, probe: bool, f: Failure) -> Option<u64> {
+        let Failure {
+            caller,
+            hint,
+            held_in,
+            unavailable,
+            spent,
+        } = f;
         let mut s = self.lock();
         if epoch == s.epoch {
             match s.phase {
-                Phase::Closed if was_held => {}
+                Phase::Closed if held_in.is_some() => {}
                 Phase::Closed => {
                     // Unavailable: a caller of its own, as if another record had failed.
                     let caller = caller.unwrap_or_else(|| {
@@ -422,12 +446,27 @@ impl Breaker {
                 }
                 Phase::HalfOpen if probe => {
                     s.failed_probes = s.failed_probes.saturating_add(1);
-                    let open_for = self.open(&mut s, hint);
-                    warn!(
-                        ?open_for,
-                        failed_probes = s.failed_probes,
-                        "breaker re-opened: the probe failed"
-                    );
+                    // A record that failed in this outage probes only when no other can.
+                    let suspect = !unavailable && held_in == Some(s.outage);
+                    s.suspect_failed_probes = if suspect {
+                        s.suspect_failed_probes.saturating_add(1)
+                    } else {
+                        0
+                    };
+                    if s.suspect_failed_probes >= self.policy.probes_per_record() {
+                        self.transition(&mut s, Phase::Closed);
+                        warn!(
+                            failed_probes = s.failed_probes,
+                            "breaker closed: its last probes failed, each by a record that had failed in this outage already, with no other record to probe; nothing tells a downstream that is down from records failing on their own, so records take their normal path (their retry policies decide; their failures do not open it again, other records' do)"
+                        );
+                    } else {
+                        let open_for = self.open(&mut s, hint);
+                        warn!(
+                            ?open_for,
+                            failed_probes = s.failed_probes,
+                            "breaker re-opened: the probe failed"
+                        );
+                    }
                 }
                 _ => {}
             }
@@ -540,6 +579,7 @@ impl Breaker {
         s.nothing_fresh = false;
         if from == BreakerState::Closed {
             s.outage += 1;
+            s.suspect_failed_probes = 0;
         }
         if to == Phase::HalfOpen {
             s.half_open_at = Instant::now();
@@ -1153,5 +1193,106 @@ mod tests {
         assert_eq!(b.status().state, BreakerState::Open);
         tokio::time::advance(DAY).await;
         assert_eq!(b.status().state, BreakerState::HalfOpen);
+    }
+
+    /// Records that failed in an outage and probe (nothing else can) close the breaker
+    /// after `probes_per_record` failed probes in a row *in all*: three such records with a
+    /// bound of 3 need three probes, not nine. A failed probe by another record starts the
+    /// count again.
+    #[tokio::test(start_paused = true)]
+    async fn suspect_probes_close_it_after_probes_per_record_in_a_row_in_all() {
+        let b = breaker(
+            BreakerPolicy::default()
+                .without_failure_rate()
+                .with_consecutive_failures(2)
+                .with_open_interval(Duration::from_secs(1), Duration::from_secs(1))
+                .with_probes_per_record(3),
+        );
+        const A: Caller = 9_000_101;
+        const B: Caller = 9_000_102;
+        const C: Caller = 9_000_103;
+        // Nothing fresh to dispatch: the next suspect record probes, after the interval.
+        async fn probe_fails(b: &Breaker, memo: &mut ProbeMemo, caller: Caller) -> Verdict {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            b.nothing_dispatched();
+            let probe = admitted(b.try_admit(*memo, caller), "nobody else can: it probes");
+            assert!(probe.is_probe());
+            probe.failed(&transient(), 1, memo)
+        }
+        // A, B and C fail while a fresh record's failure opens the breaker: all three held.
+        let (mut a, mut bm, mut c) = Default::default();
+        let passes = [A, B, C].map(|c| admitted(b.try_admit(ProbeMemo::default(), c), "closed"));
+        fresh_fails(&b);
+        for (pass, memo) in passes.into_iter().zip([&mut a, &mut bm, &mut c]) {
+            let _ = pass.failed(&transient(), 0, memo);
+            assert!(memo.outage.is_some(), "held in the outage");
+        }
+        assert_eq!(b.status().state, BreakerState::Open);
+        let (a, bb, c) = (&mut a, &mut bm, &mut c);
+        assert_eq!(probe_fails(&b, a, A).await, Verdict::Hold(Duration::ZERO));
+        assert_eq!(probe_fails(&b, bb, B).await, Verdict::Hold(Duration::ZERO));
+        assert_eq!(b.status().state, BreakerState::Open);
+        assert_eq!(
+            probe_fails(&b, c, C).await,
+            Verdict::Policy,
+            "the third suspect probe in a row: its policy decides"
+        );
+        assert_eq!(
+            b.status().state,
+            BreakerState::Closed,
+            "closed after 3 in all"
+        );
+        // Their failures now are attempts and do not open it again.
+        for (memo, caller) in [(&mut *a, A), (&mut *bb, B)] {
+            let v = admitted(b.try_admit(*memo, caller), "closed").failed(&transient(), 2, memo);
+            assert_eq!(v, Verdict::Policy);
+        }
+        assert_eq!(b.status().state, BreakerState::Closed);
+
+        // A new outage: D and E fail in it (held), so do fresh records. (New records: A
+        // and B failed probes of their own already.)
+        const D: Caller = 9_000_104;
+        const E: Caller = 9_000_105;
+        let (mut d, mut e) = <(ProbeMemo, ProbeMemo)>::default();
+        let passes = [D, E].map(|caller| admitted(b.try_admit(d, caller), "closed"));
+        fresh_fails(&b);
+        fresh_fails(&b);
+        assert_eq!(b.status().state, BreakerState::Open);
+        let [pd, pe] = passes;
+        let _ = pd.failed(&transient(), 0, &mut d);
+        let _ = pe.failed(&transient(), 0, &mut e);
+        assert!(
+            d.outage.is_some_and(|o| Some(o) > a.outage),
+            "held in the new outage"
+        );
+        assert_eq!(
+            probe_fails(&b, &mut d, D).await,
+            Verdict::Hold(Duration::ZERO)
+        );
+        // A fresh record the scheduler dispatches fails its probe: the count starts again.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(matches!(b.dispatch(), Dispatch::Probe(_)));
+        let mut fresh = ProbeMemo::default();
+        let probe = admitted(b.try_admit(fresh, next_caller()), "the dispatched probe");
+        assert_eq!(
+            probe.failed(&transient(), 0, &mut fresh),
+            Verdict::Hold(Duration::ZERO)
+        );
+        assert_eq!(
+            probe_fails(&b, &mut e, E).await,
+            Verdict::Hold(Duration::ZERO)
+        );
+        assert_eq!(
+            probe_fails(&b, &mut d, D).await,
+            Verdict::Hold(Duration::ZERO)
+        );
+        assert_eq!(b.status().state, BreakerState::Open, "two in a row since");
+        assert_eq!(probe_fails(&b, &mut e, E).await, Verdict::Policy);
+        assert_eq!(b.status().state, BreakerState::Closed);
+        assert_eq!(
+            (d.failed_probes, e.failed_probes),
+            (2, 2),
+            "below their own bound"
+        );
     }
 }

@@ -41,9 +41,11 @@ use crate::error::ConfigError;
 /// it held no longer move it (their retry policy decides). Only when every record that can
 /// run has failed in this outage do they probe themselves, their failures still held (the
 /// breaker cannot tell them from a downstream that is down); the next record that can run
-/// settles it. That wait is bounded: a record that transiently failed
-/// [`probes_per_record`](Self::with_probes_per_record) probes of its own (default 10) takes
-/// its normal path, its failures counting as attempts again.
+/// settles it. That wait is bounded: after [`probes_per_record`](Self::with_probes_per_record)
+/// (default 10) such probes fail in a row the breaker closes, and every record takes its
+/// normal path (their failures count as attempts again and, as records it held, do not open
+/// it again; other records' failures do). A record that transiently failed
+/// `probes_per_record` probes of its own takes its normal path too.
 ///
 /// Records are counted by event: copies of one event (a redelivery after a crash, its
 /// retry-tier copies, a second publish with the same dedup key) are one record, so the
@@ -163,12 +165,14 @@ impl BreakerPolicy {
     }
 
     /// How many probes one record may fail *transiently* before its failures count as
-    /// attempts again (at least 1; default 10). See *Records that fail on their own* above:
-    /// a record that keeps failing probes while no other record can run may be failing on
-    /// its own, so after `n` failed probes of its own its retry policy decides again
-    /// (retried with its back-off, forwarded to a retry tier, dead-lettered when its
-    /// attempts are used up). With the default intervals (5 s doubling to 60 s) a lone
-    /// record takes its normal path after about seven minutes of probing; so does a record
+    /// attempts again, and how many probes in a row the breaker lets fail by records that
+    /// failed in this outage already before it closes (at least 1; default 10). See
+    /// *Records that fail on their own* above: records that keep failing probes while no
+    /// other record can run may be failing on their own, so after `n` such failed probes
+    /// (in all, not `n` each) the breaker closes and their retry policies decide again
+    /// (retried with their back-off, forwarded to a retry tier, dead-lettered when their
+    /// attempts are used up). With the default intervals (5 s doubling to 60 s) that is
+    /// about seven minutes of probing, however many such records wait; so it is for records
     /// whose downstream is down longer than that while nothing else can run. Failures the
     /// handler calls [unavailable](crate::HandlerError::unavailable) are its word that the
     /// downstream is down: they never count toward this bound.
