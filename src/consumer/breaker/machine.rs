@@ -31,9 +31,10 @@
 //!   that fail on their own (not because of the downstream) cannot keep the breaker open:
 //!   other records probe, one succeeds, the breaker closes. When only such records are
 //!   left, nothing tells them from a downstream that is down: after `probes_per_record`
-//!   failed probes in a row by them (one failed probe by any other record starts the count
-//!   again) the breaker closes and they take their normal path. The bound is per outage, not
-//!   per record: a hundred such records do not probe ten times each, one after another.
+//!   failed probes in a row by them (a failed probe by any other record, or one the
+//!   handler calls unavailable, starts the count again) the breaker closes and they take
+//!   their normal path. The bound is per outage, not per record: a hundred such records
+//!   do not probe ten times each, one after another.
 //!
 //! Results of calls that started before the breaker opened (stragglers) do not move it, nor
 //! do failures (while closed) of records that waited for it before: the downstream answered
