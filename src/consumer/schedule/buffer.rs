@@ -53,8 +53,9 @@ impl Scheduler {
     /// or twice that at once (a record holding the commit point while its dead letter is
     /// acknowledged lets tens of milliseconds of a fast partition pile up behind it); or —
     /// when the buffer overflows its limits by a further 10 % despite the slowed polling
-    /// (handlers stuck everywhere) — every partition holding records is. Partitions resume once the overflow
-    /// is gone (below half of the limits) and they are below half of their own limit.
+    /// (handlers stuck everywhere) — every partition holding records is. Partitions resume
+    /// once the overflow is gone (below half of the limits) and they are below half of their
+    /// own limit.
     pub(crate) fn flow_control(&mut self) -> FlowChanges {
         let l = self.limits;
         // Bytes are held at the limit itself (a few large records overshoot it fast, and
